@@ -1,0 +1,3 @@
+"""lldm-dpo: preference optimization for masked diffusion language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,79 @@
+"""The ``lldm-dpo`` command line: a thin layer over each stage's ``run(cfg)``.
+
+Commands parse flags into the stage's config dataclass (defaults < --config
+YAML < flags), call the stage, and print a summary (a rich table, or JSON with
+``--json``). Errors the user can fix print one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import sys
+from typing import Any
+
+import typer
+
+from pipeline.errors import UserError
+
+app = typer.Typer(
+    name="lldm-dpo",
+    help="Direct Preference Optimization for masked diffusion language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Each command lives beside its stage as a plain function; registered here by
+# name so this file stays the one index of the command line.
+COMMANDS: list[tuple[str, str]] = [
+]
+
+
+def _one_line_errors(func):
+    """Turn a ``UserError`` into ``error: <one line>`` on stderr and exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UserError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _register() -> None:
+    for name, target in COMMANDS:
+        module_name, func_name = target.split(":")
+        func = getattr(importlib.import_module(module_name), func_name)
+        app.command(name)(_one_line_errors(func))
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    if version:
+        from pipeline import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+def emit_json(obj: Any) -> None:
+    """Print a machine-readable summary on stdout."""
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+_register()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Stage configuration: one dataclass per stage, filled from three layers.
+
+    defaults (the dataclass)  <  --config FILE.yaml  <  command-line flags
+
+Field docstrings (a string literal right under each field, as litgpt does)
+are the documentation: ``field_docs`` reads them for ``--help`` texts and the
+stage YAML files. Unknown keys in a config file are an error naming the file
+and the key; values are validated in each dataclass's ``__post_init__``,
+which raises ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+C = TypeVar("C")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (or JSON, a YAML subset) mapping; a clear error otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: config file must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    cls: type[C],
+    config_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    values: Mapping[str, Any] | None = None,
+    origin: str | None = None,
+) -> C:
+    """Build ``cls`` from defaults < ``values``/``config_file`` < ``overrides``.
+
+    ``overrides`` holding ``None`` mean "flag not given" and are skipped, so a
+    CLI can pass every option straight through. ``values`` is an already-read
+    mapping (a section of a larger file); ``origin`` names it in errors.
+    """
+    merged: dict[str, Any] = {}
+    where = origin
+    if config_file is not None:
+        merged.update(read_config_file(config_file))
+        where = str(config_file)
+    if values is not None:
+        merged.update(values)
+    check_keys(cls, merged, where or "config")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            merged[key] = value
+    check_keys(cls, merged, "command line")
+    try:
+        return cls(**merged)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}" if where and not str(exc).startswith(str(where)) else str(exc)) from None
+    except TypeError as exc:  # a value of a type the dataclass cannot take
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
+
+
+def check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in data:
+        if key not in known:
+            raise ConfigError(
+                f"{where}: unknown key '{key}' for {cls.__name__} (known keys: {', '.join(known)})"
+            )
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain mapping (paths and tuples made YAML/JSON friendly)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        out[f.name] = _plain(getattr(cfg, f.name))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return config_to_dict(value)
+    return value
+
+
+def config_to_yaml(cfg: Any, with_docs: bool = False) -> str:
+    """The resolved config as YAML; with ``with_docs`` each key gets its docstring as a comment."""
+    data = config_to_dict(cfg)
+    if not with_docs:
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    docs = field_docs(type(cfg))
+    lines = []
+    for key, value in data.items():
+        for doc_line in textwrap.wrap(docs.get(key, ""), 76):
+            lines.append(f"# {doc_line}")
+        lines.append(yaml.safe_dump({key: value}, sort_keys=False, allow_unicode=True).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written right under dataclass fields, keyed by field name."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+        for prev, node in zip(body, body[1:]):
+            if (
+                isinstance(prev, ast.AnnAssign)
+                and isinstance(prev.target, ast.Name)
+                and isinstance(node, ast.Expr)
+                and isinstance(getattr(node, "value", None), ast.Constant)
+                and isinstance(node.value.value, str)
+            ):
+                docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def as_path(value: Any) -> Path | None:
+    return None if value is None or value == "" else Path(value)
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ``ConfigError(message)`` unless ``condition``; for ``__post_init__`` checks."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def require_choice(name: str, value: Any, choices: tuple) -> None:
+    require(value in choices, f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")

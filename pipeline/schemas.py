@@ -1,0 +1,101 @@
+"""Named schemas of every file the pipeline writes: the data contracts.
+
+Downstream stages and ``lldm-dpo query`` rely on these names; change them only
+together with DESIGN's contract.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# --- pairs (ingest output, Arrow IPC file) ---------------------------------
+
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+MESSAGES_TYPE = pa.list_(MESSAGE_TYPE)
+
+PAIRS_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),  # hex digest of the normalized prompt/chosen/rejected
+        ("prompt", pa.string()),  # text; for conversations, a readable rendering
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        # Structured conversations (null for the standard text format), kept so
+        # score-ref can apply the model's own chat template.
+        ("prompt_messages", MESSAGES_TYPE),
+        ("chosen_messages", MESSAGES_TYPE),
+        ("rejected_messages", MESSAGES_TYPE),
+        ("split", pa.string()),  # "train" or "eval"
+        ("source", pa.string()),  # "file:line" or "file:row"
+    ]
+)
+"""Ingest's output. Kept extra fields (``--keep-field``) follow as string columns (JSON-encoded values)."""
+
+SPLITS = ("train", "eval")
+
+# --- quarantine (ingest output, JSONL) -------------------------------------
+
+QUARANTINE_FIELDS = ("source", "line", "reason", "message", "raw")
+"""Keys of each quarantine JSONL record: file, 1-based line or 0-based row, reason code, one-line message, raw record text."""
+
+REASON_CODES = (
+    "invalid_json",
+    "invalid_utf8",
+    "missing_field",
+    "wrong_type",
+    "empty_text",
+    "identical_responses",
+    "duplicate_pair",
+    "malformed_messages",
+    "too_long",
+)
+
+# --- reference scores (score-ref output, Parquet parts + manifest.json) ----
+
+_F64_MATRIX = pa.list_(pa.list_(pa.float64()))  # [draw][sample]
+_I32_MATRIX = pa.list_(pa.list_(pa.int32()))
+_F32_MATRIX = pa.list_(pa.list_(pa.float32()))
+
+SCORES_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("split", pa.string()),
+        ("prompt_ids", pa.list_(pa.int32())),  # as scored (after truncation)
+        ("chosen_ids", pa.list_(pa.int32())),  # response ids, final EOS included
+        ("rejected_ids", pa.list_(pa.int32())),
+        ("prompt_len", pa.int32()),
+        ("chosen_len", pa.int32()),
+        ("rejected_len", pa.int32()),
+        ("truncated", pa.bool_()),
+        ("chosen_seeds", pa.list_(pa.int64())),  # mask seed per draw
+        ("rejected_seeds", pa.list_(pa.int64())),
+        ("chosen_mask_counts", _I32_MATRIX),  # masked tokens per sample, [draw][sample]
+        ("rejected_mask_counts", _I32_MATRIX),
+        ("chosen_timesteps", _F32_MATRIX),  # t per sample (l/L for the l_over_L scheme)
+        ("rejected_timesteps", _F32_MATRIX),
+        ("ref_chosen_terms", _F64_MATRIX),  # reference term per sample, [draw][sample]
+        ("ref_rejected_terms", _F64_MATRIX),
+        ("ref_chosen_elbo", pa.float64()),  # mean over all samples and draws
+        ("ref_rejected_elbo", pa.float64()),
+        ("ref_margin", pa.float64()),  # ref_chosen_elbo - ref_rejected_elbo
+    ]
+)
+
+SCORES_MANIFEST = "manifest.json"
+
+# --- training metrics (RUN_DIR/metrics.parquet) ----------------------------
+
+METRIC_COLUMNS = (
+    "step",
+    "epoch",
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "lr",
+    "grad_norm",
+    "tokens_per_second",
+    "peak_memory_bytes",
+)
