@@ -1,0 +1,250 @@
+"""LLaDA's sampler: semi-autoregressive blocks with low-confidence remasking.
+
+Pure torch, no I/O. The procedure follows the published one
+(shared/reference/llada.md, "Sampling"):
+
+* the sequence is the prompt followed by ``gen_length`` mask tokens;
+* the generation is cut into blocks of ``block_length`` filled left to right;
+  ``steps`` are spread evenly over the blocks and, inside a block, the masked
+  positions are committed at an even rate: with n masked and s steps, every
+  step commits ``n // s`` and the first ``n % s`` steps one more;
+* each step is one forward pass; the prediction is the argmax of the logits
+  (with Gumbel noise in float64 when ``temperature > 0``); the confidence is
+  the softmax probability of the predicted token ("low_confidence") or a
+  uniform draw ("random"); only masked positions of the current block are
+  candidates, and the most confident ones are committed;
+* with ``cfg_scale > 0`` a second pass sees the prompt masked and the logits
+  become ``un + (cfg_scale + 1) * (cond - un)``.
+
+Differences from the published code, each for a reason:
+
+* prompts of different lengths are LEFT padded with an attention mask, so the
+  generation region starts at the same column for every row and a row's
+  result does not depend on its batch neighbours (bidirectional attention
+  with relative positions sees no difference);
+* Gumbel noise is drawn per row from that row's own ``torch.Generator`` (when
+  a list is given) and only for the current block, so seeded sampling does
+  not change with batch composition and never touches the global RNG;
+* ``argmax(exp(l) / (-log u) ** T)`` is computed in its log form
+  ``l - T * log(-log u)`` (same argmax, no overflow of ``exp`` in float64);
+* the mask token is never the prediction (a committed [MASK] would be a hole
+  that the step schedule never fills); confidences still use the full
+  softmax;
+* with a model exposing ``final_hidden`` and ``get_output_embeddings`` the LM
+  head runs on the current block only, not on every position.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+REMASKING = ("low_confidence", "random")
+
+
+# --- small pure helpers ------------------------------------------------------
+
+
+def num_transfer_tokens(n_masked: Tensor, steps: int) -> Tensor:
+    """Tokens to commit at each of ``steps`` steps, per row: Long[B, steps].
+
+    ``n_masked`` Long[B]. Every step gets ``n // steps``; the remainder goes one
+    each to the first steps, so the row sums equal ``n_masked`` exactly.
+    """
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    n_masked = n_masked.to(torch.long).reshape(-1)
+    base = torch.div(n_masked, steps, rounding_mode="floor")
+    remainder = n_masked - base * steps
+    step_index = torch.arange(steps, device=n_masked.device)
+    return base[:, None] + (step_index[None, :] < remainder[:, None]).to(torch.long)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device: Any = None) -> tuple[Tensor, Tensor]:
+    """Left-pad token-id lists to one length: (input_ids Long[B, P], attention_mask Long[B, P])."""
+    width = max((len(p) for p in prompts), default=0)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+            attn[row, width - len(prompt) :] = 1
+    return ids.to(device), attn.to(device)
+
+
+def trim_at_stop(tokens: Sequence[int] | Tensor, stop_token_ids: Sequence[int]) -> list[int]:
+    """The tokens before the first stop token (EOS, ``<|eot_id|>``, ...)."""
+    out: list[int] = []
+    stops = set(int(t) for t in stop_token_ids)
+    for tok in (tokens.tolist() if isinstance(tokens, Tensor) else tokens):
+        if int(tok) in stops:
+            break
+        out.append(int(tok))
+    return out
+
+
+def check_schedule(gen_length: int, block_length: int, steps: int) -> None:
+    """The published sampler's constraints, as ``ValueError`` with the numbers."""
+    if gen_length <= 0 or block_length <= 0 or steps <= 0:
+        raise ValueError(
+            f"gen_length, block_length and steps must be positive (got {gen_length}, {block_length}, {steps})"
+        )
+    if gen_length % block_length:
+        raise ValueError(f"gen_length {gen_length} must be a multiple of block_length {block_length}")
+    blocks = gen_length // block_length
+    if steps % blocks:
+        raise ValueError(f"steps {steps} must be a multiple of the number of blocks {blocks} (gen_length / block_length)")
+
+
+# --- the model call ------------------------------------------------------------
+
+
+def _block_logits(
+    model: Any, input_ids: Tensor, attention_mask: Tensor, start: int, end: int, shift: bool
+) -> Tensor:
+    """Logits for positions [start, end) as float32 [B, end - start, V].
+
+    With ``shift`` (Dream-style models) position i is predicted from position
+    i - 1. Models with ``final_hidden`` + ``get_output_embeddings`` get the head
+    applied on the block rows only (LLaDA's head is 126k wide).
+    """
+    lo, hi = (start - 1, end - 1) if shift else (start, end)
+    if lo < 0:
+        raise ValueError("a model with shifted logits needs a non-empty prompt")
+    final_hidden = getattr(model, "final_hidden", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(final_hidden) and callable(get_head) else None
+    if head is not None:
+        hidden = final_hidden(input_ids, attention_mask=attention_mask)
+        logits = head(hidden[:, lo:hi])
+    else:
+        out = model(input_ids, attention_mask=attention_mask)
+        logits = out.logits if hasattr(out, "logits") else out
+        logits = logits[:, lo:hi]
+    return logits.float()
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.device, dtype) -> Tensor:
+    return torch.rand(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+# --- the sampler ------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(
+    model: Callable[..., Any],
+    prompts: Sequence[Sequence[int]],
+    *,
+    mask_token_id: int,
+    pad_token_id: int,
+    gen_length: int = 128,
+    block_length: int = 128,
+    steps: int = 128,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    cfg_scale: float = 0.0,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    logits_shift: bool | None = None,
+    device: Any = None,
+) -> Tensor:
+    """Sample ``gen_length`` tokens after each prompt; returns Long[B, gen_length].
+
+    ``model`` is an nn.Module with the models contract (``model(ids,
+    attention_mask=...)`` -> ``.logits``; ``final_hidden`` optional) or any
+    callable ``fn(input_ids, attention_mask=...) -> logits``. ``prompts`` are
+    token-id lists of any lengths. ``generator`` is one ``torch.Generator``
+    for the whole batch, or one per row (results then independent of the
+    batch); ``None`` means a fresh generator seeded 0 (never the global RNG).
+    Stop tokens are not cut here: see ``trim_at_stop``.
+    """
+    check_schedule(gen_length, block_length, steps)
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking must be one of {', '.join(REMASKING)}, got {remasking!r}")
+    if temperature < 0 or cfg_scale < 0:
+        raise ValueError(f"temperature and cfg_scale must be >= 0 (got {temperature}, {cfg_scale})")
+    if not len(prompts):
+        return torch.zeros((0, gen_length), dtype=torch.long)
+    if device is None:
+        param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    shift = bool(getattr(model, "logits_shift", False)) if logits_shift is None else logits_shift
+
+    batch = len(prompts)
+    prompt_ids, prompt_attn = left_pad(prompts, pad_token_id, device)
+    width = prompt_ids.shape[1]
+    x = torch.cat([prompt_ids, torch.full((batch, gen_length), mask_token_id, dtype=torch.long, device=device)], 1)
+    attn = torch.cat([prompt_attn, torch.ones((batch, gen_length), dtype=torch.long, device=device)], 1)
+    # Explicit mask state (not ``x == mask_id``): a prompt may legitimately
+    # contain the mask token, and it is never a candidate.
+    masked = torch.zeros_like(x, dtype=torch.bool)
+    masked[:, width:] = True
+
+    if cfg_scale > 0:
+        # The unconditional pass: real prompt tokens masked, padding stays padding.
+        x_un_prompt = torch.where(prompt_attn.bool(), torch.full_like(prompt_ids, mask_token_id), prompt_ids)
+
+    if isinstance(generator, torch.Generator) or generator is None:
+        shared_gen = generator if generator is not None else torch.Generator(device=device).manual_seed(0)
+        row_gens = None
+    else:
+        row_gens = list(generator)
+        if len(row_gens) != batch:
+            raise ValueError(f"got {len(row_gens)} generators for {batch} prompts")
+
+    n_blocks = gen_length // block_length
+    steps_per_block = steps // n_blocks
+    for block in range(n_blocks):
+        start = width + block * block_length
+        end = start + block_length
+        schedule = num_transfer_tokens(masked[:, start:end].sum(1), steps_per_block)
+        for step in range(steps_per_block):
+            k = schedule[:, step]
+            if not bool((k > 0).any()):
+                continue  # nothing to commit anywhere: the forward pass would be wasted
+            if cfg_scale > 0:
+                x_un = torch.cat([x_un_prompt, x[:, width:]], 1)
+                both = _block_logits(model, torch.cat([x, x_un]), torch.cat([attn, attn]), start, end, shift)
+                cond, un = both[:batch], both[batch:]
+                logits = un + (cfg_scale + 1.0) * (cond - un)
+            else:
+                logits = _block_logits(model, x, attn, start, end, shift)
+            vocab = logits.shape[-1]
+
+            choice_logits = logits.clone()
+            if 0 <= mask_token_id < vocab:
+                choice_logits[..., mask_token_id] = float("-inf")
+            if temperature > 0:
+                if row_gens is None:
+                    u = _uniform(tuple(logits.shape), shared_gen, device, torch.float64)
+                else:
+                    u = torch.stack([_uniform(tuple(logits.shape[1:]), g, device, torch.float64) for g in row_gens])
+                # log of exp(l) / (-log u)^T: argmax-equivalent, overflow-free.
+                scores = choice_logits.double() - temperature * torch.log(-torch.log(u))
+                pred = scores.argmax(-1)
+            else:
+                pred = choice_logits.argmax(-1)
+
+            if remasking == "low_confidence":
+                logp = torch.log_softmax(logits, dim=-1)
+                confidence = logp.gather(-1, pred[..., None]).squeeze(-1).exp().double()
+            elif row_gens is None:
+                confidence = _uniform((batch, block_length), shared_gen, device, torch.float64)
+            else:
+                confidence = torch.stack([_uniform((block_length,), g, device, torch.float64) for g in row_gens])
+
+            block_masked = masked[:, start:end]
+            confidence = confidence.masked_fill(~block_masked, float("-inf"))
+            # Stable descending order: ties go to the leftmost position, on every device.
+            order = torch.sort(confidence, dim=1, descending=True, stable=True).indices
+            rank = torch.empty_like(order)
+            rank.scatter_(1, order, torch.arange(block_length, device=device).expand(batch, -1))
+            commit = (rank < k[:, None]) & block_masked
+
+            block_x = x[:, start:end]
+            x[:, start:end] = torch.where(commit, pred, block_x)
+            masked[:, start:end] = block_masked & ~commit
+    return x[:, width:].clone()

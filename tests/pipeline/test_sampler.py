@@ -1,0 +1,316 @@
+"""LLaDA's sampler against stub models whose logits are known exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.sampler import check_schedule, generate, left_pad, num_transfer_tokens, trim_at_stop
+
+V = 12  # vocabulary of the stubs
+MASK = 11
+PAD = 10
+
+
+def _offsets(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each position's offset from the row's first real token (left padding)."""
+    pads = (attention_mask == 0).sum(1)
+    return torch.arange(attention_mask.shape[1])[None, :] - pads[:, None]
+
+
+class TableModel:
+    """Predicts ``tokens[offset]`` with logit ``values[offset]`` (all else 0); records every call.
+
+    The softmax probability of the prediction grows with its value, so the
+    value table is the confidence order.
+    """
+
+    def __init__(self, tokens, values):
+        self.tokens = torch.as_tensor(tokens)
+        self.values = torch.as_tensor(values, dtype=torch.float32)
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, input_ids, attention_mask=None):
+        self.calls.append((input_ids.clone(), attention_mask.clone()))
+        off = _offsets(attention_mask).clamp(min=0) % len(self.tokens)
+        logits = torch.zeros(*input_ids.shape, V)
+        logits.scatter_(-1, self.tokens[off][..., None], self.values[off][..., None])
+        return logits
+
+
+class ContentModel:
+    """Predictions that depend on the real (non-pad, non-mask) content, never on padding."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, input_ids, attention_mask=None):
+        self.calls += 1
+        real = (attention_mask == 1) & (input_ids != MASK)
+        total = (input_ids * real).sum(1, keepdim=True)
+        off = _offsets(attention_mask).clamp(min=0)
+        tok = (total + 3 * off) % 7
+        val = ((7 * off + total) % 11).float() / 3.0 + 0.5
+        logits = torch.zeros(*input_ids.shape, V)
+        logits.scatter_(-1, tok[..., None], val[..., None])
+        # Padding must never be looked at: poison it.
+        assert torch.all(input_ids[attention_mask == 0] == PAD)
+        return logits
+
+
+def masked_count_per_call(model: TableModel, width: int) -> list[int]:
+    return [int((ids[0, width:] == MASK).sum()) for ids, _ in model.calls]
+
+
+def test_num_transfer_tokens_spreads_remainder_over_first_steps():
+    out = num_transfer_tokens(torch.tensor([10, 3, 8]), 4)
+    assert out.tolist() == [[3, 3, 2, 2], [1, 1, 1, 0], [2, 2, 2, 2]]
+    assert out.sum(1).tolist() == [10, 3, 8]
+
+
+def test_unmasking_follows_confidence_inside_blocks():
+    # Generation positions 0..7, two blocks of 4, two steps per block (2 tokens each).
+    # Block 2 holds the highest confidence (0.95) but must wait for block 1.
+    prompt = [1, 2, 3]
+    conf = [0.1, 0.9, 0.5, 0.3, 0.95, 0.2, 0.6, 0.4]
+    tokens = [0, 0, 0] + [1, 2, 3, 4, 5, 6, 7, 8]
+    model = TableModel(tokens, [0.0] * 3 + [8 * c for c in conf])
+    out = generate(model, [prompt], mask_token_id=MASK, pad_token_id=PAD, gen_length=8, block_length=4, steps=4)
+    assert out.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
+    assert len(model.calls) == 4  # one forward pass per step
+
+    def committed(call_index):  # positions already filled when the call was made
+        ids = model.calls[call_index][0][0, 3:]
+        return {i for i in range(8) if ids[i] != MASK}
+
+    assert committed(0) == set()
+    assert committed(1) == {1, 2}  # the two most confident of block 1
+    assert committed(2) == {0, 1, 2, 3}  # block 1 done; 4 (0.95) was never committed early
+    assert committed(3) == {0, 1, 2, 3, 4, 6}
+    # The prompt is passed unchanged and never masked.
+    assert all(call[0][0, :3].tolist() == prompt for call in model.calls)
+
+
+def test_exact_number_of_tokens_per_step_and_nothing_left_masked():
+    model = TableModel([4] * 16, [float(i % 5) for i in range(16)])
+    out = generate(model, [[1, 2]], mask_token_id=MASK, pad_token_id=PAD, gen_length=8, block_length=8, steps=3)
+    # 8 tokens over 3 steps: 3, 3, 2.
+    assert masked_count_per_call(model, 2) == [8, 5, 2]
+    assert not (out == MASK).any()
+
+
+def test_steps_beyond_block_length_skip_empty_steps():
+    model = TableModel([4] * 16, [1.0] * 16)
+    out = generate(model, [[1]], mask_token_id=MASK, pad_token_id=PAD, gen_length=4, block_length=2, steps=8)
+    # 4 steps per block of 2 tokens: 1, 1, 0, 0 -> two passes per block.
+    assert masked_count_per_call(model, 1) == [4, 3, 2, 1]
+    assert out.tolist() == [[4, 4, 4, 4]]
+
+
+def test_mask_token_is_never_committed_even_if_predicted():
+    model = TableModel([MASK] * 8, [5.0] * 8)
+    out = generate(model, [[1, 2]], mask_token_id=MASK, pad_token_id=PAD, gen_length=6, block_length=3, steps=6)
+    assert not (out == MASK).any()
+    assert len(model.calls) == 6
+
+
+def test_left_padding_gives_each_prompt_its_solo_result():
+    prompts = [[1, 2], [3, 4, 5, 6, 7], [8], [2, 2, 2]]
+    kwargs = dict(mask_token_id=MASK, pad_token_id=PAD, gen_length=12, block_length=4, steps=6)
+    batched = generate(ContentModel(), prompts, **kwargs)
+    for row, prompt in enumerate(prompts):
+        alone = generate(ContentModel(), [prompt], **kwargs)
+        assert batched[row].tolist() == alone[0].tolist()
+    # The batch is not trivially uniform: rows differ.
+    assert len({tuple(r) for r in batched.tolist()}) > 1
+
+
+def test_left_pad_layout():
+    ids, attn = left_pad([[5, 6], [7]], PAD)
+    assert ids.tolist() == [[5, 6], [PAD, 7]]
+    assert attn.tolist() == [[1, 1], [0, 1]]
+
+
+def test_temperature_zero_is_deterministic_and_ignores_seed():
+    kwargs = dict(mask_token_id=MASK, pad_token_id=PAD, gen_length=8, block_length=4, steps=8)
+    a = generate(ContentModel(), [[1, 2, 3]], generator=torch.Generator().manual_seed(1), **kwargs)
+    b = generate(ContentModel(), [[1, 2, 3]], generator=torch.Generator().manual_seed(2), **kwargs)
+    assert a.tolist() == b.tolist()
+
+
+def flat_model(input_ids, attention_mask=None):
+    """Uniform logits over the 10 ordinary tokens: any token choice is noise."""
+    logits = torch.zeros(*input_ids.shape, V)
+    logits[..., PAD:] = -1e9
+    return logits
+
+
+def test_seeded_noise_is_reproducible_and_per_row_independent_of_batch():
+    kwargs = dict(mask_token_id=MASK, pad_token_id=PAD, gen_length=16, block_length=8, steps=8, temperature=1.0)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    a = generate(flat_model, [[1], [2, 3]], generator=gens([7, 8]), **kwargs)
+    b = generate(flat_model, [[1], [2, 3]], generator=gens([7, 8]), **kwargs)
+    c = generate(flat_model, [[1], [2, 3]], generator=gens([9, 8]), **kwargs)
+    assert a.tolist() == b.tolist()
+    assert a[0].tolist() != c[0].tolist() and a[1].tolist() == c[1].tolist()
+    # Row 1 alone, same seed: same tokens as inside the batch.
+    alone = generate(flat_model, [[2, 3]], generator=gens([8]), **kwargs)
+    assert alone[0].tolist() == a[1].tolist()
+    # The global RNG is untouched.
+    state = torch.get_rng_state()
+    generate(flat_model, [[1]], generator=torch.Generator().manual_seed(3), **kwargs)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_gumbel_noise_samples_the_softmax_distribution():
+    probs = torch.tensor([0.7, 0.2, 0.1])
+
+    def model(input_ids, attention_mask=None):
+        logits = torch.full((*input_ids.shape, V), -1e9)
+        logits[..., :3] = probs.log()
+        return logits
+
+    n = 3000
+    out = generate(
+        model, [[1]], mask_token_id=MASK, pad_token_id=PAD, gen_length=n, block_length=n, steps=1,
+        temperature=1.0, generator=torch.Generator().manual_seed(0),
+    )
+    freq = torch.bincount(out[0], minlength=3)[:3].double() / n
+    assert torch.allclose(freq, probs.double(), atol=0.03), freq
+    # Low temperature sharpens towards the argmax.
+    cold = generate(
+        model, [[1]], mask_token_id=MASK, pad_token_id=PAD, gen_length=n, block_length=n, steps=1,
+        temperature=0.1, generator=torch.Generator().manual_seed(0),
+    )
+    assert (cold[0] == 0).double().mean() > 0.99
+
+
+def test_gumbel_noise_has_no_overflow_for_large_logits():
+    def model(input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, V)
+        logits[..., 3] = 2000.0  # exp(2000) overflows float64
+        return logits
+
+    out = generate(
+        model, [[1]], mask_token_id=MASK, pad_token_id=PAD, gen_length=4, block_length=4, steps=4, temperature=0.7
+    )
+    assert out.tolist() == [[3, 3, 3, 3]]
+
+
+def test_random_remasking_keeps_the_schedule_and_is_seeded():
+    kwargs = dict(mask_token_id=MASK, pad_token_id=PAD, gen_length=8, block_length=4, steps=4, remasking="random")
+    conf = [0.1, 0.9, 0.5, 0.3, 0.95, 0.2, 0.6, 0.4]
+    orders = []
+    for seed in (0, 0, 1, 2, 3):
+        model = TableModel([0] + list(range(1, 9)), [0.0] + [8 * c for c in conf])
+        out = generate(model, [[1]], generator=torch.Generator().manual_seed(seed), **kwargs)
+        assert out.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
+        assert masked_count_per_call(model, 1) == [8, 6, 4, 2]
+        # Block 2 untouched while block 1 is filled.
+        assert all((ids[0, 5:] == MASK).all() for ids, _ in model.calls[:2])
+        orders.append(tuple(tuple((ids[0, 1:] == MASK).tolist()) for ids, _ in model.calls))
+    assert orders[0] == orders[1]
+    assert len(set(orders)) > 1  # the order is not the confidence order every time
+
+
+def test_classifier_free_guidance_combines_conditional_and_unconditional():
+    seen = []
+
+    def model(input_ids, attention_mask=None):
+        seen.append((input_ids.clone(), attention_mask.clone()))
+        logits = torch.zeros(*input_ids.shape, V)
+        real = attention_mask[:, :3] == 1
+        prompt_masked = ((input_ids[:, :3] == MASK) | ~real).all(1)
+        # Conditional: token 1 barely ahead of 2. Unconditional: token 1 far ahead.
+        logits[~prompt_masked, :, 1] = 1.0
+        logits[~prompt_masked, :, 2] = 0.9
+        logits[prompt_masked, :, 1] = 2.0
+        return logits
+
+    kwargs = dict(mask_token_id=MASK, pad_token_id=PAD, gen_length=2, block_length=2, steps=2)
+    plain = generate(model, [[4, 5, 6], [7, 8]], **kwargs)
+    assert plain.tolist() == [[1, 1], [1, 1]]
+    seen.clear()
+    guided = generate(model, [[4, 5, 6], [7, 8]], cfg_scale=1.0, **kwargs)
+    # un + 2 * (cond - un): token 1 -> 0, token 2 -> 1.8.
+    assert guided.tolist() == [[2, 2], [2, 2]]
+    ids, attn = seen[0]
+    assert ids.shape[0] == 4  # one pass for both halves
+    assert ids[2, :3].tolist() == [MASK, MASK, MASK]
+    assert ids[3, :3].tolist() == [PAD, MASK, MASK]  # padding stays padding
+    assert torch.equal(attn[:2], attn[2:])
+
+
+def test_shifted_logits_read_the_previous_position():
+    class Shifted:
+        logits_shift = True
+
+        def __call__(self, input_ids, attention_mask=None):
+            logits = torch.zeros(*input_ids.shape, V)
+            pos = torch.arange(input_ids.shape[1])
+            # Position i predicts token (i + 1) % 10 for position i + 1.
+            logits[:, pos, (pos + 1) % 10] = 5.0
+            return logits
+
+    out = generate(Shifted(), [[1, 2]], mask_token_id=MASK, pad_token_id=PAD, gen_length=4, block_length=4, steps=4)
+    assert out.tolist() == [[2, 3, 4, 5]]
+
+
+class HeadModel(torch.nn.Module):
+    """A module with ``final_hidden`` + head; ``forward`` gives the same logits the long way."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(V, 16)
+        self.mix = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, V)
+        self.head_rows: list[int] = []
+        self.head.register_forward_hook(lambda m, i, o: self.head_rows.append(i[0].shape[1]))
+
+    def final_hidden(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        w = attention_mask[..., None].float()
+        pooled = (h * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)
+        return torch.tanh(self.mix(h + pooled))
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.final_hidden(input_ids, attention_mask))
+
+
+def test_head_only_on_current_block_matches_full_logits():
+    model = HeadModel()
+    kwargs = dict(mask_token_id=MASK, pad_token_id=PAD, gen_length=8, block_length=4, steps=4)
+    fast = generate(model, [[1, 2, 3], [4]], **kwargs)
+    assert model.head_rows and all(rows == 4 for rows in model.head_rows)
+    slow = generate(lambda ids, attention_mask=None: model.forward(ids, attention_mask), [[1, 2, 3], [4]], **kwargs)
+    assert fast.tolist() == slow.tolist()
+
+
+def test_trim_at_stop():
+    assert trim_at_stop([5, 6, 9, 7, 9], [9]) == [5, 6]
+    assert trim_at_stop(torch.tensor([5, 8, 6]), [9, 8]) == [5]
+    assert trim_at_stop([5, 6], [9]) == [5, 6]
+
+
+@pytest.mark.parametrize(
+    "gen,block,steps,msg",
+    [(10, 4, 10, "multiple of block_length"), (8, 4, 3, "multiple of the number of blocks"), (8, 4, 0, "positive")],
+)
+def test_schedule_errors(gen, block, steps, msg):
+    with pytest.raises(ValueError, match=msg):
+        check_schedule(gen, block, steps)
+
+
+def test_bad_remasking_name():
+    with pytest.raises(ValueError, match="remasking"):
+        generate(flat_model, [[1]], mask_token_id=MASK, pad_token_id=PAD, gen_length=2, block_length=2, steps=2,
+                 remasking="entropy")
+
+
+def test_empty_batch():
+    out = generate(flat_model, [], mask_token_id=MASK, pad_token_id=PAD, gen_length=4, block_length=4, steps=4)
+    assert out.shape == (0, 4)
