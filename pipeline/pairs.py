@@ -1,0 +1,223 @@
+"""Preference-pair validation, normalisation, ``pair_id`` and the eval split (pure functions).
+
+A record becomes a ``Pair`` or raises ``Invalid(reason, message)`` with one of
+``schemas.REASON_CODES``. The checks run in a fixed order so a record with
+several problems always gets the same reason:
+
+    wrong_type (record) -> missing_field -> wrong_type (field) -> malformed_messages
+    -> empty_text -> identical_responses -> too_long
+
+(``invalid_json``/``invalid_utf8`` come from the readers, ``duplicate_pair``
+from the caller, which remembers the ``pair_id``s it has accepted.)
+
+Formats, as TRL names them:
+- standard: ``prompt``, ``chosen``, ``rejected`` strings;
+- conversational: lists of ``{"role", "content"}`` messages. With an explicit
+  prompt (a message list, or a string taken as one user message) chosen and
+  rejected are the responses; with no prompt field the longest shared leading
+  run of messages of chosen and rejected is the prompt (implicit prompt) and
+  the rest are the responses.
+
+Normalisation (for ``pair_id``, duplicates and the split, never for the stored
+text): Unicode NFC, CRLF/CR to LF, leading/trailing whitespace stripped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+_ID_VERSION = "pairs/v1"  # bump only together with a deliberate change of every pair_id
+
+
+class Invalid(Exception):
+    """A record that cannot become a pair; ``reason`` is a ``schemas.REASON_CODES`` entry."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+
+
+@dataclass(slots=True)
+class Pair:
+    pair_id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    prompt_messages: list[dict] | None
+    chosen_messages: list[dict] | None
+    rejected_messages: list[dict] | None
+    prompt_key: str
+    """Canonical normalized prompt: what the eval split hashes."""
+
+
+def normalize_text(text: str) -> str:
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", text)
+    return text.strip()
+
+
+def _canon(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def pair_id_of(prompt_norm: Any, chosen_norm: Any, rejected_norm: Any) -> str:
+    """128-bit hex digest of the normalized content (strings, or [[role, content], ...] lists)."""
+    canon = _canon([_ID_VERSION, prompt_norm, chosen_norm, rejected_norm])
+    return hashlib.blake2b(canon.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def split_of(prompt_key: str, eval_fraction: float) -> str:
+    """``eval`` for a deterministic ``eval_fraction`` of prompts (by hash), else ``train``.
+
+    Depends on the prompt alone, so every pair sharing a prompt lands on the
+    same side, and a prompt's side never changes between runs or machines.
+    """
+    if eval_fraction <= 0.0:
+        return "train"
+    digest = hashlib.blake2b(("split:" + prompt_key).encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return "eval" if int.from_bytes(digest, "big") / 2.0**64 < eval_fraction else "train"
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _check_messages(value: list, field: str) -> list[dict]:
+    out = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict):
+            raise Invalid("malformed_messages", f"field '{field}' message {i} is a {_type_name(msg)}, expected an object with role and content")
+        role = msg.get("role")
+        content = msg.get("content")
+        if not isinstance(role, str):
+            raise Invalid("malformed_messages", f"field '{field}' message {i} has no string 'role'")
+        if role not in ROLES:
+            raise Invalid("malformed_messages", f"field '{field}' message {i} has unknown role '{role}' (known: {', '.join(sorted(ROLES))})")
+        if not isinstance(content, str):
+            raise Invalid("malformed_messages", f"field '{field}' message {i} has no string 'content' (got {_type_name(content)})")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def render_messages(messages: list[dict]) -> str:
+    """Readable text of a conversation: a lone message is its content, else ``role: content`` blocks."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def _norm_messages(messages: list[dict]) -> list[list[str]]:
+    return [[m["role"], normalize_text(m["content"])] for m in messages]
+
+
+def validate_record(value: Any, fields: FieldMap = FieldMap(), max_chars: int = 0) -> Pair:
+    """Turn one parsed record into a ``Pair`` or raise ``Invalid``."""
+    if not isinstance(value, dict):
+        raise Invalid("wrong_type", f"record is a JSON {_type_name(value)}, expected an object")
+    chosen = value.get(fields.chosen)
+    rejected = value.get(fields.rejected)
+    prompt = value.get(fields.prompt)
+    for name, v in ((fields.chosen, chosen), (fields.rejected, rejected)):
+        if v is None:
+            raise Invalid("missing_field", f"field '{name}' is {'null' if name in value else 'missing'}")
+
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if prompt is None:
+            raise Invalid("missing_field", f"field '{fields.prompt}' is {'null' if fields.prompt in value else 'missing'}")
+        if not isinstance(prompt, str):
+            raise Invalid("wrong_type", f"field '{fields.prompt}' is a {_type_name(prompt)}, expected a string like '{fields.chosen}'")
+        return _standard(prompt, chosen, rejected, fields, max_chars)
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise Invalid("wrong_type", f"field '{fields.prompt}' is a {_type_name(prompt)}, expected a string or a list of messages")
+        return _conversational(prompt, chosen, rejected, fields, max_chars)
+    for name, v in ((fields.chosen, chosen), (fields.rejected, rejected)):
+        if not isinstance(v, (str, list)):
+            raise Invalid("wrong_type", f"field '{name}' is a {_type_name(v)}, expected a string or a list of messages")
+    raise Invalid(
+        "wrong_type",
+        f"fields '{fields.chosen}' ({_type_name(chosen)}) and '{fields.rejected}' ({_type_name(rejected)}) must both be strings or both message lists",
+    )
+
+
+def _standard(prompt: str, chosen: str, rejected: str, fields: FieldMap, max_chars: int) -> Pair:
+    norms = []
+    for name, text in ((fields.prompt, prompt), (fields.chosen, chosen), (fields.rejected, rejected)):
+        norm = normalize_text(text)
+        if not norm:
+            raise Invalid("empty_text", f"field '{name}' is empty or whitespace only")
+        norms.append(norm)
+    p, c, r = norms
+    if c == r:
+        raise Invalid("identical_responses", f"fields '{fields.chosen}' and '{fields.rejected}' are identical")
+    _check_length(((fields.prompt, prompt), (fields.chosen, chosen), (fields.rejected, rejected)), max_chars)
+    return Pair(pair_id_of(p, c, r), prompt, chosen, rejected, None, None, None, _canon(p))
+
+
+def _conversational(prompt: Any, chosen: list, rejected: list, fields: FieldMap, max_chars: int) -> Pair:
+    chosen_m = _check_messages(chosen, fields.chosen)
+    rejected_m = _check_messages(rejected, fields.rejected)
+    if prompt is None:
+        # Implicit prompt: the shared leading messages (TRL's extract_prompt).
+        k = 0
+        while k < min(len(chosen_m), len(rejected_m)) and chosen_m[k] == rejected_m[k]:
+            k += 1
+        if k == len(chosen_m) == len(rejected_m):
+            raise Invalid("identical_responses", f"fields '{fields.chosen}' and '{fields.rejected}' are identical conversations")
+        if k == 0:
+            raise Invalid(
+                "missing_field",
+                f"field '{fields.prompt}' is missing and '{fields.chosen}'/'{fields.rejected}' share no leading messages to use as the prompt",
+            )
+        prompt_m, chosen_m, rejected_m = chosen_m[:k], chosen_m[k:], rejected_m[k:]
+    elif isinstance(prompt, str):
+        prompt_m = [{"role": "user", "content": prompt}]
+    else:
+        prompt_m = _check_messages(prompt, fields.prompt)
+    for name, msgs in ((fields.chosen, chosen_m), (fields.rejected, rejected_m)):
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise Invalid("malformed_messages", f"field '{name}' has no assistant turn after the prompt")
+
+    p_norm, c_norm, r_norm = _norm_messages(prompt_m), _norm_messages(chosen_m), _norm_messages(rejected_m)
+    for name, norm in ((fields.prompt, p_norm), (fields.chosen, c_norm), (fields.rejected, r_norm)):
+        if not norm or not any(content for _, content in norm):
+            raise Invalid("empty_text", f"field '{name}' has no non-blank message content")
+    if c_norm == r_norm:
+        raise Invalid("identical_responses", f"fields '{fields.chosen}' and '{fields.rejected}' are identical after the prompt")
+    texts = (render_messages(prompt_m), render_messages(chosen_m), render_messages(rejected_m))
+    _check_length(zip((fields.prompt, fields.chosen, fields.rejected), texts), max_chars)
+    return Pair(pair_id_of(p_norm, c_norm, r_norm), *texts, prompt_m, chosen_m, rejected_m, _canon(p_norm))
+
+
+def _check_length(named_texts, max_chars: int) -> None:
+    if max_chars <= 0:
+        return
+    for name, text in named_texts:
+        if len(text) > max_chars:
+            raise Invalid("too_long", f"field '{name}' has {len(text)} characters, over max_chars {max_chars}")
+
+
+def kept_value(value: Any) -> str | None:
+    """A ``--keep-field`` value as a string column cell: strings as they are, other values as JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)

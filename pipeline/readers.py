@@ -1,0 +1,329 @@
+"""Read preference records from any input a user brings, one record at a time.
+
+Every reader yields ``Record``s in file order, each with the file it came from,
+its location (1-based line for line-oriented files, 0-based row/element for
+JSON arrays, Parquet and ``datasets`` folders) and its raw text, so that a
+record that fails to parse is still accounted for: it carries a reason code
+(``invalid_json`` / ``invalid_utf8``) instead of a value and ends up in the
+quarantine, never silently dropped.
+
+Supported inputs:
+- JSON Lines: ``.jsonl``, ``.ndjson``, ``.jsonl.gz`` (gzip), also ``.json``
+  files whose first non-blank character is not ``[``;
+- a JSON array file (``[{...}, {...}]``), decoded element by element so one
+  broken element does not lose the elements before it;
+- Parquet (``.parquet``), read in row batches;
+- a folder written by ``datasets.Dataset.save_to_disk`` (or
+  ``DatasetDict.save_to_disk``: every split, in the order of
+  ``dataset_dict.json``), read as Arrow streams without importing ``datasets``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import UserError
+
+ProgressFn = Callable[[int], None]
+"""Called with a number of input bytes consumed since the last call."""
+
+# Report progress in chunks so a per-record callback does not dominate the loop.
+_PROGRESS_EVERY = 1 << 20
+
+
+@dataclass(slots=True)
+class Record:
+    """One input record: parsed ``value`` or a parse ``reason`` (never both)."""
+
+    source: str
+    """The input file (or ``folder[split]`` for a DatasetDict)."""
+    line: int
+    """1-based line (JSONL) or 0-based row (JSON array, Parquet, datasets)."""
+    raw: str
+    """The record as text: the line, the array element, or the row as JSON."""
+    value: Any = None
+    reason: str | None = None
+    message: str | None = None
+
+    @property
+    def location(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
+def input_kind(path: Path) -> str:
+    """``jsonl``, ``jsonl.gz``, ``json`` (sniffed: array or lines), ``parquet`` or ``datasets``."""
+    if path.is_dir():
+        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            return "datasets"
+        raise UserError(f"{path}: a folder must be a datasets.save_to_disk folder (no state.json or dataset_dict.json)")
+    name = path.name.lower()
+    if name.endswith((".jsonl.gz", ".ndjson.gz", ".json.gz")):
+        return "jsonl.gz"
+    if name.endswith((".jsonl", ".ndjson")):
+        return "jsonl"
+    if name.endswith(".json"):
+        return "json"
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    raise UserError(
+        f"{path}: unknown input type (expected .jsonl, .jsonl.gz, .json, .parquet or a datasets folder)"
+    )
+
+
+def input_size(path: Path) -> int:
+    """Bytes the reader will report through its progress callback."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*.arrow"))
+    return path.stat().st_size
+
+
+def iter_records(path: str | os.PathLike, progress: ProgressFn | None = None) -> Iterator[Record]:
+    """Yield every record of one input, in order; raise ``UserError`` if the input cannot be opened."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: input not found")
+    kind = input_kind(path)
+    if kind == "jsonl":
+        with open(path, "rb") as fh:
+            yield from _iter_lines(fh, str(path), progress)
+    elif kind == "jsonl.gz":
+        with open(path, "rb") as raw_fh:
+            try:
+                with gzip.open(raw_fh, "rb") as fh:
+                    yield from _iter_lines(fh, str(path), None, raw_fh=raw_fh, progress_raw=progress)
+            except (OSError, EOFError) as exc:  # not gzip, or truncated
+                raise UserError(f"{path}: cannot read gzip input: {exc}") from None
+    elif kind == "json":
+        yield from _iter_json_file(path, progress)
+    elif kind == "parquet":
+        yield from _iter_parquet(path, progress)
+    else:
+        yield from _iter_datasets_folder(path, progress)
+
+
+# --- JSON Lines ----------------------------------------------------------------
+
+
+def _iter_lines(fh, source: str, progress: ProgressFn | None, *, raw_fh=None, progress_raw=None) -> Iterator[Record]:
+    """Lines of a binary stream; blank lines are not records (JSONL allows them)."""
+    pending = 0
+    last_raw_pos = 0
+    loads = json.loads
+    for lineno, line in enumerate(fh, 1):
+        if progress is not None:
+            pending += len(line)
+            if pending >= _PROGRESS_EVERY:
+                progress(pending)
+                pending = 0
+        elif progress_raw is not None and lineno % 4096 == 0:
+            pos = raw_fh.tell()  # compressed bytes consumed, to match input_size
+            progress_raw(pos - last_raw_pos)
+            last_raw_pos = pos
+        if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
+            line = line[3:]
+        line = line.rstrip(b"\r\n")
+        if not line.strip():
+            continue
+        yield _parse_line(line, source, lineno, loads)
+    if progress is not None and pending:
+        progress(pending)
+    if progress_raw is not None:
+        progress_raw(raw_fh.tell() - last_raw_pos)
+
+
+def _parse_line(line: bytes, source: str, lineno: int, loads=json.loads) -> Record:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Record(
+            source,
+            lineno,
+            line.decode("utf-8", "backslashreplace"),
+            reason="invalid_utf8",
+            message=f"invalid UTF-8 byte at offset {exc.start}",
+        )
+    try:
+        value = loads(text)
+    except ValueError as exc:  # json.JSONDecodeError, or a lone surrogate escape
+        return Record(source, lineno, text, reason="invalid_json", message=_json_error(exc))
+    return Record(source, lineno, text, value)
+
+
+def parse_line(line: bytes, source: str = "<input>", lineno: int = 1) -> Record:
+    """One JSONL line (without its newline) as a ``Record``; used by tests and the parallel reader."""
+    return _parse_line(line, source, lineno)
+
+
+def _json_error(exc: ValueError) -> str:
+    msg = getattr(exc, "msg", None)
+    if msg is not None:
+        return f"invalid JSON: {msg} at column {exc.colno}"  # type: ignore[attr-defined]
+    return f"invalid JSON: {str(exc).splitlines()[0]}"
+
+
+# --- JSON array (or JSON Lines named .json) -------------------------------------
+
+
+def _iter_json_file(path: Path, progress: ProgressFn | None) -> Iterator[Record]:
+    data = path.read_bytes()
+    if progress is not None:
+        progress(len(data))
+    head = data.lstrip()
+    if head.startswith(b"\xef\xbb\xbf"):
+        head = head[3:].lstrip()
+    if not head.startswith(b"["):
+        # Many tools write JSON Lines under a .json name.
+        with open(path, "rb") as fh:
+            yield from _iter_lines(fh, str(path), None)
+        return
+    # Decode with surrogateescape so invalid bytes stay visible per element
+    # (as lone surrogates) instead of failing the whole file.
+    text = data.decode("utf-8", "surrogateescape")
+    yield from iter_json_array(text, str(path))
+
+
+_WS = " \t\n\r"
+
+
+def iter_json_array(text: str, source: str) -> Iterator[Record]:
+    """Elements of a JSON array text, one ``Record`` each (row = 0-based element index).
+
+    A syntax error inside the array cannot be resynchronised reliably, so
+    everything from the broken element to the end becomes one ``invalid_json``
+    record: the elements before it are kept, and nothing is lost.
+    """
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    n = len(text)
+    row = 0
+    expect_value = True
+    while True:
+        while pos < n and text[pos] in _WS:
+            pos += 1
+        if pos >= n:
+            yield Record(source, row, text[pos:], reason="invalid_json", message="invalid JSON: unterminated array")
+            return
+        ch = text[pos]
+        if ch == "]" and (row == 0 or not expect_value):
+            rest = text[pos + 1 :].strip(_WS)
+            if rest:
+                yield Record(source, row, rest, reason="invalid_json", message="invalid JSON: extra data after the array")
+            return
+        if not expect_value:
+            if ch != ",":
+                yield _broken_tail(text, pos, source, row, "expected ',' or ']' between elements")
+                return
+            pos += 1
+            expect_value = True
+            continue
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except ValueError as exc:
+            yield _broken_tail(text, pos, source, row, _json_error(exc).removeprefix("invalid JSON: "))
+            return
+        raw = text[pos:end]
+        if _has_surrogates(raw):
+            yield Record(
+                source,
+                row,
+                raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"),
+                reason="invalid_utf8",
+                message="invalid UTF-8 bytes in this element",
+            )
+        else:
+            yield Record(source, row, raw, value)
+        row += 1
+        pos = end
+        expect_value = False
+
+
+def _broken_tail(text: str, pos: int, source: str, row: int, why: str) -> Record:
+    tail = text[pos:].rstrip(_WS)
+    if tail.endswith("]"):
+        tail = tail[:-1].rstrip(_WS)
+    if _has_surrogates(tail):
+        tail = tail.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return Record(
+        source, row, tail, reason="invalid_json", message=f"invalid JSON: {why} (rest of the array from element {row})"
+    )
+
+
+def _has_surrogates(s: str) -> bool:
+    if s.isascii():
+        return False
+    return any("\udc80" <= c <= "\udcff" for c in s)
+
+
+# --- Parquet and datasets folders -----------------------------------------------
+
+
+def _iter_parquet(path: Path, progress: ProgressFn | None) -> Iterator[Record]:
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{path}: cannot read Parquet input: {exc}") from None
+    size = path.stat().st_size
+    total_rows = max(pf.metadata.num_rows, 1)
+    row = 0
+    for batch in pf.iter_batches(batch_size=8192):
+        yield from _rows(batch, str(path), row)
+        if progress is not None:
+            progress(size * batch.num_rows // total_rows)
+        row += batch.num_rows
+
+
+def _iter_datasets_folder(path: Path, progress: ProgressFn | None) -> Iterator[Record]:
+    dict_file = path / "dataset_dict.json"
+    if dict_file.is_file():
+        try:
+            splits = json.loads(dict_file.read_text(encoding="utf-8"))["splits"]
+        except (ValueError, KeyError, OSError) as exc:
+            raise UserError(f"{dict_file}: not a datasets DatasetDict index: {exc}") from None
+        for split in splits:
+            yield from _iter_dataset(path / split, f"{path}[{split}]", progress)
+    else:
+        yield from _iter_dataset(path, str(path), progress)
+
+
+def _iter_dataset(folder: Path, source: str, progress: ProgressFn | None) -> Iterator[Record]:
+    state_file = folder / "state.json"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        files = [folder / f["filename"] for f in state["_data_files"]]
+    except (ValueError, KeyError, OSError, TypeError) as exc:
+        raise UserError(f"{state_file}: not a datasets save_to_disk state file: {exc}") from None
+    row = 0
+    for file in files:
+        try:
+            reader = pa.ipc.open_stream(pa.memory_map(str(file)))
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(f"{file}: cannot read datasets Arrow file: {exc}") from None
+        size = file.stat().st_size
+        batches = list(reader)
+        rows_in_file = max(sum(b.num_rows for b in batches), 1)
+        for batch in batches:
+            yield from _rows(batch, source, row)
+            if progress is not None:
+                progress(size * batch.num_rows // rows_in_file)
+            row += batch.num_rows
+
+
+def _rows(batch: pa.RecordBatch, source: str, first_row: int) -> Iterator[Record]:
+    for i, value in enumerate(batch.to_pylist()):
+        raw = json.dumps(value, ensure_ascii=False, default=_jsonable)
+        yield Record(source, first_row + i, raw, value)
+
+
+def _jsonable(obj: Any) -> Any:
+    # Parquet rows can hold bytes, dates, decimals: raw text only needs to be readable.
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", "backslashreplace")
+    return str(obj)
