@@ -1,0 +1,199 @@
+"""``lldm-dpo query SQL``: DuckDB (in memory) over the pipeline's files.
+
+Views (DESIGN "What lldm-dpo query exposes"; the names are a contract):
+- ``pairs`` (``--pairs FILE``): the ingest output, every column of the Arrow file;
+- ``quarantine`` (beside the pairs file as ingest names it, or ``--quarantine FILE``):
+  ``source``, ``line``, ``reason``, ``message``, ``raw``;
+- ``scores`` (``--scores DIR``): ``DIR/part-*.parquet``;
+- ``metrics`` (``--run RUN_DIR``): ``RUN_DIR/metrics.parquet``.
+
+Named queries live in ``stages/queries/NAME.sql`` (``--preset NAME``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from pipeline.errors import UserError
+from pipeline.schemas import QUARANTINE_FIELDS
+
+QUERIES_DIR = Path(__file__).resolve().parent / "queries"
+_QUARANTINE_TYPES = {"source": "VARCHAR", "line": "BIGINT", "reason": "VARCHAR", "message": "VARCHAR", "raw": "VARCHAR"}
+
+
+def _sql_str(path: Path | str) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in QUERIES_DIR.glob("*.sql"))
+
+
+def preset_sql(name: str) -> str:
+    path = QUERIES_DIR / f"{name}.sql"
+    if not path.is_file():
+        raise UserError(f"unknown preset '{name}' (known: {', '.join(presets())})")
+    return path.read_text(encoding="utf-8")
+
+
+def open_connection(pairs=None, quarantine=None, scores=None, run=None):
+    """An in-memory DuckDB connection with the views for whatever files are given.
+
+    ``pairs``: an ingest output file (its quarantine beside it is added when
+    present, as an empty view when absent); ``quarantine``: an explicit
+    quarantine file (must exist); ``scores``: a score-ref folder; ``run``: a
+    training run folder. Missing files are a ``UserError`` naming them.
+    """
+    import duckdb
+    import pyarrow as pa
+
+    con = duckdb.connect(":memory:")
+    if pairs is not None:
+        pairs = Path(pairs)
+        if not pairs.is_file():
+            raise UserError(f"{pairs}: pairs file not found")
+        try:
+            table = pa.ipc.open_file(pa.memory_map(str(pairs))).read_all()
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(f"{pairs}: not an Arrow IPC pairs file: {exc}") from None
+        con.register("pairs", table)
+        if quarantine is None:
+            from stages.ingest import quarantine_path_for
+
+            beside = quarantine_path_for(pairs)
+            if beside.is_file():
+                quarantine = beside
+            else:
+                _empty_quarantine(con)
+    if quarantine is not None:
+        quarantine = Path(quarantine)
+        if not quarantine.is_file():
+            raise UserError(f"{quarantine}: quarantine file not found")
+        cols = ", ".join(f"{k}: '{v}'" for k, v in _QUARANTINE_TYPES.items())
+        con.execute(
+            f"CREATE VIEW quarantine AS SELECT {', '.join(QUARANTINE_FIELDS)} FROM read_json({_sql_str(quarantine)}, "
+            f"format='newline_delimited', columns={{{cols}}}, maximum_object_size=1073741824)"
+        )
+    if scores is not None:
+        scores = Path(scores)
+        parts = sorted(scores.glob("part-*.parquet")) if scores.is_dir() else []
+        if not parts:
+            raise UserError(f"{scores}: no part-*.parquet score files in this folder")
+        con.execute(f"CREATE VIEW scores AS SELECT * FROM read_parquet({_sql_str(scores / 'part-*.parquet')}, union_by_name=true)")
+    if run is not None:
+        metrics = Path(run) / "metrics.parquet"
+        if not metrics.is_file():
+            raise UserError(f"{metrics}: metrics file not found (is {run} a training run folder?)")
+        con.execute(f"CREATE VIEW metrics AS SELECT * FROM read_parquet({_sql_str(metrics)})")
+    return con
+
+
+def _empty_quarantine(con) -> None:
+    cols = ", ".join(f"CAST(NULL AS {t}) AS {k}" for k, t in _QUARANTINE_TYPES.items())
+    con.execute(f"CREATE VIEW quarantine AS SELECT {cols} WHERE false")
+
+
+def execute(con, sql: str) -> tuple[list[str], list[tuple]]:
+    """Run ``sql``; a DuckDB error becomes a one-line ``UserError``."""
+    import duckdb
+
+    try:
+        cur = con.execute(sql)
+        if cur.description is None:
+            return [], []
+        columns = [d[0] for d in cur.description]
+        return columns, cur.fetchall()
+    except duckdb.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"query failed: {first}") from None
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly value: lists/dicts kept, NaN/inf as null, everything else as str."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    try:  # Decimal and numpy scalars
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def rows_as_dicts(columns: list[str], rows: list[tuple]) -> list[dict[str, Any]]:
+    return [{c: _plain(v) for c, v in zip(columns, row)} for row in rows]
+
+
+def to_csv(columns: list[str], rows: list[tuple]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for row in rows:
+        w.writerow(
+            [
+                "" if v is None else json.dumps(_plain(v), ensure_ascii=False) if isinstance(v, (list, dict, tuple)) else _plain(v)
+                for v in row
+            ]
+        )
+    return buf.getvalue()
+
+
+def _print_table(columns: list[str], rows: list[tuple], max_cell: int = 80) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=True, header_style="bold")
+    for c in columns:
+        table.add_column(c, overflow="fold")
+    for row in rows:
+        cells = []
+        for v in row:
+            s = "NULL" if v is None else json.dumps(_plain(v), ensure_ascii=False) if isinstance(v, (list, dict, tuple)) else str(v)
+            cells.append(s if len(s) <= max_cell else s[: max_cell - 1] + "…")
+        table.add_row(*cells)
+    console = Console()
+    console.print(table)
+    console.print(f"{len(rows)} row{'s' if len(rows) != 1 else ''}", style="dim")
+
+
+def command(
+    sql: str = typer.Argument(None, help="SQL over the views pairs, quarantine, scores, metrics.", show_default=False),
+    pairs: Path = typer.Option(None, "--pairs", help="Ingest output (Arrow): views 'pairs' and 'quarantine'."),
+    quarantine: Path = typer.Option(None, "--quarantine", help="Quarantine JSONL (default: beside --pairs)."),
+    scores: Path = typer.Option(None, "--scores", help="score-ref output folder: view 'scores'."),
+    run: Path = typer.Option(None, "--run", help="Training run folder: view 'metrics'."),
+    preset: str = typer.Option(None, "--preset", help="Run a named query from stages/queries/ instead of SQL."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON array of row objects."),
+    csv_out: bool = typer.Option(False, "--csv", help="Print CSV."),
+) -> None:
+    """Query pairs, quarantine, reference scores and training metrics with SQL (DuckDB)."""
+    if json_out and csv_out:
+        raise UserError("choose one of --json and --csv")
+    if preset is not None and sql:
+        raise UserError("give either SQL or --preset, not both")
+    if preset is not None:
+        sql = preset_sql(preset)
+    if not sql:
+        raise UserError(f"no SQL given (pass a query, or --preset NAME: {', '.join(presets())})")
+    con = open_connection(pairs=pairs, quarantine=quarantine, scores=scores, run=run)
+    columns, rows = execute(con, sql)
+    if json_out:
+        sys.stdout.write(json.dumps(rows_as_dicts(columns, rows), ensure_ascii=False, indent=2) + "\n")
+    elif csv_out:
+        sys.stdout.write(to_csv(columns, rows))
+    else:
+        _print_table(columns, rows)
