@@ -1,0 +1,255 @@
+"""Seeded masks and the masked-diffusion ELBO estimator (pure functions, no I/O).
+
+For a response y of L tokens after a prompt p (the prompt is never masked), the
+ELBO of a masked diffusion model with a linear schedule is
+
+    B(y) = sum_{l=1..L} (1/l) * mean_{|M|=l} S(M),
+    S(M) = sum_{i in M} log p(y_i | p, y with the positions M replaced by [MASK]).
+
+Two unbiased Monte Carlo schemes are offered (shared/reference/estimator-math.md):
+
+``l_over_L`` (default, LLaDA's): mask count l in 1..L, positions uniform
+    without replacement, term = (L/l) * S(M). The n counts of one draw are
+    stratified: one uniform offset u, the points (u + k/n) mod 1, count
+    floor(point * L) + 1. Each count is marginally uniform on 1..L (so the mean of
+    the n terms stays unbiased) while the n counts cover 1..L evenly.
+``one_over_t``: t in (eps, 1], each response position masked independently
+    with probability t, term = S(M) / t. The n timesteps are stratified the same
+    way (each marginally uniform on (eps, 1]). An empty mask is KEPT, with count 0
+    and term exactly 0: S(empty) = 0 is the integrand's true value, so keeping it
+    leaves the estimator unbiased for the eps-truncated integral, whereas
+    resampling would bias it. ``elbo_terms`` sends no row to the model for it.
+
+Masks depend on (global seed, pair_id, side, draw) only: ``mask_seed`` hashes
+them and ``sample_masks`` draws from its own CPU ``torch.Generator``, never the
+global RNG, the device, the batch or the process rank. Training replays the same
+masks for the policy (antithetic sampling), so caches store seeds, not masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+SCHEMES = ("l_over_L", "one_over_t")
+_MASK63 = (1 << 63) - 1
+
+
+def mask_seed(global_seed: int, pair_id: str, side: str, draw: int) -> int:
+    """A stable 63-bit seed for one (pair, side, draw): the same in every process, platform and run.
+
+    blake2b of an unambiguous encoding (unit-separator between the fields), not
+    Python's ``hash`` (salted per process).
+    """
+    key = f"lldm-dpo/mask/v1\x1f{int(global_seed)}\x1f{pair_id}\x1f{side}\x1f{int(draw)}".encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") & _MASK63
+
+
+@dataclass(frozen=True)
+class MaskSet:
+    """The n Monte Carlo samples of one draw for one response of length L."""
+
+    masks: torch.Tensor
+    """Bool[n, L]: True where the response token is replaced by [MASK]."""
+    counts: torch.Tensor
+    """Long[n]: masked tokens per sample (1..L for l_over_L; 0..L for one_over_t)."""
+    timesteps: torch.Tensor
+    """Float[n]: l/L for l_over_L, t for one_over_t."""
+    weights: torch.Tensor
+    """Float64[n]: L/l for l_over_L, 1/t for one_over_t."""
+
+    def __len__(self) -> int:
+        return int(self.masks.shape[0])
+
+
+def _stratified_points(n: int, gen: torch.Generator) -> torch.Tensor:
+    """n points in [0, 1): one uniform offset, evenly spaced, wrapped; each point marginally uniform."""
+    u = torch.rand((), generator=gen, dtype=torch.float64)
+    return torch.remainder(u + torch.arange(n, dtype=torch.float64) / n, 1.0)
+
+
+def sample_masks(length: int, n: int, seed: int, scheme: str = "l_over_L", eps: float = 1e-3) -> MaskSet:
+    """Draw the n masks of one draw for a response of ``length`` tokens from a generator seeded with ``seed``."""
+    if length < 1:
+        raise ValueError(f"sample_masks: response length must be >= 1, got {length}")
+    if n < 1:
+        raise ValueError(f"sample_masks: number of samples must be >= 1, got {n}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"sample_masks: unknown scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"sample_masks: eps must be in [0, 1), got {eps}")
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int(seed) & _MASK63)
+    # Draw order is part of the reproducibility contract: offset first, then the
+    # position keys. Changing it changes every cached mask.
+    points = _stratified_points(n, gen)
+    keys = torch.rand((n, length), generator=gen, dtype=torch.float64)
+    if scheme == "l_over_L":
+        counts = (torch.floor(points * length).long() + 1).clamp_(1, length)
+        # Rank of each position's key within its row: the `count` smallest keys
+        # form a uniformly random subset of exactly that size.
+        ranks = keys.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
+        masks = ranks < counts[:, None]
+        timesteps = counts.to(torch.float32) / length
+        weights = length / counts.to(torch.float64)
+    else:
+        # t = 1 - (1 - eps) * point lies in (eps, 1]; uniform since point is.
+        t = 1.0 - (1.0 - eps) * points
+        masks = keys < t[:, None]
+        counts = masks.sum(dim=1)
+        timesteps = t.to(torch.float32)
+        weights = 1.0 / t
+    return MaskSet(masks=masks, counts=counts, timesteps=timesteps, weights=weights)
+
+
+@dataclass
+class ScoreRequest:
+    """One response to score under n masks: the rows are prompt + masked response."""
+
+    prompt_ids: Sequence[int]
+    response_ids: Sequence[int]
+    masks: torch.Tensor
+    """Bool[n, L] over the response positions."""
+    weights: torch.Tensor
+    """[n] per-sample weight (L/l or 1/t)."""
+
+    def __post_init__(self) -> None:
+        length = len(self.response_ids)
+        if self.masks.dim() != 2 or self.masks.shape[1] != length:
+            raise ValueError(
+                f"ScoreRequest: masks must be [n, {length}] for a response of {length} tokens, "
+                f"got {list(self.masks.shape)}"
+            )
+        if self.weights.shape != (self.masks.shape[0],):
+            raise ValueError(
+                f"ScoreRequest: weights must be [{self.masks.shape[0]}], got {list(self.weights.shape)}"
+            )
+
+
+def _score_tokens():
+    # Imported on use: the models package is heavy and this module stays importable without it.
+    from pipeline.models import score_tokens
+
+    return score_tokens
+
+
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int | None) -> list[list[int]]:
+    """Group row indices into batches sorted by length (longest first) with max_len * rows <= batch_tokens.
+
+    A row longer than the budget gets a batch of its own. ``None`` means one batch.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if batch_tokens is None:
+        return [order] if order else []
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        # Rows come longest first, so the batch's padded length is its first row's.
+        width = lengths[current[0]] if current else lengths[i]
+        if current and width * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def elbo_terms(
+    model,
+    requests: Sequence[ScoreRequest],
+    *,
+    mask_token_id: int,
+    pad_token_id: int,
+    batch_tokens: int | None = None,
+    chunk_size: int = 4096,
+) -> list[torch.Tensor]:
+    """Per request, the n terms weight_k * sum_{masked i} log p(y_i | prompt, masked response).
+
+    Every (request, sample) row with a non-empty mask is laid out as prompt +
+    masked response, rows are sorted by length and packed into right-padded
+    batches of at most ``batch_tokens`` padded tokens (padding excluded from
+    attention), and only masked positions go through the LM head
+    (``pipeline.models.score_tokens``). Per-row sums are taken in float64 in a
+    fixed order, so a request's terms do not depend on what it is batched with.
+    Returns float64 tensors on the model's device; differentiable when grad is enabled.
+    """
+    score_tokens = _score_tokens()
+    device = _model_device(model)
+
+    # Flatten to rows (request r, sample k) that have at least one masked token.
+    rows: list[tuple[int, int]] = []
+    lengths: list[int] = []
+    for r, req in enumerate(requests):
+        nonempty = req.masks.any(dim=1).tolist()
+        total = len(req.prompt_ids) + len(req.response_ids)
+        for k, keep in enumerate(nonempty):
+            if keep:
+                rows.append((r, k))
+                lengths.append(total)
+
+    row_ids: list[torch.Tensor] = []
+    row_sums: list[torch.Tensor] = []
+    for batch in plan_batches(lengths, batch_tokens):
+        width = max(lengths[i] for i in batch)
+        input_ids = torch.full((len(batch), width), int(pad_token_id), dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        index_parts: list[torch.Tensor] = []
+        target_parts: list[torch.Tensor] = []
+        for b, i in enumerate(batch):
+            r, k = rows[i]
+            req = requests[r]
+            plen = len(req.prompt_ids)
+            response = torch.as_tensor(list(req.response_ids), dtype=torch.long)
+            mask = req.masks[k].to(torch.bool).cpu()
+            if plen:
+                input_ids[b, :plen] = torch.as_tensor(list(req.prompt_ids), dtype=torch.long)
+            input_ids[b, plen : plen + len(response)] = torch.where(mask, int(mask_token_id), response)
+            attention_mask[b, : plen + len(response)] = 1
+            pos = mask.nonzero().squeeze(1)
+            index_parts.append(torch.stack([torch.full_like(pos, b), pos + plen], dim=1))
+            target_parts.append(response[pos])
+        index = torch.cat(index_parts)
+        targets = torch.cat(target_parts)
+        logp = score_tokens(
+            model,
+            input_ids.to(device),
+            attention_mask.to(device),
+            index.to(device),
+            targets.to(device),
+            chunk_size=chunk_size,
+        )
+        sums = torch.zeros(len(batch), dtype=torch.float64, device=logp.device)
+        sums = sums.index_add(0, index[:, 0].to(logp.device), logp.to(torch.float64))
+        row_ids.append(torch.as_tensor(batch, dtype=torch.long))
+        row_sums.append(sums)
+
+    # Scatter the row sums back to request order; empty-mask rows stay exactly 0.
+    flat_index: list[int] = []
+    offsets = [0]
+    for req in requests:
+        offsets.append(offsets[-1] + int(req.masks.shape[0]))
+    for r, k in rows:
+        flat_index.append(offsets[r] + k)
+    flat = torch.zeros(offsets[-1], dtype=torch.float64, device=device)
+    if row_sums:
+        src = torch.cat(row_sums).to(device)
+        order = torch.cat(row_ids)
+        dest = torch.as_tensor(flat_index, dtype=torch.long)[order].to(device)
+        flat = flat.index_copy(0, dest, src)
+    out = []
+    for r, req in enumerate(requests):
+        w = req.weights.to(device=device, dtype=torch.float64)
+        out.append(w * flat[offsets[r] : offsets[r + 1]])
+    return out
