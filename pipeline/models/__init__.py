@@ -1,0 +1,41 @@
+"""Diffusion language models: native LLaDA, a transformers adapter, presets, and scoring.
+
+Public entry points (the "Models" contract):
+- ``load_model(name_or_path, *, dtype, device, trust_remote_code) -> (model, tokenizer)``
+- ``score_tokens(model, input_ids, attention_mask, index, targets, chunk_size)``
+- ``model_identity(model_dir_or_name)`` / ``tokenizer_identity(tokenizer)`` for cache fingerprints
+- ``PRESETS`` / ``build_preset(name, device=, dtype=)``
+
+LoRA: ``LORA_TARGET_MODULES`` is a regex for peft's ``target_modules`` that
+selects every block projection (q/k/v/attn_out and the MLP's ff_proj/up_proj/
+ff_out) but not the LM head, which LLaDA also calls ``ff_out``
+(``model.transformer.ff_out``).  A plain list ``["q_proj", ..., "ff_out"]``
+would wrap the 126k-row head too.
+"""
+
+from __future__ import annotations
+
+from pipeline.models.llada import LLaDAConfig, LLaDAModelLM
+from pipeline.models.loading import load_model, model_identity, tokenizer_identity
+from pipeline.models.presets import PRESETS, build_preset, preset_tokenizer
+from pipeline.models.scoring import score_tokens
+from pipeline.models.tokenizer import build_tokenizer
+
+LORA_TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+# peft matches a string target_modules with re.fullmatch on the full module name.
+LORA_TARGET_MODULES = r".*\.blocks\.\d+\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)"
+
+__all__ = [
+    "LLaDAConfig",
+    "LLaDAModelLM",
+    "LORA_TARGET_MODULES",
+    "LORA_TARGET_NAMES",
+    "PRESETS",
+    "build_preset",
+    "build_tokenizer",
+    "load_model",
+    "model_identity",
+    "preset_tokenizer",
+    "score_tokens",
+    "tokenizer_identity",
+]

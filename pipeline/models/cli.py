@@ -1,0 +1,78 @@
+"""``lldm-dpo init-model PRESET DIR``: write a preset as a checkpoint folder.
+
+The folder has LLaDA's layout (config.json, safetensors, sharded with
+model.safetensors.index.json when larger than ``--max-shard-size``) plus the
+tokenizer files, so ``load_model(DIR)`` reads it through the same code path
+as a real LLaDA checkpoint.  Written into a temporary folder beside DIR and
+renamed at the end: DIR is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import typer
+
+from pipeline.errors import UserError
+
+
+def init_model(preset: str, directory, dtype: str = "float32", overwrite: bool = False,
+               max_shard_size: str = "2GB", device: str = "cpu") -> dict:
+    """Build ``preset`` and save it to ``directory`` atomically; returns a summary."""
+    from pipeline.models.loading import model_identity
+    from pipeline.models.presets import build_preset, preset_tokenizer
+
+    target = Path(directory).expanduser()
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists (pass --overwrite to replace it)")
+    if str(device) == "meta":
+        raise UserError("init-model cannot write a model built on the meta device")
+    model = build_preset(preset, device=device, dtype=dtype)
+    tokenizer = preset_tokenizer(preset)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # overwrite: move the old one aside only once the new one is complete
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = sorted(p.name for p in target.iterdir())
+    return {
+        "preset": preset,
+        "directory": str(target),
+        "dtype": dtype,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "files": files,
+        "identity": model_identity(target),
+    }
+
+
+def init_model_command(
+    preset: str = typer.Argument(..., help="Preset name: tiny, micro or llada-8b-shape."),
+    directory: Path = typer.Argument(..., help="Folder to create."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace DIR if it exists."),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Split weights into shards of this size."),
+    device: str = typer.Option("cpu", "--device", help="Device to build the weights on before saving."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Write a preset model (config, safetensors, tokenizer) to DIR."""
+    summary = init_model(preset, directory, dtype=dtype, overwrite=overwrite,
+                         max_shard_size=max_shard_size, device=device)
+    if json_out:
+        from pipeline.cli import emit_json
+
+        emit_json(summary)
+    else:
+        typer.echo(f"wrote {summary['preset']} ({summary['parameters']:,} parameters, {dtype}) to {summary['directory']}")

@@ -1,0 +1,377 @@
+"""Native LLaDA: config and model in LLaDA's own checkpoint layout, no remote code.
+
+The parameter names are exactly those of the published LLaDA checkpoints
+(``model.transformer.wte.weight``, ``model.transformer.blocks.{i}.q_proj.weight``,
+... , ``model.transformer.ff_out.weight``), so ``from_pretrained`` reads an
+original LLaDA folder and ``save_pretrained`` writes one that loads wherever
+an original checkpoint loads.  The forward pass follows
+shared/reference/llada.md; on top of the published code it adds a key-padding
+mask through ``scaled_dot_product_attention`` (bidirectional), Hugging Face
+gradient checkpointing, and ``final_hidden`` so a scorer can apply the LM
+head to a few rows only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+try:  # transformers >= 4.48 checkpoints layers through this base class
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # pragma: no cover - older transformers
+    GradientCheckpointingLayer = None
+
+
+class LLaDAConfig(PretrainedConfig):
+    """LLaDA's config keys (``config.json`` of GSAI-ML/LLaDA-8B-*), defaults = LLaDA-8B."""
+
+    model_type = "llada"
+
+    def __init__(
+        self,
+        d_model: int = 4096,
+        n_heads: int = 32,
+        n_kv_heads: int | None = None,
+        n_layers: int = 32,
+        mlp_ratio: int = 4,
+        mlp_hidden_size: int | None = 12288,
+        activation_type: str = "silu",
+        block_type: str = "llama",
+        block_group_size: int = 1,
+        alibi: bool = False,
+        alibi_bias_max: float = 8.0,
+        rope: bool = True,
+        rope_full_precision: bool = True,
+        rope_theta: float = 500000.0,
+        flash_attention: bool = False,
+        attention_dropout: float = 0.0,
+        multi_query_attention: bool | None = None,
+        attention_layer_norm: bool = False,
+        residual_dropout: float = 0.0,
+        embedding_dropout: float = 0.0,
+        input_emb_norm: bool = False,
+        layer_norm_type: str = "rms",
+        layer_norm_with_affine: bool = True,
+        rms_norm_eps: float = 1e-5,
+        attention_layer_norm_with_affine: bool = True,
+        max_sequence_length: int = 4096,
+        include_bias: bool = False,
+        bias_for_layer_norm: bool | None = False,
+        include_qkv_bias: bool = False,
+        scale_logits: bool = False,
+        vocab_size: int = 126464,
+        embedding_size: int | None = 126464,
+        weight_tying: bool = False,
+        eos_token_id: int = 126081,
+        pad_token_id: int = 126081,
+        mask_token_id: int = 126336,
+        init_device: str | None = None,
+        init_fn: str = "mitchell",
+        init_std: float = 0.02,
+        init_cutoff_factor: float | None = None,
+        precision: str | None = "amp_bf16",
+        use_cache: bool = False,
+        **kwargs,
+    ):
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        self.n_layers = n_layers
+        self.mlp_ratio = mlp_ratio
+        self.mlp_hidden_size = mlp_hidden_size
+        self.activation_type = activation_type
+        self.block_type = block_type
+        self.block_group_size = block_group_size
+        self.alibi = alibi
+        self.alibi_bias_max = alibi_bias_max
+        self.rope = rope
+        self.rope_full_precision = rope_full_precision
+        self.rope_theta = rope_theta
+        self.flash_attention = flash_attention
+        self.attention_dropout = attention_dropout
+        self.multi_query_attention = multi_query_attention
+        self.attention_layer_norm = attention_layer_norm
+        self.residual_dropout = residual_dropout
+        self.embedding_dropout = embedding_dropout
+        self.input_emb_norm = input_emb_norm
+        self.layer_norm_type = layer_norm_type
+        self.layer_norm_with_affine = layer_norm_with_affine
+        self.rms_norm_eps = rms_norm_eps
+        self.attention_layer_norm_with_affine = attention_layer_norm_with_affine
+        self.max_sequence_length = max_sequence_length
+        self.include_bias = include_bias
+        self.bias_for_layer_norm = bias_for_layer_norm
+        self.include_qkv_bias = include_qkv_bias
+        self.scale_logits = scale_logits
+        self.vocab_size = vocab_size
+        self.embedding_size = embedding_size
+        self.weight_tying = weight_tying
+        self.mask_token_id = mask_token_id
+        self.init_device = init_device
+        self.init_fn = init_fn
+        self.init_std = init_std
+        self.init_cutoff_factor = init_cutoff_factor
+        self.precision = precision
+        self.use_cache = use_cache
+        # LLaDA's key is ``weight_tying``; keep transformers' own tying flag in
+        # step so it never ties ``ff_out`` to ``wte`` behind our back.
+        kwargs["tie_word_embeddings"] = bool(weight_tying)
+        super().__init__(eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+    # transformers utilities (and peft) look for these generic names.
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layers
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.embedding_size or self.vocab_size
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        return self.mlp_hidden_size if self.mlp_hidden_size is not None else self.mlp_ratio * self.d_model
+
+    def check_supported(self) -> None:
+        """Refuse the LLaDA options this implementation does not have (none are used by public checkpoints)."""
+        unsupported = {
+            "alibi": self.alibi,
+            "input_emb_norm": self.input_emb_norm,
+            "scale_logits": self.scale_logits,
+            "include_bias": self.include_bias,
+            "include_qkv_bias": self.include_qkv_bias,
+            "attention_layer_norm": self.attention_layer_norm,
+            "weight_tying": self.weight_tying,
+            "rope=false": not self.rope,
+        }
+        bad = [name for name, on in unsupported.items() if on]
+        if bad:
+            raise ValueError(f"LLaDA config option(s) not supported by the native model: {', '.join(bad)}")
+        if self.block_type != "llama" or self.activation_type not in ("silu", "swiglu"):
+            raise ValueError(
+                f"LLaDA block_type={self.block_type!r} activation_type={self.activation_type!r} not supported "
+                "(only the llama/SwiGLU block of LLaDA-8B)"
+            )
+        if self.layer_norm_type != "rms":
+            raise ValueError(f"LLaDA layer_norm_type={self.layer_norm_type!r} not supported (only rms)")
+        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"d_model {self.d_model} must divide by n_heads {self.n_heads}, which must divide by "
+                f"n_kv_heads {self.n_kv_heads}"
+            )
+
+
+@dataclass
+class LLaDAOutput(ModelOutput):
+    """``logits`` [B, S, V]; ``hidden_states`` = final hidden after ln_f when asked."""
+
+    logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+class LLaDARMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back before the weight, as LLaDA does."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [S, head_dim] in float32: angles for j < head_dim/2, concatenated with themselves."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+    angles = torch.outer(pos, inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, D]; rotation in float32 (rope_full_precision), result in x's dtype."""
+    x32 = x.float()
+    return (x32 * cos + _rotate_half(x32) * sin).to(x.dtype)
+
+
+_BlockBase = GradientCheckpointingLayer if GradientCheckpointingLayer is not None else nn.Module
+
+
+class LLaDABlock(_BlockBase):
+    """One llama-style block with LLaDA's module names."""
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        d, hidden = config.d_model, config.ffn_hidden_size
+        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
+        self.head_dim = d // config.n_heads
+        self.attn_norm = LLaDARMSNorm(d, config.rms_norm_eps)
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.ff_norm = LLaDARMSNorm(d, config.rms_norm_eps)
+        self.ff_proj = nn.Linear(d, hidden, bias=False)
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.ff_out = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None):
+        # Tensors go in positionally: GradientCheckpointingLayer checkpoints *args.
+        b, s, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a run of q heads
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
+        x = x + self.attn_out(att.transpose(1, 2).reshape(b, s, -1))
+        h = self.ff_norm(x)
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+
+class LLaDAModel(nn.Module):
+    """Holds ``transformer`` (wte, blocks, ln_f, ff_out) so weight names match LLaDA's."""
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(config.padded_vocab_size, config.d_model),
+                "blocks": nn.ModuleList([LLaDABlock(config) for _ in range(config.n_layers)]),
+                "ln_f": LLaDARMSNorm(config.d_model, config.rms_norm_eps),
+                "ff_out": nn.Linear(config.d_model, config.padded_vocab_size, bias=False),
+            }
+        )
+
+
+class LLaDAModelLM(PreTrainedModel):
+    """LLaDA masked-diffusion LM; ``model(input_ids, attention_mask)`` -> ``.logits`` [B, S, V]."""
+
+    config_class = LLaDAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LLaDABlock"]
+    _supports_sdpa = True
+    main_input_name = "input_ids"
+    # Position i predicts token i (no autoregressive shift).
+    logits_shift = False
+
+    def __init__(self, config: LLaDAConfig):
+        config.check_supported()
+        super().__init__(config)
+        self.model = LLaDAModel(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    # -- transformers plumbing -------------------------------------------------
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.transformer.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.transformer.wte = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.model.transformer.ff_out
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.model.transformer.ff_out = value
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        """Checkpoint every block (non-reentrant by default); no deprecation noise on transformers 5."""
+        if GradientCheckpointingLayer is None:  # pragma: no cover - older transformers
+            return super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if hasattr(PreTrainedModel, "_activation_checkpointing_enable"):
+            return self._activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+        if gradient_checkpointing_kwargs is None:
+            gradient_checkpointing_kwargs = {"use_reentrant": False}
+        return super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    # -- forward ---------------------------------------------------------------
+    def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states after ln_f, [B, S, d_model]; the LM head is not applied."""
+        t = self.model.transformer
+        _, s = input_ids.shape
+        if s > self.config.max_sequence_length:
+            raise ValueError(f"sequence length {s} exceeds max_sequence_length {self.config.max_sequence_length}")
+        x = t.wte(input_ids)
+        head_dim = self.config.d_model // self.config.n_heads
+        cos, sin = rope_tables(s, head_dim, self.config.rope_theta, x.device)
+        key_mask = _key_padding_mask(attention_mask)
+        for block in t.blocks:
+            x = block(x, cos, sin, key_mask)
+        return t.ln_f(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> LLaDAOutput:
+        hidden = self.final_hidden(input_ids, attention_mask)
+        logits = self.model.transformer.ff_out(hidden)
+        return LLaDAOutput(logits=logits, hidden_states=hidden if output_hidden_states else None)
+
+
+def _key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, S] 1/0 -> bool [B, 1, 1, S] (True = may attend), broadcast over heads and queries."""
+    if attention_mask is None:
+        return None
+    keep = attention_mask.bool()
+    # A row of only padding would softmax over nothing (NaN); let it attend everywhere
+    # instead — its outputs are padding and never read.
+    keep = keep | ~keep.any(dim=-1, keepdim=True)
+    return keep[:, None, None, :]
+
+
+def count_parameters(config: LLaDAConfig) -> int:
+    """Parameter count from the config alone (wte + blocks + ln_f + head)."""
+    d, v, hidden = config.d_model, config.padded_vocab_size, config.ffn_hidden_size
+    kv = config.n_kv_heads * (d // config.n_heads)
+    block = 2 * d * d + 2 * d * kv + 3 * d * hidden + 2 * d
+    return 2 * v * d + config.n_layers * block + d
+
+
+__all__ = ["LLaDAConfig", "LLaDAModelLM", "LLaDAOutput", "count_parameters", "rope_tables", "apply_rope"]
+
+
+def _register_auto_classes() -> None:
+    # Lets AutoConfig/AutoModel resolve model_type "llada" to this code without remote code.
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+    try:
+        AutoConfig.register("llada", LLaDAConfig, exist_ok=True)
+        AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
+        AutoModelForMaskedLM.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
+    except (TypeError, ValueError):  # pragma: no cover - another registration won
+        pass
+
+
+_register_auto_classes()

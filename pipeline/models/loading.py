@@ -1,0 +1,218 @@
+"""``load_model``: preset name, local folder, or a clear offline error; plus cache identities.
+
+Name resolution:
+1. a preset name (``tiny``, ``micro``, ``llada-8b-shape``) -> built in memory;
+2. a local folder whose config.json says ``model_type: llada`` -> the native
+   LLaDA class (no remote code, whatever ``auto_map`` says);
+3. any other local folder -> the transformers adapter;
+4. anything else (a hub id) -> UserError: downloads are not available offline.
+
+Weights are read from safetensors only: pickled ``.bin`` files can run code
+when loaded and are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.models import presets
+from pipeline.models.presets import PRESET_VERSION, PRESETS, _torch_dtype, build_preset, preset_tokenizer
+
+
+def load_model(
+    name_or_path,
+    *,
+    dtype="float32",
+    device="cpu",
+    trust_remote_code: bool = False,
+    mask_token_id: int | None = None,
+    logits_shift: bool | None = None,
+):
+    """Return ``(model, tokenizer)`` in eval mode on ``device`` in ``dtype``.
+
+    ``mask_token_id`` / ``logits_shift`` override what an adapter model's
+    config says (native LLaDA: mask id from config.json, never shifted).
+    """
+    torch_dtype = _torch_dtype(dtype)
+    name = str(name_or_path)
+    if name in PRESETS and not Path(name).is_dir():
+        return build_preset(name, device=device, dtype=torch_dtype), preset_tokenizer(name)
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        if path.exists():
+            raise UserError(f"model path {name} is a file; expected a folder with config.json")
+        looks_local = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
+        if looks_local:
+            raise UserError(f"model folder {name} does not exist")
+        raise UserError(
+            f"model {name!r} not found locally and hub downloads are not available offline "
+            f"(use a preset: {', '.join(sorted(PRESETS))}, or a local folder)"
+        )
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path}: no config.json (not a model folder)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{config_file}: unreadable JSON ({exc})") from None
+    _require_safetensors(path)
+    tokenizer = _load_tokenizer(path, trust_remote_code)
+    if config.get("model_type") == "llada":
+        model = _load_llada(path, torch_dtype, device)
+    else:
+        from pipeline.models.adapter import load_adapter_model
+
+        if mask_token_id is None and config.get("mask_token_id") is None:
+            mask_token_id = tokenizer.mask_token_id
+        model = load_adapter_model(
+            path, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code,
+            mask_token_id=mask_token_id, logits_shift=logits_shift,
+        )
+    _complete_tokenizer(tokenizer, model.config, path)
+    return model, tokenizer
+
+
+def _load_llada(path: Path, dtype: torch.dtype, device):
+    from pipeline.models.llada import LLaDAModelLM
+
+    kwargs = dict(dtype=dtype, use_safetensors=True)
+    if torch.device(device).type != "cpu":
+        kwargs["device_map"] = {"": str(device)}  # stream shards straight to the device
+    try:
+        model = LLaDAModelLM.from_pretrained(path, **kwargs)
+    except ValueError as exc:
+        raise UserError(f"{path}: cannot load LLaDA checkpoint: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def _require_safetensors(path: Path) -> None:
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    if pickles:
+        raise UserError(
+            f"{path}: weights only in pickle files ({', '.join(pickles[:3])}); these can run code when loaded "
+            "and are refused: convert them to safetensors"
+        )
+    raise UserError(f"{path}: no *.safetensors weight files")
+
+
+def _load_tokenizer(path: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
+        raise UserError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot load tokenizer: {str(exc).splitlines()[0]}") from None
+
+
+def _complete_tokenizer(tokenizer, config, path: Path) -> None:
+    """Fill mask/pad/eos tokens and the chat template from the model config where the tokenizer lacks them.
+
+    LLaDA's published tokenizer config names no mask token (id 126336 lives in
+    config.json); a Base checkpoint ships no chat template.
+    """
+    for attr in ("mask", "eos", "pad"):
+        token_id = getattr(config, f"{attr}_token_id", None)
+        if getattr(tokenizer, f"{attr}_token", None) is None and isinstance(token_id, int):
+            token = tokenizer.convert_ids_to_tokens(token_id)
+            if token is not None:
+                setattr(tokenizer, f"{attr}_token", token)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.mask_token_id is not None and tokenizer.mask_token_id != config.mask_token_id:
+        raise UserError(
+            f"{path}: tokenizer mask token id {tokenizer.mask_token_id} differs from config.json "
+            f"mask_token_id {config.mask_token_id}"
+        )
+    if getattr(tokenizer, "chat_template", None) is None:
+        from pipeline.models.tokenizer import CHAT_TEMPLATE, END_HEADER, EOT, START_HEADER
+
+        vocab = tokenizer.get_vocab()
+        if all(tok in vocab for tok in (START_HEADER, END_HEADER, EOT)):
+            tokenizer.chat_template = CHAT_TEMPLATE
+
+
+# -- identities for cache fingerprints ---------------------------------------------
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def _canonical_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_identity(model_dir_or_name) -> dict:
+    """What determines a model's outputs: config hash + weight-file hashes (or preset recipe).
+
+    Accepts a preset name, a model folder, or an in-memory nn.Module (hashes
+    its state dict; a PeftModel includes its adapter weights).
+    """
+    if isinstance(model_dir_or_name, nn.Module):
+        return _module_identity(model_dir_or_name)
+    name = str(model_dir_or_name)
+    path = Path(name).expanduser()
+    if name in PRESETS and not path.is_dir():
+        config = presets.preset_config(name).to_dict()
+        config.pop("transformers_version", None)
+        return {
+            "kind": "preset",
+            "name": name,
+            "config_sha256": _canonical_hash(config),
+            "weights": f"preset:{name}:seed={PRESETS[name].seed}:v{PRESET_VERSION}",
+        }
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"model {name!r}: not a preset and no config.json there")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config.pop("transformers_version", None)  # written by whichever version saved it
+    weights = {p.name: _file_sha256(p) for p in sorted(path.glob("*.safetensors"))}
+    return {"kind": "folder", "config_sha256": _canonical_hash(config), "weights": weights}
+
+
+def _module_identity(model: nn.Module) -> dict:
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    config = getattr(model, "config", None)
+    cfg = config.to_dict() if hasattr(config, "to_dict") else {}
+    cfg.pop("transformers_version", None)
+    return {"kind": "module", "config_sha256": _canonical_hash(cfg), "weights": h.hexdigest()}
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """sha256 of the vocabulary/merges/added tokens, special tokens and chat template."""
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    # Runtime settings, not part of what the tokenizer is.
+    backend.pop("truncation", None)
+    backend.pop("padding", None)
+    specials = {
+        attr: getattr(tokenizer, attr, None)
+        for attr in ("bos_token", "eos_token", "pad_token", "mask_token", "unk_token")
+    }
+    return _canonical_hash(
+        {"backend": backend, "specials": specials, "chat_template": getattr(tokenizer, "chat_template", None)}
+    )

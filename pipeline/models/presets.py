@@ -1,0 +1,124 @@
+"""Named models built locally from a config with a fixed seed (no download).
+
+- ``tiny``: a ~3.7M-parameter LLaDA, the embedded default of ``lldm-dpo run``.
+- ``micro``: a ~0.15M-parameter LLaDA with grouped-query attention, for fast tests.
+- ``llada-8b-shape``: LLaDA-8B's exact shape (8,015,581,184 parameters), random
+  weights, for GPU benchmarks.  Built directly on the target device (or
+  ``meta``) in the target dtype, so it never needs 32 GB of host memory.
+
+Every preset uses the built-in tokenizer (pipeline/models/tokenizer.py); its
+special token ids are written into the model config so that
+``model.config.mask_token_id == tokenizer.mask_token_id``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.models.llada import LLaDAConfig, LLaDAModelLM
+from pipeline.models.tokenizer import build_tokenizer, special_token_ids
+
+# Bump when preset construction changes the weights a (name, seed) produces:
+# model_identity() of a preset includes it, so caches keyed on it go stale.
+PRESET_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    config: dict = field(default_factory=dict)
+    seed: int = 0
+    tokenizer_layout: str = "compact"
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        description="~3.7M-parameter LLaDA (4 layers, d_model 256), the embedded default",
+        config=dict(
+            d_model=256, n_heads=4, n_kv_heads=4, n_layers=4, mlp_hidden_size=768,
+            vocab_size=512, embedding_size=512, max_sequence_length=2048,
+        ),
+    ),
+    "micro": Preset(
+        description="~0.15M-parameter LLaDA (2 layers, d_model 64, GQA 4/2) for fast tests",
+        config=dict(
+            d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=128,
+            vocab_size=512, embedding_size=512, max_sequence_length=1024,
+        ),
+    ),
+    "llada-8b-shape": Preset(
+        description="LLaDA-8B's exact config and shape (8.02e9 parameters), random weights",
+        config=dict(),  # LLaDAConfig's defaults are LLaDA-8B's config.json
+        tokenizer_layout="llada",
+    ),
+}
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    }
+    try:
+        return names[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise UserError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None
+
+
+def preset_tokenizer(name: str):
+    """The tokenizer that goes with preset ``name``."""
+    return build_tokenizer(layout=_get(name).tokenizer_layout)
+
+
+def preset_config(name: str) -> LLaDAConfig:
+    """The LLaDAConfig of preset ``name``, special ids taken from its tokenizer."""
+    preset = _get(name)
+    ids = special_token_ids(preset_tokenizer(name))
+    ids.pop("bos_token_id")
+    return LLaDAConfig(**{**preset.config, **ids})
+
+
+def build_preset(name: str, device="cpu", dtype="float32", seed: int | None = None) -> LLaDAModelLM:
+    """Instantiate preset ``name`` directly on ``device`` in ``dtype`` with a fixed seed, in eval mode.
+
+    On ``device="meta"`` nothing is allocated (shapes and parameter counts only).
+    The global RNG is left untouched: initialisation runs under a forked RNG.
+    """
+    preset = _get(name)
+    config = preset_config(name)
+    torch_dtype = _torch_dtype(dtype)
+    device = torch.device(device)
+    seed = preset.seed if seed is None else seed
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices), _default_dtype(torch_dtype), device:
+        torch.manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+        # Parameters are created (and initialised) on the device in the target
+        # dtype: no float32 host copy of an 8B model ever exists.
+        model = LLaDAModelLM(config)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _get(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(f"unknown preset {name!r}: choose one of {', '.join(sorted(PRESETS))}") from None
