@@ -1,0 +1,350 @@
+"""A run's visual report: one PNG of training curves and one self-contained HTML page.
+
+Inputs, all in the run directory: ``metrics.parquet`` (required), ``eval.json``
+(optional; any subset of ``{"preference_accuracy": {"before", "after"},
+"task_accuracy": {...}, ...}``, nested groups allowed) and ``config.yaml``
+(optional, shown verbatim). The HTML embeds the PNG as base64 and uses inline
+CSS only: no scripts, no external files, so it can be mailed or archived alone.
+
+Drawing uses matplotlib's object API on an Agg canvas (no pyplot state, no
+backend switch), at a fixed size so the PNG's pixel size is predictable.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Sequence
+
+import typer
+
+from pipeline.atomic import atomic_path, write_text_atomic
+from pipeline.errors import UserError
+from pipeline.metrics import METRICS_FILE, read_metrics
+
+EVAL_FILE = "eval.json"
+CONFIG_FILE = "config.yaml"
+REPORT_HTML = "report.html"
+REPORT_PNG = "report.png"
+
+FIG_INCHES = (15.0, 11.0)
+FIG_DPI = 100
+PNG_SIZE = (int(FIG_INCHES[0] * FIG_DPI), int(FIG_INCHES[1] * FIG_DPI))
+"""(width, height) in pixels of report.png."""
+
+GRID = (3, 3)
+
+CHOSEN_COLOR = "#1b9e77"
+REJECTED_COLOR = "#d95f02"
+BEFORE_COLOR = "#9e9e9e"
+AFTER_COLOR = "#3f51b5"
+
+
+class ReportPaths(NamedTuple):
+    html: Path
+    png: Path
+
+
+# --- inputs ----------------------------------------------------------------
+
+
+def _load_metrics(run_dir: Path) -> dict[str, list[float]]:
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        raise UserError(f"{run_dir}: no {METRICS_FILE} (train writes it); nothing to report")
+    table = read_metrics(path)
+    if table.num_rows == 0:
+        raise UserError(f"{path}: no rows; nothing to report")
+    return {name: table.column(name).to_pylist() for name in table.column_names}
+
+
+def load_eval(run_dir: Path) -> dict[str, Any]:
+    """eval.json as a dict ({} when absent); UserError naming the file when malformed."""
+    path = Path(run_dir) / EVAL_FILE
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def eval_rows(data: dict[str, Any], prefix: str = "") -> list[tuple[str, float | None, float | None, float | None]]:
+    """Flatten eval.json into (name, before, after, value) rows.
+
+    A dict with "before"/"after" is one comparison row; a bare number is a
+    value row; other dicts are groups whose keys are joined with "/"; lists
+    and strings are skipped (they are not headline numbers).
+    """
+    rows = []
+    for key, val in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(val, dict):
+            if "before" in val or "after" in val:
+                rows.append((name, _num(val.get("before")), _num(val.get("after")), None))
+            else:
+                rows.extend(eval_rows(val, prefix=f"{name}/"))
+        elif _num(val) is not None:
+            rows.append((name, None, None, _num(val)))
+    return rows
+
+
+def _reference_margins(data: dict[str, Any], given: Sequence[float] | None) -> list[float]:
+    if given is not None:
+        return [float(x) for x in given if _num(x) is not None]
+    margins = data.get("reference_margins")
+    if isinstance(margins, list):
+        return [float(x) for x in margins if _num(x) is not None]
+    return []
+
+
+# --- the figure ------------------------------------------------------------
+
+
+def _series(m: dict[str, list[float]], name: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for s, v in zip(m["step"], m[name]):
+        if v is not None and math.isfinite(v):
+            xs.append(s)
+            ys.append(v)
+    return xs, ys
+
+
+def _plot_lines(ax, m, names_labels_colors, title, ylabel=None):
+    drew = False
+    for name, label, color in names_labels_colors:
+        xs, ys = _series(m, name)
+        if not xs:
+            continue
+        # Markers keep a run of one or a few steps visible.
+        marker = "o" if len(xs) <= 40 else None
+        ax.plot(xs, ys, label=label, color=color, marker=marker, markersize=4, linewidth=1.5)
+        drew = True
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if not drew:
+        _empty(ax, "not logged")
+    elif len(names_labels_colors) > 1:
+        ax.legend(loc="best", fontsize=8)
+    return drew
+
+
+def _empty(ax, text):
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#777777", fontsize=11)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _draw(m, rows, margins, title):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIG_INCHES, dpi=FIG_DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(*GRID).ravel()
+    fig.suptitle(title, fontsize=14)
+
+    _plot_lines(axes[0], m, [("loss", "loss", "#333333")], "loss")
+    _plot_lines(axes[1], m, [("rewards/margins", "margin", "#7b1fa2")], "rewards/margins")
+    ax = axes[2]
+    if _plot_lines(ax, m, [("rewards/accuracies", "accuracy", "#1565c0")], "rewards/accuracies"):
+        ax.set_ylim(-0.03, 1.03)
+        ax.axhline(0.5, color="#999999", linestyle="--", linewidth=1)
+    ax = axes[3]
+    if _plot_lines(ax, m, [("rewards/chosen", "chosen", CHOSEN_COLOR), ("rewards/rejected", "rejected", REJECTED_COLOR)],
+                   "rewards: chosen vs rejected"):
+        ax.axhline(0.0, color="#999999", linewidth=0.8)
+    _plot_lines(axes[4], m, [("logps/chosen", "chosen", CHOSEN_COLOR), ("logps/rejected", "rejected", REJECTED_COLOR)],
+                "policy ELBO: chosen vs rejected")
+    ax = axes[5]
+    if _plot_lines(ax, m, [("lr", "lr", "#00897b")], "learning rate"):
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    _plot_lines(axes[6], m, [("grad_norm", "grad norm", "#6d4c41")], "grad norm")
+
+    # Held-out before/after: only the accuracy-like comparisons share a 0..1 axis.
+    ax = axes[7]
+    acc = [(n, b, a) for n, b, a, _ in rows if "accuracy" in n and (b is not None or a is not None)]
+    ax.set_title("held-out accuracy: before vs after")
+    if acc:
+        xs = range(len(acc))
+        width = 0.38
+        before = [b if b is not None else 0.0 for _, b, _ in acc]
+        after = [a if a is not None else 0.0 for _, _, a in acc]
+        ax.bar([x - width / 2 for x in xs], before, width, label="before", color=BEFORE_COLOR)
+        ax.bar([x + width / 2 for x in xs], after, width, label="after", color=AFTER_COLOR)
+        for x, (_, b, a) in zip(xs, acc):
+            for dx, v in ((-width / 2, b), (width / 2, a)):
+                ax.text(x + dx, (v or 0.0) + 0.02, "n/a" if v is None else f"{v:.3f}", ha="center", fontsize=8)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([n.replace("_", " ") for n, _, _ in acc], fontsize=8)
+        ax.set_ylim(0, 1.12)
+        ax.legend(loc="upper left", fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    else:
+        _empty(ax, "no eval.json")
+
+    ax = axes[8]
+    ax.set_title("reference margins (train pairs)")
+    if margins:
+        ax.hist(margins, bins=min(40, max(5, len(margins) // 5)), color="#78909c")
+        ax.axvline(0.0, color="#333333", linewidth=1)
+        ax.set_xlabel("B_ref(chosen) - B_ref(rejected)")
+    else:
+        _empty(ax, "not available")
+
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=FIG_DPI)
+    return buf.getvalue()
+
+
+# --- the page --------------------------------------------------------------
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "&mdash;"
+    if float(v).is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    return f"{v:.4g}"
+
+
+def _fmt_change(b, a) -> str:
+    if b is None or a is None:
+        return "&mdash;"
+    return f"{a - b:+.4g}"
+
+
+def _summary(m: dict[str, list[float]]) -> list[tuple[str, str]]:
+    def last(name):
+        _, ys = _series(m, name)
+        return ys[-1] if ys else None
+
+    def first(name):
+        _, ys = _series(m, name)
+        return ys[0] if ys else None
+
+    steps = m["step"]
+    out = [("steps logged", str(len(steps))), ("last step", str(steps[-1]))]
+    for name, label in (("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")):
+        f, l_ = first(name), last(name)
+        out.append((f"{label} (first &rarr; last)", f"{_fmt(f)} &rarr; {_fmt(l_)}"))
+    tps = [v for v in m["tokens_per_second"] if v is not None and math.isfinite(v)]
+    if tps:
+        out.append(("tokens/s (mean)", _fmt(sum(tps) / len(tps))))
+    mem = [v for v in m["peak_memory_bytes"] if v is not None and math.isfinite(v)]
+    if mem:
+        out.append(("peak memory", f"{max(mem) / 2**30:.2f} GiB"))
+    return out
+
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1540px;color:#222}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:22px 0 8px}
+.meta{color:#666;font-size:13px}
+table{border-collapse:collapse;font-size:14px} th,td{border:1px solid #ddd;padding:4px 10px;text-align:right}
+th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
+img{max-width:100%;height:auto;border:1px solid #eee}
+pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:10px;font-size:12px;overflow:auto}
+.flex{display:flex;gap:40px;flex-wrap:wrap;align-items:flex-start}
+"""
+
+
+def _render_html(run_dir: Path, png: bytes, m, rows, config_text: str | None) -> str:
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>lldm-dpo report: {e(run_dir.name)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>lldm-dpo run report: {e(run_dir.name)}</h1>",
+        f'<div class="meta">{e(str(run_dir))} &middot; generated '
+        f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</div>",
+        '<div class="flex"><div><h2>Training summary</h2><table>',
+    ]
+    parts += [f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in _summary(m)]
+    parts.append("</table></div><div><h2>Evaluation</h2>")
+    if rows:
+        parts.append('<table id="eval"><tr><th>metric</th><th>before</th><th>after</th><th>change</th></tr>')
+        for name, b, a, v in rows:
+            if v is not None:
+                parts.append(f"<tr><td>{e(name)}</td><td colspan=\"3\">{_fmt(v)}</td></tr>")
+            else:
+                parts.append(
+                    f"<tr><td>{e(name)}</td><td>{_fmt(b)}</td><td>{_fmt(a)}</td><td>{_fmt_change(b, a)}</td></tr>"
+                )
+        parts.append("</table>")
+    else:
+        parts.append(f"<p>No {EVAL_FILE} in the run directory.</p>")
+    parts.append("</div></div>")
+    b64 = base64.b64encode(png).decode("ascii")
+    parts.append("<h2>Training curves</h2>")
+    parts.append(f'<img alt="training curves" width="{PNG_SIZE[0]}" height="{PNG_SIZE[1]}" '
+                 f'src="data:image/png;base64,{b64}">')
+    if config_text is not None:
+        parts.append(f"<h2>Run configuration ({CONFIG_FILE})</h2><pre>{e(config_text)}</pre>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def write_report(
+    run_dir: str | Path,
+    out_html: str | Path | None = None,
+    out_png: str | Path | None = None,
+    *,
+    ref_margins: Sequence[float] | None = None,
+) -> ReportPaths:
+    """Write report.png and report.html for a run (default: inside ``run_dir``).
+
+    ``ref_margins``: reference margins of the training pairs for the histogram
+    panel; by default taken from eval.json's ``reference_margins`` list if any.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: run directory not found")
+    m = _load_metrics(run_dir)
+    data = load_eval(run_dir)
+    rows = eval_rows({k: v for k, v in data.items() if k != "reference_margins"})
+    margins = _reference_margins(data, ref_margins)
+    config_path = run_dir / CONFIG_FILE
+    config_text = config_path.read_text(encoding="utf-8", errors="replace") if config_path.exists() else None
+
+    png = _draw(m, rows, margins, f"lldm-dpo: {run_dir.name}")
+    png_path = Path(out_png) if out_png is not None else run_dir / REPORT_PNG
+    html_path = Path(out_html) if out_html is not None else run_dir / REPORT_HTML
+    with atomic_path(png_path) as tmp:
+        tmp.write_bytes(png)
+    write_text_atomic(html_path, _render_html(run_dir, png, m, rows, config_text))
+    return ReportPaths(html=html_path, png=png_path)
+
+
+def command(
+    run_dir: Path = typer.Argument(..., help="Run directory (with metrics.parquet; eval.json and config.yaml optional)."),
+    out_html: Optional[Path] = typer.Option(None, "--out-html", help="HTML path (default RUN_DIR/report.html)."),
+    out_png: Optional[Path] = typer.Option(None, "--out-png", help="PNG path (default RUN_DIR/report.png)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the paths as JSON."),
+) -> None:
+    """Write a run's report: training curves (PNG) and a self-contained HTML page."""
+    paths = write_report(run_dir, out_html, out_png)
+    if json_out:
+        print(json.dumps({"html": str(paths.html), "png": str(paths.png)}))
+    else:
+        print(f"report: {paths.html}\nchart:  {paths.png}")

@@ -1,0 +1,224 @@
+"""The run report: a PNG of the expected size with drawn panels, and a self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.errors import UserError
+from pipeline.metrics import MetricsWriter
+from pipeline.report import CHOSEN_COLOR, GRID, REJECTED_COLOR, PNG_SIZE, ReportPaths, eval_rows, write_report
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "screenshot_report.sh"
+
+
+def _run_dir(tmp_path, steps=30, eval_data=None, config=None):
+    run = tmp_path / "run"
+    with MetricsWriter(run, tensorboard=False, console=False) as w:
+        for s in range(1, steps + 1):
+            w.log({
+                "step": s, "epoch": s / steps, "loss": 0.69 * math.exp(-s / 10),
+                "rewards/chosen": 0.02 * s, "rewards/rejected": -0.03 * s,
+                "rewards/accuracies": min(1.0, 0.5 + s / 40), "rewards/margins": 0.05 * s,
+                "logps/chosen": -40.0 + 0.1 * s, "logps/rejected": -45.0 - 0.2 * s,
+                "lr": 1e-4 * (1 - s / (steps + 1)), "grad_norm": 1.0 + 1.0 / s,
+                "tokens_per_second": 900.0, "peak_memory_bytes": 1.5 * 2**30,
+            })
+    if eval_data is not None:
+        (run / "eval.json").write_text(json.dumps(eval_data))
+    if config is not None:
+        (run / "config.yaml").write_text(config)
+    return run
+
+
+def _cells(img: np.ndarray):
+    """The GRID cells of the figure (below the title band), each as an array."""
+    h, w = img.shape[:2]
+    top = int(h * 0.05)
+    rows, cols = GRID
+    ch, cw = (h - top) // rows, w // cols
+    for r in range(rows):
+        for c in range(cols):
+            yield img[top + r * ch: top + (r + 1) * ch, c * cw: (c + 1) * cw]
+
+
+def _check_png(path: Path):
+    with Image.open(path) as im:
+        im.verify()  # a structurally valid PNG
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.size == PNG_SIZE
+        pixels = np.asarray(im.convert("L"), dtype=np.float64)
+    assert pixels.var() > 100.0  # not blank
+    # Every panel has something drawn (axes, text, curves), not just page background.
+    for cell in _cells(pixels):
+        assert (cell < 128).mean() > 0.002
+    return pixels
+
+
+EVAL = {
+    "preference_accuracy": {"before": 0.5, "after": 0.875},
+    "task_accuracy": {"after": 0.3125},  # the 'before' is missing: shown as a dash
+    "mean_margin": {"before": -0.25, "after": 1.75},
+    "n_eval_pairs": 64,
+    "notes": "free text is not a number",
+    "reference_margins": [(-1) ** i * (i % 7) * 0.5 for i in range(200)],
+}
+
+
+def test_report_png_and_html(tmp_path):
+    run = _run_dir(tmp_path, eval_data=EVAL, config="beta: 0.1\nloss: sigmoid  # <b>raw</b> & more\n")
+    paths = write_report(run)
+    assert paths == ReportPaths(html=run / "report.html", png=run / "report.png")
+    pixels = _check_png(paths.png)
+
+    page = paths.html.read_text(encoding="utf-8")
+    # The PNG is embedded byte for byte, and nothing is fetched from elsewhere.
+    (b64,) = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert base64.b64decode(b64) == paths.png.read_bytes()
+    assert "<script" not in page.lower()
+    assert "http://" not in page and "https://" not in page
+    assert re.findall(r'(?:src|href)="(?!data:)', page) == []
+    # The eval numbers, with change where both sides exist.
+    for text in ("preference_accuracy", "0.5", "0.875", "+0.375", "task_accuracy", "0.3125",
+                 "mean_margin", "-0.25", "1.75", "+2", "n_eval_pairs", "64"):
+        assert text in page, text
+    assert "free text" not in page  # strings are not headline numbers
+    # The config, escaped.
+    assert "beta: 0.1" in page and "&lt;b&gt;raw&lt;/b&gt; &amp; more" in page and "<b>raw</b>" not in page
+    # The summary: first -> last of the training curves.
+    assert "steps logged</td><td>30<" in page
+    assert pixels.shape == (PNG_SIZE[1], PNG_SIZE[0])
+    # The chosen-vs-rejected panel holds both curves, in their colours.
+    rgb = np.asarray(Image.open(paths.png).convert("RGB"), dtype=np.int64)
+    panel = list(_cells(rgb))[3]
+    for color in (CHOSEN_COLOR, REJECTED_COLOR):
+        target = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)])
+        assert (np.abs(panel - target).sum(axis=-1) < 30).sum() > 200, color
+
+
+def test_single_row_and_no_eval(tmp_path):
+    run = _run_dir(tmp_path, steps=1)
+    paths = write_report(run, out_html=tmp_path / "o" / "r.html", out_png=tmp_path / "o" / "r.png")
+    assert paths.html == tmp_path / "o" / "r.html" and not (run / "report.html").exists()
+    _check_png(paths.png)
+    page = paths.html.read_text(encoding="utf-8")
+    assert "No eval.json" in page
+    assert "config.yaml" not in page
+
+
+def test_eval_panel_changes_with_eval_json(tmp_path):
+    """The before/after and histogram panels really draw the eval data (not a fixed picture)."""
+    run = _run_dir(tmp_path, steps=5)
+    without = np.asarray(Image.open(write_report(run).png).convert("L"), dtype=np.float64)
+    (run / "eval.json").write_text(json.dumps(EVAL))
+    with_eval = np.asarray(Image.open(write_report(run).png).convert("L"), dtype=np.float64)
+    cells_a, cells_b = list(_cells(without)), list(_cells(with_eval))
+    # Bars and histogram add dark/coloured area to the last two panels.
+    for i in (7, 8):
+        assert (cells_b[i] < 200).mean() > (cells_a[i] < 200).mean() + 0.02
+
+
+def test_eval_rows_flatten_groups_and_missing_keys():
+    rows = eval_rows({
+        "preference_accuracy": {"before": 0.5},
+        "task": {"gsm8k": {"before": 0.1, "after": 0.2}, "count": 10},
+        "bad": {"before": "x", "after": float("nan")},
+        "list": [1, 2],
+    })
+    assert rows == [
+        ("preference_accuracy", 0.5, None, None),
+        ("task/gsm8k", 0.1, 0.2, None),
+        ("task/count", None, None, 10.0),
+        ("bad", None, None, None),
+    ]
+
+
+def test_errors_name_the_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        write_report(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="metrics.parquet"):
+        write_report(tmp_path / "empty")
+    run = _run_dir(tmp_path, steps=2)
+    (run / "eval.json").write_text("{not json")
+    with pytest.raises(UserError, match="eval.json"):
+        write_report(run)
+    (run / "eval.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="JSON object"):
+        write_report(run)
+
+
+# --- the screenshot script ---------------------------------------------------
+
+
+def _stub_browser(dir_: Path) -> Path:
+    """A fake 'chromium' that honours --screenshot= by writing a PNG of --window-size."""
+    stub = dir_ / "chromium"
+    stub.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\nfrom PIL import Image\n"
+        "args = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--') and '=' in a)\n"
+        "assert sys.argv[-1].startswith('file:///'), sys.argv\n"
+        "w, h = map(int, args['window-size'].split(','))\n"
+        "Image.new('RGB', (w, h), (200, 10, 10)).save(args['screenshot'])\n"
+    )
+    stub.chmod(0o755)
+    return stub
+
+
+def test_screenshot_script_with_stub_browser(tmp_path):
+    run = _run_dir(tmp_path, steps=3)
+    html_path = write_report(run).html
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    _stub_browser(bindir)
+    env = {**os.environ, "CHROMIUM": str(bindir / "chromium")}
+    out = tmp_path / "shot.png"
+    proc = subprocess.run(["bash", str(SCRIPT), str(html_path), str(out), "640", "480"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out)
+    assert Image.open(out).size == (640, 480)
+
+
+def test_screenshot_script_skips_without_browser(tmp_path):
+    run = _run_dir(tmp_path, steps=2)
+    html_path = write_report(run).html
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    if any(shutil.which(b, path=env["PATH"]) for b in ("chromium", "chromium-browser", "google-chrome",
+                                                         "google-chrome-stable", "chrome", "headless_shell")):
+        pytest.skip("a Chromium is installed here; the absent case cannot be shown")
+    proc = subprocess.run(["bash", str(SCRIPT), str(html_path)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert "skipped" in proc.stderr
+    assert not (run / "report.screenshot.png").exists()
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")),
+    reason="headless Chromium not installed (Debian package 'chromium')",
+)
+def test_screenshot_in_real_chromium(tmp_path):
+    run = _run_dir(tmp_path, eval_data=EVAL)
+    html_path = write_report(run).html
+    out = tmp_path / "shot.png"
+    proc = subprocess.run(["bash", str(SCRIPT), str(html_path), str(out), "1600", "1800"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out) as im:
+        assert im.size == (1600, 1800)
+        pixels = np.asarray(im.convert("L"), dtype=np.float64)
+    assert pixels.var() > 100.0  # the page rendered, with the embedded chart
