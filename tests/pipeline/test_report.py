@@ -222,3 +222,20 @@ def test_screenshot_in_real_chromium(tmp_path):
         assert im.size == (1600, 1800)
         pixels = np.asarray(im.convert("L"), dtype=np.float64)
     assert pixels.var() > 100.0  # the page rendered, with the embedded chart
+
+
+def test_report_command_through_typer(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from pipeline.report import command
+
+    app = typer.Typer()
+    app.command("report")(command)
+    app.command("other")(lambda: None)  # two commands, so "report" is addressed by name as in the CLI
+    run = _run_dir(tmp_path, steps=2)
+    res = CliRunner().invoke(app, ["report", str(run), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out == {"html": str(run / "report.html"), "png": str(run / "report.png")}
+    assert Path(out["png"]).exists()
