@@ -1,0 +1,263 @@
+"""``lldm-dpo ingest``: accounting, quarantine, formats, split, determinism, atomicity, real GSM8K."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.errors import UserError
+from pipeline.schemas import PAIRS_SCHEMA, QUARANTINE_FIELDS, REASON_CODES
+from stages import ingest
+from stages.ingest import IngestConfig, quarantine_path_for, run
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+GSM8K = SHARED / "data" / "gsm8k" / "example_model_solutions.jsonl"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _read(path) -> pa.Table:
+    with pa.memory_map(str(path)) as src:
+        return pa.ipc.open_file(src).read_all()
+
+
+def _quarantine(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def _write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+U = lambda c: {"role": "user", "content": c}  # noqa: E731
+A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
+
+# One broken line per reason code (line numbers are 1-based; line 1 is a good pair).
+BROKEN = {
+    "invalid_json": '{"prompt": "p", "chosen": "c",',
+    "missing_field": {"prompt": "p2", "chosen": "c"},
+    "wrong_type": {"prompt": "p3", "chosen": 42, "rejected": "r"},
+    "empty_text": {"prompt": "p4", "chosen": "   ", "rejected": "r"},
+    "identical_responses": {"prompt": "p5", "chosen": "same", "rejected": "same"},
+    "duplicate_pair": {"prompt": "p1", "chosen": "good", "rejected": "bad"},
+    "malformed_messages": {"prompt": [U("p6")], "chosen": [A("c")], "rejected": [{"role": "wizard", "content": "r"}]},
+    "too_long": {"prompt": "p7", "chosen": "x" * 500, "rejected": "r"},
+}
+
+
+def _broken_file(tmp_path: Path) -> Path:
+    path = tmp_path / "broken.jsonl"
+    lines = [json.dumps({"prompt": "p1", "chosen": "good", "rejected": "bad"}).encode()]
+    for value in BROKEN.values():
+        lines.append((value if isinstance(value, str) else json.dumps(value)).encode())
+    lines.append(b'{"prompt": "p8", "chosen": "\xc3\x28", "rejected": "r"}')  # invalid_utf8
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_every_reason_code_is_quarantined_with_location(tmp_path):
+    src = _broken_file(tmp_path)
+    res = run(IngestConfig(inputs=[str(src)], out=str(tmp_path / "pairs.arrow"), max_chars=100, progress=False))
+    assert res.read == 10 and res.accepted == 1 and res.quarantined == 9
+    assert res.by_reason == {code: 1 for code in REASON_CODES}
+    assert res.quarantine == str(tmp_path / "pairs.quarantine.jsonl")
+    records = _quarantine(res.quarantine)
+    assert [tuple(r) for r in records] == [QUARANTINE_FIELDS] * 9
+    got = {r["reason"]: r for r in records}
+    expected_lines = {code: i + 2 for i, code in enumerate(BROKEN)} | {"invalid_utf8": 10}
+    assert {code: r["line"] for code, r in got.items()} == expected_lines
+    assert all(r["source"] == str(src) for r in records)
+    assert got["invalid_json"]["raw"] == BROKEN["invalid_json"]
+    assert json.loads(got["wrong_type"]["raw"]) == BROKEN["wrong_type"]
+    assert "'chosen'" in got["wrong_type"]["message"]
+    table = _read(res.out)
+    assert table.column("prompt").to_pylist() == ["p1"]
+    assert table.column("source").to_pylist() == [f"{src}:1"]
+
+
+def test_strict_still_writes_and_reports(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    src = _broken_file(tmp_path)
+    out = tmp_path / "o.arrow"
+    result = CliRunner().invoke(app, ["ingest", str(src), "--out", str(out), "--strict", "--json", "--max-chars", "100"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: --strict: 9 of 10 records quarantined")
+    report = json.loads(result.stdout)
+    assert report["read"] == 10 and out.exists() and quarantine_path_for(out).exists()
+
+
+def test_cli_end_to_end_json_report_and_print_config(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    src = _write_jsonl(
+        tmp_path / "in.jsonl",
+        [{"question": f"q{i}", "response_j": f"right {i}", "response_k": f"wrong {i}", "meta": {"i": i}} for i in range(20)] + ["{bad"],
+    )
+    out, quar = tmp_path / "o" / "pairs.arrow", tmp_path / "q.jsonl"
+    args = ["ingest", str(src), "--out", str(out), "--quarantine", str(quar), "--prompt-field", "question",
+            "--chosen-field", "response_j", "--rejected-field", "response_k", "--keep-field", "meta", "--eval-fraction", "0.3", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {k: report[k] for k in ("read", "accepted", "quarantined", "out", "quarantine")} == {
+        "read": 21, "accepted": 20, "quarantined": 1, "out": str(out), "quarantine": str(quar)}
+    assert report["by_reason"]["invalid_json"] == 1 and sum(report["by_reason"].values()) == 1
+    table = _read(out)
+    assert table.schema.names == PAIRS_SCHEMA.names + ["meta"]
+    assert json.loads(table.column("meta")[3].as_py()) == {"i": 3}
+    assert 0 < table.column("split").to_pylist().count("eval") < 20
+    human = CliRunner().invoke(app, args[:-1])
+    assert human.exit_code == 0 and "accepted" in human.output and "20" in human.output
+    printed = CliRunner().invoke(app, ["ingest", "--print-config", "--max-chars", "77"])
+    assert printed.exit_code == 0 and "max_chars: 77" in printed.output and "# " in printed.output
+    missing = CliRunner().invoke(app, ["ingest", str(tmp_path / "nope.jsonl"), "--out", str(out)])
+    assert missing.exit_code == 1 and missing.stderr.startswith("error:") and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_all_formats_several_inputs_and_implicit_prompt(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    std = [{"prompt": "s1", "chosen": "c", "rejected": "r"}]
+    conv = [{"chosen": [U("i1"), A("c")], "rejected": [U("i1"), A("r")]}]
+    _write_jsonl(tmp_path / "a.jsonl", std)
+    (tmp_path / "b.json").write_text(json.dumps(conv))
+    pq.write_table(pa.Table.from_pylist([{"prompt": "s2", "chosen": "c", "rejected": "r"}]), tmp_path / "c.parquet")
+    datasets.Dataset.from_list([{"prompt": [U("e1")], "chosen": [A("c")], "rejected": [A("r")]}]).save_to_disk(str(tmp_path / "d"))
+    import gzip
+
+    with gzip.open(tmp_path / "e.jsonl.gz", "wt") as fh:
+        fh.write(json.dumps({"prompt": "s3", "chosen": "c", "rejected": "r"}) + "\n")
+    inputs = [str(tmp_path / n) for n in ("a.jsonl", "b.json", "c.parquet", "d", "e.jsonl.gz")]
+    res = run(IngestConfig(inputs=inputs, out=str(tmp_path / "p.arrow"), progress=False))
+    assert (res.read, res.accepted) == (5, 5)
+    t = _read(res.out).to_pylist()
+    assert [r["prompt"] for r in t] == ["s1", "i1", "s2", "e1", "s3"]
+    assert [r["source"] for r in t] == [f"{inputs[0]}:1", f"{inputs[1]}:0", f"{inputs[2]}:0", f"{inputs[3]}:0", f"{inputs[4]}:1"]
+    assert t[1]["prompt_messages"] == [U("i1")] and t[1]["chosen_messages"] == [A("c")]
+    assert t[0]["prompt_messages"] is None
+
+
+def test_eval_split_by_prompt_and_deterministic_bytes(tmp_path):
+    src = REPO / "data" / "preference_data" / "reasoning_prefs.jsonl"
+    outs = []
+    for name in ("one", "two"):
+        cfg = IngestConfig(inputs=[str(src)], out=str(tmp_path / name / "pairs.arrow"), eval_fraction=0.2, progress=False)
+        outs.append(run(cfg))
+    a, b = outs
+    assert Path(a.out).read_bytes() == Path(b.out).read_bytes()
+    assert Path(a.quarantine).read_bytes() == Path(b.quarantine).read_bytes()
+    rows = _read(a.out).to_pylist()
+    assert a.accepted >= 2000 and a.quarantined == 0
+    by_side = {"train": set(), "eval": set()}
+    for r in rows:
+        by_side[r["split"]].add(r["prompt"])
+    assert not by_side["train"] & by_side["eval"]
+    assert 0.15 < len(by_side["eval"]) / (len(by_side["eval"]) + len(by_side["train"])) < 0.25
+    assert len({r["prompt"] for r in rows}) < len(rows)  # some prompts have 2 pairs: the by-prompt rule matters
+
+
+def test_failure_mid_write_keeps_old_output(tmp_path, monkeypatch):
+    src = _write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in range(10)])
+    cfg = IngestConfig(inputs=[str(src)], out=str(tmp_path / "p.arrow"), progress=False)
+    run(cfg)
+    before = (Path(cfg.out).read_bytes(), cfg.quarantine_path.read_bytes())
+    monkeypatch.setattr(ingest, "_BATCH_ROWS", 2)  # force batches onto disk before the crash
+    calls = {"n": 0}
+    real = ingest.validate_record
+
+    def boom(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("disk on fire")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ingest, "validate_record", boom)
+    _write_jsonl(src, [{"prompt": f"new{i}", "chosen": "c", "rejected": "r"} for i in range(10)] + ["{bad"])
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        run(cfg)
+    assert (Path(cfg.out).read_bytes(), cfg.quarantine_path.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "p.arrow", "p.quarantine.jsonl"]
+
+
+def test_config_errors(tmp_path):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval_fraction"):
+        IngestConfig(eval_fraction=1.5)
+    with pytest.raises(ConfigError, match="clashes"):
+        IngestConfig(keep_fields=["split"])
+    with pytest.raises(ConfigError, match="must differ"):
+        IngestConfig(chosen_field="x", rejected_field="x")
+    with pytest.raises(UserError, match="no input"):
+        run(IngestConfig(inputs=[], out=str(tmp_path / "p.arrow")))
+    src = _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}])
+    with pytest.raises(UserError, match="also an output"):
+        run(IngestConfig(inputs=[str(src)], out=str(tmp_path / "p.arrow"), quarantine=str(src)))
+
+
+def test_default_yaml_matches_config():
+    from pipeline.config import config_to_yaml
+
+    shipped = (REPO / "stages" / "ingest.yaml").read_text(encoding="utf-8")
+    assert shipped == config_to_yaml(IngestConfig(), with_docs=True)
+
+
+_GOOD = st.fixed_dictionaries(
+    {"prompt": st.text(max_size=8), "chosen": st.text(max_size=8), "rejected": st.one_of(st.text(max_size=8), st.integers(), st.none())}
+)
+_LINE = st.one_of(
+    _GOOD.map(lambda d: json.dumps(d).encode()),
+    _GOOD.map(lambda d: json.dumps(d).encode()[: len(json.dumps(d)) // 2]),  # truncated line
+    st.binary(max_size=30).filter(lambda b: b"\n" not in b and b"\r" not in b),  # random bytes
+    st.sampled_from([b"[]", b"null", b"{}", b'{"prompt": "a", "chosen": "b", "rejected": "c"}']),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(_LINE, max_size=25))
+def test_fuzz_accounting_identity(tmp_path, lines):
+    src = tmp_path / "fuzz.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    res = run(IngestConfig(inputs=[str(src)], out=str(tmp_path / "f.arrow"), progress=False))
+    assert res.read == res.accepted + res.quarantined
+    assert res.read == sum(1 for line in lines if line.strip(b" \t\x0b\x0c"))  # blank lines are not records
+    assert _read(res.out).num_rows == res.accepted
+    assert len(_quarantine(res.quarantine)) == res.quarantined
+    assert sum(res.by_reason.values()) == res.quarantined
+
+
+@pytest.mark.skipif(not GSM8K.is_file(), reason=f"shared GSM8K data not found at {GSM8K}")
+def test_real_gsm8k_model_solutions(tmp_path):
+    """Recipe: prompt = question; chosen = the ground-truth solution; rejected = each
+    incorrect model solution (one pair per incorrect solution)."""
+    rows = []
+    for line in GSM8K.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        for key in ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification"):
+            if not rec[key]["is_correct"]:
+                rows.append({"question": rec["question"], "correct": rec["ground_truth"], "incorrect": rec[key]["solution"], "model": key})
+    src = _write_jsonl(tmp_path / "gsm8k_pairs.jsonl", rows)
+    cfg = IngestConfig(inputs=[str(src)], out=str(tmp_path / "g.arrow"), prompt_field="question", chosen_field="correct",
+                       rejected_field="incorrect", keep_fields=["model"], eval_fraction=0.1, progress=False)
+    res = run(cfg)
+    assert res.read == len(rows) == 3275
+    assert res.read == res.accepted + res.quarantined
+    # Two models can write the same wrong solution: those are the only expected rejects.
+    assert set(k for k, v in res.by_reason.items() if v) <= {"duplicate_pair"}
+    t = _read(res.out).to_pylist()
+    questions = {"train": set(), "eval": set()}
+    for r in t:
+        questions[r["split"]].add(r["prompt"])
+    assert not questions["train"] & questions["eval"] and questions["eval"]
+    assert len({r["pair_id"] for r in t}) == len(t)
+    assert {r["model"] for r in t} == {"6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification"}
