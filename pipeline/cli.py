@@ -36,6 +36,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("eval", "stages.evaluate:command"),
     ("generate", "stages.generate:command"),
     ("query", "stages.query:command"),
+    ("report", "pipeline.report:command"),
     ("run", "stages.run_all:command"),
     ("init-model", "pipeline.models.cli:init_model_command"),
 ]

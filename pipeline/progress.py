@@ -1,0 +1,66 @@
+"""Progress bars for long stages (rich): rate, throughput and ETA, quiet when not wanted."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+class _Null:
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+    def advance(self, *args, **kwargs) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, enabled: bool = True, extra: str = "") -> Iterator:
+    """Yield an object with ``advance(n, **fields)``; draws on stderr only when enabled.
+
+    ``extra`` is a rich format string over task fields (for example
+    ``"{task.fields[tps]}"``) so a stage can show tokens/s beside pairs/s.
+    """
+    if not enabled or total <= 0:
+        yield _Null()
+        return
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"),
+    ]
+    if extra:
+        columns.append(TextColumn(extra))
+    columns += [TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    console = Console(file=sys.stderr)
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total, rate="", **_blank_fields(extra))
+
+        class _Bar:
+            def advance(self, n: int = 1, **fields) -> None:
+                progress.advance(task, n)
+                speed = progress.tasks[task].speed
+                fields.setdefault("rate", f"{speed:.2f}/s" if speed else "")
+                progress.update(task, **fields)
+
+        yield _Bar()
+
+
+def _blank_fields(extra: str) -> dict:
+    import re
+
+    return {name: "" for name in re.findall(r"task\.fields\[(\w+)\]", extra)}

@@ -1,0 +1,419 @@
+"""``lldm-dpo score-ref``: run the frozen reference model once, cache its ELBO terms.
+
+For every pair, side (chosen/rejected) and draw, the masks come from
+``sample_masks(L, n, mask_seed(seed, pair_id, side, draw))``; the cache keeps
+the seeds, mask counts and per-sample terms, so ``train`` can replay exactly
+the same masks on the policy (antithetic sampling) without loading the
+reference model.
+
+Work is cut into parts of ``pairs_per_part`` pairs in a fixed order (pairs
+sorted by length, so batches carry little padding). Each part is written
+atomically when done, so a killed run resumes at the first missing part;
+under ``accelerate launch`` part i belongs to process i mod world size, so
+the cache content does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import typer
+
+from pipeline import __version__
+from pipeline.atomic import atomic_path, write_json_atomic
+from pipeline.cache import (
+    IN_PROGRESS,
+    describe_difference,
+    existing_parts,
+    file_sha256,
+    fingerprint_differences,
+    fingerprint_digest,
+    part_name,
+)
+from pipeline.config import config_to_dict
+from pipeline.errors import ConfigError, UserError
+from pipeline.pairsfile import read_pairs
+from pipeline.progress import progress_bar
+from pipeline.schemas import SCORES_MANIFEST, SCORES_SCHEMA
+
+ESTIMATOR_VERSION = "elbo-masked-v1"
+"""Bump when the estimator's arithmetic changes: old caches then no longer match."""
+
+SCHEMES = ("l_over_L", "one_over_t")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SIDES = ("chosen", "rejected")
+
+
+@dataclass
+class ScoreRefConfig:
+    pairs: Path = Path("data/out/pairs.arrow")
+    """Pairs file written by ``lldm-dpo ingest`` (Arrow IPC)."""
+    model: str = "tiny"
+    """Reference model: a preset name, a local checkpoint folder (LLaDA or another masked diffusion LM)."""
+    out: Path = Path("cache/ref-scores")
+    """Cache folder: Parquet part files plus manifest.json."""
+    samples: int = 8
+    """Monte Carlo samples n per response and draw (one mask per timestep, VRPO's allocation)."""
+    draws: int = 1
+    """Independent mask sets per response; training epoch e replays draw e mod draws."""
+    seed: int = 0
+    """Global mask seed; masks depend only on (seed, pair_id, side, draw)."""
+    scheme: str = "l_over_L"
+    """Mask-count scheme: l_over_L (LLaDA's stratified counts, weight L/l) or one_over_t (t ~ U(eps,1], weight 1/t)."""
+    eps: float = 1e-3
+    """Lower bound of t for the one_over_t scheme."""
+    max_length: int = 1024
+    """Longest prompt + response in tokens; longer pairs are truncated (prompt first) and flagged."""
+    chat_template: bool = True
+    """Render conversational pairs with the tokenizer's chat template."""
+    batch_tokens: int = 16384
+    """Token budget of one forward pass (padded rows x length)."""
+    pairs_per_part: int = 64
+    """Pairs per Parquet part file: the unit of resumption after a crash."""
+    dtype: str = "float32"
+    """Reference model dtype: float32, bfloat16 or float16."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (accelerate's device for this process)."""
+    limit: int = 0
+    """Score only the first N pairs of the file (0 = all)."""
+    trust_remote_code: bool = False
+    """Allow a non-LLaDA checkpoint to run its own modeling code."""
+    overwrite: bool = False
+    """Replace a cache made with different settings instead of refusing."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self):
+        self.pairs, self.out = Path(self.pairs), Path(self.out)
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"scheme must be one of {', '.join(SCHEMES)}, got '{self.scheme}'")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        for name in ("samples", "draws", "max_length", "batch_tokens", "pairs_per_part"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.limit < 0:
+            raise ConfigError(f"limit must be >= 0, got {self.limit}")
+        if not 0.0 < self.eps < 1.0:
+            raise ConfigError(f"eps must be in (0, 1), got {self.eps}")
+
+
+@dataclass
+class ScoreRefResult:
+    pairs: int
+    tokens: int
+    seconds: float
+    padding_fraction: float
+    out: str
+    fingerprint: str
+    scored_now: int = 0
+    """Pairs scored by this invocation (0 when a finished cache was found)."""
+    reused: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        from accelerate import PartialState
+
+        return PartialState().device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' requested but CUDA is not available")
+    return torch.device(device)
+
+
+def build_fingerprint(cfg: ScoreRefConfig, model_identity: Any, tokenizer_identity: str, pairs_sha: str) -> dict[str, Any]:
+    """Everything that changes a score; ``train`` and reruns compare field by field."""
+    return {
+        "model": model_identity,
+        "tokenizer": tokenizer_identity,
+        "chat_template": cfg.chat_template,
+        "max_length": cfg.max_length,
+        "estimator": ESTIMATOR_VERSION,
+        "scheme": cfg.scheme,
+        "eps": cfg.eps if cfg.scheme == "one_over_t" else None,
+        "samples": cfg.samples,
+        "draws": cfg.draws,
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "pairs_sha256": pairs_sha,
+        "limit": cfg.limit,
+        "package_version": __version__,
+    }
+
+
+def _check_existing(out: Path, fingerprint: dict[str, Any], overwrite: bool, is_main: bool) -> str:
+    """Return 'done', 'resume' or 'fresh'; refuse or clear a cache made differently."""
+    import json
+
+    for marker in (SCORES_MANIFEST, IN_PROGRESS):
+        path = out / marker
+        if not path.exists():
+            continue
+        found = json.loads(path.read_text())
+        found = found.get("fingerprint", found) if marker == SCORES_MANIFEST else found
+        diffs = fingerprint_differences(fingerprint, found)
+        if not diffs:
+            return "done" if marker == SCORES_MANIFEST else "resume"
+        if not overwrite:
+            raise UserError(
+                f"{out}: existing cache was made with different settings ("
+                + "; ".join(describe_difference(fingerprint, found, d) for d in diffs[:3])
+                + "); use --overwrite to replace it or choose another --out"
+            )
+        if is_main:
+            shutil.rmtree(out)
+        return "fresh"
+    if out.exists() and any(out.iterdir()) and not existing_parts(out):
+        raise UserError(f"{out}: folder exists and is not a reference-score cache; choose another --out")
+    return "fresh"
+
+
+def _masks_for(pair_id: str, side: str, length: int, cfg: ScoreRefConfig):
+    from pipeline.diffusion import mask_seed, sample_masks
+
+    seeds, sets = [], []
+    for draw in range(cfg.draws):
+        seed = mask_seed(cfg.seed, pair_id, side, draw)
+        seeds.append(seed)
+        sets.append(sample_masks(length, cfg.samples, seed, scheme=cfg.scheme, eps=cfg.eps))
+    return seeds, sets
+
+
+def score_part(model, tokenizer, rows: list[dict], cfg: ScoreRefConfig, stats: dict) -> pa.Table:
+    """Score one part's pairs; returns its SCORES_SCHEMA table. Pure apart from the model call."""
+    from pipeline.diffusion import ScoreRequest, elbo_terms
+    from pipeline.tokenize import tokenize_pair
+
+    requests, layout, records = [], [], []
+    for row in rows:
+        tok = tokenize_pair(tokenizer, row, cfg.max_length, use_chat_template=cfg.chat_template)
+        rec = {
+            "pair_id": row["pair_id"],
+            "split": row.get("split") or "train",
+            "prompt_ids": list(tok.prompt_ids),
+            "chosen_ids": list(tok.chosen_ids),
+            "rejected_ids": list(tok.rejected_ids),
+            "prompt_len": len(tok.prompt_ids),
+            "chosen_len": len(tok.chosen_ids),
+            "rejected_len": len(tok.rejected_ids),
+            "truncated": bool(tok.truncated),
+        }
+        for side in SIDES:
+            response = rec[f"{side}_ids"]
+            seeds, sets = _masks_for(row["pair_id"], side, len(response), cfg)
+            rec[f"{side}_seeds"] = seeds
+            rec[f"{side}_mask_counts"] = [ms.counts.tolist() for ms in sets]
+            rec[f"{side}_timesteps"] = [ms.timesteps.tolist() for ms in sets]
+            for ms in sets:
+                layout.append((len(records), side))
+                requests.append(ScoreRequest(rec["prompt_ids"], response, ms.masks, ms.weights))
+                stats["tokens"] += cfg.samples * (len(rec["prompt_ids"]) + len(response))
+        records.append(rec)
+
+    with torch.no_grad():
+        terms = elbo_terms(
+            model, requests,
+            mask_token_id=tokenizer.mask_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            batch_tokens=cfg.batch_tokens,
+        )
+    _count_padding(requests, cfg.batch_tokens, stats)
+    for rec in records:
+        for side in SIDES:
+            rec[f"ref_{side}_terms"] = []
+    for (i, side), t in zip(layout, terms):
+        values = t.double().cpu().tolist()
+        if not all(math.isfinite(v) for v in values):
+            raise UserError(f"reference score for pair {records[i]['pair_id']} ({side}) is not finite: {values}; "
+                            "check the model weights and --dtype")
+        records[i][f"ref_{side}_terms"].append(values)
+    for rec in records:
+        for side in SIDES:
+            flat = [v for draw in rec[f"ref_{side}_terms"] for v in draw]
+            rec[f"ref_{side}_elbo"] = sum(flat) / len(flat)
+        rec["ref_margin"] = rec["ref_chosen_elbo"] - rec["ref_rejected_elbo"]
+    return pa.Table.from_pylist(records, schema=SCORES_SCHEMA)
+
+
+def _count_padding(requests, batch_tokens: int, stats: dict) -> None:
+    """Real and padded tokens of the forward passes elbo_terms makes (same batch plan)."""
+    from pipeline.diffusion import plan_batches
+
+    lengths = [len(r.prompt_ids) + len(r.response_ids) for r in requests for k in range(r.masks.shape[0])
+               if bool(r.masks[k].any())]
+    for batch in plan_batches(lengths, batch_tokens):
+        width = max(lengths[i] for i in batch)
+        real = sum(lengths[i] for i in batch)
+        stats["real_tokens"] += real
+        stats["padded_tokens"] += width * len(batch) - real
+
+
+def plan_parts(lengths: list[int], pair_ids: list[str], pairs_per_part: int) -> list[list[int]]:
+    """Row indices of each part: longest pairs first (errors of memory show at once), ties by pair_id."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], pair_ids[i]))
+    return [order[i:i + pairs_per_part] for i in range(0, len(order), pairs_per_part)]
+
+
+def run(cfg: ScoreRefConfig) -> ScoreRefResult:
+    from accelerate import PartialState
+
+    from pipeline.models import load_model, model_identity, tokenizer_identity
+    from pipeline.tokenize import tokenize_pair
+
+    start = time.perf_counter()
+    state = PartialState()
+    is_main = state.is_main_process
+    table = read_pairs(cfg.pairs)
+    if cfg.limit:
+        table = table.slice(0, cfg.limit)
+    if table.num_rows == 0:
+        raise UserError(f"{cfg.pairs}: no pairs to score")
+
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code)
+    model.eval()
+    model.requires_grad_(False)
+
+    fingerprint = build_fingerprint(cfg, model_identity(cfg.model), tokenizer_identity(tokenizer), file_sha256(cfg.pairs))
+    digest = fingerprint_digest(fingerprint)
+    status = _check_existing(cfg.out, fingerprint, cfg.overwrite, is_main)
+    state.wait_for_everyone()
+    if status == "done":
+        import json
+
+        manifest = json.loads((cfg.out / SCORES_MANIFEST).read_text())
+        return ScoreRefResult(manifest["pairs"], manifest["tokens"], time.perf_counter() - start,
+                              manifest["padding_fraction"], str(cfg.out), digest, scored_now=0, reused=True)
+    if is_main:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        if not (cfg.out / IN_PROGRESS).exists():
+            write_json_atomic(cfg.out / IN_PROGRESS, fingerprint)
+    state.wait_for_everyone()
+
+    # Lengths only (not the ids) are kept for the whole file, so memory is bounded by one part.
+    lengths, pair_ids = [], table.column("pair_id").to_pylist()
+    for batch in table.to_batches(max_chunksize=1024):
+        for row in batch.to_pylist():
+            tok = tokenize_pair(tokenizer, row, cfg.max_length, use_chat_template=cfg.chat_template)
+            lengths.append(len(tok.prompt_ids) + max(len(tok.chosen_ids), len(tok.rejected_ids)))
+    parts = plan_parts(lengths, pair_ids, cfg.pairs_per_part)
+    done = existing_parts(cfg.out)
+    mine = [i for i in range(len(parts)) if i % state.num_processes == state.process_index and i not in done]
+
+    stats = {"tokens": 0, "padded_tokens": 0, "real_tokens": 0}
+    scored = 0
+    with progress_bar("score-ref", sum(len(parts[i]) for i in mine), enabled=cfg.progress and is_main,
+                      extra="{task.fields[tps]}") as bar:
+        for i in mine:
+            t0 = time.perf_counter()
+            rows = table.take(parts[i]).to_pylist()
+            part = score_part(model, tokenizer, rows, cfg, stats)
+            with atomic_path(cfg.out / part_name(i)) as tmp:
+                pq.write_table(part, tmp)
+            scored += len(rows)
+            dt = max(time.perf_counter() - t0, 1e-9)
+            part_tokens = sum(cfg.samples * cfg.draws * (r["prompt_len"] * 2 + r["chosen_len"] + r["rejected_len"])
+                              for r in part.select(["prompt_len", "chosen_len", "rejected_len"]).to_pylist())
+            bar.advance(len(rows), tps=f"{part_tokens / dt:,.0f} tok/s")
+
+    state.wait_for_everyone()
+    done = existing_parts(cfg.out)
+    if len(done) != len(parts):
+        raise UserError(f"{cfg.out}: {len(parts) - len(done)} part files missing after scoring; rerun to resume")
+    totals = _totals(cfg.out, done, cfg)
+    # Padding is only known for the parts scored now; a fully resumed run reports what it saw.
+    seen = stats["real_tokens"] + stats["padded_tokens"]
+    padding = stats["padded_tokens"] / seen if seen else 0.0
+    if state.num_processes > 1:
+        padding = _mean_across_processes(padding, state)
+    if is_main:
+        manifest = {
+            "fingerprint": fingerprint,
+            "fingerprint_digest": digest,
+            "pairs": totals["pairs"],
+            "tokens": totals["tokens"],
+            "parts": [part_name(i) for i in sorted(done)],
+            "padding_fraction": padding,
+            "schema": [f.name for f in SCORES_SCHEMA],
+            "config": config_to_dict(cfg),
+            "processes": state.num_processes,
+        }
+        write_json_atomic(cfg.out / SCORES_MANIFEST, manifest)
+        (cfg.out / IN_PROGRESS).unlink(missing_ok=True)
+    state.wait_for_everyone()
+    return ScoreRefResult(totals["pairs"], totals["tokens"], time.perf_counter() - start, padding,
+                          str(cfg.out), digest, scored_now=scored)
+
+
+def _totals(out: Path, done: dict[int, Path], cfg: ScoreRefConfig) -> dict[str, int]:
+    pairs = tokens = 0
+    for i in sorted(done):
+        t = pq.read_table(done[i], columns=["prompt_len", "chosen_len", "rejected_len"])
+        pairs += t.num_rows
+        for r in t.to_pylist():
+            tokens += cfg.samples * cfg.draws * (2 * r["prompt_len"] + r["chosen_len"] + r["rejected_len"])
+    return {"pairs": pairs, "tokens": tokens}
+
+
+def _mean_across_processes(value: float, state) -> float:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item() / state.num_processes)
+
+
+def command(
+    pairs: Path = typer.Argument(..., help="Pairs file from `lldm-dpo ingest`."),
+    model: Optional[str] = typer.Option(None, "--model", help="Reference model: preset name or local folder."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Cache folder."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Monte Carlo samples per response and draw."),
+    draws: Optional[int] = typer.Option(None, "--draws", help="Independent mask sets (one per epoch)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Global mask seed."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help="l_over_L or one_over_t."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Longest prompt + response in tokens."),
+    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Token budget per forward pass."),
+    pairs_per_part: Optional[int] = typer.Option(None, "--pairs-per-part", help="Pairs per part file."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N pairs."),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow remote modeling code."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a cache made differently."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Score the pairs with the frozen reference model and cache the ELBO terms with their seeds."""
+    from pipeline.stagecli import print_summary, resolve_config, summary_dict
+
+    flags = dict(pairs=pairs, model=model, out=out, samples=samples, draws=draws, seed=seed, scheme=scheme,
+                 max_length=max_length, batch_tokens=batch_tokens, pairs_per_part=pairs_per_part, dtype=dtype,
+                 device=device, limit=limit, chat_template=chat_template, trust_remote_code=trust_remote_code,
+                 overwrite=overwrite, progress=False if (no_progress or as_json) else None)
+    cfg = resolve_config(ScoreRefConfig, config, flags, print_config)
+    if cfg is None:
+        return
+    result = run(cfg)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    data = summary_dict(result)
+    data.pop("details", None)
+    if as_json:
+        data = {k: data[k] for k in ("pairs", "tokens", "seconds", "padding_fraction", "out", "fingerprint",
+                                     "scored_now", "reused")}
+    print_summary("score-ref", data, as_json)

@@ -1,0 +1,602 @@
+"""``lldm-dpo train``: DPO against the reference-score cache, one model in memory.
+
+Recipe shape: ``setup`` (cache, policy, optimizer), ``train`` (the loop),
+``save`` (checkpoints and the final model). Each batch replays the masks the
+cache recorded (draw = epoch mod draws) on the policy, so policy and reference
+terms share their noise (VRPO's antithetic sampling) and the reference model
+is never loaded (unless ``--reference online``, the baseline).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import typer
+
+from pipeline.cache import describe_difference, fingerprint_differences, open_cache
+from pipeline.errors import ConfigError, UserError
+from pipeline.losses import LOSS_TYPES, dpo_loss, sequence_weights, sft_loss, validate_loss_args
+
+LLADA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+SCHEDULERS = ("cosine", "linear", "constant")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    scores: Path = Path("cache/ref-scores")
+    """Reference-score cache folder written by ``lldm-dpo score-ref``."""
+    model: Optional[str] = None
+    """The policy's starting point; default: the model the cache was scored with."""
+    out: Path = Path("runs/dpo")
+    """Run folder: checkpoints, final model, metrics.parquet, TensorBoard events, config.yaml."""
+    allow_different_init: bool = False
+    """Accept a starting model other than the cache's reference model."""
+    loss: str = "sigmoid"
+    """DPO loss: sigmoid, ipo, hinge or robust."""
+    beta: float = 0.1
+    """DPO temperature beta."""
+    label_smoothing: float = 0.0
+    """Label noise rate for sigmoid (conservative DPO) and robust losses."""
+    sft_weight: float = 0.0
+    """Weight of an SFT term (chosen response's per-token negative ELBO), as TRL's rpo_alpha."""
+    learning_rate: float = 1e-5
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    batch_size: int = 4
+    """Pairs per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    epochs: int = 1
+    """Passes over the training pairs (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 = derived from epochs."""
+    warmup_ratio: float = 0.1
+    """Share of steps with linear warmup."""
+    scheduler: str = "cosine"
+    """Decay after warmup: cosine, linear or constant."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 = off)."""
+    mixed_precision: str = "no"
+    """accelerate's mixed precision: no, bf16 or fp16 (fp16 uses loss scaling and needs CUDA)."""
+    dtype: str = "float32"
+    """dtype the policy's weights are loaded in (bfloat16 halves memory; LoRA keeps adapters in float32)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    lora_r: int = 0
+    """LoRA rank; 0 = full fine-tuning."""
+    lora_alpha: int = 16
+    """LoRA alpha."""
+    lora_dropout: float = 0.0
+    """LoRA dropout."""
+    lora_targets: str = ",".join(LLADA_LORA_TARGETS)
+    """Comma-separated module names to adapt (LLaDA's attention and MLP projections by default; never the head)."""
+    load_in_4bit: bool = False
+    """Quantize the frozen base to 4-bit NF4 with bitsandbytes (CUDA only; needs lora_r > 0)."""
+    sequence_microbatch: int = 0
+    """Backpropagate this many sequences at a time after a no-grad pass (0 = one pass); memory follows K, not n."""
+    reference: str = "cached"
+    """cached (the cache's terms) or online (a live reference scored on the same masks: the baseline)."""
+    batch_tokens: int = 16384
+    """Token budget of one forward pass."""
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """How many newest checkpoints to keep."""
+    resume: bool = False
+    """Continue from the newest checkpoint in the run folder."""
+    seed: int = 0
+    """Seed of the data order and of torch's RNG."""
+    log_every: int = 1
+    """Log metrics every N steps."""
+    device: str = "auto"
+    """cpu, cuda or auto (accelerate's device)."""
+    tensorboard: bool = True
+    """Write TensorBoard events under RUN_DIR/tensorboard."""
+    trust_remote_code: bool = False
+    """Allow a non-LLaDA checkpoint to run its own modeling code."""
+    progress: bool = True
+    """Print one metrics line per logged step to stderr."""
+
+    def __post_init__(self):
+        self.scores, self.out = Path(self.scores), Path(self.out)
+        if self.loss not in LOSS_TYPES:
+            raise ConfigError(f"loss must be one of {', '.join(LOSS_TYPES)}, got '{self.loss}'")
+        validate_loss_args(beta=self.beta, loss_type=self.loss, label_smoothing=self.label_smoothing)
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got '{self.scheduler}'")
+        if self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got '{self.mixed_precision}'")
+        if self.reference not in ("cached", "online"):
+            raise ConfigError(f"reference must be cached or online, got '{self.reference}'")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got '{self.dtype}'")
+        for name in ("batch_size", "grad_accum", "epochs", "log_every", "batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "save_every", "lora_r", "sequence_microbatch", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.load_in_4bit and self.lora_r == 0:
+            raise ConfigError("load_in_4bit trains adapters only: set lora_r > 0")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs_seen: float
+    final_loss: float
+    final_reward_accuracy: float
+    seconds: float
+    out: str
+    final_model: str
+    metrics: str
+    resumed_from: Optional[int] = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# --- setup --------------------------------------------------------------------
+
+
+def setup_policy(cfg: TrainConfig, model_name: str, device: torch.device):
+    """Load the policy (optionally 4-bit), apply LoRA or unfreeze all, enable checkpointing."""
+    from pipeline.models import load_model
+
+    if cfg.load_in_4bit:
+        if device.type != "cuda":
+            raise UserError("--load-in-4bit needs a CUDA device (bitsandbytes 4-bit kernels); this run is on "
+                            f"{device.type}")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("--load-in-4bit needs bitsandbytes: pip install 'lldm-dpo[quant]'") from None
+        model, tokenizer = load_model(model_name, dtype="bfloat16", device=str(device),
+                                      trust_remote_code=cfg.trust_remote_code, load_in_4bit=True)
+    else:
+        model, tokenizer = load_model(model_name, dtype=cfg.dtype, device=str(device),
+                                      trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        if cfg.load_in_4bit:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        names = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+        if getattr(model.config, "model_type", "") == "llada":
+            # LLaDA names its LM head `ff_out` like the blocks' down projection:
+            # a pattern anchored on `blocks.N.` adapts the blocks, never the head.
+            targets: Any = r".*\.blocks\.\d+\.(" + "|".join(map(_re_escape, names)) + ")"
+        else:
+            targets = names
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=targets, bias="none")
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as exc:
+            raise UserError(f"--lora-targets {cfg.lora_targets}: {exc}") from None
+    else:
+        model.requires_grad_(True)
+    model.train()
+    return model, tokenizer
+
+
+def _re_escape(s: str) -> str:
+    import re
+
+    return re.escape(s)
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.scheduler == "constant" or total_steps <= warmup:
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def check_init(cfg: TrainConfig, cache, model_name: str) -> None:
+    """The policy must start from the cache's reference model unless the user says otherwise."""
+    from pipeline.models import model_identity
+
+    expected = cache.fingerprint.get("model")
+    actual = model_identity(model_name)
+    diffs = fingerprint_differences({"model": actual}, {"model": expected})
+    if diffs and not cfg.allow_different_init:
+        raise UserError(f"{cfg.scores}: policy init '{model_name}' is not the cache's reference model ("
+                        + describe_difference({"model": actual}, {"model": expected}, "model")
+                        + "); pass --allow-different-init to train from it anyway")
+
+
+# --- the batch: replayed masks, policy terms, loss ----------------------------
+
+
+@dataclass
+class PairBatch:
+    rows: list[dict[str, Any]]
+    draw: int
+
+    @property
+    def pair_ids(self) -> list[str]:
+        return [r["pair_id"] for r in self.rows]
+
+
+def replay_requests(batch: PairBatch, manifest_fp: dict[str, Any]) -> list:
+    """ScoreRequests on exactly the cached masks: [pair0 chosen, pair0 rejected, pair1 chosen, ...]."""
+    from pipeline.diffusion import ScoreRequest, sample_masks
+
+    n, scheme = manifest_fp["samples"], manifest_fp["scheme"]
+    eps = manifest_fp.get("eps") or 1e-3
+    requests = []
+    for row in batch.rows:
+        for side in ("chosen", "rejected"):
+            response = row[f"{side}_ids"]
+            ms = sample_masks(len(response), n, row[f"{side}_seeds"][batch.draw], scheme=scheme, eps=eps)
+            if ms.counts.tolist() != list(row[f"{side}_mask_counts"][batch.draw]):
+                raise UserError(f"pair {row['pair_id']} ({side}): masks replayed from the cached seed differ from "
+                                "the cached mask counts; the cache was written by an incompatible version")
+            requests.append(ScoreRequest(row["prompt_ids"], response, ms.masks, ms.weights))
+    return requests
+
+
+def policy_terms(model, requests, tokenizer, cfg: TrainConfig) -> list[torch.Tensor]:
+    from pipeline.diffusion import elbo_terms
+
+    return elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+                      batch_tokens=cfg.batch_tokens)
+
+
+def reference_means(batch: PairBatch, device, ref_terms: list[torch.Tensor] | None = None):
+    """Reference ELBOs of the batch: cached means of this draw, or the online terms' means."""
+    if ref_terms is not None:
+        means = torch.stack([t.mean() for t in ref_terms]).detach()
+        return means[0::2], means[1::2]
+    c = [sum(r["ref_chosen_terms"][batch.draw]) / len(r["ref_chosen_terms"][batch.draw]) for r in batch.rows]
+    r_ = [sum(r["ref_rejected_terms"][batch.draw]) / len(r["ref_rejected_terms"][batch.draw]) for r in batch.rows]
+    return (torch.tensor(c, dtype=torch.float64, device=device), torch.tensor(r_, dtype=torch.float64, device=device))
+
+
+def batch_loss(cfg: TrainConfig, terms: list[torch.Tensor], ref_c, ref_r, chosen_len):
+    """Mean DPO (+ SFT) loss of a batch from its per-request terms; returns (loss, stats)."""
+    means = torch.stack([t.mean() for t in terms])
+    pi_c, pi_r = means[0::2], means[1::2]
+    losses, cr, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss,
+                              label_smoothing=cfg.label_smoothing)
+    loss = losses.mean()
+    if cfg.sft_weight:
+        loss = loss + cfg.sft_weight * sft_loss(pi_c, chosen_len).mean()
+    return loss, {"losses": losses.detach(), "cr": cr, "rr": rr, "pi_c": pi_c.detach(), "pi_r": pi_r.detach()}
+
+
+def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) -> dict[str, Any]:
+    """Forward and backward of one micro-batch; returns its detached statistics."""
+    import contextlib
+
+    from pipeline.diffusion import ScoreRequest
+
+    cfg, model, tok, acc = ctx.cfg, ctx.model, ctx.tokenizer, ctx.accelerator
+    requests = replay_requests(batch, ctx.fingerprint)
+    ref_terms = None
+    if cfg.reference == "online":
+        with torch.no_grad(), acc.autocast():
+            if ctx.ref_model is not None:
+                ref_terms = policy_terms(ctx.ref_model, requests, tok, cfg)
+            else:  # LoRA: the base model with adapters switched off is the reference
+                with acc.unwrap_model(model).disable_adapter():
+                    ref_terms = policy_terms(model, requests, tok, cfg)
+    ref_c, ref_r = reference_means(batch, acc.device, ref_terms)
+    chosen_len = torch.tensor([r["chosen_len"] for r in batch.rows], device=acc.device)
+    n = ctx.fingerprint["samples"]
+
+    def no_sync_unless(last: bool):
+        return contextlib.nullcontext() if last else acc.no_sync(model)
+
+    if cfg.sequence_microbatch == 0:
+        with acc.autocast():
+            terms = policy_terms(model, requests, tok, cfg)
+            loss, st = batch_loss(cfg, terms, ref_c, ref_r, chosen_len)
+        _check_finite(loss, ctx.step, batch)
+        with no_sync_unless(sync):
+            acc.backward(loss * scale)
+    else:
+        # One no-grad pass gives each pair's dL/d(delta); then every sequence's
+        # term is backpropagated on its own with that weight (estimator-math.md),
+        # K sequences at a time, so activations follow K rather than 2n.
+        with torch.no_grad(), acc.autocast():
+            terms = policy_terms(model, requests, tok, cfg)
+            loss, st = batch_loss(cfg, terms, ref_c, ref_r, chosen_len)
+        _check_finite(loss, ctx.step, batch)
+        delta = (st["pi_c"] - ref_c) - (st["pi_r"] - ref_r)
+        chosen_w, rejected_w = sequence_weights(
+            delta, n, beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
+            sft_weight=cfg.sft_weight, chosen_len=chosen_len, normalizer=len(batch.rows))
+        seqs = [(j, k) for j, req in enumerate(requests) for k in range(req.masks.shape[0])]
+        K = cfg.sequence_microbatch
+        for g in range(0, len(seqs), K):
+            group = seqs[g:g + K]
+            sub = [ScoreRequest(requests[j].prompt_ids, requests[j].response_ids, requests[j].masks[k:k + 1],
+                                requests[j].weights[k:k + 1]) for j, k in group]
+            with acc.autocast():
+                sub_terms = policy_terms(model, sub, tok, cfg)
+            weights = [(chosen_w if j % 2 == 0 else rejected_w)[j // 2] for j, _ in group]
+            surrogate = sum(w.to(t.dtype) * t.sum() for w, t in zip(weights, sub_terms))
+            with no_sync_unless(sync and g + K >= len(seqs)):
+                acc.backward(surrogate * scale)
+    tokens = sum(req.masks.shape[0] * (len(req.prompt_ids) + len(req.response_ids)) for req in requests)
+    return {"loss": loss.detach().float(), "cr": st["cr"].float(), "rr": st["rr"].float(),
+            "pi_c": st["pi_c"].float(), "pi_r": st["pi_r"].float(), "tokens": tokens}
+
+
+def _check_finite(loss: torch.Tensor, step: int, batch: PairBatch) -> None:
+    if not torch.isfinite(loss).all():
+        raise UserError(f"step {step}: loss is not finite ({loss.item()}) on pairs {', '.join(batch.pair_ids)}; "
+                        "nothing was saved for this step (try a lower --learning-rate or --mixed-precision no)")
+
+
+@dataclass
+class TrainContext:
+    cfg: TrainConfig
+    model: Any
+    tokenizer: Any
+    accelerator: Any
+    fingerprint: dict[str, Any]
+    ref_model: Any = None
+    step: int = 0
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n_rows))
+    random.Random(f"{seed}:{epoch}").shuffle(order)  # string seeds are stable across Python runs
+    return order
+
+
+def micro_batch_rows(rows, cfg: TrainConfig, step: int, micro: int, steps_per_epoch: int, world: int, rank: int):
+    """The rows this process trains on at (step, micro); wraps around the epoch so every rank gets a full batch."""
+    epoch, pos = divmod(step, steps_per_epoch)
+    order = epoch_order(len(rows), cfg.seed, epoch)
+    per_step = cfg.batch_size * world
+    start = (pos * cfg.grad_accum + micro) * per_step + rank * cfg.batch_size
+    return epoch, [rows[order[(start + i) % len(rows)]] for i in range(cfg.batch_size)]
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def save_final(ctx: TrainContext, model_name: str, path: Path) -> None:
+    """The final model in Hugging Face format (full weights, or the LoRA adapter), renamed into place."""
+    import os
+    import shutil
+    import tempfile
+
+    model = ctx.accelerator.unwrap_model(ctx.model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        if ctx.cfg.lora_r > 0:
+            model.peft_config["default"].base_model_name_or_path = _base_reference(model_name)
+        model.save_pretrained(tmp, safe_serialization=True)
+        ctx.tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _base_reference(model_name: str) -> str:
+    p = Path(model_name)
+    return str(p.resolve()) if p.exists() else model_name
+
+
+def run(cfg: TrainConfig) -> TrainResult:
+    from accelerate import Accelerator
+
+    from pipeline.config import config_to_yaml
+    from pipeline.atomic import write_text_atomic
+    from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from pipeline.metrics import MetricsWriter
+
+    start_time = time.perf_counter()
+    cache = open_cache(cfg.scores)
+    fp = cache.fingerprint
+    model_name = cfg.model or cache.manifest["config"]["model"]
+    check_init(cfg, cache, model_name)
+    rows = list(cache.rows(split="train"))
+    if not rows:
+        raise UserError(f"{cfg.scores}: the cache holds no pairs of the train split")
+
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("--mixed-precision fp16 needs CUDA (loss scaling on CPU is not supported); use bf16 or no")
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = setup_policy(cfg, model_name, acc.device)
+    if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
+        raise UserError(f"model '{model_name}': tokenizer needs mask and pad tokens")
+    ref_model = None
+    if cfg.reference == "online" and cfg.lora_r == 0:
+        from pipeline.models import load_model
+
+        ref_model, _ = load_model(cache.manifest["config"]["model"], dtype=cfg.dtype, device=str(acc.device),
+                                  trust_remote_code=cfg.trust_remote_code)
+        ref_model.eval().requires_grad_(False)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    world = acc.num_processes
+    steps_per_epoch = max(1, math.ceil(len(rows) / (cfg.batch_size * cfg.grad_accum * world)))
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    # The scheduler is stepped by hand once per optimizer step: accelerate's
+    # wrapper would step it once per process and change the schedule with the world size.
+    model, optimizer = acc.prepare(model, optimizer)
+
+    resumed_from = None
+    start_step = 0
+    if cfg.resume:
+        ckpt = latest_checkpoint(cfg.out)
+        if ckpt is None:
+            raise UserError(f"{cfg.out}: --resume given but the run folder holds no checkpoint")
+        state = load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler)
+        start_step = resumed_from = int(state["step"])
+    elif acc.is_main_process and (cfg.out / "checkpoints").exists() and latest_checkpoint(cfg.out):
+        raise UserError(f"{cfg.out}: run folder already holds checkpoints; pass --resume to continue it "
+                        "or choose another --out")
+    if acc.is_main_process:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cfg.out / "config.yaml", config_to_yaml(cfg))
+    writer = MetricsWriter(cfg.out, tensorboard=cfg.tensorboard, resume_step=resumed_from,
+                           console=cfg.progress) if acc.is_main_process else None
+
+    ctx = TrainContext(cfg, model, tokenizer, acc, fp, ref_model)
+    last: dict[str, float] = {}
+    if acc.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(acc.device)
+    try:
+        for step in range(start_step, total_steps):
+            ctx.step = step
+            t0 = time.perf_counter()
+            stats = []
+            for micro in range(cfg.grad_accum):
+                epoch, batch_rows = micro_batch_rows(rows, cfg, step, micro, steps_per_epoch, world,
+                                                     acc.process_index)
+                batch = PairBatch(batch_rows, draw=epoch % fp["draws"])
+                stats.append(micro_step(ctx, batch, 1.0 / cfg.grad_accum, sync=micro == cfg.grad_accum - 1))
+            clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = acc.clip_grad_norm_(params, clip)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            row = _step_metrics(acc, stats, step, steps_per_epoch, lr, grad_norm, time.perf_counter() - t0)
+            last = row
+            if writer is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps):
+                writer.log(row)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    writer.flush()
+                    save_checkpoint(cfg.out, step + 1, acc.unwrap_model(model), optimizer, scheduler,
+                                    {"epoch": (step + 1) / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+                                     "total_steps": total_steps, "seed": cfg.seed}, keep=cfg.keep_checkpoints)
+        acc.wait_for_everyone()
+        final = cfg.out / "final"
+        if acc.is_main_process:
+            writer.flush()
+            save_final(ctx, model_name, final)
+        acc.wait_for_everyone()
+    finally:
+        if writer is not None:
+            writer.close()
+    return TrainResult(
+        steps=total_steps, epochs_seen=total_steps / steps_per_epoch,
+        final_loss=float(last.get("loss", float("nan"))),
+        final_reward_accuracy=float(last.get("rewards/accuracies", float("nan"))),
+        seconds=time.perf_counter() - start_time, out=str(cfg.out), final_model=str(cfg.out / "final"),
+        metrics=str(cfg.out / "metrics.parquet"), resumed_from=resumed_from,
+    )
+
+
+def _step_metrics(acc, stats, step, steps_per_epoch, lr, grad_norm, seconds) -> dict[str, float]:
+    """Means over micro-batches and processes, with TRL's names."""
+    cr = torch.cat([s["cr"] for s in stats])
+    rr = torch.cat([s["rr"] for s in stats])
+    local = torch.stack([
+        torch.stack([s["loss"] for s in stats]).mean(),
+        cr.mean(), rr.mean(), (cr > rr).float().mean(), (cr - rr).mean(),
+        torch.cat([s["pi_c"] for s in stats]).mean(), torch.cat([s["pi_r"] for s in stats]).mean(),
+    ]).to(acc.device)
+    tokens = torch.tensor([float(sum(s["tokens"] for s in stats))], device=acc.device)
+    if acc.num_processes > 1:
+        local = acc.reduce(local, reduction="mean")
+        tokens = acc.reduce(tokens, reduction="sum")
+    v = local.tolist()
+    return {
+        "step": step + 1, "epoch": (step + 1) / steps_per_epoch, "loss": v[0],
+        "rewards/chosen": v[1], "rewards/rejected": v[2], "rewards/accuracies": v[3], "rewards/margins": v[4],
+        "logps/chosen": v[5], "logps/rejected": v[6], "lr": lr, "grad_norm": float(grad_norm),
+        "tokens_per_second": tokens.item() / max(seconds, 1e-9), "peak_memory_bytes": peak_memory_bytes(acc.device),
+    }
+
+
+def command(
+    scores: Path = typer.Argument(..., help="Reference-score cache from `lldm-dpo score-ref`."),
+    model: Optional[str] = typer.Option(None, "--model", help="Policy init (default: the cache's model)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder."),
+    allow_different_init: Optional[bool] = typer.Option(None, "--allow-different-init"),
+    loss: Optional[str] = typer.Option(None, "--loss", help="sigmoid, ipo, hinge or robust."),
+    beta: Optional[float] = typer.Option(None, "--beta"),
+    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing"),
+    sft_weight: Optional[float] = typer.Option(None, "--sft-weight"),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
+    warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="cosine, linear or constant."),
+    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm"),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, bf16 or fp16."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Weights dtype."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank (0 = full fine-tuning)."),
+    lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha"),
+    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout"),
+    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="Comma-separated module names."),
+    load_in_4bit: Optional[bool] = typer.Option(None, "--load-in-4bit", help="4-bit base (CUDA, bitsandbytes)."),
+    sequence_microbatch: Optional[int] = typer.Option(None, "--sequence-microbatch", help="Sequences per backward."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="cached or online."),
+    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens"),
+    save_every: Optional[int] = typer.Option(None, "--save-every"),
+    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the newest checkpoint."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    log_every: Optional[int] = typer.Option(None, "--log-every"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
+    quiet: bool = typer.Option(False, "--quiet", help="No per-step lines."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Train the policy with DPO against the cached reference scores."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "print_config", "as_json", "quiet")}
+    from pipeline.stagecli import print_summary, resolve_config, summary_dict
+
+    flags["progress"] = False if quiet else None
+    cfg = resolve_config(TrainConfig, config, flags, print_config)
+    if cfg is None:
+        return
+    result = run(cfg)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        data = summary_dict(result)
+        data.pop("details", None)
+        print_summary("train", data, as_json)
