@@ -1,0 +1,504 @@
+"""``lldm-dpo generate``: LLaDA's diffusion sampler over a file of prompts.
+
+Input: JSONL with a ``prompt`` (text or a message list) or ``question``
+field per line, or a pairs Arrow file from ``ingest``. Output: JSONL, one row
+per prompt in input order: ``index`` (0-based input row), ``prompt``,
+``completion`` (decoded, cut at EOS / ``<|eot_id|>``), ``completion_tokens``,
+``stopped`` (a stop token was generated), the input's other fields, and
+``sampler`` (the settings that produced it).
+
+Results stream to ``OUT.partial`` after every batch; the finished file is
+renamed into place sorted by index. A rerun skips prompts already in the
+output or the partial file (same prompt at the same index, same sampler
+settings); different settings are an error naming the setting. Each prompt
+gets its own noise generator seeded by (seed, index), and batches are left
+padded, so a prompt's completion does not depend on the batch size or its
+neighbours, and a resumed run gives what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+import typer
+
+from pipeline.atomic import atomic_path
+from pipeline.config import require, require_choice
+from pipeline.errors import ConfigError, UserError
+from pipeline.sampler import REMASKING, check_schedule, generate, trim_at_stop
+
+STOP_TOKENS = ("<|eot_id|>",)
+"""Stop tokens besides the tokenizer's EOS, used when the vocabulary has them."""
+
+
+@dataclass
+class GenerateConfig:
+    model: str = "tiny"
+    """Model: preset name (tiny, micro) or a local model folder."""
+    prompts: str = ""
+    """Prompts file: JSONL with a `prompt` or `question` field, or a pairs Arrow file."""
+    out: str = "data/out/generations.jsonl"
+    """Output JSONL (written atomically; a partial run resumes from OUT.partial)."""
+    prompt_field: Optional[str] = None
+    """Input field holding the prompt; default: `prompt`, else `question`."""
+    gen_length: int = 128
+    """Tokens generated per prompt."""
+    block_length: int = 32
+    """Semi-autoregressive block size; gen_length must be a multiple of it."""
+    steps: int = 128
+    """Sampling steps in all (one forward pass each), a multiple of gen_length / block_length."""
+    temperature: float = 0.0
+    """Gumbel-noise temperature; 0 is greedy and deterministic."""
+    remasking: str = "low_confidence"
+    """Which masked tokens to commit each step: low_confidence (most confident first) or random."""
+    cfg_scale: float = 0.0
+    """Classifier-free guidance scale; > 0 adds a pass with the prompt masked."""
+    batch_size: int = 8
+    """Prompts per forward pass (results do not depend on it)."""
+    seed: int = 0
+    """Seed of the per-prompt noise generators (used when temperature > 0 or remasking is random)."""
+    chat_template: bool = True
+    """Wrap each prompt as a user turn in the tokenizer's chat template (instruct models)."""
+    limit: int = 0
+    """Generate for the first N prompts only (0: all)."""
+    dtype: str = "float32"
+    """float32, bfloat16 or float16."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (cuda when available)."""
+    trust_remote_code: bool = False
+    """Allow a hub model's own modeling code."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        for name in ("gen_length", "block_length", "steps", "batch_size"):
+            require(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive integer")
+        try:
+            check_schedule(self.gen_length, self.block_length, self.steps)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        require(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        require(self.cfg_scale >= 0, f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        require(self.limit >= 0, f"limit must be >= 0, got {self.limit}")
+        require_choice("remasking", self.remasking, REMASKING)
+        require_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+    def sampler_settings(self) -> dict[str, Any]:
+        """Everything that changes a completion; stored in each output row."""
+        return {
+            "model": self.model, "gen_length": self.gen_length, "block_length": self.block_length,
+            "steps": self.steps, "temperature": self.temperature, "remasking": self.remasking,
+            "cfg_scale": self.cfg_scale, "seed": self.seed, "chat_template": self.chat_template,
+            "dtype": self.dtype,
+        }
+
+
+@dataclass
+class GenerateResult:
+    out: str
+    prompts: int
+    generated_now: int
+    """Prompts sampled by this invocation."""
+    resumed: int
+    """Prompts already done in the output or partial file."""
+    seconds: float
+    tokens_per_second: float
+    """Generated (sampled) tokens per second of sampling, this invocation."""
+    stopped_fraction: float
+    """Share of completions that ended with a stop token rather than at gen_length."""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# --- reading prompts ----------------------------------------------------------------
+
+
+@dataclass
+class PromptRecord:
+    index: int
+    where: str  # "file:line" or "file:row" for errors
+    fields: dict[str, Any]
+    prompt: Any  # what is rendered: text or a list of {role, content} messages
+    shown: Any  # the input field's value, written as the output's `prompt`
+
+
+def read_prompts(path: str | Path, prompt_field: str | None = None) -> list[PromptRecord]:
+    """Prompt records of a JSONL file or a pairs Arrow file, in file order."""
+    path = Path(path)
+    if not str(path) or not path.exists():
+        raise UserError(f"{path}: prompts file not found")
+    if path.suffix in (".arrow", ".ipc", ".feather"):
+        rows = _arrow_rows(path)
+        items = ((f"{path}:row {i}", row) for i, row in enumerate(rows))
+    else:
+        items = _jsonl_rows(path)
+    records: list[PromptRecord] = []
+    for where, row in items:
+        name = prompt_field or ("prompt" if "prompt" in row else "question")
+        if name not in row or row[name] is None:
+            raise UserError(f"{where}: no {prompt_field!r} field" if prompt_field else f"{where}: no 'prompt' or 'question' field")
+        value = shown = row[name]
+        # A pairs file keeps the structured conversation beside its text rendering.
+        if name == "prompt" and row.get("prompt_messages"):
+            value = row["prompt_messages"]
+        if isinstance(value, list):
+            ok = all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                     for m in value)
+            if not ok or not value:
+                raise UserError(f"{where}: field {name!r} is a list but not of {{role, content}} messages")
+            value = [{"role": m["role"], "content": m["content"]} for m in value]
+        elif not isinstance(value, str):
+            raise UserError(f"{where}: field {name!r} must be text or a message list, got {type(value).__name__}")
+        records.append(PromptRecord(len(records), where, row, value, shown))
+    return records
+
+
+def _arrow_rows(path: Path) -> list[dict]:
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            return pa.ipc.open_file(source).read_all().to_pylist()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"{path}: not an Arrow IPC file ({exc})") from None
+
+
+def _jsonl_rows(path: Path) -> Iterable[tuple[str, dict]]:
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{where}: invalid UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{where}: invalid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row
+
+
+def render_prompt(tokenizer, prompt: Any, chat_template: bool, where: str = "prompt") -> list[int]:
+    """Token ids of one prompt (chat template with a generation prompt, or the raw text)."""
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("the model's tokenizer has no chat template: pass --no-chat-template")
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        if isinstance(prompt, list):
+            raise UserError(f"{where}: a message-list prompt needs the chat template (drop --no-chat-template)")
+        text = prompt
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[t] for t in STOP_TOKENS if t in vocab]
+    return sorted(set(ids))
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The noise seed of prompt ``index``: a stable 63-bit hash."""
+    digest = hashlib.sha256(f"lldm-dpo/generate/{seed}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# --- sampling, reusable by eval --------------------------------------------------------
+
+
+def complete(
+    model,
+    tokenizer,
+    prompts: Sequence[Any],
+    *,
+    gen_length: int = 128,
+    block_length: int = 32,
+    steps: int = 128,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    cfg_scale: float = 0.0,
+    seed: int = 0,
+    chat_template: bool = True,
+    batch_size: int = 8,
+    indices: Sequence[int] | None = None,
+    on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Sample a completion for each prompt (text or messages), in memory.
+
+    Returns one dict per prompt in the given order: ``index``, ``completion``,
+    ``completion_tokens``, ``stopped``. ``indices`` (default 0..n-1) seed each
+    prompt's noise; ``on_batch`` receives each batch's results as they finish.
+    """
+    indices = list(range(len(prompts))) if indices is None else list(indices)
+    device = next(model.parameters()).device
+    mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
+    mask_id = tokenizer.mask_token_id if mask_id is None else mask_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer)
+    encoded = [render_prompt(tokenizer, p, chat_template, f"prompt {i}") for p, i in zip(prompts, indices)]
+    # Longest first, so each batch holds similar lengths (little padding) and
+    # an out-of-memory shows up in the first batch.
+    order = sorted(range(len(prompts)), key=lambda j: -len(encoded[j]))
+    results: list[dict[str, Any] | None] = [None] * len(prompts)
+    for first in range(0, len(order), batch_size):
+        chunk = order[first : first + batch_size]
+        generators = [torch.Generator(device=device).manual_seed(prompt_seed(seed, indices[j])) for j in chunk]
+        tokens = generate(
+            model, [encoded[j] for j in chunk], mask_token_id=mask_id, pad_token_id=pad_id,
+            gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
+            remasking=remasking, cfg_scale=cfg_scale, generator=generators, device=device,
+        ).cpu()
+        batch_results = []
+        for j, row in zip(chunk, tokens):
+            kept = trim_at_stop(row, stops)
+            results[j] = {
+                "index": indices[j],
+                "completion": tokenizer.decode(kept, skip_special_tokens=True),
+                "completion_tokens": len(kept),
+                "stopped": len(kept) < gen_length,
+            }
+            batch_results.append(results[j])
+        if on_batch is not None:
+            on_batch(batch_results)
+    return results  # type: ignore[return-value]
+
+
+# --- the stage -------------------------------------------------------------------------
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def _read_done(path: Path, records: list[PromptRecord], settings: dict[str, Any], *, tolerate_tail: bool) -> dict[int, dict]:
+    """Finished rows of an earlier run, checked against these prompts and settings."""
+    done: dict[int, dict] = {}
+    if not path.exists():
+        return done
+    lines = path.read_bytes().split(b"\n")
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if tolerate_tail and number >= len(lines) - 1:
+                break  # a line cut short by an interrupted run
+            raise UserError(f"{path}:{number}: invalid JSON; delete the file to start over") from None
+        where = f"{path}:{number}"
+        if not isinstance(row, dict) or not isinstance(row.get("index"), int) or "sampler" not in row:
+            raise UserError(f"{where}: not a `lldm-dpo generate` output row (no index/sampler); choose another --out")
+        previous = row["sampler"] or {}
+        for key, value in settings.items():
+            if previous.get(key) != value:
+                raise UserError(
+                    f"{where}: made with {key}={previous.get(key)!r}, this run has {key}={value!r}; "
+                    "delete the file or choose another --out"
+                )
+        index = row["index"]
+        if index >= len(records):
+            continue  # beyond --limit or a shorter prompts file: not ours to write back
+        if row.get("prompt") != records[index].shown:
+            raise UserError(f"{where}: row {index}'s prompt differs from {records[index].where}; a different prompts file? "
+                            "delete the output or choose another --out")
+        done[index] = row
+    return done
+
+
+def _output_row(record: PromptRecord, result: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    row = {"index": record.index, "prompt": record.shown}
+    row["completion"] = result["completion"]
+    row["completion_tokens"] = result["completion_tokens"]
+    row["stopped"] = result["stopped"]
+    for key, value in record.fields.items():
+        row.setdefault(key, value)
+    row["sampler"] = settings
+    return row
+
+
+def _dumps(row: dict[str, Any]) -> str:
+    return json.dumps(row, ensure_ascii=False, default=str)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' requested but CUDA is not available")
+    return torch.device(device)
+
+
+def run(cfg: GenerateConfig) -> GenerateResult:
+    """Generate completions for every prompt not already in the output."""
+    start_time = time.perf_counter()
+    if not cfg.prompts:
+        raise UserError("no prompts file given (--prompts FILE)")
+    records = read_prompts(cfg.prompts, cfg.prompt_field)
+    if cfg.limit:
+        records = records[: cfg.limit]
+    out = Path(cfg.out)
+    partial = partial_path(out)
+    settings = cfg.sampler_settings()
+    done = _read_done(out, records, settings, tolerate_tail=False)
+    done.update(_read_done(partial, records, settings, tolerate_tail=True))
+    pending = [r for r in records if r.index not in done]
+    resumed = len(records) - len(pending)
+
+    generated_rows: list[dict[str, Any]] = []
+    sample_seconds = 0.0
+    if pending or partial.exists() or not out.exists():
+        # Start the partial file from the finished rows (atomically), then append.
+        with atomic_path(partial) as tmp:
+            tmp.write_text("".join(_dumps(done[i]) + "\n" for i in sorted(done)), encoding="utf-8")
+        if pending:
+            sample_seconds = _sample_into(cfg, pending, partial, settings, generated_rows)
+        all_rows = {**done, **{row["index"]: row for row in generated_rows}}
+        with atomic_path(out) as tmp:
+            tmp.write_text("".join(_dumps(all_rows[i]) + "\n" for i in sorted(all_rows)), encoding="utf-8")
+        partial.unlink(missing_ok=True)
+    else:
+        all_rows = done
+
+    rows = list(all_rows.values())
+    return GenerateResult(
+        out=str(out),
+        prompts=len(records),
+        generated_now=len(generated_rows),
+        resumed=resumed,
+        seconds=round(time.perf_counter() - start_time, 3),
+        tokens_per_second=round(len(generated_rows) * cfg.gen_length / sample_seconds, 2) if sample_seconds else 0.0,
+        stopped_fraction=round(sum(bool(r.get("stopped")) for r in rows) / len(rows), 4) if rows else 0.0,
+        details={"settings": settings, "partial": str(partial)},
+    )
+
+
+def _sample_into(cfg: GenerateConfig, pending: list[PromptRecord], partial: Path, settings: dict, sink: list) -> float:
+    from pipeline.models import load_model
+
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code)
+    model.eval()
+    by_index = {r.index: r for r in pending}
+    started = time.perf_counter()
+    with partial.open("a", encoding="utf-8") as stream, _progress(len(pending), cfg.progress) as advance:
+
+        def on_batch(results: list[dict[str, Any]]) -> None:
+            rows = [_output_row(by_index[r["index"]], r, settings) for r in results]
+            stream.write("".join(_dumps(row) + "\n" for row in rows))
+            stream.flush()
+            os.fsync(stream.fileno())
+            sink.extend(rows)
+            advance(len(rows))
+
+        complete(
+            model, tokenizer, [r.prompt for r in pending], gen_length=cfg.gen_length, block_length=cfg.block_length,
+            steps=cfg.steps, temperature=cfg.temperature, remasking=cfg.remasking, cfg_scale=cfg.cfg_scale,
+            seed=cfg.seed, chat_template=cfg.chat_template, batch_size=cfg.batch_size,
+            indices=[r.index for r in pending], on_batch=on_batch,
+        )
+    return time.perf_counter() - started
+
+
+class _progress:
+    """A rich bar on stderr (prompts/s, ETA); a no-op when disabled."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        import sys
+
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=Console(file=sys.stderr),
+        )
+        self._bar.__enter__()
+        task = self._bar.add_task("generate", total=self.total, rate="")
+
+        def advance(n: int) -> None:
+            self._bar.advance(task, n)
+            speed = self._bar.tasks[task].speed
+            self._bar.update(task, rate=f"{speed:.2f} prompts/s" if speed else "")
+
+        return advance
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._bar.__exit__(*exc)
+        return False
+
+
+def command(
+    model: Optional[str] = typer.Option(None, "--model", help="Preset name or local model folder."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSONL with prompt/question, or a pairs Arrow file."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output JSONL."),
+    prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="Input field holding the prompt."),
+    gen_length: Optional[int] = typer.Option(None, "--gen-length", help="Tokens generated per prompt."),
+    block_length: Optional[int] = typer.Option(None, "--block-length", help="Semi-autoregressive block size."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (forward passes) in all."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Gumbel-noise temperature (0: greedy)."),
+    remasking: Optional[str] = typer.Option(None, "--remasking", help="low_confidence or random."),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale (0: off)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per forward pass."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed."),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template",
+                                                 help="Wrap prompts in the tokenizer's chat template."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="First N prompts only."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow remote modeling code."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Sample completions with LLaDA's diffusion sampler (low-confidence remasking, blocks)."""
+    from pipeline.config import config_to_dict, config_to_yaml, load_config
+
+    flags = dict(model=model, prompts=None if prompts is None else str(prompts), out=None if out is None else str(out),
+                 prompt_field=prompt_field, gen_length=gen_length, block_length=block_length, steps=steps,
+                 temperature=temperature, remasking=remasking, cfg_scale=cfg_scale, batch_size=batch_size, seed=seed,
+                 chat_template=chat_template, limit=limit, dtype=dtype, device=device,
+                 trust_remote_code=trust_remote_code, progress=False if (no_progress or as_json) else None)
+    cfg = load_config(GenerateConfig, config, flags)
+    if print_config:
+        typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
+        return
+    result = run(cfg)
+    summary = {k: v for k, v in result.__dict__.items() if k != "details"}
+    if as_json:
+        from pipeline.cli import emit_json
+
+        emit_json({**summary, "config": config_to_dict(cfg)})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="generate", show_header=False, title_justify="left")
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
+    Console().print(table)

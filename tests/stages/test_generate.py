@@ -1,0 +1,210 @@
+"""`lldm-dpo generate`: the command end to end, resume, settings checks, inputs, stop tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import config_to_yaml, load_config
+from pipeline.errors import UserError
+from stages.generate import GenerateConfig, complete, partial_path, prompt_seed, read_prompts, run
+
+STAGES = Path(__file__).resolve().parents[2] / "stages"
+FAST = dict(model="micro", gen_length=8, block_length=4, steps=4, device="cpu", progress=False)
+
+PROMPTS = [
+    {"question": "What is 12 plus 30?", "answer": "#### 42"},
+    {"prompt": "Write a short poem about the sea.", "id": 7},
+    {"question": "How many days are in a week?", "answer": "#### 7"},
+    {"prompt": [{"role": "user", "content": "Say hello."}]},
+]
+
+
+def write_prompts(path: Path, rows=PROMPTS) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_cli_generate_with_tiny_preset(tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "gen.jsonl"
+    args = ["generate", "--model", "tiny", "--prompts", str(prompts), "--out", str(out), "--gen-length", "16",
+            "--block-length", "8", "--steps", "16", "--batch-size", "3", "--device", "cpu", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["prompts"] == 4 and summary["generated_now"] == 4 and summary["resumed"] == 0
+    rows = read_rows(out)
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["prompt"] == "What is 12 plus 30?" and rows[0]["answer"] == "#### 42"
+    assert rows[1]["prompt"] == "Write a short poem about the sea." and rows[1]["id"] == 7
+    assert rows[3]["prompt"] == PROMPTS[3]["prompt"]
+    for row in rows:
+        assert isinstance(row["completion"], str)
+        assert 0 <= row["completion_tokens"] <= 16
+        assert row["stopped"] == (row["completion_tokens"] < 16)
+        assert row["sampler"]["steps"] == 16 and row["sampler"]["model"] == "tiny"
+    assert not partial_path(out).exists()
+    # A rerun finds everything done and changes nothing.
+    before = out.read_bytes()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["generated_now"] == 0
+    assert out.read_bytes() == before
+
+
+def test_print_config_and_shipped_yaml_match_defaults():
+    result = CliRunner().invoke(app, ["generate", "--print-config", "--steps", "64"])
+    assert result.exit_code == 0, result.output
+    assert "steps: 64" in result.stdout
+    assert (STAGES / "generate.yaml").read_text(encoding="utf-8") == config_to_yaml(GenerateConfig(), with_docs=True)
+    assert load_config(GenerateConfig, STAGES / "generate.yaml") == GenerateConfig()
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [(["--gen-length", "10", "--block-length", "4"], "multiple of block_length"),
+     (["--steps", "3", "--gen-length", "8", "--block-length", "4"], "multiple of the number of blocks"),
+     (["--remasking", "entropy"], "remasking must be one of")],
+)
+def test_bad_settings_are_one_line_errors(tmp_path, flags, message):
+    result = CliRunner().invoke(app, ["generate", "--prompts", "x.jsonl", *flags])
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_resume_gives_what_one_run_gives(tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    settings = dict(FAST, prompts=str(prompts), temperature=1.0, batch_size=2)
+    whole = run(GenerateConfig(**settings, out=str(tmp_path / "whole.jsonl")))
+    assert whole.generated_now == 4
+
+    out = tmp_path / "pieces.jsonl"
+    first = run(GenerateConfig(**settings, out=str(out), limit=2))
+    assert (first.generated_now, first.resumed) == (2, 0)
+    second = run(GenerateConfig(**{**settings, "batch_size": 3}, out=str(out)))
+    assert (second.generated_now, second.resumed) == (2, 2)
+    # Per-prompt seeds and left padding: batch size and resumption change nothing.
+    assert read_rows(out) == read_rows(tmp_path / "whole.jsonl")
+
+
+def test_interrupted_partial_file_is_resumed(tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    settings = dict(FAST, prompts=str(prompts))
+    run(GenerateConfig(**settings, out=str(tmp_path / "ref.jsonl")))
+    reference = read_rows(tmp_path / "ref.jsonl")
+    out = tmp_path / "out.jsonl"
+    # As a crash leaves it: two finished rows, then half a line.
+    partial_path(out).write_text(
+        json.dumps(reference[2]) + "\n" + json.dumps(reference[0]) + "\n" + json.dumps(reference[1])[:30],
+        encoding="utf-8",
+    )
+    result = run(GenerateConfig(**settings, out=str(out)))
+    assert (result.generated_now, result.resumed) == (2, 2)
+    assert read_rows(out) == reference
+    assert not partial_path(out).exists()
+
+
+def test_output_made_with_other_settings_is_refused(tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:1])
+    out = tmp_path / "out.jsonl"
+    run(GenerateConfig(**FAST, prompts=str(prompts), out=str(out)))
+    with pytest.raises(UserError, match=r"made with steps=4, this run has steps=8"):
+        run(GenerateConfig(**{**FAST, "steps": 8}, prompts=str(prompts), out=str(out)))
+    other = write_prompts(tmp_path / "other.jsonl", [{"prompt": "something else"}])
+    with pytest.raises(UserError, match="prompt differs"):
+        run(GenerateConfig(**FAST, prompts=str(other), out=str(out)))
+
+
+def test_pairs_arrow_input_uses_prompt_messages(tmp_path):
+    messages = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    table = pa.table(
+        {
+            "pair_id": ["a", "b"],
+            "prompt": ["plain text prompt", "user: hi"],
+            "chosen": ["x", "y"],
+            "rejected": ["z", "w"],
+            "prompt_messages": pa.array([None, [{"role": "user", "content": "hi"}]], type=messages),
+        }
+    )
+    path = tmp_path / "pairs.arrow"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    records = read_prompts(path)
+    assert [r.prompt for r in records] == ["plain text prompt", [{"role": "user", "content": "hi"}]]
+    result = run(GenerateConfig(**FAST, prompts=str(path), out=str(tmp_path / "out.jsonl")))
+    assert result.generated_now == 2
+    rows = read_rows(tmp_path / "out.jsonl")
+    assert [r["pair_id"] for r in rows] == ["a", "b"] and rows[1]["prompt"] == "user: hi"
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [('{"text": "no prompt here"}\n', "p.jsonl:1: no 'prompt' or 'question' field"),
+     ('{"prompt": "ok"}\n{"prompt": 5}\n', "p.jsonl:2: field 'prompt' must be text"),
+     ('{"prompt": "ok"}\nnot json\n', "p.jsonl:2: invalid JSON")],
+)
+def test_bad_prompt_files_name_the_line(tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError, match=message):
+        read_prompts(path)
+
+
+class ForcedModel(torch.nn.Module):
+    """Predicts token ``a`` on the first ``keep`` generated positions and EOS after them."""
+
+    def __init__(self, tokenizer, gen_length: int, keep: int):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.config = type("Config", (), {"mask_token_id": tokenizer.mask_token_id})()
+        self.token_a = tokenizer("a", add_special_tokens=False)["input_ids"][0]
+        self.eos, self.vocab = tokenizer.eos_token_id, len(tokenizer)
+        self.gen_length, self.keep = gen_length, keep
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        first_gen = input_ids.shape[1] - self.gen_length
+        logits[:, first_gen : first_gen + self.keep, self.token_a] = 9.0
+        logits[:, first_gen + self.keep :, self.eos] = 9.0
+        return logits
+
+
+def test_completions_are_cut_at_the_stop_token():
+    from pipeline.models import load_model
+
+    _, tokenizer = load_model("micro")
+    model = ForcedModel(tokenizer, gen_length=8, keep=3)
+    results = complete(model, tokenizer, ["hi", "a longer prompt here"], gen_length=8, block_length=4, steps=8)
+    for r in results:
+        assert (r["completion"], r["completion_tokens"], r["stopped"]) == ("aaa", 3, True)
+    full = complete(ForcedModel(tokenizer, 8, 8), tokenizer, ["hi"], gen_length=8, block_length=4, steps=8)
+    assert (full[0]["completion"], full[0]["stopped"]) == ("a" * 8, False)
+
+
+def test_no_chat_template_tokenizer_is_a_clear_error():
+    from pipeline.models import load_model
+
+    _, tokenizer = load_model("micro")
+    tokenizer.chat_template = None
+    with pytest.raises(UserError, match="no chat template"):
+        complete(ForcedModel(tokenizer, 4, 4), tokenizer, ["hi"], gen_length=4, block_length=4, steps=4)
+    plain = complete(ForcedModel(tokenizer, 4, 4), tokenizer, ["hi"], gen_length=4, block_length=4, steps=4,
+                     chat_template=False)
+    assert plain[0]["completion"] == "aaaa"
+
+
+def test_prompt_seed_is_stable_and_distinct():
+    assert prompt_seed(0, 1) == prompt_seed(0, 1)
+    assert len({prompt_seed(s, i) for s in range(3) for i in range(50)}) == 150
+    assert all(0 <= prompt_seed(5, i) < 2**63 for i in range(10))
