@@ -11,55 +11,45 @@ import pytest
 import torch
 
 from pipeline import diffusion
+from pipeline.models import LLaDAConfig, LLaDAModelLM, score_tokens
 from pipeline.diffusion import MaskSet, ScoreRequest, elbo_terms, mask_seed, plan_batches, sample_masks
 
 MASK_ID = 1
 PAD_ID = 0
-VOCAB = 24
+VOCAB = 24  # ids 0 pad, 1 mask, 2 eos
 
-# --- a tiny model satisfying the models contract -----------------------------
+# --- tiny models ---------------------------------------------------------------
 
 
-def _make_model(seed: int = 0, sharpen: float = 4.0):
-    """A tiny model from the models package if present, sharpened so S(M) depends on which positions are masked."""
-    torch.manual_seed(seed)
-    model = _ToyBidirectional(VOCAB, hidden=32, layers=2, heads=4)
+def _make_model(seed: int = 0, sharpen: float = 30.0):
+    """A tiny native LLaDA (2 layers, d_model 32), head sharpened so S(M) depends on which positions are masked."""
+    config = LLaDAConfig(
+        d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64, vocab_size=VOCAB,
+        embedding_size=VOCAB, max_sequence_length=128, mask_token_id=MASK_ID, eos_token_id=2, pad_token_id=PAD_ID,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LLaDAModelLM(config)
     with torch.no_grad():
-        # Random init gives near-uniform predictions (S(M) ~ -|M| log V regardless of
-        # the positions); a larger head makes S(M) position- and context-dependent.
+        # Random init gives near-uniform predictions (S(M) ~ -|M| log V whatever the
+        # positions); a larger head makes S(M) position- and context-dependent.
         model.get_output_embeddings().weight.mul_(sharpen)
     return model.eval()
 
 
-class _Cfg:
-    mask_token_id = MASK_ID
+class _ShiftedToy(torch.nn.Module):
+    """A Dream-style model (position i predicts token i+1): bidirectional attention, key-padding mask."""
 
+    logits_shift = True
 
-class _ToyBidirectional(torch.nn.Module):
-    """2-layer bidirectional transformer with a key-padding mask (the contract's surface only)."""
-
-    logits_shift = False
-
-    def __init__(self, vocab: int, hidden: int, layers: int, heads: int, max_len: int = 64):
+    def __init__(self, vocab: int = VOCAB, hidden: int = 32, heads: int = 4, max_len: int = 64):
         super().__init__()
-        self.config = _Cfg()
+        self.config = type("Cfg", (), {"mask_token_id": MASK_ID})()
         self.heads = heads
         self.wte = torch.nn.Embedding(vocab, hidden)
         self.wpe = torch.nn.Embedding(max_len, hidden)
-        self.blocks = torch.nn.ModuleList(
-            torch.nn.ModuleDict(
-                {
-                    "n1": torch.nn.LayerNorm(hidden),
-                    "qkv": torch.nn.Linear(hidden, 3 * hidden),
-                    "out": torch.nn.Linear(hidden, hidden),
-                    "n2": torch.nn.LayerNorm(hidden),
-                    "ff": torch.nn.Sequential(
-                        torch.nn.Linear(hidden, 2 * hidden), torch.nn.GELU(), torch.nn.Linear(2 * hidden, hidden)
-                    ),
-                }
-            )
-            for _ in range(layers)
-        )
+        self.qkv = torch.nn.Linear(hidden, 3 * hidden)
+        self.out = torch.nn.Linear(hidden, hidden)
         self.ln_f = torch.nn.LayerNorm(hidden)
         self.head = torch.nn.Linear(hidden, vocab, bias=False)
 
@@ -68,44 +58,14 @@ class _ToyBidirectional(torch.nn.Module):
 
     def final_hidden(self, input_ids, attention_mask=None):
         b, s = input_ids.shape
-        x = self.wte(input_ids) + self.wpe(torch.arange(s, device=input_ids.device))[None]
-        bias = None
-        if attention_mask is not None:
-            bias = attention_mask[:, None, None, :].to(torch.bool)
-        for blk in self.blocks:
-            h = blk["n1"](x)
-            q, k, v = blk["qkv"](h).view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-            x = x + blk["out"](a.transpose(1, 2).reshape(b, s, -1))
-            x = x + blk["ff"](blk["n2"](x))
-        return self.ln_f(x)
+        x = self.wte(input_ids) + self.wpe(torch.arange(s))[None]
+        keep = None if attention_mask is None else attention_mask[:, None, None, :].bool()
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return self.ln_f(x + self.out(a.transpose(1, 2).reshape(b, s, -1)))
 
     def forward(self, input_ids, attention_mask=None):
-        class _Out:
-            pass
-
-        out = _Out()
-        out.logits = self.head(self.final_hidden(input_ids, attention_mask))
-        return out
-
-
-def _local_score_tokens(model, input_ids, attention_mask, index, targets, chunk_size=4096):
-    hidden = model.final_hidden(input_ids, attention_mask)
-    pos = index[:, 1] - (1 if model.logits_shift else 0)
-    h = hidden[index[:, 0], pos]
-    head = model.get_output_embeddings()
-    out = []
-    for start in range(0, h.shape[0], chunk_size):
-        lp = torch.log_softmax(head(h[start : start + chunk_size]).float(), dim=-1)
-        out.append(lp.gather(1, targets[start : start + chunk_size, None]).squeeze(1))
-    return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _scorer():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(diffusion, "_score_tokens", lambda: _local_score_tokens)
-        yield
+        return type("Out", (), {"logits": self.head(self.final_hidden(input_ids, attention_mask))})()
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +78,8 @@ def _naive_term(model, prompt, response, mask, weight):
     resp = torch.tensor(response)
     ids = torch.cat([torch.tensor(prompt, dtype=torch.long), torch.where(mask, MASK_ID, resp)])
     logits = model(ids[None]).logits[0].float()
-    lp = torch.log_softmax(logits, dim=-1)[len(prompt) :]
+    start = len(prompt) - (1 if getattr(model, "logits_shift", False) else 0)
+    lp = torch.log_softmax(logits, dim=-1)[start : start + len(response)]
     picked = lp.gather(1, resp[:, None]).squeeze(1)
     return float(weight) * picked[mask].double().sum()
 
@@ -287,7 +248,7 @@ def test_empty_masks_give_exact_zero_and_no_model_rows(model, monkeypatch):
 
     def spy(*args, **kwargs):
         seen.append(args[1].shape[0])
-        return _local_score_tokens(*args, **kwargs)
+        return score_tokens(*args, **kwargs)
 
     monkeypatch.setattr(diffusion, "_score_tokens", lambda: spy)
     masks = torch.tensor([[False, False, False], [True, False, True], [False, False, False]])
@@ -414,7 +375,7 @@ def test_prompt_never_masked_and_padding_excluded(model, monkeypatch):
 
     def spy(model_, input_ids, attention_mask, index, targets, chunk_size=4096):
         calls.append((input_ids.clone(), attention_mask.clone(), index.clone(), targets.clone()))
-        return _local_score_tokens(model_, input_ids, attention_mask, index, targets, chunk_size)
+        return score_tokens(model_, input_ids, attention_mask, index, targets, chunk_size)
 
     monkeypatch.setattr(diffusion, "_score_tokens", lambda: spy)
     prompt = [MASK_ID + 2, 3, 4]
@@ -511,3 +472,23 @@ def test_validation_errors():
     with pytest.raises(ValueError):
         sample_masks(4, 2, seed=1, scheme="l/L")
     assert isinstance(sample_masks(3, 2, seed=1), MaskSet) and len(sample_masks(3, 2, seed=1)) == 2
+
+
+def test_shifted_logits_model_matches_naive_and_is_batch_invariant():
+    # Dream-style models predict token i+1 at position i; score_tokens reads position-1.
+    torch.manual_seed(0)
+    shifted = _ShiftedToy().eval()
+    reqs = []
+    for seed, (plen, rlen) in enumerate([(3, 5), (1, 2), (6, 9)]):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, VOCAB, (plen + rlen,), generator=g).tolist()
+        m = sample_masks(rlen, 4, seed=seed)
+        reqs.append(ScoreRequest(ids[:plen], ids[plen:], m.masks, m.weights))
+    with torch.no_grad():
+        together = elbo_terms(shifted, reqs, mask_token_id=MASK_ID, pad_token_id=PAD_ID)
+        for req, terms in zip(reqs, together):
+            (alone,) = elbo_terms(shifted, [req], mask_token_id=MASK_ID, pad_token_id=PAD_ID)
+            naive = torch.stack([_naive_term(shifted, req.prompt_ids, req.response_ids, mk, w)
+                                 for mk, w in zip(req.masks, req.weights)])
+            assert torch.allclose(terms, alone, atol=1e-5, rtol=0)
+            assert torch.allclose(terms, naive, atol=1e-4, rtol=0)

@@ -3,37 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from pipeline.errors import UserError
+from pipeline.models import preset_tokenizer
 from pipeline.tokenize import TokenizedPair, tokenize_pair, truncate
-
-TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-    "{{ message['content'] | trim }}{{ '<|eot_id|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
 def tok():
-    specials = ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|eot_id|>", "<|start_header_id|>",
-                "<|end_header_id|>"]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(["What is 2 plus 3? The answer is 5. It is 6."] * 4, trainer)
-    t = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=specials[0], eos_token=specials[1],
-                                pad_token=specials[1], mask_token=specials[2])
-    t.add_special_tokens({"additional_special_tokens": specials[3:]})
-    t.chat_template = TEMPLATE
-    return t
+    # The tiny preset's tokenizer: byte-level BPE, LLaDA-Instruct specials and chat template.
+    return preset_tokenizer("tiny")
 
 
 def _enc(tok, text):
