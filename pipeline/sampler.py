@@ -102,7 +102,7 @@ def check_schedule(gen_length: int, block_length: int, steps: int) -> None:
 
 
 def _block_logits(
-    model: Any, input_ids: Tensor, attention_mask: Tensor, start: int, end: int, shift: bool
+    model: Any, input_ids: Tensor, attention_mask: Tensor | None, start: int, end: int, shift: bool
 ) -> Tensor:
     """Logits for positions [start, end) as float32 [B, end - start, V].
 
@@ -187,6 +187,11 @@ def generate(
         # The unconditional pass: real prompt tokens masked, padding stays padding.
         x_un_prompt = torch.where(prompt_attn.bool(), torch.full_like(prompt_ids, mask_token_id), prompt_ids)
 
+    # Without padding the mask is all ones: pass None so attention can take its
+    # unmasked fast path (flash kernels on GPU).
+    if bool(attn.all()):
+        attn = None
+
     if isinstance(generator, torch.Generator) or generator is None:
         shared_gen = generator if generator is not None else torch.Generator(device=device).manual_seed(0)
         row_gens = None
@@ -207,7 +212,8 @@ def generate(
                 continue  # nothing to commit anywhere: the forward pass would be wasted
             if cfg_scale > 0:
                 x_un = torch.cat([x_un_prompt, x[:, width:]], 1)
-                both = _block_logits(model, torch.cat([x, x_un]), torch.cat([attn, attn]), start, end, shift)
+                both_attn = None if attn is None else torch.cat([attn, attn])
+                both = _block_logits(model, torch.cat([x, x_un]), both_attn, start, end, shift)
                 cond, un = both[:batch], both[batch:]
                 logits = un + (cfg_scale + 1.0) * (cond - un)
             else:

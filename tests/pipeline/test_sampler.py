@@ -12,6 +12,10 @@ MASK = 11
 PAD = 10
 
 
+def _ones_if_none(input_ids, attention_mask):
+    return torch.ones_like(input_ids) if attention_mask is None else attention_mask
+
+
 def _offsets(attention_mask: torch.Tensor) -> torch.Tensor:
     """Each position's offset from the row's first real token (left padding)."""
     pads = (attention_mask == 0).sum(1)
@@ -31,6 +35,7 @@ class TableModel:
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __call__(self, input_ids, attention_mask=None):
+        attention_mask = _ones_if_none(input_ids, attention_mask)
         self.calls.append((input_ids.clone(), attention_mask.clone()))
         off = _offsets(attention_mask).clamp(min=0) % len(self.tokens)
         logits = torch.zeros(*input_ids.shape, V)
@@ -46,6 +51,7 @@ class ContentModel:
 
     def __call__(self, input_ids, attention_mask=None):
         self.calls += 1
+        attention_mask = _ones_if_none(input_ids, attention_mask)
         real = (attention_mask == 1) & (input_ids != MASK)
         total = (input_ids * real).sum(1, keepdim=True)
         off = _offsets(attention_mask).clamp(min=0)
@@ -217,7 +223,7 @@ def test_classifier_free_guidance_combines_conditional_and_unconditional():
     seen = []
 
     def model(input_ids, attention_mask=None):
-        seen.append((input_ids.clone(), attention_mask.clone()))
+        seen.append((input_ids.clone(), attention_mask.clone()))  # padded batch: the mask is passed
         logits = torch.zeros(*input_ids.shape, V)
         real = attention_mask[:, :3] == 1
         prompt_masked = ((input_ids[:, :3] == MASK) | ~real).all(1)
@@ -269,6 +275,7 @@ class HeadModel(torch.nn.Module):
         self.head.register_forward_hook(lambda m, i, o: self.head_rows.append(i[0].shape[1]))
 
     def final_hidden(self, input_ids, attention_mask=None):
+        attention_mask = _ones_if_none(input_ids, attention_mask)
         h = self.emb(input_ids)
         w = attention_mask[..., None].float()
         pooled = (h * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)
@@ -314,3 +321,54 @@ def test_bad_remasking_name():
 def test_empty_batch():
     out = generate(flat_model, [], mask_token_id=MASK, pad_token_id=PAD, gen_length=4, block_length=4, steps=4)
     assert out.shape == (0, 4)
+
+
+def test_unpadded_batches_pass_no_attention_mask():
+    masks = []
+
+    def model(input_ids, attention_mask=None):
+        masks.append(attention_mask)
+        return flat_model(input_ids)
+
+    kwargs = dict(mask_token_id=MASK, pad_token_id=PAD, gen_length=2, block_length=2, steps=1)
+    generate(model, [[1, 2], [3, 4]], **kwargs)
+    generate(model, [[1, 2], [3]], **kwargs)
+    assert masks[0] is None and masks[1].tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+
+
+# --- the real (micro) LLaDA ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def micro():
+    from pipeline.models import load_model
+
+    return load_model("micro")
+
+
+def test_real_model_batch_equals_solo_and_head_path_equals_forward(micro):
+    model, tokenizer = micro
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"]
+               for t in ["What is 12 plus 30?", "Hi", "Please write a short poem about the sea."]]
+    assert len({len(p) for p in prompts}) == 3
+    kwargs = dict(mask_token_id=model.config.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+                  gen_length=8, block_length=4, steps=8)
+    batched = generate(model, prompts, **kwargs)
+    for row, prompt in enumerate(prompts):
+        assert generate(model, [prompt], **kwargs)[0].tolist() == batched[row].tolist()
+    full = generate(lambda ids, attention_mask=None: model(ids, attention_mask=attention_mask).logits, prompts, **kwargs)
+    assert full.tolist() == batched.tolist()
+    assert not (batched == model.config.mask_token_id).any()
+
+
+def test_real_model_guidance_and_sampling_run(micro):
+    model, tokenizer = micro
+    prompt = [tokenizer("What is 12 plus 30?", add_special_tokens=False)["input_ids"]]
+    kwargs = dict(mask_token_id=model.config.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+                  gen_length=8, block_length=8, steps=4)
+    greedy = generate(model, prompt, **kwargs)
+    guided = generate(model, prompt, cfg_scale=2.0, **kwargs)
+    hot = [generate(model, prompt, temperature=5.0, generator=torch.Generator().manual_seed(s), **kwargs) for s in range(3)]
+    for out in [greedy, guided, *hot]:
+        assert out.shape == (1, 8) and not (out == model.config.mask_token_id).any()
+    assert len({tuple(h[0].tolist()) for h in hot}) > 1
