@@ -1,0 +1,78 @@
+"""score_tokens: the masked-only head equals full logits, in value and gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.models import build_preset, score_tokens
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_preset("micro")
+
+
+def _inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(6, 512, (3, 14), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[2, 4:] = 0
+    index = torch.tensor([[0, 0], [0, 13], [1, 2], [1, 8], [2, 3], [0, 5], [2, 1]])
+    targets = torch.randint(0, 512, (7,), generator=gen)
+    return ids, mask, index, targets
+
+
+def test_equals_full_log_softmax(model):
+    ids, mask, index, targets = _inputs()
+    with torch.no_grad():
+        got = score_tokens(model, ids, mask, index, targets)
+        full = torch.log_softmax(model(ids, attention_mask=mask).logits.float(), -1)
+    assert got.dtype == torch.float32 and got.shape == (7,)
+    torch.testing.assert_close(got, full[index[:, 0], index[:, 1], targets], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4096])
+def test_chunking_does_not_change_values(model, chunk_size):
+    ids, mask, index, targets = _inputs(1)
+    with torch.no_grad():
+        ref = score_tokens(model, ids, mask, index, targets, chunk_size=4096)
+        got = score_tokens(model, ids, mask, index, targets, chunk_size=chunk_size)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+
+
+def test_gradients_equal_full_logits_path():
+    ids, mask, index, targets = _inputs(2)
+    grads = []
+    for path in ("score", "full"):
+        model = build_preset("micro").train()
+        if path == "score":
+            value = score_tokens(model, ids, mask, index, targets, chunk_size=2)
+        else:
+            logp = torch.log_softmax(model(ids, attention_mask=mask).logits.float(), -1)
+            value = logp[index[:, 0], index[:, 1], targets]
+        (value * torch.arange(1.0, 8.0)).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        scale = grads[1][name].abs().max().item()
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6 * max(scale, 1.0), rtol=1e-5, msg=name)
+
+
+def test_bf16_model_scores_in_float32():
+    model = build_preset("micro", dtype="bfloat16")
+    ids, mask, index, targets = _inputs(3)
+    with torch.no_grad():
+        got = score_tokens(model, ids, mask, index, targets)
+        full = torch.log_softmax(model(ids, attention_mask=mask).logits.float(), -1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, full[index[:, 0], index[:, 1], targets], atol=1e-4, rtol=1e-4)
+
+
+def test_empty_and_bad_shapes(model):
+    ids, mask, _, _ = _inputs()
+    with torch.no_grad():
+        empty = score_tokens(model, ids, mask, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    assert empty.shape == (0,) and empty.dtype == torch.float32
+    with pytest.raises(ValueError, match="index"):
+        score_tokens(model, ids, mask, torch.tensor([1, 2]), torch.tensor([3, 4]))
