@@ -120,11 +120,18 @@ class ScoreRefResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+def process_state(device: str = "auto"):
+    """accelerate's process state; on a machine without CUDA, processes started by
+    ``accelerate launch``/``torchrun`` join as CPU workers (gloo) instead of each
+    believing it is alone."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        from accelerate import PartialState
-
-        return PartialState().device
+        return process_state(device).device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{device}' requested but CUDA is not available")
     return torch.device(device)
@@ -264,13 +271,11 @@ def plan_parts(lengths: list[int], pair_ids: list[str], pairs_per_part: int) -> 
 
 
 def run(cfg: ScoreRefConfig) -> ScoreRefResult:
-    from accelerate import PartialState
-
     from pipeline.models import load_model, model_identity, tokenizer_identity
     from pipeline.tokenize import tokenize_pair
 
     start = time.perf_counter()
-    state = PartialState()
+    state = process_state(cfg.device)
     is_main = state.is_main_process
     table = read_pairs(cfg.pairs)
     if cfg.limit:
@@ -334,7 +339,8 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
     seen = stats["real_tokens"] + stats["padded_tokens"]
     padding = stats["padded_tokens"] / seen if seen else 0.0
     if state.num_processes > 1:
-        padding = _mean_across_processes(padding, state)
+        padding = _across_processes(padding, state) / state.num_processes
+        scored = int(_across_processes(scored, state))
     if is_main:
         manifest = {
             "fingerprint": fingerprint,
@@ -364,14 +370,15 @@ def _totals(out: Path, done: dict[int, Path], cfg: ScoreRefConfig) -> dict[str, 
     return {"pairs": pairs, "tokens": tokens}
 
 
-def _mean_across_processes(value: float, state) -> float:
+def _across_processes(value: float, state) -> float:
+    """Sum of ``value`` over processes (gloo or nccl)."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=state.device)
     dist.all_reduce(t)
-    return float(t.item() / state.num_processes)
+    return float(t.item())
 
 
 def command(
@@ -407,9 +414,7 @@ def command(
     if cfg is None:
         return
     result = run(cfg)
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
+    if not process_state(cfg.device).is_main_process:
         return
     data = summary_dict(result)
     data.pop("details", None)

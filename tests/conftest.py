@@ -1,0 +1,48 @@
+"""Shared fixtures: a small preference set, ingested, and a reference cache scored with the `micro` preset."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def write_arithmetic_pairs(path: Path, n: int, seed: int = 0) -> Path:
+    """Short synthetic pairs: a correct sum is chosen, an off-by-some sum rejected."""
+    rng = random.Random(seed)
+    with path.open("w") as fh:
+        for _ in range(n):
+            a, b = rng.randint(1, 60), rng.randint(1, 60)
+            wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
+            fh.write(json.dumps({"prompt": f"What is {a} + {b}?",
+                                 "chosen": f"{a} + {b} = {a + b}. #### {a + b}",
+                                 "rejected": f"{a} + {b} = {wrong}. #### {wrong}"}) + "\n")
+    return path
+
+
+def ingest_pairs(tmp: Path, n: int = 12, eval_fraction: float = 0.25, seed: int = 0) -> Path:
+    from stages.ingest import IngestConfig, run
+
+    src = write_arithmetic_pairs(tmp / "pairs.jsonl", n, seed)
+    out = tmp / "pairs.arrow"
+    run(IngestConfig(inputs=[str(src)], out=str(out), eval_fraction=eval_fraction, progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_pairs(tmp_path_factory) -> Path:
+    return ingest_pairs(tmp_path_factory.mktemp("pairs"), n=12)
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory, small_pairs) -> Path:
+    from stages.score_ref import ScoreRefConfig, run
+
+    out = tmp_path_factory.mktemp("cache") / "scores"
+    run(ScoreRefConfig(pairs=small_pairs, model="micro", out=out, samples=3, draws=2, pairs_per_part=4,
+                       device="cpu", progress=False))
+    return out
