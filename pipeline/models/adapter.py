@@ -68,6 +68,18 @@ def adapt(model: nn.Module, *, mask_token_id: int | None, logits_shift: bool | N
     return model
 
 
+def pretrained_kwargs(dtype: torch.dtype, device) -> dict:
+    """``from_pretrained`` arguments: safetensors only, dtype, and direct-to-device loading off CPU."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    # transformers 5 renamed torch_dtype to dtype.
+    kwargs = {"dtype" if major >= 5 else "torch_dtype": dtype, "use_safetensors": True}
+    if torch.device(device).type != "cpu":
+        kwargs["device_map"] = {"": str(device)}  # stream shards straight to the device
+    return kwargs
+
+
 def load_adapter_model(path, *, dtype, device, trust_remote_code: bool, mask_token_id=None, logits_shift=None):
     """Load a non-LLaDA folder: AutoModelForMaskedLM when the architecture has one, else AutoModel."""
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
@@ -77,9 +89,8 @@ def load_adapter_model(path, *, dtype, device, trust_remote_code: bool, mask_tok
     except ValueError as exc:
         hint = "" if trust_remote_code else " (custom code needs --trust-remote-code)"
         raise UserError(f"{path}: cannot read config.json: {str(exc).splitlines()[0]}{hint}") from None
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
-    if torch.device(device).type != "cpu":
-        kwargs["device_map"] = {"": str(device)}
+    kwargs = pretrained_kwargs(dtype, device)
+    kwargs["trust_remote_code"] = trust_remote_code
     auto_map = getattr(config, "auto_map", None) or {}
     mlm_known = type(config) in AutoModelForMaskedLM._model_mapping or "AutoModelForMaskedLM" in auto_map
     loader = AutoModelForMaskedLM if mlm_known else AutoModel

@@ -156,6 +156,9 @@ class LLaDAConfig(PretrainedConfig):
             "weight_tying": self.weight_tying,
             "rope=false": not self.rope,
         }
+        for name in ("attention_dropout", "residual_dropout", "embedding_dropout"):
+            if getattr(self, name, 0.0):  # LLaDA trains without dropout; silently ignoring one would be wrong
+                unsupported[f"{name}={getattr(self, name)}"] = True
         bad = [name for name, on in unsupported.items() if on]
         if bad:
             raise ValueError(f"LLaDA config option(s) not supported by the native model: {', '.join(bad)}")
@@ -313,6 +316,16 @@ class LLaDAModelLM(PreTrainedModel):
             gradient_checkpointing_kwargs = {"use_reentrant": False}
         return super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        # Read by peft; transformers 5 deprecates the inherited name with a warning.
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.model.transformer.blocks)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Write LLaDA's layout; keep ``auto_map`` only together with the remote-code files it names."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        _carry_remote_code(self.config, save_directory)
+
     # -- forward ---------------------------------------------------------------
     def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states after ln_f, [B, S, d_model]; the LM head is not applied."""
@@ -349,6 +362,40 @@ def _key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | Non
     # instead — its outputs are padding and never read.
     keep = keep | ~keep.any(dim=-1, keepdim=True)
     return keep[:, None, None, :]
+
+
+def _carry_remote_code(config: LLaDAConfig, save_directory) -> None:
+    """A checkpoint loaded from the LLaDA release keeps its ``auto_map``; copy the .py files it names.
+
+    Then the saved folder still loads with the published code (``trust_remote_code``)
+    as well as with this class.  Without those files ``auto_map`` would point
+    at nothing, so it is dropped from the saved config.json.
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    target = Path(save_directory)
+    config_file = target / "config.json"
+    if not config_file.is_file():
+        return
+    data = json.loads(config_file.read_text(encoding="utf-8"))
+    auto_map = data.get("auto_map")
+    if not auto_map:
+        return
+    source = Path(str(getattr(config, "_name_or_path", "") or ""))
+    modules = {ref.split(".")[0] + ".py" for ref in auto_map.values() if isinstance(ref, str) and "." in ref}
+    complete = True
+    for name in modules:
+        if (target / name).is_file():
+            continue
+        if source.is_dir() and (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+        else:
+            complete = False
+    if not complete:
+        data.pop("auto_map")
+        config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def count_parameters(config: LLaDAConfig) -> int:

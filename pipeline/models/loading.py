@@ -80,13 +80,11 @@ def load_model(
 
 
 def _load_llada(path: Path, dtype: torch.dtype, device):
+    from pipeline.models.adapter import pretrained_kwargs
     from pipeline.models.llada import LLaDAModelLM
 
-    kwargs = dict(dtype=dtype, use_safetensors=True)
-    if torch.device(device).type != "cpu":
-        kwargs["device_map"] = {"": str(device)}  # stream shards straight to the device
     try:
-        model = LLaDAModelLM.from_pretrained(path, **kwargs)
+        model = LLaDAModelLM.from_pretrained(path, **pretrained_kwargs(dtype, device))
     except ValueError as exc:
         raise UserError(f"{path}: cannot load LLaDA checkpoint: {str(exc).splitlines()[0]}") from None
     return model.eval()

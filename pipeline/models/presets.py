@@ -96,7 +96,9 @@ def build_preset(name: str, device="cpu", dtype="float32", seed: int | None = No
     torch_dtype = _torch_dtype(dtype)
     device = torch.device(device)
     seed = preset.seed if seed is None else seed
-    fork_devices = [device] if device.type == "cuda" else []
+    fork_devices = []
+    if device.type == "cuda":
+        fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=fork_devices), _default_dtype(torch_dtype), device:
         torch.manual_seed(seed)
         if device.type == "cuda":

@@ -246,6 +246,23 @@ def test_llada_release_layout_sharded_loads_without_remote_code(tmp_path):
     original = json.loads((tmp_path / "config.json").read_text())
     for key in set(original) - {"auto_map", "transformers_version"}:
         assert saved_cfg[key] == original[key], key
+    # The release's remote-code files are absent here, so auto_map (pointing at them) is dropped.
+    assert "auto_map" not in saved_cfg
+
+
+def test_resave_keeps_remote_code_files_with_auto_map(tmp_path):
+    src = tmp_path / "release"
+    src.mkdir()
+    _write_llada_layout(src, random_model(), n_shards=2)
+    for name in ("configuration_llada.py", "modeling_llada.py"):
+        (src / name).write_text(f"# stand-in for the published {name}\n")
+    loaded, _ = load_model(src)
+    out = tmp_path / "out"
+    loaded.save_pretrained(out)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["auto_map"]["AutoModel"] == "modeling_llada.LLaDAModelLM"
+    assert (out / "modeling_llada.py").read_text() == (src / "modeling_llada.py").read_text()
+    assert (out / "configuration_llada.py").is_file()
 
 
 def test_peft_lora_targets_blocks_not_head():
@@ -283,11 +300,37 @@ def test_peft_lora_targets_blocks_not_head():
     assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
 
 
+def test_lora_with_gradient_checkpointing_same_gradients():
+    peft = pytest.importorskip("peft")
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        lora = peft.get_peft_model(
+            random_model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGET_MODULES, init_lora_weights=False)
+        )
+        lora.train()
+        if checkpointing:
+            lora.gradient_checkpointing_enable()
+            assert lora.base_model.model.model.transformer.blocks[0].gradient_checkpointing
+        value = score_tokens(lora, ids, mask, torch.tensor([[0, 2], [1, 6]]), torch.tensor([3, 4]))
+        value.sum().backward()
+        grads.append({n: p.grad.clone() for n, p in lora.named_parameters() if p.requires_grad})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
+        assert grads[0][name].abs().sum() > 0, name
+
+
 def test_unsupported_options_are_refused():
     with pytest.raises(ValueError, match="weight_tying"):
         LLaDAModelLM(small_config(weight_tying=True))
     with pytest.raises(ValueError, match="n_kv_heads"):
         LLaDAModelLM(small_config(n_heads=4, n_kv_heads=3))
+    with pytest.raises(ValueError, match="residual_dropout"):
+        LLaDAModelLM(small_config(residual_dropout=0.1))
 
 
 def test_fully_padded_row_is_finite():
