@@ -133,7 +133,9 @@ def read_prompts(path: str | Path, prompt_field: str | None = None) -> list[Prom
     path = Path(path)
     if not str(path) or not path.exists():
         raise UserError(f"{path}: prompts file not found")
-    if path.suffix in (".arrow", ".ipc", ".feather"):
+    with path.open("rb") as f:
+        is_arrow = f.read(6) == b"ARROW1"  # the Arrow IPC file magic, whatever the suffix
+    if is_arrow:
         rows = _arrow_rows(path)
         items = ((f"{path}:row {i}", row) for i, row in enumerate(rows))
     else:
@@ -248,6 +250,14 @@ def complete(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(tokenizer)
     encoded = [render_prompt(tokenizer, p, chat_template, f"prompt {i}") for p, i in zip(prompts, indices)]
+    limit = getattr(getattr(model, "config", None), "max_sequence_length", None)
+    if isinstance(limit, int):
+        for ids, i in zip(encoded, indices):
+            if len(ids) + gen_length > limit:
+                raise UserError(
+                    f"prompt {i}: {len(ids)} tokens + gen_length {gen_length} exceed the model's "
+                    f"max_sequence_length {limit}"
+                )
     # Longest first, so each batch holds similar lengths (little padding) and
     # an out-of-memory shows up in the first batch.
     order = sorted(range(len(prompts)), key=lambda j: -len(encoded[j]))

@@ -137,7 +137,7 @@ def test_pairs_arrow_input_uses_prompt_messages(tmp_path):
             "prompt_messages": pa.array([None, [{"role": "user", "content": "hi"}]], type=messages),
         }
     )
-    path = tmp_path / "pairs.arrow"
+    path = tmp_path / "pairs.data"  # recognised by its magic bytes, not its suffix
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     records = read_prompts(path)
@@ -202,6 +202,12 @@ def test_no_chat_template_tokenizer_is_a_clear_error():
     plain = complete(ForcedModel(tokenizer, 4, 4), tokenizer, ["hi"], gen_length=4, block_length=4, steps=4,
                      chat_template=False)
     assert plain[0]["completion"] == "aaaa"
+
+
+def test_too_long_prompt_is_a_clear_error(tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "word " * 600}])
+    with pytest.raises(UserError, match=r"prompt 0: \d+ tokens \+ gen_length 8 exceed the model's max_sequence_length 1024"):
+        run(GenerateConfig(**FAST, prompts=str(prompts), out=str(tmp_path / "o.jsonl")))
 
 
 def test_prompt_seed_is_stable_and_distinct():
