@@ -68,8 +68,8 @@ def adapt(model: nn.Module, *, mask_token_id: int | None, logits_shift: bool | N
     return model
 
 
-def pretrained_kwargs(dtype: torch.dtype, device) -> dict:
-    """``from_pretrained`` arguments: safetensors only, dtype, and direct-to-device loading off CPU."""
+def pretrained_kwargs(dtype: torch.dtype, device, load_in_4bit: bool = False, skip_modules=None) -> dict:
+    """``from_pretrained`` arguments: safetensors only, dtype, direct-to-device loading off CPU, NF4 on request."""
     import transformers
 
     major = int(transformers.__version__.split(".")[0])
@@ -77,10 +77,24 @@ def pretrained_kwargs(dtype: torch.dtype, device) -> dict:
     kwargs = {"dtype" if major >= 5 else "torch_dtype": dtype, "use_safetensors": True}
     if torch.device(device).type != "cpu":
         kwargs["device_map"] = {"": str(device)}  # stream shards straight to the device
+    if load_in_4bit:
+        if torch.device(device).type != "cuda":
+            raise UserError(f"4-bit loading needs a CUDA device (bitsandbytes kernels), not {device}")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("4-bit loading needs bitsandbytes: pip install 'lldm-dpo[quant]'") from None
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True, llm_int8_skip_modules=skip_modules,
+        )
     return kwargs
 
 
-def load_adapter_model(path, *, dtype, device, trust_remote_code: bool, mask_token_id=None, logits_shift=None):
+def load_adapter_model(path, *, dtype, device, trust_remote_code: bool, mask_token_id=None, logits_shift=None,
+                       load_in_4bit: bool = False):
     """Load a non-LLaDA folder: AutoModelForMaskedLM when the architecture has one, else AutoModel."""
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
@@ -89,7 +103,7 @@ def load_adapter_model(path, *, dtype, device, trust_remote_code: bool, mask_tok
     except ValueError as exc:
         hint = "" if trust_remote_code else " (custom code needs --trust-remote-code)"
         raise UserError(f"{path}: cannot read config.json: {str(exc).splitlines()[0]}{hint}") from None
-    kwargs = pretrained_kwargs(dtype, device)
+    kwargs = pretrained_kwargs(dtype, device, load_in_4bit)
     kwargs["trust_remote_code"] = trust_remote_code
     auto_map = getattr(config, "auto_map", None) or {}
     mlm_known = type(config) in AutoModelForMaskedLM._model_mapping or "AutoModelForMaskedLM" in auto_map

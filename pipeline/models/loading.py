@@ -34,15 +34,21 @@ def load_model(
     trust_remote_code: bool = False,
     mask_token_id: int | None = None,
     logits_shift: bool | None = None,
+    load_in_4bit: bool = False,
 ):
     """Return ``(model, tokenizer)`` in eval mode on ``device`` in ``dtype``.
 
     ``mask_token_id`` / ``logits_shift`` override what an adapter model's
     config says (native LLaDA: mask id from config.json, never shifted).
+    ``load_in_4bit`` (QLoRA; CUDA + bitsandbytes) quantizes a folder's linear
+    layers to NF4 at load time, computing in ``dtype``; the LM head stays unquantized.
     """
     torch_dtype = _torch_dtype(dtype)
     name = str(name_or_path)
     if name in PRESETS and not Path(name).is_dir():
+        if load_in_4bit:
+            raise UserError(f"4-bit loading reads a checkpoint folder: write the preset first "
+                            f"(lldm-dpo init-model {name} DIR) and load DIR")
         return build_preset(name, device=device, dtype=torch_dtype), preset_tokenizer(name)
     path = Path(name).expanduser()
     if not path.is_dir():
@@ -65,7 +71,7 @@ def load_model(
     _require_safetensors(path)
     tokenizer = _load_tokenizer(path, trust_remote_code)
     if config.get("model_type") == "llada":
-        model = _load_llada(path, torch_dtype, device)
+        model = _load_llada(path, torch_dtype, device, load_in_4bit)
     else:
         from pipeline.models.adapter import load_adapter_model
 
@@ -73,18 +79,20 @@ def load_model(
             mask_token_id = tokenizer.mask_token_id
         model = load_adapter_model(
             path, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code,
-            mask_token_id=mask_token_id, logits_shift=logits_shift,
+            mask_token_id=mask_token_id, logits_shift=logits_shift, load_in_4bit=load_in_4bit,
         )
     _complete_tokenizer(tokenizer, model.config, path)
     return model, tokenizer
 
 
-def _load_llada(path: Path, dtype: torch.dtype, device):
+def _load_llada(path: Path, dtype: torch.dtype, device, load_in_4bit: bool = False):
     from pipeline.models.adapter import pretrained_kwargs
     from pipeline.models.llada import LLaDAModelLM
 
+    # LLaDA's head is "ff_out" like every block's down projection: name it by its full path.
+    kwargs = pretrained_kwargs(dtype, device, load_in_4bit, skip_modules=["model.transformer.ff_out"])
     try:
-        model = LLaDAModelLM.from_pretrained(path, **pretrained_kwargs(dtype, device))
+        model = LLaDAModelLM.from_pretrained(path, **kwargs)
     except ValueError as exc:
         raise UserError(f"{path}: cannot load LLaDA checkpoint: {str(exc).splitlines()[0]}") from None
     return model.eval()

@@ -134,3 +134,10 @@ def test_loaded_folder_runs_on_requested_dtype(micro_dir):
     with torch.no_grad():
         out = model(ids, attention_mask=torch.ones_like(ids)).logits
     assert out.dtype == torch.bfloat16 and out.shape == (1, ids.shape[1], model.config.embedding_size)
+
+
+def test_4bit_needs_a_folder_and_cuda(micro_dir):
+    with pytest.raises(UserError, match="init-model"):
+        load_model("micro", load_in_4bit=True)
+    with pytest.raises(UserError, match="CUDA"):
+        load_model(micro_dir, load_in_4bit=True, device="cpu")

@@ -38,7 +38,12 @@ def test_tiny_is_a_few_million_and_deterministic():
 
 
 def test_llada_8b_shape_on_meta_has_exact_count_and_no_memory():
+    import resource
+
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     model = build_preset("llada-8b-shape", device="meta", dtype="bfloat16")
+    # 16 GB of bf16 weights would move the process's peak; a meta build must not.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 512 * 1024
     params = list(model.parameters())
     assert sum(p.numel() for p in params) == LLADA_8B_PARAMETERS
     assert all(p.device.type == "meta" for p in params)
