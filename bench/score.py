@@ -1,0 +1,295 @@
+"""Score throughput: the batched masked-only ELBO estimator vs LLaDA's published per-pair procedure.
+
+Both estimate the same ELBO of the same GSM8K pairs (prompt = question as a chat
+turn, chosen = the reference solution, rejected = an incorrect model solution),
+with the same model and the same n Monte Carlo samples per response.
+
+- ours: ``pipeline.diffusion``: seeded stratified masks, every (pair, side,
+  sample) row of all pairs in length-sorted padded batches under a token
+  budget, padding masked out of attention, the LM head applied to masked
+  positions only, log-softmax in chunks.
+- LLaDA (re-implemented from the description in shared/reference/llada.md):
+  one response per call, its n samples as one mini-batch of copies of
+  prompt + response, one random start k in 1..L with row j masking
+  round(k + j L / n) wrapped into 1..L tokens at randomly permuted positions,
+  full-vocabulary logits at every position, no attention mask, cross-entropy
+  on the masked positions divided by (mask count / L).
+
+Prints pairs/s and tokens/s of both and the speed ratio, the achieved FLOP/s of
+each against this device's measured matmul FLOP/s, and the variance ratio of the
+estimated B_policy - B_ref margin with shared masks against independent masks,
+for a policy that is the model plus a small random weight perturbation.
+
+CPU:  python bench/score.py                        (tiny body, LLaDA's 126,464 vocabulary)
+GPU:  python bench/score.py --preset llada-8b-shape --dtype bfloat16 --pairs 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.diffusion import ScoreRequest, elbo_terms, mask_seed, sample_masks
+from pipeline.models import LLaDAModelLM, build_preset, preset_tokenizer
+from pipeline.models.presets import preset_config
+from pipeline.tokenize import tokenize_pair
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"
+RESULTS = REPO / "bench" / "RESULTS.md"
+LLADA_VOCAB = 126464
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny", help="model preset (tiny, micro, llada-8b-shape)")
+    p.add_argument("--vocab-size", type=int, default=LLADA_VOCAB,
+                   help="override the preset's vocabulary (default LLaDA's 126464; 0 keeps the preset's own)")
+    p.add_argument("--pairs", type=int, default=8, help="GSM8K pairs to score")
+    p.add_argument("--samples", type=int, default=8, help="Monte Carlo samples n per response")
+    p.add_argument("--min-len", type=int, default=64, help="shortest response (tokens) to keep")
+    p.add_argument("--max-len", type=int, default=256, help="longest response (tokens) to keep")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="padded tokens per forward pass for ours (default 8192 on CPU, 32768 on GPU)")
+    p.add_argument("--chunk-size", type=int, default=4096, help="rows per log-softmax chunk (ours)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--perturb", type=float, default=0.01,
+                   help="policy = model + N(0, (perturb * std of each weight)^2) for the variance ratio")
+    p.add_argument("--no-variance", action="store_true", help="skip the shared-vs-independent masks variance ratio")
+    p.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    return p.parse_args(argv)
+
+
+# --- model and data ------------------------------------------------------------
+
+
+def build_model(preset: str, vocab: int, device: str, dtype: torch.dtype):
+    config = preset_config(preset)
+    if not vocab or vocab == config.padded_vocab_size:
+        return build_preset(preset, device=device, dtype=dtype)
+    config.vocab_size = config.embedding_size = vocab
+    previous = torch.get_default_dtype()
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.device(device):
+        torch.set_default_dtype(dtype)
+        try:
+            torch.manual_seed(0)
+            model = LLaDAModelLM(config)
+        finally:
+            torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def load_pairs(tokenizer, count: int, min_len: int, max_len: int):
+    if not DATA.exists():
+        sys.exit(f"error: {DATA} not found (the shared GSM8K data sits beside the repository)")
+    items = []
+    with DATA.open(encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            rec = json.loads(line)
+            wrong = [rec[k]["solution"] for k in ("6b_finetuning", "6b_verification", "175b_finetuning",
+                                                  "175b_verification") if not rec[k]["is_correct"]]
+            if not wrong:
+                continue
+            row = {
+                "pair_id": f"gsm8k-test-{line_no}",
+                "prompt_messages": [{"role": "user", "content": rec["question"]}],
+                "chosen_messages": [{"role": "assistant", "content": rec["ground_truth"]}],
+                "rejected_messages": [{"role": "assistant", "content": wrong[0]}],
+            }
+            tok = tokenize_pair(tokenizer, row, max_length=4096)
+            if all(min_len <= len(r) <= max_len for r in (tok.chosen_ids, tok.rejected_ids)):
+                items.append((row["pair_id"], tok))
+            if len(items) == count:
+                break
+    return items
+
+
+# --- the two estimators ----------------------------------------------------------
+
+
+def ours(model, items, n, seed, draw, batch_tokens, chunk_size):
+    cfg = model.config
+    requests = []
+    for pid, tok in items:
+        for side, resp in (("chosen", tok.chosen_ids), ("rejected", tok.rejected_ids)):
+            m = sample_masks(len(resp), n, mask_seed(seed, pid, side, draw))
+            requests.append(ScoreRequest(tok.prompt_ids, resp, m.masks, m.weights))
+    with torch.no_grad():
+        terms = elbo_terms(model, requests, mask_token_id=cfg.mask_token_id, pad_token_id=cfg.pad_token_id,
+                           batch_tokens=batch_tokens, chunk_size=chunk_size)
+    masked = sum(int(r.masks.sum()) for r in requests)
+    return torch.stack([t.cpu() for t in terms]).view(len(items), 2, n), masked
+
+
+def llada_log_likelihood(model, prompt, answer, mc_num, batch_size, mask_id, gen):
+    """LLaDA's per-pair procedure (see the module docstring); returns the ELBO and the per-sample terms."""
+    device = next(model.parameters()).device
+    seq = torch.tensor(prompt + answer, device=device)[None].repeat(batch_size, 1)
+    plen, length = len(prompt), len(answer)
+    terms = []
+    for _ in range(mc_num // batch_size):
+        k = int(torch.randint(1, length + 1, (), generator=gen))
+        counts = torch.round(torch.linspace(float(k), k + (batch_size - 1) * (length / batch_size), batch_size))
+        counts = ((counts.long() - 1) % length) + 1
+        answer_mask = torch.zeros(batch_size, length, dtype=torch.bool)
+        for j in range(batch_size):
+            answer_mask[j, torch.randperm(length, generator=gen)[: int(counts[j])]] = True
+        mask = torch.cat([torch.zeros(batch_size, plen, dtype=torch.bool), answer_mask], dim=1).to(device)
+        p_mask = (counts.to(device).float() / length)[:, None].expand(-1, plen + length)
+        noisy = torch.where(mask, mask_id, seq)
+        with torch.no_grad():
+            logits = model(noisy).logits  # full vocabulary at every position, no attention mask
+            ce = F.cross_entropy(logits[mask], seq[mask], reduction="none") / p_mask[mask]
+        rows = mask.nonzero()[:, 0]
+        per_row = torch.zeros(batch_size, device=device).index_add(0, rows, ce.float())
+        terms.append(-per_row.double().cpu())
+    terms = torch.cat(terms)
+    return float(terms.mean()), terms
+
+
+def baseline(model, items, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    out, masked = [], 0
+    for _, tok in items:
+        for resp in (tok.chosen_ids, tok.rejected_ids):
+            _, terms = llada_log_likelihood(model, tok.prompt_ids, resp, n, n, model.config.mask_token_id, gen)
+            out.append(terms)
+    return torch.stack(out).view(len(items), 2, n)
+
+
+# --- measurement helpers ---------------------------------------------------------
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - t0
+
+
+def matmul_flops(device, dtype) -> float:
+    size = 4096 if torch.device(device).type == "cuda" else 2048
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps = 20 if torch.device(device).type == "cuda" else 5
+    _, dt = timed(lambda: [a @ b for _ in range(reps)], device)
+    return 2 * size**3 * reps / dt
+
+
+def model_flops(model, items, n, head_rows: int) -> float:
+    """Matmul FLOPs: body weights and attention over the real tokens, plus the head on `head_rows` rows."""
+    cfg = model.config
+    head = model.get_output_embeddings().weight
+    embed = model.get_input_embeddings().weight
+    body = sum(p.numel() for p in model.parameters() if p.dim() == 2) - head.numel() - embed.numel()
+    total = 0.0
+    for _, tok in items:
+        for resp in (tok.chosen_ids, tok.rejected_ids):
+            s = len(tok.prompt_ids) + len(resp)
+            total += n * (2 * body * s + 4 * s * s * cfg.d_model * cfg.n_layers)
+    return total + 2 * head.shape[0] * head.shape[1] * head_rows
+
+
+def perturb_(model, scale: float, seed: int) -> None:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.device, p.dtype)
+            p.add_(noise * (scale * p.float().std()).to(p.dtype))
+
+
+# --- main --------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dtype = DTYPES[args.dtype]
+    device = args.device
+    is_cuda = torch.device(device).type == "cuda"
+    batch_tokens = args.batch_tokens or (32768 if is_cuda else 8192)
+    tokenizer = preset_tokenizer(args.preset)
+    model = build_model(args.preset, args.vocab_size, device, dtype)
+    items = load_pairs(tokenizer, args.pairs, args.min_len, args.max_len)
+    if not items:
+        sys.exit("error: no GSM8K pair has both responses within --min-len/--max-len tokens")
+    n = args.samples
+    seqs = 2 * len(items)
+    tokens = n * sum(2 * len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for _, t in items)
+    resp_lens = [len(r) for _, t in items for r in (t.chosen_ids, t.rejected_ids)]
+    cfg = model.config
+    header = (f"model: preset {args.preset}, d_model {cfg.d_model}, layers {cfg.n_layers}, vocab "
+              f"{cfg.padded_vocab_size}, {args.dtype} on {device}"
+              f" ({torch.cuda.get_device_name() if is_cuda else platform.processor() or 'cpu'}, "
+              f"{torch.get_num_threads()} threads)")
+    lines = [header,
+             f"data: {len(items)} GSM8K pairs, n = {n}, prompt {min(len(t.prompt_ids) for _, t in items)}-"
+             f"{max(len(t.prompt_ids) for _, t in items)} tokens, responses {min(resp_lens)}-{max(resp_lens)} "
+             f"(mean {sum(resp_lens) / len(resp_lens):.0f}); ours batch_tokens {batch_tokens}"]
+    print("\n".join(lines), flush=True)
+
+    # Warm-up (allocator, kernels) on one pair, not timed.
+    ours(model, items[:1], n, args.seed + 1, 0, batch_tokens, args.chunk_size)
+    baseline(model, items[:1], n, args.seed + 1)
+
+    (ref0, masked), t_ours = timed(lambda: ours(model, items, n, args.seed, 0, batch_tokens, args.chunk_size), device)
+    base_terms, t_base = timed(lambda: baseline(model, items, n, args.seed), device)
+    peak = matmul_flops(device, dtype)
+    f_ours = model_flops(model, items, n, masked)
+    f_base = model_flops(model, items, n, tokens)
+    out = [
+        f"ours:  {len(items) / t_ours:8.3f} pairs/s  {tokens / t_ours:10.0f} tokens/s  ({t_ours:.2f} s)  "
+        f"{f_ours / t_ours / 1e9:.1f} GFLOP/s = {f_ours / t_ours / peak:.2f} of matmul peak",
+        f"LLaDA: {len(items) / t_base:8.3f} pairs/s  {tokens / t_base:10.0f} tokens/s  ({t_base:.2f} s)  "
+        f"{f_base / t_base / 1e9:.1f} GFLOP/s = {f_base / t_base / peak:.2f} of matmul peak",
+        f"speed ratio (ours / LLaDA, same pairs, same n): {t_base / t_ours:.2f}x;  "
+        f"matmul peak measured {peak / 1e9:.1f} GFLOP/s ({args.dtype})",
+        f"mean ELBO per response: ours {float(ref0.mean()):.2f}, LLaDA {float(base_terms.mean()):.2f} "
+        f"(independent Monte Carlo estimates of the same quantity)",
+    ]
+    if not args.no_variance:
+        ref1, _ = ours(model, items, n, args.seed, 1, batch_tokens, args.chunk_size)
+        perturb_(model, args.perturb, args.seed)
+        pol0, _ = ours(model, items, n, args.seed, 0, batch_tokens, args.chunk_size)
+        shared = (pol0[:, 0] - ref0[:, 0]) - (pol0[:, 1] - ref0[:, 1])  # [pairs, n]
+        indep = (pol0[:, 0] - ref1[:, 0]) - (pol0[:, 1] - ref1[:, 1])
+        v_shared, v_indep = float(shared.var(dim=1).mean()), float(indep.var(dim=1).mean())
+        out.append(f"variance of per-sample margin terms d_k (policy = model + {args.perturb} std noise): shared "
+                   f"masks {v_shared:.4g}, independent masks {v_indep:.4g}, ratio {v_shared / v_indep:.3g}")
+    print("\n".join(out), flush=True)
+
+    if not args.no_record:
+        command = "python bench/score.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
+                                                                               else sys.argv[1:]))
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        if not RESULTS.exists():
+            RESULTS.write_text("# Benchmark results\n\nAppended by the bench/*.py scripts; newest last.\n",
+                               encoding="utf-8")
+        with RESULTS.open("a", encoding="utf-8") as fh:
+            fh.write(f"\n## score.py, {stamp}\n\n```\n$ {command.strip()}\n" + "\n".join(lines + out) + "\n```\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
