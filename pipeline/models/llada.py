@@ -184,6 +184,9 @@ class LLaDAOutput(ModelOutput):
     hidden_states: torch.Tensor | None = None
 
 
+_HAS_RMS_NORM = hasattr(F, "rms_norm")
+
+
 class LLaDARMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back before the weight, as LLaDA does."""
 
@@ -195,7 +198,10 @@ class LLaDARMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if _HAS_RMS_NORM:  # fused x * rsqrt(mean(x^2) + eps), same formula
+            x32 = F.rms_norm(x32, (x32.shape[-1],), eps=self.eps)
+        else:  # pragma: no cover - torch < 2.4
+            x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
 
