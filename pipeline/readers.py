@@ -35,8 +35,6 @@ from pipeline.errors import UserError
 ProgressFn = Callable[[int], None]
 """Called with a number of input bytes consumed since the last call."""
 
-# Report progress in chunks so a per-record callback does not dominate the loop.
-_PROGRESS_EVERY = 1 << 20
 
 
 @dataclass(slots=True)
@@ -91,16 +89,9 @@ def iter_records(path: str | os.PathLike, progress: ProgressFn | None = None) ->
     if not path.exists():
         raise UserError(f"{path}: input not found")
     kind = input_kind(path)
-    if kind == "jsonl":
-        with open(path, "rb") as fh:
-            yield from _iter_lines(fh, str(path), progress)
-    elif kind == "jsonl.gz":
-        with open(path, "rb") as raw_fh:
-            try:
-                with gzip.open(raw_fh, "rb") as fh:
-                    yield from _iter_lines(fh, str(path), None, raw_fh=raw_fh, progress_raw=progress)
-            except (OSError, EOFError) as exc:  # not gzip, or truncated
-                raise UserError(f"{path}: cannot read gzip input: {exc}") from None
+    if kind in ("jsonl", "jsonl.gz"):
+        for data, first_line in iter_line_chunks(path, progress=progress):
+            yield from jsonl_chunk_records(data, first_line, str(path))
     elif kind == "json":
         yield from _iter_json_file(path, progress)
     elif kind == "parquet":
@@ -112,31 +103,61 @@ def iter_records(path: str | os.PathLike, progress: ProgressFn | None = None) ->
 # --- JSON Lines ----------------------------------------------------------------
 
 
-def _iter_lines(fh, source: str, progress: ProgressFn | None, *, raw_fh=None, progress_raw=None) -> Iterator[Record]:
-    """Lines of a binary stream; blank lines are not records (JSONL allows them)."""
-    pending = 0
-    last_raw_pos = 0
+def is_line_oriented(path: Path) -> bool:
+    """Inputs read in byte chunks of whole lines (the ones ingest can parse in parallel)."""
+    return not path.is_dir() and input_kind(path) in ("jsonl", "jsonl.gz")
+
+
+def iter_line_chunks(
+    path: str | os.PathLike, chunk_bytes: int = 1 << 20, progress: ProgressFn | None = None
+) -> Iterator[tuple[bytes, int]]:
+    """``(data, first_line)`` chunks of whole lines of a JSONL(.gz) file, in order.
+
+    Chunk boundaries depend only on the file and ``chunk_bytes``; a leading
+    UTF-8 byte-order mark is dropped. ``jsonl_chunk_records`` turns a chunk
+    into the same ``Record``s ``iter_records`` yields for those lines.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: input not found")
+    with open(path, "rb") as raw_fh:
+        fh = gzip.open(raw_fh, "rb") if input_kind(path) == "jsonl.gz" else raw_fh
+        try:
+            first_line, last_pos = 1, 0
+            while True:
+                data = fh.read(chunk_bytes)
+                if not data:
+                    break
+                if not data.endswith(b"\n"):
+                    data += fh.readline()
+                if first_line == 1 and data.startswith(b"\xef\xbb\xbf"):
+                    data = data[3:]
+                yield data, first_line
+                first_line += data.count(b"\n")
+                if progress is not None:
+                    pos = raw_fh.tell()
+                    progress(pos - last_pos)
+                    last_pos = pos
+        except (OSError, EOFError) as exc:  # not gzip, or truncated
+            raise UserError(f"{path}: cannot read input: {exc}") from None
+        finally:
+            if fh is not raw_fh:
+                fh.close()
+
+
+def jsonl_chunk_records(data: bytes, first_line: int, source: str) -> Iterator[Record]:
     loads = json.loads
-    for lineno, line in enumerate(fh, 1):
-        if progress is not None:
-            pending += len(line)
-            if pending >= _PROGRESS_EVERY:
-                progress(pending)
-                pending = 0
-        elif progress_raw is not None and lineno % 4096 == 0:
-            pos = raw_fh.tell()  # compressed bytes consumed, to match input_size
-            progress_raw(pos - last_raw_pos)
-            last_raw_pos = pos
-        if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
-            line = line[3:]
-        line = line.rstrip(b"\r\n")
-        if not line.strip():
+    for i, line in enumerate(data.split(b"\n")):
+        if line.endswith(b"\r"):
+            line = line.rstrip(b"\r")
+        if not line or not line.strip():
             continue
-        yield _parse_line(line, source, lineno, loads)
-    if progress is not None and pending:
-        progress(pending)
-    if progress_raw is not None:
-        progress_raw(raw_fh.tell() - last_raw_pos)
+        yield _parse_line(line, source, first_line + i, loads)
+
+
+def chunk_line_text(data: bytes, first_line: int, line: int) -> str:
+    """The raw text of one (valid UTF-8) line of a chunk, as its ``Record.raw``."""
+    return data.split(b"\n")[line - first_line].rstrip(b"\r\n").decode("utf-8")
 
 
 def _parse_line(line: bytes, source: str, lineno: int, loads=json.loads) -> Record:
@@ -181,8 +202,8 @@ def _iter_json_file(path: Path, progress: ProgressFn | None) -> Iterator[Record]
         head = head[3:].lstrip()
     if not head.startswith(b"["):
         # Many tools write JSON Lines under a .json name.
-        with open(path, "rb") as fh:
-            yield from _iter_lines(fh, str(path), None)
+        for chunk, first_line in iter_line_chunks(path):
+            yield from jsonl_chunk_records(chunk, first_line, str(path))
         return
     # Decode with surrogateescape so invalid bytes stay visible per element
     # (as lone surrogates) instead of failing the whole file.

@@ -12,10 +12,15 @@ bytes. Both files are written under temporary names and renamed at the end.
 
 from __future__ import annotations
 
+import collections
+import functools
+import heapq
 import json
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import typer
@@ -24,12 +29,22 @@ from pipeline.atomic import atomic_path
 from pipeline.config import config_to_yaml, load_config, require
 from pipeline.errors import ConfigError, UserError
 from pipeline.pairs import FieldMap, Invalid, kept_value, split_of, validate_record
-from pipeline.readers import input_size, iter_records
+from pipeline.readers import (
+    Record,
+    chunk_line_text,
+    input_size,
+    is_line_oriented,
+    iter_line_chunks,
+    iter_records,
+    jsonl_chunk_records,
+)
 from pipeline.schemas import PAIRS_SCHEMA, REASON_CODES, SPLITS
 
 DEFAULT_OUT = "data/out/pairs.arrow"
 _BATCH_ROWS = 4096
 _PROGRESS_MIN_BYTES = 16 << 20  # smaller inputs finish before a bar is worth drawing
+_PARALLEL_MIN_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
+_CHUNK_BYTES = 1 << 20
 
 
 def quarantine_path_for(out: str | Path) -> Path:
@@ -63,6 +78,8 @@ class IngestConfig:
     """Any quarantined record is an error (exit 1); both files and the report are still written."""
     progress: bool = True
     """Show a progress bar on large inputs."""
+    workers: int = 0
+    """Processes parsing JSONL inputs (0: one per CPU core for inputs over 32 MB, else 1). The output does not depend on it."""
 
     def __post_init__(self) -> None:
         if isinstance(self.inputs, str):
@@ -86,6 +103,7 @@ class IngestConfig:
             require(name not in taken, f"keep_fields: '{name}' clashes with a pairs column ({', '.join(PAIRS_SCHEMA.names)})")
         require(len(set(self.keep_fields)) == len(self.keep_fields), "keep_fields lists a field twice")
         require(bool(self.out), "out must be a path")
+        require(isinstance(self.workers, int) and self.workers >= 0, f"workers must be an integer >= 0, got {self.workers!r}")
 
     @property
     def quarantine_path(self) -> Path:
@@ -119,30 +137,43 @@ def pairs_schema(keep_fields: list[str]) -> pa.Schema:
 
 
 class _PairsWriter:
-    """Buffers accepted rows column-wise and writes fixed-size record batches (fixed size: identical bytes)."""
+    """Writes accepted rows in record batches of exactly ``_BATCH_ROWS`` rows.
+
+    Batch boundaries depend only on the row count, never on how the input was
+    chunked or how many workers parsed it, so the file's bytes are a function
+    of its rows alone.
+    """
 
     def __init__(self, path: Path, schema: pa.Schema):
         self.schema = schema
         self.sink = pa.OSFile(str(path), "wb")
         self.writer = pa.ipc.new_file(self.sink, schema)
-        self.columns: dict[str, list] = {name: [] for name in schema.names}
+        self.pending: list[pa.RecordBatch] = []
+        self.pending_rows = 0
 
-    def add(self, row: dict[str, Any]) -> None:
-        for name, col in self.columns.items():
-            col.append(row.get(name))
-        if len(self.columns["pair_id"]) >= _BATCH_ROWS:
-            self.flush()
+    def add(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows:
+            self.pending.append(batch)
+            self.pending_rows += batch.num_rows
+        if self.pending_rows >= _BATCH_ROWS:
+            self._write(final=False)
 
-    def flush(self) -> None:
-        if not self.columns["pair_id"]:
+    def _write(self, final: bool) -> None:
+        if not self.pending_rows:
             return
-        arrays = [pa.array(self.columns[f.name], type=f.type) for f in self.schema]
-        self.writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
-        for col in self.columns.values():
-            col.clear()
+        table = pa.Table.from_batches(self.pending, schema=self.schema).combine_chunks()
+        full = self.pending_rows if final else self.pending_rows - self.pending_rows % _BATCH_ROWS
+        for start in range(0, full, _BATCH_ROWS):
+            part = table.slice(start, min(_BATCH_ROWS, full - start))
+            # concat_arrays copies into fresh zero-offset buffers: identical bytes for identical rows.
+            arrays = [pa.concat_arrays(col.chunks) if col.num_chunks else pa.array([], col.type) for col in part.columns]
+            self.writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
+        rest = table.slice(full)
+        self.pending = rest.to_batches() if rest.num_rows else []
+        self.pending_rows = rest.num_rows
 
     def close(self) -> None:
-        self.flush()
+        self._write(final=True)
         self.writer.close()
         self.sink.close()
 
@@ -183,6 +214,137 @@ def _make_progress(total: int, enabled: bool):
     )
 
 
+@dataclass(frozen=True)
+class _Ctx:
+    """What a worker needs to validate records (picklable)."""
+
+    fields: FieldMap
+    max_chars: int
+    eval_fraction: float
+    keep_fields: tuple[str, ...]
+    schema: pa.Schema  # pairs schema + "_line"
+
+
+@dataclass
+class _Chunk:
+    """A run of records from one source, validated; duplicates are not resolved yet."""
+
+    source: str
+    read: int
+    batch: pa.RecordBatch  # accepted rows (ctx.schema, with _line)
+    quarantine: list[tuple[int, str, str]]  # (line, reason, JSON text) in input order
+
+
+def _process(records: Iterable[Record], source: str, ctx: _Ctx) -> _Chunk:
+    """Validate records into accepted columns and quarantine entries (runs in workers)."""
+    names = ctx.schema.names
+    cols: dict[str, list] = {name: [] for name in names}
+    pair_id, prompt, chosen, rejected = cols["pair_id"], cols["prompt"], cols["chosen"], cols["rejected"]
+    pm, cm, rm, split_col, src_col, line_col = (
+        cols["prompt_messages"], cols["chosen_messages"], cols["rejected_messages"], cols["split"], cols["source"], cols["_line"],
+    )
+    quarantine: list[tuple[int, str, str]] = []
+    read = 0
+    fields, max_chars, eval_fraction, keep = ctx.fields, ctx.max_chars, ctx.eval_fraction, ctx.keep_fields
+    for rec in records:
+        read += 1
+        reason, message = rec.reason, rec.message
+        if reason is None:
+            try:
+                pair = validate_record(rec.value, fields, max_chars)
+            except Invalid as bad:
+                reason, message = bad.reason, bad.message
+        if reason is not None:
+            quarantine.append((rec.line, reason, _quarantine_line(rec.source, rec.line, reason, message, rec.raw)))
+            continue
+        pair_id.append(pair.pair_id)
+        prompt.append(pair.prompt)
+        chosen.append(pair.chosen)
+        rejected.append(pair.rejected)
+        pm.append(pair.prompt_messages)
+        cm.append(pair.chosen_messages)
+        rm.append(pair.rejected_messages)
+        split_col.append(split_of(pair.prompt_key, eval_fraction))
+        src_col.append(f"{rec.source}:{rec.line}")
+        line_col.append(rec.line)
+        for name in keep:
+            cols[name].append(kept_value(rec.value.get(name)))
+    arrays = [pa.array(cols[f.name], type=f.type) for f in ctx.schema]
+    return _Chunk(source, read, pa.RecordBatch.from_arrays(arrays, schema=ctx.schema), quarantine)
+
+
+def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chunk:
+    return _process(jsonl_chunk_records(data, first_line, source), source, ctx)
+
+
+def _quarantine_line(source: str, line: int, reason: str, message: str | None, raw: str) -> str:
+    record = {"source": source, "line": line, "reason": reason, "message": message, "raw": raw}
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def _record_chunks(path: Path, progress, size: int = 4096) -> Iterator[tuple[list[Record], str]]:
+    """Non-line inputs: runs of up to ``size`` records sharing a source."""
+    buf: list[Record] = []
+    for rec in iter_records(path, progress):
+        if buf and (len(buf) >= size or rec.source != buf[0].source):
+            yield buf, buf[0].source
+            buf = []
+        buf.append(rec)
+    if buf:
+        yield buf, buf[0].source
+
+
+def _jobs(paths: list[Path], ctx: _Ctx, advance, pool) -> Iterator[tuple[Any, Callable[[int], str]]]:
+    """(result, raw_of_line) per chunk, in input order; line inputs go to the pool when there is one."""
+    for path in paths:
+        if is_line_oriented(path):
+            for data, first in iter_line_chunks(path, _CHUNK_BYTES, advance):
+                raw_of = functools.partial(chunk_line_text, data, first)
+                if pool is None:
+                    yield _process_lines(data, first, str(path), ctx), raw_of
+                else:
+                    yield pool.apply_async(_process_lines, (data, first, str(path), ctx)), raw_of
+        else:
+            for records, source in _record_chunks(path, advance):
+                raws = {r.line: r.raw for r in records}
+                yield _process(records, source, ctx), raws.__getitem__
+
+
+def _ordered_results(jobs, window: int) -> Iterator[tuple[_Chunk, Callable[[int], str]]]:
+    """Results in submission order with at most ``window`` chunks in flight (bounded memory)."""
+    queue: collections.deque = collections.deque()
+    for job in jobs:
+        queue.append(job)
+        while len(queue) > window:
+            yield _resolve(queue.popleft())
+    while queue:
+        yield _resolve(queue.popleft())
+
+
+def _resolve(job):
+    result, raw_of = job
+    return (result.get() if hasattr(result, "get") else result), raw_of
+
+
+def _worker_count(cfg: IngestConfig, paths: list[Path], total: int) -> int:
+    if cfg.workers:
+        return cfg.workers
+    if total < _PARALLEL_MIN_BYTES or not any(is_line_oriented(p) for p in paths):
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
+
+
+def _make_pool(workers: int):
+    if workers <= 1:
+        return None
+    import multiprocessing
+
+    # fork starts workers in milliseconds and they only run json/hashlib/pyarrow
+    # array building; elsewhere (macOS, Windows) spawn is the safe default.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() and sys.platform == "linux" else "spawn"
+    return multiprocessing.get_context(method).Pool(workers)
+
+
 def run(cfg: IngestConfig) -> IngestResult:
     """Ingest ``cfg.inputs`` into ``cfg.out`` and the quarantine; return the counts."""
     paths = _check_inputs(cfg.inputs)
@@ -193,74 +355,75 @@ def run(cfg: IngestConfig) -> IngestResult:
     for p in paths:
         if p.resolve() in (out.resolve(), qpath.resolve()):
             raise UserError(f"{p}: input is also an output of this run")
-    fields = FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
     schema = pairs_schema(cfg.keep_fields)
+    ctx = _Ctx(
+        FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field),
+        cfg.max_chars,
+        cfg.eval_fraction,
+        tuple(cfg.keep_fields),
+        schema.append(pa.field("_line", pa.int64())),
+    )
     by_reason = {code: 0 for code in REASON_CODES}
-    splits = {s: 0 for s in SPLITS}
     seen: set[str] = set()
-    read = accepted = 0
+    read = 0
     total = sum(input_size(p) for p in paths)
+    workers = _worker_count(cfg, paths, total)
     progress = _make_progress(total, cfg.progress)
 
     with atomic_path(out) as out_tmp, atomic_path(qpath) as q_tmp:
         writer = _PairsWriter(out_tmp, schema)
+        pool = _make_pool(workers)
         try:
             with open(q_tmp, "w", encoding="utf-8", newline="\n") as qfh:
+                advance = None
                 if progress is not None:
                     progress.start()
                     task = progress.add_task("ingest", total=total)
                     advance = lambda n: progress.update(task, advance=n)  # noqa: E731
-                else:
-                    advance = None
-                for path in paths:
-                    for rec in iter_records(path, advance):
-                        read += 1
-                        reason, message = rec.reason, rec.message
-                        if reason is None:
-                            try:
-                                pair = validate_record(rec.value, fields, cfg.max_chars)
-                                if pair.pair_id in seen:
-                                    raise Invalid("duplicate_pair", f"duplicate of an earlier pair (pair_id {pair.pair_id})")
-                            except Invalid as bad:
-                                reason, message = bad.reason, bad.message
-                        if reason is not None:
-                            by_reason[reason] += 1
-                            qfh.write(
-                                json.dumps(
-                                    {"source": rec.source, "line": rec.line, "reason": reason, "message": message, "raw": rec.raw},
-                                    ensure_ascii=False,
-                                )
-                                + "\n"
-                            )
-                            continue
-                        seen.add(pair.pair_id)
-                        split = split_of(pair.prompt_key, cfg.eval_fraction)
-                        splits[split] += 1
-                        accepted += 1
-                        row = {
-                            "pair_id": pair.pair_id,
-                            "prompt": pair.prompt,
-                            "chosen": pair.chosen,
-                            "rejected": pair.rejected,
-                            "prompt_messages": pair.prompt_messages,
-                            "chosen_messages": pair.chosen_messages,
-                            "rejected_messages": pair.rejected_messages,
-                            "split": split,
-                            "source": rec.location,
-                        }
-                        if cfg.keep_fields:
-                            value = rec.value
-                            for name in cfg.keep_fields:
-                                row[name] = kept_value(value.get(name))
-                        writer.add(row)
+                jobs = _jobs(paths, ctx, advance, pool)
+                for chunk, raw_of in _ordered_results(jobs, window=2 * workers):
+                    read += chunk.read
+                    batch = chunk.batch
+                    # Duplicates are resolved here, in input order, so "the first one wins" holds across chunks.
+                    dups: list[tuple[int, str, str]] = []
+                    keep_mask = []
+                    for pid, line in zip(batch.column(0).to_pylist(), batch.column(len(schema)).to_pylist()):
+                        if pid in seen:
+                            keep_mask.append(False)
+                            message = f"duplicate of an earlier pair (pair_id {pid})"
+                            dups.append((line, "duplicate_pair", _quarantine_line(chunk.source, line, "duplicate_pair", message, raw_of(line))))
+                        else:
+                            seen.add(pid)
+                            keep_mask.append(True)
+                    if dups:
+                        batch = batch.filter(pa.array(keep_mask))
+                    entries = heapq.merge(chunk.quarantine, dups, key=lambda e: e[0]) if dups else chunk.quarantine
+                    for _, reason, text in entries:
+                        by_reason[reason] += 1
+                        qfh.write(text)
+                    writer.add(batch.drop_columns(["_line"]))
         finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
             if progress is not None:
                 progress.stop()
             writer.close()
 
+    accepted = len(seen)
     quarantined = sum(by_reason.values())
     assert read == accepted + quarantined  # the accounting identity the report promises
+    splits = _split_counts(out) if cfg.eval_fraction > 0 else {"train": accepted, "eval": 0}
     return IngestResult(read, accepted, quarantined, by_reason, str(out), str(qpath), splits)
+
+
+def _split_counts(out: Path) -> dict[str, int]:
+    with pa.memory_map(str(out)) as src:
+        col = pa.ipc.open_file(src).read_all().column("split")
+    counts = {s: 0 for s in SPLITS}
+    for value, n in zip(*(lambda vc: (vc.field(0).to_pylist(), vc.field(1).to_pylist()))(col.value_counts())):
+        counts[value] = n
+    return counts
 
 
 def print_report(result: IngestResult) -> None:
@@ -296,6 +459,7 @@ def command(
     eval_fraction: float = typer.Option(None, "--eval-fraction", help="Fraction of prompts held out as split 'eval'."),
     strict: bool = typer.Option(None, "--strict/--no-strict", help="Exit 1 if any record is quarantined."),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar on large inputs."),
+    workers: int = typer.Option(None, "--workers", help="Parser processes for JSONL (0: auto)."),
     config: Path = typer.Option(None, "--config", help="YAML config file (flags override it)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -316,6 +480,7 @@ def command(
             "eval_fraction": eval_fraction,
             "strict": strict,
             "progress": progress,
+            "workers": workers,
         },
     )
     if print_config:

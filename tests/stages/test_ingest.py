@@ -261,3 +261,24 @@ def test_real_gsm8k_model_solutions(tmp_path):
     assert not questions["train"] & questions["eval"] and questions["eval"]
     assert len({r["pair_id"] for r in t}) == len(t)
     assert {r["model"] for r in t} == {"6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification"}
+
+
+def test_output_independent_of_workers_and_chunking(tmp_path, monkeypatch):
+    """Parallel parsing (several chunks, duplicates across chunks) gives the same bytes as one process."""
+    rows = []
+    for i in range(600):
+        rows.append({"prompt": f"q{i % 300}", "chosen": f"right {i % 300}", "rejected": f"wrong {i % 300}"})
+        if i % 97 == 0:
+            rows.append("{broken")
+    src = _write_jsonl(tmp_path / "in.jsonl", rows)
+    monkeypatch.setattr(ingest, "_BATCH_ROWS", 64)
+    results = []
+    for workers, chunk in ((1, 1 << 20), (2, 2048), (2, 999)):
+        monkeypatch.setattr(ingest, "_CHUNK_BYTES", chunk)
+        out = tmp_path / f"w{workers}_{chunk}" / "pairs.arrow"
+        res = run(IngestConfig(inputs=[str(src)], out=str(out), eval_fraction=0.25, workers=workers, progress=False))
+        results.append((res.to_dict() | {"out": None, "quarantine": None}, out.read_bytes(), Path(res.quarantine).read_bytes()))
+    assert results[0][0]["by_reason"]["duplicate_pair"] == 300 and results[0][0]["by_reason"]["invalid_json"] == 7
+    assert results[0] == results[1] == results[2]
+    lines = [json.loads(x)["line"] for x in results[0][2].decode().splitlines()]
+    assert lines == sorted(lines)
