@@ -199,6 +199,11 @@ def elbo_terms(
                 rows.append((r, k))
                 lengths.append(total)
 
+    # Each request's ids and masks as CPU tensors once, not once per sample row.
+    prompts = [torch.as_tensor(list(req.prompt_ids), dtype=torch.long) for req in requests]
+    responses = [torch.as_tensor(list(req.response_ids), dtype=torch.long) for req in requests]
+    cpu_masks = [req.masks.detach().to("cpu", torch.bool) for req in requests]
+
     row_ids: list[torch.Tensor] = []
     row_sums: list[torch.Tensor] = []
     for batch in plan_batches(lengths, batch_tokens):
@@ -209,12 +214,11 @@ def elbo_terms(
         target_parts: list[torch.Tensor] = []
         for b, i in enumerate(batch):
             r, k = rows[i]
-            req = requests[r]
-            plen = len(req.prompt_ids)
-            response = torch.as_tensor(list(req.response_ids), dtype=torch.long)
-            mask = req.masks[k].to(torch.bool).cpu()
+            plen = len(prompts[r])
+            response = responses[r]
+            mask = cpu_masks[r][k]
             if plen:
-                input_ids[b, :plen] = torch.as_tensor(list(req.prompt_ids), dtype=torch.long)
+                input_ids[b, :plen] = prompts[r]
             input_ids[b, plen : plen + len(response)] = torch.where(mask, int(mask_token_id), response)
             attention_mask[b, : plen + len(response)] = 1
             pos = mask.nonzero().squeeze(1)
