@@ -291,6 +291,8 @@ class LLaDAModelLM(PreTrainedModel):
     main_input_name = "input_ids"
     # Position i predicts token i (no autoregressive shift).
     logits_shift = False
+    # forward(..., hidden_only=True) returns the final hidden state without the head.
+    supports_hidden_only = True
 
     def __init__(self, config: LLaDAConfig):
         config.check_supported()
@@ -352,9 +354,14 @@ class LLaDAModelLM(PreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        hidden_only: bool = False,
         **kwargs,
     ) -> LLaDAOutput:
+        """``hidden_only=True`` skips the head (``logits`` None, ``hidden_states`` = final hidden):
+        the path ``score_tokens`` takes so wrappers that act in ``forward`` (DDP, autocast) still apply."""
         hidden = self.final_hidden(input_ids, attention_mask)
+        if hidden_only:
+            return LLaDAOutput(logits=None, hidden_states=hidden)
         logits = self.model.transformer.ff_out(hidden)
         return LLaDAOutput(logits=logits, hidden_states=hidden if output_hidden_states else None)
 

@@ -27,13 +27,19 @@ def score_tokens(
     if index.ndim != 2 or index.shape[1] != 2 or targets.shape != (index.shape[0],):
         raise ValueError(f"index must be [N, 2] and targets [N]; got {tuple(index.shape)} and {tuple(targets.shape)}")
     rows, positions = index[:, 0], index[:, 1]
-    if getattr(model, "logits_shift", False):
+    base = _unwrap(model)
+    if getattr(base, "logits_shift", False):
         if bool((positions < 1).any()):
             raise ValueError("logits_shift model: position 0 has no prediction (nothing precedes it)")
         positions = positions - 1
-    hidden = model.final_hidden(input_ids, attention_mask)
+    if getattr(base, "supports_hidden_only", False):
+        # Through the wrapper's own forward: DDP gradient sync, accelerate's
+        # autocast and peft hooks all live there.
+        hidden = model(input_ids, attention_mask=attention_mask, hidden_only=True).hidden_states
+    else:
+        hidden = base.final_hidden(input_ids, attention_mask)
     selected = hidden[rows, positions]  # [N, H]
-    head = model.get_output_embeddings()
+    head = base.get_output_embeddings()
     out = []
     for start in range(0, selected.shape[0], chunk_size):
         logits = head(selected[start : start + chunk_size]).float()
@@ -43,3 +49,10 @@ def score_tokens(
     if not out:
         return hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat(out)
+
+
+def _unwrap(model):
+    """The model under DDP/FSDP-style ``.module`` wrappers (PeftModel forwards attributes itself)."""
+    while not hasattr(model, "final_hidden") and hasattr(model, "module"):
+        model = model.module
+    return model

@@ -76,3 +76,28 @@ def test_empty_and_bad_shapes(model):
     assert empty.shape == (0,) and empty.dtype == torch.float32
     with pytest.raises(ValueError, match="index"):
         score_tokens(model, ids, mask, torch.tensor([1, 2]), torch.tensor([3, 4]))
+
+
+class _ForwardOnlyWrapper(torch.nn.Module):
+    """Like DDP: exposes .module and forward, none of the model's other attributes."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.module(*args, **kwargs)
+
+
+def test_goes_through_the_wrappers_forward(model):
+    ids, mask, index, targets = _inputs(4)
+    wrapped = _ForwardOnlyWrapper(model)
+    with torch.no_grad():
+        got = score_tokens(wrapped, ids, mask, index, targets)
+        ref = score_tokens(model, ids, mask, index, targets)
+    assert wrapped.calls == 1  # the body ran inside the wrapper's forward
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+    out = model(ids, attention_mask=mask, hidden_only=True)
+    assert out.logits is None and out.hidden_states.shape == (3, 14, 64)
