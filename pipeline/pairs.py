@@ -227,3 +227,32 @@ def kept_value(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
     return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+_ASCII_WS = "".join(c for c in map(chr, range(128)) if c.isspace())  # what str.strip() removes from ASCII text
+
+
+def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0):
+    """Vectorized check over Arrow string arrays for standard-format rows: ``(mask, normalized)``.
+
+    ``mask`` is True where ``validate_record`` would certainly accept the row:
+    all three texts present, ASCII, free of ``\\r`` (so normalization is just
+    ``strip()``), non-empty after stripping, chosen != rejected, within
+    ``max_chars``. ``normalized`` are the three stripped arrays (for
+    ``pair_id_of``/``split_of``). Rows outside the mask are not judged here:
+    the caller sends them through ``validate_record``, which gives the reason.
+    """
+    import pyarrow.compute as pc
+
+    conds, normalized = [], []
+    for col in (prompt, chosen, rejected):
+        stripped = pc.utf8_trim(col, characters=_ASCII_WS)
+        normalized.append(stripped)
+        conds += [pc.string_is_ascii(col), pc.invert(pc.match_substring(col, "\r")), pc.greater(pc.binary_length(stripped), 0)]
+        if max_chars > 0:
+            conds.append(pc.less_equal(pc.binary_length(col), max_chars))
+    conds.append(pc.not_equal(normalized[1], normalized[2]))
+    mask = conds[0]
+    for cond in conds[1:]:
+        mask = pc.and_(mask, cond)
+    return pc.fill_null(mask, False), normalized

@@ -23,11 +23,13 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
@@ -173,9 +175,26 @@ def _parse_line(line: bytes, source: str, lineno: int, loads=json.loads) -> Reco
         )
     try:
         value = loads(text)
-    except ValueError as exc:  # json.JSONDecodeError, or a lone surrogate escape
+    except ValueError as exc:  # json.JSONDecodeError
         return Record(source, lineno, text, reason="invalid_json", message=_json_error(exc))
+    if "\\u" in text and _has_lone_surrogate(text, value):
+        return Record(source, lineno, text, reason="invalid_utf8", message=_SURROGATE_MESSAGE)
     return Record(source, lineno, text, value)
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_MESSAGE = "a \\u escape encodes a lone UTF-16 surrogate, which is not valid Unicode text"
+
+
+def _has_lone_surrogate(text: str, value: Any) -> bool:
+    """JSON may escape half a surrogate pair ("\\ud800"); such text cannot be stored as UTF-8."""
+    if not _SURROGATE_ESCAPE.search(text):
+        return False
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def parse_line(line: bytes, source: str = "<input>", lineno: int = 1) -> Record:
@@ -259,6 +278,8 @@ def iter_json_array(text: str, source: str) -> Iterator[Record]:
                 reason="invalid_utf8",
                 message="invalid UTF-8 bytes in this element",
             )
+        elif "\\u" in raw and _has_lone_surrogate(raw, value):
+            yield Record(source, row, raw, reason="invalid_utf8", message=_SURROGATE_MESSAGE)
         else:
             yield Record(source, row, raw, value)
         row += 1
@@ -348,3 +369,70 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, bytes):
         return obj.decode("utf-8", "backslashreplace")
     return str(obj)
+
+
+# --- Arrow fast path for JSON Lines ------------------------------------------------
+
+_ROW_IN_ERROR = re.compile(r"in row (\d+)")
+
+
+def arrow_segments(lines: list[bytes], names: tuple[str, ...]) -> Iterator[tuple[int, int, pa.Table | None]]:
+    """Cover ``lines`` (non-blank, without newlines) with ``(start, end, table)`` runs in order.
+
+    ``table`` holds the string columns ``names`` parsed by Arrow's JSON reader
+    (C++, no Python object per value) for ``lines[start:end]``; ``None`` marks
+    lines Arrow could not take as such (bad JSON or UTF-8, a field that is not
+    a string, a non-object line), which the caller sends through the exact
+    per-line path. Arrow's error names the failing row, so a bad line costs a
+    re-parse of the good lines before it, not a slow path for the whole chunk.
+    """
+    opts = pa_json.ParseOptions(
+        explicit_schema=pa.schema([(n, pa.string()) for n in names]), unexpected_field_behavior="ignore"
+    )
+    # Only lines that start like an object reach Arrow: a bare top-level ``null``
+    # crashes pyarrow's reader (seen with pyarrow 26), and other scalars fail anyway.
+    prev = 0
+    for k in [i for i, line in enumerate(lines) if not line.lstrip().startswith(b"{")] + [len(lines)]:
+        if prev < k:
+            yield from _arrow_runs(lines, prev, k, opts)
+        if k < len(lines):
+            yield k, k + 1, None
+        prev = k + 1
+
+
+def _arrow_runs(lines: list[bytes], lo: int, hi: int, opts) -> Iterator[tuple[int, int, pa.Table | None]]:
+    start, end = lo, hi
+    while start < hi:
+        table, bad = _arrow_parse(b"\n".join(lines[start:end]), end - start, opts)
+        if table is not None:
+            yield start, end, table
+            start, end = end, hi
+        elif bad is None:
+            yield start, end, None
+            start, end = end, hi
+        elif bad > 0:
+            end = start + bad  # parse the good prefix, then meet the bad line at row 0
+        else:
+            yield start, start + 1, None
+            start, end = start + 1, hi
+
+
+def _arrow_parse(blob: bytes, expected_rows: int, opts) -> tuple[pa.Table | None, int | None]:
+    """(table, None) on success; (None, failing row) or (None, None) when the row is unknown."""
+    try:
+        blob.decode("utf-8")  # Arrow passes invalid UTF-8 through; Python's codec decides, as in the exact path
+    except UnicodeDecodeError as exc:
+        return None, blob.count(b"\n", 0, exc.start)
+    try:
+        table = pa_json.read_json(
+            pa.BufferReader(blob),
+            read_options=pa_json.ReadOptions(use_threads=False, block_size=len(blob) + 64),
+            parse_options=opts,
+        )
+    except pa.ArrowInvalid as exc:
+        m = _ROW_IN_ERROR.search(str(exc))
+        row = int(m.group(1)) if m else None
+        return None, row if row is not None and row < expected_rows else None
+    if table.num_rows != expected_rows:  # e.g. two objects on one line: let the exact path judge
+        return None, None
+    return table, None

@@ -50,10 +50,12 @@ def test_invalid_json_and_utf8_per_line(tmp_path):
     assert recs[2].raw == '{"prompt": "caf\\xe9"}' and recs[2].value is None
 
 
-def test_lone_surrogate_escape_is_valid_json():
-    # json accepts "\ud800" escapes; the record parses (the text is what the user wrote).
+def test_lone_surrogate_escape_is_invalid_utf8():
+    # json accepts "\ud800" escapes, but the text cannot be stored as UTF-8: quarantine it.
     rec = parse_line(b'{"prompt": "\\ud800"}')
-    assert rec.reason is None and rec.value == {"prompt": "\ud800"}
+    assert rec.reason == "invalid_utf8" and rec.value is None
+    pair = parse_line(b'{"prompt": "\\ud83d\\ude00"}')  # a proper surrogate pair is fine
+    assert pair.reason is None and pair.value == {"prompt": "\U0001f600"}
 
 
 def test_json_array_and_json_named_lines(tmp_path):

@@ -172,16 +172,17 @@ def test_failure_mid_write_keeps_old_output(tmp_path, monkeypatch):
     run(cfg)
     before = (Path(cfg.out).read_bytes(), cfg.quarantine_path.read_bytes())
     monkeypatch.setattr(ingest, "_BATCH_ROWS", 2)  # force batches onto disk before the crash
+    monkeypatch.setattr(ingest, "_CHUNK_BYTES", 100)  # several chunks, so several adds
     calls = {"n": 0}
-    real = ingest.validate_record
+    real = ingest._PairsWriter.add
 
-    def boom(*args, **kwargs):
+    def boom(self, batch):
         calls["n"] += 1
-        if calls["n"] == 7:
+        if calls["n"] == 3:
             raise RuntimeError("disk on fire")
-        return real(*args, **kwargs)
+        return real(self, batch)
 
-    monkeypatch.setattr(ingest, "validate_record", boom)
+    monkeypatch.setattr(ingest._PairsWriter, "add", boom)
     _write_jsonl(src, [{"prompt": f"new{i}", "chosen": "c", "rejected": "r"} for i in range(10)] + ["{bad"])
     with pytest.raises(RuntimeError, match="disk on fire"):
         run(cfg)
@@ -282,3 +283,34 @@ def test_output_independent_of_workers_and_chunking(tmp_path, monkeypatch):
     assert results[0] == results[1] == results[2]
     lines = [json.loads(x)["line"] for x in results[0][2].decode().splitlines()]
     assert lines == sorted(lines)
+
+
+_TEXT = st.one_of(st.text(max_size=6), st.sampled_from(["a", " a ", "a\r\n", "\x1c", "é", "e\u0301", "", "  "]))
+_STD = st.fixed_dictionaries(
+    {"prompt": _TEXT, "chosen": _TEXT, "rejected": st.one_of(_TEXT, st.none(), st.integers())}, optional={"x": st.integers()}
+)
+_FAST_LINE = st.one_of(
+    _STD.map(lambda d: json.dumps(d).encode()),
+    _STD.map(lambda d: json.dumps(d, ensure_ascii=False).encode()),
+    _STD.map(lambda d: json.dumps(d).encode()[:-3]),
+    st.binary(max_size=20).filter(lambda b: b"\n" not in b),
+    st.sampled_from([b"null", b"{} null", b"[]", b"{}", b'{"prompt": "a", "prompt": "b", "chosen": "c", "rejected": "d"}',
+                     b'{"prompt": "\\ud800", "chosen": "c", "rejected": "d"}', b'{"prompt": "a", "chosen": "b", "rejected": "c"}\r']),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(_FAST_LINE, max_size=30))
+def test_fuzz_fast_path_matches_exact_path(tmp_path, lines):
+    """The Arrow fast path for JSONL gives the same bytes as the per-record path, bad lines included."""
+    src = tmp_path / "fuzz.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    outputs = []
+    for fast in (True, False):
+        ingest._FAST_PATH = fast
+        try:
+            res = run(IngestConfig(inputs=[str(src)], out=str(tmp_path / f"{fast}.arrow"), max_chars=5, eval_fraction=0.5, progress=False))
+        finally:
+            ingest._FAST_PATH = True
+        outputs.append((res.to_dict() | {"out": None, "quarantine": None}, Path(res.out).read_bytes(), Path(res.quarantine).read_bytes()))
+    assert outputs[0] == outputs[1]
