@@ -81,6 +81,9 @@ def load_model(
             path, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code,
             mask_token_id=mask_token_id, logits_shift=logits_shift, load_in_4bit=load_in_4bit,
         )
+    if mask_token_id is not None and tokenizer.mask_token_id != model.config.mask_token_id:
+        # An explicit mask id wins over the tokenizer's own mask token.
+        tokenizer.mask_token = tokenizer.convert_ids_to_tokens(model.config.mask_token_id)
     _complete_tokenizer(tokenizer, model.config, path)
     return model, tokenizer
 

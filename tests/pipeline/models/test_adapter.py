@@ -114,3 +114,8 @@ def test_gradients_flow_through_adapter(bert_dir):
     value = score_tokens(model, ids, None, torch.tensor([[0, 2]]), torch.tensor([9]))
     value.sum().backward()
     assert model.bert.embeddings.word_embeddings.weight.grad is not None
+
+
+def test_explicit_mask_id_wins(bert_dir):
+    model, tokenizer = load_model(bert_dir, mask_token_id=5)
+    assert model.config.mask_token_id == tokenizer.mask_token_id == 5
