@@ -292,11 +292,9 @@ def batch_loss(cfg: TrainConfig, terms: list[torch.Tensor], ref_c, ref_r, chosen
 
 def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) -> dict[str, Any]:
     """Forward and backward of one micro-batch; returns its detached statistics."""
-    import contextlib
-
     from pipeline.diffusion import ScoreRequest
 
-    cfg, model, tok, acc = ctx.cfg, ctx.model, ctx.tokenizer, ctx.accelerator
+    cfg, model, tok, acc = ctx.cfg, ctx.scorer, ctx.tokenizer, ctx.accelerator
     requests = replay_requests(batch, ctx.fingerprint)
     ref_terms = None
     if cfg.reference == "online":
@@ -304,21 +302,18 @@ def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) 
             if ctx.ref_model is not None:
                 ref_terms = policy_terms(ctx.ref_model, requests, tok, cfg)
             else:  # LoRA: the base model with adapters switched off is the reference
-                with acc.unwrap_model(model).disable_adapter():
+                with ctx.model.disable_adapter():
                     ref_terms = policy_terms(model, requests, tok, cfg)
     ref_c, ref_r = reference_means(batch, acc.device, ref_terms)
     chosen_len = torch.tensor([r["chosen_len"] for r in batch.rows], device=acc.device)
     n = ctx.fingerprint["samples"]
 
-    def no_sync_unless(last: bool):
-        return contextlib.nullcontext() if last else acc.no_sync(model)
-
     if cfg.sequence_microbatch == 0:
-        with acc.autocast():
-            terms = policy_terms(model, requests, tok, cfg)
-            loss, st = batch_loss(cfg, terms, ref_c, ref_r, chosen_len)
-        _check_finite(loss, ctx.step, batch)
-        with no_sync_unless(sync):
+        with ctx.sync_context(sync):  # forward and backward both inside, as DDP requires
+            with acc.autocast():
+                terms = policy_terms(model, requests, tok, cfg)
+                loss, st = batch_loss(cfg, terms, ref_c, ref_r, chosen_len)
+            _check_finite(loss, ctx.step + 1, batch)
             acc.backward(loss * scale)
     else:
         # One no-grad pass gives each pair's dL/d(delta); then every sequence's
@@ -327,7 +322,7 @@ def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) 
         with torch.no_grad(), acc.autocast():
             terms = policy_terms(model, requests, tok, cfg)
             loss, st = batch_loss(cfg, terms, ref_c, ref_r, chosen_len)
-        _check_finite(loss, ctx.step, batch)
+        _check_finite(loss, ctx.step + 1, batch)
         delta = (st["pi_c"] - ref_c) - (st["pi_r"] - ref_r)
         chosen_w, rejected_w = sequence_weights(
             delta, n, beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
@@ -338,11 +333,11 @@ def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) 
             group = seqs[g:g + K]
             sub = [ScoreRequest(requests[j].prompt_ids, requests[j].response_ids, requests[j].masks[k:k + 1],
                                 requests[j].weights[k:k + 1]) for j, k in group]
-            with acc.autocast():
-                sub_terms = policy_terms(model, sub, tok, cfg)
             weights = [(chosen_w if j % 2 == 0 else rejected_w)[j // 2] for j, _ in group]
-            surrogate = sum(w.to(t.dtype) * t.sum() for w, t in zip(weights, sub_terms))
-            with no_sync_unless(sync and g + K >= len(seqs)):
+            with ctx.sync_context(sync and g + K >= len(seqs)):
+                with acc.autocast():
+                    sub_terms = policy_terms(model, sub, tok, cfg)
+                surrogate = sum(w.to(t.dtype) * t.sum() for w, t in zip(weights, sub_terms))
                 acc.backward(surrogate * scale)
     tokens = sum(req.masks.shape[0] * (len(req.prompt_ids) + len(req.response_ids)) for req in requests)
     return {"loss": loss.detach().float(), "cr": st["cr"].float(), "rr": st["rr"].float(),
@@ -359,11 +354,55 @@ def _check_finite(loss: torch.Tensor, step: int, batch: PairBatch) -> None:
 class TrainContext:
     cfg: TrainConfig
     model: Any
+    """The policy itself (peft-wrapped under LoRA), never a data-parallel wrapper."""
     tokenizer: Any
     accelerator: Any
     fingerprint: dict[str, Any]
     ref_model: Any = None
     step: int = 0
+    wrapped: Any = None
+    """What accelerate prepared (DDP around a BodyForward) when there are several processes, else None."""
+
+    @property
+    def scorer(self):
+        return self.model if self.wrapped is None else DataParallelScorer(self.wrapped, self.model)
+
+    def sync_context(self, last: bool):
+        """Gradients are all-reduced only on the last backward of an optimizer step."""
+        import contextlib
+
+        if self.wrapped is None or last:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.wrapped)
+
+
+class BodyForward(torch.nn.Module):
+    """The policy's body as a forward(), the call a data-parallel wrapper intercepts to sync gradients."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.model.final_hidden(input_ids, attention_mask)
+
+
+class DataParallelScorer:
+    """Looks like the policy to ``score_tokens``, but runs the body through the DDP-wrapped forward."""
+
+    def __init__(self, wrapped, model):
+        self._wrapped, self._model = wrapped, model
+        self.config = model.config
+        self.logits_shift = getattr(model, "logits_shift", False)
+
+    def final_hidden(self, input_ids, attention_mask=None):
+        return self._wrapped(input_ids, attention_mask)
+
+    def get_output_embeddings(self):
+        return self._model.get_output_embeddings()
+
+    def parameters(self):
+        return self._model.parameters()
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
@@ -393,7 +432,7 @@ def save_final(ctx: TrainContext, model_name: str, path: Path) -> None:
     import shutil
     import tempfile
 
-    model = ctx.accelerator.unwrap_model(ctx.model)
+    model = ctx.model
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -415,8 +454,6 @@ def _base_reference(model_name: str) -> str:
 
 
 def run(cfg: TrainConfig) -> TrainResult:
-    from accelerate import Accelerator
-
     from pipeline.config import config_to_yaml
     from pipeline.atomic import write_text_atomic
     from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -434,7 +471,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--mixed-precision fp16 needs CUDA (loss scaling on CPU is not supported); use bf16 or no")
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
+    acc = fresh_accelerator(cfg.mixed_precision, cpu)
     torch.manual_seed(cfg.seed)
     model, tokenizer = setup_policy(cfg, model_name, acc.device)
     if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
@@ -455,7 +492,13 @@ def run(cfg: TrainConfig) -> TrainResult:
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     # The scheduler is stepped by hand once per optimizer step: accelerate's
     # wrapper would step it once per process and change the schedule with the world size.
-    model, optimizer = acc.prepare(model, optimizer)
+    wrapped = None
+    if world > 1:
+        # DDP syncs gradients through forward(); our scorer calls final_hidden, so
+        # a BodyForward module carries the body's forward through the wrapper.
+        wrapped, optimizer = acc.prepare(BodyForward(model), optimizer)
+    else:
+        optimizer = acc.prepare(optimizer)
 
     resumed_from = None
     start_step = 0
@@ -463,7 +506,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         ckpt = latest_checkpoint(cfg.out)
         if ckpt is None:
             raise UserError(f"{cfg.out}: --resume given but the run folder holds no checkpoint")
-        state = load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler)
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
         start_step = resumed_from = int(state["step"])
     elif acc.is_main_process and (cfg.out / "checkpoints").exists() and latest_checkpoint(cfg.out):
         raise UserError(f"{cfg.out}: run folder already holds checkpoints; pass --resume to continue it "
@@ -474,7 +517,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     writer = MetricsWriter(cfg.out, tensorboard=cfg.tensorboard, resume_step=resumed_from,
                            console=cfg.progress) if acc.is_main_process else None
 
-    ctx = TrainContext(cfg, model, tokenizer, acc, fp, ref_model)
+    ctx = TrainContext(cfg, model, tokenizer, acc, fp, ref_model, wrapped=wrapped)
     last: dict[str, float] = {}
     if acc.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(acc.device)
@@ -502,7 +545,7 @@ def run(cfg: TrainConfig) -> TrainResult:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
                     writer.flush()
-                    save_checkpoint(cfg.out, step + 1, acc.unwrap_model(model), optimizer, scheduler,
+                    save_checkpoint(cfg.out, step + 1, model, optimizer, scheduler,
                                     {"epoch": (step + 1) / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
                                      "total_steps": total_steps, "seed": cfg.seed}, keep=cfg.keep_checkpoints)
         acc.wait_for_everyone()
@@ -521,6 +564,21 @@ def run(cfg: TrainConfig) -> TrainResult:
         seconds=time.perf_counter() - start_time, out=str(cfg.out), final_model=str(cfg.out / "final"),
         metrics=str(cfg.out / "metrics.parquet"), resumed_from=resumed_from,
     )
+
+
+def fresh_accelerator(mixed_precision: str, cpu: bool):
+    """An Accelerator with this run's settings. accelerate keeps one state per
+    process; in a single process (tests, sweeps, ``lldm-dpo run``) it is reset so
+    each ``run(cfg)`` gets its own mixed precision."""
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
 def _step_metrics(acc, stats, step, steps_per_epoch, lr, grad_norm, seconds) -> dict[str, float]:
