@@ -95,6 +95,11 @@ _register()
 
 
 def main() -> None:
+    # transformers' own progress bars and advisories would interleave with ours.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     app()
 
 

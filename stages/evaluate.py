@@ -130,7 +130,7 @@ def preference_scores(model, tokenizer, rows: list[dict], fingerprint: dict, bet
     from pipeline.diffusion import elbo_terms
     from stages.train import PairBatch, replay_requests
 
-    margins, own = [], []
+    margins, own, scales = [], [], []
     for start in range(0, len(rows), 8):
         chunk = rows[start:start + 8]
         sums = torch.zeros(len(chunk), 2, dtype=torch.float64)
@@ -145,11 +145,17 @@ def preference_scores(model, tokenizer, rows: list[dict], fingerprint: dict, bet
         for i, row in enumerate(chunk):
             pi_c, pi_r = float(pi[i, 0]), float(pi[i, 1])
             margins.append(beta * ((pi_c - row["ref_chosen_elbo"]) - (pi_r - row["ref_rejected_elbo"])))
+            scales.append(beta * (abs(row["ref_chosen_elbo"]) + abs(row["ref_rejected_elbo"])))
             own.append(pi_c - pi_r)
     n = len(margins)
-    # Float noise around an exact tie (the reference scoring itself) counts as a tie.
-    tol = 1e-6
-    acc = sum(1.0 if m > tol else 0.5 if abs(m) <= tol else 0.0 for m in margins) / n
+    # The reference scoring itself ties exactly up to float32 noise, which grows
+    # with the size of the ELBOs (sums over many tokens, weights L/l): a tie is a
+    # margin within 1e-5 of the ELBOs' scale, and counts one half.
+    def credit(m: float, scale: float) -> float:
+        tol = 1e-5 * scale
+        return 1.0 if m > tol else 0.5 if m >= -tol else 0.0
+
+    acc = sum(credit(m, s) for m, s in zip(margins, scales)) / n
     return {"accuracy": acc, "elbo_accuracy": sum(o > 0 for o in own) / n, "mean_margin": sum(margins) / n}
 
 

@@ -35,7 +35,7 @@ def ingest_pairs(tmp: Path, n: int = 12, eval_fraction: float = 0.25, seed: int 
 
 @pytest.fixture(scope="session")
 def small_pairs(tmp_path_factory) -> Path:
-    return ingest_pairs(tmp_path_factory.mktemp("pairs"), n=12)
+    return ingest_pairs(tmp_path_factory.mktemp("pairs"), n=20, eval_fraction=0.3)  # P(no eval pair) < 0.1%
 
 
 @pytest.fixture(scope="session")

@@ -194,7 +194,7 @@ def test_accelerate_two_processes_match_one(small_pairs, small_cache, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["processes"] == 2
-    assert json.loads(proc.stdout)["scored_now"] == 12
+    assert json.loads(proc.stdout)["scored_now"] == 20
     one, two = _content(small_cache), _content(out)
     assert [r["pair_id"] for r in one] == [r["pair_id"] for r in two]  # each pair once
     for a, b in zip(one, two):
@@ -209,7 +209,7 @@ def test_cli_json_summary_and_print_config(small_pairs, tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert set(data) >= {"pairs", "tokens", "seconds", "padding_fraction", "out", "fingerprint"}
-    assert data["pairs"] == 12 and 0 <= data["padding_fraction"] < 1
+    assert data["pairs"] == 20 and 0 <= data["padding_fraction"] < 1
     res = runner.invoke(app, ["score-ref", str(small_pairs), "--samples", "5", "--print-config"])
     assert res.exit_code == 0 and "samples: 5" in res.stdout
     res = runner.invoke(app, ["score-ref", str(tmp_path / "missing.arrow"), "--device", "cpu"])

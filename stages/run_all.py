@@ -1,0 +1,206 @@
+"""``lldm-dpo run``: ingest, score-ref, train, eval and report in order, on the embedded default.
+
+The embedded default (``stages/run.yaml``) trains the ``tiny`` preset on the
+shipped reasoning preference data with its held-out split, sized to finish
+on a 2-core CPU in a few minutes. A ``--config`` file overrides it section by
+section (``ingest``, ``score_ref``, ``train``, ``eval``): every stage's keys
+are accepted there, with the same validation as the stage's own command.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from pipeline.config import load_config, read_config_file
+from pipeline.errors import ConfigError
+
+EMBEDDED_DEFAULT = Path(__file__).with_name("run.yaml")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("ingest", "score_ref", "train", "eval")
+
+
+@dataclass
+class RunConfig:
+    out: Path = Path("runs/default")
+    """Folder for every artefact: pairs, reference cache, run (checkpoints, model, metrics, eval, report)."""
+    model: str = "tiny"
+    """Reference model and policy init (a preset name or a local checkpoint folder)."""
+    ingest: dict = field(default_factory=dict)
+    """Keys of the ingest stage's config (inputs, eval_fraction, ...)."""
+    score_ref: dict = field(default_factory=dict)
+    """Keys of the score-ref stage's config (samples, draws, limit, ...)."""
+    train: dict = field(default_factory=dict)
+    """Keys of the train stage's config (max_steps, learning_rate, lora_r, ...)."""
+    eval: dict = field(default_factory=dict)
+    """Keys of the eval stage's config (benchmark, limit_task, gen_length, ...)."""
+    report: bool = True
+    """Write report.png and report.html into the run folder."""
+    device: str = "auto"
+    """Device for every stage."""
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        for name in SECTIONS:
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"section '{name}' must be a mapping of that stage's keys")
+
+
+@dataclass
+class RunResult:
+    out: str
+    seconds: float
+    stage_seconds: dict[str, float]
+    pairs: dict[str, int]
+    preference_accuracy: dict[str, float]
+    elbo_accuracy: dict[str, float]
+    task_accuracy: dict[str, float]
+    final_train_loss: float
+    final_train_reward_accuracy: float
+    artefacts: dict[str, str]
+    example_query: str
+
+
+def merged_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
+    """Embedded default < user's file (section by section) < flags."""
+    base = read_config_file(EMBEDDED_DEFAULT)
+    if config_file is not None:
+        user = read_config_file(config_file)
+        for key, value in user.items():
+            if key in SECTIONS and isinstance(value, dict):
+                base[key] = {**base.get(key, {}), **value}
+            else:
+                base[key] = value
+        origin = str(config_file)
+    else:
+        origin = str(EMBEDDED_DEFAULT)
+    return load_config(RunConfig, None, flags, values=base, origin=origin)
+
+
+def _shipped(path: str) -> str:
+    """Paths of the shipped data resolve against the repository when absent from the working directory."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
+        return str(REPO_ROOT / p)
+    return path
+
+
+def stage_configs(cfg: RunConfig):
+    from stages.evaluate import EvalConfig
+    from stages.ingest import IngestConfig
+    from stages.score_ref import ScoreRefConfig
+    from stages.train import TrainConfig
+
+    out = cfg.out
+    ingest = {**cfg.ingest, "out": str(out / "pairs.arrow"), "progress": False}
+    ingest["inputs"] = [_shipped(p) for p in ingest.get("inputs", [])]
+    score = {"model": cfg.model, "device": cfg.device, **cfg.score_ref, "pairs": out / "pairs.arrow",
+             "out": out / "cache", "progress": False}
+    train = {"device": cfg.device, **cfg.train, "scores": out / "cache", "out": out / "run", "model": cfg.model,
+             "progress": False}
+    ev = {"device": cfg.device, **cfg.eval, "scores": out / "cache", "out": out / "run",
+          "model": str(out / "run" / "final"), "before": cfg.model}
+    for key in ("benchmark", "choices"):
+        if ev.get(key):
+            ev[key] = _shipped(ev[key])
+    return (
+        load_config(IngestConfig, values=ingest, origin="run config: ingest"),
+        load_config(ScoreRefConfig, values=score, origin="run config: score_ref"),
+        load_config(TrainConfig, values=train, origin="run config: train"),
+        load_config(EvalConfig, values=ev, origin="run config: eval"),
+    )
+
+
+def run(cfg: RunConfig, log=print) -> RunResult:
+    from pipeline.report import write_report
+    from stages import evaluate, ingest, score_ref, train
+
+    start = time.perf_counter()
+    ingest_cfg, score_cfg, train_cfg, eval_cfg = stage_configs(cfg)  # every section validated before work
+    times: dict[str, float] = {}
+
+    def timed(name, fn, stage_cfg):
+        t0 = time.perf_counter()
+        log(f"[{name}] ...")
+        result = fn(stage_cfg)
+        times[name] = round(time.perf_counter() - t0, 2)
+        log(f"[{name}] done in {times[name]:.1f}s")
+        return result
+
+    ing = timed("ingest", ingest.run, ingest_cfg)
+    sc = timed("score-ref", score_ref.run, score_cfg)
+    if train_cfg.out.exists() and not train_cfg.resume:
+        shutil.rmtree(train_cfg.out)  # `run` retrains from scratch; the reference cache above is reused when unchanged
+    tr = timed("train", train.run, train_cfg)
+    ev = timed("eval", evaluate.run, eval_cfg)
+    artefacts = {
+        "pairs": ing.out, "quarantine": ing.quarantine, "reference_cache": sc.out, "run": tr.out,
+        "final_model": tr.final_model, "metrics": tr.metrics, "eval": ev.eval_json,
+    }
+    if cfg.report:
+        paths = timed("report", lambda _: write_report(train_cfg.out), None)
+        artefacts.update(report_html=str(paths.html), report_png=str(paths.png))
+    query = (f"lldm-dpo query --pairs {ing.out} --scores {sc.out} --run {tr.out} "
+             "\"SELECT pairs.split, count(*) AS pairs, avg(ref_margin) AS mean_ref_margin "
+             "FROM pairs JOIN scores USING (pair_id) GROUP BY pairs.split ORDER BY 1\"")
+    return RunResult(
+        out=str(cfg.out), seconds=round(time.perf_counter() - start, 2), stage_seconds=times,
+        pairs={"read": ing.read, "accepted": ing.accepted, "quarantined": ing.quarantined, "scored": sc.pairs},
+        preference_accuracy=ev.preference_accuracy, elbo_accuracy=ev.elbo_accuracy, task_accuracy=ev.task_accuracy,
+        final_train_loss=tr.final_loss, final_train_reward_accuracy=tr.final_reward_accuracy,
+        artefacts=artefacts, example_query=query,
+    )
+
+
+def print_run_summary(result: RunResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"lldm-dpo run: done in {result.seconds:.0f}s", title_justify="left")
+    table.add_column("held-out pairs")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for name, values in (("preference accuracy", result.preference_accuracy),
+                         ("ELBO accuracy (B(chosen) > B(rejected))", result.elbo_accuracy),
+                         ("task accuracy", result.task_accuracy)):
+        if values:
+            table.add_row(name, f"{values.get('before', float('nan')):.3f}", f"{values.get('after', float('nan')):.3f}")
+    console.print(table)
+    console.print(f"train: final loss {result.final_train_loss:.4f}, "
+                  f"reward accuracy {result.final_train_reward_accuracy:.3f}")
+    for key, path in result.artefacts.items():
+        console.print(f"  {key:16} {path}")
+    console.print("try:", result.example_query, soft_wrap=True, markup=False)
+
+
+def command(
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for every artefact [default: runs/default]."),
+    model: Optional[str] = typer.Option(None, "--model", help="Reference model and policy init [default: tiny]."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with sections ingest/score_ref/train/eval."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Run every stage in order on the embedded default (or your config): ingest, score-ref, train, eval, report."""
+    import sys
+
+    from pipeline.config import config_to_yaml
+    from pipeline.stagecli import summary_dict
+
+    cfg = merged_config(config, {"out": out, "model": model, "device": device})
+    if print_config:
+        typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
+        return
+    result = run(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if as_json:
+        from pipeline.cli import emit_json
+
+        emit_json(summary_dict(result))
+    else:
+        print_run_summary(result)

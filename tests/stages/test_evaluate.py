@@ -1,0 +1,79 @@
+"""eval: preference accuracy on held-out pairs, task and multiple-choice accuracy, before and after."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.errors import ConfigError, UserError
+from pipeline.models import load_model
+from stages.evaluate import EvalConfig, choice_accuracy, preference_scores, run
+
+
+def test_reference_against_itself_is_chance_and_a_better_policy_wins(small_cache, monkeypatch):
+    from pipeline.cache import open_cache
+
+    cache = open_cache(small_cache)
+    rows = list(cache.rows(split="eval"))
+    model, tok = load_model("micro")
+    same = preference_scores(model, tok, rows, cache.fingerprint, beta=0.1, batch_tokens=64)
+    assert same["accuracy"] == 0.5 and abs(same["mean_margin"]) < 1e-3  # every pair a tie
+    # ELBO accuracy of the reference equals the share of pairs its cached margin favours.
+    assert same["elbo_accuracy"] == pytest.approx(sum(r["ref_margin"] > 0 for r in rows) / len(rows))
+
+    # A policy whose rejected answers score 5 nats lower than the reference's: it wins every pair.
+    import pipeline.diffusion as diffusion
+
+    rejected = {tuple(r["rejected_ids"]) for r in rows}
+    real = diffusion.elbo_terms
+
+    def tilted_terms(m, requests, **kw):
+        out = real(m, requests, **kw)
+        return [t - 5.0 if tuple(req.response_ids) in rejected else t for t, req in zip(out, requests)]
+
+    monkeypatch.setattr(diffusion, "elbo_terms", tilted_terms)
+    better = preference_scores(model, tok, rows, cache.fingerprint, beta=0.1, batch_tokens=64)
+    assert better["accuracy"] == 1.0 and better["mean_margin"] == pytest.approx(0.5, rel=1e-6)
+
+
+def test_choice_accuracy_picks_the_highest_elbo(tmp_path):
+    model, tok = load_model("micro")
+    cfg = EvalConfig(scores=None, choices=tmp_path / "c.jsonl", samples=2, device="cpu")
+    items = [{"question": "2 + 2 =", "options": ["4", "5", "22"], "answer": j} for j in range(3)]
+    acc = choice_accuracy(model, tok, items, cfg)
+    # The model picks one option for the (identical) question: exactly one of the three answers is right.
+    assert acc == pytest.approx(1 / 3)
+
+
+def test_end_to_end_writes_eval_json_and_task_results(small_cache, tmp_path):
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("\n".join(json.dumps({"question": f"What is {a} + 1?", "answer": f"#### {a + 1}"})
+                               for a in range(3)) + "\n")
+    choices = tmp_path / "choices.jsonl"
+    choices.write_text(json.dumps({"question": "1 + 1 =", "options": ["2", "3"], "answer": 0}) + "\n")
+    cfg = EvalConfig(model="micro", scores=small_cache, benchmark=bench, choices=choices, out=tmp_path / "run",
+                     gen_length=8, block_length=8, steps=4, samples=2, device="cpu")
+    result = run(cfg)
+    data = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert set(data["preference_accuracy"]) == {"before", "after"}
+    assert data["preference_accuracy"]["before"] == data["preference_accuracy"]["after"] == 0.5  # same model
+    assert data["counts"] == {"pairs": result.pairs, "task_items": 3, "choice_items": 1}
+    assert len(data["reference_margins"]) == result.pairs
+    table = pq.read_table(tmp_path / "run" / "task_results.parquet").to_pylist()
+    assert [r["model"] for r in table] == ["before"] * 3 + ["after"] * 3
+    assert [r["reference"] for r in table[:3]] == ["1", "2", "3"]
+    assert data["task_accuracy"]["after"] == sum(r["correct"] for r in table[3:]) / 3
+
+
+def test_errors_are_one_line_and_name_the_file(small_cache, tmp_path):
+    with pytest.raises(ConfigError, match="nothing to evaluate"):
+        EvalConfig(scores=None)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x"}\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:1: missing field 'answer'"):
+        run(EvalConfig(model="micro", scores=None, benchmark=bad, device="cpu", out=tmp_path))
+    with pytest.raises(UserError, match="no pairs of split 'test'"):
+        run(EvalConfig(model="micro", scores=small_cache, split="test", device="cpu", out=tmp_path))
