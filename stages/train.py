@@ -472,6 +472,11 @@ def run(cfg: TrainConfig) -> TrainResult:
         raise UserError("--mixed-precision fp16 needs CUDA (loss scaling on CPU is not supported); use bf16 or no")
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     acc = fresh_accelerator(cfg.mixed_precision, cpu)
+    if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        # The scorer applies the LM head to masked rows outside the body's forward,
+        # which sharded wrappers do not gather for; data parallel (DDP) is supported.
+        raise UserError(f"train under accelerate's {acc.distributed_type.name} is not supported yet; "
+                        "use data parallel (configs/accelerate/ddp.yaml) with LoRA and gradient checkpointing")
     torch.manual_seed(cfg.seed)
     model, tokenizer = setup_policy(cfg, model_name, acc.device)
     if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
