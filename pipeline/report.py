@@ -202,7 +202,7 @@ def _draw(m, rows, margins, title):
         _empty(ax, "no eval.json")
 
     ax = axes[8]
-    ax.set_title("reference margins (train pairs)")
+    ax.set_title("reference margins (held-out pairs)")
     if margins:
         ax.hist(margins, bins=min(40, max(5, len(margins) // 5)), color="#78909c")
         ax.axvline(0.0, color="#333333", linewidth=1)
