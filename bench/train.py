@@ -1,0 +1,351 @@
+"""Training step: cached reference (the cache's terms) vs online reference (a live reference model).
+
+Both train the same policy on the same batch with the same masks: the masks are
+replayed from the seeds a score-ref pass recorded (``stages.train.replay_requests``),
+and one optimizer step is ``stages.train.micro_step`` (forward, loss, backward)
+plus clipping and AdamW, exactly as ``stages.train.run`` does it. Only
+``TrainConfig.reference`` differs:
+
+- cached: the reference terms come from the cache, the reference model is never built;
+- online: full fine-tuning keeps a second (frozen) model and scores it on the batch's
+  masks every step; LoRA scores the base model with the adapters switched off.
+
+Each (mode, reference) configuration runs in a fresh subprocess so its peak
+resident memory (``ru_maxrss``) is its own; the RSS after imports (Python, torch,
+pairs) is read in the same process before any model exists and reported so the
+ratio of the memory the training itself adds can be read off too. Configurations
+are interleaved and repeated; the best step time (after a first warm-up step)
+and the lowest peak of the repeats are kept.
+
+Sweep cost: one score-ref pass (model build + no-grad scoring of the batch's
+masks) plus 4 cached runs, against 4 online runs; a run is model setup plus
+``--steps`` optimizer steps (hyperparameters such as learning rate or beta do not
+change a run's cost, so one measured run per configuration stands for each of the 4).
+Interpreter start-up is excluded from both sides.
+
+Also the shared building blocks of bench/gpu.py (synthetic cache rows, reference
+fill, a trainer built through ``stages.train.setup_policy``).
+
+CPU:  python bench/train.py            (tiny body, LLaDA's 126,464 vocabulary, as bench/score.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+REPO = BENCH.parent
+RESULTS = BENCH / "RESULTS.md"
+
+SWEEP_RUNS = 4
+
+
+# --- shared building blocks (also imported by bench/gpu.py) --------------------------
+
+
+def fingerprint(samples: int, draws: int = 1) -> dict:
+    """The manifest fields ``replay_requests`` reads, as ``lldm-dpo score-ref`` writes them (l_over_L)."""
+    return {"samples": samples, "draws": draws, "scheme": "l_over_L", "eps": None}
+
+
+def cache_rows(pairs, samples: int, seed: int = 0, draws: int = 1) -> list[dict]:
+    """Cache rows (as ``ScoresCache.rows`` yields them) for ``pairs`` = [(pair_id, prompt, chosen, rejected)].
+
+    Seeds and mask counts are what score-ref records; the reference terms are
+    filled by ``fill_reference``.
+    """
+    from pipeline.diffusion import mask_seed, sample_masks
+
+    rows = []
+    for pid, prompt, chosen, rejected in pairs:
+        row = {"pair_id": pid, "prompt_ids": list(prompt), "chosen_ids": list(chosen),
+               "rejected_ids": list(rejected), "chosen_len": len(chosen), "rejected_len": len(rejected),
+               "prompt_len": len(prompt)}
+        for side, resp in (("chosen", chosen), ("rejected", rejected)):
+            seeds = [mask_seed(seed, pid, side, d) for d in range(draws)]
+            row[f"{side}_seeds"] = seeds
+            row[f"{side}_mask_counts"] = [sample_masks(len(resp), samples, s).counts.tolist() for s in seeds]
+        rows.append(row)
+    return rows
+
+
+def fill_reference(model, rows, fp, *, mask_token_id, pad_token_id, batch_tokens) -> None:
+    """The reference's per-sample terms on the replayed masks (what score-ref caches), in place."""
+    from pipeline.diffusion import elbo_terms
+    from stages.train import PairBatch, replay_requests
+
+    for row in rows:
+        row["ref_chosen_terms"], row["ref_rejected_terms"] = [], []
+    for draw in range(fp["draws"]):
+        requests = replay_requests(PairBatch(rows, draw), fp)
+        with torch.no_grad():
+            terms = elbo_terms(model, requests, mask_token_id=mask_token_id, pad_token_id=pad_token_id,
+                               batch_tokens=batch_tokens)
+        for i, row in enumerate(rows):
+            row["ref_chosen_terms"].append(terms[2 * i].cpu().tolist())
+            row["ref_rejected_terms"].append(terms[2 * i + 1].cpu().tolist())
+
+
+@contextlib.contextmanager
+def prebuilt_loader(model, tokenizer):
+    """Make ``setup_policy``'s ``load_model`` return an already-built model (a preset with LLaDA's
+    vocabulary, or an 8B model quantized in place), so the rest of setup_policy (checkpointing,
+    k-bit preparation, LoRA targets) runs unchanged."""
+    import pipeline.models as models
+
+    original = models.load_model
+    models.load_model = lambda *args, **kwargs: (model, tokenizer)
+    try:
+        yield
+    finally:
+        models.load_model = original
+
+
+def make_trainer(cfg, model, tokenizer, fp, ref_model=None):
+    """(ctx, optimizer, params) as ``stages.train.run`` builds them for a single process."""
+    from stages.train import TrainContext, fresh_accelerator, setup_policy
+
+    cpu = next(model.parameters()).device.type != "cuda"
+    acc = fresh_accelerator(cfg.mixed_precision, cpu)
+    with prebuilt_loader(model, tokenizer):
+        policy, tok = setup_policy(cfg, "prebuilt", acc.device)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = acc.prepare(torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay))
+    return TrainContext(cfg, policy, tok, acc, fp, ref_model), optimizer, params
+
+
+def train_step(ctx, optimizer, params, batch) -> dict:
+    """One optimizer step on one micro-batch, as ``stages.train.run`` does it (grad_accum 1)."""
+    from stages.train import micro_step
+
+    stats = micro_step(ctx, batch, 1.0, sync=True)
+    clip = ctx.cfg.max_grad_norm if ctx.cfg.max_grad_norm > 0 else float("inf")
+    ctx.accelerator.clip_grad_norm_(params, clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ctx.step += 1
+    return stats
+
+
+def rss_now() -> int:
+    """Current resident set size in bytes (Linux /proc)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_peak() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+# --- one configuration in a fresh process ----------------------------------------------
+
+
+def gsm8k_pairs(preset: str, count: int, min_len: int, max_len: int):
+    import score as score_bench
+    from pipeline.models import preset_tokenizer
+
+    items = score_bench.load_pairs(preset_tokenizer(preset), count, min_len, max_len)
+    if len(items) < count:
+        sys.exit(f"error: only {len(items)} GSM8K pairs have both responses within {min_len}-{max_len} tokens")
+    return [(pid, t.prompt_ids, t.chosen_ids, t.rejected_ids) for pid, t in items]
+
+
+def score_worker(spec: dict) -> dict:
+    """The score-ref side of a sweep: build the reference, score the batch's masks, write the rows."""
+    import score as score_bench
+    from pipeline.models import preset_tokenizer
+
+    pairs = gsm8k_pairs(spec["preset"], spec["pairs"], spec["min_len"], spec["max_len"])
+    t0 = time.perf_counter()
+    model = score_bench.build_model(spec["preset"], spec["vocab"], "cpu", torch.float32)
+    tok = preset_tokenizer(spec["preset"])
+    fp = fingerprint(spec["samples"])
+    rows = cache_rows(pairs, spec["samples"], seed=spec["seed"])
+    fill_reference(model, rows, fp, mask_token_id=tok.mask_token_id, pad_token_id=tok.pad_token_id,
+                   batch_tokens=spec["batch_tokens"])
+    seconds = time.perf_counter() - t0
+    Path(spec["rows"]).write_text(json.dumps(rows))
+    return {"seconds": seconds}
+
+
+def train_worker(spec: dict) -> dict:
+    import score as score_bench
+    from stages.train import PairBatch, TrainConfig
+
+    rows = json.loads(Path(spec["rows"]).read_text())
+    fp = fingerprint(spec["samples"])
+    from pipeline.models import preset_tokenizer
+
+    tokenizer = preset_tokenizer(spec["preset"])
+    rss_base = rss_now()  # interpreter + torch + pairs; no model yet
+    t0 = time.perf_counter()
+    cfg = TrainConfig(reference=spec["reference"], lora_r=spec["lora_r"], batch_size=len(rows),
+                      learning_rate=1e-5, batch_tokens=spec["batch_tokens"], tensorboard=False, progress=False)
+    torch.manual_seed(0)
+    model = score_bench.build_model(spec["preset"], spec["vocab"], "cpu", torch.float32)
+    ref_model = None
+    if cfg.reference == "online" and cfg.lora_r == 0:
+        # run() loads the cache's model a second time, frozen: same preset, same seed, same weights.
+        ref_model = score_bench.build_model(spec["preset"], spec["vocab"], "cpu", torch.float32)
+        ref_model.eval().requires_grad_(False)
+    ctx, optimizer, params = make_trainer(cfg, model, tokenizer, fp, ref_model)
+    setup = time.perf_counter() - t0
+    batch = PairBatch(rows, draw=0)
+    times, losses = [], []
+    for _ in range(spec["steps"]):
+        t = time.perf_counter()
+        stats = train_step(ctx, optimizer, params, batch)
+        times.append(time.perf_counter() - t)
+        losses.append(float(stats["loss"]))
+    return {"setup_s": setup, "step_s": times, "run_s": setup + sum(times), "loss": losses,
+            "rss_base": rss_base, "rss_peak": rss_peak(),
+            "trainable": sum(p.numel() for p in params)}
+
+
+def run_worker(kind: str, spec: dict) -> dict:
+    """Run one configuration in a fresh interpreter; its last stdout line is the JSON result."""
+    proc = subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(spec)], cwd=REPO,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"error: {kind} worker failed ({spec}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- main ------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny", help="model body preset (as bench/score.py)")
+    p.add_argument("--vocab-size", type=int, default=126464,
+                   help="vocabulary (default LLaDA's 126464, as bench/score.py; 0 keeps the preset's own)")
+    p.add_argument("--pairs", type=int, default=1, help="GSM8K pairs per batch (micro-batch size)")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per run (the first is a warm-up)")
+    p.add_argument("--samples", type=int, default=4, help="Monte Carlo samples n per response")
+    p.add_argument("--min-len", type=int, default=64, help="shortest response (tokens) to keep")
+    p.add_argument("--max-len", type=int, default=128, help="longest response (tokens) to keep")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every configuration")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the LoRA configurations")
+    p.add_argument("--quick", action="store_true", help="smallest settings (n 2, 2 steps, 1 repeat)")
+    p.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    p.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.samples, args.steps, args.repeats, args.max_len = 2, 2, 1, min(args.max_len, 96)
+    if args.steps < 1 or args.repeats < 1 or args.pairs < 1 or args.samples < 1:
+        p.error("--steps, --repeats, --pairs and --samples must be >= 1")
+    return args
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.0f} MiB"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        kind, spec = args.worker[0], json.loads(args.worker[1])
+        torch.manual_seed(0)
+        result = score_worker(spec) if kind == "score" else train_worker(spec)
+        print(json.dumps(result))
+        return 0
+
+    wall0 = time.perf_counter()
+    load0 = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        spec = {"preset": args.preset, "vocab": args.vocab_size, "pairs": args.pairs, "samples": args.samples,
+                "min_len": args.min_len, "max_len": args.max_len, "batch_tokens": args.batch_tokens,
+                "seed": args.seed, "rows": str(Path(tmp) / "rows.json"), "steps": args.steps}
+        scored = run_worker("score", spec)
+        rows = json.loads(Path(spec["rows"]).read_text())
+        configs = [(mode, ref) for mode in ("full", "lora") for ref in ("cached", "online")]
+        results: dict = {c: [] for c in configs}
+        for _ in range(args.repeats):
+            for mode, ref in configs:  # interleaved: load drift hits every configuration alike
+                results[(mode, ref)].append(run_worker("train", {**spec, "reference": ref,
+                                                                 "lora_r": 0 if mode == "full" else args.lora_r}))
+    load1 = os.getloadavg()
+
+    def best(mode, ref, key):
+        rs = results[(mode, ref)]
+        if key == "step":
+            return min(min(r["step_s"][1:] or r["step_s"]) for r in rs)
+        if key == "net":
+            return min(r["rss_peak"] - r["rss_base"] for r in rs)
+        return min(r[key] for r in rs)
+
+    resp = [len(r[f"{s}_ids"]) for r in rows for s in ("chosen", "rejected")]
+    tokens = args.samples * sum(2 * r["prompt_len"] + r["chosen_len"] + r["rejected_len"] for r in rows)
+    first = results[("full", "cached")][0]
+    lines = [
+        f"model: preset {args.preset} body, vocab {args.vocab_size or 'preset'}, float32 on cpu "
+        f"({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads; load average "
+        f"{load0[0]:.1f} at start, {load1[0]:.1f} at end)",
+        f"batch: {len(rows)} GSM8K pair(s), n = {args.samples}, prompt {rows[0]['prompt_len']} tokens, responses "
+        f"{min(resp)}-{max(resp)}; {tokens} tokens per step per model pass; LoRA r {args.lora_r} on LLaDA's "
+        f"projections; AdamW, clip 1.0; {args.steps} steps per run (first = warm-up), best of {args.repeats} "
+        f"interleaved repeats, each configuration in a fresh process",
+        "memory: peak RSS (ru_maxrss) of the configuration's own process; 'added' = peak minus the RSS after "
+        f"imports and before any model is built (about {_mib(first['rss_base'])} here)",
+    ]
+    out = []
+    for mode in ("full", "lora"):
+        tc, to = best(mode, "cached", "step"), best(mode, "online", "step")
+        pc, po = best(mode, "cached", "rss_peak"), best(mode, "online", "rss_peak")
+        nc, no = best(mode, "cached", "net"), best(mode, "online", "net")
+        lc = results[(mode, "cached")][0]["loss"][0]
+        lo = results[(mode, "online")][0]["loss"][0]
+        goal = "  (goals: <= 0.80 time, <= 0.85 memory)" if mode == "full" else ""
+        name = "full fine-tuning" if mode == "full" else f"LoRA r {args.lora_r}"
+        out += [
+            f"{name}: trainable {results[(mode, 'cached')][0]['trainable']:,} parameters{goal}",
+            f"  step time  cached {tc:.3f} s  online {to:.3f} s  ratio cached/online {tc / to:.2f}",
+            f"  peak RSS   cached {_mib(pc)}  online {_mib(po)}  ratio {pc / po:.2f};  added by training: "
+            f"cached {_mib(nc)}  online {_mib(no)}  ratio {nc / no:.2f}",
+            f"  step-1 loss cached {lc:.6f}  online {lo:.6f} (same batch, same masks: equal up to float noise)",
+        ]
+    out.append(f"sweep of {SWEEP_RUNS} runs ({args.steps} steps each; setup + steps, interpreter start excluded):")
+    for mode in ("full", "lora"):
+        rc, ro = best(mode, "cached", "run_s"), best(mode, "online", "run_s")
+        cached = scored["seconds"] + SWEEP_RUNS * rc
+        online = SWEEP_RUNS * ro
+        out.append(f"  {mode:4s}: 1 score-ref ({scored['seconds']:.2f} s) + {SWEEP_RUNS} cached runs "
+                   f"({rc:.2f} s each) = {cached:.2f} s  vs  {SWEEP_RUNS} online runs ({ro:.2f} s each) = "
+                   f"{online:.2f} s;  ratio {cached / online:.2f}")
+    out.append(f"bench wall time {time.perf_counter() - wall0:.0f} s")
+    print("\n".join(lines + out), flush=True)
+
+    if not args.no_record:
+        command = "python bench/train.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
+                                                                               else sys.argv[1:]))
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        if not RESULTS.exists():
+            RESULTS.write_text("# Benchmark results\n\nAppended by the bench/*.py scripts; newest last.\n",
+                               encoding="utf-8")
+        with RESULTS.open("a", encoding="utf-8") as fh:
+            fh.write(f"\n## train.py, {stamp}\n\n```\n$ {command.strip()}\n" + "\n".join(lines + out) + "\n```\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

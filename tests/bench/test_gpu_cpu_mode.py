@@ -1,0 +1,92 @@
+"""bench/gpu.py --mode cpu: the GPU proof's code paths on a small shape, so the script cannot rot without a GPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "bench" / "gpu.py"
+
+
+def _numbers(obj, path=""):
+    """Every int/float leaf (bools excluded) with its JSON path."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return
+    if isinstance(obj, (int, float)):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-cpu")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--mode", "cpu"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((out / "gpu_results.json").read_text())
+
+
+def test_every_section_ran(results):
+    assert results["complete"] is True and not results.get("errors")
+    for name in ("environment", "build", "score_ref", "faithful", "train", "reference", "train_4bit"):
+        assert name in results, name
+    for name in ("build", "score_ref", "faithful", "train"):
+        assert results[name]["status"] == "ok", (name, results[name])
+
+
+def test_numbers_are_finite(results):
+    leaves = list(_numbers(results))
+    assert len(leaves) > 40
+    bad = [(p, v) for p, v in leaves if not math.isfinite(v)]
+    assert not bad, bad
+
+
+def test_score_ref_and_faithful_figures(results):
+    s = results["score_ref"]
+    assert s["pairs_scored"] == s["pairs_requested"] == 4 and s["terms_finite"]
+    assert s["tokens"] > s["masked_tokens"] > 0
+    assert s["tokens_per_s"] > 0 and s["tflops"] > 0 and 0 < s["mfu"]
+    f = results["faithful"]
+    assert f["pairs_measured"] >= 1 and f["speed_ratio_same_pairs"] > 0
+    assert f["extrapolated"] == (f["pairs_measured"] < f["extrapolated_to_pairs"])
+
+
+def test_train_configs_and_reference_ratios(results):
+    configs = results["train"]["configs"]
+    assert set(configs) == {"cached", "cached_seqmb1", "online", "online_seqmb1"}
+    for c in configs.values():
+        assert c["step_s"] > 0 and c["peak_bytes"] > 0
+        assert all(math.isfinite(x) for x in c["loss"])
+    # Same batch, same masks, same starting adapters (B = 0): cached and online references give the same loss.
+    assert configs["cached"]["loss"][0] == pytest.approx(0.6931, abs=0.01)
+    assert results["train"]["trainable_parameters"] > 0
+    ref = results["reference"]
+    for key in ("one_pass", "sequence_microbatch"):
+        assert ref[key]["step_time_ratio"] > 0 and ref[key]["memory_ratio"] > 0
+
+
+def test_4bit_section_skipped_with_reason_on_cpu(results):
+    assert results["train_4bit"]["status"] == "skipped"
+    assert "CUDA" in results["train_4bit"]["skipped"]
+
+
+def test_gpu_mode_without_cuda_is_a_clear_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "--mode cpu" in proc.stderr
+    assert not (tmp_path / "gpu_results.json").exists()
