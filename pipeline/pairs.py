@@ -74,17 +74,31 @@ def normalize_text(text: str) -> str:
 def _canon(obj: Any) -> str:
     """Unambiguous length-prefixed encoding of a normalized text or [[role, content], ...] list.
 
-    (Cheaper than canonical JSON, which matters at hundreds of thousands of pairs.)
+    Lengths count UTF-8 bytes, so the same bytes can be produced by SQL
+    (``strlen``) in the bulk path. (Cheaper than canonical JSON, which matters
+    at hundreds of thousands of pairs.)
     """
     if isinstance(obj, str):
-        return f"s{len(obj)}:{obj}"
+        return f"s{len(obj.encode('utf-8', 'surrogatepass')) if not obj.isascii() else len(obj)}:{obj}"
     return f"m{len(obj)}:" + "".join(_canon(role) + _canon(content) for role, content in obj)
 
 
+def _md5_hex(text: str) -> str:
+    # md5 as a content fingerprint (not for security): DuckDB computes the same digest in bulk.
+    return hashlib.md5(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def pair_id_of(prompt_norm: Any, chosen_norm: Any, rejected_norm: Any) -> str:
-    """128-bit hex digest of the normalized content (strings, or [[role, content], ...] lists)."""
-    canon = _ID_VERSION + _canon(prompt_norm) + _canon(chosen_norm) + _canon(rejected_norm)
-    return hashlib.blake2b(canon.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    """128-bit hex digest (md5) of the normalized content (strings, or [[role, content], ...] lists)."""
+    return _md5_hex(_ID_VERSION + _canon(prompt_norm) + _canon(chosen_norm) + _canon(rejected_norm))
+
+
+def prompt_hash(prompt_key: str) -> str:
+    return _md5_hex("split:" + prompt_key)
+
+
+def split_from_hash(digest_hex: str, eval_fraction: float) -> str:
+    return "eval" if int(digest_hex[:16], 16) / 2.0**64 < eval_fraction else "train"
 
 
 def split_of(prompt_key: str, eval_fraction: float) -> str:
@@ -95,8 +109,7 @@ def split_of(prompt_key: str, eval_fraction: float) -> str:
     """
     if eval_fraction <= 0.0:
         return "train"
-    digest = hashlib.blake2b(("split:" + prompt_key).encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return "eval" if int.from_bytes(digest, "big") / 2.0**64 < eval_fraction else "train"
+    return split_from_hash(prompt_hash(prompt_key), eval_fraction)
 
 
 def _type_name(value: Any) -> str:
@@ -231,28 +244,35 @@ def kept_value(value: Any) -> str | None:
 
 _ASCII_WS = "".join(c for c in map(chr, range(128)) if c.isspace())  # what str.strip() removes from ASCII text
 
+_BULK_SQL = """
+WITH n AS (
+  SELECT trim(p, $ws) AS tp, trim(c, $ws) AS tc, trim(r, $ws) AS tr,
+         p IS NOT NULL AND c IS NOT NULL AND r IS NOT NULL
+         AND strlen(p) = length(p) AND strlen(c) = length(c) AND strlen(r) = length(r)
+         AND NOT contains(p, chr(13)) AND NOT contains(c, chr(13)) AND NOT contains(r, chr(13))
+         AND ($max = 0 OR (strlen(p) <= $max AND strlen(c) <= $max AND strlen(r) <= $max)) AS base
+  FROM t
+)
+SELECT coalesce(base AND strlen(tp) > 0 AND strlen(tc) > 0 AND strlen(tr) > 0 AND tc <> tr, false) AS ok,
+       md5($v || 's' || strlen(tp) || ':' || tp || 's' || strlen(tc) || ':' || tc || 's' || strlen(tr) || ':' || tr) AS pair_id,
+       CASE WHEN $split THEN md5('split:' || tp) END AS split_hash
+FROM n
+"""
 
-def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0):
-    """Vectorized check over Arrow string arrays for standard-format rows: ``(mask, normalized)``.
 
-    ``mask`` is True where ``validate_record`` would certainly accept the row:
-    all three texts present, ASCII, free of ``\\r`` (so normalization is just
-    ``strip()``), non-empty after stripping, chosen != rejected, within
-    ``max_chars``. ``normalized`` are the three stripped arrays (for
-    ``pair_id_of``/``split_of``). Rows outside the mask are not judged here:
-    the caller sends them through ``validate_record``, which gives the reason.
+def bulk_check(con, table, max_chars: int = 0, with_split: bool = False):
+    """Vectorized check of a standard-format Arrow table ``t(p, c, r)`` (strings) in DuckDB.
+
+    Returns an Arrow table ``(ok, pair_id, split_hash)``: ``ok`` is True where
+    ``validate_record`` would certainly accept the row (all three texts present,
+    ASCII, without ``\r`` so normalization is just ``strip()``, non-empty after
+    stripping, chosen != rejected, within ``max_chars``), and then ``pair_id``
+    equals ``pair_id_of`` and ``split_hash`` equals ``prompt_hash``. Rows that
+    are not ok are not judged: the caller sends them through ``validate_record``.
     """
-    import pyarrow.compute as pc
-
-    conds, normalized = [], []
-    for col in (prompt, chosen, rejected):
-        stripped = pc.utf8_trim(col, characters=_ASCII_WS)
-        normalized.append(stripped)
-        conds += [pc.string_is_ascii(col), pc.invert(pc.match_substring(col, "\r")), pc.greater(pc.binary_length(stripped), 0)]
-        if max_chars > 0:
-            conds.append(pc.less_equal(pc.binary_length(col), max_chars))
-    conds.append(pc.not_equal(normalized[1], normalized[2]))
-    mask = conds[0]
-    for cond in conds[1:]:
-        mask = pc.and_(mask, cond)
-    return pc.fill_null(mask, False), normalized
+    con.register("t", table)
+    try:
+        params = {"ws": _ASCII_WS, "max": max_chars, "v": _ID_VERSION, "split": with_split}
+        return con.sql(_BULK_SQL, params=params).to_arrow_table()
+    finally:
+        con.unregister("t")
