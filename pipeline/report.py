@@ -96,7 +96,9 @@ def eval_rows(data: dict[str, Any], prefix: str = "") -> list[tuple[str, float |
         name = f"{prefix}{key}"
         if isinstance(val, dict):
             if "before" in val or "after" in val:
-                rows.append((name, _num(val.get("before")), _num(val.get("after")), None))
+                before, after = _num(val.get("before")), _num(val.get("after"))
+                if before is not None or after is not None:  # e.g. model names are not numbers
+                    rows.append((name, before, after, None))
             else:
                 rows.extend(eval_rows(val, prefix=f"{name}/"))
         elif _num(val) is not None:
