@@ -142,8 +142,7 @@ def test_eval_rows_flatten_groups_and_missing_keys():
         ("preference_accuracy", 0.5, None, None),
         ("task/gsm8k", 0.1, 0.2, None),
         ("task/count", None, None, 10.0),
-        ("bad", None, None, None),
-    ]
+    ]  # "bad" has no number on either side (like eval.json's model names): no row
 
 
 def test_errors_name_the_file(tmp_path):
