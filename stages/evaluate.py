@@ -63,6 +63,8 @@ class EvalConfig:
     """Held-out pairs to use (0 = all)."""
     limit_task: int = 0
     """Benchmark questions to use (0 = all)."""
+    limit_choices: int = 0
+    """Multiple-choice items to use (0 = all)."""
     gen_length: int = 64
     """Tokens generated per question."""
     block_length: int = 32
@@ -236,6 +238,8 @@ def run(cfg: EvalConfig) -> EvalResult:
     if cfg.limit_task:
         bench = bench[:cfg.limit_task]
     mc = read_jsonl(cfg.choices, ("question", "options", "answer")) if cfg.choices else []
+    if cfg.limit_choices:
+        mc = mc[:cfg.limit_choices]
 
     result = EvalResult(out=str(cfg.out), eval_json=str(cfg.out / EVAL_FILE), seconds=0.0, pairs=len(pair_rows),
                         task_items=len(bench))
@@ -285,6 +289,7 @@ def command(
     split: Optional[str] = typer.Option(None, "--split"),
     limit_pairs: Optional[int] = typer.Option(None, "--limit-pairs"),
     limit_task: Optional[int] = typer.Option(None, "--limit-task"),
+    limit_choices: Optional[int] = typer.Option(None, "--limit-choices"),
     gen_length: Optional[int] = typer.Option(None, "--gen-length"),
     block_length: Optional[int] = typer.Option(None, "--block-length"),
     steps: Optional[int] = typer.Option(None, "--steps"),

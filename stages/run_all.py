@@ -60,6 +60,7 @@ class RunResult:
     preference_accuracy: dict[str, float]
     elbo_accuracy: dict[str, float]
     task_accuracy: dict[str, float]
+    choice_accuracy: dict[str, float]
     final_train_loss: float
     final_train_reward_accuracy: float
     artefacts: dict[str, str]
@@ -152,6 +153,7 @@ def run(cfg: RunConfig, log=print) -> RunResult:
         out=str(cfg.out), seconds=round(time.perf_counter() - start, 2), stage_seconds=times,
         pairs={"read": ing.read, "accepted": ing.accepted, "quarantined": ing.quarantined, "scored": sc.pairs},
         preference_accuracy=ev.preference_accuracy, elbo_accuracy=ev.elbo_accuracy, task_accuracy=ev.task_accuracy,
+        choice_accuracy=ev.choice_accuracy,
         final_train_loss=tr.final_loss, final_train_reward_accuracy=tr.final_reward_accuracy,
         artefacts=artefacts, example_query=query,
     )
@@ -163,12 +165,13 @@ def print_run_summary(result: RunResult) -> None:
 
     console = Console()
     table = Table(title=f"lldm-dpo run: done in {result.seconds:.0f}s", title_justify="left")
-    table.add_column("held-out pairs")
+    table.add_column("held-out evaluation")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     for name, values in (("preference accuracy", result.preference_accuracy),
                          ("ELBO accuracy (B(chosen) > B(rejected))", result.elbo_accuracy),
-                         ("task accuracy", result.task_accuracy)):
+                         ("task accuracy (generation)", result.task_accuracy),
+                         ("multiple-choice accuracy (option ELBO)", result.choice_accuracy)):
         if values:
             table.add_row(name, f"{values.get('before', float('nan')):.3f}", f"{values.get('after', float('nan')):.3f}")
     console.print(table)

@@ -19,7 +19,8 @@ SHRUNK = {
     "device": "cpu",
     "score_ref": {"limit": 40, "samples": 2, "max_length": 128},
     "train": {"max_steps": 3, "batch_size": 4, "save_every": 2},
-    "eval": {"limit_task": 2, "gen_length": 8, "block_length": 8, "steps": 4, "batch_size": 2},
+    "eval": {"limit_task": 2, "gen_length": 8, "block_length": 8, "steps": 4, "batch_size": 2, "limit_choices": 2,
+             "samples": 2},
 }
 
 
@@ -53,6 +54,8 @@ def test_run_end_to_end_summary_matches_the_files(tmp_path):
     eval_json = json.loads(Path(art["eval"]).read_text())
     assert summary["preference_accuracy"] == eval_json["preference_accuracy"]
     assert summary["preference_accuracy"]["before"] == 0.5  # the reference against itself: all ties
+    assert summary["choice_accuracy"] == eval_json["choice_accuracy"] and set(summary["choice_accuracy"]) == {
+        "before", "after"}
     metrics = pq.read_table(art["metrics"]).to_pylist()
     assert len(metrics) == 3 and summary["final_train_loss"] == pytest.approx(metrics[-1]["loss"])
     assert pq.read_table(Path(art["run"]) / "task_results.parquet").num_rows == 4  # 2 items x before/after
