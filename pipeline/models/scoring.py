@@ -44,8 +44,9 @@ def score_tokens(
     for start in range(0, selected.shape[0], chunk_size):
         logits = head(selected[start : start + chunk_size]).float()
         tgt = targets[start : start + chunk_size]
-        # log_softmax gathered = logit[target] - logsumexp(logits)
-        out.append(logits.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1))
+        # log_softmax gathered at the target, by the fused cross-entropy kernel
+        # (a separate logsumexp makes several passes over rows x vocab).
+        out.append(-torch.nn.functional.cross_entropy(logits, tgt, reduction="none"))
     if not out:
         return hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat(out)
