@@ -244,35 +244,27 @@ def kept_value(value: Any) -> str | None:
 
 _ASCII_WS = "".join(c for c in map(chr, range(128)) if c.isspace())  # what str.strip() removes from ASCII text
 
-_BULK_SQL = """
-WITH n AS (
-  SELECT trim(p, $ws) AS tp, trim(c, $ws) AS tc, trim(r, $ws) AS tr,
-         p IS NOT NULL AND c IS NOT NULL AND r IS NOT NULL
-         AND strlen(p) = length(p) AND strlen(c) = length(c) AND strlen(r) = length(r)
-         AND NOT contains(p, chr(13)) AND NOT contains(c, chr(13)) AND NOT contains(r, chr(13))
-         AND ($max = 0 OR (strlen(p) <= $max AND strlen(c) <= $max AND strlen(r) <= $max)) AS base
-  FROM t
-)
-SELECT coalesce(base AND strlen(tp) > 0 AND strlen(tc) > 0 AND strlen(tr) > 0 AND tc <> tr, false) AS ok,
-       md5($v || 's' || strlen(tp) || ':' || tp || 's' || strlen(tc) || ':' || tc || 's' || strlen(tr) || ':' || tr) AS pair_id,
-       CASE WHEN $split THEN md5('split:' || tp) END AS split_hash
-FROM n
-"""
+def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0):
+    """Vectorized check over Arrow string arrays for standard-format rows: ``(mask, normalized)``.
 
-
-def bulk_check(con, table, max_chars: int = 0, with_split: bool = False):
-    """Vectorized check of a standard-format Arrow table ``t(p, c, r)`` (strings) in DuckDB.
-
-    Returns an Arrow table ``(ok, pair_id, split_hash)``: ``ok`` is True where
-    ``validate_record`` would certainly accept the row (all three texts present,
-    ASCII, without ``\r`` so normalization is just ``strip()``, non-empty after
-    stripping, chosen != rejected, within ``max_chars``), and then ``pair_id``
-    equals ``pair_id_of`` and ``split_hash`` equals ``prompt_hash``. Rows that
-    are not ok are not judged: the caller sends them through ``validate_record``.
+    ``mask`` is True where ``validate_record`` would certainly accept the row:
+    all three texts present, ASCII, free of ``\\r`` (so normalization is just
+    ``strip()``), non-empty after stripping, chosen != rejected, within
+    ``max_chars``. ``normalized`` are the three stripped arrays (for
+    ``pair_id_of``/``split_of``). Rows outside the mask are not judged here:
+    the caller sends them through ``validate_record``, which gives the reason.
     """
-    con.register("t", table)
-    try:
-        params = {"ws": _ASCII_WS, "max": max_chars, "v": _ID_VERSION, "split": with_split}
-        return con.sql(_BULK_SQL, params=params).to_arrow_table()
-    finally:
-        con.unregister("t")
+    import pyarrow.compute as pc
+
+    conds, normalized = [], []
+    for col in (prompt, chosen, rejected):
+        stripped = pc.utf8_trim(col, characters=_ASCII_WS)
+        normalized.append(stripped)
+        conds += [pc.string_is_ascii(col), pc.invert(pc.match_substring(col, "\r")), pc.greater(pc.binary_length(stripped), 0)]
+        if max_chars > 0:
+            conds.append(pc.less_equal(pc.binary_length(col), max_chars))
+    conds.append(pc.not_equal(normalized[1], normalized[2]))
+    mask = conds[0]
+    for cond in conds[1:]:
+        mask = pc.and_(mask, cond)
+    return pc.fill_null(mask, False), normalized

@@ -29,7 +29,7 @@ import typer
 from pipeline.atomic import atomic_path
 from pipeline.config import config_to_yaml, load_config, require
 from pipeline.errors import ConfigError, UserError
-from pipeline.pairs import FieldMap, Invalid, bulk_check, kept_value, split_from_hash, split_of, validate_record
+from pipeline.pairs import FieldMap, Invalid, arrow_clean_mask, kept_value, pair_id_of, split_of, validate_record
 from pipeline.readers import (
     Record,
     arrow_segments,
@@ -304,37 +304,30 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
             fast_idx.extend(range(start, end))
     batches = []
     if tables:
-        t = pa.concat_tables(tables).rename_columns(["p", "c", "r"])
-        checked = bulk_check(_duckdb(), t, ctx.max_chars, ctx.eval_fraction > 0)
-        mask = checked.column("ok")
+        t = pa.concat_tables(tables)
+        p, c, r = (t.column(i).combine_chunks() for i in range(3))
+        mask, normalized = arrow_clean_mask(p, c, r, ctx.max_chars)
         ok_rows = []
         for i, ok in zip(fast_idx, mask.to_pylist()):
             (ok_rows if ok else slow).append(i)
         if ok_rows:
             n = len(ok_rows)
+            pn, cn, rn = (pc.filter(col, mask).to_pylist() for col in normalized)
             if ctx.eval_fraction > 0:
-                hashes = pc.filter(checked.column("split_hash"), mask).to_pylist()
-                split = pa.array([split_from_hash(h, ctx.eval_fraction) for h in hashes], pa.string())
+                split = pa.array([split_of(a, ctx.eval_fraction) for a in pn], pa.string())
             else:
                 split = pa.array(["train"] * n, pa.string())
             lines_ok = pa.array([numbers[i] for i in ok_rows], pa.int64())
             arrays = {
-                "pair_id": pc.filter(checked.column("pair_id"), mask),
-                "prompt": pc.filter(t.column("p"), mask),
-                "chosen": pc.filter(t.column("c"), mask),
-                "rejected": pc.filter(t.column("r"), mask),
+                "pair_id": pa.array([pair_id_of(a, b, c_) for a, b, c_ in zip(pn, cn, rn)], pa.string()),
+                "prompt": pc.filter(p, mask),
+                "chosen": pc.filter(c, mask),
+                "rejected": pc.filter(r, mask),
                 "split": split,
                 "source": pc.binary_join_element_wise(f"{source}:", pc.cast(lines_ok, pa.string()), ""),
                 "_line": lines_ok,
             }
-            cols = []
-            for fld in ctx.schema:
-                arr = arrays.get(fld.name)
-                if arr is None:
-                    arr = pa.nulls(n, fld.type)
-                elif isinstance(arr, pa.ChunkedArray):
-                    arr = arr.combine_chunks()
-                cols.append(arr)
+            cols = [arrays[fld.name] if fld.name in arrays else pa.nulls(n, fld.type) for fld in ctx.schema]
             batches.append(pa.RecordBatch.from_arrays(cols, schema=ctx.schema))
     slow.sort()
     exact = _process((parse_line(lines[i], source, numbers[i]) for i in slow), source, ctx)
@@ -344,19 +337,6 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
     merged = pa.Table.from_batches(batches, schema=ctx.schema).sort_by("_line").combine_chunks()
     batch = merged.to_batches()[0] if merged.num_rows else exact.batch
     return _Chunk(source, len(lines), batch, exact.quarantine)
-
-
-_DUCKDB: tuple[int, Any] | None = None
-
-
-def _duckdb():
-    """This process's DuckDB connection (a connection must not cross a fork)."""
-    global _DUCKDB
-    if _DUCKDB is None or _DUCKDB[0] != os.getpid():
-        import duckdb
-
-        _DUCKDB = (os.getpid(), duckdb.connect(":memory:"))
-    return _DUCKDB[1]
 
 
 def _quarantine_line(source: str, line: int, reason: str, message: str | None, raw: str) -> str:
