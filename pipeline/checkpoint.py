@@ -11,16 +11,15 @@ and scheduler states go through ``torch.save`` and come back with
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.atomic import atomic_dir
 from pipeline.errors import UserError
 
 STEP_PATTERN = re.compile(r"^step-(\d{7})$")
@@ -38,8 +37,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
-    try:
+    with atomic_dir(final) as tmp:
         save_file(trainable_state(model), str(tmp / WEIGHTS))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -48,12 +46,6 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from pipeline.atomic import atomic_dir
 from pipeline.errors import UserError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -60,17 +58,9 @@ def merge(adapter_dir: str | Path, out: str | Path, *, dtype: str = "float32", o
     model, tokenizer = load_adapter_model(adapter_dir, dtype=dtype)
     base = model.peft_config["default"].base_model_name_or_path
     merged = model.merge_and_unload()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return MergeResult(base=str(base), out=str(out), parameters=sum(p.numel() for p in merged.parameters()))
 
 

@@ -428,24 +428,14 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def save_final(ctx: TrainContext, model_name: str, path: Path) -> None:
     """The final model in Hugging Face format (full weights, or the LoRA adapter), renamed into place."""
-    import os
-    import shutil
-    import tempfile
+    from pipeline.atomic import atomic_dir
 
     model = ctx.model
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        if ctx.cfg.lora_r > 0:
-            model.peft_config["default"].base_model_name_or_path = _base_reference(model_name)
+    if ctx.cfg.lora_r > 0:
+        model.peft_config["default"].base_model_name_or_path = _base_reference(model_name)
+    with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         ctx.tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _base_reference(model_name: str) -> str:

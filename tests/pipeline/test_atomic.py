@@ -22,3 +22,21 @@ def test_success_replaces(tmp_path):
     target = tmp_path / "sub" / "x.json"
     write_json_atomic(target, {"b": 1, "a": 2})
     assert target.read_text() == '{\n  "a": 2,\n  "b": 1\n}\n'
+
+
+def test_atomic_dir_replaces_whole_folder_or_leaves_the_old_one(tmp_path):
+    from pipeline.atomic import atomic_dir
+
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert (target / "a.txt").read_text() == "1"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "b.txt").write_text("half")
+            raise RuntimeError("crash while saving")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    with atomic_dir(target) as tmp:
+        (tmp / "c.txt").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["c.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary leftovers
