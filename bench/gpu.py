@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import datetime
 import gc
-import math
 import platform
 import re
 import sys
@@ -315,8 +314,6 @@ def _train_configs(K: int):
 
 def _measure(results, name, state, ctx, optimizer, params, batch, configs, budget, extra=None):
     """Run each configuration: one warm-up step, then up to `steps` timed steps inside the time box."""
-    from stages.train import TrainConfig  # noqa: F401  (ctx.cfg is one)
-
     device, steps = state["device"], state["settings"]["steps"]
     base_cfg = ctx.cfg
     section = {"configs": {}, **(extra or {})}
@@ -453,6 +450,8 @@ def section_train_4bit(results: Results, state: dict) -> None:
         return
     batch, fp = state["train_batch"]  # reference terms of the bf16 model: the cache a QLoRA run trains against
     free_cuda()
+    # Whatever the bf16 sections left alive would count in this section's peak: record it.
+    leftover = int(torch.cuda.memory_allocated(device))
     model = build_preset(s["preset"], device=str(device), dtype=s["dtype"])
     quantized = quantize_blocks_4bit(model, torch.bfloat16)
     free_cuda()
@@ -462,7 +461,8 @@ def section_train_4bit(results: Results, state: dict) -> None:
     extra = {"quantized_linears": quantized, "quantization": "bitsandbytes NF4, double quant, bf16 compute; "
              "block projections only (head and embeddings unquantized; prepare_model_for_kbit_training "
              "upcasts them to float32)", "budget_bytes": BUDGET_15_GIB,
-             "weights_allocated_bytes": int(torch.cuda.memory_allocated(device))}
+             "weights_allocated_bytes": int(torch.cuda.memory_allocated(device)),
+             "allocated_before_build_bytes": leftover}
     section = _measure(results, "train_4bit", state, ctx, optimizer, params, batch,
                        [("cached", "cached", 0), (f"cached_seqmb{K}", "cached", K)], s["budgets"]["train_4bit"],
                        extra)

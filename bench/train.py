@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import resource
@@ -125,6 +123,7 @@ def make_trainer(cfg, model, tokenizer, fp, ref_model=None):
 
     cpu = next(model.parameters()).device.type != "cuda"
     acc = fresh_accelerator(cfg.mixed_precision, cpu)
+    torch.manual_seed(cfg.seed)  # as run(): LoRA's A matrices come from the global RNG
     with prebuilt_loader(model, tokenizer):
         policy, tok = setup_policy(cfg, "prebuilt", acc.device)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -198,7 +197,8 @@ def train_worker(spec: dict) -> dict:
     rss_base = rss_now()  # interpreter + torch + pairs; no model yet
     t0 = time.perf_counter()
     cfg = TrainConfig(reference=spec["reference"], lora_r=spec["lora_r"], batch_size=len(rows),
-                      learning_rate=1e-5, batch_tokens=spec["batch_tokens"], tensorboard=False, progress=False)
+                      sequence_microbatch=spec["sequence_microbatch"], learning_rate=1e-5,
+                      batch_tokens=spec["batch_tokens"], tensorboard=False, progress=False)
     torch.manual_seed(0)
     model = score_bench.build_model(spec["preset"], spec["vocab"], "cpu", torch.float32)
     ref_model = None
@@ -209,21 +209,31 @@ def train_worker(spec: dict) -> dict:
     ctx, optimizer, params = make_trainer(cfg, model, tokenizer, fp, ref_model)
     setup = time.perf_counter() - t0
     batch = PairBatch(rows, draw=0)
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for _ in range(spec["steps"]):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         stats = train_step(ctx, optimizer, params, batch)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
         losses.append(float(stats["loss"]))
-    return {"setup_s": setup, "step_s": times, "run_s": setup + sum(times), "loss": losses,
+    return {"setup_s": setup, "step_s": times, "cpu_s": cpu, "run_s": setup + sum(times), "loss": losses,
             "rss_base": rss_base, "rss_peak": rss_peak(),
             "trainable": sum(p.numel() for p in params)}
 
 
-def run_worker(kind: str, spec: dict) -> dict:
-    """Run one configuration in a fresh interpreter; its last stdout line is the JSON result."""
+def run_worker(kind: str, spec: dict, exact_rss: bool = False) -> dict:
+    """Run one configuration in a fresh interpreter; its last stdout line is the JSON result.
+
+    ``exact_rss``: a fixed mmap threshold turns off glibc's adaptive one, so every block
+    of 128 KiB or more is mapped on allocation and unmapped on free: RSS then follows
+    live memory and ru_maxrss is the peak of what was live, not of heap reuse. It slows
+    allocation, so those processes are used for memory only, never for time.
+    """
+    env = dict(os.environ)
+    if exact_rss:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     proc = subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(spec)], cwd=REPO,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"error: {kind} worker failed ({spec}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -243,6 +253,8 @@ def parse_args(argv=None):
     p.add_argument("--min-len", type=int, default=64, help="shortest response (tokens) to keep")
     p.add_argument("--max-len", type=int, default=128, help="longest response (tokens) to keep")
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
+    p.add_argument("--sequence-microbatch", type=int, default=0,
+                   help="TrainConfig.sequence_microbatch K (0 = one pass; K: activations follow K, not 2n)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every configuration")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the LoRA configurations")
@@ -275,23 +287,28 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         spec = {"preset": args.preset, "vocab": args.vocab_size, "pairs": args.pairs, "samples": args.samples,
                 "min_len": args.min_len, "max_len": args.max_len, "batch_tokens": args.batch_tokens,
-                "seed": args.seed, "rows": str(Path(tmp) / "rows.json"), "steps": args.steps}
+                "seed": args.seed, "rows": str(Path(tmp) / "rows.json"), "steps": args.steps,
+                "sequence_microbatch": args.sequence_microbatch}
         scored = run_worker("score", spec)
         rows = json.loads(Path(spec["rows"]).read_text())
         configs = [(mode, ref) for mode in ("full", "lora") for ref in ("cached", "online")]
         results: dict = {c: [] for c in configs}
+        memory: dict = {}
         for _ in range(args.repeats):
             for mode, ref in configs:  # interleaved: load drift hits every configuration alike
                 results[(mode, ref)].append(run_worker("train", {**spec, "reference": ref,
                                                                  "lora_r": 0 if mode == "full" else args.lora_r}))
+        for mode, ref in configs:
+            # One step holds every buffer a run ever holds (AdamW's state appears at the first step).
+            memory[(mode, ref)] = run_worker("train", {**spec, "reference": ref, "steps": 1,
+                                                       "lora_r": 0 if mode == "full" else args.lora_r},
+                                             exact_rss=True)
     load1 = os.getloadavg()
 
     def best(mode, ref, key):
         rs = results[(mode, ref)]
-        if key == "step":
-            return min(min(r["step_s"][1:] or r["step_s"]) for r in rs)
-        if key == "net":
-            return min(r["rss_peak"] - r["rss_base"] for r in rs)
+        if key in ("step_s", "cpu_s"):
+            return min(min(r[key][1:] or r[key]) for r in rs)
         return min(r[key] for r in rs)
 
     resp = [len(r[f"{s}_ids"]) for r in rows for s in ("chosen", "rejected")]
@@ -303,23 +320,29 @@ def main(argv=None) -> int:
         f"{load0[0]:.1f} at start, {load1[0]:.1f} at end)",
         f"batch: {len(rows)} GSM8K pair(s), n = {args.samples}, prompt {rows[0]['prompt_len']} tokens, responses "
         f"{min(resp)}-{max(resp)}; {tokens} tokens per step per model pass; LoRA r {args.lora_r} on LLaDA's "
-        f"projections; AdamW, clip 1.0; {args.steps} steps per run (first = warm-up), best of {args.repeats} "
+        f"projections; sequence_microbatch {args.sequence_microbatch or 'off (one pass)'}; AdamW, clip 1.0; "
+        f"{args.steps} steps per run (first = warm-up), best of {args.repeats} "
         f"interleaved repeats, each configuration in a fresh process",
-        "memory: peak RSS (ru_maxrss) of the configuration's own process; 'added' = peak minus the RSS after "
-        f"imports and before any model is built (about {_mib(first['rss_base'])} here)",
+        "time: best step (after the warm-up step) over the repeats, default allocator; memory: peak RSS "
+        "(ru_maxrss) of one more 1-step process per configuration with glibc's mmap threshold fixed at 128 KiB "
+        "(freed tensors leave RSS, so the peak is of live memory); 'added' = peak minus that process's RSS "
+        f"after imports, before any model exists (about {_mib(first['rss_base'])})",
     ]
     out = []
     for mode in ("full", "lora"):
-        tc, to = best(mode, "cached", "step"), best(mode, "online", "step")
-        pc, po = best(mode, "cached", "rss_peak"), best(mode, "online", "rss_peak")
-        nc, no = best(mode, "cached", "net"), best(mode, "online", "net")
+        tc, to = best(mode, "cached", "step_s"), best(mode, "online", "step_s")
+        cc, co = best(mode, "cached", "cpu_s"), best(mode, "online", "cpu_s")
+        mc, mo = memory[(mode, "cached")], memory[(mode, "online")]
+        pc, po = mc["rss_peak"], mo["rss_peak"]
+        nc, no = pc - mc["rss_base"], po - mo["rss_base"]
         lc = results[(mode, "cached")][0]["loss"][0]
         lo = results[(mode, "online")][0]["loss"][0]
         goal = "  (goals: <= 0.80 time, <= 0.85 memory)" if mode == "full" else ""
         name = "full fine-tuning" if mode == "full" else f"LoRA r {args.lora_r}"
         out += [
             f"{name}: trainable {results[(mode, 'cached')][0]['trainable']:,} parameters{goal}",
-            f"  step time  cached {tc:.3f} s  online {to:.3f} s  ratio cached/online {tc / to:.2f}",
+            f"  step time  cached {tc:.3f} s  online {to:.3f} s  ratio cached/online {tc / to:.2f};  process CPU "
+            f"time per step cached {cc:.3f} s  online {co:.3f} s  ratio {cc / co:.2f}",
             f"  peak RSS   cached {_mib(pc)}  online {_mib(po)}  ratio {pc / po:.2f};  added by training: "
             f"cached {_mib(nc)}  online {_mib(no)}  ratio {nc / no:.2f}",
             f"  step-1 loss cached {lc:.6f}  online {lo:.6f} (same batch, same masks: equal up to float noise)",
