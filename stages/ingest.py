@@ -82,8 +82,8 @@ class IngestConfig:
     """Any quarantined record is an error (exit 1); both files and the report are still written."""
     progress: bool = True
     """Show a progress bar on large inputs."""
-    workers: int = 0
-    """Processes parsing JSONL inputs (0: one per CPU core for inputs over 32 MB, else 1). The output does not depend on it."""
+    workers: int = 1
+    """Processes parsing JSONL inputs; more than 1 starts a process pool (worth it for inputs of hundreds of MB on idle cores). The output does not depend on it."""
 
     def __post_init__(self) -> None:
         if isinstance(self.inputs, str):
@@ -107,7 +107,7 @@ class IngestConfig:
             require(name not in taken, f"keep_fields: '{name}' clashes with a pairs column ({', '.join(PAIRS_SCHEMA.names)})")
         require(len(set(self.keep_fields)) == len(self.keep_fields), "keep_fields lists a field twice")
         require(bool(self.out), "out must be a path")
-        require(isinstance(self.workers, int) and self.workers >= 0, f"workers must be an integer >= 0, got {self.workers!r}")
+        require(isinstance(self.workers, int) and self.workers >= 1, f"workers must be an integer >= 1, got {self.workers!r}")
 
     @property
     def quarantine_path(self) -> Path:
@@ -389,11 +389,10 @@ def _resolve(job):
 
 
 def _worker_count(cfg: IngestConfig, paths: list[Path], total: int) -> int:
-    if cfg.workers:
-        return cfg.workers
+    # A pool only pays for itself on large line inputs (start-up re-imports the caller's main module).
     if total < _PARALLEL_MIN_BYTES or not any(is_line_oriented(p) for p in paths):
         return 1
-    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
+    return cfg.workers
 
 
 def _make_pool(workers: int):
@@ -526,7 +525,7 @@ def command(
     eval_fraction: float = typer.Option(None, "--eval-fraction", help="Fraction of prompts held out as split 'eval'."),
     strict: bool = typer.Option(None, "--strict/--no-strict", help="Exit 1 if any record is quarantined."),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar on large inputs."),
-    workers: int = typer.Option(None, "--workers", help="Parser processes for JSONL (0: auto)."),
+    workers: int = typer.Option(None, "--workers", help="Parser processes for large JSONL inputs. [default: 1]"),
     config: Path = typer.Option(None, "--config", help="YAML config file (flags override it)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),

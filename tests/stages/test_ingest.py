@@ -273,6 +273,7 @@ def test_output_independent_of_workers_and_chunking(tmp_path, monkeypatch):
             rows.append("{broken")
     src = _write_jsonl(tmp_path / "in.jsonl", rows)
     monkeypatch.setattr(ingest, "_BATCH_ROWS", 64)
+    monkeypatch.setattr(ingest, "_PARALLEL_MIN_BYTES", 0)  # use the pool even for this small file
     results = []
     for workers, chunk in ((1, 1 << 20), (2, 2048), (2, 999)):
         monkeypatch.setattr(ingest, "_CHUNK_BYTES", chunk)
