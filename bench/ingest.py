@@ -13,7 +13,7 @@ duplicates). Times, best of ``--repeats``, in this one process:
 Prints records/s and the ratios ingest / baseline (goal: <= 1.0 clean,
 <= 1.5 with bad lines). Run from the repository root:
 
-    python bench/ingest.py [--pairs 200000] [--repeats 3]
+    python bench/ingest.py [--pairs 200000] [--repeats 3] [--workers 1]
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="ingest throughput vs datasets.load_dataset('json')")
     ap.add_argument("--pairs", type=int, default=200_000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=1, help="ingest --workers")
     args = ap.parse_args()
     if not GSM8K.is_file():
         sys.exit(f"needs {GSM8K}")
@@ -113,13 +114,13 @@ def main() -> None:
             return datasets.load_dataset("json", data_files=str(clean), split="train", cache_dir=str(cache)).num_rows
 
         def ingest(path):
-            return lambda: run(IngestConfig(inputs=[str(path)], out=str(work / "pairs.arrow"), progress=False))
+            return lambda: run(IngestConfig(inputs=[str(path)], out=str(work / "pairs.arrow"), progress=False, workers=args.workers))
 
         t_base, rows = best_of(args.repeats, load_dataset_json)
         t_clean, res_clean = best_of(args.repeats, ingest(clean))
         t_bad, res_bad = best_of(args.repeats, ingest(bad))
         assert rows == res_clean.accepted == args.pairs
-        print(f"input: {args.pairs} pairs, {size_mb:.0f} MB (GSM8K model solutions, replicated); best of {args.repeats}")
+        print(f"input: {args.pairs} pairs, {size_mb:.0f} MB (GSM8K model solutions, replicated); best of {args.repeats}; ingest workers {args.workers}")
         print(f"datasets.load_dataset json : {t_base:7.2f} s  {rows / t_base:10,.0f} records/s")
         print(f"ingest clean               : {t_clean:7.2f} s  {res_clean.read / t_clean:10,.0f} records/s  ratio {t_clean / t_base:.2f}")
         print(

@@ -391,8 +391,14 @@ def arrow_segments(lines: list[bytes], names: tuple[str, ...]) -> Iterator[tuple
     )
     # Only lines that start like an object reach Arrow: a bare top-level ``null``
     # crashes pyarrow's reader (seen with pyarrow 26), and other scalars fail anyway.
+    # Invalid UTF-8 is found here, once per chunk (Arrow would pass it through).
+    exact = [i for i, line in enumerate(lines) if not line.lstrip().startswith(b"{")]
+    try:
+        b"\n".join(lines).decode("utf-8")
+    except UnicodeDecodeError:
+        exact = sorted(set(exact) | {i for i, line in enumerate(lines) if not _is_utf8(line)})
     prev = 0
-    for k in [i for i, line in enumerate(lines) if not line.lstrip().startswith(b"{")] + [len(lines)]:
+    for k in exact + [len(lines)]:
         if prev < k:
             yield from _arrow_runs(lines, prev, k, opts)
         if k < len(lines):
@@ -400,29 +406,39 @@ def arrow_segments(lines: list[bytes], names: tuple[str, ...]) -> Iterator[tuple
         prev = k + 1
 
 
+def _is_utf8(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+_RUN_LINES = 256  # a failed parse costs up to one run, so bad lines stay cheap
+
+
 def _arrow_runs(lines: list[bytes], lo: int, hi: int, opts) -> Iterator[tuple[int, int, pa.Table | None]]:
-    start, end = lo, hi
+    start = lo
+    end = min(hi, start + _RUN_LINES)
     while start < hi:
         table, bad = _arrow_parse(b"\n".join(lines[start:end]), end - start, opts)
         if table is not None:
             yield start, end, table
-            start, end = end, hi
+            start = end
         elif bad is None:
             yield start, end, None
-            start, end = end, hi
+            start = end
         elif bad > 0:
             end = start + bad  # parse the good prefix, then meet the bad line at row 0
+            continue
         else:
             yield start, start + 1, None
-            start, end = start + 1, hi
+            start += 1
+        end = min(hi, start + _RUN_LINES)
 
 
 def _arrow_parse(blob: bytes, expected_rows: int, opts) -> tuple[pa.Table | None, int | None]:
     """(table, None) on success; (None, failing row) or (None, None) when the row is unknown."""
-    try:
-        blob.decode("utf-8")  # Arrow passes invalid UTF-8 through; Python's codec decides, as in the exact path
-    except UnicodeDecodeError as exc:
-        return None, blob.count(b"\n", 0, exc.start)
     try:
         table = pa_json.read_json(
             pa.BufferReader(blob),
