@@ -315,3 +315,27 @@ def test_fuzz_fast_path_matches_exact_path(tmp_path, lines):
             ingest._FAST_PATH = True
         outputs.append((res.to_dict() | {"out": None, "quarantine": None}, Path(res.out).read_bytes(), Path(res.quarantine).read_bytes()))
     assert outputs[0] == outputs[1]
+
+
+def test_shipped_example_data_is_what_the_generator_writes(tmp_path):
+    import importlib.util
+    import subprocess
+    import sys
+
+    script = REPO / "scripts" / "make_example_data.py"
+    subprocess.run([sys.executable, str(script), "--root", str(tmp_path)], check=True, capture_output=True)
+    for rel in ("preference_data/reasoning_prefs.jsonl", "benchmarks/arithmetic_heldout.jsonl"):
+        assert (tmp_path / rel).read_bytes() == (REPO / "data" / rel).read_bytes(), rel
+    prefs = [json.loads(x) for x in (REPO / "data/preference_data/reasoning_prefs.jsonl").read_text().splitlines()]
+    bench = [json.loads(x) for x in (REPO / "data/benchmarks/arithmetic_heldout.jsonl").read_text().splitlines()]
+    assert len(prefs) >= 2000 and len(bench) >= 200
+    assert not {p["prompt"] for p in prefs} & {b["question"] for b in bench}
+    assert {p["flaw"] for p in prefs} == {"wrong_operation", "dropped_step", "arithmetic_slip", "unit_confusion"}
+    for p in prefs:
+        good, bad = (int(p[k].rsplit("#### ", 1)[1]) for k in ("chosen", "rejected"))
+        assert good != bad
+    assert all(isinstance(b["answer"], int) for b in bench)
+    spec = importlib.util.spec_from_file_location("make_example_data", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.generate(7, 30, 5) == mod.generate(7, 30, 5)
