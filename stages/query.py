@@ -5,7 +5,10 @@ Views (DESIGN "What lldm-dpo query exposes"; the names are a contract):
 - ``quarantine`` (beside the pairs file as ingest names it, or ``--quarantine FILE``):
   ``source``, ``line``, ``reason``, ``message``, ``raw``;
 - ``scores`` (``--scores DIR``): ``DIR/part-*.parquet``;
-- ``metrics`` (``--run RUN_DIR``): ``RUN_DIR/metrics.parquet``.
+- ``metrics`` (``--run RUN_DIR``): ``RUN_DIR/metrics.parquet``;
+- ``task_results`` (``--run RUN_DIR``, once ``lldm-dpo eval`` wrote it there): one row per
+  benchmark item and model (``model``, ``index``, ``question``, ``reference``, ``completion``,
+  ``predicted``, ``correct``).
 
 Named queries live in ``stages/queries/NAME.sql`` (``--preset NAME``).
 """
@@ -93,6 +96,9 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None):
         if not metrics.is_file():
             raise UserError(f"{metrics}: metrics file not found (is {run} a training run folder?)")
         con.execute(f"CREATE VIEW metrics AS SELECT * FROM read_parquet({_sql_str(metrics)})")
+        task_results = Path(run) / "task_results.parquet"
+        if task_results.is_file():
+            con.execute(f"CREATE VIEW task_results AS SELECT * FROM read_parquet({_sql_str(task_results)})")
     return con
 
 

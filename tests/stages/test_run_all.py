@@ -68,6 +68,13 @@ def test_run_end_to_end_summary_matches_the_files(tmp_path):
     assert q.exit_code == 0, q.output
     assert sum(r["pairs"] for r in json.loads(q.stdout)) == 40
 
+    q = CliRunner().invoke(app, ["query", "--run", art["run"], "--json",
+                                 "SELECT model, count(*) AS n, avg(correct::INT) AS acc FROM task_results GROUP BY 1 ORDER BY 1"])
+    assert q.exit_code == 0, q.output
+    rows = json.loads(q.stdout)
+    assert [r["model"] for r in rows] == ["after", "before"] and all(r["n"] == 2 for r in rows)
+    assert rows[0]["acc"] == pytest.approx(summary["task_accuracy"]["after"])
+
     # A second run reuses the unchanged reference cache (no part rewritten) and retrains.
     manifest = Path(art["reference_cache"]) / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
