@@ -65,7 +65,7 @@ SETTINGS = {
     "gpu": dict(preset="llada-8b-shape", dtype="bfloat16", pairs=256, prompt=(128, 512), response=(128, 512),
                 samples=8, batch_tokens=32768, faithful_pairs=16, train_prompt=512, train_response=512,
                 sequence_microbatch=2, steps=2, lora_r=16, lora_alpha=32,
-                budgets=dict(score_ref=170, faithful=50, train=110, train_4bit=120)),
+                budgets=dict(score_ref=150, faithful=45, train=110, train_4bit=100)),
     "cpu": dict(preset="micro", dtype="float32", pairs=4, prompt=(8, 24), response=(8, 24),
                 samples=2, batch_tokens=512, faithful_pairs=2, train_prompt=16, train_response=16,
                 sequence_microbatch=1, steps=2, lora_r=4, lora_alpha=8,
