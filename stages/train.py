@@ -176,6 +176,10 @@ def setup_policy(cfg: TrainConfig, model_name: str, device: torch.device):
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+            # peft upcasts every non-quantized weight to float32 for stability; the
+            # frozen embedding and head need not be (about 2 GB at LLaDA-8B's vocabulary).
+            for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+                module.to(torch.bfloat16)
         names = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
         if getattr(model.config, "model_type", "") == "llada":
             # LLaDA names its LM head `ff_out` like the blocks' down projection:
@@ -420,10 +424,29 @@ def micro_batch_rows(rows, cfg: TrainConfig, step: int, micro: int, steps_per_ep
     return epoch, [rows[order[(start + i) % len(rows)]] for i in range(cfg.batch_size)]
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the process's peak resident size (VmHWM)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory allocated, or on CPU the peak resident size since the run started."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux, never reset
 
 
 def save_final(ctx: TrainContext, model_name: str, path: Path) -> None:
@@ -514,8 +537,7 @@ def run(cfg: TrainConfig) -> TrainResult:
 
     ctx = TrainContext(cfg, model, tokenizer, acc, fp, ref_model, wrapped=wrapped)
     last: dict[str, float] = {}
-    if acc.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(acc.device)
+    reset_peak_memory(acc.device)
     try:
         for step in range(start_step, total_steps):
             ctx.step = step

@@ -371,6 +371,9 @@ def _key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | Non
     if attention_mask is None:
         return None
     keep = attention_mask.bool()
+    if bool(keep.all()):
+        # No padding: without a mask SDPA may pick its flash/efficient kernels.
+        return None
     # A row of only padding would softmax over nothing (NaN); let it attend everywhere
     # instead — its outputs are padding and never read.
     keep = keep | ~keep.any(dim=-1, keepdim=True)
