@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The README's first command on a fresh clone in a fresh virtual environment:
+# times the install and `lldm-dpo run` separately.
+#   bash bench/fresh_run.sh            (clones this checkout's HEAD into a temp folder)
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+git clone -q "$repo" "$work/lldm-dpo"
+cd "$work/lldm-dpo"
+python3 -m venv .venv
+source .venv/bin/activate
+start=$(date +%s.%N)
+pip install -q torch==2.13.0 && pip install -q -e .
+mid=$(date +%s.%N)
+lldm-dpo run
+end=$(date +%s.%N)
+printf 'install %.1f s; lldm-dpo run %.1f s (wall, fresh clone, %s cores, load %s)\n' \
+    "$(echo "$mid - $start" | bc)" "$(echo "$end - $mid" | bc)" "$(nproc)" "$(cut -d' ' -f1-3 /proc/loadavg)"
