@@ -15,5 +15,5 @@ pip install -q torch==2.13.0 && pip install -q -e .
 mid=$(date +%s.%N)
 lldm-dpo run
 end=$(date +%s.%N)
-printf 'install %.1f s; lldm-dpo run %.1f s (wall, fresh clone, %s cores, load %s)\n' \
-    "$(echo "$mid - $start" | bc)" "$(echo "$end - $mid" | bc)" "$(nproc)" "$(cut -d' ' -f1-3 /proc/loadavg)"
+python3 -c "import sys; s, m, e = map(float, sys.argv[1:4]); print(f'install {m - s:.1f} s; lldm-dpo run {e - m:.1f} s (wall, fresh clone, {sys.argv[4]} cores, load {sys.argv[5]})')" \
+    "$start" "$mid" "$end" "$(nproc)" "$(cut -d' ' -f1 /proc/loadavg)"
