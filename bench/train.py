@@ -119,7 +119,7 @@ def prebuilt_loader(model, tokenizer):
 
 def make_trainer(cfg, model, tokenizer, fp, ref_model=None):
     """(ctx, optimizer, params) as ``stages.train.run`` builds them for a single process."""
-    from stages.train import TrainContext, fresh_accelerator, setup_policy
+    from stages.train import TrainContext, fresh_accelerator, make_optimizer, setup_policy
 
     cpu = next(model.parameters()).device.type != "cuda"
     acc = fresh_accelerator(cfg.mixed_precision, cpu)
@@ -127,7 +127,7 @@ def make_trainer(cfg, model, tokenizer, fp, ref_model=None):
     with prebuilt_loader(model, tokenizer):
         policy, tok = setup_policy(cfg, "prebuilt", acc.device)
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = acc.prepare(torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay))
+    optimizer = acc.prepare(make_optimizer(params, cfg))
     return TrainContext(cfg, policy, tok, acc, fp, ref_model), optimizer, params
 
 
