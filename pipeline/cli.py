@@ -18,14 +18,6 @@ import typer
 
 from pipeline.errors import UserError
 
-app = typer.Typer(
-    name="lldm-dpo",
-    help="Direct Preference Optimization for masked diffusion language models.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
 # Each command lives beside its stage as a plain function; registered here by
 # name so this file stays the one index of the command line.
 COMMANDS: list[tuple[str, str]] = [
@@ -56,22 +48,6 @@ def _one_line_errors(func):
     return wrapper
 
 
-def _register() -> None:
-    for name, target in COMMANDS:
-        module_name, func_name = target.split(":")
-        # A stage whose module is not in this build is simply not a command
-        # (it never pretends to work); one that exists but fails to import raises.
-        try:
-            present = importlib.util.find_spec(module_name) is not None
-        except ModuleNotFoundError:  # its parent package is not there either
-            present = False
-        if not present:
-            continue
-        func = getattr(importlib.import_module(module_name), func_name)
-        app.command(name)(_one_line_errors(func))
-
-
-@app.callback(invoke_without_command=True)
 def _root(
     ctx: typer.Context,
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
@@ -86,21 +62,75 @@ def _root(
         raise typer.Exit()
 
 
+def build_app(only: str | None = None) -> typer.Typer:
+    """The Typer app with every command present in this build, or just ``only``.
+
+    Importing a stage imports its dependencies (torch, transformers: seconds), so
+    ``main`` registers only the command being run; ``--help`` registers all.
+    """
+    app = typer.Typer(
+        name="lldm-dpo",
+        help="Direct Preference Optimization for masked diffusion language models.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    app.callback(invoke_without_command=True)(_root)
+    for name, target in COMMANDS:
+        if only is not None and name != only:
+            continue
+        module_name, func_name = target.split(":")
+        # A stage whose module is not in this build is simply not a command
+        # (it never pretends to work); one that exists but fails to import raises.
+        try:
+            present = importlib.util.find_spec(module_name) is not None
+        except ModuleNotFoundError:  # its parent package is not there either
+            present = False
+        if not present:
+            continue
+        func = getattr(importlib.import_module(module_name), func_name)
+        app.command(name)(_one_line_errors(func))
+    return app
+
+
+_FULL_APP: typer.Typer | None = None
+
+
+def __getattr__(name: str):
+    # `from pipeline.cli import app` (tests, docs) gets every command, built on first use.
+    global _FULL_APP
+    if name == "app":
+        if _FULL_APP is None:
+            _FULL_APP = build_app()
+        return _FULL_APP
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _requested_command(argv: list[str]) -> str | None:
+    """The one command to register for this invocation; None means all of them."""
+    names = {name for name, _ in COMMANDS}
+    if argv[:1] == ["--version"]:
+        return ""  # no command needed
+    for arg in argv:
+        if arg.startswith("-"):
+            return None  # an option before any command (--help, --version): show everything
+        return arg if arg in names else None
+    return None
+
+
 def emit_json(obj: Any) -> None:
     """Print a machine-readable summary on stdout."""
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-_register()
-
-
 def main() -> None:
-    # transformers' own progress bars and advisories would interleave with ours.
-    from transformers.utils import logging as hf_logging
+    # transformers' own progress bars and advisories would interleave with ours
+    # (set through the environment so transformers need not be imported here).
+    import os
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    app()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    build_app(_requested_command(sys.argv[1:]))()
 
 
 if __name__ == "__main__":

@@ -21,3 +21,25 @@ def test_help_lists_registered_commands():
     assert registered <= {name for name, _ in COMMANDS}
     for name in registered:
         assert name in result.output
+
+
+def test_only_the_requested_command_is_imported():
+    """`lldm-dpo query ...` must not pay for torch: only that command's module is loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nsys.argv = ['lldm-dpo', 'query', '--help']\nfrom pipeline.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "lldm-dpo query" in out and out.strip().endswith("NO-TORCH")
+
+
+def test_requested_command_parsing():
+    from pipeline.cli import _requested_command
+
+    assert _requested_command(["train", "cache", "--out", "x"]) == "train"
+    assert _requested_command(["--help"]) is None  # everything, for the listing
+    assert _requested_command(["--version"]) == ""
+    assert _requested_command(["nope"]) is None  # Typer reports the unknown command
+    assert _requested_command([]) is None
