@@ -116,16 +116,6 @@ class EvalResult:
     task_items: int = 0
 
 
-def load_any_model(name: str, cfg: EvalConfig, device: str):
-    """A preset, a full checkpoint folder or a LoRA adapter folder."""
-    from pipeline.models import load_model
-    from stages.merge import is_adapter_dir, load_adapter_model
-
-    if is_adapter_dir(name):
-        return load_adapter_model(name, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
-    return load_model(name, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
-
-
 def preference_scores(model, tokenizer, rows: list[dict], fingerprint: dict, beta: float,
                       batch_tokens: int) -> dict[str, Any]:
     """Policy ELBOs on the cached masks of every draw, against the cached reference."""
@@ -218,6 +208,7 @@ def choice_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig) -> flo
 
 
 def run(cfg: EvalConfig) -> EvalResult:
+    from pipeline.models import load_model
     from stages.score_ref import resolve_device
 
     start = time.perf_counter()
@@ -248,7 +239,7 @@ def run(cfg: EvalConfig) -> EvalResult:
     for label, name in (("before", before_name), ("after", cfg.model)):
         if name is None:
             continue
-        model, tokenizer = load_any_model(name, cfg, device)
+        model, tokenizer = load_model(name, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
         model.eval()
         if pair_rows:
             pref = preference_scores(model, tokenizer, pair_rows, cache.fingerprint, cfg.beta, cfg.batch_tokens)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -11,8 +10,7 @@ import typer
 
 from pipeline.atomic import atomic_dir
 from pipeline.errors import UserError
-
-ADAPTER_CONFIG = "adapter_config.json"
+from pipeline.models.loading import LORA_ADAPTER_CONFIG as ADAPTER_CONFIG
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -21,25 +19,10 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 def load_adapter_model(adapter_dir: str | Path, *, dtype: str = "float32", device: str = "cpu",
                        trust_remote_code: bool = False):
-    """The base model named in the adapter's config with the adapter applied (not merged), and the tokenizer."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
+    """The adapter's base model with the adapter applied (not merged), and the tokenizer."""
+    from pipeline.models.loading import load_lora_folder
 
-    from pipeline.models import load_model
-
-    adapter_dir = Path(adapter_dir)
-    try:
-        base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-    except (OSError, json.JSONDecodeError, KeyError) as exc:
-        raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: cannot read base_model_name_or_path ({exc})") from None
-    if not base:
-        raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path is empty")
-    model, tokenizer = load_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    model.eval()
-    if (adapter_dir / "tokenizer_config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    return model, tokenizer
+    return load_lora_folder(Path(adapter_dir), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
 @dataclass

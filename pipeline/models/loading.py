@@ -4,8 +4,10 @@ Name resolution:
 1. a preset name (``tiny``, ``micro``, ``llada-8b-shape``) -> built in memory;
 2. a local folder whose config.json says ``model_type: llada`` -> the native
    LLaDA class (no remote code, whatever ``auto_map`` says);
-3. any other local folder -> the transformers adapter;
-4. anything else (a hub id) -> UserError: downloads are not available offline.
+3. a LoRA adapter folder (``adapter_config.json``, what ``train --lora-r`` saves)
+   -> its base model, resolved by these same rules, with the adapter applied;
+4. any other local folder -> the transformers adapter;
+5. anything else (a hub id) -> UserError: downloads are not available offline.
 
 Weights are read from safetensors only: pickled ``.bin`` files can run code
 when loaded and are refused.
@@ -24,6 +26,30 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.models import presets
 from pipeline.models.presets import PRESET_VERSION, PRESETS, _torch_dtype, build_preset, preset_tokenizer
+
+
+LORA_ADAPTER_CONFIG = "adapter_config.json"
+
+
+def load_lora_folder(path: Path, *, dtype="float32", device="cpu", trust_remote_code: bool = False,
+                     load_in_4bit: bool = False):
+    """The base model named in a LoRA adapter folder with the adapter applied (not merged)."""
+    from peft import PeftModel
+
+    config_path = path / LORA_ADAPTER_CONFIG
+    try:
+        base = json.loads(config_path.read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise UserError(f"{config_path}: cannot read base_model_name_or_path ({exc})") from None
+    if not base:
+        raise UserError(f"{config_path}: base_model_name_or_path is empty")
+    model, tokenizer = load_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                  load_in_4bit=load_in_4bit)
+    model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    model.eval()
+    if (path / "tokenizer_config.json").is_file():
+        tokenizer = _load_tokenizer(path, trust_remote_code)
+    return model, tokenizer
 
 
 def load_model(
@@ -61,6 +87,9 @@ def load_model(
             f"model {name!r} not found locally and hub downloads are not available offline "
             f"(use a preset: {', '.join(sorted(PRESETS))}, or a local folder)"
         )
+    if (path / LORA_ADAPTER_CONFIG).is_file():
+        return load_lora_folder(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                load_in_4bit=load_in_4bit)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"{path}: no config.json (not a model folder)")

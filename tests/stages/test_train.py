@@ -263,3 +263,14 @@ def test_cli_json_and_existing_run_needs_resume(small_cache, tmp_path):
     assert data["steps"] == 2 and Path(data["final_model"]).is_dir()
     res = runner.invoke(app, args)
     assert res.exit_code == 1 and "pass --resume" in res.output
+
+
+def test_adapter_folder_loads_through_load_model_and_generates(train_cache, tmp_path):
+    """An adapter folder is a model name like any other: load_model, eval and generate accept it."""
+    from stages.generate import complete
+
+    run(_cfg(train_cache, tmp_path / "lora", max_steps=2, batch_size=4, lora_r=4, learning_rate=1e-2))
+    model, tok = load_model(str(tmp_path / "lora" / "final"))
+    assert type(model).__name__ == "PeftModel"
+    out = complete(model, tok, ["What is 2 + 3?"], gen_length=8, block_length=8, steps=4)
+    assert len(out) == 1 and isinstance(out[0]["completion"], str)
