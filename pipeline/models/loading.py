@@ -220,6 +220,12 @@ def model_identity(model_dir_or_name) -> dict:
             "config_sha256": _canonical_hash(config),
             "weights": f"preset:{name}:seed={PRESETS[name].seed}:v{PRESET_VERSION}",
         }
+    if (path / LORA_ADAPTER_CONFIG).is_file():
+        # An adapter's outputs depend on its own weights and on its base model's.
+        adapter = json.loads((path / LORA_ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        return {"kind": "lora", "config_sha256": _canonical_hash(adapter),
+                "weights": {p.name: _file_sha256(p) for p in sorted(path.glob("*.safetensors"))},
+                "base": model_identity(adapter.get("base_model_name_or_path") or "")}
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"model {name!r}: not a preset and no config.json there")

@@ -274,3 +274,11 @@ def test_adapter_folder_loads_through_load_model_and_generates(train_cache, tmp_
     assert type(model).__name__ == "PeftModel"
     out = complete(model, tok, ["What is 2 + 3?"], gen_length=8, block_length=8, steps=4)
     assert len(out) == 1 and isinstance(out[0]["completion"], str)
+
+
+def test_adapter_folder_has_an_identity_that_covers_its_base(train_cache, tmp_path):
+    from pipeline.models import model_identity
+
+    run(_cfg(train_cache, tmp_path / "lora", max_steps=1, batch_size=2, lora_r=4))
+    ident = model_identity(str(tmp_path / "lora" / "final"))
+    assert ident["kind"] == "lora" and ident["base"] == model_identity("micro") and ident["weights"]
