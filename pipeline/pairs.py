@@ -242,29 +242,89 @@ def kept_value(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
 
 
-_ASCII_WS = "".join(c for c in map(chr, range(128)) if c.isspace())  # what str.strip() removes from ASCII text
+# What ``str.strip()`` removes (``str.isspace`` code points); a test checks it against Python's own table.
+UNICODE_WS = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+    "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
 
-def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0):
+
+def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0, may_have_cr: bool = True):
     """Vectorized check over Arrow string arrays for standard-format rows: ``(mask, normalized)``.
 
     ``mask`` is True where ``validate_record`` would certainly accept the row:
-    all three texts present, ASCII, free of ``\\r`` (so normalization is just
-    ``strip()``), non-empty after stripping, chosen != rejected, within
-    ``max_chars``. ``normalized`` are the three stripped arrays (for
-    ``pair_id_of``/``split_of``). Rows outside the mask are not judged here:
-    the caller sends them through ``validate_record``, which gives the reason.
+    all three texts present, free of ``\\r``, already in NFC (ASCII, or checked
+    with ``unicodedata.is_normalized`` on the few non-ASCII texts), so that
+    normalization is just ``strip()``; non-empty after stripping, chosen !=
+    rejected, within ``max_chars``. ``normalized`` are the three stripped
+    arrays (for ``arrow_pair_ids``/``split_of``). Rows outside the mask are not
+    judged here: the caller sends them through ``validate_record``, which gives
+    the reason. ``may_have_cr=False`` (the caller saw no CR, escaped or not, in
+    the raw JSON) skips the costly substring scan.
     """
+    import numpy as np
+    import pyarrow as pa
     import pyarrow.compute as pc
 
+    n = len(prompt)
     conds, normalized = [], []
     for col in (prompt, chosen, rejected):
-        stripped = pc.utf8_trim(col, characters=_ASCII_WS)
+        stripped = pc.utf8_trim(col, characters=UNICODE_WS)
         normalized.append(stripped)
-        conds += [pc.string_is_ascii(col), pc.invert(pc.match_substring(col, "\r")), pc.greater(pc.binary_length(stripped), 0)]
+        conds.append(pc.greater(pc.binary_length(stripped), 0))  # also False (null) for a missing text
+        if may_have_cr:
+            conds.append(pc.invert(pc.match_substring(col, "\r")))
         if max_chars > 0:
-            conds.append(pc.less_equal(pc.binary_length(col), max_chars))
+            conds.append(pc.less_equal(pc.utf8_length(col), max_chars))
+        non_ascii = pc.fill_null(pc.invert(pc.string_is_ascii(col)), False)
+        if pc.any(non_ascii).as_py():
+            idx = pc.indices_nonzero(non_ascii)
+            nfc = np.array([unicodedata.is_normalized("NFC", t) for t in pc.take(col, idx).to_pylist()], dtype=bool)
+            if not nfc.all():
+                ok = np.ones(n, dtype=bool)
+                ok[idx.to_numpy()[~nfc]] = False
+                conds.append(pa.array(ok))
     conds.append(pc.not_equal(normalized[1], normalized[2]))
     mask = conds[0]
     for cond in conds[1:]:
         mask = pc.and_(mask, cond)
     return pc.fill_null(mask, False), normalized
+
+
+def _canon_arrow(col):
+    """``_canon`` of every (valid UTF-8, non-null) string in an Arrow array, as one Arrow array."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.binary_join_element_wise("s", pc.cast(pc.binary_length(col), pa.string()), ":", col, "")
+
+
+def _md5_hex_arrow(texts) -> list[str]:
+    """``_md5_hex`` of every string of an Arrow string array, hashing straight from its buffer."""
+    import numpy as np
+
+    texts = texts.combine_chunks() if hasattr(texts, "combine_chunks") else texts
+    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int32)[texts.offset : texts.offset + len(texts) + 1].tolist()
+    data = memoryview(texts.buffers()[2] or b"")
+    md5 = hashlib.md5
+    return [md5(data[a:b]).hexdigest() for a, b in zip(offsets, offsets[1:])]
+
+
+def arrow_pair_ids(prompt_norm, chosen_norm, rejected_norm) -> list[str]:
+    """``pair_id_of`` for rows of normalized Arrow string arrays (no nulls), computed in bulk."""
+    import pyarrow.compute as pc
+
+    canon = pc.binary_join_element_wise(
+        _ID_VERSION, _canon_arrow(prompt_norm), _canon_arrow(chosen_norm), _canon_arrow(rejected_norm), ""
+    )
+    return _md5_hex_arrow(canon)
+
+
+def arrow_splits(prompt_norm, eval_fraction: float) -> list[str]:
+    """``split_of`` for rows of a normalized Arrow string array of prompts (no nulls)."""
+    import pyarrow.compute as pc
+
+    if eval_fraction <= 0.0:
+        return ["train"] * len(prompt_norm)
+    keys = pc.binary_join_element_wise("split:", prompt_norm, "")  # a standard pair's prompt_key is its text
+    return [split_from_hash(h, eval_fraction) for h in _md5_hex_arrow(keys)]

@@ -389,14 +389,20 @@ def arrow_segments(lines: list[bytes], names: tuple[str, ...]) -> Iterator[tuple
     opts = pa_json.ParseOptions(
         explicit_schema=pa.schema([(n, pa.string()) for n in names]), unexpected_field_behavior="ignore"
     )
-    # Only lines that start like an object reach Arrow: a bare top-level ``null``
-    # crashes pyarrow's reader (seen with pyarrow 26), and other scalars fail anyway.
-    # Invalid UTF-8 is found here, once per chunk (Arrow would pass it through).
-    exact = [i for i, line in enumerate(lines) if not line.lstrip().startswith(b"{")]
+    # Only lines that look like one whole object reach Arrow: a bare top-level ``null``
+    # crashes pyarrow's reader (seen with pyarrow 26), other scalars fail anyway, and a
+    # line cut short (no closing brace) would make Arrow fail and re-parse a whole run.
+    exact = [i for i, line in enumerate(lines) if not (line.startswith(b"{") and line.endswith(b"}")) and not _looks_like_object(line)]
+    # Invalid UTF-8 is found here, once per chunk (Arrow would pass it through), and so
+    # are escaped UTF-16 surrogates, which only the exact path judges (lone ones are invalid).
+    blob = b"\n".join(lines)
     try:
-        b"\n".join(lines).decode("utf-8")
+        blob.decode("utf-8")
     except UnicodeDecodeError:
-        exact = sorted(set(exact) | {i for i, line in enumerate(lines) if not _is_utf8(line)})
+        exact += [i for i, line in enumerate(lines) if not _is_utf8(line)]
+    if _SURROGATE_ESCAPE_B.search(blob):
+        exact += [i for i, line in enumerate(lines) if _SURROGATE_ESCAPE_B.search(line)]
+    exact = sorted(set(exact))
     prev = 0
     for k in exact + [len(lines)]:
         if prev < k:
@@ -404,6 +410,14 @@ def arrow_segments(lines: list[bytes], names: tuple[str, ...]) -> Iterator[tuple
         if k < len(lines):
             yield k, k + 1, None
         prev = k + 1
+
+
+_SURROGATE_ESCAPE_B = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _looks_like_object(line: bytes) -> bool:
+    s = line.strip()
+    return s.startswith(b"{") and s.endswith(b"}")
 
 
 def _is_utf8(line: bytes) -> bool:
@@ -414,27 +428,37 @@ def _is_utf8(line: bytes) -> bool:
     return True
 
 
-_RUN_LINES = 256  # a failed parse costs up to one run, so bad lines stay cheap
+# Lines per Arrow parse: large runs amortize the per-call cost; after a failure the run
+# shrinks (a failed parse costs up to one run, so bad lines stay cheap), then grows back.
+_RUN_LINES = 256
+_RUN_LINES_MAX = 1 << 16
 
 
 def _arrow_runs(lines: list[bytes], lo: int, hi: int, opts) -> Iterator[tuple[int, int, pa.Table | None]]:
     start = lo
-    end = min(hi, start + _RUN_LINES)
+    run = _RUN_LINES_MAX
+    end = min(hi, start + run)
     while start < hi:
         table, bad = _arrow_parse(b"\n".join(lines[start:end]), end - start, opts)
         if table is not None:
             yield start, end, table
             start = end
-        elif bad is None:
-            yield start, end, None
-            start = end
-        elif bad > 0:
-            end = start + bad  # parse the good prefix, then meet the bad line at row 0
-            continue
+            run = min(_RUN_LINES_MAX, run * 2)
         else:
-            yield start, start + 1, None
-            start += 1
-        end = min(hi, start + _RUN_LINES)
+            run = max(_RUN_LINES, run // 8)
+            if bad is None:
+                if end - start > _RUN_LINES:
+                    end = start + _RUN_LINES  # unknown row: narrow down before giving up on lines
+                    continue
+                yield start, end, None
+                start = end
+            elif bad > 0:
+                end = start + bad  # parse the good prefix, then meet the bad line at row 0
+                continue
+            else:
+                yield start, start + 1, None
+                start += 1
+        end = min(hi, start + run)
 
 
 def _arrow_parse(blob: bytes, expected_rows: int, opts) -> tuple[pa.Table | None, int | None]:

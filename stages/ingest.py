@@ -29,7 +29,7 @@ import typer
 from pipeline.atomic import atomic_path
 from pipeline.config import config_to_yaml, load_config, require
 from pipeline.errors import ConfigError, UserError
-from pipeline.pairs import FieldMap, Invalid, arrow_clean_mask, kept_value, pair_id_of, split_of, validate_record
+from pipeline.pairs import FieldMap, Invalid, arrow_clean_mask, arrow_pair_ids, arrow_splits, kept_value, split_of, validate_record
 from pipeline.readers import (
     Record,
     arrow_segments,
@@ -284,14 +284,18 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
     goes through the same per-record code as other inputs, so results do not depend on the path."""
     if not ctx.fast:
         return _process(jsonl_chunk_records(data, first_line, source), source, ctx)
-    lines: list[bytes] = []
-    numbers: list[int] = []
-    for i, line in enumerate(data.split(b"\n")):
-        if line.endswith(b"\r"):
-            line = line.rstrip(b"\r")
-        if line and line.strip():
-            lines.append(line)
-            numbers.append(first_line + i)
+    lines = data.split(b"\n")
+    if b"\r" in data:
+        lines = [line.rstrip(b"\r") if line.endswith(b"\r") else line for line in lines]
+    if data.endswith(b"\n"):
+        lines.pop()  # the empty piece after the last newline
+    blank = [i for i, line in enumerate(lines) if not line or line.isspace()]  # what `not line.strip()` means
+    if blank:
+        keep = set(range(len(lines))) - set(blank)
+        numbers = [first_line + i for i in sorted(keep)]
+        lines = [lines[i] for i in sorted(keep)]
+    else:
+        numbers = range(first_line, first_line + len(lines))
     f = ctx.fields
     slow: list[int] = []
     fast_idx: list[int] = []
@@ -302,24 +306,24 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
         else:
             tables.append(table)
             fast_idx.extend(range(start, end))
+    # A CR in a text (raw, or escaped as \r or \u000d) changes its normalization; with none
+    # in the chunk's bytes the per-text scan for it can be skipped.
+    may_have_cr = b"\r" in data or b"\\r" in data or b"\\u" in data
     batches = []
     if tables:
         t = pa.concat_tables(tables)
         p, c, r = (t.column(i).combine_chunks() for i in range(3))
-        mask, normalized = arrow_clean_mask(p, c, r, ctx.max_chars)
+        mask, normalized = arrow_clean_mask(p, c, r, ctx.max_chars, may_have_cr)
         ok_rows = []
         for i, ok in zip(fast_idx, mask.to_pylist()):
             (ok_rows if ok else slow).append(i)
         if ok_rows:
             n = len(ok_rows)
-            pn, cn, rn = (pc.filter(col, mask).to_pylist() for col in normalized)
-            if ctx.eval_fraction > 0:
-                split = pa.array([split_of(a, ctx.eval_fraction) for a in pn], pa.string())
-            else:
-                split = pa.array(["train"] * n, pa.string())
+            pn, cn, rn = (pc.filter(col, mask) for col in normalized)
+            split = pa.array(arrow_splits(pn, ctx.eval_fraction), pa.string())
             lines_ok = pa.array([numbers[i] for i in ok_rows], pa.int64())
             arrays = {
-                "pair_id": pa.array([pair_id_of(a, b, c_) for a, b, c_ in zip(pn, cn, rn)], pa.string()),
+                "pair_id": pa.array(arrow_pair_ids(pn, cn, rn), pa.string()),
                 "prompt": pc.filter(p, mask),
                 "chosen": pc.filter(c, mask),
                 "rejected": pc.filter(r, mask),
