@@ -249,6 +249,34 @@ UNICODE_WS = (
 )
 
 
+# Bytes that can start / end a whitespace character (``UNICODE_WS`` in UTF-8).
+_WS_FIRST = sorted({c.encode("utf-8")[0] for c in UNICODE_WS})
+_WS_LAST = sorted({c.encode("utf-8")[-1] for c in UNICODE_WS})
+
+
+def _may_need_strip(col) -> bool:
+    """False when no (non-null) string of ``col`` can start or end with whitespace, judged
+    from raw bytes: stripping copies every text, and almost no row needs it."""
+    import numpy as np
+    import pyarrow as pa
+
+    if not len(col) or not pa.types.is_string(col.type) or col.buffers()[2] is None:
+        return True
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset : col.offset + len(col) + 1]
+    data = np.frombuffer(col.buffers()[2], dtype=np.uint8)
+    starts, ends = offsets[:-1], offsets[1:]
+    if col.null_count:
+        valid = col.is_valid().to_numpy(zero_copy_only=False)
+        starts, ends = starts[valid], ends[valid]
+    if (starts >= ends).any():  # an empty text: let the exact strip decide (cheap, rare)
+        return True
+    first_lut = np.zeros(256, dtype=bool)
+    first_lut[_WS_FIRST] = True
+    last_lut = np.zeros(256, dtype=bool)
+    last_lut[_WS_LAST] = True
+    return bool(first_lut[data[starts]].any() or last_lut[data[ends - 1]].any())
+
+
 def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0, may_have_cr: bool = True):
     """Vectorized check over Arrow string arrays for standard-format rows: ``(mask, normalized)``.
 
@@ -269,7 +297,7 @@ def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0, may_have_cr: 
     n = len(prompt)
     conds, normalized = [], []
     for col in (prompt, chosen, rejected):
-        stripped = pc.utf8_trim(col, characters=UNICODE_WS)
+        stripped = pc.utf8_trim(col, characters=UNICODE_WS) if _may_need_strip(col) else col
         normalized.append(stripped)
         conds.append(pc.greater(pc.binary_length(stripped), 0))  # also False (null) for a missing text
         if may_have_cr:

@@ -25,6 +25,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -376,7 +377,19 @@ def _jsonable(obj: Any) -> Any:
 _ROW_IN_ERROR = re.compile(r"in row (\d+)")
 
 
-def arrow_segments(lines: list[bytes], names: tuple[str, ...]) -> Iterator[tuple[int, int, pa.Table | None]]:
+_ESCAPE_R_OR_U = re.compile(rb"\\[ru]")
+
+
+def may_hold_cr_or_escapes(data: bytes) -> bool:
+    """False when ``data`` has no CR byte and no ``\\r`` or ``\\u`` escape: then no parsed
+    text holds a CR and no surrogate escape needs a look (one regex pass, far quicker
+    than a substring test per pattern)."""
+    return b"\r" in data or _ESCAPE_R_OR_U.search(data) is not None
+
+
+def arrow_segments(
+    lines: list[bytes], names: tuple[str, ...], escapes: bool = True
+) -> Iterator[tuple[int, int, pa.Table | None]]:
     """Cover ``lines`` (non-blank, without newlines) with ``(start, end, table)`` runs in order.
 
     ``table`` holds the string columns ``names`` parsed by Arrow's JSON reader
@@ -385,6 +398,8 @@ def arrow_segments(lines: list[bytes], names: tuple[str, ...]) -> Iterator[tuple
     a string, a non-object line), which the caller sends through the exact
     per-line path. Arrow's error names the failing row, so a bad line costs a
     re-parse of the good lines before it, not a slow path for the whole chunk.
+    ``escapes=False``: the caller knows (``may_hold_cr_or_escapes``) that no line has a
+    ``\\u`` escape, so the surrogate scan is skipped.
     """
     opts = pa_json.ParseOptions(
         explicit_schema=pa.schema([(n, pa.string()) for n in names]), unexpected_field_behavior="ignore"
@@ -392,21 +407,24 @@ def arrow_segments(lines: list[bytes], names: tuple[str, ...]) -> Iterator[tuple
     # Only lines that look like one whole object reach Arrow: a bare top-level ``null``
     # crashes pyarrow's reader (seen with pyarrow 26), other scalars fail anyway, and a
     # line cut short (no closing brace) would make Arrow fail and re-parse a whole run.
-    exact = [i for i, line in enumerate(lines) if not (line.startswith(b"{") and line.endswith(b"}")) and not _looks_like_object(line)]
-    # Invalid UTF-8 is found here, once per chunk (Arrow would pass it through), and so
-    # are escaped UTF-16 surrogates, which only the exact path judges (lone ones are invalid).
     blob = b"\n".join(lines)
-    try:
-        blob.decode("utf-8")
-    except UnicodeDecodeError:
-        exact += [i for i, line in enumerate(lines) if not _is_utf8(line)]
-    if _SURROGATE_ESCAPE_B.search(blob):
+    if all(map(bytes.startswith, lines, repeat(b"{"))) and all(map(bytes.endswith, lines, repeat(b"}"))):
+        exact = []  # the common case, checked in C loops
+    else:
+        exact = [i for i, line in enumerate(lines) if not (line.startswith(b"{") and line.endswith(b"}")) and not _looks_like_object(line)]
+    # Invalid UTF-8 is found here (Arrow would pass it through), and so are escaped
+    # UTF-16 surrogates, which only the exact path judges (lone ones are invalid).
+    # ASCII lines need no UTF-8 check; decoding only the others avoids building a
+    # wide str of the whole chunk.
+    if not blob.isascii():
+        exact += [i for i, line in enumerate(lines) if not line.isascii() and not _is_utf8(line)]
+    if escapes and _SURROGATE_ESCAPE_B.search(blob):
         exact += [i for i, line in enumerate(lines) if _SURROGATE_ESCAPE_B.search(line)]
     exact = sorted(set(exact))
     prev = 0
     for k in exact + [len(lines)]:
         if prev < k:
-            yield from _arrow_runs(lines, prev, k, opts)
+            yield from _arrow_runs(lines, prev, k, opts, blob if (prev, k) == (0, len(lines)) else None)
         if k < len(lines):
             yield k, k + 1, None
         prev = k + 1
@@ -434,12 +452,16 @@ _RUN_LINES = 256
 _RUN_LINES_MAX = 1 << 16
 
 
-def _arrow_runs(lines: list[bytes], lo: int, hi: int, opts) -> Iterator[tuple[int, int, pa.Table | None]]:
+def _arrow_runs(
+    lines: list[bytes], lo: int, hi: int, opts, whole: bytes | None = None
+) -> Iterator[tuple[int, int, pa.Table | None]]:
+    """``whole``: ``lines[lo:hi]`` already joined (saves a copy when the run is all of them)."""
     start = lo
     run = _RUN_LINES_MAX
     end = min(hi, start + run)
     while start < hi:
-        table, bad = _arrow_parse(b"\n".join(lines[start:end]), end - start, opts)
+        blob = whole if whole is not None and (start, end) == (lo, hi) else b"\n".join(lines[start:end])
+        table, bad = _arrow_parse(blob, end - start, opts)
         if table is not None:
             yield start, end, table
             start = end

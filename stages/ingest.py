@@ -13,7 +13,6 @@ bytes. Both files are written under temporary names and renamed at the end.
 from __future__ import annotations
 
 import collections
-import functools
 import heapq
 import json
 import os
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import typer
@@ -33,12 +33,12 @@ from pipeline.pairs import FieldMap, Invalid, arrow_clean_mask, arrow_pair_ids, 
 from pipeline.readers import (
     Record,
     arrow_segments,
-    chunk_line_text,
     input_size,
     is_line_oriented,
     iter_line_chunks,
     iter_records,
     jsonl_chunk_records,
+    may_hold_cr_or_escapes,
     parse_line,
 )
 from pipeline.schemas import PAIRS_SCHEMA, REASON_CODES, SPLITS
@@ -47,7 +47,7 @@ DEFAULT_OUT = "data/out/pairs.arrow"
 _BATCH_ROWS = 4096
 _PROGRESS_MIN_BYTES = 16 << 20  # smaller inputs finish before a bar is worth drawing
 _PARALLEL_MIN_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
-_CHUNK_BYTES = 1 << 20
+_CHUNK_BYTES = 8 << 20  # large chunks amortize the per-chunk Arrow calls
 _FAST_PATH = True  # tests switch it off to compare both paths
 
 
@@ -289,44 +289,49 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
         lines = [line.rstrip(b"\r") if line.endswith(b"\r") else line for line in lines]
     if data.endswith(b"\n"):
         lines.pop()  # the empty piece after the last newline
-    blank = [i for i, line in enumerate(lines) if not line or line.isspace()]  # what `not line.strip()` means
+    blank = []
+    if not all(lines) or any(map(bytes.isspace, lines)):
+        blank = [i for i, line in enumerate(lines) if not line or line.isspace()]  # what `not line.strip()` means
     if blank:
-        keep = set(range(len(lines))) - set(blank)
-        numbers = [first_line + i for i in sorted(keep)]
-        lines = [lines[i] for i in sorted(keep)]
+        kept = np.setdiff1d(np.arange(len(lines)), np.array(blank, dtype=np.int64))
+        lines = [lines[i] for i in kept.tolist()]
+        numbers = kept + first_line
     else:
-        numbers = range(first_line, first_line + len(lines))
+        numbers = np.arange(first_line, first_line + len(lines), dtype=np.int64)
+    # A CR in a text (raw, or escaped as \\r or \\u000d) changes its normalization, and
+    # \\u escapes may hide lone surrogates; with none in the chunk both scans are skipped.
+    escapes = may_hold_cr_or_escapes(data)
     f = ctx.fields
     slow: list[int] = []
-    fast_idx: list[int] = []
+    fast_runs: list[np.ndarray] = []
     tables = []
-    for start, end, table in arrow_segments(lines, (f.prompt, f.chosen, f.rejected)):
+    for start, end, table in arrow_segments(lines, (f.prompt, f.chosen, f.rejected), escapes):
         if table is None:
             slow.extend(range(start, end))
         else:
             tables.append(table)
-            fast_idx.extend(range(start, end))
-    # A CR in a text (raw, or escaped as \r or \u000d) changes its normalization; with none
-    # in the chunk's bytes the per-text scan for it can be skipped.
-    may_have_cr = b"\r" in data or b"\\r" in data or b"\\u" in data
+            fast_runs.append(np.arange(start, end, dtype=np.int64))
     batches = []
     if tables:
         t = pa.concat_tables(tables)
+        fast_idx = np.concatenate(fast_runs)
         p, c, r = (t.column(i).combine_chunks() for i in range(3))
-        mask, normalized = arrow_clean_mask(p, c, r, ctx.max_chars, may_have_cr)
-        ok_rows = []
-        for i, ok in zip(fast_idx, mask.to_pylist()):
-            (ok_rows if ok else slow).append(i)
-        if ok_rows:
+        mask, normalized = arrow_clean_mask(p, c, r, ctx.max_chars, escapes)
+        ok_np = mask.to_numpy(zero_copy_only=False)
+        ok_rows = fast_idx[ok_np]
+        slow.extend(fast_idx[~ok_np].tolist())
+        if len(ok_rows):
             n = len(ok_rows)
-            pn, cn, rn = (pc.filter(col, mask) for col in normalized)
+            every = len(ok_rows) == len(fast_idx)  # then filtering would only copy
+            pick = (lambda col: col) if every else (lambda col: pc.filter(col, mask))  # noqa: E731
+            pn, cn, rn = (pick(col) for col in normalized)
             split = pa.array(arrow_splits(pn, ctx.eval_fraction), pa.string())
-            lines_ok = pa.array([numbers[i] for i in ok_rows], pa.int64())
+            lines_ok = pa.array(numbers[ok_rows], pa.int64())
             arrays = {
                 "pair_id": pa.array(arrow_pair_ids(pn, cn, rn), pa.string()),
-                "prompt": pc.filter(p, mask),
-                "chosen": pc.filter(c, mask),
-                "rejected": pc.filter(r, mask),
+                "prompt": pick(p),
+                "chosen": pick(c),
+                "rejected": pick(r),
                 "split": split,
                 "source": pc.binary_join_element_wise(f"{source}:", pc.cast(lines_ok, pa.string()), ""),
                 "_line": lines_ok,
@@ -334,9 +339,12 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
             cols = [arrays[fld.name] if fld.name in arrays else pa.nulls(n, fld.type) for fld in ctx.schema]
             batches.append(pa.RecordBatch.from_arrays(cols, schema=ctx.schema))
     slow.sort()
-    exact = _process((parse_line(lines[i], source, numbers[i]) for i in slow), source, ctx)
+    exact = _process((parse_line(lines[i], source, int(numbers[i])) for i in slow), source, ctx)
     if not batches:
         return _Chunk(source, len(lines), exact.batch, exact.quarantine)
+    if not exact.batch.num_rows and not slow:  # rows already in line order (one Arrow run)
+        if len(tables) == 1 or bool(np.all(np.diff(np.asarray(batches[0].column(len(batches[0].schema) - 1))) > 0)):
+            return _Chunk(source, len(lines), batches[0], exact.quarantine)
     batches.append(exact.batch)
     merged = pa.Table.from_batches(batches, schema=ctx.schema).sort_by("_line").combine_chunks()
     batch = merged.to_batches()[0] if merged.num_rows else exact.batch
@@ -346,6 +354,18 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
 def _quarantine_line(source: str, line: int, reason: str, message: str | None, raw: str) -> str:
     record = {"source": source, "line": line, "reason": reason, "message": message, "raw": raw}
     return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def _raw_line_getter(data: bytes, first: int) -> Callable[[int], str]:
+    """``chunk_line_text`` for many lines of one chunk, splitting the chunk once (on first use)."""
+    split: list[list[bytes]] = []
+
+    def raw_of(line: int) -> str:
+        if not split:
+            split.append(data.split(b"\n"))
+        return split[0][line - first].rstrip(b"\r\n").decode("utf-8")
+
+    return raw_of
 
 
 def _record_chunks(path: Path, progress, size: int = 4096) -> Iterator[tuple[list[Record], str]]:
@@ -365,7 +385,7 @@ def _jobs(paths: list[Path], ctx: _Ctx, advance, pool) -> Iterator[tuple[Any, Ca
     for path in paths:
         if is_line_oriented(path):
             for data, first in iter_line_chunks(path, _CHUNK_BYTES, advance):
-                raw_of = functools.partial(chunk_line_text, data, first)
+                raw_of = _raw_line_getter(data, first)
                 if pool is None:
                     yield _process_lines(data, first, str(path), ctx), raw_of
                 else:
@@ -457,7 +477,12 @@ def run(cfg: IngestConfig) -> IngestResult:
                     # Duplicates are resolved here, in input order, so "the first one wins" holds across chunks.
                     dups: list[tuple[int, str, str]] = []
                     keep_mask = []
-                    for pid, line in zip(batch.column(0).to_pylist(), batch.column(len(schema)).to_pylist()):
+                    pids = batch.column(0).to_pylist()
+                    fresh = set(pids)
+                    if len(fresh) == len(pids) and seen.isdisjoint(fresh):
+                        seen |= fresh  # the common case, settled by set operations in C
+                        pids = []
+                    for pid, line in zip(pids, batch.column(len(schema)).to_pylist() if pids else ()):
                         if pid in seen:
                             keep_mask.append(False)
                             message = f"duplicate of an earlier pair (pair_id {pid})"
