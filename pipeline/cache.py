@@ -84,7 +84,14 @@ class ScoresCache:
 
     @property
     def parts(self) -> list[Path]:
-        return [p for _, p in sorted(existing_parts(self.directory).items())]
+        """The part files the manifest lists (stray files in the folder are not part of the cache)."""
+        listed = self.manifest.get("parts")
+        if listed is None:
+            return [p for _, p in sorted(existing_parts(self.directory).items())]
+        missing = [name for name in listed if not (self.directory / name).is_file()]
+        if missing:
+            raise UserError(f"{self.directory}: part file {missing[0]} listed in the manifest is missing")
+        return [self.directory / name for name in listed]
 
     def table(self, columns: list[str] | None = None) -> pa.Table:
         tables = [pq.read_table(p, columns=columns) for p in self.parts]

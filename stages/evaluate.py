@@ -265,6 +265,8 @@ def run(cfg: EvalConfig) -> EvalResult:
     if task_rows:
         with atomic_path(cfg.out / TASK_RESULTS) as tmp:
             pq.write_table(pa.Table.from_pylist(task_rows, schema=TASK_RESULTS_SCHEMA), tmp)
+    else:  # an earlier eval's per-item rows would contradict this eval.json
+        (cfg.out / TASK_RESULTS).unlink(missing_ok=True)
     write_json_atomic(cfg.out / EVAL_FILE, report)
     result.seconds = time.perf_counter() - start
     return result

@@ -117,6 +117,8 @@ class ScoreRefResult:
     scored_now: int = 0
     """Pairs scored by this invocation (0 when a finished cache was found)."""
     reused: bool = False
+    identical_after_truncation: int = 0
+    """Pairs whose chosen and rejected ids are equal once truncated (train skips them)."""
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -203,6 +205,9 @@ def score_part(model, tokenizer, rows: list[dict], cfg: ScoreRefConfig, stats: d
     requests, layout, records = [], [], []
     for row in rows:
         tok = tokenize_pair(tokenizer, row, cfg.max_length, use_chat_template=cfg.chat_template)
+        if not tok.prompt_ids and getattr(model, "logits_shift", False):
+            raise UserError(f"pair {row['pair_id']}: truncation to --max-length {cfg.max_length} left no prompt "
+                            "token, and this model predicts each token from the one before it; raise --max-length")
         rec = {
             "pair_id": row["pair_id"],
             "split": row.get("split") or "train",
@@ -249,6 +254,16 @@ def score_part(model, tokenizer, rows: list[dict], cfg: ScoreRefConfig, stats: d
             rec[f"ref_{side}_elbo"] = sum(flat) / len(flat)
         rec["ref_margin"] = rec["ref_chosen_elbo"] - rec["ref_rejected_elbo"]
     return pa.Table.from_pylist(records, schema=SCORES_SCHEMA)
+
+
+def _check_done_parts(cfg: ScoreRefConfig, done: dict[int, Path], parts: list[list[int]], pair_ids: list[str]) -> None:
+    """Parts on disk from an interrupted run must hold exactly the pairs this plan gives them."""
+    for i, path in sorted(done.items()):
+        found = sorted(pq.read_table(path, columns=["pair_id"])["pair_id"].to_pylist())
+        planned = sorted(pair_ids[j] for j in parts[i]) if i < len(parts) else []
+        if found != planned:
+            raise UserError(f"{path}: holds other pairs than this run assigns to part {i}; resume with the "
+                            "--pairs-per-part of the interrupted run, or pass --overwrite to start over")
 
 
 def _count_padding(requests, batch_tokens: int, stats: dict) -> None:
@@ -312,6 +327,7 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
             lengths.append(len(tok.prompt_ids) + max(len(tok.chosen_ids), len(tok.rejected_ids)))
     parts = plan_parts(lengths, pair_ids, cfg.pairs_per_part)
     done = existing_parts(cfg.out)
+    _check_done_parts(cfg, done, parts, pair_ids)
     mine = [i for i in range(len(parts)) if i % state.num_processes == state.process_index and i not in done]
 
     stats = {"tokens": 0, "padded_tokens": 0, "real_tokens": 0}
@@ -349,6 +365,7 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
             "tokens": totals["tokens"],
             "parts": [part_name(i) for i in sorted(done)],
             "padding_fraction": padding,
+            "identical_after_truncation": totals["identical_after_truncation"],
             "schema": [f.name for f in SCORES_SCHEMA],
             "config": config_to_dict(cfg),
             "processes": state.num_processes,
@@ -357,17 +374,19 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
         (cfg.out / IN_PROGRESS).unlink(missing_ok=True)
     state.wait_for_everyone()
     return ScoreRefResult(totals["pairs"], totals["tokens"], time.perf_counter() - start, padding,
-                          str(cfg.out), digest, scored_now=scored)
+                          str(cfg.out), digest, scored_now=scored,
+                          identical_after_truncation=totals["identical_after_truncation"])
 
 
 def _totals(out: Path, done: dict[int, Path], cfg: ScoreRefConfig) -> dict[str, int]:
-    pairs = tokens = 0
+    pairs = tokens = identical = 0
     for i in sorted(done):
-        t = pq.read_table(done[i], columns=["prompt_len", "chosen_len", "rejected_len"])
+        t = pq.read_table(done[i], columns=["prompt_len", "chosen_len", "rejected_len", "chosen_ids", "rejected_ids"])
         pairs += t.num_rows
         for r in t.to_pylist():
             tokens += cfg.samples * cfg.draws * (2 * r["prompt_len"] + r["chosen_len"] + r["rejected_len"])
-    return {"pairs": pairs, "tokens": tokens}
+            identical += r["chosen_ids"] == r["rejected_ids"]
+    return {"pairs": pairs, "tokens": tokens, "identical_after_truncation": identical}
 
 
 def _across_processes(value: float, state) -> float:
@@ -420,5 +439,5 @@ def command(
     data.pop("details", None)
     if as_json:
         data = {k: data[k] for k in ("pairs", "tokens", "seconds", "padding_fraction", "out", "fingerprint",
-                                     "scored_now", "reused")}
+                                     "scored_now", "reused", "identical_after_truncation")}
     print_summary("score-ref", data, as_json)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,8 @@ class TrainConfig:
     """How many newest checkpoints to keep."""
     resume: bool = False
     """Continue from the newest checkpoint in the run folder."""
+    overwrite: bool = False
+    """Start afresh in a run folder that holds an earlier run (its files are removed)."""
     seed: int = 0
     """Seed of the data order and of torch's RNG."""
     log_every: int = 1
@@ -229,6 +232,30 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+RUN_OUTPUTS = ("checkpoints", "final", "metrics.parquet", "tensorboard", "eval.json", "task_results.parquet",
+               "report.html", "report.png")
+"""What a run folder holds; a fresh run into a used folder is refused (or, with overwrite, clears these)."""
+
+
+def check_tokenizer(cfg: TrainConfig, cache, tokenizer) -> None:
+    """Cached token ids only mean something under the tokenizer that produced them."""
+    from pipeline.models import tokenizer_identity
+
+    if tokenizer_identity(tokenizer) != cache.fingerprint.get("tokenizer"):
+        raise UserError(f"{cfg.scores}: the policy's tokenizer differs from the one the cache was scored with "
+                        "(fingerprint field 'tokenizer'); cached token ids would be read in another vocabulary")
+
+
+def check_resume_layout(ckpt: Path, state: dict[str, Any], layout: dict[str, Any]) -> None:
+    """Resuming must replay the same data order and schedule: the settings that fix them must match."""
+    saved = state.get("layout", {})
+    diffs = [k for k in layout if k in saved and saved[k] != layout[k]]
+    if diffs:
+        k = diffs[0]
+        raise UserError(f"{ckpt}: cannot resume with {k} = {layout[k]}; the run was started with {k} = {saved[k]} "
+                        "(the data position and schedule depend on it)")
+
+
 def check_init(cfg: TrainConfig, cache, model_name: str) -> None:
     """The policy must start from the cache's reference model unless the user says otherwise."""
     from pipeline.models import model_identity
@@ -326,7 +353,7 @@ def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) 
                 terms = policy_terms(model, requests, tok, cfg)
                 loss, st = batch_loss(cfg, terms, ref_c, ref_r, chosen_len)
             _check_finite(loss, ctx.step + 1, batch)
-            acc.backward(loss * scale)
+            _backward(ctx, loss * scale)
     else:
         # One no-grad pass gives each pair's dL/d(delta); then every sequence's
         # term is backpropagated on its own with that weight (estimator-math.md),
@@ -341,6 +368,11 @@ def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) 
             sft_weight=cfg.sft_weight, chosen_len=chosen_len, normalizer=len(batch.rows))
         seqs = [(j, k) for j, req in enumerate(requests) for k in range(req.masks.shape[0])]
         K = cfg.sequence_microbatch
+        # Empty masks (possible under the 1/t scheme) have a constant term 0: no forward needed.
+        seqs = [(j, k) for j, k in seqs if bool(requests[j].masks[k].any())]
+        if not seqs:
+            with ctx.sync_context(sync):
+                _backward(ctx, torch.zeros((), device=acc.device))
         for g in range(0, len(seqs), K):
             group = seqs[g:g + K]
             sub = [ScoreRequest(requests[j].prompt_ids, requests[j].response_ids, requests[j].masks[k:k + 1],
@@ -350,10 +382,23 @@ def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) 
                 with acc.autocast():
                     sub_terms = policy_terms(model, sub, tok, cfg)
                 surrogate = sum(w.to(t.dtype) * t.sum() for w, t in zip(weights, sub_terms))
-                acc.backward(surrogate * scale)
+                _backward(ctx, surrogate * scale)
     tokens = sum(req.masks.shape[0] * (len(req.prompt_ids) + len(req.response_ids)) for req in requests)
     return {"loss": loss.detach().float(), "cr": st["cr"].float(), "rr": st["rr"].float(),
             "pi_c": st["pi_c"].float(), "pi_r": st["pi_r"].float(), "tokens": tokens}
+
+
+def _backward(ctx: "TrainContext", loss: torch.Tensor) -> None:
+    """Backward, also when the loss does not depend on the weights (every mask empty under
+    the 1/t scheme): alone that adds nothing; under data parallel the other processes wait
+    for this one's gradients, so a zero-weighted pass through the body and head joins them."""
+    if not loss.requires_grad:
+        if ctx.wrapped is None:
+            return
+        probe = torch.full((1, 1), int(ctx.tokenizer.pad_token_id), device=ctx.accelerator.device)
+        hidden = ctx.scorer.final_hidden(probe, None)
+        loss = loss + 0.0 * ctx.model.get_output_embeddings()(hidden).sum()
+    ctx.accelerator.backward(loss)
 
 
 def _check_finite(loss: torch.Tensor, step: int, batch: PairBatch) -> None:
@@ -486,6 +531,14 @@ def run(cfg: TrainConfig) -> TrainResult:
     model_name = cfg.model or cache.manifest["config"]["model"]
     check_init(cfg, cache, model_name)
     rows = list(cache.rows(split="train"))
+    # Truncation can make both responses the same ids: such a pair carries no preference, only noise.
+    identical = [r["pair_id"] for r in rows if r["chosen_ids"] == r["rejected_ids"]]
+    if identical:
+        import sys
+
+        print(f"warning: skipping {len(identical)} pair(s) whose responses are identical after truncation "
+              f"(e.g. {identical[0]}); raise score-ref's --max-length to keep them", file=sys.stderr)
+        rows = [r for r in rows if r["chosen_ids"] != r["rejected_ids"]]
     if not rows:
         raise UserError(f"{cfg.scores}: the cache holds no pairs of the train split")
 
@@ -500,6 +553,7 @@ def run(cfg: TrainConfig) -> TrainResult:
                         "use data parallel (configs/accelerate/ddp.yaml) with LoRA and gradient checkpointing")
     torch.manual_seed(cfg.seed)
     model, tokenizer = setup_policy(cfg, model_name, acc.device)
+    check_tokenizer(cfg, cache, tokenizer)
     if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
         raise UserError(f"model '{model_name}': tokenizer needs mask and pad tokens")
     ref_model = None
@@ -526,6 +580,8 @@ def run(cfg: TrainConfig) -> TrainResult:
     else:
         optimizer = acc.prepare(optimizer)
 
+    layout = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "processes": world,
+              "total_steps": total_steps, "seed": cfg.seed, "lora_r": cfg.lora_r}
     resumed_from = None
     start_step = 0
     if cfg.resume:
@@ -533,10 +589,16 @@ def run(cfg: TrainConfig) -> TrainResult:
         if ckpt is None:
             raise UserError(f"{cfg.out}: --resume given but the run folder holds no checkpoint")
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        check_resume_layout(ckpt, state, layout)
         start_step = resumed_from = int(state["step"])
-    elif acc.is_main_process and (cfg.out / "checkpoints").exists() and latest_checkpoint(cfg.out):
-        raise UserError(f"{cfg.out}: run folder already holds checkpoints; pass --resume to continue it "
-                        "or choose another --out")
+    elif acc.is_main_process:
+        earlier = [p for p in RUN_OUTPUTS if (cfg.out / p).exists()]
+        if earlier and not cfg.overwrite:
+            raise UserError(f"{cfg.out}: run folder already holds a run ({', '.join(earlier)}); pass --resume to "
+                            "continue it, --overwrite to start afresh, or choose another --out")
+        for p in earlier:
+            target = cfg.out / p
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
     if acc.is_main_process:
         cfg.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(cfg.out / "config.yaml", config_to_yaml(cfg))
@@ -572,7 +634,7 @@ def run(cfg: TrainConfig) -> TrainResult:
                     writer.flush()
                     save_checkpoint(cfg.out, step + 1, model, optimizer, scheduler,
                                     {"epoch": (step + 1) / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                                     "total_steps": total_steps, "seed": cfg.seed}, keep=cfg.keep_checkpoints)
+                                     "layout": layout}, keep=cfg.keep_checkpoints)
         acc.wait_for_everyone()
         final = cfg.out / "final"
         if acc.is_main_process:
@@ -659,6 +721,7 @@ def command(
     batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens"),
     save_every: Optional[int] = typer.Option(None, "--save-every"),
     resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the newest checkpoint."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Start afresh in a used run folder."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     log_every: Optional[int] = typer.Option(None, "--log-every"),
     device: Optional[str] = typer.Option(None, "--device"),

@@ -1,0 +1,126 @@
+"""Edge cases found in review: empty 1/t masks, resume layouts, truncation, reused run folders, stale results."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cache import open_cache
+from pipeline.errors import UserError
+from pipeline.models import load_model
+from stages.score_ref import ScoreRefConfig, score_part
+from stages.score_ref import run as score
+from stages.train import TrainConfig
+from stages.train import run as train
+from tests.conftest import ingest_pairs
+
+FAST = dict(learning_rate=3e-3, warmup_ratio=0.0, device="cpu", progress=False, tensorboard=False)
+
+
+@pytest.fixture(scope="module")
+def one_over_t_cache(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ot")
+    pairs = ingest_pairs(tmp, n=8, eval_fraction=0.0)
+    out = tmp / "cache"
+    # samples=1 and many draws: some (pair, side, draw) masks come out empty under 1/t.
+    score(ScoreRefConfig(pairs=pairs, model="micro", out=out, samples=1, draws=40, scheme="one_over_t", eps=0.02,
+                         device="cpu", progress=False))
+    return out
+
+
+def test_one_over_t_cache_has_empty_masks_and_trains_through_them(one_over_t_cache, tmp_path):
+    rows = open_cache(one_over_t_cache).table().to_pylist()
+    empty = sum(c == 0 for r in rows for side in ("chosen", "rejected") for d in r[f"{side}_mask_counts"] for c in d)
+    assert empty > 0  # the situation under test exists
+    for k in (0, 1):
+        result = train(TrainConfig(scores=one_over_t_cache, out=tmp_path / f"k{k}", batch_size=1, epochs=40,
+                                   sequence_microbatch=k, **FAST))
+        assert result.steps == 8 * 40
+
+
+def test_resume_with_another_pairs_per_part_is_refused(small_pairs, tmp_path):
+    out = tmp_path / "c"
+    cfg = dict(pairs=small_pairs, model="micro", out=out, samples=2, device="cpu", progress=False)
+    score(ScoreRefConfig(pairs_per_part=8, **cfg))
+    (out / "manifest.json").unlink()  # as if killed before the end, with every part written
+    (out / "fingerprint.json").write_text(json.dumps(_fingerprint_of(small_pairs, cfg)))
+    for p in sorted(out.glob("part-*.parquet"))[1:]:
+        p.unlink()
+    with pytest.raises(UserError, match=r"holds other pairs than this run assigns to part 0; resume with the "
+                                        r"--pairs-per-part"):
+        score(ScoreRefConfig(pairs_per_part=3, **cfg))
+    result = score(ScoreRefConfig(pairs_per_part=8, **cfg))  # the original layout resumes
+    assert result.pairs == 20 and result.scored_now == 20 - 8
+
+
+def _fingerprint_of(pairs, cfg):
+    from pipeline.cache import file_sha256
+    from pipeline.models import model_identity, tokenizer_identity
+    from stages.score_ref import build_fingerprint
+
+    _, tok = load_model("micro")
+    return build_fingerprint(ScoreRefConfig(**cfg), model_identity("micro"), tokenizer_identity(tok),
+                             file_sha256(pairs))
+
+
+def test_truncation_leaving_no_prompt_is_a_clear_error_for_shifted_models(small_pairs):
+    from pipeline.pairsfile import read_pairs
+
+    model, tok = load_model("micro")
+    model.logits_shift = True
+    rows = read_pairs(small_pairs).to_pylist()[:1]
+    cfg = ScoreRefConfig(pairs=small_pairs, model="micro", samples=2, max_length=6, device="cpu")
+    with pytest.raises(UserError, match=r"truncation to --max-length 6 left no prompt token"):
+        score_part(model, tok, rows, cfg, {"tokens": 0, "padded_tokens": 0, "real_tokens": 0})
+
+
+def test_identical_after_truncation_is_counted_and_skipped_by_train(small_pairs, tmp_path, capsys):
+    out = tmp_path / "c"
+    result = score(ScoreRefConfig(pairs=small_pairs, model="micro", out=out, samples=2, max_length=3,
+                                  device="cpu", progress=False))
+    assert result.identical_after_truncation == result.pairs  # 2 tokens + EOS cannot tell them apart
+    assert json.loads((out / "manifest.json").read_text())["identical_after_truncation"] == result.pairs
+    with pytest.raises(UserError, match="no pairs of the train split"):
+        train(TrainConfig(scores=out, out=tmp_path / "r", max_steps=1, **FAST))
+    assert "skipping" in capsys.readouterr().err
+
+
+def test_fresh_train_into_a_used_run_folder_is_refused_then_overwritten(small_cache, tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(scores=small_cache, out=out, max_steps=1, batch_size=2, **FAST))
+    with pytest.raises(UserError, match=r"already holds a run \(final, metrics.parquet\).*--overwrite"):
+        train(TrainConfig(scores=small_cache, out=out, max_steps=1, batch_size=2, **FAST))
+    train(TrainConfig(scores=small_cache, out=out, max_steps=2, batch_size=2, overwrite=True, **FAST))
+    assert pq.read_table(out / "metrics.parquet").num_rows == 2
+
+
+def test_resume_with_another_batch_size_is_refused(small_cache, tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(scores=small_cache, out=out, max_steps=4, batch_size=2, save_every=2, **FAST))
+    shutil.rmtree(out / "final")
+    with pytest.raises(UserError, match=r"cannot resume with batch_size = 3; the run was started with batch_size = 2"):
+        train(TrainConfig(scores=small_cache, out=out, max_steps=4, batch_size=3, resume=True, **FAST))
+
+
+def test_policy_with_another_tokenizer_is_refused(small_cache, tmp_path):
+    model, tok = load_model("micro")
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    tok.chat_template = "{{ messages[0]['content'] }}"
+    tok.save_pretrained(folder)
+    with pytest.raises(UserError, match="tokenizer differs from the one the cache was scored with"):
+        train(TrainConfig(scores=small_cache, out=tmp_path / "r", model=str(folder), allow_different_init=True,
+                          max_steps=1, **FAST))
+
+
+def test_eval_without_benchmark_removes_stale_task_results(small_cache, tmp_path):
+    from stages.evaluate import EvalConfig
+    from stages.evaluate import run as evaluate
+
+    stale = tmp_path / "task_results.parquet"
+    stale.write_bytes(b"old")
+    evaluate(EvalConfig(model="micro", scores=small_cache, out=tmp_path, device="cpu", before="none"))
+    assert not stale.exists()
