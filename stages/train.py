@@ -132,6 +132,10 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.sequence_microbatch and self.lora_dropout > 0:
+            # The weights come from a no-grad pass; with dropout the backward passes would
+            # see other masks of the network, and the gradient would no longer be the loss's.
+            raise ConfigError("sequence_microbatch needs lora_dropout = 0 (dropout differs between the two passes)")
         if self.load_in_4bit and self.lora_r == 0:
             raise ConfigError("load_in_4bit trains adapters only: set lora_r > 0")
 
@@ -557,10 +561,12 @@ def run(cfg: TrainConfig) -> TrainResult:
     if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
         raise UserError(f"model '{model_name}': tokenizer needs mask and pad tokens")
     ref_model = None
-    if cfg.reference == "online" and cfg.lora_r == 0:
+    ref_name = cache.manifest["config"]["model"]
+    # Under LoRA the base with adapters off is the reference, unless the policy started elsewhere.
+    if cfg.reference == "online" and (cfg.lora_r == 0 or model_name != ref_name):
         from pipeline.models import load_model
 
-        ref_model, _ = load_model(cache.manifest["config"]["model"], dtype=cfg.dtype, device=str(acc.device),
+        ref_model, _ = load_model(ref_name, dtype=cfg.dtype, device=str(acc.device),
                                   trust_remote_code=cfg.trust_remote_code)
         ref_model.eval().requires_grad_(False)
 

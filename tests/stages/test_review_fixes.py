@@ -124,3 +124,10 @@ def test_eval_without_benchmark_removes_stale_task_results(small_cache, tmp_path
     stale.write_bytes(b"old")
     evaluate(EvalConfig(model="micro", scores=small_cache, out=tmp_path, device="cpu", before="none"))
     assert not stale.exists()
+
+
+def test_sequence_microbatch_with_lora_dropout_is_refused():
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sequence_microbatch needs lora_dropout = 0"):
+        TrainConfig(sequence_microbatch=2, lora_r=4, lora_dropout=0.1)
