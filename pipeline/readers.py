@@ -390,16 +390,18 @@ def may_hold_cr_or_escapes(data: bytes) -> bool:
 def arrow_segments(
     lines: list[bytes], names: tuple[str, ...], escapes: bool = True
 ) -> Iterator[tuple[int, int, pa.Table | None]]:
-    """Cover ``lines`` (non-blank, without newlines) with ``(start, end, table)`` runs in order.
+    """Cover ``lines`` (non-blank, without newlines) with ``(rows, table)`` pairs.
 
-    ``table`` holds the string columns ``names`` parsed by Arrow's JSON reader
-    (C++, no Python object per value) for ``lines[start:end]``; ``None`` marks
-    lines Arrow could not take as such (bad JSON or UTF-8, a field that is not
-    a string, a non-object line), which the caller sends through the exact
-    per-line path. Arrow's error names the failing row, so a bad line costs a
-    re-parse of the good lines before it, not a slow path for the whole chunk.
-    ``escapes=False``: the caller knows (``may_hold_cr_or_escapes``) that no line has a
-    ``\\u`` escape, so the surrogate scan is skipped.
+    ``rows`` are indices into ``lines`` (ascending within a pair; pairs in no
+    particular order). ``table`` holds the string columns ``names`` parsed by
+    Arrow's JSON reader (C++, no Python object per value) for those lines;
+    ``None`` marks lines Arrow could not take as such (bad JSON or UTF-8, a
+    field that is not a string, a non-object line), which the caller sends
+    through the exact per-line path. Arrow's error names the failing row, so a
+    bad line costs a re-parse of the good lines before it, not a slow path for
+    the whole chunk. ``escapes=False``: the caller knows
+    (``may_hold_cr_or_escapes``) that no line has a ``\\u`` escape, so the
+    surrogate scan is skipped.
     """
     opts = pa_json.ParseOptions(
         explicit_schema=pa.schema([(n, pa.string()) for n in names]), unexpected_field_behavior="ignore"
@@ -421,13 +423,15 @@ def arrow_segments(
     if escapes and _SURROGATE_ESCAPE_B.search(blob):
         exact += [i for i, line in enumerate(lines) if _SURROGATE_ESCAPE_B.search(line)]
     exact = sorted(set(exact))
-    prev = 0
-    for k in exact + [len(lines)]:
-        if prev < k:
-            yield from _arrow_runs(lines, prev, k, opts, blob if (prev, k) == (0, len(lines)) else None)
-        if k < len(lines):
-            yield k, k + 1, None
-        prev = k + 1
+    if not exact:
+        yield from _arrow_runs(lines, 0, len(lines), opts, blob, range(len(lines)))
+        return
+    yield exact, None
+    # The other lines go to Arrow together (not in runs cut at every bad line: each
+    # parse has a fixed cost), keeping their line indices.
+    skip = set(exact)
+    keep = [i for i in range(len(lines)) if i not in skip]
+    yield from _arrow_runs([lines[i] for i in keep], 0, len(keep), opts, None, keep)
 
 
 _SURROGATE_ESCAPE_B = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -453,9 +457,10 @@ _RUN_LINES_MAX = 1 << 16
 
 
 def _arrow_runs(
-    lines: list[bytes], lo: int, hi: int, opts, whole: bytes | None = None
-) -> Iterator[tuple[int, int, pa.Table | None]]:
-    """``whole``: ``lines[lo:hi]`` already joined (saves a copy when the run is all of them)."""
+    lines: list[bytes], lo: int, hi: int, opts, whole: bytes | None, index
+) -> Iterator[tuple[Any, pa.Table | None]]:
+    """``(index[start:end], table or None)`` covering ``lines[lo:hi]``; ``whole``: those
+    lines already joined (saves a copy when a run is all of them)."""
     start = lo
     run = _RUN_LINES_MAX
     end = min(hi, start + run)
@@ -463,7 +468,7 @@ def _arrow_runs(
         blob = whole if whole is not None and (start, end) == (lo, hi) else b"\n".join(lines[start:end])
         table, bad = _arrow_parse(blob, end - start, opts)
         if table is not None:
-            yield start, end, table
+            yield index[start:end], table
             start = end
             run = min(_RUN_LINES_MAX, run * 2)
         else:
@@ -472,13 +477,13 @@ def _arrow_runs(
                 if end - start > _RUN_LINES:
                     end = start + _RUN_LINES  # unknown row: narrow down before giving up on lines
                     continue
-                yield start, end, None
+                yield index[start:end], None
                 start = end
             elif bad > 0:
                 end = start + bad  # parse the good prefix, then meet the bad line at row 0
                 continue
             else:
-                yield start, start + 1, None
+                yield index[start : start + 1], None
                 start += 1
         end = min(hi, start + run)
 

@@ -305,12 +305,12 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
     slow: list[int] = []
     fast_runs: list[np.ndarray] = []
     tables = []
-    for start, end, table in arrow_segments(lines, (f.prompt, f.chosen, f.rejected), escapes):
+    for rows, table in arrow_segments(lines, (f.prompt, f.chosen, f.rejected), escapes):
         if table is None:
-            slow.extend(range(start, end))
+            slow.extend(rows)
         else:
             tables.append(table)
-            fast_runs.append(np.arange(start, end, dtype=np.int64))
+            fast_runs.append(np.asarray(rows, dtype=np.int64))
     batches = []
     if tables:
         t = pa.concat_tables(tables)
@@ -342,9 +342,8 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
     exact = _process((parse_line(lines[i], source, int(numbers[i])) for i in slow), source, ctx)
     if not batches:
         return _Chunk(source, len(lines), exact.batch, exact.quarantine)
-    if not exact.batch.num_rows and not slow:  # rows already in line order (one Arrow run)
-        if len(tables) == 1 or bool(np.all(np.diff(np.asarray(batches[0].column(len(batches[0].schema) - 1))) > 0)):
-            return _Chunk(source, len(lines), batches[0], exact.quarantine)
+    if not slow:  # every row came from Arrow, in line order: nothing to merge
+        return _Chunk(source, len(lines), batches[0], exact.quarantine)
     batches.append(exact.batch)
     merged = pa.Table.from_batches(batches, schema=ctx.schema).sort_by("_line").combine_chunks()
     batch = merged.to_batches()[0] if merged.num_rows else exact.batch
