@@ -277,7 +277,7 @@ def _may_need_strip(col) -> bool:
     return bool(first_lut[data[starts]].any() or last_lut[data[ends - 1]].any())
 
 
-def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0, may_have_cr: bool = True):
+def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0, may_have_cr=True):
     """Vectorized check over Arrow string arrays for standard-format rows: ``(mask, normalized)``.
 
     ``mask`` is True where ``validate_record`` would certainly accept the row:
@@ -288,7 +288,7 @@ def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0, may_have_cr: 
     arrays (for ``arrow_pair_ids``/``split_of``). Rows outside the mask are not
     judged here: the caller sends them through ``validate_record``, which gives
     the reason. ``may_have_cr=False`` (the caller saw no CR, escaped or not, in
-    the raw JSON) skips the costly substring scan.
+    the raw JSON) skips the costly substring scan; an array of row numbers limits it to those rows.
     """
     import numpy as np
     import pyarrow as pa
@@ -300,8 +300,15 @@ def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0, may_have_cr: 
         stripped = pc.utf8_trim(col, characters=UNICODE_WS) if _may_need_strip(col) else col
         normalized.append(stripped)
         conds.append(pc.greater(pc.binary_length(stripped), 0))  # also False (null) for a missing text
-        if may_have_cr:
+        if may_have_cr is True:
             conds.append(pc.invert(pc.match_substring(col, "\r")))
+        elif may_have_cr is not False and len(may_have_cr):
+            rows = np.asarray(may_have_cr, dtype=np.int64)
+            has_cr = pc.fill_null(pc.match_substring(pc.take(col, pa.array(rows)), "\r"), False).to_numpy(zero_copy_only=False)
+            if has_cr.any():
+                ok = np.ones(n, dtype=bool)
+                ok[rows[has_cr]] = False
+                conds.append(pa.array(ok))
         if max_chars > 0:
             conds.append(pc.less_equal(pc.utf8_length(col), max_chars))
         non_ascii = pc.fill_null(pc.invert(pc.string_is_ascii(col)), False)

@@ -387,9 +387,15 @@ def may_hold_cr_or_escapes(data: bytes) -> bool:
     return b"\r" in data or _ESCAPE_R_OR_U.search(data) is not None
 
 
+def escape_lines(lines: list[bytes]) -> list[int]:
+    """Indices of the lines holding a CR byte or a ``\\r``/``\\u`` escape (see ``may_hold_cr_or_escapes``)."""
+    search = _ESCAPE_R_OR_U.search
+    return [i for i, line in enumerate(lines) if b"\r" in line or search(line) is not None]
+
+
 def arrow_segments(
-    lines: list[bytes], names: tuple[str, ...], escapes: bool = True
-) -> Iterator[tuple[int, int, pa.Table | None]]:
+    lines: list[bytes], names: tuple[str, ...], escapes: bool | list[int] = True
+) -> Iterator[tuple[Any, pa.Table | None]]:
     """Cover ``lines`` (non-blank, without newlines) with ``(rows, table)`` pairs.
 
     ``rows`` are indices into ``lines`` (ascending within a pair; pairs in no
@@ -399,9 +405,9 @@ def arrow_segments(
     field that is not a string, a non-object line), which the caller sends
     through the exact per-line path. Arrow's error names the failing row, so a
     bad line costs a re-parse of the good lines before it, not a slow path for
-    the whole chunk. ``escapes=False``: the caller knows
-    (``may_hold_cr_or_escapes``) that no line has a ``\\u`` escape, so the
-    surrogate scan is skipped.
+    the whole chunk. ``escapes``: the lines that may hold a ``\\u`` escape
+    (``escape_lines``), when the caller knows them: only those are scanned for
+    surrogate escapes (``False``: none).
     """
     opts = pa_json.ParseOptions(
         explicit_schema=pa.schema([(n, pa.string()) for n in names]), unexpected_field_behavior="ignore"
@@ -420,8 +426,9 @@ def arrow_segments(
     # wide str of the whole chunk.
     if not blob.isascii():
         exact += [i for i, line in enumerate(lines) if not line.isascii() and not _is_utf8(line)]
-    if escapes and _SURROGATE_ESCAPE_B.search(blob):
-        exact += [i for i, line in enumerate(lines) if _SURROGATE_ESCAPE_B.search(line)]
+    if escapes is True:
+        escapes = range(len(lines)) if _SURROGATE_ESCAPE_B.search(blob) else []
+    exact += [i for i in (escapes or ()) if _SURROGATE_ESCAPE_B.search(lines[i])]
     exact = sorted(set(exact))
     if not exact:
         yield from _arrow_runs(lines, 0, len(lines), opts, blob, range(len(lines)))

@@ -37,6 +37,7 @@ from pipeline.readers import (
     is_line_oriented,
     iter_line_chunks,
     iter_records,
+    escape_lines,
     jsonl_chunk_records,
     may_hold_cr_or_escapes,
     parse_line,
@@ -300,7 +301,7 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
         numbers = np.arange(first_line, first_line + len(lines), dtype=np.int64)
     # A CR in a text (raw, or escaped as \\r or \\u000d) changes its normalization, and
     # \\u escapes may hide lone surrogates; with none in the chunk both scans are skipped.
-    escapes = may_hold_cr_or_escapes(data)
+    escapes = escape_lines(lines) if may_hold_cr_or_escapes(data) else []
     f = ctx.fields
     slow: list[int] = []
     fast_runs: list[np.ndarray] = []
@@ -316,7 +317,8 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
         t = pa.concat_tables(tables)
         fast_idx = np.concatenate(fast_runs)
         p, c, r = (t.column(i).combine_chunks() for i in range(3))
-        mask, normalized = arrow_clean_mask(p, c, r, ctx.max_chars, escapes)
+        cr_rows = np.flatnonzero(np.isin(fast_idx, escapes)) if escapes else False
+        mask, normalized = arrow_clean_mask(p, c, r, ctx.max_chars, cr_rows)
         ok_np = mask.to_numpy(zero_copy_only=False)
         ok_rows = fast_idx[ok_np]
         slow.extend(fast_idx[~ok_np].tolist())
