@@ -27,11 +27,9 @@ GPU:  python bench/score.py --preset llada-8b-shape --dtype bfloat16 --pairs 32
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -46,7 +44,6 @@ from pipeline.tokenize import tokenize_pair
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"
-RESULTS = REPO / "bench" / "RESULTS.md"
 LLADA_VOCAB = 126464
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -288,14 +285,9 @@ def main(argv=None) -> int:
     print("\n".join(out), flush=True)
 
     if not args.no_record:
-        command = "python bench/score.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                               else sys.argv[1:]))
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        if not RESULTS.exists():
-            RESULTS.write_text("# Benchmark results\n\nAppended by the bench/*.py scripts; newest last.\n",
-                               encoding="utf-8")
-        with RESULTS.open("a", encoding="utf-8") as fh:
-            fh.write(f"\n## score.py, {stamp}\n\n```\n$ {command.strip()}\n" + "\n".join(lines + out) + "\n```\n")
+        from results import record
+
+        record("score.py", list(argv if argv is not None else sys.argv[1:]), lines + out)
     return 0
 
 

@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import platform
 import resource
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -51,7 +49,6 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 REPO = BENCH.parent
-RESULTS = BENCH / "RESULTS.md"
 
 SWEEP_RUNS = 4
 
@@ -359,14 +356,9 @@ def main(argv=None) -> int:
     print("\n".join(lines + out), flush=True)
 
     if not args.no_record:
-        command = "python bench/train.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                               else sys.argv[1:]))
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        if not RESULTS.exists():
-            RESULTS.write_text("# Benchmark results\n\nAppended by the bench/*.py scripts; newest last.\n",
-                               encoding="utf-8")
-        with RESULTS.open("a", encoding="utf-8") as fh:
-            fh.write(f"\n## train.py, {stamp}\n\n```\n$ {command.strip()}\n" + "\n".join(lines + out) + "\n```\n")
+        from results import record
+
+        record("train.py", list(argv if argv is not None else sys.argv[1:]), lines + out)
     return 0
 
 
