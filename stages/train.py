@@ -356,7 +356,7 @@ def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) 
             with acc.autocast():
                 terms = policy_terms(model, requests, tok, cfg)
                 loss, st = batch_loss(cfg, terms, ref_c, ref_r, chosen_len)
-            _check_finite(loss, ctx.step + 1, batch)
+            _check_finite(ctx, loss, batch)
             _backward(ctx, loss * scale)
     else:
         # One no-grad pass gives each pair's dL/d(delta); then every sequence's
@@ -365,7 +365,7 @@ def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) 
         with torch.no_grad(), acc.autocast():
             terms = policy_terms(model, requests, tok, cfg)
             loss, st = batch_loss(cfg, terms, ref_c, ref_r, chosen_len)
-        _check_finite(loss, ctx.step + 1, batch)
+        _check_finite(ctx, loss, batch)
         delta = (st["pi_c"] - ref_c) - (st["pi_r"] - ref_r)
         chosen_w, rejected_w = sequence_weights(
             delta, n, beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
@@ -405,10 +405,18 @@ def _backward(ctx: "TrainContext", loss: torch.Tensor) -> None:
     ctx.accelerator.backward(loss)
 
 
-def _check_finite(loss: torch.Tensor, step: int, batch: PairBatch) -> None:
-    if not torch.isfinite(loss).all():
-        raise UserError(f"step {step}: loss is not finite ({loss.item()}) on pairs {', '.join(batch.pair_ids)}; "
-                        "nothing was saved for this step (try a lower --learning-rate or --mixed-precision no)")
+def _check_finite(ctx: "TrainContext", loss: torch.Tensor, batch: PairBatch) -> None:
+    """Stop on a non-finite loss, naming the step and pairs; under data parallel every
+    process learns of it (one flag all-reduced), so none waits for the others forever."""
+    bad = not bool(torch.isfinite(loss).all())
+    if ctx.wrapped is not None:
+        flag = torch.tensor([1.0 if bad else 0.0], device=ctx.accelerator.device)
+        if ctx.accelerator.reduce(flag, reduction="sum").item() > 0 and not bad:
+            raise UserError(f"step {ctx.step + 1}: loss is not finite on another process; stopping with it")
+    if bad:
+        raise UserError(f"step {ctx.step + 1}: loss is not finite ({loss.item()}) on pairs "
+                        f"{', '.join(batch.pair_ids)}; nothing was saved for this step "
+                        "(try a lower --learning-rate or --mixed-precision no)")
 
 
 @dataclass
