@@ -495,8 +495,29 @@ def _arrow_runs(
         end = min(hi, start + run)
 
 
+_PARALLEL_PARSE_BYTES = 2 << 20  # above this a run is parsed as several blocks on Arrow's threads
+_PARALLEL_BLOCKS = 4
+
+
 def _arrow_parse(blob: bytes, expected_rows: int, opts) -> tuple[pa.Table | None, int | None]:
-    """(table, None) on success; (None, failing row) or (None, None) when the row is unknown."""
+    """(table, None) on success; (None, failing row) or (None, None) when the row is unknown.
+
+    A large blob is first parsed in several blocks on Arrow's thread pool. Arrow counts
+    the row of an error from the start of its block, so a failure is parsed again as
+    one block to learn the failing row.
+    """
+    if len(blob) > _PARALLEL_PARSE_BYTES:
+        try:
+            table = pa_json.read_json(
+                pa.BufferReader(blob),
+                read_options=pa_json.ReadOptions(use_threads=True, block_size=len(blob) // _PARALLEL_BLOCKS + 64),
+                parse_options=opts,
+            )
+        except pa.ArrowInvalid:
+            pass
+        else:
+            if table.num_rows == expected_rows:
+                return table, None
     try:
         table = pa_json.read_json(
             pa.BufferReader(blob),
