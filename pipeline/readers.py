@@ -29,6 +29,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
@@ -387,14 +388,29 @@ def may_hold_cr_or_escapes(data: bytes) -> bool:
     return b"\r" in data or _ESCAPE_R_OR_U.search(data) is not None
 
 
-def escape_lines(lines: list[bytes]) -> list[int]:
-    """Indices of the lines holding a CR byte or a ``\\r``/``\\u`` escape (see ``may_hold_cr_or_escapes``)."""
-    search = _ESCAPE_R_OR_U.search
-    return [i for i, line in enumerate(lines) if b"\r" in line or search(line) is not None]
+def escape_lines(lines: list[bytes], blob: bytes | None = None) -> list[int]:
+    """Indices of the lines holding a CR byte or a ``\\r``/``\\u`` escape (see
+    ``may_hold_cr_or_escapes``); ``blob``: ``b"\\n".join(lines)`` if the caller has it."""
+    if blob is None:
+        blob = b"\n".join(lines)
+    hits = [m.start() for m in _ESCAPE_R_OR_U.finditer(blob)]
+    if b"\r" in blob:
+        hits += [m.start() for m in re.finditer(b"\r", blob)]
+    if not hits:
+        return []
+    # Line i starts at starts[i] in the blob (each line plus its newline).
+    starts = np.cumsum(np.fromiter(map(len, lines), dtype=np.int64, count=len(lines)) + 1) - 1
+    return np.unique(np.searchsorted(starts, np.array(hits, dtype=np.int64), side="left")).tolist()
+
+
+def _flags(fn, lines: list[bytes], *arg) -> np.ndarray:
+    """``fn(line, *arg)`` for every line as a bool array (a C loop, no Python frame per line)."""
+    its = [repeat(a) for a in arg]
+    return np.fromiter(map(fn, lines, *its), dtype=bool, count=len(lines))
 
 
 def arrow_segments(
-    lines: list[bytes], names: tuple[str, ...], escapes: bool | list[int] = True
+    lines: list[bytes], names: tuple[str, ...], escapes: bool | list[int] = True, blob: bytes | None = None
 ) -> Iterator[tuple[Any, pa.Table | None]]:
     """Cover ``lines`` (non-blank, without newlines) with ``(rows, table)`` pairs.
 
@@ -407,7 +423,8 @@ def arrow_segments(
     bad line costs a re-parse of the good lines before it, not a slow path for
     the whole chunk. ``escapes``: the lines that may hold a ``\\u`` escape
     (``escape_lines``), when the caller knows them: only those are scanned for
-    surrogate escapes (``False``: none).
+    surrogate escapes (``False``: none). ``blob``: ``b"\\n".join(lines)``, if the
+    caller has it.
     """
     opts = pa_json.ParseOptions(
         explicit_schema=pa.schema([(n, pa.string()) for n in names]), unexpected_field_behavior="ignore"
@@ -415,17 +432,19 @@ def arrow_segments(
     # Only lines that look like one whole object reach Arrow: a bare top-level ``null``
     # crashes pyarrow's reader (seen with pyarrow 26), other scalars fail anyway, and a
     # line cut short (no closing brace) would make Arrow fail and re-parse a whole run.
-    blob = b"\n".join(lines)
+    if blob is None:
+        blob = b"\n".join(lines)
     if all(map(bytes.startswith, lines, repeat(b"{"))) and all(map(bytes.endswith, lines, repeat(b"}"))):
         exact = []  # the common case, checked in C loops
     else:
-        exact = [i for i, line in enumerate(lines) if not (line.startswith(b"{") and line.endswith(b"}")) and not _looks_like_object(line)]
+        odd = np.flatnonzero(~(_flags(bytes.startswith, lines, b"{") & _flags(bytes.endswith, lines, b"}"))).tolist()
+        exact = [i for i in odd if not _looks_like_object(lines[i])]
     # Invalid UTF-8 is found here (Arrow would pass it through), and so are escaped
     # UTF-16 surrogates, which only the exact path judges (lone ones are invalid).
     # ASCII lines need no UTF-8 check; decoding only the others avoids building a
     # wide str of the whole chunk.
     if not blob.isascii():
-        exact += [i for i, line in enumerate(lines) if not line.isascii() and not _is_utf8(line)]
+        exact += [i for i in np.flatnonzero(~_flags(bytes.isascii, lines)).tolist() if not _is_utf8(lines[i])]
     if escapes is True:
         escapes = range(len(lines)) if _SURROGATE_ESCAPE_B.search(blob) else []
     exact += [i for i in (escapes or ()) if _SURROGATE_ESCAPE_B.search(lines[i])]

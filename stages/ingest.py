@@ -301,12 +301,13 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
         numbers = np.arange(first_line, first_line + len(lines), dtype=np.int64)
     # A CR in a text (raw, or escaped as \\r or \\u000d) changes its normalization, and
     # \\u escapes may hide lone surrogates; with none in the chunk both scans are skipped.
-    escapes = escape_lines(lines) if may_hold_cr_or_escapes(data) else []
+    blob = b"\n".join(lines)
+    escapes = escape_lines(lines, blob) if may_hold_cr_or_escapes(data) else []
     f = ctx.fields
     slow: list[int] = []
     fast_runs: list[np.ndarray] = []
     tables = []
-    for rows, table in arrow_segments(lines, (f.prompt, f.chosen, f.rejected), escapes):
+    for rows, table in arrow_segments(lines, (f.prompt, f.chosen, f.rejected), escapes, blob):
         if table is None:
             slow.extend(rows)
         else:
@@ -346,10 +347,10 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
         return _Chunk(source, len(lines), exact.batch, exact.quarantine)
     if not slow:  # every row came from Arrow, in line order: nothing to merge
         return _Chunk(source, len(lines), batches[0], exact.quarantine)
-    batches.append(exact.batch)
-    merged = pa.Table.from_batches(batches, schema=ctx.schema).sort_by("_line").combine_chunks()
-    batch = merged.to_batches()[0] if merged.num_rows else exact.batch
-    return _Chunk(source, len(lines), batch, exact.quarantine)
+    # Interleave the exact rows back in line order: one take over both (one copy).
+    both = pa.concat_batches([batches[0], exact.batch])
+    order = np.argsort(both.column(len(ctx.schema) - 1).to_numpy(), kind="stable")
+    return _Chunk(source, len(lines), both.take(pa.array(order)), exact.quarantine)
 
 
 def _quarantine_line(source: str, line: int, reason: str, message: str | None, raw: str) -> str:
