@@ -197,3 +197,85 @@ def test_split_is_deterministic_and_roughly_the_fraction():
 def test_normalize_text():
     assert normalize_text(" a\r\nb\r ") == "a\nb"
     assert normalize_text("e\u0301") == "\u00e9"
+
+
+# --- bulk (Arrow) helpers of the JSONL fast path ----------------------------------
+
+
+def test_unicode_ws_is_what_str_strip_removes():
+    import sys
+
+    from pipeline.pairs import UNICODE_WS
+
+    assert UNICODE_WS == "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
+    assert all((c + "a" + c).strip() == "a" for c in UNICODE_WS)
+
+
+TEXTS = ["plain", " lead", "trail\t", "\u00a0nbsp", "ideo\u3000", "caf\u00e9", "e\u0301", "\u2028x", "x\u0085", "", "  ", "\U0001f600"]
+
+
+def test_arrow_pair_ids_and_splits_match_the_per_row_definition():
+    from pipeline.pairs import arrow_pair_ids, arrow_splits, normalize_text
+
+    rows = [(TEXTS[i % len(TEXTS)] + "p", TEXTS[(i * 5) % len(TEXTS)] + "c", "r" + TEXTS[(i * 7) % len(TEXTS)]) for i in range(60)]
+    norm = [[normalize_text(t) for t in row] for row in rows]
+    cols = [pa.array([n[k] for n in norm], pa.string()) for k in range(3)]
+    assert arrow_pair_ids(*cols) == [pair_id_of(*n) for n in norm]
+    assert arrow_splits(cols[0], 0.5) == [split_of(n[0], 0.5) for n in norm]
+    # A sliced array (non-zero offset) hashes the same.
+    assert arrow_pair_ids(*(c.slice(7, 20) for c in cols)) == [pair_id_of(*n) for n in norm[7:27]]
+
+
+def test_arrow_clean_mask_accepts_only_what_validate_record_accepts_unchanged():
+    import unicodedata
+
+    from pipeline.pairs import arrow_clean_mask
+
+    rows = [(a, b, c) for a in TEXTS for b in TEXTS[:6] for c in ("x", "plain", "\u00a0y\u3000")]
+    rows += [("a\rb", "c", "d"), ("p", "c\r\n", "d"), (None, "c", "d")]
+    cols = [pa.array([r[k] for r in rows], pa.string()) for k in range(3)]
+    for max_chars in (0, 5):
+        for cr in (True, list(range(len(rows) - 3, len(rows)))):
+            mask, normalized = arrow_clean_mask(*cols, max_chars, cr)
+            for i, (row, ok) in enumerate(zip(rows, mask.to_pylist())):
+                try:
+                    pair = validate_record(dict(zip(("prompt", "chosen", "rejected"), row)), max_chars=max_chars)
+                except Invalid:
+                    pair = None
+                if ok:  # accepted in bulk: the exact path accepts it with the same normalized texts
+                    assert pair is not None and pair.pair_id == pair_id_of(*(n[i].as_py() for n in normalized)), row
+                elif pair is not None:  # left to the exact path: only rows needing more than strip()
+                    assert any("\r" in t or not unicodedata.is_normalized("NFC", t) for t in row), row
+
+
+def test_escape_lines_finds_every_line_with_cr_or_escapes():
+    from pipeline.readers import escape_lines
+
+    lines = [b'{"a": "x"}', b'{"a": "\\u00e9"}', b'{"a": "y\\r"}', b"{}", b'{"a": "\\\\q"}', b'{"a": "z\rz"}', b'{"a": "\\n"}', b"\\u"]
+    naive = [i for i, line in enumerate(lines) if b"\r" in line or b"\\r" in line or b"\\u" in line]
+    assert escape_lines(lines) == naive == [1, 2, 5, 7]
+    assert escape_lines([b"{}", b"{}"]) == []
+
+
+def test_arrow_segments_cover_every_line_once(monkeypatch):
+    from pipeline import readers
+
+    good = [json.dumps({"prompt": f"p{i}", "chosen": "c", "rejected": "r"}).encode() for i in range(400)]
+    lines = list(good)
+    lines[10] = b'{"prompt": 1, "chosen": "c", "rejected": "r"}'  # passes the shape check, Arrow rejects it
+    lines[200] = b'{"prompt": "p", "chosen": "c"'  # cut short
+    lines[300] = b'{"prompt": "\xff", "chosen": "c", "rejected": "r"}'  # invalid UTF-8
+    lines[350] = b'{"prompt": "\\ud800", "chosen": "c", "rejected": "r"}'  # lone surrogate escape
+    for parallel_bytes in (1 << 30, 0):  # single-block parse, and several blocks on Arrow's threads
+        monkeypatch.setattr(readers, "_PARALLEL_PARSE_BYTES", parallel_bytes)
+        monkeypatch.setattr(readers, "_RUN_LINES", 16)
+        seen, exact = [], []
+        for rows, table in readers.arrow_segments(lines, ("prompt", "chosen", "rejected")):
+            rows = list(rows)
+            seen += rows
+            if table is None:
+                exact += rows
+            else:
+                assert table.column("prompt").to_pylist() == [json.loads(lines[i])["prompt"] for i in rows]
+        assert sorted(seen) == list(range(len(lines)))
+        assert {10, 200, 300, 350} <= set(exact) and len(exact) <= 4 + 16

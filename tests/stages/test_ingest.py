@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline import readers
 from pipeline.errors import UserError
 from pipeline.schemas import PAIRS_SCHEMA, QUARANTINE_FIELDS, REASON_CODES
 from stages import ingest
@@ -288,7 +289,10 @@ def test_output_independent_of_workers_and_chunking(tmp_path, monkeypatch):
     assert lines == sorted(lines)
 
 
-_TEXT = st.one_of(st.text(max_size=6), st.sampled_from(["a", " a ", "a\r\n", "\x1c", "é", "e\u0301", "", "  "]))
+_TEXT = st.one_of(
+    st.text(max_size=6),
+    st.sampled_from(["a", " a ", "a\r\n", "\x1c", "é", "e\u0301", "", "  ", "\u00a0b\u3000", "\u2028", "x\u0085", "\U0001f600"]),
+)
 _STD = st.fixed_dictionaries(
     {"prompt": _TEXT, "chosen": _TEXT, "rejected": st.one_of(_TEXT, st.none(), st.integers())}, optional={"x": st.integers()}
 )
@@ -309,14 +313,16 @@ def test_fuzz_fast_path_matches_exact_path(tmp_path, lines):
     src = tmp_path / "fuzz.jsonl"
     src.write_bytes(b"\n".join(lines) + b"\n")
     outputs = []
-    for fast in (True, False):
-        ingest._FAST_PATH = fast
+    # Fast path; fast path with Arrow's multi-block threaded parse forced; exact path.
+    for fast, parallel_bytes in ((True, readers._PARALLEL_PARSE_BYTES), (True, 0), (False, readers._PARALLEL_PARSE_BYTES)):
+        default_bytes = readers._PARALLEL_PARSE_BYTES
+        ingest._FAST_PATH, readers._PARALLEL_PARSE_BYTES = fast, parallel_bytes
         try:
             res = run(IngestConfig(inputs=[str(src)], out=str(tmp_path / f"{fast}.arrow"), max_chars=5, eval_fraction=0.5, progress=False))
         finally:
-            ingest._FAST_PATH = True
+            ingest._FAST_PATH, readers._PARALLEL_PARSE_BYTES = True, default_bytes
         outputs.append((res.to_dict() | {"out": None, "quarantine": None}, Path(res.out).read_bytes(), Path(res.quarantine).read_bytes()))
-    assert outputs[0] == outputs[1]
+    assert outputs[0] == outputs[1] == outputs[2]
 
 
 def test_shipped_example_data_is_what_the_generator_writes(tmp_path):
