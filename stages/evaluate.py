@@ -287,6 +287,8 @@ def command(
     block_length: Optional[int] = typer.Option(None, "--block-length"),
     steps: Optional[int] = typer.Option(None, "--steps"),
     samples: Optional[int] = typer.Option(None, "--samples"),
+    beta: Optional[float] = typer.Option(None, "--beta", help="beta of the reported implicit rewards."),
+    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
     seed: Optional[int] = typer.Option(None, "--seed"),

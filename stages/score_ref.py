@@ -408,6 +408,7 @@ def command(
     draws: Optional[int] = typer.Option(None, "--draws", help="Independent mask sets (one per epoch)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Global mask seed."),
     scheme: Optional[str] = typer.Option(None, "--scheme", help="l_over_L or one_over_t."),
+    eps: Optional[float] = typer.Option(None, "--eps", help="Lower bound of t for one_over_t."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Longest prompt + response in tokens."),
     batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Token budget per forward pass."),
     pairs_per_part: Optional[int] = typer.Option(None, "--pairs-per-part", help="Pairs per part file."),
@@ -425,7 +426,7 @@ def command(
     """Score the pairs with the frozen reference model and cache the ELBO terms with their seeds."""
     from pipeline.stagecli import print_summary, resolve_config, summary_dict
 
-    flags = dict(pairs=pairs, model=model, out=out, samples=samples, draws=draws, seed=seed, scheme=scheme,
+    flags = dict(pairs=pairs, model=model, out=out, samples=samples, draws=draws, seed=seed, scheme=scheme, eps=eps,
                  max_length=max_length, batch_tokens=batch_tokens, pairs_per_part=pairs_per_part, dtype=dtype,
                  device=device, limit=limit, chat_template=chat_template, trust_remote_code=trust_remote_code,
                  overwrite=overwrite, progress=False if (no_progress or as_json) else None)

@@ -734,6 +734,8 @@ def command(
     reference: Optional[str] = typer.Option(None, "--reference", help="cached or online."),
     batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens"),
     save_every: Optional[int] = typer.Option(None, "--save-every"),
+    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Newest checkpoints kept."),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard"),
     resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the newest checkpoint."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Start afresh in a used run folder."),
     seed: Optional[int] = typer.Option(None, "--seed"),

@@ -131,3 +131,17 @@ def test_sequence_microbatch_with_lora_dropout_is_refused():
 
     with pytest.raises(ConfigError, match="sequence_microbatch needs lora_dropout = 0"):
         TrainConfig(sequence_microbatch=2, lora_r=4, lora_dropout=0.1)
+
+
+def test_every_config_field_has_a_flag():
+    """What YAML can set, the command line can set too (field names as --kebab-case)."""
+    import inspect
+
+    from stages import evaluate, score_ref, train
+    from stages.train import TrainConfig as TC
+
+    for module, cls in ((score_ref, score_ref.ScoreRefConfig), (train, TC), (evaluate, evaluate.EvalConfig)):
+        params = set(inspect.signature(module.command).parameters)
+        fields = {f for f in cls.__dataclass_fields__}
+        missing = fields - params - {"progress"}  # progress is --no-progress / --quiet
+        assert not missing, f"{cls.__name__}: no flag for {sorted(missing)}"
