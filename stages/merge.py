@@ -4,25 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from pipeline.atomic import atomic_dir
 from pipeline.errors import UserError
+from pipeline.models import load_model
 from pipeline.models.loading import LORA_ADAPTER_CONFIG as ADAPTER_CONFIG
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
-def load_adapter_model(adapter_dir: str | Path, *, dtype: str = "float32", device: str = "cpu",
-                       trust_remote_code: bool = False):
-    """The adapter's base model with the adapter applied (not merged), and the tokenizer."""
-    from pipeline.models.loading import load_lora_folder
-
-    return load_lora_folder(Path(adapter_dir), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
 @dataclass
@@ -34,11 +22,11 @@ class MergeResult:
 
 def merge(adapter_dir: str | Path, out: str | Path, *, dtype: str = "float32", overwrite: bool = False) -> MergeResult:
     adapter_dir, out = Path(adapter_dir), Path(out)
-    if not is_adapter_dir(adapter_dir):
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise UserError(f"{adapter_dir}: not a LoRA adapter folder (no {ADAPTER_CONFIG})")
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
-    model, tokenizer = load_adapter_model(adapter_dir, dtype=dtype)
+    model, tokenizer = load_model(str(adapter_dir), dtype=dtype)  # base + adapter, not yet merged
     base = model.peft_config["default"].base_model_name_or_path
     merged = model.merge_and_unload()
     with atomic_dir(out) as tmp:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -119,7 +119,6 @@ class ScoreRefResult:
     reused: bool = False
     identical_after_truncation: int = 0
     """Pairs whose chosen and rejected ids are equal once truncated (train skips them)."""
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 def process_state(device: str = "auto"):
@@ -437,7 +436,6 @@ def command(
     if not process_state(cfg.device).is_main_process:
         return
     data = summary_dict(result)
-    data.pop("details", None)
     if as_json:
         data = {k: data[k] for k in ("pairs", "tokens", "seconds", "padding_fraction", "out", "fingerprint",
                                      "scored_now", "reused", "identical_after_truncation")}

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import resource
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,8 +25,8 @@ import typer
 from pipeline.cache import describe_difference, fingerprint_differences, open_cache
 from pipeline.errors import ConfigError, UserError
 from pipeline.losses import LOSS_TYPES, dpo_loss, sequence_weights, sft_loss, validate_loss_args
+from pipeline.models import LORA_TARGET_NAMES
 
-LLADA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 
@@ -78,7 +79,7 @@ class TrainConfig:
     """LoRA alpha."""
     lora_dropout: float = 0.0
     """LoRA dropout."""
-    lora_targets: str = ",".join(LLADA_LORA_TARGETS)
+    lora_targets: str = ",".join(LORA_TARGET_NAMES)
     """Comma-separated module names to adapt (LLaDA's attention and MLP projections by default; never the head)."""
     load_in_4bit: bool = False
     """Quantize the frozen base to 4-bit NF4 with bitsandbytes (CUDA only; needs lora_r > 0)."""
@@ -151,7 +152,6 @@ class TrainResult:
     final_model: str
     metrics: str
     resumed_from: Optional[int] = None
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 # --- setup --------------------------------------------------------------------
@@ -191,7 +191,7 @@ def setup_policy(cfg: TrainConfig, model_name: str, device: torch.device):
         if getattr(model.config, "model_type", "") == "llada":
             # LLaDA names its LM head `ff_out` like the blocks' down projection:
             # a pattern anchored on `blocks.N.` adapts the blocks, never the head.
-            targets: Any = r".*\.blocks\.\d+\.(" + "|".join(map(_re_escape, names)) + ")"
+            targets: Any = r".*\.blocks\.\d+\.(" + "|".join(map(re.escape, names)) + ")"
         else:
             targets = names
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -204,12 +204,6 @@ def setup_policy(cfg: TrainConfig, model_name: str, device: torch.device):
         model.requires_grad_(True)
     model.train()
     return model, tokenizer
-
-
-def _re_escape(s: str) -> str:
-    import re
-
-    return re.escape(s)
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -759,6 +753,4 @@ def command(
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        data = summary_dict(result)
-        data.pop("details", None)
-        print_summary("train", data, as_json)
+        print_summary("train", summary_dict(result), as_json)

@@ -135,7 +135,7 @@ def test_short_full_run_learns_and_changes_every_parameter(train_cache, tmp_path
 
 
 def test_lora_changes_only_the_adapter_and_merge_equals_wrapped(train_cache, tmp_path):
-    from stages.merge import load_adapter_model, merge
+    from stages.merge import merge
 
     run(_cfg(train_cache, tmp_path / "lora", max_steps=4, batch_size=4, lora_r=4, lora_alpha=8,
              learning_rate=1e-2))
@@ -146,7 +146,7 @@ def test_lora_changes_only_the_adapter_and_merge_equals_wrapped(train_cache, tmp
     assert not any(".ff_out.lora" in k and "blocks" not in k for k in adapter)  # never the LM head
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at 0: it trained
 
-    wrapped, tok = load_adapter_model(final)
+    wrapped, tok = load_model(str(final))  # the adapter folder: base + adapter, not merged
     base, _ = load_model("micro")
     base_params = dict(base.named_parameters())
     for name, p in wrapped.named_parameters():
