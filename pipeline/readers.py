@@ -216,8 +216,11 @@ def _parse_line(line: bytes, source: str, lineno: int, loads=json.loads) -> Reco
         return Record(source, lineno, text, reason="invalid_json", message=_json_error(exc))
     except RecursionError:
         return Record(source, lineno, text, reason="invalid_json", message=TOO_DEEP)
-    if "\\u" in text and _has_lone_surrogate(text, value):
-        return Record(source, lineno, text, reason="invalid_utf8", message=_SURROGATE_MESSAGE)
+    try:
+        if "\\u" in text and _has_lone_surrogate(text, value):
+            return Record(source, lineno, text, reason="invalid_utf8", message=_SURROGATE_MESSAGE)
+    except RecursionError:  # decoded, but too deep to encode again for the check
+        return Record(source, lineno, text, reason="invalid_json", message=TOO_DEEP)
     return Record(source, lineno, text, value)
 
 
@@ -354,10 +357,16 @@ def iter_json_array(text: str, source: str) -> Iterator[Record]:
                 reason="invalid_utf8",
                 message="invalid UTF-8 bytes in this element",
             )
-        elif "\\u" in raw and _has_lone_surrogate(raw, value):
-            yield Record(source, row, raw, reason="invalid_utf8", message=_SURROGATE_MESSAGE)
         else:
-            yield Record(source, row, raw, value)
+            try:
+                lone = "\\u" in raw and _has_lone_surrogate(raw, value)
+            except RecursionError:  # decoded, but too deep to encode again for the check
+                yield Record(source, row, raw, reason="invalid_json", message=TOO_DEEP)
+            else:
+                if lone:
+                    yield Record(source, row, raw, reason="invalid_utf8", message=_SURROGATE_MESSAGE)
+                else:
+                    yield Record(source, row, raw, value)
         row += 1
         pos = end
         expect_value = False
