@@ -42,6 +42,7 @@ from pipeline.pairs import (
     validate_record,
 )
 from pipeline.readers import (
+    TOO_DEEP,
     Record,
     arrow_segments,
     escape_lines,
@@ -51,9 +52,8 @@ from pipeline.readers import (
     iter_records,
     jsonl_chunk_records,
     may_hold_cr_or_escapes,
-    TOO_DEEP,
-    parse_line,
     parse_fields_with_arrow,
+    parse_line,
 )
 from pipeline.schemas import PAIRS_SCHEMA, REASON_CODES, SPLITS
 
@@ -315,9 +315,7 @@ def _declared(name: Any, source: str, line: int) -> str:
     try:
         return declared_split(name)
     except ValueError as exc:
-        raise UserError(
-            f"{source}:{line}: {exc}; rename the split, or ignore the field with --split-field ''"
-        ) from None
+        raise UserError(f"{source}:{line}: {exc}; rename the split, or ignore the field with --split-field ''") from None
 
 
 def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chunk:
@@ -347,7 +345,7 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
     f = ctx.fields
     names = (f.prompt, f.chosen, f.rejected)
     # The split field is parsed only where its key can occur (as a key it is a quoted name).
-    if ctx.split_field and f'"{ctx.split_field}"'.encode() in data:
+    if ctx.split_field and json.dumps(ctx.split_field, ensure_ascii=False).encode() in data:
         names += (ctx.split_field,)
     slow: list[int] = []
     fast_runs: list[np.ndarray] = []
@@ -715,12 +713,17 @@ def command(
     if print_config:
         typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
         return
-    result = run(cfg)
+    try:
+        result, failure = run(cfg), None
+    except NothingAccepted as exc:  # the report still shows what happened, then the one-line error
+        result, failure = exc.result, exc
     if json_out:
         from pipeline.cli import emit_json
 
         emit_json(result.to_dict())
     else:
         print_report(result)
+    if failure is not None:
+        raise failure
     if cfg.strict and result.quarantined:
         raise UserError(f"--strict: {result.quarantined} of {result.read} records quarantined (see {result.quarantine})")

@@ -374,8 +374,10 @@ def test_every_record_quarantined_for_one_reason_is_an_error_naming_the_fields(t
     assert len(err.splitlines()) == 1 and err.startswith("error: ingest: all 5 records were quarantined as missing_field")
     assert "question, answer_good, answer_bad, id" in err
     assert "--prompt-field" in err and "--chosen-field" in err and "--rejected-field" in err
-    # both files are still written (the quarantine is what to look at), and the run can see the counts
+    # both files and the report are still written (the quarantine is what to look at)
     assert len(_quarantine(quarantine_path_for(out))) == 5 and _read(out).num_rows == 0
+    as_json = CliRunner().invoke(app, ["ingest", str(src), "--out", str(out), "--json"])
+    assert as_json.exit_code == 1 and json.loads(as_json.stdout)["by_reason"]["missing_field"] == 5
     with pytest.raises(ingest.NothingAccepted) as info:
         run(IngestConfig(inputs=[str(src)], out=str(out), progress=False))
     assert info.value.result.by_reason["missing_field"] == 5
