@@ -200,11 +200,11 @@ def validate_record(value: Any, fields: FieldMap = FieldMap(), max_chars: int = 
             chosen_m, rejected_m = hh_messages(chosen), hh_messages(rejected)
             if chosen_m is not None and rejected_m is not None:
                 return _conversational(None, chosen_m, rejected_m, fields, max_chars)
-            raise Invalid(
-                "missing_field",
-                f"field '{fields.prompt}' is {'null' if fields.prompt in value else 'missing'} "
-                f"(and '{fields.chosen}'/'{fields.rejected}' are not both Anthropic HH transcripts to take it from)",
-            )
+            missing = f"field '{fields.prompt}' is {'null' if fields.prompt in value else 'missing'}"
+            if chosen_m is not None or rejected_m is not None:
+                half = fields.chosen if chosen_m is None else fields.rejected
+                missing += f" and field '{half}' is not an Anthropic HH transcript like the other to take it from"
+            raise Invalid("missing_field", missing)
         if not isinstance(prompt, str):
             raise Invalid("wrong_type", f"field '{fields.prompt}' is a {_type_name(prompt)}, expected a string like '{fields.chosen}'")
         return _standard(prompt, chosen, rejected, fields, max_chars)

@@ -321,13 +321,13 @@ def test_anthropic_hh_strings_become_messages_with_the_shared_prompt():
     assert (pair.chosen_messages, pair.rejected_messages) == ([A("4")], [A("5, I think")])
     conv = validate_record({"prompt": [U("Hi there"), A("Hello!"), U("What is 2+2?")], "chosen": [A("4")], "rejected": [A("5, I think")]})
     assert pair.pair_id == conv.pair_id
-    # strings without a prompt that are not HH transcripts stay missing_field, and say why
+    # strings without a prompt that are not HH transcripts stay missing_field
     with pytest.raises(Invalid) as info:
         validate_record({"chosen": "4", "rejected": "5"})
-    assert info.value.reason == "missing_field" and "Anthropic HH" in info.value.message
-    with pytest.raises(Invalid) as info:  # only one side is a transcript
+    assert (info.value.reason, info.value.message) == ("missing_field", "field 'prompt' is missing")
+    with pytest.raises(Invalid) as info:  # only one side is a transcript: the message says which is not
         validate_record({"chosen": chosen, "rejected": "5"})
-    assert info.value.reason == "missing_field"
+    assert info.value.reason == "missing_field" and "field 'rejected' is not an Anthropic HH transcript" in info.value.message
 
 
 def test_declared_split_names():
