@@ -385,9 +385,11 @@ def run(cfg: GenerateConfig) -> GenerateResult:
         records = records[: cfg.limit]
     out = Path(cfg.out)
     partial = partial_path(out)
-    from pipeline.atomic import check_writable
+    from pipeline.atomic import check_writable, sweep_stale
 
     check_writable(out, "generations file")
+    sweep_stale(out.parent, out.name)
+    sweep_stale(out.parent, partial.name)
     settings = content_settings(cfg)
     done = _read_done(out, records, settings, tolerate_tail=False)
     done.update(_read_done(partial, records, settings, tolerate_tail=True))

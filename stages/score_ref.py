@@ -27,7 +27,7 @@ import torch
 import typer
 
 from pipeline import __version__
-from pipeline.atomic import atomic_path, check_writable, clear_owned, write_json_atomic
+from pipeline.atomic import atomic_path, check_writable, clear_owned, sweep_stale, write_json_atomic
 from pipeline.cache import (
     IN_PROGRESS,
     describe_difference,
@@ -307,6 +307,7 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
     if table.num_rows == 0:
         raise UserError(f"{cfg.pairs}: no pairs to score")
     check_writable(cfg.out, "reference-score cache")
+    sweep_stale(cfg.out)  # temporary files a killed run left (provably its own, its process gone)
 
     device = resolve_device(cfg.device)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code)

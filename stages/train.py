@@ -570,10 +570,12 @@ def run(cfg: TrainConfig) -> TrainResult:
     from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from pipeline.metrics import MetricsWriter
 
-    from pipeline.atomic import check_writable
+    from pipeline.atomic import check_writable, sweep_stale
 
     start_time = time.perf_counter()
     check_writable(cfg.out, "run folder")
+    for folder in (cfg.out, cfg.out / "checkpoints"):
+        sweep_stale(folder)  # temporary files a killed run left (provably its own, its process gone)
     if not cfg.resume and cfg.overwrite:
         check_run_outputs(cfg.out)  # refuse before the model loads, not after
     cache = open_cache(cfg.scores)

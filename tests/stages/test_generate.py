@@ -122,7 +122,7 @@ def test_output_made_with_other_settings_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"made with steps=4, this run has steps=8"):
         run(GenerateConfig(**{**FAST, "steps": 8}, prompts=str(prompts), out=str(out)))
     other = write_prompts(tmp_path / "other.jsonl", [{"prompt": "something else"}])
-    with pytest.raises(UserError, match="prompt differs"):
+    with pytest.raises(UserError, match="made from a prompts file whose content differs"):
         run(GenerateConfig(**FAST, prompts=str(other), out=str(out)))
 
 
