@@ -219,10 +219,9 @@ def choice_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig) -> flo
 
 
 def run(cfg: EvalConfig) -> EvalResult:
+    from pipeline.atomic import check_writable
     from pipeline.models import load_model
     from stages.score_ref import resolve_device
-
-    from pipeline.atomic import check_writable
 
     start = time.perf_counter()
     check_writable(cfg.out, "eval output folder")

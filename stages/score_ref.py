@@ -30,6 +30,7 @@ from pipeline import __version__
 from pipeline.atomic import atomic_path, check_writable, clear_owned, sweep_stale, write_json_atomic
 from pipeline.cache import (
     IN_PROGRESS,
+    PART_PATTERN,
     describe_difference,
     existing_parts,
     file_sha256,
@@ -187,7 +188,11 @@ def _check_existing(out: Path, fingerprint: dict[str, Any], overwrite: bool, is_
                 + "); use --overwrite to replace it or choose another --out"
             )
         if is_main:
-            clear_owned(out)  # only what score-ref wrote; the user's files in the folder stay
+            left = clear_owned(out)  # only what score-ref wrote; the user's files in the folder stay
+            stale = [p.name for p in left if PART_PATTERN.match(p.name) or p.name in (SCORES_MANIFEST, IN_PROGRESS)]
+            if stale:  # never mix parts made with other settings into the new cache
+                raise UserError(f"{out}: {stale[0]} was not recorded as written by score-ref (an older version's?); "
+                                "remove the old cache yourself or choose another --out")
         return "fresh"
     if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()) \
             and not existing_parts(out):

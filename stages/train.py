@@ -565,19 +565,21 @@ def _base_reference(model_name: str) -> str:
 
 
 def run(cfg: TrainConfig) -> TrainResult:
+    from pipeline.atomic import check_writable, sweep_stale, write_text_atomic
     from pipeline.config import config_to_yaml
-    from pipeline.atomic import write_text_atomic
     from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from pipeline.metrics import MetricsWriter
-
-    from pipeline.atomic import check_writable, sweep_stale
 
     start_time = time.perf_counter()
     check_writable(cfg.out, "run folder")
     for folder in (cfg.out, cfg.out / "checkpoints"):
         sweep_stale(folder)  # temporary files a killed run left (provably its own, its process gone)
-    if not cfg.resume and cfg.overwrite:
-        check_run_outputs(cfg.out)  # refuse before the model loads, not after
+    if not cfg.resume:  # refuse before the model loads, not after
+        earlier = [p for p in RUN_OUTPUTS if (cfg.out / p).exists()]
+        if earlier and not cfg.overwrite:
+            raise UserError(f"{cfg.out}: run folder already holds a run ({', '.join(earlier)}); pass --resume to "
+                            "continue it, --overwrite to start afresh, or choose another --out")
+        check_run_outputs(cfg.out)
     cache = open_cache(cfg.scores)
     fp = cache.fingerprint
     model_name = cfg.model or cache.manifest["config"]["model"]

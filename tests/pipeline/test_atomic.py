@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-from pipeline.errors import UserError
-
 from pipeline.atomic import LEDGER, atomic_path, write_json_atomic
+from pipeline.errors import UserError
 
 
 def test_failure_leaves_old_file_and_no_temp(tmp_path):
