@@ -6,8 +6,8 @@
   a file before it is whole); they get the mode the umask gives any other tool's output before the
   rename, so shared (group) folders work.
 - Leftovers: a temporary name says whose it is: ``.<target>.<kind>.lldm-<host>-<pid>.<random>.tmp``.
-  A later write of the same target (and ``sweep_stale``) removes those of a process that is no
-  longer running on this host; a live run's, another host's and any other file are left alone.
+  The first write of a process into a folder (and ``sweep_stale``) removes those of a process that
+  is no longer running on this host; a live run's, another host's and any other file are left alone.
 - Ownership: a folder lldm-dpo writes into and later cleans keeps a record, ``.lldm-dpo-written``
   (one JSON string per line: the names it wrote there, added before each rename). Removal
   (``remove_owned``, ``clear_owned``) deletes only recorded names; anything else in the folder is
@@ -101,6 +101,17 @@ def sweep_stale(folder: str | os.PathLike, name: str | None = None) -> list[Path
             entry.unlink(missing_ok=True)
         removed.append(entry)
     return removed
+
+
+_swept: set[str] = set()
+
+
+def _sweep_once(folder: Path) -> None:
+    """``sweep_stale`` the first time this process writes into ``folder`` (one listing, not one per file)."""
+    key = str(folder.absolute())
+    if key not in _swept:
+        sweep_stale(folder)
+        _swept.add(key)
 
 
 def _finish_carry(old: Path, target: Path) -> bool:
@@ -266,7 +277,7 @@ def atomic_path(target: str | os.PathLike, *, record: bool = False) -> Iterator[
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(target.parent, target.name)
+    _sweep_once(target.parent)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target.name, "file"), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -295,7 +306,7 @@ def atomic_dir(target: str | os.PathLike, *, record: bool = False) -> Iterator[P
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(target.parent, target.name)
+    _sweep_once(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name, "new"), suffix=".tmp", dir=target.parent))
     try:
         follow_umask(tmp, directory=True)

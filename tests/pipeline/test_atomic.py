@@ -76,7 +76,7 @@ def _dead_pid() -> int:
 
 
 def test_leftovers_of_a_dead_run_are_removed_by_the_next_write_and_nothing_else(tmp_path):
-    from pipeline.atomic import _HOST, atomic_dir
+    from pipeline.atomic import _HOST, atomic_dir, sweep_stale
 
     dead, live = _dead_pid(), os.getpid()
     stale_file = tmp_path / f".pairs.arrow.file.lldm-{_HOST}-{dead}.abc123.tmp"
@@ -89,12 +89,15 @@ def test_leftovers_of_a_dead_run_are_removed_by_the_next_write_and_nothing_else(
     (stale_dir / "model.safetensors").write_bytes(b"x")
     for p in (running, other_host, users):
         p.write_text("keep")
-    write_json_atomic(tmp_path / "pairs.arrow", {})
-    assert not stale_file.exists() and stale_dir.exists()  # only the target written now is swept
+    write_json_atomic(tmp_path / "pairs.arrow", {})  # the first write into the folder sweeps it
+    assert not stale_file.exists() and not stale_dir.exists()
+    assert running.exists() and other_host.exists() and users.exists()
+    stale_file.write_bytes(b"x")
+    sweep_stale(tmp_path)  # what a stage calls on its output folder when it starts
+    assert not stale_file.exists() and running.exists() and other_host.exists() and users.exists()
     with atomic_dir(tmp_path / "final") as tmp:
         (tmp / "config.json").write_text("{}")
-    assert not stale_dir.exists()
-    assert running.exists() and other_host.exists() and users.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if "lldm" in p.name) == sorted([running.name, other_host.name])
 
 
 def test_remove_owned_leaves_the_users_files(tmp_path):
