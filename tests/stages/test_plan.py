@@ -1,0 +1,90 @@
+"""lldm-dpo plan: the command line, the stage's own options, and the start check in score-ref."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline.cli import build_app
+
+runner = CliRunner()
+
+
+def _plan(*args):
+    return runner.invoke(build_app("plan"), ["plan", *args])
+
+
+def test_plan_train_json_has_every_component():
+    res = _plan("train", "--model", "micro", "--lora-r", "4", "--gradient-checkpointing", "--samples", "2",
+                "--max-length", "48", "--batch-size", "1", "--gpu-memory", "rtx4080", "--no-search", "--json")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    assert set(plan["components"]) == {"weights", "adapters", "gradients", "optimizer_states", "activations",
+                                       "logits_head_chunk", "allocator_slack", "cuda_context_workspace"}
+    assert plan["device_bytes"] == 16 * 2**30 and plan["fits"] is True
+    assert plan["settings"]["lora_r"] == 4 and plan["settings"]["samples"] == 2
+    assert plan["largest"] == {} and plan["tracked_peak"] > plan["components"]["weights"] > 0
+
+
+def test_plan_score_ref_takes_its_own_samples_and_length_and_prints_a_table():
+    res = _plan("score-ref", "--model", "micro", "--samples", "3", "--max-length", "40", "--batch-tokens", "400",
+                "--gpu-memory", "1GiB", "--no-search")
+    assert res.exit_code == 0, res.output
+    assert "logits head chunk" in res.output and "fits" in res.output
+
+
+def test_plan_generate():
+    res = _plan("generate", "--model", "micro", "--gen-length", "16", "--block-length", "8", "--steps", "4",
+                "--batch-size", "2", "--prompt-length", "8", "--gpu-memory", "1GiB", "--json")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    assert plan["settings"]["max_length"] == 24 and "batch_size" in plan["largest"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--model", "micro", "--lora-rank", "4"], "unknown option --lora-rank"),
+    (["train", "--model", "micro", "--lora-r", "four"], "--lora-r 'four' is not a valid int"),
+    (["evaluate", "--model", "micro"], "stage must be one of"),
+    (["train", "--model", "micro", "--gpu-memory", "big"], "gpu_memory 'big'"),
+    (["train", "--model", "micro", "--dtype", "float64"], "dtype must be"),
+])
+def test_bad_options_are_one_line_errors(args, message):
+    res = _plan(*args)
+    assert res.exit_code == 1 and message in res.output, res.output
+
+
+def test_score_ref_stops_before_loading_when_the_plan_does_not_fit(monkeypatch, tmp_path):
+    """On CUDA, score-ref plans first: with too little free memory it stops with the largest settings and
+    writes nothing; --no-plan goes on (to the model load, which here has no CUDA to load onto)."""
+    import pipeline.models as models
+    from stages.score_ref import ScoreRefConfig, run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 16 * 2**30))
+    loaded = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(a) or (_ for _ in ()).throw(
+        RuntimeError("loaded")))
+    pairs = tmp_path / "pairs.arrow"
+    _write_pairs(pairs)
+    cfg = ScoreRefConfig(pairs=pairs, model="micro", out=tmp_path / "cache", device="cuda", samples=2,
+                         max_length=32, batch_tokens=256, progress=False)
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="--no-plan skips this check"):
+        run(cfg)
+    assert not loaded and not (tmp_path / "cache").exists()
+
+
+def _write_pairs(path):
+    import pyarrow as pa
+
+    from pipeline.schemas import PAIRS_SCHEMA
+
+    rows = [{"pair_id": "p0", "prompt": "hi", "chosen": "yes", "rejected": "no", "split": "train",
+             "source": "t:1"}]
+    table = pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
+    with pa.ipc.new_file(str(path), table.schema) as writer:
+        writer.write_table(table)
