@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import typer
 
-from pipeline.config import load_config, require
+from pipeline.config import load_config, read_config_file, require
 from pipeline.errors import ConfigError, UserError
 
 
@@ -179,9 +179,10 @@ def command(
         options.update({k: v for k, v in (("samples", samples), ("max_length", max_length)) if v is not None})
     flags = dict(stage=stage, gpu_memory=gpu_memory, world_size=world_size, samples=samples, max_length=max_length,
                  prompt_length=prompt_length, search=search)
-    base = load_config(PlanConfig, config, {k: v for k, v in flags.items() if k != "stage"}) if config else None
-    merged = {**(base.options if base else {}), **options}
-    cfg = load_config(PlanConfig, config, {**flags, "options": merged})
+    from_file = read_config_file(config).get("options") or {} if config else {}
+    if not isinstance(from_file, dict):
+        raise ConfigError(f"{config}: options must be a mapping of {cls.__name__} fields")
+    cfg = load_config(PlanConfig, config, {**flags, "options": {**from_file, **options}})
     print_plan(run(cfg), as_json)
 
 

@@ -88,3 +88,17 @@ def _write_pairs(path):
     table = pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
     with pa.ipc.new_file(str(path), table.schema) as writer:
         writer.write_table(table)
+
+
+def test_plan_reads_a_config_file_and_flags_win(tmp_path):
+    cfg = tmp_path / "plan.yaml"
+    cfg.write_text("stage: score-ref\ngpu_memory: a100-40\nsearch: false\n"
+                   "options: {model: micro, samples: 2, max_length: 32, batch_tokens: 128}\n")
+    res = _plan("score-ref", "--config", str(cfg), "--batch-tokens", "256", "--json")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    assert plan["device_bytes"] == 40 * 2**30 and plan["settings"]["batch_tokens"] == 256
+    assert plan["settings"]["samples"] == 2 and plan["largest"] == {}
+    cfg.write_text("stage: train\noptions: {lora_rank: 4}\n")
+    res = _plan("train", "--config", str(cfg))
+    assert res.exit_code == 1 and "unknown key 'lora_rank'" in res.output, res.output
