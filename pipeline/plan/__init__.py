@@ -28,7 +28,8 @@ def check_start(stage: str, cfg, shape: Shape, device) -> None:
     # The context already exists once mem_get_info has run: what remains must hold the rest.
     budget = free + context_bytes()
     try:
-        plan = make_plan(stage, cfg, shape, budget, f"{fmt_bytes(free)} free on {torch.device(device)}")
+        with torch.random.fork_rng(devices=[]):  # LoRA's initialisation in the trace must not move the run's RNG
+            plan = make_plan(stage, cfg, shape, budget, f"{fmt_bytes(free)} free on {torch.device(device)}")
     except UserError as exc:  # a model the plan cannot build (not LLaDA): run unchecked, and say so
         import sys
 
@@ -36,7 +37,8 @@ def check_start(stage: str, cfg, shape: Shape, device) -> None:
         return
     if plan.fits:
         return
-    found = largest(stage, cfg, shape, budget, plan.total)
+    with torch.random.fork_rng(devices=[]):
+        found = largest(stage, cfg, shape, budget, plan.total)
     hints = ", ".join(f"--{k.replace('_', '-')} {v['value']}" for k, v in found.items() if v["value"] is not None)
     raise UserError(f"{stage} needs about {fmt_bytes(plan.total - context_bytes())} of accelerator memory and "
                     f"{fmt_bytes(free)} is free (lldm-dpo plan {stage} shows the parts); "

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -327,6 +327,27 @@ def _autocast(mixed_precision: str):
     return contextlib.nullcontext()
 
 
+class PlanAccelerator:
+    """What ``micro_step`` asks of accelerate's Accelerator in one process (device, autocast, backward,
+    clipping), without touching accelerate's process-wide state, which a run planning itself at start
+    (train on CUDA) has already set up for its own device."""
+
+    device = torch.device("cpu")
+    num_processes = 1
+
+    def __init__(self, mixed_precision: str):
+        self.mixed_precision = mixed_precision
+
+    def autocast(self):
+        return _autocast(self.mixed_precision)
+
+    def backward(self, loss):
+        loss.backward()  # fp16's loss scaling multiplies a scalar: no memory to speak of
+
+    def clip_grad_norm_(self, params, max_norm):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
 def _finish(tracker: PlanTracker, model: nn.Module, notes: list[str]) -> Trace:
     trainable, frozen = _param_bytes(model)
     block, head = _block_sizes(model)
@@ -394,7 +415,7 @@ def trace_train(cfg, *, prompt_len: int, response_len: int, samples: int, fake: 
         notes.append("fp16 autocast traced as bf16 autocast on the CPU (same 2-byte activations); "
                      "the fp16 loss scaler's few scalars are not counted")
         mixed = "bf16"
-    acc = train.fresh_accelerator(mixed, True)
+    acc = PlanAccelerator(mixed)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = train.make_optimizer(params, cfg)
     prime_adamw(optimizer)
