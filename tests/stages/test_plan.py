@@ -102,3 +102,33 @@ def test_plan_reads_a_config_file_and_flags_win(tmp_path):
     cfg.write_text("stage: train\noptions: {lora_rank: 4}\n")
     res = _plan("train", "--config", str(cfg))
     assert res.exit_code == 1 and "unknown key 'lora_rank'" in res.output, res.output
+
+
+def test_train_plans_before_loading_the_policy_on_the_longest_cached_pair(monkeypatch, small_cache, tmp_path):
+    """train hands the plan its settings and the cache's longest pair before any model is loaded; --no-plan
+    (plan=False) skips it. (On CPU check_start returns at once; here it is replaced to see the call.)"""
+    import pipeline.plan as plan_module
+    import stages.train as train
+    from pipeline.cache import open_cache
+    from pipeline.errors import UserError
+
+    calls = []
+
+    def fake_check(stage, cfg, shape, device):
+        calls.append((stage, cfg, shape))
+        raise UserError("planned")
+
+    monkeypatch.setattr(plan_module, "check_start", fake_check)
+    monkeypatch.setattr(train, "setup_policy", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    cfg = train.TrainConfig(scores=small_cache, out=tmp_path / "run", device="cpu", lora_r=2, progress=False,
+                            tensorboard=False)
+    with pytest.raises(UserError, match="planned"):
+        train.run(cfg)
+    (stage, planned, shape), = calls
+    rows = list(open_cache(small_cache).rows(split="train"))
+    longest = max(r["prompt_len"] + max(r["chosen_len"], r["rejected_len"]) for r in rows)
+    assert stage == "train" and planned.lora_r == 2 and planned.model == "micro"
+    assert shape.max_length == longest and shape.samples == open_cache(small_cache).fingerprint["samples"]
+    with pytest.raises(AssertionError, match="loaded"):
+        train.run(train.TrainConfig(scores=small_cache, out=tmp_path / "run2", device="cpu", plan=False,
+                                    progress=False, tensorboard=False))
