@@ -347,6 +347,7 @@ def _measure(results, name, state, ctx, optimizer, params, batch, configs, budge
     section = {"configs": {}, **(extra or {})}
     results.section(name, {**section, "status": "running"})
     deadline = time.perf_counter() + budget
+    planned = []
     for label, reference, K in configs:
         if time.perf_counter() > deadline:
             section["configs"][label] = {"skipped": "section time box reached"}
@@ -364,15 +365,18 @@ def _measure(results, name, state, ctx, optimizer, params, batch, configs, budge
             if time.perf_counter() > deadline:
                 break
         mem = memory_peak(device)
-        prompt, response = state["settings"]["train_prompt"], state["settings"]["train_response"]
-        mem["plan"] = plan_record("train", dataclasses.replace(ctx.cfg, model=state["settings"]["preset"]),
-                                  state["settings"]["samples"], prompt + response, prompt,
-                                  mem["peak_bytes"] if device.type == "cuda" else None)
+        planned.append((label, ctx.cfg, mem["peak_bytes"] if device.type == "cuda" else None))
         section["configs"][label] = {"reference": reference, "sequence_microbatch": K, "step_s": min(times),
                                      "step_s_all": times, "loss": losses, **mem,
                                      "peak_gib": mem["peak_bytes"] / GIB}
         results.section(name, {**section, "status": "running"})
     ctx.cfg = base_cfg
+    # The plans are made after the time box, so planning never costs a measurement.
+    prompt, response = state["settings"]["train_prompt"], state["settings"]["train_response"]
+    for label, cfg, measured in planned:
+        section["configs"][label]["plan"] = plan_record(
+            "train", dataclasses.replace(cfg, model=state["settings"]["preset"]), state["settings"]["samples"],
+            prompt + response, prompt, measured)
     results.section(name, section)
     return section
 
