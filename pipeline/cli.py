@@ -32,6 +32,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("report", "pipeline.report:command"),
     ("run", "stages.run_all:command"),
     ("init-model", "pipeline.models.cli:init_model_command"),
+    ("plan", "stages.plan:command"),
 ]
 
 
@@ -101,7 +102,8 @@ def build_app(only: str | None = None) -> typer.Typer:
         if not present:
             continue
         func = getattr(importlib.import_module(module_name), func_name)
-        app.command(name)(_one_line_errors(func))
+        # A command taking another command's options (plan) declares its context settings on itself.
+        app.command(name, context_settings=getattr(func, "context_settings", None))(_one_line_errors(func))
     return app
 
 

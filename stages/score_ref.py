@@ -98,6 +98,8 @@ class ScoreRefConfig:
     """Replace a cache made with different settings instead of refusing."""
     progress: bool = True
     """Show a progress bar."""
+    plan: bool = True
+    """On CUDA, plan the peak memory first and stop with the largest settings that fit (lldm-dpo plan)."""
 
     def __post_init__(self):
         self.pairs, self.out = Path(self.pairs), Path(self.out)
@@ -318,6 +320,10 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
     sweep_stale(cfg.out)  # temporary files a killed run left (provably its own, its process gone)
 
     device = resolve_device(cfg.device)
+    if cfg.plan:  # every pair planned at --max-length: the longest parts are scored first
+        from pipeline.plan import Shape, check_start
+
+        check_start("score-ref", cfg, Shape(cfg.samples, cfg.max_length, cfg.max_length // 4), device)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code)
     model.eval()
     model.requires_grad_(False)
@@ -456,6 +462,7 @@ def command(
     chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow remote modeling code."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a cache made differently."),
+    plan: Optional[bool] = typer.Option(None, "--plan/--no-plan", help="Check the memory plan first (CUDA)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
@@ -467,7 +474,7 @@ def command(
     flags = dict(pairs=pairs, model=model, out=out, samples=samples, draws=draws, seed=seed, scheme=scheme, eps=eps,
                  max_length=max_length, batch_tokens=batch_tokens, pairs_per_part=pairs_per_part, dtype=dtype,
                  device=device, limit=limit, chat_template=chat_template, trust_remote_code=trust_remote_code,
-                 overwrite=overwrite, progress=False if (no_progress or as_json) else None)
+                 overwrite=overwrite, plan=plan, progress=False if (no_progress or as_json) else None)
     cfg = resolve_config(ScoreRefConfig, config, flags, print_config)
     if cfg is None:
         return

@@ -14,6 +14,7 @@ import random
 import re
 import resource
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -117,6 +118,8 @@ class TrainConfig:
     """Allow a non-LLaDA checkpoint to run its own modeling code."""
     progress: bool = True
     """Print one metrics line per logged step to stderr."""
+    plan: bool = True
+    """On CUDA, plan the peak memory first and stop with the largest settings that fit (lldm-dpo plan)."""
 
     def __post_init__(self):
         self.scores, self.out = Path(self.scores), Path(self.out)
@@ -186,6 +189,12 @@ def setup_policy(cfg: TrainConfig, model_name: str, device: torch.device):
     else:
         model, tokenizer = load_model(model_name, dtype=cfg.dtype, device=str(device),
                                       trust_remote_code=cfg.trust_remote_code)
+    return adapt_policy(model, cfg), tokenizer
+
+
+def adapt_policy(model, cfg: TrainConfig):
+    """What training does to a loaded model: checkpointing, k-bit preparation, LoRA or full unfreeze.
+    ``lldm-dpo plan`` runs it on a model that allocates nothing."""
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.lora_r > 0:
@@ -215,7 +224,7 @@ def setup_policy(cfg: TrainConfig, model_name: str, device: torch.device):
     else:
         model.requires_grad_(True)
     model.train()
-    return model, tokenizer
+    return model
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -605,6 +614,13 @@ def run(cfg: TrainConfig) -> TrainResult:
         # which sharded wrappers do not gather for; data parallel (DDP) is supported.
         raise UserError(f"train under accelerate's {acc.distributed_type.name} is not supported yet; "
                         "use data parallel (configs/accelerate/ddp.yaml) with LoRA and gradient checkpointing")
+    if cfg.plan:  # on the longest cached pair; data parallel keeps a whole model per process
+        from pipeline.plan import Shape, check_start
+
+        longest = max(rows, key=lambda r: r["prompt_len"] + max(r["chosen_len"], r["rejected_len"]))
+        length = longest["prompt_len"] + max(longest["chosen_len"], longest["rejected_len"])
+        check_start("train", dataclasses.replace(cfg, model=model_name),
+                    Shape(fp["samples"], length, longest["prompt_len"]), acc.device)
     torch.manual_seed(cfg.seed)
     model, tokenizer = setup_policy(cfg, model_name, acc.device)
     check_tokenizer(cfg, cache, tokenizer)
@@ -782,6 +798,7 @@ def command(
     log_every: Optional[int] = typer.Option(None, "--log-every"),
     device: Optional[str] = typer.Option(None, "--device"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
+    plan: Optional[bool] = typer.Option(None, "--plan/--no-plan", help="Check the memory plan first (CUDA)."),
     quiet: bool = typer.Option(False, "--quiet", help="No per-step lines."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
