@@ -7,6 +7,7 @@ YAML < flags), call the stage, and print a summary (a rich table, or JSON with
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import importlib.util
@@ -35,6 +36,10 @@ COMMANDS: list[tuple[str, str]] = [
 ]
 
 
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+                errno.ENOENT, errno.EEXIST}
+
+
 def _one_line_errors(func):
     """Turn a ``UserError`` into ``error: <one line>`` on stderr and exit code 1."""
 
@@ -44,6 +49,13 @@ def _one_line_errors(func):
             return func(*args, **kwargs)
         except UserError as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            # The machine's answer about a file (permission, full disk, read-only file system):
+            # the user's to fix, so one line naming the file; other OS errors keep their traceback.
+            if exc.errno not in _USER_ERRNOS or exc.filename is None:
+                raise
+            typer.echo(f"error: {exc.filename}: {exc.strerror}", err=True)
             raise typer.Exit(1) from None
 
     return wrapper
