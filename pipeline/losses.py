@@ -161,7 +161,8 @@ def loss_weight(
     """dLoss/d(delta) per pair, in closed form (no autograd).
 
     The result is detached and has ``delta``'s shape; multiply it by 1/n for
-    each of the n chosen terms and by -1/n for each rejected term.
+    each of the n chosen terms and by -1/n for each rejected term (and, for
+    ``ipo``, by 1/length of that response: ``sequence_weights`` does both).
     """
     validate_loss_args(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     d = torch.as_tensor(delta).detach()

@@ -373,12 +373,14 @@ def run(cfg: EvalConfig) -> EvalResult:
             else:
                 result.train_sample = report["train_sample"] = _sample_report(sample, terms, fresh_ref, cfg.beta)
         if bench:
-            acc, rows = task_accuracy(model, tokenizer, bench, cfg, label, chat_template)
+            with autocast(device, numerics.mixed_precision):
+                acc, rows = task_accuracy(model, tokenizer, bench, cfg, label, chat_template)
             result.task_accuracy[label] = acc
             report.setdefault("task_accuracy", {})[label] = acc
             task_rows += rows
         if mc:
-            acc = choice_accuracy(model, tokenizer, mc, cfg, chat_template)
+            with autocast(device, numerics.mixed_precision):
+                acc = choice_accuracy(model, tokenizer, mc, cfg, chat_template)
             result.choice_accuracy[label] = acc
             report.setdefault("choice_accuracy", {})[label] = acc
         del model

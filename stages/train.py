@@ -313,9 +313,8 @@ def batch_loss(cfg: TrainConfig, terms: list[torch.Tensor], ref_c, ref_r, chosen
         loss = loss + cfg.sft_weight * sft_loss(pi_c, chosen_len).mean()
     acc = reward_accuracy(cr, rr, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss, chosen_len=chosen_len,
                           rejected_len=rejected_len)
-    gap = torch.maximum((pi_c.detach() - ref_c).abs(), (pi_r.detach() - ref_r).abs())
     return loss, {"losses": losses.detach(), "cr": cr, "rr": rr, "pi_c": pi_c.detach(), "pi_r": pi_r.detach(),
-                  "acc": acc, "gap": gap}
+                  "acc": acc}
 
 
 def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) -> dict[str, Any]:
@@ -381,7 +380,7 @@ def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) 
     tokens = sum(req.masks.shape[0] * (len(req.prompt_ids) + len(req.response_ids)) for req in requests)
     return {"loss": loss.detach().float(), "cr": st["cr"].float(), "rr": st["rr"].float(),
             "pi_c": st["pi_c"].float(), "pi_r": st["pi_r"].float(), "acc": st["acc"].float(),
-            "gap": st["gap"].double(), "tokens": tokens, "pairs": len(batch.rows)}
+            "tokens": tokens, "pairs": len(batch.rows)}
 
 
 def _backward(ctx: "TrainContext", loss: torch.Tensor) -> None:
@@ -500,7 +499,7 @@ def check_draws(cfg: TrainConfig, epochs: int, draws: int) -> bool:
     import sys
 
     print(f"warning: {epochs} epochs on {draws} mask draw(s): epochs past {draws} replay masks already trained "
-          "on (metric masks/reused = 1); rerun score-ref with --draws {epochs} to avoid it", file=sys.stderr)
+          f"on (metric masks/reused = 1); rerun score-ref with --draws {epochs} to avoid it", file=sys.stderr)
     return True
 
 
