@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 import typer
 
-from pipeline.atomic import atomic_path, write_json_atomic
+from pipeline.atomic import atomic_path, remove_owned, write_json_atomic
 from pipeline.cache import open_cache
 from pipeline.errors import ConfigError, UserError
 from pipeline.numerics import DTYPES, PRECISIONS, Numerics, autocast, follow, of_fingerprint
@@ -42,6 +42,12 @@ TASK_RESULTS_SCHEMA = pa.schema([
 ])
 EVAL_FILE = "eval.json"
 NORMALIZE = ("none", "length")
+
+
+RANGES = {"beta": "(0, inf)", "limit_pairs": "[0, inf)", "limit_task": "[0, inf)", "limit_choices": "[0, inf)",
+          "gen_length": "[1, inf)", "block_length": "[1, inf)", "steps": "[1, inf)", "samples": "[1, inf)",
+          "batch_size": "[1, inf)", "batch_tokens": "[1, inf)", "seed": "[0, inf)", "train_sample": "[0, inf)"}
+"""The valid interval of every numeric field (checked first in __post_init__)."""
 
 
 @dataclass
@@ -105,6 +111,10 @@ class EvalConfig:
 
     def __post_init__(self):
         self.out = Path(self.out)
+        from pipeline.config import check_device, check_ranges
+
+        check_ranges(self, RANGES)
+        check_device(self.device)
         self.scores = Path(self.scores) if self.scores not in (None, "") else None
         self.benchmark = Path(self.benchmark) if self.benchmark not in (None, "") else None
         self.choices = Path(self.choices) if self.choices not in (None, "") else None
@@ -117,8 +127,6 @@ class EvalConfig:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
         if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got '{self.mixed_precision}'")
-        if self.train_sample < 0:
-            raise ConfigError(f"train_sample must be >= 0, got {self.train_sample}")
         if self.normalize not in NORMALIZE:
             raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE)}, got '{self.normalize}'")
         if self.gen_length % self.block_length:
@@ -144,9 +152,12 @@ class EvalResult:
 def split_parts(cache, split: str, limit: int = 0) -> list[list[dict]]:
     """The cache's parts holding rows of ``split``, each as its rows in the part's order; with ``limit``,
     whole parts until that many rows of the split are in."""
+    from pipeline.cache import read_part
+
     parts, count = [], 0
+    sums = cache.manifest.get("part_sha256") or {}
     for path in cache.parts:
-        rows = pq.read_table(path).to_pylist()
+        rows = read_part(path, expected_sha256=sums.get(path.name)).to_pylist()
         n = sum((r.get("split") or "train") == split for r in rows)
         if n:
             parts.append(rows)
@@ -316,10 +327,12 @@ def choice_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, chat_t
 
 
 def run(cfg: EvalConfig) -> EvalResult:
+    from pipeline.atomic import check_writable
     from pipeline.numerics import load
     from stages.score_ref import resolve_device
 
     start = time.perf_counter()
+    check_writable(cfg.out, "eval output folder")
     device = str(resolve_device(cfg.device))
     cache = open_cache(cfg.scores) if cfg.scores is not None else None
     before_name = cfg.before
@@ -391,11 +404,11 @@ def run(cfg: EvalConfig) -> EvalResult:
     report = {k: v for k, v in report.items() if v != {}}
     cfg.out.mkdir(parents=True, exist_ok=True)
     if task_rows:
-        with atomic_path(cfg.out / TASK_RESULTS) as tmp:
+        with atomic_path(cfg.out / TASK_RESULTS, record=True) as tmp:
             pq.write_table(pa.Table.from_pylist(task_rows, schema=TASK_RESULTS_SCHEMA), tmp)
     else:  # an earlier eval's per-item rows would contradict this eval.json
-        (cfg.out / TASK_RESULTS).unlink(missing_ok=True)
-    write_json_atomic(cfg.out / EVAL_FILE, report)
+        remove_owned(cfg.out / TASK_RESULTS)
+    write_json_atomic(cfg.out / EVAL_FILE, report, record=True)
     result.seconds = time.perf_counter() - start
     return result
 
