@@ -82,6 +82,11 @@ def run(cfg: PlanConfig):
     stage_cfg, shape = cfg.stage_config, cfg.shape()
     if cfg.stage == "score-ref" and (stage_cfg.samples, stage_cfg.max_length) != (shape.samples, shape.max_length):
         stage_cfg = dataclasses.replace(stage_cfg, samples=shape.samples, max_length=shape.max_length)
+    if cfg.stage == "train":
+        # train takes unset numerics from its cache; a plan has none: the defaults a cache records by default.
+        stage_cfg = dataclasses.replace(stage_cfg, dtype=stage_cfg.dtype or "float32",
+                                        mixed_precision=stage_cfg.mixed_precision or "no",
+                                        load_in_4bit=bool(stage_cfg.load_in_4bit))
     plan = make_plan(cfg.stage, stage_cfg, shape, cfg.device_bytes, cfg.device)
     if cfg.search:
         plan.largest = largest(cfg.stage, stage_cfg, shape, cfg.device_bytes, plan.total)
