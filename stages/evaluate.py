@@ -196,7 +196,8 @@ def margin_summary(pi_c, pi_r, ref_c, ref_r, beta: float, with_elbo: bool = Fals
 
     t = [torch.tensor(v, dtype=torch.float64) for v in (pi_c, pi_r, ref_c, ref_r)]
     cr, rr = beta * (t[0] - t[2]), beta * (t[1] - t[3])
-    credit = reward_accuracy(cr, rr, t[2], t[3], beta=beta)
+    # The log-ratios themselves (beta 1): the sign of the margin before beta scales it, whatever beta is.
+    credit = reward_accuracy(t[0] - t[2], t[1] - t[3], t[2], t[3], beta=1.0)
     out = {"accuracy": float(credit.mean()), "mean_margin": float((cr - rr).mean()), "pairs": len(pi_c)}
     if with_elbo:
         out["elbo_accuracy"] = float((t[0] > t[1]).double().mean())
