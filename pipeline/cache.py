@@ -100,8 +100,13 @@ class ScoresCache:
                 {c: pa.array([], SCORES_SCHEMA.field(c).type) for c in columns})
         return pa.concat_tables(tables)
 
+    def split_rows(self, split: str | None = None, *, skip_identical: bool = False,
+                   columns: list[str] | None = None) -> "SplitRows":
+        """The split's rows in ``rows()``'s order, read on demand (see ``SplitRows``)."""
+        return SplitRows(self, split, skip_identical=skip_identical, columns=columns)
+
     def rows(self, split: str | None = None) -> Iterator[dict[str, Any]]:
-        """Rows in a stable order (by pair_id), optionally one split only."""
+        """Rows in a stable order (by pair_id), optionally one split only (all in memory: see split_rows)."""
         table = self.table()
         if split is not None:
             table = table.filter(pa.compute.equal(table["split"], split))
@@ -125,3 +130,80 @@ def open_cache(directory: str | Path) -> ScoresCache:
     if "fingerprint" not in manifest:
         raise UserError(f"{manifest_path}: missing field 'fingerprint'")
     return ScoresCache(directory, manifest)
+
+
+class SplitRows:
+    """One split of a cache as a sequence of row dicts, read from the Parquet parts on demand.
+
+    Only an index is held in memory: per row its pair_id, part and row group
+    (sorted by pair_id, the order ``ScoresCache.rows`` gives). ``rows[i]`` and
+    ``rows.take(indices)`` decode just the row groups that hold the asked rows,
+    so a process that trains on its own micro-batches never holds the split's
+    token ids, and host memory does not grow with the number of pairs. A few
+    recently decoded row groups are kept (``keep_groups``) for neighbouring reads.
+    ``skip_identical`` leaves out pairs whose two responses are the same ids
+    (checked one row group at a time, only where the lengths agree).
+    """
+
+    def __init__(self, cache: ScoresCache, split: str | None, *, skip_identical: bool = False,
+                 columns: list[str] | None = None, keep_groups: int = 8):
+        import pyarrow.compute as pc
+
+        self.columns = columns
+        self.keep_groups = keep_groups
+        self._files: list[pq.ParquetFile] = []
+        self._groups: dict[tuple[int, int], pa.Table] = {}
+        index: list[tuple[str, int, int, int]] = []  # (pair_id, part, row group, row in group)
+        self.identical: list[str] = []
+        for part_i, path in enumerate(cache.parts):
+            pf = pq.ParquetFile(path, memory_map=True)
+            self._files.append(pf)
+            for g in range(pf.metadata.num_row_groups):
+                meta = pf.read_row_group(g, columns=["pair_id", "split", "chosen_len", "rejected_len"])
+                keep = pc.equal(meta["split"], split) if split is not None else None
+                same_len = pc.equal(meta["chosen_len"], meta["rejected_len"])
+                if keep is not None:
+                    same_len = pc.and_(same_len, keep)
+                same_rows = set()
+                if skip_identical and pc.any(same_len).as_py():
+                    ids = pf.read_row_group(g, columns=["chosen_ids", "rejected_ids"])
+                    for r in pc.indices_nonzero(same_len).to_pylist():
+                        if ids["chosen_ids"][r].as_py() == ids["rejected_ids"][r].as_py():
+                            same_rows.add(r)
+                keep_list = keep.to_pylist() if keep is not None else None
+                for r, pid in enumerate(meta["pair_id"].to_pylist()):
+                    if keep_list is not None and not keep_list[r]:
+                        continue
+                    if r in same_rows:
+                        self.identical.append(pid)
+                        continue
+                    index.append((pid, part_i, g, r))
+        index.sort(key=lambda t: t[0])
+        self.pair_ids = [t[0] for t in index]
+        self._where = [(t[1], t[2], t[3]) for t in index]
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def _group(self, part: int, group: int) -> pa.Table:
+        key = (part, group)
+        table = self._groups.pop(key, None)
+        if table is None:
+            table = self._files[part].read_row_group(group, columns=self.columns)
+        self._groups[key] = table  # most recent last; kept as Arrow, converted one row at a time
+        while len(self._groups) > self.keep_groups:
+            self._groups.pop(next(iter(self._groups)))
+        return table
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if isinstance(i, slice):
+            return self.take(range(*i.indices(len(self))))
+        part, group, row = self._where[i]
+        return self._group(part, group).slice(row, 1).to_pylist()[0]
+
+    def take(self, indices) -> list[dict[str, Any]]:
+        return [self[i] for i in indices]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i in range(len(self)):
+            yield self[i]
