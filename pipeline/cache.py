@@ -201,6 +201,22 @@ class SplitRows:
         part, group, row = self._where[i]
         return self._group(part, group).slice(row, 1).to_pylist()[0]
 
+    def limit(self, n: int) -> "SplitRows":
+        """The first ``n`` rows (all when n <= 0), still read on demand."""
+        if n > 0:
+            self.pair_ids, self._where = self.pair_ids[:n], self._where[:n]
+        return self
+
+    def column(self, name: str) -> list[Any]:
+        """One column for every row, in order, reading only that column of each row group."""
+        values: dict[tuple[int, int], list[Any]] = {}
+        out = []
+        for part, group, row in self._where:
+            if (part, group) not in values:
+                values[(part, group)] = self._files[part].read_row_group(group, columns=[name])[name].to_pylist()
+            out.append(values[(part, group)][row])
+        return out
+
     def take(self, indices) -> list[dict[str, Any]]:
         return [self[i] for i in indices]
 
