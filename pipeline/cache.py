@@ -132,6 +132,28 @@ def open_cache(directory: str | Path) -> ScoresCache:
     return ScoresCache(directory, manifest)
 
 
+def _identical_rows(ids: pa.Table, candidates: pa.ChunkedArray) -> set[int]:
+    """Rows (among the candidates, whose two responses have equal lengths) with equal response ids.
+
+    Vectorised: with equal row lengths the flattened values line up, so one
+    element-wise comparison and a per-row AND over the list offsets decide.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    rows = pc.indices_nonzero(candidates).to_numpy()
+    chosen = ids["chosen_ids"].combine_chunks().take(pa.array(rows))
+    rejected = ids["rejected_ids"].combine_chunks().take(pa.array(rows))
+    equal = (chosen.flatten().to_numpy(zero_copy_only=False) == rejected.flatten().to_numpy(zero_copy_only=False))
+    offsets = chosen.offsets.to_numpy()
+    out = set()
+    for k, row in enumerate(rows.tolist()):
+        lo, hi = offsets[k], offsets[k + 1]
+        if bool(equal[lo:hi].all()):
+            out.add(row)
+    return out
+
+
 class SplitRows:
     """One split of a cache as a sequence of row dicts, read from the Parquet parts on demand.
 
@@ -151,13 +173,13 @@ class SplitRows:
 
         self.columns = columns
         self.keep_groups = keep_groups
-        self._files: list[pq.ParquetFile] = []
+        self._paths: list[Path] = list(cache.parts)
+        self._open: dict[int, pq.ParquetFile] = {}
         self._groups: dict[tuple[int, int], pa.Table] = {}
         index: list[tuple[str, int, int, int]] = []  # (pair_id, part, row group, row in group)
         self.identical: list[str] = []
-        for part_i, path in enumerate(cache.parts):
-            pf = pq.ParquetFile(path, memory_map=True)
-            self._files.append(pf)
+        for part_i in range(len(self._paths)):
+            pf = self._file(part_i)
             for g in range(pf.metadata.num_row_groups):
                 meta = pf.read_row_group(g, columns=["pair_id", "split", "chosen_len", "rejected_len"])
                 keep = pc.equal(meta["split"], split) if split is not None else None
@@ -166,10 +188,8 @@ class SplitRows:
                     same_len = pc.and_(same_len, keep)
                 same_rows = set()
                 if skip_identical and pc.any(same_len).as_py():
-                    ids = pf.read_row_group(g, columns=["chosen_ids", "rejected_ids"])
-                    for r in pc.indices_nonzero(same_len).to_pylist():
-                        if ids["chosen_ids"][r].as_py() == ids["rejected_ids"][r].as_py():
-                            same_rows.add(r)
+                    same_rows = _identical_rows(pf.read_row_group(g, columns=["chosen_ids", "rejected_ids"]),
+                                                same_len)
                 keep_list = keep.to_pylist() if keep is not None else None
                 for r, pid in enumerate(meta["pair_id"].to_pylist()):
                     if keep_list is not None and not keep_list[r]:
@@ -185,11 +205,21 @@ class SplitRows:
     def __len__(self) -> int:
         return len(self._where)
 
+    def _file(self, part: int) -> pq.ParquetFile:
+        """A few parts stay open; no memory map, whose touched pages would count in the resident size."""
+        pf = self._open.pop(part, None)
+        if pf is None:
+            pf = pq.ParquetFile(self._paths[part], memory_map=False)
+        self._open[part] = pf
+        while len(self._open) > self.keep_groups:
+            self._open.pop(next(iter(self._open))).close()
+        return pf
+
     def _group(self, part: int, group: int) -> pa.Table:
         key = (part, group)
         table = self._groups.pop(key, None)
         if table is None:
-            table = self._files[part].read_row_group(group, columns=self.columns)
+            table = self._file(part).read_row_group(group, columns=self.columns)
         self._groups[key] = table  # most recent last; kept as Arrow, converted one row at a time
         while len(self._groups) > self.keep_groups:
             self._groups.pop(next(iter(self._groups)))
@@ -213,7 +243,7 @@ class SplitRows:
         out = []
         for part, group, row in self._where:
             if (part, group) not in values:
-                values[(part, group)] = self._files[part].read_row_group(group, columns=[name])[name].to_pylist()
+                values[(part, group)] = self._file(part).read_row_group(group, columns=[name])[name].to_pylist()
             out.append(values[(part, group)][row])
         return out
 

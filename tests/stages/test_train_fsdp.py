@@ -133,3 +133,11 @@ def test_fsdp_with_lora_trains_adapters_only_and_saves_adapter_checkpoints(cache
     assert len(list((ckpt / "optimizer").glob("*.distcp"))) == 2
     model, _ = load_model(str(out / "final"))
     assert type(model).__name__ == "PeftModel"
+
+
+def test_deepspeed_config_is_refused_with_the_fsdp_alternative(monkeypatch):
+    from stages.train import fresh_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(UserError, match="DeepSpeed is not supported.*fsdp.yaml"):
+        fresh_accelerator("no", cpu=True)
