@@ -136,7 +136,13 @@ def main(argv=None) -> int:
     runs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))
     a = train_once(small, runs / "small", args)
     b = train_once(large, runs / "large", args)
+    import torch
+
+    import score as score_bench
+
+    gflops = score_bench.matmul_flops("cpu", torch.float32) / 1e9
     lines = [
+        f"machine: fp32 matmul {gflops:.1f} GFLOP/s, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
         f"code: {args.repo}; micro preset, float32 on cpu; prompt {args.prompt}, responses {args.response} tokens, "
         f"n = 2, batch 4, {args.steps} steps; step time: best of steps 2..{args.steps}",
         f"{args.small:>6} pairs: peak RSS {a['peak_rss'] / MIB:8.1f} MiB   step {a['step_s'] * 1e3:7.1f} ms",
