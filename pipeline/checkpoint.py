@@ -21,6 +21,7 @@ leaves only whole checkpoints. Tensors are read back with safetensors or
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -104,6 +105,9 @@ def _shared_tmp(final: Path, accelerator) -> Path:
     name = [None]
     if accelerator.is_main_process:
         name[0] = tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(name[0], 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -192,6 +196,9 @@ def check_world(path: Path, state: dict[str, Any], processes: int) -> None:
 
 def _read_model_files(path: Path, model) -> dict[str, torch.Tensor]:
     """The checkpoint's weights keyed by this model's parameter names."""
+    if (path / "trainable.safetensors").is_file():
+        raise UserError(f"{path}: a checkpoint of an earlier lldm-dpo version (trainable.safetensors); it cannot "
+                        "be resumed by this one: start a new run")
     if _is_peft(model):
         file = path / ADAPTER_WEIGHTS
         if not file.is_file():
