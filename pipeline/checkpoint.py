@@ -20,10 +20,9 @@ leaves only whole checkpoints. Tensors are read back with safetensors or
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -93,21 +92,19 @@ def save_model_dir(path: Path, model, tokenizer, accelerator, base_name: str | N
     sharded = is_sharded(model)
     state = gather_state(model, accelerator.is_main_process) if sharded else None
     if accelerator.is_main_process:
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, record=True) as tmp:
             save_model_files(tmp, model, tokenizer, state, base_name)
     accelerator.wait_for_everyone()
 
 
-def _shared_tmp(final: Path, accelerator) -> Path:
-    """One temporary folder beside ``final``, made by the main process, its name sent to all."""
-    import tempfile
+def _shared_tmp(stack: contextlib.ExitStack, final: Path, accelerator) -> Path:
+    """The main process's ``atomic_dir`` for ``final`` (renamed and recorded when ``stack`` closes),
+    its temporary name sent to every process so each can write its shard there."""
+    from pipeline.atomic import atomic_dir
 
     name = [None]
     if accelerator.is_main_process:
-        name[0] = tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(name[0], 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+        name[0] = str(stack.enter_context(atomic_dir(final, record=True)))
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -118,16 +115,16 @@ def _shared_tmp(final: Path, accelerator) -> Path:
 def save_checkpoint(run_dir: Path, step: int, *, model, wrapped, optimizer, scheduler, tokenizer, accelerator,
                     state: dict[str, Any], base_name: str | None = None, keep: int = 2) -> Path:
     """Write ``checkpoints/step-N`` (every process calls this); keep the ``keep`` newest."""
-    from pipeline.atomic import _fsync_dir
+    from pipeline.atomic import make_dir, remove_owned
 
     root = Path(run_dir) / "checkpoints"
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
+        make_dir(root)
     accelerator.wait_for_everyone()
     final = root / f"step-{step:07d}"
-    tmp = _shared_tmp(final, accelerator)
     rank = accelerator.process_index
-    try:
+    with contextlib.ExitStack() as stack:
+        tmp = _shared_tmp(stack, final, accelerator)
         sharded = is_sharded(model)
         weights = gather_state(model, accelerator.is_main_process) if sharded else None
         if sharded:
@@ -149,16 +146,10 @@ def save_checkpoint(run_dir: Path, step: int, *, model, wrapped, optimizer, sche
         if accelerator.is_main_process:
             record = {**state, "step": step, "processes": accelerator.num_processes, "sharded": sharded}
             (tmp / STATE).write_text(json.dumps(record, indent=2, sort_keys=True))
-            if final.exists():  # an earlier run's step-N (resumed from before it): replaced whole
-                shutil.rmtree(final)
-            tmp.replace(final)
-            _fsync_dir(root)
-            for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # The main process's atomic_dir has renamed the folder into place (replacing an earlier step-N whole).
+    if accelerator.is_main_process:
+        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            remove_owned(old)  # what the checkpoint wrote; a file the user put there stays
     accelerator.wait_for_everyone()
     return final
 

@@ -98,3 +98,16 @@ def test_fsdp_section_matches_the_plain_run(results):
     assert f["max_loss_difference"] < 1e-4 and f["max_weight_difference"] < 1e-4
     assert f["checkpoint_sharded"] and f["checkpoint_optimizer_shards"] == 1 and f["checkpoint_is_model"]
     assert f["step_s_fsdp"] > 0 and f["peak_bytes_fsdp"] > 0
+
+
+def test_plan_recorded_next_to_each_measured_section(results):
+    """The plan of each section's work sits beside its measured peak (on CPU the ratio is not taken: RSS)."""
+    plans = [results["score_ref"]["plan"]] + [c["plan"] for c in results["train"]["configs"].values()]
+    for plan in plans:
+        assert "error" not in plan, plan
+        assert plan["tracked_bytes"] > 0 and plan["total_bytes"] > plan["tracked_bytes"]
+        assert plan["measured_over_planned"] is None
+        assert plan["components"]["activations"] > 0
+    configs = results["train"]["configs"]
+    # sequence micro-batching keeps fewer activations alive than one pass, in the plan as on a card.
+    assert configs["cached_seqmb1"]["plan"]["tracked_bytes"] < configs["cached"]["plan"]["tracked_bytes"]
