@@ -19,8 +19,11 @@ from typing import Any, Optional
 
 import typer
 
-from pipeline.config import load_config, read_config_file, require
+from pipeline.config import check_ranges, load_config, read_config_file, require
 from pipeline.errors import ConfigError, UserError
+
+
+RANGES = {"world_size": "[1, inf)", "samples": "[0, inf)", "max_length": "[0, inf)", "prompt_length": "[0, inf)"}
 
 
 @dataclass
@@ -46,11 +49,8 @@ class PlanConfig:
     def __post_init__(self):
         from pipeline.plan import parse_memory, stage_config_class
 
+        check_ranges(self, RANGES)
         self.device_bytes, self.device = parse_memory(self.gpu_memory)
-        for name in ("world_size",):
-            require(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("samples", "max_length", "prompt_length"):
-            require(int(getattr(self, name)) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         cls = stage_config_class(self.stage)
         self.stage_config = load_config(cls, values=dict(self.options), origin=f"plan {self.stage} options")
         shape = self.shape()
