@@ -30,6 +30,14 @@ from pipeline.answers import extract_answer, reference_answer
 from pipeline.errors import UserError
 from pipeline.pairs import normalize_text
 
+SAMPLE_COLUMNS = {
+    "question_id": "VARCHAR", "question_index": "BIGINT", "sample": "BIGINT", "prompt": "VARCHAR",
+    "reference_answer": "VARCHAR", "completion": "VARCHAR", "completion_tokens": "BIGINT", "stopped": "BOOLEAN",
+    "extracted_answer": "VARCHAR", "correct": "BOOLEAN", "model": "VARCHAR", "model_sha256": "VARCHAR",
+    "seed": "BIGINT", "sample_seed": "BIGINT", "round": "BIGINT",
+}
+"""Columns of a samples file (one JSON row per sample) with their SQL types: the ``samples`` view of ``query``."""
+
 STOP_TOKENS = ("<|eot_id|>",)
 """Stop tokens besides the tokenizer's EOS (LLaDA-Instruct ends a turn with it)."""
 

@@ -170,3 +170,27 @@ def test_cli_on_micro_samples_do_not_depend_on_the_batch_size(tmp_path):
         outs.append([(s["completion"], s["correct"]) for s in rows(summary["samples_file"])])
     assert outs[0] == outs[1]
     assert len({c for c, _ in outs[0]}) > 1  # temperature 0.7: the samples differ
+
+
+def test_samples_are_queryable_per_round(tmp_path):
+    for r, script_name in ((1, "stub-v1"), (2, "stub-v2")):
+        folder = tmp_path / "rounds" / f"round-{r}"
+        folder.mkdir(parents=True)
+        write_questions(folder / "questions.jsonl")
+        run(config(folder, round=r), sampler=ScriptedSampler(name=script_name))
+    res = CliRunner().invoke(app, ["query", "--samples", str(tmp_path / "rounds"), "--preset", "samples_pass_rate",
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    table = json.loads(res.stdout)
+    assert [r["round"] for r in table] == [1, 2]
+    assert table[0] == {"round": 1, "questions": 4, "share_with_a_correct_sample": 0.75, "only_correct": 1,
+                        "only_wrong": 1, "sample_accuracy": 0.5, "samples_per_question": 4}
+    one = CliRunner().invoke(app, ["query", "--samples", str(tmp_path / "rounds" / "round-1" / "pairs.samples.jsonl"),
+                                   "SELECT count(*) AS n, count(DISTINCT question_id) AS q FROM samples", "--json"])
+    assert json.loads(one.stdout) == [{"n": 16, "q": 4}]
+    missing = CliRunner().invoke(app, ["query", "--samples", str(tmp_path), "SELECT 1"])
+    assert missing.exit_code == 0  # the folder holds samples files further down
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = CliRunner().invoke(app, ["query", "--samples", str(empty), "SELECT 1"])
+    assert bad.exit_code == 1 and "no *.samples.jsonl files" in bad.output
