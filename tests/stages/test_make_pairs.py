@@ -194,3 +194,13 @@ def test_samples_are_queryable_per_round(tmp_path):
     empty.mkdir()
     bad = CliRunner().invoke(app, ["query", "--samples", str(empty), "SELECT 1"])
     assert bad.exit_code == 1 and "no *.samples.jsonl files" in bad.output
+
+
+def test_shipped_yaml_and_print_config_match_the_defaults():
+    from pipeline.config import config_to_yaml, load_config
+
+    shipped = ROOT / "stages" / "make_pairs.yaml"
+    assert shipped.read_text(encoding="utf-8") == config_to_yaml(MakePairsConfig(), with_docs=True)
+    assert load_config(MakePairsConfig, shipped) == MakePairsConfig()
+    res = CliRunner().invoke(app, ["make-pairs", "q.jsonl", "--num-generations", "8", "--print-config"])
+    assert res.exit_code == 0 and "num_generations: 8" in res.stdout and "questions: q.jsonl" in res.stdout
