@@ -39,6 +39,7 @@ import typer
 from pipeline.atomic import atomic_path
 from pipeline.config import require, require_choice
 from pipeline.errors import ConfigError, UserError
+from pipeline.pairs import normalize_text
 from pipeline.sampler import REMASKING, check_schedule
 from pipeline.selfpairs import (
     PairingPolicy,
@@ -166,6 +167,8 @@ class MakePairsResult:
     questions_with_pairs: int
     pairs: int
     pairs_reference_chosen: int
+    repeated_pairs: int
+    """Pairs dropped as repeats of another question's (two ids holding the same text); ingest would refuse them."""
     sample_accuracy: float
     """Share of samples graded correct."""
     pass_at_k: float
@@ -289,13 +292,23 @@ def run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
     provenance = {"model": cfg.model, "model_sha256": model_sha, "seed": cfg.seed, "round": cfg.round}
     counts = {"all_correct": 0, "all_wrong": 0, "mixed": 0}
     pairs: list[dict] = []
-    empty = with_pairs = 0
+    empty = with_pairs = repeats = 0
+    seen: set[tuple[str, str, str]] = set()
     for i, q in enumerate(questions):
         outcome = pair_question(q, ordered[i * k : (i + 1) * k], policy)
         counts[outcome.kind] += 1
         empty += outcome.empty
-        with_pairs += bool(outcome.pairs)
-        pairs += [{**p, **provenance} for p in outcome.pairs]
+        kept = []
+        for p in outcome.pairs:
+            # Two ids may hold the same question text: ingest would quarantine the repeated pair.
+            key = (normalize_text(p["prompt"]), normalize_text(p["chosen"]), normalize_text(p["rejected"]))
+            if key in seen:
+                repeats += 1
+                continue
+            seen.add(key)
+            kept.append({**p, **provenance})
+        with_pairs += bool(kept)
+        pairs += kept
     with atomic_path(out) as tmp:
         tmp.write_text("".join(_dumps(p) + "\n" for p in pairs), encoding="utf-8")
 
@@ -310,7 +323,7 @@ def run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
         pass_at_k=round((counts["all_correct"] + counts["mixed"]) / len(questions), 4),
         seconds=round(time.perf_counter() - start, 3),
         samples_per_second=round(len(sampled) / sample_seconds, 3) if sample_seconds else 0.0,
-        model_sha256=model_sha, details={"settings": settings, "partial": str(partial)},
+        repeated_pairs=repeats, model_sha256=model_sha, details={"settings": settings, "partial": str(partial)},
     )
 
 

@@ -204,3 +204,14 @@ def test_shipped_yaml_and_print_config_match_the_defaults():
     assert load_config(MakePairsConfig, shipped) == MakePairsConfig()
     res = CliRunner().invoke(app, ["make-pairs", "q.jsonl", "--num-generations", "8", "--print-config"])
     assert res.exit_code == 0 and "num_generations: 8" in res.stdout and "questions: q.jsonl" in res.stdout
+
+
+def test_one_text_under_two_ids_never_gives_a_pair_ingest_would_refuse(tmp_path):
+    from stages.ingest import IngestConfig
+    from stages.ingest import run as ingest
+
+    write_questions(tmp_path / "questions.jsonl", [dict(QUESTIONS[0], id="a"), dict(QUESTIONS[0], id="b")])
+    res = run(config(tmp_path), sampler=ScriptedSampler())  # the stub answers by text: both ids get the same samples
+    assert res.questions == 2 and res.questions_mixed == 2 and res.pairs == 2 and res.repeated_pairs == 2
+    ing = ingest(IngestConfig(inputs=[res.out], out=str(tmp_path / "p.arrow"), progress=False))
+    assert ing.accepted == 2 and ing.quarantined == 0
