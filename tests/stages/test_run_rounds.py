@@ -118,3 +118,18 @@ def test_rounds_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"round 1: make_pairs.*unknown key 'num_generation'"):
         run_rounds(cfg)
     assert not (tmp_path / "o").exists()
+
+
+def test_round_reference_initial_scores_with_the_original_model(tmp_path):
+    from stages.run_rounds import PROVENANCE_FIELDS, round_configs
+
+    q = str(write_questions(tmp_path / "q.jsonl"))
+    start = str(tmp_path / "out" / "round-1" / "run" / "final")
+    for reference, ref_model in (("initial", "micro"), ("policy", start)):
+        cfg = merged_config(None, {"rounds": 2, "questions": q, "model": "micro", "out": tmp_path / "out",
+                                   "round_reference": reference})
+        mp, ing, score, train, ev = round_configs(cfg, 2, start, ref_model)
+        assert mp.model == train.model == start and mp.round == 2 and score.model == ref_model
+        assert train.allow_different_init == (reference == "initial")
+        assert ev.model == str(tmp_path / "out" / "round-2" / "run" / "final") and ev.before == "none"
+        assert ing.inputs == [mp.out] and set(PROVENANCE_FIELDS) <= set(ing.keep_fields)
