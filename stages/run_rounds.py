@@ -88,6 +88,7 @@ def round_configs(cfg, r: int, start_model: str, ref_model: str, has_eval_pairs:
     from stages.train import TrainConfig
 
     d = round_dir(cfg.out, r)
+    rendering = _chat_template(cfg)
     mp = {"device": cfg.device, **cfg.make_pairs, "questions": _shipped(str(cfg.questions)), "model": start_model,
           "out": str(d / "pairs.jsonl"), "round": r, "progress": False}
     ingest = {**{k: v for k, v in cfg.ingest.items() if k != "inputs"}, "inputs": [str(d / "pairs.jsonl")],
@@ -103,6 +104,8 @@ def round_configs(cfg, r: int, start_model: str, ref_model: str, has_eval_pairs:
     for key in ("benchmark", "choices"):
         if ev.get(key):
             ev[key] = _shipped(ev[key])
+    if rendering is not None:  # sampled, scored and evaluated under one prompt rendering
+        mp["chat_template"] = score["chat_template"] = ev["chat_template"] = rendering
     where = f"run config, round {r}"
     return (
         load_config(MakePairsConfig, values=mp, origin=f"{where}: make_pairs"),
@@ -111,6 +114,17 @@ def round_configs(cfg, r: int, start_model: str, ref_model: str, has_eval_pairs:
         load_config(TrainConfig, values=train, origin=f"{where}: train"),
         load_config(EvalConfig, values=ev, origin=f"{where}: eval"),
     )
+
+
+def _chat_template(cfg):
+    """The one chat-template setting of the rounds: the sections that set it must agree."""
+    given = {name: getattr(cfg, name)["chat_template"] for name in ("make_pairs", "score_ref", "eval")
+             if getattr(cfg, name).get("chat_template") is not None}
+    if len(set(given.values())) > 1:
+        raise ConfigError("run --rounds: chat_template differs between sections ("
+                          + ", ".join(f"{k}: {v}" for k, v in given.items())
+                          + "); the pairs must be scored and evaluated under the rendering they were sampled with")
+    return next(iter(given.values()), None)
 
 
 def _fingerprint(cfg, configs, start_model: str, ref_model: str) -> dict[str, Any]:

@@ -133,3 +133,18 @@ def test_round_reference_initial_scores_with_the_original_model(tmp_path):
         assert train.allow_different_init == (reference == "initial")
         assert ev.model == str(tmp_path / "out" / "round-2" / "run" / "final") and ev.before == "none"
         assert ing.inputs == [mp.out] and set(PROVENANCE_FIELDS) <= set(ing.keep_fields)
+
+
+def test_one_chat_template_setting_for_sampling_scoring_and_eval(tmp_path):
+    from stages.run_rounds import round_configs
+
+    q = str(write_questions(tmp_path / "q.jsonl"))
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("make_pairs:\n  chat_template: false\n")
+    cfg = merged_config(cfg_file, {"rounds": 1, "questions": q, "model": "micro"})
+    mp, _, score, _, ev = round_configs(cfg, 1, "micro", "micro")
+    assert (mp.chat_template, score.chat_template, ev.chat_template) == (False, False, False)
+    cfg_file.write_text("make_pairs:\n  chat_template: false\nscore_ref:\n  chat_template: true\n")
+    cfg = merged_config(cfg_file, {"rounds": 1, "questions": q, "model": "micro"})
+    with pytest.raises(ConfigError, match="chat_template differs between sections"):
+        round_configs(cfg, 1, "micro", "micro")
