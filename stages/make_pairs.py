@@ -247,7 +247,7 @@ def run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
     ``SampleItem`` batches with an ``identity`` attribute."""
     start = time.perf_counter()
     if not cfg.questions:
-        raise UserError("no questions file given (QUESTIONS argument or --questions)")
+        raise UserError("no questions file given (the QUESTIONS argument, or questions: in --config)")
     qset = read_questions(cfg.questions, question_field=cfg.question_field, answer_field=cfg.answer_field,
                           id_field=cfg.id_field, solution_field=cfg.solution_field)
     questions = qset.questions[: cfg.limit] if cfg.limit else qset.questions
