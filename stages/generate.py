@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -32,6 +32,7 @@ import typer
 from pipeline.atomic import atomic_path
 from pipeline.config import require, require_choice
 from pipeline.errors import ConfigError, UserError
+from pipeline.prompts import encode_prompt, follow_cache, resolve_chat_template
 from pipeline.sampler import REMASKING, check_schedule, generate, trim_at_stop
 
 STOP_TOKENS = ("<|eot_id|>",)
@@ -64,8 +65,11 @@ class GenerateConfig:
     """Prompts per forward pass (results do not depend on it)."""
     seed: int = 0
     """Seed of the per-prompt noise generators (used when temperature > 0 or remasking is random)."""
-    chat_template: bool = True
-    """Wrap each prompt as a user turn in the tokenizer's chat template (instruct models)."""
+    chat_template: Optional[bool] = None
+    """Wrap each text prompt as a user turn in the tokenizer's chat template; false: raw text. Default: the
+    rendering of `scores` when given, else on when the tokenizer has a template (pipeline/prompts.py)."""
+    scores: Optional[str] = None
+    """A reference-score cache whose prompt rendering to follow (generating for a run trained on it)."""
     limit: int = 0
     """Generate for the first N prompts only (0: all)."""
     dtype: str = "float32"
@@ -190,20 +194,6 @@ def _jsonl_rows(path: Path) -> Iterable[tuple[str, dict]]:
             yield where, row
 
 
-def render_prompt(tokenizer, prompt: Any, chat_template: bool, where: str = "prompt") -> list[int]:
-    """Token ids of one prompt (chat template with a generation prompt, or the raw text)."""
-    if chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError("the model's tokenizer has no chat template: pass --no-chat-template")
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        if isinstance(prompt, list):
-            raise UserError(f"{where}: a message-list prompt needs the chat template (drop --no-chat-template)")
-        text = prompt
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def stop_token_ids(tokenizer) -> list[int]:
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     vocab = tokenizer.get_vocab()
@@ -232,7 +222,7 @@ def complete(
     remasking: str = "low_confidence",
     cfg_scale: float = 0.0,
     seed: int = 0,
-    chat_template: bool = True,
+    chat_template: Optional[bool] = None,
     batch_size: int = 8,
     indices: Sequence[int] | None = None,
     on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
@@ -242,6 +232,7 @@ def complete(
     Returns one dict per prompt in the given order: ``index``, ``completion``,
     ``completion_tokens``, ``stopped``. ``indices`` (default 0..n-1) seed each
     prompt's noise; ``on_batch`` receives each batch's results as they finish.
+    Prompts are rendered by ``pipeline.prompts`` (``chat_template`` None: the tokenizer's default).
     """
     indices = list(range(len(prompts))) if indices is None else list(indices)
     device = next(model.parameters()).device
@@ -249,7 +240,9 @@ def complete(
     mask_id = tokenizer.mask_token_id if mask_id is None else mask_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(tokenizer)
-    encoded = [render_prompt(tokenizer, p, chat_template, f"prompt {i}") for p, i in zip(prompts, indices)]
+    chat_template = resolve_chat_template(tokenizer, chat_template)
+    encoded = [encode_prompt(tokenizer, p, chat_template=chat_template, where=f"prompt {i}")
+               for p, i in zip(prompts, indices)]
     limit = getattr(getattr(model, "config", None), "max_sequence_length", None)
     if isinstance(limit, int):
         for ids, i in zip(encoded, indices):
@@ -358,6 +351,11 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     records = read_prompts(cfg.prompts, cfg.prompt_field)
     if cfg.limit:
         records = records[: cfg.limit]
+    if cfg.scores:
+        from pipeline.cache import open_cache
+
+        cfg = replace(cfg, chat_template=follow_cache(cfg.chat_template, open_cache(cfg.scores).fingerprint,
+                                                      str(cfg.scores)))
     out = Path(cfg.out)
     partial = partial_path(out)
     settings = cfg.sampler_settings()
@@ -412,10 +410,14 @@ def _sample_into(cfg: GenerateConfig, pending: list[PromptRecord], partial: Path
             sink.extend(rows)
             advance(len(rows))
 
+        # A pairs file's conversational row also carries its text rendering: the raw-text rule scores that.
+        chat = resolve_chat_template(tokenizer, cfg.chat_template)
+        prompts = [r.shown if isinstance(r.prompt, list) and not chat and isinstance(r.shown, str) else r.prompt
+                   for r in pending]
         complete(
-            model, tokenizer, [r.prompt for r in pending], gen_length=cfg.gen_length, block_length=cfg.block_length,
+            model, tokenizer, prompts, gen_length=cfg.gen_length, block_length=cfg.block_length,
             steps=cfg.steps, temperature=cfg.temperature, remasking=cfg.remasking, cfg_scale=cfg.cfg_scale,
-            seed=cfg.seed, chat_template=cfg.chat_template, batch_size=cfg.batch_size,
+            seed=cfg.seed, chat_template=chat, batch_size=cfg.batch_size,
             indices=[r.index for r in pending], on_batch=on_batch,
         )
     return time.perf_counter() - started
@@ -477,6 +479,8 @@ def command(
     seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed."),
     chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template",
                                                  help="Wrap prompts in the tokenizer's chat template."),
+    scores: Optional[Path] = typer.Option(None, "--scores", help="Reference-score cache whose prompt rendering "
+                                          "to follow."),
     limit: Optional[int] = typer.Option(None, "--limit", help="First N prompts only."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
@@ -492,7 +496,8 @@ def command(
     flags = dict(model=model, prompts=None if prompts is None else str(prompts), out=None if out is None else str(out),
                  prompt_field=prompt_field, gen_length=gen_length, block_length=block_length, steps=steps,
                  temperature=temperature, remasking=remasking, cfg_scale=cfg_scale, batch_size=batch_size, seed=seed,
-                 chat_template=chat_template, limit=limit, dtype=dtype, device=device,
+                 chat_template=chat_template, scores=None if scores is None else str(scores), limit=limit,
+                 dtype=dtype, device=device,
                  trust_remote_code=trust_remote_code, progress=False if (no_progress or as_json) else None)
     cfg = load_config(GenerateConfig, config, flags)
     if print_config:
