@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 from pipeline.answers import extract_answer, reference_answer
 from pipeline.errors import UserError
 from pipeline.pairs import normalize_text
+from pipeline.prompts import encode_prompt, resolve_chat_template
 
 SAMPLE_COLUMNS = {
     "question_id": "VARCHAR", "question_index": "BIGINT", "sample": "BIGINT", "prompt": "VARCHAR",
@@ -251,11 +252,11 @@ class DiffusionSampler:
     """
 
     def __init__(self, model, tokenizer, *, identity: Any, gen_length: int, block_length: int, steps: int,
-                 temperature: float, remasking: str, cfg_scale: float, chat_template: bool):
+                 temperature: float, remasking: str, cfg_scale: float, chat_template: bool | None):
         self.model, self.tokenizer, self.identity = model, tokenizer, identity
         self.settings = dict(gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
                              remasking=remasking, cfg_scale=cfg_scale)
-        self.chat_template = chat_template
+        self.chat_template = resolve_chat_template(tokenizer, chat_template)
         self._encoded: dict[str, list[int]] = {}
         config = getattr(model, "config", None)
         mask_id = getattr(config, "mask_token_id", None)
@@ -268,7 +269,8 @@ class DiffusionSampler:
 
     def encode(self, question: Question) -> list[int]:
         if question.prompt not in self._encoded:
-            ids = _encode_prompt(self.tokenizer, question.prompt, self.chat_template)
+            ids = encode_prompt(self.tokenizer, question.prompt, chat_template=self.chat_template,
+                                where=question.where)
             if isinstance(self.max_length, int) and len(ids) + self.settings["gen_length"] > self.max_length:
                 raise UserError(f"{question.where}: {len(ids)} prompt tokens + gen_length "
                                 f"{self.settings['gen_length']} exceed the model's max_sequence_length {self.max_length}")
@@ -306,18 +308,6 @@ def resolve_device(device: str):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{device}' requested but CUDA is not available")
     return torch.device(device)
-
-
-def _encode_prompt(tokenizer, prompt: str, chat_template: bool) -> list[int]:
-    # TODO(i10): pipeline.prompts.encode_prompt once on main (the one renderer); same rendering as generate today.
-    if chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError("the model's tokenizer has no chat template: pass --no-chat-template")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        text = prompt
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 SamplerFn = Callable[[Sequence[SampleItem]], list[dict[str, Any]]]

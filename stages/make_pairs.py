@@ -98,8 +98,8 @@ class MakePairsConfig:
     """Samples per forward pass (results do not depend on it)."""
     seed: int = 0
     """Seed of every sample's noise generator (with the question id and sample index)."""
-    chat_template: bool = True
-    """Wrap each question as a user turn in the tokenizer's chat template (score-ref and train must agree)."""
+    chat_template: Optional[bool] = None
+    """Wrap each question as a user turn in the tokenizer's chat template; false: raw text; default: on when the tokenizer has one (pipeline/prompts.py). Score-ref the pairs under the same rule."""
     limit: int = 0
     """Use the first N questions only (0: all)."""
     round: int = 0
