@@ -37,7 +37,7 @@ from typing import Any, Optional
 import typer
 
 from pipeline.atomic import atomic_path
-from pipeline.config import require, require_choice
+from pipeline.config import check_device, check_ranges, require, require_choice
 from pipeline.errors import ConfigError, UserError
 from pipeline.pairs import normalize_text
 from pipeline.sampler import REMASKING, check_schedule
@@ -58,6 +58,12 @@ def samples_path_for(out: str | Path) -> Path:
     out = Path(out)
     stem = out.name[: -len(out.suffix)] if out.suffix else out.name
     return out.with_name(f"{stem}.samples.jsonl")
+
+
+RANGES = {"num_generations": "[1, inf)", "pairs_per_question": "[1, inf)", "gen_length": "[1, inf)",
+          "block_length": "[1, inf)", "steps": "[1, inf)", "temperature": "[0, inf)", "cfg_scale": "[0, inf)",
+          "batch_size": "[1, inf)", "seed": "[0, inf)", "limit": "[0, inf)", "round": "[0, inf)"}
+"""The valid interval of every numeric field (checked first in __post_init__)."""
 
 
 @dataclass
@@ -114,21 +120,12 @@ class MakePairsConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
-        for name in ("num_generations", "pairs_per_question", "gen_length", "block_length", "steps", "batch_size"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                    f"{name} must be a positive integer, got {value!r}")
-        for name in ("limit", "round"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
+        check_ranges(self, RANGES)
+        check_device(self.device)
         try:
             check_schedule(self.gen_length, self.block_length, self.steps)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        require(isinstance(self.temperature, (int, float)) and self.temperature >= 0,
-                f"temperature must be >= 0, got {self.temperature!r}")
-        require(isinstance(self.cfg_scale, (int, float)) and self.cfg_scale >= 0,
-                f"cfg_scale must be >= 0, got {self.cfg_scale!r}")
         require_choice("remasking", self.remasking, REMASKING)
         require_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         if self.num_generations > 1 and self.temperature == 0 and self.remasking == "low_confidence":
@@ -254,6 +251,11 @@ def run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
     by_id = {q.question_id: q for q in questions}
     out, samples_file = Path(cfg.out), cfg.samples_path
     partial = samples_file.with_name(samples_file.name + ".partial")
+    from pipeline.atomic import check_writable, sweep_stale
+
+    check_writable(out, "pairs file")
+    for name in (out.name, samples_file.name, partial.name):
+        sweep_stale(out.parent, name)  # temporary files of a killed run of ours
     _check_pairs_target(out)
     settings = cfg.sampler_settings()
     if sampler is not None:

@@ -170,6 +170,9 @@ def run_rounds(cfg, log=print) -> RoundsResult:
     start = time.perf_counter()
     check_rounds_config(cfg)
     round_configs(cfg, 1, cfg.model, cfg.model)  # every section validated before any work
+    from pipeline.atomic import check_writable
+
+    check_writable(cfg.out, "output folder")
     _check_out_folder(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     # Claim the folder first, so a run killed in round 1 is recognised (and resumed) by the next one.

@@ -119,7 +119,7 @@ def test_out_must_be_a_make_pairs_file_and_config_is_checked(tmp_path):
         run(config(tmp_path), sampler=ScriptedSampler())
     with pytest.raises(ConfigError, match="draws the same sample k times"):
         config(tmp_path, temperature=0.0)
-    with pytest.raises(ConfigError, match="num_generations must be a positive integer"):
+    with pytest.raises(ConfigError, match="num_generations must be >= 1"):
         config(tmp_path, num_generations=0)
 
 
