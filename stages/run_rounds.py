@@ -217,6 +217,12 @@ def run_rounds(cfg, log=print) -> RoundsResult:
         if ing.quarantined:
             raise UserError(f"round {r}: ingest quarantined {ing.quarantined} of make-pairs' pairs "
                             f"(see {ing.quarantine}); this is a bug")
+        if "draws" not in cfg.score_ref:  # one mask draw per epoch the round's training starts, as `run` does
+            from dataclasses import replace
+
+            from stages.run_all import planned_epochs
+
+            sc_cfg = replace(sc_cfg, draws=max(sc_cfg.draws, planned_epochs(sc_cfg, tr_cfg)))
         sc = timed("score-ref", score_ref.run, sc_cfg)
         tr = timed("train", train.run, tr_cfg)
         ev_cfg = round_configs(cfg, r, start_model, ref_model, has_eval_pairs=ing.splits.get("eval", 0) > 0)[4]
