@@ -53,9 +53,6 @@ class PlanConfig:
 
         check_ranges(self, RANGES)
         self.device_bytes, self.device = parse_memory(self.gpu_memory)
-        from pipeline.config import check_ranges
-
-        check_ranges(self, RANGES)
         cls = stage_config_class(self.stage)
         self.stage_config = load_config(cls, values=dict(self.options), origin=f"plan {self.stage} options")
         shape = self.shape()
