@@ -51,11 +51,12 @@ def test_resume_with_another_pairs_per_part_is_refused(small_pairs, tmp_path):
     (out / "fingerprint.json").write_text(json.dumps(_fingerprint_of(small_pairs, cfg)))
     for p in sorted(out.glob("part-*.parquet"))[1:]:
         p.unlink()
+    kept = pq.read_metadata(sorted(out.glob("part-*.parquet"))[0]).num_rows
     with pytest.raises(UserError, match=r"holds other pairs than this run assigns to part 0; resume with the "
                                         r"--pairs-per-part"):
-        score(ScoreRefConfig(pairs_per_part=3, **cfg))
+        score(ScoreRefConfig(pairs_per_part=1, **cfg))  # parts hold one split each: part 0 differs at size 1
     result = score(ScoreRefConfig(pairs_per_part=8, **cfg))  # the original layout resumes
-    assert result.pairs == 20 and result.scored_now == 20 - 8
+    assert result.pairs == 20 and result.scored_now == 20 - kept
 
 
 def _fingerprint_of(pairs, cfg):
@@ -92,7 +93,7 @@ def test_identical_after_truncation_is_counted_and_skipped_by_train(small_pairs,
     pairs = Path(ingest(IngestConfig(inputs=[str(src)], out=str(tmp_path / "p.arrow"), progress=False)).out)
     out = tmp_path / "c"
     result = score(ScoreRefConfig(pairs=pairs, model="micro", out=out, samples=2, max_length=24, device="cpu",
-                                  progress=False))
+                                  progress=False, chat_template=False))  # lengths of the raw text
     assert result.identical_after_truncation == 3 and result.truncated >= 3 and result.pairs == 8
     assert json.loads((out / "manifest.json").read_text())["identical_after_truncation"] == 3
     train(TrainConfig(scores=out, out=tmp_path / "r", max_steps=1, **FAST))
@@ -124,7 +125,7 @@ def test_policy_with_another_tokenizer_is_refused(small_cache, tmp_path):
     model, tok = load_model("micro")
     folder = tmp_path / "m"
     model.save_pretrained(folder)
-    tok.chat_template = "{{ messages[0]['content'] }}"
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     tok.save_pretrained(folder)
     with pytest.raises(UserError, match="tokenizer differs from the one the cache was scored with"):
         train(TrainConfig(scores=small_cache, out=tmp_path / "r", model=str(folder), allow_different_init=True,

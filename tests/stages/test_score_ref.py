@@ -129,7 +129,7 @@ def test_changed_pairs_file_weights_and_tokenizer_are_detected(tmp_path):
 
     model.get_output_embeddings().weight.data[0, 0] -= 1.0
     model.save_pretrained(folder)
-    tok.chat_template = "{{ messages[0]['content'] }}"
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     tok.save_pretrained(folder)
     with pytest.raises(UserError, match=r"tokenizer"):
         run(_cfg(pairs, out, model=str(folder), draws=1))
