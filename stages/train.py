@@ -689,7 +689,9 @@ def run(cfg: TrainConfig) -> TrainResult:
 
         longest = max(rows, key=lambda r: r["prompt_len"] + max(r["chosen_len"], r["rejected_len"]))
         length = longest["prompt_len"] + max(longest["chosen_len"], longest["rejected_len"])
-        check_start("train", dataclasses.replace(cfg, model=model_name),
+        check_start("train", dataclasses.replace(cfg, model=model_name, dtype=numerics.dtype,
+                                                 mixed_precision=numerics.mixed_precision,
+                                                 load_in_4bit=numerics.load_in_4bit),
                     Shape(fp["samples"], length, longest["prompt_len"]), acc.device)
     torch.manual_seed(cfg.seed)
     model, tokenizer = setup_policy(cfg, model_name, acc.device, numerics)
