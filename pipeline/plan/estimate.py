@@ -36,16 +36,7 @@ class Shape:
     """FSDP processes sharding parameters, gradients and optimizer states (1 = one card, no sharding)."""
 
 
-def resolved(cfg: Any) -> Any:
-    """Numerics left to follow a cache (train's None) as a run without one takes them: float32, no autocast,
-    no 4-bit."""
-    defaults = {"dtype": "float32", "mixed_precision": "no", "load_in_4bit": False}
-    missing = {k: v for k, v in defaults.items() if hasattr(cfg, k) and getattr(cfg, k) is None}
-    return dataclasses.replace(cfg, **missing) if missing else cfg
-
-
 def trace(stage: str, cfg: Any, shape: Shape, *, layers: int | None = None, fake: bool = True) -> Trace:
-    cfg = resolved(cfg)
     tracer, kw = TRACERS[stage], dict(fake=fake, layers=layers, world=shape.world_size)
     if stage == "generate":
         return tracer(cfg, prompt_len=shape.prompt_length, **kw)
@@ -149,7 +140,6 @@ CUDA_NOTES = (
 
 def make_plan(stage: str, cfg: Any, shape: Shape, device_bytes: int, device: str) -> Plan:
     t0 = time.perf_counter()
-    cfg = resolved(cfg)
     t, method = full_trace(stage, cfg, shape)
     comp, notes = components(stage, cfg, t, shape)
     tracked = sum(v for k, v in comp.items() if k not in ("allocator_slack", "cuda_context_workspace"))
@@ -224,7 +214,6 @@ def largest(stage: str, cfg: Any, shape: Shape, device_bytes: int, current_total
     in the knob through the two latest traced points, the value where it meets the card is traced, and the
     bracket of largest-fitting and smallest-failing values narrows until the traces are spent."""
     out: dict[str, dict[str, Any]] = {}
-    cfg = resolved(cfg)
     for knob in knobs(stage, cfg, shape):
         points = [(knob.current, current_total)]
         x1 = knob.current * 2 if current_total <= device_bytes else knob.current // 2
