@@ -108,14 +108,23 @@ class ScoresCache:
             raise UserError(f"{self.directory}: part file {missing[0]} listed in the manifest is missing")
         return [self.directory / name for name in listed]
 
+    def verify_part(self, path: Path) -> None:
+        """Check one part against the manifest's checksum, once per (name, size, mtime)."""
+        st = path.stat()
+        key = (path.name, st.st_size, st.st_mtime_ns)
+        if key in self._verified:
+            return
+        expected = (self.manifest.get("part_sha256") or {}).get(path.name)
+        if expected is not None and file_sha256(path) != expected:
+            raise UserError(f"{path}: part file differs from the checksum in the manifest (altered or cut short); "
+                            "rerun score-ref with --overwrite to rebuild the cache")
+        self._verified.add(key)
+
     def table(self, columns: list[str] | None = None) -> pa.Table:
-        sums = self.manifest.get("part_sha256") or {}
         tables = []
         for p in self.parts:
-            st = p.stat()
-            key = (p.name, st.st_size, st.st_mtime_ns)
-            tables.append(read_part(p, columns, None if key in self._verified else sums.get(p.name)))
-            self._verified.add(key)
+            self.verify_part(p)
+            tables.append(read_part(p, columns))
         if not tables:
             return SCORES_SCHEMA.empty_table() if columns is None else pa.table(
                 {c: pa.array([], SCORES_SCHEMA.field(c).type) for c in columns})
@@ -195,6 +204,8 @@ class SplitRows:
         self.columns = columns
         self.keep_groups = keep_groups
         self._paths: list[Path] = list(cache.parts)
+        for p in self._paths:  # a cut or altered part fails here, by name, before any row is used
+            cache.verify_part(p)
         self._open: dict[int, pq.ParquetFile] = {}
         self._groups: dict[tuple[int, int], pa.Table] = {}
         index: list[tuple[str, int, int, int]] = []  # (pair_id, part, row group, row in group)
@@ -230,7 +241,12 @@ class SplitRows:
         """A few parts stay open; no memory map, whose touched pages would count in the resident size."""
         pf = self._open.pop(part, None)
         if pf is None:
-            pf = pq.ParquetFile(self._paths[part], memory_map=False)
+            try:
+                pf = pq.ParquetFile(self._paths[part], memory_map=False)
+            except (pa.ArrowException, OSError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise UserError(f"{self._paths[part]}: part file does not read as Parquet ({first}); rerun "
+                                "score-ref to rebuild the cache") from None
         self._open[part] = pf
         while len(self._open) > self.keep_groups:
             self._open.pop(next(iter(self._open))).close()
