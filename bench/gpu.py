@@ -252,7 +252,7 @@ def section_score_ref(results: Results, state: dict) -> None:
     deadline = time.perf_counter() + budget
     while done < len(rows) and time.perf_counter() < deadline:
         chunk = rows[done:done + chunk_pairs]
-        (terms, m), dt = score_bench.timed(lambda: score(chunk), str(device))
+        (terms, m), dt = score_bench.timed(lambda chunk=chunk: score(chunk), str(device))
         finite &= all(bool(torch.isfinite(t).all()) for t in terms)
         done, seconds, masked = done + len(chunk), seconds + dt, masked + m
     scored = pairs[:done]
@@ -283,7 +283,7 @@ def section_faithful(results: Results, state: dict) -> None:
     done, seconds = 0, 0.0
     deadline = time.perf_counter() + budget
     while done < len(items) and time.perf_counter() < deadline:
-        _, dt = score_bench.timed(lambda: score_bench.baseline(model, items[done:done + 1], n, state["seed"]),
+        _, dt = score_bench.timed(lambda done=done: score_bench.baseline(model, items[done:done + 1], n, state["seed"]),
                                   str(device))
         done, seconds = done + 1, seconds + dt
     measured = items[:done]
@@ -410,6 +410,7 @@ def quantize_blocks_4bit(model, compute_dtype) -> int:
     unquantized), without writing 16 GB to disk and reading it back.
     """
     import bitsandbytes as bnb
+
     from pipeline.models import LORA_TARGET_MODULES
 
     pattern = re.compile(LORA_TARGET_MODULES)

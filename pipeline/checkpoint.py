@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import atomic_dir
 from pipeline.errors import UserError
+from pipeline.layout import CHECKPOINTS_DIR
 
 STEP_PATTERN = re.compile(r"^step-(\d{7})$")
 WEIGHTS = "trainable.safetensors"
@@ -34,7 +35,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
                     state: dict[str, Any], keep: int = 2) -> Path:
     """Write ``checkpoints/step-N`` atomically; keep the ``keep`` newest."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     with atomic_dir(final) as tmp:
@@ -52,7 +53,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and STEP_PATTERN.match(p.name) and (p / STATE).exists()]

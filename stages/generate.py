@@ -18,24 +18,20 @@ neighbours, and a resumed run gives what an uninterrupted one would.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
-
-import torch
-import typer
+from typing import Any, Iterable, Optional
 
 from pipeline.atomic import atomic_path
+from pipeline.completion import STOP_TOKENS, complete, prompt_seed, render_prompt, stop_token_ids  # noqa: F401
 from pipeline.config import require, require_choice
+from pipeline.devices import DTYPE_NAMES, resolve_device
 from pipeline.errors import ConfigError, UserError
-from pipeline.sampler import REMASKING, check_schedule, generate, trim_at_stop
-
-STOP_TOKENS = ("<|eot_id|>",)
-"""Stop tokens besides the tokenizer's EOS, used when the vocabulary has them."""
+from pipeline.sampler import REMASKING, check_schedule
+from pipeline.stagecli import stage_command
 
 
 @dataclass
@@ -88,7 +84,7 @@ class GenerateConfig:
         require(self.cfg_scale >= 0, f"cfg_scale must be >= 0, got {self.cfg_scale}")
         require(self.limit >= 0, f"limit must be >= 0, got {self.limit}")
         require_choice("remasking", self.remasking, REMASKING)
-        require_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        require_choice("dtype", self.dtype, DTYPE_NAMES)
 
     def sampler_settings(self) -> dict[str, Any]:
         """Everything that changes a completion; stored in each output row."""
@@ -190,101 +186,6 @@ def _jsonl_rows(path: Path) -> Iterable[tuple[str, dict]]:
             yield where, row
 
 
-def render_prompt(tokenizer, prompt: Any, chat_template: bool, where: str = "prompt") -> list[int]:
-    """Token ids of one prompt (chat template with a generation prompt, or the raw text)."""
-    if chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError("the model's tokenizer has no chat template: pass --no-chat-template")
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        if isinstance(prompt, list):
-            raise UserError(f"{where}: a message-list prompt needs the chat template (drop --no-chat-template)")
-        text = prompt
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    vocab = tokenizer.get_vocab()
-    ids += [vocab[t] for t in STOP_TOKENS if t in vocab]
-    return sorted(set(ids))
-
-
-def prompt_seed(seed: int, index: int) -> int:
-    """The noise seed of prompt ``index``: a stable 63-bit hash."""
-    digest = hashlib.sha256(f"lldm-dpo/generate/{seed}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-# --- sampling, reusable by eval --------------------------------------------------------
-
-
-def complete(
-    model,
-    tokenizer,
-    prompts: Sequence[Any],
-    *,
-    gen_length: int = 128,
-    block_length: int = 32,
-    steps: int = 128,
-    temperature: float = 0.0,
-    remasking: str = "low_confidence",
-    cfg_scale: float = 0.0,
-    seed: int = 0,
-    chat_template: bool = True,
-    batch_size: int = 8,
-    indices: Sequence[int] | None = None,
-    on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Sample a completion for each prompt (text or messages), in memory.
-
-    Returns one dict per prompt in the given order: ``index``, ``completion``,
-    ``completion_tokens``, ``stopped``. ``indices`` (default 0..n-1) seed each
-    prompt's noise; ``on_batch`` receives each batch's results as they finish.
-    """
-    indices = list(range(len(prompts))) if indices is None else list(indices)
-    device = next(model.parameters()).device
-    mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
-    mask_id = tokenizer.mask_token_id if mask_id is None else mask_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stops = stop_token_ids(tokenizer)
-    encoded = [render_prompt(tokenizer, p, chat_template, f"prompt {i}") for p, i in zip(prompts, indices)]
-    limit = getattr(getattr(model, "config", None), "max_sequence_length", None)
-    if isinstance(limit, int):
-        for ids, i in zip(encoded, indices):
-            if len(ids) + gen_length > limit:
-                raise UserError(
-                    f"prompt {i}: {len(ids)} tokens + gen_length {gen_length} exceed the model's "
-                    f"max_sequence_length {limit}"
-                )
-    # Longest first, so each batch holds similar lengths (little padding) and
-    # an out-of-memory shows up in the first batch.
-    order = sorted(range(len(prompts)), key=lambda j: -len(encoded[j]))
-    results: list[dict[str, Any] | None] = [None] * len(prompts)
-    for first in range(0, len(order), batch_size):
-        chunk = order[first : first + batch_size]
-        generators = [torch.Generator(device=device).manual_seed(prompt_seed(seed, indices[j])) for j in chunk]
-        tokens = generate(
-            model, [encoded[j] for j in chunk], mask_token_id=mask_id, pad_token_id=pad_id,
-            gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
-            remasking=remasking, cfg_scale=cfg_scale, generator=generators, device=device,
-        ).cpu()
-        batch_results = []
-        for j, row in zip(chunk, tokens):
-            kept = trim_at_stop(row, stops)
-            results[j] = {
-                "index": indices[j],
-                "completion": tokenizer.decode(kept, skip_special_tokens=True),
-                "completion_tokens": len(kept),
-                "stopped": len(kept) < gen_length,
-            }
-            batch_results.append(results[j])
-        if on_batch is not None:
-            on_batch(batch_results)
-    return results  # type: ignore[return-value]
-
-
 # --- the stage -------------------------------------------------------------------------
 
 
@@ -340,14 +241,6 @@ def _output_row(record: PromptRecord, result: dict[str, Any], settings: dict[str
 
 def _dumps(row: dict[str, Any]) -> str:
     return json.dumps(row, ensure_ascii=False, default=str)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{device}' requested but CUDA is not available")
-    return torch.device(device)
 
 
 def run(cfg: GenerateConfig) -> GenerateResult:
@@ -462,53 +355,18 @@ class _progress:
         return False
 
 
-def command(
-    model: Optional[str] = typer.Option(None, "--model", help="Preset name or local model folder."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSONL with prompt/question, or a pairs Arrow file."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output JSONL."),
-    prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="Input field holding the prompt."),
-    gen_length: Optional[int] = typer.Option(None, "--gen-length", help="Tokens generated per prompt."),
-    block_length: Optional[int] = typer.Option(None, "--block-length", help="Semi-autoregressive block size."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (forward passes) in all."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Gumbel-noise temperature (0: greedy)."),
-    remasking: Optional[str] = typer.Option(None, "--remasking", help="low_confidence or random."),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale (0: off)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per forward pass."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed."),
-    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template",
-                                                 help="Wrap prompts in the tokenizer's chat template."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="First N prompts only."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow remote modeling code."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
-) -> None:
-    """Sample completions with LLaDA's diffusion sampler (low-confidence remasking, blocks)."""
-    from pipeline.config import config_to_dict, config_to_yaml, load_config
 
-    flags = dict(model=model, prompts=None if prompts is None else str(prompts), out=None if out is None else str(out),
-                 prompt_field=prompt_field, gen_length=gen_length, block_length=block_length, steps=steps,
-                 temperature=temperature, remasking=remasking, cfg_scale=cfg_scale, batch_size=batch_size, seed=seed,
-                 chat_template=chat_template, limit=limit, dtype=dtype, device=device,
-                 trust_remote_code=trust_remote_code, progress=False if (no_progress or as_json) else None)
-    cfg = load_config(GenerateConfig, config, flags)
-    if print_config:
-        typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
-        return
+def _generate_action(cfg: GenerateConfig, as_json: bool) -> None:
+    from pipeline.config import config_to_dict
+    from pipeline.stagecli import emit_json, print_summary
+
     result = run(cfg)
     summary = {k: v for k, v in result.__dict__.items() if k != "details"}
     if as_json:
-        from pipeline.cli import emit_json
-
         emit_json({**summary, "config": config_to_dict(cfg)})
-        return
-    from rich.console import Console
-    from rich.table import Table
+    else:
+        print_summary("generate", summary, as_json=False)
 
-    table = Table(title="generate", show_header=False, title_justify="left")
-    for key, value in summary.items():
-        table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
-    Console().print(table)
+
+command = stage_command(GenerateConfig, _generate_action,
+                        doc="Sample completions with LLaDA's diffusion sampler (low-confidence remasking, blocks).")

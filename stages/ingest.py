@@ -15,8 +15,6 @@ from __future__ import annotations
 import collections
 import heapq
 import json
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -24,12 +22,21 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import typer
 
 from pipeline.atomic import atomic_path
-from pipeline.config import config_to_yaml, load_config, require
+from pipeline.config import require
 from pipeline.errors import ConfigError, UserError
-from pipeline.pairs import FieldMap, Invalid, arrow_clean_mask, arrow_pair_ids, arrow_splits, kept_value, split_of, validate_record
+from pipeline.layout import quarantine_path_for
+from pipeline.pairs import (
+    FieldMap,
+    Invalid,
+    arrow_clean_mask,
+    arrow_pair_ids,
+    arrow_splits,
+    kept_value,
+    split_of,
+    validate_record,
+)
 from pipeline.readers import (
     Record,
     arrow_segments,
@@ -43,6 +50,7 @@ from pipeline.readers import (
     parse_line,
 )
 from pipeline.schemas import PAIRS_SCHEMA, REASON_CODES, SPLITS
+from pipeline.stagecli import stage_command
 
 DEFAULT_OUT = "data/out/pairs.arrow"
 _BATCH_ROWS = 4096
@@ -50,13 +58,6 @@ _PROGRESS_MIN_BYTES = 16 << 20  # smaller inputs finish before a bar is worth dr
 _PARALLEL_MIN_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
 _CHUNK_BYTES = 8 << 20  # large chunks amortize the per-chunk Arrow calls
 _FAST_PATH = True  # tests switch it off to compare both paths
-
-
-def quarantine_path_for(out: str | Path) -> Path:
-    """Where the quarantine goes by default: beside the pairs file (``pairs.arrow`` -> ``pairs.quarantine.jsonl``)."""
-    out = Path(out)
-    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
-    return out.with_name(f"{stem}.quarantine.jsonl")
 
 
 @dataclass
@@ -544,51 +545,19 @@ def print_report(result: IngestResult) -> None:
     console.print(f"pairs: {result.out}\nquarantine: {result.quarantine}")
 
 
-def command(
-    inputs: list[str] = typer.Argument(None, help="Input files: .jsonl, .jsonl.gz, .json, .parquet, datasets folders.", show_default=False),
-    out: str = typer.Option(None, "--out", "-o", help=f"Pairs file to write (Arrow IPC). [default: {DEFAULT_OUT}]"),
-    quarantine: str = typer.Option(None, "--quarantine", help="Quarantine JSONL. [default: beside --out]"),
-    prompt_field: str = typer.Option(None, "--prompt-field", help="Input field with the prompt. [default: prompt]"),
-    chosen_field: str = typer.Option(None, "--chosen-field", help="Input field with the chosen response. [default: chosen]"),
-    rejected_field: str = typer.Option(None, "--rejected-field", help="Input field with the rejected response. [default: rejected]"),
-    keep_field: list[str] = typer.Option(None, "--keep-field", help="Extra input field to keep as a column (repeatable)."),
-    max_chars: int = typer.Option(None, "--max-chars", help="Quarantine texts longer than this (0: no limit)."),
-    eval_fraction: float = typer.Option(None, "--eval-fraction", help="Fraction of prompts held out as split 'eval'."),
-    strict: bool = typer.Option(None, "--strict/--no-strict", help="Exit 1 if any record is quarantined."),
-    progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar on large inputs."),
-    workers: int = typer.Option(None, "--workers", help="Parser processes for large JSONL inputs. [default: 1]"),
-    config: Path = typer.Option(None, "--config", help="YAML config file (flags override it)."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-) -> None:
-    """Validate preference pairs from JSONL/JSON/Parquet/datasets inputs into an Arrow pairs file."""
-    cfg = load_config(
-        IngestConfig,
-        config_file=config,
-        overrides={
-            "inputs": list(inputs) if inputs else None,
-            "out": out,
-            "quarantine": quarantine,
-            "prompt_field": prompt_field,
-            "chosen_field": chosen_field,
-            "rejected_field": rejected_field,
-            "keep_fields": list(keep_field) if keep_field else None,
-            "max_chars": max_chars,
-            "eval_fraction": eval_fraction,
-            "strict": strict,
-            "progress": progress,
-            "workers": workers,
-        },
-    )
-    if print_config:
-        typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
-        return
-    result = run(cfg)
-    if json_out:
-        from pipeline.cli import emit_json
 
+def _ingest_action(cfg: IngestConfig, as_json: bool) -> None:
+    from pipeline.stagecli import emit_json
+
+    result = run(cfg)
+    if as_json:
         emit_json(result.to_dict())
     else:
         print_report(result)
     if cfg.strict and result.quarantined:
         raise UserError(f"--strict: {result.quarantined} of {result.read} records quarantined (see {result.quarantine})")
+
+
+command = stage_command(IngestConfig, _ingest_action, positional={"inputs": False},
+                        extra_names={"out": ("-o",), "keep_fields": ("--keep-field",)},
+                        doc="Validate preference pairs from JSONL/JSON/Parquet/datasets inputs into an Arrow pairs file.")

@@ -13,12 +13,11 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
-
-import typer
+from typing import Any
 
 from pipeline.config import load_config, read_config_file
 from pipeline.errors import ConfigError
+from pipeline.stagecli import stage_command
 
 EMBEDDED_DEFAULT = Path(__file__).with_name("run.yaml")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +79,10 @@ def merged_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
         origin = str(config_file)
     else:
         origin = str(EMBEDDED_DEFAULT)
+    flags = dict(flags)
+    for key in SECTIONS:  # a section given as a flag adds to the file's section
+        if isinstance(flags.get(key), dict):
+            base[key] = {**base.get(key, {}), **flags.pop(key)}
     return load_config(RunConfig, None, flags, values=base, origin=origin)
 
 
@@ -182,28 +185,19 @@ def print_run_summary(result: RunResult) -> None:
     console.print("try:", result.example_query, soft_wrap=True, markup=False)
 
 
-def command(
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for every artefact [default: runs/default]."),
-    model: Optional[str] = typer.Option(None, "--model", help="Reference model and policy init [default: tiny]."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML with sections ingest/score_ref/train/eval."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
-) -> None:
-    """Run every stage in order on the embedded default (or your config): ingest, score-ref, train, eval, report."""
+
+def _run_action(cfg: RunConfig, as_json: bool) -> None:
     import sys
 
-    from pipeline.config import config_to_yaml
-    from pipeline.stagecli import summary_dict
+    from pipeline.stagecli import emit_json, summary_dict
 
-    cfg = merged_config(config, {"out": out, "model": model, "device": device})
-    if print_config:
-        typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
-        return
     result = run(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     if as_json:
-        from pipeline.cli import emit_json
-
         emit_json(summary_dict(result))
     else:
         print_run_summary(result)
+
+
+command = stage_command(RunConfig, _run_action, load=merged_config,
+                        doc="Run every stage in order on the embedded default (or your config): ingest, score-ref, "
+                            "train, eval, report.")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import resource
 import shutil
 import time
@@ -20,12 +19,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import typer
 
 from pipeline.cache import describe_difference, fingerprint_differences, open_cache
+from pipeline.devices import DTYPE_NAMES
 from pipeline.errors import ConfigError, UserError
+from pipeline.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, RUN_OUTPUTS
 from pipeline.losses import LOSS_TYPES, dpo_loss, sequence_weights, sft_loss, validate_loss_args
-from pipeline.models import LORA_TARGET_NAMES
+from pipeline.models import LORA_TARGET_NAMES, lora_target_modules
+from pipeline.replay import PairBatch, replay_requests  # noqa: F401  (bench/ and tests use them from here)
+from pipeline.stagecli import stage_command
 
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -42,13 +44,15 @@ class TrainConfig:
     allow_different_init: bool = False
     """Accept a starting model other than the cache's reference model."""
     loss: str = "sigmoid"
-    """DPO loss: sigmoid, ipo, hinge or robust."""
+    """Loss: sigmoid, ipo, hinge or robust, optionally with sft, comma-separated (TRL's loss_type list), e.g. sigmoid,sft."""
+    loss_weights: Optional[list[float]] = None
+    """Weight of each loss named in `loss`, in order (TRL's loss_weights); default 1.0 each."""
     beta: float = 0.1
     """DPO temperature beta."""
     label_smoothing: float = 0.0
     """Label noise rate for sigmoid (conservative DPO) and robust losses."""
     sft_weight: float = 0.0
-    """Weight of an SFT term (chosen response's per-token negative ELBO), as TRL's rpo_alpha."""
+    """Weight of an SFT term (chosen response's per-token negative ELBO), as TRL's rpo_alpha; adds to an sft loss's weight."""
     learning_rate: float = 1e-5
     """Peak AdamW learning rate."""
     weight_decay: float = 0.0
@@ -89,6 +93,8 @@ class TrainConfig:
     """cached (the cache's terms) or online (a live reference scored on the same masks: the baseline)."""
     batch_tokens: int = 16384
     """Token budget of one forward pass."""
+    max_length: Optional[int] = None
+    """Longest prompt + response (TRL's max_length). Truncation happens in score-ref: when set, it must equal the cache's."""
     save_every: int = 0
     """Checkpoint every N steps (0 = only at the end)."""
     keep_checkpoints: int = 2
@@ -112,17 +118,17 @@ class TrainConfig:
 
     def __post_init__(self):
         self.scores, self.out = Path(self.scores), Path(self.out)
-        if self.loss not in LOSS_TYPES:
-            raise ConfigError(f"loss must be one of {', '.join(LOSS_TYPES)}, got '{self.loss}'")
-        validate_loss_args(beta=self.beta, loss_type=self.loss, label_smoothing=self.label_smoothing)
+        self._check_losses()
+        validate_loss_args(beta=self.beta, loss_type=self.preference_loss or "sigmoid",
+                           label_smoothing=self.label_smoothing)
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got '{self.scheduler}'")
         if self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got '{self.mixed_precision}'")
         if self.reference not in ("cached", "online"):
             raise ConfigError(f"reference must be cached or online, got '{self.reference}'")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got '{self.dtype}'")
+        if self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got '{self.dtype}'")
         for name in ("batch_size", "grad_accum", "epochs", "log_every", "batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -139,6 +145,52 @@ class TrainConfig:
             raise ConfigError("sequence_microbatch needs lora_dropout = 0 (dropout differs between the two passes)")
         if self.load_in_4bit and self.lora_r == 0:
             raise ConfigError("load_in_4bit trains adapters only: set lora_r > 0")
+
+
+    def _check_losses(self) -> None:
+        names = self.loss_names
+        known = (*LOSS_TYPES, "sft")
+        for name in names:
+            if name not in known:
+                raise ConfigError(f"loss: unknown loss type '{name}'; expected one of {', '.join(known)}")
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"loss must name each loss once, got '{self.loss}'")
+        preference = [n for n in names if n != "sft"]
+        if len(preference) > 1:
+            raise ConfigError(f"loss: one preference loss at a time (got {', '.join(preference)}); combine one of "
+                              f"{', '.join(LOSS_TYPES)} with sft")
+        if self.loss_weights is not None:
+            if len(self.loss_weights) != len(names):
+                raise ConfigError(f"loss_weights has {len(self.loss_weights)} value(s) for {len(names)} loss(es) "
+                                  f"({', '.join(names)})")
+            if not all(math.isfinite(w) and w >= 0 for w in self.loss_weights):
+                raise ConfigError(f"loss_weights must be finite and >= 0, got {self.loss_weights}")
+        if self.sft_weight < 0 or not math.isfinite(self.sft_weight):
+            raise ConfigError(f"sft_weight must be finite and >= 0, got {self.sft_weight}")
+
+    @property
+    def loss_names(self) -> list[str]:
+        return [n.strip() for n in str(self.loss).split(",") if n.strip()]
+
+    def _weight_of(self, name: str) -> float:
+        names = self.loss_names
+        if name not in names:
+            return 0.0
+        return 1.0 if self.loss_weights is None else float(self.loss_weights[names.index(name)])
+
+    @property
+    def preference_loss(self) -> Optional[str]:
+        """The DPO-family loss in `loss`, or None when only sft is trained."""
+        return next((n for n in self.loss_names if n != "sft"), None)
+
+    @property
+    def preference_weight(self) -> float:
+        return self._weight_of(self.preference_loss) if self.preference_loss else 0.0
+
+    @property
+    def sft_total_weight(self) -> float:
+        """The SFT term's weight: an sft entry's loss weight plus sft_weight (rpo_alpha), as TRL adds both."""
+        return self._weight_of("sft") + self.sft_weight
 
 
 @dataclass
@@ -161,14 +213,7 @@ def setup_policy(cfg: TrainConfig, model_name: str, device: torch.device):
     """Load the policy (optionally 4-bit), apply LoRA or unfreeze all, enable checkpointing."""
     from pipeline.models import load_model
 
-    if cfg.load_in_4bit:
-        if device.type != "cuda":
-            raise UserError("--load-in-4bit needs a CUDA device (bitsandbytes 4-bit kernels); this run is on "
-                            f"{device.type}")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise UserError("--load-in-4bit needs bitsandbytes: pip install 'lldm-dpo[quant]'") from None
+    if cfg.load_in_4bit:  # load_model checks CUDA and bitsandbytes
         model, tokenizer = load_model(model_name, dtype="bfloat16", device=str(device),
                                       trust_remote_code=cfg.trust_remote_code, load_in_4bit=True)
     else:
@@ -188,12 +233,7 @@ def setup_policy(cfg: TrainConfig, model_name: str, device: torch.device):
             for module in (model.get_input_embeddings(), model.get_output_embeddings()):
                 module.to(torch.bfloat16)
         names = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
-        if getattr(model.config, "model_type", "") == "llada":
-            # LLaDA names its LM head `ff_out` like the blocks' down projection:
-            # a pattern anchored on `blocks.N.` adapts the blocks, never the head.
-            targets: Any = r".*\.blocks\.\d+\.(" + "|".join(map(re.escape, names)) + ")"
-        else:
-            targets = names
+        targets = lora_target_modules(getattr(model.config, "model_type", ""), names)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=targets, bias="none")
         try:
@@ -230,9 +270,6 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-RUN_OUTPUTS = ("checkpoints", "final", "metrics.parquet", "tensorboard", "eval.json", "task_results.parquet",
-               "report.html", "report.png")
-"""What a run folder holds; a fresh run into a used folder is refused (or, with overwrite, clears these)."""
 
 
 def check_tokenizer(cfg: TrainConfig, cache, tokenizer) -> None:
@@ -270,34 +307,6 @@ def check_init(cfg: TrainConfig, cache, model_name: str) -> None:
 # --- the batch: replayed masks, policy terms, loss ----------------------------
 
 
-@dataclass
-class PairBatch:
-    rows: list[dict[str, Any]]
-    draw: int
-
-    @property
-    def pair_ids(self) -> list[str]:
-        return [r["pair_id"] for r in self.rows]
-
-
-def replay_requests(batch: PairBatch, manifest_fp: dict[str, Any]) -> list:
-    """ScoreRequests on exactly the cached masks: [pair0 chosen, pair0 rejected, pair1 chosen, ...]."""
-    from pipeline.diffusion import ScoreRequest, sample_masks
-
-    n, scheme = manifest_fp["samples"], manifest_fp["scheme"]
-    eps = manifest_fp.get("eps") or 1e-3
-    requests = []
-    for row in batch.rows:
-        for side in ("chosen", "rejected"):
-            response = row[f"{side}_ids"]
-            ms = sample_masks(len(response), n, row[f"{side}_seeds"][batch.draw], scheme=scheme, eps=eps)
-            if ms.counts.tolist() != list(row[f"{side}_mask_counts"][batch.draw]):
-                raise UserError(f"pair {row['pair_id']} ({side}): masks replayed from the cached seed differ from "
-                                "the cached mask counts; the cache was written by an incompatible version")
-            requests.append(ScoreRequest(row["prompt_ids"], response, ms.masks, ms.weights))
-    return requests
-
-
 def policy_terms(model, requests, tokenizer, cfg: TrainConfig) -> list[torch.Tensor]:
     from pipeline.diffusion import elbo_terms
 
@@ -319,11 +328,11 @@ def batch_loss(cfg: TrainConfig, terms: list[torch.Tensor], ref_c, ref_r, chosen
     """Mean DPO (+ SFT) loss of a batch from its per-request terms; returns (loss, stats)."""
     means = torch.stack([t.mean() for t in terms])
     pi_c, pi_r = means[0::2], means[1::2]
-    losses, cr, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss,
+    losses, cr, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.preference_loss or "sigmoid",
                               label_smoothing=cfg.label_smoothing)
-    loss = losses.mean()
-    if cfg.sft_weight:
-        loss = loss + cfg.sft_weight * sft_loss(pi_c, chosen_len).mean()
+    loss = cfg.preference_weight * losses.mean()
+    if cfg.sft_total_weight:
+        loss = loss + cfg.sft_total_weight * sft_loss(pi_c, chosen_len).mean()
     return loss, {"losses": losses.detach(), "cr": cr, "rr": rr, "pi_c": pi_c.detach(), "pi_r": pi_r.detach()}
 
 
@@ -362,8 +371,9 @@ def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) 
         _check_finite(ctx, loss, batch)
         delta = (st["pi_c"] - ref_c) - (st["pi_r"] - ref_r)
         chosen_w, rejected_w = sequence_weights(
-            delta, n, beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
-            sft_weight=cfg.sft_weight, chosen_len=chosen_len, normalizer=len(batch.rows))
+            delta, n, beta=cfg.beta, loss_type=cfg.preference_loss or "sigmoid", label_smoothing=cfg.label_smoothing,
+            sft_weight=cfg.sft_total_weight, chosen_len=chosen_len, normalizer=len(batch.rows),
+            dpo_weight=cfg.preference_weight)
         seqs = [(j, k) for j, req in enumerate(requests) for k in range(req.masks.shape[0])]
         K = cfg.sequence_microbatch
         # Empty masks (possible under the 1/t scheme) have a constant term 0: no forward needed.
@@ -526,9 +536,9 @@ def _base_reference(model_name: str) -> str:
 
 
 def run(cfg: TrainConfig) -> TrainResult:
-    from pipeline.config import config_to_yaml
     from pipeline.atomic import write_text_atomic
     from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from pipeline.config import config_to_yaml
     from pipeline.metrics import MetricsWriter
 
     start_time = time.perf_counter()
@@ -536,6 +546,9 @@ def run(cfg: TrainConfig) -> TrainResult:
     fp = cache.fingerprint
     model_name = cfg.model or cache.manifest["config"]["model"]
     check_init(cfg, cache, model_name)
+    if cfg.max_length is not None and cfg.max_length != fp.get("max_length"):
+        raise UserError(f"{cfg.scores}: max_length {cfg.max_length} differs from the cache's {fp.get('max_length')} "
+                        "(sequences were truncated when scored; rescore with score-ref --max-length to change it)")
     rows = list(cache.rows(split="train"))
     # Truncation can make both responses the same ids: such a pair carries no preference, only noise.
     identical = [r["pair_id"] for r in rows if r["chosen_ids"] == r["rejected_ids"]]
@@ -609,7 +622,7 @@ def run(cfg: TrainConfig) -> TrainResult:
             shutil.rmtree(target) if target.is_dir() else target.unlink()
     if acc.is_main_process:
         cfg.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(cfg.out / "config.yaml", config_to_yaml(cfg))
+        write_text_atomic(cfg.out / CONFIG_FILE, config_to_yaml(cfg))
     writer = MetricsWriter(cfg.out, tensorboard=cfg.tensorboard, resume_step=resumed_from,
                            console=cfg.progress) if acc.is_main_process else None
 
@@ -644,7 +657,7 @@ def run(cfg: TrainConfig) -> TrainResult:
                                     {"epoch": (step + 1) / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
                                      "layout": layout}, keep=cfg.keep_checkpoints)
         acc.wait_for_everyone()
-        final = cfg.out / "final"
+        final = cfg.out / FINAL_DIR
         if acc.is_main_process:
             writer.flush()
             save_final(ctx, model_name, final)
@@ -656,8 +669,8 @@ def run(cfg: TrainConfig) -> TrainResult:
         steps=total_steps, epochs_seen=total_steps / steps_per_epoch,
         final_loss=float(last.get("loss", float("nan"))),
         final_reward_accuracy=float(last.get("rewards/accuracies", float("nan"))),
-        seconds=time.perf_counter() - start_time, out=str(cfg.out), final_model=str(cfg.out / "final"),
-        metrics=str(cfg.out / "metrics.parquet"), resumed_from=resumed_from,
+        seconds=time.perf_counter() - start_time, out=str(cfg.out), final_model=str(cfg.out / FINAL_DIR),
+        metrics=str(cfg.out / METRICS_FILE), resumed_from=resumed_from,
     )
 
 
@@ -693,64 +706,21 @@ def _step_metrics(acc, stats, step, steps_per_epoch, lr, grad_norm, seconds) -> 
     return {
         "step": step + 1, "epoch": (step + 1) / steps_per_epoch, "loss": v[0],
         "rewards/chosen": v[1], "rewards/rejected": v[2], "rewards/accuracies": v[3], "rewards/margins": v[4],
-        "logps/chosen": v[5], "logps/rejected": v[6], "lr": lr, "grad_norm": float(grad_norm),
+        "logps/chosen": v[5], "logps/rejected": v[6], "learning_rate": lr, "grad_norm": float(grad_norm),
         "tokens_per_second": tokens.item() / max(seconds, 1e-9), "peak_memory_bytes": peak_memory_bytes(acc.device),
     }
 
 
-def command(
-    scores: Path = typer.Argument(..., help="Reference-score cache from `lldm-dpo score-ref`."),
-    model: Optional[str] = typer.Option(None, "--model", help="Policy init (default: the cache's model)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder."),
-    allow_different_init: Optional[bool] = typer.Option(None, "--allow-different-init"),
-    loss: Optional[str] = typer.Option(None, "--loss", help="sigmoid, ipo, hinge or robust."),
-    beta: Optional[float] = typer.Option(None, "--beta"),
-    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing"),
-    sft_weight: Optional[float] = typer.Option(None, "--sft-weight"),
-    learning_rate: Optional[float] = typer.Option(None, "--learning-rate"),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
-    epochs: Optional[int] = typer.Option(None, "--epochs"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-    warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio"),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="cosine, linear or constant."),
-    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm"),
-    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, bf16 or fp16."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Weights dtype."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
-    lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank (0 = full fine-tuning)."),
-    lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha"),
-    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout"),
-    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="Comma-separated module names."),
-    load_in_4bit: Optional[bool] = typer.Option(None, "--load-in-4bit", help="4-bit base (CUDA, bitsandbytes)."),
-    sequence_microbatch: Optional[int] = typer.Option(None, "--sequence-microbatch", help="Sequences per backward."),
-    reference: Optional[str] = typer.Option(None, "--reference", help="cached or online."),
-    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens"),
-    save_every: Optional[int] = typer.Option(None, "--save-every"),
-    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Newest checkpoints kept."),
-    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard"),
-    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the newest checkpoint."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Start afresh in a used run folder."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    log_every: Optional[int] = typer.Option(None, "--log-every"),
-    device: Optional[str] = typer.Option(None, "--device"),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
-    quiet: bool = typer.Option(False, "--quiet", help="No per-step lines."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
-) -> None:
-    """Train the policy with DPO against the cached reference scores."""
-    flags = {k: v for k, v in locals().items() if k not in ("config", "print_config", "as_json", "quiet")}
-    from pipeline.stagecli import print_summary, resolve_config, summary_dict
 
-    flags["progress"] = False if quiet else None
-    cfg = resolve_config(TrainConfig, config, flags, print_config)
-    if cfg is None:
-        return
-    result = run(cfg)
+def _train_action(cfg: TrainConfig, as_json: bool) -> None:
     from accelerate import PartialState
 
+    from pipeline.stagecli import print_summary, summary_dict
+
+    result = run(cfg)
     if PartialState().is_main_process:
         print_summary("train", summary_dict(result), as_json)
+
+
+command = stage_command(TrainConfig, _train_action, positional={"scores": True},
+                        doc="Train the policy with DPO against the cached reference scores.")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import subprocess
 import sys
@@ -11,8 +10,8 @@ import pytest
 import torch
 
 from pipeline import diffusion
-from pipeline.models import LLaDAConfig, LLaDAModelLM, score_tokens
 from pipeline.diffusion import MaskSet, ScoreRequest, elbo_terms, mask_seed, plan_batches, sample_masks
+from pipeline.models import LLaDAConfig, LLaDAModelLM, score_tokens
 
 MASK_ID = 1
 PAD_ID = 0

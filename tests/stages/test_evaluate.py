@@ -6,7 +6,6 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from pipeline.errors import ConfigError, UserError
 from pipeline.models import load_model
