@@ -205,7 +205,7 @@ def stage_command(
                 flags[name] = list(value) if kinds.get(name) == "list" else value
         if as_json and "progress" in kinds and not {"progress", "disable_tqdm"} & set(flags):
             flags["progress"] = False  # a JSON summary is for programs: no bar unless asked for
-        cfg = load(config, flags) if load is not None else load_config(cls, config, flags)
+        cfg = _resolve(cls, config, flags, load)
         if print_config:
             typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
             return
@@ -217,6 +217,11 @@ def stage_command(
     command.config_class = cls  # type: ignore[attr-defined]
     command.trl_flags = dict(trl_params)  # type: ignore[attr-defined]
     return command
+
+
+def _resolve(cls: type, config: Path | None, flags: dict[str, Any], load) -> Any:
+    """The command's config from its file and flags (one function, so tests can see what the flags became)."""
+    return load(config, flags) if load is not None else load_config(cls, config, flags)
 
 
 def _mapping_flag(name: str, text: str) -> dict:

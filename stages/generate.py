@@ -30,6 +30,7 @@ from pipeline.completion import STOP_TOKENS, complete, prompt_seed, render_promp
 from pipeline.config import require, require_choice
 from pipeline.devices import DTYPE_NAMES, resolve_device
 from pipeline.errors import ConfigError, UserError
+from pipeline.progress import progress_bar
 from pipeline.sampler import REMASKING, check_schedule
 from pipeline.stagecli import stage_command
 
@@ -295,7 +296,8 @@ def _sample_into(cfg: GenerateConfig, pending: list[PromptRecord], partial: Path
     model.eval()
     by_index = {r.index: r for r in pending}
     started = time.perf_counter()
-    with partial.open("a", encoding="utf-8") as stream, _progress(len(pending), cfg.progress) as advance:
+    with partial.open("a", encoding="utf-8") as stream, \
+            progress_bar("generate", len(pending), enabled=cfg.progress, unit="prompts") as bar:
 
         def on_batch(results: list[dict[str, Any]]) -> None:
             rows = [_output_row(by_index[r["index"]], r, settings) for r in results]
@@ -303,7 +305,7 @@ def _sample_into(cfg: GenerateConfig, pending: list[PromptRecord], partial: Path
             stream.flush()
             os.fsync(stream.fileno())
             sink.extend(rows)
-            advance(len(rows))
+            bar.advance(len(rows))
 
         complete(
             model, tokenizer, [r.prompt for r in pending], gen_length=cfg.gen_length, block_length=cfg.block_length,
@@ -313,46 +315,6 @@ def _sample_into(cfg: GenerateConfig, pending: list[PromptRecord], partial: Path
         )
     return time.perf_counter() - started
 
-
-class _progress:
-    """A rich bar on stderr (prompts/s, ETA); a no-op when disabled."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        import sys
-
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._bar = Progress(
-            TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=Console(file=sys.stderr),
-        )
-        self._bar.__enter__()
-        task = self._bar.add_task("generate", total=self.total, rate="")
-
-        def advance(n: int) -> None:
-            self._bar.advance(task, n)
-            speed = self._bar.tasks[task].speed
-            self._bar.update(task, rate=f"{speed:.2f} prompts/s" if speed else "")
-
-        return advance
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self._bar.__exit__(*exc)
-        return False
 
 
 

@@ -199,25 +199,9 @@ def _check_inputs(inputs: list[str]) -> list[Path]:
 def _make_progress(total: int, enabled: bool):
     if not enabled or total < _PROGRESS_MIN_BYTES:
         return None
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    from pipeline.progress import byte_progress
 
-    return Progress(
-        TextColumn("ingest"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
+    return byte_progress("ingest")
 
 
 @dataclass(frozen=True)

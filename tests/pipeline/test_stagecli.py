@@ -64,11 +64,11 @@ def test_every_field_is_a_flag_with_its_type(name, command, monkeypatch):
     cls = command.config_class
     seen = {}
 
-    def capture(cls_, config_file, flags):
+    def capture(cls_, config_file, flags, load):
         seen.update(flags)
         raise _Captured
 
-    monkeypatch.setattr(stagecli, "load_config", capture)
+    monkeypatch.setattr(stagecli, "_resolve", capture)
     app = build_app(name)
     positional = [p.name for p in __import__("inspect").signature(command).parameters.values()
                   if type(p.default).__name__ == "ArgumentInfo"]
