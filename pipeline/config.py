@@ -21,8 +21,6 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-import yaml
-
 from pipeline.errors import ConfigError
 
 C = TypeVar("C")
@@ -37,6 +35,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    import yaml  # imported where used: `lldm-dpo query --help` never reads YAML
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -205,6 +205,8 @@ def _plain(value: Any) -> Any:
 
 def config_to_yaml(cfg: Any, with_docs: bool = False) -> str:
     """The resolved config as YAML; with ``with_docs`` each key gets its docstring as a comment."""
+    import yaml
+
     data = config_to_dict(cfg)
     if not with_docs:
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -26,7 +26,6 @@ from typing import Any, Optional
 
 from pipeline.errors import UserError
 from pipeline.layout import METRICS_FILE, TASK_RESULTS
-from pipeline.schemas import QUARANTINE_FIELDS
 from pipeline.stagecli import stage_command
 
 QUERIES_DIR = Path(__file__).resolve().parent / "queries"
@@ -58,6 +57,8 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None):
     """
     import duckdb
     import pyarrow as pa
+
+    from pipeline.schemas import QUARANTINE_FIELDS  # here, not at the top: `query --help` needs no pyarrow
 
     con = duckdb.connect(":memory:")
     if pairs is not None:
