@@ -15,6 +15,7 @@ import sys
 import typer
 
 from pipeline.errors import UserError
+from pipeline.stagecli import emit_json  # noqa: F401  (re-exported for commands written before stagecli had it)
 
 # Each command lives beside its stage as a plain function; registered here by
 # name so this file stays the one index of the command line.
