@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.atomic import atomic_dir
+from pipeline.atomic import atomic_dir, make_dir, remove_owned
 from pipeline.errors import UserError
 from pipeline.layout import CHECKPOINTS_DIR
 
@@ -36,9 +35,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
                     state: dict[str, Any], keep: int = 2) -> Path:
     """Write ``checkpoints/step-N`` atomically; keep the ``keep`` newest."""
     root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
+    make_dir(root)
     final = root / f"step-{step:07d}"
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, record=True) as tmp:
         save_file(trainable_state(model), str(tmp / WEIGHTS))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -48,7 +47,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
         torch.save(rng, tmp / "rng.pt")
         (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True))
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_owned(old)  # what the checkpoint wrote; a file the user put there stays
     return final
 
 

@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,10 +110,44 @@ def _empty_quarantine(con) -> None:
     con.execute(f"CREATE VIEW quarantine AS SELECT {cols} WHERE false")
 
 
-def execute(con, sql: str) -> tuple[list[str], list[tuple]]:
-    """Run ``sql``; a DuckDB error becomes a one-line ``UserError``."""
+def check_read_only(con, sql: str) -> None:
+    """Refuse statements that write files or change the database (COPY ... TO, EXPORT, ATTACH,
+    INSTALL/LOAD, SET/PRAGMA, CREATE ...): only SELECT-like queries (and EXPLAIN of one) run.
+
+    DuckDB tells the statement kinds (``extract_statements``), so no SQL is parsed here.
+    """
     import duckdb
 
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"query failed: {first}") from None
+    for st in statements:
+        kind = st.type
+        if kind == duckdb.StatementType.EXPLAIN:
+            # EXPLAIN ANALYZE runs its statement: what it explains must be a query too.
+            inner = re.sub(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", "", st.query, flags=re.IGNORECASE)
+            check_read_only(con, inner)
+            continue
+        if kind != duckdb.StatementType.SELECT:
+            name = kind.name if hasattr(kind, "name") else str(kind)
+            raise UserError(f"query refused: a {name} statement may write files or change settings "
+                            f"({st.query.strip()[:60]!r}); query is read-only unless you pass --allow-write")
+
+
+def read_only_settings(con) -> None:
+    """No extension is downloaded or loaded behind a query's back (that writes under ~/.duckdb)."""
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+
+
+def execute(con, sql: str, allow_write: bool = False) -> tuple[list[str], list[tuple]]:
+    """Run ``sql`` (read-only unless ``allow_write``); a DuckDB error becomes a one-line ``UserError``."""
+    import duckdb
+
+    if not allow_write:
+        check_read_only(con, sql)
     try:
         cur = con.execute(sql)
         if cur.description is None:
@@ -194,6 +229,8 @@ class QueryConfig:
     """Run a named query from stages/queries/ instead of SQL."""
     csv: bool = False
     """Print CSV (--json prints a JSON array of row objects)."""
+    allow_write: bool = False
+    """Allow statements that write files or change settings (COPY ... TO, ...)."""
 
 
 def run(cfg: QueryConfig) -> tuple[list[str], list[tuple]]:
@@ -204,7 +241,9 @@ def run(cfg: QueryConfig) -> tuple[list[str], list[tuple]]:
     if not sql:
         raise UserError(f"no SQL given (pass a query, or --preset NAME: {', '.join(presets())})")
     con = open_connection(pairs=cfg.pairs, quarantine=cfg.quarantine, scores=cfg.scores, run=cfg.run)
-    return execute(con, sql)
+    if not cfg.allow_write:
+        read_only_settings(con)
+    return execute(con, sql, allow_write=cfg.allow_write)
 
 
 def _query_action(cfg: QueryConfig, as_json: bool) -> None:

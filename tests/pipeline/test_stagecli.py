@@ -29,10 +29,12 @@ def _commands():
 
 
 COMMAND_FUNCS = _commands()
+PASS_THROUGH = {"plan"}
+"""Commands that forward another stage's flags (plan STAGE --stage-options) rather than own a config class."""
 
 
 def test_every_command_is_generated_from_a_config_class():
-    assert {name for name, _ in COMMAND_FUNCS} == {name for name, _ in COMMANDS}
+    assert {name for name, _ in COMMANDS} - PASS_THROUGH == {name for name, _ in COMMAND_FUNCS}
 
 
 def _sample(tp):
