@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path
 from pipeline.errors import UserError
-from pipeline.layout import METRICS_FILE, TENSORBOARD_DIR  # noqa: E402
-from pipeline.schemas import METRIC_COLUMNS
+from pipeline.layout import METRICS_FILE, TENSORBOARD_DIR
+from pipeline.schemas import LATER_METRIC_COLUMNS, METRIC_COLUMNS
 
 METRICS_SCHEMA = pa.schema(
     [(name, pa.int64() if name == "step" else pa.float64()) for name in METRIC_COLUMNS]
@@ -41,6 +41,9 @@ def read_metrics(path: str | Path) -> pa.Table:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
         raise UserError(f"{path}: not a readable metrics Parquet file ({exc})") from None
+    for name in LATER_METRIC_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.array([float("nan")] * table.num_rows, pa.float64()))
     missing = [c for c in METRIC_COLUMNS if c not in table.column_names]
     if missing:
         raise UserError(f"{path}: metrics file lacks column(s) {', '.join(missing)}")

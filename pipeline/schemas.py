@@ -98,4 +98,8 @@ METRIC_COLUMNS = (
     "grad_norm",
     "tokens_per_second",
     "peak_memory_bytes",
+    "ref/gap_max",
+    "masks/reused",
 )
+LATER_METRIC_COLUMNS = ("ref/gap_max", "masks/reused")
+"""Columns added after the first metrics files were written: absent ones read as NaN."""

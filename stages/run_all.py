@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,19 @@ def stage_configs(cfg: RunConfig):
     )
 
 
+def planned_epochs(score_cfg, train_cfg) -> int:
+    """Epochs the train stage will start on the pairs score-ref is about to score (one process)."""
+    from pipeline.pairsfile import read_pairs
+    from stages.train import epochs_needed
+
+    table = read_pairs(score_cfg.pairs)
+    if score_cfg.limit:
+        table = table.slice(0, score_cfg.limit)
+    splits = table.column("split").to_pylist() if "split" in table.column_names else ["train"] * table.num_rows
+    n_train = sum((s or "train") == "train" for s in splits)
+    return epochs_needed(max(n_train, 1), train_cfg)
+
+
 def run(cfg: RunConfig, log=print) -> RunResult:
     from pipeline.report import write_report
     from stages import evaluate, ingest, score_ref, train
@@ -146,6 +159,9 @@ def run(cfg: RunConfig, log=print) -> RunResult:
         train_cfg = dataclasses.replace(train_cfg, overwrite=True)
         train.check_run_outputs(train_cfg.out)
     ing = timed("ingest", ingest.run, ingest_cfg)
+    if "draws" not in cfg.score_ref:
+        # One mask draw per epoch trained (train refuses fewer): score as many as the run will need.
+        score_cfg = replace(score_cfg, draws=max(score_cfg.draws, planned_epochs(score_cfg, train_cfg)))
     sc = timed("score-ref", score_ref.run, score_cfg)
     tr = timed("train", train.run, train_cfg)
     ev = timed("eval", evaluate.run, eval_cfg)
