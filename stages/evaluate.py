@@ -195,7 +195,8 @@ def margin_summary(pi_c, pi_r, ref_c, ref_r, beta: float, with_elbo: bool = Fals
 
     t = [torch.tensor(v, dtype=torch.float64) for v in (pi_c, pi_r, ref_c, ref_r)]
     cr, rr = beta * (t[0] - t[2]), beta * (t[1] - t[3])
-    credit = reward_accuracy(cr, rr, t[2], t[3], beta=beta)
+    # The log-ratios themselves (beta 1): the sign of the margin before beta scales it, whatever beta is.
+    credit = reward_accuracy(t[0] - t[2], t[1] - t[3], t[2], t[3], beta=1.0)
     out = {"accuracy": float(credit.mean()), "mean_margin": float((cr - rr).mean()), "pairs": len(pi_c)}
     if with_elbo:
         out["elbo_accuracy"] = float((t[0] > t[1]).double().mean())
@@ -339,12 +340,13 @@ def run(cfg: EvalConfig) -> EvalResult:
         before_name = cache.manifest["config"]["model"]
     if before_name in ("none", ""):
         before_name = None
-    pair_rows = list(cache.rows(split=cfg.split)) if cache is not None else []
-    if cache is not None and not pair_rows:
+    # Read in slices of 8 pairs as they are scored: memory does not grow with the split.
+    pair_rows = cache.split_rows(cfg.split) if cache is not None else []
+    if cache is not None and not len(pair_rows):
         raise UserError(f"{cfg.scores}: the cache holds no pairs of split '{cfg.split}' "
                         "(ingest with --eval-fraction and score them)")
     if cfg.limit_pairs:
-        pair_rows = pair_rows[:cfg.limit_pairs]
+        pair_rows = pair_rows.limit(cfg.limit_pairs) if cache is not None else pair_rows
     if cache is not None:
         numerics = follow(of_fingerprint(cache.fingerprint), dtype=cfg.dtype, mixed_precision=cfg.mixed_precision,
                           load_in_4bit=cfg.load_in_4bit, allow_mismatch=cfg.allow_numerics_mismatch,
@@ -373,7 +375,7 @@ def run(cfg: EvalConfig) -> EvalResult:
         model.eval()
         chat_template = (follow_cache(cfg.chat_template, cache.fingerprint, str(cfg.scores)) if cache is not None
                          else resolve_chat_template(tokenizer, cfg.chat_template))
-        if pair_rows:
+        if len(pair_rows):
             pref = preference_scores(model, tokenizer, cache, cfg.split, cfg.beta, numerics, cfg.limit_pairs)
             result.preference_accuracy[label] = report["preference_accuracy"][label] = pref["accuracy"]
             result.elbo_accuracy[label] = report["elbo_accuracy"][label] = pref["elbo_accuracy"]
@@ -396,8 +398,8 @@ def run(cfg: EvalConfig) -> EvalResult:
             result.choice_accuracy[label] = acc
             report.setdefault("choice_accuracy", {})[label] = acc
         del model
-    if pair_rows:
-        report["reference_margins"] = [r["ref_margin"] for r in pair_rows]
+    if len(pair_rows):
+        report["reference_margins"] = pair_rows.column("ref_margin")
     report["models"] = {"before": before_name, "after": cfg.model}
     report["counts"] = {"pairs": len(pair_rows), "task_items": len(bench), "choice_items": len(mc)}
     report = {k: v for k, v in report.items() if v != {}}

@@ -483,9 +483,11 @@ def _backward(ctx: "TrainContext", loss: torch.Tensor) -> None:
     if not loss.requires_grad:
         if ctx.wrapped is None:
             return
-        probe = torch.full((1, 1), int(ctx.tokenizer.pad_token_id), device=ctx.accelerator.device)
-        hidden = ctx.scorer.final_hidden(probe, None)
-        loss = loss + 0.0 * ctx.model.get_output_embeddings()(hidden).sum()
+        device = ctx.accelerator.device
+        probe = torch.full((1, 2), int(ctx.tokenizer.pad_token_id), device=device)
+        index = torch.tensor([[0, 1]], device=device)  # position 1: shifted models predict it from 0
+        # Through the wrapped scorer, so DDP/FSDP see the same one forward as on a real batch.
+        loss = loss + 0.0 * ctx.scorer(probe, None, index, probe[0, :1], 1).sum()
     ctx.accelerator.backward(loss)
 
 
@@ -514,48 +516,22 @@ class TrainContext:
     ref_model: Any = None
     step: int = 0
     wrapped: Any = None
-    """What accelerate prepared (DDP around a BodyForward) when there are several processes, else None."""
+    """What accelerate prepared (DDP or FSDP around a MaskedRowScorer) when distributed, else None."""
 
     @property
     def scorer(self):
-        return self.model if self.wrapped is None else DataParallelScorer(self.wrapped, self.model)
+        """What elbo_terms calls: the wrapped MaskedRowScorer when distributed, else the policy."""
+        return self.model if self.wrapped is None else self.wrapped
 
     def sync_context(self, last: bool):
         """Gradients are all-reduced only on the last backward of an optimizer step."""
         import contextlib
 
-        if self.wrapped is None or last:
+        if self.wrapped is None or last or self.accelerator.distributed_type.name == "FSDP":
+            # FSDP reduce-scatters every backward: without sync each process would keep
+            # whole unsharded gradients, the memory FSDP exists to save.
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self.wrapped)
-
-
-class BodyForward(torch.nn.Module):
-    """The policy's body as a forward(), the call a data-parallel wrapper intercepts to sync gradients."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.model.final_hidden(input_ids, attention_mask)
-
-
-class DataParallelScorer:
-    """Looks like the policy to ``score_tokens``, but runs the body through the DDP-wrapped forward."""
-
-    def __init__(self, wrapped, model):
-        self._wrapped, self._model = wrapped, model
-        self.config = model.config
-        self.logits_shift = getattr(model, "logits_shift", False)
-
-    def final_hidden(self, input_ids, attention_mask=None):
-        return self._wrapped(input_ids, attention_mask)
-
-    def get_output_embeddings(self):
-        return self._model.get_output_embeddings()
-
-    def parameters(self):
-        return self._model.parameters()
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
@@ -606,7 +582,7 @@ def start_gap(ctx: "TrainContext", batches: list[PairBatch]) -> float:
             continue
         requests = replay_requests(batch, ctx.fingerprint)
         with torch.no_grad(), acc.autocast():
-            terms = policy_terms(ctx.model, requests, ctx.tokenizer, ctx.cfg)
+            terms = policy_terms(ctx.scorer, requests, ctx.tokenizer, ctx.cfg)
         means = torch.stack([t.double().mean() for t in terms])
         ref_c, ref_r = reference_means(batch, acc.device)
         gap = torch.maximum(gap, torch.cat([(means[0::2] - ref_c).abs(), (means[1::2] - ref_r).abs()]).max())
@@ -657,25 +633,16 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def save_final(ctx: TrainContext, model_name: str, path: Path) -> None:
-    """The final model in Hugging Face format (full weights, or the LoRA adapter), renamed into place."""
-    from pipeline.atomic import atomic_dir
+    """The final model in Hugging Face format (full weights, or the LoRA adapter), renamed into place;
+    under FSDP the shards are gathered first (every process calls this)."""
+    from pipeline.checkpoint import save_model_dir
 
-    model = ctx.model
-    if ctx.cfg.lora_r > 0:
-        model.peft_config["default"].base_model_name_or_path = _base_reference(model_name)
-    with atomic_dir(path, record=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        ctx.tokenizer.save_pretrained(tmp)
-
-
-def _base_reference(model_name: str) -> str:
-    p = Path(model_name)
-    return str(p.resolve()) if p.exists() else model_name
+    save_model_dir(path, ctx.model, ctx.tokenizer, ctx.accelerator, base_name=model_name)
 
 
 def run(cfg: TrainConfig) -> TrainResult:
     from pipeline.atomic import check_writable, sweep_stale, write_text_atomic
-    from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from pipeline.checkpoint import check_world, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
     from pipeline.config import config_to_yaml
     from pipeline.metrics import MetricsWriter
 
@@ -696,16 +663,16 @@ def run(cfg: TrainConfig) -> TrainResult:
     if cfg.max_length is not None and cfg.max_length != fp.get("max_length"):
         raise UserError(f"{cfg.scores}: max_length {cfg.max_length} differs from the cache's {fp.get('max_length')} "
                         "(sequences were truncated when scored; rescore with score-ref --max-length to change it)")
-    rows = list(cache.rows(split="train"))
+    # Read in slices: each process decodes only the row groups of its own micro-batches.
     # Truncation can make both responses the same ids: such a pair carries no preference, only noise.
-    identical = [r["pair_id"] for r in rows if r["chosen_ids"] == r["rejected_ids"]]
+    rows = cache.split_rows("train", skip_identical=True)
+    identical = rows.identical
     if identical:
         import sys
 
         print(f"warning: skipping {len(identical)} pair(s) whose responses are identical after truncation "
               f"(e.g. {identical[0]}); raise score-ref's --max-length to keep them", file=sys.stderr)
-        rows = [r for r in rows if r["chosen_ids"] != r["rejected_ids"]]
-    if not rows:
+    if not len(rows):
         raise UserError(f"{cfg.scores}: the cache holds no pairs of the train split")
 
     from dataclasses import replace
@@ -725,20 +692,20 @@ def run(cfg: TrainConfig) -> TrainResult:
         raise UserError("--mixed-precision fp16 needs CUDA (loss scaling on CPU is not supported); use bf16 or no")
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     acc = fresh_accelerator(cfg.mixed_precision, cpu)
-    if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        # The scorer applies the LM head to masked rows outside the body's forward,
-        # which sharded wrappers do not gather for; data parallel (DDP) is supported.
-        raise UserError(f"train under accelerate's {acc.distributed_type.name} is not supported yet; "
-                        "use data parallel (configs/accelerate/ddp.yaml) with LoRA and gradient checkpointing")
+    fsdp = acc.distributed_type.name == "FSDP"
     world = acc.num_processes
     reused_draws = check_draws(cfg, epochs_needed(len(rows), cfg, world), fp["draws"])
-    if cfg.plan:  # on the longest cached pair; data parallel keeps a whole model per process
+    if cfg.plan and not fsdp:  # on the longest cached pair; data parallel keeps a whole model per process
+        # (under FSDP the plan's one-model-per-process shape does not apply: no check)
         from pipeline.plan import Shape, check_start
 
-        longest = max(rows, key=lambda r: r["prompt_len"] + max(r["chosen_len"], r["rejected_len"]))
-        length = longest["prompt_len"] + max(longest["chosen_len"], longest["rejected_len"])
+        # Three length columns, not the rows: the cache stays on disk.
+        prompt_lens, chosen_lens, rejected_lens = (rows.column(c) for c in ("prompt_len", "chosen_len",
+                                                                             "rejected_len"))
+        i = max(range(len(prompt_lens)), key=lambda k: prompt_lens[k] + max(chosen_lens[k], rejected_lens[k]))
+        length = prompt_lens[i] + max(chosen_lens[i], rejected_lens[i])
         check_start("train", dataclasses.replace(cfg, model=model_name),
-                    Shape(fp["samples"], length, longest["prompt_len"]), acc.device)
+                    Shape(fp["samples"], length, prompt_lens[i]), acc.device)
     torch.manual_seed(cfg.seed)
     model, tokenizer = setup_policy(cfg, model_name, acc.device, numerics)
     check_tokenizer(cfg, cache, tokenizer)
@@ -752,6 +719,8 @@ def run(cfg: TrainConfig) -> TrainResult:
 
         ref_model, _ = load(ref_name, numerics, acc.device, trust_remote_code=cfg.trust_remote_code)
         ref_model.eval().requires_grad_(False)
+        if fsdp:  # sharded like the policy, so the baseline keeps the same memory shape
+            ref_model = shard_frozen(acc, ref_model)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
@@ -761,10 +730,13 @@ def run(cfg: TrainConfig) -> TrainResult:
     # The scheduler is stepped by hand once per optimizer step: accelerate's
     # wrapper would step it once per process and change the schedule with the world size.
     wrapped = None
-    if world > 1:
-        # DDP syncs gradients through forward(); our scorer calls final_hidden, so
-        # a BodyForward module carries the body's forward through the wrapper.
-        wrapped, optimizer = acc.prepare(BodyForward(model), optimizer)
+    if world > 1 or fsdp:
+        # DDP syncs gradients and FSDP gathers weights in forward(): the scorer does
+        # body, masked-row head and row sums in one forward, so both see every use.
+        from pipeline.models.scoring import MaskedRowScorer
+
+        wrapped, optimizer = acc.prepare(MaskedRowScorer(model), optimizer)
+        params = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP swapped them for DTensors
     else:
         optimizer = acc.prepare(optimizer)
 
@@ -794,8 +766,11 @@ def run(cfg: TrainConfig) -> TrainResult:
         ckpt = latest_checkpoint(cfg.out)
         if ckpt is None:
             raise UserError(f"{cfg.out}: --resume given but the run folder holds no checkpoint")
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
-        check_resume_layout(ckpt, state, layout)
+        saved = read_state(ckpt)
+        check_world(ckpt, saved, world)  # before the layout: its message says what to do instead
+        check_resume_layout(ckpt, saved, layout)
+        state = load_checkpoint(ckpt, model=model, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
+                                accelerator=acc)
         start_step = resumed_from = int(state["step"])
     elif acc.is_main_process:
         earlier = [p for p in RUN_OUTPUTS if (cfg.out / p).exists()]
@@ -839,15 +814,15 @@ def run(cfg: TrainConfig) -> TrainResult:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
                     writer.flush()
-                    save_checkpoint(cfg.out, step + 1, model, optimizer, scheduler,
-                                    {"epoch": (step + 1) / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                                     "layout": layout}, keep=cfg.keep_checkpoints)
+                save_checkpoint(cfg.out, step + 1, model=model, wrapped=wrapped, optimizer=optimizer,
+                                scheduler=scheduler, tokenizer=tokenizer, accelerator=acc, base_name=model_name,
+                                state={"epoch": (step + 1) / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+                                       "layout": layout}, keep=cfg.keep_checkpoints)
         acc.wait_for_everyone()
         final = cfg.out / FINAL_DIR
         if acc.is_main_process:
             writer.flush()
-            save_final(ctx, model_name, final)
-        acc.wait_for_everyone()
+        save_final(ctx, model_name, final)
     finally:
         if writer is not None:
             writer.close()
@@ -872,7 +847,30 @@ def fresh_accelerator(mixed_precision: str, cpu: bool):
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # Not installed with this project's packages; FSDP covers sharding (README "From one card to many").
+        raise UserError("train under DeepSpeed is not supported; use FSDP "
+                        "(accelerate launch --config_file configs/accelerate/fsdp.yaml) for ZeRO-3-style sharding")
+    if os.environ.get("ACCELERATE_USE_MEGATRON_LM", "false").lower() == "true":
+        raise UserError("train under Megatron-LM is not supported; use FSDP (configs/accelerate/fsdp.yaml)")
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type.name == "MULTI_CPU":
+        # accelerate 1.15 only turns FSDP on for accelerator devices; torch's fully_shard
+        # itself runs over gloo on CPU, so the plugin is attached here (fsdp_cpu.yaml).
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        acc.state.distributed_type = DistributedType.FSDP
+    return acc
+
+
+def shard_frozen(acc, model):
+    """A frozen model (the online reference) sharded by FSDP like the policy, inside its own scorer."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    from pipeline.models.scoring import MaskedRowScorer
+
+    return fsdp2_prepare_model(acc, MaskedRowScorer(model))
 
 
 def _step_metrics(acc, stats, step, steps_per_epoch, lr, grad_norm, seconds) -> dict[str, float]:

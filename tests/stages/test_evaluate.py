@@ -41,7 +41,7 @@ def test_reference_against_itself_is_chance_and_a_better_policy_wins(small_cache
     assert better["accuracy"] == 1.0 and better["mean_margin"] == pytest.approx(0.5, rel=1e-6)
     # Accuracy is the sign of the margin, whatever beta scales it by (beta 0 once gave 0.5: every pair a "tie").
     for beta in (0.0, 1e-300, 10.0):
-        assert preference_scores(model, tok, rows, cache.fingerprint, beta=beta, batch_tokens=64)["accuracy"] == 1.0
+        assert preference_scores(model, tok, cache, "eval", beta, Numerics())["accuracy"] == 1.0
     with pytest.raises(ConfigError, match="beta must be > 0, got 0"):
         EvalConfig(beta=0)
 
