@@ -273,8 +273,8 @@ _INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\]\s)]+)\s*([\])])\s*$
 def _numeric_kind(f: dataclasses.Field) -> str | None:
     """'int' or 'float' for a numeric config field (bools are not numbers here), else None."""
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if re.search(r"\bbool\b", t):
-        return None
+    if re.search(r"\bbool\b", t) or re.search(r"\b(list|tuple|dict)\b", t):
+        return None  # a list of numbers (loss_weights) is checked by its class
     if re.search(r"\bfloat\b", t):
         return "float"
     if re.search(r"\bint\b", t):
