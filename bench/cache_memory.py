@@ -68,8 +68,8 @@ def build_cache(out: Path, n: int, manifest: dict, args) -> Path:
     """n synthetic pairs written as score-ref writes parts (64 pairs per part)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     import train as train_bench
+
     from pipeline.cache import part_name
     from pipeline.models import preset_tokenizer
     from pipeline.schemas import SCORES_SCHEMA
@@ -108,7 +108,7 @@ def train_once(cache: Path, run_dir: Path, args) -> dict:
     import pyarrow.parquet as pq
 
     cmd = [sys.executable, "-m", "pipeline.cli", "train", str(cache), "--out", str(run_dir), "--max-steps",
-           str(args.steps), "--batch-size", "4", "--device", "cpu", "--quiet", "--no-tensorboard",
+           str(args.steps), "--batch-size", "4", "--device", "cpu", "--no-progress", "--no-tensorboard",
            "--batch-tokens", "65536"]
     env = {**os.environ, "PYTHONPATH": str(args.repo)}
     t0 = time.perf_counter()
@@ -136,9 +136,8 @@ def main(argv=None) -> int:
     runs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))
     a = train_once(small, runs / "small", args)
     b = train_once(large, runs / "large", args)
-    import torch
-
     import score as score_bench
+    import torch
 
     gflops = score_bench.matmul_flops("cpu", torch.float32) / 1e9
     lines = [

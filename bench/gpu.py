@@ -478,7 +478,7 @@ def section_fsdp(results: Results, state: dict) -> None:
     shape = SimpleNamespace(prompt=f["prompt"], response=f["response"])
     cache = cache_memory.build_cache(work / "cache", f["pairs"], manifest, shape)
     common = ["train", str(cache), "--max-steps", str(f["steps"]), "--batch-size", "4", "--save-every", "2",
-              "--learning-rate", "1e-3", "--warmup-ratio", "0", "--quiet", "--no-tensorboard"]
+              "--learning-rate", "1e-3", "--warmup-ratio", "0", "--no-progress", "--no-tensorboard"]
     base = _train_run([sys.executable, "-m", "pipeline.cli", *common, "--out", str(work / "base"), "--device",
                        device.type], work / "base", device)
     config = REPO / "configs" / "accelerate" / ("fsdp.yaml" if device.type == "cuda" else "fsdp_cpu.yaml")
