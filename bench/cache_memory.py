@@ -68,8 +68,8 @@ def build_cache(out: Path, n: int, manifest: dict, args) -> Path:
     """n synthetic pairs written as score-ref writes parts (64 pairs per part)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     import train as train_bench
+
     from pipeline.cache import part_name
     from pipeline.models import preset_tokenizer
     from pipeline.schemas import SCORES_SCHEMA
@@ -98,7 +98,10 @@ def build_cache(out: Path, n: int, manifest: dict, args) -> Path:
             row["ref_margin"] = row["ref_chosen_elbo"] - row["ref_rejected_elbo"]
         names.append(part_name(len(names)))
         pq.write_table(pa.Table.from_pylist(rows, schema=SCORES_SCHEMA), out / names[-1])
-    (out / "manifest.json").write_text(json.dumps({**manifest, "parts": names, "pairs": n}))
+    from pipeline.cache import file_sha256
+
+    sums = {name: file_sha256(out / name) for name in names}  # the template's checksums are of other parts
+    (out / "manifest.json").write_text(json.dumps({**manifest, "parts": names, "pairs": n, "part_sha256": sums}))
     return out
 
 
@@ -108,7 +111,7 @@ def train_once(cache: Path, run_dir: Path, args) -> dict:
     import pyarrow.parquet as pq
 
     cmd = [sys.executable, "-m", "pipeline.cli", "train", str(cache), "--out", str(run_dir), "--max-steps",
-           str(args.steps), "--batch-size", "4", "--device", "cpu", "--quiet", "--no-tensorboard",
+           str(args.steps), "--batch-size", "4", "--device", "cpu", "--no-progress", "--no-tensorboard",
            "--batch-tokens", "65536"]
     if "gap_threshold" in (Path(args.repo) / "stages" / "train.py").read_text():
         # Synthetic reference terms: the start check (issue 10) would rightly refuse them; a "before"
@@ -140,9 +143,8 @@ def main(argv=None) -> int:
     runs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))
     a = train_once(small, runs / "small", args)
     b = train_once(large, runs / "large", args)
-    import torch
-
     import score as score_bench
+    import torch
 
     gflops = score_bench.matmul_flops("cpu", torch.float32) / 1e9
     lines = [

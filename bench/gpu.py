@@ -281,7 +281,7 @@ def section_score_ref(results: Results, state: dict) -> None:
     deadline = time.perf_counter() + budget
     while done < len(rows) and time.perf_counter() < deadline:
         chunk = rows[done:done + chunk_pairs]
-        (terms, m), dt = score_bench.timed(lambda: score(chunk), str(device))
+        (terms, m), dt = score_bench.timed(lambda chunk=chunk: score(chunk), str(device))
         finite &= all(bool(torch.isfinite(t).all()) for t in terms)
         done, seconds, masked = done + len(chunk), seconds + dt, masked + m
     scored = pairs[:done]
@@ -319,7 +319,7 @@ def section_faithful(results: Results, state: dict) -> None:
     done, seconds = 0, 0.0
     deadline = time.perf_counter() + budget
     while done < len(items) and time.perf_counter() < deadline:
-        _, dt = score_bench.timed(lambda: score_bench.baseline(model, items[done:done + 1], n, state["seed"]),
+        _, dt = score_bench.timed(lambda done=done: score_bench.baseline(model, items[done:done + 1], n, state["seed"]),
                                   str(device))
         done, seconds = done + 1, seconds + dt
     measured = items[:done]
@@ -478,7 +478,7 @@ def section_fsdp(results: Results, state: dict) -> None:
     shape = SimpleNamespace(prompt=f["prompt"], response=f["response"])
     cache = cache_memory.build_cache(work / "cache", f["pairs"], manifest, shape)
     common = ["train", str(cache), "--max-steps", str(f["steps"]), "--batch-size", "4", "--save-every", "2",
-              "--learning-rate", "1e-3", "--warmup-ratio", "0", "--quiet", "--no-tensorboard",
+              "--learning-rate", "1e-3", "--warmup-ratio", "0", "--no-progress", "--no-tensorboard",
               # The cache's reference terms are synthetic (cache_memory.build_cache), so the start check
               # would rightly refuse them: this section compares FSDP with one process, not the start gap.
               "--gap-threshold", "0"]
@@ -520,6 +520,7 @@ def quantize_blocks_4bit(model, compute_dtype) -> int:
     unquantized), without writing 16 GB to disk and reading it back.
     """
     import bitsandbytes as bnb
+
     from pipeline.models import LORA_TARGET_MODULES
 
     pattern = re.compile(LORA_TARGET_MODULES)

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline.devices import DTYPE_NAMES, torch_dtype
 from pipeline.diffusion import ScoreRequest, elbo_terms, mask_seed, sample_masks
 from pipeline.models import LLaDAModelLM, build_preset, preset_tokenizer
 from pipeline.models.presets import preset_config
@@ -45,7 +46,7 @@ from pipeline.tokenize import tokenize_pair
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"
 LLADA_VOCAB = 126464
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: torch_dtype(name) for name in DTYPE_NAMES}
 
 
 def parse_args(argv=None):
@@ -161,7 +162,7 @@ def llada_log_likelihood(model, prompt, answer, mc_num, batch_size, mask_id, gen
 
 def baseline(model, items, n, seed):
     gen = torch.Generator().manual_seed(seed)
-    out, masked = [], 0
+    out = []
     for _, tok in items:
         for resp in (tok.chosen_ids, tok.rejected_ids):
             _, terms = llada_log_likelihood(model, tok.prompt_ids, resp, n, n, model.config.mask_token_id, gen)
@@ -233,7 +234,6 @@ def main(argv=None) -> int:
     if not items:
         sys.exit("error: no GSM8K pair has both responses within --min-len/--max-len tokens")
     n = args.samples
-    seqs = 2 * len(items)
     tokens = n * sum(2 * len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for _, t in items)
     resp_lens = [len(r) for _, t in items for r in (t.chosen_ids, t.rejected_ids)]
     cfg = model.config

@@ -173,8 +173,9 @@ def describe(values: list[float], beta: float) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from pipeline.models import preset_tokenizer
     from score import matmul_flops  # bench/score.py
+
+    from pipeline.models import preset_tokenizer
     from stages.score_ref import ScoreRefConfig
     from stages.score_ref import run as score_ref
 

@@ -156,6 +156,7 @@ def rss_peak() -> int:
 
 def gsm8k_pairs(preset: str, count: int, min_len: int, max_len: int):
     import score as score_bench
+
     from pipeline.models import preset_tokenizer
 
     items = score_bench.load_pairs(preset_tokenizer(preset), count, min_len, max_len)
@@ -167,6 +168,7 @@ def gsm8k_pairs(preset: str, count: int, min_len: int, max_len: int):
 def score_worker(spec: dict) -> dict:
     """The score-ref side of a sweep: build the reference, score the batch's masks, write the rows."""
     import score as score_bench
+
     from pipeline.models import preset_tokenizer
 
     pairs = gsm8k_pairs(spec["preset"], spec["pairs"], spec["min_len"], spec["max_len"])
@@ -184,6 +186,7 @@ def score_worker(spec: dict) -> dict:
 
 def train_worker(spec: dict) -> dict:
     import score as score_bench
+
     from stages.train import PairBatch, TrainConfig
 
     rows = json.loads(Path(spec["rows"]).read_text())

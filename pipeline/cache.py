@@ -168,7 +168,6 @@ def _identical_rows(ids: pa.Table, candidates: pa.ChunkedArray) -> set[int]:
     Vectorised: with equal row lengths the flattened values line up, so one
     element-wise comparison and a per-row AND over the list offsets decide.
     """
-    import numpy as np
     import pyarrow.compute as pc
 
     rows = pc.indices_nonzero(candidates).to_numpy()

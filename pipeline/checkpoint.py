@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.errors import UserError
+from pipeline.layout import CHECKPOINTS_DIR
 
 STEP_PATTERN = re.compile(r"^step-(\d{7})$")
 STATE = "trainer_state.json"
@@ -117,7 +118,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, wrapped, optimizer, sche
     """Write ``checkpoints/step-N`` (every process calls this); keep the ``keep`` newest."""
     from pipeline.atomic import make_dir, remove_owned
 
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     if accelerator.is_main_process:
         make_dir(root)
     accelerator.wait_for_everyone()
@@ -160,7 +161,7 @@ def _inner(optimizer):
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and STEP_PATTERN.match(p.name) and (p / STATE).exists()]

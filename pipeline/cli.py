@@ -11,13 +11,12 @@ import errno
 import functools
 import importlib
 import importlib.util
-import json
 import sys
-from typing import Any
 
 import typer
 
 from pipeline.errors import UserError
+from pipeline.stagecli import emit_json  # noqa: F401  (re-exported for commands written before stagecli had it)
 
 # Each command lives beside its stage as a plain function; registered here by
 # name so this file stays the one index of the command line.
@@ -30,9 +29,9 @@ COMMANDS: list[tuple[str, str]] = [
     ("generate", "stages.generate:command"),
     ("make-pairs", "stages.make_pairs:command"),
     ("query", "stages.query:command"),
-    ("report", "pipeline.report:command"),
+    ("report", "stages.report:command"),
     ("run", "stages.run_all:command"),
-    ("init-model", "pipeline.models.cli:init_model_command"),
+    ("init-model", "stages.init_model:command"),
     ("plan", "stages.plan:command"),
 ]
 
@@ -65,7 +64,11 @@ def _one_line_errors(func):
 def _root(
     ctx: typer.Context,
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+    online: bool = typer.Option(False, "--online", help="Allow downloading hub models (default: offline; "
+                                "or set LLDM_DPO_ONLINE=1)."),
 ) -> None:
+    if online:
+        set_environment(True)
     if version:
         from pipeline import __version__
 
@@ -127,25 +130,52 @@ def _requested_command(argv: list[str]) -> str | None:
     if argv[:1] == ["--version"]:
         return ""  # no command needed
     for arg in argv:
+        if arg == "--online":
+            continue
         if arg.startswith("-"):
             return None  # an option before any command (--help, --version): show everything
         return arg if arg in names else None
     return None
 
 
-def emit_json(obj: Any) -> None:
-    """Print a machine-readable summary on stdout."""
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+ONLINE_ENV = "LLDM_DPO_ONLINE"
+"""Set to 1 (or pass ``--online`` before the command) to let hub ids be downloaded."""
+
+
+def set_environment(online: bool) -> None:
+    """The CLI's environment, set before anything reads it (the library sets nothing on import).
+
+    Offline by default: a model not on disk fails at once instead of waiting on
+    the network; ``--online`` lets a hub id be downloaded. transformers' own
+    progress bars and advisories would interleave with ours.
+    """
+    import os
+
+    online = online or os.environ.get(ONLINE_ENV, "") not in ("", "0", "false")
+    if not online:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    elif os.environ.get("HF_HUB_OFFLINE") == "1":
+        del os.environ["HF_HUB_OFFLINE"]
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def main() -> None:
-    # transformers' own progress bars and advisories would interleave with ours
-    # (set through the environment so transformers need not be imported here).
-    import os
+    argv = sys.argv[1:]
+    set_environment(_leading_online(argv))
+    build_app(_requested_command(argv))()
 
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    build_app(_requested_command(sys.argv[1:]))()
+
+def _leading_online(argv: list[str]) -> bool:
+    """``--online`` given before the command (a root option, applied before any import reads the environment)."""
+    for arg in argv:
+        if arg == "--online":
+            return True
+        if not arg.startswith("-"):
+            return False
+    return False
 
 
 if __name__ == "__main__":

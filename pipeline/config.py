@@ -18,10 +18,10 @@ import inspect
 import math
 import re
 import textwrap
+import types
+import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
-
-import yaml
 
 from pipeline.errors import ConfigError
 
@@ -37,6 +37,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    import yaml  # imported where used: `lldm-dpo query --help` never reads YAML
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -64,24 +66,114 @@ def load_config(
     CLI can pass every option straight through. ``values`` is an already-read
     mapping (a section of a larger file); ``origin`` names it in errors.
     """
+    from pipeline.trl_names import translate
+
     merged: dict[str, Any] = {}
     where = origin
     if config_file is not None:
-        merged.update(read_config_file(config_file))
+        merged.update(translate(cls, read_config_file(config_file), str(config_file)))
         where = str(config_file)
     if values is not None:
-        merged.update(values)
+        merged.update(translate(cls, dict(values), where or "config"))
     check_keys(cls, merged, where or "config")
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            merged[key] = value
-    check_keys(cls, merged, "command line")
+    merged = coerce_values(cls, merged, where or "config")
+    given = translate(cls, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
+    check_keys(cls, given, "command line")
+    merged.update(coerce_values(cls, given, "command line"))
     try:
         return cls(**merged)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}" if where and not str(exc).startswith(str(where)) else str(exc)) from None
     except TypeError as exc:  # a value of a type the dataclass cannot take
         raise ConfigError(f"{where or 'config'}: {exc}") from None
+
+
+def coerce_values(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Each value converted to its field's type (YAML 1.1 reads ``5e-6`` as a string; flags arrive typed)."""
+    hints = field_types(cls)
+    return {key: coerce(hints[key], value, key, where) if key in hints else value for key, value in data.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved type hints of the init fields (string annotations evaluated in the class's module)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """``Optional[X]`` / ``X | None`` -> (X, True); anything else -> (tp, False)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+    return tp, False
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", Path: "a path"}
+
+
+def coerce(tp: Any, value: Any, key: str, where: str) -> Any:
+    """``value`` as type ``tp`` (int, float, bool, str, Path, list[...], dict, Optional of those)."""
+    base, optional = unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: {key} must be {_TYPE_NAMES.get(base, base)}, got null")
+    origin = typing.get_origin(base)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(base)[:1] or (Any,)
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        return [coerce(item, v, key, where) for v in items]
+    if origin is dict or base is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        return value
+    converted = _scalar(base, value)
+    if converted is _BAD:
+        hint = " (quote it: YAML reads yes/no/on/off as true/false)" if isinstance(value, bool) and base is str else ""
+        raise ConfigError(f"{where}: {key} must be {_TYPE_NAMES.get(base, base)}, got {value!r}{hint}")
+    return converted
+
+
+_BAD = object()
+
+
+def _scalar(base: Any, value: Any) -> Any:
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.strip().lower() in ("true", "yes", "on", "1")
+        return _BAD
+    if isinstance(value, bool):  # True is an int to Python, never a number to a config
+        return _BAD if base in (int, float, str, Path) else value
+    if base is float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return _BAD
+        return _BAD
+    if base is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                return _BAD
+            return int(number) if number.is_integer() else _BAD
+        return _BAD
+    if base is str:
+        return str(value) if isinstance(value, (str, int, float, Path)) else _BAD
+    if base is Path:
+        return Path(value) if isinstance(value, (str, Path)) else _BAD
+    return value  # Any, unions and other types: the dataclass checks them
 
 
 def check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
@@ -115,6 +207,8 @@ def _plain(value: Any) -> Any:
 
 def config_to_yaml(cfg: Any, with_docs: bool = False) -> str:
     """The resolved config as YAML; with ``with_docs`` each key gets its docstring as a comment."""
+    import yaml
+
     data = config_to_dict(cfg)
     if not with_docs:
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
@@ -179,8 +273,8 @@ _INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\]\s)]+)\s*([\])])\s*$
 def _numeric_kind(f: dataclasses.Field) -> str | None:
     """'int' or 'float' for a numeric config field (bools are not numbers here), else None."""
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if re.search(r"\bbool\b", t):
-        return None
+    if re.search(r"\bbool\b", t) or re.search(r"\b(list|tuple|dict)\b", t):
+        return None  # a list of numbers (loss_weights) is checked by its class
     if re.search(r"\bfloat\b", t):
         return "float"
     if re.search(r"\bint\b", t):

@@ -215,11 +215,12 @@ def sequence_weights(
     sft_weight: float = 0.0,
     chosen_len: torch.Tensor | None = None,
     normalizer: float = 1.0,
+    dpo_weight: float = 1.0,
     rejected_len: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scalar weights for backpropagating each sampled term on its own.
 
-    For the objective ``sum_b [dpo_b + sft_weight * sft_b] / normalizer`` (use
+    For the objective ``sum_b [dpo_weight * dpo_b + sft_weight * sft_b] / normalizer`` (use
     ``normalizer=B`` for a batch mean) with each ELBO the mean of
     ``n_samples`` terms, returns ``(chosen_w, rejected_w)``, each [B]: call
     ``(terms_chosen[b].sum() * chosen_w[b]).backward()`` (and likewise for
@@ -230,7 +231,7 @@ def sequence_weights(
     """
     if n_samples <= 0:
         raise ValueError("sequence_weights: n_samples must be > 0")
-    w = loss_weight(delta, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    w = dpo_weight * loss_weight(delta, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     lengths = _lengths(loss_type, chosen_len, rejected_len, w)
     chosen_w, rejected_w = (w.clone(), w.clone()) if lengths is None else (w / lengths[0], w / lengths[1])
     if sft_weight:

@@ -22,18 +22,16 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path
 from pipeline.errors import UserError
+from pipeline.layout import METRICS_FILE, TENSORBOARD_DIR
 from pipeline.schemas import LATER_METRIC_COLUMNS, METRIC_COLUMNS
-
-METRICS_FILE = "metrics.parquet"
-TENSORBOARD_DIR = "tensorboard"
 
 METRICS_SCHEMA = pa.schema(
     [(name, pa.int64() if name == "step" else pa.float64()) for name in METRIC_COLUMNS]
 )
 """Arrow schema of metrics.parquet: ``step`` int64, every other column float64 (NaN = not measured)."""
 
-# TensorBoard tags: TRL's names; only the learning rate is spelled differently there.
-TB_TAGS = {name: ("learning_rate" if name == "lr" else name) for name in METRIC_COLUMNS if name != "step"}
+# TensorBoard tags: TRL's names, the same as the columns.
+TB_TAGS = {name: name for name in METRIC_COLUMNS if name != "step"}
 
 
 def read_metrics(path: str | Path) -> pa.Table:
@@ -69,7 +67,7 @@ def format_row(row: Mapping[str, Any]) -> str:
         ("rewards/margins", "margin", "{:.4f}"),
         ("rewards/chosen", "r+", "{:.4f}"),
         ("rewards/rejected", "r-", "{:.4f}"),
-        ("lr", "lr", "{:.2e}"),
+        ("learning_rate", "lr", "{:.2e}"),
         ("grad_norm", "gnorm", "{:.3f}"),
         ("tokens_per_second", "tok/s", "{:.0f}"),
     ]

@@ -1,4 +1,8 @@
-"""Progress bars for long stages (rich): rate, throughput and ETA, quiet when not wanted."""
+"""Progress bars for long stages (rich): rate, throughput and ETA, quiet when not wanted.
+
+Every stage draws its bar through here: ``progress_bar`` for counted items
+(pairs, prompts), ``byte_progress`` for input read in bytes (ingest).
+"""
 
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ class _Null:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int, enabled: bool = True, extra: str = "") -> Iterator:
+def progress_bar(description: str, total: int, enabled: bool = True, extra: str = "", unit: str = "") -> Iterator:
     """Yield an object with ``advance(n, **fields)``; draws on stderr only when enabled.
 
     ``extra`` is a rich format string over task fields (for example
@@ -54,10 +58,18 @@ def progress_bar(description: str, total: int, enabled: bool = True, extra: str 
             def advance(self, n: int = 1, **fields) -> None:
                 progress.advance(task, n)
                 speed = progress.tasks[task].speed
-                fields.setdefault("rate", f"{speed:.2f}/s" if speed else "")
+                fields.setdefault("rate", f"{speed:.2f} {unit}/s".replace(" /", "/") if speed else "")
                 progress.update(task, **fields)
 
         yield _Bar()
+
+
+def byte_progress(description: str) -> Progress:
+    """A transient bar over bytes read (size, transfer rate, ETA), on stderr; the caller starts and stops it."""
+    from rich.progress import DownloadColumn, TransferSpeedColumn
+
+    return Progress(TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=Console(file=sys.stderr), transient=True)
 
 
 def _blank_fields(extra: str) -> dict:

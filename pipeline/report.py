@@ -19,18 +19,12 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
-
-import typer
+from typing import Any, NamedTuple, Sequence
 
 from pipeline.atomic import atomic_path, write_text_atomic
 from pipeline.errors import UserError
+from pipeline.layout import CONFIG_FILE, EVAL_FILE, REPORT_HTML, REPORT_PNG  # noqa: E402
 from pipeline.metrics import METRICS_FILE, read_metrics
-
-EVAL_FILE = "eval.json"
-CONFIG_FILE = "config.yaml"
-REPORT_HTML = "report.html"
-REPORT_PNG = "report.png"
 
 FIG_INCHES = (15.0, 11.0)
 FIG_DPI = 100
@@ -177,7 +171,7 @@ def _draw(m, rows, margins, title):
     _plot_lines(axes[4], m, [("logps/chosen", "chosen", CHOSEN_COLOR), ("logps/rejected", "rejected", REJECTED_COLOR)],
                 "policy ELBO: chosen vs rejected")
     ax = axes[5]
-    if _plot_lines(ax, m, [("lr", "lr", "#00897b")], "learning rate"):
+    if _plot_lines(ax, m, [("learning_rate", "learning_rate", "#00897b")], "learning rate"):
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     _plot_lines(axes[6], m, [("grad_norm", "grad norm", "#6d4c41")], "grad norm")
 
@@ -340,17 +334,3 @@ def write_report(
         tmp.write_bytes(png)
     write_text_atomic(html_path, _render_html(run_dir, png, m, rows, config_text), record=out_html is None)
     return ReportPaths(html=html_path, png=png_path)
-
-
-def command(
-    run_dir: Path = typer.Argument(..., help="Run directory (with metrics.parquet; eval.json and config.yaml optional)."),
-    out_html: Optional[Path] = typer.Option(None, "--out-html", help="HTML path (default RUN_DIR/report.html)."),
-    out_png: Optional[Path] = typer.Option(None, "--out-png", help="PNG path (default RUN_DIR/report.png)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the paths as JSON."),
-) -> None:
-    """Write a run's report: training curves (PNG) and a self-contained HTML page."""
-    paths = write_report(run_dir, out_html, out_png)
-    if json_out:
-        print(json.dumps({"html": str(paths.html), "png": str(paths.png)}))
-    else:
-        print(f"report: {paths.html}\nchart:  {paths.png}")

@@ -94,7 +94,7 @@ METRIC_COLUMNS = (
     "rewards/margins",
     "logps/chosen",
     "logps/rejected",
-    "lr",
+    "learning_rate",
     "grad_norm",
     "tokens_per_second",
     "peak_memory_bytes",

@@ -1,18 +1,39 @@
-"""What every stage command shares: resolving its config and printing its summary."""
+"""Stage commands generated from their config dataclasses, and what they share.
+
+One declaration per option: a stage's config field (its name, type and
+docstring) is its flag (``--kebab-case``, ``--x/--no-x`` for booleans, a
+repeatable option for lists, a YAML mapping for dict fields). Every command
+also takes the shared ``--config FILE``, ``--print-config`` and ``--json``;
+``--progress/--no-progress``, ``--device`` and ``--dtype`` are fields where
+the stage has them, so they are spelled the same everywhere. TRL's names
+(pipeline/trl_names.py) are accepted as hidden flags too.
+
+Resolution order: dataclass defaults < ``--config`` YAML < flags; values are
+coerced to the field types on both paths (pipeline/config.py).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
+import sys
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from pipeline.config import config_to_yaml, load_config
+from pipeline.config import config_to_yaml, field_docs, field_types, load_config, unwrap_optional
 
 C = TypeVar("C")
+
+SHARED = ("config", "print_config", "as_json")
+"""Parameters every generated command has besides its config fields."""
+
+
+def emit_json(obj: Any) -> None:
+    """Print a machine-readable summary on stdout."""
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def resolve_config(cls: type[C], config_file: Path | None, flags: Mapping[str, Any], print_config: bool) -> C | None:
@@ -35,10 +56,11 @@ def summary_dict(result: Any) -> dict[str, Any]:
 def print_summary(title: str, data: Mapping[str, Any], as_json: bool) -> None:
     """JSON on stdout with ``--json``, else a two-column table."""
     if as_json:
-        from pipeline.cli import emit_json
-
         emit_json(dict(data))
         return
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value")
@@ -47,3 +69,170 @@ def print_summary(title: str, data: Mapping[str, Any], as_json: bool) -> None:
             value = f"{value:.6g}"
         table.add_row(str(key), str(value))
     Console().print(table)
+
+
+def summarize(title: str, run: Callable[[Any], Any]) -> Callable[[Any, bool], None]:
+    """The usual command body: run the stage, print its result."""
+
+    def action(cfg: Any, as_json: bool) -> None:
+        print_summary(title, summary_dict(run(cfg)), as_json)
+
+    return action
+
+
+# --- the generator --------------------------------------------------------------
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _flag_type(tp: Any) -> tuple[Any, str]:
+    """(annotation Typer sees, kind) for a field type; kind is scalar, list, bool or mapping."""
+    import typing
+
+    base, _ = unwrap_optional(tp)
+    origin = typing.get_origin(base)
+    if origin in (list, tuple):
+        item = (typing.get_args(base) or (str,))[0]
+        return Optional[list[item]], "list"  # type: ignore[valid-type]
+    if base is dict or origin is dict:
+        return Optional[str], "mapping"
+    if base is bool:
+        return Optional[bool], "bool"
+    if base in (int, float, str, Path):
+        return Optional[base], "scalar"
+    return Optional[str], "scalar"
+
+
+def _default_text(value: Any) -> str | bool:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) if value else False
+    if isinstance(value, dict):
+        return False
+    return "none" if value is None else str(value)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def stage_command(
+    cls: type,
+    action: Callable[[Any, bool], None],
+    *,
+    doc: str,
+    positional: Mapping[str, bool] | None = None,
+    extra_names: Mapping[str, tuple[str, ...]] | None = None,
+    load: Callable[[Path | None, dict[str, Any]], Any] | None = None,
+) -> Callable[..., None]:
+    """A Typer command function for config class ``cls``.
+
+    ``positional`` maps fields taken as arguments to whether they are required
+    (a list field takes any number); every other field is an option.
+    ``extra_names`` adds short or older spellings of a field's flag. The
+    command resolves the config (``load(config_file, flags)`` when given, else
+    defaults < file < flags) and calls ``action(cfg, as_json)``.
+    """
+    from pipeline.trl_names import aliases_for
+
+    positional = dict(positional or {})
+    extra_names = dict(extra_names or {})
+    docs = field_docs(cls)
+    types_ = field_types(cls)
+    params: list[inspect.Parameter] = []
+    kinds: dict[str, str] = {}
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    for f in sorted(fields, key=lambda f: f.name not in positional):
+        annotation, kind = _flag_type(types_[f.name])
+        kinds[f.name] = kind
+        help_text = docs.get(f.name, "")
+        if f.name in positional:
+            info = typer.Argument(... if positional[f.name] else None, help=help_text, show_default=False,
+                                  metavar=f.name.upper())
+        else:
+            decls = [flag_name(f.name)]
+            if kind == "bool":
+                decls = [f"{flag_name(f.name)}/--no-{f.name.replace('_', '-')}"]
+            decls += list(extra_names.get(f.name, ()))
+            if kind == "mapping":
+                help_text += " (a YAML mapping, e.g. '{key: value}')"
+            info = typer.Option(None, *decls, help=help_text, show_default=_default_text(_field_default(f)))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info,
+                                        annotation=annotation))
+    trl_params: dict[str, str] = {}
+    for trl_name, alias in aliases_for(cls).items():
+        if trl_name == alias.field or trl_name in types_:
+            continue
+        if alias.convert is None:
+            annotation, kind = _flag_type(types_[alias.field])
+        else:
+            flag_type = getattr(alias.convert, "flag_type", str)
+            annotation, kind = Optional[flag_type], "bool" if flag_type is bool else "scalar"
+        dashed = flag_name(trl_name)
+        decls = [dashed, f"--{trl_name}"]
+        info = typer.Option(None, *decls, hidden=True)  # a boolean becomes --bf16/--no-bf16
+        param = f"trl__{trl_name}"
+        trl_params[param] = trl_name
+        params.append(inspect.Parameter(param, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation))
+    params += [
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                          default=typer.Option(None, "--config", help="YAML config file (our or TRL's key names); "
+                                               "flags override it.")),
+        inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--print-config", help="Print the resolved config and exit.")),
+        inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--json", help="Print a JSON summary.")),
+    ]
+
+    def command(**kwargs: Any) -> None:
+        config = kwargs.pop("config")
+        print_config = kwargs.pop("print_config")
+        as_json = kwargs.pop("as_json")
+        flags: dict[str, Any] = {}
+        for name, value in kwargs.items():
+            if value is None or (kinds.get(name) == "list" and not value):
+                continue  # not given: the file's value or the default stands
+            if name in trl_params:
+                flags[trl_params[name]] = value
+            elif kinds.get(name) == "mapping":
+                flags[name] = _mapping_flag(name, value)
+            else:
+                flags[name] = list(value) if kinds.get(name) == "list" else value
+        if as_json and "progress" in kinds and not {"progress", "disable_tqdm"} & set(flags):
+            flags["progress"] = False  # a JSON summary is for programs: no bar unless asked for
+        cfg = _resolve(cls, config, flags, load)
+        if print_config:
+            typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
+            return
+        action(cfg, as_json)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__doc__ = doc
+    command.__name__ = f"{cls.__name__}_command"
+    command.config_class = cls  # type: ignore[attr-defined]
+    command.trl_flags = dict(trl_params)  # type: ignore[attr-defined]
+    return command
+
+
+def _resolve(cls: type, config: Path | None, flags: dict[str, Any], load) -> Any:
+    """The command's config from its file and flags (one function, so tests can see what the flags became)."""
+    return load(config, flags) if load is not None else load_config(cls, config, flags)
+
+
+def _mapping_flag(name: str, text: str) -> dict:
+    import yaml
+
+    from pipeline.errors import ConfigError
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{flag_name(name)}: not a YAML mapping: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag_name(name)}: expected a YAML mapping such as '{{key: value}}', got {text!r}")
+    return value

@@ -30,6 +30,7 @@ Truncation to ``max_length`` (prompt + the longer response must fit):
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from pipeline.errors import UserError
 from pipeline.prompts import (
     default_chat_template,

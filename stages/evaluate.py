@@ -22,15 +22,15 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import typer
 
 from pipeline.atomic import atomic_path, remove_owned, write_json_atomic
 from pipeline.cache import open_cache
 from pipeline.errors import ConfigError, UserError
+from pipeline.layout import EVAL_FILE, TASK_RESULTS
 from pipeline.numerics import DTYPES, PRECISIONS, Numerics, autocast, follow, of_fingerprint
 from pipeline.prompts import follow_cache, resolve_chat_template
+from pipeline.stagecli import stage_command, summarize
 
-TASK_RESULTS = "task_results.parquet"
 TASK_RESULTS_SCHEMA = pa.schema([
     ("model", pa.string()),  # "before" or "after"
     ("index", pa.int64()),
@@ -40,7 +40,6 @@ TASK_RESULTS_SCHEMA = pa.schema([
     ("predicted", pa.string()),
     ("correct", pa.bool_()),
 ])
-EVAL_FILE = "eval.json"
 NORMALIZE = ("none", "length")
 
 
@@ -273,7 +272,7 @@ def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
 def task_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, label: str,
                   chat_template: bool) -> tuple[float, list[dict]]:
     from pipeline.answers import extract_answer, is_correct, reference_answer
-    from stages.generate import complete
+    from pipeline.completion import complete
 
     prompts = [it["question"] for it in items]
     done = complete(model, tokenizer, prompts, gen_length=cfg.gen_length, block_length=cfg.block_length,
@@ -329,8 +328,8 @@ def choice_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, chat_t
 
 def run(cfg: EvalConfig) -> EvalResult:
     from pipeline.atomic import check_writable
+    from pipeline.devices import resolve_device
     from pipeline.numerics import load
-    from stages.score_ref import resolve_device
 
     start = time.perf_counter()
     check_writable(cfg.out, "eval output folder")
@@ -428,43 +427,7 @@ def _sample_report(rows: list[dict], policy: dict, reference: dict | None, beta:
     return out
 
 
-def command(
-    model: Optional[str] = typer.Option(None, "--model", help="Trained policy (folder, adapter folder or preset)."),
-    scores: Optional[Path] = typer.Option(None, "--scores", help="Reference-score cache with the held-out pairs."),
-    before: Optional[str] = typer.Option(None, "--before", help="Starting model (default: the cache's); 'none' skips."),
-    benchmark: Optional[Path] = typer.Option(None, "--benchmark", help="JSONL {question, answer}."),
-    choices: Optional[Path] = typer.Option(None, "--choices", help="JSONL {question, options, answer}."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where eval.json and task_results.parquet go."),
-    split: Optional[str] = typer.Option(None, "--split"),
-    limit_pairs: Optional[int] = typer.Option(None, "--limit-pairs"),
-    limit_task: Optional[int] = typer.Option(None, "--limit-task"),
-    limit_choices: Optional[int] = typer.Option(None, "--limit-choices"),
-    gen_length: Optional[int] = typer.Option(None, "--gen-length"),
-    block_length: Optional[int] = typer.Option(None, "--block-length"),
-    steps: Optional[int] = typer.Option(None, "--steps"),
-    samples: Optional[int] = typer.Option(None, "--samples"),
-    beta: Optional[float] = typer.Option(None, "--beta", help="beta of the reported implicit rewards."),
-    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
-    normalize: Optional[str] = typer.Option(None, "--normalize", help="Multiple-choice score: none or length."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Weights dtype (default: the cache's)."),
-    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, bf16 or fp16 (default: the cache's)."),
-    load_in_4bit: Optional[bool] = typer.Option(None, "--load-in-4bit", help="4-bit base (default: the cache's)."),
-    allow_numerics_mismatch: Optional[bool] = typer.Option(None, "--allow-numerics-mismatch"),
-    train_sample: Optional[int] = typer.Option(None, "--train-sample", help="Training pairs for the fresh-mask check."),
-    device: Optional[str] = typer.Option(None, "--device"),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
-) -> None:
-    """Evaluate the policy (and its starting model): held-out preference accuracy, task and choice accuracy."""
-    flags = {k: v for k, v in locals().items() if k not in ("config", "print_config", "as_json")}
-    from pipeline.stagecli import print_summary, resolve_config, summary_dict
 
-    cfg = resolve_config(EvalConfig, config, flags, print_config)
-    if cfg is None:
-        return
-    print_summary("eval", summary_dict(run(cfg)), as_json)
+command = stage_command(EvalConfig, summarize("eval", run),
+                        doc="Evaluate the policy (and its starting model): held-out preference accuracy, "
+                            "task and choice accuracy.")

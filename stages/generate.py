@@ -18,26 +18,22 @@ neighbours, and a resumed run gives what an uninterrupted one would.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
-
-import torch
-import typer
+from typing import Any, Iterable, Optional
 
 from pipeline.atomic import atomic_path
+from pipeline.completion import STOP_TOKENS, complete, prompt_seed, stop_token_ids  # noqa: F401  (re-exported)
 from pipeline.config import check_device, check_ranges, require, require_choice
+from pipeline.devices import DTYPE_NAMES, resolve_device
 from pipeline.errors import ConfigError, UserError
-from pipeline.prompts import encode_prompt, follow_cache, resolve_chat_template
-from pipeline.sampler import REMASKING, check_schedule, generate, trim_at_stop
-
-STOP_TOKENS = ("<|eot_id|>",)
-"""Stop tokens besides the tokenizer's EOS, used when the vocabulary has them."""
-
+from pipeline.progress import progress_bar
+from pipeline.prompts import follow_cache, resolve_chat_template
+from pipeline.sampler import REMASKING, check_schedule
+from pipeline.stagecli import stage_command
 
 RANGES = {"gen_length": "[1, inf)", "block_length": "[1, inf)", "steps": "[1, inf)", "temperature": "[0, inf)",
           "cfg_scale": "[0, inf)", "batch_size": "[1, inf)", "seed": "[0, inf)", "limit": "[0, inf)"}
@@ -99,7 +95,7 @@ class GenerateConfig:
         require(self.cfg_scale >= 0, f"cfg_scale must be >= 0, got {self.cfg_scale}")
         require(self.limit >= 0, f"limit must be >= 0, got {self.limit}")
         require_choice("remasking", self.remasking, REMASKING)
-        require_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        require_choice("dtype", self.dtype, DTYPE_NAMES)
 
     def sampler_settings(self) -> dict[str, Any]:
         """Everything that changes a completion; stored in each output row."""
@@ -201,90 +197,6 @@ def _jsonl_rows(path: Path) -> Iterable[tuple[str, dict]]:
             yield where, row
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    vocab = tokenizer.get_vocab()
-    ids += [vocab[t] for t in STOP_TOKENS if t in vocab]
-    return sorted(set(ids))
-
-
-def prompt_seed(seed: int, index: int) -> int:
-    """The noise seed of prompt ``index``: a stable 63-bit hash."""
-    digest = hashlib.sha256(f"lldm-dpo/generate/{seed}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-# --- sampling, reusable by eval --------------------------------------------------------
-
-
-def complete(
-    model,
-    tokenizer,
-    prompts: Sequence[Any],
-    *,
-    gen_length: int = 128,
-    block_length: int = 32,
-    steps: int = 128,
-    temperature: float = 0.0,
-    remasking: str = "low_confidence",
-    cfg_scale: float = 0.0,
-    seed: int = 0,
-    chat_template: Optional[bool] = None,
-    batch_size: int = 8,
-    indices: Sequence[int] | None = None,
-    on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Sample a completion for each prompt (text or messages), in memory.
-
-    Returns one dict per prompt in the given order: ``index``, ``completion``,
-    ``completion_tokens``, ``stopped``. ``indices`` (default 0..n-1) seed each
-    prompt's noise; ``on_batch`` receives each batch's results as they finish.
-    Prompts are rendered by ``pipeline.prompts`` (``chat_template`` None: the tokenizer's default).
-    """
-    indices = list(range(len(prompts))) if indices is None else list(indices)
-    device = next(model.parameters()).device
-    mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
-    mask_id = tokenizer.mask_token_id if mask_id is None else mask_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stops = stop_token_ids(tokenizer)
-    chat_template = resolve_chat_template(tokenizer, chat_template)
-    encoded = [encode_prompt(tokenizer, p, chat_template=chat_template, where=f"prompt {i}")
-               for p, i in zip(prompts, indices)]
-    limit = getattr(getattr(model, "config", None), "max_sequence_length", None)
-    if isinstance(limit, int):
-        for ids, i in zip(encoded, indices):
-            if len(ids) + gen_length > limit:
-                raise UserError(
-                    f"prompt {i}: {len(ids)} tokens + gen_length {gen_length} exceed the model's "
-                    f"max_sequence_length {limit}"
-                )
-    # Longest first, so each batch holds similar lengths (little padding) and
-    # an out-of-memory shows up in the first batch.
-    order = sorted(range(len(prompts)), key=lambda j: -len(encoded[j]))
-    results: list[dict[str, Any] | None] = [None] * len(prompts)
-    for first in range(0, len(order), batch_size):
-        chunk = order[first : first + batch_size]
-        generators = [torch.Generator(device=device).manual_seed(prompt_seed(seed, indices[j])) for j in chunk]
-        tokens = generate(
-            model, [encoded[j] for j in chunk], mask_token_id=mask_id, pad_token_id=pad_id,
-            gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
-            remasking=remasking, cfg_scale=cfg_scale, generator=generators, device=device,
-        ).cpu()
-        batch_results = []
-        for j, row in zip(chunk, tokens):
-            kept = trim_at_stop(row, stops)
-            results[j] = {
-                "index": indices[j],
-                "completion": tokenizer.decode(kept, skip_special_tokens=True),
-                "completion_tokens": len(kept),
-                "stopped": len(kept) < gen_length,
-            }
-            batch_results.append(results[j])
-        if on_batch is not None:
-            on_batch(batch_results)
-    return results  # type: ignore[return-value]
-
-
 # --- the stage -------------------------------------------------------------------------
 
 
@@ -360,14 +272,6 @@ def _dumps(row: dict[str, Any]) -> str:
     return json.dumps(row, ensure_ascii=False, default=str)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{device}' requested but CUDA is not available")
-    return torch.device(device)
-
-
 def run(cfg: GenerateConfig) -> GenerateResult:
     """Generate completions for every prompt not already in the output."""
     start_time = time.perf_counter()
@@ -430,7 +334,8 @@ def _sample_into(cfg: GenerateConfig, pending: list[PromptRecord], partial: Path
     model.eval()
     by_index = {r.index: r for r in pending}
     started = time.perf_counter()
-    with partial.open("a", encoding="utf-8") as stream, _progress(len(pending), cfg.progress) as advance:
+    with partial.open("a", encoding="utf-8") as stream, \
+            progress_bar("generate", len(pending), enabled=cfg.progress, unit="prompts") as bar:
 
         def on_batch(results: list[dict[str, Any]]) -> None:
             rows = [_output_row(by_index[r["index"]], r, settings) for r in results]
@@ -438,7 +343,7 @@ def _sample_into(cfg: GenerateConfig, pending: list[PromptRecord], partial: Path
             stream.flush()
             os.fsync(stream.fileno())
             sink.extend(rows)
-            advance(len(rows))
+            bar.advance(len(rows))
 
         # A pairs file's conversational row also carries its text rendering: the raw-text rule scores that.
         chat = resolve_chat_template(tokenizer, cfg.chat_template)
@@ -453,97 +358,19 @@ def _sample_into(cfg: GenerateConfig, pending: list[PromptRecord], partial: Path
     return time.perf_counter() - started
 
 
-class _progress:
-    """A rich bar on stderr (prompts/s, ETA); a no-op when disabled."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        import sys
-
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._bar = Progress(
-            TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=Console(file=sys.stderr),
-        )
-        self._bar.__enter__()
-        task = self._bar.add_task("generate", total=self.total, rate="")
-
-        def advance(n: int) -> None:
-            self._bar.advance(task, n)
-            speed = self._bar.tasks[task].speed
-            self._bar.update(task, rate=f"{speed:.2f} prompts/s" if speed else "")
-
-        return advance
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self._bar.__exit__(*exc)
-        return False
 
 
-def command(
-    model: Optional[str] = typer.Option(None, "--model", help="Preset name or local model folder."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSONL with prompt/question, or a pairs Arrow file."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output JSONL."),
-    prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="Input field holding the prompt."),
-    gen_length: Optional[int] = typer.Option(None, "--gen-length", help="Tokens generated per prompt."),
-    block_length: Optional[int] = typer.Option(None, "--block-length", help="Semi-autoregressive block size."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (forward passes) in all."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Gumbel-noise temperature (0: greedy)."),
-    remasking: Optional[str] = typer.Option(None, "--remasking", help="low_confidence or random."),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale (0: off)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per forward pass."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed."),
-    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template",
-                                                 help="Wrap prompts in the tokenizer's chat template."),
-    scores: Optional[Path] = typer.Option(None, "--scores", help="Reference-score cache whose prompt rendering "
-                                          "to follow."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="First N prompts only."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow remote modeling code."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
-) -> None:
-    """Sample completions with LLaDA's diffusion sampler (low-confidence remasking, blocks)."""
-    from pipeline.config import config_to_dict, config_to_yaml, load_config
+def _generate_action(cfg: GenerateConfig, as_json: bool) -> None:
+    from pipeline.config import config_to_dict
+    from pipeline.stagecli import emit_json, print_summary
 
-    flags = dict(model=model, prompts=None if prompts is None else str(prompts), out=None if out is None else str(out),
-                 prompt_field=prompt_field, gen_length=gen_length, block_length=block_length, steps=steps,
-                 temperature=temperature, remasking=remasking, cfg_scale=cfg_scale, batch_size=batch_size, seed=seed,
-                 chat_template=chat_template, scores=None if scores is None else str(scores), limit=limit,
-                 dtype=dtype, device=device,
-                 trust_remote_code=trust_remote_code, progress=False if (no_progress or as_json) else None)
-    cfg = load_config(GenerateConfig, config, flags)
-    if print_config:
-        typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
-        return
     result = run(cfg)
     summary = {k: v for k, v in result.__dict__.items() if k != "details"}
     if as_json:
-        from pipeline.cli import emit_json
-
         emit_json({**summary, "config": config_to_dict(cfg)})
-        return
-    from rich.console import Console
-    from rich.table import Table
+    else:
+        print_summary("generate", summary, as_json=False)
 
-    table = Table(title="generate", show_header=False, title_justify="left")
-    for key, value in summary.items():
-        table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
-    Console().print(table)
+
+command = stage_command(GenerateConfig, _generate_action,
+                        doc="Sample completions with LLaDA's diffusion sampler (low-confidence remasking, blocks).")

@@ -17,7 +17,6 @@ import contextlib
 import heapq
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -25,11 +24,11 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import typer
 
 from pipeline.atomic import atomic_path
-from pipeline.config import config_to_yaml, load_config, require
+from pipeline.config import require
 from pipeline.errors import ConfigError, UserError
+from pipeline.layout import quarantine_path_for
 from pipeline.pairs import (
     FieldMap,
     Invalid,
@@ -56,6 +55,7 @@ from pipeline.readers import (
     parse_line,
 )
 from pipeline.schemas import PAIRS_SCHEMA, REASON_CODES, SPLITS
+from pipeline.stagecli import stage_command
 
 DEFAULT_OUT = "data/out/pairs.arrow"
 _BATCH_ROWS = 4096
@@ -63,13 +63,6 @@ _PROGRESS_MIN_BYTES = 16 << 20  # smaller inputs finish before a bar is worth dr
 _PARALLEL_MIN_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
 _CHUNK_BYTES = 8 << 20  # large chunks amortize the per-chunk Arrow calls
 _FAST_PATH = True  # tests switch it off to compare both paths
-
-
-def quarantine_path_for(out: str | Path) -> Path:
-    """Where the quarantine goes by default: beside the pairs file (``pairs.arrow`` -> ``pairs.quarantine.jsonl``)."""
-    out = Path(out)
-    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
-    return out.with_name(f"{stem}.quarantine.jsonl")
 
 
 @dataclass
@@ -215,25 +208,9 @@ def _check_inputs(inputs: list[str]) -> list[Path]:
 def _make_progress(total: int, enabled: bool):
     if not enabled or total < _PROGRESS_MIN_BYTES:
         return None
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    from pipeline.progress import byte_progress
 
-    return Progress(
-        TextColumn("ingest"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
+    return byte_progress("ingest")
 
 
 @dataclass(frozen=True)
@@ -672,54 +649,15 @@ def print_report(result: IngestResult) -> None:
     console.print(f"pairs: {result.out}\nquarantine: {result.quarantine}")
 
 
-def command(
-    inputs: list[str] = typer.Argument(None, help="Input files: .jsonl, .jsonl.gz, .json, .parquet, datasets folders.", show_default=False),
-    out: str = typer.Option(None, "--out", "-o", help=f"Pairs file to write (Arrow IPC). [default: {DEFAULT_OUT}]"),
-    quarantine: str = typer.Option(None, "--quarantine", help="Quarantine JSONL. [default: beside --out]"),
-    prompt_field: str = typer.Option(None, "--prompt-field", help="Input field with the prompt. [default: prompt]"),
-    chosen_field: str = typer.Option(None, "--chosen-field", help="Input field with the chosen response. [default: chosen]"),
-    rejected_field: str = typer.Option(None, "--rejected-field", help="Input field with the rejected response. [default: rejected]"),
-    keep_field: list[str] = typer.Option(None, "--keep-field", help="Extra input field to keep as a column (repeatable)."),
-    max_chars: int = typer.Option(None, "--max-chars", help="Quarantine texts longer than this (0: no limit)."),
-    eval_fraction: float = typer.Option(None, "--eval-fraction", help="Fraction of prompts held out as split 'eval' (besides the input's own eval splits)."),
-    split_field: str = typer.Option(None, "--split-field", help="Input field naming a record's own split ('' to ignore). [default: split]"),
-    strict: bool = typer.Option(None, "--strict/--no-strict", help="Exit 1 if any record is quarantined."),
-    progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar on large inputs."),
-    workers: int = typer.Option(None, "--workers", help="Parser processes for large JSONL inputs. [default: 1]"),
-    config: Path = typer.Option(None, "--config", help="YAML config file (flags override it)."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-) -> None:
-    """Validate preference pairs from JSONL/JSON/Parquet/datasets inputs into an Arrow pairs file."""
-    cfg = load_config(
-        IngestConfig,
-        config_file=config,
-        overrides={
-            "inputs": list(inputs) if inputs else None,
-            "out": out,
-            "quarantine": quarantine,
-            "prompt_field": prompt_field,
-            "chosen_field": chosen_field,
-            "rejected_field": rejected_field,
-            "keep_fields": list(keep_field) if keep_field else None,
-            "max_chars": max_chars,
-            "eval_fraction": eval_fraction,
-            "split_field": split_field,
-            "strict": strict,
-            "progress": progress,
-            "workers": workers,
-        },
-    )
-    if print_config:
-        typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
-        return
+
+def _ingest_action(cfg: IngestConfig, as_json: bool) -> None:
+    from pipeline.stagecli import emit_json
+
     try:
         result, failure = run(cfg), None
     except NothingAccepted as exc:  # the report still shows what happened, then the one-line error
         result, failure = exc.result, exc
-    if json_out:
-        from pipeline.cli import emit_json
-
+    if as_json:
         emit_json(result.to_dict())
     else:
         print_report(result)
@@ -727,3 +665,8 @@ def command(
         raise failure
     if cfg.strict and result.quarantined:
         raise UserError(f"--strict: {result.quarantined} of {result.read} records quarantined (see {result.quarantine})")
+
+
+command = stage_command(IngestConfig, _ingest_action, positional={"inputs": False},
+                        extra_names={"out": ("-o",), "keep_fields": ("--keep-field",)},
+                        doc="Validate preference pairs from JSONL/JSON/Parquet/datasets inputs into an Arrow pairs file.")

@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import typer
-
 from pipeline.atomic import atomic_path
 from pipeline.config import check_device, check_ranges, require, require_choice
 from pipeline.errors import ConfigError, UserError
@@ -51,6 +49,7 @@ from pipeline.selfpairs import (
     read_questions,
     sample_seed,
 )
+from pipeline.stagecli import stage_command
 
 
 def samples_path_for(out: str | Path) -> Path:
@@ -374,49 +373,14 @@ def _sample_into(cfg: MakePairsConfig, sampler, pending: list[SampleItem], parti
     return time.perf_counter() - started
 
 
-def command(
-    questions: Optional[Path] = typer.Argument(None, help="JSONL of {question, answer} records."),
-    model: Optional[str] = typer.Option(None, "--model", help="The sampling policy: preset, model or adapter folder."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Pairs JSONL (samples go beside it)."),
-    question_field: Optional[str] = typer.Option(None, "--question-field", help="Field holding the question."),
-    answer_field: Optional[str] = typer.Option(None, "--answer-field", help="Field holding the reference answer."),
-    solution_field: Optional[str] = typer.Option(None, "--solution-field",
-                                                 help="Field holding the reference solution (fallback's chosen)."),
-    id_field: Optional[str] = typer.Option(None, "--id-field", help="Field holding a question id."),
-    num_generations: Optional[int] = typer.Option(None, "--num-generations", help="Samples per question (k)."),
-    pairs_per_question: Optional[int] = typer.Option(None, "--pairs-per-question", help="Most pairs per question."),
-    reference_solution_fallback: Optional[bool] = typer.Option(
-        None, "--reference-solution-fallback/--no-reference-solution-fallback",
-        help="No correct sample: the reference solution is chosen (else the question is skipped)."),
-    gen_length: Optional[int] = typer.Option(None, "--gen-length", help="Tokens generated per sample."),
-    block_length: Optional[int] = typer.Option(None, "--block-length", help="Semi-autoregressive block size."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (forward passes) in all."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Gumbel-noise temperature."),
-    remasking: Optional[str] = typer.Option(None, "--remasking", help="low_confidence or random."),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale (0: off)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per forward pass."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed."),
-    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template",
-                                                 help="Wrap questions in the tokenizer's chat template."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="First N questions only."),
-    round: Optional[int] = typer.Option(None, "--round", help="Round label written in every row."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow remote modeling code."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
-) -> None:
-    """Preference pairs from the model's own samples: k solutions per question, graded, correct chosen."""
-    flags = {k: v for k, v in locals().items() if k not in ("config", "print_config", "as_json", "no_progress")}
-    from pipeline.stagecli import print_summary, resolve_config, summary_dict
+def _make_pairs_action(cfg: MakePairsConfig, as_json: bool) -> None:
+    from pipeline.stagecli import print_summary, summary_dict
 
-    flags.update(questions=None if questions is None else str(questions), out=None if out is None else str(out),
-                 progress=False if (no_progress or as_json) else None)
-    cfg = resolve_config(MakePairsConfig, config, flags, print_config)
-    if cfg is None:
-        return
     data = summary_dict(run(cfg))
     data.pop("details", None)
     print_summary("make-pairs", data, as_json)
+
+
+command = stage_command(MakePairsConfig, _make_pairs_action, positional={"questions": False},
+                        doc="Preference pairs from the model's own samples: k solutions per question, graded, "
+                            "correct chosen.")

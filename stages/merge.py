@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import typer
-
 from pipeline.atomic import atomic_dir, check_writable
+from pipeline.config import require_choice
+from pipeline.devices import DTYPE_NAMES
 from pipeline.errors import UserError
 from pipeline.models import load_model
 from pipeline.models.loading import LORA_ADAPTER_CONFIG as ADAPTER_CONFIG
+from pipeline.stagecli import stage_command, summarize
 
 
 @dataclass
@@ -36,14 +37,25 @@ def merge(adapter_dir: str | Path, out: str | Path, *, dtype: str = "float32", o
     return MergeResult(base=str(base), out=str(out), parameters=sum(p.numel() for p in merged.parameters()))
 
 
-def command(
-    adapter: Path = typer.Argument(..., help="Adapter folder (RUN_DIR/final of a LoRA run)."),
-    out: Path = typer.Option(..., "--out", help="Folder for the merged full model."),
-    dtype: str = typer.Option("float32", "--dtype", help="dtype of the merged weights."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
-) -> None:
-    """Merge a LoRA adapter into its base model and save a full Hugging Face checkpoint."""
-    from pipeline.stagecli import print_summary, summary_dict
+@dataclass
+class MergeConfig:
+    adapter: Path = Path("runs/dpo/final")
+    """Adapter folder (RUN_DIR/final of a LoRA run)."""
+    out: Path = Path("runs/dpo/merged")
+    """Folder for the merged full model."""
+    dtype: str = "float32"
+    """dtype of the merged weights: float32, bfloat16 or float16."""
+    overwrite: bool = False
+    """Replace an existing output folder."""
 
-    print_summary("merge", summary_dict(merge(adapter, out, dtype=dtype, overwrite=overwrite)), as_json)
+    def __post_init__(self) -> None:
+        self.adapter, self.out = Path(self.adapter), Path(self.out)
+        require_choice("dtype", self.dtype, DTYPE_NAMES)
+
+
+def run(cfg: MergeConfig) -> MergeResult:
+    return merge(cfg.adapter, cfg.out, dtype=cfg.dtype, overwrite=cfg.overwrite)
+
+
+command = stage_command(MergeConfig, summarize("merge", run), positional={"adapter": True},
+                        doc="Merge a LoRA adapter into its base model and save a full Hugging Face checkpoint.")

@@ -22,7 +22,6 @@ import typer
 from pipeline.config import load_config, read_config_file, require
 from pipeline.errors import ConfigError, UserError
 
-
 RANGES = {"world_size": "[1, inf)", "samples": "[0, inf)", "max_length": "[0, inf)", "prompt_length": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
@@ -126,7 +125,7 @@ def parse_stage_flags(cls, args: list[str], stage: str) -> dict[str, Any]:
             try:
                 out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
             except (TypeError, ValueError):
-                raise UserError(f"plan {stage}: --{name} {value!r} is not a valid {getattr(kind, '__name__', kind)}")
+                raise UserError(f"plan {stage}: --{name} {value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
         i += 1
     return out
 

@@ -24,13 +24,13 @@ import json
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import typer
+from typing import Any, Optional
 
 from pipeline.errors import UserError
-from pipeline.schemas import QUARANTINE_FIELDS
+from pipeline.layout import METRICS_FILE, TASK_RESULTS
+from pipeline.stagecli import stage_command
 
 QUERIES_DIR = Path(__file__).resolve().parent / "queries"
 _QUARANTINE_TYPES = {"source": "VARCHAR", "line": "BIGINT", "reason": "VARCHAR", "message": "VARCHAR", "raw": "VARCHAR"}
@@ -63,6 +63,8 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=
     import duckdb
     import pyarrow as pa
 
+    from pipeline.schemas import QUARANTINE_FIELDS  # here, not at the top: `query --help` needs no pyarrow
+
     con = duckdb.connect(":memory:")
     if pairs is not None:
         pairs = Path(pairs)
@@ -74,7 +76,7 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=
             raise UserError(f"{pairs}: not an Arrow IPC pairs file: {exc}") from None
         con.register("pairs", table)
         if quarantine is None:
-            from stages.ingest import quarantine_path_for
+            from pipeline.layout import quarantine_path_for
 
             beside = quarantine_path_for(pairs)
             if beside.is_file():
@@ -97,11 +99,11 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=
             raise UserError(f"{scores}: no part-*.parquet score files in this folder")
         con.execute(f"CREATE VIEW scores AS SELECT * FROM read_parquet({_sql_str(scores / 'part-*.parquet')}, union_by_name=true)")
     if run is not None:
-        metrics = Path(run) / "metrics.parquet"
+        metrics = Path(run) / METRICS_FILE
         if not metrics.is_file():
             raise UserError(f"{metrics}: metrics file not found (is {run} a training run folder?)")
         con.execute(f"CREATE VIEW metrics AS SELECT * FROM read_parquet({_sql_str(metrics)})")
-        task_results = Path(run) / "task_results.parquet"
+        task_results = Path(run) / TASK_RESULTS
         if task_results.is_file():
             con.execute(f"CREATE VIEW task_results AS SELECT * FROM read_parquet({_sql_str(task_results)})")
     if samples is not None:
@@ -234,35 +236,53 @@ def _print_table(columns: list[str], rows: list[tuple], max_cell: int = 80) -> N
     console.print(f"{len(rows)} row{'s' if len(rows) != 1 else ''}", style="dim")
 
 
-def command(
-    sql: str = typer.Argument(None, help="SQL over the views pairs, quarantine, scores, metrics.", show_default=False),
-    pairs: Path = typer.Option(None, "--pairs", help="Ingest output (Arrow): views 'pairs' and 'quarantine'."),
-    quarantine: Path = typer.Option(None, "--quarantine", help="Quarantine JSONL (default: beside --pairs)."),
-    scores: Path = typer.Option(None, "--scores", help="score-ref output folder: view 'scores'."),
-    run: Path = typer.Option(None, "--run", help="Training run folder: view 'metrics'."),
-    samples: Path = typer.Option(None, "--samples", help="make-pairs samples file, or a folder of them: view 'samples'."),
-    preset: str = typer.Option(None, "--preset", help="Run a named query from stages/queries/ instead of SQL."),
-    json_out: bool = typer.Option(False, "--json", help="Print a JSON array of row objects."),
-    csv_out: bool = typer.Option(False, "--csv", help="Print CSV."),
-    allow_write: bool = typer.Option(False, "--allow-write",
-                                     help="Allow statements that write files or change settings (COPY ... TO, ...)."),
-) -> None:
-    """Query pairs, quarantine, reference scores and training metrics with SQL (DuckDB)."""
-    if json_out and csv_out:
-        raise UserError("choose one of --json and --csv")
-    if preset is not None and sql:
+@dataclass
+class QueryConfig:
+    sql: str = ""
+    """SQL over the views pairs, quarantine, scores, metrics (and task_results)."""
+    pairs: Optional[Path] = None
+    """Ingest output (Arrow): views 'pairs' and 'quarantine'."""
+    quarantine: Optional[Path] = None
+    """Quarantine JSONL (default: beside pairs)."""
+    scores: Optional[Path] = None
+    """score-ref output folder: view 'scores'."""
+    run: Optional[Path] = None
+    """Training run folder: view 'metrics' (and 'task_results' once evaluated)."""
+    samples: Optional[Path] = None
+    """make-pairs samples file, or a folder of them: view 'samples'."""
+    preset: Optional[str] = None
+    """Run a named query from stages/queries/ instead of SQL."""
+    csv: bool = False
+    """Print CSV (--json prints a JSON array of row objects)."""
+    allow_write: bool = False
+    """Allow statements that write files or change settings (COPY ... TO, ...)."""
+
+
+def run(cfg: QueryConfig) -> tuple[list[str], list[tuple]]:
+    """The query's columns and rows."""
+    if cfg.preset is not None and cfg.sql:
         raise UserError("give either SQL or --preset, not both")
-    if preset is not None:
-        sql = preset_sql(preset)
+    sql = preset_sql(cfg.preset) if cfg.preset is not None else cfg.sql
     if not sql:
         raise UserError(f"no SQL given (pass a query, or --preset NAME: {', '.join(presets())})")
-    con = open_connection(pairs=pairs, quarantine=quarantine, scores=scores, run=run, samples=samples)
-    if not allow_write:
+    con = open_connection(pairs=cfg.pairs, quarantine=cfg.quarantine, scores=cfg.scores, run=cfg.run,
+                          samples=cfg.samples)
+    if not cfg.allow_write:
         read_only_settings(con)
-    columns, rows = execute(con, sql, allow_write=allow_write)
-    if json_out:
+    return execute(con, sql, allow_write=cfg.allow_write)
+
+
+def _query_action(cfg: QueryConfig, as_json: bool) -> None:
+    if as_json and cfg.csv:
+        raise UserError("choose one of --json and --csv")
+    columns, rows = run(cfg)
+    if as_json:
         sys.stdout.write(json.dumps(rows_as_dicts(columns, rows), ensure_ascii=False, indent=2) + "\n")
-    elif csv_out:
+    elif cfg.csv:
         sys.stdout.write(to_csv(columns, rows))
     else:
         _print_table(columns, rows)
+
+
+command = stage_command(QueryConfig, _query_action, positional={"sql": False},
+                        doc="Query pairs, quarantine, reference scores and training metrics with SQL (DuckDB).")

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-import typer
-
 from pipeline.config import check_device, load_config, read_config_file
 from pipeline.errors import ConfigError
+from pipeline.stagecli import stage_command
 
 EMBEDDED_DEFAULT = Path(__file__).with_name("run.yaml")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +91,10 @@ def merged_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
         origin = str(config_file)
     else:
         origin = str(EMBEDDED_DEFAULT)
+    flags = dict(flags)
+    for key in SECTIONS:  # a section given as a flag adds to the file's section
+        if isinstance(flags.get(key), dict):
+            base[key] = {**base.get(key, {}), **flags.pop(key)}
     return load_config(RunConfig, None, flags, values=base, origin=origin)
 
 
@@ -221,34 +224,13 @@ def print_run_summary(result: RunResult) -> None:
     console.print("try:", result.example_query, soft_wrap=True, markup=False)
 
 
-def command(
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for every artefact [default: runs/default]."),
-    model: Optional[str] = typer.Option(None, "--model", help="Reference model and policy init [default: tiny]."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
-    rounds: Optional[int] = typer.Option(None, "--rounds", help="Iterative rounds of self-generated pairs (0: one pass)."),
-    questions: Optional[Path] = typer.Option(None, "--questions", help="Questions JSONL for --rounds."),
-    round_reference: Optional[str] = typer.Option(None, "--round-reference",
-                                                  help="Each round's reference: policy (its starting policy) or initial."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML with sections ingest/score_ref/train/eval/make_pairs."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
-) -> None:
-    """Run every stage in order on the embedded default (or your config): ingest, score-ref, train, eval, report."""
+def _run_action(cfg: RunConfig, as_json: bool) -> None:
     import sys
 
-    from pipeline.config import config_to_yaml
-    from pipeline.stagecli import summary_dict
+    from pipeline.stagecli import emit_json, summary_dict
 
-    cfg = merged_config(config, {"out": out, "model": model, "device": device, "rounds": rounds,
-                                 "questions": None if questions is None else str(questions),
-                                 "round_reference": round_reference})
-    if print_config:
-        typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
-        return
     result = run(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     if as_json:
-        from pipeline.cli import emit_json
-
         emit_json(summary_dict(result))
     elif cfg.rounds:
         from stages.run_rounds import print_rounds_summary
@@ -256,3 +238,8 @@ def command(
         print_rounds_summary(result)
     else:
         print_run_summary(result)
+
+
+command = stage_command(RunConfig, _run_action, load=merged_config,
+                        doc="Run every stage in order on the embedded default (or your config): ingest, score-ref, "
+                            "train, eval, report.")

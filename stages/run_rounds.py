@@ -200,7 +200,7 @@ def run_rounds(cfg, log=print) -> RoundsResult:
         t0 = time.perf_counter()
         times: dict[str, float] = {}
 
-        def timed(name, fn, stage_cfg):
+        def timed(name, fn, stage_cfg, r=r, times=times):  # bound now: called within this round only
             t = time.perf_counter()
             log(f"[round {r}: {name}] ...")
             result = fn(stage_cfg)
@@ -228,7 +228,7 @@ def run_rounds(cfg, log=print) -> RoundsResult:
         ev_cfg = round_configs(cfg, r, start_model, ref_model, has_eval_pairs=ing.splits.get("eval", 0) > 0)[4]
         ev = timed("eval", evaluate.run, ev_cfg)
         if cfg.report:
-            timed("report", lambda _: write_report(tr_cfg.out), None)
+            timed("report", lambda _, run_dir=tr_cfg.out: write_report(run_dir), None)
         if r == 1:
             initial_acc = ev.task_accuracy.get("before")
         summary = {

@@ -24,7 +24,6 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import typer
 
 from pipeline import __version__
 from pipeline.atomic import atomic_path, check_writable, clear_owned, sweep_stale, write_json_atomic
@@ -40,12 +39,14 @@ from pipeline.cache import (
     read_part,
 )
 from pipeline.config import check_device, check_ranges, config_to_dict
+from pipeline.devices import process_state, resolve_device
 from pipeline.errors import ConfigError, UserError
 from pipeline.numerics import DTYPES, PRECISIONS, Numerics, autocast
 from pipeline.pairsfile import read_pairs
-from pipeline.prompts import PROMPT_RENDERER, resolve_chat_template
 from pipeline.progress import progress_bar
+from pipeline.prompts import PROMPT_RENDERER, resolve_chat_template
 from pipeline.schemas import SCORES_MANIFEST, SCORES_SCHEMA
+from pipeline.stagecli import stage_command
 
 ESTIMATOR_VERSION = "elbo-masked-v1"
 """Bump when the estimator's arithmetic changes: old caches then no longer match."""
@@ -145,23 +146,6 @@ class ScoreRefResult:
     """Pairs whose chosen and rejected ids are equal once truncated (train skips them)."""
     truncated: int = 0
     """Pairs cut to --max-length (some tokens dropped)."""
-
-
-def process_state(device: str = "auto"):
-    """accelerate's process state; on a machine without CUDA, processes started by
-    ``accelerate launch``/``torchrun`` join as CPU workers (gloo) instead of each
-    believing it is alone."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return process_state(device).device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{device}' requested but CUDA is not available")
-    return torch.device(device)
 
 
 def build_fingerprint(cfg: ScoreRefConfig, model_identity: Any, tokenizer_identity: str, pairs_sha: str) -> dict[str, Any]:
@@ -476,48 +460,22 @@ def _across_processes(value: float, state) -> float:
     return float(t.item())
 
 
-def command(
-    pairs: Path = typer.Argument(..., help="Pairs file from `lldm-dpo ingest`."),
-    model: Optional[str] = typer.Option(None, "--model", help="Reference model: preset name or local folder."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Cache folder."),
-    samples: Optional[int] = typer.Option(None, "--samples", help="Monte Carlo samples per response and draw."),
-    draws: Optional[int] = typer.Option(None, "--draws", help="Independent mask sets (one per epoch)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Global mask seed."),
-    scheme: Optional[str] = typer.Option(None, "--scheme", help="l_over_L or one_over_t."),
-    eps: Optional[float] = typer.Option(None, "--eps", help="Lower bound of t for one_over_t."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Longest prompt + response in tokens."),
-    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Token budget per forward pass."),
-    pairs_per_part: Optional[int] = typer.Option(None, "--pairs-per-part", help="Pairs per part file."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
-    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="Autocast: no, bf16 or fp16."),
-    load_in_4bit: Optional[bool] = typer.Option(None, "--load-in-4bit", help="4-bit NF4 base (CUDA, bitsandbytes)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N pairs."),
-    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow remote modeling code."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a cache made differently."),
-    plan: Optional[bool] = typer.Option(None, "--plan/--no-plan", help="Check the memory plan first (CUDA)."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
-) -> None:
-    """Score the pairs with the frozen reference model and cache the ELBO terms with their seeds."""
-    from pipeline.stagecli import print_summary, resolve_config, summary_dict
 
-    flags = dict(pairs=pairs, model=model, out=out, samples=samples, draws=draws, seed=seed, scheme=scheme, eps=eps,
-                 max_length=max_length, batch_tokens=batch_tokens, pairs_per_part=pairs_per_part, dtype=dtype,
-                 mixed_precision=mixed_precision, load_in_4bit=load_in_4bit,
-                 device=device, limit=limit, chat_template=chat_template, trust_remote_code=trust_remote_code,
-                 overwrite=overwrite, plan=plan, progress=False if (no_progress or as_json) else None)
-    cfg = resolve_config(ScoreRefConfig, config, flags, print_config)
-    if cfg is None:
-        return
+_JSON_KEYS = ("pairs", "tokens", "seconds", "padding_fraction", "out", "fingerprint", "scored_now", "reused",
+              "identical_after_truncation", "truncated")
+
+
+def _score_ref_action(cfg: ScoreRefConfig, as_json: bool) -> None:
+    from pipeline.stagecli import print_summary, summary_dict
+
     result = run(cfg)
     if not process_state(cfg.device).is_main_process:
         return
     data = summary_dict(result)
     if as_json:
-        data = {k: data[k] for k in ("pairs", "tokens", "seconds", "padding_fraction", "out", "fingerprint",
-                                     "scored_now", "reused", "identical_after_truncation", "truncated")}
+        data = {k: data[k] for k in _JSON_KEYS}
     print_summary("score-ref", data, as_json)
+
+
+command = stage_command(ScoreRefConfig, _score_ref_action, positional={"pairs": True},
+                        doc="Score the pairs with the frozen reference model and cache the ELBO terms with their seeds.")

@@ -9,21 +9,21 @@ is never loaded (unless ``--reference online``, the baseline).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
-import re
 import resource
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import typer
 
 from pipeline.cache import describe_difference, fingerprint_differences, open_cache
+from pipeline.devices import DTYPE_NAMES
 from pipeline.errors import ConfigError, UserError
+from pipeline.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, RUN_OUTPUTS
 from pipeline.losses import (
     LOSS_TYPES,
     dpo_loss,
@@ -33,9 +33,10 @@ from pipeline.losses import (
     sft_loss,
     validate_loss_args,
 )
-from pipeline.models import LORA_TARGET_NAMES
+from pipeline.models import LORA_TARGET_NAMES, lora_target_modules
 from pipeline.numerics import Numerics
 from pipeline.replay import PairBatch, replay_requests  # noqa: F401  (PairBatch: the batch type of this stage)
+from pipeline.stagecli import stage_command
 
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -46,7 +47,7 @@ RANGES = {"beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "sft_weight": "[0, 
           "max_steps": "[0, inf)", "warmup_ratio": "[0, 1)", "max_grad_norm": "[0, inf)", "lora_r": "[0, inf)",
           "lora_alpha": "[1, inf)", "lora_dropout": "[0, 1)", "sequence_microbatch": "[0, inf)",
           "batch_tokens": "[1, inf)", "save_every": "[0, inf)", "keep_checkpoints": "[0, inf)", "seed": "[0, inf)",
-          "log_every": "[1, inf)", "gap_threshold": "[0, inf)"}
+          "log_every": "[1, inf)", "gap_threshold": "[0, inf)", "max_length": "[1, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
@@ -61,13 +62,15 @@ class TrainConfig:
     allow_different_init: bool = False
     """Accept a starting model other than the cache's reference model."""
     loss: str = "sigmoid"
-    """DPO loss: sigmoid, ipo, hinge or robust."""
+    """Loss: sigmoid, ipo, hinge or robust, optionally with sft, comma-separated (TRL's loss_type list), e.g. sigmoid,sft."""
+    loss_weights: Optional[list[float]] = None
+    """Weight of each loss named in `loss`, in order (TRL's loss_weights); default 1.0 each."""
     beta: float = 0.1
     """DPO temperature beta."""
     label_smoothing: float = 0.0
     """Label noise rate for sigmoid (conservative DPO) and robust losses."""
     sft_weight: float = 0.0
-    """Weight of an SFT term (chosen response's per-token negative ELBO), as TRL's rpo_alpha."""
+    """Weight of an SFT term (chosen response's per-token negative ELBO), as TRL's rpo_alpha; adds to an sft loss's weight."""
     learning_rate: float = 1e-5
     """Peak AdamW learning rate."""
     weight_decay: float = 0.0
@@ -119,6 +122,8 @@ class TrainConfig:
     """cached (the cache's terms) or online (a live reference scored on the same masks: the baseline)."""
     batch_tokens: int = 16384
     """Token budget of one forward pass."""
+    max_length: Optional[int] = None
+    """Longest prompt + response (TRL's max_length). Truncation happens in score-ref: when set, it must equal the cache's."""
     save_every: int = 0
     """Checkpoint every N steps (0 = only at the end)."""
     keep_checkpoints: int = 2
@@ -148,17 +153,17 @@ class TrainConfig:
 
         check_ranges(self, RANGES)
         check_device(self.device)
-        if self.loss not in LOSS_TYPES:
-            raise ConfigError(f"loss must be one of {', '.join(LOSS_TYPES)}, got '{self.loss}'")
-        validate_loss_args(beta=self.beta, loss_type=self.loss, label_smoothing=self.label_smoothing)
+        self._check_losses()
+        validate_loss_args(beta=self.beta, loss_type=self.preference_loss or "sigmoid",
+                           label_smoothing=self.label_smoothing)
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got '{self.scheduler}'")
         if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got '{self.mixed_precision}'")
         if self.reference not in ("cached", "online"):
             raise ConfigError(f"reference must be cached or online, got '{self.reference}'")
-        if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got '{self.dtype}'")
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got '{self.dtype}'")
         for name in ("batch_size", "grad_accum", "epochs", "log_every", "batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -175,6 +180,52 @@ class TrainConfig:
             raise ConfigError("sequence_microbatch needs lora_dropout = 0 (dropout differs between the two passes)")
         if self.load_in_4bit and self.lora_r == 0:
             raise ConfigError("load_in_4bit trains adapters only: set lora_r > 0")
+
+
+    def _check_losses(self) -> None:
+        names = self.loss_names
+        known = (*LOSS_TYPES, "sft")
+        for name in names:
+            if name not in known:
+                raise ConfigError(f"loss: unknown loss type '{name}'; expected one of {', '.join(known)}")
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"loss must name each loss once, got '{self.loss}'")
+        preference = [n for n in names if n != "sft"]
+        if len(preference) > 1:
+            raise ConfigError(f"loss: one preference loss at a time (got {', '.join(preference)}); combine one of "
+                              f"{', '.join(LOSS_TYPES)} with sft")
+        if self.loss_weights is not None:
+            if len(self.loss_weights) != len(names):
+                raise ConfigError(f"loss_weights has {len(self.loss_weights)} value(s) for {len(names)} loss(es) "
+                                  f"({', '.join(names)})")
+            if not all(math.isfinite(w) and w >= 0 for w in self.loss_weights):
+                raise ConfigError(f"loss_weights must be finite and >= 0, got {self.loss_weights}")
+        if self.sft_weight < 0 or not math.isfinite(self.sft_weight):
+            raise ConfigError(f"sft_weight must be finite and >= 0, got {self.sft_weight}")
+
+    @property
+    def loss_names(self) -> list[str]:
+        return [n.strip() for n in str(self.loss).split(",") if n.strip()]
+
+    def _weight_of(self, name: str) -> float:
+        names = self.loss_names
+        if name not in names:
+            return 0.0
+        return 1.0 if self.loss_weights is None else float(self.loss_weights[names.index(name)])
+
+    @property
+    def preference_loss(self) -> Optional[str]:
+        """The DPO-family loss in `loss`, or None when only sft is trained."""
+        return next((n for n in self.loss_names if n != "sft"), None)
+
+    @property
+    def preference_weight(self) -> float:
+        return self._weight_of(self.preference_loss) if self.preference_loss else 0.0
+
+    @property
+    def sft_total_weight(self) -> float:
+        """The SFT term's weight: an sft entry's loss weight plus sft_weight (rpo_alpha), as TRL adds both."""
+        return self._weight_of("sft") + self.sft_weight
 
 
 @dataclass
@@ -218,12 +269,7 @@ def adapt_policy(model, cfg: TrainConfig, numerics: Optional[Numerics] = None):
 
             model = prepare_4bit(model, cfg.gradient_checkpointing)
         names = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
-        if getattr(model.config, "model_type", "") == "llada":
-            # LLaDA names its LM head `ff_out` like the blocks' down projection:
-            # a pattern anchored on `blocks.N.` adapts the blocks, never the head.
-            targets: Any = r".*\.blocks\.\d+\.(" + "|".join(map(re.escape, names)) + ")"
-        else:
-            targets = names
+        targets = lora_target_modules(getattr(model.config, "model_type", ""), names)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=targets, bias="none")
         try:
@@ -260,16 +306,13 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-RUN_OUTPUTS = ("checkpoints", "final", "metrics.parquet", "tensorboard", "eval.json", "task_results.parquet",
-               "report.html", "report.png")
-"""What a run folder holds; a fresh run into a used folder is refused (or, with overwrite, clears these)."""
 
 
 def check_run_outputs(out: Path) -> None:
     """An earlier run's files that train would replace must be its own: a user's file is never removed."""
     from pipeline.atomic import is_owned
 
-    for name in RUN_OUTPUTS + ("config.yaml",):
+    for name in RUN_OUTPUTS + (CONFIG_FILE,):
         path = out / name
         if path.exists() and not path.is_dir() and not is_owned(path):
             raise UserError(f"{path}: was not written by lldm-dpo (not in {out}/.lldm-dpo-written); move it away "
@@ -354,12 +397,13 @@ def batch_loss(cfg: TrainConfig, terms: list[torch.Tensor], ref_c, ref_r, chosen
     """Mean DPO (+ SFT) loss of a batch from its per-request terms; returns (loss, stats)."""
     means = torch.stack([t.mean() for t in terms])
     pi_c, pi_r = means[0::2], means[1::2]
-    losses, cr, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss,
+    loss_type = cfg.preference_loss or "sigmoid"
+    losses, cr, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, loss_type=loss_type,
                               label_smoothing=cfg.label_smoothing, chosen_len=chosen_len, rejected_len=rejected_len)
-    loss = losses.mean()
-    if cfg.sft_weight:
-        loss = loss + cfg.sft_weight * sft_loss(pi_c, chosen_len).mean()
-    acc = reward_accuracy(cr, rr, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss, chosen_len=chosen_len,
+    loss = cfg.preference_weight * losses.mean()
+    if cfg.sft_total_weight:
+        loss = loss + cfg.sft_total_weight * sft_loss(pi_c, chosen_len).mean()
+    acc = reward_accuracy(cr, rr, ref_c, ref_r, beta=cfg.beta, loss_type=loss_type, chosen_len=chosen_len,
                           rejected_len=rejected_len)
     return loss, {"losses": losses.detach(), "cr": cr, "rr": rr, "pi_c": pi_c.detach(), "pi_r": pi_r.detach(),
                   "acc": acc}
@@ -403,11 +447,12 @@ def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) 
             terms = policy_terms(model, requests, tok, cfg)
             loss, st = batch_loss(cfg, terms, ref_c, ref_r, chosen_len, rejected_len)
         _check_finite(ctx, loss, batch)
-        delta = preference_delta(st["pi_c"], st["pi_r"], ref_c, ref_r, loss_type=cfg.loss, chosen_len=chosen_len,
+        delta = preference_delta(st["pi_c"], st["pi_r"], ref_c, ref_r, loss_type=cfg.preference_loss or "sigmoid", chosen_len=chosen_len,
                                  rejected_len=rejected_len)
         chosen_w, rejected_w = sequence_weights(
-            delta, n, beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
-            sft_weight=cfg.sft_weight, chosen_len=chosen_len, normalizer=len(batch.rows), rejected_len=rejected_len)
+            delta, n, beta=cfg.beta, loss_type=cfg.preference_loss or "sigmoid", label_smoothing=cfg.label_smoothing,
+            sft_weight=cfg.sft_total_weight, chosen_len=chosen_len, normalizer=len(batch.rows),
+            rejected_len=rejected_len, dpo_weight=cfg.preference_weight)
         seqs = [(j, k) for j, req in enumerate(requests) for k in range(req.masks.shape[0])]
         K = cfg.sequence_microbatch
         # Empty masks (possible under the 1/t scheme) have a constant term 0: no forward needed.
@@ -597,8 +642,8 @@ def save_final(ctx: TrainContext, model_name: str, path: Path) -> None:
 
 def run(cfg: TrainConfig) -> TrainResult:
     from pipeline.atomic import check_writable, sweep_stale, write_text_atomic
-    from pipeline.config import config_to_yaml
     from pipeline.checkpoint import check_world, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+    from pipeline.config import config_to_yaml
     from pipeline.metrics import MetricsWriter
 
     start_time = time.perf_counter()
@@ -615,6 +660,9 @@ def run(cfg: TrainConfig) -> TrainResult:
     fp = cache.fingerprint
     model_name = cfg.model or cache.manifest["config"]["model"]
     check_init(cfg, cache, model_name)
+    if cfg.max_length is not None and cfg.max_length != fp.get("max_length"):
+        raise UserError(f"{cfg.scores}: max_length {cfg.max_length} differs from the cache's {fp.get('max_length')} "
+                        "(sequences were truncated when scored; rescore with score-ref --max-length to change it)")
     # Read in slices: each process decodes only the row groups of its own micro-batches.
     # Truncation can make both responses the same ids: such a pair carries no preference, only noise.
     rows = cache.split_rows("train", skip_identical=True)
@@ -732,7 +780,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         remove_run_outputs(cfg.out)
     if acc.is_main_process:
         cfg.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(cfg.out / "config.yaml", config_to_yaml(cfg), record=True)
+        write_text_atomic(cfg.out / CONFIG_FILE, config_to_yaml(cfg), record=True)
     writer = MetricsWriter(cfg.out, tensorboard=cfg.tensorboard, resume_step=resumed_from,
                            console=cfg.progress) if acc.is_main_process else None
 
@@ -771,7 +819,7 @@ def run(cfg: TrainConfig) -> TrainResult:
                                 state={"epoch": (step + 1) / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
                                        "layout": layout}, keep=cfg.keep_checkpoints)
         acc.wait_for_everyone()
-        final = cfg.out / "final"
+        final = cfg.out / FINAL_DIR
         if acc.is_main_process:
             writer.flush()
         save_final(ctx, model_name, final)
@@ -782,8 +830,8 @@ def run(cfg: TrainConfig) -> TrainResult:
         steps=total_steps, epochs_seen=total_steps / steps_per_epoch,
         final_loss=float(last.get("loss", float("nan"))),
         final_reward_accuracy=float(last.get("rewards/accuracies", float("nan"))),
-        seconds=time.perf_counter() - start_time, out=str(cfg.out), final_model=str(cfg.out / "final"),
-        metrics=str(cfg.out / "metrics.parquet"), resumed_from=resumed_from,
+        seconds=time.perf_counter() - start_time, out=str(cfg.out), final_model=str(cfg.out / FINAL_DIR),
+        metrics=str(cfg.out / METRICS_FILE), resumed_from=resumed_from,
     )
 
 
@@ -848,70 +896,21 @@ def _step_metrics(acc, stats, step, steps_per_epoch, lr, grad_norm, seconds) -> 
         "step": step + 1, "epoch": (step + 1) / steps_per_epoch, "loss": v[0] / pairs,
         "rewards/chosen": v[1] / pairs, "rewards/rejected": v[2] / pairs, "rewards/accuracies": v[3] / pairs,
         "rewards/margins": v[4] / pairs, "logps/chosen": v[5] / pairs, "logps/rejected": v[6] / pairs,
-        "lr": lr, "grad_norm": float(grad_norm),
+        "learning_rate": lr, "grad_norm": float(grad_norm),
         "tokens_per_second": v[8] / max(seconds, 1e-9), "peak_memory_bytes": peak_memory_bytes(acc.device),
     }
 
 
-def command(
-    scores: Path = typer.Argument(..., help="Reference-score cache from `lldm-dpo score-ref`."),
-    model: Optional[str] = typer.Option(None, "--model", help="Policy init (default: the cache's model)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder."),
-    allow_different_init: Optional[bool] = typer.Option(None, "--allow-different-init"),
-    loss: Optional[str] = typer.Option(None, "--loss", help="sigmoid, ipo, hinge or robust."),
-    beta: Optional[float] = typer.Option(None, "--beta"),
-    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing"),
-    sft_weight: Optional[float] = typer.Option(None, "--sft-weight"),
-    learning_rate: Optional[float] = typer.Option(None, "--learning-rate"),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
-    epochs: Optional[int] = typer.Option(None, "--epochs"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-    warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio"),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="cosine, linear or constant."),
-    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm"),
-    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, bf16 or fp16."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Weights dtype (default: the cache's)."),
-    allow_numerics_mismatch: Optional[bool] = typer.Option(None, "--allow-numerics-mismatch",
-                                                           help="Accept numerics other than the cache's."),
-    gap_threshold: Optional[float] = typer.Option(None, "--gap-threshold",
-                                                  help="Stop at step 1 when beta * ref/gap_max exceeds it (0: off)."),
-    reuse_masks: Optional[bool] = typer.Option(None, "--reuse-masks", help="Allow more epochs than mask draws."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
-    lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank (0 = full fine-tuning)."),
-    lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha"),
-    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout"),
-    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="Comma-separated module names."),
-    load_in_4bit: Optional[bool] = typer.Option(None, "--load-in-4bit", help="4-bit base (CUDA, bitsandbytes)."),
-    sequence_microbatch: Optional[int] = typer.Option(None, "--sequence-microbatch", help="Sequences per backward."),
-    reference: Optional[str] = typer.Option(None, "--reference", help="cached or online."),
-    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens"),
-    save_every: Optional[int] = typer.Option(None, "--save-every"),
-    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Newest checkpoints kept."),
-    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard"),
-    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the newest checkpoint."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Start afresh in a used run folder."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    log_every: Optional[int] = typer.Option(None, "--log-every"),
-    device: Optional[str] = typer.Option(None, "--device"),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
-    plan: Optional[bool] = typer.Option(None, "--plan/--no-plan", help="Check the memory plan first (CUDA)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No per-step lines."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
-) -> None:
-    """Train the policy with DPO against the cached reference scores."""
-    flags = {k: v for k, v in locals().items() if k not in ("config", "print_config", "as_json", "quiet")}
-    from pipeline.stagecli import print_summary, resolve_config, summary_dict
 
-    flags["progress"] = False if quiet else None
-    cfg = resolve_config(TrainConfig, config, flags, print_config)
-    if cfg is None:
-        return
-    result = run(cfg)
+def _train_action(cfg: TrainConfig, as_json: bool) -> None:
     from accelerate import PartialState
 
+    from pipeline.stagecli import print_summary, summary_dict
+
+    result = run(cfg)
     if PartialState().is_main_process:
         print_summary("train", summary_dict(result), as_json)
+
+
+command = stage_command(TrainConfig, _train_action, positional={"scores": True},
+                        doc="Train the policy with DPO against the cached reference scores.")

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
+
+# Tests never reach a model hub: the CLI's offline default, for library calls too.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

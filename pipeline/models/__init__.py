@@ -16,6 +16,9 @@ would wrap the 126k-row head too.
 
 from __future__ import annotations
 
+import re
+from typing import Sequence
+
 from pipeline.models.llada import LLaDAConfig, LLaDAModelLM
 from pipeline.models.loading import load_model, model_identity, tokenizer_identity
 from pipeline.models.presets import PRESETS, build_preset, preset_tokenizer
@@ -23,8 +26,18 @@ from pipeline.models.scoring import MaskedRowScorer, score_tokens
 from pipeline.models.tokenizer import build_tokenizer
 
 LORA_TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
-# peft matches a string target_modules with re.fullmatch on the full module name.
-LORA_TARGET_MODULES = r".*\.blocks\.\d+\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)"
+
+
+def lora_target_modules(model_type: str, names: Sequence[str] = LORA_TARGET_NAMES) -> str | list[str]:
+    """peft ``target_modules`` adapting ``names``: for LLaDA a pattern anchored on ``blocks.N.``
+    (its LM head is also called ``ff_out``; peft fullmatches a string on the module's full name),
+    for other models the plain names."""
+    if model_type == "llada":
+        return r".*\.blocks\.\d+\.(" + "|".join(map(re.escape, names)) + ")"
+    return list(names)
+
+
+LORA_TARGET_MODULES = lora_target_modules("llada")
 
 __all__ = [
     "LLaDAConfig",
@@ -35,6 +48,7 @@ __all__ = [
     "PRESETS",
     "build_preset",
     "build_tokenizer",
+    "lora_target_modules",
     "load_model",
     "model_identity",
     "preset_tokenizer",

@@ -7,7 +7,9 @@ Name resolution:
 3. a LoRA adapter folder (``adapter_config.json``, what ``train --lora-r`` saves)
    -> its base model, resolved by these same rules, with the adapter applied;
 4. any other local folder -> the transformers adapter;
-5. anything else (a hub id) -> UserError: downloads are not available offline.
+5. anything else is a hub id: read from the local Hugging Face cache, and
+   downloaded only when network access is allowed (``HF_HUB_OFFLINE`` unset
+   or 0; the CLI sets it to 1 unless given ``--online`` or LLDM_DPO_ONLINE=1).
 
 Weights are read from safetensors only: pickled ``.bin`` files can run code
 when loaded and are refused.
@@ -26,7 +28,6 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.models import presets
 from pipeline.models.presets import PRESET_VERSION, PRESETS, _torch_dtype, build_preset, preset_tokenizer
-
 
 LORA_ADAPTER_CONFIG = "adapter_config.json"
 
@@ -83,10 +84,7 @@ def load_model(
         looks_local = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
         if looks_local:
             raise UserError(f"model folder {name} does not exist")
-        raise UserError(
-            f"model {name!r} not found locally and hub downloads are not available offline "
-            f"(use a preset: {', '.join(sorted(PRESETS))}, or a local folder)"
-        )
+        path = hub_folder(name, trust_remote_code=trust_remote_code)
     if (path / LORA_ADAPTER_CONFIG).is_file():
         return load_lora_folder(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                                 load_in_4bit=load_in_4bit)
@@ -115,6 +113,26 @@ def load_model(
         tokenizer.mask_token = tokenizer.convert_ids_to_tokens(model.config.mask_token_id)
     _complete_tokenizer(tokenizer, model.config, path)
     return model, tokenizer
+
+
+def hub_folder(name: str, *, trust_remote_code: bool = False) -> Path:
+    """The local snapshot of hub model ``name``: from the cache, or downloaded when network access is allowed."""
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+    if trust_remote_code:
+        patterns.append("*.py")  # the model's own code, only when the user allows running it
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=offline))
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many classes; each is one line here
+        if offline:
+            raise UserError(
+                f"model {name!r} not found locally and hub downloads are not available offline "
+                f"(use a preset: {', '.join(sorted(PRESETS))}, or a local folder; pass --online, or set "
+                "LLDM_DPO_ONLINE=1, to download it)"
+            ) from None
+        raise UserError(f"model {name!r}: cannot fetch it from the hub ({type(exc).__name__}: {exc})") from None
 
 
 def _load_llada(path: Path, dtype: torch.dtype, device, load_in_4bit: bool = False):
@@ -220,6 +238,8 @@ def model_identity(model_dir_or_name) -> dict:
             "config_sha256": _canonical_hash(config),
             "weights": f"preset:{name}:seed={PRESETS[name].seed}:v{PRESET_VERSION}",
         }
+    if not path.exists() and "/" in name and not name.startswith((".", "/", "~")):
+        path = hub_folder(name)
     if (path / LORA_ADAPTER_CONFIG).is_file():
         # An adapter's outputs depend on its own weights and on its base model's.
         adapter = json.loads((path / LORA_ADAPTER_CONFIG).read_text(encoding="utf-8"))

@@ -59,17 +59,9 @@ PRESETS: dict[str, Preset] = {
 
 
 def _torch_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {
-        "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    }
-    try:
-        return names[str(dtype).lower().removeprefix("torch.")]
-    except KeyError:
-        raise UserError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None
+    from pipeline.devices import torch_dtype
+
+    return torch_dtype(dtype)
 
 
 def preset_tokenizer(name: str):

@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _TOTAL_KEY
+from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 from torch.utils.weak import WeakIdKeyDictionary
 
 from pipeline.errors import UserError

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import subprocess
 import sys
@@ -10,10 +9,8 @@ import sys
 import pytest
 import torch
 
-from pipeline import diffusion
-from pipeline.models import LLaDAConfig, LLaDAModelLM, score_tokens
-from pipeline.models import scoring
 from pipeline.diffusion import MaskSet, ScoreRequest, elbo_terms, mask_seed, plan_batches, sample_masks
+from pipeline.models import LLaDAConfig, LLaDAModelLM, score_tokens, scoring
 
 MASK_ID = 1
 PAD_ID = 0

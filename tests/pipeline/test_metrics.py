@@ -26,7 +26,7 @@ def _row(step, **extra):
         "rewards/margins": 0.03 * step,
         "logps/chosen": -50.0 + step,
         "logps/rejected": -60.0 - step,
-        "lr": 1e-4,
+        "learning_rate": 1e-4,
         "grad_norm": 1.5,
         "tokens_per_second": 1234.0,
         "peak_memory_bytes": 3 * 2**30,
@@ -56,7 +56,7 @@ def test_rows_land_in_parquet_with_schema(tmp_path):
     assert rows[0]["rewards/margins"] == pytest.approx(0.03)
     assert rows[0]["peak_memory_bytes"] == 3 * 2**30
     assert rows[1]["loss"] == 0.5
-    assert math.isnan(rows[1]["rewards/chosen"]) and math.isnan(rows[1]["lr"])
+    assert math.isnan(rows[1]["rewards/chosen"]) and math.isnan(rows[1]["learning_rate"])
     assert not (tmp_path / "tensorboard").exists()
 
 

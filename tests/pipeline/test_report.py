@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline.errors import UserError
 from pipeline.metrics import MetricsWriter
-from pipeline.report import CHOSEN_COLOR, GRID, REJECTED_COLOR, PNG_SIZE, ReportPaths, eval_rows, write_report
+from pipeline.report import CHOSEN_COLOR, GRID, PNG_SIZE, REJECTED_COLOR, ReportPaths, eval_rows, write_report
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "screenshot_report.sh"
@@ -33,7 +33,7 @@ def _run_dir(tmp_path, steps=30, eval_data=None, config=None):
                 "rewards/chosen": 0.02 * s, "rewards/rejected": -0.03 * s,
                 "rewards/accuracies": min(1.0, 0.5 + s / 40), "rewards/margins": 0.05 * s,
                 "logps/chosen": -40.0 + 0.1 * s, "logps/rejected": -45.0 - 0.2 * s,
-                "lr": 1e-4 * (1 - s / (steps + 1)), "grad_norm": 1.0 + 1.0 / s,
+                "learning_rate": 1e-4 * (1 - s / (steps + 1)), "grad_norm": 1.0 + 1.0 / s,
                 "tokens_per_second": 900.0, "peak_memory_bytes": 1.5 * 2**30,
             })
     if eval_data is not None:
@@ -227,7 +227,7 @@ def test_report_command_through_typer(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from pipeline.report import command
+    from stages.report import command
 
     app = typer.Typer()
     app.command("report")(command)

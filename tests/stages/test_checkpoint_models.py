@@ -13,7 +13,8 @@ from stages.evaluate import EvalConfig
 from stages.evaluate import run as evaluate
 from stages.generate import GenerateConfig
 from stages.generate import run as generate
-from stages.train import TrainConfig, run as train
+from stages.train import TrainConfig
+from stages.train import run as train
 
 
 @pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])

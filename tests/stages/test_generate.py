@@ -225,7 +225,7 @@ def test_resume_goes_by_model_and_prompts_content_not_paths(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from pipeline.models.cli import init_model
+    from pipeline.models.init import init_model
 
     model_dir = tmp_path / "model"
     init_model("micro", model_dir)

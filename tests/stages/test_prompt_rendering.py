@@ -31,7 +31,7 @@ def mixed_pairs(tmp_path_factory):
 
 
 def _captured_generation_prompts(monkeypatch):
-    import stages.generate as generate
+    import pipeline.completion as completion  # the sampler loop generate and eval share
 
     seen: list[list[int]] = []
 
@@ -39,7 +39,7 @@ def _captured_generation_prompts(monkeypatch):
         seen.extend([list(p) for p in prompts])
         return torch.full((len(prompts), gen_length), 0, dtype=torch.long)
 
-    monkeypatch.setattr(generate, "generate", fake_generate)
+    monkeypatch.setattr(completion, "generate", fake_generate)
     return seen
 
 

@@ -24,7 +24,7 @@ CONTRACT = {
     "scores": ["pair_id", "ref_chosen_elbo", "ref_rejected_elbo", "ref_margin", "chosen_len", "rejected_len",
                "prompt_len", "truncated", "prompt_ids", "chosen_ids", "rejected_ids", "split"],
     "metrics": ["step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                "rewards/margins", "lr", "grad_norm"],
+                "rewards/margins", "learning_rate", "grad_norm"],
 }
 
 

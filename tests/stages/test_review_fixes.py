@@ -133,10 +133,9 @@ def test_policy_with_another_tokenizer_is_refused(small_cache, tmp_path):
 
 
 def test_eval_without_benchmark_removes_stale_task_results(small_cache, tmp_path):
+    from pipeline.atomic import atomic_path
     from stages.evaluate import EvalConfig
     from stages.evaluate import run as evaluate
-
-    from pipeline.atomic import atomic_path
 
     stale = tmp_path / "task_results.parquet"
     with atomic_path(stale, record=True) as tmp:  # as an earlier eval wrote it

@@ -237,7 +237,7 @@ def test_part_checksums_are_checked_on_read(small_cache, tmp_path):
     part = cut / manifest["parts"][-1]
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     res = CliRunner().invoke(app, ["train", str(cut), "--out", str(tmp_path / "run"), "--device", "cpu",
-                                   "--max-steps", "1", "--quiet"])
+                                   "--max-steps", "1", "--no-progress"])
     assert res.exit_code == 1 and len(res.stderr.strip().splitlines()) == 1, res.output
     assert f"{part.name}: part file differs from the checksum" in res.stderr and "rerun score-ref" in res.stderr
 

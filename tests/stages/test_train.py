@@ -168,7 +168,7 @@ def test_lora_changes_only_the_adapter_and_merge_equals_wrapped(train_cache, tmp
 def _cli(cache, out, *extra):
     return [sys.executable, "-m", "pipeline.cli", "train", str(cache), "--out", str(out), "--max-steps", "8",
             "--batch-size", "4", "--learning-rate", "3e-3", "--warmup-ratio", "0.25", "--device", "cpu",
-            "--save-every", "2", "--quiet", "--reuse-masks", *extra]
+            "--save-every", "2", "--no-progress", "--reuse-masks", *extra]
 
 
 def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(train_cache, tmp_path):
@@ -194,7 +194,7 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(train_cache,
     mb = pq.read_table(out / "metrics.parquet").to_pylist()
     assert [m["step"] for m in mb] == list(range(1, 9))
     for x, y in zip(ma, mb):
-        for key in ("loss", "rewards/margins", "lr", "grad_norm"):
+        for key in ("loss", "rewards/margins", "learning_rate", "grad_norm"):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7)
 
 
@@ -206,7 +206,7 @@ def test_two_processes_match_one_at_equal_global_batch(train_cache, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "pipeline.cli", "train", str(train_cache), "--out", str(two), "--max-steps", "3", "--batch-size", "2",
-           "--learning-rate", "3e-3", "--warmup-ratio", "0.25", "--device", "auto", "--quiet"]
+           "--learning-rate", "3e-3", "--warmup-ratio", "0.25", "--device", "auto", "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -261,7 +261,7 @@ def test_non_finite_loss_names_step_and_pairs(small_cache, tmp_path, monkeypatch
 
 
 def test_config_validation_and_4bit_without_cuda(small_cache, tmp_path):
-    with pytest.raises(ConfigError, match="loss must be one of"):
+    with pytest.raises(ConfigError, match="unknown loss type 'kto'; expected one of sigmoid"):
         TrainConfig(loss="kto")
     with pytest.raises(ConfigError, match="lora_r > 0"):
         TrainConfig(load_in_4bit=True)
@@ -283,7 +283,7 @@ def test_cli_json_and_existing_run_needs_resume(small_cache, tmp_path):
 
     runner = CliRunner()
     args = ["train", str(small_cache), "--out", str(tmp_path / "r"), "--max-steps", "2", "--batch-size", "2",
-            "--device", "cpu", "--save-every", "1", "--quiet", "--json", "--mixed-precision", "bf16",
+            "--device", "cpu", "--save-every", "1", "--no-progress", "--json", "--mixed-precision", "bf16",
             "--allow-numerics-mismatch", "--gap-threshold", "0"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output

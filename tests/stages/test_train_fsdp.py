@@ -24,7 +24,7 @@ from stages.train import TrainConfig, run
 REPO = Path(__file__).resolve().parents[2]
 FSDP_CPU = REPO / "configs" / "accelerate" / "fsdp_cpu.yaml"
 STEPS = 6
-ARGS = ["--learning-rate", "3e-3", "--warmup-ratio", "0.25", "--device", "auto", "--quiet", "--no-tensorboard"]
+ARGS = ["--learning-rate", "3e-3", "--warmup-ratio", "0.25", "--device", "auto", "--no-progress", "--no-tensorboard"]
 
 pytestmark = pytest.mark.slow
 

@@ -80,7 +80,7 @@ def test_train_overwrite_refuses_to_replace_a_file_it_did_not_write(small_cache,
     run_dir.mkdir()
     (run_dir / "metrics.parquet").write_text("the user's own table")
     res = CliRunner().invoke(app, ["train", str(small_cache), "--out", str(run_dir), "--overwrite", "--device",
-                                   "cpu", "--quiet"])
+                                   "cpu", "--no-progress"])
     assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.output
     assert "metrics.parquet: was not written by lldm-dpo" in res.stderr
     assert (run_dir / "metrics.parquet").read_text() == "the user's own table"

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
 from pipeline.models import build_preset, load_model, model_identity, preset_tokenizer, tokenizer_identity
-from pipeline.models.cli import init_model
+from pipeline.models.init import init_model
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from pipeline.errors import UserError
 from pipeline.models import PRESETS, build_preset, load_model, model_identity, preset_tokenizer, tokenizer_identity
-from pipeline.models.cli import init_model
+from pipeline.models.init import init_model
 from pipeline.models.llada import count_parameters
 from pipeline.models.presets import preset_config
 

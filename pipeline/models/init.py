@@ -1,4 +1,4 @@
-"""``lldm-dpo init-model PRESET DIR``: write a preset as a checkpoint folder.
+"""Write a preset as a checkpoint folder (the library side of ``lldm-dpo init-model``).
 
 The folder has LLaDA's layout (config.json, safetensors, sharded with
 model.safetensors.index.json when larger than ``--max-shard-size``) plus the
@@ -10,8 +10,6 @@ renamed at the end: DIR is either complete or absent.
 from __future__ import annotations
 
 from pathlib import Path
-
-import typer
 
 from pipeline.atomic import LEDGER, atomic_dir, check_writable
 from pipeline.errors import UserError
@@ -45,23 +43,3 @@ def init_model(preset: str, directory, dtype: str = "float32", overwrite: bool =
         "files": files,
         "identity": model_identity(target),
     }
-
-
-def init_model_command(
-    preset: str = typer.Argument(..., help="Preset name: tiny, micro or llada-8b-shape."),
-    directory: Path = typer.Argument(..., help="Folder to create."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace DIR if it exists."),
-    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Split weights into shards of this size."),
-    device: str = typer.Option("cpu", "--device", help="Device to build the weights on before saving."),
-    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
-) -> None:
-    """Write a preset model (config, safetensors, tokenizer) to DIR."""
-    summary = init_model(preset, directory, dtype=dtype, overwrite=overwrite,
-                         max_shard_size=max_shard_size, device=device)
-    if json_out:
-        from pipeline.cli import emit_json
-
-        emit_json(summary)
-    else:
-        typer.echo(f"wrote {summary['preset']} ({summary['parameters']:,} parameters, {dtype}) to {summary['directory']}")
