@@ -14,7 +14,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,12 +31,16 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives: ``RUN_DIR/checkpoints/step-NNNNNNN``."""
+    return Path(run_dir) / "checkpoints" / f"step-{step:07d}"
+
+
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
-                    state: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``checkpoints/step-N`` atomically; keep the ``keep`` newest."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
+                    state: dict[str, Any], keep: int = 2, protect: Sequence[Path] = ()) -> Path:
+    """Write ``checkpoints/step-N`` atomically; keep the ``keep`` newest and every ``protect``ed one (the best)."""
+    final = checkpoint_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(final) as tmp:
         save_file(trainable_state(model), str(tmp / WEIGHTS))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -46,8 +50,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True))
+    kept = {Path(p).resolve() for p in protect}
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.resolve() not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path
 from pipeline.errors import UserError
-from pipeline.schemas import METRIC_COLUMNS
+from pipeline.schemas import EVAL_METRIC_COLUMNS, METRIC_COLUMNS
 
 METRICS_FILE = "metrics.parquet"
 TENSORBOARD_DIR = "tensorboard"
@@ -42,9 +42,12 @@ def read_metrics(path: str | Path) -> pa.Table:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
         raise UserError(f"{path}: not a readable metrics Parquet file ({exc})") from None
-    missing = [c for c in METRIC_COLUMNS if c not in table.column_names]
+    missing = [c for c in METRIC_COLUMNS if c not in table.column_names and c not in EVAL_METRIC_COLUMNS]
     if missing:
         raise UserError(f"{path}: metrics file lacks column(s) {', '.join(missing)}")
+    for name in EVAL_METRIC_COLUMNS:  # files from before held-out evaluation: not measured
+        if name not in table.column_names:
+            table = table.append_column(name, pa.array([float("nan")] * table.num_rows, pa.float64()))
     return table.select(list(METRIC_COLUMNS)).cast(METRICS_SCHEMA)
 
 
@@ -68,6 +71,9 @@ def format_row(row: Mapping[str, Any]) -> str:
         ("lr", "lr", "{:.2e}"),
         ("grad_norm", "gnorm", "{:.3f}"),
         ("tokens_per_second", "tok/s", "{:.0f}"),
+        ("eval/loss", "eval_loss", "{:.4f}"),
+        ("eval/rewards/accuracies", "eval_acc", "{:.3f}"),
+        ("eval/rewards/margins", "eval_margin", "{:.4f}"),
     ]
     for name, label, fmt in spec:
         v = val(name)
@@ -89,6 +95,8 @@ class MetricsWriter:
     ``flush()`` at each checkpoint so the file matches what was saved.
     ``console``: False for silence, True for stderr (stdout stays clean for
     ``--json``), or a text stream.
+    ``sinks``: more destinations (e.g. accelerate's trackers): each is called
+    as ``sink(row, step)`` with the row's measured values under TRL's names.
     """
 
     def __init__(
@@ -99,6 +107,7 @@ class MetricsWriter:
         resume_step: int | None = None,
         flush_every: int = 10,
         console: bool | TextIO = True,
+        sinks: tuple = (),
     ) -> None:
         if flush_every < 1:
             raise ValueError("flush_every must be >= 1")
@@ -117,6 +126,7 @@ class MetricsWriter:
                 self._unflushed = 1  # the dropped rows must leave the file at the next flush
         elif self.path.exists():
             self._unflushed = 1  # a fresh run replaces an old file even if it logs nothing
+        self._sinks = list(sinks)
         self._tb = None
         if tensorboard:
             self._tb = _open_tensorboard(self.run_dir / TENSORBOARD_DIR, resume_step)
@@ -158,6 +168,10 @@ class MetricsWriter:
                 v = clean[name]
                 if not math.isnan(v):
                     self._tb.add_scalar(tag, v, global_step=step)
+        if self._sinks:
+            measured = {TB_TAGS[k]: v for k, v in clean.items() if k != "step" and not math.isnan(v)}
+            for sink in self._sinks:
+                sink(measured, step)
         if self._unflushed >= self.flush_every:
             self.flush()
         return clean

@@ -98,4 +98,14 @@ METRIC_COLUMNS = (
     "grad_norm",
     "tokens_per_second",
     "peak_memory_bytes",
+    # Held-out metrics (train --eval-every): NaN on steps without an evaluation.
+    "eval/loss",
+    "eval/rewards/chosen",
+    "eval/rewards/rejected",
+    "eval/rewards/accuracies",
+    "eval/rewards/margins",
+    "eval/logps/chosen",
+    "eval/logps/rejected",
 )
+EVAL_METRIC_COLUMNS = tuple(c for c in METRIC_COLUMNS if c.startswith("eval/"))
+"""Optional in metrics files written before held-out evaluation existed (read back as NaN)."""

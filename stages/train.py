@@ -9,6 +9,7 @@ is never loaded (unless ``--reference online``, the baseline).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import re
@@ -26,6 +27,7 @@ from pipeline.cache import describe_difference, fingerprint_differences, open_ca
 from pipeline.errors import ConfigError, UserError
 from pipeline.losses import LOSS_TYPES, dpo_loss, sequence_weights, sft_loss, validate_loss_args
 from pipeline.models import LORA_TARGET_NAMES
+from pipeline.preference import PairBatch, replay_requests  # noqa: F401  (re-exported: tests, bench)
 
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -104,7 +106,16 @@ class TrainConfig:
     device: str = "auto"
     """cpu, cuda or auto (accelerate's device)."""
     tensorboard: bool = True
-    """Write TensorBoard events under RUN_DIR/tensorboard."""
+    """Write TensorBoard events under RUN_DIR/tensorboard (false drops tensorboard from report_to)."""
+    report_to: str = "tensorboard"
+    """Comma-separated trackers the metrics also go to (tensorboard, wandb, mlflow, comet_ml, aim, dvclive, ...: any
+    accelerate knows and this environment has installed), 'all' for every installed one, or 'none'; metrics.parquet
+    is always written."""
+    eval_every: int = 0
+    """Measure held-out preference metrics (eval/... : accuracy, margin, loss) on the cache's eval split every N
+    steps (0 = never); one no-grad policy pass over the eval pairs on draw 0's cached masks."""
+    save_best: bool = False
+    """Keep the checkpoint with the best eval/rewards/accuracies (needs eval_every); never rotated away."""
     trust_remote_code: bool = False
     """Allow a non-LLaDA checkpoint to run its own modeling code."""
     progress: bool = True
@@ -126,7 +137,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "epochs", "log_every", "batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_every", "lora_r", "sequence_microbatch", "keep_checkpoints"):
+        for name in ("max_steps", "save_every", "lora_r", "sequence_microbatch", "keep_checkpoints", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.learning_rate <= 0:
@@ -139,6 +150,11 @@ class TrainConfig:
             raise ConfigError("sequence_microbatch needs lora_dropout = 0 (dropout differs between the two passes)")
         if self.load_in_4bit and self.lora_r == 0:
             raise ConfigError("load_in_4bit trains adapters only: set lora_r > 0")
+        if self.save_best and not self.eval_every:
+            raise ConfigError("save_best keeps the best checkpoint by held-out accuracy: set eval_every > 0")
+        from pipeline.trackers import parse_report_to
+
+        parse_report_to(self.report_to)  # syntax here; installed or not is checked when the run starts
 
 
 @dataclass
@@ -152,6 +168,10 @@ class TrainResult:
     final_model: str
     metrics: str
     resumed_from: Optional[int] = None
+    best_checkpoint: Optional[str] = None
+    """The checkpoint with the best eval/rewards/accuracies (with --save-best)."""
+    best_metric: Optional[float] = None
+    """Its eval/rewards/accuracies."""
 
 
 # --- setup --------------------------------------------------------------------
@@ -230,8 +250,8 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-RUN_OUTPUTS = ("checkpoints", "final", "metrics.parquet", "tensorboard", "eval.json", "task_results.parquet",
-               "report.html", "report.png")
+RUN_OUTPUTS = ("checkpoints", "final", "metrics.parquet", "tensorboard", "trackers", "eval.json",
+               "task_results.parquet", "report.html", "report.png")
 """What a run folder holds; a fresh run into a used folder is refused (or, with overwrite, clears these)."""
 
 
@@ -268,34 +288,6 @@ def check_init(cfg: TrainConfig, cache, model_name: str) -> None:
 
 
 # --- the batch: replayed masks, policy terms, loss ----------------------------
-
-
-@dataclass
-class PairBatch:
-    rows: list[dict[str, Any]]
-    draw: int
-
-    @property
-    def pair_ids(self) -> list[str]:
-        return [r["pair_id"] for r in self.rows]
-
-
-def replay_requests(batch: PairBatch, manifest_fp: dict[str, Any]) -> list:
-    """ScoreRequests on exactly the cached masks: [pair0 chosen, pair0 rejected, pair1 chosen, ...]."""
-    from pipeline.diffusion import ScoreRequest, sample_masks
-
-    n, scheme = manifest_fp["samples"], manifest_fp["scheme"]
-    eps = manifest_fp.get("eps") or 1e-3
-    requests = []
-    for row in batch.rows:
-        for side in ("chosen", "rejected"):
-            response = row[f"{side}_ids"]
-            ms = sample_masks(len(response), n, row[f"{side}_seeds"][batch.draw], scheme=scheme, eps=eps)
-            if ms.counts.tolist() != list(row[f"{side}_mask_counts"][batch.draw]):
-                raise UserError(f"pair {row['pair_id']} ({side}): masks replayed from the cached seed differ from "
-                                "the cached mask counts; the cache was written by an incompatible version")
-            requests.append(ScoreRequest(row["prompt_ids"], response, ms.masks, ms.weights))
-    return requests
 
 
 def policy_terms(model, requests, tokenizer, cfg: TrainConfig) -> list[torch.Tensor]:
@@ -547,11 +539,23 @@ def run(cfg: TrainConfig) -> TrainResult:
         rows = [r for r in rows if r["chosen_ids"] != r["rejected_ids"]]
     if not rows:
         raise UserError(f"{cfg.scores}: the cache holds no pairs of the train split")
+    eval_rows = []
+    if cfg.eval_every:
+        eval_rows = [r for r in cache.rows(split="eval") if r["chosen_ids"] != r["rejected_ids"]]
+        if not eval_rows:
+            raise UserError(f"{cfg.scores}: --eval-every needs held-out pairs, but the cache holds none of the eval "
+                            "split (ingest with --eval-fraction and score them)")
+    from pipeline.trackers import TENSORBOARD, accelerator_trackers, parse_report_to, resolve_trackers
+
+    requested = parse_report_to(cfg.report_to)
+    if not cfg.tensorboard:
+        requested = [n for n in requested if n != TENSORBOARD]
+    trackers = resolve_trackers(requested)
 
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--mixed-precision fp16 needs CUDA (loss scaling on CPU is not supported); use bf16 or no")
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    acc = fresh_accelerator(cfg.mixed_precision, cpu)
+    acc = fresh_accelerator(cfg.mixed_precision, cpu, log_with=accelerator_trackers(trackers), run_dir=cfg.out)
     if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         # The scorer applies the LM head to masked rows outside the body's forward,
         # which sharded wrappers do not gather for; data parallel (DDP) is supported.
@@ -592,6 +596,7 @@ def run(cfg: TrainConfig) -> TrainResult:
               "total_steps": total_steps, "seed": cfg.seed, "lora_r": cfg.lora_r}
     resumed_from = None
     start_step = 0
+    best: dict[str, Any] = {"best_metric": None, "best_model_checkpoint": None}
     if cfg.resume:
         ckpt = latest_checkpoint(cfg.out)
         if ckpt is None:
@@ -599,6 +604,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         check_resume_layout(ckpt, state, layout)
         start_step = resumed_from = int(state["step"])
+        best = {k: state.get(k) for k in best}
     elif acc.is_main_process:
         earlier = [p for p in RUN_OUTPUTS if (cfg.out / p).exists()]
         if earlier and not cfg.overwrite:
@@ -610,8 +616,17 @@ def run(cfg: TrainConfig) -> TrainResult:
     if acc.is_main_process:
         cfg.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(cfg.out / "config.yaml", config_to_yaml(cfg))
-    writer = MetricsWriter(cfg.out, tensorboard=cfg.tensorboard, resume_step=resumed_from,
-                           console=cfg.progress) if acc.is_main_process else None
+    writer, sinks = None, []
+    if acc.is_main_process:
+        if accelerator_trackers(trackers):
+            from pipeline.metrics import TB_TAGS
+            from pipeline.trackers import AccelerateSink
+
+            sinks.append(AccelerateSink(acc, dataclasses.asdict(cfg), TB_TAGS))
+        writer = MetricsWriter(cfg.out, tensorboard=TENSORBOARD in trackers, resume_step=resumed_from,
+                               console=cfg.progress, sinks=tuple(sinks))
+    # Each process scores its share of the held-out pairs; the sums are all-reduced.
+    eval_share = eval_rows[acc.process_index::world]
 
     ctx = TrainContext(cfg, model, tokenizer, acc, fp, ref_model, wrapped=wrapped)
     last: dict[str, float] = {}
@@ -633,16 +648,26 @@ def run(cfg: TrainConfig) -> TrainResult:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             row = _step_metrics(acc, stats, step, steps_per_epoch, lr, grad_norm, time.perf_counter() - t0)
+            evaluated = bool(cfg.eval_every) and (step + 1) % cfg.eval_every == 0
+            new_best = False
+            if evaluated:
+                row.update(evaluate_heldout(ctx, eval_share))
+                score = row["eval/rewards/accuracies"]
+                # The first best is kept on ties: a later checkpoint must do strictly better.
+                new_best = cfg.save_best and (best["best_metric"] is None or score > best["best_metric"])
+                if new_best:
+                    best = {"best_metric": score, "best_model_checkpoint": str(checkpoint_path(cfg.out, step + 1))}
             last = row
-            if writer is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps):
+            if writer is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps or evaluated):
                 writer.log(row)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+            if new_best or (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps):
                 acc.wait_for_everyone()
                 if acc.is_main_process:
                     writer.flush()
+                    protect = [Path(best["best_model_checkpoint"])] if best["best_model_checkpoint"] else []
                     save_checkpoint(cfg.out, step + 1, model, optimizer, scheduler,
                                     {"epoch": (step + 1) / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                                     "layout": layout}, keep=cfg.keep_checkpoints)
+                                     "layout": layout, **best}, keep=cfg.keep_checkpoints, protect=protect)
         acc.wait_for_everyone()
         final = cfg.out / "final"
         if acc.is_main_process:
@@ -652,16 +677,45 @@ def run(cfg: TrainConfig) -> TrainResult:
     finally:
         if writer is not None:
             writer.close()
+        for sink in sinks:
+            sink.close()
     return TrainResult(
         steps=total_steps, epochs_seen=total_steps / steps_per_epoch,
         final_loss=float(last.get("loss", float("nan"))),
         final_reward_accuracy=float(last.get("rewards/accuracies", float("nan"))),
         seconds=time.perf_counter() - start_time, out=str(cfg.out), final_model=str(cfg.out / "final"),
         metrics=str(cfg.out / "metrics.parquet"), resumed_from=resumed_from,
+        best_checkpoint=best["best_model_checkpoint"], best_metric=best["best_metric"],
     )
 
 
-def fresh_accelerator(mixed_precision: str, cpu: bool):
+def evaluate_heldout(ctx: "TrainContext", rows: list[dict[str, Any]]) -> dict[str, float]:
+    """eval/... metrics of the policy on this process's share of the held-out pairs, reduced over processes."""
+    from pipeline.preference import heldout_metrics, heldout_sums
+
+    cfg, acc, model = ctx.cfg, ctx.accelerator, ctx.model
+    was_training = model.training
+    model.eval()  # no dropout: the held-out numbers measure the model, not a noisy copy of it
+    try:
+        sums = heldout_sums(model, ctx.tokenizer, rows, ctx.fingerprint, beta=cfg.beta, loss_type=cfg.loss,
+                            label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight,
+                            batch_tokens=cfg.batch_tokens, draw=0, pairs_per_pass=cfg.batch_size,
+                            autocast=acc.autocast)
+    finally:
+        model.train(was_training)
+    if acc.num_processes > 1:
+        sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
+    return heldout_metrics(sums)
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    from pipeline.checkpoint import checkpoint_dir
+
+    return checkpoint_dir(run_dir, step)
+
+
+def fresh_accelerator(mixed_precision: str, cpu: bool, log_with: Optional[list[str]] = None,
+                      run_dir: Optional[Path] = None):
     """An Accelerator with this run's settings. accelerate keeps one state per
     process; in a single process (tests, sweeps, ``lldm-dpo run``) it is reset so
     each ``run(cfg)`` gets its own mixed precision."""
@@ -673,7 +727,12 @@ def fresh_accelerator(mixed_precision: str, cpu: bool):
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    if not log_with:
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    from pipeline.trackers import tracker_dir
+
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, log_with=log_with,
+                       project_dir=tracker_dir(run_dir))
 
 
 def _step_metrics(acc, stats, step, steps_per_epoch, lr, grad_norm, seconds) -> dict[str, float]:
@@ -730,6 +789,9 @@ def command(
     save_every: Optional[int] = typer.Option(None, "--save-every"),
     keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Newest checkpoints kept."),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard"),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="Trackers: tensorboard,wandb,mlflow,... or none."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Held-out eval/... metrics every N steps."),
+    save_best: Optional[bool] = typer.Option(None, "--save-best", help="Keep the checkpoint with the best eval accuracy."),
     resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the newest checkpoint."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Start afresh in a used run folder."),
     seed: Optional[int] = typer.Option(None, "--seed"),
