@@ -1,8 +1,4 @@
-"""Preference pairs on the cache's recorded masks: replay, and held-out metrics.
-
-``replay_requests`` rebuilds the exact masks score-ref drew for a batch of
-cached pairs (the seed of the chosen draw), so a policy scored on them is
-compared with the reference under the same noise (antithetic sampling).
+"""Held-out preference metrics of a policy on the cache's recorded masks.
 
 ``heldout_sums`` / ``heldout_metrics`` measure a policy on held-out pairs the
 way ``train --eval-every`` reports them: one no-grad policy pass over the pairs
@@ -15,12 +11,12 @@ gives the metrics of the whole split, whatever the shard sizes.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
 from pipeline.errors import UserError
+from pipeline.replay import PairBatch, replay_requests
 
 EVAL_PREFIX = "eval/"
 """TRL's prefix of held-out metrics: ``eval/rewards/accuracies`` and so on (schemas.EVAL_METRIC_COLUMNS)."""
@@ -31,34 +27,6 @@ TIE_TOLERANCE = 1e-5
 # Order of the entries in the sums vector; "pairs" first so the means divide by it.
 _SUM_FIELDS = ("pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected")
-
-
-@dataclass
-class PairBatch:
-    rows: list[dict[str, Any]]
-    draw: int
-
-    @property
-    def pair_ids(self) -> list[str]:
-        return [r["pair_id"] for r in self.rows]
-
-
-def replay_requests(batch: PairBatch, manifest_fp: dict[str, Any]) -> list:
-    """ScoreRequests on exactly the cached masks: [pair0 chosen, pair0 rejected, pair1 chosen, ...]."""
-    from pipeline.diffusion import ScoreRequest, sample_masks
-
-    n, scheme = manifest_fp["samples"], manifest_fp["scheme"]
-    eps = manifest_fp.get("eps") or 1e-3
-    requests = []
-    for row in batch.rows:
-        for side in ("chosen", "rejected"):
-            response = row[f"{side}_ids"]
-            ms = sample_masks(len(response), n, row[f"{side}_seeds"][batch.draw], scheme=scheme, eps=eps)
-            if ms.counts.tolist() != list(row[f"{side}_mask_counts"][batch.draw]):
-                raise UserError(f"pair {row['pair_id']} ({side}): masks replayed from the cached seed differ from "
-                                "the cached mask counts; the cache was written by an incompatible version")
-            requests.append(ScoreRequest(row["prompt_ids"], response, ms.masks, ms.weights))
-    return requests
 
 
 def tie_credit(margin: float, scale: float) -> float:

@@ -27,7 +27,7 @@ from pipeline.cache import describe_difference, fingerprint_differences, open_ca
 from pipeline.errors import ConfigError, UserError
 from pipeline.losses import LOSS_TYPES, dpo_loss, sequence_weights, sft_loss, validate_loss_args
 from pipeline.models import LORA_TARGET_NAMES
-from pipeline.preference import PairBatch, replay_requests  # noqa: F401  (re-exported: tests, bench)
+from pipeline.replay import PairBatch, replay_requests  # noqa: F401  (bench/ and tests use them from here)
 
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")

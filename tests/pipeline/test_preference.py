@@ -10,7 +10,8 @@ import torch
 from pipeline.cache import open_cache
 from pipeline.losses import dpo_loss
 from pipeline.models import load_model
-from pipeline.preference import PairBatch, heldout_metrics, heldout_sums, replay_requests, tie_credit
+from pipeline.preference import heldout_metrics, heldout_sums, tie_credit
+from pipeline.replay import PairBatch, replay_requests
 from pipeline.schemas import EVAL_METRIC_COLUMNS
 
 
