@@ -87,14 +87,28 @@ class EvalConfig:
     """cpu, cuda or auto."""
     trust_remote_code: bool = False
     """Allow a non-LLaDA checkpoint to run its own modeling code."""
+    lm_eval_tasks: str = ""
+    """Comma-separated lm-evaluation-harness tasks run on both models through the `lldm` adapter (loglikelihood by
+    our ELBO with `samples` samples, generation by our sampler with gen_length/block_length/steps); needs the [eval]
+    extra."""
+    lm_eval_include_path: Optional[Path] = None
+    """Folder of extra lm-eval task YAMLs (tasks on local files, say)."""
+    lm_eval_limit: int = 0
+    """Documents per lm-eval task (0 = all)."""
+    lm_eval_num_fewshot: Optional[int] = None
+    """Few-shot examples per lm-eval prompt (default: each task's own)."""
 
     def __post_init__(self):
         self.out = Path(self.out)
         self.scores = Path(self.scores) if self.scores not in (None, "") else None
         self.benchmark = Path(self.benchmark) if self.benchmark not in (None, "") else None
         self.choices = Path(self.choices) if self.choices not in (None, "") else None
-        if self.scores is None and self.benchmark is None and self.choices is None:
-            raise ConfigError("nothing to evaluate: give scores, benchmark or choices")
+        self.lm_eval_include_path = (Path(self.lm_eval_include_path) if self.lm_eval_include_path not in (None, "")
+                                     else None)
+        if self.scores is None and self.benchmark is None and self.choices is None and not self.lm_eval_tasks:
+            raise ConfigError("nothing to evaluate: give scores, benchmark, choices or lm_eval_tasks")
+        if self.lm_eval_limit < 0 or (self.lm_eval_num_fewshot is not None and self.lm_eval_num_fewshot < 0):
+            raise ConfigError("lm_eval_limit and lm_eval_num_fewshot must be >= 0")
         for name in ("gen_length", "block_length", "steps", "samples", "batch_size", "batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -112,6 +126,8 @@ class EvalResult:
     mean_margin: dict[str, float] = field(default_factory=dict)
     task_accuracy: dict[str, float] = field(default_factory=dict)
     choice_accuracy: dict[str, float] = field(default_factory=dict)
+    lm_eval: dict[str, dict[str, float]] = field(default_factory=dict)
+    """lm-eval results: {"task/metric": {"before": ..., "after": ...}}."""
     pairs: int = 0
     task_items: int = 0
 
@@ -231,6 +247,12 @@ def run(cfg: EvalConfig) -> EvalResult:
     mc = read_jsonl(cfg.choices, ("question", "options", "answer")) if cfg.choices else []
     if cfg.limit_choices:
         mc = mc[:cfg.limit_choices]
+    lm_tasks = [t.strip() for t in cfg.lm_eval_tasks.split(",") if t.strip()]
+    if lm_tasks:
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise UserError("--lm-eval-tasks needs lm-evaluation-harness: pip install 'lldm-dpo[eval]'")
 
     result = EvalResult(out=str(cfg.out), eval_json=str(cfg.out / EVAL_FILE), seconds=0.0, pairs=len(pair_rows),
                         task_items=len(bench))
@@ -255,6 +277,17 @@ def run(cfg: EvalConfig) -> EvalResult:
             acc = choice_accuracy(model, tokenizer, mc, cfg)
             result.choice_accuracy[label] = acc
             report.setdefault("choice_accuracy", {})[label] = acc
+        if lm_tasks:
+            from pipeline.lm_eval_model import run_tasks
+
+            scores = run_tasks(model, tokenizer, lm_tasks, include_path=cfg.lm_eval_include_path,
+                               limit=cfg.lm_eval_limit, num_fewshot=cfg.lm_eval_num_fewshot,
+                               apply_chat_template=cfg.chat_template, mc_samples=cfg.samples,
+                               batch_tokens=cfg.batch_tokens, seed=cfg.seed, gen_length=cfg.gen_length,
+                               block_length=cfg.block_length, steps=cfg.steps)
+            for name, value in scores.items():
+                result.lm_eval.setdefault(name, {})[label] = value
+                report.setdefault("lm_eval", {}).setdefault(name, {})[label] = value
         del model
     if pair_rows:
         report["reference_margins"] = [r["ref_margin"] for r in pair_rows]
@@ -295,6 +328,10 @@ def command(
     dtype: Optional[str] = typer.Option(None, "--dtype"),
     device: Optional[str] = typer.Option(None, "--device"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
+    lm_eval_tasks: Optional[str] = typer.Option(None, "--lm-eval-tasks", help="lm-eval tasks, comma-separated."),
+    lm_eval_include_path: Optional[Path] = typer.Option(None, "--lm-eval-include-path", help="Extra task YAMLs."),
+    lm_eval_limit: Optional[int] = typer.Option(None, "--lm-eval-limit", help="Documents per lm-eval task."),
+    lm_eval_num_fewshot: Optional[int] = typer.Option(None, "--lm-eval-num-fewshot"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
