@@ -176,3 +176,29 @@ def test_a_tracker_through_accelerate_gets_every_row_with_trl_names(small_cache,
     assert seen[0][1]["loss"] == parquet[0]["loss"]
     assert configs and configs[0]["eval_every"] == 2 and configs[0]["out"] == str(out)
     assert not (out / "tensorboard").exists()  # only what --report-to names
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_their_shares_and_reduce(small_cache, tmp_path):
+    """3 held-out pairs over 2 processes (2 + 1): the reduced eval/... equal one process's at equal global batch."""
+    import os
+    import subprocess
+    import sys
+
+    one = tmp_path / "one"
+    run(_cfg(small_cache, one, max_steps=2, eval_every=1, batch_size=4, report_to="none"))
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "pipeline.cli", "train", str(small_cache), "--out", str(two), "--max-steps", "2", "--batch-size", "2",
+           "--learning-rate", "3e-3", "--warmup-ratio", "0", "--scheduler", "constant", "--beta", "0.5",
+           "--eval-every", "1", "--report-to", "none", "--device", "auto", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a = pq.read_table(one / "metrics.parquet").to_pylist()
+    b = pq.read_table(two / "metrics.parquet").to_pylist()
+    assert [r["step"] for r in b] == [1, 2]
+    for x, y in zip(a, b):
+        for name in EVAL_METRIC_COLUMNS:
+            assert y[name] == pytest.approx(x[name], rel=1e-4, abs=1e-5), (x["step"], name)
