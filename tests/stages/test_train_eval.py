@@ -202,3 +202,19 @@ def test_two_processes_evaluate_their_shares_and_reduce(small_cache, tmp_path):
     for x, y in zip(a, b):
         for name in EVAL_METRIC_COLUMNS:
             assert y[name] == pytest.approx(x[name], rel=1e-4, abs=1e-5), (x["step"], name)
+
+
+def test_resume_remembers_the_best(small_cache, tmp_path, monkeypatch):
+    import stages.train as train_mod
+
+    scripted = iter([0.9, 0.5, 0.6, 0.7, 0.8])  # the last value is the resumed run's step 4
+    monkeypatch.setattr(train_mod, "evaluate_heldout", lambda ctx, rows: {
+        name: (next(scripted) if name == "eval/rewards/accuracies" else 0.0) for name in EVAL_METRIC_COLUMNS})
+    out = tmp_path / "run"
+    run(_cfg(small_cache, out, max_steps=4, eval_every=1, save_every=1, keep_checkpoints=1, save_best=True,
+             report_to="none"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001", "step-0000003"]
+    resumed = run(_cfg(small_cache, out, max_steps=4, eval_every=1, save_every=1, keep_checkpoints=1,
+                       save_best=True, report_to="none", resume=True))
+    assert resumed.resumed_from == 3
+    assert resumed.best_checkpoint == str(out / "checkpoints" / "step-0000001") and resumed.best_metric == 0.9
