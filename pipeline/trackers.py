@@ -103,7 +103,10 @@ class AccelerateSink:
         self.accelerator.log(values, step=step)
 
     def close(self) -> None:
-        self.accelerator.end_training()
+        # Not Accelerator.end_training(): that also destroys the process group, which the
+        # caller (and, under data parallel, the other processes) may still be using.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
 
 def accelerator_trackers(names: list[str]) -> list[str]:

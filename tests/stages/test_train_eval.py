@@ -145,6 +145,7 @@ def test_a_tracker_through_accelerate_gets_every_row_with_trl_names(small_cache,
 
     seen: list[tuple[int, dict]] = []
     configs: list[dict] = []
+    finished: list[bool] = []
 
     class RecordingTracker(accelerate_tracking.GeneralTracker):
         name = "lldm_test_recorder"
@@ -163,6 +164,9 @@ def test_a_tracker_through_accelerate_gets_every_row_with_trl_names(small_cache,
         def log(self, values, step=None, **kwargs):
             seen.append((step, dict(values)))
 
+        def finish(self):
+            finished.append(True)
+
     accelerate_tracking.register_tracker_class(RecordingTracker)
     try:
         out = tmp_path / "run"
@@ -176,6 +180,7 @@ def test_a_tracker_through_accelerate_gets_every_row_with_trl_names(small_cache,
     assert seen[0][1]["loss"] == parquet[0]["loss"]
     assert configs and configs[0]["eval_every"] == 2 and configs[0]["out"] == str(out)
     assert not (out / "tensorboard").exists()  # only what --report-to names
+    assert finished == [True]
 
 
 @pytest.mark.slow
