@@ -131,7 +131,8 @@ class LLDMEvalModel(LM):
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if not getattr(self.tok, "chat_template", None):
             raise UserError(f"{self.name}: the tokenizer has no chat template (drop --apply_chat_template)")
-        return self.tok.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tok.apply_chat_template(chat_history, tokenize=False,
+                                            add_generation_prompt=add_generation_prompt)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [tuple(r.args[:2]) for r in requests]
@@ -242,7 +243,8 @@ def flatten_results(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def run_tasks(model, tokenizer, tasks: Sequence[str], *, include_path: str | None = None, limit: int = 0,
-              num_fewshot: int | None = None, apply_chat_template: bool = False, **model_args: Any) -> dict[str, float]:
+              num_fewshot: int | None = None, apply_chat_template: bool = False,
+              **model_args: Any) -> dict[str, float]:
     """Run lm-eval ``tasks`` on an already loaded model through ``LLDMEvalModel``; flat ``task/metric`` results."""
     from lm_eval import simple_evaluate
 

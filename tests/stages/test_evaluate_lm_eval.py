@@ -57,7 +57,7 @@ def test_unknown_task_and_missing_harness_are_one_line(tmp_path, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
-    with pytest.raises(UserError, match=r"^--lm-eval-tasks needs lm-evaluation-harness: pip install 'lldm-dpo\[eval\]'"):
+    with pytest.raises(UserError, match=r"^--lm-eval-tasks needs lm-evaluation-harness: pip install 'lldm-dpo\[eval"):
         run(_cfg(tmp_path, tasks_dir))
 
 

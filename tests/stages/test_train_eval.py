@@ -195,7 +195,8 @@ def test_two_processes_evaluate_their_shares_and_reduce(small_cache, tmp_path):
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "pipeline.cli", "train", str(small_cache), "--out", str(two), "--max-steps", "2", "--batch-size", "2",
+           "-m", "pipeline.cli", "train", str(small_cache), "--out", str(two), "--max-steps", "2",
+           "--batch-size", "2",
            "--learning-rate", "3e-3", "--warmup-ratio", "0", "--scheduler", "constant", "--beta", "0.5",
            "--eval-every", "1", "--report-to", "none", "--device", "auto", "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
