@@ -187,7 +187,7 @@ def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
 
 def task_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, label: str) -> tuple[float, list[dict]]:
     from pipeline.answers import extract_answer, is_correct, reference_answer
-    from stages.generate import complete
+    from pipeline.completion import complete
 
     prompts = [it["question"] for it in items]
     done = complete(model, tokenizer, prompts, gen_length=cfg.gen_length, block_length=cfg.block_length,

@@ -18,24 +18,21 @@ neighbours, and a resumed run gives what an uninterrupted one would.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 
 import torch
 import typer
 
 from pipeline.atomic import atomic_path
+from pipeline.completion import STOP_TOKENS, complete, prompt_seed, render_prompt, stop_token_ids  # noqa: F401
 from pipeline.config import require, require_choice
 from pipeline.errors import ConfigError, UserError
-from pipeline.sampler import REMASKING, check_schedule, generate, trim_at_stop
-
-STOP_TOKENS = ("<|eot_id|>",)
-"""Stop tokens besides the tokenizer's EOS, used when the vocabulary has them."""
+from pipeline.sampler import REMASKING, check_schedule
 
 
 @dataclass
@@ -188,101 +185,6 @@ def _jsonl_rows(path: Path) -> Iterable[tuple[str, dict]]:
             if not isinstance(row, dict):
                 raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
             yield where, row
-
-
-def render_prompt(tokenizer, prompt: Any, chat_template: bool, where: str = "prompt") -> list[int]:
-    """Token ids of one prompt (chat template with a generation prompt, or the raw text)."""
-    if chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError("the model's tokenizer has no chat template: pass --no-chat-template")
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        if isinstance(prompt, list):
-            raise UserError(f"{where}: a message-list prompt needs the chat template (drop --no-chat-template)")
-        text = prompt
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    vocab = tokenizer.get_vocab()
-    ids += [vocab[t] for t in STOP_TOKENS if t in vocab]
-    return sorted(set(ids))
-
-
-def prompt_seed(seed: int, index: int) -> int:
-    """The noise seed of prompt ``index``: a stable 63-bit hash."""
-    digest = hashlib.sha256(f"lldm-dpo/generate/{seed}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-# --- sampling, reusable by eval --------------------------------------------------------
-
-
-def complete(
-    model,
-    tokenizer,
-    prompts: Sequence[Any],
-    *,
-    gen_length: int = 128,
-    block_length: int = 32,
-    steps: int = 128,
-    temperature: float = 0.0,
-    remasking: str = "low_confidence",
-    cfg_scale: float = 0.0,
-    seed: int = 0,
-    chat_template: bool = True,
-    batch_size: int = 8,
-    indices: Sequence[int] | None = None,
-    on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Sample a completion for each prompt (text or messages), in memory.
-
-    Returns one dict per prompt in the given order: ``index``, ``completion``,
-    ``completion_tokens``, ``stopped``. ``indices`` (default 0..n-1) seed each
-    prompt's noise; ``on_batch`` receives each batch's results as they finish.
-    """
-    indices = list(range(len(prompts))) if indices is None else list(indices)
-    device = next(model.parameters()).device
-    mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
-    mask_id = tokenizer.mask_token_id if mask_id is None else mask_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stops = stop_token_ids(tokenizer)
-    encoded = [render_prompt(tokenizer, p, chat_template, f"prompt {i}") for p, i in zip(prompts, indices)]
-    limit = getattr(getattr(model, "config", None), "max_sequence_length", None)
-    if isinstance(limit, int):
-        for ids, i in zip(encoded, indices):
-            if len(ids) + gen_length > limit:
-                raise UserError(
-                    f"prompt {i}: {len(ids)} tokens + gen_length {gen_length} exceed the model's "
-                    f"max_sequence_length {limit}"
-                )
-    # Longest first, so each batch holds similar lengths (little padding) and
-    # an out-of-memory shows up in the first batch.
-    order = sorted(range(len(prompts)), key=lambda j: -len(encoded[j]))
-    results: list[dict[str, Any] | None] = [None] * len(prompts)
-    for first in range(0, len(order), batch_size):
-        chunk = order[first : first + batch_size]
-        generators = [torch.Generator(device=device).manual_seed(prompt_seed(seed, indices[j])) for j in chunk]
-        tokens = generate(
-            model, [encoded[j] for j in chunk], mask_token_id=mask_id, pad_token_id=pad_id,
-            gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
-            remasking=remasking, cfg_scale=cfg_scale, generator=generators, device=device,
-        ).cpu()
-        batch_results = []
-        for j, row in zip(chunk, tokens):
-            kept = trim_at_stop(row, stops)
-            results[j] = {
-                "index": indices[j],
-                "completion": tokenizer.decode(kept, skip_special_tokens=True),
-                "completion_tokens": len(kept),
-                "stopped": len(kept) < gen_length,
-            }
-            batch_results.append(results[j])
-        if on_batch is not None:
-            on_batch(batch_results)
-    return results  # type: ignore[return-value]
 
 
 # --- the stage -------------------------------------------------------------------------
