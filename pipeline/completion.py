@@ -8,29 +8,16 @@ on its neighbours.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from pipeline.errors import UserError
+from pipeline.prompts import encode_prompt, resolve_chat_template
 from pipeline.sampler import generate, trim_at_stop
 
 STOP_TOKENS = ("<|eot_id|>",)
 """Stop tokens besides the tokenizer's EOS, used when the vocabulary has them."""
-
-
-def render_prompt(tokenizer, prompt: Any, chat_template: bool, where: str = "prompt") -> list[int]:
-    """Token ids of one prompt (chat template with a generation prompt, or the raw text)."""
-    if chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError("the model's tokenizer has no chat template: pass --no-chat-template")
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        if isinstance(prompt, list):
-            raise UserError(f"{where}: a message-list prompt needs the chat template (drop --no-chat-template)")
-        text = prompt
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -58,7 +45,7 @@ def complete(
     remasking: str = "low_confidence",
     cfg_scale: float = 0.0,
     seed: int = 0,
-    chat_template: bool = True,
+    chat_template: Optional[bool] = None,
     batch_size: int = 8,
     indices: Sequence[int] | None = None,
     on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
@@ -68,6 +55,7 @@ def complete(
     Returns one dict per prompt in the given order: ``index``, ``completion``,
     ``completion_tokens``, ``stopped``. ``indices`` (default 0..n-1) seed each
     prompt's noise; ``on_batch`` receives each batch's results as they finish.
+    Prompts are rendered by ``pipeline.prompts`` (``chat_template`` None: the tokenizer's default).
     """
     indices = list(range(len(prompts))) if indices is None else list(indices)
     device = next(model.parameters()).device
@@ -75,7 +63,9 @@ def complete(
     mask_id = tokenizer.mask_token_id if mask_id is None else mask_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(tokenizer)
-    encoded = [render_prompt(tokenizer, p, chat_template, f"prompt {i}") for p, i in zip(prompts, indices)]
+    chat_template = resolve_chat_template(tokenizer, chat_template)
+    encoded = [encode_prompt(tokenizer, p, chat_template=chat_template, where=f"prompt {i}")
+               for p, i in zip(prompts, indices)]
     limit = getattr(getattr(model, "config", None), "max_sequence_length", None)
     if isinstance(limit, int):
         for ids, i in zip(encoded, indices):

@@ -14,12 +14,13 @@ trained runs be set beside those numbers:
   from the model arguments; the text is cut at the first ``until`` string.
 - ``loglikelihood_rolling``: the ELBO of the whole text after an empty prompt.
 
-Context and continuation are encoded jointly (whitespace at the end of the
-context moves to the continuation; the whole text is encoded once and split
-after the context's own encoding), lm-eval's convention for every model.
-With ``--apply_chat_template`` lm-eval renders the conversation through
-``apply_chat_template`` here, i.e. the tokenizer's chat template with a
-generation prompt, the rendering ``lldm-dpo generate`` uses.
+Context and continuation are encoded jointly by ``pipeline.prompts``
+(whitespace at the end of the context moves to the continuation; the whole
+text is encoded once and split after the context's own encoding), lm-eval's
+and LLaDA's convention. With ``--apply_chat_template`` lm-eval renders the
+conversation through ``apply_chat_template`` here, i.e. ``pipeline.prompts``'s
+renderer (the chat template with a generation prompt), which every other
+command uses; the contexts then reach the model as that text.
 
 lm-eval 0.4 discovers models only through its own registry (no plugin entry
 points), so ``lm_eval`` must import this module first:
@@ -57,19 +58,6 @@ def request_key(kind: str, *texts: str) -> str:
         h.update(p.encode("utf-8"))
         h.update(b"\x1f")
     return h.hexdigest()
-
-
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids), encoded jointly (see the module docstring)."""
-    stripped = context.rstrip()
-    continuation = context[len(stripped):] + continuation
-    whole = _encode(tokenizer, stripped + continuation)
-    n = len(_encode(tokenizer, stripped))
-    return whole[:n], whole[n:]
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
 @register_model(MODEL_NAME)
@@ -129,21 +117,32 @@ class LLDMEvalModel(LM):
         return getattr(self.tok, "chat_template", None) if chat_template else None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        if not getattr(self.tok, "chat_template", None):
+        from pipeline.prompts import default_chat_template, messages_of, render_prompt
+
+        if not default_chat_template(self.tok):
             raise UserError(f"{self.name}: the tokenizer has no chat template (drop --apply_chat_template)")
-        return self.tok.apply_chat_template(chat_history, tokenize=False,
-                                            add_generation_prompt=add_generation_prompt)
+        if add_generation_prompt:  # the rendering every other command uses
+            return render_prompt(self.tok, chat_history, chat_template=True, where="lm-eval chat history")
+        # lm-eval prefills an assistant turn: the conversation so far, without a new generation prompt.
+        return self.tok.apply_chat_template(messages_of(chat_history, "lm-eval chat history"), tokenize=False,
+                                            add_generation_prompt=False)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        from pipeline.prompts import encode_continuation
+
         pairs = [tuple(r.args[:2]) for r in requests]
-        encoded = [encode_pair(self.tok, c, x) for c, x in pairs]
+        # The context is already rendered (lm-eval applied the chat template if asked): raw text here.
+        encoded = [encode_continuation(self.tok, c, x, chat_template=False, where="lm-eval request")
+                   for c, x in pairs]
         values = self.elbos(encoded, [request_key("loglikelihood", c, x) for c, x in pairs])
         greedy = [self._is_greedy(ctx, cont) for ctx, cont in encoded]
         return list(zip(values, greedy))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from pipeline.prompts import encode_text
+
         texts = [r.args[0] for r in requests]
-        return self.elbos([([], _encode(self.tok, t)) for t in texts], [request_key("rolling", t) for t in texts])
+        return self.elbos([([], encode_text(self.tok, t)) for t in texts], [request_key("rolling", t) for t in texts])
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from pipeline.completion import complete

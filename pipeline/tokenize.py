@@ -1,20 +1,22 @@
 """Tokenization of a preference pair into the token ids that are scored.
 
-Standard rows (text): prompt ids = the prompt text; each response = its text,
-then EOS. Both are encoded without added special tokens (no BOS/CLS/SEP: a
-masked diffusion model's prompt is exactly the text given; LLaDA's tokenizer
-adds none anyway), and separately, so the prompt ids are the same for chosen
-and rejected.
+Rendering goes through ``pipeline.prompts`` (the one renderer, shared with
+generate, eval and the multiple-choice scorer):
 
-Conversational rows (``prompt_messages`` / ``chosen_messages`` /
-``rejected_messages`` set and ``use_chat_template``): the prompt is the chat
-template applied to the prompt messages with ``add_generation_prompt=True``;
-a response is what the template renders for prompt + response messages beyond
-that prefix (the assistant turn(s) with their end-of-turn markers), then EOS.
-Rendering to text and encoding once keeps special tokens in the template
-(``<|eot_id|>`` ...) as single tokens.
+- chat template on (the default when the tokenizer has one): the prompt
+  (``prompt_messages`` when the row has them, else the ``prompt`` text as one
+  user turn) is the template's rendering with the generation prompt; a
+  response (``chosen_messages``/``rejected_messages``, else the text as one
+  assistant turn) is what the template renders beyond that prompt (the
+  assistant turn with its end-of-turn marker), then EOS. Rendering to text and
+  encoding once keeps template specials (``<|eot_id|>`` ...) single tokens.
+- chat template off: prompt ids = the prompt text; each response = its text,
+  then EOS (message fields are ignored; the text fields are scored).
 
-Every response ends with the tokenizer's EOS (added unless already last).
+Text is encoded without added special tokens, prompt and responses
+separately, so the prompt ids are the same for chosen and rejected and equal
+``encode_prompt``'s. Every response ends with the tokenizer's EOS (added
+unless already last).
 
 Truncation to ``max_length`` (prompt + the longer response must fit):
 1. drop prompt tokens from the LEFT (the end of the prompt, next to the
@@ -28,9 +30,14 @@ Truncation to ``max_length`` (prompt + the longer response must fit):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 from pipeline.errors import UserError
+from pipeline.prompts import (
+    default_chat_template,
+    encode_prompt,
+    encode_text,
+    messages_of,
+    render_response,
+)
 
 
 @dataclass(frozen=True)
@@ -51,52 +58,12 @@ def _where(row: dict) -> str:
     return "pair"
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def _text(row: dict, field: str) -> str:
     value = row.get(field)
     if not isinstance(value, str):
         kind = "missing" if value is None else f"not text ({type(value).__name__})"
         raise UserError(f"{_where(row)}: field {field!r} is {kind}")
     return value
-
-
-def _messages(row: dict, field: str) -> list[dict[str, Any]] | None:
-    value = row.get(field)
-    if value is None:
-        return None
-    msgs = list(value)
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise UserError(f"{_where(row)}: field {field!r} message {i} needs string 'role' and 'content'")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
-
-
-def _render(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> str:
-    if not messages:
-        return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def _conversational(tokenizer, row: dict, prompt_msgs, chosen_msgs, rejected_msgs):
-    prompt_text = _render(tokenizer, prompt_msgs, add_generation_prompt=True)
-    prompt_ids = _encode(tokenizer, prompt_text)
-    responses = []
-    for field, msgs in (("chosen_messages", chosen_msgs), ("rejected_messages", rejected_msgs)):
-        if not msgs:
-            raise UserError(f"{_where(row)}: field {field!r} is empty")
-        full_text = _render(tokenizer, prompt_msgs + msgs, add_generation_prompt=False)
-        if not full_text.startswith(prompt_text):
-            # Templates that rewrite earlier turns (e.g. strip reasoning) break the
-            # prefix property; scoring such a response would be ill-defined.
-            raise UserError(
-                f"{_where(row)}: field {field!r}: the chat template's rendering of the conversation "
-                "does not start with its rendering of the prompt"
-            )
-        responses.append(_encode(tokenizer, full_text[len(prompt_text) :]))
-    return prompt_ids, responses[0], responses[1]
 
 
 def _with_eos(ids: list[int], eos: int) -> list[int]:
@@ -115,6 +82,11 @@ def truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int,
     return [], cut, True
 
 
+def _row_messages(row: dict, field: str):
+    value = row.get(field)
+    return None if value is None else messages_of(value, f"{_where(row)}: field {field!r}", sep=" ")
+
+
 def tokenize_pair(tokenizer, row: dict, max_length: int, use_chat_template: bool = True) -> TokenizedPair:
     """Token ids of a pairs-file row as they are scored (see the module docstring for the policy)."""
     if max_length < 1:
@@ -122,21 +94,29 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, use_chat_template: bool
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError("tokenizer has no EOS token; every response must end with EOS")
-    chosen_msgs = _messages(row, "chosen_messages")
-    rejected_msgs = _messages(row, "rejected_messages")
-    conversational = use_chat_template and chosen_msgs is not None and rejected_msgs is not None
-    if conversational:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError(
-                f"{_where(row)}: conversational pair but the tokenizer has no chat template "
-                "(disable the chat template to score the text rendering)"
-            )
-        prompt_msgs = _messages(row, "prompt_messages") or []
-        prompt_ids, chosen, rejected = _conversational(tokenizer, row, prompt_msgs, chosen_msgs, rejected_msgs)
+    where = _where(row)
+    if use_chat_template:
+        if not default_chat_template(tokenizer):
+            raise UserError(f"{where}: the tokenizer has no chat template (pass --no-chat-template to score "
+                            "the raw text)")
+        prompt = _row_messages(row, "prompt_messages")
+        if prompt is None:
+            prompt = _text(row, "prompt")
+        responses = []
+        for side in ("chosen", "rejected"):
+            response = _row_messages(row, f"{side}_messages")
+            if response is None:
+                response = _text(row, side)
+            text = render_response(tokenizer, prompt, response, chat_template=True,
+                                   where=f"{where}: field '{side}_messages'" if isinstance(response, list)
+                                   else f"{where}: field '{side}'")
+            responses.append(encode_text(tokenizer, text))
+        prompt_ids = encode_prompt(tokenizer, prompt, chat_template=True, where=f"{where}: prompt")
+        chosen, rejected = responses
     else:
-        prompt_ids = _encode(tokenizer, _text(row, "prompt"))
-        chosen = _encode(tokenizer, _text(row, "chosen"))
-        rejected = _encode(tokenizer, _text(row, "rejected"))
+        prompt_ids = encode_text(tokenizer, _text(row, "prompt"))
+        chosen = encode_text(tokenizer, _text(row, "chosen"))
+        rejected = encode_text(tokenizer, _text(row, "rejected"))
     chosen, rejected = _with_eos(chosen, eos), _with_eos(rejected, eos)
     prompt_ids, (chosen, rejected), truncated = truncate(prompt_ids, [chosen, rejected], max_length, eos)
     return TokenizedPair(

@@ -27,6 +27,7 @@ import typer
 from pipeline.atomic import atomic_path, write_json_atomic
 from pipeline.cache import open_cache
 from pipeline.errors import ConfigError, UserError
+from pipeline.prompts import follow_cache, resolve_chat_template
 
 TASK_RESULTS = "task_results.parquet"
 TASK_RESULTS_SCHEMA = pa.schema([
@@ -39,6 +40,7 @@ TASK_RESULTS_SCHEMA = pa.schema([
     ("correct", pa.bool_()),
 ])
 EVAL_FILE = "eval.json"
+NORMALIZE = ("none", "length")
 
 
 @dataclass
@@ -77,8 +79,11 @@ class EvalConfig:
     """Prompts per generation batch."""
     batch_tokens: int = 16384
     """Token budget of one scoring forward pass."""
-    chat_template: bool = True
-    """Use the tokenizer's chat template for prompts."""
+    chat_template: Optional[bool] = None
+    """Render prompts with the tokenizer's chat template (pipeline/prompts.py); default: the cache's rule when
+    `scores` is given, else on when the tokenizer has a template. A setting that differs from the cache's is refused."""
+    normalize: str = "none"
+    """Multiple-choice score of an option: none (its ELBO, LLaDA's protocol) or length (ELBO per option token)."""
     seed: int = 0
     """Seed of sampling noise and multiple-choice masks."""
     dtype: str = "float32"
@@ -112,6 +117,8 @@ class EvalConfig:
         for name in ("gen_length", "block_length", "steps", "samples", "batch_size", "batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.normalize not in NORMALIZE:
+            raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE)}, got '{self.normalize}'")
         if self.gen_length % self.block_length:
             raise ConfigError(f"gen_length ({self.gen_length}) must be a multiple of block_length ({self.block_length})")
 
@@ -136,7 +143,7 @@ def preference_scores(model, tokenizer, rows: list[dict], fingerprint: dict, bet
                       batch_tokens: int) -> dict[str, Any]:
     """Policy ELBOs on the cached masks of every draw, against the cached reference."""
     from pipeline.diffusion import elbo_terms
-    from stages.train import PairBatch, replay_requests
+    from pipeline.replay import PairBatch, replay_requests
 
     margins, own, scales = [], [], []
     for start in range(0, len(rows), 8):
@@ -185,13 +192,14 @@ def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     return items
 
 
-def task_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, label: str) -> tuple[float, list[dict]]:
+def task_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, label: str,
+                  chat_template: bool) -> tuple[float, list[dict]]:
     from pipeline.answers import extract_answer, is_correct, reference_answer
     from pipeline.completion import complete
 
     prompts = [it["question"] for it in items]
     done = complete(model, tokenizer, prompts, gen_length=cfg.gen_length, block_length=cfg.block_length,
-                    steps=cfg.steps, seed=cfg.seed, chat_template=cfg.chat_template, batch_size=cfg.batch_size)
+                    steps=cfg.steps, seed=cfg.seed, chat_template=chat_template, batch_size=cfg.batch_size)
     rows = []
     for i, (it, out) in enumerate(zip(items, done)):
         ref = reference_answer(str(it["answer"]))
@@ -201,24 +209,42 @@ def task_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, label: s
     return sum(r["correct"] for r in rows) / max(1, len(rows)), rows
 
 
-def choice_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig) -> float:
-    """Pick the option with the highest ELBO given the question (LLaDA's way on LogiQA/MMLU-style tasks)."""
-    from pipeline.diffusion import ScoreRequest, elbo_terms, mask_seed, sample_masks
-    from pipeline.tokenize import tokenize_pair
+def choice_requests(tokenizer, item: dict, index: int, *, samples: int, seed: int, chat_template: bool,
+                    where: str = "item") -> list:
+    """One ScoreRequest per option, as LLaDA evaluates multiple choice: question and option encoded
+    jointly (pipeline.prompts.encode_continuation), the option's tokens the masked continuation, no EOS."""
+    from pipeline.diffusion import ScoreRequest, mask_seed, sample_masks
+    from pipeline.prompts import encode_continuation
 
+    requests = []
+    for j, option in enumerate(item["options"]):
+        context, continuation = encode_continuation(tokenizer, item["question"], str(option),
+                                                    chat_template=chat_template, where=where)
+        if not continuation:
+            raise UserError(f"{where}: option {j} encodes to no token")
+        ms = sample_masks(len(continuation), samples, mask_seed(seed, f"choice-{index}", f"option-{j}", 0))
+        requests.append(ScoreRequest(context, continuation, ms.masks, ms.weights))
+    return requests
+
+
+def choice_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, chat_template: bool | None = None) -> float:
+    """Pick the option with the highest ELBO given the question (per token with normalize=length)."""
+    from pipeline.diffusion import elbo_terms
+    from pipeline.prompts import resolve_chat_template
+
+    chat_template = resolve_chat_template(tokenizer, chat_template)
     correct = 0
     for i, item in enumerate(items):
         options = list(item["options"])
-        requests = []
-        for j, option in enumerate(options):
-            tok = tokenize_pair(tokenizer, {"prompt": item["question"], "chosen": str(option), "rejected": str(option),
-                                            "pair_id": f"choice-{i}"}, 4096, use_chat_template=cfg.chat_template)
-            ms = sample_masks(len(tok.chosen_ids), cfg.samples, mask_seed(cfg.seed, f"choice-{i}", f"option-{j}", 0))
-            requests.append(ScoreRequest(tok.prompt_ids, tok.chosen_ids, ms.masks, ms.weights))
+        if not options:
+            raise UserError(f"{cfg.choices} item {i}: field 'options' is empty")
+        requests = choice_requests(tokenizer, item, i, samples=cfg.samples, seed=cfg.seed,
+                                   chat_template=chat_template, where=f"{cfg.choices} item {i}")
         with torch.no_grad():
             terms = elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
                                pad_token_id=tokenizer.pad_token_id, batch_tokens=cfg.batch_tokens)
-        scores = [t.mean().item() for t in terms]
+        scores = [t.double().mean().item() / (len(r.response_ids) if cfg.normalize == "length" else 1)
+                  for t, r in zip(terms, requests)]
         correct += int(max(range(len(options)), key=lambda j: scores[j]) == int(item["answer"]))
     return correct / max(1, len(items))
 
@@ -263,18 +289,20 @@ def run(cfg: EvalConfig) -> EvalResult:
             continue
         model, tokenizer = load_model(name, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
         model.eval()
+        chat_template = (follow_cache(cfg.chat_template, cache.fingerprint, str(cfg.scores)) if cache is not None
+                         else resolve_chat_template(tokenizer, cfg.chat_template))
         if pair_rows:
             pref = preference_scores(model, tokenizer, pair_rows, cache.fingerprint, cfg.beta, cfg.batch_tokens)
             result.preference_accuracy[label] = report["preference_accuracy"][label] = pref["accuracy"]
             result.elbo_accuracy[label] = report["elbo_accuracy"][label] = pref["elbo_accuracy"]
             result.mean_margin[label] = report["mean_margin"][label] = pref["mean_margin"]
         if bench:
-            acc, rows = task_accuracy(model, tokenizer, bench, cfg, label)
+            acc, rows = task_accuracy(model, tokenizer, bench, cfg, label, chat_template)
             result.task_accuracy[label] = acc
             report.setdefault("task_accuracy", {})[label] = acc
             task_rows += rows
         if mc:
-            acc = choice_accuracy(model, tokenizer, mc, cfg)
+            acc = choice_accuracy(model, tokenizer, mc, cfg, chat_template)
             result.choice_accuracy[label] = acc
             report.setdefault("choice_accuracy", {})[label] = acc
         if lm_tasks:
@@ -282,7 +310,7 @@ def run(cfg: EvalConfig) -> EvalResult:
 
             scores = run_tasks(model, tokenizer, lm_tasks, include_path=cfg.lm_eval_include_path,
                                limit=cfg.lm_eval_limit, num_fewshot=cfg.lm_eval_num_fewshot,
-                               apply_chat_template=cfg.chat_template, mc_samples=cfg.samples,
+                               apply_chat_template=chat_template, mc_samples=cfg.samples,
                                batch_tokens=cfg.batch_tokens, seed=cfg.seed, gen_length=cfg.gen_length,
                                block_length=cfg.block_length, steps=cfg.steps)
             for name, value in scores.items():
@@ -324,6 +352,7 @@ def command(
     batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="Multiple-choice score: none or length."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     dtype: Optional[str] = typer.Option(None, "--dtype"),
     device: Optional[str] = typer.Option(None, "--device"),

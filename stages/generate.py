@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -29,9 +29,10 @@ import torch
 import typer
 
 from pipeline.atomic import atomic_path
-from pipeline.completion import STOP_TOKENS, complete, prompt_seed, render_prompt, stop_token_ids  # noqa: F401
+from pipeline.completion import STOP_TOKENS, complete, prompt_seed, stop_token_ids  # noqa: F401
 from pipeline.config import require, require_choice
 from pipeline.errors import ConfigError, UserError
+from pipeline.prompts import follow_cache, resolve_chat_template
 from pipeline.sampler import REMASKING, check_schedule
 
 
@@ -61,8 +62,11 @@ class GenerateConfig:
     """Prompts per forward pass (results do not depend on it)."""
     seed: int = 0
     """Seed of the per-prompt noise generators (used when temperature > 0 or remasking is random)."""
-    chat_template: bool = True
-    """Wrap each prompt as a user turn in the tokenizer's chat template (instruct models)."""
+    chat_template: Optional[bool] = None
+    """Wrap each text prompt as a user turn in the tokenizer's chat template; false: raw text. Default: the
+    rendering of `scores` when given, else on when the tokenizer has a template (pipeline/prompts.py)."""
+    scores: Optional[str] = None
+    """A reference-score cache whose prompt rendering to follow (generating for a run trained on it)."""
     limit: int = 0
     """Generate for the first N prompts only (0: all)."""
     dtype: str = "float32"
@@ -260,6 +264,11 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     records = read_prompts(cfg.prompts, cfg.prompt_field)
     if cfg.limit:
         records = records[: cfg.limit]
+    if cfg.scores:
+        from pipeline.cache import open_cache
+
+        cfg = replace(cfg, chat_template=follow_cache(cfg.chat_template, open_cache(cfg.scores).fingerprint,
+                                                      str(cfg.scores)))
     out = Path(cfg.out)
     partial = partial_path(out)
     settings = cfg.sampler_settings()
@@ -314,10 +323,14 @@ def _sample_into(cfg: GenerateConfig, pending: list[PromptRecord], partial: Path
             sink.extend(rows)
             advance(len(rows))
 
+        # A pairs file's conversational row also carries its text rendering: the raw-text rule scores that.
+        chat = resolve_chat_template(tokenizer, cfg.chat_template)
+        prompts = [r.shown if isinstance(r.prompt, list) and not chat and isinstance(r.shown, str) else r.prompt
+                   for r in pending]
         complete(
-            model, tokenizer, [r.prompt for r in pending], gen_length=cfg.gen_length, block_length=cfg.block_length,
+            model, tokenizer, prompts, gen_length=cfg.gen_length, block_length=cfg.block_length,
             steps=cfg.steps, temperature=cfg.temperature, remasking=cfg.remasking, cfg_scale=cfg.cfg_scale,
-            seed=cfg.seed, chat_template=cfg.chat_template, batch_size=cfg.batch_size,
+            seed=cfg.seed, chat_template=chat, batch_size=cfg.batch_size,
             indices=[r.index for r in pending], on_batch=on_batch,
         )
     return time.perf_counter() - started
@@ -379,6 +392,8 @@ def command(
     seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed."),
     chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template",
                                                  help="Wrap prompts in the tokenizer's chat template."),
+    scores: Optional[Path] = typer.Option(None, "--scores", help="Reference-score cache whose prompt rendering "
+                                          "to follow."),
     limit: Optional[int] = typer.Option(None, "--limit", help="First N prompts only."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
@@ -394,7 +409,8 @@ def command(
     flags = dict(model=model, prompts=None if prompts is None else str(prompts), out=None if out is None else str(out),
                  prompt_field=prompt_field, gen_length=gen_length, block_length=block_length, steps=steps,
                  temperature=temperature, remasking=remasking, cfg_scale=cfg_scale, batch_size=batch_size, seed=seed,
-                 chat_template=chat_template, limit=limit, dtype=dtype, device=device,
+                 chat_template=chat_template, scores=None if scores is None else str(scores), limit=limit,
+                 dtype=dtype, device=device,
                  trust_remote_code=trust_remote_code, progress=False if (no_progress or as_json) else None)
     cfg = load_config(GenerateConfig, config, flags)
     if print_config:

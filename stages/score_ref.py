@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,6 +41,7 @@ from pipeline.cache import (
 from pipeline.config import config_to_dict
 from pipeline.errors import ConfigError, UserError
 from pipeline.pairsfile import read_pairs
+from pipeline.prompts import PROMPT_RENDERER, resolve_chat_template
 from pipeline.progress import progress_bar
 from pipeline.schemas import SCORES_MANIFEST, SCORES_SCHEMA
 
@@ -72,8 +73,9 @@ class ScoreRefConfig:
     """Lower bound of t for the one_over_t scheme."""
     max_length: int = 1024
     """Longest prompt + response in tokens; longer pairs are truncated (prompt first) and flagged."""
-    chat_template: bool = True
-    """Render conversational pairs with the tokenizer's chat template."""
+    chat_template: Optional[bool] = None
+    """Render prompts with the tokenizer's chat template (a text prompt as one user turn, a text response as the
+    assistant's turn); false: raw text. Default: on when the tokenizer has a template. Recorded in the fingerprint."""
     batch_tokens: int = 16384
     """Token budget of one forward pass (padded rows x length)."""
     pairs_per_part: int = 64
@@ -144,6 +146,7 @@ def build_fingerprint(cfg: ScoreRefConfig, model_identity: Any, tokenizer_identi
         "model": model_identity,
         "tokenizer": tokenizer_identity,
         "chat_template": cfg.chat_template,
+        "prompt_renderer": PROMPT_RENDERER,
         "max_length": cfg.max_length,
         "estimator": ESTIMATOR_VERSION,
         "scheme": cfg.scheme,
@@ -301,6 +304,7 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code)
     model.eval()
     model.requires_grad_(False)
+    cfg = replace(cfg, chat_template=resolve_chat_template(tokenizer, cfg.chat_template))
 
     fingerprint = build_fingerprint(cfg, model_identity(cfg.model), tokenizer_identity(tokenizer), file_sha256(cfg.pairs))
     digest = fingerprint_digest(fingerprint)

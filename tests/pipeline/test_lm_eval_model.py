@@ -72,13 +72,14 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def _evaluate(lm, tasks_dir, names):
+def _evaluate(lm, tasks_dir, names, chat=False):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     # Only the local tasks: indexing lm-eval's built-in task files is slow and not what is tested here.
     manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
-    return simple_evaluate(model=lm, tasks=names, task_manager=manager, log_samples=True, bootstrap_iters=0)
+    return simple_evaluate(model=lm, tasks=names, task_manager=manager, log_samples=True, bootstrap_iters=0,
+                           apply_chat_template=chat)
 
 
 def test_loglikelihood_is_our_elbo_of_the_continuation(tasks):
@@ -111,8 +112,10 @@ def test_loglikelihood_is_our_elbo_of_the_continuation(tasks):
     assert acc == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_generation_equals_lldm_dpo_generate(tasks, tmp_path, temperature):
+@pytest.mark.parametrize("temperature, chat", [(0.0, False), (0.7, False), (0.0, True)])
+def test_generation_equals_lldm_dpo_generate(tasks, tmp_path, temperature, chat):
+    """Same prompt and settings, same completion; with lm-eval's --apply_chat_template the prompt is rendered
+    as `generate --chat-template` renders it (one user turn, pipeline.prompts)."""
     from pipeline.lm_eval_model import LLDMEvalModel
     from stages.generate import GenerateConfig
     from stages.generate import run as generate
@@ -124,14 +127,14 @@ def test_generation_equals_lldm_dpo_generate(tasks, tmp_path, temperature):
     task_dir = write_tasks(tmp_path / "tasks") if temperature else tasks
     if temperature:
         (task_dir / "gen.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
-    out = _evaluate(lm, task_dir, ["lldm_test_gen"])
+    out = _evaluate(lm, task_dir, ["lldm_test_gen"], chat=chat)
     got = {s["doc"]["question"]: s["resps"][0][0] for s in out["samples"]["lldm_test_gen"]}
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": it["question"]}) + "\n" for it in items))
     res = generate(GenerateConfig(model="micro", prompts=str(prompts), out=str(tmp_path / "gen.jsonl"),
                                   gen_length=16, block_length=8, steps=8, seed=5, temperature=temperature,
-                                  chat_template=False, device="cpu", progress=False))
+                                  chat_template=chat, device="cpu", progress=False))
     want = {json.loads(line)["prompt"]: json.loads(line)["completion"]
             for line in Path(res.out).read_text().splitlines()}
     assert got == want

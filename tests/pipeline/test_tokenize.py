@@ -19,9 +19,9 @@ def _enc(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def test_standard_row(tok):
+def test_standard_row_raw_text(tok):
     row = {"pair_id": "p1", "prompt": "What is 2 plus 3?", "chosen": " The answer is 5.", "rejected": " It is 6."}
-    out = tokenize_pair(tok, row, max_length=256)
+    out = tokenize_pair(tok, row, max_length=256, use_chat_template=False)
     assert isinstance(out, TokenizedPair) and not out.truncated
     eos = tok.eos_token_id
     assert out.prompt_ids == _enc(tok, "What is 2 plus 3?")
@@ -34,6 +34,21 @@ def test_standard_row(tok):
                 chosen_messages=[{"role": "assistant", "content": "y"}],
                 rejected_messages=[{"role": "assistant", "content": "z"}])
     assert tokenize_pair(tok, conv, 256, use_chat_template=False) == out
+
+
+def test_standard_row_under_the_chat_template_is_a_user_turn_and_an_assistant_turn(tok):
+    row = {"pair_id": "p1", "prompt": "What is 2 plus 3?", "chosen": "The answer is 5.", "rejected": "It is 6."}
+    out = tokenize_pair(tok, row, max_length=256)  # the template is on by default
+    as_chat = tokenize_pair(tok, dict(row, prompt_messages=[{"role": "user", "content": row["prompt"]}],
+                                      chosen_messages=[{"role": "assistant", "content": row["chosen"]}],
+                                      rejected_messages=[{"role": "assistant", "content": row["rejected"]}]), 256)
+    assert out == as_chat
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 2 plus 3?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.endswith("assistant<|end_header_id|>\n\n")
+    assert out.prompt_ids == _enc(tok, text)
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert out.chosen_ids == _enc(tok, "The answer is 5.") + [eot, tok.eos_token_id]
 
 
 def test_conversational_row_uses_chat_template(tok):

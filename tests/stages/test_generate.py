@@ -198,7 +198,11 @@ def test_no_chat_template_tokenizer_is_a_clear_error():
     _, tokenizer = load_model("micro")
     tokenizer.chat_template = None
     with pytest.raises(UserError, match="no chat template"):
-        complete(ForcedModel(tokenizer, 4, 4), tokenizer, ["hi"], gen_length=4, block_length=4, steps=4)
+        complete(ForcedModel(tokenizer, 4, 4), tokenizer, ["hi"], gen_length=4, block_length=4, steps=4,
+                 chat_template=True)
+    # The default follows the tokenizer: no template, raw text.
+    default = complete(ForcedModel(tokenizer, 4, 4), tokenizer, ["hi"], gen_length=4, block_length=4, steps=4)
+    assert default[0]["completion"] == "aaaa"
     plain = complete(ForcedModel(tokenizer, 4, 4), tokenizer, ["hi"], gen_length=4, block_length=4, steps=4,
                      chat_template=False)
     assert plain[0]["completion"] == "aaaa"

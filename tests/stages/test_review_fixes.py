@@ -43,7 +43,8 @@ def test_one_over_t_cache_has_empty_masks_and_trains_through_them(one_over_t_cac
 
 def test_resume_with_another_pairs_per_part_is_refused(small_pairs, tmp_path):
     out = tmp_path / "c"
-    cfg = dict(pairs=small_pairs, model="micro", out=out, samples=2, device="cpu", progress=False)
+    # The fingerprint records the resolved rendering rule (micro's tokenizer has a chat template).
+    cfg = dict(pairs=small_pairs, model="micro", out=out, samples=2, device="cpu", progress=False, chat_template=True)
     score(ScoreRefConfig(pairs_per_part=8, **cfg))
     (out / "manifest.json").unlink()  # as if killed before the end, with every part written
     (out / "fingerprint.json").write_text(json.dumps(_fingerprint_of(small_pairs, cfg)))
