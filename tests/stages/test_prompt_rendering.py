@@ -31,7 +31,7 @@ def mixed_pairs(tmp_path_factory):
 
 
 def _captured_generation_prompts(monkeypatch):
-    import stages.generate as generate
+    import pipeline.completion as generate  # complete() (generate's and eval's sampling) lives there
 
     seen: list[list[int]] = []
 
