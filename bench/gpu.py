@@ -22,6 +22,11 @@ leaves every finished section on disk):
   projections quantized in place, as a 4-bit load of a folder would) and
   whether the peak stays under 15 GiB.
 
+Every section that measures memory records ``lldm-dpo plan``'s estimate of the
+same work beside it (``plan``: the tracked peak that ``max_memory_allocated``
+should show, its components, and measured / planned), so the first GPU run
+calibrates the plan.
+
 ``--mode cpu`` runs the same code paths on the ``micro`` preset with a few short
 pairs and n = 2 (well under a minute) so the script cannot rot without a GPU;
 its MFU is against this CPU's measured matmul FLOP/s.
@@ -202,6 +207,21 @@ def free_cuda() -> None:
         torch.cuda.empty_cache()
 
 
+def plan_record(stage: str, cfg, samples: int, max_length: int, prompt_length: int, measured: int | None) -> dict:
+    """``lldm-dpo plan``'s estimate of this section's work, next to what was measured (None on CPU: RSS is not
+    comparable). A planning failure is recorded, not raised: it must not cost the measurement."""
+    from pipeline.plan import Shape, make_plan
+    from pipeline.plan.memory import GIB as _GIB
+
+    try:
+        plan = make_plan(stage, cfg, Shape(samples, max_length, prompt_length), 10**6 * _GIB, "unbounded")
+    except Exception as exc:  # noqa: BLE001 - recorded in the results
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    return {"tracked_bytes": plan.tracked_peak, "total_bytes": plan.total, "components": plan.components,
+            "method": plan.method, "seconds": plan.seconds,
+            "measured_over_planned": measured / plan.tracked_peak if measured and plan.tracked_peak else None}
+
+
 # --- sections --------------------------------------------------------------------------
 
 
@@ -246,6 +266,7 @@ def section_score_ref(results: Results, state: dict) -> None:
         return terms, sum(int(r.masks.sum()) for r in requests)
 
     score(rows[:2])  # warm-up: kernels, allocator
+    reset_peak(device)
     chunk_pairs = max(1, min(len(rows), 32))
     done, seconds, masked = 0, 0.0, 0
     finite = True
@@ -256,6 +277,13 @@ def section_score_ref(results: Results, state: dict) -> None:
         finite &= all(bool(torch.isfinite(t).all()) for t in terms)
         done, seconds, masked = done + len(chunk), seconds + dt, masked + m
     scored = pairs[:done]
+    mem = memory_peak(device)
+    from stages.score_ref import ScoreRefConfig
+
+    longest = s["prompt"][1] + s["response"][1]
+    mem["plan"] = plan_record("score-ref", ScoreRefConfig(model=s["preset"], samples=n, dtype=s["dtype"],
+                                                          batch_tokens=s["batch_tokens"], max_length=longest),
+                              n, longest, s["prompt"][1], mem["peak_bytes"] if device.type == "cuda" else None)
     tokens = n * sum(2 * len(p) + len(c) + len(r) for _, p, c, r in scored)
     flops = score_bench.model_flops(model, as_items(scored), n, masked)
     tflops = flops / seconds / 1e12
@@ -267,7 +295,7 @@ def section_score_ref(results: Results, state: dict) -> None:
         "tokens": tokens, "masked_tokens": masked, "seconds": seconds,
         "tokens_per_s": tokens / seconds, "pairs_per_s": done / seconds,
         "flops": flops, "tflops": tflops, "peak_tflops": state["peak_tflops"], "mfu": _mfu(tflops, state),
-        "terms_finite": finite,
+        "terms_finite": finite, **mem,
         "flop_count": "2 x non-embedding params x tokens + 4 x seq^2 x d_model x layers per sequence + "
                       "2 x d_model x vocab x masked positions",
     })
@@ -319,6 +347,7 @@ def _measure(results, name, state, ctx, optimizer, params, batch, configs, budge
     section = {"configs": {}, **(extra or {})}
     results.section(name, {**section, "status": "running"})
     deadline = time.perf_counter() + budget
+    planned = []
     for label, reference, K in configs:
         if time.perf_counter() > deadline:
             section["configs"][label] = {"skipped": "section time box reached"}
@@ -336,11 +365,18 @@ def _measure(results, name, state, ctx, optimizer, params, batch, configs, budge
             if time.perf_counter() > deadline:
                 break
         mem = memory_peak(device)
+        planned.append((label, ctx.cfg, mem["peak_bytes"] if device.type == "cuda" else None))
         section["configs"][label] = {"reference": reference, "sequence_microbatch": K, "step_s": min(times),
                                      "step_s_all": times, "loss": losses, **mem,
                                      "peak_gib": mem["peak_bytes"] / GIB}
         results.section(name, {**section, "status": "running"})
     ctx.cfg = base_cfg
+    # The plans are made after the time box, so planning never costs a measurement.
+    prompt, response = state["settings"]["train_prompt"], state["settings"]["train_response"]
+    for label, cfg, measured in planned:
+        section["configs"][label]["plan"] = plan_record(
+            "train", dataclasses.replace(cfg, model=state["settings"]["preset"]), state["settings"]["samples"],
+            prompt + response, prompt, measured)
     results.section(name, section)
     return section
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -59,6 +59,20 @@ def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def read_part(path: str | Path, columns: list[str] | None = None, expected_sha256: str | None = None) -> pa.Table:
+    """One part file; a one-line error naming it when its checksum differs or it does not read."""
+    path = Path(path)
+    if expected_sha256 is not None and file_sha256(path) != expected_sha256:
+        raise UserError(f"{path}: part file differs from the checksum in the manifest (altered or cut short); "
+                        "rerun score-ref with --overwrite to rebuild the cache")
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: part file does not read as Parquet ({first}); rerun score-ref to rebuild "
+                        "the cache") from None
+
+
 def existing_parts(directory: Path) -> dict[int, Path]:
     """Finished part files by index (temporary leftovers never match the pattern)."""
     if not directory.is_dir():
@@ -77,6 +91,7 @@ class ScoresCache:
 
     directory: Path
     manifest: dict[str, Any]
+    _verified: set = field(default_factory=set, repr=False)  # parts whose checksum matched, by (name, size, mtime)
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -94,7 +109,13 @@ class ScoresCache:
         return [self.directory / name for name in listed]
 
     def table(self, columns: list[str] | None = None) -> pa.Table:
-        tables = [pq.read_table(p, columns=columns) for p in self.parts]
+        sums = self.manifest.get("part_sha256") or {}
+        tables = []
+        for p in self.parts:
+            st = p.stat()
+            key = (p.name, st.st_size, st.st_mtime_ns)
+            tables.append(read_part(p, columns, None if key in self._verified else sums.get(p.name)))
+            self._verified.add(key)
         if not tables:
             return SCORES_SCHEMA.empty_table() if columns is None else pa.table(
                 {c: pa.array([], SCORES_SCHEMA.field(c).type) for c in columns})

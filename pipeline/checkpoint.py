@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.atomic import atomic_dir
+from pipeline.atomic import atomic_dir, make_dir, remove_owned
 from pipeline.errors import UserError
 
 STEP_PATTERN = re.compile(r"^step-(\d{7})$")
@@ -40,8 +39,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
                     state: dict[str, Any], keep: int = 2, protect: Sequence[Path] = ()) -> Path:
     """Write ``checkpoints/step-N`` atomically; keep the ``keep`` newest and every ``protect``ed one (the best)."""
     final = checkpoint_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(final) as tmp:
+    make_dir(final.parent)
+    with atomic_dir(final, record=True) as tmp:
         save_file(trainable_state(model), str(tmp / WEIGHTS))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -53,7 +52,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
     kept = {Path(p).resolve() for p in protect}
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         if old.resolve() not in kept:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_owned(old)  # what the checkpoint wrote; a file the user put there stays
     return final
 
 

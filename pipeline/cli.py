@@ -7,6 +7,7 @@ YAML < flags), call the stage, and print a summary (a rich table, or JSON with
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import importlib.util
@@ -31,7 +32,12 @@ COMMANDS: list[tuple[str, str]] = [
     ("report", "pipeline.report:command"),
     ("run", "stages.run_all:command"),
     ("init-model", "pipeline.models.cli:init_model_command"),
+    ("plan", "stages.plan:command"),
 ]
+
+
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+                errno.ENOENT, errno.EEXIST}
 
 
 def _one_line_errors(func):
@@ -43,6 +49,13 @@ def _one_line_errors(func):
             return func(*args, **kwargs)
         except UserError as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            # The machine's answer about a file (permission, full disk, read-only file system):
+            # the user's to fix, so one line naming the file; other OS errors keep their traceback.
+            if exc.errno not in _USER_ERRNOS or exc.filename is None:
+                raise
+            typer.echo(f"error: {exc.filename}: {exc.strerror}", err=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -89,7 +102,8 @@ def build_app(only: str | None = None) -> typer.Typer:
         if not present:
             continue
         func = getattr(importlib.import_module(module_name), func_name)
-        app.command(name)(_one_line_errors(func))
+        # A command taking another command's options (plan) declares its context settings on itself.
+        app.command(name, context_settings=getattr(func, "context_settings", None))(_one_line_errors(func))
     return app
 
 

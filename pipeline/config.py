@@ -15,6 +15,8 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
+import re
 import textwrap
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
@@ -161,3 +163,80 @@ def require(condition: bool, message: str) -> None:
 
 def require_choice(name: str, value: Any, choices: tuple) -> None:
     require(value in choices, f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device(value: Any, name: str = "device") -> None:
+    require(isinstance(value, str) and DEVICE_PATTERN.match(value) is not None,
+            f"{name} must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+
+_INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\]\s)]+)\s*([\])])\s*$")
+
+
+def _numeric_kind(f: dataclasses.Field) -> str | None:
+    """'int' or 'float' for a numeric config field (bools are not numbers here), else None."""
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if re.search(r"\bbool\b", t):
+        return None
+    if re.search(r"\bfloat\b", t):
+        return "float"
+    if re.search(r"\bint\b", t):
+        return "int"
+    return None
+
+
+def numeric_fields(cls: type) -> dict[str, str]:
+    """Every numeric field of a config dataclass with its kind ('int' or 'float')."""
+    return {f.name: kind for f in dataclasses.fields(cls) if (kind := _numeric_kind(f)) is not None}
+
+
+def parse_interval(spec: str) -> tuple[float, float, bool, bool]:
+    """'[0, 1)' -> (0.0, 1.0, low closed, high closed); 'inf' for no bound."""
+    m = _INTERVAL.match(spec)
+    if not m:
+        raise ValueError(f"bad interval {spec!r}")
+    return float(m.group(2)), float(m.group(3)), m.group(1) == "[", m.group(4) == "]"
+
+
+def describe_interval(spec: str) -> str:
+    lo, hi, lo_closed, hi_closed = parse_interval(spec)
+    if math.isinf(hi):
+        return f"{'>=' if lo_closed else '>'} {lo:g}"
+    return f"in {spec.strip()}"
+
+
+def check_ranges(cfg: Any, ranges: Mapping[str, str]) -> None:
+    """Every numeric field: the right kind of number, finite, inside its interval (``ranges``).
+
+    Numbers written as strings (YAML reads ``1e-5`` as text) are converted. A field
+    that may be None is skipped when None.
+    """
+    kinds = numeric_fields(type(cfg))
+    for name, kind in kinds.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            try:
+                value = int(value) if kind == "int" else float(value)
+            except ValueError:
+                raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        if kind == "int":
+            if isinstance(value, float):
+                require(value.is_integer(), f"{name} must be a whole number, got {value!r}")
+                value = int(value)
+        else:
+            require(math.isfinite(value), f"{name} must be a finite number, got {value!r}")
+            value = float(value)
+        setattr(cfg, name, value)
+        spec = ranges.get(name)
+        if spec is None:
+            continue
+        lo, hi, lo_closed, hi_closed = parse_interval(spec)
+        inside = (value >= lo if lo_closed else value > lo) and (value <= hi if hi_closed else value < hi)
+        require(inside, f"{name} must be {describe_interval(spec)}, got {value!r}")

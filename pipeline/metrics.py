@@ -11,6 +11,7 @@ events past that step the same way.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -184,7 +185,7 @@ class MetricsWriter:
         if self._unflushed or not self.path.exists():
             # Whole-file rewrite through a temporary name: readers (and a
             # crash) only ever see the previous complete file or this one.
-            with atomic_path(self.path) as tmp:
+            with atomic_path(self.path, record=True) as tmp:
                 pq.write_table(self.table(), tmp)
             self._unflushed = 0
         if self._tb is not None:
@@ -214,4 +215,12 @@ def _open_tensorboard(log_dir: Path, resume_step: int | None):
     # purge_step discards events at or after it left by a killed run, so the
     # resumed curve is not drawn twice.
     purge = None if resume_step is None else resume_step + 1
-    return SummaryWriter(log_dir=str(log_dir), purge_step=purge)
+    from pipeline.atomic import claim, make_dir
+
+    make_dir(log_dir)
+    before = set(os.listdir(log_dir))
+    writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
+    writer.flush()
+    for name in sorted(set(os.listdir(log_dir)) - before):  # the event file this writer opened
+        claim(log_dir / name)
+    return writer

@@ -17,6 +17,17 @@ Formats, as TRL names them:
   rejected are the responses; with no prompt field the longest shared leading
   run of messages of chosen and rejected is the prompt (implicit prompt) and
   the rest are the responses.
+- whole conversations beside an explicit prompt (UltraFeedback-binarized: a
+  string ``prompt`` and chosen/rejected that repeat it as their first user
+  turn): the repeated prompt turns are removed, so chosen and rejected hold
+  only the completion. When both conversations begin with the same
+  non-assistant turns that do not start with the prompt, a string prompt that
+  equals one of those user turns makes the shared turns the prompt (so a
+  system turn before it is kept, as TRL's implicit prompt would); otherwise the
+  record is ``malformed_messages`` (prompt and conversations disagree).
+- Anthropic HH strings (``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` in chosen and
+  rejected, no prompt field): the turns become user/assistant messages and the
+  shared leading turns are the prompt, so the chat template applies downstream.
 
 Normalisation (for ``pair_id``, duplicates and the split, never for the stored
 text): Unicode NFC, CRLF/CR to LF, leading/trailing whitespace stripped.
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Any
@@ -112,6 +124,30 @@ def split_of(prompt_key: str, eval_fraction: float) -> str:
     return split_from_hash(prompt_hash(prompt_key), eval_fraction)
 
 
+_EVAL_SPLIT_PREFIXES = ("test", "validation", "valid", "eval", "dev")
+
+
+def declared_split(name: Any) -> str:
+    """What a split name given by the input (a DatasetDict split, or a split field) means: ``train`` or ``eval``.
+
+    Names starting with ``test``/``validation``/``valid``/``eval``/``dev`` (any
+    case) are ``eval``: held out whatever ``--eval-fraction`` says. Names starting
+    with ``train`` are ``train``: the caller still holds out ``eval_fraction`` of
+    their prompts (``split_of``), as for inputs without splits. Anything else
+    raises ``ValueError`` (the caller names the file and record).
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"split is a {_type_name(name)}, expected a split name")
+    low = name.strip().lower()
+    if low.startswith(_EVAL_SPLIT_PREFIXES):
+        return "eval"
+    if low.startswith("train"):
+        return "train"
+    raise ValueError(
+        f"split '{name}' is neither a train split (train...) nor an eval split ({'..., '.join(_EVAL_SPLIT_PREFIXES)}...)"
+    )
+
+
 def _type_name(value: Any) -> str:
     if value is None:
         return "null"
@@ -161,7 +197,14 @@ def validate_record(value: Any, fields: FieldMap = FieldMap(), max_chars: int = 
 
     if isinstance(chosen, str) and isinstance(rejected, str):
         if prompt is None:
-            raise Invalid("missing_field", f"field '{fields.prompt}' is {'null' if fields.prompt in value else 'missing'}")
+            chosen_m, rejected_m = hh_messages(chosen), hh_messages(rejected)
+            if chosen_m is not None and rejected_m is not None:
+                return _conversational(None, chosen_m, rejected_m, fields, max_chars)
+            missing = f"field '{fields.prompt}' is {'null' if fields.prompt in value else 'missing'}"
+            if chosen_m is not None or rejected_m is not None:
+                half = fields.chosen if chosen_m is None else fields.rejected
+                missing += f" and field '{half}' is not an Anthropic HH transcript like the other to take it from"
+            raise Invalid("missing_field", missing)
         if not isinstance(prompt, str):
             raise Invalid("wrong_type", f"field '{fields.prompt}' is a {_type_name(prompt)}, expected a string like '{fields.chosen}'")
         return _standard(prompt, chosen, rejected, fields, max_chars)
@@ -208,10 +251,9 @@ def _conversational(prompt: Any, chosen: list, rejected: list, fields: FieldMap,
                 f"field '{fields.prompt}' is missing and '{fields.chosen}'/'{fields.rejected}' share no leading messages to use as the prompt",
             )
         prompt_m, chosen_m, rejected_m = chosen_m[:k], chosen_m[k:], rejected_m[k:]
-    elif isinstance(prompt, str):
-        prompt_m = [{"role": "user", "content": prompt}]
     else:
-        prompt_m = _check_messages(prompt, fields.prompt)
+        prompt_m = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _check_messages(prompt, fields.prompt)
+        prompt_m, chosen_m, rejected_m = _drop_repeated_prompt(prompt, prompt_m, chosen_m, rejected_m, fields)
     for name, msgs in ((fields.chosen, chosen_m), (fields.rejected, rejected_m)):
         if not any(m["role"] == "assistant" for m in msgs):
             raise Invalid("malformed_messages", f"field '{name}' has no assistant turn after the prompt")
@@ -225,6 +267,51 @@ def _conversational(prompt: Any, chosen: list, rejected: list, fields: FieldMap,
     texts = (render_messages(prompt_m), render_messages(chosen_m), render_messages(rejected_m))
     _check_length(zip((fields.prompt, fields.chosen, fields.rejected), texts), max_chars)
     return Pair(pair_id_of(p_norm, c_norm, r_norm), *texts, prompt_m, chosen_m, rejected_m, _canon(p_norm))
+
+
+def _drop_repeated_prompt(prompt: Any, prompt_m: list, chosen_m: list, rejected_m: list, fields: FieldMap):
+    """``(prompt, chosen, rejected)`` messages with the prompt turns that chosen/rejected repeat removed.
+
+    Rendering ``prompt + chosen`` through a chat template must start with the
+    rendering of ``prompt``; a conversation that repeats the prompt's user turn
+    breaks that (two user turns in a row), so the repeat is removed here.
+    """
+    n = len(prompt_m)
+    p_norm = _norm_messages(prompt_m)
+    c_rep = n > 0 and _norm_messages(chosen_m[:n]) == p_norm
+    r_rep = n > 0 and _norm_messages(rejected_m[:n]) == p_norm
+    if c_rep or r_rep:
+        return prompt_m, chosen_m[n:] if c_rep else chosen_m, rejected_m[n:] if r_rep else rejected_m
+    k = 0
+    while k < min(len(chosen_m), len(rejected_m)) and chosen_m[k] == rejected_m[k]:
+        k += 1
+    if k == 0 or chosen_m[0]["role"] == "assistant":
+        return prompt_m, chosen_m, rejected_m  # the responses, as given
+    if isinstance(prompt, str):
+        key = normalize_text(prompt)
+        if any(m["role"] == "user" and normalize_text(m["content"]) == key for m in chosen_m[:k]):
+            return chosen_m[:k], chosen_m[k:], rejected_m[k:]
+    raise Invalid(
+        "malformed_messages",
+        f"fields '{fields.chosen}' and '{fields.rejected}' both begin with {k} non-assistant message(s) "
+        f"that do not repeat field '{fields.prompt}'",
+    )
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def hh_messages(text: str) -> list[dict] | None:
+    """The turns of an Anthropic HH transcript (``"\\n\\nHuman: q\\n\\nAssistant: a"``) as
+    user/assistant messages; ``None`` when ``text`` is not one (it must open with a
+    Human turn and hold an Assistant turn)."""
+    body = text.lstrip()
+    if not body.startswith("Human:") or "\n\nAssistant:" not in body:
+        return None
+    parts = _HH_TURN.split("\n\n" + body)
+    # ['', 'Human', content, 'Assistant', content, ...]
+    return [{"role": _HH_ROLES[parts[i]], "content": parts[i + 1]} for i in range(1, len(parts), 2)]
 
 
 def _check_length(named_texts, max_chars: int) -> None:

@@ -9,13 +9,19 @@ quarantine, never silently dropped.
 
 Supported inputs:
 - JSON Lines: ``.jsonl``, ``.ndjson``, ``.jsonl.gz`` (gzip), also ``.json``
-  files whose first non-blank character is not ``[``;
-- a JSON array file (``[{...}, {...}]``), decoded element by element so one
-  broken element does not lose the elements before it;
+  and ``.json.gz`` files whose first non-blank character is not ``[``;
+- a JSON array file (``[{...}, {...}]``, also gzipped as ``.json.gz``),
+  decoded element by element so one broken element does not lose the
+  elements before it;
 - Parquet (``.parquet``), read in row batches;
 - a folder written by ``datasets.Dataset.save_to_disk`` (or
   ``DatasetDict.save_to_disk``: every split, in the order of
-  ``dataset_dict.json``), read as Arrow streams without importing ``datasets``.
+  ``dataset_dict.json``, each record carrying its split name in
+  ``Record.split``), read as Arrow streams without importing ``datasets``.
+
+A record nested deeper than Python's JSON decoder can follow (it raises
+``RecursionError``) is an ``invalid_json`` record naming the depth problem,
+never a crash of the whole read.
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ class Record:
     value: Any = None
     reason: str | None = None
     message: str | None = None
+    split: str | None = None
+    """The split the input itself puts this record in (a DatasetDict's split name), if any."""
 
     @property
     def location(self) -> str:
@@ -61,14 +69,16 @@ class Record:
 
 
 def input_kind(path: Path) -> str:
-    """``jsonl``, ``jsonl.gz``, ``json`` (sniffed: array or lines), ``parquet`` or ``datasets``."""
+    """``jsonl``, ``jsonl.gz``, ``json``/``json.gz`` (sniffed: array or lines), ``parquet`` or ``datasets``."""
     if path.is_dir():
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             return "datasets"
         raise UserError(f"{path}: a folder must be a datasets.save_to_disk folder (no state.json or dataset_dict.json)")
     name = path.name.lower()
-    if name.endswith((".jsonl.gz", ".ndjson.gz", ".json.gz")):
+    if name.endswith((".jsonl.gz", ".ndjson.gz")):
         return "jsonl.gz"
+    if name.endswith(".json.gz"):
+        return "json.gz"
     if name.endswith((".jsonl", ".ndjson")):
         return "jsonl"
     if name.endswith(".json"):
@@ -76,7 +86,7 @@ def input_kind(path: Path) -> str:
     if name.endswith((".parquet", ".pq")):
         return "parquet"
     raise UserError(
-        f"{path}: unknown input type (expected .jsonl, .jsonl.gz, .json, .parquet or a datasets folder)"
+        f"{path}: unknown input type (expected .jsonl, .jsonl.gz, .json, .json.gz, .parquet or a datasets folder)"
     )
 
 
@@ -93,10 +103,10 @@ def iter_records(path: str | os.PathLike, progress: ProgressFn | None = None) ->
     if not path.exists():
         raise UserError(f"{path}: input not found")
     kind = input_kind(path)
-    if kind in ("jsonl", "jsonl.gz"):
+    if is_line_oriented(path):
         for data, first_line in iter_line_chunks(path, progress=progress):
             yield from jsonl_chunk_records(data, first_line, str(path))
-    elif kind == "json":
+    elif kind in ("json", "json.gz"):
         yield from _iter_json_file(path, progress)
     elif kind == "parquet":
         yield from _iter_parquet(path, progress)
@@ -108,8 +118,33 @@ def iter_records(path: str | os.PathLike, progress: ProgressFn | None = None) ->
 
 
 def is_line_oriented(path: Path) -> bool:
-    """Inputs read in byte chunks of whole lines (the ones ingest can parse in parallel)."""
-    return not path.is_dir() and input_kind(path) in ("jsonl", "jsonl.gz")
+    """Inputs read in byte chunks of whole lines (the ones ingest can parse in parallel).
+
+    A ``.json.gz`` is JSON Lines unless it holds an array (sniffed from its first
+    non-blank byte); a plain ``.json`` keeps its own reader (``_iter_json_file``).
+    """
+    if path.is_dir():
+        return False
+    kind = input_kind(path)
+    return kind in ("jsonl", "jsonl.gz") or (kind == "json.gz" and not _gzip_holds_array(path))
+
+
+def _gzip_holds_array(path: Path) -> bool:
+    try:
+        with gzip.open(path, "rb") as fh:
+            while True:
+                block = fh.read(1 << 16)
+                if not block:
+                    return False
+                head = block.lstrip(b" \t\r\n\xef\xbb\xbf")  # whitespace, and a UTF-8 byte-order mark
+                if head:
+                    return head.startswith(b"[")
+    except (OSError, EOFError) as exc:  # not gzip, or truncated
+        raise UserError(f"{path}: cannot read input: {exc}") from None
+
+
+def _is_gzip(path: Path) -> bool:
+    return input_kind(path) in ("jsonl.gz", "json.gz")
 
 
 def iter_line_chunks(
@@ -125,7 +160,7 @@ def iter_line_chunks(
     if not path.exists():
         raise UserError(f"{path}: input not found")
     with open(path, "rb") as raw_fh:
-        fh = gzip.open(raw_fh, "rb") if input_kind(path) == "jsonl.gz" else raw_fh
+        fh = gzip.open(raw_fh, "rb") if _is_gzip(path) else raw_fh
         try:
             first_line, last_pos = 1, 0
             while True:
@@ -179,13 +214,35 @@ def _parse_line(line: bytes, source: str, lineno: int, loads=json.loads) -> Reco
         value = loads(text)
     except ValueError as exc:  # json.JSONDecodeError
         return Record(source, lineno, text, reason="invalid_json", message=_json_error(exc))
-    if "\\u" in text and _has_lone_surrogate(text, value):
-        return Record(source, lineno, text, reason="invalid_utf8", message=_SURROGATE_MESSAGE)
+    except RecursionError:
+        return Record(source, lineno, text, reason="invalid_json", message=TOO_DEEP)
+    try:
+        if "\\u" in text and _has_lone_surrogate(text, value):
+            return Record(source, lineno, text, reason="invalid_utf8", message=_SURROGATE_MESSAGE)
+    except RecursionError:  # decoded, but too deep to encode again for the check
+        return Record(source, lineno, text, reason="invalid_json", message=TOO_DEEP)
     return Record(source, lineno, text, value)
 
 
+TOO_DEEP = "invalid JSON: nested deeper than the JSON decoder can follow (Python's recursion limit)"
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE_MESSAGE = "a \\u escape encodes a lone UTF-16 surrogate, which is not valid Unicode text"
+
+
+def parse_fields_with_arrow(raw: str, names: tuple[str, ...]) -> dict | None:
+    """The string fields ``names`` of one JSON object text, parsed by Arrow (C++, no
+    recursion limit): for records too deep for Python's decoder. Absent fields are
+    left out; ``None`` if Arrow cannot read them all as strings."""
+    opts = pa_json.ParseOptions(
+        explicit_schema=pa.schema([(n, pa.string()) for n in names]), unexpected_field_behavior="ignore"
+    )
+    try:
+        table = pa_json.read_json(pa.BufferReader(raw.encode("utf-8", "surrogatepass")), parse_options=opts)
+    except (pa.ArrowInvalid, UnicodeError):
+        return None
+    if table.num_rows != 1:
+        return None
+    return {k: v for k, v in table.to_pylist()[0].items() if v is not None}
 
 
 def _has_lone_surrogate(text: str, value: Any) -> bool:
@@ -215,7 +272,17 @@ def _json_error(exc: ValueError) -> str:
 
 
 def _iter_json_file(path: Path, progress: ProgressFn | None) -> Iterator[Record]:
-    data = path.read_bytes()
+    if _is_gzip(path):
+        try:
+            with gzip.open(path, "rb") as fh:
+                data = fh.read()
+        except (OSError, EOFError) as exc:
+            raise UserError(f"{path}: cannot read input: {exc}") from None
+        if progress is not None:
+            progress(path.stat().st_size)  # the progress bar counts bytes on disk
+        progress = None
+    else:
+        data = path.read_bytes()
     if progress is not None:
         progress(len(data))
     head = data.lstrip()
@@ -271,6 +338,16 @@ def iter_json_array(text: str, source: str) -> Iterator[Record]:
         except ValueError as exc:
             yield _broken_tail(text, pos, source, row, _json_error(exc).removeprefix("invalid JSON: "))
             return
+        except RecursionError:
+            end = _skip_value(text, pos)
+            if end is None:
+                yield _broken_tail(text, pos, source, row, "nested too deeply, and unterminated")
+                return
+            yield Record(source, row, _readable(text[pos:end]), reason="invalid_json", message=TOO_DEEP)
+            row += 1
+            pos = end
+            expect_value = False
+            continue
         raw = text[pos:end]
         if _has_surrogates(raw):
             yield Record(
@@ -280,13 +357,45 @@ def iter_json_array(text: str, source: str) -> Iterator[Record]:
                 reason="invalid_utf8",
                 message="invalid UTF-8 bytes in this element",
             )
-        elif "\\u" in raw and _has_lone_surrogate(raw, value):
-            yield Record(source, row, raw, reason="invalid_utf8", message=_SURROGATE_MESSAGE)
         else:
-            yield Record(source, row, raw, value)
+            try:
+                lone = "\\u" in raw and _has_lone_surrogate(raw, value)
+            except RecursionError:  # decoded, but too deep to encode again for the check
+                yield Record(source, row, raw, reason="invalid_json", message=TOO_DEEP)
+            else:
+                if lone:
+                    yield Record(source, row, raw, reason="invalid_utf8", message=_SURROGATE_MESSAGE)
+                else:
+                    yield Record(source, row, raw, value)
         row += 1
         pos = end
         expect_value = False
+
+
+def _skip_value(text: str, pos: int) -> int | None:
+    """End of the bracketed JSON value starting at ``pos`` (depth counting, strings
+    skipped), or ``None`` if it never closes. Only for values too deep to decode."""
+    depth = 0
+    n = len(text)
+    i = pos
+    while i < n:
+        ch = text[i]
+        if ch == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return None
+
+
+def _readable(s: str) -> str:
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") if _has_surrogates(s) else s
 
 
 def _broken_tail(text: str, pos: int, source: str, row: int, why: str) -> Record:
@@ -332,12 +441,12 @@ def _iter_datasets_folder(path: Path, progress: ProgressFn | None) -> Iterator[R
         except (ValueError, KeyError, OSError) as exc:
             raise UserError(f"{dict_file}: not a datasets DatasetDict index: {exc}") from None
         for split in splits:
-            yield from _iter_dataset(path / split, f"{path}[{split}]", progress)
+            yield from _iter_dataset(path / split, f"{path}[{split}]", progress, split)
     else:
         yield from _iter_dataset(path, str(path), progress)
 
 
-def _iter_dataset(folder: Path, source: str, progress: ProgressFn | None) -> Iterator[Record]:
+def _iter_dataset(folder: Path, source: str, progress: ProgressFn | None, split: str | None = None) -> Iterator[Record]:
     state_file = folder / "state.json"
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
@@ -354,16 +463,16 @@ def _iter_dataset(folder: Path, source: str, progress: ProgressFn | None) -> Ite
         batches = list(reader)
         rows_in_file = max(sum(b.num_rows for b in batches), 1)
         for batch in batches:
-            yield from _rows(batch, source, row)
+            yield from _rows(batch, source, row, split)
             if progress is not None:
                 progress(size * batch.num_rows // rows_in_file)
             row += batch.num_rows
 
 
-def _rows(batch: pa.RecordBatch, source: str, first_row: int) -> Iterator[Record]:
+def _rows(batch: pa.RecordBatch, source: str, first_row: int, split: str | None = None) -> Iterator[Record]:
     for i, value in enumerate(batch.to_pylist()):
         raw = json.dumps(value, ensure_ascii=False, default=_jsonable)
-        yield Record(source, first_row + i, raw, value)
+        yield Record(source, first_row + i, raw, value, split=split)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 import typer
 
-from pipeline.atomic import atomic_path, write_json_atomic
+from pipeline.atomic import atomic_path, remove_owned, write_json_atomic
 from pipeline.cache import open_cache
 from pipeline.errors import ConfigError, UserError
 from pipeline.prompts import follow_cache, resolve_chat_template
@@ -41,6 +41,12 @@ TASK_RESULTS_SCHEMA = pa.schema([
 ])
 EVAL_FILE = "eval.json"
 NORMALIZE = ("none", "length")
+
+
+RANGES = {"beta": "(0, inf)", "limit_pairs": "[0, inf)", "limit_task": "[0, inf)", "limit_choices": "[0, inf)",
+          "gen_length": "[1, inf)", "block_length": "[1, inf)", "steps": "[1, inf)", "samples": "[1, inf)",
+          "batch_size": "[1, inf)", "batch_tokens": "[1, inf)", "seed": "[0, inf)"}
+"""The valid interval of every numeric field (checked first in __post_init__)."""
 
 
 @dataclass
@@ -105,6 +111,10 @@ class EvalConfig:
 
     def __post_init__(self):
         self.out = Path(self.out)
+        from pipeline.config import check_device, check_ranges
+
+        check_ranges(self, RANGES)
+        check_device(self.device)
         self.scores = Path(self.scores) if self.scores not in (None, "") else None
         self.benchmark = Path(self.benchmark) if self.benchmark not in (None, "") else None
         self.choices = Path(self.choices) if self.choices not in (None, "") else None
@@ -159,8 +169,9 @@ def preference_scores(model, tokenizer, rows: list[dict], fingerprint: dict, bet
         pi = sums / fingerprint["draws"]
         for i, row in enumerate(chunk):
             pi_c, pi_r = float(pi[i, 0]), float(pi[i, 1])
-            margins.append(beta * ((pi_c - row["ref_chosen_elbo"]) - (pi_r - row["ref_rejected_elbo"])))
-            scales.append(beta * (abs(row["ref_chosen_elbo"]) + abs(row["ref_rejected_elbo"])))
+            # Accuracy reads the sign of the margin before beta scales it: it cannot depend on beta.
+            margins.append((pi_c - row["ref_chosen_elbo"]) - (pi_r - row["ref_rejected_elbo"]))
+            scales.append(abs(row["ref_chosen_elbo"]) + abs(row["ref_rejected_elbo"]))
             own.append(pi_c - pi_r)
     n = len(margins)
     # The reference scoring itself ties exactly up to float32 noise, which grows
@@ -171,7 +182,7 @@ def preference_scores(model, tokenizer, rows: list[dict], fingerprint: dict, bet
         return 1.0 if m > tol else 0.5 if m >= -tol else 0.0
 
     acc = sum(credit(m, s) for m, s in zip(margins, scales)) / n
-    return {"accuracy": acc, "elbo_accuracy": sum(o > 0 for o in own) / n, "mean_margin": sum(margins) / n}
+    return {"accuracy": acc, "elbo_accuracy": sum(o > 0 for o in own) / n, "mean_margin": beta * sum(margins) / n}
 
 
 def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
@@ -250,10 +261,12 @@ def choice_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, chat_t
 
 
 def run(cfg: EvalConfig) -> EvalResult:
+    from pipeline.atomic import check_writable
     from pipeline.models import load_model
     from stages.score_ref import resolve_device
 
     start = time.perf_counter()
+    check_writable(cfg.out, "eval output folder")
     device = str(resolve_device(cfg.device))
     cache = open_cache(cfg.scores) if cfg.scores is not None else None
     before_name = cfg.before
@@ -324,11 +337,11 @@ def run(cfg: EvalConfig) -> EvalResult:
     report = {k: v for k, v in report.items() if v != {}}
     cfg.out.mkdir(parents=True, exist_ok=True)
     if task_rows:
-        with atomic_path(cfg.out / TASK_RESULTS) as tmp:
+        with atomic_path(cfg.out / TASK_RESULTS, record=True) as tmp:
             pq.write_table(pa.Table.from_pylist(task_rows, schema=TASK_RESULTS_SCHEMA), tmp)
     else:  # an earlier eval's per-item rows would contradict this eval.json
-        (cfg.out / TASK_RESULTS).unlink(missing_ok=True)
-    write_json_atomic(cfg.out / EVAL_FILE, report)
+        remove_owned(cfg.out / TASK_RESULTS)
+    write_json_atomic(cfg.out / EVAL_FILE, report, record=True)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -30,10 +30,15 @@ import typer
 
 from pipeline.atomic import atomic_path
 from pipeline.completion import STOP_TOKENS, complete, prompt_seed, stop_token_ids  # noqa: F401
-from pipeline.config import require, require_choice
+from pipeline.config import check_device, check_ranges, require, require_choice
 from pipeline.errors import ConfigError, UserError
 from pipeline.prompts import follow_cache, resolve_chat_template
 from pipeline.sampler import REMASKING, check_schedule
+
+
+RANGES = {"gen_length": "[1, inf)", "block_length": "[1, inf)", "steps": "[1, inf)", "temperature": "[0, inf)",
+          "cfg_scale": "[0, inf)", "batch_size": "[1, inf)", "seed": "[0, inf)", "limit": "[0, inf)"}
+"""The valid interval of every numeric field (checked first in __post_init__)."""
 
 
 @dataclass
@@ -79,6 +84,8 @@ class GenerateConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
+        check_ranges(self, RANGES)
+        check_device(self.device)
         for name in ("gen_length", "block_length", "steps", "batch_size"):
             require(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive integer")
         try:
@@ -198,6 +205,20 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+_NOT_COMPARED = ("model",)
+"""Shown for the reader; resuming goes by the content identities below, never by a path."""
+_CONTENT = {"model_identity": "a model", "prompts_sha256": "a prompts file"}
+
+
+def content_settings(cfg: GenerateConfig) -> dict[str, Any]:
+    """The sampler settings plus the content identities of the model and the prompts file."""
+    from pipeline.cache import file_sha256, fingerprint_digest
+    from pipeline.models import model_identity
+
+    return {**cfg.sampler_settings(), "model_identity": fingerprint_digest(model_identity(cfg.model)),
+            "prompts_sha256": file_sha256(cfg.prompts)}
+
+
 def _read_done(path: Path, records: list[PromptRecord], settings: dict[str, Any], *, tolerate_tail: bool) -> dict[int, dict]:
     """Finished rows of an earlier run, checked against these prompts and settings."""
     done: dict[int, dict] = {}
@@ -218,11 +239,15 @@ def _read_done(path: Path, records: list[PromptRecord], settings: dict[str, Any]
             raise UserError(f"{where}: not a `lldm-dpo generate` output row (no index/sampler); choose another --out")
         previous = row["sampler"] or {}
         for key, value in settings.items():
-            if previous.get(key) != value:
-                raise UserError(
-                    f"{where}: made with {key}={previous.get(key)!r}, this run has {key}={value!r}; "
-                    "delete the file or choose another --out"
-                )
+            if key in _NOT_COMPARED or previous.get(key) == value:
+                continue
+            if key in _CONTENT:
+                raise UserError(f"{where}: made from {_CONTENT[key]} whose content differs from this run's "
+                                f"({key} {previous.get(key)!r} vs {value!r}); delete the file or choose another --out")
+            raise UserError(
+                f"{where}: made with {key}={previous.get(key)!r}, this run has {key}={value!r}; "
+                "delete the file or choose another --out"
+            )
         index = row["index"]
         if index >= len(records):
             continue  # beyond --limit or a shorter prompts file: not ours to write back
@@ -271,7 +296,12 @@ def run(cfg: GenerateConfig) -> GenerateResult:
                                                       str(cfg.scores)))
     out = Path(cfg.out)
     partial = partial_path(out)
-    settings = cfg.sampler_settings()
+    from pipeline.atomic import check_writable, sweep_stale
+
+    check_writable(out, "generations file")
+    sweep_stale(out.parent, out.name)
+    sweep_stale(out.parent, partial.name)
+    settings = content_settings(cfg)
     done = _read_done(out, records, settings, tolerate_tail=False)
     done.update(_read_done(partial, records, settings, tolerate_tail=True))
     pending = [r for r in records if r.index not in done]

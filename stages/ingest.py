@@ -13,6 +13,7 @@ bytes. Both files are written under temporary names and renamed at the end.
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import json
 import os
@@ -29,8 +30,19 @@ import typer
 from pipeline.atomic import atomic_path
 from pipeline.config import config_to_yaml, load_config, require
 from pipeline.errors import ConfigError, UserError
-from pipeline.pairs import FieldMap, Invalid, arrow_clean_mask, arrow_pair_ids, arrow_splits, kept_value, split_of, validate_record
+from pipeline.pairs import (
+    FieldMap,
+    Invalid,
+    arrow_clean_mask,
+    arrow_pair_ids,
+    arrow_splits,
+    declared_split,
+    kept_value,
+    split_of,
+    validate_record,
+)
 from pipeline.readers import (
+    TOO_DEEP,
     Record,
     arrow_segments,
     escape_lines,
@@ -40,6 +52,7 @@ from pipeline.readers import (
     iter_records,
     jsonl_chunk_records,
     may_hold_cr_or_escapes,
+    parse_fields_with_arrow,
     parse_line,
 )
 from pipeline.schemas import PAIRS_SCHEMA, REASON_CODES, SPLITS
@@ -62,7 +75,7 @@ def quarantine_path_for(out: str | Path) -> Path:
 @dataclass
 class IngestConfig:
     inputs: list[str] = field(default_factory=lambda: ["data/preference_data/reasoning_prefs.jsonl"])
-    """Input files: .jsonl, .jsonl.gz, .json (array or lines), .parquet, or datasets.save_to_disk folders."""
+    """Input files: .jsonl, .jsonl.gz, .json or .json.gz (array or lines), .parquet, or datasets.save_to_disk folders (a DatasetDict keeps its splits)."""
     out: str = DEFAULT_OUT
     """The pairs file to write (Arrow IPC)."""
     quarantine: str | None = None
@@ -78,7 +91,9 @@ class IngestConfig:
     max_chars: int = 0
     """Quarantine a record whose prompt, chosen or rejected text is longer than this (0: no limit)."""
     eval_fraction: float = 0.0
-    """Fraction of prompts held out as split 'eval', chosen by a hash of the prompt (all pairs of a prompt on one side)."""
+    """Fraction of prompts held out as split 'eval', chosen by a hash of the prompt (all pairs of a prompt on one side). Records the input already puts in an eval split stay there; this draws from the rest."""
+    split_field: str = "split"
+    """Input field naming a record's own split, used like a DatasetDict's split names: train... is 'train', test.../validation.../valid.../eval.../dev... is 'eval' (other names are an error); '' ignores the field."""
     strict: bool = False
     """Any quarantined record is an error (exit 1); both files and the report are still written."""
     progress: bool = True
@@ -103,6 +118,8 @@ class IngestConfig:
             require(isinstance(getattr(self, name), str) and getattr(self, name), f"{name} must be a non-empty string")
         mapped = (self.prompt_field, self.chosen_field, self.rejected_field)
         require(len(set(mapped)) == 3, f"prompt_field, chosen_field and rejected_field must differ, got {mapped}")
+        require(isinstance(self.split_field, str), f"split_field must be a string ('' to ignore), got {self.split_field!r}")
+        require(self.split_field not in mapped, f"split_field '{self.split_field}' is also the prompt, chosen or rejected field")
         taken = set(PAIRS_SCHEMA.names)
         for name in self.keep_fields:
             require(name not in taken, f"keep_fields: '{name}' clashes with a pairs column ({', '.join(PAIRS_SCHEMA.names)})")
@@ -229,6 +246,7 @@ class _Ctx:
     keep_fields: tuple[str, ...]
     schema: pa.Schema  # pairs schema + "_line"
     fast: bool = True  # Arrow fast path for JSONL (off when kept fields need Python values)
+    split_field: str = ""  # the input field naming a record's own split ("" : none)
 
 
 @dataclass
@@ -254,15 +272,29 @@ def _process(records: Iterable[Record], source: str, ctx: _Ctx) -> _Chunk:
     fields, max_chars, eval_fraction, keep = ctx.fields, ctx.max_chars, ctx.eval_fraction, ctx.keep_fields
     for rec in records:
         read += 1
-        reason, message = rec.reason, rec.message
+        reason, message, value = rec.reason, rec.message, rec.value
+        if reason == "invalid_json" and message == TOO_DEEP:
+            # Arrow's parser has no depth limit: a record whose deep part is outside the
+            # three fields is judged on those fields, as the fast path judges it.
+            names = (fields.prompt, fields.chosen, fields.rejected) + ((ctx.split_field,) if ctx.split_field else ())
+            value = parse_fields_with_arrow(rec.raw, names)
+            if value is not None:
+                reason = message = None
         if reason is None:
             try:
-                pair = validate_record(rec.value, fields, max_chars)
+                pair = validate_record(value, fields, max_chars)
+                kept = [kept_value(value.get(name)) for name in keep]
             except Invalid as bad:
                 reason, message = bad.reason, bad.message
+            except RecursionError:  # a value deep enough to overflow the stack once decoded
+                reason, message = "invalid_json", TOO_DEEP
         if reason is not None:
             quarantine.append((rec.line, reason, _quarantine_line(rec.source, rec.line, reason, message, rec.raw)))
             continue
+        split = split_of(pair.prompt_key, eval_fraction)
+        name = rec.split if rec.split is not None else (value.get(ctx.split_field) if ctx.split_field else None)
+        if name is not None and _declared(name, rec.source, rec.line) == "eval":
+            split = "eval"
         pair_id.append(pair.pair_id)
         prompt.append(pair.prompt)
         chosen.append(pair.chosen)
@@ -270,13 +302,20 @@ def _process(records: Iterable[Record], source: str, ctx: _Ctx) -> _Chunk:
         pm.append(pair.prompt_messages)
         cm.append(pair.chosen_messages)
         rm.append(pair.rejected_messages)
-        split_col.append(split_of(pair.prompt_key, eval_fraction))
+        split_col.append(split)
         src_col.append(f"{rec.source}:{rec.line}")
         line_col.append(rec.line)
-        for name in keep:
-            cols[name].append(kept_value(rec.value.get(name)))
+        for name, cell in zip(keep, kept):
+            cols[name].append(cell)
     arrays = [pa.array(cols[f.name], type=f.type) for f in ctx.schema]
     return _Chunk(source, read, pa.RecordBatch.from_arrays(arrays, schema=ctx.schema), quarantine)
+
+
+def _declared(name: Any, source: str, line: int) -> str:
+    try:
+        return declared_split(name)
+    except ValueError as exc:
+        raise UserError(f"{source}:{line}: {exc}; rename the split, or ignore the field with --split-field ''") from None
 
 
 def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chunk:
@@ -304,10 +343,14 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
     blob = b"\n".join(lines)
     escapes = escape_lines(lines, blob) if may_hold_cr_or_escapes(data) else []
     f = ctx.fields
+    names = (f.prompt, f.chosen, f.rejected)
+    # The split field is parsed only where its key can occur (as a key it is a quoted name).
+    if ctx.split_field and json.dumps(ctx.split_field, ensure_ascii=False).encode() in data:
+        names += (ctx.split_field,)
     slow: list[int] = []
     fast_runs: list[np.ndarray] = []
     tables = []
-    for rows, table in arrow_segments(lines, (f.prompt, f.chosen, f.rejected), escapes, blob):
+    for rows, table in arrow_segments(lines, names, escapes, blob):
         if table is None:
             slow.extend(rows)
         else:
@@ -328,8 +371,17 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
             every = len(ok_rows) == len(fast_idx)  # then filtering would only copy
             pick = (lambda col: col) if every else (lambda col: pc.filter(col, mask))  # noqa: E731
             pn, cn, rn = (pick(col) for col in normalized)
-            split = pa.array(arrow_splits(pn, ctx.eval_fraction), pa.string())
+            hashed = arrow_splits(pn, ctx.eval_fraction)
             lines_ok = pa.array(numbers[ok_rows], pa.int64())
+            if len(names) == 4:
+                declared = pick(t.column(3).combine_chunks())
+                if declared.null_count < len(declared):
+                    line_nos = lines_ok.to_pylist()
+                    hashed = [
+                        "eval" if d is not None and _declared(d, source, ln) == "eval" else h
+                        for d, h, ln in zip(declared.to_pylist(), hashed, line_nos)
+                    ]
+            split = pa.array(hashed, pa.string())
             arrays = {
                 "pair_id": pa.array(arrow_pair_ids(pn, cn, rn), pa.string()),
                 "prompt": pick(p),
@@ -446,6 +498,9 @@ def run(cfg: IngestConfig) -> IngestResult:
     for p in paths:
         if p.resolve() in (out.resolve(), qpath.resolve()):
             raise UserError(f"{p}: input is also an output of this run")
+    # Before any input is read: an output that cannot be written is a one-line error now.
+    _check_writable(out, "the pairs file (--out)")
+    _check_writable(qpath, "the quarantine (--quarantine)")
     schema = pairs_schema(cfg.keep_fields)
     ctx = _Ctx(
         FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field),
@@ -454,16 +509,23 @@ def run(cfg: IngestConfig) -> IngestResult:
         tuple(cfg.keep_fields),
         schema.append(pa.field("_line", pa.int64())),
         fast=_FAST_PATH and not cfg.keep_fields,
+        split_field=cfg.split_field,
     )
     by_reason = {code: 0 for code in REASON_CODES}
+    splits = {s: 0 for s in SPLITS}
     seen: set[str] = set()
     read = 0
     total = sum(input_size(p) for p in paths)
     workers = _worker_count(cfg, paths, total)
     progress = _make_progress(total, cfg.progress)
 
-    with atomic_path(out) as out_tmp, atomic_path(qpath) as q_tmp:
-        writer = _PairsWriter(out_tmp, schema)
+    with contextlib.ExitStack() as stack:
+        try:
+            out_tmp = stack.enter_context(atomic_path(out))
+            q_tmp = stack.enter_context(atomic_path(qpath))
+            writer = _PairsWriter(out_tmp, schema)
+        except OSError as exc:  # e.g. a read-only file system, which access() does not see
+            raise UserError(f"{exc.filename or out}: cannot write output: {exc.strerror or exc}") from None
         pool = _make_pool(workers)
         try:
             with open(q_tmp, "w", encoding="utf-8", newline="\n") as qfh:
@@ -498,6 +560,8 @@ def run(cfg: IngestConfig) -> IngestResult:
                     for _, reason, text in entries:
                         by_reason[reason] += 1
                         qfh.write(text)
+                    for value, n in _value_counts(batch.column("split")):
+                        splits[value] += n
                     writer.add(batch.drop_columns(["_line"]))
         finally:
             if pool is not None:
@@ -510,17 +574,81 @@ def run(cfg: IngestConfig) -> IngestResult:
     accepted = len(seen)
     quarantined = sum(by_reason.values())
     assert read == accepted + quarantined  # the accounting identity the report promises
-    splits = _split_counts(out) if cfg.eval_fraction > 0 else {"train": accepted, "eval": 0}
-    return IngestResult(read, accepted, quarantined, by_reason, str(out), str(qpath), splits)
+    assert sum(splits.values()) == accepted
+    result = IngestResult(read, accepted, quarantined, by_reason, str(out), str(qpath), splits)
+    if quarantined and not accepted:
+        raise NothingAccepted(_nothing_accepted(cfg, read, by_reason, qpath), result)
+    return result
 
 
-def _split_counts(out: Path) -> dict[str, int]:
-    with pa.memory_map(str(out)) as src:
-        col = pa.ipc.open_file(src).read_all().column("split")
-    counts = {s: 0 for s in SPLITS}
-    for value, n in zip(*(lambda vc: (vc.field(0).to_pylist(), vc.field(1).to_pylist()))(col.value_counts())):
-        counts[value] = n
-    return counts
+class NothingAccepted(UserError):
+    """Every record was quarantined: an error (nothing to score), after both files are written."""
+
+    def __init__(self, message: str, result: IngestResult):
+        super().__init__(message)
+        self.result = result
+
+
+def _value_counts(col: pa.Array) -> list[tuple[str, int]]:
+    vc = col.value_counts()
+    return list(zip(vc.field(0).to_pylist(), vc.field(1).to_pylist()))
+
+
+def _check_writable(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise UserError(f"{path}: {what} is a folder; give a file path")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot create the folder for {what}: {exc.strerror or exc}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot write {what}: folder {parent} is not writable")
+
+
+_FIELD_REASONS = ("missing_field", "wrong_type", "malformed_messages", "empty_text")
+_FIELDS_SHOWN = 12
+
+
+def _nothing_accepted(cfg: IngestConfig, read: int, by_reason: dict[str, int], qpath: Path) -> str:
+    """The one-line error when every record was quarantined: the reason(s), the first
+    message, and for field problems the fields the records do have and the flags."""
+    reasons = [(r, n) for r, n in by_reason.items() if n]
+    if len(reasons) == 1:
+        what = f"all {read} records were quarantined as {reasons[0][0]}"
+    else:
+        what = f"all {read} records were quarantined (" + ", ".join(f"{r} {n}" for r, n in reasons) + ")"
+    first_message, keys = _quarantine_sample(qpath)
+    msg = f"ingest: {what}" + (f", e.g. {first_message}" if first_message else "")
+    if any(r in _FIELD_REASONS for r, _ in reasons):
+        have = ", ".join(keys[:_FIELDS_SHOWN]) + (", ..." if len(keys) > _FIELDS_SHOWN else "")
+        msg += (
+            f"; the records have fields: {have or '(none: not JSON objects)'}; map them with "
+            f"--prompt-field, --chosen-field, --rejected-field (now '{cfg.prompt_field}', '{cfg.chosen_field}', "
+            f"'{cfg.rejected_field}')"
+        )
+    if by_reason.get("too_long"):
+        msg += f"; --max-chars {cfg.max_chars} is the limit (0: none)"
+    return msg + f"; see {qpath}"
+
+
+def _quarantine_sample(qpath: Path, limit: int = 200) -> tuple[str | None, list[str]]:
+    """The first quarantine message, and the top-level fields of the first ``limit``
+    quarantined records (most common first)."""
+    first, counts = None, collections.Counter()
+    with open(qpath, encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            if i >= limit:
+                break
+            entry = json.loads(line)
+            first = first or entry.get("message")
+            try:
+                value = json.loads(entry["raw"])
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(value, dict):
+                counts.update(value.keys())
+    return first, [k for k, _ in counts.most_common()]
 
 
 def print_report(result: IngestResult) -> None:
@@ -553,7 +681,8 @@ def command(
     rejected_field: str = typer.Option(None, "--rejected-field", help="Input field with the rejected response. [default: rejected]"),
     keep_field: list[str] = typer.Option(None, "--keep-field", help="Extra input field to keep as a column (repeatable)."),
     max_chars: int = typer.Option(None, "--max-chars", help="Quarantine texts longer than this (0: no limit)."),
-    eval_fraction: float = typer.Option(None, "--eval-fraction", help="Fraction of prompts held out as split 'eval'."),
+    eval_fraction: float = typer.Option(None, "--eval-fraction", help="Fraction of prompts held out as split 'eval' (besides the input's own eval splits)."),
+    split_field: str = typer.Option(None, "--split-field", help="Input field naming a record's own split ('' to ignore). [default: split]"),
     strict: bool = typer.Option(None, "--strict/--no-strict", help="Exit 1 if any record is quarantined."),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar on large inputs."),
     workers: int = typer.Option(None, "--workers", help="Parser processes for large JSONL inputs. [default: 1]"),
@@ -575,6 +704,7 @@ def command(
             "keep_fields": list(keep_field) if keep_field else None,
             "max_chars": max_chars,
             "eval_fraction": eval_fraction,
+            "split_field": split_field,
             "strict": strict,
             "progress": progress,
             "workers": workers,
@@ -583,12 +713,17 @@ def command(
     if print_config:
         typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
         return
-    result = run(cfg)
+    try:
+        result, failure = run(cfg), None
+    except NothingAccepted as exc:  # the report still shows what happened, then the one-line error
+        result, failure = exc.result, exc
     if json_out:
         from pipeline.cli import emit_json
 
         emit_json(result.to_dict())
     else:
         print_report(result)
+    if failure is not None:
+        raise failure
     if cfg.strict and result.quarantined:
         raise UserError(f"--strict: {result.quarantined} of {result.read} records quarantined (see {result.quarantine})")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.atomic import atomic_dir
+from pipeline.atomic import atomic_dir, check_writable
 from pipeline.errors import UserError
 from pipeline.models import load_model
 from pipeline.models.loading import LORA_ADAPTER_CONFIG as ADAPTER_CONFIG
@@ -26,6 +26,7 @@ def merge(adapter_dir: str | Path, out: str | Path, *, dtype: str = "float32", o
         raise UserError(f"{adapter_dir}: not a LoRA adapter folder (no {ADAPTER_CONFIG})")
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+    check_writable(out, "merged model folder")
     model, tokenizer = load_model(str(adapter_dir), dtype=dtype)  # base + adapter, not yet merged
     base = model.peft_config["default"].base_model_name_or_path
     merged = model.merge_and_unload()

@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -107,10 +108,44 @@ def _empty_quarantine(con) -> None:
     con.execute(f"CREATE VIEW quarantine AS SELECT {cols} WHERE false")
 
 
-def execute(con, sql: str) -> tuple[list[str], list[tuple]]:
-    """Run ``sql``; a DuckDB error becomes a one-line ``UserError``."""
+def check_read_only(con, sql: str) -> None:
+    """Refuse statements that write files or change the database (COPY ... TO, EXPORT, ATTACH,
+    INSTALL/LOAD, SET/PRAGMA, CREATE ...): only SELECT-like queries (and EXPLAIN of one) run.
+
+    DuckDB tells the statement kinds (``extract_statements``), so no SQL is parsed here.
+    """
     import duckdb
 
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"query failed: {first}") from None
+    for st in statements:
+        kind = st.type
+        if kind == duckdb.StatementType.EXPLAIN:
+            # EXPLAIN ANALYZE runs its statement: what it explains must be a query too.
+            inner = re.sub(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", "", st.query, flags=re.IGNORECASE)
+            check_read_only(con, inner)
+            continue
+        if kind != duckdb.StatementType.SELECT:
+            name = kind.name if hasattr(kind, "name") else str(kind)
+            raise UserError(f"query refused: a {name} statement may write files or change settings "
+                            f"({st.query.strip()[:60]!r}); query is read-only unless you pass --allow-write")
+
+
+def read_only_settings(con) -> None:
+    """No extension is downloaded or loaded behind a query's back (that writes under ~/.duckdb)."""
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+
+
+def execute(con, sql: str, allow_write: bool = False) -> tuple[list[str], list[tuple]]:
+    """Run ``sql`` (read-only unless ``allow_write``); a DuckDB error becomes a one-line ``UserError``."""
+    import duckdb
+
+    if not allow_write:
+        check_read_only(con, sql)
     try:
         cur = con.execute(sql)
         if cur.description is None:
@@ -185,6 +220,8 @@ def command(
     preset: str = typer.Option(None, "--preset", help="Run a named query from stages/queries/ instead of SQL."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON array of row objects."),
     csv_out: bool = typer.Option(False, "--csv", help="Print CSV."),
+    allow_write: bool = typer.Option(False, "--allow-write",
+                                     help="Allow statements that write files or change settings (COPY ... TO, ...)."),
 ) -> None:
     """Query pairs, quarantine, reference scores and training metrics with SQL (DuckDB)."""
     if json_out and csv_out:
@@ -196,7 +233,9 @@ def command(
     if not sql:
         raise UserError(f"no SQL given (pass a query, or --preset NAME: {', '.join(presets())})")
     con = open_connection(pairs=pairs, quarantine=quarantine, scores=scores, run=run)
-    columns, rows = execute(con, sql)
+    if not allow_write:
+        read_only_settings(con)
+    columns, rows = execute(con, sql, allow_write=allow_write)
     if json_out:
         sys.stdout.write(json.dumps(rows_as_dicts(columns, rows), ensure_ascii=False, indent=2) + "\n")
     elif csv_out:

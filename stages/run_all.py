@@ -9,7 +9,7 @@ are accepted there, with the same validation as the stage's own command.
 
 from __future__ import annotations
 
-import shutil
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import typer
 
-from pipeline.config import load_config, read_config_file
+from pipeline.config import check_device, load_config, read_config_file
 from pipeline.errors import ConfigError
 
 EMBEDDED_DEFAULT = Path(__file__).with_name("run.yaml")
@@ -46,6 +46,7 @@ class RunConfig:
 
     def __post_init__(self):
         self.out = Path(self.out)
+        check_device(self.device)
         for name in SECTIONS:
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"section '{name}' must be a mapping of that stage's keys")
@@ -133,10 +134,16 @@ def run(cfg: RunConfig, log=print) -> RunResult:
         log(f"[{name}] done in {times[name]:.1f}s")
         return result
 
+    from pipeline.atomic import check_writable
+
+    check_writable(cfg.out, "output folder")
+    if not train_cfg.resume:
+        # `run` retrains from scratch (the reference cache is reused when unchanged): train removes
+        # what earlier runs wrote in DIR/run, never a file of the user's, so it is checked before any work.
+        train_cfg = dataclasses.replace(train_cfg, overwrite=True)
+        train.check_run_outputs(train_cfg.out)
     ing = timed("ingest", ingest.run, ingest_cfg)
     sc = timed("score-ref", score_ref.run, score_cfg)
-    if train_cfg.out.exists() and not train_cfg.resume:
-        shutil.rmtree(train_cfg.out)  # `run` retrains from scratch; the reference cache above is reused when unchanged
     tr = timed("train", train.run, train_cfg)
     ev = timed("eval", evaluate.run, eval_cfg)
     artefacts = {

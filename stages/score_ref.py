@@ -16,7 +16,6 @@ the cache content does not depend on the number of processes.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,17 +27,19 @@ import torch
 import typer
 
 from pipeline import __version__
-from pipeline.atomic import atomic_path, write_json_atomic
+from pipeline.atomic import atomic_path, check_writable, clear_owned, sweep_stale, write_json_atomic
 from pipeline.cache import (
     IN_PROGRESS,
+    PART_PATTERN,
     describe_difference,
     existing_parts,
     file_sha256,
     fingerprint_differences,
     fingerprint_digest,
     part_name,
+    read_part,
 )
-from pipeline.config import config_to_dict
+from pipeline.config import check_device, check_ranges, config_to_dict
 from pipeline.errors import ConfigError, UserError
 from pipeline.pairsfile import read_pairs
 from pipeline.prompts import PROMPT_RENDERER, resolve_chat_template
@@ -51,6 +52,11 @@ ESTIMATOR_VERSION = "elbo-masked-v1"
 SCHEMES = ("l_over_L", "one_over_t")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SIDES = ("chosen", "rejected")
+
+
+RANGES = {"samples": "[1, inf)", "draws": "[1, inf)", "seed": "[0, inf)", "eps": "(0, 1)", "max_length": "[1, inf)",
+          "batch_tokens": "[1, inf)", "pairs_per_part": "[1, inf)", "limit": "[0, inf)"}
+"""The valid interval of every numeric field (checked first in __post_init__)."""
 
 
 @dataclass
@@ -92,9 +98,13 @@ class ScoreRefConfig:
     """Replace a cache made with different settings instead of refusing."""
     progress: bool = True
     """Show a progress bar."""
+    plan: bool = True
+    """On CUDA, plan the peak memory first and stop with the largest settings that fit (lldm-dpo plan)."""
 
     def __post_init__(self):
         self.pairs, self.out = Path(self.pairs), Path(self.out)
+        check_ranges(self, RANGES)
+        check_device(self.device)
         if self.scheme not in SCHEMES:
             raise ConfigError(f"scheme must be one of {', '.join(SCHEMES)}, got '{self.scheme}'")
         if self.dtype not in DTYPES:
@@ -121,6 +131,8 @@ class ScoreRefResult:
     reused: bool = False
     identical_after_truncation: int = 0
     """Pairs whose chosen and rejected ids are equal once truncated (train skips them)."""
+    truncated: int = 0
+    """Pairs cut to --max-length (some tokens dropped)."""
 
 
 def process_state(device: str = "auto"):
@@ -181,9 +193,14 @@ def _check_existing(out: Path, fingerprint: dict[str, Any], overwrite: bool, is_
                 + "); use --overwrite to replace it or choose another --out"
             )
         if is_main:
-            shutil.rmtree(out)
+            left = clear_owned(out)  # only what score-ref wrote; the user's files in the folder stay
+            stale = [p.name for p in left if PART_PATTERN.match(p.name) or p.name in (SCORES_MANIFEST, IN_PROGRESS)]
+            if stale:  # never mix parts made with other settings into the new cache
+                raise UserError(f"{out}: {stale[0]} was not recorded as written by score-ref (an older version's?); "
+                                "remove the old cache yourself or choose another --out")
         return "fresh"
-    if out.exists() and any(out.iterdir()) and not existing_parts(out):
+    if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()) \
+            and not existing_parts(out):
         raise UserError(f"{out}: folder exists and is not a reference-score cache; choose another --out")
     return "fresh"
 
@@ -261,7 +278,7 @@ def score_part(model, tokenizer, rows: list[dict], cfg: ScoreRefConfig, stats: d
 def _check_done_parts(cfg: ScoreRefConfig, done: dict[int, Path], parts: list[list[int]], pair_ids: list[str]) -> None:
     """Parts on disk from an interrupted run must hold exactly the pairs this plan gives them."""
     for i, path in sorted(done.items()):
-        found = sorted(pq.read_table(path, columns=["pair_id"])["pair_id"].to_pylist())
+        found = sorted(read_part(path, columns=["pair_id"])["pair_id"].to_pylist())
         planned = sorted(pair_ids[j] for j in parts[i]) if i < len(parts) else []
         if found != planned:
             raise UserError(f"{path}: holds other pairs than this run assigns to part {i}; resume with the "
@@ -299,8 +316,14 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
         table = table.slice(0, cfg.limit)
     if table.num_rows == 0:
         raise UserError(f"{cfg.pairs}: no pairs to score")
+    check_writable(cfg.out, "reference-score cache")
+    sweep_stale(cfg.out)  # temporary files a killed run left (provably its own, its process gone)
 
     device = resolve_device(cfg.device)
+    if cfg.plan:  # every pair planned at --max-length: the longest parts are scored first
+        from pipeline.plan import Shape, check_start
+
+        check_start("score-ref", cfg, Shape(cfg.samples, cfg.max_length, cfg.max_length // 4), device)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code)
     model.eval()
     model.requires_grad_(False)
@@ -315,19 +338,31 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
 
         manifest = json.loads((cfg.out / SCORES_MANIFEST).read_text())
         return ScoreRefResult(manifest["pairs"], manifest["tokens"], time.perf_counter() - start,
-                              manifest["padding_fraction"], str(cfg.out), digest, scored_now=0, reused=True)
+                              manifest["padding_fraction"], str(cfg.out), digest, scored_now=0, reused=True,
+                              identical_after_truncation=manifest.get("identical_after_truncation", 0),
+                              truncated=manifest.get("truncated", 0))
     if is_main:
         cfg.out.mkdir(parents=True, exist_ok=True)
         if not (cfg.out / IN_PROGRESS).exists():
-            write_json_atomic(cfg.out / IN_PROGRESS, fingerprint)
+            write_json_atomic(cfg.out / IN_PROGRESS, fingerprint, record=True)
     state.wait_for_everyone()
 
     # Lengths only (not the ids) are kept for the whole file, so memory is bounded by one part.
     lengths, pair_ids = [], table.column("pair_id").to_pylist()
+    truncated = identical = 0
     for batch in table.to_batches(max_chunksize=1024):
         for row in batch.to_pylist():
             tok = tokenize_pair(tokenizer, row, cfg.max_length, use_chat_template=cfg.chat_template)
             lengths.append(len(tok.prompt_ids) + max(len(tok.chosen_ids), len(tok.rejected_ids)))
+            truncated += bool(tok.truncated)
+            identical += tok.chosen_ids == tok.rejected_ids
+    # Scoring pairs that all lost their difference (or all their text) to truncation is hours spent on nothing.
+    if truncated == len(lengths):
+        raise UserError(f"{cfg.pairs}: all {truncated} pairs are longer than --max-length {cfg.max_length} tokens "
+                        "and would be truncated; raise --max-length")
+    if identical == len(lengths):
+        raise UserError(f"{cfg.pairs}: all {identical} pairs have identical chosen and rejected tokens after "
+                        f"truncation to --max-length {cfg.max_length}; raise --max-length")
     parts = plan_parts(lengths, pair_ids, cfg.pairs_per_part)
     done = existing_parts(cfg.out)
     _check_done_parts(cfg, done, parts, pair_ids)
@@ -341,7 +376,7 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
             t0 = time.perf_counter()
             rows = table.take(parts[i]).to_pylist()
             part = score_part(model, tokenizer, rows, cfg, stats)
-            with atomic_path(cfg.out / part_name(i)) as tmp:
+            with atomic_path(cfg.out / part_name(i), record=True) as tmp:
                 pq.write_table(part, tmp)
             scored += len(rows)
             dt = max(time.perf_counter() - t0, 1e-9)
@@ -367,29 +402,35 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
             "pairs": totals["pairs"],
             "tokens": totals["tokens"],
             "parts": [part_name(i) for i in sorted(done)],
+            # Checked on every read: an altered or cut part is named instead of trained on.
+            "part_sha256": {part_name(i): file_sha256(done[i]) for i in sorted(done)},
+            "truncated": totals["truncated"],
             "padding_fraction": padding,
             "identical_after_truncation": totals["identical_after_truncation"],
             "schema": [f.name for f in SCORES_SCHEMA],
             "config": config_to_dict(cfg),
             "processes": state.num_processes,
         }
-        write_json_atomic(cfg.out / SCORES_MANIFEST, manifest)
+        write_json_atomic(cfg.out / SCORES_MANIFEST, manifest, record=True)
         (cfg.out / IN_PROGRESS).unlink(missing_ok=True)
     state.wait_for_everyone()
     return ScoreRefResult(totals["pairs"], totals["tokens"], time.perf_counter() - start, padding,
                           str(cfg.out), digest, scored_now=scored,
-                          identical_after_truncation=totals["identical_after_truncation"])
+                          identical_after_truncation=totals["identical_after_truncation"],
+                          truncated=totals["truncated"])
 
 
 def _totals(out: Path, done: dict[int, Path], cfg: ScoreRefConfig) -> dict[str, int]:
-    pairs = tokens = identical = 0
+    pairs = tokens = identical = truncated = 0
     for i in sorted(done):
-        t = pq.read_table(done[i], columns=["prompt_len", "chosen_len", "rejected_len", "chosen_ids", "rejected_ids"])
+        t = read_part(done[i], columns=["prompt_len", "chosen_len", "rejected_len", "chosen_ids", "rejected_ids",
+                                        "truncated"])
         pairs += t.num_rows
         for r in t.to_pylist():
             tokens += cfg.samples * cfg.draws * (2 * r["prompt_len"] + r["chosen_len"] + r["rejected_len"])
             identical += r["chosen_ids"] == r["rejected_ids"]
-    return {"pairs": pairs, "tokens": tokens, "identical_after_truncation": identical}
+            truncated += bool(r["truncated"])
+    return {"pairs": pairs, "tokens": tokens, "identical_after_truncation": identical, "truncated": truncated}
 
 
 def _across_processes(value: float, state) -> float:
@@ -421,6 +462,7 @@ def command(
     chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow remote modeling code."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a cache made differently."),
+    plan: Optional[bool] = typer.Option(None, "--plan/--no-plan", help="Check the memory plan first (CUDA)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
@@ -432,7 +474,7 @@ def command(
     flags = dict(pairs=pairs, model=model, out=out, samples=samples, draws=draws, seed=seed, scheme=scheme, eps=eps,
                  max_length=max_length, batch_tokens=batch_tokens, pairs_per_part=pairs_per_part, dtype=dtype,
                  device=device, limit=limit, chat_template=chat_template, trust_remote_code=trust_remote_code,
-                 overwrite=overwrite, progress=False if (no_progress or as_json) else None)
+                 overwrite=overwrite, plan=plan, progress=False if (no_progress or as_json) else None)
     cfg = resolve_config(ScoreRefConfig, config, flags, print_config)
     if cfg is None:
         return
@@ -442,5 +484,5 @@ def command(
     data = summary_dict(result)
     if as_json:
         data = {k: data[k] for k in ("pairs", "tokens", "seconds", "padding_fraction", "out", "fingerprint",
-                                     "scored_now", "reused", "identical_after_truncation")}
+                                     "scored_now", "reused", "identical_after_truncation", "truncated")}
     print_summary("score-ref", data, as_json)

@@ -14,8 +14,8 @@ import math
 import random
 import re
 import resource
-import shutil
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +31,15 @@ from pipeline.replay import PairBatch, replay_requests  # noqa: F401  (bench/ an
 
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
+
+
+RANGES = {"beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "sft_weight": "[0, inf)", "learning_rate": "(0, inf)",
+          "weight_decay": "[0, inf)", "batch_size": "[1, inf)", "grad_accum": "[1, inf)", "epochs": "[1, inf)",
+          "max_steps": "[0, inf)", "warmup_ratio": "[0, 1)", "max_grad_norm": "[0, inf)", "lora_r": "[0, inf)",
+          "lora_alpha": "[1, inf)", "lora_dropout": "[0, 1)", "sequence_microbatch": "[0, inf)",
+          "batch_tokens": "[1, inf)", "save_every": "[0, inf)", "keep_checkpoints": "[0, inf)", "seed": "[0, inf)",
+          "log_every": "[1, inf)"}
+"""The valid interval of every numeric field (checked first in __post_init__)."""
 
 
 @dataclass
@@ -120,9 +129,15 @@ class TrainConfig:
     """Allow a non-LLaDA checkpoint to run its own modeling code."""
     progress: bool = True
     """Print one metrics line per logged step to stderr."""
+    plan: bool = True
+    """On CUDA, plan the peak memory first and stop with the largest settings that fit (lldm-dpo plan)."""
 
     def __post_init__(self):
         self.scores, self.out = Path(self.scores), Path(self.out)
+        from pipeline.config import check_device, check_ranges
+
+        check_ranges(self, RANGES)
+        check_device(self.device)
         if self.loss not in LOSS_TYPES:
             raise ConfigError(f"loss must be one of {', '.join(LOSS_TYPES)}, got '{self.loss}'")
         validate_loss_args(beta=self.beta, loss_type=self.loss, label_smoothing=self.label_smoothing)
@@ -194,6 +209,12 @@ def setup_policy(cfg: TrainConfig, model_name: str, device: torch.device):
     else:
         model, tokenizer = load_model(model_name, dtype=cfg.dtype, device=str(device),
                                       trust_remote_code=cfg.trust_remote_code)
+    return adapt_policy(model, cfg), tokenizer
+
+
+def adapt_policy(model, cfg: TrainConfig):
+    """What training does to a loaded model: checkpointing, k-bit preparation, LoRA or full unfreeze.
+    ``lldm-dpo plan`` runs it on a model that allocates nothing."""
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.lora_r > 0:
@@ -223,7 +244,7 @@ def setup_policy(cfg: TrainConfig, model_name: str, device: torch.device):
     else:
         model.requires_grad_(True)
     model.train()
-    return model, tokenizer
+    return model
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -253,6 +274,33 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
 RUN_OUTPUTS = ("checkpoints", "final", "metrics.parquet", "tensorboard", "trackers", "eval.json",
                "task_results.parquet", "report.html", "report.png")
 """What a run folder holds; a fresh run into a used folder is refused (or, with overwrite, clears these)."""
+
+
+def check_run_outputs(out: Path) -> None:
+    """An earlier run's files that train would replace must be its own: a user's file is never removed."""
+    from pipeline.atomic import is_owned
+
+    for name in RUN_OUTPUTS + ("config.yaml",):
+        path = out / name
+        if path.exists() and not path.is_dir() and not is_owned(path):
+            raise UserError(f"{path}: was not written by lldm-dpo (not in {out}/.lldm-dpo-written); move it away "
+                            "or choose another --out")
+    final = out / "final"
+    if final.is_dir() and not is_owned(final):
+        raise UserError(f"{final}: was not written by lldm-dpo; move it away or choose another --out")
+
+
+def remove_run_outputs(out: Path) -> None:
+    """--overwrite: remove what earlier runs wrote (recorded in the folder), never anything else."""
+    from pipeline.atomic import clear_owned, is_owned, remove_owned
+
+    check_run_outputs(out)
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if is_owned(path):
+            remove_owned(path)  # a folder of ours keeps the files the user added to it
+        elif path.is_dir():
+            clear_owned(path)  # a folder the user made: only our files in it go
 
 
 def check_tokenizer(cfg: TrainConfig, cache, tokenizer) -> None:
@@ -507,7 +555,7 @@ def save_final(ctx: TrainContext, model_name: str, path: Path) -> None:
     model = ctx.model
     if ctx.cfg.lora_r > 0:
         model.peft_config["default"].base_model_name_or_path = _base_reference(model_name)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, record=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         ctx.tokenizer.save_pretrained(tmp)
 
@@ -518,12 +566,21 @@ def _base_reference(model_name: str) -> str:
 
 
 def run(cfg: TrainConfig) -> TrainResult:
+    from pipeline.atomic import check_writable, sweep_stale, write_text_atomic
     from pipeline.config import config_to_yaml
-    from pipeline.atomic import write_text_atomic
     from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from pipeline.metrics import MetricsWriter
 
     start_time = time.perf_counter()
+    check_writable(cfg.out, "run folder")
+    for folder in (cfg.out, cfg.out / "checkpoints"):
+        sweep_stale(folder)  # temporary files a killed run left (provably its own, its process gone)
+    if not cfg.resume:  # refuse before the model loads, not after
+        earlier = [p for p in RUN_OUTPUTS if (cfg.out / p).exists()]
+        if earlier and not cfg.overwrite:
+            raise UserError(f"{cfg.out}: run folder already holds a run ({', '.join(earlier)}); pass --resume to "
+                            "continue it, --overwrite to start afresh, or choose another --out")
+        check_run_outputs(cfg.out)
     cache = open_cache(cfg.scores)
     fp = cache.fingerprint
     model_name = cfg.model or cache.manifest["config"]["model"]
@@ -561,6 +618,13 @@ def run(cfg: TrainConfig) -> TrainResult:
         # which sharded wrappers do not gather for; data parallel (DDP) is supported.
         raise UserError(f"train under accelerate's {acc.distributed_type.name} is not supported yet; "
                         "use data parallel (configs/accelerate/ddp.yaml) with LoRA and gradient checkpointing")
+    if cfg.plan:  # on the longest cached pair; data parallel keeps a whole model per process
+        from pipeline.plan import Shape, check_start
+
+        longest = max(rows, key=lambda r: r["prompt_len"] + max(r["chosen_len"], r["rejected_len"]))
+        length = longest["prompt_len"] + max(longest["chosen_len"], longest["rejected_len"])
+        check_start("train", dataclasses.replace(cfg, model=model_name),
+                    Shape(fp["samples"], length, longest["prompt_len"]), acc.device)
     torch.manual_seed(cfg.seed)
     model, tokenizer = setup_policy(cfg, model_name, acc.device)
     check_tokenizer(cfg, cache, tokenizer)
@@ -610,12 +674,10 @@ def run(cfg: TrainConfig) -> TrainResult:
         if earlier and not cfg.overwrite:
             raise UserError(f"{cfg.out}: run folder already holds a run ({', '.join(earlier)}); pass --resume to "
                             "continue it, --overwrite to start afresh, or choose another --out")
-        for p in earlier:
-            target = cfg.out / p
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        remove_run_outputs(cfg.out)
     if acc.is_main_process:
         cfg.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(cfg.out / "config.yaml", config_to_yaml(cfg))
+        write_text_atomic(cfg.out / "config.yaml", config_to_yaml(cfg), record=True)
     writer, sinks = None, []
     if acc.is_main_process:
         if accelerator_trackers(trackers):
@@ -798,6 +860,7 @@ def command(
     log_every: Optional[int] = typer.Option(None, "--log-every"),
     device: Optional[str] = typer.Option(None, "--device"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
+    plan: Optional[bool] = typer.Option(None, "--plan/--no-plan", help="Check the memory plan first (CUDA)."),
     quiet: bool = typer.Option(False, "--quiet", help="No per-step lines."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),

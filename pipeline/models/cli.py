@@ -9,12 +9,11 @@ renamed at the end: DIR is either complete or absent.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import typer
 
+from pipeline.atomic import LEDGER, atomic_dir, check_writable
 from pipeline.errors import UserError
 
 
@@ -29,25 +28,15 @@ def init_model(preset: str, directory, dtype: str = "float32", overwrite: bool =
         raise UserError(f"{target} already exists (pass --overwrite to replace it)")
     if str(device) == "meta":
         raise UserError("init-model cannot write a model built on the meta device")
+    check_writable(target, "model folder")
     model = build_preset(preset, device=device, dtype=dtype)
     tokenizer = preset_tokenizer(preset)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    # Overwrite: the old folder is set aside only once the new one is complete; files in it
+    # that init-model did not write are carried over, never removed.
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # overwrite: move the old one aside only once the new one is complete
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    files = sorted(p.name for p in target.iterdir())
+    files = sorted(p.name for p in target.iterdir() if p.name != LEDGER)
     return {
         "preset": preset,
         "directory": str(target),

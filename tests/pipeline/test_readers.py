@@ -279,3 +279,98 @@ def test_arrow_segments_cover_every_line_once(monkeypatch):
                 assert table.column("prompt").to_pylist() == [json.loads(lines[i])["prompt"] for i in rows]
         assert sorted(seen) == list(range(len(lines)))
         assert {10, 200, 300, 350} <= set(exact) and len(exact) <= 4 + 16
+
+
+# --- public dataset shapes (issue 11) ---------------------------------------------
+
+S = lambda c: {"role": "system", "content": c}  # noqa: E731
+
+
+def test_ultrafeedback_rows_drop_the_repeated_prompt_turn():
+    """UltraFeedback-binarized: a string prompt, chosen/rejected as whole conversations repeating it."""
+    row = {"prompt": "Name a prime. ", "chosen": [U("Name a prime."), A("7")], "rejected": [U("Name a prime."), A("8")]}
+    pair = validate_record(row)
+    assert pair.prompt_messages == [U("Name a prime. ")]
+    assert (pair.chosen_messages, pair.rejected_messages) == ([A("7")], [A("8")])
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("Name a prime. ", "7", "8")
+    # the same pair as its explicit-prompt form: the same id (and duplicates across shapes are found)
+    assert pair.pair_id == validate_record({"prompt": "Name a prime.", "chosen": [A("7")], "rejected": [A("8")]}).pair_id
+    # a message-list prompt repeated in full is removed the same way
+    msgs = [S("be brief"), U("Name a prime.")]
+    again = validate_record({"prompt": msgs, "chosen": msgs + [A("7")], "rejected": msgs + [A("8")]})
+    assert (again.prompt_messages, again.chosen_messages) == (msgs, [A("7")])
+    # a system turn before the repeated user turn: the shared turns are the prompt (TRL's implicit prompt)
+    sys_first = validate_record({"prompt": "Name a prime.", "chosen": msgs + [A("7")], "rejected": msgs + [A("8")]})
+    assert (sys_first.prompt_messages, sys_first.chosen_messages, sys_first.rejected_messages) == (msgs, [A("7")], [A("8")])
+
+
+def test_conversations_that_contradict_the_prompt_are_malformed():
+    with pytest.raises(Invalid) as info:
+        validate_record({"prompt": "Name a prime.", "chosen": [U("Other question"), A("7")], "rejected": [U("Other question"), A("8")]})
+    assert info.value.reason == "malformed_messages" and "do not repeat field 'prompt'" in info.value.message
+    # responses that only share an opening assistant turn are responses, as given
+    pair = validate_record({"prompt": "q", "chosen": [A("Sure."), U("go"), A("7")], "rejected": [A("Sure."), U("go"), A("8")]})
+    assert pair.prompt_messages == [U("q")] and pair.chosen_messages[0] == A("Sure.")
+
+
+def test_anthropic_hh_strings_become_messages_with_the_shared_prompt():
+    chosen = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: What is 2+2?\n\nAssistant: 4"
+    rejected = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: What is 2+2?\n\nAssistant: 5, I think"
+    pair = validate_record({"chosen": chosen, "rejected": rejected})
+    assert pair.prompt_messages == [U("Hi there"), A("Hello!"), U("What is 2+2?")]
+    assert (pair.chosen_messages, pair.rejected_messages) == ([A("4")], [A("5, I think")])
+    conv = validate_record({"prompt": [U("Hi there"), A("Hello!"), U("What is 2+2?")], "chosen": [A("4")], "rejected": [A("5, I think")]})
+    assert pair.pair_id == conv.pair_id
+    # strings without a prompt that are not HH transcripts stay missing_field
+    with pytest.raises(Invalid) as info:
+        validate_record({"chosen": "4", "rejected": "5"})
+    assert (info.value.reason, info.value.message) == ("missing_field", "field 'prompt' is missing")
+    with pytest.raises(Invalid) as info:  # only one side is a transcript: the message says which is not
+        validate_record({"chosen": chosen, "rejected": "5"})
+    assert info.value.reason == "missing_field" and "field 'rejected' is not an Anthropic HH transcript" in info.value.message
+
+
+def test_declared_split_names():
+    from pipeline.pairs import declared_split
+
+    assert [declared_split(n) for n in ("train", "TRAIN_prefs", "test", "test_prefs", "validation", "valid", "eval", "dev")] == [
+        "train", "train", "eval", "eval", "eval", "eval", "eval", "eval"]
+    for bad in ("holdout", "", 3):
+        with pytest.raises(ValueError):
+            declared_split(bad)
+
+
+def test_json_gz_array_is_read_as_an_array(tmp_path):
+    with gzip.open(tmp_path / "a.json.gz", "wt", encoding="utf-8") as fh:
+        fh.write("\n  " + json.dumps(ROWS, indent=2))
+    assert _values(tmp_path / "a.json.gz") == [(0, ROWS[0], None), (1, ROWS[1], None)]
+    with gzip.open(tmp_path / "l.json.gz", "wt", encoding="utf-8") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert _values(tmp_path / "l.json.gz") == [(1, ROWS[0], None), (2, ROWS[1], None)]
+    (tmp_path / "x.json.gz").write_bytes(b"not gzip")
+    with pytest.raises(UserError, match="x.json.gz: cannot read input"):
+        list(iter_records(tmp_path / "x.json.gz"))
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_deeply_nested_json_is_a_record_not_a_crash(tmp_path):
+    rec = parse_line(('{"prompt": ' + DEEP + ', "chosen": "c", "rejected": "r"}').encode(), "f.jsonl", 3)
+    assert (rec.reason, rec.line) == ("invalid_json", 3) and "nested deeper" in rec.message
+    # in an array, the deep element alone is rejected; the elements after it are read
+    (tmp_path / "a.json").write_text("[" + json.dumps(ROWS[0]) + ", {\"x\": " + DEEP + ', "s": "]}["}, ' + json.dumps(ROWS[1]) + "]")
+    got = _values(tmp_path / "a.json")
+    assert [(line, reason) for line, _, reason in got] == [(0, None), (1, "invalid_json"), (2, None)]
+    assert got[2][1] == ROWS[1]
+    (tmp_path / "b.json").write_text("[" + json.dumps(ROWS[0]) + ", " + "[" * 100_000)
+    assert [reason for _, _, reason in _values(tmp_path / "b.json")] == [None, "invalid_json"]
+
+
+def test_datasetdict_records_carry_their_split(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[:1])})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    assert [r.split for r in iter_records(tmp_path / "dd")] == ["train", "train", "test"]
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
+    assert [r.split for r in iter_records(tmp_path / "ds")] == [None, None]

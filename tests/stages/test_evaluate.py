@@ -37,6 +37,11 @@ def test_reference_against_itself_is_chance_and_a_better_policy_wins(small_cache
     monkeypatch.setattr(diffusion, "elbo_terms", tilted_terms)
     better = preference_scores(model, tok, rows, cache.fingerprint, beta=0.1, batch_tokens=64)
     assert better["accuracy"] == 1.0 and better["mean_margin"] == pytest.approx(0.5, rel=1e-6)
+    # Accuracy is the sign of the margin, whatever beta scales it by (beta 0 once gave 0.5: every pair a "tie").
+    for beta in (0.0, 1e-300, 10.0):
+        assert preference_scores(model, tok, rows, cache.fingerprint, beta=beta, batch_tokens=64)["accuracy"] == 1.0
+    with pytest.raises(ConfigError, match="beta must be > 0, got 0"):
+        EvalConfig(beta=0)
 
 
 def test_choice_accuracy_picks_the_highest_elbo(tmp_path):

@@ -122,7 +122,7 @@ def test_output_made_with_other_settings_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"made with steps=4, this run has steps=8"):
         run(GenerateConfig(**{**FAST, "steps": 8}, prompts=str(prompts), out=str(out)))
     other = write_prompts(tmp_path / "other.jsonl", [{"prompt": "something else"}])
-    with pytest.raises(UserError, match="prompt differs"):
+    with pytest.raises(UserError, match="made from a prompts file whose content differs"):
         run(GenerateConfig(**FAST, prompts=str(other), out=str(out)))
 
 
@@ -218,3 +218,39 @@ def test_prompt_seed_is_stable_and_distinct():
     assert prompt_seed(0, 1) == prompt_seed(0, 1)
     assert len({prompt_seed(s, i) for s in range(3) for i in range(50)}) == 150
     assert all(0 <= prompt_seed(5, i) < 2**63 for i in range(10))
+
+
+def test_resume_goes_by_model_and_prompts_content_not_paths(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.models.cli import init_model
+
+    model_dir = tmp_path / "model"
+    init_model("micro", model_dir)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", PROMPTS[:2])
+    out = tmp_path / "gen.jsonl"
+    cfg = dict(FAST, model=str(model_dir))
+    assert run(GenerateConfig(prompts=str(prompts), out=str(out), **cfg)).generated_now == 2
+
+    # The same weights under another path: the finished rows are reused.
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(model_dir, moved)
+    again = run(GenerateConfig(prompts=str(prompts), out=str(out), **dict(cfg, model=str(moved))))
+    assert again.resumed == 2 and again.generated_now == 0
+
+    # Retrained into the same folder: same path, other weights -> the old completions are not new ones.
+    weights = model_dir / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"gen.jsonl:1: made from a model whose content differs"):
+        run(GenerateConfig(prompts=str(prompts), out=str(out), **cfg))
+
+    # Same prompts file path, other content (a row that is not resumed changed): refused too.
+    shutil.copytree(moved, model_dir, dirs_exist_ok=True)
+    write_prompts(prompts, PROMPTS[:2] + [{"prompt": "new"}])
+    with pytest.raises(UserError, match=r"made from a prompts file whose content differs"):
+        run(GenerateConfig(prompts=str(prompts), out=str(out), **cfg))

@@ -52,6 +52,14 @@ BROKEN = {
 }
 
 
+def _run_counting(cfg: IngestConfig) -> ingest.IngestResult:
+    """``run``, also when every record is quarantined (an error that still writes both files)."""
+    try:
+        return run(cfg)
+    except ingest.NothingAccepted as exc:
+        return exc.result
+
+
 def _broken_file(tmp_path: Path) -> Path:
     path = tmp_path / "broken.jsonl"
     lines = [json.dumps({"prompt": "p1", "chosen": "good", "rejected": "bad"}).encode()]
@@ -230,7 +238,7 @@ _LINE = st.one_of(
 def test_fuzz_accounting_identity(tmp_path, lines):
     src = tmp_path / "fuzz.jsonl"
     src.write_bytes(b"\n".join(lines) + b"\n")
-    res = run(IngestConfig(inputs=[str(src)], out=str(tmp_path / "f.arrow"), progress=False))
+    res = _run_counting(IngestConfig(inputs=[str(src)], out=str(tmp_path / "f.arrow"), progress=False))
     assert res.read == res.accepted + res.quarantined
     # Blank lines are not records; nor is a UTF-8 byte-order mark at the start of the file.
     texts = [lines[0].removeprefix(b"\xef\xbb\xbf")] + lines[1:] if lines else []
@@ -318,7 +326,7 @@ def test_fuzz_fast_path_matches_exact_path(tmp_path, lines):
         default_bytes = readers._PARALLEL_PARSE_BYTES
         ingest._FAST_PATH, readers._PARALLEL_PARSE_BYTES = fast, parallel_bytes
         try:
-            res = run(IngestConfig(inputs=[str(src)], out=str(tmp_path / f"{fast}.arrow"), max_chars=5, eval_fraction=0.5, progress=False))
+            res = _run_counting(IngestConfig(inputs=[str(src)], out=str(tmp_path / f"{fast}.arrow"), max_chars=5, eval_fraction=0.5, progress=False))
         finally:
             ingest._FAST_PATH, readers._PARALLEL_PARSE_BYTES = True, default_bytes
         outputs.append((res.to_dict() | {"out": None, "quarantine": None}, Path(res.out).read_bytes(), Path(res.quarantine).read_bytes()))
@@ -347,3 +355,162 @@ def test_shipped_example_data_is_what_the_generator_writes(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.generate(7, 30, 5) == mod.generate(7, 30, 5)
+
+
+# --- issue 11: public shapes, all-quarantined, user splits, .json.gz, deep records, outputs ---
+
+
+def test_every_record_quarantined_for_one_reason_is_an_error_naming_the_fields(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    rows = [{"question": f"q{i}", "answer_good": f"g{i}", "answer_bad": f"b{i}", "id": i} for i in range(5)]
+    src = _write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "o.arrow"
+    result = CliRunner().invoke(app, ["ingest", str(src), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 1
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ingest: all 5 records were quarantined as missing_field")
+    assert "question, answer_good, answer_bad, id" in err
+    assert "--prompt-field" in err and "--chosen-field" in err and "--rejected-field" in err
+    # both files and the report are still written (the quarantine is what to look at)
+    assert len(_quarantine(quarantine_path_for(out))) == 5 and _read(out).num_rows == 0
+    as_json = CliRunner().invoke(app, ["ingest", str(src), "--out", str(out), "--json"])
+    assert as_json.exit_code == 1 and json.loads(as_json.stdout)["by_reason"]["missing_field"] == 5
+    with pytest.raises(ingest.NothingAccepted) as info:
+        run(IngestConfig(inputs=[str(src)], out=str(out), progress=False))
+    assert info.value.result.by_reason["missing_field"] == 5
+    # mapping the fields as the message says fixes it
+    fixed = CliRunner().invoke(app, ["ingest", str(src), "--out", str(out), "--prompt-field", "question",
+                                     "--chosen-field", "answer_good", "--rejected-field", "answer_bad", "--json"])
+    assert fixed.exit_code == 0 and json.loads(fixed.stdout)["accepted"] == 5
+    # all too long: the limit is named
+    with pytest.raises(UserError, match=r"quarantined as too_long.*--max-chars 1 "):
+        run(IngestConfig(inputs=[str(_write_jsonl(tmp_path / "l.jsonl", [{"prompt": "pp", "chosen": "cc", "rejected": "rr"}]))],
+                         out=str(out), max_chars=1, progress=False))
+
+
+def test_report_counts_every_reason_including_too_long(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    src = _broken_file(tmp_path)
+    result = CliRunner().invoke(app, ["ingest", str(src), "--out", str(tmp_path / "o.arrow"), "--max-chars", "100"])
+    assert result.exit_code == 0, result.output
+    for code in REASON_CODES:  # one of each in the broken file: every reason has its own row with its count
+        assert any(line.split("│")[1:3] and line.split("│")[1].strip() == code and line.split("│")[2].strip() == "1"
+                   for line in result.stdout.splitlines()), (code, result.stdout)
+    report = json.loads(CliRunner().invoke(app, ["ingest", str(src), "--out", str(tmp_path / "o.arrow"), "--max-chars", "100", "--json"]).stdout)
+    assert report["by_reason"]["too_long"] == 1 and report["quarantined"] == sum(report["by_reason"].values())
+
+
+def _split_of_prompt(path) -> dict[str, str]:
+    return {r["prompt"]: r["split"] for r in _read(path).to_pylist()}
+
+
+def test_datasetdict_keeps_its_splits_and_eval_fraction_draws_from_train(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    train = [{"prompt": f"t{i}", "chosen": "c", "rejected": "r"} for i in range(40)]
+    test = [{"prompt": f"e{i}", "chosen": "c", "rejected": "r"} for i in range(5)]
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(train), "test_prefs": datasets.Dataset.from_list(test)}).save_to_disk(
+        str(tmp_path / "dd"))
+    res = run(IngestConfig(inputs=[str(tmp_path / "dd")], out=str(tmp_path / "a.arrow"), progress=False))
+    assert res.splits == {"train": 40, "eval": 5}
+    got = _split_of_prompt(res.out)
+    assert all(got[f"e{i}"] == "eval" for i in range(5)) and all(got[f"t{i}"] == "train" for i in range(40))
+    # --eval-fraction holds out a share of the train prompts; the user's eval split stays eval
+    res = run(IngestConfig(inputs=[str(tmp_path / "dd")], out=str(tmp_path / "b.arrow"), eval_fraction=0.5, progress=False))
+    got = _split_of_prompt(res.out)
+    assert all(got[f"e{i}"] == "eval" for i in range(5))
+    assert 5 < sum(got[f"t{i}"] == "eval" for i in range(40)) < 35
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(train), "holdout": datasets.Dataset.from_list(test)}).save_to_disk(
+        str(tmp_path / "odd"))
+    with pytest.raises(UserError, match=r"odd\[holdout\]:0: split 'holdout' is neither"):
+        run(IngestConfig(inputs=[str(tmp_path / "odd")], out=str(tmp_path / "c.arrow"), progress=False))
+
+
+def test_split_column_in_jsonl_json_and_parquet(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r", "split": ["train", "test", "validation", None][i % 4]} for i in range(24)]
+    rows[5] = {"prompt": "conv", "chosen": [A("c")], "rejected": [A("r")], "split": "test"}  # a record through the exact path
+    want = {r["prompt"]: "eval" if r["split"] in ("test", "validation") else "train" for r in rows}
+    _write_jsonl(tmp_path / "in.jsonl", rows)
+    (tmp_path / "in.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist([r for r in rows if r["prompt"] != "conv"]), tmp_path / "in.parquet")
+    outs = []
+    for name in ("in.jsonl", "in.json", "in.parquet"):
+        res = run(IngestConfig(inputs=[str(tmp_path / name)], out=str(tmp_path / f"{name}.arrow"), progress=False))
+        got = _split_of_prompt(res.out)
+        assert got == {p: s for p, s in want.items() if p in got} and len(got) >= 23, name
+        outs.append(res)
+    assert outs[0].splits == {"train": 12, "eval": 12}
+    # the fast path and the per-record path agree
+    ingest._FAST_PATH = False
+    try:
+        slow = run(IngestConfig(inputs=[str(tmp_path / "in.jsonl")], out=str(tmp_path / "slow.arrow"), progress=False))
+    finally:
+        ingest._FAST_PATH = True
+    assert Path(slow.out).read_bytes() == Path(outs[0].out).read_bytes()
+    # --split-field '' ignores the column; an unknown name is a one-line error naming file and line
+    res = run(IngestConfig(inputs=[str(tmp_path / "in.jsonl")], out=str(tmp_path / "n.arrow"), split_field="", progress=False))
+    assert res.splits == {"train": 24, "eval": 0}
+    _write_jsonl(tmp_path / "bad.jsonl", rows[:3] + [{"prompt": "z", "chosen": "c", "rejected": "r", "split": "math"}])
+    with pytest.raises(UserError, match=r"bad.jsonl:4: split 'math' is neither.*--split-field ''"):
+        run(IngestConfig(inputs=[str(tmp_path / "bad.jsonl")], out=str(tmp_path / "b.arrow"), progress=False))
+
+
+def test_json_gz_array_ingests_as_array(tmp_path):
+    import gzip
+
+    rows = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in range(3)]
+    with gzip.open(tmp_path / "a.json.gz", "wt", encoding="utf-8") as fh:
+        json.dump(rows, fh, indent=1)
+    res = run(IngestConfig(inputs=[str(tmp_path / "a.json.gz")], out=str(tmp_path / "a.arrow"), progress=False))
+    assert (res.read, res.accepted) == (3, 3)
+    assert [r["source"] for r in _read(res.out).to_pylist()] == [f"{tmp_path / 'a.json.gz'}:{i}" for i in range(3)]
+
+
+def test_deeply_nested_record_is_quarantined_with_its_line(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    lines = [json.dumps({"prompt": "p1", "chosen": "c", "rejected": "r"}),
+             '{"prompt": ' + deep + ', "chosen": "c", "rejected": "r"}',
+             '{"meta": ' + deep + ', "prompt": "p3", "chosen": "c", "rejected": "r"}',  # deep, but not in a pair field
+             json.dumps({"prompt": "p4", "chosen": "c", "rejected": "r"})]
+    src = _write_jsonl(tmp_path / "deep.jsonl", lines)
+    outputs = []
+    for fast in (True, False):
+        ingest._FAST_PATH = fast
+        try:
+            res = run(IngestConfig(inputs=[str(src)], out=str(tmp_path / f"{fast}.arrow"), progress=False))
+        finally:
+            ingest._FAST_PATH = True
+        q = _quarantine(res.quarantine)
+        assert [(r["line"], r["reason"]) for r in q] == [(2, "invalid_json")] and "nested deeper" in q[0]["message"]
+        assert [r["prompt"] for r in _read(res.out).to_pylist()] == ["p1", "p3", "p4"]
+        outputs.append((Path(res.out).read_bytes(), Path(res.quarantine).read_bytes()))
+    assert outputs[0] == outputs[1]
+
+
+def test_unwritable_output_is_a_one_line_error_before_reading_input(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    # an input that would fail to read: the output error must come first
+    src = tmp_path / "in.jsonl.gz"
+    src.write_bytes(b"not gzip")
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file" / "pairs.arrow", tmp_path):
+        result = CliRunner().invoke(app, ["ingest", str(src), "--out", str(out)])
+        assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
+        assert result.stderr.startswith(f"error: {out}:") and "--out" in result.stderr
+    result = CliRunner().invoke(app, ["ingest", str(src), "--out", str(tmp_path / "o.arrow"), "--quarantine", str(tmp_path / "file" / "q")])
+    assert result.exit_code == 1 and "--quarantine" in result.stderr
+    import os
+
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        result = CliRunner().invoke(app, ["ingest", str(src), "--out", str(ro / "p.arrow")])
+        assert result.exit_code == 1 and "not writable" in result.stderr

@@ -139,3 +139,37 @@ def test_errors_are_one_line(files, args, fragment):
 def test_missing_pairs_file(tmp_path):
     with pytest.raises(UserError, match="pairs file not found"):
         open_connection(pairs=tmp_path / "nope.arrow")
+
+
+@pytest.mark.parametrize("sql", [
+    "COPY (SELECT * FROM pairs) TO '{out}'",
+    "EXPORT DATABASE '{dir}'",
+    "ATTACH '{dir}/x.db' AS x",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "SELECT 1; COPY (SELECT 1) TO '{out}'",
+    "EXPLAIN ANALYZE COPY (SELECT 1) TO '{out}'",
+    "SET threads = 1",
+    "PRAGMA enable_profiling='json'",
+])
+def test_statements_that_write_are_refused_unless_allowed(files, tmp_path, sql):
+    out = tmp_path / "leak.csv"
+    text = sql.format(out=out, dir=tmp_path / "export")
+    res = CliRunner().invoke(app, ["query", "--pairs", str(files["pairs"]), text])
+    assert res.exit_code == 1, res.output
+    assert res.stderr.startswith("error: query refused") and "--allow-write" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "export").exists()
+
+
+def test_allow_write_lets_copy_through_and_reads_stay_allowed(files, tmp_path):
+    out = tmp_path / "pairs.csv"
+    runner = CliRunner()
+    base = ["query", "--pairs", str(files["pairs"])]
+    res = runner.invoke(app, base + [f"COPY (SELECT pair_id FROM pairs) TO '{out}'", "--allow-write"])
+    assert res.exit_code == 0, res.output
+    assert len(out.read_text().splitlines()) == 1 + len(files["ids"])
+    for sql in ("WITH t AS (SELECT * FROM pairs) SELECT count(*) FROM t", "DESCRIBE pairs", "EXPLAIN SELECT 1",
+                "FROM pairs LIMIT 1"):
+        res = runner.invoke(app, base + [sql, "--json"])
+        assert res.exit_code == 0, (sql, res.output)

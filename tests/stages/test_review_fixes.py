@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -79,14 +80,27 @@ def test_truncation_leaving_no_prompt_is_a_clear_error_for_shifted_models(small_
 
 
 def test_identical_after_truncation_is_counted_and_skipped_by_train(small_pairs, tmp_path, capsys):
+    from stages.ingest import IngestConfig
+    from stages.ingest import run as ingest
+
+    # Three pairs differ only after a long shared start: cut at 24 tokens, their responses are the same.
+    long = "step by step " * 12
+    rows = [{"prompt": f"q{i}", "chosen": long + "yes", "rejected": long + "no"} for i in range(3)]
+    rows += [{"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}", "rejected": f"{i + 2}"} for i in range(5)]
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = Path(ingest(IngestConfig(inputs=[str(src)], out=str(tmp_path / "p.arrow"), progress=False)).out)
     out = tmp_path / "c"
-    result = score(ScoreRefConfig(pairs=small_pairs, model="micro", out=out, samples=2, max_length=3,
-                                  device="cpu", progress=False))
-    assert result.identical_after_truncation == result.pairs  # 2 tokens + EOS cannot tell them apart
-    assert json.loads((out / "manifest.json").read_text())["identical_after_truncation"] == result.pairs
-    with pytest.raises(UserError, match="no pairs of the train split"):
-        train(TrainConfig(scores=out, out=tmp_path / "r", max_steps=1, **FAST))
-    assert "skipping" in capsys.readouterr().err
+    result = score(ScoreRefConfig(pairs=pairs, model="micro", out=out, samples=2, max_length=24, device="cpu",
+                                  progress=False))
+    assert result.identical_after_truncation == 3 and result.truncated >= 3 and result.pairs == 8
+    assert json.loads((out / "manifest.json").read_text())["identical_after_truncation"] == 3
+    train(TrainConfig(scores=out, out=tmp_path / "r", max_steps=1, **FAST))
+    assert "skipping 3 pair(s) whose responses are identical after truncation" in capsys.readouterr().err
+    # When truncation leaves nothing to tell apart, score-ref refuses before scoring.
+    with pytest.raises(UserError, match=r"all 20 pairs are longer than --max-length 3"):
+        score(ScoreRefConfig(pairs=small_pairs, model="micro", out=tmp_path / "c3", samples=2, max_length=3,
+                             device="cpu", progress=False))
 
 
 def test_fresh_train_into_a_used_run_folder_is_refused_then_overwritten(small_cache, tmp_path):
@@ -121,8 +135,11 @@ def test_eval_without_benchmark_removes_stale_task_results(small_cache, tmp_path
     from stages.evaluate import EvalConfig
     from stages.evaluate import run as evaluate
 
+    from pipeline.atomic import atomic_path
+
     stale = tmp_path / "task_results.parquet"
-    stale.write_bytes(b"old")
+    with atomic_path(stale, record=True) as tmp:  # as an earlier eval wrote it
+        tmp.write_bytes(b"old")
     evaluate(EvalConfig(model="micro", scores=small_cache, out=tmp_path, device="cpu", before="none"))
     assert not stale.exists()
 

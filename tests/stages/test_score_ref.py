@@ -214,3 +214,58 @@ def test_cli_json_summary_and_print_config(small_pairs, tmp_path):
     assert res.exit_code == 0 and "samples: 5" in res.stdout
     res = runner.invoke(app, ["score-ref", str(tmp_path / "missing.arrow"), "--device", "cpu"])
     assert res.exit_code == 1 and "pairs file not found" in res.output
+
+
+def test_part_checksums_are_checked_on_read(small_cache, tmp_path):
+    import pyarrow as pa
+
+    manifest = json.loads((small_cache / "manifest.json").read_text())
+    assert set(manifest["part_sha256"]) == set(manifest["parts"])
+
+    altered = tmp_path / "altered"
+    shutil.copytree(small_cache, altered)
+    part = altered / manifest["parts"][0]
+    table = pq.read_table(part)
+    elbo = [v * 0.5 for v in table["ref_chosen_elbo"].to_pylist()]  # still a valid Parquet file
+    pq.write_table(table.set_column(table.schema.get_field_index("ref_chosen_elbo"), "ref_chosen_elbo",
+                                    pa.array(elbo, pa.float64())), part)
+    with pytest.raises(UserError, match=rf"{part.name}: part file differs from the checksum.*rerun score-ref"):
+        open_cache(altered).table()
+
+    cut = tmp_path / "cut"
+    shutil.copytree(small_cache, cut)
+    part = cut / manifest["parts"][-1]
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    res = CliRunner().invoke(app, ["train", str(cut), "--out", str(tmp_path / "run"), "--device", "cpu",
+                                   "--max-steps", "1", "--quiet"])
+    assert res.exit_code == 1 and len(res.stderr.strip().splitlines()) == 1, res.output
+    assert f"{part.name}: part file differs from the checksum" in res.stderr and "rerun score-ref" in res.stderr
+
+    manifest.pop("part_sha256")  # a cache without checksums: a cut part is still one line, not a traceback
+    (cut / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=rf"{part.name}: part file does not read as Parquet"):
+        open_cache(cut).table()
+
+
+def test_truncation_is_counted_and_an_all_truncated_run_is_refused(small_pairs, tmp_path):
+    from pipeline.models import load_model
+    from pipeline.tokenize import tokenize_pair
+
+    _, tok = load_model("micro")
+    rows = read_pairs(small_pairs).to_pylist()
+    full = sorted(len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids))
+                  for t in (tokenize_pair(tok, r, 10**6, use_chat_template=True) for r in rows))
+    limit = full[0]  # the shortest pairs fit, the others are cut
+    expected = sum(n > limit for n in full)
+    assert 0 < expected < len(rows)
+    res = run(_cfg(small_pairs, tmp_path / "half", max_length=limit, samples=1, draws=1, pairs_per_part=64))
+    assert res.truncated == expected
+    assert json.loads((tmp_path / "half" / "manifest.json").read_text())["truncated"] == expected
+    reused = run(_cfg(small_pairs, tmp_path / "half", max_length=limit, samples=1, draws=1, pairs_per_part=64))
+    assert reused.reused and reused.truncated == expected
+
+    cli = CliRunner().invoke(app, ["score-ref", str(small_pairs), "--model", "micro", "--out", str(tmp_path / "one"),
+                                   "--max-length", "1", "--device", "cpu", "--no-progress"])
+    assert cli.exit_code == 1 and "all 20 pairs are longer than --max-length 1" in cli.stderr
+    assert len(cli.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "one" / "manifest.json").exists()

@@ -184,6 +184,7 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(train_cache,
 
     a = load_file(str(full / "final" / "model.safetensors"))
     b = load_file(str(out / "final" / "model.safetensors"))
+    assert not [p.name for p in out.rglob("*.tmp")]  # the killed run's temporary files are gone
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
     ma = pq.read_table(full / "metrics.parquet").to_pylist()

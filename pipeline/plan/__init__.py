@@ -1,0 +1,67 @@
+"""``lldm-dpo plan``: peak accelerator memory of a stage's settings, from the stage's own step code.
+
+- ``memory``: sizes, card names and the analytic terms (NF4 packing, CUDA context, allocator slack);
+- ``trace``: the stage's step on a model that allocates nothing, under torch's MemTracker;
+- ``estimate``: per-block extrapolation, components, FSDP sharding, fit and the largest settings;
+- ``check_start``: the small hook score-ref and train call before loading a model on CUDA.
+"""
+
+from __future__ import annotations
+
+from pipeline.plan.estimate import Plan, Shape, largest, make_plan
+from pipeline.plan.memory import CARDS, nf4_bytes, parse_memory
+
+__all__ = ["CARDS", "Plan", "Shape", "check_start", "largest", "make_plan", "nf4_bytes", "parse_memory"]
+
+
+def check_start(stage: str, cfg, shape: Shape, device) -> None:
+    """On CUDA: plan the run and stop before loading anything when it exceeds the free memory, naming the
+    largest settings that fit. CPU runs (and ``--no-plan``) are not checked."""
+    import torch
+
+    from pipeline.errors import UserError
+    from pipeline.plan.memory import context_bytes, fmt_bytes
+
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    # The context already exists once mem_get_info has run: what remains must hold the rest.
+    budget = free + context_bytes()
+    try:
+        with torch.random.fork_rng(devices=[]):  # LoRA's initialisation in the trace must not move the run's RNG
+            plan = make_plan(stage, cfg, shape, budget, f"{fmt_bytes(free)} free on {torch.device(device)}")
+    except UserError as exc:  # a model the plan cannot build (not LLaDA): run unchecked, and say so
+        import sys
+
+        print(f"warning: memory plan skipped ({exc})", file=sys.stderr)
+        return
+    if plan.fits:
+        return
+    with torch.random.fork_rng(devices=[]):
+        found = largest(stage, cfg, shape, budget, plan.total)
+    hints = ", ".join(f"--{k.replace('_', '-')} {v['value']}" for k, v in found.items() if v["value"] is not None)
+    raise UserError(f"{stage} needs about {fmt_bytes(plan.total - context_bytes())} of accelerator memory and "
+                    f"{fmt_bytes(free)} is free (lldm-dpo plan {stage} shows the parts); "
+                    + (f"largest settings that fit, one at a time: {hints}" if hints else
+                       "no single setting fits: use --load-in-4bit, LoRA, or more cards")
+                    + "; --no-plan skips this check")
+
+
+STAGE_CONFIGS = {
+    "score-ref": "stages.score_ref:ScoreRefConfig",
+    "train": "stages.train:TrainConfig",
+    "generate": "stages.generate:GenerateConfig",
+}
+"""The stages a plan covers and their config dataclasses, imported by name (as pipeline.cli imports
+commands): the plan takes the stage's own fields, so new ones flow through."""
+
+
+def stage_config_class(stage: str):
+    import importlib
+
+    from pipeline.errors import ConfigError
+
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"stage must be one of {', '.join(STAGE_CONFIGS)}, got {stage!r}")
+    module, name = STAGE_CONFIGS[stage].split(":")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,485 @@
+"""Run a stage's real step code on a model that allocates nothing, under torch's memory tracker.
+
+The model is built on the ``meta`` device (no storage), adapted exactly as the
+stage adapts it (LoRA, k-bit preparation, gradient checkpointing), and then
+each parameter and buffer becomes a CPU *fake* tensor (shape, dtype and
+device, no data). The step code runs outside the fake mode: its bookkeeping
+(token ids, masks, batch plans, the sampler's schedule) stays real and small,
+while everything computed from the weights is fake. ``torch.distributed.
+_tools.mem_tracker.MemTracker`` follows every storage, fake or real, so its
+peak is the step's peak as the caching allocator would see it before slack.
+
+What differs on CUDA (stated in every plan's notes): attention kernels
+(flash/memory-efficient SDPA keep no [S, S] scores; the CPU kernel's fake
+shapes are those of the fused CPU kernel, also without them), cuBLAS
+workspaces and the CUDA context (added analytically), allocator rounding and
+fragmentation (a stated slack), and bitsandbytes' NF4 weights (a stand-in
+module holding exactly the packed bytes and quantization constants of
+``memory.nf4_bytes``, dequantizing to a transient compute-dtype weight per
+call as bitsandbytes' matmul does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _TOTAL_KEY
+from torch.utils.weak import WeakIdKeyDictionary
+
+from pipeline.errors import UserError
+from pipeline.plan.memory import nf4_bytes
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --- the tracker ---------------------------------------------------------------------
+
+
+class PlanTracker(MemTracker):
+    """MemTracker's device totals by category, plus the live bytes of vocabulary-wide tensors (logits
+    chunks and their float32 copies and gradients) at the moment of the peak.
+
+    Per-module snapshots are skipped: the scorer calls the model once per batch and the head once per
+    chunk within one step, which MemTracker's module bookkeeping reads as a new iteration."""
+
+    def __init__(self, vocab: int, world: int = 1):
+        super().__init__()
+        self.vocab = int(vocab)
+        self.world = int(world)
+        self._wide = WeakIdKeyDictionary()
+        self.head_at_peak = 0
+        self._planned_peak = -1
+        self._planned_snap: dict[str, int] = {}
+
+    def _pre_fw_hook(self, module, inputs):
+        if module in self.memory_tracking and not self._mod_tracker.is_bw:
+            return
+        super()._pre_fw_hook(module, inputs)
+
+    def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+        # MemTracker hooks every parameter's gradient; a frozen one (the base under LoRA) refuses hooks.
+        sizes = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+        if install_grad_hooks:
+            for param in module.parameters():
+                if param.requires_grad and self._param_to_grad_hook_handles.get(param) is None:
+                    self._param_to_grad_hook_handles[param] = (
+                        param.register_hook(self._grad_seen),
+                        param.register_post_accumulate_grad_hook(lambda p: self._grad_seen(p.grad)))
+        return sizes
+
+    def _grad_seen(self, grad):
+        self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+    def _track(self, reftype, t):
+        super()._track(reftype, t)
+        if t.dim() >= 2 and self.vocab in (t.shape[-1], t.shape[-2]) and not isinstance(t, nn.Parameter):
+            st = t.untyped_storage()
+            self._wide[st] = True
+
+    def _update_peak_stats(self, peak_state) -> None:
+        # The peak is taken of what one card holds when parameters, gradients and optimizer states are
+        # sharded over ``world`` processes (FSDP); with world 1, of everything. Sharding moves the peak
+        # (full fine-tuning peaks at the optimizer step on one card, in the backward pass on eight).
+        sharded = (_MemRefType.PARAM, _MemRefType.BUFFER, _MemRefType.GRAD, _MemRefType.OPT)
+        for snap in self._curr_mem_snap.values():
+            whole = sum(v for k, v in snap.items() if k in sharded)
+            held = snap[_TOTAL_KEY] - whole + whole / self.world
+            if held > self._planned_peak:
+                self._planned_peak = held
+                self._planned_snap = dict(snap)
+                self.head_at_peak = self._wide_bytes()
+
+    def _wide_bytes(self) -> int:
+        # Views of the head's weight are vocabulary-wide too; only activations and temporaries count here.
+        total = 0
+        for st in list(self._wide.keys()):
+            winfo = self._WINFO.get(st, (None, None))[0]
+            if winfo is not None and winfo.reftype in (_MemRefType.ACT, _MemRefType.TEMP, _MemRefType.OTH):
+                total += winfo.mem_consumed
+        return total
+
+    def peak(self) -> dict[str, int]:
+        """The snapshot by category (unsharded bytes) at the moment one card's share peaked."""
+        return {("total" if key == _TOTAL_KEY else key.name.lower()): int(value)
+                for key, value in self._planned_snap.items()}
+
+
+# --- models that allocate nothing ------------------------------------------------------
+
+
+def model_config(name: str):
+    """The LLaDAConfig of a preset or a LLaDA folder (a LoRA adapter folder: its base's), read without weights."""
+    from pipeline.models.llada import LLaDAConfig
+    from pipeline.models.presets import PRESETS, preset_config
+
+    path = Path(str(name)).expanduser()
+    if str(name) in PRESETS and not path.is_dir():
+        return preset_config(str(name))
+    if (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        return model_config(base)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"model {name!r}: not a preset and no config.json there (plan reads the config only)")
+    data = json.loads(config_file.read_text(encoding="utf-8"))
+    if data.get("model_type") != "llada":
+        raise UserError(f"{config_file}: model_type {data.get('model_type')!r}; plan builds LLaDA-architecture "
+                        "models (presets and folders with model_type llada)")
+    return LLaDAConfig.from_dict(data)
+
+
+def build_model(name: str, dtype: str, *, fake: bool, layers: int | None = None):
+    """LLaDA of ``name`` in ``dtype``: on ``meta`` when ``fake`` (nothing allocated), else real on the CPU
+    (a preset only: what the tests compare the plan with). ``layers`` builds that many blocks instead."""
+    from pipeline.models.llada import LLaDAModelLM
+    from pipeline.models.presets import _default_dtype, build_preset
+
+    if not fake:
+        if layers is not None:
+            raise ValueError("a real model is built with its own number of blocks")
+        return build_preset(name, device="cpu", dtype=dtype)
+    config = model_config(name)
+    if layers is not None:
+        config.n_layers = int(layers)
+    with _default_dtype(DTYPES[dtype]), torch.device("meta"):
+        model = LLaDAModelLM(config)
+    return model.eval()
+
+
+class _Dequantized(torch.autograd.Function):
+    """x @ W.T with W dequantized on the fly in forward and again in backward, keeping nothing of it:
+    what bitsandbytes' MatMul4Bit does for a frozen 4-bit weight."""
+
+    @staticmethod
+    def forward(ctx, x, packed, layer):
+        ctx.layer = layer
+        return torch.nn.functional.linear(x, layer.dequantize(packed, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = ctx.layer.dequantize(ctx.layer.weight, grad.dtype)
+        return grad @ w, None, None
+
+
+class NF4Linear(nn.Linear):
+    """Stand-in for ``bitsandbytes.nn.Linear4bit`` (NF4, double quantization): ``weight`` is the packed
+    uint8 [(n + 1) // 2, 1] as bitsandbytes stores it, ``quant_state`` the constants' bytes
+    (``nf4_bytes`` minus the packed codes)."""
+
+    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        numel = self.in_features * self.out_features
+        packed = (numel + 1) // 2
+        device = linear.weight.device
+        self.weight = nn.Parameter(torch.empty((packed, 1), dtype=torch.uint8, device=device), requires_grad=False)
+        self.register_buffer("quant_state", torch.empty(nf4_bytes(numel) - packed, dtype=torch.uint8, device=device))
+        self.bias = None
+        self.compute_dtype = compute_dtype
+
+    def dequantize(self, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # new_empty follows the packed tensor (fake in a plan): a transient [out, in] weight per call.
+        return packed.new_empty((self.out_features, self.in_features), dtype=dtype)
+
+    def forward(self, x):
+        return _Dequantized.apply(x.to(self.compute_dtype), self.weight, self)
+
+
+def quantize_standins(model: nn.Module, compute_dtype: torch.dtype) -> int:
+    """Replace the block projections (what a 4-bit load quantizes; head and embeddings stay) by NF4 stand-ins."""
+    from pipeline.models import LORA_TARGET_MODULES
+
+    pattern = re.compile(LORA_TARGET_MODULES)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, NF4Linear(getattr(model.get_submodule(parent), child),
+                                                              compute_dtype))
+    model.is_loaded_in_4bit = True  # what transformers' bitsandbytes loader sets; peft reads it
+    return len(names)
+
+
+def materialize(model: nn.Module, fake_mode) -> None:
+    """Every meta parameter and buffer becomes a CPU fake tensor of the same shape, dtype and grad flag."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def fake_like(t):
+        if id(t) not in memo:
+            with fake_mode:
+                new = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="cpu")
+            memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+        return memo[id(t)]
+
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                module._parameters[name] = fake_like(p)
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.is_meta:
+                module._buffers[name] = fake_like(b)
+
+
+def new_fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    # Real inputs (token ids, masks) meet fake weights: they are lifted into the mode.
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def stage_module(name: str):
+    """A stage's module, imported by name as pipeline.cli imports commands (the plan runs its step code)."""
+    return importlib.import_module(name)
+
+
+# --- synthetic work at the planned shapes -----------------------------------------------------
+
+
+def synthetic_rows(pairs: int, prompt_len: int, response_len: int, samples: int, token: int) -> list[dict]:
+    """Cache rows as score-ref writes them (seeds, mask counts, reference terms), every pair at the planned
+    lengths; token values do not change memory, the masks' counts (from the real sampler) do."""
+    from pipeline.diffusion import mask_seed, sample_masks
+
+    rows = []
+    for i in range(pairs):
+        pid = f"plan-{i}"
+        row = {"pair_id": pid, "prompt_ids": [token] * prompt_len, "prompt_len": prompt_len}
+        for side in ("chosen", "rejected"):
+            seed = mask_seed(0, pid, side, 0)
+            row[f"{side}_ids"] = [token] * response_len
+            row[f"{side}_len"] = response_len
+            row[f"{side}_seeds"] = [seed]
+            row[f"{side}_mask_counts"] = [sample_masks(response_len, samples, seed).counts.tolist()]
+            row[f"ref_{side}_terms"] = [[-float(response_len)] * samples]
+        rows.append(row)
+    return rows
+
+
+def plain_token(config) -> int:
+    """A token id that is none of the special ones."""
+    specials = {getattr(config, k, None) for k in ("mask_token_id", "pad_token_id", "eos_token_id")}
+    return next(t for t in range(10, 10 + len(specials) + 1) if t not in specials)
+
+
+@dataclass
+class Trace:
+    peak: dict[str, int]
+    """MemTracker's peak snapshot by category (param, buffer, grad, act, temp, opt, oth, total)."""
+    head_at_peak: int
+    """Live bytes of vocabulary-wide tensors at the peak."""
+    trainable_bytes: int = 0
+    frozen_bytes: int = 0
+    block_bytes: int = 0
+    """Parameter bytes of one transformer block (FSDP gathers blocks one or two at a time)."""
+    head_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _param_bytes(model: nn.Module) -> tuple[int, int]:
+    trainable = frozen = 0
+    seen = set()
+    for p in list(model.parameters()) + list(model.buffers()):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        size = p.numel() * p.element_size()
+        if p.requires_grad:
+            trainable += size
+        else:
+            frozen += size
+    return trainable, frozen
+
+
+def _block_sizes(model: nn.Module) -> tuple[int, int]:
+    block = head = 0
+    for name, module in model.named_modules():
+        if re.search(r"blocks\.\d+$", name):
+            block = max(block, sum(p.numel() * p.element_size() for p in module.parameters()))
+    for name, p in model.named_parameters():
+        if name.endswith("transformer.ff_out.weight") and ".blocks." not in name:
+            head = p.numel() * p.element_size()
+    return block, head
+
+
+@contextlib.contextmanager
+def _no_value_reads(train_module):
+    """The finite-loss check reads a value, which fake tensors do not have; it allocates a scalar only."""
+    original = train_module._check_finite
+    train_module._check_finite = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        train_module._check_finite = original
+
+
+def _autocast(mixed_precision: str):
+    if mixed_precision in ("bf16", "fp16"):
+        # CPU autocast in bf16 stands for CUDA's bf16/fp16 autocast: both cast to 2-byte types.
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class PlanAccelerator:
+    """What ``micro_step`` asks of accelerate's Accelerator in one process (device, autocast, backward,
+    clipping), without touching accelerate's process-wide state, which a run planning itself at start
+    (train on CUDA) has already set up for its own device."""
+
+    device = torch.device("cpu")
+    num_processes = 1
+
+    def __init__(self, mixed_precision: str):
+        self.mixed_precision = mixed_precision
+
+    def autocast(self):
+        return _autocast(self.mixed_precision)
+
+    def backward(self, loss):
+        loss.backward()  # fp16's loss scaling multiplies a scalar: no memory to speak of
+
+    def clip_grad_norm_(self, params, max_norm):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def _finish(tracker: PlanTracker, model: nn.Module, notes: list[str]) -> Trace:
+    trainable, frozen = _param_bytes(model)
+    block, head = _block_sizes(model)
+    return Trace(tracker.peak(), tracker.head_at_peak, trainable, frozen, block, head, notes)
+
+
+# --- the stages' steps -------------------------------------------------------------------
+
+
+def trace_score_ref(cfg, *, prompt_len: int, response_len: int, fake: bool = True, layers: int | None = None,
+                    world: int = 1) -> Trace:
+    """One score-ref batch: ``elbo_terms`` over the rows one forward pass of ``batch_tokens`` holds."""
+    from pipeline.diffusion import ScoreRequest, elbo_terms, sample_masks
+
+    notes = []
+    load_in_4bit = bool(getattr(cfg, "load_in_4bit", False))
+    model = build_model(cfg.model, "bfloat16" if load_in_4bit else cfg.dtype, fake=fake, layers=layers)
+    if load_in_4bit:
+        quantize_standins(model, torch.bfloat16)
+    model.eval().requires_grad_(False)
+    if fake:
+        materialize(model, new_fake_mode())
+    config = model.config
+    token = plain_token(config)
+    length = prompt_len + response_len
+    rows = max(1, cfg.batch_tokens // length)
+    requests = []
+    for i in range((rows + cfg.samples - 1) // cfg.samples):
+        ms = sample_masks(response_len, cfg.samples, 1000 + i)
+        requests.append(ScoreRequest([token] * prompt_len, [token] * response_len, ms.masks, ms.weights))
+    tracker = PlanTracker(config.padded_vocab_size, world)
+    tracker.track_external(model)
+    with tracker, torch.no_grad(), _autocast(getattr(cfg, "mixed_precision", "no")):
+        elbo_terms(model, requests, mask_token_id=config.mask_token_id, pad_token_id=config.pad_token_id,
+                   batch_tokens=cfg.batch_tokens)
+    return _finish(tracker, model, notes)
+
+
+def trace_train(cfg, *, prompt_len: int, response_len: int, samples: int, fake: bool = True,
+                model_name: str | None = None, layers: int | None = None, world: int = 1) -> Trace:
+    """One optimizer step of ``stages.train`` as its loop runs it (micro_step per micro-batch, clipping,
+    AdamW, zero_grad), with AdamW's states created beforehand as its first step creates them, so the
+    step is a steady-state one: forward and backward run beside the optimizer states."""
+    train = stage_module("stages.train")
+    name = model_name or cfg.model
+    notes = []
+    model = build_model(name, "bfloat16" if cfg.load_in_4bit else cfg.dtype, fake=fake, layers=layers)
+    if cfg.load_in_4bit:
+        if not fake:
+            raise UserError("a real 4-bit trace needs CUDA and bitsandbytes; the plan runs it on fake tensors")
+        quantize_standins(model, torch.bfloat16)
+    config = model.config
+    torch.manual_seed(cfg.seed)
+    policy = train.adapt_policy(model, cfg)
+    fake_mode = new_fake_mode() if fake else None
+    if fake:
+        materialize(policy, fake_mode)
+    ref_model = None
+    if cfg.reference == "online" and cfg.lora_r == 0:
+        ref_model = build_model(name, cfg.dtype, fake=fake, layers=layers).requires_grad_(False)
+        if fake:
+            materialize(ref_model, fake_mode)
+    mixed = cfg.mixed_precision
+    if mixed == "fp16":
+        notes.append("fp16 autocast traced as bf16 autocast on the CPU (same 2-byte activations); "
+                     "the fp16 loss scaler's few scalars are not counted")
+        mixed = "bf16"
+    acc = PlanAccelerator(mixed)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = train.make_optimizer(params, cfg)
+    prime_adamw(optimizer)
+    tok = SimpleNamespace(mask_token_id=config.mask_token_id, pad_token_id=config.pad_token_id)
+    fp = {"samples": samples, "draws": 1, "scheme": "l_over_L", "eps": None}
+    rows = synthetic_rows(cfg.batch_size, prompt_len, response_len, samples, plain_token(config))
+    batch = train.PairBatch(rows, 0)
+    ctx = train.TrainContext(cfg, policy, tok, acc, fp, ref_model)
+    tracker = PlanTracker(config.padded_vocab_size, world)
+    tracker.track_external(*(m for m in (policy, optimizer, ref_model) if m is not None))
+    accum = min(cfg.grad_accum, 2)  # gradients accumulate in place: a third micro-batch peaks as the second
+    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    with tracker, (_no_value_reads(train) if fake else contextlib.nullcontext()):
+        for micro in range(accum):
+            train.micro_step(ctx, batch, 1.0 / cfg.grad_accum, sync=micro == accum - 1)
+        acc.clip_grad_norm_(params, clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return _finish(tracker, policy, notes) if ref_model is None else _with_ref(tracker, policy, ref_model, notes)
+
+
+def prime_adamw(optimizer) -> None:
+    """Create AdamW's per-parameter states (step, exp_avg, exp_avg_sq) as its first ``step`` does, so one
+    traced step shows the steady state; other optimizers are left to create theirs in the traced step."""
+    if type(optimizer).__name__ not in ("AdamW", "Adam") or optimizer.defaults.get("amsgrad"):
+        return
+    fused = bool(optimizer.defaults.get("fused"))
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not optimizer.state[p]:
+                step_device = p.device if fused or group.get("capturable") else "cpu"
+                optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=step_device)
+                                      if not fused else p.new_zeros((), dtype=torch.float32),
+                                      "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                      "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
+def _with_ref(tracker, policy, ref_model, notes) -> Trace:
+    trace = _finish(tracker, policy, notes)
+    trace.frozen_bytes += _param_bytes(ref_model)[1]
+    return trace
+
+
+def trace_generate(cfg, *, prompt_len: int, fake: bool = True, layers: int | None = None, world: int = 1) -> Trace:
+    """The sampler over ``batch_size`` prompts, one step per block (every step has the same shapes)."""
+    from pipeline.sampler import generate
+
+    model = build_model(cfg.model, cfg.dtype, fake=fake, layers=layers)
+    model.eval().requires_grad_(False)
+    if fake:
+        materialize(model, new_fake_mode())
+    config = model.config
+    token = plain_token(config)
+    blocks = cfg.gen_length // cfg.block_length
+    tracker = PlanTracker(config.padded_vocab_size, world)
+    tracker.track_external(model)
+    with tracker:
+        generate(model, [[token] * prompt_len] * cfg.batch_size, mask_token_id=config.mask_token_id,
+                 pad_token_id=config.pad_token_id, gen_length=cfg.gen_length, block_length=cfg.block_length,
+                 steps=blocks, temperature=cfg.temperature, remasking=cfg.remasking, cfg_scale=cfg.cfg_scale,
+                 generator=[torch.Generator().manual_seed(i) for i in range(cfg.batch_size)])
+    return _finish(tracker, model, ["one sampling step per block traced: every step of a block has the "
+                                    "same shapes, so the peak is that of any step"])
+
+
+TRACERS: dict[str, Callable[..., Trace]] = {"score-ref": trace_score_ref, "train": trace_train,
+                                            "generate": trace_generate}

@@ -1,0 +1,189 @@
+"""``lldm-dpo plan STAGE``: will this stage's settings fit on my card, before I rent one.
+
+The flags after STAGE are the stage's own (``--model``, ``--dtype``,
+``--lora-r``, ``--load-in-4bit``, ``--batch-tokens``, ...: every field of its
+config dataclass, so fields added to a stage are plannable at once), plus the
+plan's: ``--gpu-memory`` (a size or a card name), ``--world-size`` (FSDP
+processes sharding parameters, gradients and optimizer states), ``--samples``,
+``--max-length`` and ``--prompt-length`` (the planned sequences). The estimate
+runs the stage's real step on fake tensors (pipeline/plan).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from pipeline.config import load_config, read_config_file, require
+from pipeline.errors import ConfigError, UserError
+
+
+@dataclass
+class PlanConfig:
+    stage: str = "train"
+    """Stage to plan: score-ref, train or generate."""
+    gpu_memory: str = "16GiB"
+    """Accelerator memory: a size (16GiB, 24GB) or a card (rtx4080, rtx4090, a100-40, a100-80, h100, h200)."""
+    world_size: int = 1
+    """FSDP processes: parameters, gradients and optimizer states are sharded over them (1 = one card)."""
+    samples: int = 0
+    """Monte Carlo samples n per response (0: score-ref's --samples, else 8)."""
+    max_length: int = 0
+    """Prompt + response tokens of every planned sequence (0: score-ref's --max-length, else 1024; generate:
+    prompt_length + gen_length)."""
+    prompt_length: int = 0
+    """Prompt tokens within max_length (0: a quarter of max_length; generate: 128)."""
+    search: bool = True
+    """Also find the largest batch tokens / sequence micro-batch / max length (generate: batch size) that fit."""
+    options: dict = field(default_factory=dict)
+    """The stage's own settings (its config's fields), as the stage takes them."""
+
+    def __post_init__(self):
+        from pipeline.plan import parse_memory, stage_config_class
+
+        self.device_bytes, self.device = parse_memory(self.gpu_memory)
+        for name in ("world_size",):
+            require(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("samples", "max_length", "prompt_length"):
+            require(int(getattr(self, name)) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        cls = stage_config_class(self.stage)
+        self.stage_config = load_config(cls, values=dict(self.options), origin=f"plan {self.stage} options")
+        shape = self.shape()
+        require(0 <= shape.prompt_length < shape.max_length,
+                f"prompt_length {shape.prompt_length} must be below max_length {shape.max_length}")
+
+    def shape(self):
+        from pipeline.plan import Shape
+
+        c = self.stage_config
+        samples = self.samples or getattr(c, "samples", 8)
+        if self.stage == "generate":
+            prompt = self.prompt_length or 128
+            return Shape(samples, prompt + c.gen_length, prompt, self.world_size)
+        length = self.max_length or (c.max_length if self.stage == "score-ref" else 1024)
+        return Shape(samples, length, self.prompt_length or length // 4, self.world_size)
+
+
+def run(cfg: PlanConfig):
+    """The plan of ``cfg.stage`` at its settings on ``cfg.gpu_memory``; with ``search``, the largest settings."""
+    from pipeline.plan import largest, make_plan
+
+    stage_cfg, shape = cfg.stage_config, cfg.shape()
+    if cfg.stage == "score-ref" and (stage_cfg.samples, stage_cfg.max_length) != (shape.samples, shape.max_length):
+        stage_cfg = dataclasses.replace(stage_cfg, samples=shape.samples, max_length=shape.max_length)
+    plan = make_plan(cfg.stage, stage_cfg, shape, cfg.device_bytes, cfg.device)
+    if cfg.search:
+        plan.largest = largest(cfg.stage, stage_cfg, shape, cfg.device_bytes, plan.total)
+    return plan
+
+
+# --- the command line ------------------------------------------------------------------
+
+
+def _field_type(cls, name: str):
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union and args else hint
+
+
+def parse_stage_flags(cls, args: list[str], stage: str) -> dict[str, Any]:
+    """``--name value`` / ``--name=value`` / ``--flag`` / ``--no-flag`` for every field of the stage's config."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise UserError(f"plan {stage}: unexpected argument {arg!r} (stage options are --name value)")
+        name, _, value = arg[2:].partition("=")
+        key, negate = name.replace("-", "_"), False
+        if key not in names and key.startswith("no_") and key[3:] in names:
+            key, negate = key[3:], True
+        if key not in names:
+            raise UserError(f"plan {stage}: unknown option --{name} (the options of {cls.__name__}: "
+                            f"{', '.join('--' + n.replace('_', '-') for n in sorted(names))})")
+        kind = _field_type(cls, key)
+        if kind is bool and not value:
+            out[key] = not negate
+        else:
+            if not value:
+                if i + 1 >= len(args):
+                    raise UserError(f"plan {stage}: --{name} needs a value")
+                i += 1
+                value = args[i]
+            try:
+                out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+            except (TypeError, ValueError):
+                raise UserError(f"plan {stage}: --{name} {value!r} is not a valid {getattr(kind, '__name__', kind)}")
+        i += 1
+    return out
+
+
+def print_plan(plan, as_json: bool) -> None:
+    if as_json:
+        from pipeline.cli import emit_json
+
+        emit_json(plan.as_dict())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.plan.memory import fmt_bytes
+
+    console = Console()
+    table = Table(title=f"plan {plan.stage} on {plan.device}", title_justify="left")
+    table.add_column("component")
+    table.add_column("peak", justify="right")
+    for key, value in plan.components.items():
+        table.add_row(key.replace("_", " "), fmt_bytes(value))
+    table.add_row("[bold]total[/bold]", f"[bold]{fmt_bytes(plan.total)}[/bold]")
+    console.print(table)
+    verdict = "fits" if plan.fits else "does NOT fit"
+    console.print(f"{verdict}: {fmt_bytes(plan.total)} of {fmt_bytes(plan.device_bytes)} "
+                  f"(headroom {fmt_bytes(plan.headroom)}); torch.cuda.max_memory_allocated ~ "
+                  f"{fmt_bytes(plan.tracked_peak)}; {plan.method}; {plan.seconds:.1f} s")
+    for name, found in plan.largest.items():
+        value = found["value"]
+        console.print(f"largest --{name.replace('_', '-')} that fits: "
+                      + ("none" if value is None else f"{value}{' (the limit searched)' if found['at_limit'] else ''}"))
+    for note in plan.notes:
+        console.print(f"note: {note}", style="dim")
+
+
+def command(
+    ctx: typer.Context,
+    stage: str = typer.Argument(..., help="score-ref, train or generate; then the stage's own options."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Size (16GiB) or card (rtx4080, h100, ...)."),
+    world_size: Optional[int] = typer.Option(None, "--world-size", help="FSDP processes sharding the model."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Monte Carlo samples n per response."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Prompt + response tokens per sequence."),
+    prompt_length: Optional[int] = typer.Option(None, "--prompt-length", help="Prompt tokens within max length."),
+    search: Optional[bool] = typer.Option(None, "--search/--no-search", help="Find the largest settings that fit."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Peak accelerator memory of a stage's settings, by component, and whether they fit."""
+    from pipeline.plan import stage_config_class
+
+    try:
+        cls = stage_config_class(stage)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    options = parse_stage_flags(cls, list(ctx.args), stage)
+    if stage == "score-ref":  # the plan's --samples/--max-length are score-ref's own
+        options.update({k: v for k, v in (("samples", samples), ("max_length", max_length)) if v is not None})
+    flags = dict(stage=stage, gpu_memory=gpu_memory, world_size=world_size, samples=samples, max_length=max_length,
+                 prompt_length=prompt_length, search=search)
+    from_file = read_config_file(config).get("options") or {} if config else {}
+    if not isinstance(from_file, dict):
+        raise ConfigError(f"{config}: options must be a mapping of {cls.__name__} fields")
+    cfg = load_config(PlanConfig, config, {**flags, "options": {**from_file, **options}})
+    print_plan(run(cfg), as_json)
+
+
+command.context_settings = {"allow_extra_args": True, "ignore_unknown_options": True}

@@ -1,0 +1,134 @@
+"""lldm-dpo plan: the command line, the stage's own options, and the start check in score-ref."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline.cli import build_app
+
+runner = CliRunner()
+
+
+def _plan(*args):
+    return runner.invoke(build_app("plan"), ["plan", *args])
+
+
+def test_plan_train_json_has_every_component():
+    res = _plan("train", "--model", "micro", "--lora-r", "4", "--gradient-checkpointing", "--samples", "2",
+                "--max-length", "48", "--batch-size", "1", "--gpu-memory", "rtx4080", "--no-search", "--json")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    assert set(plan["components"]) == {"weights", "adapters", "gradients", "optimizer_states", "activations",
+                                       "logits_head_chunk", "allocator_slack", "cuda_context_workspace"}
+    assert plan["device_bytes"] == 16 * 2**30 and plan["fits"] is True
+    assert plan["settings"]["lora_r"] == 4 and plan["settings"]["samples"] == 2
+    assert plan["largest"] == {} and plan["tracked_peak"] > plan["components"]["weights"] > 0
+
+
+def test_plan_score_ref_takes_its_own_samples_and_length_and_prints_a_table():
+    res = _plan("score-ref", "--model", "micro", "--samples", "3", "--max-length", "40", "--batch-tokens", "400",
+                "--gpu-memory", "1GiB", "--no-search")
+    assert res.exit_code == 0, res.output
+    assert "logits head chunk" in res.output and "fits" in res.output
+
+
+def test_plan_generate():
+    res = _plan("generate", "--model", "micro", "--gen-length", "16", "--block-length", "8", "--steps", "4",
+                "--batch-size", "2", "--prompt-length", "8", "--gpu-memory", "1GiB", "--json")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    assert plan["settings"]["max_length"] == 24 and "batch_size" in plan["largest"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--model", "micro", "--lora-rank", "4"], "unknown option --lora-rank"),
+    (["train", "--model", "micro", "--lora-r", "four"], "--lora-r 'four' is not a valid int"),
+    (["evaluate", "--model", "micro"], "stage must be one of"),
+    (["train", "--model", "micro", "--gpu-memory", "big"], "gpu_memory 'big'"),
+    (["train", "--model", "micro", "--dtype", "float64"], "dtype must be"),
+])
+def test_bad_options_are_one_line_errors(args, message):
+    res = _plan(*args)
+    assert res.exit_code == 1 and message in res.output, res.output
+
+
+def test_score_ref_stops_before_loading_when_the_plan_does_not_fit(monkeypatch, tmp_path):
+    """On CUDA, score-ref plans first: with too little free memory it stops with the largest settings and
+    writes nothing; --no-plan goes on (to the model load, which here has no CUDA to load onto)."""
+    import pipeline.models as models
+    from stages.score_ref import ScoreRefConfig, run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 16 * 2**30))
+    loaded = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(a) or (_ for _ in ()).throw(
+        RuntimeError("loaded")))
+    pairs = tmp_path / "pairs.arrow"
+    _write_pairs(pairs)
+    cfg = ScoreRefConfig(pairs=pairs, model="micro", out=tmp_path / "cache", device="cuda", samples=2,
+                         max_length=32, batch_tokens=256, progress=False)
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="--no-plan skips this check"):
+        run(cfg)
+    assert not loaded and not (tmp_path / "cache").exists()
+
+
+def _write_pairs(path):
+    import pyarrow as pa
+
+    from pipeline.schemas import PAIRS_SCHEMA
+
+    rows = [{"pair_id": "p0", "prompt": "hi", "chosen": "yes", "rejected": "no", "split": "train",
+             "source": "t:1"}]
+    table = pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
+    with pa.ipc.new_file(str(path), table.schema) as writer:
+        writer.write_table(table)
+
+
+def test_plan_reads_a_config_file_and_flags_win(tmp_path):
+    cfg = tmp_path / "plan.yaml"
+    cfg.write_text("stage: score-ref\ngpu_memory: a100-40\nsearch: false\n"
+                   "options: {model: micro, samples: 2, max_length: 32, batch_tokens: 128}\n")
+    res = _plan("score-ref", "--config", str(cfg), "--batch-tokens", "256", "--json")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    assert plan["device_bytes"] == 40 * 2**30 and plan["settings"]["batch_tokens"] == 256
+    assert plan["settings"]["samples"] == 2 and plan["largest"] == {}
+    cfg.write_text("stage: train\noptions: {lora_rank: 4}\n")
+    res = _plan("train", "--config", str(cfg))
+    assert res.exit_code == 1 and "unknown key 'lora_rank'" in res.output, res.output
+
+
+def test_train_plans_before_loading_the_policy_on_the_longest_cached_pair(monkeypatch, small_cache, tmp_path):
+    """train hands the plan its settings and the cache's longest pair before any model is loaded; --no-plan
+    (plan=False) skips it. (On CPU check_start returns at once; here it is replaced to see the call.)"""
+    import pipeline.plan as plan_module
+    import stages.train as train
+    from pipeline.cache import open_cache
+    from pipeline.errors import UserError
+
+    calls = []
+
+    def fake_check(stage, cfg, shape, device):
+        calls.append((stage, cfg, shape))
+        raise UserError("planned")
+
+    monkeypatch.setattr(plan_module, "check_start", fake_check)
+    monkeypatch.setattr(train, "setup_policy", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    cfg = train.TrainConfig(scores=small_cache, out=tmp_path / "run", device="cpu", lora_r=2, progress=False,
+                            tensorboard=False)
+    with pytest.raises(UserError, match="planned"):
+        train.run(cfg)
+    (stage, planned, shape), = calls
+    rows = list(open_cache(small_cache).rows(split="train"))
+    longest = max(r["prompt_len"] + max(r["chosen_len"], r["rejected_len"]) for r in rows)
+    assert stage == "train" and planned.lora_r == 2 and planned.model == "micro"
+    assert shape.max_length == longest and shape.samples == open_cache(small_cache).fingerprint["samples"]
+    with pytest.raises(AssertionError, match="loaded"):
+        train.run(train.TrainConfig(scores=small_cache, out=tmp_path / "run2", device="cpu", plan=False,
+                                    progress=False, tensorboard=False))
