@@ -15,7 +15,6 @@ import random
 import re
 import resource
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
