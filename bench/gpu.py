@@ -18,6 +18,12 @@ leaves every finished section on disk):
   without ``--sequence-microbatch`` K, and the online reference (adapters off)
   at the same settings: step time and ``torch.cuda.max_memory_allocated``;
 - reference: cached / online ratios of step time and peak memory;
+- fsdp: ``lldm-dpo train`` launched by accelerate with configs/accelerate/fsdp.yaml on one
+  GPU (FSDP version 2: every block, the embedding and the head in their own units,
+  activation checkpointing; cpu mode: fsdp_cpu.yaml, one process over gloo) against
+  the same run without FSDP on a small synthetic cache of the ``tiny`` preset: losses and
+  final weights side by side, step time and peak memory of each, and the sharded
+  checkpoint's layout;
 - train_4bit: the same LoRA steps on an NF4 base (bitsandbytes; block
   projections quantized in place, as a 4-bit load of a folder would) and
   whether the peak stays under 15 GiB.
@@ -70,11 +76,13 @@ SETTINGS = {
     "gpu": dict(preset="llada-8b-shape", dtype="bfloat16", pairs=256, prompt=(128, 512), response=(128, 512),
                 samples=8, batch_tokens=32768, faithful_pairs=16, train_prompt=512, train_response=512,
                 sequence_microbatch=2, steps=2, lora_r=16, lora_alpha=32,
-                budgets=dict(score_ref=150, faithful=45, train=110, train_4bit=100)),
+                budgets=dict(score_ref=150, faithful=45, train=110, train_4bit=100),
+                fsdp=dict(preset="tiny", pairs=32, prompt=64, response=256, steps=4)),
     "cpu": dict(preset="micro", dtype="float32", pairs=4, prompt=(8, 24), response=(8, 24),
                 samples=2, batch_tokens=512, faithful_pairs=2, train_prompt=16, train_response=16,
                 sequence_microbatch=1, steps=2, lora_r=4, lora_alpha=8,
-                budgets=dict(score_ref=20, faithful=10, train=30, train_4bit=10)),
+                budgets=dict(score_ref=20, faithful=10, train=30, train_4bit=10),
+                fsdp=dict(preset="micro", pairs=16, prompt=8, response=16, steps=4)),
 }
 
 
@@ -439,6 +447,69 @@ def section_train(results: Results, state: dict) -> None:
     results.section("reference", ref)
 
 
+def _train_run(cmd: list[str], out: Path, device: torch.device) -> dict:
+    """One `train` subprocess; its metrics, final weights and the wall time."""
+    import os
+    import subprocess
+
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed: {proc.stderr[-1500:]}")
+    metrics = pq.read_table(out / "metrics.parquet").to_pylist()
+    return {"metrics": metrics, "weights": load_file(str(out / "final" / "model.safetensors")),
+            "wall_s": time.perf_counter() - t0}
+
+
+def section_fsdp(results: Results, state: dict) -> None:
+    import json
+    import tempfile
+
+    import cache_memory
+
+    f = state["settings"]["fsdp"]
+    device = state["device"]
+    work = Path(tempfile.mkdtemp(prefix="fsdp-bench-"))
+    manifest = cache_memory.real_manifest(work, model=f["preset"])
+    shape = SimpleNamespace(prompt=f["prompt"], response=f["response"])
+    cache = cache_memory.build_cache(work / "cache", f["pairs"], manifest, shape)
+    common = ["train", str(cache), "--max-steps", str(f["steps"]), "--batch-size", "4", "--save-every", "2",
+              "--learning-rate", "1e-3", "--warmup-ratio", "0", "--quiet", "--no-tensorboard"]
+    base = _train_run([sys.executable, "-m", "pipeline.cli", *common, "--out", str(work / "base"), "--device",
+                       device.type], work / "base", device)
+    config = REPO / "configs" / "accelerate" / ("fsdp.yaml" if device.type == "cuda" else "fsdp_cpu.yaml")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
+              "1", "--mixed_precision", "no", "-m", "pipeline.cli", *common, "--out", str(work / "fsdp"),
+              "--device", "auto"]
+    fsdp = _train_run(launch, work / "fsdp", device)
+
+    def step_s(metrics):
+        tokens = 4 * 2 * manifest["fingerprint"]["samples"] * (f["prompt"] + f["response"])
+        return sorted(tokens / m["tokens_per_second"] for m in metrics[1:])[len(metrics[1:]) // 2]
+
+    ckpt = work / "fsdp" / "checkpoints" / "step-0000002"
+    trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
+    wa, wb = base["weights"], fsdp["weights"]
+    results.section("fsdp", {
+        "config": config.name, "preset": f["preset"], "processes": 1, "pairs": f["pairs"], "steps": f["steps"],
+        "prompt_tokens": f["prompt"], "response_tokens": f["response"], "mixed_precision": "no",
+        "loss_plain": [m["loss"] for m in base["metrics"]], "loss_fsdp": [m["loss"] for m in fsdp["metrics"]],
+        "max_loss_difference": max(abs(a["loss"] - b["loss"]) for a, b in zip(base["metrics"], fsdp["metrics"])),
+        "max_weight_difference": max(float((wa[k] - wb[k]).abs().max()) for k in wa),
+        "step_s_plain": step_s(base["metrics"]), "step_s_fsdp": step_s(fsdp["metrics"]),
+        "peak_bytes_plain": max(m["peak_memory_bytes"] for m in base["metrics"]),
+        "peak_bytes_fsdp": max(m["peak_memory_bytes"] for m in fsdp["metrics"]),
+        "wall_s_plain": base["wall_s"], "wall_s_fsdp": fsdp["wall_s"],
+        "checkpoint_sharded": bool(trainer_state.get("sharded")),
+        "checkpoint_optimizer_shards": len(list((ckpt / "optimizer").glob("*.distcp"))),
+        "checkpoint_is_model": (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file(),
+    })
+
+
 def quantize_blocks_4bit(model, compute_dtype) -> int:
     """Replace every block projection with a bitsandbytes NF4 Linear4bit (double-quantized), in place.
 
@@ -555,6 +626,7 @@ def main(argv=None) -> int:
         free_cuda()
         if "train_batch" in state:
             run_section(results, "train_4bit", section_train_4bit, state)
+        run_section(results, "fsdp", section_fsdp, state)
     results.data["total_seconds"] = time.perf_counter() - t0
     results.data["complete"] = not results.data.get("errors")
     results.save()

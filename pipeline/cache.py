@@ -121,8 +121,13 @@ class ScoresCache:
                 {c: pa.array([], SCORES_SCHEMA.field(c).type) for c in columns})
         return pa.concat_tables(tables)
 
+    def split_rows(self, split: str | None = None, *, skip_identical: bool = False,
+                   columns: list[str] | None = None) -> "SplitRows":
+        """The split's rows in ``rows()``'s order, read on demand (see ``SplitRows``)."""
+        return SplitRows(self, split, skip_identical=skip_identical, columns=columns)
+
     def rows(self, split: str | None = None) -> Iterator[dict[str, Any]]:
-        """Rows in a stable order (by pair_id), optionally one split only."""
+        """Rows in a stable order (by pair_id), optionally one split only (all in memory: see split_rows)."""
         table = self.table()
         if split is not None:
             table = table.filter(pa.compute.equal(table["split"], split))
@@ -146,3 +151,126 @@ def open_cache(directory: str | Path) -> ScoresCache:
     if "fingerprint" not in manifest:
         raise UserError(f"{manifest_path}: missing field 'fingerprint'")
     return ScoresCache(directory, manifest)
+
+
+def _identical_rows(ids: pa.Table, candidates: pa.ChunkedArray) -> set[int]:
+    """Rows (among the candidates, whose two responses have equal lengths) with equal response ids.
+
+    Vectorised: with equal row lengths the flattened values line up, so one
+    element-wise comparison and a per-row AND over the list offsets decide.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    rows = pc.indices_nonzero(candidates).to_numpy()
+    chosen = ids["chosen_ids"].combine_chunks().take(pa.array(rows))
+    rejected = ids["rejected_ids"].combine_chunks().take(pa.array(rows))
+    equal = (chosen.flatten().to_numpy(zero_copy_only=False) == rejected.flatten().to_numpy(zero_copy_only=False))
+    offsets = chosen.offsets.to_numpy()
+    out = set()
+    for k, row in enumerate(rows.tolist()):
+        lo, hi = offsets[k], offsets[k + 1]
+        if bool(equal[lo:hi].all()):
+            out.add(row)
+    return out
+
+
+class SplitRows:
+    """One split of a cache as a sequence of row dicts, read from the Parquet parts on demand.
+
+    Only an index is held in memory: per row its pair_id, part and row group
+    (sorted by pair_id, the order ``ScoresCache.rows`` gives). ``rows[i]`` and
+    ``rows.take(indices)`` decode just the row groups that hold the asked rows,
+    so a process that trains on its own micro-batches never holds the split's
+    token ids, and host memory does not grow with the number of pairs. A few
+    recently decoded row groups are kept (``keep_groups``) for neighbouring reads.
+    ``skip_identical`` leaves out pairs whose two responses are the same ids
+    (checked one row group at a time, only where the lengths agree).
+    """
+
+    def __init__(self, cache: ScoresCache, split: str | None, *, skip_identical: bool = False,
+                 columns: list[str] | None = None, keep_groups: int = 8):
+        import pyarrow.compute as pc
+
+        self.columns = columns
+        self.keep_groups = keep_groups
+        self._paths: list[Path] = list(cache.parts)
+        self._open: dict[int, pq.ParquetFile] = {}
+        self._groups: dict[tuple[int, int], pa.Table] = {}
+        index: list[tuple[str, int, int, int]] = []  # (pair_id, part, row group, row in group)
+        self.identical: list[str] = []
+        for part_i in range(len(self._paths)):
+            pf = self._file(part_i)
+            for g in range(pf.metadata.num_row_groups):
+                meta = pf.read_row_group(g, columns=["pair_id", "split", "chosen_len", "rejected_len"])
+                keep = pc.equal(meta["split"], split) if split is not None else None
+                same_len = pc.equal(meta["chosen_len"], meta["rejected_len"])
+                if keep is not None:
+                    same_len = pc.and_(same_len, keep)
+                same_rows = set()
+                if skip_identical and pc.any(same_len).as_py():
+                    same_rows = _identical_rows(pf.read_row_group(g, columns=["chosen_ids", "rejected_ids"]),
+                                                same_len)
+                keep_list = keep.to_pylist() if keep is not None else None
+                for r, pid in enumerate(meta["pair_id"].to_pylist()):
+                    if keep_list is not None and not keep_list[r]:
+                        continue
+                    if r in same_rows:
+                        self.identical.append(pid)
+                        continue
+                    index.append((pid, part_i, g, r))
+        index.sort(key=lambda t: t[0])
+        self.pair_ids = [t[0] for t in index]
+        self._where = [(t[1], t[2], t[3]) for t in index]
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def _file(self, part: int) -> pq.ParquetFile:
+        """A few parts stay open; no memory map, whose touched pages would count in the resident size."""
+        pf = self._open.pop(part, None)
+        if pf is None:
+            pf = pq.ParquetFile(self._paths[part], memory_map=False)
+        self._open[part] = pf
+        while len(self._open) > self.keep_groups:
+            self._open.pop(next(iter(self._open))).close()
+        return pf
+
+    def _group(self, part: int, group: int) -> pa.Table:
+        key = (part, group)
+        table = self._groups.pop(key, None)
+        if table is None:
+            table = self._file(part).read_row_group(group, columns=self.columns)
+        self._groups[key] = table  # most recent last; kept as Arrow, converted one row at a time
+        while len(self._groups) > self.keep_groups:
+            self._groups.pop(next(iter(self._groups)))
+        return table
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if isinstance(i, slice):
+            return self.take(range(*i.indices(len(self))))
+        part, group, row = self._where[i]
+        return self._group(part, group).slice(row, 1).to_pylist()[0]
+
+    def limit(self, n: int) -> "SplitRows":
+        """The first ``n`` rows (all when n <= 0), still read on demand."""
+        if n > 0:
+            self.pair_ids, self._where = self.pair_ids[:n], self._where[:n]
+        return self
+
+    def column(self, name: str) -> list[Any]:
+        """One column for every row, in order, reading only that column of each row group."""
+        values: dict[tuple[int, int], list[Any]] = {}
+        out = []
+        for part, group, row in self._where:
+            if (part, group) not in values:
+                values[(part, group)] = self._file(part).read_row_group(group, columns=[name])[name].to_pylist()
+            out.append(values[(part, group)][row])
+        return out
+
+    def take(self, indices) -> list[dict[str, Any]]:
+        return [self[i] for i in indices]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i in range(len(self)):
+            yield self[i]

@@ -1,33 +1,115 @@
-"""Training checkpoints: trainable weights, optimizer, scheduler, RNG and data position.
+"""Training checkpoints that are models: ``checkpoints/step-NNNNNNN`` loads wherever ``--model`` is taken.
 
-A checkpoint is a folder ``checkpoints/step-NNNNNNN`` built under a temporary
-name and renamed when complete, so a run killed at any moment leaves only
-whole checkpoints. Only trainable parameters are stored (the LoRA adapter
-under LoRA, every weight under full fine-tuning), as safetensors; optimizer
-and scheduler states go through ``torch.save`` and come back with
+A checkpoint folder holds
+- the model in Hugging Face form: a peft adapter folder under LoRA
+  (``adapter_config.json`` + ``adapter_model.safetensors``), else a full
+  checkpoint (``config.json`` + ``*.safetensors``), with the tokenizer files;
+  so ``load_model(RUN/checkpoints/step-N)`` works and evaluation can pick any step;
+- the training state: ``optimizer.pt`` (or, under FSDP, ``optimizer/``: one
+  torch.distributed.checkpoint shard per process), ``scheduler.pt``,
+  ``rng-RRRRR.pt`` per process and ``trainer_state.json`` (written last).
+
+Under FSDP the model's shards are gathered into the consolidated files (the
+adapter only, under LoRA), and each process writes its own optimizer shard; a
+resume restores the weights from the consolidated files and the optimizer from
+the shards, so it needs the same number of processes. The folder is built under
+a temporary name and renamed when complete, so a run killed at any moment
+leaves only whole checkpoints. Tensors are read back with safetensors or
 ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from pipeline.atomic import atomic_dir, make_dir, remove_owned
 from pipeline.errors import UserError
 
 STEP_PATTERN = re.compile(r"^step-(\d{7})$")
-WEIGHTS = "trainable.safetensors"
 STATE = "trainer_state.json"
+SHARDED_OPTIMIZER = "optimizer"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when FSDP2 has turned the model's parameters into DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def _saved_keys(model) -> list[str]:
+    """The tensors a checkpoint's model files hold: the adapter's under LoRA, every weight otherwise."""
+    if _is_peft(model):
+        return [n for n, p in model.named_parameters() if p.requires_grad]
+    return list(model.state_dict().keys())
+
+
+def gather_state(model, main: bool) -> dict[str, torch.Tensor] | None:
+    """The saved tensors in full on CPU (a collective under FSDP: every process calls it); None off main."""
+    from torch.distributed.tensor import DTensor
+
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    out = {}
+    for name in _saved_keys(model):
+        t = tensors[name] if name in tensors else model.state_dict()[name]
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        if main:
+            out[name] = full.detach().to("cpu").contiguous().clone()
+    return out if main else None
+
+
+def save_model_files(folder: Path, model, tokenizer, state_dict: dict[str, torch.Tensor] | None,
+                     base_name: str | None = None) -> None:
+    """Write the model (adapter or full checkpoint) and tokenizer into an existing folder."""
+    if _is_peft(model) and base_name is not None:
+        model.peft_config["default"].base_model_name_or_path = _base_reference(base_name)
+    kwargs = {} if state_dict is None else {"state_dict": state_dict}
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    tokenizer.save_pretrained(folder)
+
+
+def _base_reference(model_name: str) -> str:
+    p = Path(model_name)
+    return str(p.resolve()) if p.exists() else model_name
+
+
+def save_model_dir(path: Path, model, tokenizer, accelerator, base_name: str | None = None) -> None:
+    """A consolidated model folder (RUN/final), renamed into place; every process must call it."""
+    from pipeline.atomic import atomic_dir
+
+    sharded = is_sharded(model)
+    state = gather_state(model, accelerator.is_main_process) if sharded else None
+    if accelerator.is_main_process:
+        with atomic_dir(path, record=True) as tmp:
+            save_model_files(tmp, model, tokenizer, state, base_name)
+    accelerator.wait_for_everyone()
+
+
+def _shared_tmp(stack: contextlib.ExitStack, final: Path, accelerator) -> Path:
+    """The main process's ``atomic_dir`` for ``final`` (renamed and recorded when ``stack`` closes),
+    its temporary name sent to every process so each can write its shard there."""
+    from pipeline.atomic import atomic_dir
+
+    name = [None]
+    if accelerator.is_main_process:
+        name[0] = str(stack.enter_context(atomic_dir(final, record=True)))
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(name)
+    return Path(name[0])
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -35,25 +117,55 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:07d}"
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
-                    state: dict[str, Any], keep: int = 2, protect: Sequence[Path] = ()) -> Path:
-    """Write ``checkpoints/step-N`` atomically; keep the ``keep`` newest and every ``protect``ed one (the best)."""
+def save_checkpoint(run_dir: Path, step: int, *, model, wrapped, optimizer, scheduler, tokenizer, accelerator,
+                    state: dict[str, Any], base_name: str | None = None, keep: int = 2,
+                    protect: Sequence[Path] = ()) -> Path:
+    """Write ``checkpoints/step-N`` (every process calls this); keep the ``keep`` newest and every ``protect``ed
+    one (the best, with ``train --save-best``)."""
+    from pipeline.atomic import make_dir, remove_owned
+
+    root = Path(run_dir) / "checkpoints"
+    if accelerator.is_main_process:
+        make_dir(root)
+    accelerator.wait_for_everyone()
     final = checkpoint_dir(run_dir, step)
-    make_dir(final.parent)
-    with atomic_dir(final, record=True) as tmp:
-        save_file(trainable_state(model), str(tmp / WEIGHTS))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rank = accelerator.process_index
+    with contextlib.ExitStack() as stack:
+        tmp = _shared_tmp(stack, final, accelerator)
+        sharded = is_sharded(model)
+        weights = gather_state(model, accelerator.is_main_process) if sharded else None
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            dcp.save({"optimizer": get_optimizer_state_dict(wrapped, _inner(optimizer))},
+                     checkpoint_id=str(tmp / SHARDED_OPTIMIZER))
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True))
-    kept = {Path(p).resolve() for p in protect}
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        if old.resolve() not in kept:
-            remove_owned(old)  # what the checkpoint wrote; a file the user put there stays
+        torch.save(rng, tmp / f"rng-{rank:05d}.pt")
+        if accelerator.is_main_process:
+            save_model_files(tmp, model, tokenizer, weights, base_name)
+            if not sharded:
+                torch.save(_inner(optimizer).state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            record = {**state, "step": step, "processes": accelerator.num_processes, "sharded": sharded}
+            (tmp / STATE).write_text(json.dumps(record, indent=2, sort_keys=True))
+    # The main process's atomic_dir has renamed the folder into place (replacing an earlier step-N whole).
+    if accelerator.is_main_process:
+        kept = {Path(p).resolve() for p in protect}
+        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            if old.resolve() not in kept:
+                remove_owned(old)  # what the checkpoint wrote; a file the user put there stays
+    accelerator.wait_for_everyone()
     return final
+
+
+def _inner(optimizer):
+    """The torch optimizer under accelerate's AcceleratedOptimizer."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -69,23 +181,82 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
-    """Restore a checkpoint in place; returns its trainer state (step, epoch, position...)."""
-    weights = load_file(str(path / WEIGHTS))
-    params = dict(model.named_parameters())
-    trainable = {n for n, p in params.items() if p.requires_grad}
-    if set(weights) != trainable:
-        missing = sorted(trainable - set(weights))[:3]
-        extra = sorted(set(weights) - trainable)[:3]
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / STATE).read_text())
+
+
+def check_world(path: Path, state: dict[str, Any], processes: int) -> None:
+    """A sharded optimizer state only fits the number of processes that wrote it."""
+    saved = int(state.get("processes", 1))
+    if state.get("sharded") and saved != processes:
+        raise UserError(f"{path}: the checkpoint's optimizer state is sharded over {saved} processes (FSDP) and "
+                        f"this run has {processes}; resume with {saved} processes, or start a new run from the "
+                        f"checkpoint's consolidated model (--model {path})")
+
+
+def _read_model_files(path: Path, model) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights keyed by this model's parameter names."""
+    if (path / "trainable.safetensors").is_file():
+        raise UserError(f"{path}: a checkpoint of an earlier lldm-dpo version (trainable.safetensors); it cannot "
+                        "be resumed by this one: start a new run")
+    if _is_peft(model):
+        file = path / ADAPTER_WEIGHTS
+        if not file.is_file():
+            raise UserError(f"{path}: no {ADAPTER_WEIGHTS}; the checkpoint was not written by a LoRA run "
+                            "(resume with the run's own --lora-r)")
+        saved = load_file(str(file))
+        # peft stores adapter weights without the adapter's name ("lora_A.weight", not "lora_A.default.weight").
+        names = {n.replace(".default", ""): n for n in _saved_keys(model)}
+        return {names.get(k, k): v for k, v in saved.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files or (path / ADAPTER_WEIGHTS).is_file():
+        raise UserError(f"{path}: no full model weights; the checkpoint was written by a LoRA run "
+                        "(resume with its --lora-r)")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def load_checkpoint(path: Path, *, model, wrapped, optimizer, scheduler, accelerator) -> dict[str, Any]:
+    """Restore a checkpoint in place (every process calls this); returns its trainer state."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    path = Path(path)
+    state = read_state(path)
+    check_world(path, state, accelerator.num_processes)
+    weights = _read_model_files(path, model)
+    expected = set(_saved_keys(model))
+    if set(weights) != expected:
+        missing = sorted(expected - set(weights))[:3]
+        extra = sorted(set(weights) - expected)[:3]
         raise UserError(f"{path}: checkpoint does not match this model's trainable parameters "
                         f"(missing {missing}, unexpected {extra}); was it made with other LoRA settings?")
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+            target = tensors[name]
+            if isinstance(target, DTensor):
+                # Every process holds the whole file: cut its own shard, no communication.
+                shard = distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements,
+                                          src_data_rank=None)
+                target.to_local().copy_(shard.to_local())
+            else:
+                target.copy_(value.to(target.device, target.dtype))
+    if state.get("sharded"):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        holder = {"optimizer": get_optimizer_state_dict(wrapped, _inner(optimizer))}
+        dcp.load(holder, checkpoint_id=str(path / SHARDED_OPTIMIZER))
+        set_optimizer_state_dict(wrapped, _inner(optimizer), holder["optimizer"])
+    else:
+        _inner(optimizer).load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    rng_file = path / f"rng-{accelerator.process_index:05d}.pt"
+    rng = torch.load(rng_file if rng_file.is_file() else path / "rng-00000.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / STATE).read_text())
+    return state

@@ -28,6 +28,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("merge", "stages.merge:command"),
     ("eval", "stages.evaluate:command"),
     ("generate", "stages.generate:command"),
+    ("make-pairs", "stages.make_pairs:command"),
     ("query", "stages.query:command"),
     ("report", "pipeline.report:command"),
     ("run", "stages.run_all:command"),

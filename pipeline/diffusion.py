@@ -129,11 +129,11 @@ class ScoreRequest:
             )
 
 
-def _score_tokens():
+def _as_row_scorer():
     # Imported on use: the models package is heavy and this module stays importable without it.
-    from pipeline.models import score_tokens
+    from pipeline.models.scoring import as_row_scorer
 
-    return score_tokens
+    return as_row_scorer
 
 
 def _model_device(model) -> torch.device:
@@ -181,11 +181,12 @@ def elbo_terms(
     masked response, rows are sorted by length and packed into right-padded
     batches of at most ``batch_tokens`` padded tokens (padding excluded from
     attention), and only masked positions go through the LM head
-    (``pipeline.models.score_tokens``). Per-row sums are taken in float64 in a
+    (``pipeline.models.scoring.MaskedRowScorer``, one module call per batch;
+    ``model`` may be that scorer already, wrapped by DDP or FSDP). Per-row sums are taken in float64 in a
     fixed order, so a request's terms do not depend on what it is batched with.
     Returns float64 tensors on the model's device; differentiable when grad is enabled.
     """
-    score_tokens = _score_tokens()
+    scorer = _as_row_scorer()(model, chunk_size)
     device = _model_device(model)
 
     # Flatten to rows (request r, sample k) that have at least one masked token.
@@ -226,16 +227,9 @@ def elbo_terms(
             target_parts.append(response[pos])
         index = torch.cat(index_parts)
         targets = torch.cat(target_parts)
-        logp = score_tokens(
-            model,
-            input_ids.to(device),
-            attention_mask.to(device),
-            index.to(device),
-            targets.to(device),
-            chunk_size=chunk_size,
-        )
-        sums = torch.zeros(len(batch), dtype=torch.float64, device=logp.device)
-        sums = sums.index_add(0, index[:, 0].to(logp.device), logp.to(torch.float64))
+        # One module call: under DDP/FSDP the wrapper's forward covers body, head and sums.
+        sums = scorer(input_ids.to(device), attention_mask.to(device), index.to(device), targets.to(device),
+                      len(batch))
         row_ids.append(torch.as_tensor(batch, dtype=torch.long))
         row_sums.append(sums)
 

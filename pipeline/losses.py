@@ -57,12 +57,49 @@ def _loss_of_delta(delta: torch.Tensor, beta: float, loss_type: str, ls: float) 
             loss = (1.0 - ls) * loss - ls * F.logsigmoid(-x)
         return loss
     if loss_type == "ipo":
-        # IPO regresses delta onto 1/(2 beta) (TRL's form).
+        # IPO regresses delta (of per-token log-ratios, see preference_delta) onto 1/(2 beta), as TRL does.
         return (delta - 1.0 / (2.0 * beta)) ** 2
     if loss_type == "hinge":
         return torch.relu(1.0 - x)
     # robust (rDPO, Chowdhury et al. 2024): unbiased under label noise rate ls.
     return ((1.0 - ls) * -F.logsigmoid(x) + ls * F.logsigmoid(-x)) / (1.0 - 2.0 * ls)
+
+
+def _lengths(loss_type: str, chosen_len, rejected_len, like: torch.Tensor):
+    """Per-pair divisors of the log-ratios: response lengths for IPO, 1 otherwise."""
+    if loss_type != "ipo":
+        return None
+    if chosen_len is None or rejected_len is None:
+        raise ValueError("the ipo loss needs chosen_len and rejected_len (response lengths in tokens)")
+    lc, lr = torch.as_tensor(chosen_len), torch.as_tensor(rejected_len)
+    if bool((lc <= 0).any()) or bool((lr <= 0).any()):
+        raise ValueError("ipo: response lengths must be > 0")
+    return lc.to(like.device, like.dtype), lr.to(like.device, like.dtype)
+
+
+def log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, loss_type: str = "sigmoid",
+               chosen_len=None, rejected_len=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) log-ratios B_pi - B_ref as the loss sees them.
+
+    For ``ipo`` each is divided by its response's length in tokens, as TRL's
+    DPOTrainer does (it averages log-probabilities over the completion before
+    IPO's squared loss), so IPO's target margin 1/(2 beta) is per token and a
+    beta from a TRL config means the same here. The other losses use the summed ELBOs.
+    """
+    chosen = policy_chosen - ref_chosen
+    rejected = policy_rejected - ref_rejected
+    lengths = _lengths(loss_type, chosen_len, rejected_len, chosen)
+    if lengths is not None:
+        chosen, rejected = chosen / lengths[0], rejected / lengths[1]
+    return chosen, rejected
+
+
+def preference_delta(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, loss_type: str = "sigmoid",
+                     chosen_len=None, rejected_len=None) -> torch.Tensor:
+    """The loss's argument delta: chosen log-ratio minus rejected log-ratio (per token for ipo)."""
+    c, r = log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss_type=loss_type,
+                      chosen_len=chosen_len, rejected_len=rejected_len)
+    return c - r
 
 
 def dpo_loss(
@@ -74,20 +111,44 @@ def dpo_loss(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    chosen_len: torch.Tensor | None = None,
+    rejected_len: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO losses on (estimated) ELBOs.
 
     Arguments are [B] tensors: the policy's and the reference's ELBO estimates
-    of the chosen and rejected responses. Returns ``(losses, chosen_rewards,
-    rejected_rewards)``, each [B]; rewards are ``beta * (policy - ref)``,
+    of the chosen and rejected responses (and, for ``ipo``, the responses'
+    lengths in tokens: see ``log_ratios``). Returns ``(losses, chosen_rewards,
+    rejected_rewards)``, each [B]; rewards are ``beta * log-ratio``,
     detached (they are for logging and accuracy, never for the gradient).
     """
     validate_loss_args(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    chosen_logratio = policy_chosen - ref_chosen
-    rejected_logratio = policy_rejected - ref_rejected
+    chosen_logratio, rejected_logratio = log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                    loss_type=loss_type, chosen_len=chosen_len,
+                                                    rejected_len=rejected_len)
     delta = chosen_logratio - rejected_logratio
     losses = _loss_of_delta(delta, float(beta), loss_type, float(label_smoothing))
     return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+
+
+TIE_RTOL = 1e-5
+"""A reward margin within this fraction of the rewards' scale is a tie (float noise of ELBO sums)."""
+
+
+def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, ref_chosen: torch.Tensor,
+                    ref_rejected: torch.Tensor, *, beta: float, loss_type: str = "sigmoid",
+                    chosen_len=None, rejected_len=None) -> torch.Tensor:
+    """Per-pair credit of ``rewards/accuracies``, the one tie rule of train and eval: 1 when the chosen
+    reward beats the rejected one, 0 when it loses, 0.5 on a tie. A tie is a margin within TIE_RTOL of
+    beta * (|B_ref(c)| + |B_ref(r)|) (per token for ipo): the rounding noise of a policy equal to the
+    reference, which is neither a win nor a loss."""
+    ref_c, ref_r = ref_chosen.abs().to(torch.float64), ref_rejected.abs().to(torch.float64)
+    lengths = _lengths(loss_type, chosen_len, rejected_len, ref_c)
+    if lengths is not None:
+        ref_c, ref_r = ref_c / lengths[0], ref_r / lengths[1]
+    tol = TIE_RTOL * float(beta) * (ref_c + ref_r)
+    margin = (chosen_rewards - rejected_rewards).to(torch.float64)
+    return torch.where(margin > tol, 1.0, torch.where(margin >= -tol, 0.5, 0.0)).to(torch.float64)
 
 
 def loss_weight(
@@ -100,7 +161,8 @@ def loss_weight(
     """dLoss/d(delta) per pair, in closed form (no autograd).
 
     The result is detached and has ``delta``'s shape; multiply it by 1/n for
-    each of the n chosen terms and by -1/n for each rejected term.
+    each of the n chosen terms and by -1/n for each rejected term (and, for
+    ``ipo``, by 1/length of that response: ``sequence_weights`` does both).
     """
     validate_loss_args(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     d = torch.as_tensor(delta).detach()
@@ -153,6 +215,7 @@ def sequence_weights(
     sft_weight: float = 0.0,
     chosen_len: torch.Tensor | None = None,
     normalizer: float = 1.0,
+    rejected_len: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scalar weights for backpropagating each sampled term on its own.
 
@@ -161,15 +224,18 @@ def sequence_weights(
     ``n_samples`` terms, returns ``(chosen_w, rejected_w)``, each [B]: call
     ``(terms_chosen[b].sum() * chosen_w[b]).backward()`` (and likewise for
     the rejected terms) per sequence and the summed gradients equal the
-    gradient of the objective computed in one pass.
+    gradient of the objective computed in one pass. ``delta`` is the loss's
+    argument (``preference_delta``); for ``ipo`` the weights carry the
+    1/length of each log-ratio, so both lengths are needed.
     """
     if n_samples <= 0:
         raise ValueError("sequence_weights: n_samples must be > 0")
     w = loss_weight(delta, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    chosen_w = w.clone()
+    lengths = _lengths(loss_type, chosen_len, rejected_len, w)
+    chosen_w, rejected_w = (w.clone(), w.clone()) if lengths is None else (w / lengths[0], w / lengths[1])
     if sft_weight:
         if chosen_len is None:
             raise ValueError("sequence_weights: chosen_len is required when sft_weight != 0")
         chosen_w = chosen_w + sft_weight * sft_loss_weight(chosen_len).to(w.dtype)
     scale = 1.0 / (n_samples * normalizer)
-    return chosen_w * scale, -w * scale
+    return chosen_w * scale, -rejected_w * scale

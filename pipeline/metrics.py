@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path
 from pipeline.errors import UserError
-from pipeline.schemas import EVAL_METRIC_COLUMNS, METRIC_COLUMNS
+from pipeline.schemas import LATER_METRIC_COLUMNS, METRIC_COLUMNS
 
 METRICS_FILE = "metrics.parquet"
 TENSORBOARD_DIR = "tensorboard"
@@ -43,12 +43,12 @@ def read_metrics(path: str | Path) -> pa.Table:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
         raise UserError(f"{path}: not a readable metrics Parquet file ({exc})") from None
-    missing = [c for c in METRIC_COLUMNS if c not in table.column_names and c not in EVAL_METRIC_COLUMNS]
-    if missing:
-        raise UserError(f"{path}: metrics file lacks column(s) {', '.join(missing)}")
-    for name in EVAL_METRIC_COLUMNS:  # files from before held-out evaluation: not measured
+    for name in LATER_METRIC_COLUMNS:
         if name not in table.column_names:
             table = table.append_column(name, pa.array([float("nan")] * table.num_rows, pa.float64()))
+    missing = [c for c in METRIC_COLUMNS if c not in table.column_names]
+    if missing:
+        raise UserError(f"{path}: metrics file lacks column(s) {', '.join(missing)}")
     return table.select(list(METRIC_COLUMNS)).cast(METRICS_SCHEMA)
 
 

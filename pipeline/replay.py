@@ -1,8 +1,12 @@
-"""Replaying the cache's masks: the policy is scored on exactly the masks the reference was.
+"""Replaying the cache's masks on another model: per training batch, or in the cache's own layout.
 
-``train`` and ``eval`` both rebuild, from a cached row's seeds, the masks
-score-ref drew (draw = epoch mod draws), so policy and reference terms share
-their noise (VRPO's antithetic sampling).
+``replay_requests`` builds a training batch's requests on the cached masks
+(train, eval's training-pair sample). ``part_requests`` and ``rescore_part``
+rebuild one cache part exactly as score-ref scored it: the same rows in the
+same order, the same requests in the same order, the same token budget per
+forward pass, so the forward passes have the same shapes and padding and the
+cache's own model, in the cache's numerics, reproduces the cached terms bit
+for bit (eval's "before" of the reference is exactly 0.5, in any dtype).
 """
 
 from __future__ import annotations
@@ -10,7 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from pipeline.errors import UserError
+
+SIDES = ("chosen", "rejected")
 
 
 @dataclass
@@ -23,19 +31,56 @@ class PairBatch:
         return [r["pair_id"] for r in self.rows]
 
 
-def replay_requests(batch: PairBatch, manifest_fp: dict[str, Any]) -> list:
-    """ScoreRequests on exactly the cached masks: [pair0 chosen, pair0 rejected, pair1 chosen, ...]."""
-    from pipeline.diffusion import ScoreRequest, sample_masks
+def _masks(row: dict, side: str, draw: int, fingerprint: dict[str, Any]):
+    from pipeline.diffusion import sample_masks
 
-    n, scheme = manifest_fp["samples"], manifest_fp["scheme"]
-    eps = manifest_fp.get("eps") or 1e-3
+    n, scheme = fingerprint["samples"], fingerprint["scheme"]
+    eps = fingerprint.get("eps") or 1e-3
+    ms = sample_masks(len(row[f"{side}_ids"]), n, row[f"{side}_seeds"][draw], scheme=scheme, eps=eps)
+    if ms.counts.tolist() != list(row[f"{side}_mask_counts"][draw]):
+        raise UserError(f"pair {row['pair_id']} ({side}): masks replayed from the cached seed differ from "
+                        "the cached mask counts; the cache was written by an incompatible version")
+    return ms
+
+
+def replay_requests(batch: PairBatch, fingerprint: dict[str, Any]) -> list:
+    """ScoreRequests on exactly the cached masks: [pair0 chosen, pair0 rejected, pair1 chosen, ...]."""
+    from pipeline.diffusion import ScoreRequest
+
     requests = []
     for row in batch.rows:
-        for side in ("chosen", "rejected"):
-            response = row[f"{side}_ids"]
-            ms = sample_masks(len(response), n, row[f"{side}_seeds"][batch.draw], scheme=scheme, eps=eps)
-            if ms.counts.tolist() != list(row[f"{side}_mask_counts"][batch.draw]):
-                raise UserError(f"pair {row['pair_id']} ({side}): masks replayed from the cached seed differ from "
-                                "the cached mask counts; the cache was written by an incompatible version")
-            requests.append(ScoreRequest(row["prompt_ids"], response, ms.masks, ms.weights))
+        for side in SIDES:
+            ms = _masks(row, side, batch.draw, fingerprint)
+            requests.append(ScoreRequest(row["prompt_ids"], row[f"{side}_ids"], ms.masks, ms.weights))
     return requests
+
+
+def part_requests(rows: list[dict], fingerprint: dict[str, Any]) -> tuple[list, list[tuple[int, str]]]:
+    """A part's requests in score-ref's order (row, then side, then draw) and their (row, side) layout."""
+    from pipeline.diffusion import ScoreRequest
+
+    requests, layout = [], []
+    for i, row in enumerate(rows):
+        for side in SIDES:
+            for draw in range(fingerprint["draws"]):
+                ms = _masks(row, side, draw, fingerprint)
+                requests.append(ScoreRequest(row["prompt_ids"], row[f"{side}_ids"], ms.masks, ms.weights))
+                layout.append((i, side))
+    return requests, layout
+
+
+def rescore_part(model, tokenizer, rows: list[dict], fingerprint: dict[str, Any], *, batch_tokens: int,
+                 autocast) -> list[dict[str, float]]:
+    """ELBOs of every row of one cache part under ``model``, computed as score-ref computed the cached
+    ones (same requests, order and token budget; mean of the float64 terms in the same order).
+    Returns one {"chosen", "rejected"} dict per row."""
+    from pipeline.diffusion import elbo_terms
+
+    requests, layout = part_requests(rows, fingerprint)
+    with torch.no_grad(), autocast:
+        terms = elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
+                           pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens)
+    values: list[dict[str, list[float]]] = [{side: [] for side in SIDES} for _ in rows]
+    for (i, side), t in zip(layout, terms):
+        values[i][side].extend(t.double().cpu().tolist())
+    return [{side: sum(v[side]) / len(v[side]) for side in SIDES} for v in values]

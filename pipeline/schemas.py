@@ -98,6 +98,8 @@ METRIC_COLUMNS = (
     "grad_norm",
     "tokens_per_second",
     "peak_memory_bytes",
+    "ref/gap_max",
+    "masks/reused",
     # Held-out metrics (train --eval-every): NaN on steps without an evaluation.
     "eval/loss",
     "eval/rewards/chosen",
@@ -108,4 +110,6 @@ METRIC_COLUMNS = (
     "eval/logps/rejected",
 )
 EVAL_METRIC_COLUMNS = tuple(c for c in METRIC_COLUMNS if c.startswith("eval/"))
-"""Optional in metrics files written before held-out evaluation existed (read back as NaN)."""
+"""The held-out metrics of train --eval-every (NaN on steps without an evaluation)."""
+LATER_METRIC_COLUMNS = ("ref/gap_max", "masks/reused") + EVAL_METRIC_COLUMNS
+"""Columns added after the first metrics files were written: absent ones read as NaN."""

@@ -27,6 +27,7 @@ import typer
 from pipeline.atomic import atomic_path, remove_owned, write_json_atomic
 from pipeline.cache import open_cache
 from pipeline.errors import ConfigError, UserError
+from pipeline.numerics import DTYPES, PRECISIONS, Numerics, autocast, follow, of_fingerprint
 from pipeline.prompts import follow_cache, resolve_chat_template
 
 TASK_RESULTS = "task_results.parquet"
@@ -45,7 +46,8 @@ NORMALIZE = ("none", "length")
 
 RANGES = {"beta": "(0, inf)", "limit_pairs": "[0, inf)", "limit_task": "[0, inf)", "limit_choices": "[0, inf)",
           "gen_length": "[1, inf)", "block_length": "[1, inf)", "steps": "[1, inf)", "samples": "[1, inf)",
-          "batch_size": "[1, inf)", "batch_tokens": "[1, inf)", "seed": "[0, inf)"}
+          "batch_size": "[1, inf)", "batch_tokens": "[1, inf)", "seed": "[0, inf)", "train_sample": "[0, inf)",
+          "lm_eval_limit": "[0, inf)", "lm_eval_num_fewshot": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
@@ -68,7 +70,7 @@ class EvalConfig:
     beta: float = 0.1
     """beta of the reported implicit rewards (the sign, and so the accuracy, does not depend on it)."""
     limit_pairs: int = 0
-    """Held-out pairs to use (0 = all)."""
+    """Held-out pairs to use (0 = all); whole cache parts are scored (the cache's batch layout)."""
     limit_task: int = 0
     """Benchmark questions to use (0 = all)."""
     limit_choices: int = 0
@@ -84,7 +86,7 @@ class EvalConfig:
     batch_size: int = 16
     """Prompts per generation batch."""
     batch_tokens: int = 16384
-    """Token budget of one scoring forward pass."""
+    """Token budget of one scoring forward pass (multiple choice, training sample; held-out pairs use the cache's)."""
     chat_template: Optional[bool] = None
     """Render prompts with the tokenizer's chat template (pipeline/prompts.py); default: the cache's rule when
     `scores` is given, else on when the tokenizer has a template. A setting that differs from the cache's is refused."""
@@ -92,8 +94,17 @@ class EvalConfig:
     """Multiple-choice score of an option: none (its ELBO, LLaDA's protocol) or length (ELBO per option token)."""
     seed: int = 0
     """Seed of sampling noise and multiple-choice masks."""
-    dtype: str = "float32"
-    """Model dtype."""
+    dtype: Optional[str] = None
+    """Weights dtype of both models; default: the cache's (so the reference reproduces its cached terms)."""
+    mixed_precision: Optional[str] = None
+    """Autocast: no, bf16 or fp16; default: the cache's."""
+    load_in_4bit: Optional[bool] = None
+    """4-bit NF4 base (CUDA, bitsandbytes); default: the cache's."""
+    allow_numerics_mismatch: bool = False
+    """Accept numerics other than the cache's (the reference then no longer scores exactly 0.5)."""
+    train_sample: int = 32
+    """Training pairs on which the policy's margin and accuracy are measured on the cached masks and on fresh
+    masks (the gap shows how much training fitted the replayed masks); 0 = skip."""
     device: str = "auto"
     """cpu, cuda or auto."""
     trust_remote_code: bool = False
@@ -122,11 +133,13 @@ class EvalConfig:
                                      else None)
         if self.scores is None and self.benchmark is None and self.choices is None and not self.lm_eval_tasks:
             raise ConfigError("nothing to evaluate: give scores, benchmark, choices or lm_eval_tasks")
-        if self.lm_eval_limit < 0 or (self.lm_eval_num_fewshot is not None and self.lm_eval_num_fewshot < 0):
-            raise ConfigError("lm_eval_limit and lm_eval_num_fewshot must be >= 0")
         for name in ("gen_length", "block_length", "steps", "samples", "batch_size", "batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got '{self.mixed_precision}'")
         if self.normalize not in NORMALIZE:
             raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE)}, got '{self.normalize}'")
         if self.gen_length % self.block_length:
@@ -147,42 +160,111 @@ class EvalResult:
     """lm-eval results: {"task/metric": {"before": ..., "after": ...}}."""
     pairs: int = 0
     task_items: int = 0
+    train_sample: dict[str, Any] = field(default_factory=dict)
+    """The policy on training pairs: margin and accuracy on the cached masks and on fresh masks."""
 
 
-def preference_scores(model, tokenizer, rows: list[dict], fingerprint: dict, beta: float,
-                      batch_tokens: int) -> dict[str, Any]:
-    """Policy ELBOs on the cached masks of every draw, against the cached reference."""
+def split_parts(cache, split: str, limit: int = 0) -> list[list[dict]]:
+    """The cache's parts holding rows of ``split``, each as its rows in the part's order; with ``limit``,
+    whole parts until that many rows of the split are in."""
+    from pipeline.cache import read_part
+
+    parts, count = [], 0
+    sums = cache.manifest.get("part_sha256") or {}
+    for path in cache.parts:
+        rows = read_part(path, expected_sha256=sums.get(path.name)).to_pylist()
+        n = sum((r.get("split") or "train") == split for r in rows)
+        if n:
+            parts.append(rows)
+            count += n
+        if limit and count >= limit:
+            break
+    return parts
+
+
+def preference_scores(model, tokenizer, cache, split: str, beta: float, numerics: Numerics,
+                      limit: int = 0) -> dict[str, Any]:
+    """The model's ELBOs on the held-out pairs, rescored part by part as score-ref scored them (same
+    requests, order, token budget and numerics: the cache's own model gives every pair delta = 0 exactly),
+    against the cached reference. Accuracy uses the one tie rule (pipeline.losses.reward_accuracy)."""
+    from pipeline.replay import rescore_part
+
+    fp = cache.fingerprint
+    batch_tokens = int(cache.manifest.get("config", {}).get("batch_tokens", 16384))
+    device = next(model.parameters()).device
+    pi_c, pi_r, ref_c, ref_r = [], [], [], []
+    for rows in split_parts(cache, split, limit):
+        scores = rescore_part(model, tokenizer, rows, fp, batch_tokens=batch_tokens,
+                              autocast=autocast(device, numerics.mixed_precision))
+        for row, sc in zip(rows, scores):
+            if (row.get("split") or "train") != split or (limit and len(pi_c) >= limit):
+                continue
+            pi_c.append(sc["chosen"])
+            pi_r.append(sc["rejected"])
+            ref_c.append(row["ref_chosen_elbo"])
+            ref_r.append(row["ref_rejected_elbo"])
+    return margin_summary(pi_c, pi_r, ref_c, ref_r, beta, with_elbo=True)
+
+
+def margin_summary(pi_c, pi_r, ref_c, ref_r, beta: float, with_elbo: bool = False) -> dict[str, Any]:
+    from pipeline.losses import reward_accuracy
+
+    t = [torch.tensor(v, dtype=torch.float64) for v in (pi_c, pi_r, ref_c, ref_r)]
+    cr, rr = beta * (t[0] - t[2]), beta * (t[1] - t[3])
+    # The log-ratios themselves (beta 1): the sign of the margin before beta scales it, whatever beta is.
+    credit = reward_accuracy(t[0] - t[2], t[1] - t[3], t[2], t[3], beta=1.0)
+    out = {"accuracy": float(credit.mean()), "mean_margin": float((cr - rr).mean()), "pairs": len(pi_c)}
+    if with_elbo:
+        out["elbo_accuracy"] = float((t[0] > t[1]).double().mean())
+    return out
+
+
+def fresh_requests(rows: list[dict], fingerprint: dict[str, Any]) -> list:
+    """Requests on masks training never saw: draw index ``draws`` of each (pair, side), one past the cache's."""
+    from pipeline.diffusion import ScoreRequest, mask_seed, sample_masks
+
+    draw, eps = fingerprint["draws"], fingerprint.get("eps") or 1e-3
+    requests = []
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            ms = sample_masks(len(row[f"{side}_ids"]), fingerprint["samples"],
+                              mask_seed(fingerprint["seed"], row["pair_id"], side, draw),
+                              scheme=fingerprint["scheme"], eps=eps)
+            requests.append(ScoreRequest(row["prompt_ids"], row[f"{side}_ids"], ms.masks, ms.weights))
+    return requests
+
+
+def sample_terms(model, tokenizer, rows: list[dict], fingerprint: dict[str, Any], numerics: Numerics,
+                 batch_tokens: int) -> dict[str, list[float]]:
+    """Mean ELBOs of each sampled training pair on the cached masks (all draws, as training saw them) and
+    on fresh masks: {"cached_c", "cached_r", "fresh_c", "fresh_r"}."""
     from pipeline.diffusion import elbo_terms
     from pipeline.replay import PairBatch, replay_requests
 
-    margins, own, scales = [], [], []
-    for start in range(0, len(rows), 8):
-        chunk = rows[start:start + 8]
-        sums = torch.zeros(len(chunk), 2, dtype=torch.float64)
-        for draw in range(fingerprint["draws"]):
-            requests = replay_requests(PairBatch(chunk, draw), fingerprint)
-            with torch.no_grad():
-                terms = elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
-                                   pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens)
-            means = torch.stack([t.mean().cpu() for t in terms]).view(-1, 2)
-            sums += means
-        pi = sums / fingerprint["draws"]
-        for i, row in enumerate(chunk):
-            pi_c, pi_r = float(pi[i, 0]), float(pi[i, 1])
-            # Accuracy reads the sign of the margin before beta scales it: it cannot depend on beta.
-            margins.append((pi_c - row["ref_chosen_elbo"]) - (pi_r - row["ref_rejected_elbo"]))
-            scales.append(abs(row["ref_chosen_elbo"]) + abs(row["ref_rejected_elbo"]))
-            own.append(pi_c - pi_r)
-    n = len(margins)
-    # The reference scoring itself ties exactly up to float32 noise, which grows
-    # with the size of the ELBOs (sums over many tokens, weights L/l): a tie is a
-    # margin within 1e-5 of the ELBOs' scale, and counts one half.
-    def credit(m: float, scale: float) -> float:
-        tol = 1e-5 * scale
-        return 1.0 if m > tol else 0.5 if m >= -tol else 0.0
+    device = next(model.parameters()).device
 
-    acc = sum(credit(m, s) for m, s in zip(margins, scales)) / n
-    return {"accuracy": acc, "elbo_accuracy": sum(o > 0 for o in own) / n, "mean_margin": beta * sum(margins) / n}
+    def means(requests):
+        with torch.no_grad(), autocast(device, numerics.mixed_precision):
+            terms = elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
+                               pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens)
+        return [t.double().mean().item() for t in terms]
+
+    draws = fingerprint["draws"]
+    cached = [0.0] * (2 * len(rows))
+    for draw in range(draws):
+        for i, v in enumerate(means(replay_requests(PairBatch(rows, draw), fingerprint))):
+            cached[i] += v / draws
+    fresh = means(fresh_requests(rows, fingerprint))
+    return {"cached_c": cached[0::2], "cached_r": cached[1::2], "fresh_c": fresh[0::2], "fresh_r": fresh[1::2]}
+
+
+def training_sample(cache, size: int, seed: int) -> list[dict]:
+    import random
+
+    rows = list(cache.rows(split="train"))
+    if len(rows) > size:
+        rows = sorted(random.Random(f"train-sample:{seed}").sample(rows, size), key=lambda r: r["pair_id"])
+    return rows
 
 
 def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
@@ -262,7 +344,7 @@ def choice_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, chat_t
 
 def run(cfg: EvalConfig) -> EvalResult:
     from pipeline.atomic import check_writable
-    from pipeline.models import load_model
+    from pipeline.numerics import load
     from stages.score_ref import resolve_device
 
     start = time.perf_counter()
@@ -274,12 +356,23 @@ def run(cfg: EvalConfig) -> EvalResult:
         before_name = cache.manifest["config"]["model"]
     if before_name in ("none", ""):
         before_name = None
-    pair_rows = list(cache.rows(split=cfg.split)) if cache is not None else []
-    if cache is not None and not pair_rows:
+    # Read in slices of 8 pairs as they are scored: memory does not grow with the split.
+    pair_rows = cache.split_rows(cfg.split) if cache is not None else []
+    if cache is not None and not len(pair_rows):
         raise UserError(f"{cfg.scores}: the cache holds no pairs of split '{cfg.split}' "
                         "(ingest with --eval-fraction and score them)")
     if cfg.limit_pairs:
-        pair_rows = pair_rows[:cfg.limit_pairs]
+        pair_rows = pair_rows.limit(cfg.limit_pairs) if cache is not None else pair_rows
+    if cache is not None:
+        numerics = follow(of_fingerprint(cache.fingerprint), dtype=cfg.dtype, mixed_precision=cfg.mixed_precision,
+                          load_in_4bit=cfg.load_in_4bit, allow_mismatch=cfg.allow_numerics_mismatch,
+                          where=str(cfg.scores))
+    else:
+        numerics = Numerics(dtype=cfg.dtype or "float32", mixed_precision=cfg.mixed_precision or "no",
+                            load_in_4bit=bool(cfg.load_in_4bit))
+    sample = training_sample(cache, cfg.train_sample, cfg.seed) if cache is not None and cfg.train_sample else []
+    reference_name = cache.manifest["config"]["model"] if cache is not None else None
+    fresh_ref = None
     bench = read_jsonl(cfg.benchmark, ("question", "answer")) if cfg.benchmark else []
     if cfg.limit_task:
         bench = bench[:cfg.limit_task]
@@ -300,22 +393,30 @@ def run(cfg: EvalConfig) -> EvalResult:
     for label, name in (("before", before_name), ("after", cfg.model)):
         if name is None:
             continue
-        model, tokenizer = load_model(name, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+        model, tokenizer = load(name, numerics, device, trust_remote_code=cfg.trust_remote_code)
         model.eval()
         chat_template = (follow_cache(cfg.chat_template, cache.fingerprint, str(cfg.scores)) if cache is not None
                          else resolve_chat_template(tokenizer, cfg.chat_template))
-        if pair_rows:
-            pref = preference_scores(model, tokenizer, pair_rows, cache.fingerprint, cfg.beta, cfg.batch_tokens)
+        if len(pair_rows):
+            pref = preference_scores(model, tokenizer, cache, cfg.split, cfg.beta, numerics, cfg.limit_pairs)
             result.preference_accuracy[label] = report["preference_accuracy"][label] = pref["accuracy"]
             result.elbo_accuracy[label] = report["elbo_accuracy"][label] = pref["elbo_accuracy"]
             result.mean_margin[label] = report["mean_margin"][label] = pref["mean_margin"]
+        if sample and (label == "after" or name == reference_name):
+            terms = sample_terms(model, tokenizer, sample, cache.fingerprint, numerics, cfg.batch_tokens)
+            if label == "before":
+                fresh_ref = terms  # the reference's terms on the fresh masks
+            else:
+                result.train_sample = report["train_sample"] = _sample_report(sample, terms, fresh_ref, cfg.beta)
         if bench:
-            acc, rows = task_accuracy(model, tokenizer, bench, cfg, label, chat_template)
+            with autocast(device, numerics.mixed_precision):
+                acc, rows = task_accuracy(model, tokenizer, bench, cfg, label, chat_template)
             result.task_accuracy[label] = acc
             report.setdefault("task_accuracy", {})[label] = acc
             task_rows += rows
         if mc:
-            acc = choice_accuracy(model, tokenizer, mc, cfg, chat_template)
+            with autocast(device, numerics.mixed_precision):
+                acc = choice_accuracy(model, tokenizer, mc, cfg, chat_template)
             result.choice_accuracy[label] = acc
             report.setdefault("choice_accuracy", {})[label] = acc
         if lm_tasks:
@@ -330,8 +431,8 @@ def run(cfg: EvalConfig) -> EvalResult:
                 result.lm_eval.setdefault(name, {})[label] = value
                 report.setdefault("lm_eval", {}).setdefault(name, {})[label] = value
         del model
-    if pair_rows:
-        report["reference_margins"] = [r["ref_margin"] for r in pair_rows]
+    if len(pair_rows):
+        report["reference_margins"] = pair_rows.column("ref_margin")
     report["models"] = {"before": before_name, "after": cfg.model}
     report["counts"] = {"pairs": len(pair_rows), "task_items": len(bench), "choice_items": len(mc)}
     report = {k: v for k, v in report.items() if v != {}}
@@ -344,6 +445,19 @@ def run(cfg: EvalConfig) -> EvalResult:
     write_json_atomic(cfg.out / EVAL_FILE, report, record=True)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _sample_report(rows: list[dict], policy: dict, reference: dict | None, beta: float) -> dict[str, Any]:
+    ref_c = [r["ref_chosen_elbo"] for r in rows]
+    ref_r = [r["ref_rejected_elbo"] for r in rows]
+    out: dict[str, Any] = {"pairs": len(rows),
+                           "cached_masks": margin_summary(policy["cached_c"], policy["cached_r"], ref_c, ref_r, beta)}
+    if reference is not None:
+        out["fresh_masks"] = margin_summary(policy["fresh_c"], policy["fresh_r"], reference["fresh_c"],
+                                            reference["fresh_r"], beta)
+    else:
+        out["fresh_masks"] = None  # needs the cache's model as `before` (the reference on the fresh masks)
+    return out
 
 
 def command(
@@ -367,7 +481,11 @@ def command(
     chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
     normalize: Optional[str] = typer.Option(None, "--normalize", help="Multiple-choice score: none or length."),
     seed: Optional[int] = typer.Option(None, "--seed"),
-    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Weights dtype (default: the cache's)."),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, bf16 or fp16 (default: the cache's)."),
+    load_in_4bit: Optional[bool] = typer.Option(None, "--load-in-4bit", help="4-bit base (default: the cache's)."),
+    allow_numerics_mismatch: Optional[bool] = typer.Option(None, "--allow-numerics-mismatch"),
+    train_sample: Optional[int] = typer.Option(None, "--train-sample", help="Training pairs for the fresh-mask check."),
     device: Optional[str] = typer.Option(None, "--device"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
     lm_eval_tasks: Optional[str] = typer.Option(None, "--lm-eval-tasks", help="lm-eval tasks, comma-separated."),

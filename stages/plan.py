@@ -23,6 +23,10 @@ from pipeline.config import load_config, read_config_file, require
 from pipeline.errors import ConfigError, UserError
 
 
+RANGES = {"world_size": "[1, inf)", "samples": "[0, inf)", "max_length": "[0, inf)", "prompt_length": "[0, inf)"}
+"""The valid interval of every numeric field (checked first in __post_init__)."""
+
+
 @dataclass
 class PlanConfig:
     stage: str = "train"
@@ -44,13 +48,11 @@ class PlanConfig:
     """The stage's own settings (its config's fields), as the stage takes them."""
 
     def __post_init__(self):
+        from pipeline.config import check_ranges
         from pipeline.plan import parse_memory, stage_config_class
 
+        check_ranges(self, RANGES)
         self.device_bytes, self.device = parse_memory(self.gpu_memory)
-        for name in ("world_size",):
-            require(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("samples", "max_length", "prompt_length"):
-            require(int(getattr(self, name)) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         cls = stage_config_class(self.stage)
         self.stage_config = load_config(cls, values=dict(self.options), origin=f"plan {self.stage} options")
         shape = self.shape()
@@ -76,6 +78,11 @@ def run(cfg: PlanConfig):
     stage_cfg, shape = cfg.stage_config, cfg.shape()
     if cfg.stage == "score-ref" and (stage_cfg.samples, stage_cfg.max_length) != (shape.samples, shape.max_length):
         stage_cfg = dataclasses.replace(stage_cfg, samples=shape.samples, max_length=shape.max_length)
+    if cfg.stage == "train":
+        # train takes unset numerics from its cache; a plan has none: the defaults a cache records by default.
+        stage_cfg = dataclasses.replace(stage_cfg, dtype=stage_cfg.dtype or "float32",
+                                        mixed_precision=stage_cfg.mixed_precision or "no",
+                                        load_in_4bit=bool(stage_cfg.load_in_4bit))
     plan = make_plan(cfg.stage, stage_cfg, shape, cfg.device_bytes, cfg.device)
     if cfg.search:
         plan.largest = largest(cfg.stage, stage_cfg, shape, cfg.device_bytes, plan.total)

@@ -6,6 +6,9 @@ Views (DESIGN "What lldm-dpo query exposes"; the names are a contract):
   ``source``, ``line``, ``reason``, ``message``, ``raw``;
 - ``scores`` (``--scores DIR``): ``DIR/part-*.parquet``;
 - ``metrics`` (``--run RUN_DIR``): ``RUN_DIR/metrics.parquet``;
+- ``samples`` (``--samples PATH``): make-pairs' per-sample rows (``question_id``, ``sample``,
+  ``correct``, ``extracted_answer``, ``round``, ...), from one ``*.samples.jsonl`` file or every
+  one under a folder (a ``run --rounds`` folder: all rounds);
 - ``task_results`` (``--run RUN_DIR``, once ``lldm-dpo eval`` wrote it there): one row per
   benchmark item and model (``model``, ``index``, ``question``, ``reference``, ``completion``,
   ``predicted``, ``correct``).
@@ -48,13 +51,14 @@ def preset_sql(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def open_connection(pairs=None, quarantine=None, scores=None, run=None):
+def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=None):
     """An in-memory DuckDB connection with the views for whatever files are given.
 
     ``pairs``: an ingest output file (its quarantine beside it is added when
     present, as an empty view when absent); ``quarantine``: an explicit
     quarantine file (must exist); ``scores``: a score-ref folder; ``run``: a
-    training run folder. Missing files are a ``UserError`` naming them.
+    training run folder; ``samples``: a make-pairs samples file or a folder holding
+    some. Missing files are a ``UserError`` naming them.
     """
     import duckdb
     import pyarrow as pa
@@ -100,7 +104,26 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None):
         task_results = Path(run) / "task_results.parquet"
         if task_results.is_file():
             con.execute(f"CREATE VIEW task_results AS SELECT * FROM read_parquet({_sql_str(task_results)})")
+    if samples is not None:
+        _samples_view(con, Path(samples))
     return con
+
+
+def _samples_view(con, path: Path) -> None:
+    from pipeline.selfpairs import SAMPLE_COLUMNS
+
+    if path.is_dir():
+        found = sorted(path.rglob("*.samples.jsonl"))
+        if not found:
+            raise UserError(f"{path}: no *.samples.jsonl files under this folder (written by `lldm-dpo make-pairs`)")
+        files = "[" + ", ".join(_sql_str(p) for p in found) + "]"
+    elif path.is_file():
+        files = _sql_str(path)
+    else:
+        raise UserError(f"{path}: samples file not found")
+    cols = ", ".join(f"{k}: '{v}'" for k, v in SAMPLE_COLUMNS.items())
+    con.execute(f"CREATE VIEW samples AS SELECT * FROM read_json({files}, format='newline_delimited', "
+                f"columns={{{cols}}}, maximum_object_size=1073741824)")
 
 
 def _empty_quarantine(con) -> None:
@@ -217,6 +240,7 @@ def command(
     quarantine: Path = typer.Option(None, "--quarantine", help="Quarantine JSONL (default: beside --pairs)."),
     scores: Path = typer.Option(None, "--scores", help="score-ref output folder: view 'scores'."),
     run: Path = typer.Option(None, "--run", help="Training run folder: view 'metrics'."),
+    samples: Path = typer.Option(None, "--samples", help="make-pairs samples file, or a folder of them: view 'samples'."),
     preset: str = typer.Option(None, "--preset", help="Run a named query from stages/queries/ instead of SQL."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON array of row objects."),
     csv_out: bool = typer.Option(False, "--csv", help="Print CSV."),
@@ -232,7 +256,7 @@ def command(
         sql = preset_sql(preset)
     if not sql:
         raise UserError(f"no SQL given (pass a query, or --preset NAME: {', '.join(presets())})")
-    con = open_connection(pairs=pairs, quarantine=quarantine, scores=scores, run=run)
+    con = open_connection(pairs=pairs, quarantine=quarantine, scores=scores, run=run, samples=samples)
     if not allow_write:
         read_only_settings(con)
     columns, rows = execute(con, sql, allow_write=allow_write)

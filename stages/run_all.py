@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +22,7 @@ from pipeline.errors import ConfigError
 
 EMBEDDED_DEFAULT = Path(__file__).with_name("run.yaml")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("ingest", "score_ref", "train", "eval")
+SECTIONS = ("ingest", "score_ref", "train", "eval", "make_pairs")
 
 
 @dataclass
@@ -43,6 +43,14 @@ class RunConfig:
     """Write report.png and report.html into the run folder."""
     device: str = "auto"
     """Device for every stage."""
+    rounds: int = 0
+    """Iterative rounds on --questions (make-pairs with the last policy, score-ref, train, eval); 0: one pass on the ingest inputs."""
+    questions: Optional[str] = None
+    """Questions JSONL ({question, answer}) the policy samples and is graded on each round (needs rounds > 0)."""
+    round_reference: str = "policy"
+    """Reference model of each round: policy (the round's starting policy) or initial (the original model)."""
+    make_pairs: dict = field(default_factory=dict)
+    """Keys of the make-pairs stage's config for the rounds (num_generations, temperature, pairs_per_question, ...)."""
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -50,6 +58,9 @@ class RunConfig:
         for name in SECTIONS:
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"section '{name}' must be a mapping of that stage's keys")
+        from stages.run_rounds import check_rounds_config
+
+        check_rounds_config(self)
 
 
 @dataclass
@@ -118,7 +129,25 @@ def stage_configs(cfg: RunConfig):
     )
 
 
-def run(cfg: RunConfig, log=print) -> RunResult:
+def planned_epochs(score_cfg, train_cfg) -> int:
+    """Epochs the train stage will start on the pairs score-ref is about to score (one process)."""
+    from pipeline.pairsfile import read_pairs
+    from stages.train import epochs_needed
+
+    table = read_pairs(score_cfg.pairs)
+    if score_cfg.limit:
+        table = table.slice(0, score_cfg.limit)
+    splits = table.column("split").to_pylist() if "split" in table.column_names else ["train"] * table.num_rows
+    n_train = sum((s or "train") == "train" for s in splits)
+    return epochs_needed(max(n_train, 1), train_cfg)
+
+
+def run(cfg: RunConfig, log=print):
+    """The single pass (RunResult), or with ``cfg.rounds`` the iterative rounds (stages.run_rounds.RoundsResult)."""
+    if cfg.rounds:
+        from stages.run_rounds import run_rounds
+
+        return run_rounds(cfg, log)
     from pipeline.report import write_report
     from stages import evaluate, ingest, score_ref, train
 
@@ -143,6 +172,9 @@ def run(cfg: RunConfig, log=print) -> RunResult:
         train_cfg = dataclasses.replace(train_cfg, overwrite=True)
         train.check_run_outputs(train_cfg.out)
     ing = timed("ingest", ingest.run, ingest_cfg)
+    if "draws" not in cfg.score_ref:
+        # One mask draw per epoch trained (train refuses fewer): score as many as the run will need.
+        score_cfg = replace(score_cfg, draws=max(score_cfg.draws, planned_epochs(score_cfg, train_cfg)))
     sc = timed("score-ref", score_ref.run, score_cfg)
     tr = timed("train", train.run, train_cfg)
     ev = timed("eval", evaluate.run, eval_cfg)
@@ -193,7 +225,11 @@ def command(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for every artefact [default: runs/default]."),
     model: Optional[str] = typer.Option(None, "--model", help="Reference model and policy init [default: tiny]."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML with sections ingest/score_ref/train/eval."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Iterative rounds of self-generated pairs (0: one pass)."),
+    questions: Optional[Path] = typer.Option(None, "--questions", help="Questions JSONL for --rounds."),
+    round_reference: Optional[str] = typer.Option(None, "--round-reference",
+                                                  help="Each round's reference: policy (its starting policy) or initial."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with sections ingest/score_ref/train/eval/make_pairs."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
@@ -203,7 +239,9 @@ def command(
     from pipeline.config import config_to_yaml
     from pipeline.stagecli import summary_dict
 
-    cfg = merged_config(config, {"out": out, "model": model, "device": device})
+    cfg = merged_config(config, {"out": out, "model": model, "device": device, "rounds": rounds,
+                                 "questions": None if questions is None else str(questions),
+                                 "round_reference": round_reference})
     if print_config:
         typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
         return
@@ -212,5 +250,9 @@ def command(
         from pipeline.cli import emit_json
 
         emit_json(summary_dict(result))
+    elif cfg.rounds:
+        from stages.run_rounds import print_rounds_summary
+
+        print_rounds_summary(result)
     else:
         print_run_summary(result)

@@ -41,6 +41,7 @@ from pipeline.cache import (
 )
 from pipeline.config import check_device, check_ranges, config_to_dict
 from pipeline.errors import ConfigError, UserError
+from pipeline.numerics import DTYPES, PRECISIONS, Numerics, autocast
 from pipeline.pairsfile import read_pairs
 from pipeline.prompts import PROMPT_RENDERER, resolve_chat_template
 from pipeline.progress import progress_bar
@@ -50,7 +51,6 @@ ESTIMATOR_VERSION = "elbo-masked-v1"
 """Bump when the estimator's arithmetic changes: old caches then no longer match."""
 
 SCHEMES = ("l_over_L", "one_over_t")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SIDES = ("chosen", "rejected")
 
 
@@ -87,7 +87,13 @@ class ScoreRefConfig:
     pairs_per_part: int = 64
     """Pairs per Parquet part file: the unit of resumption after a crash."""
     dtype: str = "float32"
-    """Reference model dtype: float32, bfloat16 or float16."""
+    """Reference model weights dtype: float32, bfloat16 or float16 (bfloat16 under load_in_4bit). In the
+    fingerprint: train and eval run the policy in the cache's numerics by default."""
+    mixed_precision: str = "no"
+    """Autocast of the forward passes as accelerate's mixed precision: no, bf16 or fp16 (fp16 needs CUDA); score
+    in the numerics the policy will train in (e.g. float32 weights with bf16 autocast)."""
+    load_in_4bit: bool = False
+    """Quantize the reference's linear layers to 4-bit NF4 with bitsandbytes (CUDA only), as train's QLoRA base."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (accelerate's device for this process)."""
     limit: int = 0
@@ -109,6 +115,12 @@ class ScoreRefConfig:
             raise ConfigError(f"scheme must be one of {', '.join(SCHEMES)}, got '{self.scheme}'")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        if self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got '{self.mixed_precision}'")
+        if self.load_in_4bit and self.dtype == "float32":
+            self.dtype = "bfloat16"  # the 4-bit base computes in bfloat16, as in train
+        if self.load_in_4bit and self.dtype != "bfloat16":
+            raise ConfigError(f"load_in_4bit computes in bfloat16, got dtype '{self.dtype}'")
         for name in ("samples", "draws", "max_length", "batch_tokens", "pairs_per_part"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -167,6 +179,8 @@ def build_fingerprint(cfg: ScoreRefConfig, model_identity: Any, tokenizer_identi
         "draws": cfg.draws,
         "seed": cfg.seed,
         "dtype": cfg.dtype,
+        "mixed_precision": cfg.mixed_precision,
+        "load_in_4bit": cfg.load_in_4bit,
         "pairs_sha256": pairs_sha,
         "limit": cfg.limit,
         "package_version": __version__,
@@ -216,6 +230,10 @@ def _masks_for(pair_id: str, side: str, length: int, cfg: ScoreRefConfig):
     return seeds, sets
 
 
+def numerics_of(cfg: ScoreRefConfig) -> Numerics:
+    return Numerics(dtype=cfg.dtype, mixed_precision=cfg.mixed_precision, load_in_4bit=cfg.load_in_4bit)
+
+
 def score_part(model, tokenizer, rows: list[dict], cfg: ScoreRefConfig, stats: dict) -> pa.Table:
     """Score one part's pairs; returns its SCORES_SCHEMA table. Pure apart from the model call."""
     from pipeline.diffusion import ScoreRequest, elbo_terms
@@ -250,7 +268,10 @@ def score_part(model, tokenizer, rows: list[dict], cfg: ScoreRefConfig, stats: d
                 stats["tokens"] += cfg.samples * (len(rec["prompt_ids"]) + len(response))
         records.append(rec)
 
-    with torch.no_grad():
+    # The layout of these requests (row, side, draw) and batch_tokens are what eval replays
+    # (pipeline.replay.rescore_part) to reproduce these terms exactly: keep them in step.
+    device = next(model.parameters()).device
+    with torch.no_grad(), autocast(device, cfg.mixed_precision):
         terms = elbo_terms(
             model, requests,
             mask_token_id=tokenizer.mask_token_id,
@@ -298,14 +319,22 @@ def _count_padding(requests, batch_tokens: int, stats: dict) -> None:
         stats["padded_tokens"] += width * len(batch) - real
 
 
-def plan_parts(lengths: list[int], pair_ids: list[str], pairs_per_part: int) -> list[list[int]]:
-    """Row indices of each part: longest pairs first (errors of memory show at once), ties by pair_id."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], pair_ids[i]))
-    return [order[i:i + pairs_per_part] for i in range(0, len(order), pairs_per_part)]
+def plan_parts(lengths: list[int], pair_ids: list[str], pairs_per_part: int,
+               splits: list[str] | None = None) -> list[list[int]]:
+    """Row indices of each part: one split per part (eval rescores a split's parts in their exact layout),
+    longest pairs first within a split (errors of memory show at once), ties by pair_id."""
+    splits = splits or ["train"] * len(lengths)
+    parts = []
+    for split in sorted(set(splits)):
+        rows = [i for i in range(len(lengths)) if splits[i] == split]
+        order = sorted(rows, key=lambda i: (-lengths[i], pair_ids[i]))
+        parts += [order[i:i + pairs_per_part] for i in range(0, len(order), pairs_per_part)]
+    return parts
 
 
 def run(cfg: ScoreRefConfig) -> ScoreRefResult:
-    from pipeline.models import load_model, model_identity, tokenizer_identity
+    from pipeline.models import model_identity, tokenizer_identity
+    from pipeline.numerics import load
     from pipeline.tokenize import tokenize_pair
 
     start = time.perf_counter()
@@ -320,11 +349,13 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
     sweep_stale(cfg.out)  # temporary files a killed run left (provably its own, its process gone)
 
     device = resolve_device(cfg.device)
+    if cfg.mixed_precision == "fp16" and device.type != "cuda":
+        raise UserError("--mixed-precision fp16 needs CUDA; use bf16 or no")
     if cfg.plan:  # every pair planned at --max-length: the longest parts are scored first
         from pipeline.plan import Shape, check_start
 
         check_start("score-ref", cfg, Shape(cfg.samples, cfg.max_length, cfg.max_length // 4), device)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer = load(cfg.model, numerics_of(cfg), device, trust_remote_code=cfg.trust_remote_code)
     model.eval()
     model.requires_grad_(False)
     cfg = replace(cfg, chat_template=resolve_chat_template(tokenizer, cfg.chat_template))
@@ -349,6 +380,7 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
 
     # Lengths only (not the ids) are kept for the whole file, so memory is bounded by one part.
     lengths, pair_ids = [], table.column("pair_id").to_pylist()
+    splits = [s or "train" for s in table.column("split").to_pylist()] if "split" in table.column_names else None
     truncated = identical = 0
     for batch in table.to_batches(max_chunksize=1024):
         for row in batch.to_pylist():
@@ -363,7 +395,7 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
     if identical == len(lengths):
         raise UserError(f"{cfg.pairs}: all {identical} pairs have identical chosen and rejected tokens after "
                         f"truncation to --max-length {cfg.max_length}; raise --max-length")
-    parts = plan_parts(lengths, pair_ids, cfg.pairs_per_part)
+    parts = plan_parts(lengths, pair_ids, cfg.pairs_per_part, splits)
     done = existing_parts(cfg.out)
     _check_done_parts(cfg, done, parts, pair_ids)
     mine = [i for i in range(len(parts)) if i % state.num_processes == state.process_index and i not in done]
@@ -457,6 +489,8 @@ def command(
     batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Token budget per forward pass."),
     pairs_per_part: Optional[int] = typer.Option(None, "--pairs-per-part", help="Pairs per part file."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="Autocast: no, bf16 or fp16."),
+    load_in_4bit: Optional[bool] = typer.Option(None, "--load-in-4bit", help="4-bit NF4 base (CUDA, bitsandbytes)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N pairs."),
     chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
@@ -473,6 +507,7 @@ def command(
 
     flags = dict(pairs=pairs, model=model, out=out, samples=samples, draws=draws, seed=seed, scheme=scheme, eps=eps,
                  max_length=max_length, batch_tokens=batch_tokens, pairs_per_part=pairs_per_part, dtype=dtype,
+                 mixed_precision=mixed_precision, load_in_4bit=load_in_4bit,
                  device=device, limit=limit, chat_template=chat_template, trust_remote_code=trust_remote_code,
                  overwrite=overwrite, plan=plan, progress=False if (no_progress or as_json) else None)
     cfg = resolve_config(ScoreRefConfig, config, flags, print_config)

@@ -24,9 +24,18 @@ import typer
 
 from pipeline.cache import describe_difference, fingerprint_differences, open_cache
 from pipeline.errors import ConfigError, UserError
-from pipeline.losses import LOSS_TYPES, dpo_loss, sequence_weights, sft_loss, validate_loss_args
+from pipeline.losses import (
+    LOSS_TYPES,
+    dpo_loss,
+    preference_delta,
+    reward_accuracy,
+    sequence_weights,
+    sft_loss,
+    validate_loss_args,
+)
 from pipeline.models import LORA_TARGET_NAMES
-from pipeline.replay import PairBatch, replay_requests  # noqa: F401  (bench/ and tests use them from here)
+from pipeline.numerics import Numerics
+from pipeline.replay import PairBatch, replay_requests  # noqa: F401  (PairBatch: the batch type of this stage)
 
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -37,7 +46,7 @@ RANGES = {"beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "sft_weight": "[0, 
           "max_steps": "[0, inf)", "warmup_ratio": "[0, 1)", "max_grad_norm": "[0, inf)", "lora_r": "[0, inf)",
           "lora_alpha": "[1, inf)", "lora_dropout": "[0, 1)", "sequence_microbatch": "[0, inf)",
           "batch_tokens": "[1, inf)", "save_every": "[0, inf)", "keep_checkpoints": "[0, inf)", "seed": "[0, inf)",
-          "log_every": "[1, inf)"}
+          "log_every": "[1, inf)", "gap_threshold": "[0, inf)", "eval_every": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
@@ -77,10 +86,21 @@ class TrainConfig:
     """Decay after warmup: cosine, linear or constant."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 = off)."""
-    mixed_precision: str = "no"
-    """accelerate's mixed precision: no, bf16 or fp16 (fp16 uses loss scaling and needs CUDA)."""
-    dtype: str = "float32"
-    """dtype the policy's weights are loaded in (bfloat16 halves memory; LoRA keeps adapters in float32)."""
+    mixed_precision: Optional[str] = None
+    """accelerate's mixed precision: no, bf16 or fp16 (fp16 uses loss scaling and needs CUDA). Default: the cache's."""
+    dtype: Optional[str] = None
+    """dtype the policy's weights are loaded in (float32, bfloat16, float16; LoRA keeps adapters in float32).
+    Default: the cache's, so the policy reproduces the cached reference terms."""
+    allow_numerics_mismatch: bool = False
+    """Accept a dtype, mixed precision or 4-bit setting other than the cache's (the policy then starts off the
+    cached reference: see gap_threshold)."""
+    gap_threshold: float = 0.05
+    """Start check: when the policy starts from the cache's model, step 1 compares its ELBOs with the cached ones
+    on the same masks (metric ref/gap_max, nats) and stops before the first optimizer step if beta * gap exceeds
+    this (0 = no check)."""
+    reuse_masks: bool = False
+    """Accept more epochs than the cache has mask draws (epoch e replays draw e mod draws; a warning, and the
+    metric masks/reused = 1 on those steps). Without it such a run is refused: rescore with --draws."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     lora_r: int = 0
@@ -91,8 +111,8 @@ class TrainConfig:
     """LoRA dropout."""
     lora_targets: str = ",".join(LORA_TARGET_NAMES)
     """Comma-separated module names to adapt (LLaDA's attention and MLP projections by default; never the head)."""
-    load_in_4bit: bool = False
-    """Quantize the frozen base to 4-bit NF4 with bitsandbytes (CUDA only; needs lora_r > 0)."""
+    load_in_4bit: Optional[bool] = None
+    """Quantize the frozen base to 4-bit NF4 with bitsandbytes (CUDA only; needs lora_r > 0). Default: the cache's."""
     sequence_microbatch: int = 0
     """Backpropagate this many sequences at a time after a no-grad pass (0 = one pass); memory follows K, not n."""
     reference: str = "cached"
@@ -142,11 +162,11 @@ class TrainConfig:
         validate_loss_args(beta=self.beta, loss_type=self.loss, label_smoothing=self.label_smoothing)
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got '{self.scheduler}'")
-        if self.mixed_precision not in PRECISIONS:
+        if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got '{self.mixed_precision}'")
         if self.reference not in ("cached", "online"):
             raise ConfigError(f"reference must be cached or online, got '{self.reference}'")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
+        if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got '{self.dtype}'")
         for name in ("batch_size", "grad_accum", "epochs", "log_every", "batch_tokens"):
             if getattr(self, name) < 1:
@@ -191,42 +211,30 @@ class TrainResult:
 # --- setup --------------------------------------------------------------------
 
 
-def setup_policy(cfg: TrainConfig, model_name: str, device: torch.device):
-    """Load the policy (optionally 4-bit), apply LoRA or unfreeze all, enable checkpointing."""
-    from pipeline.models import load_model
+def setup_policy(cfg: TrainConfig, model_name: str, device: torch.device, numerics: Optional[Numerics] = None):
+    """Load the policy in ``numerics`` (optionally 4-bit), apply LoRA or unfreeze all, enable checkpointing."""
+    from pipeline.numerics import load
 
-    if cfg.load_in_4bit:
-        if device.type != "cuda":
-            raise UserError("--load-in-4bit needs a CUDA device (bitsandbytes 4-bit kernels); this run is on "
-                            f"{device.type}")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise UserError("--load-in-4bit needs bitsandbytes: pip install 'lldm-dpo[quant]'") from None
-        model, tokenizer = load_model(model_name, dtype="bfloat16", device=str(device),
-                                      trust_remote_code=cfg.trust_remote_code, load_in_4bit=True)
-    else:
-        model, tokenizer = load_model(model_name, dtype=cfg.dtype, device=str(device),
-                                      trust_remote_code=cfg.trust_remote_code)
-    return adapt_policy(model, cfg), tokenizer
+    numerics = numerics or Numerics(dtype=cfg.dtype or "float32", mixed_precision=cfg.mixed_precision or "no",
+                                    load_in_4bit=bool(cfg.load_in_4bit))
+    model, tokenizer = load(model_name, numerics, device, trust_remote_code=cfg.trust_remote_code)
+    return adapt_policy(model, cfg, numerics), tokenizer
 
 
-def adapt_policy(model, cfg: TrainConfig):
+def adapt_policy(model, cfg: TrainConfig, numerics: Optional[Numerics] = None):
     """What training does to a loaded model: checkpointing, k-bit preparation, LoRA or full unfreeze.
     ``lldm-dpo plan`` runs it on a model that allocates nothing."""
+    numerics = numerics or Numerics(dtype=cfg.dtype or "float32", mixed_precision=cfg.mixed_precision or "no",
+                                    load_in_4bit=bool(cfg.load_in_4bit))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        if cfg.load_in_4bit:
-            from peft import prepare_model_for_kbit_training
+        if numerics.load_in_4bit:
+            from pipeline.numerics import prepare_4bit
 
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-            # peft upcasts every non-quantized weight to float32 for stability; the
-            # frozen embedding and head need not be (about 2 GB at LLaDA-8B's vocabulary).
-            for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-                module.to(torch.bfloat16)
+            model = prepare_4bit(model, cfg.gradient_checkpointing)
         names = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
         if getattr(model.config, "model_type", "") == "llada":
             # LLaDA names its LM head `ff_out` like the blocks' down projection:
@@ -321,6 +329,12 @@ def check_resume_layout(ckpt: Path, state: dict[str, Any], layout: dict[str, Any
                         "(the data position and schedule depend on it)")
 
 
+def _identity(model_name: str):
+    from pipeline.models import model_identity
+
+    return model_identity(model_name)
+
+
 def check_init(cfg: TrainConfig, cache, model_name: str) -> None:
     """The policy must start from the cache's reference model unless the user says otherwise."""
     from pipeline.models import model_identity
@@ -354,16 +368,19 @@ def reference_means(batch: PairBatch, device, ref_terms: list[torch.Tensor] | No
     return (torch.tensor(c, dtype=torch.float64, device=device), torch.tensor(r_, dtype=torch.float64, device=device))
 
 
-def batch_loss(cfg: TrainConfig, terms: list[torch.Tensor], ref_c, ref_r, chosen_len):
+def batch_loss(cfg: TrainConfig, terms: list[torch.Tensor], ref_c, ref_r, chosen_len, rejected_len):
     """Mean DPO (+ SFT) loss of a batch from its per-request terms; returns (loss, stats)."""
     means = torch.stack([t.mean() for t in terms])
     pi_c, pi_r = means[0::2], means[1::2]
     losses, cr, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss,
-                              label_smoothing=cfg.label_smoothing)
+                              label_smoothing=cfg.label_smoothing, chosen_len=chosen_len, rejected_len=rejected_len)
     loss = losses.mean()
     if cfg.sft_weight:
         loss = loss + cfg.sft_weight * sft_loss(pi_c, chosen_len).mean()
-    return loss, {"losses": losses.detach(), "cr": cr, "rr": rr, "pi_c": pi_c.detach(), "pi_r": pi_r.detach()}
+    acc = reward_accuracy(cr, rr, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss, chosen_len=chosen_len,
+                          rejected_len=rejected_len)
+    return loss, {"losses": losses.detach(), "cr": cr, "rr": rr, "pi_c": pi_c.detach(), "pi_r": pi_r.detach(),
+                  "acc": acc}
 
 
 def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) -> dict[str, Any]:
@@ -371,6 +388,10 @@ def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) 
     from pipeline.diffusion import ScoreRequest
 
     cfg, model, tok, acc = ctx.cfg, ctx.scorer, ctx.tokenizer, ctx.accelerator
+    if not batch.rows:  # the end of an epoch left this process nothing: join the gradient sync only
+        with ctx.sync_context(sync):
+            _backward(ctx, torch.zeros((), device=acc.device))
+        return None
     requests = replay_requests(batch, ctx.fingerprint)
     ref_terms = None
     if cfg.reference == "online":
@@ -382,13 +403,14 @@ def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) 
                     ref_terms = policy_terms(model, requests, tok, cfg)
     ref_c, ref_r = reference_means(batch, acc.device, ref_terms)
     chosen_len = torch.tensor([r["chosen_len"] for r in batch.rows], device=acc.device)
+    rejected_len = torch.tensor([r["rejected_len"] for r in batch.rows], device=acc.device)
     n = ctx.fingerprint["samples"]
 
     if cfg.sequence_microbatch == 0:
         with ctx.sync_context(sync):  # forward and backward both inside, as DDP requires
             with acc.autocast():
                 terms = policy_terms(model, requests, tok, cfg)
-                loss, st = batch_loss(cfg, terms, ref_c, ref_r, chosen_len)
+                loss, st = batch_loss(cfg, terms, ref_c, ref_r, chosen_len, rejected_len)
             _check_finite(ctx, loss, batch)
             _backward(ctx, loss * scale)
     else:
@@ -397,12 +419,13 @@ def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) 
         # K sequences at a time, so activations follow K rather than 2n.
         with torch.no_grad(), acc.autocast():
             terms = policy_terms(model, requests, tok, cfg)
-            loss, st = batch_loss(cfg, terms, ref_c, ref_r, chosen_len)
+            loss, st = batch_loss(cfg, terms, ref_c, ref_r, chosen_len, rejected_len)
         _check_finite(ctx, loss, batch)
-        delta = (st["pi_c"] - ref_c) - (st["pi_r"] - ref_r)
+        delta = preference_delta(st["pi_c"], st["pi_r"], ref_c, ref_r, loss_type=cfg.loss, chosen_len=chosen_len,
+                                 rejected_len=rejected_len)
         chosen_w, rejected_w = sequence_weights(
             delta, n, beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
-            sft_weight=cfg.sft_weight, chosen_len=chosen_len, normalizer=len(batch.rows))
+            sft_weight=cfg.sft_weight, chosen_len=chosen_len, normalizer=len(batch.rows), rejected_len=rejected_len)
         seqs = [(j, k) for j, req in enumerate(requests) for k in range(req.masks.shape[0])]
         K = cfg.sequence_microbatch
         # Empty masks (possible under the 1/t scheme) have a constant term 0: no forward needed.
@@ -422,7 +445,8 @@ def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) 
                 _backward(ctx, surrogate * scale)
     tokens = sum(req.masks.shape[0] * (len(req.prompt_ids) + len(req.response_ids)) for req in requests)
     return {"loss": loss.detach().float(), "cr": st["cr"].float(), "rr": st["rr"].float(),
-            "pi_c": st["pi_c"].float(), "pi_r": st["pi_r"].float(), "tokens": tokens}
+            "pi_c": st["pi_c"].float(), "pi_r": st["pi_r"].float(), "acc": st["acc"].float(),
+            "tokens": tokens, "pairs": len(batch.rows)}
 
 
 def _backward(ctx: "TrainContext", loss: torch.Tensor) -> None:
@@ -432,9 +456,11 @@ def _backward(ctx: "TrainContext", loss: torch.Tensor) -> None:
     if not loss.requires_grad:
         if ctx.wrapped is None:
             return
-        probe = torch.full((1, 1), int(ctx.tokenizer.pad_token_id), device=ctx.accelerator.device)
-        hidden = ctx.scorer.final_hidden(probe, None)
-        loss = loss + 0.0 * ctx.model.get_output_embeddings()(hidden).sum()
+        device = ctx.accelerator.device
+        probe = torch.full((1, 2), int(ctx.tokenizer.pad_token_id), device=device)
+        index = torch.tensor([[0, 1]], device=device)  # position 1: shifted models predict it from 0
+        # Through the wrapped scorer, so DDP/FSDP see the same one forward as on a real batch.
+        loss = loss + 0.0 * ctx.scorer(probe, None, index, probe[0, :1], 1).sum()
     ctx.accelerator.backward(loss)
 
 
@@ -463,48 +489,22 @@ class TrainContext:
     ref_model: Any = None
     step: int = 0
     wrapped: Any = None
-    """What accelerate prepared (DDP around a BodyForward) when there are several processes, else None."""
+    """What accelerate prepared (DDP or FSDP around a MaskedRowScorer) when distributed, else None."""
 
     @property
     def scorer(self):
-        return self.model if self.wrapped is None else DataParallelScorer(self.wrapped, self.model)
+        """What elbo_terms calls: the wrapped MaskedRowScorer when distributed, else the policy."""
+        return self.model if self.wrapped is None else self.wrapped
 
     def sync_context(self, last: bool):
         """Gradients are all-reduced only on the last backward of an optimizer step."""
         import contextlib
 
-        if self.wrapped is None or last:
+        if self.wrapped is None or last or self.accelerator.distributed_type.name == "FSDP":
+            # FSDP reduce-scatters every backward: without sync each process would keep
+            # whole unsharded gradients, the memory FSDP exists to save.
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self.wrapped)
-
-
-class BodyForward(torch.nn.Module):
-    """The policy's body as a forward(), the call a data-parallel wrapper intercepts to sync gradients."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.model.final_hidden(input_ids, attention_mask)
-
-
-class DataParallelScorer:
-    """Looks like the policy to ``score_tokens``, but runs the body through the DDP-wrapped forward."""
-
-    def __init__(self, wrapped, model):
-        self._wrapped, self._model = wrapped, model
-        self.config = model.config
-        self.logits_shift = getattr(model, "logits_shift", False)
-
-    def final_hidden(self, input_ids, attention_mask=None):
-        return self._wrapped(input_ids, attention_mask)
-
-    def get_output_embeddings(self):
-        return self._model.get_output_embeddings()
-
-    def parameters(self):
-        return self._model.parameters()
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
@@ -514,12 +514,70 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
 
 
 def micro_batch_rows(rows, cfg: TrainConfig, step: int, micro: int, steps_per_epoch: int, world: int, rank: int):
-    """The rows this process trains on at (step, micro); wraps around the epoch so every rank gets a full batch."""
+    """The rows this process trains on at (step, micro). An epoch is one pass over its own shuffled order:
+    its last micro-batches hold what is left (fewer rows, or none), never a pair already seen in the epoch."""
     epoch, pos = divmod(step, steps_per_epoch)
     order = epoch_order(len(rows), cfg.seed, epoch)
     per_step = cfg.batch_size * world
     start = (pos * cfg.grad_accum + micro) * per_step + rank * cfg.batch_size
-    return epoch, [rows[order[(start + i) % len(rows)]] for i in range(cfg.batch_size)]
+    return epoch, [rows[order[i]] for i in range(start, min(start + cfg.batch_size, len(rows)))]
+
+
+def epochs_needed(n_rows: int, cfg: TrainConfig, world: int = 1) -> int:
+    """Epochs a run starts (a partial last one counts): each needs its own mask draw."""
+    steps_per_epoch = max(1, math.ceil(n_rows / (cfg.batch_size * cfg.grad_accum * world)))
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    return math.ceil(total_steps / steps_per_epoch)
+
+
+def check_draws(cfg: TrainConfig, epochs: int, draws: int) -> bool:
+    """Refuse more epochs than mask draws unless reuse_masks; returns whether draws are reused."""
+    if epochs <= draws:
+        return False
+    if not cfg.reuse_masks:
+        raise UserError(f"{cfg.scores}: this run trains {epochs} epochs but the cache holds {draws} mask draw(s), "
+                        "one per epoch (replaying masks fits the policy to them and overstates rewards/*); rerun "
+                        f"score-ref with --draws {epochs}, or pass --reuse-masks to replay draw epoch mod {draws}")
+    import sys
+
+    print(f"warning: {epochs} epochs on {draws} mask draw(s): epochs past {draws} replay masks already trained "
+          f"on (metric masks/reused = 1); rerun score-ref with --draws {epochs} to avoid it", file=sys.stderr)
+    return True
+
+
+def start_gap(ctx: "TrainContext", batches: list[PairBatch]) -> float:
+    """Largest |B_pi(y) - B_ref(y)| (nats) over step 1's responses, on the cached masks, no gradient;
+    the maximum over processes."""
+    acc = ctx.accelerator
+    gap = torch.zeros((), dtype=torch.float64, device=acc.device)
+    for batch in batches:
+        if not batch.rows:
+            continue
+        requests = replay_requests(batch, ctx.fingerprint)
+        with torch.no_grad(), acc.autocast():
+            terms = policy_terms(ctx.scorer, requests, ctx.tokenizer, ctx.cfg)
+        means = torch.stack([t.double().mean() for t in terms])
+        ref_c, ref_r = reference_means(batch, acc.device)
+        gap = torch.maximum(gap, torch.cat([(means[0::2] - ref_c).abs(), (means[1::2] - ref_r).abs()]).max())
+    if acc.num_processes > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(gap, op=dist.ReduceOp.MAX)
+    return float(gap)
+
+
+def gap_error(cfg: TrainConfig, gap: float, numerics: Numerics, cached: Numerics) -> UserError:
+    """What differs and what to do, when the policy does not start at the cached reference."""
+    if numerics != cached:
+        what = (f"the policy runs in {numerics.describe()} and the cache was scored in {cached.describe()}; "
+                "drop the explicit --dtype/--mixed-precision/--load-in-4bit (train follows the cache) or rescore "
+                "with score-ref in the policy's numerics")
+    else:
+        what = ("numerics match the cache's, so the weights or the scoring differ (another checkpoint under the "
+                "same name, another device, or a cache from another version): rescore with score-ref")
+    return UserError(f"step 1: the policy starts {gap:.4g} nats away from the cached reference terms on the same "
+                     f"masks (ref/gap_max), beta * gap = {cfg.beta * gap:.4g} > gap_threshold {cfg.gap_threshold}; "
+                     f"{what}; --gap-threshold 0 skips this check")
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -548,26 +606,17 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def save_final(ctx: TrainContext, model_name: str, path: Path) -> None:
-    """The final model in Hugging Face format (full weights, or the LoRA adapter), renamed into place."""
-    from pipeline.atomic import atomic_dir
+    """The final model in Hugging Face format (full weights, or the LoRA adapter), renamed into place;
+    under FSDP the shards are gathered first (every process calls this)."""
+    from pipeline.checkpoint import save_model_dir
 
-    model = ctx.model
-    if ctx.cfg.lora_r > 0:
-        model.peft_config["default"].base_model_name_or_path = _base_reference(model_name)
-    with atomic_dir(path, record=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        ctx.tokenizer.save_pretrained(tmp)
-
-
-def _base_reference(model_name: str) -> str:
-    p = Path(model_name)
-    return str(p.resolve()) if p.exists() else model_name
+    save_model_dir(path, ctx.model, ctx.tokenizer, ctx.accelerator, base_name=model_name)
 
 
 def run(cfg: TrainConfig) -> TrainResult:
     from pipeline.atomic import check_writable, sweep_stale, write_text_atomic
     from pipeline.config import config_to_yaml
-    from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from pipeline.checkpoint import check_world, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
     from pipeline.metrics import MetricsWriter
 
     start_time = time.perf_counter()
@@ -584,16 +633,16 @@ def run(cfg: TrainConfig) -> TrainResult:
     fp = cache.fingerprint
     model_name = cfg.model or cache.manifest["config"]["model"]
     check_init(cfg, cache, model_name)
-    rows = list(cache.rows(split="train"))
+    # Read in slices: each process decodes only the row groups of its own micro-batches.
     # Truncation can make both responses the same ids: such a pair carries no preference, only noise.
-    identical = [r["pair_id"] for r in rows if r["chosen_ids"] == r["rejected_ids"]]
+    rows = cache.split_rows("train", skip_identical=True)
+    identical = rows.identical
     if identical:
         import sys
 
         print(f"warning: skipping {len(identical)} pair(s) whose responses are identical after truncation "
               f"(e.g. {identical[0]}); raise score-ref's --max-length to keep them", file=sys.stderr)
-        rows = [r for r in rows if r["chosen_ids"] != r["rejected_ids"]]
-    if not rows:
+    if not len(rows):
         raise UserError(f"{cfg.scores}: the cache holds no pairs of the train split")
     eval_rows = []
     if cfg.eval_every:
@@ -608,24 +657,43 @@ def run(cfg: TrainConfig) -> TrainResult:
         requested = [n for n in requested if n != TENSORBOARD]
     trackers = resolve_trackers(requested)
 
+    from dataclasses import replace
+
+    from pipeline.numerics import follow, of_fingerprint
+
+    cached_numerics = of_fingerprint(fp)
+    numerics = follow(cached_numerics, dtype=cfg.dtype, mixed_precision=cfg.mixed_precision,
+                      load_in_4bit=cfg.load_in_4bit, allow_mismatch=cfg.allow_numerics_mismatch,
+                      where=str(cfg.scores))
+    if numerics.load_in_4bit and cfg.lora_r == 0:
+        raise UserError(f"{cfg.scores}: the cache was scored with a 4-bit base (load_in_4bit), which trains "
+                        "adapters only: set --lora-r > 0, or rescore without --load-in-4bit")
+    cfg = replace(cfg, dtype=numerics.dtype, mixed_precision=numerics.mixed_precision,
+                  load_in_4bit=numerics.load_in_4bit)
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--mixed-precision fp16 needs CUDA (loss scaling on CPU is not supported); use bf16 or no")
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     acc = fresh_accelerator(cfg.mixed_precision, cpu, log_with=accelerator_trackers(trackers), run_dir=cfg.out)
-    if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        # The scorer applies the LM head to masked rows outside the body's forward,
-        # which sharded wrappers do not gather for; data parallel (DDP) is supported.
-        raise UserError(f"train under accelerate's {acc.distributed_type.name} is not supported yet; "
-                        "use data parallel (configs/accelerate/ddp.yaml) with LoRA and gradient checkpointing")
-    if cfg.plan:  # on the longest cached pair; data parallel keeps a whole model per process
+    fsdp = acc.distributed_type.name == "FSDP"
+    world = acc.num_processes
+    if fsdp and cfg.eval_every:
+        # Each process scores its own share of the held-out pairs; FSDP's forward is a collective
+        # that needs every process in the same pass, which unequal shares do not guarantee.
+        raise UserError("--eval-every under FSDP is not supported yet; use data parallel (configs/accelerate/ddp.yaml)")
+    reused_draws = check_draws(cfg, epochs_needed(len(rows), cfg, world), fp["draws"])
+    if cfg.plan and not fsdp:  # on the longest cached pair; data parallel keeps a whole model per process
+        # (under FSDP the plan's one-model-per-process shape does not apply: no check)
         from pipeline.plan import Shape, check_start
 
-        longest = max(rows, key=lambda r: r["prompt_len"] + max(r["chosen_len"], r["rejected_len"]))
-        length = longest["prompt_len"] + max(longest["chosen_len"], longest["rejected_len"])
+        # Three length columns, not the rows: the cache stays on disk.
+        prompt_lens, chosen_lens, rejected_lens = (rows.column(c) for c in ("prompt_len", "chosen_len",
+                                                                             "rejected_len"))
+        i = max(range(len(prompt_lens)), key=lambda k: prompt_lens[k] + max(chosen_lens[k], rejected_lens[k]))
+        length = prompt_lens[i] + max(chosen_lens[i], rejected_lens[i])
         check_start("train", dataclasses.replace(cfg, model=model_name),
-                    Shape(fp["samples"], length, longest["prompt_len"]), acc.device)
+                    Shape(fp["samples"], length, prompt_lens[i]), acc.device)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = setup_policy(cfg, model_name, acc.device)
+    model, tokenizer = setup_policy(cfg, model_name, acc.device, numerics)
     check_tokenizer(cfg, cache, tokenizer)
     if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
         raise UserError(f"model '{model_name}': tokenizer needs mask and pad tokens")
@@ -633,27 +701,48 @@ def run(cfg: TrainConfig) -> TrainResult:
     ref_name = cache.manifest["config"]["model"]
     # Under LoRA the base with adapters off is the reference, unless the policy started elsewhere.
     if cfg.reference == "online" and (cfg.lora_r == 0 or model_name != ref_name):
-        from pipeline.models import load_model
+        from pipeline.numerics import load
 
-        ref_model, _ = load_model(ref_name, dtype=cfg.dtype, device=str(acc.device),
-                                  trust_remote_code=cfg.trust_remote_code)
+        ref_model, _ = load(ref_name, numerics, acc.device, trust_remote_code=cfg.trust_remote_code)
         ref_model.eval().requires_grad_(False)
+        if fsdp:  # sharded like the policy, so the baseline keeps the same memory shape
+            ref_model = shard_frozen(acc, ref_model)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
-    world = acc.num_processes
     steps_per_epoch = max(1, math.ceil(len(rows) / (cfg.batch_size * cfg.grad_accum * world)))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     # The scheduler is stepped by hand once per optimizer step: accelerate's
     # wrapper would step it once per process and change the schedule with the world size.
     wrapped = None
-    if world > 1:
-        # DDP syncs gradients through forward(); our scorer calls final_hidden, so
-        # a BodyForward module carries the body's forward through the wrapper.
-        wrapped, optimizer = acc.prepare(BodyForward(model), optimizer)
+    if world > 1 or fsdp:
+        # DDP syncs gradients and FSDP gathers weights in forward(): the scorer does
+        # body, masked-row head and row sums in one forward, so both see every use.
+        from pipeline.models.scoring import MaskedRowScorer
+
+        wrapped, optimizer = acc.prepare(MaskedRowScorer(model), optimizer)
+        params = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP swapped them for DTensors
     else:
         optimizer = acc.prepare(optimizer)
+
+    ctx = TrainContext(cfg, model, tokenizer, acc, fp, ref_model, wrapped=wrapped)
+
+    def step_batches(step: int) -> list[PairBatch]:
+        out = []
+        for micro in range(cfg.grad_accum):
+            epoch, batch_rows = micro_batch_rows(rows, cfg, step, micro, steps_per_epoch, world, acc.process_index)
+            out.append(PairBatch(batch_rows, draw=epoch % fp["draws"]))
+        return out
+
+    gap = float("nan")
+    same_init = model_name == ref_name or not fingerprint_differences(
+        {"model": _identity(model_name)}, {"model": fp.get("model")})
+    if not cfg.resume and same_init and cfg.reference == "cached":
+        # The policy IS the cache's model: it must reproduce the cached terms before it learns anything.
+        gap = start_gap(ctx, step_batches(0))
+        if cfg.gap_threshold > 0 and cfg.beta * gap > cfg.gap_threshold:
+            raise gap_error(cfg, gap, numerics, cached_numerics)
 
     layout = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "processes": world,
               "total_steps": total_steps, "seed": cfg.seed, "lora_r": cfg.lora_r}
@@ -664,8 +753,11 @@ def run(cfg: TrainConfig) -> TrainResult:
         ckpt = latest_checkpoint(cfg.out)
         if ckpt is None:
             raise UserError(f"{cfg.out}: --resume given but the run folder holds no checkpoint")
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
-        check_resume_layout(ckpt, state, layout)
+        saved = read_state(ckpt)
+        check_world(ckpt, saved, world)  # before the layout: its message says what to do instead
+        check_resume_layout(ckpt, saved, layout)
+        state = load_checkpoint(ckpt, model=model, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
+                                accelerator=acc)
         start_step = resumed_from = int(state["step"])
         best = {k: state.get(k) for k in best}
     elif acc.is_main_process:
@@ -689,7 +781,6 @@ def run(cfg: TrainConfig) -> TrainResult:
     # Each process scores its share of the held-out pairs; the sums are all-reduced.
     eval_share = eval_rows[acc.process_index::world]
 
-    ctx = TrainContext(cfg, model, tokenizer, acc, fp, ref_model, wrapped=wrapped)
     last: dict[str, float] = {}
     reset_peak_memory(acc.device)
     try:
@@ -697,11 +788,11 @@ def run(cfg: TrainConfig) -> TrainResult:
             ctx.step = step
             t0 = time.perf_counter()
             stats = []
-            for micro in range(cfg.grad_accum):
-                epoch, batch_rows = micro_batch_rows(rows, cfg, step, micro, steps_per_epoch, world,
-                                                     acc.process_index)
-                batch = PairBatch(batch_rows, draw=epoch % fp["draws"])
-                stats.append(micro_step(ctx, batch, 1.0 / cfg.grad_accum, sync=micro == cfg.grad_accum - 1))
+            batches = step_batches(step)
+            # Each pair weighs the same within a step, also when the epoch's end leaves short micro-batches.
+            step_pairs = max(1, sum(len(b.rows) for b in batches))
+            for micro, batch in enumerate(batches):
+                stats.append(micro_step(ctx, batch, len(batch.rows) / step_pairs, sync=micro == cfg.grad_accum - 1))
             clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = acc.clip_grad_norm_(params, clip)
             lr = scheduler.get_last_lr()[0]
@@ -709,6 +800,10 @@ def run(cfg: TrainConfig) -> TrainResult:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             row = _step_metrics(acc, stats, step, steps_per_epoch, lr, grad_norm, time.perf_counter() - t0)
+            if step == 0:
+                row["ref/gap_max"] = gap
+            if reused_draws:
+                row["masks/reused"] = float(step // steps_per_epoch >= fp["draws"])
             evaluated = bool(cfg.eval_every) and (step + 1) % cfg.eval_every == 0
             new_best = False
             if evaluated:
@@ -725,16 +820,16 @@ def run(cfg: TrainConfig) -> TrainResult:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
                     writer.flush()
-                    protect = [Path(best["best_model_checkpoint"])] if best["best_model_checkpoint"] else []
-                    save_checkpoint(cfg.out, step + 1, model, optimizer, scheduler,
-                                    {"epoch": (step + 1) / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                                     "layout": layout, **best}, keep=cfg.keep_checkpoints, protect=protect)
+                protect = [Path(best["best_model_checkpoint"])] if best["best_model_checkpoint"] else []
+                save_checkpoint(cfg.out, step + 1, model=model, wrapped=wrapped, optimizer=optimizer,
+                                scheduler=scheduler, tokenizer=tokenizer, accelerator=acc, base_name=model_name,
+                                state={"epoch": (step + 1) / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+                                       "layout": layout, **best}, keep=cfg.keep_checkpoints, protect=protect)
         acc.wait_for_everyone()
         final = cfg.out / "final"
         if acc.is_main_process:
             writer.flush()
-            save_final(ctx, model_name, final)
-        acc.wait_for_everyone()
+        save_final(ctx, model_name, final)
     finally:
         if writer is not None:
             writer.close()
@@ -788,33 +883,62 @@ def fresh_accelerator(mixed_precision: str, cpu: bool, log_with: Optional[list[s
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    if not log_with:
-        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
-    from pipeline.trackers import tracker_dir
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # Not installed with this project's packages; FSDP covers sharding (README "From one card to many").
+        raise UserError("train under DeepSpeed is not supported; use FSDP "
+                        "(accelerate launch --config_file configs/accelerate/fsdp.yaml) for ZeRO-3-style sharding")
+    if os.environ.get("ACCELERATE_USE_MEGATRON_LM", "false").lower() == "true":
+        raise UserError("train under Megatron-LM is not supported; use FSDP (configs/accelerate/fsdp.yaml)")
+    if log_with:
+        from pipeline.trackers import tracker_dir
 
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, log_with=log_with,
-                       project_dir=tracker_dir(run_dir))
+        acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu, log_with=log_with, project_dir=tracker_dir(run_dir))
+    else:
+        acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type.name == "MULTI_CPU":
+        # accelerate 1.15 only turns FSDP on for accelerator devices; torch's fully_shard
+        # itself runs over gloo on CPU, so the plugin is attached here (fsdp_cpu.yaml).
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        acc.state.distributed_type = DistributedType.FSDP
+    return acc
+
+
+def shard_frozen(acc, model):
+    """A frozen model (the online reference) sharded by FSDP like the policy, inside its own scorer."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    from pipeline.models.scoring import MaskedRowScorer
+
+    return fsdp2_prepare_model(acc, MaskedRowScorer(model))
 
 
 def _step_metrics(acc, stats, step, steps_per_epoch, lr, grad_norm, seconds) -> dict[str, float]:
-    """Means over micro-batches and processes, with TRL's names."""
-    cr = torch.cat([s["cr"] for s in stats])
-    rr = torch.cat([s["rr"] for s in stats])
-    local = torch.stack([
-        torch.stack([s["loss"] for s in stats]).mean(),
-        cr.mean(), rr.mean(), (cr > rr).float().mean(), (cr - rr).mean(),
-        torch.cat([s["pi_c"] for s in stats]).mean(), torch.cat([s["pi_r"] for s in stats]).mean(),
-    ]).to(acc.device)
-    tokens = torch.tensor([float(sum(s["tokens"] for s in stats))], device=acc.device)
+    """Means over the step's pairs (all micro-batches and processes), with TRL's names."""
+    stats = [s for s in stats if s is not None]
+    sums = [0.0] * 9
+    for s in stats:
+        sums[0] += float(s["loss"]) * s["pairs"]
+        sums[1] += float(s["cr"].sum())
+        sums[2] += float(s["rr"].sum())
+        sums[3] += float(s["acc"].sum())
+        sums[4] += float((s["cr"] - s["rr"]).sum())
+        sums[5] += float(s["pi_c"].sum())
+        sums[6] += float(s["pi_r"].sum())
+        sums[7] += s["pairs"]
+        sums[8] += s["tokens"]
+    local = torch.tensor(sums, dtype=torch.float64, device=acc.device)
     if acc.num_processes > 1:
-        local = acc.reduce(local, reduction="mean")
-        tokens = acc.reduce(tokens, reduction="sum")
+        local = acc.reduce(local, reduction="sum")
     v = local.tolist()
+    pairs = max(v[7], 1.0)
     return {
-        "step": step + 1, "epoch": (step + 1) / steps_per_epoch, "loss": v[0],
-        "rewards/chosen": v[1], "rewards/rejected": v[2], "rewards/accuracies": v[3], "rewards/margins": v[4],
-        "logps/chosen": v[5], "logps/rejected": v[6], "lr": lr, "grad_norm": float(grad_norm),
-        "tokens_per_second": tokens.item() / max(seconds, 1e-9), "peak_memory_bytes": peak_memory_bytes(acc.device),
+        "step": step + 1, "epoch": (step + 1) / steps_per_epoch, "loss": v[0] / pairs,
+        "rewards/chosen": v[1] / pairs, "rewards/rejected": v[2] / pairs, "rewards/accuracies": v[3] / pairs,
+        "rewards/margins": v[4] / pairs, "logps/chosen": v[5] / pairs, "logps/rejected": v[6] / pairs,
+        "lr": lr, "grad_norm": float(grad_norm),
+        "tokens_per_second": v[8] / max(seconds, 1e-9), "peak_memory_bytes": peak_memory_bytes(acc.device),
     }
 
 
@@ -837,7 +961,12 @@ def command(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="cosine, linear or constant."),
     max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm"),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, bf16 or fp16."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Weights dtype."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Weights dtype (default: the cache's)."),
+    allow_numerics_mismatch: Optional[bool] = typer.Option(None, "--allow-numerics-mismatch",
+                                                           help="Accept numerics other than the cache's."),
+    gap_threshold: Optional[float] = typer.Option(None, "--gap-threshold",
+                                                  help="Stop at step 1 when beta * ref/gap_max exceeds it (0: off)."),
+    reuse_masks: Optional[bool] = typer.Option(None, "--reuse-masks", help="Allow more epochs than mask draws."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
     lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank (0 = full fine-tuning)."),
     lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha"),

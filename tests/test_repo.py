@@ -29,7 +29,10 @@ def test_accelerate_example_configs_load(name):
     from accelerate.commands.config.config_args import load_config_from_file
 
     cfg = load_config_from_file(str(ROOT / "configs" / "accelerate" / name))
-    assert cfg.num_processes >= 2 and cfg.distributed_type.name == "MULTI_GPU"
+    assert cfg.num_processes >= 2 and cfg.distributed_type.name in ("MULTI_GPU", "FSDP")
+    if cfg.distributed_type.name == "FSDP":  # version 2, sharding LLaDA's blocks
+        assert str(cfg.fsdp_config["fsdp_version"]) == "2"
+        assert cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LLaDABlock"
 
 
 def test_no_shared_data_copied_into_the_repo():

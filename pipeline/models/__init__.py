@@ -3,6 +3,7 @@
 Public entry points (the "Models" contract):
 - ``load_model(name_or_path, *, dtype, device, trust_remote_code) -> (model, tokenizer)``
 - ``score_tokens(model, input_ids, attention_mask, index, targets, chunk_size)``
+- ``MaskedRowScorer(model)``: body + masked-row head + float64 row sums as one module call (DDP/FSDP wrap it)
 - ``model_identity(model_dir_or_name)`` / ``tokenizer_identity(tokenizer)`` for cache fingerprints
 - ``PRESETS`` / ``build_preset(name, device=, dtype=)``
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 from pipeline.models.llada import LLaDAConfig, LLaDAModelLM
 from pipeline.models.loading import load_model, model_identity, tokenizer_identity
 from pipeline.models.presets import PRESETS, build_preset, preset_tokenizer
-from pipeline.models.scoring import score_tokens
+from pipeline.models.scoring import MaskedRowScorer, score_tokens
 from pipeline.models.tokenizer import build_tokenizer
 
 LORA_TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
@@ -30,6 +31,7 @@ __all__ = [
     "LLaDAModelLM",
     "LORA_TARGET_MODULES",
     "LORA_TARGET_NAMES",
+    "MaskedRowScorer",
     "PRESETS",
     "build_preset",
     "build_tokenizer",

@@ -162,10 +162,13 @@ class LLaDAConfig(PretrainedConfig):
         bad = [name for name, on in unsupported.items() if on]
         if bad:
             raise ValueError(f"LLaDA config option(s) not supported by the native model: {', '.join(bad)}")
-        if self.block_type != "llama" or self.activation_type not in ("silu", "swiglu"):
+        # LLaDA-8B's llama block computes silu(ff_proj(x)) * up_proj(x) with activation_type "silu". In
+        # LLaDA's code "swiglu" is another activation (it splits its input in two), so it is refused, not
+        # taken for plain SiLU.
+        if self.block_type != "llama" or self.activation_type != "silu":
             raise ValueError(
                 f"LLaDA block_type={self.block_type!r} activation_type={self.activation_type!r} not supported "
-                "(only the llama/SwiGLU block of LLaDA-8B)"
+                "(only the llama block with activation_type 'silu' of LLaDA-8B)"
             )
         if self.layer_norm_type != "rms":
             raise ValueError(f"LLaDA layer_norm_type={self.layer_norm_type!r} not supported (only rms)")

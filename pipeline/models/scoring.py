@@ -1,4 +1,5 @@
-"""``score_tokens``: log-probabilities of chosen tokens with the LM head applied to those rows only."""
+"""``score_tokens``: log-probabilities of chosen tokens with the LM head applied to those rows only;
+``MaskedRowScorer``: the same with float64 row sums, as ONE module call (what DDP and FSDP wrap)."""
 
 from __future__ import annotations
 
@@ -52,8 +53,54 @@ def score_tokens(
     return torch.cat(out)
 
 
+class MaskedRowScorer(torch.nn.Module):
+    """The policy's scoring forward in one ``forward``: body, LM head on the masked rows, float64 row sums.
+
+    Sharded and data-parallel wrappers act in a module's ``forward`` (FSDP gathers
+    a unit's weights in its pre-forward hook, DDP arms its gradient sync there).
+    Applying the head outside that call, as ``score_tokens`` on a bare model
+    would under a wrapper, would read the head's local shard; here the head
+    runs inside the wrapped call, so FSDP (``fully_shard`` per block, embedding
+    and head in their own units) and DDP see one forward per batch.
+    """
+
+    is_masked_row_scorer = True
+
+    def __init__(self, model, chunk_size: int = 4096):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        # What accelerate's auto-wrap policy reads to find the blocks (LLaDABlock).
+        self._no_split_modules = list(getattr(_unwrap(model), "_no_split_modules", None) or [])
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask, index, targets, n_rows: int) -> torch.Tensor:
+        """Float64 [n_rows]: per batch row, the sum of log p(target) over its masked positions (fixed order)."""
+        logp = score_tokens(self.model, input_ids, attention_mask, index, targets, chunk_size=self.chunk_size)
+        sums = torch.zeros(int(n_rows), dtype=torch.float64, device=logp.device)
+        return sums.index_add(0, index[:, 0].to(device=logp.device, dtype=torch.long), logp.to(torch.float64))
+
+
+def as_row_scorer(model, chunk_size: int = 4096):
+    """``model`` itself when it is a (possibly wrapped) MaskedRowScorer, else a scorer around it."""
+    if getattr(model, "is_masked_row_scorer", False) or getattr(getattr(model, "module", None),
+                                                                "is_masked_row_scorer", False):
+        return model
+    return MaskedRowScorer(model, chunk_size=chunk_size)
+
+
 def _unwrap(model):
     """The model under DDP/FSDP-style ``.module`` wrappers (PeftModel forwards attributes itself)."""
-    while not hasattr(model, "final_hidden") and hasattr(model, "module"):
-        model = model.module
+    while not hasattr(model, "final_hidden"):
+        if getattr(model, "is_masked_row_scorer", False):
+            model = model.model
+        elif hasattr(model, "module"):
+            model = model.module
+        else:
+            break
     return model

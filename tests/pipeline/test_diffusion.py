@@ -12,6 +12,7 @@ import torch
 
 from pipeline import diffusion
 from pipeline.models import LLaDAConfig, LLaDAModelLM, score_tokens
+from pipeline.models import scoring
 from pipeline.diffusion import MaskSet, ScoreRequest, elbo_terms, mask_seed, plan_batches, sample_masks
 
 MASK_ID = 1
@@ -250,7 +251,7 @@ def test_empty_masks_give_exact_zero_and_no_model_rows(model, monkeypatch):
         seen.append(args[1].shape[0])
         return score_tokens(*args, **kwargs)
 
-    monkeypatch.setattr(diffusion, "_score_tokens", lambda: spy)
+    monkeypatch.setattr(scoring, "score_tokens", spy)
     masks = torch.tensor([[False, False, False], [True, False, True], [False, False, False]])
     req = ScoreRequest([5, 6], [7, 8, 9], masks, torch.tensor([40.0, 2.0, 3.0], dtype=torch.float64))
     (terms,) = elbo_terms(model, [req], mask_token_id=MASK_ID, pad_token_id=PAD_ID)
@@ -377,7 +378,7 @@ def test_prompt_never_masked_and_padding_excluded(model, monkeypatch):
         calls.append((input_ids.clone(), attention_mask.clone(), index.clone(), targets.clone()))
         return score_tokens(model_, input_ids, attention_mask, index, targets, chunk_size)
 
-    monkeypatch.setattr(diffusion, "_score_tokens", lambda: spy)
+    monkeypatch.setattr(scoring, "score_tokens", spy)
     prompt = [MASK_ID + 2, 3, 4]
     reqs = [
         ScoreRequest(prompt, [7, 8, 9, 10], sample_masks(4, 4, seed=1).masks, torch.ones(4)),

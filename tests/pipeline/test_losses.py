@@ -15,6 +15,7 @@ from pipeline.losses import (
     LOSS_TYPES,
     dpo_loss,
     loss_weight,
+    preference_delta,
     sequence_weights,
     sft_loss,
     sft_loss_weight,
@@ -43,8 +44,8 @@ SPM1 = 1.3132616875
 LN2 = 0.6931471806
 
 
-def _losses(loss_type, beta, ls=0.0):
-    return dpo_loss(PC, PR, RC, RR, beta=beta, loss_type=loss_type, label_smoothing=ls)
+def _losses(loss_type, beta, ls=0.0, **lengths):
+    return dpo_loss(PC, PR, RC, RR, beta=beta, loss_type=loss_type, label_smoothing=ls, **lengths)
 
 
 def test_sigmoid_hand_worked():
@@ -63,11 +64,34 @@ def test_sigmoid_label_smoothing_hand_worked():
     torch.testing.assert_close(losses, torch.tensor([0.5632616875, LN2], dtype=D), rtol=0, atol=1e-9)
 
 
-def test_ipo_hand_worked():
-    """beta = 0.5: target 1/(2*0.5) = 1; pair 0: (10 - 1)^2 = 81; pair 1: (0 - 1)^2 = 1."""
-    losses, rc, _ = _losses("ipo", 0.5)
-    torch.testing.assert_close(losses, torch.tensor([81.0, 1.0], dtype=D))
-    torch.testing.assert_close(rc, torch.tensor([1.0, 0.0], dtype=D))  # 0.5 * 2
+def test_ipo_hand_worked_per_token_as_trl():
+    """TRL divides each log-ratio by its response length before IPO's squared loss.
+    Lengths 3 (chosen) and 30 (rejected), beta = 0.5 (target 1/(2*0.5) = 1):
+    pair 0: 2/3 - (-8/30) = 0.6666666667 + 0.2666666667 = 0.9333333333; (0.9333333333 - 1)^2 = 0.0044444444.
+    pair 1: delta 0; (0 - 1)^2 = 1. Rewards: 0.5 * 2/3 = 0.3333333333 and 0.5 * -8/30 = -0.1333333333.
+    Summed ELBOs would give (10 - 1)^2 = 81 for pair 0 whatever the lengths."""
+    lengths = dict(chosen_len=torch.tensor([3, 3]), rejected_len=torch.tensor([30, 30]))
+    losses, rc, rr = _losses("ipo", 0.5, **lengths)
+    torch.testing.assert_close(losses, torch.tensor([0.0044444444, 1.0], dtype=D), rtol=0, atol=1e-9)
+    torch.testing.assert_close(rc, torch.tensor([0.3333333333, 0.0], dtype=D), rtol=0, atol=1e-9)
+    torch.testing.assert_close(rr, torch.tensor([-0.1333333333, 0.0], dtype=D), rtol=0, atol=1e-9)
+    # The lengths swapped: 2/30 + 8/3 = 2.7333333333; (2.7333333333 - 1)^2 = 3.0044444444.
+    swapped, _, _ = _losses("ipo", 0.5, chosen_len=torch.tensor([30, 30]), rejected_len=torch.tensor([3, 3]))
+    assert swapped[0].item() == pytest.approx(3.0044444444, abs=1e-9)
+    with pytest.raises(ValueError, match="ipo loss needs chosen_len and rejected_len"):
+        _losses("ipo", 0.5)
+
+
+def test_reward_accuracy_one_tie_rule():
+    from pipeline.losses import reward_accuracy
+
+    ref = torch.tensor([-1000.0, -1000.0, -1000.0], dtype=D)
+    # Margins 1e-4 (inside 1e-5 * 0.1 * 2000 = 2e-3: a tie), +0.01 (a win), -0.01 (a loss).
+    cr = torch.tensor([1e-4, 0.01, -0.01], dtype=D)
+    got = reward_accuracy(cr, torch.zeros(3, dtype=D), ref, ref, beta=0.1)
+    assert got.tolist() == [0.5, 1.0, 0.0]
+    exact = reward_accuracy(torch.zeros(2, dtype=D), torch.zeros(2, dtype=D), ref[:2], ref[:2], beta=0.1)
+    assert exact.tolist() == [0.5, 0.5]  # an exact tie is half, never a win (TRL's strict > gives 0)
 
 
 def test_hinge_hand_worked():
@@ -108,8 +132,10 @@ def test_loss_weight_hand_worked():
 def test_rewards_are_detached_and_losses_carry_grad():
     pc = PC.clone().requires_grad_(True)
     pr = PR.clone().requires_grad_(True)
+    lengths = dict(chosen_len=torch.tensor([3, 4]), rejected_len=torch.tensor([5, 6]))
     for loss_type in LOSS_TYPES:
-        losses, rc, rr = dpo_loss(pc, pr, RC, RR, beta=0.1, loss_type=loss_type)
+        losses, rc, rr = dpo_loss(pc, pr, RC, RR, beta=0.1, loss_type=loss_type,
+                                  **(lengths if loss_type == "ipo" else {}))
         assert losses.shape == rc.shape == rr.shape == (2,)
         assert losses.requires_grad
         assert not rc.requires_grad and not rr.requires_grad
@@ -128,7 +154,8 @@ def test_validation_errors():
     with pytest.raises(ConfigError, match=r"\[0, 0.5\)"):
         dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="sigmoid", label_smoothing=-0.1)
     with pytest.raises(ConfigError, match="only the sigmoid and robust"):
-        dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="ipo", label_smoothing=0.1)
+        dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="ipo", label_smoothing=0.1, chosen_len=torch.ones(2),
+                 rejected_len=torch.ones(2))
     with pytest.raises(ValueError):
         sft_loss(torch.tensor([-3.0]), torch.tensor([0]))
 
@@ -158,7 +185,8 @@ def test_loss_weight_matches_autograd(loss_type, delta, beta, ls):
         assume(abs(1.0 - beta * delta) > 1e-9)  # the kink has no derivative
     pc = torch.tensor([delta], dtype=D, requires_grad=True)
     zero = torch.zeros(1, dtype=D)
-    losses, _, _ = dpo_loss(pc, zero, zero, zero, beta=beta, loss_type=loss_type, label_smoothing=ls)
+    ones = dict(chosen_len=torch.ones(1), rejected_len=torch.ones(1)) if loss_type == "ipo" else {}
+    losses, _, _ = dpo_loss(pc, zero, zero, zero, beta=beta, loss_type=loss_type, label_smoothing=ls, **ones)
     losses.sum().backward()
     w = loss_weight(torch.tensor([delta], dtype=D), beta=beta, loss_type=loss_type, label_smoothing=ls)
     torch.testing.assert_close(w, pc.grad, rtol=1e-9, atol=1e-12)
@@ -219,13 +247,15 @@ def test_sequence_gradient_identity(loss_type, ls, sft_weight):
     # beta 0.2 puts pair 0 (delta ~8.5) past the hinge and the other two before it.
     beta = 0.2 if loss_type == "hinge" else 0.1
     chosen_len = torch.tensor([c[0].shape[0] for c in chosen])
+    rejected_len = torch.tensor([r[0].shape[0] for r in rejected])
+    lengths = dict(chosen_len=chosen_len, rejected_len=rejected_len) if loss_type == "ipo" else {}
 
     # One pass over the mean of n terms (what a naive step does: 2n sequences' activations held).
     policy.zero_grad()
     pc = torch.stack([policy.terms(s) for s in chosen]).mean(1)
     pr = torch.stack([policy.terms(s) for s in rejected]).mean(1)
     losses, _, _ = dpo_loss(
-        pc, pr, ref_c.mean(1), ref_r.mean(1), beta=beta, loss_type=loss_type, label_smoothing=ls
+        pc, pr, ref_c.mean(1), ref_r.mean(1), beta=beta, loss_type=loss_type, label_smoothing=ls, **lengths
     )
     total = losses + sft_weight * sft_loss(pc, chosen_len)
     total.mean().backward()
@@ -237,18 +267,20 @@ def test_sequence_gradient_identity(loss_type, ls, sft_weight):
     with torch.no_grad():
         pc0 = torch.stack([policy.terms(s) for s in chosen]).mean(1)
         pr0 = torch.stack([policy.terms(s) for s in rejected]).mean(1)
-        delta = (pc0 - ref_c.mean(1)) - (pr0 - ref_r.mean(1))
+        delta = preference_delta(pc0, pr0, ref_c.mean(1), ref_r.mean(1), loss_type=loss_type, **lengths)
     w = loss_weight(delta, beta=beta, loss_type=loss_type, label_smoothing=ls)
     if loss_type == "hinge":  # the batch exercises both sides of the hinge
         assert (w == 0).any() and (w != 0).any()
     chosen_w, rejected_w = sequence_weights(
         delta, n, beta=beta, loss_type=loss_type, label_smoothing=ls,
-        sft_weight=sft_weight, chosen_len=chosen_len, normalizer=B,
+        sft_weight=sft_weight, chosen_len=chosen_len, normalizer=B, rejected_len=rejected_len,
     )
-    # The packaged weights are loss_weight/n (chosen, plus the SFT term) and -loss_weight/n, over B.
-    expect_c = (w + sft_weight * sft_loss_weight(chosen_len)) / (n * B)
+    # The packaged weights are loss_weight/n (chosen, plus the SFT term) and -loss_weight/n, over B
+    # (for ipo each log-ratio's weight also carries 1/length).
+    lc, lr = (chosen_len.to(D), rejected_len.to(D)) if loss_type == "ipo" else (1.0, 1.0)
+    expect_c = (w / lc + sft_weight * sft_loss_weight(chosen_len)) / (n * B)
     torch.testing.assert_close(chosen_w, expect_c)
-    torch.testing.assert_close(rejected_w, -w / (n * B))
+    torch.testing.assert_close(rejected_w, -w / lr / (n * B))
     for b in range(B):
         (policy.terms(chosen[b]).sum() * chosen_w[b]).backward()
         (policy.terms(rejected[b]).sum() * rejected_w[b]).backward()

@@ -109,6 +109,8 @@ def _one_line(res, fragment: str) -> None:
     (["eval", "--scores", "CACHE", "--device", "tpu"], "device must be auto"),
     (["generate", "--prompts", "PAIRS", "--device", "tpu"], "device must be auto"),
     (["run", "--device", "tpu"], "device must be auto"),
+    (["make-pairs", "PAIRS", "--device", "tpu"], "device must be auto"),
+    (["make-pairs", "PAIRS", "--num-generations", "0"], "num_generations must be >= 1"),
 ])
 def test_bad_flags_are_one_line_before_any_model(small_pairs, small_cache, monkeypatch, tmp_path, args, fragment):
     _no_model(monkeypatch)
@@ -133,6 +135,8 @@ def test_unwritable_output_is_one_line_before_any_model_for_every_stage(small_pa
     run_dir.mkdir()
     src = tmp_path / "in.jsonl"
     src.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text('{"question": "What is 1 + 1?", "answer": 2}\n')
     commands = {
         "ingest": ["ingest", str(src), "--out", str(bad / "pairs.arrow")],
         "score-ref": ["score-ref", str(small_pairs), "--model", "micro", "--device", "cpu", "--out", str(bad)],
@@ -144,8 +148,11 @@ def test_unwritable_output_is_one_line_before_any_model_for_every_stage(small_pa
         "init-model": ["init-model", "micro", str(bad)],
         "report": ["report", str(run_dir), "--out-png", str(bad / "r.png")],
         "run": ["run", "--model", "micro", "--device", "cpu", "--out", str(bad)],
+        "make-pairs": ["make-pairs", str(questions), "--model", "micro", "--device", "cpu",
+                       "--out", str(bad / "pairs.jsonl")],
     }
-    assert set(commands) >= {name for name, _ in COMMANDS} - {"query"}, "a command that writes is not covered"
+    # query and plan only read and print.
+    assert set(commands) >= {name for name, _ in COMMANDS} - {"query", "plan"}, "a command that writes is not covered"
     for name, args in commands.items():
         if args[0] not in {n for n, _ in COMMANDS}:
             continue

@@ -15,12 +15,14 @@ from stages.evaluate import EvalConfig, choice_accuracy, preference_scores, run
 
 def test_reference_against_itself_is_chance_and_a_better_policy_wins(small_cache, monkeypatch):
     from pipeline.cache import open_cache
+    from pipeline.numerics import Numerics
 
     cache = open_cache(small_cache)
     rows = list(cache.rows(split="eval"))
     model, tok = load_model("micro")
-    same = preference_scores(model, tok, rows, cache.fingerprint, beta=0.1, batch_tokens=64)
-    assert same["accuracy"] == 0.5 and abs(same["mean_margin"]) < 1e-3  # every pair a tie
+    same = preference_scores(model, tok, cache, "eval", 0.1, Numerics())
+    assert same["accuracy"] == 0.5 and same["mean_margin"] == 0.0  # every pair an exact tie
+    assert same["pairs"] == len(rows)
     # ELBO accuracy of the reference equals the share of pairs its cached margin favours.
     assert same["elbo_accuracy"] == pytest.approx(sum(r["ref_margin"] > 0 for r in rows) / len(rows))
 
@@ -35,13 +37,29 @@ def test_reference_against_itself_is_chance_and_a_better_policy_wins(small_cache
         return [t - 5.0 if tuple(req.response_ids) in rejected else t for t, req in zip(out, requests)]
 
     monkeypatch.setattr(diffusion, "elbo_terms", tilted_terms)
-    better = preference_scores(model, tok, rows, cache.fingerprint, beta=0.1, batch_tokens=64)
+    better = preference_scores(model, tok, cache, "eval", 0.1, Numerics())
     assert better["accuracy"] == 1.0 and better["mean_margin"] == pytest.approx(0.5, rel=1e-6)
     # Accuracy is the sign of the margin, whatever beta scales it by (beta 0 once gave 0.5: every pair a "tie").
     for beta in (0.0, 1e-300, 10.0):
-        assert preference_scores(model, tok, rows, cache.fingerprint, beta=beta, batch_tokens=64)["accuracy"] == 1.0
+        assert preference_scores(model, tok, cache, "eval", beta, Numerics())["accuracy"] == 1.0
     with pytest.raises(ConfigError, match="beta must be > 0, got 0"):
         EvalConfig(beta=0)
+
+
+def test_normalize_length_scores_options_per_token(tmp_path, monkeypatch):
+    import pipeline.diffusion as diffusion
+
+    model, tok = load_model("micro")
+    # Every token of every option scores -1 nat, plus -3 nats once: the short option has the higher ELBO,
+    # the long one the higher ELBO per token.
+    monkeypatch.setattr(diffusion, "elbo_terms", lambda m, requests, **kw: [
+        torch.full((r.masks.shape[0],), -1.0 * len(r.response_ids) - 3.0) for r in requests])
+    item = {"question": "Pick one:", "options": ["yes", "yes yes yes yes yes yes"], "answer": 1}
+    for normalize, expected in (("none", 0.0), ("length", 1.0)):
+        cfg = EvalConfig(scores=None, choices=tmp_path / "c.jsonl", samples=2, device="cpu", normalize=normalize)
+        assert choice_accuracy(model, tok, [item], cfg) == expected
+    with pytest.raises(ConfigError, match="normalize must be one of none, length"):
+        EvalConfig(scores=None, choices=tmp_path / "c.jsonl", normalize="mean")
 
 
 def test_choice_accuracy_picks_the_highest_elbo(tmp_path):
@@ -66,6 +84,10 @@ def test_end_to_end_writes_eval_json_and_task_results(small_cache, tmp_path):
     assert set(data["preference_accuracy"]) == {"before", "after"}
     assert data["preference_accuracy"]["before"] == data["preference_accuracy"]["after"] == 0.5  # same model
     assert data["counts"] == {"pairs": result.pairs, "task_items": 3, "choice_items": 1}
+    assert data["mean_margin"] == {"before": 0.0, "after": 0.0}
+    # Training pairs: the policy's margin on the masks training replayed and on masks it never saw.
+    assert set(data["train_sample"]) == {"pairs", "cached_masks", "fresh_masks"}
+    assert data["train_sample"]["fresh_masks"]["mean_margin"] == 0.0
     assert len(data["reference_margins"]) == result.pairs
     table = pq.read_table(tmp_path / "run" / "task_results.parquet").to_pylist()
     assert [r["model"] for r in table] == ["before"] * 3 + ["after"] * 3

@@ -18,7 +18,7 @@ SHRUNK = {
     "model": "micro",
     "device": "cpu",
     "score_ref": {"limit": 40, "samples": 2, "max_length": 128},
-    "train": {"max_steps": 3, "batch_size": 4, "save_every": 2},
+    "train": {"max_steps": 3, "batch_size": 16, "save_every": 2},  # ~32 train pairs: 2 steps an epoch, 2 epochs
     "eval": {"limit_task": 2, "gen_length": 8, "block_length": 8, "steps": 4, "batch_size": 2, "limit_choices": 2,
              "samples": 2},
 }
@@ -56,7 +56,11 @@ def test_run_end_to_end_summary_matches_the_files(tmp_path):
     assert summary["preference_accuracy"]["before"] == 0.5  # the reference against itself: all ties
     assert summary["choice_accuracy"] == eval_json["choice_accuracy"] and set(summary["choice_accuracy"]) == {
         "before", "after"}
+    # One mask draw per epoch trained: score-ref was given as many draws as train needs.
+    cache_manifest = json.loads((Path(art["reference_cache"]) / "manifest.json").read_text())
+    assert cache_manifest["fingerprint"]["draws"] == 2
     metrics = pq.read_table(art["metrics"]).to_pylist()
+    assert all(m["masks/reused"] != 1.0 for m in metrics)
     assert len(metrics) == 3 and summary["final_train_loss"] == pytest.approx(metrics[-1]["loss"])
     assert pq.read_table(Path(art["run"]) / "task_results.parquet").num_rows == 4  # 2 items x before/after
     assert "lldm-dpo query --pairs" in summary["example_query"]

@@ -340,3 +340,13 @@ def test_fully_padded_row_is_finite():
     mask[1] = 0
     with torch.no_grad():
         assert torch.isfinite(model(ids, attention_mask=mask).logits).all()
+
+
+def test_only_the_silu_activation_is_accepted():
+    # LLaDA-8B's llama block: silu(ff_proj(x)) * up_proj(x) with activation_type "silu". "swiglu" in LLaDA's
+    # code splits its input in two, another function: refused rather than run as plain SiLU.
+    small = dict(d_model=16, n_heads=2, n_layers=1, mlp_hidden_size=32, vocab_size=64, embedding_size=64)
+    LLaDAModelLM(LLaDAConfig(activation_type="silu", **small))
+    for name in ("swiglu", "gelu"):
+        with pytest.raises(ValueError, match=f"activation_type='{name}' not supported"):
+            LLaDAModelLM(LLaDAConfig(activation_type=name, **small))

@@ -1,0 +1,120 @@
+"""The numerics a model is scored in: weights dtype, autocast, 4-bit base. Part of the cache's contract.
+
+score-ref records them in the fingerprint (``dtype``, ``mixed_precision``,
+``load_in_4bit``); train and eval follow them by default, so the policy that
+starts from the cache's model reproduces the cached terms. An explicit setting
+that differs is refused with both values named unless the user allows it
+(``--allow-numerics-mismatch``): a bfloat16 policy against a float32 cache
+starts every DPO number off centre by about a nat on 200-token responses
+(bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from pipeline.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+FIELDS = ("dtype", "mixed_precision", "load_in_4bit")
+FLAGS = {"dtype": "--dtype", "mixed_precision": "--mixed-precision", "load_in_4bit": "--load-in-4bit"}
+
+
+@dataclass(frozen=True)
+class Numerics:
+    dtype: str = "float32"
+    """Weights dtype (the 4-bit base computes in bfloat16)."""
+    mixed_precision: str = "no"
+    """Autocast of the forward pass: no, bf16 or fp16 (accelerate's names)."""
+    load_in_4bit: bool = False
+    """Frozen base quantized to NF4 with bitsandbytes."""
+
+    def describe(self) -> str:
+        parts = [self.dtype + " weights"]
+        if self.mixed_precision != "no":
+            parts.append(f"{self.mixed_precision} autocast")
+        if self.load_in_4bit:
+            parts.append("4-bit NF4 base")
+        return ", ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in FIELDS}
+
+
+def of_fingerprint(fingerprint: dict[str, Any]) -> Numerics:
+    """The numerics a cache was scored in (caches from before this field: float32-era defaults)."""
+    return Numerics(dtype=fingerprint.get("dtype") or "float32",
+                    mixed_precision=fingerprint.get("mixed_precision") or "no",
+                    load_in_4bit=bool(fingerprint.get("load_in_4bit") or False))
+
+
+def follow(cache: Numerics, *, dtype: Optional[str] = None, mixed_precision: Optional[str] = None,
+           load_in_4bit: Optional[bool] = None, allow_mismatch: bool = False, where: str = "cache") -> Numerics:
+    """This run's numerics: each setting left unset (None) takes the cache's; one set to another value
+    is refused with both values named, unless ``allow_mismatch``."""
+    asked = {"dtype": dtype, "mixed_precision": mixed_precision, "load_in_4bit": load_in_4bit}
+    chosen = {}
+    for name in FIELDS:
+        value, cached = asked[name], getattr(cache, name)
+        if value is None:
+            chosen[name] = cached
+            continue
+        if value != cached and not allow_mismatch:
+            raise UserError(f"{where}: the reference was scored with {name}={cached}, this run asks for "
+                            f"{name}={value}; drop {FLAGS[name]} to follow the cache, rescore with score-ref "
+                            f"{FLAGS[name]} {value}, or pass --allow-numerics-mismatch")
+        chosen[name] = value
+    if chosen["load_in_4bit"] and chosen["dtype"] != "bfloat16":
+        chosen["dtype"] = "bfloat16"  # bitsandbytes' 4-bit base computes in bfloat16 here
+    return Numerics(**chosen)
+
+
+def check_4bit(device: torch.device) -> None:
+    """The clear errors of a 4-bit base that cannot run here."""
+    if device.type != "cuda":
+        raise UserError("--load-in-4bit needs a CUDA device (bitsandbytes 4-bit kernels); this run is on "
+                        f"{device.type}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("--load-in-4bit needs bitsandbytes: pip install 'lldm-dpo[quant]'") from None
+
+
+def autocast(device: torch.device | str, mixed_precision: str):
+    """The forward pass's autocast, as accelerate's ``Accelerator(mixed_precision=...).autocast()`` gives it."""
+    dtype = PRECISIONS[mixed_precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def prepare_4bit(model, gradient_checkpointing: bool = False):
+    """A 4-bit base as train computes with it: peft's k-bit preparation (non-quantized weights in float32),
+    except the frozen embedding and head, kept in bfloat16 (about 2 GB at LLaDA-8B's vocabulary)."""
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        module.to(torch.bfloat16)
+    return model
+
+
+def load(name: str, numerics: Numerics, device: torch.device | str, trust_remote_code: bool = False):
+    """``load_model`` in these numerics (the 4-bit checks first; a 4-bit base prepared as train prepares it,
+    so score-ref, train and eval compute alike)."""
+    from pipeline.models import load_model
+
+    if numerics.load_in_4bit:
+        check_4bit(torch.device(device))
+        model, tokenizer = load_model(name, dtype="bfloat16", device=str(device),
+                                      trust_remote_code=trust_remote_code, load_in_4bit=True)
+        model = prepare_4bit(model)
+        model.requires_grad_(False)
+        return model, tokenizer
+    return load_model(name, dtype=numerics.dtype, device=str(device), trust_remote_code=trust_remote_code)

@@ -1,0 +1,422 @@
+"""``lldm-dpo make-pairs``: preference pairs from the model's own samples, graded by the answer checker.
+
+Input: JSONL of {question, answer} records (GSM8K answers, ``A: N`` solutions
+or bare numbers). For each question the model draws ``num_generations``
+solutions with LLaDA's sampler; each is graded against the reference answer;
+correct samples are chosen and wrong ones rejected (``pipeline.selfpairs``
+holds the pairing policy). Outputs, beside each other:
+
+* ``OUT`` (JSONL): TRL standard-format pairs ``prompt``, ``chosen``,
+  ``rejected`` with provenance columns ``question_id``, ``chosen_from``
+  (sample or reference), ``chosen_sample``, ``rejected_sample``,
+  ``chosen_answer``, ``rejected_answer``, ``reference_answer``, ``model``,
+  ``model_sha256``, ``seed``, ``round``: ready for ``lldm-dpo ingest``
+  (``--keep-field`` to carry provenance into the pairs file);
+* ``OUT stem.samples.jsonl``: one row per sample (completion, extracted
+  answer, correct, sample seed...), the ``samples`` view of ``lldm-dpo query``.
+
+Samples stream to ``SAMPLES.partial`` after every batch (fsync'd). A rerun
+reuses finished samples whose model content identity
+(``pipeline.models.model_identity``), sampler settings and question text
+match, and samples only the rest; anything else that differs is an error
+naming it. Each sample's noise is seeded by (seed, question_id, sample index)
+alone, so a resumed run gives what an uninterrupted one would. The pairs are
+a pure function of the samples and the pairing flags: changing only those
+re-pairs without sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from pipeline.atomic import atomic_path
+from pipeline.config import check_device, check_ranges, require, require_choice
+from pipeline.errors import ConfigError, UserError
+from pipeline.pairs import normalize_text
+from pipeline.sampler import REMASKING, check_schedule
+from pipeline.selfpairs import (
+    PairingPolicy,
+    Question,
+    SampleItem,
+    grade,
+    identity_digest,
+    pair_question,
+    read_questions,
+    sample_seed,
+)
+
+
+def samples_path_for(out: str | Path) -> Path:
+    """Where the per-sample rows go: beside the pairs (``pairs.jsonl`` -> ``pairs.samples.jsonl``)."""
+    out = Path(out)
+    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
+    return out.with_name(f"{stem}.samples.jsonl")
+
+
+RANGES = {"num_generations": "[1, inf)", "pairs_per_question": "[1, inf)", "gen_length": "[1, inf)",
+          "block_length": "[1, inf)", "steps": "[1, inf)", "temperature": "[0, inf)", "cfg_scale": "[0, inf)",
+          "batch_size": "[1, inf)", "seed": "[0, inf)", "limit": "[0, inf)", "round": "[0, inf)"}
+"""The valid interval of every numeric field (checked first in __post_init__)."""
+
+
+@dataclass
+class MakePairsConfig:
+    questions: str = ""
+    """Questions file: JSONL with a question (or prompt) and a reference answer per line."""
+    model: str = "tiny"
+    """The policy that samples: preset name (tiny, micro), a local model folder or a LoRA adapter folder."""
+    out: str = "data/out/self_pairs.jsonl"
+    """Pairs JSONL (TRL standard format plus provenance columns); samples go beside it as <stem>.samples.jsonl."""
+    question_field: Optional[str] = None
+    """Input field holding the question; default: `question`, else `prompt`."""
+    answer_field: str = "answer"
+    """Input field holding the reference answer (a GSM8K solution, `A: N`, or a number)."""
+    solution_field: Optional[str] = None
+    """Input field holding the reference solution used by the fallback; default: the answer field (a bare number N becomes `#### N`)."""
+    id_field: str = "id"
+    """Input field holding a question id; records without it get a hash of the question text."""
+    num_generations: int = 4
+    """Samples drawn per question (TRL's name; the k of best-of-k)."""
+    pairs_per_question: int = 1
+    """Most pairs made from one question's samples."""
+    reference_solution_fallback: bool = False
+    """When no sample of a question is correct, pair the reference solution (chosen) with wrong samples instead of skipping it."""
+    gen_length: int = 128
+    """Tokens generated per sample."""
+    block_length: int = 32
+    """Semi-autoregressive block size; gen_length must be a multiple of it."""
+    steps: int = 128
+    """Sampling steps in all (one forward pass each), a multiple of gen_length / block_length."""
+    temperature: float = 0.7
+    """Gumbel-noise temperature; > 0 so the samples of a question differ."""
+    remasking: str = "low_confidence"
+    """Which masked tokens to commit each step: low_confidence or random."""
+    cfg_scale: float = 0.0
+    """Classifier-free guidance scale; > 0 adds a pass with the prompt masked."""
+    batch_size: int = 8
+    """Samples per forward pass (results do not depend on it)."""
+    seed: int = 0
+    """Seed of every sample's noise generator (with the question id and sample index)."""
+    chat_template: Optional[bool] = None
+    """Wrap each question as a user turn in the tokenizer's chat template; false: raw text; default: on when the tokenizer has one (pipeline/prompts.py). Score-ref the pairs under the same rule."""
+    limit: int = 0
+    """Use the first N questions only (0: all)."""
+    round: int = 0
+    """Round label written in every row (`run --rounds` sets it; 0 for a standalone run)."""
+    dtype: str = "float32"
+    """float32, bfloat16 or float16."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (cuda when available)."""
+    trust_remote_code: bool = False
+    """Allow a hub model's own modeling code."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, RANGES)
+        check_device(self.device)
+        try:
+            check_schedule(self.gen_length, self.block_length, self.steps)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        require_choice("remasking", self.remasking, REMASKING)
+        require_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.num_generations > 1 and self.temperature == 0 and self.remasking == "low_confidence":
+            raise ConfigError("num_generations > 1 with temperature 0 and low_confidence remasking draws the same "
+                              "sample k times: set temperature > 0")
+        require(bool(self.out), "out must be a path")
+        require(bool(self.answer_field) and bool(self.id_field), "answer_field and id_field must be non-empty")
+
+    @property
+    def samples_path(self) -> Path:
+        return samples_path_for(self.out)
+
+    def sampler_settings(self) -> dict[str, Any]:
+        """Everything besides the model weights that changes a sample; stored in each sample row."""
+        return {"gen_length": self.gen_length, "block_length": self.block_length, "steps": self.steps,
+                "temperature": self.temperature, "remasking": self.remasking, "cfg_scale": self.cfg_scale,
+                "seed": self.seed, "chat_template": self.chat_template, "dtype": self.dtype}
+
+
+@dataclass
+class MakePairsResult:
+    out: str
+    samples_file: str
+    questions: int
+    duplicate_questions: int
+    """Records skipped as repeats of an earlier question (same id and answer)."""
+    samples: int
+    sampled_now: int
+    resumed: int
+    """Samples reused from an earlier (possibly interrupted) run."""
+    correct_samples: int
+    empty_samples: int
+    questions_all_correct: int
+    questions_all_wrong: int
+    questions_mixed: int
+    questions_with_pairs: int
+    pairs: int
+    pairs_reference_chosen: int
+    repeated_pairs: int
+    """Pairs dropped as repeats of another question's (two ids holding the same text); ingest would refuse them."""
+    sample_accuracy: float
+    """Share of samples graded correct."""
+    pass_at_k: float
+    """Share of questions with at least one correct sample."""
+    seconds: float
+    samples_per_second: float
+    """Samples drawn per second of sampling, this invocation."""
+    model_sha256: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# --- earlier samples ------------------------------------------------------------------
+
+
+def _read_done(path: Path, by_id: dict[str, Question], settings: dict, model_sha: str, k: int,
+               *, tolerate_tail: bool) -> dict[tuple[str, int], dict]:
+    done: dict[tuple[str, int], dict] = {}
+    if not path.exists():
+        return done
+    lines = path.read_bytes().split(b"\n")
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if tolerate_tail and number >= len(lines) - 1:
+                break  # the line a killed run was writing
+            raise UserError(f"{where}: invalid JSON; delete the file to start over") from None
+        if not isinstance(row, dict) or not {"question_id", "sample", "sampler", "model_sha256"} <= row.keys():
+            raise UserError(f"{where}: not a `lldm-dpo make-pairs` sample row; choose another --out")
+        if row["model_sha256"] != model_sha:
+            raise UserError(f"{where}: sampled by another model (content identity {row['model_sha256'][:12]}, "
+                            f"this run's {model_sha[:12]}); delete the file or choose another --out")
+        previous = row["sampler"] or {}
+        for key, value in settings.items():
+            if previous.get(key) != value:
+                raise UserError(f"{where}: made with {key}={previous.get(key)!r}, this run has {key}={value!r}; "
+                                "delete the file or choose another --out")
+        question = by_id.get(row["question_id"])
+        if question is None or not 0 <= row["sample"] < k:
+            continue  # beyond --limit / --num-generations or another file's question: not ours to write back
+        if row.get("prompt") != question.prompt or row.get("reference_answer") != question.reference_answer:
+            raise UserError(f"{where}: question {question.question_id!r} differs from {question.where}; "
+                            "a different questions file? delete the file or choose another --out")
+        done[(row["question_id"], row["sample"])] = row
+    return done
+
+
+def _check_pairs_target(out: Path) -> None:
+    """Refuse to replace a file that is not an earlier make-pairs output (no command removes what it did not write)."""
+    if not out.exists():
+        return
+    with out.open("rb") as f:
+        first = f.readline()
+    if not first.strip():
+        return
+    try:
+        row = json.loads(first)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        row = None
+    if not isinstance(row, dict) or "question_id" not in row or "chosen_from" not in row:
+        raise UserError(f"{out}: exists and is not a `lldm-dpo make-pairs` output; choose another --out")
+
+
+def _dumps(row: dict[str, Any]) -> str:
+    return json.dumps(row, ensure_ascii=False, sort_keys=False, default=str)
+
+
+# --- the stage ---------------------------------------------------------------------------
+
+
+def run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
+    """Sample, grade and pair; ``sampler`` (tests) replaces the model: a callable over
+    ``SampleItem`` batches with an ``identity`` attribute."""
+    start = time.perf_counter()
+    if not cfg.questions:
+        raise UserError("no questions file given (the QUESTIONS argument, or questions: in --config)")
+    qset = read_questions(cfg.questions, question_field=cfg.question_field, answer_field=cfg.answer_field,
+                          id_field=cfg.id_field, solution_field=cfg.solution_field)
+    questions = qset.questions[: cfg.limit] if cfg.limit else qset.questions
+    by_id = {q.question_id: q for q in questions}
+    out, samples_file = Path(cfg.out), cfg.samples_path
+    partial = samples_file.with_name(samples_file.name + ".partial")
+    from pipeline.atomic import check_writable, sweep_stale
+
+    check_writable(out, "pairs file")
+    for name in (out.name, samples_file.name, partial.name):
+        sweep_stale(out.parent, name)  # temporary files of a killed run of ours
+    _check_pairs_target(out)
+    settings = cfg.sampler_settings()
+    if sampler is not None:
+        identity = sampler.identity
+    else:
+        from pipeline.models import model_identity
+
+        identity = model_identity(cfg.model)
+    model_sha = identity_digest(identity)
+    k = cfg.num_generations
+    done = _read_done(samples_file, by_id, settings, model_sha, k, tolerate_tail=False)
+    done.update(_read_done(partial, by_id, settings, model_sha, k, tolerate_tail=True))
+    pending = [SampleItem(q, j, sample_seed(cfg.seed, q.question_id, j))
+               for q in questions for j in range(k) if (q.question_id, j) not in done]
+    resumed = len(questions) * k - len(pending)
+
+    sampled: list[dict] = []
+    sample_seconds = 0.0
+    if pending or partial.exists() or not samples_file.exists():
+        with atomic_path(partial) as tmp:  # the partial file starts as the rows already done
+            tmp.write_text("".join(_dumps(r) + "\n" for r in done.values()), encoding="utf-8")
+        if pending:
+            sampler = sampler if sampler is not None else _load_sampler(cfg, identity)
+            sample_seconds = _sample_into(cfg, sampler, pending, partial, settings, model_sha, sampled)
+        rows = {**done, **{(r["question_id"], r["sample"]): r for r in sampled}}
+        ordered = [rows[(q.question_id, j)] for q in questions for j in range(k)]
+        for r in ordered:
+            r["round"] = cfg.round
+        with atomic_path(samples_file) as tmp:
+            tmp.write_text("".join(_dumps(r) + "\n" for r in ordered), encoding="utf-8")
+        partial.unlink(missing_ok=True)
+    else:
+        ordered = [done[(q.question_id, j)] for q in questions for j in range(k)]
+
+    policy = PairingPolicy(cfg.pairs_per_question, cfg.reference_solution_fallback)
+    provenance = {"model": cfg.model, "model_sha256": model_sha, "seed": cfg.seed, "round": cfg.round}
+    counts = {"all_correct": 0, "all_wrong": 0, "mixed": 0}
+    pairs: list[dict] = []
+    empty = with_pairs = repeats = 0
+    seen: set[tuple[str, str, str]] = set()
+    for i, q in enumerate(questions):
+        outcome = pair_question(q, ordered[i * k : (i + 1) * k], policy)
+        counts[outcome.kind] += 1
+        empty += outcome.empty
+        kept = []
+        for p in outcome.pairs:
+            # Two ids may hold the same question text: ingest would quarantine the repeated pair.
+            key = (normalize_text(p["prompt"]), normalize_text(p["chosen"]), normalize_text(p["rejected"]))
+            if key in seen:
+                repeats += 1
+                continue
+            seen.add(key)
+            kept.append({**p, **provenance})
+        with_pairs += bool(kept)
+        pairs += kept
+    with atomic_path(out) as tmp:
+        tmp.write_text("".join(_dumps(p) + "\n" for p in pairs), encoding="utf-8")
+
+    correct = sum(bool(r["correct"]) for r in ordered)
+    return MakePairsResult(
+        out=str(out), samples_file=str(samples_file), questions=len(questions), duplicate_questions=qset.duplicates,
+        samples=len(ordered), sampled_now=len(sampled), resumed=resumed, correct_samples=correct,
+        empty_samples=empty, questions_all_correct=counts["all_correct"], questions_all_wrong=counts["all_wrong"],
+        questions_mixed=counts["mixed"], questions_with_pairs=with_pairs, pairs=len(pairs),
+        pairs_reference_chosen=sum(p["chosen_from"] == "reference" for p in pairs),
+        sample_accuracy=round(correct / len(ordered), 4) if ordered else 0.0,
+        pass_at_k=round((counts["all_correct"] + counts["mixed"]) / len(questions), 4),
+        seconds=round(time.perf_counter() - start, 3),
+        samples_per_second=round(len(sampled) / sample_seconds, 3) if sample_seconds else 0.0,
+        repeated_pairs=repeats, model_sha256=model_sha, details={"settings": settings, "partial": str(partial)},
+    )
+
+
+def _load_sampler(cfg: MakePairsConfig, identity: Any):
+    from pipeline.models import load_model
+    from pipeline.selfpairs import DiffusionSampler, resolve_device
+
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(device),
+                                  trust_remote_code=cfg.trust_remote_code)
+    model.eval()
+    return DiffusionSampler(model, tokenizer, identity=identity, gen_length=cfg.gen_length,
+                            block_length=cfg.block_length, steps=cfg.steps, temperature=cfg.temperature,
+                            remasking=cfg.remasking, cfg_scale=cfg.cfg_scale, chat_template=cfg.chat_template)
+
+
+def _sample_into(cfg: MakePairsConfig, sampler, pending: list[SampleItem], partial: Path, settings: dict,
+                 model_sha: str, sink: list) -> float:
+    from pipeline.progress import progress_bar
+
+    sort_key = getattr(sampler, "sort_key", None)
+    order = sorted(pending, key=sort_key) if sort_key else pending
+    started = time.perf_counter()
+    with partial.open("a", encoding="utf-8") as stream, \
+            progress_bar("make-pairs", len(order), cfg.progress) as bar:
+        for first in range(0, len(order), cfg.batch_size):
+            chunk = order[first : first + cfg.batch_size]
+            results = sampler(chunk)
+            rows = []
+            for item, res in zip(chunk, results):
+                extracted, correct = grade(res["completion"], item.question.reference_answer)
+                rows.append({
+                    "question_id": item.question.question_id, "question_index": item.question.index,
+                    "sample": item.sample, "prompt": item.question.prompt,
+                    "reference_answer": item.question.reference_answer, "completion": res["completion"],
+                    "completion_tokens": res["completion_tokens"], "stopped": res["stopped"],
+                    "extracted_answer": extracted, "correct": correct, "model": cfg.model,
+                    "model_sha256": model_sha, "seed": cfg.seed, "sample_seed": item.seed, "round": cfg.round,
+                    "sampler": settings,
+                })
+            stream.write("".join(_dumps(r) + "\n" for r in rows))
+            stream.flush()
+            os.fsync(stream.fileno())
+            sink.extend(rows)
+            bar.advance(len(rows))
+    return time.perf_counter() - started
+
+
+def command(
+    questions: Optional[Path] = typer.Argument(None, help="JSONL of {question, answer} records."),
+    model: Optional[str] = typer.Option(None, "--model", help="The sampling policy: preset, model or adapter folder."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Pairs JSONL (samples go beside it)."),
+    question_field: Optional[str] = typer.Option(None, "--question-field", help="Field holding the question."),
+    answer_field: Optional[str] = typer.Option(None, "--answer-field", help="Field holding the reference answer."),
+    solution_field: Optional[str] = typer.Option(None, "--solution-field",
+                                                 help="Field holding the reference solution (fallback's chosen)."),
+    id_field: Optional[str] = typer.Option(None, "--id-field", help="Field holding a question id."),
+    num_generations: Optional[int] = typer.Option(None, "--num-generations", help="Samples per question (k)."),
+    pairs_per_question: Optional[int] = typer.Option(None, "--pairs-per-question", help="Most pairs per question."),
+    reference_solution_fallback: Optional[bool] = typer.Option(
+        None, "--reference-solution-fallback/--no-reference-solution-fallback",
+        help="No correct sample: the reference solution is chosen (else the question is skipped)."),
+    gen_length: Optional[int] = typer.Option(None, "--gen-length", help="Tokens generated per sample."),
+    block_length: Optional[int] = typer.Option(None, "--block-length", help="Semi-autoregressive block size."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (forward passes) in all."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Gumbel-noise temperature."),
+    remasking: Optional[str] = typer.Option(None, "--remasking", help="low_confidence or random."),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale (0: off)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per forward pass."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed."),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template",
+                                                 help="Wrap questions in the tokenizer's chat template."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="First N questions only."),
+    round: Optional[int] = typer.Option(None, "--round", help="Round label written in every row."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow remote modeling code."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Preference pairs from the model's own samples: k solutions per question, graded, correct chosen."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "print_config", "as_json", "no_progress")}
+    from pipeline.stagecli import print_summary, resolve_config, summary_dict
+
+    flags.update(questions=None if questions is None else str(questions), out=None if out is None else str(out),
+                 progress=False if (no_progress or as_json) else None)
+    cfg = resolve_config(MakePairsConfig, config, flags, print_config)
+    if cfg is None:
+        return
+    data = summary_dict(run(cfg))
+    data.pop("details", None)
+    print_summary("make-pairs", data, as_json)

@@ -1,0 +1,305 @@
+"""``lldm-dpo run --rounds R --questions FILE``: iterative DPO on the policy's own graded samples.
+
+Round r (folder ``OUT/round-r``):
+
+1. make-pairs: the round's starting policy (the original model in round 1,
+   round r-1's final model after) samples ``num_generations`` solutions per
+   question; graded pairs go to ``pairs.jsonl`` (samples beside it);
+2. ingest: ``pairs.arrow`` with the provenance columns kept; nothing may be
+   quarantined (make-pairs never writes what ingest refuses);
+3. score-ref: the reference is the round's starting policy
+   (``round_reference: policy``, iterative RPO) or the original model
+   (``initial``), cached in ``cache/``;
+4. train: DPO from the round's starting policy into ``run/``;
+5. eval: task accuracy (and preference accuracy on the round's held-out
+   pairs) of ``run/final``; round 1 also evaluates the original model.
+
+A finished round writes ``round.json`` with its summary and a fingerprint of
+everything that decided it (the round's resolved stage configs, the content
+identity of its starting and reference models, the questions file's hash).
+A rerun skips each round whose ``round.json`` matches and redoes the first
+that does not; make-pairs and score-ref inside a redone round resume from
+what they finished. ``OUT/rounds.json`` holds the table across rounds and
+``OUT/rounds.md`` the same as Markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import write_json_atomic, write_text_atomic
+from pipeline.config import config_to_dict, load_config
+from pipeline.errors import ConfigError, UserError
+
+ROUND_REFERENCES = ("policy", "initial")
+PROVENANCE_FIELDS = ["question_id", "chosen_from", "chosen_sample", "rejected_sample", "chosen_answer",
+                     "rejected_answer", "reference_answer", "model", "model_sha256", "seed", "round"]
+"""make-pairs columns carried into each round's pairs.arrow (queryable with `query --pairs`)."""
+ROUND_FILE = "round.json"
+ROUNDS_FILE = "rounds.json"
+
+
+@dataclass
+class RoundsResult:
+    out: str
+    seconds: float
+    rounds: list[dict[str, Any]]
+    """One summary per round (also in OUT/round-r/round.json)."""
+    initial_task_accuracy: float | None
+    """Task accuracy of the original model (round 1's `before`)."""
+    report: str
+    """OUT/rounds.md: the table across rounds."""
+    resumed_rounds: int
+    """Rounds found finished and skipped."""
+    example_query: str
+
+
+def round_dir(out: Path, r: int) -> Path:
+    return out / f"round-{r}"
+
+
+def check_rounds_config(cfg) -> None:
+    if cfg.rounds < 0:
+        raise ConfigError(f"rounds must be >= 0, got {cfg.rounds}")
+    if cfg.round_reference not in ROUND_REFERENCES:
+        raise ConfigError(f"round_reference must be one of {', '.join(ROUND_REFERENCES)}, got {cfg.round_reference!r}")
+    if cfg.rounds and not cfg.questions:
+        raise ConfigError("run --rounds needs --questions FILE (JSONL of question and answer)")
+    if not cfg.rounds and cfg.questions:
+        raise ConfigError("--questions is used by iterative rounds: add --rounds R")
+    if cfg.rounds and int(cfg.train.get("lora_r", 0) or 0) > 0:
+        # The next round would start from an adapter folder and stack a second adapter on it.
+        raise ConfigError("run --rounds trains full models; LoRA rounds (lora_r > 0) are not supported yet")
+    if cfg.rounds and not cfg.eval.get("benchmark"):
+        raise ConfigError("run --rounds measures task accuracy: the eval section needs a benchmark")
+
+
+def round_configs(cfg, r: int, start_model: str, ref_model: str, has_eval_pairs: bool | None = None):
+    """The five stage configs of round r (validated; make-pairs' and ingest's first)."""
+    from stages.evaluate import EvalConfig
+    from stages.ingest import IngestConfig
+    from stages.make_pairs import MakePairsConfig
+    from stages.run_all import _shipped
+    from stages.score_ref import ScoreRefConfig
+    from stages.train import TrainConfig
+
+    d = round_dir(cfg.out, r)
+    rendering = _chat_template(cfg)
+    mp = {"device": cfg.device, **cfg.make_pairs, "questions": _shipped(str(cfg.questions)), "model": start_model,
+          "out": str(d / "pairs.jsonl"), "round": r, "progress": False}
+    ingest = {**{k: v for k, v in cfg.ingest.items() if k != "inputs"}, "inputs": [str(d / "pairs.jsonl")],
+              "out": str(d / "pairs.arrow"), "progress": False,
+              "keep_fields": sorted(set(cfg.ingest.get("keep_fields", [])) | set(PROVENANCE_FIELDS))}
+    score = {"device": cfg.device, **cfg.score_ref, "model": ref_model, "pairs": d / "pairs.arrow", "out": d / "cache",
+             "progress": False}
+    train = {"device": cfg.device, **cfg.train, "scores": d / "cache", "out": d / "run", "model": start_model,
+             "allow_different_init": start_model != ref_model, "overwrite": True, "resume": False,
+             "progress": False}
+    ev = {"device": cfg.device, **cfg.eval, "scores": d / "cache" if has_eval_pairs is not False else None,
+          "out": d / "run", "model": str(d / "run" / "final"), "before": cfg.model if r == 1 else "none"}
+    for key in ("benchmark", "choices"):
+        if ev.get(key):
+            ev[key] = _shipped(ev[key])
+    if rendering is not None:  # sampled, scored and evaluated under one prompt rendering
+        mp["chat_template"] = score["chat_template"] = ev["chat_template"] = rendering
+    where = f"run config, round {r}"
+    return (
+        load_config(MakePairsConfig, values=mp, origin=f"{where}: make_pairs"),
+        load_config(IngestConfig, values=ingest, origin=f"{where}: ingest"),
+        load_config(ScoreRefConfig, values=score, origin=f"{where}: score_ref"),
+        load_config(TrainConfig, values=train, origin=f"{where}: train"),
+        load_config(EvalConfig, values=ev, origin=f"{where}: eval"),
+    )
+
+
+def _chat_template(cfg):
+    """The one chat-template setting of the rounds: the sections that set it must agree."""
+    given = {name: getattr(cfg, name)["chat_template"] for name in ("make_pairs", "score_ref", "eval")
+             if getattr(cfg, name).get("chat_template") is not None}
+    if len(set(given.values())) > 1:
+        raise ConfigError("run --rounds: chat_template differs between sections ("
+                          + ", ".join(f"{k}: {v}" for k, v in given.items())
+                          + "); the pairs must be scored and evaluated under the rendering they were sampled with")
+    return next(iter(given.values()), None)
+
+
+def _fingerprint(cfg, configs, start_model: str, ref_model: str) -> dict[str, Any]:
+    from pipeline.cache import file_sha256
+    from pipeline.models import model_identity
+    from pipeline.selfpairs import identity_digest
+
+    # Paths inside the round folder are the same on every rerun; devices do not decide results.
+    stages = {name: {k: v for k, v in config_to_dict(c).items() if k not in ("device", "progress")}
+              for name, c in zip(("make_pairs", "ingest", "score_ref", "train", "eval"), configs)}
+    stages["eval"].pop("scores", None)
+    return {"stages": stages, "questions_sha256": file_sha256(configs[0].questions),
+            "start_model": identity_digest(model_identity(start_model)),
+            "reference_model": identity_digest(model_identity(ref_model)), "round_reference": cfg.round_reference}
+
+
+def _check_out_folder(cfg) -> None:
+    """A rounds folder is resumed only by the same run (same questions and sections); anything else is refused."""
+    out = cfg.out
+    if not out.exists() or not any(out.iterdir()):
+        return
+    marker = out / ROUNDS_FILE
+    if not marker.is_file():
+        raise UserError(f"{out}: folder holds files that are not a `run --rounds` run; choose another --out")
+    previous = json.loads(marker.read_text(encoding="utf-8")).get("config", {})
+    mine = _run_identity(cfg)
+    for key in sorted(set(previous) | set(mine)):
+        if previous.get(key) != mine.get(key):
+            raise UserError(f"{out}: holds a rounds run made with another {key} ({ROUNDS_FILE}); "
+                            "choose another --out to start a new one")
+
+
+def _run_identity(cfg) -> dict[str, Any]:
+    d = config_to_dict(cfg)
+    return {k: d[k] for k in ("model", "questions", "round_reference", "make_pairs", "ingest", "score_ref", "train",
+                              "eval")}
+
+
+def run_rounds(cfg, log=print) -> RoundsResult:
+    from pipeline.report import write_report
+    from stages import evaluate, ingest, make_pairs, score_ref, train
+
+    start = time.perf_counter()
+    check_rounds_config(cfg)
+    round_configs(cfg, 1, cfg.model, cfg.model)  # every section validated before any work
+    from pipeline.atomic import check_writable
+
+    check_writable(cfg.out, "output folder")
+    _check_out_folder(cfg)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    # Claim the folder first, so a run killed in round 1 is recognised (and resumed) by the next one.
+    if not (cfg.out / ROUNDS_FILE).is_file():
+        _write_report(cfg, [], None)
+    summaries: list[dict[str, Any]] = []
+    resumed = 0
+    initial_acc = None
+    for r in range(1, cfg.rounds + 1):
+        d = round_dir(cfg.out, r)
+        start_model = cfg.model if r == 1 else str(round_dir(cfg.out, r - 1) / "run" / "final")
+        ref_model = start_model if cfg.round_reference == "policy" else cfg.model
+        configs = round_configs(cfg, r, start_model, ref_model)
+        fingerprint = _fingerprint(cfg, configs, start_model, ref_model)
+        marker = d / ROUND_FILE
+        if marker.is_file():
+            found = json.loads(marker.read_text(encoding="utf-8"))
+            if found.get("fingerprint") == fingerprint:
+                log(f"[round {r}] finished earlier, skipped")
+                summaries.append(found["summary"])
+                initial_acc = found.get("initial_task_accuracy", initial_acc)
+                resumed += 1
+                continue
+            marker.unlink()  # ours, and stale: this round is redone
+        t0 = time.perf_counter()
+        times: dict[str, float] = {}
+
+        def timed(name, fn, stage_cfg):
+            t = time.perf_counter()
+            log(f"[round {r}: {name}] ...")
+            result = fn(stage_cfg)
+            times[name] = round(time.perf_counter() - t, 2)
+            return result
+
+        mp_cfg, ing_cfg, sc_cfg, tr_cfg, _ = configs
+        mp = timed("make-pairs", make_pairs.run, mp_cfg)
+        if mp.pairs == 0:
+            raise UserError(f"round {r}: make-pairs made no pairs from {mp.questions} questions "
+                            f"({mp.questions_all_correct} only correct, {mp.questions_all_wrong} only wrong); "
+                            "raise num_generations or turn on reference_solution_fallback")
+        ing = timed("ingest", ingest.run, ing_cfg)
+        if ing.quarantined:
+            raise UserError(f"round {r}: ingest quarantined {ing.quarantined} of make-pairs' pairs "
+                            f"(see {ing.quarantine}); this is a bug")
+        if "draws" not in cfg.score_ref:  # one mask draw per epoch the round's training starts, as `run` does
+            from dataclasses import replace
+
+            from stages.run_all import planned_epochs
+
+            sc_cfg = replace(sc_cfg, draws=max(sc_cfg.draws, planned_epochs(sc_cfg, tr_cfg)))
+        sc = timed("score-ref", score_ref.run, sc_cfg)
+        tr = timed("train", train.run, tr_cfg)
+        ev_cfg = round_configs(cfg, r, start_model, ref_model, has_eval_pairs=ing.splits.get("eval", 0) > 0)[4]
+        ev = timed("eval", evaluate.run, ev_cfg)
+        if cfg.report:
+            timed("report", lambda _: write_report(tr_cfg.out), None)
+        if r == 1:
+            initial_acc = ev.task_accuracy.get("before")
+        summary = {
+            "round": r, "start_model": start_model, "reference_model": ref_model,
+            "questions": mp.questions, "samples": mp.samples, "sample_accuracy": mp.sample_accuracy,
+            "pass_at_k": mp.pass_at_k, "questions_all_correct": mp.questions_all_correct,
+            "questions_all_wrong": mp.questions_all_wrong, "questions_mixed": mp.questions_mixed,
+            "pairs": mp.pairs, "pairs_reference_chosen": mp.pairs_reference_chosen,
+            "pairs_train": ing.splits.get("train", 0), "pairs_eval": ing.splits.get("eval", 0),
+            "scored": sc.pairs, "train_steps": tr.steps, "final_train_loss": tr.final_loss,
+            "final_train_reward_accuracy": tr.final_reward_accuracy,
+            "task_accuracy": ev.task_accuracy.get("after"),
+            "preference_accuracy": ev.preference_accuracy.get("after"),
+            "seconds": round(time.perf_counter() - t0, 2), "stage_seconds": times,
+            "folder": str(d), "final_model": tr.final_model,
+        }
+        write_json_atomic(marker, {"fingerprint": fingerprint, "summary": summary,
+                                   "initial_task_accuracy": initial_acc})
+        summaries.append(summary)
+        log(f"[round {r}] pairs {mp.pairs}, pass@k {mp.pass_at_k:.3f}, task accuracy "
+            f"{_fmt(summary['task_accuracy'])}, {summary['seconds']:.1f}s")
+        _write_report(cfg, summaries, initial_acc)
+    report = _write_report(cfg, summaries, initial_acc)
+    query = f"lldm-dpo query --samples {cfg.out} --preset samples_pass_rate"
+    return RoundsResult(out=str(cfg.out), seconds=round(time.perf_counter() - start, 2), rounds=summaries,
+                        initial_task_accuracy=initial_acc, report=str(report), resumed_rounds=resumed,
+                        example_query=query)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+COLUMNS = (("round", "round"), ("pairs", "pairs"), ("pairs_reference_chosen", "ref. chosen"),
+           ("sample_accuracy", "sample acc."), ("pass_at_k", "pass@k"), ("questions_all_correct", "only correct"),
+           ("questions_all_wrong", "only wrong"), ("final_train_loss", "train loss"),
+           ("final_train_reward_accuracy", "reward acc."), ("preference_accuracy", "pref. acc. (held-out)"),
+           ("task_accuracy", "task acc. after"))
+
+
+def report_markdown(cfg, summaries: list[dict[str, Any]], initial_acc) -> str:
+    lines = [f"# lldm-dpo run --rounds {cfg.rounds}: {cfg.out}", "",
+             f"Questions: {cfg.questions}; model {cfg.model}; reference each round: {cfg.round_reference}; "
+             f"task accuracy of the original model: {_fmt(initial_acc)}.",
+             "sample acc. and pass@k are the round's starting policy on the training questions; "
+             "task acc. is the round's trained model on the benchmark.", "",
+             "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for s in summaries:
+        lines.append("| " + " | ".join(_fmt(s.get(k)) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_report(cfg, summaries, initial_acc) -> Path:
+    write_json_atomic(cfg.out / ROUNDS_FILE, {"config": _run_identity(cfg), "rounds": summaries,
+                                              "initial_task_accuracy": initial_acc})
+    path = cfg.out / "rounds.md"
+    write_text_atomic(path, report_markdown(cfg, summaries, initial_acc))
+    return path
+
+
+def print_rounds_summary(result: RoundsResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"lldm-dpo run --rounds: done in {result.seconds:.0f}s "
+                        f"(original model's task accuracy {_fmt(result.initial_task_accuracy)})", title_justify="left")
+    for _, header in COLUMNS:
+        table.add_column(header, justify="right")
+    for s in result.rounds:
+        table.add_row(*(_fmt(s.get(k)) for k, _ in COLUMNS))
+    console.print(table)
+    console.print(f"report: {result.report}")
+    console.print("try:", result.example_query, soft_wrap=True, markup=False)

@@ -1,0 +1,121 @@
+"""The cache is the contract: numerics recorded by score-ref, followed by train and eval, the start gap check,
+eval's exact reproduction of the reference, epochs that need draws."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.cache import open_cache
+from pipeline.errors import UserError
+from stages.evaluate import EvalConfig
+from stages.evaluate import run as evaluate
+from stages.score_ref import ScoreRefConfig
+from stages.score_ref import run as score
+from stages.train import TrainConfig
+from stages.train import run as train
+
+FAST = dict(learning_rate=3e-3, warmup_ratio=0.0, scheduler="constant", device="cpu", progress=False,
+            tensorboard=False)
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, small_pairs):
+    """The same pairs scored by `micro` in float32 and in bfloat16 (2 draws each)."""
+    tmp = tmp_path_factory.mktemp("numerics")
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        out[dtype] = tmp / dtype
+        score(ScoreRefConfig(pairs=small_pairs, model="micro", out=out[dtype], samples=2, draws=2, dtype=dtype,
+                             pairs_per_part=4, device="cpu", progress=False))
+    return out
+
+
+def test_fingerprint_records_the_numerics(caches):
+    fp = open_cache(caches["bfloat16"]).fingerprint
+    assert (fp["dtype"], fp["mixed_precision"], fp["load_in_4bit"]) == ("bfloat16", "no", False)
+    assert open_cache(caches["float32"]).fingerprint["dtype"] == "float32"
+
+
+def test_explicit_other_dtype_is_refused_and_the_default_follows_the_cache(caches, tmp_path):
+    with pytest.raises(UserError, match=r"scored with dtype=bfloat16, this run asks for dtype=float32; drop --dtype"):
+        train(TrainConfig(scores=caches["bfloat16"], out=tmp_path / "x", dtype="float32", max_steps=1, **FAST))
+    with pytest.raises(UserError, match=r"scored with mixed_precision=no, this run asks for mixed_precision=bf16"):
+        train(TrainConfig(scores=caches["bfloat16"], out=tmp_path / "y", mixed_precision="bf16", max_steps=1, **FAST))
+    # Named nothing: the run takes the cache's numerics, and the policy starts exactly at the reference.
+    train(TrainConfig(scores=caches["bfloat16"], out=tmp_path / "run", max_steps=1, batch_size=4, beta=0.1, **FAST))
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "dtype: bfloat16" in config and "mixed_precision: 'no'" in config
+    (row,) = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pylist()
+    assert abs(row["loss"] - math.log(2)) < 1e-3
+    assert row["ref/gap_max"] < 0.05 / 0.1  # logged at step 1, in nats, under the threshold
+
+
+def test_allow_numerics_mismatch_accepts_it(caches, tmp_path):
+    train(TrainConfig(scores=caches["bfloat16"], out=tmp_path / "run", dtype="float32", allow_numerics_mismatch=True,
+                      gap_threshold=0.0, max_steps=1, batch_size=2, **FAST))
+    assert "dtype: float32" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_gap_check_stops_a_policy_that_differs_from_the_reference(caches, tmp_path, monkeypatch):
+    import stages.train as train_mod
+
+    real = train_mod.policy_terms
+
+    def off_by_one_nat(model, requests, tok, cfg):  # a policy that is not the cached reference, by design
+        return [t + 1.0 for t in real(model, requests, tok, cfg)]
+
+    monkeypatch.setattr(train_mod, "policy_terms", off_by_one_nat)
+    out = tmp_path / "gap"
+    with pytest.raises(UserError, match=r"step 1: the policy starts 1 nats away .*ref/gap_max.*beta \* gap = 0\.1 > "
+                                        r"gap_threshold 0\.05; numerics match the cache's"):
+        train(TrainConfig(scores=caches["float32"], out=out, beta=0.1, max_steps=2, **FAST))
+    assert not (out / "final").exists() and not (out / "metrics.parquet").exists()  # stopped before step 1's update
+    # A smaller beta makes the same gap harmless: the run goes on and logs it.
+    train(TrainConfig(scores=caches["float32"], out=out, beta=0.01, max_steps=1, **FAST))
+    assert pq.read_table(out / "metrics.parquet").to_pylist()[0]["ref/gap_max"] == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_eval_of_the_cache_model_is_exactly_one_half_on_either_side(caches, tmp_path, dtype):
+    result = evaluate(EvalConfig(model="micro", scores=caches[dtype], out=tmp_path / "e", device="cpu",
+                                 train_sample=4))
+    assert result.preference_accuracy == {"before": 0.5, "after": 0.5}
+    assert result.mean_margin == {"before": 0.0, "after": 0.0}
+    data = json.loads((tmp_path / "e" / "eval.json").read_text())
+    sample = data["train_sample"]
+    assert sample["pairs"] == 4 and sample["cached_masks"]["accuracy"] == 0.5
+    assert sample["fresh_masks"]["mean_margin"] == 0.0  # the reference against itself on fresh masks
+    with pytest.raises(UserError, match="dtype=float32"):
+        if dtype == "bfloat16":
+            evaluate(EvalConfig(model="micro", scores=caches[dtype], out=tmp_path / "f", device="cpu", dtype="float32"))
+        else:
+            raise UserError("dtype=float32")
+
+
+def test_epochs_beyond_draws_are_refused_unless_masks_are_reused(caches, tmp_path):
+    rows = len(list(open_cache(caches["float32"]).rows(split="train")))
+    with pytest.raises(UserError, match=r"trains 3 epochs but the cache holds 2 mask draw\(s\).*score-ref with "
+                                        r"--draws 3, or pass --reuse-masks"):
+        train(TrainConfig(scores=caches["float32"], out=tmp_path / "a", epochs=3, batch_size=rows, **FAST))
+    train(TrainConfig(scores=caches["float32"], out=tmp_path / "b", epochs=3, batch_size=rows, reuse_masks=True,
+                      **FAST))
+    metrics = pq.read_table(tmp_path / "b" / "metrics.parquet").to_pylist()
+    assert [m["masks/reused"] for m in metrics] == [0.0, 0.0, 1.0]
+
+
+def test_score_ref_numerics_settings(small_pairs, tmp_path):
+    cfg = ScoreRefConfig(pairs=small_pairs, out=tmp_path / "q", load_in_4bit=True, device="cpu")
+    assert cfg.dtype == "bfloat16"  # the 4-bit base computes in bfloat16
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="needs a CUDA device"):
+            score(ScoreRefConfig(pairs=small_pairs, model="micro", out=tmp_path / "q", load_in_4bit=True,
+                                 device="cpu", progress=False))
+    out = tmp_path / "mp"
+    score(ScoreRefConfig(pairs=small_pairs, model="micro", out=out, samples=1, mixed_precision="bf16", limit=4,
+                         device="cpu", progress=False))
+    assert open_cache(out).fingerprint["mixed_precision"] == "bf16"

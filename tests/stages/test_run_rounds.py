@@ -1,0 +1,150 @@
+"""`lldm-dpo run --rounds`: two rounds on `micro`; artefacts per round, the summary is what the files say, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.errors import ConfigError
+from pipeline.models import model_identity
+from pipeline.selfpairs import identity_digest
+from stages.run_all import merged_config
+
+SMALL = {
+    "model": "micro",
+    "device": "cpu",
+    "report": False,
+    "ingest": {"eval_fraction": 0.3},
+    "make_pairs": {"num_generations": 2, "gen_length": 8, "block_length": 4, "steps": 4, "batch_size": 16,
+                   "pairs_per_question": 1, "reference_solution_fallback": True, "limit": 0},
+    "score_ref": {"samples": 2, "max_length": 128, "limit": 0},
+    "train": {"max_steps": 2, "batch_size": 4, "save_every": 0},
+    "eval": {"limit_task": 2, "gen_length": 8, "block_length": 4, "steps": 4, "batch_size": 2, "choices": None,
+             "limit_choices": 0},
+}
+
+
+def write_questions(path: Path, n: int = 10) -> Path:
+    rows = [{"question": f"What is {a} + {a + 3}?", "answer": f"{a} + {a + 3} = {2 * a + 3}\n#### {2 * a + 3}"}
+            for a in range(1, n + 1)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rounds")
+    cfg_file = tmp / "small.yaml"
+    cfg_file.write_text(yaml.safe_dump(SMALL))
+    questions = write_questions(tmp / "questions.jsonl")
+    args = ["run", "--config", str(cfg_file), "--out", str(tmp / "out"), "--rounds", "2", "--questions",
+            str(questions), "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    return tmp, args, json.loads(res.stdout)
+
+
+def test_two_rounds_write_each_rounds_artefacts_and_a_true_summary(two_rounds):
+    tmp, _, summary = two_rounds
+    out = tmp / "out"
+    assert [r["round"] for r in summary["rounds"]] == [1, 2] and summary["resumed_rounds"] == 0
+    for r, row in enumerate(summary["rounds"], 1):
+        d = out / f"round-{r}"
+        for name in ("pairs.jsonl", "pairs.samples.jsonl", "pairs.arrow", "cache/manifest.json", "run/final",
+                     "run/metrics.parquet", "run/eval.json", "round.json"):
+            assert (d / name).exists(), (r, name)
+        pairs, samples = lines(d / "pairs.jsonl"), lines(d / "pairs.samples.jsonl")
+        assert row["pairs"] == len(pairs) and row["samples"] == len(samples) == 20 and row["questions"] == 10
+        assert {p["round"] for p in pairs} == {s["round"] for s in samples} == {r}
+        assert row["sample_accuracy"] == pytest.approx(sum(s["correct"] for s in samples) / 20, abs=1e-4)
+        assert row["questions_all_correct"] + row["questions_all_wrong"] + row["questions_mixed"] == 10
+        table = pa.ipc.open_file(pa.memory_map(str(d / "pairs.arrow"))).read_all()
+        assert table.num_rows == row["pairs_train"] + row["pairs_eval"] == row["pairs"]  # nothing quarantined
+        assert "question_id" in table.column_names and "chosen_from" in table.column_names
+        ev = json.loads((d / "run" / "eval.json").read_text())
+        assert row["task_accuracy"] == ev["task_accuracy"]["after"]
+        assert json.loads((d / "round.json").read_text())["summary"] == row
+    one, two = summary["rounds"]
+    assert one["start_model"] == "micro" and one["reference_model"] == "micro"
+    assert two["start_model"] == two["reference_model"] == str(out / "round-1" / "run" / "final")
+    # Round 2 sampled with round 1's trained policy, by content.
+    sha = identity_digest(model_identity(out / "round-1" / "run" / "final"))
+    assert {s["model_sha256"] for s in lines(out / "round-2" / "pairs.samples.jsonl")} == {sha}
+    ev1 = json.loads((out / "round-1" / "run" / "eval.json").read_text())
+    assert summary["initial_task_accuracy"] == ev1["task_accuracy"]["before"]
+    assert "before" not in json.loads((out / "round-2" / "run" / "eval.json").read_text())["task_accuracy"]
+    report = Path(summary["report"]).read_text()
+    assert report.count("\n| 1 |") == 1 and report.count("\n| 2 |") == 1
+    assert json.loads((out / "rounds.json").read_text())["rounds"] == summary["rounds"]
+
+
+def test_rounds_resume_round_by_round_and_refuse_another_run(two_rounds):
+    tmp, args, summary = two_rounds
+    out = tmp / "out"
+    samples_before = (out / "round-2" / "pairs.samples.jsonl").read_bytes()
+    (out / "round-2" / "round.json").unlink()  # as if killed after round 2's sampling
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    again = json.loads(res.stdout)
+    assert again["resumed_rounds"] == 1 and [r["round"] for r in again["rounds"]] == [1, 2]
+    assert again["rounds"][0] == summary["rounds"][0]
+    assert (out / "round-2" / "pairs.samples.jsonl").read_bytes() == samples_before
+    assert again["rounds"][1]["pairs"] == summary["rounds"][1]["pairs"]
+    other = CliRunner().invoke(app, [*args[:-1], "--round-reference", "initial"])
+    assert other.exit_code == 1 and "holds a rounds run made with another round_reference" in other.output
+
+
+def test_rounds_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="needs --questions"):
+        merged_config(None, {"rounds": 2})
+    with pytest.raises(ConfigError, match="round_reference must be one of policy, initial"):
+        merged_config(None, {"rounds": 1, "questions": "q.jsonl", "round_reference": "old"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("make_pairs:\n  num_generation: 4\n")
+    cfg = merged_config(bad, {"rounds": 1, "questions": str(write_questions(tmp_path / "q.jsonl")),
+                              "out": tmp_path / "o"})
+    from stages.run_rounds import run_rounds
+
+    with pytest.raises(ConfigError, match=r"round 1: make_pairs.*unknown key 'num_generation'"):
+        run_rounds(cfg)
+    assert not (tmp_path / "o").exists()
+
+
+def test_round_reference_initial_scores_with_the_original_model(tmp_path):
+    from stages.run_rounds import PROVENANCE_FIELDS, round_configs
+
+    q = str(write_questions(tmp_path / "q.jsonl"))
+    start = str(tmp_path / "out" / "round-1" / "run" / "final")
+    for reference, ref_model in (("initial", "micro"), ("policy", start)):
+        cfg = merged_config(None, {"rounds": 2, "questions": q, "model": "micro", "out": tmp_path / "out",
+                                   "round_reference": reference})
+        mp, ing, score, train, ev = round_configs(cfg, 2, start, ref_model)
+        assert mp.model == train.model == start and mp.round == 2 and score.model == ref_model
+        assert train.allow_different_init == (reference == "initial")
+        assert ev.model == str(tmp_path / "out" / "round-2" / "run" / "final") and ev.before == "none"
+        assert ing.inputs == [mp.out] and set(PROVENANCE_FIELDS) <= set(ing.keep_fields)
+
+
+def test_one_chat_template_setting_for_sampling_scoring_and_eval(tmp_path):
+    from stages.run_rounds import round_configs
+
+    q = str(write_questions(tmp_path / "q.jsonl"))
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("make_pairs:\n  chat_template: false\n")
+    cfg = merged_config(cfg_file, {"rounds": 1, "questions": q, "model": "micro"})
+    mp, _, score, _, ev = round_configs(cfg, 1, "micro", "micro")
+    assert (mp.chat_template, score.chat_template, ev.chat_template) == (False, False, False)
+    cfg_file.write_text("make_pairs:\n  chat_template: false\nscore_ref:\n  chat_template: true\n")
+    cfg = merged_config(cfg_file, {"rounds": 1, "questions": q, "model": "micro"})
+    with pytest.raises(ConfigError, match="chat_template differs between sections"):
+        round_configs(cfg, 1, "micro", "micro")
