@@ -22,6 +22,7 @@ call as bitsandbytes' matmul does).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import re
@@ -392,6 +393,10 @@ def trace_train(cfg, *, prompt_len: int, response_len: int, samples: int, fake: 
     AdamW, zero_grad), with AdamW's states created beforehand as its first step creates them, so the
     step is a steady-state one: forward and backward run beside the optimizer states."""
     train = stage_module("stages.train")
+    if cfg.dtype is None or cfg.mixed_precision is None or cfg.load_in_4bit is None:
+        # train takes unset numerics from its cache; without one, the defaults a cache records by default.
+        cfg = dataclasses.replace(cfg, dtype=cfg.dtype or "float32", mixed_precision=cfg.mixed_precision or "no",
+                                  load_in_4bit=bool(cfg.load_in_4bit))
     name = model_name or cfg.model
     notes = []
     model = build_model(name, "bfloat16" if cfg.load_in_4bit else cfg.dtype, fake=fake, layers=layers)
