@@ -24,7 +24,7 @@ import contextlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -113,16 +113,23 @@ def _shared_tmp(stack: contextlib.ExitStack, final: Path, accelerator) -> Path:
     return Path(name[0])
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives: ``RUN_DIR/checkpoints/step-NNNNNNN``."""
+    return Path(run_dir) / "checkpoints" / f"step-{step:07d}"
+
+
 def save_checkpoint(run_dir: Path, step: int, *, model, wrapped, optimizer, scheduler, tokenizer, accelerator,
-                    state: dict[str, Any], base_name: str | None = None, keep: int = 2) -> Path:
-    """Write ``checkpoints/step-N`` (every process calls this); keep the ``keep`` newest."""
+                    state: dict[str, Any], base_name: str | None = None, keep: int = 2,
+                    protect: Sequence[Path] = ()) -> Path:
+    """Write ``checkpoints/step-N`` (every process calls this); keep the ``keep`` newest and every ``protect``ed
+    one (the best, with ``train --save-best``)."""
     from pipeline.atomic import make_dir, remove_owned
 
     root = Path(run_dir) / CHECKPOINTS_DIR
     if accelerator.is_main_process:
         make_dir(root)
     accelerator.wait_for_everyone()
-    final = root / f"step-{step:07d}"
+    final = checkpoint_dir(run_dir, step)
     rank = accelerator.process_index
     with contextlib.ExitStack() as stack:
         tmp = _shared_tmp(stack, final, accelerator)
@@ -149,8 +156,10 @@ def save_checkpoint(run_dir: Path, step: int, *, model, wrapped, optimizer, sche
             (tmp / STATE).write_text(json.dumps(record, indent=2, sort_keys=True))
     # The main process's atomic_dir has renamed the folder into place (replacing an earlier step-N whole).
     if accelerator.is_main_process:
+        kept = {Path(p).resolve() for p in protect}
         for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            remove_owned(old)  # what the checkpoint wrote; a file the user put there stays
+            if old.resolve() not in kept:
+                remove_owned(old)  # what the checkpoint wrote; a file the user put there stays
     accelerator.wait_for_everyone()
     return final
 

@@ -1,7 +1,7 @@
 """Names of the files and folders the stages write, in one place.
 
 A run folder (``train --out``): ``checkpoints/step-N``, ``final``,
-``metrics.parquet``, ``tensorboard/``, ``config.yaml``, and once evaluated and
+``metrics.parquet``, ``tensorboard/``, ``trackers/`` (--report-to), ``config.yaml``, and once evaluated and
 reported ``eval.json``, ``task_results.parquet``, ``report.html``/``.png``.
 """
 
@@ -13,14 +13,15 @@ CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
 METRICS_FILE = "metrics.parquet"
 TENSORBOARD_DIR = "tensorboard"
+TRACKERS_DIR = "trackers"
 CONFIG_FILE = "config.yaml"
 EVAL_FILE = "eval.json"
 TASK_RESULTS = "task_results.parquet"
 REPORT_HTML = "report.html"
 REPORT_PNG = "report.png"
 
-RUN_OUTPUTS = (CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, TENSORBOARD_DIR, EVAL_FILE, TASK_RESULTS, REPORT_HTML,
-               REPORT_PNG)
+RUN_OUTPUTS = (CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, TENSORBOARD_DIR, TRACKERS_DIR, EVAL_FILE, TASK_RESULTS,
+               REPORT_HTML, REPORT_PNG)
 """What a run folder holds; a fresh run into a used folder is refused (or, with overwrite, clears these)."""
 
 PAIRS_FILE = "pairs.arrow"

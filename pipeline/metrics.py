@@ -70,6 +70,9 @@ def format_row(row: Mapping[str, Any]) -> str:
         ("learning_rate", "lr", "{:.2e}"),
         ("grad_norm", "gnorm", "{:.3f}"),
         ("tokens_per_second", "tok/s", "{:.0f}"),
+        ("eval/loss", "eval_loss", "{:.4f}"),
+        ("eval/rewards/accuracies", "eval_acc", "{:.3f}"),
+        ("eval/rewards/margins", "eval_margin", "{:.4f}"),
     ]
     for name, label, fmt in spec:
         v = val(name)
@@ -91,6 +94,8 @@ class MetricsWriter:
     ``flush()`` at each checkpoint so the file matches what was saved.
     ``console``: False for silence, True for stderr (stdout stays clean for
     ``--json``), or a text stream.
+    ``sinks``: more destinations (e.g. accelerate's trackers): each is called
+    as ``sink(row, step)`` with the row's measured values under TRL's names.
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class MetricsWriter:
         resume_step: int | None = None,
         flush_every: int = 10,
         console: bool | TextIO = True,
+        sinks: tuple = (),
     ) -> None:
         if flush_every < 1:
             raise ValueError("flush_every must be >= 1")
@@ -119,6 +125,7 @@ class MetricsWriter:
                 self._unflushed = 1  # the dropped rows must leave the file at the next flush
         elif self.path.exists():
             self._unflushed = 1  # a fresh run replaces an old file even if it logs nothing
+        self._sinks = list(sinks)
         self._tb = None
         if tensorboard:
             self._tb = _open_tensorboard(self.run_dir / TENSORBOARD_DIR, resume_step)
@@ -160,6 +167,10 @@ class MetricsWriter:
                 v = clean[name]
                 if not math.isnan(v):
                     self._tb.add_scalar(tag, v, global_step=step)
+        if self._sinks:
+            measured = {TB_TAGS[k]: v for k, v in clean.items() if k != "step" and not math.isnan(v)}
+            for sink in self._sinks:
+                sink(measured, step)
         if self._unflushed >= self.flush_every:
             self.flush()
         return clean

@@ -37,6 +37,8 @@ CHOSEN_COLOR = "#1b9e77"
 REJECTED_COLOR = "#d95f02"
 BEFORE_COLOR = "#9e9e9e"
 AFTER_COLOR = "#3f51b5"
+HELDOUT_COLOR = "#e53935"
+"""Held-out (train --eval-every) curves, drawn over the training ones."""
 
 
 class ReportPaths(NamedTuple):
@@ -122,7 +124,7 @@ def _series(m: dict[str, list[float]], name: str) -> tuple[list[int], list[float
 
 
 def _plot_lines(ax, m, names_labels_colors, title, ylabel=None):
-    drew = False
+    drew = 0
     for name, label, color in names_labels_colors:
         xs, ys = _series(m, name)
         if not xs:
@@ -130,7 +132,7 @@ def _plot_lines(ax, m, names_labels_colors, title, ylabel=None):
         # Markers keep a run of one or a few steps visible.
         marker = "o" if len(xs) <= 40 else None
         ax.plot(xs, ys, label=label, color=color, marker=marker, markersize=4, linewidth=1.5)
-        drew = True
+        drew += 1
     ax.set_title(title)
     ax.set_xlabel("step")
     if ylabel:
@@ -138,9 +140,9 @@ def _plot_lines(ax, m, names_labels_colors, title, ylabel=None):
     ax.grid(True, alpha=0.3)
     if not drew:
         _empty(ax, "not logged")
-    elif len(names_labels_colors) > 1:
+    elif drew > 1:  # a series that was not logged (e.g. no held-out eval) gets no legend entry
         ax.legend(loc="best", fontsize=8)
-    return drew
+    return drew > 0
 
 
 def _empty(ax, text):
@@ -158,10 +160,12 @@ def _draw(m, rows, margins, title):
     axes = fig.subplots(*GRID).ravel()
     fig.suptitle(title, fontsize=14)
 
-    _plot_lines(axes[0], m, [("loss", "loss", "#333333")], "loss")
-    _plot_lines(axes[1], m, [("rewards/margins", "margin", "#7b1fa2")], "rewards/margins")
+    _plot_lines(axes[0], m, [("loss", "loss", "#333333"), ("eval/loss", "held-out", HELDOUT_COLOR)], "loss")
+    _plot_lines(axes[1], m, [("rewards/margins", "margin", "#7b1fa2"),
+                             ("eval/rewards/margins", "held-out", HELDOUT_COLOR)], "rewards/margins")
     ax = axes[2]
-    if _plot_lines(ax, m, [("rewards/accuracies", "accuracy", "#1565c0")], "rewards/accuracies"):
+    if _plot_lines(ax, m, [("rewards/accuracies", "accuracy", "#1565c0"),
+                           ("eval/rewards/accuracies", "held-out", HELDOUT_COLOR)], "rewards/accuracies"):
         ax.set_ylim(-0.03, 1.03)
         ax.axhline(0.5, color="#999999", linestyle="--", linewidth=1)
     ax = axes[3]
@@ -243,6 +247,11 @@ def _summary(m: dict[str, list[float]]) -> list[tuple[str, str]]:
     for name, label in (("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")):
         f, l_ = first(name), last(name)
         out.append((f"{label} (first &rarr; last)", f"{_fmt(f)} &rarr; {_fmt(l_)}"))
+    steps_eval, acc_eval = _series(m, "eval/rewards/accuracies")
+    if acc_eval:
+        best = max(range(len(acc_eval)), key=lambda i: (acc_eval[i], -i))  # the first best, as --save-best keeps
+        out.append(("held-out accuracy (last)", f"{_fmt(acc_eval[-1])} at step {steps_eval[-1]}"))
+        out.append(("held-out accuracy (best)", f"{_fmt(acc_eval[best])} at step {steps_eval[best]}"))
     tps = [v for v in m["tokens_per_second"] if v is not None and math.isfinite(v)]
     if tps:
         out.append(("tokens/s (mean)", _fmt(sum(tps) / len(tps))))

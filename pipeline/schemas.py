@@ -100,6 +100,16 @@ METRIC_COLUMNS = (
     "peak_memory_bytes",
     "ref/gap_max",
     "masks/reused",
+    # Held-out metrics (train --eval-every): NaN on steps without an evaluation.
+    "eval/loss",
+    "eval/rewards/chosen",
+    "eval/rewards/rejected",
+    "eval/rewards/accuracies",
+    "eval/rewards/margins",
+    "eval/logps/chosen",
+    "eval/logps/rejected",
 )
-LATER_METRIC_COLUMNS = ("ref/gap_max", "masks/reused")
+EVAL_METRIC_COLUMNS = tuple(c for c in METRIC_COLUMNS if c.startswith("eval/"))
+"""The held-out metrics of train --eval-every (NaN on steps without an evaluation)."""
+LATER_METRIC_COLUMNS = ("ref/gap_max", "masks/reused") + EVAL_METRIC_COLUMNS
 """Columns added after the first metrics files were written: absent ones read as NaN."""

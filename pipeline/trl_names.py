@@ -68,6 +68,8 @@ TRL_NAMES: dict[str, dict[str, Alias]] = {
         "save_steps": Alias("save_every"),
         "save_total_limit": Alias("keep_checkpoints"),
         "logging_steps": Alias("log_every"),
+        "eval_steps": Alias("eval_every"),
+        "load_best_model_at_end": Alias("save_best"),
         "bf16": Alias("mixed_precision", _precision("bf16")),
         "fp16": Alias("mixed_precision", _precision("fp16")),
         "lora_target_modules": Alias("lora_targets", _joined),
@@ -97,7 +99,8 @@ TRL_NAMES: dict[str, dict[str, Alias]] = {
 }
 """TRL name -> our field, per config class. Names equal on both sides (learning_rate, beta, seed,
 max_steps, warmup_ratio, weight_decay, max_grad_norm, label_smoothing, gradient_checkpointing,
-max_length, loss_weights, lora_r, lora_alpha, lora_dropout, load_in_4bit, trust_remote_code) need no entry."""
+max_length, loss_weights, lora_r, lora_alpha, lora_dropout, load_in_4bit, trust_remote_code, report_to) need
+no entry."""
 
 
 def aliases_for(cls: type) -> dict[str, Alias]:

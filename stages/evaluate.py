@@ -45,7 +45,8 @@ NORMALIZE = ("none", "length")
 
 RANGES = {"beta": "(0, inf)", "limit_pairs": "[0, inf)", "limit_task": "[0, inf)", "limit_choices": "[0, inf)",
           "gen_length": "[1, inf)", "block_length": "[1, inf)", "steps": "[1, inf)", "samples": "[1, inf)",
-          "batch_size": "[1, inf)", "batch_tokens": "[1, inf)", "seed": "[0, inf)", "train_sample": "[0, inf)"}
+          "batch_size": "[1, inf)", "batch_tokens": "[1, inf)", "seed": "[0, inf)", "train_sample": "[0, inf)",
+          "lm_eval_limit": "[0, inf)", "lm_eval_num_fewshot": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
@@ -107,6 +108,16 @@ class EvalConfig:
     """cpu, cuda or auto."""
     trust_remote_code: bool = False
     """Allow a non-LLaDA checkpoint to run its own modeling code."""
+    lm_eval_tasks: str = ""
+    """Comma-separated lm-evaluation-harness tasks run on both models through the `lldm` adapter (loglikelihood by
+    our ELBO with `samples` samples, generation by our sampler with gen_length/block_length/steps); needs the [eval]
+    extra."""
+    lm_eval_include_path: Optional[Path] = None
+    """Folder of extra lm-eval task YAMLs (tasks on local files, say)."""
+    lm_eval_limit: int = 0
+    """Documents per lm-eval task (0 = all)."""
+    lm_eval_num_fewshot: Optional[int] = None
+    """Few-shot examples per lm-eval prompt (default: each task's own)."""
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -117,8 +128,10 @@ class EvalConfig:
         self.scores = Path(self.scores) if self.scores not in (None, "") else None
         self.benchmark = Path(self.benchmark) if self.benchmark not in (None, "") else None
         self.choices = Path(self.choices) if self.choices not in (None, "") else None
-        if self.scores is None and self.benchmark is None and self.choices is None:
-            raise ConfigError("nothing to evaluate: give scores, benchmark or choices")
+        self.lm_eval_include_path = (Path(self.lm_eval_include_path) if self.lm_eval_include_path not in (None, "")
+                                     else None)
+        if self.scores is None and self.benchmark is None and self.choices is None and not self.lm_eval_tasks:
+            raise ConfigError("nothing to evaluate: give scores, benchmark, choices or lm_eval_tasks")
         for name in ("gen_length", "block_length", "steps", "samples", "batch_size", "batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -142,6 +155,8 @@ class EvalResult:
     mean_margin: dict[str, float] = field(default_factory=dict)
     task_accuracy: dict[str, float] = field(default_factory=dict)
     choice_accuracy: dict[str, float] = field(default_factory=dict)
+    lm_eval: dict[str, dict[str, float]] = field(default_factory=dict)
+    """lm-eval results: {"task/metric": {"before": ..., "after": ...}}."""
     pairs: int = 0
     task_items: int = 0
     train_sample: dict[str, Any] = field(default_factory=dict)
@@ -363,6 +378,12 @@ def run(cfg: EvalConfig) -> EvalResult:
     mc = read_jsonl(cfg.choices, ("question", "options", "answer")) if cfg.choices else []
     if cfg.limit_choices:
         mc = mc[:cfg.limit_choices]
+    lm_tasks = [t.strip() for t in cfg.lm_eval_tasks.split(",") if t.strip()]
+    if lm_tasks:
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise UserError("--lm-eval-tasks needs lm-evaluation-harness: pip install 'lldm-dpo[eval]'")
 
     result = EvalResult(out=str(cfg.out), eval_json=str(cfg.out / EVAL_FILE), seconds=0.0, pairs=len(pair_rows),
                         task_items=len(bench))
@@ -397,6 +418,17 @@ def run(cfg: EvalConfig) -> EvalResult:
                 acc = choice_accuracy(model, tokenizer, mc, cfg, chat_template)
             result.choice_accuracy[label] = acc
             report.setdefault("choice_accuracy", {})[label] = acc
+        if lm_tasks:
+            from pipeline.lm_eval_model import run_tasks
+
+            scores = run_tasks(model, tokenizer, lm_tasks, include_path=cfg.lm_eval_include_path,
+                               limit=cfg.lm_eval_limit, num_fewshot=cfg.lm_eval_num_fewshot,
+                               apply_chat_template=chat_template, mc_samples=cfg.samples,
+                               batch_tokens=cfg.batch_tokens, seed=cfg.seed, gen_length=cfg.gen_length,
+                               block_length=cfg.block_length, steps=cfg.steps)
+            for name, value in scores.items():
+                result.lm_eval.setdefault(name, {})[label] = value
+                report.setdefault("lm_eval", {}).setdefault(name, {})[label] = value
         del model
     if len(pair_rows):
         report["reference_margins"] = pair_rows.column("ref_margin")

@@ -47,7 +47,8 @@ RANGES = {"beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "sft_weight": "[0, 
           "max_steps": "[0, inf)", "warmup_ratio": "[0, 1)", "max_grad_norm": "[0, inf)", "lora_r": "[0, inf)",
           "lora_alpha": "[1, inf)", "lora_dropout": "[0, 1)", "sequence_microbatch": "[0, inf)",
           "batch_tokens": "[1, inf)", "save_every": "[0, inf)", "keep_checkpoints": "[0, inf)", "seed": "[0, inf)",
-          "log_every": "[1, inf)", "gap_threshold": "[0, inf)", "max_length": "[1, inf)"}
+          "log_every": "[1, inf)", "gap_threshold": "[0, inf)", "max_length": "[1, inf)",
+          "eval_every": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
@@ -139,7 +140,16 @@ class TrainConfig:
     device: str = "auto"
     """cpu, cuda or auto (accelerate's device)."""
     tensorboard: bool = True
-    """Write TensorBoard events under RUN_DIR/tensorboard."""
+    """Write TensorBoard events under RUN_DIR/tensorboard (false drops tensorboard from report_to)."""
+    report_to: str = "tensorboard"
+    """Comma-separated trackers the metrics also go to (tensorboard, wandb, mlflow, comet_ml, aim, dvclive, ...: any
+    accelerate knows and this environment has installed), 'all' for every installed one, or 'none'; metrics.parquet
+    is always written."""
+    eval_every: int = 0
+    """Measure held-out preference metrics (eval/... : accuracy, margin, loss) on the cache's eval split every N
+    steps (0 = never); one no-grad policy pass over the eval pairs on draw 0's cached masks."""
+    save_best: bool = False
+    """Keep the checkpoint with the best eval/rewards/accuracies (needs eval_every); never rotated away."""
     trust_remote_code: bool = False
     """Allow a non-LLaDA checkpoint to run its own modeling code."""
     progress: bool = True
@@ -167,7 +177,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "epochs", "log_every", "batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_every", "lora_r", "sequence_microbatch", "keep_checkpoints"):
+        for name in ("max_steps", "save_every", "lora_r", "sequence_microbatch", "keep_checkpoints", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.learning_rate <= 0:
@@ -180,6 +190,11 @@ class TrainConfig:
             raise ConfigError("sequence_microbatch needs lora_dropout = 0 (dropout differs between the two passes)")
         if self.load_in_4bit and self.lora_r == 0:
             raise ConfigError("load_in_4bit trains adapters only: set lora_r > 0")
+        if self.save_best and not self.eval_every:
+            raise ConfigError("save_best keeps the best checkpoint by held-out accuracy: set eval_every > 0")
+        from pipeline.trackers import parse_report_to
+
+        parse_report_to(self.report_to)  # syntax here; installed or not is checked when the run starts
 
 
     def _check_losses(self) -> None:
@@ -239,6 +254,10 @@ class TrainResult:
     final_model: str
     metrics: str
     resumed_from: Optional[int] = None
+    best_checkpoint: Optional[str] = None
+    """The checkpoint with the best eval/rewards/accuracies (with --save-best)."""
+    best_metric: Optional[float] = None
+    """Its eval/rewards/accuracies."""
 
 
 # --- setup --------------------------------------------------------------------
@@ -674,6 +693,18 @@ def run(cfg: TrainConfig) -> TrainResult:
               f"(e.g. {identical[0]}); raise score-ref's --max-length to keep them", file=sys.stderr)
     if not len(rows):
         raise UserError(f"{cfg.scores}: the cache holds no pairs of the train split")
+    eval_rows = []
+    if cfg.eval_every:
+        eval_rows = [r for r in cache.rows(split="eval") if r["chosen_ids"] != r["rejected_ids"]]
+        if not eval_rows:
+            raise UserError(f"{cfg.scores}: --eval-every needs held-out pairs, but the cache holds none of the eval "
+                            "split (ingest with --eval-fraction and score them)")
+    from pipeline.trackers import TENSORBOARD, accelerator_trackers, parse_report_to, resolve_trackers
+
+    requested = parse_report_to(cfg.report_to)
+    if not cfg.tensorboard:
+        requested = [n for n in requested if n != TENSORBOARD]
+    trackers = resolve_trackers(requested)
 
     from dataclasses import replace
 
@@ -691,9 +722,13 @@ def run(cfg: TrainConfig) -> TrainResult:
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--mixed-precision fp16 needs CUDA (loss scaling on CPU is not supported); use bf16 or no")
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    acc = fresh_accelerator(cfg.mixed_precision, cpu)
+    acc = fresh_accelerator(cfg.mixed_precision, cpu, log_with=accelerator_trackers(trackers), run_dir=cfg.out)
     fsdp = acc.distributed_type.name == "FSDP"
     world = acc.num_processes
+    if fsdp and cfg.eval_every:
+        # Each process scores its own share of the held-out pairs; FSDP's forward is a collective
+        # that needs every process in the same pass, which unequal shares do not guarantee.
+        raise UserError("--eval-every under FSDP is not supported yet; use data parallel (configs/accelerate/ddp.yaml)")
     reused_draws = check_draws(cfg, epochs_needed(len(rows), cfg, world), fp["draws"])
     if cfg.plan and not fsdp:  # on the longest cached pair; data parallel keeps a whole model per process
         # (under FSDP the plan's one-model-per-process shape does not apply: no check)
@@ -762,6 +797,7 @@ def run(cfg: TrainConfig) -> TrainResult:
               "total_steps": total_steps, "seed": cfg.seed, "lora_r": cfg.lora_r}
     resumed_from = None
     start_step = 0
+    best: dict[str, Any] = {"best_metric": None, "best_model_checkpoint": None}
     if cfg.resume:
         ckpt = latest_checkpoint(cfg.out)
         if ckpt is None:
@@ -772,6 +808,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         state = load_checkpoint(ckpt, model=model, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
                                 accelerator=acc)
         start_step = resumed_from = int(state["step"])
+        best = {k: state.get(k) for k in best}
     elif acc.is_main_process:
         earlier = [p for p in RUN_OUTPUTS if (cfg.out / p).exists()]
         if earlier and not cfg.overwrite:
@@ -781,8 +818,17 @@ def run(cfg: TrainConfig) -> TrainResult:
     if acc.is_main_process:
         cfg.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(cfg.out / CONFIG_FILE, config_to_yaml(cfg), record=True)
-    writer = MetricsWriter(cfg.out, tensorboard=cfg.tensorboard, resume_step=resumed_from,
-                           console=cfg.progress) if acc.is_main_process else None
+    writer, sinks = None, []
+    if acc.is_main_process:
+        if accelerator_trackers(trackers):
+            from pipeline.metrics import TB_TAGS
+            from pipeline.trackers import AccelerateSink
+
+            sinks.append(AccelerateSink(acc, dataclasses.asdict(cfg), TB_TAGS))
+        writer = MetricsWriter(cfg.out, tensorboard=TENSORBOARD in trackers, resume_step=resumed_from,
+                               console=cfg.progress, sinks=tuple(sinks))
+    # Each process scores its share of the held-out pairs; the sums are all-reduced.
+    eval_share = eval_rows[acc.process_index::world]
 
     last: dict[str, float] = {}
     reset_peak_memory(acc.device)
@@ -807,17 +853,27 @@ def run(cfg: TrainConfig) -> TrainResult:
                 row["ref/gap_max"] = gap
             if reused_draws:
                 row["masks/reused"] = float(step // steps_per_epoch >= fp["draws"])
+            evaluated = bool(cfg.eval_every) and (step + 1) % cfg.eval_every == 0
+            new_best = False
+            if evaluated:
+                row.update(evaluate_heldout(ctx, eval_share))
+                score = row["eval/rewards/accuracies"]
+                # The first best is kept on ties: a later checkpoint must do strictly better.
+                new_best = cfg.save_best and (best["best_metric"] is None or score > best["best_metric"])
+                if new_best:
+                    best = {"best_metric": score, "best_model_checkpoint": str(checkpoint_path(cfg.out, step + 1))}
             last = row
-            if writer is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps):
+            if writer is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps or evaluated):
                 writer.log(row)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+            if new_best or (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps):
                 acc.wait_for_everyone()
                 if acc.is_main_process:
                     writer.flush()
+                protect = [Path(best["best_model_checkpoint"])] if best["best_model_checkpoint"] else []
                 save_checkpoint(cfg.out, step + 1, model=model, wrapped=wrapped, optimizer=optimizer,
                                 scheduler=scheduler, tokenizer=tokenizer, accelerator=acc, base_name=model_name,
                                 state={"epoch": (step + 1) / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                                       "layout": layout}, keep=cfg.keep_checkpoints)
+                                       "layout": layout, **best}, keep=cfg.keep_checkpoints, protect=protect)
         acc.wait_for_everyone()
         final = cfg.out / FINAL_DIR
         if acc.is_main_process:
@@ -826,16 +882,45 @@ def run(cfg: TrainConfig) -> TrainResult:
     finally:
         if writer is not None:
             writer.close()
+        for sink in sinks:
+            sink.close()
     return TrainResult(
         steps=total_steps, epochs_seen=total_steps / steps_per_epoch,
         final_loss=float(last.get("loss", float("nan"))),
         final_reward_accuracy=float(last.get("rewards/accuracies", float("nan"))),
         seconds=time.perf_counter() - start_time, out=str(cfg.out), final_model=str(cfg.out / FINAL_DIR),
         metrics=str(cfg.out / METRICS_FILE), resumed_from=resumed_from,
+        best_checkpoint=best["best_model_checkpoint"], best_metric=best["best_metric"],
     )
 
 
-def fresh_accelerator(mixed_precision: str, cpu: bool):
+def evaluate_heldout(ctx: "TrainContext", rows: list[dict[str, Any]]) -> dict[str, float]:
+    """eval/... metrics of the policy on this process's share of the held-out pairs, reduced over processes."""
+    from pipeline.preference import heldout_metrics, heldout_sums
+
+    cfg, acc, model = ctx.cfg, ctx.accelerator, ctx.model
+    was_training = model.training
+    model.eval()  # no dropout: the held-out numbers measure the model, not a noisy copy of it
+    try:
+        sums = heldout_sums(model, ctx.tokenizer, rows, ctx.fingerprint, beta=cfg.beta, loss_type=cfg.loss,
+                            label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight,
+                            batch_tokens=cfg.batch_tokens, draw=0, pairs_per_pass=cfg.batch_size,
+                            autocast=acc.autocast)
+    finally:
+        model.train(was_training)
+    if acc.num_processes > 1:
+        sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
+    return heldout_metrics(sums)
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    from pipeline.checkpoint import checkpoint_dir
+
+    return checkpoint_dir(run_dir, step)
+
+
+def fresh_accelerator(mixed_precision: str, cpu: bool, log_with: Optional[list[str]] = None,
+                      run_dir: Optional[Path] = None):
     """An Accelerator with this run's settings. accelerate keeps one state per
     process; in a single process (tests, sweeps, ``lldm-dpo run``) it is reset so
     each ``run(cfg)`` gets its own mixed precision."""
@@ -853,7 +938,12 @@ def fresh_accelerator(mixed_precision: str, cpu: bool):
                         "(accelerate launch --config_file configs/accelerate/fsdp.yaml) for ZeRO-3-style sharding")
     if os.environ.get("ACCELERATE_USE_MEGATRON_LM", "false").lower() == "true":
         raise UserError("train under Megatron-LM is not supported; use FSDP (configs/accelerate/fsdp.yaml)")
-    acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    if log_with:
+        from pipeline.trackers import tracker_dir
+
+        acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu, log_with=log_with, project_dir=tracker_dir(run_dir))
+    else:
+        acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type.name == "MULTI_CPU":
         # accelerate 1.15 only turns FSDP on for accelerator devices; torch's fully_shard
         # itself runs over gloo on CPU, so the plugin is attached here (fsdp_cpu.yaml).

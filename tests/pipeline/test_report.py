@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -238,3 +239,25 @@ def test_report_command_through_typer(tmp_path):
     out = json.loads(res.output)
     assert out == {"html": str(run / "report.html"), "png": str(run / "report.png")}
     assert Path(out["png"]).exists()
+
+
+def test_held_out_metrics_are_drawn_and_summarised(tmp_path):
+    """train --eval-every's eval/... columns: curves over the training ones, last and best in the summary."""
+    plain = _run_dir(tmp_path / "a", steps=12)
+    held = tmp_path / "b" / "run"
+    with MetricsWriter(held, tensorboard=False, console=False) as w:
+        for row in pq.read_table(plain / "metrics.parquet").to_pylist():
+            s = row["step"]
+            if s % 4 == 0:  # evaluated every 4 steps: best 0.75 first reached at step 8
+                row.update({"eval/loss": 0.9 - 0.01 * s, "eval/rewards/accuracies": {4: 0.25, 8: 0.75, 12: 0.75}[s],
+                            "eval/rewards/margins": -0.5 + 0.2 * s})
+            w.log(row)
+    a = list(_cells(np.asarray(Image.open(write_report(plain).png).convert("L"), dtype=np.float64)))
+    b = list(_cells(np.asarray(Image.open(write_report(held).png).convert("L"), dtype=np.float64)))
+    for i in (0, 1, 2):  # loss, margins, accuracies: a held-out curve was added
+        assert not np.array_equal(a[i], b[i]), i
+    assert np.array_equal(a[5], b[5])  # the learning-rate panel has no held-out curve
+    page = (held / "report.html").read_text(encoding="utf-8")
+    assert "<td>held-out accuracy (best)</td><td>0.75 at step 8</td>" in page
+    assert "<td>held-out accuracy (last)</td><td>0.75 at step 12</td>" in page
+    assert "held-out accuracy" not in (plain / "report.html").read_text(encoding="utf-8")

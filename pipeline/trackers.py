@@ -1,0 +1,119 @@
+"""Experiment trackers (``train --report-to``), through accelerate's tracker API.
+
+``metrics.parquet`` is always written (it is the data contract). TensorBoard
+(the default) is written by ``pipeline.metrics.MetricsWriter`` itself, which
+purges the events a killed run left past its checkpoint on resume; every other
+tracker accelerate knows (wandb, mlflow, comet_ml, aim, dvclive, trackio,
+swanlab, clearml, or one registered with ``accelerate.tracking.register_tracker_class``)
+is started through ``Accelerator(log_with=...)`` and fed each logged row by
+``AccelerateSink``. A requested tracker that is not installed is an error, never
+silently dropped (accelerate alone would only log that at debug level).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.errors import ConfigError, UserError
+
+TENSORBOARD = "tensorboard"
+PROJECT_NAME = "lldm-dpo"
+"""The project/experiment name given to the trackers."""
+
+
+def parse_report_to(value: str | list[str] | None) -> list[str]:
+    """``"tensorboard,wandb"`` -> ``["tensorboard", "wandb"]``; ``none`` (or empty) -> ``[]``."""
+    if value is None:
+        return []
+    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    names = [str(p).strip().lower() for p in parts if str(p).strip()]
+    if "none" in names:
+        if len(names) > 1:
+            raise ConfigError(f"report_to: 'none' cannot be combined with other trackers, got '{value}'")
+        return []
+    out: list[str] = []
+    for n in names:
+        if n not in out:
+            out.append(n)
+    return out
+
+
+def _known_and_available() -> tuple[list[str], set[str]]:
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    known = sorted(LOGGER_TYPE_TO_CLASS)
+    builtin = {str(t) for t in get_available_trackers()}
+    # Classes registered at run time (register_tracker_class) are available by construction.
+    from accelerate.utils import LoggerType
+
+    custom = {name for name in LOGGER_TYPE_TO_CLASS if name not in {str(t) for t in LoggerType}}
+    return known, builtin | custom
+
+
+def resolve_trackers(names: list[str]) -> list[str]:
+    """Check every requested tracker is known and installed; expand ``all``. One-line UserError otherwise."""
+    known, available = _known_and_available()
+    out: list[str] = []
+    for name in names:
+        if name == "all":
+            out += [n for n in sorted(available) if n not in out]
+            continue
+        if name not in known:
+            raise UserError(f"--report-to {name}: unknown tracker; choose from {', '.join(known + ['all', 'none'])}")
+        if name not in available and name != TENSORBOARD:
+            raise UserError(f"--report-to {name}: the {name} package is not installed (pip install {name}), "
+                            "or drop it from --report-to")
+        if name == TENSORBOARD and not _tensorboard_installed():
+            raise UserError("--report-to tensorboard: the tensorboard package is not installed "
+                            "(pip install tensorboard), or pass --report-to none")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _tensorboard_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def _plain(value: Any) -> Any:
+    """Tracker configs take bool/str/int/float/None only."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+class AccelerateSink:
+    """Feeds each metrics row to the trackers an Accelerator was built with (main process only).
+
+    ``tags`` maps metric names to the names trackers see (TRL's spelling).
+    """
+
+    def __init__(self, accelerator, config: Mapping[str, Any], tags: Mapping[str, str]):
+        self.accelerator = accelerator
+        self.tags = dict(tags)
+        accelerator.init_trackers(PROJECT_NAME, config={k: _plain(v) for k, v in config.items()})
+
+    def __call__(self, row: Mapping[str, Any], step: int) -> None:
+        values = {self.tags.get(k, k): float(v) for k, v in row.items()
+                  if k != "step" and v is not None and not math.isnan(float(v))}
+        self.accelerator.log(values, step=step)
+
+    def close(self) -> None:
+        # Not Accelerator.end_training(): that also destroys the process group, which the
+        # caller (and, under data parallel, the other processes) may still be using.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+
+
+def accelerator_trackers(names: list[str]) -> list[str]:
+    """The trackers accelerate starts (TensorBoard is written by the metrics writer itself)."""
+    return [n for n in names if n != TENSORBOARD]
+
+
+def tracker_dir(run_dir: Path) -> str:
+    """Where trackers that keep local files put them (accelerate's logging_dir)."""
+    return str(Path(run_dir) / "trackers")
