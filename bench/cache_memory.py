@@ -16,9 +16,11 @@ masks); the reference terms are synthetic numbers: they change no memory or time
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -133,7 +135,10 @@ def train_once(cache: Path, run_dir: Path, args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="cache-memory-"))
+    work = args.work
+    if work is None:  # a scratch folder of ours, gone at exit (--work keeps the caches for another run)
+        work = Path(tempfile.mkdtemp(prefix="cache-memory-"))
+        atexit.register(shutil.rmtree, work, True)
     work.mkdir(parents=True, exist_ok=True)
     manifest = real_manifest(work) if not (work / "seed-cache" / "manifest.json").exists() else json.loads(
         (work / "seed-cache" / "manifest.json").read_text())

@@ -466,14 +466,23 @@ def _train_run(cmd: list[str], out: Path, device: torch.device) -> dict:
 
 
 def section_fsdp(results: Results, state: dict) -> None:
-    import json
+    import shutil
     import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="fsdp-bench-"))
+    try:
+        _section_fsdp(results, state, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # our own temporary folder (caches, two runs)
+
+
+def _section_fsdp(results: Results, state: dict, work: Path) -> None:
+    import json
 
     import cache_memory
 
     f = state["settings"]["fsdp"]
     device = state["device"]
-    work = Path(tempfile.mkdtemp(prefix="fsdp-bench-"))
     manifest = cache_memory.real_manifest(work, model=f["preset"])
     shape = SimpleNamespace(prompt=f["prompt"], response=f["response"])
     cache = cache_memory.build_cache(work / "cache", f["pairs"], manifest, shape)

@@ -13,7 +13,9 @@ crash-safe per-batch writes cost nothing measurable next to sampling.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -49,6 +51,7 @@ def main() -> None:
         else args.device
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-make-pairs-"))
+    atexit.register(shutil.rmtree, tmp, True)  # our own scratch folder
     rows = [json.loads(x) for x in Path(args.data).read_text().splitlines() if x.strip()][: args.questions]
     questions = tmp / "questions.jsonl"
     questions.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -21,18 +21,9 @@ from pipeline.replay import PairBatch, replay_requests
 EVAL_PREFIX = "eval/"
 """TRL's prefix of held-out metrics: ``eval/rewards/accuracies`` and so on (schemas.EVAL_METRIC_COLUMNS)."""
 
-TIE_TOLERANCE = 1e-5
-"""A margin within this share of the ELBOs' scale is a tie (float noise of the reference's own scoring)."""
-
 # Order of the entries in the sums vector; "pairs" first so the means divide by it.
 _SUM_FIELDS = ("pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected")
-
-
-def tie_credit(margin: float, scale: float) -> float:
-    """1 for a positive margin, 0 for a negative one, 1/2 for a tie within float noise of ``scale``."""
-    tol = TIE_TOLERANCE * scale
-    return 1.0 if margin > tol else 0.5 if margin >= -tol else 0.0
 
 
 def heldout_sums(
@@ -44,6 +35,7 @@ def heldout_sums(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    preference_weight: float = 1.0,
     sft_weight: float = 0.0,
     batch_tokens: int | None = None,
     draw: int = 0,
@@ -53,11 +45,13 @@ def heldout_sums(
     """Float64 sums over ``rows`` (in ``_SUM_FIELDS`` order) of the policy's held-out DPO statistics.
 
     The policy's terms come from one no-grad pass on ``draw``'s cached masks;
-    the reference's are the cached terms of the same draw. Accuracy credits a
-    tie one half (``tie_credit``), so the reference itself scores exactly 0.5.
+    the reference's are the cached terms of the same draw. The loss is train's
+    (``preference_weight`` x the preference loss + ``sft_weight`` x the SFT term),
+    and accuracy follows train's one tie rule (``losses.reward_accuracy``: a tie
+    counts one half), so the reference itself scores exactly 0.5.
     """
     from pipeline.diffusion import elbo_terms
-    from pipeline.losses import dpo_loss, sft_loss
+    from pipeline.losses import dpo_loss, reward_accuracy, sft_loss
 
     sums = torch.zeros(len(_SUM_FIELDS), dtype=torch.float64)
     for start in range(0, len(rows), pairs_per_pass):
@@ -70,15 +64,16 @@ def heldout_sums(
         pi_c, pi_r = means[0::2], means[1::2]
         ref_c = torch.tensor([_mean(r["ref_chosen_terms"][draw]) for r in chunk], dtype=torch.float64)
         ref_r = torch.tensor([_mean(r["ref_rejected_terms"][draw]) for r in chunk], dtype=torch.float64)
+        chosen_len = torch.tensor([r["chosen_len"] for r in chunk])
+        rejected_len = torch.tensor([r["rejected_len"] for r in chunk])
         losses, cr, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=beta, loss_type=loss_type,
-                                  label_smoothing=label_smoothing)
+                                  label_smoothing=label_smoothing, chosen_len=chosen_len, rejected_len=rejected_len)
+        losses = preference_weight * losses
         if sft_weight:
-            chosen_len = torch.tensor([r["chosen_len"] for r in chunk])
             losses = losses + sft_weight * sft_loss(pi_c, chosen_len)
         margins = cr - rr
-        scales = beta * (ref_c.abs() + ref_r.abs())
-        credit = torch.tensor([tie_credit(float(m), float(s)) for m, s in zip(margins, scales)],
-                              dtype=torch.float64)
+        credit = reward_accuracy(cr, rr, ref_c, ref_r, beta=beta, loss_type=loss_type, chosen_len=chosen_len,
+                                 rejected_len=rejected_len)
         sums += torch.stack([torch.tensor(float(len(chunk)), dtype=torch.float64), losses.sum(), cr.sum(),
                              rr.sum(), credit.sum(), margins.sum(), pi_c.sum(), pi_r.sum()])
     return sums

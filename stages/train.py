@@ -902,8 +902,9 @@ def evaluate_heldout(ctx: "TrainContext", rows: list[dict[str, Any]]) -> dict[st
     was_training = model.training
     model.eval()  # no dropout: the held-out numbers measure the model, not a noisy copy of it
     try:
-        sums = heldout_sums(model, ctx.tokenizer, rows, ctx.fingerprint, beta=cfg.beta, loss_type=cfg.loss,
-                            label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight,
+        sums = heldout_sums(model, ctx.tokenizer, rows, ctx.fingerprint, beta=cfg.beta,
+                            loss_type=cfg.preference_loss or "sigmoid", label_smoothing=cfg.label_smoothing,
+                            preference_weight=cfg.preference_weight, sft_weight=cfg.sft_total_weight,
                             batch_tokens=cfg.batch_tokens, draw=0, pairs_per_pass=cfg.batch_size,
                             autocast=acc.autocast)
     finally:

@@ -10,7 +10,7 @@ import torch
 from pipeline.cache import open_cache
 from pipeline.losses import dpo_loss
 from pipeline.models import load_model
-from pipeline.preference import heldout_metrics, heldout_sums, tie_credit
+from pipeline.preference import heldout_metrics, heldout_sums
 from pipeline.replay import PairBatch, replay_requests
 from pipeline.schemas import EVAL_METRIC_COLUMNS
 
@@ -67,6 +67,30 @@ def test_metrics_equal_the_per_pair_definition_and_shards_add_up(small_cache):
     torch.testing.assert_close(shards[0] + shards[1], full, rtol=1e-9, atol=1e-9)
 
 
-def test_tie_credit():
-    assert tie_credit(1e-3, 1.0) == 1.0 and tie_credit(-1e-3, 1.0) == 0.0
-    assert tie_credit(1e-7, 1.0) == 0.5 and tie_credit(-1e-7, 1.0) == 0.5
+@pytest.mark.parametrize("loss, weights", [("ipo,sft", [0.5, 0.3]), ("sigmoid", None)])
+def test_heldout_loss_is_trains_loss_for_combined_and_per_token_losses(small_cache, loss, weights):
+    """The eval/loss of --eval-every is the loss train optimises: IPO per token, sft added with its weights."""
+    from stages.train import TrainConfig, batch_loss
+
+    model, tok = load_model("micro")
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rows = _eval_rows(small_cache)
+    fp = open_cache(small_cache).fingerprint
+    cfg = TrainConfig(loss=loss, loss_weights=weights, beta=0.2, sft_weight=0.1)
+    m = heldout_metrics(heldout_sums(model, tok, rows, fp, beta=cfg.beta, loss_type=cfg.preference_loss,
+                                     preference_weight=cfg.preference_weight, sft_weight=cfg.sft_total_weight,
+                                     pairs_per_pass=len(rows)))
+    from pipeline.diffusion import elbo_terms
+
+    with torch.no_grad():
+        terms = elbo_terms(model, replay_requests(PairBatch(rows, 0), fp), mask_token_id=tok.mask_token_id,
+                           pad_token_id=tok.pad_token_id)
+    ref_c = torch.tensor([sum(r["ref_chosen_terms"][0]) / fp["samples"] for r in rows], dtype=torch.float64)
+    ref_r = torch.tensor([sum(r["ref_rejected_terms"][0]) / fp["samples"] for r in rows], dtype=torch.float64)
+    expected, st = batch_loss(cfg, terms, ref_c, ref_r, torch.tensor([r["chosen_len"] for r in rows]),
+                              torch.tensor([r["rejected_len"] for r in rows]))
+    assert m["eval/loss"] == pytest.approx(float(expected), rel=1e-6)
+    assert m["eval/rewards/accuracies"] == pytest.approx(float(st["acc"].mean()))
