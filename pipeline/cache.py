@@ -273,6 +273,16 @@ class SplitRows:
             self.pair_ids, self._where = self.pair_ids[:n], self._where[:n]
         return self
 
+    def subset(self, indices) -> "SplitRows":
+        """The rows at ``indices`` (e.g. one process's share), still read on demand; shares the open files."""
+        import copy
+
+        indices = list(indices)
+        view = copy.copy(self)
+        view.pair_ids = [self.pair_ids[i] for i in indices]
+        view._where = [self._where[i] for i in indices]
+        return view
+
     def column(self, name: str) -> list[Any]:
         """One column for every row, in order, reading only that column of each row group."""
         values: dict[tuple[int, int], list[Any]] = {}

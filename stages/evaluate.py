@@ -260,10 +260,11 @@ def sample_terms(model, tokenizer, rows: list[dict], fingerprint: dict[str, Any]
 def training_sample(cache, size: int, seed: int) -> list[dict]:
     import random
 
-    rows = list(cache.rows(split="train"))
-    if len(rows) > size:
-        rows = sorted(random.Random(f"train-sample:{seed}").sample(rows, size), key=lambda r: r["pair_id"])
-    return rows
+    rows = cache.split_rows("train")  # read on demand: only the sampled rows are decoded
+    picked = range(len(rows))
+    if len(rows) > size:  # the same draw as sampling the rows themselves (sample depends on the length only)
+        picked = sorted(random.Random(f"train-sample:{seed}").sample(range(len(rows)), size))
+    return rows.take(picked)
 
 
 def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:

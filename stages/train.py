@@ -695,7 +695,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         raise UserError(f"{cfg.scores}: the cache holds no pairs of the train split")
     eval_rows = []
     if cfg.eval_every:
-        eval_rows = [r for r in cache.rows(split="eval") if r["chosen_ids"] != r["rejected_ids"]]
+        eval_rows = cache.split_rows("eval", skip_identical=True)  # read on demand, as the train split
         if not eval_rows:
             raise UserError(f"{cfg.scores}: --eval-every needs held-out pairs, but the cache holds none of the eval "
                             "split (ingest with --eval-fraction and score them)")
@@ -828,7 +828,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         writer = MetricsWriter(cfg.out, tensorboard=TENSORBOARD in trackers, resume_step=resumed_from,
                                console=cfg.progress, sinks=tuple(sinks))
     # Each process scores its share of the held-out pairs; the sums are all-reduced.
-    eval_share = eval_rows[acc.process_index::world]
+    eval_share = eval_rows.subset(range(acc.process_index, len(eval_rows), world)) if eval_rows else []
 
     last: dict[str, float] = {}
     reset_peak_memory(acc.device)
