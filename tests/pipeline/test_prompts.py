@@ -17,27 +17,18 @@ from pipeline.prompts import (
 )
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return preset_tokenizer("tiny")
-
-
-def _enc(tok, text):
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def test_plain_prompt_is_a_user_turn_with_the_generation_prompt(tok):
+def test_plain_prompt_is_a_user_turn_with_the_generation_prompt(tok, enc):
     text = render_prompt(tok, "What is 2 + 2?", chat_template=True)
     assert text == "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2 + 2?<|eot_id|>" \
                    "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    assert encode_prompt(tok, "What is 2 + 2?", chat_template=True) == _enc(tok, text)
+    assert encode_prompt(tok, "What is 2 + 2?", chat_template=True) == enc(tok, text)
     messages = [{"role": "user", "content": "What is 2 + 2?"}]
     assert render_prompt(tok, messages, chat_template=True) == text
 
 
-def test_raw_prompt_is_the_text_and_messages_need_the_template(tok):
+def test_raw_prompt_is_the_text_and_messages_need_the_template(tok, enc):
     assert render_prompt(tok, "2 + 2 =", chat_template=False) == "2 + 2 ="
-    assert encode_prompt(tok, "2 + 2 =", chat_template=False) == _enc(tok, "2 + 2 =")
+    assert encode_prompt(tok, "2 + 2 =", chat_template=False) == enc(tok, "2 + 2 =")
     with pytest.raises(UserError, match="message-list prompt needs the chat template"):
         render_prompt(tok, [{"role": "user", "content": "x"}], chat_template=False)
     with pytest.raises(UserError, match="message 0 needs string 'role' and 'content'"):
@@ -65,21 +56,21 @@ def test_response_is_the_assistant_turn_beyond_the_prompt(tok):
 
 
 @pytest.mark.parametrize("chat_template", [False, True])
-def test_continuation_is_encoded_jointly_as_llada_does(tok, chat_template):
+def test_continuation_is_encoded_jointly_as_llada_does(tok, chat_template, enc):
     # LLaDA's harness: trailing whitespace of the context moves to the continuation, the whole
     # text is encoded once, and the continuation is what lies beyond the context's own ids.
     question, option = "Question: 12 plus 30? Answer: ", "42"
     context_text = render_prompt(tok, question, chat_template=chat_template)
     stripped = context_text.rstrip()
-    whole = _enc(tok, stripped + context_text[len(stripped):] + option)
-    n = len(_enc(tok, stripped))
+    whole = enc(tok, stripped + context_text[len(stripped):] + option)
+    n = len(enc(tok, stripped))
     ctx, cont = encode_continuation(tok, question, option, chat_template=chat_template)
     assert (ctx, cont) == (whole[:n], whole[n:])
     assert tok.decode(ctx + cont) == context_text + option  # nothing lost, nothing added
     assert tok.eos_token_id not in cont  # no EOS appended
     if not chat_template:
         # The space before the option is part of the option's first token, not a token of its own.
-        assert tok.decode(cont) == " 42" and ctx == _enc(tok, "Question: 12 plus 30? Answer:")
+        assert tok.decode(cont) == " 42" and ctx == enc(tok, "Question: 12 plus 30? Answer:")
 
 
 def test_follow_cache_takes_the_cache_rule_and_refuses_another(tok):

@@ -5,28 +5,17 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.models import preset_tokenizer
 from pipeline.tokenize import TokenizedPair, tokenize_pair, truncate
 
 
-@pytest.fixture(scope="module")
-def tok():
-    # The tiny preset's tokenizer: byte-level BPE, LLaDA-Instruct specials and chat template.
-    return preset_tokenizer("tiny")
-
-
-def _enc(tok, text):
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def test_standard_row_raw_text(tok):
+def test_standard_row_raw_text(tok, enc):
     row = {"pair_id": "p1", "prompt": "What is 2 plus 3?", "chosen": " The answer is 5.", "rejected": " It is 6."}
     out = tokenize_pair(tok, row, max_length=256, use_chat_template=False)
     assert isinstance(out, TokenizedPair) and not out.truncated
     eos = tok.eos_token_id
-    assert out.prompt_ids == _enc(tok, "What is 2 plus 3?")
-    assert out.chosen_ids == _enc(tok, " The answer is 5.") + [eos]
-    assert out.rejected_ids == _enc(tok, " It is 6.") + [eos]
+    assert out.prompt_ids == enc(tok, "What is 2 plus 3?")
+    assert out.chosen_ids == enc(tok, " The answer is 5.") + [eos]
+    assert out.rejected_ids == enc(tok, " It is 6.") + [eos]
     assert tok.decode(out.chosen_ids[:-1]) == " The answer is 5."
     assert tok.bos_token_id not in out.prompt_ids  # no added special tokens for plain text
     # Messages present but the chat template disabled: the text fields are scored.
@@ -36,7 +25,7 @@ def test_standard_row_raw_text(tok):
     assert tokenize_pair(tok, conv, 256, use_chat_template=False) == out
 
 
-def test_standard_row_under_the_chat_template_is_a_user_turn_and_an_assistant_turn(tok):
+def test_standard_row_under_the_chat_template_is_a_user_turn_and_an_assistant_turn(tok, enc):
     row = {"pair_id": "p1", "prompt": "What is 2 plus 3?", "chosen": "The answer is 5.", "rejected": "It is 6."}
     out = tokenize_pair(tok, row, max_length=256)  # the template is on by default
     as_chat = tokenize_pair(tok, dict(row, prompt_messages=[{"role": "user", "content": row["prompt"]}],
@@ -46,12 +35,12 @@ def test_standard_row_under_the_chat_template_is_a_user_turn_and_an_assistant_tu
     text = tok.apply_chat_template([{"role": "user", "content": "What is 2 plus 3?"}], tokenize=False,
                                    add_generation_prompt=True)
     assert text.endswith("assistant<|end_header_id|>\n\n")
-    assert out.prompt_ids == _enc(tok, text)
+    assert out.prompt_ids == enc(tok, text)
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
-    assert out.chosen_ids == _enc(tok, "The answer is 5.") + [eot, tok.eos_token_id]
+    assert out.chosen_ids == enc(tok, "The answer is 5.") + [eot, tok.eos_token_id]
 
 
-def test_conversational_row_uses_chat_template(tok):
+def test_conversational_row_uses_chat_template(tok, enc):
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 plus 3?"}]
     row = {
         "pair_id": "c1", "prompt": "rendered", "chosen": "5", "rejected": "6",
@@ -61,14 +50,14 @@ def test_conversational_row_uses_chat_template(tok):
     }
     out = tokenize_pair(tok, row, max_length=256)
     expected_prompt = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    assert out.prompt_ids == _enc(tok, expected_prompt)
+    assert out.prompt_ids == enc(tok, expected_prompt)
     assert out.prompt_ids[0] == tok.bos_token_id
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
-    assert out.chosen_ids == _enc(tok, "The answer is 5.") + [eot, tok.eos_token_id]
-    assert out.rejected_ids == _enc(tok, "It is 6.") + [eot, tok.eos_token_id]
+    assert out.chosen_ids == enc(tok, "The answer is 5.") + [eot, tok.eos_token_id]
+    assert out.rejected_ids == enc(tok, "It is 6.") + [eot, tok.eos_token_id]
     # Prompt + response is exactly the template's rendering of the whole conversation, then EOS.
     full = tok.apply_chat_template(prompt + row["chosen_messages"], tokenize=False)
-    assert out.prompt_ids + out.chosen_ids == _enc(tok, full) + [tok.eos_token_id]
+    assert out.prompt_ids + out.chosen_ids == enc(tok, full) + [tok.eos_token_id]
     assert not out.truncated
 
 
