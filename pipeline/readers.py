@@ -659,3 +659,32 @@ def _arrow_parse(blob: bytes, expected_rows: int, opts) -> tuple[pa.Table | None
     if table.num_rows != expected_rows:  # e.g. two objects on one line: let the exact path judge
         return None, None
     return table, None
+
+
+def jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """``(where, record)`` for each non-blank line of a JSONL file of objects, ``where`` being ``path:line``.
+
+    Strict, for the inputs of generate, eval and make-pairs (prompts, benchmarks,
+    questions), where a bad line is the user's to fix rather than to quarantine:
+    the first undecodable, non-JSON or non-object line is a one-line UserError
+    naming the file and line.
+    """
+    path = Path(path)
+    if not str(path) or not path.is_file():
+        raise UserError(f"{path}: file not found")
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{where}: invalid UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{where}: invalid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row

@@ -30,6 +30,7 @@ from pipeline.answers import extract_answer, reference_answer
 from pipeline.errors import UserError
 from pipeline.pairs import normalize_text
 from pipeline.prompts import encode_prompt, resolve_chat_template
+from pipeline.readers import jsonl_objects
 
 SAMPLE_COLUMNS = {
     "question_id": "VARCHAR", "question_index": "BIGINT", "sample": "BIGINT", "prompt": "VARCHAR",
@@ -91,50 +92,36 @@ def read_questions(path: str | Path, *, question_field: str | None = None, answe
         raise UserError(f"{path}: questions file not found")
     out = QuestionSet([])
     seen: dict[str, Question] = {}
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{where}: invalid UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            name = question_field or ("question" if "question" in row else "prompt")
-            prompt = row.get(name)
-            if not isinstance(prompt, str) or not prompt.strip():
-                what = "missing" if prompt is None else "empty" if isinstance(prompt, str) else f"a {type(prompt).__name__}"
-                raise UserError(f"{where}: field {name!r} is {what}; a question must be non-empty text")
-            if answer_field not in row or row[answer_field] is None:
-                raise UserError(f"{where}: no {answer_field!r} field (the reference answer)")
-            answer = reference_answer(row[answer_field])
-            if answer is None:
-                raise UserError(f"{where}: field {answer_field!r} holds no number to grade against: "
-                                f"{str(row[answer_field])[:60]!r}")
-            sol_name = solution_field or answer_field
-            if sol_name not in row or row[sol_name] is None:
-                raise UserError(f"{where}: no {sol_name!r} field (the reference solution)")
-            solution = solution_text(row[sol_name])
-            if not normalize_text(solution):
-                raise UserError(f"{where}: field {sol_name!r} is empty")
-            qid = row.get(id_field)
-            qid = question_id_of(prompt) if qid is None else str(qid)
-            if qid in seen:
-                first = seen[qid]
-                if first.prompt != prompt or first.reference_answer != answer:
-                    raise UserError(f"{where}: question id {qid!r} already used by {first.where} with another "
-                                    "question or answer")
-                out.duplicates += 1
-                continue
-            question = Question(len(out.questions), where, qid, prompt, answer, solution)
-            seen[qid] = question
-            out.questions.append(question)
+    for where, row in jsonl_objects(path):
+        name = question_field or ("question" if "question" in row else "prompt")
+        prompt = row.get(name)
+        if not isinstance(prompt, str) or not prompt.strip():
+            what = "missing" if prompt is None else "empty" if isinstance(prompt, str) else f"a {type(prompt).__name__}"
+            raise UserError(f"{where}: field {name!r} is {what}; a question must be non-empty text")
+        if answer_field not in row or row[answer_field] is None:
+            raise UserError(f"{where}: no {answer_field!r} field (the reference answer)")
+        answer = reference_answer(row[answer_field])
+        if answer is None:
+            raise UserError(f"{where}: field {answer_field!r} holds no number to grade against: "
+                            f"{str(row[answer_field])[:60]!r}")
+        sol_name = solution_field or answer_field
+        if sol_name not in row or row[sol_name] is None:
+            raise UserError(f"{where}: no {sol_name!r} field (the reference solution)")
+        solution = solution_text(row[sol_name])
+        if not normalize_text(solution):
+            raise UserError(f"{where}: field {sol_name!r} is empty")
+        qid = row.get(id_field)
+        qid = question_id_of(prompt) if qid is None else str(qid)
+        if qid in seen:
+            first = seen[qid]
+            if first.prompt != prompt or first.reference_answer != answer:
+                raise UserError(f"{where}: question id {qid!r} already used by {first.where} with another "
+                                "question or answer")
+            out.duplicates += 1
+            continue
+        question = Question(len(out.questions), where, qid, prompt, answer, solution)
+        seen[qid] = question
+        out.questions.append(question)
     if not out.questions:
         raise UserError(f"{path}: no questions")
     return out

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,19 +267,13 @@ def training_sample(cache, size: int, seed: int) -> list[dict]:
 
 
 def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
-    if not path.exists():
-        raise UserError(f"{path}: file not found")
+    from pipeline.readers import jsonl_objects
+
     items = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
+    for where, item in jsonl_objects(path):
         for key in required:
             if key not in item:
-                raise UserError(f"{path}:{line_no}: missing field '{key}'")
+                raise UserError(f"{where}: missing field '{key}'")
         items.append(item)
     return items
 

@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from pipeline.atomic import atomic_path
 from pipeline.completion import STOP_TOKENS, complete, prompt_seed, stop_token_ids  # noqa: F401  (re-exported)
@@ -32,6 +32,7 @@ from pipeline.devices import DTYPE_NAMES, resolve_device
 from pipeline.errors import ConfigError, UserError
 from pipeline.progress import progress_bar
 from pipeline.prompts import follow_cache, resolve_chat_template
+from pipeline.readers import jsonl_objects
 from pipeline.sampler import REMASKING, check_schedule
 from pipeline.stagecli import stage_command
 
@@ -146,7 +147,7 @@ def read_prompts(path: str | Path, prompt_field: str | None = None) -> list[Prom
         rows = _arrow_rows(path)
         items = ((f"{path}:row {i}", row) for i, row in enumerate(rows))
     else:
-        items = _jsonl_rows(path)
+        items = jsonl_objects(path)
     records: list[PromptRecord] = []
     for where, row in items:
         name = prompt_field or ("prompt" if "prompt" in row else "question")
@@ -176,25 +177,6 @@ def _arrow_rows(path: Path) -> list[dict]:
             return pa.ipc.open_file(source).read_all().to_pylist()
     except (pa.ArrowInvalid, OSError) as exc:
         raise UserError(f"{path}: not an Arrow IPC file ({exc})") from None
-
-
-def _jsonl_rows(path: Path) -> Iterable[tuple[str, dict]]:
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{where}: invalid UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield where, row
 
 
 # --- the stage -------------------------------------------------------------------------
