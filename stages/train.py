@@ -536,6 +536,9 @@ class TrainContext:
     step: int = 0
     wrapped: Any = None
     """What accelerate prepared (DDP or FSDP around a MaskedRowScorer) when distributed, else None."""
+    fsdp: bool = False
+    """Sharded by FSDP. Decided once at setup: on CPU the FSDP mode is attached to accelerate's state by hand
+    (fresh_accelerator), and any later AcceleratorState() copies the process state's MULTI_CPU back over it."""
 
     @property
     def scorer(self):
@@ -546,7 +549,7 @@ class TrainContext:
         """Gradients are all-reduced only on the last backward of an optimizer step."""
         import contextlib
 
-        if self.wrapped is None or last or self.accelerator.distributed_type.name == "FSDP":
+        if self.wrapped is None or last or self.fsdp:
             # FSDP reduce-scatters every backward: without sync each process would keep
             # whole unsharded gradients, the memory FSDP exists to save.
             return contextlib.nullcontext()
@@ -725,10 +728,6 @@ def run(cfg: TrainConfig) -> TrainResult:
     acc = fresh_accelerator(cfg.mixed_precision, cpu, log_with=accelerator_trackers(trackers), run_dir=cfg.out)
     fsdp = acc.distributed_type.name == "FSDP"
     world = acc.num_processes
-    if fsdp and cfg.eval_every:
-        # Each process scores its own share of the held-out pairs; FSDP's forward is a collective
-        # that needs every process in the same pass, which unequal shares do not guarantee.
-        raise UserError("--eval-every under FSDP is not supported yet; use data parallel (configs/accelerate/ddp.yaml)")
     reused_draws = check_draws(cfg, epochs_needed(len(rows), cfg, world), fp["draws"])
     if cfg.plan and not fsdp:  # on the longest cached pair; data parallel keeps a whole model per process
         # (under FSDP the plan's one-model-per-process shape does not apply: no check)
@@ -775,7 +774,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     else:
         optimizer = acc.prepare(optimizer)
 
-    ctx = TrainContext(cfg, model, tokenizer, acc, fp, ref_model, wrapped=wrapped)
+    ctx = TrainContext(cfg, model, tokenizer, acc, fp, ref_model, wrapped=wrapped, fsdp=fsdp)
 
     def step_batches(step: int) -> list[PairBatch]:
         out = []
@@ -828,7 +827,11 @@ def run(cfg: TrainConfig) -> TrainResult:
         writer = MetricsWriter(cfg.out, tensorboard=TENSORBOARD in trackers, resume_step=resumed_from,
                                console=cfg.progress, sinks=tuple(sinks))
     # Each process scores its share of the held-out pairs; the sums are all-reduced.
-    eval_share = eval_rows.subset(range(acc.process_index, len(eval_rows), world)) if eval_rows else []
+    # Data parallel: each process scores its share and the sums are all-reduced. FSDP: every forward is a
+    # collective (the weights are gathered block by block), so every process must make the same calls;
+    # each scores the whole held-out split in the same batches (the same sums on every process).
+    eval_share = [] if not eval_rows else eval_rows if fsdp else eval_rows.subset(
+        range(acc.process_index, len(eval_rows), world))
 
     last: dict[str, float] = {}
     reset_peak_memory(acc.device)
@@ -898,18 +901,27 @@ def evaluate_heldout(ctx: "TrainContext", rows: list[dict[str, Any]]) -> dict[st
     """eval/... metrics of the policy on this process's share of the held-out pairs, reduced over processes."""
     from pipeline.preference import heldout_metrics, heldout_sums
 
-    cfg, acc, model = ctx.cfg, ctx.accelerator, ctx.model
+    cfg, acc, model, fsdp = ctx.cfg, ctx.accelerator, ctx.model, ctx.fsdp
     was_training = model.training
     model.eval()  # no dropout: the held-out numbers measure the model, not a noisy copy of it
     try:
-        sums = heldout_sums(model, ctx.tokenizer, rows, ctx.fingerprint, beta=cfg.beta,
+        # Under FSDP through the wrapped scorer, whose forward gathers the sharded weights.
+        sums = heldout_sums(ctx.scorer if fsdp else model, ctx.tokenizer, rows, ctx.fingerprint, beta=cfg.beta,
                             loss_type=cfg.preference_loss or "sigmoid", label_smoothing=cfg.label_smoothing,
                             preference_weight=cfg.preference_weight, sft_weight=cfg.sft_total_weight,
                             batch_tokens=cfg.batch_tokens, draw=0, pairs_per_pass=cfg.batch_size,
                             autocast=acc.autocast)
     finally:
         model.train(was_training)
-    if acc.num_processes > 1:
+        if fsdp:
+            # FSDP keeps the root's weights gathered after a forward, for the backward that follows; a no-grad
+            # forward has none, so they are resharded here (else the next save or step sees them gathered).
+            from torch.distributed.fsdp import FSDPModule
+
+            for module in ctx.scorer.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+    if acc.num_processes > 1 and not fsdp:  # under FSDP every process scored the whole split
         sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
     return heldout_metrics(sums)
 

@@ -51,3 +51,15 @@ def small_cache(tmp_path_factory, small_pairs) -> Path:
     run(ScoreRefConfig(pairs=small_pairs, model="micro", out=out, samples=3, draws=2, pairs_per_part=4,
                        device="cpu", progress=False))
     return out
+
+
+def accelerate_launch() -> list[str]:
+    """The start of an ``accelerate launch`` command on a free rendezvous port, so two test sessions (or a
+    process of an earlier test still closing) never meet on accelerate's default port 29500."""
+    import socket
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port)]

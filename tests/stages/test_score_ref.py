@@ -22,7 +22,7 @@ from pipeline.errors import UserError
 from pipeline.pairsfile import read_pairs
 from pipeline.schemas import SCORES_SCHEMA
 from stages.score_ref import ScoreRefConfig, run
-from tests.conftest import ingest_pairs
+from tests.conftest import accelerate_launch, ingest_pairs
 
 
 def _cfg(pairs, out, **kw):
@@ -186,7 +186,7 @@ def test_accelerate_two_processes_match_one(small_pairs, small_cache, tmp_path):
     out = tmp_path / "multi"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # --multi_gpu is accelerate's torchrun-style launcher; without CUDA our stages join it as gloo CPU workers.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    cmd = [*accelerate_launch(), "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "pipeline.cli", "score-ref", str(small_pairs), "--model", "micro", "--out", str(out),
            "--samples", "3", "--draws", "2", "--pairs-per-part", "4", "--device", "auto", "--no-progress", "--json"]

@@ -29,6 +29,7 @@ from stages.train import (
     replay_requests,
     run,
 )
+from tests.conftest import accelerate_launch
 
 FAST = dict(learning_rate=3e-3, warmup_ratio=0.0, scheduler="constant", beta=0.5, device="cpu", progress=False,
             tensorboard=False)
@@ -203,7 +204,7 @@ def test_two_processes_match_one_at_equal_global_batch(train_cache, tmp_path):
     one = tmp_path / "one"
     subprocess.run(_cli(train_cache, one, "--save-every", "0", "--max-steps", "3"), check=True, capture_output=True)
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    cmd = [*accelerate_launch(), "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "pipeline.cli", "train", str(train_cache), "--out", str(two), "--max-steps", "3", "--batch-size", "2",
            "--learning-rate", "3e-3", "--warmup-ratio", "0.25", "--device", "auto", "--no-progress"]

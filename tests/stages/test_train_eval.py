@@ -14,6 +14,7 @@ from pipeline.models import load_model
 from pipeline.preference import heldout_metrics, heldout_sums
 from pipeline.schemas import EVAL_METRIC_COLUMNS
 from stages.train import TrainConfig, run
+from tests.conftest import accelerate_launch
 
 FAST = dict(learning_rate=3e-3, warmup_ratio=0.0, scheduler="constant", beta=0.5, device="cpu", progress=False,
             batch_size=4)
@@ -188,12 +189,11 @@ def test_two_processes_evaluate_their_shares_and_reduce(small_cache, tmp_path):
     """3 held-out pairs over 2 processes (2 + 1): the reduced eval/... equal one process's at equal global batch."""
     import os
     import subprocess
-    import sys
 
     one = tmp_path / "one"
     run(_cfg(small_cache, one, max_steps=2, eval_every=1, batch_size=4, report_to="none"))
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    cmd = [*accelerate_launch(), "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "pipeline.cli", "train", str(small_cache), "--out", str(two), "--max-steps", "2",
            "--batch-size", "2",

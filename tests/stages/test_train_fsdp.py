@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,17 +19,20 @@ from safetensors.torch import load_file
 
 from pipeline.errors import UserError
 from stages.train import TrainConfig, run
+from tests.conftest import accelerate_launch
 
 REPO = Path(__file__).resolve().parents[2]
 FSDP_CPU = REPO / "configs" / "accelerate" / "fsdp_cpu.yaml"
 STEPS = 6
+EVAL_PAIRS = 5  # held-out pairs, unevenly many for 2 processes
+EVAL_EVERY = 3
 ARGS = ["--learning-rate", "3e-3", "--warmup-ratio", "0.25", "--device", "auto", "--no-progress", "--no-tensorboard"]
 
 pytestmark = pytest.mark.slow
 
 
 def _launch(cache, out, *extra, wait=True):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CPU),
+    cmd = [*accelerate_launch(), "--config_file", str(FSDP_CPU),
            "-m", "pipeline.cli", "train", str(cache), "--out", str(out), "--batch-size", "2", *ARGS, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if not wait:  # its own process group, so a SIGKILL reaches the launcher and both workers
@@ -43,12 +45,19 @@ def _launch(cache, out, *extra, wait=True):
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
+    from stages.ingest import IngestConfig
+    from stages.ingest import run as ingest
     from stages.score_ref import ScoreRefConfig
     from stages.score_ref import run as score
-    from tests.conftest import ingest_pairs
+    from tests.conftest import write_arithmetic_pairs
 
     tmp = tmp_path_factory.mktemp("fsdp")
-    pairs = ingest_pairs(tmp, n=24, eval_fraction=0.0)
+    src = write_arithmetic_pairs(tmp / "pairs.jsonl", 24 + EVAL_PAIRS)
+    lines = src.read_text().splitlines()  # the last few are the user's held-out split (--eval-every)
+    src.write_text("".join((line[:-1] + ', "split": "test"}' if i >= 24 else line) + "\n"
+                           for i, line in enumerate(lines)))
+    pairs = tmp / "pairs.arrow"
+    ingest(IngestConfig(inputs=[str(src)], out=str(pairs), progress=False))
     out = tmp / "cache"
     score(ScoreRefConfig(pairs=pairs, model="micro", out=out, samples=2, pairs_per_part=4, device="cpu",
                          progress=False))
@@ -59,8 +68,13 @@ def cache(tmp_path_factory):
 def fsdp_run(cache, tmp_path_factory):
     """Two processes at batch 2, full fine-tuning, the online reference sharded like the policy."""
     out = tmp_path_factory.mktemp("fsdp-run") / "run"
-    _launch(cache, out, "--max-steps", str(STEPS), "--save-every", "2", "--reference", "online")
+    _launch(cache, out, "--max-steps", str(STEPS), "--save-every", "2", "--reference", "online",
+            "--eval-every", str(EVAL_EVERY))
     return out
+
+
+def _logged(value) -> bool:
+    return value is not None and value == value  # a step without eval has NaN in the column
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -70,13 +84,19 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_two_fsdp_processes_at_batch_2_equal_one_process_at_batch_4(cache, fsdp_run, tmp_path):
     one = tmp_path / "one"
     run(TrainConfig(scores=cache, out=one, batch_size=4, max_steps=STEPS, learning_rate=3e-3, warmup_ratio=0.25,
-                    device="cpu", progress=False, tensorboard=False))
+                    device="cpu", progress=False, tensorboard=False, eval_every=EVAL_EVERY))
     a = pq.read_table(one / "metrics.parquet").to_pylist()
     b = pq.read_table(fsdp_run / "metrics.parquet").to_pylist()
     assert [m["step"] for m in b] == list(range(1, STEPS + 1))
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-4)
         assert y["rewards/accuracies"] == pytest.approx(x["rewards/accuracies"])
+        # --eval-every under FSDP: the held-out split's numbers, at the same steps, as one process gets.
+        evaluated = y["step"] % EVAL_EVERY == 0
+        assert _logged(y["eval/loss"]) == evaluated == _logged(x["eval/loss"])
+        if evaluated:
+            for key in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"):
+                assert y[key] == pytest.approx(x[key], abs=1e-4), key
     wa, wb = _weights(one / "final"), _weights(fsdp_run / "final")
     assert set(wa) == set(wb)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
