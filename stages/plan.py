@@ -171,6 +171,7 @@ def command(
     prompt_length: Optional[int] = typer.Option(None, "--prompt-length", help="Prompt tokens within max length."),
     search: Optional[bool] = typer.Option(None, "--search/--no-search", help="Find the largest settings that fit."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Peak accelerator memory of a stage's settings, by component, and whether they fit."""
@@ -189,6 +190,11 @@ def command(
     if not isinstance(from_file, dict):
         raise ConfigError(f"{config}: options must be a mapping of {cls.__name__} fields")
     cfg = load_config(PlanConfig, config, {**flags, "options": {**from_file, **options}})
+    if print_config:
+        from pipeline.config import config_to_yaml
+
+        typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
+        return
     print_plan(run(cfg), as_json)
 
 

@@ -132,3 +132,16 @@ def test_train_plans_before_loading_the_policy_on_the_longest_cached_pair(monkey
     with pytest.raises(AssertionError, match="loaded"):
         train.run(train.TrainConfig(scores=small_cache, out=tmp_path / "run2", device="cpu", plan=False,
                                     progress=False, tensorboard=False))
+
+
+def test_print_config_round_trips_through_config(tmp_path):
+    import yaml
+
+    res = _plan("train", "--model", "micro", "--lora-r", "4", "--gpu-memory", "a100-40", "--print-config")
+    assert res.exit_code == 0, res.output
+    printed = yaml.safe_load(res.output)
+    assert printed["gpu_memory"] == "a100-40" and printed["options"] == {"model": "micro", "lora_r": 4}
+    saved = tmp_path / "plan.yaml"
+    saved.write_text(res.output)
+    again = _plan("train", "--config", str(saved), "--print-config")
+    assert again.exit_code == 0 and again.output == res.output
