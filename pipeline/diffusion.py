@@ -166,6 +166,13 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int | None) -> list[list[
     return batches
 
 
+def forward_calls(requests: Sequence[ScoreRequest], batch_tokens: int | None) -> int:
+    """How many module calls ``elbo_terms`` makes for ``requests``: one per planned batch of non-empty rows."""
+    lengths = [len(req.prompt_ids) + len(req.response_ids)
+               for req in requests for keep in req.masks.any(dim=1).tolist() if keep]
+    return len(plan_batches(lengths, batch_tokens))
+
+
 def elbo_terms(
     model,
     requests: Sequence[ScoreRequest],

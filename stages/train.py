@@ -428,24 +428,24 @@ def batch_loss(cfg: TrainConfig, terms: list[torch.Tensor], ref_c, ref_r, chosen
                   "acc": acc}
 
 
-def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) -> dict[str, Any]:
-    """Forward and backward of one micro-batch; returns its detached statistics."""
+def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) -> dict[str, Any] | None:
+    """Forward and backward of one micro-batch; returns its detached statistics (None when this process
+    has no rows: the end of an epoch left it nothing, and it only joins the others' collectives)."""
     from pipeline.diffusion import ScoreRequest
 
-    cfg, model, tok, acc = ctx.cfg, ctx.scorer, ctx.tokenizer, ctx.accelerator
-    if not batch.rows:  # the end of an epoch left this process nothing: join the gradient sync only
-        with ctx.sync_context(sync):
-            _backward(ctx, torch.zeros((), device=acc.device))
-        return None
-    requests = replay_requests(batch, ctx.fingerprint)
+    cfg, model, acc = ctx.cfg, ctx.scorer, ctx.accelerator
+    requests = replay_requests(batch, ctx.fingerprint) if batch.rows else []
     ref_terms = None
     if cfg.reference == "online":
         with torch.no_grad(), acc.autocast():
             if ctx.ref_model is not None:
-                ref_terms = policy_terms(ctx.ref_model, requests, tok, cfg)
+                ref_terms, _ = lockstep_terms(ctx, ctx.ref_model, requests)
             else:  # LoRA: the base model with adapters switched off is the reference
                 with ctx.model.disable_adapter():
-                    ref_terms = policy_terms(model, requests, tok, cfg)
+                    ref_terms, _ = lockstep_terms(ctx, model, requests)
+    if not batch.rows:
+        _idle_micro_step(ctx, sync)
+        return None
     ref_c, ref_r = reference_means(batch, acc.device, ref_terms)
     chosen_len = torch.tensor([r["chosen_len"] for r in batch.rows], device=acc.device)
     rejected_len = torch.tensor([r["rejected_len"] for r in batch.rows], device=acc.device)
@@ -454,20 +454,20 @@ def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) 
     if cfg.sequence_microbatch == 0:
         with ctx.sync_context(sync):  # forward and backward both inside, as DDP requires
             with acc.autocast():
-                terms = policy_terms(model, requests, tok, cfg)
+                terms, pad = lockstep_terms(ctx, model, requests)
                 loss, st = batch_loss(cfg, terms, ref_c, ref_r, chosen_len, rejected_len)
             _check_finite(ctx, loss, batch)
-            _backward(ctx, loss * scale)
+            _backward(ctx, _with_pad(loss * scale, pad))
     else:
         # One no-grad pass gives each pair's dL/d(delta); then every sequence's
         # term is backpropagated on its own with that weight (estimator-math.md),
         # K sequences at a time, so activations follow K rather than 2n.
         with torch.no_grad(), acc.autocast():
-            terms = policy_terms(model, requests, tok, cfg)
+            terms, _ = lockstep_terms(ctx, model, requests)
             loss, st = batch_loss(cfg, terms, ref_c, ref_r, chosen_len, rejected_len)
         _check_finite(ctx, loss, batch)
-        delta = preference_delta(st["pi_c"], st["pi_r"], ref_c, ref_r, loss_type=cfg.preference_loss or "sigmoid", chosen_len=chosen_len,
-                                 rejected_len=rejected_len)
+        delta = preference_delta(st["pi_c"], st["pi_r"], ref_c, ref_r, loss_type=cfg.preference_loss or "sigmoid",
+                                 chosen_len=chosen_len, rejected_len=rejected_len)
         chosen_w, rejected_w = sequence_weights(
             delta, n, beta=cfg.beta, loss_type=cfg.preference_loss or "sigmoid", label_smoothing=cfg.label_smoothing,
             sft_weight=cfg.sft_total_weight, chosen_len=chosen_len, normalizer=len(batch.rows),
@@ -476,43 +476,106 @@ def micro_step(ctx: "TrainContext", batch: PairBatch, scale: float, sync: bool) 
         K = cfg.sequence_microbatch
         # Empty masks (possible under the 1/t scheme) have a constant term 0: no forward needed.
         seqs = [(j, k) for j, k in seqs if bool(requests[j].masks[k].any())]
-        if not seqs:
+        groups = [seqs[g:g + K] for g in range(0, len(seqs), K)]
+        n_groups = ctx.most(len(groups)) if ctx.fsdp else len(groups)  # FSDP: a backward per group, everywhere
+        if n_groups == 0:
             with ctx.sync_context(sync):
                 _backward(ctx, torch.zeros((), device=acc.device))
-        for g in range(0, len(seqs), K):
-            group = seqs[g:g + K]
+        for g in range(n_groups):
+            group = groups[g] if g < len(groups) else []
             sub = [ScoreRequest(requests[j].prompt_ids, requests[j].response_ids, requests[j].masks[k:k + 1],
                                 requests[j].weights[k:k + 1]) for j, k in group]
             weights = [(chosen_w if j % 2 == 0 else rejected_w)[j // 2] for j, _ in group]
-            with ctx.sync_context(sync and g + K >= len(seqs)):
+            with ctx.sync_context(sync and g + 1 >= n_groups):
                 with acc.autocast():
-                    sub_terms = policy_terms(model, sub, tok, cfg)
-                surrogate = sum(w.to(t.dtype) * t.sum() for w, t in zip(weights, sub_terms))
-                _backward(ctx, surrogate * scale)
+                    sub_terms, pad = lockstep_terms(ctx, model, sub)
+                surrogate = sum((w.to(t.dtype) * t.sum() for w, t in zip(weights, sub_terms)),
+                                torch.zeros((), device=acc.device))
+                _backward(ctx, _with_pad(surrogate * scale, pad))
     tokens = sum(req.masks.shape[0] * (len(req.prompt_ids) + len(req.response_ids)) for req in requests)
     return {"loss": loss.detach().float(), "cr": st["cr"].float(), "rr": st["rr"].float(),
             "pi_c": st["pi_c"].float(), "pi_r": st["pi_r"].float(), "acc": st["acc"].float(),
             "tokens": tokens, "pairs": len(batch.rows)}
 
 
+def _probe(ctx: "TrainContext", scorer) -> torch.Tensor:
+    """One forward of a two-token pad row through ``scorer``: the sum to weight by 0. Under data parallel or
+    FSDP it joins a forward (and, in the loss, a backward) the other processes make on real rows."""
+    device = ctx.accelerator.device
+    probe = torch.full((1, 2), int(ctx.tokenizer.pad_token_id), device=device)
+    index = torch.tensor([[0, 1]], device=device)  # position 1: shifted models predict it from 0
+    return scorer(probe, None, index, probe[0, :1], 1).sum()
+
+
+def lockstep_terms(ctx: "TrainContext", scorer, requests) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+    """``policy_terms`` of ``requests`` (none on a process the epoch's end left idle), and under FSDP the sum of
+    the pad forwards that bring this process to the most forward passes any process makes here (None when
+    there are none). Every FSDP forward is a collective (the sharded weights are gathered), so every process
+    must make as many; the count is agreed first, before any of them. Add ``0 * pad`` to a loss that is
+    backpropagated, so the pad passes join the backward too."""
+    local = 0
+    if ctx.fsdp:
+        from pipeline.diffusion import forward_calls
+
+        local = forward_calls(requests, ctx.cfg.batch_tokens) if requests else 0
+        most = ctx.most(local)
+    terms = policy_terms(scorer, requests, ctx.tokenizer, ctx.cfg) if requests else []
+    pad = None
+    if ctx.fsdp:
+        for _ in range(most - local):
+            p = _probe(ctx, scorer)
+            pad = p if pad is None else pad + p
+    return terms, pad
+
+
+def _with_pad(loss: torch.Tensor, pad: Optional[torch.Tensor]) -> torch.Tensor:
+    return loss if pad is None else loss + 0.0 * pad.to(loss.dtype)
+
+
+def _idle_micro_step(ctx: "TrainContext", sync: bool) -> None:
+    """A process with no rows makes the collectives ``micro_step`` makes on the others: under FSDP as many
+    forward passes (and backward passes) as the busiest process, the finite-loss flag, and the gradient sync."""
+    acc, zero = ctx.accelerator, torch.zeros((), device=ctx.accelerator.device)
+    if ctx.cfg.sequence_microbatch == 0:
+        with ctx.sync_context(sync):
+            with acc.autocast():
+                _, pad = lockstep_terms(ctx, ctx.scorer, [])
+                if pad is None and ctx.wrapped is not None:  # DDP may sync in a forward: make it where the others do
+                    pad = _probe(ctx, ctx.scorer)
+            _check_finite(ctx, zero, PairBatch([], 0))
+            _backward(ctx, _with_pad(zero, pad))
+        return
+    with torch.no_grad(), acc.autocast():
+        lockstep_terms(ctx, ctx.scorer, [])
+    _check_finite(ctx, zero, PairBatch([], 0))
+    n_groups = ctx.most(0) if ctx.fsdp else 0
+    if n_groups == 0:
+        with ctx.sync_context(sync):
+            _backward(ctx, zero)
+    for g in range(n_groups):
+        with ctx.sync_context(sync and g + 1 >= n_groups):
+            with acc.autocast():
+                _, pad = lockstep_terms(ctx, ctx.scorer, [])
+            _backward(ctx, _with_pad(zero, pad))
+
+
 def _backward(ctx: "TrainContext", loss: torch.Tensor) -> None:
     """Backward, also when the loss does not depend on the weights (every mask empty under
-    the 1/t scheme): alone that adds nothing; under data parallel the other processes wait
-    for this one's gradients, so a zero-weighted pass through the body and head joins them."""
+    the 1/t scheme, or no rows left for this process): alone that adds nothing; under data
+    parallel the other processes wait for this one's gradients, so a zero-weighted pass
+    through the body and head joins them."""
     if not loss.requires_grad:
         if ctx.wrapped is None:
             return
-        device = ctx.accelerator.device
-        probe = torch.full((1, 2), int(ctx.tokenizer.pad_token_id), device=device)
-        index = torch.tensor([[0, 1]], device=device)  # position 1: shifted models predict it from 0
         # Through the wrapped scorer, so DDP/FSDP see the same one forward as on a real batch.
-        loss = loss + 0.0 * ctx.scorer(probe, None, index, probe[0, :1], 1).sum()
+        loss = loss + 0.0 * _probe(ctx, ctx.scorer)
     ctx.accelerator.backward(loss)
 
 
 def _check_finite(ctx: "TrainContext", loss: torch.Tensor, batch: PairBatch) -> None:
     """Stop on a non-finite loss, naming the step and pairs; under data parallel every
-    process learns of it (one flag all-reduced), so none waits for the others forever."""
+    process learns of it (one flag all-reduced, also by a process with no rows), so none
+    waits for the others forever."""
     bad = not bool(torch.isfinite(loss).all())
     if ctx.wrapped is not None:
         flag = torch.tensor([1.0 if bad else 0.0], device=ctx.accelerator.device)
@@ -545,6 +608,16 @@ class TrainContext:
         """What elbo_terms calls: the wrapped MaskedRowScorer when distributed, else the policy."""
         return self.model if self.wrapped is None else self.wrapped
 
+    def most(self, count: int) -> int:
+        """The largest ``count`` over processes (a collective: every process calls it at the same point)."""
+        if self.wrapped is None:
+            return count
+        import torch.distributed as dist
+
+        t = torch.tensor([count], dtype=torch.long, device=self.accelerator.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def sync_context(self, last: bool):
         """Gradients are all-reduced only on the last backward of an optimizer step."""
         import contextlib
@@ -570,6 +643,18 @@ def micro_batch_rows(rows, cfg: TrainConfig, step: int, micro: int, steps_per_ep
     per_step = cfg.batch_size * world
     start = (pos * cfg.grad_accum + micro) * per_step + rank * cfg.batch_size
     return epoch, [rows[order[i]] for i in range(start, min(start + cfg.batch_size, len(rows)))]
+
+
+def step_pair_count(n_rows: int, cfg: TrainConfig, step: int, steps_per_epoch: int, world: int) -> int:
+    """Pairs the whole step trains on, over every micro-batch and process (``micro_batch_rows``' arithmetic)."""
+    pos = step % steps_per_epoch
+    per_step = cfg.batch_size * world
+    total = 0
+    for micro in range(cfg.grad_accum):
+        for rank in range(world):
+            start = (pos * cfg.grad_accum + micro) * per_step + rank * cfg.batch_size
+            total += max(0, min(cfg.batch_size, n_rows - start))
+    return total
 
 
 def epochs_needed(n_rows: int, cfg: TrainConfig, world: int = 1) -> int:
@@ -600,11 +685,11 @@ def start_gap(ctx: "TrainContext", batches: list[PairBatch]) -> float:
     acc = ctx.accelerator
     gap = torch.zeros((), dtype=torch.float64, device=acc.device)
     for batch in batches:
+        requests = replay_requests(batch, ctx.fingerprint) if batch.rows else []
+        with torch.no_grad(), acc.autocast():
+            terms, _ = lockstep_terms(ctx, ctx.scorer, requests)  # under FSDP also on a process with no rows
         if not batch.rows:
             continue
-        requests = replay_requests(batch, ctx.fingerprint)
-        with torch.no_grad(), acc.autocast():
-            terms = policy_terms(ctx.scorer, requests, ctx.tokenizer, ctx.cfg)
         means = torch.stack([t.double().mean() for t in terms])
         ref_c, ref_r = reference_means(batch, acc.device)
         gap = torch.maximum(gap, torch.cat([(means[0::2] - ref_c).abs(), (means[1::2] - ref_r).abs()]).max())
@@ -841,10 +926,12 @@ def run(cfg: TrainConfig) -> TrainResult:
             t0 = time.perf_counter()
             stats = []
             batches = step_batches(step)
-            # Each pair weighs the same within a step, also when the epoch's end leaves short micro-batches.
-            step_pairs = max(1, sum(len(b.rows) for b in batches))
+            # Each pair weighs the same within a step, also when the epoch's end leaves short (or no) micro-batches
+            # on some processes: DDP and FSDP average gradients over processes, hence the factor world.
+            step_pairs = max(1, step_pair_count(len(rows), cfg, step, steps_per_epoch, world))
             for micro, batch in enumerate(batches):
-                stats.append(micro_step(ctx, batch, len(batch.rows) / step_pairs, sync=micro == cfg.grad_accum - 1))
+                stats.append(micro_step(ctx, batch, len(batch.rows) * world / step_pairs,
+                                        sync=micro == cfg.grad_accum - 1))
             clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = acc.clip_grad_norm_(params, clip)
             lr = scheduler.get_last_lr()[0]
