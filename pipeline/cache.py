@@ -59,12 +59,17 @@ def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def read_part(path: str | Path, columns: list[str] | None = None, expected_sha256: str | None = None) -> pa.Table:
-    """One part file; a one-line error naming it when its checksum differs or it does not read."""
-    path = Path(path)
+def check_part_checksum(path: Path, expected_sha256: str | None) -> None:
+    """A one-line error naming the part when its sha256 is not the manifest's (nothing to check without one)."""
     if expected_sha256 is not None and file_sha256(path) != expected_sha256:
         raise UserError(f"{path}: part file differs from the checksum in the manifest (altered or cut short); "
                         "rerun score-ref with --overwrite to rebuild the cache")
+
+
+def read_part(path: str | Path, columns: list[str] | None = None, expected_sha256: str | None = None) -> pa.Table:
+    """One part file; a one-line error naming it when its checksum differs or it does not read."""
+    path = Path(path)
+    check_part_checksum(path, expected_sha256)
     try:
         return pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError) as exc:
@@ -114,10 +119,7 @@ class ScoresCache:
         key = (path.name, st.st_size, st.st_mtime_ns)
         if key in self._verified:
             return
-        expected = (self.manifest.get("part_sha256") or {}).get(path.name)
-        if expected is not None and file_sha256(path) != expected:
-            raise UserError(f"{path}: part file differs from the checksum in the manifest (altered or cut short); "
-                            "rerun score-ref with --overwrite to rebuild the cache")
+        check_part_checksum(path, (self.manifest.get("part_sha256") or {}).get(path.name))
         self._verified.add(key)
 
     def table(self, columns: list[str] | None = None) -> pa.Table:

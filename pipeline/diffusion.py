@@ -166,11 +166,22 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int | None) -> list[list[
     return batches
 
 
+def _scored_rows(requests: Sequence[ScoreRequest]) -> tuple[list[tuple[int, int]], list[int]]:
+    """The (request r, sample k) rows with at least one masked token, and each row's length."""
+    rows: list[tuple[int, int]] = []
+    lengths: list[int] = []
+    for r, req in enumerate(requests):
+        total = len(req.prompt_ids) + len(req.response_ids)
+        for k, keep in enumerate(req.masks.any(dim=1).tolist()):
+            if keep:
+                rows.append((r, k))
+                lengths.append(total)
+    return rows, lengths
+
+
 def forward_calls(requests: Sequence[ScoreRequest], batch_tokens: int | None) -> int:
     """How many module calls ``elbo_terms`` makes for ``requests``: one per planned batch of non-empty rows."""
-    lengths = [len(req.prompt_ids) + len(req.response_ids)
-               for req in requests for keep in req.masks.any(dim=1).tolist() if keep]
-    return len(plan_batches(lengths, batch_tokens))
+    return len(plan_batches(_scored_rows(requests)[1], batch_tokens))
 
 
 def elbo_terms(
@@ -196,16 +207,7 @@ def elbo_terms(
     scorer = _as_row_scorer()(model, chunk_size)
     device = _model_device(model)
 
-    # Flatten to rows (request r, sample k) that have at least one masked token.
-    rows: list[tuple[int, int]] = []
-    lengths: list[int] = []
-    for r, req in enumerate(requests):
-        nonempty = req.masks.any(dim=1).tolist()
-        total = len(req.prompt_ids) + len(req.response_ids)
-        for k, keep in enumerate(nonempty):
-            if keep:
-                rows.append((r, k))
-                lengths.append(total)
+    rows, lengths = _scored_rows(requests)
 
     # Each request's ids and masks as CPU tensors once, not once per sample row.
     prompts = [torch.as_tensor(list(req.prompt_ids), dtype=torch.long) for req in requests]

@@ -638,23 +638,25 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
 def micro_batch_rows(rows, cfg: TrainConfig, step: int, micro: int, steps_per_epoch: int, world: int, rank: int):
     """The rows this process trains on at (step, micro). An epoch is one pass over its own shuffled order:
     its last micro-batches hold what is left (fewer rows, or none), never a pair already seen in the epoch."""
-    epoch, pos = divmod(step, steps_per_epoch)
+    epoch = step // steps_per_epoch
     order = epoch_order(len(rows), cfg.seed, epoch)
-    per_step = cfg.batch_size * world
-    start = (pos * cfg.grad_accum + micro) * per_step + rank * cfg.batch_size
-    return epoch, [rows[order[i]] for i in range(start, min(start + cfg.batch_size, len(rows)))]
+    start, stop = _micro_batch_span(len(rows), cfg, step, micro, steps_per_epoch, world, rank)
+    return epoch, [rows[order[i]] for i in range(start, stop)]
+
+
+def _micro_batch_span(n_rows: int, cfg: TrainConfig, step: int, micro: int, steps_per_epoch: int, world: int,
+                      rank: int) -> tuple[int, int]:
+    """Positions [start, stop) in the epoch's order of the rows process ``rank`` trains on at (step, micro)."""
+    pos = step % steps_per_epoch
+    start = (pos * cfg.grad_accum + micro) * cfg.batch_size * world + rank * cfg.batch_size
+    return start, max(start, min(start + cfg.batch_size, n_rows))
 
 
 def step_pair_count(n_rows: int, cfg: TrainConfig, step: int, steps_per_epoch: int, world: int) -> int:
     """Pairs the whole step trains on, over every micro-batch and process (``micro_batch_rows``' arithmetic)."""
-    pos = step % steps_per_epoch
-    per_step = cfg.batch_size * world
-    total = 0
-    for micro in range(cfg.grad_accum):
-        for rank in range(world):
-            start = (pos * cfg.grad_accum + micro) * per_step + rank * cfg.batch_size
-            total += max(0, min(cfg.batch_size, n_rows - start))
-    return total
+    spans = (_micro_batch_span(n_rows, cfg, step, micro, steps_per_epoch, world, rank)
+             for micro in range(cfg.grad_accum) for rank in range(world))
+    return sum(stop - start for start, stop in spans)
 
 
 def epochs_needed(n_rows: int, cfg: TrainConfig, world: int = 1) -> int:
