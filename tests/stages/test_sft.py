@@ -159,7 +159,9 @@ def test_cli_json_print_config_and_trl_yaml(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_at_equal_global_batch(data, tmp_path):
+def test_two_processes_match_one_at_equal_global_batch(tmp_path):
+    # 21 examples, 8 a step: step 3 holds 5, and its last micro-batch leaves the second process idle.
+    data = write_sft_data(tmp_path / "d21.jsonl", n=21)
     one = tmp_path / "one"
     subprocess.run(_cli(data, one, "--save-every", "0", "--max-steps", "3"), check=True, capture_output=True)
     two = tmp_path / "two"
