@@ -75,7 +75,8 @@ def main(argv=None) -> int:
         cfg = model.config
         mask_id = cfg.mask_token_id
         models = {"ours": model, "full": copy.deepcopy(model)}
-        opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+        # AdamW as the stage builds it (pipeline/training.make_optimizer: fused where torch has the kernel).
+        opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in models.items()}
         vocab_n = cfg.padded_vocab_size
         examples = [(torch.randint(10, min(vocab_n, 500), (args.prompt_len,), generator=g).tolist(),
                      torch.randint(10, min(vocab_n, 500), (args.response_len,), generator=g).tolist())
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
                 sync(device)
                 if step:
                     times[name] = min(times[name], time.perf_counter() - t0)
-                losses[name] = float(loss)
+                losses[name] = float(loss.detach())
             if step == 0:  # both models identical before the first update: the same loss
                 diff = abs(losses["ours"] - losses["full"])
         head = cfg.d_model * vocab_n
