@@ -288,6 +288,9 @@ def run(cfg: SFTConfig) -> SFTResult:
     model, tokenizer = load_start(cfg, acc.device)
     if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
         raise UserError(f"model '{cfg.model}': tokenizer needs mask and pad tokens")
+    longest = getattr(model.config, "max_sequence_length", None)
+    if longest is not None and cfg.max_length > longest:
+        raise UserError(f"--max-length {cfg.max_length} exceeds the model's max_sequence_length {longest}")
     chat = resolve_chat_template(tokenizer, cfg.chat_template)
     examples = load_examples(cfg.data, tokenizer, max_length=cfg.max_length, chat_template=chat,
                              pad_to=cfg.pad_response_to)
