@@ -173,3 +173,25 @@ def format_difference(rec: dict, digits: int = 3) -> str:
 
     return (f"{rec['difference']:+.{digits}f} ({pct}% CI {rec['low']:+.{digits}f} to {rec['high']:+.{digits}f}, "
             f"{rec['method']}, {num(rec['gained'])} gained / {num(rec['lost'])} lost of {rec['n']})")
+
+
+FIGURE_LABELS = {
+    "preference_accuracy": "preference accuracy",
+    "elbo_accuracy": "ELBO accuracy (B(chosen) > B(rejected))",
+    "task_accuracy": "task accuracy (generation)",
+    "choice_accuracy": "multiple-choice accuracy (option ELBO)",
+}
+"""Display names of eval's figures (summaries and the report); other figures show their own key."""
+
+
+def interval_rows(intervals: dict, digits: int = 3) -> list[tuple[str, str, str, str]]:
+    """(figure, before, after, after - before) texts of an ``intervals`` block (eval.json's), in its order:
+    every accuracy with its count and interval, the difference with its paired interval ("" when absent)."""
+    rows = []
+    for name, rec in intervals.items():
+        cells = []
+        for label in ("before", "after"):
+            cells.append(format_accuracy(rec[label], digits) if rec.get(label) else "")
+        diff = format_difference(rec["difference"], digits) if rec.get("difference") else ""
+        rows.append((FIGURE_LABELS.get(name, name), cells[0], cells[1], diff))
+    return rows
