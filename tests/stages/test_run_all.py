@@ -86,3 +86,10 @@ def test_run_end_to_end_summary_matches_the_files(tmp_path):
     assert res2.exit_code == 0, res2.output
     assert manifest.stat().st_mtime_ns == stamp
     assert len(pq.read_table(art["metrics"]).to_pylist()) == 3
+
+
+def test_an_empty_choices_path_fails_when_the_run_config_loads(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("eval:\n  choices: ''\n")
+    with pytest.raises(ConfigError, match=r"run config: eval: choices is an empty path"):
+        stage_configs(merged_config(bad, {"out": tmp_path / "x"}))
