@@ -54,7 +54,7 @@ class EvalConfig:
     model: str = "runs/dpo/final"
     """The trained policy: a checkpoint folder, a LoRA adapter folder (RUN_DIR/final), or a preset."""
     scores: Optional[Path] = Path("cache/ref-scores")
-    """Reference-score cache holding the held-out pairs (score-ref over the eval split); empty to skip."""
+    """Reference-score cache holding the held-out pairs (score-ref over the eval split); null to skip."""
     before: Optional[str] = None
     """The starting model to compare against; default the cache's reference model; 'none' to skip."""
     benchmark: Optional[Path] = None
