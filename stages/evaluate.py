@@ -534,6 +534,7 @@ def run(cfg: EvalConfig) -> EvalResult:
     if spreads:
         result.mc_spread = report["mc_spread"] = spreads
     report["models"] = {"before": before_name, "after": cfg.model}
+    report["record"] = eval_record(cfg, numerics, cache, device)
     report["counts"] = {"pairs": len(pair_rows), "task_items": len(bench), "choice_items": len(mc)}
     report = {k: v for k, v in report.items() if v != {}}
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -545,6 +546,33 @@ def run(cfg: EvalConfig) -> EvalResult:
     write_json_atomic(cfg.out / EVAL_FILE, report, record=True)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def eval_record(cfg: EvalConfig, numerics: Numerics, cache, device: str) -> dict[str, Any]:
+    """What makes this eval comparable with another: sampler settings, seeds, numerics, the multiple-choice
+    estimator, the cache it was measured against, and the machine and package versions."""
+    import dataclasses
+    import inspect
+
+    from pipeline.completion import complete
+    from pipeline.evalrecord import environment
+
+    defaults = {k: p.default for k, p in inspect.signature(complete).parameters.items()
+                if k in ("temperature", "remasking", "cfg_scale")}
+    fp = cache.fingerprint if cache is not None else {}
+    return {
+        "sampler": {"gen_length": cfg.gen_length, "block_length": cfg.block_length, "steps": cfg.steps,
+                    "batch_size": cfg.batch_size, **defaults},
+        "seeds": {"seed": cfg.seed, "mc_seeds": cfg.mc_seeds, "cache_mask_seed": fp.get("seed")},
+        "multiple_choice": {"samples": cfg.samples, "normalize": cfg.normalize},
+        "numerics": dataclasses.asdict(numerics),
+        "cache": None if cache is None else {"path": str(cfg.scores), "model": cache.manifest["config"]["model"],
+                                             "samples": fp.get("samples"), "draws": fp.get("draws"),
+                                             "scheme": fp.get("scheme")},
+        "lm_eval": {"tasks": cfg.lm_eval_tasks, "limit": cfg.lm_eval_limit,
+                    "num_fewshot": cfg.lm_eval_num_fewshot} if cfg.lm_eval_tasks else None,
+        "environment": environment(device),
+    }
 
 
 def _sample_report(rows: list[dict], policy: dict, reference: dict | None, beta: float) -> dict[str, Any]:

@@ -142,6 +142,33 @@ def test_eval_json_gives_every_accuracy_its_count_interval_and_paired_difference
     assert fresh["before"]["values"] == fresh["after"]["values"]  # the same model on the same fresh masks
     assert "credits" not in data["train_sample"]["cached_masks"]
     assert data["train_sample"]["cached_masks"]["accuracy_interval"]["n"] == 4
+    # comparable records: sampler settings, seeds, numerics, device name, package versions
+    rec = data["record"]
+    assert rec["sampler"]["gen_length"] == cfg.gen_length and rec["sampler"]["temperature"] == 0.0
+    assert rec["seeds"] == {"seed": 0, "mc_seeds": 3, "cache_mask_seed": rec["seeds"]["cache_mask_seed"]}
+    assert rec["numerics"] == {"dtype": "float32", "mixed_precision": "no", "load_in_4bit": False}
+    assert rec["environment"]["device"] == "cpu" and rec["environment"]["device_name"].startswith("cpu")
+    import importlib.metadata
+
+    assert rec["environment"]["versions"]["torch"] == importlib.metadata.version("torch")
+    assert rec["multiple_choice"] == {"samples": 2, "normalize": "none"} and rec["cache"]["draws"] == 2
+    # query's eval_results view: this run and a copy of it side by side, one row per figure and model
+    from stages.query import QueryConfig
+    from stages.query import run as query
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "eval.json").write_text((tmp_path / "run" / "eval.json").read_text())
+    cols, rows = query(QueryConfig(evals=tmp_path, sql="SELECT run, model, value, n, low, high, method, device_name "
+                                   "FROM eval_results WHERE figure = 'choice_accuracy' ORDER BY run, model"))
+    assert [(r[0].rsplit("/", 1)[-1], r[1]) for r in rows] == [
+        ("other", "after"), ("other", "before"), ("other", "difference"),
+        ("run", "after"), ("run", "before"), ("run", "difference")]
+    after = dict(zip(cols, rows[3]))
+    assert (after["value"], after["n"], after["low"], after["high"]) == (
+        mc["after"]["value"], 4, mc["after"]["low"], mc["after"]["high"])
+    assert dict(zip(cols, rows[5]))["method"] == "newcombe-paired-score" and after["device_name"].startswith("cpu")
+
     # the console summary shows them
     from stages.evaluate import print_intervals
 
