@@ -14,7 +14,7 @@ import math
 import random
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -258,6 +258,9 @@ class TrainResult:
     """The checkpoint with the best eval/rewards/accuracies (with --save-best)."""
     best_metric: Optional[float] = None
     """Its eval/rewards/accuracies."""
+    intervals: dict[str, Any] = field(default_factory=dict)
+    """The last step's rewards/accuracies (over its pairs) and the last eval/rewards/accuracies (over the held-out
+    pairs) with their counts and 95% Wilson intervals (pipeline.intervals; a tie counts one half)."""
 
 
 # --- setup --------------------------------------------------------------------
@@ -914,6 +917,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     eval_share = eval_parts if fsdp else eval_parts[acc.process_index::world]
 
     last: dict[str, float] = {}
+    intervals: dict[str, Any] = {}
     reset_peak_memory(acc.device)
     try:
         for step in range(start_step, total_steps):
@@ -949,6 +953,9 @@ def run(cfg: TrainConfig) -> TrainResult:
                 if new_best:
                     best = {"best_metric": score, "best_model_checkpoint": str(checkpoint_path(cfg.out, step + 1))}
             last = row
+            intervals["rewards/accuracies"] = _accuracy_of(row["rewards/accuracies"], step_pairs)
+            if evaluated:
+                intervals["eval/rewards/accuracies"] = _accuracy_of(row["eval/rewards/accuracies"], len(eval_rows))
             if writer is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps or evaluated):
                 writer.log(row)
             if new_best or (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps):
@@ -976,8 +983,16 @@ def run(cfg: TrainConfig) -> TrainResult:
         final_reward_accuracy=float(last.get("rewards/accuracies", float("nan"))),
         seconds=time.perf_counter() - start_time, out=str(cfg.out), final_model=str(cfg.out / FINAL_DIR),
         metrics=str(cfg.out / METRICS_FILE), resumed_from=resumed_from,
-        best_checkpoint=best["best_model_checkpoint"], best_metric=best["best_metric"],
+        best_checkpoint=best["best_model_checkpoint"], best_metric=best["best_metric"], intervals=intervals,
     )
+
+
+def _accuracy_of(share: float, n: int) -> dict[str, Any]:
+    """An accuracy (a mean of credits 0, 1/2, 1 over ``n`` pairs) as a count with its Wilson interval."""
+    from pipeline.intervals import accuracy_record
+
+    count = min(max(round(share * n * 2) / 2, 0.0), float(n)) if math.isfinite(share) else 0.0
+    return accuracy_record(count, n)
 
 
 def step_pair_ids(rows, cfg: TrainConfig, step: int, steps_per_epoch: int, world: int) -> list[str]:
@@ -1141,7 +1156,12 @@ def _train_action(cfg: TrainConfig, as_json: bool) -> None:
 
     result = run(cfg)
     if PartialState().is_main_process:
-        print_summary("train", summary_dict(result), as_json)
+        data = summary_dict(result)
+        if not as_json:
+            from pipeline.intervals import format_accuracy
+
+            data.update({name: format_accuracy(rec) for name, rec in data.pop("intervals", {}).items()})
+        print_summary("train", data, as_json)
 
 
 command = stage_command(TrainConfig, _train_action, positional={"scores": True},

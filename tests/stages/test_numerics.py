@@ -151,8 +151,8 @@ def test_train_scores_the_reference_exactly_at_step_1_and_on_eval_every(low_prec
     from pipeline.models import load_model
 
     out = tmp_path / "run"
-    train(TrainConfig(scores=low_precision_caches[name], out=out, max_steps=1, batch_size=6, eval_every=1, beta=0.1,
-                      **{**FAST, "learning_rate": 1e-12}))
+    result = train(TrainConfig(scores=low_precision_caches[name], out=out, max_steps=1, batch_size=6, eval_every=1,
+                               beta=0.1, **{**FAST, "learning_rate": 1e-12}))
     (row,) = pq.read_table(out / "metrics.parquet").to_pylist()
     dtype = "bfloat16" if name == "bfloat16" else "float32"
     base, _ = load_model("micro", dtype=dtype)
@@ -163,6 +163,11 @@ def test_train_scores_the_reference_exactly_at_step_1_and_on_eval_every(low_prec
         assert row["eval/loss"] == pytest.approx(math.log(2), abs=1e-12)
     assert row["ref/gap_max"] <= 1e-12
     assert row["rewards/accuracies"] == 0.5 and row["rewards/margins"] == 0.0
+    # the result gives both accuracies with their counts and intervals (a tie counts one half)
+    assert result.intervals["rewards/accuracies"]["count"] == 3 and result.intervals["rewards/accuracies"]["n"] == 6
+    held = result.intervals["eval/rewards/accuracies"]
+    assert held["n"] == len(open_cache(low_precision_caches[name]).split_rows("eval", skip_identical=True))
+    assert held["count"] == pytest.approx(row["eval/rewards/accuracies"] * held["n"])
     assert row["rewards/chosen"] == 0.0 and row["rewards/rejected"] == 0.0
 
 
