@@ -265,13 +265,36 @@ def flatten_results(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def run_tasks(model, tokenizer, tasks: Sequence[str], *, include_path: str | None = None, limit: int = 0,
               num_fewshot: int | None = None, apply_chat_template: bool = False,
-              **model_args: Any) -> dict[str, float]:
-    """Run lm-eval ``tasks`` on an already loaded model through ``LLDMEvalModel``; flat ``task/metric`` results."""
+              per_document: dict[str, list[float]] | None = None, **model_args: Any) -> dict[str, float]:
+    """Run lm-eval ``tasks`` on an already loaded model through ``LLDMEvalModel``; flat ``task/metric`` results.
+
+    With ``per_document`` (a dict), it also receives each 0..1-valued metric's per-document values in document
+    order (``document_credits``), the items behind an accuracy's count, interval and paired difference."""
     from lm_eval import simple_evaluate
 
     manager = task_manager(tasks, include_path)
     lm = LLDMEvalModel(model=model, tokenizer=tokenizer, **model_args)
     out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit or None,
-                          num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, log_samples=False,
-                          bootstrap_iters=0)
+                          num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,
+                          log_samples=per_document is not None, bootstrap_iters=0)
+    if per_document is not None:
+        per_document.update(document_credits(out.get("samples") or {}))
     return flatten_results(out["results"])
+
+
+def document_credits(samples: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """``{"task/metric[/filter]": per-document values}`` of lm-eval's logged samples, ordered by doc_id, for
+    every metric whose values all lie in [0, 1] (acc, acc_norm, exact_match, ...: accuracies)."""
+    out: dict[str, dict[int, float]] = {}
+    bad: set[str] = set()
+    for task, rows in samples.items():
+        for row in rows:
+            filt = row.get("filter") or "none"
+            for metric in row.get("metrics") or []:
+                name = f"{task}/{metric}" if filt == "none" else f"{task}/{metric}/{filt}"
+                value = row.get(metric)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                    bad.add(name)
+                    continue
+                out.setdefault(name, {})[int(row.get("doc_id", len(out.get(name, {}))))] = float(value)
+    return {name: [v for _, v in sorted(by_doc.items())] for name, by_doc in out.items() if name not in bad}

@@ -515,11 +515,15 @@ def run(cfg: EvalConfig) -> EvalResult:
         if lm_tasks:
             from pipeline.lm_eval_model import run_tasks
 
+            docs: dict[str, list[float]] = {}
             scores = run_tasks(model, tokenizer, lm_tasks, include_path=cfg.lm_eval_include_path,
                                limit=cfg.lm_eval_limit, num_fewshot=cfg.lm_eval_num_fewshot,
                                apply_chat_template=chat_template, mc_samples=cfg.samples,
                                batch_tokens=cfg.batch_tokens, seed=cfg.seed, gen_length=cfg.gen_length,
-                               block_length=cfg.block_length, steps=cfg.steps)
+                               block_length=cfg.block_length, steps=cfg.steps, per_document=docs)
+            for metric, values in docs.items():  # accuracies: their count, interval and paired difference
+                if metric in scores:
+                    credits.setdefault(f"lm_eval/{metric}", {})[label] = values
             for name, value in scores.items():
                 result.lm_eval.setdefault(name, {})[label] = value
                 report.setdefault("lm_eval", {}).setdefault(name, {})[label] = value
