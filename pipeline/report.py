@@ -224,7 +224,7 @@ def _draw(m, rows, margins, title, intervals=None):
             label = name.replace("_", " ")
             diff = rec.get("difference")
             if isinstance(diff, dict) and _num(diff.get("difference")) is not None:
-                label += f"\n\u0394 {diff['difference']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]"
+                label += f"\n\u0394 {diff['difference']:+.3f}\n[{diff['low']:+.3f}, {diff['high']:+.3f}]"
             labels.append(label)
         ax.set_xticks(list(xs))
         ax.set_xticklabels(labels, fontsize=7)
