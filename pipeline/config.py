@@ -130,6 +130,9 @@ def coerce(tp: Any, value: Any, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
         return value
     converted = _scalar(base, value)
+    if converted is _EMPTY_PATH:
+        none = " (null or leave the key out for none)" if optional else ""
+        raise ConfigError(f"{where}: {key} is an empty path{none}")
     if converted is _BAD:
         hint = " (quote it: YAML reads yes/no/on/off as true/false)" if isinstance(value, bool) and base is str else ""
         raise ConfigError(f"{where}: {key} must be {_TYPE_NAMES.get(base, base)}, got {value!r}{hint}")
@@ -137,6 +140,7 @@ def coerce(tp: Any, value: Any, key: str, where: str) -> Any:
 
 
 _BAD = object()
+_EMPTY_PATH = object()
 
 
 def _scalar(base: Any, value: Any) -> Any:
@@ -172,6 +176,8 @@ def _scalar(base: Any, value: Any) -> Any:
     if base is str:
         return str(value) if isinstance(value, (str, int, float, Path)) else _BAD
     if base is Path:
+        if isinstance(value, str) and not value.strip():
+            return _EMPTY_PATH  # Path("") is ".", the current folder: never what an empty value meant
         return Path(value) if isinstance(value, (str, Path)) else _BAD
     return value  # Any, unions and other types: the dataclass checks them
 

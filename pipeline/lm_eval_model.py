@@ -7,8 +7,11 @@ trained runs be set beside those numbers:
 - ``loglikelihood`` (multiple choice, ...): the continuation's ELBO given the
   context by our estimator (``pipeline.diffusion``): ``mc_samples`` stratified
   mask counts, masks seeded by (seed, the request's text) alone, so a request's
-  value depends neither on the batch nor on the order; ``is_greedy`` is whether
-  one pass with the whole continuation masked predicts every token.
+  value depends neither on the batch nor on the order; ``is_greedy`` is
+  LLaDA's harness's suffix greedy prediction (``suffix_greedy_prediction``):
+  from the context and a fully masked continuation, commit one token per step,
+  the most confident masked position's argmax, until none is masked; greedy
+  when the result is the continuation.
 - ``generate_until``: LLaDA's sampler (``pipeline.completion.complete``, what
   ``lldm-dpo generate`` runs) with ``gen_length``/``block_length``/``steps``
   from the model arguments; the text is cut at the first ``until`` string.
@@ -183,18 +186,37 @@ class LLDMEvalModel(LM):
         return values
 
     def _is_greedy(self, ctx: list[int], cont: list[int]) -> bool:
-        """Whether one pass with the whole continuation masked predicts every continuation token."""
+        """LLaDA's harness's ``is_greedy``: ``suffix_greedy_prediction`` with this model (len(cont) passes)."""
         device = next(self.model.parameters()).device
-        ids = torch.tensor([ctx + [self.tok.mask_token_id] * len(cont)], device=device)
-        with torch.no_grad():
-            logits = self.model(ids).logits[0]
-        start = len(ctx)
-        if getattr(self.model, "logits_shift", False):
-            if start == 0:
-                return False  # nothing predicts the first token
-            start -= 1
-        pred = logits[start:start + len(cont)].argmax(-1).tolist()
-        return pred == cont
+        shift = bool(getattr(self.model, "logits_shift", False))
+        if shift and not ctx:
+            return False  # nothing predicts the first token
+
+        def predict(ids: list[int]) -> torch.Tensor:
+            with torch.no_grad():
+                logits = self.model(torch.tensor([ids], device=device)).logits[0]
+            # row i predicts token i (a shifted model's row i - 1 does)
+            return torch.cat([logits[:1], logits[:-1]]) if shift else logits
+
+        return suffix_greedy_prediction(predict, ctx, cont, self.tok.mask_token_id)
+
+
+def suffix_greedy_prediction(predict, ctx: Sequence[int], cont: Sequence[int], mask_id: int) -> bool:
+    """Whether the continuation is what greedy diffusion decoding gives, as LLaDA's lm-eval harness checks
+    ``is_greedy`` (its ``suffix_greedy_prediction``): start from the context and ``len(cont)`` mask tokens;
+    at each of ``len(cont)`` steps ``predict(ids)`` gives per-position logits, every still-masked position's
+    argmax and its probability (softmax in float32) are taken, and only the most confident one is committed
+    (the leftmost on a tie); greedy when the committed tokens equal ``cont``. Positions are tracked, so a
+    committed token that happens to be the mask id stays committed."""
+    seq = list(ctx) + [int(mask_id)] * len(cont)
+    masked = list(range(len(ctx), len(seq)))
+    while masked:
+        logits = predict(seq)[masked].float()
+        conf, tokens = torch.softmax(logits, dim=-1).max(dim=-1)
+        j = int(torch.argmax(conf))  # the first maximum: the leftmost on a tie
+        seq[masked[j]] = int(tokens[j])
+        del masked[j]
+    return seq[len(ctx):] == list(cont)
 
 
 def main() -> None:
@@ -243,13 +265,36 @@ def flatten_results(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def run_tasks(model, tokenizer, tasks: Sequence[str], *, include_path: str | None = None, limit: int = 0,
               num_fewshot: int | None = None, apply_chat_template: bool = False,
-              **model_args: Any) -> dict[str, float]:
-    """Run lm-eval ``tasks`` on an already loaded model through ``LLDMEvalModel``; flat ``task/metric`` results."""
+              per_document: dict[str, list[float]] | None = None, **model_args: Any) -> dict[str, float]:
+    """Run lm-eval ``tasks`` on an already loaded model through ``LLDMEvalModel``; flat ``task/metric`` results.
+
+    With ``per_document`` (a dict), it also receives each 0..1-valued metric's per-document values in document
+    order (``document_credits``), the items behind an accuracy's count, interval and paired difference."""
     from lm_eval import simple_evaluate
 
     manager = task_manager(tasks, include_path)
     lm = LLDMEvalModel(model=model, tokenizer=tokenizer, **model_args)
     out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit or None,
-                          num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, log_samples=False,
-                          bootstrap_iters=0)
+                          num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,
+                          log_samples=per_document is not None, bootstrap_iters=0)
+    if per_document is not None:
+        per_document.update(document_credits(out.get("samples") or {}))
     return flatten_results(out["results"])
+
+
+def document_credits(samples: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """``{"task/metric[/filter]": per-document values}`` of lm-eval's logged samples, ordered by doc_id, for
+    every metric whose values all lie in [0, 1] (acc, acc_norm, exact_match, ...: accuracies)."""
+    out: dict[str, dict[int, float]] = {}
+    bad: set[str] = set()
+    for task, rows in samples.items():
+        for row in rows:
+            filt = row.get("filter") or "none"
+            for metric in row.get("metrics") or []:
+                name = f"{task}/{metric}" if filt == "none" else f"{task}/{metric}/{filt}"
+                value = row.get(metric)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                    bad.add(name)
+                    continue
+                out.setdefault(name, {})[int(row.get("doc_id", len(out.get(name, {}))))] = float(value)
+    return {name: [v for _, v in sorted(by_doc.items())] for name, by_doc in out.items() if name not in bad}

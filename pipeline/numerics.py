@@ -74,6 +74,19 @@ def follow(cache: Numerics, *, dtype: Optional[str] = None, mixed_precision: Opt
     return Numerics(**chosen)
 
 
+def accelerate_override_note(mixed_precision: str, where: str, env=None) -> str | None:
+    """The one line saying an accelerate config's mixed_precision (``accelerate launch`` exports it as
+    ACCELERATE_MIXED_PRECISION) is replaced by this run's, which follows the cache; None when they agree."""
+    import os
+
+    env = os.environ if env is None else env
+    asked = (env.get("ACCELERATE_MIXED_PRECISION") or "").strip().lower()
+    if not asked or asked == mixed_precision:
+        return None
+    return (f"note: the accelerate config's mixed_precision {asked} is replaced by {mixed_precision}, the "
+            f"reference cache's ({where}); rescore with score-ref --mixed-precision {asked} to train in {asked}")
+
+
 def check_4bit(device: torch.device) -> None:
     """The clear errors of a 4-bit base that cannot run here."""
     if device.type != "cuda":

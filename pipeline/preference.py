@@ -51,7 +51,6 @@ def heldout_sums(
     counts one half), so the reference itself scores exactly 0.5.
     """
     from pipeline.diffusion import elbo_terms
-    from pipeline.losses import dpo_loss, reward_accuracy, sft_loss
 
     sums = torch.zeros(len(_SUM_FIELDS), dtype=torch.float64)
     for start in range(0, len(rows), pairs_per_pass):
@@ -61,22 +60,74 @@ def heldout_sums(
             terms = elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
                                pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens)
         means = torch.stack([t.mean().double().cpu() for t in terms])
-        pi_c, pi_r = means[0::2], means[1::2]
-        ref_c = torch.tensor([_mean(r["ref_chosen_terms"][draw]) for r in chunk], dtype=torch.float64)
-        ref_r = torch.tensor([_mean(r["ref_rejected_terms"][draw]) for r in chunk], dtype=torch.float64)
-        chosen_len = torch.tensor([r["chosen_len"] for r in chunk])
-        rejected_len = torch.tensor([r["rejected_len"] for r in chunk])
-        losses, cr, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=beta, loss_type=loss_type,
-                                  label_smoothing=label_smoothing, chosen_len=chosen_len, rejected_len=rejected_len)
-        losses = preference_weight * losses
-        if sft_weight:
-            losses = losses + sft_weight * sft_loss(pi_c, chosen_len)
-        margins = cr - rr
-        credit = reward_accuracy(cr, rr, ref_c, ref_r, beta=beta, loss_type=loss_type, chosen_len=chosen_len,
-                                 rejected_len=rejected_len)
-        sums += torch.stack([torch.tensor(float(len(chunk)), dtype=torch.float64), losses.sum(), cr.sum(),
-                             rr.sum(), credit.sum(), margins.sum(), pi_c.sum(), pi_r.sum()])
+        sums += _chunk_sums(means[0::2], means[1::2], chunk, draw, beta=beta, loss_type=loss_type,
+                            label_smoothing=label_smoothing, preference_weight=preference_weight,
+                            sft_weight=sft_weight)
     return sums
+
+
+def _chunk_sums(pi_c: torch.Tensor, pi_r: torch.Tensor, chunk: Sequence[dict[str, Any]], draw: int, *, beta: float,
+                loss_type: str, label_smoothing: float, preference_weight: float, sft_weight: float) -> torch.Tensor:
+    from pipeline.losses import dpo_loss, reward_accuracy, sft_loss
+
+    ref_c = torch.tensor([_mean(r["ref_chosen_terms"][draw]) for r in chunk], dtype=torch.float64)
+    ref_r = torch.tensor([_mean(r["ref_rejected_terms"][draw]) for r in chunk], dtype=torch.float64)
+    chosen_len = torch.tensor([r["chosen_len"] for r in chunk])
+    rejected_len = torch.tensor([r["rejected_len"] for r in chunk])
+    losses, cr, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=beta, loss_type=loss_type,
+                              label_smoothing=label_smoothing, chosen_len=chosen_len, rejected_len=rejected_len)
+    losses = preference_weight * losses
+    if sft_weight:
+        losses = losses + sft_weight * sft_loss(pi_c, chosen_len)
+    margins = cr - rr
+    credit = reward_accuracy(cr, rr, ref_c, ref_r, beta=beta, loss_type=loss_type, chosen_len=chosen_len,
+                             rejected_len=rejected_len)
+    return torch.stack([torch.tensor(float(len(chunk)), dtype=torch.float64), losses.sum(), cr.sum(),
+                        rr.sum(), credit.sum(), margins.sum(), pi_c.sum(), pi_r.sum()])
+
+
+def cache_layout_sums(
+    model,
+    tokenizer,
+    parts: Sequence[list[dict[str, Any]]],
+    fingerprint: dict[str, Any],
+    keep: Callable[[dict[str, Any]], bool],
+    *,
+    beta: float,
+    batch_tokens: int,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    preference_weight: float = 1.0,
+    sft_weight: float = 0.0,
+    draw: int = 0,
+) -> tuple[torch.Tensor, float]:
+    """``heldout_sums`` of the rows ``keep`` selects, scored in the cache's own batch layout: each whole part
+    as score-ref scored it (pipeline.replay.rescore_part_draws: the same requests, order and ``batch_tokens``,
+    the cache's), the policy's mean of ``draw``'s terms taken as the cached reference's is. The cache's model
+    in the cache's numerics therefore reproduces the reference exactly (accuracy 0.5, margins 0) in any dtype,
+    where a pass in train's batches differs by the padding and shapes. Also returns the largest
+    |B_pi(y) - B_ref(y)| (nats) over the kept responses (train's ref/gap_max)."""
+    from pipeline.replay import rescore_part_draws
+
+    sums = torch.zeros(len(_SUM_FIELDS), dtype=torch.float64)
+    gap = 0.0
+    for rows in parts:
+        kept = [i for i, r in enumerate(rows) if keep(r)]
+        if not kept:
+            continue
+        with autocast():
+            per = rescore_part_draws(model, tokenizer, rows, fingerprint, batch_tokens=batch_tokens,
+                                     autocast=contextlib.nullcontext())
+        chunk = [rows[i] for i in kept]
+        pi_c = torch.tensor([_mean(per[i]["chosen"][draw]) for i in kept], dtype=torch.float64)
+        pi_r = torch.tensor([_mean(per[i]["rejected"][draw]) for i in kept], dtype=torch.float64)
+        for r, c, j in zip(chunk, pi_c.tolist(), pi_r.tolist()):
+            gap = max(gap, abs(c - _mean(r["ref_chosen_terms"][draw])), abs(j - _mean(r["ref_rejected_terms"][draw])))
+        sums += _chunk_sums(pi_c, pi_r, chunk, draw, beta=beta, loss_type=loss_type,
+                            label_smoothing=label_smoothing, preference_weight=preference_weight,
+                            sft_weight=sft_weight)
+    return sums, gap
 
 
 def heldout_metrics(sums: torch.Tensor) -> dict[str, float]:

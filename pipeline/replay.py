@@ -84,3 +84,42 @@ def rescore_part(model, tokenizer, rows: list[dict], fingerprint: dict[str, Any]
     for (i, side), t in zip(layout, terms):
         values[i][side].extend(t.double().cpu().tolist())
     return [{side: sum(v[side]) / len(v[side]) for side in SIDES} for v in values]
+
+
+def rescore_part_draws(model, tokenizer, rows: list[dict], fingerprint: dict[str, Any], *, batch_tokens: int,
+                       autocast) -> list[dict[str, list[list[float]]]]:
+    """``rescore_part``'s pass, kept per draw: for each row {"chosen", "rejected"} -> one list of float64 terms
+    per draw, as score-ref wrote ``ref_{side}_terms`` (so the cache's model gives the cached lists exactly)."""
+    from pipeline.diffusion import elbo_terms
+
+    requests, layout = part_requests(rows, fingerprint)
+    with torch.no_grad(), autocast:
+        terms = elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
+                           pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens)
+    values: list[dict[str, list[list[float]]]] = [{side: [] for side in SIDES} for _ in rows]
+    for (i, side), t in zip(layout, terms):
+        values[i][side].append(t.double().cpu().tolist())
+    return values
+
+
+def cache_part_paths(cache, *, split: str | None = None, pair_ids=None) -> list:
+    """The parts of ``cache`` that hold a row of ``split`` or one of ``pair_ids`` (only their pair_id and
+    split columns are read here; ``read_whole_part`` reads one when it is scored)."""
+    from pipeline.cache import read_part
+
+    wanted = set(pair_ids) if pair_ids is not None else None
+    sums = cache.manifest.get("part_sha256") or {}
+    out = []
+    for path in cache.parts:
+        meta = read_part(path, columns=["pair_id", "split"], expected_sha256=sums.get(path.name)).to_pylist()
+        if any((split is None or (m.get("split") or "train") == split)
+               and (wanted is None or m["pair_id"] in wanted) for m in meta):
+            out.append(path)
+    return out
+
+
+def read_whole_part(cache, path) -> list[dict]:
+    """One part's rows in the part's order, as score-ref scored them (its checksum checked)."""
+    from pipeline.cache import read_part
+
+    return read_part(path, expected_sha256=(cache.manifest.get("part_sha256") or {}).get(path.name)).to_pylist()

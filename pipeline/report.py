@@ -2,8 +2,10 @@
 
 Inputs, all in the run directory: ``metrics.parquet`` (required), ``eval.json``
 (optional; any subset of ``{"preference_accuracy": {"before", "after"},
-"task_accuracy": {...}, ...}``, nested groups allowed) and ``config.yaml``
-(optional, shown verbatim). The HTML embeds the PNG as base64 and uses inline
+"task_accuracy": {...}, ...}``, nested groups allowed, and eval's ``intervals``:
+each accuracy's count and 95% Wilson interval, drawn as error bars and interval
+bars, and the before/after difference with its paired interval) and
+``config.yaml`` (optional, shown verbatim). The HTML embeds the PNG as base64 and uses inline
 CSS only: no scripts, no external files, so it can be mailed or archived alone.
 
 Drawing uses matplotlib's object API on an Agg canvas (no pyplot state, no
@@ -39,6 +41,11 @@ BEFORE_COLOR = "#9e9e9e"
 AFTER_COLOR = "#3f51b5"
 HELDOUT_COLOR = "#e53935"
 """Held-out (train --eval-every) curves, drawn over the training ones."""
+ERRORBAR_COLOR = "#111111"
+CI_BEFORE_COLOR = "#9e9e9e"
+CI_AFTER_COLOR = "#3f51b5"
+CI_DIFF_COLOR = "#ef6c00"
+"""Interval bars of the HTML table: before's and after's 95% Wilson intervals, the paired difference's."""
 
 
 class ReportPaths(NamedTuple):
@@ -80,15 +87,22 @@ def _num(v: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+NOT_HEADLINES = ("intervals", "mc_spread", "record", "reference_margins")
+"""eval.json keys that are not rows of numbers: intervals are drawn beside their figures, the record is metadata."""
+
+
 def eval_rows(data: dict[str, Any], prefix: str = "") -> list[tuple[str, float | None, float | None, float | None]]:
     """Flatten eval.json into (name, before, after, value) rows.
 
     A dict with "before"/"after" is one comparison row; a bare number is a
     value row; other dicts are groups whose keys are joined with "/"; lists
-    and strings are skipped (they are not headline numbers).
+    and strings are skipped (they are not headline numbers), and so are the
+    interval records (``*_interval``, ``intervals``: shown with their figures).
     """
     rows = []
     for key, val in data.items():
+        if (not prefix and key in NOT_HEADLINES) or str(key).endswith("_interval"):
+            continue
         name = f"{prefix}{key}"
         if isinstance(val, dict):
             if "before" in val or "after" in val:
@@ -151,10 +165,17 @@ def _empty(ax, text):
     ax.set_yticks([])
 
 
-def _draw(m, rows, margins, title):
+def _count(rec: dict) -> str:
+    count = rec.get("count")
+    count = f"{count:g}" if isinstance(count, float) else str(count)
+    return f"{count}/{rec.get('n')}"
+
+
+def _draw(m, rows, margins, title, intervals=None):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    intervals = intervals or {}
     fig = Figure(figsize=FIG_INCHES, dpi=FIG_DPI)
     FigureCanvasAgg(fig)
     axes = fig.subplots(*GRID).ravel()
@@ -179,23 +200,35 @@ def _draw(m, rows, margins, title):
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     _plot_lines(axes[6], m, [("grad_norm", "grad norm", "#6d4c41")], "grad norm")
 
-    # Held-out before/after: only the accuracy-like comparisons share a 0..1 axis.
+    # Held-out before/after: only the accuracy-like comparisons share a 0..1 axis; error bars are the 95%
+    # Wilson intervals, and each figure's label carries the paired after - before difference with its interval.
     ax = axes[7]
     acc = [(n, b, a) for n, b, a, _ in rows if "accuracy" in n and (b is not None or a is not None)]
-    ax.set_title("held-out accuracy: before vs after")
+    ax.set_title("held-out accuracy: before vs after (95% intervals)")
     if acc:
         xs = range(len(acc))
         width = 0.38
-        before = [b if b is not None else 0.0 for _, b, _ in acc]
-        after = [a if a is not None else 0.0 for _, _, a in acc]
-        ax.bar([x - width / 2 for x in xs], before, width, label="before", color=BEFORE_COLOR)
-        ax.bar([x + width / 2 for x in xs], after, width, label="after", color=AFTER_COLOR)
-        for x, (_, b, a) in zip(xs, acc):
-            for dx, v in ((-width / 2, b), (width / 2, a)):
-                ax.text(x + dx, (v or 0.0) + 0.02, "n/a" if v is None else f"{v:.3f}", ha="center", fontsize=8)
+        labels = []
+        for x, (name, b, a) in zip(xs, acc):
+            rec = intervals.get(name) or {}
+            for dx, v, side, color in ((-width / 2, b, "before", BEFORE_COLOR), (width / 2, a, "after", AFTER_COLOR)):
+                ci = rec.get(side) if isinstance(rec.get(side), dict) else None
+                err = None
+                if v is not None and ci and _num(ci.get("low")) is not None and _num(ci.get("high")) is not None:
+                    err = [[max(0.0, v - ci["low"])], [max(0.0, ci["high"] - v)]]
+                ax.bar([x + dx], [v or 0.0], width, label=side if x == 0 else None, color=color, yerr=err,
+                       capsize=4, error_kw={"ecolor": ERRORBAR_COLOR, "elinewidth": 1.5})
+                top = ci["high"] if err else (v or 0.0)
+                text = "n/a" if v is None else f"{v:.3f}" + (f"\n{_count(ci)}" if ci else "")
+                ax.text(x + dx, top + 0.02, text, ha="center", fontsize=7)
+            label = name.replace("_", " ")
+            diff = rec.get("difference")
+            if isinstance(diff, dict) and _num(diff.get("difference")) is not None:
+                label += f"\n\u0394 {diff['difference']:+.3f}\n[{diff['low']:+.3f}, {diff['high']:+.3f}]"
+            labels.append(label)
         ax.set_xticks(list(xs))
-        ax.set_xticklabels([n.replace("_", " ") for n, _, _ in acc], fontsize=8)
-        ax.set_ylim(0, 1.12)
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_ylim(0, 1.22)
         ax.legend(loc="upper left", fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
     else:
@@ -270,11 +303,58 @@ th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
 img{max-width:100%;height:auto;border:1px solid #eee}
 pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:10px;font-size:12px;overflow:auto}
 .flex{display:flex;gap:40px;flex-wrap:wrap;align-items:flex-start}
+small{color:#555} .ci-col{text-align:left}
+.track{position:relative;width:200px;height:9px;background:#eeeeee;margin:4px 0}
+.track span{position:absolute;top:0;height:9px}
+.track i{position:absolute;top:-2px;width:2px;height:13px;background:#111}
+.track b{position:absolute;top:-3px;width:1px;height:15px;background:#777}
 """
 
 
-def _render_html(run_dir: Path, png: bytes, m, rows, config_text: str | None) -> str:
+def _pct(x: float, lo: float, hi: float) -> float:
+    return max(0.0, min(100.0, 100.0 * (x - lo) / (hi - lo)))
+
+
+def _track(value, low, high, color: str, lo: float = 0.0, hi: float = 1.0, title: str = "") -> str:
+    """One interval bar: the interval [low, high] in ``color`` on a [lo, hi] track, the value marked (a zero
+    line on a difference's track)."""
+    left, right = _pct(low, lo, hi), _pct(high, lo, hi)
+    zero = f'<b style="left:{_pct(0.0, lo, hi):.2f}%"></b>' if lo < 0 < hi else ""
+    return (f'<div class="track" title="{html.escape(title)}">{zero}<span style="left:{left:.2f}%;'
+            f'width:{max(right - left, 0.4):.2f}%;background:{color}"></span>'
+            f'<i style="left:calc({_pct(value, lo, hi):.2f}% - 1px)"></i></div>')
+
+
+def _side_cell(v, rec) -> str:
+    if v is None or not isinstance(rec, dict) or _num(rec.get("low")) is None:
+        return _fmt(v)
+    return f"{_fmt(v)}<br><small>{_count(rec)}, 95% CI {rec['low']:.3f}&ndash;{rec['high']:.3f}</small>"
+
+
+def _change_cell(b, a, diff) -> str:
+    if not isinstance(diff, dict) or _num(diff.get("difference")) is None:
+        return _fmt_change(b, a)
+    return (f"{diff['difference']:+.4g}<br><small>95% CI {diff['low']:+.3f} to {diff['high']:+.3f}, paired "
+            f"({html.escape(str(diff.get('method', '')))})</small>")
+
+
+def _interval_bars(b, a, rec) -> str:
+    out = []
+    for side, v, color in (("before", b, CI_BEFORE_COLOR), ("after", a, CI_AFTER_COLOR)):
+        ci = rec.get(side)
+        if v is not None and isinstance(ci, dict) and _num(ci.get("low")) is not None:
+            out.append(_track(v, ci["low"], ci["high"], color, title=f"{side}: 95% interval"))
+    diff = rec.get("difference")
+    if isinstance(diff, dict) and _num(diff.get("difference")) is not None:
+        out.append(_track(diff["difference"], diff["low"], diff["high"], CI_DIFF_COLOR, -1.0, 1.0,
+                          "after - before: 95% paired interval"))
+    return "".join(out)
+
+
+def _render_html(run_dir: Path, png: bytes, m, rows, config_text: str | None, intervals=None) -> str:
     e = html.escape
+    intervals = intervals or {}
+    with_ci = any(name in intervals for name, *_ in rows)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -288,15 +368,25 @@ def _render_html(run_dir: Path, png: bytes, m, rows, config_text: str | None) ->
     parts += [f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in _summary(m)]
     parts.append("</table></div><div><h2>Evaluation</h2>")
     if rows:
-        parts.append('<table id="eval"><tr><th>metric</th><th>before</th><th>after</th><th>change</th></tr>')
+        head = "<th>95% intervals</th>" if with_ci else ""
+        parts.append('<table id="eval"><tr><th>metric</th><th>before</th><th>after</th><th>change</th>'
+                     f"{head}</tr>")
         for name, b, a, v in rows:
+            extra = "<td></td>" if with_ci else ""
             if v is not None:
-                parts.append(f"<tr><td>{e(name)}</td><td colspan=\"3\">{_fmt(v)}</td></tr>")
-            else:
-                parts.append(
-                    f"<tr><td>{e(name)}</td><td>{_fmt(b)}</td><td>{_fmt(a)}</td><td>{_fmt_change(b, a)}</td></tr>"
-                )
+                parts.append(f"<tr><td>{e(name)}</td><td colspan=\"3\">{_fmt(v)}</td>{extra}</tr>")
+                continue
+            rec = intervals.get(name) if isinstance(intervals.get(name), dict) else {}
+            if with_ci:
+                extra = f'<td class="ci-col">{_interval_bars(b, a, rec)}</td>'
+            parts.append(f"<tr><td>{e(name)}</td><td>{_side_cell(b, rec.get('before'))}</td>"
+                         f"<td>{_side_cell(a, rec.get('after'))}</td>"
+                         f"<td>{_change_cell(b, a, rec.get('difference'))}</td>{extra}</tr>")
         parts.append("</table>")
+        if with_ci:
+            parts.append("<p><small>Counts are items credited / items (a tie counts one half); intervals are 95% "
+                         "Wilson score intervals, and the change's is Newcombe's paired interval on the same "
+                         "items.</small></p>")
     else:
         parts.append(f"<p>No {EVAL_FILE} in the run directory.</p>")
     parts.append("</div></div>")
@@ -331,15 +421,17 @@ def write_report(
         check_writable(path, "report")
     m = _load_metrics(run_dir)
     data = load_eval(run_dir)
-    rows = eval_rows({k: v for k, v in data.items() if k != "reference_margins"})
+    rows = eval_rows(data)
+    intervals = data.get("intervals") if isinstance(data.get("intervals"), dict) else {}
     margins = _reference_margins(data, ref_margins)
     config_path = run_dir / CONFIG_FILE
     config_text = config_path.read_text(encoding="utf-8", errors="replace") if config_path.exists() else None
 
-    png = _draw(m, rows, margins, f"lldm-dpo: {run_dir.name}")
+    png = _draw(m, rows, margins, f"lldm-dpo: {run_dir.name}", intervals)
     png_path = Path(out_png) if out_png is not None else run_dir / REPORT_PNG
     html_path = Path(out_html) if out_html is not None else run_dir / REPORT_HTML
     with atomic_path(png_path, record=out_png is None) as tmp:  # in the run folder: train --overwrite's to remove
         tmp.write_bytes(png)
-    write_text_atomic(html_path, _render_html(run_dir, png, m, rows, config_text), record=out_html is None)
+    write_text_atomic(html_path, _render_html(run_dir, png, m, rows, config_text, intervals),
+                      record=out_html is None)
     return ReportPaths(html=html_path, png=png_path)

@@ -37,10 +37,12 @@ fi
 mkdir -p "$(dirname "$out")"
 out_abs=$(cd "$(dirname "$out")" && pwd)/$(basename "$out")
 rm -f "$out_abs"
-# A throwaway profile keeps runs independent; --no-sandbox is needed as root in containers.
+# A throwaway profile keeps runs independent; --no-sandbox is needed as root in containers; the rest keeps
+# the browser off the network (no QUIC, no background fetches, no component updates, no sync).
 profile=$(mktemp -d)
 trap 'rm -rf "$profile"' EXIT
-run=("$browser" --headless --no-sandbox --disable-gpu --hide-scrollbars --no-first-run
+run=("$browser" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run
+     --disable-background-networking --disable-component-update --disable-sync --hide-scrollbars
      --user-data-dir="$profile" --window-size="${width},${height}" --screenshot="$out_abs" "file://$html_abs")
 if command -v timeout >/dev/null 2>&1; then
     timeout 120 "${run[@]}" >/dev/null 2>&1 || true

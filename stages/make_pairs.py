@@ -37,6 +37,7 @@ from typing import Any, Optional
 from pipeline.atomic import atomic_path
 from pipeline.config import check_device, check_ranges, require, require_choice
 from pipeline.errors import ConfigError, UserError
+from pipeline.intervals import accuracy_record
 from pipeline.pairs import normalize_text
 from pipeline.sampler import REMASKING, check_schedule
 from pipeline.selfpairs import (
@@ -174,6 +175,10 @@ class MakePairsResult:
     """Samples drawn per second of sampling, this invocation."""
     model_sha256: str
     details: dict[str, Any] = field(default_factory=dict)
+    intervals: dict[str, Any] = field(default_factory=dict)
+    """sample_accuracy and pass_at_k with their counts and 95% Wilson intervals (pipeline.intervals). pass@k's
+    unit is the question; sample accuracy's is the sample, and the k samples of one question are not
+    independent, so its interval understates the uncertainty (take pass@k's for question-level claims)."""
 
 
 # --- earlier samples ------------------------------------------------------------------
@@ -325,6 +330,8 @@ def run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
         seconds=round(time.perf_counter() - start, 3),
         samples_per_second=round(len(sampled) / sample_seconds, 3) if sample_seconds else 0.0,
         repeated_pairs=repeats, model_sha256=model_sha, details={"settings": settings, "partial": str(partial)},
+        intervals={"sample_accuracy": accuracy_record(correct, len(ordered)),
+                   "pass_at_k": accuracy_record(counts["all_correct"] + counts["mixed"], len(questions))},
     )
 
 
@@ -374,10 +381,15 @@ def _sample_into(cfg: MakePairsConfig, sampler, pending: list[SampleItem], parti
 
 
 def _make_pairs_action(cfg: MakePairsConfig, as_json: bool) -> None:
+    from pipeline.intervals import format_accuracy
     from pipeline.stagecli import print_summary, summary_dict
 
     data = summary_dict(run(cfg))
     data.pop("details", None)
+    if not as_json:  # each accuracy with its count and interval, in place of the bare share
+        intervals = data.pop("intervals", {})
+        for key, rec in intervals.items():
+            data[key] = format_accuracy(rec)
     print_summary("make-pairs", data, as_json)
 
 

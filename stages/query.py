@@ -11,7 +11,12 @@ Views (DESIGN "What lldm-dpo query exposes"; the names are a contract):
   one under a folder (a ``run --rounds`` folder: all rounds);
 - ``task_results`` (``--run RUN_DIR``, once ``lldm-dpo eval`` wrote it there): one row per
   benchmark item and model (``model``, ``index``, ``question``, ``reference``, ``completion``,
-  ``predicted``, ``correct``).
+  ``predicted``, ``correct``);
+- ``eval_results`` (``--evals PATH``: an eval.json or a folder holding several, e.g. many runs; or
+  ``--run RUN_DIR`` once evaluated): one row per run, figure and model (``before``, ``after``,
+  ``difference``) with ``value``, ``count``, ``n``, ``low``/``high`` (95% Wilson; Newcombe's paired
+  interval for the difference), ``method``, and the record's ``device_name``, ``torch``, ``dtype``,
+  ``mixed_precision``, ``seed`` (pipeline/evalrecord.py).
 
 Named queries live in ``stages/queries/NAME.sql`` (``--preset NAME``).
 """
@@ -29,7 +34,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.errors import UserError
-from pipeline.layout import METRICS_FILE, TASK_RESULTS
+from pipeline.layout import EVAL_FILE, METRICS_FILE, TASK_RESULTS
 from pipeline.stagecli import stage_command
 
 QUERIES_DIR = Path(__file__).resolve().parent / "queries"
@@ -51,7 +56,7 @@ def preset_sql(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=None):
+def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=None, evals=None):
     """An in-memory DuckDB connection with the views for whatever files are given.
 
     ``pairs``: an ingest output file (its quarantine beside it is added when
@@ -106,6 +111,10 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=
         task_results = Path(run) / TASK_RESULTS
         if task_results.is_file():
             con.execute(f"CREATE VIEW task_results AS SELECT * FROM read_parquet({_sql_str(task_results)})")
+        if evals is None and (Path(run) / EVAL_FILE).is_file():
+            evals = Path(run) / EVAL_FILE
+    if evals is not None:
+        _eval_results_view(con, Path(evals))
     if samples is not None:
         _samples_view(con, Path(samples))
     return con
@@ -126,6 +135,40 @@ def _samples_view(con, path: Path) -> None:
     cols = ", ".join(f"{k}: '{v}'" for k, v in SAMPLE_COLUMNS.items())
     con.execute(f"CREATE VIEW samples AS SELECT * FROM read_json({files}, format='newline_delimited', "
                 f"columns={{{cols}}}, maximum_object_size=1073741824)")
+
+
+def _eval_results_view(con, path: Path) -> None:
+    """View ``eval_results``: every eval.json at ``path`` (a file, or all under a folder), one row per figure
+    and model; ``run`` is the folder holding each eval.json."""
+    import pyarrow as pa
+
+    from pipeline.evalrecord import RESULT_COLUMNS, result_rows
+    from pipeline.report import load_eval
+
+    if path.is_dir():
+        files = sorted(path.rglob(EVAL_FILE))
+        if not files:
+            raise UserError(f"{path}: no {EVAL_FILE} under this folder (written by `lldm-dpo eval`)")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise UserError(f"{path}: eval results not found")
+    rows = [r for f in files for r in result_rows(load_eval(f.parent) if f.name == EVAL_FILE else
+                                                  _load_json(f), str(f.parent))]
+    types = {"VARCHAR": pa.string(), "DOUBLE": pa.float64(), "BIGINT": pa.int64()}
+    schema = pa.schema([(k, types[v]) for k, v in RESULT_COLUMNS.items()])
+    con.register("eval_results_table", pa.Table.from_pylist(rows, schema=schema))
+    con.execute("CREATE VIEW eval_results AS SELECT * FROM eval_results_table")
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object at the top level")
+    return data
 
 
 def _empty_quarantine(con) -> None:
@@ -250,6 +293,8 @@ class QueryConfig:
     """Training run folder: view 'metrics' (and 'task_results' once evaluated)."""
     samples: Optional[Path] = None
     """make-pairs samples file, or a folder of them: view 'samples'."""
+    evals: Optional[Path] = None
+    """An eval.json, or a folder searched for them (several runs side by side): view 'eval_results'."""
     preset: Optional[str] = None
     """Run a named query from stages/queries/ instead of SQL."""
     csv: bool = False
@@ -266,7 +311,7 @@ def run(cfg: QueryConfig) -> tuple[list[str], list[tuple]]:
     if not sql:
         raise UserError(f"no SQL given (pass a query, or --preset NAME: {', '.join(presets())})")
     con = open_connection(pairs=cfg.pairs, quarantine=cfg.quarantine, scores=cfg.scores, run=cfg.run,
-                          samples=cfg.samples)
+                          samples=cfg.samples, evals=cfg.evals)
     if not cfg.allow_write:
         read_only_settings(con)
     return execute(con, sql, allow_write=cfg.allow_write)

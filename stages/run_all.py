@@ -76,6 +76,11 @@ class RunResult:
     final_train_reward_accuracy: float
     artefacts: dict[str, str]
     example_query: str
+    intervals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """eval's intervals block: per figure the count and 95% Wilson interval of before and after, and the paired
+    interval of after - before (stages.evaluate.EvalResult.intervals)."""
+    mc_spread: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """eval's figures under several mask seeds (eval: mc_seeds > 1)."""
 
 
 def merged_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
@@ -197,7 +202,7 @@ def run(cfg: RunConfig, log=print):
         preference_accuracy=ev.preference_accuracy, elbo_accuracy=ev.elbo_accuracy, task_accuracy=ev.task_accuracy,
         choice_accuracy=ev.choice_accuracy,
         final_train_loss=tr.final_loss, final_train_reward_accuracy=tr.final_reward_accuracy,
-        artefacts=artefacts, example_query=query,
+        artefacts=artefacts, example_query=query, intervals=ev.intervals, mc_spread=ev.mc_spread,
     )
 
 
@@ -210,13 +215,19 @@ def print_run_summary(result: RunResult) -> None:
     table.add_column("held-out evaluation")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    for name, values in (("preference accuracy", result.preference_accuracy),
-                         ("ELBO accuracy (B(chosen) > B(rejected))", result.elbo_accuracy),
-                         ("task accuracy (generation)", result.task_accuracy),
-                         ("multiple-choice accuracy (option ELBO)", result.choice_accuracy)):
-        if values:
+    for key, name, values in (("preference_accuracy", "preference accuracy", result.preference_accuracy),
+                              ("elbo_accuracy", "ELBO accuracy (B(chosen) > B(rejected))", result.elbo_accuracy),
+                              ("task_accuracy", "task accuracy (generation)", result.task_accuracy),
+                              ("choice_accuracy", "multiple-choice accuracy (option ELBO)", result.choice_accuracy)):
+        if values and key not in result.intervals:  # those with counts and intervals are listed below
             table.add_row(name, f"{values.get('before', float('nan')):.3f}", f"{values.get('after', float('nan')):.3f}")
-    console.print(table)
+    if table.row_count:
+        console.print(table)
+    else:
+        console.print(f"lldm-dpo run: done in {result.seconds:.0f}s")
+    from stages.evaluate import print_intervals
+
+    print_intervals(result.intervals, result.mc_spread, title="held-out evaluation, 95% intervals")
     console.print(f"train: final loss {result.final_train_loss:.4f}, "
                   f"reward accuracy {result.final_train_reward_accuracy:.3f}")
     for key, path in result.artefacts.items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,7 +33,7 @@ from pipeline.losses import (
 )
 from pipeline.models import LORA_TARGET_NAMES
 from pipeline.numerics import Numerics
-from pipeline.replay import PairBatch, replay_requests  # noqa: F401  (PairBatch: the batch type of this stage)
+from pipeline.replay import PairBatch, cache_part_paths, replay_requests  # noqa: F401  (PairBatch: the batch type)
 from pipeline.stagecli import stage_command
 from pipeline.training import (  # noqa: F401  (shared with sft; importable from here as before)
     SCHEDULERS,
@@ -270,6 +270,9 @@ class TrainResult:
     """The checkpoint with the best eval/rewards/accuracies (with --save-best)."""
     best_metric: Optional[float] = None
     """Its eval/rewards/accuracies."""
+    intervals: dict[str, Any] = field(default_factory=dict)
+    """The last step's rewards/accuracies (over its pairs) and the last eval/rewards/accuracies (over the held-out
+    pairs) with their counts and 95% Wilson intervals (pipeline.intervals; a tie counts one half)."""
 
 
 # --- setup --------------------------------------------------------------------
@@ -520,6 +523,9 @@ class TrainContext:
     step: int = 0
     wrapped: Any = None
     """What accelerate prepared (DDP or FSDP around a MaskedRowScorer) when distributed, else None."""
+    cache_batch_tokens: int = 16384
+    """score-ref's token budget per forward pass: the cache's batch layout, in which the start check and the
+    held-out evaluation score (exact reproduction of the cached terms)."""
     fsdp: bool = False
     """Sharded by FSDP. Decided once at setup: on CPU the FSDP mode is attached to accelerate's state by hand
     (fresh_accelerator), and any later AcceleratorState() copies the process state's MULTI_CPU back over it."""
@@ -570,27 +576,6 @@ def check_draws(cfg: TrainConfig, epochs: int, draws: int) -> bool:
     print(f"warning: {epochs} epochs on {draws} mask draw(s): epochs past {draws} replay masks already trained "
           f"on (metric masks/reused = 1); rerun score-ref with --draws {epochs} to avoid it", file=sys.stderr)
     return True
-
-
-def start_gap(ctx: "TrainContext", batches: list[PairBatch]) -> float:
-    """Largest |B_pi(y) - B_ref(y)| (nats) over step 1's responses, on the cached masks, no gradient;
-    the maximum over processes."""
-    acc = ctx.accelerator
-    gap = torch.zeros((), dtype=torch.float64, device=acc.device)
-    for batch in batches:
-        requests = replay_requests(batch, ctx.fingerprint) if batch.rows else []
-        with torch.no_grad(), acc.autocast():
-            terms, _ = lockstep_terms(ctx, ctx.scorer, requests)  # under FSDP also on a process with no rows
-        if not batch.rows:
-            continue
-        means = torch.stack([t.double().mean() for t in terms])
-        ref_c, ref_r = reference_means(batch, acc.device)
-        gap = torch.maximum(gap, torch.cat([(means[0::2] - ref_c).abs(), (means[1::2] - ref_r).abs()]).max())
-    if acc.num_processes > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(gap, op=dist.ReduceOp.MAX)
-    return float(gap)
 
 
 def gap_error(cfg: TrainConfig, gap: float, numerics: Numerics, cached: Numerics) -> UserError:
@@ -679,6 +664,12 @@ def run(cfg: TrainConfig) -> TrainResult:
         raise UserError("--mixed-precision fp16 needs CUDA (loss scaling on CPU is not supported); use bf16 or no")
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     acc = fresh_accelerator(cfg.mixed_precision, cpu, log_with=accelerator_trackers(trackers), run_dir=cfg.out)
+    import sys
+
+    from pipeline.numerics import accelerate_override_note
+
+    if (note := accelerate_override_note(cfg.mixed_precision, str(cfg.scores))) and acc.is_main_process:
+        print(note, file=sys.stderr, flush=True)
     fsdp = acc.distributed_type.name == "FSDP"
     world = acc.num_processes
     reused_draws = check_draws(cfg, epochs_needed(len(rows), cfg, world), fp["draws"])
@@ -727,7 +718,8 @@ def run(cfg: TrainConfig) -> TrainResult:
     else:
         optimizer = acc.prepare(optimizer)
 
-    ctx = TrainContext(cfg, model, tokenizer, acc, fp, ref_model, wrapped=wrapped, fsdp=fsdp)
+    ctx = TrainContext(cfg, model, tokenizer, acc, fp, ref_model, wrapped=wrapped, fsdp=fsdp,
+                       cache_batch_tokens=int(cache.manifest.get("config", {}).get("batch_tokens", 16384)))
 
     def step_batches(step: int) -> list[PairBatch]:
         out = []
@@ -739,9 +731,11 @@ def run(cfg: TrainConfig) -> TrainResult:
     gap = float("nan")
     same_init = model_name == ref_name or not fingerprint_differences(
         {"model": _identity(model_name)}, {"model": fp.get("model")})
+    start_stats: dict[str, float] = {}
     if not cfg.resume and same_init and cfg.reference == "cached":
         # The policy IS the cache's model: it must reproduce the cached terms before it learns anything.
-        gap = start_gap(ctx, step_batches(0))
+        # Scored in the cache's batch layout, so the cache's model gives gap 0 and accuracy 0.5 exactly.
+        gap, start_stats = start_check(ctx, cache, step_pair_ids(rows, cfg, 0, steps_per_epoch, world))
         if cfg.gap_threshold > 0 and cfg.beta * gap > cfg.gap_threshold:
             raise gap_error(cfg, gap, numerics, cached_numerics)
 
@@ -783,10 +777,13 @@ def run(cfg: TrainConfig) -> TrainResult:
     # Data parallel: each process scores its share and the sums are all-reduced. FSDP: every forward is a
     # collective (the weights are gathered block by block), so every process must make the same calls;
     # each scores the whole held-out split in the same batches (the same sums on every process).
-    eval_share = [] if not eval_rows else eval_rows if fsdp else eval_rows.subset(
-        range(acc.process_index, len(eval_rows), world))
+    # Held-out pairs are scored in the cache's layout, whole parts: under data parallel each process scores
+    # its share of the parts; under FSDP (every forward a collective) every process scores them all.
+    eval_parts = [] if not eval_rows else part_loaders(cache, cache_part_paths(cache, split="eval"))
+    eval_share = eval_parts if fsdp else eval_parts[acc.process_index::world]
 
     last: dict[str, float] = {}
+    intervals: dict[str, Any] = {}
     reset_peak_memory(acc.device)
     try:
         for step in range(start_step, total_steps):
@@ -809,6 +806,7 @@ def run(cfg: TrainConfig) -> TrainResult:
             row = _step_metrics(acc, stats, step, steps_per_epoch, lr, grad_norm, time.perf_counter() - t0)
             if step == 0:
                 row["ref/gap_max"] = gap
+                row.update(start_stats)  # step 1's statistics of the policy before its update, in the cache's layout
             if reused_draws:
                 row["masks/reused"] = float(step // steps_per_epoch >= fp["draws"])
             evaluated = bool(cfg.eval_every) and (step + 1) % cfg.eval_every == 0
@@ -821,6 +819,9 @@ def run(cfg: TrainConfig) -> TrainResult:
                 if new_best:
                     best = {"best_metric": score, "best_model_checkpoint": str(checkpoint_path(cfg.out, step + 1))}
             last = row
+            intervals["rewards/accuracies"] = _accuracy_of(row["rewards/accuracies"], step_pairs)
+            if evaluated:
+                intervals["eval/rewards/accuracies"] = _accuracy_of(row["eval/rewards/accuracies"], len(eval_rows))
             if writer is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps or evaluated):
                 writer.log(row)
             if new_best or (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps):
@@ -848,27 +849,54 @@ def run(cfg: TrainConfig) -> TrainResult:
         final_reward_accuracy=float(last.get("rewards/accuracies", float("nan"))),
         seconds=time.perf_counter() - start_time, out=str(cfg.out), final_model=str(cfg.out / FINAL_DIR),
         metrics=str(cfg.out / METRICS_FILE), resumed_from=resumed_from,
-        best_checkpoint=best["best_model_checkpoint"], best_metric=best["best_metric"],
+        best_checkpoint=best["best_model_checkpoint"], best_metric=best["best_metric"], intervals=intervals,
     )
 
 
-def evaluate_heldout(ctx: "TrainContext", rows: list[dict[str, Any]]) -> dict[str, float]:
-    """eval/... metrics of the policy on this process's share of the held-out pairs, reduced over processes."""
-    from pipeline.preference import heldout_metrics, heldout_sums
+def _accuracy_of(share: float, n: int) -> dict[str, Any]:
+    """An accuracy (a mean of credits 0, 1/2, 1 over ``n`` pairs) as a count with its Wilson interval."""
+    from pipeline.intervals import accuracy_record
 
-    cfg, acc, model, fsdp = ctx.cfg, ctx.accelerator, ctx.model, ctx.fsdp
+    count = min(max(round(share * n * 2) / 2, 0.0), float(n)) if math.isfinite(share) else 0.0
+    return accuracy_record(count, n)
+
+
+def step_pair_ids(rows, cfg: TrainConfig, step: int, steps_per_epoch: int, world: int) -> list[str]:
+    """The pair_ids a step trains on, over every micro-batch and process (no row is read)."""
+    order = epoch_order(len(rows), cfg.seed, step // steps_per_epoch)
+    spans = (_micro_batch_span(len(rows), cfg, step, micro, steps_per_epoch, world, rank)
+             for micro in range(cfg.grad_accum) for rank in range(world))
+    return [rows.pair_ids[order[i]] for start, stop in spans for i in range(start, stop)]
+
+
+def part_loaders(cache, paths) -> list:
+    """One zero-argument reader per cache part (read when scored, not held)."""
+    import functools
+
+    from pipeline.replay import read_whole_part
+
+    return [functools.partial(read_whole_part, cache, p) for p in paths]
+
+
+def _cache_layout_sums(ctx: "TrainContext", loaders, keep, draw: int = 0):
+    """``pipeline.preference.cache_layout_sums`` of the policy (eval mode, no dropout) on the cache's parts
+    (``loaders``), in the cache's numerics and token budget; under FSDP through the wrapped scorer."""
+    from pipeline.numerics import autocast
+    from pipeline.preference import cache_layout_sums
+
+    cfg, acc, model = ctx.cfg, ctx.accelerator, ctx.model
     was_training = model.training
-    model.eval()  # no dropout: the held-out numbers measure the model, not a noisy copy of it
+    model.eval()
     try:
-        # Under FSDP through the wrapped scorer, whose forward gathers the sharded weights.
-        sums = heldout_sums(ctx.scorer if fsdp else model, ctx.tokenizer, rows, ctx.fingerprint, beta=cfg.beta,
-                            loss_type=cfg.preference_loss or "sigmoid", label_smoothing=cfg.label_smoothing,
-                            preference_weight=cfg.preference_weight, sft_weight=cfg.sft_total_weight,
-                            batch_tokens=cfg.batch_tokens, draw=0, pairs_per_pass=cfg.batch_size,
-                            autocast=acc.autocast)
+        return cache_layout_sums(ctx.scorer if ctx.fsdp else model, ctx.tokenizer,
+                                 (load() for load in loaders), ctx.fingerprint, keep, beta=cfg.beta,
+                                 batch_tokens=ctx.cache_batch_tokens,
+                                 autocast=lambda: autocast(acc.device, cfg.mixed_precision),
+                                 loss_type=cfg.preference_loss or "sigmoid", label_smoothing=cfg.label_smoothing,
+                                 preference_weight=cfg.preference_weight, sft_weight=cfg.sft_total_weight, draw=draw)
     finally:
-        model.train(was_training)
-        if fsdp:
+        model.train(was_training)  # no dropout above: the numbers measure the model, not a noisy copy of it
+        if ctx.fsdp:
             # FSDP keeps the root's weights gathered after a forward, for the backward that follows; a no-grad
             # forward has none, so they are resharded here (else the next save or step sees them gathered).
             from torch.distributed.fsdp import FSDPModule
@@ -876,6 +904,33 @@ def evaluate_heldout(ctx: "TrainContext", rows: list[dict[str, Any]]) -> dict[st
             for module in ctx.scorer.modules():
                 if isinstance(module, FSDPModule):
                     module.reshard()
+
+
+def start_check(ctx: "TrainContext", cache, pair_ids: list[str]) -> tuple[float, dict[str, float]]:
+    """Step 1's check of a policy that is the cache's model: ref/gap_max (largest |B_pi - B_ref|, nats) and
+    step 1's rewards/... and logps/... statistics, from a no-grad pass over step 1's pairs (every process's)
+    in the cache's own batch layout (the whole parts that hold them, every draw, as score-ref scored them),
+    so the cache's model gives gap 0 and rewards/accuracies 0.5 exactly, in any dtype. Every process scores
+    the same parts (the same calls under FSDP) and gets the same numbers."""
+    from pipeline.preference import heldout_metrics
+
+    wanted = set(pair_ids)
+    if not wanted:
+        return 0.0, {}
+    sums, gap = _cache_layout_sums(ctx, part_loaders(cache, cache_part_paths(cache, pair_ids=wanted)),
+                                   lambda r: r["pair_id"] in wanted, draw=0)
+    stats = heldout_metrics(sums)
+    return gap, {k[len("eval/"):]: v for k, v in stats.items() if k != "eval/loss"}
+
+
+def evaluate_heldout(ctx: "TrainContext", loaders) -> dict[str, float]:
+    """eval/... metrics of the policy on this process's share of the held-out parts (``loaders``), scored in
+    the cache's batch layout (so the cache's model scores accuracy 0.5 exactly), reduced over processes."""
+    from pipeline.preference import heldout_metrics
+
+    acc, fsdp = ctx.accelerator, ctx.fsdp
+    sums, _ = _cache_layout_sums(ctx, loaders, lambda r: (r.get("split") or "train") == "eval"
+                                 and list(r["chosen_ids"]) != list(r["rejected_ids"]), draw=0)
     if acc.num_processes > 1 and not fsdp:  # under FSDP every process scored the whole split
         sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
     return heldout_metrics(sums)
@@ -932,7 +987,12 @@ def _train_action(cfg: TrainConfig, as_json: bool) -> None:
 
     result = run(cfg)
     if PartialState().is_main_process:
-        print_summary("train", summary_dict(result), as_json)
+        data = summary_dict(result)
+        if not as_json:
+            from pipeline.intervals import format_accuracy
+
+            data.update({name: format_accuracy(rec) for name, rec in data.pop("intervals", {}).items()})
+        print_summary("train", data, as_json)
 
 
 command = stage_command(TrainConfig, _train_action, positional={"scores": True},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
@@ -69,3 +70,23 @@ def test_yaml_round_trip_with_docs():
     assert "# How many steps to run." in text
     assert yaml.safe_load(text) == {"steps": 3, "name": "demo", "out": "runs/demo"}
     assert field_docs(DemoConfig)["out"] == "Where outputs go."
+
+
+@dataclass
+class WithPaths:
+    out: Path = Path("x")
+    """Required path."""
+    choices: Optional[Path] = None
+    """Optional path."""
+
+
+def test_an_empty_path_is_an_error_when_the_config_loads(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("choices: ''\n")
+    # Path("") is ".", the current folder: it used to fail only when the stage opened it
+    with pytest.raises(ConfigError, match=r"c\.yaml: choices is an empty path \(null or leave the key out"):
+        load_config(WithPaths, cfg)
+    with pytest.raises(ConfigError, match=r"run config: out is an empty path$"):
+        load_config(WithPaths, values={"out": "  "}, origin="run config")
+    assert load_config(WithPaths, values={"choices": None}).choices is None
+    assert load_config(WithPaths, values={"choices": "a.jsonl"}).choices == Path("a.jsonl")

@@ -165,3 +165,64 @@ def test_lm_eval_command_line_with_model_lldm(tasks, tmp_path):
     assert found, proc.stdout[-2000:]
     results = json.loads(found[0].read_text())["results"]["lldm_test_mc"]
     assert 0.0 <= results["acc,none"] <= 1.0
+
+
+MASK = 9
+
+
+def _scripted(table):
+    """A 'model' whose logits at each continuation position depend on what is committed so far:
+    ``table[committed tuple] = {position: (token, probability)}``, the rest of the probability spread evenly."""
+    vocab = 10
+
+    def predict(ids):
+        key = tuple(ids[2:])  # context of 2 tokens, then the continuation (MASK where uncommitted)
+        logits = torch.full((len(ids), vocab), -1e9)
+        for pos, (token, p) in table[key].items():
+            probs = torch.full((vocab,), (1 - p) / (vocab - 1))
+            probs[token] = p
+            logits[pos] = probs.log()
+        return logits
+
+    return predict
+
+
+def test_suffix_greedy_prediction_hand_worked():
+    from pipeline.lm_eval_model import suffix_greedy_prediction
+
+    ctx, cont = [1, 2], [5, 6]
+    # Both masked: position 2 says 5 (p 0.9), position 3 says 7 (p 0.6). One argmax pass reads [5, 7] (not
+    # greedy); LLaDA's harness commits the most confident first (position 2 = 5), and with it known position 3
+    # says 6 (p 0.8): [5, 6], greedy.
+    predict = _scripted({(MASK, MASK): {2: (5, 0.9), 3: (7, 0.6)}, (5, MASK): {3: (6, 0.8)}})
+    assert suffix_greedy_prediction(predict, ctx, cont, MASK) is True
+    one_pass = predict(ctx + [MASK, MASK])[2:].argmax(-1).tolist()
+    assert one_pass == [5, 7]  # what the old single-pass is_greedy compared: False
+    # The other way round: one pass reads [5, 6], but the more confident position 3 (6, p 0.95) is committed
+    # first and then position 2 says 4: not greedy.
+    predict = _scripted({(MASK, MASK): {2: (5, 0.7), 3: (6, 0.95)}, (MASK, 6): {2: (4, 0.5)}})
+    assert predict(ctx + [MASK, MASK])[2:].argmax(-1).tolist() == [5, 6]
+    assert suffix_greedy_prediction(predict, ctx, cont, MASK) is False
+    # A tie of confidence (the same row twice) commits the leftmost position first.
+    predict = _scripted({(MASK, MASK): {2: (5, 0.5), 3: (5, 0.5)}, (5, MASK): {3: (6, 0.9)},
+                         (MASK, 5): {2: (4, 0.9)}})
+    assert suffix_greedy_prediction(predict, ctx, cont, MASK) is True
+
+
+def test_is_greedy_takes_one_pass_per_continuation_token():
+    from pipeline.lm_eval_model import LLDMEvalModel
+
+    model, tok = load_model("micro")
+    lm = LLDMEvalModel(model=model, tokenizer=tok, mc_samples=2)
+    calls = []
+    real = model.forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    model.forward = counting
+    ctx = tok("What is 2 + 3?", add_special_tokens=False)["input_ids"]
+    cont = tok(" 5 apples", add_special_tokens=False)["input_ids"]
+    result = lm._is_greedy(ctx, cont)
+    assert isinstance(result, bool) and len(calls) == len(cont)

@@ -207,21 +207,108 @@ def test_screenshot_script_skips_without_browser(tmp_path):
     assert not (run / "report.screenshot.png").exists()
 
 
-@pytest.mark.skipif(
-    not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")),
-    reason="headless Chromium not installed (Debian package 'chromium')",
-)
+def _eval_with_intervals():
+    from pipeline.intervals import credits_record, paired_difference_interval
+
+    pref_b, pref_a = [0.5] * 16, [1, 1, 0.5, 1, 0, 1, 1, 1, 0.5, 1, 1, 0, 1, 1, 1, 1]
+    mc_b, mc_a = [1, 0, 0, 1, 0, 0, 0, 0] * 4, [1, 1, 0, 1, 0, 0, 1, 0] * 4
+    return {
+        **EVAL,
+        "preference_accuracy": {"before": 0.5, "after": sum(pref_a) / 16},
+        "choice_accuracy": {"before": sum(mc_b) / 32, "after": sum(mc_a) / 32},
+        "intervals": {
+            "preference_accuracy": {"before": credits_record(pref_b), "after": credits_record(pref_a),
+                                    "difference": paired_difference_interval(pref_b, pref_a)},
+            "choice_accuracy": {"before": credits_record(mc_b), "after": credits_record(mc_a),
+                                "difference": paired_difference_interval(mc_b, mc_a)},
+        },
+    }
+
+
+def test_intervals_are_drawn_and_tabled(tmp_path):
+    """Every accuracy with an interval record gets error bars in the PNG and its count, Wilson interval and
+    interval bar in the page; the before/after change its paired interval."""
+    data = _eval_with_intervals()
+    plain = {k: v for k, v in data.items() if k != "intervals"}
+    a = _run_dir(tmp_path / "a", steps=5, eval_data=plain)
+    b = _run_dir(tmp_path / "b", steps=5, eval_data=data)
+    pa, pb = (np.asarray(Image.open(write_report(r).png).convert("RGB"), dtype=np.int64) for r in (a, b))
+    cells_a, cells_b = list(_cells(pa)), list(_cells(pb))
+    # The before/after panel gains dark error bars, count labels and the differences under the figures.
+    dark = [(c.sum(axis=-1) < 90).sum() for c in (cells_a[7], cells_b[7])]
+    assert dark[1] > dark[0] + 150
+    page = (b / "report.html").read_text(encoding="utf-8")
+    ci = data["intervals"]["choice_accuracy"]
+    assert f"8/32, 95% CI {ci['before']['low']:.3f}&ndash;{ci['before']['high']:.3f}" in page
+    assert f"16/32, 95% CI {ci['after']['low']:.3f}&ndash;{ci['after']['high']:.3f}" in page
+    d = ci["difference"]
+    assert f"+0.25<br><small>95% CI {d['low']:+.3f} to {d['high']:+.3f}, paired (newcombe-paired-score)" in page
+    assert page.count('class="track"') == 6  # before, after and difference bars of the two figures
+    assert "<th>95% intervals</th>" in page and "intervals/" not in page  # records are not rows of their own
+    assert "95% intervals" not in (a / "report.html").read_text(encoding="utf-8")
+
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+@pytest.mark.skipif(not any(shutil.which(b) for b in BROWSERS) and not os.environ.get("LLDM_DPO_REQUIRE_CHROMIUM"),
+                    reason="headless Chromium not installed (Debian package 'chromium'; .ci/run installs it)")
 def test_screenshot_in_real_chromium(tmp_path):
-    run = _run_dir(tmp_path, eval_data=EVAL)
-    html_path = write_report(run).html
+    """The page as a real browser lays it out: the nine chart panels exactly as report.png draws them, and the
+    interval bars of the evaluation table at the widths their intervals give."""
+    from pipeline.report import CI_AFTER_COLOR, CI_DIFF_COLOR
+
+    data = _eval_with_intervals()
+    run = _run_dir(tmp_path, eval_data=data)
+    paths = write_report(run)
     out = tmp_path / "shot.png"
-    proc = subprocess.run(["bash", str(SCRIPT), str(html_path), str(out), "1600", "1800"],
+    proc = subprocess.run(["bash", str(SCRIPT), str(paths.html), str(out), "1600", "1800"],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
+    assert "skipped" not in proc.stderr, proc.stderr  # LLDM_DPO_REQUIRE_CHROMIUM: CI has the browser
     with Image.open(out) as im:
         assert im.size == (1600, 1800)
-        pixels = np.asarray(im.convert("L"), dtype=np.float64)
-    assert pixels.var() > 100.0  # the page rendered, with the embedded chart
+        shot = np.asarray(im.convert("RGB"), dtype=np.int64)
+    chart = np.asarray(Image.open(paths.png).convert("RGB"), dtype=np.int64)
+    ch, cw = chart.shape[:2]
+    # Where the chart lies in the page: the offset at which its busiest row matches the screenshot.
+    gray_s, gray_c = shot.sum(axis=-1), chart.sum(axis=-1)
+    row = int(np.argmax(gray_c.var(axis=1)))
+    best = None
+    for y0 in range(0, shot.shape[0] - ch + 1):
+        windows = np.lib.stride_tricks.sliding_window_view(gray_s[y0 + row], cw)
+        err = np.abs(windows - gray_c[row]).mean(axis=1)
+        x0 = int(np.argmin(err))
+        if best is None or err[x0] < best[0]:
+            best = (float(err[x0]), x0, y0)
+    _, x0, y0 = best
+    shown = shot[y0:y0 + ch, x0:x0 + cw]
+    assert shown.shape == chart.shape, "the chart does not fit in the screenshot"
+    # Each of the nine panels is in the page as drawn (a little colour rounding allowed).
+    for i, (a, b) in enumerate(zip(_cells(shown), _cells(chart))):
+        assert np.abs(a - b).mean() < 2.0, f"panel {i} differs from report.png in the browser"
+    # Above the chart: the tables, with the interval bars (200 px tracks) at their widths.
+    page = shot[:y0]
+    assert (page.sum(axis=-1) < 300).sum() > 2000  # text of the summary and evaluation tables
+
+    def runs(color):
+        target = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)])
+        hit = np.abs(page - target).sum(axis=-1) < 12
+        widths = set()
+        for r in hit:
+            xs = np.flatnonzero(r)
+            if len(xs):
+                splits = np.split(xs, np.flatnonzero(np.diff(xs) > 3) + 1)  # the value marker may cut a bar
+                widths.update(int(s[-1] - s[0] + 1) for s in splits)
+        return widths
+
+    after, diff = runs(CI_AFTER_COLOR), runs(CI_DIFF_COLOR)
+    for name in ("preference_accuracy", "choice_accuracy"):
+        rec = data["intervals"][name]
+        want_after = 200 * (rec["after"]["high"] - rec["after"]["low"])
+        want_diff = 200 * (rec["difference"]["high"] - rec["difference"]["low"]) / 2
+        assert any(abs(w - want_after) <= 2 for w in after), (name, want_after, sorted(after))
+        assert any(abs(w - want_diff) <= 2 for w in diff), (name, want_diff, sorted(diff))
 
 
 def test_report_command_through_typer(tmp_path):

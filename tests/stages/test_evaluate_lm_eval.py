@@ -36,6 +36,11 @@ def test_lm_eval_tasks_before_and_after_in_eval_json(tmp_path, monkeypatch):
         assert acc[label] == direct["lldm_test_mc/acc"]
         assert acc[label] * len(MC_ITEMS) == pytest.approx(round(acc[label] * len(MC_ITEMS)))
 
+    # lm-eval's accuracies with their document counts and intervals, the change with its paired interval
+    iv = data["intervals"]["lm_eval/lldm_test_mc/acc"]
+    assert iv["before"]["n"] == iv["after"]["n"] == len(MC_ITEMS) and iv["after"]["value"] == acc["after"]
+    assert iv["difference"]["difference"] == pytest.approx(acc["after"] - acc["before"])
+
     from pipeline.report import eval_rows
 
     assert ("lm_eval/lldm_test_mc/acc", acc["before"], acc["after"], None) in eval_rows(data)

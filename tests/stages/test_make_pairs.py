@@ -44,6 +44,11 @@ def test_grading_pairing_provenance_and_counts(tmp_path):
     assert (res.questions, res.samples, res.sampled_now, res.resumed) == (4, 16, 16, 0)
     assert (res.questions_all_correct, res.questions_all_wrong, res.questions_mixed) == (1, 1, 2)
     assert (res.correct_samples, res.empty_samples, res.pass_at_k, res.sample_accuracy) == (8, 1, 0.75, 0.5)
+    from pipeline.intervals import wilson_interval
+
+    assert (res.intervals["pass_at_k"]["count"], res.intervals["pass_at_k"]["n"]) == (3, 4)
+    assert (res.intervals["pass_at_k"]["low"], res.intervals["pass_at_k"]["high"]) == wilson_interval(3, 4)
+    assert (res.intervals["sample_accuracy"]["count"], res.intervals["sample_accuracy"]["n"]) == (8, 16)
     assert (res.pairs, res.questions_with_pairs, res.pairs_reference_chosen) == (4, 2, 0)
     pairs = rows(cfg.out)
     q1, q4 = (p for p in pairs if p["prompt"] == "What is 5 + 3?"), (p for p in pairs if p["prompt"] == "What is 9 + 9?")

@@ -35,6 +35,27 @@ def caches(tmp_path_factory, small_pairs):
     return out
 
 
+@pytest.fixture(scope="module")
+def low_precision_caches(tmp_path_factory):
+    """40 of the shipped reasoning pairs (responses of varied lengths, so train's batches pad differently from
+    score-ref's parts) scored by `micro` in bfloat16 weights and in float32 under bf16 autocast."""
+    from pathlib import Path
+
+    from stages.ingest import IngestConfig
+    from stages.ingest import run as ingest
+
+    tmp = tmp_path_factory.mktemp("low-precision")
+    data = Path(__file__).resolve().parents[2] / "data" / "preference_data" / "reasoning_prefs.jsonl"
+    ingest(IngestConfig(inputs=[str(data)], out=str(tmp / "pairs.arrow"), eval_fraction=0.3, progress=False))
+    out = {}
+    for name, dtype, mp in (("bfloat16", "bfloat16", "no"), ("autocast", "float32", "bf16")):
+        out[name] = tmp / name
+        score(ScoreRefConfig(pairs=tmp / "pairs.arrow", model="micro", out=out[name], samples=2, draws=1, dtype=dtype,
+                             mixed_precision=mp, pairs_per_part=8, limit=40, max_length=192, device="cpu",
+                             progress=False))
+    return out
+
+
 def test_fingerprint_records_the_numerics(caches):
     fp = open_cache(caches["bfloat16"]).fingerprint
     assert (fp["dtype"], fp["mixed_precision"], fp["load_in_4bit"]) == ("bfloat16", "no", False)
@@ -62,14 +83,14 @@ def test_allow_numerics_mismatch_accepts_it(caches, tmp_path):
 
 
 def test_gap_check_stops_a_policy_that_differs_from_the_reference(caches, tmp_path, monkeypatch):
-    import stages.train as train_mod
+    import pipeline.diffusion as diffusion
 
-    real = train_mod.policy_terms
+    real = diffusion.elbo_terms
 
-    def off_by_one_nat(model, requests, tok, cfg):  # a policy that is not the cached reference, by design
-        return [t + 1.0 for t in real(model, requests, tok, cfg)]
+    def off_by_one_nat(model, requests, **kw):  # a policy that is not the cached reference, by design
+        return [t + 1.0 for t in real(model, requests, **kw)]
 
-    monkeypatch.setattr(train_mod, "policy_terms", off_by_one_nat)
+    monkeypatch.setattr(diffusion, "elbo_terms", off_by_one_nat)
     out = tmp_path / "gap"
     with pytest.raises(UserError, match=r"step 1: the policy starts 1 nats away .*ref/gap_max.*beta \* gap = 0\.1 > "
                                         r"gap_threshold 0\.05; numerics match the cache's"):
@@ -119,3 +140,48 @@ def test_score_ref_numerics_settings(small_pairs, tmp_path):
     score(ScoreRefConfig(pairs=small_pairs, model="micro", out=out, samples=1, mixed_precision="bf16", limit=4,
                          device="cpu", progress=False))
     assert open_cache(out).fingerprint["mixed_precision"] == "bf16"
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "autocast"])
+def test_train_scores_the_reference_exactly_at_step_1_and_on_eval_every(low_precision_caches, tmp_path, name):
+    """A policy equal to the cache's model (learning rate 1e-12: the weights stay bit-identical) gets
+    rewards/accuracies and eval/rewards/accuracies exactly 0.5 and ref/gap_max 0 at step 1: train scores both
+    in the cache's batch layout, not in its own batches (whose padding and shapes differ in low precision: in
+    train's batches this bfloat16 cache once gave rewards/accuracies 0.417, ref/gap_max 0.018, eval 0.536)."""
+    from pipeline.models import load_model
+
+    out = tmp_path / "run"
+    result = train(TrainConfig(scores=low_precision_caches[name], out=out, max_steps=1, batch_size=6, eval_every=1,
+                               beta=0.1, **{**FAST, "learning_rate": 1e-12}))
+    (row,) = pq.read_table(out / "metrics.parquet").to_pylist()
+    dtype = "bfloat16" if name == "bfloat16" else "float32"
+    base, _ = load_model("micro", dtype=dtype)
+    final, _ = load_model(str(out / "final"), dtype=dtype)
+    same = all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), final.state_dict().values()))
+    if same:  # the model evaluated after step 1's (null) update is still the cache's
+        assert row["eval/rewards/accuracies"] == 0.5 and row["eval/rewards/margins"] == 0.0
+        assert row["eval/loss"] == pytest.approx(math.log(2), abs=1e-12)
+    assert row["ref/gap_max"] <= 1e-12
+    assert row["rewards/accuracies"] == 0.5 and row["rewards/margins"] == 0.0
+    # the result gives both accuracies with their counts and intervals (a tie counts one half)
+    assert result.intervals["rewards/accuracies"]["count"] == 3 and result.intervals["rewards/accuracies"]["n"] == 6
+    held = result.intervals["eval/rewards/accuracies"]
+    assert held["n"] == len(open_cache(low_precision_caches[name]).split_rows("eval", skip_identical=True))
+    assert held["count"] == pytest.approx(row["eval/rewards/accuracies"] * held["n"])
+    assert row["rewards/chosen"] == 0.0 and row["rewards/rejected"] == 0.0
+
+
+def test_an_overridden_accelerate_mixed_precision_is_said_in_one_line(caches, tmp_path, monkeypatch, capsys):
+    from pipeline.numerics import accelerate_override_note
+
+    assert accelerate_override_note("no", "c", env={}) is None
+    assert accelerate_override_note("bf16", "c", env={"ACCELERATE_MIXED_PRECISION": "bf16"}) is None
+    note = accelerate_override_note("no", "cache/x", env={"ACCELERATE_MIXED_PRECISION": "BF16"})
+    assert note == ("note: the accelerate config's mixed_precision bf16 is replaced by no, the reference cache's "
+                    "(cache/x); rescore with score-ref --mixed-precision bf16 to train in bf16")
+    # train says it (accelerate launch --config_file exports the config's setting)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    train(TrainConfig(scores=caches["float32"], out=tmp_path / "run", max_steps=1, batch_size=4, **FAST))
+    lines = [x for x in capsys.readouterr().err.splitlines() if "accelerate config" in x]
+    assert lines == [f"note: the accelerate config's mixed_precision bf16 is replaced by no, the reference cache's "
+                     f"({caches['float32']}); rescore with score-ref --mixed-precision bf16 to train in bf16"]

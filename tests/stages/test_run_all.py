@@ -54,6 +54,11 @@ def test_run_end_to_end_summary_matches_the_files(tmp_path):
     eval_json = json.loads(Path(art["eval"]).read_text())
     assert summary["preference_accuracy"] == eval_json["preference_accuracy"]
     assert summary["preference_accuracy"]["before"] == 0.5  # the reference against itself: all ties
+    # every accuracy with its count and interval, the before/after difference with the paired one
+    assert summary["intervals"] == eval_json["intervals"]
+    pref = summary["intervals"]["preference_accuracy"]
+    assert pref["before"]["n"] == pref["after"]["n"] == pref["difference"]["n"] == eval_json["counts"]["pairs"]
+    assert summary["intervals"]["task_accuracy"]["after"]["n"] == 2
     assert summary["choice_accuracy"] == eval_json["choice_accuracy"] and set(summary["choice_accuracy"]) == {
         "before", "after"}
     # One mask draw per epoch trained: score-ref was given as many draws as train needs.
@@ -86,3 +91,27 @@ def test_run_end_to_end_summary_matches_the_files(tmp_path):
     assert res2.exit_code == 0, res2.output
     assert manifest.stat().st_mtime_ns == stamp
     assert len(pq.read_table(art["metrics"]).to_pylist()) == 3
+
+
+def test_an_empty_choices_path_fails_when_the_run_config_loads(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("eval:\n  choices: ''\n")
+    with pytest.raises(ConfigError, match=r"run config: eval: choices is an empty path"):
+        stage_configs(merged_config(bad, {"out": tmp_path / "x"}))
+
+
+def test_run_summary_prints_counts_and_intervals(capsys):
+    from pipeline.intervals import credits_record, paired_difference_interval
+    from stages.run_all import RunResult, print_run_summary
+
+    b, a = [1, 0, 0, 1, 0, 0, 0, 0] * 4, [1, 1, 0, 1, 0, 0, 1, 0] * 4
+    result = RunResult(out="o", seconds=1.0, stage_seconds={}, pairs={}, preference_accuracy={},
+                       elbo_accuracy={}, task_accuracy={}, choice_accuracy={"before": 0.25, "after": 0.5},
+                       final_train_loss=0.5, final_train_reward_accuracy=0.75, artefacts={}, example_query="q",
+                       intervals={"choice_accuracy": {"before": credits_record(b), "after": credits_record(a),
+                                                      "difference": paired_difference_interval(b, a)}})
+    print_run_summary(result)
+    out = capsys.readouterr().out
+    assert "before          0.250 (8/32, 95% CI 0.133-0.421)" in out
+    assert "after           0.500 (16/32, 95% CI 0.336-0.664)" in out
+    assert "after - before  +0.250 (95% CI +0.083 to +0.395, newcombe-paired-score, 8 gained / 0 lost of 32)" in out

@@ -1,0 +1,88 @@
+"""What makes two evaluations comparable, and eval results as rows.
+
+``environment()`` is the machine and software an evaluation ran on (device
+name, torch, transformers, peft, accelerate, lm-eval and this package's
+versions, Python, platform): diffusion-LM results drift by several points
+between harnesses and cards, so eval.json records them beside its figures
+(``record``), with the sampler settings, seeds and numerics.
+
+``result_rows(data, run)`` flattens one eval.json's ``intervals`` into rows
+(figure, model, value, count, n, low, high, ...), the ``eval_results`` view
+of ``lldm-dpo query`` across runs.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "lm_eval", "lldm-dpo")
+
+RESULT_COLUMNS = {
+    "run": "VARCHAR", "figure": "VARCHAR", "model": "VARCHAR", "value": "DOUBLE", "count": "DOUBLE", "n": "BIGINT",
+    "low": "DOUBLE", "high": "DOUBLE", "confidence": "DOUBLE", "method": "VARCHAR", "gained": "DOUBLE",
+    "lost": "DOUBLE", "before_model": "VARCHAR", "after_model": "VARCHAR", "device_name": "VARCHAR",
+    "torch": "VARCHAR", "dtype": "VARCHAR", "mixed_precision": "VARCHAR", "seed": "BIGINT",
+}
+"""Columns of ``eval_results`` (one row per figure and model; model "difference" is after - before)."""
+
+
+def device_name(device: str) -> str:
+    """A human name of the device: the GPU's (torch.cuda.get_device_name) or the CPU's model name."""
+    import torch
+
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return "cpu: " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu: " + (platform.processor() or platform.machine() or "unknown")
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of the packages an evaluation depends on (None: not installed)."""
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Where an evaluation ran: device and its name, package versions, Python and platform."""
+    return {"device": str(device), "device_name": device_name(device), "versions": versions(),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def result_rows(data: dict[str, Any], run: str) -> list[dict[str, Any]]:
+    """One row per (figure, model) of an eval.json's ``intervals`` block, with the record's key settings."""
+    record = data.get("record") if isinstance(data.get("record"), dict) else {}
+    env = record.get("environment") if isinstance(record.get("environment"), dict) else {}
+    numerics = record.get("numerics") if isinstance(record.get("numerics"), dict) else {}
+    seeds = record.get("seeds") if isinstance(record.get("seeds"), dict) else {}
+    models = data.get("models") if isinstance(data.get("models"), dict) else {}
+    common = {"run": run, "before_model": models.get("before"), "after_model": models.get("after"),
+              "device_name": env.get("device_name"), "torch": (env.get("versions") or {}).get("torch"),
+              "dtype": numerics.get("dtype"), "mixed_precision": numerics.get("mixed_precision"),
+              "seed": seeds.get("seed")}
+    rows = []
+    intervals = data.get("intervals") if isinstance(data.get("intervals"), dict) else {}
+    for figure, by_model in intervals.items():
+        if not isinstance(by_model, dict):
+            continue
+        for model, rec in by_model.items():
+            if not isinstance(rec, dict):
+                continue
+            value = rec.get("difference") if model == "difference" else rec.get("value")
+            rows.append({**{k: None for k in RESULT_COLUMNS}, **common, "figure": figure, "model": model,
+                         "value": value, "count": rec.get("count"), "n": rec.get("n"), "low": rec.get("low"),
+                         "high": rec.get("high"), "confidence": rec.get("confidence"), "method": rec.get("method"),
+                         "gained": rec.get("gained"), "lost": rec.get("lost")})
+    return rows
