@@ -104,8 +104,8 @@ def check_fast_settings(cache: str, threshold: float | None, remasking: str) -> 
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
     if threshold is not None:
-        if not threshold > 0:
-            raise ValueError(f"threshold must be > 0 (or unset for the fixed schedule), got {threshold}")
+        if not 0 < threshold < float("inf"):
+            raise ValueError(f"threshold must be a number > 0 (or unset for the fixed schedule), got {threshold}")
         if remasking != "low_confidence":
             raise ValueError("threshold decoding compares softmax confidences: it needs remasking low_confidence")
 
