@@ -48,34 +48,43 @@ def count_passes(model) -> Callable[[], int]:
     return lambda: counter["n"]
 
 
-def compare(sample: Callable[[str, float | None], list[list[int]]], gen_length: int, n_prompts: int,
-            grade: Callable[[list[list[int]]], list[bool]] | None = None, passes: Callable[[], int] | None = None,
+def compare(sample: Callable[[str, float | None], list], gen_length: int, n_prompts: int,
+            grade: Callable[[list], list[bool]] | None = None, passes: Callable[[], int] | None = None,
             sync: Callable[[], None] = lambda: None, settings: Sequence[tuple[str, str, float | None]] = SETTINGS,
-            ) -> list[dict[str, Any]]:
-    """Run ``sample(cache, threshold)`` (-> token lists, one per prompt) for every setting; one row each.
+            repeats: int = 1) -> list[dict[str, Any]]:
+    """Run ``sample(cache, threshold)`` (-> one output per prompt) for every setting; one row each.
 
-    Rows: label, cache, threshold, seconds, tokens_per_second, speedup (vs exact), passes, same_as_exact
-    (share of prompts whose tokens equal the exact sampler's), and with ``grade`` correct, n, accuracy and
-    its Wilson interval.
+    ``repeats`` rounds over all settings in turn (interleaved, so a load change hits every setting alike);
+    each keeps its fastest round. Rows: label, cache, threshold, seconds, tokens_per_second, speedup (vs
+    exact), passes (per round), same_as_exact (share of prompts whose output equals the exact sampler's),
+    and with ``grade`` correct, n, accuracy and its Wilson interval.
     """
+    outputs: dict[str, list] = {}
+    seconds: dict[str, float] = {}
+    counted: dict[str, int] = {}
+    for _ in range(max(1, repeats)):
+        for label, cache, threshold in settings:
+            before = passes() if passes else 0
+            sync()
+            t0 = time.perf_counter()
+            out = sample(cache, threshold)
+            sync()
+            seconds[label] = min(seconds.get(label, float("inf")), time.perf_counter() - t0)
+            outputs.setdefault(label, out)
+            counted[label] = (passes() if passes else 0) - before
+    exact = outputs[settings[0][0]]
     rows: list[dict[str, Any]] = []
-    exact_tokens = None
     for label, cache, threshold in settings:
-        before = passes() if passes else 0
-        sync()
-        t0 = time.perf_counter()
-        tokens = sample(cache, threshold)
-        sync()
-        seconds = time.perf_counter() - t0
-        row: dict[str, Any] = {"label": label, "cache": cache, "threshold": threshold, "seconds": round(seconds, 3),
-                               "tokens_per_second": round(n_prompts * gen_length / seconds, 2)}
+        out = outputs[label]
+        row: dict[str, Any] = {"label": label, "cache": cache, "threshold": threshold,
+                               "seconds": round(seconds[label], 3),
+                               "tokens_per_second": round(n_prompts * gen_length / seconds[label], 2),
+                               "repeats": max(1, repeats)}
         if passes:
-            row["passes"] = passes() - before
-        if exact_tokens is None:
-            exact_tokens = tokens
-        row["same_as_exact"] = round(sum(a == b for a, b in zip(tokens, exact_tokens)) / max(1, len(tokens)), 4)
+            row["passes"] = counted[label]
+        row["same_as_exact"] = round(sum(a == b for a, b in zip(out, exact)) / max(1, len(out)), 4)
         if grade is not None:
-            verdicts = grade(tokens)
+            verdicts = grade(out)
             k, n = sum(verdicts), len(verdicts)
             lo, hi = wilson(k, n)
             row.update(correct=k, n=n, accuracy=round(k / n, 4) if n else 0.0, interval=[round(lo, 4), round(hi, 4)])
