@@ -504,3 +504,33 @@ def test_real_model_fast_sampling_does_not_depend_on_batch(micro, cache, monkeyp
     assert len(set(solo_passes)) > 1 and max(solo_passes) < 12
     pair = generate(model, [prompts[2], prompts[0]], generator=gens([2, 0]), **kwargs)
     assert pair.tolist() == [batched[2].tolist(), batched[0].tolist()]
+
+
+def test_lora_wrapped_model_takes_the_cache_with_its_adapters(recwarn):
+    # A peft model (what eval and make-pairs load from a LoRA folder) reaches hidden_with_kv through peft's
+    # attribute forwarding, with the adapters applied: on a one-layer model cached equals exact.
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.models import LORA_TARGET_MODULES, load_model
+    from pipeline.models.llada import LLaDAModelLM
+    from pipeline.sampler import supports_kv_cache
+
+    base, tokenizer = load_model("micro")
+    config = base.config.__class__(**{**base.config.to_dict(), "n_layers": 1})
+    torch.manual_seed(1)
+    model = get_peft_model(LLaDAModelLM(config).eval(), LoraConfig(r=4, lora_alpha=8,
+                                                                   target_modules=LORA_TARGET_MODULES))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # adapters that change the outputs
+    model.eval()
+    assert supports_kv_cache(model)
+    prompts = _prompts(tokenizer)
+    kwargs = dict(mask_token_id=config.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+                  gen_length=8, block_length=4, steps=8)
+    exact = generate(model, prompts, **kwargs)
+    with model.disable_adapter():
+        assert generate(model, prompts, **kwargs).tolist() != exact.tolist()
+    assert generate(model, prompts, cache="dual", **kwargs).tolist() == exact.tolist()
+    assert not [w for w in recwarn if "falls back" in str(w.message)]
