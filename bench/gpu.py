@@ -12,6 +12,12 @@ leaves every finished section on disk):
 - faithful: a subset of the same pairs through LLaDA's per-pair procedure
   (bench/score.py), timed, with our estimator timed on the same subset for a
   same-pairs ratio and the faithful time extrapolated to all pairs (marked so);
+- sampler: the exact sampler against Fast-dLLM's settings (prefix / dual KV
+  cache, threshold 0.9, combined; bench/fast_sampling.py) on synthetic prompts
+  at the same shape: tokens/s, speed-up against exact in the same run, forward
+  passes and the share of rows identical to exact (random weights: their
+  confidences are low, so threshold decoding rarely commits more than its
+  quota here; greedy accuracy needs a trained model: bench/sampler.py --mode fast);
 - train: LoRA r 16 on LLaDA's projections, bf16, gradient checkpointing, one
   pair of 512 + 512 tokens, n = 8, through ``stages.train`` (setup_policy,
   micro_step with a TrainContext, clipping, AdamW): cached reference with and
@@ -77,12 +83,14 @@ SETTINGS = {
                 samples=8, batch_tokens=32768, faithful_pairs=16, train_prompt=512, train_response=512,
                 sequence_microbatch=2, steps=2, lora_r=16, lora_alpha=32,
                 budgets=dict(score_ref=150, faithful=45, train=110, train_4bit=100),
-                fsdp=dict(preset="tiny", pairs=32, prompt=64, response=256, steps=4)),
+                fsdp=dict(preset="tiny", pairs=32, prompt=64, response=256, steps=4),
+                sampler=dict(batch=8, prompt=256, gen_length=128, block_length=32, steps=128)),
     "cpu": dict(preset="micro", dtype="float32", pairs=4, prompt=(8, 24), response=(8, 24),
                 samples=2, batch_tokens=512, faithful_pairs=2, train_prompt=16, train_response=16,
                 sequence_microbatch=1, steps=2, lora_r=4, lora_alpha=8,
                 budgets=dict(score_ref=20, faithful=10, train=30, train_4bit=10),
-                fsdp=dict(preset="micro", pairs=16, prompt=8, response=16, steps=4)),
+                fsdp=dict(preset="micro", pairs=16, prompt=8, response=16, steps=4),
+                sampler=dict(batch=2, prompt=12, gen_length=16, block_length=8, steps=16)),
 }
 
 
@@ -307,6 +315,34 @@ def section_score_ref(results: Results, state: dict) -> None:
         "flop_count": "2 x non-embedding params x tokens + 4 x seq^2 x d_model x layers per sequence + "
                       "2 x d_model x vocab x masked positions",
     })
+
+
+def section_sampler(results: Results, state: dict) -> None:
+    from fast_sampling import compare, count_passes, token_lists
+
+    from pipeline.sampler import generate
+
+    s, device, model, tok = state["settings"], state["device"], state["model"], state["tokenizer"]
+    cfg = s["sampler"]
+    gen = torch.Generator().manual_seed(state["seed"])
+    specials = specials_of(tok, model)
+    prompts = []
+    for _ in range(cfg["batch"]):
+        ids = torch.randint(0, model.config.vocab_size, (cfg["prompt"],), generator=gen).tolist()
+        prompts.append([t if t not in specials else 0 for t in ids])
+    kw = dict(mask_token_id=model.config.mask_token_id, pad_token_id=tok.pad_token_id, gen_length=cfg["gen_length"],
+              block_length=cfg["block_length"], steps=cfg["steps"], device=device)
+    generate(model, prompts[:1], **{**kw, "gen_length": cfg["block_length"], "steps": 1})  # warm-up
+    passes = count_passes(model)
+    try:
+        rows = compare(lambda cache, threshold: token_lists(generate(model, prompts, cache=cache, threshold=threshold,
+                                                                     **kw)),
+                       cfg["gen_length"], len(prompts), passes=passes, sync=lambda: sync(device))
+    finally:
+        for name in ("final_hidden", "hidden_with_kv"):
+            model.__dict__.pop(name, None)  # the counting wrappers
+    results.section("sampler", {**cfg, "dtype": s["dtype"], "rows": rows,
+                                "greedy": True, "note": "random weights: accuracy not measured here"})
 
 
 def section_faithful(results: Results, state: dict) -> None:
@@ -632,6 +668,7 @@ def main(argv=None) -> int:
     state = {"settings": s, "device": device, "seed": args.seed, "peak_tflops": peak}
     if run_section(results, "build", section_build, state):
         run_section(results, "score_ref", section_score_ref, state)
+        run_section(results, "sampler", section_sampler, state)
         if "pairs" in state:
             run_section(results, "faithful", section_faithful, state)
         run_section(results, "train", section_train, state)

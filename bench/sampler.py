@@ -8,6 +8,15 @@ to the current block only and draws noise for the block only. At
 temperature 0 both must produce the same tokens (checked).
 
     /work/venv/bin/python bench/sampler.py [--vocab 126464] [--gen-length 64] ...
+
+``--mode fast``: the exact sampler against Fast-dLLM's settings (prefix and
+dual KV cache, threshold 0.9, and the two combined) on a model's greedy
+answers to held-out questions, through ``pipeline.completion.complete`` (the
+path eval takes): tokens/s, speed-up against exact, forward passes, share of
+completions identical to exact, and task accuracy k/n with its Wilson 95%
+interval. ``--model`` takes a preset or a model folder (a skilled model).
+
+    python bench/sampler.py --mode fast --model tiny --questions data/benchmarks/arithmetic_heldout.jsonl
 """
 
 from __future__ import annotations
@@ -51,8 +60,61 @@ def published_generate(model, prompt, *, mask_id, gen_length, block_length, step
     return x[:, width:]
 
 
+def fast_mode(args) -> None:
+    import json
+    import platform
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fast_sampling import best, compare, count_passes, format_rows
+    from score import matmul_flops
+
+    from pipeline.answers import is_correct
+    from pipeline.completion import complete
+    from pipeline.models import load_model
+    from pipeline.readers import jsonl_objects
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    items = [row for _, row in jsonl_objects(Path(args.questions))][: args.limit]
+    model, tokenizer = load_model(args.model, device=args.device)
+    model.eval()
+    passes = count_passes(model)
+    prompts = [it["question"] for it in items]
+
+    def sample(cache, threshold):
+        done = complete(model, tokenizer, prompts, gen_length=args.gen_length, block_length=args.block_length,
+                        steps=args.steps, batch_size=args.batch, cache=cache, threshold=threshold)
+        return [d["completion"] for d in done]
+
+    def grade(completions):
+        return [bool(is_correct(c, str(it["answer"]))) for c, it in zip(completions, items)]
+
+    peak = matmul_flops(args.device, torch.float32)
+    print(f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), "
+          f"{len(items)} questions of {args.questions}, greedy, gen {args.gen_length}, block {args.block_length}, "
+          f"steps {args.steps}, batch {args.batch}, best of {args.fast_repeats}; {platform.machine()} {torch.get_num_threads()} threads, "
+          f"fp32 matmul {peak / 1e9:.1f} GFLOP/s")
+    rows = compare(sample, args.gen_length, len(items), grade=grade, passes=passes, repeats=args.fast_repeats)
+    for line in format_rows(rows):
+        print(line)
+    top = best(rows)
+    print("best inside exact's 95% interval:", f"{top['label']} x{top['speedup']:.2f}" if top else "none")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "peak_gflops": peak / 1e9}, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=("published", "fast"), default="published",
+                    help="published: ours vs the published loop; fast: exact vs KV cache / threshold decoding")
+    ap.add_argument("--model", default="tiny", help="fast mode: preset name or model folder")
+    ap.add_argument("--questions", default="data/benchmarks/arithmetic_heldout.jsonl", help="fast mode")
+    ap.add_argument("--limit", type=int, default=64, help="fast mode: questions used")
+    ap.add_argument("--device", default="cpu", help="fast mode")
+    ap.add_argument("--threads", type=int, default=0, help="fast mode: torch threads (0: torch's default)")
+    ap.add_argument("--json", default=None, help="fast mode: also write the rows here")
+    ap.add_argument("--fast-repeats", type=int, default=1, help="fast mode: interleaved rounds, best time kept")
     ap.add_argument("--vocab", type=int, default=126464)
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
@@ -63,6 +125,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
+    if args.mode == "fast":
+        return fast_mode(args)
 
     torch.manual_seed(0)
     mask_id = args.vocab - 1

@@ -37,6 +37,7 @@ from pipeline.replay import PairBatch, cache_part_paths, replay_requests  # noqa
 from pipeline.stagecli import stage_command
 from pipeline.training import (  # noqa: F401  (shared with sft; importable from here as before)
     SCHEDULERS,
+    _micro_batch_span,
     adapt_policy,
     check_resume_layout,
     check_run_outputs,

@@ -40,9 +40,9 @@ def results(tmp_path_factory):
 
 def test_every_section_ran(results):
     assert results["complete"] is True and not results.get("errors")
-    for name in ("environment", "build", "score_ref", "faithful", "train", "reference", "train_4bit", "fsdp"):
+    for name in ("environment", "build", "score_ref", "sampler", "faithful", "train", "reference", "train_4bit", "fsdp"):
         assert name in results, name
-    for name in ("build", "score_ref", "faithful", "train", "fsdp"):
+    for name in ("build", "score_ref", "sampler", "faithful", "train", "fsdp"):
         assert results[name]["status"] == "ok", (name, results[name])
 
 
@@ -112,3 +112,14 @@ def test_plan_recorded_next_to_each_measured_section(results):
     configs = results["train"]["configs"]
     # sequence micro-batching keeps fewer activations alive than one pass, in the plan as on a card.
     assert configs["cached_seqmb1"]["plan"]["tracked_bytes"] < configs["cached"]["plan"]["tracked_bytes"]
+
+
+def test_sampler_section_compares_exact_with_the_fast_settings(results):
+    s = results["sampler"]
+    rows = {r["label"]: r for r in s["rows"]}
+    assert list(rows) == ["exact", "prefix", "dual", "threshold 0.9", "prefix + 0.9", "dual + 0.9"]
+    assert rows["exact"]["speedup"] == 1.0 and rows["exact"]["same_as_exact"] == 1.0
+    # One pass per step for the exact sampler; the cached ones take as many (the block's first one is full).
+    assert rows["exact"]["passes"] == rows["prefix"]["passes"] == rows["dual"]["passes"] == s["steps"]
+    for r in rows.values():
+        assert r["tokens_per_second"] > 0 and 1 <= r["passes"] <= s["steps"]

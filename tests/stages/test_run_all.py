@@ -115,3 +115,14 @@ def test_run_summary_prints_counts_and_intervals(capsys):
     assert "before          0.250 (8/32, 95% CI 0.133-0.421)" in out
     assert "after           0.500 (16/32, 95% CI 0.336-0.664)" in out
     assert "after - before  +0.250 (95% CI +0.083 to +0.395, newcombe-paired-score, 8 gained / 0 lost of 32)" in out
+
+
+def test_run_wide_sampler_settings_reach_eval_and_make_pairs(tmp_path):
+    cfg = merged_config(None, {"out": tmp_path / "x", "cache": "dual", "threshold": 0.9})
+    ev = stage_configs(cfg)[3]
+    assert (ev.cache, ev.threshold) == ("dual", 0.9)
+    assert (cfg.make_pairs["cache"], cfg.make_pairs["threshold"]) == ("dual", 0.9)
+    plain = stage_configs(merged_config(None, {"out": tmp_path / "y"}))[3]
+    assert (plain.cache, plain.threshold) == ("none", None)
+    with pytest.raises(ConfigError, match="cache must be one of"):
+        stage_configs(merged_config(None, {"out": tmp_path / "z", "cache": "full"}))
