@@ -269,9 +269,11 @@ def run(cfg: GenerateConfig) -> GenerateResult:
                                                       str(cfg.scores)))
     out = Path(cfg.out)
     partial = partial_path(out)
-    from pipeline.atomic import check_writable, sweep_stale
+    from pipeline.atomic import check_replaceable, check_writable, sweep_stale
 
     check_writable(out, "generations file")
+    check_replaceable(out, "--out")
+    check_replaceable(partial, "--out")
     sweep_stale(out.parent, out.name)
     sweep_stale(out.parent, partial.name)
     settings = content_settings(cfg)

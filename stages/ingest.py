@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, check_replaceable
 from pipeline.config import require
 from pipeline.errors import ConfigError, UserError
 from pipeline.layout import quarantine_path_for
@@ -478,6 +478,8 @@ def run(cfg: IngestConfig) -> IngestResult:
     # Before any input is read: an output that cannot be written is a one-line error now.
     _check_writable(out, "the pairs file (--out)")
     _check_writable(qpath, "the quarantine (--quarantine)")
+    check_replaceable(out, "--out")  # a user's file is never replaced (nor emptied)
+    check_replaceable(qpath, "--quarantine")
     schema = pairs_schema(cfg.keep_fields)
     ctx = _Ctx(
         FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field),
