@@ -324,6 +324,9 @@ def check_ranges(cfg: Any, ranges: Mapping[str, str]) -> None:
             if isinstance(value, float):
                 require(value.is_integer(), f"{name} must be a whole number, got {value!r}")
                 value = int(value)
+            # Seeds, steps and counts go to torch, Arrow and DuckDB as signed 64-bit integers.
+            require(-(2**63) <= value < 2**63, f"{name} must fit in a signed 64-bit integer (below 2**63 = "
+                                               f"{2**63}), got {value}")
         else:
             require(math.isfinite(value), f"{name} must be a finite number, got {value!r}")
             value = float(value)
