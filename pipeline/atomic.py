@@ -188,6 +188,15 @@ def _write_record(folder: Path, names: Iterable[str]) -> None:
     ledger.write_text("".join(json.dumps(n) + "\n" for n in names), encoding="utf-8")
 
 
+def _follow_umask_tree(root: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(root):
+        follow_umask(dirpath, directory=True)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                follow_umask(path, directory=False)
+
+
 def _record_tree(root: Path) -> None:
     """Record everything under a freshly built folder as written by lldm-dpo."""
     for dirpath, dirnames, filenames in os.walk(root):
@@ -301,6 +310,7 @@ def atomic_path(target: str | os.PathLike, *, record: bool = True) -> Iterator[P
     try:
         follow_umask(tmp_path, directory=False)
         yield tmp_path
+        follow_umask(tmp_path, directory=False)  # a writer that replaced the file (0600 temp of its own)
         _fsync_file(tmp_path)
         check_replaceable(target)  # a user's file that appeared while we wrote
         if record:
@@ -332,6 +342,7 @@ def atomic_dir(target: str | os.PathLike, *, record: bool = True) -> Iterator[Pa
     try:
         follow_umask(tmp, directory=True)
         yield tmp
+        _follow_umask_tree(tmp)  # safetensors and others write their files 0600: the umask decides, as elsewhere
         _record_tree(tmp)
         carried: list[Path] = []
         if os.path.lexists(target):

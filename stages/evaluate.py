@@ -336,6 +336,14 @@ def choice_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, chat_t
 
 
 def run(cfg: EvalConfig) -> EvalResult:
+    """The stage, holding its output's lock (a second run into the same place refuses, naming the first)."""
+    from pipeline.lock import output_lock
+
+    with output_lock(cfg.out, "eval", folder=True):
+        return _run(cfg)
+
+
+def _run(cfg: EvalConfig) -> EvalResult:
     from pipeline.atomic import check_replaceable, check_writable
     from pipeline.devices import resolve_device
     from pipeline.numerics import load

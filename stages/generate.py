@@ -255,6 +255,14 @@ def _dumps(row: dict[str, Any]) -> str:
 
 
 def run(cfg: GenerateConfig) -> GenerateResult:
+    """The stage, holding its output's lock (a second run into the same file refuses, naming the first)."""
+    from pipeline.lock import output_lock
+
+    with output_lock(cfg.out, "generate", folder=False):
+        return _run(cfg)
+
+
+def _run(cfg: GenerateConfig) -> GenerateResult:
     """Generate completions for every prompt not already in the output."""
     start_time = time.perf_counter()
     if not cfg.prompts:

@@ -239,6 +239,14 @@ def _dumps(row: dict[str, Any]) -> str:
 
 
 def run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
+    """The stage, holding its output's lock (a second run into the same file refuses, naming the first)."""
+    from pipeline.lock import output_lock
+
+    with output_lock(cfg.out, "make-pairs", folder=False):
+        return _run(cfg, sampler)
+
+
+def _run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
     """Sample, grade and pair; ``sampler`` (tests) replaces the model: a callable over
     ``SampleItem`` batches with an ``identity`` attribute."""
     start = time.perf_counter()

@@ -328,7 +328,7 @@ class QueryConfig:
     """Print CSV (--json prints a JSON array of row objects)."""
     allow_write: bool = False
     """Allow statements that write files or change settings (COPY ... TO, ...); also lifts the read limit."""
-    allow_read: list[Path] = field(default_factory=list)
+    allow_read: list[str] = field(default_factory=list)
     """Files or folders SQL may read besides the views' own (read_csv, read_parquet, glob, ...); without it a
     query reads only the files behind the views."""
 

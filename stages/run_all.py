@@ -95,7 +95,10 @@ def merged_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     for key in SECTIONS:  # a section given as a flag adds to the file's section
         if isinstance(flags.get(key), dict):
             base[key] = {**base.get(key, {}), **flags.pop(key)}
-    return load_config(RunConfig, None, flags, values=base, origin=origin)
+    cfg = load_config(RunConfig, None, flags, values=base, origin=origin)
+    if not cfg.rounds:
+        stage_configs(cfg)  # every section's keys checked here, so --print-config refuses what `run` refuses
+    return cfg
 
 
 def _shipped(path: str) -> str:

@@ -358,6 +358,14 @@ def plan_parts(lengths: list[int], pair_ids: list[str], pairs_per_part: int,
 
 
 def run(cfg: ScoreRefConfig) -> ScoreRefResult:
+    """The stage, holding its output's lock (a second run into the same place refuses, naming the first)."""
+    from pipeline.lock import output_lock
+
+    with output_lock(cfg.out, "score-ref", folder=True):
+        return _run(cfg)
+
+
+def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
     from pipeline.models import model_identity, tokenizer_identity
     from pipeline.numerics import load
     from pipeline.tokenize import tokenize_pair

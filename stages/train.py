@@ -757,6 +757,14 @@ def save_final(ctx: TrainContext, model_name: str, path: Path) -> None:
 
 
 def run(cfg: TrainConfig) -> TrainResult:
+    """The stage, holding the run folder's lock (a second train into it refuses, naming the first)."""
+    from pipeline.lock import output_lock
+
+    with output_lock(cfg.out, "train", folder=True):
+        return _run(cfg)
+
+
+def _run(cfg: TrainConfig) -> TrainResult:
     from pipeline.atomic import check_writable, sweep_stale, write_text_atomic
     from pipeline.checkpoint import check_world, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
     from pipeline.config import config_to_yaml
