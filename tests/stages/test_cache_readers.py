@@ -90,3 +90,14 @@ def test_eval_refuses_a_reference_whose_weights_changed_after_scoring(small_pair
     with pytest.raises(UserError, match="is no longer the model this cache was scored with .model.weights"):
         evaluate(EvalConfig(scores=out, model=str(model), out=tmp_path / "ev", device="cpu", train_sample=0))
     assert not (tmp_path / "ev" / "eval.json").exists()
+
+
+def test_eval_refuses_an_altered_part(cache, tmp_path):
+    from stages.evaluate import EvalConfig
+    from stages.evaluate import run as evaluate
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for name in manifest["parts"]:
+        _alter_part(cache / name)
+    with pytest.raises(UserError, match="part file differs from the checksum in the manifest"):
+        evaluate(EvalConfig(scores=cache, model="micro", out=tmp_path / "ev", device="cpu", train_sample=0))
