@@ -13,6 +13,8 @@
   (``remove_owned``, ``clear_owned``) deletes only recorded names; anything else in the folder is
   the user's and stays. A folder built by ``atomic_dir`` records its own content the same way, and
   replacing it carries the user's files in the old folder over to the new one.
+- No overwrite: ``atomic_path`` never replaces a file lldm-dpo did not record writing
+  (``check_replaceable``, the one rule every stage's outputs follow); every target it writes is recorded.
 """
 
 from __future__ import annotations
@@ -186,6 +188,15 @@ def _write_record(folder: Path, names: Iterable[str]) -> None:
     ledger.write_text("".join(json.dumps(n) + "\n" for n in names), encoding="utf-8")
 
 
+def _follow_umask_tree(root: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(root):
+        follow_umask(dirpath, directory=True)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                follow_umask(path, directory=False)
+
+
 def _record_tree(root: Path) -> None:
     """Record everything under a freshly built folder as written by lldm-dpo."""
     for dirpath, dirnames, filenames in os.walk(root):
@@ -195,6 +206,18 @@ def _record_tree(root: Path) -> None:
 def is_owned(path: str | os.PathLike) -> bool:
     path = Path(path)
     return path.name in recorded_names(path.parent)
+
+
+def check_replaceable(path: str | os.PathLike, flag: str = "output path") -> None:
+    """The ownership rule for every output: an existing ``path`` must be one lldm-dpo recorded writing.
+
+    A user's file (or one an old version wrote without a record) at an output path is a one-line
+    error, never replaced; ``flag`` names the option that chose the path, for the advice.
+    """
+    path = Path(path)
+    if os.path.lexists(path) and not is_owned(path):
+        raise UserError(f"{path}: exists and was not written by lldm-dpo (not in {path.parent / LEDGER}); "
+                        f"move it away or choose another {flag}")
 
 
 def foreign_entries(folder: str | os.PathLike) -> list[Path]:
@@ -269,13 +292,16 @@ def clear_owned(folder: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, *, record: bool = False) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, *, record: bool = True) -> Iterator[Path]:
     """Yield a temporary path in ``target``'s folder; rename it onto ``target`` on success.
 
-    On an exception the temporary file is removed and ``target`` is untouched. With ``record``
-    the target's name goes into its folder's ownership record (a folder lldm-dpo cleans later).
+    On an exception the temporary file is removed and ``target`` is untouched. An existing
+    ``target`` that lldm-dpo did not record writing is refused (``check_replaceable``), before
+    and again just before the rename; the target's name goes into its folder's ownership record
+    (``record=False``: not recorded, for a file no later run replaces).
     """
     target = Path(target)
+    check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _sweep_once(target.parent)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target.name, "file"), suffix=".tmp", dir=target.parent)
@@ -284,7 +310,9 @@ def atomic_path(target: str | os.PathLike, *, record: bool = False) -> Iterator[
     try:
         follow_umask(tmp_path, directory=False)
         yield tmp_path
+        follow_umask(tmp_path, directory=False)  # a writer that replaced the file (0600 temp of its own)
         _fsync_file(tmp_path)
+        check_replaceable(target)  # a user's file that appeared while we wrote
         if record:
             claim(target)
         os.replace(tmp_path, target)
@@ -296,7 +324,7 @@ def atomic_path(target: str | os.PathLike, *, record: bool = False) -> Iterator[
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike, *, record: bool = False) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike, *, record: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it replaces ``target`` whole.
 
     The new folder records its content as lldm-dpo's. A previous ``target`` is renamed aside,
@@ -305,12 +333,16 @@ def atomic_dir(target: str | os.PathLike, *, record: bool = False) -> Iterator[P
     removed. With ``record`` the target is recorded in its parent folder.
     """
     target = Path(target)
+    if os.path.lexists(target) and (not target.is_dir() or target.is_symlink()):
+        check_replaceable(target)  # a user's file where the folder goes: refused before any work
+        raise UserError(f"{target}: exists and is not a folder; move it away")
     target.parent.mkdir(parents=True, exist_ok=True)
     _sweep_once(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name, "new"), suffix=".tmp", dir=target.parent))
     try:
         follow_umask(tmp, directory=True)
         yield tmp
+        _follow_umask_tree(tmp)  # safetensors and others write their files 0600: the umask decides, as elsewhere
         _record_tree(tmp)
         carried: list[Path] = []
         if os.path.lexists(target):
@@ -339,12 +371,12 @@ def atomic_dir(target: str | os.PathLike, *, record: bool = False) -> Iterator[P
         raise
 
 
-def write_text_atomic(target: str | os.PathLike, text: str, *, record: bool = False) -> None:
+def write_text_atomic(target: str | os.PathLike, text: str, *, record: bool = True) -> None:
     with atomic_path(target, record=record) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json_atomic(target: str | os.PathLike, obj, *, record: bool = False) -> None:
+def write_json_atomic(target: str | os.PathLike, obj, *, record: bool = True) -> None:
     write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=True) + "\n", record=record)
 
 

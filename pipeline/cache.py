@@ -44,11 +44,22 @@ def fingerprint_differences(expected: dict[str, Any], found: dict[str, Any]) -> 
 
 
 def describe_difference(expected: dict[str, Any], found: dict[str, Any], field: str) -> str:
-    def short(v: Any) -> str:
-        text = json.dumps(v, sort_keys=True, default=str)
-        return text if len(text) <= 60 else text[:57] + "..."
-
-    return f"{field}: cache has {short(found.get(field))}, this run has {short(expected.get(field))}"
+    """``field: cache has X, this run has Y``, pointed at what differs: nested mappings are followed to the first
+    differing key (``model.weights.model.safetensors``), values are shown whole (a sha256 is 64 characters)
+    or, when long, from just before their first differing character on both sides."""
+    a, b, name = found.get(field), expected.get(field), field
+    while isinstance(a, dict) and isinstance(b, dict):
+        keys = [k for k in sorted(set(a) | set(b), key=str) if json.dumps(a.get(k), sort_keys=True, default=str)
+                != json.dumps(b.get(k), sort_keys=True, default=str)]
+        if not keys:
+            break
+        a, b, name = a.get(keys[0]), b.get(keys[0]), f"{name}.{keys[0]}"
+    ta, tb = (json.dumps(v, sort_keys=True, default=str) for v in (a, b))
+    if max(len(ta), len(tb)) > 100:
+        first = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
+        lo = max(0, first - 20)
+        ta, tb = (("..." if lo else "") + t[lo:lo + 80] + ("..." if len(t) > lo + 80 else "") for t in (ta, tb))
+    return f"{name}: cache has {ta}, this run has {tb}"
 
 
 def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
@@ -76,6 +87,18 @@ def read_part(path: str | Path, columns: list[str] | None = None, expected_sha25
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: part file does not read as Parquet ({first}); rerun score-ref to rebuild "
                         "the cache") from None
+
+
+def check_reference_model(fingerprint: dict[str, Any], model_name: str, where: str) -> None:
+    """``model_name``, used as the cache's reference, must still be the model that was scored (its content identity:
+    config and weight hashes), or its scores are not the cache's and a "before" figure would mislead."""
+    from pipeline.models import model_identity
+
+    expected, actual = {"model": fingerprint.get("model")}, {"model": model_identity(model_name)}
+    if fingerprint_differences(actual, expected):
+        raise UserError(f"{where}: model '{model_name}' is no longer the model this cache was scored with ("
+                        + describe_difference(actual, expected, "model")
+                        + "); rescore it with score-ref, or name another --before")
 
 
 def existing_parts(directory: Path) -> dict[int, Path]:

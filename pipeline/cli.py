@@ -42,22 +42,30 @@ _USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQU
 
 
 def _one_line_errors(func):
-    """Turn a ``UserError`` into ``error: <one line>`` on stderr and exit code 1."""
+    """Turn a ``UserError`` into ``error: <one line>`` on stderr and exit code 1; under ``--json`` stdout
+    also gets it as JSON (``{"error": ..., "exit_code": 1}``), so a program reading the summary reads the error."""
+
+    def fail(message: str, as_json: bool):
+        if as_json:
+            import json
+
+            typer.echo(json.dumps({"error": message, "exit_code": 1}))
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(1)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        as_json = bool(kwargs.get("as_json"))
         try:
             return func(*args, **kwargs)
         except UserError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
+            fail(str(exc), as_json)
         except OSError as exc:
             # The machine's answer about a file (permission, full disk, read-only file system):
             # the user's to fix, so one line naming the file; other OS errors keep their traceback.
             if exc.errno not in _USER_ERRNOS or exc.filename is None:
                 raise
-            typer.echo(f"error: {exc.filename}: {exc.strerror}", err=True)
-            raise typer.Exit(1) from None
+            fail(f"{exc.filename}: {exc.strerror}", as_json)
 
     return wrapper
 

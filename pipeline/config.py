@@ -116,6 +116,8 @@ _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str:
 def coerce(tp: Any, value: Any, key: str, where: str) -> Any:
     """``value`` as type ``tp`` (int, float, bool, str, Path, list[...], dict, Optional of those)."""
     base, optional = unwrap_optional(tp)
+    if optional and base is Path and value == "":
+        value = None  # an optional path given empty (`--scores ''`) is not given: '' would be the folder '.'
     if value is None:
         if optional:
             return None
@@ -167,6 +169,10 @@ def _scalar(base: Any, value: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str):
+            try:
+                return int(value.strip())  # exact, however large (a float would round a 20-digit seed)
+            except ValueError:
+                pass
             try:
                 number = float(value)
             except ValueError:
@@ -330,6 +336,9 @@ def check_ranges(cfg: Any, ranges: Mapping[str, str]) -> None:
             if isinstance(value, float):
                 require(value.is_integer(), f"{name} must be a whole number, got {value!r}")
                 value = int(value)
+            # Seeds, steps and counts go to torch, Arrow and DuckDB as signed 64-bit integers.
+            require(-(2**63) <= value < 2**63, f"{name} must fit in a signed 64-bit integer (below 2**63 = "
+                                               f"{2**63}), got {value}")
         else:
             require(math.isfinite(value), f"{name} must be a finite number, got {value!r}")
             value = float(value)

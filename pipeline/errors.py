@@ -13,3 +13,12 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """An invalid configuration value, unknown key or malformed config file."""
+
+
+class CacheMismatch(UserError):
+    """An existing output made with other settings; ``detail`` says what differs, without the stage's own advice
+    (``lldm-dpo run`` gives advice that works for ``run``)."""
+
+    def __init__(self, message: str, detail: str):
+        super().__init__(message)
+        self.detail = detail

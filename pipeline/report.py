@@ -415,10 +415,11 @@ def write_report(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: run directory not found")
-    from pipeline.atomic import check_writable
+    from pipeline.atomic import check_replaceable, check_writable
 
     for path in (out_png or run_dir / REPORT_PNG, out_html or run_dir / REPORT_HTML):
         check_writable(path, "report")
+        check_replaceable(path, "report path")
     m = _load_metrics(run_dir)
     data = load_eval(run_dir)
     rows = eval_rows(data)
@@ -430,8 +431,7 @@ def write_report(
     png = _draw(m, rows, margins, f"lldm-dpo: {run_dir.name}", intervals)
     png_path = Path(out_png) if out_png is not None else run_dir / REPORT_PNG
     html_path = Path(out_html) if out_html is not None else run_dir / REPORT_HTML
-    with atomic_path(png_path, record=out_png is None) as tmp:  # in the run folder: train --overwrite's to remove
+    with atomic_path(png_path) as tmp:  # recorded: a rerun replaces it, a user's file there is refused
         tmp.write_bytes(png)
-    write_text_atomic(html_path, _render_html(run_dir, png, m, rows, config_text, intervals),
-                      record=out_html is None)
+    write_text_atomic(html_path, _render_html(run_dir, png, m, rows, config_text, intervals))
     return ReportPaths(html=html_path, png=png_path)

@@ -95,12 +95,16 @@ def _flag_type(tp: Any) -> tuple[Any, str]:
     origin = typing.get_origin(base)
     if origin in (list, tuple):
         item = (typing.get_args(base) or (str,))[0]
+        if item in (int, float):  # `--loss-weights 1,2` as `--loss sigmoid,sft`: commas or repeats
+            return Optional[list[str]], f"list:{item.__name__}"
         return Optional[list[item]], "list"  # type: ignore[valid-type]
     if base is dict or origin is dict:
         return Optional[str], "mapping"
     if base is bool:
         return Optional[bool], "bool"
-    if base in (int, float, str, Path):
+    if base is Path:  # as text: an empty value (`--scores ''`: skip) reaches the config as '', not as '.'
+        return Optional[str], "path"
+    if base in (int, float, str):
         return Optional[base], "scalar"
     return Optional[str], "scalar"
 
@@ -195,14 +199,19 @@ def stage_command(
         as_json = kwargs.pop("as_json")
         flags: dict[str, Any] = {}
         for name, value in kwargs.items():
-            if value is None or (kinds.get(name) == "list" and not value):
+            kind = kinds.get(name, "")
+            if value is None or (kind.startswith("list") and not value):
                 continue  # not given: the file's value or the default stands
             if name in trl_params:
                 flags[trl_params[name]] = value
-            elif kinds.get(name) == "mapping":
+            elif kind == "mapping":
                 flags[name] = _mapping_flag(name, value)
+            elif kind == "path":
+                flags[name] = Path(value) if value != "" else ""
+            elif kind.startswith("list:"):
+                flags[name] = _number_list(name, value, int if kind == "list:int" else float)
             else:
-                flags[name] = list(value) if kinds.get(name) == "list" else value
+                flags[name] = list(value) if kind == "list" else value
         if as_json and "progress" in kinds and not {"progress", "disable_tqdm"} & set(flags):
             flags["progress"] = False  # a JSON summary is for programs: no bar unless asked for
         cfg = _resolve(cls, config, flags, load)
@@ -222,6 +231,22 @@ def stage_command(
 def _resolve(cls: type, config: Path | None, flags: dict[str, Any], load) -> Any:
     """The command's config from its file and flags (one function, so tests can see what the flags became)."""
     return load(config, flags) if load is not None else load_config(cls, config, flags)
+
+
+def _number_list(name: str, values: list[str], kind: type) -> list:
+    """Numbers given comma-separated, repeated, or both (``--loss-weights 1,0.5`` = ``--loss-weights 1
+    --loss-weights 0.5``); a one-line error naming the flag otherwise."""
+    from pipeline.errors import ConfigError
+
+    out = []
+    for text in values:
+        for piece in str(text).split(","):
+            try:
+                out.append(kind(piece.strip()))
+            except ValueError:
+                raise ConfigError(f"{flag_name(name)}: {piece.strip()!r} is not a number "
+                                  f"(give {kind.__name__}s, comma-separated: e.g. 1,0.5)") from None
+    return out
 
 
 def _mapping_flag(name: str, text: str) -> dict:

@@ -432,12 +432,22 @@ def choice_credits(model, tokenizer, items: list[dict], cfg: EvalConfig, chat_te
 
 
 def run(cfg: EvalConfig) -> EvalResult:
-    from pipeline.atomic import check_writable
+    """The stage, holding its output's lock (a second run into the same place refuses, naming the first)."""
+    from pipeline.lock import output_lock
+
+    with output_lock(cfg.out, "eval", folder=True):
+        return _run(cfg)
+
+
+def _run(cfg: EvalConfig) -> EvalResult:
+    from pipeline.atomic import check_replaceable, check_writable
     from pipeline.devices import resolve_device
     from pipeline.numerics import load
 
     start = time.perf_counter()
     check_writable(cfg.out, "eval output folder")
+    for name in (EVAL_FILE, TASK_RESULTS):
+        check_replaceable(cfg.out / name, "--out")
     device = str(resolve_device(cfg.device))
     cache = open_cache(cfg.scores) if cfg.scores is not None else None
     before_name = cfg.before
@@ -465,7 +475,9 @@ def run(cfg: EvalConfig) -> EvalResult:
     bench = read_benchmark(cfg.benchmark) if cfg.benchmark else []
     if cfg.limit_task:
         bench = bench[:cfg.limit_task]
-    mc = read_jsonl(cfg.choices, ("question", "options", "answer")) if cfg.choices else []
+    from pipeline.choices import read_choices
+
+    mc = read_choices(cfg.choices) if cfg.choices else []  # options a list of strings, answer an index in range
     if cfg.limit_choices:
         mc = mc[:cfg.limit_choices]
     lm_tasks = [t.strip() for t in cfg.lm_eval_tasks.split(",") if t.strip()]
@@ -482,6 +494,10 @@ def run(cfg: EvalConfig) -> EvalResult:
     credits: dict[str, dict[str, list]] = {}
     spreads: dict[str, dict[str, Any]] = {}
     held_out = (pair_rows.take(range(len(pair_rows))) if cfg.mc_seeds > 1 and len(pair_rows) else [])
+    if cache is not None and before_name is not None and before_name == reference_name:
+        from pipeline.cache import check_reference_model
+
+        check_reference_model(cache.fingerprint, before_name, str(cfg.scores))  # its weights may have changed
     for label, name in (("before", before_name), ("after", cfg.model)):
         if name is None:
             continue

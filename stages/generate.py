@@ -272,6 +272,14 @@ def _dumps(row: dict[str, Any]) -> str:
 
 
 def run(cfg: GenerateConfig) -> GenerateResult:
+    """The stage, holding its output's lock (a second run into the same file refuses, naming the first)."""
+    from pipeline.lock import output_lock
+
+    with output_lock(cfg.out, "generate", folder=False):
+        return _run(cfg)
+
+
+def _run(cfg: GenerateConfig) -> GenerateResult:
     """Generate completions for every prompt not already in the output."""
     start_time = time.perf_counter()
     if not cfg.prompts:
@@ -286,9 +294,11 @@ def run(cfg: GenerateConfig) -> GenerateResult:
                                                       str(cfg.scores)))
     out = Path(cfg.out)
     partial = partial_path(out)
-    from pipeline.atomic import check_writable, sweep_stale
+    from pipeline.atomic import check_replaceable, check_writable, sweep_stale
 
     check_writable(out, "generations file")
+    check_replaceable(out, "--out")
+    check_replaceable(partial, "--out")
     sweep_stale(out.parent, out.name)
     sweep_stale(out.parent, partial.name)
     settings = content_settings(cfg)

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, check_replaceable
 from pipeline.config import require
 from pipeline.errors import ConfigError, UserError
 from pipeline.layout import quarantine_path_for
@@ -196,6 +196,10 @@ class _PairsWriter:
 def _check_inputs(inputs: list[str]) -> list[Path]:
     if not inputs:
         raise UserError("ingest: no input given (pass one or more INPUT files)")
+    default = IngestConfig.__dataclass_fields__["inputs"].default_factory()
+    if list(inputs) == default and not Path(default[0]).exists():
+        raise UserError(f"ingest: no input given (pass one or more INPUT files; the default, the shipped example "
+                        f"{default[0]}, is only there in the repository's folder)")
     paths = []
     for p in inputs:
         path = Path(p)
@@ -466,6 +470,14 @@ def _make_pool(workers: int):
 
 
 def run(cfg: IngestConfig) -> IngestResult:
+    """The stage, holding its output's lock (a second run into the same place refuses, naming the first)."""
+    from pipeline.lock import output_lock
+
+    with output_lock(cfg.out, "ingest", folder=False, what="pairs file (--out)"):
+        return _run(cfg)
+
+
+def _run(cfg: IngestConfig) -> IngestResult:
     """Ingest ``cfg.inputs`` into ``cfg.out`` and the quarantine; return the counts."""
     paths = _check_inputs(cfg.inputs)
     out = Path(cfg.out)
@@ -478,6 +490,8 @@ def run(cfg: IngestConfig) -> IngestResult:
     # Before any input is read: an output that cannot be written is a one-line error now.
     _check_writable(out, "the pairs file (--out)")
     _check_writable(qpath, "the quarantine (--quarantine)")
+    check_replaceable(out, "--out")  # a user's file is never replaced (nor emptied)
+    check_replaceable(qpath, "--quarantine")
     schema = pairs_schema(cfg.keep_fields)
     ctx = _Ctx(
         FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field),
@@ -553,7 +567,7 @@ def run(cfg: IngestConfig) -> IngestResult:
     assert read == accepted + quarantined  # the accounting identity the report promises
     assert sum(splits.values()) == accepted
     result = IngestResult(read, accepted, quarantined, by_reason, str(out), str(qpath), splits)
-    if quarantined and not accepted:
+    if not accepted:  # README: no record accepted exits 1 (an empty input too)
         raise NothingAccepted(_nothing_accepted(cfg, read, by_reason, qpath), result)
     return result
 
@@ -583,7 +597,6 @@ def _check_writable(path: Path, what: str) -> None:
         raise UserError(f"{path}: cannot write {what}: folder {parent} is not writable")
 
 
-_FIELD_REASONS = ("missing_field", "wrong_type", "malformed_messages", "empty_text")
 _FIELDS_SHOWN = 12
 
 
@@ -591,13 +604,15 @@ def _nothing_accepted(cfg: IngestConfig, read: int, by_reason: dict[str, int], q
     """The one-line error when every record was quarantined: the reason(s), the first
     message, and for field problems the fields the records do have and the flags."""
     reasons = [(r, n) for r, n in by_reason.items() if n]
+    if not read:
+        return f"ingest: no records in {', '.join(cfg.inputs)} (empty input); nothing to accept"
     if len(reasons) == 1:
         what = f"all {read} records were quarantined as {reasons[0][0]}"
     else:
         what = f"all {read} records were quarantined (" + ", ".join(f"{r} {n}" for r, n in reasons) + ")"
     first_message, keys = _quarantine_sample(qpath)
     msg = f"ingest: {what}" + (f", e.g. {first_message}" if first_message else "")
-    if any(r in _FIELD_REASONS for r, _ in reasons):
+    if by_reason.get("missing_field"):  # the names are wrong (a wrong type or empty text is not a mapping matter)
         have = ", ".join(keys[:_FIELDS_SHOWN]) + (", ..." if len(keys) > _FIELDS_SHOWN else "")
         msg += (
             f"; the records have fields: {have or '(none: not JSON objects)'}; map them with "
@@ -657,14 +672,20 @@ def _ingest_action(cfg: IngestConfig, as_json: bool) -> None:
         result, failure = run(cfg), None
     except NothingAccepted as exc:  # the report still shows what happened, then the one-line error
         result, failure = exc.result, exc
-    if as_json:
-        emit_json(result.to_dict())
-    else:
-        print_report(result)
+    if failure is None and cfg.strict and result.quarantined:
+        failure = UserError(f"--strict: {result.quarantined} of {result.read} records quarantined "
+                            f"(see {result.quarantine})")
+    if as_json:  # one JSON document: the report, with the error when there is one
+        emit_json({**result.to_dict(), **({"error": str(failure), "exit_code": 1} if failure else {})})
+        if failure is not None:
+            import typer
+
+            typer.echo(f"error: {failure}", err=True)
+            raise typer.Exit(1)
+        return
+    print_report(result)
     if failure is not None:
         raise failure
-    if cfg.strict and result.quarantined:
-        raise UserError(f"--strict: {result.quarantined} of {result.read} records quarantined (see {result.quarantine})")
 
 
 command = stage_command(IngestConfig, _ingest_action, positional={"inputs": False},

@@ -215,8 +215,8 @@ def _read_done(path: Path, by_id: dict[str, Question], settings: dict, model_sha
         if not isinstance(row, dict) or not {"question_id", "sample", "sampler", "model_sha256"} <= row.keys():
             raise UserError(f"{where}: not a `lldm-dpo make-pairs` sample row; choose another --out")
         if row["model_sha256"] != model_sha:
-            raise UserError(f"{where}: sampled by another model (content identity {row['model_sha256'][:12]}, "
-                            f"this run's {model_sha[:12]}); delete the file or choose another --out")
+            raise UserError(f"{where}: sampled by another model (content identity {row['model_sha256']}, "
+                            f"this run's {model_sha}); delete the file or choose another --out")
         previous = row["sampler"] or {}
         for key, value in settings.items():
             had = previous.get(key, SAMPLER_DEFAULTS.get(key))  # rows older than a setting had its default
@@ -257,6 +257,14 @@ def _dumps(row: dict[str, Any]) -> str:
 
 
 def run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
+    """The stage, holding its output's lock (a second run into the same file refuses, naming the first)."""
+    from pipeline.lock import output_lock
+
+    with output_lock(cfg.out, "make-pairs", folder=False):
+        return _run(cfg, sampler)
+
+
+def _run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
     """Sample, grade and pair; ``sampler`` (tests) replaces the model: a callable over
     ``SampleItem`` batches with an ``identity`` attribute."""
     start = time.perf_counter()
@@ -268,9 +276,11 @@ def run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
     by_id = {q.question_id: q for q in questions}
     out, samples_file = Path(cfg.out), cfg.samples_path
     partial = samples_file.with_name(samples_file.name + ".partial")
-    from pipeline.atomic import check_writable, sweep_stale
+    from pipeline.atomic import check_replaceable, check_writable, sweep_stale
 
     check_writable(out, "pairs file")
+    for path in (out, samples_file, partial):
+        check_replaceable(path, "--out")
     for name in (out.name, samples_file.name, partial.name):
         sweep_stale(out.parent, name)  # temporary files of a killed run of ours
     _check_pairs_target(out)

@@ -29,7 +29,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -56,14 +56,15 @@ def preset_sql(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=None, evals=None):
+def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=None, evals=None, files=None):
     """An in-memory DuckDB connection with the views for whatever files are given.
 
     ``pairs``: an ingest output file (its quarantine beside it is added when
     present, as an empty view when absent); ``quarantine``: an explicit
     quarantine file (must exist); ``scores``: a score-ref folder; ``run``: a
     training run folder; ``samples``: a make-pairs samples file or a folder holding
-    some. Missing files are a ``UserError`` naming them.
+    some. Missing files are a ``UserError`` naming them. ``files``: a list that receives the
+    files behind the views (what ``sandbox`` lets a query read).
     """
     import duckdb
     import pyarrow as pa
@@ -71,6 +72,7 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=
     from pipeline.schemas import QUARANTINE_FIELDS  # here, not at the top: `query --help` needs no pyarrow
 
     con = duckdb.connect(":memory:")
+    files = [] if files is None else files
     if pairs is not None:
         pairs = Path(pairs)
         if not pairs.is_file():
@@ -92,35 +94,103 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=
         quarantine = Path(quarantine)
         if not quarantine.is_file():
             raise UserError(f"{quarantine}: quarantine file not found")
+        files.append(quarantine)
         cols = ", ".join(f"{k}: '{v}'" for k, v in _QUARANTINE_TYPES.items())
         con.execute(
             f"CREATE VIEW quarantine AS SELECT {', '.join(QUARANTINE_FIELDS)} FROM read_json({_sql_str(quarantine)}, "
             f"format='newline_delimited', columns={{{cols}}}, maximum_object_size=1073741824)"
         )
     if scores is not None:
-        scores = Path(scores)
-        parts = sorted(scores.glob("part-*.parquet")) if scores.is_dir() else []
-        if not parts:
-            raise UserError(f"{scores}: no part-*.parquet score files in this folder")
-        con.execute(f"CREATE VIEW scores AS SELECT * FROM read_parquet({_sql_str(scores / 'part-*.parquet')}, union_by_name=true)")
+        parts = _score_parts(Path(scores))
+        files += parts
+        listed = "[" + ", ".join(_sql_str(p) for p in parts) + "]"
+        _create_view(con, f"CREATE VIEW scores AS SELECT * FROM read_parquet({listed}, union_by_name=true)", scores)
     if run is not None:
         metrics = Path(run) / METRICS_FILE
         if not metrics.is_file():
             raise UserError(f"{metrics}: metrics file not found (is {run} a training run folder?)")
-        con.execute(f"CREATE VIEW metrics AS SELECT * FROM read_parquet({_sql_str(metrics)})")
+        _check_parquet(metrics)
+        files.append(metrics)
+        _create_view(con, f"CREATE VIEW metrics AS SELECT * FROM read_parquet({_sql_str(metrics)})", metrics)
         task_results = Path(run) / TASK_RESULTS
         if task_results.is_file():
-            con.execute(f"CREATE VIEW task_results AS SELECT * FROM read_parquet({_sql_str(task_results)})")
+            _check_parquet(task_results)
+            files.append(task_results)
+            _create_view(con, f"CREATE VIEW task_results AS SELECT * FROM read_parquet({_sql_str(task_results)})",
+                         task_results)
         if evals is None and (Path(run) / EVAL_FILE).is_file():
             evals = Path(run) / EVAL_FILE
     if evals is not None:
-        _eval_results_view(con, Path(evals))
+        _eval_results_view(con, Path(evals))  # read here in Python and registered: no file for the sandbox
     if samples is not None:
-        _samples_view(con, Path(samples))
+        files += _samples_view(con, Path(samples))
     return con
 
 
-def _samples_view(con, path: Path) -> None:
+def _score_parts(scores: Path) -> list[Path]:
+    """The parts of a finished cache, as its manifest lists them, each checked against its recorded sha256 (an
+    altered, cut or missing part is named, never shown as if it were the cache)."""
+    from pipeline.cache import open_cache
+
+    if not scores.is_dir():
+        raise UserError(f"{scores}: no part-*.parquet score files (folder not found)")
+    if not (scores / "manifest.json").is_file():
+        if any(scores.glob("part-*.parquet")):
+            raise UserError(f"{scores}: no manifest.json: an unfinished (or damaged) cache is not queried; rerun "
+                            "score-ref to finish it")
+        raise UserError(f"{scores}: no part-*.parquet score files in this folder")
+    cache = open_cache(scores)
+    parts = cache.parts
+    for part in parts:
+        cache.verify_part(part)
+        _check_parquet(part)
+    if not parts:
+        raise UserError(f"{scores}: the manifest lists no part files")
+    return parts
+
+
+def _check_parquet(path: Path) -> None:
+    """A one-line error naming a file that does not read as Parquet (junk, or cut short)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(path)
+    except (pa.ArrowException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a readable Parquet file ({first})") from None
+
+
+def _create_view(con, sql: str, path) -> None:
+    import duckdb
+
+    try:
+        con.execute(sql)
+    except duckdb.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: cannot be read ({first})") from None
+
+
+def sandbox(con, files: list[Path], allow_read: list[Path] = ()) -> None:
+    """Limit what SQL can read to the views' files (and ``allow_read``): DuckDB's allowed paths and directories,
+    then external access off (which DuckDB lets no later statement turn back on)."""
+    paths = sorted({str(Path(p).resolve()) for p in files} | {str(Path(p)) for p in files})
+    dirs: list[str] = []
+    for extra in allow_read:
+        extra = Path(extra).expanduser()
+        if not extra.exists():
+            raise UserError(f"{extra}: --allow-read path not found")
+        if extra.is_dir():
+            dirs += sorted({str(extra.resolve()) + "/", str(extra).rstrip("/") + "/"})
+        else:
+            paths += sorted({str(extra.resolve()), str(extra)})
+    con.execute("SET allowed_paths = " + "[" + ", ".join(_sql_str(p) for p in paths) + "]")
+    if dirs:
+        con.execute("SET allowed_directories = " + "[" + ", ".join(_sql_str(d) for d in dirs) + "]")
+    con.execute("SET enable_external_access = false")
+
+
+def _samples_view(con, path: Path) -> list[Path]:
     from pipeline.selfpairs import SAMPLE_COLUMNS
 
     if path.is_dir():
@@ -129,12 +199,14 @@ def _samples_view(con, path: Path) -> None:
             raise UserError(f"{path}: no *.samples.jsonl files under this folder (written by `lldm-dpo make-pairs`)")
         files = "[" + ", ".join(_sql_str(p) for p in found) + "]"
     elif path.is_file():
+        found = [path]
         files = _sql_str(path)
     else:
         raise UserError(f"{path}: samples file not found")
     cols = ", ".join(f"{k}: '{v}'" for k, v in SAMPLE_COLUMNS.items())
     con.execute(f"CREATE VIEW samples AS SELECT * FROM read_json({files}, format='newline_delimited', "
                 f"columns={{{cols}}}, maximum_object_size=1073741824)")
+    return found
 
 
 def _eval_results_view(con, path: Path) -> None:
@@ -300,7 +372,10 @@ class QueryConfig:
     csv: bool = False
     """Print CSV (--json prints a JSON array of row objects)."""
     allow_write: bool = False
-    """Allow statements that write files or change settings (COPY ... TO, ...)."""
+    """Allow statements that write files or change settings (COPY ... TO, ...); also lifts the read limit."""
+    allow_read: list[str] = field(default_factory=list)
+    """Files or folders SQL may read besides the views' own (read_csv, read_parquet, glob, ...); without it a
+    query reads only the files behind the views."""
 
 
 def run(cfg: QueryConfig) -> tuple[list[str], list[tuple]]:
@@ -310,10 +385,12 @@ def run(cfg: QueryConfig) -> tuple[list[str], list[tuple]]:
     sql = preset_sql(cfg.preset) if cfg.preset is not None else cfg.sql
     if not sql:
         raise UserError(f"no SQL given (pass a query, or --preset NAME: {', '.join(presets())})")
+    files: list[Path] = []
     con = open_connection(pairs=cfg.pairs, quarantine=cfg.quarantine, scores=cfg.scores, run=cfg.run,
-                          samples=cfg.samples, evals=cfg.evals)
+                          samples=cfg.samples, evals=cfg.evals, files=files)
     if not cfg.allow_write:
         read_only_settings(con)
+        sandbox(con, files, cfg.allow_read)
     return execute(con, sql, allow_write=cfg.allow_write)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.config import check_device, load_config, read_config_file
-from pipeline.errors import ConfigError
+from pipeline.errors import CacheMismatch, ConfigError, UserError
 from pipeline.stagecli import stage_command
 
 EMBEDDED_DEFAULT = Path(__file__).with_name("run.yaml")
@@ -115,7 +115,10 @@ def merged_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     for key in SECTIONS:  # a section given as a flag adds to the file's section
         if isinstance(flags.get(key), dict):
             base[key] = {**base.get(key, {}), **flags.pop(key)}
-    return load_config(RunConfig, None, flags, values=base, origin=origin)
+    cfg = load_config(RunConfig, None, flags, values=base, origin=origin)
+    if not cfg.rounds:
+        stage_configs(cfg)  # every section's keys checked here, so --print-config refuses what `run` refuses
+    return cfg
 
 
 def _shipped(path: str) -> str:
@@ -198,7 +201,11 @@ def run(cfg: RunConfig, log=print):
     if "draws" not in cfg.score_ref:
         # One mask draw per epoch trained (train refuses fewer): score as many as the run will need.
         score_cfg = replace(score_cfg, draws=max(score_cfg.draws, planned_epochs(score_cfg, train_cfg)))
-    sc = timed("score-ref", score_ref.run, score_cfg)
+    try:
+        sc = timed("score-ref", score_ref.run, score_cfg)
+    except CacheMismatch as exc:  # score-ref's own advice (--overwrite) is not a `run` flag
+        raise UserError(f"{exc.detail}; to rescore it pass --score-ref '{{overwrite: true}}' "
+                        "(or score_ref: {overwrite: true} in --config), or choose another --out") from None
     tr = timed("train", train.run, train_cfg)
     ev = timed("eval", evaluate.run, eval_cfg)
     artefacts = {

@@ -26,7 +26,15 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import __version__
-from pipeline.atomic import atomic_path, check_writable, clear_owned, sweep_stale, write_json_atomic
+from pipeline.atomic import (
+    atomic_path,
+    check_replaceable,
+    check_writable,
+    clear_owned,
+    remove_owned,
+    sweep_stale,
+    write_json_atomic,
+)
 from pipeline.cache import (
     IN_PROGRESS,
     PART_PATTERN,
@@ -40,9 +48,9 @@ from pipeline.cache import (
 )
 from pipeline.config import check_device, check_ranges, config_to_dict
 from pipeline.devices import process_state, resolve_device
-from pipeline.errors import ConfigError, UserError
+from pipeline.errors import CacheMismatch, ConfigError, UserError
 from pipeline.numerics import DTYPES, PRECISIONS, Numerics, autocast
-from pipeline.pairsfile import read_pairs
+from pipeline.pairsfile import pairs_sha256, read_pairs
 from pipeline.progress import progress_bar
 from pipeline.prompts import PROMPT_RENDERER, resolve_chat_template
 from pipeline.schemas import SCORES_MANIFEST, SCORES_SCHEMA
@@ -171,10 +179,43 @@ def build_fingerprint(cfg: ScoreRefConfig, model_identity: Any, tokenizer_identi
     }
 
 
+def check_outputs_replaceable(out: Path) -> None:
+    """The cache's own names in ``out`` (manifest, marker, parts) must be score-ref's: a user's file is refused."""
+    for name in (SCORES_MANIFEST, IN_PROGRESS):
+        check_replaceable(out / name, "--out")
+    for path in existing_parts(out).values():
+        check_replaceable(path, "--out")
+
+
+def _drop_altered_parts(out: Path, fingerprint: dict[str, Any], is_main: bool) -> bool:
+    """A finished cache whose parts no longer match the manifest's checksums is reopened: the altered or
+    missing parts are removed (they are score-ref's own) and rescored, never reused. True when reopened."""
+    import json
+
+    manifest = json.loads((out / SCORES_MANIFEST).read_text())
+    sums = manifest.get("part_sha256") or {}
+    bad = [name for name in manifest.get("parts", []) if not (out / name).is_file()
+           or (name in sums and file_sha256(out / name) != sums[name])]
+    if not bad:
+        return False
+    if is_main:
+        write_json_atomic(out / IN_PROGRESS, fingerprint)
+        for name in bad:
+            remove_owned(out / name)
+        remove_owned(out / SCORES_MANIFEST)
+    return True
+
+
 def _check_existing(out: Path, fingerprint: dict[str, Any], overwrite: bool, is_main: bool) -> str:
     """Return 'done', 'resume' or 'fresh'; refuse or clear a cache made differently."""
     import json
 
+    if not any((out / m).exists() for m in (SCORES_MANIFEST, IN_PROGRESS)) and existing_parts(out):
+        # Parts without their manifest (or marker) say nothing of the settings that made them: not reused.
+        if is_main:
+            for path in existing_parts(out).values():
+                remove_owned(path)
+        return "fresh"
     for marker in (SCORES_MANIFEST, IN_PROGRESS):
         path = out / marker
         if not path.exists():
@@ -183,13 +224,13 @@ def _check_existing(out: Path, fingerprint: dict[str, Any], overwrite: bool, is_
         found = found.get("fingerprint", found) if marker == SCORES_MANIFEST else found
         diffs = fingerprint_differences(fingerprint, found)
         if not diffs:
+            if marker == SCORES_MANIFEST and _drop_altered_parts(out, fingerprint, is_main):
+                return "resume"
             return "done" if marker == SCORES_MANIFEST else "resume"
         if not overwrite:
-            raise UserError(
-                f"{out}: existing cache was made with different settings ("
-                + "; ".join(describe_difference(fingerprint, found, d) for d in diffs[:3])
-                + "); use --overwrite to replace it or choose another --out"
-            )
+            detail = (f"{out}: existing cache was made with different settings ("
+                      + "; ".join(describe_difference(fingerprint, found, d) for d in diffs[:3]) + ")")
+            raise CacheMismatch(detail + "; use --overwrite to replace it or choose another --out", detail)
         if is_main:
             left = clear_owned(out)  # only what score-ref wrote; the user's files in the folder stay
             stale = [p.name for p in left if PART_PATTERN.match(p.name) or p.name in (SCORES_MANIFEST, IN_PROGRESS)]
@@ -317,6 +358,14 @@ def plan_parts(lengths: list[int], pair_ids: list[str], pairs_per_part: int,
 
 
 def run(cfg: ScoreRefConfig) -> ScoreRefResult:
+    """The stage, holding its output's lock (a second run into the same place refuses, naming the first)."""
+    from pipeline.lock import output_lock
+
+    with output_lock(cfg.out, "score-ref", folder=True):
+        return _run(cfg)
+
+
+def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
     from pipeline.models import model_identity, tokenizer_identity
     from pipeline.numerics import load
     from pipeline.tokenize import tokenize_pair
@@ -330,6 +379,7 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
     if table.num_rows == 0:
         raise UserError(f"{cfg.pairs}: no pairs to score")
     check_writable(cfg.out, "reference-score cache")
+    check_outputs_replaceable(cfg.out)
     sweep_stale(cfg.out)  # temporary files a killed run left (provably its own, its process gone)
 
     device = resolve_device(cfg.device)
@@ -344,7 +394,8 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
     model.requires_grad_(False)
     cfg = replace(cfg, chat_template=resolve_chat_template(tokenizer, cfg.chat_template))
 
-    fingerprint = build_fingerprint(cfg, model_identity(cfg.model), tokenizer_identity(tokenizer), file_sha256(cfg.pairs))
+    fingerprint = build_fingerprint(cfg, model_identity(cfg.model), tokenizer_identity(tokenizer),
+                                    pairs_sha256(table))  # by content: not the folder the input was named from
     digest = fingerprint_digest(fingerprint)
     status = _check_existing(cfg.out, fingerprint, cfg.overwrite, is_main)
     state.wait_for_everyone()

@@ -55,6 +55,13 @@ from pipeline.training import (  # noqa: F401  (shared with sft; importable from
 PRECISIONS = ("no", "bf16", "fp16")
 
 
+RESUME_FREE = ("scores", "model", "out", "resume", "overwrite", "progress", "plan", "save_every", "keep_checkpoints",
+               "log_every", "report_to", "tensorboard", "device", "batch_tokens", "sequence_microbatch",
+               "gradient_checkpointing", "trust_remote_code", "eval_every", "save_best", "gap_threshold",
+               "allow_different_init", "allow_numerics_mismatch", "reuse_masks")
+"""Settings a resume may change (speed, memory, logging, where things are): every other one shapes the run and
+must equal the recorded config.yaml (the cache goes by its fingerprint digest in the checkpoint's layout)."""
+
 RANGES = {"beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "sft_weight": "[0, inf)", "learning_rate": "(0, inf)",
           "weight_decay": "[0, inf)", "batch_size": "[1, inf)", "grad_accum": "[1, inf)", "epochs": "[1, inf)",
           "max_steps": "[0, inf)", "warmup_ratio": "[0, 1)", "max_grad_norm": "[0, inf)", "lora_r": "[0, inf)",
@@ -602,6 +609,14 @@ def save_final(ctx: TrainContext, model_name: str, path: Path) -> None:
 
 
 def run(cfg: TrainConfig) -> TrainResult:
+    """The stage, holding the run folder's lock (a second train into it refuses, naming the first)."""
+    from pipeline.lock import output_lock
+
+    with output_lock(cfg.out, "train", folder=True):
+        return _run(cfg)
+
+
+def _run(cfg: TrainConfig) -> TrainResult:
     from pipeline.atomic import check_writable, sweep_stale, write_text_atomic
     from pipeline.checkpoint import check_world, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
     from pipeline.config import config_to_yaml
@@ -609,6 +624,9 @@ def run(cfg: TrainConfig) -> TrainResult:
 
     start_time = time.perf_counter()
     check_writable(cfg.out, "run folder")
+    from pipeline.devices import resolve_device
+
+    resolve_device(cfg.device)  # an unavailable --device is an error here too, never a silent CPU run
     for folder in (cfg.out, cfg.out / "checkpoints"):
         sweep_stale(folder)  # temporary files a killed run left (provably its own, its process gone)
     if not cfg.resume:  # refuse before the model loads, not after
@@ -661,6 +679,11 @@ def run(cfg: TrainConfig) -> TrainResult:
                         "adapters only: set --lora-r > 0, or rescore without --load-in-4bit")
     cfg = replace(cfg, dtype=numerics.dtype, mixed_precision=numerics.mixed_precision,
                   load_in_4bit=numerics.load_in_4bit)
+    if cfg.resume:  # the run's recorded settings (config.yaml, as resolved here when it started) must hold
+        from pipeline.config import config_to_dict
+        from pipeline.resume import check_resume_config
+
+        check_resume_config(cfg.out / CONFIG_FILE, config_to_dict(cfg), RESUME_FREE)
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--mixed-precision fp16 needs CUDA (loss scaling on CPU is not supported); use bf16 or no")
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
@@ -741,7 +764,8 @@ def run(cfg: TrainConfig) -> TrainResult:
             raise gap_error(cfg, gap, numerics, cached_numerics)
 
     layout = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "processes": world,
-              "total_steps": total_steps, "seed": cfg.seed, "lora_r": cfg.lora_r}
+              "total_steps": total_steps, "seed": cfg.seed, "lora_r": cfg.lora_r,
+              "scores_digest": cache.manifest.get("fingerprint_digest")}  # the cache by content, not by path
     resumed_from = None
     start_step = 0
     best: dict[str, Any] = {"best_metric": None, "best_model_checkpoint": None}
@@ -762,7 +786,8 @@ def run(cfg: TrainConfig) -> TrainResult:
             raise UserError(f"{cfg.out}: run folder already holds a run ({', '.join(earlier)}); pass --resume to "
                             "continue it, --overwrite to start afresh, or choose another --out")
         remove_run_outputs(cfg.out)
-    if acc.is_main_process:
+    if acc.is_main_process and not (cfg.resume and (cfg.out / CONFIG_FILE).is_file()):
+        # Written once, when the run starts: a resume never rewrites the run's recorded settings.
         cfg.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(cfg.out / CONFIG_FILE, config_to_yaml(cfg), record=True)
     writer, sinks = None, []

@@ -8,19 +8,38 @@ import sys
 
 import pytest
 
-from pipeline.atomic import LEDGER, atomic_path, write_json_atomic
+from pipeline.atomic import LEDGER, atomic_path, write_json_atomic, write_text_atomic
 from pipeline.errors import UserError
 
 
 def test_failure_leaves_old_file_and_no_temp(tmp_path):
     target = tmp_path / "out.txt"
-    target.write_text("old")
+    write_text_atomic(target, "old")
     with pytest.raises(RuntimeError):
         with atomic_path(target) as tmp:
             tmp.write_text("half")
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LEDGER, "out.txt"]
+
+
+def test_a_file_lldm_dpo_did_not_write_is_never_replaced(tmp_path):
+    """The ownership rule every output follows (check_replaceable): refused at the start, nothing changed."""
+    from pipeline.atomic import check_replaceable, is_owned
+
+    target = tmp_path / "victim.jsonl"
+    target.write_text("the user's")
+    with pytest.raises(UserError, match="victim.jsonl: exists and was not written by lldm-dpo"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("ours")
+    assert target.read_text() == "the user's" and sorted(p.name for p in tmp_path.iterdir()) == ["victim.jsonl"]
+    with pytest.raises(UserError, match="choose another --out"):
+        check_replaceable(target, "--out")
+    check_replaceable(tmp_path / "absent")  # nothing there: nothing to refuse
+    write_text_atomic(tmp_path / "ours.txt", "1")
+    assert is_owned(tmp_path / "ours.txt")
+    write_text_atomic(tmp_path / "ours.txt", "2")  # what it wrote, it replaces
+    assert (tmp_path / "ours.txt").read_text() == "2"
 
 
 def test_success_replaces(tmp_path):
@@ -44,7 +63,7 @@ def test_atomic_dir_replaces_whole_folder_or_leaves_the_old_one(tmp_path):
     with atomic_dir(target) as tmp:
         (tmp / "c.txt").write_text("3")
     assert sorted(p.name for p in target.iterdir() if p.name != LEDGER) == ["c.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LEDGER, "model"]  # no temporary leftovers
 
 
 # --- umask, leftovers of killed runs, ownership ---------------------------------------------
@@ -97,7 +116,8 @@ def test_leftovers_of_a_dead_run_are_removed_by_the_next_write_and_nothing_else(
     assert not stale_file.exists() and running.exists() and other_host.exists() and users.exists()
     with atomic_dir(tmp_path / "final") as tmp:
         (tmp / "config.json").write_text("{}")
-    assert sorted(p.name for p in tmp_path.iterdir() if "lldm" in p.name) == sorted([running.name, other_host.name])
+    assert sorted(p.name for p in tmp_path.iterdir() if "lldm" in p.name and p.name != LEDGER) == sorted(
+        [running.name, other_host.name])
 
 
 def test_remove_owned_leaves_the_users_files(tmp_path):

@@ -104,7 +104,10 @@ def test_interrupted_partial_file_is_resumed(tmp_path):
     run(GenerateConfig(**settings, out=str(tmp_path / "ref.jsonl")))
     reference = read_rows(tmp_path / "ref.jsonl")
     out = tmp_path / "out.jsonl"
-    # As a crash leaves it: two finished rows, then half a line.
+    # As a crash leaves it: two finished rows, then half a line (in the partial file generate recorded writing).
+    from pipeline.atomic import claim
+
+    claim(partial_path(out))
     partial_path(out).write_text(
         json.dumps(reference[2]) + "\n" + json.dumps(reference[0]) + "\n" + json.dumps(reference[1])[:30],
         encoding="utf-8",

@@ -196,7 +196,8 @@ def test_failure_mid_write_keeps_old_output(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk on fire"):
         run(cfg)
     assert (Path(cfg.out).read_bytes(), cfg.quarantine_path.read_bytes()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "p.arrow", "p.quarantine.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lldm-dpo-written", "in.jsonl", "p.arrow",
+                                                          "p.quarantine.jsonl"]
 
 
 def test_config_errors(tmp_path):

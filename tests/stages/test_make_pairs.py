@@ -120,6 +120,11 @@ def test_resume_checks_model_identity_settings_and_questions(tmp_path):
 
 def test_out_must_be_a_make_pairs_file_and_config_is_checked(tmp_path):
     (tmp_path / "pairs.jsonl").write_text('{"prompt": "mine", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(UserError, match=r"pairs\.jsonl: exists and was not written by lldm-dpo"):
+        run(config(tmp_path), sampler=ScriptedSampler())
+    from pipeline.atomic import claim
+
+    claim(tmp_path / "pairs.jsonl")  # recorded as ours, yet not a make-pairs file: still refused
     with pytest.raises(UserError, match=r"pairs\.jsonl: exists and is not a `lldm-dpo make-pairs` output"):
         run(config(tmp_path), sampler=ScriptedSampler())
     with pytest.raises(ConfigError, match="draws the same sample k times"):

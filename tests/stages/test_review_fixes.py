@@ -60,13 +60,13 @@ def test_resume_with_another_pairs_per_part_is_refused(small_pairs, tmp_path):
 
 
 def _fingerprint_of(pairs, cfg):
-    from pipeline.cache import file_sha256
     from pipeline.models import model_identity, tokenizer_identity
+    from pipeline.pairsfile import pairs_sha256, read_pairs
     from stages.score_ref import build_fingerprint
 
     _, tok = load_model("micro")
     return build_fingerprint(ScoreRefConfig(**cfg), model_identity("micro"), tokenizer_identity(tok),
-                             file_sha256(pairs))
+                             pairs_sha256(read_pairs(pairs)))
 
 
 def test_truncation_leaving_no_prompt_is_a_clear_error_for_shifted_models(small_pairs):

@@ -242,7 +242,7 @@ def test_an_epoch_uses_every_pair_once_and_never_wraps_round(batch_size, grad_ac
 
 
 def test_init_mismatch_is_refused_unless_allowed(small_cache, tmp_path):
-    with pytest.raises(UserError, match=r"not the cache's reference model \(model: "):
+    with pytest.raises(UserError, match=r"not the cache's reference model \(model\.config_sha256: "):
         run(_cfg(small_cache, tmp_path / "a", model="tiny", max_steps=1))
 
 
