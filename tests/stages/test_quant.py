@@ -54,8 +54,10 @@ def test_qlora_follows_the_cache_and_starts_at_log_2(qlora_run):
     config = (qlora_run / "config.yaml").read_text()
     assert "load_in_4bit: true" in config and "dtype: bfloat16" in config
     first, second = pq.read_table(qlora_run / "metrics.parquet").to_pylist()
-    assert abs(first["loss"] - math.log(2)) < 1e-6  # the cache's own model, in the cache's numerics
-    assert first["ref/gap_max"] == 0.0  # same NF4 codes, same dequantize-and-multiply path as score-ref
+    # The cache's own model in the cache's numerics: the same NF4 codes and dequantize-and-multiply path as
+    # score-ref (bfloat16 matmuls may still differ in the last bits between batch shapes).
+    assert abs(first["loss"] - math.log(2)) < 1e-3
+    assert first["ref/gap_max"] < 1e-2
     assert second["loss"] != first["loss"]  # the adapters moved: gradients flow through the 4-bit layers
     adapter = json.loads((qlora_run / "final" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "micro" and adapter["r"] == 4
@@ -135,3 +137,31 @@ def test_generate_and_make_pairs_in_4bit(cache4, tmp_path):
     pairs = make_pairs(MakePairsConfig(questions=str(prompts), out=str(tmp_path / "p.jsonl"), load_in_4bit=True,
                                        num_generations=2, temperature=1.0, **kw))
     assert pairs.samples == 6
+
+
+def test_the_shipped_qlora_variant_of_the_default_runs_on_cpu(tmp_path):
+    """configs/run_qlora.yaml over the embedded default: its model (none named in the file), a 4-bit cache, QLoRA
+    training and eval in the cache's numerics; shrunk here to the micro model and a few steps."""
+    import yaml
+
+    from stages.run_all import EMBEDDED_DEFAULT, REPO_ROOT, merged_config, stage_configs
+    from stages.run_all import run as run_all
+
+    shipped = REPO_ROOT / "configs" / "run_qlora.yaml"
+    assert "model" not in yaml.safe_load(shipped.read_text())
+    _, score_cfg, train_cfg, _ = stage_configs(merged_config(shipped, {"out": tmp_path / "x"}))
+    default_model = yaml.safe_load(EMBEDDED_DEFAULT.read_text())["model"]
+    assert score_cfg.model == train_cfg.model == default_model
+    assert score_cfg.load_in_4bit and train_cfg.lora_r > 0 and train_cfg.load_in_4bit is None  # train follows
+    shrunk = {"out": tmp_path / "out", "model": "micro", "device": "cpu", "report": False,
+              "score_ref": {"limit": 24, "samples": 2, "max_length": 128},
+              "train": {"max_steps": 2, "batch_size": 8, "save_every": 0},
+              "eval": {"limit_task": 2, "gen_length": 8, "block_length": 8, "steps": 4, "batch_size": 2,
+                       "limit_choices": 2, "samples": 2}}
+    result = run_all(merged_config(shipped, shrunk), log=lambda *a, **k: None)
+    fp = json.loads((tmp_path / "out" / "cache" / "manifest.json").read_text())["fingerprint"]
+    assert fp["load_in_4bit"] is True and fp["dtype"] == "bfloat16"
+    assert "load_in_4bit: true" in (tmp_path / "out" / "run" / "config.yaml").read_text()
+    assert result.preference_accuracy["before"] == 0.5  # the 4-bit reference against itself
+    first = pq.read_table(tmp_path / "out" / "run" / "metrics.parquet").to_pylist()[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-3 and first["ref/gap_max"] < 1e-2
