@@ -597,7 +597,8 @@ def section_train_4bit(results: Results, state: dict) -> None:
     s, device = state["settings"], state["device"]
     if device.type != "cuda":
         results.section("train_4bit", {"status": "skipped",
-                                       "skipped": "CPU mode: bitsandbytes 4-bit kernels need CUDA"})
+                                       "skipped": "CPU mode: this section measures CUDA (the 4-bit path on the "
+                                                  "CPU: bench/quant.py, tests/stages/test_quant.py)"})
         return
     try:
         import bitsandbytes  # noqa: F401

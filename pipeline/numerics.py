@@ -32,7 +32,7 @@ class Numerics:
     mixed_precision: str = "no"
     """Autocast of the forward pass: no, bf16 or fp16 (accelerate's names)."""
     load_in_4bit: bool = False
-    """Frozen base quantized to NF4 with bitsandbytes."""
+    """Frozen base quantized to NF4 with bitsandbytes (CUDA or CPU kernels)."""
 
     def describe(self) -> str:
         parts = [self.dtype + " weights"]
@@ -88,14 +88,10 @@ def accelerate_override_note(mixed_precision: str, where: str, env=None) -> str 
 
 
 def check_4bit(device: torch.device) -> None:
-    """The clear errors of a 4-bit base that cannot run here."""
-    if device.type != "cuda":
-        raise UserError("--load-in-4bit needs a CUDA device (bitsandbytes 4-bit kernels); this run is on "
-                        f"{device.type}")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise UserError("--load-in-4bit needs bitsandbytes: pip install 'lldm-dpo[quant]'") from None
+    """The clear errors of a 4-bit base that cannot run here (bitsandbytes missing or too old, another device)."""
+    from pipeline.models.quant import require_bitsandbytes
+
+    require_bitsandbytes(device)
 
 
 def autocast(device: torch.device | str, mixed_precision: str):
@@ -112,10 +108,17 @@ def prepare_4bit(model, gradient_checkpointing: bool = False):
     except the frozen embedding and head, kept in bfloat16 (about 2 GB at LLaDA-8B's vocabulary)."""
     from peft import prepare_model_for_kbit_training
 
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
         module.to(torch.bfloat16)
+    # The final norm now computes in float32: the head takes its rows in its own dtype, wherever it is called.
+    model.get_output_embeddings().register_forward_pre_hook(_to_head_dtype)
     return model
+
+
+def _to_head_dtype(head, args):
+    return (args[0].to(head.weight.dtype), *args[1:])
 
 
 def load(name: str, numerics: Numerics, device: torch.device | str, trust_remote_code: bool = False):

@@ -108,7 +108,7 @@ class EvalConfig:
     mixed_precision: Optional[str] = None
     """Autocast: no, bf16 or fp16; default: the cache's."""
     load_in_4bit: Optional[bool] = None
-    """4-bit NF4 base (CUDA, bitsandbytes); default: the cache's."""
+    """4-bit NF4 base (bitsandbytes, CPU or CUDA); default: the cache's."""
     allow_numerics_mismatch: bool = False
     """Accept numerics other than the cache's (the reference then no longer scores exactly 0.5)."""
     train_sample: int = 32

@@ -82,7 +82,9 @@ class GenerateConfig:
     limit: int = 0
     """Generate for the first N prompts only (0: all)."""
     dtype: str = "float32"
-    """float32, bfloat16 or float16."""
+    """float32, bfloat16 or float16 (bfloat16 under load_in_4bit)."""
+    load_in_4bit: bool = False
+    """Quantize the model's block projections to 4-bit NF4 with bitsandbytes (CPU or CUDA), as a QLoRA base."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (cuda when available)."""
     trust_remote_code: bool = False
@@ -105,6 +107,10 @@ class GenerateConfig:
         require_choice("remasking", self.remasking, REMASKING)
         require_choice("dtype", self.dtype, DTYPE_NAMES)
         _check_fast(self)
+        if self.load_in_4bit and self.dtype == "float32":
+            self.dtype = "bfloat16"  # the 4-bit base computes in bfloat16, as in score-ref and train
+        require(not self.load_in_4bit or self.dtype == "bfloat16",
+                f"load_in_4bit computes in bfloat16, got dtype '{self.dtype}'")
 
     def sampler_settings(self) -> dict[str, Any]:
         """Everything that changes a completion; stored in each output row."""
@@ -113,6 +119,7 @@ class GenerateConfig:
             "steps": self.steps, "temperature": self.temperature, "remasking": self.remasking,
             "cfg_scale": self.cfg_scale, "seed": self.seed, "chat_template": self.chat_template,
             "dtype": self.dtype, "cache": self.cache, "threshold": self.threshold,
+            **({"load_in_4bit": True} if self.load_in_4bit else {}),
         }
 
 
@@ -336,10 +343,11 @@ def _run(cfg: GenerateConfig) -> GenerateResult:
 
 
 def _sample_into(cfg: GenerateConfig, pending: list[PromptRecord], partial: Path, settings: dict, sink: list) -> float:
-    from pipeline.models import load_model
+    from pipeline.numerics import Numerics, load
 
     device = resolve_device(cfg.device)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer = load(cfg.model, Numerics(dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit), device,
+                            trust_remote_code=cfg.trust_remote_code)
     model.eval()
     by_index = {r.index: r for r in pending}
     started = time.perf_counter()

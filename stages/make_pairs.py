@@ -118,7 +118,9 @@ class MakePairsConfig:
     round: int = 0
     """Round label written in every row (`run --rounds` sets it; 0 for a standalone run)."""
     dtype: str = "float32"
-    """float32, bfloat16 or float16."""
+    """float32, bfloat16 or float16 (bfloat16 under load_in_4bit)."""
+    load_in_4bit: bool = False
+    """Quantize the model's block projections to 4-bit NF4 with bitsandbytes (CPU or CUDA), as a QLoRA base."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (cuda when available)."""
     trust_remote_code: bool = False
@@ -139,6 +141,10 @@ class MakePairsConfig:
             check_fast_settings(self.cache, self.threshold, self.remasking)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if self.load_in_4bit and self.dtype == "float32":
+            self.dtype = "bfloat16"  # the 4-bit base computes in bfloat16, as in score-ref and train
+        require(not self.load_in_4bit or self.dtype == "bfloat16",
+                f"load_in_4bit computes in bfloat16, got dtype '{self.dtype}'")
         if self.num_generations > 1 and self.temperature == 0 and self.remasking == "low_confidence":
             raise ConfigError("num_generations > 1 with temperature 0 and low_confidence remasking draws the same "
                               "sample k times: set temperature > 0")
@@ -154,7 +160,7 @@ class MakePairsConfig:
         return {"gen_length": self.gen_length, "block_length": self.block_length, "steps": self.steps,
                 "temperature": self.temperature, "remasking": self.remasking, "cfg_scale": self.cfg_scale,
                 "seed": self.seed, "chat_template": self.chat_template, "dtype": self.dtype, "cache": self.cache,
-                "threshold": self.threshold}
+                "threshold": self.threshold, **({"load_in_4bit": True} if self.load_in_4bit else {})}
 
 
 @dataclass
@@ -359,12 +365,12 @@ def _run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
 
 
 def _load_sampler(cfg: MakePairsConfig, identity: Any):
-    from pipeline.models import load_model
+    from pipeline.numerics import Numerics, load
     from pipeline.selfpairs import DiffusionSampler, resolve_device
 
     device = resolve_device(cfg.device)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(device),
-                                  trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer = load(cfg.model, Numerics(dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit), device,
+                            trust_remote_code=cfg.trust_remote_code)
     model.eval()
     return DiffusionSampler(model, tokenizer, identity=identity, gen_length=cfg.gen_length,
                             block_length=cfg.block_length, steps=cfg.steps, temperature=cfg.temperature,

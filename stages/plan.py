@@ -151,11 +151,12 @@ def print_plan(plan, as_json: bool) -> None:
     console.print(table)
     verdict = "fits" if plan.fits else "does NOT fit"
     console.print(f"{verdict}: {fmt_bytes(plan.total)} of {fmt_bytes(plan.device_bytes)} "
-                  f"(headroom {fmt_bytes(plan.headroom)}); torch.cuda.max_memory_allocated ~ "
+                  f"(left free {fmt_bytes(plan.headroom)}; the fit keeps {fmt_bytes(plan.reserve)} as headroom); "
+                  "torch.cuda.max_memory_allocated ~ "
                   f"{fmt_bytes(plan.tracked_peak)}; {plan.method}; {plan.seconds:.1f} s")
     for name, found in plan.largest.items():
         value = found["value"]
-        console.print(f"largest --{name.replace('_', '-')} that fits: "
+        console.print(f"largest --{name.replace('_', '-')} that fits with the headroom kept: "
                       + ("none" if value is None else f"{value}{' (the limit searched)' if found['at_limit'] else ''}"))
     for note in plan.notes:
         console.print(f"note: {note}", style="dim")

@@ -102,7 +102,8 @@ class ScoreRefConfig:
     """Autocast of the forward passes as accelerate's mixed precision: no, bf16 or fp16 (fp16 needs CUDA); score
     in the numerics the policy will train in (e.g. float32 weights with bf16 autocast)."""
     load_in_4bit: bool = False
-    """Quantize the reference's linear layers to 4-bit NF4 with bitsandbytes (CUDA only), as train's QLoRA base."""
+    """Quantize the reference's block projections to 4-bit NF4 with bitsandbytes (CPU or CUDA), as train's QLoRA
+    base."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (accelerate's device for this process)."""
     limit: int = 0

@@ -136,7 +136,7 @@ class TrainConfig:
     lora_targets: str = ",".join(LORA_TARGET_NAMES)
     """Comma-separated module names to adapt (LLaDA's attention and MLP projections by default; never the head)."""
     load_in_4bit: Optional[bool] = None
-    """Quantize the frozen base to 4-bit NF4 with bitsandbytes (CUDA only; needs lora_r > 0). Default: the cache's."""
+    """Quantize the frozen base to 4-bit NF4 with bitsandbytes (CPU or CUDA; needs lora_r > 0). Default: the cache's."""
     sequence_microbatch: int = 0
     """Backpropagate this many sequences at a time after a no-grad pass (0 = one pass); memory follows K, not n."""
     reference: str = "cached"

@@ -78,13 +78,11 @@ def pretrained_kwargs(dtype: torch.dtype, device, load_in_4bit: bool = False, sk
     if torch.device(device).type != "cpu":
         kwargs["device_map"] = {"": str(device)}  # stream shards straight to the device
     if load_in_4bit:
-        if torch.device(device).type != "cuda":
-            raise UserError(f"4-bit loading needs a CUDA device (bitsandbytes kernels), not {device}")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise UserError("4-bit loading needs bitsandbytes: pip install 'lldm-dpo[quant]'") from None
         from transformers import BitsAndBytesConfig
+
+        from pipeline.models.quant import require_bitsandbytes
+
+        require_bitsandbytes(device)
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,

@@ -67,16 +67,22 @@ def load_model(
 
     ``mask_token_id`` / ``logits_shift`` override what an adapter model's
     config says (native LLaDA: mask id from config.json, never shifted).
-    ``load_in_4bit`` (QLoRA; CUDA + bitsandbytes) quantizes a folder's linear
-    layers to NF4 at load time, computing in ``dtype``; the LM head stays unquantized.
+    ``load_in_4bit`` (QLoRA; bitsandbytes on CUDA or the CPU) quantizes the block
+    projections to NF4 (double quantization) at load time, computing in ``dtype``
+    (a preset is built, then quantized in memory); the embedding and LM head stay
+    unquantized.
     """
     torch_dtype = _torch_dtype(dtype)
     name = str(name_or_path)
     if name in PRESETS and not Path(name).is_dir():
+        model = build_preset(name, device=device, dtype=torch_dtype)
         if load_in_4bit:
-            raise UserError(f"4-bit loading reads a checkpoint folder: write the preset first "
-                            f"(lldm-dpo init-model {name} DIR) and load DIR")
-        return build_preset(name, device=device, dtype=torch_dtype), preset_tokenizer(name)
+            from pipeline.models.quant import quantize_linears, require_bitsandbytes, settle
+
+            require_bitsandbytes(device)
+            quantize_linears(model, torch_dtype)
+            settle(model.eval())
+        return model, preset_tokenizer(name)
     path = Path(name).expanduser()
     if not path.is_dir():
         if path.exists():
@@ -112,6 +118,10 @@ def load_model(
         # An explicit mask id wins over the tokenizer's own mask token.
         tokenizer.mask_token = tokenizer.convert_ids_to_tokens(model.config.mask_token_id)
     _complete_tokenizer(tokenizer, model.config, path)
+    if load_in_4bit:
+        from pipeline.models.quant import settle
+
+        settle(model)
     return model, tokenizer
 
 

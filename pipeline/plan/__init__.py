@@ -15,21 +15,23 @@ __all__ = ["CARDS", "Plan", "Shape", "check_start", "largest", "make_plan", "nf4
 
 
 def check_start(stage: str, cfg, shape: Shape, device) -> None:
-    """On CUDA: plan the run and stop before loading anything when it exceeds the free memory, naming the
-    largest settings that fit. CPU runs (and ``--no-plan``) are not checked."""
+    """On CUDA: plan the run and stop before loading anything when it exceeds the free memory less the stated
+    headroom (5% of the card), naming the largest settings that fit. CPU runs (and ``--no-plan``) are not
+    checked."""
     import torch
 
     from pipeline.errors import UserError
-    from pipeline.plan.memory import context_bytes, fmt_bytes
+    from pipeline.plan.memory import context_bytes, fmt_bytes, headroom_bytes
 
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
-    # The context already exists once mem_get_info has run: what remains must hold the rest.
-    budget = free + context_bytes()
+    free, card = torch.cuda.mem_get_info(torch.device(device))
+    # The context already exists once mem_get_info has run: what remains must hold the rest, and the stated
+    # headroom (memory.HEADROOM of the card) stays free.
+    budget, reserve = free + context_bytes(), headroom_bytes(card)
     try:
         with torch.random.fork_rng(devices=[]):  # LoRA's initialisation in the trace must not move the run's RNG
-            plan = make_plan(stage, cfg, shape, budget, f"{fmt_bytes(free)} free on {torch.device(device)}")
+            plan = make_plan(stage, cfg, shape, budget, f"{fmt_bytes(free)} free on {torch.device(device)}", reserve)
     except UserError as exc:  # a model the plan cannot build (not LLaDA): run unchecked, and say so
         import sys
 
@@ -38,10 +40,11 @@ def check_start(stage: str, cfg, shape: Shape, device) -> None:
     if plan.fits:
         return
     with torch.random.fork_rng(devices=[]):
-        found = largest(stage, cfg, shape, budget, plan.total)
+        found = largest(stage, cfg, shape, budget, plan.total, reserve=reserve)
     hints = ", ".join(f"--{k.replace('_', '-')} {v['value']}" for k, v in found.items() if v["value"] is not None)
     raise UserError(f"{stage} needs about {fmt_bytes(plan.total - context_bytes())} of accelerator memory and "
-                    f"{fmt_bytes(free)} is free (lldm-dpo plan {stage} shows the parts); "
+                    f"{fmt_bytes(free)} is free, of which {fmt_bytes(reserve)} is kept as headroom (lldm-dpo plan "
+                    f"{stage} shows the parts); "
                     + (f"largest settings that fit, one at a time: {hints}" if hints else
                        "no single setting fits: use --load-in-4bit, LoRA, or more cards")
                     + "; --no-plan skips this check")

@@ -120,12 +120,16 @@ class Plan:
     """Bytes torch.cuda.max_memory_allocated should report (everything but slack and context)."""
     total: int
     fits: bool
+    """total + reserve <= device_bytes: the plan fits with the stated headroom kept free."""
     headroom: int
+    """device_bytes - total: what the plan leaves free."""
     settings: dict[str, Any]
     largest: dict[str, Any] = field(default_factory=dict)
     method: str = ""
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    reserve: int = 0
+    """The headroom the fit keeps free (memory.HEADROOM of the card)."""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -138,8 +142,11 @@ CUDA_NOTES = (
 )
 
 
-def make_plan(stage: str, cfg: Any, shape: Shape, device_bytes: int, device: str) -> Plan:
+def make_plan(stage: str, cfg: Any, shape: Shape, device_bytes: int, device: str, reserve: int | None = None) -> Plan:
+    """The plan of one setting on ``device_bytes``; it fits when ``reserve`` (default: the stated headroom of a
+    card of ``device_bytes``) stays free."""
     t0 = time.perf_counter()
+    reserve = memory.headroom_bytes(device_bytes) if reserve is None else int(reserve)
     t, method = full_trace(stage, cfg, shape)
     comp, notes = components(stage, cfg, t, shape)
     tracked = sum(v for k, v in comp.items() if k not in ("allocator_slack", "cuda_context_workspace"))
@@ -148,9 +155,9 @@ def make_plan(stage: str, cfg: Any, shape: Shape, device_bytes: int, device: str
         notes.append("4-bit: block projections as NF4 (bitsandbytes packing: n/2 bytes of codes, double-quantized "
                      "absmax per 64 values), dequantized per call to a transient bf16 weight")
     return Plan(stage=stage, device=device, device_bytes=device_bytes, components=comp, tracked_peak=tracked,
-                total=total, fits=total <= device_bytes, headroom=device_bytes - total,
+                total=total, fits=total + reserve <= device_bytes, headroom=device_bytes - total,
                 settings=_settings(stage, cfg, shape), method=method, notes=list(t.notes) + notes + list(CUDA_NOTES),
-                seconds=time.perf_counter() - t0)
+                seconds=time.perf_counter() - t0, reserve=reserve)
 
 
 def _settings(stage: str, cfg: Any, shape: Shape) -> dict[str, Any]:
@@ -209,10 +216,13 @@ def _need(stage, cfg, shape) -> int:
 
 
 def largest(stage: str, cfg: Any, shape: Shape, device_bytes: int, current_total: int,
-            evaluations: int = 3) -> dict[str, dict[str, Any]]:
-    """Per knob, the largest value on its grid whose plan fits, in a few traces: the plan is taken as affine
-    in the knob through the two latest traced points, the value where it meets the card is traced, and the
-    bracket of largest-fitting and smallest-failing values narrows until the traces are spent."""
+            evaluations: int = 3, reserve: int | None = None) -> dict[str, dict[str, Any]]:
+    """Per knob, the largest value on its grid whose plan fits with ``reserve`` (default: the stated headroom)
+    kept free, in a few traces: the plan is taken as affine in the knob through the two latest traced points,
+    the value where it meets the usable memory is traced, and the bracket of largest-fitting and
+    smallest-failing values narrows until the traces are spent."""
+    reserve = memory.headroom_bytes(device_bytes) if reserve is None else int(reserve)
+    device_bytes -= reserve  # what the advice may fill
     out: dict[str, dict[str, Any]] = {}
     for knob in knobs(stage, cfg, shape):
         points = [(knob.current, current_total)]

@@ -42,6 +42,9 @@ WORKSPACE_BYTES = 64 * MIB
 """cuBLAS/cuBLASLt workspaces of the default and autograd streams (torch sizes one at 32 MiB on Hopper)."""
 ALLOCATOR_SLACK = 0.05
 """Share of the tracked peak added for the caching allocator's rounding and fragmentation."""
+HEADROOM = 0.05
+"""Share of the card the fit advice leaves free: a plan fits when its total is at most the card less this, and the
+largest settings are searched against that (the plan is uncalibrated on CUDA; its last MiB is no margin)."""
 
 NF4_BLOCKSIZE = 64
 """Values per absmax block of bitsandbytes' 4-bit quantization (Params4bit's default)."""
@@ -103,3 +106,8 @@ def context_bytes() -> int:
 
 def slack_bytes(tracked_peak: int) -> int:
     return int(ALLOCATOR_SLACK * tracked_peak)
+
+
+def headroom_bytes(card_bytes: int) -> int:
+    """The stated headroom kept free on a card of ``card_bytes``."""
+    return int(math.ceil(HEADROOM * card_bytes))

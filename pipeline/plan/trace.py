@@ -69,6 +69,9 @@ class PlanTracker(MemTracker):
     def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
         # MemTracker hooks every parameter's gradient; a frozen one (the base under LoRA) refuses hooks.
         sizes = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+        for param in module.parameters():  # a real 4-bit weight's quantization constants are weights too
+            for t in _quant_state_tensors(getattr(param, "quant_state", None)):
+                self._update_and_maybe_create_winfos(t, _MemRefType.BUFFER)
         if install_grad_hooks:
             for param in module.parameters():
                 if param.requires_grad and self._param_to_grad_hook_handles.get(param) is None:
@@ -163,11 +166,17 @@ class _Dequantized(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, packed, layer):
         ctx.layer = layer
-        return torch.nn.functional.linear(x, layer.dequantize(packed, x.dtype))
+        # bitsandbytes' gemm_4bit keeps the float32 absmaxes it dequantized beside the weight through the matmul
+        absmax, weight = layer.absmax(packed), layer.dequantize(packed, x.dtype)
+        out = torch.nn.functional.linear(x, weight)
+        del absmax
+        return out
 
     @staticmethod
     def backward(ctx, grad):
+        absmax = ctx.layer.absmax(ctx.layer.weight)  # freed once the weight is dequantized, as there
         w = ctx.layer.dequantize(ctx.layer.weight, grad.dtype)
+        del absmax
         return grad @ w, None, None
 
 
@@ -187,12 +196,29 @@ class NF4Linear(nn.Linear):
         self.bias = None
         self.compute_dtype = compute_dtype
 
+    def absmax(self, packed: torch.Tensor) -> torch.Tensor:
+        """The transient float32 absmax per block of 64 that double quantization is undone into."""
+        return packed.new_empty((-(self.in_features * self.out_features // -64),), dtype=torch.float32)
+
     def dequantize(self, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # new_empty follows the packed tensor (fake in a plan): a transient [out, in] weight per call.
         return packed.new_empty((self.out_features, self.in_features), dtype=dtype)
 
+    lora_wrapped = False
+    """Set under a LoRA layer: peft's 4-bit LoRA layer clones the base layer's output (its plain one does not)."""
+
     def forward(self, x):
-        return _Dequantized.apply(x.to(self.compute_dtype), self.weight, self)
+        # As Linear4bit: the input cast to the compute dtype, the output cast back to the input's dtype.
+        out = _Dequantized.apply(x.to(self.compute_dtype), self.weight, self).to(x.dtype)
+        return out.clone() if self.lora_wrapped else out
+
+
+def mark_lora_wrapped(model: nn.Module) -> None:
+    """Tell each NF4 stand-in that a LoRA layer wraps it (see ``NF4Linear.lora_wrapped``)."""
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, NF4Linear):
+            base.lora_wrapped = True
 
 
 def quantize_standins(model: nn.Module, compute_dtype: torch.dtype) -> int:
@@ -207,6 +233,25 @@ def quantize_standins(model: nn.Module, compute_dtype: torch.dtype) -> int:
                                                               compute_dtype))
     model.is_loaded_in_4bit = True  # what transformers' bitsandbytes loader sets; peft reads it
     return len(names)
+
+
+def quantize_4bit(model: nn.Module, fake: bool) -> int:
+    """The block projections in 4-bit as a 4-bit load gives them: NF4 stand-ins on fake tensors, bitsandbytes'
+    own Linear4bit on real ones (the tests and bench compare the two)."""
+    if fake:
+        return quantize_standins(model, torch.bfloat16)
+    from pipeline.models.quant import quantize_linears, require_bitsandbytes, settle
+
+    require_bitsandbytes("cpu")
+    count = quantize_linears(model, torch.bfloat16)
+    settle(model)
+    return count
+
+
+def _quant_state_tensors(state) -> list[torch.Tensor]:
+    from pipeline.models.quant import state_tensors
+
+    return state_tensors(state) if state is not None else []
 
 
 def materialize(model: nn.Module, fake_mode) -> None:
@@ -367,7 +412,10 @@ def trace_score_ref(cfg, *, prompt_len: int, response_len: int, fake: bool = Tru
     load_in_4bit = bool(getattr(cfg, "load_in_4bit", False))
     model = build_model(cfg.model, "bfloat16" if load_in_4bit else cfg.dtype, fake=fake, layers=layers)
     if load_in_4bit:
-        quantize_standins(model, torch.bfloat16)
+        from pipeline.numerics import prepare_4bit
+
+        quantize_4bit(model, fake)
+        model = prepare_4bit(model)  # as pipeline.numerics.load prepares the 4-bit reference
     model.eval().requires_grad_(False)
     if fake:
         materialize(model, new_fake_mode())
@@ -401,12 +449,12 @@ def trace_train(cfg, *, prompt_len: int, response_len: int, samples: int, fake: 
     notes = []
     model = build_model(name, "bfloat16" if cfg.load_in_4bit else cfg.dtype, fake=fake, layers=layers)
     if cfg.load_in_4bit:
-        if not fake:
-            raise UserError("a real 4-bit trace needs CUDA and bitsandbytes; the plan runs it on fake tensors")
-        quantize_standins(model, torch.bfloat16)
+        quantize_4bit(model, fake)
     config = model.config
     torch.manual_seed(cfg.seed)
     policy = train.adapt_policy(model, cfg)
+    if cfg.load_in_4bit:
+        mark_lora_wrapped(policy)
     fake_mode = new_fake_mode() if fake else None
     if fake:
         materialize(policy, fake_mode)

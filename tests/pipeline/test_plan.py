@@ -77,6 +77,26 @@ def test_nf4_standins_hold_exactly_the_packed_bytes():
     assert head.dtype == torch.bfloat16 and head.shape[0] == model.config.padded_vocab_size
 
 
+@pytest.mark.skipif(__import__("pipeline.models.quant", fromlist=["x"]).bitsandbytes_problem() is not None,
+                    reason="bitsandbytes >= 0.50.2 not importable (the real 4-bit step needs it)")
+@pytest.mark.parametrize("kw", [dict(), dict(gradient_checkpointing=True, mixed_precision="bf16"),
+                                dict(gradient_checkpointing=True, sequence_microbatch=2)],
+                         ids=["lora", "checkpointing-bf16-autocast", "checkpointing-seqmb2"])
+def test_4bit_plan_against_the_real_bitsandbytes_step(kw):
+    """The plan (NF4 stand-ins on fake tensors) against the same QLoRA step run with bitsandbytes' Linear4bit
+    on real CPU tensors: its weights exactly, its peak (tracked + the stated slack, no CUDA context) never
+    under the real step's allocations and at most 15% over."""
+    from pipeline.plan.memory import context_bytes
+
+    cfg = _train_cfg(lora_r=4, load_in_4bit=True, dtype="bfloat16", batch_size=1, **{"mixed_precision": "no", **kw})
+    shape = Shape(samples=3, max_length=40, prompt_length=12)
+    plan = make_plan("train", cfg, shape, 16 * GIB, "16 GiB")
+    real = trace("train", cfg, shape, fake=False)
+    assert plan.components["weights"] + plan.components["adapters"] == real.peak["param"] + real.peak["buffer"]
+    planned = plan.total - context_bytes()
+    assert real.peak["total"] <= planned <= 1.15 * real.peak["total"], (planned, real.peak)
+
+
 def test_4bit_train_plan_is_smaller_than_bf16_lora():
     kw = dict(lora_r=4, dtype="bfloat16", mixed_precision="bf16", gradient_checkpointing=True)
     shape = Shape(2, 32, 8)
@@ -115,14 +135,30 @@ def test_components_sum_to_the_total_and_fit_is_decided_on_it():
     assert not tight.fits
 
 
+def test_a_fit_keeps_five_percent_of_the_card_free():
+    from pipeline.plan.memory import headroom_bytes
+
+    total = make_plan("train", _train_cfg(), Shape(2, 32, 8), GIB, "").total
+    card = math.ceil(total / 0.95) + 1  # total + 5% of this card: just fits
+    assert headroom_bytes(card) >= 0.05 * card
+    edge = make_plan("train", _train_cfg(), Shape(2, 32, 8), card, "")
+    assert edge.fits and edge.reserve == headroom_bytes(card) and edge.headroom >= edge.reserve
+    last_mib = make_plan("train", _train_cfg(), Shape(2, 32, 8), total + 2**20, "")
+    assert not last_mib.fits and last_mib.headroom == 2**20  # the last MiB is no margin
+
+
 def test_largest_settings_fit_and_a_larger_one_does_not():
     from stages.score_ref import ScoreRefConfig
 
     cfg, shape = ScoreRefConfig(model="micro", samples=4, batch_tokens=4096), Shape(4, 64, 16)
     base = make_plan("score-ref", cfg, shape, 64 * GIB, "")
     budget = base.total - base.components["activations"] // 2  # the current batch does not fit
-    found = largest("score-ref", cfg, shape, budget, base.total)["batch_tokens"]
+    found = largest("score-ref", cfg, shape, budget, base.total, reserve=0)["batch_tokens"]
     assert found["value"] is not None and found["value"] < 4096 and found["total"] <= budget
+    # By default the search leaves 5% of the card free: on a card whose 95% is that budget, it fits in the 95%.
+    card = math.ceil(budget / 0.95) + 1
+    kept = largest("score-ref", cfg, shape, card, base.total)["batch_tokens"]
+    assert kept["value"] is not None and kept["total"] <= card - math.ceil(0.05 * card)
 
 
 def test_parse_memory_sizes_and_cards():
@@ -138,9 +174,11 @@ def test_start_check_stops_with_the_largest_settings(monkeypatch):
     from stages.score_ref import ScoreRefConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 2**20, 16 * GIB))
+    headroom = math.ceil(0.05 * 16 * GIB)  # kept free of the card's 16 GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 2**20 + headroom, 16 * GIB))
     cfg = ScoreRefConfig(model="micro", samples=4, batch_tokens=4096, max_length=64)
-    with pytest.raises(UserError, match="largest settings that fit.*--batch-tokens"):
+    with pytest.raises(UserError, match=r"0\.80 GiB is free, of which 0\.80 GiB is kept as headroom .*largest settings that fit.*"
+                                        r"--batch-tokens"):
         check_start("score-ref", cfg, Shape(4, 64, 16), "cuda")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * GIB, 16 * GIB))
     check_start("score-ref", cfg, Shape(4, 64, 16), "cuda")  # fits: returns

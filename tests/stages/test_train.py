@@ -261,13 +261,16 @@ def test_non_finite_loss_names_step_and_pairs(small_cache, tmp_path, monkeypatch
     assert not (tmp_path / "nan" / "checkpoints").exists() or not list((tmp_path / "nan" / "checkpoints").iterdir())
 
 
-def test_config_validation_and_4bit_without_cuda(small_cache, tmp_path):
+def test_config_validation_and_4bit_without_bitsandbytes(small_cache, tmp_path, monkeypatch):
+    import sys
+
     with pytest.raises(ConfigError, match="unknown loss type 'kto'; expected one of sigmoid"):
         TrainConfig(loss="kto")
     with pytest.raises(ConfigError, match="lora_r > 0"):
         TrainConfig(load_in_4bit=True)
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="needs a CUDA device"):
+    with monkeypatch.context() as patch:  # 4-bit runs on the CPU too (tests/stages/test_quant.py), given bitsandbytes
+        patch.setitem(sys.modules, "bitsandbytes", None)
+        with pytest.raises(UserError, match=r"needs bitsandbytes >= 0\.50\.2"):
             run(_cfg(small_cache, tmp_path / "q", lora_r=4, load_in_4bit=True, max_steps=1,
                      allow_numerics_mismatch=True))
     with pytest.raises(UserError, match="fp16 needs CUDA"):

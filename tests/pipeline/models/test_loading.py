@@ -136,8 +136,10 @@ def test_loaded_folder_runs_on_requested_dtype(micro_dir):
     assert out.dtype == torch.bfloat16 and out.shape == (1, ids.shape[1], model.config.embedding_size)
 
 
-def test_4bit_needs_a_folder_and_cuda(micro_dir):
-    with pytest.raises(UserError, match="init-model"):
-        load_model("micro", load_in_4bit=True)
-    with pytest.raises(UserError, match="CUDA"):
-        load_model(micro_dir, load_in_4bit=True, device="cpu")
+def test_4bit_without_bitsandbytes_is_one_line(micro_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed (tests/pipeline/models/test_quant.py
+    for name in ("micro", micro_dir):                          # loads both in 4-bit with it)
+        with pytest.raises(UserError, match=r"needs bitsandbytes >= 0\.50\.2: pip install 'lldm-dpo\[quant\]'"):
+            load_model(name, load_in_4bit=True, device="cpu")
