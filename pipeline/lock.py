@@ -40,8 +40,18 @@ def _owner(path: Path) -> dict | None:
     return data if isinstance(data, dict) else {}
 
 
+def _zombie(pid: int) -> bool:
+    """A killed process not yet reaped (its parent killed too) still answers kill(pid, 0): it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def _is_stale(owner: dict) -> bool:
-    return owner.get("host") == _HOST and isinstance(owner.get("pid"), int) and not _alive(owner["pid"])
+    pid = owner.get("pid")
+    return owner.get("host") == _HOST and isinstance(pid, int) and (not _alive(pid) or _zombie(pid))
 
 
 def _main_process() -> bool:

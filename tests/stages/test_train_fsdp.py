@@ -116,6 +116,15 @@ def test_sigkill_after_a_sharded_checkpoint_then_resume_gives_the_uninterrupted_
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (out / "checkpoints" / "step-0000002").exists() and not (out / "final").exists()
+    # The run folder's lock names the killed run's main process: wait until it is gone (until then, a resume is
+    # rightly refused: it may still write), after which the lock is stale and taken over.
+    from pipeline.lock import _is_stale, _owner, lock_path
+
+    owner = _owner(lock_path(out, folder=True))
+    deadline = time.time() + 60
+    while owner and not _is_stale(owner) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not owner or _is_stale(owner), owner
 
     # Another world size is refused with what to do instead (checked before anything is loaded twice).
     copy = tmp_path / "copy"
