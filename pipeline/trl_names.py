@@ -52,6 +52,11 @@ def _not(value: Any) -> Any:
 _not.flag_type = bool  # type: ignore[attr-defined]
 
 
+def _max_steps(value: Any) -> Any:
+    """TrainingArguments' max_steps -1 (its default) means "from the epochs": our 0."""
+    return 0 if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0 else value
+
+
 _MODEL = {"model_name_or_path": Alias("model")}
 
 TRL_NAMES: dict[str, dict[str, Alias]] = {
@@ -75,6 +80,8 @@ TRL_NAMES: dict[str, dict[str, Alias]] = {
         "lora_target_modules": Alias("lora_targets", _joined),
         "overwrite_output_dir": Alias("overwrite"),
         "disable_tqdm": Alias("progress", _not),
+        "report_to": Alias("report_to", _joined),
+        "max_steps": Alias("max_steps", _max_steps),
     },
     "SFTConfig": {
         **_MODEL,
@@ -92,6 +99,8 @@ TRL_NAMES: dict[str, dict[str, Alias]] = {
         "lora_target_modules": Alias("lora_targets", _joined),
         "overwrite_output_dir": Alias("overwrite"),
         "disable_tqdm": Alias("progress", _not),
+        "report_to": Alias("report_to", _joined),
+        "max_steps": Alias("max_steps", _max_steps),
     },
     "ScoreRefConfig": {
         **_MODEL,
@@ -124,16 +133,48 @@ def aliases_for(cls: type) -> dict[str, Alias]:
     return TRL_NAMES.get(cls.__name__, {})
 
 
+TRAINING_STAGES = ("TrainConfig", "SFTConfig")
+"""Config classes that take every TrainingArguments / TRL key (pipeline/trl_args.py)."""
+
+
 def translate(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
-    """Our names for ``data``'s keys; a key given under both names with different values is an error."""
+    """Our names for ``data``'s keys; a key given under both names with different values is an error.
+
+    For train and sft, a TrainingArguments or TRL key that is no field of ours is applied, accepted as
+    harmless or refused with why (pipeline/trl_args.py)."""
+    import dataclasses
+
     table = aliases_for(cls)
     if not table:
         return dict(data)
+    ours = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     out: dict[str, Any] = {}
     origin: dict[str, str] = {}
+
+    def put(key: str, target: str, new: Any) -> None:
+        if target in out and out[target] != new:
+            raise ConfigError(f"{where}: '{key}' and '{origin[target]}' both set {target} "
+                              f"({new!r} and {out[target]!r}); give one")
+        out[target], origin[target] = new, key
+
     for key, value in data.items():
         alias = table.get(key)
-        if alias is None or key == alias.field:
+        if cls.__name__ in TRAINING_STAGES and value is None:
+            from pipeline.trl_args import training_arguments
+
+            if key in training_arguments() and training_arguments()[key] is None:
+                continue  # TrainingArguments' "not set" (bf16, eval_steps, gradient_checkpointing...): ours stands
+        if alias is None and key not in ours and cls.__name__ in TRAINING_STAGES:
+            from pipeline.trl_args import apply_training_arguments, known
+
+            if known(key):
+                try:
+                    for target, new in apply_training_arguments(cls.__name__, key, value, data).items():
+                        put(key, target, new)
+                except ConfigError as exc:
+                    raise ConfigError(f"{where}: {exc}") from None
+                continue
+        if alias is None:
             target, new = key, value
         else:
             target = alias.field
@@ -143,8 +184,5 @@ def translate(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
                 raise ConfigError(f"{where}: {key}: {exc}") from None
             if new is SKIP:
                 continue
-        if target in out and out[target] != new:
-            raise ConfigError(f"{where}: '{key}' and '{origin[target]}' both set {target} "
-                              f"({new!r} and {out[target]!r}); give one")
-        out[target], origin[target] = new, key
+        put(key, target, new)
     return out

@@ -36,10 +36,11 @@ from pipeline.numerics import Numerics
 from pipeline.replay import PairBatch, replay_requests  # noqa: F401  (PairBatch: the batch type of this stage)
 from pipeline.stagecli import stage_command
 from pipeline.training import (  # noqa: F401  (shared with sft; importable from here as before)
-    SCHEDULERS,
     adapt_policy,
+    check_optim,
     check_resume_layout,
     check_run_outputs,
+    check_scheduler,
     epoch_order,
     fresh_accelerator,
     make_optimizer,
@@ -55,8 +56,9 @@ PRECISIONS = ("no", "bf16", "fp16")
 
 
 RANGES = {"beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "sft_weight": "[0, inf)", "learning_rate": "(0, inf)",
-          "weight_decay": "[0, inf)", "batch_size": "[1, inf)", "grad_accum": "[1, inf)", "epochs": "[1, inf)",
-          "max_steps": "[0, inf)", "warmup_ratio": "[0, 1)", "max_grad_norm": "[0, inf)", "lora_r": "[0, inf)",
+          "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)",
+          "adam_beta2": "[0, 1)", "adam_epsilon": "[0, inf)", "batch_size": "[1, inf)", "grad_accum": "[1, inf)", "epochs": "[1, inf)",
+          "max_steps": "[0, inf)", "warmup_ratio": "[0, 1)", "warmup_steps": "[0, inf)", "max_grad_norm": "[0, inf)", "lora_r": "[0, inf)",
           "lora_alpha": "[1, inf)", "lora_dropout": "[0, 1)", "sequence_microbatch": "[0, inf)",
           "batch_tokens": "[1, inf)", "save_every": "[0, inf)", "keep_checkpoints": "[0, inf)", "seed": "[0, inf)",
           "log_every": "[1, inf)", "gap_threshold": "[0, inf)", "max_length": "[1, inf)",
@@ -88,6 +90,18 @@ class TrainConfig:
     """Peak AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    optim: str = "adamw_torch"
+    """TrainingArguments' optim: adamw_torch (torch's AdamW, fused kernel where it runs), adamw_torch_fused,
+    adafactor, sgd, adagrad, rmsprop, or bitsandbytes' adamw_8bit, adamw_bnb_8bit, paged_adamw_8bit,
+    paged_adamw_32bit (where bitsandbytes is installed)."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    run_name: Optional[str] = None
+    """The run's name in trackers (TrainingArguments' run_name); default: the run folder's name."""
     batch_size: int = 4
     """Pairs per micro-batch per process."""
     grad_accum: int = 1
@@ -98,8 +112,16 @@ class TrainConfig:
     """Optimizer steps to run; 0 = derived from epochs."""
     warmup_ratio: float = 0.1
     """Share of steps with linear warmup."""
+    warmup_steps: float = 0
+    """Warmup steps (TrainingArguments' warmup_steps: >= 1 a count, in (0, 1) a share of the steps); when > 0 it
+    wins over warmup_ratio. The learning rate rises from 0 to its peak over them, as in transformers."""
     scheduler: str = "cosine"
-    """Decay after warmup: cosine, linear or constant."""
+    """transformers' lr_scheduler_type: linear, cosine, cosine_with_restarts, polynomial, constant,
+    constant_with_warmup, inverse_sqrt, cosine_with_min_lr, cosine_warmup_with_min_lr, warmup_stable_decay
+    (transformers.get_scheduler; constant has no warmup, as there)."""
+    lr_scheduler_kwargs: Optional[dict] = None
+    """Extra arguments of the scheduler (TrainingArguments' lr_scheduler_kwargs), e.g. {min_lr_rate: 0.1} for
+    cosine_with_min_lr, {num_cycles: 2} for cosine_with_restarts."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 = off)."""
     mixed_precision: Optional[str] = None
@@ -178,8 +200,8 @@ class TrainConfig:
         self._check_losses()
         validate_loss_args(beta=self.beta, loss_type=self.preference_loss or "sigmoid",
                            label_smoothing=self.label_smoothing)
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got '{self.scheduler}'")
+        check_scheduler(self.scheduler, self.lr_scheduler_kwargs)
+        check_optim(self.optim)
         if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got '{self.mixed_precision}'")
         if self.reference not in ("cached", "online"):
@@ -746,7 +768,7 @@ def run(cfg: TrainConfig) -> TrainResult:
             raise gap_error(cfg, gap, numerics, cached_numerics)
 
     layout = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "processes": world,
-              "total_steps": total_steps, "seed": cfg.seed, "lora_r": cfg.lora_r}
+              "total_steps": total_steps, "seed": cfg.seed, "lora_r": cfg.lora_r, "optim": cfg.optim}
     resumed_from = None
     start_step = 0
     best: dict[str, Any] = {"best_metric": None, "best_model_checkpoint": None}
