@@ -79,3 +79,51 @@ def test_warmup_stable_decay_and_polynomial_run():
     assert wsd[:2] == pytest.approx([0.0, 0.5]) and wsd[2:6] == pytest.approx([1.0] * 4) and wsd[7] < 1.0
     poly = _lrs(_cfg(scheduler="polynomial", lr_scheduler_kwargs={"power": 2.0, "lr_end": 0.0}), 4)
     assert poly == pytest.approx([1.0, 0.5625, 0.25, 0.0625])
+
+
+@pytest.mark.parametrize("name, kind", [("adamw_torch", torch.optim.AdamW), ("adamw_torch_fused", torch.optim.AdamW),
+                                        ("sgd", torch.optim.SGD), ("adagrad", torch.optim.Adagrad),
+                                        ("rmsprop", torch.optim.RMSprop), ("adafactor", None)])
+def test_each_optim_name_builds_its_optimizer_and_steps(name, kind):
+    from pipeline.training import make_optimizer
+
+    w = torch.nn.Parameter(torch.ones(4, 3))
+    opt = make_optimizer([w], SimpleNamespace(optim=name, learning_rate=0.1, weight_decay=0.0))
+    if kind is None:
+        from transformers.optimization import Adafactor
+
+        kind = Adafactor
+    assert type(opt) is kind
+    assert opt.param_groups[0]["lr"] == 0.1
+    if name == "adamw_torch_fused":
+        assert opt.param_groups[0]["fused"]
+    (w ** 2).sum().backward()
+    opt.step()
+    assert bool((w < 1).all())
+
+
+def test_sgd_takes_one_plain_gradient_step():
+    from pipeline.training import make_optimizer
+
+    w = torch.nn.Parameter(torch.tensor([2.0]))
+    opt = make_optimizer([w], SimpleNamespace(optim="sgd", learning_rate=0.25, weight_decay=0.0))
+    (w ** 2).sum().backward()  # gradient 4
+    opt.step()
+    assert w.item() == pytest.approx(1.0)
+
+
+def test_bitsandbytes_optims_need_bitsandbytes_and_other_names_are_refused():
+    import importlib.util
+
+    from pipeline.training import check_optim
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        for name in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+            with pytest.raises(ConfigError, match=f"optim {name} needs bitsandbytes, which is not installed"):
+                check_optim(name)
+    else:
+        check_optim("paged_adamw_8bit")
+    with pytest.raises(ConfigError, match="optim lion_32bit: a transformers optim not built here; choose from"):
+        check_optim("lion_32bit")
+    with pytest.raises(ConfigError, match="optim adamw_fast: unknown"):
+        check_optim("adamw_fast")

@@ -1,0 +1,107 @@
+"""train and sft run from a YAML written in TRL's DPOConfig / SFTConfig words, as it is."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import load_config
+
+# The keys of TRL's documented DPO example (trl/scripts/dpo.py, LoRA variant), plus report_to as a list,
+# warmup_steps, save_strategy: steps, optim and lr_scheduler_type: cosine_with_min_lr.
+DPO_YAML = """
+model_name_or_path: micro
+learning_rate: 5.0e-4
+num_train_epochs: 1
+per_device_train_batch_size: 2
+gradient_accumulation_steps: 2
+gradient_checkpointing: true
+eval_strategy: steps
+eval_steps: 2
+output_dir: {out}
+remove_unused_columns: false
+logging_steps: 1
+use_peft: true
+lora_r: 4
+lora_alpha: 8
+report_to: [tensorboard]
+warmup_steps: 1
+save_strategy: steps
+save_steps: 1
+optim: sgd
+lr_scheduler_type: cosine_with_min_lr
+lr_scheduler_kwargs:
+  min_lr_rate: 0.1
+max_steps: 3
+bf16: false
+beta: 0.1
+loss_type: sigmoid
+run_name: trl-words
+push_to_hub: false
+do_train: true
+logging_dir: {out}/logs
+"""
+
+
+def test_train_runs_from_a_trl_dpo_config_yaml(small_cache, tmp_path):
+    from stages.train import TrainConfig, run
+
+    out = tmp_path / "run"
+    path = tmp_path / "dpo.yaml"
+    path.write_text(DPO_YAML.format(out=out))
+    cfg = load_config(TrainConfig, path, {"scores": small_cache, "device": "cpu", "progress": False})
+    assert (cfg.optim, cfg.scheduler, cfg.lora_r, cfg.grad_accum, cfg.eval_every) == ("sgd", "cosine_with_min_lr",
+                                                                                       4, 2, 2)
+    result = run(cfg)
+    assert result.steps == 3
+    rows = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # HF's warmup from 0 over 1 step, then cosine down to 0.1 * peak over the other 2 (step 3: half way).
+    assert [r["learning_rate"] for r in rows] == pytest.approx([0.0, 5e-4, 5e-4 * (0.1 + 0.9 * 0.5)])
+    assert rows[1]["eval/rewards/accuracies"] == rows[1]["eval/rewards/accuracies"]  # measured at eval_steps
+    assert (out / "final" / "adapter_config.json").exists()  # use_peft + lora_r: an adapter
+    assert any((out / "tensorboard").iterdir())
+    assert sorted(p.name for p in (out / "checkpoints").iterdir())  # save_strategy: steps, save_steps: 1
+
+
+SFT_YAML = """
+model_name_or_path: micro
+dataset_name: {data}
+output_dir: {out}
+learning_rate: 2.0e-3
+num_train_epochs: 1
+packing: false
+per_device_train_batch_size: 4
+gradient_accumulation_steps: 1
+gradient_checkpointing: false
+logging_steps: 1
+eval_strategy: "no"
+save_strategy: "no"
+report_to: none
+warmup_steps: 1
+max_length: 64
+optim: adamw_torch
+lr_scheduler_type: cosine_with_min_lr
+lr_scheduler_kwargs: {{min_lr: 1.0e-4}}
+max_steps: 3
+completion_only_loss: true
+dataset_text_field: text
+seed: 5
+bf16: false
+"""
+
+
+def test_sft_runs_from_a_trl_sft_config_yaml(tmp_path):
+    from stages.sft import SFTConfig, run
+    from tests.stages.test_sft import write_sft_data
+
+    data, out = write_sft_data(tmp_path / "d.jsonl"), tmp_path / "run"
+    path = tmp_path / "sft.yaml"
+    path.write_text(SFT_YAML.format(data=data, out=out))
+    cfg = load_config(SFTConfig, path, {"device": "cpu", "progress": False, "tensorboard": False})
+    assert (cfg.data, cfg.save_every, cfg.report_to) == (data, 0, "none")
+    result = run(cfg)
+    assert result.steps == 3
+    rows = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert [r["learning_rate"] for r in rows] == pytest.approx([0.0, 2e-3, 1e-4 + (2e-3 - 1e-4) * 0.5])
+    assert (out / "final" / "model.safetensors").exists() and not (out / "checkpoints").exists()
