@@ -351,7 +351,8 @@ def run(cfg: SFTConfig) -> SFTResult:
             from pipeline.metrics import TB_TAGS
             from pipeline.trackers import AccelerateSink
 
-            sinks.append(AccelerateSink(acc, dataclasses.asdict(cfg), TB_TAGS))
+            sinks.append(AccelerateSink(acc, dataclasses.asdict(cfg), TB_TAGS,
+                                        run_name=cfg.run_name or cfg.out.name))
         writer = MetricsWriter(cfg.out, tensorboard=TENSORBOARD in trackers, resume_step=resumed_from,
                                console=cfg.progress, sinks=tuple(sinks))
 

@@ -798,7 +798,8 @@ def run(cfg: TrainConfig) -> TrainResult:
             from pipeline.metrics import TB_TAGS
             from pipeline.trackers import AccelerateSink
 
-            sinks.append(AccelerateSink(acc, dataclasses.asdict(cfg), TB_TAGS))
+            sinks.append(AccelerateSink(acc, dataclasses.asdict(cfg), TB_TAGS,
+                                        run_name=cfg.run_name or cfg.out.name))
         writer = MetricsWriter(cfg.out, tensorboard=TENSORBOARD in trackers, resume_step=resumed_from,
                                console=cfg.progress, sinks=tuple(sinks))
     # Each process scores its share of the held-out pairs; the sums are all-reduced.
