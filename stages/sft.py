@@ -402,7 +402,8 @@ def run(cfg: SFTConfig) -> SFTResult:
         acc.wait_for_everyone()
         if writer is not None:
             writer.flush()
-        save_model_dir(cfg.out / FINAL_DIR, model, tokenizer, acc, base_name=cfg.model)
+        save_model_dir(cfg.out / FINAL_DIR, model, tokenizer, acc, base_name=cfg.model,
+                       card=sft_card(cfg, layout["data_sha256"], len(examples), last))
     finally:
         if writer is not None:
             writer.close()
@@ -414,6 +415,15 @@ def run(cfg: SFTConfig) -> SFTResult:
         num_tokens=num_tokens, seconds=time.perf_counter() - start_time, out=str(cfg.out),
         final_model=str(cfg.out / FINAL_DIR), metrics=str(cfg.out / METRICS_FILE), resumed_from=resumed_from,
     )
+
+
+def sft_card(cfg: SFTConfig, data_sha256: str, n_examples: int, last: dict[str, Any]) -> str:
+    from pipeline.config import config_to_dict
+    from pipeline.model_card import model_card
+
+    data = {"training data": str(cfg.data), "examples sha256": data_sha256, "examples": n_examples}
+    return model_card(stage="sft", base_model=cfg.model, lora=cfg.lora_r > 0, data=data,
+                      settings=config_to_dict(cfg), metrics=last)
 
 
 def _sft_action(cfg: SFTConfig, as_json: bool) -> None:

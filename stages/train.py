@@ -629,12 +629,25 @@ def gap_error(cfg: TrainConfig, gap: float, numerics: Numerics, cached: Numerics
                      f"{what}; --gap-threshold 0 skips this check")
 
 
-def save_final(ctx: TrainContext, model_name: str, path: Path) -> None:
-    """The final model in Hugging Face format (full weights, or the LoRA adapter), renamed into place;
-    under FSDP the shards are gathered first (every process calls this)."""
+def save_final(ctx: TrainContext, model_name: str, path: Path, card: Optional[str] = None) -> None:
+    """The final model in Hugging Face format (full weights, or the LoRA adapter) with its model card, renamed
+    into place; under FSDP the shards are gathered first (every process calls this)."""
     from pipeline.checkpoint import save_model_dir
 
-    save_model_dir(path, ctx.model, ctx.tokenizer, ctx.accelerator, base_name=model_name)
+    save_model_dir(path, ctx.model, ctx.tokenizer, ctx.accelerator, base_name=model_name, card=card)
+
+
+def train_card(cfg: TrainConfig, model_name: str, fp: dict[str, Any], n_pairs: int, last: dict[str, Any],
+               last_eval: dict[str, Any], eval_pairs: int) -> str:
+    from pipeline.cache import fingerprint_digest
+    from pipeline.config import config_to_dict
+    from pipeline.model_card import model_card
+
+    data = {"reference-score cache": str(cfg.scores), "cache fingerprint": fingerprint_digest(fp),
+            "training pairs": n_pairs, "samples per response": fp.get("samples"), "mask draws": fp.get("draws")}
+    return model_card(stage="dpo", base_model=model_name, lora=cfg.lora_r > 0, data=data,
+                      settings=config_to_dict(cfg), metrics=last, eval_metrics=last_eval.get("metrics"),
+                      eval_pairs=eval_pairs, eval_step=last_eval.get("step"))
 
 
 def run(cfg: TrainConfig) -> TrainResult:
@@ -810,6 +823,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         range(acc.process_index, len(eval_rows), world))
 
     last: dict[str, float] = {}
+    last_eval: dict[str, Any] = {}
     reset_peak_memory(acc.device)
     try:
         for step in range(start_step, total_steps):
@@ -838,6 +852,7 @@ def run(cfg: TrainConfig) -> TrainResult:
             new_best = False
             if evaluated:
                 row.update(evaluate_heldout(ctx, eval_share))
+                last_eval = {"step": step + 1, "metrics": {k: v for k, v in row.items() if k.startswith("eval/")}}
                 score = row["eval/rewards/accuracies"]
                 # The first best is kept on ties: a later checkpoint must do strictly better.
                 new_best = cfg.save_best and (best["best_metric"] is None or score > best["best_metric"])
@@ -859,7 +874,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         final = cfg.out / FINAL_DIR
         if acc.is_main_process:
             writer.flush()
-        save_final(ctx, model_name, final)
+        save_final(ctx, model_name, final, train_card(cfg, model_name, fp, len(rows), last, last_eval, len(eval_rows)))
     finally:
         if writer is not None:
             writer.close()

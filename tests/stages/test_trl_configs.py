@@ -105,3 +105,38 @@ def test_sft_runs_from_a_trl_sft_config_yaml(tmp_path):
     rows = pq.read_table(out / "metrics.parquet").to_pylist()
     assert [r["learning_rate"] for r in rows] == pytest.approx([0.0, 2e-3, 1e-4 + (2e-3 - 1e-4) * 0.5])
     assert (out / "final" / "model.safetensors").exists() and not (out / "checkpoints").exists()
+
+
+def _front_matter(path):
+    import yaml
+
+    text = path.read_text()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1]), text
+
+
+def test_final_models_carry_a_model_card(small_cache, tmp_path):
+    from pipeline.cache import fingerprint_digest, open_cache
+    from stages.sft import SFTConfig
+    from stages.sft import run as sft
+    from stages.train import TrainConfig
+    from stages.train import run as train
+    from tests.stages.test_sft import write_sft_data
+
+    out = tmp_path / "dpo"
+    train(TrainConfig(scores=small_cache, out=out, max_steps=2, eval_every=2, lora_r=2, device="cpu",
+                      progress=False, report_to="none", learning_rate=1e-3))
+    front, text = _front_matter(out / "final" / "README.md")
+    cache = open_cache(small_cache)
+    assert front["base_model"] == cache.manifest["config"]["model"] and "dpo" in front["tags"]
+    assert front["library_name"] == "peft"
+    assert fingerprint_digest(cache.fingerprint) in text and "eval/rewards/accuracies" in text
+    assert "95% Wilson interval" in text and "lora_r: 2" in text
+
+    data, out = write_sft_data(tmp_path / "d.jsonl"), tmp_path / "sft"
+    sft(SFTConfig(data=data, out=out, model="micro", max_steps=2, device="cpu", progress=False, report_to="none",
+                  max_length=64))
+    front, text = _front_matter(out / "final" / "README.md")
+    assert front == {"library_name": "transformers", "base_model": "micro",
+                     "tags": ["lldm-dpo", "sft", "llada", "masked-diffusion"]}
+    assert str(data) in text and "examples sha256" in text
