@@ -285,3 +285,47 @@ def step_pair_count(n_rows: int, cfg, step: int, steps_per_epoch: int, world: in
     spans = (_micro_batch_span(n_rows, cfg, step, micro, steps_per_epoch, world, rank)
              for micro in range(cfg.grad_accum) for rank in range(world))
     return sum(stop - start for start, stop in spans)
+
+
+class StepBar:
+    """A progress bar with ETA over the optimizer steps (tqdm's, as transformers' Trainer shows), on stderr when
+    it is a terminal and progress is on (main process only). ``stream`` is where metric lines go meanwhile:
+    through the bar, so it stays whole; without a bar it is None and lines go to stderr as before."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str):
+        import sys
+
+        self.bar = None
+        out = sys.stderr
+        if enabled and hasattr(out, "isatty") and out.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=out, dynamic_ncols=True)
+        self.stream = _BarStream(self.bar) if self.bar is not None else None
+
+    def step(self, loss: float | None = None) -> None:
+        if self.bar is not None:
+            if loss is not None and loss == loss:
+                self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _BarStream:
+    """A text stream whose whole lines are printed above the bar (tqdm.write)."""
+
+    def __init__(self, bar):
+        self.bar, self.buffer = bar, ""
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        while "\n" in self.buffer:
+            line, self.buffer = self.buffer.split("\n", 1)
+            self.bar.write(line, file=self.bar.fp)
+        return len(text)
+
+    def flush(self) -> None:
+        pass

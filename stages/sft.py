@@ -23,7 +23,7 @@ from pipeline.errors import ConfigError, UserError
 from pipeline.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, RUN_OUTPUTS
 from pipeline.models import LORA_TARGET_NAMES
 from pipeline.stagecli import stage_command
-from pipeline.training import check_optim, check_scheduler
+from pipeline.training import StepBar, check_optim, check_scheduler
 
 RANGES = {"learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_epsilon": "[0, inf)",
           "batch_size": "[1, inf)", "grad_accum": "[1, inf)", "epochs": "[1, inf)", "max_steps": "[0, inf)",
@@ -132,7 +132,8 @@ class SFTConfig:
     trust_remote_code: bool = False
     """Allow a non-LLaDA checkpoint to run its own modeling code."""
     progress: bool = True
-    """Print one metrics line per logged step to stderr."""
+    """A progress bar with ETA on stderr when it is a terminal (tqdm's, as transformers shows it), and one
+    metrics line per logged step; --no-progress (TrainingArguments' disable_tqdm: true) turns both off."""
 
     def __post_init__(self):
         self.data, self.out = Path(self.data), Path(self.out)
@@ -353,8 +354,10 @@ def run(cfg: SFTConfig) -> SFTResult:
 
             sinks.append(AccelerateSink(acc, dataclasses.asdict(cfg), TB_TAGS,
                                         run_name=cfg.run_name or cfg.out.name))
+    bar = StepBar(total_steps, start_step, cfg.progress and acc.is_main_process, "sft")
+    if acc.is_main_process:
         writer = MetricsWriter(cfg.out, tensorboard=TENSORBOARD in trackers, resume_step=resumed_from,
-                               console=cfg.progress, sinks=tuple(sinks))
+                               console=bar.stream or cfg.progress, sinks=tuple(sinks))
 
     last: dict[str, float] = {}
     reset_peak_memory(acc.device)
@@ -373,6 +376,7 @@ def run(cfg: SFTConfig) -> SFTResult:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            bar.step()
             logged = (step + 1) % cfg.log_every == 0 or step + 1 == total_steps
             saving = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps
             if logged or saving:
@@ -405,6 +409,7 @@ def run(cfg: SFTConfig) -> SFTResult:
         save_model_dir(cfg.out / FINAL_DIR, model, tokenizer, acc, base_name=cfg.model,
                        card=sft_card(cfg, layout["data_sha256"], len(examples), last))
     finally:
+        bar.close()
         if writer is not None:
             writer.close()
         for sink in sinks:

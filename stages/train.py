@@ -36,6 +36,7 @@ from pipeline.numerics import Numerics
 from pipeline.replay import PairBatch, replay_requests  # noqa: F401  (PairBatch: the batch type of this stage)
 from pipeline.stagecli import stage_command
 from pipeline.training import (  # noqa: F401  (shared with sft; importable from here as before)
+    StepBar,
     adapt_policy,
     check_optim,
     check_resume_layout,
@@ -187,7 +188,8 @@ class TrainConfig:
     trust_remote_code: bool = False
     """Allow a non-LLaDA checkpoint to run its own modeling code."""
     progress: bool = True
-    """Print one metrics line per logged step to stderr."""
+    """A progress bar with ETA on stderr when it is a terminal (tqdm's, as transformers shows it), and one
+    metrics line per logged step; --no-progress (TrainingArguments' disable_tqdm: true) turns both off."""
     plan: bool = True
     """On CUDA, plan the peak memory first and stop with the largest settings that fit (lldm-dpo plan)."""
 
@@ -813,8 +815,10 @@ def run(cfg: TrainConfig) -> TrainResult:
 
             sinks.append(AccelerateSink(acc, dataclasses.asdict(cfg), TB_TAGS,
                                         run_name=cfg.run_name or cfg.out.name))
+    bar = StepBar(total_steps, start_step, cfg.progress and acc.is_main_process, "train")
+    if acc.is_main_process:
         writer = MetricsWriter(cfg.out, tensorboard=TENSORBOARD in trackers, resume_step=resumed_from,
-                               console=cfg.progress, sinks=tuple(sinks))
+                               console=bar.stream or cfg.progress, sinks=tuple(sinks))
     # Each process scores its share of the held-out pairs; the sums are all-reduced.
     # Data parallel: each process scores its share and the sums are all-reduced. FSDP: every forward is a
     # collective (the weights are gathered block by block), so every process must make the same calls;
@@ -859,6 +863,7 @@ def run(cfg: TrainConfig) -> TrainResult:
                 if new_best:
                     best = {"best_metric": score, "best_model_checkpoint": str(checkpoint_path(cfg.out, step + 1))}
             last = row
+            bar.step(row["loss"])
             if writer is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps or evaluated):
                 writer.log(row)
             if new_best or (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps):
@@ -876,6 +881,7 @@ def run(cfg: TrainConfig) -> TrainResult:
             writer.flush()
         save_final(ctx, model_name, final, train_card(cfg, model_name, fp, len(rows), last, last_eval, len(eval_rows)))
     finally:
+        bar.close()
         if writer is not None:
             writer.close()
         for sink in sinks:

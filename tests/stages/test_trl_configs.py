@@ -140,3 +140,54 @@ def test_final_models_carry_a_model_card(small_cache, tmp_path):
     assert front == {"library_name": "transformers", "base_model": "micro",
                      "tags": ["lldm-dpo", "sft", "llada", "masked-diffusion"]}
     assert str(data) in text and "examples sha256" in text
+
+
+class _Terminal:
+    """stderr as a terminal: what tqdm draws on, captured."""
+
+    def __init__(self):
+        import io
+
+        self.buffer = io.StringIO()
+
+    def write(self, text):
+        return self.buffer.write(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_sft_shows_a_progress_bar_with_eta_on_a_terminal(tmp_path, monkeypatch, progress):
+    import sys
+
+    from stages.sft import SFTConfig, run
+    from tests.stages.test_sft import write_sft_data
+
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    data = write_sft_data(tmp_path / "d.jsonl", n=8)
+    run(SFTConfig(data=data, out=tmp_path / "run", model="micro", max_steps=3, log_every=1, device="cpu",
+                  progress=progress, report_to="none", max_length=64, batch_size=2))
+    text = term.buffer.getvalue()
+    if progress:
+        assert "sft: 100%" in text and "3/3" in text and "<00:00" in text  # tqdm's elapsed<remaining (ETA)
+        assert "step 3" in text or "loss" in text  # the metric lines still print, above the bar
+    else:
+        assert text == ""
+
+
+def test_train_shows_a_progress_bar_with_eta_on_a_terminal(small_cache, tmp_path, monkeypatch):
+    import sys
+
+    from stages.train import TrainConfig, run
+
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    run(TrainConfig(scores=small_cache, out=tmp_path / "run", max_steps=2, device="cpu", progress=True,
+                    report_to="none", learning_rate=1e-3))
+    text = term.buffer.getvalue()
+    assert "train: 100%" in text and "2/2" in text and "loss=" in text
