@@ -186,3 +186,48 @@ def translate(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
                 continue
         put(key, target, new)
     return out
+
+
+SEED_PROJECT_KEYS: dict[str, tuple[str | None, str]] = {
+    "model_name_or_path": (None, "model"),
+    "output_dir": (None, "out"),
+    "preference_data_path": ("ingest", "inputs"),
+    "learning_rate": ("train", "learning_rate"),
+    "per_device_train_batch_size": ("train", "batch_size"),
+    "gradient_accumulation_steps": ("train", "grad_accum"),
+    "num_train_epochs": ("train", "epochs"),
+    "beta": ("train", "beta"),
+    "gradient_checkpointing": ("train", "gradient_checkpointing"),
+    "diffusion_steps": ("eval", "steps"),
+    "use_mixed_precision": ("score_ref", "mixed_precision"),
+}
+"""The seed project's ``config/config.yaml`` keys (top level) -> (section of ``lldm-dpo run``'s config, key).
+``diffusion_steps`` is the sampler's denoising steps in eval (generation); ``use_mixed_precision: true`` is
+bf16 where the reference is scored (score_ref), which train then follows; ``num_train_epochs`` also clears
+the embedded default's max_steps, so the epochs count."""
+
+
+def seed_project_config(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A run config with the seed project's top-level keys moved to the sections they mean here; a key given
+    both ways with different values is a one-line error."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items() if k not in SEED_PROJECT_KEYS}
+    for key, (section, field) in SEED_PROJECT_KEYS.items():
+        if key not in data:
+            continue
+        value = data[key]
+        if key == "preference_data_path":
+            value = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+        elif key == "use_mixed_precision":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: use_mixed_precision must be true or false, got {value!r}")
+            value = "bf16" if value else "no"
+        target = out if section is None else out.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{where}: section '{section}' must be a mapping of that stage's keys")
+        if field in target and target[field] != value:
+            raise ConfigError(f"{where}: '{key}' and '{(section + '.') if section else ''}{field}' give different "
+                              f"values ({value!r} and {target[field]!r}); give one")
+        target[field] = value
+        if key == "num_train_epochs":
+            target.setdefault("max_steps", 0)
+    return out

@@ -191,3 +191,44 @@ def test_train_shows_a_progress_bar_with_eta_on_a_terminal(small_cache, tmp_path
                     report_to="none", learning_rate=1e-3))
     text = term.buffer.getvalue()
     assert "train: 100%" in text and "2/2" in text and "loss=" in text
+
+
+SEED_YAML = """
+model_name_or_path: micro
+preference_data_path: {data}
+output_dir: {out}
+learning_rate: 2.0e-4
+per_device_train_batch_size: 2
+gradient_accumulation_steps: 4
+num_train_epochs: 2
+beta: 0.2
+diffusion_steps: 8
+use_mixed_precision: true
+gradient_checkpointing: true
+"""
+
+
+def test_run_takes_the_seed_project_config_keys(tmp_path):
+    from stages.run_all import merged_config, stage_configs
+
+    path = tmp_path / "config.yaml"
+    path.write_text(SEED_YAML.format(data=tmp_path / "prefs.jsonl", out=tmp_path / "out"))
+    cfg = merged_config(path, {})
+    assert (cfg.model, cfg.out) == ("micro", tmp_path / "out")
+    ingest, score, train, ev = stage_configs(cfg)
+    assert [str(p) for p in ingest.inputs] == [str(tmp_path / "prefs.jsonl")]
+    assert (train.learning_rate, train.batch_size, train.grad_accum, train.epochs, train.max_steps) == \
+        (2e-4, 2, 4, 2, 0)  # the epochs count: the embedded default's max_steps is cleared
+    assert (train.beta, train.gradient_checkpointing, score.mixed_precision, ev.steps) == (0.2, True, "bf16", 8)
+
+
+def test_a_seed_key_and_its_section_key_must_agree(tmp_path):
+    from pipeline.errors import ConfigError
+    from pipeline.trl_names import seed_project_config
+
+    assert seed_project_config({"beta": 0.1, "train": {"beta": 0.1}}, "c.yaml") == {"train": {"beta": 0.1}}
+    with pytest.raises(ConfigError, match="c.yaml: 'beta' and 'train.beta' give different values"):
+        seed_project_config({"beta": 0.2, "train": {"beta": 0.1}}, "c.yaml")
+    with pytest.raises(ConfigError, match="use_mixed_precision must be true or false"):
+        seed_project_config({"use_mixed_precision": "bf16"}, "c.yaml")
+    assert seed_project_config({"use_mixed_precision": False}, "c.yaml") == {"score_ref": {"mixed_precision": "no"}}
