@@ -86,8 +86,10 @@ def _base_reference(model_name: str) -> str:
     return str(p.resolve()) if p.exists() else model_name
 
 
-def save_model_dir(path: Path, model, tokenizer, accelerator, base_name: str | None = None) -> None:
-    """A consolidated model folder (RUN/final), renamed into place; every process must call it."""
+def save_model_dir(path: Path, model, tokenizer, accelerator, base_name: str | None = None,
+                   card: str | None = None) -> None:
+    """A consolidated model folder (RUN/final), with ``card`` as its README.md, renamed into place; every
+    process must call it."""
     from pipeline.atomic import atomic_dir
 
     sharded = is_sharded(model)
@@ -95,6 +97,8 @@ def save_model_dir(path: Path, model, tokenizer, accelerator, base_name: str | N
     if accelerator.is_main_process:
         with atomic_dir(path, record=True) as tmp:
             save_model_files(tmp, model, tokenizer, state, base_name)
+            if card is not None:
+                (Path(tmp) / "README.md").write_text(card, encoding="utf-8")  # over peft's generic card
     accelerator.wait_for_everyone()
 
 

@@ -24,14 +24,16 @@ from pipeline.atomic import atomic_path
 from pipeline.errors import UserError
 from pipeline.layout import METRICS_FILE, TENSORBOARD_DIR
 from pipeline.schemas import LATER_METRIC_COLUMNS, METRIC_COLUMNS
+from pipeline.trackers import hf_tag
 
 METRICS_SCHEMA = pa.schema(
     [(name, pa.int64() if name == "step" else pa.float64()) for name in METRIC_COLUMNS]
 )
 """Arrow schema of metrics.parquet: ``step`` int64, every other column float64 (NaN = not measured)."""
 
-# TensorBoard tags: TRL's names, the same as the columns.
-TB_TAGS = {name: name for name in METRIC_COLUMNS if name != "step"}
+# What TensorBoard and the other trackers see: transformers' names (train/loss, train/rewards/accuracies,
+# eval/...); metrics.parquet keeps the columns' names, which `lldm-dpo query` documents.
+TB_TAGS = {name: hf_tag(name) for name in METRIC_COLUMNS if name != "step"}
 
 
 def read_metrics(path: str | Path) -> pa.Table:

@@ -20,7 +20,40 @@ from pipeline.errors import ConfigError, UserError
 
 TENSORBOARD = "tensorboard"
 PROJECT_NAME = "lldm-dpo"
-"""The project/experiment name given to the trackers."""
+"""The project/experiment name given to the trackers when none of their environment variables is set."""
+
+PROJECT_ENV = {"wandb": "WANDB_PROJECT", "mlflow": "MLFLOW_EXPERIMENT_NAME", "comet_ml": "COMET_PROJECT_NAME",
+               "trackio": "TRACKIO_PROJECT", "swanlab": "SWANLAB_PROJECT", "clearml": "CLEARML_PROJECT"}
+"""Each tracker's usual environment variable for its project (as transformers' integrations read them)."""
+
+RUN_NAME_KEY = {"wandb": "name", "mlflow": "run_name", "trackio": "name", "swanlab": "experiment_name"}
+"""The keyword each tracker's init takes the run's name by."""
+
+
+def project_name(names: list[str], environ: Mapping[str, str] | None = None) -> str:
+    """The project of this run's trackers: the first requested tracker's environment variable that is set
+    (WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME, ...), else ``PROJECT_NAME``. accelerate passes one project to every
+    tracker; MLflow's own tracker reads MLFLOW_EXPERIMENT_NAME first in any case."""
+    import os
+
+    env = os.environ if environ is None else environ
+    for name in names:
+        value = env.get(PROJECT_ENV.get(name, ""), "")
+        if value:
+            return value
+    return PROJECT_NAME
+
+
+def init_kwargs(names: list[str], run_name: str | None) -> dict[str, dict[str, Any]]:
+    """accelerate's per-tracker init arguments giving the run its name (TrainingArguments' run_name)."""
+    if not run_name:
+        return {}
+    return {n: {RUN_NAME_KEY[n]: run_name} for n in names if n in RUN_NAME_KEY}
+
+
+def hf_tag(metric: str) -> str:
+    """The name a tracker sees, as transformers' Trainer logs it: ``eval/...`` as it is, the rest ``train/...``."""
+    return metric if metric.startswith(("eval/", "train/")) else f"train/{metric}"
 
 
 def parse_report_to(value: str | list[str] | None) -> list[str]:
@@ -89,13 +122,16 @@ def _plain(value: Any) -> Any:
 class AccelerateSink:
     """Feeds each metrics row to the trackers an Accelerator was built with (main process only).
 
-    ``tags`` maps metric names to the names trackers see (TRL's spelling).
+    ``tags`` maps metric names to the names trackers see (transformers' ``train/...``, ``eval/...``). The
+    project comes from the trackers' environment variables (``project_name``), the run's name from ``run_name``.
     """
 
-    def __init__(self, accelerator, config: Mapping[str, Any], tags: Mapping[str, str]):
+    def __init__(self, accelerator, config: Mapping[str, Any], tags: Mapping[str, str], run_name: str | None = None):
         self.accelerator = accelerator
         self.tags = dict(tags)
-        accelerator.init_trackers(PROJECT_NAME, config={k: _plain(v) for k, v in config.items()})
+        names = [str(getattr(t, "value", t)) for t in accelerator.log_with]
+        accelerator.init_trackers(project_name(names), config={k: _plain(v) for k, v in config.items()},
+                                  init_kwargs=init_kwargs(names, run_name))
 
     def __call__(self, row: Mapping[str, Any], step: int) -> None:
         values = {self.tags.get(k, k): float(v) for k, v in row.items()

@@ -3,7 +3,7 @@ checkpointing), AdamW and its schedule, the run folder's ownership checks, the d
 
 Functions taking ``cfg`` read only the fields they name (``gradient_checkpointing``, ``lora_*``,
 ``dtype``, ``mixed_precision``, ``load_in_4bit``, ``learning_rate``, ``weight_decay``, ``warmup_ratio``,
-``scheduler``), which both stages' configs have.
+``warmup_steps``, ``scheduler``, ``lr_scheduler_kwargs``, ``optim``, ``adam_*``), which both stages' configs have.
 """
 
 from __future__ import annotations
@@ -21,7 +21,48 @@ from pipeline.layout import CONFIG_FILE, RUN_OUTPUTS
 from pipeline.models import lora_target_modules
 from pipeline.numerics import Numerics
 
-SCHEDULERS = ("cosine", "linear", "constant")
+REFUSED_SCHEDULERS = {
+    "reduce_lr_on_plateau": "it steps on an eval metric, and lldm-dpo steps the schedule once per optimizer step",
+    "greedy": "it steps on a training metric, and lldm-dpo steps the schedule once per optimizer step",
+}
+"""transformers' scheduler names that cannot apply here, with why."""
+
+
+def scheduler_names() -> tuple[str, ...]:
+    """Every ``transformers.SchedulerType`` name that applies here (lr_scheduler_type's choices)."""
+    from transformers import SchedulerType
+
+    return tuple(t.value for t in SchedulerType if t.value not in REFUSED_SCHEDULERS)
+
+
+def check_scheduler(name: str, kwargs: Optional[dict] = None) -> None:
+    """A one-line ConfigError unless ``name`` is a transformers scheduler that applies here and takes
+    ``kwargs`` (tried on a one-parameter optimizer, so a config fails before any model loads)."""
+    from pipeline.errors import ConfigError
+
+    if name in REFUSED_SCHEDULERS:
+        raise ConfigError(f"lr_scheduler_type {name} cannot apply here: {REFUSED_SCHEDULERS[name]}")
+    names = scheduler_names()
+    if name not in names:
+        raise ConfigError(f"scheduler (lr_scheduler_type) must be one of {', '.join(names)}, got '{name}'")
+    from transformers import get_scheduler
+
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:
+        get_scheduler(name, probe, num_warmup_steps=1, num_training_steps=10,
+                      scheduler_specific_kwargs=dict(kwargs or {}))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"lr_scheduler_kwargs {dict(kwargs or {})}: not accepted by the {name} scheduler: "
+                          f"{str(exc).splitlines()[0]}") from None
+
+
+def warmup_steps_of(cfg, total_steps: int) -> int:
+    """TrainingArguments' rule: warmup_steps >= 1 is a count, in (0, 1) a share of the steps; 0 = warmup_ratio."""
+    steps = float(getattr(cfg, "warmup_steps", 0) or 0)
+    if steps >= 1:
+        return int(steps)
+    share = steps if steps > 0 else float(cfg.warmup_ratio)
+    return math.ceil(total_steps * share)
 
 
 def adapt_policy(model, cfg, numerics: Optional[Numerics] = None):
@@ -52,30 +93,70 @@ def adapt_policy(model, cfg, numerics: Optional[Numerics] = None):
     return model
 
 
+TORCH_OPTIMS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop")
+BNB_OPTIMS = {"adamw_8bit": (8, False), "adamw_bnb_8bit": (8, False), "paged_adamw_8bit": (8, True),
+              "paged_adamw_32bit": (32, True)}
+"""bitsandbytes' AdamW names: (optimizer state bits, paged)."""
+
+
+def check_optim(name: str) -> None:
+    """A one-line ConfigError unless ``name`` is an optim built here (bitsandbytes' only where it is installed)."""
+    import importlib.util
+
+    from pipeline.errors import ConfigError
+
+    built = TORCH_OPTIMS + tuple(BNB_OPTIMS)
+    if name in BNB_OPTIMS and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"optim {name} needs bitsandbytes, which is not installed (pip install bitsandbytes), "
+                          "or use adamw_torch")
+    if name not in built:
+        from transformers.training_args import OptimizerNames
+
+        what = "a transformers optim not built here" if name in {o.value for o in OptimizerNames} else "unknown"
+        raise ConfigError(f"optim {name}: {what}; choose from {', '.join(built)}")
+
+
 def make_optimizer(params, cfg) -> torch.optim.Optimizer:
-    """AdamW, fused where torch has the kernel (CPU and CUDA): about 10x faster than
-    the per-tensor loop on CPU, which matters when the embedding and head are trained."""
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                for p in params)
+    """``cfg.optim`` (TrainingArguments' names) over ``params``. adamw_torch is torch's AdamW with the fused
+    kernel where it runs (CPU and CUDA: about 10x faster than the per-tensor loop on CPU, which matters
+    when the embedding and head are trained); adamw_torch_fused insists on it."""
+    name = getattr(cfg, "optim", "adamw_torch")
+    check_optim(name)
+    lr, wd = cfg.learning_rate, cfg.weight_decay
     betas = (getattr(cfg, "adam_beta1", 0.9), getattr(cfg, "adam_beta2", 0.999))  # torch's defaults unless set
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=betas,
-                             fused=fused or None)
+    eps = getattr(cfg, "adam_epsilon", 1e-8)
+    if name in ("adamw_torch", "adamw_torch_fused"):
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                    for p in params)
+        if name == "adamw_torch_fused" and not fused:
+            raise UserError("optim adamw_torch_fused: torch's fused AdamW does not run on these parameters' "
+                            "device or dtype; use adamw_torch")
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=betas, eps=eps, fused=fused or None)
+    if name == "adafactor":  # as Trainer builds it: the given learning rate, no relative step
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, weight_decay=wd, scale_parameter=False, relative_step=False)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, weight_decay=wd, eps=eps)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=wd, eps=eps)
+    bits, paged = BNB_OPTIMS[name]
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=wd, optim_bits=bits, is_paged=paged)
 
 
 def make_scheduler(optimizer, cfg, total_steps: int):
-    warmup = int(round(cfg.warmup_ratio * total_steps))
+    """``transformers.get_scheduler(cfg.scheduler, ...)``: HF's schedules and warmup (from 0 to the peak over the
+    warmup steps), with ``lr_scheduler_kwargs`` passed on (cosine_with_min_lr's min_lr or min_lr_rate, ...)."""
+    from transformers import get_scheduler
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.scheduler == "constant" or total_steps <= warmup:
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    kwargs = dict(getattr(cfg, "lr_scheduler_kwargs", None) or {})
+    check_scheduler(cfg.scheduler, kwargs)
+    return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup_steps_of(cfg, total_steps),
+                         num_training_steps=total_steps, scheduler_specific_kwargs=kwargs)
 
 
 def check_run_outputs(out: Path) -> None:
@@ -204,3 +285,47 @@ def step_pair_count(n_rows: int, cfg, step: int, steps_per_epoch: int, world: in
     spans = (_micro_batch_span(n_rows, cfg, step, micro, steps_per_epoch, world, rank)
              for micro in range(cfg.grad_accum) for rank in range(world))
     return sum(stop - start for start, stop in spans)
+
+
+class StepBar:
+    """A progress bar with ETA over the optimizer steps (tqdm's, as transformers' Trainer shows), on stderr when
+    it is a terminal and progress is on (main process only). ``stream`` is where metric lines go meanwhile:
+    through the bar, so it stays whole; without a bar it is None and lines go to stderr as before."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str):
+        import sys
+
+        self.bar = None
+        out = sys.stderr
+        if enabled and hasattr(out, "isatty") and out.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=out, dynamic_ncols=True)
+        self.stream = _BarStream(self.bar) if self.bar is not None else None
+
+    def step(self, loss: float | None = None) -> None:
+        if self.bar is not None:
+            if loss is not None and loss == loss:
+                self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _BarStream:
+    """A text stream whose whole lines are printed above the bar (tqdm.write)."""
+
+    def __init__(self, bar):
+        self.bar, self.buffer = bar, ""
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        while "\n" in self.buffer:
+            line, self.buffer = self.buffer.split("\n", 1)
+            self.bar.write(line, file=self.bar.fp)
+        return len(text)
+
+    def flush(self) -> None:
+        pass

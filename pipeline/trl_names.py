@@ -52,6 +52,11 @@ def _not(value: Any) -> Any:
 _not.flag_type = bool  # type: ignore[attr-defined]
 
 
+def _max_steps(value: Any) -> Any:
+    """TrainingArguments' max_steps -1 (its default) means "from the epochs": our 0."""
+    return 0 if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0 else value
+
+
 _MODEL = {"model_name_or_path": Alias("model")}
 
 TRL_NAMES: dict[str, dict[str, Alias]] = {
@@ -75,6 +80,8 @@ TRL_NAMES: dict[str, dict[str, Alias]] = {
         "lora_target_modules": Alias("lora_targets", _joined),
         "overwrite_output_dir": Alias("overwrite"),
         "disable_tqdm": Alias("progress", _not),
+        "report_to": Alias("report_to", _joined),
+        "max_steps": Alias("max_steps", _max_steps),
     },
     "SFTConfig": {
         **_MODEL,
@@ -92,6 +99,8 @@ TRL_NAMES: dict[str, dict[str, Alias]] = {
         "lora_target_modules": Alias("lora_targets", _joined),
         "overwrite_output_dir": Alias("overwrite"),
         "disable_tqdm": Alias("progress", _not),
+        "report_to": Alias("report_to", _joined),
+        "max_steps": Alias("max_steps", _max_steps),
     },
     "ScoreRefConfig": {
         **_MODEL,
@@ -124,16 +133,48 @@ def aliases_for(cls: type) -> dict[str, Alias]:
     return TRL_NAMES.get(cls.__name__, {})
 
 
+TRAINING_STAGES = ("TrainConfig", "SFTConfig")
+"""Config classes that take every TrainingArguments / TRL key (pipeline/trl_args.py)."""
+
+
 def translate(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
-    """Our names for ``data``'s keys; a key given under both names with different values is an error."""
+    """Our names for ``data``'s keys; a key given under both names with different values is an error.
+
+    For train and sft, a TrainingArguments or TRL key that is no field of ours is applied, accepted as
+    harmless or refused with why (pipeline/trl_args.py)."""
+    import dataclasses
+
     table = aliases_for(cls)
     if not table:
         return dict(data)
+    ours = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     out: dict[str, Any] = {}
     origin: dict[str, str] = {}
+
+    def put(key: str, target: str, new: Any) -> None:
+        if target in out and out[target] != new:
+            raise ConfigError(f"{where}: '{key}' and '{origin[target]}' both set {target} "
+                              f"({new!r} and {out[target]!r}); give one")
+        out[target], origin[target] = new, key
+
     for key, value in data.items():
         alias = table.get(key)
-        if alias is None or key == alias.field:
+        if cls.__name__ in TRAINING_STAGES and value is None:
+            from pipeline.trl_args import training_arguments
+
+            if key in training_arguments() and training_arguments()[key] is None:
+                continue  # TrainingArguments' "not set" (bf16, eval_steps, gradient_checkpointing...): ours stands
+        if alias is None and key not in ours and cls.__name__ in TRAINING_STAGES:
+            from pipeline.trl_args import apply_training_arguments, known
+
+            if known(key):
+                try:
+                    for target, new in apply_training_arguments(cls.__name__, key, value, data).items():
+                        put(key, target, new)
+                except ConfigError as exc:
+                    raise ConfigError(f"{where}: {exc}") from None
+                continue
+        if alias is None:
             target, new = key, value
         else:
             target = alias.field
@@ -143,8 +184,50 @@ def translate(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
                 raise ConfigError(f"{where}: {key}: {exc}") from None
             if new is SKIP:
                 continue
-        if target in out and out[target] != new:
-            raise ConfigError(f"{where}: '{key}' and '{origin[target]}' both set {target} "
-                              f"({new!r} and {out[target]!r}); give one")
-        out[target], origin[target] = new, key
+        put(key, target, new)
+    return out
+
+
+SEED_PROJECT_KEYS: dict[str, tuple[str | None, str]] = {
+    "model_name_or_path": (None, "model"),
+    "output_dir": (None, "out"),
+    "preference_data_path": ("ingest", "inputs"),
+    "learning_rate": ("train", "learning_rate"),
+    "per_device_train_batch_size": ("train", "batch_size"),
+    "gradient_accumulation_steps": ("train", "grad_accum"),
+    "num_train_epochs": ("train", "epochs"),
+    "beta": ("train", "beta"),
+    "gradient_checkpointing": ("train", "gradient_checkpointing"),
+    "diffusion_steps": ("eval", "steps"),
+    "use_mixed_precision": ("score_ref", "mixed_precision"),
+}
+"""The seed project's ``config/config.yaml`` keys (top level) -> (section of ``lldm-dpo run``'s config, key).
+``diffusion_steps`` is the sampler's denoising steps in eval (generation); ``use_mixed_precision: true`` is
+bf16 where the reference is scored (score_ref), which train then follows; ``num_train_epochs`` also clears
+the embedded default's max_steps, so the epochs count."""
+
+
+def seed_project_config(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A run config with the seed project's top-level keys moved to the sections they mean here; a key given
+    both ways with different values is a one-line error."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items() if k not in SEED_PROJECT_KEYS}
+    for key, (section, field) in SEED_PROJECT_KEYS.items():
+        if key not in data:
+            continue
+        value = data[key]
+        if key == "preference_data_path":
+            value = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+        elif key == "use_mixed_precision":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: use_mixed_precision must be true or false, got {value!r}")
+            value = "bf16" if value else "no"
+        target = out if section is None else out.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{where}: section '{section}' must be a mapping of that stage's keys")
+        if field in target and target[field] != value:
+            raise ConfigError(f"{where}: '{key}' and '{(section + '.') if section else ''}{field}' give different "
+                              f"values ({value!r} and {target[field]!r}); give one")
+        target[field] = value
+        if key == "num_train_epochs":
+            target.setdefault("max_steps", 0)
     return out

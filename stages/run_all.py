@@ -102,7 +102,9 @@ def merged_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     """Embedded default < user's file (section by section) < flags."""
     base = read_config_file(EMBEDDED_DEFAULT)
     if config_file is not None:
-        user = read_config_file(config_file)
+        from pipeline.trl_names import seed_project_config
+
+        user = seed_project_config(read_config_file(config_file), str(config_file))  # the seed project's keys too
         for key, value in user.items():
             if key in SECTIONS and isinstance(value, dict):
                 base[key] = {**base.get(key, {}), **value}

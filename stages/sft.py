@@ -23,11 +23,11 @@ from pipeline.errors import ConfigError, UserError
 from pipeline.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, RUN_OUTPUTS
 from pipeline.models import LORA_TARGET_NAMES
 from pipeline.stagecli import stage_command
-from pipeline.training import SCHEDULERS
+from pipeline.training import StepBar, check_optim, check_scheduler
 
-RANGES = {"learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)",
+RANGES = {"learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_epsilon": "[0, inf)",
           "batch_size": "[1, inf)", "grad_accum": "[1, inf)", "epochs": "[1, inf)", "max_steps": "[0, inf)",
-          "warmup_ratio": "[0, 1)", "max_grad_norm": "[0, inf)", "lora_r": "[0, inf)", "lora_alpha": "[1, inf)",
+          "warmup_ratio": "[0, 1)", "warmup_steps": "[0, inf)", "max_grad_norm": "[0, inf)", "lora_r": "[0, inf)", "lora_alpha": "[1, inf)",
           "lora_dropout": "[0, 1)", "save_every": "[0, inf)", "keep_checkpoints": "[0, inf)", "seed": "[0, inf)",
           "log_every": "[1, inf)", "max_length": "[2, inf)", "mask_eps": "[0, 1)", "pad_response_to": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
@@ -64,6 +64,14 @@ class SFTConfig:
     """AdamW beta1."""
     adam_beta2: float = 0.999
     """AdamW beta2."""
+    optim: str = "adamw_torch"
+    """TrainingArguments' optim: adamw_torch (torch's AdamW, fused kernel where it runs), adamw_torch_fused,
+    adafactor, sgd, adagrad, rmsprop, or bitsandbytes' adamw_8bit, adamw_bnb_8bit, paged_adamw_8bit,
+    paged_adamw_32bit (where bitsandbytes is installed)."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    run_name: Optional[str] = None
+    """The run's name in trackers (TrainingArguments' run_name); default: the run folder's name."""
     batch_size: int = 8
     """Sequences per micro-batch per process."""
     grad_accum: int = 1
@@ -74,8 +82,16 @@ class SFTConfig:
     """Optimizer steps to run; 0 = derived from epochs."""
     warmup_ratio: float = 0.0
     """Share of steps with linear warmup."""
+    warmup_steps: float = 0
+    """Warmup steps (TrainingArguments' warmup_steps: >= 1 a count, in (0, 1) a share of the steps); when > 0 it
+    wins over warmup_ratio. The learning rate rises from 0 to its peak over them, as in transformers."""
     scheduler: str = "cosine"
-    """Decay after warmup: cosine, linear or constant."""
+    """transformers' lr_scheduler_type: linear, cosine, cosine_with_restarts, polynomial, constant,
+    constant_with_warmup, inverse_sqrt, cosine_with_min_lr, cosine_warmup_with_min_lr, warmup_stable_decay
+    (transformers.get_scheduler; constant has no warmup, as there)."""
+    lr_scheduler_kwargs: Optional[dict] = None
+    """Extra arguments of the scheduler (TrainingArguments' lr_scheduler_kwargs), e.g. {min_lr_rate: 0.1} for
+    cosine_with_min_lr, {num_cycles: 2} for cosine_with_restarts."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 = off)."""
     dtype: str = "float32"
@@ -116,7 +132,8 @@ class SFTConfig:
     trust_remote_code: bool = False
     """Allow a non-LLaDA checkpoint to run its own modeling code."""
     progress: bool = True
-    """Print one metrics line per logged step to stderr."""
+    """A progress bar with ETA on stderr when it is a terminal (tqdm's, as transformers shows it), and one
+    metrics line per logged step; --no-progress (TrainingArguments' disable_tqdm: true) turns both off."""
 
     def __post_init__(self):
         self.data, self.out = Path(self.data), Path(self.out)
@@ -124,7 +141,8 @@ class SFTConfig:
 
         check_ranges(self, RANGES)
         check_device(self.device)
-        require_choice("scheduler", self.scheduler, SCHEDULERS)
+        check_scheduler(self.scheduler, self.lr_scheduler_kwargs)
+        check_optim(self.optim)
         require_choice("mixed_precision", self.mixed_precision, PRECISIONS)
         from pipeline.devices import DTYPE_NAMES
 
@@ -311,7 +329,7 @@ def run(cfg: SFTConfig) -> SFTResult:
     loop = _Loop(cfg, model, wrapped, tokenizer, acc, examples, steps_per_epoch)
 
     layout = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "processes": world,
-              "total_steps": total_steps, "seed": cfg.seed, "lora_r": cfg.lora_r, "mask_eps": cfg.mask_eps,
+              "total_steps": total_steps, "seed": cfg.seed, "lora_r": cfg.lora_r, "optim": cfg.optim, "mask_eps": cfg.mask_eps,
               "data_sha256": examples_digest(examples)}
     resumed_from, start_step, num_tokens = None, 0, 0
     if cfg.resume:
@@ -334,9 +352,12 @@ def run(cfg: SFTConfig) -> SFTResult:
             from pipeline.metrics import TB_TAGS
             from pipeline.trackers import AccelerateSink
 
-            sinks.append(AccelerateSink(acc, dataclasses.asdict(cfg), TB_TAGS))
+            sinks.append(AccelerateSink(acc, dataclasses.asdict(cfg), TB_TAGS,
+                                        run_name=cfg.run_name or cfg.out.name))
+    bar = StepBar(total_steps, start_step, cfg.progress and acc.is_main_process, "sft")
+    if acc.is_main_process:
         writer = MetricsWriter(cfg.out, tensorboard=TENSORBOARD in trackers, resume_step=resumed_from,
-                               console=cfg.progress, sinks=tuple(sinks))
+                               console=bar.stream or cfg.progress, sinks=tuple(sinks))
 
     last: dict[str, float] = {}
     reset_peak_memory(acc.device)
@@ -355,6 +376,7 @@ def run(cfg: SFTConfig) -> SFTResult:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            bar.step()
             logged = (step + 1) % cfg.log_every == 0 or step + 1 == total_steps
             saving = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps
             if logged or saving:
@@ -384,8 +406,10 @@ def run(cfg: SFTConfig) -> SFTResult:
         acc.wait_for_everyone()
         if writer is not None:
             writer.flush()
-        save_model_dir(cfg.out / FINAL_DIR, model, tokenizer, acc, base_name=cfg.model)
+        save_model_dir(cfg.out / FINAL_DIR, model, tokenizer, acc, base_name=cfg.model,
+                       card=sft_card(cfg, layout["data_sha256"], len(examples), last))
     finally:
+        bar.close()
         if writer is not None:
             writer.close()
         for sink in sinks:
@@ -396,6 +420,15 @@ def run(cfg: SFTConfig) -> SFTResult:
         num_tokens=num_tokens, seconds=time.perf_counter() - start_time, out=str(cfg.out),
         final_model=str(cfg.out / FINAL_DIR), metrics=str(cfg.out / METRICS_FILE), resumed_from=resumed_from,
     )
+
+
+def sft_card(cfg: SFTConfig, data_sha256: str, n_examples: int, last: dict[str, Any]) -> str:
+    from pipeline.config import config_to_dict
+    from pipeline.model_card import model_card
+
+    data = {"training data": str(cfg.data), "examples sha256": data_sha256, "examples": n_examples}
+    return model_card(stage="sft", base_model=cfg.model, lora=cfg.lora_r > 0, data=data,
+                      settings=config_to_dict(cfg), metrics=last)
 
 
 def _sft_action(cfg: SFTConfig, as_json: bool) -> None:

@@ -37,10 +37,13 @@ from pipeline.replay import PairBatch, cache_part_paths, replay_requests  # noqa
 from pipeline.stagecli import stage_command
 from pipeline.training import (  # noqa: F401  (shared with sft; importable from here as before)
     SCHEDULERS,
+    StepBar,
     _micro_batch_span,
     adapt_policy,
+    check_optim,
     check_resume_layout,
     check_run_outputs,
+    check_scheduler,
     epoch_order,
     fresh_accelerator,
     make_optimizer,
@@ -58,13 +61,14 @@ PRECISIONS = ("no", "bf16", "fp16")
 RESUME_FREE = ("scores", "model", "out", "resume", "overwrite", "progress", "plan", "save_every", "keep_checkpoints",
                "log_every", "report_to", "tensorboard", "device", "batch_tokens", "sequence_microbatch",
                "gradient_checkpointing", "trust_remote_code", "eval_every", "save_best", "gap_threshold",
-               "allow_different_init", "allow_numerics_mismatch", "reuse_masks")
+               "allow_different_init", "allow_numerics_mismatch", "reuse_masks", "run_name")
 """Settings a resume may change (speed, memory, logging, where things are): every other one shapes the run and
 must equal the recorded config.yaml (the cache goes by its fingerprint digest in the checkpoint's layout)."""
 
 RANGES = {"beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "sft_weight": "[0, inf)", "learning_rate": "(0, inf)",
-          "weight_decay": "[0, inf)", "batch_size": "[1, inf)", "grad_accum": "[1, inf)", "epochs": "[1, inf)",
-          "max_steps": "[0, inf)", "warmup_ratio": "[0, 1)", "max_grad_norm": "[0, inf)", "lora_r": "[0, inf)",
+          "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)",
+          "adam_beta2": "[0, 1)", "adam_epsilon": "[0, inf)", "batch_size": "[1, inf)", "grad_accum": "[1, inf)", "epochs": "[1, inf)",
+          "max_steps": "[0, inf)", "warmup_ratio": "[0, 1)", "warmup_steps": "[0, inf)", "max_grad_norm": "[0, inf)", "lora_r": "[0, inf)",
           "lora_alpha": "[1, inf)", "lora_dropout": "[0, 1)", "sequence_microbatch": "[0, inf)",
           "batch_tokens": "[1, inf)", "save_every": "[0, inf)", "keep_checkpoints": "[0, inf)", "seed": "[0, inf)",
           "log_every": "[1, inf)", "gap_threshold": "[0, inf)", "max_length": "[1, inf)",
@@ -96,6 +100,18 @@ class TrainConfig:
     """Peak AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    optim: str = "adamw_torch"
+    """TrainingArguments' optim: adamw_torch (torch's AdamW, fused kernel where it runs), adamw_torch_fused,
+    adafactor, sgd, adagrad, rmsprop, or bitsandbytes' adamw_8bit, adamw_bnb_8bit, paged_adamw_8bit,
+    paged_adamw_32bit (where bitsandbytes is installed)."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    run_name: Optional[str] = None
+    """The run's name in trackers (TrainingArguments' run_name); default: the run folder's name."""
     batch_size: int = 4
     """Pairs per micro-batch per process."""
     grad_accum: int = 1
@@ -106,8 +122,16 @@ class TrainConfig:
     """Optimizer steps to run; 0 = derived from epochs."""
     warmup_ratio: float = 0.1
     """Share of steps with linear warmup."""
+    warmup_steps: float = 0
+    """Warmup steps (TrainingArguments' warmup_steps: >= 1 a count, in (0, 1) a share of the steps); when > 0 it
+    wins over warmup_ratio. The learning rate rises from 0 to its peak over them, as in transformers."""
     scheduler: str = "cosine"
-    """Decay after warmup: cosine, linear or constant."""
+    """transformers' lr_scheduler_type: linear, cosine, cosine_with_restarts, polynomial, constant,
+    constant_with_warmup, inverse_sqrt, cosine_with_min_lr, cosine_warmup_with_min_lr, warmup_stable_decay
+    (transformers.get_scheduler; constant has no warmup, as there)."""
+    lr_scheduler_kwargs: Optional[dict] = None
+    """Extra arguments of the scheduler (TrainingArguments' lr_scheduler_kwargs), e.g. {min_lr_rate: 0.1} for
+    cosine_with_min_lr, {num_cycles: 2} for cosine_with_restarts."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 = off)."""
     mixed_precision: Optional[str] = None
@@ -173,7 +197,8 @@ class TrainConfig:
     trust_remote_code: bool = False
     """Allow a non-LLaDA checkpoint to run its own modeling code."""
     progress: bool = True
-    """Print one metrics line per logged step to stderr."""
+    """A progress bar with ETA on stderr when it is a terminal (tqdm's, as transformers shows it), and one
+    metrics line per logged step; --no-progress (TrainingArguments' disable_tqdm: true) turns both off."""
     plan: bool = True
     """On CUDA, plan the peak memory first and stop with the largest settings that fit (lldm-dpo plan)."""
 
@@ -186,8 +211,8 @@ class TrainConfig:
         self._check_losses()
         validate_loss_args(beta=self.beta, loss_type=self.preference_loss or "sigmoid",
                            label_smoothing=self.label_smoothing)
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got '{self.scheduler}'")
+        check_scheduler(self.scheduler, self.lr_scheduler_kwargs)
+        check_optim(self.optim)
         if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got '{self.mixed_precision}'")
         if self.reference not in ("cached", "online"):
@@ -600,12 +625,25 @@ def gap_error(cfg: TrainConfig, gap: float, numerics: Numerics, cached: Numerics
                      f"{what}; --gap-threshold 0 skips this check")
 
 
-def save_final(ctx: TrainContext, model_name: str, path: Path) -> None:
-    """The final model in Hugging Face format (full weights, or the LoRA adapter), renamed into place;
-    under FSDP the shards are gathered first (every process calls this)."""
+def save_final(ctx: TrainContext, model_name: str, path: Path, card: Optional[str] = None) -> None:
+    """The final model in Hugging Face format (full weights, or the LoRA adapter) with its model card, renamed
+    into place; under FSDP the shards are gathered first (every process calls this)."""
     from pipeline.checkpoint import save_model_dir
 
-    save_model_dir(path, ctx.model, ctx.tokenizer, ctx.accelerator, base_name=model_name)
+    save_model_dir(path, ctx.model, ctx.tokenizer, ctx.accelerator, base_name=model_name, card=card)
+
+
+def train_card(cfg: TrainConfig, model_name: str, fp: dict[str, Any], n_pairs: int, last: dict[str, Any],
+               last_eval: dict[str, Any], eval_pairs: int) -> str:
+    from pipeline.cache import fingerprint_digest
+    from pipeline.config import config_to_dict
+    from pipeline.model_card import model_card
+
+    data = {"reference-score cache": str(cfg.scores), "cache fingerprint": fingerprint_digest(fp),
+            "training pairs": n_pairs, "samples per response": fp.get("samples"), "mask draws": fp.get("draws")}
+    return model_card(stage="dpo", base_model=model_name, lora=cfg.lora_r > 0, data=data,
+                      settings=config_to_dict(cfg), metrics=last, eval_metrics=last_eval.get("metrics"),
+                      eval_pairs=eval_pairs, eval_step=last_eval.get("step"))
 
 
 def run(cfg: TrainConfig) -> TrainResult:
@@ -764,7 +802,7 @@ def _run(cfg: TrainConfig) -> TrainResult:
             raise gap_error(cfg, gap, numerics, cached_numerics)
 
     layout = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "processes": world,
-              "total_steps": total_steps, "seed": cfg.seed, "lora_r": cfg.lora_r,
+              "total_steps": total_steps, "seed": cfg.seed, "lora_r": cfg.lora_r, "optim": cfg.optim,
               "scores_digest": cache.manifest.get("fingerprint_digest")}  # the cache by content, not by path
     resumed_from = None
     start_step = 0
@@ -796,9 +834,12 @@ def _run(cfg: TrainConfig) -> TrainResult:
             from pipeline.metrics import TB_TAGS
             from pipeline.trackers import AccelerateSink
 
-            sinks.append(AccelerateSink(acc, dataclasses.asdict(cfg), TB_TAGS))
+            sinks.append(AccelerateSink(acc, dataclasses.asdict(cfg), TB_TAGS,
+                                        run_name=cfg.run_name or cfg.out.name))
+    bar = StepBar(total_steps, start_step, cfg.progress and acc.is_main_process, "train")
+    if acc.is_main_process:
         writer = MetricsWriter(cfg.out, tensorboard=TENSORBOARD in trackers, resume_step=resumed_from,
-                               console=cfg.progress, sinks=tuple(sinks))
+                               console=bar.stream or cfg.progress, sinks=tuple(sinks))
     # Each process scores its share of the held-out pairs; the sums are all-reduced.
     # Data parallel: each process scores its share and the sums are all-reduced. FSDP: every forward is a
     # collective (the weights are gathered block by block), so every process must make the same calls;
@@ -810,6 +851,7 @@ def _run(cfg: TrainConfig) -> TrainResult:
 
     last: dict[str, float] = {}
     intervals: dict[str, Any] = {}
+    last_eval: dict[str, Any] = {}
     reset_peak_memory(acc.device)
     try:
         for step in range(start_step, total_steps):
@@ -839,6 +881,7 @@ def _run(cfg: TrainConfig) -> TrainResult:
             new_best = False
             if evaluated:
                 row.update(evaluate_heldout(ctx, eval_share))
+                last_eval = {"step": step + 1, "metrics": {k: v for k, v in row.items() if k.startswith("eval/")}}
                 score = row["eval/rewards/accuracies"]
                 # The first best is kept on ties: a later checkpoint must do strictly better.
                 new_best = cfg.save_best and (best["best_metric"] is None or score > best["best_metric"])
@@ -848,6 +891,7 @@ def _run(cfg: TrainConfig) -> TrainResult:
             intervals["rewards/accuracies"] = _accuracy_of(row["rewards/accuracies"], step_pairs)
             if evaluated:
                 intervals["eval/rewards/accuracies"] = _accuracy_of(row["eval/rewards/accuracies"], len(eval_rows))
+            bar.step(row["loss"])
             if writer is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps or evaluated):
                 writer.log(row)
             if new_best or (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps):
@@ -863,8 +907,9 @@ def _run(cfg: TrainConfig) -> TrainResult:
         final = cfg.out / FINAL_DIR
         if acc.is_main_process:
             writer.flush()
-        save_final(ctx, model_name, final)
+        save_final(ctx, model_name, final, train_card(cfg, model_name, fp, len(rows), last, last_eval, len(eval_rows)))
     finally:
+        bar.close()
         if writer is not None:
             writer.close()
         for sink in sinks:

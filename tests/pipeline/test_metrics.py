@@ -176,9 +176,9 @@ def test_tensorboard_tags_and_values(tmp_path):
     expected = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "epoch",
                 "tokens_per_second", "peak_memory_bytes"}
-    assert tags == expected
-    assert [(e.step, round(e.value, 6)) for e in acc.Scalars("rewards/chosen")] == [(1, 0.01), (2, 0.25)]
-    assert [e.step for e in acc.Scalars("learning_rate")] == [1]  # NaN at step 2 is not logged
+    assert tags == {f"train/{t}" for t in expected}  # as transformers' Trainer logs them
+    assert [(e.step, round(e.value, 6)) for e in acc.Scalars("train/rewards/chosen")] == [(1, 0.01), (2, 0.25)]
+    assert [e.step for e in acc.Scalars("train/learning_rate")] == [1]  # NaN at step 2 is not logged
 
 
 def test_tensorboard_resume_purges_later_events(tmp_path):
@@ -188,5 +188,5 @@ def test_tensorboard_resume_purges_later_events(tmp_path):
     with MetricsWriter(tmp_path, console=False, resume_step=3) as w:
         w.log(_row(4, loss=9.0))
     acc = _scalars(tmp_path)
-    losses = [(e.step, round(e.value, 6)) for e in acc.Scalars("loss")]
+    losses = [(e.step, round(e.value, 6)) for e in acc.Scalars("train/loss")]
     assert losses == [(1, 0.69), (2, 0.68), (3, 0.67), (4, 9.0)]

@@ -56,7 +56,7 @@ def test_eval_every_logs_eval_metrics_at_its_steps_in_parquet_and_tensorboard(sm
     ev = EventAccumulator(str(out / "tensorboard"))
     ev.Reload()
     assert [e.step for e in ev.Scalars("eval/rewards/accuracies")] == [2, 4]
-    assert [e.step for e in ev.Scalars("loss")] == [2, 3, 4, 5]
+    assert [e.step for e in ev.Scalars("train/loss")] == [2, 3, 4, 5]
 
 
 def test_save_best_keeps_the_best_checkpoint_through_rotation(small_cache, tmp_path, monkeypatch):
@@ -178,7 +178,9 @@ def test_a_tracker_through_accelerate_gets_every_row_with_trl_names(small_cache,
     assert "eval/rewards/accuracies" in seen[1][1] and "eval/rewards/accuracies" not in seen[0][1]
     parquet = pq.read_table(out / "metrics.parquet").to_pylist()
     assert seen[1][1]["eval/rewards/margins"] == parquet[1]["eval/rewards/margins"]
-    assert seen[0][1]["loss"] == parquet[0]["loss"]
+    assert seen[0][1]["train/loss"] == parquet[0]["loss"]  # transformers' names for trackers
+    assert seen[0][1]["train/rewards/accuracies"] == parquet[0]["rewards/accuracies"]
+    assert "loss" not in seen[0][1] and "loss" in parquet[0]  # metrics.parquet keeps query's names
     assert configs and configs[0]["eval_every"] == 2 and configs[0]["out"] == str(out)
     assert not (out / "tensorboard").exists()  # only what --report-to names
     assert finished == [True]

@@ -1,0 +1,73 @@
+"""The model card (README.md) of a final model folder: what was trained, from what, how, and how it did.
+
+Its YAML front matter is the Hub's (``library_name``, ``base_model``, ``tags``), so the folder uploads as a
+model repository with a card as it is; the body names the stage, the starting model, the data with its
+fingerprint, every setting, the last logged metrics and the held-out results (accuracy with its count and
+a 95% Wilson interval).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+CARD_FILE = "README.md"
+
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``accuracy`` measured on ``n`` items."""
+    if n <= 0 or math.isnan(accuracy):
+        return float("nan"), float("nan")
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def _table(rows: Mapping[str, Any]) -> list[str]:
+    lines = ["| name | value |", "|---|---|"]
+    lines += [f"| `{k}` | {_value(v)} |" for k, v in rows.items()]
+    return lines
+
+
+def model_card(*, stage: str, base_model: str, lora: bool, data: Mapping[str, Any], settings: Mapping[str, Any],
+               metrics: Mapping[str, Any], eval_metrics: Mapping[str, Any] | None = None, eval_pairs: int = 0,
+               eval_step: int | None = None) -> str:
+    """README.md text for a model ``stage`` (``dpo`` or ``sft``) trained from ``base_model``.
+
+    ``data`` describes what it was trained on (paths and fingerprints), ``settings`` is the resolved config,
+    ``metrics`` the last logged row, ``eval_metrics`` the last held-out measurement (``eval/...``) on
+    ``eval_pairs`` pairs at step ``eval_step``."""
+    import yaml
+
+    tags = ["lldm-dpo", stage, "llada", "masked-diffusion"] + (["lora"] if lora else [])
+    front = {"library_name": "peft" if lora else "transformers", "base_model": base_model, "tags": tags}
+    what = {"dpo": "DPO against a reference-score cache (masked-diffusion ELBOs, `lldm-dpo train`)",
+            "sft": "masked-diffusion supervised fine-tuning (LLaDA's SFT objective, `lldm-dpo sft`)"}[stage]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+             f"# {stage.upper()} of {base_model}", "",
+             f"Trained from `{base_model}` with {what}{' as a LoRA adapter' if lora else ''}.", "",
+             "## Data", ""]
+    lines += _table(data)
+    lines += ["", "## Settings", "", "```yaml", yaml.safe_dump(dict(settings), sort_keys=False).rstrip(), "```",
+              "", "## Last logged metrics", ""]
+    lines += _table({k: v for k, v in metrics.items() if not str(k).startswith("eval/")})
+    lines += ["", "## Eval results", ""]
+    if eval_metrics:
+        lines.append(f"Held-out preference pairs: {eval_pairs}, measured at step {eval_step}.")
+        lines.append("")
+        rows = dict(eval_metrics)
+        acc = rows.get("eval/rewards/accuracies")
+        if acc is not None and eval_pairs:
+            lo, hi = wilson_interval(float(acc), eval_pairs)
+            rows["eval/rewards/accuracies (95% Wilson interval)"] = f"[{lo:.3f}, {hi:.3f}] over {eval_pairs} pairs"
+        lines += _table(rows)
+    else:
+        lines.append("None measured during training" + (" (train --eval-every measures held-out pairs)."
+                                                         if stage == "dpo" else "."))
+    return "\n".join(lines) + "\n"
