@@ -137,11 +137,12 @@ def sample_seed(seed: int, question_id: str, sample: int) -> int:
 
 
 def grade(completion: str, reference: str) -> tuple[str | None, bool]:
-    """(extracted answer, correct) of one completion against a normalised reference answer."""
-    from decimal import Decimal
+    """(extracted answer, correct) of one completion against a normalised reference answer (exact
+    rational comparison: ``pipeline.answers.same_number``)."""
+    from pipeline.answers import same_number
 
     got = extract_answer(completion)
-    return got, got is not None and Decimal(got) == Decimal(reference)
+    return got, same_number(got, reference)
 
 
 def identity_digest(identity: Any) -> str:

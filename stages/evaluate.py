@@ -28,7 +28,7 @@ from pipeline.errors import ConfigError, UserError
 from pipeline.layout import EVAL_FILE, TASK_RESULTS
 from pipeline.numerics import DTYPES, PRECISIONS, Numerics, autocast, follow, of_fingerprint
 from pipeline.prompts import follow_cache, resolve_chat_template
-from pipeline.stagecli import stage_command, summarize
+from pipeline.stagecli import stage_command
 
 TASK_RESULTS_SCHEMA = pa.schema([
     ("model", pa.string()),  # "before" or "after"
@@ -45,7 +45,7 @@ NORMALIZE = ("none", "length")
 RANGES = {"beta": "(0, inf)", "limit_pairs": "[0, inf)", "limit_task": "[0, inf)", "limit_choices": "[0, inf)",
           "gen_length": "[1, inf)", "block_length": "[1, inf)", "steps": "[1, inf)", "samples": "[1, inf)",
           "batch_size": "[1, inf)", "batch_tokens": "[1, inf)", "seed": "[0, inf)", "train_sample": "[0, inf)",
-          "lm_eval_limit": "[0, inf)", "lm_eval_num_fewshot": "[0, inf)"}
+          "lm_eval_limit": "[0, inf)", "lm_eval_num_fewshot": "[0, inf)", "mc_seeds": "[1, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
@@ -92,6 +92,10 @@ class EvalConfig:
     """Multiple-choice score of an option: none (its ELBO, LLaDA's protocol) or length (ELBO per option token)."""
     seed: int = 0
     """Seed of sampling noise and multiple-choice masks."""
+    mc_seeds: int = 1
+    """Rescore the ELBO-based figures under this many mask seeds and report their spread (mc_spread in
+    eval.json): multiple-choice accuracy with seeds seed, seed+1, ..., and the held-out ELBO accuracy on fresh
+    masks (draws past the cache's); 1 = the one seed."""
     dtype: Optional[str] = None
     """Weights dtype of both models; default: the cache's (so the reference reproduces its cached terms)."""
     mixed_precision: Optional[str] = None
@@ -154,6 +158,11 @@ class EvalResult:
     mean_margin: dict[str, float] = field(default_factory=dict)
     task_accuracy: dict[str, float] = field(default_factory=dict)
     choice_accuracy: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per accuracy-like figure: {"before"/"after": {value, count, n, low, high (95% Wilson)}, "difference":
+    after - before on the same items with Newcombe's paired interval} (pipeline.intervals)."""
+    mc_spread: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """With mc_seeds > 1: per ELBO-based figure and model, its value under each mask seed, mean, sd, min, max."""
     lm_eval: dict[str, dict[str, float]] = field(default_factory=dict)
     """lm-eval results: {"task/metric": {"before": ..., "after": ...}}."""
     pairs: int = 0
@@ -201,27 +210,38 @@ def preference_scores(model, tokenizer, cache, split: str, beta: float, numerics
             pi_r.append(sc["rejected"])
             ref_c.append(row["ref_chosen_elbo"])
             ref_r.append(row["ref_rejected_elbo"])
-    return margin_summary(pi_c, pi_r, ref_c, ref_r, beta, with_elbo=True)
+    return margin_summary(pi_c, pi_r, ref_c, ref_r, beta, with_elbo=True, with_credits=True)
 
 
-def margin_summary(pi_c, pi_r, ref_c, ref_r, beta: float, with_elbo: bool = False) -> dict[str, Any]:
+def margin_summary(pi_c, pi_r, ref_c, ref_r, beta: float, with_elbo: bool = False,
+                   with_credits: bool = False) -> dict[str, Any]:
+    """Accuracy (with its count and Wilson interval, ``accuracy_interval``) and mean margin of pairs; with
+    ``with_credits`` also the per-pair credits (``credits``, ``elbo_credits``) for paired differences."""
+    from pipeline.intervals import credits_record
     from pipeline.losses import reward_accuracy
 
     t = [torch.tensor(v, dtype=torch.float64) for v in (pi_c, pi_r, ref_c, ref_r)]
     cr, rr = beta * (t[0] - t[2]), beta * (t[1] - t[3])
     # The log-ratios themselves (beta 1): the sign of the margin before beta scales it, whatever beta is.
-    credit = reward_accuracy(t[0] - t[2], t[1] - t[3], t[2], t[3], beta=1.0)
-    out = {"accuracy": float(credit.mean()), "mean_margin": float((cr - rr).mean()), "pairs": len(pi_c)}
+    credit = reward_accuracy(t[0] - t[2], t[1] - t[3], t[2], t[3], beta=1.0).tolist()
+    out = {"accuracy": float(sum(credit) / len(credit)) if credit else float("nan"),
+           "mean_margin": float((cr - rr).mean()), "pairs": len(pi_c), "accuracy_interval": credits_record(credit)}
     if with_elbo:
-        out["elbo_accuracy"] = float((t[0] > t[1]).double().mean())
+        elbo = (t[0] > t[1]).double().tolist()
+        out["elbo_accuracy"] = float(sum(elbo) / len(elbo)) if elbo else float("nan")
+        out["elbo_accuracy_interval"] = credits_record(elbo)
+        if with_credits:
+            out["elbo_credits"] = elbo
+    if with_credits:
+        out["credits"] = credit
     return out
 
 
-def fresh_requests(rows: list[dict], fingerprint: dict[str, Any]) -> list:
-    """Requests on masks training never saw: draw index ``draws`` of each (pair, side), one past the cache's."""
+def fresh_requests(rows: list[dict], fingerprint: dict[str, Any], extra: int = 0) -> list:
+    """Requests on masks training never saw: draw index ``draws + extra`` of each (pair, side), past the cache's."""
     from pipeline.diffusion import ScoreRequest, mask_seed, sample_masks
 
-    draw, eps = fingerprint["draws"], fingerprint.get("eps") or 1e-3
+    draw, eps = fingerprint["draws"] + extra, fingerprint.get("eps") or 1e-3
     requests = []
     for row in rows:
         for side in ("chosen", "rejected"):
@@ -256,6 +276,41 @@ def sample_terms(model, tokenizer, rows: list[dict], fingerprint: dict[str, Any]
     return {"cached_c": cached[0::2], "cached_r": cached[1::2], "fresh_c": fresh[0::2], "fresh_r": fresh[1::2]}
 
 
+def fresh_elbo_credits(model, tokenizer, rows: list[dict], fingerprint: dict[str, Any], numerics: Numerics,
+                       batch_tokens: int, extra: int) -> list[float]:
+    """Per pair 1 when the model's ELBO of the chosen response beats the rejected one's on fresh masks
+    (draw ``draws + extra``), else 0."""
+    from pipeline.diffusion import elbo_terms
+
+    device = next(model.parameters()).device
+    with torch.no_grad(), autocast(device, numerics.mixed_precision):
+        terms = elbo_terms(model, fresh_requests(rows, fingerprint, extra), mask_token_id=tokenizer.mask_token_id,
+                           pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens)
+    means = [t.double().mean().item() for t in terms]
+    return [float(c > r) for c, r in zip(means[0::2], means[1::2])]
+
+
+def spread(values: list[float], seeds: list[int]) -> dict[str, Any]:
+    """A figure under several mask seeds: the values, their mean, sample standard deviation, min and max."""
+    import statistics
+
+    return {"seeds": list(seeds), "values": list(values), "mean": statistics.fmean(values),
+            "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values)}
+
+
+def interval_block(credits: dict[str, dict[str, list]]) -> dict[str, dict[str, Any]]:
+    """{figure: {label: Wilson record, "difference": paired interval when both models were measured}}."""
+    from pipeline.intervals import credits_record, paired_difference_interval
+
+    out: dict[str, dict[str, Any]] = {}
+    for figure, by_label in credits.items():
+        rec: dict[str, Any] = {label: credits_record(c) for label, c in by_label.items()}
+        if "before" in by_label and "after" in by_label and len(by_label["before"]) == len(by_label["after"]):
+            rec["difference"] = paired_difference_interval(by_label["before"], by_label["after"])
+        out[figure] = rec
+    return out
+
+
 def training_sample(cache, size: int, seed: int) -> list[dict]:
     import random
 
@@ -278,6 +333,24 @@ def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     return items
 
 
+def read_benchmark(path: Path) -> list[dict]:
+    """The benchmark's {question, answer} records; an answer that cannot be read as a number (a fraction, a
+    marked solution '#### N', ...: pipeline.answers.reference_answer) is a one-line error naming the record."""
+    from pipeline.answers import reference_answer
+    from pipeline.readers import jsonl_objects
+
+    items = []
+    for where, item in jsonl_objects(path):
+        for key in ("question", "answer"):
+            if key not in item:
+                raise UserError(f"{where}: missing field '{key}'")
+        if reference_answer(item["answer"]) is None:
+            raise UserError(f"{where}: field 'answer' holds no readable number: {str(item['answer'])[:60]!r} "
+                            "(a number such as 18, 3/4, \\frac{3}{4}, 1e3, or a solution ending '#### N')")
+        items.append(item)
+    return items
+
+
 def task_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, label: str,
                   chat_template: bool) -> tuple[float, list[dict]]:
     from pipeline.answers import extract_answer, is_correct, reference_answer
@@ -288,10 +361,10 @@ def task_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, label: s
                     steps=cfg.steps, seed=cfg.seed, chat_template=chat_template, batch_size=cfg.batch_size)
     rows = []
     for i, (it, out) in enumerate(zip(items, done)):
-        ref = reference_answer(str(it["answer"]))
+        ref = reference_answer(it["answer"])
         rows.append({"model": label, "index": i, "question": it["question"], "reference": str(ref),
                      "completion": out["completion"], "predicted": extract_answer(out["completion"]),
-                     "correct": bool(is_correct(out["completion"], str(it["answer"])))})
+                     "correct": bool(is_correct(out["completion"], it["answer"]))})
     return sum(r["correct"] for r in rows) / max(1, len(rows)), rows
 
 
@@ -315,24 +388,33 @@ def choice_requests(tokenizer, item: dict, index: int, *, samples: int, seed: in
 
 def choice_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, chat_template: bool | None = None) -> float:
     """Pick the option with the highest ELBO given the question (per token with normalize=length)."""
+    credits = choice_credits(model, tokenizer, items, cfg, chat_template)
+    return sum(credits) / max(1, len(items))
+
+
+def choice_credits(model, tokenizer, items: list[dict], cfg: EvalConfig, chat_template: bool | None = None,
+                   seed: int | None = None) -> list[int]:
+    """Per item 1 when the option with the highest ELBO is the answer, else 0; masks drawn from ``seed``
+    (default ``cfg.seed``)."""
     from pipeline.diffusion import elbo_terms
     from pipeline.prompts import resolve_chat_template
 
     chat_template = resolve_chat_template(tokenizer, chat_template)
-    correct = 0
+    seed = cfg.seed if seed is None else seed
+    credits = []
     for i, item in enumerate(items):
         options = list(item["options"])
         if not options:
             raise UserError(f"{cfg.choices} item {i}: field 'options' is empty")
-        requests = choice_requests(tokenizer, item, i, samples=cfg.samples, seed=cfg.seed,
+        requests = choice_requests(tokenizer, item, i, samples=cfg.samples, seed=seed,
                                    chat_template=chat_template, where=f"{cfg.choices} item {i}")
         with torch.no_grad():
             terms = elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
                                pad_token_id=tokenizer.pad_token_id, batch_tokens=cfg.batch_tokens)
         scores = [t.double().mean().item() / (len(r.response_ids) if cfg.normalize == "length" else 1)
                   for t, r in zip(terms, requests)]
-        correct += int(max(range(len(options)), key=lambda j: scores[j]) == int(item["answer"]))
-    return correct / max(1, len(items))
+        credits.append(int(max(range(len(options)), key=lambda j: scores[j]) == int(item["answer"])))
+    return credits
 
 
 def run(cfg: EvalConfig) -> EvalResult:
@@ -366,7 +448,7 @@ def run(cfg: EvalConfig) -> EvalResult:
     sample = training_sample(cache, cfg.train_sample, cfg.seed) if cache is not None and cfg.train_sample else []
     reference_name = cache.manifest["config"]["model"] if cache is not None else None
     fresh_ref = None
-    bench = read_jsonl(cfg.benchmark, ("question", "answer")) if cfg.benchmark else []
+    bench = read_benchmark(cfg.benchmark) if cfg.benchmark else []
     if cfg.limit_task:
         bench = bench[:cfg.limit_task]
     mc = read_jsonl(cfg.choices, ("question", "options", "answer")) if cfg.choices else []
@@ -383,6 +465,9 @@ def run(cfg: EvalConfig) -> EvalResult:
                         task_items=len(bench))
     report: dict[str, Any] = {"preference_accuracy": {}, "elbo_accuracy": {}, "mean_margin": {}}
     task_rows: list[dict] = []
+    credits: dict[str, dict[str, list]] = {}
+    spreads: dict[str, dict[str, Any]] = {}
+    held_out = (pair_rows.take(range(len(pair_rows))) if cfg.mc_seeds > 1 and len(pair_rows) else [])
     for label, name in (("before", before_name), ("after", cfg.model)):
         if name is None:
             continue
@@ -395,6 +480,15 @@ def run(cfg: EvalConfig) -> EvalResult:
             result.preference_accuracy[label] = report["preference_accuracy"][label] = pref["accuracy"]
             result.elbo_accuracy[label] = report["elbo_accuracy"][label] = pref["elbo_accuracy"]
             result.mean_margin[label] = report["mean_margin"][label] = pref["mean_margin"]
+            credits.setdefault("preference_accuracy", {})[label] = pref["credits"]
+            credits.setdefault("elbo_accuracy", {})[label] = pref["elbo_credits"]
+            if held_out:
+                values = [sum(c) / len(c) for c in (
+                    fresh_elbo_credits(model, tokenizer, held_out, cache.fingerprint, numerics,
+                                       int(cache.manifest.get("config", {}).get("batch_tokens", 16384)), j)
+                    for j in range(cfg.mc_seeds))]
+                spreads.setdefault("elbo_accuracy_fresh_masks", {})[label] = spread(
+                    values, [cache.fingerprint["draws"] + j for j in range(cfg.mc_seeds)])
         if sample and (label == "after" or name == reference_name):
             terms = sample_terms(model, tokenizer, sample, cache.fingerprint, numerics, cfg.batch_tokens)
             if label == "before":
@@ -407,9 +501,15 @@ def run(cfg: EvalConfig) -> EvalResult:
             result.task_accuracy[label] = acc
             report.setdefault("task_accuracy", {})[label] = acc
             task_rows += rows
+            credits.setdefault("task_accuracy", {})[label] = [r["correct"] for r in rows]
         if mc:
+            seeds = [cfg.seed + j for j in range(cfg.mc_seeds)]
             with autocast(device, numerics.mixed_precision):
-                acc = choice_accuracy(model, tokenizer, mc, cfg, chat_template)
+                per_seed = [choice_credits(model, tokenizer, mc, cfg, chat_template, seed=sd) for sd in seeds]
+            acc = sum(per_seed[0]) / len(mc)
+            credits.setdefault("choice_accuracy", {})[label] = per_seed[0]
+            if cfg.mc_seeds > 1:
+                spreads.setdefault("choice_accuracy", {})[label] = spread([sum(c) / len(mc) for c in per_seed], seeds)
             result.choice_accuracy[label] = acc
             report.setdefault("choice_accuracy", {})[label] = acc
         if lm_tasks:
@@ -426,6 +526,13 @@ def run(cfg: EvalConfig) -> EvalResult:
         del model
     if len(pair_rows):
         report["reference_margins"] = pair_rows.column("ref_margin")
+    for key in ("cached_masks", "fresh_masks"):
+        summary = (result.train_sample or {}).get(key)
+        if summary:
+            credits[f"train_sample/{key}/accuracy"] = {"after": summary.pop("credits")}
+    result.intervals = report["intervals"] = interval_block(credits)
+    if spreads:
+        result.mc_spread = report["mc_spread"] = spreads
     report["models"] = {"before": before_name, "after": cfg.model}
     report["counts"] = {"pairs": len(pair_rows), "task_items": len(bench), "choice_items": len(mc)}
     report = {k: v for k, v in report.items() if v != {}}
@@ -444,16 +551,47 @@ def _sample_report(rows: list[dict], policy: dict, reference: dict | None, beta:
     ref_c = [r["ref_chosen_elbo"] for r in rows]
     ref_r = [r["ref_rejected_elbo"] for r in rows]
     out: dict[str, Any] = {"pairs": len(rows),
-                           "cached_masks": margin_summary(policy["cached_c"], policy["cached_r"], ref_c, ref_r, beta)}
+                           "cached_masks": margin_summary(policy["cached_c"], policy["cached_r"], ref_c, ref_r, beta,
+                                                          with_credits=True)}
     if reference is not None:
         out["fresh_masks"] = margin_summary(policy["fresh_c"], policy["fresh_r"], reference["fresh_c"],
-                                            reference["fresh_r"], beta)
+                                            reference["fresh_r"], beta, with_credits=True)
     else:
         out["fresh_masks"] = None  # needs the cache's model as `before` (the reference on the fresh masks)
     return out
 
 
 
-command = stage_command(EvalConfig, summarize("eval", run),
+def print_intervals(intervals: dict, mc_spread: dict | None = None, title: str = "accuracy with 95% intervals") -> None:
+    """The intervals block as plain lines (not wrapped): per figure before, after and after - before (paired)."""
+    from pipeline.intervals import interval_rows
+
+    if not intervals:
+        return
+    print(f"{title}:")
+    for name, before, after, diff in interval_rows(intervals):
+        print(f"  {name}")
+        for label, text in (("before", before), ("after", after), ("after - before", diff)):
+            if text:
+                print(f"    {label:15} {text}")
+    for figure, by_label in (mc_spread or {}).items():
+        for label, sp in by_label.items():
+            print(f"  {figure} ({label}) over {len(sp['seeds'])} mask seeds: mean {sp['mean']:.3f}, "
+                  f"sd {sp['sd']:.3f}, min {sp['min']:.3f}, max {sp['max']:.3f}")
+
+
+def _eval_action(cfg: EvalConfig, as_json: bool) -> None:
+    from pipeline.stagecli import print_summary, summary_dict
+
+    result = run(cfg)
+    data = summary_dict(result)
+    if as_json:
+        print_summary("eval", data, True)
+        return
+    print_summary("eval", {k: v for k, v in data.items() if k not in ("intervals", "mc_spread")}, False)
+    print_intervals(result.intervals, result.mc_spread)
+
+
+command = stage_command(EvalConfig, _eval_action,
                         doc="Evaluate the policy (and its starting model): held-out preference accuracy, "
                             "task and choice accuracy.")

@@ -70,11 +70,22 @@ def test_read_questions_fields_ids_and_duplicates(tmp_path):
     assert [q.reference_answer for q in qs.questions] == ["4", "6"]
     assert qs.questions[1].solution == "#### 6" and qs.questions[1].where.endswith("q.jsonl:3")
     assert qs.duplicates == 1
+    # a fraction is kept whole ("3/4" was once stored as "4"), and graded exactly
+    from pipeline.selfpairs import grade
+
+    frac = read_questions(write(tmp_path / "f.jsonl", [{"question": "x?", "answer": "3/4"},
+                                                       {"question": "y?", "answer": "\\frac{1}{3}"}]))
+    assert [q.reference_answer for q in frac.questions] == ["0.75", "1/3"]
+    assert grade("#### 0.75", "0.75") == ("0.75", True) and grade("so 2/6", "1/3") == ("1/3", True)
+    assert grade("So x = 1/4", "0.75") == ("0.25", False)
 
 
 @pytest.mark.parametrize("line, message", [
     ('{"question": "x?"}', r"q\.jsonl:1: no 'answer' field"),
     ('{"question": "x?", "answer": "many"}', r"q\.jsonl:1: field 'answer' holds no number"),
+    # MATH-style answers that are not numbers are refused, not graded against their last digit
+    ('{"question": "x?", "answer": "3\\\\sqrt{2}"}', r"q\.jsonl:1: field 'answer' holds no number"),
+    ('{"question": "x?", "answer": "12,34"}', r"q\.jsonl:1: field 'answer' holds no number"),
     ('{"question": "  ", "answer": 1}', r"q\.jsonl:1: field 'question' is empty"),
     ('{"question": ["x"], "answer": 1}', r"q\.jsonl:1: field 'question' is a list"),
     ('{"question": "x?", "answer": 1', r"q\.jsonl:1: invalid JSON"),

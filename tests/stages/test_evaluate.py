@@ -102,5 +102,50 @@ def test_errors_are_one_line_and_name_the_file(small_cache, tmp_path):
     bad.write_text('{"question": "x"}\n')
     with pytest.raises(UserError, match=r"bad\.jsonl:1: missing field 'answer'"):
         run(EvalConfig(model="micro", scores=None, benchmark=bad, device="cpu", out=tmp_path))
+    bad.write_text('{"question": "x", "answer": "#### 4"}\n{"question": "y", "answer": "\\\\sqrt{2}"}\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: field 'answer' holds no readable number: '\\\\sqrt\{2\}'"):
+        run(EvalConfig(model="micro", scores=None, benchmark=bad, device="cpu", out=tmp_path))
     with pytest.raises(UserError, match="no pairs of split 'test'"):
         run(EvalConfig(model="micro", scores=small_cache, split="test", device="cpu", out=tmp_path))
+
+
+def test_eval_json_gives_every_accuracy_its_count_interval_and_paired_difference(small_cache, tmp_path, capsys):
+    from pipeline.intervals import paired_difference_interval, wilson_interval
+
+    choices = tmp_path / "choices.jsonl"
+    choices.write_text("".join(json.dumps({"question": f"{a} + 1 =", "options": [str(a + 1), str(a + 2)],
+                                           "answer": a % 2}) + "\n" for a in range(4)))
+    cfg = EvalConfig(model="micro", scores=small_cache, choices=choices, out=tmp_path / "run", samples=2,
+                     device="cpu", mc_seeds=3, train_sample=4)
+    result = run(cfg)
+    data = json.loads((tmp_path / "run" / "eval.json").read_text())
+    iv = data["intervals"]
+    assert set(iv) >= {"preference_accuracy", "elbo_accuracy", "choice_accuracy",
+                       "train_sample/cached_masks/accuracy"}
+    pref = iv["preference_accuracy"]
+    n = result.pairs
+    # the same model before and after: every pair a tie (half credit), the paired difference exactly 0
+    assert pref["before"]["count"] == pref["after"]["count"] == n / 2 and pref["after"]["n"] == n
+    assert (pref["after"]["low"], pref["after"]["high"]) == pytest.approx(wilson_interval(n / 2, n))
+    d = pref["difference"]
+    assert d["difference"] == 0 and d["low"] < 0 < d["high"] and d["method"] == "newcombe-paired-score"
+    mc = iv["choice_accuracy"]
+    k = round(data["choice_accuracy"]["after"] * 4)
+    assert mc["after"]["count"] == k and mc["after"]["n"] == 4
+    assert mc["difference"]["n"] == 4 and mc["difference"]["gained"] == mc["difference"]["lost"] == 0
+    assert paired_difference_interval([1, 0], [1, 0])["difference"] == 0
+    # --mc-seeds 3: the ELBO-based figures under three mask seeds, the first one the reported figure
+    sp = data["mc_spread"]["choice_accuracy"]["after"]
+    assert sp["seeds"] == [0, 1, 2] and len(sp["values"]) == 3 and sp["values"][0] == data["choice_accuracy"]["after"]
+    assert sp["min"] <= sp["mean"] <= sp["max"] and sp["sd"] >= 0
+    fresh = data["mc_spread"]["elbo_accuracy_fresh_masks"]
+    assert fresh["before"]["values"] == fresh["after"]["values"]  # the same model on the same fresh masks
+    assert "credits" not in data["train_sample"]["cached_masks"]
+    assert data["train_sample"]["cached_masks"]["accuracy_interval"]["n"] == 4
+    # the console summary shows them
+    from stages.evaluate import print_intervals
+
+    print_intervals(result.intervals, result.mc_spread)
+    out = capsys.readouterr().out
+    assert f"0.500 ({n / 2:g}/{n}, 95% CI" in out and "newcombe-paired-score, 0 gained / 0 lost" in out
+    assert "over 3 mask seeds" in out
