@@ -24,6 +24,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("ingest", "stages.ingest:command"),
     ("score-ref", "stages.score_ref:command"),
     ("train", "stages.train:command"),
+    ("sft", "stages.sft:command"),
     ("merge", "stages.merge:command"),
     ("eval", "stages.evaluate:command"),
     ("generate", "stages.generate:command"),

@@ -100,6 +100,7 @@ METRIC_COLUMNS = (
     "peak_memory_bytes",
     "ref/gap_max",
     "masks/reused",
+    "num_tokens",
     # Held-out metrics (train --eval-every): NaN on steps without an evaluation.
     "eval/loss",
     "eval/rewards/chosen",
@@ -111,5 +112,5 @@ METRIC_COLUMNS = (
 )
 EVAL_METRIC_COLUMNS = tuple(c for c in METRIC_COLUMNS if c.startswith("eval/"))
 """The held-out metrics of train --eval-every (NaN on steps without an evaluation)."""
-LATER_METRIC_COLUMNS = ("ref/gap_max", "masks/reused") + EVAL_METRIC_COLUMNS
+LATER_METRIC_COLUMNS = ("ref/gap_max", "masks/reused", "num_tokens") + EVAL_METRIC_COLUMNS
 """Columns added after the first metrics files were written: absent ones read as NaN."""
