@@ -49,6 +49,8 @@ def complete(
     batch_size: int = 8,
     indices: Sequence[int] | None = None,
     on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
+    cache: str = "none",
+    threshold: float | None = None,
 ) -> list[dict[str, Any]]:
     """Sample a completion for each prompt (text or messages), in memory.
 
@@ -56,6 +58,7 @@ def complete(
     ``completion_tokens``, ``stopped``. ``indices`` (default 0..n-1) seed each
     prompt's noise; ``on_batch`` receives each batch's results as they finish.
     Prompts are rendered by ``pipeline.prompts`` (``chat_template`` None: the tokenizer's default).
+    ``cache`` and ``threshold``: the sampler's Fast-dLLM settings (``pipeline.sampler``).
     """
     indices = list(range(len(prompts))) if indices is None else list(indices)
     device = next(model.parameters()).device
@@ -84,7 +87,8 @@ def complete(
         tokens = generate(
             model, [encoded[j] for j in chunk], mask_token_id=mask_id, pad_token_id=pad_id,
             gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
-            remasking=remasking, cfg_scale=cfg_scale, generator=generators, device=device,
+            remasking=remasking, cfg_scale=cfg_scale, generator=generators, device=device, cache=cache,
+            threshold=threshold,
         ).cpu()
         batch_results = []
         for j, row in zip(chunk, tokens):

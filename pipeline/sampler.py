@@ -32,6 +32,25 @@ Differences from the published code, each for a reason:
   softmax;
 * with a model exposing ``final_hidden`` and ``get_output_embeddings`` the LM
   head runs on the current block only, not on every position.
+
+Fast-dLLM's two accelerations are available, both off by default (the exact
+sampler above stays the reference):
+
+* ``cache="prefix"``: at the first step of each block one full forward pass
+  also returns every layer's keys and values; the block's later steps run
+  the current block and everything after it only, attending to the cached
+  keys and values of the prompt and the committed blocks. ``cache="dual"``
+  runs the current block only and takes the suffix's (still masked) keys and
+  values from the cache too. Approximate: the cached part is not updated as
+  the block fills in, until the next block. Needs a model with
+  ``hidden_with_kv`` (the native LLaDA); other models take the exact path
+  with a one-line warning.
+* ``threshold=t``: each step commits every masked position of the current
+  block whose confidence exceeds t, and at least ``ceil(masked left / steps
+  left)`` of the most confident ones, so every step commits one or more and
+  the block is done within its share of ``steps``; a block stops early once
+  filled. With t > 1 nothing exceeds it and the commits are exactly the
+  fixed schedule's.
 """
 
 from __future__ import annotations
@@ -42,6 +61,9 @@ import torch
 from torch import Tensor
 
 REMASKING = ("low_confidence", "random")
+CACHE_MODES = ("none", "prefix", "dual")
+SAMPLER_DEFAULTS = {"cache": "none", "threshold": None}
+"""The fast-sampling settings of the exact sampler (what a record made before they existed was made with)."""
 
 
 # --- small pure helpers ------------------------------------------------------
@@ -60,6 +82,38 @@ def num_transfer_tokens(n_masked: Tensor, steps: int) -> Tensor:
     remainder = n_masked - base * steps
     step_index = torch.arange(steps, device=n_masked.device)
     return base[:, None] + (step_index[None, :] < remainder[:, None]).to(torch.long)
+
+
+def commit_counts(n_masked: Tensor, steps_left: int, n_above: Tensor) -> Tensor:
+    """Tokens to commit at one step of threshold decoding, per row: Long[B].
+
+    ``max(n_above, ceil(n_masked / steps_left))``, at most ``n_masked``: every
+    row with masked positions left commits at least one, and the block is full
+    after ``steps_left`` more steps. With ``n_above`` 0 throughout this is the
+    fixed schedule of ``num_transfer_tokens``.
+    """
+    if steps_left <= 0:
+        raise ValueError(f"steps_left must be positive, got {steps_left}")
+    n_masked = n_masked.to(torch.long)
+    need = torch.div(n_masked + steps_left - 1, steps_left, rounding_mode="floor")
+    return torch.minimum(torch.maximum(n_above.to(torch.long), need), n_masked)
+
+
+def check_fast_settings(cache: str, threshold: float | None, remasking: str) -> None:
+    """``ValueError`` for a cache mode or threshold the sampler does not take."""
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+    if threshold is not None:
+        if not 0 < threshold < float("inf"):
+            raise ValueError(f"threshold must be a number > 0 (or unset for the fixed schedule), got {threshold}")
+        if remasking != "low_confidence":
+            raise ValueError("threshold decoding compares softmax confidences: it needs remasking low_confidence")
+
+
+def supports_kv_cache(model: Any) -> bool:
+    """Whether the sampler can run ``model`` with the approximate KV cache (the native LLaDA can)."""
+    return (callable(getattr(model, "hidden_with_kv", None)) and callable(getattr(model, "get_output_embeddings", None))
+            and not bool(getattr(model, "logits_shift", False)))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device: Any = None) -> tuple[Tensor, Tensor]:
@@ -126,6 +180,18 @@ def _block_logits(
     return logits.float()
 
 
+def _cached_block_logits(model: Any, input_ids: Tensor, attention_mask: Tensor | None, start: int, end: int,
+                         cache: str, kv: list | None) -> tuple[Tensor, list]:
+    """Logits for [start, end) with the approximate KV cache; ``kv`` None: a full pass that refreshes it."""
+    head = model.get_output_embeddings()
+    if kv is None:
+        hidden, kv = model.hidden_with_kv(input_ids, attention_mask)
+        return head(hidden[:, start:end]).float(), kv
+    hi = input_ids.shape[1] if cache == "prefix" else end
+    hidden, _ = model.hidden_with_kv(input_ids[:, start:hi], attention_mask, kv_cache=kv, start=start)
+    return head(hidden[:, : end - start]).float(), kv
+
+
 def _uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.device, dtype) -> Tensor:
     return torch.rand(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
 
@@ -149,6 +215,8 @@ def generate(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     logits_shift: bool | None = None,
     device: Any = None,
+    cache: str = "none",
+    threshold: float | None = None,
 ) -> Tensor:
     """Sample ``gen_length`` tokens after each prompt; returns Long[B, gen_length].
 
@@ -158,11 +226,13 @@ def generate(
     token-id lists of any lengths. ``generator`` is one ``torch.Generator``
     for the whole batch, or one per row (results then independent of the
     batch); ``None`` means a fresh generator seeded 0 (never the global RNG).
-    Stop tokens are not cut here: see ``trim_at_stop``.
+    Stop tokens are not cut here: see ``trim_at_stop``. ``cache`` and
+    ``threshold``: Fast-dLLM's KV cache and parallel decoding (module docstring).
     """
     check_schedule(gen_length, block_length, steps)
     if remasking not in REMASKING:
         raise ValueError(f"remasking must be one of {', '.join(REMASKING)}, got {remasking!r}")
+    check_fast_settings(cache, threshold, remasking)
     if temperature < 0 or cfg_scale < 0:
         raise ValueError(f"temperature and cfg_scale must be >= 0 (got {temperature}, {cfg_scale})")
     if not len(prompts):
@@ -172,6 +242,12 @@ def generate(
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
     shift = bool(getattr(model, "logits_shift", False)) if logits_shift is None else logits_shift
+    if cache != "none" and (shift or not supports_kv_cache(model)):
+        import warnings
+
+        warnings.warn(f"sampler: {type(model).__name__} has no KV cache support; cache={cache!r} falls back to "
+                      "the exact path", stacklevel=2)
+        cache = "none"
 
     batch = len(prompts)
     prompt_ids, prompt_attn = left_pad(prompts, pad_token_id, device)
@@ -206,18 +282,32 @@ def generate(
         start = width + block * block_length
         end = start + block_length
         schedule = num_transfer_tokens(masked[:, start:end].sum(1), steps_per_block)
+        kv = None  # the approximate cache is refreshed by the first pass of every block
         for step in range(steps_per_block):
-            k = schedule[:, step]
-            if not bool((k > 0).any()):
-                continue  # nothing to commit anywhere: the forward pass would be wasted
+            block_masked = masked[:, start:end]
+            if threshold is None:
+                k = schedule[:, step]
+                if not bool((k > 0).any()):
+                    continue  # nothing to commit anywhere: the forward pass would be wasted
+                active = None
+            else:
+                left = block_masked.sum(1)
+                active = left > 0
+                if not bool(active.any()):
+                    break  # the block is full in every row
             if cfg_scale > 0:
                 x_un = torch.cat([x_un_prompt, x[:, width:]], 1)
                 both_attn = None if attn is None else torch.cat([attn, attn])
-                both = _block_logits(model, torch.cat([x, x_un]), both_attn, start, end, shift)
+                if cache == "none":
+                    both = _block_logits(model, torch.cat([x, x_un]), both_attn, start, end, shift)
+                else:
+                    both, kv = _cached_block_logits(model, torch.cat([x, x_un]), both_attn, start, end, cache, kv)
                 cond, un = both[:batch], both[batch:]
                 logits = un + (cfg_scale + 1.0) * (cond - un)
-            else:
+            elif cache == "none":
                 logits = _block_logits(model, x, attn, start, end, shift)
+            else:
+                logits, kv = _cached_block_logits(model, x, attn, start, end, cache, kv)
             vocab = logits.shape[-1]
 
             choice_logits = logits.clone()
@@ -227,7 +317,13 @@ def generate(
                 if row_gens is None:
                     u = _uniform(tuple(logits.shape), shared_gen, device, torch.float64)
                 else:
-                    u = torch.stack([_uniform(tuple(logits.shape[1:]), g, device, torch.float64) for g in row_gens])
+                    # A row whose block is full draws nothing, so its noise stream does not depend on how
+                    # many steps its neighbours still need (threshold decoding).
+                    shape = tuple(logits.shape[1:])
+                    u = torch.stack([_uniform(shape, g, device, torch.float64)
+                                     if active is None or bool(active[r]) else torch.full(shape, 0.5, device=device,
+                                                                                          dtype=torch.float64)
+                                     for r, g in enumerate(row_gens)])
                 # log of exp(l) / (-log u)^T: argmax-equivalent, overflow-free.
                 scores = choice_logits.double() - temperature * torch.log(-torch.log(u))
                 pred = scores.argmax(-1)
@@ -242,8 +338,9 @@ def generate(
             else:
                 confidence = torch.stack([_uniform((block_length,), g, device, torch.float64) for g in row_gens])
 
-            block_masked = masked[:, start:end]
             confidence = confidence.masked_fill(~block_masked, float("-inf"))
+            if threshold is not None:
+                k = commit_counts(left, steps_per_block - step, (confidence > threshold).sum(1))
             # Stable descending order: ties go to the leftmost position, on every device.
             order = torch.sort(confidence, dim=1, descending=True, stable=True).indices
             rank = torch.empty_like(order)

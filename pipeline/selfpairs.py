@@ -240,10 +240,11 @@ class DiffusionSampler:
     """
 
     def __init__(self, model, tokenizer, *, identity: Any, gen_length: int, block_length: int, steps: int,
-                 temperature: float, remasking: str, cfg_scale: float, chat_template: bool | None):
+                 temperature: float, remasking: str, cfg_scale: float, chat_template: bool | None,
+                 cache: str = "none", threshold: float | None = None):
         self.model, self.tokenizer, self.identity = model, tokenizer, identity
         self.settings = dict(gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
-                             remasking=remasking, cfg_scale=cfg_scale)
+                             remasking=remasking, cfg_scale=cfg_scale, cache=cache, threshold=threshold)
         self.chat_template = resolve_chat_template(tokenizer, chat_template)
         self._encoded: dict[str, list[int]] = {}
         config = getattr(model, "config", None)

@@ -45,7 +45,8 @@ NORMALIZE = ("none", "length")
 RANGES = {"beta": "(0, inf)", "limit_pairs": "[0, inf)", "limit_task": "[0, inf)", "limit_choices": "[0, inf)",
           "gen_length": "[1, inf)", "block_length": "[1, inf)", "steps": "[1, inf)", "samples": "[1, inf)",
           "batch_size": "[1, inf)", "batch_tokens": "[1, inf)", "seed": "[0, inf)", "train_sample": "[0, inf)",
-          "lm_eval_limit": "[0, inf)", "lm_eval_num_fewshot": "[0, inf)", "mc_seeds": "[1, inf)"}
+          "lm_eval_limit": "[0, inf)", "lm_eval_num_fewshot": "[0, inf)", "mc_seeds": "[1, inf)",
+          "threshold": "(0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
@@ -79,6 +80,12 @@ class EvalConfig:
     """Semi-autoregressive block length."""
     steps: int = 64
     """Sampling steps (one forward pass each)."""
+    cache: str = "none"
+    """Sampler KV cache (Fast-dLLM's approximate one): none (exact), prefix or dual; native LLaDA models only,
+    others take the exact path with a warning."""
+    threshold: Optional[float] = None
+    """Parallel decoding: each step commits every masked position of the block whose confidence exceeds this,
+    and at least its share of the steps; unset: the fixed schedule (the exact sampler)."""
     samples: int = 8
     """Monte Carlo samples per option for multiple-choice ELBOs."""
     batch_size: int = 16
@@ -146,6 +153,12 @@ class EvalConfig:
             raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE)}, got '{self.normalize}'")
         if self.gen_length % self.block_length:
             raise ConfigError(f"gen_length ({self.gen_length}) must be a multiple of block_length ({self.block_length})")
+        from pipeline.sampler import check_fast_settings
+
+        try:
+            check_fast_settings(self.cache, self.threshold, "low_confidence")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 @dataclass
@@ -358,7 +371,8 @@ def task_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, label: s
 
     prompts = [it["question"] for it in items]
     done = complete(model, tokenizer, prompts, gen_length=cfg.gen_length, block_length=cfg.block_length,
-                    steps=cfg.steps, seed=cfg.seed, chat_template=chat_template, batch_size=cfg.batch_size)
+                    steps=cfg.steps, seed=cfg.seed, chat_template=chat_template, batch_size=cfg.batch_size,
+                    cache=cfg.cache, threshold=cfg.threshold)
     rows = []
     for i, (it, out) in enumerate(zip(items, done)):
         ref = reference_answer(it["answer"])
@@ -534,6 +548,9 @@ def run(cfg: EvalConfig) -> EvalResult:
     if spreads:
         result.mc_spread = report["mc_spread"] = spreads
     report["models"] = {"before": before_name, "after": cfg.model}
+    if bench:  # what produced task_accuracy: compare evals by it
+        report["sampler"] = {"gen_length": cfg.gen_length, "block_length": cfg.block_length, "steps": cfg.steps,
+                             "cache": cfg.cache, "threshold": cfg.threshold}
     report["counts"] = {"pairs": len(pair_rows), "task_items": len(bench), "choice_items": len(mc)}
     report = {k: v for k, v in report.items() if v != {}}
     cfg.out.mkdir(parents=True, exist_ok=True)

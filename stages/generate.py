@@ -33,11 +33,12 @@ from pipeline.errors import ConfigError, UserError
 from pipeline.progress import progress_bar
 from pipeline.prompts import follow_cache, resolve_chat_template
 from pipeline.readers import jsonl_objects
-from pipeline.sampler import REMASKING, check_schedule
+from pipeline.sampler import REMASKING, SAMPLER_DEFAULTS, check_schedule
 from pipeline.stagecli import stage_command
 
 RANGES = {"gen_length": "[1, inf)", "block_length": "[1, inf)", "steps": "[1, inf)", "temperature": "[0, inf)",
-          "cfg_scale": "[0, inf)", "batch_size": "[1, inf)", "seed": "[0, inf)", "limit": "[0, inf)"}
+          "cfg_scale": "[0, inf)", "batch_size": "[1, inf)", "seed": "[0, inf)", "limit": "[0, inf)",
+          "threshold": "(0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
@@ -63,6 +64,12 @@ class GenerateConfig:
     """Which masked tokens to commit each step: low_confidence (most confident first) or random."""
     cfg_scale: float = 0.0
     """Classifier-free guidance scale; > 0 adds a pass with the prompt masked."""
+    cache: str = "none"
+    """Sampler KV cache (Fast-dLLM's approximate one): none (exact), prefix or dual; native LLaDA models only,
+    others take the exact path with a warning."""
+    threshold: Optional[float] = None
+    """Parallel decoding: each step commits every masked position of the block whose confidence exceeds this,
+    and at least its share of the steps; unset: the fixed schedule (the exact sampler)."""
     batch_size: int = 8
     """Prompts per forward pass (results do not depend on it)."""
     seed: int = 0
@@ -97,6 +104,7 @@ class GenerateConfig:
         require(self.limit >= 0, f"limit must be >= 0, got {self.limit}")
         require_choice("remasking", self.remasking, REMASKING)
         require_choice("dtype", self.dtype, DTYPE_NAMES)
+        _check_fast(self)
 
     def sampler_settings(self) -> dict[str, Any]:
         """Everything that changes a completion; stored in each output row."""
@@ -104,8 +112,17 @@ class GenerateConfig:
             "model": self.model, "gen_length": self.gen_length, "block_length": self.block_length,
             "steps": self.steps, "temperature": self.temperature, "remasking": self.remasking,
             "cfg_scale": self.cfg_scale, "seed": self.seed, "chat_template": self.chat_template,
-            "dtype": self.dtype,
+            "dtype": self.dtype, "cache": self.cache, "threshold": self.threshold,
         }
+
+
+def _check_fast(cfg) -> None:
+    from pipeline.sampler import check_fast_settings
+
+    try:
+        check_fast_settings(cfg.cache, cfg.threshold, cfg.remasking)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @dataclass
@@ -220,13 +237,13 @@ def _read_done(path: Path, records: list[PromptRecord], settings: dict[str, Any]
             raise UserError(f"{where}: not a `lldm-dpo generate` output row (no index/sampler); choose another --out")
         previous = row["sampler"] or {}
         for key, value in settings.items():
-            if key in _NOT_COMPARED or previous.get(key) == value:
+            if key in _NOT_COMPARED or previous.get(key, SAMPLER_DEFAULTS.get(key)) == value:
                 continue
             if key in _CONTENT:
                 raise UserError(f"{where}: made from {_CONTENT[key]} whose content differs from this run's "
                                 f"({key} {previous.get(key)!r} vs {value!r}); delete the file or choose another --out")
             raise UserError(
-                f"{where}: made with {key}={previous.get(key)!r}, this run has {key}={value!r}; "
+                f"{where}: made with {key}={previous.get(key, SAMPLER_DEFAULTS.get(key))!r}, this run has {key}={value!r}; "
                 "delete the file or choose another --out"
             )
         index = row["index"]
@@ -335,7 +352,7 @@ def _sample_into(cfg: GenerateConfig, pending: list[PromptRecord], partial: Path
             model, tokenizer, prompts, gen_length=cfg.gen_length, block_length=cfg.block_length,
             steps=cfg.steps, temperature=cfg.temperature, remasking=cfg.remasking, cfg_scale=cfg.cfg_scale,
             seed=cfg.seed, chat_template=chat, batch_size=cfg.batch_size,
-            indices=[r.index for r in pending], on_batch=on_batch,
+            indices=[r.index for r in pending], on_batch=on_batch, cache=cfg.cache, threshold=cfg.threshold,
         )
     return time.perf_counter() - started
 

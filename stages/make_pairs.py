@@ -38,7 +38,7 @@ from pipeline.atomic import atomic_path
 from pipeline.config import check_device, check_ranges, require, require_choice
 from pipeline.errors import ConfigError, UserError
 from pipeline.pairs import normalize_text
-from pipeline.sampler import REMASKING, check_schedule
+from pipeline.sampler import REMASKING, SAMPLER_DEFAULTS, check_fast_settings, check_schedule
 from pipeline.selfpairs import (
     PairingPolicy,
     Question,
@@ -61,7 +61,8 @@ def samples_path_for(out: str | Path) -> Path:
 
 RANGES = {"num_generations": "[1, inf)", "pairs_per_question": "[1, inf)", "gen_length": "[1, inf)",
           "block_length": "[1, inf)", "steps": "[1, inf)", "temperature": "[0, inf)", "cfg_scale": "[0, inf)",
-          "batch_size": "[1, inf)", "seed": "[0, inf)", "limit": "[0, inf)", "round": "[0, inf)"}
+          "batch_size": "[1, inf)", "seed": "[0, inf)", "limit": "[0, inf)", "round": "[0, inf)",
+          "threshold": "(0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
@@ -99,6 +100,12 @@ class MakePairsConfig:
     """Which masked tokens to commit each step: low_confidence or random."""
     cfg_scale: float = 0.0
     """Classifier-free guidance scale; > 0 adds a pass with the prompt masked."""
+    cache: str = "none"
+    """Sampler KV cache (Fast-dLLM's approximate one): none (exact), prefix or dual; native LLaDA models only,
+    others take the exact path with a warning."""
+    threshold: Optional[float] = None
+    """Parallel decoding: each step commits every masked position of the block whose confidence exceeds this,
+    and at least its share of the steps; unset: the fixed schedule (the exact sampler)."""
     batch_size: int = 8
     """Samples per forward pass (results do not depend on it)."""
     seed: int = 0
@@ -127,6 +134,10 @@ class MakePairsConfig:
             raise ConfigError(str(exc)) from None
         require_choice("remasking", self.remasking, REMASKING)
         require_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        try:
+            check_fast_settings(self.cache, self.threshold, self.remasking)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.num_generations > 1 and self.temperature == 0 and self.remasking == "low_confidence":
             raise ConfigError("num_generations > 1 with temperature 0 and low_confidence remasking draws the same "
                               "sample k times: set temperature > 0")
@@ -141,7 +152,8 @@ class MakePairsConfig:
         """Everything besides the model weights that changes a sample; stored in each sample row."""
         return {"gen_length": self.gen_length, "block_length": self.block_length, "steps": self.steps,
                 "temperature": self.temperature, "remasking": self.remasking, "cfg_scale": self.cfg_scale,
-                "seed": self.seed, "chat_template": self.chat_template, "dtype": self.dtype}
+                "seed": self.seed, "chat_template": self.chat_template, "dtype": self.dtype, "cache": self.cache,
+                "threshold": self.threshold}
 
 
 @dataclass
@@ -202,8 +214,9 @@ def _read_done(path: Path, by_id: dict[str, Question], settings: dict, model_sha
                             f"this run's {model_sha[:12]}); delete the file or choose another --out")
         previous = row["sampler"] or {}
         for key, value in settings.items():
-            if previous.get(key) != value:
-                raise UserError(f"{where}: made with {key}={previous.get(key)!r}, this run has {key}={value!r}; "
+            had = previous.get(key, SAMPLER_DEFAULTS.get(key))  # rows older than a setting had its default
+            if had != value:
+                raise UserError(f"{where}: made with {key}={had!r}, this run has {key}={value!r}; "
                                 "delete the file or choose another --out")
         question = by_id.get(row["question_id"])
         if question is None or not 0 <= row["sample"] < k:
@@ -338,7 +351,8 @@ def _load_sampler(cfg: MakePairsConfig, identity: Any):
     model.eval()
     return DiffusionSampler(model, tokenizer, identity=identity, gen_length=cfg.gen_length,
                             block_length=cfg.block_length, steps=cfg.steps, temperature=cfg.temperature,
-                            remasking=cfg.remasking, cfg_scale=cfg.cfg_scale, chat_template=cfg.chat_template)
+                            remasking=cfg.remasking, cfg_scale=cfg.cfg_scale, chat_template=cfg.chat_template,
+                            cache=cfg.cache, threshold=cfg.threshold)
 
 
 def _sample_into(cfg: MakePairsConfig, sampler, pending: list[SampleItem], partial: Path, settings: dict,

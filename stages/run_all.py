@@ -50,6 +50,10 @@ class RunConfig:
     """Reference model of each round: policy (the round's starting policy) or initial (the original model)."""
     make_pairs: dict = field(default_factory=dict)
     """Keys of the make-pairs stage's config for the rounds (num_generations, temperature, pairs_per_question, ...)."""
+    cache: Optional[str] = None
+    """Sampler KV cache (none, prefix, dual) for eval and make-pairs: sets their sections' `cache` when given."""
+    threshold: Optional[float] = None
+    """Parallel-decoding threshold for eval and make-pairs: sets their sections' `threshold` when given."""
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -57,6 +61,17 @@ class RunConfig:
         for name in SECTIONS:
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"section '{name}' must be a mapping of that stage's keys")
+        if self.cache is not None or self.threshold is not None:
+            from pipeline.sampler import check_fast_settings
+
+            try:
+                check_fast_settings(self.cache or "none", self.threshold, "low_confidence")
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(str(exc)) from None
+        for name in ("cache", "threshold"):  # the sampler settings run-wide: every stage that samples
+            if getattr(self, name) is not None:
+                self.eval = {**self.eval, name: getattr(self, name)}
+                self.make_pairs = {**self.make_pairs, name: getattr(self, name)}
         from stages.run_rounds import check_rounds_config
 
         check_rounds_config(self)

@@ -249,14 +249,17 @@ class LLaDABlock(_BlockBase):
         self.up_proj = nn.Linear(d, hidden, bias=False)
         self.ff_out = nn.Linear(hidden, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None):
-        # Tensors go in positionally: GradientCheckpointingLayer checkpoints *args.
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries, keys and values of x [B, S, d] after RoPE: [B, heads, S, head_dim] (keys/values kv heads)."""
         b, s, _ = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _attend_and_mlp(self, x, q, k, v, key_mask):
+        b, s, _ = x.shape
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a run of q heads
             rep = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)
@@ -265,6 +268,24 @@ class LLaDABlock(_BlockBase):
         x = x + self.attn_out(att.transpose(1, 2).reshape(b, s, -1))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None):
+        # Tensors go in positionally: GradientCheckpointingLayer checkpoints *args.
+        q, k, v = self._qkv(x, cos, sin)
+        return self._attend_and_mlp(x, q, k, v, key_mask)
+
+    def forward_window(self, x, cos, sin, key_mask, cached: tuple[torch.Tensor, torch.Tensor] | None, start: int):
+        """x holds positions [start, start + w) of the sequence; the keys and values of the other positions
+        come from ``cached`` (k, v of the whole sequence, [B, kv heads, S, head_dim]; None: x is the whole
+        sequence). Returns (output, (k, v) of the window's own positions)."""
+        q, k, v = self._qkv(x, cos, sin)
+        own = (k, v)
+        if cached is not None:
+            end = start + x.shape[1]
+            ck, cv = cached
+            k = torch.cat([ck[:, :, :start], k, ck[:, :, end:]], dim=2)
+            v = torch.cat([cv[:, :, :start], v, cv[:, :, end:]], dim=2)
+        return self._attend_and_mlp(x, q, k, v, key_mask), own
 
 
 class LLaDAModel(nn.Module):
@@ -351,6 +372,45 @@ class LLaDAModelLM(PreTrainedModel):
         for block in t.blocks:
             x = block(x, cos, sin, key_mask)
         return t.ln_f(x)
+
+    def hidden_with_kv(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        start: int = 0,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Final hidden states of a window of the sequence, attending to cached keys and values elsewhere.
+
+        Without ``kv_cache``: ``input_ids`` [B, S] is the whole sequence, the result is ``final_hidden``'s
+        and the keys and values of every layer come with it (the cache, [B, kv heads, S, head_dim] each,
+        after RoPE). With ``kv_cache`` (such a list for a sequence of length S): ``input_ids`` [B, w] are
+        the tokens at positions [start, start + w); their queries attend to their own fresh keys and values
+        and to the cached ones of every other position (Fast-dLLM's approximate cache: prefix when the window
+        runs to the end, dual when it stops before). ``attention_mask`` [B, S] always covers the whole
+        sequence. Returns (hidden [B, w, d_model], the window's own keys and values per layer).
+        """
+        t = self.model.transformer
+        _, w = input_ids.shape
+        total = w if kv_cache is None else kv_cache[0][0].shape[2]
+        if kv_cache is None and start:
+            raise ValueError("hidden_with_kv: start > 0 needs a kv_cache for the positions before it")
+        if start < 0 or start + w > total:
+            raise ValueError(f"hidden_with_kv: window [{start}, {start + w}) outside the sequence of {total}")
+        if total > self.config.max_sequence_length:
+            raise ValueError(f"sequence length {total} exceeds max_sequence_length {self.config.max_sequence_length}")
+        if kv_cache is not None and len(kv_cache) != len(t.blocks):
+            raise ValueError(f"hidden_with_kv: kv_cache has {len(kv_cache)} layers, the model {len(t.blocks)}")
+        x = t.wte(input_ids)
+        head_dim = self.config.d_model // self.config.n_heads
+        cos, sin = rope_tables(start + w, head_dim, self.config.rope_theta, x.device)
+        cos, sin = cos[start:], sin[start:]
+        key_mask = _key_padding_mask(attention_mask)
+        fresh = []
+        for i, block in enumerate(t.blocks):
+            x, own = block.forward_window(x, cos, sin, key_mask, None if kv_cache is None else kv_cache[i], start)
+            fresh.append(own)
+        return t.ln_f(x), fresh
 
     def forward(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.sampler import check_schedule, generate, left_pad, num_transfer_tokens, trim_at_stop
+from pipeline.sampler import check_schedule, commit_counts, generate, left_pad, num_transfer_tokens, trim_at_stop
 
 V = 12  # vocabulary of the stubs
 MASK = 11
@@ -372,3 +372,135 @@ def test_real_model_guidance_and_sampling_run(micro):
     for out in [greedy, guided, *hot]:
         assert out.shape == (1, 8) and not (out == model.config.mask_token_id).any()
     assert len({tuple(h[0].tolist()) for h in hot}) > 1
+
+
+# --- Fast-dLLM: threshold (parallel) decoding and the approximate KV cache ------------------------
+
+
+def test_commit_counts_hand_worked():
+    # ceil(masked / steps left) at least, every confident one, never more than is masked.
+    got = commit_counts(torch.tensor([10, 3, 0, 5, 4]), 4, torch.tensor([0, 3, 0, 1, 4]))
+    assert got.tolist() == [3, 3, 0, 2, 4]
+    assert commit_counts(torch.tensor([7, 2]), 1, torch.tensor([0, 0])).tolist() == [7, 2]
+
+
+def test_commit_counts_with_nothing_confident_is_the_fixed_schedule():
+    for n in range(0, 13):
+        for steps in range(1, 6):
+            left, got = n, []
+            for step in range(steps):
+                k = int(commit_counts(torch.tensor([left]), steps - step, torch.tensor([0]))[0])
+                got.append(k)
+                left -= k
+            assert got == num_transfer_tokens(torch.tensor([n]), steps)[0].tolist()
+
+
+def _p(v):  # softmax probability of the TableModel's prediction with logit v (all 11 others 0)
+    return torch.softmax(torch.tensor([v] + [0.0] * (V - 1)), 0)[0].item()
+
+
+def test_threshold_commits_every_confident_position_and_at_least_one_per_step():
+    values = [8.0, 1.0, 8.0, 1.0, 1.0, 8.0, 1.0, 1.0]
+    assert _p(8.0) > 0.9 > _p(1.0)
+    model = TableModel([0, 0] + [4] * 8, [0.0, 0.0] + values)
+    out = generate(model, [[1, 2]], mask_token_id=MASK, pad_token_id=PAD, gen_length=8, block_length=8, steps=8,
+                   threshold=0.9)
+    # Step 1 commits the three confident ones, then one a step; the block stops once full (6 of 8 passes).
+    assert masked_count_per_call(model, 2) == [8, 5, 4, 3, 2, 1]
+    assert out.tolist() == [[4] * 8]
+
+
+def test_threshold_block_finishes_within_its_steps():
+    # Two steps for a block of 8: at least ceil(8/2) = 4 at the first step, everything at the last.
+    model = TableModel([0] + [5] * 16, [0.0] + [1.0] * 16)
+    generate(model, [[1]], mask_token_id=MASK, pad_token_id=PAD, gen_length=16, block_length=8, steps=4,
+             threshold=0.99)
+    assert masked_count_per_call(model, 1) == [16, 12, 8, 4]
+    model = TableModel([0] + [5] * 8, [0.0] + [8.0] * 5 + [1.0] * 3)
+    generate(model, [[1]], mask_token_id=MASK, pad_token_id=PAD, gen_length=8, block_length=8, steps=2,
+             threshold=0.9)
+    assert masked_count_per_call(model, 1) == [8, 3]  # five above the threshold beat the quota of four
+
+
+def test_threshold_above_one_equals_the_exact_sampler_on_stubs():
+    prompts = [[1, 2], [3, 4, 5, 6, 7], [8]]
+    kwargs = dict(mask_token_id=MASK, pad_token_id=PAD, gen_length=12, block_length=4, steps=6)
+    exact = generate(ContentModel(), prompts, **kwargs)
+    assert generate(ContentModel(), prompts, threshold=1.5, **kwargs).tolist() == exact.tolist()
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4, 5)]  # noqa: E731
+    hot = generate(flat_model, prompts, temperature=1.0, generator=gens(), **kwargs)
+    assert generate(flat_model, prompts, temperature=1.0, generator=gens(), threshold=2.0, **kwargs).tolist() == \
+        hot.tolist()
+
+
+def test_cache_on_a_model_without_one_falls_back_to_the_exact_path():
+    prompts = [[1, 2], [3]]
+    kwargs = dict(mask_token_id=MASK, pad_token_id=PAD, gen_length=8, block_length=4, steps=4)
+    exact = generate(ContentModel(), prompts, **kwargs)
+    with pytest.warns(UserWarning, match="falls back to the exact path"):
+        got = generate(ContentModel(), prompts, cache="dual", **kwargs)
+    assert got.tolist() == exact.tolist()
+
+
+@pytest.mark.parametrize("kw, msg", [({"cache": "full"}, "cache must be one of"), ({"threshold": 0.0}, "> 0"),
+                                     ({"threshold": 0.5, "remasking": "random"}, "low_confidence")])
+def test_bad_fast_settings(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        generate(flat_model, [[1]], mask_token_id=MASK, pad_token_id=PAD, gen_length=4, block_length=4, steps=4, **kw)
+
+
+def _prompts(tokenizer):
+    return [tokenizer(t, add_special_tokens=False)["input_ids"]
+            for t in ["What is 12 plus 30?", "Hi", "Please write a short poem about the sea."]]
+
+
+def test_real_model_threshold_above_one_equals_exact(micro):
+    model, tokenizer = micro
+    prompts = _prompts(tokenizer)
+    kwargs = dict(mask_token_id=model.config.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+                  gen_length=8, block_length=4, steps=8, temperature=1.0)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in range(3)]  # noqa: E731
+    exact = generate(model, prompts, generator=gens(), **kwargs)
+    assert generate(model, prompts, generator=gens(), threshold=1.01, **kwargs).tolist() == exact.tolist()
+
+
+def test_one_layer_model_cache_is_exact_so_cached_sampling_equals_exact():
+    # One layer: the cached keys and values depend on their own tokens only, so never go stale.
+    from pipeline.models import load_model
+    from pipeline.models.llada import LLaDAModelLM
+
+    base, tokenizer = load_model("micro")
+    config = base.config.__class__(**{**base.config.to_dict(), "n_layers": 1})
+    torch.manual_seed(0)
+    model = LLaDAModelLM(config).eval()
+    prompts = _prompts(tokenizer)
+    kwargs = dict(mask_token_id=config.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+                  gen_length=12, block_length=4, steps=12)
+    exact = generate(model, prompts, **kwargs)
+    for cache in ("prefix", "dual"):
+        assert generate(model, prompts, cache=cache, **kwargs).tolist() == exact.tolist()
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_real_model_fast_sampling_does_not_depend_on_batch(micro, cache, monkeypatch):
+    model, tokenizer = micro
+    prompts = _prompts(tokenizer)
+    # threshold 0.002 (about 1/vocab): the rows need different numbers of passes, so inside a batch a
+    # finished row sits through its neighbours' extra steps.
+    kwargs = dict(mask_token_id=model.config.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+                  gen_length=12, block_length=4, steps=12, temperature=1.0, cache=cache, threshold=0.002)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    passes = []
+    for name in ("final_hidden", "hidden_with_kv"):
+        original = getattr(model, name)
+        monkeypatch.setattr(model, name, lambda *a, _f=original, **k: passes.append(1) or _f(*a, **k))
+    batched = generate(model, prompts, generator=gens([0, 1, 2]), **kwargs)
+    assert not (batched == model.config.mask_token_id).any()
+    solo_passes = []
+    for row, prompt in enumerate(prompts):
+        passes.clear()
+        assert generate(model, [prompt], generator=gens([row]), **kwargs)[0].tolist() == batched[row].tolist()
+        solo_passes.append(len(passes))
+    assert len(set(solo_passes)) > 1 and max(solo_passes) < 12
+    pair = generate(model, [prompts[2], prompts[0]], generator=gens([2, 0]), **kwargs)
+    assert pair.tolist() == [batched[2].tolist(), batched[0].tolist()]

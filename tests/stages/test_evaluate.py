@@ -149,3 +149,21 @@ def test_eval_json_gives_every_accuracy_its_count_interval_and_paired_difference
     out = capsys.readouterr().out
     assert f"0.500 ({n / 2:g}/{n}, 95% CI" in out and "newcombe-paired-score, 0 gained / 0 lost" in out
     assert "over 3 mask seeds" in out
+
+
+def test_task_eval_records_the_sampler_and_threshold_above_one_is_exact(tmp_path):
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("\n".join(json.dumps({"question": f"What is {a} + 1?", "answer": f"#### {a + 1}"})
+                               for a in range(3)) + "\n")
+    completions = {}
+    for name, fast in (("exact", {}), ("above-one", {"threshold": 1.5}), ("dual", {"cache": "dual", "threshold": 0.9})):
+        cfg = EvalConfig(model="micro", scores=None, before="none", benchmark=bench, out=tmp_path / name,
+                         gen_length=8, block_length=4, steps=8, device="cpu", train_sample=0, **fast)
+        run(cfg)
+        data = json.loads((tmp_path / name / "eval.json").read_text())
+        assert data["sampler"] == {"gen_length": 8, "block_length": 4, "steps": 8,
+                                   "cache": fast.get("cache", "none"), "threshold": fast.get("threshold")}
+        completions[name] = [r["completion"] for r in pq.read_table(tmp_path / name / "task_results.parquet").to_pylist()]
+    assert completions["above-one"] == completions["exact"] and len(completions["dual"]) == 3
+    with pytest.raises(ConfigError, match="cache must be one of"):
+        EvalConfig(model="micro", scores=None, benchmark=bench, cache="full")

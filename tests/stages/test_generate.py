@@ -254,3 +254,34 @@ def test_resume_goes_by_model_and_prompts_content_not_paths(tmp_path):
     write_prompts(prompts, PROMPTS[:2] + [{"prompt": "new"}])
     with pytest.raises(UserError, match=r"made from a prompts file whose content differs"):
         run(GenerateConfig(prompts=str(prompts), out=str(out), **cfg))
+
+
+def test_fast_sampler_settings_are_in_the_fingerprint(tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:2])
+    out = tmp_path / "out.jsonl"
+    run(GenerateConfig(**FAST, prompts=str(prompts), out=str(out), cache="dual", threshold=0.9))
+    rows = read_rows(out)
+    assert all(r["sampler"]["cache"] == "dual" and r["sampler"]["threshold"] == 0.9 for r in rows)
+    with pytest.raises(UserError, match=r"made with cache='dual', this run has cache='none'"):
+        run(GenerateConfig(**FAST, prompts=str(prompts), out=str(out), threshold=0.9))
+    with pytest.raises(UserError, match=r"made with threshold=0\.9, this run has threshold=0\.5"):
+        run(GenerateConfig(**FAST, prompts=str(prompts), out=str(out), cache="dual", threshold=0.5))
+    # A row written before these settings existed was made by the exact sampler: it resumes an exact run.
+    exact = tmp_path / "exact.jsonl"
+    run(GenerateConfig(**FAST, prompts=str(prompts), out=str(exact)))
+    old = [{**r, "sampler": {k: v for k, v in r["sampler"].items() if k not in ("cache", "threshold")}}
+           for r in read_rows(exact)]
+    exact.write_text("".join(json.dumps(r) + "\n" for r in old), encoding="utf-8")
+    assert run(GenerateConfig(**FAST, prompts=str(prompts), out=str(exact))).resumed == 2
+    with pytest.raises(UserError, match=r"made with cache='none', this run has cache='prefix'"):
+        run(GenerateConfig(**FAST, prompts=str(prompts), out=str(exact), cache="prefix"))
+
+
+@pytest.mark.parametrize("kw, msg", [({"cache": "full"}, "cache must be one of"),
+                                     ({"threshold": 0}, "threshold"),
+                                     ({"threshold": 0.9, "remasking": "random"}, "low_confidence")])
+def test_fast_sampler_settings_are_checked(kw, msg):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=msg):
+        GenerateConfig(**{**FAST, **kw})

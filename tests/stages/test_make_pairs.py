@@ -154,14 +154,15 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(tmp_path):
     assert not partial.exists()
 
 
-def test_cli_on_micro_samples_do_not_depend_on_the_batch_size(tmp_path):
+@pytest.mark.parametrize("fast", [[], ["--cache", "dual", "--threshold", "0.002"]], ids=["exact", "dual-0.002"])
+def test_cli_on_micro_samples_do_not_depend_on_the_batch_size(tmp_path, fast):
     questions = write_questions(tmp_path / "q.jsonl", QUESTIONS[:3])
     outs = []
     for batch in (1, 5):
         out = tmp_path / f"b{batch}" / "pairs.jsonl"
         args = ["make-pairs", str(questions), "--model", "micro", "--out", str(out), "--num-generations", "3",
                 "--gen-length", "8", "--block-length", "4", "--steps", "4", "--batch-size", str(batch),
-                "--reference-solution-fallback", "--device", "cpu", "--json"]
+                "--reference-solution-fallback", "--device", "cpu", "--json", *fast]
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 0, res.output
         summary = json.loads(res.stdout)
@@ -170,6 +171,8 @@ def test_cli_on_micro_samples_do_not_depend_on_the_batch_size(tmp_path):
         outs.append([(s["completion"], s["correct"]) for s in rows(summary["samples_file"])])
     assert outs[0] == outs[1]
     assert len({c for c, _ in outs[0]}) > 1  # temperature 0.7: the samples differ
+    sampler = rows(summary["samples_file"])[0]["sampler"]
+    assert (sampler["cache"], sampler["threshold"]) == (("dual", 0.002) if fast else ("none", None))
 
 
 def test_samples_are_queryable_per_round(tmp_path):

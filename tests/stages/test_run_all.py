@@ -86,3 +86,14 @@ def test_run_end_to_end_summary_matches_the_files(tmp_path):
     assert res2.exit_code == 0, res2.output
     assert manifest.stat().st_mtime_ns == stamp
     assert len(pq.read_table(art["metrics"]).to_pylist()) == 3
+
+
+def test_run_wide_sampler_settings_reach_eval_and_make_pairs(tmp_path):
+    cfg = merged_config(None, {"out": tmp_path / "x", "cache": "dual", "threshold": 0.9})
+    ev = stage_configs(cfg)[3]
+    assert (ev.cache, ev.threshold) == ("dual", 0.9)
+    assert (cfg.make_pairs["cache"], cfg.make_pairs["threshold"]) == ("dual", 0.9)
+    plain = stage_configs(merged_config(None, {"out": tmp_path / "y"}))[3]
+    assert (plain.cache, plain.threshold) == ("none", None)
+    with pytest.raises(ConfigError, match="cache must be one of"):
+        stage_configs(merged_config(None, {"out": tmp_path / "z", "cache": "full"}))

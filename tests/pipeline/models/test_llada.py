@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.models import LORA_TARGET_MODULES, load_model, score_tokens
-from pipeline.models.llada import LLaDAConfig, LLaDAModelLM
+from pipeline.models.llada import LLaDAConfig, LLaDAModelLM, apply_rope, rope_tables
 from pipeline.models.tokenizer import build_tokenizer
 
 VOCAB = 512
@@ -350,3 +350,90 @@ def test_only_the_silu_activation_is_accepted():
     for name in ("swiglu", "gelu"):
         with pytest.raises(ValueError, match=f"activation_type='{name}' not supported"):
             LLaDAModelLM(LLaDAConfig(activation_type=name, **small))
+
+
+# --- the approximate KV cache (Fast-dLLM) used by the sampler ---------------------------------
+
+
+def _padded_batch(gen, length=20, short=13):
+    ids = torch.randint(3, VOCAB, (2, length), generator=gen)
+    mask = torch.ones(2, length, dtype=torch.long)
+    ids[1, : length - short] = 1  # left padding, as the sampler lays rows out
+    mask[1, : length - short] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_cached_keys_and_values_equal_a_full_forward(n_kv_heads):
+    model = random_model(n_kv_heads=n_kv_heads)
+    ids, mask = _padded_batch(torch.Generator().manual_seed(5))
+    seen = {}
+    hooks = [getattr(block, name).register_forward_hook(
+        lambda _m, _i, out, key=(i, name): seen.__setitem__(key, out))
+        for i, block in enumerate(model.model.transformer.blocks) for name in ("k_proj", "v_proj")]
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        hidden, kv = model.hidden_with_kv(ids, attention_mask=mask)
+    torch.testing.assert_close(model.get_output_embeddings()(hidden), logits, atol=1e-5, rtol=1e-5)
+    assert len(kv) == 2
+    hd = 64 // 4
+    cos, sin = rope_tables(20, hd, model.config.rope_theta, "cpu")
+    for i, (k, v) in enumerate(kv):
+        assert k.shape == v.shape == (2, n_kv_heads, 20, hd)
+        k_ref = apply_rope(seen[(i, "k_proj")].view(2, 20, n_kv_heads, hd).transpose(1, 2), cos, sin)
+        v_ref = seen[(i, "v_proj")].view(2, 20, n_kv_heads, hd).transpose(1, 2)
+        real = mask.bool()[:, None, :, None].expand_as(k)
+        torch.testing.assert_close(k[real], k_ref[real], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(v[real], v_ref[real], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("window", [(12, 20), (12, 16), (0, 8)])
+def test_window_on_a_fresh_cache_equals_the_full_forward(window):
+    # Prefix (window to the end) and dual (window inside) on the sequence the cache was made from: exact.
+    model = random_model(n_kv_heads=2)
+    ids, mask = _padded_batch(torch.Generator().manual_seed(6))
+    lo, hi = window
+    with torch.no_grad():
+        full, kv = model.hidden_with_kv(ids, attention_mask=mask)
+        part, own = model.hidden_with_kv(ids[:, lo:hi], attention_mask=mask, kv_cache=kv, start=lo)
+    real = mask.bool()[:, lo:hi]
+    torch.testing.assert_close(part[real], full[:, lo:hi][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(own[0][0], kv[0][0][:, :, lo:hi], atol=1e-6, rtol=1e-6)
+
+
+def test_stale_cache_is_exact_for_one_layer_and_approximate_for_two():
+    # With one layer the keys and values of the other positions depend on their own tokens only, so
+    # changing the window's tokens leaves the cache exact; with two they also see the window: stale.
+    gen = torch.Generator().manual_seed(7)
+    for layers, exact in ((1, True), (2, False)):
+        model = random_model(n_layers=layers)
+        ids, mask = _padded_batch(gen)
+        changed = ids.clone()
+        changed[:, 12:16] = torch.randint(3, VOCAB, (2, 4), generator=gen)
+        with torch.no_grad():
+            _, kv = model.hidden_with_kv(ids, attention_mask=mask)
+            dual, _ = model.hidden_with_kv(changed[:, 12:16], attention_mask=mask, kv_cache=kv, start=12)
+            prefix, _ = model.hidden_with_kv(changed[:, 12:], attention_mask=mask, kv_cache=kv, start=12)
+            truth = model.final_hidden(changed, attention_mask=mask)
+        gap_dual = (dual - truth[:, 12:16]).abs().max().item()
+        gap_prefix = (prefix[:, :4] - truth[:, 12:16]).abs().max().item()
+        if exact:
+            assert gap_dual < 1e-5 and gap_prefix < 1e-5
+        else:
+            assert gap_dual > 1e-4 and gap_prefix > 1e-4
+
+
+def test_hidden_with_kv_refuses_bad_windows():
+    model = random_model()
+    ids = torch.randint(3, VOCAB, (1, 10))
+    with torch.no_grad():
+        _, kv = model.hidden_with_kv(ids)
+        with pytest.raises(ValueError, match="needs a kv_cache"):
+            model.hidden_with_kv(ids[:, 2:], start=2)
+        with pytest.raises(ValueError, match="outside the sequence"):
+            model.hidden_with_kv(ids[:, 2:], kv_cache=kv, start=4)
+        with pytest.raises(ValueError, match="layers"):
+            model.hidden_with_kv(ids[:, 2:], kv_cache=kv[:1], start=2)
