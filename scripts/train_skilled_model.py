@@ -113,6 +113,7 @@ def save(model, out: Path) -> str:
     # A bfloat16 copy: the training weights stay float32 (a checkpoint never perturbs the run).
     state = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
     model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    build_tokenizer(layout="compact").save_pretrained(out)  # a complete model folder: --model DIR loads it
     return hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
 
 
@@ -184,9 +185,9 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--learning-rate", type=float, default=3e-3)
     ap.add_argument("--warmup-steps", type=int, default=100)
-    ap.add_argument("--max-steps", type=int, default=2400)
-    ap.add_argument("--eval-every", type=int, default=200)
-    ap.add_argument("--stop-at", type=float, default=0.35, help="stop at the first dev accuracy >= this")
+    ap.add_argument("--max-steps", type=int, default=900)
+    ap.add_argument("--eval-every", type=int, default=150)
+    ap.add_argument("--stop-at", type=float, default=0.3, help="stop at the first dev accuracy >= this")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared machine)")
     ap.add_argument("--keep-checkpoints", action="store_true", help="save the model at every dev evaluation too")

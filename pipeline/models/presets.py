@@ -51,7 +51,7 @@ class Preset:
     """sha256 of that file, checked before the weights are used."""
 
 
-SKILL_SHA256 = "@SKILL_SHA256@"
+SKILL_SHA256 = "ee478fb0736a42b29d719af354a9597b059f5fef4f23508e8d9af110cf45243e"
 
 PRESETS: dict[str, Preset] = {
     "skill": Preset(
