@@ -22,7 +22,7 @@ and prints its held-out accuracy, wall time and the command.
 The loop is this script's own (the same loss as ``lldm-dpo sft``, which
 arrived after this model had started training; porting the script to it is
 left to do). The shipped ``pipeline/models/weights/skill.safetensors`` is the
-final model of (1.18M parameters, 900 steps, 1,360 s of training on a shared
+final model of this command (1.18M parameters, 900 steps, 1,360 s of training on a shared
 2-core CPU; dev accuracy by step in ``weights/skill.json``; it stopped at
 ``--max-steps``, the dev accuracy never reached ``--stop-at``)::
 
