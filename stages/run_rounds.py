@@ -357,7 +357,7 @@ def print_rounds_summary(result: RoundsResult) -> None:
         table.add_column(header, justify="right")
     for s in result.rounds:
         table.add_row(*(_fmt(s.get(k)) for k, _ in COLUMNS))
+    console.print(headline(result.rounds), soft_wrap=True, markup=False)  # the result leads
     console.print(table)
-    console.print(headline(result.rounds), soft_wrap=True, markup=False)
     console.print(f"report: {result.report}")
     console.print("try:", result.example_query, soft_wrap=True, markup=False)
