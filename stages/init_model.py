@@ -13,7 +13,7 @@ from pipeline.stagecli import stage_command
 @dataclass
 class InitModelConfig:
     preset: str = "tiny"
-    """Preset name: tiny, micro or llada-8b-shape."""
+    """Preset name: skill (trained, shipped weights), tiny, micro or llada-8b-shape."""
     directory: Path = Path("models/tiny")
     """Folder to create (config.json, safetensors, tokenizer files)."""
     dtype: str = "float32"

@@ -1,8 +1,12 @@
 """``lldm-dpo run``: ingest, score-ref, train, eval and report in order, on the embedded default.
 
-The embedded default (``stages/run.yaml``) trains the ``tiny`` preset on the
-shipped reasoning preference data with its held-out split, sized to finish
-on a 2-core CPU in a few minutes. A ``--config`` file overrides it section by
+The embedded default (``stages/run.yaml``) is one round (``stages.run_rounds``)
+on the ``skill`` preset, a small LLaDA trained on the project's own short
+arithmetic word problems: make-pairs from its own graded samples on the
+shipped train questions, score-ref, DPO with the NLL term on the chosen
+response, and greedy task accuracy on 1,000 held-out questions before and
+after with the paired interval of the difference. ``rounds: 0`` (and no
+``questions``) is the single pass on the ingest inputs. A ``--config`` file overrides it section by
 section (``ingest``, ``score_ref``, ``train``, ``eval``): every stage's keys
 are accepted there, with the same validation as the stage's own command.
 """
@@ -114,6 +118,11 @@ def merged_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     else:
         origin = str(EMBEDDED_DEFAULT)
     flags = dict(flags)
+    user_questions = flags.get("questions") is not None or (config_file is not None and "questions" in user)
+    rounds = flags["rounds"] if flags.get("rounds") is not None else base.get("rounds", 0)
+    if not rounds and not user_questions:
+        # The embedded default's questions belong to its rounds: `run --rounds 0` is the single pass.
+        base.pop("questions", None)
     for key in SECTIONS:  # a section given as a flag adds to the file's section
         if isinstance(flags.get(key), dict):
             base[key] = {**base.get(key, {}), **flags.pop(key)}

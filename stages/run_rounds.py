@@ -231,6 +231,7 @@ def run_rounds(cfg, log=print) -> RoundsResult:
             timed("report", lambda _, run_dir=tr_cfg.out: write_report(run_dir), None)
         if r == 1:
             initial_acc = ev.task_accuracy.get("before")
+        task = task_figures(ev, tr_cfg.out, initial_correct_path(cfg.out))
         summary = {
             "round": r, "start_model": start_model, "reference_model": ref_model,
             "questions": mp.questions, "samples": mp.samples, "sample_accuracy": mp.sample_accuracy,
@@ -240,7 +241,7 @@ def run_rounds(cfg, log=print) -> RoundsResult:
             "pairs_train": ing.splits.get("train", 0), "pairs_eval": ing.splits.get("eval", 0),
             "scored": sc.pairs, "train_steps": tr.steps, "final_train_loss": tr.final_loss,
             "final_train_reward_accuracy": tr.final_reward_accuracy,
-            "task_accuracy": ev.task_accuracy.get("after"),
+            "task_accuracy": ev.task_accuracy.get("after"), **task,
             "preference_accuracy": ev.preference_accuracy.get("after"),
             "seconds": round(time.perf_counter() - t0, 2), "stage_seconds": times,
             "folder": str(d), "final_model": tr.final_model,
@@ -258,7 +259,43 @@ def run_rounds(cfg, log=print) -> RoundsResult:
                         example_query=query)
 
 
+def initial_correct_path(out: Path) -> Path:
+    """Round 1's eval records of the original model (the "before" rows of its task_results.parquet)."""
+    return round_dir(out, 1) / "run" / "task_results.parquet"
+
+
+def _correct_of(path: Path, label: str) -> list[bool]:
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path, columns=["model", "index", "correct"]).to_pylist()
+    return [bool(r["correct"]) for r in sorted((r for r in rows if r["model"] == label), key=lambda r: r["index"])]
+
+
+def task_figures(ev, run_dir: Path, initial_path: Path) -> dict[str, Any]:
+    """The round's task accuracy as eval recorded it: its count and Wilson interval (eval.json's
+    ``intervals``), and the paired difference against the original model on the same questions: eval's
+    own interval in round 1, later rounds from the per-question records of round 1's eval."""
+    from pipeline.intervals import paired_difference_interval
+
+    iv = (getattr(ev, "intervals", None) or {}).get("task_accuracy", {})
+    out: dict[str, Any] = {"task_accuracy_interval": iv.get("after")}
+    if iv.get("before") is not None:
+        out["initial_task_accuracy_interval"] = iv["before"]
+    if iv.get("difference") is not None:
+        out["task_accuracy_difference"] = iv["difference"]
+    elif initial_path.is_file():
+        before = _correct_of(initial_path, "before")
+        after = _correct_of(Path(run_dir) / "task_results.parquet", "after")
+        if before and len(before) == len(after):
+            out["task_accuracy_difference"] = paired_difference_interval(before, after)
+    return out
+
+
 def _fmt(value) -> str:
+    if isinstance(value, dict):  # an interval record: accuracy's [low, high] or a difference with its interval
+        if "difference" in value:
+            return f"{value['difference']:+.3f} [{value['low']:+.3f}, {value['high']:+.3f}]"
+        return f"[{value['low']:.3f}, {value['high']:.3f}] ({value['count']:g}/{value['n']})"
     return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
@@ -266,11 +303,31 @@ COLUMNS = (("round", "round"), ("pairs", "pairs"), ("pairs_reference_chosen", "r
            ("sample_accuracy", "sample acc."), ("pass_at_k", "pass@k"), ("questions_all_correct", "only correct"),
            ("questions_all_wrong", "only wrong"), ("final_train_loss", "train loss"),
            ("final_train_reward_accuracy", "reward acc."), ("preference_accuracy", "pref. acc. (held-out)"),
-           ("task_accuracy", "task acc. after"))
+           ("task_accuracy", "task acc. after"), ("task_accuracy_interval", "95% CI"),
+           ("task_accuracy_difference", "vs original [95% CI]"))
+
+
+def headline(summaries: list[dict[str, Any]]) -> str:
+    """The run's result in one line: held-out task accuracy of the original model and of the last round's,
+    each with its count and 95% interval, and the paired difference with its interval (eval's records)."""
+    from pipeline.intervals import format_accuracy, format_difference
+
+    if not summaries:
+        return "task accuracy: no round finished yet"
+    first, last = summaries[0], summaries[-1]
+    before, after = first.get("initial_task_accuracy_interval"), last.get("task_accuracy_interval")
+    if not after:
+        return f"task accuracy after round {last['round']}: {_fmt(last.get('task_accuracy'))}"
+    text = (f"task accuracy (held-out, greedy): before {format_accuracy(before) if before else '-'} -> "
+            f"after round {last['round']} {format_accuracy(after)}")
+    diff = last.get("task_accuracy_difference")
+    if diff:
+        text += f"; difference {format_difference(diff)}"
+    return text
 
 
 def report_markdown(cfg, summaries: list[dict[str, Any]], initial_acc) -> str:
-    lines = [f"# lldm-dpo run --rounds {cfg.rounds}: {cfg.out}", "",
+    lines = [f"# lldm-dpo run --rounds {cfg.rounds}: {cfg.out}", "", f"**{headline(summaries)}**", "",
              f"Questions: {cfg.questions}; model {cfg.model}; reference each round: {cfg.round_reference}; "
              f"task accuracy of the original model: {_fmt(initial_acc)}.",
              "sample acc. and pass@k are the round's starting policy on the training questions; "
@@ -300,6 +357,7 @@ def print_rounds_summary(result: RoundsResult) -> None:
         table.add_column(header, justify="right")
     for s in result.rounds:
         table.add_row(*(_fmt(s.get(k)) for k, _ in COLUMNS))
+    console.print(headline(result.rounds), soft_wrap=True, markup=False)  # the result leads
     console.print(table)
     console.print(f"report: {result.report}")
     console.print("try:", result.example_query, soft_wrap=True, markup=False)

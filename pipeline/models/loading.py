@@ -246,7 +246,8 @@ def model_identity(model_dir_or_name) -> dict:
             "kind": "preset",
             "name": name,
             "config_sha256": _canonical_hash(config),
-            "weights": f"preset:{name}:seed={PRESETS[name].seed}:v{PRESET_VERSION}",
+            "weights": (f"preset:{name}:sha256={PRESETS[name].weights_sha256}" if PRESETS[name].weights
+                        else f"preset:{name}:seed={PRESETS[name].seed}:v{PRESET_VERSION}"),
         }
     if not path.exists() and "/" in name and not name.startswith((".", "/", "~")):
         path = hub_folder(name)

@@ -1,6 +1,12 @@
 """Named models built locally from a config with a fixed seed (no download).
 
-- ``tiny``: a ~3.7M-parameter LLaDA, the embedded default of ``lldm-dpo run``.
+- ``skill``: a ~1.2M-parameter LLaDA trained by ``scripts/train_skilled_model.py``
+  on the project's own short arithmetic word problems (``scripts/make_skill_data.py``):
+  it gets some of them right (see ``weights/skill.json``), the starting model of the
+  embedded default of ``lldm-dpo run``. Its weights ship in the package
+  (``weights/skill.safetensors``, bfloat16) and are checked against the sha256
+  recorded here before use.
+- ``tiny``: a ~3.7M-parameter LLaDA with random weights.
 - ``micro``: a ~0.15M-parameter LLaDA with grouped-query attention, for fast tests.
 - ``llada-8b-shape``: LLaDA-8B's exact shape (8,015,581,184 parameters), random
   weights, for GPU benchmarks.  Built directly on the target device (or
@@ -14,7 +20,10 @@ special token ids are written into the model config so that
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -27,17 +36,36 @@ from pipeline.models.tokenizer import build_tokenizer, special_token_ids
 PRESET_VERSION = 1
 
 
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+
+
 @dataclass(frozen=True)
 class Preset:
     description: str
     config: dict = field(default_factory=dict)
     seed: int = 0
     tokenizer_layout: str = "compact"
+    weights: str | None = None
+    """File in WEIGHTS_DIR with trained weights (safetensors); None: random weights from ``seed``."""
+    weights_sha256: str | None = None
+    """sha256 of that file, checked before the weights are used."""
 
+
+SKILL_SHA256 = "ee478fb0736a42b29d719af354a9597b059f5fef4f23508e8d9af110cf45243e"
 
 PRESETS: dict[str, Preset] = {
+    "skill": Preset(
+        description="~1.2M-parameter LLaDA (4 layers, d_model 128) trained on short arithmetic word problems, "
+                    "the embedded default",
+        config=dict(
+            d_model=128, n_heads=4, n_kv_heads=4, n_layers=4, mlp_hidden_size=512,
+            vocab_size=512, embedding_size=512, max_sequence_length=256,
+        ),
+        weights="skill.safetensors",
+        weights_sha256=SKILL_SHA256,
+    ),
     "tiny": Preset(
-        description="~3.7M-parameter LLaDA (4 layers, d_model 256), the embedded default",
+        description="~3.7M-parameter LLaDA (4 layers, d_model 256), random weights",
         config=dict(
             d_model=256, n_heads=4, n_kv_heads=4, n_layers=4, mlp_hidden_size=768,
             vocab_size=512, embedding_size=512, max_sequence_length=2048,
@@ -98,7 +126,36 @@ def build_preset(name: str, device="cpu", dtype="float32", seed: int | None = No
         # Parameters are created (and initialised) on the device in the target
         # dtype: no float32 host copy of an 8B model ever exists.
         model = LLaDAModelLM(config)
+    if preset.weights is not None:
+        if device.type == "meta":
+            return model.eval()
+        state = {k: v.to(device=device, dtype=torch_dtype) for k, v in preset_weights(name).items()}
+        model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def preset_weights_path(name: str) -> Path:
+    """The shipped weights file of a trained preset."""
+    preset = _get(name)
+    if preset.weights is None:
+        raise UserError(f"preset {name!r} has no trained weights (random weights from its seed)")
+    return WEIGHTS_DIR / preset.weights
+
+
+@functools.lru_cache(maxsize=2)
+def preset_weights(name: str) -> dict[str, torch.Tensor]:
+    """The trained preset's state dict, read once its file's sha256 matches the recorded one."""
+    from safetensors.torch import load_file
+
+    path = preset_weights_path(name)
+    if not path.is_file():
+        raise UserError(f"preset {name!r}: weights file {path} is missing (reinstall the package, or retrain with "
+                        "scripts/train_skilled_model.py)")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != _get(name).weights_sha256:
+        raise UserError(f"preset {name!r}: {path} has sha256 {digest}, the package records "
+                        f"{_get(name).weights_sha256}; the file is damaged or not this version's")
+    return load_file(str(path))
 
 
 @contextlib.contextmanager

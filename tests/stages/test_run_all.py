@@ -17,19 +17,34 @@ from stages.run_all import EMBEDDED_DEFAULT, merged_config, stage_configs
 SHRUNK = {
     "model": "micro",
     "device": "cpu",
+    "rounds": 0,  # the single pass on the ingest inputs (the embedded default runs one round instead)
+    "questions": None,
+    "ingest": {"eval_fraction": 0.2},
     "score_ref": {"limit": 40, "samples": 2, "max_length": 128},
     "train": {"max_steps": 3, "batch_size": 16, "save_every": 2},  # ~32 train pairs: 2 steps an epoch, 2 epochs
     "eval": {"limit_task": 2, "gen_length": 8, "block_length": 8, "steps": 4, "batch_size": 2, "limit_choices": 2,
-             "samples": 2},
+             "samples": 2, "choices": "data/benchmarks/arithmetic_choice.jsonl"},
 }
 
 
 def test_embedded_default_resolves_and_validates_every_stage(tmp_path):
+    from stages.run_rounds import round_configs
+
     cfg = merged_config(None, {"out": tmp_path / "x"})
-    ingest, score, train, ev = stage_configs(cfg)
-    assert Path(ingest.inputs[0]).exists()  # the shipped data is found from any working directory
-    assert ev.benchmark.exists() and score.model == train.model == "tiny"
-    assert yaml.safe_load(EMBEDDED_DEFAULT.read_text())["model"] == "tiny"
+    assert cfg.rounds == 1 and cfg.model == "skill"
+    mp, _, score, train, ev = round_configs(cfg, 1, cfg.model, cfg.model)
+    # the shipped data is found from any working directory
+    assert Path(mp.questions).exists() and ev.benchmark.exists()
+    assert score.model == train.model == mp.model == "skill"
+    assert not mp.reference_solution_fallback and mp.num_generations > 1
+    assert train.loss == "sigmoid,sft" and train.sft_total_weight > 0  # the NLL term on the chosen response
+    assert ev.before == "skill" and ev.limit_task == 0
+    assert len(Path(ev.benchmark).read_text().splitlines()) >= 1000
+    assert yaml.safe_load(EMBEDDED_DEFAULT.read_text())["model"] == "skill"
+    # the single pass still validates with the shipped pairs
+    single = merged_config(None, {"out": tmp_path / "y", "rounds": 0})
+    ingest, *_ = stage_configs(single)
+    assert Path(ingest.inputs[0]).exists()
 
 
 def test_unknown_key_in_a_section_names_section_and_key(tmp_path):
@@ -123,6 +138,8 @@ def test_run_wide_sampler_settings_reach_eval_and_make_pairs(tmp_path):
     assert (ev.cache, ev.threshold) == ("dual", 0.9)
     assert (cfg.make_pairs["cache"], cfg.make_pairs["threshold"]) == ("dual", 0.9)
     plain = stage_configs(merged_config(None, {"out": tmp_path / "y"}))[3]
-    assert (plain.cache, plain.threshold) == ("none", None)
+    assert (plain.cache, plain.threshold) == ("dual", None)  # the embedded default's eval uses the dual cache
+    exact = stage_configs(merged_config(None, {"out": tmp_path / "w", "cache": "none"}))[3]
+    assert exact.cache == "none"
     with pytest.raises(ConfigError, match="cache must be one of"):
         stage_configs(merged_config(None, {"out": tmp_path / "z", "cache": "full"}))

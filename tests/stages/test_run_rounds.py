@@ -83,8 +83,25 @@ def test_two_rounds_write_each_rounds_artefacts_and_a_true_summary(two_rounds):
     ev1 = json.loads((out / "round-1" / "run" / "eval.json").read_text())
     assert summary["initial_task_accuracy"] == ev1["task_accuracy"]["before"]
     assert "before" not in json.loads((out / "round-2" / "run" / "eval.json").read_text())["task_accuracy"]
+    # Accuracies and intervals are eval's own records: round 1's from its eval.json, round 2's difference
+    # against the original model from the per-question rows both evals wrote.
+    from pipeline.intervals import paired_difference_interval
+
+    iv1 = ev1["intervals"]["task_accuracy"]
+    assert one["task_accuracy_interval"] == iv1["after"] and one["initial_task_accuracy_interval"] == iv1["before"]
+    assert one["task_accuracy_difference"] == iv1["difference"]
+    ev2 = json.loads((out / "round-2" / "run" / "eval.json").read_text())
+    assert two["task_accuracy_interval"] == ev2["intervals"]["task_accuracy"]["after"]
+    import pyarrow.parquet as pq
+
+    def correct(r, label):
+        rows = pq.read_table(out / f"round-{r}" / "run" / "task_results.parquet").to_pylist()
+        return [x["correct"] for x in sorted((x for x in rows if x["model"] == label), key=lambda x: x["index"])]
+
+    assert two["task_accuracy_difference"] == paired_difference_interval(correct(1, "before"), correct(2, "after"))
     report = Path(summary["report"]).read_text()
     assert report.count("\n| 1 |") == 1 and report.count("\n| 2 |") == 1
+    assert "task accuracy (held-out, greedy): before" in report.splitlines()[2]
     assert json.loads((out / "rounds.json").read_text())["rounds"] == summary["rounds"]
 
 
@@ -105,8 +122,10 @@ def test_rounds_resume_round_by_round_and_refuse_another_run(two_rounds):
 
 
 def test_rounds_config_errors(tmp_path):
+    no_questions = tmp_path / "nq.yaml"
+    no_questions.write_text("questions: null\n")  # the embedded default's own questions removed
     with pytest.raises(ConfigError, match="needs --questions"):
-        merged_config(None, {"rounds": 2})
+        merged_config(no_questions, {"rounds": 2})
     with pytest.raises(ConfigError, match="round_reference must be one of policy, initial"):
         merged_config(None, {"rounds": 1, "questions": "q.jsonl", "round_reference": "old"})
     bad = tmp_path / "bad.yaml"

@@ -16,6 +16,8 @@ NOTE = "my notes: do not delete\n"
 SMALL = {
     "model": "micro",
     "device": "cpu",
+    "rounds": 0,  # the single pass (the embedded default runs one round)
+    "questions": None,
     "report": True,
     "score_ref": {"limit": 12, "samples": 1, "max_length": 192, "pairs_per_part": 4},
     "train": {"max_steps": 3, "batch_size": 2, "save_every": 1, "keep_checkpoints": 1},

@@ -1,0 +1,111 @@
+"""The shipped `skill` preset: its data, its training script's first steps, its checkpoint's hash, its loading."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RECORD = REPO / "pipeline" / "models" / "weights" / "skill.json"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_skill_data_script_writes_the_shipped_files_and_its_splits_are_disjoint(tmp_path):
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_skill_data.py"), "--root", str(tmp_path)],
+                   check=True, capture_output=True)
+    for rel in ("benchmarks/skill_heldout.jsonl", "questions/skill_train.jsonl"):
+        assert (tmp_path / rel).read_bytes() == (REPO / "data" / rel).read_bytes(), rel
+    splits = _script("make_skill_data").generate()
+    questions = {name: {r["question"] for r in rows} for name, rows in splits.items()}
+    assert len(questions["heldout"]) == 1000
+    names = list(questions)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not questions[a] & questions[b], (a, b)
+    for rows in splits.values():
+        for r in rows:
+            assert r["solution"].endswith(f"#### {r['answer']}")
+            # each line of the worked solution is right: "a op b = c"
+            for line in r["solution"].splitlines()[:-1]:
+                expr, value = line.split(" = ")
+                assert eval(expr) == int(value), line  # noqa: S307 - generated arithmetic only
+
+
+def test_the_training_scripts_first_steps_reproduce_the_recorded_losses():
+    record = json.loads(RECORD.read_text())
+    mod = _script("train_skilled_model")
+    args = mod.parse_args(["--max-steps", "3", "--eval-every", "0", "--log-every", "100"])
+    torch.set_num_threads(1)
+    result = mod.train(args, log=lambda *_: None)
+    assert result["first_losses"] == pytest.approx(record["first_losses"][:3], abs=2e-4)
+    assert result["first_losses"][0] > result["first_losses"][-1] * 0.9  # the losses are a real run's, not zeros
+
+
+def test_the_shipped_checkpoint_matches_its_recorded_hash_and_loads_as_a_preset(tmp_path):
+    from pipeline.models import load_model, model_identity
+    from pipeline.models.presets import PRESETS, preset_weights_path
+
+    path = preset_weights_path("skill")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    record = json.loads(RECORD.read_text())
+    assert digest == PRESETS["skill"].weights_sha256 == record["sha256"]
+    assert path.stat().st_size <= 8 * 1024 * 1024
+    model, tok = load_model("skill")
+    assert sum(p.numel() for p in model.parameters()) == record["parameters"]
+    assert model_identity("skill")["weights"] == f"preset:skill:sha256={digest}"
+    # init-model writes it as a folder that loads to the same weights
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    res = CliRunner().invoke(app, ["init-model", "skill", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    folder, _ = load_model(str(tmp_path / "m"))
+    ids = torch.tensor([tok("3 + 4 = 7", add_special_tokens=False)["input_ids"]])
+    assert torch.equal(folder(ids).logits, model(ids).logits)
+
+
+def test_a_damaged_weights_file_is_refused_naming_the_file(tmp_path, monkeypatch):
+    from pipeline.errors import UserError
+    from pipeline.models import presets
+
+    bad = tmp_path / "skill.safetensors"
+    bad.write_bytes(presets.preset_weights_path("skill").read_bytes()[:-1] + b"\0")
+    monkeypatch.setattr(presets, "WEIGHTS_DIR", tmp_path)
+    presets.preset_weights.cache_clear()
+    try:
+        with pytest.raises(UserError, match="skill.safetensors has sha256"):
+            presets.build_preset("skill")
+    finally:
+        presets.preset_weights.cache_clear()
+
+
+def test_make_pairs_on_the_shipped_model_pairs_its_own_correct_and_wrong_samples(tmp_path):
+    from pipeline.answers import is_correct
+    from stages.make_pairs import MakePairsConfig
+    from stages.make_pairs import run as make_pairs
+
+    out = tmp_path / "pairs.jsonl"
+    res = make_pairs(MakePairsConfig(questions=str(REPO / "data" / "questions" / "skill_train.jsonl"), model="skill",
+                                     out=str(out), num_generations=4, temperature=0.7, gen_length=24, block_length=4,
+                                     steps=24, cache="dual", batch_size=64, limit=24, device="cpu", progress=False))
+    pairs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert res.pairs == len(pairs) > 0 and res.pairs_reference_chosen == 0
+    assert 0 < res.sample_accuracy < 1 and res.questions_mixed == res.questions_with_pairs > 0
+    for p in pairs:
+        assert p["chosen_from"] == "sample"
+        assert is_correct(p["chosen"], p["reference_answer"]) and not is_correct(p["rejected"], p["reference_answer"])
