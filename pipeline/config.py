@@ -77,9 +77,9 @@ def load_config(
         merged.update(translate(cls, dict(values), where or "config"))
     check_keys(cls, merged, where or "config")
     merged = coerce_values(cls, merged, where or "config")
-    given = translate(cls, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
-    check_keys(cls, given, "command line")
-    merged.update(coerce_values(cls, given, "command line"))
+    given = translate(cls, {k: v for k, v in (overrides or {}).items() if v is not None}, COMMAND_LINE)
+    check_keys(cls, given, COMMAND_LINE)
+    merged.update(coerce_values(cls, given, COMMAND_LINE))
     try:
         return cls(**merged)
     except ConfigError as exc:
@@ -110,14 +110,19 @@ def unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+COMMAND_LINE = "command line"
+"""Where flags come from, in errors; an empty optional path there means "not given"."""
+
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", Path: "a path"}
 
 
 def coerce(tp: Any, value: Any, key: str, where: str) -> Any:
     """``value`` as type ``tp`` (int, float, bool, str, Path, list[...], dict, Optional of those)."""
     base, optional = unwrap_optional(tp)
-    if optional and base is Path and value == "":
-        value = None  # an optional path given empty (`--scores ''`) is not given: '' would be the folder '.'
+    if optional and base is Path and value == "" and where == COMMAND_LINE:
+        # a flag given empty (`--scores ''`, "empty to skip") is not given; in a config file an empty path is an
+        # error (below): there it is a mistake found only after the stages before it ran ('' would be '.')
+        value = None
     if value is None:
         if optional:
             return None

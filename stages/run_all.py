@@ -127,9 +127,29 @@ def merged_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
         if isinstance(flags.get(key), dict):
             base[key] = {**base.get(key, {}), **flags.pop(key)}
     cfg = load_config(RunConfig, None, flags, values=base, origin=origin)
+    # every section's keys checked here, so --print-config refuses what `run` refuses
     if not cfg.rounds:
-        stage_configs(cfg)  # every section's keys checked here, so --print-config refuses what `run` refuses
+        stage_configs(cfg)
+    else:
+        check_section_keys(cfg)
     return cfg
+
+
+def check_section_keys(cfg: RunConfig) -> None:
+    """Unknown keys in any section are an error now, not when its round reaches that stage."""
+    from pipeline.config import check_keys
+    from pipeline.trl_names import translate
+    from stages.evaluate import EvalConfig
+    from stages.ingest import IngestConfig
+    from stages.make_pairs import MakePairsConfig
+    from stages.score_ref import ScoreRefConfig
+    from stages.train import TrainConfig
+
+    classes = {"ingest": IngestConfig, "score_ref": ScoreRefConfig, "train": TrainConfig, "eval": EvalConfig,
+               "make_pairs": MakePairsConfig}
+    for name, cls in classes.items():
+        where = f"run config: {name}"
+        check_keys(cls, translate(cls, dict(getattr(cfg, name)), where), where)
 
 
 def _shipped(path: str) -> str:

@@ -36,7 +36,6 @@ from pipeline.numerics import Numerics
 from pipeline.replay import PairBatch, cache_part_paths, replay_requests  # noqa: F401  (PairBatch: the batch type)
 from pipeline.stagecli import stage_command
 from pipeline.training import (  # noqa: F401  (shared with sft; importable from here as before)
-    SCHEDULERS,
     StepBar,
     _micro_batch_span,
     adapt_policy,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from pipeline.atomic import LEDGER
 from pipeline.errors import UserError
 from pipeline.models import PRESETS, build_preset, load_model, model_identity, preset_tokenizer, tokenizer_identity
 from pipeline.models.init import init_model
@@ -94,7 +95,9 @@ def test_init_model_writes_what_load_model_reads(tmp_path):
     target = tmp_path / "tiny"
     summary = init_model("tiny", target)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(summary["files"])
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    # no temp leftovers; the ownership record says the folder is lldm-dpo's (a rerun may replace it)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [LEDGER]
+    assert "tiny" in (tmp_path / LEDGER).read_text()
     model, tok = load_model(target)
     ref, ref_tok = load_model("tiny")
     ids = torch.randint(0, 500, (2, 9))
