@@ -186,6 +186,12 @@ def stage_configs(cfg: RunConfig):
     )
 
 
+def cache_mismatch_advice(exc: CacheMismatch) -> UserError:
+    """score-ref's own advice (--overwrite) is not a `run` flag: the error with advice that works for `run`."""
+    return UserError(f"{exc.detail}; to rescore it pass --score-ref '{{overwrite: true}}' "
+                     "(or score_ref: {overwrite: true} in --config), or choose another --out")
+
+
 def planned_epochs(score_cfg, train_cfg) -> int:
     """Epochs the train stage will start on the pairs score-ref is about to score (one process)."""
     from pipeline.pairsfile import read_pairs
@@ -234,9 +240,8 @@ def run(cfg: RunConfig, log=print):
         score_cfg = replace(score_cfg, draws=max(score_cfg.draws, planned_epochs(score_cfg, train_cfg)))
     try:
         sc = timed("score-ref", score_ref.run, score_cfg)
-    except CacheMismatch as exc:  # score-ref's own advice (--overwrite) is not a `run` flag
-        raise UserError(f"{exc.detail}; to rescore it pass --score-ref '{{overwrite: true}}' "
-                        "(or score_ref: {overwrite: true} in --config), or choose another --out") from None
+    except CacheMismatch as exc:
+        raise cache_mismatch_advice(exc) from None
     tr = timed("train", train.run, train_cfg)
     ev = timed("eval", evaluate.run, eval_cfg)
     artefacts = {

@@ -33,7 +33,7 @@ from typing import Any
 
 from pipeline.atomic import write_json_atomic, write_text_atomic
 from pipeline.config import config_to_dict, load_config
-from pipeline.errors import ConfigError, UserError
+from pipeline.errors import CacheMismatch, ConfigError, UserError
 
 ROUND_REFERENCES = ("policy", "initial")
 PROVENANCE_FIELDS = ["question_id", "chosen_from", "chosen_sample", "rejected_sample", "chosen_answer",
@@ -223,7 +223,12 @@ def run_rounds(cfg, log=print) -> RoundsResult:
             from stages.run_all import planned_epochs
 
             sc_cfg = replace(sc_cfg, draws=max(sc_cfg.draws, planned_epochs(sc_cfg, tr_cfg)))
-        sc = timed("score-ref", score_ref.run, sc_cfg)
+        try:
+            sc = timed("score-ref", score_ref.run, sc_cfg)
+        except CacheMismatch as exc:
+            from stages.run_all import cache_mismatch_advice
+
+            raise cache_mismatch_advice(exc) from None
         tr = timed("train", train.run, tr_cfg)
         ev_cfg = round_configs(cfg, r, start_model, ref_model, has_eval_pairs=ing.splits.get("eval", 0) > 0)[4]
         ev = timed("eval", evaluate.run, ev_cfg)

@@ -70,7 +70,7 @@ CASES = [
     ("report --out-html", "r.html", lambda t, p, c: ["report", str(t / "run"), "--out-html", str(t / "r.html")]),
     ("report --out-png", "r.png", lambda t, p, c: ["report", str(t / "run"), "--out-png", str(t / "r.png")]),
     ("run pairs.arrow", "all/pairs.arrow", lambda t, p, c: ["run", "--out", str(t / "all"), "--model", "micro",
-                                                            "--device", "cpu"]),
+                                                            "--device", "cpu", "--rounds", "0"]),
     ("init-model over a file", "m", lambda t, p, c: ["init-model", "micro", str(t / "m"), "--overwrite"]),
 ]
 

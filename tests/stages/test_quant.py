@@ -155,7 +155,8 @@ def test_the_shipped_qlora_variant_of_the_default_runs_on_cpu(tmp_path):
     assert score_cfg.load_in_4bit and train_cfg.lora_r > 0 and train_cfg.load_in_4bit is None  # train follows
     shrunk = {"out": tmp_path / "out", "model": "micro", "device": "cpu", "report": False,
               "score_ref": {"limit": 24, "samples": 2, "max_length": 128},
-              "train": {"max_steps": 2, "batch_size": 8, "save_every": 0},
+              # the preference loss alone, so step 1's loss is exactly log 2 (the default adds the NLL term)
+              "train": {"max_steps": 2, "batch_size": 8, "save_every": 0, "loss": "sigmoid", "loss_weights": [1.0]},
               "eval": {"limit_task": 2, "gen_length": 8, "block_length": 8, "steps": 4, "batch_size": 2,
                        "limit_choices": 2, "samples": 2}}
     result = run_all(merged_config(shipped, shrunk), log=lambda *a, **k: None)

@@ -130,12 +130,10 @@ def test_rounds_config_errors(tmp_path):
         merged_config(None, {"rounds": 1, "questions": "q.jsonl", "round_reference": "old"})
     bad = tmp_path / "bad.yaml"
     bad.write_text("make_pairs:\n  num_generation: 4\n")
-    cfg = merged_config(bad, {"rounds": 1, "questions": str(write_questions(tmp_path / "q.jsonl")),
-                              "out": tmp_path / "o"})
-    from stages.run_rounds import run_rounds
-
-    with pytest.raises(ConfigError, match=r"round 1: make_pairs.*unknown key 'num_generation'"):
-        run_rounds(cfg)
+    # refused when the config loads (so --print-config refuses it too), before any round starts
+    with pytest.raises(ConfigError, match=r"make_pairs: unknown key 'num_generation'"):
+        merged_config(bad, {"rounds": 1, "questions": str(write_questions(tmp_path / "q.jsonl")),
+                            "out": tmp_path / "o"})
     assert not (tmp_path / "o").exists()
 
 
