@@ -96,7 +96,8 @@ def load_model(
                                 load_in_4bit=load_in_4bit)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise UserError(f"{path}: no config.json (not a model folder)")
+        shadows = f"; it shadows the preset {name!r} (run from another folder)" if name in PRESETS else ""
+        raise UserError(f"{path}: no config.json (not a model folder){shadows}")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -259,6 +260,9 @@ def model_identity(model_dir_or_name) -> dict:
                 "base": model_identity(adapter.get("base_model_name_or_path") or "")}
     config_file = path / "config.json"
     if not config_file.is_file():
+        if name in PRESETS:  # a folder of the preset's name is in the way (a local folder wins over a preset)
+            raise UserError(f"model {name!r}: the folder {path.resolve()} (no config.json) shadows the preset of "
+                            f"that name; run from another folder or name the model folder")
         raise UserError(f"model {name!r}: not a preset and no config.json there")
     config = json.loads(config_file.read_text(encoding="utf-8"))
     config.pop("transformers_version", None)  # written by whichever version saved it

@@ -143,3 +143,15 @@ def test_4bit_without_bitsandbytes_is_one_line(micro_dir, monkeypatch):
     for name in ("micro", micro_dir):                          # loads both in 4-bit with it)
         with pytest.raises(UserError, match=r"needs bitsandbytes >= 0\.50\.2: pip install 'lldm-dpo\[quant\]'"):
             load_model(name, load_in_4bit=True, device="cpu")
+
+
+def test_a_folder_named_like_a_preset_is_named_as_shadowing_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "micro").mkdir()  # a scratch folder of a preset's name, without config.json
+    with pytest.raises(UserError, match=r"model 'micro': the folder .*micro \(no config.json\) shadows the preset"):
+        model_identity("micro")
+    with pytest.raises(UserError, match=r"micro: no config.json \(not a model folder\); it shadows the preset 'micro'"):
+        load_model("micro")
+    with pytest.raises(UserError, match=r"model 'other': not a preset and no config.json there"):
+        (tmp_path / "other").mkdir()
+        model_identity("other")
