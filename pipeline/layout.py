@@ -24,6 +24,10 @@ RUN_OUTPUTS = (CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, TENSORBOARD_DIR, TRACKE
                REPORT_HTML, REPORT_PNG)
 """What a run folder holds; a fresh run into a used folder is refused (or, with overwrite, clears these)."""
 
+ROUNDS_TABLE = "rounds.parquet"
+ROUNDS_PNG = "rounds.png"
+"""In a ``run --rounds`` folder, beside rounds.json and rounds.md: the table across rounds and its plot."""
+
 PAIRS_FILE = "pairs.arrow"
 """The pairs file inside a ``run`` folder (ingest's own default is data/out/pairs.arrow)."""
 

@@ -435,3 +435,44 @@ def write_report(
         tmp.write_bytes(png)
     write_text_atomic(html_path, _render_html(run_dir, png, m, rows, config_text, intervals))
     return ReportPaths(html=html_path, png=png_path)
+
+
+# --- iterative rounds ------------------------------------------------------
+
+ROUNDS_FIG_INCHES = (7.0, 4.5)
+
+
+def rounds_png(rows: Sequence[dict[str, Any]], title: str) -> bytes:
+    """A line plot of task accuracy per round (rows of ``ROUNDS_SCHEMA``; round 0 the original model), the
+    95% Wilson interval of each as an error bar and its count beside it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=ROUNDS_FIG_INCHES, dpi=FIG_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.set_title(title, fontsize=10)
+    pts = [r for r in rows if _num(r.get("task_accuracy")) is not None]
+    if pts:
+        xs = [r["round"] for r in pts]
+        ys = [r["task_accuracy"] for r in pts]
+        err = [[max(0.0, y - (r.get("task_low") if r.get("task_low") is not None else y)) for y, r in zip(ys, pts)],
+               [max(0.0, (r.get("task_high") if r.get("task_high") is not None else y) - y) for y, r in zip(ys, pts)]]
+        ax.errorbar(xs, ys, yerr=err, color=AFTER_COLOR, ecolor=ERRORBAR_COLOR, marker="o", capsize=4)
+        for x, y, r in zip(xs, ys, pts):
+            if r.get("task_n"):
+                ax.annotate(f"{r['task_correct']:g}/{r['task_n']}", (x, y), textcoords="offset points",
+                            xytext=(8, 4), fontsize=8)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(["0 (original)" if x == 0 else str(x) for x in xs])
+        ax.set_xlim(min(xs) - 0.3, max(xs) + 0.5)
+        ax.set_ylim(0, min(1.0, max(0.1, 1.25 * max(y + e for y, e in zip(ys, err[1])))))
+        ax.grid(True, axis="y", alpha=0.3)
+    else:
+        _empty(ax, "no task accuracy yet")
+    ax.set_xlabel("round")
+    ax.set_ylabel("task accuracy (95% Wilson interval)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=FIG_DPI)
+    return buf.getvalue()

@@ -114,3 +114,29 @@ EVAL_METRIC_COLUMNS = tuple(c for c in METRIC_COLUMNS if c.startswith("eval/"))
 """The held-out metrics of train --eval-every (NaN on steps without an evaluation)."""
 LATER_METRIC_COLUMNS = ("ref/gap_max", "masks/reused", "num_tokens") + EVAL_METRIC_COLUMNS
 """Columns added after the first metrics files were written: absent ones read as NaN."""
+
+
+# --- iterative rounds (OUT/rounds.parquet of `run --rounds`) ----------------
+
+ROUNDS_SCHEMA = pa.schema(
+    [
+        ("round", pa.int64()),  # 0: the original model (task figures only)
+        ("model", pa.string()),  # the model whose task accuracy the row gives
+        ("pairs", pa.int64()),
+        ("pairs_reference_chosen", pa.int64()),
+        ("pass_at_k", pa.float64()),  # the round's starting policy on the training questions
+        ("sample_accuracy", pa.float64()),
+        ("train_loss", pa.float64()),  # the round's last logged DPO loss
+        ("preference_accuracy", pa.float64()),  # held-out pairs
+        ("task_accuracy", pa.float64()),
+        ("task_correct", pa.float64()),  # credited items (half credits possible)
+        ("task_n", pa.int64()),
+        ("task_low", pa.float64()),  # 95% Wilson interval
+        ("task_high", pa.float64()),
+        ("difference", pa.float64()),  # task accuracy minus the original model's, same items
+        ("difference_low", pa.float64()),
+        ("difference_high", pa.float64()),
+        ("method", pa.string()),  # the difference's interval (Newcombe's paired method)
+    ]
+)
+"""One row per round of ``run --rounds`` (round 0 the original model), the figures of OUT/rounds.json."""

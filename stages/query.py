@@ -16,7 +16,9 @@ Views (DESIGN "What lldm-dpo query exposes"; the names are a contract):
   ``--run RUN_DIR`` once evaluated): one row per run, figure and model (``before``, ``after``,
   ``difference``) with ``value``, ``count``, ``n``, ``low``/``high`` (95% Wilson; Newcombe's paired
   interval for the difference), ``method``, and the record's ``device_name``, ``torch``, ``dtype``,
-  ``mixed_precision``, ``seed`` (pipeline/evalrecord.py).
+  ``mixed_precision``, ``seed`` (pipeline/evalrecord.py);
+- ``rounds`` (``--rounds-run OUT``: a ``run --rounds`` folder, also picked up from ``--samples OUT``):
+  ``OUT/rounds.parquet``, one row per round (round 0 the original model; pipeline/schemas.py ROUNDS_SCHEMA).
 
 Named queries live in ``stages/queries/NAME.sql`` (``--preset NAME``).
 """
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.errors import UserError
-from pipeline.layout import EVAL_FILE, METRICS_FILE, TASK_RESULTS
+from pipeline.layout import EVAL_FILE, METRICS_FILE, ROUNDS_TABLE, TASK_RESULTS
 from pipeline.stagecli import stage_command
 
 QUERIES_DIR = Path(__file__).resolve().parent / "queries"
@@ -56,14 +58,16 @@ def preset_sql(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=None, evals=None, files=None):
+def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=None, evals=None, files=None,
+                    rounds_run=None):
     """An in-memory DuckDB connection with the views for whatever files are given.
 
     ``pairs``: an ingest output file (its quarantine beside it is added when
     present, as an empty view when absent); ``quarantine``: an explicit
     quarantine file (must exist); ``scores``: a score-ref folder; ``run``: a
     training run folder; ``samples``: a make-pairs samples file or a folder holding
-    some. Missing files are a ``UserError`` naming them. ``files``: a list that receives the
+    some; ``rounds_run``: a ``run --rounds`` folder (a samples folder holding rounds.parquet adds it too).
+    Missing files are a ``UserError`` naming them. ``files``: a list that receives the
     files behind the views (what ``sandbox`` lets a query read).
     """
     import duckdb
@@ -124,6 +128,15 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=
         _eval_results_view(con, Path(evals))  # read here in Python and registered: no file for the sandbox
     if samples is not None:
         files += _samples_view(con, Path(samples))
+        if rounds_run is None and (Path(samples) / ROUNDS_TABLE).is_file():
+            rounds_run = samples
+    if rounds_run is not None:
+        table = Path(rounds_run) / ROUNDS_TABLE
+        if not table.is_file():
+            raise UserError(f"{table}: rounds table not found (is {rounds_run} a `lldm-dpo run --rounds` folder?)")
+        _check_parquet(table)
+        files.append(table)
+        _create_view(con, f"CREATE VIEW rounds AS SELECT * FROM read_parquet({_sql_str(table)})", table)
     return con
 
 
@@ -367,6 +380,8 @@ class QueryConfig:
     """make-pairs samples file, or a folder of them: view 'samples'."""
     evals: Optional[Path] = None
     """An eval.json, or a folder searched for them (several runs side by side): view 'eval_results'."""
+    rounds_run: Optional[Path] = None
+    """A `run --rounds` output folder: view 'rounds' (its rounds.parquet, one row per round)."""
     preset: Optional[str] = None
     """Run a named query from stages/queries/ instead of SQL."""
     csv: bool = False
@@ -387,7 +402,8 @@ def run(cfg: QueryConfig) -> tuple[list[str], list[tuple]]:
         raise UserError(f"no SQL given (pass a query, or --preset NAME: {', '.join(presets())})")
     files: list[Path] = []
     con = open_connection(pairs=cfg.pairs, quarantine=cfg.quarantine, scores=cfg.scores, run=cfg.run,
-                          samples=cfg.samples, evals=cfg.evals, files=files)
+                          samples=cfg.samples, evals=cfg.evals, files=files,
+                          rounds_run=cfg.rounds_run)
     if not cfg.allow_write:
         read_only_settings(con)
         sandbox(con, files, cfg.allow_read)

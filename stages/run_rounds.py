@@ -19,8 +19,10 @@ everything that decided it (the round's resolved stage configs, the content
 identity of its starting and reference models, the questions file's hash).
 A rerun skips each round whose ``round.json`` matches and redoes the first
 that does not; make-pairs and score-ref inside a redone round resume from
-what they finished. ``OUT/rounds.json`` holds the table across rounds and
-``OUT/rounds.md`` the same as Markdown.
+what they finished. ``OUT/rounds.json`` holds the table across rounds,
+``OUT/rounds.md`` the same as Markdown with ``OUT/rounds.png`` (task accuracy
+per round, round 0 the original model, with 95% intervals) and
+``OUT/rounds.parquet`` its figures, one row per round (``query --rounds-run``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import write_json_atomic, write_text_atomic
+from pipeline.atomic import atomic_path, write_json_atomic, write_text_atomic
 from pipeline.config import config_to_dict, load_config
 from pipeline.errors import CacheMismatch, ConfigError, UserError
 
@@ -340,12 +342,52 @@ def report_markdown(cfg, summaries: list[dict[str, Any]], initial_acc) -> str:
              "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for s in summaries:
         lines.append("| " + " | ".join(_fmt(s.get(k)) for k, _ in COLUMNS) + " |")
+    lines += ["", "![task accuracy per round, 95% intervals (round 0: the original model)](rounds.png)", "",
+              "The same figures, one row per round: `rounds.parquet` "
+              f"(`lldm-dpo query --rounds-run {cfg.out} 'SELECT * FROM rounds'`)."]
     return "\n".join(lines) + "\n"
 
 
+def table_rows(model: str, summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of OUT/rounds.parquet (``ROUNDS_SCHEMA``): round 0 the original model (its task figures from
+    round 1's eval), then each round's figures as its summary holds them."""
+    def task(row, iv):
+        iv = iv or {}
+        return {"task_correct": iv.get("count"), "task_n": iv.get("n"), "task_low": iv.get("low"),
+                "task_high": iv.get("high"), **row}
+
+    rows = []
+    if summaries and summaries[0].get("initial_task_accuracy_interval"):
+        iv = summaries[0]["initial_task_accuracy_interval"]
+        rows.append(task({"round": 0, "model": model, "task_accuracy": iv.get("value")}, iv))
+    for s in summaries:
+        diff = s.get("task_accuracy_difference") or {}
+        rows.append(task({
+            "round": s["round"], "model": s.get("final_model"), "pairs": s.get("pairs"),
+            "pairs_reference_chosen": s.get("pairs_reference_chosen"), "pass_at_k": s.get("pass_at_k"),
+            "sample_accuracy": s.get("sample_accuracy"), "train_loss": s.get("final_train_loss"),
+            "preference_accuracy": s.get("preference_accuracy"), "task_accuracy": s.get("task_accuracy"),
+            "difference": diff.get("difference"), "difference_low": diff.get("low"),
+            "difference_high": diff.get("high"), "method": diff.get("method")}, s.get("task_accuracy_interval")))
+    return rows
+
+
 def _write_report(cfg, summaries, initial_acc) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.layout import ROUNDS_PNG, ROUNDS_TABLE
+    from pipeline.report import rounds_png
+    from pipeline.schemas import ROUNDS_SCHEMA
+
     write_json_atomic(cfg.out / ROUNDS_FILE, {"config": _run_identity(cfg), "rounds": summaries,
                                               "initial_task_accuracy": initial_acc})
+    rows = table_rows(cfg.model, summaries)
+    with atomic_path(cfg.out / ROUNDS_TABLE) as tmp:  # recorded: the next round replaces it
+        pq.write_table(pa.Table.from_pylist(rows, schema=ROUNDS_SCHEMA), tmp)
+    png = rounds_png(rows, f"lldm-dpo run --rounds {cfg.rounds}: task accuracy per round")
+    with atomic_path(cfg.out / ROUNDS_PNG) as tmp:
+        tmp.write_bytes(png)
     path = cfg.out / "rounds.md"
     write_text_atomic(path, report_markdown(cfg, summaries, initial_acc))
     return path

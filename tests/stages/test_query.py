@@ -180,3 +180,11 @@ def test_allow_write_lets_copy_through_and_reads_stay_allowed(files, tmp_path):
                 "FROM pairs LIMIT 1"):
         res = runner.invoke(app, base + [sql, "--json"])
         assert res.exit_code == 0, (sql, res.output)
+
+
+def test_rounds_view_needs_a_rounds_table(tmp_path):
+    with pytest.raises(UserError, match=r"rounds\.parquet: rounds table not found"):
+        open_connection(rounds_run=tmp_path)
+    (tmp_path / "rounds.parquet").write_text("not parquet")
+    with pytest.raises(UserError, match="not a readable Parquet file"):
+        open_connection(rounds_run=tmp_path)

@@ -105,6 +105,60 @@ def test_two_rounds_write_each_rounds_artefacts_and_a_true_summary(two_rounds):
     assert json.loads((out / "rounds.json").read_text())["rounds"] == summary["rounds"]
 
 
+def test_rounds_table_holds_rounds_json_figures_and_query_reads_it(two_rounds):
+    import pyarrow.parquet as pq
+
+    from pipeline.atomic import recorded_names
+    from pipeline.schemas import ROUNDS_SCHEMA
+
+    tmp, _, summary = two_rounds
+    out = tmp / "out"
+    data = json.loads((out / "rounds.json").read_text())
+    table = pq.read_table(out / "rounds.parquet")
+    assert table.schema.equals(ROUNDS_SCHEMA)
+    rows = table.to_pylist()
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    first = data["rounds"][0]
+    initial = first["initial_task_accuracy_interval"]
+    assert rows[0]["model"] == "micro" and rows[0]["pairs"] is None and rows[0]["difference"] is None
+    assert rows[0]["task_accuracy"] == data["initial_task_accuracy"] == initial["value"]
+    assert (rows[0]["task_correct"], rows[0]["task_n"], rows[0]["task_low"], rows[0]["task_high"]) == (
+        initial["count"], initial["n"], initial["low"], initial["high"])
+    for row, s in zip(rows[1:], data["rounds"]):
+        iv, diff = s["task_accuracy_interval"], s["task_accuracy_difference"]
+        assert row["round"] == s["round"] and row["model"] == s["final_model"]
+        assert (row["pairs"], row["pass_at_k"], row["sample_accuracy"], row["train_loss"]) == (
+            s["pairs"], s["pass_at_k"], s["sample_accuracy"], s["final_train_loss"])
+        assert (row["task_accuracy"], row["task_correct"], row["task_n"], row["task_low"], row["task_high"]) == (
+            s["task_accuracy"], iv["count"], iv["n"], iv["low"], iv["high"])
+        assert (row["difference"], row["difference_low"], row["difference_high"], row["method"]) == (
+            diff["difference"], diff["low"], diff["high"], diff["method"])
+    # `query` reads it (inside its sandbox) from --rounds-run, and from a rounds folder given as --samples.
+    for flag in ("--rounds-run", "--samples"):
+        res = CliRunner().invoke(app, ["query", flag, str(out), "--json", "SELECT * FROM rounds ORDER BY round"])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout) == rows
+    # The plot: a PNG next to rounds.md, recorded as ours, referenced from it.
+    from PIL import Image
+
+    png = out / "rounds.png"
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size == (700, 450)
+    assert {"rounds.png", "rounds.parquet", "rounds.md"} <= recorded_names(out)
+    assert "](rounds.png)" in (out / "rounds.md").read_text()
+
+
+def test_rounds_plot_draws_each_round_with_its_interval():
+    from pipeline.report import rounds_png
+
+    row = {"round": 0, "task_accuracy": 0.5, "task_correct": 5, "task_n": 10, "task_low": 0.24, "task_high": 0.76}
+    one = rounds_png([row], "t")
+    assert one[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rounds_png([row, {**row, "round": 1, "task_accuracy": 0.9, "task_high": 0.98}], "t") != one
+    assert rounds_png([row, {**row, "round": 1, "task_high": 0.9}], "t") != rounds_png(
+        [row, {**row, "round": 1}], "t")  # the interval is drawn
+
+
 def test_rounds_resume_round_by_round_and_refuse_another_run(two_rounds):
     tmp, args, summary = two_rounds
     out = tmp / "out"
