@@ -69,8 +69,11 @@ def _load_metrics(run_dir: Path) -> dict[str, list[float]]:
 def load_eval(run_dir: Path) -> dict[str, Any]:
     """eval.json as a dict ({} when absent); UserError naming the file when malformed."""
     path = Path(run_dir) / EVAL_FILE
-    if not path.exists():
-        return {}
+    return read_json_object(path) if path.exists() else {}
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object, as a dict; UserError naming the file when it is not one."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -36,21 +36,22 @@ fi
 
 mkdir -p "$(dirname "$out")"
 out_abs=$(cd "$(dirname "$out")" && pwd)/$(basename "$out")
-rm -f "$out_abs"
 # A throwaway profile keeps runs independent; --no-sandbox is needed as root in containers; the rest keeps
 # the browser off the network (no QUIC, no background fetches, no component updates, no sync).
 profile=$(mktemp -d)
 trap 'rm -rf "$profile"' EXIT
+shot="$profile/screenshot.png"  # written here first: an old file at the output path is replaced only by a new shot
 run=("$browser" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run
      --disable-background-networking --disable-component-update --disable-sync --hide-scrollbars
-     --user-data-dir="$profile" --window-size="${width},${height}" --screenshot="$out_abs" "file://$html_abs")
+     --user-data-dir="$profile" --window-size="${width},${height}" --screenshot="$shot" "file://$html_abs")
 if command -v timeout >/dev/null 2>&1; then
     timeout 120 "${run[@]}" >/dev/null 2>&1 || true
 else
     "${run[@]}" >/dev/null 2>&1 || true
 fi
-if [[ ! -s "$out_abs" ]]; then
-    echo "error: $browser wrote no screenshot to $out_abs" >&2
+if [[ ! -s "$shot" ]]; then
+    echo "error: $browser wrote no screenshot (for $out_abs)" >&2
     exit 1
 fi
+mv "$shot" "$out_abs"
 echo "$out_abs"

@@ -113,15 +113,10 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=
         metrics = Path(run) / METRICS_FILE
         if not metrics.is_file():
             raise UserError(f"{metrics}: metrics file not found (is {run} a training run folder?)")
-        _check_parquet(metrics)
-        files.append(metrics)
-        _create_view(con, f"CREATE VIEW metrics AS SELECT * FROM read_parquet({_sql_str(metrics)})", metrics)
+        _parquet_view(con, "metrics", metrics, files)
         task_results = Path(run) / TASK_RESULTS
         if task_results.is_file():
-            _check_parquet(task_results)
-            files.append(task_results)
-            _create_view(con, f"CREATE VIEW task_results AS SELECT * FROM read_parquet({_sql_str(task_results)})",
-                         task_results)
+            _parquet_view(con, "task_results", task_results, files)
         if evals is None and (Path(run) / EVAL_FILE).is_file():
             evals = Path(run) / EVAL_FILE
     if evals is not None:
@@ -134,10 +129,15 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=
         table = Path(rounds_run) / ROUNDS_TABLE
         if not table.is_file():
             raise UserError(f"{table}: rounds table not found (is {rounds_run} a `lldm-dpo run --rounds` folder?)")
-        _check_parquet(table)
-        files.append(table)
-        _create_view(con, f"CREATE VIEW rounds AS SELECT * FROM read_parquet({_sql_str(table)})", table)
+        _parquet_view(con, "rounds", table, files)
     return con
+
+
+def _parquet_view(con, name: str, path: Path, files: list[Path]) -> None:
+    """View ``name`` over one Parquet file: checked first (a bad file named), and let through the sandbox."""
+    _check_parquet(path)
+    files.append(path)
+    _create_view(con, f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_sql_str(path)})", path)
 
 
 def _score_parts(scores: Path) -> list[Path]:
@@ -228,7 +228,7 @@ def _eval_results_view(con, path: Path) -> None:
     import pyarrow as pa
 
     from pipeline.evalrecord import RESULT_COLUMNS, result_rows
-    from pipeline.report import load_eval
+    from pipeline.report import read_json_object
 
     if path.is_dir():
         files = sorted(path.rglob(EVAL_FILE))
@@ -238,22 +238,11 @@ def _eval_results_view(con, path: Path) -> None:
         files = [path]
     else:
         raise UserError(f"{path}: eval results not found")
-    rows = [r for f in files for r in result_rows(load_eval(f.parent) if f.name == EVAL_FILE else
-                                                  _load_json(f), str(f.parent))]
+    rows = [r for f in files for r in result_rows(read_json_object(f), str(f.parent))]
     types = {"VARCHAR": pa.string(), "DOUBLE": pa.float64(), "BIGINT": pa.int64()}
     schema = pa.schema([(k, types[v]) for k, v in RESULT_COLUMNS.items()])
     con.register("eval_results_table", pa.Table.from_pylist(rows, schema=schema))
     con.execute("CREATE VIEW eval_results AS SELECT * FROM eval_results_table")
-
-
-def _load_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object at the top level")
-    return data
 
 
 def _empty_quarantine(con) -> None:
