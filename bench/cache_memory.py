@@ -112,7 +112,7 @@ def train_once(cache: Path, run_dir: Path, args) -> dict:
     by other jobs on a shared machine)."""
     import pyarrow.parquet as pq
 
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", str(cache), "--out", str(run_dir), "--max-steps",
+    cmd = [sys.executable, "-m", "stages.cli", "train", str(cache), "--out", str(run_dir), "--max-steps",
            str(args.steps), "--batch-size", "4", "--device", "cpu", "--no-progress", "--no-tensorboard",
            "--batch-tokens", "65536"]
     if "gap_threshold" in (Path(args.repo) / "stages" / "train.py").read_text():

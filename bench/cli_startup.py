@@ -1,6 +1,6 @@
 """Start-up time of ``lldm-dpo query --help`` (the cheapest command: no torch), against a baseline.
 
-Times ``python -m pipeline.cli query --help`` in this checkout and, with
+Times ``python -m stages.cli query --help`` in this checkout and, with
 ``--before DIR``, in another checkout (e.g. the main branch before a change),
 interleaved in the same run; the baseline is the bare interpreter start
 (``python -c pass``). Prints medians and ratios; ``--record`` appends them to
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--before", type=Path, default=None, help="Another checkout to time the same command in.")
     p.add_argument("--record", action="store_true", help="Append the results to bench/RESULTS.md.")
     args = p.parse_args(argv)
-    command = [sys.executable, "-m", "pipeline.cli", "query", "--help"]
+    command = [sys.executable, "-m", "stages.cli", "query", "--help"]
     targets = {"interpreter (python -c pass)": ([sys.executable, "-c", "pass"], ROOT)}
     if args.before is not None:
         targets[f"before ({args.before})"] = (command, args.before.resolve())

@@ -230,7 +230,10 @@ def plan_record(stage: str, cfg, samples: int, max_length: int, prompt_length: i
     from pipeline.plan.memory import GIB as _GIB
 
     try:
-        plan = make_plan(stage, cfg, Shape(samples, max_length, prompt_length), 10**6 * _GIB, "unbounded")
+        import stages.train
+
+        plan = make_plan(stage, cfg, Shape(samples, max_length, prompt_length), 10**6 * _GIB, "unbounded",
+                         step=stages.train if stage == "train" else None)
     except Exception as exc:  # noqa: BLE001 - recorded in the results
         return {"error": f"{type(exc).__name__}: {exc}"[:500]}
     return {"tracked_bytes": plan.tracked_peak, "total_bytes": plan.total, "components": plan.components,
@@ -527,11 +530,11 @@ def _section_fsdp(results: Results, state: dict, work: Path) -> None:
               # The cache's reference terms are synthetic (cache_memory.build_cache), so the start check
               # would rightly refuse them: this section compares FSDP with one process, not the start gap.
               "--gap-threshold", "0"]
-    base = _train_run([sys.executable, "-m", "pipeline.cli", *common, "--out", str(work / "base"), "--device",
+    base = _train_run([sys.executable, "-m", "stages.cli", *common, "--out", str(work / "base"), "--device",
                        device.type], work / "base", device)
     config = REPO / "configs" / "accelerate" / ("fsdp.yaml" if device.type == "cuda" else "fsdp_cpu.yaml")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
-              "1", "--mixed_precision", "no", "-m", "pipeline.cli", *common, "--out", str(work / "fsdp"),
+              "1", "--mixed_precision", "no", "-m", "stages.cli", *common, "--out", str(work / "fsdp"),
               "--device", "auto"]
     fsdp = _train_run(launch, work / "fsdp", device)
 

@@ -22,6 +22,38 @@ import typer
 from pipeline.config import load_config, read_config_file, require
 from pipeline.errors import ConfigError, UserError
 
+STAGES = ("score-ref", "train", "generate")
+"""The stages a plan covers."""
+
+
+def stage_config_class(stage: str):
+    """The config dataclass of a stage a plan covers: the plan takes the stage's own fields, so new ones flow
+    through. (plan composes stages, as run does: it imports their configs and train's step code.)"""
+    if stage == "score-ref":
+        from stages.score_ref import ScoreRefConfig
+
+        return ScoreRefConfig
+    if stage == "train":
+        from stages.train import TrainConfig
+
+        return TrainConfig
+    if stage == "generate":
+        from stages.generate import GenerateConfig
+
+        return GenerateConfig
+    raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+
+
+def stage_step(stage: str):
+    """What the plan runs of the stage's own code: train's step (``pipeline.plan.TrainStep``); None for the
+    stages the library traces itself."""
+    if stage != "train":
+        return None
+    import stages.train
+
+    return stages.train
+
+
 RANGES = {"world_size": "[1, inf)", "samples": "[0, inf)", "max_length": "[0, inf)", "prompt_length": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
@@ -48,7 +80,7 @@ class PlanConfig:
 
     def __post_init__(self):
         from pipeline.config import check_ranges
-        from pipeline.plan import parse_memory, stage_config_class
+        from pipeline.plan import parse_memory
 
         check_ranges(self, RANGES)
         self.device_bytes, self.device = parse_memory(self.gpu_memory)
@@ -82,9 +114,10 @@ def run(cfg: PlanConfig):
         stage_cfg = dataclasses.replace(stage_cfg, dtype=stage_cfg.dtype or "float32",
                                         mixed_precision=stage_cfg.mixed_precision or "no",
                                         load_in_4bit=bool(stage_cfg.load_in_4bit))
-    plan = make_plan(cfg.stage, stage_cfg, shape, cfg.device_bytes, cfg.device)
+    step = stage_step(cfg.stage)
+    plan = make_plan(cfg.stage, stage_cfg, shape, cfg.device_bytes, cfg.device, step=step)
     if cfg.search:
-        plan.largest = largest(cfg.stage, stage_cfg, shape, cfg.device_bytes, plan.total)
+        plan.largest = largest(cfg.stage, stage_cfg, shape, cfg.device_bytes, plan.total, step=step)
     return plan
 
 
@@ -132,7 +165,7 @@ def parse_stage_flags(cls, args: list[str], stage: str) -> dict[str, Any]:
 
 def print_plan(plan, as_json: bool) -> None:
     if as_json:
-        from pipeline.cli import emit_json
+        from pipeline.stagecli import emit_json
 
         emit_json(plan.as_dict())
         return
@@ -176,8 +209,6 @@ def command(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Peak accelerator memory of a stage's settings, by component, and whether they fit."""
-    from pipeline.plan import stage_config_class
-
     try:
         cls = stage_config_class(stage)
     except ConfigError as exc:

@@ -744,7 +744,7 @@ def _run(cfg: TrainConfig) -> TrainResult:
         i = max(range(len(prompt_lens)), key=lambda k: prompt_lens[k] + max(chosen_lens[k], rejected_lens[k]))
         length = prompt_lens[i] + max(chosen_lens[i], rejected_lens[i])
         check_start("train", dataclasses.replace(cfg, model=model_name),
-                    Shape(fp["samples"], length, prompt_lens[i]), acc.device)
+                    Shape(fp["samples"], length, prompt_lens[i]), acc.device, step=sys.modules[__name__])
     torch.manual_seed(cfg.seed)
     model, tokenizer = setup_policy(cfg, model_name, acc.device, numerics)
     check_tokenizer(cfg, cache, tokenizer)

@@ -70,7 +70,7 @@ def test_the_shipped_checkpoint_matches_its_recorded_hash_and_loads_as_a_preset(
     # init-model writes it as a folder that loads to the same weights
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from stages.cli import app
 
     res = CliRunner().invoke(app, ["init-model", "skill", str(tmp_path / "m")])
     assert res.exit_code == 0, res.output

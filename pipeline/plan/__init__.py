@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from pipeline.plan.estimate import Plan, Shape, largest, make_plan
 from pipeline.plan.memory import CARDS, nf4_bytes, parse_memory
+from pipeline.plan.trace import TrainStep
 
-__all__ = ["CARDS", "Plan", "Shape", "check_start", "largest", "make_plan", "nf4_bytes", "parse_memory"]
+__all__ = ["CARDS", "Plan", "Shape", "TrainStep", "check_start", "largest", "make_plan", "nf4_bytes",
+           "parse_memory"]
 
 
-def check_start(stage: str, cfg, shape: Shape, device) -> None:
+def check_start(stage: str, cfg, shape: Shape, device, step: TrainStep | None = None) -> None:
     """On CUDA: plan the run and stop before loading anything when it exceeds the free memory less the stated
     headroom (5% of the card), naming the largest settings that fit. CPU runs (and ``--no-plan``) are not
-    checked."""
+    checked. train passes ``step``, its own step code (see ``TrainStep``)."""
     import torch
 
     from pipeline.errors import UserError
@@ -31,7 +33,8 @@ def check_start(stage: str, cfg, shape: Shape, device) -> None:
     budget, reserve = free + context_bytes(), headroom_bytes(card)
     try:
         with torch.random.fork_rng(devices=[]):  # LoRA's initialisation in the trace must not move the run's RNG
-            plan = make_plan(stage, cfg, shape, budget, f"{fmt_bytes(free)} free on {torch.device(device)}", reserve)
+            plan = make_plan(stage, cfg, shape, budget, f"{fmt_bytes(free)} free on {torch.device(device)}", reserve,
+                             step)
     except UserError as exc:  # a model the plan cannot build (not LLaDA): run unchecked, and say so
         import sys
 
@@ -40,7 +43,7 @@ def check_start(stage: str, cfg, shape: Shape, device) -> None:
     if plan.fits:
         return
     with torch.random.fork_rng(devices=[]):
-        found = largest(stage, cfg, shape, budget, plan.total, reserve=reserve)
+        found = largest(stage, cfg, shape, budget, plan.total, reserve=reserve, step=step)
     hints = ", ".join(f"--{k.replace('_', '-')} {v['value']}" for k, v in found.items() if v["value"] is not None)
     raise UserError(f"{stage} needs about {fmt_bytes(plan.total - context_bytes())} of accelerator memory and "
                     f"{fmt_bytes(free)} is free, of which {fmt_bytes(reserve)} is kept as headroom (lldm-dpo plan "
@@ -49,22 +52,3 @@ def check_start(stage: str, cfg, shape: Shape, device) -> None:
                        "no single setting fits: use --load-in-4bit, LoRA, or more cards")
                     + "; --no-plan skips this check")
 
-
-STAGE_CONFIGS = {
-    "score-ref": "stages.score_ref:ScoreRefConfig",
-    "train": "stages.train:TrainConfig",
-    "generate": "stages.generate:GenerateConfig",
-}
-"""The stages a plan covers and their config dataclasses, imported by name (as pipeline.cli imports
-commands): the plan takes the stage's own fields, so new ones flow through."""
-
-
-def stage_config_class(stage: str):
-    import importlib
-
-    from pipeline.errors import ConfigError
-
-    if stage not in STAGE_CONFIGS:
-        raise ConfigError(f"stage must be one of {', '.join(STAGE_CONFIGS)}, got {stage!r}")
-    module, name = STAGE_CONFIGS[stage].split(":")
-    return getattr(importlib.import_module(module), name)

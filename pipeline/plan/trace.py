@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -281,9 +280,17 @@ def new_fake_mode():
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
-def stage_module(name: str):
-    """A stage's module, imported by name as pipeline.cli imports commands (the plan runs its step code)."""
-    return importlib.import_module(name)
+class TrainStep(Protocol):
+    """What the train stage hands the plan so that the plan runs train's own step code (the library never
+    imports a stage): its per-step context, its micro-step, and the finite-loss check (a value read, which
+    fake tensors cannot answer, so the plan skips it). ``stages.train`` itself is one."""
+
+    TrainContext: Callable[..., Any]
+    """``TrainContext(cfg, policy, tokenizer, accelerator, fingerprint, ref_model)``."""
+
+    def micro_step(self, ctx, batch, scale: float, sync: bool): ...
+
+    def _check_finite(self, ctx, loss, batch) -> None: ...
 
 
 # --- synthetic work at the planned shapes -----------------------------------------------------
@@ -356,14 +363,14 @@ def _block_sizes(model: nn.Module) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _no_value_reads(train_module):
+def _no_value_reads(step: TrainStep):
     """The finite-loss check reads a value, which fake tensors do not have; it allocates a scalar only."""
-    original = train_module._check_finite
-    train_module._check_finite = lambda *args, **kwargs: None
+    original = step._check_finite
+    step._check_finite = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        train_module._check_finite = original
+        step._check_finite = original
 
 
 def _autocast(mixed_precision: str):
@@ -435,12 +442,16 @@ def trace_score_ref(cfg, *, prompt_len: int, response_len: int, fake: bool = Tru
     return _finish(tracker, model, notes)
 
 
-def trace_train(cfg, *, prompt_len: int, response_len: int, samples: int, fake: bool = True,
-                model_name: str | None = None, layers: int | None = None, world: int = 1) -> Trace:
-    """One optimizer step of ``stages.train`` as its loop runs it (micro_step per micro-batch, clipping,
-    AdamW, zero_grad), with AdamW's states created beforehand as its first step creates them, so the
-    step is a steady-state one: forward and backward run beside the optimizer states."""
-    train = stage_module("stages.train")
+def trace_train(cfg, *, prompt_len: int, response_len: int, samples: int, step: TrainStep | None = None,
+                fake: bool = True, model_name: str | None = None, layers: int | None = None, world: int = 1) -> Trace:
+    """One optimizer step of the train stage as its loop runs it (``step.micro_step`` per micro-batch,
+    clipping, AdamW, zero_grad), with AdamW's states created beforehand as its first step creates them, so
+    the step is a steady-state one: forward and backward run beside the optimizer states."""
+    from pipeline.replay import PairBatch
+    from pipeline.training import adapt_policy, make_optimizer
+
+    if step is None:
+        raise ValueError("a train plan runs the train stage's step: pass step= (stages.train is one)")
     if cfg.dtype is None or cfg.mixed_precision is None or cfg.load_in_4bit is None:
         # train takes unset numerics from its cache; without one, the defaults a cache records by default.
         cfg = dataclasses.replace(cfg, dtype=cfg.dtype or "float32", mixed_precision=cfg.mixed_precision or "no",
@@ -452,7 +463,7 @@ def trace_train(cfg, *, prompt_len: int, response_len: int, samples: int, fake: 
         quantize_4bit(model, fake)
     config = model.config
     torch.manual_seed(cfg.seed)
-    policy = train.adapt_policy(model, cfg)
+    policy = adapt_policy(model, cfg)
     if cfg.load_in_4bit:
         mark_lora_wrapped(policy)
     fake_mode = new_fake_mode() if fake else None
@@ -470,20 +481,20 @@ def trace_train(cfg, *, prompt_len: int, response_len: int, samples: int, fake: 
         mixed = "bf16"
     acc = PlanAccelerator(mixed)
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = train.make_optimizer(params, cfg)
+    optimizer = make_optimizer(params, cfg)
     prime_adamw(optimizer)
     tok = SimpleNamespace(mask_token_id=config.mask_token_id, pad_token_id=config.pad_token_id)
     fp = {"samples": samples, "draws": 1, "scheme": "l_over_L", "eps": None}
     rows = synthetic_rows(cfg.batch_size, prompt_len, response_len, samples, plain_token(config))
-    batch = train.PairBatch(rows, 0)
-    ctx = train.TrainContext(cfg, policy, tok, acc, fp, ref_model)
+    batch = PairBatch(rows, 0)
+    ctx = step.TrainContext(cfg, policy, tok, acc, fp, ref_model)
     tracker = PlanTracker(config.padded_vocab_size, world)
     tracker.track_external(*(m for m in (policy, optimizer, ref_model) if m is not None))
     accum = min(cfg.grad_accum, 2)  # gradients accumulate in place: a third micro-batch peaks as the second
     clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    with tracker, (_no_value_reads(train) if fake else contextlib.nullcontext()):
+    with tracker, (_no_value_reads(step) if fake else contextlib.nullcontext()):
         for micro in range(accum):
-            train.micro_step(ctx, batch, 1.0 / cfg.grad_accum, sync=micro == accum - 1)
+            step.micro_step(ctx, batch, 1.0 / cfg.grad_accum, sync=micro == accum - 1)
         acc.clip_grad_norm_(params, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

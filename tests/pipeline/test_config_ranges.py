@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.errors import ConfigError
+from stages.cli import app
 
 
 def test_a_seed_beyond_64_bits_is_a_config_error(tmp_path):

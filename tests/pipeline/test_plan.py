@@ -13,12 +13,29 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError, UserError
-from pipeline.plan import Shape, check_start, largest, make_plan, nf4_bytes, parse_memory
-from pipeline.plan.estimate import _affine, trace
+from pipeline.plan import Shape, check_start, largest, nf4_bytes, parse_memory
+from pipeline.plan import make_plan as _make_plan
+from pipeline.plan.estimate import _affine
+from pipeline.plan.estimate import trace as _trace
 from pipeline.plan.memory import GIB
 from pipeline.plan.trace import build_model, materialize, new_fake_mode, quantize_standins
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _step():
+    """The train stage's step code, which a train plan runs (the library takes it from the stage)."""
+    import stages.train
+
+    return stages.train
+
+
+def trace(*args, **kwargs):
+    return _trace(*args, step=_step(), **kwargs)
+
+
+def make_plan(*args, **kwargs):
+    return _make_plan(*args, step=_step(), **kwargs)
 
 
 def _train_cfg(**kw):
@@ -194,7 +211,7 @@ def test_llada_8b_shape_plans_in_a_minute_without_allocating_the_model():
             "'--model', 'llada-8b-shape', '--dtype', 'bfloat16', '--mixed-precision', 'bf16', '--lora-r', '16', "
             "'--gradient-checkpointing', '--batch-size', '1', '--samples', '8', '--max-length', '1024', "
             "'--gpu-memory', 'rtx4090', '--no-search', '--json']\n"
-            "from pipeline.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "from stages.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
             "print(json.dumps({'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()

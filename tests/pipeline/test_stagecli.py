@@ -12,9 +12,9 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline import stagecli
-from pipeline.cli import COMMANDS, build_app
 from pipeline.config import check_keys, coerce_values, config_to_dict, field_types, load_config, unwrap_optional
 from pipeline.errors import ConfigError
+from stages.cli import COMMANDS, build_app
 
 
 def _commands():

@@ -11,9 +11,9 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import COMMANDS, app
 from pipeline.config import load_config, numeric_fields, parse_interval
 from pipeline.errors import ConfigError
+from stages.cli import COMMANDS, app
 
 
 def stage_configs() -> list[type]:

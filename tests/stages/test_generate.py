@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.config import config_to_yaml, load_config
 from pipeline.errors import UserError
+from stages.cli import app
 from stages.generate import GenerateConfig, complete, partial_path, prompt_seed, read_prompts, run
 
 STAGES = Path(__file__).resolve().parents[2] / "stages"

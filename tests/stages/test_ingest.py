@@ -93,7 +93,7 @@ def test_every_reason_code_is_quarantined_with_location(tmp_path):
 def test_strict_still_writes_and_reports(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from stages.cli import app
 
     src = _broken_file(tmp_path)
     out = tmp_path / "o.arrow"
@@ -107,7 +107,7 @@ def test_strict_still_writes_and_reports(tmp_path):
 def test_cli_end_to_end_json_report_and_print_config(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from stages.cli import app
 
     src = _write_jsonl(
         tmp_path / "in.jsonl",
@@ -364,7 +364,7 @@ def test_shipped_example_data_is_what_the_generator_writes(tmp_path):
 def test_every_record_quarantined_for_one_reason_is_an_error_naming_the_fields(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from stages.cli import app
 
     rows = [{"question": f"q{i}", "answer_good": f"g{i}", "answer_bad": f"b{i}", "id": i} for i in range(5)]
     src = _write_jsonl(tmp_path / "in.jsonl", rows)
@@ -395,7 +395,7 @@ def test_every_record_quarantined_for_one_reason_is_an_error_naming_the_fields(t
 def test_report_counts_every_reason_including_too_long(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from stages.cli import app
 
     src = _broken_file(tmp_path)
     result = CliRunner().invoke(app, ["ingest", str(src), "--out", str(tmp_path / "o.arrow"), "--max-chars", "100"])
@@ -496,7 +496,7 @@ def test_deeply_nested_record_is_quarantined_with_its_line(tmp_path):
 def test_unwritable_output_is_a_one_line_error_before_reading_input(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from stages.cli import app
 
     # an input that would fail to read: the output error must come first
     src = tmp_path / "in.jsonl.gz"

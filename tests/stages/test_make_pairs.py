@@ -14,8 +14,8 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.errors import ConfigError, UserError
+from stages.cli import app
 from stages.make_pairs import MakePairsConfig, run
 
 sys.path.insert(0, str(Path(__file__).parent))

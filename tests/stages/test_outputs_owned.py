@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from stages.cli import app
 
 USER = b"the user's own file: do not touch\n"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cli import build_app
+from stages.cli import build_app
 
 runner = CliRunner()
 
@@ -114,8 +114,8 @@ def test_train_plans_before_loading_the_policy_on_the_longest_cached_pair(monkey
 
     calls = []
 
-    def fake_check(stage, cfg, shape, device):
-        calls.append((stage, cfg, shape))
+    def fake_check(stage, cfg, shape, device, step=None):
+        calls.append((stage, cfg, shape, step))
         raise UserError("planned")
 
     monkeypatch.setattr(plan_module, "check_start", fake_check)
@@ -124,7 +124,8 @@ def test_train_plans_before_loading_the_policy_on_the_longest_cached_pair(monkey
                             tensorboard=False)
     with pytest.raises(UserError, match="planned"):
         train.run(cfg)
-    (stage, planned, shape), = calls
+    (stage, planned, shape, step), = calls
+    assert step is train  # the plan runs train's own step code, handed over by the stage
     rows = list(open_cache(small_cache).rows(split="train"))
     longest = max(r["prompt_len"] + max(r["chosen_len"], r["rejected_len"]) for r in rows)
     assert stage == "train" and planned.lora_r == 2 and planned.model == "micro"

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.errors import UserError
 from pipeline.schemas import METRIC_COLUMNS, SCORES_SCHEMA
+from stages.cli import app
 from stages.ingest import IngestConfig, run
 from stages.query import execute, open_connection, preset_sql, presets
 

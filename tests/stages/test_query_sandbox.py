@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.errors import UserError
+from stages.cli import app
 from stages.query import QueryConfig, run
 
 

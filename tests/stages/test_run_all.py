@@ -10,8 +10,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.errors import ConfigError
+from stages.cli import app
 from stages.run_all import EMBEDDED_DEFAULT, merged_config, stage_configs
 
 SHRUNK = {

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.errors import ConfigError
 from pipeline.models import model_identity
 from pipeline.selfpairs import identity_digest
+from stages.cli import app
 from stages.run_all import merged_config
 
 SMALL = {

@@ -17,10 +17,10 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cache import open_cache
-from pipeline.cli import app
 from pipeline.errors import UserError
 from pipeline.pairsfile import read_pairs
 from pipeline.schemas import SCORES_SCHEMA
+from stages.cli import app
 from stages.score_ref import ScoreRefConfig, run
 from tests.conftest import accelerate_launch, ingest_pairs
 
@@ -151,7 +151,7 @@ def test_non_finite_score_names_the_pair(small_pairs, tmp_path, monkeypatch):
 
 
 def _cli(pairs, out, *extra):
-    return [sys.executable, "-m", "pipeline.cli", "score-ref", str(pairs), "--model", "micro", "--out", str(out),
+    return [sys.executable, "-m", "stages.cli", "score-ref", str(pairs), "--model", "micro", "--out", str(out),
             "--samples", "3", "--draws", "2", "--device", "cpu", "--no-progress", *extra]
 
 
@@ -188,7 +188,7 @@ def test_accelerate_two_processes_match_one(small_pairs, small_cache, tmp_path):
     # --multi_gpu is accelerate's torchrun-style launcher; without CUDA our stages join it as gloo CPU workers.
     cmd = [*accelerate_launch(), "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "pipeline.cli", "score-ref", str(small_pairs), "--model", "micro", "--out", str(out),
+           "-m", "stages.cli", "score-ref", str(small_pairs), "--model", "micro", "--out", str(out),
            "--samples", "3", "--draws", "2", "--pairs-per-part", "4", "--device", "auto", "--no-progress", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

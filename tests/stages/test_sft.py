@@ -69,7 +69,7 @@ def test_the_seed_decides_the_initial_weights_and_the_run(data, tmp_path):
 
 
 def _cli(data, out, *extra):
-    return [sys.executable, "-m", "pipeline.cli", "sft", str(data), "--model", "micro", "--out", str(out),
+    return [sys.executable, "-m", "stages.cli", "sft", str(data), "--model", "micro", "--out", str(out),
             "--max-steps", "8", "--learning-rate", "3e-3", "--batch-size", "4", "--grad-accum", "2",
             "--scheduler", "cosine", "--warmup-ratio", "0.25", "--seed", "3", "--max-length", "64",
             "--log-every", "1", "--save-every", "2", "--device", "cpu", "--no-progress", *extra]
@@ -135,7 +135,7 @@ def test_lora_on_a_model_folder_saves_an_adapter(data, tmp_path):
 def test_cli_json_print_config_and_trl_yaml(data, tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import build_app
+    from stages.cli import build_app
 
     yaml_file = tmp_path / "sft.yaml"
     yaml_file.write_text("model_name_or_path: micro\nper_device_train_batch_size: 3\ngradient_accumulation_steps: 2\n"
@@ -167,7 +167,7 @@ def test_two_processes_match_one_at_equal_global_batch(tmp_path):
     two = tmp_path / "two"
     args = _cli(data, two, "--save-every", "0", "--max-steps", "3", "--batch-size", "2")[3:]
     cmd = [*accelerate_launch(), "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pipeline.cli", *args]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stages.cli", *args]
     cmd[cmd.index("cpu")] = "auto"
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=300)

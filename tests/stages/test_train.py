@@ -167,7 +167,7 @@ def test_lora_changes_only_the_adapter_and_merge_equals_wrapped(train_cache, tmp
 
 
 def _cli(cache, out, *extra):
-    return [sys.executable, "-m", "pipeline.cli", "train", str(cache), "--out", str(out), "--max-steps", "8",
+    return [sys.executable, "-m", "stages.cli", "train", str(cache), "--out", str(out), "--max-steps", "8",
             "--batch-size", "4", "--learning-rate", "3e-3", "--warmup-ratio", "0.25", "--device", "cpu",
             "--save-every", "2", "--no-progress", "--reuse-masks", *extra]
 
@@ -206,7 +206,7 @@ def test_two_processes_match_one_at_equal_global_batch(train_cache, tmp_path):
     two = tmp_path / "two"
     cmd = [*accelerate_launch(), "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "pipeline.cli", "train", str(train_cache), "--out", str(two), "--max-steps", "3", "--batch-size", "2",
+           "-m", "stages.cli", "train", str(train_cache), "--out", str(two), "--max-steps", "3", "--batch-size", "2",
            "--learning-rate", "3e-3", "--warmup-ratio", "0.25", "--device", "auto", "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=300)
@@ -283,7 +283,7 @@ def test_config_validation_and_4bit_without_bitsandbytes(small_cache, tmp_path, 
 def test_cli_json_and_existing_run_needs_resume(small_cache, tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from stages.cli import app
 
     runner = CliRunner()
     args = ["train", str(small_cache), "--out", str(tmp_path / "r"), "--max-steps", "2", "--batch-size", "2",

@@ -130,7 +130,7 @@ def test_cli_report_to_error_is_one_line(small_cache, tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(small_cache), "--out", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "stages.cli", "train", str(small_cache), "--out", str(tmp_path),
                            "--max-steps", "1", "--device", "cpu", "--report-to", "mlflow", "--no-progress"],
                           capture_output=True, text=True)
     assert proc.returncode == 1
@@ -197,7 +197,7 @@ def test_two_processes_evaluate_their_shares_and_reduce(small_cache, tmp_path):
     two = tmp_path / "two"
     cmd = [*accelerate_launch(), "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "pipeline.cli", "train", str(small_cache), "--out", str(two), "--max-steps", "2",
+           "-m", "stages.cli", "train", str(small_cache), "--out", str(two), "--max-steps", "2",
            "--batch-size", "2",
            "--learning-rate", "3e-3", "--warmup-ratio", "0", "--scheduler", "constant", "--beta", "0.5",
            "--eval-every", "1", "--report-to", "none", "--device", "auto", "--no-progress"]

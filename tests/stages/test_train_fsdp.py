@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 def _launch(cache, out, *extra, wait=True):
     cmd = [*accelerate_launch(), "--config_file", str(FSDP_CPU),
-           "-m", "pipeline.cli", "train", str(cache), "--out", str(out), "--batch-size", "2", *ARGS, *extra]
+           "-m", "stages.cli", "train", str(cache), "--out", str(out), "--batch-size", "2", *ARGS, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if not wait:  # its own process group, so a SIGKILL reaches the launcher and both workers
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

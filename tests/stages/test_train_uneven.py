@@ -53,7 +53,7 @@ def test_uneven_shares_and_an_idle_process_finish_and_equal_one_process(uneven_c
 
     repo = Path(__file__).resolve().parents[2]
     two = tmp_path / "two"
-    cmd = [*accelerate_launch(), *MODES[mode], "-m", "pipeline.cli", "train", str(uneven_cache), "--out", str(two),
+    cmd = [*accelerate_launch(), *MODES[mode], "-m", "stages.cli", "train", str(uneven_cache), "--out", str(two),
            "--batch-size", str(BATCH), "--batch-tokens", str(BATCH_TOKENS), "--max-steps", str(STEPS),
            "--learning-rate", "3e-3", "--warmup-ratio", "0", "--device", "auto", "--no-progress", "--no-tensorboard"]
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from stages.cli import app
 
 NOTE = "my notes: do not delete\n"
 

@@ -36,7 +36,7 @@ def test_online_hub_id_loads_its_snapshot(monkeypatch, tmp_path):
 
 
 def test_cli_is_offline_unless_asked(monkeypatch):
-    from pipeline.cli import _leading_online, set_environment
+    from stages.cli import _leading_online, set_environment
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("LLDM_DPO_ONLINE", raising=False)

@@ -110,7 +110,7 @@ def test_init_model_writes_what_load_model_reads(tmp_path):
 
 
 def test_init_model_sharded_through_cli(tmp_path):
-    from pipeline.cli import app
+    from stages.cli import app
 
     target = tmp_path / "sharded"
     result = CliRunner().invoke(app, ["init-model", "tiny", str(target), "--max-shard-size", "4MB", "--json"])

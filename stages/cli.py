@@ -16,7 +16,6 @@ import sys
 import typer
 
 from pipeline.errors import UserError
-from pipeline.stagecli import emit_json  # noqa: F401  (re-exported for commands written before stagecli had it)
 
 # Each command lives beside its stage as a plain function; registered here by
 # name so this file stays the one index of the command line.
@@ -124,7 +123,7 @@ _FULL_APP: typer.Typer | None = None
 
 
 def __getattr__(name: str):
-    # `from pipeline.cli import app` (tests, docs) gets every command, built on first use.
+    # `from stages.cli import app` (tests, docs) gets every command, built on first use.
     global _FULL_APP
     if name == "app":
         if _FULL_APP is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typer.testing import CliRunner
 
 from pipeline import __version__
-from pipeline.cli import COMMANDS, app
+from stages.cli import COMMANDS, app
 
 
 def test_version():
@@ -28,7 +28,7 @@ def test_only_the_requested_command_is_imported():
     import subprocess
     import sys
 
-    code = ("import sys\nsys.argv = ['lldm-dpo', 'query', '--help']\nfrom pipeline.cli import main\n"
+    code = ("import sys\nsys.argv = ['lldm-dpo', 'query', '--help']\nfrom stages.cli import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             "print('heavy:', sorted(m for m in ('torch', 'pyarrow', 'yaml') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -36,7 +36,7 @@ def test_only_the_requested_command_is_imported():
 
 
 def test_requested_command_parsing():
-    from pipeline.cli import _requested_command
+    from stages.cli import _requested_command
 
     assert _requested_command(["train", "cache", "--out", "x"]) == "train"
     assert _requested_command(["--help"]) is None  # everything, for the listing
