@@ -129,6 +129,16 @@ class ScoreRequest:
             )
 
 
+def masked_request(prompt_ids: Sequence[int], response_ids: Sequence[int], samples: int, seed: int, *,
+                   scheme: str = "l_over_L", eps: float = 1e-3) -> tuple[ScoreRequest, MaskSet]:
+    """The one way a response becomes a request to score: its ``samples`` masks drawn from ``seed``
+    (``sample_masks`` over the response's length), the prompt unmasked. Every scorer builds its requests
+    here (score-ref, the cache replay, eval, plan, the lm-eval model), so the same (response, seed, scheme)
+    is the same request everywhere; the MaskSet comes back for what a caller records or checks."""
+    ms = sample_masks(len(response_ids), samples, seed, scheme=scheme, eps=eps)
+    return ScoreRequest(prompt_ids, response_ids, ms.masks, ms.weights), ms
+
+
 def _as_row_scorer():
     # Imported on use: the models package is heavy and this module stays importable without it.
     from pipeline.models.scoring import as_row_scorer

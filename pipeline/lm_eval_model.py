@@ -169,14 +169,13 @@ class LLDMEvalModel(LM):
 
     def elbos(self, encoded: Sequence[tuple[list[int], list[int]]], keys: Sequence[str]) -> list[float]:
         """The ELBO of each continuation after its context: the mean of ``mc_samples`` terms."""
-        from pipeline.diffusion import ScoreRequest, elbo_terms, mask_seed, sample_masks
+        from pipeline.diffusion import elbo_terms, mask_seed, masked_request
 
         requests = []
         for (ctx, cont), key in zip(encoded, keys):
             if not cont:
                 raise UserError(f"{self.name}: a request's continuation encodes to no tokens")
-            ms = sample_masks(len(cont), self.mc_samples, mask_seed(self.seed, key, "continuation", 0))
-            requests.append(ScoreRequest(ctx, cont, ms.masks, ms.weights))
+            requests.append(masked_request(ctx, cont, self.mc_samples, mask_seed(self.seed, key, "continuation", 0))[0])
         values: list[float] = []
         for start in range(0, len(requests), 64):  # bounded host memory for the masks of long task lists
             with torch.no_grad():

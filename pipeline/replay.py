@@ -31,40 +31,31 @@ class PairBatch:
         return [r["pair_id"] for r in self.rows]
 
 
-def _masks(row: dict, side: str, draw: int, fingerprint: dict[str, Any]):
-    from pipeline.diffusion import sample_masks
+def cached_request(row: dict, side: str, draw: int, fingerprint: dict[str, Any]):
+    """The request of one (pair, side) on the cached masks of ``draw``, checked against the cached counts."""
+    from pipeline.diffusion import masked_request
 
-    n, scheme = fingerprint["samples"], fingerprint["scheme"]
     eps = fingerprint.get("eps") or 1e-3
-    ms = sample_masks(len(row[f"{side}_ids"]), n, row[f"{side}_seeds"][draw], scheme=scheme, eps=eps)
+    request, ms = masked_request(row["prompt_ids"], row[f"{side}_ids"], fingerprint["samples"],
+                                 row[f"{side}_seeds"][draw], scheme=fingerprint["scheme"], eps=eps)
     if ms.counts.tolist() != list(row[f"{side}_mask_counts"][draw]):
         raise UserError(f"pair {row['pair_id']} ({side}): masks replayed from the cached seed differ from "
                         "the cached mask counts; the cache was written by an incompatible version")
-    return ms
+    return request
 
 
 def replay_requests(batch: PairBatch, fingerprint: dict[str, Any]) -> list:
     """ScoreRequests on exactly the cached masks: [pair0 chosen, pair0 rejected, pair1 chosen, ...]."""
-    from pipeline.diffusion import ScoreRequest
-
-    requests = []
-    for row in batch.rows:
-        for side in SIDES:
-            ms = _masks(row, side, batch.draw, fingerprint)
-            requests.append(ScoreRequest(row["prompt_ids"], row[f"{side}_ids"], ms.masks, ms.weights))
-    return requests
+    return [cached_request(row, side, batch.draw, fingerprint) for row in batch.rows for side in SIDES]
 
 
 def part_requests(rows: list[dict], fingerprint: dict[str, Any]) -> tuple[list, list[tuple[int, str]]]:
     """A part's requests in score-ref's order (row, then side, then draw) and their (row, side) layout."""
-    from pipeline.diffusion import ScoreRequest
-
     requests, layout = [], []
     for i, row in enumerate(rows):
         for side in SIDES:
             for draw in range(fingerprint["draws"]):
-                ms = _masks(row, side, draw, fingerprint)
-                requests.append(ScoreRequest(row["prompt_ids"], row[f"{side}_ids"], ms.masks, ms.weights))
+                requests.append(cached_request(row, side, draw, fingerprint))
                 layout.append((i, side))
     return requests, layout
 

@@ -28,6 +28,7 @@ from pipeline.errors import ConfigError, UserError
 from pipeline.layout import EVAL_FILE, TASK_RESULTS
 from pipeline.numerics import DTYPES, PRECISIONS, Numerics, autocast, follow, of_fingerprint
 from pipeline.prompts import follow_cache, resolve_chat_template
+from pipeline.replay import SIDES
 from pipeline.stagecli import stage_command
 
 TASK_RESULTS_SCHEMA = pa.schema([
@@ -252,17 +253,13 @@ def margin_summary(pi_c, pi_r, ref_c, ref_r, beta: float, with_elbo: bool = Fals
 
 def fresh_requests(rows: list[dict], fingerprint: dict[str, Any], extra: int = 0) -> list:
     """Requests on masks training never saw: draw index ``draws + extra`` of each (pair, side), past the cache's."""
-    from pipeline.diffusion import ScoreRequest, mask_seed, sample_masks
+    from pipeline.diffusion import mask_seed, masked_request
 
     draw, eps = fingerprint["draws"] + extra, fingerprint.get("eps") or 1e-3
-    requests = []
-    for row in rows:
-        for side in ("chosen", "rejected"):
-            ms = sample_masks(len(row[f"{side}_ids"]), fingerprint["samples"],
-                              mask_seed(fingerprint["seed"], row["pair_id"], side, draw),
-                              scheme=fingerprint["scheme"], eps=eps)
-            requests.append(ScoreRequest(row["prompt_ids"], row[f"{side}_ids"], ms.masks, ms.weights))
-    return requests
+    return [masked_request(row["prompt_ids"], row[f"{side}_ids"], fingerprint["samples"],
+                           mask_seed(fingerprint["seed"], row["pair_id"], side, draw),
+                           scheme=fingerprint["scheme"], eps=eps)[0]
+            for row in rows for side in SIDES]
 
 
 def sample_terms(model, tokenizer, rows: list[dict], fingerprint: dict[str, Any], numerics: Numerics,
@@ -386,7 +383,7 @@ def choice_requests(tokenizer, item: dict, index: int, *, samples: int, seed: in
                     where: str = "item") -> list:
     """One ScoreRequest per option, as LLaDA evaluates multiple choice: question and option encoded
     jointly (pipeline.prompts.encode_continuation), the option's tokens the masked continuation, no EOS."""
-    from pipeline.diffusion import ScoreRequest, mask_seed, sample_masks
+    from pipeline.diffusion import mask_seed, masked_request
     from pipeline.prompts import encode_continuation
 
     requests = []
@@ -395,8 +392,8 @@ def choice_requests(tokenizer, item: dict, index: int, *, samples: int, seed: in
                                                     chat_template=chat_template, where=where)
         if not continuation:
             raise UserError(f"{where}: option {j} encodes to no token")
-        ms = sample_masks(len(continuation), samples, mask_seed(seed, f"choice-{index}", f"option-{j}", 0))
-        requests.append(ScoreRequest(context, continuation, ms.masks, ms.weights))
+        requests.append(masked_request(context, continuation, samples,
+                                       mask_seed(seed, f"choice-{index}", f"option-{j}", 0))[0])
     return requests
 
 

@@ -245,24 +245,13 @@ def _check_existing(out: Path, fingerprint: dict[str, Any], overwrite: bool, is_
     return "fresh"
 
 
-def _masks_for(pair_id: str, side: str, length: int, cfg: ScoreRefConfig):
-    from pipeline.diffusion import mask_seed, sample_masks
-
-    seeds, sets = [], []
-    for draw in range(cfg.draws):
-        seed = mask_seed(cfg.seed, pair_id, side, draw)
-        seeds.append(seed)
-        sets.append(sample_masks(length, cfg.samples, seed, scheme=cfg.scheme, eps=cfg.eps))
-    return seeds, sets
-
-
 def numerics_of(cfg: ScoreRefConfig) -> Numerics:
     return Numerics(dtype=cfg.dtype, mixed_precision=cfg.mixed_precision, load_in_4bit=cfg.load_in_4bit)
 
 
 def score_part(model, tokenizer, rows: list[dict], cfg: ScoreRefConfig, stats: dict) -> pa.Table:
     """Score one part's pairs; returns its SCORES_SCHEMA table. Pure apart from the model call."""
-    from pipeline.diffusion import ScoreRequest, elbo_terms
+    from pipeline.diffusion import elbo_terms, mask_seed, masked_request
     from pipeline.tokenize import tokenize_pair
 
     requests, layout, records = [], [], []
@@ -284,18 +273,20 @@ def score_part(model, tokenizer, rows: list[dict], cfg: ScoreRefConfig, stats: d
         }
         for side in SIDES:
             response = rec[f"{side}_ids"]
-            seeds, sets = _masks_for(row["pair_id"], side, len(response), cfg)
+            seeds = [mask_seed(cfg.seed, row["pair_id"], side, draw) for draw in range(cfg.draws)]
+            drawn = [masked_request(rec["prompt_ids"], response, cfg.samples, seed, scheme=cfg.scheme, eps=cfg.eps)
+                     for seed in seeds]
             rec[f"{side}_seeds"] = seeds
-            rec[f"{side}_mask_counts"] = [ms.counts.tolist() for ms in sets]
-            rec[f"{side}_timesteps"] = [ms.timesteps.tolist() for ms in sets]
-            for ms in sets:
+            rec[f"{side}_mask_counts"] = [ms.counts.tolist() for _, ms in drawn]
+            rec[f"{side}_timesteps"] = [ms.timesteps.tolist() for _, ms in drawn]
+            for request, _ in drawn:
                 layout.append((len(records), side))
-                requests.append(ScoreRequest(rec["prompt_ids"], response, ms.masks, ms.weights))
+                requests.append(request)
                 stats["tokens"] += cfg.samples * (len(rec["prompt_ids"]) + len(response))
         records.append(rec)
 
     # The layout of these requests (row, side, draw) and batch_tokens are what eval replays
-    # (pipeline.replay.rescore_part) to reproduce these terms exactly: keep them in step.
+    # (pipeline.replay.part_requests, on the same masked_request) to reproduce these terms exactly.
     device = next(model.parameters()).device
     with torch.no_grad(), autocast(device, cfg.mixed_precision):
         terms = elbo_terms(

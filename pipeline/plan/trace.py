@@ -413,7 +413,7 @@ def _finish(tracker: PlanTracker, model: nn.Module, notes: list[str]) -> Trace:
 def trace_score_ref(cfg, *, prompt_len: int, response_len: int, fake: bool = True, layers: int | None = None,
                     world: int = 1) -> Trace:
     """One score-ref batch: ``elbo_terms`` over the rows one forward pass of ``batch_tokens`` holds."""
-    from pipeline.diffusion import ScoreRequest, elbo_terms, sample_masks
+    from pipeline.diffusion import elbo_terms, masked_request
 
     notes = []
     load_in_4bit = bool(getattr(cfg, "load_in_4bit", False))
@@ -432,8 +432,7 @@ def trace_score_ref(cfg, *, prompt_len: int, response_len: int, fake: bool = Tru
     rows = max(1, cfg.batch_tokens // length)
     requests = []
     for i in range((rows + cfg.samples - 1) // cfg.samples):
-        ms = sample_masks(response_len, cfg.samples, 1000 + i)
-        requests.append(ScoreRequest([token] * prompt_len, [token] * response_len, ms.masks, ms.weights))
+        requests.append(masked_request([token] * prompt_len, [token] * response_len, cfg.samples, 1000 + i)[0])
     tracker = PlanTracker(config.padded_vocab_size, world)
     tracker.track_external(model)
     with tracker, torch.no_grad(), _autocast(getattr(cfg, "mixed_precision", "no")):

@@ -490,3 +490,20 @@ def test_shifted_logits_model_matches_naive_and_is_batch_invariant():
                                  for mk, w in zip(req.masks, req.weights)])
             assert torch.allclose(terms, alone, atol=1e-5, rtol=0)
             assert torch.allclose(terms, naive, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("scheme", ["l_over_L", "one_over_t"])
+def test_masked_request_is_the_seeded_masks_over_the_response(scheme):
+    """The one request builder: the masks and weights of sample_masks(len(response), n, seed) over the
+    response, the prompt as given; the same arguments give the same request, another seed other masks."""
+    from pipeline.diffusion import masked_request
+
+    request, ms = masked_request([5, 6, 7], [8, 9, 10, 11], 3, 1234, scheme=scheme, eps=0.1)
+    direct = sample_masks(4, 3, 1234, scheme=scheme, eps=0.1)
+    assert list(request.prompt_ids) == [5, 6, 7] and list(request.response_ids) == [8, 9, 10, 11]
+    assert torch.equal(request.masks, direct.masks) and torch.equal(request.weights, direct.weights)
+    assert torch.equal(ms.counts, direct.counts) and request.masks.shape == (3, 4)
+    again, _ = masked_request([5, 6, 7], [8, 9, 10, 11], 3, 1234, scheme=scheme, eps=0.1)
+    assert torch.equal(again.masks, request.masks)
+    other, _ = masked_request([5, 6, 7], [8, 9, 10, 11], 3, 1235, scheme=scheme, eps=0.1)
+    assert not torch.equal(other.masks, request.masks) or not torch.equal(other.weights, request.weights)
