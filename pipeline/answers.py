@@ -56,8 +56,6 @@ _FRAC_PARTS = re.compile(r"^(-?)\\[dt]?frac\s*\{\s*(" + _SIMPLE + r")\s*\}\s*\{\
 _TIMES_TEN = re.compile(r"\s*(?:\\times|\\cdot|\u00d7)\s*10\^\{?([-+]?\d+)\}?$")
 _MAX_EXPONENT = 10000  # 1e400 is a number; 1e99999999 is not worth the memory
 
-STYLES = ("####", "boxed", "A:", "answer is", "last number")
-
 
 def _canonical(value: Fraction) -> str:
     """Decimal text when the value has a finite decimal expansion, else ``p/q`` in lowest terms."""

@@ -380,13 +380,27 @@ def write_json_atomic(target: str | os.PathLike, obj, *, record: bool = True) ->
     write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=True) + "\n", record=record)
 
 
-def check_writable(path: str | os.PathLike, what: str = "output") -> None:
+def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes, read in blocks: the one file hasher (cache parts, inputs, weights)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_writable(path: str | os.PathLike, what: str = "output", *, file: bool = False) -> None:
     """A one-line error now, before any slow work, when ``path`` cannot be created or written.
 
     Checks the nearest existing folder on the way to ``path``: it must be a folder this
-    process may write into (and ``path``, when present, writable).
+    process may write into (and ``path``, when present, writable). With ``file``, ``path``
+    names a file: a folder there is an error too. Nothing is created.
     """
     path = Path(path).expanduser()
+    if file and path.is_dir():
+        raise UserError(f"{path}: the {what} is a folder; give a file path")
     probe = path
     while not os.path.lexists(probe):
         if probe.parent == probe:
@@ -396,7 +410,7 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> None:
         if not probe.is_dir():
             raise UserError(f"{path}: cannot write the {what} here: {probe} is not a folder")
         if not os.access(probe, os.W_OK | os.X_OK):
-            raise UserError(f"{path}: cannot write the {what} here: permission denied on {probe}")
+            raise UserError(f"{path}: cannot write the {what} here: folder {probe} is not writable")
     elif not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
         raise UserError(f"{path}: cannot write the {what}: permission denied")
 

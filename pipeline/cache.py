@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.atomic import file_sha256
 from pipeline.errors import UserError
 from pipeline.schemas import SCORES_MANIFEST, SCORES_SCHEMA
 
@@ -60,14 +61,6 @@ def describe_difference(expected: dict[str, Any], found: dict[str, Any], field: 
         lo = max(0, first - 20)
         ta, tb = (("..." if lo else "") + t[lo:lo + 80] + ("..." if len(t) > lo + 80 else "") for t in (ta, tb))
     return f"{name}: cache has {ta}, this run has {tb}"
-
-
-def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_part_checksum(path: Path, expected_sha256: str | None) -> None:
@@ -297,16 +290,6 @@ class SplitRows:
         if n > 0:
             self.pair_ids, self._where = self.pair_ids[:n], self._where[:n]
         return self
-
-    def subset(self, indices) -> "SplitRows":
-        """The rows at ``indices`` (e.g. one process's share), still read on demand; shares the open files."""
-        import copy
-
-        indices = list(indices)
-        view = copy.copy(self)
-        view.pair_ids = [self.pair_ids[i] for i in indices]
-        view._where = [self._where[i] for i in indices]
-        return view
 
     def column(self, name: str) -> list[Any]:
         """One column for every row, in order, reading only that column of each row group."""

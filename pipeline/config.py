@@ -262,10 +262,6 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def as_path(value: Any) -> Path | None:
-    return None if value is None or value == "" else Path(value)
-
-
 def require(condition: bool, message: str) -> None:
     """Raise ``ConfigError(message)`` unless ``condition``; for ``__post_init__`` checks."""
     if not condition:

@@ -2,7 +2,7 @@
 
 ``resolve_device("auto")`` means accelerate's device for this process
 (``cuda:LOCAL_RANK`` under ``accelerate launch``, the GPU when there is one,
-else the CPU), in every stage. torch is imported lazily so config classes can
+else the CPU), in every stage and in make-pairs' sampler: one resolver, one meaning. torch is imported lazily so config classes can
 validate dtype names without it.
 """
 
@@ -14,6 +14,8 @@ from pipeline.errors import UserError
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 """dtype names a config accepts (``--dtype``)."""
+PRECISION_NAMES = ("no", "bf16", "fp16")
+"""Mixed-precision names a config accepts (``--mixed-precision``, accelerate's names)."""
 
 _ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 

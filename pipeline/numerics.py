@@ -17,10 +17,11 @@ from typing import Any, Optional
 
 import torch
 
+from pipeline.devices import PRECISION_NAMES
 from pipeline.errors import UserError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_AUTOCAST_DTYPES = dict(zip(PRECISION_NAMES, (None, torch.bfloat16, torch.float16)))
+"""The autocast dtype of each mixed-precision name (no: none)."""
 FIELDS = ("dtype", "mixed_precision", "load_in_4bit")
 FLAGS = {"dtype": "--dtype", "mixed_precision": "--mixed-precision", "load_in_4bit": "--load-in-4bit"}
 
@@ -96,7 +97,7 @@ def check_4bit(device: torch.device) -> None:
 
 def autocast(device: torch.device | str, mixed_precision: str):
     """The forward pass's autocast, as accelerate's ``Accelerator(mixed_precision=...).autocast()`` gives it."""
-    dtype = PRECISIONS[mixed_precision]
+    dtype = _AUTOCAST_DTYPES[mixed_precision]
     if dtype is None:
         return contextlib.nullcontext()
     device_type = torch.device(device).type

@@ -194,11 +194,6 @@ def jsonl_chunk_records(data: bytes, first_line: int, source: str) -> Iterator[R
         yield _parse_line(line, source, first_line + i, loads)
 
 
-def chunk_line_text(data: bytes, first_line: int, line: int) -> str:
-    """The raw text of one (valid UTF-8) line of a chunk, as its ``Record.raw``."""
-    return data.split(b"\n")[line - first_line].rstrip(b"\r\n").decode("utf-8")
-
-
 def _parse_line(line: bytes, source: str, lineno: int, loads=json.loads) -> Record:
     try:
         text = line.decode("utf-8")

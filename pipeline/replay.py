@@ -17,8 +17,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import UserError
-
-SIDES = ("chosen", "rejected")
+from pipeline.schemas import SIDES
 
 
 @dataclass

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+SIDES = ("chosen", "rejected")
+"""The two responses of a pair, in the order every file, cache row and request list keeps them."""
+
 # --- pairs (ingest output, Arrow IPC file) ---------------------------------
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])

@@ -24,7 +24,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from pipeline.answers import extract_answer, reference_answer
 from pipeline.errors import UserError
@@ -285,19 +285,3 @@ class DiffusionSampler:
             results.append({"completion": self.tokenizer.decode(kept, skip_special_tokens=True),
                             "completion_tokens": len(kept), "stopped": len(kept) < self.settings["gen_length"]})
         return results
-
-
-def resolve_device(device: str):
-    """``auto`` is cuda when available; an unavailable cuda is a one-line error."""
-    import torch
-
-    # (generate and score-ref each hold the same few lines; stages may not import each other.)
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{device}' requested but CUDA is not available")
-    return torch.device(device)
-
-
-SamplerFn = Callable[[Sequence[SampleItem]], list[dict[str, Any]]]
-"""What the stage needs of a sampler: items in, one {completion, completion_tokens, stopped} per item out."""

@@ -19,30 +19,16 @@ import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, TypeVar
+from typing import Any, Callable, Mapping, Optional
 
 import typer
 
 from pipeline.config import config_to_yaml, field_docs, field_types, load_config, unwrap_optional
 
-C = TypeVar("C")
-
-SHARED = ("config", "print_config", "as_json")
-"""Parameters every generated command has besides its config fields."""
-
 
 def emit_json(obj: Any) -> None:
     """Print a machine-readable summary on stdout."""
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def resolve_config(cls: type[C], config_file: Path | None, flags: Mapping[str, Any], print_config: bool) -> C | None:
-    """defaults < --config < flags; with ``--print-config`` print the resolved YAML and return None."""
-    cfg = load_config(cls, config_file, flags)
-    if print_config:
-        typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
-        return None
-    return cfg
 
 
 def summary_dict(result: Any) -> dict[str, Any]:

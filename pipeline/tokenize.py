@@ -39,6 +39,7 @@ from pipeline.prompts import (
     messages_of,
     render_response,
 )
+from pipeline.schemas import SIDES
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, use_chat_template: bool
         if prompt is None:
             prompt = _text(row, "prompt")
         responses = []
-        for side in ("chosen", "rejected"):
+        for side in SIDES:
             response = _row_messages(row, f"{side}_messages")
             if response is None:
                 response = _text(row, side)

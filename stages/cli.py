@@ -3,6 +3,9 @@
 Commands parse flags into the stage's config dataclass (defaults < --config
 YAML < flags), call the stage, and print a summary (a rich table, or JSON with
 ``--json``). Errors the user can fix print one line and exit 1.
+
+It lives among the stages because it imports them (by name, so that one command
+loads only its own stage): the library (pipeline/) never imports it.
 """
 
 from __future__ import annotations

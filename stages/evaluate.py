@@ -24,11 +24,12 @@ import torch
 
 from pipeline.atomic import atomic_path, remove_owned, write_json_atomic
 from pipeline.cache import open_cache
+from pipeline.devices import DTYPE_NAMES, PRECISION_NAMES
 from pipeline.errors import ConfigError, UserError
 from pipeline.layout import EVAL_FILE, TASK_RESULTS
-from pipeline.numerics import DTYPES, PRECISIONS, Numerics, autocast, follow, of_fingerprint
+from pipeline.numerics import Numerics, autocast, follow, of_fingerprint
 from pipeline.prompts import follow_cache, resolve_chat_template
-from pipeline.replay import SIDES
+from pipeline.schemas import SIDES
 from pipeline.stagecli import stage_command
 
 TASK_RESULTS_SCHEMA = pa.schema([
@@ -132,7 +133,7 @@ class EvalConfig:
 
     def __post_init__(self):
         self.out = Path(self.out)
-        from pipeline.config import check_device, check_ranges
+        from pipeline.config import check_device, check_ranges, require_choice
 
         check_ranges(self, RANGES)
         check_device(self.device)
@@ -143,15 +144,11 @@ class EvalConfig:
                                      else None)
         if self.scores is None and self.benchmark is None and self.choices is None and not self.lm_eval_tasks:
             raise ConfigError("nothing to evaluate: give scores, benchmark, choices or lm_eval_tasks")
-        for name in ("gen_length", "block_length", "steps", "samples", "batch_size", "batch_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
-        if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
-            raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got '{self.mixed_precision}'")
-        if self.normalize not in NORMALIZE:
-            raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE)}, got '{self.normalize}'")
+        if self.dtype is not None:
+            require_choice("dtype", self.dtype, DTYPE_NAMES)
+        if self.mixed_precision is not None:
+            require_choice("mixed_precision", self.mixed_precision, PRECISION_NAMES)
+        require_choice("normalize", self.normalize, NORMALIZE)
         if self.gen_length % self.block_length:
             raise ConfigError(f"gen_length ({self.gen_length}) must be a multiple of block_length ({self.block_length})")
         from pipeline.sampler import check_fast_settings
@@ -329,18 +326,6 @@ def training_sample(cache, size: int, seed: int) -> list[dict]:
     if len(rows) > size:  # the same draw as sampling the rows themselves (sample depends on the length only)
         picked = sorted(random.Random(f"train-sample:{seed}").sample(range(len(rows)), size))
     return rows.take(picked)
-
-
-def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
-    from pipeline.readers import jsonl_objects
-
-    items = []
-    for where, item in jsonl_objects(path):
-        for key in required:
-            if key not in item:
-                raise UserError(f"{where}: missing field '{key}'")
-        items.append(item)
-    return items
 
 
 def read_benchmark(path: Path) -> list[dict]:

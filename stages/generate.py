@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.atomic import atomic_path
-from pipeline.completion import STOP_TOKENS, complete, prompt_seed, stop_token_ids  # noqa: F401  (re-exported)
+from pipeline.completion import complete
 from pipeline.config import check_device, check_ranges, require, require_choice
 from pipeline.devices import DTYPE_NAMES, resolve_device
 from pipeline.errors import ConfigError, UserError
@@ -86,7 +86,7 @@ class GenerateConfig:
     load_in_4bit: bool = False
     """Quantize the model's block projections to 4-bit NF4 with bitsandbytes (CPU or CUDA), as a QLoRA base."""
     device: str = "auto"
-    """cpu, cuda, cuda:N, or auto (cuda when available)."""
+    """cpu, cuda, cuda:N, or auto (accelerate's device for this process)."""
     trust_remote_code: bool = False
     """Allow a hub model's own modeling code."""
     progress: bool = True
@@ -217,7 +217,8 @@ _CONTENT = {"model_identity": "a model", "prompts_sha256": "a prompts file"}
 
 def content_settings(cfg: GenerateConfig) -> dict[str, Any]:
     """The sampler settings plus the content identities of the model and the prompts file."""
-    from pipeline.cache import file_sha256, fingerprint_digest
+    from pipeline.atomic import file_sha256
+    from pipeline.cache import fingerprint_digest
     from pipeline.models import model_identity
 
     return {**cfg.sampler_settings(), "model_identity": fingerprint_digest(model_identity(cfg.model)),

@@ -16,7 +16,6 @@ import collections
 import contextlib
 import heapq
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -25,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.atomic import atomic_path, check_replaceable
-from pipeline.config import require
+from pipeline.atomic import atomic_path, check_replaceable, check_writable
+from pipeline.config import check_ranges, require
 from pipeline.errors import ConfigError, UserError
 from pipeline.layout import quarantine_path_for
 from pipeline.pairs import (
@@ -65,6 +64,10 @@ _CHUNK_BYTES = 8 << 20  # large chunks amortize the per-chunk Arrow calls
 _FAST_PATH = True  # tests switch it off to compare both paths
 
 
+RANGES = {"max_chars": "[0, inf)", "eval_fraction": "[0, 1)", "workers": "[1, inf)"}
+"""The valid interval of every numeric field (checked first in __post_init__)."""
+
+
 @dataclass
 class IngestConfig:
     inputs: list[str] = field(default_factory=lambda: ["data/preference_data/reasoning_prefs.jsonl"])
@@ -101,12 +104,7 @@ class IngestConfig:
             self.keep_fields = [self.keep_fields]
         self.inputs = [str(p) for p in self.inputs]
         self.keep_fields = list(self.keep_fields)
-        require(isinstance(self.max_chars, int) and self.max_chars >= 0, f"max_chars must be an integer >= 0, got {self.max_chars!r}")
-        require(
-            isinstance(self.eval_fraction, (int, float)) and 0.0 <= self.eval_fraction < 1.0,
-            f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}",
-        )
-        self.eval_fraction = float(self.eval_fraction)
+        check_ranges(self, RANGES)
         for name in ("prompt_field", "chosen_field", "rejected_field"):
             require(isinstance(getattr(self, name), str) and getattr(self, name), f"{name} must be a non-empty string")
         mapped = (self.prompt_field, self.chosen_field, self.rejected_field)
@@ -118,7 +116,6 @@ class IngestConfig:
             require(name not in taken, f"keep_fields: '{name}' clashes with a pairs column ({', '.join(PAIRS_SCHEMA.names)})")
         require(len(set(self.keep_fields)) == len(self.keep_fields), "keep_fields lists a field twice")
         require(bool(self.out), "out must be a path")
-        require(isinstance(self.workers, int) and self.workers >= 1, f"workers must be an integer >= 1, got {self.workers!r}")
 
     @property
     def quarantine_path(self) -> Path:
@@ -392,7 +389,8 @@ def _quarantine_line(source: str, line: int, reason: str, message: str | None, r
 
 
 def _raw_line_getter(data: bytes, first: int) -> Callable[[int], str]:
-    """``chunk_line_text`` for many lines of one chunk, splitting the chunk once (on first use)."""
+    """The raw text of a (valid UTF-8) line of one chunk, as its ``Record.raw``: the chunk split once, on first
+    use."""
     split: list[list[bytes]] = []
 
     def raw_of(line: int) -> str:
@@ -488,8 +486,8 @@ def _run(cfg: IngestConfig) -> IngestResult:
         if p.resolve() in (out.resolve(), qpath.resolve()):
             raise UserError(f"{p}: input is also an output of this run")
     # Before any input is read: an output that cannot be written is a one-line error now.
-    _check_writable(out, "the pairs file (--out)")
-    _check_writable(qpath, "the quarantine (--quarantine)")
+    check_writable(out, "pairs file (--out)", file=True)
+    check_writable(qpath, "quarantine (--quarantine)", file=True)
     check_replaceable(out, "--out")  # a user's file is never replaced (nor emptied)
     check_replaceable(qpath, "--quarantine")
     schema = pairs_schema(cfg.keep_fields)
@@ -583,18 +581,6 @@ class NothingAccepted(UserError):
 def _value_counts(col: pa.Array) -> list[tuple[str, int]]:
     vc = col.value_counts()
     return list(zip(vc.field(0).to_pylist(), vc.field(1).to_pylist()))
-
-
-def _check_writable(path: Path, what: str) -> None:
-    if path.is_dir():
-        raise UserError(f"{path}: {what} is a folder; give a file path")
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot create the folder for {what}: {exc.strerror or exc}") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{path}: cannot write {what}: folder {parent} is not writable")
 
 
 _FIELDS_SHOWN = 12

@@ -122,7 +122,7 @@ class MakePairsConfig:
     load_in_4bit: bool = False
     """Quantize the model's block projections to 4-bit NF4 with bitsandbytes (CPU or CUDA), as a QLoRA base."""
     device: str = "auto"
-    """cpu, cuda, cuda:N, or auto (cuda when available)."""
+    """cpu, cuda, cuda:N, or auto (accelerate's device for this process)."""
     trust_remote_code: bool = False
     """Allow a hub model's own modeling code."""
     progress: bool = True
@@ -365,8 +365,9 @@ def _run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
 
 
 def _load_sampler(cfg: MakePairsConfig, identity: Any):
+    from pipeline.devices import resolve_device
     from pipeline.numerics import Numerics, load
-    from pipeline.selfpairs import DiffusionSampler, resolve_device
+    from pipeline.selfpairs import DiffusionSampler
 
     device = resolve_device(cfg.device)
     model, tokenizer = load(cfg.model, Numerics(dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit), device,

@@ -12,7 +12,6 @@ runs the stage's real step on fake tensors (pipeline/plan).
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -21,6 +20,7 @@ import typer
 
 from pipeline.config import load_config, read_config_file, require
 from pipeline.errors import ConfigError, UserError
+from pipeline.stagecli import stage_command
 
 STAGES = ("score-ref", "train", "generate")
 """The stages a plan covers."""
@@ -124,43 +124,24 @@ def run(cfg: PlanConfig):
 # --- the command line ------------------------------------------------------------------
 
 
-def _field_type(cls, name: str):
-    hint = typing.get_type_hints(cls)[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if typing.get_origin(hint) is typing.Union and args else hint
-
-
 def parse_stage_flags(cls, args: list[str], stage: str) -> dict[str, Any]:
-    """``--name value`` / ``--name=value`` / ``--flag`` / ``--no-flag`` for every field of the stage's config."""
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise UserError(f"plan {stage}: unexpected argument {arg!r} (stage options are --name value)")
-        name, _, value = arg[2:].partition("=")
-        key, negate = name.replace("-", "_"), False
-        if key not in names and key.startswith("no_") and key[3:] in names:
-            key, negate = key[3:], True
-        if key not in names:
-            raise UserError(f"plan {stage}: unknown option --{name} (the options of {cls.__name__}: "
-                            f"{', '.join('--' + n.replace('_', '-') for n in sorted(names))})")
-        kind = _field_type(cls, key)
-        if kind is bool and not value:
-            out[key] = not negate
-        else:
-            if not value:
-                if i + 1 >= len(args):
-                    raise UserError(f"plan {stage}: --{name} needs a value")
-                i += 1
-                value = args[i]
-            try:
-                out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
-            except (TypeError, ValueError):
-                raise UserError(f"plan {stage}: --{name} {value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
-        i += 1
-    return out
+    """The stage's own flags after STAGE, parsed by the stage's generated command (pipeline.stagecli): the same
+    spellings, types, ``--x/--no-x`` booleans and TRL names as ``lldm-dpo STAGE``. Returns the flags given (by
+    field name; TRL names as written), for the stage's config to resolve."""
+    given: dict[str, Any] = {}
+
+    def keep(config_file, flags):
+        given.update(flags)
+
+    command = stage_command(cls, lambda cfg, as_json: None, doc=f"{stage}'s options", load=keep)
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(command)
+    try:
+        typer.main.get_command(app).main(list(args), prog_name=f"lldm-dpo plan {stage}", standalone_mode=False)
+    except typer.TyperException as exc:  # click's usage errors (typer's own copy of click)
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        raise UserError(f"plan {stage}: {message}") from None
+    return given
 
 
 def print_plan(plan, as_json: bool) -> None:

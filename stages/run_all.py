@@ -19,13 +19,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.config import check_device, load_config, read_config_file
+from pipeline.config import check_device, check_ranges, load_config, read_config_file
 from pipeline.errors import CacheMismatch, ConfigError, UserError
+from pipeline.layout import PAIRS_FILE
 from pipeline.stagecli import stage_command
 
 EMBEDDED_DEFAULT = Path(__file__).with_name("run.yaml")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("ingest", "score_ref", "train", "eval", "make_pairs")
+
+
+RANGES = {"rounds": "[0, inf)", "threshold": "(0, inf)"}
+"""The valid interval of every numeric field (checked first in __post_init__)."""
 
 
 @dataclass
@@ -61,6 +66,7 @@ class RunConfig:
 
     def __post_init__(self):
         self.out = Path(self.out)
+        check_ranges(self, RANGES)
         check_device(self.device)
         for name in SECTIONS:
             if not isinstance(getattr(self, name), dict):
@@ -167,9 +173,9 @@ def stage_configs(cfg: RunConfig):
     from stages.train import TrainConfig
 
     out = cfg.out
-    ingest = {**cfg.ingest, "out": str(out / "pairs.arrow"), "progress": False}
+    ingest = {**cfg.ingest, "out": str(out / PAIRS_FILE), "progress": False}
     ingest["inputs"] = [_shipped(p) for p in ingest.get("inputs", [])]
-    score = {"model": cfg.model, "device": cfg.device, **cfg.score_ref, "pairs": out / "pairs.arrow",
+    score = {"model": cfg.model, "device": cfg.device, **cfg.score_ref, "pairs": out / PAIRS_FILE,
              "out": out / "cache", "progress": False}
     train = {"device": cfg.device, **cfg.train, "scores": out / "cache", "out": out / "run", "model": cfg.model,
              "progress": False}

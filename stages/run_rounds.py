@@ -36,6 +36,7 @@ from typing import Any
 from pipeline.atomic import atomic_path, write_json_atomic, write_text_atomic
 from pipeline.config import config_to_dict, load_config
 from pipeline.errors import CacheMismatch, ConfigError, UserError
+from pipeline.layout import PAIRS_FILE
 
 ROUND_REFERENCES = ("policy", "initial")
 PROVENANCE_FIELDS = ["question_id", "chosen_from", "chosen_sample", "rejected_sample", "chosen_answer",
@@ -65,8 +66,6 @@ def round_dir(out: Path, r: int) -> Path:
 
 
 def check_rounds_config(cfg) -> None:
-    if cfg.rounds < 0:
-        raise ConfigError(f"rounds must be >= 0, got {cfg.rounds}")
     if cfg.round_reference not in ROUND_REFERENCES:
         raise ConfigError(f"round_reference must be one of {', '.join(ROUND_REFERENCES)}, got {cfg.round_reference!r}")
     if cfg.rounds and not cfg.questions:
@@ -94,9 +93,9 @@ def round_configs(cfg, r: int, start_model: str, ref_model: str, has_eval_pairs:
     mp = {"device": cfg.device, **cfg.make_pairs, "questions": _shipped(str(cfg.questions)), "model": start_model,
           "out": str(d / "pairs.jsonl"), "round": r, "progress": False}
     ingest = {**{k: v for k, v in cfg.ingest.items() if k != "inputs"}, "inputs": [str(d / "pairs.jsonl")],
-              "out": str(d / "pairs.arrow"), "progress": False,
+              "out": str(d / PAIRS_FILE), "progress": False,
               "keep_fields": sorted(set(cfg.ingest.get("keep_fields", [])) | set(PROVENANCE_FIELDS))}
-    score = {"device": cfg.device, **cfg.score_ref, "model": ref_model, "pairs": d / "pairs.arrow", "out": d / "cache",
+    score = {"device": cfg.device, **cfg.score_ref, "model": ref_model, "pairs": d / PAIRS_FILE, "out": d / "cache",
              "progress": False}
     train = {"device": cfg.device, **cfg.train, "scores": d / "cache", "out": d / "run", "model": start_model,
              "allow_different_init": start_model != ref_model, "overwrite": True, "resume": False,
@@ -130,7 +129,7 @@ def _chat_template(cfg):
 
 
 def _fingerprint(cfg, configs, start_model: str, ref_model: str) -> dict[str, Any]:
-    from pipeline.cache import file_sha256
+    from pipeline.atomic import file_sha256
     from pipeline.models import model_identity
     from pipeline.selfpairs import identity_digest
 

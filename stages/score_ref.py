@@ -31,6 +31,7 @@ from pipeline.atomic import (
     check_replaceable,
     check_writable,
     clear_owned,
+    file_sha256,
     remove_owned,
     sweep_stale,
     write_json_atomic,
@@ -40,27 +41,24 @@ from pipeline.cache import (
     PART_PATTERN,
     describe_difference,
     existing_parts,
-    file_sha256,
     fingerprint_differences,
     fingerprint_digest,
     part_name,
     read_part,
 )
-from pipeline.config import check_device, check_ranges, config_to_dict
-from pipeline.devices import process_state, resolve_device
+from pipeline.config import check_device, check_ranges, config_to_dict, require_choice
+from pipeline.devices import DTYPE_NAMES, PRECISION_NAMES, process_state, resolve_device
+from pipeline.diffusion import SCHEMES
 from pipeline.errors import CacheMismatch, ConfigError, UserError
-from pipeline.numerics import DTYPES, PRECISIONS, Numerics, autocast
+from pipeline.numerics import Numerics, autocast
 from pipeline.pairsfile import pairs_sha256, read_pairs
 from pipeline.progress import progress_bar
 from pipeline.prompts import PROMPT_RENDERER, resolve_chat_template
-from pipeline.schemas import SCORES_MANIFEST, SCORES_SCHEMA
+from pipeline.schemas import SCORES_MANIFEST, SCORES_SCHEMA, SIDES
 from pipeline.stagecli import stage_command
 
 ESTIMATOR_VERSION = "elbo-masked-v1"
 """Bump when the estimator's arithmetic changes: old caches then no longer match."""
-
-SCHEMES = ("l_over_L", "one_over_t")
-SIDES = ("chosen", "rejected")
 
 
 RANGES = {"samples": "[1, inf)", "draws": "[1, inf)", "seed": "[0, inf)", "eps": "(0, 1)", "max_length": "[1, inf)",
@@ -121,23 +119,13 @@ class ScoreRefConfig:
         self.pairs, self.out = Path(self.pairs), Path(self.out)
         check_ranges(self, RANGES)
         check_device(self.device)
-        if self.scheme not in SCHEMES:
-            raise ConfigError(f"scheme must be one of {', '.join(SCHEMES)}, got '{self.scheme}'")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
-        if self.mixed_precision not in PRECISIONS:
-            raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got '{self.mixed_precision}'")
+        require_choice("scheme", self.scheme, SCHEMES)
+        require_choice("dtype", self.dtype, DTYPE_NAMES)
+        require_choice("mixed_precision", self.mixed_precision, PRECISION_NAMES)
         if self.load_in_4bit and self.dtype == "float32":
             self.dtype = "bfloat16"  # the 4-bit base computes in bfloat16, as in train
         if self.load_in_4bit and self.dtype != "bfloat16":
             raise ConfigError(f"load_in_4bit computes in bfloat16, got dtype '{self.dtype}'")
-        for name in ("samples", "draws", "max_length", "batch_tokens", "pairs_per_part"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.limit < 0:
-            raise ConfigError(f"limit must be >= 0, got {self.limit}")
-        if not 0.0 < self.eps < 1.0:
-            raise ConfigError(f"eps must be in (0, 1), got {self.eps}")
 
 
 @dataclass

@@ -32,7 +32,6 @@ RANGES = {"learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "adam_beta1":
           "log_every": "[1, inf)", "max_length": "[2, inf)", "mask_eps": "[0, 1)", "pad_response_to": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
-PRECISIONS = ("no", "bf16", "fp16")
 
 
 @dataclass
@@ -143,10 +142,10 @@ class SFTConfig:
         check_device(self.device)
         check_scheduler(self.scheduler, self.lr_scheduler_kwargs)
         check_optim(self.optim)
-        require_choice("mixed_precision", self.mixed_precision, PRECISIONS)
-        from pipeline.devices import DTYPE_NAMES
+        from pipeline.devices import DTYPE_NAMES, PRECISION_NAMES
 
-        require_choice("dtype", self.dtype, tuple(DTYPE_NAMES))
+        require_choice("mixed_precision", self.mixed_precision, PRECISION_NAMES)
+        require_choice("dtype", self.dtype, DTYPE_NAMES)
         if self.load_in_4bit and self.lora_r == 0:
             raise ConfigError("load_in_4bit trains adapters only: set lora_r > 0")
         if self.pad_response_to > self.max_length:

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline.cache import describe_difference, fingerprint_differences, open_cache
-from pipeline.devices import DTYPE_NAMES
+from pipeline.devices import DTYPE_NAMES, PRECISION_NAMES
 from pipeline.errors import ConfigError, UserError
 from pipeline.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, RUN_OUTPUTS
 from pipeline.losses import (
@@ -54,7 +54,7 @@ from pipeline.training import (  # noqa: F401  (shared with sft; importable from
     step_pair_count,
 )
 
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = PRECISION_NAMES  # (pipeline.devices' names)
 
 
 RESUME_FREE = ("scores", "model", "out", "resume", "overwrite", "progress", "plan", "save_every", "keep_checkpoints",

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.atomic import file_sha256
 from pipeline.errors import UserError
 from pipeline.models import presets
 from pipeline.models.presets import PRESET_VERSION, PRESETS, _torch_dtype, build_preset, preset_tokenizer
@@ -217,12 +218,8 @@ _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 def _file_sha256(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        _FILE_HASHES[key] = h.hexdigest()
+    if key not in _FILE_HASHES:  # weights are large: hashed once per (path, size, mtime) in a process
+        _FILE_HASHES[key] = file_sha256(path, block=1 << 24)
     return _FILE_HASHES[key]
 
 

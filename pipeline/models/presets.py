@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from pipeline.atomic import file_sha256
 from pipeline.errors import UserError
 from pipeline.models.llada import LLaDAConfig, LLaDAModelLM
 from pipeline.models.tokenizer import build_tokenizer, special_token_ids
@@ -151,7 +151,7 @@ def preset_weights(name: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"preset {name!r}: weights file {path} is missing (reinstall the package, or retrain with "
                         "scripts/train_skilled_model.py)")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     if digest != _get(name).weights_sha256:
         raise UserError(f"preset {name!r}: {path} has sha256 {digest}, the package records "
                         f"{_get(name).weights_sha256}; the file is damaged or not this version's")

@@ -35,11 +35,10 @@ from torch import nn
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 from torch.utils.weak import WeakIdKeyDictionary
 
+from pipeline.devices import torch_dtype
 from pipeline.errors import UserError
 from pipeline.plan.memory import nf4_bytes
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from pipeline.schemas import SIDES
 
 # --- the tracker ---------------------------------------------------------------------
 
@@ -153,7 +152,7 @@ def build_model(name: str, dtype: str, *, fake: bool, layers: int | None = None)
     config = model_config(name)
     if layers is not None:
         config.n_layers = int(layers)
-    with _default_dtype(DTYPES[dtype]), torch.device("meta"):
+    with _default_dtype(torch_dtype(dtype)), torch.device("meta"):
         model = LLaDAModelLM(config)
     return model.eval()
 
@@ -305,7 +304,7 @@ def synthetic_rows(pairs: int, prompt_len: int, response_len: int, samples: int,
     for i in range(pairs):
         pid = f"plan-{i}"
         row = {"pair_id": pid, "prompt_ids": [token] * prompt_len, "prompt_len": prompt_len}
-        for side in ("chosen", "rejected"):
+        for side in SIDES:
             seed = mask_seed(0, pid, side, 0)
             row[f"{side}_ids"] = [token] * response_len
             row[f"{side}_len"] = response_len

@@ -174,3 +174,29 @@ def test_check_writable_is_one_line_before_any_work(tmp_path):
         check_writable(blocker / "sub" / "out.arrow")
     check_writable(tmp_path / "new" / "deeper" / "out.arrow")  # creatable: fine
     assert not (tmp_path / "new").exists()
+
+
+def test_check_writable_of_a_file_path_refuses_a_folder_and_names_an_unwritable_one(tmp_path):
+    import os
+
+    from pipeline.atomic import check_writable
+
+    with pytest.raises(UserError, match=r"the pairs file is a folder; give a file path"):
+        check_writable(tmp_path, "pairs file", file=True)
+    check_writable(tmp_path, "output folder")  # a folder is what a folder output wants
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(UserError, match=r"folder .*ro is not writable"):
+            check_writable(ro / "p.arrow", "pairs file", file=True)
+
+
+def test_file_sha256_is_the_sha256_of_the_bytes_in_any_block_size(tmp_path):
+    import hashlib
+
+    from pipeline.atomic import file_sha256
+
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(range(256)) * 50)
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert file_sha256(path) == file_sha256(path, block=7) == expected

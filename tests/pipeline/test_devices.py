@@ -26,3 +26,32 @@ def test_auto_is_the_process_device_and_cuda_needs_cuda():
             resolve_device("cuda:0")
     with pytest.raises(UserError, match="unknown device 'gpu0'"):
         resolve_device("gpu0")
+
+
+def test_auto_is_accelerates_process_device_for_every_caller(monkeypatch):
+    """One meaning of ``auto``: accelerate's device for this process (cuda:LOCAL_RANK under accelerate launch),
+    asked of ``process_state``; make-pairs' sampler resolves through the same function (no resolver of its own)."""
+    import types
+
+    import pipeline.devices as devices
+    import pipeline.selfpairs
+    import stages.make_pairs
+
+    asked = []
+    monkeypatch.setattr(devices, "process_state", lambda device="auto": asked.append(device) or
+                        types.SimpleNamespace(device=torch.device("meta")))
+    assert resolve_device("auto") == torch.device("meta") and asked == ["auto"]
+    assert not hasattr(pipeline.selfpairs, "resolve_device")
+
+    class Loaded(Exception):
+        pass
+
+    def fake_load(model, numerics, device, **kw):
+        raise Loaded(device)
+
+    monkeypatch.setattr("pipeline.numerics.load", fake_load)
+    cfg = types.SimpleNamespace(device="auto", model="micro", dtype="float32", load_in_4bit=False,
+                                trust_remote_code=False)
+    with pytest.raises(Loaded) as got:
+        stages.make_pairs._load_sampler(cfg, None)
+    assert got.value.args[0] == torch.device("meta") and asked == ["auto", "auto"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 
-from pipeline.cache import file_sha256
+from pipeline.atomic import file_sha256
 from pipeline.pairsfile import pairs_sha256, read_pairs
 from tests.conftest import write_arithmetic_pairs
 

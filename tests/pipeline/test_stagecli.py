@@ -253,3 +253,17 @@ def test_run_sections_as_flags_add_to_the_file(tmp_path):
     assert res.exit_code == 0, res.output
     cfg = yaml.safe_load(res.output)
     assert cfg["train"]["max_steps"] == 3 and cfg["train"]["batch_size"] == 8  # the rest of the embedded section stays
+
+
+def test_every_config_field_has_a_flag():
+    """What YAML can set, the command line can set too (field names as --kebab-case)."""
+    import inspect
+
+    from stages import evaluate, score_ref, train
+    from stages.train import TrainConfig as TC
+
+    for module, cls in ((score_ref, score_ref.ScoreRefConfig), (train, TC), (evaluate, evaluate.EvalConfig)):
+        params = set(inspect.signature(module.command).parameters)
+        fields = {f for f in cls.__dataclass_fields__}
+        missing = fields - params - {"progress"}  # progress is --no-progress / --quiet
+        assert not missing, f"{cls.__name__}: no flag for {sorted(missing)}"

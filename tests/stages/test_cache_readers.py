@@ -10,7 +10,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cache import file_sha256, open_cache
+from pipeline.atomic import file_sha256
+from pipeline.cache import open_cache
 from pipeline.errors import UserError
 from stages.score_ref import ScoreRefConfig
 from stages.score_ref import run as score_ref

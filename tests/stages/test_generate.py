@@ -10,10 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from pipeline.completion import prompt_seed
 from pipeline.config import config_to_yaml, load_config
 from pipeline.errors import UserError
 from stages.cli import app
-from stages.generate import GenerateConfig, complete, partial_path, prompt_seed, read_prompts, run
+from stages.generate import GenerateConfig, complete, partial_path, read_prompts, run
 
 STAGES = Path(__file__).resolve().parents[2] / "stages"
 FAST = dict(model="micro", gen_length=8, block_length=4, steps=4, device="cpu", progress=False)

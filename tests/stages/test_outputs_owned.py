@@ -113,3 +113,16 @@ def test_a_rerun_replaces_what_the_stage_wrote(tmp_path):
         res = CliRunner().invoke(app, argv)
         assert res.exit_code == 0, res.output
     assert is_owned(tmp_path / "p.arrow") and is_owned(tmp_path / "p.quarantine.jsonl")
+
+
+def test_eval_without_benchmark_removes_stale_task_results(small_cache, tmp_path):
+    """A task_results.parquet an earlier eval wrote (its ownership recorded) goes when this eval has none."""
+    from pipeline.atomic import atomic_path
+    from stages.evaluate import EvalConfig
+    from stages.evaluate import run as evaluate
+
+    stale = tmp_path / "task_results.parquet"
+    with atomic_path(stale, record=True) as tmp:  # as an earlier eval wrote it
+        tmp.write_bytes(b"old")
+    evaluate(EvalConfig(model="micro", scores=small_cache, out=tmp_path, device="cpu", before="none"))
+    assert not stale.exists()

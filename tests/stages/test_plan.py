@@ -45,8 +45,9 @@ def test_plan_generate():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train", "--model", "micro", "--lora-rank", "4"], "unknown option --lora-rank"),
-    (["train", "--model", "micro", "--lora-r", "four"], "--lora-r 'four' is not a valid int"),
+    (["train", "--model", "micro", "--lora-rank", "4"], "plan train: No such option: --lora-rank"),
+    (["train", "--model", "micro", "--lora-r", "four"], "Invalid value for '--lora-r'"),
+    (["train", "--model", "micro", "--lora-r"], "Option '--lora-r' requires an argument"),
     (["evaluate", "--model", "micro"], "stage must be one of"),
     (["train", "--model", "micro", "--gpu-memory", "big"], "gpu_memory 'big'"),
     (["train", "--model", "micro", "--dtype", "float64"], "dtype must be"),
@@ -54,6 +55,16 @@ def test_plan_generate():
 def test_bad_options_are_one_line_errors(args, message):
     res = _plan(*args)
     assert res.exit_code == 1 and message in res.output, res.output
+
+
+def test_stage_options_are_parsed_as_the_stage_command_parses_them():
+    """plan takes the stage's flags through the stage's own generated command: --x/--no-x booleans, number
+    lists, and TRL's names (--bf16 is train's mixed_precision bf16)."""
+    res = _plan("train", "--model", "micro", "--bf16", "--no-gradient-checkpointing", "--loss", "sigmoid,sft",
+                "--loss-weights", "1,0.5", "--gpu-memory", "80GiB", "--no-search", "--json")
+    assert res.exit_code == 0, res.output
+    settings = json.loads(res.output)["settings"]
+    assert settings["mixed_precision"] == "bf16" and settings["gradient_checkpointing"] is False
 
 
 def test_score_ref_stops_before_loading_when_the_plan_does_not_fit(monkeypatch, tmp_path):

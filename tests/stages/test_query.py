@@ -51,7 +51,7 @@ def files(tmp_path):
                 "ref_chosen_elbo": c, "ref_rejected_elbo": r, "ref_margin": c - r,
             })
         pq.write_table(pa.Table.from_pylist(recs, schema=SCORES_SCHEMA), scores / f"part-{part:05d}.parquet")
-    from pipeline.cache import file_sha256  # a finished cache: query reads the parts its manifest lists, checked
+    from pipeline.atomic import file_sha256  # a finished cache: query reads the parts its manifest lists, checked
 
     names = [f"part-{part:05d}.parquet" for part in range(2)]
     (scores / "manifest.json").write_text(json.dumps({"fingerprint": {}, "parts": names,

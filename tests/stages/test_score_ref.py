@@ -269,3 +269,30 @@ def test_truncation_is_counted_and_an_all_truncated_run_is_refused(small_pairs, 
     assert cli.exit_code == 1 and "all 20 pairs are longer than --max-length 1" in cli.stderr
     assert len(cli.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "one" / "manifest.json").exists()
+
+
+def test_resume_with_another_pairs_per_part_is_refused(small_pairs, tmp_path):
+    out = tmp_path / "c"
+    # The fingerprint records the resolved rendering rule (micro's tokenizer has a chat template).
+    cfg = dict(pairs=small_pairs, model="micro", out=out, samples=2, device="cpu", progress=False, chat_template=True)
+    run(ScoreRefConfig(pairs_per_part=8, **cfg))
+    (out / "manifest.json").unlink()  # as if killed before the end, with every part written
+    (out / "fingerprint.json").write_text(json.dumps(_fingerprint_of(small_pairs, cfg)))
+    for p in sorted(out.glob("part-*.parquet"))[1:]:
+        p.unlink()
+    kept = pq.read_metadata(sorted(out.glob("part-*.parquet"))[0]).num_rows
+    with pytest.raises(UserError, match=r"holds other pairs than this run assigns to part 0; resume with the "
+                                        r"--pairs-per-part"):
+        run(ScoreRefConfig(pairs_per_part=1, **cfg))  # parts hold one split each: part 0 differs at size 1
+    result = run(ScoreRefConfig(pairs_per_part=8, **cfg))  # the original layout resumes
+    assert result.pairs == 20 and result.scored_now == 20 - kept
+
+
+def _fingerprint_of(pairs, cfg):
+    from pipeline.models import load_model, model_identity, tokenizer_identity
+    from pipeline.pairsfile import pairs_sha256, read_pairs
+    from stages.score_ref import build_fingerprint
+
+    _, tok = load_model("micro")
+    return build_fingerprint(ScoreRefConfig(**cfg), model_identity("micro"), tokenizer_identity(tok),
+                             pairs_sha256(read_pairs(pairs)))
