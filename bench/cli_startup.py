@@ -48,11 +48,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--before", type=Path, default=None, help="Another checkout to time the same command in.")
     p.add_argument("--record", action="store_true", help="Append the results to bench/RESULTS.md.")
     args = p.parse_args(argv)
-    command = [sys.executable, "-m", "stages.cli", "query", "--help"]
+    def command(checkout: Path) -> list[str]:  # the CLI moved from pipeline/cli.py to stages/cli.py
+        module = "stages.cli" if (checkout / "stages" / "cli.py").is_file() else "pipeline.cli"
+        return [sys.executable, "-m", module, "query", "--help"]
+
     targets = {"interpreter (python -c pass)": ([sys.executable, "-c", "pass"], ROOT)}
     if args.before is not None:
-        targets[f"before ({args.before})"] = (command, args.before.resolve())
-    targets["this checkout"] = (command, ROOT)
+        targets[f"before ({args.before})"] = (command(args.before.resolve()), args.before.resolve())
+    targets["this checkout"] = (command(ROOT), ROOT)
     times: dict[str, list[float]] = {name: [] for name in targets}
     for _ in range(args.runs):  # interleaved, so load on the machine falls on every target alike
         for name, (cmd, cwd) in targets.items():

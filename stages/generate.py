@@ -95,15 +95,10 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         check_ranges(self, RANGES)
         check_device(self.device)
-        for name in ("gen_length", "block_length", "steps", "batch_size"):
-            require(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive integer")
         try:
             check_schedule(self.gen_length, self.block_length, self.steps)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        require(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        require(self.cfg_scale >= 0, f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        require(self.limit >= 0, f"limit must be >= 0, got {self.limit}")
         require_choice("remasking", self.remasking, REMASKING)
         require_choice("dtype", self.dtype, DTYPE_NAMES)
         _check_fast(self)
