@@ -30,13 +30,18 @@ class PairBatch:
         return [r["pair_id"] for r in self.rows]
 
 
-def cached_request(row: dict, side: str, draw: int, fingerprint: dict[str, Any]):
-    """The request of one (pair, side) on the cached masks of ``draw``, checked against the cached counts."""
+def seeded_request(row: dict, side: str, seed: int, fingerprint: dict[str, Any]):
+    """The request of one (pair, side) of a cache row on the masks ``seed`` draws under the cache's estimator
+    settings (samples, scheme, eps); with its MaskSet."""
     from pipeline.diffusion import masked_request
 
-    eps = fingerprint.get("eps") or 1e-3
-    request, ms = masked_request(row["prompt_ids"], row[f"{side}_ids"], fingerprint["samples"],
-                                 row[f"{side}_seeds"][draw], scheme=fingerprint["scheme"], eps=eps)
+    return masked_request(row["prompt_ids"], row[f"{side}_ids"], fingerprint["samples"], seed,
+                          scheme=fingerprint["scheme"], eps=fingerprint.get("eps") or 1e-3)
+
+
+def cached_request(row: dict, side: str, draw: int, fingerprint: dict[str, Any]):
+    """The request of one (pair, side) on the cached masks of ``draw``, checked against the cached counts."""
+    request, ms = seeded_request(row, side, row[f"{side}_seeds"][draw], fingerprint)
     if ms.counts.tolist() != list(row[f"{side}_mask_counts"][draw]):
         raise UserError(f"pair {row['pair_id']} ({side}): masks replayed from the cached seed differ from "
                         "the cached mask counts; the cache was written by an incompatible version")

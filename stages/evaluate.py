@@ -250,12 +250,11 @@ def margin_summary(pi_c, pi_r, ref_c, ref_r, beta: float, with_elbo: bool = Fals
 
 def fresh_requests(rows: list[dict], fingerprint: dict[str, Any], extra: int = 0) -> list:
     """Requests on masks training never saw: draw index ``draws + extra`` of each (pair, side), past the cache's."""
-    from pipeline.diffusion import mask_seed, masked_request
+    from pipeline.diffusion import mask_seed
+    from pipeline.replay import seeded_request
 
-    draw, eps = fingerprint["draws"] + extra, fingerprint.get("eps") or 1e-3
-    return [masked_request(row["prompt_ids"], row[f"{side}_ids"], fingerprint["samples"],
-                           mask_seed(fingerprint["seed"], row["pair_id"], side, draw),
-                           scheme=fingerprint["scheme"], eps=eps)[0]
+    draw = fingerprint["draws"] + extra
+    return [seeded_request(row, side, mask_seed(fingerprint["seed"], row["pair_id"], side, draw), fingerprint)[0]
             for row in rows for side in SIDES]
 
 

@@ -194,3 +194,22 @@ def test_task_eval_records_the_sampler_and_threshold_above_one_is_exact(tmp_path
     assert completions["above-one"] == completions["exact"] and len(completions["dual"]) == 3
     with pytest.raises(ConfigError, match="cache must be one of"):
         EvalConfig(model="micro", scores=None, benchmark=bench, cache="full")
+
+
+def test_fresh_masks_are_the_draws_past_the_cache_and_replay_is_the_cached_draw(small_cache):
+    """eval's fresh masks: draw index draws + extra of each (pair, side) under the cache's settings, never one
+    training saw; the replay of a cached draw gives the cached counts (one request builder for both)."""
+    from pipeline.cache import open_cache
+    from pipeline.diffusion import mask_seed, sample_masks
+    from pipeline.replay import cached_request
+    from stages.evaluate import fresh_requests
+
+    cache = open_cache(small_cache)
+    fp, row = cache.fingerprint, cache.table().to_pylist()[0]
+    chosen, rejected = fresh_requests([row], fp, extra=1)
+    expected = sample_masks(row["chosen_len"], fp["samples"], mask_seed(fp["seed"], row["pair_id"], "chosen",
+                                                                          fp["draws"] + 1), scheme=fp["scheme"])
+    assert torch.equal(chosen.masks, expected.masks) and list(rejected.response_ids) == row["rejected_ids"]
+    replayed = cached_request(row, "chosen", 0, fp)
+    assert replayed.masks.sum(dim=1).tolist() == list(row["chosen_mask_counts"][0])
+    assert not torch.equal(replayed.masks, chosen.masks)
