@@ -539,7 +539,7 @@ def _section_fsdp(results: Results, state: dict, work: Path) -> None:
         tokens = 4 * 2 * manifest["fingerprint"]["samples"] * (f["prompt"] + f["response"])
         return sorted(tokens / m["tokens_per_second"] for m in metrics[1:])[len(metrics[1:]) // 2]
 
-    ckpt = work / "fsdp" / "checkpoints" / "step-0000002"
+    ckpt = work / "fsdp" / "checkpoint-2"
     trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
     wa, wb = base["weights"], fsdp["weights"]
     results.section("fsdp", {

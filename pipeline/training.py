@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline.errors import UserError
-from pipeline.layout import CONFIG_FILE, RUN_OUTPUTS
+from pipeline.layout import CONFIG_FILE, RUN_OUTPUTS, run_outputs_in
 from pipeline.models import lora_target_modules
 from pipeline.numerics import Numerics
 
@@ -178,7 +178,7 @@ def remove_run_outputs(out: Path) -> None:
     from pipeline.atomic import clear_owned, is_owned, remove_owned
 
     check_run_outputs(out)
-    for name in RUN_OUTPUTS:
+    for name in run_outputs_in(out):  # checkpoint-N folders included
         path = out / name
         if is_owned(path):
             remove_owned(path)  # a folder of ours keeps the files the user added to it
