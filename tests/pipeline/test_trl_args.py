@@ -47,7 +47,9 @@ def test_every_training_arguments_field_at_its_default_loads(cls, tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("deepspeed: ds.json\n", "deepspeed: 'ds.json' cannot apply here: DeepSpeed is not supported"),
+    ("deepspeed: ds.json\n", "deepspeed: 'ds.json' cannot apply here: DeepSpeed is not supported here (lldm-dpo's "
+                            "trainer is not wired to DeepSpeed's engine, and untested)"),
+    ("deepspeed: {zero_optimization: {stage: 3}}\n", "deepspeed: {'zero_optimization': {'stage': 3}} cannot apply"),
     ("tpu_num_cores: 8\n", "tpu_num_cores: 8 cannot apply here: there is no TPU"),
     ("push_to_hub: true\n", "push_to_hub needs hub_model_id"),
     ("hub_strategy: checkpoint\n", "hub_strategy: 'checkpoint' cannot apply here: push_to_hub uploads the final"),
