@@ -34,6 +34,12 @@ RANGES = {"learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "adam_beta1":
 
 PRECISIONS = ("no", "bf16", "fp16")
 
+RESUME_FREE = ("data", "model", "out", "resume", "resume_from_checkpoint", "overwrite", "progress", "save_every",
+               "keep_checkpoints", "log_every", "report_to", "tensorboard", "device", "gradient_checkpointing",
+               "trust_remote_code", "run_name", "push_to_hub", "hub_model_id", "hub_private_repo")
+"""Settings a resume may change (speed, memory, logging, where things are; the data goes by its sha256 in the
+checkpoint's layout): every other one must equal the checkpoint's recorded config.yaml."""
+
 
 @dataclass
 class SFTConfig:
@@ -352,9 +358,10 @@ def run(cfg: SFTConfig) -> SFTResult:
               "data_sha256": examples_digest(examples)}
     resumed_from, start_step, num_tokens = None, 0, 0
     if cfg.resume:
-        from pipeline.resume import find_resume_checkpoint
+        from pipeline.config import config_to_dict
+        from pipeline.resume import check_resume_source
 
-        ckpt = find_resume_checkpoint(cfg.out, cfg.resume_from_checkpoint)
+        ckpt = check_resume_source(cfg.out, cfg.resume_from_checkpoint, config_to_dict(cfg), RESUME_FREE)
         saved = read_state(ckpt)
         check_resume_layout(ckpt, saved, layout)
         state = load_checkpoint(ckpt, model=model, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
