@@ -542,8 +542,8 @@ def _section_fsdp(results: Results, state: dict, work: Path) -> None:
         tokens = 4 * 2 * manifest["fingerprint"]["samples"] * (f["prompt"] + f["response"])
         return sorted(tokens / m["tokens_per_second"] for m in metrics[1:])[len(metrics[1:]) // 2]
 
-    ckpt = work / "fsdp" / "checkpoints" / "step-0000002"
-    trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
+    ckpt = work / "fsdp" / "checkpoint-2"
+    record = json.loads((ckpt / "lldm-dpo-state.json").read_text())  # the resume record (trainer_state.json: HF's)
     wa, wb = base["weights"], fsdp["weights"]
     results.section("fsdp", {
         "config": config.name, "preset": f["preset"], "processes": 1, "pairs": f["pairs"], "steps": f["steps"],
@@ -555,7 +555,7 @@ def _section_fsdp(results: Results, state: dict, work: Path) -> None:
         "peak_bytes_plain": max(m["peak_memory_bytes"] for m in base["metrics"]),
         "peak_bytes_fsdp": max(m["peak_memory_bytes"] for m in fsdp["metrics"]),
         "wall_s_plain": base["wall_s"], "wall_s_fsdp": fsdp["wall_s"],
-        "checkpoint_sharded": bool(trainer_state.get("sharded")),
+        "checkpoint_sharded": bool(record.get("sharded")),
         "checkpoint_optimizer_shards": len(list((ckpt / "optimizer").glob("*.distcp"))),
         "checkpoint_is_model": (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file(),
     })

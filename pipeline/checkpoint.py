@@ -1,13 +1,18 @@
-"""Training checkpoints that are models: ``checkpoints/step-NNNNNNN`` loads wherever ``--model`` is taken.
+"""Training checkpoints that are models, in transformers' layout: ``RUN/checkpoint-N`` (N the global step)
+loads wherever ``--model`` is taken.
 
 A checkpoint folder holds
 - the model in Hugging Face form: a peft adapter folder under LoRA
   (``adapter_config.json`` + ``adapter_model.safetensors``), else a full
   checkpoint (``config.json`` + ``*.safetensors``), with the tokenizer files;
-  so ``load_model(RUN/checkpoints/step-N)`` works and evaluation can pick any step;
+  so ``load_model(RUN/checkpoint-N)`` works and evaluation can pick any step;
 - the training state: ``optimizer.pt`` (or, under FSDP, ``optimizer/``: one
   torch.distributed.checkpoint shard per process), ``scheduler.pt``,
-  ``rng-RRRRR.pt`` per process and ``trainer_state.json`` (written last).
+  ``rng-RRRRR.pt`` per process, the run's recorded ``config.yaml`` (what a resume
+  is checked against), ``lldm-dpo-state.json`` (the data layout and position a
+  resume needs) and ``trainer_state.json``, written last: transformers'
+  ``TrainerState`` (``global_step``, ``epoch``, ``log_history``, ``best_metric``,
+  ``best_model_checkpoint``, ...; ``TrainerState.load_from_json`` reads it).
 
 Under FSDP the model's shards are gathered into the consolidated files (the
 adapter only, under LoRA), and each process writes its own optimizer shard; a
@@ -22,18 +27,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
+import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file
 
 from pipeline.errors import UserError
-from pipeline.layout import CHECKPOINTS_DIR
+from pipeline.layout import CHECKPOINT_PATTERN, CHECKPOINT_PREFIX, CONFIG_FILE, LEGACY_CHECKPOINTS_DIR, METRICS_FILE
 
-STEP_PATTERN = re.compile(r"^step-(\d{7})$")
+LEGACY_STEP_PATTERN = re.compile(r"^step-(\d{7})$")
 STATE = "trainer_state.json"
+"""transformers' TrainerState, written last: a checkpoint folder without it is incomplete."""
+RECORD = "lldm-dpo-state.json"
+"""What a resume needs beyond TrainerState: the step, the data layout (with the data's fingerprint), processes."""
 SHARDED_OPTIMIZER = "optimizer"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -118,21 +128,69 @@ def _shared_tmp(stack: contextlib.ExitStack, final: Path, accelerator) -> Path:
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    """Where the checkpoint of ``step`` lives: ``RUN_DIR/checkpoints/step-NNNNNNN``."""
-    return Path(run_dir) / "checkpoints" / f"step-{step:07d}"
+    """Where the checkpoint of ``step`` lives: ``RUN_DIR/checkpoint-N`` (transformers' name)."""
+    return Path(run_dir) / f"{CHECKPOINT_PREFIX}-{step}"
+
+
+def _finite(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and not math.isfinite(v))
+
+
+def history_entries(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One metrics row as transformers' ``log_history`` holds it: the training entry (``loss``, ``grad_norm``,
+    ``learning_rate``, ..., ``epoch``, ``step``) and, when the step was evaluated, a separate eval entry with
+    transformers' ``eval_`` prefix (``eval/loss`` -> ``eval_loss``). Unmeasured (NaN) values are left out."""
+    step, epoch = int(row["step"]), row.get("epoch")
+    where = {"step": step, **({"epoch": epoch} if _finite(epoch) else {})}
+    train = {k: v for k, v in row.items() if k not in ("step", "epoch") and not k.startswith("eval/") and _finite(v)}
+    evals = {"eval_" + k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/") and _finite(v)}
+    return [{**part, **where} for part in (train, evals) if part]
+
+
+def log_history(run_dir: Path, upto: int) -> list[dict[str, Any]]:
+    """``log_history`` up to step ``upto``: the run folder's metrics.parquet rows (flushed before each save)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    from pipeline.metrics import read_metrics
+
+    return [entry for row in read_metrics(path).to_pylist() if row["step"] <= upto for entry in history_entries(row)]
+
+
+def trainer_state(step: int, state: Mapping[str, Any], cfg: Any, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """transformers' ``TrainerState`` of the checkpoint of ``step`` (its field names; unknown ones keep their
+    defaults). ``state`` is the stage's record (``layout``, ``steps_per_epoch``, ``best_*``, ``num_tokens``),
+    ``cfg`` its config (``log_every``, ``save_every``, ``eval_every``, ``batch_size``)."""
+    import dataclasses
+
+    from transformers import TrainerState
+
+    layout = state.get("layout", {})
+    max_steps = int(layout.get("total_steps", step))
+    per_epoch = max(1, int(state.get("steps_per_epoch", max_steps) or 1))
+    best = state.get("best_model_checkpoint")
+    match = CHECKPOINT_PATTERN.match(Path(best).name) if best else None
+    fields = {"epoch": float(state.get("epoch", step / per_epoch)), "global_step": step, "max_steps": max_steps,
+              "logging_steps": int(getattr(cfg, "log_every", 1)), "eval_steps": int(getattr(cfg, "eval_every", 0)),
+              "save_steps": int(getattr(cfg, "save_every", 0)),
+              "train_batch_size": int(getattr(cfg, "batch_size", layout.get("batch_size", 1))),
+              "num_train_epochs": math.ceil(max_steps / per_epoch),
+              "num_input_tokens_seen": int(state.get("num_tokens", 0) or 0), "log_history": history,
+              "best_metric": state.get("best_metric"), "best_model_checkpoint": best,
+              "best_global_step": int(match.group(1)) if match else None}
+    known = {f.name for f in dataclasses.fields(TrainerState)}
+    return dataclasses.asdict(TrainerState(**{k: v for k, v in fields.items() if k in known}))
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, wrapped, optimizer, scheduler, tokenizer, accelerator,
                     state: dict[str, Any], base_name: str | None = None, keep: int = 2,
-                    protect: Sequence[Path] = ()) -> Path:
-    """Write ``checkpoints/step-N`` (every process calls this); keep the ``keep`` newest and every ``protect``ed
-    one (the best, with ``train --save-best``)."""
-    from pipeline.atomic import make_dir, remove_owned
+                    protect: Sequence[Path] = (), cfg: Any = None) -> Path:
+    """Write ``RUN/checkpoint-N`` (every process calls this); keep the ``keep`` newest (transformers'
+    save_total_limit; 0 keeps all) and every ``protect``ed one (the best, with ``train --save-best``). Rotation
+    removes only checkpoint folders this program recorded writing, and in them only its own files. ``cfg`` (the
+    stage's config) fills TrainerState's logging_steps, save_steps, eval_steps and train_batch_size."""
+    from pipeline.atomic import remove_owned
 
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if accelerator.is_main_process:
-        make_dir(root)
-    accelerator.wait_for_everyone()
     final = checkpoint_dir(run_dir, step)
     rank = accelerator.process_index
     with contextlib.ExitStack() as stack:
@@ -157,11 +215,19 @@ def save_checkpoint(run_dir: Path, step: int, *, model, wrapped, optimizer, sche
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             record = {**state, "step": step, "processes": accelerator.num_processes, "sharded": sharded}
-            (tmp / STATE).write_text(json.dumps(record, indent=2, sort_keys=True))
-    # The main process's atomic_dir has renamed the folder into place (replacing an earlier step-N whole).
+            recorded = Path(run_dir) / CONFIG_FILE
+            if recorded.is_file():  # the run's identity, checked by a resume from this folder
+                shutil.copyfile(recorded, tmp / CONFIG_FILE)
+            (tmp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
+            hf_state = trainer_state(step, state, cfg, log_history(run_dir, step))
+            (tmp / STATE).write_text(json.dumps(hf_state, indent=2, sort_keys=True) + "\n")
+    # The main process's atomic_dir has renamed the folder into place (replacing an earlier checkpoint-N whole).
     if accelerator.is_main_process:
+        from pipeline.atomic import is_owned
+
         kept = {Path(p).resolve() for p in protect}
-        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        ours = [c for c in list_checkpoints(run_dir) if is_owned(c)]  # a user's checkpoint-N is not rotated
+        for old in ours[:-keep] if keep > 0 else []:
             if old.resolve() not in kept:
                 remove_owned(old)  # what the checkpoint wrote; a file the user put there stays
     accelerator.wait_for_everyone()
@@ -173,12 +239,32 @@ def _inner(optimizer):
     return getattr(optimizer, "optimizer", optimizer)
 
 
+def is_complete(path: Path) -> bool:
+    """A whole checkpoint of this layout: its record and, written last, trainer_state.json."""
+    return (Path(path) / RECORD).is_file() and (Path(path) / STATE).is_file()
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / CHECKPOINTS_DIR
+    """The complete ``checkpoint-N`` folders in ``run_dir``, oldest first."""
+    root = Path(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_PATTERN.match(p.name) and (p / STATE).exists()]
-    return sorted(found, key=lambda p: int(STEP_PATTERN.match(p.name).group(1)))
+    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+
+def legacy_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints of the layout before transformers' (``checkpoints/step-NNNNNNN``), which are not resumed."""
+    root = Path(run_dir) / LEGACY_CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and LEGACY_STEP_PATTERN.match(p.name))
+
+
+def legacy_error(path: Path) -> UserError:
+    return UserError(f"{path}: a checkpoint of the layout before transformers' (checkpoints/step-N), which this "
+                     "version does not resume; start a new run (--overwrite, or another --out), or train from its "
+                     f"model (--model {path})")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -187,7 +273,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    return json.loads((Path(path) / STATE).read_text())
+    """The checkpoint's resume record (``step``, ``layout``, ``processes``, ``best_*``, ...)."""
+    path = Path(path)
+    if not (path / RECORD).is_file():
+        if (path / STATE).is_file() and LEGACY_STEP_PATTERN.match(path.name):
+            raise legacy_error(path)
+        raise UserError(f"{path}: not a checkpoint written by lldm-dpo train or sft (no {RECORD})")
+    try:
+        return json.loads((path / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path / RECORD}: does not read as JSON ({exc}); the checkpoint is damaged") from None
 
 
 def check_world(path: Path, state: dict[str, Any], processes: int) -> None:

@@ -203,9 +203,12 @@ def check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain mapping (paths and tuples made YAML/JSON friendly)."""
+    """A plain mapping (paths and tuples made YAML/JSON friendly); a field marked ``metadata={"secret": True}``
+    (hub_token) is left out, so no file, model card or tracker records it."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
+        if f.metadata.get("secret"):
+            continue
         out[f.name] = _plain(getattr(cfg, f.name))
     return out
 

@@ -5,15 +5,90 @@ is the run's identity and is never rewritten. A setting that changes what the re
 (learning rate and schedule, beta, losses and their weights, LoRA, numerics, seed, data, ...) is refused,
 naming it and both values; settings that only change speed, memory, logging or where output goes
 (``FREE``) may differ.
+
+Where a resume starts (``resume_from_checkpoint``, transformers' name): ``true`` (``--resume``) is the newest
+complete ``checkpoint-N`` in the run folder; a path is that checkpoint folder, wherever it is. Either is
+checked by content, not by where it lies: the checkpoint's own copy of the run's recorded config (and the
+run folder's, when it has one) against this run's settings, then its data layout and data fingerprint
+(pipeline.training.check_resume_layout).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
-from pipeline.errors import UserError
+from pipeline.errors import ConfigError, UserError
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0", "", "none", "null")
+
+
+def resume_setting(resume: bool, resume_from_checkpoint: Any) -> tuple[bool, Optional[str]]:
+    """``(resume, resume_from_checkpoint)`` normalised: transformers' ``resume_from_checkpoint`` is true (the newest
+    checkpoint in the run folder, as ``--resume``), false/null (``resume`` decides) or a checkpoint folder's path
+    (which implies ``resume``)."""
+    value = resume_from_checkpoint
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        value = value.strip().lower() in _TRUE
+    if value is None or value is False:
+        return bool(resume), None
+    if value is True:
+        return True, None
+    if isinstance(value, (str, Path)):
+        return True, str(value)
+    raise ConfigError(f"resume_from_checkpoint must be true, false or a checkpoint folder's path, got {value!r}")
+
+
+def find_resume_checkpoint(out: Path, given: Optional[str]) -> Path:
+    """The checkpoint a resume continues from: ``given`` (a ``checkpoint-N`` folder) or, when None, the newest
+    complete one in ``out``; a one-line error when there is none, or it is incomplete or of the old layout."""
+    from pipeline.checkpoint import (
+        LEGACY_STEP_PATTERN,
+        RECORD,
+        STATE,
+        is_complete,
+        latest_checkpoint,
+        legacy_checkpoints,
+        legacy_error,
+        list_checkpoints,
+    )
+
+    out = Path(out)
+    if given is None:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            legacy = legacy_checkpoints(out)
+            if legacy:
+                raise legacy_error(legacy[-1])
+            raise UserError(f"{out}: --resume (resume_from_checkpoint: true) given but the run folder holds no "
+                            "complete checkpoint-N folder")
+        return ckpt
+    path = Path(given)
+    if not path.is_dir():
+        raise UserError(f"{path}: resume_from_checkpoint: no such checkpoint folder")
+    if LEGACY_STEP_PATTERN.match(path.name) or (path / "trainable.safetensors").is_file():
+        raise legacy_error(path)
+    if not is_complete(path):
+        inside = list_checkpoints(path)
+        hint = (f"; it is a run folder: give one of its checkpoints ({inside[-1].name} is the newest)" if inside
+                else " (killed while it was written, or not a checkpoint)")
+        raise UserError(f"{path}: resume_from_checkpoint: not a complete checkpoint of lldm-dpo train or sft "
+                        f"(needs {RECORD} and {STATE}){hint}")
+    return path
+
+
+def check_resume_source(out: Path, given: Optional[str], current: dict[str, Any], free: Iterable[str]) -> Path:
+    """``find_resume_checkpoint``, then its recorded config (and the run folder's, when it has one) against
+    ``current``: the checkpoint continues this run only when every setting outside ``free`` is the same."""
+    from pipeline.layout import CONFIG_FILE
+
+    ckpt = find_resume_checkpoint(out, given)
+    free = tuple(free)
+    for recorded in dict.fromkeys([Path(ckpt) / CONFIG_FILE, Path(out) / CONFIG_FILE]):
+        check_resume_config(recorded, current, free)
+    return ckpt
 
 
 def recorded_config(path: Path) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.errors import ConfigError, UserError
+from pipeline.hub import SECRET_FIELDS
 
 TENSORBOARD = "tensorboard"
 PROJECT_NAME = "lldm-dpo"
@@ -130,7 +131,8 @@ class AccelerateSink:
         self.accelerator = accelerator
         self.tags = dict(tags)
         names = [str(getattr(t, "value", t)) for t in accelerator.log_with]
-        accelerator.init_trackers(project_name(names), config={k: _plain(v) for k, v in config.items()},
+        config = {k: _plain(v) for k, v in config.items() if k not in SECRET_FIELDS}  # never a token
+        accelerator.init_trackers(project_name(names), config=config,
                                   init_kwargs=init_kwargs(names, run_name))
 
     def __call__(self, row: Mapping[str, Any], step: int) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline.errors import UserError
-from pipeline.layout import CONFIG_FILE, RUN_OUTPUTS
+from pipeline.layout import CONFIG_FILE, RUN_OUTPUTS, run_outputs_in
 from pipeline.models import lora_target_modules
 from pipeline.numerics import Numerics
 
@@ -178,7 +178,7 @@ def remove_run_outputs(out: Path) -> None:
     from pipeline.atomic import clear_owned, is_owned, remove_owned
 
     check_run_outputs(out)
-    for name in RUN_OUTPUTS:
+    for name in run_outputs_in(out):  # checkpoint-N folders included
         path = out / name
         if is_owned(path):
             remove_owned(path)  # a folder of ours keeps the files the user added to it
@@ -241,9 +241,11 @@ def fresh_accelerator(mixed_precision: str, cpu: bool, log_with: Optional[list[s
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        # Not installed with this project's packages; FSDP covers sharding (README "From one card to many").
-        raise UserError(f"{command} under DeepSpeed is not supported; use FSDP "
-                        "(accelerate launch --config_file configs/accelerate/fsdp.yaml) for ZeRO-3-style sharding")
+        # Not a dependency; FSDP covers sharding (README "From one card to many").
+        raise UserError(f"{command}: the accelerate config's distributed_type DEEPSPEED is refused: DeepSpeed is not "
+                        "supported here (this trainer steps its own optimizer, clipping and checkpoints, not "
+                        "DeepSpeed's engine; untested); use FSDP (accelerate launch --config_file "
+                        "configs/accelerate/fsdp.yaml) for ZeRO-3-style sharding")
     if os.environ.get("ACCELERATE_USE_MEGATRON_LM", "false").lower() == "true":
         raise UserError(f"{command} under Megatron-LM is not supported; use FSDP (configs/accelerate/fsdp.yaml)")
     if log_with:

@@ -48,13 +48,11 @@ TRL_OWN: dict[str, Any] = {
 """TRL's own keys beyond TrainingArguments': the value accepted (its default or ``ANY``; a tuple: each)."""
 
 WHY: dict[str, str] = {
-    "deepspeed": "DeepSpeed is not supported here; shard with FSDP (accelerate launch --config_file "
-                 "configs/accelerate/fsdp.yaml)",
+    "deepspeed": "DeepSpeed is not supported here (lldm-dpo's trainer is not wired to DeepSpeed's engine, and "
+                 "untested); shard with FSDP (accelerate launch --config_file configs/accelerate/fsdp.yaml)",
     "fsdp": "FSDP is chosen by the launcher: accelerate launch --config_file configs/accelerate/fsdp.yaml",
     "fsdp_config": "FSDP is configured by accelerate launch --config_file (configs/accelerate/fsdp.yaml)",
     "tpu_num_cores": "there is no TPU (torch_xla) support", "tpu_metrics_debug": "there is no TPU support",
-    "push_to_hub": "uploading is not built in; upload RUN/final (a model folder with its README.md model card) "
-                   "with `hf upload`",
     "max_prompt_length": "truncation happens when the cache is scored: set score-ref's --max-length",
     "max_completion_length": "truncation happens when the cache is scored: set score-ref's --max-length",
     "reference_free": "the reference is always the cache's model (reference: cached or online)",
@@ -70,6 +68,7 @@ WHY: dict[str, str] = {
     "gradient_checkpointing_kwargs": "gradient checkpointing takes the model's own defaults",
     "ddp_timeout": "data parallel is set up by accelerate launch", "ddp_backend": "set by accelerate launch",
     "no_cuda": "choose the device with use_cpu: true or --device cpu",
+    "hub_revision": "push_to_hub uploads to the repository's main branch",
 }
 """Why a key's non-default value cannot apply here (default reason: lldm-dpo's trainer does not apply it)."""
 
@@ -80,10 +79,8 @@ ANY_VALUE: dict[str, str] = {
     "dataloader_num_workers": "there is no DataLoader: the cache is read in slices",
     "dataloader_pin_memory": "there is no DataLoader", "dataloader_persistent_workers": "there is no DataLoader",
     "dataloader_prefetch_factor": "there is no DataLoader", "dataloader_drop_last": "there is no DataLoader",
-    "local_rank": "set by the launcher", "hub_model_id": "used only by push_to_hub",
-    "hub_strategy": "used only by push_to_hub", "hub_token": "used only by push_to_hub",
-    "hub_private_repo": "used only by push_to_hub", "hub_always_push": "used only by push_to_hub",
-    "hub_revision": "used only by push_to_hub", "ddp_find_unused_parameters": "the scorer uses every parameter",
+    "local_rank": "set by the launcher", "hub_always_push": "the final model is pushed once, at the end",
+    "ddp_find_unused_parameters": "the scorer uses every parameter",
     "save_safetensors": "weights are always safetensors", "logging_nan_inf_filter": "a non-finite loss stops the run",
     "include_num_input_tokens_seen": "tokens are counted in num_tokens / tokens_per_second",
     "data_seed": "the data order follows seed", "full_determinism": "runs are deterministic by construction",
@@ -168,15 +165,6 @@ def _use_peft(value: Any, stage: str, data: dict) -> dict:
     return {}
 
 
-def _resume(value: Any, stage: str, data: dict) -> dict:
-    if value in (None, False):
-        return {}
-    if value is True:
-        return {"resume": True}
-    raise ConfigError(f"resume_from_checkpoint: {value!r}: a checkpoint path cannot apply here; the run folder's "
-                      "newest checkpoint is resumed (resume_from_checkpoint: true, or --resume)")
-
-
 def _use_cpu(value: Any, stage: str, data: dict) -> dict:
     if not isinstance(value, bool):
         raise ConfigError(f"use_cpu must be true or false, got {value!r}")
@@ -194,7 +182,9 @@ def _dataset_name(value: Any, stage: str, data: dict) -> dict:
 RULES: dict[str, Callable[[Any, str, dict], dict]] = {
     "eval_strategy": _eval_strategy, "evaluation_strategy": _eval_strategy, "save_strategy": _save_strategy,
     "logging_strategy": _strategy("logging_strategy", {"steps": {}}, "metrics are logged every logging_steps steps"),
-    "use_peft": _use_peft, "resume_from_checkpoint": _resume, "use_cpu": _use_cpu, "dataset_name": _dataset_name,
+    "use_peft": _use_peft, "use_cpu": _use_cpu, "dataset_name": _dataset_name,
+    "hub_strategy": _strategy("hub_strategy", {"end": {}, "every_save": {}},
+                              "push_to_hub uploads the final model folder only, at the end of the run"),
 }
 """Keys whose value means something here: value -> the fields it sets (or a one-line error)."""
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
 from pipeline.errors import ConfigError, UserError
-from pipeline.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, RUN_OUTPUTS
+from pipeline.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, run_outputs_in
 from pipeline.models import LORA_TARGET_NAMES
 from pipeline.stagecli import stage_command
 from pipeline.training import StepBar, check_optim, check_scheduler
@@ -32,6 +32,12 @@ RANGES = {"learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "adam_beta1":
           "log_every": "[1, inf)", "max_length": "[2, inf)", "mask_eps": "[0, 1)", "pad_response_to": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
+
+RESUME_FREE = ("data", "model", "out", "resume", "resume_from_checkpoint", "overwrite", "progress", "save_every",
+               "keep_checkpoints", "log_every", "report_to", "tensorboard", "device", "gradient_checkpointing",
+               "trust_remote_code", "run_name", "push_to_hub", "hub_model_id", "hub_private_repo")
+"""Settings a resume may change (speed, memory, logging, where things are; the data goes by its sha256 in the
+checkpoint's layout): every other one must equal the checkpoint's recorded config.yaml."""
 
 
 @dataclass
@@ -115,6 +121,10 @@ class SFTConfig:
     """How many newest checkpoints to keep."""
     resume: bool = False
     """Continue from the newest checkpoint in the run folder."""
+    resume_from_checkpoint: Optional[Union[bool, str]] = None
+    """transformers' resume_from_checkpoint: true continues from the newest checkpoint-N in the run folder (as
+    --resume); a path continues from that checkpoint-N folder (its recorded settings and data fingerprint must
+    be this run's)."""
     overwrite: bool = False
     """Start afresh in a run folder that holds an earlier run (only the files runs wrote are removed)."""
     seed: int = 0
@@ -133,6 +143,16 @@ class SFTConfig:
     progress: bool = True
     """A progress bar with ETA on stderr when it is a terminal (tqdm's, as transformers shows it), and one
     metrics line per logged step; --no-progress (TrainingArguments' disable_tqdm: true) turns both off."""
+    push_to_hub: bool = False
+    """Upload the final model folder (with its README.md model card) to the Hugging Face Hub at the end of the
+    run (huggingface_hub's create_repo + upload_folder); needs hub_model_id."""
+    hub_model_id: Optional[str] = None
+    """The Hub repository push_to_hub uploads to (name or user/name)."""
+    hub_token: Optional[str] = field(default=None, repr=False, metadata={"secret": True})
+    """Hub token for push_to_hub (default: HF_TOKEN or the saved login, as huggingface_hub finds them); never
+    written to config.yaml, checkpoints, the model card or trackers."""
+    hub_private_repo: Optional[bool] = None
+    """Create the Hub repository private (default: the Hub's, public)."""
 
     def __post_init__(self):
         self.data, self.out = Path(self.data), Path(self.out)
@@ -140,6 +160,11 @@ class SFTConfig:
 
         check_ranges(self, RANGES)
         check_device(self.device)
+        from pipeline.hub import check_hub_args
+        from pipeline.resume import resume_setting
+
+        self.resume, self.resume_from_checkpoint = resume_setting(self.resume, self.resume_from_checkpoint)
+        check_hub_args(self.push_to_hub, self.hub_model_id)
         check_scheduler(self.scheduler, self.lr_scheduler_kwargs)
         check_optim(self.optim)
         from pipeline.devices import DTYPE_NAMES, PRECISION_NAMES
@@ -259,7 +284,7 @@ def _micro_step(loop: _Loop, step: int, micro: int, scale_rows: int) -> tuple[fl
 
 def run(cfg: SFTConfig) -> SFTResult:
     from pipeline.atomic import check_writable, sweep_stale, write_text_atomic
-    from pipeline.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint, save_model_dir
+    from pipeline.checkpoint import load_checkpoint, read_state, save_checkpoint, save_model_dir
     from pipeline.config import config_to_yaml
     from pipeline.metrics import MetricsWriter
     from pipeline.prompts import resolve_chat_template
@@ -283,7 +308,7 @@ def run(cfg: SFTConfig) -> SFTResult:
     for folder in (cfg.out, cfg.out / "checkpoints"):
         sweep_stale(folder)
     if not cfg.resume:  # refuse before the model loads
-        earlier = [p for p in RUN_OUTPUTS if (cfg.out / p).exists()]
+        earlier = run_outputs_in(cfg.out)
         if earlier and not cfg.overwrite:
             raise UserError(f"{cfg.out}: run folder already holds a run ({', '.join(earlier)}); pass --resume to "
                             "continue it, --overwrite to start afresh, or choose another --out")
@@ -332,9 +357,10 @@ def run(cfg: SFTConfig) -> SFTResult:
               "data_sha256": examples_digest(examples)}
     resumed_from, start_step, num_tokens = None, 0, 0
     if cfg.resume:
-        ckpt = latest_checkpoint(cfg.out)
-        if ckpt is None:
-            raise UserError(f"{cfg.out}: --resume given but the run folder holds no checkpoint")
+        from pipeline.config import config_to_dict
+        from pipeline.resume import check_resume_source
+
+        ckpt = check_resume_source(cfg.out, cfg.resume_from_checkpoint, config_to_dict(cfg), RESUME_FREE)
         saved = read_state(ckpt)
         check_resume_layout(ckpt, saved, layout)
         state = load_checkpoint(ckpt, model=model, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
@@ -400,13 +426,18 @@ def run(cfg: SFTConfig) -> SFTResult:
                 save_checkpoint(cfg.out, step + 1, model=model, wrapped=wrapped, optimizer=optimizer,
                                 scheduler=scheduler, tokenizer=tokenizer, accelerator=acc, base_name=cfg.model,
                                 state={"epoch": (step + 1) / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                                       "layout": layout, "num_tokens": num_tokens}, keep=cfg.keep_checkpoints)
+                                       "layout": layout, "num_tokens": num_tokens}, keep=cfg.keep_checkpoints,
+                                cfg=cfg)
                 window[3] = time.perf_counter()  # the save is not training time
         acc.wait_for_everyone()
         if writer is not None:
             writer.flush()
         save_model_dir(cfg.out / FINAL_DIR, model, tokenizer, acc, base_name=cfg.model,
                        card=sft_card(cfg, layout["data_sha256"], len(examples), last))
+        if acc.is_main_process:
+            from pipeline.hub import push_folder
+
+            push_folder(cfg.out / FINAL_DIR, cfg, stage="sft")
     finally:
         bar.close()
         if writer is not None:

@@ -14,14 +14,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
 from pipeline.cache import describe_difference, fingerprint_differences, open_cache
 from pipeline.devices import DTYPE_NAMES, PRECISION_NAMES
 from pipeline.errors import ConfigError, UserError
-from pipeline.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, RUN_OUTPUTS
+from pipeline.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, run_outputs_in
 from pipeline.losses import (
     LOSS_TYPES,
     dpo_loss,
@@ -60,7 +60,8 @@ PRECISIONS = PRECISION_NAMES  # (pipeline.devices' names)
 RESUME_FREE = ("scores", "model", "out", "resume", "overwrite", "progress", "plan", "save_every", "keep_checkpoints",
                "log_every", "report_to", "tensorboard", "device", "batch_tokens", "sequence_microbatch",
                "gradient_checkpointing", "trust_remote_code", "eval_every", "save_best", "gap_threshold",
-               "allow_different_init", "allow_numerics_mismatch", "reuse_masks", "run_name")
+               "allow_different_init", "allow_numerics_mismatch", "reuse_masks", "run_name",
+               "resume_from_checkpoint", "push_to_hub", "hub_model_id", "hub_private_repo")
 """Settings a resume may change (speed, memory, logging, where things are): every other one shapes the run and
 must equal the recorded config.yaml (the cache goes by its fingerprint digest in the checkpoint's layout)."""
 
@@ -174,6 +175,10 @@ class TrainConfig:
     """How many newest checkpoints to keep."""
     resume: bool = False
     """Continue from the newest checkpoint in the run folder."""
+    resume_from_checkpoint: Optional[Union[bool, str]] = None
+    """transformers' resume_from_checkpoint: true continues from the newest checkpoint-N in the run folder (as
+    --resume); a path continues from that checkpoint-N folder (its recorded settings and data fingerprint must
+    be this run's)."""
     overwrite: bool = False
     """Start afresh in a run folder that holds an earlier run (its files are removed)."""
     seed: int = 0
@@ -200,6 +205,16 @@ class TrainConfig:
     metrics line per logged step; --no-progress (TrainingArguments' disable_tqdm: true) turns both off."""
     plan: bool = True
     """On CUDA, plan the peak memory first and stop with the largest settings that fit (lldm-dpo plan)."""
+    push_to_hub: bool = False
+    """Upload the final model folder (with its README.md model card) to the Hugging Face Hub at the end of the
+    run (huggingface_hub's create_repo + upload_folder); needs hub_model_id."""
+    hub_model_id: Optional[str] = None
+    """The Hub repository push_to_hub uploads to (name or user/name)."""
+    hub_token: Optional[str] = field(default=None, repr=False, metadata={"secret": True})
+    """Hub token for push_to_hub (default: HF_TOKEN or the saved login, as huggingface_hub finds them); never
+    written to config.yaml, checkpoints, the model card or trackers."""
+    hub_private_repo: Optional[bool] = None
+    """Create the Hub repository private (default: the Hub's, public)."""
 
     def __post_init__(self):
         self.scores, self.out = Path(self.scores), Path(self.out)
@@ -207,6 +222,11 @@ class TrainConfig:
 
         check_ranges(self, RANGES)
         check_device(self.device)
+        from pipeline.hub import check_hub_args
+        from pipeline.resume import resume_setting
+
+        self.resume, self.resume_from_checkpoint = resume_setting(self.resume, self.resume_from_checkpoint)
+        check_hub_args(self.push_to_hub, self.hub_model_id)
         self._check_losses()
         validate_loss_args(beta=self.beta, loss_type=self.preference_loss or "sigmoid",
                            label_smoothing=self.label_smoothing)
@@ -655,7 +675,7 @@ def run(cfg: TrainConfig) -> TrainResult:
 
 def _run(cfg: TrainConfig) -> TrainResult:
     from pipeline.atomic import check_writable, sweep_stale, write_text_atomic
-    from pipeline.checkpoint import check_world, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+    from pipeline.checkpoint import check_world, load_checkpoint, read_state, save_checkpoint
     from pipeline.config import config_to_yaml
     from pipeline.metrics import MetricsWriter
 
@@ -667,7 +687,7 @@ def _run(cfg: TrainConfig) -> TrainResult:
     for folder in (cfg.out, cfg.out / "checkpoints"):
         sweep_stale(folder)  # temporary files a killed run left (provably its own, its process gone)
     if not cfg.resume:  # refuse before the model loads, not after
-        earlier = [p for p in RUN_OUTPUTS if (cfg.out / p).exists()]
+        earlier = run_outputs_in(cfg.out)
         if earlier and not cfg.overwrite:
             raise UserError(f"{cfg.out}: run folder already holds a run ({', '.join(earlier)}); pass --resume to "
                             "continue it, --overwrite to start afresh, or choose another --out")
@@ -718,9 +738,9 @@ def _run(cfg: TrainConfig) -> TrainResult:
                   load_in_4bit=numerics.load_in_4bit)
     if cfg.resume:  # the run's recorded settings (config.yaml, as resolved here when it started) must hold
         from pipeline.config import config_to_dict
-        from pipeline.resume import check_resume_config
+        from pipeline.resume import check_resume_source
 
-        check_resume_config(cfg.out / CONFIG_FILE, config_to_dict(cfg), RESUME_FREE)
+        ckpt = check_resume_source(cfg.out, cfg.resume_from_checkpoint, config_to_dict(cfg), RESUME_FREE)
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--mixed-precision fp16 needs CUDA (loss scaling on CPU is not supported); use bf16 or no")
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
@@ -806,10 +826,7 @@ def _run(cfg: TrainConfig) -> TrainResult:
     resumed_from = None
     start_step = 0
     best: dict[str, Any] = {"best_metric": None, "best_model_checkpoint": None}
-    if cfg.resume:
-        ckpt = latest_checkpoint(cfg.out)
-        if ckpt is None:
-            raise UserError(f"{cfg.out}: --resume given but the run folder holds no checkpoint")
+    if cfg.resume:  # ckpt: check_resume_source's, above
         saved = read_state(ckpt)
         check_world(ckpt, saved, world)  # before the layout: its message says what to do instead
         check_resume_layout(ckpt, saved, layout)
@@ -818,7 +835,7 @@ def _run(cfg: TrainConfig) -> TrainResult:
         start_step = resumed_from = int(state["step"])
         best = {k: state.get(k) for k in best}
     elif acc.is_main_process:
-        earlier = [p for p in RUN_OUTPUTS if (cfg.out / p).exists()]
+        earlier = run_outputs_in(cfg.out)
         if earlier and not cfg.overwrite:
             raise UserError(f"{cfg.out}: run folder already holds a run ({', '.join(earlier)}); pass --resume to "
                             "continue it, --overwrite to start afresh, or choose another --out")
@@ -901,12 +918,17 @@ def _run(cfg: TrainConfig) -> TrainResult:
                 save_checkpoint(cfg.out, step + 1, model=model, wrapped=wrapped, optimizer=optimizer,
                                 scheduler=scheduler, tokenizer=tokenizer, accelerator=acc, base_name=model_name,
                                 state={"epoch": (step + 1) / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                                       "layout": layout, **best}, keep=cfg.keep_checkpoints, protect=protect)
+                                       "layout": layout, **best}, keep=cfg.keep_checkpoints, protect=protect,
+                                cfg=cfg)
         acc.wait_for_everyone()
         final = cfg.out / FINAL_DIR
         if acc.is_main_process:
             writer.flush()
         save_final(ctx, model_name, final, train_card(cfg, model_name, fp, len(rows), last, last_eval, len(eval_rows)))
+        if acc.is_main_process:
+            from pipeline.hub import push_folder
+
+            push_folder(final, cfg, stage="train")
     finally:
         bar.close()
         if writer is not None:

@@ -127,3 +127,16 @@ def test_bitsandbytes_optims_need_bitsandbytes_and_other_names_are_refused():
         check_optim("lion_32bit")
     with pytest.raises(ConfigError, match="optim adamw_fast: unknown"):
         check_optim("adamw_fast")
+
+
+def test_an_accelerate_config_with_deepspeed_is_refused_in_one_line_naming_it(monkeypatch):
+    from pipeline.errors import UserError
+    from pipeline.training import fresh_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch sets for distributed_type DEEPSPEED
+    for command in ("train", "sft"):
+        with pytest.raises(UserError) as err:
+            fresh_accelerator("no", cpu=True, command=command)
+        text = str(err.value)
+        assert text.startswith(f"{command}: the accelerate config's distributed_type DEEPSPEED is refused")
+        assert "untested" in text and "fsdp.yaml" in text and "\n" not in text

@@ -47,13 +47,17 @@ def test_every_training_arguments_field_at_its_default_loads(cls, tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("deepspeed: ds.json\n", "deepspeed: 'ds.json' cannot apply here: DeepSpeed is not supported"),
+    ("deepspeed: ds.json\n", "deepspeed: 'ds.json' cannot apply here: DeepSpeed is not supported here (lldm-dpo's "
+                            "trainer is not wired to DeepSpeed's engine, and untested)"),
+    ("deepspeed: {zero_optimization: {stage: 3}}\n", "deepspeed: {'zero_optimization': {'stage': 3}} cannot apply"),
     ("tpu_num_cores: 8\n", "tpu_num_cores: 8 cannot apply here: there is no TPU"),
-    ("push_to_hub: true\n", "push_to_hub: True cannot apply here: uploading is not built in"),
+    ("push_to_hub: true\n", "push_to_hub needs hub_model_id"),
+    ("hub_strategy: checkpoint\n", "hub_strategy: 'checkpoint' cannot apply here: push_to_hub uploads the final"),
+    ("hub_revision: dev\n", "hub_revision: 'dev' cannot apply here"),
     ("eval_strategy: epoch\neval_steps: 5\n", "eval_strategy: 'epoch' cannot apply here"),
     ("save_strategy: epoch\n", "save_strategy: 'epoch' cannot apply here"),
     ("use_peft: true\n", "use_peft: true needs lora_r > 0"),
-    ("resume_from_checkpoint: runs/x/checkpoints/step-0000010\n", "a checkpoint path cannot apply here"),
+    ("resume_from_checkpoint: [1, 2]\n", "resume_from_checkpoint must be true, false or a checkpoint folder's"),
     ("torch_empty_cache_steps: 3\n", "torch_empty_cache_steps: 3 cannot apply here: lldm-dpo's trainer does not"),
     ("sync_ref_model: true\n", "sync_ref_model: True cannot apply here"),
     ("no_such_key: 1\n", "unknown key 'no_such_key'"),

@@ -1,4 +1,4 @@
-"""Every checkpoint is a model: RUN/checkpoints/step-N loads wherever --model is taken (issue 12, item 3)."""
+"""Every checkpoint is a model: RUN/checkpoint-N loads wherever --model is taken (issue 12, item 3)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_eval_and_generate_take_a_mid_run_checkpoint(small_cache, tmp_path, lora
                       lora_r=lora_r, learning_rate=1e-2, warmup_ratio=0.0, device="cpu", progress=False,
                       tensorboard=False))
     ckpts = list_checkpoints(out)
-    assert [c.name for c in ckpts] == ["step-0000001", "step-0000002"]
+    assert [c.name for c in ckpts] == ["checkpoint-1", "checkpoint-2"]
     mid = ckpts[0]
     expected = ["adapter_config.json", "adapter_model.safetensors"] if lora_r else ["config.json",
                                                                                    "model.safetensors"]

@@ -81,7 +81,7 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(data, tmp_pa
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / "checkpoints" / "step-0000004").exists():
+    while time.time() < deadline and not (out / "checkpoint-4").exists():
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

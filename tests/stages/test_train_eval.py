@@ -72,10 +72,10 @@ def test_save_best_keeps_the_best_checkpoint_through_rotation(small_cache, tmp_p
     out = tmp_path / "run"
     result = run(_cfg(small_cache, out, max_steps=5, eval_every=1, save_every=1, keep_checkpoints=1, save_best=True,
                       report_to="none"))
-    kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
-    assert kept == ["step-0000002", "step-0000004"]  # the best, and the newest (step 5 is the final model)
-    assert result.best_checkpoint == str(out / "checkpoints" / "step-0000002") and result.best_metric == 0.9
-    state = json.loads((out / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
+    kept = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert kept == ["checkpoint-2", "checkpoint-4"]  # the best, and the newest (step 5 is the final model)
+    assert result.best_checkpoint == str(out / "checkpoint-2") and result.best_metric == 0.9
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["best_model_checkpoint"] == result.best_checkpoint and state["best_metric"] == 0.9
     assert not (out / "tensorboard").exists()  # --report-to none
 
@@ -88,8 +88,8 @@ def test_save_best_saves_a_checkpoint_for_a_best_between_saves(small_cache, tmp_
         name: (next(scripted) if name == "eval/rewards/accuracies" else 0.0) for name in EVAL_METRIC_COLUMNS})
     out = tmp_path / "run"
     result = run(_cfg(small_cache, out, max_steps=3, eval_every=1, save_best=True, report_to="none"))
-    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-0000001", "step-0000002"]
-    assert result.best_checkpoint.endswith("step-0000002")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert result.best_checkpoint.endswith("checkpoint-2")
 
 
 def test_eval_options_are_validated(small_cache, tmp_path, train_only_cache):
@@ -221,8 +221,8 @@ def test_resume_remembers_the_best(small_cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run(_cfg(small_cache, out, max_steps=4, eval_every=1, save_every=1, keep_checkpoints=1, save_best=True,
              report_to="none"))
-    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-0000001", "step-0000003"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-3"]
     resumed = run(_cfg(small_cache, out, max_steps=4, eval_every=1, save_every=1, keep_checkpoints=1,
                        save_best=True, report_to="none", resume=True))
     assert resumed.resumed_from == 3
-    assert resumed.best_checkpoint == str(out / "checkpoints" / "step-0000001") and resumed.best_metric == 0.9
+    assert resumed.best_checkpoint == str(out / "checkpoint-1") and resumed.best_metric == 0.9

@@ -101,7 +101,7 @@ def test_two_fsdp_processes_at_batch_2_equal_one_process_at_batch_4(cache, fsdp_
     assert set(wa) == set(wb)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
     # The checkpoint: consolidated model files plus one optimizer shard per process.
-    ckpt = fsdp_run / "checkpoints" / f"step-{STEPS - 2:07d}"
+    ckpt = fsdp_run / f"checkpoint-{STEPS - 2}"
     assert (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file()
     assert sorted(p.name for p in (ckpt / "optimizer").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
@@ -111,11 +111,11 @@ def test_sigkill_after_a_sharded_checkpoint_then_resume_gives_the_uninterrupted_
     extra = ["--max-steps", str(STEPS), "--save-every", "2", "--reference", "online"]
     proc = _launch(cache, out, *extra, wait=False)
     deadline = time.time() + 300
-    while time.time() < deadline and not (out / "checkpoints" / "step-0000002").exists():
+    while time.time() < deadline and not (out / "checkpoint-2").exists():
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (out / "checkpoints" / "step-0000002").exists() and not (out / "final").exists()
+    assert (out / "checkpoint-2").exists() and not (out / "final").exists()
     # The run folder's lock names the killed run's main process: wait until it is gone (until then, a resume is
     # rightly refused: it may still write), after which the lock is stale and taken over.
     from pipeline.lock import _is_stale, _owner, lock_path
@@ -152,7 +152,7 @@ def test_fsdp_with_lora_trains_adapters_only_and_saves_adapter_checkpoints(cache
     out = tmp_path / "lora"
     _launch(cache, out, "--max-steps", "2", "--save-every", "1", "--lora-r", "4", "--learning-rate", "1e-2",
             "--warmup-ratio", "0")  # HF's warmup starts at lr 0: a warmup step would leave B at 0
-    ckpt = out / "checkpoints" / "step-0000001"
+    ckpt = out / "checkpoint-1"
     adapter = load_file(str(ckpt / "adapter_model.safetensors"))
     assert adapter and all("lora_" in k for k in adapter)
     assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at 0: it trained

@@ -50,8 +50,8 @@ def test_a_users_file_in_every_output_folder_survives_every_stage(tmp_path):
     gen.mkdir()
     notes = _drop_notes(out)
     folders = {n.parent.relative_to(out).as_posix() for n in notes}
-    assert {".", "cache", "run", "run/checkpoints", "run/final", "run/tensorboard", "gen"} <= folders
-    assert any(f.startswith("run/checkpoints/step-") for f in folders)
+    assert {".", "cache", "run", "run/final", "run/tensorboard", "gen"} <= folders
+    assert any(f.startswith("run/checkpoint-") for f in folders)
 
     # `run` again into the used folder: it retrains, removing only what the first run wrote.
     again = run_all.run(cfg, log=lambda *_: None)
