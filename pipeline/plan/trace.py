@@ -437,10 +437,13 @@ def trace_score_ref(cfg, *, prompt_len: int, response_len: int, fake: bool = Tru
 
 def trace_train(cfg, *, prompt_len: int, response_len: int, samples: int, fake: bool = True,
                 model_name: str | None = None, layers: int | None = None, world: int = 1) -> Trace:
-    """One optimizer step of ``stages.train`` as its loop runs it (micro_step per micro-batch, clipping,
+    """One optimizer step of the DPO recipe as its loop runs it (micro_step per micro-batch, clipping,
     AdamW, zero_grad), with AdamW's states created beforehand as its first step creates them, so the
     step is a steady-state one: forward and backward run beside the optimizer states."""
-    train = stage_module("stages.train")
+    from pipeline.replay import PairBatch
+    from pipeline.trainer import dpo_step
+    from pipeline.training import adapt_policy, make_optimizer
+
     if cfg.dtype is None or cfg.mixed_precision is None or cfg.load_in_4bit is None:
         # train takes unset numerics from its cache; without one, the defaults a cache records by default.
         cfg = dataclasses.replace(cfg, dtype=cfg.dtype or "float32", mixed_precision=cfg.mixed_precision or "no",
@@ -452,7 +455,7 @@ def trace_train(cfg, *, prompt_len: int, response_len: int, samples: int, fake: 
         quantize_4bit(model, fake)
     config = model.config
     torch.manual_seed(cfg.seed)
-    policy = train.adapt_policy(model, cfg)
+    policy = adapt_policy(model, cfg)
     if cfg.load_in_4bit:
         mark_lora_wrapped(policy)
     fake_mode = new_fake_mode() if fake else None
@@ -470,20 +473,20 @@ def trace_train(cfg, *, prompt_len: int, response_len: int, samples: int, fake: 
         mixed = "bf16"
     acc = PlanAccelerator(mixed)
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = train.make_optimizer(params, cfg)
+    optimizer = make_optimizer(params, cfg)
     prime_adamw(optimizer)
     tok = SimpleNamespace(mask_token_id=config.mask_token_id, pad_token_id=config.pad_token_id)
     fp = {"samples": samples, "draws": 1, "scheme": "l_over_L", "eps": None}
     rows = synthetic_rows(cfg.batch_size, prompt_len, response_len, samples, plain_token(config))
-    batch = train.PairBatch(rows, 0)
-    ctx = train.TrainContext(cfg, policy, tok, acc, fp, ref_model)
+    batch = PairBatch(rows, 0)
+    ctx = dpo_step.TrainContext(cfg, policy, tok, acc, fp, ref_model)
     tracker = PlanTracker(config.padded_vocab_size, world)
     tracker.track_external(*(m for m in (policy, optimizer, ref_model) if m is not None))
     accum = min(cfg.grad_accum, 2)  # gradients accumulate in place: a third micro-batch peaks as the second
     clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    with tracker, (_no_value_reads(train) if fake else contextlib.nullcontext()):
+    with tracker, (_no_value_reads(dpo_step) if fake else contextlib.nullcontext()):
         for micro in range(accum):
-            train.micro_step(ctx, batch, 1.0 / cfg.grad_accum, sync=micro == accum - 1)
+            dpo_step.micro_step(ctx, batch, 1.0 / cfg.grad_accum, sync=micro == accum - 1)
         acc.clip_grad_norm_(params, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
