@@ -20,6 +20,7 @@ from pipeline.errors import UserError
 from pipeline.losses import PairStatistics, pair_statistics, preference_delta, sequence_weights
 from pipeline.replay import PairBatch, replay_requests
 from pipeline.trainer.dpo_config import TrainConfig
+from pipeline.trainer.session import pad_probe, stop_with_others
 
 
 @dataclass
@@ -182,12 +183,7 @@ def _per_sequence(ctx: TrainContext, batch, requests, refs, lengths, scale: floa
 
 
 def _probe(ctx: TrainContext, scorer) -> torch.Tensor:
-    """One forward of a two-token pad row through ``scorer``: the sum to weight by 0. Under data parallel or
-    FSDP it joins a forward (and, in the loss, a backward) the other processes make on real rows."""
-    device = ctx.accelerator.device
-    probe = torch.full((1, 2), int(ctx.tokenizer.pad_token_id), device=device)
-    index = torch.tensor([[0, 1]], device=device)  # position 1: shifted models predict it from 0
-    return scorer(probe, None, index, probe[0, :1], 1).sum()
+    return pad_probe(scorer, ctx.tokenizer.pad_token_id, ctx.accelerator.device)
 
 
 def lockstep_terms(ctx: TrainContext, scorer, requests) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
@@ -260,9 +256,7 @@ def _check_finite(ctx: TrainContext, loss: torch.Tensor, batch: PairBatch) -> No
     waits for the others forever."""
     bad = not bool(torch.isfinite(loss).all())
     if ctx.wrapped is not None:
-        flag = torch.tensor([1.0 if bad else 0.0], device=ctx.accelerator.device)
-        if ctx.accelerator.reduce(flag, reduction="sum").item() > 0 and not bad:
-            raise UserError(f"step {ctx.step + 1}: loss is not finite on another process; stopping with it")
+        stop_with_others(ctx.accelerator, bad, ctx.step)
     if bad:
         raise UserError(f"step {ctx.step + 1}: loss is not finite ({loss.item()}) on pairs "
                         f"{', '.join(batch.pair_ids)}; nothing was saved for this step "

@@ -75,6 +75,23 @@ def prepare_model(acc, model, optimizer, distributed: bool):
     return wrapped, optimizer, [p for p in wrapped.parameters() if p.requires_grad]  # FSDP: DTensors
 
 
+def pad_probe(scorer, pad_token_id: int, device) -> torch.Tensor:
+    """One forward of a two-token pad row through ``scorer`` (a MaskedRowScorer or the model): the sum to weight
+    by 0. Under data parallel or FSDP it joins a forward (and, in the loss, a backward) the other processes
+    make on real rows, so a process with nothing to train on still meets them."""
+    probe = torch.full((1, 2), int(pad_token_id), device=device)
+    index = torch.tensor([[0, 1]], device=device)  # position 1: shifted models predict it from 0
+    return scorer(probe, None, index, probe[0, :1], 1).sum()
+
+
+def stop_with_others(acc, bad: bool, step: int) -> None:
+    """The finite-loss flag, all-reduced (every process calls it, also one without rows), so that when any
+    process's loss is not finite all stop and none waits for the others forever; the bad one says why."""
+    flag = torch.tensor([1.0 if bad else 0.0], device=acc.device)
+    if acc.reduce(flag, reduction="sum").item() > 0 and not bad:
+        raise UserError(f"step {step + 1}: loss is not finite on another process; stopping with it")
+
+
 def optimizer_step(acc, params, optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:
     """Clip, step, schedule, zero; returns (the step's learning rate, the gradient norm before clipping)."""
     grad_norm = acc.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))

@@ -170,21 +170,16 @@ class SFTRecipe:
         return float(total.detach()), len(rows), int(batch.attention_mask.sum())
 
     def _idle_pass(self, step: int) -> None:
-        acc = self.acc
-        probe = torch.full((1, 2), int(self.tokenizer.pad_token_id), device=acc.device)
-        with acc.autocast():
-            zero = self.scorer(probe, None, torch.tensor([[0, 1]], device=acc.device), probe[0, :1], 1).sum()
-        if self.world > 1 and float(acc.reduce(torch.zeros(1, device=acc.device), reduction="sum")) > 0:
-            raise UserError(f"step {step + 1}: loss is not finite on another process; stopping with it")
-        acc.backward(0.0 * zero)
+        with self.acc.autocast():
+            zero = session.pad_probe(self.scorer, self.tokenizer.pad_token_id, self.acc.device)
+        if self.world > 1:
+            session.stop_with_others(self.acc, False, step)
+        self.acc.backward(0.0 * zero)
 
     def _check_finite(self, step: int, total: torch.Tensor, rows) -> None:
-        """Every process learns of a non-finite loss (one flag all-reduced), so none waits for the others."""
         bad = not bool(torch.isfinite(total))
         if self.world > 1:
-            flag = self.acc.reduce(torch.tensor([float(bad)], device=self.acc.device), reduction="sum")
-            if float(flag) > 0 and not bad:
-                raise UserError(f"step {step + 1}: loss is not finite on another process; stopping with it")
+            session.stop_with_others(self.acc, bad, step)
         if bad:
             raise UserError(f"step {step + 1}: loss is not finite ({float(total)}) on "
                             f"{', '.join(self.examples[i].source for i in rows[:3])}; nothing was saved for this "
