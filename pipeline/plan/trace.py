@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -279,11 +278,6 @@ def new_fake_mode():
 
     # Real inputs (token ids, masks) meet fake weights: they are lifted into the mode.
     return FakeTensorMode(allow_non_fake_inputs=True)
-
-
-def stage_module(name: str):
-    """A stage's module, imported by name as pipeline.cli imports commands (the plan runs its step code)."""
-    return importlib.import_module(name)
 
 
 # --- synthetic work at the planned shapes -----------------------------------------------------
