@@ -408,7 +408,7 @@ def _measure(results, name, state, ctx, optimizer, params, batch, configs, budge
             (stats, dt) = score_bench.timed(lambda: train_bench.train_step(ctx, optimizer, params, batch),
                                             str(device))
             times.append(dt)
-            losses.append(float(stats["loss"]))
+            losses.append(float(stats.loss))
             if time.perf_counter() > deadline:
                 break
         mem = memory_peak(device)

@@ -215,7 +215,7 @@ def train_worker(spec: dict) -> dict:
         stats = train_step(ctx, optimizer, params, batch)
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-        losses.append(float(stats["loss"]))
+        losses.append(float(stats.loss))
     return {"setup_s": setup, "step_s": times, "cpu_s": cpu, "run_s": setup + sum(times), "loss": losses,
             "rss_base": rss_base, "rss_peak": rss_peak(),
             "trainable": sum(p.numel() for p in params)}

@@ -1,29 +1,69 @@
-"""DPO-family losses on estimated ELBOs, and their closed-form gradients.
+"""DPO-family losses on estimated ELBOs, their gradients, and the one function of a pair's DPO statistics.
 
 All functions are pure and work per pair (no reduction): the caller averages.
 
 With ``delta = (B_pi(c) - B_ref(c)) - (B_pi(r) - B_ref(r))`` every loss here
-depends on a pair only through ``delta``, so its gradient with respect to the
-policy is ``loss_weight(delta) * d(delta)/d(theta)``. Because ``delta`` is a
-mean over n sampled terms, ``d(delta)/dT_k(c) = 1/n`` and
-``d(delta)/dT_k(r) = -1/n``: one no-grad pass gives ``loss_weight`` per pair,
-after which each sequence's terms can be backpropagated on their own with a
-fixed scalar weight and the accumulated gradient equals the one-pass gradient
-(shared/reference/estimator-math.md, "The gradient, sample by sample").
-``sequence_weights`` packages that bookkeeping for the trainer.
+depends on a pair only through ``delta``: a loss is one function of
+``(delta, beta, label_smoothing)`` in ``PREFERENCE_LOSSES``. Its gradient with
+respect to the policy is ``loss_weight(delta) * d(delta)/d(theta)``, where
+``loss_weight`` is autograd of that function at a detached ``delta`` (no
+derivative is written by hand, so adding one of TRL's losses is one function).
+Because ``delta`` is a mean over n sampled terms, ``d(delta)/dT_k(c) = 1/n``
+and ``d(delta)/dT_k(r) = -1/n``: one no-grad pass gives ``loss_weight`` per
+pair, after which each sequence's terms can be backpropagated on their own
+with a fixed scalar weight and the accumulated gradient equals the one-pass
+gradient (shared/reference/estimator-math.md, "The gradient, sample by
+sample"). ``sequence_weights`` packages that bookkeeping for the trainer.
+
+``pair_statistics`` is the one place a pair's loss, rewards, margin, credit
+and log-probabilities are computed: train's batch loss, the held-out sums of
+``pipeline.preference`` and eval's margin summary all read it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+def sigmoid_loss(delta: torch.Tensor, beta: float, ls: float) -> torch.Tensor:
+    """DPO's loss; with label smoothing ls, conservative DPO (cDPO: the label is flipped with probability ls)."""
+    x = beta * delta
+    loss = -F.logsigmoid(x)
+    return (1.0 - ls) * loss - ls * F.logsigmoid(-x) if ls else loss
+
+
+def ipo_loss(delta: torch.Tensor, beta: float, ls: float) -> torch.Tensor:
+    """IPO regresses delta (of per-token log-ratios, see ``log_ratios``) onto 1/(2 beta), as TRL does."""
+    return (delta - 1.0 / (2.0 * beta)) ** 2
+
+
+def hinge_loss(delta: torch.Tensor, beta: float, ls: float) -> torch.Tensor:
+    """SLiC's hinge on beta * delta (relu'(0) = 0 in torch: the kink itself counts as flat)."""
+    return torch.relu(1.0 - beta * delta)
+
+
+def robust_loss(delta: torch.Tensor, beta: float, ls: float) -> torch.Tensor:
+    """rDPO (Chowdhury et al. 2024): unbiased under label noise rate ls."""
+    x = beta * delta
+    return ((1.0 - ls) * -F.logsigmoid(x) + ls * F.logsigmoid(-x)) / (1.0 - 2.0 * ls)
+
+
+PREFERENCE_LOSSES: dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
+    "sigmoid": sigmoid_loss, "ipo": ipo_loss, "hinge": hinge_loss, "robust": robust_loss}
+"""TRL's loss_type names -> the per-pair loss of delta: the only place a loss is written."""
+
+LOSS_TYPES = tuple(PREFERENCE_LOSSES)
 """Accepted ``loss_type`` values (``--loss``)."""
+
+PER_TOKEN = ("ipo",)
+"""Losses whose log-ratios are per token (divided by the response length), as TRL computes them."""
 
 # Loss types for which label smoothing has a meaning; the others refuse a
 # non-zero value rather than silently ignoring it.
@@ -49,25 +89,12 @@ def validate_loss_args(*, beta: float, loss_type: str, label_smoothing: float = 
 
 
 def _loss_of_delta(delta: torch.Tensor, beta: float, loss_type: str, ls: float) -> torch.Tensor:
-    x = beta * delta
-    if loss_type == "sigmoid":
-        # Conservative DPO (cDPO): the label is flipped with probability ls.
-        loss = -F.logsigmoid(x)
-        if ls:
-            loss = (1.0 - ls) * loss - ls * F.logsigmoid(-x)
-        return loss
-    if loss_type == "ipo":
-        # IPO regresses delta (of per-token log-ratios, see preference_delta) onto 1/(2 beta), as TRL does.
-        return (delta - 1.0 / (2.0 * beta)) ** 2
-    if loss_type == "hinge":
-        return torch.relu(1.0 - x)
-    # robust (rDPO, Chowdhury et al. 2024): unbiased under label noise rate ls.
-    return ((1.0 - ls) * -F.logsigmoid(x) + ls * F.logsigmoid(-x)) / (1.0 - 2.0 * ls)
+    return PREFERENCE_LOSSES[loss_type](delta, beta, ls)
 
 
 def _lengths(loss_type: str, chosen_len, rejected_len, like: torch.Tensor):
     """Per-pair divisors of the log-ratios: response lengths for IPO, 1 otherwise."""
-    if loss_type != "ipo":
+    if loss_type not in PER_TOKEN:
         return None
     if chosen_len is None or rejected_len is None:
         raise ValueError("the ipo loss needs chosen_len and rejected_len (response lengths in tokens)")
@@ -151,6 +178,68 @@ def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
     return torch.where(margin > tol, 1.0, torch.where(margin >= -tol, 0.5, 0.0)).to(torch.float64)
 
 
+METRICS = {"losses": "loss", "chosen_rewards": "rewards/chosen", "rejected_rewards": "rewards/rejected",
+           "accuracies": "rewards/accuracies", "margins": "rewards/margins", "chosen_logps": "logps/chosen",
+           "rejected_logps": "logps/rejected"}
+"""PairStatistics' fields -> TRL's metric names (train's ``loss``, ``rewards/...``, ``logps/...``; ``eval/`` + these)."""
+
+
+@dataclass(frozen=True)
+class PairStatistics:
+    """A batch's per-pair DPO statistics ([B] tensors); only ``losses`` keeps the graph."""
+
+    losses: torch.Tensor
+    """The objective per pair: preference_weight x the preference loss + sft_weight x the SFT term."""
+    chosen_rewards: torch.Tensor
+    """beta x the chosen log-ratio (per token for ipo)."""
+    rejected_rewards: torch.Tensor
+    margins: torch.Tensor
+    """chosen_rewards - rejected_rewards."""
+    accuracies: torch.Tensor
+    """The credit of rewards/accuracies: 1 won, 0 lost, 0.5 a tie (``reward_accuracy``'s one tie rule)."""
+    chosen_logps: torch.Tensor
+    """The policy's ELBO of the chosen response (TRL's logps/chosen)."""
+    rejected_logps: torch.Tensor
+
+    def sums(self) -> dict[str, float]:
+        """Each statistic summed over the pairs, under its TRL name (additive: reduce by summing)."""
+        return {name: float(getattr(self, field).double().sum()) for field, name in METRICS.items()}
+
+
+def pair_statistics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                    ref_rejected: torch.Tensor, *, beta: float, loss_type: str = "sigmoid",
+                    label_smoothing: float = 0.0, chosen_len=None, rejected_len=None, preference_weight: float = 1.0,
+                    sft_weight: float = 0.0) -> PairStatistics:
+    """The one computation of a batch's DPO statistics from its ELBOs (policy's and reference's, [B] each).
+
+    ``losses`` is train's objective per pair (the gradient flows through ``policy_*``; a term of weight 0 is
+    left out, so eval's margins, ``preference_weight=0``, take any beta); the credit compares
+    the log-ratios themselves (their sign before beta scales them) with the tie rule of ``reward_accuracy``."""
+    chosen, rejected = log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss_type=loss_type,
+                                  chosen_len=chosen_len, rejected_len=rejected_len)
+    losses = torch.zeros_like(chosen)
+    if preference_weight:  # a loss of weight 0 is not computed (eval's margins take any beta, 0 included)
+        validate_loss_args(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        losses = preference_weight * _loss_of_delta(chosen - rejected, float(beta), loss_type, float(label_smoothing))
+    if sft_weight:
+        losses = losses + sft_weight * sft_loss(policy_chosen, chosen_len)
+    chosen, rejected = chosen.detach(), rejected.detach()
+    credit = reward_accuracy(chosen, rejected, ref_chosen, ref_rejected, beta=1.0, loss_type=loss_type,
+                             chosen_len=chosen_len, rejected_len=rejected_len)
+    chosen_rewards, rejected_rewards = beta * chosen, beta * rejected
+    return PairStatistics(losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+                          margins=chosen_rewards - rejected_rewards, accuracies=credit,
+                          chosen_logps=policy_chosen.detach(), rejected_logps=policy_rejected.detach())
+
+
+def _autograd_weight(fn: Callable[[torch.Tensor], torch.Tensor], at: torch.Tensor) -> torch.Tensor:
+    """d(sum fn(x))/dx at ``at`` by autograd (each entry's own derivative: fn works per entry), detached."""
+    x = at.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+        (grad,) = torch.autograd.grad(fn(x).sum(), x)
+    return grad.detach()
+
+
 def loss_weight(
     delta: torch.Tensor | float,
     *,
@@ -158,7 +247,7 @@ def loss_weight(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """dLoss/d(delta) per pair, in closed form (no autograd).
+    """dLoss/d(delta) per pair: autograd of the loss (``PREFERENCE_LOSSES``) at the detached ``delta``.
 
     The result is detached and has ``delta``'s shape; multiply it by 1/n for
     each of the n chosen terms and by -1/n for each rejected term (and, for
@@ -168,18 +257,7 @@ def loss_weight(
     d = torch.as_tensor(delta).detach()
     if not d.is_floating_point():
         d = d.to(torch.float64)
-    beta = float(beta)
-    ls = float(label_smoothing)
-    x = beta * d
-    # d/dx[-log sigmoid(x)] = -sigmoid(-x);  d/dx[-log sigmoid(-x)] = sigmoid(x).
-    if loss_type == "sigmoid":
-        return beta * (-(1.0 - ls) * torch.sigmoid(-x) + ls * torch.sigmoid(x))
-    if loss_type == "ipo":
-        return 2.0 * (d - 1.0 / (2.0 * beta))
-    if loss_type == "hinge":
-        # relu'(0) = 0 in torch, so the kink itself counts as flat (strict >).
-        return torch.where(1.0 - x > 0, torch.full_like(d, -beta), torch.zeros_like(d))
-    return beta * (-(1.0 - ls) * torch.sigmoid(-x) - ls * torch.sigmoid(x)) / (1.0 - 2.0 * ls)
+    return _autograd_weight(lambda x: _loss_of_delta(x, float(beta), loss_type, float(label_smoothing)), d)
 
 
 def _check_lengths(chosen_len: torch.Tensor | int) -> torch.Tensor:
@@ -200,9 +278,9 @@ def sft_loss(policy_chosen_elbo: torch.Tensor, chosen_len: torch.Tensor | int) -
 
 
 def sft_loss_weight(chosen_len: torch.Tensor | int) -> torch.Tensor:
-    """d(sft_loss)/d(elbo) per pair: ``-1/len`` (float64, detached)."""
+    """d(sft_loss)/d(elbo) per pair by autograd (``-1/len``; float64, detached)."""
     length = _check_lengths(chosen_len)
-    return -1.0 / length.to(torch.float64)
+    return _autograd_weight(lambda elbo: sft_loss(elbo, length), torch.zeros(length.shape, dtype=torch.float64))
 
 
 def sequence_weights(

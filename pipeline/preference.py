@@ -16,14 +16,14 @@ from typing import Any, Callable, Sequence
 import torch
 
 from pipeline.errors import UserError
+from pipeline.losses import METRICS, pair_statistics
 from pipeline.replay import PairBatch, replay_requests
 
 EVAL_PREFIX = "eval/"
 """TRL's prefix of held-out metrics: ``eval/rewards/accuracies`` and so on (schemas.EVAL_METRIC_COLUMNS)."""
 
-# Order of the entries in the sums vector; "pairs" first so the means divide by it.
-_SUM_FIELDS = ("pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-               "logps/chosen", "logps/rejected")
+# Order of the entries in the sums vector (a tensor, so that processes all-reduce it in one call): each named.
+_SUM_FIELDS = ("pairs", *METRICS.values())
 
 
 def heldout_sums(
@@ -68,22 +68,15 @@ def heldout_sums(
 
 def _chunk_sums(pi_c: torch.Tensor, pi_r: torch.Tensor, chunk: Sequence[dict[str, Any]], draw: int, *, beta: float,
                 loss_type: str, label_smoothing: float, preference_weight: float, sft_weight: float) -> torch.Tensor:
-    from pipeline.losses import dpo_loss, reward_accuracy, sft_loss
-
+    """``losses.pair_statistics`` of the chunk against its cached reference terms, summed (``_SUM_FIELDS``)."""
     ref_c = torch.tensor([_mean(r["ref_chosen_terms"][draw]) for r in chunk], dtype=torch.float64)
     ref_r = torch.tensor([_mean(r["ref_rejected_terms"][draw]) for r in chunk], dtype=torch.float64)
-    chosen_len = torch.tensor([r["chosen_len"] for r in chunk])
-    rejected_len = torch.tensor([r["rejected_len"] for r in chunk])
-    losses, cr, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=beta, loss_type=loss_type,
-                              label_smoothing=label_smoothing, chosen_len=chosen_len, rejected_len=rejected_len)
-    losses = preference_weight * losses
-    if sft_weight:
-        losses = losses + sft_weight * sft_loss(pi_c, chosen_len)
-    margins = cr - rr
-    credit = reward_accuracy(cr, rr, ref_c, ref_r, beta=beta, loss_type=loss_type, chosen_len=chosen_len,
-                             rejected_len=rejected_len)
-    return torch.stack([torch.tensor(float(len(chunk)), dtype=torch.float64), losses.sum(), cr.sum(),
-                        rr.sum(), credit.sum(), margins.sum(), pi_c.sum(), pi_r.sum()])
+    stats = pair_statistics(pi_c, pi_r, ref_c, ref_r, beta=beta, loss_type=loss_type,
+                            label_smoothing=label_smoothing, chosen_len=torch.tensor([r["chosen_len"] for r in chunk]),
+                            rejected_len=torch.tensor([r["rejected_len"] for r in chunk]),
+                            preference_weight=preference_weight, sft_weight=sft_weight)
+    sums = {"pairs": float(len(chunk)), **stats.sums()}
+    return torch.tensor([sums[name] for name in _SUM_FIELDS], dtype=torch.float64)
 
 
 def cache_layout_sums(
@@ -132,11 +125,11 @@ def cache_layout_sums(
 
 def heldout_metrics(sums: torch.Tensor) -> dict[str, float]:
     """Means of the (possibly all-reduced) sums, named ``eval/...`` as TRL names them."""
-    values = sums.double().cpu().tolist()
-    n = values[0]
+    values = dict(zip(_SUM_FIELDS, sums.double().cpu().tolist()))
+    n = values.pop("pairs")
     if n <= 0:
         raise UserError("held-out evaluation: no pairs were scored")
-    return {EVAL_PREFIX + name: v / n for name, v in zip(_SUM_FIELDS[1:], values[1:])}
+    return {EVAL_PREFIX + name: v / n for name, v in values.items()}
 
 
 def _mean(xs: Sequence[float]) -> float:

@@ -229,14 +229,13 @@ def margin_summary(pi_c, pi_r, ref_c, ref_r, beta: float, with_elbo: bool = Fals
     """Accuracy (with its count and Wilson interval, ``accuracy_interval``) and mean margin of pairs; with
     ``with_credits`` also the per-pair credits (``credits``, ``elbo_credits``) for paired differences."""
     from pipeline.intervals import credits_record
-    from pipeline.losses import reward_accuracy
+    from pipeline.losses import pair_statistics
 
     t = [torch.tensor(v, dtype=torch.float64) for v in (pi_c, pi_r, ref_c, ref_r)]
-    cr, rr = beta * (t[0] - t[2]), beta * (t[1] - t[3])
-    # The log-ratios themselves (beta 1): the sign of the margin before beta scales it, whatever beta is.
-    credit = reward_accuracy(t[0] - t[2], t[1] - t[3], t[2], t[3], beta=1.0).tolist()
+    stats = pair_statistics(*t, beta=beta, preference_weight=0.0)  # margins and credits, no loss
+    credit = stats.accuracies.tolist()  # the log-ratios' sign before beta scales them, with the one tie rule
     out = {"accuracy": float(sum(credit) / len(credit)) if credit else float("nan"),
-           "mean_margin": float((cr - rr).mean()), "pairs": len(pi_c), "accuracy_interval": credits_record(credit)}
+           "mean_margin": float(stats.margins.mean()), "pairs": len(pi_c), "accuracy_interval": credits_record(credit)}
     if with_elbo:
         elbo = (t[0] > t[1]).double().tolist()
         out["elbo_accuracy"] = float(sum(elbo) / len(elbo)) if elbo else float("nan")

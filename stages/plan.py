@@ -44,16 +44,6 @@ def stage_config_class(stage: str):
     raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
 
 
-def stage_step(stage: str):
-    """What the plan runs of the stage's own code: train's step (``pipeline.plan.TrainStep``); None for the
-    stages the library traces itself."""
-    if stage != "train":
-        return None
-    import stages.train
-
-    return stages.train
-
-
 RANGES = {"world_size": "[1, inf)", "samples": "[0, inf)", "max_length": "[0, inf)", "prompt_length": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
@@ -114,10 +104,9 @@ def run(cfg: PlanConfig):
         stage_cfg = dataclasses.replace(stage_cfg, dtype=stage_cfg.dtype or "float32",
                                         mixed_precision=stage_cfg.mixed_precision or "no",
                                         load_in_4bit=bool(stage_cfg.load_in_4bit))
-    step = stage_step(cfg.stage)
-    plan = make_plan(cfg.stage, stage_cfg, shape, cfg.device_bytes, cfg.device, step=step)
+    plan = make_plan(cfg.stage, stage_cfg, shape, cfg.device_bytes, cfg.device)
     if cfg.search:
-        plan.largest = largest(cfg.stage, stage_cfg, shape, cfg.device_bytes, plan.total, step=step)
+        plan.largest = largest(cfg.stage, stage_cfg, shape, cfg.device_bytes, plan.total)
     return plan
 
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from pipeline.plan.estimate import Plan, Shape, largest, make_plan
 from pipeline.plan.memory import CARDS, nf4_bytes, parse_memory
-from pipeline.plan.trace import TrainStep
 
-__all__ = ["CARDS", "Plan", "Shape", "TrainStep", "check_start", "largest", "make_plan", "nf4_bytes",
+__all__ = ["CARDS", "Plan", "Shape", "check_start", "largest", "make_plan", "nf4_bytes",
            "parse_memory"]
 
 
-def check_start(stage: str, cfg, shape: Shape, device, step: TrainStep | None = None) -> None:
+def check_start(stage: str, cfg, shape: Shape, device) -> None:
     """On CUDA: plan the run and stop before loading anything when it exceeds the free memory less the stated
     headroom (5% of the card), naming the largest settings that fit. CPU runs (and ``--no-plan``) are not
-    checked. train passes ``step``, its own step code (see ``TrainStep``)."""
+    checked."""
     import torch
 
     from pipeline.errors import UserError
@@ -33,8 +32,7 @@ def check_start(stage: str, cfg, shape: Shape, device, step: TrainStep | None = 
     budget, reserve = free + context_bytes(), headroom_bytes(card)
     try:
         with torch.random.fork_rng(devices=[]):  # LoRA's initialisation in the trace must not move the run's RNG
-            plan = make_plan(stage, cfg, shape, budget, f"{fmt_bytes(free)} free on {torch.device(device)}", reserve,
-                             step)
+            plan = make_plan(stage, cfg, shape, budget, f"{fmt_bytes(free)} free on {torch.device(device)}", reserve)
     except UserError as exc:  # a model the plan cannot build (not LLaDA): run unchecked, and say so
         import sys
 
@@ -43,7 +41,7 @@ def check_start(stage: str, cfg, shape: Shape, device, step: TrainStep | None = 
     if plan.fits:
         return
     with torch.random.fork_rng(devices=[]):
-        found = largest(stage, cfg, shape, budget, plan.total, reserve=reserve, step=step)
+        found = largest(stage, cfg, shape, budget, plan.total, reserve=reserve)
     hints = ", ".join(f"--{k.replace('_', '-')} {v['value']}" for k, v in found.items() if v["value"] is not None)
     raise UserError(f"{stage} needs about {fmt_bytes(plan.total - context_bytes())} of accelerator memory and "
                     f"{fmt_bytes(free)} is free, of which {fmt_bytes(reserve)} is kept as headroom (lldm-dpo plan "

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pipeline.plan import memory
-from pipeline.plan.trace import TRACERS, Trace, TrainStep, model_config
+from pipeline.plan.trace import TRACERS, Trace, model_config
 
 COMPONENTS = ("weights", "adapters", "gradients", "optimizer_states", "activations", "logits_head_chunk",
               "allocator_slack", "cuda_context_workspace")
@@ -36,17 +36,15 @@ class Shape:
     """FSDP processes sharding parameters, gradients and optimizer states (1 = one card, no sharding)."""
 
 
-def trace(stage: str, cfg: Any, shape: Shape, *, layers: int | None = None, fake: bool = True,
-          step: TrainStep | None = None) -> Trace:
-    """One traced step of ``stage``; a train plan runs ``step``, the train stage's own step code."""
+def trace(stage: str, cfg: Any, shape: Shape, *, layers: int | None = None, fake: bool = True) -> Trace:
+    """One traced step of ``stage`` (a train plan runs the DPO recipe's own step code)."""
     tracer, kw = TRACERS[stage], dict(fake=fake, layers=layers, world=shape.world_size)
     if stage == "generate":
         return tracer(cfg, prompt_len=shape.prompt_length, **kw)
     response = shape.max_length - shape.prompt_length
     if stage == "score-ref":
         return tracer(cfg, prompt_len=shape.prompt_length, response_len=response, **kw)
-    return tracer(cfg, prompt_len=shape.prompt_length, response_len=response, samples=shape.samples, step=step,
-                  **kw)
+    return tracer(cfg, prompt_len=shape.prompt_length, response_len=response, samples=shape.samples, **kw)
 
 
 def _affine(a: Trace, b: Trace, steps: int) -> Trace:
@@ -61,13 +59,13 @@ def _affine(a: Trace, b: Trace, steps: int) -> Trace:
                  head_bytes=b.head_bytes, notes=b.notes)
 
 
-def full_trace(stage: str, cfg: Any, shape: Shape, step: TrainStep | None = None) -> tuple[Trace, str]:
+def full_trace(stage: str, cfg: Any, shape: Shape) -> tuple[Trace, str]:
     """The trace of the whole model (extrapolated per block past 3 blocks) and how it was obtained."""
     n_layers = model_config(_model_name(stage, cfg)).n_layers
     if n_layers <= 2:
-        return trace(stage, cfg, shape, step=step), f"traced whole ({n_layers} blocks)"
-    a = trace(stage, cfg, shape, layers=1, step=step)
-    b = trace(stage, cfg, shape, layers=2, step=step)
+        return trace(stage, cfg, shape), f"traced whole ({n_layers} blocks)"
+    a = trace(stage, cfg, shape, layers=1)
+    b = trace(stage, cfg, shape, layers=2)
     return _affine(a, b, n_layers - 2), f"traced at 1 and 2 blocks, extrapolated per block to {n_layers}"
 
 
@@ -145,13 +143,12 @@ CUDA_NOTES = (
 )
 
 
-def make_plan(stage: str, cfg: Any, shape: Shape, device_bytes: int, device: str, reserve: int | None = None,
-              step: TrainStep | None = None) -> Plan:
+def make_plan(stage: str, cfg: Any, shape: Shape, device_bytes: int, device: str, reserve: int | None = None) -> Plan:
     """The plan of one setting on ``device_bytes``; it fits when ``reserve`` (default: the stated headroom of a
-    card of ``device_bytes``) stays free. A train plan needs ``step``, the train stage's step code."""
+    card of ``device_bytes``) stays free."""
     t0 = time.perf_counter()
     reserve = memory.headroom_bytes(device_bytes) if reserve is None else int(reserve)
-    t, method = full_trace(stage, cfg, shape, step)
+    t, method = full_trace(stage, cfg, shape)
     comp, notes = components(stage, cfg, t, shape)
     tracked = sum(v for k, v in comp.items() if k not in ("allocator_slack", "cuda_context_workspace"))
     total = sum(comp.values())
@@ -214,13 +211,13 @@ def knobs(stage: str, cfg: Any, shape: Shape) -> list[Knob]:
     return out
 
 
-def _need(stage, cfg, shape, step=None) -> int:
-    t, _ = full_trace(stage, cfg, shape, step)
+def _need(stage, cfg, shape) -> int:
+    t, _ = full_trace(stage, cfg, shape)
     return sum(components(stage, cfg, t, shape)[0].values())
 
 
 def largest(stage: str, cfg: Any, shape: Shape, device_bytes: int, current_total: int,
-            evaluations: int = 3, reserve: int | None = None, step: TrainStep | None = None
+            evaluations: int = 3, reserve: int | None = None
             ) -> dict[str, dict[str, Any]]:
     """Per knob, the largest value on its grid whose plan fits with ``reserve`` (default: the stated headroom)
     kept free, in a few traces: the plan is taken as affine in the knob through the two latest traced points,
@@ -234,7 +231,7 @@ def largest(stage: str, cfg: Any, shape: Shape, device_bytes: int, current_total
         x1 = knob.current * 2 if current_total <= device_bytes else knob.current // 2
         x1 = max(knob.lo, min(knob.hi, x1 // knob.step * knob.step))
         if x1 != knob.current:
-            points.append((x1, _need(stage, *knob.apply(x1), step)))
+            points.append((x1, _need(stage, *knob.apply(x1))))
         for _ in range(evaluations - 1):
             fit = [x for x, m in points if m <= device_bytes]
             fail = [x for x, m in points if m > device_bytes]
@@ -247,7 +244,7 @@ def largest(stage: str, cfg: Any, shape: Shape, device_bytes: int, current_total
                 guess = (hi_fail - knob.step) // knob.step * knob.step
             if guess <= lo_fit or guess in dict(points):
                 break
-            points.append((guess, _need(stage, *knob.apply(guess), step)))
+            points.append((guess, _need(stage, *knob.apply(guess))))
         fit = {x: m for x, m in points if m <= device_bytes}
         best = max(fit, default=None)
         out[knob.name] = {"value": best, "total": fit.get(best), "at_limit": best == knob.hi,

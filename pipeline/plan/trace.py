@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Protocol
+from typing import Callable
 
 import torch
 from torch import nn
@@ -279,19 +279,6 @@ def new_fake_mode():
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
-class TrainStep(Protocol):
-    """What the train stage hands the plan so that the plan runs train's own step code (the library never
-    imports a stage): its per-step context, its micro-step, and the finite-loss check (a value read, which
-    fake tensors cannot answer, so the plan skips it). ``stages.train`` itself is one."""
-
-    TrainContext: Callable[..., Any]
-    """``TrainContext(cfg, policy, tokenizer, accelerator, fingerprint, ref_model)``."""
-
-    def micro_step(self, ctx, batch, scale: float, sync: bool): ...
-
-    def _check_finite(self, ctx, loss, batch) -> None: ...
-
-
 # --- synthetic work at the planned shapes -----------------------------------------------------
 
 
@@ -362,14 +349,14 @@ def _block_sizes(model: nn.Module) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _no_value_reads(step: TrainStep):
+def _no_value_reads(train_module):
     """The finite-loss check reads a value, which fake tensors do not have; it allocates a scalar only."""
-    original = step._check_finite
-    step._check_finite = lambda *args, **kwargs: None
+    original = train_module._check_finite
+    train_module._check_finite = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        step._check_finite = original
+        train_module._check_finite = original
 
 
 def _autocast(mixed_precision: str):
@@ -440,16 +427,15 @@ def trace_score_ref(cfg, *, prompt_len: int, response_len: int, fake: bool = Tru
     return _finish(tracker, model, notes)
 
 
-def trace_train(cfg, *, prompt_len: int, response_len: int, samples: int, step: TrainStep | None = None,
-                fake: bool = True, model_name: str | None = None, layers: int | None = None, world: int = 1) -> Trace:
-    """One optimizer step of the train stage as its loop runs it (``step.micro_step`` per micro-batch,
-    clipping, AdamW, zero_grad), with AdamW's states created beforehand as its first step creates them, so
-    the step is a steady-state one: forward and backward run beside the optimizer states."""
+def trace_train(cfg, *, prompt_len: int, response_len: int, samples: int, fake: bool = True,
+                model_name: str | None = None, layers: int | None = None, world: int = 1) -> Trace:
+    """One optimizer step of the DPO recipe as its loop runs it (micro_step per micro-batch, clipping,
+    AdamW, zero_grad), with AdamW's states created beforehand as its first step creates them, so the
+    step is a steady-state one: forward and backward run beside the optimizer states."""
     from pipeline.replay import PairBatch
+    from pipeline.trainer import dpo_step
     from pipeline.training import adapt_policy, make_optimizer
 
-    if step is None:
-        raise ValueError("a train plan runs the train stage's step: pass step= (stages.train is one)")
     if cfg.dtype is None or cfg.mixed_precision is None or cfg.load_in_4bit is None:
         # train takes unset numerics from its cache; without one, the defaults a cache records by default.
         cfg = dataclasses.replace(cfg, dtype=cfg.dtype or "float32", mixed_precision=cfg.mixed_precision or "no",
@@ -485,14 +471,14 @@ def trace_train(cfg, *, prompt_len: int, response_len: int, samples: int, step: 
     fp = {"samples": samples, "draws": 1, "scheme": "l_over_L", "eps": None}
     rows = synthetic_rows(cfg.batch_size, prompt_len, response_len, samples, plain_token(config))
     batch = PairBatch(rows, 0)
-    ctx = step.TrainContext(cfg, policy, tok, acc, fp, ref_model)
+    ctx = dpo_step.TrainContext(cfg, policy, tok, acc, fp, ref_model)
     tracker = PlanTracker(config.padded_vocab_size, world)
     tracker.track_external(*(m for m in (policy, optimizer, ref_model) if m is not None))
     accum = min(cfg.grad_accum, 2)  # gradients accumulate in place: a third micro-batch peaks as the second
     clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    with tracker, (_no_value_reads(step) if fake else contextlib.nullcontext()):
+    with tracker, (_no_value_reads(dpo_step) if fake else contextlib.nullcontext()):
         for micro in range(accum):
-            step.micro_step(ctx, batch, 1.0 / cfg.grad_accum, sync=micro == accum - 1)
+            dpo_step.micro_step(ctx, batch, 1.0 / cfg.grad_accum, sync=micro == accum - 1)
         acc.clip_grad_norm_(params, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

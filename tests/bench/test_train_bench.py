@@ -41,7 +41,7 @@ def _one_step(reference: str, lora_r: int):
                       progress=False)
     ctx, optimizer, params = train_bench.make_trainer(cfg, model, tok, fp, ref_model)
     stats = train_bench.train_step(ctx, optimizer, params, PairBatch(rows, 0))
-    return float(stats["loss"]), [p.detach().clone() for p in params], rows
+    return float(stats.loss), [p.detach().clone() for p in params], rows
 
 
 @pytest.mark.parametrize("lora_r", [0, 4])

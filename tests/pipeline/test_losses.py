@@ -309,3 +309,57 @@ def test_sigmoid_loss_is_stable_for_large_margins():
     assert losses[0].item() == pytest.approx(0.0, abs=1e-6)
     assert losses[1].item() == pytest.approx(1000.0, rel=1e-6)
     assert math.isfinite(loss_weight(big, beta=0.1, loss_type="sigmoid")[1].item())
+
+
+# The derivatives as they were written by hand before loss_weight became autograd (x = beta * delta).
+HAND_CODED = {
+    "sigmoid": lambda d, beta, ls: beta * (-(1.0 - ls) * torch.sigmoid(-beta * d) + ls * torch.sigmoid(beta * d)),
+    "ipo": lambda d, beta, ls: 2.0 * (d - 1.0 / (2.0 * beta)),
+    "hinge": lambda d, beta, ls: torch.where(1.0 - beta * d > 0, torch.full_like(d, -beta), torch.zeros_like(d)),
+    "robust": lambda d, beta, ls: beta * (-(1.0 - ls) * torch.sigmoid(-beta * d) - ls * torch.sigmoid(beta * d))
+    / (1.0 - 2.0 * ls),
+}
+
+
+@pytest.mark.parametrize("loss_type", sorted(HAND_CODED))
+@pytest.mark.parametrize("beta", [0.05, 0.5, 2.0])
+def test_autograd_loss_weights_equal_the_hand_coded_derivatives(loss_type, beta):
+    """The hinge's kink (beta * delta = 1) included: relu'(0) = 0, as the hand-coded strict > said."""
+    ls = 0.2 if loss_type in ("sigmoid", "robust") else 0.0
+    d = torch.tensor([-300.0, -7.5, -1.0, 0.0, 0.3, 1.0 / beta, 4.0, 250.0], dtype=D)
+    got = loss_weight(d, beta=beta, loss_type=loss_type, label_smoothing=ls)
+    torch.testing.assert_close(got, HAND_CODED[loss_type](d, beta, ls), rtol=1e-12, atol=1e-15)
+    lens = torch.tensor([1, 3, 8])
+    torch.testing.assert_close(sft_loss_weight(lens), -1.0 / lens.to(D), rtol=0, atol=0)
+
+
+def test_pair_statistics_hand_worked():
+    """Pairs of the hand-worked tests (delta 10 and 0), beta 0.1, preference weight 2, SFT weight 0.5 with
+    chosen lengths 4 and 5: losses 2 * (0.3132616875, log 2) + 0.5 * (10/4, 5/5) = (1.876523375, 1.886294361);
+    rewards (0.2, 0) and (-0.8, 0), margins (1, 0), credits (1, 0.5: the tie), logps the policy's ELBOs."""
+    from pipeline.losses import pair_statistics
+
+    s = pair_statistics(PC, PR, RC, RR, beta=0.1, preference_weight=2.0, sft_weight=0.5,
+                        chosen_len=torch.tensor([4, 5]), rejected_len=torch.tensor([1, 1]))
+    torch.testing.assert_close(s.losses, torch.tensor([2 * SP1 + 1.25, 2 * LN2 + 0.5], dtype=D), rtol=0, atol=1e-9)
+    torch.testing.assert_close(s.chosen_rewards, torch.tensor([0.2, 0.0], dtype=D))
+    torch.testing.assert_close(s.rejected_rewards, torch.tensor([-0.8, 0.0], dtype=D))
+    torch.testing.assert_close(s.margins, torch.tensor([1.0, 0.0], dtype=D))
+    assert s.accuracies.tolist() == [1.0, 0.5]
+    assert s.chosen_logps.tolist() == [-10.0, -5.0] and s.rejected_logps.tolist() == [-20.0, -5.0]
+    sums = s.sums()
+    assert sums["loss"] == pytest.approx(2 * SP1 + 2 * LN2 + 1.75, abs=1e-9)
+    assert sums["rewards/accuracies"] == 1.5 and sums["rewards/margins"] == pytest.approx(1.0)
+    assert sums["logps/chosen"] == -15.0 and sums["logps/rejected"] == -25.0
+
+
+def test_pair_statistics_ipo_is_per_token():
+    """IPO, beta 0.5, chosen lengths (2, 5), rejected (4, 5): log-ratios 2/2 = 1 and -8/4 = -2, delta 3, loss
+    (3 - 1/(2*0.5))^2 = 4; pair 1 delta 0, loss 1. Rewards 0.5 * 1 = 0.5 and 0.5 * -2 = -1, margin 1.5."""
+    from pipeline.losses import pair_statistics
+
+    s = pair_statistics(PC, PR, RC, RR, beta=0.5, loss_type="ipo", chosen_len=torch.tensor([2, 5]),
+                        rejected_len=torch.tensor([4, 5]))
+    torch.testing.assert_close(s.losses, torch.tensor([4.0, 1.0], dtype=D))
+    assert s.chosen_rewards.tolist() == [0.5, 0.0] and s.rejected_rewards.tolist() == [-1.0, 0.0]
+    assert s.margins.tolist() == [1.5, 0.0] and s.accuracies.tolist() == [1.0, 0.5]

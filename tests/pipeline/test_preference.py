@@ -93,4 +93,4 @@ def test_heldout_loss_is_trains_loss_for_combined_and_per_token_losses(small_cac
     expected, st = batch_loss(cfg, terms, ref_c, ref_r, torch.tensor([r["chosen_len"] for r in rows]),
                               torch.tensor([r["rejected_len"] for r in rows]))
     assert m["eval/loss"] == pytest.approx(float(expected), rel=1e-6)
-    assert m["eval/rewards/accuracies"] == pytest.approx(float(st["acc"].mean()))
+    assert m["eval/rewards/accuracies"] == pytest.approx(float(st.accuracies.mean()))

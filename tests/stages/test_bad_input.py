@@ -22,8 +22,9 @@ def stage_configs() -> list[type]:
     for _, target in COMMANDS:
         module = importlib.import_module(target.split(":")[0])
         for value in vars(module).values():
+            # the stage's own config, defined there or in the library (train's TrainConfig: pipeline/trainer)
             if dataclasses.is_dataclass(value) and isinstance(value, type) and value.__name__.endswith("Config") \
-                    and value.__module__ == module.__name__:
+                    and value.__module__.split(".")[0] in ("stages", "pipeline"):
                 found[value.__name__] = value
     return sorted(found.values(), key=lambda c: c.__name__)
 

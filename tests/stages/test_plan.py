@@ -119,24 +119,24 @@ def test_train_plans_before_loading_the_policy_on_the_longest_cached_pair(monkey
     """train hands the plan its settings and the cache's longest pair before any model is loaded; --no-plan
     (plan=False) skips it. (On CPU check_start returns at once; here it is replaced to see the call.)"""
     import pipeline.plan as plan_module
+    import pipeline.trainer.dpo_checks as dpo_checks
     import stages.train as train
     from pipeline.cache import open_cache
     from pipeline.errors import UserError
 
     calls = []
 
-    def fake_check(stage, cfg, shape, device, step=None):
-        calls.append((stage, cfg, shape, step))
+    def fake_check(stage, cfg, shape, device):
+        calls.append((stage, cfg, shape))
         raise UserError("planned")
 
     monkeypatch.setattr(plan_module, "check_start", fake_check)
-    monkeypatch.setattr(train, "setup_policy", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(dpo_checks, "setup_policy", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     cfg = train.TrainConfig(scores=small_cache, out=tmp_path / "run", device="cpu", lora_r=2, progress=False,
                             tensorboard=False)
     with pytest.raises(UserError, match="planned"):
         train.run(cfg)
-    (stage, planned, shape, step), = calls
-    assert step is train  # the plan runs train's own step code, handed over by the stage
+    (stage, planned, shape), = calls
     rows = list(open_cache(small_cache).rows(split="train"))
     longest = max(r["prompt_len"] + max(r["chosen_len"], r["rejected_len"]) for r in rows)
     assert stage == "train" and planned.lora_r == 2 and planned.model == "micro"

@@ -63,7 +63,7 @@ def test_cached_and_online_reference_give_the_same_loss_and_gradients(small_cach
         ref = load_model("micro")[0] if mode == "online" else None
         cfg = _cfg(small_cache, tmp_path / mode, reference=mode)
         stats = micro_step(_ctx(cfg, small_cache, model, tok, ref), PairBatch(rows, draw=1), 1.0, sync=True)
-        losses[mode], grads[mode] = stats["loss"].item(), _grads(model)
+        losses[mode], grads[mode] = stats.loss.item(), _grads(model)
     assert losses["cached"] == pytest.approx(losses["online"], abs=1e-6)
     assert losses["cached"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1: log 2
     for name, g in grads["cached"].items():
@@ -103,7 +103,7 @@ def test_replayed_masks_reproduce_cached_reference_terms(small_cache):
     ref_c, ref_r = reference_means(batch, "cpu")
     loss, st = batch_loss(cfg, terms, ref_c, ref_r, torch.tensor([r["chosen_len"] for r in rows]),
                           torch.tensor([r["rejected_len"] for r in rows]))
-    assert st["cr"].abs().max() < 1e-6 and loss.item() == pytest.approx(0.6931, abs=1e-4)
+    assert st.chosen_rewards.abs().max() < 1e-6 and loss.item() == pytest.approx(0.6931, abs=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +247,7 @@ def test_init_mismatch_is_refused_unless_allowed(small_cache, tmp_path):
 
 
 def test_non_finite_loss_names_step_and_pairs(small_cache, tmp_path, monkeypatch):
-    import stages.train as train_mod
+    import pipeline.trainer.dpo_step as train_mod
 
     real = train_mod.policy_terms
 

@@ -60,7 +60,7 @@ def test_eval_every_logs_eval_metrics_at_its_steps_in_parquet_and_tensorboard(sm
 
 
 def test_save_best_keeps_the_best_checkpoint_through_rotation(small_cache, tmp_path, monkeypatch):
-    import stages.train as train_mod
+    import pipeline.trainer.dpo_checks as train_mod
 
     scripted = iter([0.5, 0.9, 0.6, 0.7, 0.9])  # best at step 2; a later tie does not replace it
 
@@ -81,7 +81,7 @@ def test_save_best_keeps_the_best_checkpoint_through_rotation(small_cache, tmp_p
 
 
 def test_save_best_saves_a_checkpoint_for_a_best_between_saves(small_cache, tmp_path, monkeypatch):
-    import stages.train as train_mod
+    import pipeline.trainer.dpo_checks as train_mod
 
     scripted = iter([0.2, 0.8, 0.3])
     monkeypatch.setattr(train_mod, "evaluate_heldout", lambda ctx, rows: {
@@ -213,7 +213,7 @@ def test_two_processes_evaluate_their_shares_and_reduce(small_cache, tmp_path):
 
 
 def test_resume_remembers_the_best(small_cache, tmp_path, monkeypatch):
-    import stages.train as train_mod
+    import pipeline.trainer.dpo_checks as train_mod
 
     scripted = iter([0.9, 0.5, 0.6, 0.7, 0.8])  # the last value is the resumed run's step 4
     monkeypatch.setattr(train_mod, "evaluate_heldout", lambda ctx, rows: {

@@ -47,8 +47,8 @@ def test_per_sequence_weights_give_the_combined_gradient(loss, weights):
     terms, ref_c, ref_r, chosen_len, rejected_len = _terms(2)
     loss_value, st = batch_loss(cfg, terms, ref_c, ref_r, chosen_len, rejected_len)
     grads = torch.autograd.grad(loss_value, terms)
-    loss_type = cfg.preference_loss or "sigmoid"
-    delta = preference_delta(st["pi_c"], st["pi_r"], ref_c, ref_r, loss_type=loss_type, chosen_len=chosen_len,
+    loss_type = cfg.loss_type
+    delta = preference_delta(st.chosen_logps, st.rejected_logps, ref_c, ref_r, loss_type=loss_type, chosen_len=chosen_len,
                              rejected_len=rejected_len)
     cw, rw = sequence_weights(delta, 4, beta=cfg.beta, loss_type=loss_type,
                               label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_total_weight,

@@ -1,0 +1,285 @@
+"""One DPO micro-step on replayed masks: the policy's terms, the loss, the backward, and the collectives every
+process makes alike (the FSDP forward-count agreement, the finite-loss flag, the gradient sync), so uneven
+shares and a process the epoch's end left idle still meet the others at every collective.
+
+Each batch replays the masks the cache recorded (draw = epoch mod draws) on the policy, so policy and reference
+terms share their noise (VRPO's antithetic sampling) and the reference model is never loaded (unless
+``reference: online``, the baseline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.losses import PairStatistics, pair_statistics, preference_delta, sequence_weights
+from pipeline.replay import PairBatch, replay_requests
+from pipeline.trainer.dpo_config import TrainConfig
+from pipeline.trainer.session import pad_probe, stop_with_others
+
+
+@dataclass
+class TrainContext:
+    cfg: TrainConfig
+    model: Any
+    """The policy itself (peft-wrapped under LoRA), never a data-parallel wrapper."""
+    tokenizer: Any
+    accelerator: Any
+    fingerprint: dict[str, Any]
+    ref_model: Any = None
+    step: int = 0
+    wrapped: Any = None
+    """What accelerate prepared (DDP or FSDP around a MaskedRowScorer) when distributed, else None."""
+    cache_batch_tokens: int = 16384
+    """score-ref's token budget per forward pass: the cache's batch layout, in which the start check and the
+    held-out evaluation score (exact reproduction of the cached terms)."""
+    fsdp: bool = False
+    """Sharded by FSDP. Decided once at setup: on CPU the FSDP mode is attached to accelerate's state by hand
+    (fresh_accelerator), and any later AcceleratorState() copies the process state's MULTI_CPU back over it."""
+
+    @property
+    def scorer(self):
+        """What elbo_terms calls: the wrapped MaskedRowScorer when distributed, else the policy."""
+        return self.model if self.wrapped is None else self.wrapped
+
+    def most(self, count: int) -> int:
+        """The largest ``count`` over processes (a collective: every process calls it at the same point)."""
+        if self.wrapped is None:
+            return count
+        import torch.distributed as dist
+
+        t = torch.tensor([count], dtype=torch.long, device=self.accelerator.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def sync_context(self, last: bool):
+        """Gradients are all-reduced only on the last backward of an optimizer step."""
+        if self.wrapped is None or last or self.fsdp:
+            # FSDP reduce-scatters every backward: without sync each process would keep
+            # whole unsharded gradients, the memory FSDP exists to save.
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.wrapped)
+
+
+@dataclass
+class MicroStats:
+    """What one micro-batch reports (detached): its mean loss, its pairs' statistics, its size."""
+
+    loss: torch.Tensor
+    stats: PairStatistics
+    pairs: int
+    tokens: int
+
+
+def policy_terms(model, requests, tokenizer, cfg: TrainConfig) -> list[torch.Tensor]:
+    from pipeline.diffusion import elbo_terms
+
+    return elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+                      batch_tokens=cfg.batch_tokens)
+
+
+def reference_means(batch: PairBatch, device, ref_terms: list[torch.Tensor] | None = None):
+    """Reference ELBOs of the batch: cached means of this draw, or the online terms' means."""
+    if ref_terms is not None:
+        means = torch.stack([t.mean() for t in ref_terms]).detach()
+        return means[0::2], means[1::2]
+    c = [sum(r["ref_chosen_terms"][batch.draw]) / len(r["ref_chosen_terms"][batch.draw]) for r in batch.rows]
+    r_ = [sum(r["ref_rejected_terms"][batch.draw]) / len(r["ref_rejected_terms"][batch.draw]) for r in batch.rows]
+    return (torch.tensor(c, dtype=torch.float64, device=device), torch.tensor(r_, dtype=torch.float64, device=device))
+
+
+def batch_loss(cfg: TrainConfig, terms: list[torch.Tensor], ref_c, ref_r, chosen_len,
+               rejected_len) -> tuple[torch.Tensor, PairStatistics]:
+    """Mean DPO (+ SFT) loss of a batch from its per-request terms, and its pairs' statistics."""
+    means = torch.stack([t.mean() for t in terms])
+    stats = pair_statistics(means[0::2], means[1::2], ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss_type,
+                            label_smoothing=cfg.label_smoothing, chosen_len=chosen_len, rejected_len=rejected_len,
+                            preference_weight=cfg.preference_weight, sft_weight=cfg.sft_total_weight)
+    return stats.losses.mean(), stats
+
+
+def micro_step(ctx: TrainContext, batch: PairBatch, scale: float, sync: bool) -> Optional[MicroStats]:
+    """Forward and backward of one micro-batch; returns its detached statistics (None when this process
+    has no rows: the end of an epoch left it nothing, and it only joins the others' collectives)."""
+    requests = replay_requests(batch, ctx.fingerprint) if batch.rows else []
+    ref_terms = _online_reference(ctx, requests) if ctx.cfg.reference == "online" else None
+    if not batch.rows:
+        _idle_micro_step(ctx, sync)
+        return None
+    device = ctx.accelerator.device
+    ref_c, ref_r = reference_means(batch, device, ref_terms)
+    lengths = (torch.tensor([r["chosen_len"] for r in batch.rows], device=device),
+               torch.tensor([r["rejected_len"] for r in batch.rows], device=device))
+    if ctx.cfg.sequence_microbatch == 0:
+        loss, stats = _one_pass(ctx, batch, requests, (ref_c, ref_r), lengths, scale, sync)
+    else:
+        loss, stats = _per_sequence(ctx, batch, requests, (ref_c, ref_r), lengths, scale, sync)
+    tokens = sum(req.masks.shape[0] * (len(req.prompt_ids) + len(req.response_ids)) for req in requests)
+    return MicroStats(loss=loss.detach().float(), stats=dataclasses.replace(stats, losses=stats.losses.detach()),
+                      pairs=len(batch.rows), tokens=tokens)
+
+
+def _online_reference(ctx: TrainContext, requests) -> list[torch.Tensor]:
+    """The live reference's terms on the same masks (every process, also an idle one: FSDP's collectives)."""
+    with torch.no_grad(), ctx.accelerator.autocast():
+        if ctx.ref_model is not None:
+            return lockstep_terms(ctx, ctx.ref_model, requests)[0]
+        with ctx.model.disable_adapter():  # LoRA: the base model with adapters switched off is the reference
+            return lockstep_terms(ctx, ctx.scorer, requests)[0]
+
+
+def _one_pass(ctx: TrainContext, batch, requests, refs, lengths, scale: float, sync: bool):
+    with ctx.sync_context(sync):  # forward and backward both inside, as DDP requires
+        with ctx.accelerator.autocast():
+            terms, pad = lockstep_terms(ctx, ctx.scorer, requests)
+            loss, stats = batch_loss(ctx.cfg, terms, *refs, *lengths)
+        _check_finite(ctx, loss, batch)
+        _backward(ctx, _with_pad(loss * scale, pad))
+    return loss, stats
+
+
+def _per_sequence(ctx: TrainContext, batch, requests, refs, lengths, scale: float, sync: bool):
+    """One no-grad pass gives each pair's dL/d(delta); then every sequence's term is backpropagated on its own
+    with that weight (estimator-math.md), K sequences at a time, so activations follow K rather than 2n."""
+    from pipeline.diffusion import ScoreRequest
+
+    cfg, acc = ctx.cfg, ctx.accelerator
+    with torch.no_grad(), acc.autocast():
+        terms, _ = lockstep_terms(ctx, ctx.scorer, requests)
+        loss, stats = batch_loss(cfg, terms, *refs, *lengths)
+    _check_finite(ctx, loss, batch)
+    chosen_len, rejected_len = lengths
+    delta = preference_delta(stats.chosen_logps, stats.rejected_logps, *refs, loss_type=cfg.loss_type,
+                             chosen_len=chosen_len, rejected_len=rejected_len)
+    chosen_w, rejected_w = sequence_weights(
+        delta, ctx.fingerprint["samples"], beta=cfg.beta, loss_type=cfg.loss_type,
+        label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_total_weight, chosen_len=chosen_len,
+        normalizer=len(batch.rows), rejected_len=rejected_len, dpo_weight=cfg.preference_weight)
+    # Empty masks (possible under the 1/t scheme) have a constant term 0: no forward needed.
+    seqs = [(j, k) for j, req in enumerate(requests) for k in range(req.masks.shape[0]) if bool(req.masks[k].any())]
+    K = cfg.sequence_microbatch
+    groups = [seqs[g:g + K] for g in range(0, len(seqs), K)]
+    n_groups = ctx.most(len(groups)) if ctx.fsdp else len(groups)  # FSDP: a backward per group, everywhere
+    if n_groups == 0:
+        with ctx.sync_context(sync):
+            _backward(ctx, torch.zeros((), device=acc.device))
+    for g in range(n_groups):
+        group = groups[g] if g < len(groups) else []
+        sub = [ScoreRequest(requests[j].prompt_ids, requests[j].response_ids, requests[j].masks[k:k + 1],
+                            requests[j].weights[k:k + 1]) for j, k in group]
+        weights = [(chosen_w if j % 2 == 0 else rejected_w)[j // 2] for j, _ in group]
+        with ctx.sync_context(sync and g + 1 >= n_groups):
+            with acc.autocast():
+                sub_terms, pad = lockstep_terms(ctx, ctx.scorer, sub)
+            surrogate = sum((w.to(t.dtype) * t.sum() for w, t in zip(weights, sub_terms)),
+                            torch.zeros((), device=acc.device))
+            _backward(ctx, _with_pad(surrogate * scale, pad))
+    return loss, stats
+
+
+def _probe(ctx: TrainContext, scorer) -> torch.Tensor:
+    return pad_probe(scorer, ctx.tokenizer.pad_token_id, ctx.accelerator.device)
+
+
+def lockstep_terms(ctx: TrainContext, scorer, requests) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+    """``policy_terms`` of ``requests`` (none on a process the epoch's end left idle), and under FSDP the sum of
+    the pad forwards that bring this process to the most forward passes any process makes here (None when
+    there are none). Every FSDP forward is a collective (the sharded weights are gathered), so every process
+    must make as many; the count is agreed first, before any of them. Add ``0 * pad`` to a loss that is
+    backpropagated, so the pad passes join the backward too."""
+    local = most = 0
+    if ctx.fsdp:
+        from pipeline.diffusion import forward_calls
+
+        local = forward_calls(requests, ctx.cfg.batch_tokens) if requests else 0
+        most = ctx.most(local)
+    terms = policy_terms(scorer, requests, ctx.tokenizer, ctx.cfg) if requests else []
+    pad = None
+    for _ in range(most - local):
+        p = _probe(ctx, scorer)
+        pad = p if pad is None else pad + p
+    return terms, pad
+
+
+def _with_pad(loss: torch.Tensor, pad: Optional[torch.Tensor]) -> torch.Tensor:
+    return loss if pad is None else loss + 0.0 * pad.to(loss.dtype)
+
+
+def _idle_micro_step(ctx: TrainContext, sync: bool) -> None:
+    """A process with no rows makes the collectives ``micro_step`` makes on the others: under FSDP as many
+    forward passes (and backward passes) as the busiest process, the finite-loss flag, and the gradient sync."""
+    acc, zero = ctx.accelerator, torch.zeros((), device=ctx.accelerator.device)
+    if ctx.cfg.sequence_microbatch == 0:
+        with ctx.sync_context(sync):
+            with acc.autocast():
+                _, pad = lockstep_terms(ctx, ctx.scorer, [])
+                if pad is None and ctx.wrapped is not None:  # DDP may sync in a forward: make it where the others do
+                    pad = _probe(ctx, ctx.scorer)
+            _check_finite(ctx, zero, PairBatch([], 0))
+            _backward(ctx, _with_pad(zero, pad))
+        return
+    with torch.no_grad(), acc.autocast():
+        lockstep_terms(ctx, ctx.scorer, [])
+    _check_finite(ctx, zero, PairBatch([], 0))
+    n_groups = ctx.most(0) if ctx.fsdp else 0
+    if n_groups == 0:
+        with ctx.sync_context(sync):
+            _backward(ctx, zero)
+    for g in range(n_groups):
+        with ctx.sync_context(sync and g + 1 >= n_groups):
+            with acc.autocast():
+                _, pad = lockstep_terms(ctx, ctx.scorer, [])
+            _backward(ctx, _with_pad(zero, pad))
+
+
+def _backward(ctx: TrainContext, loss: torch.Tensor) -> None:
+    """Backward, also when the loss does not depend on the weights (every mask empty under
+    the 1/t scheme, or no rows left for this process): alone that adds nothing; under data
+    parallel the other processes wait for this one's gradients, so a zero-weighted pass
+    through the body and head joins them."""
+    if not loss.requires_grad:
+        if ctx.wrapped is None:
+            return
+        # Through the wrapped scorer, so DDP/FSDP see the same one forward as on a real batch.
+        loss = loss + 0.0 * _probe(ctx, ctx.scorer)
+    ctx.accelerator.backward(loss)
+
+
+def _check_finite(ctx: TrainContext, loss: torch.Tensor, batch: PairBatch) -> None:
+    """Stop on a non-finite loss, naming the step and pairs; under data parallel every
+    process learns of it (one flag all-reduced, also by a process with no rows), so none
+    waits for the others forever."""
+    bad = not bool(torch.isfinite(loss).all())
+    if ctx.wrapped is not None:
+        stop_with_others(ctx.accelerator, bad, ctx.step)
+    if bad:
+        raise UserError(f"step {ctx.step + 1}: loss is not finite ({loss.item()}) on pairs "
+                        f"{', '.join(batch.pair_ids)}; nothing was saved for this step "
+                        "(try a lower --learning-rate or --mixed-precision no)")
+
+
+def step_metrics(acc, micro: list[Optional[MicroStats]]) -> dict[str, float]:
+    """Means over the step's pairs (all micro-batches and processes), with TRL's names: every process sums
+    its micro-batches' statistics by name, one all-reduce adds the processes' sums."""
+    from pipeline.losses import METRICS
+
+    names = ("pairs", "tokens", *METRICS.values())
+    sums = dict.fromkeys(names, 0.0)
+    for m in micro:
+        if m is None:
+            continue
+        sums["pairs"] += m.pairs
+        sums["tokens"] += m.tokens
+        for name, value in m.stats.sums().items():
+            sums[name] += value
+    local = torch.tensor([sums[n] for n in names], dtype=torch.float64, device=acc.device)
+    if acc.num_processes > 1:
+        local = acc.reduce(local, reduction="sum")
+    total = dict(zip(names, local.tolist()))
+    pairs, tokens = max(total.pop("pairs"), 1.0), total.pop("tokens")
+    return {"tokens": tokens, **{name: v / pairs for name, v in total.items()}}
