@@ -1,39 +1,42 @@
-"""Train the shipped ``skill`` preset: a small LLaDA that gets some short arithmetic word problems right.
+"""Train the shipped ``skill`` preset with ``lldm-dpo sft``: a small LLaDA that gets some short arithmetic right.
 
-Seeded and deterministic (same seed, same thread count: same losses and the
-same stopping step). The data is the project's own generator
+Seeded and deterministic (same seed, same thread count: same losses, the same
+checkpoint chosen). The data is the project's own generator
 (``scripts/make_skill_data.py``): SFT on the ``sft`` split's worked solutions,
 the stopping rule on the ``dev`` split, and a final report on the held-out
-benchmark (``data/benchmarks/skill_heldout.jsonl``), which neither training
-nor the stopping rule ever reads.
+benchmark (``data/benchmarks/skill_heldout.jsonl``), which neither training nor
+the stopping rule ever reads.
 
-Masked-diffusion SFT as LLaDA's guidelines give it: per sequence t ~ U(eps, 1],
-each response token (the assistant turn, ``<|eot_id|>`` and the EOS padding up
-to ``--response-length``) masked with probability t, cross-entropy on the
-masked positions divided by t, summed and divided by the response length; the
-prompt is never masked. AdamW, linear warmup then cosine decay, clip 1.0.
+The steps:
 
-Every ``--eval-every`` steps the model answers the dev questions greedily with
-the project's sampler (semi-autoregressive blocks, one token per step); the
-run stops at the first evaluation whose dev accuracy is at least
-``--stop-at`` (or at ``--max-steps``), saves the model (bfloat16 safetensors)
-and prints its held-out accuracy, wall time and the command.
+1. a randomly initialised model of the ``skill`` architecture
+   (pipeline/models/presets.py), seeded, is written as a model folder
+   (``save_pretrained`` + the compact tokenizer): the SFT stage loads it through
+   the path a real checkpoint takes;
+2. the ``sft`` split is written as TRL prompt-completion JSONL;
+3. ``lldm-dpo sft`` (``stages.sft.run``) trains it: LLaDA's masked-diffusion SFT
+   (t ~ U(1e-3, 1] per sequence, the prompt never masked, CE/t over the masked
+   response tokens divided by the response length; responses padded with EOS to
+   ``--response-length`` so the model learns to stop), AdamW, warmup then cosine
+   to 10% of the peak rate, clip 1.0, a checkpoint (a model folder) every
+   ``--save-every`` steps;
+4. the stopping rule: every checkpoint, in step order, answers the dev
+   questions greedily with the embedded default's eval settings; the first whose
+   dev accuracy is at least ``--stop-at`` is the model (if none reaches it, the
+   best one). Choosing a checkpoint afterwards is the same as stopping there:
+   the checkpoints of one run do not depend on its length (the learning-rate
+   schedule is fixed by ``--max-steps`` before training starts);
+5. that checkpoint is written in bfloat16 to ``--out`` and its held-out
+   accuracy printed, with the wall time and the command.
 
-The loop is this script's own (the same loss as ``lldm-dpo sft``, which
-arrived after this model had started training; porting the script to it is
-left to do). The shipped ``pipeline/models/weights/skill.safetensors`` is the
-final model of this command (1.18M parameters, 900 steps, 1,360 s of training on a shared
-2-core CPU; dev accuracy by step in ``weights/skill.json``; it stopped at
-``--max-steps``, the dev accuracy never reached ``--stop-at``)::
+The shipped ``pipeline/models/weights/skill.safetensors`` is the model this
+command chose (its record, ``weights/skill.json``, holds the dev accuracy of
+every checkpoint, the chosen step, the first losses and the sha256)::
 
-    OMP_NUM_THREADS=1 python scripts/train_skilled_model.py --out runs/skill-model --keep-checkpoints
+    OMP_NUM_THREADS=1 python scripts/train_skilled_model.py --out runs/skill-model --record
 
-Its held-out greedy accuracy, measured by ``lldm-dpo run``'s eval (dual KV
-cache): 108/1000.
-
-``--record`` writes the first steps' losses and the checkpoint's sha256 to
-``pipeline/models/weights/skill.json`` (the test of this script replays the
-first steps against it).
+``--record`` writes that record (the test of this script replays the first
+steps against it).
 """
 
 from __future__ import annotations
@@ -41,151 +44,152 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
-from make_skill_data import generate  # noqa: E402
+from make_skill_data import generate, write_jsonl  # noqa: E402
 
-from pipeline.models.llada import LLaDAConfig, LLaDAModelLM  # noqa: E402
+from pipeline.models.llada import LLaDAModelLM  # noqa: E402
 from pipeline.models.presets import preset_config  # noqa: E402
 from pipeline.models.tokenizer import build_tokenizer  # noqa: E402
-from pipeline.prompts import encode_prompt, encode_text, render_response  # noqa: E402
 
-GEN = dict(gen_length=24, block_length=4, steps=24)
-"""Greedy decoding of the stopping rule and of the embedded default's eval."""
+GEN = dict(gen_length=24, block_length=4, steps=24, cache="dual")
+"""Greedy decoding of the stopping rule: the embedded default's eval settings (stages/run.yaml)."""
 
-
-def model_config() -> LLaDAConfig:
-    """The ``skill`` preset's architecture (pipeline/models/presets.py), the one source of it."""
-    return preset_config("skill")
+RECORD = REPO / "pipeline" / "models" / "weights" / "skill.json"
 
 
-def encode_examples(tokenizer, rows, response_length: int):
-    """(prompt id lists, response Long[N, response_length]): response = assistant turn + EOS padding."""
-    prompts, responses = [], []
-    eos = tokenizer.eos_token_id
-    for r in rows:
-        prompts.append(encode_prompt(tokenizer, r["question"], chat_template=True))
-        resp = encode_text(tokenizer, render_response(tokenizer, r["question"], r["solution"], chat_template=True))
-        if len(resp) > response_length:
-            raise ValueError(f"response of {len(resp)} tokens exceeds --response-length {response_length}")
-        responses.append(resp + [eos] * (response_length - len(resp)))
-    return prompts, torch.tensor(responses, dtype=torch.long)
+def write_init_model(folder: Path, seed: int) -> int:
+    """A seeded random model of the ``skill`` architecture as a model folder; returns its parameter count."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LLaDAModelLM(preset_config("skill"))
+    model.save_pretrained(folder, safe_serialization=True)
+    build_tokenizer(layout="compact").save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
 
 
-def sft_loss(model, prompt_ids, prompt_attn, response, mask_id: int, gen: torch.Generator, eps: float = 1e-3):
-    """LLaDA's SFT loss for one batch (see the module docstring)."""
-    b, length = response.shape
-    t = eps + (1 - eps) * torch.rand(b, generator=gen)
-    masked = torch.rand(b, length, generator=gen) < t[:, None]
-    noisy = torch.where(masked, torch.full_like(response, mask_id), response)
-    ids = torch.cat([prompt_ids, noisy], 1)
-    attn = torch.cat([prompt_attn, torch.ones_like(response)], 1)
-    logits = model(ids, attention_mask=attn).logits[:, prompt_ids.shape[1]:].float()
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), response.reshape(-1), reduction="none").view(b, length)
-    return ((ce * masked / t[:, None]).sum(1) / length).mean()
+def write_sft_data(path: Path, rows: list[dict]) -> None:
+    """The SFT split as TRL's prompt-completion JSONL (the worked solution is the completion)."""
+    write_jsonl(path, [{"prompt": r["question"], "completion": r["solution"]} for r in rows])
 
 
-def lr_at(step: int, base: float, warmup: int, total: int, floor: float = 0.1) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+def sft_config(args, data: Path, init: Path, run_dir: Path):
+    from stages.sft import SFTConfig
+
+    return SFTConfig(
+        data=data, model=str(init), out=run_dir, chat_template=True, max_length=128, pad_response_to=args.response_length,
+        learning_rate=args.learning_rate, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98,
+        batch_size=args.batch_size, max_steps=args.max_steps, warmup_steps=args.warmup_steps,
+        scheduler="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1}, max_grad_norm=1.0,
+        save_every=args.save_every, keep_checkpoints=max(1, args.max_steps // max(1, args.save_every)) + 1,
+        seed=args.seed, log_every=args.log_every, device="cpu", report_to="none", tensorboard=False,
+        progress=False, run_name="skill-model",
+    )
 
 
-def greedy_accuracy(model, tokenizer, rows, batch_size: int = 64) -> tuple[int, list[dict]]:
+def greedy_correct(model, tokenizer, rows, batch_size: int = 64) -> int:
     from pipeline.answers import is_correct
     from pipeline.completion import complete
 
     model.eval()
-    done = complete(model, tokenizer, [r["question"] for r in rows], chat_template=True, batch_size=batch_size, **GEN)
-    model.train()
-    graded = [{"question": r["question"], "completion": d["completion"],
-               "correct": bool(is_correct(d["completion"], str(r["answer"])))} for r, d in zip(rows, done)]
-    return sum(g["correct"] for g in graded), graded
+    done = complete(model, tokenizer, [r["question"] for r in rows], chat_template=True, batch_size=batch_size,
+                    **GEN)
+    return sum(bool(is_correct(d["completion"], str(r["answer"]))) for r, d in zip(rows, done))
 
 
-def save(model, out: Path) -> str:
-    """bfloat16 safetensors + config in ``out``; returns the weights' sha256."""
+def load_bf16_rounded(folder: Path):
+    """The model as it will ship: weights rounded to bfloat16, computed in float32 (as the preset loads)."""
+    from pipeline.models import load_model
+
+    model, tokenizer = load_model(str(folder))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    return model.eval(), tokenizer
+
+
+def save_bf16(model, tokenizer, out: Path) -> str:
+    """bfloat16 safetensors + config + tokenizer in ``out``; returns the weights' sha256."""
     out.mkdir(parents=True, exist_ok=True)
-    # A bfloat16 copy: the training weights stay float32 (a checkpoint never perturbs the run).
     state = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
     model.save_pretrained(out, state_dict=state, safe_serialization=True)
-    build_tokenizer(layout="compact").save_pretrained(out)  # a complete model folder: --model DIR loads it
+    tokenizer.save_pretrained(out)
     return hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
 
 
-def train(args, log=print) -> dict:
-    torch.manual_seed(args.seed)
-    tokenizer = build_tokenizer(layout="compact")
-    splits = generate(args.data_seed, sft=args.sft_examples)
-    prompts, responses = encode_examples(tokenizer, splits["sft"], args.response_length)
-    model = LLaDAModelLM(model_config()).train()
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params:,} parameters; {len(prompts)} SFT examples; dev {len(splits['dev'])}")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.98), weight_decay=0.01)
-    gen = torch.Generator().manual_seed(args.seed)
-    order_gen = torch.Generator().manual_seed(args.seed + 1)
-    mask_id, pad_id = model.config.mask_token_id, tokenizer.eos_token_id
-    from pipeline.sampler import left_pad
+def first_losses(run_dir: Path, n: int = 5) -> list[float]:
+    import pyarrow.parquet as pq
 
-    losses, history, order, pos = [], [], torch.randperm(len(prompts), generator=order_gen), 0
+    from pipeline.layout import METRICS_FILE
+
+    table = pq.read_table(run_dir / METRICS_FILE, columns=["step", "loss"]).to_pylist()
+    return [round(r["loss"], 6) for r in sorted(table, key=lambda r: r["step"])[:n]]
+
+
+def choose(history: list[dict], stop_at: float) -> dict:
+    """The stopping rule: the first checkpoint with dev accuracy >= stop_at, else the best (earliest on ties)."""
+    for h in history:
+        if h["dev_correct"] >= stop_at * h["dev_total"]:
+            return {**h, "stopped": "stop_at"}
+    best = max(history, key=lambda h: (h["dev_correct"], -h["step"]))
+    return {**best, "stopped": "best_dev"}
+
+
+def train(args, log=print) -> dict:
+    from pipeline.checkpoint import list_checkpoints
+    from pipeline.layout import FINAL_DIR
+    from stages.sft import run as sft_run
+
+    splits = generate(args.data_seed, sft=args.sft_examples)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    init, data, run_dir = work / "init", work / "sft.jsonl", work / "sft-run"
+    n_params = write_init_model(init, args.seed)
+    write_sft_data(data, splits["sft"])
+    log(f"model: {n_params:,} parameters; {len(splits['sft'])} SFT examples; dev {len(splits['dev'])}")
     start = time.perf_counter()
-    step, stopped = 0, "max_steps"
-    while step < args.max_steps:
-        if pos + args.batch_size > len(order):
-            order, pos = torch.randperm(len(prompts), generator=order_gen), 0
-        idx = order[pos : pos + args.batch_size].tolist()
-        pos += args.batch_size
-        p_ids, p_attn = left_pad([prompts[i] for i in idx], pad_id)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.learning_rate, args.warmup_steps, args.max_steps)
-        loss = sft_loss(model, p_ids, p_attn, responses[idx], mask_id, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        losses.append(round(loss.item(), 6))
-        if step % args.log_every == 0:
-            recent = losses[-args.log_every:]
-            log(f"step {step}: loss {sum(recent) / len(recent):.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"({time.perf_counter() - start:.0f}s)")
-        if args.eval_every and step % args.eval_every == 0:
-            right, graded = greedy_accuracy(model, tokenizer, splits["dev"])
-            history.append({"step": step, "dev_correct": right, "dev_total": len(graded),
-                            "seconds": round(time.perf_counter() - start, 1)})
-            log(f"step {step}: dev accuracy {right}/{len(graded)} ({time.perf_counter() - start:.0f}s); "
-                f"e.g. {graded[0]['completion']!r}")
-            if args.out and args.keep_checkpoints:
-                save(model, Path(args.out) / "checkpoints" / f"step-{step}")
-            if right >= args.stop_at * len(graded):
-                stopped = "stop_at"
-                break
-    seconds = time.perf_counter() - start
-    result = {"steps": step, "stopped": stopped, "train_seconds": round(seconds, 1), "first_losses": losses[:5],
-              "parameters": n_params, "history": history}
+    result = sft_run(sft_config(args, data, init, run_dir))
+    train_seconds = time.perf_counter() - start
+    log(f"sft: {result.steps} steps in {train_seconds:.0f}s, final loss {result.final_loss:.4f}")
+    out = {"parameters": n_params, "steps": result.steps, "train_seconds": round(train_seconds, 1),
+           "first_losses": first_losses(run_dir)}
+    if not args.eval_every_checkpoint:
+        return out
+    folders = [(int(p.name.rsplit("-", 1)[-1]), p) for p in list_checkpoints(run_dir)]
+    folders.append((result.steps, run_dir / FINAL_DIR))
+    history = []
+    for step, folder in folders:
+        model, tokenizer = load_bf16_rounded(folder)
+        right = greedy_correct(model, tokenizer, splits["dev"])
+        history.append({"step": step, "dev_correct": right, "dev_total": len(splits["dev"]), "folder": str(folder)})
+        log(f"step {step}: dev accuracy {right}/{len(splits['dev'])}")
+    chosen = choose(history, args.stop_at)
+    out.update(history=[{k: h[k] for k in ("step", "dev_correct", "dev_total")} for h in history],
+               chosen_step=chosen["step"], stopped=chosen["stopped"])
     if args.out:
-        result["sha256"] = save(model, Path(args.out))
-        right, _ = greedy_accuracy(model.to(torch.bfloat16).to(torch.float32), tokenizer, splits["heldout"])
-        result["heldout_correct"], result["heldout_total"] = right, len(splits["heldout"])
-        log(f"held-out accuracy {right}/{len(splits['heldout'])}")
-    return result
+        model, tokenizer = load_bf16_rounded(Path(chosen["folder"]))
+        out["sha256"] = save_bf16(model, tokenizer, Path(args.out))
+        out["size_bytes"] = (Path(args.out) / "model.safetensors").stat().st_size
+        right = greedy_correct(model, tokenizer, splits["heldout"])
+        out["heldout_correct"], out["heldout_total"] = right, len(splits["heldout"])
+        log(f"chosen step {chosen['step']} ({chosen['stopped']}); held-out accuracy {right}/{len(splits['heldout'])}")
+    return out
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=None, help="folder for the final model (none: train only)")
+    ap.add_argument("--out", type=Path, default=None, help="folder for the chosen model (none: train only)")
+    ap.add_argument("--work", type=Path, default=Path("runs/skill-train"),
+                    help="folder for the initial model, the SFT data and the sft run (its checkpoints)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-seed", type=int, default=20261201)
     ap.add_argument("--sft-examples", type=int, default=20000)
@@ -193,12 +197,13 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--learning-rate", type=float, default=3e-3)
     ap.add_argument("--warmup-steps", type=int, default=100)
-    ap.add_argument("--max-steps", type=int, default=900)
-    ap.add_argument("--eval-every", type=int, default=150)
-    ap.add_argument("--stop-at", type=float, default=0.3, help="stop at the first dev accuracy >= this")
-    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--max-steps", type=int, default=3000)
+    ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--stop-at", type=float, default=0.3, help="choose the first checkpoint with dev accuracy >= this")
+    ap.add_argument("--log-every", type=int, default=1, help="1: every step's loss in metrics.parquet")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared machine)")
-    ap.add_argument("--keep-checkpoints", action="store_true", help="save the model at every dev evaluation too")
+    ap.add_argument("--no-eval", dest="eval_every_checkpoint", action="store_false",
+                    help="train only (no dev evaluation, no choice)")
     ap.add_argument("--record", action="store_true", help="write pipeline/models/weights/skill.json")
     return ap.parse_args(argv)
 
@@ -209,12 +214,11 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     result = train(args, log=lambda m: print(m, flush=True))
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    result["command"] = "python scripts/train_skilled_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    argv = sys.argv[1:] if argv is None else argv
+    result["command"] = "python scripts/train_skilled_model.py " + " ".join(shlex.quote(a) for a in argv)
     print(json.dumps(result, indent=1))
     if args.record and args.out:
-        record = REPO / "pipeline" / "models" / "weights" / "skill.json"
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(result, indent=1) + "\n")
+        RECORD.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wall time {result['wall_seconds']:.0f}s; command: {result['command']}")
 
 

@@ -51,7 +51,7 @@ class Preset:
     """sha256 of that file, checked before the weights are used."""
 
 
-SKILL_SHA256 = "ee478fb0736a42b29d719af354a9597b059f5fef4f23508e8d9af110cf45243e"
+SKILL_SHA256 = "b4b48e7a413c3446feb2beec64e7a73934f9ddb14855f385e404ca2dc3bf8703"
 
 PRESETS: dict[str, Preset] = {
     "skill": Preset(
