@@ -132,9 +132,7 @@ def plan_of(spec: dict) -> dict:
     from pipeline.plan.memory import GIB, context_bytes
 
     cfg, shape = train_config(spec), Shape(spec["samples"], spec["length"], spec["prompt"])
-    import stages.train
-
-    plan = make_plan("train", cfg, shape, 16 * GIB, "16 GiB", step=stages.train)
+    plan = make_plan("train", cfg, shape, 16 * GIB, "16 GiB")
     c = plan.components
     held = c["weights"] + c["adapters"] + c["optimizer_states"]
     return {"planned": plan.total - context_bytes(), "tracked": plan.tracked_peak,

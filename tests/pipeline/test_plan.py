@@ -13,29 +13,12 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError, UserError
-from pipeline.plan import Shape, check_start, largest, nf4_bytes, parse_memory
-from pipeline.plan import make_plan as _make_plan
-from pipeline.plan.estimate import _affine
-from pipeline.plan.estimate import trace as _trace
+from pipeline.plan import Shape, check_start, largest, make_plan, nf4_bytes, parse_memory
+from pipeline.plan.estimate import _affine, trace
 from pipeline.plan.memory import GIB
 from pipeline.plan.trace import build_model, materialize, new_fake_mode, quantize_standins
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _step():
-    """The train stage's step code, which a train plan runs (the library takes it from the stage)."""
-    import stages.train
-
-    return stages.train
-
-
-def trace(*args, **kwargs):
-    return _trace(*args, step=_step(), **kwargs)
-
-
-def make_plan(*args, **kwargs):
-    return _make_plan(*args, step=_step(), **kwargs)
 
 
 def _train_cfg(**kw):
