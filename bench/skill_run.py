@@ -130,9 +130,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-skill-run-"))
     lines = []
     try:
+        tune = tune_benchmark(tmp) if args.tune else None
         for name in args.variants.split(","):
             gflops, cpu_gflops = matmul_rates()
-            res = run_variant(name, (args.keep or tmp) / name, sets, tune_benchmark(tmp) if args.tune else None)
+            res = run_variant(name, (args.keep or tmp) / name, sets, tune)
             res["set"], res["tune"] = args.set, args.tune
             gflops_after, cpu_gflops_after = matmul_rates()
             res["matmul_gflops_wall"] = [round(gflops, 1), round(gflops_after, 1)]

@@ -233,13 +233,4 @@ class DPORecipe:
 
 def run(cfg: TrainConfig) -> TrainResult:
     """setup, train, save, holding the run folder's lock (a second train into it refuses, naming the first)."""
-    from pipeline.lock import output_lock
-
-    with output_lock(cfg.out, "train", folder=True):
-        recipe = DPORecipe(cfg)
-        try:
-            recipe.setup()
-            recipe.train()
-            return recipe.save()
-        finally:
-            recipe.close()
+    return session.run_recipe(DPORecipe(cfg), "train")

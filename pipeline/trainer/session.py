@@ -30,7 +30,9 @@ def prepare_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
     from pipeline.training import check_run_outputs
 
     check_writable(out, "run folder")
-    for folder in (out, out / "checkpoints"):
+    from pipeline.layout import LEGACY_CHECKPOINTS_DIR
+
+    for folder in (out, out / LEGACY_CHECKPOINTS_DIR):
         sweep_stale(folder)
     if resume:
         return
@@ -192,3 +194,17 @@ def push_final(cfg, acc, stage: str) -> None:
         from pipeline.layout import FINAL_DIR
 
         push_folder(cfg.out / FINAL_DIR, cfg, stage=stage)
+
+
+def run_recipe(recipe, stage: str):
+    """``setup()``, ``train()``, ``save()`` of a recipe, holding its run folder's lock (a second run into the
+    folder refuses, naming the first); ``close()`` whatever happens. Returns ``save()``'s result."""
+    from pipeline.lock import output_lock
+
+    with output_lock(recipe.cfg.out, stage, folder=True):
+        try:
+            recipe.setup()
+            recipe.train()
+            return recipe.save()
+        finally:
+            recipe.close()

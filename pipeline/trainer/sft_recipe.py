@@ -228,13 +228,4 @@ def sft_card(cfg: SFTConfig, data_sha256: str, n_examples: int, last: dict[str, 
 
 def run(cfg: SFTConfig) -> SFTResult:
     """setup, train, save, holding the run folder's lock (as train does)."""
-    from pipeline.lock import output_lock
-
-    with output_lock(cfg.out, "sft", folder=True):
-        recipe = SFTRecipe(cfg)
-        try:
-            recipe.setup()
-            recipe.train()
-            return recipe.save()
-        finally:
-            recipe.close()
+    return session.run_recipe(SFTRecipe(cfg), "sft")
