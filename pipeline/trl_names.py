@@ -52,6 +52,11 @@ def _not(value: Any) -> Any:
 _not.flag_type = bool  # type: ignore[attr-defined]
 
 
+def _keep_all(value: Any) -> Any:
+    """TrainingArguments' save_total_limit null (``--save-total-limit none``) keeps every checkpoint: our 0."""
+    return 0 if value is None or str(value).strip().lower() in ("none", "null") else value
+
+
 def _max_steps(value: Any) -> Any:
     """TrainingArguments' max_steps -1 (its default) means "from the epochs": our 0."""
     return 0 if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0 else value
@@ -68,7 +73,7 @@ _TRAINING = {
     "num_train_epochs": Alias("epochs"),
     "lr_scheduler_type": Alias("scheduler"),
     "save_steps": Alias("save_every"),
-    "save_total_limit": Alias("keep_checkpoints"),
+    "save_total_limit": Alias("keep_checkpoints", _keep_all),
     "logging_steps": Alias("log_every"),
     "bf16": Alias("mixed_precision", _precision("bf16")),
     "fp16": Alias("mixed_precision", _precision("fp16")),
@@ -146,7 +151,7 @@ def translate(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
 
     for key, value in data.items():
         alias = table.get(key)
-        if cls.__name__ in TRAINING_STAGES and value is None:
+        if cls.__name__ in TRAINING_STAGES and value is None and key != "save_total_limit":  # null there: keep all
             from pipeline.trl_args import training_arguments
 
             if key in training_arguments() and training_arguments()[key] is None:

@@ -1,51 +1,69 @@
-"""DPO's configuration (TRL's DPOConfig words where they exist): one dataclass, every field documented, every
-range declared once in ``RANGES`` and checked from there (``pipeline.config.check_ranges``); defaults that depend
-on other fields (the preference loss, its weights) are resolved here, once, as properties."""
+"""DPO's configuration (TRL's DPOConfig words where they exist): the shared training fields
+(pipeline/trainer/args.py) and DPO's own, every field documented, every range declared once in ``RANGES`` and
+checked from there (``pipeline.config.check_ranges``); defaults that depend on other fields (the preference loss,
+its weights) are resolved here, once, as properties."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
-from pipeline.devices import DTYPE_NAMES
-from pipeline.devices import PRECISION_NAMES as PRECISIONS  # noqa: F401  (the one list; importable from here)
+from pipeline.config import require, require_choice
 from pipeline.errors import ConfigError
 from pipeline.losses import LOSS_TYPES, validate_loss_args
-from pipeline.models import LORA_TARGET_NAMES
-from pipeline.training import check_optim, check_scheduler
+from pipeline.trainer import args
+from pipeline.trainer.args import TrainingArgs
 
 REFERENCES = ("cached", "online")
 
 
-RESUME_FREE = ("scores", "model", "out", "resume", "overwrite", "progress", "plan", "save_every", "keep_checkpoints",
-               "log_every", "report_to", "tensorboard", "device", "batch_tokens", "sequence_microbatch",
-               "gradient_checkpointing", "trust_remote_code", "eval_every", "save_best", "gap_threshold",
-               "allow_different_init", "allow_numerics_mismatch", "reuse_masks", "run_name",
-               "resume_from_checkpoint", "push_to_hub", "hub_model_id", "hub_private_repo")
+RESUME_FREE = (*args.RESUME_FREE, "scores", "plan", "batch_tokens", "sequence_microbatch", "eval_every", "save_best",
+               "gap_threshold", "allow_different_init", "allow_numerics_mismatch", "reuse_masks")
 """Settings a resume may change (speed, memory, logging, where things are): every other one shapes the run and
 must equal the recorded config.yaml (the cache goes by its fingerprint digest in the checkpoint's layout)."""
 
-RANGES = {"beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "sft_weight": "[0, inf)", "learning_rate": "(0, inf)",
-          "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)",
-          "adam_beta2": "[0, 1)", "adam_epsilon": "[0, inf)", "batch_size": "[1, inf)", "grad_accum": "[1, inf)", "epochs": "[1, inf)",
-          "max_steps": "[0, inf)", "warmup_ratio": "[0, 1)", "warmup_steps": "[0, inf)", "max_grad_norm": "[0, inf)", "lora_r": "[0, inf)",
-          "lora_alpha": "[1, inf)", "lora_dropout": "[0, 1)", "sequence_microbatch": "[0, inf)",
-          "batch_tokens": "[1, inf)", "save_every": "[0, inf)", "keep_checkpoints": "[0, inf)", "seed": "[0, inf)",
-          "log_every": "[1, inf)", "gap_threshold": "[0, inf)", "max_length": "[1, inf)",
-          "eval_every": "[0, inf)"}
+RANGES = {**args.RANGES, "beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "sft_weight": "[0, inf)",
+          "sequence_microbatch": "[0, inf)", "batch_tokens": "[1, inf)", "gap_threshold": "[0, inf)",
+          "max_length": "[1, inf)", "eval_every": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
 @dataclass
-class TrainConfig:
-    scores: Path = Path("cache/ref-scores")
-    """Reference-score cache folder written by ``lldm-dpo score-ref``."""
+class TrainConfig(TrainingArgs):
+    # train's own defaults (and help) of shared fields: the policy follows the cache it is trained against
     model: Optional[str] = None
     """The policy's starting point; default: the model the cache was scored with."""
     out: Path = Path("runs/dpo")
-    """Run folder: checkpoints, final model, metrics.parquet, TensorBoard events, config.yaml."""
+    learning_rate: float = 1e-5
+    batch_size: int = 4
+    """Pairs per micro-batch per process."""
+    epochs: int = 1
+    """Passes over the training pairs (ignored when max_steps > 0)."""
+    warmup_ratio: float = 0.1
+    mixed_precision: Optional[str] = None
+    """accelerate's mixed precision: no, bf16 or fp16 (fp16 uses loss scaling and needs CUDA). Default: the cache's."""
+    dtype: Optional[str] = None
+    """dtype the policy's weights are loaded in (float32, bfloat16, float16; LoRA keeps adapters in float32).
+    Default: the cache's, so the policy reproduces the cached reference terms."""
+    load_in_4bit: Optional[bool] = None
+    """Quantize the frozen base to 4-bit NF4 with bitsandbytes (CPU or CUDA; needs lora_r > 0). Default: the cache's."""
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    overwrite: bool = False
+    """Start afresh in a run folder that holds an earlier run (its files are removed)."""
+    seed: int = 0
+    """Seed of the data order and of torch's RNG."""
+    log_every: int = 1
+    """Log metrics every N steps."""
+    report_to: str = "tensorboard"
+    """Comma-separated trackers the metrics also go to (tensorboard, wandb, mlflow, comet_ml, aim, dvclive, ...: any
+    accelerate knows and this environment has installed), 'all' for every installed one, or 'none'; metrics.parquet
+    is always written."""
+    # DPO's own fields
+    scores: Path = Path("cache/ref-scores")
+    """Reference-score cache folder written by ``lldm-dpo score-ref``."""
     allow_different_init: bool = False
     """Accept a starting model other than the cache's reference model."""
     loss: str = "sigmoid"
@@ -58,49 +76,6 @@ class TrainConfig:
     """Label noise rate for sigmoid (conservative DPO) and robust losses."""
     sft_weight: float = 0.0
     """Weight of an SFT term (chosen response's per-token negative ELBO), as TRL's rpo_alpha; adds to an sft loss's weight."""
-    learning_rate: float = 1e-5
-    """Peak AdamW learning rate."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    adam_beta1: float = 0.9
-    """AdamW beta1."""
-    adam_beta2: float = 0.999
-    """AdamW beta2."""
-    optim: str = "adamw_torch"
-    """TrainingArguments' optim: adamw_torch (torch's AdamW, fused kernel where it runs), adamw_torch_fused,
-    adafactor, sgd, adagrad, rmsprop, or bitsandbytes' adamw_8bit, adamw_bnb_8bit, paged_adamw_8bit,
-    paged_adamw_32bit (where bitsandbytes is installed)."""
-    adam_epsilon: float = 1e-8
-    """AdamW epsilon."""
-    run_name: Optional[str] = None
-    """The run's name in trackers (TrainingArguments' run_name); default: the run folder's name."""
-    batch_size: int = 4
-    """Pairs per micro-batch per process."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
-    epochs: int = 1
-    """Passes over the training pairs (ignored when max_steps > 0)."""
-    max_steps: int = 0
-    """Optimizer steps to run; 0 = derived from epochs."""
-    warmup_ratio: float = 0.1
-    """Share of steps with linear warmup."""
-    warmup_steps: float = 0
-    """Warmup steps (TrainingArguments' warmup_steps: >= 1 a count, in (0, 1) a share of the steps); when > 0 it
-    wins over warmup_ratio. The learning rate rises from 0 to its peak over them, as in transformers."""
-    scheduler: str = "cosine"
-    """transformers' lr_scheduler_type: linear, cosine, cosine_with_restarts, polynomial, constant,
-    constant_with_warmup, inverse_sqrt, cosine_with_min_lr, cosine_warmup_with_min_lr, warmup_stable_decay
-    (transformers.get_scheduler; constant has no warmup, as there)."""
-    lr_scheduler_kwargs: Optional[dict] = None
-    """Extra arguments of the scheduler (TrainingArguments' lr_scheduler_kwargs), e.g. {min_lr_rate: 0.1} for
-    cosine_with_min_lr, {num_cycles: 2} for cosine_with_restarts."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm (0 = off)."""
-    mixed_precision: Optional[str] = None
-    """accelerate's mixed precision: no, bf16 or fp16 (fp16 uses loss scaling and needs CUDA). Default: the cache's."""
-    dtype: Optional[str] = None
-    """dtype the policy's weights are loaded in (float32, bfloat16, float16; LoRA keeps adapters in float32).
-    Default: the cache's, so the policy reproduces the cached reference terms."""
     allow_numerics_mismatch: bool = False
     """Accept a dtype, mixed precision or 4-bit setting other than the cache's (the policy then starts off the
     cached reference: see gap_threshold)."""
@@ -111,18 +86,6 @@ class TrainConfig:
     reuse_masks: bool = False
     """Accept more epochs than the cache has mask draws (epoch e replays draw e mod draws; a warning, and the
     metric masks/reused = 1 on those steps). Without it such a run is refused: rescore with --draws."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
-    lora_r: int = 0
-    """LoRA rank; 0 = full fine-tuning."""
-    lora_alpha: int = 16
-    """LoRA alpha."""
-    lora_dropout: float = 0.0
-    """LoRA dropout."""
-    lora_targets: str = ",".join(LORA_TARGET_NAMES)
-    """Comma-separated module names to adapt (LLaDA's attention and MLP projections by default; never the head)."""
-    load_in_4bit: Optional[bool] = None
-    """Quantize the frozen base to 4-bit NF4 with bitsandbytes (CPU or CUDA; needs lora_r > 0). Default: the cache's."""
     sequence_microbatch: int = 0
     """Backpropagate this many sequences at a time after a no-grad pass (0 = one pass); memory follows K, not n."""
     reference: str = "cached"
@@ -131,82 +94,26 @@ class TrainConfig:
     """Token budget of one forward pass."""
     max_length: Optional[int] = None
     """Longest prompt + response (TRL's max_length). Truncation happens in score-ref: when set, it must equal the cache's."""
-    save_every: int = 0
-    """Checkpoint every N steps (0 = only at the end)."""
-    keep_checkpoints: int = 2
-    """How many newest checkpoints to keep."""
-    resume: bool = False
-    """Continue from the newest checkpoint in the run folder."""
-    resume_from_checkpoint: Optional[Union[bool, str]] = None
-    """transformers' resume_from_checkpoint: true continues from the newest checkpoint-N in the run folder (as
-    --resume); a path continues from that checkpoint-N folder (its recorded settings and data fingerprint must
-    be this run's)."""
-    overwrite: bool = False
-    """Start afresh in a run folder that holds an earlier run (its files are removed)."""
-    seed: int = 0
-    """Seed of the data order and of torch's RNG."""
-    log_every: int = 1
-    """Log metrics every N steps."""
-    device: str = "auto"
-    """cpu, cuda or auto (accelerate's device)."""
-    tensorboard: bool = True
-    """Write TensorBoard events under RUN_DIR/tensorboard (false drops tensorboard from report_to)."""
-    report_to: str = "tensorboard"
-    """Comma-separated trackers the metrics also go to (tensorboard, wandb, mlflow, comet_ml, aim, dvclive, ...: any
-    accelerate knows and this environment has installed), 'all' for every installed one, or 'none'; metrics.parquet
-    is always written."""
     eval_every: int = 0
     """Measure held-out preference metrics (eval/... : accuracy, margin, loss) on the cache's eval split every N
     steps (0 = never); one no-grad policy pass over the eval pairs on draw 0's cached masks."""
     save_best: bool = False
     """Keep the checkpoint with the best eval/rewards/accuracies (needs eval_every); never rotated away."""
-    trust_remote_code: bool = False
-    """Allow a non-LLaDA checkpoint to run its own modeling code."""
-    progress: bool = True
-    """A progress bar with ETA on stderr when it is a terminal (tqdm's, as transformers shows it), and one
-    metrics line per logged step; --no-progress (TrainingArguments' disable_tqdm: true) turns both off."""
     plan: bool = True
     """On CUDA, plan the peak memory first and stop with the largest settings that fit (lldm-dpo plan)."""
-    push_to_hub: bool = False
-    """Upload the final model folder (with its README.md model card) to the Hugging Face Hub at the end of the
-    run (huggingface_hub's create_repo + upload_folder); needs hub_model_id."""
-    hub_model_id: Optional[str] = None
-    """The Hub repository push_to_hub uploads to (name or user/name)."""
-    hub_token: Optional[str] = field(default=None, repr=False, metadata={"secret": True})
-    """Hub token for push_to_hub (default: HF_TOKEN or the saved login, as huggingface_hub finds them); never
-    written to config.yaml, checkpoints, the model card or trackers."""
-    hub_private_repo: Optional[bool] = None
-    """Create the Hub repository private (default: the Hub's, public)."""
 
     def __post_init__(self):
-        self.scores, self.out = Path(self.scores), Path(self.out)
-        from pipeline.config import check_device, check_ranges, require, require_choice
-        from pipeline.trackers import parse_report_to
-
-        check_ranges(self, RANGES)  # every numeric field's interval, from its one declaration
-        check_device(self.device)
-        from pipeline.hub import check_hub_args
-        from pipeline.resume import resume_setting
-
-        self.resume, self.resume_from_checkpoint = resume_setting(self.resume, self.resume_from_checkpoint)
-        check_hub_args(self.push_to_hub, self.hub_model_id)
+        self.scores = Path(self.scores)
+        super().__post_init__(RANGES)
         self._check_losses()
         validate_loss_args(beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing)
-        check_scheduler(self.scheduler, self.lr_scheduler_kwargs)
-        check_optim(self.optim)
-        if self.mixed_precision is not None:
-            require_choice("mixed_precision", self.mixed_precision, PRECISIONS)
         require_choice("reference", self.reference, REFERENCES)
-        if self.dtype is not None:
-            require_choice("dtype", self.dtype, tuple(DTYPE_NAMES))
         # The weights come from a no-grad pass; with dropout the backward passes would
         # see other masks of the network, and the gradient would no longer be the loss's.
         require(not (self.sequence_microbatch and self.lora_dropout > 0),
                 "sequence_microbatch needs lora_dropout = 0 (dropout differs between the two passes)")
-        require(not (self.load_in_4bit and self.lora_r == 0), "load_in_4bit trains adapters only: set lora_r > 0")
         require(not (self.save_best and not self.eval_every),
                 "save_best keeps the best checkpoint by held-out accuracy: set eval_every > 0")
-        parse_report_to(self.report_to)  # syntax here; installed or not is checked when the run starts
 
     def _check_losses(self) -> None:
         names = self.loss_names

@@ -267,3 +267,53 @@ def test_every_config_field_has_a_flag():
         fields = {f for f in cls.__dataclass_fields__}
         missing = fields - params - {"progress"}  # progress is --no-progress / --quiet
         assert not missing, f"{cls.__name__}: no flag for {sorted(missing)}"
+
+
+STAGE_OWN = {  # shared training fields (pipeline/trainer/args.py) whose default or help is the stage's own
+    "model": ("none", "tiny"), "out": ("runs/dpo", "runs/sft"), "learning_rate": ("1e-05", "2e-05"),
+    "batch_size": ("4", "8"), "epochs": ("1", "1"), "warmup_ratio": ("0.1", "0.0"), "mixed_precision": ("none", "no"),
+    "dtype": ("none", "float32"), "load_in_4bit": ("none", "False"), "save_every": ("0", "0"),
+    "overwrite": ("False", "False"), "seed": ("0", "0"), "log_every": ("1", "10"),
+    "report_to": ("tensorboard", "tensorboard"), "max_length": ("none", "1024")}
+"""Field -> (train's shown default, sft's), as `lldm-dpo train --help` and `lldm-dpo sft --help` print them."""
+
+
+def test_train_and_sft_keep_their_own_defaults_and_help():
+    """One base declares the fields train and sft share; each command still shows its own defaults and help."""
+    import inspect
+
+    from stages import sft, train
+
+    def options(module):  # field -> (help text, default shown)
+        return {name: (p.default.help, p.default.show_default)
+                for name, p in inspect.signature(module.command).parameters.items()}
+
+    ours, theirs = options(train), options(sft)
+    shared = ours.keys() & theirs.keys()
+    assert {name for name in shared if ours[name] != theirs[name]} == set(STAGE_OWN)
+    assert {name: (ours[name][1], theirs[name][1]) for name in STAGE_OWN} == STAGE_OWN
+    assert ours["batch_size"][0] == "Pairs per micro-batch per process."
+    assert theirs["batch_size"][0] == "Sequences per micro-batch per process."
+    assert ours["log_every"][0] == "Log metrics every N steps." and "(and the last step)" in theirs["log_every"][0]
+    assert "the cache's" in ours["dtype"][0] and theirs["dtype"][0] == "dtype the weights are loaded in (float32, " \
+                                                                        "bfloat16, float16)."
+    assert {"learning_rate", "lora_targets", "hub_token", "keep_checkpoints", "progress"} <= shared
+    for module, opts in ((train, ours), (sft, theirs)):  # every field's help is its docstring, inherited or own
+        assert all(opts[name][0] for name in field_types(module.command.config_class))
+
+
+@pytest.mark.parametrize("stage", ["train", "sft"])
+def test_save_total_limit_null_keeps_every_checkpoint(stage, tmp_path):
+    """TrainingArguments' save_total_limit: null means no limit (keep_checkpoints 0), not our default of 2."""
+    from stages import sft, train
+
+    cls = {"train": train.TrainConfig, "sft": sft.SFTConfig}[stage]
+    path = tmp_path / "trl.yaml"
+    for text, keep in (("save_total_limit: null\n", 0), ("save_total_limit: 3\n", 3), ("save_steps: 5\n", 2)):
+        path.write_text(text)
+        assert load_config(cls, path).keep_checkpoints == keep, text
+    app = build_app(stage)
+    for value, keep in (("none", 0), ("4", 4)):
+        res = CliRunner().invoke(app, [stage, "x", "--save-total-limit", value, "--print-config"])
+        assert res.exit_code == 0, res.output
+        assert yaml.safe_load(res.output)["keep_checkpoints"] == keep
