@@ -45,11 +45,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: config file must hold a mapping of keys to values, got {type(data).__name__}")
-    return data
+    require(data is None or isinstance(data, dict),
+            f"{path}: config file must hold a mapping of keys to values, got {type(data).__name__}")
+    return data or {}
 
 
 def load_config(
@@ -124,25 +122,21 @@ def coerce(tp: Any, value: Any, key: str, where: str) -> Any:
         # error (below): there it is a mistake found only after the stages before it ran ('' would be '.')
         value = None
     if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{where}: {key} must be {_TYPE_NAMES.get(base, base)}, got null")
+        require(optional, f"{where}: {key} must be {_TYPE_NAMES.get(base, base)}, got null")
+        return None
     origin = typing.get_origin(base)
     if origin in (list, tuple):
         (item,) = typing.get_args(base)[:1] or (Any,)
         items = list(value) if isinstance(value, (list, tuple)) else [value]
         return [coerce(item, v, key, where) for v in items]
     if origin is dict or base is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        require(isinstance(value, dict), f"{where}: {key} must be a mapping, got {value!r}")
         return value
     converted = _scalar(base, value)
-    if converted is _EMPTY_PATH:
-        none = " (null or leave the key out for none)" if optional else ""
-        raise ConfigError(f"{where}: {key} is an empty path{none}")
-    if converted is _BAD:
-        hint = " (quote it: YAML reads yes/no/on/off as true/false)" if isinstance(value, bool) and base is str else ""
-        raise ConfigError(f"{where}: {key} must be {_TYPE_NAMES.get(base, base)}, got {value!r}{hint}")
+    none = " (null or leave the key out for none)" if optional else ""
+    require(converted is not _EMPTY_PATH, f"{where}: {key} is an empty path{none}")
+    hint = " (quote it: YAML reads yes/no/on/off as true/false)" if isinstance(value, bool) and base is str else ""
+    require(converted is not _BAD, f"{where}: {key} must be {_TYPE_NAMES.get(base, base)}, got {value!r}{hint}")
     return converted
 
 
@@ -159,31 +153,17 @@ def _scalar(base: Any, value: Any) -> Any:
         return _BAD
     if isinstance(value, bool):  # True is an int to Python, never a number to a config
         return _BAD if base in (int, float, str, Path) else value
-    if base is float:
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+    if base in (int, float):
+        if base is int and isinstance(value, (int, str)):
             try:
-                return float(value)
-            except ValueError:
-                return _BAD
-        return _BAD
-    if base is int:
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())  # exact, however large (a float would round a 20-digit seed)
+                return int(value)  # exact, however large (a float would round a 20-digit seed)
             except ValueError:
                 pass
-            try:
-                number = float(value)
-            except ValueError:
-                return _BAD
-            return int(number) if number.is_integer() else _BAD
-        return _BAD
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return _BAD
+        return number if base is float else int(number) if number.is_integer() else _BAD
     if base is str:
         return str(value) if isinstance(value, (str, int, float, Path)) else _BAD
     if base is Path:
@@ -194,23 +174,25 @@ def _scalar(base: Any, value: Any) -> Any:
 
 
 def check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
-    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    known = list(field_types(cls))
     for key in data:
         if key not in known:
-            raise ConfigError(
-                f"{where}: unknown key '{key}' for {cls.__name__} (known keys: {', '.join(known)})"
-            )
+            raise ConfigError(f"{where}: unknown key '{key}' for {cls.__name__} (known keys: {', '.join(known)})")
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default (its factory's value; None when it has neither)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """A plain mapping (paths and tuples made YAML/JSON friendly); a field marked ``metadata={"secret": True}``
     (hub_token) is left out, so no file, model card or tracker records it."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cfg):
-        if f.metadata.get("secret"):
-            continue
-        out[f.name] = _plain(getattr(cfg, f.name))
-    return out
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not f.metadata.get("secret")}
 
 
 def _plain(value: Any) -> Any:
@@ -235,8 +217,7 @@ def config_to_yaml(cfg: Any, with_docs: bool = False) -> str:
     docs = field_docs(type(cfg))
     lines = []
     for key, value in data.items():
-        for doc_line in textwrap.wrap(docs.get(key, ""), 76):
-            lines.append(f"# {doc_line}")
+        lines += [f"# {doc_line}" for doc_line in textwrap.wrap(docs.get(key, ""), 76)]
         lines.append(yaml.safe_dump({key: value}, sort_keys=False, allow_unicode=True).rstrip())
     return "\n".join(lines) + "\n"
 
@@ -254,13 +235,8 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
         for prev, node in zip(body, body[1:]):
-            if (
-                isinstance(prev, ast.AnnAssign)
-                and isinstance(prev.target, ast.Name)
-                and isinstance(node, ast.Expr)
-                and isinstance(getattr(node, "value", None), ast.Constant)
-                and isinstance(node.value.value, str)
-            ):
+            if isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name) and isinstance(node, ast.Expr) \
+                    and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
                 docs[prev.target.id] = " ".join(node.value.value.split())
     return docs
 
@@ -286,21 +262,11 @@ def check_device(value: Any, name: str = "device") -> None:
 _INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\]\s)]+)\s*([\])])\s*$")
 
 
-def _numeric_kind(f: dataclasses.Field) -> str | None:
-    """'int' or 'float' for a numeric config field (bools are not numbers here), else None."""
-    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if re.search(r"\bbool\b", t) or re.search(r"\b(list|tuple|dict)\b", t):
-        return None  # a list of numbers (loss_weights) is checked by its class
-    if re.search(r"\bfloat\b", t):
-        return "float"
-    if re.search(r"\bint\b", t):
-        return "int"
-    return None
-
-
 def numeric_fields(cls: type) -> dict[str, str]:
-    """Every numeric field of a config dataclass with its kind ('int' or 'float')."""
-    return {f.name: kind for f in dataclasses.fields(cls) if (kind := _numeric_kind(f)) is not None}
+    """Every int or float field (optional or not) of a config dataclass with its kind ('int' or 'float'); bools,
+    unions and lists of numbers (loss_weights, checked by its class) are not numeric here."""
+    bases = {name: unwrap_optional(tp)[0] for name, tp in field_types(cls).items()}
+    return {name: base.__name__ for name, base in bases.items() if base in (int, float)}
 
 
 def parse_interval(spec: str) -> tuple[float, float, bool, bool]:
@@ -311,21 +277,13 @@ def parse_interval(spec: str) -> tuple[float, float, bool, bool]:
     return float(m.group(2)), float(m.group(3)), m.group(1) == "[", m.group(4) == "]"
 
 
-def describe_interval(spec: str) -> str:
-    lo, hi, lo_closed, hi_closed = parse_interval(spec)
-    if math.isinf(hi):
-        return f"{'>=' if lo_closed else '>'} {lo:g}"
-    return f"in {spec.strip()}"
-
-
 def check_ranges(cfg: Any, ranges: Mapping[str, str]) -> None:
     """Every numeric field: the right kind of number, finite, inside its interval (``ranges``).
 
     Numbers written as strings (YAML reads ``1e-5`` as text) are converted. A field
     that may be None is skipped when None.
     """
-    kinds = numeric_fields(type(cfg))
-    for name, kind in kinds.items():
+    for name, kind in numeric_fields(type(cfg)).items():
         value = getattr(cfg, name)
         if value is None:
             continue
@@ -352,4 +310,5 @@ def check_ranges(cfg: Any, ranges: Mapping[str, str]) -> None:
             continue
         lo, hi, lo_closed, hi_closed = parse_interval(spec)
         inside = (value >= lo if lo_closed else value > lo) and (value <= hi if hi_closed else value < hi)
-        require(inside, f"{name} must be {describe_interval(spec)}, got {value!r}")
+        bound = f"{'>=' if lo_closed else '>'} {lo:g}" if math.isinf(hi) else f"in {spec.strip()}"
+        require(inside, f"{name} must be {bound}, got {value!r}")

@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.errors import ConfigError, UserError
+from pipeline.atomic import LEDGER
+from pipeline.config import require
+from pipeline.errors import UserError
 
 SECRET_FIELDS = ("hub_token",)
 """Config fields whose values are never recorded (config.yaml, model cards, trackers)."""
@@ -24,29 +26,24 @@ def check_hub_args(push_to_hub: bool, hub_model_id: Optional[str]) -> None:
     if not push_to_hub:
         return
     repo = (hub_model_id or "").strip()
-    if not repo:
-        raise ConfigError("push_to_hub needs hub_model_id (the Hub repository, e.g. user/my-llada-dpo); "
-                          "give --hub-model-id or hub_model_id in the config")
-    if repo.count("/") > 1 or repo.startswith("/") or repo.endswith("/") or " " in repo:
-        raise ConfigError(f"hub_model_id: '{hub_model_id}' is not a Hub repository id (name or user/name)")
+    require(bool(repo), "push_to_hub needs hub_model_id (the Hub repository, e.g. user/my-llada-dpo); give "
+                        "--hub-model-id or hub_model_id in the config")
+    require(repo.count("/") <= 1 and not repo.startswith("/") and not repo.endswith("/") and " " not in repo,
+            f"hub_model_id: '{hub_model_id}' is not a Hub repository id (name or user/name)")
 
 
 def push_folder(folder: Path, cfg: Any, *, stage: str) -> Optional[str]:
     """Upload ``folder`` to ``cfg.hub_model_id`` when ``cfg.push_to_hub``; returns the repository's URL (None
     when not pushing). A Hub failure is one line saying the model stays saved in ``folder``."""
-    if not getattr(cfg, "push_to_hub", False):
+    if not cfg.push_to_hub:
         return None
     check_hub_args(True, cfg.hub_model_id)
     from huggingface_hub import HfApi
 
-    from pipeline.atomic import LEDGER
-
-    folder = Path(folder)
-    repo_id = cfg.hub_model_id.strip()
-    api = HfApi(token=getattr(cfg, "hub_token", None) or None)
+    folder, repo_id = Path(folder), cfg.hub_model_id.strip()
+    api = HfApi(token=cfg.hub_token or None)
     try:
-        url = api.create_repo(repo_id=repo_id, repo_type="model", private=getattr(cfg, "hub_private_repo", None),
-                              exist_ok=True)
+        url = api.create_repo(repo_id=repo_id, repo_type="model", private=cfg.hub_private_repo, exist_ok=True)
         api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
                           ignore_patterns=[LEDGER, f"**/{LEDGER}"],  # ownership records stay local
                           commit_message=f"lldm-dpo {stage}: {folder.name} of {Path(cfg.out).name}")

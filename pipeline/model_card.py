@@ -11,16 +11,9 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-CARD_FILE = "README.md"
+import yaml
 
-
-def wilson_interval(accuracy: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion ``accuracy`` measured on ``n`` items."""
-    if n <= 0 or math.isnan(accuracy):
-        return float("nan"), float("nan")
-    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+from pipeline.intervals import wilson_interval
 
 
 def _value(v: Any) -> str:
@@ -43,8 +36,6 @@ def model_card(*, stage: str, base_model: str, lora: bool, data: Mapping[str, An
     ``data`` describes what it was trained on (paths and fingerprints), ``settings`` is the resolved config,
     ``metrics`` the last logged row, ``eval_metrics`` the last held-out measurement (``eval/...``) on
     ``eval_pairs`` pairs at step ``eval_step``."""
-    import yaml
-
     tags = ["lldm-dpo", stage, "llada", "masked-diffusion"] + (["lora"] if lora else [])
     front = {"library_name": "peft" if lora else "transformers", "base_model": base_model, "tags": tags}
     what = {"dpo": "DPO against a reference-score cache (masked-diffusion ELBOs, `lldm-dpo train`)",
@@ -59,12 +50,11 @@ def model_card(*, stage: str, base_model: str, lora: bool, data: Mapping[str, An
     lines += _table({k: v for k, v in metrics.items() if not str(k).startswith("eval/")})
     lines += ["", "## Eval results", ""]
     if eval_metrics:
-        lines.append(f"Held-out preference pairs: {eval_pairs}, measured at step {eval_step}.")
-        lines.append("")
+        lines += [f"Held-out preference pairs: {eval_pairs}, measured at step {eval_step}.", ""]
         rows = dict(eval_metrics)
         acc = rows.get("eval/rewards/accuracies")
-        if acc is not None and eval_pairs:
-            lo, hi = wilson_interval(float(acc), eval_pairs)
+        if acc is not None and eval_pairs and math.isfinite(acc):  # a tie counts one half: k may be fractional
+            lo, hi = wilson_interval(min(max(float(acc) * eval_pairs, 0.0), eval_pairs), eval_pairs)
             rows["eval/rewards/accuracies (95% Wilson interval)"] = f"[{lo:.3f}, {hi:.3f}] over {eval_pairs} pairs"
         lines += _table(rows)
     else:

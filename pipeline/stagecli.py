@@ -18,12 +18,17 @@ import dataclasses
 import inspect
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import typer
 
-from pipeline.config import config_to_yaml, field_docs, field_types, load_config, unwrap_optional
+from pipeline.config import config_to_yaml, field_default, field_docs, field_types, load_config, unwrap_optional
+from pipeline.errors import ConfigError
+from pipeline.trl_names import aliases_for
+
+_KEYWORD = inspect.Parameter.KEYWORD_ONLY
 
 
 def emit_json(obj: Any) -> None:
@@ -32,11 +37,8 @@ def emit_json(obj: Any) -> None:
 
 
 def summary_dict(result: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(result) and not isinstance(result, type):
-        data = dataclasses.asdict(result)
-    else:
-        data = dict(result)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
+    data = dataclasses.asdict(result) if dataclasses.is_dataclass(result) and not isinstance(result, type) else result
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dict(data).items()}
 
 
 def print_summary(title: str, data: Mapping[str, Any], as_json: bool) -> None:
@@ -51,17 +53,24 @@ def print_summary(title: str, data: Mapping[str, Any], as_json: bool) -> None:
     table.add_column("field", style="bold")
     table.add_column("value")
     for key, value in data.items():
-        if isinstance(value, float):
-            value = f"{value:.6g}"
-        table.add_row(str(key), str(value))
+        table.add_row(str(key), f"{value:.6g}" if isinstance(value, float) else str(value))
     Console().print(table)
 
 
-def summarize(title: str, run: Callable[[Any], Any]) -> Callable[[Any, bool], None]:
-    """The usual command body: run the stage, print its result."""
+def summarize(title: str, run: Callable[[Any], Any], *, main_process_only: bool = False,
+              table: Callable[[dict], dict] | None = None) -> Callable[[Any, bool], None]:
+    """The usual command body: run the stage, print its result; with ``main_process_only`` (under ``accelerate
+    launch``) once, from the main process. ``table`` rewrites the summary's rows for the table (not for --json)."""
 
     def action(cfg: Any, as_json: bool) -> None:
-        print_summary(title, summary_dict(run(cfg)), as_json)
+        result = run(cfg)
+        if main_process_only:
+            from accelerate import PartialState  # imported where used: the CLI's start-up stays light
+
+            if not PartialState().is_main_process:
+                return
+        data = summary_dict(result)
+        print_summary(title, table(data) if table and not as_json else data, as_json)
 
     return action
 
@@ -75,8 +84,6 @@ def flag_name(field: str) -> str:
 
 def _flag_type(tp: Any) -> tuple[Any, str]:
     """(annotation Typer sees, kind) for a field type; kind is scalar, list, bool or mapping."""
-    import typing
-
     base, _ = unwrap_optional(tp)
     origin = typing.get_origin(base)
     if origin in (list, tuple):
@@ -90,9 +97,7 @@ def _flag_type(tp: Any) -> tuple[Any, str]:
         return Optional[bool], "bool"
     if base is Path:  # as text: an empty value (`--scores ''`: skip) reaches the config as '', not as '.'
         return Optional[str], "path"
-    if base in (int, float, str):
-        return Optional[base], "scalar"
-    return Optional[str], "scalar"
+    return Optional[base if base in (int, float, str) else str], "scalar"
 
 
 def _default_text(value: Any) -> str | bool:
@@ -101,14 +106,6 @@ def _default_text(value: Any) -> str | bool:
     if isinstance(value, dict):
         return False
     return "none" if value is None else str(value)
-
-
-def _field_default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return None
 
 
 def stage_command(
@@ -128,8 +125,6 @@ def stage_command(
     command resolves the config (``load(config_file, flags)`` when given, else
     defaults < file < flags) and calls ``action(cfg, as_json)``.
     """
-    from pipeline.trl_names import aliases_for
-
     positional = dict(positional or {})
     extra_names = dict(extra_names or {})
     docs = field_docs(cls)
@@ -145,44 +140,35 @@ def stage_command(
             info = typer.Argument(... if positional[f.name] else None, help=help_text, show_default=False,
                                   metavar=f.name.upper())
         else:
-            decls = [flag_name(f.name)]
-            if kind == "bool":
-                decls = [f"{flag_name(f.name)}/--no-{f.name.replace('_', '-')}"]
-            decls += list(extra_names.get(f.name, ()))
+            decls = [f"{flag_name(f.name)}/--no-{f.name.replace('_', '-')}" if kind == "bool" else flag_name(f.name),
+                     *extra_names.get(f.name, ())]
             if kind == "mapping":
                 help_text += " (a YAML mapping, e.g. '{key: value}')"
-            info = typer.Option(None, *decls, help=help_text, show_default=_default_text(_field_default(f)))
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info,
-                                        annotation=annotation))
+            info = typer.Option(None, *decls, help=help_text, show_default=_default_text(field_default(f)))
+        params.append(inspect.Parameter(f.name, _KEYWORD, default=info, annotation=annotation))
     trl_params: dict[str, str] = {}
     for trl_name, alias in aliases_for(cls).items():
         if trl_name == alias.field or trl_name in types_:
             continue
         if alias.convert is None:
-            annotation, kind = _flag_type(types_[alias.field])
+            annotation = _flag_type(types_[alias.field])[0]
         else:
-            flag_type = getattr(alias.convert, "flag_type", str)
-            annotation, kind = Optional[flag_type], "bool" if flag_type is bool else "scalar"
-        dashed = flag_name(trl_name)
-        decls = [dashed, f"--{trl_name}"]
-        info = typer.Option(None, *decls, hidden=True)  # a boolean becomes --bf16/--no-bf16
-        param = f"trl__{trl_name}"
-        trl_params[param] = trl_name
-        params.append(inspect.Parameter(param, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation))
+            annotation = Optional[getattr(alias.convert, "flag_type", str)]
+        info = typer.Option(None, flag_name(trl_name), f"--{trl_name}", hidden=True)  # a bool: --bf16/--no-bf16
+        trl_params[f"trl__{trl_name}"] = trl_name
+        params.append(inspect.Parameter(f"trl__{trl_name}", _KEYWORD, default=info, annotation=annotation))
     params += [
-        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+        inspect.Parameter("config", _KEYWORD, annotation=Optional[Path],
                           default=typer.Option(None, "--config", help="YAML config file (our or TRL's key names); "
                                                "flags override it.")),
-        inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+        inspect.Parameter("print_config", _KEYWORD, annotation=bool,
                           default=typer.Option(False, "--print-config", help="Print the resolved config and exit.")),
-        inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+        inspect.Parameter("as_json", _KEYWORD, annotation=bool,
                           default=typer.Option(False, "--json", help="Print a JSON summary.")),
     ]
 
     def command(**kwargs: Any) -> None:
-        config = kwargs.pop("config")
-        print_config = kwargs.pop("print_config")
-        as_json = kwargs.pop("as_json")
+        config, print_config, as_json = (kwargs.pop(name) for name in ("config", "print_config", "as_json"))
         flags: dict[str, Any] = {}
         for name, value in kwargs.items():
             kind = kinds.get(name, "")
@@ -210,7 +196,6 @@ def stage_command(
     command.__doc__ = doc
     command.__name__ = f"{cls.__name__}_command"
     command.config_class = cls  # type: ignore[attr-defined]
-    command.trl_flags = dict(trl_params)  # type: ignore[attr-defined]
     return command
 
 
@@ -222,8 +207,6 @@ def _resolve(cls: type, config: Path | None, flags: dict[str, Any], load) -> Any
 def _number_list(name: str, values: list[str], kind: type) -> list:
     """Numbers given comma-separated, repeated, or both (``--loss-weights 1,0.5`` = ``--loss-weights 1
     --loss-weights 0.5``); a one-line error naming the flag otherwise."""
-    from pipeline.errors import ConfigError
-
     out = []
     for text in values:
         for piece in str(text).split(","):
@@ -237,8 +220,6 @@ def _number_list(name: str, values: list[str], kind: type) -> list:
 
 def _mapping_flag(name: str, text: str) -> dict:
     import yaml
-
-    from pipeline.errors import ConfigError
 
     try:
         value = yaml.safe_load(text)

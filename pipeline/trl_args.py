@@ -15,6 +15,7 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
+from pipeline.config import field_default, require
 from pipeline.errors import ConfigError
 
 ANY = "any value"
@@ -96,17 +97,7 @@ def training_arguments() -> dict[str, Any]:
     """``TrainingArguments``' init fields and their defaults, read from the class."""
     from transformers import TrainingArguments
 
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(TrainingArguments):
-        if not f.init:
-            continue
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            out[f.name] = f.default_factory()  # type: ignore[misc]
-        else:
-            out[f.name] = None
-    return out
+    return {f.name: field_default(f) for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
 def known(key: str) -> bool:
@@ -121,8 +112,7 @@ def _no(value: Any) -> Any:
 def _strategy(key: str, allowed: dict[str, dict[str, Any]], why: str) -> Callable[[Any, str, dict], dict]:
     def rule(value: Any, stage: str, data: dict) -> dict:
         text = _no(value)
-        if text not in allowed:
-            raise ConfigError(f"{key}: {text!r} cannot apply here: {why} ({key}: {' or '.join(allowed)})")
+        require(text in allowed, f"{key}: {text!r} cannot apply here: {why} ({key}: {' or '.join(allowed)})")
         return dict(allowed[text])
 
     return rule
@@ -132,14 +122,12 @@ def _eval_strategy(value: Any, stage: str, data: dict) -> dict:
     value = _no(value)
     if value in ("no", None):
         return {}
-    if stage != "TrainConfig":
-        raise ConfigError(f"eval_strategy: {value!r} cannot apply here: sft measures no held-out split (eval_strategy: no)")
-    if value != "steps":
-        raise ConfigError(f"eval_strategy: {value!r} cannot apply here: held-out metrics are measured every eval_steps "
-                          "steps (eval_strategy: steps)")
-    if not data.get("eval_steps") and not data.get("eval_every"):
-        raise ConfigError("eval_strategy: steps needs eval_steps > 0 (transformers would default it to logging_steps; "
-                          "give it)")
+    require(stage == "TrainConfig",
+            f"eval_strategy: {value!r} cannot apply here: sft measures no held-out split (eval_strategy: no)")
+    require(value == "steps", f"eval_strategy: {value!r} cannot apply here: held-out metrics are measured every "
+                              "eval_steps steps (eval_strategy: steps)")
+    require(bool(data.get("eval_steps") or data.get("eval_every")),
+            "eval_strategy: steps needs eval_steps > 0 (transformers would default it to logging_steps; give it)")
     return {}
 
 
@@ -156,27 +144,21 @@ def _save_strategy(value: Any, stage: str, data: dict) -> dict:
 
 
 def _use_peft(value: Any, stage: str, data: dict) -> dict:
-    if not isinstance(value, bool):
-        raise ConfigError(f"use_peft must be true or false, got {value!r}")
-    if value and not data.get("lora_r"):
-        raise ConfigError("use_peft: true needs lora_r > 0 (the LoRA rank)")
-    if not value and data.get("lora_r"):
-        raise ConfigError(f"use_peft: false contradicts lora_r: {data['lora_r']} (LoRA is on when lora_r > 0)")
+    require(isinstance(value, bool), f"use_peft must be true or false, got {value!r}")
+    require(not value or bool(data.get("lora_r")), "use_peft: true needs lora_r > 0 (the LoRA rank)")
+    require(value or not data.get("lora_r"),
+            f"use_peft: false contradicts lora_r: {data.get('lora_r')} (LoRA is on when lora_r > 0)")
     return {}
 
 
 def _use_cpu(value: Any, stage: str, data: dict) -> dict:
-    if not isinstance(value, bool):
-        raise ConfigError(f"use_cpu must be true or false, got {value!r}")
+    require(isinstance(value, bool), f"use_cpu must be true or false, got {value!r}")
     return {"device": "cpu"} if value else {}
 
 
 def _dataset_name(value: Any, stage: str, data: dict) -> dict:
-    if value is None:
-        return {}
-    if stage == "SFTConfig":
-        return {"data": value}
-    raise ConfigError(f"dataset_name: cannot apply here: {WHY['dataset_name']}")
+    require(value is None or stage == "SFTConfig", f"dataset_name: cannot apply here: {WHY['dataset_name']}")
+    return {} if value is None else {"data": value}
 
 
 RULES: dict[str, Callable[[Any, str, dict], dict]] = {

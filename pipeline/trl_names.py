@@ -10,9 +10,12 @@ module imports no stage.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
+from pipeline.config import require
 from pipeline.errors import ConfigError
+from pipeline.trl_args import apply_training_arguments, known, training_arguments
 
 
 class Alias(NamedTuple):
@@ -28,8 +31,7 @@ SKIP = object()
 
 def _precision(name: str) -> Callable[[Any], Any]:
     def convert(value: Any) -> Any:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        require(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
         return name if value else SKIP
 
     convert.flag_type = bool  # type: ignore[attr-defined]
@@ -38,14 +40,11 @@ def _precision(name: str) -> Callable[[Any], Any]:
 
 def _joined(value: Any) -> Any:
     """TRL takes a list (``loss_type: [sigmoid, sft]``); our field holds it comma-separated."""
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
-    return value
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _not(value: Any) -> Any:
-    if not isinstance(value, bool):
-        raise ConfigError(f"expected true or false, got {value!r}")
+    require(isinstance(value, bool), f"expected true or false, got {value!r}")
     return not value
 
 
@@ -62,58 +61,28 @@ def _max_steps(value: Any) -> Any:
     return 0 if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0 else value
 
 
-_MODEL = {"model_name_or_path": Alias("model")}
+_MODEL = {"model_name_or_path": Alias("model"), "torch_dtype": Alias("dtype")}
+_EVAL = {"per_device_eval_batch_size": Alias("batch_size"), "max_new_tokens": Alias("gen_length")}
+_OUT, _TQDM = {"output_dir": Alias("out")}, {"disable_tqdm": Alias("progress", _not)}
 
 _TRAINING = {
-    **_MODEL,
-    "torch_dtype": Alias("dtype"),
-    "output_dir": Alias("out"),
-    "per_device_train_batch_size": Alias("batch_size"),
-    "gradient_accumulation_steps": Alias("grad_accum"),
-    "num_train_epochs": Alias("epochs"),
-    "lr_scheduler_type": Alias("scheduler"),
-    "save_steps": Alias("save_every"),
-    "save_total_limit": Alias("keep_checkpoints", _keep_all),
-    "logging_steps": Alias("log_every"),
-    "bf16": Alias("mixed_precision", _precision("bf16")),
-    "fp16": Alias("mixed_precision", _precision("fp16")),
-    "lora_target_modules": Alias("lora_targets", _joined),
-    "overwrite_output_dir": Alias("overwrite"),
-    "disable_tqdm": Alias("progress", _not),
-    "report_to": Alias("report_to", _joined),
-    "max_steps": Alias("max_steps", _max_steps),
+    **_MODEL, **_OUT, **_TQDM,
+    "per_device_train_batch_size": Alias("batch_size"), "gradient_accumulation_steps": Alias("grad_accum"),
+    "num_train_epochs": Alias("epochs"), "lr_scheduler_type": Alias("scheduler"), "save_steps": Alias("save_every"),
+    "save_total_limit": Alias("keep_checkpoints", _keep_all), "logging_steps": Alias("log_every"),
+    "bf16": Alias("mixed_precision", _precision("bf16")), "fp16": Alias("mixed_precision", _precision("fp16")),
+    "lora_target_modules": Alias("lora_targets", _joined), "overwrite_output_dir": Alias("overwrite"),
+    "report_to": Alias("report_to", _joined), "max_steps": Alias("max_steps", _max_steps),
 }
 """TrainingArguments' names that train and sft share."""
 
 TRL_NAMES: dict[str, dict[str, Alias]] = {
-    "TrainConfig": {
-        **_TRAINING,
-        "loss_type": Alias("loss", _joined),
-        "rpo_alpha": Alias("sft_weight"),
-        "eval_steps": Alias("eval_every"),
-        "load_best_model_at_end": Alias("save_best"),
-    },
+    "TrainConfig": {**_TRAINING, "loss_type": Alias("loss", _joined), "rpo_alpha": Alias("sft_weight"),
+                    "eval_steps": Alias("eval_every"), "load_best_model_at_end": Alias("save_best")},
     "SFTConfig": _TRAINING,
-    "ScoreRefConfig": {
-        **_MODEL,
-        "torch_dtype": Alias("dtype"),
-        "output_dir": Alias("out"),
-        "disable_tqdm": Alias("progress", _not),
-    },
-    "EvalConfig": {
-        **_MODEL,
-        "torch_dtype": Alias("dtype"),
-        "output_dir": Alias("out"),
-        "per_device_eval_batch_size": Alias("batch_size"),
-        "max_new_tokens": Alias("gen_length"),
-    },
-    "GenerateConfig": {
-        **_MODEL,
-        "torch_dtype": Alias("dtype"),
-        "per_device_eval_batch_size": Alias("batch_size"),
-        "max_new_tokens": Alias("gen_length"),
-        "disable_tqdm": Alias("progress", _not),
-    },
+    "ScoreRefConfig": {**_MODEL, **_OUT, **_TQDM},
+    "EvalConfig": {**_MODEL, **_OUT, **_EVAL},
+    "GenerateConfig": {**_MODEL, **_EVAL, **_TQDM},
 }
 """TRL name -> our field, per config class. Names equal on both sides (learning_rate, beta, seed,
 max_steps, warmup_ratio, weight_decay, max_grad_norm, label_smoothing, gradient_checkpointing,
@@ -134,12 +103,11 @@ def translate(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
 
     For train and sft, a TrainingArguments or TRL key that is no field of ours is applied, accepted as
     harmless or refused with why (pipeline/trl_args.py)."""
-    import dataclasses
-
     table = aliases_for(cls)
     if not table:
         return dict(data)
     ours = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    training = cls.__name__ in TRAINING_STAGES
     out: dict[str, Any] = {}
     origin: dict[str, str] = {}
 
@@ -151,21 +119,17 @@ def translate(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
 
     for key, value in data.items():
         alias = table.get(key)
-        if cls.__name__ in TRAINING_STAGES and value is None and key != "save_total_limit":  # null there: keep all
-            from pipeline.trl_args import training_arguments
-
-            if key in training_arguments() and training_arguments()[key] is None:
-                continue  # TrainingArguments' "not set" (bf16, eval_steps, gradient_checkpointing...): ours stands
-        if alias is None and key not in ours and cls.__name__ in TRAINING_STAGES:
-            from pipeline.trl_args import apply_training_arguments, known
-
-            if known(key):
-                try:
-                    for target, new in apply_training_arguments(cls.__name__, key, value, data).items():
-                        put(key, target, new)
-                except ConfigError as exc:
-                    raise ConfigError(f"{where}: {exc}") from None
-                continue
+        # TrainingArguments' null "not set" (eval_steps, disable_tqdm, ...) leaves ours; save_total_limit null: keep all
+        if training and value is None and key != "save_total_limit" and key in training_arguments() \
+                and training_arguments()[key] is None:
+            continue
+        if training and alias is None and key not in ours and known(key):
+            try:
+                for target, new in apply_training_arguments(cls.__name__, key, value, data).items():
+                    put(key, target, new)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            continue
         if alias is None:
             target, new = key, value
         else:
@@ -210,15 +174,13 @@ def seed_project_config(data: dict[str, Any], where: str) -> dict[str, Any]:
         if key == "preference_data_path":
             value = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
         elif key == "use_mixed_precision":
-            if not isinstance(value, bool):
-                raise ConfigError(f"{where}: use_mixed_precision must be true or false, got {value!r}")
+            require(isinstance(value, bool), f"{where}: use_mixed_precision must be true or false, got {value!r}")
             value = "bf16" if value else "no"
         target = out if section is None else out.setdefault(section, {})
-        if not isinstance(target, dict):
-            raise ConfigError(f"{where}: section '{section}' must be a mapping of that stage's keys")
-        if field in target and target[field] != value:
-            raise ConfigError(f"{where}: '{key}' and '{(section + '.') if section else ''}{field}' give different "
-                              f"values ({value!r} and {target[field]!r}); give one")
+        require(isinstance(target, dict), f"{where}: section '{section}' must be a mapping of that stage's keys")
+        require(field not in target or target[field] == value,
+                f"{where}: '{key}' and '{(section + '.') if section else ''}{field}' give different values "
+                f"({value!r} and {target.get(field)!r}); give one")
         target[field] = value
         if key == "num_train_epochs":
             target.setdefault("max_steps", 0)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.config import require, require_choice
-from pipeline.errors import ConfigError
 from pipeline.losses import LOSS_TYPES, validate_loss_args
 from pipeline.trainer import args
 from pipeline.trainer.args import TrainingArgs
@@ -116,29 +115,24 @@ class TrainConfig(TrainingArgs):
                 "save_best keeps the best checkpoint by held-out accuracy: set eval_every > 0")
 
     def _check_losses(self) -> None:
-        names = self.loss_names
-        known = (*LOSS_TYPES, "sft")
+        names, known, weights = self.loss_names, (*LOSS_TYPES, "sft"), self.loss_weights
         for name in names:
-            if name not in known:
-                raise ConfigError(f"loss: unknown loss type '{name}'; expected one of {', '.join(known)}")
-        if not names or len(set(names)) != len(names):
-            raise ConfigError(f"loss must name each loss once, got '{self.loss}'")
+            require(name in known, f"loss: unknown loss type '{name}'; expected one of {', '.join(known)}")
+        require(bool(names) and len(set(names)) == len(names), f"loss must name each loss once, got '{self.loss}'")
         preference = [n for n in names if n != "sft"]
-        if len(preference) > 1:
-            raise ConfigError(f"loss: one preference loss at a time (got {', '.join(preference)}); combine one of "
-                              f"{', '.join(LOSS_TYPES)} with sft")
-        if self.loss_weights is not None:
-            if len(self.loss_weights) != len(names):
-                raise ConfigError(f"loss_weights has {len(self.loss_weights)} value(s) for {len(names)} loss(es) "
-                                  f"({', '.join(names)})")
-            if not all(math.isfinite(w) and w >= 0 for w in self.loss_weights):
-                raise ConfigError(f"loss_weights must be finite and >= 0, got {self.loss_weights}")
+        require(len(preference) <= 1, f"loss: one preference loss at a time (got {', '.join(preference)}); combine "
+                                      f"one of {', '.join(LOSS_TYPES)} with sft")
+        if weights is not None:
+            require(len(weights) == len(names),
+                    f"loss_weights has {len(weights)} value(s) for {len(names)} loss(es) ({', '.join(names)})")
+            require(all(math.isfinite(w) and w >= 0 for w in weights),
+                    f"loss_weights must be finite and >= 0, got {weights}")
 
     @property
     def loss_names(self) -> list[str]:
         return [n.strip() for n in str(self.loss).split(",") if n.strip()]
 
-    def _weight_of(self, name: str) -> float:
+    def _weight_of(self, name: Optional[str]) -> float:
         names = self.loss_names
         if name not in names:
             return 0.0
@@ -157,7 +151,7 @@ class TrainConfig(TrainingArgs):
 
     @property
     def preference_weight(self) -> float:
-        return self._weight_of(self.preference_loss) if self.preference_loss else 0.0
+        return self._weight_of(self.preference_loss)
 
     @property
     def sft_total_weight(self) -> float:

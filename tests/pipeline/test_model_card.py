@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
-import pytest
 import yaml
 
-from pipeline.model_card import model_card, wilson_interval
-
-
-def test_wilson_interval_against_hand_worked_values():
-    # 8 of 10: centre (0.8 + 1.96^2/20) / (1 + 1.96^2/10) = 0.7217..., half-width 0.2311...
-    lo, hi = wilson_interval(0.8, 10)
-    assert (lo, hi) == pytest.approx((0.4902, 0.9433), abs=1e-4)
-    assert wilson_interval(1.0, 5)[1] == 1.0 and math.isnan(wilson_interval(0.5, 0)[0])
+from pipeline.model_card import model_card
 
 
 def test_card_has_hub_front_matter_and_names_data_settings_and_results():
