@@ -16,16 +16,9 @@ import yaml
 from pipeline.intervals import wilson_interval
 
 
-def _value(v: Any) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.6g}"
-    return str(v)
-
-
 def _table(rows: Mapping[str, Any]) -> list[str]:
-    lines = ["| name | value |", "|---|---|"]
-    lines += [f"| `{k}` | {_value(v)} |" for k, v in rows.items()]
-    return lines
+    return ["| name | value |", "|---|---|"] + [
+        f"| `{k}` | {f'{v:.6g}' if isinstance(v, float) else v} |" for k, v in rows.items()]
 
 
 def model_card(*, stage: str, base_model: str, lora: bool, data: Mapping[str, Any], settings: Mapping[str, Any],

@@ -125,14 +125,12 @@ def stage_command(
     command resolves the config (``load(config_file, flags)`` when given, else
     defaults < file < flags) and calls ``action(cfg, as_json)``.
     """
-    positional = dict(positional or {})
-    extra_names = dict(extra_names or {})
+    positional, extra_names = dict(positional or {}), dict(extra_names or {})
     docs = field_docs(cls)
     types_ = field_types(cls)
     params: list[inspect.Parameter] = []
     kinds: dict[str, str] = {}
-    fields = [f for f in dataclasses.fields(cls) if f.init]
-    for f in sorted(fields, key=lambda f: f.name not in positional):
+    for f in sorted((f for f in dataclasses.fields(cls) if f.init), key=lambda f: f.name not in positional):
         annotation, kind = _flag_type(types_[f.name])
         kinds[f.name] = kind
         help_text = docs.get(f.name, "")
@@ -150,10 +148,8 @@ def stage_command(
     for trl_name, alias in aliases_for(cls).items():
         if trl_name == alias.field or trl_name in types_:
             continue
-        if alias.convert is None:
-            annotation = _flag_type(types_[alias.field])[0]
-        else:
-            annotation = Optional[getattr(alias.convert, "flag_type", str)]
+        annotation = (_flag_type(types_[alias.field])[0] if alias.convert is None
+                      else Optional[getattr(alias.convert, "flag_type", str)])
         info = typer.Option(None, flag_name(trl_name), f"--{trl_name}", hidden=True)  # a bool: --bf16/--no-bf16
         trl_params[f"trl__{trl_name}"] = trl_name
         params.append(inspect.Parameter(f"trl__{trl_name}", _KEYWORD, default=info, annotation=annotation))

@@ -172,10 +172,8 @@ RULES: dict[str, Callable[[Any, str, dict], dict]] = {
 
 
 def _accepted(key: str, value: Any) -> bool:
-    if key in ANY_VALUE:
-        return True
     default = TRL_OWN[key] if key in TRL_OWN else training_arguments().get(key)
-    if default == ANY:
+    if key in ANY_VALUE or default == ANY:
         return True
     choices = default if isinstance(default, tuple) else (default,)
     value = getattr(value, "value", value)

@@ -13,19 +13,8 @@ from pipeline.stagecli import stage_command, summarize
 from pipeline.trainer.dpo_checks import epochs_needed, setup_policy  # noqa: F401
 from pipeline.trainer.dpo_config import TrainConfig
 from pipeline.trainer.dpo_recipe import run
-from pipeline.trainer.dpo_step import (  # noqa: F401
-    TrainContext,
-    batch_loss,
-    micro_step,
-    policy_terms,
-    reference_means,
-)
-from pipeline.training import (  # noqa: F401  (shared with sft; importable from here as before)
-    check_run_outputs,
-    fresh_accelerator,
-    make_optimizer,
-    micro_batch_rows,
-)
+from pipeline.trainer.dpo_step import TrainContext, batch_loss, micro_step, policy_terms, reference_means  # noqa: F401
+from pipeline.training import check_run_outputs, fresh_accelerator, make_optimizer, micro_batch_rows  # noqa: F401
 
 
 def _intervals_as_text(data: dict) -> dict:

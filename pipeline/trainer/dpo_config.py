@@ -15,9 +15,6 @@ from pipeline.losses import LOSS_TYPES, validate_loss_args
 from pipeline.trainer import args
 from pipeline.trainer.args import TrainingArgs
 
-REFERENCES = ("cached", "online")
-
-
 RESUME_FREE = (*args.RESUME_FREE, "scores", "plan", "batch_tokens", "sequence_microbatch", "eval_every", "save_best",
                "gap_threshold", "allow_different_init", "allow_numerics_mismatch", "reuse_masks")
 """Settings a resume may change (speed, memory, logging, where things are): every other one shapes the run and
@@ -106,7 +103,7 @@ class TrainConfig(TrainingArgs):
         super().__post_init__(RANGES)
         self._check_losses()
         validate_loss_args(beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing)
-        require_choice("reference", self.reference, REFERENCES)
+        require_choice("reference", self.reference, ("cached", "online"))
         # The weights come from a no-grad pass; with dropout the backward passes would
         # see other masks of the network, and the gradient would no longer be the loss's.
         require(not (self.sequence_microbatch and self.lora_dropout > 0),
