@@ -9,7 +9,6 @@ terms share their noise (VRPO's antithetic sampling) and the reference model is 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -20,7 +19,7 @@ from pipeline.errors import UserError
 from pipeline.losses import PairStatistics, pair_statistics, preference_delta, sequence_weights
 from pipeline.replay import PairBatch, replay_requests
 from pipeline.trainer.dpo_config import TrainConfig
-from pipeline.trainer.session import pad_probe, stop_with_others
+from pipeline.trainer.session import pad_probe, stop_with_others, sync_context
 
 
 @dataclass
@@ -58,12 +57,7 @@ class TrainContext:
         return int(t.item())
 
     def sync_context(self, last: bool):
-        """Gradients are all-reduced only on the last backward of an optimizer step."""
-        if self.wrapped is None or last or self.fsdp:
-            # FSDP reduce-scatters every backward: without sync each process would keep
-            # whole unsharded gradients, the memory FSDP exists to save.
-            return contextlib.nullcontext()
-        return self.accelerator.no_sync(self.wrapped)
+        return sync_context(self.accelerator, self.wrapped, self.fsdp, last)
 
 
 @dataclass
