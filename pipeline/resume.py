@@ -10,7 +10,7 @@ Where a resume starts (``resume_from_checkpoint``, transformers' name): ``true``
 complete ``checkpoint-N`` in the run folder; a path is that checkpoint folder, wherever it is. Either is
 checked by content, not by where it lies: the checkpoint's own copy of the run's recorded config (and the
 run folder's, when it has one) against this run's settings, then its data layout and data fingerprint
-(pipeline.training.check_resume_layout).
+(pipeline.checkpoint.load_checkpoint).
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import yaml
+
 from pipeline.errors import ConfigError, UserError
+from pipeline.layout import CONFIG_FILE
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0", "", "none", "null")
@@ -44,12 +47,11 @@ def resume_setting(resume: bool, resume_from_checkpoint: Any) -> tuple[bool, Opt
 def find_resume_checkpoint(out: Path, given: Optional[str]) -> Path:
     """The checkpoint a resume continues from: ``given`` (a ``checkpoint-N`` folder) or, when None, the newest
     complete one in ``out``; a one-line error when there is none, or it is incomplete or of the old layout."""
-    from pipeline.checkpoint import (
+    from pipeline.checkpoint import (  # lazy: the configs normalise resume_setting without loading checkpoints
         LEGACY_STEP_PATTERN,
         RECORD,
         STATE,
         is_complete,
-        latest_checkpoint,
         legacy_checkpoints,
         legacy_error,
         list_checkpoints,
@@ -57,14 +59,13 @@ def find_resume_checkpoint(out: Path, given: Optional[str]) -> Path:
 
     out = Path(out)
     if given is None:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            legacy = legacy_checkpoints(out)
-            if legacy:
-                raise legacy_error(legacy[-1])
-            raise UserError(f"{out}: --resume (resume_from_checkpoint: true) given but the run folder holds no "
-                            "complete checkpoint-N folder")
-        return ckpt
+        found, legacy = list_checkpoints(out), legacy_checkpoints(out)
+        if found:
+            return found[-1]
+        if legacy:
+            raise legacy_error(legacy[-1])
+        raise UserError(f"{out}: --resume (resume_from_checkpoint: true) given but the run folder holds no "
+                        "complete checkpoint-N folder")
     path = Path(given)
     if not path.is_dir():
         raise UserError(f"{path}: resume_from_checkpoint: no such checkpoint folder")
@@ -82,8 +83,6 @@ def find_resume_checkpoint(out: Path, given: Optional[str]) -> Path:
 def check_resume_source(out: Path, given: Optional[str], current: dict[str, Any], free: Iterable[str]) -> Path:
     """``find_resume_checkpoint``, then its recorded config (and the run folder's, when it has one) against
     ``current``: the checkpoint continues this run only when every setting outside ``free`` is the same."""
-    from pipeline.layout import CONFIG_FILE
-
     ckpt = find_resume_checkpoint(out, given)
     free = tuple(free)
     for recorded in dict.fromkeys([Path(ckpt) / CONFIG_FILE, Path(out) / CONFIG_FILE]):
@@ -93,8 +92,6 @@ def check_resume_source(out: Path, given: Optional[str], current: dict[str, Any]
 
 def recorded_config(path: Path) -> dict[str, Any] | None:
     """The config a run recorded when it started (None when the file is absent)."""
-    import yaml
-
     if not path.is_file():
         return None
     try:

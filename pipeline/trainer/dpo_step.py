@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
+from pipeline.diffusion import ScoreRequest, elbo_terms, forward_calls
 from pipeline.errors import UserError
-from pipeline.losses import PairStatistics, pair_statistics, preference_delta, sequence_weights
+from pipeline.losses import METRICS, PairStatistics, pair_statistics, preference_delta, sequence_weights
 from pipeline.replay import PairBatch, replay_requests
 from pipeline.trainer.dpo_config import TrainConfig
 from pipeline.trainer.session import pad_probe, stop_with_others, sync_context
@@ -50,8 +52,6 @@ class TrainContext:
         """The largest ``count`` over processes (a collective: every process calls it at the same point)."""
         if self.wrapped is None:
             return count
-        import torch.distributed as dist
-
         t = torch.tensor([count], dtype=torch.long, device=self.accelerator.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
@@ -71,8 +71,6 @@ class MicroStats:
 
 
 def policy_terms(model, requests, tokenizer, cfg: TrainConfig) -> list[torch.Tensor]:
-    from pipeline.diffusion import elbo_terms
-
     return elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
                       batch_tokens=cfg.batch_tokens)
 
@@ -140,8 +138,6 @@ def _one_pass(ctx: TrainContext, batch, requests, refs, lengths, scale: float, s
 def _per_sequence(ctx: TrainContext, batch, requests, refs, lengths, scale: float, sync: bool):
     """One no-grad pass gives each pair's dL/d(delta); then every sequence's term is backpropagated on its own
     with that weight (estimator-math.md), K sequences at a time, so activations follow K rather than 2n."""
-    from pipeline.diffusion import ScoreRequest
-
     cfg, acc = ctx.cfg, ctx.accelerator
     with torch.no_grad(), acc.autocast():
         terms, _ = lockstep_terms(ctx, ctx.scorer, requests)
@@ -188,8 +184,6 @@ def lockstep_terms(ctx: TrainContext, scorer, requests) -> tuple[list[torch.Tens
     backpropagated, so the pad passes join the backward too."""
     local = most = 0
     if ctx.fsdp:
-        from pipeline.diffusion import forward_calls
-
         local = forward_calls(requests, ctx.cfg.batch_tokens) if requests else 0
         most = ctx.most(local)
     terms = policy_terms(scorer, requests, ctx.tokenizer, ctx.cfg) if requests else []
@@ -260,8 +254,6 @@ def _check_finite(ctx: TrainContext, loss: torch.Tensor, batch: PairBatch) -> No
 def step_metrics(acc, micro: list[Optional[MicroStats]]) -> dict[str, float]:
     """Means over the step's pairs (all micro-batches and processes), with TRL's names: every process sums
     its micro-batches' statistics by name, one all-reduce adds the processes' sums."""
-    from pipeline.losses import METRICS
-
     names = ("pairs", "tokens", *METRICS.values())
     sums = dict.fromkeys(names, 0.0)
     for m in micro:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline.atomic import check_writable, sweep_stale, write_text_atomic
-from pipeline.checkpoint import check_world, load_checkpoint, read_state, save_checkpoint, save_model_dir
+from pipeline.checkpoint import load_checkpoint, save_checkpoint, save_model_dir
 from pipeline.config import config_to_dict, config_to_yaml
 from pipeline.errors import UserError
 from pipeline.hub import push_folder
@@ -29,7 +29,6 @@ from pipeline.resume import check_resume_source
 from pipeline.trackers import TENSORBOARD, AccelerateSink, accelerator_trackers, parse_report_to, resolve_trackers
 from pipeline.training import (
     StepBar,
-    check_resume_layout,
     check_run_outputs,
     fresh_accelerator,
     make_optimizer,
@@ -161,11 +160,8 @@ class Recipe:
     def resume(self, ckpt: Path) -> dict[str, Any]:
         """Load checkpoint ``ckpt`` into the model, optimizer, scheduler and RNG after checking it was written by a
         run of the same layout (data order and schedule) and world size; returns its record."""
-        saved = read_state(ckpt)
-        check_world(ckpt, saved, self.world)  # before the layout: its message says what to do instead
-        check_resume_layout(ckpt, saved, self.layout)
-        state = load_checkpoint(ckpt, model=self.model, wrapped=self.wrapped, optimizer=self.optimizer,
-                                scheduler=self.scheduler, accelerator=self.acc)
+        state = load_checkpoint(ckpt, layout=self.layout, model=self.model, wrapped=self.wrapped,
+                                optimizer=self.optimizer, scheduler=self.scheduler, accelerator=self.acc)
         self.start_step = self.resumed_from = int(state["step"])
         return state
 
