@@ -73,7 +73,10 @@ def _saved_keys(model) -> list[str]:
 
 
 def gather_state(model, main: bool) -> dict[str, torch.Tensor] | None:
-    """The saved tensors in full on CPU (a collective under FSDP: every process calls it); None off main."""
+    """Under FSDP the saved tensors in full on CPU (a collective: every process calls it); None off main, and
+    None when the model is not sharded (save_pretrained takes its own state dict)."""
+    if not is_sharded(model):
+        return None
     tensors = dict(model.named_parameters())
     tensors.update(dict(model.named_buffers()))
     out = {}
@@ -89,23 +92,18 @@ def save_model_files(folder: Path, model, tokenizer, state_dict: dict[str, torch
                      base_name: str | None = None) -> None:
     """Write the model (adapter or full checkpoint) and tokenizer into an existing folder."""
     if _is_peft(model) and base_name is not None:
-        model.peft_config["default"].base_model_name_or_path = _base_reference(base_name)
+        base = Path(base_name)
+        model.peft_config["default"].base_model_name_or_path = str(base.resolve()) if base.exists() else base_name
     kwargs = {} if state_dict is None else {"state_dict": state_dict}
     model.save_pretrained(folder, safe_serialization=True, **kwargs)
     tokenizer.save_pretrained(folder)
-
-
-def _base_reference(model_name: str) -> str:
-    p = Path(model_name)
-    return str(p.resolve()) if p.exists() else model_name
 
 
 def save_model_dir(path: Path, model, tokenizer, accelerator, base_name: str | None = None,
                    card: str | None = None) -> None:
     """A consolidated model folder (RUN/final), with ``card`` as its README.md, renamed into place; every
     process must call it."""
-    sharded = is_sharded(model)
-    state = gather_state(model, accelerator.is_main_process) if sharded else None
+    state = gather_state(model, accelerator.is_main_process)
     if accelerator.is_main_process:
         with atomic_dir(path, record=True) as tmp:
             save_model_files(tmp, model, tokenizer, state, base_name)
@@ -186,7 +184,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, wrapped, optimizer, sche
     with contextlib.ExitStack() as stack:
         tmp = _shared_tmp(stack, final, accelerator)
         sharded = is_sharded(model)
-        weights = gather_state(model, accelerator.is_main_process) if sharded else None
+        weights = gather_state(model, accelerator.is_main_process)
         if sharded:
             dcp.save({"optimizer": get_optimizer_state_dict(wrapped, _inner(optimizer))},
                      checkpoint_id=str(tmp / SHARDED_OPTIMIZER))

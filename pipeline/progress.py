@@ -55,7 +55,8 @@ def progress_bar(description: str, total: int, enabled: bool = True, extra: str 
     columns += [TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     console = Console(file=sys.stderr)
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(description, total=total, rate="", **_blank_fields(extra))
+        blank = {name: "" for name in re.findall(r"task\.fields\[(\w+)\]", extra)}
+        task = progress.add_task(description, total=total, rate="", **blank)
 
         class _Bar:
             def advance(self, n: int = 1, **fields) -> None:
@@ -71,7 +72,3 @@ def byte_progress(description: str) -> Progress:
     """A transient bar over bytes read (size, transfer rate, ETA), on stderr; the caller starts and stops it."""
     return Progress(TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                     TimeRemainingColumn(), console=Console(file=sys.stderr), transient=True)
-
-
-def _blank_fields(extra: str) -> dict:
-    return {name: "" for name in re.findall(r"task\.fields\[(\w+)\]", extra)}

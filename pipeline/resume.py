@@ -47,36 +47,28 @@ def resume_setting(resume: bool, resume_from_checkpoint: Any) -> tuple[bool, Opt
 def find_resume_checkpoint(out: Path, given: Optional[str]) -> Path:
     """The checkpoint a resume continues from: ``given`` (a ``checkpoint-N`` folder) or, when None, the newest
     complete one in ``out``; a one-line error when there is none, or it is incomplete or of the old layout."""
-    from pipeline.checkpoint import (  # lazy: the configs normalise resume_setting without loading checkpoints
-        LEGACY_STEP_PATTERN,
-        RECORD,
-        STATE,
-        is_complete,
-        legacy_checkpoints,
-        legacy_error,
-        list_checkpoints,
-    )
+    from pipeline import checkpoint as ck  # lazy: the configs normalise resume_setting without loading checkpoints
 
     out = Path(out)
     if given is None:
-        found, legacy = list_checkpoints(out), legacy_checkpoints(out)
+        found, legacy = ck.list_checkpoints(out), ck.legacy_checkpoints(out)
         if found:
             return found[-1]
         if legacy:
-            raise legacy_error(legacy[-1])
+            raise ck.legacy_error(legacy[-1])
         raise UserError(f"{out}: --resume (resume_from_checkpoint: true) given but the run folder holds no "
                         "complete checkpoint-N folder")
     path = Path(given)
     if not path.is_dir():
         raise UserError(f"{path}: resume_from_checkpoint: no such checkpoint folder")
-    if LEGACY_STEP_PATTERN.match(path.name) or (path / "trainable.safetensors").is_file():
-        raise legacy_error(path)
-    if not is_complete(path):
-        inside = list_checkpoints(path)
+    if ck.LEGACY_STEP_PATTERN.match(path.name) or (path / "trainable.safetensors").is_file():
+        raise ck.legacy_error(path)
+    if not ck.is_complete(path):
+        inside = ck.list_checkpoints(path)
         hint = (f"; it is a run folder: give one of its checkpoints ({inside[-1].name} is the newest)" if inside
                 else " (killed while it was written, or not a checkpoint)")
         raise UserError(f"{path}: resume_from_checkpoint: not a complete checkpoint of lldm-dpo train or sft "
-                        f"(needs {RECORD} and {STATE}){hint}")
+                        f"(needs {ck.RECORD} and {ck.STATE}){hint}")
     return path
 
 

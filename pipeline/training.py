@@ -8,6 +8,7 @@ Functions taking ``cfg`` read only the fields they name (``gradient_checkpointin
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -137,12 +138,9 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
         from transformers.optimization import Adafactor
 
         return Adafactor(params, lr=lr, weight_decay=wd, scale_parameter=False, relative_step=False)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=wd)
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, weight_decay=wd, eps=eps)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, weight_decay=wd, eps=eps)
+    if name in ("sgd", "adagrad", "rmsprop"):
+        kind = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}[name]
+        return kind(params, lr=lr, weight_decay=wd, **({} if name == "sgd" else {"eps": eps}))
     bits, paged = BNB_OPTIMS[name]
     import bitsandbytes as bnb
 
@@ -183,10 +181,11 @@ def remove_run_outputs(out: Path) -> None:
             clear_owned(path)  # a folder the user made: only our files in it go
 
 
-def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
+@functools.lru_cache(maxsize=4)  # every micro-batch of an epoch reads the same order: shuffled once
+def epoch_order(n_rows: int, seed: int, epoch: int) -> tuple[int, ...]:
     order = list(range(n_rows))
     random.Random(f"{seed}:{epoch}").shuffle(order)  # string seeds are stable across Python runs
-    return order
+    return tuple(order)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -230,10 +229,8 @@ def fresh_accelerator(mixed_precision: str, cpu: bool, log_with: Optional[list[s
                         "configs/accelerate/fsdp.yaml) for ZeRO-3-style sharding")
     if os.environ.get("ACCELERATE_USE_MEGATRON_LM", "false").lower() == "true":
         raise UserError(f"{command} under Megatron-LM is not supported; use FSDP (configs/accelerate/fsdp.yaml)")
-    if log_with:
-        acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu, log_with=log_with, project_dir=tracker_dir(run_dir))
-    else:
-        acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    trackers = {"log_with": log_with, "project_dir": tracker_dir(run_dir)} if log_with else {}
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu, **trackers)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type.name == "MULTI_CPU":
         # accelerate 1.15 only turns FSDP on for accelerator devices; torch's fully_shard
         # itself runs over gloo on CPU, so the plugin is attached here (fsdp_cpu.yaml).
@@ -242,12 +239,11 @@ def fresh_accelerator(mixed_precision: str, cpu: bool, log_with: Optional[list[s
     return acc
 
 
-def micro_batch_rows(rows, cfg, step: int, micro: int, steps_per_epoch: int, world: int, rank: int,
-                     order: list[int] | None = None):
+def micro_batch_rows(rows, cfg, step: int, micro: int, steps_per_epoch: int, world: int, rank: int):
     """The rows this process trains on at (step, micro). An epoch is one pass over its own shuffled order:
     its last micro-batches hold what is left (fewer rows, or none), never a pair already seen in the epoch."""
     epoch = step // steps_per_epoch
-    order = epoch_order(len(rows), cfg.seed, epoch) if order is None else order  # the caller's cached order
+    order = epoch_order(len(rows), cfg.seed, epoch)
     start, stop = _micro_batch_span(len(rows), cfg, step, micro, steps_per_epoch, world, rank)
     return epoch, [rows[order[i]] for i in range(start, stop)]
 

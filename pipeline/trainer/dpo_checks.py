@@ -11,7 +11,6 @@ import sys
 from typing import Any, Optional
 
 import torch
-from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from torch.distributed.fsdp import FSDPModule
 
 from pipeline.cache import describe_difference, fingerprint_differences, fingerprint_digest
@@ -19,7 +18,7 @@ from pipeline.config import config_to_dict
 from pipeline.errors import UserError
 from pipeline.intervals import accuracy_record
 from pipeline.model_card import model_card
-from pipeline.models import MaskedRowScorer, model_identity, tokenizer_identity
+from pipeline.models import model_identity, tokenizer_identity
 from pipeline.numerics import Numerics, autocast, follow, load, of_fingerprint
 from pipeline.preference import cache_layout_sums, heldout_metrics
 from pipeline.replay import cache_part_paths, read_whole_part
@@ -217,8 +216,3 @@ def evaluate_heldout(ctx: TrainContext, loaders) -> dict[str, float]:
     if acc.num_processes > 1 and not fsdp:  # under FSDP every process scored the whole split
         sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
     return heldout_metrics(sums)
-
-
-def shard_frozen(acc, model):
-    """A frozen model (the online reference) sharded by FSDP like the policy, inside its own scorer."""
-    return fsdp2_prepare_model(acc, MaskedRowScorer(model))

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
 from pipeline.cache import open_cache
 from pipeline.checkpoint import checkpoint_dir
 from pipeline.devices import resolve_device
 from pipeline.errors import UserError
+from pipeline.models import MaskedRowScorer
 from pipeline.numerics import accelerate_override_note, load
 from pipeline.replay import PairBatch, cache_part_paths
 from pipeline.trainer import dpo_checks as checks
@@ -92,7 +94,8 @@ class DPORecipe(session.Recipe):
             return None
         ref_model, _ = load(ref_name, self.numerics, self.acc.device, trust_remote_code=cfg.trust_remote_code)
         ref_model.eval().requires_grad_(False)
-        return checks.shard_frozen(self.acc, ref_model) if self.fsdp else ref_model  # FSDP: same memory shape
+        # FSDP: sharded like the policy, inside its own scorer (the same memory shape)
+        return fsdp2_prepare_model(self.acc, MaskedRowScorer(ref_model)) if self.fsdp else ref_model
 
     def _setup_state(self) -> None:
         """The start check (a fresh run from the cache's model) or the resume; the folder, config and logs."""
@@ -117,19 +120,8 @@ class DPORecipe(session.Recipe):
     # --- train ------------------------------------------------------------------------------------------------
 
     def train_step(self, step: int, saving: bool) -> bool:
-        """One optimizer step, its eval and log; returns whether it is a new best (a checkpoint follows)."""
-        row, step_pairs = self._train_step(step)
-        evaluated = bool(self.cfg.eval_every) and (step + 1) % self.cfg.eval_every == 0
-        new_best = self._evaluate(step, row) if evaluated else False
-        self.last = row
-        self.intervals["rewards/accuracies"] = checks.accuracy_of(row["rewards/accuracies"], step_pairs)
-        self.log.bar.step(row["loss"])
-        if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.total_steps or evaluated:
-            self.log.log(row)
-        return new_best
-
-    def _train_step(self, step: int) -> tuple[dict[str, Any], int]:
-        """One optimizer step over every micro-batch of this process; returns its metrics row and pair count."""
+        """One optimizer step over every micro-batch of this process, its eval and log; returns whether it is a
+        new best (a checkpoint follows)."""
         cfg, ctx = self.cfg, self.ctx
         ctx.step, t0 = step, time.perf_counter()
         # Each pair weighs the same within a step, also when the epoch's end leaves short (or no) micro-batches
@@ -153,7 +145,14 @@ class DPORecipe(session.Recipe):
             row.update(self.start_stats)  # step 1's statistics of the policy before its update, in the cache's layout
         if self.reused_draws:
             row["masks/reused"] = float(step // self.steps_per_epoch >= self.fp["draws"])
-        return row, step_pairs
+        evaluated = bool(cfg.eval_every) and (step + 1) % cfg.eval_every == 0
+        new_best = self._evaluate(step, row) if evaluated else False
+        self.last = row
+        self.intervals["rewards/accuracies"] = checks.accuracy_of(row["rewards/accuracies"], step_pairs)
+        self.bar.step(row["loss"])
+        if (step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps or evaluated:
+            self.log(row)
+        return new_best
 
     def _evaluate(self, step: int, row: dict[str, Any]) -> bool:
         """eval/... into ``row``; returns whether it is a new best (save_best; the first best is kept on ties)."""

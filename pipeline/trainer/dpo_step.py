@@ -17,11 +17,10 @@ import torch
 import torch.distributed as dist
 
 from pipeline.diffusion import ScoreRequest, elbo_terms, forward_calls
-from pipeline.errors import UserError
 from pipeline.losses import METRICS, PairStatistics, pair_statistics, preference_delta, sequence_weights
 from pipeline.replay import PairBatch, replay_requests
 from pipeline.trainer.dpo_config import TrainConfig
-from pipeline.trainer.session import pad_probe, stop_with_others, sync_context
+from pipeline.trainer.session import check_finite, pad_probe, sync_context
 
 
 @dataclass
@@ -239,16 +238,7 @@ def _backward(ctx: TrainContext, loss: torch.Tensor) -> None:
 
 
 def _check_finite(ctx: TrainContext, loss: torch.Tensor, batch: PairBatch) -> None:
-    """Stop on a non-finite loss, naming the step and pairs; under data parallel every
-    process learns of it (one flag all-reduced, also by a process with no rows), so none
-    waits for the others forever."""
-    bad = not bool(torch.isfinite(loss).all())
-    if ctx.wrapped is not None:
-        stop_with_others(ctx.accelerator, bad, ctx.step)
-    if bad:
-        raise UserError(f"step {ctx.step + 1}: loss is not finite ({loss.item()}) on pairs "
-                        f"{', '.join(batch.pair_ids)}; nothing was saved for this step "
-                        "(try a lower --learning-rate or --mixed-precision no)")
+    check_finite(ctx.accelerator, ctx.wrapped is not None, loss, ctx.step, f"pairs {', '.join(batch.pair_ids)}")
 
 
 def step_metrics(acc, micro: list[Optional[MicroStats]]) -> dict[str, float]:

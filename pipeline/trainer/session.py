@@ -12,7 +12,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -53,12 +53,18 @@ def pad_probe(scorer, pad_token_id: int, device) -> torch.Tensor:
     return scorer(probe, None, index, probe[0, :1], 1).sum()
 
 
-def stop_with_others(acc, bad: bool, step: int) -> None:
-    """The finite-loss flag, all-reduced (every process calls it, also one without rows), so that when any
-    process's loss is not finite all stop and none waits for the others forever; the bad one says why."""
-    flag = torch.tensor([1.0 if bad else 0.0], device=acc.device)
-    if acc.reduce(flag, reduction="sum").item() > 0 and not bad:
-        raise UserError(f"step {step + 1}: loss is not finite on another process; stopping with it")
+def check_finite(acc, distributed: bool, loss: torch.Tensor, step: int, where: str) -> None:
+    """Stop on a non-finite loss, naming the step and ``where`` (its pairs or records). Distributed, the flag is
+    all-reduced (every process calls this, also one without rows: ``loss`` 0), so that when any process's loss
+    is not finite all stop and none waits for the others forever; the bad one says why."""
+    bad = not bool(torch.isfinite(loss).all())
+    if distributed:
+        flag = torch.tensor([1.0 if bad else 0.0], device=acc.device)
+        if acc.reduce(flag, reduction="sum").item() > 0 and not bad:
+            raise UserError(f"step {step + 1}: loss is not finite on another process; stopping with it")
+    if bad:
+        raise UserError(f"step {step + 1}: loss is not finite ({loss.item()}) on {where}; nothing was saved for "
+                        "this step (try a lower --learning-rate or --mixed-precision no)")
 
 
 def sync_context(acc, wrapped, fsdp: bool, last: bool):
@@ -82,7 +88,7 @@ class Recipe:
 
     def __init__(self, cfg):
         self.cfg, self.start_time = cfg, time.perf_counter()
-        self.start_step, self.resumed_from, self.log = 0, None, None
+        self.start_step, self.resumed_from, self.writer, self.sinks, self.bar = 0, None, None, [], None
         self.last: dict[str, Any] = {}
 
     def run(self):
@@ -167,7 +173,8 @@ class Recipe:
 
     def open_log(self) -> None:
         """A fresh run removes what earlier runs wrote (``overwrite``, checked in ``open_run``); config.yaml is
-        written once, when the run starts: a resume never rewrites the run's recorded settings. Then the log."""
+        written once, when the run starts: a resume never rewrites the run's recorded settings. Then the log:
+        metrics.parquet (+ TensorBoard) and accelerate's trackers on the main process, and the progress bar."""
         cfg, acc = self.cfg, self.acc
         if acc.is_main_process:
             if not cfg.resume:
@@ -175,8 +182,19 @@ class Recipe:
             if not (cfg.resume and (cfg.out / CONFIG_FILE).is_file()):
                 cfg.out.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(cfg.out / CONFIG_FILE, config_to_yaml(cfg), record=True)
-        self.log = RunLog(cfg, acc, self.trackers, self.total_steps, self.start_step, self.resumed_from,
-                          self.stage)
+        main = acc.is_main_process
+        if main and accelerator_trackers(self.trackers):
+            self.sinks.append(AccelerateSink(acc, dataclasses.asdict(cfg), TB_TAGS,
+                                             run_name=cfg.run_name or cfg.out.name))
+        self.bar = StepBar(self.total_steps, self.start_step, cfg.progress and main, self.stage)
+        if main:
+            self.writer = MetricsWriter(cfg.out, tensorboard=TENSORBOARD in self.trackers,
+                                        resume_step=self.resumed_from, console=self.bar.stream or cfg.progress,
+                                        sinks=tuple(self.sinks))
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.log(row)
 
     # --- train ------------------------------------------------------------------------------------------------
 
@@ -184,9 +202,6 @@ class Recipe:
     def scorer(self):
         """What the loss calls: the wrapped MaskedRowScorer when distributed, else the policy."""
         return self.model if self.wrapped is None else self.wrapped
-
-    def sync(self, last: bool):
-        return sync_context(self.acc, self.wrapped, self.fsdp, last)
 
     def train(self) -> None:
         """The optimizer steps from ``start_step`` (0, or the resumed checkpoint's); checkpoint-N every
@@ -215,7 +230,8 @@ class Recipe:
         """checkpoint-N (a model folder, trainer_state.json, optimizer, scheduler and RNG state), the metrics
         flushed first so a resume continues them; rotation keeps ``keep_checkpoints`` newest, never ``protect``."""
         self.acc.wait_for_everyone()
-        self.log.flush()
+        if self.writer is not None:
+            self.writer.flush()
         save_checkpoint(self.cfg.out, step, model=self.model, wrapped=self.wrapped, optimizer=self.optimizer,
                         scheduler=self.scheduler, tokenizer=self.tokenizer, accelerator=self.acc,
                         base_name=self.model_name, keep=self.cfg.keep_checkpoints, protect=list(protect), cfg=self.cfg,
@@ -229,7 +245,8 @@ class Recipe:
         with push_to_hub; every process calls this. Returns the result's common fields with ``result``."""
         cfg = self.cfg
         self.acc.wait_for_everyone()
-        self.log.flush()
+        if self.writer is not None:
+            self.writer.flush()
         save_model_dir(cfg.out / FINAL_DIR, self.model, self.tokenizer, self.acc, base_name=self.model_name,
                        card=card)
         if self.acc.is_main_process:
@@ -240,36 +257,6 @@ class Recipe:
                 "resumed_from": self.resumed_from, "seconds": time.perf_counter() - self.start_time, **result}
 
     def close(self) -> None:
-        if self.log is not None:
-            self.log.close()
-
-
-class RunLog:
-    """metrics.parquet (+ TensorBoard) and accelerate's trackers on the main process, and the progress bar."""
-
-    def __init__(self, cfg, acc, trackers: list[str], total_steps: int, start_step: int,
-                 resumed_from: Optional[int], desc: str):
-        self.writer, self.sinks = None, []
-        main = acc.is_main_process
-        if main and accelerator_trackers(trackers):
-            self.sinks.append(AccelerateSink(acc, dataclasses.asdict(cfg), TB_TAGS,
-                                             run_name=cfg.run_name or cfg.out.name))
-        self.bar = StepBar(total_steps, start_step, cfg.progress and main, desc)
-        if main:
-            self.writer = MetricsWriter(cfg.out, tensorboard=TENSORBOARD in trackers, resume_step=resumed_from,
-                                        console=self.bar.stream or cfg.progress, sinks=tuple(self.sinks))
-
-    def log(self, row: dict[str, Any]) -> None:
-        if self.writer is not None:
-            self.writer.log(row)
-
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-        for sink in self.sinks:
-            sink.close()
+        for closing in [self.bar, self.writer, *self.sinks]:
+            if closing is not None:
+                closing.close()

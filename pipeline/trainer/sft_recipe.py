@@ -27,7 +27,7 @@ from pipeline.sft import collate, draw_masks, sft_loss
 from pipeline.sftdata import examples_digest, load_examples
 from pipeline.trainer import session
 from pipeline.trainer.sft_config import RESUME_FREE, SFTConfig, SFTResult
-from pipeline.training import adapt_policy, epoch_order, micro_batch_rows, peak_memory_bytes, step_pair_count
+from pipeline.training import adapt_policy, micro_batch_rows, peak_memory_bytes, step_pair_count
 
 
 def load_start(cfg: SFTConfig, device):
@@ -47,7 +47,6 @@ class SFTRecipe(session.Recipe):
     def __init__(self, cfg: SFTConfig):
         super().__init__(cfg)
         self.num_tokens, self.model_name = 0, cfg.model
-        self._order: tuple[int, list[int]] = (-1, [])
 
     # --- setup ------------------------------------------------------------------------------------------------
 
@@ -78,19 +77,13 @@ class SFTRecipe(session.Recipe):
 
     # --- train ------------------------------------------------------------------------------------------------
 
-    def order(self, epoch: int) -> list[int]:
-        """The epoch's data order (train's: a pure function of seed and epoch), computed once per epoch."""
-        if self._order[0] != epoch:
-            self._order = (epoch, epoch_order(len(self.examples), self.cfg.seed, epoch))
-        return self._order[1]
-
     def train_step(self, step: int, saving: bool) -> bool:
         cfg = self.cfg
         rows = max(1, step_pair_count(len(self.examples), cfg, step, self.steps_per_epoch, self.world))
         for micro in range(cfg.grad_accum):
             self.window = [a + b for a, b in zip(self.window, self._micro_step(step, micro, rows))]
         lr, grad_norm = self.optimizer_step()
-        self.log.bar.step()
+        self.bar.step()
         if (step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps or saving:
             self._log_window(step, lr, grad_norm)
         return False
@@ -107,7 +100,7 @@ class SFTRecipe(session.Recipe):
                      "learning_rate": lr, "grad_norm": grad_norm, "num_tokens": self.num_tokens,
                      "tokens_per_second": tokens / max(seconds, 1e-9),
                      "peak_memory_bytes": peak_memory_bytes(self.acc.device)}
-        self.log.log(self.last)
+        self.log(self.last)
         self.window, self.window_start = [0.0, 0, 0], time.perf_counter()
 
     def _micro_step(self, step: int, micro: int, scale_rows: int) -> tuple[float, int, int]:
@@ -115,8 +108,8 @@ class SFTRecipe(session.Recipe):
         process makes one forward and one backward of the scorer, also an idle one, so FSDP's gathers match."""
         cfg, acc, world = self.cfg, self.acc, self.world
         epoch, rows = micro_batch_rows(range(len(self.examples)), cfg, step, micro, self.steps_per_epoch, world,
-                                       acc.process_index, order=self.order(step // self.steps_per_epoch))
-        with self.sync(micro == cfg.grad_accum - 1):
+                                       acc.process_index)
+        with session.sync_context(acc, self.wrapped, self.fsdp, micro == cfg.grad_accum - 1):
             if not rows:  # the epoch's end left this process nothing: a zero-weighted pass joins the others' sync
                 self._idle_pass(step)
                 return 0.0, 0, 0
@@ -126,7 +119,8 @@ class SFTRecipe(session.Recipe):
             with acc.autocast():
                 losses = sft_loss(self.scorer, batch, t, mask, self.tokenizer.mask_token_id)
             total = losses.sum()
-            self._check_finite(step, total, rows)
+            session.check_finite(acc, self.wrapped is not None, total, step,
+                                 ", ".join(self.examples[i].source for i in rows[:3]))
             # Each sequence weighs the same in a step: DDP and FSDP average over processes, hence the factor world.
             acc.backward(total * (world / scale_rows))
         return float(total.detach()), len(rows), int(batch.attention_mask.sum())
@@ -134,18 +128,8 @@ class SFTRecipe(session.Recipe):
     def _idle_pass(self, step: int) -> None:
         with self.acc.autocast():
             zero = session.pad_probe(self.scorer, self.tokenizer.pad_token_id, self.acc.device)
-        if self.world > 1:
-            session.stop_with_others(self.acc, False, step)
+        session.check_finite(self.acc, self.wrapped is not None, torch.zeros(()), step, "")
         self.acc.backward(0.0 * zero)
-
-    def _check_finite(self, step: int, total: torch.Tensor, rows) -> None:
-        bad = not bool(torch.isfinite(total))
-        if self.world > 1:
-            session.stop_with_others(self.acc, bad, step)
-        if bad:
-            raise UserError(f"step {step + 1}: loss is not finite ({float(total)}) on "
-                            f"{', '.join(self.examples[i].source for i in rows[:3])}; nothing was saved for this "
-                            "step (try a lower --learning-rate or --mixed-precision no)")
 
     def save_checkpoint(self, step: int, protect=(), **state) -> None:
         super().save_checkpoint(step, protect, num_tokens=self.num_tokens, **state)
