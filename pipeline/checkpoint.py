@@ -26,6 +26,7 @@ leaves only whole checkpoints. Tensors are read back with safetensors or
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import re
@@ -34,10 +35,17 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.distributed.checkpoint as dcp
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
+from transformers import TrainerState
 
+from pipeline.atomic import atomic_dir, is_owned, remove_owned
 from pipeline.errors import UserError
 from pipeline.layout import CHECKPOINT_PATTERN, CHECKPOINT_PREFIX, CONFIG_FILE, LEGACY_CHECKPOINTS_DIR, METRICS_FILE
+from pipeline.metrics import read_metrics
 
 LEGACY_STEP_PATTERN = re.compile(r"^step-(\d{7})$")
 STATE = "trainer_state.json"
@@ -50,8 +58,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 def is_sharded(model: torch.nn.Module) -> bool:
     """True when FSDP2 has turned the model's parameters into DTensors."""
-    from torch.distributed.tensor import DTensor
-
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
@@ -67,9 +73,10 @@ def _saved_keys(model) -> list[str]:
 
 
 def gather_state(model, main: bool) -> dict[str, torch.Tensor] | None:
-    """The saved tensors in full on CPU (a collective under FSDP: every process calls it); None off main."""
-    from torch.distributed.tensor import DTensor
-
+    """Under FSDP the saved tensors in full on CPU (a collective: every process calls it); None off main, and
+    None when the model is not sharded (save_pretrained takes its own state dict)."""
+    if not is_sharded(model):
+        return None
     tensors = dict(model.named_parameters())
     tensors.update(dict(model.named_buffers()))
     out = {}
@@ -85,25 +92,18 @@ def save_model_files(folder: Path, model, tokenizer, state_dict: dict[str, torch
                      base_name: str | None = None) -> None:
     """Write the model (adapter or full checkpoint) and tokenizer into an existing folder."""
     if _is_peft(model) and base_name is not None:
-        model.peft_config["default"].base_model_name_or_path = _base_reference(base_name)
+        base = Path(base_name)
+        model.peft_config["default"].base_model_name_or_path = str(base.resolve()) if base.exists() else base_name
     kwargs = {} if state_dict is None else {"state_dict": state_dict}
     model.save_pretrained(folder, safe_serialization=True, **kwargs)
     tokenizer.save_pretrained(folder)
-
-
-def _base_reference(model_name: str) -> str:
-    p = Path(model_name)
-    return str(p.resolve()) if p.exists() else model_name
 
 
 def save_model_dir(path: Path, model, tokenizer, accelerator, base_name: str | None = None,
                    card: str | None = None) -> None:
     """A consolidated model folder (RUN/final), with ``card`` as its README.md, renamed into place; every
     process must call it."""
-    from pipeline.atomic import atomic_dir
-
-    sharded = is_sharded(model)
-    state = gather_state(model, accelerator.is_main_process) if sharded else None
+    state = gather_state(model, accelerator.is_main_process)
     if accelerator.is_main_process:
         with atomic_dir(path, record=True) as tmp:
             save_model_files(tmp, model, tokenizer, state, base_name)
@@ -115,14 +115,10 @@ def save_model_dir(path: Path, model, tokenizer, accelerator, base_name: str | N
 def _shared_tmp(stack: contextlib.ExitStack, final: Path, accelerator) -> Path:
     """The main process's ``atomic_dir`` for ``final`` (renamed and recorded when ``stack`` closes),
     its temporary name sent to every process so each can write its shard there."""
-    from pipeline.atomic import atomic_dir
-
     name = [None]
     if accelerator.is_main_process:
         name[0] = str(stack.enter_context(atomic_dir(final, record=True)))
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         broadcast_object_list(name)
     return Path(name[0])
 
@@ -152,8 +148,6 @@ def log_history(run_dir: Path, upto: int) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    from pipeline.metrics import read_metrics
-
     return [entry for row in read_metrics(path).to_pylist() if row["step"] <= upto for entry in history_entries(row)]
 
 
@@ -161,10 +155,6 @@ def trainer_state(step: int, state: Mapping[str, Any], cfg: Any, history: list[d
     """transformers' ``TrainerState`` of the checkpoint of ``step`` (its field names; unknown ones keep their
     defaults). ``state`` is the stage's record (``layout``, ``steps_per_epoch``, ``best_*``, ``num_tokens``),
     ``cfg`` its config (``log_every``, ``save_every``, ``eval_every``, ``batch_size``)."""
-    import dataclasses
-
-    from transformers import TrainerState
-
     layout = state.get("layout", {})
     max_steps = int(layout.get("total_steps", step))
     per_epoch = max(1, int(state.get("steps_per_epoch", max_steps) or 1))
@@ -189,18 +179,13 @@ def save_checkpoint(run_dir: Path, step: int, *, model, wrapped, optimizer, sche
     save_total_limit; 0 keeps all) and every ``protect``ed one (the best, with ``train --save-best``). Rotation
     removes only checkpoint folders this program recorded writing, and in them only its own files. ``cfg`` (the
     stage's config) fills TrainerState's logging_steps, save_steps, eval_steps and train_batch_size."""
-    from pipeline.atomic import remove_owned
-
     final = checkpoint_dir(run_dir, step)
     rank = accelerator.process_index
     with contextlib.ExitStack() as stack:
         tmp = _shared_tmp(stack, final, accelerator)
         sharded = is_sharded(model)
-        weights = gather_state(model, accelerator.is_main_process) if sharded else None
+        weights = gather_state(model, accelerator.is_main_process)
         if sharded:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
             dcp.save({"optimizer": get_optimizer_state_dict(wrapped, _inner(optimizer))},
                      checkpoint_id=str(tmp / SHARDED_OPTIMIZER))
         rng = {"torch": torch.get_rng_state()}
@@ -223,8 +208,6 @@ def save_checkpoint(run_dir: Path, step: int, *, model, wrapped, optimizer, sche
             (tmp / STATE).write_text(json.dumps(hf_state, indent=2, sort_keys=True) + "\n")
     # The main process's atomic_dir has renamed the folder into place (replacing an earlier checkpoint-N whole).
     if accelerator.is_main_process:
-        from pipeline.atomic import is_owned
-
         kept = {Path(p).resolve() for p in protect}
         ours = [c for c in list_checkpoints(run_dir) if is_owned(c)]  # a user's checkpoint-N is not rotated
         for old in ours[:-keep] if keep > 0 else []:
@@ -265,11 +248,6 @@ def legacy_error(path: Path) -> UserError:
     return UserError(f"{path}: a checkpoint of the layout before transformers' (checkpoints/step-N), which this "
                      "version does not resume; start a new run (--overwrite, or another --out), or train from its "
                      f"model (--model {path})")
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -318,13 +296,20 @@ def _read_model_files(path: Path, model) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_checkpoint(path: Path, *, model, wrapped, optimizer, scheduler, accelerator) -> dict[str, Any]:
-    """Restore a checkpoint in place (every process calls this); returns its trainer state."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
+def load_checkpoint(path: Path, *, layout: dict[str, Any], model, wrapped, optimizer, scheduler,
+                    accelerator) -> dict[str, Any]:
+    """Restore a checkpoint in place (every process calls this); returns its trainer state. It must have been
+    written by a run of this world size and ``layout``: resuming must replay the same data order and schedule,
+    so the settings that fix them must match."""
     path = Path(path)
     state = read_state(path)
-    check_world(path, state, accelerator.num_processes)
+    check_world(path, state, accelerator.num_processes)  # before the layout: its message says what to do instead
+    saved = state.get("layout", {})
+    diffs = [k for k in layout if k in saved and saved[k] != layout[k]]
+    if diffs:
+        k = diffs[0]
+        raise UserError(f"{path}: cannot resume with {k} = {layout[k]}; the run was started with {k} = {saved[k]} "
+                        "(the data position and schedule depend on it)")
     weights = _read_model_files(path, model)
     expected = set(_saved_keys(model))
     if set(weights) != expected:
@@ -345,9 +330,6 @@ def load_checkpoint(path: Path, *, model, wrapped, optimizer, scheduler, acceler
             else:
                 target.copy_(value.to(target.device, target.dtype))
     if state.get("sharded"):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
         holder = {"optimizer": get_optimizer_state_dict(wrapped, _inner(optimizer))}
         dcp.load(holder, checkpoint_id=str(path / SHARDED_OPTIMIZER))
         set_optimizer_state_dict(wrapped, _inner(optimizer), holder["optimizer"])

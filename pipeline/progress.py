@@ -7,18 +7,21 @@ Every stage draws its bar through here: ``progress_bar`` for counted items
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from typing import Iterator
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 
 
@@ -52,7 +55,8 @@ def progress_bar(description: str, total: int, enabled: bool = True, extra: str 
     columns += [TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     console = Console(file=sys.stderr)
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(description, total=total, rate="", **_blank_fields(extra))
+        blank = {name: "" for name in re.findall(r"task\.fields\[(\w+)\]", extra)}
+        task = progress.add_task(description, total=total, rate="", **blank)
 
         class _Bar:
             def advance(self, n: int = 1, **fields) -> None:
@@ -66,13 +70,5 @@ def progress_bar(description: str, total: int, enabled: bool = True, extra: str 
 
 def byte_progress(description: str) -> Progress:
     """A transient bar over bytes read (size, transfer rate, ETA), on stderr; the caller starts and stops it."""
-    from rich.progress import DownloadColumn, TransferSpeedColumn
-
     return Progress(TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                     TimeRemainingColumn(), console=Console(file=sys.stderr), transient=True)
-
-
-def _blank_fields(extra: str) -> dict:
-    import re
-
-    return {name: "" for name in re.findall(r"task\.fields\[(\w+)\]", extra)}

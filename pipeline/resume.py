@@ -10,7 +10,7 @@ Where a resume starts (``resume_from_checkpoint``, transformers' name): ``true``
 complete ``checkpoint-N`` in the run folder; a path is that checkpoint folder, wherever it is. Either is
 checked by content, not by where it lies: the checkpoint's own copy of the run's recorded config (and the
 run folder's, when it has one) against this run's settings, then its data layout and data fingerprint
-(pipeline.training.check_resume_layout).
+(pipeline.checkpoint.load_checkpoint).
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import yaml
+
 from pipeline.errors import ConfigError, UserError
+from pipeline.layout import CONFIG_FILE
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0", "", "none", "null")
@@ -44,46 +47,34 @@ def resume_setting(resume: bool, resume_from_checkpoint: Any) -> tuple[bool, Opt
 def find_resume_checkpoint(out: Path, given: Optional[str]) -> Path:
     """The checkpoint a resume continues from: ``given`` (a ``checkpoint-N`` folder) or, when None, the newest
     complete one in ``out``; a one-line error when there is none, or it is incomplete or of the old layout."""
-    from pipeline.checkpoint import (
-        LEGACY_STEP_PATTERN,
-        RECORD,
-        STATE,
-        is_complete,
-        latest_checkpoint,
-        legacy_checkpoints,
-        legacy_error,
-        list_checkpoints,
-    )
+    from pipeline import checkpoint as ck  # lazy: the configs normalise resume_setting without loading checkpoints
 
     out = Path(out)
     if given is None:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            legacy = legacy_checkpoints(out)
-            if legacy:
-                raise legacy_error(legacy[-1])
-            raise UserError(f"{out}: --resume (resume_from_checkpoint: true) given but the run folder holds no "
-                            "complete checkpoint-N folder")
-        return ckpt
+        found, legacy = ck.list_checkpoints(out), ck.legacy_checkpoints(out)
+        if found:
+            return found[-1]
+        if legacy:
+            raise ck.legacy_error(legacy[-1])
+        raise UserError(f"{out}: --resume (resume_from_checkpoint: true) given but the run folder holds no "
+                        "complete checkpoint-N folder")
     path = Path(given)
     if not path.is_dir():
         raise UserError(f"{path}: resume_from_checkpoint: no such checkpoint folder")
-    if LEGACY_STEP_PATTERN.match(path.name) or (path / "trainable.safetensors").is_file():
-        raise legacy_error(path)
-    if not is_complete(path):
-        inside = list_checkpoints(path)
+    if ck.LEGACY_STEP_PATTERN.match(path.name) or (path / "trainable.safetensors").is_file():
+        raise ck.legacy_error(path)
+    if not ck.is_complete(path):
+        inside = ck.list_checkpoints(path)
         hint = (f"; it is a run folder: give one of its checkpoints ({inside[-1].name} is the newest)" if inside
                 else " (killed while it was written, or not a checkpoint)")
         raise UserError(f"{path}: resume_from_checkpoint: not a complete checkpoint of lldm-dpo train or sft "
-                        f"(needs {RECORD} and {STATE}){hint}")
+                        f"(needs {ck.RECORD} and {ck.STATE}){hint}")
     return path
 
 
 def check_resume_source(out: Path, given: Optional[str], current: dict[str, Any], free: Iterable[str]) -> Path:
     """``find_resume_checkpoint``, then its recorded config (and the run folder's, when it has one) against
     ``current``: the checkpoint continues this run only when every setting outside ``free`` is the same."""
-    from pipeline.layout import CONFIG_FILE
-
     ckpt = find_resume_checkpoint(out, given)
     free = tuple(free)
     for recorded in dict.fromkeys([Path(ckpt) / CONFIG_FILE, Path(out) / CONFIG_FILE]):
@@ -93,8 +84,6 @@ def check_resume_source(out: Path, given: Optional[str], current: dict[str, Any]
 
 def recorded_config(path: Path) -> dict[str, Any] | None:
     """The config a run recorded when it started (None when the file is absent)."""
-    import yaml
-
     if not path.is_file():
         return None
     try:

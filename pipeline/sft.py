@@ -37,6 +37,7 @@ from typing import Sequence
 import torch
 
 from pipeline.diffusion import mask_seed
+from pipeline.models.scoring import as_row_scorer
 
 EPS = 1e-3
 """The floor of the timestep: t ~ U(eps, 1] (LLaDA's 1e-3)."""
@@ -129,8 +130,6 @@ def masked_logp_sums(model, batch: SFTBatch, mask: torch.Tensor, mask_token_id: 
                      chunk_size: int = 4096) -> torch.Tensor:
     """Float64[B]: per sequence, the sum of log p(y_i) over its masked positions; the head on those rows
     only. ``model`` is a model or a (DDP/FSDP-wrapped) ``MaskedRowScorer``: one module call."""
-    from pipeline.models.scoring import as_row_scorer
-
     scorer = as_row_scorer(model, chunk_size)
     device = next(iter(scorer.parameters())).device
     inputs = masked_inputs(batch, mask, mask_token_id)

@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.errors import UserError
+from pipeline.pairsfile import read_pairs
 from pipeline.prompts import encode_prompt, encode_text, messages_of, render_response
+from pipeline.readers import iter_records
 from pipeline.tokenize import truncate
 
 
@@ -42,15 +44,11 @@ class SFTExample:
 def _records(path: Path) -> Iterator[tuple[str, dict]]:
     """(location, record dict) for every record of ``path``; an unparsable one is a one-line error."""
     if path.suffix == ".arrow":
-        from pipeline.pairsfile import read_pairs
-
         table = read_pairs(path)
         names = [c for c in ("prompt", "chosen", "prompt_messages", "chosen_messages") if c in table.column_names]
         for i, row in enumerate(table.select(names).to_pylist()):
             yield f"{path}:{i}", row
         return
-    from pipeline.readers import iter_records
-
     if not path.exists():
         raise UserError(f"{path}: training data not found")
     for rec in iter_records(path):
@@ -143,6 +141,7 @@ def examples_digest(examples: list[SFTExample]) -> str:
     """sha256 of the token ids, in order: what a resume compares (content, not the file's path)."""
     h = hashlib.sha256()
     for ex in examples:
-        h.update(b"p" + ",".join(map(str, ex.prompt_ids)).encode() + b"r" + ",".join(map(str, ex.response_ids)).encode())
+        h.update(b"p" + ",".join(map(str, ex.prompt_ids)).encode()
+                 + b"r" + ",".join(map(str, ex.response_ids)).encode())
     return h.hexdigest()
 

@@ -8,18 +8,28 @@ Functions taking ``cfg`` read only the fields they name (``gradient_checkpointin
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+import os
 import random
 import resource
+import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from tqdm import tqdm
 
-from pipeline.errors import UserError
-from pipeline.layout import CONFIG_FILE, RUN_OUTPUTS, run_outputs_in
+from pipeline.atomic import clear_owned, is_owned, remove_owned
+from pipeline.errors import ConfigError, UserError
+from pipeline.layout import CONFIG_FILE, FINAL_DIR, RUN_OUTPUTS, run_outputs_in
 from pipeline.models import lora_target_modules
-from pipeline.numerics import Numerics
+from pipeline.numerics import Numerics, prepare_4bit
+from pipeline.trackers import tracker_dir
 
 REFUSED_SCHEDULERS = {
     "reduce_lr_on_plateau": "it steps on an eval metric, and lldm-dpo steps the schedule once per optimizer step",
@@ -30,7 +40,7 @@ REFUSED_SCHEDULERS = {
 
 def scheduler_names() -> tuple[str, ...]:
     """Every ``transformers.SchedulerType`` name that applies here (lr_scheduler_type's choices)."""
-    from transformers import SchedulerType
+    from transformers import SchedulerType  # lazy here and below: it loads transformers' trainer_utils and peft
 
     return tuple(t.value for t in SchedulerType if t.value not in REFUSED_SCHEDULERS)
 
@@ -38,8 +48,6 @@ def scheduler_names() -> tuple[str, ...]:
 def check_scheduler(name: str, kwargs: Optional[dict] = None) -> None:
     """A one-line ConfigError unless ``name`` is a transformers scheduler that applies here and takes
     ``kwargs`` (tried on a one-parameter optimizer, so a config fails before any model loads)."""
-    from pipeline.errors import ConfigError
-
     if name in REFUSED_SCHEDULERS:
         raise ConfigError(f"lr_scheduler_type {name} cannot apply here: {REFUSED_SCHEDULERS[name]}")
     names = scheduler_names()
@@ -76,8 +84,6 @@ def adapt_policy(model, cfg, numerics: Optional[Numerics] = None):
         from peft import LoraConfig, get_peft_model
 
         if numerics.load_in_4bit:
-            from pipeline.numerics import prepare_4bit
-
             model = prepare_4bit(model, cfg.gradient_checkpointing)
         names = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
         targets = lora_target_modules(getattr(model.config, "model_type", ""), names)
@@ -101,10 +107,6 @@ BNB_OPTIMS = {"adamw_8bit": (8, False), "adamw_bnb_8bit": (8, False), "paged_ada
 
 def check_optim(name: str) -> None:
     """A one-line ConfigError unless ``name`` is an optim built here (bitsandbytes' only where it is installed)."""
-    import importlib.util
-
-    from pipeline.errors import ConfigError
-
     built = TORCH_OPTIMS + tuple(BNB_OPTIMS)
     if name in BNB_OPTIMS and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"optim {name} needs bitsandbytes, which is not installed (pip install bitsandbytes), "
@@ -136,12 +138,9 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
         from transformers.optimization import Adafactor
 
         return Adafactor(params, lr=lr, weight_decay=wd, scale_parameter=False, relative_step=False)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=wd)
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, weight_decay=wd, eps=eps)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, weight_decay=wd, eps=eps)
+    if name in ("sgd", "adagrad", "rmsprop"):
+        kind = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}[name]
+        return kind(params, lr=lr, weight_decay=wd, **({} if name == "sgd" else {"eps": eps}))
     bits, paged = BNB_OPTIMS[name]
     import bitsandbytes as bnb
 
@@ -161,22 +160,18 @@ def make_scheduler(optimizer, cfg, total_steps: int):
 
 def check_run_outputs(out: Path) -> None:
     """An earlier run's files that a training run would replace must be its own: a user's file is never removed."""
-    from pipeline.atomic import is_owned
-
     for name in RUN_OUTPUTS + (CONFIG_FILE,):
         path = out / name
         if path.exists() and not path.is_dir() and not is_owned(path):
             raise UserError(f"{path}: was not written by lldm-dpo (not in {out}/.lldm-dpo-written); move it away "
                             "or choose another --out")
-    final = out / "final"
+    final = out / FINAL_DIR
     if final.is_dir() and not is_owned(final):
         raise UserError(f"{final}: was not written by lldm-dpo; move it away or choose another --out")
 
 
 def remove_run_outputs(out: Path) -> None:
     """--overwrite: remove what earlier runs wrote (recorded in the folder), never anything else."""
-    from pipeline.atomic import clear_owned, is_owned, remove_owned
-
     check_run_outputs(out)
     for name in run_outputs_in(out):  # checkpoint-N folders included
         path = out / name
@@ -186,20 +181,11 @@ def remove_run_outputs(out: Path) -> None:
             clear_owned(path)  # a folder the user made: only our files in it go
 
 
-def check_resume_layout(ckpt: Path, state: dict[str, Any], layout: dict[str, Any]) -> None:
-    """Resuming must replay the same data order and schedule: the settings that fix them must match."""
-    saved = state.get("layout", {})
-    diffs = [k for k in layout if k in saved and saved[k] != layout[k]]
-    if diffs:
-        k = diffs[0]
-        raise UserError(f"{ckpt}: cannot resume with {k} = {layout[k]}; the run was started with {k} = {saved[k]} "
-                        "(the data position and schedule depend on it)")
-
-
-def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
+@functools.lru_cache(maxsize=4)  # every micro-batch of an epoch reads the same order: shuffled once
+def epoch_order(n_rows: int, seed: int, epoch: int) -> tuple[int, ...]:
     order = list(range(n_rows))
     random.Random(f"{seed}:{epoch}").shuffle(order)  # string seeds are stable across Python runs
-    return order
+    return tuple(order)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -232,11 +218,6 @@ def fresh_accelerator(mixed_precision: str, cpu: bool, log_with: Optional[list[s
     """An Accelerator with this run's settings. accelerate keeps one state per
     process; in a single process (tests, sweeps, ``lldm-dpo run``) it is reset so
     each ``run(cfg)`` gets its own mixed precision."""
-    import os
-
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
@@ -248,28 +229,21 @@ def fresh_accelerator(mixed_precision: str, cpu: bool, log_with: Optional[list[s
                         "configs/accelerate/fsdp.yaml) for ZeRO-3-style sharding")
     if os.environ.get("ACCELERATE_USE_MEGATRON_LM", "false").lower() == "true":
         raise UserError(f"{command} under Megatron-LM is not supported; use FSDP (configs/accelerate/fsdp.yaml)")
-    if log_with:
-        from pipeline.trackers import tracker_dir
-
-        acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu, log_with=log_with, project_dir=tracker_dir(run_dir))
-    else:
-        acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    trackers = {"log_with": log_with, "project_dir": tracker_dir(run_dir)} if log_with else {}
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu, **trackers)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type.name == "MULTI_CPU":
         # accelerate 1.15 only turns FSDP on for accelerator devices; torch's fully_shard
         # itself runs over gloo on CPU, so the plugin is attached here (fsdp_cpu.yaml).
-        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
         acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
         acc.state.distributed_type = DistributedType.FSDP
     return acc
 
 
-def micro_batch_rows(rows, cfg, step: int, micro: int, steps_per_epoch: int, world: int, rank: int,
-                     order: list[int] | None = None):
+def micro_batch_rows(rows, cfg, step: int, micro: int, steps_per_epoch: int, world: int, rank: int):
     """The rows this process trains on at (step, micro). An epoch is one pass over its own shuffled order:
     its last micro-batches hold what is left (fewer rows, or none), never a pair already seen in the epoch."""
     epoch = step // steps_per_epoch
-    order = epoch_order(len(rows), cfg.seed, epoch) if order is None else order  # the caller's cached order
+    order = epoch_order(len(rows), cfg.seed, epoch)
     start, stop = _micro_batch_span(len(rows), cfg, step, micro, steps_per_epoch, world, rank)
     return epoch, [rows[order[i]] for i in range(start, stop)]
 
@@ -295,13 +269,9 @@ class StepBar:
     through the bar, so it stays whole; without a bar it is None and lines go to stderr as before."""
 
     def __init__(self, total: int, initial: int, enabled: bool, desc: str):
-        import sys
-
         self.bar = None
         out = sys.stderr
         if enabled and hasattr(out, "isatty") and out.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=out, dynamic_ncols=True)
         self.stream = _BarStream(self.bar) if self.bar is not None else None
 

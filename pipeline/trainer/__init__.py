@@ -1,7 +1,7 @@
 """The training recipes (torchtune's shape on accelerate's primitives: ``setup``, ``train``, ``save``).
 
-- ``session``: what DPO and SFT share around their step (run folder, accelerator, trackers and metrics log,
-  optimizer step, resume, checkpoint save).
+- ``session``: ``Recipe``, what DPO and SFT share around their step (run folder, accelerator, trackers and
+  metrics log, optimizer and wrapping, the step loop, resume, checkpoints and the final model).
 - ``dpo_config`` / ``dpo_step`` / ``dpo_checks`` / ``dpo_recipe``: DPO against the reference-score cache.
 
 The stages (``stages/train.py``, ``stages/sft.py``) only build the config and call ``run``.

@@ -4,24 +4,32 @@ in the cache's own batch layout, and the model card."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import sys
 from typing import Any, Optional
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
-from pipeline.cache import describe_difference, fingerprint_differences
+from pipeline.cache import describe_difference, fingerprint_differences, fingerprint_digest
+from pipeline.config import config_to_dict
 from pipeline.errors import UserError
-from pipeline.numerics import Numerics
-from pipeline.replay import cache_part_paths
+from pipeline.intervals import accuracy_record
+from pipeline.model_card import model_card
+from pipeline.models import model_identity, tokenizer_identity
+from pipeline.numerics import Numerics, autocast, follow, load, of_fingerprint
+from pipeline.preference import cache_layout_sums, heldout_metrics
+from pipeline.replay import cache_part_paths, read_whole_part
 from pipeline.trainer.dpo_config import TrainConfig
 from pipeline.trainer.dpo_step import TrainContext
+from pipeline.trainer.session import step_counts
 from pipeline.training import _micro_batch_span, adapt_policy, epoch_order
 
 
 def setup_policy(cfg: TrainConfig, model_name: str, device: torch.device, numerics: Optional[Numerics] = None):
     """Load the policy in ``numerics`` (optionally 4-bit), apply LoRA or unfreeze all, enable checkpointing."""
-    from pipeline.numerics import load
-
     numerics = numerics or Numerics(dtype=cfg.dtype or "float32", mixed_precision=cfg.mixed_precision or "no",
                                     load_in_4bit=bool(cfg.load_in_4bit))
     model, tokenizer = load(model_name, numerics, device, trust_remote_code=cfg.trust_remote_code)
@@ -30,8 +38,6 @@ def setup_policy(cfg: TrainConfig, model_name: str, device: torch.device, numeri
 
 def check_tokenizer(cfg: TrainConfig, cache, tokenizer) -> None:
     """Cached token ids only mean something under the tokenizer that produced them."""
-    from pipeline.models import tokenizer_identity
-
     if tokenizer_identity(tokenizer) != cache.fingerprint.get("tokenizer"):
         raise UserError(f"{cfg.scores}: the policy's tokenizer differs from the one the cache was scored with "
                         "(fingerprint field 'tokenizer'); cached token ids would be read in another vocabulary")
@@ -39,16 +45,12 @@ def check_tokenizer(cfg: TrainConfig, cache, tokenizer) -> None:
 
 def same_model(cache, model_name: str) -> bool:
     """Whether ``model_name`` is the cache's reference model, by name or by identity (content)."""
-    from pipeline.models import model_identity
-
     return model_name == cache.manifest["config"]["model"] or not fingerprint_differences(
         {"model": model_identity(model_name)}, {"model": cache.fingerprint.get("model")})
 
 
 def check_init(cfg: TrainConfig, cache, model_name: str) -> None:
     """The policy must start from the cache's reference model unless the user says otherwise."""
-    from pipeline.models import model_identity
-
     expected = cache.fingerprint.get("model")
     actual = model_identity(model_name)
     diffs = fingerprint_differences({"model": actual}, {"model": expected})
@@ -60,8 +62,6 @@ def check_init(cfg: TrainConfig, cache, model_name: str) -> None:
 
 def check_cache_inputs(cfg: TrainConfig, cache):
     """The cache's train rows (read in slices, identical pairs skipped) and, with eval_every, its eval rows."""
-    import sys
-
     fp = cache.fingerprint
     if cfg.max_length is not None and cfg.max_length != fp.get("max_length"):
         raise UserError(f"{cfg.scores}: max_length {cfg.max_length} differs from the cache's {fp.get('max_length')} "
@@ -85,10 +85,6 @@ def check_cache_inputs(cfg: TrainConfig, cache):
 
 def resolve_numerics(cfg: TrainConfig, cache) -> tuple[TrainConfig, Numerics, Numerics]:
     """(cfg with its numerics resolved, the policy's numerics, the cache's): unset ones follow the cache."""
-    import dataclasses
-
-    from pipeline.numerics import follow, of_fingerprint
-
     cached = of_fingerprint(cache.fingerprint)
     numerics = follow(cached, dtype=cfg.dtype, mixed_precision=cfg.mixed_precision, load_in_4bit=cfg.load_in_4bit,
                       allow_mismatch=cfg.allow_numerics_mismatch, where=str(cfg.scores))
@@ -102,8 +98,6 @@ def resolve_numerics(cfg: TrainConfig, cache) -> tuple[TrainConfig, Numerics, Nu
 
 def plan_start(cfg: TrainConfig, model_name: str, rows, fp: dict[str, Any], device) -> None:
     """On CUDA, plan the peak memory on the longest cached pair before the policy loads (lldm-dpo plan)."""
-    import dataclasses
-
     from pipeline.plan import Shape, check_start
 
     # Three length columns, not the rows: the cache stays on disk.
@@ -116,8 +110,6 @@ def plan_start(cfg: TrainConfig, model_name: str, rows, fp: dict[str, Any], devi
 
 def epochs_needed(n_rows: int, cfg: TrainConfig, world: int = 1) -> int:
     """Epochs a run starts (a partial last one counts): each needs its own mask draw."""
-    from pipeline.trainer.session import step_counts
-
     steps_per_epoch, total_steps = step_counts(n_rows, cfg, world)
     return math.ceil(total_steps / steps_per_epoch)
 
@@ -130,8 +122,6 @@ def check_draws(cfg: TrainConfig, epochs: int, draws: int) -> bool:
         raise UserError(f"{cfg.scores}: this run trains {epochs} epochs but the cache holds {draws} mask draw(s), "
                         "one per epoch (replaying masks fits the policy to them and overstates rewards/*); rerun "
                         f"score-ref with --draws {epochs}, or pass --reuse-masks to replay draw epoch mod {draws}")
-    import sys
-
     print(f"warning: {epochs} epochs on {draws} mask draw(s): epochs past {draws} replay masks already trained "
           f"on (metric masks/reused = 1); rerun score-ref with --draws {epochs} to avoid it", file=sys.stderr)
     return True
@@ -151,13 +141,8 @@ def gap_error(cfg: TrainConfig, gap: float, numerics: Numerics, cached: Numerics
                      f"{what}; --gap-threshold 0 skips this check")
 
 
-
 def train_card(cfg: TrainConfig, model_name: str, fp: dict[str, Any], n_pairs: int, last: dict[str, Any],
                last_eval: dict[str, Any], eval_pairs: int) -> str:
-    from pipeline.cache import fingerprint_digest
-    from pipeline.config import config_to_dict
-    from pipeline.model_card import model_card
-
     data = {"reference-score cache": str(cfg.scores), "cache fingerprint": fingerprint_digest(fp),
             "training pairs": n_pairs, "samples per response": fp.get("samples"), "mask draws": fp.get("draws")}
     return model_card(stage="dpo", base_model=model_name, lora=cfg.lora_r > 0, data=data,
@@ -165,11 +150,8 @@ def train_card(cfg: TrainConfig, model_name: str, fp: dict[str, Any], n_pairs: i
                       eval_pairs=eval_pairs, eval_step=last_eval.get("step"))
 
 
-
 def accuracy_of(share: float, n: int) -> dict[str, Any]:
     """An accuracy (a mean of credits 0, 1/2, 1 over ``n`` pairs) as a count with its Wilson interval."""
-    from pipeline.intervals import accuracy_record
-
     count = min(max(round(share * n * 2) / 2, 0.0), float(n)) if math.isfinite(share) else 0.0
     return accuracy_record(count, n)
 
@@ -184,19 +166,12 @@ def step_pair_ids(rows, cfg: TrainConfig, step: int, steps_per_epoch: int, world
 
 def part_loaders(cache, paths) -> list:
     """One zero-argument reader per cache part (read when scored, not held)."""
-    import functools
-
-    from pipeline.replay import read_whole_part
-
     return [functools.partial(read_whole_part, cache, p) for p in paths]
 
 
 def _cache_layout_sums(ctx: TrainContext, loaders, keep, draw: int = 0):
     """``pipeline.preference.cache_layout_sums`` of the policy (eval mode, no dropout) on the cache's parts
     (``loaders``), in the cache's numerics and token budget; under FSDP through the wrapped scorer."""
-    from pipeline.numerics import autocast
-    from pipeline.preference import cache_layout_sums
-
     cfg, acc, model = ctx.cfg, ctx.accelerator, ctx.model
     was_training = model.training
     model.eval()
@@ -212,8 +187,6 @@ def _cache_layout_sums(ctx: TrainContext, loaders, keep, draw: int = 0):
         if ctx.fsdp:
             # FSDP keeps the root's weights gathered after a forward, for the backward that follows; a no-grad
             # forward has none, so they are resharded here (else the next save or step sees them gathered).
-            from torch.distributed.fsdp import FSDPModule
-
             for module in ctx.scorer.modules():
                 if isinstance(module, FSDPModule):
                     module.reshard()
@@ -225,8 +198,6 @@ def start_check(ctx: TrainContext, cache, pair_ids: list[str]) -> tuple[float, d
     in the cache's own batch layout (the whole parts that hold them, every draw, as score-ref scored them),
     so the cache's model gives gap 0 and rewards/accuracies 0.5 exactly, in any dtype. Every process scores
     the same parts (the same calls under FSDP) and gets the same numbers."""
-    from pipeline.preference import heldout_metrics
-
     wanted = set(pair_ids)
     if not wanted:
         return 0.0, {}
@@ -239,20 +210,9 @@ def start_check(ctx: TrainContext, cache, pair_ids: list[str]) -> tuple[float, d
 def evaluate_heldout(ctx: TrainContext, loaders) -> dict[str, float]:
     """eval/... metrics of the policy on this process's share of the held-out parts (``loaders``), scored in
     the cache's batch layout (so the cache's model scores accuracy 0.5 exactly), reduced over processes."""
-    from pipeline.preference import heldout_metrics
-
     acc, fsdp = ctx.accelerator, ctx.fsdp
     sums, _ = _cache_layout_sums(ctx, loaders, lambda r: (r.get("split") or "train") == "eval"
                                  and list(r["chosen_ids"]) != list(r["rejected_ids"]), draw=0)
     if acc.num_processes > 1 and not fsdp:  # under FSDP every process scored the whole split
         sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
     return heldout_metrics(sums)
-
-
-def shard_frozen(acc, model):
-    """A frozen model (the online reference) sharded by FSDP like the policy, inside its own scorer."""
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-
-    from pipeline.models.scoring import MaskedRowScorer
-
-    return fsdp2_prepare_model(acc, MaskedRowScorer(model))

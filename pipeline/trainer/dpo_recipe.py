@@ -12,31 +12,37 @@ one process (tests/stages/test_train_uneven.py, test_an_epoch_uses_every_pair_on
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
+from pipeline.cache import open_cache
+from pipeline.checkpoint import checkpoint_dir
+from pipeline.devices import resolve_device
 from pipeline.errors import UserError
-from pipeline.layout import FINAL_DIR, METRICS_FILE
+from pipeline.models import MaskedRowScorer
+from pipeline.numerics import accelerate_override_note, load
 from pipeline.replay import PairBatch, cache_part_paths
 from pipeline.trainer import dpo_checks as checks
 from pipeline.trainer import session
 from pipeline.trainer.dpo_config import RESUME_FREE, TrainConfig, TrainResult
 from pipeline.trainer.dpo_step import TrainContext, micro_step, step_metrics
-from pipeline.training import micro_batch_rows, peak_memory_bytes, reset_peak_memory, step_pair_count
+from pipeline.training import micro_batch_rows, peak_memory_bytes, step_pair_count
 
 
-class DPORecipe:
+class DPORecipe(session.Recipe):
+    stage, resume_free = "train", RESUME_FREE
+
     def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-        self.start_time = time.perf_counter()
+        super().__init__(cfg)
         self.gap, self.start_stats = float("nan"), {}
         self.best: dict[str, Any] = {"best_metric": None, "best_model_checkpoint": None}
-        self.last: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
         self.intervals: dict[str, Any] = {}
-        self.start_step, self.resumed_from = 0, None
 
     # --- setup ------------------------------------------------------------------------------------------------
 
@@ -47,50 +53,36 @@ class DPORecipe:
         self._setup_state()
 
     def _setup_inputs(self) -> None:
-        from pipeline.cache import open_cache
-        from pipeline.devices import resolve_device
-
         cfg = self.cfg
-        session.prepare_run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+        self.open_run()
         resolve_device(cfg.device)  # an unavailable --device is an error here too, never a silent CPU run
         self.cache = cache = open_cache(cfg.scores)
         self.fp = cache.fingerprint
         self.model_name = cfg.model or cache.manifest["config"]["model"]
         checks.check_init(cfg, cache, self.model_name)
         self.rows, self.eval_rows = checks.check_cache_inputs(cfg, cache)
-        self.trackers = session.resolve_report_to(cfg)
-        cfg, self.numerics, self.cached_numerics = checks.resolve_numerics(cfg, cache)
-        if cfg.resume:  # the checkpoint's recorded settings (and the run folder's) must be this run's
-            self.resume_ckpt = session.resume_source(cfg, RESUME_FREE)
-        self.cfg = cfg
+        self.cfg, self.numerics, self.cached_numerics = checks.resolve_numerics(cfg, cache)
+        # the checkpoint's recorded settings (and the run folder's) must be this run's, numerics resolved
+        self.resume_ckpt = self.resume_source() if cfg.resume else None
 
     def _setup_model(self) -> None:
-        import sys
-
-        from pipeline.numerics import accelerate_override_note
-        from pipeline.training import make_optimizer, make_scheduler
-
-        cfg, fp = self.cfg, self.fp
-        self.acc = acc = session.make_accelerator(cfg, self.trackers, "train")
+        self.make_accelerator()
+        cfg, fp, acc = self.cfg, self.fp, self.acc
         if (note := accelerate_override_note(cfg.mixed_precision, str(cfg.scores))) and acc.is_main_process:
             print(note, file=sys.stderr, flush=True)
-        self.fsdp, self.world = acc.distributed_type.name == "FSDP", acc.num_processes
-        self.steps_per_epoch, self.total_steps = session.step_counts(len(self.rows), cfg, self.world)
+        self.count_steps(len(self.rows))
         self.reused_draws = checks.check_draws(cfg, checks.epochs_needed(len(self.rows), cfg, self.world),
                                                fp["draws"])
         if cfg.plan and not self.fsdp:  # data parallel keeps a whole model per process; FSDP's shape differs
             checks.plan_start(cfg, self.model_name, self.rows, fp, acc.device)
         torch.manual_seed(cfg.seed)
-        self.model, self.tokenizer = checks.setup_policy(cfg, self.model_name, acc.device, self.numerics)
+        model, self.tokenizer = checks.setup_policy(cfg, self.model_name, acc.device, self.numerics)
         checks.check_tokenizer(cfg, self.cache, self.tokenizer)
         if self.tokenizer.mask_token_id is None or self.tokenizer.pad_token_id is None:
             raise UserError(f"model '{self.model_name}': tokenizer needs mask and pad tokens")
         ref_model = self._online_reference_model()
-        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
-        self.scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
-        self.wrapped, self.optimizer, self.params = session.prepare_model(
-            acc, self.model, self.optimizer, distributed=self.world > 1 or self.fsdp)
-        self.ctx = TrainContext(cfg, self.model, self.tokenizer, acc, fp, ref_model, wrapped=self.wrapped,
+        self.prepare(model)
+        self.ctx = TrainContext(cfg, model, self.tokenizer, acc, fp, ref_model, wrapped=self.wrapped,
                                 fsdp=self.fsdp, cache_batch_tokens=int(self.cache.manifest.get("config", {})
                                                                        .get("batch_tokens", 16384)))
 
@@ -100,11 +92,10 @@ class DPORecipe:
         cfg, ref_name = self.cfg, self.cache.manifest["config"]["model"]
         if cfg.reference != "online" or (cfg.lora_r > 0 and self.model_name == ref_name):
             return None
-        from pipeline.numerics import load
-
         ref_model, _ = load(ref_name, self.numerics, self.acc.device, trust_remote_code=cfg.trust_remote_code)
         ref_model.eval().requires_grad_(False)
-        return checks.shard_frozen(self.acc, ref_model) if self.fsdp else ref_model  # FSDP: same memory shape
+        # FSDP: sharded like the policy, inside its own scorer (the same memory shape)
+        return fsdp2_prepare_model(self.acc, MaskedRowScorer(ref_model)) if self.fsdp else ref_model
 
     def _setup_state(self) -> None:
         """The start check (a fresh run from the cache's model) or the resume; the folder, config and logs."""
@@ -115,17 +106,11 @@ class DPORecipe:
             self.gap, self.start_stats = checks.start_check(self.ctx, self.cache, pair_ids)
             if cfg.gap_threshold > 0 and cfg.beta * self.gap > cfg.gap_threshold:
                 raise checks.gap_error(cfg, self.gap, self.numerics, self.cached_numerics)
-        self.layout = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "processes": self.world,
-                       "total_steps": self.total_steps, "seed": cfg.seed, "lora_r": cfg.lora_r, "optim": cfg.optim,
-                       "scores_digest": self.cache.manifest.get("fingerprint_digest")}  # the cache by content
-        if cfg.resume:  # the checkpoint-N folder resume_source found
-            state = session.resume_state(self.resume_ckpt, self.layout, self.world, model=self.model, wrapped=self.wrapped,
-                                         optimizer=self.optimizer, scheduler=self.scheduler, accelerator=acc)
-            self.start_step = self.resumed_from = int(state["step"])
+        self.set_layout(scores_digest=self.cache.manifest.get("fingerprint_digest"))  # the cache by content
+        if self.resume_ckpt is not None:
+            state = self.resume(self.resume_ckpt)
             self.best = {k: state.get(k) for k in self.best}
-        session.start_run(cfg, acc)
-        self.log = session.RunLog(cfg, acc, self.trackers, self.total_steps, self.start_step, self.resumed_from,
-                                  "train")
+        self.open_log()
         # Held-out pairs are scored in the cache's layout, whole parts: under data parallel each process scores
         # its share of the parts (the sums all-reduced); under FSDP (every forward a collective) all of them.
         parts = [] if not self.eval_rows else checks.part_loaders(self.cache, cache_part_paths(self.cache,
@@ -134,24 +119,9 @@ class DPORecipe:
 
     # --- train ------------------------------------------------------------------------------------------------
 
-    def train(self) -> None:
-        """The optimizer steps from ``start_step`` (0, or the resumed checkpoint's)."""
-        reset_peak_memory(self.acc.device)
-        for step in range(self.start_step, self.total_steps):
-            row, step_pairs = self._train_step(step)
-            evaluated = bool(self.cfg.eval_every) and (step + 1) % self.cfg.eval_every == 0
-            new_best = self._evaluate(step, row) if evaluated else False
-            self.last = row
-            self.intervals["rewards/accuracies"] = checks.accuracy_of(row["rewards/accuracies"], step_pairs)
-            self.log.bar.step(row["loss"])
-            if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.total_steps or evaluated:
-                self.log.log(row)
-            every = self.cfg.save_every and (step + 1) % self.cfg.save_every == 0 and step + 1 < self.total_steps
-            if new_best or every:
-                self._save_checkpoint(step + 1)
-
-    def _train_step(self, step: int) -> tuple[dict[str, Any], int]:
-        """One optimizer step over every micro-batch of this process; returns its metrics row and pair count."""
+    def train_step(self, step: int, saving: bool) -> bool:
+        """One optimizer step over every micro-batch of this process, its eval and log; returns whether it is a
+        new best (a checkpoint follows)."""
         cfg, ctx = self.cfg, self.ctx
         ctx.step, t0 = step, time.perf_counter()
         # Each pair weighs the same within a step, also when the epoch's end leaves short (or no) micro-batches
@@ -163,8 +133,7 @@ class DPORecipe:
                                            self.acc.process_index)
             batch = PairBatch(rows, draw=epoch % self.fp["draws"])  # the cached masks of this epoch's draw
             micro.append(micro_step(ctx, batch, len(rows) * self.world / step_pairs, sync=i == cfg.grad_accum - 1))
-        lr, grad_norm = session.optimizer_step(self.acc, self.params, self.optimizer, self.scheduler,
-                                               cfg.max_grad_norm)
+        lr, grad_norm = self.optimizer_step()
         means = step_metrics(self.acc, micro)
         row = {"step": step + 1, "epoch": (step + 1) / self.steps_per_epoch, "loss": means["loss"],
                **{k: v for k, v in means.items() if k not in ("loss", "tokens")},
@@ -176,12 +145,17 @@ class DPORecipe:
             row.update(self.start_stats)  # step 1's statistics of the policy before its update, in the cache's layout
         if self.reused_draws:
             row["masks/reused"] = float(step // self.steps_per_epoch >= self.fp["draws"])
-        return row, step_pairs
+        evaluated = bool(cfg.eval_every) and (step + 1) % cfg.eval_every == 0
+        new_best = self._evaluate(step, row) if evaluated else False
+        self.last = row
+        self.intervals["rewards/accuracies"] = checks.accuracy_of(row["rewards/accuracies"], step_pairs)
+        self.bar.step(row["loss"])
+        if (step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps or evaluated:
+            self.log(row)
+        return new_best
 
     def _evaluate(self, step: int, row: dict[str, Any]) -> bool:
         """eval/... into ``row``; returns whether it is a new best (save_best; the first best is kept on ties)."""
-        from pipeline.checkpoint import checkpoint_dir
-
         row.update(checks.evaluate_heldout(self.ctx, self.eval_share))
         self.last_eval = {"step": step + 1, "metrics": {k: v for k, v in row.items() if k.startswith("eval/")}}
         score = row["eval/rewards/accuracies"]
@@ -191,46 +165,23 @@ class DPORecipe:
             self.best = {"best_metric": score, "best_model_checkpoint": str(checkpoint_dir(self.cfg.out, step + 1))}
         return new_best
 
-    def _save_checkpoint(self, step: int) -> None:
-        """checkpoint-N (a model folder, trainer_state.json, the resume state); the best one is never rotated."""
-        from pathlib import Path
-
+    def save_checkpoint(self, step: int, protect=(), **state) -> None:
+        """checkpoint-N with the best so far; the best one is never rotated."""
         best = self.best["best_model_checkpoint"]
-        session.save_step_checkpoint(
-            self.cfg, self.acc, self.log, step, protect=[Path(best)] if best else [], model=self.model,
-            wrapped=self.wrapped, optimizer=self.optimizer, scheduler=self.scheduler, tokenizer=self.tokenizer,
-            base_name=self.model_name, state={"epoch": step / self.steps_per_epoch,
-                                              "steps_per_epoch": self.steps_per_epoch, "layout": self.layout,
-                                              **self.best})
+        super().save_checkpoint(step, [Path(best)] if best else [], **self.best, **state)
 
     # --- save -------------------------------------------------------------------------------------------------
 
     def save(self) -> TrainResult:
         """The final model (full weights or the LoRA adapter) with its model card; every process calls this."""
-        from pipeline.checkpoint import save_model_dir
-
-        cfg = self.cfg
-        self.acc.wait_for_everyone()
-        self.log.flush()
-        card = checks.train_card(cfg, self.model_name, self.fp, len(self.rows), self.last, self.last_eval,
+        card = checks.train_card(self.cfg, self.model_name, self.fp, len(self.rows), self.last, self.last_eval,
                                  len(self.eval_rows))
-        save_model_dir(cfg.out / FINAL_DIR, self.model, self.tokenizer, self.acc, base_name=self.model_name,
-                       card=card)
-        session.push_final(cfg, self.acc, "train")
-        return TrainResult(
-            steps=self.total_steps, epochs_seen=self.total_steps / self.steps_per_epoch,
-            final_loss=float(self.last.get("loss", float("nan"))),
-            final_reward_accuracy=float(self.last.get("rewards/accuracies", float("nan"))),
-            seconds=time.perf_counter() - self.start_time, out=str(cfg.out), final_model=str(cfg.out / FINAL_DIR),
-            metrics=str(cfg.out / METRICS_FILE), resumed_from=self.resumed_from,
+        return TrainResult(**self.save_final(
+            card, final_reward_accuracy=float(self.last.get("rewards/accuracies", float("nan"))),
             best_checkpoint=self.best["best_model_checkpoint"], best_metric=self.best["best_metric"],
-            intervals=self.intervals)
-
-    def close(self) -> None:
-        if getattr(self, "log", None) is not None:
-            self.log.close()
+            intervals=self.intervals))
 
 
 def run(cfg: TrainConfig) -> TrainResult:
     """setup, train, save, holding the run folder's lock (a second train into it refuses, naming the first)."""
-    return session.run_recipe(DPORecipe(cfg), "train")
+    return DPORecipe(cfg).run()

@@ -9,18 +9,18 @@ terms share their noise (VRPO's antithetic sampling) and the reference model is 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
-from pipeline.errors import UserError
-from pipeline.losses import PairStatistics, pair_statistics, preference_delta, sequence_weights
+from pipeline.diffusion import ScoreRequest, elbo_terms, forward_calls
+from pipeline.losses import METRICS, PairStatistics, pair_statistics, preference_delta, sequence_weights
 from pipeline.replay import PairBatch, replay_requests
 from pipeline.trainer.dpo_config import TrainConfig
-from pipeline.trainer.session import pad_probe, stop_with_others
+from pipeline.trainer.session import check_finite, pad_probe, sync_context
 
 
 @dataclass
@@ -51,19 +51,12 @@ class TrainContext:
         """The largest ``count`` over processes (a collective: every process calls it at the same point)."""
         if self.wrapped is None:
             return count
-        import torch.distributed as dist
-
         t = torch.tensor([count], dtype=torch.long, device=self.accelerator.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
     def sync_context(self, last: bool):
-        """Gradients are all-reduced only on the last backward of an optimizer step."""
-        if self.wrapped is None or last or self.fsdp:
-            # FSDP reduce-scatters every backward: without sync each process would keep
-            # whole unsharded gradients, the memory FSDP exists to save.
-            return contextlib.nullcontext()
-        return self.accelerator.no_sync(self.wrapped)
+        return sync_context(self.accelerator, self.wrapped, self.fsdp, last)
 
 
 @dataclass
@@ -77,8 +70,6 @@ class MicroStats:
 
 
 def policy_terms(model, requests, tokenizer, cfg: TrainConfig) -> list[torch.Tensor]:
-    from pipeline.diffusion import elbo_terms
-
     return elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
                       batch_tokens=cfg.batch_tokens)
 
@@ -146,8 +137,6 @@ def _one_pass(ctx: TrainContext, batch, requests, refs, lengths, scale: float, s
 def _per_sequence(ctx: TrainContext, batch, requests, refs, lengths, scale: float, sync: bool):
     """One no-grad pass gives each pair's dL/d(delta); then every sequence's term is backpropagated on its own
     with that weight (estimator-math.md), K sequences at a time, so activations follow K rather than 2n."""
-    from pipeline.diffusion import ScoreRequest
-
     cfg, acc = ctx.cfg, ctx.accelerator
     with torch.no_grad(), acc.autocast():
         terms, _ = lockstep_terms(ctx, ctx.scorer, requests)
@@ -194,8 +183,6 @@ def lockstep_terms(ctx: TrainContext, scorer, requests) -> tuple[list[torch.Tens
     backpropagated, so the pad passes join the backward too."""
     local = most = 0
     if ctx.fsdp:
-        from pipeline.diffusion import forward_calls
-
         local = forward_calls(requests, ctx.cfg.batch_tokens) if requests else 0
         most = ctx.most(local)
     terms = policy_terms(scorer, requests, ctx.tokenizer, ctx.cfg) if requests else []
@@ -251,23 +238,12 @@ def _backward(ctx: TrainContext, loss: torch.Tensor) -> None:
 
 
 def _check_finite(ctx: TrainContext, loss: torch.Tensor, batch: PairBatch) -> None:
-    """Stop on a non-finite loss, naming the step and pairs; under data parallel every
-    process learns of it (one flag all-reduced, also by a process with no rows), so none
-    waits for the others forever."""
-    bad = not bool(torch.isfinite(loss).all())
-    if ctx.wrapped is not None:
-        stop_with_others(ctx.accelerator, bad, ctx.step)
-    if bad:
-        raise UserError(f"step {ctx.step + 1}: loss is not finite ({loss.item()}) on pairs "
-                        f"{', '.join(batch.pair_ids)}; nothing was saved for this step "
-                        "(try a lower --learning-rate or --mixed-precision no)")
+    check_finite(ctx.accelerator, ctx.wrapped is not None, loss, ctx.step, f"pairs {', '.join(batch.pair_ids)}")
 
 
 def step_metrics(acc, micro: list[Optional[MicroStats]]) -> dict[str, float]:
     """Means over the step's pairs (all micro-batches and processes), with TRL's names: every process sums
     its micro-batches' statistics by name, one all-reduce adds the processes' sums."""
-    from pipeline.losses import METRICS
-
     names = ("pairs", "tokens", *METRICS.values())
     sums = dict.fromkeys(names, 0.0)
     for m in micro:

@@ -1,80 +1,47 @@
-"""What every training recipe (DPO, SFT) does around its own step: the run folder's checks, the accelerator and
-trackers, the metrics log (metrics.parquet, TensorBoard, trackers, the progress bar), the optimizer step, the
-resume from a checkpoint and the checkpoint save. Written once, so both recipes keep the same guarantees
-(no file removed that a run did not write, config.yaml written once, a resume that replays the same order)."""
+"""What every training recipe (DPO, SFT) does around its own step: ``Recipe``, the base of both, holds the run
+folder's checks, the accelerator and trackers, the policy's optimizer, schedule and data-parallel or FSDP wrapping,
+the metrics log (metrics.parquet, TensorBoard, trackers, the progress bar), the step loop, the optimizer step, the
+resume from a checkpoint, the checkpoint save and the final model. Written once, so both recipes keep the same
+guarantees (no file removed that a run did not write, config.yaml written once, a resume that replays the same
+order, a sharded checkpoint and a consolidated final model under FSDP)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
+from pipeline.atomic import check_writable, sweep_stale, write_text_atomic
+from pipeline.checkpoint import load_checkpoint, save_checkpoint, save_model_dir
+from pipeline.config import config_to_dict, config_to_yaml
 from pipeline.errors import UserError
-from pipeline.layout import CONFIG_FILE, run_outputs_in
+from pipeline.hub import push_folder
+from pipeline.layout import CONFIG_FILE, FINAL_DIR, LEGACY_CHECKPOINTS_DIR, METRICS_FILE, run_outputs_in
+from pipeline.lock import output_lock
+from pipeline.metrics import TB_TAGS, MetricsWriter
+from pipeline.models import MaskedRowScorer
+from pipeline.resume import check_resume_source
+from pipeline.trackers import TENSORBOARD, AccelerateSink, accelerator_trackers, parse_report_to, resolve_trackers
+from pipeline.training import (
+    StepBar,
+    check_run_outputs,
+    fresh_accelerator,
+    make_optimizer,
+    make_scheduler,
+    remove_run_outputs,
+    reset_peak_memory,
+)
 
 
 def step_counts(n_rows: int, cfg, world: int) -> tuple[int, int]:
     """(steps per epoch, total steps): an epoch is one pass over the rows at cfg's global batch."""
     steps_per_epoch = max(1, math.ceil(n_rows / (cfg.batch_size * cfg.grad_accum * world)))
     return steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch
-
-
-def prepare_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Before anything loads: the folder is writable, a killed run's temporary files are swept (provably its
-    own, its process gone), and a fresh run refuses a folder that holds a run unless ``overwrite`` (the one
-    place this is checked; the files go in ``start_fresh``, only those runs wrote)."""
-    from pipeline.atomic import check_writable, sweep_stale
-    from pipeline.training import check_run_outputs
-
-    check_writable(out, "run folder")
-    from pipeline.layout import LEGACY_CHECKPOINTS_DIR
-
-    for folder in (out, out / LEGACY_CHECKPOINTS_DIR):
-        sweep_stale(folder)
-    if resume:
-        return
-    earlier = run_outputs_in(out)
-    if earlier and not overwrite:
-        raise UserError(f"{out}: run folder already holds a run ({', '.join(earlier)}); pass --resume to "
-                        "continue it, --overwrite to start afresh, or choose another --out")
-    check_run_outputs(out)
-
-
-def resolve_report_to(cfg) -> list[str]:
-    """The installed trackers of ``report_to`` (tensorboard dropped by ``tensorboard: false``)."""
-    from pipeline.trackers import TENSORBOARD, parse_report_to, resolve_trackers
-
-    requested = parse_report_to(cfg.report_to)
-    if not cfg.tensorboard:
-        requested = [n for n in requested if n != TENSORBOARD]
-    return resolve_trackers(requested)
-
-
-def make_accelerator(cfg, trackers: list[str], command: str):
-    from pipeline.trackers import accelerator_trackers
-    from pipeline.training import fresh_accelerator
-
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("--mixed-precision fp16 needs CUDA (loss scaling on CPU is not supported); use bf16 or no")
-    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    return fresh_accelerator(cfg.mixed_precision, cpu, log_with=accelerator_trackers(trackers), run_dir=cfg.out,
-                             command=command)
-
-
-def prepare_model(acc, model, optimizer, distributed: bool):
-    """(wrapped, optimizer, trained parameters). Distributed, DDP syncs gradients and FSDP gathers weights in
-    forward(): the MaskedRowScorer does body, masked-row head and row sums in one forward, so both see every
-    use. The scheduler is stepped by hand once per optimizer step: accelerate's wrapper would step it once per
-    process and change the schedule with the world size."""
-    if not distributed:
-        return None, acc.prepare(optimizer), [p for p in model.parameters() if p.requires_grad]
-    from pipeline.models.scoring import MaskedRowScorer
-
-    wrapped, optimizer = acc.prepare(MaskedRowScorer(model), optimizer)
-    return wrapped, optimizer, [p for p in wrapped.parameters() if p.requires_grad]  # FSDP: DTensors
 
 
 def pad_probe(scorer, pad_token_id: int, device) -> torch.Tensor:
@@ -86,125 +53,210 @@ def pad_probe(scorer, pad_token_id: int, device) -> torch.Tensor:
     return scorer(probe, None, index, probe[0, :1], 1).sum()
 
 
-def stop_with_others(acc, bad: bool, step: int) -> None:
-    """The finite-loss flag, all-reduced (every process calls it, also one without rows), so that when any
-    process's loss is not finite all stop and none waits for the others forever; the bad one says why."""
-    flag = torch.tensor([1.0 if bad else 0.0], device=acc.device)
-    if acc.reduce(flag, reduction="sum").item() > 0 and not bad:
-        raise UserError(f"step {step + 1}: loss is not finite on another process; stopping with it")
+def check_finite(acc, distributed: bool, loss: torch.Tensor, step: int, where: str) -> None:
+    """Stop on a non-finite loss, naming the step and ``where`` (its pairs or records). Distributed, the flag is
+    all-reduced (every process calls this, also one without rows: ``loss`` 0), so that when any process's loss
+    is not finite all stop and none waits for the others forever; the bad one says why."""
+    bad = not bool(torch.isfinite(loss).all())
+    if distributed:
+        flag = torch.tensor([1.0 if bad else 0.0], device=acc.device)
+        if acc.reduce(flag, reduction="sum").item() > 0 and not bad:
+            raise UserError(f"step {step + 1}: loss is not finite on another process; stopping with it")
+    if bad:
+        raise UserError(f"step {step + 1}: loss is not finite ({loss.item()}) on {where}; nothing was saved for "
+                        "this step (try a lower --learning-rate or --mixed-precision no)")
 
 
-def optimizer_step(acc, params, optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:
-    """Clip, step, schedule, zero; returns (the step's learning rate, the gradient norm before clipping)."""
-    grad_norm = acc.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return lr, float(grad_norm)
+def sync_context(acc, wrapped, fsdp: bool, last: bool):
+    """Gradients are all-reduced only on the last backward of an optimizer step (DDP's no_sync before it)."""
+    if wrapped is None or last or fsdp:
+        # FSDP reduce-scatters every backward: without sync each process would keep
+        # whole unsharded gradients, the memory FSDP exists to save.
+        return contextlib.nullcontext()
+    return acc.no_sync(wrapped)
 
 
-def resume_source(cfg, free) -> Path:
-    """The checkpoint-N folder a resume continues from (``resume_from_checkpoint``: true, the newest in the run
-    folder; a path, that one), refused unless its recorded settings outside ``free`` are this run's."""
-    from pipeline.config import config_to_dict
-    from pipeline.resume import check_resume_source
+class Recipe:
+    """The shape of a recipe: ``run()`` = ``setup()``, ``train()``, ``save()`` under the run folder's lock. A
+    subclass sets ``stage`` and ``resume_free`` and writes ``setup`` (with the helpers below), ``train_step``
+    and ``save``."""
 
-    return check_resume_source(cfg.out, cfg.resume_from_checkpoint, config_to_dict(cfg), free)
+    stage = ""
+    """The command ("train", "sft"): the lock's, the accelerator's and the progress bar's name."""
+    resume_free: tuple[str, ...] = ()
+    """The settings a resume may change (the config's RESUME_FREE)."""
 
+    def __init__(self, cfg):
+        self.cfg, self.start_time = cfg, time.perf_counter()
+        self.start_step, self.resumed_from, self.writer, self.sinks, self.bar = 0, None, None, [], None
+        self.last: dict[str, Any] = {}
 
-def resume_state(ckpt: Path, layout: dict[str, Any], world: int, **objects) -> dict[str, Any]:
-    """Load checkpoint ``ckpt`` into ``objects`` (model, wrapped, optimizer, scheduler, accelerator) after
-    checking it was written by a run of the same layout (data order and schedule) and world size."""
-    from pipeline.checkpoint import check_world, load_checkpoint, read_state
-    from pipeline.training import check_resume_layout
+    def run(self):
+        """``setup()``, ``train()``, ``save()``, holding the run folder's lock (a second run into the folder
+        refuses, naming the first); ``close()`` whatever happens. Returns ``save()``'s result."""
+        with output_lock(self.cfg.out, self.stage, folder=True):
+            try:
+                self.setup()
+                self.train()
+                return self.save()
+            finally:
+                self.close()
 
-    saved = read_state(ckpt)
-    check_world(ckpt, saved, world)  # before the layout: its message says what to do instead
-    check_resume_layout(ckpt, saved, layout)
-    return load_checkpoint(ckpt, **objects)
+    # --- setup ------------------------------------------------------------------------------------------------
 
+    def open_run(self) -> None:
+        """Before anything loads: the folder is writable, a killed run's temporary files are swept (provably its
+        own, its process gone), and a fresh run refuses a folder that holds a run unless ``overwrite`` (the one
+        place this is checked; the files go in ``open_log``, only those runs wrote). Then the installed
+        trackers of ``report_to`` (tensorboard dropped by ``tensorboard: false``)."""
+        cfg = self.cfg
+        check_writable(cfg.out, "run folder")
+        for folder in (cfg.out, cfg.out / LEGACY_CHECKPOINTS_DIR):
+            sweep_stale(folder)
+        if not cfg.resume:
+            earlier = run_outputs_in(cfg.out)
+            if earlier and not cfg.overwrite:
+                raise UserError(f"{cfg.out}: run folder already holds a run ({', '.join(earlier)}); pass --resume "
+                                "to continue it, --overwrite to start afresh, or choose another --out")
+            check_run_outputs(cfg.out)
+        requested = parse_report_to(cfg.report_to)
+        self.trackers = resolve_trackers([n for n in requested if cfg.tensorboard or n != TENSORBOARD])
 
-def start_run(cfg, acc) -> None:
-    """A fresh run removes what earlier runs wrote (``overwrite``, checked in ``prepare_run_folder``); config.yaml
-    is written once, when the run starts: a resume never rewrites the run's recorded settings."""
-    from pipeline.atomic import write_text_atomic
-    from pipeline.config import config_to_yaml
-    from pipeline.training import remove_run_outputs
+    def resume_source(self) -> Path:
+        """The checkpoint-N folder a resume continues from (``resume_from_checkpoint``: true, the newest in the run
+        folder; a path, that one), refused unless its recorded settings outside ``resume_free`` are this run's."""
+        return check_resume_source(self.cfg.out, self.cfg.resume_from_checkpoint, config_to_dict(self.cfg),
+                                   self.resume_free)
 
-    if not acc.is_main_process:
-        return
-    if not cfg.resume:
-        remove_run_outputs(cfg.out)
-    if not (cfg.resume and (cfg.out / CONFIG_FILE).is_file()):
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(cfg.out / CONFIG_FILE, config_to_yaml(cfg), record=True)
+    def make_accelerator(self) -> None:
+        cfg = self.cfg
+        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise UserError("--mixed-precision fp16 needs CUDA (loss scaling on CPU is not supported); use bf16 or no")
+        cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        self.acc = fresh_accelerator(cfg.mixed_precision, cpu, log_with=accelerator_trackers(self.trackers),
+                                     run_dir=cfg.out, command=self.stage)
+        # Decided once here: on CPU the FSDP mode is attached to accelerate's state by hand (fresh_accelerator),
+        # and any later AcceleratorState() copies the process state's MULTI_CPU back over it.
+        self.fsdp, self.world = self.acc.distributed_type.name == "FSDP", self.acc.num_processes
 
+    def count_steps(self, n_rows: int) -> None:
+        self.steps_per_epoch, self.total_steps = step_counts(n_rows, self.cfg, self.world)
 
-class RunLog:
-    """metrics.parquet (+ TensorBoard) and accelerate's trackers on the main process, and the progress bar."""
+    def prepare(self, model) -> None:
+        """The optimizer over ``model``'s trained parameters, its schedule (stepped by hand once per optimizer step:
+        accelerate's wrapper would step it once per process and change the schedule with the world size), and,
+        distributed, DDP or FSDP around a MaskedRowScorer: it does body, masked-row head and row sums in one
+        forward, so DDP's gradient sync and FSDP's weight gathering see every use."""
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], self.cfg)
+        self.model, self.scheduler = model, make_scheduler(optimizer, self.cfg, self.total_steps)
+        if self.world > 1 or self.fsdp:
+            self.wrapped, self.optimizer = self.acc.prepare(MaskedRowScorer(model), optimizer)
+            self.params = [p for p in self.wrapped.parameters() if p.requires_grad]  # FSDP: DTensors
+        else:
+            self.wrapped, self.optimizer = None, self.acc.prepare(optimizer)
+            self.params = [p for p in model.parameters() if p.requires_grad]
 
-    def __init__(self, cfg, acc, trackers: list[str], total_steps: int, start_step: int,
-                 resumed_from: Optional[int], desc: str):
-        from pipeline.metrics import TB_TAGS, MetricsWriter
-        from pipeline.trackers import TENSORBOARD, AccelerateSink, accelerator_trackers
-        from pipeline.training import StepBar
+    def set_layout(self, **extra) -> None:
+        """What fixes the data order and schedule (a resume must match it), with the data by content."""
+        cfg = self.cfg
+        self.layout = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "processes": self.world,
+                       "total_steps": self.total_steps, "seed": cfg.seed, "lora_r": cfg.lora_r, "optim": cfg.optim,
+                       **extra}
 
-        self.writer, self.sinks = None, []
+    def resume(self, ckpt: Path) -> dict[str, Any]:
+        """Load checkpoint ``ckpt`` into the model, optimizer, scheduler and RNG after checking it was written by a
+        run of the same layout (data order and schedule) and world size; returns its record."""
+        state = load_checkpoint(ckpt, layout=self.layout, model=self.model, wrapped=self.wrapped,
+                                optimizer=self.optimizer, scheduler=self.scheduler, accelerator=self.acc)
+        self.start_step = self.resumed_from = int(state["step"])
+        return state
+
+    def open_log(self) -> None:
+        """A fresh run removes what earlier runs wrote (``overwrite``, checked in ``open_run``); config.yaml is
+        written once, when the run starts: a resume never rewrites the run's recorded settings. Then the log:
+        metrics.parquet (+ TensorBoard) and accelerate's trackers on the main process, and the progress bar."""
+        cfg, acc = self.cfg, self.acc
+        if acc.is_main_process:
+            if not cfg.resume:
+                remove_run_outputs(cfg.out)
+            if not (cfg.resume and (cfg.out / CONFIG_FILE).is_file()):
+                cfg.out.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(cfg.out / CONFIG_FILE, config_to_yaml(cfg), record=True)
         main = acc.is_main_process
-        if main and accelerator_trackers(trackers):
+        if main and accelerator_trackers(self.trackers):
             self.sinks.append(AccelerateSink(acc, dataclasses.asdict(cfg), TB_TAGS,
                                              run_name=cfg.run_name or cfg.out.name))
-        self.bar = StepBar(total_steps, start_step, cfg.progress and main, desc)
+        self.bar = StepBar(self.total_steps, self.start_step, cfg.progress and main, self.stage)
         if main:
-            self.writer = MetricsWriter(cfg.out, tensorboard=TENSORBOARD in trackers, resume_step=resumed_from,
-                                        console=self.bar.stream or cfg.progress, sinks=tuple(self.sinks))
+            self.writer = MetricsWriter(cfg.out, tensorboard=TENSORBOARD in self.trackers,
+                                        resume_step=self.resumed_from, console=self.bar.stream or cfg.progress,
+                                        sinks=tuple(self.sinks))
 
     def log(self, row: dict[str, Any]) -> None:
         if self.writer is not None:
             self.writer.log(row)
 
-    def flush(self) -> None:
+    # --- train ------------------------------------------------------------------------------------------------
+
+    @property
+    def scorer(self):
+        """What the loss calls: the wrapped MaskedRowScorer when distributed, else the policy."""
+        return self.model if self.wrapped is None else self.wrapped
+
+    def train(self) -> None:
+        """The optimizer steps from ``start_step`` (0, or the resumed checkpoint's); checkpoint-N every
+        ``save_every`` steps (not at the end: the final model is saved) and whenever ``train_step`` asks."""
+        reset_peak_memory(self.acc.device)
+        for step in range(self.start_step, self.total_steps):
+            every = self.cfg.save_every and (step + 1) % self.cfg.save_every == 0 and step + 1 < self.total_steps
+            if self.train_step(step, bool(every)) or every:
+                self.save_checkpoint(step + 1)
+
+    def train_step(self, step: int, saving: bool) -> bool:
+        """One optimizer step (``saving``: a checkpoint follows); returns whether to save one anyway."""
+        raise NotImplementedError
+
+    def optimizer_step(self) -> tuple[float, float]:
+        """Clip, step, schedule, zero; returns (the step's learning rate, the gradient norm before clipping)."""
+        max_norm = self.cfg.max_grad_norm
+        grad_norm = self.acc.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr, float(grad_norm)
+
+    def save_checkpoint(self, step: int, protect=(), **state) -> None:
+        """checkpoint-N (a model folder, trainer_state.json, optimizer, scheduler and RNG state), the metrics
+        flushed first so a resume continues them; rotation keeps ``keep_checkpoints`` newest, never ``protect``."""
+        self.acc.wait_for_everyone()
         if self.writer is not None:
             self.writer.flush()
+        save_checkpoint(self.cfg.out, step, model=self.model, wrapped=self.wrapped, optimizer=self.optimizer,
+                        scheduler=self.scheduler, tokenizer=self.tokenizer, accelerator=self.acc,
+                        base_name=self.model_name, keep=self.cfg.keep_checkpoints, protect=list(protect), cfg=self.cfg,
+                        state={"epoch": step / self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
+                               "layout": self.layout, **state})
+
+    # --- save -------------------------------------------------------------------------------------------------
+
+    def save_final(self, card: str, **result) -> dict[str, Any]:
+        """The final model (full weights, gathered under FSDP, or the LoRA adapter) with its model card, pushed
+        with push_to_hub; every process calls this. Returns the result's common fields with ``result``."""
+        cfg = self.cfg
+        self.acc.wait_for_everyone()
+        if self.writer is not None:
+            self.writer.flush()
+        save_model_dir(cfg.out / FINAL_DIR, self.model, self.tokenizer, self.acc, base_name=self.model_name,
+                       card=card)
+        if self.acc.is_main_process:
+            push_folder(cfg.out / FINAL_DIR, cfg, stage=self.stage)
+        return {"steps": self.total_steps, "epochs_seen": self.total_steps / self.steps_per_epoch,
+                "final_loss": float(self.last.get("loss", float("nan"))), "out": str(cfg.out),
+                "final_model": str(cfg.out / FINAL_DIR), "metrics": str(cfg.out / METRICS_FILE),
+                "resumed_from": self.resumed_from, "seconds": time.perf_counter() - self.start_time, **result}
 
     def close(self) -> None:
-        self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-        for sink in self.sinks:
-            sink.close()
-
-
-def save_step_checkpoint(cfg, acc, log: RunLog, step: int, *, state: dict[str, Any], protect=(), **objects) -> None:
-    """Checkpoint ``step`` (a model folder plus optimizer, scheduler and RNG state), the metrics flushed first so
-    a resume continues them; rotation keeps ``keep_checkpoints`` newest and never ``protect``."""
-    from pipeline.checkpoint import save_checkpoint
-
-    acc.wait_for_everyone()
-    log.flush()
-    save_checkpoint(cfg.out, step, accelerator=acc, state=state, keep=cfg.keep_checkpoints, protect=list(protect),
-                    cfg=cfg, **objects)
-
-
-def push_final(cfg, acc, stage: str) -> None:
-    """push_to_hub: the main process uploads the final model folder (pipeline.hub) once it is written."""
-    if acc.is_main_process:
-        from pipeline.hub import push_folder
-        from pipeline.layout import FINAL_DIR
-
-        push_folder(cfg.out / FINAL_DIR, cfg, stage=stage)
-
-
-def run_recipe(recipe, stage: str):
-    """``setup()``, ``train()``, ``save()`` of a recipe, holding its run folder's lock (a second run into the
-    folder refuses, naming the first); ``close()`` whatever happens. Returns ``save()``'s result."""
-    from pipeline.lock import output_lock
-
-    with output_lock(recipe.cfg.out, stage, folder=True):
-        try:
-            recipe.setup()
-            recipe.train()
-            return recipe.save()
-        finally:
-            recipe.close()
+        for closing in [self.bar, self.writer, *self.sinks]:
+            if closing is not None:
+                closing.close()

@@ -15,7 +15,6 @@ from pipeline.checkpoint import (
     STATE,
     checkpoint_dir,
     history_entries,
-    latest_checkpoint,
     list_checkpoints,
     log_history,
     read_state,
@@ -23,6 +22,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.errors import UserError
 from pipeline.layout import run_outputs_in
+from pipeline.resume import find_resume_checkpoint
 
 
 class _Cfg:
@@ -84,7 +84,7 @@ def test_only_complete_checkpoint_folders_count_newest_by_step_not_by_name(tmp_p
     (tmp_path / "checkpoint-12").mkdir()  # somebody else's folder
     (tmp_path / "checkpoint-x").mkdir()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-9", "checkpoint-10"]
-    assert latest_checkpoint(tmp_path).name == "checkpoint-10"
+    assert find_resume_checkpoint(tmp_path, None).name == "checkpoint-10"  # --resume: the newest
     assert read_state(tmp_path / "checkpoint-10") == {"step": 10}
     assert run_outputs_in(tmp_path) == ["checkpoint-2", "checkpoint-9", "checkpoint-10", "checkpoint-11",
                                         "checkpoint-12"]

@@ -179,3 +179,46 @@ def test_two_processes_match_one_at_equal_global_batch(tmp_path):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-3)
         assert y["num_tokens"] == x["num_tokens"]
+
+
+FSDP_RUNS = """
+import sys
+from pathlib import Path
+from stages.sft import SFTConfig, run
+data, out = sys.argv[1], Path(sys.argv[2])
+args = dict(data=data, model="micro", batch_size=2, max_steps=4, save_every=2, log_every=1, learning_rate=3e-3,
+            seed=3, device="auto", progress=False, tensorboard=False, report_to="none")
+run(SFTConfig(out=out / "fsdp", **args))
+run(SFTConfig(out=out / "resumed", resume_from_checkpoint=str(out / "fsdp" / "checkpoint-2"), **args))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_and_its_sharded_checkpoint_resumes(tmp_path):
+    # 13 examples, 4 a step: step 4 holds 1, and leaves the second process idle. One launch runs a fresh FSDP run
+    # and a resume from its sharded checkpoint-2 (into another folder: resume_from_checkpoint as a path).
+    data = write_sft_data(tmp_path / "d13.jsonl", n=13)
+    script = tmp_path / "runs.py"
+    script.write_text(FSDP_RUNS)
+    fsdp_cpu = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "fsdp_cpu.yaml"
+    proc = subprocess.run([*accelerate_launch(), "--config_file", str(fsdp_cpu), str(script), str(data),
+                           str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = run(SFTConfig(data=data, out=tmp_path / "one", **{**FAST, "batch_size": 4}, max_steps=4, save_every=2,
+                        log_every=1, seed=3))
+    ckpt = tmp_path / "fsdp" / "checkpoint-2"
+    assert sorted(p.name for p in (ckpt / "optimizer").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    ma, mb, mc = (pq.read_table(tmp_path / name / "metrics.parquet").to_pylist() for name in ("one", "fsdp",
+                                                                                                "resumed"))
+    assert [m["step"] for m in mb] == [1, 2, 3, 4] and [m["step"] for m in mc] == [3, 4]
+    for x, y in zip(ma, mb):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-6) and y["num_tokens"] == x["num_tokens"]
+    for x, y in zip(mb[2:], mc):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-6)
+    wa, wb, wc = (load_file(str(Path(folder) / "model.safetensors"))
+                  for folder in (one.final_model, tmp_path / "fsdp" / "final", tmp_path / "resumed" / "final"))
+    for k in wa:  # Adam's m / sqrt(v) enlarges the all-reduce's other summation order on near-zero gradients
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5)
+        torch.testing.assert_close(wc[k], wb[k], rtol=0, atol=1e-6)
