@@ -26,6 +26,7 @@ never a crash of the whole read.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -68,6 +69,15 @@ class Record:
         return f"{self.source}:{self.line}"
 
 
+_SUFFIXES = (
+    ((".jsonl.gz", ".ndjson.gz"), "jsonl.gz"),
+    ((".json.gz",), "json.gz"),
+    ((".jsonl", ".ndjson"), "jsonl"),
+    ((".json",), "json"),
+    ((".parquet", ".pq"), "parquet"),
+)
+
+
 def input_kind(path: Path) -> str:
     """``jsonl``, ``jsonl.gz``, ``json``/``json.gz`` (sniffed: array or lines), ``parquet`` or ``datasets``."""
     if path.is_dir():
@@ -75,16 +85,9 @@ def input_kind(path: Path) -> str:
             return "datasets"
         raise UserError(f"{path}: a folder must be a datasets.save_to_disk folder (no state.json or dataset_dict.json)")
     name = path.name.lower()
-    if name.endswith((".jsonl.gz", ".ndjson.gz")):
-        return "jsonl.gz"
-    if name.endswith(".json.gz"):
-        return "json.gz"
-    if name.endswith((".jsonl", ".ndjson")):
-        return "jsonl"
-    if name.endswith(".json"):
-        return "json"
-    if name.endswith((".parquet", ".pq")):
-        return "parquet"
+    for suffixes, kind in _SUFFIXES:
+        if name.endswith(suffixes):
+            return kind
     raise UserError(
         f"{path}: unknown input type (expected .jsonl, .jsonl.gz, .json, .json.gz, .parquet or a datasets folder)"
     )
@@ -103,11 +106,17 @@ def iter_records(path: str | os.PathLike, progress: ProgressFn | None = None) ->
     if not path.exists():
         raise UserError(f"{path}: input not found")
     kind = input_kind(path)
-    if is_line_oriented(path):
+    if is_line_oriented(path) or (kind == "json" and not _holds_array(path)):  # many tools write JSONL as .json
         for data, first_line in iter_line_chunks(path, progress=progress):
             yield from jsonl_chunk_records(data, first_line, str(path))
     elif kind in ("json", "json.gz"):
-        yield from _iter_json_file(path, progress)
+        with _read_errors(path), _open(path) as fh:
+            data = fh.read()
+        if progress is not None:
+            progress(path.stat().st_size)  # the progress bar counts bytes on disk
+        # Decode with surrogateescape so invalid bytes stay visible per element
+        # (as lone surrogates) instead of failing the whole file.
+        yield from iter_json_array(data.decode("utf-8", "surrogateescape"), str(path))
     elif kind == "parquet":
         yield from _iter_parquet(path, progress)
     else:
@@ -121,30 +130,34 @@ def is_line_oriented(path: Path) -> bool:
     """Inputs read in byte chunks of whole lines (the ones ingest can parse in parallel).
 
     A ``.json.gz`` is JSON Lines unless it holds an array (sniffed from its first
-    non-blank byte); a plain ``.json`` keeps its own reader (``_iter_json_file``).
+    non-blank byte); a plain ``.json`` keeps its own reader (in ``iter_records``).
     """
     if path.is_dir():
         return False
     kind = input_kind(path)
-    return kind in ("jsonl", "jsonl.gz") or (kind == "json.gz" and not _gzip_holds_array(path))
+    return kind in ("jsonl", "jsonl.gz") or (kind == "json.gz" and not _holds_array(path))
 
 
-def _gzip_holds_array(path: Path) -> bool:
+@contextlib.contextmanager
+def _read_errors(path: Path) -> Iterator[None]:
     try:
-        with gzip.open(path, "rb") as fh:
-            while True:
-                block = fh.read(1 << 16)
-                if not block:
-                    return False
-                head = block.lstrip(b" \t\r\n\xef\xbb\xbf")  # whitespace, and a UTF-8 byte-order mark
-                if head:
-                    return head.startswith(b"[")
+        yield
     except (OSError, EOFError) as exc:  # not gzip, or truncated
         raise UserError(f"{path}: cannot read input: {exc}") from None
 
 
-def _is_gzip(path: Path) -> bool:
-    return input_kind(path) in ("jsonl.gz", "json.gz")
+def _open(path: Path):
+    return gzip.open(path, "rb") if input_kind(path) in ("jsonl.gz", "json.gz") else open(path, "rb")
+
+
+def _holds_array(path: Path) -> bool:
+    """Whether a .json(.gz) file's first non-blank byte is ``[`` (a JSON array, not JSON Lines)."""
+    with _read_errors(path), _open(path) as fh:
+        while block := fh.read(1 << 16):
+            head = block.lstrip(b" \t\r\n\xef\xbb\xbf")  # whitespace, and a UTF-8 byte-order mark
+            if head:
+                return head.startswith(b"[")
+    return False
 
 
 def iter_line_chunks(
@@ -159,14 +172,11 @@ def iter_line_chunks(
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: input not found")
-    with open(path, "rb") as raw_fh:
-        fh = gzip.open(raw_fh, "rb") if _is_gzip(path) else raw_fh
+    with open(path, "rb") as raw_fh, _read_errors(path):
+        fh = gzip.open(raw_fh, "rb") if input_kind(path) in ("jsonl.gz", "json.gz") else raw_fh
         try:
             first_line, last_pos = 1, 0
-            while True:
-                data = fh.read(chunk_bytes)
-                if not data:
-                    break
+            while data := fh.read(chunk_bytes):
                 if not data.endswith(b"\n"):
                     data += fh.readline()
                 if first_line == 1 and data.startswith(b"\xef\xbb\xbf"):
@@ -177,24 +187,21 @@ def iter_line_chunks(
                     pos = raw_fh.tell()
                     progress(pos - last_pos)
                     last_pos = pos
-        except (OSError, EOFError) as exc:  # not gzip, or truncated
-            raise UserError(f"{path}: cannot read input: {exc}") from None
         finally:
             if fh is not raw_fh:
                 fh.close()
 
 
 def jsonl_chunk_records(data: bytes, first_line: int, source: str) -> Iterator[Record]:
-    loads = json.loads
     for i, line in enumerate(data.split(b"\n")):
         if line.endswith(b"\r"):
             line = line.rstrip(b"\r")
-        if not line or not line.strip():
-            continue
-        yield _parse_line(line, source, first_line + i, loads)
+        if line and not line.isspace():  # what `not line.strip()` means
+            yield parse_line(line, source, first_line + i)
 
 
-def _parse_line(line: bytes, source: str, lineno: int, loads=json.loads) -> Record:
+def parse_line(line: bytes, source: str = "<input>", lineno: int = 1) -> Record:
+    """One JSONL line (without its newline) as a ``Record``; used by tests and the parallel reader."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -206,17 +213,22 @@ def _parse_line(line: bytes, source: str, lineno: int, loads=json.loads) -> Reco
             message=f"invalid UTF-8 byte at offset {exc.start}",
         )
     try:
-        value = loads(text)
+        value = json.loads(text)
     except ValueError as exc:  # json.JSONDecodeError
         return Record(source, lineno, text, reason="invalid_json", message=_json_error(exc))
     except RecursionError:
         return Record(source, lineno, text, reason="invalid_json", message=TOO_DEEP)
+    return _decoded(source, lineno, text, value)
+
+
+def _decoded(source: str, line: int, text: str, value: Any) -> Record:
+    """The record of a decoded JSON text, unless an escape in it encodes a lone surrogate."""
     try:
         if "\\u" in text and _has_lone_surrogate(text, value):
-            return Record(source, lineno, text, reason="invalid_utf8", message=_SURROGATE_MESSAGE)
+            return Record(source, line, text, reason="invalid_utf8", message=_SURROGATE_MESSAGE)
     except RecursionError:  # decoded, but too deep to encode again for the check
-        return Record(source, lineno, text, reason="invalid_json", message=TOO_DEEP)
-    return Record(source, lineno, text, value)
+        return Record(source, line, text, reason="invalid_json", message=TOO_DEEP)
+    return Record(source, line, text, value)
 
 
 TOO_DEEP = "invalid JSON: nested deeper than the JSON decoder can follow (Python's recursion limit)"
@@ -224,13 +236,17 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE_MESSAGE = "a \\u escape encodes a lone UTF-16 surrogate, which is not valid Unicode text"
 
 
+def _string_fields(names: tuple[str, ...]) -> pa_json.ParseOptions:
+    """Arrow JSON options reading the fields ``names`` as strings, ignoring any other field."""
+    return pa_json.ParseOptions(explicit_schema=pa.schema([(n, pa.string()) for n in names]),
+                                unexpected_field_behavior="ignore")
+
+
 def parse_fields_with_arrow(raw: str, names: tuple[str, ...]) -> dict | None:
     """The string fields ``names`` of one JSON object text, parsed by Arrow (C++, no
     recursion limit): for records too deep for Python's decoder. Absent fields are
     left out; ``None`` if Arrow cannot read them all as strings."""
-    opts = pa_json.ParseOptions(
-        explicit_schema=pa.schema([(n, pa.string()) for n in names]), unexpected_field_behavior="ignore"
-    )
+    opts = _string_fields(names)
     try:
         table = pa_json.read_json(pa.BufferReader(raw.encode("utf-8", "surrogatepass")), parse_options=opts)
     except (pa.ArrowInvalid, UnicodeError):
@@ -251,11 +267,6 @@ def _has_lone_surrogate(text: str, value: Any) -> bool:
     return False
 
 
-def parse_line(line: bytes, source: str = "<input>", lineno: int = 1) -> Record:
-    """One JSONL line (without its newline) as a ``Record``; used by tests and the parallel reader."""
-    return _parse_line(line, source, lineno)
-
-
 def _json_error(exc: ValueError) -> str:
     msg = getattr(exc, "msg", None)
     if msg is not None:
@@ -263,35 +274,7 @@ def _json_error(exc: ValueError) -> str:
     return f"invalid JSON: {str(exc).splitlines()[0]}"
 
 
-# --- JSON array (or JSON Lines named .json) -------------------------------------
-
-
-def _iter_json_file(path: Path, progress: ProgressFn | None) -> Iterator[Record]:
-    if _is_gzip(path):
-        try:
-            with gzip.open(path, "rb") as fh:
-                data = fh.read()
-        except (OSError, EOFError) as exc:
-            raise UserError(f"{path}: cannot read input: {exc}") from None
-        if progress is not None:
-            progress(path.stat().st_size)  # the progress bar counts bytes on disk
-        progress = None
-    else:
-        data = path.read_bytes()
-    if progress is not None:
-        progress(len(data))
-    head = data.lstrip()
-    if head.startswith(b"\xef\xbb\xbf"):
-        head = head[3:].lstrip()
-    if not head.startswith(b"["):
-        # Many tools write JSON Lines under a .json name.
-        for chunk, first_line in iter_line_chunks(path):
-            yield from jsonl_chunk_records(chunk, first_line, str(path))
-        return
-    # Decode with surrogateescape so invalid bytes stay visible per element
-    # (as lone surrogates) instead of failing the whole file.
-    text = data.decode("utf-8", "surrogateescape")
-    yield from iter_json_array(text, str(path))
+# --- JSON array -----------------------------------------------------------------
 
 
 _WS = " \t\n\r"
@@ -345,23 +328,9 @@ def iter_json_array(text: str, source: str) -> Iterator[Record]:
             continue
         raw = text[pos:end]
         if _has_surrogates(raw):
-            yield Record(
-                source,
-                row,
-                raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"),
-                reason="invalid_utf8",
-                message="invalid UTF-8 bytes in this element",
-            )
+            yield Record(source, row, _readable(raw), reason="invalid_utf8", message="invalid UTF-8 bytes in this element")
         else:
-            try:
-                lone = "\\u" in raw and _has_lone_surrogate(raw, value)
-            except RecursionError:  # decoded, but too deep to encode again for the check
-                yield Record(source, row, raw, reason="invalid_json", message=TOO_DEEP)
-            else:
-                if lone:
-                    yield Record(source, row, raw, reason="invalid_utf8", message=_SURROGATE_MESSAGE)
-                else:
-                    yield Record(source, row, raw, value)
+            yield _decoded(source, row, raw, value)
         row += 1
         pos = end
         expect_value = False
@@ -397,10 +366,8 @@ def _broken_tail(text: str, pos: int, source: str, row: int, why: str) -> Record
     tail = text[pos:].rstrip(_WS)
     if tail.endswith("]"):
         tail = tail[:-1].rstrip(_WS)
-    if _has_surrogates(tail):
-        tail = tail.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return Record(
-        source, row, tail, reason="invalid_json", message=f"invalid JSON: {why} (rest of the array from element {row})"
+        source, row, _readable(tail), reason="invalid_json", message=f"invalid JSON: {why} (rest of the array from element {row})"
     )
 
 
@@ -418,27 +385,20 @@ def _iter_parquet(path: Path, progress: ProgressFn | None) -> Iterator[Record]:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
         raise UserError(f"{path}: cannot read Parquet input: {exc}") from None
-    size = path.stat().st_size
-    total_rows = max(pf.metadata.num_rows, 1)
-    row = 0
-    for batch in pf.iter_batches(batch_size=8192):
-        yield from _rows(batch, str(path), row)
-        if progress is not None:
-            progress(size * batch.num_rows // total_rows)
-        row += batch.num_rows
+    yield from _batch_records(pf.iter_batches(batch_size=8192), pf.metadata.num_rows, path, str(path), 0, progress)
 
 
 def _iter_datasets_folder(path: Path, progress: ProgressFn | None) -> Iterator[Record]:
     dict_file = path / "dataset_dict.json"
-    if dict_file.is_file():
-        try:
-            splits = json.loads(dict_file.read_text(encoding="utf-8"))["splits"]
-        except (ValueError, KeyError, OSError) as exc:
-            raise UserError(f"{dict_file}: not a datasets DatasetDict index: {exc}") from None
-        for split in splits:
-            yield from _iter_dataset(path / split, f"{path}[{split}]", progress, split)
-    else:
+    if not dict_file.is_file():
         yield from _iter_dataset(path, str(path), progress)
+        return
+    try:
+        splits = json.loads(dict_file.read_text(encoding="utf-8"))["splits"]
+    except (ValueError, KeyError, OSError) as exc:
+        raise UserError(f"{dict_file}: not a datasets DatasetDict index: {exc}") from None
+    for split in splits:
+        yield from _iter_dataset(path / split, f"{path}[{split}]", progress, split)
 
 
 def _iter_dataset(folder: Path, source: str, progress: ProgressFn | None, split: str | None = None) -> Iterator[Record]:
@@ -451,23 +411,24 @@ def _iter_dataset(folder: Path, source: str, progress: ProgressFn | None, split:
     row = 0
     for file in files:
         try:
-            reader = pa.ipc.open_stream(pa.memory_map(str(file)))
+            batches = list(pa.ipc.open_stream(pa.memory_map(str(file))))
         except (pa.ArrowException, OSError) as exc:
             raise UserError(f"{file}: cannot read datasets Arrow file: {exc}") from None
-        size = file.stat().st_size
-        batches = list(reader)
-        rows_in_file = max(sum(b.num_rows for b in batches), 1)
-        for batch in batches:
-            yield from _rows(batch, source, row, split)
-            if progress is not None:
-                progress(size * batch.num_rows // rows_in_file)
-            row += batch.num_rows
+        row = yield from _batch_records(batches, sum(b.num_rows for b in batches), file, source, row, progress, split)
 
 
-def _rows(batch: pa.RecordBatch, source: str, first_row: int, split: str | None = None) -> Iterator[Record]:
-    for i, value in enumerate(batch.to_pylist()):
-        raw = json.dumps(value, ensure_ascii=False, default=_jsonable)
-        yield Record(source, first_row + i, raw, value, split=split)
+def _batch_records(batches, num_rows: int, file: Path, source: str, row: int, progress: ProgressFn | None,
+                   split: str | None = None):
+    """The rows of ``batches`` (``num_rows`` in all, read from ``file``) as ``Record``s numbered from ``row``,
+    reporting ``file``'s bytes pro rata; returns the next row number."""
+    size = file.stat().st_size
+    for batch in batches:
+        for i, value in enumerate(batch.to_pylist()):
+            yield Record(source, row + i, json.dumps(value, ensure_ascii=False, default=_jsonable), value, split=split)
+        if progress is not None:
+            progress(size * batch.num_rows // max(num_rows, 1))
+        row += batch.num_rows
+    return row
 
 
 def _jsonable(obj: Any) -> Any:
@@ -530,9 +491,7 @@ def arrow_segments(
     surrogate escapes (``False``: none). ``blob``: ``b"\\n".join(lines)``, if the
     caller has it.
     """
-    opts = pa_json.ParseOptions(
-        explicit_schema=pa.schema([(n, pa.string()) for n in names]), unexpected_field_behavior="ignore"
-    )
+    opts = _string_fields(names)
     # Only lines that look like one whole object reach Arrow: a bare top-level ``null``
     # crashes pyarrow's reader (seen with pyarrow 26), other scalars fail anyway, and a
     # line cut short (no closing brace) would make Arrow fail and re-parse a whole run.
@@ -629,24 +588,17 @@ def _arrow_parse(blob: bytes, expected_rows: int, opts) -> tuple[pa.Table | None
     the row of an error from the start of its block, so a failure is parsed again as
     one block to learn the failing row.
     """
+    def read(blocks: int) -> pa.Table:
+        read_options = pa_json.ReadOptions(use_threads=blocks > 1, block_size=len(blob) // blocks + 64)
+        return pa_json.read_json(pa.BufferReader(blob), read_options=read_options, parse_options=opts)
+
     if len(blob) > _PARALLEL_PARSE_BYTES:
-        try:
-            table = pa_json.read_json(
-                pa.BufferReader(blob),
-                read_options=pa_json.ReadOptions(use_threads=True, block_size=len(blob) // _PARALLEL_BLOCKS + 64),
-                parse_options=opts,
-            )
-        except pa.ArrowInvalid:
-            pass
-        else:
+        with contextlib.suppress(pa.ArrowInvalid):
+            table = read(_PARALLEL_BLOCKS)
             if table.num_rows == expected_rows:
                 return table, None
     try:
-        table = pa_json.read_json(
-            pa.BufferReader(blob),
-            read_options=pa_json.ReadOptions(use_threads=False, block_size=len(blob) + 64),
-            parse_options=opts,
-        )
+        table = read(1)
     except pa.ArrowInvalid as exc:
         m = _ROW_IN_ERROR.search(str(exc))
         row = int(m.group(1)) if m else None
