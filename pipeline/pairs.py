@@ -42,6 +42,10 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _ID_VERSION = "pairs/v1"  # bump only together with a deliberate change of every pair_id
 
@@ -105,10 +109,6 @@ def pair_id_of(prompt_norm: Any, chosen_norm: Any, rejected_norm: Any) -> str:
     return _md5_hex(_ID_VERSION + _canon(prompt_norm) + _canon(chosen_norm) + _canon(rejected_norm))
 
 
-def prompt_hash(prompt_key: str) -> str:
-    return _md5_hex("split:" + prompt_key)
-
-
 def split_from_hash(digest_hex: str, eval_fraction: float) -> str:
     return "eval" if int(digest_hex[:16], 16) / 2.0**64 < eval_fraction else "train"
 
@@ -121,7 +121,7 @@ def split_of(prompt_key: str, eval_fraction: float) -> str:
     """
     if eval_fraction <= 0.0:
         return "train"
-    return split_from_hash(prompt_hash(prompt_key), eval_fraction)
+    return split_from_hash(_md5_hex("split:" + prompt_key), eval_fraction)
 
 
 _EVAL_SPLIT_PREFIXES = ("test", "validation", "valid", "eval", "dev")
@@ -239,10 +239,7 @@ def _conversational(prompt: Any, chosen: list, rejected: list, fields: FieldMap,
     chosen_m = _check_messages(chosen, fields.chosen)
     rejected_m = _check_messages(rejected, fields.rejected)
     if prompt is None:
-        # Implicit prompt: the shared leading messages (TRL's extract_prompt).
-        k = 0
-        while k < min(len(chosen_m), len(rejected_m)) and chosen_m[k] == rejected_m[k]:
-            k += 1
+        k = _shared_prefix(chosen_m, rejected_m)  # implicit prompt: the shared leading messages (TRL's extract_prompt)
         if k == len(chosen_m) == len(rejected_m):
             raise Invalid("identical_responses", f"fields '{fields.chosen}' and '{fields.rejected}' are identical conversations")
         if k == 0:
@@ -269,6 +266,11 @@ def _conversational(prompt: Any, chosen: list, rejected: list, fields: FieldMap,
     return Pair(pair_id_of(p_norm, c_norm, r_norm), *texts, prompt_m, chosen_m, rejected_m, _canon(p_norm))
 
 
+def _shared_prefix(a: list, b: list) -> int:
+    """How many leading messages ``a`` and ``b`` share."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def _drop_repeated_prompt(prompt: Any, prompt_m: list, chosen_m: list, rejected_m: list, fields: FieldMap):
     """``(prompt, chosen, rejected)`` messages with the prompt turns that chosen/rejected repeat removed.
 
@@ -282,9 +284,7 @@ def _drop_repeated_prompt(prompt: Any, prompt_m: list, chosen_m: list, rejected_
     r_rep = n > 0 and _norm_messages(rejected_m[:n]) == p_norm
     if c_rep or r_rep:
         return prompt_m, chosen_m[n:] if c_rep else chosen_m, rejected_m[n:] if r_rep else rejected_m
-    k = 0
-    while k < min(len(chosen_m), len(rejected_m)) and chosen_m[k] == rejected_m[k]:
-        k += 1
+    k = _shared_prefix(chosen_m, rejected_m)
     if k == 0 or chosen_m[0]["role"] == "assistant":
         return prompt_m, chosen_m, rejected_m  # the responses, as given
     if isinstance(prompt, str):
@@ -344,9 +344,6 @@ _WS_LAST = sorted({c.encode("utf-8")[-1] for c in UNICODE_WS})
 def _may_need_strip(col) -> bool:
     """False when no (non-null) string of ``col`` can start or end with whitespace, judged
     from raw bytes: stripping copies every text, and almost no row needs it."""
-    import numpy as np
-    import pyarrow as pa
-
     if not len(col) or not pa.types.is_string(col.type) or col.buffers()[2] is None:
         return True
     offsets = np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset : col.offset + len(col) + 1]
@@ -377,10 +374,6 @@ def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0, may_have_cr=T
     the reason. ``may_have_cr=False`` (the caller saw no CR, escaped or not, in
     the raw JSON) skips the costly substring scan; an array of row numbers limits it to those rows.
     """
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     n = len(prompt)
     conds, normalized = [], []
     for col in (prompt, chosen, rejected):
@@ -393,9 +386,7 @@ def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0, may_have_cr=T
             rows = np.asarray(may_have_cr, dtype=np.int64)
             has_cr = pc.fill_null(pc.match_substring(pc.take(col, pa.array(rows)), "\r"), False).to_numpy(zero_copy_only=False)
             if has_cr.any():
-                ok = np.ones(n, dtype=bool)
-                ok[rows[has_cr]] = False
-                conds.append(pa.array(ok))
+                conds.append(_all_but(n, rows[has_cr]))
         if max_chars > 0:
             conds.append(pc.less_equal(pc.utf8_length(col), max_chars))
         non_ascii = pc.fill_null(pc.invert(pc.string_is_ascii(col)), False)
@@ -403,9 +394,7 @@ def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0, may_have_cr=T
             idx = pc.indices_nonzero(non_ascii)
             nfc = np.array([unicodedata.is_normalized("NFC", t) for t in pc.take(col, idx).to_pylist()], dtype=bool)
             if not nfc.all():
-                ok = np.ones(n, dtype=bool)
-                ok[idx.to_numpy()[~nfc]] = False
-                conds.append(pa.array(ok))
+                conds.append(_all_but(n, idx.to_numpy()[~nfc]))
     conds.append(pc.not_equal(normalized[1], normalized[2]))
     mask = conds[0]
     for cond in conds[1:]:
@@ -413,18 +402,20 @@ def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0, may_have_cr=T
     return pc.fill_null(mask, False), normalized
 
 
+def _all_but(n: int, rows: np.ndarray) -> pa.Array:
+    """A boolean array of ``n`` True values, False at ``rows``."""
+    ok = np.ones(n, dtype=bool)
+    ok[rows] = False
+    return pa.array(ok)
+
+
 def _canon_arrow(col):
     """``_canon`` of every (valid UTF-8, non-null) string in an Arrow array, as one Arrow array."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     return pc.binary_join_element_wise("s", pc.cast(pc.binary_length(col), pa.string()), ":", col, "")
 
 
 def _md5_hex_arrow(texts) -> list[str]:
     """``_md5_hex`` of every string of an Arrow string array, hashing straight from its buffer."""
-    import numpy as np
-
     texts = texts.combine_chunks() if hasattr(texts, "combine_chunks") else texts
     offsets = np.frombuffer(texts.buffers()[1], dtype=np.int32)[texts.offset : texts.offset + len(texts) + 1].tolist()
     data = memoryview(texts.buffers()[2] or b"")
@@ -434,8 +425,6 @@ def _md5_hex_arrow(texts) -> list[str]:
 
 def arrow_pair_ids(prompt_norm, chosen_norm, rejected_norm) -> list[str]:
     """``pair_id_of`` for rows of normalized Arrow string arrays (no nulls), computed in bulk."""
-    import pyarrow.compute as pc
-
     canon = pc.binary_join_element_wise(
         _ID_VERSION, _canon_arrow(prompt_norm), _canon_arrow(chosen_norm), _canon_arrow(rejected_norm), ""
     )
@@ -444,8 +433,6 @@ def arrow_pair_ids(prompt_norm, chosen_norm, rejected_norm) -> list[str]:
 
 def arrow_splits(prompt_norm, eval_fraction: float) -> list[str]:
     """``split_of`` for rows of a normalized Arrow string array of prompts (no nulls)."""
-    import pyarrow.compute as pc
-
     if eval_fraction <= 0.0:
         return ["train"] * len(prompt_norm)
     keys = pc.binary_join_element_wise("split:", prompt_norm, "")  # a standard pair's prompt_key is its text

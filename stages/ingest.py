@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import heapq
+import itertools
 import json
+import multiprocessing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -23,11 +26,13 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import typer
 
 from pipeline.atomic import atomic_path, check_replaceable, check_writable
 from pipeline.config import check_ranges, require
 from pipeline.errors import ConfigError, UserError
 from pipeline.layout import quarantine_path_for
+from pipeline.lock import output_lock
 from pipeline.pairs import (
     FieldMap,
     Invalid,
@@ -54,11 +59,11 @@ from pipeline.readers import (
     parse_line,
 )
 from pipeline.schemas import PAIRS_SCHEMA, REASON_CODES, SPLITS
-from pipeline.stagecli import stage_command
+from pipeline.stagecli import emit_json, stage_command
 
 DEFAULT_OUT = "data/out/pairs.arrow"
 _BATCH_ROWS = 4096
-_PROGRESS_MIN_BYTES = 16 << 20  # smaller inputs finish before a bar is worth drawing
+_PROGRESS_MIN_BYTES = 16 << 20
 _PARALLEL_MIN_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
 _CHUNK_BYTES = 8 << 20  # large chunks amortize the per-chunk Arrow calls
 _FAST_PATH = True  # tests switch it off to compare both paths
@@ -133,15 +138,7 @@ class IngestResult:
     splits: dict[str, int]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "read": self.read,
-            "accepted": self.accepted,
-            "quarantined": self.quarantined,
-            "by_reason": dict(self.by_reason),
-            "out": self.out,
-            "quarantine": self.quarantine,
-            "splits": dict(self.splits),
-        }
+        return dataclasses.asdict(self)
 
 
 def pairs_schema(keep_fields: list[str]) -> pa.Schema:
@@ -206,14 +203,6 @@ def _check_inputs(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def _make_progress(total: int, enabled: bool):
-    if not enabled or total < _PROGRESS_MIN_BYTES:
-        return None
-    from pipeline.progress import byte_progress
-
-    return byte_progress("ingest")
-
-
 @dataclass(frozen=True)
 class _Ctx:
     """What a worker needs to validate records (picklable)."""
@@ -239,12 +228,7 @@ class _Chunk:
 
 def _process(records: Iterable[Record], source: str, ctx: _Ctx) -> _Chunk:
     """Validate records into accepted columns and quarantine entries (runs in workers)."""
-    names = ctx.schema.names
-    cols: dict[str, list] = {name: [] for name in names}
-    pair_id, prompt, chosen, rejected = cols["pair_id"], cols["prompt"], cols["chosen"], cols["rejected"]
-    pm, cm, rm, split_col, src_col, line_col = (
-        cols["prompt_messages"], cols["chosen_messages"], cols["rejected_messages"], cols["split"], cols["source"], cols["_line"],
-    )
+    rows: list[tuple] = []  # in ctx.schema's column order: PAIRS_SCHEMA, the kept fields, _line
     quarantine: list[tuple[int, str, str]] = []
     read = 0
     fields, max_chars, eval_fraction, keep = ctx.fields, ctx.max_chars, ctx.eval_fraction, ctx.keep_fields
@@ -273,19 +257,10 @@ def _process(records: Iterable[Record], source: str, ctx: _Ctx) -> _Chunk:
         name = rec.split if rec.split is not None else (value.get(ctx.split_field) if ctx.split_field else None)
         if name is not None and _declared(name, rec.source, rec.line) == "eval":
             split = "eval"
-        pair_id.append(pair.pair_id)
-        prompt.append(pair.prompt)
-        chosen.append(pair.chosen)
-        rejected.append(pair.rejected)
-        pm.append(pair.prompt_messages)
-        cm.append(pair.chosen_messages)
-        rm.append(pair.rejected_messages)
-        split_col.append(split)
-        src_col.append(f"{rec.source}:{rec.line}")
-        line_col.append(rec.line)
-        for name, cell in zip(keep, kept):
-            cols[name].append(cell)
-    arrays = [pa.array(cols[f.name], type=f.type) for f in ctx.schema]
+        rows.append((pair.pair_id, pair.prompt, pair.chosen, pair.rejected, pair.prompt_messages, pair.chosen_messages,
+                     pair.rejected_messages, split, f"{rec.source}:{rec.line}", *kept, rec.line))
+    columns = list(zip(*rows)) or [()] * len(ctx.schema)
+    arrays = [pa.array(col, type=f.type) for col, f in zip(columns, ctx.schema)]
     return _Chunk(source, read, pa.RecordBatch.from_arrays(arrays, schema=ctx.schema), quarantine)
 
 
@@ -307,15 +282,11 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
         lines = [line.rstrip(b"\r") if line.endswith(b"\r") else line for line in lines]
     if data.endswith(b"\n"):
         lines.pop()  # the empty piece after the last newline
-    blank = []
-    if not all(lines) or any(map(bytes.isspace, lines)):
-        blank = [i for i, line in enumerate(lines) if not line or line.isspace()]  # what `not line.strip()` means
-    if blank:
-        kept = np.setdiff1d(np.arange(len(lines)), np.array(blank, dtype=np.int64))
-        lines = [lines[i] for i in kept.tolist()]
-        numbers = kept + first_line
-    else:
-        numbers = np.arange(first_line, first_line + len(lines), dtype=np.int64)
+    numbers = np.arange(first_line, first_line + len(lines), dtype=np.int64)
+    if not all(lines) or any(map(bytes.isspace, lines)):  # blank lines: what `not line.strip()` means
+        kept = np.array([bool(line) and not line.isspace() for line in lines], dtype=bool)
+        lines = [line for line, keep in zip(lines, kept) if keep]
+        numbers = numbers[kept]
     # A CR in a text (raw, or escaped as \\r or \\u000d) changes its normalization, and
     # \\u escapes may hide lone surrogates; with none in the chunk both scans are skipped.
     blob = b"\n".join(lines)
@@ -334,7 +305,7 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
         else:
             tables.append(table)
             fast_runs.append(np.asarray(rows, dtype=np.int64))
-    batches = []
+    fast = None  # the rows Arrow's values settle
     if tables:
         t = pa.concat_tables(tables)
         fast_idx = np.concatenate(fast_runs)
@@ -370,17 +341,14 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
                 "_line": lines_ok,
             }
             cols = [arrays[fld.name] if fld.name in arrays else pa.nulls(n, fld.type) for fld in ctx.schema]
-            batches.append(pa.RecordBatch.from_arrays(cols, schema=ctx.schema))
+            fast = pa.RecordBatch.from_arrays(cols, schema=ctx.schema)
     slow.sort()
     exact = _process((parse_line(lines[i], source, int(numbers[i])) for i in slow), source, ctx)
-    if not batches:
-        return _Chunk(source, len(lines), exact.batch, exact.quarantine)
-    if not slow:  # every row came from Arrow, in line order: nothing to merge
-        return _Chunk(source, len(lines), batches[0], exact.quarantine)
-    # Interleave the exact rows back in line order: one take over both (one copy).
-    both = pa.concat_batches([batches[0], exact.batch])
-    order = np.argsort(both.column(len(ctx.schema) - 1).to_numpy(), kind="stable")
-    return _Chunk(source, len(lines), both.take(pa.array(order)), exact.quarantine)
+    batch = exact.batch if fast is None else fast  # with no slow line, Arrow's rows are all, in line order
+    if fast is not None and slow:  # interleave the exact rows back in line order: one take over both (one copy)
+        both = pa.concat_batches([fast, exact.batch])
+        batch = both.take(pa.array(np.argsort(both.column(len(ctx.schema) - 1).to_numpy(), kind="stable")))
+    return _Chunk(source, len(lines), batch, exact.quarantine)
 
 
 def _quarantine_line(source: str, line: int, reason: str, message: str | None, raw: str) -> str:
@@ -401,18 +369,6 @@ def _raw_line_getter(data: bytes, first: int) -> Callable[[int], str]:
     return raw_of
 
 
-def _record_chunks(path: Path, progress, size: int = 4096) -> Iterator[tuple[list[Record], str]]:
-    """Non-line inputs: runs of up to ``size`` records sharing a source."""
-    buf: list[Record] = []
-    for rec in iter_records(path, progress):
-        if buf and (len(buf) >= size or rec.source != buf[0].source):
-            yield buf, buf[0].source
-            buf = []
-        buf.append(rec)
-    if buf:
-        yield buf, buf[0].source
-
-
 def _jobs(paths: list[Path], ctx: _Ctx, advance, pool) -> Iterator[tuple[Any, Callable[[int], str]]]:
     """(result, raw_of_line) per chunk, in input order; line inputs go to the pool when there is one."""
     for path in paths:
@@ -423,40 +379,26 @@ def _jobs(paths: list[Path], ctx: _Ctx, advance, pool) -> Iterator[tuple[Any, Ca
                     yield _process_lines(data, first, str(path), ctx), raw_of
                 else:
                     yield pool.apply_async(_process_lines, (data, first, str(path), ctx)), raw_of
-        else:
-            for records, source in _record_chunks(path, advance):
-                raws = {r.line: r.raw for r in records}
-                yield _process(records, source, ctx), raws.__getitem__
+        else:  # runs of up to 4096 records sharing a source
+            for source, group in itertools.groupby(iter_records(path, advance), key=lambda rec: rec.source):
+                for records in iter(lambda g=group: list(itertools.islice(g, 4096)), []):
+                    yield _process(records, source, ctx), {r.line: r.raw for r in records}.__getitem__
 
 
 def _ordered_results(jobs, window: int) -> Iterator[tuple[_Chunk, Callable[[int], str]]]:
     """Results in submission order with at most ``window`` chunks in flight (bounded memory)."""
     queue: collections.deque = collections.deque()
-    for job in jobs:
-        queue.append(job)
-        while len(queue) > window:
-            yield _resolve(queue.popleft())
-    while queue:
-        yield _resolve(queue.popleft())
-
-
-def _resolve(job):
-    result, raw_of = job
-    return (result.get() if hasattr(result, "get") else result), raw_of
-
-
-def _worker_count(cfg: IngestConfig, paths: list[Path], total: int) -> int:
-    # A pool only pays for itself on large line inputs (start-up re-imports the caller's main module).
-    if total < _PARALLEL_MIN_BYTES or not any(is_line_oriented(p) for p in paths):
-        return 1
-    return cfg.workers
+    for job in itertools.chain(jobs, [None]):  # None: the end, when every job left is resolved
+        if job is not None:
+            queue.append(job)
+        while len(queue) > (window if job is not None else 0):
+            result, raw_of = queue.popleft()
+            yield (result.get() if hasattr(result, "get") else result), raw_of
 
 
 def _make_pool(workers: int):
     if workers <= 1:
         return None
-    import multiprocessing
-
     # Not fork: the parent may hold DuckDB/Arrow/torch thread pools, whose locks a
     # forked child inherits mid-state (it hangs). A forkserver forks from a clean,
     # single-threaded process that has imported this module once.
@@ -469,8 +411,6 @@ def _make_pool(workers: int):
 
 def run(cfg: IngestConfig) -> IngestResult:
     """The stage, holding its output's lock (a second run into the same place refuses, naming the first)."""
-    from pipeline.lock import output_lock
-
     with output_lock(cfg.out, "ingest", folder=False, what="pairs file (--out)"):
         return _run(cfg)
 
@@ -505,8 +445,13 @@ def _run(cfg: IngestConfig) -> IngestResult:
     seen: set[str] = set()
     read = 0
     total = sum(input_size(p) for p in paths)
-    workers = _worker_count(cfg, paths, total)
-    progress = _make_progress(total, cfg.progress)
+    # A pool only pays for itself on large line inputs (start-up re-imports the caller's main module).
+    workers = cfg.workers if total >= _PARALLEL_MIN_BYTES and any(is_line_oriented(p) for p in paths) else 1
+    progress = None
+    if cfg.progress and total >= _PROGRESS_MIN_BYTES:  # smaller inputs finish before a bar is worth drawing
+        from pipeline.progress import byte_progress
+
+        progress = byte_progress("ingest")
 
     with contextlib.ExitStack() as stack:
         try:
@@ -549,7 +494,8 @@ def _run(cfg: IngestConfig) -> IngestResult:
                     for _, reason, text in entries:
                         by_reason[reason] += 1
                         qfh.write(text)
-                    for value, n in _value_counts(batch.column("split")):
+                    counts = batch.column("split").value_counts()
+                    for value, n in zip(counts.field(0).to_pylist(), counts.field(1).to_pylist()):
                         splits[value] += n
                     writer.add(batch.drop_columns(["_line"]))
         finally:
@@ -576,11 +522,6 @@ class NothingAccepted(UserError):
     def __init__(self, message: str, result: IngestResult):
         super().__init__(message)
         self.result = result
-
-
-def _value_counts(col: pa.Array) -> list[tuple[str, int]]:
-    vc = col.value_counts()
-    return list(zip(vc.field(0).to_pylist(), vc.field(1).to_pylist()))
 
 
 _FIELDS_SHOWN = 12
@@ -652,8 +593,6 @@ def print_report(result: IngestResult) -> None:
 
 
 def _ingest_action(cfg: IngestConfig, as_json: bool) -> None:
-    from pipeline.stagecli import emit_json
-
     try:
         result, failure = run(cfg), None
     except NothingAccepted as exc:  # the report still shows what happened, then the one-line error
@@ -664,8 +603,6 @@ def _ingest_action(cfg: IngestConfig, as_json: bool) -> None:
     if as_json:  # one JSON document: the report, with the error when there is one
         emit_json({**result.to_dict(), **({"error": str(failure), "exit_code": 1} if failure else {})})
         if failure is not None:
-            import typer
-
             typer.echo(f"error: {failure}", err=True)
             raise typer.Exit(1)
         return
