@@ -35,6 +35,7 @@ text): Unicode NFC, CRLF/CR to LF, leading/trailing whitespace stripped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -64,6 +65,10 @@ class FieldMap:
     prompt: str = "prompt"
     chosen: str = "chosen"
     rejected: str = "rejected"
+
+    @property
+    def names(self) -> tuple[str, str, str]:
+        return self.prompt, self.chosen, self.rejected
 
 
 @dataclass(slots=True)
@@ -222,17 +227,15 @@ def validate_record(value: Any, fields: FieldMap = FieldMap(), max_chars: int = 
 
 
 def _standard(prompt: str, chosen: str, rejected: str, fields: FieldMap, max_chars: int) -> Pair:
-    norms = []
-    for name, text in ((fields.prompt, prompt), (fields.chosen, chosen), (fields.rejected, rejected)):
-        norm = normalize_text(text)
+    texts = (prompt, chosen, rejected)
+    p, c, r = norms = [normalize_text(text) for text in texts]
+    for name, norm in zip(fields.names, norms):
         if not norm:
             raise Invalid("empty_text", f"field '{name}' is empty or whitespace only")
-        norms.append(norm)
-    p, c, r = norms
     if c == r:
         raise Invalid("identical_responses", f"fields '{fields.chosen}' and '{fields.rejected}' are identical")
-    _check_length(((fields.prompt, prompt), (fields.chosen, chosen), (fields.rejected, rejected)), max_chars)
-    return Pair(pair_id_of(p, c, r), prompt, chosen, rejected, None, None, None, p)
+    _check_length(zip(fields.names, texts), max_chars)
+    return Pair(pair_id_of(p, c, r), *texts, None, None, None, p)
 
 
 def _conversational(prompt: Any, chosen: list, rejected: list, fields: FieldMap, max_chars: int) -> Pair:
@@ -255,14 +258,14 @@ def _conversational(prompt: Any, chosen: list, rejected: list, fields: FieldMap,
         if not any(m["role"] == "assistant" for m in msgs):
             raise Invalid("malformed_messages", f"field '{name}' has no assistant turn after the prompt")
 
-    p_norm, c_norm, r_norm = _norm_messages(prompt_m), _norm_messages(chosen_m), _norm_messages(rejected_m)
-    for name, norm in ((fields.prompt, p_norm), (fields.chosen, c_norm), (fields.rejected, r_norm)):
+    p_norm, c_norm, r_norm = norms = [_norm_messages(m) for m in (prompt_m, chosen_m, rejected_m)]
+    for name, norm in zip(fields.names, norms):
         if not norm or not any(content for _, content in norm):
             raise Invalid("empty_text", f"field '{name}' has no non-blank message content")
     if c_norm == r_norm:
         raise Invalid("identical_responses", f"fields '{fields.chosen}' and '{fields.rejected}' are identical after the prompt")
     texts = (render_messages(prompt_m), render_messages(chosen_m), render_messages(rejected_m))
-    _check_length(zip((fields.prompt, fields.chosen, fields.rejected), texts), max_chars)
+    _check_length(zip(fields.names, texts), max_chars)
     return Pair(pair_id_of(p_norm, c_norm, r_norm), *texts, prompt_m, chosen_m, rejected_m, _canon(p_norm))
 
 
@@ -336,9 +339,9 @@ UNICODE_WS = (
 )
 
 
-# Bytes that can start / end a whitespace character (``UNICODE_WS`` in UTF-8).
-_WS_FIRST = sorted({c.encode("utf-8")[0] for c in UNICODE_WS})
-_WS_LAST = sorted({c.encode("utf-8")[-1] for c in UNICODE_WS})
+# Bytes that can start / end a whitespace character (``UNICODE_WS`` in UTF-8), as lookup tables.
+_WS_FIRST, _WS_LAST = np.zeros(256, dtype=bool), np.zeros(256, dtype=bool)
+_WS_FIRST[[c.encode("utf-8")[0] for c in UNICODE_WS]] = _WS_LAST[[c.encode("utf-8")[-1] for c in UNICODE_WS]] = True
 
 
 def _may_need_strip(col) -> bool:
@@ -354,11 +357,7 @@ def _may_need_strip(col) -> bool:
         starts, ends = starts[valid], ends[valid]
     if (starts >= ends).any():  # an empty text: let the exact strip decide (cheap, rare)
         return True
-    first_lut = np.zeros(256, dtype=bool)
-    first_lut[_WS_FIRST] = True
-    last_lut = np.zeros(256, dtype=bool)
-    last_lut[_WS_LAST] = True
-    return bool(first_lut[data[starts]].any() or last_lut[data[ends - 1]].any())
+    return bool(_WS_FIRST[data[starts]].any() or _WS_LAST[data[ends - 1]].any())
 
 
 def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0, may_have_cr=True):
@@ -396,10 +395,7 @@ def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0, may_have_cr=T
             if not nfc.all():
                 conds.append(_all_but(n, idx.to_numpy()[~nfc]))
     conds.append(pc.not_equal(normalized[1], normalized[2]))
-    mask = conds[0]
-    for cond in conds[1:]:
-        mask = pc.and_(mask, cond)
-    return pc.fill_null(mask, False), normalized
+    return pc.fill_null(functools.reduce(pc.and_, conds), False), normalized
 
 
 def _all_but(n: int, rows: np.ndarray) -> pa.Array:

@@ -372,9 +372,7 @@ def _broken_tail(text: str, pos: int, source: str, row: int, why: str) -> Record
 
 
 def _has_surrogates(s: str) -> bool:
-    if s.isascii():
-        return False
-    return any("\udc80" <= c <= "\udcff" for c in s)
+    return not s.isascii() and any("\udc80" <= c <= "\udcff" for c in s)
 
 
 # --- Parquet and datasets folders -----------------------------------------------

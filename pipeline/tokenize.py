@@ -51,13 +51,9 @@ class TokenizedPair:
 
 
 def _where(row: dict) -> str:
-    pid = row.get("pair_id")
-    src = row.get("source")
-    if pid is not None:
-        return f"pair {pid}"
-    if src is not None:
-        return f"record {src}"
-    return "pair"
+    if row.get("pair_id") is not None:
+        return f"pair {row['pair_id']}"
+    return f"record {row['source']}" if row.get("source") is not None else "pair"
 
 
 def _text(row: dict, field: str) -> str:
@@ -116,9 +112,7 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, use_chat_template: bool
         prompt_ids = encode_prompt(tokenizer, prompt, chat_template=True, where=f"{where}: prompt")
         chosen, rejected = responses
     else:
-        prompt_ids = encode_text(tokenizer, _text(row, "prompt"))
-        chosen = encode_text(tokenizer, _text(row, "chosen"))
-        rejected = encode_text(tokenizer, _text(row, "rejected"))
+        prompt_ids, chosen, rejected = (encode_text(tokenizer, _text(row, name)) for name in ("prompt", *SIDES))
     chosen, rejected = _with_eos(chosen, eos), _with_eos(rejected, eos)
     prompt_ids, (chosen, rejected), truncated = truncate(prompt_ids, [chosen, rejected], max_length, eos)
     return TokenizedPair(

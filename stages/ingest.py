@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import heapq
 import itertools
 import json
@@ -103,12 +104,8 @@ class IngestConfig:
     """Processes parsing JSONL inputs; more than 1 starts a process pool (worth it for inputs of hundreds of MB on idle cores). The output does not depend on it."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.inputs, str):
-            self.inputs = [self.inputs]
-        if isinstance(self.keep_fields, str):
-            self.keep_fields = [self.keep_fields]
-        self.inputs = [str(p) for p in self.inputs]
-        self.keep_fields = list(self.keep_fields)
+        self.inputs = [str(p) for p in ([self.inputs] if isinstance(self.inputs, str) else self.inputs)]
+        self.keep_fields = [self.keep_fields] if isinstance(self.keep_fields, str) else list(self.keep_fields)
         check_ranges(self, RANGES)
         for name in ("prompt_field", "chosen_field", "rejected_field"):
             require(isinstance(getattr(self, name), str) and getattr(self, name), f"{name} must be a non-empty string")
@@ -139,10 +136,6 @@ class IngestResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def pairs_schema(keep_fields: list[str]) -> pa.Schema:
-    return pa.schema(list(PAIRS_SCHEMA) + [pa.field(name, pa.string()) for name in keep_fields])
 
 
 class _PairsWriter:
@@ -194,13 +187,10 @@ def _check_inputs(inputs: list[str]) -> list[Path]:
     if list(inputs) == default and not Path(default[0]).exists():
         raise UserError(f"ingest: no input given (pass one or more INPUT files; the default, the shipped example "
                         f"{default[0]}, is only there in the repository's folder)")
-    paths = []
-    for p in inputs:
-        path = Path(p)
+    for path in map(Path, inputs):
         if not path.exists():
             raise UserError(f"{path}: input not found")
-        paths.append(path)
-    return paths
+    return [Path(p) for p in inputs]
 
 
 @dataclass(frozen=True)
@@ -238,7 +228,7 @@ def _process(records: Iterable[Record], source: str, ctx: _Ctx) -> _Chunk:
         if reason == "invalid_json" and message == TOO_DEEP:
             # Arrow's parser has no depth limit: a record whose deep part is outside the
             # three fields is judged on those fields, as the fast path judges it.
-            names = (fields.prompt, fields.chosen, fields.rejected) + ((ctx.split_field,) if ctx.split_field else ())
+            names = fields.names + ((ctx.split_field,) if ctx.split_field else ())
             value = parse_fields_with_arrow(rec.raw, names)
             if value is not None:
                 reason = message = None
@@ -291,8 +281,7 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
     # \\u escapes may hide lone surrogates; with none in the chunk both scans are skipped.
     blob = b"\n".join(lines)
     escapes = escape_lines(lines, blob) if may_hold_cr_or_escapes(data) else []
-    f = ctx.fields
-    names = (f.prompt, f.chosen, f.rejected)
+    names = ctx.fields.names
     # The split field is parsed only where its key can occur (as a key it is a quoted name).
     if ctx.split_field and json.dumps(ctx.split_field, ensure_ascii=False).encode() in data:
         names += (ctx.split_field,)
@@ -359,14 +348,8 @@ def _quarantine_line(source: str, line: int, reason: str, message: str | None, r
 def _raw_line_getter(data: bytes, first: int) -> Callable[[int], str]:
     """The raw text of a (valid UTF-8) line of one chunk, as its ``Record.raw``: the chunk split once, on first
     use."""
-    split: list[list[bytes]] = []
-
-    def raw_of(line: int) -> str:
-        if not split:
-            split.append(data.split(b"\n"))
-        return split[0][line - first].rstrip(b"\r\n").decode("utf-8")
-
-    return raw_of
+    lines = functools.cache(data.split)
+    return lambda line: lines(b"\n")[line - first].rstrip(b"\r\n").decode("utf-8")
 
 
 def _jobs(paths: list[Path], ctx: _Ctx, advance, pool) -> Iterator[tuple[Any, Callable[[int], str]]]:
@@ -430,7 +413,7 @@ def _run(cfg: IngestConfig) -> IngestResult:
     check_writable(qpath, "quarantine (--quarantine)", file=True)
     check_replaceable(out, "--out")  # a user's file is never replaced (nor emptied)
     check_replaceable(qpath, "--quarantine")
-    schema = pairs_schema(cfg.keep_fields)
+    schema = pa.schema(list(PAIRS_SCHEMA) + [pa.field(name, pa.string()) for name in cfg.keep_fields])
     ctx = _Ctx(
         FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field),
         cfg.max_chars,
@@ -460,51 +443,47 @@ def _run(cfg: IngestConfig) -> IngestResult:
             writer = _PairsWriter(out_tmp, schema)
         except OSError as exc:  # e.g. a read-only file system, which access() does not see
             raise UserError(f"{exc.filename or out}: cannot write output: {exc.strerror or exc}") from None
+        stack.callback(writer.close)  # the callbacks run last first: progress bar, pool, then the writer
         pool = _make_pool(workers)
-        try:
-            with open(q_tmp, "w", encoding="utf-8", newline="\n") as qfh:
-                advance = None
-                if progress is not None:
-                    progress.start()
-                    task = progress.add_task("ingest", total=total)
-                    advance = lambda n: progress.update(task, advance=n)  # noqa: E731
-                jobs = _jobs(paths, ctx, advance, pool)
-                for chunk, raw_of in _ordered_results(jobs, window=2 * workers):
-                    read += chunk.read
-                    batch = chunk.batch
-                    # Duplicates are resolved here, in input order, so "the first one wins" holds across chunks.
-                    dups: list[tuple[int, str, str]] = []
-                    keep_mask = []
-                    pids = batch.column(0).to_pylist()
-                    fresh = set(pids)
-                    if len(fresh) == len(pids) and seen.isdisjoint(fresh):
-                        seen |= fresh  # the common case, settled by set operations in C
-                        pids = []
-                    for pid, line in zip(pids, batch.column(len(schema)).to_pylist() if pids else ()):
-                        if pid in seen:
-                            keep_mask.append(False)
-                            message = f"duplicate of an earlier pair (pair_id {pid})"
-                            dups.append((line, "duplicate_pair", _quarantine_line(chunk.source, line, "duplicate_pair", message, raw_of(line))))
-                        else:
-                            seen.add(pid)
-                            keep_mask.append(True)
-                    if dups:
-                        batch = batch.filter(pa.array(keep_mask))
-                    entries = heapq.merge(chunk.quarantine, dups, key=lambda e: e[0]) if dups else chunk.quarantine
-                    for _, reason, text in entries:
-                        by_reason[reason] += 1
-                        qfh.write(text)
-                    counts = batch.column("split").value_counts()
-                    for value, n in zip(counts.field(0).to_pylist(), counts.field(1).to_pylist()):
-                        splits[value] += n
-                    writer.add(batch.drop_columns(["_line"]))
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
-            if progress is not None:
-                progress.stop()
-            writer.close()
+        if pool is not None:
+            stack.callback(pool.join)
+            stack.callback(pool.terminate)
+        advance = None
+        if progress is not None:
+            progress.start()
+            stack.callback(progress.stop)
+            task = progress.add_task("ingest", total=total)
+            advance = lambda n: progress.update(task, advance=n)  # noqa: E731
+        qfh = stack.enter_context(open(q_tmp, "w", encoding="utf-8", newline="\n"))
+        for chunk, raw_of in _ordered_results(_jobs(paths, ctx, advance, pool), window=2 * workers):
+            read += chunk.read
+            batch = chunk.batch
+            # Duplicates are resolved here, in input order, so "the first one wins" holds across chunks.
+            dups: list[tuple[int, str, str]] = []
+            keep_mask = []
+            pids = batch.column(0).to_pylist()
+            fresh = set(pids)
+            if len(fresh) == len(pids) and seen.isdisjoint(fresh):
+                seen |= fresh  # the common case, settled by set operations in C
+                pids = []
+            for pid, line in zip(pids, batch.column(len(schema)).to_pylist() if pids else ()):
+                if pid in seen:
+                    keep_mask.append(False)
+                    message = f"duplicate of an earlier pair (pair_id {pid})"
+                    dups.append((line, "duplicate_pair", _quarantine_line(chunk.source, line, "duplicate_pair", message, raw_of(line))))
+                else:
+                    seen.add(pid)
+                    keep_mask.append(True)
+            if dups:
+                batch = batch.filter(pa.array(keep_mask))
+            entries = heapq.merge(chunk.quarantine, dups, key=lambda e: e[0]) if dups else chunk.quarantine
+            for _, reason, text in entries:
+                by_reason[reason] += 1
+                qfh.write(text)
+            counts = batch.column("split").value_counts()
+            for value, n in zip(counts.field(0).to_pylist(), counts.field(1).to_pylist()):
+                splits[value] += n
+            writer.add(batch.drop_columns(["_line"]))
 
     accepted = len(seen)
     quarantined = sum(by_reason.values())

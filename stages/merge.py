@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.atomic import atomic_dir, check_writable
 from pipeline.config import require_choice
-from pipeline.devices import DTYPE_NAMES
+from pipeline.devices import DTYPE_NAMES, torch_dtype
 from pipeline.errors import UserError
 from pipeline.models import load_model
 from pipeline.models.loading import LORA_ADAPTER_CONFIG as ADAPTER_CONFIG
+from pipeline.models.loading import _load_tokenizer
+from pipeline.models.quant import dequantize_linears, require_bitsandbytes
 from pipeline.stagecli import stage_command, summarize
 
 
@@ -45,13 +48,7 @@ def _dequantized_base_with_adapter(adapter_dir: Path, dtype: str):
     """The base as a 4-bit run trained against it (NF4 blocks, double quantization), each quantized weight
     dequantized to ``dtype``, with the adapter applied: merging then adds the adapter to the weights the
     policy was trained with, and the merged model holds no quantization state."""
-    import json
-
     from peft import PeftModel
-
-    from pipeline.devices import torch_dtype
-    from pipeline.models.loading import _load_tokenizer
-    from pipeline.models.quant import dequantize_linears, require_bitsandbytes
 
     require_bitsandbytes("cpu")
     base_name = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
