@@ -150,32 +150,24 @@ class _PairsWriter:
         self.schema = schema
         self.sink = pa.OSFile(str(path), "wb")
         self.writer = pa.ipc.new_file(self.sink, schema)
-        self.pending: list[pa.RecordBatch] = []
-        self.pending_rows = 0
+        self.pending = schema.empty_table()
 
     def add(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows:
-            self.pending.append(batch)
-            self.pending_rows += batch.num_rows
-        if self.pending_rows >= _BATCH_ROWS:
-            self._write(final=False)
+            self.pending = pa.concat_tables([self.pending, pa.Table.from_batches([batch], schema=self.schema)])
+        while self.pending.num_rows >= _BATCH_ROWS:
+            self._write(_BATCH_ROWS)
 
-    def _write(self, final: bool) -> None:
-        if not self.pending_rows:
-            return
-        table = pa.Table.from_batches(self.pending, schema=self.schema).combine_chunks()
-        full = self.pending_rows if final else self.pending_rows - self.pending_rows % _BATCH_ROWS
-        for start in range(0, full, _BATCH_ROWS):
-            part = table.slice(start, min(_BATCH_ROWS, full - start))
-            # concat_arrays copies into fresh zero-offset buffers: identical bytes for identical rows.
-            arrays = [pa.concat_arrays(col.chunks) if col.num_chunks else pa.array([], col.type) for col in part.columns]
-            self.writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
-        rest = table.slice(full)
-        self.pending = rest.to_batches() if rest.num_rows else []
-        self.pending_rows = rest.num_rows
+    def _write(self, rows: int) -> None:
+        """Write the first ``rows`` pending rows as one batch."""
+        # concat_arrays copies into fresh zero-offset buffers: identical bytes for identical rows.
+        arrays = [pa.concat_arrays(col.chunks) for col in self.pending.slice(0, rows).columns]
+        self.writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
+        self.pending = self.pending.slice(rows)
 
     def close(self) -> None:
-        self._write(final=True)
+        if self.pending.num_rows:
+            self._write(self.pending.num_rows)
         self.writer.close()
         self.sink.close()
 
@@ -314,18 +306,14 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
             if len(names) == 4:
                 declared = pick(t.column(3).combine_chunks())
                 if declared.null_count < len(declared):
-                    line_nos = lines_ok.to_pylist()
-                    hashed = [
-                        "eval" if d is not None and _declared(d, source, ln) == "eval" else h
-                        for d, h, ln in zip(declared.to_pylist(), hashed, line_nos)
-                    ]
-            split = pa.array(hashed, pa.string())
+                    hashed = ["eval" if d is not None and _declared(d, source, ln) == "eval" else h
+                              for d, h, ln in zip(declared.to_pylist(), hashed, lines_ok.to_pylist())]
             arrays = {
                 "pair_id": pa.array(arrow_pair_ids(pn, cn, rn), pa.string()),
                 "prompt": pick(p),
                 "chosen": pick(c),
                 "rejected": pick(r),
-                "split": split,
+                "split": pa.array(hashed, pa.string()),
                 "source": pc.binary_join_element_wise(f"{source}:", pc.cast(lines_ok, pa.string()), ""),
                 "_line": lines_ok,
             }
@@ -556,15 +544,11 @@ def print_report(result: IngestResult) -> None:
     table = Table(title="ingest", show_header=True)
     table.add_column("")
     table.add_column("records", justify="right")
-    table.add_row("read", str(result.read))
-    table.add_row("accepted", str(result.accepted))
-    for split, n in result.splits.items():
-        if n:
-            table.add_row(f"  split {split}", str(n))
-    table.add_row("quarantined", str(result.quarantined))
-    for reason, n in result.by_reason.items():
-        if n:
-            table.add_row(f"  {reason}", str(n))
+    splits = [(f"  split {split}", n) for split, n in result.splits.items() if n]
+    reasons = [(f"  {reason}", n) for reason, n in result.by_reason.items() if n]
+    for label, n in [("read", result.read), ("accepted", result.accepted), *splits, ("quarantined", result.quarantined),
+                     *reasons]:
+        table.add_row(label, str(n))
     console = Console()
     console.print(table)
     console.print(f"pairs: {result.out}\nquarantine: {result.quarantine}")

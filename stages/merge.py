@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,10 +63,8 @@ def _dequantized_base_with_adapter(adapter_dir: Path, dtype: str):
             delattr(base.config, name)
     for name, value in (("hf_quantizer", None), ("is_quantized", False), ("quantization_method", None)):
         if hasattr(base, name):
-            try:
+            with contextlib.suppress(AttributeError):  # a read-only property on this transformers version
                 setattr(base, name, value)
-            except AttributeError:  # a read-only property on this transformers version
-                pass
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval()
     if (adapter_dir / "tokenizer_config.json").is_file():
         tokenizer = _load_tokenizer(adapter_dir, False)
