@@ -278,6 +278,7 @@ def _json_error(exc: ValueError) -> str:
 
 
 _WS = " \t\n\r"
+_WS_RUN = re.compile(r"[ \t\n\r]*")
 
 
 def iter_json_array(text: str, source: str) -> Iterator[Record]:
@@ -288,15 +289,11 @@ def iter_json_array(text: str, source: str) -> Iterator[Record]:
     record: the elements before it are kept, and nothing is lost.
     """
     decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    n = len(text)
-    row = 0
-    expect_value = True
+    pos, row, expect_value = text.index("[") + 1, 0, True
     while True:
-        while pos < n and text[pos] in _WS:
-            pos += 1
-        if pos >= n:
-            yield Record(source, row, text[pos:], reason="invalid_json", message="invalid JSON: unterminated array")
+        pos = _WS_RUN.match(text, pos).end()
+        if pos >= len(text):
+            yield Record(source, row, "", reason="invalid_json", message="invalid JSON: unterminated array")
             return
         ch = text[pos]
         if ch == "]" and (row == 0 or not expect_value):
@@ -308,8 +305,7 @@ def iter_json_array(text: str, source: str) -> Iterator[Record]:
             if ch != ",":
                 yield _broken_tail(text, pos, source, row, "expected ',' or ']' between elements")
                 return
-            pos += 1
-            expect_value = True
+            pos, expect_value = pos + 1, True
             continue
         try:
             value, end = decoder.raw_decode(text, pos)
@@ -322,18 +318,13 @@ def iter_json_array(text: str, source: str) -> Iterator[Record]:
                 yield _broken_tail(text, pos, source, row, "nested too deeply, and unterminated")
                 return
             yield Record(source, row, _readable(text[pos:end]), reason="invalid_json", message=TOO_DEEP)
-            row += 1
-            pos = end
-            expect_value = False
-            continue
-        raw = text[pos:end]
-        if _has_surrogates(raw):
-            yield Record(source, row, _readable(raw), reason="invalid_utf8", message="invalid UTF-8 bytes in this element")
         else:
-            yield _decoded(source, row, raw, value)
-        row += 1
-        pos = end
-        expect_value = False
+            raw = text[pos:end]
+            if _has_surrogates(raw):
+                yield Record(source, row, _readable(raw), reason="invalid_utf8", message="invalid UTF-8 bytes in this element")
+            else:
+                yield _decoded(source, row, raw, value)
+        row, pos, expect_value = row + 1, end, False
 
 
 def _skip_value(text: str, pos: int) -> int | None:
