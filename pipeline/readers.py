@@ -459,8 +459,7 @@ def escape_lines(lines: list[bytes], blob: bytes | None = None) -> list[int]:
 
 def _flags(fn, lines: list[bytes], *arg) -> np.ndarray:
     """``fn(line, *arg)`` for every line as a bool array (a C loop, no Python frame per line)."""
-    its = [repeat(a) for a in arg]
-    return np.fromiter(map(fn, lines, *its), dtype=bool, count=len(lines))
+    return np.fromiter(map(fn, lines, *(repeat(a) for a in arg)), dtype=bool, count=len(lines))
 
 
 def arrow_segments(
@@ -502,14 +501,14 @@ def arrow_segments(
     exact += [i for i in (escapes or ()) if _SURROGATE_ESCAPE_B.search(lines[i])]
     exact = sorted(set(exact))
     if not exact:
-        yield from _arrow_runs(lines, 0, len(lines), opts, blob, range(len(lines)))
+        yield from _arrow_runs(lines, opts, blob, range(len(lines)))
         return
     yield exact, None
     # The other lines go to Arrow together (not in runs cut at every bad line: each
     # parse has a fixed cost), keeping their line indices.
     skip = set(exact)
     keep = [i for i in range(len(lines)) if i not in skip]
-    yield from _arrow_runs([lines[i] for i in keep], 0, len(keep), opts, None, keep)
+    yield from _arrow_runs([lines[i] for i in keep], opts, None, keep)
 
 
 _SURROGATE_ESCAPE_B = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -534,16 +533,13 @@ _RUN_LINES = 256
 _RUN_LINES_MAX = 1 << 16
 
 
-def _arrow_runs(
-    lines: list[bytes], lo: int, hi: int, opts, whole: bytes | None, index
-) -> Iterator[tuple[Any, pa.Table | None]]:
-    """``(index[start:end], table or None)`` covering ``lines[lo:hi]``; ``whole``: those
-    lines already joined (saves a copy when a run is all of them)."""
-    start = lo
-    run = _RUN_LINES_MAX
+def _arrow_runs(lines: list[bytes], opts, whole: bytes | None, index) -> Iterator[tuple[Any, pa.Table | None]]:
+    """``(index[start:end], table or None)`` covering ``lines``; ``whole``: the lines
+    already joined (saves a copy when a run is all of them)."""
+    start, hi, run = 0, len(lines), _RUN_LINES_MAX
     end = min(hi, start + run)
     while start < hi:
-        blob = whole if whole is not None and (start, end) == (lo, hi) else b"\n".join(lines[start:end])
+        blob = whole if whole is not None and (start, end) == (0, hi) else b"\n".join(lines[start:end])
         table, bad = _arrow_parse(blob, end - start, opts)
         if table is not None:
             yield index[start:end], table

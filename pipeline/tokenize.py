@@ -80,9 +80,12 @@ def truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int,
     return [], cut, True
 
 
-def _row_messages(row: dict, field: str):
-    value = row.get(field)
-    return None if value is None else messages_of(value, f"{_where(row)}: field {field!r}", sep=" ")
+def _messages_or_text(row: dict, field: str):
+    """The row's ``{field}_messages`` (validated) when it has them, else its ``field`` text."""
+    value = row.get(f"{field}_messages")
+    if value is None:
+        return _text(row, field)
+    return messages_of(value, f"{_where(row)}: field '{field}_messages'", sep=" ")
 
 
 def tokenize_pair(tokenizer, row: dict, max_length: int, use_chat_template: bool = True) -> TokenizedPair:
@@ -97,14 +100,10 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, use_chat_template: bool
         if not default_chat_template(tokenizer):
             raise UserError(f"{where}: the tokenizer has no chat template (pass --no-chat-template to score "
                             "the raw text)")
-        prompt = _row_messages(row, "prompt_messages")
-        if prompt is None:
-            prompt = _text(row, "prompt")
+        prompt = _messages_or_text(row, "prompt")
         responses = []
         for side in SIDES:
-            response = _row_messages(row, f"{side}_messages")
-            if response is None:
-                response = _text(row, side)
+            response = _messages_or_text(row, side)
             text = render_response(tokenizer, prompt, response, chat_template=True,
                                    where=f"{where}: field '{side}_messages'" if isinstance(response, list)
                                    else f"{where}: field '{side}'")

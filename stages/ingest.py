@@ -277,15 +277,10 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
     # The split field is parsed only where its key can occur (as a key it is a quoted name).
     if ctx.split_field and json.dumps(ctx.split_field, ensure_ascii=False).encode() in data:
         names += (ctx.split_field,)
-    slow: list[int] = []
-    fast_runs: list[np.ndarray] = []
-    tables = []
-    for rows, table in arrow_segments(lines, names, escapes, blob):
-        if table is None:
-            slow.extend(rows)
-        else:
-            tables.append(table)
-            fast_runs.append(np.asarray(rows, dtype=np.int64))
+    segments = list(arrow_segments(lines, names, escapes, blob))
+    slow = [i for rows, table in segments if table is None for i in rows]
+    tables = [table for _, table in segments if table is not None]
+    fast_runs = [np.asarray(rows, dtype=np.int64) for rows, table in segments if table is not None]
     fast = None  # the rows Arrow's values settle
     if tables:
         t = pa.concat_tables(tables)
@@ -402,15 +397,9 @@ def _run(cfg: IngestConfig) -> IngestResult:
     check_replaceable(out, "--out")  # a user's file is never replaced (nor emptied)
     check_replaceable(qpath, "--quarantine")
     schema = pa.schema(list(PAIRS_SCHEMA) + [pa.field(name, pa.string()) for name in cfg.keep_fields])
-    ctx = _Ctx(
-        FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field),
-        cfg.max_chars,
-        cfg.eval_fraction,
-        tuple(cfg.keep_fields),
-        schema.append(pa.field("_line", pa.int64())),
-        fast=_FAST_PATH and not cfg.keep_fields,
-        split_field=cfg.split_field,
-    )
+    ctx = _Ctx(FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field), cfg.max_chars, cfg.eval_fraction,
+               tuple(cfg.keep_fields), schema.append(pa.field("_line", pa.int64())),
+               fast=_FAST_PATH and not cfg.keep_fields, split_field=cfg.split_field)
     by_reason = {code: 0 for code in REASON_CODES}
     splits = {s: 0 for s in SPLITS}
     seen: set[str] = set()
@@ -500,10 +489,8 @@ def _nothing_accepted(cfg: IngestConfig, read: int, by_reason: dict[str, int], q
     reasons = [(r, n) for r, n in by_reason.items() if n]
     if not read:
         return f"ingest: no records in {', '.join(cfg.inputs)} (empty input); nothing to accept"
-    if len(reasons) == 1:
-        what = f"all {read} records were quarantined as {reasons[0][0]}"
-    else:
-        what = f"all {read} records were quarantined (" + ", ".join(f"{r} {n}" for r, n in reasons) + ")"
+    what = f"all {read} records were quarantined " + (
+        f"as {reasons[0][0]}" if len(reasons) == 1 else "(" + ", ".join(f"{r} {n}" for r, n in reasons) + ")")
     first_message, keys = _quarantine_sample(qpath)
     msg = f"ingest: {what}" + (f", e.g. {first_message}" if first_message else "")
     if by_reason.get("missing_field"):  # the names are wrong (a wrong type or empty text is not a mapping matter)
