@@ -153,12 +153,12 @@ def declared_split(name: Any) -> str:
     )
 
 
+_TYPE_NAMES = {type(None): "null", dict: "object", list: "list", str: "string", bool: "boolean", int: "number",
+               float: "number"}
+
+
 def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(
-        type(value), type(value).__name__
-    )
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
 
 
 def _check_messages(value: list, field: str) -> list[dict]:

@@ -118,7 +118,11 @@ def iter_records(path: str | os.PathLike, progress: ProgressFn | None = None) ->
         # (as lone surrogates) instead of failing the whole file.
         yield from iter_json_array(data.decode("utf-8", "surrogateescape"), str(path))
     elif kind == "parquet":
-        yield from _iter_parquet(path, progress)
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(f"{path}: cannot read Parquet input: {exc}") from None
+        yield from _batch_records(pf.iter_batches(batch_size=8192), pf.metadata.num_rows, path, str(path), 0, progress)
     else:
         yield from _iter_datasets_folder(path, progress)
 
@@ -366,44 +370,33 @@ def _has_surrogates(s: str) -> bool:
     return not s.isascii() and any("\udc80" <= c <= "\udcff" for c in s)
 
 
-# --- Parquet and datasets folders -----------------------------------------------
-
-
-def _iter_parquet(path: Path, progress: ProgressFn | None) -> Iterator[Record]:
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise UserError(f"{path}: cannot read Parquet input: {exc}") from None
-    yield from _batch_records(pf.iter_batches(batch_size=8192), pf.metadata.num_rows, path, str(path), 0, progress)
+# --- datasets folders (and the rows of Parquet and Arrow batches) ----------------
 
 
 def _iter_datasets_folder(path: Path, progress: ProgressFn | None) -> Iterator[Record]:
     dict_file = path / "dataset_dict.json"
-    if not dict_file.is_file():
-        yield from _iter_dataset(path, str(path), progress)
-        return
-    try:
-        splits = json.loads(dict_file.read_text(encoding="utf-8"))["splits"]
-    except (ValueError, KeyError, OSError) as exc:
-        raise UserError(f"{dict_file}: not a datasets DatasetDict index: {exc}") from None
-    for split in splits:
-        yield from _iter_dataset(path / split, f"{path}[{split}]", progress, split)
-
-
-def _iter_dataset(folder: Path, source: str, progress: ProgressFn | None, split: str | None = None) -> Iterator[Record]:
-    state_file = folder / "state.json"
-    try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-        files = [folder / f["filename"] for f in state["_data_files"]]
-    except (ValueError, KeyError, OSError, TypeError) as exc:
-        raise UserError(f"{state_file}: not a datasets save_to_disk state file: {exc}") from None
-    row = 0
-    for file in files:
+    splits: list = [None]  # a Dataset folder; a DatasetDict folder holds one per split
+    if dict_file.is_file():
         try:
-            batches = list(pa.ipc.open_stream(pa.memory_map(str(file))))
-        except (pa.ArrowException, OSError) as exc:
-            raise UserError(f"{file}: cannot read datasets Arrow file: {exc}") from None
-        row = yield from _batch_records(batches, sum(b.num_rows for b in batches), file, source, row, progress, split)
+            splits = json.loads(dict_file.read_text(encoding="utf-8"))["splits"]
+        except (ValueError, KeyError, OSError) as exc:
+            raise UserError(f"{dict_file}: not a datasets DatasetDict index: {exc}") from None
+    for split in splits:
+        folder, source = (path, str(path)) if split is None else (path / split, f"{path}[{split}]")
+        state_file = folder / "state.json"
+        try:
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+            files = [folder / f["filename"] for f in state["_data_files"]]
+        except (ValueError, KeyError, OSError, TypeError) as exc:
+            raise UserError(f"{state_file}: not a datasets save_to_disk state file: {exc}") from None
+        row = 0
+        for file in files:
+            try:
+                batches = list(pa.ipc.open_stream(pa.memory_map(str(file))))
+            except (pa.ArrowException, OSError) as exc:
+                raise UserError(f"{file}: cannot read datasets Arrow file: {exc}") from None
+            num_rows = sum(b.num_rows for b in batches)
+            row = yield from _batch_records(batches, num_rows, file, source, row, progress, split)
 
 
 def _batch_records(batches, num_rows: int, file: Path, source: str, row: int, progress: ProgressFn | None,
@@ -489,7 +482,7 @@ def arrow_segments(
         exact = []  # the common case, checked in C loops
     else:
         odd = np.flatnonzero(~(_flags(bytes.startswith, lines, b"{") & _flags(bytes.endswith, lines, b"}"))).tolist()
-        exact = [i for i in odd if not _looks_like_object(lines[i])]
+        exact = [i for i in odd if not ((s := lines[i].strip()).startswith(b"{") and s.endswith(b"}"))]
     # Invalid UTF-8 is found here (Arrow would pass it through), and so are escaped
     # UTF-16 surrogates, which only the exact path judges (lone ones are invalid).
     # ASCII lines need no UTF-8 check; decoding only the others avoids building a
@@ -512,11 +505,6 @@ def arrow_segments(
 
 
 _SURROGATE_ESCAPE_B = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _looks_like_object(line: bytes) -> bool:
-    s = line.strip()
-    return s.startswith(b"{") and s.endswith(b"}")
 
 
 def _is_utf8(line: bytes) -> bool:

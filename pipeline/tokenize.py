@@ -64,10 +64,6 @@ def _text(row: dict, field: str) -> str:
     return value
 
 
-def _with_eos(ids: list[int], eos: int) -> list[int]:
-    return ids if ids and ids[-1] == eos else ids + [eos]
-
-
 def truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int, eos: int):
     """Apply the truncation policy; returns (prompt_ids, responses, truncated)."""
     longest = max(len(r) for r in responses)
@@ -112,7 +108,7 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, use_chat_template: bool
         chosen, rejected = responses
     else:
         prompt_ids, chosen, rejected = (encode_text(tokenizer, _text(row, name)) for name in ("prompt", *SIDES))
-    chosen, rejected = _with_eos(chosen, eos), _with_eos(rejected, eos)
+    chosen, rejected = (ids if ids and ids[-1] == eos else ids + [eos] for ids in (chosen, rejected))
     prompt_ids, (chosen, rejected), truncated = truncate(prompt_ids, [chosen, rejected], max_length, eos)
     return TokenizedPair(
         prompt_ids=[int(t) for t in prompt_ids],

@@ -384,8 +384,7 @@ def run(cfg: IngestConfig) -> IngestResult:
 def _run(cfg: IngestConfig) -> IngestResult:
     """Ingest ``cfg.inputs`` into ``cfg.out`` and the quarantine; return the counts."""
     paths = _check_inputs(cfg.inputs)
-    out = Path(cfg.out)
-    qpath = cfg.quarantine_path
+    out, qpath = Path(cfg.out), cfg.quarantine_path
     if out.resolve() == qpath.resolve():
         raise ConfigError(f"out and quarantine are the same file: {out}")
     for p in paths:
@@ -400,8 +399,7 @@ def _run(cfg: IngestConfig) -> IngestResult:
     ctx = _Ctx(FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field), cfg.max_chars, cfg.eval_fraction,
                tuple(cfg.keep_fields), schema.append(pa.field("_line", pa.int64())),
                fast=_FAST_PATH and not cfg.keep_fields, split_field=cfg.split_field)
-    by_reason = {code: 0 for code in REASON_CODES}
-    splits = {s: 0 for s in SPLITS}
+    by_reason, splits = dict.fromkeys(REASON_CODES, 0), dict.fromkeys(SPLITS, 0)
     seen: set[str] = set()
     read = 0
     total = sum(input_size(p) for p in paths)
@@ -510,9 +508,7 @@ def _quarantine_sample(qpath: Path, limit: int = 200) -> tuple[str | None, list[
     quarantined records (most common first)."""
     first, counts = None, collections.Counter()
     with open(qpath, encoding="utf-8") as fh:
-        for i, line in enumerate(fh):
-            if i >= limit:
-                break
+        for line in itertools.islice(fh, limit):
             entry = json.loads(line)
             first = first or entry.get("message")
             try:

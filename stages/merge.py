@@ -33,10 +33,8 @@ def merge(adapter_dir: str | Path, out: str | Path, *, dtype: str = "float32", o
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
     check_writable(out, "merged model folder")
-    if load_in_4bit:
-        model, tokenizer = _dequantized_base_with_adapter(adapter_dir, dtype)
-    else:
-        model, tokenizer = load_model(str(adapter_dir), dtype=dtype)  # base + adapter, not yet merged
+    model, tokenizer = (_dequantized_base_with_adapter(adapter_dir, dtype) if load_in_4bit
+                        else load_model(str(adapter_dir), dtype=dtype))  # base + adapter, not yet merged
     base = model.peft_config["default"].base_model_name_or_path
     merged = model.merge_and_unload()
     with atomic_dir(out) as tmp:
