@@ -220,10 +220,8 @@ def validate_record(value: Any, fields: FieldMap = FieldMap(), max_chars: int = 
     for name, v in ((fields.chosen, chosen), (fields.rejected, rejected)):
         if not isinstance(v, (str, list)):
             raise Invalid("wrong_type", f"field '{name}' is a {_type_name(v)}, expected a string or a list of messages")
-    raise Invalid(
-        "wrong_type",
-        f"fields '{fields.chosen}' ({_type_name(chosen)}) and '{fields.rejected}' ({_type_name(rejected)}) must both be strings or both message lists",
-    )
+    raise Invalid("wrong_type", f"fields '{fields.chosen}' ({_type_name(chosen)}) and '{fields.rejected}' "
+                                f"({_type_name(rejected)}) must both be strings or both message lists")
 
 
 def _standard(prompt: str, chosen: str, rejected: str, fields: FieldMap, max_chars: int) -> Pair:
@@ -246,10 +244,8 @@ def _conversational(prompt: Any, chosen: list, rejected: list, fields: FieldMap,
         if k == len(chosen_m) == len(rejected_m):
             raise Invalid("identical_responses", f"fields '{fields.chosen}' and '{fields.rejected}' are identical conversations")
         if k == 0:
-            raise Invalid(
-                "missing_field",
-                f"field '{fields.prompt}' is missing and '{fields.chosen}'/'{fields.rejected}' share no leading messages to use as the prompt",
-            )
+            raise Invalid("missing_field", f"field '{fields.prompt}' is missing and '{fields.chosen}'/'{fields.rejected}' "
+                                           "share no leading messages to use as the prompt")
         prompt_m, chosen_m, rejected_m = chosen_m[:k], chosen_m[k:], rejected_m[k:]
     else:
         prompt_m = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _check_messages(prompt, fields.prompt)
@@ -294,11 +290,8 @@ def _drop_repeated_prompt(prompt: Any, prompt_m: list, chosen_m: list, rejected_
         key = normalize_text(prompt)
         if any(m["role"] == "user" and normalize_text(m["content"]) == key for m in chosen_m[:k]):
             return chosen_m[:k], chosen_m[k:], rejected_m[k:]
-    raise Invalid(
-        "malformed_messages",
-        f"fields '{fields.chosen}' and '{fields.rejected}' both begin with {k} non-assistant message(s) "
-        f"that do not repeat field '{fields.prompt}'",
-    )
+    raise Invalid("malformed_messages", f"fields '{fields.chosen}' and '{fields.rejected}' both begin with {k} "
+                                        f"non-assistant message(s) that do not repeat field '{fields.prompt}'")
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
@@ -318,10 +311,8 @@ def hh_messages(text: str) -> list[dict] | None:
 
 
 def _check_length(named_texts, max_chars: int) -> None:
-    if max_chars <= 0:
-        return
     for name, text in named_texts:
-        if len(text) > max_chars:
+        if 0 < max_chars < len(text):  # max_chars 0: no limit
             raise Invalid("too_long", f"field '{name}' has {len(text)} characters, over max_chars {max_chars}")
 
 
