@@ -110,9 +110,4 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, use_chat_template: bool
         prompt_ids, chosen, rejected = (encode_text(tokenizer, _text(row, name)) for name in ("prompt", *SIDES))
     chosen, rejected = (ids if ids and ids[-1] == eos else ids + [eos] for ids in (chosen, rejected))
     prompt_ids, (chosen, rejected), truncated = truncate(prompt_ids, [chosen, rejected], max_length, eos)
-    return TokenizedPair(
-        prompt_ids=[int(t) for t in prompt_ids],
-        chosen_ids=[int(t) for t in chosen],
-        rejected_ids=[int(t) for t in rejected],
-        truncated=truncated,
-    )
+    return TokenizedPair(*([int(t) for t in ids] for ids in (prompt_ids, chosen, rejected)), truncated=truncated)

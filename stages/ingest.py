@@ -376,98 +376,94 @@ def _make_pool(workers: int):
 
 
 def run(cfg: IngestConfig) -> IngestResult:
-    """The stage, holding its output's lock (a second run into the same place refuses, naming the first)."""
+    """Ingest ``cfg.inputs`` into ``cfg.out`` and the quarantine; return the counts. The stage holds its output's lock
+    (a second run into the same place refuses, naming the first)."""
     with output_lock(cfg.out, "ingest", folder=False, what="pairs file (--out)"):
-        return _run(cfg)
+        paths = _check_inputs(cfg.inputs)
+        out, qpath = Path(cfg.out), cfg.quarantine_path
+        if out.resolve() == qpath.resolve():
+            raise ConfigError(f"out and quarantine are the same file: {out}")
+        for p in paths:
+            if p.resolve() in (out.resolve(), qpath.resolve()):
+                raise UserError(f"{p}: input is also an output of this run")
+        # Before any input is read: an output that cannot be written is a one-line error now.
+        check_writable(out, "pairs file (--out)", file=True)
+        check_writable(qpath, "quarantine (--quarantine)", file=True)
+        check_replaceable(out, "--out")  # a user's file is never replaced (nor emptied)
+        check_replaceable(qpath, "--quarantine")
+        schema = pa.schema(list(PAIRS_SCHEMA) + [pa.field(name, pa.string()) for name in cfg.keep_fields])
+        ctx = _Ctx(FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field), cfg.max_chars, cfg.eval_fraction,
+                   tuple(cfg.keep_fields), schema.append(pa.field("_line", pa.int64())),
+                   fast=_FAST_PATH and not cfg.keep_fields, split_field=cfg.split_field)
+        by_reason, splits = dict.fromkeys(REASON_CODES, 0), dict.fromkeys(SPLITS, 0)
+        seen: set[str] = set()
+        read = 0
+        total = sum(input_size(p) for p in paths)
+        # A pool only pays for itself on large line inputs (start-up re-imports the caller's main module).
+        workers = cfg.workers if total >= _PARALLEL_MIN_BYTES and any(is_line_oriented(p) for p in paths) else 1
+        progress = None
+        if cfg.progress and total >= _PROGRESS_MIN_BYTES:  # smaller inputs finish before a bar is worth drawing
+            from pipeline.progress import byte_progress
 
+            progress = byte_progress("ingest")
 
-def _run(cfg: IngestConfig) -> IngestResult:
-    """Ingest ``cfg.inputs`` into ``cfg.out`` and the quarantine; return the counts."""
-    paths = _check_inputs(cfg.inputs)
-    out, qpath = Path(cfg.out), cfg.quarantine_path
-    if out.resolve() == qpath.resolve():
-        raise ConfigError(f"out and quarantine are the same file: {out}")
-    for p in paths:
-        if p.resolve() in (out.resolve(), qpath.resolve()):
-            raise UserError(f"{p}: input is also an output of this run")
-    # Before any input is read: an output that cannot be written is a one-line error now.
-    check_writable(out, "pairs file (--out)", file=True)
-    check_writable(qpath, "quarantine (--quarantine)", file=True)
-    check_replaceable(out, "--out")  # a user's file is never replaced (nor emptied)
-    check_replaceable(qpath, "--quarantine")
-    schema = pa.schema(list(PAIRS_SCHEMA) + [pa.field(name, pa.string()) for name in cfg.keep_fields])
-    ctx = _Ctx(FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field), cfg.max_chars, cfg.eval_fraction,
-               tuple(cfg.keep_fields), schema.append(pa.field("_line", pa.int64())),
-               fast=_FAST_PATH and not cfg.keep_fields, split_field=cfg.split_field)
-    by_reason, splits = dict.fromkeys(REASON_CODES, 0), dict.fromkeys(SPLITS, 0)
-    seen: set[str] = set()
-    read = 0
-    total = sum(input_size(p) for p in paths)
-    # A pool only pays for itself on large line inputs (start-up re-imports the caller's main module).
-    workers = cfg.workers if total >= _PARALLEL_MIN_BYTES and any(is_line_oriented(p) for p in paths) else 1
-    progress = None
-    if cfg.progress and total >= _PROGRESS_MIN_BYTES:  # smaller inputs finish before a bar is worth drawing
-        from pipeline.progress import byte_progress
+        with contextlib.ExitStack() as stack:
+            try:
+                out_tmp = stack.enter_context(atomic_path(out))
+                q_tmp = stack.enter_context(atomic_path(qpath))
+                writer = _PairsWriter(out_tmp, schema)
+            except OSError as exc:  # e.g. a read-only file system, which access() does not see
+                raise UserError(f"{exc.filename or out}: cannot write output: {exc.strerror or exc}") from None
+            stack.callback(writer.close)  # the callbacks run last first: progress bar, pool, then the writer
+            pool = _make_pool(workers)
+            if pool is not None:
+                stack.callback(pool.join)
+                stack.callback(pool.terminate)
+            advance = None
+            if progress is not None:
+                progress.start()
+                stack.callback(progress.stop)
+                task = progress.add_task("ingest", total=total)
+                advance = lambda n: progress.update(task, advance=n)  # noqa: E731
+            qfh = stack.enter_context(open(q_tmp, "w", encoding="utf-8", newline="\n"))
+            for chunk, raw_of in _ordered_results(_jobs(paths, ctx, advance, pool), window=2 * workers):
+                read += chunk.read
+                batch = chunk.batch
+                # Duplicates are resolved here, in input order, so "the first one wins" holds across chunks.
+                dups: list[tuple[int, str, str]] = []
+                keep_mask = []
+                pids = batch.column(0).to_pylist()
+                fresh = set(pids)
+                if len(fresh) == len(pids) and seen.isdisjoint(fresh):
+                    seen |= fresh  # the common case, settled by set operations in C
+                    pids = []
+                for pid, line in zip(pids, batch.column(len(schema)).to_pylist() if pids else ()):
+                    if pid in seen:
+                        keep_mask.append(False)
+                        message = f"duplicate of an earlier pair (pair_id {pid})"
+                        dups.append((line, "duplicate_pair", _quarantine_line(chunk.source, line, "duplicate_pair", message, raw_of(line))))
+                    else:
+                        seen.add(pid)
+                        keep_mask.append(True)
+                if dups:
+                    batch = batch.filter(pa.array(keep_mask))
+                entries = heapq.merge(chunk.quarantine, dups, key=lambda e: e[0]) if dups else chunk.quarantine
+                for _, reason, text in entries:
+                    by_reason[reason] += 1
+                    qfh.write(text)
+                counts = batch.column("split").value_counts()
+                for value, n in zip(counts.field(0).to_pylist(), counts.field(1).to_pylist()):
+                    splits[value] += n
+                writer.add(batch.drop_columns(["_line"]))
 
-        progress = byte_progress("ingest")
-
-    with contextlib.ExitStack() as stack:
-        try:
-            out_tmp = stack.enter_context(atomic_path(out))
-            q_tmp = stack.enter_context(atomic_path(qpath))
-            writer = _PairsWriter(out_tmp, schema)
-        except OSError as exc:  # e.g. a read-only file system, which access() does not see
-            raise UserError(f"{exc.filename or out}: cannot write output: {exc.strerror or exc}") from None
-        stack.callback(writer.close)  # the callbacks run last first: progress bar, pool, then the writer
-        pool = _make_pool(workers)
-        if pool is not None:
-            stack.callback(pool.join)
-            stack.callback(pool.terminate)
-        advance = None
-        if progress is not None:
-            progress.start()
-            stack.callback(progress.stop)
-            task = progress.add_task("ingest", total=total)
-            advance = lambda n: progress.update(task, advance=n)  # noqa: E731
-        qfh = stack.enter_context(open(q_tmp, "w", encoding="utf-8", newline="\n"))
-        for chunk, raw_of in _ordered_results(_jobs(paths, ctx, advance, pool), window=2 * workers):
-            read += chunk.read
-            batch = chunk.batch
-            # Duplicates are resolved here, in input order, so "the first one wins" holds across chunks.
-            dups: list[tuple[int, str, str]] = []
-            keep_mask = []
-            pids = batch.column(0).to_pylist()
-            fresh = set(pids)
-            if len(fresh) == len(pids) and seen.isdisjoint(fresh):
-                seen |= fresh  # the common case, settled by set operations in C
-                pids = []
-            for pid, line in zip(pids, batch.column(len(schema)).to_pylist() if pids else ()):
-                if pid in seen:
-                    keep_mask.append(False)
-                    message = f"duplicate of an earlier pair (pair_id {pid})"
-                    dups.append((line, "duplicate_pair", _quarantine_line(chunk.source, line, "duplicate_pair", message, raw_of(line))))
-                else:
-                    seen.add(pid)
-                    keep_mask.append(True)
-            if dups:
-                batch = batch.filter(pa.array(keep_mask))
-            entries = heapq.merge(chunk.quarantine, dups, key=lambda e: e[0]) if dups else chunk.quarantine
-            for _, reason, text in entries:
-                by_reason[reason] += 1
-                qfh.write(text)
-            counts = batch.column("split").value_counts()
-            for value, n in zip(counts.field(0).to_pylist(), counts.field(1).to_pylist()):
-                splits[value] += n
-            writer.add(batch.drop_columns(["_line"]))
-
-    accepted = len(seen)
-    quarantined = sum(by_reason.values())
-    assert read == accepted + quarantined  # the accounting identity the report promises
-    assert sum(splits.values()) == accepted
-    result = IngestResult(read, accepted, quarantined, by_reason, str(out), str(qpath), splits)
-    if not accepted:  # README: no record accepted exits 1 (an empty input too)
-        raise NothingAccepted(_nothing_accepted(cfg, read, by_reason, qpath), result)
-    return result
+        accepted = len(seen)
+        quarantined = sum(by_reason.values())
+        assert read == accepted + quarantined  # the accounting identity the report promises
+        assert sum(splits.values()) == accepted
+        result = IngestResult(read, accepted, quarantined, by_reason, str(out), str(qpath), splits)
+        if not accepted:  # README: no record accepted exits 1 (an empty input too)
+            raise NothingAccepted(_nothing_accepted(cfg, read, by_reason, qpath), result)
+        return result
 
 
 class NothingAccepted(UserError):
