@@ -406,8 +406,7 @@ def _md5_hex_arrow(texts) -> list[str]:
     texts = texts.combine_chunks() if hasattr(texts, "combine_chunks") else texts
     offsets = np.frombuffer(texts.buffers()[1], dtype=np.int32)[texts.offset : texts.offset + len(texts) + 1].tolist()
     data = memoryview(texts.buffers()[2] or b"")
-    md5 = hashlib.md5
-    return [md5(data[a:b]).hexdigest() for a, b in zip(offsets, offsets[1:])]
+    return [hashlib.md5(data[a:b]).hexdigest() for a, b in zip(offsets, offsets[1:])]
 
 
 def arrow_pair_ids(prompt_norm, chosen_norm, rejected_norm) -> list[str]:

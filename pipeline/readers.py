@@ -88,9 +88,8 @@ def input_kind(path: Path) -> str:
     for suffixes, kind in _SUFFIXES:
         if name.endswith(suffixes):
             return kind
-    raise UserError(
-        f"{path}: unknown input type (expected .jsonl, .jsonl.gz, .json, .json.gz, .parquet or a datasets folder)"
-    )
+    raise UserError(f"{path}: unknown input type (expected .jsonl, .jsonl.gz, .json, .json.gz, .parquet or a "
+                    "datasets folder)")
 
 
 def input_size(path: Path) -> int:
@@ -209,13 +208,8 @@ def parse_line(line: bytes, source: str = "<input>", lineno: int = 1) -> Record:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return Record(
-            source,
-            lineno,
-            line.decode("utf-8", "backslashreplace"),
-            reason="invalid_utf8",
-            message=f"invalid UTF-8 byte at offset {exc.start}",
-        )
+        return Record(source, lineno, line.decode("utf-8", "backslashreplace"), reason="invalid_utf8",
+                      message=f"invalid UTF-8 byte at offset {exc.start}")
     try:
         value = json.loads(text)
     except ValueError as exc:  # json.JSONDecodeError
@@ -334,9 +328,7 @@ def iter_json_array(text: str, source: str) -> Iterator[Record]:
 def _skip_value(text: str, pos: int) -> int | None:
     """End of the bracketed JSON value starting at ``pos`` (depth counting, strings
     skipped), or ``None`` if it never closes. Only for values too deep to decode."""
-    depth = 0
-    n = len(text)
-    i = pos
+    depth, n, i = 0, len(text), pos
     while i < n:
         ch = text[i]
         if ch == '"':
@@ -361,9 +353,8 @@ def _broken_tail(text: str, pos: int, source: str, row: int, why: str) -> Record
     tail = text[pos:].rstrip(_WS)
     if tail.endswith("]"):
         tail = tail[:-1].rstrip(_WS)
-    return Record(
-        source, row, _readable(tail), reason="invalid_json", message=f"invalid JSON: {why} (rest of the array from element {row})"
-    )
+    return Record(source, row, _readable(tail), reason="invalid_json",
+                  message=f"invalid JSON: {why} (rest of the array from element {row})")
 
 
 def _has_surrogates(s: str) -> bool:

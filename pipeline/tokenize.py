@@ -100,9 +100,8 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, use_chat_template: bool
         responses = []
         for side in SIDES:
             response = _messages_or_text(row, side)
-            text = render_response(tokenizer, prompt, response, chat_template=True,
-                                   where=f"{where}: field '{side}_messages'" if isinstance(response, list)
-                                   else f"{where}: field '{side}'")
+            field = f"{side}_messages" if isinstance(response, list) else side
+            text = render_response(tokenizer, prompt, response, chat_template=True, where=f"{where}: field '{field}'")
             responses.append(encode_text(tokenizer, text))
         prompt_ids = encode_prompt(tokenizer, prompt, chat_template=True, where=f"{where}: prompt")
         chosen, rejected = responses
