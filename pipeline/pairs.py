@@ -35,12 +35,17 @@ text): Unicode NFC, CRLF/CR to LF, leading/trailing whitespace stripped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _ID_VERSION = "pairs/v1"  # bump only together with a deliberate change of every pair_id
@@ -60,6 +65,10 @@ class FieldMap:
     prompt: str = "prompt"
     chosen: str = "chosen"
     rejected: str = "rejected"
+
+    @property
+    def names(self) -> tuple[str, str, str]:
+        return self.prompt, self.chosen, self.rejected
 
 
 @dataclass(slots=True)
@@ -105,10 +114,6 @@ def pair_id_of(prompt_norm: Any, chosen_norm: Any, rejected_norm: Any) -> str:
     return _md5_hex(_ID_VERSION + _canon(prompt_norm) + _canon(chosen_norm) + _canon(rejected_norm))
 
 
-def prompt_hash(prompt_key: str) -> str:
-    return _md5_hex("split:" + prompt_key)
-
-
 def split_from_hash(digest_hex: str, eval_fraction: float) -> str:
     return "eval" if int(digest_hex[:16], 16) / 2.0**64 < eval_fraction else "train"
 
@@ -121,7 +126,7 @@ def split_of(prompt_key: str, eval_fraction: float) -> str:
     """
     if eval_fraction <= 0.0:
         return "train"
-    return split_from_hash(prompt_hash(prompt_key), eval_fraction)
+    return split_from_hash(_md5_hex("split:" + prompt_key), eval_fraction)
 
 
 _EVAL_SPLIT_PREFIXES = ("test", "validation", "valid", "eval", "dev")
@@ -148,12 +153,12 @@ def declared_split(name: Any) -> str:
     )
 
 
+_TYPE_NAMES = {type(None): "null", dict: "object", list: "list", str: "string", bool: "boolean", int: "number",
+               float: "number"}
+
+
 def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(
-        type(value), type(value).__name__
-    )
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
 
 
 def _check_messages(value: list, field: str) -> list[dict]:
@@ -215,41 +220,32 @@ def validate_record(value: Any, fields: FieldMap = FieldMap(), max_chars: int = 
     for name, v in ((fields.chosen, chosen), (fields.rejected, rejected)):
         if not isinstance(v, (str, list)):
             raise Invalid("wrong_type", f"field '{name}' is a {_type_name(v)}, expected a string or a list of messages")
-    raise Invalid(
-        "wrong_type",
-        f"fields '{fields.chosen}' ({_type_name(chosen)}) and '{fields.rejected}' ({_type_name(rejected)}) must both be strings or both message lists",
-    )
+    raise Invalid("wrong_type", f"fields '{fields.chosen}' ({_type_name(chosen)}) and '{fields.rejected}' "
+                                f"({_type_name(rejected)}) must both be strings or both message lists")
 
 
 def _standard(prompt: str, chosen: str, rejected: str, fields: FieldMap, max_chars: int) -> Pair:
-    norms = []
-    for name, text in ((fields.prompt, prompt), (fields.chosen, chosen), (fields.rejected, rejected)):
-        norm = normalize_text(text)
+    texts = (prompt, chosen, rejected)
+    p, c, r = norms = [normalize_text(text) for text in texts]
+    for name, norm in zip(fields.names, norms):
         if not norm:
             raise Invalid("empty_text", f"field '{name}' is empty or whitespace only")
-        norms.append(norm)
-    p, c, r = norms
     if c == r:
         raise Invalid("identical_responses", f"fields '{fields.chosen}' and '{fields.rejected}' are identical")
-    _check_length(((fields.prompt, prompt), (fields.chosen, chosen), (fields.rejected, rejected)), max_chars)
-    return Pair(pair_id_of(p, c, r), prompt, chosen, rejected, None, None, None, p)
+    _check_length(zip(fields.names, texts), max_chars)
+    return Pair(pair_id_of(p, c, r), *texts, None, None, None, p)
 
 
 def _conversational(prompt: Any, chosen: list, rejected: list, fields: FieldMap, max_chars: int) -> Pair:
     chosen_m = _check_messages(chosen, fields.chosen)
     rejected_m = _check_messages(rejected, fields.rejected)
     if prompt is None:
-        # Implicit prompt: the shared leading messages (TRL's extract_prompt).
-        k = 0
-        while k < min(len(chosen_m), len(rejected_m)) and chosen_m[k] == rejected_m[k]:
-            k += 1
+        k = _shared_prefix(chosen_m, rejected_m)  # implicit prompt: the shared leading messages (TRL's extract_prompt)
         if k == len(chosen_m) == len(rejected_m):
             raise Invalid("identical_responses", f"fields '{fields.chosen}' and '{fields.rejected}' are identical conversations")
         if k == 0:
-            raise Invalid(
-                "missing_field",
-                f"field '{fields.prompt}' is missing and '{fields.chosen}'/'{fields.rejected}' share no leading messages to use as the prompt",
-            )
+            raise Invalid("missing_field", f"field '{fields.prompt}' is missing and '{fields.chosen}'/'{fields.rejected}' "
+                                           "share no leading messages to use as the prompt")
         prompt_m, chosen_m, rejected_m = chosen_m[:k], chosen_m[k:], rejected_m[k:]
     else:
         prompt_m = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _check_messages(prompt, fields.prompt)
@@ -258,15 +254,20 @@ def _conversational(prompt: Any, chosen: list, rejected: list, fields: FieldMap,
         if not any(m["role"] == "assistant" for m in msgs):
             raise Invalid("malformed_messages", f"field '{name}' has no assistant turn after the prompt")
 
-    p_norm, c_norm, r_norm = _norm_messages(prompt_m), _norm_messages(chosen_m), _norm_messages(rejected_m)
-    for name, norm in ((fields.prompt, p_norm), (fields.chosen, c_norm), (fields.rejected, r_norm)):
+    p_norm, c_norm, r_norm = norms = [_norm_messages(m) for m in (prompt_m, chosen_m, rejected_m)]
+    for name, norm in zip(fields.names, norms):
         if not norm or not any(content for _, content in norm):
             raise Invalid("empty_text", f"field '{name}' has no non-blank message content")
     if c_norm == r_norm:
         raise Invalid("identical_responses", f"fields '{fields.chosen}' and '{fields.rejected}' are identical after the prompt")
     texts = (render_messages(prompt_m), render_messages(chosen_m), render_messages(rejected_m))
-    _check_length(zip((fields.prompt, fields.chosen, fields.rejected), texts), max_chars)
+    _check_length(zip(fields.names, texts), max_chars)
     return Pair(pair_id_of(p_norm, c_norm, r_norm), *texts, prompt_m, chosen_m, rejected_m, _canon(p_norm))
+
+
+def _shared_prefix(a: list, b: list) -> int:
+    """How many leading messages ``a`` and ``b`` share."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _drop_repeated_prompt(prompt: Any, prompt_m: list, chosen_m: list, rejected_m: list, fields: FieldMap):
@@ -282,20 +283,15 @@ def _drop_repeated_prompt(prompt: Any, prompt_m: list, chosen_m: list, rejected_
     r_rep = n > 0 and _norm_messages(rejected_m[:n]) == p_norm
     if c_rep or r_rep:
         return prompt_m, chosen_m[n:] if c_rep else chosen_m, rejected_m[n:] if r_rep else rejected_m
-    k = 0
-    while k < min(len(chosen_m), len(rejected_m)) and chosen_m[k] == rejected_m[k]:
-        k += 1
+    k = _shared_prefix(chosen_m, rejected_m)
     if k == 0 or chosen_m[0]["role"] == "assistant":
         return prompt_m, chosen_m, rejected_m  # the responses, as given
     if isinstance(prompt, str):
         key = normalize_text(prompt)
         if any(m["role"] == "user" and normalize_text(m["content"]) == key for m in chosen_m[:k]):
             return chosen_m[:k], chosen_m[k:], rejected_m[k:]
-    raise Invalid(
-        "malformed_messages",
-        f"fields '{fields.chosen}' and '{fields.rejected}' both begin with {k} non-assistant message(s) "
-        f"that do not repeat field '{fields.prompt}'",
-    )
+    raise Invalid("malformed_messages", f"fields '{fields.chosen}' and '{fields.rejected}' both begin with {k} "
+                                        f"non-assistant message(s) that do not repeat field '{fields.prompt}'")
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
@@ -315,10 +311,8 @@ def hh_messages(text: str) -> list[dict] | None:
 
 
 def _check_length(named_texts, max_chars: int) -> None:
-    if max_chars <= 0:
-        return
     for name, text in named_texts:
-        if len(text) > max_chars:
+        if 0 < max_chars < len(text):  # max_chars 0: no limit
             raise Invalid("too_long", f"field '{name}' has {len(text)} characters, over max_chars {max_chars}")
 
 
@@ -336,17 +330,14 @@ UNICODE_WS = (
 )
 
 
-# Bytes that can start / end a whitespace character (``UNICODE_WS`` in UTF-8).
-_WS_FIRST = sorted({c.encode("utf-8")[0] for c in UNICODE_WS})
-_WS_LAST = sorted({c.encode("utf-8")[-1] for c in UNICODE_WS})
+# Bytes that can start / end a whitespace character (``UNICODE_WS`` in UTF-8), as lookup tables.
+_WS_FIRST, _WS_LAST = np.zeros(256, dtype=bool), np.zeros(256, dtype=bool)
+_WS_FIRST[[c.encode("utf-8")[0] for c in UNICODE_WS]] = _WS_LAST[[c.encode("utf-8")[-1] for c in UNICODE_WS]] = True
 
 
 def _may_need_strip(col) -> bool:
     """False when no (non-null) string of ``col`` can start or end with whitespace, judged
     from raw bytes: stripping copies every text, and almost no row needs it."""
-    import numpy as np
-    import pyarrow as pa
-
     if not len(col) or not pa.types.is_string(col.type) or col.buffers()[2] is None:
         return True
     offsets = np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset : col.offset + len(col) + 1]
@@ -357,11 +348,7 @@ def _may_need_strip(col) -> bool:
         starts, ends = starts[valid], ends[valid]
     if (starts >= ends).any():  # an empty text: let the exact strip decide (cheap, rare)
         return True
-    first_lut = np.zeros(256, dtype=bool)
-    first_lut[_WS_FIRST] = True
-    last_lut = np.zeros(256, dtype=bool)
-    last_lut[_WS_LAST] = True
-    return bool(first_lut[data[starts]].any() or last_lut[data[ends - 1]].any())
+    return bool(_WS_FIRST[data[starts]].any() or _WS_LAST[data[ends - 1]].any())
 
 
 def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0, may_have_cr=True):
@@ -377,10 +364,6 @@ def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0, may_have_cr=T
     the reason. ``may_have_cr=False`` (the caller saw no CR, escaped or not, in
     the raw JSON) skips the costly substring scan; an array of row numbers limits it to those rows.
     """
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     n = len(prompt)
     conds, normalized = [], []
     for col in (prompt, chosen, rejected):
@@ -393,9 +376,7 @@ def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0, may_have_cr=T
             rows = np.asarray(may_have_cr, dtype=np.int64)
             has_cr = pc.fill_null(pc.match_substring(pc.take(col, pa.array(rows)), "\r"), False).to_numpy(zero_copy_only=False)
             if has_cr.any():
-                ok = np.ones(n, dtype=bool)
-                ok[rows[has_cr]] = False
-                conds.append(pa.array(ok))
+                conds.append(_all_but(n, rows[has_cr]))
         if max_chars > 0:
             conds.append(pc.less_equal(pc.utf8_length(col), max_chars))
         non_ascii = pc.fill_null(pc.invert(pc.string_is_ascii(col)), False)
@@ -403,39 +384,33 @@ def arrow_clean_mask(prompt, chosen, rejected, max_chars: int = 0, may_have_cr=T
             idx = pc.indices_nonzero(non_ascii)
             nfc = np.array([unicodedata.is_normalized("NFC", t) for t in pc.take(col, idx).to_pylist()], dtype=bool)
             if not nfc.all():
-                ok = np.ones(n, dtype=bool)
-                ok[idx.to_numpy()[~nfc]] = False
-                conds.append(pa.array(ok))
+                conds.append(_all_but(n, idx.to_numpy()[~nfc]))
     conds.append(pc.not_equal(normalized[1], normalized[2]))
-    mask = conds[0]
-    for cond in conds[1:]:
-        mask = pc.and_(mask, cond)
-    return pc.fill_null(mask, False), normalized
+    return pc.fill_null(functools.reduce(pc.and_, conds), False), normalized
+
+
+def _all_but(n: int, rows: np.ndarray) -> pa.Array:
+    """A boolean array of ``n`` True values, False at ``rows``."""
+    ok = np.ones(n, dtype=bool)
+    ok[rows] = False
+    return pa.array(ok)
 
 
 def _canon_arrow(col):
     """``_canon`` of every (valid UTF-8, non-null) string in an Arrow array, as one Arrow array."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     return pc.binary_join_element_wise("s", pc.cast(pc.binary_length(col), pa.string()), ":", col, "")
 
 
 def _md5_hex_arrow(texts) -> list[str]:
     """``_md5_hex`` of every string of an Arrow string array, hashing straight from its buffer."""
-    import numpy as np
-
     texts = texts.combine_chunks() if hasattr(texts, "combine_chunks") else texts
     offsets = np.frombuffer(texts.buffers()[1], dtype=np.int32)[texts.offset : texts.offset + len(texts) + 1].tolist()
     data = memoryview(texts.buffers()[2] or b"")
-    md5 = hashlib.md5
-    return [md5(data[a:b]).hexdigest() for a, b in zip(offsets, offsets[1:])]
+    return [hashlib.md5(data[a:b]).hexdigest() for a, b in zip(offsets, offsets[1:])]
 
 
 def arrow_pair_ids(prompt_norm, chosen_norm, rejected_norm) -> list[str]:
     """``pair_id_of`` for rows of normalized Arrow string arrays (no nulls), computed in bulk."""
-    import pyarrow.compute as pc
-
     canon = pc.binary_join_element_wise(
         _ID_VERSION, _canon_arrow(prompt_norm), _canon_arrow(chosen_norm), _canon_arrow(rejected_norm), ""
     )
@@ -444,8 +419,6 @@ def arrow_pair_ids(prompt_norm, chosen_norm, rejected_norm) -> list[str]:
 
 def arrow_splits(prompt_norm, eval_fraction: float) -> list[str]:
     """``split_of`` for rows of a normalized Arrow string array of prompts (no nulls)."""
-    import pyarrow.compute as pc
-
     if eval_fraction <= 0.0:
         return ["train"] * len(prompt_norm)
     keys = pc.binary_join_element_wise("split:", prompt_norm, "")  # a standard pair's prompt_key is its text

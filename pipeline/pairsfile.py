@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -36,8 +37,6 @@ class _HashSink:
     """A write-only file object that only feeds a sha256 (for ``pa.PythonFile``)."""
 
     def __init__(self):
-        import hashlib
-
         self.hash, self.closed, self.pos = hashlib.sha256(), False, 0
 
     def write(self, data) -> int:

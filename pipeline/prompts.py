@@ -72,9 +72,10 @@ def messages_of(value: Any, where: str = "prompt", sep: str = ": ") -> list[dict
     return out
 
 
-def _as_messages(prompt: Prompt, where: str) -> list[dict[str, str]]:
+def _as_messages(prompt: Prompt, where: str, role: str = "user") -> list[dict[str, str]]:
+    """Text as one ``role`` turn; a message list validated."""
     if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
+        return [{"role": role, "content": prompt}]
     return messages_of(prompt, where)
 
 
@@ -86,9 +87,7 @@ def _apply(tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: 
 
 def render_prompt(tokenizer, prompt: Prompt, *, chat_template: bool, where: str = "prompt") -> str:
     """The prompt's text as the model sees it (see the module docstring for the rule)."""
-    if chat_template:
-        if not default_chat_template(tokenizer):
-            raise UserError("the model's tokenizer has no chat template: pass --no-chat-template")
+    if chat_template and resolve_chat_template(tokenizer, True):  # (raises when the tokenizer has no template)
         return _apply(tokenizer, _as_messages(prompt, where), add_generation_prompt=True)
     if isinstance(prompt, (list, tuple)):
         raise UserError(f"{where}: a message-list prompt needs the chat template (drop --no-chat-template)")
@@ -120,8 +119,7 @@ def render_response(tokenizer, prompt: Prompt, response: Prompt, *, chat_templat
             raise UserError(f"{where}: a message-list response needs the chat template (drop --no-chat-template)")
         return response
     prompt_msgs = _as_messages(prompt, where)
-    reply = ([{"role": "assistant", "content": response}] if isinstance(response, str)
-             else messages_of(response, where))
+    reply = _as_messages(response, where, role="assistant")
     if not reply:
         raise UserError(f"{where}: is empty")
     head = render_prompt(tokenizer, prompt_msgs, chat_template=True, where=where)

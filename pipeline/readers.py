@@ -26,6 +26,7 @@ never a crash of the whole read.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -68,6 +69,15 @@ class Record:
         return f"{self.source}:{self.line}"
 
 
+_SUFFIXES = (
+    ((".jsonl.gz", ".ndjson.gz"), "jsonl.gz"),
+    ((".json.gz",), "json.gz"),
+    ((".jsonl", ".ndjson"), "jsonl"),
+    ((".json",), "json"),
+    ((".parquet", ".pq"), "parquet"),
+)
+
+
 def input_kind(path: Path) -> str:
     """``jsonl``, ``jsonl.gz``, ``json``/``json.gz`` (sniffed: array or lines), ``parquet`` or ``datasets``."""
     if path.is_dir():
@@ -75,19 +85,11 @@ def input_kind(path: Path) -> str:
             return "datasets"
         raise UserError(f"{path}: a folder must be a datasets.save_to_disk folder (no state.json or dataset_dict.json)")
     name = path.name.lower()
-    if name.endswith((".jsonl.gz", ".ndjson.gz")):
-        return "jsonl.gz"
-    if name.endswith(".json.gz"):
-        return "json.gz"
-    if name.endswith((".jsonl", ".ndjson")):
-        return "jsonl"
-    if name.endswith(".json"):
-        return "json"
-    if name.endswith((".parquet", ".pq")):
-        return "parquet"
-    raise UserError(
-        f"{path}: unknown input type (expected .jsonl, .jsonl.gz, .json, .json.gz, .parquet or a datasets folder)"
-    )
+    for suffixes, kind in _SUFFIXES:
+        if name.endswith(suffixes):
+            return kind
+    raise UserError(f"{path}: unknown input type (expected .jsonl, .jsonl.gz, .json, .json.gz, .parquet or a "
+                    "datasets folder)")
 
 
 def input_size(path: Path) -> int:
@@ -103,13 +105,23 @@ def iter_records(path: str | os.PathLike, progress: ProgressFn | None = None) ->
     if not path.exists():
         raise UserError(f"{path}: input not found")
     kind = input_kind(path)
-    if is_line_oriented(path):
+    if is_line_oriented(path) or (kind == "json" and not _holds_array(path)):  # many tools write JSONL as .json
         for data, first_line in iter_line_chunks(path, progress=progress):
             yield from jsonl_chunk_records(data, first_line, str(path))
     elif kind in ("json", "json.gz"):
-        yield from _iter_json_file(path, progress)
+        with _read_errors(path), _open(path) as fh:
+            data = fh.read()
+        if progress is not None:
+            progress(path.stat().st_size)  # the progress bar counts bytes on disk
+        # Decode with surrogateescape so invalid bytes stay visible per element
+        # (as lone surrogates) instead of failing the whole file.
+        yield from iter_json_array(data.decode("utf-8", "surrogateescape"), str(path))
     elif kind == "parquet":
-        yield from _iter_parquet(path, progress)
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(f"{path}: cannot read Parquet input: {exc}") from None
+        yield from _batch_records(pf.iter_batches(batch_size=8192), pf.metadata.num_rows, path, str(path), 0, progress)
     else:
         yield from _iter_datasets_folder(path, progress)
 
@@ -121,30 +133,34 @@ def is_line_oriented(path: Path) -> bool:
     """Inputs read in byte chunks of whole lines (the ones ingest can parse in parallel).
 
     A ``.json.gz`` is JSON Lines unless it holds an array (sniffed from its first
-    non-blank byte); a plain ``.json`` keeps its own reader (``_iter_json_file``).
+    non-blank byte); a plain ``.json`` keeps its own reader (in ``iter_records``).
     """
     if path.is_dir():
         return False
     kind = input_kind(path)
-    return kind in ("jsonl", "jsonl.gz") or (kind == "json.gz" and not _gzip_holds_array(path))
+    return kind in ("jsonl", "jsonl.gz") or (kind == "json.gz" and not _holds_array(path))
 
 
-def _gzip_holds_array(path: Path) -> bool:
+@contextlib.contextmanager
+def _read_errors(path: Path) -> Iterator[None]:
     try:
-        with gzip.open(path, "rb") as fh:
-            while True:
-                block = fh.read(1 << 16)
-                if not block:
-                    return False
-                head = block.lstrip(b" \t\r\n\xef\xbb\xbf")  # whitespace, and a UTF-8 byte-order mark
-                if head:
-                    return head.startswith(b"[")
+        yield
     except (OSError, EOFError) as exc:  # not gzip, or truncated
         raise UserError(f"{path}: cannot read input: {exc}") from None
 
 
-def _is_gzip(path: Path) -> bool:
-    return input_kind(path) in ("jsonl.gz", "json.gz")
+def _open(path: Path):
+    return gzip.open(path, "rb") if input_kind(path) in ("jsonl.gz", "json.gz") else open(path, "rb")
+
+
+def _holds_array(path: Path) -> bool:
+    """Whether a .json(.gz) file's first non-blank byte is ``[`` (a JSON array, not JSON Lines)."""
+    with _read_errors(path), _open(path) as fh:
+        while block := fh.read(1 << 16):
+            head = block.lstrip(b" \t\r\n\xef\xbb\xbf")  # whitespace, and a UTF-8 byte-order mark
+            if head:
+                return head.startswith(b"[")
+    return False
 
 
 def iter_line_chunks(
@@ -159,14 +175,11 @@ def iter_line_chunks(
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: input not found")
-    with open(path, "rb") as raw_fh:
-        fh = gzip.open(raw_fh, "rb") if _is_gzip(path) else raw_fh
+    with open(path, "rb") as raw_fh, _read_errors(path):
+        fh = gzip.open(raw_fh, "rb") if input_kind(path) in ("jsonl.gz", "json.gz") else raw_fh
         try:
             first_line, last_pos = 1, 0
-            while True:
-                data = fh.read(chunk_bytes)
-                if not data:
-                    break
+            while data := fh.read(chunk_bytes):
                 if not data.endswith(b"\n"):
                     data += fh.readline()
                 if first_line == 1 and data.startswith(b"\xef\xbb\xbf"):
@@ -177,46 +190,43 @@ def iter_line_chunks(
                     pos = raw_fh.tell()
                     progress(pos - last_pos)
                     last_pos = pos
-        except (OSError, EOFError) as exc:  # not gzip, or truncated
-            raise UserError(f"{path}: cannot read input: {exc}") from None
         finally:
             if fh is not raw_fh:
                 fh.close()
 
 
 def jsonl_chunk_records(data: bytes, first_line: int, source: str) -> Iterator[Record]:
-    loads = json.loads
     for i, line in enumerate(data.split(b"\n")):
         if line.endswith(b"\r"):
             line = line.rstrip(b"\r")
-        if not line or not line.strip():
-            continue
-        yield _parse_line(line, source, first_line + i, loads)
+        if line and not line.isspace():  # what `not line.strip()` means
+            yield parse_line(line, source, first_line + i)
 
 
-def _parse_line(line: bytes, source: str, lineno: int, loads=json.loads) -> Record:
+def parse_line(line: bytes, source: str = "<input>", lineno: int = 1) -> Record:
+    """One JSONL line (without its newline) as a ``Record``; used by tests and the parallel reader."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return Record(
-            source,
-            lineno,
-            line.decode("utf-8", "backslashreplace"),
-            reason="invalid_utf8",
-            message=f"invalid UTF-8 byte at offset {exc.start}",
-        )
+        return Record(source, lineno, line.decode("utf-8", "backslashreplace"), reason="invalid_utf8",
+                      message=f"invalid UTF-8 byte at offset {exc.start}")
     try:
-        value = loads(text)
+        value = json.loads(text)
     except ValueError as exc:  # json.JSONDecodeError
         return Record(source, lineno, text, reason="invalid_json", message=_json_error(exc))
     except RecursionError:
         return Record(source, lineno, text, reason="invalid_json", message=TOO_DEEP)
+    return _decoded(source, lineno, text, value)
+
+
+def _decoded(source: str, line: int, text: str, value: Any) -> Record:
+    """The record of a decoded JSON text, unless an escape in it encodes a lone surrogate."""
     try:
         if "\\u" in text and _has_lone_surrogate(text, value):
-            return Record(source, lineno, text, reason="invalid_utf8", message=_SURROGATE_MESSAGE)
+            return Record(source, line, text, reason="invalid_utf8", message=_SURROGATE_MESSAGE)
     except RecursionError:  # decoded, but too deep to encode again for the check
-        return Record(source, lineno, text, reason="invalid_json", message=TOO_DEEP)
-    return Record(source, lineno, text, value)
+        return Record(source, line, text, reason="invalid_json", message=TOO_DEEP)
+    return Record(source, line, text, value)
 
 
 TOO_DEEP = "invalid JSON: nested deeper than the JSON decoder can follow (Python's recursion limit)"
@@ -224,13 +234,17 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE_MESSAGE = "a \\u escape encodes a lone UTF-16 surrogate, which is not valid Unicode text"
 
 
+def _string_fields(names: tuple[str, ...]) -> pa_json.ParseOptions:
+    """Arrow JSON options reading the fields ``names`` as strings, ignoring any other field."""
+    return pa_json.ParseOptions(explicit_schema=pa.schema([(n, pa.string()) for n in names]),
+                                unexpected_field_behavior="ignore")
+
+
 def parse_fields_with_arrow(raw: str, names: tuple[str, ...]) -> dict | None:
     """The string fields ``names`` of one JSON object text, parsed by Arrow (C++, no
     recursion limit): for records too deep for Python's decoder. Absent fields are
     left out; ``None`` if Arrow cannot read them all as strings."""
-    opts = pa_json.ParseOptions(
-        explicit_schema=pa.schema([(n, pa.string()) for n in names]), unexpected_field_behavior="ignore"
-    )
+    opts = _string_fields(names)
     try:
         table = pa_json.read_json(pa.BufferReader(raw.encode("utf-8", "surrogatepass")), parse_options=opts)
     except (pa.ArrowInvalid, UnicodeError):
@@ -251,11 +265,6 @@ def _has_lone_surrogate(text: str, value: Any) -> bool:
     return False
 
 
-def parse_line(line: bytes, source: str = "<input>", lineno: int = 1) -> Record:
-    """One JSONL line (without its newline) as a ``Record``; used by tests and the parallel reader."""
-    return _parse_line(line, source, lineno)
-
-
 def _json_error(exc: ValueError) -> str:
     msg = getattr(exc, "msg", None)
     if msg is not None:
@@ -263,38 +272,11 @@ def _json_error(exc: ValueError) -> str:
     return f"invalid JSON: {str(exc).splitlines()[0]}"
 
 
-# --- JSON array (or JSON Lines named .json) -------------------------------------
-
-
-def _iter_json_file(path: Path, progress: ProgressFn | None) -> Iterator[Record]:
-    if _is_gzip(path):
-        try:
-            with gzip.open(path, "rb") as fh:
-                data = fh.read()
-        except (OSError, EOFError) as exc:
-            raise UserError(f"{path}: cannot read input: {exc}") from None
-        if progress is not None:
-            progress(path.stat().st_size)  # the progress bar counts bytes on disk
-        progress = None
-    else:
-        data = path.read_bytes()
-    if progress is not None:
-        progress(len(data))
-    head = data.lstrip()
-    if head.startswith(b"\xef\xbb\xbf"):
-        head = head[3:].lstrip()
-    if not head.startswith(b"["):
-        # Many tools write JSON Lines under a .json name.
-        for chunk, first_line in iter_line_chunks(path):
-            yield from jsonl_chunk_records(chunk, first_line, str(path))
-        return
-    # Decode with surrogateescape so invalid bytes stay visible per element
-    # (as lone surrogates) instead of failing the whole file.
-    text = data.decode("utf-8", "surrogateescape")
-    yield from iter_json_array(text, str(path))
+# --- JSON array -----------------------------------------------------------------
 
 
 _WS = " \t\n\r"
+_WS_RUN = re.compile(r"[ \t\n\r]*")
 
 
 def iter_json_array(text: str, source: str) -> Iterator[Record]:
@@ -305,15 +287,11 @@ def iter_json_array(text: str, source: str) -> Iterator[Record]:
     record: the elements before it are kept, and nothing is lost.
     """
     decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    n = len(text)
-    row = 0
-    expect_value = True
+    pos, row, expect_value = text.index("[") + 1, 0, True
     while True:
-        while pos < n and text[pos] in _WS:
-            pos += 1
-        if pos >= n:
-            yield Record(source, row, text[pos:], reason="invalid_json", message="invalid JSON: unterminated array")
+        pos = _WS_RUN.match(text, pos).end()
+        if pos >= len(text):
+            yield Record(source, row, "", reason="invalid_json", message="invalid JSON: unterminated array")
             return
         ch = text[pos]
         if ch == "]" and (row == 0 or not expect_value):
@@ -325,8 +303,7 @@ def iter_json_array(text: str, source: str) -> Iterator[Record]:
             if ch != ",":
                 yield _broken_tail(text, pos, source, row, "expected ',' or ']' between elements")
                 return
-            pos += 1
-            expect_value = True
+            pos, expect_value = pos + 1, True
             continue
         try:
             value, end = decoder.raw_decode(text, pos)
@@ -339,40 +316,19 @@ def iter_json_array(text: str, source: str) -> Iterator[Record]:
                 yield _broken_tail(text, pos, source, row, "nested too deeply, and unterminated")
                 return
             yield Record(source, row, _readable(text[pos:end]), reason="invalid_json", message=TOO_DEEP)
-            row += 1
-            pos = end
-            expect_value = False
-            continue
-        raw = text[pos:end]
-        if _has_surrogates(raw):
-            yield Record(
-                source,
-                row,
-                raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"),
-                reason="invalid_utf8",
-                message="invalid UTF-8 bytes in this element",
-            )
         else:
-            try:
-                lone = "\\u" in raw and _has_lone_surrogate(raw, value)
-            except RecursionError:  # decoded, but too deep to encode again for the check
-                yield Record(source, row, raw, reason="invalid_json", message=TOO_DEEP)
+            raw = text[pos:end]
+            if _has_surrogates(raw):
+                yield Record(source, row, _readable(raw), reason="invalid_utf8", message="invalid UTF-8 bytes in this element")
             else:
-                if lone:
-                    yield Record(source, row, raw, reason="invalid_utf8", message=_SURROGATE_MESSAGE)
-                else:
-                    yield Record(source, row, raw, value)
-        row += 1
-        pos = end
-        expect_value = False
+                yield _decoded(source, row, raw, value)
+        row, pos, expect_value = row + 1, end, False
 
 
 def _skip_value(text: str, pos: int) -> int | None:
     """End of the bracketed JSON value starting at ``pos`` (depth counting, strings
     skipped), or ``None`` if it never closes. Only for values too deep to decode."""
-    depth = 0
-    n = len(text)
-    i = pos
+    depth, n, i = 0, len(text), pos
     while i < n:
         ch = text[i]
         if ch == '"':
@@ -397,77 +353,55 @@ def _broken_tail(text: str, pos: int, source: str, row: int, why: str) -> Record
     tail = text[pos:].rstrip(_WS)
     if tail.endswith("]"):
         tail = tail[:-1].rstrip(_WS)
-    if _has_surrogates(tail):
-        tail = tail.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return Record(
-        source, row, tail, reason="invalid_json", message=f"invalid JSON: {why} (rest of the array from element {row})"
-    )
+    return Record(source, row, _readable(tail), reason="invalid_json",
+                  message=f"invalid JSON: {why} (rest of the array from element {row})")
 
 
 def _has_surrogates(s: str) -> bool:
-    if s.isascii():
-        return False
-    return any("\udc80" <= c <= "\udcff" for c in s)
+    return not s.isascii() and any("\udc80" <= c <= "\udcff" for c in s)
 
 
-# --- Parquet and datasets folders -----------------------------------------------
-
-
-def _iter_parquet(path: Path, progress: ProgressFn | None) -> Iterator[Record]:
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise UserError(f"{path}: cannot read Parquet input: {exc}") from None
-    size = path.stat().st_size
-    total_rows = max(pf.metadata.num_rows, 1)
-    row = 0
-    for batch in pf.iter_batches(batch_size=8192):
-        yield from _rows(batch, str(path), row)
-        if progress is not None:
-            progress(size * batch.num_rows // total_rows)
-        row += batch.num_rows
+# --- datasets folders (and the rows of Parquet and Arrow batches) ----------------
 
 
 def _iter_datasets_folder(path: Path, progress: ProgressFn | None) -> Iterator[Record]:
     dict_file = path / "dataset_dict.json"
+    splits: list = [None]  # a Dataset folder; a DatasetDict folder holds one per split
     if dict_file.is_file():
         try:
             splits = json.loads(dict_file.read_text(encoding="utf-8"))["splits"]
         except (ValueError, KeyError, OSError) as exc:
             raise UserError(f"{dict_file}: not a datasets DatasetDict index: {exc}") from None
-        for split in splits:
-            yield from _iter_dataset(path / split, f"{path}[{split}]", progress, split)
-    else:
-        yield from _iter_dataset(path, str(path), progress)
-
-
-def _iter_dataset(folder: Path, source: str, progress: ProgressFn | None, split: str | None = None) -> Iterator[Record]:
-    state_file = folder / "state.json"
-    try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-        files = [folder / f["filename"] for f in state["_data_files"]]
-    except (ValueError, KeyError, OSError, TypeError) as exc:
-        raise UserError(f"{state_file}: not a datasets save_to_disk state file: {exc}") from None
-    row = 0
-    for file in files:
+    for split in splits:
+        folder, source = (path, str(path)) if split is None else (path / split, f"{path}[{split}]")
+        state_file = folder / "state.json"
         try:
-            reader = pa.ipc.open_stream(pa.memory_map(str(file)))
-        except (pa.ArrowException, OSError) as exc:
-            raise UserError(f"{file}: cannot read datasets Arrow file: {exc}") from None
-        size = file.stat().st_size
-        batches = list(reader)
-        rows_in_file = max(sum(b.num_rows for b in batches), 1)
-        for batch in batches:
-            yield from _rows(batch, source, row, split)
-            if progress is not None:
-                progress(size * batch.num_rows // rows_in_file)
-            row += batch.num_rows
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+            files = [folder / f["filename"] for f in state["_data_files"]]
+        except (ValueError, KeyError, OSError, TypeError) as exc:
+            raise UserError(f"{state_file}: not a datasets save_to_disk state file: {exc}") from None
+        row = 0
+        for file in files:
+            try:
+                batches = list(pa.ipc.open_stream(pa.memory_map(str(file))))
+            except (pa.ArrowException, OSError) as exc:
+                raise UserError(f"{file}: cannot read datasets Arrow file: {exc}") from None
+            num_rows = sum(b.num_rows for b in batches)
+            row = yield from _batch_records(batches, num_rows, file, source, row, progress, split)
 
 
-def _rows(batch: pa.RecordBatch, source: str, first_row: int, split: str | None = None) -> Iterator[Record]:
-    for i, value in enumerate(batch.to_pylist()):
-        raw = json.dumps(value, ensure_ascii=False, default=_jsonable)
-        yield Record(source, first_row + i, raw, value, split=split)
+def _batch_records(batches, num_rows: int, file: Path, source: str, row: int, progress: ProgressFn | None,
+                   split: str | None = None):
+    """The rows of ``batches`` (``num_rows`` in all, read from ``file``) as ``Record``s numbered from ``row``,
+    reporting ``file``'s bytes pro rata; returns the next row number."""
+    size = file.stat().st_size
+    for batch in batches:
+        for i, value in enumerate(batch.to_pylist()):
+            yield Record(source, row + i, json.dumps(value, ensure_ascii=False, default=_jsonable), value, split=split)
+        if progress is not None:
+            progress(size * batch.num_rows // max(num_rows, 1))
+        row += batch.num_rows
+    return row
 
 
 def _jsonable(obj: Any) -> Any:
@@ -509,8 +443,7 @@ def escape_lines(lines: list[bytes], blob: bytes | None = None) -> list[int]:
 
 def _flags(fn, lines: list[bytes], *arg) -> np.ndarray:
     """``fn(line, *arg)`` for every line as a bool array (a C loop, no Python frame per line)."""
-    its = [repeat(a) for a in arg]
-    return np.fromiter(map(fn, lines, *its), dtype=bool, count=len(lines))
+    return np.fromiter(map(fn, lines, *(repeat(a) for a in arg)), dtype=bool, count=len(lines))
 
 
 def arrow_segments(
@@ -530,9 +463,7 @@ def arrow_segments(
     surrogate escapes (``False``: none). ``blob``: ``b"\\n".join(lines)``, if the
     caller has it.
     """
-    opts = pa_json.ParseOptions(
-        explicit_schema=pa.schema([(n, pa.string()) for n in names]), unexpected_field_behavior="ignore"
-    )
+    opts = _string_fields(names)
     # Only lines that look like one whole object reach Arrow: a bare top-level ``null``
     # crashes pyarrow's reader (seen with pyarrow 26), other scalars fail anyway, and a
     # line cut short (no closing brace) would make Arrow fail and re-parse a whole run.
@@ -542,7 +473,7 @@ def arrow_segments(
         exact = []  # the common case, checked in C loops
     else:
         odd = np.flatnonzero(~(_flags(bytes.startswith, lines, b"{") & _flags(bytes.endswith, lines, b"}"))).tolist()
-        exact = [i for i in odd if not _looks_like_object(lines[i])]
+        exact = [i for i in odd if not ((s := lines[i].strip()).startswith(b"{") and s.endswith(b"}"))]
     # Invalid UTF-8 is found here (Arrow would pass it through), and so are escaped
     # UTF-16 surrogates, which only the exact path judges (lone ones are invalid).
     # ASCII lines need no UTF-8 check; decoding only the others avoids building a
@@ -554,22 +485,17 @@ def arrow_segments(
     exact += [i for i in (escapes or ()) if _SURROGATE_ESCAPE_B.search(lines[i])]
     exact = sorted(set(exact))
     if not exact:
-        yield from _arrow_runs(lines, 0, len(lines), opts, blob, range(len(lines)))
+        yield from _arrow_runs(lines, opts, blob, range(len(lines)))
         return
     yield exact, None
     # The other lines go to Arrow together (not in runs cut at every bad line: each
     # parse has a fixed cost), keeping their line indices.
     skip = set(exact)
     keep = [i for i in range(len(lines)) if i not in skip]
-    yield from _arrow_runs([lines[i] for i in keep], 0, len(keep), opts, None, keep)
+    yield from _arrow_runs([lines[i] for i in keep], opts, None, keep)
 
 
 _SURROGATE_ESCAPE_B = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _looks_like_object(line: bytes) -> bool:
-    s = line.strip()
-    return s.startswith(b"{") and s.endswith(b"}")
 
 
 def _is_utf8(line: bytes) -> bool:
@@ -586,16 +512,13 @@ _RUN_LINES = 256
 _RUN_LINES_MAX = 1 << 16
 
 
-def _arrow_runs(
-    lines: list[bytes], lo: int, hi: int, opts, whole: bytes | None, index
-) -> Iterator[tuple[Any, pa.Table | None]]:
-    """``(index[start:end], table or None)`` covering ``lines[lo:hi]``; ``whole``: those
-    lines already joined (saves a copy when a run is all of them)."""
-    start = lo
-    run = _RUN_LINES_MAX
+def _arrow_runs(lines: list[bytes], opts, whole: bytes | None, index) -> Iterator[tuple[Any, pa.Table | None]]:
+    """``(index[start:end], table or None)`` covering ``lines``; ``whole``: the lines
+    already joined (saves a copy when a run is all of them)."""
+    start, hi, run = 0, len(lines), _RUN_LINES_MAX
     end = min(hi, start + run)
     while start < hi:
-        blob = whole if whole is not None and (start, end) == (lo, hi) else b"\n".join(lines[start:end])
+        blob = whole if whole is not None and (start, end) == (0, hi) else b"\n".join(lines[start:end])
         table, bad = _arrow_parse(blob, end - start, opts)
         if table is not None:
             yield index[start:end], table
@@ -629,24 +552,17 @@ def _arrow_parse(blob: bytes, expected_rows: int, opts) -> tuple[pa.Table | None
     the row of an error from the start of its block, so a failure is parsed again as
     one block to learn the failing row.
     """
+    def read(blocks: int) -> pa.Table:
+        read_options = pa_json.ReadOptions(use_threads=blocks > 1, block_size=len(blob) // blocks + 64)
+        return pa_json.read_json(pa.BufferReader(blob), read_options=read_options, parse_options=opts)
+
     if len(blob) > _PARALLEL_PARSE_BYTES:
-        try:
-            table = pa_json.read_json(
-                pa.BufferReader(blob),
-                read_options=pa_json.ReadOptions(use_threads=True, block_size=len(blob) // _PARALLEL_BLOCKS + 64),
-                parse_options=opts,
-            )
-        except pa.ArrowInvalid:
-            pass
-        else:
+        with contextlib.suppress(pa.ArrowInvalid):
+            table = read(_PARALLEL_BLOCKS)
             if table.num_rows == expected_rows:
                 return table, None
     try:
-        table = pa_json.read_json(
-            pa.BufferReader(blob),
-            read_options=pa_json.ReadOptions(use_threads=False, block_size=len(blob) + 64),
-            parse_options=opts,
-        )
+        table = read(1)
     except pa.ArrowInvalid as exc:
         m = _ROW_IN_ERROR.search(str(exc))
         row = int(m.group(1)) if m else None

@@ -13,8 +13,7 @@ SIDES = ("chosen", "rejected")
 
 # --- pairs (ingest output, Arrow IPC file) ---------------------------------
 
-MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
-MESSAGES_TYPE = pa.list_(MESSAGE_TYPE)
+MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 PAIRS_SCHEMA = pa.schema(
     [

@@ -51,13 +51,9 @@ class TokenizedPair:
 
 
 def _where(row: dict) -> str:
-    pid = row.get("pair_id")
-    src = row.get("source")
-    if pid is not None:
-        return f"pair {pid}"
-    if src is not None:
-        return f"record {src}"
-    return "pair"
+    if row.get("pair_id") is not None:
+        return f"pair {row['pair_id']}"
+    return f"record {row['source']}" if row.get("source") is not None else "pair"
 
 
 def _text(row: dict, field: str) -> str:
@@ -66,10 +62,6 @@ def _text(row: dict, field: str) -> str:
         kind = "missing" if value is None else f"not text ({type(value).__name__})"
         raise UserError(f"{_where(row)}: field {field!r} is {kind}")
     return value
-
-
-def _with_eos(ids: list[int], eos: int) -> list[int]:
-    return ids if ids and ids[-1] == eos else ids + [eos]
 
 
 def truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int, eos: int):
@@ -84,9 +76,12 @@ def truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int,
     return [], cut, True
 
 
-def _row_messages(row: dict, field: str):
-    value = row.get(field)
-    return None if value is None else messages_of(value, f"{_where(row)}: field {field!r}", sep=" ")
+def _messages_or_text(row: dict, field: str):
+    """The row's ``{field}_messages`` (validated) when it has them, else its ``field`` text."""
+    value = row.get(f"{field}_messages")
+    if value is None:
+        return _text(row, field)
+    return messages_of(value, f"{_where(row)}: field '{field}_messages'", sep=" ")
 
 
 def tokenize_pair(tokenizer, row: dict, max_length: int, use_chat_template: bool = True) -> TokenizedPair:
@@ -101,29 +96,17 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, use_chat_template: bool
         if not default_chat_template(tokenizer):
             raise UserError(f"{where}: the tokenizer has no chat template (pass --no-chat-template to score "
                             "the raw text)")
-        prompt = _row_messages(row, "prompt_messages")
-        if prompt is None:
-            prompt = _text(row, "prompt")
+        prompt = _messages_or_text(row, "prompt")
         responses = []
         for side in SIDES:
-            response = _row_messages(row, f"{side}_messages")
-            if response is None:
-                response = _text(row, side)
-            text = render_response(tokenizer, prompt, response, chat_template=True,
-                                   where=f"{where}: field '{side}_messages'" if isinstance(response, list)
-                                   else f"{where}: field '{side}'")
+            response = _messages_or_text(row, side)
+            field = f"{side}_messages" if isinstance(response, list) else side
+            text = render_response(tokenizer, prompt, response, chat_template=True, where=f"{where}: field '{field}'")
             responses.append(encode_text(tokenizer, text))
         prompt_ids = encode_prompt(tokenizer, prompt, chat_template=True, where=f"{where}: prompt")
         chosen, rejected = responses
     else:
-        prompt_ids = encode_text(tokenizer, _text(row, "prompt"))
-        chosen = encode_text(tokenizer, _text(row, "chosen"))
-        rejected = encode_text(tokenizer, _text(row, "rejected"))
-    chosen, rejected = _with_eos(chosen, eos), _with_eos(rejected, eos)
+        prompt_ids, chosen, rejected = (encode_text(tokenizer, _text(row, name)) for name in ("prompt", *SIDES))
+    chosen, rejected = (ids if ids and ids[-1] == eos else ids + [eos] for ids in (chosen, rejected))
     prompt_ids, (chosen, rejected), truncated = truncate(prompt_ids, [chosen, rejected], max_length, eos)
-    return TokenizedPair(
-        prompt_ids=[int(t) for t in prompt_ids],
-        chosen_ids=[int(t) for t in chosen],
-        rejected_ids=[int(t) for t in rejected],
-        truncated=truncated,
-    )
+    return TokenizedPair(*([int(t) for t in ids] for ids in (prompt_ids, chosen, rejected)), truncated=truncated)

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
+import functools
 import heapq
+import itertools
 import json
+import multiprocessing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -23,11 +27,13 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import typer
 
 from pipeline.atomic import atomic_path, check_replaceable, check_writable
 from pipeline.config import check_ranges, require
 from pipeline.errors import ConfigError, UserError
 from pipeline.layout import quarantine_path_for
+from pipeline.lock import output_lock
 from pipeline.pairs import (
     FieldMap,
     Invalid,
@@ -54,11 +60,11 @@ from pipeline.readers import (
     parse_line,
 )
 from pipeline.schemas import PAIRS_SCHEMA, REASON_CODES, SPLITS
-from pipeline.stagecli import stage_command
+from pipeline.stagecli import emit_json, stage_command
 
 DEFAULT_OUT = "data/out/pairs.arrow"
 _BATCH_ROWS = 4096
-_PROGRESS_MIN_BYTES = 16 << 20  # smaller inputs finish before a bar is worth drawing
+_PROGRESS_MIN_BYTES = 16 << 20
 _PARALLEL_MIN_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
 _CHUNK_BYTES = 8 << 20  # large chunks amortize the per-chunk Arrow calls
 _FAST_PATH = True  # tests switch it off to compare both paths
@@ -98,12 +104,8 @@ class IngestConfig:
     """Processes parsing JSONL inputs; more than 1 starts a process pool (worth it for inputs of hundreds of MB on idle cores). The output does not depend on it."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.inputs, str):
-            self.inputs = [self.inputs]
-        if isinstance(self.keep_fields, str):
-            self.keep_fields = [self.keep_fields]
-        self.inputs = [str(p) for p in self.inputs]
-        self.keep_fields = list(self.keep_fields)
+        self.inputs = [str(p) for p in ([self.inputs] if isinstance(self.inputs, str) else self.inputs)]
+        self.keep_fields = [self.keep_fields] if isinstance(self.keep_fields, str) else list(self.keep_fields)
         check_ranges(self, RANGES)
         for name in ("prompt_field", "chosen_field", "rejected_field"):
             require(isinstance(getattr(self, name), str) and getattr(self, name), f"{name} must be a non-empty string")
@@ -133,19 +135,7 @@ class IngestResult:
     splits: dict[str, int]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "read": self.read,
-            "accepted": self.accepted,
-            "quarantined": self.quarantined,
-            "by_reason": dict(self.by_reason),
-            "out": self.out,
-            "quarantine": self.quarantine,
-            "splits": dict(self.splits),
-        }
-
-
-def pairs_schema(keep_fields: list[str]) -> pa.Schema:
-    return pa.schema(list(PAIRS_SCHEMA) + [pa.field(name, pa.string()) for name in keep_fields])
+        return dataclasses.asdict(self)
 
 
 class _PairsWriter:
@@ -160,32 +150,24 @@ class _PairsWriter:
         self.schema = schema
         self.sink = pa.OSFile(str(path), "wb")
         self.writer = pa.ipc.new_file(self.sink, schema)
-        self.pending: list[pa.RecordBatch] = []
-        self.pending_rows = 0
+        self.pending = schema.empty_table()
 
     def add(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows:
-            self.pending.append(batch)
-            self.pending_rows += batch.num_rows
-        if self.pending_rows >= _BATCH_ROWS:
-            self._write(final=False)
+            self.pending = pa.concat_tables([self.pending, pa.Table.from_batches([batch], schema=self.schema)])
+        while self.pending.num_rows >= _BATCH_ROWS:
+            self._write(_BATCH_ROWS)
 
-    def _write(self, final: bool) -> None:
-        if not self.pending_rows:
-            return
-        table = pa.Table.from_batches(self.pending, schema=self.schema).combine_chunks()
-        full = self.pending_rows if final else self.pending_rows - self.pending_rows % _BATCH_ROWS
-        for start in range(0, full, _BATCH_ROWS):
-            part = table.slice(start, min(_BATCH_ROWS, full - start))
-            # concat_arrays copies into fresh zero-offset buffers: identical bytes for identical rows.
-            arrays = [pa.concat_arrays(col.chunks) if col.num_chunks else pa.array([], col.type) for col in part.columns]
-            self.writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
-        rest = table.slice(full)
-        self.pending = rest.to_batches() if rest.num_rows else []
-        self.pending_rows = rest.num_rows
+    def _write(self, rows: int) -> None:
+        """Write the first ``rows`` pending rows as one batch."""
+        # concat_arrays copies into fresh zero-offset buffers: identical bytes for identical rows.
+        arrays = [pa.concat_arrays(col.chunks) for col in self.pending.slice(0, rows).columns]
+        self.writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
+        self.pending = self.pending.slice(rows)
 
     def close(self) -> None:
-        self._write(final=True)
+        if self.pending.num_rows:
+            self._write(self.pending.num_rows)
         self.writer.close()
         self.sink.close()
 
@@ -197,21 +179,10 @@ def _check_inputs(inputs: list[str]) -> list[Path]:
     if list(inputs) == default and not Path(default[0]).exists():
         raise UserError(f"ingest: no input given (pass one or more INPUT files; the default, the shipped example "
                         f"{default[0]}, is only there in the repository's folder)")
-    paths = []
-    for p in inputs:
-        path = Path(p)
+    for path in map(Path, inputs):
         if not path.exists():
             raise UserError(f"{path}: input not found")
-        paths.append(path)
-    return paths
-
-
-def _make_progress(total: int, enabled: bool):
-    if not enabled or total < _PROGRESS_MIN_BYTES:
-        return None
-    from pipeline.progress import byte_progress
-
-    return byte_progress("ingest")
+    return [Path(p) for p in inputs]
 
 
 @dataclass(frozen=True)
@@ -239,12 +210,7 @@ class _Chunk:
 
 def _process(records: Iterable[Record], source: str, ctx: _Ctx) -> _Chunk:
     """Validate records into accepted columns and quarantine entries (runs in workers)."""
-    names = ctx.schema.names
-    cols: dict[str, list] = {name: [] for name in names}
-    pair_id, prompt, chosen, rejected = cols["pair_id"], cols["prompt"], cols["chosen"], cols["rejected"]
-    pm, cm, rm, split_col, src_col, line_col = (
-        cols["prompt_messages"], cols["chosen_messages"], cols["rejected_messages"], cols["split"], cols["source"], cols["_line"],
-    )
+    rows: list[tuple] = []  # in ctx.schema's column order: PAIRS_SCHEMA, the kept fields, _line
     quarantine: list[tuple[int, str, str]] = []
     read = 0
     fields, max_chars, eval_fraction, keep = ctx.fields, ctx.max_chars, ctx.eval_fraction, ctx.keep_fields
@@ -254,7 +220,7 @@ def _process(records: Iterable[Record], source: str, ctx: _Ctx) -> _Chunk:
         if reason == "invalid_json" and message == TOO_DEEP:
             # Arrow's parser has no depth limit: a record whose deep part is outside the
             # three fields is judged on those fields, as the fast path judges it.
-            names = (fields.prompt, fields.chosen, fields.rejected) + ((ctx.split_field,) if ctx.split_field else ())
+            names = fields.names + ((ctx.split_field,) if ctx.split_field else ())
             value = parse_fields_with_arrow(rec.raw, names)
             if value is not None:
                 reason = message = None
@@ -273,19 +239,10 @@ def _process(records: Iterable[Record], source: str, ctx: _Ctx) -> _Chunk:
         name = rec.split if rec.split is not None else (value.get(ctx.split_field) if ctx.split_field else None)
         if name is not None and _declared(name, rec.source, rec.line) == "eval":
             split = "eval"
-        pair_id.append(pair.pair_id)
-        prompt.append(pair.prompt)
-        chosen.append(pair.chosen)
-        rejected.append(pair.rejected)
-        pm.append(pair.prompt_messages)
-        cm.append(pair.chosen_messages)
-        rm.append(pair.rejected_messages)
-        split_col.append(split)
-        src_col.append(f"{rec.source}:{rec.line}")
-        line_col.append(rec.line)
-        for name, cell in zip(keep, kept):
-            cols[name].append(cell)
-    arrays = [pa.array(cols[f.name], type=f.type) for f in ctx.schema]
+        rows.append((pair.pair_id, pair.prompt, pair.chosen, pair.rejected, pair.prompt_messages, pair.chosen_messages,
+                     pair.rejected_messages, split, f"{rec.source}:{rec.line}", *kept, rec.line))
+    columns = list(zip(*rows)) or [()] * len(ctx.schema)
+    arrays = [pa.array(col, type=f.type) for col, f in zip(columns, ctx.schema)]
     return _Chunk(source, read, pa.RecordBatch.from_arrays(arrays, schema=ctx.schema), quarantine)
 
 
@@ -307,34 +264,24 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
         lines = [line.rstrip(b"\r") if line.endswith(b"\r") else line for line in lines]
     if data.endswith(b"\n"):
         lines.pop()  # the empty piece after the last newline
-    blank = []
-    if not all(lines) or any(map(bytes.isspace, lines)):
-        blank = [i for i, line in enumerate(lines) if not line or line.isspace()]  # what `not line.strip()` means
-    if blank:
-        kept = np.setdiff1d(np.arange(len(lines)), np.array(blank, dtype=np.int64))
-        lines = [lines[i] for i in kept.tolist()]
-        numbers = kept + first_line
-    else:
-        numbers = np.arange(first_line, first_line + len(lines), dtype=np.int64)
+    numbers = np.arange(first_line, first_line + len(lines), dtype=np.int64)
+    if not all(lines) or any(map(bytes.isspace, lines)):  # blank lines: what `not line.strip()` means
+        kept = np.array([bool(line) and not line.isspace() for line in lines], dtype=bool)
+        lines = [line for line, keep in zip(lines, kept) if keep]
+        numbers = numbers[kept]
     # A CR in a text (raw, or escaped as \\r or \\u000d) changes its normalization, and
     # \\u escapes may hide lone surrogates; with none in the chunk both scans are skipped.
     blob = b"\n".join(lines)
     escapes = escape_lines(lines, blob) if may_hold_cr_or_escapes(data) else []
-    f = ctx.fields
-    names = (f.prompt, f.chosen, f.rejected)
+    names = ctx.fields.names
     # The split field is parsed only where its key can occur (as a key it is a quoted name).
     if ctx.split_field and json.dumps(ctx.split_field, ensure_ascii=False).encode() in data:
         names += (ctx.split_field,)
-    slow: list[int] = []
-    fast_runs: list[np.ndarray] = []
-    tables = []
-    for rows, table in arrow_segments(lines, names, escapes, blob):
-        if table is None:
-            slow.extend(rows)
-        else:
-            tables.append(table)
-            fast_runs.append(np.asarray(rows, dtype=np.int64))
-    batches = []
+    segments = list(arrow_segments(lines, names, escapes, blob))
+    slow = [i for rows, table in segments if table is None for i in rows]
+    tables = [table for _, table in segments if table is not None]
+    fast_runs = [np.asarray(rows, dtype=np.int64) for rows, table in segments if table is not None]
+    fast = None  # the rows Arrow's values settle
     if tables:
         t = pa.concat_tables(tables)
         fast_idx = np.concatenate(fast_runs)
@@ -354,33 +301,26 @@ def _process_lines(data: bytes, first_line: int, source: str, ctx: _Ctx) -> _Chu
             if len(names) == 4:
                 declared = pick(t.column(3).combine_chunks())
                 if declared.null_count < len(declared):
-                    line_nos = lines_ok.to_pylist()
-                    hashed = [
-                        "eval" if d is not None and _declared(d, source, ln) == "eval" else h
-                        for d, h, ln in zip(declared.to_pylist(), hashed, line_nos)
-                    ]
-            split = pa.array(hashed, pa.string())
+                    hashed = ["eval" if d is not None and _declared(d, source, ln) == "eval" else h
+                              for d, h, ln in zip(declared.to_pylist(), hashed, lines_ok.to_pylist())]
             arrays = {
                 "pair_id": pa.array(arrow_pair_ids(pn, cn, rn), pa.string()),
                 "prompt": pick(p),
                 "chosen": pick(c),
                 "rejected": pick(r),
-                "split": split,
+                "split": pa.array(hashed, pa.string()),
                 "source": pc.binary_join_element_wise(f"{source}:", pc.cast(lines_ok, pa.string()), ""),
                 "_line": lines_ok,
             }
             cols = [arrays[fld.name] if fld.name in arrays else pa.nulls(n, fld.type) for fld in ctx.schema]
-            batches.append(pa.RecordBatch.from_arrays(cols, schema=ctx.schema))
+            fast = pa.RecordBatch.from_arrays(cols, schema=ctx.schema)
     slow.sort()
     exact = _process((parse_line(lines[i], source, int(numbers[i])) for i in slow), source, ctx)
-    if not batches:
-        return _Chunk(source, len(lines), exact.batch, exact.quarantine)
-    if not slow:  # every row came from Arrow, in line order: nothing to merge
-        return _Chunk(source, len(lines), batches[0], exact.quarantine)
-    # Interleave the exact rows back in line order: one take over both (one copy).
-    both = pa.concat_batches([batches[0], exact.batch])
-    order = np.argsort(both.column(len(ctx.schema) - 1).to_numpy(), kind="stable")
-    return _Chunk(source, len(lines), both.take(pa.array(order)), exact.quarantine)
+    batch = exact.batch if fast is None else fast  # with no slow line, Arrow's rows are all, in line order
+    if fast is not None and slow:  # interleave the exact rows back in line order: one take over both (one copy)
+        both = pa.concat_batches([fast, exact.batch])
+        batch = both.take(pa.array(np.argsort(both.column(len(ctx.schema) - 1).to_numpy(), kind="stable")))
+    return _Chunk(source, len(lines), batch, exact.quarantine)
 
 
 def _quarantine_line(source: str, line: int, reason: str, message: str | None, raw: str) -> str:
@@ -391,26 +331,8 @@ def _quarantine_line(source: str, line: int, reason: str, message: str | None, r
 def _raw_line_getter(data: bytes, first: int) -> Callable[[int], str]:
     """The raw text of a (valid UTF-8) line of one chunk, as its ``Record.raw``: the chunk split once, on first
     use."""
-    split: list[list[bytes]] = []
-
-    def raw_of(line: int) -> str:
-        if not split:
-            split.append(data.split(b"\n"))
-        return split[0][line - first].rstrip(b"\r\n").decode("utf-8")
-
-    return raw_of
-
-
-def _record_chunks(path: Path, progress, size: int = 4096) -> Iterator[tuple[list[Record], str]]:
-    """Non-line inputs: runs of up to ``size`` records sharing a source."""
-    buf: list[Record] = []
-    for rec in iter_records(path, progress):
-        if buf and (len(buf) >= size or rec.source != buf[0].source):
-            yield buf, buf[0].source
-            buf = []
-        buf.append(rec)
-    if buf:
-        yield buf, buf[0].source
+    lines = functools.cache(data.split)
+    return lambda line: lines(b"\n")[line - first].rstrip(b"\r\n").decode("utf-8")
 
 
 def _jobs(paths: list[Path], ctx: _Ctx, advance, pool) -> Iterator[tuple[Any, Callable[[int], str]]]:
@@ -423,40 +345,26 @@ def _jobs(paths: list[Path], ctx: _Ctx, advance, pool) -> Iterator[tuple[Any, Ca
                     yield _process_lines(data, first, str(path), ctx), raw_of
                 else:
                     yield pool.apply_async(_process_lines, (data, first, str(path), ctx)), raw_of
-        else:
-            for records, source in _record_chunks(path, advance):
-                raws = {r.line: r.raw for r in records}
-                yield _process(records, source, ctx), raws.__getitem__
+        else:  # runs of up to 4096 records sharing a source
+            for source, group in itertools.groupby(iter_records(path, advance), key=lambda rec: rec.source):
+                for records in iter(lambda g=group: list(itertools.islice(g, 4096)), []):
+                    yield _process(records, source, ctx), {r.line: r.raw for r in records}.__getitem__
 
 
 def _ordered_results(jobs, window: int) -> Iterator[tuple[_Chunk, Callable[[int], str]]]:
     """Results in submission order with at most ``window`` chunks in flight (bounded memory)."""
     queue: collections.deque = collections.deque()
-    for job in jobs:
-        queue.append(job)
-        while len(queue) > window:
-            yield _resolve(queue.popleft())
-    while queue:
-        yield _resolve(queue.popleft())
-
-
-def _resolve(job):
-    result, raw_of = job
-    return (result.get() if hasattr(result, "get") else result), raw_of
-
-
-def _worker_count(cfg: IngestConfig, paths: list[Path], total: int) -> int:
-    # A pool only pays for itself on large line inputs (start-up re-imports the caller's main module).
-    if total < _PARALLEL_MIN_BYTES or not any(is_line_oriented(p) for p in paths):
-        return 1
-    return cfg.workers
+    for job in itertools.chain(jobs, [None]):  # None: the end, when every job left is resolved
+        if job is not None:
+            queue.append(job)
+        while len(queue) > (window if job is not None else 0):
+            result, raw_of = queue.popleft()
+            yield (result.get() if hasattr(result, "get") else result), raw_of
 
 
 def _make_pool(workers: int):
     if workers <= 1:
         return None
-    import multiprocessing
-
     # Not fork: the parent may hold DuckDB/Arrow/torch thread pools, whose locks a
     # forked child inherits mid-state (it hangs). A forkserver forks from a clean,
     # single-threaded process that has imported this module once.
@@ -468,106 +376,94 @@ def _make_pool(workers: int):
 
 
 def run(cfg: IngestConfig) -> IngestResult:
-    """The stage, holding its output's lock (a second run into the same place refuses, naming the first)."""
-    from pipeline.lock import output_lock
-
+    """Ingest ``cfg.inputs`` into ``cfg.out`` and the quarantine; return the counts. The stage holds its output's lock
+    (a second run into the same place refuses, naming the first)."""
     with output_lock(cfg.out, "ingest", folder=False, what="pairs file (--out)"):
-        return _run(cfg)
+        paths = _check_inputs(cfg.inputs)
+        out, qpath = Path(cfg.out), cfg.quarantine_path
+        if out.resolve() == qpath.resolve():
+            raise ConfigError(f"out and quarantine are the same file: {out}")
+        for p in paths:
+            if p.resolve() in (out.resolve(), qpath.resolve()):
+                raise UserError(f"{p}: input is also an output of this run")
+        # Before any input is read: an output that cannot be written is a one-line error now.
+        check_writable(out, "pairs file (--out)", file=True)
+        check_writable(qpath, "quarantine (--quarantine)", file=True)
+        check_replaceable(out, "--out")  # a user's file is never replaced (nor emptied)
+        check_replaceable(qpath, "--quarantine")
+        schema = pa.schema(list(PAIRS_SCHEMA) + [pa.field(name, pa.string()) for name in cfg.keep_fields])
+        ctx = _Ctx(FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field), cfg.max_chars, cfg.eval_fraction,
+                   tuple(cfg.keep_fields), schema.append(pa.field("_line", pa.int64())),
+                   fast=_FAST_PATH and not cfg.keep_fields, split_field=cfg.split_field)
+        by_reason, splits = dict.fromkeys(REASON_CODES, 0), dict.fromkeys(SPLITS, 0)
+        seen: set[str] = set()
+        read = 0
+        total = sum(input_size(p) for p in paths)
+        # A pool only pays for itself on large line inputs (start-up re-imports the caller's main module).
+        workers = cfg.workers if total >= _PARALLEL_MIN_BYTES and any(is_line_oriented(p) for p in paths) else 1
+        progress = None
+        if cfg.progress and total >= _PROGRESS_MIN_BYTES:  # smaller inputs finish before a bar is worth drawing
+            from pipeline.progress import byte_progress
 
+            progress = byte_progress("ingest")
 
-def _run(cfg: IngestConfig) -> IngestResult:
-    """Ingest ``cfg.inputs`` into ``cfg.out`` and the quarantine; return the counts."""
-    paths = _check_inputs(cfg.inputs)
-    out = Path(cfg.out)
-    qpath = cfg.quarantine_path
-    if out.resolve() == qpath.resolve():
-        raise ConfigError(f"out and quarantine are the same file: {out}")
-    for p in paths:
-        if p.resolve() in (out.resolve(), qpath.resolve()):
-            raise UserError(f"{p}: input is also an output of this run")
-    # Before any input is read: an output that cannot be written is a one-line error now.
-    check_writable(out, "pairs file (--out)", file=True)
-    check_writable(qpath, "quarantine (--quarantine)", file=True)
-    check_replaceable(out, "--out")  # a user's file is never replaced (nor emptied)
-    check_replaceable(qpath, "--quarantine")
-    schema = pairs_schema(cfg.keep_fields)
-    ctx = _Ctx(
-        FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field),
-        cfg.max_chars,
-        cfg.eval_fraction,
-        tuple(cfg.keep_fields),
-        schema.append(pa.field("_line", pa.int64())),
-        fast=_FAST_PATH and not cfg.keep_fields,
-        split_field=cfg.split_field,
-    )
-    by_reason = {code: 0 for code in REASON_CODES}
-    splits = {s: 0 for s in SPLITS}
-    seen: set[str] = set()
-    read = 0
-    total = sum(input_size(p) for p in paths)
-    workers = _worker_count(cfg, paths, total)
-    progress = _make_progress(total, cfg.progress)
-
-    with contextlib.ExitStack() as stack:
-        try:
-            out_tmp = stack.enter_context(atomic_path(out))
-            q_tmp = stack.enter_context(atomic_path(qpath))
-            writer = _PairsWriter(out_tmp, schema)
-        except OSError as exc:  # e.g. a read-only file system, which access() does not see
-            raise UserError(f"{exc.filename or out}: cannot write output: {exc.strerror or exc}") from None
-        pool = _make_pool(workers)
-        try:
-            with open(q_tmp, "w", encoding="utf-8", newline="\n") as qfh:
-                advance = None
-                if progress is not None:
-                    progress.start()
-                    task = progress.add_task("ingest", total=total)
-                    advance = lambda n: progress.update(task, advance=n)  # noqa: E731
-                jobs = _jobs(paths, ctx, advance, pool)
-                for chunk, raw_of in _ordered_results(jobs, window=2 * workers):
-                    read += chunk.read
-                    batch = chunk.batch
-                    # Duplicates are resolved here, in input order, so "the first one wins" holds across chunks.
-                    dups: list[tuple[int, str, str]] = []
-                    keep_mask = []
-                    pids = batch.column(0).to_pylist()
-                    fresh = set(pids)
-                    if len(fresh) == len(pids) and seen.isdisjoint(fresh):
-                        seen |= fresh  # the common case, settled by set operations in C
-                        pids = []
-                    for pid, line in zip(pids, batch.column(len(schema)).to_pylist() if pids else ()):
-                        if pid in seen:
-                            keep_mask.append(False)
-                            message = f"duplicate of an earlier pair (pair_id {pid})"
-                            dups.append((line, "duplicate_pair", _quarantine_line(chunk.source, line, "duplicate_pair", message, raw_of(line))))
-                        else:
-                            seen.add(pid)
-                            keep_mask.append(True)
-                    if dups:
-                        batch = batch.filter(pa.array(keep_mask))
-                    entries = heapq.merge(chunk.quarantine, dups, key=lambda e: e[0]) if dups else chunk.quarantine
-                    for _, reason, text in entries:
-                        by_reason[reason] += 1
-                        qfh.write(text)
-                    for value, n in _value_counts(batch.column("split")):
-                        splits[value] += n
-                    writer.add(batch.drop_columns(["_line"]))
-        finally:
+        with contextlib.ExitStack() as stack:
+            try:
+                out_tmp = stack.enter_context(atomic_path(out))
+                q_tmp = stack.enter_context(atomic_path(qpath))
+                writer = _PairsWriter(out_tmp, schema)
+            except OSError as exc:  # e.g. a read-only file system, which access() does not see
+                raise UserError(f"{exc.filename or out}: cannot write output: {exc.strerror or exc}") from None
+            stack.callback(writer.close)  # the callbacks run last first: progress bar, pool, then the writer
+            pool = _make_pool(workers)
             if pool is not None:
-                pool.terminate()
-                pool.join()
+                stack.callback(pool.join)
+                stack.callback(pool.terminate)
+            advance = None
             if progress is not None:
-                progress.stop()
-            writer.close()
+                progress.start()
+                stack.callback(progress.stop)
+                task = progress.add_task("ingest", total=total)
+                advance = lambda n: progress.update(task, advance=n)  # noqa: E731
+            qfh = stack.enter_context(open(q_tmp, "w", encoding="utf-8", newline="\n"))
+            for chunk, raw_of in _ordered_results(_jobs(paths, ctx, advance, pool), window=2 * workers):
+                read += chunk.read
+                batch = chunk.batch
+                # Duplicates are resolved here, in input order, so "the first one wins" holds across chunks.
+                dups: list[tuple[int, str, str]] = []
+                keep_mask = []
+                pids = batch.column(0).to_pylist()
+                fresh = set(pids)
+                if len(fresh) == len(pids) and seen.isdisjoint(fresh):
+                    seen |= fresh  # the common case, settled by set operations in C
+                    pids = []
+                for pid, line in zip(pids, batch.column(len(schema)).to_pylist() if pids else ()):
+                    if pid in seen:
+                        keep_mask.append(False)
+                        message = f"duplicate of an earlier pair (pair_id {pid})"
+                        dups.append((line, "duplicate_pair", _quarantine_line(chunk.source, line, "duplicate_pair", message, raw_of(line))))
+                    else:
+                        seen.add(pid)
+                        keep_mask.append(True)
+                if dups:
+                    batch = batch.filter(pa.array(keep_mask))
+                entries = heapq.merge(chunk.quarantine, dups, key=lambda e: e[0]) if dups else chunk.quarantine
+                for _, reason, text in entries:
+                    by_reason[reason] += 1
+                    qfh.write(text)
+                counts = batch.column("split").value_counts()
+                for value, n in zip(counts.field(0).to_pylist(), counts.field(1).to_pylist()):
+                    splits[value] += n
+                writer.add(batch.drop_columns(["_line"]))
 
-    accepted = len(seen)
-    quarantined = sum(by_reason.values())
-    assert read == accepted + quarantined  # the accounting identity the report promises
-    assert sum(splits.values()) == accepted
-    result = IngestResult(read, accepted, quarantined, by_reason, str(out), str(qpath), splits)
-    if not accepted:  # README: no record accepted exits 1 (an empty input too)
-        raise NothingAccepted(_nothing_accepted(cfg, read, by_reason, qpath), result)
-    return result
+        accepted = len(seen)
+        quarantined = sum(by_reason.values())
+        assert read == accepted + quarantined  # the accounting identity the report promises
+        assert sum(splits.values()) == accepted
+        result = IngestResult(read, accepted, quarantined, by_reason, str(out), str(qpath), splits)
+        if not accepted:  # README: no record accepted exits 1 (an empty input too)
+            raise NothingAccepted(_nothing_accepted(cfg, read, by_reason, qpath), result)
+        return result
 
 
 class NothingAccepted(UserError):
@@ -576,11 +472,6 @@ class NothingAccepted(UserError):
     def __init__(self, message: str, result: IngestResult):
         super().__init__(message)
         self.result = result
-
-
-def _value_counts(col: pa.Array) -> list[tuple[str, int]]:
-    vc = col.value_counts()
-    return list(zip(vc.field(0).to_pylist(), vc.field(1).to_pylist()))
 
 
 _FIELDS_SHOWN = 12
@@ -592,10 +483,8 @@ def _nothing_accepted(cfg: IngestConfig, read: int, by_reason: dict[str, int], q
     reasons = [(r, n) for r, n in by_reason.items() if n]
     if not read:
         return f"ingest: no records in {', '.join(cfg.inputs)} (empty input); nothing to accept"
-    if len(reasons) == 1:
-        what = f"all {read} records were quarantined as {reasons[0][0]}"
-    else:
-        what = f"all {read} records were quarantined (" + ", ".join(f"{r} {n}" for r, n in reasons) + ")"
+    what = f"all {read} records were quarantined " + (
+        f"as {reasons[0][0]}" if len(reasons) == 1 else "(" + ", ".join(f"{r} {n}" for r, n in reasons) + ")")
     first_message, keys = _quarantine_sample(qpath)
     msg = f"ingest: {what}" + (f", e.g. {first_message}" if first_message else "")
     if by_reason.get("missing_field"):  # the names are wrong (a wrong type or empty text is not a mapping matter)
@@ -615,9 +504,7 @@ def _quarantine_sample(qpath: Path, limit: int = 200) -> tuple[str | None, list[
     quarantined records (most common first)."""
     first, counts = None, collections.Counter()
     with open(qpath, encoding="utf-8") as fh:
-        for i, line in enumerate(fh):
-            if i >= limit:
-                break
+        for line in itertools.islice(fh, limit):
             entry = json.loads(line)
             first = first or entry.get("message")
             try:
@@ -636,15 +523,11 @@ def print_report(result: IngestResult) -> None:
     table = Table(title="ingest", show_header=True)
     table.add_column("")
     table.add_column("records", justify="right")
-    table.add_row("read", str(result.read))
-    table.add_row("accepted", str(result.accepted))
-    for split, n in result.splits.items():
-        if n:
-            table.add_row(f"  split {split}", str(n))
-    table.add_row("quarantined", str(result.quarantined))
-    for reason, n in result.by_reason.items():
-        if n:
-            table.add_row(f"  {reason}", str(n))
+    splits = [(f"  split {split}", n) for split, n in result.splits.items() if n]
+    reasons = [(f"  {reason}", n) for reason, n in result.by_reason.items() if n]
+    for label, n in [("read", result.read), ("accepted", result.accepted), *splits, ("quarantined", result.quarantined),
+                     *reasons]:
+        table.add_row(label, str(n))
     console = Console()
     console.print(table)
     console.print(f"pairs: {result.out}\nquarantine: {result.quarantine}")
@@ -652,8 +535,6 @@ def print_report(result: IngestResult) -> None:
 
 
 def _ingest_action(cfg: IngestConfig, as_json: bool) -> None:
-    from pipeline.stagecli import emit_json
-
     try:
         result, failure = run(cfg), None
     except NothingAccepted as exc:  # the report still shows what happened, then the one-line error
@@ -664,8 +545,6 @@ def _ingest_action(cfg: IngestConfig, as_json: bool) -> None:
     if as_json:  # one JSON document: the report, with the error when there is one
         emit_json({**result.to_dict(), **({"error": str(failure), "exit_code": 1} if failure else {})})
         if failure is not None:
-            import typer
-
             typer.echo(f"error: {failure}", err=True)
             raise typer.Exit(1)
         return

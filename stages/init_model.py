@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import typer
+
 from pipeline.config import require_choice
 from pipeline.devices import DTYPE_NAMES
-from pipeline.stagecli import stage_command
+from pipeline.stagecli import emit_json, stage_command
 
 
 @dataclass
@@ -38,10 +40,6 @@ def run(cfg: InitModelConfig) -> dict:
 
 
 def _action(cfg: InitModelConfig, as_json: bool) -> None:
-    import typer
-
-    from pipeline.stagecli import emit_json
-
     summary = run(cfg)
     if as_json:
         emit_json(summary)

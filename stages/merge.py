@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.atomic import atomic_dir, check_writable
 from pipeline.config import require_choice
-from pipeline.devices import DTYPE_NAMES
+from pipeline.devices import DTYPE_NAMES, torch_dtype
 from pipeline.errors import UserError
 from pipeline.models import load_model
 from pipeline.models.loading import LORA_ADAPTER_CONFIG as ADAPTER_CONFIG
+from pipeline.models.loading import _load_tokenizer
+from pipeline.models.quant import dequantize_linears, require_bitsandbytes
 from pipeline.stagecli import stage_command, summarize
 
 
@@ -29,10 +33,8 @@ def merge(adapter_dir: str | Path, out: str | Path, *, dtype: str = "float32", o
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
     check_writable(out, "merged model folder")
-    if load_in_4bit:
-        model, tokenizer = _dequantized_base_with_adapter(adapter_dir, dtype)
-    else:
-        model, tokenizer = load_model(str(adapter_dir), dtype=dtype)  # base + adapter, not yet merged
+    model, tokenizer = (_dequantized_base_with_adapter(adapter_dir, dtype) if load_in_4bit
+                        else load_model(str(adapter_dir), dtype=dtype))  # base + adapter, not yet merged
     base = model.peft_config["default"].base_model_name_or_path
     merged = model.merge_and_unload()
     with atomic_dir(out) as tmp:
@@ -45,13 +47,7 @@ def _dequantized_base_with_adapter(adapter_dir: Path, dtype: str):
     """The base as a 4-bit run trained against it (NF4 blocks, double quantization), each quantized weight
     dequantized to ``dtype``, with the adapter applied: merging then adds the adapter to the weights the
     policy was trained with, and the merged model holds no quantization state."""
-    import json
-
     from peft import PeftModel
-
-    from pipeline.devices import torch_dtype
-    from pipeline.models.loading import _load_tokenizer
-    from pipeline.models.quant import dequantize_linears, require_bitsandbytes
 
     require_bitsandbytes("cpu")
     base_name = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
@@ -65,10 +61,8 @@ def _dequantized_base_with_adapter(adapter_dir: Path, dtype: str):
             delattr(base.config, name)
     for name, value in (("hf_quantizer", None), ("is_quantized", False), ("quantization_method", None)):
         if hasattr(base, name):
-            try:
+            with contextlib.suppress(AttributeError):  # a read-only property on this transformers version
                 setattr(base, name, value)
-            except AttributeError:  # a read-only property on this transformers version
-                pass
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval()
     if (adapter_dir / "tokenizer_config.json").is_file():
         tokenizer = _load_tokenizer(adapter_dir, False)
