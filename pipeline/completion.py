@@ -21,7 +21,7 @@ import torch
 
 import pipeline.numerics as numerics
 from pipeline.atomic import atomic_path
-from pipeline.config import check_device, require, require_choice
+from pipeline.config import check_device, check_ranges, require, require_choice
 from pipeline.devices import DTYPE_NAMES, resolve_device
 from pipeline.errors import ConfigError, UserError
 from pipeline.prompts import encode_prompt, resolve_chat_template
@@ -42,11 +42,18 @@ def special_ids(model, tokenizer) -> tuple[int, int, list[int]]:
     return mask_id, pad_id, sorted(set(stops + [vocab[t] for t in STOP_TOKENS if t in vocab]))
 
 
-def decoded(tokenizer, tokens, stops: Sequence[int], gen_length: int) -> dict[str, Any]:
-    """One sampled row as text: ``completion`` (cut at the first stop token), ``completion_tokens``, ``stopped``."""
-    kept = trim_at_stop(tokens, stops)
-    return {"completion": tokenizer.decode(kept, skip_special_tokens=True), "completion_tokens": len(kept),
-            "stopped": len(kept) < gen_length}
+def sample_batch(model, tokenizer, prompts: Sequence[list[int]], seeds: Sequence[int],
+                 ids: tuple[int, int, list[int]], **settings: Any) -> list[dict[str, Any]]:
+    """One batch of encoded prompts through the sampler (``settings``: ``generate``'s, ``ids``: ``special_ids``),
+    each row's noise from its own generator seeded by ``seeds``: per row ``completion`` (cut at the first stop
+    token), ``completion_tokens`` and ``stopped``."""
+    (mask_id, pad_id, stops), device = ids, next(model.parameters()).device
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    tokens = generate(model, list(prompts), mask_token_id=mask_id, pad_token_id=pad_id, generator=generators,
+                      device=device, **settings).cpu()
+    kept = [trim_at_stop(row, stops) for row in tokens]
+    return [{"completion": tokenizer.decode(k, skip_special_tokens=True), "completion_tokens": len(k),
+             "stopped": len(k) < settings["gen_length"]} for k in kept]
 
 
 def prompt_seed(seed: int, index: int) -> int:
@@ -83,8 +90,7 @@ def complete(
     ``cache`` and ``threshold``: the sampler's Fast-dLLM settings (``pipeline.sampler``).
     """
     indices = list(range(len(prompts))) if indices is None else list(indices)
-    device = next(model.parameters()).device
-    mask_id, pad_id, stops = special_ids(model, tokenizer)
+    special = special_ids(model, tokenizer)
     chat_template = resolve_chat_template(tokenizer, chat_template)
     encoded = [encode_prompt(tokenizer, p, chat_template=chat_template, where=f"prompt {i}")
                for p, i in zip(prompts, indices)]
@@ -100,17 +106,14 @@ def complete(
     # an out-of-memory shows up in the first batch.
     order = sorted(range(len(prompts)), key=lambda j: -len(encoded[j]))
     results: list[dict[str, Any] | None] = [None] * len(prompts)
+    settings = dict(gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
+                    remasking=remasking, cfg_scale=cfg_scale, cache=cache, threshold=threshold)
     for first in range(0, len(order), batch_size):
         chunk = order[first : first + batch_size]
-        generators = [torch.Generator(device=device).manual_seed(prompt_seed(seed, indices[j])) for j in chunk]
-        tokens = generate(
-            model, [encoded[j] for j in chunk], mask_token_id=mask_id, pad_token_id=pad_id,
-            gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
-            remasking=remasking, cfg_scale=cfg_scale, generator=generators, device=device, cache=cache,
-            threshold=threshold,
-        ).cpu()
-        for j, row in zip(chunk, tokens):
-            results[j] = {"index": indices[j], **decoded(tokenizer, row, stops, gen_length)}
+        rows = sample_batch(model, tokenizer, [encoded[j] for j in chunk],
+                            [prompt_seed(seed, indices[j]) for j in chunk], special, **settings)
+        for j, row in zip(chunk, rows):
+            results[j] = {"index": indices[j], **row}
         if on_batch is not None:
             on_batch([results[j] for j in chunk])
     return results  # type: ignore[return-value]
@@ -136,10 +139,11 @@ def config_error(check: Callable[..., None], *args: Any) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def check_sampling(cfg) -> None:
-    """The checks of a sampling stage's options (after its ranges): device, the sampler's schedule, remasking,
-    dtype, the fast settings; a 4-bit base computes in bfloat16 (float32 becomes bfloat16, as in score-ref and
-    train)."""
+def check_sampling(cfg, ranges: dict[str, str]) -> None:
+    """The checks of a sampling stage's options: the numeric fields' ``ranges`` first, then device, the sampler's
+    schedule, remasking, dtype, the fast settings; a 4-bit base computes in bfloat16 (float32 becomes bfloat16, as
+    in score-ref and train)."""
+    check_ranges(cfg, ranges)
     check_device(cfg.device)
     config_error(check_schedule, cfg.gen_length, cfg.block_length, cfg.steps)
     require_choice("remasking", cfg.remasking, REMASKING)

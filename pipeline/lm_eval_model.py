@@ -141,15 +141,13 @@ class LLDMEvalModel(LM):
         return self.elbos([([], encode_text(self.tok, t)) for t in texts], [request_key("rolling", t) for t in texts])
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        contexts = [r.args[0] for r in requests]
-        kwargs = [dict(r.args[1]) if len(r.args) > 1 and r.args[1] else {} for r in requests]
-        done = complete(self.model, self.tok, contexts, gen_length=self.gen_length, block_length=self.block_length,
-                        steps=self.steps, temperature=self.temperature, remasking=self.remasking,
-                        cfg_scale=self.cfg_scale, seed=self.seed, chat_template=False)
+        done = complete(self.model, self.tok, [r.args[0] for r in requests], gen_length=self.gen_length,
+                        block_length=self.block_length, steps=self.steps, temperature=self.temperature,
+                        remasking=self.remasking, cfg_scale=self.cfg_scale, seed=self.seed, chat_template=False)
         out = []
-        for result, kw in zip(done, kwargs):
+        for result, r in zip(done, requests):
             text = result["completion"]
-            until = kw.get("until") or []
+            until = (dict(r.args[1]) if len(r.args) > 1 and r.args[1] else {}).get("until") or []
             for stop in [until] if isinstance(until, str) else until:
                 text = text.split(stop, 1)[0] if stop else text
             out.append(text)

@@ -232,17 +232,14 @@ class DiffusionSampler:
     item's completion does not depend on its batch neighbours.
     """
 
-    def __init__(self, model, tokenizer, *, identity: Any, gen_length: int, block_length: int, steps: int,
-                 temperature: float, remasking: str, cfg_scale: float, chat_template: bool | None,
-                 cache: str = "none", threshold: float | None = None):
+    def __init__(self, model, tokenizer, *, identity: Any, chat_template: bool | None, **settings: Any):
+        """``settings``: the sampler's (``pipeline.sampler.generate``'s gen_length, block_length, steps, ...)."""
         from pipeline.completion import special_ids  # torch: not for the query command, which reads this module
 
-        self.model, self.tokenizer, self.identity = model, tokenizer, identity
-        self.settings = dict(gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
-                             remasking=remasking, cfg_scale=cfg_scale, cache=cache, threshold=threshold)
+        self.model, self.tokenizer, self.identity, self.settings = model, tokenizer, identity, settings
         self.chat_template = resolve_chat_template(tokenizer, chat_template)
         self._encoded: dict[str, list[int]] = {}
-        self.mask_id, self.pad_id, self.stops = special_ids(model, tokenizer)
+        self.ids = special_ids(model, tokenizer)
         self.max_length = getattr(getattr(model, "config", None), "max_sequence_length", None)
 
     def encode(self, question: Question) -> list[int]:
@@ -260,13 +257,7 @@ class DiffusionSampler:
         return -len(self.encode(item.question))
 
     def __call__(self, items: Sequence[SampleItem]) -> list[dict[str, Any]]:
-        import torch
+        from pipeline.completion import sample_batch
 
-        from pipeline.completion import decoded
-        from pipeline.sampler import generate
-
-        device = next(self.model.parameters()).device
-        generators = [torch.Generator(device=device).manual_seed(item.seed) for item in items]
-        tokens = generate(self.model, [self.encode(item.question) for item in items], mask_token_id=self.mask_id,
-                          pad_token_id=self.pad_id, generator=generators, device=device, **self.settings).cpu()
-        return [decoded(self.tokenizer, row, self.stops, self.settings["gen_length"]) for row in tokens]
+        return sample_batch(self.model, self.tokenizer, [self.encode(item.question) for item in items],
+                            [item.seed for item in items], self.ids, **self.settings)

@@ -38,7 +38,7 @@ from pipeline.devices import DTYPE_NAMES, PRECISION_NAMES, resolve_device
 from pipeline.diffusion import mask_seed, masked_request
 from pipeline.errors import ConfigError, UserError
 from pipeline.evalrecord import environment
-from pipeline.intervals import credits_record, interval_rows, paired_difference_interval
+from pipeline.intervals import credits_record, format_accuracy, format_difference, paired_difference_interval
 from pipeline.layout import EVAL_FILE, TASK_RESULTS
 from pipeline.lock import output_lock
 from pipeline.losses import pair_statistics
@@ -60,6 +60,13 @@ TASK_RESULTS_SCHEMA = pa.schema([
     ("correct", pa.bool_()),
 ])
 NORMALIZE = ("none", "length")
+FIGURE_LABELS = {
+    "preference_accuracy": "preference accuracy",
+    "elbo_accuracy": "ELBO accuracy (B(chosen) > B(rejected))",
+    "task_accuracy": "task accuracy (generation)",
+    "choice_accuracy": "multiple-choice accuracy (option ELBO)",
+}
+"""Display names of eval's figures in the console; other figures show their own key."""
 
 
 RANGES = {"beta": "(0, inf)", "limit_pairs": "[0, inf)", "limit_task": "[0, inf)", "limit_choices": "[0, inf)",
@@ -191,32 +198,23 @@ class EvalResult:
     """The policy on training pairs: margin and accuracy on the cached masks and on fresh masks."""
 
 
-def split_parts(cache, split: str, limit: int = 0) -> list[list[dict]]:
-    """The cache's parts holding rows of ``split``, each as its rows in the part's order; with ``limit``,
-    whole parts until that many rows of the split are in."""
-    parts, count = [], 0
-    sums = cache.manifest.get("part_sha256") or {}
-    for path in cache.parts:
-        rows = read_part(path, expected_sha256=sums.get(path.name)).to_pylist()
-        n = sum((r.get("split") or "train") == split for r in rows)
-        if n:
-            parts.append(rows)
-            count += n
-        if limit and count >= limit:
-            break
-    return parts
-
-
 def preference_scores(model, tokenizer, cache, split: str, beta: float, numerics: Numerics,
                       limit: int = 0) -> dict[str, Any]:
     """The model's ELBOs on the held-out pairs, rescored part by part as score-ref scored them (same
     requests, order, token budget and numerics: the cache's own model gives every pair delta = 0 exactly),
-    against the cached reference. Accuracy uses the one tie rule (pipeline.losses.reward_accuracy)."""
+    against the cached reference; with ``limit``, whole parts until that many pairs of the split are in.
+    Accuracy uses the one tie rule (pipeline.losses.reward_accuracy)."""
     fp = cache.fingerprint
     batch_tokens = int(cache.manifest.get("config", {}).get("batch_tokens", 16384))
     device = next(model.parameters()).device
+    sums = cache.manifest.get("part_sha256") or {}
     pi_c, pi_r, ref_c, ref_r = [], [], [], []
-    for rows in split_parts(cache, split, limit):
+    for path in cache.parts:
+        if limit and len(pi_c) >= limit:
+            break
+        rows = read_part(path, expected_sha256=sums.get(path.name)).to_pylist()
+        if not any((r.get("split") or "train") == split for r in rows):
+            continue
         scores = rescore_part(model, tokenizer, rows, fp, batch_tokens=batch_tokens,
                               autocast=autocast(device, numerics.mixed_precision))
         for row, sc in zip(rows, scores):
@@ -385,11 +383,8 @@ def _run(cfg: EvalConfig) -> EvalResult:
         check_replaceable(cfg.out / name, "--out")
     device = str(resolve_device(cfg.device))
     cache = open_cache(cfg.scores) if cfg.scores is not None else None
-    before_name = cfg.before
-    if before_name is None and cache is not None:
-        before_name = cache.manifest["config"]["model"]
-    if before_name in ("none", ""):
-        before_name = None
+    reference_name = cache.manifest["config"]["model"] if cache is not None else None
+    before_name = reference_name if cfg.before is None else None if cfg.before in ("none", "") else cfg.before
     # Read in slices of 8 pairs as they are scored: memory does not grow with the split.
     pair_rows = cache.split_rows(cfg.split) if cache is not None else []
     if cache is not None and not len(pair_rows):
@@ -405,14 +400,10 @@ def _run(cfg: EvalConfig) -> EvalResult:
         numerics = Numerics(dtype=cfg.dtype or "float32", mixed_precision=cfg.mixed_precision or "no",
                             load_in_4bit=bool(cfg.load_in_4bit))
     sample = training_sample(cache, cfg.train_sample, cfg.seed) if cache is not None and cfg.train_sample else []
-    reference_name = cache.manifest["config"]["model"] if cache is not None else None
     fresh_ref = None
-    bench = read_benchmark(cfg.benchmark) if cfg.benchmark else []
-    if cfg.limit_task:
-        bench = bench[:cfg.limit_task]
-    mc = read_choices(cfg.choices) if cfg.choices else []  # options a list of strings, answer an index in range
-    if cfg.limit_choices:
-        mc = mc[:cfg.limit_choices]
+    bench = read_benchmark(cfg.benchmark)[:cfg.limit_task or None] if cfg.benchmark else []
+    # options a list of strings, answer an index in range
+    mc = read_choices(cfg.choices)[:cfg.limit_choices or None] if cfg.choices else []
     lm_tasks = [t.strip() for t in cfg.lm_eval_tasks.split(",") if t.strip()]
     if lm_tasks and importlib.util.find_spec("lm_eval") is None:
         raise UserError("--lm-eval-tasks needs lm-evaluation-harness: pip install 'lldm-dpo[eval]'")
@@ -531,7 +522,8 @@ def eval_record(cfg: EvalConfig, numerics: Numerics, cache, device: str) -> dict
 def _sample_report(rows: list[dict], policy: dict, reference: dict | None, beta: float) -> dict[str, Any]:
     ref_c = [r["ref_chosen_elbo"] for r in rows]
     ref_r = [r["ref_rejected_elbo"] for r in rows]
-    return {"pairs": len(rows), "cached_masks": margin_summary(policy["cached_c"], policy["cached_r"], ref_c, ref_r, beta),
+    return {"pairs": len(rows),
+            "cached_masks": margin_summary(policy["cached_c"], policy["cached_r"], ref_c, ref_r, beta),
             # fresh masks need the cache's model as `before` (the reference on the fresh masks)
             "fresh_masks": None if reference is None else margin_summary(
                 policy["fresh_c"], policy["fresh_r"], reference["fresh_c"], reference["fresh_r"], beta)}
@@ -543,11 +535,12 @@ def print_intervals(intervals: dict, mc_spread: dict | None = None, title: str =
     if not intervals:
         return
     print(f"{title}:")
-    for name, before, after, diff in interval_rows(intervals):
-        print(f"  {name}")
-        for label, text in (("before", before), ("after", after), ("after - before", diff)):
-            if text:
-                print(f"    {label:15} {text}")
+    for name, rec in intervals.items():  # every accuracy with its count and interval, the paired difference
+        print(f"  {FIGURE_LABELS.get(name, name)}")
+        for label, key, show in (("before", "before", format_accuracy), ("after", "after", format_accuracy),
+                                 ("after - before", "difference", format_difference)):
+            if rec.get(key):
+                print(f"    {label:15} {show(rec[key])}")
     for figure, by_label in (mc_spread or {}).items():
         for label, sp in by_label.items():
             print(f"  {figure} ({label}) over {len(sp['seeds'])} mask seeds: mean {sp['mean']:.3f}, "

@@ -38,7 +38,7 @@ from pipeline.completion import (
     sampler_settings,
     write_jsonl,
 )
-from pipeline.config import check_ranges, config_to_dict
+from pipeline.config import config_to_dict
 from pipeline.errors import UserError
 from pipeline.lock import output_lock
 from pipeline.models import model_identity
@@ -102,8 +102,7 @@ class GenerateConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
-        check_ranges(self, RANGES)
-        check_sampling(self)
+        check_sampling(self, RANGES)
 
 
 @dataclass
@@ -141,11 +140,7 @@ def read_prompts(path: str | Path, prompt_field: str | None = None) -> list[Prom
         raise UserError(f"{path}: prompts file not found")
     with path.open("rb") as f:
         is_arrow = f.read(6) == b"ARROW1"  # the Arrow IPC file magic, whatever the suffix
-    if is_arrow:
-        rows = _arrow_rows(path)
-        items = ((f"{path}:row {i}", row) for i, row in enumerate(rows))
-    else:
-        items = jsonl_objects(path)
+    items = ((f"{path}:row {i}", row) for i, row in enumerate(_arrow_rows(path))) if is_arrow else jsonl_objects(path)
     records: list[PromptRecord] = []
     for where, row in items:
         name = prompt_field or ("prompt" if "prompt" in row else "question")
@@ -190,8 +185,8 @@ _CONTENT = {"model_identity": "a model", "prompts_sha256": "a prompts file"}
 def content_settings(cfg: GenerateConfig) -> dict[str, Any]:
     """Everything that changes a completion (stored in each output row): the model, the sampler settings and the
     content identities of the model and the prompts file."""
-    return {"model": cfg.model, **sampler_settings(cfg), "model_identity": fingerprint_digest(model_identity(cfg.model)),
-            "prompts_sha256": file_sha256(cfg.prompts)}
+    return {"model": cfg.model, **sampler_settings(cfg),
+            "model_identity": fingerprint_digest(model_identity(cfg.model)), "prompts_sha256": file_sha256(cfg.prompts)}
 
 
 def _read_done(path: Path, records: list[PromptRecord], settings: dict[str, Any], *, tolerate_tail: bool) -> dict[int, dict]:

@@ -44,7 +44,7 @@ from pipeline.completion import (
     sampler_settings,
     write_jsonl,
 )
-from pipeline.config import check_ranges, require
+from pipeline.config import require
 from pipeline.errors import ConfigError, UserError
 from pipeline.intervals import accuracy_record, format_accuracy
 from pipeline.lock import output_lock
@@ -63,14 +63,6 @@ from pipeline.selfpairs import (
     sample_seed,
 )
 from pipeline.stagecli import print_summary, stage_command, summary_dict
-
-
-def samples_path_for(out: str | Path) -> Path:
-    """Where the per-sample rows go: beside the pairs (``pairs.jsonl`` -> ``pairs.samples.jsonl``)."""
-    out = Path(out)
-    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
-    return out.with_name(f"{stem}.samples.jsonl")
-
 
 RANGES = {"num_generations": "[1, inf)", "pairs_per_question": "[1, inf)", **SAMPLING_RANGES, "round": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
@@ -138,8 +130,7 @@ class MakePairsConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
-        check_ranges(self, RANGES)
-        check_sampling(self)
+        check_sampling(self, RANGES)
         if self.num_generations > 1 and self.temperature == 0 and self.remasking == "low_confidence":
             raise ConfigError("num_generations > 1 with temperature 0 and low_confidence remasking draws the same "
                               "sample k times: set temperature > 0")
@@ -148,7 +139,8 @@ class MakePairsConfig:
 
     @property
     def samples_path(self) -> Path:
-        return samples_path_for(self.out)
+        """Where the per-sample rows go: beside the pairs (``pairs.jsonl`` -> ``pairs.samples.jsonl``)."""
+        return Path(self.out).with_name(f"{Path(self.out).stem}.samples.jsonl")
 
 
 @dataclass
