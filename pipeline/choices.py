@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.readers import jsonl_objects
 
 
 def check_choice_item(where: str, item: dict) -> dict:
@@ -34,6 +35,4 @@ def check_choice_item(where: str, item: dict) -> dict:
 
 def read_choices(path: str | Path) -> list[dict]:
     """The items of a multiple-choice JSONL file, each checked."""
-    from pipeline.readers import jsonl_objects
-
     return [check_choice_item(where, item) for where, item in jsonl_objects(path)]

@@ -63,26 +63,24 @@ def environment(device: str) -> dict[str, Any]:
 
 def result_rows(data: dict[str, Any], run: str) -> list[dict[str, Any]]:
     """One row per (figure, model) of an eval.json's ``intervals`` block, with the record's key settings."""
-    record = data.get("record") if isinstance(data.get("record"), dict) else {}
-    env = record.get("environment") if isinstance(record.get("environment"), dict) else {}
-    numerics = record.get("numerics") if isinstance(record.get("numerics"), dict) else {}
-    seeds = record.get("seeds") if isinstance(record.get("seeds"), dict) else {}
-    models = data.get("models") if isinstance(data.get("models"), dict) else {}
+    def part(block: dict, key: str) -> dict:  # a block of the file, {} when absent or malformed
+        return block.get(key) if isinstance(block.get(key), dict) else {}
+
+    record = part(data, "record")
+    env, numerics, seeds, models = (part(record, "environment"), part(record, "numerics"), part(record, "seeds"),
+                                    part(data, "models"))
     common = {"run": run, "before_model": models.get("before"), "after_model": models.get("after"),
               "device_name": env.get("device_name"), "torch": (env.get("versions") or {}).get("torch"),
               "dtype": numerics.get("dtype"), "mixed_precision": numerics.get("mixed_precision"),
               "seed": seeds.get("seed")}
     rows = []
-    intervals = data.get("intervals") if isinstance(data.get("intervals"), dict) else {}
-    for figure, by_model in intervals.items():
-        if not isinstance(by_model, dict):
-            continue
-        for model, rec in by_model.items():
+    intervals = part(data, "intervals")
+    for figure in intervals:
+        for model, rec in part(intervals, figure).items():
             if not isinstance(rec, dict):
                 continue
-            value = rec.get("difference") if model == "difference" else rec.get("value")
             rows.append({**{k: None for k in RESULT_COLUMNS}, **common, "figure": figure, "model": model,
-                         "value": value, "count": rec.get("count"), "n": rec.get("n"), "low": rec.get("low"),
-                         "high": rec.get("high"), "confidence": rec.get("confidence"), "method": rec.get("method"),
-                         "gained": rec.get("gained"), "lost": rec.get("lost")})
+                         **{k: rec.get(k) for k in ("count", "n", "low", "high", "confidence", "method", "gained",
+                                                    "lost")},
+                         "value": rec.get("difference") if model == "difference" else rec.get("value")})
     return rows

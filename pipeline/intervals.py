@@ -116,16 +116,9 @@ def paired_difference_interval(before_correct: Sequence, after_correct: Sequence
     l2, u2 = wilson_interval(min(k_before, n), n, confidence)
     diff = p1 - p2
     margins = (both + gained) * (lost + neither) * (both + lost) * (gained + neither)
-    if margins <= 0:
-        phi = 0.0
-    else:
-        cross = both * neither - gained * lost
-        if cross > n / 2:
-            phi = (cross - n / 2) / math.sqrt(margins)
-        elif cross >= 0:
-            phi = 0.0
-        else:
-            phi = cross / math.sqrt(margins)
+    cross = both * neither - gained * lost
+    shrunk = cross - n / 2 if cross > n / 2 else 0.0 if cross >= 0 else cross  # the continuity correction
+    phi = shrunk / math.sqrt(margins) if margins > 0 else 0.0
     d_low = (p1 - l1) ** 2 + (u2 - p2) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2)
     d_high = (u1 - p1) ** 2 + (p2 - l2) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2)
     low = diff - math.sqrt(max(d_low, 0.0))
@@ -173,25 +166,3 @@ def format_difference(rec: dict, digits: int = 3) -> str:
 
     return (f"{rec['difference']:+.{digits}f} ({pct}% CI {rec['low']:+.{digits}f} to {rec['high']:+.{digits}f}, "
             f"{rec['method']}, {num(rec['gained'])} gained / {num(rec['lost'])} lost of {rec['n']})")
-
-
-FIGURE_LABELS = {
-    "preference_accuracy": "preference accuracy",
-    "elbo_accuracy": "ELBO accuracy (B(chosen) > B(rejected))",
-    "task_accuracy": "task accuracy (generation)",
-    "choice_accuracy": "multiple-choice accuracy (option ELBO)",
-}
-"""Display names of eval's figures (summaries and the report); other figures show their own key."""
-
-
-def interval_rows(intervals: dict, digits: int = 3) -> list[tuple[str, str, str, str]]:
-    """(figure, before, after, after - before) texts of an ``intervals`` block (eval.json's), in its order:
-    every accuracy with its count and interval, the difference with its paired interval ("" when absent)."""
-    rows = []
-    for name, rec in intervals.items():
-        cells = []
-        for label in ("before", "after"):
-            cells.append(format_accuracy(rec[label], digits) if rec.get(label) else "")
-        diff = format_difference(rec["difference"], digits) if rec.get("difference") else ""
-        rows.append((FIGURE_LABELS.get(name, name), cells[0], cells[1], diff))
-    return rows

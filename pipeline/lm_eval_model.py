@@ -39,11 +39,17 @@ from typing import Any, Sequence
 
 import torch
 
+from pipeline.completion import complete
+from pipeline.diffusion import elbo_terms, mask_seed, masked_request
 from pipeline.errors import UserError
+from pipeline.prompts import default_chat_template, encode_continuation, encode_text, messages_of, render_prompt
+from pipeline.sampler import check_schedule
 
 try:
+    from lm_eval import simple_evaluate
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
+    from lm_eval.tasks import TaskManager
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise UserError("lm-evaluation-harness is not installed: pip install 'lldm-dpo[eval]'") from exc
 
@@ -55,12 +61,7 @@ def request_key(kind: str, *texts: str) -> str:
 
     A request's ELBO uses ``mask_seed(seed, request_key(...), "continuation", 0)``.
     """
-    parts = (kind, *texts)
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.encode("utf-8"))
-        h.update(b"\x1f")
-    return h.hexdigest()
+    return hashlib.sha256("".join(p + "\x1f" for p in (kind, *texts)).encode("utf-8")).hexdigest()
 
 
 @register_model(MODEL_NAME)
@@ -93,8 +94,6 @@ class LLDMEvalModel(LM):
                                           trust_remote_code=bool(trust_remote_code))
         if tokenizer is None or tokenizer.mask_token_id is None:
             raise UserError(f"--model {MODEL_NAME}: the tokenizer has no mask token")
-        from pipeline.sampler import check_schedule
-
         self.steps = int(steps) if steps is not None else int(gen_length)
         try:
             check_schedule(int(gen_length), int(block_length), self.steps)
@@ -120,8 +119,6 @@ class LLDMEvalModel(LM):
         return getattr(self.tok, "chat_template", None) if chat_template else None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        from pipeline.prompts import default_chat_template, messages_of, render_prompt
-
         if not default_chat_template(self.tok):
             raise UserError(f"{self.name}: the tokenizer has no chat template (drop --apply_chat_template)")
         if add_generation_prompt:  # the rendering every other command uses
@@ -131,8 +128,6 @@ class LLDMEvalModel(LM):
                                             add_generation_prompt=False)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        from pipeline.prompts import encode_continuation
-
         pairs = [tuple(r.args[:2]) for r in requests]
         # The context is already rendered (lm-eval applied the chat template if asked): raw text here.
         encoded = [encode_continuation(self.tok, c, x, chat_template=False, where="lm-eval request")
@@ -142,26 +137,19 @@ class LLDMEvalModel(LM):
         return list(zip(values, greedy))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        from pipeline.prompts import encode_text
-
         texts = [r.args[0] for r in requests]
         return self.elbos([([], encode_text(self.tok, t)) for t in texts], [request_key("rolling", t) for t in texts])
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from pipeline.completion import complete
-
-        contexts = [r.args[0] for r in requests]
-        kwargs = [dict(r.args[1]) if len(r.args) > 1 and r.args[1] else {} for r in requests]
-        done = complete(self.model, self.tok, contexts, gen_length=self.gen_length, block_length=self.block_length,
-                        steps=self.steps, temperature=self.temperature, remasking=self.remasking,
-                        cfg_scale=self.cfg_scale, seed=self.seed, chat_template=False)
+        done = complete(self.model, self.tok, [r.args[0] for r in requests], gen_length=self.gen_length,
+                        block_length=self.block_length, steps=self.steps, temperature=self.temperature,
+                        remasking=self.remasking, cfg_scale=self.cfg_scale, seed=self.seed, chat_template=False)
         out = []
-        for result, kw in zip(done, kwargs):
+        for result, r in zip(done, requests):
             text = result["completion"]
-            until = kw.get("until") or []
+            until = (dict(r.args[1]) if len(r.args) > 1 and r.args[1] else {}).get("until") or []
             for stop in [until] if isinstance(until, str) else until:
-                if stop and stop in text:
-                    text = text[:text.index(stop)]
+                text = text.split(stop, 1)[0] if stop else text
             out.append(text)
         return out
 
@@ -169,8 +157,6 @@ class LLDMEvalModel(LM):
 
     def elbos(self, encoded: Sequence[tuple[list[int], list[int]]], keys: Sequence[str]) -> list[float]:
         """The ELBO of each continuation after its context: the mean of ``mc_samples`` terms."""
-        from pipeline.diffusion import elbo_terms, mask_seed, masked_request
-
         requests = []
         for (ctx, cont), key in zip(encoded, keys):
             if not cont:
@@ -235,8 +221,6 @@ if __name__ == "__main__":
 def task_manager(tasks: Sequence[str], include_path: str | None = None):
     """lm-eval's TaskManager for these tasks: only ``include_path`` when it defines all of them (indexing
     lm-eval's few thousand built-in task files takes a while), else the built-in tasks too."""
-    from lm_eval.tasks import TaskManager
-
     if include_path:
         local = TaskManager(include_path=str(include_path), include_defaults=False)
         if all(t in local.all_tasks for t in tasks):
@@ -269,8 +253,6 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], *, include_path: str | Non
 
     With ``per_document`` (a dict), it also receives each 0..1-valued metric's per-document values in document
     order (``document_credits``), the items behind an accuracy's count, interval and paired difference."""
-    from lm_eval import simple_evaluate
-
     manager = task_manager(tasks, include_path)
     lm = LLDMEvalModel(model=model, tokenizer=tokenizer, **model_args)
     out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit or None,

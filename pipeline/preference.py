@@ -15,9 +15,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from pipeline.diffusion import elbo_terms
 from pipeline.errors import UserError
 from pipeline.losses import METRICS, pair_statistics
-from pipeline.replay import PairBatch, replay_requests
+from pipeline.replay import PairBatch, replay_requests, rescore_part_draws
 
 EVAL_PREFIX = "eval/"
 """TRL's prefix of held-out metrics: ``eval/rewards/accuracies`` and so on (schemas.EVAL_METRIC_COLUMNS)."""
@@ -50,8 +51,6 @@ def heldout_sums(
     and accuracy follows train's one tie rule (``losses.reward_accuracy``: a tie
     counts one half), so the reference itself scores exactly 0.5.
     """
-    from pipeline.diffusion import elbo_terms
-
     sums = torch.zeros(len(_SUM_FIELDS), dtype=torch.float64)
     for start in range(0, len(rows), pairs_per_pass):
         chunk = list(rows[start:start + pairs_per_pass])
@@ -101,8 +100,6 @@ def cache_layout_sums(
     in the cache's numerics therefore reproduces the reference exactly (accuracy 0.5, margins 0) in any dtype,
     where a pass in train's batches differs by the padding and shapes. Also returns the largest
     |B_pi(y) - B_ref(y)| (nats) over the kept responses (train's ref/gap_max)."""
-    from pipeline.replay import rescore_part_draws
-
     sums = torch.zeros(len(_SUM_FIELDS), dtype=torch.float64)
     gap = 0.0
     for rows in parts:

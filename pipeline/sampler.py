@@ -55,6 +55,8 @@ sampler above stays the reference):
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -130,13 +132,9 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device: Any = 
 
 def trim_at_stop(tokens: Sequence[int] | Tensor, stop_token_ids: Sequence[int]) -> list[int]:
     """The tokens before the first stop token (EOS, ``<|eot_id|>``, ...)."""
-    out: list[int] = []
-    stops = set(int(t) for t in stop_token_ids)
-    for tok in (tokens.tolist() if isinstance(tokens, Tensor) else tokens):
-        if int(tok) in stops:
-            break
-        out.append(int(tok))
-    return out
+    stops = {int(t) for t in stop_token_ids}
+    return list(itertools.takewhile(lambda t: t not in stops,
+                                    map(int, tokens.tolist() if isinstance(tokens, Tensor) else tokens)))
 
 
 def check_schedule(gen_length: int, block_length: int, steps: int) -> None:
@@ -243,8 +241,6 @@ def generate(
     device = torch.device(device)
     shift = bool(getattr(model, "logits_shift", False)) if logits_shift is None else logits_shift
     if cache != "none" and (shift or not supports_kv_cache(model)):
-        import warnings
-
         warnings.warn(f"sampler: {type(model).__name__} has no KV cache support; cache={cache!r} falls back to "
                       "the exact path", stacklevel=2)
         cache = "none"
@@ -295,23 +291,20 @@ def generate(
                 active = left > 0
                 if not bool(active.any()):
                     break  # the block is full in every row
-            if cfg_scale > 0:
-                x_un = torch.cat([x_un_prompt, x[:, width:]], 1)
-                both_attn = None if attn is None else torch.cat([attn, attn])
-                if cache == "none":
-                    both = _block_logits(model, torch.cat([x, x_un]), both_attn, start, end, shift)
-                else:
-                    both, kv = _cached_block_logits(model, torch.cat([x, x_un]), both_attn, start, end, cache, kv)
-                cond, un = both[:batch], both[batch:]
-                logits = un + (cfg_scale + 1.0) * (cond - un)
-            elif cache == "none":
-                logits = _block_logits(model, x, attn, start, end, shift)
+            ids, ids_attn = x, attn
+            if cfg_scale > 0:  # the conditional rows, then the unconditional ones
+                ids = torch.cat([x, torch.cat([x_un_prompt, x[:, width:]], 1)])
+                ids_attn = None if attn is None else torch.cat([attn, attn])
+            if cache == "none":
+                logits = _block_logits(model, ids, ids_attn, start, end, shift)
             else:
-                logits, kv = _cached_block_logits(model, x, attn, start, end, cache, kv)
-            vocab = logits.shape[-1]
+                logits, kv = _cached_block_logits(model, ids, ids_attn, start, end, cache, kv)
+            if cfg_scale > 0:
+                cond, un = logits[:batch], logits[batch:]
+                logits = un + (cfg_scale + 1.0) * (cond - un)
 
             choice_logits = logits.clone()
-            if 0 <= mask_token_id < vocab:
+            if 0 <= mask_token_id < logits.shape[-1]:
                 choice_logits[..., mask_token_id] = float("-inf")
             if temperature > 0:
                 if row_gens is None:
@@ -347,7 +340,6 @@ def generate(
             rank.scatter_(1, order, torch.arange(block_length, device=device).expand(batch, -1))
             commit = (rank < k[:, None]) & block_masked
 
-            block_x = x[:, start:end]
-            x[:, start:end] = torch.where(commit, pred, block_x)
+            x[:, start:end] = torch.where(commit, pred, x[:, start:end])
             masked[:, start:end] = block_masked & ~commit
     return x[:, width:].clone()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.answers import extract_answer, reference_answer
+from pipeline.answers import extract_answer, normalize_number, reference_answer, same_number
 from pipeline.errors import UserError
 from pipeline.pairs import normalize_text
 from pipeline.prompts import encode_prompt, resolve_chat_template
@@ -39,9 +39,6 @@ SAMPLE_COLUMNS = {
     "seed": "BIGINT", "sample_seed": "BIGINT", "round": "BIGINT",
 }
 """Columns of a samples file (one JSON row per sample) with their SQL types: the ``samples`` view of ``query``."""
-
-STOP_TOKENS = ("<|eot_id|>",)
-"""Stop tokens besides the tokenizer's EOS (LLaDA-Instruct ends a turn with it)."""
 
 
 # --- questions ---------------------------------------------------------------------
@@ -75,8 +72,6 @@ def question_id_of(text: str) -> str:
 
 def solution_text(value: Any) -> str:
     """The reference solution as text; a bare number becomes GSM8K's final line ``#### N``."""
-    from pipeline.answers import normalize_number
-
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return f"#### {reference_answer(value)}"
     text = str(value)
@@ -139,8 +134,6 @@ def sample_seed(seed: int, question_id: str, sample: int) -> int:
 def grade(completion: str, reference: str) -> tuple[str | None, bool]:
     """(extracted answer, correct) of one completion against a normalised reference answer (exact
     rational comparison: ``pipeline.answers.same_number``)."""
-    from pipeline.answers import same_number
-
     got = extract_answer(completion)
     return got, same_number(got, reference)
 
@@ -239,22 +232,15 @@ class DiffusionSampler:
     item's completion does not depend on its batch neighbours.
     """
 
-    def __init__(self, model, tokenizer, *, identity: Any, gen_length: int, block_length: int, steps: int,
-                 temperature: float, remasking: str, cfg_scale: float, chat_template: bool | None,
-                 cache: str = "none", threshold: float | None = None):
-        self.model, self.tokenizer, self.identity = model, tokenizer, identity
-        self.settings = dict(gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
-                             remasking=remasking, cfg_scale=cfg_scale, cache=cache, threshold=threshold)
+    def __init__(self, model, tokenizer, *, identity: Any, chat_template: bool | None, **settings: Any):
+        """``settings``: the sampler's (``pipeline.sampler.generate``'s gen_length, block_length, steps, ...)."""
+        from pipeline.completion import special_ids  # torch: not for the query command, which reads this module
+
+        self.model, self.tokenizer, self.identity, self.settings = model, tokenizer, identity, settings
         self.chat_template = resolve_chat_template(tokenizer, chat_template)
         self._encoded: dict[str, list[int]] = {}
-        config = getattr(model, "config", None)
-        mask_id = getattr(config, "mask_token_id", None)
-        self.mask_id = tokenizer.mask_token_id if mask_id is None else mask_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        vocab = tokenizer.get_vocab()
-        stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        self.stops = sorted(set(stops + [vocab[t] for t in STOP_TOKENS if t in vocab]))
-        self.max_length = getattr(config, "max_sequence_length", None)
+        self.ids = special_ids(model, tokenizer)
+        self.max_length = getattr(getattr(model, "config", None), "max_sequence_length", None)
 
     def encode(self, question: Question) -> list[int]:
         if question.prompt not in self._encoded:
@@ -271,17 +257,7 @@ class DiffusionSampler:
         return -len(self.encode(item.question))
 
     def __call__(self, items: Sequence[SampleItem]) -> list[dict[str, Any]]:
-        import torch
+        from pipeline.completion import sample_batch
 
-        from pipeline.sampler import generate, trim_at_stop
-
-        device = next(self.model.parameters()).device
-        generators = [torch.Generator(device=device).manual_seed(item.seed) for item in items]
-        tokens = generate(self.model, [self.encode(item.question) for item in items], mask_token_id=self.mask_id,
-                          pad_token_id=self.pad_id, generator=generators, device=device, **self.settings).cpu()
-        results = []
-        for row in tokens:
-            kept = trim_at_stop(row, self.stops)
-            results.append({"completion": self.tokenizer.decode(kept, skip_special_tokens=True),
-                            "completion_tokens": len(kept), "stopped": len(kept) < self.settings["gen_length"]})
-        return results
+        return sample_batch(self.model, self.tokenizer, [self.encode(item.question) for item in items],
+                            [item.seed for item in items], self.ids, **self.settings)

@@ -13,6 +13,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import inspect
+import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,15 +27,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.atomic import atomic_path, remove_owned, write_json_atomic
-from pipeline.cache import open_cache
-from pipeline.devices import DTYPE_NAMES, PRECISION_NAMES
+from pipeline import diffusion  # elbo_terms looked up at call time (tests replace it)
+from pipeline.answers import extract_answer, is_correct, reference_answer
+from pipeline.atomic import atomic_path, check_replaceable, check_writable, remove_owned, write_json_atomic
+from pipeline.cache import check_reference_model, open_cache, read_part
+from pipeline.choices import read_choices
+from pipeline.completion import complete, config_error
+from pipeline.config import check_device, check_ranges, require_choice
+from pipeline.devices import DTYPE_NAMES, PRECISION_NAMES, resolve_device
+from pipeline.diffusion import mask_seed, masked_request
 from pipeline.errors import ConfigError, UserError
+from pipeline.evalrecord import environment
+from pipeline.intervals import credits_record, format_accuracy, format_difference, paired_difference_interval
 from pipeline.layout import EVAL_FILE, TASK_RESULTS
-from pipeline.numerics import Numerics, autocast, follow, of_fingerprint
-from pipeline.prompts import follow_cache, resolve_chat_template
+from pipeline.lock import output_lock
+from pipeline.losses import pair_statistics
+from pipeline.numerics import Numerics, autocast, follow, load, of_fingerprint
+from pipeline.prompts import encode_continuation, follow_cache, resolve_chat_template
+from pipeline.readers import jsonl_objects
+from pipeline.replay import PairBatch, replay_requests, rescore_part, seeded_request
+from pipeline.sampler import check_fast_settings
 from pipeline.schemas import SIDES
-from pipeline.stagecli import stage_command
+from pipeline.stagecli import print_summary, stage_command, summary_dict
 
 TASK_RESULTS_SCHEMA = pa.schema([
     ("model", pa.string()),  # "before" or "after"
@@ -42,6 +60,13 @@ TASK_RESULTS_SCHEMA = pa.schema([
     ("correct", pa.bool_()),
 ])
 NORMALIZE = ("none", "length")
+FIGURE_LABELS = {
+    "preference_accuracy": "preference accuracy",
+    "elbo_accuracy": "ELBO accuracy (B(chosen) > B(rejected))",
+    "task_accuracy": "task accuracy (generation)",
+    "choice_accuracy": "multiple-choice accuracy (option ELBO)",
+}
+"""Display names of eval's figures in the console; other figures show their own key."""
 
 
 RANGES = {"beta": "(0, inf)", "limit_pairs": "[0, inf)", "limit_task": "[0, inf)", "limit_choices": "[0, inf)",
@@ -133,15 +158,11 @@ class EvalConfig:
 
     def __post_init__(self):
         self.out = Path(self.out)
-        from pipeline.config import check_device, check_ranges, require_choice
-
         check_ranges(self, RANGES)
         check_device(self.device)
-        self.scores = Path(self.scores) if self.scores not in (None, "") else None
-        self.benchmark = Path(self.benchmark) if self.benchmark not in (None, "") else None
-        self.choices = Path(self.choices) if self.choices not in (None, "") else None
-        self.lm_eval_include_path = (Path(self.lm_eval_include_path) if self.lm_eval_include_path not in (None, "")
-                                     else None)
+        for name in ("scores", "benchmark", "choices", "lm_eval_include_path"):  # '' (a flag's empty value): none
+            value = getattr(self, name)
+            setattr(self, name, Path(value) if value not in (None, "") else None)
         if self.scores is None and self.benchmark is None and self.choices is None and not self.lm_eval_tasks:
             raise ConfigError("nothing to evaluate: give scores, benchmark, choices or lm_eval_tasks")
         if self.dtype is not None:
@@ -151,12 +172,7 @@ class EvalConfig:
         require_choice("normalize", self.normalize, NORMALIZE)
         if self.gen_length % self.block_length:
             raise ConfigError(f"gen_length ({self.gen_length}) must be a multiple of block_length ({self.block_length})")
-        from pipeline.sampler import check_fast_settings
-
-        try:
-            check_fast_settings(self.cache, self.threshold, "low_confidence")
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        config_error(check_fast_settings, self.cache, self.threshold, "low_confidence")
 
 
 @dataclass
@@ -182,36 +198,23 @@ class EvalResult:
     """The policy on training pairs: margin and accuracy on the cached masks and on fresh masks."""
 
 
-def split_parts(cache, split: str, limit: int = 0) -> list[list[dict]]:
-    """The cache's parts holding rows of ``split``, each as its rows in the part's order; with ``limit``,
-    whole parts until that many rows of the split are in."""
-    from pipeline.cache import read_part
-
-    parts, count = [], 0
-    sums = cache.manifest.get("part_sha256") or {}
-    for path in cache.parts:
-        rows = read_part(path, expected_sha256=sums.get(path.name)).to_pylist()
-        n = sum((r.get("split") or "train") == split for r in rows)
-        if n:
-            parts.append(rows)
-            count += n
-        if limit and count >= limit:
-            break
-    return parts
-
-
 def preference_scores(model, tokenizer, cache, split: str, beta: float, numerics: Numerics,
                       limit: int = 0) -> dict[str, Any]:
     """The model's ELBOs on the held-out pairs, rescored part by part as score-ref scored them (same
     requests, order, token budget and numerics: the cache's own model gives every pair delta = 0 exactly),
-    against the cached reference. Accuracy uses the one tie rule (pipeline.losses.reward_accuracy)."""
-    from pipeline.replay import rescore_part
-
+    against the cached reference; with ``limit``, whole parts until that many pairs of the split are in.
+    Accuracy uses the one tie rule (pipeline.losses.reward_accuracy)."""
     fp = cache.fingerprint
     batch_tokens = int(cache.manifest.get("config", {}).get("batch_tokens", 16384))
     device = next(model.parameters()).device
+    sums = cache.manifest.get("part_sha256") or {}
     pi_c, pi_r, ref_c, ref_r = [], [], [], []
-    for rows in split_parts(cache, split, limit):
+    for path in cache.parts:
+        if limit and len(pi_c) >= limit:
+            break
+        rows = read_part(path, expected_sha256=sums.get(path.name)).to_pylist()
+        if not any((r.get("split") or "train") == split for r in rows):
+            continue
         scores = rescore_part(model, tokenizer, rows, fp, batch_tokens=batch_tokens,
                               autocast=autocast(device, numerics.mixed_precision))
         for row, sc in zip(rows, scores):
@@ -221,63 +224,51 @@ def preference_scores(model, tokenizer, cache, split: str, beta: float, numerics
             pi_r.append(sc["rejected"])
             ref_c.append(row["ref_chosen_elbo"])
             ref_r.append(row["ref_rejected_elbo"])
-    return margin_summary(pi_c, pi_r, ref_c, ref_r, beta, with_elbo=True, with_credits=True)
+    return margin_summary(pi_c, pi_r, ref_c, ref_r, beta, with_elbo=True)
 
 
-def margin_summary(pi_c, pi_r, ref_c, ref_r, beta: float, with_elbo: bool = False,
-                   with_credits: bool = False) -> dict[str, Any]:
-    """Accuracy (with its count and Wilson interval, ``accuracy_interval``) and mean margin of pairs; with
-    ``with_credits`` also the per-pair credits (``credits``, ``elbo_credits``) for paired differences."""
-    from pipeline.intervals import credits_record
-    from pipeline.losses import pair_statistics
-
+def margin_summary(pi_c, pi_r, ref_c, ref_r, beta: float, with_elbo: bool = False) -> dict[str, Any]:
+    """Accuracy (with its count and Wilson interval, ``accuracy_interval``) and mean margin of pairs, and the
+    per-pair credits (``credits``, with ``with_elbo`` also ``elbo_credits``) for paired differences."""
     t = [torch.tensor(v, dtype=torch.float64) for v in (pi_c, pi_r, ref_c, ref_r)]
     stats = pair_statistics(*t, beta=beta, preference_weight=0.0)  # margins and credits, no loss
     credit = stats.accuracies.tolist()  # the log-ratios' sign before beta scales them, with the one tie rule
     out = {"accuracy": float(sum(credit) / len(credit)) if credit else float("nan"),
-           "mean_margin": float(stats.margins.mean()), "pairs": len(pi_c), "accuracy_interval": credits_record(credit)}
+           "mean_margin": float(stats.margins.mean()), "pairs": len(pi_c), "accuracy_interval": credits_record(credit),
+           "credits": credit}
     if with_elbo:
         elbo = (t[0] > t[1]).double().tolist()
-        out["elbo_accuracy"] = float(sum(elbo) / len(elbo)) if elbo else float("nan")
-        out["elbo_accuracy_interval"] = credits_record(elbo)
-        if with_credits:
-            out["elbo_credits"] = elbo
-    if with_credits:
-        out["credits"] = credit
+        out.update(elbo_accuracy=float(sum(elbo) / len(elbo)) if elbo else float("nan"),
+                   elbo_accuracy_interval=credits_record(elbo), elbo_credits=elbo)
     return out
 
 
 def fresh_requests(rows: list[dict], fingerprint: dict[str, Any], extra: int = 0) -> list:
     """Requests on masks training never saw: draw index ``draws + extra`` of each (pair, side), past the cache's."""
-    from pipeline.diffusion import mask_seed
-    from pipeline.replay import seeded_request
-
     draw = fingerprint["draws"] + extra
     return [seeded_request(row, side, mask_seed(fingerprint["seed"], row["pair_id"], side, draw), fingerprint)[0]
             for row in rows for side in SIDES]
+
+
+def mean_terms(model, tokenizer, requests: list, batch_tokens: int, mixed_precision: str = "no") -> list[float]:
+    """Each request's mean ELBO term (no grad, under ``mixed_precision``'s autocast)."""
+    with torch.no_grad(), autocast(next(model.parameters()).device, mixed_precision):
+        terms = diffusion.elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
+                                     pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens)
+    return [t.double().mean().item() for t in terms]
 
 
 def sample_terms(model, tokenizer, rows: list[dict], fingerprint: dict[str, Any], numerics: Numerics,
                  batch_tokens: int) -> dict[str, list[float]]:
     """Mean ELBOs of each sampled training pair on the cached masks (all draws, as training saw them) and
     on fresh masks: {"cached_c", "cached_r", "fresh_c", "fresh_r"}."""
-    from pipeline.diffusion import elbo_terms
-    from pipeline.replay import PairBatch, replay_requests
-
-    device = next(model.parameters()).device
-
-    def means(requests):
-        with torch.no_grad(), autocast(device, numerics.mixed_precision):
-            terms = elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
-                               pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens)
-        return [t.double().mean().item() for t in terms]
-
     draws = fingerprint["draws"]
     cached = [0.0] * (2 * len(rows))
     for draw in range(draws):
-        for i, v in enumerate(means(replay_requests(PairBatch(rows, draw), fingerprint))):
+        for i, v in enumerate(mean_terms(model, tokenizer, replay_requests(PairBatch(rows, draw), fingerprint),
+                                         batch_tokens, numerics.mixed_precision)):
             cached[i] += v / draws
-    fresh = means(fresh_requests(rows, fingerprint))
+    fresh = mean_terms(model, tokenizer, fresh_requests(rows, fingerprint), batch_tokens, numerics.mixed_precision)
     return {"cached_c": cached[0::2], "cached_r": cached[1::2], "fresh_c": fresh[0::2], "fresh_r": fresh[1::2]}
 
 
@@ -285,28 +276,19 @@ def fresh_elbo_credits(model, tokenizer, rows: list[dict], fingerprint: dict[str
                        batch_tokens: int, extra: int) -> list[float]:
     """Per pair 1 when the model's ELBO of the chosen response beats the rejected one's on fresh masks
     (draw ``draws + extra``), else 0."""
-    from pipeline.diffusion import elbo_terms
-
-    device = next(model.parameters()).device
-    with torch.no_grad(), autocast(device, numerics.mixed_precision):
-        terms = elbo_terms(model, fresh_requests(rows, fingerprint, extra), mask_token_id=tokenizer.mask_token_id,
-                           pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens)
-    means = [t.double().mean().item() for t in terms]
+    means = mean_terms(model, tokenizer, fresh_requests(rows, fingerprint, extra), batch_tokens,
+                       numerics.mixed_precision)
     return [float(c > r) for c, r in zip(means[0::2], means[1::2])]
 
 
 def spread(values: list[float], seeds: list[int]) -> dict[str, Any]:
     """A figure under several mask seeds: the values, their mean, sample standard deviation, min and max."""
-    import statistics
-
     return {"seeds": list(seeds), "values": list(values), "mean": statistics.fmean(values),
             "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values)}
 
 
 def interval_block(credits: dict[str, dict[str, list]]) -> dict[str, dict[str, Any]]:
     """{figure: {label: Wilson record, "difference": paired interval when both models were measured}}."""
-    from pipeline.intervals import credits_record, paired_difference_interval
-
     out: dict[str, dict[str, Any]] = {}
     for figure, by_label in credits.items():
         rec: dict[str, Any] = {label: credits_record(c) for label, c in by_label.items()}
@@ -317,8 +299,6 @@ def interval_block(credits: dict[str, dict[str, list]]) -> dict[str, dict[str, A
 
 
 def training_sample(cache, size: int, seed: int) -> list[dict]:
-    import random
-
     rows = cache.split_rows("train")  # read on demand: only the sampled rows are decoded
     picked = range(len(rows))
     if len(rows) > size:  # the same draw as sampling the rows themselves (sample depends on the length only)
@@ -329,9 +309,6 @@ def training_sample(cache, size: int, seed: int) -> list[dict]:
 def read_benchmark(path: Path) -> list[dict]:
     """The benchmark's {question, answer} records; an answer that cannot be read as a number (a fraction, a
     marked solution '#### N', ...: pipeline.answers.reference_answer) is a one-line error naming the record."""
-    from pipeline.answers import reference_answer
-    from pipeline.readers import jsonl_objects
-
     items = []
     for where, item in jsonl_objects(path):
         for key in ("question", "answer"):
@@ -346,9 +323,6 @@ def read_benchmark(path: Path) -> list[dict]:
 
 def task_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, label: str,
                   chat_template: bool) -> tuple[float, list[dict]]:
-    from pipeline.answers import extract_answer, is_correct, reference_answer
-    from pipeline.completion import complete
-
     prompts = [it["question"] for it in items]
     done = complete(model, tokenizer, prompts, gen_length=cfg.gen_length, block_length=cfg.block_length,
                     steps=cfg.steps, seed=cfg.seed, chat_template=chat_template, batch_size=cfg.batch_size,
@@ -366,9 +340,6 @@ def choice_requests(tokenizer, item: dict, index: int, *, samples: int, seed: in
                     where: str = "item") -> list:
     """One ScoreRequest per option, as LLaDA evaluates multiple choice: question and option encoded
     jointly (pipeline.prompts.encode_continuation), the option's tokens the masked continuation, no EOS."""
-    from pipeline.diffusion import mask_seed, masked_request
-    from pipeline.prompts import encode_continuation
-
     requests = []
     for j, option in enumerate(item["options"]):
         context, continuation = encode_continuation(tokenizer, item["question"], str(option),
@@ -380,19 +351,10 @@ def choice_requests(tokenizer, item: dict, index: int, *, samples: int, seed: in
     return requests
 
 
-def choice_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, chat_template: bool | None = None) -> float:
-    """Pick the option with the highest ELBO given the question (per token with normalize=length)."""
-    credits = choice_credits(model, tokenizer, items, cfg, chat_template)
-    return sum(credits) / max(1, len(items))
-
-
 def choice_credits(model, tokenizer, items: list[dict], cfg: EvalConfig, chat_template: bool | None = None,
                    seed: int | None = None) -> list[int]:
-    """Per item 1 when the option with the highest ELBO is the answer, else 0; masks drawn from ``seed``
-    (default ``cfg.seed``)."""
-    from pipeline.diffusion import elbo_terms
-    from pipeline.prompts import resolve_chat_template
-
+    """Per item 1 when the option with the highest ELBO given the question (per token with normalize=length) is
+    the answer, else 0; masks drawn from ``seed`` (default ``cfg.seed``)."""
     chat_template = resolve_chat_template(tokenizer, chat_template)
     seed = cfg.seed if seed is None else seed
     credits = []
@@ -402,46 +364,34 @@ def choice_credits(model, tokenizer, items: list[dict], cfg: EvalConfig, chat_te
             raise UserError(f"{cfg.choices} item {i}: field 'options' is empty")
         requests = choice_requests(tokenizer, item, i, samples=cfg.samples, seed=seed,
                                    chat_template=chat_template, where=f"{cfg.choices} item {i}")
-        with torch.no_grad():
-            terms = elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
-                               pad_token_id=tokenizer.pad_token_id, batch_tokens=cfg.batch_tokens)
-        scores = [t.double().mean().item() / (len(r.response_ids) if cfg.normalize == "length" else 1)
-                  for t, r in zip(terms, requests)]
+        scores = [m / (len(r.response_ids) if cfg.normalize == "length" else 1)
+                  for m, r in zip(mean_terms(model, tokenizer, requests, cfg.batch_tokens), requests)]
         credits.append(int(max(range(len(options)), key=lambda j: scores[j]) == int(item["answer"])))
     return credits
 
 
 def run(cfg: EvalConfig) -> EvalResult:
     """The stage, holding its output's lock (a second run into the same place refuses, naming the first)."""
-    from pipeline.lock import output_lock
-
     with output_lock(cfg.out, "eval", folder=True):
         return _run(cfg)
 
 
 def _run(cfg: EvalConfig) -> EvalResult:
-    from pipeline.atomic import check_replaceable, check_writable
-    from pipeline.devices import resolve_device
-    from pipeline.numerics import load
-
     start = time.perf_counter()
     check_writable(cfg.out, "eval output folder")
     for name in (EVAL_FILE, TASK_RESULTS):
         check_replaceable(cfg.out / name, "--out")
     device = str(resolve_device(cfg.device))
     cache = open_cache(cfg.scores) if cfg.scores is not None else None
-    before_name = cfg.before
-    if before_name is None and cache is not None:
-        before_name = cache.manifest["config"]["model"]
-    if before_name in ("none", ""):
-        before_name = None
+    reference_name = cache.manifest["config"]["model"] if cache is not None else None
+    before_name = reference_name if cfg.before is None else None if cfg.before in ("none", "") else cfg.before
     # Read in slices of 8 pairs as they are scored: memory does not grow with the split.
     pair_rows = cache.split_rows(cfg.split) if cache is not None else []
     if cache is not None and not len(pair_rows):
         raise UserError(f"{cfg.scores}: the cache holds no pairs of split '{cfg.split}' "
                         "(ingest with --eval-fraction and score them)")
-    if cfg.limit_pairs:
-        pair_rows = pair_rows.limit(cfg.limit_pairs) if cache is not None else pair_rows
+    if cfg.limit_pairs and cache is not None:
+        pair_rows = pair_rows.limit(cfg.limit_pairs)
     if cache is not None:
         numerics = follow(of_fingerprint(cache.fingerprint), dtype=cfg.dtype, mixed_precision=cfg.mixed_precision,
                           load_in_4bit=cfg.load_in_4bit, allow_mismatch=cfg.allow_numerics_mismatch,
@@ -450,33 +400,20 @@ def _run(cfg: EvalConfig) -> EvalResult:
         numerics = Numerics(dtype=cfg.dtype or "float32", mixed_precision=cfg.mixed_precision or "no",
                             load_in_4bit=bool(cfg.load_in_4bit))
     sample = training_sample(cache, cfg.train_sample, cfg.seed) if cache is not None and cfg.train_sample else []
-    reference_name = cache.manifest["config"]["model"] if cache is not None else None
     fresh_ref = None
-    bench = read_benchmark(cfg.benchmark) if cfg.benchmark else []
-    if cfg.limit_task:
-        bench = bench[:cfg.limit_task]
-    from pipeline.choices import read_choices
-
-    mc = read_choices(cfg.choices) if cfg.choices else []  # options a list of strings, answer an index in range
-    if cfg.limit_choices:
-        mc = mc[:cfg.limit_choices]
+    bench = read_benchmark(cfg.benchmark)[:cfg.limit_task or None] if cfg.benchmark else []
+    # options a list of strings, answer an index in range
+    mc = read_choices(cfg.choices)[:cfg.limit_choices or None] if cfg.choices else []
     lm_tasks = [t.strip() for t in cfg.lm_eval_tasks.split(",") if t.strip()]
-    if lm_tasks:
-        import importlib.util
+    if lm_tasks and importlib.util.find_spec("lm_eval") is None:
+        raise UserError("--lm-eval-tasks needs lm-evaluation-harness: pip install 'lldm-dpo[eval]'")
 
-        if importlib.util.find_spec("lm_eval") is None:
-            raise UserError("--lm-eval-tasks needs lm-evaluation-harness: pip install 'lldm-dpo[eval]'")
-
-    result = EvalResult(out=str(cfg.out), eval_json=str(cfg.out / EVAL_FILE), seconds=0.0, pairs=len(pair_rows),
-                        task_items=len(bench))
-    report: dict[str, Any] = {"preference_accuracy": {}, "elbo_accuracy": {}, "mean_margin": {}}
+    report: dict[str, Any] = {}  # eval.json: per figure {label: value}, then what it was measured with
     task_rows: list[dict] = []
     credits: dict[str, dict[str, list]] = {}
     spreads: dict[str, dict[str, Any]] = {}
     held_out = (pair_rows.take(range(len(pair_rows))) if cfg.mc_seeds > 1 and len(pair_rows) else [])
     if cache is not None and before_name is not None and before_name == reference_name:
-        from pipeline.cache import check_reference_model
-
         check_reference_model(cache.fingerprint, before_name, str(cfg.scores))  # its weights may have changed
     for label, name in (("before", before_name), ("after", cfg.model)):
         if name is None:
@@ -487,9 +424,9 @@ def _run(cfg: EvalConfig) -> EvalResult:
                          else resolve_chat_template(tokenizer, cfg.chat_template))
         if len(pair_rows):
             pref = preference_scores(model, tokenizer, cache, cfg.split, cfg.beta, numerics, cfg.limit_pairs)
-            result.preference_accuracy[label] = report["preference_accuracy"][label] = pref["accuracy"]
-            result.elbo_accuracy[label] = report["elbo_accuracy"][label] = pref["elbo_accuracy"]
-            result.mean_margin[label] = report["mean_margin"][label] = pref["mean_margin"]
+            for figure, key in (("preference_accuracy", "accuracy"), ("elbo_accuracy", "elbo_accuracy"),
+                                ("mean_margin", "mean_margin")):
+                report.setdefault(figure, {})[label] = pref[key]
             credits.setdefault("preference_accuracy", {})[label] = pref["credits"]
             credits.setdefault("elbo_accuracy", {})[label] = pref["elbo_credits"]
             if held_out:
@@ -504,11 +441,10 @@ def _run(cfg: EvalConfig) -> EvalResult:
             if label == "before":
                 fresh_ref = terms  # the reference's terms on the fresh masks
             else:
-                result.train_sample = report["train_sample"] = _sample_report(sample, terms, fresh_ref, cfg.beta)
+                report["train_sample"] = _sample_report(sample, terms, fresh_ref, cfg.beta)
         if bench:
             with autocast(device, numerics.mixed_precision):
                 acc, rows = task_accuracy(model, tokenizer, bench, cfg, label, chat_template)
-            result.task_accuracy[label] = acc
             report.setdefault("task_accuracy", {})[label] = acc
             task_rows += rows
             credits.setdefault("task_accuracy", {})[label] = [r["correct"] for r in rows]
@@ -516,12 +452,10 @@ def _run(cfg: EvalConfig) -> EvalResult:
             seeds = [cfg.seed + j for j in range(cfg.mc_seeds)]
             with autocast(device, numerics.mixed_precision):
                 per_seed = [choice_credits(model, tokenizer, mc, cfg, chat_template, seed=sd) for sd in seeds]
-            acc = sum(per_seed[0]) / len(mc)
+            report.setdefault("choice_accuracy", {})[label] = sum(per_seed[0]) / len(mc)
             credits.setdefault("choice_accuracy", {})[label] = per_seed[0]
             if cfg.mc_seeds > 1:
                 spreads.setdefault("choice_accuracy", {})[label] = spread([sum(c) / len(mc) for c in per_seed], seeds)
-            result.choice_accuracy[label] = acc
-            report.setdefault("choice_accuracy", {})[label] = acc
         if lm_tasks:
             from pipeline.lm_eval_model import run_tasks
 
@@ -535,18 +469,16 @@ def _run(cfg: EvalConfig) -> EvalResult:
                 if metric in scores:
                     credits.setdefault(f"lm_eval/{metric}", {})[label] = values
             for name, value in scores.items():
-                result.lm_eval.setdefault(name, {})[label] = value
                 report.setdefault("lm_eval", {}).setdefault(name, {})[label] = value
         del model
     if len(pair_rows):
         report["reference_margins"] = pair_rows.column("ref_margin")
     for key in ("cached_masks", "fresh_masks"):
-        summary = (result.train_sample or {}).get(key)
+        summary = report.get("train_sample", {}).get(key)
         if summary:
             credits[f"train_sample/{key}/accuracy"] = {"after": summary.pop("credits")}
-    result.intervals = report["intervals"] = interval_block(credits)
-    if spreads:
-        result.mc_spread = report["mc_spread"] = spreads
+    report["intervals"] = interval_block(credits)
+    report["mc_spread"] = spreads
     report["models"] = {"before": before_name, "after": cfg.model}
     report["record"] = eval_record(cfg, numerics, cache, device)
     if bench:  # what produced task_accuracy: compare evals by it
@@ -561,19 +493,14 @@ def _run(cfg: EvalConfig) -> EvalResult:
     else:  # an earlier eval's per-item rows would contradict this eval.json
         remove_owned(cfg.out / TASK_RESULTS)
     write_json_atomic(cfg.out / EVAL_FILE, report, record=True)
-    result.seconds = time.perf_counter() - start
-    return result
+    return EvalResult(out=str(cfg.out), eval_json=str(cfg.out / EVAL_FILE), seconds=time.perf_counter() - start,
+                      pairs=len(pair_rows), task_items=len(bench),  # and the figures, as eval.json has them
+                      **{f.name: report[f.name] for f in dataclasses.fields(EvalResult) if f.name in report})
 
 
 def eval_record(cfg: EvalConfig, numerics: Numerics, cache, device: str) -> dict[str, Any]:
     """What makes this eval comparable with another: sampler settings, seeds, numerics, the multiple-choice
     estimator, the cache it was measured against, and the machine and package versions."""
-    import dataclasses
-    import inspect
-
-    from pipeline.completion import complete
-    from pipeline.evalrecord import environment
-
     defaults = {k: p.default for k, p in inspect.signature(complete).parameters.items()
                 if k in ("temperature", "remasking", "cfg_scale")}
     fp = cache.fingerprint if cache is not None else {}
@@ -595,30 +522,25 @@ def eval_record(cfg: EvalConfig, numerics: Numerics, cache, device: str) -> dict
 def _sample_report(rows: list[dict], policy: dict, reference: dict | None, beta: float) -> dict[str, Any]:
     ref_c = [r["ref_chosen_elbo"] for r in rows]
     ref_r = [r["ref_rejected_elbo"] for r in rows]
-    out: dict[str, Any] = {"pairs": len(rows),
-                           "cached_masks": margin_summary(policy["cached_c"], policy["cached_r"], ref_c, ref_r, beta,
-                                                          with_credits=True)}
-    if reference is not None:
-        out["fresh_masks"] = margin_summary(policy["fresh_c"], policy["fresh_r"], reference["fresh_c"],
-                                            reference["fresh_r"], beta, with_credits=True)
-    else:
-        out["fresh_masks"] = None  # needs the cache's model as `before` (the reference on the fresh masks)
-    return out
+    return {"pairs": len(rows),
+            "cached_masks": margin_summary(policy["cached_c"], policy["cached_r"], ref_c, ref_r, beta),
+            # fresh masks need the cache's model as `before` (the reference on the fresh masks)
+            "fresh_masks": None if reference is None else margin_summary(
+                policy["fresh_c"], policy["fresh_r"], reference["fresh_c"], reference["fresh_r"], beta)}
 
 
 
 def print_intervals(intervals: dict, mc_spread: dict | None = None, title: str = "accuracy with 95% intervals") -> None:
     """The intervals block as plain lines (not wrapped): per figure before, after and after - before (paired)."""
-    from pipeline.intervals import interval_rows
-
     if not intervals:
         return
     print(f"{title}:")
-    for name, before, after, diff in interval_rows(intervals):
-        print(f"  {name}")
-        for label, text in (("before", before), ("after", after), ("after - before", diff)):
-            if text:
-                print(f"    {label:15} {text}")
+    for name, rec in intervals.items():  # every accuracy with its count and interval, the paired difference
+        print(f"  {FIGURE_LABELS.get(name, name)}")
+        for label, key, show in (("before", "before", format_accuracy), ("after", "after", format_accuracy),
+                                 ("after - before", "difference", format_difference)):
+            if rec.get(key):
+                print(f"    {label:15} {show(rec[key])}")
     for figure, by_label in (mc_spread or {}).items():
         for label, sp in by_label.items():
             print(f"  {figure} ({label}) over {len(sp['seeds'])} mask seeds: mean {sp['mean']:.3f}, "
@@ -626,8 +548,6 @@ def print_intervals(intervals: dict, mc_spread: dict | None = None, title: str =
 
 
 def _eval_action(cfg: EvalConfig, as_json: bool) -> None:
-    from pipeline.stagecli import print_summary, summary_dict
-
     result = run(cfg)
     data = summary_dict(result)
     if as_json:

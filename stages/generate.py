@@ -18,27 +18,36 @@ neighbours, and a resumed run gives what an uninterrupted one would.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.atomic import atomic_path
-from pipeline.completion import complete
-from pipeline.config import check_device, check_ranges, require, require_choice
-from pipeline.devices import DTYPE_NAMES, resolve_device
-from pipeline.errors import ConfigError, UserError
+import pyarrow as pa
+
+from pipeline.atomic import check_replaceable, check_writable, file_sha256, sweep_stale
+from pipeline.cache import fingerprint_digest, open_cache
+from pipeline.completion import (
+    SAMPLING_RANGES,
+    append_jsonl,
+    check_sampling,
+    check_settings,
+    complete,
+    earlier_rows,
+    load_for_sampling,
+    sampler_settings,
+    write_jsonl,
+)
+from pipeline.config import config_to_dict
+from pipeline.errors import UserError
+from pipeline.lock import output_lock
+from pipeline.models import model_identity
 from pipeline.progress import progress_bar
 from pipeline.prompts import follow_cache, resolve_chat_template
 from pipeline.readers import jsonl_objects
-from pipeline.sampler import REMASKING, SAMPLER_DEFAULTS, check_schedule
-from pipeline.stagecli import stage_command
+from pipeline.stagecli import emit_json, print_summary, stage_command
 
-RANGES = {"gen_length": "[1, inf)", "block_length": "[1, inf)", "steps": "[1, inf)", "temperature": "[0, inf)",
-          "cfg_scale": "[0, inf)", "batch_size": "[1, inf)", "seed": "[0, inf)", "limit": "[0, inf)",
-          "threshold": "(0, inf)"}
+RANGES = SAMPLING_RANGES
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
@@ -93,38 +102,7 @@ class GenerateConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
-        check_ranges(self, RANGES)
-        check_device(self.device)
-        try:
-            check_schedule(self.gen_length, self.block_length, self.steps)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        require_choice("remasking", self.remasking, REMASKING)
-        require_choice("dtype", self.dtype, DTYPE_NAMES)
-        _check_fast(self)
-        if self.load_in_4bit and self.dtype == "float32":
-            self.dtype = "bfloat16"  # the 4-bit base computes in bfloat16, as in score-ref and train
-        require(not self.load_in_4bit or self.dtype == "bfloat16",
-                f"load_in_4bit computes in bfloat16, got dtype '{self.dtype}'")
-
-    def sampler_settings(self) -> dict[str, Any]:
-        """Everything that changes a completion; stored in each output row."""
-        return {
-            "model": self.model, "gen_length": self.gen_length, "block_length": self.block_length,
-            "steps": self.steps, "temperature": self.temperature, "remasking": self.remasking,
-            "cfg_scale": self.cfg_scale, "seed": self.seed, "chat_template": self.chat_template,
-            "dtype": self.dtype, "cache": self.cache, "threshold": self.threshold,
-            **({"load_in_4bit": True} if self.load_in_4bit else {}),
-        }
-
-
-def _check_fast(cfg) -> None:
-    from pipeline.sampler import check_fast_settings
-
-    try:
-        check_fast_settings(cfg.cache, cfg.threshold, cfg.remasking)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        check_sampling(self, RANGES)
 
 
 @dataclass
@@ -162,11 +140,7 @@ def read_prompts(path: str | Path, prompt_field: str | None = None) -> list[Prom
         raise UserError(f"{path}: prompts file not found")
     with path.open("rb") as f:
         is_arrow = f.read(6) == b"ARROW1"  # the Arrow IPC file magic, whatever the suffix
-    if is_arrow:
-        rows = _arrow_rows(path)
-        items = ((f"{path}:row {i}", row) for i, row in enumerate(rows))
-    else:
-        items = jsonl_objects(path)
+    items = ((f"{path}:row {i}", row) for i, row in enumerate(_arrow_rows(path))) if is_arrow else jsonl_objects(path)
     records: list[PromptRecord] = []
     for where, row in items:
         name = prompt_field or ("prompt" if "prompt" in row else "question")
@@ -189,8 +163,6 @@ def read_prompts(path: str | Path, prompt_field: str | None = None) -> list[Prom
 
 
 def _arrow_rows(path: Path) -> list[dict]:
-    import pyarrow as pa
-
     try:
         with pa.memory_map(str(path), "r") as source:
             return pa.ipc.open_file(source).read_all().to_pylist()
@@ -211,44 +183,25 @@ _CONTENT = {"model_identity": "a model", "prompts_sha256": "a prompts file"}
 
 
 def content_settings(cfg: GenerateConfig) -> dict[str, Any]:
-    """The sampler settings plus the content identities of the model and the prompts file."""
-    from pipeline.atomic import file_sha256
-    from pipeline.cache import fingerprint_digest
-    from pipeline.models import model_identity
-
-    return {**cfg.sampler_settings(), "model_identity": fingerprint_digest(model_identity(cfg.model)),
-            "prompts_sha256": file_sha256(cfg.prompts)}
+    """Everything that changes a completion (stored in each output row): the model, the sampler settings and the
+    content identities of the model and the prompts file."""
+    return {"model": cfg.model, **sampler_settings(cfg),
+            "model_identity": fingerprint_digest(model_identity(cfg.model)), "prompts_sha256": file_sha256(cfg.prompts)}
 
 
 def _read_done(path: Path, records: list[PromptRecord], settings: dict[str, Any], *, tolerate_tail: bool) -> dict[int, dict]:
     """Finished rows of an earlier run, checked against these prompts and settings."""
     done: dict[int, dict] = {}
-    if not path.exists():
-        return done
-    lines = path.read_bytes().split(b"\n")
-    for number, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if tolerate_tail and number >= len(lines) - 1:
-                break  # a line cut short by an interrupted run
-            raise UserError(f"{path}:{number}: invalid JSON; delete the file to start over") from None
-        where = f"{path}:{number}"
+    for where, row in earlier_rows(path, tolerate_tail=tolerate_tail):
         if not isinstance(row, dict) or not isinstance(row.get("index"), int) or "sampler" not in row:
             raise UserError(f"{where}: not a `lldm-dpo generate` output row (no index/sampler); choose another --out")
         previous = row["sampler"] or {}
-        for key, value in settings.items():
-            if key in _NOT_COMPARED or previous.get(key, SAMPLER_DEFAULTS.get(key)) == value:
-                continue
-            if key in _CONTENT:
-                raise UserError(f"{where}: made from {_CONTENT[key]} whose content differs from this run's "
-                                f"({key} {previous.get(key)!r} vs {value!r}); delete the file or choose another --out")
-            raise UserError(
-                f"{where}: made with {key}={previous.get(key, SAMPLER_DEFAULTS.get(key))!r}, this run has {key}={value!r}; "
-                "delete the file or choose another --out"
-            )
+        check_settings(where, previous, settings, skip=(*_NOT_COMPARED, *_CONTENT))  # the content keys come last
+        for key, what in _CONTENT.items():
+            if previous.get(key) != settings[key]:
+                raise UserError(f"{where}: made from {what} whose content differs from this run's "
+                                f"({key} {previous.get(key)!r} vs {settings[key]!r}); delete the file or choose "
+                                "another --out")
         index = row["index"]
         if index >= len(records):
             continue  # beyond --limit or a shorter prompts file: not ours to write back
@@ -260,24 +213,16 @@ def _read_done(path: Path, records: list[PromptRecord], settings: dict[str, Any]
 
 
 def _output_row(record: PromptRecord, result: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    row = {"index": record.index, "prompt": record.shown}
-    row["completion"] = result["completion"]
-    row["completion_tokens"] = result["completion_tokens"]
-    row["stopped"] = result["stopped"]
+    row = {"index": record.index, "prompt": record.shown,
+           **{k: result[k] for k in ("completion", "completion_tokens", "stopped")}}
     for key, value in record.fields.items():
         row.setdefault(key, value)
     row["sampler"] = settings
     return row
 
 
-def _dumps(row: dict[str, Any]) -> str:
-    return json.dumps(row, ensure_ascii=False, default=str)
-
-
 def run(cfg: GenerateConfig) -> GenerateResult:
     """The stage, holding its output's lock (a second run into the same file refuses, naming the first)."""
-    from pipeline.lock import output_lock
-
     with output_lock(cfg.out, "generate", folder=False):
         return _run(cfg)
 
@@ -291,14 +236,10 @@ def _run(cfg: GenerateConfig) -> GenerateResult:
     if cfg.limit:
         records = records[: cfg.limit]
     if cfg.scores:
-        from pipeline.cache import open_cache
-
         cfg = replace(cfg, chat_template=follow_cache(cfg.chat_template, open_cache(cfg.scores).fingerprint,
                                                       str(cfg.scores)))
     out = Path(cfg.out)
     partial = partial_path(out)
-    from pipeline.atomic import check_replaceable, check_writable, sweep_stale
-
     check_writable(out, "generations file")
     check_replaceable(out, "--out")
     check_replaceable(partial, "--out")
@@ -314,13 +255,11 @@ def _run(cfg: GenerateConfig) -> GenerateResult:
     sample_seconds = 0.0
     if pending or partial.exists() or not out.exists():
         # Start the partial file from the finished rows (atomically), then append.
-        with atomic_path(partial) as tmp:
-            tmp.write_text("".join(_dumps(done[i]) + "\n" for i in sorted(done)), encoding="utf-8")
+        write_jsonl(partial, (done[i] for i in sorted(done)))
         if pending:
             sample_seconds = _sample_into(cfg, pending, partial, settings, generated_rows)
         all_rows = {**done, **{row["index"]: row for row in generated_rows}}
-        with atomic_path(out) as tmp:
-            tmp.write_text("".join(_dumps(all_rows[i]) + "\n" for i in sorted(all_rows)), encoding="utf-8")
+        write_jsonl(out, (all_rows[i] for i in sorted(all_rows)))
         partial.unlink(missing_ok=True)
     else:
         all_rows = done
@@ -339,12 +278,7 @@ def _run(cfg: GenerateConfig) -> GenerateResult:
 
 
 def _sample_into(cfg: GenerateConfig, pending: list[PromptRecord], partial: Path, settings: dict, sink: list) -> float:
-    from pipeline.numerics import Numerics, load
-
-    device = resolve_device(cfg.device)
-    model, tokenizer = load(cfg.model, Numerics(dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit), device,
-                            trust_remote_code=cfg.trust_remote_code)
-    model.eval()
+    model, tokenizer = load_for_sampling(cfg)
     by_index = {r.index: r for r in pending}
     started = time.perf_counter()
     with partial.open("a", encoding="utf-8") as stream, \
@@ -352,9 +286,7 @@ def _sample_into(cfg: GenerateConfig, pending: list[PromptRecord], partial: Path
 
         def on_batch(results: list[dict[str, Any]]) -> None:
             rows = [_output_row(by_index[r["index"]], r, settings) for r in results]
-            stream.write("".join(_dumps(row) + "\n" for row in rows))
-            stream.flush()
-            os.fsync(stream.fileno())
+            append_jsonl(stream, rows)
             sink.extend(rows)
             bar.advance(len(rows))
 
@@ -371,12 +303,7 @@ def _sample_into(cfg: GenerateConfig, pending: list[PromptRecord], partial: Path
     return time.perf_counter() - started
 
 
-
-
 def _generate_action(cfg: GenerateConfig, as_json: bool) -> None:
-    from pipeline.config import config_to_dict
-    from pipeline.stagecli import emit_json, print_summary
-
     result = run(cfg)
     summary = {k: v for k, v in result.__dict__.items() if k != "details"}
     if as_json:

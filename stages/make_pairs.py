@@ -28,19 +28,31 @@ re-pairs without sampling.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.atomic import atomic_path
-from pipeline.config import check_device, check_ranges, require, require_choice
+from pipeline.atomic import check_replaceable, check_writable, sweep_stale
+from pipeline.completion import (
+    SAMPLING_RANGES,
+    append_jsonl,
+    check_sampling,
+    check_settings,
+    earlier_rows,
+    load_for_sampling,
+    sampler_settings,
+    write_jsonl,
+)
+from pipeline.config import require
 from pipeline.errors import ConfigError, UserError
-from pipeline.intervals import accuracy_record
+from pipeline.intervals import accuracy_record, format_accuracy
+from pipeline.lock import output_lock
+from pipeline.models import model_identity
 from pipeline.pairs import normalize_text
-from pipeline.sampler import REMASKING, SAMPLER_DEFAULTS, check_fast_settings, check_schedule
+from pipeline.progress import progress_bar
 from pipeline.selfpairs import (
+    DiffusionSampler,
     PairingPolicy,
     Question,
     SampleItem,
@@ -50,20 +62,9 @@ from pipeline.selfpairs import (
     read_questions,
     sample_seed,
 )
-from pipeline.stagecli import stage_command
+from pipeline.stagecli import print_summary, stage_command, summary_dict
 
-
-def samples_path_for(out: str | Path) -> Path:
-    """Where the per-sample rows go: beside the pairs (``pairs.jsonl`` -> ``pairs.samples.jsonl``)."""
-    out = Path(out)
-    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
-    return out.with_name(f"{stem}.samples.jsonl")
-
-
-RANGES = {"num_generations": "[1, inf)", "pairs_per_question": "[1, inf)", "gen_length": "[1, inf)",
-          "block_length": "[1, inf)", "steps": "[1, inf)", "temperature": "[0, inf)", "cfg_scale": "[0, inf)",
-          "batch_size": "[1, inf)", "seed": "[0, inf)", "limit": "[0, inf)", "round": "[0, inf)",
-          "threshold": "(0, inf)"}
+RANGES = {"num_generations": "[1, inf)", "pairs_per_question": "[1, inf)", **SAMPLING_RANGES, "round": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
@@ -129,22 +130,7 @@ class MakePairsConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
-        check_ranges(self, RANGES)
-        check_device(self.device)
-        try:
-            check_schedule(self.gen_length, self.block_length, self.steps)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        require_choice("remasking", self.remasking, REMASKING)
-        require_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        try:
-            check_fast_settings(self.cache, self.threshold, self.remasking)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if self.load_in_4bit and self.dtype == "float32":
-            self.dtype = "bfloat16"  # the 4-bit base computes in bfloat16, as in score-ref and train
-        require(not self.load_in_4bit or self.dtype == "bfloat16",
-                f"load_in_4bit computes in bfloat16, got dtype '{self.dtype}'")
+        check_sampling(self, RANGES)
         if self.num_generations > 1 and self.temperature == 0 and self.remasking == "low_confidence":
             raise ConfigError("num_generations > 1 with temperature 0 and low_confidence remasking draws the same "
                               "sample k times: set temperature > 0")
@@ -153,14 +139,8 @@ class MakePairsConfig:
 
     @property
     def samples_path(self) -> Path:
-        return samples_path_for(self.out)
-
-    def sampler_settings(self) -> dict[str, Any]:
-        """Everything besides the model weights that changes a sample; stored in each sample row."""
-        return {"gen_length": self.gen_length, "block_length": self.block_length, "steps": self.steps,
-                "temperature": self.temperature, "remasking": self.remasking, "cfg_scale": self.cfg_scale,
-                "seed": self.seed, "chat_template": self.chat_template, "dtype": self.dtype, "cache": self.cache,
-                "threshold": self.threshold, **({"load_in_4bit": True} if self.load_in_4bit else {})}
+        """Where the per-sample rows go: beside the pairs (``pairs.jsonl`` -> ``pairs.samples.jsonl``)."""
+        return Path(self.out).with_name(f"{Path(self.out).stem}.samples.jsonl")
 
 
 @dataclass
@@ -205,30 +185,13 @@ class MakePairsResult:
 def _read_done(path: Path, by_id: dict[str, Question], settings: dict, model_sha: str, k: int,
                *, tolerate_tail: bool) -> dict[tuple[str, int], dict]:
     done: dict[tuple[str, int], dict] = {}
-    if not path.exists():
-        return done
-    lines = path.read_bytes().split(b"\n")
-    for number, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if tolerate_tail and number >= len(lines) - 1:
-                break  # the line a killed run was writing
-            raise UserError(f"{where}: invalid JSON; delete the file to start over") from None
+    for where, row in earlier_rows(path, tolerate_tail=tolerate_tail):
         if not isinstance(row, dict) or not {"question_id", "sample", "sampler", "model_sha256"} <= row.keys():
             raise UserError(f"{where}: not a `lldm-dpo make-pairs` sample row; choose another --out")
         if row["model_sha256"] != model_sha:
             raise UserError(f"{where}: sampled by another model (content identity {row['model_sha256']}, "
                             f"this run's {model_sha}); delete the file or choose another --out")
-        previous = row["sampler"] or {}
-        for key, value in settings.items():
-            had = previous.get(key, SAMPLER_DEFAULTS.get(key))  # rows older than a setting had its default
-            if had != value:
-                raise UserError(f"{where}: made with {key}={had!r}, this run has {key}={value!r}; "
-                                "delete the file or choose another --out")
+        check_settings(where, row["sampler"] or {}, settings)
         question = by_id.get(row["question_id"])
         if question is None or not 0 <= row["sample"] < k:
             continue  # beyond --limit / --num-generations or another file's question: not ours to write back
@@ -255,17 +218,11 @@ def _check_pairs_target(out: Path) -> None:
         raise UserError(f"{out}: exists and is not a `lldm-dpo make-pairs` output; choose another --out")
 
 
-def _dumps(row: dict[str, Any]) -> str:
-    return json.dumps(row, ensure_ascii=False, sort_keys=False, default=str)
-
-
 # --- the stage ---------------------------------------------------------------------------
 
 
 def run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
     """The stage, holding its output's lock (a second run into the same file refuses, naming the first)."""
-    from pipeline.lock import output_lock
-
     with output_lock(cfg.out, "make-pairs", folder=False):
         return _run(cfg, sampler)
 
@@ -282,21 +239,14 @@ def _run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
     by_id = {q.question_id: q for q in questions}
     out, samples_file = Path(cfg.out), cfg.samples_path
     partial = samples_file.with_name(samples_file.name + ".partial")
-    from pipeline.atomic import check_replaceable, check_writable, sweep_stale
-
     check_writable(out, "pairs file")
     for path in (out, samples_file, partial):
         check_replaceable(path, "--out")
     for name in (out.name, samples_file.name, partial.name):
         sweep_stale(out.parent, name)  # temporary files of a killed run of ours
     _check_pairs_target(out)
-    settings = cfg.sampler_settings()
-    if sampler is not None:
-        identity = sampler.identity
-    else:
-        from pipeline.models import model_identity
-
-        identity = model_identity(cfg.model)
+    settings = sampler_settings(cfg)
+    identity = sampler.identity if sampler is not None else model_identity(cfg.model)
     model_sha = identity_digest(identity)
     k = cfg.num_generations
     done = _read_done(samples_file, by_id, settings, model_sha, k, tolerate_tail=False)
@@ -308,8 +258,7 @@ def _run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
     sampled: list[dict] = []
     sample_seconds = 0.0
     if pending or partial.exists() or not samples_file.exists():
-        with atomic_path(partial) as tmp:  # the partial file starts as the rows already done
-            tmp.write_text("".join(_dumps(r) + "\n" for r in done.values()), encoding="utf-8")
+        write_jsonl(partial, done.values())  # the partial file starts as the rows already done
         if pending:
             sampler = sampler if sampler is not None else _load_sampler(cfg, identity)
             sample_seconds = _sample_into(cfg, sampler, pending, partial, settings, model_sha, sampled)
@@ -317,8 +266,7 @@ def _run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
         ordered = [rows[(q.question_id, j)] for q in questions for j in range(k)]
         for r in ordered:
             r["round"] = cfg.round
-        with atomic_path(samples_file) as tmp:
-            tmp.write_text("".join(_dumps(r) + "\n" for r in ordered), encoding="utf-8")
+        write_jsonl(samples_file, ordered)
         partial.unlink(missing_ok=True)
     else:
         ordered = [done[(q.question_id, j)] for q in questions for j in range(k)]
@@ -344,8 +292,7 @@ def _run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
             kept.append({**p, **provenance})
         with_pairs += bool(kept)
         pairs += kept
-    with atomic_path(out) as tmp:
-        tmp.write_text("".join(_dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    write_jsonl(out, pairs)
 
     correct = sum(bool(r["correct"]) for r in ordered)
     return MakePairsResult(
@@ -365,14 +312,7 @@ def _run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
 
 
 def _load_sampler(cfg: MakePairsConfig, identity: Any):
-    from pipeline.devices import resolve_device
-    from pipeline.numerics import Numerics, load
-    from pipeline.selfpairs import DiffusionSampler
-
-    device = resolve_device(cfg.device)
-    model, tokenizer = load(cfg.model, Numerics(dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit), device,
-                            trust_remote_code=cfg.trust_remote_code)
-    model.eval()
+    model, tokenizer = load_for_sampling(cfg)
     return DiffusionSampler(model, tokenizer, identity=identity, gen_length=cfg.gen_length,
                             block_length=cfg.block_length, steps=cfg.steps, temperature=cfg.temperature,
                             remasking=cfg.remasking, cfg_scale=cfg.cfg_scale, chat_template=cfg.chat_template,
@@ -381,8 +321,6 @@ def _load_sampler(cfg: MakePairsConfig, identity: Any):
 
 def _sample_into(cfg: MakePairsConfig, sampler, pending: list[SampleItem], partial: Path, settings: dict,
                  model_sha: str, sink: list) -> float:
-    from pipeline.progress import progress_bar
-
     sort_key = getattr(sampler, "sort_key", None)
     order = sorted(pending, key=sort_key) if sort_key else pending
     started = time.perf_counter()
@@ -403,18 +341,13 @@ def _sample_into(cfg: MakePairsConfig, sampler, pending: list[SampleItem], parti
                     "model_sha256": model_sha, "seed": cfg.seed, "sample_seed": item.seed, "round": cfg.round,
                     "sampler": settings,
                 })
-            stream.write("".join(_dumps(r) + "\n" for r in rows))
-            stream.flush()
-            os.fsync(stream.fileno())
+            append_jsonl(stream, rows)
             sink.extend(rows)
             bar.advance(len(rows))
     return time.perf_counter() - started
 
 
 def _make_pairs_action(cfg: MakePairsConfig, as_json: bool) -> None:
-    from pipeline.intervals import format_accuracy
-    from pipeline.stagecli import print_summary, summary_dict
-
     data = summary_dict(run(cfg))
     data.pop("details", None)
     if not as_json:  # each accuracy with its count and interval, in place of the bare share

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.errors import ConfigError, UserError
 from pipeline.models import load_model
-from stages.evaluate import EvalConfig, choice_accuracy, preference_scores, run
+from stages.evaluate import EvalConfig, choice_credits, preference_scores, run
 
 
 def test_reference_against_itself_is_chance_and_a_better_policy_wins(small_cache, monkeypatch):
@@ -57,7 +57,7 @@ def test_normalize_length_scores_options_per_token(tmp_path, monkeypatch):
     item = {"question": "Pick one:", "options": ["yes", "yes yes yes yes yes yes"], "answer": 1}
     for normalize, expected in (("none", 0.0), ("length", 1.0)):
         cfg = EvalConfig(scores=None, choices=tmp_path / "c.jsonl", samples=2, device="cpu", normalize=normalize)
-        assert choice_accuracy(model, tok, [item], cfg) == expected
+        assert sum(choice_credits(model, tok, [item], cfg)) == expected
     with pytest.raises(ConfigError, match="normalize must be one of none, length"):
         EvalConfig(scores=None, choices=tmp_path / "c.jsonl", normalize="mean")
 
@@ -66,7 +66,7 @@ def test_choice_accuracy_picks_the_highest_elbo(tmp_path):
     model, tok = load_model("micro")
     cfg = EvalConfig(scores=None, choices=tmp_path / "c.jsonl", samples=2, device="cpu")
     items = [{"question": "2 + 2 =", "options": ["4", "5", "22"], "answer": j} for j in range(3)]
-    acc = choice_accuracy(model, tok, items, cfg)
+    acc = sum(choice_credits(model, tok, items, cfg)) / len(items)
     # The model picks one option for the (identical) question: exactly one of the three answers is right.
     assert acc == pytest.approx(1 / 3)
 
