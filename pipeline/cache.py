@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.atomic import file_sha256
@@ -37,11 +38,14 @@ def fingerprint_digest(fields: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def fingerprint_differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
     """Names of the fingerprint fields whose values differ (missing counts as different)."""
-    keys = sorted(set(expected) | set(found))
-    return [k for k in keys if json.dumps(expected.get(k), sort_keys=True, default=str)
-            != json.dumps(found.get(k), sort_keys=True, default=str)]
+    return [k for k in sorted(set(expected) | set(found), key=str)
+            if _canonical(expected.get(k)) != _canonical(found.get(k))]
 
 
 def describe_difference(expected: dict[str, Any], found: dict[str, Any], field: str) -> str:
@@ -50,12 +54,11 @@ def describe_difference(expected: dict[str, Any], found: dict[str, Any], field: 
     or, when long, from just before their first differing character on both sides."""
     a, b, name = found.get(field), expected.get(field), field
     while isinstance(a, dict) and isinstance(b, dict):
-        keys = [k for k in sorted(set(a) | set(b), key=str) if json.dumps(a.get(k), sort_keys=True, default=str)
-                != json.dumps(b.get(k), sort_keys=True, default=str)]
+        keys = fingerprint_differences(b, a)
         if not keys:
             break
         a, b, name = a.get(keys[0]), b.get(keys[0]), f"{name}.{keys[0]}"
-    ta, tb = (json.dumps(v, sort_keys=True, default=str) for v in (a, b))
+    ta, tb = (_canonical(v) for v in (a, b))
     if max(len(ta), len(tb)) > 100:
         first = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
         lo = max(0, first - 20)
@@ -77,9 +80,12 @@ def read_part(path: str | Path, columns: list[str] | None = None, expected_sha25
     try:
         return pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: part file does not read as Parquet ({first}); rerun score-ref to rebuild "
-                        "the cache") from None
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: Exception) -> UserError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(f"{path}: part file does not read as Parquet ({first}); rerun score-ref to rebuild the cache")
 
 
 def check_reference_model(fingerprint: dict[str, Any], model_name: str, where: str) -> None:
@@ -98,12 +104,7 @@ def existing_parts(directory: Path) -> dict[int, Path]:
     """Finished part files by index (temporary leftovers never match the pattern)."""
     if not directory.is_dir():
         return {}
-    out = {}
-    for p in directory.iterdir():
-        m = PART_PATTERN.match(p.name)
-        if m:
-            out[int(m.group(1))] = p
-    return out
+    return {int(m.group(1)): p for p in directory.iterdir() if (m := PART_PATTERN.match(p.name))}
 
 
 @dataclass
@@ -138,14 +139,17 @@ class ScoresCache:
         check_part_checksum(path, (self.manifest.get("part_sha256") or {}).get(path.name))
         self._verified.add(key)
 
+    def read(self, path: Path, columns: list[str] | None = None) -> pa.Table:
+        """One of its parts, checked against the manifest's checksum on this read."""
+        return read_part(path, columns, (self.manifest.get("part_sha256") or {}).get(path.name))
+
     def table(self, columns: list[str] | None = None) -> pa.Table:
         tables = []
         for p in self.parts:
             self.verify_part(p)
             tables.append(read_part(p, columns))
         if not tables:
-            return SCORES_SCHEMA.empty_table() if columns is None else pa.table(
-                {c: pa.array([], SCORES_SCHEMA.field(c).type) for c in columns})
+            return SCORES_SCHEMA.empty_table() if columns is None else SCORES_SCHEMA.empty_table().select(columns)
         return pa.concat_tables(tables)
 
     def split_rows(self, split: str | None = None, *, skip_identical: bool = False,
@@ -157,9 +161,8 @@ class ScoresCache:
         """Rows in a stable order (by pair_id), optionally one split only (all in memory: see split_rows)."""
         table = self.table()
         if split is not None:
-            table = table.filter(pa.compute.equal(table["split"], split))
-        table = table.sort_by("pair_id")
-        yield from table.to_pylist()
+            table = table.filter(pc.equal(table["split"], split))
+        yield from table.sort_by("pair_id").to_pylist()
 
 
 def open_cache(directory: str | Path) -> ScoresCache:
@@ -186,19 +189,12 @@ def _identical_rows(ids: pa.Table, candidates: pa.ChunkedArray) -> set[int]:
     Vectorised: with equal row lengths the flattened values line up, so one
     element-wise comparison and a per-row AND over the list offsets decide.
     """
-    import pyarrow.compute as pc
-
     rows = pc.indices_nonzero(candidates).to_numpy()
     chosen = ids["chosen_ids"].combine_chunks().take(pa.array(rows))
     rejected = ids["rejected_ids"].combine_chunks().take(pa.array(rows))
     equal = (chosen.flatten().to_numpy(zero_copy_only=False) == rejected.flatten().to_numpy(zero_copy_only=False))
     offsets = chosen.offsets.to_numpy()
-    out = set()
-    for k, row in enumerate(rows.tolist()):
-        lo, hi = offsets[k], offsets[k + 1]
-        if bool(equal[lo:hi].all()):
-            out.add(row)
-    return out
+    return {row for k, row in enumerate(rows.tolist()) if bool(equal[offsets[k]:offsets[k + 1]].all())}
 
 
 class SplitRows:
@@ -216,8 +212,6 @@ class SplitRows:
 
     def __init__(self, cache: ScoresCache, split: str | None, *, skip_identical: bool = False,
                  columns: list[str] | None = None, keep_groups: int = 8):
-        import pyarrow.compute as pc
-
         self.columns = columns
         self.keep_groups = keep_groups
         self._paths: list[Path] = list(cache.parts)
@@ -231,22 +225,17 @@ class SplitRows:
             pf = self._file(part_i)
             for g in range(pf.metadata.num_row_groups):
                 meta = pf.read_row_group(g, columns=["pair_id", "split", "chosen_len", "rejected_len"])
-                keep = pc.equal(meta["split"], split) if split is not None else None
-                same_len = pc.equal(meta["chosen_len"], meta["rejected_len"])
-                if keep is not None:
-                    same_len = pc.and_(same_len, keep)
+                keep = pc.equal(meta["split"], split) if split is not None else pa.array([True] * meta.num_rows)
+                same_len = pc.and_(pc.equal(meta["chosen_len"], meta["rejected_len"]), keep)
                 same_rows = set()
                 if skip_identical and pc.any(same_len).as_py():
                     same_rows = _identical_rows(pf.read_row_group(g, columns=["chosen_ids", "rejected_ids"]),
                                                 same_len)
-                keep_list = keep.to_pylist() if keep is not None else None
-                for r, pid in enumerate(meta["pair_id"].to_pylist()):
-                    if keep_list is not None and not keep_list[r]:
-                        continue
-                    if r in same_rows:
+                for r, (pid, kept) in enumerate(zip(meta["pair_id"].to_pylist(), keep.to_pylist())):
+                    if kept and r in same_rows:
                         self.identical.append(pid)
-                        continue
-                    index.append((pid, part_i, g, r))
+                    elif kept:
+                        index.append((pid, part_i, g, r))
         index.sort(key=lambda t: t[0])
         self.pair_ids = [t[0] for t in index]
         self._where = [(t[1], t[2], t[3]) for t in index]
@@ -261,9 +250,7 @@ class SplitRows:
             try:
                 pf = pq.ParquetFile(self._paths[part], memory_map=False)
             except (pa.ArrowException, OSError) as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise UserError(f"{self._paths[part]}: part file does not read as Parquet ({first}); rerun "
-                                "score-ref to rebuild the cache") from None
+                raise _unreadable(self._paths[part], exc) from None
         self._open[part] = pf
         while len(self._open) > self.keep_groups:
             self._open.pop(next(iter(self._open))).close()
@@ -305,5 +292,4 @@ class SplitRows:
         return [self[i] for i in indices]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for i in range(len(self)):
-            yield self[i]
+        return (self[i] for i in range(len(self)))

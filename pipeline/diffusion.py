@@ -29,6 +29,7 @@ masks for the policy (antithetic sampling), so caches store seeds, not masks.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -119,14 +120,10 @@ class ScoreRequest:
     def __post_init__(self) -> None:
         length = len(self.response_ids)
         if self.masks.dim() != 2 or self.masks.shape[1] != length:
-            raise ValueError(
-                f"ScoreRequest: masks must be [n, {length}] for a response of {length} tokens, "
-                f"got {list(self.masks.shape)}"
-            )
+            raise ValueError(f"ScoreRequest: masks must be [n, {length}] for a response of {length} tokens, "
+                             f"got {list(self.masks.shape)}")
         if self.weights.shape != (self.masks.shape[0],):
-            raise ValueError(
-                f"ScoreRequest: weights must be [{self.masks.shape[0]}], got {list(self.weights.shape)}"
-            )
+            raise ValueError(f"ScoreRequest: weights must be [{self.masks.shape[0]}], got {list(self.weights.shape)}")
 
 
 def masked_request(prompt_ids: Sequence[int], response_ids: Sequence[int], samples: int, seed: int, *,
@@ -137,19 +134,6 @@ def masked_request(prompt_ids: Sequence[int], response_ids: Sequence[int], sampl
     is the same request everywhere; the MaskSet comes back for what a caller records or checks."""
     ms = sample_masks(len(response_ids), samples, seed, scheme=scheme, eps=eps)
     return ScoreRequest(prompt_ids, response_ids, ms.masks, ms.weights), ms
-
-
-def _as_row_scorer():
-    # Imported on use: the models package is heavy and this module stays importable without it.
-    from pipeline.models.scoring import as_row_scorer
-
-    return as_row_scorer
-
-
-def _model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int | None) -> list[list[int]]:
@@ -163,46 +147,34 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int | None) -> list[list[
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
     batches: list[list[int]] = []
-    current: list[int] = []
     for i in order:
         # Rows come longest first, so the batch's padded length is its first row's.
-        width = lengths[current[0]] if current else lengths[i]
-        if current and width * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
+        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
     return batches
 
 
 def _scored_rows(requests: Sequence[ScoreRequest]) -> tuple[list[tuple[int, int]], list[int]]:
     """The (request r, sample k) rows with at least one masked token, and each row's length."""
-    rows: list[tuple[int, int]] = []
-    lengths: list[int] = []
-    for r, req in enumerate(requests):
-        total = len(req.prompt_ids) + len(req.response_ids)
-        for k, keep in enumerate(req.masks.any(dim=1).tolist()):
-            if keep:
-                rows.append((r, k))
-                lengths.append(total)
-    return rows, lengths
+    rows = [(r, k) for r, req in enumerate(requests) for k, keep in enumerate(req.masks.any(dim=1).tolist()) if keep]
+    return rows, [len(requests[r].prompt_ids) + len(requests[r].response_ids) for r, _ in rows]
+
+
+def forward_batches(requests: Sequence[ScoreRequest], batch_tokens: int | None) -> list[list[int]]:
+    """The row lengths of each module call ``elbo_terms`` makes for ``requests`` (its batch plan, unpadded)."""
+    lengths = _scored_rows(requests)[1]
+    return [[lengths[i] for i in batch] for batch in plan_batches(lengths, batch_tokens)]
 
 
 def forward_calls(requests: Sequence[ScoreRequest], batch_tokens: int | None) -> int:
     """How many module calls ``elbo_terms`` makes for ``requests``: one per planned batch of non-empty rows."""
-    return len(plan_batches(_scored_rows(requests)[1], batch_tokens))
+    return len(forward_batches(requests, batch_tokens))
 
 
-def elbo_terms(
-    model,
-    requests: Sequence[ScoreRequest],
-    *,
-    mask_token_id: int,
-    pad_token_id: int,
-    batch_tokens: int | None = None,
-    chunk_size: int = 4096,
-) -> list[torch.Tensor]:
+def elbo_terms(model, requests: Sequence[ScoreRequest], *, mask_token_id: int, pad_token_id: int,
+               batch_tokens: int | None = None, chunk_size: int = 4096) -> list[torch.Tensor]:
     """Per request, the n terms weight_k * sum_{masked i} log p(y_i | prompt, masked response).
 
     Every (request, sample) row with a non-empty mask is laid out as prompt +
@@ -214,8 +186,11 @@ def elbo_terms(
     fixed order, so a request's terms do not depend on what it is batched with.
     Returns float64 tensors on the model's device; differentiable when grad is enabled.
     """
-    scorer = _as_row_scorer()(model, chunk_size)
-    device = _model_device(model)
+    # Imported on use: the models package is heavy and this module stays importable without it.
+    from pipeline.models.scoring import as_row_scorer
+
+    scorer = as_row_scorer(model, chunk_size)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
     rows, lengths = _scored_rows(requests)
 
@@ -237,36 +212,25 @@ def elbo_terms(
             plen = len(prompts[r])
             response = responses[r]
             mask = cpu_masks[r][k]
-            if plen:
-                input_ids[b, :plen] = prompts[r]
+            input_ids[b, :plen] = prompts[r]
             input_ids[b, plen : plen + len(response)] = torch.where(mask, int(mask_token_id), response)
             attention_mask[b, : plen + len(response)] = 1
             pos = mask.nonzero().squeeze(1)
             index_parts.append(torch.stack([torch.full_like(pos, b), pos + plen], dim=1))
             target_parts.append(response[pos])
-        index = torch.cat(index_parts)
-        targets = torch.cat(target_parts)
         # One module call: under DDP/FSDP the wrapper's forward covers body, head and sums.
-        sums = scorer(input_ids.to(device), attention_mask.to(device), index.to(device), targets.to(device),
-                      len(batch))
+        row_sums.append(scorer(input_ids.to(device), attention_mask.to(device), torch.cat(index_parts).to(device),
+                               torch.cat(target_parts).to(device), len(batch)))
         row_ids.append(torch.as_tensor(batch, dtype=torch.long))
-        row_sums.append(sums)
 
     # Scatter the row sums back to request order; empty-mask rows stay exactly 0.
-    flat_index: list[int] = []
-    offsets = [0]
-    for req in requests:
-        offsets.append(offsets[-1] + int(req.masks.shape[0]))
-    for r, k in rows:
-        flat_index.append(offsets[r] + k)
+    offsets = [0, *itertools.accumulate(int(req.masks.shape[0]) for req in requests)]
+    flat_index = [offsets[r] + k for r, k in rows]
     flat = torch.zeros(offsets[-1], dtype=torch.float64, device=device)
     if row_sums:
         src = torch.cat(row_sums).to(device)
         order = torch.cat(row_ids)
         dest = torch.as_tensor(flat_index, dtype=torch.long)[order].to(device)
         flat = flat.index_copy(0, dest, src)
-    out = []
-    for r, req in enumerate(requests):
-        w = req.weights.to(device=device, dtype=torch.float64)
-        out.append(w * flat[offsets[r] : offsets[r + 1]])
-    return out
+    return [req.weights.to(device=device, dtype=torch.float64) * flat[offsets[r]:offsets[r + 1]]
+            for r, req in enumerate(requests)]

@@ -79,29 +79,24 @@ def validate_loss_args(*, beta: float, loss_type: str, label_smoothing: float = 
     if not (isinstance(label_smoothing, (int, float)) and math.isfinite(label_smoothing)):
         raise ConfigError(f"label_smoothing: must be a number, got {label_smoothing!r}")
     if label_smoothing != 0.0 and loss_type not in _SMOOTHED:
-        raise ConfigError(
-            f"label_smoothing: only the sigmoid and robust losses use it; got {label_smoothing} with loss {loss_type!r}"
-        )
+        raise ConfigError(f"label_smoothing: only the sigmoid and robust losses use it; got {label_smoothing} with "
+                          f"loss {loss_type!r}")
     # At 0.5 the sigmoid loss no longer prefers either side and the robust
     # loss divides by zero, so both require [0, 0.5).
     if not 0.0 <= label_smoothing < 0.5:
         raise ConfigError(f"label_smoothing: must be in [0, 0.5) for loss {loss_type!r}, got {label_smoothing}")
 
 
-def _loss_of_delta(delta: torch.Tensor, beta: float, loss_type: str, ls: float) -> torch.Tensor:
-    return PREFERENCE_LOSSES[loss_type](delta, beta, ls)
-
-
-def _lengths(loss_type: str, chosen_len, rejected_len, like: torch.Tensor):
-    """Per-pair divisors of the log-ratios: response lengths for IPO, 1 otherwise."""
+def _per_token(loss_type: str, chosen: torch.Tensor, rejected: torch.Tensor, chosen_len, rejected_len):
+    """(chosen, rejected) per pair divided by their responses' lengths for IPO (in chosen's dtype), else as given."""
     if loss_type not in PER_TOKEN:
-        return None
+        return chosen, rejected
     if chosen_len is None or rejected_len is None:
         raise ValueError("the ipo loss needs chosen_len and rejected_len (response lengths in tokens)")
     lc, lr = torch.as_tensor(chosen_len), torch.as_tensor(rejected_len)
     if bool((lc <= 0).any()) or bool((lr <= 0).any()):
         raise ValueError("ipo: response lengths must be > 0")
-    return lc.to(like.device, like.dtype), lr.to(like.device, like.dtype)
+    return chosen / lc.to(chosen.device, chosen.dtype), rejected / lr.to(chosen.device, chosen.dtype)
 
 
 def log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, loss_type: str = "sigmoid",
@@ -113,12 +108,7 @@ def log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, loss
     IPO's squared loss), so IPO's target margin 1/(2 beta) is per token and a
     beta from a TRL config means the same here. The other losses use the summed ELBOs.
     """
-    chosen = policy_chosen - ref_chosen
-    rejected = policy_rejected - ref_rejected
-    lengths = _lengths(loss_type, chosen_len, rejected_len, chosen)
-    if lengths is not None:
-        chosen, rejected = chosen / lengths[0], rejected / lengths[1]
-    return chosen, rejected
+    return _per_token(loss_type, policy_chosen - ref_chosen, policy_rejected - ref_rejected, chosen_len, rejected_len)
 
 
 def preference_delta(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, loss_type: str = "sigmoid",
@@ -129,18 +119,10 @@ def preference_delta(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *
     return c - r
 
 
-def dpo_loss(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
-    *,
-    beta: float,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    chosen_len: torch.Tensor | None = None,
-    rejected_len: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, *, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_len: torch.Tensor | None = None, rejected_len: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO losses on (estimated) ELBOs.
 
     Arguments are [B] tensors: the policy's and the reference's ELBO estimates
@@ -150,12 +132,9 @@ def dpo_loss(
     detached (they are for logging and accuracy, never for the gradient).
     """
     validate_loss_args(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    chosen_logratio, rejected_logratio = log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                                    loss_type=loss_type, chosen_len=chosen_len,
-                                                    rejected_len=rejected_len)
-    delta = chosen_logratio - rejected_logratio
-    losses = _loss_of_delta(delta, float(beta), loss_type, float(label_smoothing))
-    return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+    stats = pair_statistics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta, loss_type=loss_type,
+                            label_smoothing=label_smoothing, chosen_len=chosen_len, rejected_len=rejected_len)
+    return stats.losses, stats.chosen_rewards, stats.rejected_rewards
 
 
 TIE_RTOL = 1e-5
@@ -169,10 +148,8 @@ def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
     reward beats the rejected one, 0 when it loses, 0.5 on a tie. A tie is a margin within TIE_RTOL of
     beta * (|B_ref(c)| + |B_ref(r)|) (per token for ipo): the rounding noise of a policy equal to the
     reference, which is neither a win nor a loss."""
-    ref_c, ref_r = ref_chosen.abs().to(torch.float64), ref_rejected.abs().to(torch.float64)
-    lengths = _lengths(loss_type, chosen_len, rejected_len, ref_c)
-    if lengths is not None:
-        ref_c, ref_r = ref_c / lengths[0], ref_r / lengths[1]
+    ref_c, ref_r = _per_token(loss_type, ref_chosen.abs().to(torch.float64), ref_rejected.abs().to(torch.float64),
+                              chosen_len, rejected_len)
     tol = TIE_RTOL * float(beta) * (ref_c + ref_r)
     margin = (chosen_rewards - rejected_rewards).to(torch.float64)
     return torch.where(margin > tol, 1.0, torch.where(margin >= -tol, 0.5, 0.0)).to(torch.float64)
@@ -220,7 +197,7 @@ def pair_statistics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
     losses = torch.zeros_like(chosen)
     if preference_weight:  # a loss of weight 0 is not computed (eval's margins take any beta, 0 included)
         validate_loss_args(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-        losses = preference_weight * _loss_of_delta(chosen - rejected, float(beta), loss_type, float(label_smoothing))
+        losses = preference_weight * PREFERENCE_LOSSES[loss_type](chosen - rejected, float(beta), float(label_smoothing))
     if sft_weight:
         losses = losses + sft_weight * sft_loss(policy_chosen, chosen_len)
     chosen, rejected = chosen.detach(), rejected.detach()
@@ -240,13 +217,8 @@ def _autograd_weight(fn: Callable[[torch.Tensor], torch.Tensor], at: torch.Tenso
     return grad.detach()
 
 
-def loss_weight(
-    delta: torch.Tensor | float,
-    *,
-    beta: float,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
+def loss_weight(delta: torch.Tensor | float, *, beta: float, loss_type: str = "sigmoid",
+                label_smoothing: float = 0.0) -> torch.Tensor:
     """dLoss/d(delta) per pair: autograd of the loss (``PREFERENCE_LOSSES``) at the detached ``delta``.
 
     The result is detached and has ``delta``'s shape; multiply it by 1/n for
@@ -257,14 +229,7 @@ def loss_weight(
     d = torch.as_tensor(delta).detach()
     if not d.is_floating_point():
         d = d.to(torch.float64)
-    return _autograd_weight(lambda x: _loss_of_delta(x, float(beta), loss_type, float(label_smoothing)), d)
-
-
-def _check_lengths(chosen_len: torch.Tensor | int) -> torch.Tensor:
-    length = torch.as_tensor(chosen_len)
-    if bool((length <= 0).any()):
-        raise ValueError("sft_loss: chosen_len must be > 0 for every pair")
-    return length
+    return _autograd_weight(lambda x: PREFERENCE_LOSSES[loss_type](x, float(beta), float(label_smoothing)), d)
 
 
 def sft_loss(policy_chosen_elbo: torch.Tensor, chosen_len: torch.Tensor | int) -> torch.Tensor:
@@ -273,29 +238,22 @@ def sft_loss(policy_chosen_elbo: torch.Tensor, chosen_len: torch.Tensor | int) -
     Scaled by ``--sft-weight`` (alpha) and added to the DPO loss as TRL's
     ``rpo_alpha`` does.
     """
-    length = _check_lengths(chosen_len)
+    length = torch.as_tensor(chosen_len)
+    if bool((length <= 0).any()):
+        raise ValueError("sft_loss: chosen_len must be > 0 for every pair")
     return -policy_chosen_elbo / length.to(policy_chosen_elbo.dtype)
 
 
 def sft_loss_weight(chosen_len: torch.Tensor | int) -> torch.Tensor:
     """d(sft_loss)/d(elbo) per pair by autograd (``-1/len``; float64, detached)."""
-    length = _check_lengths(chosen_len)
-    return _autograd_weight(lambda elbo: sft_loss(elbo, length), torch.zeros(length.shape, dtype=torch.float64))
+    shape = torch.as_tensor(chosen_len).shape
+    return _autograd_weight(lambda elbo: sft_loss(elbo, chosen_len), torch.zeros(shape, dtype=torch.float64))
 
 
-def sequence_weights(
-    delta: torch.Tensor,
-    n_samples: int,
-    *,
-    beta: float,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    sft_weight: float = 0.0,
-    chosen_len: torch.Tensor | None = None,
-    normalizer: float = 1.0,
-    dpo_weight: float = 1.0,
-    rejected_len: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_weights(delta: torch.Tensor, n_samples: int, *, beta: float, loss_type: str = "sigmoid",
+                     label_smoothing: float = 0.0, sft_weight: float = 0.0, chosen_len: torch.Tensor | None = None,
+                     normalizer: float = 1.0, dpo_weight: float = 1.0, rejected_len: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scalar weights for backpropagating each sampled term on its own.
 
     For the objective ``sum_b [dpo_weight * dpo_b + sft_weight * sft_b] / normalizer`` (use
@@ -310,8 +268,7 @@ def sequence_weights(
     if n_samples <= 0:
         raise ValueError("sequence_weights: n_samples must be > 0")
     w = dpo_weight * loss_weight(delta, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    lengths = _lengths(loss_type, chosen_len, rejected_len, w)
-    chosen_w, rejected_w = (w.clone(), w.clone()) if lengths is None else (w / lengths[0], w / lengths[1])
+    chosen_w, rejected_w = _per_token(loss_type, w.clone(), w.clone(), chosen_len, rejected_len)
     if sft_weight:
         if chosen_len is None:
             raise ValueError("sequence_weights: chosen_len is required when sft_weight != 0")

@@ -12,6 +12,7 @@ starts every DPO number off centre by about a nat on 200-token responses
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -43,9 +44,6 @@ class Numerics:
             parts.append("4-bit NF4 base")
         return ", ".join(parts)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in FIELDS}
-
 
 def of_fingerprint(fingerprint: dict[str, Any]) -> Numerics:
     """The numerics a cache was scored in (caches from before this field: float32-era defaults)."""
@@ -62,14 +60,11 @@ def follow(cache: Numerics, *, dtype: Optional[str] = None, mixed_precision: Opt
     chosen = {}
     for name in FIELDS:
         value, cached = asked[name], getattr(cache, name)
-        if value is None:
-            chosen[name] = cached
-            continue
-        if value != cached and not allow_mismatch:
+        if value is not None and value != cached and not allow_mismatch:
             raise UserError(f"{where}: the reference was scored with {name}={cached}, this run asks for "
                             f"{name}={value}; drop {FLAGS[name]} to follow the cache, rescore with score-ref "
                             f"{FLAGS[name]} {value}, or pass --allow-numerics-mismatch")
-        chosen[name] = value
+        chosen[name] = cached if value is None else value
     if chosen["load_in_4bit"] and chosen["dtype"] != "bfloat16":
         chosen["dtype"] = "bfloat16"  # bitsandbytes' 4-bit base computes in bfloat16 here
     return Numerics(**chosen)
@@ -78,8 +73,6 @@ def follow(cache: Numerics, *, dtype: Optional[str] = None, mixed_precision: Opt
 def accelerate_override_note(mixed_precision: str, where: str, env=None) -> str | None:
     """The one line saying an accelerate config's mixed_precision (``accelerate launch`` exports it as
     ACCELERATE_MIXED_PRECISION) is replaced by this run's, which follows the cache; None when they agree."""
-    import os
-
     env = os.environ if env is None else env
     asked = (env.get("ACCELERATE_MIXED_PRECISION") or "").strip().lower()
     if not asked or asked == mixed_precision:
@@ -88,20 +81,12 @@ def accelerate_override_note(mixed_precision: str, where: str, env=None) -> str 
             f"reference cache's ({where}); rescore with score-ref --mixed-precision {asked} to train in {asked}")
 
 
-def check_4bit(device: torch.device) -> None:
-    """The clear errors of a 4-bit base that cannot run here (bitsandbytes missing or too old, another device)."""
-    from pipeline.models.quant import require_bitsandbytes
-
-    require_bitsandbytes(device)
-
-
 def autocast(device: torch.device | str, mixed_precision: str):
     """The forward pass's autocast, as accelerate's ``Accelerator(mixed_precision=...).autocast()`` gives it."""
     dtype = _AUTOCAST_DTYPES[mixed_precision]
     if dtype is None:
         return contextlib.nullcontext()
-    device_type = torch.device(device).type
-    return torch.autocast(device_type=device_type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def prepare_4bit(model, gradient_checkpointing: bool = False):
@@ -126,9 +111,10 @@ def load(name: str, numerics: Numerics, device: torch.device | str, trust_remote
     """``load_model`` in these numerics (the 4-bit checks first; a 4-bit base prepared as train prepares it,
     so score-ref, train and eval compute alike)."""
     from pipeline.models import load_model
+    from pipeline.models.quant import require_bitsandbytes
 
-    if numerics.load_in_4bit:
-        check_4bit(torch.device(device))
+    if numerics.load_in_4bit:  # the clear errors of a 4-bit base that cannot run here (bitsandbytes, device)
+        require_bitsandbytes(torch.device(device))
         model, tokenizer = load_model(name, dtype="bfloat16", device=str(device),
                                       trust_remote_code=trust_remote_code, load_in_4bit=True)
         model = prepare_4bit(model)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from pipeline import diffusion  # by module, so that a stand-in for diffusion.elbo_terms (the tests') is called
 from pipeline.errors import UserError
 from pipeline.schemas import SIDES
 
@@ -33,10 +34,8 @@ class PairBatch:
 def seeded_request(row: dict, side: str, seed: int, fingerprint: dict[str, Any]):
     """The request of one (pair, side) of a cache row on the masks ``seed`` draws under the cache's estimator
     settings (samples, scheme, eps); with its MaskSet."""
-    from pipeline.diffusion import masked_request
-
-    return masked_request(row["prompt_ids"], row[f"{side}_ids"], fingerprint["samples"], seed,
-                          scheme=fingerprint["scheme"], eps=fingerprint.get("eps") or 1e-3)
+    return diffusion.masked_request(row["prompt_ids"], row[f"{side}_ids"], fingerprint["samples"], seed,
+                                    scheme=fingerprint["scheme"], eps=fingerprint.get("eps") or 1e-3)
 
 
 def cached_request(row: dict, side: str, draw: int, fingerprint: dict[str, Any]):
@@ -55,13 +54,27 @@ def replay_requests(batch: PairBatch, fingerprint: dict[str, Any]) -> list:
 
 def part_requests(rows: list[dict], fingerprint: dict[str, Any]) -> tuple[list, list[tuple[int, str]]]:
     """A part's requests in score-ref's order (row, then side, then draw) and their (row, side) layout."""
-    requests, layout = [], []
-    for i, row in enumerate(rows):
-        for side in SIDES:
-            for draw in range(fingerprint["draws"]):
-                requests.append(cached_request(row, side, draw, fingerprint))
-                layout.append((i, side))
-    return requests, layout
+    keys = [(i, side, draw) for i in range(len(rows)) for side in SIDES for draw in range(fingerprint["draws"])]
+    return [cached_request(rows[i], side, draw, fingerprint) for i, side, draw in keys], [k[:2] for k in keys]
+
+
+def terms_by_row(model, tokenizer, requests: list, layout: list[tuple[int, str]], rows: int, *, batch_tokens: int,
+                 autocast) -> list[dict[str, list[list[float]]]]:
+    """One no-grad ``elbo_terms`` pass over ``requests`` (laid out as ``layout``'s (row, side), score-ref's order)
+    under ``autocast``; for each of the ``rows`` {"chosen", "rejected"} -> one list of float64 terms per draw."""
+    with torch.no_grad(), autocast:
+        terms = diffusion.elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
+                                     pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens)
+    values: list[dict[str, list[list[float]]]] = [{side: [] for side in SIDES} for _ in range(rows)]
+    for (i, side), t in zip(layout, terms):
+        values[i][side].append(t.double().cpu().tolist())
+    return values
+
+
+def mean_of_draws(draws: list[list[float]]) -> float:
+    """A response's ELBO from its cached terms: the mean over every draw's terms, summed in their order."""
+    flat = [v for draw in draws for v in draw]
+    return sum(flat) / len(flat)
 
 
 def rescore_part(model, tokenizer, rows: list[dict], fingerprint: dict[str, Any], *, batch_tokens: int,
@@ -69,44 +82,25 @@ def rescore_part(model, tokenizer, rows: list[dict], fingerprint: dict[str, Any]
     """ELBOs of every row of one cache part under ``model``, computed as score-ref computed the cached
     ones (same requests, order and token budget; mean of the float64 terms in the same order).
     Returns one {"chosen", "rejected"} dict per row."""
-    from pipeline.diffusion import elbo_terms
-
-    requests, layout = part_requests(rows, fingerprint)
-    with torch.no_grad(), autocast:
-        terms = elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
-                           pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens)
-    values: list[dict[str, list[float]]] = [{side: [] for side in SIDES} for _ in rows]
-    for (i, side), t in zip(layout, terms):
-        values[i][side].extend(t.double().cpu().tolist())
-    return [{side: sum(v[side]) / len(v[side]) for side in SIDES} for v in values]
+    values = rescore_part_draws(model, tokenizer, rows, fingerprint, batch_tokens=batch_tokens, autocast=autocast)
+    return [{side: mean_of_draws(v[side]) for side in SIDES} for v in values]
 
 
 def rescore_part_draws(model, tokenizer, rows: list[dict], fingerprint: dict[str, Any], *, batch_tokens: int,
                        autocast) -> list[dict[str, list[list[float]]]]:
     """``rescore_part``'s pass, kept per draw: for each row {"chosen", "rejected"} -> one list of float64 terms
     per draw, as score-ref wrote ``ref_{side}_terms`` (so the cache's model gives the cached lists exactly)."""
-    from pipeline.diffusion import elbo_terms
-
-    requests, layout = part_requests(rows, fingerprint)
-    with torch.no_grad(), autocast:
-        terms = elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
-                           pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens)
-    values: list[dict[str, list[list[float]]]] = [{side: [] for side in SIDES} for _ in rows]
-    for (i, side), t in zip(layout, terms):
-        values[i][side].append(t.double().cpu().tolist())
-    return values
+    return terms_by_row(model, tokenizer, *part_requests(rows, fingerprint), len(rows), batch_tokens=batch_tokens,
+                        autocast=autocast)
 
 
 def cache_part_paths(cache, *, split: str | None = None, pair_ids=None) -> list:
     """The parts of ``cache`` that hold a row of ``split`` or one of ``pair_ids`` (only their pair_id and
     split columns are read here; ``read_whole_part`` reads one when it is scored)."""
-    from pipeline.cache import read_part
-
     wanted = set(pair_ids) if pair_ids is not None else None
-    sums = cache.manifest.get("part_sha256") or {}
     out = []
     for path in cache.parts:
-        meta = read_part(path, columns=["pair_id", "split"], expected_sha256=sums.get(path.name)).to_pylist()
+        meta = cache.read(path, ["pair_id", "split"]).to_pylist()
         if any((split is None or (m.get("split") or "train") == split)
                and (wanted is None or m["pair_id"] in wanted) for m in meta):
             out.append(path)
@@ -115,6 +109,4 @@ def cache_part_paths(cache, *, split: str | None = None, pair_ids=None) -> list:
 
 def read_whole_part(cache, path) -> list[dict]:
     """One part's rows in the part's order, as score-ref scored them (its checksum checked)."""
-    from pipeline.cache import read_part
-
-    return read_part(path, expected_sha256=(cache.manifest.get("part_sha256") or {}).get(path.name)).to_pylist()
+    return cache.read(path).to_pylist()

@@ -12,36 +12,29 @@ runs the stage's real step on fake tensors (pipeline/plan).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from pipeline.config import load_config, read_config_file, require
+from pipeline.config import check_ranges, config_to_yaml, load_config, read_config_file, require
 from pipeline.errors import ConfigError, UserError
-from pipeline.stagecli import stage_command
+from pipeline.stagecli import emit_json, stage_command
 
-STAGES = ("score-ref", "train", "generate")
-"""The stages a plan covers."""
+STAGES = {"score-ref": ("stages.score_ref", "ScoreRefConfig"), "train": ("stages.train", "TrainConfig"),
+          "generate": ("stages.generate", "GenerateConfig")}
+"""The stages a plan covers: the module and name of each one's config dataclass."""
 
 
 def stage_config_class(stage: str):
     """The config dataclass of a stage a plan covers: the plan takes the stage's own fields, so new ones flow
     through. (plan composes stages, as run does: it imports their configs and train's step code.)"""
-    if stage == "score-ref":
-        from stages.score_ref import ScoreRefConfig
-
-        return ScoreRefConfig
-    if stage == "train":
-        from stages.train import TrainConfig
-
-        return TrainConfig
-    if stage == "generate":
-        from stages.generate import GenerateConfig
-
-        return GenerateConfig
-    raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    if stage not in STAGES:
+        raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    module, name = STAGES[stage]
+    return getattr(importlib.import_module(module), name)
 
 
 RANGES = {"world_size": "[1, inf)", "samples": "[0, inf)", "max_length": "[0, inf)", "prompt_length": "[0, inf)"}
@@ -69,13 +62,12 @@ class PlanConfig:
     """The stage's own settings (its config's fields), as the stage takes them."""
 
     def __post_init__(self):
-        from pipeline.config import check_ranges
         from pipeline.plan import parse_memory
 
         check_ranges(self, RANGES)
         self.device_bytes, self.device = parse_memory(self.gpu_memory)
-        cls = stage_config_class(self.stage)
-        self.stage_config = load_config(cls, values=dict(self.options), origin=f"plan {self.stage} options")
+        self.stage_config = load_config(stage_config_class(self.stage), values=dict(self.options),
+                                        origin=f"plan {self.stage} options")
         shape = self.shape()
         require(0 <= shape.prompt_length < shape.max_length,
                 f"prompt_length {shape.prompt_length} must be below max_length {shape.max_length}")
@@ -95,15 +87,13 @@ class PlanConfig:
 def run(cfg: PlanConfig):
     """The plan of ``cfg.stage`` at its settings on ``cfg.gpu_memory``; with ``search``, the largest settings."""
     from pipeline.plan import largest, make_plan
+    from pipeline.plan.trace import default_numerics
 
     stage_cfg, shape = cfg.stage_config, cfg.shape()
     if cfg.stage == "score-ref" and (stage_cfg.samples, stage_cfg.max_length) != (shape.samples, shape.max_length):
         stage_cfg = dataclasses.replace(stage_cfg, samples=shape.samples, max_length=shape.max_length)
     if cfg.stage == "train":
-        # train takes unset numerics from its cache; a plan has none: the defaults a cache records by default.
-        stage_cfg = dataclasses.replace(stage_cfg, dtype=stage_cfg.dtype or "float32",
-                                        mixed_precision=stage_cfg.mixed_precision or "no",
-                                        load_in_4bit=bool(stage_cfg.load_in_4bit))
+        stage_cfg = default_numerics(stage_cfg)
     plan = make_plan(cfg.stage, stage_cfg, shape, cfg.device_bytes, cfg.device)
     if cfg.search:
         plan.largest = largest(cfg.stage, stage_cfg, shape, cfg.device_bytes, plan.total)
@@ -118,11 +108,8 @@ def parse_stage_flags(cls, args: list[str], stage: str) -> dict[str, Any]:
     spellings, types, ``--x/--no-x`` booleans and TRL names as ``lldm-dpo STAGE``. Returns the flags given (by
     field name; TRL names as written), for the stage's config to resolve."""
     given: dict[str, Any] = {}
-
-    def keep(config_file, flags):
-        given.update(flags)
-
-    command = stage_command(cls, lambda cfg, as_json: None, doc=f"{stage}'s options", load=keep)
+    command = stage_command(cls, lambda cfg, as_json: None, doc=f"{stage}'s options",
+                            load=lambda config_file, flags: given.update(flags))
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(command)
     try:
@@ -135,9 +122,7 @@ def parse_stage_flags(cls, args: list[str], stage: str) -> dict[str, Any]:
 
 def print_plan(plan, as_json: bool) -> None:
     if as_json:
-        from pipeline.stagecli import emit_json
-
-        emit_json(plan.as_dict())
+        emit_json(dataclasses.asdict(plan))
         return
     from rich.console import Console
     from rich.table import Table
@@ -179,10 +164,7 @@ def command(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Peak accelerator memory of a stage's settings, by component, and whether they fit."""
-    try:
-        cls = stage_config_class(stage)
-    except ConfigError as exc:
-        raise UserError(str(exc)) from None
+    cls = stage_config_class(stage)  # a ConfigError (a UserError: one line) for another stage
     options = parse_stage_flags(cls, list(ctx.args), stage)
     if stage == "score-ref":  # the plan's --samples/--max-length are score-ref's own
         options.update({k: v for k, v in (("samples", samples), ("max_length", max_length)) if v is not None})
@@ -193,8 +175,6 @@ def command(
         raise ConfigError(f"{config}: options must be a mapping of {cls.__name__} fields")
     cfg = load_config(PlanConfig, config, {**flags, "options": {**from_file, **options}})
     if print_config:
-        from pipeline.config import config_to_yaml
-
         typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
         return
     print_plan(run(cfg), as_json)

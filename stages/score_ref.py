@@ -15,6 +15,7 @@ the cache content does not depend on the number of processes.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, replace
@@ -48,14 +49,17 @@ from pipeline.cache import (
 )
 from pipeline.config import check_device, check_ranges, config_to_dict, require_choice
 from pipeline.devices import DTYPE_NAMES, PRECISION_NAMES, process_state, resolve_device
-from pipeline.diffusion import SCHEMES
+from pipeline.diffusion import SCHEMES, forward_batches, mask_seed, masked_request
 from pipeline.errors import CacheMismatch, ConfigError, UserError
-from pipeline.numerics import Numerics, autocast
+from pipeline.lock import output_lock
+from pipeline.numerics import Numerics, autocast, load
 from pipeline.pairsfile import pairs_sha256, read_pairs
 from pipeline.progress import progress_bar
 from pipeline.prompts import PROMPT_RENDERER, resolve_chat_template
+from pipeline.replay import mean_of_draws, terms_by_row
 from pipeline.schemas import SCORES_MANIFEST, SCORES_SCHEMA, SIDES
-from pipeline.stagecli import stage_command
+from pipeline.stagecli import print_summary, stage_command, summary_dict
+from pipeline.tokenize import tokenize_pair
 
 ESTIMATOR_VERSION = "elbo-masked-v1"
 """Bump when the estimator's arithmetic changes: old caches then no longer match."""
@@ -168,20 +172,9 @@ def build_fingerprint(cfg: ScoreRefConfig, model_identity: Any, tokenizer_identi
     }
 
 
-def check_outputs_replaceable(out: Path) -> None:
-    """The cache's own names in ``out`` (manifest, marker, parts) must be score-ref's: a user's file is refused."""
-    for name in (SCORES_MANIFEST, IN_PROGRESS):
-        check_replaceable(out / name, "--out")
-    for path in existing_parts(out).values():
-        check_replaceable(path, "--out")
-
-
-def _drop_altered_parts(out: Path, fingerprint: dict[str, Any], is_main: bool) -> bool:
+def _drop_altered_parts(out: Path, manifest: dict[str, Any], fingerprint: dict[str, Any], is_main: bool) -> bool:
     """A finished cache whose parts no longer match the manifest's checksums is reopened: the altered or
     missing parts are removed (they are score-ref's own) and rescored, never reused. True when reopened."""
-    import json
-
-    manifest = json.loads((out / SCORES_MANIFEST).read_text())
     sums = manifest.get("part_sha256") or {}
     bad = [name for name in manifest.get("parts", []) if not (out / name).is_file()
            or (name in sums and file_sha256(out / name) != sums[name])]
@@ -195,113 +188,81 @@ def _drop_altered_parts(out: Path, fingerprint: dict[str, Any], is_main: bool) -
     return True
 
 
-def _check_existing(out: Path, fingerprint: dict[str, Any], overwrite: bool, is_main: bool) -> str:
-    """Return 'done', 'resume' or 'fresh'; refuse or clear a cache made differently."""
-    import json
-
-    if not any((out / m).exists() for m in (SCORES_MANIFEST, IN_PROGRESS)) and existing_parts(out):
-        # Parts without their manifest (or marker) say nothing of the settings that made them: not reused.
-        if is_main:
-            for path in existing_parts(out).values():
+def _check_existing(out: Path, fingerprint: dict[str, Any], overwrite: bool, is_main: bool) -> tuple[str, Any]:
+    """('done', the manifest), ('resume', None) or ('fresh', None); refuse or clear a cache made differently."""
+    marker = next((m for m in (SCORES_MANIFEST, IN_PROGRESS) if (out / m).exists()), None)
+    if marker is None:
+        parts = existing_parts(out)
+        if not parts and out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
+            raise UserError(f"{out}: folder exists and is not a reference-score cache; choose another --out")
+        if is_main:  # parts without their manifest (or marker) say nothing of the settings that made them: not reused
+            for path in parts.values():
                 remove_owned(path)
-        return "fresh"
-    for marker in (SCORES_MANIFEST, IN_PROGRESS):
-        path = out / marker
-        if not path.exists():
-            continue
-        found = json.loads(path.read_text())
-        found = found.get("fingerprint", found) if marker == SCORES_MANIFEST else found
-        diffs = fingerprint_differences(fingerprint, found)
-        if not diffs:
-            if marker == SCORES_MANIFEST and _drop_altered_parts(out, fingerprint, is_main):
-                return "resume"
-            return "done" if marker == SCORES_MANIFEST else "resume"
-        if not overwrite:
-            detail = (f"{out}: existing cache was made with different settings ("
-                      + "; ".join(describe_difference(fingerprint, found, d) for d in diffs[:3]) + ")")
-            raise CacheMismatch(detail + "; use --overwrite to replace it or choose another --out", detail)
-        if is_main:
-            left = clear_owned(out)  # only what score-ref wrote; the user's files in the folder stay
-            stale = [p.name for p in left if PART_PATTERN.match(p.name) or p.name in (SCORES_MANIFEST, IN_PROGRESS)]
-            if stale:  # never mix parts made with other settings into the new cache
-                raise UserError(f"{out}: {stale[0]} was not recorded as written by score-ref (an older version's?); "
-                                "remove the old cache yourself or choose another --out")
-        return "fresh"
-    if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()) \
-            and not existing_parts(out):
-        raise UserError(f"{out}: folder exists and is not a reference-score cache; choose another --out")
-    return "fresh"
-
-
-def numerics_of(cfg: ScoreRefConfig) -> Numerics:
-    return Numerics(dtype=cfg.dtype, mixed_precision=cfg.mixed_precision, load_in_4bit=cfg.load_in_4bit)
+        return "fresh", None
+    found = manifest = json.loads((out / marker).read_text())
+    if marker == SCORES_MANIFEST:
+        found = manifest.get("fingerprint", manifest)
+    diffs = fingerprint_differences(fingerprint, found)
+    if not diffs:
+        if marker == IN_PROGRESS or _drop_altered_parts(out, manifest, fingerprint, is_main):
+            return "resume", None
+        return "done", manifest
+    if not overwrite:
+        detail = (f"{out}: existing cache was made with different settings ("
+                  + "; ".join(describe_difference(fingerprint, found, d) for d in diffs[:3]) + ")")
+        raise CacheMismatch(detail + "; use --overwrite to replace it or choose another --out", detail)
+    if is_main:
+        left = clear_owned(out)  # only what score-ref wrote; the user's files in the folder stay
+        stale = [p.name for p in left if PART_PATTERN.match(p.name) or p.name in (SCORES_MANIFEST, IN_PROGRESS)]
+        if stale:  # never mix parts made with other settings into the new cache
+            raise UserError(f"{out}: {stale[0]} was not recorded as written by score-ref (an older version's?); "
+                            "remove the old cache yourself or choose another --out")
+    return "fresh", None
 
 
 def score_part(model, tokenizer, rows: list[dict], cfg: ScoreRefConfig, stats: dict) -> pa.Table:
     """Score one part's pairs; returns its SCORES_SCHEMA table. Pure apart from the model call."""
-    from pipeline.diffusion import elbo_terms, mask_seed, masked_request
-    from pipeline.tokenize import tokenize_pair
-
     requests, layout, records = [], [], []
     for row in rows:
         tok = tokenize_pair(tokenizer, row, cfg.max_length, use_chat_template=cfg.chat_template)
         if not tok.prompt_ids and getattr(model, "logits_shift", False):
             raise UserError(f"pair {row['pair_id']}: truncation to --max-length {cfg.max_length} left no prompt "
                             "token, and this model predicts each token from the one before it; raise --max-length")
-        rec = {
-            "pair_id": row["pair_id"],
-            "split": row.get("split") or "train",
-            "prompt_ids": list(tok.prompt_ids),
-            "chosen_ids": list(tok.chosen_ids),
-            "rejected_ids": list(tok.rejected_ids),
-            "prompt_len": len(tok.prompt_ids),
-            "chosen_len": len(tok.chosen_ids),
-            "rejected_len": len(tok.rejected_ids),
-            "truncated": bool(tok.truncated),
-        }
+        ids = {f"{part}_ids": list(getattr(tok, f"{part}_ids")) for part in ("prompt", *SIDES)}
+        rec = {"pair_id": row["pair_id"], "split": row.get("split") or "train", "truncated": bool(tok.truncated),
+               **ids, **{name.replace("_ids", "_len"): len(value) for name, value in ids.items()}}
         for side in SIDES:
-            response = rec[f"{side}_ids"]
             seeds = [mask_seed(cfg.seed, row["pair_id"], side, draw) for draw in range(cfg.draws)]
-            drawn = [masked_request(rec["prompt_ids"], response, cfg.samples, seed, scheme=cfg.scheme, eps=cfg.eps)
-                     for seed in seeds]
+            drawn = [masked_request(rec["prompt_ids"], rec[f"{side}_ids"], cfg.samples, seed, scheme=cfg.scheme,
+                                    eps=cfg.eps) for seed in seeds]
             rec[f"{side}_seeds"] = seeds
             rec[f"{side}_mask_counts"] = [ms.counts.tolist() for _, ms in drawn]
             rec[f"{side}_timesteps"] = [ms.timesteps.tolist() for _, ms in drawn]
-            for request, _ in drawn:
-                layout.append((len(records), side))
-                requests.append(request)
-                stats["tokens"] += cfg.samples * (len(rec["prompt_ids"]) + len(response))
+            requests += [request for request, _ in drawn]
+            layout += [(len(records), side)] * len(drawn)
         records.append(rec)
 
     # The layout of these requests (row, side, draw) and batch_tokens are what eval replays
     # (pipeline.replay.part_requests, on the same masked_request) to reproduce these terms exactly.
     device = next(model.parameters()).device
-    with torch.no_grad(), autocast(device, cfg.mixed_precision):
-        terms = elbo_terms(
-            model, requests,
-            mask_token_id=tokenizer.mask_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            batch_tokens=cfg.batch_tokens,
-        )
-    _count_padding(requests, cfg.batch_tokens, stats)
-    for rec in records:
+    terms = terms_by_row(model, tokenizer, requests, layout, len(records), batch_tokens=cfg.batch_tokens,
+                         autocast=autocast(device, cfg.mixed_precision))
+    for lengths in forward_batches(requests, cfg.batch_tokens):  # real and padded tokens of the forward passes
+        stats["real_tokens"] += sum(lengths)
+        stats["padded_tokens"] += max(lengths) * len(lengths) - sum(lengths)
+    for rec, by_side in zip(records, terms):
         for side in SIDES:
-            rec[f"ref_{side}_terms"] = []
-    for (i, side), t in zip(layout, terms):
-        values = t.double().cpu().tolist()
-        if not all(math.isfinite(v) for v in values):
-            raise UserError(f"reference score for pair {records[i]['pair_id']} ({side}) is not finite: {values}; "
-                            "check the model weights and --dtype")
-        records[i][f"ref_{side}_terms"].append(values)
-    for rec in records:
-        for side in SIDES:
-            flat = [v for draw in rec[f"ref_{side}_terms"] for v in draw]
-            rec[f"ref_{side}_elbo"] = sum(flat) / len(flat)
+            for values in by_side[side]:
+                if not all(math.isfinite(v) for v in values):
+                    raise UserError(f"reference score for pair {rec['pair_id']} ({side}) is not finite: {values}; "
+                                    "check the model weights and --dtype")
+            rec[f"ref_{side}_terms"] = by_side[side]
+            rec[f"ref_{side}_elbo"] = mean_of_draws(by_side[side])
         rec["ref_margin"] = rec["ref_chosen_elbo"] - rec["ref_rejected_elbo"]
     return pa.Table.from_pylist(records, schema=SCORES_SCHEMA)
 
 
-def _check_done_parts(cfg: ScoreRefConfig, done: dict[int, Path], parts: list[list[int]], pair_ids: list[str]) -> None:
+def _check_done_parts(done: dict[int, Path], parts: list[list[int]], pair_ids: list[str]) -> None:
     """Parts on disk from an interrupted run must hold exactly the pairs this plan gives them."""
     for i, path in sorted(done.items()):
         found = sorted(read_part(path, columns=["pair_id"])["pair_id"].to_pylist())
@@ -309,19 +270,6 @@ def _check_done_parts(cfg: ScoreRefConfig, done: dict[int, Path], parts: list[li
         if found != planned:
             raise UserError(f"{path}: holds other pairs than this run assigns to part {i}; resume with the "
                             "--pairs-per-part of the interrupted run, or pass --overwrite to start over")
-
-
-def _count_padding(requests, batch_tokens: int, stats: dict) -> None:
-    """Real and padded tokens of the forward passes elbo_terms makes (same batch plan)."""
-    from pipeline.diffusion import plan_batches
-
-    lengths = [len(r.prompt_ids) + len(r.response_ids) for r in requests for k in range(r.masks.shape[0])
-               if bool(r.masks[k].any())]
-    for batch in plan_batches(lengths, batch_tokens):
-        width = max(lengths[i] for i in batch)
-        real = sum(lengths[i] for i in batch)
-        stats["real_tokens"] += real
-        stats["padded_tokens"] += width * len(batch) - real
 
 
 def plan_parts(lengths: list[int], pair_ids: list[str], pairs_per_part: int,
@@ -339,16 +287,12 @@ def plan_parts(lengths: list[int], pair_ids: list[str], pairs_per_part: int,
 
 def run(cfg: ScoreRefConfig) -> ScoreRefResult:
     """The stage, holding its output's lock (a second run into the same place refuses, naming the first)."""
-    from pipeline.lock import output_lock
-
     with output_lock(cfg.out, "score-ref", folder=True):
         return _run(cfg)
 
 
 def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
     from pipeline.models import model_identity, tokenizer_identity
-    from pipeline.numerics import load
-    from pipeline.tokenize import tokenize_pair
 
     start = time.perf_counter()
     state = process_state(cfg.device)
@@ -359,7 +303,9 @@ def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
     if table.num_rows == 0:
         raise UserError(f"{cfg.pairs}: no pairs to score")
     check_writable(cfg.out, "reference-score cache")
-    check_outputs_replaceable(cfg.out)
+    # The cache's own names in --out (manifest, marker, parts) must be score-ref's: a user's file is refused.
+    for path in [cfg.out / SCORES_MANIFEST, cfg.out / IN_PROGRESS, *existing_parts(cfg.out).values()]:
+        check_replaceable(path, "--out")
     sweep_stale(cfg.out)  # temporary files a killed run left (provably its own, its process gone)
 
     device = resolve_device(cfg.device)
@@ -369,20 +315,17 @@ def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
         from pipeline.plan import Shape, check_start
 
         check_start("score-ref", cfg, Shape(cfg.samples, cfg.max_length, cfg.max_length // 4), device)
-    model, tokenizer = load(cfg.model, numerics_of(cfg), device, trust_remote_code=cfg.trust_remote_code)
-    model.eval()
-    model.requires_grad_(False)
+    model, tokenizer = load(cfg.model, Numerics(cfg.dtype, cfg.mixed_precision, cfg.load_in_4bit), device,
+                            trust_remote_code=cfg.trust_remote_code)
+    model.eval().requires_grad_(False)
     cfg = replace(cfg, chat_template=resolve_chat_template(tokenizer, cfg.chat_template))
 
     fingerprint = build_fingerprint(cfg, model_identity(cfg.model), tokenizer_identity(tokenizer),
                                     pairs_sha256(table))  # by content: not the folder the input was named from
     digest = fingerprint_digest(fingerprint)
-    status = _check_existing(cfg.out, fingerprint, cfg.overwrite, is_main)
+    status, manifest = _check_existing(cfg.out, fingerprint, cfg.overwrite, is_main)
     state.wait_for_everyone()
     if status == "done":
-        import json
-
-        manifest = json.loads((cfg.out / SCORES_MANIFEST).read_text())
         return ScoreRefResult(manifest["pairs"], manifest["tokens"], time.perf_counter() - start,
                               manifest["padding_fraction"], str(cfg.out), digest, scored_now=0, reused=True,
                               identical_after_truncation=manifest.get("identical_after_truncation", 0),
@@ -412,10 +355,10 @@ def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
                         f"truncation to --max-length {cfg.max_length}; raise --max-length")
     parts = plan_parts(lengths, pair_ids, cfg.pairs_per_part, splits)
     done = existing_parts(cfg.out)
-    _check_done_parts(cfg, done, parts, pair_ids)
+    _check_done_parts(done, parts, pair_ids)
     mine = [i for i in range(len(parts)) if i % state.num_processes == state.process_index and i not in done]
 
-    stats = {"tokens": 0, "padded_tokens": 0, "real_tokens": 0}
+    stats = {"padded_tokens": 0, "real_tokens": 0}
     scored = 0
     with progress_bar("score-ref", sum(len(parts[i]) for i in mine), enabled=cfg.progress and is_main,
                       extra="{task.fields[tps]}") as bar:
@@ -427,15 +370,13 @@ def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
                 pq.write_table(part, tmp)
             scored += len(rows)
             dt = max(time.perf_counter() - t0, 1e-9)
-            part_tokens = sum(cfg.samples * cfg.draws * (r["prompt_len"] * 2 + r["chosen_len"] + r["rejected_len"])
-                              for r in part.select(["prompt_len", "chosen_len", "rejected_len"]).to_pylist())
-            bar.advance(len(rows), tps=f"{part_tokens / dt:,.0f} tok/s")
+            bar.advance(len(rows), tps=f"{_tokens(part.select(_LENGTHS).to_pylist(), cfg) / dt:,.0f} tok/s")
 
     state.wait_for_everyone()
     done = existing_parts(cfg.out)
     if len(done) != len(parts):
         raise UserError(f"{cfg.out}: {len(parts) - len(done)} part files missing after scoring; rerun to resume")
-    totals = _totals(cfg.out, done, cfg)
+    totals = _totals(done, cfg)
     # Padding is only known for the parts scored now; a fully resumed run reports what it saw.
     seen = stats["real_tokens"] + stats["padded_tokens"]
     padding = stats["padded_tokens"] / seen if seen else 0.0
@@ -467,45 +408,36 @@ def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
                           truncated=totals["truncated"])
 
 
-def _totals(out: Path, done: dict[int, Path], cfg: ScoreRefConfig) -> dict[str, int]:
-    pairs = tokens = identical = truncated = 0
-    for i in sorted(done):
-        t = read_part(done[i], columns=["prompt_len", "chosen_len", "rejected_len", "chosen_ids", "rejected_ids",
-                                        "truncated"])
-        pairs += t.num_rows
-        for r in t.to_pylist():
-            tokens += cfg.samples * cfg.draws * (2 * r["prompt_len"] + r["chosen_len"] + r["rejected_len"])
-            identical += r["chosen_ids"] == r["rejected_ids"]
-            truncated += bool(r["truncated"])
-    return {"pairs": pairs, "tokens": tokens, "identical_after_truncation": identical, "truncated": truncated}
+_LENGTHS = ["prompt_len", "chosen_len", "rejected_len"]
+
+
+def _tokens(rows: list[dict], cfg: ScoreRefConfig) -> int:
+    """Tokens the forward passes read for these rows: the prompt and each response, under every mask."""
+    return sum(cfg.samples * cfg.draws * (2 * r["prompt_len"] + r["chosen_len"] + r["rejected_len"]) for r in rows)
+
+
+def _totals(done: dict[int, Path], cfg: ScoreRefConfig) -> dict[str, int]:
+    totals = dict.fromkeys(("pairs", "tokens", "identical_after_truncation", "truncated"), 0)
+    for i in sorted(done):  # one part in memory at a time
+        rows = read_part(done[i], columns=[*_LENGTHS, "chosen_ids", "rejected_ids", "truncated"]).to_pylist()
+        totals["pairs"] += len(rows)
+        totals["tokens"] += _tokens(rows, cfg)
+        totals["identical_after_truncation"] += sum(r["chosen_ids"] == r["rejected_ids"] for r in rows)
+        totals["truncated"] += sum(bool(r["truncated"]) for r in rows)
+    return totals
 
 
 def _across_processes(value: float, state) -> float:
     """Sum of ``value`` over processes (gloo or nccl)."""
-    import torch.distributed as dist
+    from accelerate.utils import reduce
 
-    if not dist.is_available() or not dist.is_initialized():
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=state.device)
-    dist.all_reduce(t)
-    return float(t.item())
-
-
-
-_JSON_KEYS = ("pairs", "tokens", "seconds", "padding_fraction", "out", "fingerprint", "scored_now", "reused",
-              "identical_after_truncation", "truncated")
+    return float(reduce(torch.tensor([float(value)], dtype=torch.float64, device=state.device), "sum").item())
 
 
 def _score_ref_action(cfg: ScoreRefConfig, as_json: bool) -> None:
-    from pipeline.stagecli import print_summary, summary_dict
-
     result = run(cfg)
-    if not process_state(cfg.device).is_main_process:
-        return
-    data = summary_dict(result)
-    if as_json:
-        data = {k: data[k] for k in _JSON_KEYS}
-    print_summary("score-ref", data, as_json)
+    if process_state(cfg.device).is_main_process:
+        print_summary("score-ref", summary_dict(result), as_json)
 
 
 command = stage_command(ScoreRefConfig, _score_ref_action, positional={"pairs": True},

@@ -8,8 +8,13 @@
 
 from __future__ import annotations
 
+import sys
+
+import torch
+
+from pipeline.errors import UserError
 from pipeline.plan.estimate import Plan, Shape, largest, make_plan
-from pipeline.plan.memory import CARDS, nf4_bytes, parse_memory
+from pipeline.plan.memory import CARDS, context_bytes, fmt_bytes, headroom_bytes, nf4_bytes, parse_memory
 
 __all__ = ["CARDS", "Plan", "Shape", "check_start", "largest", "make_plan", "nf4_bytes",
            "parse_memory"]
@@ -19,11 +24,6 @@ def check_start(stage: str, cfg, shape: Shape, device) -> None:
     """On CUDA: plan the run and stop before loading anything when it exceeds the free memory less the stated
     headroom (5% of the card), naming the largest settings that fit. CPU runs (and ``--no-plan``) are not
     checked."""
-    import torch
-
-    from pipeline.errors import UserError
-    from pipeline.plan.memory import context_bytes, fmt_bytes, headroom_bytes
-
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return
     free, card = torch.cuda.mem_get_info(torch.device(device))
@@ -34,8 +34,6 @@ def check_start(stage: str, cfg, shape: Shape, device) -> None:
         with torch.random.fork_rng(devices=[]):  # LoRA's initialisation in the trace must not move the run's RNG
             plan = make_plan(stage, cfg, shape, budget, f"{fmt_bytes(free)} free on {torch.device(device)}", reserve)
     except UserError as exc:  # a model the plan cannot build (not LLaDA): run unchecked, and say so
-        import sys
-
         print(f"warning: memory plan skipped ({exc})", file=sys.stderr)
         return
     if plan.fits:

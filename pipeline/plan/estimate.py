@@ -15,36 +15,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from pipeline.errors import UserError
 from pipeline.plan import memory
-from pipeline.plan.trace import TRACERS, Trace, model_config
+from pipeline.plan.trace import TRACERS, Shape, Trace, model_config
 
 COMPONENTS = ("weights", "adapters", "gradients", "optimizer_states", "activations", "logits_head_chunk",
               "allocator_slack", "cuda_context_workspace")
 
 
-@dataclass
-class Shape:
-    """The work one planned step does; what the stage's config does not say itself."""
-
-    samples: int
-    """Monte Carlo samples n per response."""
-    max_length: int
-    """Prompt + response tokens of every planned sequence (the worst case: all pairs at the limit)."""
-    prompt_length: int
-    """Prompt tokens within max_length (generate: the prompt, to which gen_length is added)."""
-    world_size: int = 1
-    """FSDP processes sharding parameters, gradients and optimizer states (1 = one card, no sharding)."""
-
-
 def trace(stage: str, cfg: Any, shape: Shape, *, layers: int | None = None, fake: bool = True) -> Trace:
     """One traced step of ``stage`` (a train plan runs the DPO recipe's own step code)."""
-    tracer, kw = TRACERS[stage], dict(fake=fake, layers=layers, world=shape.world_size)
-    if stage == "generate":
-        return tracer(cfg, prompt_len=shape.prompt_length, **kw)
-    response = shape.max_length - shape.prompt_length
-    if stage == "score-ref":
-        return tracer(cfg, prompt_len=shape.prompt_length, response_len=response, **kw)
-    return tracer(cfg, prompt_len=shape.prompt_length, response_len=response, samples=shape.samples, **kw)
+    return TRACERS[stage](cfg, shape, fake=fake, layers=layers)
 
 
 def _affine(a: Trace, b: Trace, steps: int) -> Trace:
@@ -61,21 +42,17 @@ def _affine(a: Trace, b: Trace, steps: int) -> Trace:
 
 def full_trace(stage: str, cfg: Any, shape: Shape) -> tuple[Trace, str]:
     """The trace of the whole model (extrapolated per block past 3 blocks) and how it was obtained."""
-    n_layers = model_config(_model_name(stage, cfg)).n_layers
+    n_layers = _model_config(stage, cfg).n_layers
     if n_layers <= 2:
         return trace(stage, cfg, shape), f"traced whole ({n_layers} blocks)"
-    a = trace(stage, cfg, shape, layers=1)
-    b = trace(stage, cfg, shape, layers=2)
-    return _affine(a, b, n_layers - 2), f"traced at 1 and 2 blocks, extrapolated per block to {n_layers}"
+    whole = _affine(trace(stage, cfg, shape, layers=1), trace(stage, cfg, shape, layers=2), n_layers - 2)
+    return whole, f"traced at 1 and 2 blocks, extrapolated per block to {n_layers}"
 
 
-def _model_name(stage: str, cfg: Any) -> str:
-    name = getattr(cfg, "model", None)
-    if not name:
-        from pipeline.errors import UserError
-
+def _model_config(stage: str, cfg: Any):
+    if not getattr(cfg, "model", None):
         raise UserError(f"plan {stage}: give --model (train's default, the cache's model, needs a cache)")
-    return str(name)
+    return model_config(str(cfg.model))
 
 
 def components(stage: str, cfg: Any, t: Trace, shape: Shape) -> tuple[dict[str, int], list[str]]:
@@ -106,7 +83,7 @@ def components(stage: str, cfg: Any, t: Trace, shape: Shape) -> tuple[dict[str, 
                      "before its reduce-scatter; the peak is that of one card's share over the traced step, "
                      "activations per process as traced")
     tracked = sum(comp.values())
-    comp["allocator_slack"] = memory.slack_bytes(tracked)
+    comp["allocator_slack"] = int(memory.ALLOCATOR_SLACK * tracked)
     comp["cuda_context_workspace"] = memory.context_bytes()
     return {k: int(comp[k]) for k in COMPONENTS}, notes
 
@@ -131,9 +108,6 @@ class Plan:
     seconds: float = 0.0
     reserve: int = 0
     """The headroom the fit keeps free (memory.HEADROOM of the card)."""
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 CUDA_NOTES = (
@@ -196,7 +170,7 @@ def knobs(stage: str, cfg: Any, shape: Shape) -> list[Knob]:
             return dataclasses.replace(cfg, max_length=v, batch_tokens=max(cfg.batch_tokens, v)), new
         return cfg, new
 
-    limit = model_config(_model_name(stage, cfg)).max_sequence_length
+    limit = _model_config(stage, cfg).max_sequence_length
     out = []
     if stage in ("score-ref", "train"):
         out.append(Knob("batch_tokens", cfg.batch_tokens, shape.max_length, 1 << 20, 256, with_cfg("batch_tokens")))

@@ -52,9 +52,8 @@ NESTED_BLOCKSIZE = 256
 """Absmaxes per block of the second (double) quantization."""
 
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "ki": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "mi": 2**20, "g": 10**9, "gb": 10**9, "gib": GIB, "gi": GIB, "t": 10**12, "tb": 10**12, "tib": 2**40,
-          "ti": 2**40}
+_UNITS = {"": 1, "b": 1} | {prefix + suffix: base ** (k + 1) for k, prefix in enumerate("kmgt")  # k, kb; ki, kib
+                            for suffix, base in (("", 1000), ("b", 1000), ("i", 1024), ("ib", 1024))}
 
 
 def parse_memory(text: str) -> tuple[int, str]:
@@ -83,13 +82,8 @@ def fmt_bytes(n: float) -> str:
 
 
 def nf4_bytes(numel: int, *, double_quant: bool = True, blocksize: int = NF4_BLOCKSIZE) -> int:
-    """Device bytes of one weight of ``numel`` values quantized by bitsandbytes' ``quantize_4bit`` (NF4).
-
-    packed codes ((n + 1) // 2 bytes) + absmax (one float32 per block) or, double
-    quantized, one byte per block + a float32 absmax per 256 blocks + a float32
-    offset + the 256-entry float32 code of the nested quantization; plus the
-    16-entry float32 NF4 code.
-    """
+    """Device bytes of one weight of ``numel`` values quantized by bitsandbytes' ``quantize_4bit`` (NF4): the
+    packed codes plus the quantization constants, double-quantized or not (the terms: this module's docstring)."""
     blocks = math.ceil(numel / blocksize)
     packed = (numel + 1) // 2
     if double_quant:
@@ -102,10 +96,6 @@ def nf4_bytes(numel: int, *, double_quant: bool = True, blocksize: int = NF4_BLO
 def context_bytes() -> int:
     """The allowance for the CUDA context and library workspaces."""
     return CUDA_CONTEXT_BYTES + WORKSPACE_BYTES
-
-
-def slack_bytes(tracked_peak: int) -> int:
-    return int(ALLOCATOR_SLACK * tracked_peak)
 
 
 def headroom_bytes(card_bytes: int) -> int:

@@ -29,16 +29,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
+from unittest import mock
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 from torch.utils.weak import WeakIdKeyDictionary
 
 from pipeline.devices import torch_dtype
+from pipeline.diffusion import elbo_terms, mask_seed, masked_request, sample_masks
 from pipeline.errors import UserError
+from pipeline.models import LORA_TARGET_MODULES
+from pipeline.models.llada import LLaDAConfig, LLaDAModelLM
+from pipeline.models.presets import PRESETS, _default_dtype, build_preset, preset_config
+from pipeline.models.quant import quantize_linears, require_bitsandbytes, settle, state_tensors
+from pipeline.numerics import prepare_4bit
 from pipeline.plan.memory import nf4_bytes
+from pipeline.replay import PairBatch
+from pipeline.sampler import generate
 from pipeline.schemas import SIDES
+from pipeline.trainer import dpo_step
+from pipeline.training import adapt_policy, make_optimizer
 
 # --- the tracker ---------------------------------------------------------------------
 
@@ -68,7 +80,8 @@ class PlanTracker(MemTracker):
         # MemTracker hooks every parameter's gradient; a frozen one (the base under LoRA) refuses hooks.
         sizes = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
         for param in module.parameters():  # a real 4-bit weight's quantization constants are weights too
-            for t in _quant_state_tensors(getattr(param, "quant_state", None)):
+            state = getattr(param, "quant_state", None)
+            for t in state_tensors(state) if state is not None else []:
                 self._update_and_maybe_create_winfos(t, _MemRefType.BUFFER)
         if install_grad_hooks:
             for param in module.parameters():
@@ -84,8 +97,7 @@ class PlanTracker(MemTracker):
     def _track(self, reftype, t):
         super()._track(reftype, t)
         if t.dim() >= 2 and self.vocab in (t.shape[-1], t.shape[-2]) and not isinstance(t, nn.Parameter):
-            st = t.untyped_storage()
-            self._wide[st] = True
+            self._wide[t.untyped_storage()] = True
 
     def _update_peak_stats(self, peak_state) -> None:
         # The peak is taken of what one card holds when parameters, gradients and optimizer states are
@@ -102,12 +114,9 @@ class PlanTracker(MemTracker):
 
     def _wide_bytes(self) -> int:
         # Views of the head's weight are vocabulary-wide too; only activations and temporaries count here.
-        total = 0
-        for st in list(self._wide.keys()):
-            winfo = self._WINFO.get(st, (None, None))[0]
-            if winfo is not None and winfo.reftype in (_MemRefType.ACT, _MemRefType.TEMP, _MemRefType.OTH):
-                total += winfo.mem_consumed
-        return total
+        infos = (self._WINFO.get(st, (None, None))[0] for st in list(self._wide.keys()))
+        return sum(w.mem_consumed for w in infos
+                   if w is not None and w.reftype in (_MemRefType.ACT, _MemRefType.TEMP, _MemRefType.OTH))
 
     def peak(self) -> dict[str, int]:
         """The snapshot by category (unsharded bytes) at the moment one card's share peaked."""
@@ -120,9 +129,6 @@ class PlanTracker(MemTracker):
 
 def model_config(name: str):
     """The LLaDAConfig of a preset or a LLaDA folder (a LoRA adapter folder: its base's), read without weights."""
-    from pipeline.models.llada import LLaDAConfig
-    from pipeline.models.presets import PRESETS, preset_config
-
     path = Path(str(name)).expanduser()
     if str(name) in PRESETS and not path.is_dir():
         return preset_config(str(name))
@@ -142,9 +148,6 @@ def model_config(name: str):
 def build_model(name: str, dtype: str, *, fake: bool, layers: int | None = None):
     """LLaDA of ``name`` in ``dtype``: on ``meta`` when ``fake`` (nothing allocated), else real on the CPU
     (a preset only: what the tests compare the plan with). ``layers`` builds that many blocks instead."""
-    from pipeline.models.llada import LLaDAModelLM
-    from pipeline.models.presets import _default_dtype, build_preset
-
     if not fake:
         if layers is not None:
             raise ValueError("a real model is built with its own number of blocks")
@@ -211,24 +214,12 @@ class NF4Linear(nn.Linear):
         return out.clone() if self.lora_wrapped else out
 
 
-def mark_lora_wrapped(model: nn.Module) -> None:
-    """Tell each NF4 stand-in that a LoRA layer wraps it (see ``NF4Linear.lora_wrapped``)."""
-    for module in model.modules():
-        base = getattr(module, "base_layer", None)
-        if isinstance(base, NF4Linear):
-            base.lora_wrapped = True
-
-
 def quantize_standins(model: nn.Module, compute_dtype: torch.dtype) -> int:
     """Replace the block projections (what a 4-bit load quantizes; head and embeddings stay) by NF4 stand-ins."""
-    from pipeline.models import LORA_TARGET_MODULES
-
     pattern = re.compile(LORA_TARGET_MODULES)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
     for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, NF4Linear(getattr(model.get_submodule(parent), child),
-                                                              compute_dtype))
+        model.set_submodule(name, NF4Linear(model.get_submodule(name), compute_dtype))
     model.is_loaded_in_4bit = True  # what transformers' bitsandbytes loader sets; peft reads it
     return len(names)
 
@@ -238,18 +229,10 @@ def quantize_4bit(model: nn.Module, fake: bool) -> int:
     own Linear4bit on real ones (the tests and bench compare the two)."""
     if fake:
         return quantize_standins(model, torch.bfloat16)
-    from pipeline.models.quant import quantize_linears, require_bitsandbytes, settle
-
     require_bitsandbytes("cpu")
     count = quantize_linears(model, torch.bfloat16)
     settle(model)
     return count
-
-
-def _quant_state_tensors(state) -> list[torch.Tensor]:
-    from pipeline.models.quant import state_tensors
-
-    return state_tensors(state) if state is not None else []
 
 
 def materialize(model: nn.Module, fake_mode) -> None:
@@ -264,17 +247,13 @@ def materialize(model: nn.Module, fake_mode) -> None:
         return memo[id(t)]
 
     for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None and p.is_meta:
-                module._parameters[name] = fake_like(p)
-        for name, b in list(module._buffers.items()):
-            if b is not None and b.is_meta:
-                module._buffers[name] = fake_like(b)
+        for tensors in (module._parameters, module._buffers):
+            for name, t in list(tensors.items()):
+                if t is not None and t.is_meta:
+                    tensors[name] = fake_like(t)
 
 
 def new_fake_mode():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     # Real inputs (token ids, masks) meet fake weights: they are lifted into the mode.
     return FakeTensorMode(allow_non_fake_inputs=True)
 
@@ -285,8 +264,6 @@ def new_fake_mode():
 def synthetic_rows(pairs: int, prompt_len: int, response_len: int, samples: int, token: int) -> list[dict]:
     """Cache rows as score-ref writes them (seeds, mask counts, reference terms), every pair at the planned
     lengths; token values do not change memory, the masks' counts (from the real sampler) do."""
-    from pipeline.diffusion import mask_seed, sample_masks
-
     rows = []
     for i in range(pairs):
         pid = f"plan-{i}"
@@ -309,6 +286,24 @@ def plain_token(config) -> int:
 
 
 @dataclass
+class Shape:
+    """The work one planned step does; what the stage's config does not say itself."""
+
+    samples: int
+    """Monte Carlo samples n per response."""
+    max_length: int
+    """Prompt + response tokens of every planned sequence (the worst case: all pairs at the limit)."""
+    prompt_length: int
+    """Prompt tokens within max_length (generate: the prompt, to which gen_length is added)."""
+    world_size: int = 1
+    """FSDP processes sharding parameters, gradients and optimizer states (1 = one card, no sharding)."""
+
+    @property
+    def response_length(self) -> int:
+        return self.max_length - self.prompt_length
+
+
+@dataclass
 class Trace:
     peak: dict[str, int]
     """MemTracker's peak snapshot by category (param, buffer, grad, act, temp, opt, oth, total)."""
@@ -323,40 +318,19 @@ class Trace:
 
 
 def _param_bytes(model: nn.Module) -> tuple[int, int]:
-    trainable = frozen = 0
-    seen = set()
-    for p in list(model.parameters()) + list(model.buffers()):
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        size = p.numel() * p.element_size()
-        if p.requires_grad:
-            trainable += size
-        else:
-            frozen += size
-    return trainable, frozen
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    sizes = [(t.numel() * t.element_size(), t.requires_grad) for t in tensors]
+    return sum(n for n, trainable in sizes if trainable), sum(n for n, trainable in sizes if not trainable)
 
 
 def _block_sizes(model: nn.Module) -> tuple[int, int]:
-    block = head = 0
-    for name, module in model.named_modules():
-        if re.search(r"blocks\.\d+$", name):
-            block = max(block, sum(p.numel() * p.element_size() for p in module.parameters()))
+    block = max((sum(p.numel() * p.element_size() for p in module.parameters())
+                 for name, module in model.named_modules() if re.search(r"blocks\.\d+$", name)), default=0)
+    head = 0
     for name, p in model.named_parameters():
         if name.endswith("transformer.ff_out.weight") and ".blocks." not in name:
             head = p.numel() * p.element_size()
     return block, head
-
-
-@contextlib.contextmanager
-def _no_value_reads(train_module):
-    """The finite-loss check reads a value, which fake tensors do not have; it allocates a scalar only."""
-    original = train_module._check_finite
-    train_module._check_finite = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        train_module._check_finite = original
 
 
 def _autocast(mixed_precision: str):
@@ -387,8 +361,10 @@ class PlanAccelerator:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
-def _finish(tracker: PlanTracker, model: nn.Module, notes: list[str]) -> Trace:
+def _finish(tracker: PlanTracker, model: nn.Module, notes: list[str], ref_model: nn.Module | None = None) -> Trace:
     trainable, frozen = _param_bytes(model)
+    if ref_model is not None:
+        frozen += _param_bytes(ref_model)[1]
     block, head = _block_sizes(model)
     return Trace(tracker.peak(), tracker.head_at_peak, trainable, frozen, block, head, notes)
 
@@ -396,17 +372,11 @@ def _finish(tracker: PlanTracker, model: nn.Module, notes: list[str]) -> Trace:
 # --- the stages' steps -------------------------------------------------------------------
 
 
-def trace_score_ref(cfg, *, prompt_len: int, response_len: int, fake: bool = True, layers: int | None = None,
-                    world: int = 1) -> Trace:
+def trace_score_ref(cfg, shape: Shape, *, fake: bool = True, layers: int | None = None) -> Trace:
     """One score-ref batch: ``elbo_terms`` over the rows one forward pass of ``batch_tokens`` holds."""
-    from pipeline.diffusion import elbo_terms, masked_request
-
-    notes = []
     load_in_4bit = bool(getattr(cfg, "load_in_4bit", False))
     model = build_model(cfg.model, "bfloat16" if load_in_4bit else cfg.dtype, fake=fake, layers=layers)
     if load_in_4bit:
-        from pipeline.numerics import prepare_4bit
-
         quantize_4bit(model, fake)
         model = prepare_4bit(model)  # as pipeline.numerics.load prepares the 4-bit reference
     model.eval().requires_grad_(False)
@@ -414,75 +384,73 @@ def trace_score_ref(cfg, *, prompt_len: int, response_len: int, fake: bool = Tru
         materialize(model, new_fake_mode())
     config = model.config
     token = plain_token(config)
-    length = prompt_len + response_len
-    rows = max(1, cfg.batch_tokens // length)
-    requests = []
-    for i in range((rows + cfg.samples - 1) // cfg.samples):
-        requests.append(masked_request([token] * prompt_len, [token] * response_len, cfg.samples, 1000 + i)[0])
-    tracker = PlanTracker(config.padded_vocab_size, world)
+    rows = max(1, cfg.batch_tokens // shape.max_length)
+    requests = [masked_request([token] * shape.prompt_length, [token] * shape.response_length, cfg.samples,
+                               1000 + i)[0] for i in range((rows + cfg.samples - 1) // cfg.samples)]
+    tracker = PlanTracker(config.padded_vocab_size, shape.world_size)
     tracker.track_external(model)
     with tracker, torch.no_grad(), _autocast(getattr(cfg, "mixed_precision", "no")):
         elbo_terms(model, requests, mask_token_id=config.mask_token_id, pad_token_id=config.pad_token_id,
                    batch_tokens=cfg.batch_tokens)
-    return _finish(tracker, model, notes)
+    return _finish(tracker, model, [])
 
 
-def trace_train(cfg, *, prompt_len: int, response_len: int, samples: int, fake: bool = True,
-                model_name: str | None = None, layers: int | None = None, world: int = 1) -> Trace:
+def default_numerics(cfg):
+    """A train config with its unset numerics set: train takes them from its cache; without one (a plan), the
+    defaults a cache records by default."""
+    if cfg.dtype is None or cfg.mixed_precision is None or cfg.load_in_4bit is None:
+        cfg = dataclasses.replace(cfg, dtype=cfg.dtype or "float32", mixed_precision=cfg.mixed_precision or "no",
+                                  load_in_4bit=bool(cfg.load_in_4bit))
+    return cfg
+
+
+def trace_train(cfg, shape: Shape, *, fake: bool = True, layers: int | None = None) -> Trace:
     """One optimizer step of the DPO recipe as its loop runs it (micro_step per micro-batch, clipping,
     AdamW, zero_grad), with AdamW's states created beforehand as its first step creates them, so the
     step is a steady-state one: forward and backward run beside the optimizer states."""
-    from pipeline.replay import PairBatch
-    from pipeline.trainer import dpo_step
-    from pipeline.training import adapt_policy, make_optimizer
-
-    if cfg.dtype is None or cfg.mixed_precision is None or cfg.load_in_4bit is None:
-        # train takes unset numerics from its cache; without one, the defaults a cache records by default.
-        cfg = dataclasses.replace(cfg, dtype=cfg.dtype or "float32", mixed_precision=cfg.mixed_precision or "no",
-                                  load_in_4bit=bool(cfg.load_in_4bit))
-    name = model_name or cfg.model
+    cfg = default_numerics(cfg)
     notes = []
-    model = build_model(name, "bfloat16" if cfg.load_in_4bit else cfg.dtype, fake=fake, layers=layers)
+    model = build_model(cfg.model, "bfloat16" if cfg.load_in_4bit else cfg.dtype, fake=fake, layers=layers)
     if cfg.load_in_4bit:
         quantize_4bit(model, fake)
     config = model.config
     torch.manual_seed(cfg.seed)
     policy = adapt_policy(model, cfg)
-    if cfg.load_in_4bit:
-        mark_lora_wrapped(policy)
+    for module in policy.modules() if cfg.load_in_4bit else ():
+        if isinstance(getattr(module, "base_layer", None), NF4Linear):
+            module.base_layer.lora_wrapped = True  # see NF4Linear.lora_wrapped
     fake_mode = new_fake_mode() if fake else None
     if fake:
         materialize(policy, fake_mode)
     ref_model = None
     if cfg.reference == "online" and cfg.lora_r == 0:
-        ref_model = build_model(name, cfg.dtype, fake=fake, layers=layers).requires_grad_(False)
+        ref_model = build_model(cfg.model, cfg.dtype, fake=fake, layers=layers).requires_grad_(False)
         if fake:
             materialize(ref_model, fake_mode)
-    mixed = cfg.mixed_precision
-    if mixed == "fp16":
+    if cfg.mixed_precision == "fp16":  # _autocast traces it as bf16
         notes.append("fp16 autocast traced as bf16 autocast on the CPU (same 2-byte activations); "
                      "the fp16 loss scaler's few scalars are not counted")
-        mixed = "bf16"
-    acc = PlanAccelerator(mixed)
+    acc = PlanAccelerator(cfg.mixed_precision)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     prime_adamw(optimizer)
     tok = SimpleNamespace(mask_token_id=config.mask_token_id, pad_token_id=config.pad_token_id)
-    fp = {"samples": samples, "draws": 1, "scheme": "l_over_L", "eps": None}
-    rows = synthetic_rows(cfg.batch_size, prompt_len, response_len, samples, plain_token(config))
-    batch = PairBatch(rows, 0)
+    fp = {"samples": shape.samples, "draws": 1, "scheme": "l_over_L", "eps": None}
+    batch = PairBatch(synthetic_rows(cfg.batch_size, shape.prompt_length, shape.response_length, shape.samples,
+                                     plain_token(config)), 0)
     ctx = dpo_step.TrainContext(cfg, policy, tok, acc, fp, ref_model)
-    tracker = PlanTracker(config.padded_vocab_size, world)
+    tracker = PlanTracker(config.padded_vocab_size, shape.world_size)
     tracker.track_external(*(m for m in (policy, optimizer, ref_model) if m is not None))
     accum = min(cfg.grad_accum, 2)  # gradients accumulate in place: a third micro-batch peaks as the second
-    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    with tracker, (_no_value_reads(dpo_step) if fake else contextlib.nullcontext()):
+    # The finite-loss check reads a value, which fake tensors do not have; it allocates a scalar only.
+    no_value_reads = mock.patch.object(dpo_step, "_check_finite", lambda *a, **k: None)
+    with tracker, (no_value_reads if fake else contextlib.nullcontext()):
         for micro in range(accum):
             dpo_step.micro_step(ctx, batch, 1.0 / cfg.grad_accum, sync=micro == accum - 1)
-        acc.clip_grad_norm_(params, clip)
+        acc.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return _finish(tracker, policy, notes) if ref_model is None else _with_ref(tracker, policy, ref_model, notes)
+    return _finish(tracker, policy, notes, ref_model)
 
 
 def prime_adamw(optimizer) -> None:
@@ -501,29 +469,20 @@ def prime_adamw(optimizer) -> None:
                                       "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
 
-def _with_ref(tracker, policy, ref_model, notes) -> Trace:
-    trace = _finish(tracker, policy, notes)
-    trace.frozen_bytes += _param_bytes(ref_model)[1]
-    return trace
-
-
-def trace_generate(cfg, *, prompt_len: int, fake: bool = True, layers: int | None = None, world: int = 1) -> Trace:
+def trace_generate(cfg, shape: Shape, *, fake: bool = True, layers: int | None = None) -> Trace:
     """The sampler over ``batch_size`` prompts, one step per block (every step has the same shapes)."""
-    from pipeline.sampler import generate
-
     model = build_model(cfg.model, cfg.dtype, fake=fake, layers=layers)
     model.eval().requires_grad_(False)
     if fake:
         materialize(model, new_fake_mode())
     config = model.config
     token = plain_token(config)
-    blocks = cfg.gen_length // cfg.block_length
-    tracker = PlanTracker(config.padded_vocab_size, world)
+    tracker = PlanTracker(config.padded_vocab_size, shape.world_size)
     tracker.track_external(model)
     with tracker:
-        generate(model, [[token] * prompt_len] * cfg.batch_size, mask_token_id=config.mask_token_id,
+        generate(model, [[token] * shape.prompt_length] * cfg.batch_size, mask_token_id=config.mask_token_id,
                  pad_token_id=config.pad_token_id, gen_length=cfg.gen_length, block_length=cfg.block_length,
-                 steps=blocks, temperature=cfg.temperature, remasking=cfg.remasking, cfg_scale=cfg.cfg_scale,
+                 steps=cfg.gen_length // cfg.block_length, temperature=cfg.temperature, remasking=cfg.remasking, cfg_scale=cfg.cfg_scale,
                  generator=[torch.Generator().manual_seed(i) for i in range(cfg.batch_size)])
     return _finish(tracker, model, ["one sampling step per block traced: every step of a block has the "
                                     "same shapes, so the peak is that of any step"])
