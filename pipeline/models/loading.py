@@ -24,11 +24,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
 from pipeline.atomic import file_sha256
+from pipeline.devices import torch_dtype as _torch_dtype
 from pipeline.errors import UserError
-from pipeline.models import presets
-from pipeline.models.presets import PRESET_VERSION, PRESETS, _torch_dtype, build_preset, preset_tokenizer
+from pipeline.models.adapter import load_adapter_model, pretrained_kwargs
+from pipeline.models.llada import LLaDAModelLM
+from pipeline.models.presets import PRESET_VERSION, PRESETS, build_preset, preset_config, preset_tokenizer
+from pipeline.models.quant import quantize_linears, require_bitsandbytes, settle
+from pipeline.models.tokenizer import CHAT_TEMPLATE, END_HEADER, EOT, START_HEADER
 
 LORA_ADAPTER_CONFIG = "adapter_config.json"
 
@@ -78,8 +83,6 @@ def load_model(
     if name in PRESETS and not Path(name).is_dir():
         model = build_preset(name, device=device, dtype=torch_dtype)
         if load_in_4bit:
-            from pipeline.models.quant import quantize_linears, require_bitsandbytes, settle
-
             require_bitsandbytes(device)
             quantize_linears(model, torch_dtype)
             settle(model.eval())
@@ -108,8 +111,6 @@ def load_model(
     if config.get("model_type") == "llada":
         model = _load_llada(path, torch_dtype, device, load_in_4bit)
     else:
-        from pipeline.models.adapter import load_adapter_model
-
         if mask_token_id is None and config.get("mask_token_id") is None:
             mask_token_id = tokenizer.mask_token_id
         model = load_adapter_model(
@@ -121,15 +122,13 @@ def load_model(
         tokenizer.mask_token = tokenizer.convert_ids_to_tokens(model.config.mask_token_id)
     _complete_tokenizer(tokenizer, model.config, path)
     if load_in_4bit:
-        from pipeline.models.quant import settle
-
         settle(model)
     return model, tokenizer
 
 
 def hub_folder(name: str, *, trust_remote_code: bool = False) -> Path:
     """The local snapshot of hub model ``name``: from the cache, or downloaded when network access is allowed."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # looked up at call time (the hub tests replace it)
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
@@ -148,9 +147,6 @@ def hub_folder(name: str, *, trust_remote_code: bool = False) -> Path:
 
 
 def _load_llada(path: Path, dtype: torch.dtype, device, load_in_4bit: bool = False):
-    from pipeline.models.adapter import pretrained_kwargs
-    from pipeline.models.llada import LLaDAModelLM
-
     # LLaDA's head is "ff_out" like every block's down projection: name it by its full path.
     kwargs = pretrained_kwargs(dtype, device, load_in_4bit, skip_modules=["model.transformer.ff_out"])
     try:
@@ -173,8 +169,6 @@ def _require_safetensors(path: Path) -> None:
 
 
 def _load_tokenizer(path: Path, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
     if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
         raise UserError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
     try:
@@ -203,8 +197,6 @@ def _complete_tokenizer(tokenizer, config, path: Path) -> None:
             f"mask_token_id {config.mask_token_id}"
         )
     if getattr(tokenizer, "chat_template", None) is None:
-        from pipeline.models.tokenizer import CHAT_TEMPLATE, END_HEADER, EOT, START_HEADER
-
         vocab = tokenizer.get_vocab()
         if all(tok in vocab for tok in (START_HEADER, END_HEADER, EOT)):
             tokenizer.chat_template = CHAT_TEMPLATE
@@ -238,7 +230,7 @@ def model_identity(model_dir_or_name) -> dict:
     name = str(model_dir_or_name)
     path = Path(name).expanduser()
     if name in PRESETS and not path.is_dir():
-        config = presets.preset_config(name).to_dict()
+        config = preset_config(name).to_dict()
         config.pop("transformers_version", None)
         return {
             "kind": "preset",
