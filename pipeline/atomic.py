@@ -64,8 +64,6 @@ def follow_umask(path: str | os.PathLike, directory: bool) -> None:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -109,8 +107,9 @@ def sweep_stale(folder: str | os.PathLike, name: str | None = None) -> list[Path
 _swept: set[str] = set()
 
 
-def _sweep_once(folder: Path) -> None:
-    """``sweep_stale`` the first time this process writes into ``folder`` (one listing, not one per file)."""
+def _prepare_folder(folder: Path) -> None:
+    """Create ``folder``; the first write of this process into it also runs ``sweep_stale`` (once, not per file)."""
+    folder.mkdir(parents=True, exist_ok=True)
     key = str(folder.absolute())
     if key not in _swept:
         sweep_stale(folder)
@@ -299,8 +298,7 @@ def atomic_path(target: str | os.PathLike, *, record: bool = True) -> Iterator[P
     """
     target = Path(target)
     check_replaceable(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_once(target.parent)
+    _prepare_folder(target.parent)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target.name, "file"), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -333,8 +331,7 @@ def atomic_dir(target: str | os.PathLike, *, record: bool = True) -> Iterator[Pa
     if os.path.lexists(target) and (not target.is_dir() or target.is_symlink()):
         check_replaceable(target)  # a user's file where the folder goes: refused before any work
         raise UserError(f"{target}: exists and is not a folder; move it away")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_once(target.parent)
+    _prepare_folder(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name, "new"), suffix=".tmp", dir=target.parent))
     try:
         follow_umask(tmp, directory=True)

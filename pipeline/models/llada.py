@@ -72,20 +72,12 @@ class LLaDAConfig(PretrainedConfig):
 
     def check_supported(self) -> None:
         """Refuse the LLaDA options this implementation does not have (none are used by public checkpoints)."""
-        unsupported = {
-            "alibi": self.alibi,
-            "input_emb_norm": self.input_emb_norm,
-            "scale_logits": self.scale_logits,
-            "include_bias": self.include_bias,
-            "include_qkv_bias": self.include_qkv_bias,
-            "attention_layer_norm": self.attention_layer_norm,
-            "weight_tying": self.weight_tying,
-            "rope=false": not self.rope,
-        }
-        for name in ("attention_dropout", "residual_dropout", "embedding_dropout"):
-            if getattr(self, name, 0.0):  # LLaDA trains without dropout; silently ignoring one would be wrong
-                unsupported[f"{name}={getattr(self, name)}"] = True
-        bad = [name for name, on in unsupported.items() if on]
+        flags = ("alibi", "input_emb_norm", "scale_logits", "include_bias", "include_qkv_bias",
+                 "attention_layer_norm", "weight_tying")
+        bad = [name for name in flags if getattr(self, name)] + ([] if self.rope else ["rope=false"])
+        # LLaDA trains without dropout; silently ignoring one would be wrong
+        bad += [f"{name}={getattr(self, name)}" for name in ("attention_dropout", "residual_dropout",
+                                                             "embedding_dropout") if getattr(self, name, 0.0)]
         if bad:
             raise ValueError(f"LLaDA config option(s) not supported by the native model: {', '.join(bad)}")
         # LLaDA-8B's llama block computes silu(ff_proj(x)) * up_proj(x) with activation_type "silu". In
@@ -222,7 +214,6 @@ class LLaDAModelLM(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["LLaDABlock"]
     _supports_sdpa = True
-    main_input_name = "input_ids"
     # Position i predicts token i (no autoregressive shift).
     logits_shift = False
     # forward(..., hidden_only=True) returns the final hidden state without the head.

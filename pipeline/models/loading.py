@@ -109,7 +109,12 @@ def load_model(
     _require_safetensors(path)
     tokenizer = _load_tokenizer(path, trust_remote_code)
     if config.get("model_type") == "llada":
-        model = _load_llada(path, torch_dtype, device, load_in_4bit)
+        # LLaDA's head is "ff_out" like every block's down projection: name it by its full path.
+        kwargs = pretrained_kwargs(torch_dtype, device, load_in_4bit, skip_modules=["model.transformer.ff_out"])
+        try:
+            model = LLaDAModelLM.from_pretrained(path, **kwargs).eval()
+        except ValueError as exc:
+            raise UserError(f"{path}: cannot load LLaDA checkpoint: {str(exc).splitlines()[0]}") from None
     else:
         if mask_token_id is None and config.get("mask_token_id") is None:
             mask_token_id = tokenizer.mask_token_id
@@ -144,16 +149,6 @@ def hub_folder(name: str, *, trust_remote_code: bool = False) -> Path:
                 "LLDM_DPO_ONLINE=1, to download it)"
             ) from None
         raise UserError(f"model {name!r}: cannot fetch it from the hub ({type(exc).__name__}: {exc})") from None
-
-
-def _load_llada(path: Path, dtype: torch.dtype, device, load_in_4bit: bool = False):
-    # LLaDA's head is "ff_out" like every block's down projection: name it by its full path.
-    kwargs = pretrained_kwargs(dtype, device, load_in_4bit, skip_modules=["model.transformer.ff_out"])
-    try:
-        model = LLaDAModelLM.from_pretrained(path, **kwargs)
-    except ValueError as exc:
-        raise UserError(f"{path}: cannot load LLaDA checkpoint: {str(exc).splitlines()[0]}") from None
-    return model.eval()
 
 
 def _require_safetensors(path: Path) -> None:
@@ -219,6 +214,15 @@ def _canonical_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _config_hash(config: dict) -> str:
+    config.pop("transformers_version", None)  # written by whichever version saved it
+    return _canonical_hash(config)
+
+
+def _weight_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: _file_sha256(p) for p in sorted(folder.glob("*.safetensors"))}
+
+
 def model_identity(model_dir_or_name) -> dict:
     """What determines a model's outputs: config hash + weight-file hashes (or preset recipe).
 
@@ -230,12 +234,10 @@ def model_identity(model_dir_or_name) -> dict:
     name = str(model_dir_or_name)
     path = Path(name).expanduser()
     if name in PRESETS and not path.is_dir():
-        config = preset_config(name).to_dict()
-        config.pop("transformers_version", None)
         return {
             "kind": "preset",
             "name": name,
-            "config_sha256": _canonical_hash(config),
+            "config_sha256": _config_hash(preset_config(name).to_dict()),
             "weights": (f"preset:{name}:sha256={PRESETS[name].weights_sha256}" if PRESETS[name].weights
                         else f"preset:{name}:seed={PRESETS[name].seed}:v{PRESET_VERSION}"),
         }
@@ -245,7 +247,7 @@ def model_identity(model_dir_or_name) -> dict:
         # An adapter's outputs depend on its own weights and on its base model's.
         adapter = json.loads((path / LORA_ADAPTER_CONFIG).read_text(encoding="utf-8"))
         return {"kind": "lora", "config_sha256": _canonical_hash(adapter),
-                "weights": {p.name: _file_sha256(p) for p in sorted(path.glob("*.safetensors"))},
+                "weights": _weight_hashes(path),
                 "base": model_identity(adapter.get("base_model_name_or_path") or "")}
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -254,9 +256,7 @@ def model_identity(model_dir_or_name) -> dict:
                             f"that name; run from another folder or name the model folder")
         raise UserError(f"model {name!r}: not a preset and no config.json there")
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    config.pop("transformers_version", None)  # written by whichever version saved it
-    weights = {p.name: _file_sha256(p) for p in sorted(path.glob("*.safetensors"))}
-    return {"kind": "folder", "config_sha256": _canonical_hash(config), "weights": weights}
+    return {"kind": "folder", "config_sha256": _config_hash(config), "weights": _weight_hashes(path)}
 
 
 def _module_identity(model: nn.Module) -> dict:
@@ -267,8 +267,7 @@ def _module_identity(model: nn.Module) -> dict:
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     config = getattr(model, "config", None)
     cfg = config.to_dict() if hasattr(config, "to_dict") else {}
-    cfg.pop("transformers_version", None)
-    return {"kind": "module", "config_sha256": _canonical_hash(cfg), "weights": h.hexdigest()}
+    return {"kind": "module", "config_sha256": _config_hash(cfg), "weights": h.hexdigest()}
 
 
 def tokenizer_identity(tokenizer) -> str:
@@ -277,10 +276,7 @@ def tokenizer_identity(tokenizer) -> str:
     # Runtime settings, not part of what the tokenizer is.
     backend.pop("truncation", None)
     backend.pop("padding", None)
-    specials = {
-        attr: getattr(tokenizer, attr, None)
-        for attr in ("bos_token", "eos_token", "pad_token", "mask_token", "unk_token")
-    }
-    return _canonical_hash(
-        {"backend": backend, "specials": specials, "chat_template": getattr(tokenizer, "chat_template", None)}
-    )
+    specials = {attr: getattr(tokenizer, attr, None)
+                for attr in ("bos_token", "eos_token", "pad_token", "mask_token", "unk_token")}
+    chat_template = getattr(tokenizer, "chat_template", None)
+    return _canonical_hash({"backend": backend, "specials": specials, "chat_template": chat_template})

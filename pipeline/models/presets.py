@@ -52,8 +52,6 @@ class Preset:
     """sha256 of that file, checked before the weights are used."""
 
 
-SKILL_SHA256 = "b4b48e7a413c3446feb2beec64e7a73934f9ddb14855f385e404ca2dc3bf8703"
-
 PRESETS: dict[str, Preset] = {
     "skill": Preset(
         description="~1.2M-parameter LLaDA (4 layers, d_model 128) trained on short arithmetic word problems, "
@@ -63,7 +61,7 @@ PRESETS: dict[str, Preset] = {
             vocab_size=512, embedding_size=512, max_sequence_length=256,
         ),
         weights="skill.safetensors",
-        weights_sha256=SKILL_SHA256,
+        weights_sha256="b4b48e7a413c3446feb2beec64e7a73934f9ddb14855f385e404ca2dc3bf8703",
     ),
     "tiny": Preset(
         description="~3.7M-parameter LLaDA (4 layers, d_model 256), random weights",

@@ -87,11 +87,10 @@ LLADA_VOCAB_SIZE = 126464
 def _llada_layout_json(vocab_size: int) -> str:
     """Same merges, ids stretched to LLaDA's: unreachable filler tokens pad the gaps."""
     data = json.loads(_backend_json(vocab_size))
-    ordinary = sorted(
-        ((tid, tok) for tok, tid in data["model"]["vocab"].items() if tok not in SPECIAL_TOKENS), key=lambda p: p[0]
-    )
+    compact = data["model"]["vocab"]
+    ordinary = sorted((tok for tok in compact if tok not in SPECIAL_TOKENS), key=compact.__getitem__)
     first_special = min(LLADA_SPECIAL_IDS.values())
-    vocab = {tok: i for i, (_, tok) in enumerate(ordinary)}
+    vocab = {tok: i for i, tok in enumerate(ordinary)}
     # Fillers are never produced: BPE reaches a token only through merges of bytes.
     for i in range(len(vocab), first_special):
         vocab[f"<|reserved_{i}|>"] = i
