@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -63,8 +64,6 @@ def follow_umask(path: str | os.PathLike, directory: bool) -> None:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -108,8 +107,9 @@ def sweep_stale(folder: str | os.PathLike, name: str | None = None) -> list[Path
 _swept: set[str] = set()
 
 
-def _sweep_once(folder: Path) -> None:
-    """``sweep_stale`` the first time this process writes into ``folder`` (one listing, not one per file)."""
+def _prepare_folder(folder: Path) -> None:
+    """Create ``folder``; the first write of this process into it also runs ``sweep_stale`` (once, not per file)."""
+    folder.mkdir(parents=True, exist_ok=True)
     key = str(folder.absolute())
     if key not in _swept:
         sweep_stale(folder)
@@ -188,18 +188,14 @@ def _write_record(folder: Path, names: Iterable[str]) -> None:
     ledger.write_text("".join(json.dumps(n) + "\n" for n in names), encoding="utf-8")
 
 
-def _follow_umask_tree(root: Path) -> None:
-    for dirpath, _dirnames, filenames in os.walk(root):
+def _seal_tree(root: Path) -> None:
+    """Give a freshly built folder's content the umask's modes and record all of it as written by lldm-dpo."""
+    for dirpath, dirnames, filenames in os.walk(root):
         follow_umask(dirpath, directory=True)
         for name in filenames:
             path = os.path.join(dirpath, name)
             if not os.path.islink(path):
                 follow_umask(path, directory=False)
-
-
-def _record_tree(root: Path) -> None:
-    """Record everything under a freshly built folder as written by lldm-dpo."""
-    for dirpath, dirnames, filenames in os.walk(root):
         _write_record(Path(dirpath), [n for n in dirnames + filenames if n != LEDGER])
 
 
@@ -302,8 +298,7 @@ def atomic_path(target: str | os.PathLike, *, record: bool = True) -> Iterator[P
     """
     target = Path(target)
     check_replaceable(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_once(target.parent)
+    _prepare_folder(target.parent)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target.name, "file"), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -311,12 +306,12 @@ def atomic_path(target: str | os.PathLike, *, record: bool = True) -> Iterator[P
         follow_umask(tmp_path, directory=False)
         yield tmp_path
         follow_umask(tmp_path, directory=False)  # a writer that replaced the file (0600 temp of its own)
-        _fsync_file(tmp_path)
+        _fsync(tmp_path)
         check_replaceable(target)  # a user's file that appeared while we wrote
         if record:
             claim(target)
         os.replace(tmp_path, target)
-        _fsync_dir(target.parent)
+        _fsync(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -336,14 +331,12 @@ def atomic_dir(target: str | os.PathLike, *, record: bool = True) -> Iterator[Pa
     if os.path.lexists(target) and (not target.is_dir() or target.is_symlink()):
         check_replaceable(target)  # a user's file where the folder goes: refused before any work
         raise UserError(f"{target}: exists and is not a folder; move it away")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_once(target.parent)
+    _prepare_folder(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name, "new"), suffix=".tmp", dir=target.parent))
     try:
         follow_umask(tmp, directory=True)
         yield tmp
-        _follow_umask_tree(tmp)  # safetensors and others write their files 0600: the umask decides, as elsewhere
-        _record_tree(tmp)
+        _seal_tree(tmp)  # safetensors and others write their files 0600: the umask decides, as elsewhere
         carried: list[Path] = []
         if os.path.lexists(target):
             if not target.is_dir() or target.is_symlink():
@@ -357,12 +350,12 @@ def atomic_dir(target: str | os.PathLike, *, record: bool = True) -> Iterator[Pa
             claim(target)
         if not os.path.lexists(target):
             os.replace(tmp, target)
-            _fsync_dir(target.parent)
+            _fsync(target.parent)
             return
         old = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name, "old"), suffix=".tmp", dir=target.parent))
         os.replace(target, old / target.name)
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        _fsync(target.parent)
         for entry in carried:
             os.replace(old / target.name / entry.name, target / entry.name)
         shutil.rmtree(old, ignore_errors=True)
@@ -382,8 +375,6 @@ def write_json_atomic(target: str | os.PathLike, obj, *, record: bool = True) ->
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
     """The sha256 of a file's bytes, read in blocks: the one file hasher (cache parts, inputs, weights)."""
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(block):
@@ -415,17 +406,8 @@ def check_writable(path: str | os.PathLike, what: str = "output", *, file: bool 
         raise UserError(f"{path}: cannot write the {what}: permission denied")
 
 
-def _fsync_file(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; not supported everywhere, so best effort.
+def _fsync(path: Path) -> None:
+    # A folder's: makes the rename itself durable; not supported everywhere, so best effort.
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:

@@ -54,15 +54,11 @@ def _is_stale(owner: dict) -> bool:
     return owner.get("host") == _HOST and isinstance(pid, int) and (not _alive(pid) or _zombie(pid))
 
 
-def _main_process() -> bool:
-    return os.environ.get("RANK", "0") in ("", "0")
-
-
 @contextlib.contextmanager
 def output_lock(target: str | os.PathLike, stage: str, *, folder: bool, what: str = "") -> Iterator[Path | None]:
     """Hold the lock of ``target`` (an output folder, or an output file) while the block runs; ``what`` names
     the output in the error when it cannot be written."""
-    if not _main_process():
+    if os.environ.get("RANK", "0") not in ("", "0"):  # not the main process
         yield None
         return
     path = lock_path(target, folder)

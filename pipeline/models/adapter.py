@@ -13,9 +13,12 @@ from __future__ import annotations
 import types
 
 import torch
+import transformers
 from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, BitsAndBytesConfig
 
 from pipeline.errors import UserError
+from pipeline.models.quant import require_bitsandbytes
 
 # model_type values whose logits are shifted by one (autoregressive init).
 SHIFTED_MODEL_TYPES = {"dream"}
@@ -70,20 +73,13 @@ def adapt(model: nn.Module, *, mask_token_id: int | None, logits_shift: bool | N
 
 def pretrained_kwargs(dtype: torch.dtype, device, load_in_4bit: bool = False, skip_modules=None) -> dict:
     """``from_pretrained`` arguments: safetensors only, dtype, direct-to-device loading off CPU, NF4 on request."""
-    import transformers
-
     major = int(transformers.__version__.split(".")[0])
     # transformers 5 renamed torch_dtype to dtype.
     kwargs = {"dtype" if major >= 5 else "torch_dtype": dtype, "use_safetensors": True}
     if torch.device(device).type != "cpu":
         kwargs["device_map"] = {"": str(device)}  # stream shards straight to the device
     if load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        from pipeline.models.quant import require_bitsandbytes
-
         require_bitsandbytes(device)
-
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True, llm_int8_skip_modules=skip_modules,
@@ -94,8 +90,6 @@ def pretrained_kwargs(dtype: torch.dtype, device, load_in_4bit: bool = False, sk
 def load_adapter_model(path, *, dtype, device, trust_remote_code: bool, mask_token_id=None, logits_shift=None,
                        load_in_4bit: bool = False):
     """Load a non-LLaDA folder: AutoModelForMaskedLM when the architecture has one, else AutoModel."""
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
-
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as exc:

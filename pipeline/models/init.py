@@ -13,14 +13,13 @@ from pathlib import Path
 
 from pipeline.atomic import LEDGER, atomic_dir, check_writable
 from pipeline.errors import UserError
+from pipeline.models.loading import model_identity
+from pipeline.models.presets import build_preset, preset_tokenizer
 
 
 def init_model(preset: str, directory, dtype: str = "float32", overwrite: bool = False,
                max_shard_size: str = "2GB", device: str = "cpu") -> dict:
     """Build ``preset`` and save it to ``directory`` atomically; returns a summary."""
-    from pipeline.models.loading import model_identity
-    from pipeline.models.presets import build_preset, preset_tokenizer
-
     target = Path(directory).expanduser()
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists (pass --overwrite to replace it)")

@@ -13,13 +13,15 @@ head to a few rows only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import shutil
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import MaskedLMOutput
 
 try:  # transformers >= 4.48 checkpoints layers through this base class
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -27,114 +29,38 @@ except ImportError:  # pragma: no cover - older transformers
     GradientCheckpointingLayer = None
 
 
+# LLaDA's config keys (``config.json`` of GSAI-ML/LLaDA-8B-*) and their defaults, LLaDA-8B's values;
+# n_kv_heads None means n_heads.
+_CONFIG_DEFAULTS = dict(
+    d_model=4096, n_heads=32, n_kv_heads=None, n_layers=32, mlp_ratio=4, mlp_hidden_size=12288,
+    activation_type="silu", block_type="llama", block_group_size=1,
+    alibi=False, alibi_bias_max=8.0, rope=True, rope_full_precision=True, rope_theta=500000.0,
+    flash_attention=False, attention_dropout=0.0, multi_query_attention=None, attention_layer_norm=False,
+    residual_dropout=0.0, embedding_dropout=0.0, input_emb_norm=False,
+    layer_norm_type="rms", layer_norm_with_affine=True, rms_norm_eps=1e-5, attention_layer_norm_with_affine=True,
+    max_sequence_length=4096, include_bias=False, bias_for_layer_norm=False, include_qkv_bias=False,
+    scale_logits=False, vocab_size=126464, embedding_size=126464, weight_tying=False, mask_token_id=126336,
+    init_device=None, init_fn="mitchell", init_std=0.02, init_cutoff_factor=None, precision="amp_bf16",
+    use_cache=False,
+)
+
+
 class LLaDAConfig(PretrainedConfig):
     """LLaDA's config keys (``config.json`` of GSAI-ML/LLaDA-8B-*), defaults = LLaDA-8B."""
 
     model_type = "llada"
+    # transformers utilities (and peft) look for these generic names.
+    attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads"}
 
-    def __init__(
-        self,
-        d_model: int = 4096,
-        n_heads: int = 32,
-        n_kv_heads: int | None = None,
-        n_layers: int = 32,
-        mlp_ratio: int = 4,
-        mlp_hidden_size: int | None = 12288,
-        activation_type: str = "silu",
-        block_type: str = "llama",
-        block_group_size: int = 1,
-        alibi: bool = False,
-        alibi_bias_max: float = 8.0,
-        rope: bool = True,
-        rope_full_precision: bool = True,
-        rope_theta: float = 500000.0,
-        flash_attention: bool = False,
-        attention_dropout: float = 0.0,
-        multi_query_attention: bool | None = None,
-        attention_layer_norm: bool = False,
-        residual_dropout: float = 0.0,
-        embedding_dropout: float = 0.0,
-        input_emb_norm: bool = False,
-        layer_norm_type: str = "rms",
-        layer_norm_with_affine: bool = True,
-        rms_norm_eps: float = 1e-5,
-        attention_layer_norm_with_affine: bool = True,
-        max_sequence_length: int = 4096,
-        include_bias: bool = False,
-        bias_for_layer_norm: bool | None = False,
-        include_qkv_bias: bool = False,
-        scale_logits: bool = False,
-        vocab_size: int = 126464,
-        embedding_size: int | None = 126464,
-        weight_tying: bool = False,
-        eos_token_id: int = 126081,
-        pad_token_id: int = 126081,
-        mask_token_id: int = 126336,
-        init_device: str | None = None,
-        init_fn: str = "mitchell",
-        init_std: float = 0.02,
-        init_cutoff_factor: float | None = None,
-        precision: str | None = "amp_bf16",
-        use_cache: bool = False,
-        **kwargs,
-    ):
-        self.d_model = d_model
-        self.n_heads = n_heads
-        self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        self.n_layers = n_layers
-        self.mlp_ratio = mlp_ratio
-        self.mlp_hidden_size = mlp_hidden_size
-        self.activation_type = activation_type
-        self.block_type = block_type
-        self.block_group_size = block_group_size
-        self.alibi = alibi
-        self.alibi_bias_max = alibi_bias_max
-        self.rope = rope
-        self.rope_full_precision = rope_full_precision
-        self.rope_theta = rope_theta
-        self.flash_attention = flash_attention
-        self.attention_dropout = attention_dropout
-        self.multi_query_attention = multi_query_attention
-        self.attention_layer_norm = attention_layer_norm
-        self.residual_dropout = residual_dropout
-        self.embedding_dropout = embedding_dropout
-        self.input_emb_norm = input_emb_norm
-        self.layer_norm_type = layer_norm_type
-        self.layer_norm_with_affine = layer_norm_with_affine
-        self.rms_norm_eps = rms_norm_eps
-        self.attention_layer_norm_with_affine = attention_layer_norm_with_affine
-        self.max_sequence_length = max_sequence_length
-        self.include_bias = include_bias
-        self.bias_for_layer_norm = bias_for_layer_norm
-        self.include_qkv_bias = include_qkv_bias
-        self.scale_logits = scale_logits
-        self.vocab_size = vocab_size
-        self.embedding_size = embedding_size
-        self.weight_tying = weight_tying
-        self.mask_token_id = mask_token_id
-        self.init_device = init_device
-        self.init_fn = init_fn
-        self.init_std = init_std
-        self.init_cutoff_factor = init_cutoff_factor
-        self.precision = precision
-        self.use_cache = use_cache
+    def __init__(self, eos_token_id: int = 126081, pad_token_id: int = 126081, **kwargs):
+        for key, default in _CONFIG_DEFAULTS.items():
+            setattr(self, key, kwargs.pop(key, default))
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
         # LLaDA's key is ``weight_tying``; keep transformers' own tying flag in
         # step so it never ties ``ff_out`` to ``wte`` behind our back.
-        kwargs["tie_word_embeddings"] = bool(weight_tying)
+        kwargs["tie_word_embeddings"] = bool(self.weight_tying)
         super().__init__(eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
-
-    # transformers utilities (and peft) look for these generic names.
-    @property
-    def hidden_size(self) -> int:
-        return self.d_model
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.n_layers
-
-    @property
-    def num_attention_heads(self) -> int:
-        return self.n_heads
 
     @property
     def padded_vocab_size(self) -> int:
@@ -146,20 +72,12 @@ class LLaDAConfig(PretrainedConfig):
 
     def check_supported(self) -> None:
         """Refuse the LLaDA options this implementation does not have (none are used by public checkpoints)."""
-        unsupported = {
-            "alibi": self.alibi,
-            "input_emb_norm": self.input_emb_norm,
-            "scale_logits": self.scale_logits,
-            "include_bias": self.include_bias,
-            "include_qkv_bias": self.include_qkv_bias,
-            "attention_layer_norm": self.attention_layer_norm,
-            "weight_tying": self.weight_tying,
-            "rope=false": not self.rope,
-        }
-        for name in ("attention_dropout", "residual_dropout", "embedding_dropout"):
-            if getattr(self, name, 0.0):  # LLaDA trains without dropout; silently ignoring one would be wrong
-                unsupported[f"{name}={getattr(self, name)}"] = True
-        bad = [name for name, on in unsupported.items() if on]
+        flags = ("alibi", "input_emb_norm", "scale_logits", "include_bias", "include_qkv_bias",
+                 "attention_layer_norm", "weight_tying")
+        bad = [name for name in flags if getattr(self, name)] + ([] if self.rope else ["rope=false"])
+        # LLaDA trains without dropout; silently ignoring one would be wrong
+        bad += [f"{name}={getattr(self, name)}" for name in ("attention_dropout", "residual_dropout",
+                                                             "embedding_dropout") if getattr(self, name, 0.0)]
         if bad:
             raise ValueError(f"LLaDA config option(s) not supported by the native model: {', '.join(bad)}")
         # LLaDA-8B's llama block computes silu(ff_proj(x)) * up_proj(x) with activation_type "silu". In
@@ -179,17 +97,6 @@ class LLaDAConfig(PretrainedConfig):
             )
 
 
-@dataclass
-class LLaDAOutput(ModelOutput):
-    """``logits`` [B, S, V]; ``hidden_states`` = final hidden after ln_f when asked."""
-
-    logits: torch.Tensor | None = None
-    hidden_states: torch.Tensor | None = None
-
-
-_HAS_RMS_NORM = hasattr(F, "rms_norm")
-
-
 class LLaDARMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back before the weight, as LLaDA does."""
 
@@ -199,13 +106,8 @@ class LLaDARMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        if _HAS_RMS_NORM:  # fused x * rsqrt(mean(x^2) + eps), same formula
-            x32 = F.rms_norm(x32, (x32.shape[-1],), eps=self.eps)
-        else:  # pragma: no cover - torch < 2.4
-            x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # fused x * rsqrt(mean(x^2) + eps) in float32
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,7 +214,6 @@ class LLaDAModelLM(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["LLaDABlock"]
     _supports_sdpa = True
-    main_input_name = "input_ids"
     # Position i predicts token i (no autoregressive shift).
     logits_shift = False
     # forward(..., hidden_only=True) returns the final hidden state without the head.
@@ -359,19 +260,21 @@ class LLaDAModelLM(PreTrainedModel):
         _carry_remote_code(self.config, save_directory)
 
     # -- forward ---------------------------------------------------------------
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, total: int, start: int = 0):
+        """Embeddings of positions [start, start + w), their RoPE tables and the key padding mask."""
+        if total > self.config.max_sequence_length:
+            raise ValueError(f"sequence length {total} exceeds max_sequence_length {self.config.max_sequence_length}")
+        x = self.model.transformer.wte(input_ids)
+        head_dim = self.config.d_model // self.config.n_heads
+        cos, sin = rope_tables(start + input_ids.shape[1], head_dim, self.config.rope_theta, x.device)
+        return x, cos[start:], sin[start:], _key_padding_mask(attention_mask)
+
     def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states after ln_f, [B, S, d_model]; the LM head is not applied."""
-        t = self.model.transformer
-        _, s = input_ids.shape
-        if s > self.config.max_sequence_length:
-            raise ValueError(f"sequence length {s} exceeds max_sequence_length {self.config.max_sequence_length}")
-        x = t.wte(input_ids)
-        head_dim = self.config.d_model // self.config.n_heads
-        cos, sin = rope_tables(s, head_dim, self.config.rope_theta, x.device)
-        key_mask = _key_padding_mask(attention_mask)
-        for block in t.blocks:
+        x, cos, sin, key_mask = self._embed(input_ids, attention_mask, input_ids.shape[1])
+        for block in self.model.transformer.blocks:
             x = block(x, cos, sin, key_mask)
-        return t.ln_f(x)
+        return self.model.transformer.ln_f(x)
 
     def hidden_with_kv(
         self,
@@ -397,15 +300,9 @@ class LLaDAModelLM(PreTrainedModel):
             raise ValueError("hidden_with_kv: start > 0 needs a kv_cache for the positions before it")
         if start < 0 or start + w > total:
             raise ValueError(f"hidden_with_kv: window [{start}, {start + w}) outside the sequence of {total}")
-        if total > self.config.max_sequence_length:
-            raise ValueError(f"sequence length {total} exceeds max_sequence_length {self.config.max_sequence_length}")
         if kv_cache is not None and len(kv_cache) != len(t.blocks):
             raise ValueError(f"hidden_with_kv: kv_cache has {len(kv_cache)} layers, the model {len(t.blocks)}")
-        x = t.wte(input_ids)
-        head_dim = self.config.d_model // self.config.n_heads
-        cos, sin = rope_tables(start + w, head_dim, self.config.rope_theta, x.device)
-        cos, sin = cos[start:], sin[start:]
-        key_mask = _key_padding_mask(attention_mask)
+        x, cos, sin, key_mask = self._embed(input_ids, attention_mask, total, start)
         fresh = []
         for i, block in enumerate(t.blocks):
             x, own = block.forward_window(x, cos, sin, key_mask, None if kv_cache is None else kv_cache[i], start)
@@ -419,14 +316,15 @@ class LLaDAModelLM(PreTrainedModel):
         output_hidden_states: bool = False,
         hidden_only: bool = False,
         **kwargs,
-    ) -> LLaDAOutput:
-        """``hidden_only=True`` skips the head (``logits`` None, ``hidden_states`` = final hidden):
-        the path ``score_tokens`` takes so wrappers that act in ``forward`` (DDP, autocast) still apply."""
+    ) -> MaskedLMOutput:
+        """``logits`` [B, S, V]; ``hidden_states``: the final hidden after ln_f (one tensor), when asked.
+        ``hidden_only=True`` skips the head (``logits`` None): the path ``score_tokens`` takes so wrappers
+        that act in ``forward`` (DDP, autocast) still apply."""
         hidden = self.final_hidden(input_ids, attention_mask)
         if hidden_only:
-            return LLaDAOutput(logits=None, hidden_states=hidden)
+            return MaskedLMOutput(logits=None, hidden_states=hidden)
         logits = self.model.transformer.ff_out(hidden)
-        return LLaDAOutput(logits=logits, hidden_states=hidden if output_hidden_states else None)
+        return MaskedLMOutput(logits=logits, hidden_states=hidden if output_hidden_states else None)
 
 
 def _key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -450,10 +348,6 @@ def _carry_remote_code(config: LLaDAConfig, save_directory) -> None:
     as well as with this class.  Without those files ``auto_map`` would point
     at nothing, so it is dropped from the saved config.json.
     """
-    import json
-    import shutil
-    from pathlib import Path
-
     target = Path(save_directory)
     config_file = target / "config.json"
     if not config_file.is_file():
@@ -477,27 +371,12 @@ def _carry_remote_code(config: LLaDAConfig, save_directory) -> None:
         config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def count_parameters(config: LLaDAConfig) -> int:
-    """Parameter count from the config alone (wte + blocks + ln_f + head)."""
-    d, v, hidden = config.d_model, config.padded_vocab_size, config.ffn_hidden_size
-    kv = config.n_kv_heads * (d // config.n_heads)
-    block = 2 * d * d + 2 * d * kv + 3 * d * hidden + 2 * d
-    return 2 * v * d + config.n_layers * block + d
+__all__ = ["LLaDAConfig", "LLaDAModelLM", "rope_tables", "apply_rope"]
 
-
-__all__ = ["LLaDAConfig", "LLaDAModelLM", "LLaDAOutput", "count_parameters", "rope_tables", "apply_rope"]
-
-
-def _register_auto_classes() -> None:
-    # Lets AutoConfig/AutoModel resolve model_type "llada" to this code without remote code.
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
-
-    try:
-        AutoConfig.register("llada", LLaDAConfig, exist_ok=True)
-        AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
-        AutoModelForMaskedLM.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
-    except (TypeError, ValueError):  # pragma: no cover - another registration won
-        pass
-
-
-_register_auto_classes()
+# Lets AutoConfig/AutoModel resolve model_type "llada" to this code without remote code.
+try:
+    AutoConfig.register("llada", LLaDAConfig, exist_ok=True)
+    AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
+    AutoModelForMaskedLM.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
+except (TypeError, ValueError):  # pragma: no cover - another registration won
+    pass

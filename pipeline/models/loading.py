@@ -24,11 +24,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
 from pipeline.atomic import file_sha256
+from pipeline.devices import torch_dtype as _torch_dtype
 from pipeline.errors import UserError
-from pipeline.models import presets
-from pipeline.models.presets import PRESET_VERSION, PRESETS, _torch_dtype, build_preset, preset_tokenizer
+from pipeline.models.adapter import load_adapter_model, pretrained_kwargs
+from pipeline.models.llada import LLaDAModelLM
+from pipeline.models.presets import PRESET_VERSION, PRESETS, build_preset, preset_config, preset_tokenizer
+from pipeline.models.quant import quantize_linears, require_bitsandbytes, settle
+from pipeline.models.tokenizer import CHAT_TEMPLATE, END_HEADER, EOT, START_HEADER
 
 LORA_ADAPTER_CONFIG = "adapter_config.json"
 
@@ -78,8 +83,6 @@ def load_model(
     if name in PRESETS and not Path(name).is_dir():
         model = build_preset(name, device=device, dtype=torch_dtype)
         if load_in_4bit:
-            from pipeline.models.quant import quantize_linears, require_bitsandbytes, settle
-
             require_bitsandbytes(device)
             quantize_linears(model, torch_dtype)
             settle(model.eval())
@@ -106,10 +109,13 @@ def load_model(
     _require_safetensors(path)
     tokenizer = _load_tokenizer(path, trust_remote_code)
     if config.get("model_type") == "llada":
-        model = _load_llada(path, torch_dtype, device, load_in_4bit)
+        # LLaDA's head is "ff_out" like every block's down projection: name it by its full path.
+        kwargs = pretrained_kwargs(torch_dtype, device, load_in_4bit, skip_modules=["model.transformer.ff_out"])
+        try:
+            model = LLaDAModelLM.from_pretrained(path, **kwargs).eval()
+        except ValueError as exc:
+            raise UserError(f"{path}: cannot load LLaDA checkpoint: {str(exc).splitlines()[0]}") from None
     else:
-        from pipeline.models.adapter import load_adapter_model
-
         if mask_token_id is None and config.get("mask_token_id") is None:
             mask_token_id = tokenizer.mask_token_id
         model = load_adapter_model(
@@ -121,15 +127,13 @@ def load_model(
         tokenizer.mask_token = tokenizer.convert_ids_to_tokens(model.config.mask_token_id)
     _complete_tokenizer(tokenizer, model.config, path)
     if load_in_4bit:
-        from pipeline.models.quant import settle
-
         settle(model)
     return model, tokenizer
 
 
 def hub_folder(name: str, *, trust_remote_code: bool = False) -> Path:
     """The local snapshot of hub model ``name``: from the cache, or downloaded when network access is allowed."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # looked up at call time (the hub tests replace it)
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
@@ -147,19 +151,6 @@ def hub_folder(name: str, *, trust_remote_code: bool = False) -> Path:
         raise UserError(f"model {name!r}: cannot fetch it from the hub ({type(exc).__name__}: {exc})") from None
 
 
-def _load_llada(path: Path, dtype: torch.dtype, device, load_in_4bit: bool = False):
-    from pipeline.models.adapter import pretrained_kwargs
-    from pipeline.models.llada import LLaDAModelLM
-
-    # LLaDA's head is "ff_out" like every block's down projection: name it by its full path.
-    kwargs = pretrained_kwargs(dtype, device, load_in_4bit, skip_modules=["model.transformer.ff_out"])
-    try:
-        model = LLaDAModelLM.from_pretrained(path, **kwargs)
-    except ValueError as exc:
-        raise UserError(f"{path}: cannot load LLaDA checkpoint: {str(exc).splitlines()[0]}") from None
-    return model.eval()
-
-
 def _require_safetensors(path: Path) -> None:
     if any(path.glob("*.safetensors")):
         return
@@ -173,8 +164,6 @@ def _require_safetensors(path: Path) -> None:
 
 
 def _load_tokenizer(path: Path, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
     if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
         raise UserError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
     try:
@@ -203,8 +192,6 @@ def _complete_tokenizer(tokenizer, config, path: Path) -> None:
             f"mask_token_id {config.mask_token_id}"
         )
     if getattr(tokenizer, "chat_template", None) is None:
-        from pipeline.models.tokenizer import CHAT_TEMPLATE, END_HEADER, EOT, START_HEADER
-
         vocab = tokenizer.get_vocab()
         if all(tok in vocab for tok in (START_HEADER, END_HEADER, EOT)):
             tokenizer.chat_template = CHAT_TEMPLATE
@@ -227,6 +214,15 @@ def _canonical_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _config_hash(config: dict) -> str:
+    config.pop("transformers_version", None)  # written by whichever version saved it
+    return _canonical_hash(config)
+
+
+def _weight_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: _file_sha256(p) for p in sorted(folder.glob("*.safetensors"))}
+
+
 def model_identity(model_dir_or_name) -> dict:
     """What determines a model's outputs: config hash + weight-file hashes (or preset recipe).
 
@@ -238,12 +234,10 @@ def model_identity(model_dir_or_name) -> dict:
     name = str(model_dir_or_name)
     path = Path(name).expanduser()
     if name in PRESETS and not path.is_dir():
-        config = presets.preset_config(name).to_dict()
-        config.pop("transformers_version", None)
         return {
             "kind": "preset",
             "name": name,
-            "config_sha256": _canonical_hash(config),
+            "config_sha256": _config_hash(preset_config(name).to_dict()),
             "weights": (f"preset:{name}:sha256={PRESETS[name].weights_sha256}" if PRESETS[name].weights
                         else f"preset:{name}:seed={PRESETS[name].seed}:v{PRESET_VERSION}"),
         }
@@ -253,7 +247,7 @@ def model_identity(model_dir_or_name) -> dict:
         # An adapter's outputs depend on its own weights and on its base model's.
         adapter = json.loads((path / LORA_ADAPTER_CONFIG).read_text(encoding="utf-8"))
         return {"kind": "lora", "config_sha256": _canonical_hash(adapter),
-                "weights": {p.name: _file_sha256(p) for p in sorted(path.glob("*.safetensors"))},
+                "weights": _weight_hashes(path),
                 "base": model_identity(adapter.get("base_model_name_or_path") or "")}
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -262,9 +256,7 @@ def model_identity(model_dir_or_name) -> dict:
                             f"that name; run from another folder or name the model folder")
         raise UserError(f"model {name!r}: not a preset and no config.json there")
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    config.pop("transformers_version", None)  # written by whichever version saved it
-    weights = {p.name: _file_sha256(p) for p in sorted(path.glob("*.safetensors"))}
-    return {"kind": "folder", "config_sha256": _canonical_hash(config), "weights": weights}
+    return {"kind": "folder", "config_sha256": _config_hash(config), "weights": _weight_hashes(path)}
 
 
 def _module_identity(model: nn.Module) -> dict:
@@ -275,8 +267,7 @@ def _module_identity(model: nn.Module) -> dict:
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     config = getattr(model, "config", None)
     cfg = config.to_dict() if hasattr(config, "to_dict") else {}
-    cfg.pop("transformers_version", None)
-    return {"kind": "module", "config_sha256": _canonical_hash(cfg), "weights": h.hexdigest()}
+    return {"kind": "module", "config_sha256": _config_hash(cfg), "weights": h.hexdigest()}
 
 
 def tokenizer_identity(tokenizer) -> str:
@@ -285,10 +276,7 @@ def tokenizer_identity(tokenizer) -> str:
     # Runtime settings, not part of what the tokenizer is.
     backend.pop("truncation", None)
     backend.pop("padding", None)
-    specials = {
-        attr: getattr(tokenizer, attr, None)
-        for attr in ("bos_token", "eos_token", "pad_token", "mask_token", "unk_token")
-    }
-    return _canonical_hash(
-        {"backend": backend, "specials": specials, "chat_template": getattr(tokenizer, "chat_template", None)}
-    )
+    specials = {attr: getattr(tokenizer, attr, None)
+                for attr in ("bos_token", "eos_token", "pad_token", "mask_token", "unk_token")}
+    chat_template = getattr(tokenizer, "chat_template", None)
+    return _canonical_hash({"backend": backend, "specials": specials, "chat_template": chat_template})

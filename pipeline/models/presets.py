@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 
 from pipeline.atomic import file_sha256
+from pipeline.devices import torch_dtype as _torch_dtype
 from pipeline.errors import UserError
 from pipeline.models.llada import LLaDAConfig, LLaDAModelLM
-from pipeline.models.tokenizer import build_tokenizer, special_token_ids
+from pipeline.models.tokenizer import build_tokenizer
 
 # Bump when preset construction changes the weights a (name, seed) produces:
 # model_identity() of a preset includes it, so caches keyed on it go stale.
@@ -51,8 +52,6 @@ class Preset:
     """sha256 of that file, checked before the weights are used."""
 
 
-SKILL_SHA256 = "b4b48e7a413c3446feb2beec64e7a73934f9ddb14855f385e404ca2dc3bf8703"
-
 PRESETS: dict[str, Preset] = {
     "skill": Preset(
         description="~1.2M-parameter LLaDA (4 layers, d_model 128) trained on short arithmetic word problems, "
@@ -62,7 +61,7 @@ PRESETS: dict[str, Preset] = {
             vocab_size=512, embedding_size=512, max_sequence_length=256,
         ),
         weights="skill.safetensors",
-        weights_sha256=SKILL_SHA256,
+        weights_sha256="b4b48e7a413c3446feb2beec64e7a73934f9ddb14855f385e404ca2dc3bf8703",
     ),
     "tiny": Preset(
         description="~3.7M-parameter LLaDA (4 layers, d_model 256), random weights",
@@ -86,12 +85,6 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def _torch_dtype(dtype) -> torch.dtype:
-    from pipeline.devices import torch_dtype
-
-    return torch_dtype(dtype)
-
-
 def preset_tokenizer(name: str):
     """The tokenizer that goes with preset ``name``."""
     return build_tokenizer(layout=_get(name).tokenizer_layout)
@@ -99,10 +92,9 @@ def preset_tokenizer(name: str):
 
 def preset_config(name: str) -> LLaDAConfig:
     """The LLaDAConfig of preset ``name``, special ids taken from its tokenizer."""
-    preset = _get(name)
-    ids = special_token_ids(preset_tokenizer(name))
-    ids.pop("bos_token_id")
-    return LLaDAConfig(**{**preset.config, **ids})
+    tok = preset_tokenizer(name)
+    return LLaDAConfig(**_get(name).config, mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
 
 
 def build_preset(name: str, device="cpu", dtype="float32", seed: int | None = None) -> LLaDAModelLM:
@@ -120,15 +112,11 @@ def build_preset(name: str, device="cpu", dtype="float32", seed: int | None = No
     if device.type == "cuda":
         fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=fork_devices), _default_dtype(torch_dtype), device:
-        torch.manual_seed(seed)
-        if device.type == "cuda":
-            torch.cuda.manual_seed(seed)
+        torch.manual_seed(seed)  # every device's generator, CUDA's included
         # Parameters are created (and initialised) on the device in the target
         # dtype: no float32 host copy of an 8B model ever exists.
         model = LLaDAModelLM(config)
-    if preset.weights is not None:
-        if device.type == "meta":
-            return model.eval()
+    if preset.weights is not None and device.type != "meta":
         state = {k: v.to(device=device, dtype=torch_dtype) for k, v in preset_weights(name).items()}
         model.load_state_dict(state, strict=True)
     return model.eval()

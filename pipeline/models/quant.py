@@ -38,11 +38,8 @@ BLOCKSIZE = 64
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split(".")[:3]:
-        digits = re.match(r"\d+", piece)
-        parts.append(int(digits.group(0)) if digits else 0)
-    return tuple(parts)
+    """The leading number of each of the first three dot-separated parts (0 where a part has none)."""
+    return tuple(int(m.group(0)) if (m := re.match(r"\d+", piece)) else 0 for piece in text.split(".")[:3])
 
 
 def bitsandbytes_problem() -> str | None:
@@ -129,19 +126,11 @@ def state_tensors(state) -> list[torch.Tensor]:
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters, buffers and 4-bit quantization states, each storage once."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
     tensors = list(model.parameters()) + list(model.buffers())
     for p in list(model.parameters()):
         tensors += state_tensors(getattr(p, "quant_state", None))
-    for t in tensors:
-        storage = t.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += storage.nbytes()
-    return total
+    storages = {(s.data_ptr(), s.nbytes()) for s in (t.untyped_storage() for t in tensors)}
+    return sum(nbytes for _, nbytes in storages)
 
 
 def dequantize_linears(model: nn.Module, dtype: torch.dtype) -> int:

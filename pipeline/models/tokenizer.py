@@ -87,22 +87,18 @@ LLADA_VOCAB_SIZE = 126464
 def _llada_layout_json(vocab_size: int) -> str:
     """Same merges, ids stretched to LLaDA's: unreachable filler tokens pad the gaps."""
     data = json.loads(_backend_json(vocab_size))
-    ordinary = sorted(
-        ((tid, tok) for tok, tid in data["model"]["vocab"].items() if tok not in SPECIAL_TOKENS), key=lambda p: p[0]
-    )
+    compact = data["model"]["vocab"]
+    ordinary = sorted((tok for tok in compact if tok not in SPECIAL_TOKENS), key=compact.__getitem__)
     first_special = min(LLADA_SPECIAL_IDS.values())
-    vocab = {tok: i for i, (_, tok) in enumerate(ordinary)}
+    vocab = {tok: i for i, tok in enumerate(ordinary)}
     # Fillers are never produced: BPE reaches a token only through merges of bytes.
     for i in range(len(vocab), first_special):
         vocab[f"<|reserved_{i}|>"] = i
     data["model"]["vocab"] = vocab
     by_id = {tid: tok for tok, tid in LLADA_SPECIAL_IDS.items()}
-    added = []
-    for i in range(first_special, LLADA_VOCAB_SIZE):
-        content = by_id.get(i, f"<|reserved_{i}|>")
-        added.append({"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
-                      "normalized": False, "special": True})
-    data["added_tokens"] = added
+    data["added_tokens"] = [{"id": i, "content": by_id.get(i, f"<|reserved_{i}|>"), "single_word": False,
+                             "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+                            for i in range(first_special, LLADA_VOCAB_SIZE)]
     return json.dumps(data)
 
 
@@ -115,12 +111,9 @@ def build_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, layout: str = "compact
     No BOS/EOS are added by ``encode``; the chat template writes BOS itself
     (LLaDA's tokenizer: ``add_bos_token`` and ``add_eos_token`` false).
     """
-    if layout == "compact":
-        backend = Tokenizer.from_str(_backend_json(vocab_size))
-    elif layout == "llada":
-        backend = Tokenizer.from_str(_llada_layout_json(vocab_size))
-    else:
+    if layout not in ("compact", "llada"):
         raise ValueError(f"unknown tokenizer layout {layout!r} (compact or llada)")
+    backend = Tokenizer.from_str((_backend_json if layout == "compact" else _llada_layout_json)(vocab_size))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS,
@@ -133,13 +126,3 @@ def build_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, layout: str = "compact
     tokenizer.add_special_tokens({"additional_special_tokens": [EOT, START_HEADER, END_HEADER]})
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
-
-
-def special_token_ids(tokenizer) -> dict[str, int]:
-    """mask / eos / pad / bos ids of a tokenizer, for building a matching model config."""
-    return {
-        "mask_token_id": tokenizer.mask_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-    }

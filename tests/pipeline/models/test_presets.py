@@ -12,7 +12,6 @@ from pipeline.atomic import LEDGER
 from pipeline.errors import UserError
 from pipeline.models import PRESETS, build_preset, load_model, model_identity, preset_tokenizer, tokenizer_identity
 from pipeline.models.init import init_model
-from pipeline.models.llada import count_parameters
 from pipeline.models.presets import preset_config
 
 LLADA_8B_PARAMETERS = 8_015_581_184
@@ -28,7 +27,6 @@ def test_tiny_is_a_few_million_and_deterministic():
     b = build_preset("tiny")
     n = sum(p.numel() for p in a.parameters())
     assert 1_000_000 < n < 10_000_000
-    assert n == count_parameters(a.config)
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), name
     assert not a.training
