@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
-from pipeline.atomic import atomic_path, write_text_atomic
+from pipeline.atomic import atomic_path, check_replaceable, check_writable, write_text_atomic
 from pipeline.errors import UserError
 from pipeline.layout import CONFIG_FILE, EVAL_FILE, REPORT_HTML, REPORT_PNG  # noqa: E402
 from pipeline.metrics import METRICS_FILE, read_metrics
@@ -54,22 +54,6 @@ class ReportPaths(NamedTuple):
 
 
 # --- inputs ----------------------------------------------------------------
-
-
-def _load_metrics(run_dir: Path) -> dict[str, list[float]]:
-    path = run_dir / METRICS_FILE
-    if not path.exists():
-        raise UserError(f"{run_dir}: no {METRICS_FILE} (train writes it); nothing to report")
-    table = read_metrics(path)
-    if table.num_rows == 0:
-        raise UserError(f"{path}: no rows; nothing to report")
-    return {name: table.column(name).to_pylist() for name in table.column_names}
-
-
-def load_eval(run_dir: Path) -> dict[str, Any]:
-    """eval.json as a dict ({} when absent); UserError naming the file when malformed."""
-    path = Path(run_dir) / EVAL_FILE
-    return read_json_object(path) if path.exists() else {}
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -117,15 +101,6 @@ def eval_rows(data: dict[str, Any], prefix: str = "") -> list[tuple[str, float |
         elif _num(val) is not None:
             rows.append((name, None, None, _num(val)))
     return rows
-
-
-def _reference_margins(data: dict[str, Any], given: Sequence[float] | None) -> list[float]:
-    if given is not None:
-        return [float(x) for x in given if _num(x) is not None]
-    margins = data.get("reference_margins")
-    if isinstance(margins, list):
-        return [float(x) for x in margins if _num(x) is not None]
-    return []
 
 
 # --- the figure ------------------------------------------------------------
@@ -263,35 +238,21 @@ def _fmt(v: float | None) -> str:
     return f"{v:.4g}"
 
 
-def _fmt_change(b, a) -> str:
-    if b is None or a is None:
-        return "&mdash;"
-    return f"{a - b:+.4g}"
-
-
 def _summary(m: dict[str, list[float]]) -> list[tuple[str, str]]:
-    def last(name):
-        _, ys = _series(m, name)
-        return ys[-1] if ys else None
-
-    def first(name):
-        _, ys = _series(m, name)
-        return ys[0] if ys else None
-
     steps = m["step"]
     out = [("steps logged", str(len(steps))), ("last step", str(steps[-1]))]
     for name, label in (("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")):
-        f, l_ = first(name), last(name)
-        out.append((f"{label} (first &rarr; last)", f"{_fmt(f)} &rarr; {_fmt(l_)}"))
+        ys = _series(m, name)[1] or [None]
+        out.append((f"{label} (first &rarr; last)", f"{_fmt(ys[0])} &rarr; {_fmt(ys[-1])}"))
     steps_eval, acc_eval = _series(m, "eval/rewards/accuracies")
     if acc_eval:
         best = max(range(len(acc_eval)), key=lambda i: (acc_eval[i], -i))  # the first best, as --save-best keeps
         out.append(("held-out accuracy (last)", f"{_fmt(acc_eval[-1])} at step {steps_eval[-1]}"))
         out.append(("held-out accuracy (best)", f"{_fmt(acc_eval[best])} at step {steps_eval[best]}"))
-    tps = [v for v in m["tokens_per_second"] if v is not None and math.isfinite(v)]
+    _, tps = _series(m, "tokens_per_second")
     if tps:
         out.append(("tokens/s (mean)", _fmt(sum(tps) / len(tps))))
-    mem = [v for v in m["peak_memory_bytes"] if v is not None and math.isfinite(v)]
+    _, mem = _series(m, "peak_memory_bytes")
     if mem:
         out.append(("peak memory", f"{max(mem) / 2**30:.2f} GiB"))
     return out
@@ -336,7 +297,7 @@ def _side_cell(v, rec) -> str:
 
 def _change_cell(b, a, diff) -> str:
     if not isinstance(diff, dict) or _num(diff.get("difference")) is None:
-        return _fmt_change(b, a)
+        return "&mdash;" if b is None or a is None else f"{a - b:+.4g}"
     return (f"{diff['difference']:+.4g}<br><small>95% CI {diff['low']:+.3f} to {diff['high']:+.3f}, paired "
             f"({html.escape(str(diff.get('method', '')))})</small>")
 
@@ -418,22 +379,28 @@ def write_report(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: run directory not found")
-    from pipeline.atomic import check_replaceable, check_writable
-
-    for path in (out_png or run_dir / REPORT_PNG, out_html or run_dir / REPORT_HTML):
+    png_path = Path(out_png) if out_png is not None else run_dir / REPORT_PNG
+    html_path = Path(out_html) if out_html is not None else run_dir / REPORT_HTML
+    for path in (png_path, html_path):
         check_writable(path, "report")
         check_replaceable(path, "report path")
-    m = _load_metrics(run_dir)
-    data = load_eval(run_dir)
+    metrics_path = run_dir / METRICS_FILE
+    if not metrics_path.exists():
+        raise UserError(f"{run_dir}: no {METRICS_FILE} (train writes it); nothing to report")
+    table = read_metrics(metrics_path)
+    if table.num_rows == 0:
+        raise UserError(f"{metrics_path}: no rows; nothing to report")
+    m = {name: table.column(name).to_pylist() for name in table.column_names}
+    data = read_json_object(run_dir / EVAL_FILE) if (run_dir / EVAL_FILE).exists() else {}
     rows = eval_rows(data)
     intervals = data.get("intervals") if isinstance(data.get("intervals"), dict) else {}
-    margins = _reference_margins(data, ref_margins)
+    if ref_margins is None:
+        ref_margins = data.get("reference_margins") if isinstance(data.get("reference_margins"), list) else []
+    margins = [float(x) for x in ref_margins if _num(x) is not None]
     config_path = run_dir / CONFIG_FILE
     config_text = config_path.read_text(encoding="utf-8", errors="replace") if config_path.exists() else None
 
     png = _draw(m, rows, margins, f"lldm-dpo: {run_dir.name}", intervals)
-    png_path = Path(out_png) if out_png is not None else run_dir / REPORT_PNG
-    html_path = Path(out_html) if out_html is not None else run_dir / REPORT_HTML
     with atomic_path(png_path) as tmp:  # recorded: a rerun replaces it, a user's file there is refused
         tmp.write_bytes(png)
     write_text_atomic(html_path, _render_html(run_dir, png, m, rows, config_text, intervals))
