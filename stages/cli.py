@@ -14,10 +14,14 @@ import errno
 import functools
 import importlib
 import importlib.util
+import itertools
+import json
+import os
 import sys
 
 import typer
 
+from pipeline import __version__
 from pipeline.errors import UserError
 
 # Each command lives beside its stage as a plain function; registered here by
@@ -49,8 +53,6 @@ def _one_line_errors(func):
 
     def fail(message: str, as_json: bool):
         if as_json:
-            import json
-
             typer.echo(json.dumps({"error": message, "exit_code": 1}))
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(1)
@@ -81,8 +83,6 @@ def _root(
     if online:
         set_environment(True)
     if version:
-        from pipeline import __version__
-
         typer.echo(__version__)
         raise typer.Exit()
     if ctx.invoked_subcommand is None:
@@ -160,8 +160,6 @@ def set_environment(online: bool) -> None:
     the network; ``--online`` lets a hub id be downloaded. transformers' own
     progress bars and advisories would interleave with ours.
     """
-    import os
-
     online = online or os.environ.get(ONLINE_ENV, "") not in ("", "0", "false")
     if not online:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -181,12 +179,7 @@ def main() -> None:
 
 def _leading_online(argv: list[str]) -> bool:
     """``--online`` given before the command (a root option, applied before any import reads the environment)."""
-    for arg in argv:
-        if arg == "--online":
-            return True
-        if not arg.startswith("-"):
-            return False
-    return False
+    return "--online" in itertools.takewhile(lambda arg: arg.startswith("-"), argv)
 
 
 if __name__ == "__main__":

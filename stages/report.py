@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipeline.stagecli import stage_command
+from pipeline.stagecli import emit_json, stage_command
 
 
 @dataclass
@@ -29,8 +29,6 @@ def run(cfg: ReportConfig):
 
 
 def _action(cfg: ReportConfig, as_json: bool) -> None:
-    from pipeline.stagecli import emit_json
-
     paths = run(cfg)
     if as_json:
         emit_json({"html": str(paths.html), "png": str(paths.png)})
