@@ -107,15 +107,11 @@ def eval_rows(data: dict[str, Any], prefix: str = "") -> list[tuple[str, float |
 
 
 def _series(m: dict[str, list[float]], name: str) -> tuple[list[int], list[float]]:
-    xs, ys = [], []
-    for s, v in zip(m["step"], m[name]):
-        if v is not None and math.isfinite(v):
-            xs.append(s)
-            ys.append(v)
-    return xs, ys
+    points = [(s, v) for s, v in zip(m["step"], m[name]) if v is not None and math.isfinite(v)]
+    return [s for s, _ in points], [v for _, v in points]
 
 
-def _plot_lines(ax, m, names_labels_colors, title, ylabel=None):
+def _plot_lines(ax, m, names_labels_colors, title):
     drew = 0
     for name, label, color in names_labels_colors:
         xs, ys = _series(m, name)
@@ -127,8 +123,6 @@ def _plot_lines(ax, m, names_labels_colors, title, ylabel=None):
         drew += 1
     ax.set_title(title)
     ax.set_xlabel("step")
-    if ylabel:
-        ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     if not drew:
         _empty(ax, "not logged")
@@ -353,11 +347,9 @@ def _render_html(run_dir: Path, png: bytes, m, rows, config_text: str | None, in
                          "items.</small></p>")
     else:
         parts.append(f"<p>No {EVAL_FILE} in the run directory.</p>")
-    parts.append("</div></div>")
-    b64 = base64.b64encode(png).decode("ascii")
-    parts.append("<h2>Training curves</h2>")
-    parts.append(f'<img alt="training curves" width="{PNG_SIZE[0]}" height="{PNG_SIZE[1]}" '
-                 f'src="data:image/png;base64,{b64}">')
+    parts += ["</div></div>", "<h2>Training curves</h2>",
+              f'<img alt="training curves" width="{PNG_SIZE[0]}" height="{PNG_SIZE[1]}" '
+              f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">']
     if config_text is not None:
         parts.append(f"<h2>Run configuration ({CONFIG_FILE})</h2><pre>{e(config_text)}</pre>")
     parts.append("</body></html>\n")
