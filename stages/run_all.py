@@ -126,25 +126,20 @@ class RunResult:
 def merged_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     """Embedded default < user's file (section by section) < flags."""
     base = read_config_file(EMBEDDED_DEFAULT)
-    if config_file is not None:
-        user = seed_project_config(read_config_file(config_file), str(config_file))  # the seed project's keys too
-        for key, value in user.items():
-            if key in SECTIONS and isinstance(value, dict):
-                base[key] = {**base.get(key, {}), **value}
-            else:
-                base[key] = value
-        origin = str(config_file)
-    else:
-        origin = str(EMBEDDED_DEFAULT)
+    # the user's file, with the seed project's keys too
+    user = {} if config_file is None else seed_project_config(read_config_file(config_file), str(config_file))
     flags = dict(flags)
-    user_questions = flags.get("questions") is not None or (config_file is not None and "questions" in user)
+    sections = {key: flags.pop(key) for key in SECTIONS if isinstance(flags.get(key), dict)}
+    for key, value in [*user.items(), *sections.items()]:  # a section (file's, then flag's) adds to the one before
+        if key in SECTIONS and isinstance(value, dict):
+            base[key] = {**base.get(key, {}), **value}
+        else:
+            base[key] = value
     rounds = flags["rounds"] if flags.get("rounds") is not None else base.get("rounds", 0)
-    if not rounds and not user_questions:
+    if not rounds and flags.get("questions") is None and "questions" not in user:
         # The embedded default's questions belong to its rounds: `run --rounds 0` is the single pass.
         base.pop("questions", None)
-    for key in SECTIONS:  # a section given as a flag adds to the file's section
-        if isinstance(flags.get(key), dict):
-            base[key] = {**base.get(key, {}), **flags.pop(key)}
+    origin = str(EMBEDDED_DEFAULT if config_file is None else config_file)
     cfg = load_config(RunConfig, None, flags, values=base, origin=origin)
     # every section's keys checked here, so --print-config refuses what `run` refuses
     if not cfg.rounds:
