@@ -137,16 +137,11 @@ def __getattr__(name: str):
 
 def _requested_command(argv: list[str]) -> str | None:
     """The one command to register for this invocation; None means all of them."""
-    names = {name for name, _ in COMMANDS}
     if argv[:1] == ["--version"]:
         return ""  # no command needed
-    for arg in argv:
-        if arg == "--online":
-            continue
-        if arg.startswith("-"):
-            return None  # an option before any command (--help, --version): show everything
-        return arg if arg in names else None
-    return None
+    first = next((arg for arg in argv if arg != "--online"), None)
+    # an option before any command (--help, --version) shows everything, and so does an unknown command
+    return first if first in {name for name, _ in COMMANDS} else None
 
 
 ONLINE_ENV = "LLDM_DPO_ONLINE"

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.errors import UserError
-from pipeline.layout import EVAL_FILE, METRICS_FILE, ROUNDS_TABLE, TASK_RESULTS
+from pipeline.evalrecord import RESULT_COLUMNS, result_rows
+from pipeline.layout import EVAL_FILE, METRICS_FILE, ROUNDS_TABLE, TASK_RESULTS, quarantine_path_for
 from pipeline.stagecli import stage_command
 
 QUERIES_DIR = Path(__file__).resolve().parent / "queries"
@@ -89,6 +90,7 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=
     import pyarrow as pa
 
     from pipeline.schemas import QUARANTINE_FIELDS  # here, not at the top: `query --help` needs no pyarrow
+    from pipeline.selfpairs import SAMPLE_COLUMNS
 
     con = duckdb.connect(":memory:")
     files = [] if files is None else files
@@ -102,8 +104,6 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=
             raise UserError(f"{pairs}: not an Arrow IPC pairs file: {exc}") from None
         con.register("pairs", table)
         if quarantine is None:
-            from pipeline.layout import quarantine_path_for
-
             beside = quarantine_path_for(pairs)
             if beside.is_file():
                 quarantine = beside
@@ -132,7 +132,11 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=
     if evals is not None:
         _eval_results_view(con, Path(evals))  # read here in Python and registered: no file for the sandbox
     if samples is not None:
-        files += _samples_view(con, Path(samples))
+        found = _files_at(Path(samples), "*.samples.jsonl",
+                          "*.samples.jsonl files under this folder (written by `lldm-dpo make-pairs`)",
+                          "samples file not found")
+        files += found
+        con.execute(f"CREATE VIEW samples AS SELECT * FROM {_read_jsonl(found, SAMPLE_COLUMNS)}")
         if rounds_run is None and (Path(samples) / ROUNDS_TABLE).is_file():
             rounds_run = samples
     if rounds_run is not None:
@@ -224,22 +228,11 @@ def _files_at(path: Path, pattern: str, none_under: str, not_found: str) -> list
     raise UserError(f"{path}: {not_found}")
 
 
-def _samples_view(con, path: Path) -> list[Path]:
-    from pipeline.selfpairs import SAMPLE_COLUMNS
-
-    found = _files_at(path, "*.samples.jsonl",
-                      "*.samples.jsonl files under this folder (written by `lldm-dpo make-pairs`)",
-                      "samples file not found")
-    con.execute(f"CREATE VIEW samples AS SELECT * FROM {_read_jsonl(found, SAMPLE_COLUMNS)}")
-    return found
-
-
 def _eval_results_view(con, path: Path) -> None:
     """View ``eval_results``: every eval.json at ``path`` (a file, or all under a folder), one row per figure
     and model; ``run`` is the folder holding each eval.json."""
     import pyarrow as pa
 
-    from pipeline.evalrecord import RESULT_COLUMNS, result_rows
     from pipeline.report import read_json_object
 
     files = _files_at(path, EVAL_FILE, f"{EVAL_FILE} under this folder (written by `lldm-dpo eval`)",
