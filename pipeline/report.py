@@ -42,10 +42,8 @@ AFTER_COLOR = "#3f51b5"
 HELDOUT_COLOR = "#e53935"
 """Held-out (train --eval-every) curves, drawn over the training ones."""
 ERRORBAR_COLOR = "#111111"
-CI_BEFORE_COLOR = "#9e9e9e"
-CI_AFTER_COLOR = "#3f51b5"
 CI_DIFF_COLOR = "#ef6c00"
-"""Interval bars of the HTML table: before's and after's 95% Wilson intervals, the paired difference's."""
+"""The paired difference's interval bar in the HTML table (before's and after's are in their bars' colors)."""
 
 
 class ReportPaths(NamedTuple):
@@ -298,7 +296,7 @@ def _change_cell(b, a, diff) -> str:
 
 def _interval_bars(b, a, rec) -> str:
     out = []
-    for side, v, color in (("before", b, CI_BEFORE_COLOR), ("after", a, CI_AFTER_COLOR)):
+    for side, v, color in (("before", b, BEFORE_COLOR), ("after", a, AFTER_COLOR)):
         ci = rec.get(side)
         if v is not None and isinstance(ci, dict) and _num(ci.get("low")) is not None:
             out.append(_track(v, ci["low"], ci["high"], color, title=f"{side}: 95% interval"))

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.atomic import check_writable
-from pipeline.config import check_device, check_keys, check_ranges, load_config, read_config_file
+from pipeline.config import check_device, check_keys, check_ranges, load_config, read_config_file, require
 from pipeline.errors import CacheMismatch, ConfigError, UserError
 from pipeline.layout import PAIRS_FILE
 from pipeline.stagecli import emit_json, stage_command, summary_dict
@@ -75,8 +75,7 @@ class RunConfig:
         check_ranges(self, RANGES)
         check_device(self.device)
         for name in SECTIONS:
-            if not isinstance(getattr(self, name), dict):
-                raise ConfigError(f"section '{name}' must be a mapping of that stage's keys")
+            require(isinstance(getattr(self, name), dict), f"section '{name}' must be a mapping of that stage's keys")
         if self.cache is not None or self.threshold is not None:
             from pipeline.sampler import check_fast_settings
 
@@ -88,18 +87,15 @@ class RunConfig:
             if getattr(self, name) is not None:
                 self.eval = {**self.eval, name: getattr(self, name)}
                 self.make_pairs = {**self.make_pairs, name: getattr(self, name)}
-        if self.round_reference not in ROUND_REFERENCES:
-            raise ConfigError(f"round_reference must be one of {', '.join(ROUND_REFERENCES)}, "
-                              f"got {self.round_reference!r}")
-        if self.rounds and not self.questions:
-            raise ConfigError("run --rounds needs --questions FILE (JSONL of question and answer)")
-        if not self.rounds and self.questions:
-            raise ConfigError("--questions is used by iterative rounds: add --rounds R")
-        if self.rounds and int(self.train.get("lora_r", 0) or 0) > 0:
-            # The next round would start from an adapter folder and stack a second adapter on it.
-            raise ConfigError("run --rounds trains full models; LoRA rounds (lora_r > 0) are not supported yet")
-        if self.rounds and not self.eval.get("benchmark"):
-            raise ConfigError("run --rounds measures task accuracy: the eval section needs a benchmark")
+        require(self.round_reference in ROUND_REFERENCES,
+                f"round_reference must be one of {', '.join(ROUND_REFERENCES)}, got {self.round_reference!r}")
+        require(not self.rounds or self.questions, "run --rounds needs --questions FILE (JSONL of question and answer)")
+        require(self.rounds or not self.questions, "--questions is used by iterative rounds: add --rounds R")
+        # LoRA rounds: the next round would start from an adapter folder and stack a second adapter on it.
+        require(not self.rounds or int(self.train.get("lora_r", 0) or 0) <= 0,
+                "run --rounds trains full models; LoRA rounds (lora_r > 0) are not supported yet")
+        require(not self.rounds or self.eval.get("benchmark"),
+                "run --rounds measures task accuracy: the eval section needs a benchmark")
 
 
 @dataclass
