@@ -115,9 +115,7 @@ class MetricsWriter:
         elif self.path.exists():
             self._unflushed = 1  # a fresh run replaces an old file even if it logs nothing
         self._sinks = list(sinks)
-        self._tb = None
-        if tensorboard:
-            self._tb = _open_tensorboard(self.run_dir / TENSORBOARD_DIR, resume_step)
+        self._tb = _open_tensorboard(self.run_dir / TENSORBOARD_DIR, resume_step) if tensorboard else None
 
     def log(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """Record one step. ``row`` needs ``step``; other METRIC_COLUMNS may be absent (stored as NaN).
@@ -142,15 +140,12 @@ class MetricsWriter:
         self._unflushed += 1
         if self._stream is not None:
             print(format_row(clean), file=self._stream, flush=True)
+        measured = {TB_TAGS[k]: v for k, v in clean.items() if k != "step" and not math.isnan(v)}
         if self._tb is not None:
-            for name, tag in TB_TAGS.items():
-                v = clean[name]
-                if not math.isnan(v):
-                    self._tb.add_scalar(tag, v, global_step=step)
-        if self._sinks:
-            measured = {TB_TAGS[k]: v for k, v in clean.items() if k != "step" and not math.isnan(v)}
-            for sink in self._sinks:
-                sink(measured, step)
+            for tag, v in measured.items():
+                self._tb.add_scalar(tag, v, global_step=step)
+        for sink in self._sinks:
+            sink(measured, step)
         if self._unflushed >= self.flush_every:
             self.flush()
         return clean

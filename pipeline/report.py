@@ -183,9 +183,8 @@ def _draw(m, rows, margins, title, intervals=None):
             rec = intervals.get(name) or {}
             for dx, v, side, color in ((-width / 2, b, "before", BEFORE_COLOR), (width / 2, a, "after", AFTER_COLOR)):
                 ci = rec.get(side) if isinstance(rec.get(side), dict) else None
-                err = None
-                if v is not None and ci and _num(ci.get("low")) is not None and _num(ci.get("high")) is not None:
-                    err = [[max(0.0, v - ci["low"])], [max(0.0, ci["high"] - v)]]
+                has_ci = v is not None and ci and _num(ci.get("low")) is not None and _num(ci.get("high")) is not None
+                err = [[max(0.0, v - ci["low"])], [max(0.0, ci["high"] - v)]] if has_ci else None
                 ax.bar([x + dx], [v or 0.0], width, label=side if x == 0 else None, color=color, yerr=err,
                        capsize=4, error_kw={"ecolor": ERRORBAR_COLOR, "elinewidth": 1.5})
                 top = ci["high"] if err else (v or 0.0)

@@ -122,16 +122,15 @@ def build_app(only: str | None = None) -> typer.Typer:
     return app
 
 
-_FULL_APP: typer.Typer | None = None
+@functools.cache
+def _full_app() -> typer.Typer:
+    return build_app()
 
 
 def __getattr__(name: str):
     # `from stages.cli import app` (tests, docs) gets every command, built on first use.
-    global _FULL_APP
     if name == "app":
-        if _FULL_APP is None:
-            _FULL_APP = build_app()
-        return _FULL_APP
+        return _full_app()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

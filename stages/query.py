@@ -277,10 +277,7 @@ def execute(con, sql: str, allow_write: bool = False) -> tuple[list[str], list[t
         check_read_only(con, sql)
     try:
         cur = con.execute(sql)
-        if cur.description is None:
-            return [], []
-        columns = [d[0] for d in cur.description]
-        return columns, cur.fetchall()
+        return ([d[0] for d in cur.description], cur.fetchall()) if cur.description is not None else ([], [])
     except duckdb.Error as exc:
         raise UserError(f"query failed: {_first_line(exc)}") from None
 
@@ -318,11 +315,9 @@ def to_csv(columns: list[str], rows: list[tuple]) -> str:
 
 def _print_table(columns: list[str], rows: list[tuple], max_cell: int = 80) -> None:
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    table = Table(show_header=True, header_style="bold")
-    for c in columns:
-        table.add_column(c, overflow="fold")
+    table = Table(*(Column(c, overflow="fold") for c in columns), show_header=True, header_style="bold")
     for row in rows:
         cells = ["NULL" if v is None else _json_cell(v) if isinstance(v, (list, dict, tuple)) else str(v) for v in row]
         table.add_row(*(c if len(c) <= max_cell else c[: max_cell - 1] + "…" for c in cells))

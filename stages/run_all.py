@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from pipeline.atomic import check_writable
 from pipeline.config import check_device, check_keys, check_ranges, load_config, read_config_file, require
@@ -285,10 +285,8 @@ def print_run_summary(result: RunResult) -> None:
     from stages.evaluate import print_intervals
 
     console = Console()
-    table = Table(title=f"lldm-dpo run: done in {result.seconds:.0f}s", title_justify="left")
-    table.add_column("held-out evaluation")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
+    table = Table("held-out evaluation", Column("before", justify="right"), Column("after", justify="right"),
+                  title=f"lldm-dpo run: done in {result.seconds:.0f}s", title_justify="left")
     for key, name, values in (("preference_accuracy", "preference accuracy", result.preference_accuracy),
                               ("elbo_accuracy", "ELBO accuracy (B(chosen) > B(rejected))", result.elbo_accuracy),
                               ("task_accuracy", "task accuracy (generation)", result.task_accuracy),

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from pipeline.atomic import atomic_path, check_writable, file_sha256, write_json_atomic, write_text_atomic
 from pipeline.config import config_to_dict
@@ -187,10 +187,8 @@ def run_rounds(cfg, log=print) -> RoundsResult:
         task = task_figures(ev, tr_cfg.out, round_dir(cfg.out, 1) / "run" / "task_results.parquet")
         summary = {
             "round": r, "start_model": start_model, "reference_model": ref_model,
-            "questions": mp.questions, "samples": mp.samples, "sample_accuracy": mp.sample_accuracy,
-            "pass_at_k": mp.pass_at_k, "questions_all_correct": mp.questions_all_correct,
-            "questions_all_wrong": mp.questions_all_wrong, "questions_mixed": mp.questions_mixed,
-            "pairs": mp.pairs, "pairs_reference_chosen": mp.pairs_reference_chosen,
+            **{k: getattr(mp, k) for k in ("questions", "samples", "sample_accuracy", "pass_at_k", "questions_all_correct",
+                                           "questions_all_wrong", "questions_mixed", "pairs", "pairs_reference_chosen")},
             "pairs_train": ing.splits.get("train", 0), "pairs_eval": ing.splits.get("eval", 0),
             "scored": sc.pairs, "train_steps": tr.steps, "final_train_loss": tr.final_loss,
             "final_train_reward_accuracy": tr.final_reward_accuracy,
@@ -331,10 +329,9 @@ def _write_report(cfg, summaries, initial_acc) -> Path:
 
 def print_rounds_summary(result: RoundsResult) -> None:
     console = Console()
-    table = Table(title=f"lldm-dpo run --rounds: done in {result.seconds:.0f}s "
+    table = Table(*(Column(header, justify="right") for _, header in COLUMNS),
+                  title=f"lldm-dpo run --rounds: done in {result.seconds:.0f}s "
                         f"(original model's task accuracy {_fmt(result.initial_task_accuracy)})", title_justify="left")
-    for _, header in COLUMNS:
-        table.add_column(header, justify="right")
     for s in result.rounds:
         table.add_row(*(_fmt(s.get(k)) for k, _ in COLUMNS))
     console.print(headline(result.rounds), soft_wrap=True, markup=False)  # the result leads
