@@ -137,8 +137,7 @@ def _empty(ax, text):
 
 def _count(rec: dict) -> str:
     count = rec.get("count")
-    count = f"{count:g}" if isinstance(count, float) else str(count)
-    return f"{count}/{rec.get('n')}"
+    return f"{count:g}/{rec.get('n')}" if isinstance(count, float) else f"{count}/{rec.get('n')}"
 
 
 def _draw(m, rows, margins, title, intervals=None):

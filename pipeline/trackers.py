@@ -38,11 +38,7 @@ def project_name(names: list[str], environ: Mapping[str, str] | None = None) -> 
     (WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME, ...), else ``PROJECT_NAME``. accelerate passes one project to every
     tracker; MLflow's own tracker reads MLFLOW_EXPERIMENT_NAME first in any case."""
     env = os.environ if environ is None else environ
-    for name in names:
-        value = env.get(PROJECT_ENV.get(name, ""), "")
-        if value:
-            return value
-    return PROJECT_NAME
+    return next((env[PROJECT_ENV[n]] for n in names if env.get(PROJECT_ENV.get(n, ""))), PROJECT_NAME)
 
 
 def init_kwargs(names: list[str], run_name: str | None) -> dict[str, dict[str, Any]]:
@@ -58,9 +54,7 @@ def hf_tag(metric: str) -> str:
 
 
 def parse_report_to(value: str | list[str] | None) -> list[str]:
-    """``"tensorboard,wandb"`` -> ``["tensorboard", "wandb"]``; ``none`` (or empty) -> ``[]``."""
-    if value is None:
-        return []
+    """``"tensorboard,wandb"`` -> ``["tensorboard", "wandb"]``; ``none`` (or empty, or None) -> ``[]``."""
     parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
     names = [str(p).strip().lower() for p in parts if str(p).strip()]
     if "none" in names:
@@ -98,9 +92,7 @@ def resolve_trackers(names: list[str]) -> list[str]:
 
 def _plain(value: Any) -> Any:
     """Tracker configs take bool/str/int/float/None only."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 class AccelerateSink:

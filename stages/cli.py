@@ -159,10 +159,9 @@ def set_environment(online: bool) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     elif os.environ.get("HF_HUB_OFFLINE") == "1":
         del os.environ["HF_HUB_OFFLINE"]
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+                        ("TRANSFORMERS_VERBOSITY", "error"), ("TQDM_DISABLE", "1")):
+        os.environ.setdefault(name, value)
 
 
 def main() -> None:

@@ -89,6 +89,7 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=
     import duckdb
     import pyarrow as pa
 
+    from pipeline.report import read_json_object
     from pipeline.schemas import QUARANTINE_FIELDS  # here, not at the top: `query --help` needs no pyarrow
     from pipeline.selfpairs import SAMPLE_COLUMNS
 
@@ -129,8 +130,15 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=
             _parquet_view(con, "task_results", Path(run) / TASK_RESULTS, files)
         if evals is None and (Path(run) / EVAL_FILE).is_file():
             evals = Path(run) / EVAL_FILE
-    if evals is not None:
-        _eval_results_view(con, Path(evals))  # read here in Python and registered: no file for the sandbox
+    if evals is not None:  # every eval.json there, one row per figure and model; `run` is the folder holding it
+        evals = _files_at(Path(evals), EVAL_FILE, f"{EVAL_FILE} under this folder (written by `lldm-dpo eval`)",
+                          "eval results not found")
+        rows = [r for f in evals for r in result_rows(read_json_object(f), str(f.parent))]
+        types = {"VARCHAR": pa.string(), "DOUBLE": pa.float64(), "BIGINT": pa.int64()}
+        schema = pa.schema([(k, types[v]) for k, v in RESULT_COLUMNS.items()])
+        # read here in Python and registered: no file for the sandbox
+        con.register("eval_results_table", pa.Table.from_pylist(rows, schema=schema))
+        con.execute("CREATE VIEW eval_results AS SELECT * FROM eval_results_table")
     if samples is not None:
         found = _files_at(Path(samples), "*.samples.jsonl",
                           "*.samples.jsonl files under this folder (written by `lldm-dpo make-pairs`)",
@@ -228,22 +236,6 @@ def _files_at(path: Path, pattern: str, none_under: str, not_found: str) -> list
     raise UserError(f"{path}: {not_found}")
 
 
-def _eval_results_view(con, path: Path) -> None:
-    """View ``eval_results``: every eval.json at ``path`` (a file, or all under a folder), one row per figure
-    and model; ``run`` is the folder holding each eval.json."""
-    import pyarrow as pa
-
-    from pipeline.report import read_json_object
-
-    files = _files_at(path, EVAL_FILE, f"{EVAL_FILE} under this folder (written by `lldm-dpo eval`)",
-                      "eval results not found")
-    rows = [r for f in files for r in result_rows(read_json_object(f), str(f.parent))]
-    types = {"VARCHAR": pa.string(), "DOUBLE": pa.float64(), "BIGINT": pa.int64()}
-    schema = pa.schema([(k, types[v]) for k, v in RESULT_COLUMNS.items()])
-    con.register("eval_results_table", pa.Table.from_pylist(rows, schema=schema))
-    con.execute("CREATE VIEW eval_results AS SELECT * FROM eval_results_table")
-
-
 def check_read_only(con, sql: str) -> None:
     """Refuse statements that write files or change the database (COPY ... TO, EXPORT, ATTACH,
     INSTALL/LOAD, SET/PRAGMA, CREATE ...): only SELECT-like queries (and EXPLAIN of one) run.
@@ -264,8 +256,7 @@ def check_read_only(con, sql: str) -> None:
             check_read_only(con, inner)
             continue
         if kind != duckdb.StatementType.SELECT:
-            name = kind.name if hasattr(kind, "name") else str(kind)
-            raise UserError(f"query refused: a {name} statement may write files or change settings "
+            raise UserError(f"query refused: a {getattr(kind, 'name', kind)} statement may write files or change settings "
                             f"({st.query.strip()[:60]!r}); query is read-only unless you pass --allow-write")
 
 

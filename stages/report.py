@@ -18,9 +18,6 @@ class ReportConfig:
     out_png: Optional[Path] = None
     """PNG path (default RUN_DIR/report.png)."""
 
-    def __post_init__(self) -> None:
-        self.run_dir = Path(self.run_dir)
-
 
 def run(cfg: ReportConfig):
     from pipeline.report import write_report

@@ -140,8 +140,10 @@ def merged_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     # every section's keys checked here, so --print-config refuses what `run` refuses
     if not cfg.rounds:
         stage_configs(cfg)
-    else:
-        check_section_keys(cfg)
+    else:  # unknown keys in a rounds' section are an error now, not when a round reaches that stage
+        for name, cls in stage_classes().items():
+            where = f"run config: {name}"
+            check_keys(cls, translate(cls, dict(getattr(cfg, name)), where), where)
     return cfg
 
 
@@ -155,13 +157,6 @@ def stage_classes() -> dict[str, type]:
 
     return {"ingest": IngestConfig, "score_ref": ScoreRefConfig, "train": TrainConfig, "eval": EvalConfig,
             "make_pairs": MakePairsConfig}
-
-
-def check_section_keys(cfg: RunConfig) -> None:
-    """Unknown keys in any section are an error now, not when its round reaches that stage."""
-    for name, cls in stage_classes().items():
-        where = f"run config: {name}"
-        check_keys(cls, translate(cls, dict(getattr(cfg, name)), where), where)
 
 
 def _shipped(path: str) -> str:
@@ -293,10 +288,7 @@ def print_run_summary(result: RunResult) -> None:
                               ("choice_accuracy", "multiple-choice accuracy (option ELBO)", result.choice_accuracy)):
         if values and key not in result.intervals:  # those with counts and intervals are listed below
             table.add_row(name, f"{values.get('before', float('nan')):.3f}", f"{values.get('after', float('nan')):.3f}")
-    if table.row_count:
-        console.print(table)
-    else:
-        console.print(f"lldm-dpo run: done in {result.seconds:.0f}s")
+    console.print(table if table.row_count else f"lldm-dpo run: done in {result.seconds:.0f}s")
     print_intervals(result.intervals, result.mc_spread, title="held-out evaluation, 95% intervals")
     console.print(f"train: final loss {result.final_train_loss:.4f}, "
                   f"reward accuracy {result.final_train_reward_accuracy:.3f}")

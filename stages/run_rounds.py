@@ -263,9 +263,7 @@ def headline(summaries: list[dict[str, Any]]) -> str:
     text = (f"task accuracy (held-out, greedy): before {format_accuracy(before) if before else '-'} -> "
             f"after round {last['round']} {format_accuracy(after)}")
     diff = last.get("task_accuracy_difference")
-    if diff:
-        text += f"; difference {format_difference(diff)}"
-    return text
+    return text + (f"; difference {format_difference(diff)}" if diff else "")
 
 
 def report_markdown(cfg, summaries: list[dict[str, Any]], initial_acc) -> str:
@@ -319,9 +317,8 @@ def _write_report(cfg, summaries, initial_acc) -> Path:
     rows = table_rows(cfg.model, summaries)
     with atomic_path(cfg.out / ROUNDS_TABLE) as tmp:  # recorded: the next round replaces it
         pq.write_table(pa.Table.from_pylist(rows, schema=ROUNDS_SCHEMA), tmp)
-    png = rounds_png(rows, f"lldm-dpo run --rounds {cfg.rounds}: task accuracy per round")
     with atomic_path(cfg.out / ROUNDS_PNG) as tmp:
-        tmp.write_bytes(png)
+        tmp.write_bytes(rounds_png(rows, f"lldm-dpo run --rounds {cfg.rounds}: task accuracy per round"))
     path = cfg.out / "rounds.md"
     write_text_atomic(path, report_markdown(cfg, summaries, initial_acc))
     return path
