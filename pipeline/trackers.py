@@ -43,9 +43,7 @@ def project_name(names: list[str], environ: Mapping[str, str] | None = None) -> 
 
 def init_kwargs(names: list[str], run_name: str | None) -> dict[str, dict[str, Any]]:
     """accelerate's per-tracker init arguments giving the run its name (TrainingArguments' run_name)."""
-    if not run_name:
-        return {}
-    return {n: {RUN_NAME_KEY[n]: run_name} for n in names if n in RUN_NAME_KEY}
+    return {n: {RUN_NAME_KEY[n]: run_name} for n in names if n in RUN_NAME_KEY} if run_name else {}
 
 
 def hf_tag(metric: str) -> str:

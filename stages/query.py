@@ -256,8 +256,8 @@ def check_read_only(con, sql: str) -> None:
             check_read_only(con, inner)
             continue
         if kind != duckdb.StatementType.SELECT:
-            raise UserError(f"query refused: a {getattr(kind, 'name', kind)} statement may write files or change settings "
-                            f"({st.query.strip()[:60]!r}); query is read-only unless you pass --allow-write")
+            raise UserError(f"query refused: a {getattr(kind, 'name', kind)} statement may write files or change "
+                            f"settings ({st.query.strip()[:60]!r}); query is read-only unless you pass --allow-write")
 
 
 def execute(con, sql: str, allow_write: bool = False) -> tuple[list[str], list[tuple]]:

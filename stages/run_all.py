@@ -257,10 +257,8 @@ def run(cfg: RunConfig, log=print):
         train.check_run_outputs(train_cfg.out)
     ing = timed("ingest", ingest.run, ingest_cfg)
     sc, tr, ev, paths = score_train_eval(cfg, timed, score_cfg, train_cfg, eval_cfg)
-    artefacts = {
-        "pairs": ing.out, "quarantine": ing.quarantine, "reference_cache": sc.out, "run": tr.out,
-        "final_model": tr.final_model, "metrics": tr.metrics, "eval": ev.eval_json,
-    }
+    artefacts = {"pairs": ing.out, "quarantine": ing.quarantine, "reference_cache": sc.out, "run": tr.out,
+                 "final_model": tr.final_model, "metrics": tr.metrics, "eval": ev.eval_json}
     if paths is not None:
         artefacts.update(report_html=str(paths.html), report_png=str(paths.png))
     query = (f"lldm-dpo query --pairs {ing.out} --scores {sc.out} --run {tr.out} "

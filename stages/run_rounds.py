@@ -187,8 +187,9 @@ def run_rounds(cfg, log=print) -> RoundsResult:
         task = task_figures(ev, tr_cfg.out, round_dir(cfg.out, 1) / "run" / "task_results.parquet")
         summary = {
             "round": r, "start_model": start_model, "reference_model": ref_model,
-            **{k: getattr(mp, k) for k in ("questions", "samples", "sample_accuracy", "pass_at_k", "questions_all_correct",
-                                           "questions_all_wrong", "questions_mixed", "pairs", "pairs_reference_chosen")},
+            **{k: getattr(mp, k) for k in ("questions", "samples", "sample_accuracy", "pass_at_k",
+                                           "questions_all_correct", "questions_all_wrong", "questions_mixed", "pairs",
+                                           "pairs_reference_chosen")},
             "pairs_train": ing.splits.get("train", 0), "pairs_eval": ing.splits.get("eval", 0),
             "scored": sc.pairs, "train_steps": tr.steps, "final_train_loss": tr.final_loss,
             "final_train_reward_accuracy": tr.final_reward_accuracy,
