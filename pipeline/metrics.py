@@ -20,7 +20,7 @@ from typing import Any, Mapping, TextIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, claim, make_dir
 from pipeline.errors import UserError
 from pipeline.layout import METRICS_FILE, TENSORBOARD_DIR
 from pipeline.schemas import LATER_METRIC_COLUMNS, METRIC_COLUMNS
@@ -52,37 +52,24 @@ def read_metrics(path: str | Path) -> pa.Table:
     return table.select(list(METRIC_COLUMNS)).cast(METRICS_SCHEMA)
 
 
+CONSOLE_FIELDS = (
+    ("epoch", "epoch", "{:.2f}"), ("loss", "loss", "{:.4f}"), ("rewards/accuracies", "acc", "{:.3f}"),
+    ("rewards/margins", "margin", "{:.4f}"), ("rewards/chosen", "r+", "{:.4f}"), ("rewards/rejected", "r-", "{:.4f}"),
+    ("learning_rate", "lr", "{:.2e}"), ("grad_norm", "gnorm", "{:.3f}"), ("tokens_per_second", "tok/s", "{:.0f}"),
+    ("eval/loss", "eval_loss", "{:.4f}"), ("eval/rewards/accuracies", "eval_acc", "{:.3f}"),
+    ("eval/rewards/margins", "eval_margin", "{:.4f}"), ("peak_memory_bytes", "mem", "{:.2f}GiB"),
+)
+"""(column, label, format) of the console line, in its order; peak memory is shown in GiB."""
+
+
 def format_row(row: Mapping[str, Any]) -> str:
     """One compact console line for a metrics row (absent or NaN values are left out)."""
-
-    def val(name):
-        v = row.get(name)
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return None
-        return v
-
     parts = [f"step {int(row['step'])}"]
-    spec = [
-        ("epoch", "epoch", "{:.2f}"),
-        ("loss", "loss", "{:.4f}"),
-        ("rewards/accuracies", "acc", "{:.3f}"),
-        ("rewards/margins", "margin", "{:.4f}"),
-        ("rewards/chosen", "r+", "{:.4f}"),
-        ("rewards/rejected", "r-", "{:.4f}"),
-        ("learning_rate", "lr", "{:.2e}"),
-        ("grad_norm", "gnorm", "{:.3f}"),
-        ("tokens_per_second", "tok/s", "{:.0f}"),
-        ("eval/loss", "eval_loss", "{:.4f}"),
-        ("eval/rewards/accuracies", "eval_acc", "{:.3f}"),
-        ("eval/rewards/margins", "eval_margin", "{:.4f}"),
-    ]
-    for name, label, fmt in spec:
-        v = val(name)
-        if v is not None:
-            parts.append(f"{label} {fmt.format(float(v))}")
-    mem = val("peak_memory_bytes")
-    if mem is not None:
-        parts.append(f"mem {float(mem) / 2**30:.2f}GiB")
+    for name, label, fmt in CONSOLE_FIELDS:
+        v = row.get(name)
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            v = float(v) / 2**30 if name == "peak_memory_bytes" else float(v)
+            parts.append(f"{label} {fmt.format(v)}")
     return " | ".join(parts)
 
 
@@ -128,18 +115,7 @@ class MetricsWriter:
         elif self.path.exists():
             self._unflushed = 1  # a fresh run replaces an old file even if it logs nothing
         self._sinks = list(sinks)
-        self._tb = None
-        if tensorboard:
-            self._tb = _open_tensorboard(self.run_dir / TENSORBOARD_DIR, resume_step)
-
-    @property
-    def rows(self) -> list[dict[str, Any]]:
-        """The rows logged so far (including those kept on resume), as dicts."""
-        return [dict(r) for r in self._rows]
-
-    @property
-    def last_step(self) -> int | None:
-        return self._rows[-1]["step"] if self._rows else None
+        self._tb = _open_tensorboard(self.run_dir / TENSORBOARD_DIR, resume_step) if tensorboard else None
 
     def log(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """Record one step. ``row`` needs ``step``; other METRIC_COLUMNS may be absent (stored as NaN).
@@ -164,21 +140,15 @@ class MetricsWriter:
         self._unflushed += 1
         if self._stream is not None:
             print(format_row(clean), file=self._stream, flush=True)
+        measured = {TB_TAGS[k]: v for k, v in clean.items() if k != "step" and not math.isnan(v)}
         if self._tb is not None:
-            for name, tag in TB_TAGS.items():
-                v = clean[name]
-                if not math.isnan(v):
-                    self._tb.add_scalar(tag, v, global_step=step)
-        if self._sinks:
-            measured = {TB_TAGS[k]: v for k, v in clean.items() if k != "step" and not math.isnan(v)}
-            for sink in self._sinks:
-                sink(measured, step)
+            for tag, v in measured.items():
+                self._tb.add_scalar(tag, v, global_step=step)
+        for sink in self._sinks:
+            sink(measured, step)
         if self._unflushed >= self.flush_every:
             self.flush()
         return clean
-
-    def table(self) -> pa.Table:
-        return pa.Table.from_pylist(self._rows, schema=METRICS_SCHEMA)
 
     def flush(self) -> None:
         """Rewrite metrics.parquet atomically with every row so far; flush TensorBoard."""
@@ -186,7 +156,7 @@ class MetricsWriter:
             # Whole-file rewrite through a temporary name: readers (and a
             # crash) only ever see the previous complete file or this one.
             with atomic_path(self.path, record=True) as tmp:
-                pq.write_table(self.table(), tmp)
+                pq.write_table(pa.Table.from_pylist(self._rows, schema=METRICS_SCHEMA), tmp)
             self._unflushed = 0
         if self._tb is not None:
             self._tb.flush()
@@ -215,8 +185,6 @@ def _open_tensorboard(log_dir: Path, resume_step: int | None):
     # purge_step discards events at or after it left by a killed run, so the
     # resumed curve is not drawn twice.
     purge = None if resume_step is None else resume_step + 1
-    from pipeline.atomic import claim, make_dir
-
     make_dir(log_dir)
     before = set(os.listdir(log_dir))
     writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)

@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
-from pipeline.atomic import atomic_path, write_text_atomic
+from pipeline.atomic import atomic_path, check_replaceable, check_writable, write_text_atomic
 from pipeline.errors import UserError
 from pipeline.layout import CONFIG_FILE, EVAL_FILE, REPORT_HTML, REPORT_PNG  # noqa: E402
 from pipeline.metrics import METRICS_FILE, read_metrics
@@ -42,10 +42,8 @@ AFTER_COLOR = "#3f51b5"
 HELDOUT_COLOR = "#e53935"
 """Held-out (train --eval-every) curves, drawn over the training ones."""
 ERRORBAR_COLOR = "#111111"
-CI_BEFORE_COLOR = "#9e9e9e"
-CI_AFTER_COLOR = "#3f51b5"
 CI_DIFF_COLOR = "#ef6c00"
-"""Interval bars of the HTML table: before's and after's 95% Wilson intervals, the paired difference's."""
+"""The paired difference's interval bar in the HTML table (before's and after's are in their bars' colors)."""
 
 
 class ReportPaths(NamedTuple):
@@ -54,22 +52,6 @@ class ReportPaths(NamedTuple):
 
 
 # --- inputs ----------------------------------------------------------------
-
-
-def _load_metrics(run_dir: Path) -> dict[str, list[float]]:
-    path = run_dir / METRICS_FILE
-    if not path.exists():
-        raise UserError(f"{run_dir}: no {METRICS_FILE} (train writes it); nothing to report")
-    table = read_metrics(path)
-    if table.num_rows == 0:
-        raise UserError(f"{path}: no rows; nothing to report")
-    return {name: table.column(name).to_pylist() for name in table.column_names}
-
-
-def load_eval(run_dir: Path) -> dict[str, Any]:
-    """eval.json as a dict ({} when absent); UserError naming the file when malformed."""
-    path = Path(run_dir) / EVAL_FILE
-    return read_json_object(path) if path.exists() else {}
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -119,28 +101,15 @@ def eval_rows(data: dict[str, Any], prefix: str = "") -> list[tuple[str, float |
     return rows
 
 
-def _reference_margins(data: dict[str, Any], given: Sequence[float] | None) -> list[float]:
-    if given is not None:
-        return [float(x) for x in given if _num(x) is not None]
-    margins = data.get("reference_margins")
-    if isinstance(margins, list):
-        return [float(x) for x in margins if _num(x) is not None]
-    return []
-
-
 # --- the figure ------------------------------------------------------------
 
 
 def _series(m: dict[str, list[float]], name: str) -> tuple[list[int], list[float]]:
-    xs, ys = [], []
-    for s, v in zip(m["step"], m[name]):
-        if v is not None and math.isfinite(v):
-            xs.append(s)
-            ys.append(v)
-    return xs, ys
+    points = [(s, v) for s, v in zip(m["step"], m[name]) if v is not None and math.isfinite(v)]
+    return [s for s, _ in points], [v for _, v in points]
 
 
-def _plot_lines(ax, m, names_labels_colors, title, ylabel=None):
+def _plot_lines(ax, m, names_labels_colors, title):
     drew = 0
     for name, label, color in names_labels_colors:
         xs, ys = _series(m, name)
@@ -152,8 +121,6 @@ def _plot_lines(ax, m, names_labels_colors, title, ylabel=None):
         drew += 1
     ax.set_title(title)
     ax.set_xlabel("step")
-    if ylabel:
-        ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     if not drew:
         _empty(ax, "not logged")
@@ -170,8 +137,7 @@ def _empty(ax, text):
 
 def _count(rec: dict) -> str:
     count = rec.get("count")
-    count = f"{count:g}" if isinstance(count, float) else str(count)
-    return f"{count}/{rec.get('n')}"
+    return f"{count:g}/{rec.get('n')}" if isinstance(count, float) else f"{count}/{rec.get('n')}"
 
 
 def _draw(m, rows, margins, title, intervals=None):
@@ -216,9 +182,8 @@ def _draw(m, rows, margins, title, intervals=None):
             rec = intervals.get(name) or {}
             for dx, v, side, color in ((-width / 2, b, "before", BEFORE_COLOR), (width / 2, a, "after", AFTER_COLOR)):
                 ci = rec.get(side) if isinstance(rec.get(side), dict) else None
-                err = None
-                if v is not None and ci and _num(ci.get("low")) is not None and _num(ci.get("high")) is not None:
-                    err = [[max(0.0, v - ci["low"])], [max(0.0, ci["high"] - v)]]
+                has_ci = v is not None and ci and _num(ci.get("low")) is not None and _num(ci.get("high")) is not None
+                err = [[max(0.0, v - ci["low"])], [max(0.0, ci["high"] - v)]] if has_ci else None
                 ax.bar([x + dx], [v or 0.0], width, label=side if x == 0 else None, color=color, yerr=err,
                        capsize=4, error_kw={"ecolor": ERRORBAR_COLOR, "elinewidth": 1.5})
                 top = ci["high"] if err else (v or 0.0)
@@ -263,35 +228,21 @@ def _fmt(v: float | None) -> str:
     return f"{v:.4g}"
 
 
-def _fmt_change(b, a) -> str:
-    if b is None or a is None:
-        return "&mdash;"
-    return f"{a - b:+.4g}"
-
-
 def _summary(m: dict[str, list[float]]) -> list[tuple[str, str]]:
-    def last(name):
-        _, ys = _series(m, name)
-        return ys[-1] if ys else None
-
-    def first(name):
-        _, ys = _series(m, name)
-        return ys[0] if ys else None
-
     steps = m["step"]
     out = [("steps logged", str(len(steps))), ("last step", str(steps[-1]))]
     for name, label in (("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")):
-        f, l_ = first(name), last(name)
-        out.append((f"{label} (first &rarr; last)", f"{_fmt(f)} &rarr; {_fmt(l_)}"))
+        ys = _series(m, name)[1] or [None]
+        out.append((f"{label} (first &rarr; last)", f"{_fmt(ys[0])} &rarr; {_fmt(ys[-1])}"))
     steps_eval, acc_eval = _series(m, "eval/rewards/accuracies")
     if acc_eval:
         best = max(range(len(acc_eval)), key=lambda i: (acc_eval[i], -i))  # the first best, as --save-best keeps
         out.append(("held-out accuracy (last)", f"{_fmt(acc_eval[-1])} at step {steps_eval[-1]}"))
         out.append(("held-out accuracy (best)", f"{_fmt(acc_eval[best])} at step {steps_eval[best]}"))
-    tps = [v for v in m["tokens_per_second"] if v is not None and math.isfinite(v)]
+    _, tps = _series(m, "tokens_per_second")
     if tps:
         out.append(("tokens/s (mean)", _fmt(sum(tps) / len(tps))))
-    mem = [v for v in m["peak_memory_bytes"] if v is not None and math.isfinite(v)]
+    _, mem = _series(m, "peak_memory_bytes")
     if mem:
         out.append(("peak memory", f"{max(mem) / 2**30:.2f} GiB"))
     return out
@@ -336,14 +287,14 @@ def _side_cell(v, rec) -> str:
 
 def _change_cell(b, a, diff) -> str:
     if not isinstance(diff, dict) or _num(diff.get("difference")) is None:
-        return _fmt_change(b, a)
+        return "&mdash;" if b is None or a is None else f"{a - b:+.4g}"
     return (f"{diff['difference']:+.4g}<br><small>95% CI {diff['low']:+.3f} to {diff['high']:+.3f}, paired "
             f"({html.escape(str(diff.get('method', '')))})</small>")
 
 
 def _interval_bars(b, a, rec) -> str:
     out = []
-    for side, v, color in (("before", b, CI_BEFORE_COLOR), ("after", a, CI_AFTER_COLOR)):
+    for side, v, color in (("before", b, BEFORE_COLOR), ("after", a, AFTER_COLOR)):
         ci = rec.get(side)
         if v is not None and isinstance(ci, dict) and _num(ci.get("low")) is not None:
             out.append(_track(v, ci["low"], ci["high"], color, title=f"{side}: 95% interval"))
@@ -392,11 +343,9 @@ def _render_html(run_dir: Path, png: bytes, m, rows, config_text: str | None, in
                          "items.</small></p>")
     else:
         parts.append(f"<p>No {EVAL_FILE} in the run directory.</p>")
-    parts.append("</div></div>")
-    b64 = base64.b64encode(png).decode("ascii")
-    parts.append("<h2>Training curves</h2>")
-    parts.append(f'<img alt="training curves" width="{PNG_SIZE[0]}" height="{PNG_SIZE[1]}" '
-                 f'src="data:image/png;base64,{b64}">')
+    parts += ["</div></div>", "<h2>Training curves</h2>",
+              f'<img alt="training curves" width="{PNG_SIZE[0]}" height="{PNG_SIZE[1]}" '
+              f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">']
     if config_text is not None:
         parts.append(f"<h2>Run configuration ({CONFIG_FILE})</h2><pre>{e(config_text)}</pre>")
     parts.append("</body></html>\n")
@@ -418,22 +367,28 @@ def write_report(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: run directory not found")
-    from pipeline.atomic import check_replaceable, check_writable
-
-    for path in (out_png or run_dir / REPORT_PNG, out_html or run_dir / REPORT_HTML):
+    png_path = Path(out_png) if out_png is not None else run_dir / REPORT_PNG
+    html_path = Path(out_html) if out_html is not None else run_dir / REPORT_HTML
+    for path in (png_path, html_path):
         check_writable(path, "report")
         check_replaceable(path, "report path")
-    m = _load_metrics(run_dir)
-    data = load_eval(run_dir)
+    metrics_path = run_dir / METRICS_FILE
+    if not metrics_path.exists():
+        raise UserError(f"{run_dir}: no {METRICS_FILE} (train writes it); nothing to report")
+    table = read_metrics(metrics_path)
+    if table.num_rows == 0:
+        raise UserError(f"{metrics_path}: no rows; nothing to report")
+    m = {name: table.column(name).to_pylist() for name in table.column_names}
+    data = read_json_object(run_dir / EVAL_FILE) if (run_dir / EVAL_FILE).exists() else {}
     rows = eval_rows(data)
     intervals = data.get("intervals") if isinstance(data.get("intervals"), dict) else {}
-    margins = _reference_margins(data, ref_margins)
+    if ref_margins is None:
+        ref_margins = data.get("reference_margins") if isinstance(data.get("reference_margins"), list) else []
+    margins = [float(x) for x in ref_margins if _num(x) is not None]
     config_path = run_dir / CONFIG_FILE
     config_text = config_path.read_text(encoding="utf-8", errors="replace") if config_path.exists() else None
 
     png = _draw(m, rows, margins, f"lldm-dpo: {run_dir.name}", intervals)
-    png_path = Path(out_png) if out_png is not None else run_dir / REPORT_PNG
-    html_path = Path(out_html) if out_html is not None else run_dir / REPORT_HTML
     with atomic_path(png_path) as tmp:  # recorded: a rerun replaces it, a user's file there is refused
         tmp.write_bytes(png)
     write_text_atomic(html_path, _render_html(run_dir, png, m, rows, config_text, intervals))

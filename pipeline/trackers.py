@@ -12,7 +12,9 @@ silently dropped (accelerate alone would only log that at debug level).
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,21 +37,13 @@ def project_name(names: list[str], environ: Mapping[str, str] | None = None) -> 
     """The project of this run's trackers: the first requested tracker's environment variable that is set
     (WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME, ...), else ``PROJECT_NAME``. accelerate passes one project to every
     tracker; MLflow's own tracker reads MLFLOW_EXPERIMENT_NAME first in any case."""
-    import os
-
     env = os.environ if environ is None else environ
-    for name in names:
-        value = env.get(PROJECT_ENV.get(name, ""), "")
-        if value:
-            return value
-    return PROJECT_NAME
+    return next((env[PROJECT_ENV[n]] for n in names if env.get(PROJECT_ENV.get(n, ""))), PROJECT_NAME)
 
 
 def init_kwargs(names: list[str], run_name: str | None) -> dict[str, dict[str, Any]]:
     """accelerate's per-tracker init arguments giving the run its name (TrainingArguments' run_name)."""
-    if not run_name:
-        return {}
-    return {n: {RUN_NAME_KEY[n]: run_name} for n in names if n in RUN_NAME_KEY}
+    return {n: {RUN_NAME_KEY[n]: run_name} for n in names if n in RUN_NAME_KEY} if run_name else {}
 
 
 def hf_tag(metric: str) -> str:
@@ -58,37 +52,24 @@ def hf_tag(metric: str) -> str:
 
 
 def parse_report_to(value: str | list[str] | None) -> list[str]:
-    """``"tensorboard,wandb"`` -> ``["tensorboard", "wandb"]``; ``none`` (or empty) -> ``[]``."""
-    if value is None:
-        return []
+    """``"tensorboard,wandb"`` -> ``["tensorboard", "wandb"]``; ``none`` (or empty, or None) -> ``[]``."""
     parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
     names = [str(p).strip().lower() for p in parts if str(p).strip()]
     if "none" in names:
         if len(names) > 1:
             raise ConfigError(f"report_to: 'none' cannot be combined with other trackers, got '{value}'")
         return []
-    out: list[str] = []
-    for n in names:
-        if n not in out:
-            out.append(n)
-    return out
-
-
-def _known_and_available() -> tuple[list[str], set[str]]:
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
-
-    known = sorted(LOGGER_TYPE_TO_CLASS)
-    builtin = {str(t) for t in get_available_trackers()}
-    # Classes registered at run time (register_tracker_class) are available by construction.
-    from accelerate.utils import LoggerType
-
-    custom = {name for name in LOGGER_TYPE_TO_CLASS if name not in {str(t) for t in LoggerType}}
-    return known, builtin | custom
+    return list(dict.fromkeys(names))  # first mention kept, in order
 
 
 def resolve_trackers(names: list[str]) -> list[str]:
     """Check every requested tracker is known and installed; expand ``all``. One-line UserError otherwise."""
-    known, available = _known_and_available()
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = sorted(LOGGER_TYPE_TO_CLASS)
+    # Classes registered at run time (register_tracker_class) are available by construction.
+    available = {str(t) for t in get_available_trackers()} | (set(LOGGER_TYPE_TO_CLASS) - {str(t) for t in LoggerType})
     out: list[str] = []
     for name in names:
         if name == "all":
@@ -99,7 +80,7 @@ def resolve_trackers(names: list[str]) -> list[str]:
         if name not in available and name != TENSORBOARD:
             raise UserError(f"--report-to {name}: the {name} package is not installed (pip install {name}), "
                             "or drop it from --report-to")
-        if name == TENSORBOARD and not _tensorboard_installed():
+        if name == TENSORBOARD and importlib.util.find_spec("tensorboard") is None:
             raise UserError("--report-to tensorboard: the tensorboard package is not installed "
                             "(pip install tensorboard), or pass --report-to none")
         if name not in out:
@@ -107,17 +88,9 @@ def resolve_trackers(names: list[str]) -> list[str]:
     return out
 
 
-def _tensorboard_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None
-
-
 def _plain(value: Any) -> Any:
     """Tracker configs take bool/str/int/float/None only."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 class AccelerateSink:

@@ -14,10 +14,14 @@ import errno
 import functools
 import importlib
 import importlib.util
+import itertools
+import json
+import os
 import sys
 
 import typer
 
+from pipeline import __version__
 from pipeline.errors import UserError
 
 # Each command lives beside its stage as a plain function; registered here by
@@ -49,8 +53,6 @@ def _one_line_errors(func):
 
     def fail(message: str, as_json: bool):
         if as_json:
-            import json
-
             typer.echo(json.dumps({"error": message, "exit_code": 1}))
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(1)
@@ -81,8 +83,6 @@ def _root(
     if online:
         set_environment(True)
     if version:
-        from pipeline import __version__
-
         typer.echo(__version__)
         raise typer.Exit()
     if ctx.invoked_subcommand is None:
@@ -122,31 +122,25 @@ def build_app(only: str | None = None) -> typer.Typer:
     return app
 
 
-_FULL_APP: typer.Typer | None = None
+@functools.cache
+def _full_app() -> typer.Typer:
+    return build_app()
 
 
 def __getattr__(name: str):
     # `from stages.cli import app` (tests, docs) gets every command, built on first use.
-    global _FULL_APP
     if name == "app":
-        if _FULL_APP is None:
-            _FULL_APP = build_app()
-        return _FULL_APP
+        return _full_app()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _requested_command(argv: list[str]) -> str | None:
     """The one command to register for this invocation; None means all of them."""
-    names = {name for name, _ in COMMANDS}
     if argv[:1] == ["--version"]:
         return ""  # no command needed
-    for arg in argv:
-        if arg == "--online":
-            continue
-        if arg.startswith("-"):
-            return None  # an option before any command (--help, --version): show everything
-        return arg if arg in names else None
-    return None
+    first = next((arg for arg in argv if arg != "--online"), None)
+    # an option before any command (--help, --version) shows everything, and so does an unknown command
+    return first if first in {name for name, _ in COMMANDS} else None
 
 
 ONLINE_ENV = "LLDM_DPO_ONLINE"
@@ -160,17 +154,14 @@ def set_environment(online: bool) -> None:
     the network; ``--online`` lets a hub id be downloaded. transformers' own
     progress bars and advisories would interleave with ours.
     """
-    import os
-
     online = online or os.environ.get(ONLINE_ENV, "") not in ("", "0", "false")
     if not online:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     elif os.environ.get("HF_HUB_OFFLINE") == "1":
         del os.environ["HF_HUB_OFFLINE"]
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+                        ("TRANSFORMERS_VERBOSITY", "error"), ("TQDM_DISABLE", "1")):
+        os.environ.setdefault(name, value)
 
 
 def main() -> None:
@@ -181,12 +172,7 @@ def main() -> None:
 
 def _leading_online(argv: list[str]) -> bool:
     """``--online`` given before the command (a root option, applied before any import reads the environment)."""
-    for arg in argv:
-        if arg == "--online":
-            return True
-        if not arg.startswith("-"):
-            return False
-    return False
+    return "--online" in itertools.takewhile(lambda arg: arg.startswith("-"), argv)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.errors import UserError
-from pipeline.layout import EVAL_FILE, METRICS_FILE, ROUNDS_TABLE, TASK_RESULTS
+from pipeline.evalrecord import RESULT_COLUMNS, result_rows
+from pipeline.layout import EVAL_FILE, METRICS_FILE, ROUNDS_TABLE, TASK_RESULTS, quarantine_path_for
 from pipeline.stagecli import stage_command
 
 QUERIES_DIR = Path(__file__).resolve().parent / "queries"
@@ -45,6 +46,21 @@ _QUARANTINE_TYPES = {"source": "VARCHAR", "line": "BIGINT", "reason": "VARCHAR",
 
 def _sql_str(path: Path | str) -> str:
     return "'" + str(path).replace("'", "''") + "'"
+
+
+def _sql_list(paths) -> str:
+    return "[" + ", ".join(_sql_str(p) for p in paths) + "]"
+
+
+def _read_jsonl(paths: list[Path], types: dict[str, str]) -> str:
+    """DuckDB's read_json over JSON-lines files, each column read as its type in ``types``."""
+    cols = ", ".join(f"{k}: '{v}'" for k, v in types.items())
+    return (f"read_json({_sql_list(paths)}, format='newline_delimited', columns={{{cols}}}, "
+            "maximum_object_size=1073741824)")
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def presets() -> list[str]:
@@ -73,7 +89,9 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=
     import duckdb
     import pyarrow as pa
 
+    from pipeline.report import read_json_object
     from pipeline.schemas import QUARANTINE_FIELDS  # here, not at the top: `query --help` needs no pyarrow
+    from pipeline.selfpairs import SAMPLE_COLUMNS
 
     con = duckdb.connect(":memory:")
     files = [] if files is None else files
@@ -87,54 +105,59 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=
             raise UserError(f"{pairs}: not an Arrow IPC pairs file: {exc}") from None
         con.register("pairs", table)
         if quarantine is None:
-            from pipeline.layout import quarantine_path_for
-
             beside = quarantine_path_for(pairs)
             if beside.is_file():
                 quarantine = beside
             else:
-                _empty_quarantine(con)
+                cols = ", ".join(f"CAST(NULL AS {t}) AS {k}" for k, t in _QUARANTINE_TYPES.items())
+                con.execute(f"CREATE VIEW quarantine AS SELECT {cols} WHERE false")
     if quarantine is not None:
         quarantine = Path(quarantine)
         if not quarantine.is_file():
             raise UserError(f"{quarantine}: quarantine file not found")
         files.append(quarantine)
-        cols = ", ".join(f"{k}: '{v}'" for k, v in _QUARANTINE_TYPES.items())
-        con.execute(
-            f"CREATE VIEW quarantine AS SELECT {', '.join(QUARANTINE_FIELDS)} FROM read_json({_sql_str(quarantine)}, "
-            f"format='newline_delimited', columns={{{cols}}}, maximum_object_size=1073741824)"
-        )
+        con.execute(f"CREATE VIEW quarantine AS SELECT {', '.join(QUARANTINE_FIELDS)} "
+                    f"FROM {_read_jsonl([quarantine], _QUARANTINE_TYPES)}")
     if scores is not None:
         parts = _score_parts(Path(scores))
         files += parts
-        listed = "[" + ", ".join(_sql_str(p) for p in parts) + "]"
-        _create_view(con, f"CREATE VIEW scores AS SELECT * FROM read_parquet({listed}, union_by_name=true)", scores)
+        _create_view(con, f"CREATE VIEW scores AS SELECT * FROM read_parquet({_sql_list(parts)}, "
+                     "union_by_name=true)", scores)
     if run is not None:
-        metrics = Path(run) / METRICS_FILE
-        if not metrics.is_file():
-            raise UserError(f"{metrics}: metrics file not found (is {run} a training run folder?)")
-        _parquet_view(con, "metrics", metrics, files)
-        task_results = Path(run) / TASK_RESULTS
-        if task_results.is_file():
-            _parquet_view(con, "task_results", task_results, files)
+        _parquet_view(con, "metrics", Path(run) / METRICS_FILE, files,
+                      f"metrics file not found (is {run} a training run folder?)")
+        if (Path(run) / TASK_RESULTS).is_file():
+            _parquet_view(con, "task_results", Path(run) / TASK_RESULTS, files)
         if evals is None and (Path(run) / EVAL_FILE).is_file():
             evals = Path(run) / EVAL_FILE
-    if evals is not None:
-        _eval_results_view(con, Path(evals))  # read here in Python and registered: no file for the sandbox
+    if evals is not None:  # every eval.json there, one row per figure and model; `run` is the folder holding it
+        evals = _files_at(Path(evals), EVAL_FILE, f"{EVAL_FILE} under this folder (written by `lldm-dpo eval`)",
+                          "eval results not found")
+        rows = [r for f in evals for r in result_rows(read_json_object(f), str(f.parent))]
+        types = {"VARCHAR": pa.string(), "DOUBLE": pa.float64(), "BIGINT": pa.int64()}
+        schema = pa.schema([(k, types[v]) for k, v in RESULT_COLUMNS.items()])
+        # read here in Python and registered: no file for the sandbox
+        con.register("eval_results_table", pa.Table.from_pylist(rows, schema=schema))
+        con.execute("CREATE VIEW eval_results AS SELECT * FROM eval_results_table")
     if samples is not None:
-        files += _samples_view(con, Path(samples))
+        found = _files_at(Path(samples), "*.samples.jsonl",
+                          "*.samples.jsonl files under this folder (written by `lldm-dpo make-pairs`)",
+                          "samples file not found")
+        files += found
+        con.execute(f"CREATE VIEW samples AS SELECT * FROM {_read_jsonl(found, SAMPLE_COLUMNS)}")
         if rounds_run is None and (Path(samples) / ROUNDS_TABLE).is_file():
             rounds_run = samples
     if rounds_run is not None:
-        table = Path(rounds_run) / ROUNDS_TABLE
-        if not table.is_file():
-            raise UserError(f"{table}: rounds table not found (is {rounds_run} a `lldm-dpo run --rounds` folder?)")
-        _parquet_view(con, "rounds", table, files)
+        _parquet_view(con, "rounds", Path(rounds_run) / ROUNDS_TABLE, files,
+                      f"rounds table not found (is {rounds_run} a `lldm-dpo run --rounds` folder?)")
     return con
 
 
-def _parquet_view(con, name: str, path: Path, files: list[Path]) -> None:
-    """View ``name`` over one Parquet file: checked first (a bad file named), and let through the sandbox."""
+def _parquet_view(con, name: str, path: Path, files: list[Path], missing: str | None = None) -> None:
+    """View ``name`` over one Parquet file: checked first (absent: ``missing`` names it; a bad file named), and
+    let through the sandbox."""
+    if missing and not path.is_file():
+        raise UserError(f"{path}: {missing}")
     _check_parquet(path)
     files.append(path)
     _create_view(con, f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_sql_str(path)})", path)
@@ -170,8 +193,7 @@ def _check_parquet(path: Path) -> None:
     try:
         pq.read_metadata(path)
     except (pa.ArrowException, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a readable Parquet file ({first})") from None
+        raise UserError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
 
 
 def _create_view(con, sql: str, path) -> None:
@@ -180,8 +202,7 @@ def _create_view(con, sql: str, path) -> None:
     try:
         con.execute(sql)
     except duckdb.Error as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: cannot be read ({first})") from None
+        raise UserError(f"{path}: cannot be read ({_first_line(exc)})") from None
 
 
 def sandbox(con, files: list[Path], allow_read: list[Path] = ()) -> None:
@@ -197,57 +218,22 @@ def sandbox(con, files: list[Path], allow_read: list[Path] = ()) -> None:
             dirs += sorted({str(extra.resolve()) + "/", str(extra).rstrip("/") + "/"})
         else:
             paths += sorted({str(extra.resolve()), str(extra)})
-    con.execute("SET allowed_paths = " + "[" + ", ".join(_sql_str(p) for p in paths) + "]")
+    con.execute("SET allowed_paths = " + _sql_list(paths))
     if dirs:
-        con.execute("SET allowed_directories = " + "[" + ", ".join(_sql_str(d) for d in dirs) + "]")
+        con.execute("SET allowed_directories = " + _sql_list(dirs))
     con.execute("SET enable_external_access = false")
 
 
-def _samples_view(con, path: Path) -> list[Path]:
-    from pipeline.selfpairs import SAMPLE_COLUMNS
-
+def _files_at(path: Path, pattern: str, none_under: str, not_found: str) -> list[Path]:
+    """``path`` itself, or every file named ``pattern`` under it when a folder; UserError naming it otherwise."""
     if path.is_dir():
-        found = sorted(path.rglob("*.samples.jsonl"))
+        found = sorted(path.rglob(pattern))
         if not found:
-            raise UserError(f"{path}: no *.samples.jsonl files under this folder (written by `lldm-dpo make-pairs`)")
-        files = "[" + ", ".join(_sql_str(p) for p in found) + "]"
-    elif path.is_file():
-        found = [path]
-        files = _sql_str(path)
-    else:
-        raise UserError(f"{path}: samples file not found")
-    cols = ", ".join(f"{k}: '{v}'" for k, v in SAMPLE_COLUMNS.items())
-    con.execute(f"CREATE VIEW samples AS SELECT * FROM read_json({files}, format='newline_delimited', "
-                f"columns={{{cols}}}, maximum_object_size=1073741824)")
-    return found
-
-
-def _eval_results_view(con, path: Path) -> None:
-    """View ``eval_results``: every eval.json at ``path`` (a file, or all under a folder), one row per figure
-    and model; ``run`` is the folder holding each eval.json."""
-    import pyarrow as pa
-
-    from pipeline.evalrecord import RESULT_COLUMNS, result_rows
-    from pipeline.report import read_json_object
-
-    if path.is_dir():
-        files = sorted(path.rglob(EVAL_FILE))
-        if not files:
-            raise UserError(f"{path}: no {EVAL_FILE} under this folder (written by `lldm-dpo eval`)")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise UserError(f"{path}: eval results not found")
-    rows = [r for f in files for r in result_rows(read_json_object(f), str(f.parent))]
-    types = {"VARCHAR": pa.string(), "DOUBLE": pa.float64(), "BIGINT": pa.int64()}
-    schema = pa.schema([(k, types[v]) for k, v in RESULT_COLUMNS.items()])
-    con.register("eval_results_table", pa.Table.from_pylist(rows, schema=schema))
-    con.execute("CREATE VIEW eval_results AS SELECT * FROM eval_results_table")
-
-
-def _empty_quarantine(con) -> None:
-    cols = ", ".join(f"CAST(NULL AS {t}) AS {k}" for k, t in _QUARANTINE_TYPES.items())
-    con.execute(f"CREATE VIEW quarantine AS SELECT {cols} WHERE false")
+            raise UserError(f"{path}: no {none_under}")
+        return found
+    if path.is_file():
+        return [path]
+    raise UserError(f"{path}: {not_found}")
 
 
 def check_read_only(con, sql: str) -> None:
@@ -261,8 +247,7 @@ def check_read_only(con, sql: str) -> None:
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"query failed: {first}") from None
+        raise UserError(f"query failed: {_first_line(exc)}") from None
     for st in statements:
         kind = st.type
         if kind == duckdb.StatementType.EXPLAIN:
@@ -271,15 +256,8 @@ def check_read_only(con, sql: str) -> None:
             check_read_only(con, inner)
             continue
         if kind != duckdb.StatementType.SELECT:
-            name = kind.name if hasattr(kind, "name") else str(kind)
-            raise UserError(f"query refused: a {name} statement may write files or change settings "
-                            f"({st.query.strip()[:60]!r}); query is read-only unless you pass --allow-write")
-
-
-def read_only_settings(con) -> None:
-    """No extension is downloaded or loaded behind a query's back (that writes under ~/.duckdb)."""
-    con.execute("SET autoinstall_known_extensions = false")
-    con.execute("SET autoload_known_extensions = false")
+            raise UserError(f"query refused: a {getattr(kind, 'name', kind)} statement may write files or change "
+                            f"settings ({st.query.strip()[:60]!r}); query is read-only unless you pass --allow-write")
 
 
 def execute(con, sql: str, allow_write: bool = False) -> tuple[list[str], list[tuple]]:
@@ -290,13 +268,9 @@ def execute(con, sql: str, allow_write: bool = False) -> tuple[list[str], list[t
         check_read_only(con, sql)
     try:
         cur = con.execute(sql)
-        if cur.description is None:
-            return [], []
-        columns = [d[0] for d in cur.description]
-        return columns, cur.fetchall()
+        return ([d[0] for d in cur.description], cur.fetchall()) if cur.description is not None else ([], [])
     except duckdb.Error as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"query failed: {first}") from None
+        raise UserError(f"query failed: {_first_line(exc)}") from None
 
 
 def _plain(value: Any) -> Any:
@@ -317,37 +291,27 @@ def _plain(value: Any) -> Any:
         return str(value)
 
 
-def rows_as_dicts(columns: list[str], rows: list[tuple]) -> list[dict[str, Any]]:
-    return [{c: _plain(v) for c, v in zip(columns, row)} for row in rows]
+def _json_cell(v: Any) -> str:
+    return json.dumps(_plain(v), ensure_ascii=False)
 
 
 def to_csv(columns: list[str], rows: list[tuple]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
-    for row in rows:
-        w.writerow(
-            [
-                "" if v is None else json.dumps(_plain(v), ensure_ascii=False) if isinstance(v, (list, dict, tuple)) else _plain(v)
-                for v in row
-            ]
-        )
+    w.writerows(["" if v is None else _json_cell(v) if isinstance(v, (list, dict, tuple)) else _plain(v) for v in row]
+                for row in rows)
     return buf.getvalue()
 
 
 def _print_table(columns: list[str], rows: list[tuple], max_cell: int = 80) -> None:
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    table = Table(show_header=True, header_style="bold")
-    for c in columns:
-        table.add_column(c, overflow="fold")
+    table = Table(*(Column(c, overflow="fold") for c in columns), show_header=True, header_style="bold")
     for row in rows:
-        cells = []
-        for v in row:
-            s = "NULL" if v is None else json.dumps(_plain(v), ensure_ascii=False) if isinstance(v, (list, dict, tuple)) else str(v)
-            cells.append(s if len(s) <= max_cell else s[: max_cell - 1] + "…")
-        table.add_row(*cells)
+        cells = ["NULL" if v is None else _json_cell(v) if isinstance(v, (list, dict, tuple)) else str(v) for v in row]
+        table.add_row(*(c if len(c) <= max_cell else c[: max_cell - 1] + "…" for c in cells))
     console = Console()
     console.print(table)
     console.print(f"{len(rows)} row{'s' if len(rows) != 1 else ''}", style="dim")
@@ -394,7 +358,9 @@ def run(cfg: QueryConfig) -> tuple[list[str], list[tuple]]:
                           samples=cfg.samples, evals=cfg.evals, files=files,
                           rounds_run=cfg.rounds_run)
     if not cfg.allow_write:
-        read_only_settings(con)
+        # No extension is downloaded or loaded behind a query's back (that writes under ~/.duckdb).
+        con.execute("SET autoinstall_known_extensions = false")
+        con.execute("SET autoload_known_extensions = false")
         sandbox(con, files, cfg.allow_read)
     return execute(con, sql, allow_write=cfg.allow_write)
 
@@ -404,7 +370,8 @@ def _query_action(cfg: QueryConfig, as_json: bool) -> None:
         raise UserError("choose one of --json and --csv")
     columns, rows = run(cfg)
     if as_json:
-        sys.stdout.write(json.dumps(rows_as_dicts(columns, rows), ensure_ascii=False, indent=2) + "\n")
+        as_dicts = [{c: _plain(v) for c, v in zip(columns, row)} for row in rows]
+        sys.stdout.write(json.dumps(as_dicts, ensure_ascii=False, indent=2) + "\n")
     elif cfg.csv:
         sys.stdout.write(to_csv(columns, rows))
     else:

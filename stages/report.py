@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipeline.stagecli import stage_command
+from pipeline.stagecli import emit_json, stage_command
 
 
 @dataclass
@@ -18,9 +18,6 @@ class ReportConfig:
     out_png: Optional[Path] = None
     """PNG path (default RUN_DIR/report.png)."""
 
-    def __post_init__(self) -> None:
-        self.run_dir = Path(self.run_dir)
-
 
 def run(cfg: ReportConfig):
     from pipeline.report import write_report
@@ -29,8 +26,6 @@ def run(cfg: ReportConfig):
 
 
 def _action(cfg: ReportConfig, as_json: bool) -> None:
-    from pipeline.stagecli import emit_json
-
     paths = run(cfg)
     if as_json:
         emit_json({"html": str(paths.html), "png": str(paths.png)})

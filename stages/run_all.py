@@ -13,20 +13,26 @@ are accepted there, with the same validation as the stage's own command.
 
 from __future__ import annotations
 
-import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.config import check_device, check_ranges, load_config, read_config_file
+from rich.console import Console
+from rich.table import Column, Table
+
+from pipeline.atomic import check_writable
+from pipeline.config import check_device, check_keys, check_ranges, load_config, read_config_file, require
 from pipeline.errors import CacheMismatch, ConfigError, UserError
 from pipeline.layout import PAIRS_FILE
-from pipeline.stagecli import stage_command
+from pipeline.stagecli import emit_json, stage_command, summary_dict
+from pipeline.trl_names import seed_project_config, translate
 
 EMBEDDED_DEFAULT = Path(__file__).with_name("run.yaml")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("ingest", "score_ref", "train", "eval", "make_pairs")
+ROUND_REFERENCES = ("policy", "initial")
 
 
 RANGES = {"rounds": "[0, inf)", "threshold": "(0, inf)"}
@@ -69,8 +75,7 @@ class RunConfig:
         check_ranges(self, RANGES)
         check_device(self.device)
         for name in SECTIONS:
-            if not isinstance(getattr(self, name), dict):
-                raise ConfigError(f"section '{name}' must be a mapping of that stage's keys")
+            require(isinstance(getattr(self, name), dict), f"section '{name}' must be a mapping of that stage's keys")
         if self.cache is not None or self.threshold is not None:
             from pipeline.sampler import check_fast_settings
 
@@ -82,9 +87,15 @@ class RunConfig:
             if getattr(self, name) is not None:
                 self.eval = {**self.eval, name: getattr(self, name)}
                 self.make_pairs = {**self.make_pairs, name: getattr(self, name)}
-        from stages.run_rounds import check_rounds_config
-
-        check_rounds_config(self)
+        require(self.round_reference in ROUND_REFERENCES,
+                f"round_reference must be one of {', '.join(ROUND_REFERENCES)}, got {self.round_reference!r}")
+        require(not self.rounds or self.questions, "run --rounds needs --questions FILE (JSONL of question and answer)")
+        require(self.rounds or not self.questions, "--questions is used by iterative rounds: add --rounds R")
+        # LoRA rounds: the next round would start from an adapter folder and stack a second adapter on it.
+        require(not self.rounds or int(self.train.get("lora_r", 0) or 0) <= 0,
+                "run --rounds trains full models; LoRA rounds (lora_r > 0) are not supported yet")
+        require(not self.rounds or self.eval.get("benchmark"),
+                "run --rounds measures task accuracy: the eval section needs a benchmark")
 
 
 @dataclass
@@ -111,51 +122,41 @@ class RunResult:
 def merged_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     """Embedded default < user's file (section by section) < flags."""
     base = read_config_file(EMBEDDED_DEFAULT)
-    if config_file is not None:
-        from pipeline.trl_names import seed_project_config
-
-        user = seed_project_config(read_config_file(config_file), str(config_file))  # the seed project's keys too
-        for key, value in user.items():
-            if key in SECTIONS and isinstance(value, dict):
-                base[key] = {**base.get(key, {}), **value}
-            else:
-                base[key] = value
-        origin = str(config_file)
-    else:
-        origin = str(EMBEDDED_DEFAULT)
+    # the user's file, with the seed project's keys too
+    user = {} if config_file is None else seed_project_config(read_config_file(config_file), str(config_file))
     flags = dict(flags)
-    user_questions = flags.get("questions") is not None or (config_file is not None and "questions" in user)
+    sections = {key: flags.pop(key) for key in SECTIONS if isinstance(flags.get(key), dict)}
+    for key, value in [*user.items(), *sections.items()]:  # a section (file's, then flag's) adds to the one before
+        if key in SECTIONS and isinstance(value, dict):
+            base[key] = {**base.get(key, {}), **value}
+        else:
+            base[key] = value
     rounds = flags["rounds"] if flags.get("rounds") is not None else base.get("rounds", 0)
-    if not rounds and not user_questions:
+    if not rounds and flags.get("questions") is None and "questions" not in user:
         # The embedded default's questions belong to its rounds: `run --rounds 0` is the single pass.
         base.pop("questions", None)
-    for key in SECTIONS:  # a section given as a flag adds to the file's section
-        if isinstance(flags.get(key), dict):
-            base[key] = {**base.get(key, {}), **flags.pop(key)}
+    origin = str(EMBEDDED_DEFAULT if config_file is None else config_file)
     cfg = load_config(RunConfig, None, flags, values=base, origin=origin)
     # every section's keys checked here, so --print-config refuses what `run` refuses
     if not cfg.rounds:
         stage_configs(cfg)
-    else:
-        check_section_keys(cfg)
+    else:  # unknown keys in a rounds' section are an error now, not when a round reaches that stage
+        for name, cls in stage_classes().items():
+            where = f"run config: {name}"
+            check_keys(cls, translate(cls, dict(getattr(cfg, name)), where), where)
     return cfg
 
 
-def check_section_keys(cfg: RunConfig) -> None:
-    """Unknown keys in any section are an error now, not when its round reaches that stage."""
-    from pipeline.config import check_keys
-    from pipeline.trl_names import translate
+def stage_classes() -> dict[str, type]:
+    """Each section's stage config class (imported here: the stages load torch, which `run --help` need not)."""
     from stages.evaluate import EvalConfig
     from stages.ingest import IngestConfig
     from stages.make_pairs import MakePairsConfig
     from stages.score_ref import ScoreRefConfig
     from stages.train import TrainConfig
 
-    classes = {"ingest": IngestConfig, "score_ref": ScoreRefConfig, "train": TrainConfig, "eval": EvalConfig,
-               "make_pairs": MakePairsConfig}
-    for name, cls in classes.items():
-        where = f"run config: {name}"
-        check_keys(cls, translate(cls, dict(getattr(cfg, name)), where), where)
+    return {"ingest": IngestConfig, "score_ref": ScoreRefConfig, "train": TrainConfig, "eval": EvalConfig,
+            "make_pairs": MakePairsConfig}
 
 
 def _shipped(path: str) -> str:
@@ -166,12 +167,17 @@ def _shipped(path: str) -> str:
     return path
 
 
-def stage_configs(cfg: RunConfig):
-    from stages.evaluate import EvalConfig
-    from stages.ingest import IngestConfig
-    from stages.score_ref import ScoreRefConfig
-    from stages.train import TrainConfig
+def load_stages(where: str, **sections: dict) -> tuple:
+    """The named stages' configs, validated in the order given (eval's shipped benchmark and choices found)."""
+    for key in ("benchmark", "choices"):
+        if sections.get("eval", {}).get(key):
+            sections["eval"][key] = _shipped(sections["eval"][key])
+    classes = stage_classes()
+    return tuple(load_config(classes[name], values=values, origin=f"{where}: {name}")
+                 for name, values in sections.items())
 
+
+def stage_configs(cfg: RunConfig):
     out = cfg.out
     ingest = {**cfg.ingest, "out": str(out / PAIRS_FILE), "progress": False}
     ingest["inputs"] = [_shipped(p) for p in ingest.get("inputs", [])]
@@ -181,21 +187,7 @@ def stage_configs(cfg: RunConfig):
              "progress": False}
     ev = {"device": cfg.device, **cfg.eval, "scores": out / "cache", "out": out / "run",
           "model": str(out / "run" / "final"), "before": cfg.model}
-    for key in ("benchmark", "choices"):
-        if ev.get(key):
-            ev[key] = _shipped(ev[key])
-    return (
-        load_config(IngestConfig, values=ingest, origin="run config: ingest"),
-        load_config(ScoreRefConfig, values=score, origin="run config: score_ref"),
-        load_config(TrainConfig, values=train, origin="run config: train"),
-        load_config(EvalConfig, values=ev, origin="run config: eval"),
-    )
-
-
-def cache_mismatch_advice(exc: CacheMismatch) -> UserError:
-    """score-ref's own advice (--overwrite) is not a `run` flag: the error with advice that works for `run`."""
-    return UserError(f"{exc.detail}; to rescore it pass --score-ref '{{overwrite: true}}' "
-                     "(or score_ref: {overwrite: true} in --config), or choose another --out")
+    return load_stages("run config", ingest=ingest, score_ref=score, train=train, eval=ev)
 
 
 def planned_epochs(score_cfg, train_cfg) -> int:
@@ -211,51 +203,63 @@ def planned_epochs(score_cfg, train_cfg) -> int:
     return epochs_needed(max(n_train, 1), train_cfg)
 
 
+def stage_timer(log, times: dict[str, float], r: int | None = None):
+    """``timed(name, fn, stage_cfg)``: runs one stage, logging it (within round ``r``) and its seconds in ``times``."""
+    def timed(name, fn, stage_cfg):
+        t0 = time.perf_counter()
+        log(f"[{name if r is None else f'round {r}: {name}'}] ...")
+        result = fn(stage_cfg)
+        times[name] = round(time.perf_counter() - t0, 2)
+        if r is None:
+            log(f"[{name}] done in {times[name]:.1f}s")
+        return result
+
+    return timed
+
+
+def score_train_eval(cfg: RunConfig, timed, score_cfg, train_cfg, eval_cfg):
+    """The stages after ingest, as `run` and each round chain them: score-ref (unless its section sets draws,
+    one mask draw per epoch training will start: train refuses fewer), train, eval and the report. Their
+    results, the report's paths last (None without ``cfg.report``)."""
+    from pipeline.report import write_report
+    from stages import evaluate, score_ref, train
+
+    if "draws" not in cfg.score_ref:
+        score_cfg = replace(score_cfg, draws=max(score_cfg.draws, planned_epochs(score_cfg, train_cfg)))
+    try:
+        sc = timed("score-ref", score_ref.run, score_cfg)
+    except CacheMismatch as exc:  # score-ref's own advice (--overwrite) is not a `run` flag
+        raise UserError(f"{exc.detail}; to rescore it pass --score-ref '{{overwrite: true}}' "
+                        "(or score_ref: {overwrite: true} in --config), or choose another --out") from None
+    tr = timed("train", train.run, train_cfg)
+    ev = timed("eval", evaluate.run, eval_cfg)
+    paths = timed("report", lambda _: write_report(train_cfg.out), None) if cfg.report else None
+    return sc, tr, ev, paths
+
+
 def run(cfg: RunConfig, log=print):
     """The single pass (RunResult), or with ``cfg.rounds`` the iterative rounds (stages.run_rounds.RoundsResult)."""
     if cfg.rounds:
         from stages.run_rounds import run_rounds
 
         return run_rounds(cfg, log)
-    from pipeline.report import write_report
-    from stages import evaluate, ingest, score_ref, train
+    from stages import ingest, train
 
     start = time.perf_counter()
     ingest_cfg, score_cfg, train_cfg, eval_cfg = stage_configs(cfg)  # every section validated before work
     times: dict[str, float] = {}
-
-    def timed(name, fn, stage_cfg):
-        t0 = time.perf_counter()
-        log(f"[{name}] ...")
-        result = fn(stage_cfg)
-        times[name] = round(time.perf_counter() - t0, 2)
-        log(f"[{name}] done in {times[name]:.1f}s")
-        return result
-
-    from pipeline.atomic import check_writable
-
+    timed = stage_timer(log, times)
     check_writable(cfg.out, "output folder")
     if not train_cfg.resume:
         # `run` retrains from scratch (the reference cache is reused when unchanged): train removes
         # what earlier runs wrote in DIR/run, never a file of the user's, so it is checked before any work.
-        train_cfg = dataclasses.replace(train_cfg, overwrite=True)
+        train_cfg = replace(train_cfg, overwrite=True)
         train.check_run_outputs(train_cfg.out)
     ing = timed("ingest", ingest.run, ingest_cfg)
-    if "draws" not in cfg.score_ref:
-        # One mask draw per epoch trained (train refuses fewer): score as many as the run will need.
-        score_cfg = replace(score_cfg, draws=max(score_cfg.draws, planned_epochs(score_cfg, train_cfg)))
-    try:
-        sc = timed("score-ref", score_ref.run, score_cfg)
-    except CacheMismatch as exc:
-        raise cache_mismatch_advice(exc) from None
-    tr = timed("train", train.run, train_cfg)
-    ev = timed("eval", evaluate.run, eval_cfg)
-    artefacts = {
-        "pairs": ing.out, "quarantine": ing.quarantine, "reference_cache": sc.out, "run": tr.out,
-        "final_model": tr.final_model, "metrics": tr.metrics, "eval": ev.eval_json,
-    }
-    if cfg.report:
-        paths = timed("report", lambda _: write_report(train_cfg.out), None)
+    sc, tr, ev, paths = score_train_eval(cfg, timed, score_cfg, train_cfg, eval_cfg)
+    artefacts = {"pairs": ing.out, "quarantine": ing.quarantine, "reference_cache": sc.out, "run": tr.out,
+                 "final_model": tr.final_model, "metrics": tr.metrics, "eval": ev.eval_json}
+    if paths is not None:
         artefacts.update(report_html=str(paths.html), report_png=str(paths.png))
     query = (f"lldm-dpo query --pairs {ing.out} --scores {sc.out} --run {tr.out} "
              "\"SELECT pairs.split, count(*) AS pairs, avg(ref_margin) AS mean_ref_margin "
@@ -271,26 +275,18 @@ def run(cfg: RunConfig, log=print):
 
 
 def print_run_summary(result: RunResult) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from stages.evaluate import print_intervals
 
     console = Console()
-    table = Table(title=f"lldm-dpo run: done in {result.seconds:.0f}s", title_justify="left")
-    table.add_column("held-out evaluation")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
+    table = Table("held-out evaluation", Column("before", justify="right"), Column("after", justify="right"),
+                  title=f"lldm-dpo run: done in {result.seconds:.0f}s", title_justify="left")
     for key, name, values in (("preference_accuracy", "preference accuracy", result.preference_accuracy),
                               ("elbo_accuracy", "ELBO accuracy (B(chosen) > B(rejected))", result.elbo_accuracy),
                               ("task_accuracy", "task accuracy (generation)", result.task_accuracy),
                               ("choice_accuracy", "multiple-choice accuracy (option ELBO)", result.choice_accuracy)):
         if values and key not in result.intervals:  # those with counts and intervals are listed below
             table.add_row(name, f"{values.get('before', float('nan')):.3f}", f"{values.get('after', float('nan')):.3f}")
-    if table.row_count:
-        console.print(table)
-    else:
-        console.print(f"lldm-dpo run: done in {result.seconds:.0f}s")
-    from stages.evaluate import print_intervals
-
+    console.print(table if table.row_count else f"lldm-dpo run: done in {result.seconds:.0f}s")
     print_intervals(result.intervals, result.mc_spread, title="held-out evaluation, 95% intervals")
     console.print(f"train: final loss {result.final_train_loss:.4f}, "
                   f"reward accuracy {result.final_train_reward_accuracy:.3f}")
@@ -300,10 +296,6 @@ def print_run_summary(result: RunResult) -> None:
 
 
 def _run_action(cfg: RunConfig, as_json: bool) -> None:
-    import sys
-
-    from pipeline.stagecli import emit_json, summary_dict
-
     result = run(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     if as_json:
         emit_json(summary_dict(result))

@@ -33,12 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import atomic_path, write_json_atomic, write_text_atomic
-from pipeline.config import config_to_dict, load_config
-from pipeline.errors import CacheMismatch, ConfigError, UserError
-from pipeline.layout import PAIRS_FILE
+from rich.console import Console
+from rich.table import Column, Table
 
-ROUND_REFERENCES = ("policy", "initial")
+from pipeline.atomic import atomic_path, check_writable, file_sha256, write_json_atomic, write_text_atomic
+from pipeline.config import config_to_dict
+from pipeline.errors import ConfigError, UserError
+from pipeline.intervals import format_accuracy, format_difference, paired_difference_interval
+from pipeline.layout import PAIRS_FILE, ROUNDS_PNG, ROUNDS_TABLE
+from stages.run_all import _shipped, load_stages, score_train_eval, stage_timer
+
 PROVENANCE_FIELDS = ["question_id", "chosen_from", "chosen_sample", "rejected_sample", "chosen_answer",
                      "rejected_answer", "reference_answer", "model", "model_sha256", "seed", "round"]
 """make-pairs columns carried into each round's pairs.arrow (queryable with `query --pairs`)."""
@@ -65,29 +69,8 @@ def round_dir(out: Path, r: int) -> Path:
     return out / f"round-{r}"
 
 
-def check_rounds_config(cfg) -> None:
-    if cfg.round_reference not in ROUND_REFERENCES:
-        raise ConfigError(f"round_reference must be one of {', '.join(ROUND_REFERENCES)}, got {cfg.round_reference!r}")
-    if cfg.rounds and not cfg.questions:
-        raise ConfigError("run --rounds needs --questions FILE (JSONL of question and answer)")
-    if not cfg.rounds and cfg.questions:
-        raise ConfigError("--questions is used by iterative rounds: add --rounds R")
-    if cfg.rounds and int(cfg.train.get("lora_r", 0) or 0) > 0:
-        # The next round would start from an adapter folder and stack a second adapter on it.
-        raise ConfigError("run --rounds trains full models; LoRA rounds (lora_r > 0) are not supported yet")
-    if cfg.rounds and not cfg.eval.get("benchmark"):
-        raise ConfigError("run --rounds measures task accuracy: the eval section needs a benchmark")
-
-
 def round_configs(cfg, r: int, start_model: str, ref_model: str, has_eval_pairs: bool | None = None):
     """The five stage configs of round r (validated; make-pairs' and ingest's first)."""
-    from stages.evaluate import EvalConfig
-    from stages.ingest import IngestConfig
-    from stages.make_pairs import MakePairsConfig
-    from stages.run_all import _shipped
-    from stages.score_ref import ScoreRefConfig
-    from stages.train import TrainConfig
-
     d = round_dir(cfg.out, r)
     rendering = _chat_template(cfg)
     mp = {"device": cfg.device, **cfg.make_pairs, "questions": _shipped(str(cfg.questions)), "model": start_model,
@@ -102,19 +85,9 @@ def round_configs(cfg, r: int, start_model: str, ref_model: str, has_eval_pairs:
              "progress": False}
     ev = {"device": cfg.device, **cfg.eval, "scores": d / "cache" if has_eval_pairs is not False else None,
           "out": d / "run", "model": str(d / "run" / "final"), "before": cfg.model if r == 1 else "none"}
-    for key in ("benchmark", "choices"):
-        if ev.get(key):
-            ev[key] = _shipped(ev[key])
     if rendering is not None:  # sampled, scored and evaluated under one prompt rendering
         mp["chat_template"] = score["chat_template"] = ev["chat_template"] = rendering
-    where = f"run config, round {r}"
-    return (
-        load_config(MakePairsConfig, values=mp, origin=f"{where}: make_pairs"),
-        load_config(IngestConfig, values=ingest, origin=f"{where}: ingest"),
-        load_config(ScoreRefConfig, values=score, origin=f"{where}: score_ref"),
-        load_config(TrainConfig, values=train, origin=f"{where}: train"),
-        load_config(EvalConfig, values=ev, origin=f"{where}: eval"),
-    )
+    return load_stages(f"run config, round {r}", make_pairs=mp, ingest=ingest, score_ref=score, train=train, eval=ev)
 
 
 def _chat_template(cfg):
@@ -129,7 +102,6 @@ def _chat_template(cfg):
 
 
 def _fingerprint(cfg, configs, start_model: str, ref_model: str) -> dict[str, Any]:
-    from pipeline.atomic import file_sha256
     from pipeline.models import model_identity
     from pipeline.selfpairs import identity_digest
 
@@ -165,14 +137,10 @@ def _run_identity(cfg) -> dict[str, Any]:
 
 
 def run_rounds(cfg, log=print) -> RoundsResult:
-    from pipeline.report import write_report
-    from stages import evaluate, ingest, make_pairs, score_ref, train
+    from stages import ingest, make_pairs
 
     start = time.perf_counter()
-    check_rounds_config(cfg)
     round_configs(cfg, 1, cfg.model, cfg.model)  # every section validated before any work
-    from pipeline.atomic import check_writable
-
     check_writable(cfg.out, "output folder")
     _check_out_folder(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -200,14 +168,7 @@ def run_rounds(cfg, log=print) -> RoundsResult:
             marker.unlink()  # ours, and stale: this round is redone
         t0 = time.perf_counter()
         times: dict[str, float] = {}
-
-        def timed(name, fn, stage_cfg, r=r, times=times):  # bound now: called within this round only
-            t = time.perf_counter()
-            log(f"[round {r}: {name}] ...")
-            result = fn(stage_cfg)
-            times[name] = round(time.perf_counter() - t, 2)
-            return result
-
+        timed = stage_timer(log, times, r)
         mp_cfg, ing_cfg, sc_cfg, tr_cfg, _ = configs
         mp = timed("make-pairs", make_pairs.run, mp_cfg)
         if mp.pairs == 0:
@@ -218,32 +179,17 @@ def run_rounds(cfg, log=print) -> RoundsResult:
         if ing.quarantined:
             raise UserError(f"round {r}: ingest quarantined {ing.quarantined} of make-pairs' pairs "
                             f"(see {ing.quarantine}); this is a bug")
-        if "draws" not in cfg.score_ref:  # one mask draw per epoch the round's training starts, as `run` does
-            from dataclasses import replace
-
-            from stages.run_all import planned_epochs
-
-            sc_cfg = replace(sc_cfg, draws=max(sc_cfg.draws, planned_epochs(sc_cfg, tr_cfg)))
-        try:
-            sc = timed("score-ref", score_ref.run, sc_cfg)
-        except CacheMismatch as exc:
-            from stages.run_all import cache_mismatch_advice
-
-            raise cache_mismatch_advice(exc) from None
-        tr = timed("train", train.run, tr_cfg)
         ev_cfg = round_configs(cfg, r, start_model, ref_model, has_eval_pairs=ing.splits.get("eval", 0) > 0)[4]
-        ev = timed("eval", evaluate.run, ev_cfg)
-        if cfg.report:
-            timed("report", lambda _, run_dir=tr_cfg.out: write_report(run_dir), None)
+        sc, tr, ev, _ = score_train_eval(cfg, timed, sc_cfg, tr_cfg, ev_cfg)
         if r == 1:
             initial_acc = ev.task_accuracy.get("before")
-        task = task_figures(ev, tr_cfg.out, initial_correct_path(cfg.out))
+        # round 1's eval records of the original model: the "before" rows of its task_results.parquet
+        task = task_figures(ev, tr_cfg.out, round_dir(cfg.out, 1) / "run" / "task_results.parquet")
         summary = {
             "round": r, "start_model": start_model, "reference_model": ref_model,
-            "questions": mp.questions, "samples": mp.samples, "sample_accuracy": mp.sample_accuracy,
-            "pass_at_k": mp.pass_at_k, "questions_all_correct": mp.questions_all_correct,
-            "questions_all_wrong": mp.questions_all_wrong, "questions_mixed": mp.questions_mixed,
-            "pairs": mp.pairs, "pairs_reference_chosen": mp.pairs_reference_chosen,
+            **{k: getattr(mp, k) for k in ("questions", "samples", "sample_accuracy", "pass_at_k",
+                                           "questions_all_correct", "questions_all_wrong", "questions_mixed", "pairs",
+                                           "pairs_reference_chosen")},
             "pairs_train": ing.splits.get("train", 0), "pairs_eval": ing.splits.get("eval", 0),
             "scored": sc.pairs, "train_steps": tr.steps, "final_train_loss": tr.final_loss,
             "final_train_reward_accuracy": tr.final_reward_accuracy,
@@ -265,11 +211,6 @@ def run_rounds(cfg, log=print) -> RoundsResult:
                         example_query=query)
 
 
-def initial_correct_path(out: Path) -> Path:
-    """Round 1's eval records of the original model (the "before" rows of its task_results.parquet)."""
-    return round_dir(out, 1) / "run" / "task_results.parquet"
-
-
 def _correct_of(path: Path, label: str) -> list[bool]:
     import pyarrow.parquet as pq
 
@@ -281,8 +222,6 @@ def task_figures(ev, run_dir: Path, initial_path: Path) -> dict[str, Any]:
     """The round's task accuracy as eval recorded it: its count and Wilson interval (eval.json's
     ``intervals``), and the paired difference against the original model on the same questions: eval's
     own interval in round 1, later rounds from the per-question records of round 1's eval."""
-    from pipeline.intervals import paired_difference_interval
-
     iv = (getattr(ev, "intervals", None) or {}).get("task_accuracy", {})
     out: dict[str, Any] = {"task_accuracy_interval": iv.get("after")}
     if iv.get("before") is not None:
@@ -316,8 +255,6 @@ COLUMNS = (("round", "round"), ("pairs", "pairs"), ("pairs_reference_chosen", "r
 def headline(summaries: list[dict[str, Any]]) -> str:
     """The run's result in one line: held-out task accuracy of the original model and of the last round's,
     each with its count and 95% interval, and the paired difference with its interval (eval's records)."""
-    from pipeline.intervals import format_accuracy, format_difference
-
     if not summaries:
         return "task accuracy: no round finished yet"
     first, last = summaries[0], summaries[-1]
@@ -327,9 +264,7 @@ def headline(summaries: list[dict[str, Any]]) -> str:
     text = (f"task accuracy (held-out, greedy): before {format_accuracy(before) if before else '-'} -> "
             f"after round {last['round']} {format_accuracy(after)}")
     diff = last.get("task_accuracy_difference")
-    if diff:
-        text += f"; difference {format_difference(diff)}"
-    return text
+    return text + (f"; difference {format_difference(diff)}" if diff else "")
 
 
 def report_markdown(cfg, summaries: list[dict[str, Any]], initial_acc) -> str:
@@ -375,7 +310,6 @@ def _write_report(cfg, summaries, initial_acc) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.layout import ROUNDS_PNG, ROUNDS_TABLE
     from pipeline.report import rounds_png
     from pipeline.schemas import ROUNDS_SCHEMA
 
@@ -384,23 +318,18 @@ def _write_report(cfg, summaries, initial_acc) -> Path:
     rows = table_rows(cfg.model, summaries)
     with atomic_path(cfg.out / ROUNDS_TABLE) as tmp:  # recorded: the next round replaces it
         pq.write_table(pa.Table.from_pylist(rows, schema=ROUNDS_SCHEMA), tmp)
-    png = rounds_png(rows, f"lldm-dpo run --rounds {cfg.rounds}: task accuracy per round")
     with atomic_path(cfg.out / ROUNDS_PNG) as tmp:
-        tmp.write_bytes(png)
+        tmp.write_bytes(rounds_png(rows, f"lldm-dpo run --rounds {cfg.rounds}: task accuracy per round"))
     path = cfg.out / "rounds.md"
     write_text_atomic(path, report_markdown(cfg, summaries, initial_acc))
     return path
 
 
 def print_rounds_summary(result: RoundsResult) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
-    table = Table(title=f"lldm-dpo run --rounds: done in {result.seconds:.0f}s "
+    table = Table(*(Column(header, justify="right") for _, header in COLUMNS),
+                  title=f"lldm-dpo run --rounds: done in {result.seconds:.0f}s "
                         f"(original model's task accuracy {_fmt(result.initial_task_accuracy)})", title_justify="left")
-    for _, header in COLUMNS:
-        table.add_column(header, justify="right")
     for s in result.rounds:
         table.add_row(*(_fmt(s.get(k)) for k, _ in COLUMNS))
     console.print(headline(result.rounds), soft_wrap=True, markup=False)  # the result leads

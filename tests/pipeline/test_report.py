@@ -256,7 +256,7 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 def test_screenshot_in_real_chromium(tmp_path):
     """The page as a real browser lays it out: the nine chart panels exactly as report.png draws them, and the
     interval bars of the evaluation table at the widths their intervals give."""
-    from pipeline.report import CI_AFTER_COLOR, CI_DIFF_COLOR
+    from pipeline.report import AFTER_COLOR, CI_DIFF_COLOR
 
     data = _eval_with_intervals()
     run = _run_dir(tmp_path, eval_data=data)
@@ -302,7 +302,7 @@ def test_screenshot_in_real_chromium(tmp_path):
                 widths.update(int(s[-1] - s[0] + 1) for s in splits)
         return widths
 
-    after, diff = runs(CI_AFTER_COLOR), runs(CI_DIFF_COLOR)
+    after, diff = runs(AFTER_COLOR), runs(CI_DIFF_COLOR)
     for name in ("preference_accuracy", "choice_accuracy"):
         rec = data["intervals"][name]
         want_after = 200 * (rec["after"]["high"] - rec["after"]["low"])
