@@ -2,6 +2,8 @@
 
 - ``session``: ``Recipe``, what DPO and SFT share around their step (run folder, accelerator, trackers and
   metrics log, optimizer and wrapping, the step loop, resume, checkpoints and the final model).
+- ``args``: ``TrainingArgs``, the fields both configs share (optimizer, schedule, LoRA, checkpoints, logging,
+  hub), each declared once with its docstring and range.
 - ``dpo_config`` / ``dpo_step`` / ``dpo_checks`` / ``dpo_recipe``: DPO against the reference-score cache.
 
 The stages (``stages/train.py``, ``stages/sft.py``) only build the config and call ``run``.

@@ -22,7 +22,6 @@ from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
 from pipeline.cache import open_cache
 from pipeline.checkpoint import checkpoint_dir
-from pipeline.devices import resolve_device
 from pipeline.errors import UserError
 from pipeline.models import MaskedRowScorer
 from pipeline.numerics import accelerate_override_note, load
@@ -55,7 +54,6 @@ class DPORecipe(session.Recipe):
     def _setup_inputs(self) -> None:
         cfg = self.cfg
         self.open_run()
-        resolve_device(cfg.device)  # an unavailable --device is an error here too, never a silent CPU run
         self.cache = cache = open_cache(cfg.scores)
         self.fp = cache.fingerprint
         self.model_name = cfg.model or cache.manifest["config"]["model"]

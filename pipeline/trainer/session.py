@@ -19,6 +19,7 @@ import torch
 from pipeline.atomic import check_writable, sweep_stale, write_text_atomic
 from pipeline.checkpoint import load_checkpoint, save_checkpoint, save_model_dir
 from pipeline.config import config_to_dict, config_to_yaml
+from pipeline.devices import resolve_device
 from pipeline.errors import UserError
 from pipeline.hub import push_folder
 from pipeline.layout import CONFIG_FILE, FINAL_DIR, LEGACY_CHECKPOINTS_DIR, METRICS_FILE, run_outputs_in
@@ -119,6 +120,7 @@ class Recipe:
                 raise UserError(f"{cfg.out}: run folder already holds a run ({', '.join(earlier)}); pass --resume "
                                 "to continue it, --overwrite to start afresh, or choose another --out")
             check_run_outputs(cfg.out)
+        resolve_device(cfg.device)  # an unavailable --device is an error, never a silent CPU run
         requested = parse_report_to(cfg.report_to)
         self.trackers = resolve_trackers([n for n in requested if cfg.tensorboard or n != TENSORBOARD])
 

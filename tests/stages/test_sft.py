@@ -40,6 +40,13 @@ def data(tmp_path_factory):
     return write_sft_data(tmp_path_factory.mktemp("sft") / "d.jsonl")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unavailable_device_is_refused_not_run_on_the_cpu(data, tmp_path):
+    with pytest.raises(UserError, match="device 'cuda' requested but CUDA is not available"):
+        run(SFTConfig(data=data, out=tmp_path / "run", max_steps=1, **{**FAST, "device": "cuda"}))
+    assert not (tmp_path / "run" / "final").exists()
+
+
 def test_short_run_from_a_preset_learns_logs_and_saves_a_loadable_model(data, tmp_path):
     from pipeline.models import build_preset, load_model
 
