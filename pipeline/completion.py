@@ -20,7 +20,7 @@ from typing import IO, Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 
 import pipeline.numerics as numerics
-from pipeline.atomic import atomic_path
+from pipeline.atomic import write_text_atomic
 from pipeline.config import check_device, check_ranges, require, require_choice
 from pipeline.devices import DTYPE_NAMES, resolve_device
 from pipeline.errors import ConfigError, UserError
@@ -174,8 +174,7 @@ def dumps(row: dict[str, Any]) -> str:
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     """``rows`` as a JSONL file, written atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(dumps(r) + "\n" for r in rows), encoding="utf-8")
+    write_text_atomic(path, "".join(dumps(r) + "\n" for r in rows))
 
 
 def append_jsonl(stream: IO[str], rows: Sequence[dict[str, Any]]) -> None:

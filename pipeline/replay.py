@@ -58,13 +58,18 @@ def part_requests(rows: list[dict], fingerprint: dict[str, Any]) -> tuple[list, 
     return [cached_request(rows[i], side, draw, fingerprint) for i, side, draw in keys], [k[:2] for k in keys]
 
 
+def elbo_pass(model, tokenizer, requests: list, *, batch_tokens: int, autocast) -> list[torch.Tensor]:
+    """One no-grad ``elbo_terms`` pass over ``requests`` under ``autocast``, with the tokenizer's mask and pad ids."""
+    with torch.no_grad(), autocast:
+        return diffusion.elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
+                                    pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens)
+
+
 def terms_by_row(model, tokenizer, requests: list, layout: list[tuple[int, str]], rows: int, *, batch_tokens: int,
                  autocast) -> list[dict[str, list[list[float]]]]:
-    """One no-grad ``elbo_terms`` pass over ``requests`` (laid out as ``layout``'s (row, side), score-ref's order)
-    under ``autocast``; for each of the ``rows`` {"chosen", "rejected"} -> one list of float64 terms per draw."""
-    with torch.no_grad(), autocast:
-        terms = diffusion.elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
-                                     pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens)
+    """``elbo_pass`` over ``requests`` (laid out as ``layout``'s (row, side), score-ref's order); for each of the
+    ``rows`` {"chosen", "rejected"} -> one list of float64 terms per draw."""
+    terms = elbo_pass(model, tokenizer, requests, batch_tokens=batch_tokens, autocast=autocast)
     values: list[dict[str, list[list[float]]]] = [{side: [] for side in SIDES} for _ in range(rows)]
     for (i, side), t in zip(layout, terms):
         values[i][side].append(t.double().cpu().tolist())

@@ -13,7 +13,6 @@ silently dropped (accelerate alone would only log that at debug level).
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -96,22 +95,19 @@ def _plain(value: Any) -> Any:
 class AccelerateSink:
     """Feeds each metrics row to the trackers an Accelerator was built with (main process only).
 
-    ``tags`` maps metric names to the names trackers see (transformers' ``train/...``, ``eval/...``). The
-    project comes from the trackers' environment variables (``project_name``), the run's name from ``run_name``.
+    ``MetricsWriter`` hands it the measured values under the names trackers see (transformers' ``train/...``,
+    ``eval/...``). The project comes from the trackers' environment variables (``project_name``), the run's name from ``run_name``.
     """
 
-    def __init__(self, accelerator, config: Mapping[str, Any], tags: Mapping[str, str], run_name: str | None = None):
+    def __init__(self, accelerator, config: Mapping[str, Any], run_name: str | None = None):
         self.accelerator = accelerator
-        self.tags = dict(tags)
         names = [str(getattr(t, "value", t)) for t in accelerator.log_with]
         config = {k: _plain(v) for k, v in config.items() if k not in SECRET_FIELDS}  # never a token
         accelerator.init_trackers(project_name(names), config=config,
                                   init_kwargs=init_kwargs(names, run_name))
 
     def __call__(self, row: Mapping[str, Any], step: int) -> None:
-        values = {self.tags.get(k, k): float(v) for k, v in row.items()
-                  if k != "step" and v is not None and not math.isnan(float(v))}
-        self.accelerator.log(values, step=step)
+        self.accelerator.log(dict(row), step=step)
 
     def close(self) -> None:
         # Not Accelerator.end_training(): that also destroys the process group, which the

@@ -112,7 +112,8 @@ def _no(value: Any) -> Any:
 def _strategy(key: str, allowed: dict[str, dict[str, Any]], why: str) -> Callable[[Any, str, dict], dict]:
     def rule(value: Any, stage: str, data: dict) -> dict:
         text = _no(value)
-        require(isinstance(text, str) and text in allowed, f"{key}: {text!r} cannot apply here: {why} ({key}: {' or '.join(allowed)})")
+        require(isinstance(text, str) and text in allowed,
+                f"{key}: {text!r} cannot apply here: {why} ({key}: {' or '.join(allowed)})")
         return dict(allowed[text])
 
     return rule

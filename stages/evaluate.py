@@ -27,7 +27,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import diffusion  # elbo_terms looked up at call time (tests replace it)
 from pipeline.answers import extract_answer, is_correct, reference_answer
 from pipeline.atomic import atomic_path, check_replaceable, check_writable, remove_owned, write_json_atomic
 from pipeline.cache import check_reference_model, open_cache, read_part
@@ -45,7 +44,7 @@ from pipeline.losses import pair_statistics
 from pipeline.numerics import Numerics, autocast, follow, load, of_fingerprint
 from pipeline.prompts import encode_continuation, follow_cache, resolve_chat_template
 from pipeline.readers import jsonl_objects
-from pipeline.replay import PairBatch, replay_requests, rescore_part, seeded_request
+from pipeline.replay import PairBatch, elbo_pass, replay_requests, rescore_part, seeded_request
 from pipeline.sampler import check_fast_settings
 from pipeline.schemas import SIDES
 from pipeline.stagecli import print_summary, stage_command, summary_dict
@@ -252,9 +251,8 @@ def fresh_requests(rows: list[dict], fingerprint: dict[str, Any], extra: int = 0
 
 def mean_terms(model, tokenizer, requests: list, batch_tokens: int, mixed_precision: str = "no") -> list[float]:
     """Each request's mean ELBO term (no grad, under ``mixed_precision``'s autocast)."""
-    with torch.no_grad(), autocast(next(model.parameters()).device, mixed_precision):
-        terms = diffusion.elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
-                                     pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens)
+    terms = elbo_pass(model, tokenizer, requests, batch_tokens=batch_tokens,
+                      autocast=autocast(next(model.parameters()).device, mixed_precision))
     return [t.double().mean().item() for t in terms]
 
 

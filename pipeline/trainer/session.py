@@ -24,7 +24,7 @@ from pipeline.errors import UserError
 from pipeline.hub import push_folder
 from pipeline.layout import CONFIG_FILE, FINAL_DIR, LEGACY_CHECKPOINTS_DIR, METRICS_FILE, run_outputs_in
 from pipeline.lock import output_lock
-from pipeline.metrics import TB_TAGS, MetricsWriter
+from pipeline.metrics import MetricsWriter
 from pipeline.models import MaskedRowScorer
 from pipeline.resume import check_resume_source
 from pipeline.trackers import TENSORBOARD, AccelerateSink, accelerator_trackers, parse_report_to, resolve_trackers
@@ -186,7 +186,7 @@ class Recipe:
                 write_text_atomic(cfg.out / CONFIG_FILE, config_to_yaml(cfg), record=True)
         main = acc.is_main_process
         if main and accelerator_trackers(self.trackers):
-            self.sinks.append(AccelerateSink(acc, dataclasses.asdict(cfg), TB_TAGS,
+            self.sinks.append(AccelerateSink(acc, dataclasses.asdict(cfg),
                                              run_name=cfg.run_name or cfg.out.name))
         self.bar = StepBar(self.total_steps, self.start_step, cfg.progress and main, self.stage)
         if main:
