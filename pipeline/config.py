@@ -64,26 +64,68 @@ def load_config(
     CLI can pass every option straight through. ``values`` is an already-read
     mapping (a section of a larger file); ``origin`` names it in errors.
     """
-    from pipeline.trl_names import translate
-
     merged: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
     where = origin
     if config_file is not None:
-        merged.update(translate(cls, read_config_file(config_file), str(config_file)))
+        merged.update(_layer(cls, read_config_file(config_file), str(config_file), given_as, whole_file=True))
         where = str(config_file)
     if values is not None:
-        merged.update(translate(cls, dict(values), where or "config"))
-    check_keys(cls, merged, where or "config")
+        merged.update(_layer(cls, dict(values), where or "config", given_as))
     merged = coerce_values(cls, merged, where or "config")
-    given = translate(cls, {k: v for k, v in (overrides or {}).items() if v is not None}, COMMAND_LINE)
-    check_keys(cls, given, COMMAND_LINE)
+    given = _layer(cls, {k: v for k, v in (overrides or {}).items() if v is not None}, COMMAND_LINE, given_as)
     merged.update(coerce_values(cls, given, COMMAND_LINE))
     try:
-        return cls(**merged)
+        cfg = cls(**merged)
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}" if where and not str(exc).startswith(str(where)) else str(exc)) from None
+        message = in_users_words(str(exc), given_as)
+        raise ConfigError(f"{where}: {message}" if where and not message.startswith(str(where)) else message) from None
     except TypeError as exc:  # a value of a type the dataclass cannot take
         raise ConfigError(f"{where or 'config'}: {exc}") from None
+    if given_as and dataclasses.is_dataclass(cfg):
+        object.__setattr__(cfg, GIVEN_AS, dict(given_as))
+    return cfg
+
+
+GIVEN_AS = "_given_as"
+"""Attribute of a loaded config: our field -> the name the user gave it by (``mixed_precision`` -> ``bf16``)."""
+
+
+def option_name(cfg: Any, field: str) -> str:
+    """How to name ``field`` to the user in a message: the key they wrote (``bf16``) when they set it by another
+    name, else its flag (``--mixed-precision``)."""
+    return getattr(cfg, GIVEN_AS, {}).get(field) or "--" + field.replace("_", "-")
+
+
+def carry_given_as(old: Any, new: C) -> C:
+    """``new`` (a ``dataclasses.replace`` of ``old``) keeps the names the user gave ``old``'s fields by."""
+    if hasattr(old, GIVEN_AS):
+        object.__setattr__(new, GIVEN_AS, getattr(old, GIVEN_AS))
+    return new
+
+
+def in_users_words(message: str, given_as: Mapping[str, str]) -> str:
+    """A validation message about a field the user set by another name (TRL's) says so, in their words."""
+    named = [f"{field} (given as {key})" for field, key in given_as.items()
+             if re.search(rf"(?<![\w-])(--)?{re.escape(field)}(?![\w-])|--{field.replace('_', '-')}\b", message)]
+    return message + (f" [{', '.join(named)}]" if named else "")
+
+
+def _layer(cls: type, data: dict[str, Any], where: str, given_as: dict[str, str], whole_file: bool = False
+           ) -> dict[str, Any]:
+    """One layer (a file, a section, the flags) in our names; every key that cannot apply is reported in one
+    error (TRL's names by the user's own name, unknown keys all at once)."""
+    from pipeline.trl_names import translate
+
+    problems: list[str] = []
+    out = translate(cls, data, where, problems=problems, given_as=given_as, whole_file=whole_file)
+    unknown = unknown_keys(cls, out)
+    if unknown:
+        problems.append(unknown)
+    if problems:
+        count = f"{len(problems)} problems: " if len(problems) > 1 else ""
+        raise ConfigError(f"{where}: {count}{'; '.join(problems)}")
+    return out
 
 
 def coerce_values(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -174,10 +216,19 @@ def _scalar(base: Any, value: Any) -> Any:
 
 
 def check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
+    message = unknown_keys(cls, data)
+    if message:
+        raise ConfigError(f"{where}: {message}")
+
+
+def unknown_keys(cls: type, data: Mapping[str, Any]) -> str:
+    """'' when every key is a field of ``cls``; else one message naming them all."""
     known = list(field_types(cls))
-    for key in data:
-        if key not in known:
-            raise ConfigError(f"{where}: unknown key '{key}' for {cls.__name__} (known keys: {', '.join(known)})")
+    unknown = [key for key in data if key not in known]
+    if not unknown:
+        return ""
+    named = f"key '{unknown[0]}'" if len(unknown) == 1 else "keys " + ", ".join(f"'{k}'" for k in unknown)
+    return f"unknown {named} for {cls.__name__} (known keys: {', '.join(known)})"
 
 
 def field_default(f: dataclasses.Field) -> Any:

@@ -2,14 +2,16 @@
 
 All functions are pure and work per pair (no reduction): the caller averages.
 
-With ``delta = (B_pi(c) - B_ref(c)) - (B_pi(r) - B_ref(r))`` every loss here
-depends on a pair only through ``delta``: a loss is one function of
-``(delta, beta, label_smoothing)`` in ``PREFERENCE_LOSSES``. Its gradient with
-respect to the policy is ``loss_weight(delta) * d(delta)/d(theta)``, where
-``loss_weight`` is autograd of that function at a detached ``delta`` (no
+With ``delta = (B_pi(c) - B_ref(c)) - (B_pi(r) - B_ref(r))`` most losses here
+depend on a pair only through ``delta`` (``OF_DELTA``); the others (apo_zero,
+apo_down, sppo_hard, nca_pair) through its two log-ratios apart. A loss is one
+function of ``(chosen, rejected, beta, label_smoothing)`` in ``PREFERENCE_LOSSES``,
+on sequence scores, as TRL's ``dpo_loss`` writes it. Its gradient with
+respect to the policy is ``w_c * d(chosen)/d(theta) + w_r * d(rejected)/d(theta)``, where
+``(w_c, w_r)`` is autograd of that function at the detached log-ratios (no
 derivative is written by hand, so adding one of TRL's losses is one function).
-Because ``delta`` is a mean over n sampled terms, ``d(delta)/dT_k(c) = 1/n``
-and ``d(delta)/dT_k(r) = -1/n``: one no-grad pass gives ``loss_weight`` per
+Because each ELBO is a mean over n sampled terms, ``d(chosen)/dT_k(c) = 1/n``
+and ``d(rejected)/dT_k(r) = 1/n``: one no-grad pass gives the weights per
 pair, after which each sequence's terms can be backpropagated on their own
 with a fixed scalar weight and the accumulated gradient equals the one-pass
 gradient (shared/reference/estimator-math.md, "The gradient, sample by
@@ -32,46 +34,111 @@ import torch.nn.functional as F
 from pipeline.errors import ConfigError
 
 
-def sigmoid_loss(delta: torch.Tensor, beta: float, ls: float) -> torch.Tensor:
+def sigmoid_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, ls: float) -> torch.Tensor:
     """DPO's loss; with label smoothing ls, conservative DPO (cDPO: the label is flipped with probability ls)."""
-    x = beta * delta
+    x = beta * (chosen - rejected)
     loss = -F.logsigmoid(x)
     return (1.0 - ls) * loss - ls * F.logsigmoid(-x) if ls else loss
 
 
-def ipo_loss(delta: torch.Tensor, beta: float, ls: float) -> torch.Tensor:
+def ipo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, ls: float) -> torch.Tensor:
     """IPO regresses delta (of per-token log-ratios, see ``log_ratios``) onto 1/(2 beta), as TRL does."""
-    return (delta - 1.0 / (2.0 * beta)) ** 2
+    return (chosen - rejected - 1.0 / (2.0 * beta)) ** 2
 
 
-def hinge_loss(delta: torch.Tensor, beta: float, ls: float) -> torch.Tensor:
+def hinge_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, ls: float) -> torch.Tensor:
     """SLiC's hinge on beta * delta (relu'(0) = 0 in torch: the kink itself counts as flat)."""
-    return torch.relu(1.0 - beta * delta)
+    return torch.relu(1.0 - beta * (chosen - rejected))
 
 
-def robust_loss(delta: torch.Tensor, beta: float, ls: float) -> torch.Tensor:
+def robust_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, ls: float) -> torch.Tensor:
     """rDPO (Chowdhury et al. 2024): unbiased under label noise rate ls."""
-    x = beta * delta
+    x = beta * (chosen - rejected)
     return ((1.0 - ls) * -F.logsigmoid(x) + ls * F.logsigmoid(-x)) / (1.0 - 2.0 * ls)
 
 
-PREFERENCE_LOSSES: dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
-    "sigmoid": sigmoid_loss, "ipo": ipo_loss, "hinge": hinge_loss, "robust": robust_loss}
-"""TRL's loss_type names -> the per-pair loss of delta: the only place a loss is written."""
+EXO_EPSILON = 1e-3
+"""EXO's epsilon when label_smoothing is 0 (TRL's choice)."""
+
+
+def exo_pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, ls: float) -> torch.Tensor:
+    """EXO (Ji et al. 2024, eq. 16): the reverse KL from the label distribution (1 - eps, eps) to
+    sigmoid(beta * delta); eps is label_smoothing, EXO_EPSILON when that is 0."""
+    eps = ls or EXO_EPSILON
+    x = beta * (chosen - rejected)
+    return torch.sigmoid(x) * (F.logsigmoid(x) - math.log(1.0 - eps)) \
+        + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps))
+
+
+DISCOPOP_TAU = 0.05
+"""DiscoPOP's temperature (TRL's discopop_tau default; other values are refused in a config)."""
+
+
+def discopop_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, ls: float) -> torch.Tensor:
+    """DiscoPOP (Chan et al. 2024, eq. 5): the logistic and exponential losses of beta * delta, blended by
+    sigmoid(beta * delta / tau)."""
+    x = beta * (chosen - rejected)
+    blend = torch.sigmoid(x / DISCOPOP_TAU)
+    return -F.logsigmoid(x) * (1.0 - blend) + torch.exp(-x) * blend
+
+
+def apo_zero_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, ls: float) -> torch.Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, eq. 7): raise the chosen log-ratio, lower the rejected one, each
+    against zero (chosen answers better than the model's own)."""
+    return 1.0 - torch.sigmoid(beta * chosen) + torch.sigmoid(beta * rejected)
+
+
+def apo_down_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, ls: float) -> torch.Tensor:
+    """APO-down (eq. 8): lower the chosen log-ratio, and the rejected one more (chosen answers worse than
+    the model's own)."""
+    return torch.sigmoid(beta * chosen) + 1.0 - torch.sigmoid(beta * (chosen - rejected))
+
+
+def sppo_hard_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, ls: float) -> torch.Tensor:
+    """SPPO with hard probabilities (Wu et al. 2024): each log-ratio regressed onto +-1/(2 beta)."""
+    return (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
+
+
+def nca_pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, ls: float) -> torch.Tensor:
+    """NCA (Chen et al. 2024) on a pair: the chosen reward pushed up absolutely, both rewards pulled down."""
+    c, r = beta * chosen, beta * rejected
+    return -F.logsigmoid(c) - 0.5 * F.logsigmoid(-c) - 0.5 * F.logsigmoid(-r)
+
+
+PREFERENCE_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]] = {
+    "sigmoid": sigmoid_loss, "ipo": ipo_loss, "hinge": hinge_loss, "robust": robust_loss,
+    "exo_pair": exo_pair_loss, "discopop": discopop_loss, "apo_zero": apo_zero_loss, "apo_down": apo_down_loss,
+    "sppo_hard": sppo_hard_loss, "nca_pair": nca_pair_loss}
+"""TRL's loss_type names -> the per-pair loss of the (chosen, rejected) log-ratios: the only place a loss is
+written."""
 
 LOSS_TYPES = tuple(PREFERENCE_LOSSES)
 """Accepted ``loss_type`` values (``--loss``)."""
+
+OF_DELTA = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "discopop")
+"""Losses that see a pair only through delta = chosen - rejected log-ratio (``loss_weight`` applies)."""
+
+NOT_BUILT: dict[str, str] = {
+    "bco_pair": "its reward baseline is a running mean over the batches seen so far (state outside the pair's "
+                "scores, which a resume would have to replay); use sigmoid or apo_zero",
+    "aot": "it sorts the log-ratios across the batch, so a pair's loss depends on its batch-mates; use sigmoid",
+    "aot_pair": "it sorts the log-ratios across the batch, so a pair's loss depends on its batch-mates; use sigmoid",
+    "sigmoid_norm": "it needs per-token log-probabilities, not the ELBO per sequence; use ipo (per token)",
+}
+"""TRL's loss types not built here, with why (a one-line error names it)."""
 
 PER_TOKEN = ("ipo",)
 """Losses whose log-ratios are per token (divided by the response length), as TRL computes them."""
 
 # Loss types for which label smoothing has a meaning; the others refuse a
 # non-zero value rather than silently ignoring it.
-_SMOOTHED = ("sigmoid", "robust")
+_SMOOTHED = ("sigmoid", "robust", "exo_pair")
 
 
 def validate_loss_args(*, beta: float, loss_type: str, label_smoothing: float = 0.0) -> None:
     """Raise ConfigError when the loss settings are unusable."""
+    if loss_type in NOT_BUILT:
+        raise ConfigError(f"loss: {loss_type!r} is not built here: {NOT_BUILT[loss_type]}")
     if loss_type not in LOSS_TYPES:
         raise ConfigError(f"loss: unknown loss type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
@@ -79,7 +146,7 @@ def validate_loss_args(*, beta: float, loss_type: str, label_smoothing: float = 
     if not (isinstance(label_smoothing, (int, float)) and math.isfinite(label_smoothing)):
         raise ConfigError(f"label_smoothing: must be a number, got {label_smoothing!r}")
     if label_smoothing != 0.0 and loss_type not in _SMOOTHED:
-        raise ConfigError(f"label_smoothing: only the sigmoid and robust losses use it; got {label_smoothing} with "
+        raise ConfigError(f"label_smoothing: only the sigmoid, robust and exo_pair losses use it; got {label_smoothing} with "
                           f"loss {loss_type!r}")
     # At 0.5 the sigmoid loss no longer prefers either side and the robust
     # loss divides by zero, so both require [0, 0.5).
@@ -197,7 +264,7 @@ def pair_statistics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
     losses = torch.zeros_like(chosen)
     if preference_weight:  # a loss of weight 0 is not computed (eval's margins take any beta, 0 included)
         validate_loss_args(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-        losses = preference_weight * PREFERENCE_LOSSES[loss_type](chosen - rejected, float(beta), float(label_smoothing))
+        losses = preference_weight * PREFERENCE_LOSSES[loss_type](chosen, rejected, float(beta), float(label_smoothing))
     if sft_weight:
         losses = losses + sft_weight * sft_loss(policy_chosen, chosen_len)
     chosen, rejected = chosen.detach(), rejected.detach()
@@ -209,27 +276,45 @@ def pair_statistics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
                           chosen_logps=policy_chosen.detach(), rejected_logps=policy_rejected.detach())
 
 
-def _autograd_weight(fn: Callable[[torch.Tensor], torch.Tensor], at: torch.Tensor) -> torch.Tensor:
-    """d(sum fn(x))/dx at ``at`` by autograd (each entry's own derivative: fn works per entry), detached."""
-    x = at.detach().clone().requires_grad_(True)
-    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
-        (grad,) = torch.autograd.grad(fn(x).sum(), x)
-    return grad.detach()
+def _autograd_weight(fn: Callable[..., torch.Tensor], *at: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """d(sum fn(x, ...))/dx for each argument at ``at`` by autograd (each entry's own derivative: fn works per
+    entry), detached."""
+    xs = [a.detach().clone().requires_grad_(True) for a in at]
+    with torch.enable_grad(), torch.autocast(xs[0].device.type, enabled=False):
+        grads = torch.autograd.grad(fn(*xs).sum(), xs)
+    return tuple(g.detach() for g in grads)
+
+
+def _floating(x: torch.Tensor | float) -> torch.Tensor:
+    d = torch.as_tensor(x).detach()
+    return d if d.is_floating_point() else d.to(torch.float64)
 
 
 def loss_weight(delta: torch.Tensor | float, *, beta: float, loss_type: str = "sigmoid",
                 label_smoothing: float = 0.0) -> torch.Tensor:
-    """dLoss/d(delta) per pair: autograd of the loss (``PREFERENCE_LOSSES``) at the detached ``delta``.
+    """dLoss/d(delta) per pair: autograd of the loss (``PREFERENCE_LOSSES``) at the detached ``delta``, for the
+    losses of delta alone (``OF_DELTA``; the others: ``ratio_weights``).
 
     The result is detached and has ``delta``'s shape; multiply it by 1/n for
     each of the n chosen terms and by -1/n for each rejected term (and, for
     ``ipo``, by 1/length of that response: ``sequence_weights`` does both).
     """
     validate_loss_args(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    d = torch.as_tensor(delta).detach()
-    if not d.is_floating_point():
-        d = d.to(torch.float64)
-    return _autograd_weight(lambda x: PREFERENCE_LOSSES[loss_type](x, float(beta), float(label_smoothing)), d)
+    if loss_type not in OF_DELTA:
+        raise ValueError(f"loss_weight: {loss_type} depends on the two log-ratios apart; use ratio_weights")
+    d = _floating(delta)
+    fn = PREFERENCE_LOSSES[loss_type]
+    return _autograd_weight(lambda x: fn(x, torch.zeros_like(x), float(beta), float(label_smoothing)), d)[0]
+
+
+def ratio_weights(chosen: torch.Tensor | float, rejected: torch.Tensor | float, *, beta: float,
+                  loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dLoss/d(chosen log-ratio), dLoss/d(rejected log-ratio)) per pair, by autograd at the detached values;
+    for a loss of delta alone the second is minus the first."""
+    validate_loss_args(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    fn = PREFERENCE_LOSSES[loss_type]
+    c, r = _floating(chosen), _floating(rejected)
+    return _autograd_weight(lambda x, y: fn(x, y, float(beta), float(label_smoothing)), c, r.to(c.dtype))
 
 
 def sft_loss(policy_chosen_elbo: torch.Tensor, chosen_len: torch.Tensor | int) -> torch.Tensor:
@@ -247,13 +332,13 @@ def sft_loss(policy_chosen_elbo: torch.Tensor, chosen_len: torch.Tensor | int) -
 def sft_loss_weight(chosen_len: torch.Tensor | int) -> torch.Tensor:
     """d(sft_loss)/d(elbo) per pair by autograd (``-1/len``; float64, detached)."""
     shape = torch.as_tensor(chosen_len).shape
-    return _autograd_weight(lambda elbo: sft_loss(elbo, chosen_len), torch.zeros(shape, dtype=torch.float64))
+    return _autograd_weight(lambda elbo: sft_loss(elbo, chosen_len), torch.zeros(shape, dtype=torch.float64))[0]
 
 
-def sequence_weights(delta: torch.Tensor, n_samples: int, *, beta: float, loss_type: str = "sigmoid",
-                     label_smoothing: float = 0.0, sft_weight: float = 0.0, chosen_len: torch.Tensor | None = None,
-                     normalizer: float = 1.0, dpo_weight: float = 1.0, rejected_len: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_weights(delta: torch.Tensor | tuple[torch.Tensor, torch.Tensor], n_samples: int, *, beta: float,
+                     loss_type: str = "sigmoid", label_smoothing: float = 0.0, sft_weight: float = 0.0,
+                     chosen_len: torch.Tensor | None = None, normalizer: float = 1.0, dpo_weight: float = 1.0,
+                     rejected_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scalar weights for backpropagating each sampled term on its own.
 
     For the objective ``sum_b [dpo_weight * dpo_b + sft_weight * sft_b] / normalizer`` (use
@@ -262,16 +347,21 @@ def sequence_weights(delta: torch.Tensor, n_samples: int, *, beta: float, loss_t
     ``(terms_chosen[b].sum() * chosen_w[b]).backward()`` (and likewise for
     the rejected terms) per sequence and the summed gradients equal the
     gradient of the objective computed in one pass. ``delta`` is the loss's
-    argument (``preference_delta``); for ``ipo`` the weights carry the
+    argument (``preference_delta``), or the pair of (chosen, rejected) log-ratios (``log_ratios``), which the
+    losses of the two apart (apo_zero, sppo_hard, ...) need; for ``ipo`` the weights carry the
     1/length of each log-ratio, so both lengths are needed.
     """
     if n_samples <= 0:
         raise ValueError("sequence_weights: n_samples must be > 0")
-    w = dpo_weight * loss_weight(delta, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    chosen_w, rejected_w = _per_token(loss_type, w.clone(), w.clone(), chosen_len, rejected_len)
+    if isinstance(delta, tuple):
+        w_c, w_r = ratio_weights(*delta, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    else:
+        w_c = loss_weight(delta, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        w_r = -w_c
+    chosen_w, rejected_w = _per_token(loss_type, dpo_weight * w_c, dpo_weight * w_r, chosen_len, rejected_len)
     if sft_weight:
         if chosen_len is None:
             raise ValueError("sequence_weights: chosen_len is required when sft_weight != 0")
-        chosen_w = chosen_w + sft_weight * sft_loss_weight(chosen_len).to(w.dtype)
+        chosen_w = chosen_w + sft_weight * sft_loss_weight(chosen_len).to(chosen_w.dtype)
     scale = 1.0 / (n_samples * normalizer)
-    return chosen_w * scale, -rejected_w * scale
+    return chosen_w * scale, rejected_w * scale

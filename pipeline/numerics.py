@@ -53,17 +53,22 @@ def of_fingerprint(fingerprint: dict[str, Any]) -> Numerics:
 
 
 def follow(cache: Numerics, *, dtype: Optional[str] = None, mixed_precision: Optional[str] = None,
-           load_in_4bit: Optional[bool] = None, allow_mismatch: bool = False, where: str = "cache") -> Numerics:
+           load_in_4bit: Optional[bool] = None, allow_mismatch: bool = False, where: str = "cache",
+           names: Optional[dict[str, str]] = None) -> Numerics:
     """This run's numerics: each setting left unset (None) takes the cache's; one set to another value
-    is refused with both values named, unless ``allow_mismatch``."""
+    is refused with both values named, unless ``allow_mismatch``. ``names``: a setting -> the name the user
+    gave it by (TRL's ``bf16``), used in that message instead of our flag."""
     asked = {"dtype": dtype, "mixed_precision": mixed_precision, "load_in_4bit": load_in_4bit}
     chosen = {}
     for name in FIELDS:
         value, cached = asked[name], getattr(cache, name)
         if value is not None and value != cached and not allow_mismatch:
+            given = (names or {}).get(name, FLAGS[name])
+            by = f" (your {given})" if given != FLAGS[name] else ""
             raise UserError(f"{where}: the reference was scored with {name}={cached}, this run asks for "
-                            f"{name}={value}; drop {FLAGS[name]} to follow the cache, rescore with score-ref "
-                            f"{FLAGS[name]} {value}, or pass --allow-numerics-mismatch")
+                            f"{name}={value}{by}; drop {given} to follow the cache, rescore with score-ref "
+                            f"{FLAGS[name]} {value}{' (or the same ' + given + ')' if by else ''}, or pass "
+                            "--allow-numerics-mismatch")
         chosen[name] = cached if value is None else value
     if chosen["load_in_4bit"] and chosen["dtype"] != "bfloat16":
         chosen["dtype"] = "bfloat16"  # bitsandbytes' 4-bit base computes in bfloat16 here

@@ -24,6 +24,10 @@ Truncation to ``max_length`` (prompt + the longer response must fit):
 2. if the longer response alone exceeds ``max_length``, the prompt is dropped
    entirely and each too-long response is cut from the RIGHT to ``max_length``
    tokens, its last token replaced by EOS so every response still ends with EOS.
+Before that, TRL's ``max_prompt_length`` and ``max_completion_length`` (when
+given) apply as TRL applies them: the prompt keeps its last
+``max_prompt_length`` tokens and each response its first
+``max_completion_length`` (the last of them replaced by EOS, as above).
 ``truncated`` is True when any token was dropped; score-ref counts these pairs.
 """
 
@@ -64,16 +68,31 @@ def _text(row: dict, field: str) -> str:
     return value
 
 
-def truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int, eos: int):
+def _cut(ids: list[int], length: int, eos: int) -> list[int]:
+    """A response cut from the right to ``length`` tokens, still ending with EOS."""
+    return ids if len(ids) <= length else ids[: length - 1] + [eos]
+
+
+def truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int, eos: int,
+             max_prompt_length: int | None = None, max_completion_length: int | None = None):
     """Apply the truncation policy; returns (prompt_ids, responses, truncated)."""
+    cut_before = False
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        prompt_ids, cut_before = prompt_ids[len(prompt_ids) - max_prompt_length:] if max_prompt_length else [], True
+    if max_completion_length is not None and max(len(r) for r in responses) > max_completion_length:
+        responses, cut_before = [_cut(r, max_completion_length, eos) for r in responses], True
+    prompt_ids, responses, cut = _truncate_total(prompt_ids, responses, max_length, eos)
+    return prompt_ids, responses, cut or cut_before
+
+
+def _truncate_total(prompt_ids: list[int], responses: list[list[int]], max_length: int, eos: int):
     longest = max(len(r) for r in responses)
     if len(prompt_ids) + longest <= max_length:
         return prompt_ids, responses, False
     if longest <= max_length:
         keep = max_length - longest
         return (prompt_ids[len(prompt_ids) - keep :] if keep else []), responses, True
-    cut = [r if len(r) <= max_length else r[: max_length - 1] + [eos] for r in responses]
-    return [], cut, True
+    return [], [_cut(r, max_length, eos) for r in responses], True
 
 
 def _messages_or_text(row: dict, field: str):
@@ -84,7 +103,8 @@ def _messages_or_text(row: dict, field: str):
     return messages_of(value, f"{_where(row)}: field '{field}_messages'", sep=" ")
 
 
-def tokenize_pair(tokenizer, row: dict, max_length: int, use_chat_template: bool = True) -> TokenizedPair:
+def tokenize_pair(tokenizer, row: dict, max_length: int, use_chat_template: bool = True, *,
+                  max_prompt_length: int | None = None, max_completion_length: int | None = None) -> TokenizedPair:
     """Token ids of a pairs-file row as they are scored (see the module docstring for the policy)."""
     if max_length < 1:
         raise ValueError(f"tokenize_pair: max_length must be >= 1, got {max_length}")
@@ -108,5 +128,6 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, use_chat_template: bool
     else:
         prompt_ids, chosen, rejected = (encode_text(tokenizer, _text(row, name)) for name in ("prompt", *SIDES))
     chosen, rejected = (ids if ids and ids[-1] == eos else ids + [eos] for ids in (chosen, rejected))
-    prompt_ids, (chosen, rejected), truncated = truncate(prompt_ids, [chosen, rejected], max_length, eos)
+    prompt_ids, (chosen, rejected), truncated = truncate(prompt_ids, [chosen, rejected], max_length, eos,
+                                                         max_prompt_length, max_completion_length)
     return TokenizedPair(*([int(t) for t in ids] for ids in (prompt_ids, chosen, rejected)), truncated=truncated)

@@ -29,7 +29,7 @@ TRL_OWN: dict[str, Any] = {
     "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 1.0, "padding_free": False, "use_liger_loss": False,
     "base_model_attribute_name": "model", "model_init_kwargs": None, "ref_model_init_kwargs": None,
     "model_adapter_name": None, "ref_adapter_name": None, "force_use_ref_model": False, "tools": None,
-    "discopop_tau": ANY, "use_logits_to_keep": False, "activation_offloading": False, "pad_token": None,
+    "discopop_tau": 0.05, "use_logits_to_keep": False, "activation_offloading": False, "pad_token": None,
     "dataset_num_proc": ANY,
     # SFTConfig
     "dataset_text_field": "text", "packing": False, "packing_strategy": ANY, "eval_packing": None,
@@ -54,15 +54,18 @@ WHY: dict[str, str] = {
     "fsdp": "FSDP is chosen by the launcher: accelerate launch --config_file configs/accelerate/fsdp.yaml",
     "fsdp_config": "FSDP is configured by accelerate launch --config_file (configs/accelerate/fsdp.yaml)",
     "tpu_num_cores": "there is no TPU (torch_xla) support", "tpu_metrics_debug": "there is no TPU support",
-    "max_prompt_length": "truncation happens when the cache is scored: set score-ref's --max-length",
-    "max_completion_length": "truncation happens when the cache is scored: set score-ref's --max-length",
     "reference_free": "the reference is always the cache's model (reference: cached or online)",
     "sync_ref_model": "the reference is fixed by the cache (TR-DPO's synced reference is not built)",
     "packing": "sequences are not packed (each example is one sequence)",
     "completion_only_loss": "the loss is always on the completion only (LLaDA's SFT never masks the prompt)",
     "per_device_eval_batch_size": "held-out passes use per_device_train_batch_size",
     "eval_accumulation_steps": "held-out sums are accumulated exactly already",
-    "torch_compile": "torch.compile is not used", "load_in_8bit": "8-bit loading is not built; use load_in_4bit",
+    "torch_compile": "torch.compile is not used",
+    "discopop_tau": "the discopop loss is built with TRL's default tau 0.05 (pipeline/losses.py DISCOPOP_TAU)",
+    "truncation_mode": "score-ref keeps the end of the prompt and the start of each response (keep_end)",
+    "max_prompt_length": "sft truncates each example to max_length (max_prompt_length is score-ref's, for DPO)",
+    "max_completion_length": "sft truncates each example to max_length (max_completion_length is score-ref's)",
+    "load_in_8bit": "8-bit loading is not built; use load_in_4bit",
     "use_dora": "DoRA is not built; LoRA only", "use_rslora": "rsLoRA is not built; LoRA only",
     "dataset_name": "train reads a reference-score cache: ingest the data and score it with score-ref first",
     "logging_first_step": "steps are logged every logging_steps and at the end",
@@ -125,8 +128,10 @@ def _eval_strategy(value: Any, stage: str, data: dict) -> dict:
         return {}
     require(stage == "TrainConfig",
             f"eval_strategy: {value!r} cannot apply here: sft measures no held-out split (eval_strategy: no)")
+    if value == "epoch":
+        return {"eval_each_epoch": True}
     require(value == "steps", f"eval_strategy: {value!r} cannot apply here: held-out metrics are measured every "
-                              "eval_steps steps (eval_strategy: steps)")
+                              "eval_steps steps or each epoch (eval_strategy: steps or epoch)")
     require(bool(data.get("eval_steps") or data.get("eval_every")),
             "eval_strategy: steps needs eval_steps > 0 (transformers would default it to logging_steps; give it)")
     return {}
@@ -138,10 +143,12 @@ def _save_strategy(value: Any, stage: str, data: dict) -> dict:
         return {}
     if value == "no":
         return {"save_every": 0}
+    if value == "epoch":
+        return {"save_each_epoch": True}
     if value == "best" and stage == "TrainConfig":
         return {"save_best": True}
     raise ConfigError(f"save_strategy: {value!r} cannot apply here: checkpoints are written every save_steps steps "
-                      f"(save_strategy: steps{', best' if stage == 'TrainConfig' else ''} or no)")
+                      f"or each epoch (save_strategy: steps, epoch{', best' if stage == 'TrainConfig' else ''} or no)")
 
 
 def _use_peft(value: Any, stage: str, data: dict) -> dict:
@@ -164,7 +171,8 @@ def _dataset_name(value: Any, stage: str, data: dict) -> dict:
 
 RULES: dict[str, Callable[[Any, str, dict], dict]] = {
     "eval_strategy": _eval_strategy, "evaluation_strategy": _eval_strategy, "save_strategy": _save_strategy,
-    "logging_strategy": _strategy("logging_strategy", {"steps": {}}, "metrics are logged every logging_steps steps"),
+    "logging_strategy": _strategy("logging_strategy", {"steps": {}, "epoch": {"log_each_epoch": True}},
+                                  "metrics are logged every logging_steps steps or each epoch"),
     "use_peft": _use_peft, "use_cpu": _use_cpu, "dataset_name": _dataset_name,
     "hub_strategy": _strategy("hub_strategy", {"end": {}, "every_save": {}},
                               "push_to_hub uploads the final model folder only, at the end of the run"),

@@ -11,6 +11,8 @@ module imports no stage.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import sys
 from typing import Any, Callable, NamedTuple
 
 from pipeline.config import require
@@ -80,7 +82,8 @@ TRL_NAMES: dict[str, dict[str, Alias]] = {
     "TrainConfig": {**_TRAINING, "loss_type": Alias("loss", _joined), "rpo_alpha": Alias("sft_weight"),
                     "eval_steps": Alias("eval_every"), "load_best_model_at_end": Alias("save_best")},
     "SFTConfig": _TRAINING,
-    "ScoreRefConfig": {**_MODEL, **_OUT, **_TQDM},
+    # output_dir is train's run folder: a DPOConfig given to score-ref leaves it (the cache is score-ref's --out)
+    "ScoreRefConfig": {**_MODEL, **_TQDM, "bf16": _TRAINING["bf16"], "fp16": _TRAINING["fp16"]},
     "EvalConfig": {**_MODEL, **_OUT, **_EVAL},
     "GenerateConfig": {**_MODEL, **_EVAL, **_TQDM},
 }
@@ -98,50 +101,90 @@ TRAINING_STAGES = ("TrainConfig", "SFTConfig")
 """Config classes that take every TrainingArguments / TRL key (pipeline/trl_args.py)."""
 
 
-def translate(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+def translate(cls: type, data: dict[str, Any], where: str, *, problems: list[str] | None = None,
+              given_as: dict[str, str] | None = None, whole_file: bool = False) -> dict[str, Any]:
     """Our names for ``data``'s keys; a key given under both names with different values is an error.
 
     For train and sft, a TrainingArguments or TRL key that is no field of ours is applied, accepted as
-    harmless or refused with why (pipeline/trl_args.py)."""
+    harmless or refused with why (pipeline/trl_args.py). With ``problems``, every key that cannot apply is
+    appended there (by the user's own name, with why) instead of raising at the first; ``given_as`` gathers our
+    field -> the name the user set it by. ``whole_file``: ``data`` is a config file given to this one stage, so
+    a TRL key that belongs to another stage (a DPOConfig's ``learning_rate`` given to score-ref) is left to it,
+    said in one line on stderr."""
     table = aliases_for(cls)
-    if not table:
-        return dict(data)
+    raise_now = problems is None
+    problems = [] if problems is None else problems
     ours = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     training = cls.__name__ in TRAINING_STAGES
     out: dict[str, Any] = {}
     origin: dict[str, str] = {}
+    left: list[str] = []
 
     def put(key: str, target: str, new: Any) -> None:
         if target in out and out[target] != new:
-            raise ConfigError(f"{where}: '{key}' and '{origin[target]}' both set {target} "
-                              f"({new!r} and {out[target]!r}); give one")
+            raise ConfigError(f"'{key}' and '{origin[target]}' both set {target} ({new!r} and {out[target]!r}); "
+                              "give one")
         out[target], origin[target] = new, key
+        if given_as is not None and key != target:
+            given_as[target] = key
 
     for key, value in data.items():
         alias = table.get(key)
-        # TrainingArguments' null "not set" (eval_steps, disable_tqdm, ...) leaves ours; save_total_limit null: keep all
-        if training and value is None and key != "save_total_limit" and key in training_arguments() \
-                and training_arguments()[key] is None:
-            continue
-        if training and alias is None and key not in ours and known(key):
-            try:
+        try:
+            # TrainingArguments' null "not set" (eval_steps, disable_tqdm, ...) leaves ours; save_total_limit null:
+            # keep all
+            if training and value is None and key != "save_total_limit" and key in training_arguments() \
+                    and training_arguments()[key] is None:
+                continue
+            if training and alias is None and key not in ours and known(key):
                 for target, new in apply_training_arguments(cls.__name__, key, value, data).items():
                     put(key, target, new)
-            except ConfigError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-            continue
-        if alias is None:
-            target, new = key, value
-        else:
-            target = alias.field
-            try:
-                new = alias.convert(value) if alias.convert else value
-            except ConfigError as exc:
-                raise ConfigError(f"{where}: {key}: {exc}") from None
-            if new is SKIP:
                 continue
-        put(key, target, new)
+            if not training and whole_file and alias is None and key not in ours and belongs_to_training(key):
+                left.append(key)
+                continue
+            if alias is None:
+                target, new = key, value
+            else:
+                target = alias.field
+                try:
+                    new = alias.convert(value) if alias.convert else value
+                except ConfigError as exc:
+                    raise ConfigError(f"{key}: {exc}") from None
+                if new is SKIP:
+                    continue
+            put(key, target, new)
+        except ConfigError as exc:
+            if raise_now:
+                raise ConfigError(f"{where}: {exc}") from None
+            problems.append(str(exc))
+    if left and not problems:
+        applied = [k for k in data if k not in left]
+        print(f"note: {where}: {STAGE_NAMES.get(cls.__name__, cls.__name__)} applies "
+              f"{', '.join(applied) if applied else 'none of its keys'}; leaves {', '.join(left)} to train",
+              file=sys.stderr)
     return out
+
+
+STAGE_NAMES = {"IngestConfig": "ingest", "ScoreRefConfig": "score-ref", "EvalConfig": "eval",
+               "GenerateConfig": "generate", "MakePairsConfig": "make-pairs"}
+"""Config class -> its command, for the line that says which keys a stage leaves to the others."""
+
+
+def belongs_to_training(key: str) -> bool:
+    """A key of a TRL DPOConfig/SFTConfig or of TrainingArguments: train's (or sft's), to be left by the stages
+    that share the user's one config file."""
+    return known(key) or any(key in names for names in (TRL_NAMES["TrainConfig"], TRL_NAMES["SFTConfig"])) \
+        or key in _train_fields()
+
+
+@functools.lru_cache(maxsize=None)
+def _train_fields() -> frozenset[str]:
+    """TrainConfig's and SFTConfig's own fields (beta, loss, sft_weight, ...)."""
+    from pipeline.trainer.dpo_config import TrainConfig
+    from pipeline.trainer.sft_config import SFTConfig
+
+    return frozenset(f.name for cls in (TrainConfig, SFTConfig) for f in dataclasses.fields(cls))
 
 
 SEED_PROJECT_KEYS: dict[str, tuple[str | None, str]] = {

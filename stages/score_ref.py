@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -66,7 +67,8 @@ ESTIMATOR_VERSION = "elbo-masked-v1"
 
 
 RANGES = {"samples": "[1, inf)", "draws": "[1, inf)", "seed": "[0, inf)", "eps": "(0, 1)", "max_length": "[1, inf)",
-          "batch_tokens": "[1, inf)", "pairs_per_part": "[1, inf)", "limit": "[0, inf)"}
+          "batch_tokens": "[1, inf)", "pairs_per_part": "[1, inf)", "limit": "[0, inf)", "max_prompt_length": "[0, inf)",
+          "max_completion_length": "[2, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
@@ -90,6 +92,10 @@ class ScoreRefConfig:
     """Lower bound of t for the one_over_t scheme."""
     max_length: int = 1024
     """Longest prompt + response in tokens; longer pairs are truncated (prompt first) and flagged."""
+    max_prompt_length: Optional[int] = None
+    """TRL's: the prompt keeps its last N tokens (before max_length applies); none: no limit of its own."""
+    max_completion_length: Optional[int] = None
+    """TRL's: each response keeps its first N tokens, the last replaced by EOS; none: no limit of its own."""
     chat_template: Optional[bool] = None
     """Render prompts with the tokenizer's chat template (a text prompt as one user turn, a text response as the
     assistant's turn); false: raw text. Default: on when the tokenizer has a template. Recorded in the fingerprint."""
@@ -143,10 +149,22 @@ class ScoreRefResult:
     scored_now: int = 0
     """Pairs scored by this invocation (0 when a finished cache was found)."""
     reused: bool = False
+    """True when any pair's scores were found already written (a finished cache, or the parts before a crash)."""
+    reused_pairs: int = 0
+    """Pairs whose scores were found already written, not scored by this invocation."""
     identical_after_truncation: int = 0
     """Pairs whose chosen and rejected ids are equal once truncated (train skips them)."""
     truncated: int = 0
     """Pairs cut to --max-length (some tokens dropped)."""
+
+
+def truncation_warning(truncated: int, pairs: int, cfg: ScoreRefConfig) -> str:
+    """The line that says most pairs lose tokens (the scores then describe shortened answers)."""
+    limits = [f"--max-length {cfg.max_length}"] + [f"{name} {value}" for name, value in (
+        ("max_prompt_length", cfg.max_prompt_length), ("max_completion_length", cfg.max_completion_length))
+        if value is not None]
+    return (f"warning: {truncated} of {pairs} pairs ({truncated / pairs:.0%}) are truncated to {', '.join(limits)}: "
+            "their scores describe shortened answers; raise the limit to score them whole")
 
 
 def build_fingerprint(cfg: ScoreRefConfig, model_identity: Any, tokenizer_identity: str, pairs_sha: str) -> dict[str, Any]:
@@ -157,6 +175,9 @@ def build_fingerprint(cfg: ScoreRefConfig, model_identity: Any, tokenizer_identi
         "chat_template": cfg.chat_template,
         "prompt_renderer": PROMPT_RENDERER,
         "max_length": cfg.max_length,
+        # absent (None) in caches made before these existed: the same as not given
+        "max_prompt_length": cfg.max_prompt_length,
+        "max_completion_length": cfg.max_completion_length,
         "estimator": ESTIMATOR_VERSION,
         "scheme": cfg.scheme,
         "eps": cfg.eps if cfg.scheme == "one_over_t" else None,
@@ -224,7 +245,8 @@ def score_part(model, tokenizer, rows: list[dict], cfg: ScoreRefConfig, stats: d
     """Score one part's pairs; returns its SCORES_SCHEMA table. Pure apart from the model call."""
     requests, layout, records = [], [], []
     for row in rows:
-        tok = tokenize_pair(tokenizer, row, cfg.max_length, use_chat_template=cfg.chat_template)
+        tok = tokenize_pair(tokenizer, row, cfg.max_length, use_chat_template=cfg.chat_template,
+                            max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length)
         if not tok.prompt_ids and getattr(model, "logits_shift", False):
             raise UserError(f"pair {row['pair_id']}: truncation to --max-length {cfg.max_length} left no prompt "
                             "token, and this model predicts each token from the one before it; raise --max-length")
@@ -326,8 +348,11 @@ def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
     status, manifest = _check_existing(cfg.out, fingerprint, cfg.overwrite, is_main)
     state.wait_for_everyone()
     if status == "done":
+        if is_main and manifest.get("truncated", 0) * 2 > manifest["pairs"]:
+            print(truncation_warning(manifest["truncated"], manifest["pairs"], cfg), file=sys.stderr)
         return ScoreRefResult(manifest["pairs"], manifest["tokens"], time.perf_counter() - start,
                               manifest["padding_fraction"], str(cfg.out), digest, scored_now=0, reused=True,
+                              reused_pairs=manifest["pairs"],
                               identical_after_truncation=manifest.get("identical_after_truncation", 0),
                               truncated=manifest.get("truncated", 0))
     if is_main:
@@ -342,7 +367,9 @@ def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
     truncated = identical = 0
     for batch in table.to_batches(max_chunksize=1024):
         for row in batch.to_pylist():
-            tok = tokenize_pair(tokenizer, row, cfg.max_length, use_chat_template=cfg.chat_template)
+            tok = tokenize_pair(tokenizer, row, cfg.max_length, use_chat_template=cfg.chat_template,
+                                max_prompt_length=cfg.max_prompt_length,
+                                max_completion_length=cfg.max_completion_length)
             lengths.append(len(tok.prompt_ids) + max(len(tok.chosen_ids), len(tok.rejected_ids)))
             truncated += bool(tok.truncated)
             identical += tok.chosen_ids == tok.rejected_ids
@@ -353,6 +380,8 @@ def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
     if identical == len(lengths):
         raise UserError(f"{cfg.pairs}: all {identical} pairs have identical chosen and rejected tokens after "
                         f"truncation to --max-length {cfg.max_length}; raise --max-length")
+    if is_main and truncated * 2 > len(lengths):
+        print(truncation_warning(truncated, len(lengths), cfg), file=sys.stderr)
     parts = plan_parts(lengths, pair_ids, cfg.pairs_per_part, splits)
     done = existing_parts(cfg.out)
     _check_done_parts(done, parts, pair_ids)
@@ -403,8 +432,8 @@ def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
         (cfg.out / IN_PROGRESS).unlink(missing_ok=True)
     state.wait_for_everyone()
     return ScoreRefResult(totals["pairs"], totals["tokens"], time.perf_counter() - start, padding,
-                          str(cfg.out), digest, scored_now=scored,
-                          identical_after_truncation=totals["identical_after_truncation"],
+                          str(cfg.out), digest, scored_now=scored, reused=scored < totals["pairs"],
+                          reused_pairs=totals["pairs"] - scored, identical_after_truncation=totals["identical_after_truncation"],
                           truncated=totals["truncated"])
 
 

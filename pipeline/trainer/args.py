@@ -24,7 +24,7 @@ RANGES = {"learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "adam_beta1":
 """The valid interval of every shared numeric field; each stage's RANGES adds its own fields'."""
 
 RESUME_FREE = ("model", "out", "resume", "resume_from_checkpoint", "overwrite", "progress", "save_every",
-               "keep_checkpoints", "log_every", "report_to", "tensorboard", "device", "gradient_checkpointing",
+               "save_each_epoch", "keep_checkpoints", "log_every", "log_each_epoch", "report_to", "tensorboard", "device", "gradient_checkpointing",
                "trust_remote_code", "run_name", "push_to_hub", "hub_model_id", "hub_private_repo")
 """Shared settings a resume may change (speed, memory, logging, where things are); each stage adds its own."""
 
@@ -92,6 +92,8 @@ class TrainingArgs:
     """Comma-separated module names to adapt (LLaDA's attention and MLP projections by default; never the head)."""
     save_every: int = 0
     """Checkpoint every N steps (0 = only the final model)."""
+    save_each_epoch: bool = False
+    """Checkpoint at the end of each epoch instead of every save_every steps (TRL's save_strategy: epoch)."""
     keep_checkpoints: int = 2
     """How many newest checkpoints to keep (0 = all, as TrainingArguments' save_total_limit: null)."""
     resume: bool = False
@@ -106,6 +108,8 @@ class TrainingArgs:
     """Seed of the data order, the masks and (for a preset) the initial weights."""
     log_every: int = 10
     """Log metrics every N steps (and the last step)."""
+    log_each_epoch: bool = False
+    """Log metrics at the end of each epoch instead of every log_every steps (TRL's logging_strategy: epoch)."""
     device: str = "auto"
     """cpu, cuda or auto (accelerate's device)."""
     tensorboard: bool = True

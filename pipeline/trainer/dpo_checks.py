@@ -14,11 +14,12 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from pipeline.cache import describe_difference, fingerprint_differences, fingerprint_digest
-from pipeline.config import config_to_dict
+from pipeline.config import carry_given_as, config_to_dict, option_name
 from pipeline.errors import UserError
 from pipeline.intervals import accuracy_record
 from pipeline.model_card import model_card
 from pipeline.models import model_identity, tokenizer_identity
+from pipeline.numerics import FIELDS as NUMERICS_FIELDS
 from pipeline.numerics import Numerics, autocast, follow, load, of_fingerprint
 from pipeline.preference import cache_layout_sums, heldout_metrics
 from pipeline.replay import cache_part_paths, read_whole_part
@@ -63,9 +64,10 @@ def check_init(cfg: TrainConfig, cache, model_name: str) -> None:
 def check_cache_inputs(cfg: TrainConfig, cache):
     """The cache's train rows (read in slices, identical pairs skipped) and, with eval_every, its eval rows."""
     fp = cache.fingerprint
-    if cfg.max_length is not None and cfg.max_length != fp.get("max_length"):
-        raise UserError(f"{cfg.scores}: max_length {cfg.max_length} differs from the cache's {fp.get('max_length')} "
-                        "(sequences were truncated when scored; rescore with score-ref --max-length to change it)")
+    for name in ("max_length", "max_prompt_length", "max_completion_length"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) != fp.get(name):
+            raise UserError(f"{cfg.scores}: {name} {getattr(cfg, name)} differs from the cache's {fp.get(name)} "
+                            f"(sequences were truncated when scored; rescore with score-ref's {name} to change it)")
     # Read in slices: each process decodes only the row groups of its own micro-batches.
     # Truncation can make both responses the same ids: such a pair carries no preference, only noise.
     rows = cache.split_rows("train", skip_identical=True)
@@ -75,7 +77,7 @@ def check_cache_inputs(cfg: TrainConfig, cache):
     if not len(rows):
         raise UserError(f"{cfg.scores}: the cache holds no pairs of the train split")
     eval_rows = []
-    if cfg.eval_every:
+    if cfg.eval_every or cfg.eval_each_epoch:
         eval_rows = cache.split_rows("eval", skip_identical=True)  # read on demand, as the train split
         if not eval_rows:
             raise UserError(f"{cfg.scores}: --eval-every needs held-out pairs, but the cache holds none of the eval "
@@ -87,12 +89,13 @@ def resolve_numerics(cfg: TrainConfig, cache) -> tuple[TrainConfig, Numerics, Nu
     """(cfg with its numerics resolved, the policy's numerics, the cache's): unset ones follow the cache."""
     cached = of_fingerprint(cache.fingerprint)
     numerics = follow(cached, dtype=cfg.dtype, mixed_precision=cfg.mixed_precision, load_in_4bit=cfg.load_in_4bit,
-                      allow_mismatch=cfg.allow_numerics_mismatch, where=str(cfg.scores))
+                      allow_mismatch=cfg.allow_numerics_mismatch, where=str(cfg.scores),
+                      names={name: option_name(cfg, name) for name in NUMERICS_FIELDS})
     if numerics.load_in_4bit and cfg.lora_r == 0:
         raise UserError(f"{cfg.scores}: the cache was scored with a 4-bit base (load_in_4bit), which trains "
                         "adapters only: set --lora-r > 0, or rescore without --load-in-4bit")
-    cfg = dataclasses.replace(cfg, dtype=numerics.dtype, mixed_precision=numerics.mixed_precision,
-                              load_in_4bit=numerics.load_in_4bit)
+    cfg = carry_given_as(cfg, dataclasses.replace(cfg, dtype=numerics.dtype, mixed_precision=numerics.mixed_precision,
+                                                  load_in_4bit=numerics.load_in_4bit))
     return cfg, numerics, cached
 
 

@@ -15,14 +15,15 @@ from pipeline.losses import LOSS_TYPES, validate_loss_args
 from pipeline.trainer import args
 from pipeline.trainer.args import TrainingArgs
 
-RESUME_FREE = (*args.RESUME_FREE, "scores", "plan", "batch_tokens", "sequence_microbatch", "eval_every", "save_best",
-               "gap_threshold", "allow_different_init", "allow_numerics_mismatch", "reuse_masks")
+RESUME_FREE = (*args.RESUME_FREE, "scores", "plan", "batch_tokens", "sequence_microbatch", "eval_every", "eval_each_epoch",
+               "save_best", "gap_threshold", "allow_different_init", "allow_numerics_mismatch", "reuse_masks")
 """Settings a resume may change (speed, memory, logging, where things are): every other one shapes the run and
 must equal the recorded config.yaml (the cache goes by its fingerprint digest in the checkpoint's layout)."""
 
 RANGES = {**args.RANGES, "beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "sft_weight": "[0, inf)",
           "sequence_microbatch": "[0, inf)", "batch_tokens": "[1, inf)", "gap_threshold": "[0, inf)",
-          "max_length": "[1, inf)", "eval_every": "[0, inf)"}
+          "max_length": "[1, inf)", "eval_every": "[0, inf)", "max_prompt_length": "[0, inf)",
+          "max_completion_length": "[2, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
@@ -90,9 +91,16 @@ class TrainConfig(TrainingArgs):
     """Token budget of one forward pass."""
     max_length: Optional[int] = None
     """Longest prompt + response (TRL's max_length). Truncation happens in score-ref: when set, it must equal the cache's."""
+    max_prompt_length: Optional[int] = None
+    """TRL's max_prompt_length. Truncation happens in score-ref: when set, it must equal the cache's."""
+    max_completion_length: Optional[int] = None
+    """TRL's max_completion_length. Truncation happens in score-ref: when set, it must equal the cache's."""
     eval_every: int = 0
     """Measure held-out preference metrics (eval/... : accuracy, margin, loss) on the cache's eval split every N
     steps (0 = never); one no-grad policy pass over the eval pairs on draw 0's cached masks."""
+    eval_each_epoch: bool = False
+    """Measure the held-out metrics at the end of each epoch instead of every eval_every steps (TRL's
+    eval_strategy: epoch)."""
     save_best: bool = False
     """Keep the checkpoint with the best eval/rewards/accuracies (needs eval_every); never rotated away."""
     plan: bool = True
@@ -108,8 +116,8 @@ class TrainConfig(TrainingArgs):
         # see other masks of the network, and the gradient would no longer be the loss's.
         require(not (self.sequence_microbatch and self.lora_dropout > 0),
                 "sequence_microbatch needs lora_dropout = 0 (dropout differs between the two passes)")
-        require(not (self.save_best and not self.eval_every),
-                "save_best keeps the best checkpoint by held-out accuracy: set eval_every > 0")
+        require(not (self.save_best and not (self.eval_every or self.eval_each_epoch)),
+                "save_best keeps the best checkpoint by held-out accuracy: set eval_every > 0 or eval_each_epoch")
 
     def _check_losses(self) -> None:
         names, known, weights = self.loss_names, (*LOSS_TYPES, "sft"), self.loss_weights

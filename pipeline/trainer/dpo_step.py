@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.diffusion import ScoreRequest, elbo_terms, forward_calls
-from pipeline.losses import METRICS, PairStatistics, pair_statistics, preference_delta, sequence_weights
+from pipeline.losses import METRICS, PairStatistics, log_ratios, pair_statistics, sequence_weights
 from pipeline.replay import PairBatch, replay_requests
 from pipeline.trainer.dpo_config import TrainConfig
 from pipeline.trainer.session import check_finite, pad_probe, sync_context
@@ -135,7 +135,7 @@ def _one_pass(ctx: TrainContext, batch, requests, refs, lengths, scale: float, s
 
 
 def _per_sequence(ctx: TrainContext, batch, requests, refs, lengths, scale: float, sync: bool):
-    """One no-grad pass gives each pair's dL/d(delta); then every sequence's term is backpropagated on its own
+    """One no-grad pass gives each pair's dL/d(log-ratio) per side; then every sequence's term is backpropagated on its own
     with that weight (estimator-math.md), K sequences at a time, so activations follow K rather than 2n."""
     cfg, acc = ctx.cfg, ctx.accelerator
     with torch.no_grad(), acc.autocast():
@@ -143,10 +143,10 @@ def _per_sequence(ctx: TrainContext, batch, requests, refs, lengths, scale: floa
         loss, stats = batch_loss(cfg, terms, *refs, *lengths)
     _check_finite(ctx, loss, batch)
     chosen_len, rejected_len = lengths
-    delta = preference_delta(stats.chosen_logps, stats.rejected_logps, *refs, loss_type=cfg.loss_type,
-                             chosen_len=chosen_len, rejected_len=rejected_len)
+    ratios = log_ratios(stats.chosen_logps, stats.rejected_logps, *refs, loss_type=cfg.loss_type,
+                        chosen_len=chosen_len, rejected_len=rejected_len)
     chosen_w, rejected_w = sequence_weights(
-        delta, ctx.fingerprint["samples"], beta=cfg.beta, loss_type=cfg.loss_type,
+        ratios, ctx.fingerprint["samples"], beta=cfg.beta, loss_type=cfg.loss_type,
         label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_total_weight, chosen_len=chosen_len,
         normalizer=len(batch.rows), rejected_len=rejected_len, dpo_weight=cfg.preference_weight)
     # Empty masks (possible under the 1/t scheme) have a constant term 0: no forward needed.

@@ -18,7 +18,7 @@ import torch
 
 from pipeline.atomic import check_writable, sweep_stale, write_text_atomic
 from pipeline.checkpoint import load_checkpoint, save_checkpoint, save_model_dir
-from pipeline.config import config_to_dict, config_to_yaml
+from pipeline.config import config_to_dict, config_to_yaml, option_name
 from pipeline.devices import resolve_device
 from pipeline.errors import UserError
 from pipeline.hub import push_folder
@@ -133,7 +133,8 @@ class Recipe:
     def make_accelerator(self) -> None:
         cfg = self.cfg
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise UserError("--mixed-precision fp16 needs CUDA (loss scaling on CPU is not supported); use bf16 or no")
+            raise UserError(f"{option_name(cfg, 'mixed_precision')} fp16 needs CUDA (loss scaling on CPU is not "
+                            "supported); use bf16 or no")
         cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
         self.acc = fresh_accelerator(cfg.mixed_precision, cpu, log_with=accelerator_trackers(self.trackers),
                                      run_dir=cfg.out, command=self.stage)
@@ -143,6 +144,11 @@ class Recipe:
 
     def count_steps(self, n_rows: int) -> None:
         self.steps_per_epoch, self.total_steps = step_counts(n_rows, self.cfg, self.world)
+        # TRL's *_strategy: epoch, now that an epoch's steps are known (recorded in config.yaml as the interval)
+        for each_epoch, every in (("save_each_epoch", "save_every"), ("log_each_epoch", "log_every"),
+                                  ("eval_each_epoch", "eval_every")):
+            if getattr(self.cfg, each_epoch, False):
+                setattr(self.cfg, every, self.steps_per_epoch)
 
     def prepare(self, model) -> None:
         """The optimizer over ``model``'s trained parameters, its schedule (stepped by hand once per optimizer step:

@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 from pipeline.errors import ConfigError
 from pipeline.losses import (
     LOSS_TYPES,
+    OF_DELTA,
     dpo_loss,
     loss_weight,
     preference_delta,
+    ratio_weights,
     sequence_weights,
     sft_loss,
     sft_loss_weight,
@@ -153,7 +155,7 @@ def test_validation_errors():
         dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="robust", label_smoothing=0.5)
     with pytest.raises(ConfigError, match=r"\[0, 0.5\)"):
         dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="sigmoid", label_smoothing=-0.1)
-    with pytest.raises(ConfigError, match="only the sigmoid and robust"):
+    with pytest.raises(ConfigError, match="only the sigmoid, robust and exo_pair"):
         dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="ipo", label_smoothing=0.1, chosen_len=torch.ones(2),
                  rejected_len=torch.ones(2))
     with pytest.raises(ValueError):
@@ -173,13 +175,13 @@ def test_sft_loss_and_weight():
 
 @settings(max_examples=300, deadline=None)
 @given(
-    loss_type=st.sampled_from(LOSS_TYPES),
+    loss_type=st.sampled_from(OF_DELTA),
     delta=st.floats(-60.0, 60.0, allow_nan=False),
     beta=st.floats(0.01, 5.0),
     ls=st.floats(0.0, 0.49),
 )
 def test_loss_weight_matches_autograd(loss_type, delta, beta, ls):
-    if loss_type in ("ipo", "hinge"):
+    if loss_type in ("ipo", "hinge", "discopop"):
         ls = 0.0
     if loss_type == "hinge":
         assume(abs(1.0 - beta * delta) > 1e-9)  # the kink has no derivative
@@ -363,3 +365,69 @@ def test_pair_statistics_ipo_is_per_token():
     torch.testing.assert_close(s.losses, torch.tensor([4.0, 1.0], dtype=D))
     assert s.chosen_rewards.tolist() == [0.5, 0.0] and s.rejected_rewards.tolist() == [-1.0, 0.0]
     assert s.margins.tolist() == [1.5, 0.0] and s.accuracies.tolist() == [1.0, 0.5]
+
+
+# TRL's losses of sequence scores beyond sigmoid/ipo/hinge/robust, by hand (trl/trainer/dpo_trainer.py dpo_loss).
+# Log-ratios chosen c = 2, rejected r = -1, beta = 0.5: beta*c = 1, beta*r = -0.5, beta*delta = 1.5, with
+#   sigmoid(1) = 0.7310585786, sigmoid(-0.5) = 0.3775406688, sigmoid(1.5) = 0.8175744762,
+#   log sigmoid(1) = -0.3132616875, log sigmoid(-1) = -1.3132616875, log sigmoid(0.5) = -0.4740769842,
+#   log sigmoid(1.5) = -0.2014132779, log sigmoid(-1.5) = -1.7014132779.
+TRL_LOSSES_BY_HAND = {
+    # 1 - sigmoid(beta c) + sigmoid(beta r) = 1 - 0.7310585786 + 0.3775406688
+    "apo_zero": 0.6464820902,
+    # sigmoid(beta c) + 1 - sigmoid(beta delta) = 0.7310585786 + 1 - 0.8175744762
+    "apo_down": 0.9134841024,
+    # (c - 1/(2 beta))^2 + (r + 1/(2 beta))^2 = (2 - 1)^2 + (-1 + 1)^2
+    "sppo_hard": 1.0,
+    # -log sig(1) - 0.5 log sig(-1) - 0.5 log sig(0.5) = 0.3132616875 + 0.6566308438 + 0.2370384921
+    "nca_pair": 1.2069310234,
+    # eps = 1e-3 (label_smoothing 0): sig(1.5) (log sig(1.5) - log 0.999) + sig(-1.5) (log sig(-1.5) - log 0.001)
+    #   = 0.8175744762 * (-0.2014132779 + 0.0010005003) + 0.1824255238 * (-1.7014132779 + 6.9077552790)
+    "exo_pair": 0.7859172949,
+}
+
+
+@pytest.mark.parametrize("loss_type", sorted(TRL_LOSSES_BY_HAND))
+def test_trl_pair_losses_hand_worked(loss_type):
+    # policy - reference: chosen 2, rejected -1
+    losses, rc, rr = dpo_loss(torch.tensor([-8.0], dtype=D), torch.tensor([-11.0], dtype=D),
+                              torch.tensor([-10.0], dtype=D), torch.tensor([-10.0], dtype=D), beta=0.5,
+                              loss_type=loss_type)
+    assert losses.item() == pytest.approx(TRL_LOSSES_BY_HAND[loss_type], abs=1e-9)
+    assert (rc.item(), rr.item()) == pytest.approx((1.0, -0.5))  # rewards are TRL's: beta * log-ratio
+
+
+def test_discopop_and_smoothed_exo_hand_worked():
+    """discopop, beta*delta = 0.02 (tau 0.05): blend = sigmoid(0.4) = 0.5986876601,
+    -log sigmoid(0.02) = 0.6831971797, exp(-0.02) = 0.9801986733:
+    0.6831971797 * 0.4013123399 + 0.9801986733 * 0.5986876601 = 0.8610083090.
+    exo_pair with label_smoothing 0.1 at beta*delta = 1.5: eps = 0.1,
+    0.8175744762 * (-0.2014132779 + 0.1053605157) + 0.1824255238 * (-1.7014132779 + 2.3025850930) = 0.0311387964."""
+    zero = torch.zeros(1, dtype=D)
+    got, _, _ = dpo_loss(torch.tensor([0.02], dtype=D), zero, zero, zero, beta=1.0, loss_type="discopop")
+    assert got.item() == pytest.approx(0.8610083090, abs=1e-9)
+    got, _, _ = dpo_loss(torch.tensor([3.0], dtype=D), zero, zero, zero, beta=0.5, loss_type="exo_pair",
+                         label_smoothing=0.1)
+    assert got.item() == pytest.approx(0.0311387964, abs=1e-9)
+
+
+def test_ratio_weights_hand_worked():
+    """apo_zero at c = 2, r = -1, beta = 0.5: dL/dc = -beta sig(1) sig(-1) = -0.5 * 0.7310585786 * 0.2689414214
+    = -0.0983059666; dL/dr = beta sig(-0.5) sig(0.5) = 0.5 * 0.3775406688 * 0.6224593312 = 0.1175018561.
+    sppo_hard: dL/dc = 2 (c - 1) = 2, dL/dr = 2 (r + 1) = 0. sigmoid: the two are opposite."""
+    c, r = torch.tensor([2.0], dtype=D), torch.tensor([-1.0], dtype=D)
+    wc, wr = ratio_weights(c, r, beta=0.5, loss_type="apo_zero")
+    assert (wc.item(), wr.item()) == pytest.approx((-0.0983059666, 0.1175018561), abs=1e-9)
+    wc, wr = ratio_weights(c, r, beta=0.5, loss_type="sppo_hard")
+    assert (wc.item(), wr.item()) == pytest.approx((2.0, 0.0))
+    wc, wr = ratio_weights(c, r, beta=0.5, loss_type="sigmoid")
+    assert wc.item() == pytest.approx(-wr.item()) and wc.item() == pytest.approx(loss_weight(3.0, beta=0.5).item())
+    with pytest.raises(ValueError, match="two log-ratios"):
+        loss_weight(3.0, beta=0.5, loss_type="apo_zero")
+
+
+@pytest.mark.parametrize("loss_type,why", [("bco_pair", "running mean"), ("aot", "batch-mates"),
+                                           ("aot_pair", "batch-mates")])
+def test_trl_losses_not_built_say_why(loss_type, why):
+    with pytest.raises(ConfigError, match=why):
+        validate_loss_args(beta=0.1, loss_type=loss_type)

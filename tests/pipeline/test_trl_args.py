@@ -54,8 +54,8 @@ def test_every_training_arguments_field_at_its_default_loads(cls, tmp_path):
     ("push_to_hub: true\n", "push_to_hub needs hub_model_id"),
     ("hub_strategy: checkpoint\n", "hub_strategy: 'checkpoint' cannot apply here: push_to_hub uploads the final"),
     ("hub_revision: dev\n", "hub_revision: 'dev' cannot apply here"),
-    ("eval_strategy: epoch\neval_steps: 5\n", "eval_strategy: 'epoch' cannot apply here"),
-    ("save_strategy: epoch\n", "save_strategy: 'epoch' cannot apply here"),
+    ("eval_strategy: daily\neval_steps: 5\n", "eval_strategy: 'daily' cannot apply here"),
+    ("save_strategy: daily\n", "save_strategy: 'daily' cannot apply here"),
     ("save_strategy: [steps]\n", "save_strategy: ['steps'] cannot apply here"),  # a list: no TypeError
     ("use_peft: true\n", "use_peft: true needs lora_r > 0"),
     ("resume_from_checkpoint: [1, 2]\n", "resume_from_checkpoint must be true, false or a checkpoint folder's"),

@@ -40,7 +40,8 @@ def test_score_ref_rescores_an_altered_part_instead_of_reusing_it(small_pairs, c
     rows = pq.read_metadata(first).num_rows
     _alter_part(first)
     again = score_ref(ScoreRefConfig(pairs=small_pairs, out=cache, **SCORE))
-    assert not again.reused and again.scored_now == rows  # that part only, scored again
+    assert again.scored_now == rows  # that part only, scored again; the others' scores reused, and said so
+    assert again.reused and again.reused_pairs == manifest["pairs"] - rows
     assert file_sha256(first) == manifest["part_sha256"][first.name]  # scored back to the same bytes
     assert json.loads((cache / "manifest.json").read_text())["part_sha256"] == manifest["part_sha256"]
 

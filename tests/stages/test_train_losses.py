@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.losses import dpo_loss, preference_delta, sequence_weights, sft_loss
+from pipeline.losses import OF_DELTA, dpo_loss, log_ratios, preference_delta, sequence_weights, sft_loss
 from stages.train import TrainConfig, batch_loss
 
 
@@ -40,7 +40,9 @@ def test_sft_alone_trains_only_the_sft_term():
     assert cfg.preference_loss is None and torch.allclose(loss, sft_loss(pi_c, chosen_len).mean())
 
 
-@pytest.mark.parametrize("loss,weights", [("ipo,sft", [1.5, 0.5]), ("sft,hinge", [0.3, 2.0]), ("robust", None)])
+@pytest.mark.parametrize("loss,weights", [("ipo,sft", [1.5, 0.5]), ("sft,hinge", [0.3, 2.0]), ("robust", None),
+                                          ("apo_zero,sft", [1.0, 0.5]), ("sppo_hard", None), ("nca_pair", None),
+                                          ("apo_down", None), ("exo_pair", None), ("discopop", None)])
 def test_per_sequence_weights_give_the_combined_gradient(loss, weights):
     """The --sequence-microbatch path weights each term so the gradients sum to the one-pass gradient."""
     cfg = TrainConfig(loss=loss, loss_weights=weights, label_smoothing=0.1 if loss == "robust" else 0.0)
@@ -48,15 +50,24 @@ def test_per_sequence_weights_give_the_combined_gradient(loss, weights):
     loss_value, st = batch_loss(cfg, terms, ref_c, ref_r, chosen_len, rejected_len)
     grads = torch.autograd.grad(loss_value, terms)
     loss_type = cfg.loss_type
-    delta = preference_delta(st.chosen_logps, st.rejected_logps, ref_c, ref_r, loss_type=loss_type, chosen_len=chosen_len,
-                             rejected_len=rejected_len)
-    cw, rw = sequence_weights(delta, 4, beta=cfg.beta, loss_type=loss_type,
+    ratios = log_ratios(st.chosen_logps, st.rejected_logps, ref_c, ref_r, loss_type=loss_type, chosen_len=chosen_len,
+                        rejected_len=rejected_len)
+    cw, rw = sequence_weights(ratios, 4, beta=cfg.beta, loss_type=loss_type,
                               label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_total_weight,
                               chosen_len=chosen_len, normalizer=len(ref_c), dpo_weight=cfg.preference_weight,
                               rejected_len=rejected_len)
     for j, g in enumerate(grads):
         w = (cw if j % 2 == 0 else rw)[j // 2]
         assert torch.allclose(g, torch.full_like(g, float(w))), (loss, j)
+    if loss_type in OF_DELTA:  # delta alone gives the same weights
+        by_delta = sequence_weights(ratios[0] - ratios[1], 4, beta=cfg.beta, loss_type=loss_type,
+                                    label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_total_weight,
+                                    chosen_len=chosen_len, normalizer=len(ref_c), dpo_weight=cfg.preference_weight,
+                                    rejected_len=rejected_len)
+        assert torch.allclose(by_delta[0], cw) and torch.allclose(by_delta[1], rw)
+        assert torch.allclose(preference_delta(st.chosen_logps, st.rejected_logps, ref_c, ref_r, loss_type=loss_type,
+                                               chosen_len=chosen_len, rejected_len=rejected_len),
+                              ratios[0] - ratios[1])
 
 
 @pytest.mark.parametrize("kwargs,message", [
