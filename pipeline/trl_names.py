@@ -206,9 +206,66 @@ bf16 where the reference is scored (score_ref), which train then follows; ``num_
 the embedded default's max_steps, so the epochs count."""
 
 
-def seed_project_config(data: dict[str, Any], where: str) -> dict[str, Any]:
-    """A run config with the seed project's top-level keys moved to the sections they mean here; a key given
-    both ways with different values is a one-line error."""
+def _seed_precision(value: Any, where: str) -> str:
+    """The seed's ``use_mixed_precision``: true (bf16) or false, or accelerate's names as its README gives them
+    (``fp16``, ``bf16``, ``no``; YAML reads an unquoted ``no`` as false)."""
+    if isinstance(value, bool):
+        return "bf16" if value else "no"
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    require(text in ("fp16", "bf16", "no"),
+            f"{where}: use_mixed_precision must be fp16, bf16, no, true or false, got {value!r}")
+    return text
+
+
+RUN_LEVEL = ("model", "out", "device")
+"""Run config keys that train also has: at the top of a run config they are the run's, not train's."""
+
+SCORE_REF_TOO = ("max_length", "max_prompt_length", "max_completion_length", "bf16", "fp16")
+"""TRL keys of a run config's top level that score-ref applies as well as train (the cache is truncated and
+scored as train will read it)."""
+
+
+def _trl_top_level(data: dict[str, Any], sections: tuple[str, ...], where: str) -> dict[str, Any]:
+    """A TRL DPOConfig's keys at the top of a run config moved into the sections that apply them, in our names
+    (train; the truncation and precision keys score_ref too), said in one line; a key also in that section with
+    another value is an error."""
+    from pipeline.trainer.dpo_config import TrainConfig
+
+    keys = [k for k in data if k not in sections and k not in RUN_LEVEL and k not in SEED_PROJECT_KEYS
+            and belongs_to_training(k)]
+    if not keys:
+        return data
+    out = {k: v for k, v in data.items() if k not in keys}
+    given = {k: data[k] for k in keys}
+    score_ref: dict[str, Any] = {}
+    for key in (k for k in keys if k in SCORE_REF_TOO):
+        alias = TRL_NAMES["ScoreRefConfig"].get(key)
+        value = alias.convert(given[key]) if alias and alias.convert else given[key]
+        if value is not SKIP:
+            score_ref[alias.field if alias else key] = value
+    train = translate(TrainConfig, given, where)
+    if "loss" in train and "loss_weights" not in train and "loss_weights" not in out.get("train", {}):
+        train["loss_weights"] = None  # the user's loss_type replaces the embedded default's losses and weights
+    for section, values in (("train", train), ("score_ref", score_ref)):
+        target = out.get(section, {})
+        require(isinstance(target, dict), f"{where}: section '{section}' must be a mapping of that stage's keys")
+        for key, value in values.items():
+            if key in target and target[key] != value:
+                raise ConfigError(f"{where}: a top-level TRL key and '{section}.{key}' give different values "
+                                  f"({value!r} and {target[key]!r}); give one")
+        if values:
+            out[section] = {**target, **values}
+    print(f"note: {where}: run gives {', '.join(keys)} to train"
+          + (f" ({', '.join(k for k in keys if k in SCORE_REF_TOO)} to score_ref too)" if score_ref else ""),
+          file=sys.stderr)
+    return out
+
+
+def seed_project_config(data: dict[str, Any], where: str, sections: tuple[str, ...] = (
+        "ingest", "score_ref", "train", "eval", "make_pairs")) -> dict[str, Any]:
+    """A run config with the seed project's top-level keys, and a TRL DPOConfig's, moved to the sections they
+    mean here; a key given both ways with different values is a one-line error."""
+    data = _trl_top_level(data, sections, where)
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items() if k not in SEED_PROJECT_KEYS}
     for key, (section, field) in SEED_PROJECT_KEYS.items():
         if key not in data:
@@ -217,8 +274,7 @@ def seed_project_config(data: dict[str, Any], where: str) -> dict[str, Any]:
         if key == "preference_data_path":
             value = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
         elif key == "use_mixed_precision":
-            require(isinstance(value, bool), f"{where}: use_mixed_precision must be true or false, got {value!r}")
-            value = "bf16" if value else "no"
+            value = _seed_precision(value, where)
         target = out if section is None else out.setdefault(section, {})
         require(isinstance(target, dict), f"{where}: section '{section}' must be a mapping of that stage's keys")
         require(field not in target or target[field] == value,

@@ -374,7 +374,8 @@ def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
             truncated += bool(tok.truncated)
             identical += tok.chosen_ids == tok.rejected_ids
     # Scoring pairs that all lost their difference (or all their text) to truncation is hours spent on nothing.
-    if truncated == len(lengths):
+    # (TRL's max_prompt_length / max_completion_length ask for truncation: then it is only warned of, below)
+    if truncated == len(lengths) and cfg.max_prompt_length is None and cfg.max_completion_length is None:
         raise UserError(f"{cfg.pairs}: all {truncated} pairs are longer than --max-length {cfg.max_length} tokens "
                         "and would be truncated; raise --max-length")
     if identical == len(lengths):

@@ -80,7 +80,8 @@ def check_cache_inputs(cfg: TrainConfig, cache):
     if cfg.eval_every or cfg.eval_each_epoch:
         eval_rows = cache.split_rows("eval", skip_identical=True)  # read on demand, as the train split
         if not eval_rows:
-            raise UserError(f"{cfg.scores}: --eval-every needs held-out pairs, but the cache holds none of the eval "
+            asked = option_name(cfg, "eval_each_epoch" if cfg.eval_each_epoch else "eval_every")
+            raise UserError(f"{cfg.scores}: {asked} needs held-out pairs, but the cache holds none of the eval "
                             "split (ingest with --eval-fraction and score them)")
     return rows, eval_rows
 

@@ -229,6 +229,10 @@ def test_a_seed_key_and_its_section_key_must_agree(tmp_path):
     assert seed_project_config({"beta": 0.1, "train": {"beta": 0.1}}, "c.yaml") == {"train": {"beta": 0.1}}
     with pytest.raises(ConfigError, match="c.yaml: 'beta' and 'train.beta' give different values"):
         seed_project_config({"beta": 0.2, "train": {"beta": 0.1}}, "c.yaml")
-    with pytest.raises(ConfigError, match="use_mixed_precision must be true or false"):
-        seed_project_config({"use_mixed_precision": "bf16"}, "c.yaml")
+    with pytest.raises(ConfigError, match="use_mixed_precision must be fp16, bf16, no, true or false, got 'half'"):
+        seed_project_config({"use_mixed_precision": "half"}, "c.yaml")
     assert seed_project_config({"use_mixed_precision": False}, "c.yaml") == {"score_ref": {"mixed_precision": "no"}}
+    # the seed's README gives fp16 or bf16 (and its config.yaml "no"): accelerate's names
+    for value, expected in (("fp16", "fp16"), ("bf16", "bf16"), ("no", "no"), ("BF16", "bf16"), (True, "bf16")):
+        assert seed_project_config({"use_mixed_precision": value}, "c.yaml") == \
+            {"score_ref": {"mixed_precision": expected}}
