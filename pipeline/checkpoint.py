@@ -296,6 +296,10 @@ def _read_model_files(path: Path, model) -> dict[str, torch.Tensor]:
     return out
 
 
+DATA_KEYS = {"scores_digest": "the reference cache of fingerprint", "data_sha256": "the examples of sha256"}
+"""Layout keys that name the training data by content (train's cache, sft's examples)."""
+
+
 def load_checkpoint(path: Path, *, layout: dict[str, Any], model, wrapped, optimizer, scheduler,
                     accelerator) -> dict[str, Any]:
     """Restore a checkpoint in place (every process calls this); returns its trainer state. It must have been
@@ -306,6 +310,12 @@ def load_checkpoint(path: Path, *, layout: dict[str, Any], model, wrapped, optim
     check_world(path, state, accelerator.num_processes)  # before the layout: its message says what to do instead
     saved = state.get("layout", {})
     diffs = [k for k in layout if k in saved and saved[k] != layout[k]]
+    data = [k for k in DATA_KEYS if k in diffs]
+    if data:  # other data: every count that follows from it (total_steps, ...) differs too, and says less
+        k = data[0]
+        raise UserError(f"{path}: cannot resume: the data differs (the checkpoint was trained on {DATA_KEYS[k]} "
+                        f"{str(saved[k])[:12]}..., this run reads {str(layout[k])[:12]}...); resume with the run's "
+                        "own data, or start afresh with --overwrite or another --out")
     if diffs:
         k = diffs[0]
         raise UserError(f"{path}: cannot resume with {k} = {layout[k]}; the run was started with {k} = {saved[k]} "

@@ -82,9 +82,24 @@ def load_config(
         raise ConfigError(f"{where}: {message}" if where and not message.startswith(str(where)) else message) from None
     except TypeError as exc:  # a value of a type the dataclass cannot take
         raise ConfigError(f"{where or 'config'}: {exc}") from None
+    check_output_names(cfg, where or "config")
     if given_as and dataclasses.is_dataclass(cfg):
         object.__setattr__(cfg, GIVEN_AS, dict(given_as))
     return cfg
+
+
+OUTPUT_FIELDS = ("out", "quarantine")
+"""Fields naming a file or folder a stage creates: a control character in one is a paste or quoting mistake."""
+
+
+def check_output_names(cfg: Any, where: str) -> None:
+    """A one-line error for an output path with a newline or another control character in its name (a file
+    named so is hard to see, type or remove)."""
+    for name in OUTPUT_FIELDS:
+        value = getattr(cfg, name, None)
+        if value is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in str(value)):
+            raise ConfigError(f"{where}: {name} {str(value)!r} has a control character (a newline?) in its name; "
+                              "give the path on one line")
 
 
 GIVEN_AS = "_given_as"

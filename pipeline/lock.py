@@ -71,6 +71,9 @@ def output_lock(target: str | os.PathLike, stage: str, *, folder: bool, what: st
             _held[key] -= 1
         return
     check_writable(target, what or f"{stage} output")  # the stage's own one-line error, before a folder is made
+    if folder and os.path.lexists(target) and not Path(target).is_dir():
+        raise UserError(f"{target}: a file is there, and the {what or stage + ' output'} is a folder; choose "
+                        "another --out (nothing was written)")
     made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # removed again when left empty
     path.parent.mkdir(parents=True, exist_ok=True)
     record = json.dumps({"host": _HOST, "pid": os.getpid(), "stage": stage,

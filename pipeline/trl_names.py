@@ -59,8 +59,18 @@ def _keep_all(value: Any) -> Any:
 
 
 def _max_steps(value: Any) -> Any:
-    """TrainingArguments' max_steps -1 (its default) means "from the epochs": our 0."""
-    return 0 if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0 else value
+    """TrainingArguments' max_steps -1 (its default) means "from the epochs": our 0; another negative is an
+    error (not silently -1)."""
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+    if number is not None and number < 0:
+        require(number == -1, f"max_steps must be >= 0 (or -1: from the epochs, as TrainingArguments), got {value}")
+        return 0
+    return value
 
 
 _MODEL = {"model_name_or_path": Alias("model"), "torch_dtype": Alias("dtype")}

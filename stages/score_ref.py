@@ -66,7 +66,9 @@ ESTIMATOR_VERSION = "elbo-masked-v1"
 """Bump when the estimator's arithmetic changes: old caches then no longer match."""
 
 
-RANGES = {"samples": "[1, inf)", "draws": "[1, inf)", "seed": "[0, inf)", "eps": "(0, 1)", "max_length": "[1, inf)",
+# samples and draws are bounded: each response holds samples x draws masks of its length (a typo's 10**12 would
+# be terabytes), and the estimator's variance falls as 1/n: beyond a few thousand nothing changes
+RANGES = {"samples": "[1, 4096]", "draws": "[1, 1024]", "seed": "[0, inf)", "eps": "(0, 1)", "max_length": "[1, inf)",
           "batch_tokens": "[1, inf)", "pairs_per_part": "[1, inf)", "limit": "[0, inf)", "max_prompt_length": "[0, inf)",
           "max_completion_length": "[2, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""

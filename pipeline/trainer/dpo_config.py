@@ -109,6 +109,10 @@ class TrainConfig(TrainingArgs):
     def __post_init__(self):
         self.scores = Path(self.scores)
         super().__post_init__(RANGES)
+        cache, out = self.scores.absolute(), Path(self.out).absolute()
+        require(not (out == cache or cache in out.parents),
+                f"out {self.out} is {'the' if out == cache else 'inside the'} reference cache folder (scores "
+                f"{self.scores}): the run's files would mix into the cache; choose another --out")
         self._check_losses()
         validate_loss_args(beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing)
         require_choice("reference", self.reference, ("cached", "online"))

@@ -177,6 +177,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
                             text=True)
     summary = json.loads(result.stdout)
     assert summary["scored_now"] == 24 - parts_at_kill
+    assert summary["reused"] and summary["reused_pairs"] == parts_at_kill  # the resume says what it reused
     assert _content(out) == _content(full)
     assert not list(out.glob("*.tmp"))
 
