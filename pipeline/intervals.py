@@ -146,6 +146,20 @@ def credits_record(credits: Sequence, confidence: float = 0.95) -> dict:
     return accuracy_record(sum(c), len(c), confidence)
 
 
+FEW_PAIRS = 50
+"""Below this many pairs an accuracy's 95% interval is wider than about +-0.14: said in a warning."""
+
+
+def few_items_warning(figure: str, rec: dict, what: str) -> str | None:
+    """The warning line for an accuracy resting on fewer than FEW_PAIRS items (None otherwise): how many, and
+    how wide its interval is."""
+    n = int(rec.get("n") or 0)
+    if not n or n >= FEW_PAIRS:
+        return None
+    return (f"warning: {figure} rests on {n} {what} (fewer than {FEW_PAIRS}): its 95% interval "
+            f"{rec['low']:.2f}-{rec['high']:.2f} is too wide to tell small changes apart")
+
+
 def format_accuracy(rec: dict, digits: int = 3) -> str:
     """``0.250 (8/32, 95% CI 0.133-0.418)``: the one console form of an accuracy record."""
     if rec.get("value") is None:

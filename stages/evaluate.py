@@ -18,8 +18,9 @@ import importlib.util
 import inspect
 import random
 import statistics
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,7 +38,13 @@ from pipeline.devices import DTYPE_NAMES, PRECISION_NAMES, resolve_device
 from pipeline.diffusion import mask_seed, masked_request
 from pipeline.errors import ConfigError, UserError
 from pipeline.evalrecord import environment
-from pipeline.intervals import credits_record, format_accuracy, format_difference, paired_difference_interval
+from pipeline.intervals import (
+    credits_record,
+    few_items_warning,
+    format_accuracy,
+    format_difference,
+    paired_difference_interval,
+)
 from pipeline.layout import EVAL_FILE, TASK_RESULTS
 from pipeline.lock import output_lock
 from pipeline.losses import pair_statistics
@@ -374,8 +381,22 @@ def run(cfg: EvalConfig) -> EvalResult:
         return _run(cfg)
 
 
+def _without_missing_default_cache(cfg: EvalConfig) -> EvalConfig:
+    """A task-accuracy eval (benchmark, choices, lm-eval tasks) given no --scores runs without a cache when the
+    default cache folder is absent, rather than failing on a path the user never named."""
+    default = EvalConfig.__dataclass_fields__["scores"].default
+    asks_tasks = bool(cfg.benchmark or cfg.choices or cfg.lm_eval_tasks.strip())
+    if asks_tasks and cfg.scores is not None and cfg.scores == Path(default) and not cfg.scores.exists():
+        print(f"note: eval: no reference cache at the default {default}: task accuracy only, of --model"
+              f"{' and --before' if cfg.before not in (None, '', 'none') else ''} (give --scores CACHE for "
+              "preference figures and the cache's model as before)", file=sys.stderr)
+        return replace(cfg, scores=None)
+    return cfg
+
+
 def _run(cfg: EvalConfig) -> EvalResult:
     start = time.perf_counter()
+    cfg = _without_missing_default_cache(cfg)
     check_writable(cfg.out, "eval output folder")
     for name in (EVAL_FILE, TASK_RESULTS):
         check_replaceable(cfg.out / name, "--out")
@@ -386,8 +407,11 @@ def _run(cfg: EvalConfig) -> EvalResult:
     # Read in slices of 8 pairs as they are scored: memory does not grow with the split.
     pair_rows = cache.split_rows(cfg.split) if cache is not None else []
     if cache is not None and not len(pair_rows):
-        raise UserError(f"{cfg.scores}: the cache holds no pairs of split '{cfg.split}' "
-                        "(ingest with --eval-fraction and score them)")
+        if not (cfg.benchmark or cfg.choices or cfg.lm_eval_tasks.strip()):
+            raise UserError(f"{cfg.scores}: the cache holds no pairs of split '{cfg.split}' "
+                            "(ingest with --eval-fraction and score them)")
+        print(f"note: eval: {cfg.scores} holds no pairs of split '{cfg.split}': no preference figures, task "
+              "accuracy only", file=sys.stderr)
     if cfg.limit_pairs and cache is not None:
         pair_rows = pair_rows.limit(cfg.limit_pairs)
     if cache is not None:
@@ -476,6 +500,11 @@ def _run(cfg: EvalConfig) -> EvalResult:
         if summary:
             credits[f"train_sample/{key}/accuracy"] = {"after": summary.pop("credits")}
     report["intervals"] = interval_block(credits)
+    pref = report["intervals"].get("preference_accuracy", {})
+    warning = few_items_warning("preference accuracy", pref.get("after") or pref.get("before") or {},
+                                "held-out pairs")
+    if warning:
+        print(warning + " (score more eval pairs: ingest --eval-fraction)", file=sys.stderr)
     report["mc_spread"] = spreads
     report["models"] = {"before": before_name, "after": cfg.model}
     report["record"] = eval_record(cfg, numerics, cache, device)

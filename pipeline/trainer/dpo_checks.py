@@ -16,7 +16,7 @@ from torch.distributed.fsdp import FSDPModule
 from pipeline.cache import describe_difference, fingerprint_differences, fingerprint_digest
 from pipeline.config import carry_given_as, config_to_dict, option_name
 from pipeline.errors import UserError
-from pipeline.intervals import accuracy_record
+from pipeline.intervals import accuracy_record, few_items_warning
 from pipeline.model_card import model_card
 from pipeline.models import model_identity, tokenizer_identity
 from pipeline.numerics import FIELDS as NUMERICS_FIELDS
@@ -152,6 +152,22 @@ def train_card(cfg: TrainConfig, model_name: str, fp: dict[str, Any], n_pairs: i
     return model_card(stage="dpo", base_model=model_name, lora=cfg.lora_r > 0, data=data,
                       settings=config_to_dict(cfg), metrics=last, eval_metrics=last_eval.get("metrics"),
                       eval_pairs=eval_pairs, eval_step=last_eval.get("step"))
+
+
+def interval_warnings(intervals: dict[str, dict[str, Any]]) -> list[str]:
+    """Where train's closing accuracies may mislead: the training figure is the last step's pairs only, and a
+    held-out figure on few pairs is wide."""
+    lines = []
+    last = intervals.get("rewards/accuracies")
+    if last and last.get("n"):
+        lines.append(f"note: rewards/accuracies and its interval are over the last step's {last['n']} pairs only "
+                     "(a training figure, on pairs the model was just fitted to); eval/rewards/accuracies (--eval-every "
+                     "or eval_strategy) measures held-out pairs")
+    warning = few_items_warning("eval/rewards/accuracies", intervals.get("eval/rewards/accuracies") or {},
+                                "held-out pairs")
+    if warning:
+        lines.append(warning + " (score more eval pairs: ingest --eval-fraction)")
+    return lines
 
 
 def accuracy_of(share: float, n: int) -> dict[str, Any]:

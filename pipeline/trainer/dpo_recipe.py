@@ -174,6 +174,9 @@ class DPORecipe(session.Recipe):
         """The final model (full weights or the LoRA adapter) with its model card; every process calls this."""
         card = checks.train_card(self.cfg, self.model_name, self.fp, len(self.rows), self.last, self.last_eval,
                                  len(self.eval_rows))
+        if self.acc.is_main_process:
+            for line in checks.interval_warnings(self.intervals):
+                print(line, file=sys.stderr)
         return TrainResult(**self.save_final(
             card, final_reward_accuracy=float(self.last.get("rewards/accuracies", float("nan"))),
             best_checkpoint=self.best["best_model_checkpoint"], best_metric=self.best["best_metric"],
