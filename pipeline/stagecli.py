@@ -75,6 +75,19 @@ def summarize(title: str, run: Callable[[Any], Any], *, main_process_only: bool 
     return action
 
 
+WIDE_HELP = 100
+"""Terminal columns from which ``--help`` is drawn as rich's panels; below, as click's plain two columns."""
+
+
+def help_markup_mode() -> str | None:
+    """Typer's rich help on a wide terminal; on a narrow one (80 columns) click's plain layout, where each flag
+    gets its own line when long and its description wraps in the remaining width, rather than rich's table of
+    four flag columns (``--x`` and ``--no-x`` apart) that squeezes descriptions to a few characters."""
+    import shutil
+
+    return "rich" if shutil.get_terminal_size().columns >= WIDE_HELP else None
+
+
 # --- the generator --------------------------------------------------------------
 
 

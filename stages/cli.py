@@ -23,6 +23,7 @@ import typer
 
 from pipeline import __version__
 from pipeline.errors import UserError
+from pipeline.stagecli import help_markup_mode
 
 # Each command lives beside its stage as a plain function; registered here by
 # name so this file stays the one index of the command line.
@@ -102,6 +103,7 @@ def build_app(only: str | None = None) -> typer.Typer:
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
+        rich_markup_mode=help_markup_mode(),
     )
     app.callback(invoke_without_command=True)(_root)
     for name, target in COMMANDS:
