@@ -64,13 +64,14 @@ class TrainConfig(TrainingArgs):
     allow_different_init: bool = False
     """Accept a starting model other than the cache's reference model."""
     loss: str = "sigmoid"
-    """Loss: sigmoid, ipo, hinge or robust, optionally with sft, comma-separated (TRL's loss_type list), e.g. sigmoid,sft."""
+    """Loss: one of TRL's sigmoid, ipo, hinge, robust, exo_pair, discopop, apo_zero, apo_down, sppo_hard, nca_pair,
+    optionally with sft, comma-separated (TRL's loss_type list), e.g. sigmoid,sft."""
     loss_weights: Optional[list[float]] = None
     """Weight of each loss named in `loss`, in order (TRL's loss_weights); default 1.0 each."""
     beta: float = 0.1
     """DPO temperature beta."""
     label_smoothing: float = 0.0
-    """Label noise rate for sigmoid (conservative DPO) and robust losses."""
+    """Label noise rate for sigmoid (conservative DPO) and robust losses; exo_pair's epsilon."""
     sft_weight: float = 0.0
     """Weight of an SFT term (chosen response's per-token negative ELBO), as TRL's rpo_alpha; adds to an sft loss's weight."""
     allow_numerics_mismatch: bool = False
