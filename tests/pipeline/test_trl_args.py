@@ -110,3 +110,19 @@ def test_sft_takes_dataset_name_and_refuses_an_eval_strategy(tmp_path):
         _load(SFTConfig, tmp_path, "eval_strategy: steps\neval_steps: 3\n")
     with pytest.raises(ConfigError, match="packing: True cannot apply here"):
         _load(SFTConfig, tmp_path, "packing: true\n")
+    cfg = _load(SFTConfig, tmp_path, "save_strategy: epoch\nlogging_strategy: epoch\n")
+    assert (cfg.save_each_epoch, cfg.log_each_epoch) == (True, True)
+    with pytest.raises(ConfigError, match="sft measures no held-out split"):
+        _load(SFTConfig, tmp_path, "eval_strategy: epoch\n")
+
+
+def test_epoch_strategies_become_each_epoch_intervals_once_an_epoch_is_known():
+    from pipeline.trainer.session import Recipe
+    from stages.train import TrainConfig
+
+    session = Recipe.__new__(Recipe)
+    session.cfg, session.world = TrainConfig(batch_size=2, grad_accum=2, epochs=3, max_steps=0, eval_every=1,
+                                             save_each_epoch=True, log_each_epoch=True, eval_each_epoch=True), 1
+    session.count_steps(10)  # 10 rows at 4 a step: 3 steps an epoch, 9 in all
+    assert (session.steps_per_epoch, session.total_steps) == (3, 9)
+    assert (session.cfg.save_every, session.cfg.log_every, session.cfg.eval_every) == (3, 3, 3)
