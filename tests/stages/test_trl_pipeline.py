@@ -133,3 +133,15 @@ def test_run_moves_a_dpo_configs_keys_into_train_and_score_ref(tmp_path, capsys)
     assert (train.loss, train.loss_weights, train.mixed_precision, train.eval_each_epoch, train.epochs,
             train.learning_rate, train.seed) == ("apo_zero", None, "bf16", True, 2, 5e-4, 3)
     assert cfg.out == tmp_path / "out"
+
+
+def test_a_value_refused_after_translation_names_the_key_the_user_wrote(tmp_path):
+    from stages.train import TrainConfig
+
+    path = tmp_path / "dpo.yaml"
+    path.write_text("per_device_train_batch_size: 0\n")
+    with pytest.raises(ConfigError, match=r"batch_size must be >= 1, got 0 \[batch_size \(given as "
+                                          r"per_device_train_batch_size\)\]"):
+        load_config(TrainConfig, path, {})
+    with pytest.raises(ConfigError, match=r"\[save_best \(given as load_best_model_at_end\)\]"):
+        load_config(TrainConfig, None, {"load_best_model_at_end": True})
