@@ -71,7 +71,9 @@ def fmt_duration(seconds: float) -> str:
 
 def stage_label(description: str) -> str:
     label = _STAGE["label"]
-    return description if not label or label == description else f"[{label}] {description}"
+    if not label:
+        return description
+    return f"[{label}]" if str(label).endswith(description) else f"[{label}] {description}"
 
 
 def _run_clock() -> str:
