@@ -224,8 +224,9 @@ def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
 
 METRICS = {"losses": "loss", "chosen_rewards": "rewards/chosen", "rejected_rewards": "rewards/rejected",
            "accuracies": "rewards/accuracies", "margins": "rewards/margins", "chosen_logps": "logps/chosen",
-           "rejected_logps": "logps/rejected"}
-"""PairStatistics' fields -> TRL's metric names (train's ``loss``, ``rewards/...``, ``logps/...``; ``eval/`` + these)."""
+           "rejected_logps": "logps/rejected", "preference_losses": "preference_loss", "sft_losses": "nll_loss"}
+"""PairStatistics' fields -> TRL's metric names (train's ``loss``, ``rewards/...``, ``logps/...``, ``nll_loss``;
+``eval/`` + these)."""
 
 
 @dataclass(frozen=True)
@@ -244,10 +245,16 @@ class PairStatistics:
     chosen_logps: torch.Tensor
     """The policy's ELBO of the chosen response (TRL's logps/chosen)."""
     rejected_logps: torch.Tensor
+    preference_losses: torch.Tensor | None = None
+    """The loss's preference term per pair (weighted; None, summed as 0, when the loss has none)."""
+    sft_losses: torch.Tensor | None = None
+    """The SFT term per pair before its weight (TRL's nll_loss with rpo_alpha); None, summed as 0, when the loss
+    has none."""
 
     def sums(self) -> dict[str, float]:
         """Each statistic summed over the pairs, under its TRL name (additive: reduce by summing)."""
-        return {name: float(getattr(self, field).double().sum()) for field, name in METRICS.items()}
+        return {name: float(getattr(self, field).double().sum()) if getattr(self, field) is not None else 0.0
+                for field, name in METRICS.items()}
 
 
 def pair_statistics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -262,18 +269,23 @@ def pair_statistics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
     chosen, rejected = log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss_type=loss_type,
                                   chosen_len=chosen_len, rejected_len=rejected_len)
     losses = torch.zeros_like(chosen)
+    preference = sft = None
     if preference_weight:  # a loss of weight 0 is not computed (eval's margins take any beta, 0 included)
         validate_loss_args(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
         losses = preference_weight * PREFERENCE_LOSSES[loss_type](chosen, rejected, float(beta), float(label_smoothing))
+        preference = losses.detach()
     if sft_weight:
-        losses = losses + sft_weight * sft_loss(policy_chosen, chosen_len)
+        sft = sft_loss(policy_chosen, chosen_len)
+        losses = losses + sft_weight * sft
+        sft = sft.detach()
     chosen, rejected = chosen.detach(), rejected.detach()
     credit = reward_accuracy(chosen, rejected, ref_chosen, ref_rejected, beta=1.0, loss_type=loss_type,
                              chosen_len=chosen_len, rejected_len=rejected_len)
     chosen_rewards, rejected_rewards = beta * chosen, beta * rejected
     return PairStatistics(losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
                           margins=chosen_rewards - rejected_rewards, accuracies=credit,
-                          chosen_logps=policy_chosen.detach(), rejected_logps=policy_rejected.detach())
+                          chosen_logps=policy_chosen.detach(), rejected_logps=policy_rejected.detach(),
+                          preference_losses=preference, sft_losses=sft)
 
 
 def _autograd_weight(fn: Callable[..., torch.Tensor], *at: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -25,15 +25,15 @@ from typing import Any, NamedTuple, Sequence
 
 from pipeline.atomic import atomic_path, check_replaceable, check_writable, write_text_atomic
 from pipeline.errors import UserError
-from pipeline.layout import CONFIG_FILE, EVAL_FILE, REPORT_HTML, REPORT_PNG  # noqa: E402
+from pipeline.layout import CONFIG_FILE, EVAL_FILE, REPORT_HTML, REPORT_PNG, TASK_RESULTS  # noqa: E402
 from pipeline.metrics import METRICS_FILE, read_metrics
 
-FIG_INCHES = (15.0, 11.0)
+FIG_INCHES = (16.0, 10.5)
 FIG_DPI = 100
 PNG_SIZE = (int(FIG_INCHES[0] * FIG_DPI), int(FIG_INCHES[1] * FIG_DPI))
 """(width, height) in pixels of report.png."""
 
-GRID = (3, 3)
+GRID = (3, 4)
 
 CHOSEN_COLOR = "#1b9e77"
 REJECTED_COLOR = "#d95f02"
@@ -109,11 +109,11 @@ def _series(m: dict[str, list[float]], name: str) -> tuple[list[int], list[float
     return [s for s, _ in points], [v for _, v in points]
 
 
-def _plot_lines(ax, m, names_labels_colors, title):
+def _plot_lines(ax, m, names_labels_colors, title, absent_if_zero: bool = False):
     drew = 0
     for name, label, color in names_labels_colors:
         xs, ys = _series(m, name)
-        if not xs:
+        if not xs or (absent_if_zero and not any(ys)):  # a loss term logged as 0: the loss has no such term
             continue
         # Markers keep a run of one or a few steps visible.
         marker = "o" if len(xs) <= 40 else None
@@ -123,7 +123,7 @@ def _plot_lines(ax, m, names_labels_colors, title):
     ax.set_xlabel("step")
     ax.grid(True, alpha=0.3)
     if not drew:
-        _empty(ax, "not logged")
+        _empty(ax, "not in this run's loss" if absent_if_zero else "not logged")
     elif drew > 1:  # a series that was not logged (e.g. no held-out eval) gets no legend entry
         ax.legend(loc="best", fontsize=8)
     return drew > 0
@@ -140,6 +140,13 @@ def _count(rec: dict) -> str:
     return f"{count:g}/{rec.get('n')}" if isinstance(count, float) else f"{count}/{rec.get('n')}"
 
 
+PANELS = ("loss (total)", "preference (DPO) term", "NLL term (SFT on chosen)", "learning rate",
+          "rewards/accuracies", "rewards/margins", "rewards: chosen vs rejected", "policy ELBO: chosen vs rejected",
+          "grad norm", "held-out accuracy: before vs after (95% intervals)", "reference margins (held-out pairs)",
+          "tokens per second")
+"""The figure's panels, in reading order over GRID (the loss and its two terms first, each on its own scale)."""
+
+
 def _draw(m, rows, margins, title, intervals=None):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -147,33 +154,44 @@ def _draw(m, rows, margins, title, intervals=None):
     intervals = intervals or {}
     fig = Figure(figsize=FIG_INCHES, dpi=FIG_DPI)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(*GRID).ravel()
+    axes = dict(zip(PANELS, fig.subplots(*GRID).ravel()))
     fig.suptitle(title, fontsize=14)
 
-    _plot_lines(axes[0], m, [("loss", "loss", "#333333"), ("eval/loss", "held-out", HELDOUT_COLOR)], "loss")
-    _plot_lines(axes[1], m, [("rewards/margins", "margin", "#7b1fa2"),
-                             ("eval/rewards/margins", "held-out", HELDOUT_COLOR)], "rewards/margins")
-    ax = axes[2]
+    _plot_lines(axes["loss (total)"], m, [("loss", "loss", "#333333"), ("eval/loss", "held-out", HELDOUT_COLOR)],
+                "loss (total)")
+    # The loss is the preference term plus the weighted SFT term: apart, a rising total (the NLL term growing as
+    # the chosen ELBO moves) is not mistaken for the preference term failing.
+    _plot_lines(axes["preference (DPO) term"], m, [("preference_loss", "preference term", "#5e35b1"),
+                                                   ("eval/preference_loss", "held-out", HELDOUT_COLOR)],
+                "preference (DPO) term", absent_if_zero=True)
+    _plot_lines(axes["NLL term (SFT on chosen)"], m, [("nll_loss", "NLL of chosen (per token)", "#00897b"),
+                                                      ("eval/nll_loss", "held-out", HELDOUT_COLOR)],
+                "NLL term (SFT on chosen, unweighted)", absent_if_zero=True)
+    ax = axes["learning rate"]
+    if _plot_lines(ax, m, [("learning_rate", "learning_rate", "#00897b")], "learning rate"):
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    ax = axes["rewards/accuracies"]
     if _plot_lines(ax, m, [("rewards/accuracies", "accuracy", "#1565c0"),
                            ("eval/rewards/accuracies", "held-out", HELDOUT_COLOR)], "rewards/accuracies"):
         ax.set_ylim(-0.03, 1.03)
         ax.axhline(0.5, color="#999999", linestyle="--", linewidth=1)
-    ax = axes[3]
+    _plot_lines(axes["rewards/margins"], m, [("rewards/margins", "margin", "#7b1fa2"),
+                                             ("eval/rewards/margins", "held-out", HELDOUT_COLOR)], "rewards/margins")
+    ax = axes["rewards: chosen vs rejected"]
     if _plot_lines(ax, m, [("rewards/chosen", "chosen", CHOSEN_COLOR), ("rewards/rejected", "rejected", REJECTED_COLOR)],
                    "rewards: chosen vs rejected"):
         ax.axhline(0.0, color="#999999", linewidth=0.8)
-    _plot_lines(axes[4], m, [("logps/chosen", "chosen", CHOSEN_COLOR), ("logps/rejected", "rejected", REJECTED_COLOR)],
+    _plot_lines(axes["policy ELBO: chosen vs rejected"], m, [("logps/chosen", "chosen", CHOSEN_COLOR),
+                                                             ("logps/rejected", "rejected", REJECTED_COLOR)],
                 "policy ELBO: chosen vs rejected")
-    ax = axes[5]
-    if _plot_lines(ax, m, [("learning_rate", "learning_rate", "#00897b")], "learning rate"):
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    _plot_lines(axes[6], m, [("grad_norm", "grad norm", "#6d4c41")], "grad norm")
+    _plot_lines(axes["grad norm"], m, [("grad_norm", "grad norm", "#6d4c41")], "grad norm")
+    _plot_lines(axes["tokens per second"], m, [("tokens_per_second", "tokens/s", "#546e7a")], "tokens per second")
 
     # Held-out before/after: only the accuracy-like comparisons share a 0..1 axis; error bars are the 95%
     # Wilson intervals, and each figure's label carries the paired after - before difference with its interval.
-    ax = axes[7]
+    ax = axes["held-out accuracy: before vs after (95% intervals)"]
     acc = [(n, b, a) for n, b, a, _ in rows if "accuracy" in n and (b is not None or a is not None)]
-    ax.set_title("held-out accuracy: before vs after (95% intervals)")
+    ax.set_title("held-out accuracy: before vs after (95% CI)")
     if acc:
         xs = range(len(acc))
         width = 0.38
@@ -202,7 +220,7 @@ def _draw(m, rows, margins, title, intervals=None):
     else:
         _empty(ax, "no eval.json")
 
-    ax = axes[8]
+    ax = axes["reference margins (held-out pairs)"]
     ax.set_title("reference margins (held-out pairs)")
     if margins:
         ax.hist(margins, bins=min(40, max(5, len(margins) // 5)), color="#78909c")
@@ -249,14 +267,21 @@ def _summary(m: dict[str, list[float]]) -> list[tuple[str, str]]:
 
 
 _CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1540px;color:#222}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:22px 0 8px}
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:20px auto;max-width:1200px;padding:0 16px;
+color:#222;overflow-wrap:anywhere}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:24px 0 8px}
 .meta{color:#666;font-size:13px}
-table{border-collapse:collapse;font-size:14px} th,td{border:1px solid #ddd;padding:4px 10px;text-align:right}
-th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
+.headline{background:#eef2fb;border-left:6px solid #3f51b5;padding:12px 16px;margin:16px 0}
+.headline .big{font-size:24px;font-weight:600} .headline .sub{font-size:14px;color:#333;margin-top:4px}
+table{border-collapse:collapse;font-size:14px;max-width:100%} th,td{border:1px solid #ddd;padding:4px 10px;
+text-align:right;vertical-align:top} th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
+table.qa{width:100%;table-layout:fixed;font-size:13px} table.qa td,table.qa th{text-align:left}
+table.qa .text{white-space:pre-wrap;margin-top:4px;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
+.ok{color:#1b7e3a;font-weight:600} .bad{color:#c62828;font-weight:600}
 img{max-width:100%;height:auto;border:1px solid #eee}
-pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:10px;font-size:12px;overflow:auto}
-.flex{display:flex;gap:40px;flex-wrap:wrap;align-items:flex-start}
+pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:10px;font-size:12px;overflow:auto;max-width:100%}
+details{margin:12px 0} summary{cursor:pointer;font-weight:600}
+.flex{display:flex;gap:32px;flex-wrap:wrap;align-items:flex-start} .flex p{flex:1;min-width:280px;margin:0}
 small{color:#555} .ci-col{text-align:left}
 .track{position:relative;width:200px;height:9px;background:#eeeeee;margin:4px 0}
 .track span{position:absolute;top:0;height:9px}
@@ -305,49 +330,168 @@ def _interval_bars(b, a, rec) -> str:
     return "".join(out)
 
 
-def _render_html(run_dir: Path, png: bytes, m, rows, config_text: str | None, intervals=None) -> str:
+HEADLINE_FIGURES = ("task_accuracy", "choice_accuracy", "preference_accuracy", "elbo_accuracy")
+"""The figure a report leads with: the first of these eval.json holds (task accuracy: the question asked)."""
+FIGURE_NAMES = {"task_accuracy": "Task accuracy (held-out questions, greedy)",
+                "choice_accuracy": "Multiple-choice accuracy (option ELBO)",
+                "preference_accuracy": "Preference accuracy (held-out pairs)",
+                "elbo_accuracy": "ELBO accuracy (held-out pairs)"}
+QUESTIONS_SHOWN = 4
+"""Questions shown answered before and after: those the training changed first (gained, then lost)."""
+
+
+def _is_main_row(name: str, b, a, v) -> bool:
+    """Rows the evaluation table shows open: before/after figures not all zero; counts, settings and zero rows
+    are folded below it."""
+    return v is None and any(x not in (None, 0.0) for x in (b, a))
+
+
+def _headline(rows, intervals, spread) -> str:
+    e = html.escape
+    by_name = {name: (b, a) for name, b, a, v in rows if v is None}
+    figure = next((f for f in HEADLINE_FIGURES if f in by_name), None)
+    if figure is None:
+        return '<div class="headline"><div class="big">No held-out evaluation in this run</div></div>'
+    b, a = by_name[figure]
+    rec = intervals.get(figure) if isinstance(intervals.get(figure), dict) else {}
+    arrow = f"{_fmt3(b)} &rarr; {_fmt3(a)}" if b is not None else f"{_fmt3(a)} (after; no before measured)"
+    subs = []
+    for side, v in (("before", b), ("after", a)):
+        ci = rec.get(side)
+        if v is not None and isinstance(ci, dict) and _num(ci.get("low")) is not None:
+            subs.append(f"{side} {_count(ci)}, 95% CI {ci['low']:.3f}&ndash;{ci['high']:.3f}")
+    diff = rec.get("difference")
+    if isinstance(diff, dict) and _num(diff.get("difference")) is not None:
+        gained = f", {diff['gained']:g} gained / {diff['lost']:g} lost" if "gained" in diff and "lost" in diff else ""
+        subs.append(f"change <b>{diff['difference']:+.3f}</b> (95% CI {diff['low']:+.3f} to {diff['high']:+.3f}, "
+                    f"paired on the same items{gained})")
+    elif b is not None and a is not None:
+        subs.append(f"change {a - b:+.3f} (no interval recorded)")
+    for name, by_label in (spread or {}).items():
+        for label, sp in by_label.items():
+            if isinstance(sp, dict) and sp.get("seeds"):
+                subs.append(f"{e(str(name)).replace('_', ' ')} ({e(str(label))}) over {len(sp['seeds'])} mask seeds: "
+                            f"mean {sp['mean']:.3f}, sd {sp['sd']:.3f}")
+    return (f'<div class="headline"><div class="big">{FIGURE_NAMES[figure]}: {arrow}</div>'
+            + "".join(f'<div class="sub">{x}</div>' for x in subs) + "</div>")
+
+
+def _fmt3(v) -> str:
+    return "&mdash;" if v is None else f"{v:.3f}"
+
+
+def _questions(task_rows: list[dict]) -> str:
+    """The same questions answered before and after: gained first, then lost, then the rest, in index order."""
+    e = html.escape
+    before = {r["index"]: r for r in task_rows if r.get("model") == "before"}
+    after = {r["index"]: r for r in task_rows if r.get("model") == "after"}
+    both = sorted(set(before) & set(after))
+    if not both:
+        return ""
+
+    def rank(i):
+        return (0 if after[i]["correct"] and not before[i]["correct"] else
+                1 if before[i]["correct"] and not after[i]["correct"] else 2, i)
+    picked = sorted(both, key=rank)[:QUESTIONS_SHOWN]
+    gained = sum(1 for i in both if rank(i)[0] == 0)
+    lost = sum(1 for i in both if rank(i)[0] == 1)
+    out = [f"<h2>The same questions, before and after</h2><p><small>{len(picked)} of {len(both)} held-out "
+           f"questions: the training changed {gained + lost} answers ({gained} now right, {lost} now wrong); "
+           "those first.</small></p>",
+           '<table class="qa"><colgroup><col style="width:28%"><col style="width:8%"><col style="width:32%">'
+           '<col style="width:32%"></colgroup><tr><th>question</th><th>answer</th><th>before</th><th>after</th></tr>']
+
+    def cell(r):
+        mark = '<span class="ok">right</span>' if r["correct"] else '<span class="bad">wrong</span>'
+        text = str(r.get("completion") or "")
+        text = text if len(text) <= 400 else text[:400] + " ..."
+        return f"<td>{mark} (answer {e(str(r.get('predicted')))})<div class=\"text\">{e(text)}</div></td>"
+
+    for i in picked:
+        q = str(before[i].get("question") or "")
+        out.append(f"<tr><td>{e(q if len(q) <= 400 else q[:400] + ' ...')}</td>"
+                   f"<td>{e(str(before[i].get('reference')))}</td>{cell(before[i])}{cell(after[i])}</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _eval_table(rows, intervals, with_ci: bool, table_id: str = "eval") -> list[str]:
+    e = html.escape
+    head = "<th>95% intervals</th>" if with_ci else ""
+    parts = [f'<table id="{table_id}"><tr><th>metric</th><th>before</th><th>after</th><th>change</th>{head}</tr>']
+    for name, b, a, v in rows:
+        extra = "<td></td>" if with_ci else ""
+        if v is not None:
+            parts.append(f"<tr><td>{e(name)}</td><td colspan=\"3\">{_fmt(v)}</td>{extra}</tr>")
+            continue
+        rec = intervals.get(name) if isinstance(intervals.get(name), dict) else {}
+        if with_ci:
+            extra = f'<td class="ci-col">{_interval_bars(b, a, rec)}</td>'
+        parts.append(f"<tr><td>{e(name)}</td><td>{_side_cell(b, rec.get('before'))}</td>"
+                     f"<td>{_side_cell(a, rec.get('after'))}</td>"
+                     f"<td>{_change_cell(b, a, rec.get('difference'))}</td>{extra}</tr>")
+    parts.append("</table>")
+    return parts
+
+
+def report_title(run_dir: Path, config: dict[str, Any], rows) -> str:
+    """What the run is: the method, the model, and the headline figure's before -> after."""
+    model = config.get("model") if isinstance(config.get("model"), str) else None
+    loss = config.get("loss") or config.get("loss_type")
+    method = "DPO" if not loss else f"DPO ({', '.join(loss) if isinstance(loss, list) else loss})"
+    title = f"{method} of {model}" if model else f"{method} run {run_dir.parent.name}/{run_dir.name}".rstrip("/")
+    by_name = {name: (b, a) for name, b, a, v in rows if v is None}
+    figure = next((f for f in HEADLINE_FIGURES if f in by_name), None)
+    if figure is not None:
+        b, a = by_name[figure]
+        short = figure.replace("_", " ")
+        title += f": {short} {b:.3f} \u2192 {a:.3f}" if b is not None and a is not None else (
+            f": {short} {a:.3f}" if a is not None else "")
+    return title
+
+
+def _render_html(run_dir: Path, png: bytes, m, rows, config_text: str | None, intervals=None, *,
+                 title: str = "", task_rows: list[dict] | None = None, spread=None) -> str:
     e = html.escape
     intervals = intervals or {}
-    with_ci = any(name in intervals for name, *_ in rows)
+    title = title or f"lldm-dpo run {run_dir.name}"
+    main = [r for r in rows if _is_main_row(*r)]
+    folded = [r for r in rows if not _is_main_row(*r)]
+    with_ci = any(name in intervals for name, *_ in main)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>lldm-dpo report: {e(run_dir.name)}</title>",
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{e(title)}</title>",
         f"<style>{_CSS}</style></head><body>",
-        f"<h1>lldm-dpo run report: {e(run_dir.name)}</h1>",
-        f'<div class="meta">{e(str(run_dir))} &middot; generated '
+        f"<h1>{e(title)}</h1>",
+        f'<div class="meta">lldm-dpo report &middot; {e(str(run_dir))} &middot; generated '
         f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</div>",
-        '<div class="flex"><div><h2>Training summary</h2><table>',
+        _headline(rows, intervals, spread),
     ]
-    parts += [f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in _summary(m)]
-    parts.append("</table></div><div><h2>Evaluation</h2>")
     if rows:
-        head = "<th>95% intervals</th>" if with_ci else ""
-        parts.append('<table id="eval"><tr><th>metric</th><th>before</th><th>after</th><th>change</th>'
-                     f"{head}</tr>")
-        for name, b, a, v in rows:
-            extra = "<td></td>" if with_ci else ""
-            if v is not None:
-                parts.append(f"<tr><td>{e(name)}</td><td colspan=\"3\">{_fmt(v)}</td>{extra}</tr>")
-                continue
-            rec = intervals.get(name) if isinstance(intervals.get(name), dict) else {}
-            if with_ci:
-                extra = f'<td class="ci-col">{_interval_bars(b, a, rec)}</td>'
-            parts.append(f"<tr><td>{e(name)}</td><td>{_side_cell(b, rec.get('before'))}</td>"
-                         f"<td>{_side_cell(a, rec.get('after'))}</td>"
-                         f"<td>{_change_cell(b, a, rec.get('difference'))}</td>{extra}</tr>")
-        parts.append("</table>")
+        parts += _eval_table(main, intervals, with_ci)
         if with_ci:
             parts.append("<p><small>Counts are items credited / items (a tie counts one half); intervals are 95% "
                          "Wilson score intervals, and the change's is Newcombe's paired interval on the same "
                          "items.</small></p>")
     else:
         parts.append(f"<p>No {EVAL_FILE} in the run directory.</p>")
-    parts += ["</div></div>", "<h2>Training curves</h2>",
+    parts.append(_questions(task_rows or []))
+    parts += ["<h2>Training</h2>", '<div class="flex"><table>']
+    parts += [f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in _summary(m)]
+    parts += ["</table><p><small>The loss is the preference (DPO) term plus the weighted NLL term on the chosen "
+              "response (TRL's rpo_alpha): they are drawn apart, so the total rising with the NLL term is not the "
+              "preference term failing.</small></p></div>",
               f'<img alt="training curves" width="{PNG_SIZE[0]}" height="{PNG_SIZE[1]}" '
               f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">']
+    if folded:
+        parts.append(f"<details><summary>Other figures ({len(folded)}: counts, settings and zero rows)</summary>")
+        parts += _eval_table(folded, intervals, False, "eval-other")
+        parts.append("</details>")
     if config_text is not None:
-        parts.append(f"<h2>Run configuration ({CONFIG_FILE})</h2><pre>{e(config_text)}</pre>")
+        parts.append(f"<details><summary>Run configuration ({CONFIG_FILE}, {len(config_text.splitlines())} lines)"
+                     f"</summary><pre>{e(config_text)}</pre></details>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
@@ -388,11 +532,42 @@ def write_report(
     config_path = run_dir / CONFIG_FILE
     config_text = config_path.read_text(encoding="utf-8", errors="replace") if config_path.exists() else None
 
-    png = _draw(m, rows, margins, f"lldm-dpo: {run_dir.name}", intervals)
+    config = _config_mapping(config_text)
+    title = report_title(run_dir, config, rows)
+    png = _draw(m, rows, margins, title, intervals)
     with atomic_path(png_path) as tmp:  # recorded: a rerun replaces it, a user's file there is refused
         tmp.write_bytes(png)
-    write_text_atomic(html_path, _render_html(run_dir, png, m, rows, config_text, intervals))
+    task_rows = _task_rows(run_dir / TASK_RESULTS)
+    spread = data.get("mc_spread") if isinstance(data.get("mc_spread"), dict) else {}
+    write_text_atomic(html_path, _render_html(run_dir, png, m, rows, config_text, intervals, title=title,
+                                              task_rows=task_rows, spread=spread))
     return ReportPaths(html=html_path, png=png_path)
+
+
+def _config_mapping(text: str | None) -> dict[str, Any]:
+    """config.yaml as a mapping (for the title); {} when absent or not a mapping."""
+    if not text:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _task_rows(path: Path) -> list[dict]:
+    """eval's per-question records (task_results.parquet), [] when absent or unreadable."""
+    if not path.is_file():
+        return []
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, pa.ArrowException):
+        return []
 
 
 # --- iterative rounds ------------------------------------------------------

@@ -103,6 +103,8 @@ METRIC_COLUMNS = (
     "ref/gap_max",
     "masks/reused",
     "num_tokens",
+    "preference_loss",  # the loss's terms: preference_loss + sft weight x nll_loss = loss
+    "nll_loss",
     # Held-out metrics (train --eval-every): NaN on steps without an evaluation.
     "eval/loss",
     "eval/rewards/chosen",
@@ -111,10 +113,12 @@ METRIC_COLUMNS = (
     "eval/rewards/margins",
     "eval/logps/chosen",
     "eval/logps/rejected",
+    "eval/preference_loss",
+    "eval/nll_loss",
 )
 EVAL_METRIC_COLUMNS = tuple(c for c in METRIC_COLUMNS if c.startswith("eval/"))
 """The held-out metrics of train --eval-every (NaN on steps without an evaluation)."""
-LATER_METRIC_COLUMNS = ("ref/gap_max", "masks/reused", "num_tokens") + EVAL_METRIC_COLUMNS
+LATER_METRIC_COLUMNS = ("ref/gap_max", "masks/reused", "num_tokens", "preference_loss", "nll_loss") + EVAL_METRIC_COLUMNS
 """Columns added after the first metrics files were written: absent ones read as NaN."""
 
 

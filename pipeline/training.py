@@ -269,19 +269,28 @@ class StepBar:
     through the bar, so it stays whole; without a bar it is None and lines go to stderr as before."""
 
     def __init__(self, total: int, initial: int, enabled: bool, desc: str):
-        self.bar = None
+        from pipeline.progress import PlainProgress, stage_label
+
+        self.bar = self.plain = None
         out = sys.stderr
         if enabled and hasattr(out, "isatty") and out.isatty():
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=out, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, desc=stage_label(desc), unit="step", file=out,
+                            dynamic_ncols=True)
+        elif enabled and total > initial:  # a log file: plain periodic lines with the ETA (pipeline.progress)
+            self.plain = PlainProgress(desc, total - initial, "steps")
         self.stream = _BarStream(self.bar) if self.bar is not None else None
 
     def step(self, loss: float | None = None) -> None:
+        if self.plain is not None:
+            self.plain.advance(1)
         if self.bar is not None:
             if loss is not None and loss == loss:
                 self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:
+        if self.plain is not None:
+            self.plain.close()
         if self.bar is not None:
             self.bar.close()
 

@@ -49,6 +49,7 @@ from pipeline.layout import EVAL_FILE, TASK_RESULTS
 from pipeline.lock import output_lock
 from pipeline.losses import pair_statistics
 from pipeline.numerics import Numerics, autocast, follow, load, of_fingerprint
+from pipeline.progress import progress_bar
 from pipeline.prompts import encode_continuation, follow_cache, resolve_chat_template
 from pipeline.readers import jsonl_objects
 from pipeline.replay import PairBatch, elbo_pass, replay_requests, rescore_part, seeded_request
@@ -151,6 +152,8 @@ class EvalConfig:
     """cpu, cuda or auto."""
     trust_remote_code: bool = False
     """Allow a non-LLaDA checkpoint to run its own modeling code."""
+    progress: bool = True
+    """Progress of the sampling and scoring passes (a bar on a terminal, periodic lines otherwise)."""
     lm_eval_tasks: str = ""
     """Comma-separated lm-evaluation-harness tasks run on both models through the `lldm` adapter (loglikelihood by
     our ELBO with `samples` samples, generation by our sampler with gen_length/block_length/steps); needs the [eval]
@@ -329,9 +332,10 @@ def read_benchmark(path: Path) -> list[dict]:
 def task_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, label: str,
                   chat_template: bool) -> tuple[float, list[dict]]:
     prompts = [it["question"] for it in items]
-    done = complete(model, tokenizer, prompts, gen_length=cfg.gen_length, block_length=cfg.block_length,
-                    steps=cfg.steps, seed=cfg.seed, chat_template=chat_template, batch_size=cfg.batch_size,
-                    cache=cfg.cache, threshold=cfg.threshold)
+    with progress_bar(f"eval: task accuracy ({label})", len(prompts), cfg.progress, unit="questions") as bar:
+        done = complete(model, tokenizer, prompts, gen_length=cfg.gen_length, block_length=cfg.block_length,
+                        steps=cfg.steps, seed=cfg.seed, chat_template=chat_template, batch_size=cfg.batch_size,
+                        cache=cfg.cache, threshold=cfg.threshold, on_batch=lambda rows: bar.advance(len(rows)))
     rows = []
     for i, (it, out) in enumerate(zip(items, done)):
         ref = reference_answer(it["answer"])
@@ -363,15 +367,17 @@ def choice_credits(model, tokenizer, items: list[dict], cfg: EvalConfig, chat_te
     chat_template = resolve_chat_template(tokenizer, chat_template)
     seed = cfg.seed if seed is None else seed
     credits = []
-    for i, item in enumerate(items):
-        options = list(item["options"])
-        if not options:
-            raise UserError(f"{cfg.choices} item {i}: field 'options' is empty")
-        requests = choice_requests(tokenizer, item, i, samples=cfg.samples, seed=seed,
-                                   chat_template=chat_template, where=f"{cfg.choices} item {i}")
-        scores = [m / (len(r.response_ids) if cfg.normalize == "length" else 1)
-                  for m, r in zip(mean_terms(model, tokenizer, requests, cfg.batch_tokens), requests)]
-        credits.append(int(max(range(len(options)), key=lambda j: scores[j]) == int(item["answer"])))
+    with progress_bar(f"eval: multiple choice (seed {seed})", len(items), cfg.progress, unit="items") as bar:
+        for i, item in enumerate(items):
+            options = list(item["options"])
+            if not options:
+                raise UserError(f"{cfg.choices} item {i}: field 'options' is empty")
+            requests = choice_requests(tokenizer, item, i, samples=cfg.samples, seed=seed,
+                                       chat_template=chat_template, where=f"{cfg.choices} item {i}")
+            scores = [m / (len(r.response_ids) if cfg.normalize == "length" else 1)
+                      for m, r in zip(mean_terms(model, tokenizer, requests, cfg.batch_tokens), requests)]
+            credits.append(int(max(range(len(options)), key=lambda j: scores[j]) == int(item["answer"])))
+            bar.advance(1)
     return credits
 
 

@@ -325,7 +325,7 @@ def _sample_into(cfg: MakePairsConfig, sampler, pending: list[SampleItem], parti
     order = sorted(pending, key=sort_key) if sort_key else pending
     started = time.perf_counter()
     with partial.open("a", encoding="utf-8") as stream, \
-            progress_bar("make-pairs", len(order), cfg.progress) as bar:
+            progress_bar("make-pairs", len(order), cfg.progress, unit="samples") as bar:
         for first in range(0, len(order), cfg.batch_size):
             chunk = order[first : first + cfg.batch_size]
             results = sampler(chunk)

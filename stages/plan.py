@@ -57,7 +57,12 @@ class PlanConfig:
     prompt_length: int = 0
     """Prompt tokens within max_length (0: a quarter of max_length; generate: 128)."""
     search: bool = True
-    """Also find the largest batch tokens / sequence micro-batch / max length (generate: batch size) that fit."""
+    """Also find the largest batch tokens / sequence micro-batch / max length (generate: batch size) that fit; a
+    train plan that does not fit: the cheapest recipes that do (LoRA, 4-bit, checkpointing, bf16, rows in flight,
+    max length), each a ready command."""
+    verify: bool = False
+    """Trace the first recipe found, as plan traces any setting (its total then the plan's own; seconds to minutes
+    on an 8B model, against the search's analytic estimate)."""
     options: dict = field(default_factory=dict)
     """The stage's own settings (its config's fields), as the stage takes them."""
 
@@ -95,9 +100,53 @@ def run(cfg: PlanConfig):
     if cfg.stage == "train":
         stage_cfg = default_numerics(stage_cfg)
     plan = make_plan(cfg.stage, stage_cfg, shape, cfg.device_bytes, cfg.device)
-    if cfg.search:
+    if cfg.search and cfg.stage == "train" and not plan.fits:
+        plan.recipes, plan.recipe_method = fitting_recipes(cfg, stage_cfg, shape, plan)
+    elif cfg.search:
         plan.largest = largest(cfg.stage, stage_cfg, shape, cfg.device_bytes, plan.total)
     return plan
+
+
+def fitting_recipes(cfg: PlanConfig, stage_cfg, shape, plan) -> tuple[list[dict[str, Any]], str]:
+    """The cheapest train recipes that fit (pipeline.plan.recipes), the first traced as this plan traces; each
+    as the train command and the plan command that checks it."""
+    from pipeline.plan import recipes
+
+    found, method = recipes.search(stage_cfg, shape, plan, cfg.device_bytes, plan.reserve)
+    if found and cfg.verify:
+        recipes.verify(stage_cfg, shape, found[0], cfg.device_bytes, cfg.device, plan.reserve)
+        method += "; the first traced as plan traces any setting"
+    out = []
+    for recipe in found:
+        mine = [f for f in recipe.flags if f != "--max-length" and not (recipe.max_length != shape.max_length
+                                                                         and f == str(recipe.max_length))]
+        given = _option_flags(cfg.options, set(recipe.changes) | {"model"})
+        train = " ".join(["lldm-dpo train", *(["--model", str(stage_cfg.model)]), *given, *mine])
+        shape_flags = [*(["--samples", str(cfg.samples)] if cfg.samples else []),
+                       "--max-length", str(recipe.max_length),
+                       *(["--prompt-length", str(cfg.prompt_length)] if cfg.prompt_length else []),
+                       *(["--world-size", str(cfg.world_size)] if cfg.world_size > 1 else [])]
+        check = " ".join(["lldm-dpo plan train", "--model", str(stage_cfg.model), *given, *mine, *shape_flags,
+                          "--gpu-memory", str(cfg.gpu_memory)])
+        out.append({"changes": recipe.changes, "max_length": recipe.max_length, "cost": recipe.cost,
+                    "estimate": recipe.estimate, "total": recipe.total, "command": train, "plan_command": check})
+    return out, method
+
+
+def _option_flags(options: dict[str, Any], skip: set[str]) -> list[str]:
+    """The user's own stage options as flags (those a recipe changes left out)."""
+    out = []
+    for key, value in options.items():
+        if key in skip or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, (list, tuple)):
+            out += [flag, ",".join(map(str, value))]
+        else:
+            out += [flag, str(value)]
+    return out
 
 
 # --- the command line ------------------------------------------------------------------
@@ -146,6 +195,22 @@ def print_plan(plan, as_json: bool) -> None:
         value = found["value"]
         console.print(f"largest --{name.replace('_', '-')} that fits with the headroom kept: "
                       + ("none" if value is None else f"{value}{' (the limit searched)' if found['at_limit'] else ''}"))
+    if plan.recipes:
+        console.print(f"settings that fit {fmt_bytes(plan.device_bytes)} with the headroom kept, cheapest first "
+                      "(what each gives up: rows in flight, then checkpointing, bf16, LoRA, 4-bit, max length):")
+    elif plan.recipe_method:
+        console.print("no recipe searched fits: more cards (--world-size) or a larger card")
+    for i, recipe in enumerate(plan.recipes, 1):
+        planned = (f"{fmt_bytes(recipe['total'])} planned" if recipe["total"] is not None
+                   else f"about {fmt_bytes(recipe['estimate'])} (estimate)")
+        note = (f"; pairs scored with score-ref --max-length {recipe['max_length']}"
+                if f"--max-length {recipe['max_length']}" not in recipe["command"]
+                and recipe["max_length"] != plan.settings.get("max_length") else "")
+        console.print(f"  {i}. {planned}{note}", markup=False)
+        console.print(f"     {recipe['command']}", markup=False, soft_wrap=True)
+    if plan.recipes:
+        console.print(f"check: {plan.recipes[0]['plan_command']}", markup=False, soft_wrap=True)
+        console.print(f"note: recipes searched on an {plan.recipe_method}", style="dim", markup=False)
     for note in plan.notes:
         console.print(f"note: {note}", style="dim")
 
@@ -159,6 +224,7 @@ def command(
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Prompt + response tokens per sequence."),
     prompt_length: Optional[int] = typer.Option(None, "--prompt-length", help="Prompt tokens within max length."),
     search: Optional[bool] = typer.Option(None, "--search/--no-search", help="Find the largest settings that fit."),
+    verify: Optional[bool] = typer.Option(None, "--verify/--no-verify", help="Trace the first recipe found."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
@@ -169,7 +235,7 @@ def command(
     if stage == "score-ref":  # the plan's --samples/--max-length are score-ref's own
         options.update({k: v for k, v in (("samples", samples), ("max_length", max_length)) if v is not None})
     flags = dict(stage=stage, gpu_memory=gpu_memory, world_size=world_size, samples=samples, max_length=max_length,
-                 prompt_length=prompt_length, search=search)
+                 prompt_length=prompt_length, search=search, verify=verify)
     from_file = read_config_file(config).get("options") or {} if config else {}
     if not isinstance(from_file, dict):
         raise ConfigError(f"{config}: options must be a mapping of {cls.__name__} fields")
@@ -177,6 +243,10 @@ def command(
     if print_config:
         typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
         return
+    import logging
+
+    # bitsandbytes' kernel loader says, on import, that offline mode skips a hub check: nothing a plan acts on
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     print_plan(run(cfg), as_json)
 
 

@@ -57,6 +57,9 @@ class RunConfig:
     """Write report.png and report.html into the run folder."""
     device: str = "auto"
     """Device for every stage."""
+    progress: bool = True
+    """Each stage's progress with its ETA, the stage the run is in and the run's time so far (a bar on a terminal,
+    a line every 30 s otherwise: LLDM_DPO_PROGRESS_SECONDS); a section's own `progress` wins."""
     rounds: int = 0
     """Iterative rounds on --questions (make-pairs with the last policy, score-ref, train, eval); 0: one pass on the ingest inputs."""
     questions: Optional[str] = None
@@ -179,13 +182,14 @@ def load_stages(where: str, **sections: dict) -> tuple:
 
 def stage_configs(cfg: RunConfig):
     out = cfg.out
-    ingest = {**cfg.ingest, "out": str(out / PAIRS_FILE), "progress": False}
+    shown = {"progress": cfg.progress}
+    ingest = {**shown, **cfg.ingest, "out": str(out / PAIRS_FILE)}
     ingest["inputs"] = [_shipped(p) for p in ingest.get("inputs", [])]
-    score = {"model": cfg.model, "device": cfg.device, **cfg.score_ref, "pairs": out / PAIRS_FILE,
-             "out": out / "cache", "progress": False}
-    train = {"device": cfg.device, **cfg.train, "scores": out / "cache", "out": out / "run", "model": cfg.model,
-             "progress": False}
-    ev = {"device": cfg.device, **cfg.eval, "scores": out / "cache", "out": out / "run",
+    score = {"model": cfg.model, "device": cfg.device, **shown, **cfg.score_ref, "pairs": out / PAIRS_FILE,
+             "out": out / "cache"}
+    train = {"device": cfg.device, **shown, **cfg.train, "scores": out / "cache", "out": out / "run",
+             "model": cfg.model}
+    ev = {"device": cfg.device, **shown, **cfg.eval, "scores": out / "cache", "out": out / "run",
           "model": str(out / "run" / "final"), "before": cfg.model}
     return load_stages("run config", ingest=ingest, score_ref=score, train=train, eval=ev)
 
@@ -203,15 +207,21 @@ def planned_epochs(score_cfg, train_cfg) -> int:
     return epochs_needed(max(n_train, 1), train_cfg)
 
 
-def stage_timer(log, times: dict[str, float], r: int | None = None):
-    """``timed(name, fn, stage_cfg)``: runs one stage, logging it (within round ``r``) and its seconds in ``times``."""
+def stage_timer(log, times: dict[str, float], r: int | None = None, since: float | None = None):
+    """``timed(name, fn, stage_cfg)``: runs one stage, logging it (within round ``r``) and its seconds in ``times``;
+    the progress drawn meanwhile names the stage and the time since ``since`` (the run's start)."""
+    from pipeline.progress import fmt_duration, stage
+
+    since = time.perf_counter() if since is None else since
+
     def timed(name, fn, stage_cfg):
         t0 = time.perf_counter()
-        log(f"[{name if r is None else f'round {r}: {name}'}] ...")
-        result = fn(stage_cfg)
+        label = name if r is None else f"round {r}: {name}"
+        log(f"[{label}] ... (run {fmt_duration(t0 - since)} so far)")
+        with stage(label, since):
+            result = fn(stage_cfg)
         times[name] = round(time.perf_counter() - t0, 2)
-        if r is None:
-            log(f"[{name}] done in {times[name]:.1f}s")
+        log(f"[{label}] done in {fmt_duration(times[name])} (run {fmt_duration(time.perf_counter() - since)})")
         return result
 
     return timed
@@ -248,7 +258,7 @@ def run(cfg: RunConfig, log=print):
     start = time.perf_counter()
     ingest_cfg, score_cfg, train_cfg, eval_cfg = stage_configs(cfg)  # every section validated before work
     times: dict[str, float] = {}
-    timed = stage_timer(log, times)
+    timed = stage_timer(log, times, since=start)
     check_writable(cfg.out, "output folder")
     if not train_cfg.resume:
         # `run` retrains from scratch (the reference cache is reused when unchanged): train removes
@@ -274,24 +284,55 @@ def run(cfg: RunConfig, log=print):
     )
 
 
-def print_run_summary(result: RunResult) -> None:
+def fits_wide(headers: list[str], rows: list[list[str]], width: int) -> bool:
+    """Whether a table of ``rows`` under ``headers`` shows every cell whole in ``width`` columns (headers may
+    wrap at their spaces, a figure may not); else a summary is laid out vertically, one (metric, value) a line."""
+    need = 1
+    for i, header in enumerate(headers):
+        cells = [len(r[i]) for r in rows] + [max((len(w) for w in header.split()), default=0)]
+        need += max(cells) + 3  # a cell's padding and its border
+    return need <= width
+
+
+def figure_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    """A (metric, value) table: the metric folds onto more lines when the terminal is narrow, the value never."""
+    table = Table(Column(title, overflow="fold", ratio=1), Column("", justify="right", no_wrap=True),
+                  show_header=bool(title), title_justify="left")
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def print_run_summary(result: RunResult, console: Console | None = None) -> None:
     from stages.evaluate import print_intervals
 
-    console = Console()
-    table = Table("held-out evaluation", Column("before", justify="right"), Column("after", justify="right"),
-                  title=f"lldm-dpo run: done in {result.seconds:.0f}s", title_justify="left")
+    console = console or Console()
+    title = f"lldm-dpo run: done in {result.seconds:.0f}s"
+    rows = []
     for key, name, values in (("preference_accuracy", "preference accuracy", result.preference_accuracy),
                               ("elbo_accuracy", "ELBO accuracy (B(chosen) > B(rejected))", result.elbo_accuracy),
                               ("task_accuracy", "task accuracy (generation)", result.task_accuracy),
                               ("choice_accuracy", "multiple-choice accuracy (option ELBO)", result.choice_accuracy)):
         if values and key not in result.intervals:  # those with counts and intervals are listed below
-            table.add_row(name, f"{values.get('before', float('nan')):.3f}", f"{values.get('after', float('nan')):.3f}")
-    console.print(table if table.row_count else f"lldm-dpo run: done in {result.seconds:.0f}s")
+            rows.append([name, f"{values.get('before', float('nan')):.3f}", f"{values.get('after', float('nan')):.3f}"])
+    headers = ["held-out evaluation", "before", "after"]
+    if not rows:
+        console.print(title)
+    elif fits_wide(headers, rows, console.width):
+        table = Table(headers[0], Column("before", justify="right"), Column("after", justify="right"),
+                      title=title, title_justify="left")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    else:  # narrow: one (metric, value) a line
+        console.print(title)
+        console.print(figure_table("held-out evaluation", [(f"{name}, {side}", value) for name, *values in rows
+                                                           for side, value in zip(("before", "after"), values)]))
     print_intervals(result.intervals, result.mc_spread, title="held-out evaluation, 95% intervals")
     console.print(f"train: final loss {result.final_train_loss:.4f}, "
                   f"reward accuracy {result.final_train_reward_accuracy:.3f}")
     for key, path in result.artefacts.items():
-        console.print(f"  {key:16} {path}")
+        console.print(f"  {key:16} {path}", soft_wrap=True, markup=False)
     console.print("try:", result.example_query, soft_wrap=True, markup=False)
 
 

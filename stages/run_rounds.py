@@ -73,17 +73,16 @@ def round_configs(cfg, r: int, start_model: str, ref_model: str, has_eval_pairs:
     """The five stage configs of round r (validated; make-pairs' and ingest's first)."""
     d = round_dir(cfg.out, r)
     rendering = _chat_template(cfg)
-    mp = {"device": cfg.device, **cfg.make_pairs, "questions": _shipped(str(cfg.questions)), "model": start_model,
-          "out": str(d / "pairs.jsonl"), "round": r, "progress": False}
-    ingest = {**{k: v for k, v in cfg.ingest.items() if k != "inputs"}, "inputs": [str(d / "pairs.jsonl")],
-              "out": str(d / PAIRS_FILE), "progress": False,
+    shown = {"device": cfg.device, "progress": cfg.progress}  # a section's own settings win
+    mp = {**shown, **cfg.make_pairs, "questions": _shipped(str(cfg.questions)), "model": start_model,
+          "out": str(d / "pairs.jsonl"), "round": r}
+    ingest = {"progress": cfg.progress, **{k: v for k, v in cfg.ingest.items() if k != "inputs"},
+              "inputs": [str(d / "pairs.jsonl")], "out": str(d / PAIRS_FILE),
               "keep_fields": sorted(set(cfg.ingest.get("keep_fields", [])) | set(PROVENANCE_FIELDS))}
-    score = {"device": cfg.device, **cfg.score_ref, "model": ref_model, "pairs": d / PAIRS_FILE, "out": d / "cache",
-             "progress": False}
-    train = {"device": cfg.device, **cfg.train, "scores": d / "cache", "out": d / "run", "model": start_model,
-             "allow_different_init": start_model != ref_model, "overwrite": True, "resume": False,
-             "progress": False}
-    ev = {"device": cfg.device, **cfg.eval, "scores": d / "cache" if has_eval_pairs is not False else None,
+    score = {**shown, **cfg.score_ref, "model": ref_model, "pairs": d / PAIRS_FILE, "out": d / "cache"}
+    train = {**shown, **cfg.train, "scores": d / "cache", "out": d / "run", "model": start_model,
+             "allow_different_init": start_model != ref_model, "overwrite": True, "resume": False}
+    ev = {**shown, **cfg.eval, "scores": d / "cache" if has_eval_pairs is not False else None,
           "out": d / "run", "model": str(d / "run" / "final"), "before": cfg.model if r == 1 else "none"}
     if rendering is not None:  # sampled, scored and evaluated under one prompt rendering
         mp["chat_template"] = score["chat_template"] = ev["chat_template"] = rendering
@@ -168,7 +167,7 @@ def run_rounds(cfg, log=print) -> RoundsResult:
             marker.unlink()  # ours, and stale: this round is redone
         t0 = time.perf_counter()
         times: dict[str, float] = {}
-        timed = stage_timer(log, times, r)
+        timed = stage_timer(log, times, r, since=start)
         mp_cfg, ing_cfg, sc_cfg, tr_cfg, _ = configs
         mp = timed("make-pairs", make_pairs.run, mp_cfg)
         if mp.pairs == 0:
@@ -325,14 +324,25 @@ def _write_report(cfg, summaries, initial_acc) -> Path:
     return path
 
 
-def print_rounds_summary(result: RoundsResult) -> None:
-    console = Console()
-    table = Table(*(Column(header, justify="right") for _, header in COLUMNS),
-                  title=f"lldm-dpo run --rounds: done in {result.seconds:.0f}s "
-                        f"(original model's task accuracy {_fmt(result.initial_task_accuracy)})", title_justify="left")
-    for s in result.rounds:
-        table.add_row(*(_fmt(s.get(k)) for k, _ in COLUMNS))
-    console.print(headline(result.rounds), soft_wrap=True, markup=False)  # the result leads
-    console.print(table)
-    console.print(f"report: {result.report}")
+def print_rounds_summary(result: RoundsResult, console: Console | None = None) -> None:
+    """The headline, then the table across rounds when the terminal shows it whole (about 120 columns and up),
+    else each round's figures one (metric, value) a line."""
+    from stages.run_all import figure_table, fits_wide
+
+    console = console or Console()
+    title = (f"lldm-dpo run --rounds: done in {result.seconds:.0f}s "
+             f"(original model's task accuracy {_fmt(result.initial_task_accuracy)})")
+    console.print(headline(result.rounds), markup=False)  # the result leads, wrapped at its spaces
+    cells = [[_fmt(s.get(k)) for k, _ in COLUMNS] for s in result.rounds]
+    if fits_wide([header for _, header in COLUMNS], cells, console.width):
+        table = Table(*(Column(header, justify="right") for _, header in COLUMNS), title=title, title_justify="left")
+        for row in cells:
+            table.add_row(*row)
+        console.print(table)
+    else:
+        console.print(title, soft_wrap=True, markup=False)
+        for row in cells:
+            console.print(figure_table(f"round {row[0]}", [(header, value) for (_, header), value
+                                                           in zip(COLUMNS[1:], row[1:])]))
+    console.print(f"report: {result.report}", soft_wrap=True, markup=False)
     console.print("try:", result.example_query, soft_wrap=True, markup=False)

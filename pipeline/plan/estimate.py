@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -25,7 +26,9 @@ COMPONENTS = ("weights", "adapters", "gradients", "optimizer_states", "activatio
 
 def trace(stage: str, cfg: Any, shape: Shape, *, layers: int | None = None, fake: bool = True) -> Trace:
     """One traced step of ``stage`` (a train plan runs the DPO recipe's own step code)."""
-    return TRACERS[stage](cfg, shape, fake=fake, layers=layers)
+    with warnings.catch_warnings():  # MemTracker's module hooks on peft's wrappers: noise, not news
+        warnings.filterwarnings("ignore", message=r"Module is None\. Skipping")
+        return TRACERS[stage](cfg, shape, fake=fake, layers=layers)
 
 
 def _affine(a: Trace, b: Trace, steps: int) -> Trace:
@@ -108,6 +111,10 @@ class Plan:
     seconds: float = 0.0
     reserve: int = 0
     """The headroom the fit keeps free (memory.HEADROOM of the card)."""
+    recipes: list[dict[str, Any]] = field(default_factory=list)
+    """When the settings do not fit (train): the cheapest recipes that do, each a ready command with its planned
+    total (pipeline.plan.recipes)."""
+    recipe_method: str = ""
 
 
 CUDA_NOTES = (

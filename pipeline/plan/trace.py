@@ -22,7 +22,9 @@ call as bitsandbytes' matmul does).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -131,7 +133,7 @@ def model_config(name: str):
     """The LLaDAConfig of a preset or a LLaDA folder (a LoRA adapter folder: its base's), read without weights."""
     path = Path(str(name)).expanduser()
     if str(name) in PRESETS and not path.is_dir():
-        return preset_config(str(name))
+        return copy.deepcopy(_preset_config(str(name)))  # a copy: build_model sets its n_layers
     if (path / "adapter_config.json").is_file():
         base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
         return model_config(base)
@@ -143,6 +145,11 @@ def model_config(name: str):
         raise UserError(f"{config_file}: model_type {data.get('model_type')!r}; plan builds LLaDA-architecture "
                         "models (presets and folders with model_type llada)")
     return LLaDAConfig.from_dict(data)
+
+
+@functools.lru_cache(maxsize=8)
+def _preset_config(name: str):
+    return preset_config(name)  # builds the preset's tokenizer for its vocabulary: a second, once per process
 
 
 def build_model(name: str, dtype: str, *, fake: bool, layers: int | None = None):

@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline.errors import UserError
 from pipeline.metrics import MetricsWriter
-from pipeline.report import CHOSEN_COLOR, GRID, PNG_SIZE, REJECTED_COLOR, ReportPaths, eval_rows, write_report
+from pipeline.report import CHOSEN_COLOR, GRID, PANELS, PNG_SIZE, REJECTED_COLOR, ReportPaths, eval_rows, write_report
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "screenshot_report.sh"
@@ -104,7 +104,7 @@ def test_report_png_and_html(tmp_path):
     assert pixels.shape == (PNG_SIZE[1], PNG_SIZE[0])
     # The chosen-vs-rejected panel holds both curves, in their colours.
     rgb = np.asarray(Image.open(paths.png).convert("RGB"), dtype=np.int64)
-    panel = list(_cells(rgb))[3]
+    panel = list(_cells(rgb))[PANELS.index("rewards: chosen vs rejected")]
     for color in (CHOSEN_COLOR, REJECTED_COLOR):
         target = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)])
         assert (np.abs(panel - target).sum(axis=-1) < 30).sum() > 200, color
@@ -127,8 +127,9 @@ def test_eval_panel_changes_with_eval_json(tmp_path):
     (run / "eval.json").write_text(json.dumps(EVAL))
     with_eval = np.asarray(Image.open(write_report(run).png).convert("L"), dtype=np.float64)
     cells_a, cells_b = list(_cells(without)), list(_cells(with_eval))
-    # Bars and histogram add dark/coloured area to the last two panels.
-    for i in (7, 8):
+    # Bars and histogram add dark/coloured area to their panels.
+    for i in (PANELS.index("held-out accuracy: before vs after (95% intervals)"),
+              PANELS.index("reference margins (held-out pairs)")):
         assert (cells_b[i] < 200).mean() > (cells_a[i] < 200).mean() + 0.02
 
 
@@ -235,7 +236,8 @@ def test_intervals_are_drawn_and_tabled(tmp_path):
     pa, pb = (np.asarray(Image.open(write_report(r).png).convert("RGB"), dtype=np.int64) for r in (a, b))
     cells_a, cells_b = list(_cells(pa)), list(_cells(pb))
     # The before/after panel gains dark error bars, count labels and the differences under the figures.
-    dark = [(c.sum(axis=-1) < 90).sum() for c in (cells_a[7], cells_b[7])]
+    bars = PANELS.index("held-out accuracy: before vs after (95% intervals)")
+    dark = [(c.sum(axis=-1) < 90).sum() for c in (cells_a[bars], cells_b[bars])]
     assert dark[1] > dark[0] + 150
     page = (b / "report.html").read_text(encoding="utf-8")
     ci = data["intervals"]["choice_accuracy"]
@@ -251,45 +253,134 @@ def test_intervals_are_drawn_and_tabled(tmp_path):
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
+def _full_run(tmp_path):
+    """A run as `lldm-dpo run` leaves it: metrics with the loss's two terms, eval.json with intervals, counts and
+    settings, task_results.parquet of both models, a long config.yaml."""
+    import pyarrow as pa
+
+    from pipeline.intervals import credits_record, paired_difference_interval
+
+    b, a = [1, 0, 0, 1, 0, 0, 0, 0] * 25, [1, 1, 0, 1, 0, 0, 1, 0] * 25
+    data = _eval_with_intervals()
+    data["task_accuracy"] = {"before": sum(b) / 200, "after": sum(a) / 200}
+    data["intervals"]["task_accuracy"] = {"before": credits_record(b), "after": credits_record(a),
+                                          "difference": paired_difference_interval(b, a)}
+    data["counts"] = {"choice_items": 0, "task_items": 200}
+    data["sampler"] = {"block_length": 32, "gen_length": 64}
+    config = "model: skill\nloss: [sigmoid, sft]\nbeta: 0.1\n" + "".join(f"key_{i}: {i}\n" for i in range(60))
+    run = _run_dir(tmp_path, eval_data=data, config=config)
+    with MetricsWriter(run, tensorboard=False, console=False) as w:  # the same run, its loss terms logged
+        for row in pq.read_table(run / "metrics.parquet").to_pylist():
+            row.update(preference_loss=row["loss"] * 0.8, nll_loss=0.4 + 0.01 * row["step"])
+            w.log(row)
+    rows = [{"model": label, "index": i, "question": f"Question {i}: how many apples are there in {i} baskets "
+             "of twelve apples each, if three are eaten?", "reference": str(12 * i - 3),
+             "completion": "Twelve apples per basket.\n" * (1 + i % 3) + ("x" * 90 if i == 1 else ""),
+             "predicted": str(12 * i - 3 if c else 12 * i), "correct": bool(c)}
+            for label, cs in (("before", b), ("after", a)) for i, c in enumerate(cs)]
+    pq.write_table(pa.Table.from_pylist(rows), run / "task_results.parquet")
+    return run, data
+
+
+def test_report_leads_with_the_headline_then_the_questions_then_the_curves(tmp_path):
+    run, data = _full_run(tmp_path)
+    page = write_report(run).html.read_text(encoding="utf-8")
+    title = "DPO (sigmoid, sft) of skill: task accuracy 0.250 \u2192 0.500"
+    assert f"<title>{title}</title>" in page and f"<h1>{title}</h1>" in page
+    order = [page.index(x) for x in ('class="headline"', "Task accuracy (held-out questions, greedy): 0.250 &rarr; "
+                                     "0.500", '<table id="eval">', "The same questions, before and after",
+                                     "<h2>Training</h2>", 'alt="training curves"', '<table id="eval-other">',
+                                     "Run configuration (config.yaml, 63 lines)")]
+    assert order == sorted(order), order
+    d = data["intervals"]["task_accuracy"]["difference"]
+    assert f"change <b>{d['difference']:+.3f}</b> (95% CI {d['low']:+.3f} to {d['high']:+.3f}" in page
+    assert "50/200, 95% CI" in page and "50 gained / 0 lost" in page
+    # zero and count rows are folded below the curves; the main table holds the figures
+    main = page[page.index('<table id="eval">'):page.index("</table>", page.index('<table id="eval">'))]
+    assert "counts/choice_items" not in main and "sampler/block_length" not in main and "task_accuracy" in main
+    folded = page[page.index("<details><summary>Other figures"):]
+    assert "counts/choice_items" in folded and "sampler/block_length" in folded
+    assert "<details><summary>Run configuration" in page and "key_59: 59" in page  # folded, not dropped
+    # the same questions before and after: those the training changed (gained here) first
+    qa = page[page.index('<table class="qa">'):page.index("</table>", page.index('<table class="qa">'))]
+    assert qa.count("<tr>") == 1 + 4 and qa.count(">wrong</span>") == 4 and qa.count(">right</span>") == 4
+    assert "Question 1: how many" in qa and "Question 6: how many" in qa and "Question 0:" not in qa
+
+
+def test_the_loss_terms_are_drawn_apart(tmp_path):
+    """The DPO and NLL terms each get their panel; a run whose loss has no NLL term says so there."""
+    run, _ = _full_run(tmp_path / "a")
+    plain = _run_dir(tmp_path / "b")  # metrics without the terms (written before they were logged)
+    a = list(_cells(np.asarray(Image.open(write_report(run).png).convert("L"), dtype=np.float64)))
+    b = list(_cells(np.asarray(Image.open(write_report(plain).png).convert("L"), dtype=np.float64)))
+    for name in ("preference (DPO) term", "NLL term (SFT on chosen)"):
+        i = PANELS.index(name)
+        assert (a[i] < 160).mean() > (b[i] < 160).mean() + 0.005, name  # a curve where the other says "not logged"
+    page = (plain / "report.html").read_text(encoding="utf-8")
+    assert "<title>DPO run b/run</title>" in page  # no config.yaml: the method and the folder
+
+
+def _chromium() -> str | None:
+    return next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+
+
+def _layout(html_path: Path, tmp_path: Path, width: int) -> dict:
+    """Where a browser of ``width`` px lays the page out: a copy of the page with a script reading the layout
+    into its title (the report itself has no script), read back with --dump-dom."""
+    probe = tmp_path / "probe.html"
+    script = ("<script>var r=function(s){var e=document.querySelector(s);return e?e.getBoundingClientRect():null};"
+              "document.title=JSON.stringify({scroll:document.documentElement.scrollWidth,"
+              "client:document.documentElement.clientWidth,headline:r('.headline'),qa:r('table.qa'),"
+              "chart:r('img'),eval:r('#eval')});</script>")
+    probe.write_text(html_path.read_text(encoding="utf-8").replace("</body>", script + "</body>"),
+                     encoding="utf-8")
+    profile = tmp_path / "profile"
+    proc = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                           "--disable-sync", "--hide-scrollbars", f"--user-data-dir={profile}",
+                           f"--window-size={width},900", "--dump-dom", f"file://{probe}"],
+                          capture_output=True, text=True, timeout=120)
+    title = re.search(r"<title>(.*?)</title>", proc.stdout, re.S)
+    assert title, proc.stderr[-2000:]
+    return json.loads(title.group(1).replace("&quot;", '"'))
+
+
 @pytest.mark.skipif(not any(shutil.which(b) for b in BROWSERS) and not os.environ.get("LLDM_DPO_REQUIRE_CHROMIUM"),
                     reason="headless Chromium not installed (Debian package 'chromium'; .ci/run installs it)")
 def test_screenshot_in_real_chromium(tmp_path):
-    """The page as a real browser lays it out: the nine chart panels exactly as report.png draws them, and the
-    interval bars of the evaluation table at the widths their intervals give."""
+    """The page as a real browser lays it out in a 1,280 px window: nothing wider than the window (no horizontal
+    scrollbar), the headline first on screen, the questions and the chart below it, the chart as report.png
+    draws it (scaled to the page), and the interval bars at the widths their intervals give."""
     from pipeline.report import AFTER_COLOR, CI_DIFF_COLOR
 
-    data = _eval_with_intervals()
-    run = _run_dir(tmp_path, eval_data=data)
+    run, data = _full_run(tmp_path)
     paths = write_report(run)
     out = tmp_path / "shot.png"
-    proc = subprocess.run(["bash", str(SCRIPT), str(paths.html), str(out), "1600", "1800"],
+    proc = subprocess.run(["bash", str(SCRIPT), str(paths.html), str(out), "1280", "2400"],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert "skipped" not in proc.stderr, proc.stderr  # LLDM_DPO_REQUIRE_CHROMIUM: CI has the browser
+    layout = _layout(paths.html, tmp_path, 1280)
+    assert layout["scroll"] <= layout["client"] <= 1280, layout  # no horizontal scrollbar
+    assert layout["headline"]["top"] < 150 and layout["headline"]["right"] <= 1280, layout
+    assert layout["headline"]["top"] < layout["eval"]["top"] < layout["qa"]["top"] < layout["chart"]["top"]
+    assert layout["qa"]["right"] <= 1280 and layout["chart"]["right"] <= 1280, layout
     with Image.open(out) as im:
-        assert im.size == (1600, 1800)
+        assert im.size == (1280, 2400)
         shot = np.asarray(im.convert("RGB"), dtype=np.int64)
-    chart = np.asarray(Image.open(paths.png).convert("RGB"), dtype=np.int64)
-    ch, cw = chart.shape[:2]
-    # Where the chart lies in the page: the offset at which its busiest row matches the screenshot.
-    gray_s, gray_c = shot.sum(axis=-1), chart.sum(axis=-1)
-    row = int(np.argmax(gray_c.var(axis=1)))
-    best = None
-    for y0 in range(0, shot.shape[0] - ch + 1):
-        windows = np.lib.stride_tricks.sliding_window_view(gray_s[y0 + row], cw)
-        err = np.abs(windows - gray_c[row]).mean(axis=1)
-        x0 = int(np.argmin(err))
-        if best is None or err[x0] < best[0]:
-            best = (float(err[x0]), x0, y0)
-    _, x0, y0 = best
-    shown = shot[y0:y0 + ch, x0:x0 + cw]
-    assert shown.shape == chart.shape, "the chart does not fit in the screenshot"
-    # Each of the nine panels is in the page as drawn (a little colour rounding allowed).
-    for i, (a, b) in enumerate(zip(_cells(shown), _cells(chart))):
-        assert np.abs(a - b).mean() < 2.0, f"panel {i} differs from report.png in the browser"
-    # Above the chart: the tables, with the interval bars (200 px tracks) at their widths.
+    # the headline's band is on screen at the top, in its colour
+    band = shot[int(layout["headline"]["top"]) + 2:int(layout["headline"]["bottom"]) - 2]
+    assert (np.abs(band - np.array([0xEE, 0xF2, 0xFB])).sum(axis=-1) < 6).mean() > 0.5
+    # the chart where the layout puts it, as report.png draws it at that size (a little resampling allowed)
+    c = layout["chart"]
+    x0, y0, w, h = (int(round(c[k])) for k in ("left", "top", "width", "height"))
+    assert y0 + h <= shot.shape[0], "the chart is below the screenshot"
+    shown = Image.fromarray(shot[y0 + 1:y0 + h - 1, x0 + 1:x0 + w - 1].astype(np.uint8)).convert("L")
+    chart = Image.open(paths.png).convert("L").resize(shown.size, Image.Resampling.BILINEAR)
+    small = (shown.size[0] // 4, shown.size[1] // 4)
+    diff = np.abs(np.asarray(shown.resize(small), dtype=np.float64) - np.asarray(chart.resize(small), dtype=np.float64))
+    assert diff.mean() < 6.0, diff.mean()
     page = shot[:y0]
-    assert (page.sum(axis=-1) < 300).sum() > 2000  # text of the summary and evaluation tables
 
     def runs(color):
         target = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)])
@@ -302,13 +393,14 @@ def test_screenshot_in_real_chromium(tmp_path):
                 widths.update(int(s[-1] - s[0] + 1) for s in splits)
         return widths
 
-    after, diff = runs(AFTER_COLOR), runs(CI_DIFF_COLOR)
-    for name in ("preference_accuracy", "choice_accuracy"):
+    after, diff_bars = runs(AFTER_COLOR), runs(CI_DIFF_COLOR)
+    for name in ("preference_accuracy", "choice_accuracy", "task_accuracy"):
         rec = data["intervals"][name]
         want_after = 200 * (rec["after"]["high"] - rec["after"]["low"])
         want_diff = 200 * (rec["difference"]["high"] - rec["difference"]["low"]) / 2
         assert any(abs(w - want_after) <= 2 for w in after), (name, want_after, sorted(after))
-        assert any(abs(w - want_diff) <= 2 for w in diff), (name, want_diff, sorted(diff))
+        assert any(abs(w - want_diff) <= 2 for w in diff_bars), (name, want_diff, sorted(diff_bars))
+    Image.fromarray(shot.astype(np.uint8)).save(tmp_path / "checked.png")
 
 
 def test_report_command_through_typer(tmp_path):
@@ -341,9 +433,9 @@ def test_held_out_metrics_are_drawn_and_summarised(tmp_path):
             w.log(row)
     a = list(_cells(np.asarray(Image.open(write_report(plain).png).convert("L"), dtype=np.float64)))
     b = list(_cells(np.asarray(Image.open(write_report(held).png).convert("L"), dtype=np.float64)))
-    for i in (0, 1, 2):  # loss, margins, accuracies: a held-out curve was added
-        assert not np.array_equal(a[i], b[i]), i
-    assert np.array_equal(a[5], b[5])  # the learning-rate panel has no held-out curve
+    for name in ("loss (total)", "rewards/margins", "rewards/accuracies"):  # a held-out curve was added
+        assert not np.array_equal(a[PANELS.index(name)], b[PANELS.index(name)]), name
+    assert np.array_equal(a[PANELS.index("learning rate")], b[PANELS.index("learning rate")])  # no held-out curve
     page = (held / "report.html").read_text(encoding="utf-8")
     assert "<td>held-out accuracy (best)</td><td>0.75 at step 8</td>" in page
     assert "<td>held-out accuracy (last)</td><td>0.75 at step 12</td>" in page
