@@ -105,6 +105,8 @@ METRIC_COLUMNS = (
     "num_tokens",
     "preference_loss",  # the loss's terms: preference_loss + sft weight x nll_loss = loss
     "nll_loss",
+    # The estimated variance of the preference score at the cache's budget (pipeline/score_variance.py).
+    "score_variance",
     # Held-out metrics (train --eval-every): NaN on steps without an evaluation.
     "eval/loss",
     "eval/rewards/chosen",
@@ -118,7 +120,8 @@ METRIC_COLUMNS = (
 )
 EVAL_METRIC_COLUMNS = tuple(c for c in METRIC_COLUMNS if c.startswith("eval/"))
 """The held-out metrics of train --eval-every (NaN on steps without an evaluation)."""
-LATER_METRIC_COLUMNS = ("ref/gap_max", "masks/reused", "num_tokens", "preference_loss", "nll_loss") + EVAL_METRIC_COLUMNS
+LATER_METRIC_COLUMNS = ("ref/gap_max", "masks/reused", "num_tokens", "preference_loss", "nll_loss",
+                        "score_variance") + EVAL_METRIC_COLUMNS
 """Columns added after the first metrics files were written: absent ones read as NaN."""
 
 

@@ -69,8 +69,8 @@ ESTIMATOR_VERSION = "elbo-masked-v1"
 # samples and draws are bounded: each response holds samples x draws masks of its length (a typo's 10**12 would
 # be terabytes), and the estimator's variance falls as 1/n: beyond a few thousand nothing changes
 RANGES = {"samples": "[1, 4096]", "draws": "[1, 1024]", "seed": "[0, inf)", "eps": "(0, 1)", "max_length": "[1, inf)",
-          "batch_tokens": "[1, inf)", "pairs_per_part": "[1, inf)", "limit": "[0, inf)", "max_prompt_length": "[0, inf)",
-          "max_completion_length": "[2, inf)"}
+          "pad_to": "[0, inf)", "batch_tokens": "[1, inf)", "pairs_per_part": "[1, inf)", "limit": "[0, inf)",
+          "max_prompt_length": "[0, inf)", "max_completion_length": "[2, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
@@ -98,6 +98,10 @@ class ScoreRefConfig:
     """TRL's: the prompt keeps its last N tokens (before max_length applies); none: no limit of its own."""
     max_completion_length: Optional[int] = None
     """TRL's: each response keeps its first N tokens, the last replaced by EOS; none: no limit of its own."""
+    pad_to: int = 0
+    """Pad every response with EOS to this many tokens, the padding scored as response (as LLaDA's SFT pads and
+    ``lldm-dpo sft --pad-response-to`` does): set it to the generation length the responses were sampled with,
+    so they are scored and trained in the shape the model generates. 0 = no padding. In the fingerprint."""
     chat_template: Optional[bool] = None
     """Render prompts with the tokenizer's chat template (a text prompt as one user turn, a text response as the
     assistant's turn); false: raw text. Default: on when the tokenizer has a template. Recorded in the fingerprint."""
@@ -136,6 +140,8 @@ class ScoreRefConfig:
         require_choice("mixed_precision", self.mixed_precision, PRECISION_NAMES)
         if self.load_in_4bit and self.dtype == "float32":
             self.dtype = "bfloat16"  # the 4-bit base computes in bfloat16, as in train
+        if self.pad_to > self.max_length:
+            raise ConfigError(f"pad_to ({self.pad_to}) exceeds max_length ({self.max_length})")
         if self.load_in_4bit and self.dtype != "bfloat16":
             raise ConfigError(f"load_in_4bit computes in bfloat16, got dtype '{self.dtype}'")
 
@@ -180,6 +186,7 @@ def build_fingerprint(cfg: ScoreRefConfig, model_identity: Any, tokenizer_identi
         # absent (None) in caches made before these existed: the same as not given
         "max_prompt_length": cfg.max_prompt_length,
         "max_completion_length": cfg.max_completion_length,
+        "pad_to": cfg.pad_to,
         "estimator": ESTIMATOR_VERSION,
         "scheme": cfg.scheme,
         "eps": cfg.eps if cfg.scheme == "one_over_t" else None,
@@ -247,7 +254,7 @@ def score_part(model, tokenizer, rows: list[dict], cfg: ScoreRefConfig, stats: d
     """Score one part's pairs; returns its SCORES_SCHEMA table. Pure apart from the model call."""
     requests, layout, records = [], [], []
     for row in rows:
-        tok = tokenize_pair(tokenizer, row, cfg.max_length, use_chat_template=cfg.chat_template,
+        tok = tokenize_pair(tokenizer, row, cfg.max_length, use_chat_template=cfg.chat_template, pad_to=cfg.pad_to,
                             max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length)
         if not tok.prompt_ids and getattr(model, "logits_shift", False):
             raise UserError(f"pair {row['pair_id']}: truncation to --max-length {cfg.max_length} left no prompt "
@@ -369,7 +376,7 @@ def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
     truncated = identical = 0
     for batch in table.to_batches(max_chunksize=1024):
         for row in batch.to_pylist():
-            tok = tokenize_pair(tokenizer, row, cfg.max_length, use_chat_template=cfg.chat_template,
+            tok = tokenize_pair(tokenizer, row, cfg.max_length, use_chat_template=cfg.chat_template, pad_to=cfg.pad_to,
                                 max_prompt_length=cfg.max_prompt_length,
                                 max_completion_length=cfg.max_completion_length)
             lengths.append(len(tok.prompt_ids) + max(len(tok.chosen_ids), len(tok.rejected_ids)))

@@ -17,8 +17,10 @@ import torch
 import torch.distributed as dist
 
 from pipeline.diffusion import ScoreRequest, elbo_terms, forward_calls
-from pipeline.losses import METRICS, PairStatistics, log_ratios, pair_statistics, sequence_weights
+from pipeline.losses import METRICS, PER_TOKEN, PairStatistics, log_ratios, pair_statistics, sequence_weights
 from pipeline.replay import PairBatch, replay_requests
+from pipeline.schemas import SIDES
+from pipeline.score_variance import per_sample_scores, score_variance
 from pipeline.trainer.dpo_config import TrainConfig
 from pipeline.trainer.session import check_finite, pad_probe, sync_context
 
@@ -67,6 +69,8 @@ class MicroStats:
     stats: PairStatistics
     pairs: int
     tokens: int
+    score_variance: float = float("nan")
+    """The sum over its pairs of the estimated variance of the preference score (``pipeline.score_variance``)."""
 
 
 def policy_terms(model, requests, tokenizer, cfg: TrainConfig) -> list[torch.Tensor]:
@@ -107,12 +111,26 @@ def micro_step(ctx: TrainContext, batch: PairBatch, scale: float, sync: bool) ->
     lengths = (torch.tensor([r["chosen_len"] for r in batch.rows], device=device),
                torch.tensor([r["rejected_len"] for r in batch.rows], device=device))
     if ctx.cfg.sequence_microbatch == 0:
-        loss, stats = _one_pass(ctx, batch, requests, (ref_c, ref_r), lengths, scale, sync)
+        loss, stats, terms = _one_pass(ctx, batch, requests, (ref_c, ref_r), lengths, scale, sync)
     else:
-        loss, stats = _per_sequence(ctx, batch, requests, (ref_c, ref_r), lengths, scale, sync)
+        loss, stats, terms = _per_sequence(ctx, batch, requests, (ref_c, ref_r), lengths, scale, sync)
     tokens = sum(req.masks.shape[0] * (len(req.prompt_ids) + len(req.response_ids)) for req in requests)
     return MicroStats(loss=loss.detach().float(), stats=dataclasses.replace(stats, losses=stats.losses.detach()),
-                      pairs=len(batch.rows), tokens=tokens)
+                      pairs=len(batch.rows), tokens=tokens,
+                      score_variance=batch_score_variance(ctx.cfg, batch, terms, ref_terms, lengths))
+
+
+def batch_score_variance(cfg: TrainConfig, batch: PairBatch, terms, ref_terms, lengths) -> float:
+    """The sum over the batch's pairs of their preference score's estimated variance, from the per-sample terms
+    of the policy (``terms``) and of the reference (online, or the cache's terms of this draw)."""
+    if ref_terms is None:
+        ref_terms = [torch.tensor(row[f"ref_{side}_terms"][batch.draw], dtype=torch.float64)
+                     for row in batch.rows for side in SIDES]
+    policy, ref = torch.stack([t.detach() for t in terms]), torch.stack([t.detach() for t in ref_terms])
+    per_token = cfg.loss_type in PER_TOKEN
+    d = per_sample_scores(policy[0::2], policy[1::2], ref[0::2], ref[1::2],
+                          *(lengths if per_token else (None, None)))
+    return float(score_variance(d).sum())
 
 
 def _online_reference(ctx: TrainContext, requests) -> list[torch.Tensor]:
@@ -131,7 +149,7 @@ def _one_pass(ctx: TrainContext, batch, requests, refs, lengths, scale: float, s
             loss, stats = batch_loss(ctx.cfg, terms, *refs, *lengths)
         _check_finite(ctx, loss, batch)
         _backward(ctx, _with_pad(loss * scale, pad))
-    return loss, stats
+    return loss, stats, terms
 
 
 def _per_sequence(ctx: TrainContext, batch, requests, refs, lengths, scale: float, sync: bool):
@@ -168,7 +186,7 @@ def _per_sequence(ctx: TrainContext, batch, requests, refs, lengths, scale: floa
             surrogate = sum((w.to(t.dtype) * t.sum() for w, t in zip(weights, sub_terms)),
                             torch.zeros((), device=acc.device))
             _backward(ctx, _with_pad(surrogate * scale, pad))
-    return loss, stats
+    return loss, stats, terms
 
 
 def _probe(ctx: TrainContext, scorer) -> torch.Tensor:
@@ -244,13 +262,14 @@ def _check_finite(ctx: TrainContext, loss: torch.Tensor, batch: PairBatch) -> No
 def step_metrics(acc, micro: list[Optional[MicroStats]]) -> dict[str, float]:
     """Means over the step's pairs (all micro-batches and processes), with TRL's names: every process sums
     its micro-batches' statistics by name, one all-reduce adds the processes' sums."""
-    names = ("pairs", "tokens", *METRICS.values())
+    names = ("pairs", "tokens", "score_variance", *METRICS.values())
     sums = dict.fromkeys(names, 0.0)
     for m in micro:
         if m is None:
             continue
         sums["pairs"] += m.pairs
         sums["tokens"] += m.tokens
+        sums["score_variance"] += m.score_variance
         for name, value in m.stats.sums().items():
             sums[name] += value
     local = torch.tensor([sums[n] for n in names], dtype=torch.float64, device=acc.device)
