@@ -120,9 +120,10 @@ def carry_given_as(old: Any, new: C) -> C:
 
 
 def in_users_words(message: str, given_as: Mapping[str, str]) -> str:
-    """A validation message about a field the user set by another name (TRL's) says so, in their words."""
+    """A validation message about a field the user set by another name (TRL's) says so, in their words (a
+    message that opens with the field, or names its flag)."""
     named = [f"{field} (given as {key})" for field, key in given_as.items()
-             if re.search(rf"(?<![\w-])(--)?{re.escape(field)}(?![\w-])|--{field.replace('_', '-')}\b", message)]
+             if re.search(rf"(^|: |; ){re.escape(field)}(?![\w-])|--{field.replace('_', '-')}(?![\w-])", message)]
     return message + (f" [{', '.join(named)}]" if named else "")
 
 

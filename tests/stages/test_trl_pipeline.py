@@ -145,3 +145,13 @@ def test_a_value_refused_after_translation_names_the_key_the_user_wrote(tmp_path
         load_config(TrainConfig, path, {})
     with pytest.raises(ConfigError, match=r"\[save_best \(given as load_best_model_at_end\)\]"):
         load_config(TrainConfig, None, {"load_best_model_at_end": True})
+
+
+def test_only_a_message_about_the_field_is_annotated():
+    from pipeline.config import in_users_words
+
+    given = {"model": "model_name_or_path", "batch_size": "per_device_train_batch_size"}
+    assert in_users_words("the model is not a LLaDA checkpoint", given) == "the model is not a LLaDA checkpoint"
+    assert in_users_words("batch_size must be >= 1, got 0", given).endswith(
+        "[batch_size (given as per_device_train_batch_size)]")
+    assert in_users_words("lower --batch-size", given).endswith("[batch_size (given as per_device_train_batch_size)]")
