@@ -82,7 +82,7 @@ def load_config(
         raise ConfigError(f"{where}: {message}" if where and not message.startswith(str(where)) else message) from None
     except TypeError as exc:  # a value of a type the dataclass cannot take
         raise ConfigError(f"{where or 'config'}: {exc}") from None
-    check_output_names(cfg, where or "config")
+    check_output_names(cfg, where or COMMAND_LINE)
     if given_as and dataclasses.is_dataclass(cfg):
         object.__setattr__(cfg, GIVEN_AS, dict(given_as))
     return cfg
@@ -120,9 +120,10 @@ def carry_given_as(old: Any, new: C) -> C:
 
 
 def in_users_words(message: str, given_as: Mapping[str, str]) -> str:
-    """A validation message about a field the user set by another name (TRL's) says so, in their words."""
+    """A validation message about a field the user set by another name (TRL's) says so, in their words (a
+    message that opens with the field, or names its flag)."""
     named = [f"{field} (given as {key})" for field, key in given_as.items()
-             if re.search(rf"(?<![\w-])(--)?{re.escape(field)}(?![\w-])|--{field.replace('_', '-')}\b", message)]
+             if re.search(rf"(^|: |; ){re.escape(field)}(?![\w-])|--{field.replace('_', '-')}(?![\w-])", message)]
     return message + (f" [{', '.join(named)}]" if named else "")
 
 

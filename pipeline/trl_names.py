@@ -160,7 +160,7 @@ def translate(cls: type, data: dict[str, Any], where: str, *, problems: list[str
                 try:
                     new = alias.convert(value) if alias.convert else value
                 except ConfigError as exc:
-                    raise ConfigError(f"{key}: {exc}") from None
+                    raise ConfigError(str(exc) if str(exc).startswith(key) else f"{key}: {exc}") from None
                 if new is SKIP:
                     continue
             put(key, target, new)

@@ -542,6 +542,10 @@ def _ingest_action(cfg: IngestConfig, as_json: bool) -> None:
     if failure is None and cfg.strict and result.quarantined:
         failure = UserError(f"--strict: {result.quarantined} of {result.read} records quarantined "
                             f"(see {result.quarantine})")
+    if failure is None and result.quarantined * 2 > result.read:  # most of the data is not in the pairs file
+        reasons = ", ".join(f"{reason} {n}" for reason, n in result.by_reason.items() if n)
+        typer.echo(f"warning: {result.quarantined} of {result.read} records ({result.quarantined / result.read:.0%}) "
+                   f"were quarantined ({reasons}); see {result.quarantine}", err=True)
     if as_json:  # one JSON document: the report, with the error when there is one
         emit_json({**result.to_dict(), **({"error": str(failure), "exit_code": 1} if failure else {})})
         if failure is not None:

@@ -132,7 +132,7 @@ def test_sft_resumes_from_a_path_bit_identically_and_refuses_other_data(sft_data
         sft(SFTConfig(data=sft_data, out=tmp_path / "y", max_steps=4, save_every=2, log_every=1, seed=3,
                       resume_from_checkpoint=str(full / "checkpoint-2"), **{**SFT_FAST, "learning_rate": 1e-2}))
     other = write_sft_data(tmp_path / "other.jsonl", n=16, seed=9)
-    with pytest.raises(UserError, match="cannot resume with data_sha256"):
+    with pytest.raises(UserError, match="cannot resume: the data differs"):
         sft(SFTConfig(data=other, out=tmp_path / "x", max_steps=4, save_every=2, log_every=1, seed=3,
                       resume_from_checkpoint=str(full / "checkpoint-2"), **SFT_FAST))
 

@@ -75,3 +75,16 @@ def test_few_items_warning_and_trains_closing_notes():
                                "eval/rewards/accuracies": accuracy_record(3, 6)})
     assert "over the last step's 2 pairs only" in lines[0] and "rests on 6 held-out pairs" in lines[1]
     assert interval_warnings({"eval/rewards/accuracies": accuracy_record(60, 100)}) == []
+
+
+def test_ingest_warns_when_most_records_are_quarantined(tmp_path):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    src = tmp_path / "p.jsonl"
+    rows = [{"prompt": "q", "chosen": "a" * 50, "rejected": "b"}] * 3 + [{"prompt": "q", "chosen": "a", "rejected": "b"}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = CliRunner().invoke(app, ["ingest", str(src), "--out", str(tmp_path / "o.arrow"), "--max-chars", "20"])
+    assert res.exit_code == 0, res.output
+    assert "warning: 3 of 4 records (75%) were quarantined (too_long 3)" in res.stderr

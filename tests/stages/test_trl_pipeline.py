@@ -92,7 +92,7 @@ def test_what_cannot_apply_is_reported_in_one_pass_by_the_users_names(tmp_path):
         load_config(TrainConfig, path, {})
     message = str(err.value)
     assert message.startswith(f"{path}: 4 problems: ") and "\n" not in message
-    for part in ("bf16: bf16 must be true or false, got 'maybe'", "deepspeed: 'ds.json' cannot apply here",
+    for part in ("4 problems: bf16 must be true or false, got 'maybe'", "deepspeed: 'ds.json' cannot apply here",
                  "packing: True cannot apply here: sequences are not packed", "unknown keys 'learning_rat', "
                  "'loss_typo'"):
         assert part in message
@@ -145,3 +145,13 @@ def test_a_value_refused_after_translation_names_the_key_the_user_wrote(tmp_path
         load_config(TrainConfig, path, {})
     with pytest.raises(ConfigError, match=r"\[save_best \(given as load_best_model_at_end\)\]"):
         load_config(TrainConfig, None, {"load_best_model_at_end": True})
+
+
+def test_only_a_message_about_the_field_is_annotated():
+    from pipeline.config import in_users_words
+
+    given = {"model": "model_name_or_path", "batch_size": "per_device_train_batch_size"}
+    assert in_users_words("the model is not a LLaDA checkpoint", given) == "the model is not a LLaDA checkpoint"
+    assert in_users_words("batch_size must be >= 1, got 0", given).endswith(
+        "[batch_size (given as per_device_train_batch_size)]")
+    assert in_users_words("lower --batch-size", given).endswith("[batch_size (given as per_device_train_batch_size)]")
