@@ -243,10 +243,6 @@ def command(
     if print_config:
         typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
         return
-    import logging
-
-    # bitsandbytes' kernel loader says, on import, that offline mode skips a hub check: nothing a plan acts on
-    logging.getLogger("kernels").setLevel(logging.ERROR)
     print_plan(run(cfg), as_json)
 
 

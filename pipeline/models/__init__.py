@@ -16,7 +16,6 @@ would wrap the 126k-row head too.
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import Sequence
 
@@ -26,9 +25,6 @@ from pipeline.models.presets import PRESETS, build_preset, preset_tokenizer
 from pipeline.models.scoring import MaskedRowScorer, score_tokens
 from pipeline.models.tokenizer import build_tokenizer
 
-# bitsandbytes' CPU backend warns at import that an optional hub kernel package is absent (peft imports it
-# whenever it is installed); this project never fetches kernels from a hub, so that warning is noise.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 LORA_TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
 
