@@ -25,7 +25,6 @@ from pipeline.models.presets import PRESETS, build_preset, preset_tokenizer
 from pipeline.models.scoring import MaskedRowScorer, score_tokens
 from pipeline.models.tokenizer import build_tokenizer
 
-
 LORA_TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
 
 
