@@ -249,8 +249,11 @@ def _fmt(v: float | None) -> str:
 def _summary(m: dict[str, list[float]]) -> list[tuple[str, str]]:
     steps = m["step"]
     out = [("steps logged", str(len(steps))), ("last step", str(steps[-1]))]
-    for name, label in (("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")):
+    for name, label in (("loss", "loss"), ("preference_loss", "preference (DPO) term"), ("nll_loss", "NLL term"),
+                        ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")):
         ys = _series(m, name)[1] or [None]
+        if name in ("preference_loss", "nll_loss") and not any(ys):
+            continue  # not logged, or not in this run's loss
         out.append((f"{label} (first &rarr; last)", f"{_fmt(ys[0])} &rarr; {_fmt(ys[-1])}"))
     steps_eval, acc_eval = _series(m, "eval/rewards/accuracies")
     if acc_eval:
@@ -438,7 +441,8 @@ def report_title(run_dir: Path, config: dict[str, Any], rows) -> str:
     """What the run is: the method, the model, and the headline figure's before -> after."""
     model = config.get("model") if isinstance(config.get("model"), str) else None
     loss = config.get("loss") or config.get("loss_type")
-    method = "DPO" if not loss else f"DPO ({', '.join(loss) if isinstance(loss, list) else loss})"
+    terms = loss if isinstance(loss, list) else str(loss).split(",") if loss else []
+    method = f"DPO ({', '.join(str(t).strip() for t in terms)})" if terms else "DPO"
     title = f"{method} of {model}" if model else f"{method} run {run_dir.parent.name}/{run_dir.name}".rstrip("/")
     by_name = {name: (b, a) for name, b, a, v in rows if v is None}
     figure = next((f for f in HEADLINE_FIGURES if f in by_name), None)
@@ -455,7 +459,8 @@ def _render_html(run_dir: Path, png: bytes, m, rows, config_text: str | None, in
     e = html.escape
     intervals = intervals or {}
     title = title or f"lldm-dpo run {run_dir.name}"
-    main = [r for r in rows if _is_main_row(*r)]
+    lead = {name: i for i, name in enumerate(HEADLINE_FIGURES)}  # the headline's figure first, then accuracies
+    main = sorted((r for r in rows if _is_main_row(*r)), key=lambda r: lead.get(r[0], len(lead)))
     folded = [r for r in rows if not _is_main_row(*r)]
     with_ci = any(name in intervals for name, *_ in main)
     parts = [

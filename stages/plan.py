@@ -116,11 +116,14 @@ def fitting_recipes(cfg: PlanConfig, stage_cfg, shape, plan) -> tuple[list[dict[
     if found and cfg.verify:
         recipes.verify(stage_cfg, shape, found[0], cfg.device_bytes, cfg.device, plan.reserve)
         method += "; the first traced as plan traces any setting"
+    from pipeline.trl_names import translate
+
+    options = translate(type(stage_cfg), dict(cfg.options), f"plan {cfg.stage} options")  # TRL's names as ours
     out = []
     for recipe in found:
-        mine = [f for f in recipe.flags if f != "--max-length" and not (recipe.max_length != shape.max_length
-                                                                         and f == str(recipe.max_length))]
-        given = _option_flags(cfg.options, set(recipe.changes) | {"model"})
+        mine = recipes.flags(recipe.changes, None)  # train's flags; a shorter max length is score-ref's
+        given = _option_flags({k: getattr(stage_cfg, k, v) for k, v in options.items()},
+                              set(recipe.changes) | {"model"})
         train = " ".join(["lldm-dpo train", *(["--model", str(stage_cfg.model)]), *given, *mine])
         shape_flags = [*(["--samples", str(cfg.samples)] if cfg.samples else []),
                        "--max-length", str(recipe.max_length),
@@ -204,8 +207,7 @@ def print_plan(plan, as_json: bool) -> None:
         planned = (f"{fmt_bytes(recipe['total'])} planned" if recipe["total"] is not None
                    else f"about {fmt_bytes(recipe['estimate'])} (estimate)")
         note = (f"; pairs scored with score-ref --max-length {recipe['max_length']}"
-                if f"--max-length {recipe['max_length']}" not in recipe["command"]
-                and recipe["max_length"] != plan.settings.get("max_length") else "")
+                if recipe["max_length"] != plan.settings.get("max_length") else "")
         console.print(f"  {i}. {planned}{note}", markup=False)
         console.print(f"     {recipe['command']}", markup=False, soft_wrap=True)
     if plan.recipes:

@@ -86,7 +86,7 @@ def _param_counts(cfg) -> dict[str, Any]:
     block = sum(p.numel() for n, p in model.named_parameters() if ".blocks." in n)
     other = sum(p.numel() for n, p in model.named_parameters() if ".blocks." not in n)
     n = config.n_layers
-    return {"layers": n, "hidden": config.d_model, "targets": targets * n,
+    return {"layers": n, "hidden": config.d_model, "targets": targets * n, "block": block,
             "block_linear": sum(i * o for i, o in targets) * n, "total": block * n + other}
 
 
@@ -161,6 +161,9 @@ def search(cfg, shape, plan, device_bytes: int, reserve: int, top: int = 3) -> t
                                     **({"dtype": "bfloat16", "mixed_precision": "bf16"} if bf16 and not bf16_0
                                        else {}))
         static = sum(static_bytes(counts, lora_r, four, bf16).values())
+        if shape.world_size > 1:  # FSDP as estimate.components shards: 1/w, plus two gathered blocks and a gradient
+            block = counts["block"] * (2 if bf16 or four else 4)
+            static = static / shape.world_size + 3 * block
         _, res, act = _numbers(trial)
         response = length - min(shape.prompt_length, length // 2)
         for k, micro in in_flight(cfg, shape.samples, k0):

@@ -199,3 +199,21 @@ def test_recipes_in_flight_keep_the_pairs_per_step():
     assert steps[3][1] == {"batch_size": 1, "grad_accum": 8, "sequence_microbatch": 8}
     assert flags(steps[3][1], 512) == ["--batch-size", "1", "--grad-accum", "8", "--sequence-microbatch", "8",
                                        "--max-length", "512"]
+
+
+def test_verified_recipe_total_is_the_plans_own():
+    """--verify traces the first recipe: its total is what `plan` then reports for the printed command (here
+    under FSDP over two processes, whose flag the command keeps)."""
+    import shlex
+
+    world = "2"
+    res = _plan("train", "--model", "micro", "--gpu-memory", "1GiB", "--world-size", world, "--verify", "--json")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    assert plan["fits"] is False and plan["recipes"], plan["recipe_method"]
+    first = plan["recipes"][0]
+    assert "the first traced" in plan["recipe_method"] and first["total"] is not None
+    args = shlex.split(first["plan_command"])
+    assert ("--world-size" in args) == (world == "2")
+    check = json.loads(_plan(*args[2:], "--no-search", "--json").output)
+    assert check["fits"] is True and check["total"] == first["total"]

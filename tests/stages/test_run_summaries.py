@@ -66,3 +66,30 @@ def test_run_summary_at_80_columns_holds_every_figure_uncut():
 def test_fits_wide_counts_the_figures_whole():
     assert fits_wide(["a", "b"], [["0.123", "0.456"]], 80)
     assert not fits_wide(["name"] * 13, [["+0.050 [-0.010, +0.110]"] * 13], 120)
+
+
+def test_run_passes_its_progress_to_every_stage_and_a_section_wins(tmp_path):
+    """`run` no longer silences its stages: each gets run's progress (on by default), a section's own wins."""
+    from stages.run_all import merged_config, stage_configs
+    from stages.run_rounds import round_configs
+
+    single = stage_configs(merged_config(None, {"out": tmp_path / "a", "rounds": 0}))
+    assert [c.progress for c in single] == [True] * 4
+    quiet = stage_configs(merged_config(None, {"out": tmp_path / "b", "rounds": 0, "progress": False}))
+    assert [c.progress for c in quiet] == [False] * 4
+    mixed = stage_configs(merged_config(None, {"out": tmp_path / "c", "rounds": 0, "eval": {"progress": False}}))
+    assert [c.progress for c in mixed] == [True, True, True, False]
+    cfg = merged_config(None, {"out": tmp_path / "d"})
+    assert cfg.rounds and [c.progress for c in round_configs(cfg, 1, cfg.model, cfg.model)] == [True] * 5
+
+
+def test_stage_timer_names_the_stage_and_the_run_time(capsys):
+    import time
+
+    from stages.run_all import stage_timer
+
+    lines, times = [], {}
+    timed = stage_timer(lines.append, times, 2, since=time.perf_counter() - 65)
+    assert timed("eval", lambda cfg: cfg + 1, 41) == 42
+    assert lines[0] == "[round 2: eval] ... (run 1m05s so far)"
+    assert lines[1].startswith("[round 2: eval] done in 0s (run 1m05s)") and "eval" in times
