@@ -21,6 +21,11 @@ shared. Train's ``score_variance`` metric (the within-draw estimate, ``pipeline.
 beside the n x 1 rows for comparison.
 
     OMP_NUM_THREADS=1 python bench/vrpo.py --run runs/default      # after `lldm-dpo run --out runs/default`
+
+``--accuracy SEEDS``: the task accuracy of one round trained at each budget n, over SEEDS seeds: round 1's
+pairs (as they are: one make-pairs seed) rescored by score-ref with ``samples`` n and ``seed`` s, trained with
+``seed`` s (data order), every other setting the embedded default's, evaluated greedily on the held-out questions
+against round 1's "before" rows (the same original model and sampler), with the paired interval per cell.
 """
 
 from __future__ import annotations
@@ -130,6 +135,48 @@ def configurations(n_max: int, scheme: str) -> list:
     return configs
 
 
+def accuracy_cells(run: Path, seeds: int, budgets, out: Path) -> None:
+    """One round per (budget, seed) on round 1's pairs; prints a table (see the module docstring)."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    from pipeline.intervals import paired_difference_interval
+    from stages import evaluate, score_ref, train
+    from stages.run_all import merged_config, planned_epochs
+    from stages.run_rounds import round_configs
+
+    round_dir = run / "round-1"
+    before = [r["correct"] for r in pq.read_table(round_dir / "run" / "task_results.parquet").to_pylist()
+              if r["model"] == "before"]
+    print(f"# before (round 1's original model): {sum(before)}/{len(before)}")
+    print("| n | seed | after (of %d) | difference | paired 95%% CI | seconds |" % len(before))
+    print("|---|---|---|---|---|---|")
+    by_n: dict[int, list[float]] = {}
+    for seed in range(1, seeds + 1):  # seed by seed: a cut run still has every budget
+        for n in budgets:
+            cell = out / f"n{n}-seed{seed}"
+            t0 = time.perf_counter()
+            if not (cell / "run" / "eval.json").exists():
+                cfg = merged_config(None, {"out": cell, "device": "cpu"})
+                _, _, sc, tr, ev = round_configs(cfg, 1, cfg.model, cfg.model)
+                sc = dataclasses.replace(sc, pairs=round_dir / "pairs.arrow", out=cell / "cache", samples=n, seed=seed)
+                sc = dataclasses.replace(sc, draws=planned_epochs(sc, tr))  # one mask draw per epoch, as `run`
+                score_ref.run(sc)
+                train.run(dataclasses.replace(tr, scores=cell / "cache", out=cell / "run", seed=seed))
+                evaluate.run(dataclasses.replace(ev, scores=None, model=str(cell / "run" / "final"), before="none",
+                                                 out=cell / "run", train_sample=0))
+            rows = pq.read_table(cell / "run" / "task_results.parquet").to_pylist()
+            after = [r["correct"] for r in rows if r["model"] == "after"]
+            diff = paired_difference_interval(before, after)
+            by_n.setdefault(n, []).append(diff["difference"])
+            print(f"| {n} | {seed} | {sum(after)} | {diff['difference']:+.3f} | {diff['low']:+.3f}..{diff['high']:+.3f} "
+                  f"| {time.perf_counter() - t0:.0f} |", flush=True)
+    for n, diffs in by_n.items():
+        sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+        print(f"# n={n}: mean difference {statistics.fmean(diffs):+.3f} (sd {sd:.3f}) over {len(diffs)} seeds")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="runs/default", help="a finished `lldm-dpo run` output folder (round 1 is read)")
@@ -138,7 +185,14 @@ def main(argv=None) -> None:
     p.add_argument("--replicates", type=int, default=16, help="independent draws per pair")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--batch-tokens", type=int, default=16384)
+    p.add_argument("--accuracy", type=int, default=0, metavar="SEEDS",
+                   help="instead: train a round at each budget over this many seeds and measure task accuracy")
+    p.add_argument("--budgets", default="1,2,4,8", help="budgets n of --accuracy")
+    p.add_argument("--cells", default="runs/vrpo-accuracy", help="folder of --accuracy's rounds (reused)")
     args = p.parse_args(argv)
+    if args.accuracy:
+        accuracy_cells(Path(args.run), args.accuracy, [int(b) for b in args.budgets.split(",")], Path(args.cells))
+        return
 
     round_dir = Path(args.run) / "round-1"
     cache = open_cache(round_dir / "cache")
