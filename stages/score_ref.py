@@ -311,7 +311,8 @@ def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
     device = resolve_device(cfg.device)
     if cfg.mixed_precision == "fp16" and device.type != "cuda":
         raise UserError("--mixed-precision fp16 needs CUDA; use bf16 or no")
-    if cfg.plan:  # every pair planned at --max-length: the longest parts are scored first
+    if cfg.plan and device.type == "cuda":  # every pair planned at --max-length: the longest parts are scored first
+        # (the planner imports the trainer and peft: seconds a CPU run, which check_start never checks, skips)
         from pipeline.plan import Shape, check_start
 
         check_start("score-ref", cfg, Shape(cfg.samples, cfg.max_length, cfg.max_length // 4), device)
