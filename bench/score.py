@@ -96,11 +96,15 @@ def parse_args(argv=None):
 # --- model and data ------------------------------------------------------------
 
 
-def build_model(preset: str, vocab: int, device: str, dtype: torch.dtype):
+def build_model(preset: str, vocab: int, device: str, dtype: torch.dtype, body: dict | None = None):
+    """The preset, with another vocabulary and (``body``: LLaDAConfig keys such as d_model, n_layers) body."""
     config = preset_config(preset)
-    if not vocab or vocab == config.padded_vocab_size:
+    if (not vocab or vocab == config.padded_vocab_size) and not body:
         return build_preset(preset, device=device, dtype=dtype)
-    config.vocab_size = config.embedding_size = vocab
+    if vocab:
+        config.vocab_size = config.embedding_size = vocab
+    for key, value in (body or {}).items():
+        setattr(config, key, value)
     previous = torch.get_default_dtype()
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.device(device):
@@ -285,11 +289,14 @@ def ours_process(spec: dict) -> dict:
 
     import pipeline.models.llada as llada
     import pipeline.models.scoring as scoring
+    import pipeline.numerics as numerics
     import stages.score_ref as score_ref
     from stages import cli
 
     ph = Phases()
-    score_ref.load = ph.wrap("load", score_ref.load)
+    numerics.load = ph.wrap("load", numerics.load)
+    if hasattr(score_ref, "load"):  # a checkout (--code) that imports it by name
+        score_ref.load = ph.wrap("load", score_ref.load)
     score_ref.tokenize_pair = ph.wrap("tokenize", score_ref.tokenize_pair)
     score_ref.masked_request = ph.wrap("masks", score_ref.masked_request)
     score_ref.mask_seed = ph.wrap("masks", score_ref.mask_seed)

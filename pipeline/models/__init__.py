@@ -30,7 +30,7 @@ from pipeline.models.tokenizer import build_tokenizer
 # whenever it is installed); this project never fetches kernels from a hub, so that warning is noise.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-LORA_TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+from pipeline.lora_targets import LORA_TARGET_NAMES  # noqa: E402  (declared where the configs read it without model code)
 
 
 def lora_target_modules(model_type: str, names: Sequence[str] = LORA_TARGET_NAMES) -> str | list[str]:
