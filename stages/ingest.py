@@ -150,7 +150,7 @@ class _PairsWriter:
         self.schema = schema
         self.sink = pa.OSFile(str(path), "wb")
         self.writer = pa.ipc.new_file(self.sink, schema)
-        self.pending = pa.Table.from_batches([], schema=schema)  # Schema.empty_table() imports pandas (~1 s)
+        self.pending = schema.empty_table()
 
     def add(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows:
