@@ -20,17 +20,32 @@ each against this device's measured matmul FLOP/s, and the variance ratio of the
 estimated B_policy - B_ref margin with shared masks against independent masks,
 for a policy that is the model plus a small random weight perturbation.
 
+``--end-to-end`` times whole processes instead, on a model folder and a pairs
+file the bench writes: ``lldm-dpo score-ref`` (the command as a user runs it:
+start-up, load, tokenize, masks, forward, head, write, manifest) against one
+process running LLaDA's per-pair procedure on the same folder and file (start-up,
+load, tokenize, its forward passes, a JSON of the terms), interleaved, best of
+``--repeats``; each process prints where its time went (load, tokenize, masks,
+forward = the body, head = LM head and log-softmax, write, the rest = interpreter,
+imports and checks), so a regression shows where it came from.
+
 CPU:  python bench/score.py                        (tiny body, LLaDA's 126,464 vocabulary)
+      python bench/score.py --end-to-end --pairs 12 (whole processes, the breakdown)
 GPU:  python bench/score.py --preset llada-8b-shape --dtype bfloat16 --pairs 32
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import math
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,17 +84,27 @@ def parse_args(argv=None):
                    help="policy = model + N(0, (perturb * std of each weight)^2) for the variance ratio")
     p.add_argument("--no-variance", action="store_true", help="skip the shared-vs-independent masks variance ratio")
     p.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="whole processes: lldm-dpo score-ref against a LLaDA per-pair process, with the breakdown")
+    p.add_argument("--code", type=Path, default=None,
+                   help="with --end-to-end: also time score-ref of another checkout (e.g. main before a change), "
+                        "interleaved with this one")
+    p.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 # --- model and data ------------------------------------------------------------
 
 
-def build_model(preset: str, vocab: int, device: str, dtype: torch.dtype):
+def build_model(preset: str, vocab: int, device: str, dtype: torch.dtype, body: dict | None = None):
+    """The preset, with another vocabulary and (``body``: LLaDAConfig keys such as d_model, n_layers) body."""
     config = preset_config(preset)
-    if not vocab or vocab == config.padded_vocab_size:
+    if (not vocab or vocab == config.padded_vocab_size) and not body:
         return build_preset(preset, device=device, dtype=dtype)
-    config.vocab_size = config.embedding_size = vocab
+    if vocab:
+        config.vocab_size = config.embedding_size = vocab
+    for key, value in (body or {}).items():
+        setattr(config, key, value)
     previous = torch.get_default_dtype()
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.device(device):
@@ -92,7 +117,7 @@ def build_model(preset: str, vocab: int, device: str, dtype: torch.dtype):
     return model.eval()
 
 
-def load_pairs(tokenizer, count: int, min_len: int, max_len: int):
+def load_pairs(tokenizer, count: int, min_len: int, max_len: int, with_rows: bool = False):
     if not DATA.exists():
         sys.exit(f"error: {DATA} not found (the shared GSM8K data sits beside the repository)")
     items = []
@@ -111,7 +136,7 @@ def load_pairs(tokenizer, count: int, min_len: int, max_len: int):
             }
             tok = tokenize_pair(tokenizer, row, max_length=4096)
             if all(min_len <= len(r) <= max_len for r in (tok.chosen_ids, tok.rejected_ids)):
-                items.append((row["pair_id"], tok))
+                items.append((row["pair_id"], tok, row) if with_rows else (row["pair_id"], tok))
             if len(items) == count:
                 break
     return items
@@ -219,11 +244,208 @@ def perturb_(model, scale: float, seed: int) -> None:
             p.add_(noise * (scale * p.float().std()).to(p.dtype))
 
 
+# --- whole processes (--end-to-end) ----------------------------------------------------
+
+PHASES = ("load", "tokenize", "masks", "forward", "head", "write")
+
+
+class Phases:
+    """Seconds spent inside wrapped functions, by phase; nested calls count once (the outermost)."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.active = None
+
+    def wrap(self, phase: str, fn):
+        @functools.wraps(fn)
+        def timed_call(*args, **kwargs):
+            if self.active is not None:
+                return fn(*args, **kwargs)
+            self.active, t0 = phase, time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[phase] += time.perf_counter() - t0
+                self.active = None
+        return timed_call
+
+    def body_in_head(self, fn):
+        """The body called inside the head's timer: its time moves from head to forward."""
+        @functools.wraps(fn)
+        def timed_call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                self.seconds["forward"] += dt
+                self.seconds["head"] -= dt
+        return timed_call
+
+
+def ours_process(spec: dict) -> dict:
+    """``lldm-dpo score-ref`` through the CLI's own entry point, its phases timed by wrapping what it calls."""
+    import pyarrow.parquet as pq
+
+    import pipeline.models.llada as llada
+    import pipeline.models.scoring as scoring
+    import pipeline.numerics as numerics
+    import stages.score_ref as score_ref
+    from stages import cli
+
+    ph = Phases()
+    numerics.load = ph.wrap("load", numerics.load)
+    if hasattr(score_ref, "load"):  # a checkout (--code) that imports it by name
+        score_ref.load = ph.wrap("load", score_ref.load)
+    score_ref.tokenize_pair = ph.wrap("tokenize", score_ref.tokenize_pair)
+    score_ref.masked_request = ph.wrap("masks", score_ref.masked_request)
+    score_ref.mask_seed = ph.wrap("masks", score_ref.mask_seed)
+    scoring.MaskedRowScorer.forward = ph.wrap("head", scoring.MaskedRowScorer.forward)
+    llada.LLaDAModelLM.final_hidden = ph.body_in_head(llada.LLaDAModelLM.final_hidden)
+    pq.write_table = ph.wrap("write", pq.write_table)
+    score_ref.write_json_atomic = ph.wrap("write", score_ref.write_json_atomic)
+    score_ref._totals = ph.wrap("write", score_ref._totals)
+    sys.argv = ["lldm-dpo", "score-ref", spec["pairs_file"], "--model", spec["model"], "--out", spec["out"],
+                "--samples", str(spec["samples"]), "--batch-tokens", str(spec["batch_tokens"]), "--no-progress",
+                "--json"]
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            cli.main()
+        except SystemExit as exc:  # Typer's standalone mode exits; only a failure is one
+            if exc.code not in (0, None):
+                raise
+    return ph.seconds
+
+
+def llada_process(spec: dict) -> dict:
+    """LLaDA's per-pair procedure as its own program: load the folder, tokenize as score-ref does, score every
+    response with ``llada_log_likelihood``, write the terms."""
+    import pyarrow.ipc as ipc
+
+    import pipeline.models.llada as llada
+    from pipeline.models import load_model
+    from pipeline.prompts import resolve_chat_template
+    from pipeline.tokenize import tokenize_pair
+
+    ph = Phases()
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(spec["model"], dtype="float32", device="cpu")
+    model.eval()
+    ph.seconds["load"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with ipc.open_file(spec["pairs_file"]) as reader:
+        rows = reader.read_all().to_pylist()
+    template = resolve_chat_template(tokenizer, None)
+    toks = [tokenize_pair(tokenizer, row, 1024, use_chat_template=template) for row in rows]
+    ph.seconds["tokenize"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    body = llada.LLaDAModelLM.final_hidden
+    llada.LLaDAModelLM.final_hidden = ph.wrap("forward", body)
+    gen = torch.Generator().manual_seed(spec["seed"])
+    out = {}
+    for row, tok in zip(rows, toks):
+        for side, resp in (("chosen", tok.chosen_ids), ("rejected", tok.rejected_ids)):
+            _, terms = llada_log_likelihood(model, tok.prompt_ids, resp, spec["samples"], spec["samples"],
+                                            model.config.mask_token_id, gen)
+            out[f"{row['pair_id']}/{side}"] = terms.tolist()
+    # the rest of the loop: the head on every position, its cross-entropy, and the mask draws
+    ph.seconds["head"] += time.perf_counter() - t0 - ph.seconds["forward"]
+    t0 = time.perf_counter()
+    Path(spec["out"]).write_text(json.dumps(out))
+    ph.seconds["write"] += time.perf_counter() - t0
+    return ph.seconds
+
+
+def run_process(kind: str, spec: dict, code: Path = REPO) -> dict:
+    """One whole process (interpreter start included) on ``code``'s package; its wall time and phases."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(spec)], cwd=code, env=env,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"error: {kind} process failed:\n{proc.stderr[-3000:]}")
+    return {"wall": wall, "phases": json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def end_to_end(args, argv) -> int:
+    import shutil
+
+    from stages.ingest import IngestConfig
+    from stages.ingest import run as ingest
+
+    dtype = DTYPES[args.dtype]
+    tokenizer = preset_tokenizer(args.preset)
+    with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
+        tmp = Path(tmp)
+        items = load_pairs(tokenizer, args.pairs, args.min_len, args.max_len, with_rows=True)
+        jsonl = tmp / "pairs.jsonl"
+        jsonl.write_text("".join(json.dumps({k: row[f"{k}_messages"][0]["content"] for k in
+                                             ("prompt", "chosen", "rejected")}) + "\n" for _, _, row in items))
+        ingest(IngestConfig(inputs=[str(jsonl)], out=str(tmp / "pairs.arrow"), progress=False))
+        model = build_model(args.preset, args.vocab_size, "cpu", dtype)
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        cfg = model.config
+        params = sum(p.numel() for p in model.parameters())
+        del model
+        spec = {"pairs_file": str(tmp / "pairs.arrow"), "model": str(tmp / "model"), "samples": args.samples,
+                "batch_tokens": args.batch_tokens or 16384, "seed": args.seed}
+        load0 = os.getloadavg()[0]
+        targets = {"ours": ("ours", REPO), "llada": ("llada", REPO)}
+        if args.code is not None:
+            targets["before"] = ("ours", args.code.resolve())
+        runs: dict[str, list[dict]] = {name: [] for name in targets}
+        for r in range(args.repeats):  # interleaved: load drift falls on every process alike
+            for name, (kind, code) in targets.items():
+                out = tmp / f"{name}-{r}"
+                runs[name].append(run_process(kind, {**spec, "out": str(out) + (".json" if kind == "llada" else "")},
+                                              code))
+                shutil.rmtree(out, ignore_errors=True)
+        load1 = os.getloadavg()[0]
+    peak = matmul_flops("cpu", torch.float32)
+    best = {k: min(v, key=lambda x: x["wall"]) for k, v in runs.items()}
+    resp = [len(r) for _, t, _ in items for r in (t.chosen_ids, t.rejected_ids)]
+    lines = [f"end to end: model folder (preset {args.preset} body, d_model {cfg.d_model}, {cfg.n_layers} layers, "
+             f"vocab {cfg.padded_vocab_size}, {params / 1e6:.1f}M parameters, {args.dtype}); {len(items)} GSM8K pairs "
+             f"x 2 sides x n = {args.samples}, responses {min(resp)}-{max(resp)} tokens; whole processes on the CPU "
+             f"({torch.get_num_threads()} threads), best of {args.repeats} interleaved; load average {load0:.1f} at "
+             f"start, {load1:.1f} at end; fp32 matmul {peak / 1e9:.1f} GFLOP/s",
+             f"{'':24s} {'wall':>7s}  " + "  ".join(f"{p:>8s}" for p in PHASES) + "  rest (start-up, imports, checks)"]
+    names = {"ours": "lldm-dpo score-ref", "llada": "LLaDA per-pair process", "before": "score-ref of --code"}
+    for kind, name in names.items():
+        if kind not in best:
+            continue
+        b = best[kind]
+        rest = b["wall"] - sum(b["phases"].values())
+        lines.append(f"{name:24s} {b['wall']:6.2f}s  " + "  ".join(f"{b['phases'][p]:7.2f}s" for p in PHASES)
+                     + f"  {rest:7.2f}s")
+    walls = {k: ", ".join(f"{x['wall']:.1f}" for x in v) for k, v in runs.items()}
+    lines.append(f"speed ratio (LLaDA process / score-ref process, wall): "
+                 f"x{best['llada']['wall'] / best['ours']['wall']:.2f}  (every wall: ours {walls['ours']} s; "
+                 f"LLaDA {walls['llada']} s)")
+    if "before" in best:
+        lines.append(f"--code {args.code}: LLaDA process / its score-ref process x"
+                     f"{best['llada']['wall'] / best['before']['wall']:.2f} (every wall {walls['before']} s)")
+    print("\n".join(lines), flush=True)
+    if not args.no_record:
+        from results import record
+
+        record("score.py", list(argv if argv is not None else sys.argv[1:]), lines)
+    return 0
+
+
 # --- main --------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.worker:
+        kind, spec = args.worker[0], json.loads(args.worker[1])
+        print(json.dumps(ours_process(spec) if kind == "ours" else llada_process(spec)))
+        return 0
+    if args.end_to_end:
+        return end_to_end(args, argv)
     dtype = DTYPES[args.dtype]
     device = args.device
     is_cuda = torch.device(device).type == "cuda"

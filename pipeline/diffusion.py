@@ -33,7 +33,9 @@ import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
+from pipeline.lazy import deferred
+
+torch = deferred("torch")  # score-ref's config reads SCHEMES: its --help and flag errors skip torch
 
 SCHEMES = ("l_over_L", "one_over_t")
 _MASK63 = (1 << 63) - 1
@@ -174,7 +176,8 @@ def forward_calls(requests: Sequence[ScoreRequest], batch_tokens: int | None) ->
 
 
 def elbo_terms(model, requests: Sequence[ScoreRequest], *, mask_token_id: int, pad_token_id: int,
-               batch_tokens: int | None = None, chunk_size: int = 4096) -> list[torch.Tensor]:
+               batch_tokens: int | None = None, chunk_size: int = 4096,
+               wanted: Sequence[bool] | None = None) -> list[torch.Tensor | None]:
     """Per request, the n terms weight_k * sum_{masked i} log p(y_i | prompt, masked response).
 
     Every (request, sample) row with a non-empty mask is laid out as prompt +
@@ -185,6 +188,11 @@ def elbo_terms(model, requests: Sequence[ScoreRequest], *, mask_token_id: int, p
     ``model`` may be that scorer already, wrapped by DDP or FSDP). Per-row sums are taken in float64 in a
     fixed order, so a request's terms do not depend on what it is batched with.
     Returns float64 tensors on the model's device; differentiable when grad is enabled.
+
+    ``wanted`` (one flag per request) runs only the planned batches that hold a row of a wanted request, the
+    plan made over all ``requests`` as without it: those batches are the very inputs the full pass feeds the
+    model, so a wanted request's terms are the full pass's, bit for bit, at the cost of its own batches. An
+    unwanted request's entry is None.
     """
     # Imported on use: the models package is heavy and this module stays importable without it.
     from pipeline.models.scoring import as_row_scorer
@@ -201,7 +209,10 @@ def elbo_terms(model, requests: Sequence[ScoreRequest], *, mask_token_id: int, p
 
     row_ids: list[torch.Tensor] = []
     row_sums: list[torch.Tensor] = []
-    for batch in plan_batches(lengths, batch_tokens):
+    batches = plan_batches(lengths, batch_tokens)
+    if wanted is not None:
+        batches = [batch for batch in batches if any(wanted[rows[i][0]] for i in batch)]
+    for batch in batches:
         width = max(lengths[i] for i in batch)
         input_ids = torch.full((len(batch), width), int(pad_token_id), dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -233,4 +244,4 @@ def elbo_terms(model, requests: Sequence[ScoreRequest], *, mask_token_id: int, p
         dest = torch.as_tensor(flat_index, dtype=torch.long)[order].to(device)
         flat = flat.index_copy(0, dest, src)
     return [req.weights.to(device=device, dtype=torch.float64) * flat[offsets[r]:offsets[r + 1]]
-            for r, req in enumerate(requests)]
+            if wanted is None or wanted[r] else None for r, req in enumerate(requests)]

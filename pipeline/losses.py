@@ -28,10 +28,11 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-import torch.nn.functional as F
-
 from pipeline.errors import ConfigError
+from pipeline.lazy import deferred
+
+torch = deferred("torch")  # the configs read LOSS_TYPES; the CLI's help and flag errors skip torch
+F = deferred("torch.nn.functional")
 
 
 def sigmoid_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, ls: float) -> torch.Tensor:

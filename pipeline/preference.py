@@ -94,9 +94,10 @@ def cache_layout_sums(
     sft_weight: float = 0.0,
     draw: int = 0,
 ) -> tuple[torch.Tensor, float]:
-    """``heldout_sums`` of the rows ``keep`` selects, scored in the cache's own batch layout: each whole part
-    as score-ref scored it (pipeline.replay.rescore_part_draws: the same requests, order and ``batch_tokens``,
-    the cache's), the policy's mean of ``draw``'s terms taken as the cached reference's is. The cache's model
+    """``heldout_sums`` of the rows ``keep`` selects, scored in the cache's own batch layout: each part's batches
+    as score-ref planned them (pipeline.replay.rescore_part_draws: the same requests, order and ``batch_tokens``,
+    the cache's), only those that hold a kept row's requests of ``draw`` run, the policy's mean of ``draw``'s
+    terms taken as the cached reference's is. The cache's model
     in the cache's numerics therefore reproduces the reference exactly (accuracy 0.5, margins 0) in any dtype,
     where a pass in train's batches differs by the padding and shapes. Also returns the largest
     |B_pi(y) - B_ref(y)| (nats) over the kept responses (train's ref/gap_max)."""
@@ -108,7 +109,7 @@ def cache_layout_sums(
             continue
         with autocast():
             per = rescore_part_draws(model, tokenizer, rows, fingerprint, batch_tokens=batch_tokens,
-                                     autocast=contextlib.nullcontext())
+                                     autocast=contextlib.nullcontext(), only_rows=kept, draw=draw)
         chunk = [rows[i] for i in kept]
         pi_c = torch.tensor([_mean(per[i]["chosen"][draw]) for i in kept], dtype=torch.float64)
         pi_r = torch.tensor([_mean(per[i]["rejected"][draw]) for i in kept], dtype=torch.float64)

@@ -58,21 +58,23 @@ def part_requests(rows: list[dict], fingerprint: dict[str, Any]) -> tuple[list, 
     return [cached_request(rows[i], side, draw, fingerprint) for i, side, draw in keys], [k[:2] for k in keys]
 
 
-def elbo_pass(model, tokenizer, requests: list, *, batch_tokens: int, autocast) -> list[torch.Tensor]:
-    """One no-grad ``elbo_terms`` pass over ``requests`` under ``autocast``, with the tokenizer's mask and pad ids."""
+def elbo_pass(model, tokenizer, requests: list, *, batch_tokens: int, autocast, wanted=None) -> list:
+    """One no-grad ``elbo_terms`` pass over ``requests`` under ``autocast``, with the tokenizer's mask and pad ids
+    (``wanted``: only the batches of those requests, the others' entries None)."""
     with torch.no_grad(), autocast:
         return diffusion.elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
-                                    pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens)
+                                    pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens,
+                                    **({} if wanted is None else {"wanted": wanted}))
 
 
 def terms_by_row(model, tokenizer, requests: list, layout: list[tuple[int, str]], rows: int, *, batch_tokens: int,
-                 autocast) -> list[dict[str, list[list[float]]]]:
+                 autocast, wanted=None) -> list[dict[str, list[list[float]]]]:
     """``elbo_pass`` over ``requests`` (laid out as ``layout``'s (row, side), score-ref's order); for each of the
-    ``rows`` {"chosen", "rejected"} -> one list of float64 terms per draw."""
-    terms = elbo_pass(model, tokenizer, requests, batch_tokens=batch_tokens, autocast=autocast)
+    ``rows`` {"chosen", "rejected"} -> one list of float64 terms per draw (None for a request not ``wanted``)."""
+    terms = elbo_pass(model, tokenizer, requests, batch_tokens=batch_tokens, autocast=autocast, wanted=wanted)
     values: list[dict[str, list[list[float]]]] = [{side: [] for side in SIDES} for _ in range(rows)]
     for (i, side), t in zip(layout, terms):
-        values[i][side].append(t.double().cpu().tolist())
+        values[i][side].append(None if t is None else t.double().cpu().tolist())
     return values
 
 
@@ -92,11 +94,19 @@ def rescore_part(model, tokenizer, rows: list[dict], fingerprint: dict[str, Any]
 
 
 def rescore_part_draws(model, tokenizer, rows: list[dict], fingerprint: dict[str, Any], *, batch_tokens: int,
-                       autocast) -> list[dict[str, list[list[float]]]]:
+                       autocast, only_rows=None, draw: int | None = None) -> list[dict[str, list[list[float]]]]:
     """``rescore_part``'s pass, kept per draw: for each row {"chosen", "rejected"} -> one list of float64 terms
-    per draw, as score-ref wrote ``ref_{side}_terms`` (so the cache's model gives the cached lists exactly)."""
-    return terms_by_row(model, tokenizer, *part_requests(rows, fingerprint), len(rows), batch_tokens=batch_tokens,
-                        autocast=autocast)
+    per draw, as score-ref wrote ``ref_{side}_terms`` (so the cache's model gives the cached lists exactly).
+    ``only_rows`` (row indices) and ``draw``: only the forward batches that hold those rows' requests of that
+    draw run (the part's batch plan unchanged, so their terms are the full pass's); the others' lists are None."""
+    requests, layout = part_requests(rows, fingerprint)
+    wanted = None
+    if only_rows is not None or draw is not None:
+        keep = set(range(len(rows)) if only_rows is None else only_rows)
+        draws = fingerprint["draws"]
+        wanted = [i in keep and (draw is None or k % draws == draw) for k, (i, _) in enumerate(layout)]
+    return terms_by_row(model, tokenizer, requests, layout, len(rows), batch_tokens=batch_tokens, autocast=autocast,
+                        wanted=wanted)
 
 
 def cache_part_paths(cache, *, split: str | None = None, pair_ids=None) -> list:

@@ -25,7 +25,6 @@ from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from pipeline import __version__
 from pipeline.atomic import (
@@ -52,15 +51,18 @@ from pipeline.config import check_device, check_ranges, config_to_dict, require_
 from pipeline.devices import DTYPE_NAMES, PRECISION_NAMES, process_state, resolve_device
 from pipeline.diffusion import SCHEMES, forward_batches, mask_seed, masked_request
 from pipeline.errors import CacheMismatch, ConfigError, UserError
+from pipeline.lazy import deferred
 from pipeline.lock import output_lock
-from pipeline.numerics import Numerics, autocast, load
 from pipeline.pairsfile import pairs_sha256, read_pairs
 from pipeline.progress import progress_bar
 from pipeline.prompts import PROMPT_RENDERER, resolve_chat_template
-from pipeline.replay import mean_of_draws, terms_by_row
 from pipeline.schemas import SCORES_MANIFEST, SCORES_SCHEMA, SIDES
 from pipeline.stagecli import print_summary, stage_command, summary_dict
 from pipeline.tokenize import tokenize_pair
+
+# torch and the modules on it (numerics, replay, models) load when the command runs: --help and a refused flag
+# need only ScoreRefConfig
+torch = deferred("torch")
 
 ESTIMATOR_VERSION = "elbo-masked-v1"
 """Bump when the estimator's arithmetic changes: old caches then no longer match."""
@@ -252,6 +254,9 @@ def _check_existing(out: Path, fingerprint: dict[str, Any], overwrite: bool, is_
 
 def score_part(model, tokenizer, rows: list[dict], cfg: ScoreRefConfig, stats: dict) -> pa.Table:
     """Score one part's pairs; returns its SCORES_SCHEMA table. Pure apart from the model call."""
+    from pipeline.numerics import autocast
+    from pipeline.replay import mean_of_draws, terms_by_row
+
     requests, layout, records = [], [], []
     for row in rows:
         tok = tokenize_pair(tokenizer, row, cfg.max_length, use_chat_template=cfg.chat_template, pad_to=cfg.pad_to,
@@ -324,6 +329,7 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
 
 def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
     from pipeline.models import model_identity, tokenizer_identity
+    from pipeline.numerics import Numerics, load
 
     start = time.perf_counter()
     state = process_state(cfg.device)
@@ -342,7 +348,8 @@ def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
     device = resolve_device(cfg.device)
     if cfg.mixed_precision == "fp16" and device.type != "cuda":
         raise UserError("--mixed-precision fp16 needs CUDA; use bf16 or no")
-    if cfg.plan:  # every pair planned at --max-length: the longest parts are scored first
+    if cfg.plan and device.type == "cuda":  # every pair planned at --max-length: the longest parts are scored first
+        # (the planner imports the trainer and peft: seconds a CPU run, which check_start never checks, skips)
         from pipeline.plan import Shape, check_start
 
         check_start("score-ref", cfg, Shape(cfg.samples, cfg.max_length, cfg.max_length // 4), device)

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from pipeline.stagecli import stage_command, summarize
 from pipeline.trainer.sft_config import SFTConfig
-from pipeline.trainer.sft_recipe import run
+
+
+def run(cfg: SFTConfig):
+    """``pipeline.trainer.sft_recipe.run``, imported when the command runs (torch, transformers, accelerate):
+    ``sft --help`` and a refused flag need only ``SFTConfig``."""
+    from pipeline.trainer.sft_recipe import run as recipe_run
+
+    return recipe_run(cfg)
 
 command = stage_command(SFTConfig, summarize("sft", run, main_process_only=True), positional={"data": True},
                         doc="Supervised fine-tuning with LLaDA's masked-diffusion objective.")

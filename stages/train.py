@@ -3,18 +3,38 @@
 The recipe lives in the library (pipeline/trainer/): ``DPORecipe.setup`` (cache, policy, optimizer, start check
 or resume), ``train`` (the loop) and ``save`` (the final model); this stage is its command. The names below are
 re-exported for the benches and callers that import them from here.
+
+The recipe (torch, transformers, accelerate) is imported when the command runs, not when it is parsed: ``train
+--help`` and a refused flag need only ``TrainConfig``.
 """
 
 from __future__ import annotations
 
 from pipeline.intervals import format_accuracy
-from pipeline.replay import PairBatch, replay_requests  # noqa: F401  (the batch type and its requests)
 from pipeline.stagecli import stage_command, summarize
-from pipeline.trainer.dpo_checks import epochs_needed, setup_policy  # noqa: F401
 from pipeline.trainer.dpo_config import TrainConfig
-from pipeline.trainer.dpo_recipe import run
-from pipeline.trainer.dpo_step import TrainContext, batch_loss, micro_step, policy_terms, reference_means  # noqa: F401
-from pipeline.training import check_run_outputs, fresh_accelerator, make_optimizer, micro_batch_rows  # noqa: F401
+
+
+def __getattr__(name: str):
+    """The re-exports, imported on first use."""
+    if name in ("PairBatch", "replay_requests"):  # the batch type and its requests
+        from pipeline import replay as module
+    elif name in ("epochs_needed", "setup_policy"):
+        from pipeline.trainer import dpo_checks as module
+    elif name in ("TrainContext", "batch_loss", "micro_step", "policy_terms", "reference_means"):
+        from pipeline.trainer import dpo_step as module
+    elif name in ("check_run_outputs", "fresh_accelerator", "make_optimizer", "micro_batch_rows"):
+        from pipeline import training as module
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(module, name)
+
+
+def run(cfg: TrainConfig):
+    """``pipeline.trainer.dpo_recipe.run``: setup, train, save under the run folder's lock."""
+    from pipeline.trainer.dpo_recipe import run as recipe_run
+
+    return recipe_run(cfg)
 
 
 def _intervals_as_text(data: dict) -> dict:

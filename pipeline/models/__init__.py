@@ -19,13 +19,12 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+from pipeline.lora_targets import LORA_TARGET_NAMES
 from pipeline.models.llada import LLaDAConfig, LLaDAModelLM
 from pipeline.models.loading import load_model, model_identity, tokenizer_identity
 from pipeline.models.presets import PRESETS, build_preset, preset_tokenizer
 from pipeline.models.scoring import MaskedRowScorer, score_tokens
 from pipeline.models.tokenizer import build_tokenizer
-
-LORA_TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
 
 
 def lora_target_modules(model_type: str, names: Sequence[str] = LORA_TARGET_NAMES) -> str | list[str]:

@@ -218,7 +218,8 @@ def _cache_layout_sums(ctx: TrainContext, loaders, keep, draw: int = 0):
 def start_check(ctx: TrainContext, cache, pair_ids: list[str]) -> tuple[float, dict[str, float]]:
     """Step 1's check of a policy that is the cache's model: ref/gap_max (largest |B_pi - B_ref|, nats) and
     step 1's rewards/... and logps/... statistics, from a no-grad pass over step 1's pairs (every process's)
-    in the cache's own batch layout (the whole parts that hold them, every draw, as score-ref scored them),
+    in the cache's own batch layout (of the parts that hold them, only the forward batches that hold their draw-0
+    requests, as score-ref ran them: the cost of those pairs, not of their parts),
     so the cache's model gives gap 0 and rewards/accuracies 0.5 exactly, in any dtype. Every process scores
     the same parts (the same calls under FSDP) and gets the same numbers."""
     wanted = set(pair_ids)

@@ -427,6 +427,36 @@ def test_batch_composition_invariance(model):
     assert torch.allclose(alone, torch.stack(naive), atol=1e-4, rtol=0)
 
 
+def test_wanted_requests_run_only_their_batches_and_get_the_full_pass_terms_bit_for_bit(model, monkeypatch):
+    """``wanted`` skips the planned batches that hold no wanted request's row; the batches it runs are the full
+    pass's own inputs, so a wanted request's terms equal the full pass's exactly (the start check's guarantee)."""
+    import pipeline.diffusion as diffusion
+
+    def req(plen, rlen, seed):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(2, VOCAB, (plen + rlen,), generator=g).tolist()
+        m = sample_masks(rlen, 4, seed=seed)
+        return ScoreRequest(ids[:plen], ids[plen:], m.masks, m.weights)
+
+    requests = [req(3 + i, 5 + 2 * i, i) for i in range(6)]
+    batched = []
+    real_plan = diffusion.plan_batches
+    monkeypatch.setattr(diffusion, "plan_batches", lambda *a: batched.append(real_plan(*a)) or batched[-1])
+    kw = dict(mask_token_id=MASK_ID, pad_token_id=PAD_ID, batch_tokens=40)
+    calls = []
+    scorer = scoring.MaskedRowScorer(model)
+    monkeypatch.setattr(scoring, "as_row_scorer", lambda m, c: lambda *a: calls.append(a[0].shape) or scorer(*a))
+    with torch.no_grad():
+        full = elbo_terms(model, requests, **kw)
+        n_full = len(calls)
+        wanted = [False, False, True, False, False, False]
+        some = elbo_terms(model, requests, **kw, wanted=wanted)
+    assert batched[0] == batched[1] and n_full == len(batched[0]) > 2
+    assert 0 < len(calls) - n_full < n_full  # only the batches holding request 2's rows
+    assert torch.equal(some[2], full[2])
+    assert all(t is None for i, t in enumerate(some) if not wanted[i])
+
+
 def test_plan_batches_respects_the_token_budget():
     lengths = [5, 17, 3, 17, 9, 40, 1]
     for budget in (1, 20, 34, 50, 1000, None):

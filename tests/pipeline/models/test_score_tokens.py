@@ -101,3 +101,29 @@ def test_goes_through_the_wrappers_forward(model):
     torch.testing.assert_close(got, ref, atol=0, rtol=0)
     out = model(ids, attention_mask=mask, hidden_only=True)
     assert out.logits is None and out.hidden_states.shape == (3, 14, 64)
+
+
+@pytest.mark.parametrize("workspace", [512 * 2, 1 << 26])
+def test_no_grad_head_in_reused_buffers_equals_the_grad_path(model, monkeypatch, workspace):
+    """Without grad on the CPU the head runs in two reused buffers (a chunk of rows of the 512-word vocabulary
+    at a time, here 2 rows or all 7); the values are the cross-entropy path's, bit for bit when the chunk holds
+    the same rows (a float32 matmul's bits may depend on how many rows one call holds), and the same on a rerun."""
+    import pipeline.models.scoring as scoring
+
+    ids, mask, index, targets = _inputs(2)
+    with torch.no_grad():
+        with torch.enable_grad():  # the grad path: cross_entropy on fresh logits
+            expected = score_tokens(model, ids, mask, index, targets).detach()
+        monkeypatch.setattr(scoring, "ROWS_PER_WORKSPACE", workspace)
+        calls = []
+        monkeypatch.setattr(scoring, "_scored_in_place",
+                            lambda *a, _f=scoring._scored_in_place: calls.append(1) or _f(*a))
+        got = score_tokens(model, ids, mask, index, targets)
+    assert calls, "the no-grad CPU float32 head did not take the reused-buffer path"
+    assert got.dtype == torch.float32
+    if workspace == 1 << 26:
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(score_tokens(model, ids, mask, index, targets), got)
