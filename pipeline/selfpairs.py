@@ -8,7 +8,8 @@ Pure pieces, no file output:
 * ``sample_seed``: the noise seed of sample j of a question, a function of
   (seed, question_id, j) alone, so a sample does not depend on the batch, the
   order of the file or an interruption;
-* ``grade``: the answer checker's verdict on one completion;
+* ``grade``: the answer checker's verdict on one completion; ``grade_sample``: a verifier's
+  (``pipeline.verifiers``: the answer, and the working where the verifier checks it);
 * ``pair_question``: the pairing policy on one question's graded samples;
 * ``DiffusionSampler``: LLaDA's sampler over (prompt, seed) items, batched.
 
@@ -35,7 +36,8 @@ from pipeline.readers import jsonl_objects
 SAMPLE_COLUMNS = {
     "question_id": "VARCHAR", "question_index": "BIGINT", "sample": "BIGINT", "prompt": "VARCHAR",
     "reference_answer": "VARCHAR", "completion": "VARCHAR", "completion_tokens": "BIGINT", "stopped": "BOOLEAN",
-    "extracted_answer": "VARCHAR", "correct": "BOOLEAN", "model": "VARCHAR", "model_sha256": "VARCHAR",
+    "extracted_answer": "VARCHAR", "correct": "BOOLEAN", "working_correct": "BOOLEAN", "grade_reason": "VARCHAR",
+    "model": "VARCHAR", "model_sha256": "VARCHAR",
     "seed": "BIGINT", "sample_seed": "BIGINT", "round": "BIGINT",
 }
 """Columns of a samples file (one JSON row per sample) with their SQL types: the ``samples`` view of ``query``."""
@@ -56,6 +58,8 @@ class Question:
     """Normalised numeric answer the samples are graded against."""
     solution: str
     """Reference solution text, chosen by the fallback when no sample is correct."""
+    answer_written: Any = None
+    """The reference answer as the file writes it (decides the ``auto`` answer format); None: ``reference_answer``."""
 
 
 @dataclass
@@ -114,7 +118,7 @@ def read_questions(path: str | Path, *, question_field: str | None = None, answe
                                 "question or answer")
             out.duplicates += 1
             continue
-        question = Question(len(out.questions), where, qid, prompt, answer, solution)
+        question = Question(len(out.questions), where, qid, prompt, answer, solution, row[answer_field])
         seen[qid] = question
         out.questions.append(question)
     if not out.questions:
@@ -136,6 +140,15 @@ def grade(completion: str, reference: str) -> tuple[str | None, bool]:
     rational comparison: ``pipeline.answers.same_number``)."""
     got = extract_answer(completion)
     return got, same_number(got, reference)
+
+
+def grade_sample(verifier, question: Question, completion: str) -> dict[str, Any]:
+    """A sample's grade fields under ``verifier`` (``pipeline.verifiers.get_verifier``): extracted_answer,
+    correct (the answer), working_correct (None where the verifier does not check working), grade_reason."""
+    written = question.reference_answer if question.answer_written is None else question.answer_written
+    g = verifier.grade(completion, question.reference_answer, question.prompt, reference_text=written)
+    return {"extracted_answer": g.answer, "correct": g.answer_correct, "working_correct": g.working_correct,
+            "grade_reason": g.reason}
 
 
 def identity_digest(identity: Any) -> str:
@@ -160,12 +173,15 @@ class QuestionOutcome:
     """Samples with no text (never paired: ingest would quarantine them)."""
     repeated: int = 0
     """Samples whose normalised text repeats an earlier sample's (dropped before pairing)."""
+    wrong_working: int = 0
+    """Distinct samples with the right answer over wrong working (the verifier's): neither chosen nor rejected."""
 
 
 def pair_question(question: Question, samples: Sequence[dict[str, Any]], policy: PairingPolicy) -> QuestionOutcome:
     """Pairs of one question from its graded samples (dicts with sample, completion, extracted_answer, correct).
 
-    Correct samples are chosen, wrong ones rejected. With C distinct correct
+    Correct samples are chosen, wrong ones rejected; a sample with the right answer whose working the
+    verifier found wrong (``working_correct`` False) is neither. With C distinct correct
     and W distinct wrong samples the candidates are the C * W combinations,
     taken diagonal by diagonal (correct i with wrong (i + d) mod W for d = 0,
     1, ...), so the first pairs use as many different samples as possible.
@@ -187,6 +203,9 @@ def pair_question(question: Question, samples: Sequence[dict[str, Any]], policy:
             outcome.repeated += 1
             continue
         seen.add(key)
+        if s["correct"] and s.get("working_correct") is False:
+            outcome.wrong_working += 1
+            continue
         (correct if s["correct"] else wrong).append(s)
 
     def row(chosen: dict | None, rejected: dict) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from pipeline.errors import UserError
 from pipeline.pairsfile import read_pairs
 from pipeline.prompts import encode_prompt, encode_text, messages_of, render_response
 from pipeline.readers import iter_records
-from pipeline.tokenize import truncate
+from pipeline.tokenize import pad_response, truncate
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,7 @@ def tokenize_example(tokenizer, prompt: Any, response: Any, *, max_length: int, 
         text, prompt_ids = response, encode_text(tokenizer, prompt)
     ids = encode_text(tokenizer, text)
     ids = ids if ids and ids[-1] == eos else ids + [eos]
-    if pad_to and len(ids) < pad_to:
-        ids = ids + [eos] * (pad_to - len(ids))
+    ids = pad_response(ids, pad_to, eos)
     prompt_ids, (ids,), truncated = truncate(prompt_ids, [ids], max_length, eos)
     return [int(t) for t in prompt_ids], [int(t) for t in ids], truncated
 

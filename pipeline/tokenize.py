@@ -18,6 +18,15 @@ separately, so the prompt ids are the same for chosen and rejected and equal
 ``encode_prompt``'s. Every response ends with the tokenizer's EOS (added
 unless already last).
 
+EOS padding (``pad_to``, 0 = off): a response shorter than ``pad_to`` tokens
+gets EOS tokens appended after its own EOS up to ``pad_to``, the padding part
+of the response (masked and scored like any response token), as LLaDA's SFT
+pads and as ``lldm-dpo sft --pad-response-to`` does (one function,
+``pad_response``): a response sampled with a generation length of ``pad_to``
+fills its tail with EOS, so scored this way it has the shape the model
+samples. Longer responses are left as they are. Padding comes before
+truncation.
+
 Truncation to ``max_length`` (prompt + the longer response must fit):
 1. drop prompt tokens from the LEFT (the end of the prompt, next to the
    response, matters most), keeping both responses whole;
@@ -76,6 +85,14 @@ def truncate(prompt_ids: list[int], responses: list[list[int]], max_length: int,
     return [], cut, True
 
 
+def pad_response(ids: list[int], pad_to: int, eos: int) -> list[int]:
+    """``ids`` (ending with EOS) with EOS appended up to ``pad_to`` tokens; unchanged when already that long
+    or ``pad_to`` is 0."""
+    if pad_to < 0:
+        raise ValueError(f"pad_response: pad_to must be >= 0, got {pad_to}")
+    return ids + [eos] * (pad_to - len(ids)) if len(ids) < pad_to else ids
+
+
 def _messages_or_text(row: dict, field: str):
     """The row's ``{field}_messages`` (validated) when it has them, else its ``field`` text."""
     value = row.get(f"{field}_messages")
@@ -84,7 +101,8 @@ def _messages_or_text(row: dict, field: str):
     return messages_of(value, f"{_where(row)}: field '{field}_messages'", sep=" ")
 
 
-def tokenize_pair(tokenizer, row: dict, max_length: int, use_chat_template: bool = True) -> TokenizedPair:
+def tokenize_pair(tokenizer, row: dict, max_length: int, use_chat_template: bool = True,
+                  pad_to: int = 0) -> TokenizedPair:
     """Token ids of a pairs-file row as they are scored (see the module docstring for the policy)."""
     if max_length < 1:
         raise ValueError(f"tokenize_pair: max_length must be >= 1, got {max_length}")
@@ -108,5 +126,6 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, use_chat_template: bool
     else:
         prompt_ids, chosen, rejected = (encode_text(tokenizer, _text(row, name)) for name in ("prompt", *SIDES))
     chosen, rejected = (ids if ids and ids[-1] == eos else ids + [eos] for ids in (chosen, rejected))
+    chosen, rejected = (pad_response(ids, pad_to, eos) for ids in (chosen, rejected))
     prompt_ids, (chosen, rejected), truncated = truncate(prompt_ids, [chosen, rejected], max_length, eos)
     return TokenizedPair(*([int(t) for t in ids] for ids in (prompt_ids, chosen, rejected)), truncated=truncated)

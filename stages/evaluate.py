@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.answers import extract_answer, is_correct, reference_answer
+from pipeline.answers import reference_answer
 from pipeline.atomic import atomic_path, check_replaceable, check_writable, remove_owned, write_json_atomic
 from pipeline.cache import check_reference_model, open_cache, read_part
 from pipeline.choices import read_choices
@@ -48,6 +48,7 @@ from pipeline.replay import PairBatch, elbo_pass, replay_requests, rescore_part,
 from pipeline.sampler import check_fast_settings
 from pipeline.schemas import SIDES
 from pipeline.stagecli import print_summary, stage_command, summary_dict
+from pipeline.verifiers import ANSWER_FORMATS, check_verifier_name, get_verifier
 
 TASK_RESULTS_SCHEMA = pa.schema([
     ("model", pa.string()),  # "before" or "after"
@@ -57,12 +58,15 @@ TASK_RESULTS_SCHEMA = pa.schema([
     ("completion", pa.string()),
     ("predicted", pa.string()),
     ("correct", pa.bool_()),
+    ("working_correct", pa.bool_()),  # null where the verifier does not check working
+    ("grade_reason", pa.string()),
 ])
 NORMALIZE = ("none", "length")
 FIGURE_LABELS = {
     "preference_accuracy": "preference accuracy",
     "elbo_accuracy": "ELBO accuracy (B(chosen) > B(rejected))",
     "task_accuracy": "task accuracy (generation)",
+    "working_accuracy": "task accuracy, answer and working right (the verifier's)",
     "choice_accuracy": "multiple-choice accuracy (option ELBO)",
 }
 """Display names of eval's figures in the console; other figures show their own key."""
@@ -86,6 +90,12 @@ class EvalConfig:
     """The starting model to compare against; default the cache's reference model; 'none' to skip."""
     benchmark: Optional[Path] = None
     """JSONL of {question, answer} for task accuracy (GSM8K '#### N' and 'A: N' answers understood)."""
+    verifier: str = "answer"
+    """How task answers are graded (pipeline/verifiers.py): answer, arithmetic (also checks each `a op b = c`
+    line of the working and reports the share of correct answers whose working is right) or math-verify."""
+    answer_format: str = "auto"
+    """Where a completion's answer is read: #### (strict), any (also \\boxed, A:, 'the answer is', the last
+    number) or auto (#### where the reference is a bare number or a #### solution, else any)."""
     choices: Optional[Path] = None
     """JSONL of {question, options, answer (index)} for multiple-choice accuracy by ELBO."""
     out: Path = Path("runs/dpo")
@@ -169,6 +179,8 @@ class EvalConfig:
         if self.mixed_precision is not None:
             require_choice("mixed_precision", self.mixed_precision, PRECISION_NAMES)
         require_choice("normalize", self.normalize, NORMALIZE)
+        check_verifier_name(self.verifier)
+        require_choice("answer_format", self.answer_format, ANSWER_FORMATS)
         if self.gen_length % self.block_length:
             raise ConfigError(f"gen_length ({self.gen_length}) must be a multiple of block_length ({self.block_length})")
         config_error(check_fast_settings, self.cache, self.threshold, "low_confidence")
@@ -183,6 +195,11 @@ class EvalResult:
     elbo_accuracy: dict[str, float] = field(default_factory=dict)
     mean_margin: dict[str, float] = field(default_factory=dict)
     task_accuracy: dict[str, float] = field(default_factory=dict)
+    working_accuracy: dict[str, float] = field(default_factory=dict)
+    """With a verifier that checks working: the share of questions whose answer and working are both right."""
+    working_share: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """With a verifier that checks working: per model {correct, right_working, share}: of the correct answers,
+    how many have right working."""
     choice_accuracy: dict[str, float] = field(default_factory=dict)
     intervals: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per accuracy-like figure: {"before"/"after": {value, count, n, low, high (95% Wilson)}, "difference":
@@ -325,13 +342,26 @@ def task_accuracy(model, tokenizer, items: list[dict], cfg: EvalConfig, label: s
     done = complete(model, tokenizer, prompts, gen_length=cfg.gen_length, block_length=cfg.block_length,
                     steps=cfg.steps, seed=cfg.seed, chat_template=chat_template, batch_size=cfg.batch_size,
                     cache=cfg.cache, threshold=cfg.threshold)
+    verifier = get_verifier(cfg.verifier, cfg.answer_format)
     rows = []
     for i, (it, out) in enumerate(zip(items, done)):
         ref = reference_answer(it["answer"])
+        g = verifier.grade(out["completion"], ref, it["question"], reference_text=it["answer"])
         rows.append({"model": label, "index": i, "question": it["question"], "reference": str(ref),
-                     "completion": out["completion"], "predicted": extract_answer(out["completion"]),
-                     "correct": bool(is_correct(out["completion"], it["answer"]))})
+                     "completion": out["completion"], "predicted": g.answer, "correct": bool(g.answer_correct),
+                     "working_correct": g.working_correct, "grade_reason": g.reason})
     return sum(r["correct"] for r in rows) / max(1, len(rows)), rows
+
+
+def working_figures(rows: list[dict]) -> tuple[list[int], dict[str, Any]] | None:
+    """Per question 1 when answer and working are right (else 0), and {correct, right_working, share}: of the
+    correct answers, how many have right working; None when the verifier does not check working."""
+    if not rows or any(r["working_correct"] is None for r in rows):
+        return None
+    both = [int(r["correct"] and r["working_correct"]) for r in rows]
+    correct = sum(r["correct"] for r in rows)
+    return both, {"correct": correct, "right_working": sum(both),
+                  "share": sum(both) / correct if correct else float("nan")}
 
 
 def choice_requests(tokenizer, item: dict, index: int, *, samples: int, seed: int, chat_template: bool,
@@ -446,6 +476,11 @@ def _run(cfg: EvalConfig) -> EvalResult:
             report.setdefault("task_accuracy", {})[label] = acc
             task_rows += rows
             credits.setdefault("task_accuracy", {})[label] = [r["correct"] for r in rows]
+            working = working_figures(rows)
+            if working is not None:
+                report.setdefault("working_accuracy", {})[label] = sum(working[0]) / len(working[0])
+                report.setdefault("working_share", {})[label] = working[1]
+                credits.setdefault("working_accuracy", {})[label] = working[0]
         if mc:
             seeds = [cfg.seed + j for j in range(cfg.mc_seeds)]
             with autocast(device, numerics.mixed_precision):
@@ -482,6 +517,7 @@ def _run(cfg: EvalConfig) -> EvalResult:
     if bench:  # what produced task_accuracy: compare evals by it
         report["sampler"] = {"gen_length": cfg.gen_length, "block_length": cfg.block_length, "steps": cfg.steps,
                              "cache": cfg.cache, "threshold": cfg.threshold}
+        report["grading"] = {"verifier": cfg.verifier, "answer_format": cfg.answer_format}
     report["counts"] = {"pairs": len(pair_rows), "task_items": len(bench), "choice_items": len(mc)}
     report = {k: v for k, v in report.items() if v != {}}
     cfg.out.mkdir(parents=True, exist_ok=True)

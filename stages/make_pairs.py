@@ -2,9 +2,14 @@
 
 Input: JSONL of {question, answer} records (GSM8K answers, ``A: N`` solutions
 or bare numbers). For each question the model draws ``num_generations``
-solutions with LLaDA's sampler; each is graded against the reference answer;
-correct samples are chosen and wrong ones rejected (``pipeline.selfpairs``
-holds the pairing policy). Outputs, beside each other:
+solutions with LLaDA's sampler; each is graded against the reference answer
+by the ``verifier`` (``pipeline.verifiers``: ``answer``, ``arithmetic`` which
+also checks each ``a op b = c`` line of the working, ``math-verify``) under
+the ``answer_format`` (``auto``: strict ``#### N`` where the reference is a
+bare number or a ``####`` solution, no last-number fallback); samples with the
+right answer (and right working, where the verifier checks it) are chosen and
+wrong answers rejected (``pipeline.selfpairs`` holds the pairing policy).
+Outputs, beside each other:
 
 * ``OUT`` (JSONL): TRL standard-format pairs ``prompt``, ``chosen``,
   ``rejected`` with provenance columns ``question_id``, ``chosen_from``
@@ -13,7 +18,8 @@ holds the pairing policy). Outputs, beside each other:
   ``model_sha256``, ``seed``, ``round``: ready for ``lldm-dpo ingest``
   (``--keep-field`` to carry provenance into the pairs file);
 * ``OUT stem.samples.jsonl``: one row per sample (completion, extracted
-  answer, correct, sample seed...), the ``samples`` view of ``lldm-dpo query``.
+  answer, correct, working_correct, grade_reason, sample seed...), the
+  ``samples`` view of ``lldm-dpo query``.
 
 Samples stream to ``SAMPLES.partial`` after every batch (fsync'd). A rerun
 reuses finished samples whose model content identity
@@ -21,8 +27,8 @@ reuses finished samples whose model content identity
 match, and samples only the rest; anything else that differs is an error
 naming it. Each sample's noise is seeded by (seed, question_id, sample index)
 alone, so a resumed run gives what an uninterrupted one would. The pairs are
-a pure function of the samples and the pairing flags: changing only those
-re-pairs without sampling.
+a pure function of the samples and the pairing and grading flags: changing
+only those regrades and re-pairs without sampling.
 """
 
 from __future__ import annotations
@@ -56,13 +62,14 @@ from pipeline.selfpairs import (
     PairingPolicy,
     Question,
     SampleItem,
-    grade,
+    grade_sample,
     identity_digest,
     pair_question,
     read_questions,
     sample_seed,
 )
 from pipeline.stagecli import print_summary, stage_command, summary_dict
+from pipeline.verifiers import ANSWER_FORMATS, check_verifier_name, get_verifier
 
 RANGES = {"num_generations": "[1, inf)", "pairs_per_question": "[1, inf)", **SAMPLING_RANGES, "round": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
@@ -90,6 +97,14 @@ class MakePairsConfig:
     """Most pairs made from one question's samples."""
     reference_solution_fallback: bool = False
     """When no sample of a question is correct, pair the reference solution (chosen) with wrong samples instead of skipping it."""
+    verifier: str = "answer"
+    """How a sample is graded (pipeline/verifiers.py): answer (the final answer), arithmetic (also each `a op b = c`
+    line of the working: a chosen sample must pass it, a rejected one has a wrong answer) or math-verify
+    (answer equivalence by the math-verify package)."""
+    answer_format: str = "auto"
+    """Where the answer is read: #### (strict: the number after the first ####, nothing else), any (also
+    \\boxed, A:, 'the answer is', the last number), auto (#### where the reference is a bare number or a ####
+    solution, else any)."""
     gen_length: int = 128
     """Tokens generated per sample."""
     block_length: int = 32
@@ -136,6 +151,9 @@ class MakePairsConfig:
                               "sample k times: set temperature > 0")
         require(bool(self.out), "out must be a path")
         require(bool(self.answer_field) and bool(self.id_field), "answer_field and id_field must be non-empty")
+        check_verifier_name(self.verifier)
+        require(self.answer_format in ANSWER_FORMATS,
+                f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {self.answer_format!r}")
 
     @property
     def samples_path(self) -> Path:
@@ -155,6 +173,9 @@ class MakePairsResult:
     resumed: int
     """Samples reused from an earlier (possibly interrupted) run."""
     correct_samples: int
+    """Samples with the right answer (whatever their working)."""
+    wrong_working_samples: int
+    """Distinct samples with the right answer over wrong working (the verifier's): never chosen."""
     empty_samples: int
     questions_all_correct: int
     questions_all_wrong: int
@@ -249,6 +270,7 @@ def _run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
     identity = sampler.identity if sampler is not None else model_identity(cfg.model)
     model_sha = identity_digest(identity)
     k = cfg.num_generations
+    verifier = get_verifier(cfg.verifier, cfg.answer_format)
     done = _read_done(samples_file, by_id, settings, model_sha, k, tolerate_tail=False)
     done.update(_read_done(partial, by_id, settings, model_sha, k, tolerate_tail=True))
     pending = [SampleItem(q, j, sample_seed(cfg.seed, q.question_id, j))
@@ -261,26 +283,30 @@ def _run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
         write_jsonl(partial, done.values())  # the partial file starts as the rows already done
         if pending:
             sampler = sampler if sampler is not None else _load_sampler(cfg, identity)
-            sample_seconds = _sample_into(cfg, sampler, pending, partial, settings, model_sha, sampled)
+            sample_seconds = _sample_into(cfg, sampler, pending, partial, settings, model_sha, sampled, verifier)
         rows = {**done, **{(r["question_id"], r["sample"]): r for r in sampled}}
         ordered = [rows[(q.question_id, j)] for q in questions for j in range(k)]
         for r in ordered:
             r["round"] = cfg.round
+        _regrade(ordered, by_id, verifier)
         write_jsonl(samples_file, ordered)
         partial.unlink(missing_ok=True)
     else:
         ordered = [done[(q.question_id, j)] for q in questions for j in range(k)]
+        if _regrade(ordered, by_id, verifier):  # graded by another verifier or format: the file follows
+            write_jsonl(samples_file, ordered)
 
     policy = PairingPolicy(cfg.pairs_per_question, cfg.reference_solution_fallback)
     provenance = {"model": cfg.model, "model_sha256": model_sha, "seed": cfg.seed, "round": cfg.round}
     counts = {"all_correct": 0, "all_wrong": 0, "mixed": 0}
     pairs: list[dict] = []
-    empty = with_pairs = repeats = 0
+    empty = with_pairs = repeats = wrong_working = 0
     seen: set[tuple[str, str, str]] = set()
     for i, q in enumerate(questions):
         outcome = pair_question(q, ordered[i * k : (i + 1) * k], policy)
         counts[outcome.kind] += 1
         empty += outcome.empty
+        wrong_working += outcome.wrong_working
         kept = []
         for p in outcome.pairs:
             # Two ids may hold the same question text: ingest would quarantine the repeated pair.
@@ -298,7 +324,7 @@ def _run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
     return MakePairsResult(
         out=str(out), samples_file=str(samples_file), questions=len(questions), duplicate_questions=qset.duplicates,
         samples=len(ordered), sampled_now=len(sampled), resumed=resumed, correct_samples=correct,
-        empty_samples=empty, questions_all_correct=counts["all_correct"], questions_all_wrong=counts["all_wrong"],
+        wrong_working_samples=wrong_working, empty_samples=empty, questions_all_correct=counts["all_correct"], questions_all_wrong=counts["all_wrong"],
         questions_mixed=counts["mixed"], questions_with_pairs=with_pairs, pairs=len(pairs),
         pairs_reference_chosen=sum(p["chosen_from"] == "reference" for p in pairs),
         sample_accuracy=round(correct / len(ordered), 4) if ordered else 0.0,
@@ -311,6 +337,18 @@ def _run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
     )
 
 
+def _regrade(rows: list[dict], by_id: dict[str, Question], verifier) -> bool:
+    """Grade every row with this run's verifier (samples reused from a run graded otherwise are regraded:
+    grading is cheap and decides the pairs); True when any row's grade changed."""
+    changed = False
+    for row in rows:
+        graded = grade_sample(verifier, by_id[row["question_id"]], row["completion"])
+        if any(row.get(key) != value for key, value in graded.items()):
+            row.update(graded)
+            changed = True
+    return changed
+
+
 def _load_sampler(cfg: MakePairsConfig, identity: Any):
     model, tokenizer = load_for_sampling(cfg)
     return DiffusionSampler(model, tokenizer, identity=identity, gen_length=cfg.gen_length,
@@ -320,7 +358,7 @@ def _load_sampler(cfg: MakePairsConfig, identity: Any):
 
 
 def _sample_into(cfg: MakePairsConfig, sampler, pending: list[SampleItem], partial: Path, settings: dict,
-                 model_sha: str, sink: list) -> float:
+                 model_sha: str, sink: list, verifier) -> float:
     sort_key = getattr(sampler, "sort_key", None)
     order = sorted(pending, key=sort_key) if sort_key else pending
     started = time.perf_counter()
@@ -331,13 +369,13 @@ def _sample_into(cfg: MakePairsConfig, sampler, pending: list[SampleItem], parti
             results = sampler(chunk)
             rows = []
             for item, res in zip(chunk, results):
-                extracted, correct = grade(res["completion"], item.question.reference_answer)
+                graded = grade_sample(verifier, item.question, res["completion"])
                 rows.append({
                     "question_id": item.question.question_id, "question_index": item.question.index,
                     "sample": item.sample, "prompt": item.question.prompt,
                     "reference_answer": item.question.reference_answer, "completion": res["completion"],
                     "completion_tokens": res["completion_tokens"], "stopped": res["stopped"],
-                    "extracted_answer": extracted, "correct": correct, "model": cfg.model,
+                    **graded, "model": cfg.model,
                     "model_sha256": model_sha, "seed": cfg.seed, "sample_seed": item.seed, "round": cfg.round,
                     "sampler": settings,
                 })

@@ -87,7 +87,14 @@ def round_configs(cfg, r: int, start_model: str, ref_model: str, has_eval_pairs:
           "out": d / "run", "model": str(d / "run" / "final"), "before": cfg.model if r == 1 else "none"}
     if rendering is not None:  # sampled, scored and evaluated under one prompt rendering
         mp["chat_template"] = score["chat_template"] = ev["chat_template"] = rendering
-    return load_stages(f"run config, round {r}", make_pairs=mp, ingest=ingest, score_ref=score, train=train, eval=ev)
+    configs = load_stages(f"run config, round {r}", make_pairs=mp, ingest=ingest, score_ref=score, train=train,
+                          eval=ev)
+    mp_cfg, score_cfg = configs[0], configs[2]
+    if score_cfg.pad_to and score_cfg.pad_to != mp_cfg.gen_length:  # 0: no padding, the user's choice
+        raise ConfigError(f"run --rounds: score_ref pad_to ({score_cfg.pad_to}) differs from make_pairs gen_length "
+                          f"({mp_cfg.gen_length}); the pairs are scored in the shape they were sampled in: set "
+                          "them equal (or pad_to: 0 for no padding)")
+    return configs
 
 
 def _chat_template(cfg):

@@ -66,7 +66,7 @@ ESTIMATOR_VERSION = "elbo-masked-v1"
 
 
 RANGES = {"samples": "[1, inf)", "draws": "[1, inf)", "seed": "[0, inf)", "eps": "(0, 1)", "max_length": "[1, inf)",
-          "batch_tokens": "[1, inf)", "pairs_per_part": "[1, inf)", "limit": "[0, inf)"}
+          "pad_to": "[0, inf)", "batch_tokens": "[1, inf)", "pairs_per_part": "[1, inf)", "limit": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
@@ -90,6 +90,10 @@ class ScoreRefConfig:
     """Lower bound of t for the one_over_t scheme."""
     max_length: int = 1024
     """Longest prompt + response in tokens; longer pairs are truncated (prompt first) and flagged."""
+    pad_to: int = 0
+    """Pad every response with EOS to this many tokens, the padding scored as response (as LLaDA's SFT pads and
+    ``lldm-dpo sft --pad-response-to`` does): set it to the generation length the responses were sampled with,
+    so they are scored and trained in the shape the model generates. 0 = no padding. In the fingerprint."""
     chat_template: Optional[bool] = None
     """Render prompts with the tokenizer's chat template (a text prompt as one user turn, a text response as the
     assistant's turn); false: raw text. Default: on when the tokenizer has a template. Recorded in the fingerprint."""
@@ -128,6 +132,8 @@ class ScoreRefConfig:
         require_choice("mixed_precision", self.mixed_precision, PRECISION_NAMES)
         if self.load_in_4bit and self.dtype == "float32":
             self.dtype = "bfloat16"  # the 4-bit base computes in bfloat16, as in train
+        if self.pad_to > self.max_length:
+            raise ConfigError(f"pad_to ({self.pad_to}) exceeds max_length ({self.max_length})")
         if self.load_in_4bit and self.dtype != "bfloat16":
             raise ConfigError(f"load_in_4bit computes in bfloat16, got dtype '{self.dtype}'")
 
@@ -157,6 +163,7 @@ def build_fingerprint(cfg: ScoreRefConfig, model_identity: Any, tokenizer_identi
         "chat_template": cfg.chat_template,
         "prompt_renderer": PROMPT_RENDERER,
         "max_length": cfg.max_length,
+        "pad_to": cfg.pad_to,
         "estimator": ESTIMATOR_VERSION,
         "scheme": cfg.scheme,
         "eps": cfg.eps if cfg.scheme == "one_over_t" else None,
@@ -224,7 +231,7 @@ def score_part(model, tokenizer, rows: list[dict], cfg: ScoreRefConfig, stats: d
     """Score one part's pairs; returns its SCORES_SCHEMA table. Pure apart from the model call."""
     requests, layout, records = [], [], []
     for row in rows:
-        tok = tokenize_pair(tokenizer, row, cfg.max_length, use_chat_template=cfg.chat_template)
+        tok = tokenize_pair(tokenizer, row, cfg.max_length, use_chat_template=cfg.chat_template, pad_to=cfg.pad_to)
         if not tok.prompt_ids and getattr(model, "logits_shift", False):
             raise UserError(f"pair {row['pair_id']}: truncation to --max-length {cfg.max_length} left no prompt "
                             "token, and this model predicts each token from the one before it; raise --max-length")
@@ -342,7 +349,7 @@ def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
     truncated = identical = 0
     for batch in table.to_batches(max_chunksize=1024):
         for row in batch.to_pylist():
-            tok = tokenize_pair(tokenizer, row, cfg.max_length, use_chat_template=cfg.chat_template)
+            tok = tokenize_pair(tokenizer, row, cfg.max_length, use_chat_template=cfg.chat_template, pad_to=cfg.pad_to)
             lengths.append(len(tok.prompt_ids) + max(len(tok.chosen_ids), len(tok.rejected_ids)))
             truncated += bool(tok.truncated)
             identical += tok.chosen_ids == tok.rejected_ids

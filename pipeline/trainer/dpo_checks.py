@@ -66,6 +66,9 @@ def check_cache_inputs(cfg: TrainConfig, cache):
     if cfg.max_length is not None and cfg.max_length != fp.get("max_length"):
         raise UserError(f"{cfg.scores}: max_length {cfg.max_length} differs from the cache's {fp.get('max_length')} "
                         "(sequences were truncated when scored; rescore with score-ref --max-length to change it)")
+    if cfg.pad_to is not None and cfg.pad_to != fp.get("pad_to", 0):
+        raise UserError(f"{cfg.scores}: pad_to {cfg.pad_to} differs from the cache's {fp.get('pad_to', 0)} "
+                        "(responses were EOS-padded when scored; rescore with score-ref --pad-to to change it)")
     # Read in slices: each process decodes only the row groups of its own micro-batches.
     # Truncation can make both responses the same ids: such a pair carries no preference, only noise.
     rows = cache.split_rows("train", skip_identical=True)

@@ -22,7 +22,7 @@ must equal the recorded config.yaml (the cache goes by its fingerprint digest in
 
 RANGES = {**args.RANGES, "beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "sft_weight": "[0, inf)",
           "sequence_microbatch": "[0, inf)", "batch_tokens": "[1, inf)", "gap_threshold": "[0, inf)",
-          "max_length": "[1, inf)", "eval_every": "[0, inf)"}
+          "max_length": "[1, inf)", "pad_to": "[0, inf)", "eval_every": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
@@ -90,6 +90,9 @@ class TrainConfig(TrainingArgs):
     """Token budget of one forward pass."""
     max_length: Optional[int] = None
     """Longest prompt + response (TRL's max_length). Truncation happens in score-ref: when set, it must equal the cache's."""
+    pad_to: Optional[int] = None
+    """The responses' EOS padding length (score-ref's pad_to; 0 = none). Padding happens in score-ref, and train
+    (DPO and NLL terms) scores the cached, padded ids: when set, it must equal the cache's."""
     eval_every: int = 0
     """Measure held-out preference metrics (eval/... : accuracy, margin, loss) on the cache's eval split every N
     steps (0 = never); one no-grad policy pass over the eval pairs on draw 0's cached masks."""

@@ -213,3 +213,33 @@ def test_fresh_masks_are_the_draws_past_the_cache_and_replay_is_the_cached_draw(
     replayed = cached_request(row, "chosen", 0, fp)
     assert replayed.masks.sum(dim=1).tolist() == list(row["chosen_mask_counts"][0])
     assert not torch.equal(replayed.masks, chosen.masks)
+
+
+def test_task_grading_under_a_verifier_reports_the_share_of_correct_answers_with_right_working(tmp_path, monkeypatch):
+    import stages.evaluate as evaluate
+
+    q = "Ava has 9 pens, gets 7 more and gives 5 away. How many are left?"
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps({"question": q, "answer": 11}) + "\n" for _ in range(4)))
+    scripted = ["9 + 7 = 16\n16 - 5 = 11\n#### 11",  # right answer, right working
+                "9 + 7 = 16\n15 - 5 = 113#### 11",  # right answer, wrong working
+                "9 + 7 = 17\n16 - 5 = 12\n#### 12",  # wrong answer
+                "9 + 7 = 16\n16 - 5 = 11"]  # no #### line: strict format (the reference is a bare number), no answer
+    monkeypatch.setattr(evaluate, "complete", lambda model, tok, prompts, **kw: [
+        {"completion": scripted[i % 4]} for i in range(len(prompts))])
+    cfg = EvalConfig(model="micro", scores=None, before="none", benchmark=bench, out=tmp_path / "run",
+                     verifier="arithmetic", device="cpu", train_sample=0)
+    result = run(cfg)
+    assert result.task_accuracy == {"after": 0.5} and result.working_accuracy == {"after": 0.25}
+    assert result.working_share == {"after": {"correct": 2, "right_working": 1, "share": 0.5}}
+    assert (result.intervals["working_accuracy"]["after"]["count"], result.intervals["working_accuracy"]["after"]["n"]) \
+        == (1, 4)
+    rows = pq.read_table(tmp_path / "run" / "task_results.parquet").to_pylist()
+    assert [r["working_correct"] for r in rows] == [True, False, False, False]
+    assert rows[1]["grade_reason"] == "line 2: 15 - 5 is 10, not 113" and rows[3]["predicted"] is None
+    data = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert data["grading"] == {"verifier": "arithmetic", "answer_format": "auto"}
+    # the answer-only verifier reports no working figures; the last-number fallback, asked for, credits item 4
+    plain = run(EvalConfig(model="micro", scores=None, before="none", benchmark=bench, out=tmp_path / "plain",
+                           answer_format="any", device="cpu", train_sample=0))
+    assert plain.task_accuracy == {"after": 0.75} and plain.working_share == {} and plain.working_accuracy == {}

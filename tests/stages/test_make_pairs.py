@@ -29,7 +29,8 @@ def config(tmp_path, **kw) -> MakePairsConfig:
     if not questions.exists():
         write_questions(questions)
     base = dict(questions=str(questions), model="stub", out=str(tmp_path / "pairs.jsonl"), num_generations=4,
-                pairs_per_question=2, batch_size=3, seed=5, round=2, progress=False)
+                pairs_per_question=2, batch_size=3, seed=5, round=2, progress=False,
+                answer_format="any")  # the stub's completions answer in every style
     return MakePairsConfig(**{**base, **kw})
 
 
@@ -228,3 +229,47 @@ def test_one_text_under_two_ids_never_gives_a_pair_ingest_would_refuse(tmp_path)
     assert res.questions == 2 and res.questions_mixed == 2 and res.pairs == 2 and res.repeated_pairs == 2
     ing = ingest(IngestConfig(inputs=[res.out], out=str(tmp_path / "p.arrow"), progress=False))
     assert ing.accepted == 2 and ing.quarantined == 0
+
+
+SKILL_Q = {"question": "Ava has 9 pens, gets 7 more and gives 5 away. How many are left?", "answer": 11}
+SKILL_SCRIPT = {SKILL_Q["question"]: [
+    "9 + 7 = 16\n15 - 5 = 113#### 11",  # right answer, wrong working (the chosen)
+    "9 + 7 = 17\n16 - 5 = 12\n#### 12",  # wrong answer (the rejected)
+    "9 + 7 = 16\n16 - 5 = 11\n#### 11",  # right answer, right working
+    "9 + 7 = 16\n16 - 5 = 11",  # no #### line: under the strict format no answer (no last-number fallback)
+]}
+
+
+def test_the_arithmetic_verifier_chooses_only_right_working_and_regrades_without_sampling(tmp_path):
+    write_questions(tmp_path / "questions.jsonl", [SKILL_Q])
+    stub = ScriptedSampler(SKILL_SCRIPT)
+    res = run(config(tmp_path, answer_format="auto", pairs_per_question=4), sampler=stub)
+    samples = rows(tmp_path / "pairs.samples.jsonl")
+    # the default answer verifier, strict #### (the reference is a bare number): samples 0 and 2 are correct
+    assert [s["correct"] for s in samples] == [True, False, True, False]
+    assert all(s["working_correct"] is None for s in samples)
+    assert (res.correct_samples, res.wrong_working_samples, res.pairs) == (2, 0, 4)
+    assert {(p["chosen_sample"], p["rejected_sample"]) for p in rows(tmp_path / "pairs.jsonl")} == {
+        (0, 1), (0, 3), (2, 1), (2, 3)}
+
+    calls = len(stub.calls)
+    res = run(config(tmp_path, answer_format="auto", pairs_per_question=4, verifier="arithmetic"), sampler=stub)
+    assert len(stub.calls) == calls and res.sampled_now == 0  # regraded, not resampled
+    samples = rows(tmp_path / "pairs.samples.jsonl")
+    assert [s["working_correct"] for s in samples] == [False, False, True, False]
+    assert samples[0]["grade_reason"] == "line 2: 15 - 5 is 10, not 113"
+    assert (res.correct_samples, res.wrong_working_samples, res.pairs) == (2, 1, 2)
+    pairs = rows(tmp_path / "pairs.jsonl")
+    # only sample 2 (right answer, right working) is chosen; sample 0 is neither chosen nor rejected
+    assert [(p["chosen_sample"], p["rejected_sample"]) for p in pairs] == [(2, 1), (2, 3)]
+
+    # the last-number fallback, asked for, credits sample 3 again
+    res = run(config(tmp_path, answer_format="any", pairs_per_question=4, verifier="arithmetic"), sampler=stub)
+    assert rows(tmp_path / "pairs.samples.jsonl")[3]["correct"] is True and res.pairs == 1
+
+
+def test_an_unknown_verifier_or_answer_format_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="verifier: unknown verifier 'exact'"):
+        config(tmp_path, verifier="exact")
+    with pytest.raises(ConfigError, match="answer_format must be one of auto, ####, any"):
+        config(tmp_path, answer_format="strict")

@@ -39,6 +39,10 @@ def test_embedded_default_resolves_and_validates_every_stage(tmp_path):
     assert not mp.reference_solution_fallback and mp.num_generations > 1
     assert train.loss == "sigmoid,sft" and train.sft_total_weight > 0  # the NLL term on the chosen response
     assert ev.before == "skill" and ev.limit_task == 0
+    assert score.pad_to == mp.gen_length > 0  # the pairs scored in the shape they were sampled in
+    other = merged_config(None, {"out": tmp_path / "z", "make_pairs": {"gen_length": 32, "block_length": 4}})
+    with pytest.raises(ConfigError, match=r"score_ref pad_to \(24\) differs from make_pairs gen_length \(32\)"):
+        round_configs(other, 1, other.model, other.model)
     assert len(Path(ev.benchmark).read_text().splitlines()) >= 1000
     assert yaml.safe_load(EMBEDDED_DEFAULT.read_text())["model"] == "skill"
     # the single pass still validates with the shipped pairs

@@ -23,7 +23,7 @@ SMALL = {
     "ingest": {"eval_fraction": 0.3},
     "make_pairs": {"num_generations": 2, "gen_length": 8, "block_length": 4, "steps": 4, "batch_size": 16,
                    "pairs_per_question": 1, "reference_solution_fallback": True, "limit": 0},
-    "score_ref": {"samples": 2, "max_length": 128, "limit": 0},
+    "score_ref": {"samples": 2, "max_length": 128, "limit": 0, "pad_to": 8},
     "train": {"max_steps": 2, "batch_size": 4, "save_every": 0},
     "eval": {"limit_task": 2, "gen_length": 8, "block_length": 4, "steps": 4, "batch_size": 2, "choices": None,
              "limit_choices": 0},

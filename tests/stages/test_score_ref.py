@@ -54,7 +54,7 @@ def test_cache_has_every_pair_with_schema_and_manifest(small_pairs, small_cache)
         assert row["ref_margin"] == pytest.approx(row["ref_chosen_elbo"] - row["ref_rejected_elbo"])
         assert all(v < 0 for v in flat)  # log-likelihood terms
     fp = cache.fingerprint
-    for key in ("model", "tokenizer", "samples", "draws", "seed", "max_length", "pairs_sha256", "dtype",
+    for key in ("model", "tokenizer", "samples", "draws", "seed", "max_length", "pad_to", "pairs_sha256", "dtype",
                 "estimator", "chat_template", "package_version"):
         assert key in fp
     assert cache.manifest["pairs"] == table.num_rows
@@ -94,7 +94,8 @@ def test_unchanged_rerun_does_no_work(small_pairs, small_cache, tmp_path):
 @pytest.mark.parametrize(
     "change, field",
     [({"samples": 4}, "samples"), ({"seed": 1}, "seed"), ({"max_length": 40}, "max_length"),
-     ({"draws": 1}, "draws"), ({"scheme": "one_over_t"}, "scheme"), ({"model": "tiny"}, "model")],
+     ({"draws": 1}, "draws"), ({"scheme": "one_over_t"}, "scheme"), ({"model": "tiny"}, "model"),
+     ({"pad_to": 16}, "pad_to")],
 )
 def test_changed_setting_is_refused_naming_the_field(small_pairs, small_cache, tmp_path, change, field):
     out = tmp_path / "copy"
