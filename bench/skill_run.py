@@ -128,34 +128,41 @@ def variant_flags(name: str, out: Path, sets: dict | None, tune: Path | None, se
     return flags
 
 
-def share_samples(flags: dict, out: Path, earlier: dict[tuple, Path]) -> None:
+def share_samples(flags: dict, out: Path, earlier: dict[tuple, Path], samples_from: Path | None = None) -> None:
     """Copy round 1's samples file of an earlier variant with the same sampling settings into this run's round 1
-    (make-pairs then resumes from it instead of sampling again: it checks the settings, seeds and model)."""
+    (make-pairs then resumes from it instead of sampling again: it checks the settings, seeds and model, and
+    ignores rows of questions or sample indices beyond this run's). ``samples_from``: a folder of such files
+    from earlier runs, ``seed{S}.jsonl`` (same sampler settings; a file of more questions serves fewer)."""
     from stages.run_all import merged_config
 
     mp = {**merged_config(None, {"out": out}).make_pairs, **flags.get("make_pairs", {})}
     key = tuple((k, json.dumps(mp.get(k), sort_keys=True)) for k in SAMPLE_KEYS) + (
         ("model", str(flags.get("model"))), ("questions", str(flags.get("questions"))))
     source = earlier.get(key)
+    if source is None and samples_from is not None:
+        source = samples_from / f"seed{mp.get('seed', 0)}.jsonl"
     target = out / "round-1" / "pairs.samples.jsonl"
     if source is not None and source.is_file() and not target.exists() and not out.exists():
         from stages.run_rounds import _write_report
 
         out.mkdir(parents=True)
         _write_report(merged_config(None, flags), [], None)  # claims the folder as this run's, as run does first
+        from pipeline.atomic import atomic_path
+
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+        with atomic_path(target, record=True) as tmp:  # recorded as lldm-dpo's: make-pairs may rewrite it
+            shutil.copyfile(source, tmp)
     earlier.setdefault(key, target)
 
 
 def run_variant(name: str, out: Path, sets: dict | None = None, tune: Path | None = None, seed: int | None = None,
-                earlier_samples: dict | None = None) -> dict:
+                earlier_samples: dict | None = None, samples_from: Path | None = None) -> dict:
     from pipeline.intervals import format_accuracy, format_difference
     from stages.run_all import merged_config, run
 
     flags = variant_flags(name, out, sets, tune, seed)
     if earlier_samples is not None:
-        share_samples(flags, out, earlier_samples)
+        share_samples(flags, out, earlier_samples, samples_from)
     cfg = merged_config(None, flags)
     t0, c0 = time.perf_counter(), time.process_time()
     result = run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -252,6 +259,29 @@ def print_seeds_table(summary: dict) -> None:
         print(f"mean {p['mean']:+.4f} (sd {p['sd_seeds']:.4f}); pooled 95% interval {p['low']:+.4f}..{p['high']:+.4f}")
 
 
+def summarize(args) -> None:
+    """The seeds table of the run folders under ``--keep`` (``VARIANT-seedS``, each a finished run)."""
+    from stages.run_all import merged_config
+
+    if args.keep is None:
+        raise SystemExit("--summarize needs --keep DIR (the folder the runs kept their folders in)")
+    records: dict[str, dict[int, tuple[list[bool], list[bool]]]] = {}
+    for name in args.variants.split(","):
+        for folder in sorted(args.keep.glob(f"{name}-seed*")):
+            if (folder / "round-1" / "run" / "task_results.parquet").is_file():
+                records.setdefault(name, {})[int(folder.name.rsplit("seed", 1)[1])] = item_records(folder)
+    if not records:
+        raise SystemExit(f"{args.keep}: no finished VARIANT-seedS folders of {args.variants}")
+    if args.tune:
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = seeds_summary(records, problem_keys(tune_benchmark(Path(tmp))))
+    else:
+        bench = Path(merged_config(None, {"out": args.keep}).eval["benchmark"])
+        summary = seeds_summary(records, problem_keys(bench if bench.is_file() else ROOT / bench))
+    print_seeds_table(summary)
+    print(json.dumps({"seeds_summary": summary}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default="dpo_nll")
@@ -265,7 +295,17 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=0,
                     help="run every variant with make_pairs/score_ref/train seeds 0..N-1 and pool them "
                          "(0: the default's seeds, one run per variant)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="with --seeds N: seeds FIRST..FIRST+N-1 (split one table's seeds over processes)")
+    ap.add_argument("--samples-from", type=Path, default=None,
+                    help="a folder of round-1 samples files seed{S}.jsonl made with the same sampler settings: "
+                         "make-pairs resumes from them (a bench shortcut; the counts are the same)")
+    ap.add_argument("--summarize", action="store_true",
+                    help="run nothing: pool the VARIANT-seedS folders already under --keep (from one or more runs)")
     args = ap.parse_args()
+    if args.summarize:
+        summarize(args)
+        return
     sets = parse_sets(args.set)
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-skill-run-"))
@@ -274,12 +314,12 @@ def main() -> None:
     earlier: dict = {}
     try:
         tune = tune_benchmark(tmp) if args.tune else None
-        seeds = list(range(args.seeds)) if args.seeds else [None]
+        seeds = list(range(args.first_seed, args.first_seed + args.seeds)) if args.seeds else [None]
         for seed in seeds:
             for name in args.variants.split(","):
                 gflops, cpu_gflops = matmul_rates()
                 folder = (args.keep or tmp) / (name if seed is None else f"{name}-seed{seed}")
-                res = run_variant(name, folder, sets, tune, seed, earlier)
+                res = run_variant(name, folder, sets, tune, seed, earlier, args.samples_from)
                 res["set"], res["tune"] = args.set, args.tune
                 gflops_after, cpu_gflops_after = matmul_rates()
                 res["matmul_gflops_wall"] = [round(gflops, 1), round(gflops_after, 1)]

@@ -43,6 +43,10 @@ def test_seeds_summary_by_hand():
 
 
 def test_the_tuning_rows_are_never_sampled(tmp_path):
+    from stages.run_all import merged_config
+
+    # the embedded default's make-pairs stops before the tuning rows (1500-1999 of its questions file)
+    assert 0 < merged_config(None, {"out": tmp_path / "d"}).make_pairs["limit"] <= skill_run.TUNE_QUESTIONS.start
     with pytest.raises(SystemExit, match="make_pairs.limit must be 1..1500"):
         skill_run.variant_flags("dpo_nll", tmp_path / "o", {"make_pairs": {"limit": 1600}}, None, 0)
     flags = skill_run.variant_flags("rft", tmp_path / "o", {}, None, 2)
