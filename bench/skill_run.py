@@ -17,12 +17,24 @@ to another machine (``scaled_to_80`` = wall x measured / 80 GFLOP/s).
         [--set train.beta=0.2 ...] [--tune] [--record]
 
 ``--tune`` evaluates on unseen train questions instead of the held-out benchmark: settings are chosen there.
+
+``--seeds N`` runs every variant N times, with ``make_pairs.seed``, ``score_ref.seed`` and ``train.seed`` all set
+to 0, 1, ..., N-1 (everything stochastic: the sampled pairs, the mask draws, the data order); seed 0 is the
+embedded default. Printed: each seed's before/after counts with its paired 95% interval (eval's per-item
+records, Newcombe), the mean gain over seeds with its spread, and a pooled 95% interval from a two-level
+bootstrap over seeds and held-out *problems* (pipeline.seed_bootstrap: the 1,000 held-out questions are 573
+problems, a problem being its worked solution, i.e. its operations and numbers, under different names and
+items; resampling questions would count near-copies as independent). With both ``dpo_nll`` and ``rft`` in
+``--variants``, also DPO+NLL against RFT on the same seed (the same sampled pairs; RFT trains the same steps on
+their chosen side), pooled the same way. Variants of one seed share round 1's samples (make-pairs resumes from
+the copied samples file: its settings and seeds are checked), so the comparison is on the same samples.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -87,31 +99,187 @@ def tune_benchmark(folder: Path) -> Path:
     return path
 
 
-def run_variant(name: str, out: Path, sets: dict | None = None, tune: Path | None = None) -> dict:
+SEED_KEYS = (("make_pairs", "seed"), ("score_ref", "seed"), ("train", "seed"))
+"""Everything stochastic in a round: the sampled pairs, the reference's mask draws, train's data order."""
+
+SAMPLE_KEYS = ("gen_length", "block_length", "steps", "temperature", "remasking", "cfg_scale", "seed", "chat_template",
+               "dtype", "cache", "threshold", "num_generations", "limit", "load_in_4bit")
+"""make-pairs keys that decide the samples: variants equal on these share round 1's samples file."""
+
+
+def variant_flags(name: str, out: Path, sets: dict | None, tune: Path | None, seed: int | None) -> dict:
+    from stages.run_all import merged_config
+
+    flags: dict = {"out": out}
+    for section, values in [*VARIANTS[name].items(), *(sets or {}).items()]:
+        flags[section] = {**flags.get(section, {}), **values} if isinstance(values, dict) else values
+    if seed is not None:
+        for section, key in SEED_KEYS:
+            flags[section] = {**flags.get(section, {}), key: seed}
+    make_pairs = {**merged_config(None, {"out": out}).make_pairs, **flags.get("make_pairs", {})}
+    limit = make_pairs.get("limit")
+    if not limit or limit > TUNE_QUESTIONS.start:
+        # the tuning rows stay unseen whether or not this run tunes: a default sampling them would make
+        # every later --tune run choose on trained-on questions
+        raise SystemExit(f"make_pairs.limit must be 1..{TUNE_QUESTIONS.start} (rows {TUNE_QUESTIONS.start}-"
+                         f"{TUNE_QUESTIONS.stop - 1} are the tuning questions), got {limit}")
+    if tune is not None:
+        flags["eval"] = {**flags.get("eval", {}), "benchmark": str(tune)}
+    return flags
+
+
+def share_samples(flags: dict, out: Path, earlier: dict[tuple, Path], samples_from: Path | None = None) -> None:
+    """Copy round 1's samples file of an earlier variant with the same sampling settings into this run's round 1
+    (make-pairs then resumes from it instead of sampling again: it checks the settings, seeds and model, and
+    ignores rows of questions or sample indices beyond this run's). ``samples_from``: a folder of such files
+    from earlier runs, ``seed{S}.jsonl`` (same sampler settings; a file of more questions serves fewer)."""
+    from stages.run_all import merged_config
+
+    mp = {**merged_config(None, {"out": out}).make_pairs, **flags.get("make_pairs", {})}
+    key = tuple((k, json.dumps(mp.get(k), sort_keys=True)) for k in SAMPLE_KEYS) + (
+        ("model", str(flags.get("model"))), ("questions", str(flags.get("questions"))))
+    source = earlier.get(key)
+    if source is None and samples_from is not None:
+        source = samples_from / f"seed{mp.get('seed', 0)}.jsonl"
+    target = out / "round-1" / "pairs.samples.jsonl"
+    if source is not None and source.is_file() and not target.exists() and not out.exists():
+        from stages.run_rounds import _write_report
+
+        out.mkdir(parents=True)
+        _write_report(merged_config(None, flags), [], None)  # claims the folder as this run's, as run does first
+        from pipeline.atomic import atomic_path
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target, record=True) as tmp:  # recorded as lldm-dpo's: make-pairs may rewrite it
+            shutil.copyfile(source, tmp)
+    earlier.setdefault(key, target)
+
+
+def run_variant(name: str, out: Path, sets: dict | None = None, tune: Path | None = None, seed: int | None = None,
+                earlier_samples: dict | None = None, samples_from: Path | None = None) -> dict:
     from pipeline.intervals import format_accuracy, format_difference
     from stages.run_all import merged_config, run
 
-    flags = {"out": out}
-    for section, values in [*VARIANTS[name].items(), *(sets or {}).items()]:
-        flags[section] = {**flags.get(section, {}), **values} if isinstance(values, dict) else values
-    if tune is not None:
-        flags["eval"] = {**flags.get("eval", {}), "benchmark": str(tune)}
-        limit = {**merged_config(None, {"out": out}).make_pairs, **flags.get("make_pairs", {})}.get("limit")
-        if not limit or limit > TUNE_QUESTIONS.start:
-            raise SystemExit(f"--tune needs make_pairs.limit <= {TUNE_QUESTIONS.start} (the tuning rows are unseen)")
+    flags = variant_flags(name, out, sets, tune, seed)
+    if earlier_samples is not None:
+        share_samples(flags, out, earlier_samples, samples_from)
     cfg = merged_config(None, flags)
     t0, c0 = time.perf_counter(), time.process_time()
     result = run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     r = result.rounds[-1]
     return {
-        "variant": name, "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "stage_seconds": r["stage_seconds"],
+        "variant": name, "seed": seed, "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
+        "stage_seconds": r["stage_seconds"],
         "pairs": r["pairs"], "pass_at_k": r["pass_at_k"], "sample_accuracy": r["sample_accuracy"],
         "before": format_accuracy(r["initial_task_accuracy_interval"]) if r.get("initial_task_accuracy_interval")
         else None,
         "after": format_accuracy(r["task_accuracy_interval"]),
         "difference": format_difference(r["task_accuracy_difference"]) if r.get("task_accuracy_difference") else None,
+        "rounds_after": [x.get("task_accuracy") for x in result.rounds],
+        "final_train_loss": r.get("final_train_loss"),
     }
+
+
+def item_records(out: Path) -> tuple[list[bool], list[bool]]:
+    """(before, after) per-item correctness of a run folder: round 1's `before` rows, the last round's `after`."""
+    import pyarrow.parquet as pq
+
+    rounds = sorted((p for p in out.glob("round-*") if p.name[6:].isdigit()), key=lambda p: int(p.name[6:]))
+
+    def correct(path: Path, label: str) -> list[bool]:
+        rows = [r for r in pq.read_table(path).to_pylist() if r["model"] == label]
+        return [r["correct"] for r in sorted(rows, key=lambda r: r["index"])]
+
+    return (correct(rounds[0] / "run" / "task_results.parquet", "before"),
+            correct(rounds[-1] / "run" / "task_results.parquet", "after"))
+
+
+def problem_keys(benchmark: Path) -> list[str]:
+    """Each benchmark question's problem: its worked solution (the operations and numbers, names and items aside;
+    scripts/make_skill_data.py writes one per question), else its answer and question."""
+    keys = []
+    for line in benchmark.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            item = json.loads(line)
+            keys.append(str(item.get("solution") or (item.get("answer"), item.get("question"))))
+    return keys
+
+
+def seeds_summary(records: dict[str, dict[int, tuple[list[bool], list[bool]]]], keys: list[str]) -> dict:
+    """Per variant: each seed's counts and paired interval, the mean gain and the pooled two-level interval;
+    and DPO+NLL against RFT seed by seed when both ran."""
+    from pipeline.intervals import paired_difference_interval
+    from pipeline.seed_bootstrap import group_index, pooled_gain, within_problem_agreement
+
+    groups = group_index(keys)
+    out: dict = {"problems": len(set(groups)), "items": len(groups), "variants": {}}
+    for name, by_seed in records.items():
+        seeds = sorted(by_seed)
+        rows = []
+        for s in seeds:
+            before, after = by_seed[s]
+            if len(before) != len(groups) or len(after) != len(groups):
+                raise SystemExit(f"{name} seed {s}: {len(before)}/{len(after)} records for {len(groups)} questions")
+            diff = paired_difference_interval(before, after)
+            rows.append({"seed": s, "before": sum(before), "after": sum(after), "n": len(after),
+                         "gain": diff["difference"], "low": diff["low"], "high": diff["high"],
+                         "gained": sum(a and not b for a, b in zip(after, before)),
+                         "lost": sum(b and not a for a, b in zip(after, before))})
+        delta = [[int(a) - int(b) for b, a in zip(*by_seed[s])] for s in seeds]
+        out["variants"][name] = {"seeds": rows, "pooled": pooled_gain(delta, groups)}
+        out.setdefault("before_within_problem_agreement", within_problem_agreement(by_seed[seeds[0]][0], groups))
+    if "dpo_nll" in records and "rft" in records:
+        common = sorted(set(records["dpo_nll"]) & set(records["rft"]))
+        delta = [[int(a) - int(b) for a, b in zip(records["dpo_nll"][s][1], records["rft"][s][1])] for s in common]
+        rows = [{"seed": s, "dpo_nll": sum(records["dpo_nll"][s][1]), "rft": sum(records["rft"][s][1]),
+                 **{k: v for k, v in paired_difference_interval(records["rft"][s][1], records["dpo_nll"][s][1]).items()
+                    if k in ("difference", "low", "high")}} for s in common]
+        out["dpo_nll_vs_rft"] = {"seeds": rows, "pooled": pooled_gain(delta, groups)}
+    return out
+
+
+def print_seeds_table(summary: dict) -> None:
+    print(f"\n{summary['items']} questions, {summary['problems']} problems; two questions of one problem agree on "
+          f"correctness (before) {summary.get('before_within_problem_agreement') or 0:.2f} of the time")
+    for name, v in summary["variants"].items():
+        print(f"\n{name}:\n| seed | before | after | gain | paired 95% CI | gained/lost |\n|---|---|---|---|---|---|")
+        for r in v["seeds"]:
+            print(f"| {r['seed']} | {r['before']} | {r['after']} | {r['gain']:+.3f} | {r['low']:+.3f}..{r['high']:+.3f}"
+                  f" | {r['gained']}/{r['lost']} |")
+        p = v["pooled"]
+        print(f"mean gain {p['mean']:+.4f} (sd over seeds {p['sd_seeds']:.4f}); pooled 95% interval "
+              f"{p['low']:+.4f}..{p['high']:+.4f} ({p['method']}, {p['reps']} replicates)")
+    if "dpo_nll_vs_rft" in summary:
+        v = summary["dpo_nll_vs_rft"]
+        print("\nDPO+NLL - RFT, same seed:\n| seed | DPO+NLL | RFT | difference | paired 95% CI |\n|---|---|---|---|---|")
+        for r in v["seeds"]:
+            print(f"| {r['seed']} | {r['dpo_nll']} | {r['rft']} | {r['difference']:+.3f} | {r['low']:+.3f}..{r['high']:+.3f} |")
+        p = v["pooled"]
+        print(f"mean {p['mean']:+.4f} (sd {p['sd_seeds']:.4f}); pooled 95% interval {p['low']:+.4f}..{p['high']:+.4f}")
+
+
+def summarize(args) -> None:
+    """The seeds table of the run folders under ``--keep`` (``VARIANT-seedS``, each a finished run)."""
+    from stages.run_all import merged_config
+
+    if args.keep is None:
+        raise SystemExit("--summarize needs --keep DIR (the folder the runs kept their folders in)")
+    records: dict[str, dict[int, tuple[list[bool], list[bool]]]] = {}
+    for name in args.variants.split(","):
+        for folder in sorted(args.keep.glob(f"{name}-seed*")):
+            if (folder / "round-1" / "run" / "task_results.parquet").is_file():
+                records.setdefault(name, {})[int(folder.name.rsplit("seed", 1)[1])] = item_records(folder)
+    if not records:
+        raise SystemExit(f"{args.keep}: no finished VARIANT-seedS folders of {args.variants}")
+    if args.tune:
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = seeds_summary(records, problem_keys(tune_benchmark(Path(tmp))))
+    else:
+        bench = Path(merged_config(None, {"out": args.keep}).eval["benchmark"])
+        summary = seeds_summary(records, problem_keys(bench if bench.is_file() else ROOT / bench))
+    print_seeds_table(summary)
+    print(json.dumps({"seeds_summary": summary}), flush=True)
 
 
 def main() -> None:
@@ -124,25 +292,55 @@ def main() -> None:
                     help="override a key of the embedded default for every variant (repeatable)")
     ap.add_argument("--tune", action="store_true",
                     help="evaluate on unseen train questions (TUNE_QUESTIONS), never on the held-out benchmark")
+    ap.add_argument("--seeds", type=int, default=0,
+                    help="run every variant with make_pairs/score_ref/train seeds 0..N-1 and pool them "
+                         "(0: the default's seeds, one run per variant)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="with --seeds N: seeds FIRST..FIRST+N-1 (split one table's seeds over processes)")
+    ap.add_argument("--samples-from", type=Path, default=None,
+                    help="a folder of round-1 samples files seed{S}.jsonl made with the same sampler settings: "
+                         "make-pairs resumes from them (a bench shortcut; the counts are the same)")
+    ap.add_argument("--summarize", action="store_true",
+                    help="run nothing: pool the VARIANT-seedS folders already under --keep (from one or more runs)")
     args = ap.parse_args()
+    if args.summarize:
+        summarize(args)
+        return
     sets = parse_sets(args.set)
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-skill-run-"))
     lines = []
+    records: dict[str, dict[int, tuple[list[bool], list[bool]]]] = {}
+    earlier: dict = {}
     try:
         tune = tune_benchmark(tmp) if args.tune else None
-        for name in args.variants.split(","):
-            gflops, cpu_gflops = matmul_rates()
-            res = run_variant(name, (args.keep or tmp) / name, sets, tune)
-            res["set"], res["tune"] = args.set, args.tune
-            gflops_after, cpu_gflops_after = matmul_rates()
-            res["matmul_gflops_wall"] = [round(gflops, 1), round(gflops_after, 1)]
-            res["matmul_gflops_cpu"] = [round(cpu_gflops, 1), round(cpu_gflops_after, 1)]
-            # The same work on a machine whose matmul runs at 80 GFLOP/s, from the rate this run got
-            # (wall) and from the rate per CPU-second (what an unshared machine of this kind would give).
-            res["scaled_to_80_from_wall"] = round(res["wall_seconds"] * (gflops + gflops_after) / 2 / 80, 1)
-            res["scaled_to_80_from_cpu"] = round(res["cpu_seconds"] * (cpu_gflops + cpu_gflops_after) / 2 / 80, 1)
-            line = json.dumps(res)
+        seeds = list(range(args.first_seed, args.first_seed + args.seeds)) if args.seeds else [None]
+        for seed in seeds:
+            for name in args.variants.split(","):
+                gflops, cpu_gflops = matmul_rates()
+                folder = (args.keep or tmp) / (name if seed is None else f"{name}-seed{seed}")
+                res = run_variant(name, folder, sets, tune, seed, earlier, args.samples_from)
+                res["set"], res["tune"] = args.set, args.tune
+                gflops_after, cpu_gflops_after = matmul_rates()
+                res["matmul_gflops_wall"] = [round(gflops, 1), round(gflops_after, 1)]
+                res["matmul_gflops_cpu"] = [round(cpu_gflops, 1), round(cpu_gflops_after, 1)]
+                res["load_average"] = [round(x, 1) for x in os.getloadavg()]
+                # The same work on a machine whose matmul runs at 80 GFLOP/s, from the rate this run got
+                # (wall) and from the rate per CPU-second (what an unshared machine of this kind would give).
+                res["scaled_to_80_from_wall"] = round(res["wall_seconds"] * (gflops + gflops_after) / 2 / 80, 1)
+                res["scaled_to_80_from_cpu"] = round(res["cpu_seconds"] * (cpu_gflops + cpu_gflops_after) / 2 / 80, 1)
+                line = json.dumps(res)
+                print(line, flush=True)
+                lines.append(line)
+                records.setdefault(name, {})[0 if seed is None else seed] = item_records(folder)
+        if args.seeds:
+            from stages.run_all import merged_config
+
+            bench = tune or Path(merged_config(None, {"out": tmp}).eval["benchmark"])
+            bench = bench if bench.is_absolute() or bench.is_file() else ROOT / bench
+            summary = seeds_summary(records, problem_keys(bench))
+            print_seeds_table(summary)
+            line = json.dumps({"seeds_summary": summary})
             print(line, flush=True)
             lines.append(line)
     finally:
@@ -150,6 +348,7 @@ def main() -> None:
     if args.record:
         with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as fh:
             extra = "".join(f" --set {x}" for x in args.set) + (" --tune" if args.tune else "")
+            extra += f" --seeds {args.seeds}" if args.seeds else ""
             fh.write(f"\n## bench/skill_run.py --variants {args.variants} --threads {args.threads}{extra}, "
                      f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n```\n" + "\n".join(lines) + "\n```\n")
 

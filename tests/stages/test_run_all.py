@@ -142,7 +142,7 @@ def test_run_wide_sampler_settings_reach_eval_and_make_pairs(tmp_path):
     assert (ev.cache, ev.threshold) == ("dual", 0.9)
     assert (cfg.make_pairs["cache"], cfg.make_pairs["threshold"]) == ("dual", 0.9)
     plain = stage_configs(merged_config(None, {"out": tmp_path / "y"}))[3]
-    assert (plain.cache, plain.threshold) == ("dual", None)  # the embedded default's eval uses the dual cache
+    assert (plain.cache, plain.threshold) == ("dual", 0.9)  # the embedded default's eval: dual cache, threshold
     exact = stage_configs(merged_config(None, {"out": tmp_path / "w", "cache": "none"}))[3]
     assert exact.cache == "none"
     with pytest.raises(ConfigError, match="cache must be one of"):
