@@ -69,8 +69,10 @@ class MicroStats:
     stats: PairStatistics
     pairs: int
     tokens: int
-    score_variance: float = float("nan")
-    """The sum over its pairs of the estimated variance of the preference score (``pipeline.score_variance``)."""
+    score_variance: torch.Tensor | float = float("nan")
+    """The sum over its pairs of the estimated variance of the preference score (``pipeline.score_variance``), a
+    detached tensor: read once per step in ``step_metrics``, not per micro-batch (no device sync, and plan's
+    fake-tensor trace of this step has no value to read)."""
 
 
 def policy_terms(model, requests, tokenizer, cfg: TrainConfig) -> list[torch.Tensor]:
@@ -120,17 +122,17 @@ def micro_step(ctx: TrainContext, batch: PairBatch, scale: float, sync: bool) ->
                       score_variance=batch_score_variance(ctx.cfg, batch, terms, ref_terms, lengths))
 
 
-def batch_score_variance(cfg: TrainConfig, batch: PairBatch, terms, ref_terms, lengths) -> float:
+def batch_score_variance(cfg: TrainConfig, batch: PairBatch, terms, ref_terms, lengths) -> torch.Tensor:
     """The sum over the batch's pairs of their preference score's estimated variance, from the per-sample terms
     of the policy (``terms``) and of the reference (online, or the cache's terms of this draw)."""
     if ref_terms is None:
-        ref_terms = [torch.tensor(row[f"ref_{side}_terms"][batch.draw], dtype=torch.float64)
+        ref_terms = [torch.tensor(row[f"ref_{side}_terms"][batch.draw], dtype=torch.float64, device=terms[0].device)
                      for row in batch.rows for side in SIDES]
     policy, ref = torch.stack([t.detach() for t in terms]), torch.stack([t.detach() for t in ref_terms])
     per_token = cfg.loss_type in PER_TOKEN
     d = per_sample_scores(policy[0::2], policy[1::2], ref[0::2], ref[1::2],
                           *(lengths if per_token else (None, None)))
-    return float(score_variance(d).sum())
+    return score_variance(d).sum()
 
 
 def _online_reference(ctx: TrainContext, requests) -> list[torch.Tensor]:
@@ -269,7 +271,7 @@ def step_metrics(acc, micro: list[Optional[MicroStats]]) -> dict[str, float]:
             continue
         sums["pairs"] += m.pairs
         sums["tokens"] += m.tokens
-        sums["score_variance"] += m.score_variance
+        sums["score_variance"] += float(m.score_variance)
         for name, value in m.stats.sums().items():
             sums[name] += value
     local = torch.tensor([sums[n] for n in names], dtype=torch.float64, device=acc.device)

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
+import pipeline.models as models
 from pipeline.config import config_to_dict
 from pipeline.errors import UserError
 from pipeline.model_card import model_card
-from pipeline.models import PRESETS, build_preset, preset_tokenizer
+from pipeline.models import PRESETS, preset_tokenizer
 from pipeline.numerics import Numerics, load
 from pipeline.prompts import resolve_chat_template
 from pipeline.sft import collate, draw_masks, sft_loss
@@ -36,7 +37,9 @@ def load_start(cfg: SFTConfig, device):
         if cfg.lora_r > 0 or cfg.load_in_4bit:
             raise UserError(f"--model {cfg.model}: a preset name is a randomly initialised model (training from "
                             "scratch); LoRA adapts a trained one: pass a model folder (lldm-dpo init-model writes one)")
-        return build_preset(cfg.model, device=device, dtype=cfg.dtype, seed=cfg.seed), preset_tokenizer(cfg.model)
+        # looked up on the module at call time: this module is imported lazily (sft's start-up), so a name bound
+        # at import would freeze whatever pipeline.models held then (tests replace it to prove no model loads)
+        return models.build_preset(cfg.model, device=device, dtype=cfg.dtype, seed=cfg.seed), preset_tokenizer(cfg.model)
     return load(cfg.model, Numerics(cfg.dtype, cfg.mixed_precision, cfg.load_in_4bit), device,
                 trust_remote_code=cfg.trust_remote_code)
 
