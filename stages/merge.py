@@ -1,4 +1,8 @@
-"""``lldm-dpo merge``: fold a trained LoRA adapter into its base model, saved as a full checkpoint."""
+"""``lldm-dpo merge``: fold a trained LoRA adapter into its base model, saved as a full checkpoint.
+
+The model code (torch, transformers, peft) is imported when the command runs, not when it is parsed: ``merge
+--help`` and a refused flag need only ``MergeConfig``.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,18 @@ from pipeline.atomic import atomic_dir, check_writable
 from pipeline.config import require_choice
 from pipeline.devices import DTYPE_NAMES, torch_dtype
 from pipeline.errors import UserError
-from pipeline.models import load_model
-from pipeline.models.loading import LORA_ADAPTER_CONFIG as ADAPTER_CONFIG
-from pipeline.models.loading import _load_tokenizer
-from pipeline.models.quant import dequantize_linears, require_bitsandbytes
 from pipeline.stagecli import stage_command, summarize
+
+ADAPTER_CONFIG = "adapter_config.json"
+"""PEFT's adapter config file (pipeline.models.loading.LORA_ADAPTER_CONFIG, named here so that parsing imports no
+model code; tests/stages/test_cli.py checks the two agree)."""
+
+
+def load_model(*args, **kwargs):
+    """``pipeline.models.load_model``, imported on the first load."""
+    import pipeline.models
+
+    return pipeline.models.load_model(*args, **kwargs)
 
 
 @dataclass
@@ -48,6 +59,9 @@ def _dequantized_base_with_adapter(adapter_dir: Path, dtype: str):
     dequantized to ``dtype``, with the adapter applied: merging then adds the adapter to the weights the
     policy was trained with, and the merged model holds no quantization state."""
     from peft import PeftModel
+
+    from pipeline.models.loading import _load_tokenizer
+    from pipeline.models.quant import dequantize_linears, require_bitsandbytes
 
     require_bitsandbytes("cpu")
     base_name = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")

@@ -36,15 +36,16 @@ def test_only_the_requested_command_is_imported():
 
 
 def test_help_and_refusals_of_the_pipeline_commands_do_not_import_torch():
-    """`--help`, an unknown flag and an out-of-range value of ingest, score-ref, train and sft are answered from the
-    config class alone: torch, transformers and accelerate (seconds of start-up) are imported only by a run."""
+    """`--help`, an unknown flag and an out-of-range value of every command are answered from the config class
+    alone: torch, transformers and accelerate (seconds of start-up) are imported only by a run."""
     import subprocess
     import sys
 
     calls = [["ingest", "--help"], ["score-ref", "--help"], ["train", "--help"], ["sft", "--help"],
              ["train", "cache", "--no-such-flag"],
              ["score-ref", "pairs.arrow", "--samples", "0"], ["train", "cache", "--learning-rate", "-1"],
-             ["ingest", "x.jsonl", "--eval-fraction", "2"]]
+             ["ingest", "x.jsonl", "--eval-fraction", "2"],
+             ["merge", "--help"], ["merge", "adapter", "--dtype", "int3"]]
     code = ("import sys\nfrom stages.cli import main\ncodes = []\n"
             f"for argv in {calls!r}:\n    sys.argv = ['lldm-dpo', *argv]\n"
             "    try:\n        main()\n    except SystemExit as exc:\n        codes.append(exc.code)\n"
@@ -52,9 +53,18 @@ def test_help_and_refusals_of_the_pipeline_commands_do_not_import_torch():
             "print('heavy:', sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     lines = out.stdout.strip().splitlines()
-    assert lines[-2] == "codes: [0, 0, 0, 0, 2, 1, 1, 1]", out.stderr[-2000:]  # help; a click usage error; refusals
+    assert lines[-2] == "codes: [0, 0, 0, 0, 2, 1, 1, 1, 0, 1]", out.stderr[-2000:]  # help; a click usage error; refusals
     assert lines[-1] == "heavy: []"
     assert "samples" in out.stderr and "learning_rate" in out.stderr and "eval_fraction" in out.stderr
+    assert "dtype" in out.stderr
+
+
+def test_merge_names_the_adapter_config_the_loader_writes():
+    """merge names PEFT's adapter config itself (parsing imports no model code): the same file as the loader's."""
+    from pipeline.models.loading import LORA_ADAPTER_CONFIG
+    from stages.merge import ADAPTER_CONFIG
+
+    assert ADAPTER_CONFIG == LORA_ADAPTER_CONFIG
 
 
 def test_requested_command_parsing():
