@@ -17,15 +17,16 @@ import os
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Optional, Sequence
 
-import torch
-
 import pipeline.numerics as numerics
 from pipeline.atomic import write_text_atomic
 from pipeline.config import check_device, check_ranges, require, require_choice
 from pipeline.devices import DTYPE_NAMES, resolve_device
 from pipeline.errors import ConfigError, UserError
+from pipeline.lazy import deferred
 from pipeline.prompts import encode_prompt, resolve_chat_template
 from pipeline.sampler import REMASKING, SAMPLER_DEFAULTS, check_fast_settings, check_schedule, generate, trim_at_stop
+
+torch = deferred("torch")  # generate's and make-pairs' configs read the checks here: their --help skips torch
 
 STOP_TOKENS = ("<|eot_id|>",)
 """Stop tokens besides the tokenizer's EOS, used when the vocabulary has them."""

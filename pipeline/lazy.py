@@ -7,6 +7,7 @@ and torch loads at the first attribute read: a tensor made, a function called, n
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 
@@ -51,3 +52,15 @@ def deferred(name: str) -> Any:
     """``name`` as a module imported on first use (``torch = deferred("torch")``)."""
     return Deferred(name)
 
+
+
+def no_grad(fn: Callable) -> Callable:
+    """``@torch.no_grad()`` for a plain function, with torch imported at the first call rather than at the
+    decorator."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _torch().no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper

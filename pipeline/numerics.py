@@ -16,13 +16,14 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
-
 from pipeline.devices import PRECISION_NAMES
 from pipeline.errors import UserError
+from pipeline.lazy import deferred
 
-_AUTOCAST_DTYPES = dict(zip(PRECISION_NAMES, (None, torch.bfloat16, torch.float16)))
-"""The autocast dtype of each mixed-precision name (no: none)."""
+torch = deferred("torch")  # eval's, generate's and make-pairs' configs read this module: their --help skips torch
+
+_AUTOCAST_DTYPES = dict(zip(PRECISION_NAMES, (None, "bfloat16", "float16")))
+"""The autocast dtype of each mixed-precision name (no: none), as torch's attribute name."""
 FIELDS = ("dtype", "mixed_precision", "load_in_4bit")
 FLAGS = {"dtype": "--dtype", "mixed_precision": "--mixed-precision", "load_in_4bit": "--load-in-4bit"}
 
@@ -91,7 +92,7 @@ def autocast(device: torch.device | str, mixed_precision: str):
     dtype = _AUTOCAST_DTYPES[mixed_precision]
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
 
 
 def prepare_4bit(model, gradient_checkpointing: bool = False):

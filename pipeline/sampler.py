@@ -57,10 +57,14 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
-from torch import Tensor
+from pipeline.lazy import deferred, no_grad
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = deferred("torch")  # the configs read the sampler's names and checks: their --help skips torch
 
 REMASKING = ("low_confidence", "random")
 CACHE_MODES = ("none", "prefix", "dual")
@@ -134,7 +138,7 @@ def trim_at_stop(tokens: Sequence[int] | Tensor, stop_token_ids: Sequence[int]) 
     """The tokens before the first stop token (EOS, ``<|eot_id|>``, ...)."""
     stops = {int(t) for t in stop_token_ids}
     return list(itertools.takewhile(lambda t: t not in stops,
-                                    map(int, tokens.tolist() if isinstance(tokens, Tensor) else tokens)))
+                                    map(int, tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens)))
 
 
 def check_schedule(gen_length: int, block_length: int, steps: int) -> None:
@@ -197,7 +201,7 @@ def _uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.d
 # --- the sampler ------------------------------------------------------------------
 
 
-@torch.no_grad()
+@no_grad
 def generate(
     model: Callable[..., Any],
     prompts: Sequence[Sequence[int]],

@@ -26,7 +26,6 @@ from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from pipeline.answers import reference_answer
 from pipeline.atomic import atomic_path, check_replaceable, check_writable, remove_owned, write_json_atomic
@@ -46,6 +45,7 @@ from pipeline.intervals import (
     paired_difference_interval,
 )
 from pipeline.layout import EVAL_FILE, TASK_RESULTS
+from pipeline.lazy import deferred
 from pipeline.lock import output_lock
 from pipeline.losses import pair_statistics
 from pipeline.numerics import Numerics, autocast, follow, load, of_fingerprint
@@ -57,6 +57,8 @@ from pipeline.sampler import check_fast_settings
 from pipeline.schemas import SIDES
 from pipeline.stagecli import print_summary, stage_command, summary_dict
 from pipeline.verifiers import ANSWER_FORMATS, check_verifier_name, get_verifier
+
+torch = deferred("torch")  # imported by a run: eval --help and a refused flag need only EvalConfig
 
 TASK_RESULTS_SCHEMA = pa.schema([
     ("model", pa.string()),  # "before" or "after"

@@ -41,7 +41,6 @@ from pipeline.completion import (
 from pipeline.config import config_to_dict
 from pipeline.errors import UserError
 from pipeline.lock import output_lock
-from pipeline.models import model_identity
 from pipeline.progress import progress_bar
 from pipeline.prompts import follow_cache, resolve_chat_template
 from pipeline.readers import jsonl_objects
@@ -185,6 +184,8 @@ _CONTENT = {"model_identity": "a model", "prompts_sha256": "a prompts file"}
 def content_settings(cfg: GenerateConfig) -> dict[str, Any]:
     """Everything that changes a completion (stored in each output row): the model, the sampler settings and the
     content identities of the model and the prompts file."""
+    from pipeline.models import model_identity  # model code (torch) only when a run needs it
+
     return {"model": cfg.model, **sampler_settings(cfg),
             "model_identity": fingerprint_digest(model_identity(cfg.model)), "prompts_sha256": file_sha256(cfg.prompts)}
 

@@ -54,7 +54,6 @@ from pipeline.config import require
 from pipeline.errors import ConfigError, UserError
 from pipeline.intervals import accuracy_record, format_accuracy
 from pipeline.lock import output_lock
-from pipeline.models import model_identity
 from pipeline.pairs import normalize_text
 from pipeline.progress import progress_bar
 from pipeline.selfpairs import (
@@ -267,7 +266,12 @@ def _run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
         sweep_stale(out.parent, name)  # temporary files of a killed run of ours
     _check_pairs_target(out)
     settings = sampler_settings(cfg)
-    identity = sampler.identity if sampler is not None else model_identity(cfg.model)
+    if sampler is not None:
+        identity = sampler.identity
+    else:
+        from pipeline.models import model_identity  # model code (torch) only when a run needs it
+
+        identity = model_identity(cfg.model)
     model_sha = identity_digest(identity)
     k = cfg.num_generations
     verifier = get_verifier(cfg.verifier, cfg.answer_format)
