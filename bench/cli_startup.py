@@ -1,11 +1,10 @@
 """Start-up time of the CLI's help and refusals, against the bare interpreter.
 
-Times ``python -m stages.cli ARGS`` for each invocation of ``--calls`` (default: ``query --help``,
-``ingest --help``, ``score-ref --help``, ``train --help`` and two refusals of a bad value) in this
-checkout and, with ``--before DIR``, in another checkout (e.g. the main branch before a change),
-interleaved in the same run; the baseline is the bare interpreter start (``python -c pass``). Prints
-medians, the seconds above the interpreter, and ratios; ``--record`` appends them to bench/RESULTS.md
-with the command.
+Times ``python -m stages.cli ARGS`` for each invocation of ``--calls`` (default ``CALLS``: every command's
+``--help`` and refusals of a bad value) in this checkout and, with ``--before DIR``, in another checkout (e.g. the
+main branch before a change), interleaved in the same run; the baseline is the bare interpreter start
+(``python -c pass``). Prints medians, the seconds above the interpreter, and ratios; ``--record`` appends them to
+bench/RESULTS.md with the command.
 """
 
 from __future__ import annotations
@@ -22,7 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 CALLS = ["query --help", "ingest --help", "score-ref --help", "train --help", "train cache --learning-rate -1",
-         "score-ref pairs.arrow --samples 0"]
+         "score-ref pairs.arrow --samples 0", "sft --help", "eval --help", "eval --limit-task -3", "generate --help",
+         "generate --prompts p.jsonl --remasking entropy", "make-pairs --help",
+         "make-pairs q.jsonl --pairs-per-question 0", "merge --help", "merge adapter --dtype int3",
+         "init-model --help", "report --help", "run --help", "run --rounds -1", "plan --help",
+         "plan train --gpu-memory -3GiB"]
 """Help of the pipeline's commands, and refusals of an out-of-range value (exit code 1 before any file is read)."""
 
 

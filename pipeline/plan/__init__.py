@@ -9,15 +9,28 @@
 from __future__ import annotations
 
 import sys
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.errors import UserError
-from pipeline.plan.estimate import Plan, Shape, largest, make_plan
+from pipeline.lazy import deferred
 from pipeline.plan.memory import CARDS, context_bytes, fmt_bytes, headroom_bytes, nf4_bytes, parse_memory
+
+if TYPE_CHECKING:
+    from pipeline.plan.estimate import Shape
+
+torch = deferred("torch")  # plan's config reads parse_memory: a refused --gpu-memory skips torch
 
 __all__ = ["CARDS", "Plan", "Shape", "check_start", "largest", "make_plan", "nf4_bytes",
            "parse_memory"]
+
+
+def __getattr__(name: str):
+    """The estimate's names (torch, the stages' step code), imported on first use."""
+    if name in ("Plan", "Shape", "largest", "make_plan"):
+        from pipeline.plan import estimate
+
+        return getattr(estimate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_start(stage: str, cfg, shape: Shape, device) -> None:
@@ -26,6 +39,8 @@ def check_start(stage: str, cfg, shape: Shape, device) -> None:
     checked."""
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return
+    from pipeline.plan.estimate import largest, make_plan
+
     free, card = torch.cuda.mem_get_info(torch.device(device))
     # The context already exists once mem_get_info has run: what remains must hold the rest, and the stated
     # headroom (memory.HEADROOM of the card) stays free.

@@ -52,7 +52,7 @@ def test_help_and_refusals_of_the_pipeline_commands_do_not_import_torch():
              ["sft", "data.jsonl", "--weight-decay", "-1"], ["init-model", "--help"],
              ["init-model", "tiny", "out", "--dtype", "int3"], ["query", "--help"], ["query", "--preset", "nosuch"],
              ["report", "--help"], ["report", "no-such-run"], ["run", "--help"], ["run", "--rounds", "-1"],
-             ["plan", "--help"], ["plan", "nosuch"]]
+             ["plan", "--help"], ["plan", "nosuch"], ["plan", "train", "--gpu-memory", "-3GiB"]]
     code = ("import sys\nfrom stages.cli import main\ncodes = []\n"
             f"for argv in {calls!r}:\n    sys.argv = ['lldm-dpo', *argv]\n"
             "    try:\n        main()\n    except SystemExit as exc:\n        codes.append(exc.code)\n"
@@ -60,11 +60,11 @@ def test_help_and_refusals_of_the_pipeline_commands_do_not_import_torch():
             "print('heavy:', sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     lines = out.stdout.strip().splitlines()
-    assert lines[-2] == f"codes: {[0, 0, 0, 0, 2, 1, 1, 1] + [0, 1] * 4 + [1] + [0, 1] * 5}", out.stderr[-2000:]  # help; a click usage error; refusals
+    assert lines[-2] == f"codes: {[0, 0, 0, 0, 2, 1, 1, 1] + [0, 1] * 4 + [1] + [0, 1] * 5 + [1]}", out.stderr[-2000:]  # help; a click usage error; refusals
     assert lines[-1] == "heavy: []"
     assert "samples" in out.stderr and "learning_rate" in out.stderr and "eval_fraction" in out.stderr
     for field in ("dtype", "limit_task", "remasking", "pairs_per_question", "weight_decay", "unknown preset",
-                  "run directory not found", "rounds", "stage must be one of"):
+                  "run directory not found", "rounds", "stage must be one of", "gpu_memory '-3GiB'"):
         assert field in out.stderr, (field, out.stderr[-2000:])
 
 
