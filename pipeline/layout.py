@@ -25,6 +25,8 @@ EVAL_FILE = "eval.json"
 TASK_RESULTS = "task_results.parquet"
 REPORT_HTML = "report.html"
 REPORT_PNG = "report.png"
+LORA_ADAPTER_CONFIG = "adapter_config.json"
+"""PEFT's adapter config: its presence makes a folder a LoRA adapter (the loader, merge)."""
 
 RUN_OUTPUTS = (LEGACY_CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, TENSORBOARD_DIR, TRACKERS_DIR, EVAL_FILE, TASK_RESULTS,
                REPORT_HTML, REPORT_PNG)

@@ -15,11 +15,8 @@ from pipeline.atomic import atomic_dir, check_writable
 from pipeline.config import require_choice
 from pipeline.devices import DTYPE_NAMES, torch_dtype
 from pipeline.errors import UserError
+from pipeline.layout import LORA_ADAPTER_CONFIG as ADAPTER_CONFIG
 from pipeline.stagecli import stage_command, summarize
-
-ADAPTER_CONFIG = "adapter_config.json"
-"""PEFT's adapter config file (pipeline.models.loading.LORA_ADAPTER_CONFIG, named here so that parsing imports no
-model code; tests/stages/test_cli.py checks the two agree)."""
 
 
 def load_model(*args, **kwargs):

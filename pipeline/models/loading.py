@@ -29,13 +29,12 @@ from transformers import AutoTokenizer
 from pipeline.atomic import file_sha256
 from pipeline.devices import torch_dtype as _torch_dtype
 from pipeline.errors import UserError
+from pipeline.layout import LORA_ADAPTER_CONFIG
 from pipeline.models.adapter import load_adapter_model, pretrained_kwargs
 from pipeline.models.llada import LLaDAModelLM
 from pipeline.models.presets import PRESET_VERSION, PRESETS, build_preset, preset_config, preset_tokenizer
 from pipeline.models.quant import quantize_linears, require_bitsandbytes, settle
 from pipeline.models.tokenizer import CHAT_TEMPLATE, END_HEADER, EOT, START_HEADER
-
-LORA_ADAPTER_CONFIG = "adapter_config.json"
 
 
 def load_lora_folder(path: Path, *, dtype="float32", device="cpu", trust_remote_code: bool = False,

@@ -68,14 +68,6 @@ def test_help_and_refusals_of_the_pipeline_commands_do_not_import_torch():
         assert field in out.stderr, (field, out.stderr[-2000:])
 
 
-def test_merge_names_the_adapter_config_the_loader_writes():
-    """merge names PEFT's adapter config itself (parsing imports no model code): the same file as the loader's."""
-    from pipeline.models.loading import LORA_ADAPTER_CONFIG
-    from stages.merge import ADAPTER_CONFIG
-
-    assert ADAPTER_CONFIG == LORA_ADAPTER_CONFIG
-
-
 def test_requested_command_parsing():
     from stages.cli import _requested_command
 
