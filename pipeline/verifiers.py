@@ -38,6 +38,7 @@ from typing import Callable, Optional, Protocol
 from pipeline.answers import (
     _HASH_RE,
     _NUMBER,
+    _NUMBER_RE,
     extract_answer_with_style,
     normalize_number,
     parse_number,
@@ -71,10 +72,14 @@ class Verifier(Protocol):
     def grade(self, completion: str, reference: str, question: str = "") -> Grade: ...
 
 
-def resolve_format(answer_format: str, reference_text: object) -> str:
-    """``####`` or ``any`` for one reference (``auto`` decided by how the reference is written)."""
+def check_answer_format(answer_format: str) -> None:
     if answer_format not in ANSWER_FORMATS:
         raise ConfigError(f"answer_format: unknown value {answer_format!r}; expected one of {', '.join(ANSWER_FORMATS)}")
+
+
+def resolve_format(answer_format: str, reference_text: object) -> str:
+    """``####`` or ``any`` for one reference (``auto`` decided by how the reference is written)."""
+    check_answer_format(answer_format)
     if answer_format != "auto":
         return answer_format
     if isinstance(reference_text, (int, float)) and not isinstance(reference_text, bool):
@@ -121,8 +126,6 @@ _ANSWER_LINE_RE = re.compile(r"^####\s*(" + _NUMBER + r")\s*$")
 
 
 def _numbers(text: str) -> set[Fraction]:
-    from pipeline.answers import _NUMBER_RE
-
     return {v for v in (parse_number(t) for t in _NUMBER_RE.findall(text or "")) if v is not None}
 
 
@@ -237,9 +240,7 @@ class FormatResolving:
 
     def __init__(self, name: str, answer_format: str):
         check_verifier_name(name)
-        if answer_format not in ANSWER_FORMATS:
-            raise ConfigError(f"answer_format: unknown value {answer_format!r}; expected one of "
-                              f"{', '.join(ANSWER_FORMATS)}")
+        check_answer_format(answer_format)
         self.name, self.answer_format = name, answer_format
         self._by_format: dict[str, Verifier] = {}
 
