@@ -72,9 +72,9 @@ def build_cache(out: Path, n: int, manifest: dict, args) -> Path:
     import pyarrow.parquet as pq
     import train as train_bench
 
-    from pipeline.cache import part_name
+    from pipeline.core.schemas import SCORES_SCHEMA
     from pipeline.models import preset_tokenizer
-    from pipeline.schemas import SCORES_SCHEMA
+    from pipeline.refcache.store import part_name
 
     if (out / "manifest.json").exists():
         return out
@@ -100,7 +100,7 @@ def build_cache(out: Path, n: int, manifest: dict, args) -> Path:
             row["ref_margin"] = row["ref_chosen_elbo"] - row["ref_rejected_elbo"]
         names.append(part_name(len(names)))
         pq.write_table(pa.Table.from_pylist(rows, schema=SCORES_SCHEMA), out / names[-1])
-    from pipeline.atomic import file_sha256
+    from pipeline.core.atomic import file_sha256
 
     sums = {name: file_sha256(out / name) for name in names}  # the template's checksums are of other parts
     (out / "manifest.json").write_text(json.dumps({**manifest, "parts": names, "pairs": n, "part_sha256": sums}))

@@ -5,7 +5,7 @@ leaves every finished section on disk):
 
 - build: the ``llada-8b-shape`` preset built directly on the GPU in bf16;
 - score_ref: synthetic pairs (prompts and responses of 128-512 tokens, n = 8)
-  through ``pipeline.diffusion.elbo_terms`` under a token budget, on the masks
+  through ``pipeline.estimator.diffusion.elbo_terms`` under a token budget, on the masks
   ``score-ref`` would draw: tokens/s, achieved TFLOP/s and MFU. FLOPs: 2 x
   non-embedding parameters per token (body), 4 x seq^2 x d_model per layer per
   sequence (attention), 2 x d_model x vocab per masked position (head);
@@ -124,7 +124,7 @@ class Results:
         self.save()
 
     def save(self) -> None:
-        from pipeline.atomic import write_json_atomic
+        from pipeline.core.atomic import write_json_atomic
 
         write_json_atomic(self.path, self.data)
 
@@ -263,7 +263,7 @@ def section_build(results: Results, state: dict) -> None:
 
 
 def section_score_ref(results: Results, state: dict) -> None:
-    from pipeline.diffusion import elbo_terms
+    from pipeline.estimator.diffusion import elbo_terms
     from stages.train import PairBatch, replay_requests
 
     s, device, model, tok = state["settings"], state["device"], state["model"], state["tokenizer"]
@@ -320,7 +320,7 @@ def section_score_ref(results: Results, state: dict) -> None:
 def section_sampler(results: Results, state: dict) -> None:
     from fast_sampling import compare, count_passes, token_lists
 
-    from pipeline.sampler import generate
+    from pipeline.sampling.sampler import generate
 
     s, device, model, tok = state["settings"], state["device"], state["model"], state["tokenizer"]
     cfg = s["sampler"]

@@ -35,7 +35,7 @@ MODELS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verificat
 
 def base_pairs() -> list[dict]:
     """Distinct valid pairs (two models sometimes wrote the same wrong solution)."""
-    from pipeline.pairs import Invalid, validate_record
+    from pipeline.data.pairs import Invalid, validate_record
 
     pairs, seen = [], set()
     for line in GSM8K.read_text(encoding="utf-8").splitlines():

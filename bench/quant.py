@@ -80,8 +80,8 @@ def worker(spec: dict) -> dict:
     import bitsandbytes  # noqa: F401 - imported before the baseline, as peft imports it in every run
     import peft  # noqa: F401
 
+    from pipeline.models.numerics import Numerics
     from pipeline.models.quant import weight_bytes
-    from pipeline.numerics import Numerics
     from pipeline.plan.trace import plain_token, synthetic_rows
     from stages.train import PairBatch, TrainContext, fresh_accelerator, make_optimizer, micro_step, setup_policy
 

@@ -2,7 +2,7 @@
 
 Loads the `skill` preset and samples the tuning questions (rows 1500-1999 of
 data/questions/skill_train.jsonl: never sampled by the default's make-pairs, never the held-out benchmark)
-through ``pipeline.completion.complete`` (the path eval takes; make-pairs' sampler calls the same
+through ``pipeline.sampling.completion.complete`` (the path eval takes; make-pairs' sampler calls the same
 ``sample_batch``) at the embedded default's shape (stages/run.yaml: gen 24, block 4, steps 24, dual KV cache):
 
 - ``eval``: greedy, one completion per question;
@@ -40,10 +40,10 @@ def matmul_gflops(n: int = 1024, reps: int = 5) -> float:
 
 
 def main() -> None:
-    from pipeline.answers import is_correct
-    from pipeline.completion import complete
-    from pipeline.intervals import wilson_interval
-    from pipeline.numerics import Numerics, load
+    from pipeline.evaluation.intervals import wilson_interval
+    from pipeline.grading.answers import is_correct
+    from pipeline.models.numerics import Numerics, load
+    from pipeline.sampling.completion import complete
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=500)

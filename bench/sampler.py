@@ -1,4 +1,4 @@
-"""Sampler speed: pipeline.sampler.generate against the published procedure, same model, same run.
+"""Sampler speed: pipeline.sampling.sampler.generate against the published procedure, same model, same run.
 
 The baseline follows LLaDA's published sampling loop as described in
 shared/reference/llada.md: full-vocabulary logits at every position each
@@ -11,7 +11,7 @@ temperature 0 both must produce the same tokens (checked).
 
 ``--mode fast``: the exact sampler against Fast-dLLM's settings (prefix and
 dual KV cache, threshold 0.9, and the two combined) on a model's greedy
-answers to held-out questions, through ``pipeline.completion.complete`` (the
+answers to held-out questions, through ``pipeline.sampling.completion.complete`` (the
 path eval takes): tokens/s, speed-up against exact, forward passes, share of
 completions identical to exact, and task accuracy k/n with its Wilson 95%
 interval. ``--model`` takes a preset or a model folder (a skilled model).
@@ -27,7 +27,7 @@ import time
 import torch
 
 from pipeline.models.llada import LLaDAConfig, LLaDAModelLM
-from pipeline.sampler import generate, num_transfer_tokens
+from pipeline.sampling.sampler import generate, num_transfer_tokens
 
 
 @torch.no_grad()
@@ -70,10 +70,10 @@ def fast_mode(args) -> None:
     from fast_sampling import best, compare, count_passes, format_rows
     from score import matmul_flops
 
-    from pipeline.answers import is_correct
-    from pipeline.completion import complete
+    from pipeline.data.readers import jsonl_objects
+    from pipeline.grading.answers import is_correct
     from pipeline.models import load_model
-    from pipeline.readers import jsonl_objects
+    from pipeline.sampling.completion import complete
 
     torch.set_num_threads(args.threads) if args.threads else None
     items = [row for _, row in jsonl_objects(Path(args.questions))][: args.limit]

@@ -4,7 +4,7 @@ Both estimate the same ELBO of the same GSM8K pairs (prompt = question as a chat
 turn, chosen = the reference solution, rejected = an incorrect model solution),
 with the same model and the same n Monte Carlo samples per response.
 
-- ours: ``pipeline.diffusion``: seeded stratified masks, every (pair, side,
+- ours: ``pipeline.estimator.diffusion``: seeded stratified masks, every (pair, side,
   sample) row of all pairs in length-sorted padded batches under a token
   budget, padding masked out of attention, the LM head applied to masked
   positions only, log-softmax in chunks.
@@ -52,11 +52,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.devices import DTYPE_NAMES, torch_dtype
-from pipeline.diffusion import ScoreRequest, elbo_terms, mask_seed, sample_masks
+from pipeline.core.devices import DTYPE_NAMES, torch_dtype
+from pipeline.data.tokenize import tokenize_pair
+from pipeline.estimator.diffusion import ScoreRequest, elbo_terms, mask_seed, sample_masks
 from pipeline.models import LLaDAModelLM, build_preset, preset_tokenizer
 from pipeline.models.presets import preset_config
-from pipeline.tokenize import tokenize_pair
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"
@@ -288,8 +288,8 @@ def ours_process(spec: dict) -> dict:
     import pyarrow.parquet as pq
 
     import pipeline.models.llada as llada
+    import pipeline.models.numerics as numerics
     import pipeline.models.scoring as scoring
-    import pipeline.numerics as numerics
     import stages.score_ref as score_ref
     from stages import cli
 
@@ -323,9 +323,9 @@ def llada_process(spec: dict) -> dict:
     import pyarrow.ipc as ipc
 
     import pipeline.models.llada as llada
+    from pipeline.data.prompts import resolve_chat_template
+    from pipeline.data.tokenize import tokenize_pair
     from pipeline.models import load_model
-    from pipeline.prompts import resolve_chat_template
-    from pipeline.tokenize import tokenize_pair
 
     ph = Phases()
     t0 = time.perf_counter()

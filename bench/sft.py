@@ -1,9 +1,9 @@
 """SFT training throughput: the LM head on masked rows only vs the full-vocabulary MDLM loss (dllm's way).
 
 Both run the same training steps (forward, backward, AdamW) of LLaDA's SFT objective on the same model,
-the same batches and the same masks (pipeline/sft.py's seeded draws):
+the same batches and the same masks (pipeline/estimator/sft_objective.py's seeded draws):
 
-- ours: ``pipeline.sft.sft_loss``: the body once, the head and a float32 log-softmax on the masked rows
+- ours: ``pipeline.estimator.sft_objective.sft_loss``: the body once, the head and a float32 log-softmax on the masked rows
   only (``MaskedRowScorer``), per-sequence sums divided by t and the response length;
 - full vocabulary (as dllm's MDLM trainer computes it): ``model(noisy).logits`` at every position, then the
   masked positions selected, cross-entropy divided by t, summed and divided by the response length.
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from score import DTYPES, build_model, matmul_flops, sync  # noqa: E402  (bench/score.py's helpers)
 
-from pipeline.sft import collate, draw_masks, sft_loss  # noqa: E402
+from pipeline.estimator.sft_objective import collate, draw_masks, sft_loss  # noqa: E402
 
 
 def parse_args(argv=None):

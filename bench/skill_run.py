@@ -22,7 +22,7 @@ to another machine (``scaled_to_80`` = wall x measured / 80 GFLOP/s).
 to 0, 1, ..., N-1 (everything stochastic: the sampled pairs, the mask draws, the data order); seed 0 is the
 embedded default. Printed: each seed's before/after counts with its paired 95% interval (eval's per-item
 records, Newcombe), the mean gain over seeds with its spread, and a pooled 95% interval from a two-level
-bootstrap over seeds and held-out *problems* (pipeline.seed_bootstrap: the 1,000 held-out questions are 573
+bootstrap over seeds and held-out *problems* (pipeline.evaluation.seed_bootstrap: the 1,000 held-out questions are 573
 problems, a problem being its worked solution, i.e. its operations and numbers, under different names and
 items; resampling questions would count near-copies as independent). With both ``dpo_nll`` and ``rft`` in
 ``--variants``, also DPO+NLL against RFT on the same seed (the same sampled pairs; RFT trains the same steps on
@@ -147,7 +147,7 @@ def share_samples(flags: dict, out: Path, earlier: dict[tuple, Path], samples_fr
 
         out.mkdir(parents=True)
         _write_report(merged_config(None, flags), [], None)  # claims the folder as this run's, as run does first
-        from pipeline.atomic import atomic_path
+        from pipeline.core.atomic import atomic_path
 
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target, record=True) as tmp:  # recorded as lldm-dpo's: make-pairs may rewrite it
@@ -157,7 +157,7 @@ def share_samples(flags: dict, out: Path, earlier: dict[tuple, Path], samples_fr
 
 def run_variant(name: str, out: Path, sets: dict | None = None, tune: Path | None = None, seed: int | None = None,
                 earlier_samples: dict | None = None, samples_from: Path | None = None) -> dict:
-    from pipeline.intervals import format_accuracy, format_difference
+    from pipeline.evaluation.intervals import format_accuracy, format_difference
     from stages.run_all import merged_config, run
 
     flags = variant_flags(name, out, sets, tune, seed)
@@ -209,8 +209,8 @@ def problem_keys(benchmark: Path) -> list[str]:
 def seeds_summary(records: dict[str, dict[int, tuple[list[bool], list[bool]]]], keys: list[str]) -> dict:
     """Per variant: each seed's counts and paired interval, the mean gain and the pooled two-level interval;
     and DPO+NLL against RFT seed by seed when both ran."""
-    from pipeline.intervals import paired_difference_interval
-    from pipeline.seed_bootstrap import group_index, pooled_gain, within_problem_agreement
+    from pipeline.evaluation.intervals import paired_difference_interval
+    from pipeline.evaluation.seed_bootstrap import group_index, pooled_gain, within_problem_agreement
 
     groups = group_index(keys)
     out: dict = {"problems": len(set(groups)), "items": len(groups), "variants": {}}

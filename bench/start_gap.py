@@ -49,7 +49,7 @@ def parse_args(argv=None):
 
 
 def write_pairs(tmp: Path, tokenizer, count: int, min_len: int, max_len: int) -> Path:
-    from pipeline.tokenize import tokenize_pair
+    from pipeline.data.tokenize import tokenize_pair
     from stages.ingest import IngestConfig
     from stages.ingest import run as ingest
 
@@ -77,10 +77,10 @@ def write_pairs(tmp: Path, tokenizer, count: int, min_len: int, max_len: int) ->
 
 def sharpen(tmp: Path, pairs: Path, steps: int, samples: int) -> Path:
     """A few AdamW steps on the chosen responses' negative ELBO: the model's logits grow sharper."""
-    from pipeline.diffusion import ScoreRequest, elbo_terms, mask_seed, sample_masks
+    from pipeline.data.pairsfile import read_pairs
+    from pipeline.data.tokenize import tokenize_pair
+    from pipeline.estimator.diffusion import ScoreRequest, elbo_terms, mask_seed, sample_masks
     from pipeline.models import load_model
-    from pipeline.pairsfile import read_pairs
-    from pipeline.tokenize import tokenize_pair
 
     model, tok = load_model("tiny")
     model.train().requires_grad_(True)
@@ -107,11 +107,11 @@ def sharpen(tmp: Path, pairs: Path, steps: int, samples: int) -> Path:
 
 def step1_deltas(model_dir: Path, cache: Path, dtype: str, mixed_precision: str, batch_size: int) -> list[float]:
     """|delta| of every pair at step 1: the policy (the cache's model) on the cached masks, train's batches."""
-    from pipeline.cache import open_cache
-    from pipeline.diffusion import elbo_terms
+    from pipeline.estimator.diffusion import elbo_terms
+    from pipeline.estimator.replay import PairBatch, replay_requests
     from pipeline.models import load_model
-    from pipeline.numerics import autocast
-    from pipeline.replay import PairBatch, replay_requests
+    from pipeline.models.numerics import autocast
+    from pipeline.refcache.store import open_cache
 
     opened = open_cache(cache)
     rows = list(opened.rows(split="train"))
@@ -133,11 +133,11 @@ def step1_deltas(model_dir: Path, cache: Path, dtype: str, mixed_precision: str,
 
 def eval_before(model_dir: Path, cache: Path, old: bool) -> float:
     """Preference accuracy of the cache's own model: old = float32 in eval's own 8-pair batches."""
-    from pipeline.cache import open_cache
-    from pipeline.losses import reward_accuracy
+    from pipeline.estimator.losses import reward_accuracy
+    from pipeline.estimator.replay import rescore_part
     from pipeline.models import load_model
-    from pipeline.numerics import autocast, of_fingerprint
-    from pipeline.replay import rescore_part
+    from pipeline.models.numerics import autocast, of_fingerprint
+    from pipeline.refcache.store import open_cache
 
     opened = open_cache(cache)
     fp = opened.fingerprint

@@ -67,7 +67,7 @@ def cache_rows(pairs, samples: int, seed: int = 0, draws: int = 1) -> list[dict]
     Seeds and mask counts are what score-ref records; the reference terms are
     filled by ``fill_reference``.
     """
-    from pipeline.diffusion import mask_seed, sample_masks
+    from pipeline.estimator.diffusion import mask_seed, sample_masks
 
     rows = []
     for pid, prompt, chosen, rejected in pairs:
@@ -84,7 +84,7 @@ def cache_rows(pairs, samples: int, seed: int = 0, draws: int = 1) -> list[dict]
 
 def fill_reference(model, rows, fp, *, mask_token_id, pad_token_id, batch_tokens) -> None:
     """The reference's per-sample terms on the replayed masks (what score-ref caches), in place."""
-    from pipeline.diffusion import elbo_terms
+    from pipeline.estimator.diffusion import elbo_terms
     from stages.train import PairBatch, replay_requests
 
     for row in rows:

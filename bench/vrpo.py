@@ -8,7 +8,7 @@ questions, scored as that run scored them: its ``pad_to``, chat template, scheme
 independent draws; in each, the score ``delta = mean_k (T_pi,k(c) - T_ref,k(c)) - mean_k (T_pi,k(r) - T_ref,k(r))``
 for every configuration:
 
-- ``n x 1`` (the pipeline's estimator, ``pipeline.diffusion.sample_masks``: n stratified timesteps, one mask
+- ``n x 1`` (the pipeline's estimator, ``pipeline.estimator.diffusion.sample_masks``: n stratified timesteps, one mask
   each), n in 1, 2, 4, 8. The n = 1, 2, 4 draws are the nested sub-draws of the n = 8 draw (every 8/n-th of its
   stratified points: again a stratified draw with a uniform offset), so one scoring pass gives all four;
 - ``T x M`` splits of n = 4 and n = 8: T stratified timesteps (mask counts), M independent masks of each count
@@ -17,7 +17,7 @@ for every configuration:
   every n.
 
 The variance of delta across the replicates is averaged over pairs; the table gives it and its ratio to n = 8
-shared. Train's ``score_variance`` metric (the within-draw estimate, ``pipeline.score_variance``) is printed
+shared. Train's ``score_variance`` metric (the within-draw estimate, ``pipeline.estimator.score_variance``) is printed
 beside the n x 1 rows for comparison.
 
     OMP_NUM_THREADS=1 python bench/vrpo.py --run runs/default      # after `lldm-dpo run --out runs/default`
@@ -44,11 +44,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from pipeline.cache import open_cache  # noqa: E402
-from pipeline.diffusion import ScoreRequest, elbo_terms, mask_seed  # noqa: E402
+from pipeline.core.schemas import SIDES  # noqa: E402
+from pipeline.estimator.diffusion import ScoreRequest, elbo_terms, mask_seed  # noqa: E402
+from pipeline.estimator.score_variance import per_sample_scores, score_variance  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from pipeline.schemas import SIDES  # noqa: E402
-from pipeline.score_variance import per_sample_scores, score_variance  # noqa: E402
+from pipeline.refcache.store import open_cache  # noqa: E402
 
 BUDGETS = (1, 2, 4, 8)
 SPLITS = ((2, 2), (1, 4), (4, 2), (2, 4), (1, 8))
@@ -75,7 +75,7 @@ def nested(n_max: int, n: int) -> list[int]:
 
 def draw_requests(row: dict, side: str, replicate: int, seed: int, n_max: int, scheme: str, eps: float):
     """The requests of one replicate of one response: the n_max x 1 draw, then each T x M split."""
-    from pipeline.diffusion import sample_masks
+    from pipeline.estimator.diffusion import sample_masks
 
     ids, prompt = row[f"{side}_ids"], row["prompt_ids"]
     base = mask_seed(seed, row["pair_id"], side, 1000 + replicate)  # draws past any cache's (0..draws-1)
@@ -141,7 +141,7 @@ def accuracy_cells(run: Path, seeds: int, budgets, out: Path) -> None:
 
     import pyarrow.parquet as pq
 
-    from pipeline.intervals import paired_difference_interval
+    from pipeline.evaluation.intervals import paired_difference_interval
     from stages import evaluate, score_ref, train
     from stages.run_all import merged_config, planned_epochs
     from stages.run_rounds import round_configs

@@ -97,8 +97,8 @@ def sft_config(args, data: Path, init: Path, run_dir: Path):
 
 
 def greedy_correct(model, tokenizer, rows, batch_size: int = 64) -> int:
-    from pipeline.answers import is_correct
-    from pipeline.completion import complete
+    from pipeline.grading.answers import is_correct
+    from pipeline.sampling.completion import complete
 
     model.eval()
     done = complete(model, tokenizer, [r["question"] for r in rows], chat_template=True, batch_size=batch_size,
@@ -129,7 +129,7 @@ def save_bf16(model, tokenizer, out: Path) -> str:
 def first_losses(run_dir: Path, n: int = 5) -> list[float]:
     import pyarrow.parquet as pq
 
-    from pipeline.layout import METRICS_FILE
+    from pipeline.core.paths import METRICS_FILE
 
     table = pq.read_table(run_dir / METRICS_FILE, columns=["step", "loss"]).to_pylist()
     return [round(r["loss"], 6) for r in sorted(table, key=lambda r: r["step"])[:n]]
@@ -145,8 +145,8 @@ def choose(history: list[dict], stop_at: float) -> dict:
 
 
 def train(args, log=print) -> dict:
-    from pipeline.checkpoint import list_checkpoints
-    from pipeline.layout import FINAL_DIR
+    from pipeline.core.paths import FINAL_DIR
+    from pipeline.trainer.checkpoint import list_checkpoints
     from stages.sft import run as sft_run
 
     splits = generate(args.data_seed, sft=args.sft_examples)

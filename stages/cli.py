@@ -22,8 +22,8 @@ import sys
 import typer
 
 from pipeline import __version__
-from pipeline.errors import UserError
-from pipeline.stagecli import help_markup_mode
+from pipeline.cli.commands import help_markup_mode
+from pipeline.core.errors import UserError
 
 # Each command lives beside its stage as a plain function; registered here by
 # name so this file stays the one index of the command line.

@@ -6,7 +6,7 @@
   B_ref(r))) is positive (ties count one half, so the reference itself scores
   0.5). Also the ELBO accuracy: the share where the model's own B(c) > B(r).
 - Task accuracy: completions from LLaDA's sampler on a benchmark of questions
-  with numeric answers, graded by ``pipeline.answers``; per-item rows go to
+  with numeric answers, graded by ``pipeline.grading.answers``; per-item rows go to
   ``task_results.parquet``.
 - Multiple choice: each option's ELBO given the question; the highest wins.
 """
@@ -27,36 +27,36 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.answers import reference_answer
-from pipeline.atomic import atomic_path, check_replaceable, check_writable, remove_owned, write_json_atomic
-from pipeline.cache import check_reference_model, open_cache, read_part
-from pipeline.choices import read_choices
-from pipeline.completion import complete, config_error
-from pipeline.config import check_device, check_ranges, require_choice
-from pipeline.devices import DTYPE_NAMES, PRECISION_NAMES, resolve_device
-from pipeline.diffusion import mask_seed, masked_request
-from pipeline.errors import ConfigError, UserError
-from pipeline.evalrecord import environment
-from pipeline.intervals import (
+from pipeline.cli.commands import print_summary, stage_command, summary_dict
+from pipeline.core.atomic import atomic_path, check_replaceable, check_writable, remove_owned, write_json_atomic
+from pipeline.core.config import check_device, check_ranges, require_choice
+from pipeline.core.devices import DTYPE_NAMES, PRECISION_NAMES, resolve_device
+from pipeline.core.errors import ConfigError, UserError
+from pipeline.core.lazy import deferred
+from pipeline.core.lock import output_lock
+from pipeline.core.paths import EVAL_FILE, TASK_RESULTS
+from pipeline.core.progress import progress_bar
+from pipeline.core.schemas import SIDES
+from pipeline.data.choices import read_choices
+from pipeline.data.prompts import encode_continuation, follow_cache, resolve_chat_template
+from pipeline.data.readers import jsonl_objects
+from pipeline.estimator.diffusion import mask_seed, masked_request
+from pipeline.estimator.losses import pair_statistics
+from pipeline.estimator.replay import PairBatch, elbo_pass, replay_requests, rescore_part, seeded_request
+from pipeline.evaluation.evalrecord import environment
+from pipeline.evaluation.intervals import (
     credits_record,
     few_items_warning,
     format_accuracy,
     format_difference,
     paired_difference_interval,
 )
-from pipeline.layout import EVAL_FILE, TASK_RESULTS
-from pipeline.lazy import deferred
-from pipeline.lock import output_lock
-from pipeline.losses import pair_statistics
-from pipeline.numerics import Numerics, autocast, follow, load, of_fingerprint
-from pipeline.progress import progress_bar
-from pipeline.prompts import encode_continuation, follow_cache, resolve_chat_template
-from pipeline.readers import jsonl_objects
-from pipeline.replay import PairBatch, elbo_pass, replay_requests, rescore_part, seeded_request
-from pipeline.sampler import check_fast_settings
-from pipeline.schemas import SIDES
-from pipeline.stagecli import print_summary, stage_command, summary_dict
-from pipeline.verifiers import ANSWER_FORMATS, check_verifier_name, get_verifier
+from pipeline.grading.answers import reference_answer
+from pipeline.grading.verifiers import ANSWER_FORMATS, check_verifier_name, get_verifier
+from pipeline.models.numerics import Numerics, autocast, follow, load, of_fingerprint
+from pipeline.refcache.store import check_reference_model, open_cache, read_part
+from pipeline.sampling.completion import complete, config_error
+from pipeline.sampling.sampler import check_fast_settings
 
 torch = deferred("torch")  # imported by a run: eval --help and a refused flag need only EvalConfig
 
@@ -101,7 +101,7 @@ class EvalConfig:
     benchmark: Optional[Path] = None
     """JSONL of {question, answer} for task accuracy (GSM8K '#### N' and 'A: N' answers understood)."""
     verifier: str = "answer"
-    """How task answers are graded (pipeline/verifiers.py): answer, arithmetic (also checks each `a op b = c`
+    """How task answers are graded (pipeline/grading/verifiers.py): answer, arithmetic (also checks each `a op b = c`
     line of the working and reports the share of correct answers whose working is right) or math-verify."""
     answer_format: str = "auto"
     """Where a completion's answer is read: #### (strict), any (also \\boxed, A:, 'the answer is', the last
@@ -139,7 +139,7 @@ class EvalConfig:
     batch_tokens: int = 16384
     """Token budget of one scoring forward pass (multiple choice, training sample; held-out pairs use the cache's)."""
     chat_template: Optional[bool] = None
-    """Render prompts with the tokenizer's chat template (pipeline/prompts.py); default: the cache's rule when
+    """Render prompts with the tokenizer's chat template (pipeline/data/prompts.py); default: the cache's rule when
     `scores` is given, else on when the tokenizer has a template. A setting that differs from the cache's is refused."""
     normalize: str = "none"
     """Multiple-choice score of an option: none (its ELBO, LLaDA's protocol) or length (ELBO per option token)."""
@@ -215,7 +215,7 @@ class EvalResult:
     choice_accuracy: dict[str, float] = field(default_factory=dict)
     intervals: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per accuracy-like figure: {"before"/"after": {value, count, n, low, high (95% Wilson)}, "difference":
-    after - before on the same items with Newcombe's paired interval} (pipeline.intervals)."""
+    after - before on the same items with Newcombe's paired interval} (pipeline.evaluation.intervals)."""
     mc_spread: dict[str, dict[str, Any]] = field(default_factory=dict)
     """With mc_seeds > 1: per ELBO-based figure and model, its value under each mask seed, mean, sd, min, max."""
     lm_eval: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -231,7 +231,7 @@ def preference_scores(model, tokenizer, cache, split: str, beta: float, numerics
     """The model's ELBOs on the held-out pairs, rescored part by part as score-ref scored them (same
     requests, order, token budget and numerics: the cache's own model gives every pair delta = 0 exactly),
     against the cached reference; with ``limit``, whole parts until that many pairs of the split are in.
-    Accuracy uses the one tie rule (pipeline.losses.reward_accuracy)."""
+    Accuracy uses the one tie rule (pipeline.estimator.losses.reward_accuracy)."""
     fp = cache.fingerprint
     batch_tokens = int(cache.manifest.get("config", {}).get("batch_tokens", 16384))
     device = next(model.parameters()).device
@@ -335,7 +335,7 @@ def training_sample(cache, size: int, seed: int) -> list[dict]:
 
 def read_benchmark(path: Path) -> list[dict]:
     """The benchmark's {question, answer} records; an answer that cannot be read as a number (a fraction, a
-    marked solution '#### N', ...: pipeline.answers.reference_answer) is a one-line error naming the record."""
+    marked solution '#### N', ...: pipeline.grading.answers.reference_answer) is a one-line error naming the record."""
     items = []
     for where, item in jsonl_objects(path):
         for key in ("question", "answer"):
@@ -380,7 +380,7 @@ def working_figures(rows: list[dict]) -> tuple[list[int], dict[str, Any]] | None
 def choice_requests(tokenizer, item: dict, index: int, *, samples: int, seed: int, chat_template: bool,
                     where: str = "item") -> list:
     """One ScoreRequest per option, as LLaDA evaluates multiple choice: question and option encoded
-    jointly (pipeline.prompts.encode_continuation), the option's tokens the masked continuation, no EOS."""
+    jointly (pipeline.data.prompts.encode_continuation), the option's tokens the masked continuation, no EOS."""
     requests = []
     for j, option in enumerate(item["options"]):
         context, continuation = encode_continuation(tokenizer, item["question"], str(option),
@@ -522,7 +522,7 @@ def _run(cfg: EvalConfig) -> EvalResult:
             if cfg.mc_seeds > 1:
                 spreads.setdefault("choice_accuracy", {})[label] = spread([sum(c) / len(mc) for c in per_seed], seeds)
         if lm_tasks:
-            from pipeline.lm_eval_model import run_tasks
+            from pipeline.evaluation.lm_eval_model import run_tasks
 
             docs: dict[str, list[float]] = {}
             scores = run_tasks(model, tokenizer, lm_tasks, include_path=cfg.lm_eval_include_path,

@@ -25,9 +25,16 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
-from pipeline.atomic import check_replaceable, check_writable, file_sha256, sweep_stale
-from pipeline.cache import fingerprint_digest, open_cache
-from pipeline.completion import (
+from pipeline.cli.commands import emit_json, print_summary, stage_command
+from pipeline.core.atomic import check_replaceable, check_writable, file_sha256, sweep_stale
+from pipeline.core.config import config_to_dict
+from pipeline.core.errors import UserError
+from pipeline.core.lock import output_lock
+from pipeline.core.progress import progress_bar
+from pipeline.data.prompts import follow_cache, resolve_chat_template
+from pipeline.data.readers import jsonl_objects
+from pipeline.refcache.store import fingerprint_digest, open_cache
+from pipeline.sampling.completion import (
     SAMPLING_RANGES,
     append_jsonl,
     check_sampling,
@@ -38,13 +45,6 @@ from pipeline.completion import (
     sampler_settings,
     write_jsonl,
 )
-from pipeline.config import config_to_dict
-from pipeline.errors import UserError
-from pipeline.lock import output_lock
-from pipeline.progress import progress_bar
-from pipeline.prompts import follow_cache, resolve_chat_template
-from pipeline.readers import jsonl_objects
-from pipeline.stagecli import emit_json, print_summary, stage_command
 
 RANGES = SAMPLING_RANGES
 """The valid interval of every numeric field (checked first in __post_init__)."""
@@ -84,7 +84,7 @@ class GenerateConfig:
     """Seed of the per-prompt noise generators (used when temperature > 0 or remasking is random)."""
     chat_template: Optional[bool] = None
     """Wrap each text prompt as a user turn in the tokenizer's chat template; false: raw text. Default: the
-    rendering of `scores` when given, else on when the tokenizer has a template (pipeline/prompts.py)."""
+    rendering of `scores` when given, else on when the tokenizer has a template (pipeline/data/prompts.py)."""
     scores: Optional[str] = None
     """A reference-score cache whose prompt rendering to follow (generating for a run trained on it)."""
     limit: int = 0

@@ -29,12 +29,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from pipeline.atomic import atomic_path, check_replaceable, check_writable
-from pipeline.config import check_ranges, require
-from pipeline.errors import ConfigError, UserError
-from pipeline.layout import quarantine_path_for
-from pipeline.lock import output_lock
-from pipeline.pairs import (
+from pipeline.cli.commands import emit_json, stage_command
+from pipeline.core.atomic import atomic_path, check_replaceable, check_writable
+from pipeline.core.config import check_ranges, require
+from pipeline.core.errors import ConfigError, UserError
+from pipeline.core.lock import output_lock
+from pipeline.core.paths import quarantine_path_for
+from pipeline.core.schemas import PAIRS_SCHEMA, REASON_CODES, SPLITS
+from pipeline.data.pairs import (
     FieldMap,
     Invalid,
     arrow_clean_mask,
@@ -45,7 +47,7 @@ from pipeline.pairs import (
     split_of,
     validate_record,
 )
-from pipeline.readers import (
+from pipeline.data.readers import (
     TOO_DEEP,
     Record,
     arrow_segments,
@@ -59,8 +61,6 @@ from pipeline.readers import (
     parse_fields_with_arrow,
     parse_line,
 )
-from pipeline.schemas import PAIRS_SCHEMA, REASON_CODES, SPLITS
-from pipeline.stagecli import emit_json, stage_command
 
 DEFAULT_OUT = "data/out/pairs.arrow"
 _BATCH_ROWS = 4096
@@ -403,7 +403,7 @@ def run(cfg: IngestConfig) -> IngestResult:
         workers = cfg.workers if total >= _PARALLEL_MIN_BYTES and any(is_line_oriented(p) for p in paths) else 1
         progress = None
         if cfg.progress and total >= _PROGRESS_MIN_BYTES:  # smaller inputs finish before a bar is worth drawing
-            from pipeline.progress import byte_progress
+            from pipeline.core.progress import byte_progress
 
             progress = byte_progress("ingest")
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import typer
 
-from pipeline.config import require_choice
-from pipeline.devices import DTYPE_NAMES
-from pipeline.stagecli import emit_json, stage_command
+from pipeline.cli.commands import emit_json, stage_command
+from pipeline.core.config import require_choice
+from pipeline.core.devices import DTYPE_NAMES
 
 
 @dataclass

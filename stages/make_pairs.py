@@ -3,12 +3,12 @@
 Input: JSONL of {question, answer} records (GSM8K answers, ``A: N`` solutions
 or bare numbers). For each question the model draws ``num_generations``
 solutions with LLaDA's sampler; each is graded against the reference answer
-by the ``verifier`` (``pipeline.verifiers``: ``answer``, ``arithmetic`` which
+by the ``verifier`` (``pipeline.grading.verifiers``: ``answer``, ``arithmetic`` which
 also checks each ``a op b = c`` line of the working, ``math-verify``) under
 the ``answer_format`` (``auto``: strict ``#### N`` where the reference is a
 bare number or a ``####`` solution, no last-number fallback); samples with the
 right answer (and right working, where the verifier checks it) are chosen and
-wrong answers rejected (``pipeline.selfpairs`` holds the pairing policy).
+wrong answers rejected (``pipeline.sampling.selfpairs`` holds the pairing policy).
 Outputs, beside each other:
 
 * ``OUT`` (JSONL): TRL standard-format pairs ``prompt``, ``chosen``,
@@ -39,8 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.atomic import check_replaceable, check_writable, sweep_stale
-from pipeline.completion import (
+from pipeline.cli.commands import print_summary, stage_command, summary_dict
+from pipeline.core.atomic import check_replaceable, check_writable, sweep_stale
+from pipeline.core.config import require
+from pipeline.core.errors import ConfigError, UserError
+from pipeline.core.lock import output_lock
+from pipeline.core.progress import progress_bar
+from pipeline.data.pairs import normalize_text
+from pipeline.evaluation.intervals import accuracy_record, format_accuracy
+from pipeline.grading.verifiers import ANSWER_FORMATS, check_verifier_name, get_verifier
+from pipeline.sampling.completion import (
     SAMPLING_RANGES,
     append_jsonl,
     check_sampling,
@@ -50,13 +58,7 @@ from pipeline.completion import (
     sampler_settings,
     write_jsonl,
 )
-from pipeline.config import require
-from pipeline.errors import ConfigError, UserError
-from pipeline.intervals import accuracy_record, format_accuracy
-from pipeline.lock import output_lock
-from pipeline.pairs import normalize_text
-from pipeline.progress import progress_bar
-from pipeline.selfpairs import (
+from pipeline.sampling.selfpairs import (
     DiffusionSampler,
     PairingPolicy,
     Question,
@@ -67,8 +69,6 @@ from pipeline.selfpairs import (
     read_questions,
     sample_seed,
 )
-from pipeline.stagecli import print_summary, stage_command, summary_dict
-from pipeline.verifiers import ANSWER_FORMATS, check_verifier_name, get_verifier
 
 RANGES = {"num_generations": "[1, inf)", "pairs_per_question": "[1, inf)", **SAMPLING_RANGES, "round": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
@@ -97,7 +97,7 @@ class MakePairsConfig:
     reference_solution_fallback: bool = False
     """When no sample of a question is correct, pair the reference solution (chosen) with wrong samples instead of skipping it."""
     verifier: str = "answer"
-    """How a sample is graded (pipeline/verifiers.py): answer (the final answer), arithmetic (also each `a op b = c`
+    """How a sample is graded (pipeline/grading/verifiers.py): answer (the final answer), arithmetic (also each `a op b = c`
     line of the working: a chosen sample must pass it, a rejected one has a wrong answer) or math-verify
     (answer equivalence by the math-verify package)."""
     answer_format: str = "auto"
@@ -127,7 +127,7 @@ class MakePairsConfig:
     seed: int = 0
     """Seed of every sample's noise generator (with the question id and sample index)."""
     chat_template: Optional[bool] = None
-    """Wrap each question as a user turn in the tokenizer's chat template; false: raw text; default: on when the tokenizer has one (pipeline/prompts.py). Score-ref the pairs under the same rule."""
+    """Wrap each question as a user turn in the tokenizer's chat template; false: raw text; default: on when the tokenizer has one (pipeline/data/prompts.py). Score-ref the pairs under the same rule."""
     limit: int = 0
     """Use the first N questions only (0: all)."""
     round: int = 0
@@ -194,7 +194,7 @@ class MakePairsResult:
     model_sha256: str
     details: dict[str, Any] = field(default_factory=dict)
     intervals: dict[str, Any] = field(default_factory=dict)
-    """sample_accuracy and pass_at_k with their counts and 95% Wilson intervals (pipeline.intervals). pass@k's
+    """sample_accuracy and pass_at_k with their counts and 95% Wilson intervals (pipeline.evaluation.intervals). pass@k's
     unit is the question; sample accuracy's is the sample, and the k samples of one question are not
     independent, so its interval understates the uncertainty (take pass@k's for question-level claims)."""
 

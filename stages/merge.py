@@ -11,12 +11,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.atomic import atomic_dir, check_writable
-from pipeline.config import require_choice
-from pipeline.devices import DTYPE_NAMES, torch_dtype
-from pipeline.errors import UserError
-from pipeline.layout import LORA_ADAPTER_CONFIG as ADAPTER_CONFIG
-from pipeline.stagecli import stage_command, summarize
+from pipeline.cli.commands import stage_command, summarize
+from pipeline.core.atomic import atomic_dir, check_writable
+from pipeline.core.config import require_choice
+from pipeline.core.devices import DTYPE_NAMES, torch_dtype
+from pipeline.core.errors import UserError
+from pipeline.core.paths import LORA_ADAPTER_CONFIG as ADAPTER_CONFIG
 
 
 def load_model(*args, **kwargs):

@@ -19,9 +19,10 @@ from typing import Any, Optional
 
 import typer
 
-from pipeline.config import check_ranges, config_to_yaml, load_config, read_config_file, require
-from pipeline.errors import ConfigError, UserError
-from pipeline.stagecli import emit_json, stage_command
+from pipeline.cli.commands import emit_json, stage_command
+from pipeline.cli.loading import load_config
+from pipeline.core.config import check_ranges, config_to_yaml, read_config_file, require
+from pipeline.core.errors import ConfigError, UserError
 
 STAGES = {"score-ref": ("stages.score_ref", "ScoreRefConfig"), "train": ("stages.train", "TrainConfig"),
           "generate": ("stages.generate", "GenerateConfig")}
@@ -116,7 +117,7 @@ def fitting_recipes(cfg: PlanConfig, stage_cfg, shape, plan) -> tuple[list[dict[
     if found and cfg.verify:
         recipes.verify(stage_cfg, shape, found[0], cfg.device_bytes, cfg.device, plan.reserve)
         method += "; the first traced as plan traces any setting"
-    from pipeline.trl_names import translate
+    from pipeline.cli.trl_names import translate
 
     options = translate(type(stage_cfg), dict(cfg.options), f"plan {cfg.stage} options")  # TRL's names as ours
     out = []
@@ -156,7 +157,7 @@ def _option_flags(options: dict[str, Any], skip: set[str]) -> list[str]:
 
 
 def parse_stage_flags(cls, args: list[str], stage: str) -> dict[str, Any]:
-    """The stage's own flags after STAGE, parsed by the stage's generated command (pipeline.stagecli): the same
+    """The stage's own flags after STAGE, parsed by the stage's generated command (pipeline.cli.commands): the same
     spellings, types, ``--x/--no-x`` booleans and TRL names as ``lldm-dpo STAGE``. Returns the flags given (by
     field name; TRL names as written), for the stage's config to resolve."""
     given: dict[str, Any] = {}

@@ -16,9 +16,9 @@ Views (DESIGN "What lldm-dpo query exposes"; the names are a contract):
   ``--run RUN_DIR`` once evaluated): one row per run, figure and model (``before``, ``after``,
   ``difference``) with ``value``, ``count``, ``n``, ``low``/``high`` (95% Wilson; Newcombe's paired
   interval for the difference), ``method``, and the record's ``device_name``, ``torch``, ``dtype``,
-  ``mixed_precision``, ``seed`` (pipeline/evalrecord.py);
+  ``mixed_precision``, ``seed`` (pipeline/evaluation/evalrecord.py);
 - ``rounds`` (``--rounds-run OUT``: a ``run --rounds`` folder, also picked up from ``--samples OUT``):
-  ``OUT/rounds.parquet``, one row per round (round 0 the original model; pipeline/schemas.py ROUNDS_SCHEMA).
+  ``OUT/rounds.parquet``, one row per round (round 0 the original model; pipeline/core/schemas.py ROUNDS_SCHEMA).
 
 Named queries live in ``stages/queries/NAME.sql`` (``--preset NAME``).
 """
@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.errors import UserError
-from pipeline.evalrecord import RESULT_COLUMNS, result_rows
-from pipeline.layout import EVAL_FILE, METRICS_FILE, ROUNDS_TABLE, TASK_RESULTS, quarantine_path_for
-from pipeline.stagecli import stage_command
+from pipeline.cli.commands import stage_command
+from pipeline.core.errors import UserError
+from pipeline.core.paths import EVAL_FILE, METRICS_FILE, ROUNDS_TABLE, TASK_RESULTS, quarantine_path_for
+from pipeline.evaluation.evalrecord import RESULT_COLUMNS, result_rows
 
 QUERIES_DIR = Path(__file__).resolve().parent / "queries"
 _QUARANTINE_TYPES = {"source": "VARCHAR", "line": "BIGINT", "reason": "VARCHAR", "message": "VARCHAR", "raw": "VARCHAR"}
@@ -89,9 +89,9 @@ def open_connection(pairs=None, quarantine=None, scores=None, run=None, samples=
     import duckdb
     import pyarrow as pa
 
-    from pipeline.report import read_json_object
-    from pipeline.schemas import QUARANTINE_FIELDS  # here, not at the top: `query --help` needs no pyarrow
-    from pipeline.selfpairs import SAMPLE_COLUMNS
+    from pipeline.core.schemas import QUARANTINE_FIELDS  # here, not at the top: `query --help` needs no pyarrow
+    from pipeline.report.visual import read_json_object
+    from pipeline.sampling.selfpairs import SAMPLE_COLUMNS
 
     con = duckdb.connect(":memory:")
     files = [] if files is None else files
@@ -166,7 +166,7 @@ def _parquet_view(con, name: str, path: Path, files: list[Path], missing: str | 
 def _score_parts(scores: Path) -> list[Path]:
     """The parts of a finished cache, as its manifest lists them, each checked against its recorded sha256 (an
     altered, cut or missing part is named, never shown as if it were the cache)."""
-    from pipeline.cache import open_cache
+    from pipeline.refcache.store import open_cache
 
     if not scores.is_dir():
         raise UserError(f"{scores}: no part-*.parquet score files (folder not found)")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipeline.stagecli import emit_json, stage_command
+from pipeline.cli.commands import emit_json, stage_command
 
 
 @dataclass
@@ -20,7 +20,7 @@ class ReportConfig:
 
 
 def run(cfg: ReportConfig):
-    from pipeline.report import write_report
+    from pipeline.report.visual import write_report
 
     return write_report(cfg.run_dir, cfg.out_html, cfg.out_png)
 

@@ -36,12 +36,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Column, Table
 
-from pipeline.atomic import atomic_path, check_writable, file_sha256, write_json_atomic, write_text_atomic
-from pipeline.config import config_to_dict
-from pipeline.errors import ConfigError, UserError
-from pipeline.intervals import format_accuracy, format_difference, paired_difference_interval
-from pipeline.layout import PAIRS_FILE, ROUNDS_PNG, ROUNDS_TABLE
-from stages.run_all import _shipped, load_stages, score_train_eval, stage_timer
+from pipeline.core.atomic import atomic_path, check_writable, file_sha256, write_json_atomic, write_text_atomic
+from pipeline.core.config import config_to_dict
+from pipeline.core.errors import ConfigError, UserError
+from pipeline.core.paths import PAIRS_FILE, ROUNDS_PNG, ROUNDS_TABLE
+from pipeline.evaluation.intervals import format_accuracy, format_difference, paired_difference_interval
+from stages.run_stages import load_stages, score_train_eval, shipped_path, stage_timer
 
 PROVENANCE_FIELDS = ["question_id", "chosen_from", "chosen_sample", "rejected_sample", "chosen_answer",
                      "rejected_answer", "reference_answer", "model", "model_sha256", "seed", "round"]
@@ -74,7 +74,7 @@ def round_configs(cfg, r: int, start_model: str, ref_model: str, has_eval_pairs:
     d = round_dir(cfg.out, r)
     rendering = _chat_template(cfg)
     shown = {"device": cfg.device, "progress": cfg.progress}  # a section's own settings win
-    mp = {**shown, **cfg.make_pairs, "questions": _shipped(str(cfg.questions)), "model": start_model,
+    mp = {**shown, **cfg.make_pairs, "questions": shipped_path(str(cfg.questions)), "model": start_model,
           "out": str(d / "pairs.jsonl"), "round": r}
     ingest = {"progress": cfg.progress, **{k: v for k, v in cfg.ingest.items() if k != "inputs"},
               "inputs": [str(d / "pairs.jsonl")], "out": str(d / PAIRS_FILE),
@@ -109,7 +109,7 @@ def _chat_template(cfg):
 
 def _fingerprint(cfg, configs, start_model: str, ref_model: str) -> dict[str, Any]:
     from pipeline.models import model_identity
-    from pipeline.selfpairs import identity_digest
+    from pipeline.sampling.selfpairs import identity_digest
 
     # Paths inside the round folder are the same on every rerun; devices do not decide results.
     stages = {name: {k: v for k, v in config_to_dict(c).items() if k not in ("device", "progress")}
@@ -316,8 +316,8 @@ def _write_report(cfg, summaries, initial_acc) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.report import rounds_png
-    from pipeline.schemas import ROUNDS_SCHEMA
+    from pipeline.core.schemas import ROUNDS_SCHEMA
+    from pipeline.report.visual import rounds_png
 
     write_json_atomic(cfg.out / ROUNDS_FILE, {"config": _run_identity(cfg), "rounds": summaries,
                                               "initial_task_accuracy": initial_acc})
@@ -334,7 +334,7 @@ def _write_report(cfg, summaries, initial_acc) -> Path:
 def print_rounds_summary(result: RoundsResult, console: Console | None = None) -> None:
     """The headline, then the table across rounds when the terminal shows it whole (about 120 columns and up),
     else each round's figures one (metric, value) a line."""
-    from stages.run_all import figure_table, fits_wide
+    from stages.run_stages import figure_table, fits_wide
 
     console = console or Console()
     title = (f"lldm-dpo run --rounds: done in {result.seconds:.0f}s "

@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import __version__
-from pipeline.atomic import (
+from pipeline.cli.commands import print_summary, stage_command, summary_dict
+from pipeline.core.atomic import (
     atomic_path,
     check_replaceable,
     check_writable,
@@ -37,7 +38,18 @@ from pipeline.atomic import (
     sweep_stale,
     write_json_atomic,
 )
-from pipeline.cache import (
+from pipeline.core.config import check_device, check_ranges, config_to_dict, require_choice
+from pipeline.core.devices import DTYPE_NAMES, PRECISION_NAMES, process_state, resolve_device
+from pipeline.core.errors import CacheMismatch, ConfigError, UserError
+from pipeline.core.lazy import deferred
+from pipeline.core.lock import output_lock
+from pipeline.core.progress import progress_bar
+from pipeline.core.schemas import SCORES_MANIFEST, SCORES_SCHEMA, SIDES
+from pipeline.data.pairsfile import pairs_sha256, read_pairs
+from pipeline.data.prompts import PROMPT_RENDERER, resolve_chat_template
+from pipeline.data.tokenize import tokenize_pair
+from pipeline.estimator.diffusion import SCHEMES, forward_batches, mask_seed, masked_request
+from pipeline.refcache.store import (
     IN_PROGRESS,
     PART_PATTERN,
     describe_difference,
@@ -47,18 +59,6 @@ from pipeline.cache import (
     part_name,
     read_part,
 )
-from pipeline.config import check_device, check_ranges, config_to_dict, require_choice
-from pipeline.devices import DTYPE_NAMES, PRECISION_NAMES, process_state, resolve_device
-from pipeline.diffusion import SCHEMES, forward_batches, mask_seed, masked_request
-from pipeline.errors import CacheMismatch, ConfigError, UserError
-from pipeline.lazy import deferred
-from pipeline.lock import output_lock
-from pipeline.pairsfile import pairs_sha256, read_pairs
-from pipeline.progress import progress_bar
-from pipeline.prompts import PROMPT_RENDERER, resolve_chat_template
-from pipeline.schemas import SCORES_MANIFEST, SCORES_SCHEMA, SIDES
-from pipeline.stagecli import print_summary, stage_command, summary_dict
-from pipeline.tokenize import tokenize_pair
 
 # torch and the modules on it (numerics, replay, models) load when the command runs: --help and a refused flag
 # need only ScoreRefConfig
@@ -254,8 +254,8 @@ def _check_existing(out: Path, fingerprint: dict[str, Any], overwrite: bool, is_
 
 def score_part(model, tokenizer, rows: list[dict], cfg: ScoreRefConfig, stats: dict) -> pa.Table:
     """Score one part's pairs; returns its SCORES_SCHEMA table. Pure apart from the model call."""
-    from pipeline.numerics import autocast
-    from pipeline.replay import mean_of_draws, terms_by_row
+    from pipeline.estimator.replay import mean_of_draws, terms_by_row
+    from pipeline.models.numerics import autocast
 
     requests, layout, records = [], [], []
     for row in rows:
@@ -279,7 +279,7 @@ def score_part(model, tokenizer, rows: list[dict], cfg: ScoreRefConfig, stats: d
         records.append(rec)
 
     # The layout of these requests (row, side, draw) and batch_tokens are what eval replays
-    # (pipeline.replay.part_requests, on the same masked_request) to reproduce these terms exactly.
+    # (pipeline.estimator.replay.part_requests, on the same masked_request) to reproduce these terms exactly.
     device = next(model.parameters()).device
     terms = terms_by_row(model, tokenizer, requests, layout, len(records), batch_tokens=cfg.batch_tokens,
                          autocast=autocast(device, cfg.mixed_precision))
@@ -329,7 +329,7 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
 
 def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
     from pipeline.models import model_identity, tokenizer_identity
-    from pipeline.numerics import Numerics, load
+    from pipeline.models.numerics import Numerics, load
 
     start = time.perf_counter()
     state = process_state(cfg.device)

@@ -1,4 +1,4 @@
-"""``lldm-dpo sft``: masked-diffusion supervised fine-tuning, LLaDA's objective (pipeline/sft.py).
+"""``lldm-dpo sft``: masked-diffusion supervised fine-tuning, LLaDA's objective (pipeline/estimator/sft_objective.py).
 
 The recipe lives in the library (pipeline/trainer/sft_recipe.py: ``SFTRecipe.setup``, ``train``, ``save``), on the
 same run-folder, logging, optimizer-step, resume and checkpoint machinery as train's; this stage is its command.
@@ -6,7 +6,7 @@ same run-folder, logging, optimizer-step, resume and checkpoint machinery as tra
 
 from __future__ import annotations
 
-from pipeline.stagecli import stage_command, summarize
+from pipeline.cli.commands import stage_command, summarize
 from pipeline.trainer.sft_config import SFTConfig
 
 

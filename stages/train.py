@@ -10,31 +10,39 @@ The recipe (torch, transformers, accelerate) is imported when the command runs, 
 
 from __future__ import annotations
 
-from pipeline.intervals import format_accuracy
-from pipeline.stagecli import stage_command, summarize
+from pipeline.cli.commands import stage_command, summarize
+from pipeline.evaluation.intervals import format_accuracy
 from pipeline.trainer.dpo_config import TrainConfig
 
 
 def __getattr__(name: str):
     """The re-exports, imported on first use."""
     if name in ("PairBatch", "replay_requests"):  # the batch type and its requests
-        from pipeline import replay as module
+        from pipeline.estimator import replay as module
     elif name in ("epochs_needed", "setup_policy"):
         from pipeline.trainer import dpo_checks as module
     elif name in ("TrainContext", "batch_loss", "micro_step", "policy_terms", "reference_means"):
         from pipeline.trainer import dpo_step as module
     elif name in ("check_run_outputs", "fresh_accelerator", "make_optimizer", "micro_batch_rows"):
-        from pipeline import training as module
+        from pipeline.trainer import training as module
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(module, name)
 
 
 def run(cfg: TrainConfig):
-    """``pipeline.trainer.dpo_recipe.run``: setup, train, save under the run folder's lock."""
+    """``pipeline.trainer.dpo_recipe.run``: setup, train, save under the run folder's lock, with lldm-dpo plan's
+    memory check before the policy loads (it returns at once on the CPU)."""
     from pipeline.trainer.dpo_recipe import run as recipe_run
 
-    return recipe_run(cfg)
+    return recipe_run(cfg, check_memory=check_memory)
+
+
+def check_memory(cfg: TrainConfig, samples: int, length: int, prompt_length: int, device) -> None:
+    """Refuse, before the policy loads, a run that lldm-dpo plan says does not fit ``device``."""
+    from pipeline.plan import Shape, check_start
+
+    check_start("train", cfg, Shape(samples, length, prompt_length), device)
 
 
 def _intervals_as_text(data: dict) -> dict:

@@ -92,7 +92,7 @@ def test_the_shipped_checkpoint_matches_its_recorded_hash_and_loads_as_a_preset(
 
 
 def test_a_damaged_weights_file_is_refused_naming_the_file(tmp_path, monkeypatch):
-    from pipeline.errors import UserError
+    from pipeline.core.errors import UserError
     from pipeline.models import presets
 
     bad = tmp_path / "skill.safetensors"
@@ -107,7 +107,7 @@ def test_a_damaged_weights_file_is_refused_naming_the_file(tmp_path, monkeypatch
 
 
 def test_make_pairs_on_the_shipped_model_pairs_its_own_correct_and_wrong_samples(tmp_path):
-    from pipeline.answers import is_correct
+    from pipeline.grading.answers import is_correct
     from stages.make_pairs import MakePairsConfig
     from stages.make_pairs import run as make_pairs
 

@@ -16,15 +16,30 @@ would wrap the 126k-row head too.
 
 from __future__ import annotations
 
+import importlib
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
-from pipeline.lora_targets import LORA_TARGET_NAMES
-from pipeline.models.llada import LLaDAConfig, LLaDAModelLM
-from pipeline.models.loading import load_model, model_identity, tokenizer_identity
-from pipeline.models.presets import PRESETS, build_preset, preset_tokenizer
-from pipeline.models.scoring import MaskedRowScorer, score_tokens
-from pipeline.models.tokenizer import build_tokenizer
+from pipeline.models.lora_targets import LORA_TARGET_NAMES
+
+_EXPORTS = {
+    "LLaDAConfig": "llada", "LLaDAModelLM": "llada",
+    "load_model": "loading", "model_identity": "loading", "tokenizer_identity": "loading",
+    "PRESETS": "presets", "build_preset": "presets", "preset_tokenizer": "presets",
+    "MaskedRowScorer": "scoring", "score_tokens": "scoring",
+    "build_tokenizer": "tokenizer",
+}
+"""Public name -> the submodule that defines it. Imported on first use (PEP 562): the configs read
+``pipeline.models.numerics`` and ``pipeline.models.lora_targets`` while parsing flags, and must not pay for
+transformers there."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"pipeline.models.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pipeline.models' has no attribute {name!r}")
 
 
 def lora_target_modules(model_type: str, names: Sequence[str] = LORA_TARGET_NAMES) -> str | list[str]:

@@ -17,7 +17,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, BitsAndBytesConfig
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.models.quant import require_bitsandbytes
 
 # model_type values whose logits are shifted by one (autoregressive init).

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.atomic import LEDGER, atomic_dir, check_writable
-from pipeline.errors import UserError
+from pipeline.core.atomic import LEDGER, atomic_dir, check_writable
+from pipeline.core.errors import UserError
 from pipeline.models.loading import model_identity
 from pipeline.models.presets import build_preset, preset_tokenizer
 

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from pipeline.atomic import file_sha256
-from pipeline.devices import torch_dtype as _torch_dtype
-from pipeline.errors import UserError
-from pipeline.layout import LORA_ADAPTER_CONFIG
+from pipeline.core.atomic import file_sha256
+from pipeline.core.devices import torch_dtype as _torch_dtype
+from pipeline.core.errors import UserError
+from pipeline.core.paths import LORA_ADAPTER_CONFIG
 from pipeline.models.adapter import load_adapter_model, pretrained_kwargs
 from pipeline.models.llada import LLaDAModelLM
 from pipeline.models.presets import PRESET_VERSION, PRESETS, build_preset, preset_config, preset_tokenizer

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.atomic import file_sha256
-from pipeline.devices import torch_dtype as _torch_dtype
-from pipeline.errors import UserError
+from pipeline.core.atomic import file_sha256
+from pipeline.core.devices import torch_dtype as _torch_dtype
+from pipeline.core.errors import UserError
 from pipeline.models.llada import LLaDAConfig, LLaDAModelLM
 from pipeline.models.tokenizer import build_tokenizer
 

@@ -28,7 +28,7 @@ import re
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 BNB_MIN_VERSION = (0, 50, 2)
 """The first bitsandbytes whose CPU NF4 kernels (double-quantized quantize, dequantize, matmul forward and

@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-from pipeline.errors import UserError
-from pipeline.lazy import deferred
+from pipeline.core.errors import UserError
+from pipeline.core.lazy import deferred
 from pipeline.plan.memory import CARDS, context_bytes, fmt_bytes, headroom_bytes, nf4_bytes, parse_memory
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@ Traced at 1 and 2 blocks, a model of N identical blocks is extrapolated per
 block (every tracked quantity is affine in the number of blocks: weights,
 gradients and optimizer states per block, activations kept per block, and a
 peak that falls at the same phase of the step); a model of 2 blocks or fewer
-is traced whole. ``tests/pipeline/test_plan.py`` checks the extrapolation
+is traced whole. ``tests/pipeline/plan/test_plan.py`` checks the extrapolation
 against a whole trace.
 """
 
@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.plan import memory
 from pipeline.plan.trace import TRACERS, Shape, Trace, model_config
 

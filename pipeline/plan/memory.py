@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 GIB = 2**30
 MIB = 2**20

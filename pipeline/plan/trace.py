@@ -39,20 +39,20 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 from torch.utils.weak import WeakIdKeyDictionary
 
-from pipeline.devices import torch_dtype
-from pipeline.diffusion import elbo_terms, mask_seed, masked_request, sample_masks
-from pipeline.errors import UserError
+from pipeline.core.devices import torch_dtype
+from pipeline.core.errors import UserError
+from pipeline.core.schemas import SIDES
+from pipeline.estimator.diffusion import elbo_terms, mask_seed, masked_request, sample_masks
+from pipeline.estimator.replay import PairBatch
 from pipeline.models import LORA_TARGET_MODULES
 from pipeline.models.llada import LLaDAConfig, LLaDAModelLM
+from pipeline.models.numerics import prepare_4bit
 from pipeline.models.presets import PRESETS, _default_dtype, build_preset, preset_config
 from pipeline.models.quant import quantize_linears, require_bitsandbytes, settle, state_tensors
-from pipeline.numerics import prepare_4bit
 from pipeline.plan.memory import nf4_bytes
-from pipeline.replay import PairBatch
-from pipeline.sampler import generate
-from pipeline.schemas import SIDES
+from pipeline.sampling.sampler import generate
 from pipeline.trainer import dpo_step
-from pipeline.training import adapt_policy, make_optimizer
+from pipeline.trainer.training import adapt_policy, make_optimizer
 
 # --- the tracker ---------------------------------------------------------------------
 
@@ -385,7 +385,7 @@ def trace_score_ref(cfg, shape: Shape, *, fake: bool = True, layers: int | None 
     model = build_model(cfg.model, "bfloat16" if load_in_4bit else cfg.dtype, fake=fake, layers=layers)
     if load_in_4bit:
         quantize_4bit(model, fake)
-        model = prepare_4bit(model)  # as pipeline.numerics.load prepares the 4-bit reference
+        model = prepare_4bit(model)  # as pipeline.models.numerics.load prepares the 4-bit reference
     model.eval().requires_grad_(False)
     if fake:
         materialize(model, new_fake_mode())

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
-from pipeline.config import check_device, check_ranges, field_types, require, require_choice, unwrap_optional
-from pipeline.devices import DTYPE_NAMES, PRECISION_NAMES
-from pipeline.hub import check_hub_args
-from pipeline.lora_targets import LORA_TARGET_NAMES
-from pipeline.resume import resume_setting
-from pipeline.trackers import parse_report_to
+from pipeline.core.config import check_device, check_ranges, field_types, require, require_choice, unwrap_optional
+from pipeline.core.devices import DTYPE_NAMES, PRECISION_NAMES
+from pipeline.models.lora_targets import LORA_TARGET_NAMES
+from pipeline.trainer.hub import check_hub_args
+from pipeline.trainer.resume import resume_setting
+from pipeline.trainer.trackers import parse_report_to
 
 RANGES = {"learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)",
           "adam_epsilon": "[0, inf)", "batch_size": "[1, inf)", "grad_accum": "[1, inf)", "epochs": "[1, inf)",
@@ -138,7 +138,10 @@ class TrainingArgs:
         check_device(self.device)
         self.resume, self.resume_from_checkpoint = resume_setting(self.resume, self.resume_from_checkpoint)
         check_hub_args(self.push_to_hub, self.hub_model_id)
-        from pipeline.training import check_optim, check_scheduler  # torch and accelerate: after the cheap checks
+        from pipeline.trainer.training import (  # torch and accelerate: after the cheap checks
+            check_optim,
+            check_scheduler,
+        )
 
         check_scheduler(self.scheduler, self.lr_scheduler_kwargs)
         check_optim(self.optim)

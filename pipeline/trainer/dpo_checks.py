@@ -13,20 +13,20 @@ from typing import Any, Optional
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-from pipeline.cache import describe_difference, fingerprint_differences, fingerprint_digest
-from pipeline.config import carry_given_as, config_to_dict, option_name
-from pipeline.errors import UserError
-from pipeline.intervals import accuracy_record, few_items_warning
-from pipeline.model_card import model_card
+from pipeline.core.config import carry_given_as, config_to_dict, option_name
+from pipeline.core.errors import UserError
+from pipeline.estimator.replay import cache_part_paths, read_whole_part
+from pipeline.evaluation.intervals import accuracy_record, few_items_warning
+from pipeline.evaluation.preference import cache_layout_sums, heldout_metrics
 from pipeline.models import model_identity, tokenizer_identity
-from pipeline.numerics import FIELDS as NUMERICS_FIELDS
-from pipeline.numerics import Numerics, autocast, follow, load, of_fingerprint
-from pipeline.preference import cache_layout_sums, heldout_metrics
-from pipeline.replay import cache_part_paths, read_whole_part
+from pipeline.models.numerics import FIELDS as NUMERICS_FIELDS
+from pipeline.models.numerics import Numerics, autocast, follow, load, of_fingerprint
+from pipeline.refcache.store import describe_difference, fingerprint_differences, fingerprint_digest
 from pipeline.trainer.dpo_config import TrainConfig
 from pipeline.trainer.dpo_step import TrainContext
+from pipeline.trainer.model_card import model_card
 from pipeline.trainer.session import step_counts
-from pipeline.training import _micro_batch_span, adapt_policy, epoch_order
+from pipeline.trainer.training import _micro_batch_span, adapt_policy, epoch_order
 
 
 def setup_policy(cfg: TrainConfig, model_name: str, device: torch.device, numerics: Optional[Numerics] = None):
@@ -103,16 +103,14 @@ def resolve_numerics(cfg: TrainConfig, cache) -> tuple[TrainConfig, Numerics, Nu
     return cfg, numerics, cached
 
 
-def plan_start(cfg: TrainConfig, model_name: str, rows, fp: dict[str, Any], device) -> None:
-    """On CUDA, plan the peak memory on the longest cached pair before the policy loads (lldm-dpo plan)."""
-    from pipeline.plan import Shape, check_start
-
+def plan_start(cfg: TrainConfig, model_name: str, rows, fp: dict[str, Any], device, check_memory) -> None:
+    """Plan the peak memory on the longest cached pair before the policy loads: ``check_memory(cfg, samples,
+    length, prompt_length, device)`` is the stage's (lldm-dpo plan's check; the trainer does not import plan)."""
     # Three length columns, not the rows: the cache stays on disk.
     prompt_lens, chosen_lens, rejected_lens = (rows.column(c) for c in ("prompt_len", "chosen_len", "rejected_len"))
     i = max(range(len(prompt_lens)), key=lambda k: prompt_lens[k] + max(chosen_lens[k], rejected_lens[k]))
     length = prompt_lens[i] + max(chosen_lens[i], rejected_lens[i])
-    check_start("train", dataclasses.replace(cfg, model=model_name), Shape(fp["samples"], length, prompt_lens[i]),
-                device)
+    check_memory(dataclasses.replace(cfg, model=model_name), fp["samples"], length, prompt_lens[i], device)
 
 
 def epochs_needed(n_rows: int, cfg: TrainConfig, world: int = 1) -> int:
@@ -193,7 +191,7 @@ def part_loaders(cache, paths) -> list:
 
 
 def _cache_layout_sums(ctx: TrainContext, loaders, keep, draw: int = 0):
-    """``pipeline.preference.cache_layout_sums`` of the policy (eval mode, no dropout) on the cache's parts
+    """``pipeline.evaluation.preference.cache_layout_sums`` of the policy (eval mode, no dropout) on the cache's parts
     (``loaders``), in the cache's numerics and token budget; under FSDP through the wrapped scorer."""
     cfg, acc, model = ctx.cfg, ctx.accelerator, ctx.model
     was_training = model.training

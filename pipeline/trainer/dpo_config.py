@@ -1,6 +1,6 @@
 """DPO's configuration (TRL's DPOConfig words where they exist): the shared training fields
 (pipeline/trainer/args.py) and DPO's own, every field documented, every range declared once in ``RANGES`` and
-checked from there (``pipeline.config.check_ranges``); defaults that depend on other fields (the preference loss,
+checked from there (``pipeline.core.config.check_ranges``); defaults that depend on other fields (the preference loss,
 its weights) are resolved here, once, as properties."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.config import require, require_choice
-from pipeline.losses import LOSS_TYPES, validate_loss_args
+from pipeline.core.config import require, require_choice
+from pipeline.estimator.losses import LOSS_TYPES, validate_loss_args
 from pipeline.trainer import args
 from pipeline.trainer.args import TrainingArgs
 
@@ -189,6 +189,6 @@ class TrainResult:
     """Its eval/rewards/accuracies."""
     intervals: dict[str, Any] = field(default_factory=dict)
     """The last step's rewards/accuracies (over its pairs) and the last eval/rewards/accuracies (over the held-out
-    pairs) with their counts and 95% Wilson intervals (pipeline.intervals; a tie counts one half)."""
+    pairs) with their counts and 95% Wilson intervals (pipeline.evaluation.intervals; a tie counts one half)."""
 
 

@@ -20,24 +20,25 @@ from typing import Any
 import torch
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-from pipeline.cache import open_cache
-from pipeline.checkpoint import checkpoint_dir
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
+from pipeline.estimator.replay import PairBatch, cache_part_paths
 from pipeline.models import MaskedRowScorer
-from pipeline.numerics import accelerate_override_note, load
-from pipeline.replay import PairBatch, cache_part_paths
+from pipeline.models.numerics import accelerate_override_note, load
+from pipeline.refcache.store import open_cache
 from pipeline.trainer import dpo_checks as checks
 from pipeline.trainer import session
+from pipeline.trainer.checkpoint import checkpoint_dir
 from pipeline.trainer.dpo_config import RESUME_FREE, TrainConfig, TrainResult
 from pipeline.trainer.dpo_step import TrainContext, micro_step, step_metrics
-from pipeline.training import micro_batch_rows, peak_memory_bytes, step_pair_count
+from pipeline.trainer.training import micro_batch_rows, peak_memory_bytes, step_pair_count
 
 
 class DPORecipe(session.Recipe):
     stage, resume_free = "train", RESUME_FREE
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, check_memory=None):
         super().__init__(cfg)
+        self.check_memory = check_memory
         self.gap, self.start_stats = float("nan"), {}
         self.best: dict[str, Any] = {"best_metric": None, "best_model_checkpoint": None}
         self.last_eval: dict[str, Any] = {}
@@ -71,8 +72,9 @@ class DPORecipe(session.Recipe):
         self.count_steps(len(self.rows))
         self.reused_draws = checks.check_draws(cfg, checks.epochs_needed(len(self.rows), cfg, self.world),
                                                fp["draws"])
-        if cfg.plan and not self.fsdp:  # data parallel keeps a whole model per process; FSDP's shape differs
-            checks.plan_start(cfg, self.model_name, self.rows, fp, acc.device)
+        # data parallel keeps a whole model per process; FSDP's shape differs
+        if cfg.plan and not self.fsdp and self.check_memory is not None:
+            checks.plan_start(cfg, self.model_name, self.rows, fp, acc.device, self.check_memory)
         torch.manual_seed(cfg.seed)
         model, self.tokenizer = checks.setup_policy(cfg, self.model_name, acc.device, self.numerics)
         checks.check_tokenizer(cfg, self.cache, self.tokenizer)
@@ -183,6 +185,8 @@ class DPORecipe(session.Recipe):
             intervals=self.intervals))
 
 
-def run(cfg: TrainConfig) -> TrainResult:
-    """setup, train, save, holding the run folder's lock (a second train into it refuses, naming the first)."""
-    return DPORecipe(cfg).run()
+def run(cfg: TrainConfig, check_memory=None) -> TrainResult:
+    """setup, train, save, holding the run folder's lock (a second train into it refuses, naming the first).
+    ``check_memory(cfg, samples, length, prompt_length, device)``: the memory plan checked before the policy
+    loads (``lldm-dpo train`` passes lldm-dpo plan's; None skips it)."""
+    return DPORecipe(cfg, check_memory).run()

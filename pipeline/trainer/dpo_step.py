@@ -16,11 +16,11 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from pipeline.diffusion import ScoreRequest, elbo_terms, forward_calls
-from pipeline.losses import METRICS, PER_TOKEN, PairStatistics, log_ratios, pair_statistics, sequence_weights
-from pipeline.replay import PairBatch, replay_requests
-from pipeline.schemas import SIDES
-from pipeline.score_variance import per_sample_scores, score_variance
+from pipeline.core.schemas import SIDES
+from pipeline.estimator.diffusion import ScoreRequest, elbo_terms, forward_calls
+from pipeline.estimator.losses import METRICS, PER_TOKEN, PairStatistics, log_ratios, pair_statistics, sequence_weights
+from pipeline.estimator.replay import PairBatch, replay_requests
+from pipeline.estimator.score_variance import per_sample_scores, score_variance
 from pipeline.trainer.dpo_config import TrainConfig
 from pipeline.trainer.session import check_finite, pad_probe, sync_context
 
@@ -70,7 +70,7 @@ class MicroStats:
     pairs: int
     tokens: int
     score_variance: torch.Tensor | float = float("nan")
-    """The sum over its pairs of the estimated variance of the preference score (``pipeline.score_variance``), a
+    """The sum over its pairs of the estimated variance of the preference score (``pipeline.estimator.score_variance``), a
     detached tensor: read once per step in ``step_metrics``, not per micro-batch (no device sync, and plan's
     fake-tensor trace of this step has no value to read)."""
 

@@ -16,19 +16,25 @@ from typing import Any
 
 import torch
 
-from pipeline.atomic import check_writable, sweep_stale, write_text_atomic
-from pipeline.checkpoint import load_checkpoint, save_checkpoint, save_model_dir
-from pipeline.config import config_to_dict, config_to_yaml, option_name
-from pipeline.devices import resolve_device
-from pipeline.errors import UserError
-from pipeline.hub import push_folder
-from pipeline.layout import CONFIG_FILE, FINAL_DIR, LEGACY_CHECKPOINTS_DIR, METRICS_FILE, run_outputs_in
-from pipeline.lock import output_lock
-from pipeline.metrics import MetricsWriter
+from pipeline.core.atomic import check_writable, sweep_stale, write_text_atomic
+from pipeline.core.config import config_to_dict, config_to_yaml, option_name
+from pipeline.core.devices import resolve_device
+from pipeline.core.errors import UserError
+from pipeline.core.lock import output_lock
+from pipeline.core.paths import CONFIG_FILE, FINAL_DIR, LEGACY_CHECKPOINTS_DIR, METRICS_FILE, run_outputs_in
 from pipeline.models import MaskedRowScorer
-from pipeline.resume import check_resume_source
-from pipeline.trackers import TENSORBOARD, AccelerateSink, accelerator_trackers, parse_report_to, resolve_trackers
-from pipeline.training import (
+from pipeline.trainer.checkpoint import load_checkpoint, save_checkpoint, save_model_dir
+from pipeline.trainer.hub import push_folder
+from pipeline.trainer.metrics import MetricsWriter
+from pipeline.trainer.resume import check_resume_source
+from pipeline.trainer.trackers import (
+    TENSORBOARD,
+    AccelerateSink,
+    accelerator_trackers,
+    parse_report_to,
+    resolve_trackers,
+)
+from pipeline.trainer.training import (
     StepBar,
     check_run_outputs,
     fresh_accelerator,

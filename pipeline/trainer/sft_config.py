@@ -1,6 +1,6 @@
 """SFT's configuration (TRL's SFTConfig words where they exist): the shared training fields
 (pipeline/trainer/args.py, whose defaults are sft's) and SFT's own, every field documented, every range declared
-once in ``RANGES`` and checked from there (``pipeline.config.check_ranges``)."""
+once in ``RANGES`` and checked from there (``pipeline.core.config.check_ranges``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipeline.config import require
+from pipeline.core.config import require
 from pipeline.trainer import args
 from pipeline.trainer.args import TrainingArgs
 

@@ -1,4 +1,4 @@
-"""Masked-diffusion SFT, LLaDA's objective (pipeline/sft.py), as a recipe in the DPO recipe's shape: ``setup``
+"""Masked-diffusion SFT, LLaDA's objective (pipeline/estimator/sft_objective.py), as a recipe in the DPO recipe's shape: ``setup``
 (data, model, optimizer, resume), ``train_step`` (one optimizer step), ``save`` (the final model and its card). The
 run folder, accelerator, trackers, data-parallel or FSDP wrapping, metrics log, step loop, optimizer step, resume,
 checkpoints and final model are the DPO recipe's (pipeline/trainer/session.py's ``Recipe``).
@@ -18,17 +18,17 @@ from typing import Any
 import torch
 
 import pipeline.models as models
-from pipeline.config import config_to_dict
-from pipeline.errors import UserError
-from pipeline.model_card import model_card
+from pipeline.core.config import config_to_dict
+from pipeline.core.errors import UserError
+from pipeline.data.prompts import resolve_chat_template
+from pipeline.data.sftdata import examples_digest, load_examples
+from pipeline.estimator.sft_objective import collate, draw_masks, sft_loss
 from pipeline.models import PRESETS, preset_tokenizer
-from pipeline.numerics import Numerics, load
-from pipeline.prompts import resolve_chat_template
-from pipeline.sft import collate, draw_masks, sft_loss
-from pipeline.sftdata import examples_digest, load_examples
+from pipeline.models.numerics import Numerics, load
 from pipeline.trainer import session
+from pipeline.trainer.model_card import model_card
 from pipeline.trainer.sft_config import RESUME_FREE, SFTConfig, SFTResult
-from pipeline.training import adapt_policy, micro_batch_rows, peak_memory_bytes, step_pair_count
+from pipeline.trainer.training import adapt_policy, micro_batch_rows, peak_memory_bytes, step_pair_count
 
 
 def load_start(cfg: SFTConfig, device):

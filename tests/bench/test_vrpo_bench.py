@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import vrpo  # noqa: E402
 
-from pipeline.diffusion import sample_masks  # noqa: E402
+from pipeline.estimator.diffusion import sample_masks  # noqa: E402
 
 
 def test_nested_sub_draws_have_the_counts_of_a_stratified_draw_of_that_budget():

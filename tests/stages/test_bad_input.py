@@ -11,8 +11,9 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.config import load_config, numeric_fields, parse_interval
-from pipeline.errors import ConfigError
+from pipeline.cli.loading import load_config
+from pipeline.core.config import numeric_fields, parse_interval
+from pipeline.core.errors import ConfigError
 from stages.cli import COMMANDS, app
 
 

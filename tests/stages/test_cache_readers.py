@@ -10,9 +10,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.atomic import file_sha256
-from pipeline.cache import open_cache
-from pipeline.errors import UserError
+from pipeline.core.atomic import file_sha256
+from pipeline.core.errors import UserError
+from pipeline.refcache.store import open_cache
 from stages.score_ref import ScoreRefConfig
 from stages.score_ref import run as score_ref
 

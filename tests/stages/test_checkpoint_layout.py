@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pipeline.errors import ConfigError, UserError
+from pipeline.core.errors import ConfigError, UserError
 from stages.sft import SFTConfig
 from stages.sft import run as sft
 from stages.train import TrainConfig

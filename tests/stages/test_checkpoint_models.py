@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from pipeline.checkpoint import list_checkpoints
 from pipeline.models import load_model
+from pipeline.trainer.checkpoint import list_checkpoints
 from stages.evaluate import EvalConfig
 from stages.evaluate import run as evaluate
 from stages.generate import GenerateConfig

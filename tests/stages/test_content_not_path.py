@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from pipeline.errors import CacheMismatch, UserError
+from pipeline.core.errors import CacheMismatch, UserError
 from stages.score_ref import ScoreRefConfig
 from stages.score_ref import run as score_ref
 

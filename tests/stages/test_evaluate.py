@@ -8,14 +8,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.errors import ConfigError, UserError
+from pipeline.core.errors import ConfigError, UserError
 from pipeline.models import load_model
 from stages.evaluate import EvalConfig, choice_credits, preference_scores, run
 
 
 def test_reference_against_itself_is_chance_and_a_better_policy_wins(small_cache, monkeypatch):
-    from pipeline.cache import open_cache
-    from pipeline.numerics import Numerics
+    from pipeline.models.numerics import Numerics
+    from pipeline.refcache.store import open_cache
 
     cache = open_cache(small_cache)
     rows = list(cache.rows(split="eval"))
@@ -27,7 +27,7 @@ def test_reference_against_itself_is_chance_and_a_better_policy_wins(small_cache
     assert same["elbo_accuracy"] == pytest.approx(sum(r["ref_margin"] > 0 for r in rows) / len(rows))
 
     # A policy whose rejected answers score 5 nats lower than the reference's: it wins every pair.
-    import pipeline.diffusion as diffusion
+    import pipeline.estimator.diffusion as diffusion
 
     rejected = {tuple(r["rejected_ids"]) for r in rows}
     real = diffusion.elbo_terms
@@ -47,7 +47,7 @@ def test_reference_against_itself_is_chance_and_a_better_policy_wins(small_cache
 
 
 def test_normalize_length_scores_options_per_token(tmp_path, monkeypatch):
-    import pipeline.diffusion as diffusion
+    import pipeline.estimator.diffusion as diffusion
 
     model, tok = load_model("micro")
     # Every token of every option scores -1 nat, plus -3 nats once: the short option has the higher ELBO,
@@ -110,7 +110,7 @@ def test_errors_are_one_line_and_name_the_file(small_cache, tmp_path):
 
 
 def test_eval_json_gives_every_accuracy_its_count_interval_and_paired_difference(small_cache, tmp_path, capsys):
-    from pipeline.intervals import paired_difference_interval, wilson_interval
+    from pipeline.evaluation.intervals import paired_difference_interval, wilson_interval
 
     choices = tmp_path / "choices.jsonl"
     choices.write_text("".join(json.dumps({"question": f"{a} + 1 =", "options": [str(a + 1), str(a + 2)],
@@ -199,9 +199,9 @@ def test_task_eval_records_the_sampler_and_threshold_above_one_is_exact(tmp_path
 def test_fresh_masks_are_the_draws_past_the_cache_and_replay_is_the_cached_draw(small_cache):
     """eval's fresh masks: draw index draws + extra of each (pair, side) under the cache's settings, never one
     training saw; the replay of a cached draw gives the cached counts (one request builder for both)."""
-    from pipeline.cache import open_cache
-    from pipeline.diffusion import mask_seed, sample_masks
-    from pipeline.replay import cached_request
+    from pipeline.estimator.diffusion import mask_seed, sample_masks
+    from pipeline.estimator.replay import cached_request
+    from pipeline.refcache.store import open_cache
     from stages.evaluate import fresh_requests
 
     cache = open_cache(small_cache)

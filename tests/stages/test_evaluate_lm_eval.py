@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from stages.evaluate import EvalConfig, run
 
 
@@ -19,7 +19,7 @@ def _cfg(tmp_path, tasks_dir, **kw):
 def test_lm_eval_tasks_before_and_after_in_eval_json(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the [eval] extra")
     from pipeline.models import load_model
-    from tests.pipeline.test_lm_eval_model import MC_ITEMS, write_tasks
+    from tests.pipeline.evaluation.test_lm_eval_model import MC_ITEMS, write_tasks
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     tasks_dir = write_tasks(tmp_path / "tasks")
@@ -28,7 +28,7 @@ def test_lm_eval_tasks_before_and_after_in_eval_json(tmp_path, monkeypatch):
     acc = data["lm_eval"]["lldm_test_mc/acc"]
     assert set(acc) == {"before", "after"} and result.lm_eval["lldm_test_mc/acc"] == acc
     for label, name in (("before", "tiny"), ("after", "micro")):  # each model's own number
-        from pipeline.lm_eval_model import run_tasks
+        from pipeline.evaluation.lm_eval_model import run_tasks
 
         model, tok = load_model(name)
         direct = run_tasks(model, tok, ["lldm_test_mc"], include_path=tasks_dir, mc_samples=2, gen_length=64,
@@ -41,18 +41,18 @@ def test_lm_eval_tasks_before_and_after_in_eval_json(tmp_path, monkeypatch):
     assert iv["before"]["n"] == iv["after"]["n"] == len(MC_ITEMS) and iv["after"]["value"] == acc["after"]
     assert iv["difference"]["difference"] == pytest.approx(acc["after"] - acc["before"])
 
-    from pipeline.report import eval_rows
+    from pipeline.report.visual import eval_rows
 
     assert ("lm_eval/lldm_test_mc/acc", acc["before"], acc["after"], None) in eval_rows(data)
 
 
 def test_unknown_task_and_missing_harness_are_one_line(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the [eval] extra")
-    from tests.pipeline.test_lm_eval_model import write_tasks
+    from tests.pipeline.evaluation.test_lm_eval_model import write_tasks
 
     tasks_dir = write_tasks(tmp_path / "tasks")
     with pytest.raises(UserError, match=r"--lm-eval-tasks: no lm-eval task named lldm_nope \(not among"):
-        from pipeline.lm_eval_model import task_manager
+        from pipeline.evaluation.lm_eval_model import task_manager
 
         # Only the local folder is indexed when it defines every task; otherwise lm-eval's own tasks are too.
         monkeypatch.setattr("lm_eval.tasks.TaskManager.__init__", _local_only(tasks_dir))

@@ -27,7 +27,7 @@ def test_help_at_80_columns_gives_descriptions_room(command, monkeypatch):
 
 
 def test_help_on_a_wide_terminal_keeps_rich_panels(monkeypatch):
-    from pipeline.stagecli import help_markup_mode
+    from pipeline.cli.commands import help_markup_mode
 
     monkeypatch.setenv("COLUMNS", "160")
     assert help_markup_mode() == "rich"

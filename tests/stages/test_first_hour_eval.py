@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.errors import UserError
-from pipeline.intervals import accuracy_record, few_items_warning
+from pipeline.cli.loading import load_config
+from pipeline.core.errors import UserError
+from pipeline.evaluation.intervals import accuracy_record, few_items_warning
 
 FAST = {"model": "micro", "gen_length": 8, "block_length": 8, "steps": 4, "device": "cpu", "train_sample": 0}
 

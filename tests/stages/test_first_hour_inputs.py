@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.errors import ConfigError, UserError
+from pipeline.cli.loading import load_config
+from pipeline.core.errors import ConfigError, UserError
 
 FAST = dict(learning_rate=3e-3, warmup_ratio=0.0, scheduler="constant", device="cpu", progress=False,
             tensorboard=False, max_steps=2, batch_size=2, save_every=1)
@@ -82,7 +82,7 @@ def test_score_ref_out_onto_a_file_is_a_sentence_not_file_exists(small_pairs, tm
 @pytest.mark.parametrize("stage,field", [("train", "out"), ("score_ref", "out"), ("ingest", "out"),
                                          ("ingest", "quarantine")])
 def test_an_output_name_with_a_newline_is_refused(stage, field, tmp_path):
-    from stages.run_all import stage_classes
+    from stages.run_stages import stage_classes
 
     cls = stage_classes()[stage]
     with pytest.raises(ConfigError, match=rf"{field} '.*\\nb' has a control character"):

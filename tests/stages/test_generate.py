@@ -10,9 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.completion import prompt_seed
-from pipeline.config import config_to_yaml, load_config
-from pipeline.errors import UserError
+from pipeline.cli.loading import load_config
+from pipeline.core.config import config_to_yaml
+from pipeline.core.errors import UserError
+from pipeline.sampling.completion import prompt_seed
 from stages.cli import app
 from stages.generate import GenerateConfig, complete, partial_path, read_prompts, run
 
@@ -106,7 +107,7 @@ def test_interrupted_partial_file_is_resumed(tmp_path):
     reference = read_rows(tmp_path / "ref.jsonl")
     out = tmp_path / "out.jsonl"
     # As a crash leaves it: two finished rows, then half a line (in the partial file generate recorded writing).
-    from pipeline.atomic import claim
+    from pipeline.core.atomic import claim
 
     claim(partial_path(out))
     partial_path(out).write_text(
@@ -285,7 +286,7 @@ def test_fast_sampler_settings_are_in_the_fingerprint(tmp_path):
                                      ({"threshold": 0}, "threshold"),
                                      ({"threshold": 0.9, "remasking": "random"}, "low_confidence")])
 def test_fast_sampler_settings_are_checked(kw, msg):
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=msg):
         GenerateConfig(**{**FAST, **kw})

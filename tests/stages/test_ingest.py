@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import readers
-from pipeline.errors import UserError
-from pipeline.schemas import PAIRS_SCHEMA, QUARANTINE_FIELDS, REASON_CODES
+from pipeline.core.errors import UserError
+from pipeline.core.schemas import PAIRS_SCHEMA, QUARANTINE_FIELDS, REASON_CODES
+from pipeline.data import readers
 from stages import ingest
 from stages.ingest import IngestConfig, quarantine_path_for, run
 
@@ -201,7 +201,7 @@ def test_failure_mid_write_keeps_old_output(tmp_path, monkeypatch):
 
 
 def test_config_errors(tmp_path):
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="eval_fraction"):
         IngestConfig(eval_fraction=1.5)
@@ -217,7 +217,7 @@ def test_config_errors(tmp_path):
 
 
 def test_default_yaml_matches_config():
-    from pipeline.config import config_to_yaml
+    from pipeline.core.config import config_to_yaml
 
     shipped = (REPO / "stages" / "ingest.yaml").read_text(encoding="utf-8")
     assert shipped == config_to_yaml(IngestConfig(), with_docs=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cache import open_cache
-from pipeline.pairsfile import read_pairs
+from pipeline.data.pairsfile import read_pairs
+from pipeline.refcache.store import open_cache
 from stages.ingest import IngestConfig
 from stages.ingest import run as ingest
 from stages.score_ref import ScoreRefConfig

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.errors import ConfigError, UserError
+from pipeline.core.errors import ConfigError, UserError
 from stages.cli import app
 from stages.make_pairs import MakePairsConfig, run
 
@@ -45,7 +45,7 @@ def test_grading_pairing_provenance_and_counts(tmp_path):
     assert (res.questions, res.samples, res.sampled_now, res.resumed) == (4, 16, 16, 0)
     assert (res.questions_all_correct, res.questions_all_wrong, res.questions_mixed) == (1, 1, 2)
     assert (res.correct_samples, res.empty_samples, res.pass_at_k, res.sample_accuracy) == (8, 1, 0.75, 0.5)
-    from pipeline.intervals import wilson_interval
+    from pipeline.evaluation.intervals import wilson_interval
 
     assert (res.intervals["pass_at_k"]["count"], res.intervals["pass_at_k"]["n"]) == (3, 4)
     assert (res.intervals["pass_at_k"]["low"], res.intervals["pass_at_k"]["high"]) == wilson_interval(3, 4)
@@ -123,7 +123,7 @@ def test_out_must_be_a_make_pairs_file_and_config_is_checked(tmp_path):
     (tmp_path / "pairs.jsonl").write_text('{"prompt": "mine", "chosen": "a", "rejected": "b"}\n')
     with pytest.raises(UserError, match=r"pairs\.jsonl: exists and was not written by lldm-dpo"):
         run(config(tmp_path), sampler=ScriptedSampler())
-    from pipeline.atomic import claim
+    from pipeline.core.atomic import claim
 
     claim(tmp_path / "pairs.jsonl")  # recorded as ours, yet not a make-pairs file: still refused
     with pytest.raises(UserError, match=r"pairs\.jsonl: exists and is not a `lldm-dpo make-pairs` output"):
@@ -211,7 +211,8 @@ def test_samples_are_queryable_per_round(tmp_path):
 
 
 def test_shipped_yaml_and_print_config_match_the_defaults():
-    from pipeline.config import config_to_yaml, load_config
+    from pipeline.cli.loading import load_config
+    from pipeline.core.config import config_to_yaml
 
     shipped = ROOT / "stages" / "make_pairs.yaml"
     assert shipped.read_text(encoding="utf-8") == config_to_yaml(MakePairsConfig(), with_docs=True)

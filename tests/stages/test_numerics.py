@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.cache import open_cache
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
+from pipeline.refcache.store import open_cache
 from stages.evaluate import EvalConfig
 from stages.evaluate import run as evaluate
 from stages.score_ref import ScoreRefConfig
@@ -83,7 +83,7 @@ def test_allow_numerics_mismatch_accepts_it(caches, tmp_path):
 
 
 def test_gap_check_stops_a_policy_that_differs_from_the_reference(caches, tmp_path, monkeypatch):
-    import pipeline.diffusion as diffusion
+    import pipeline.estimator.diffusion as diffusion
 
     real = diffusion.elbo_terms
 
@@ -169,7 +169,7 @@ def test_train_scores_the_reference_exactly_at_step_1_and_on_eval_every(low_prec
 
 
 def test_an_overridden_accelerate_mixed_precision_is_said_in_one_line(caches, tmp_path, monkeypatch, capsys):
-    from pipeline.numerics import accelerate_override_note
+    from pipeline.models.numerics import accelerate_override_note
 
     assert accelerate_override_note("no", "c", env={}) is None
     assert accelerate_override_note("bf16", "c", env={"ACCELERATE_MIXED_PRECISION": "bf16"}) is None

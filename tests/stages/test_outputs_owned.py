@@ -1,5 +1,5 @@
 """No stage writes over a file it did not write: a user's file at any output path of any stage is refused with a
-one-line error and left byte for byte as it was (issue 24, item 1; the rule is ``pipeline.atomic.check_replaceable``)."""
+one-line error and left byte for byte as it was (issue 24, item 1; the rule is ``pipeline.core.atomic.check_replaceable``)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def _fake_run(tmp: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.atomic import atomic_path
+    from pipeline.core.atomic import atomic_path
 
     run_dir = tmp / "run"
     run_dir.mkdir(exist_ok=True)
@@ -106,7 +106,7 @@ def test_a_users_file_at_an_output_path_is_refused_and_survives(case, victim, ar
 
 def test_a_rerun_replaces_what_the_stage_wrote(tmp_path):
     """The rule refuses only foreign files: ingest twice into one place works, and records what it wrote."""
-    from pipeline.atomic import is_owned
+    from pipeline.core.atomic import is_owned
 
     argv = ["ingest", str(_raw_pairs(tmp_path)), "--out", str(tmp_path / "p.arrow")]
     for _ in range(2):
@@ -117,7 +117,7 @@ def test_a_rerun_replaces_what_the_stage_wrote(tmp_path):
 
 def test_eval_without_benchmark_removes_stale_task_results(small_cache, tmp_path):
     """A task_results.parquet an earlier eval wrote (its ownership recorded) goes when this eval has none."""
-    from pipeline.atomic import atomic_path
+    from pipeline.core.atomic import atomic_path
     from stages.evaluate import EvalConfig
     from stages.evaluate import run as evaluate
 

@@ -14,10 +14,10 @@ import shutil
 import pytest
 import torch
 
-from pipeline.cache import open_cache
-from pipeline.diffusion import sample_masks
-from pipeline.errors import ConfigError, UserError
-from pipeline.tokenize import pad_response, tokenize_pair
+from pipeline.core.errors import ConfigError, UserError
+from pipeline.data.tokenize import pad_response, tokenize_pair
+from pipeline.estimator.diffusion import sample_masks
+from pipeline.refcache.store import open_cache
 
 PAD_TO = 24
 
@@ -93,11 +93,11 @@ def _score(trained, out, **kw):
 
 @pytest.mark.parametrize("scheme", ["one_over_t", "l_over_L"])
 def test_an_sft_trained_model_has_the_same_elbo_in_score_ref_as_in_sft(trained, tmp_path, scheme):
-    from pipeline.losses import sft_loss as nll_term
+    from pipeline.data.prompts import resolve_chat_template
+    from pipeline.data.sftdata import load_examples
+    from pipeline.estimator.losses import sft_loss as nll_term
+    from pipeline.estimator.sft_objective import collate, sft_loss
     from pipeline.models import load_model
-    from pipeline.prompts import resolve_chat_template
-    from pipeline.sft import collate, sft_loss
-    from pipeline.sftdata import load_examples
 
     _score(trained, tmp_path / "cache", scheme=scheme)
     cache = open_cache(tmp_path / "cache")

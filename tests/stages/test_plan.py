@@ -82,7 +82,7 @@ def test_score_ref_stops_before_loading_when_the_plan_does_not_fit(monkeypatch, 
     _write_pairs(pairs)
     cfg = ScoreRefConfig(pairs=pairs, model="micro", out=tmp_path / "cache", device="cuda", samples=2,
                          max_length=32, batch_tokens=256, progress=False)
-    from pipeline.errors import UserError
+    from pipeline.core.errors import UserError
 
     with pytest.raises(UserError, match="--no-plan skips this check"):
         run(cfg)
@@ -92,7 +92,7 @@ def test_score_ref_stops_before_loading_when_the_plan_does_not_fit(monkeypatch, 
 def _write_pairs(path):
     import pyarrow as pa
 
-    from pipeline.schemas import PAIRS_SCHEMA
+    from pipeline.core.schemas import PAIRS_SCHEMA
 
     rows = [{"pair_id": "p0", "prompt": "hi", "chosen": "yes", "rejected": "no", "split": "train",
              "source": "t:1"}]
@@ -121,8 +121,8 @@ def test_train_plans_before_loading_the_policy_on_the_longest_cached_pair(monkey
     import pipeline.plan as plan_module
     import pipeline.trainer.dpo_checks as dpo_checks
     import stages.train as train
-    from pipeline.cache import open_cache
-    from pipeline.errors import UserError
+    from pipeline.core.errors import UserError
+    from pipeline.refcache.store import open_cache
 
     calls = []
 

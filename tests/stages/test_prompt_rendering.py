@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from pipeline.cache import open_cache
+from pipeline.data.prompts import encode_prompt, render_prompt
 from pipeline.models import load_model
-from pipeline.prompts import encode_prompt, render_prompt
+from pipeline.refcache.store import open_cache
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def mixed_pairs(tmp_path_factory):
 
 
 def _captured_generation_prompts(monkeypatch):
-    import pipeline.completion as completion  # the sampler loop generate and eval share
+    import pipeline.sampling.completion as completion  # the sampler loop generate and eval share
 
     seen: list[list[int]] = []
 
@@ -45,7 +45,7 @@ def _captured_generation_prompts(monkeypatch):
 
 @pytest.mark.parametrize("chat_template", [True, False])
 def test_every_stage_renders_the_same_prompt(mixed_pairs, tmp_path, monkeypatch, chat_template):
-    from pipeline.pairsfile import read_pairs
+    from pipeline.data.pairsfile import read_pairs
     from stages.evaluate import EvalConfig, choice_requests, task_accuracy
     from stages.generate import GenerateConfig
     from stages.generate import run as generate_run

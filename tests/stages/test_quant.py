@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.cache import open_cache
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.models.quant import bitsandbytes_problem
+from pipeline.refcache.store import open_cache
 from stages.evaluate import EvalConfig
 from stages.evaluate import run as evaluate
 from stages.score_ref import ScoreRefConfig
@@ -97,7 +97,7 @@ def test_a_4bit_cache_with_full_fine_tuning_is_refused(cache4, tmp_path):
 
 def test_merge_dequantizes_the_4bit_base_before_folding_the_adapter(qlora_run, tmp_path):
     from pipeline.models import load_model
-    from pipeline.numerics import Numerics, load
+    from pipeline.models.numerics import Numerics, load
     from stages.merge import MergeConfig
     from stages.merge import run as merge
 
@@ -144,8 +144,9 @@ def test_the_shipped_qlora_variant_of_the_default_runs_on_cpu(tmp_path):
     training and eval in the cache's numerics; shrunk here to the micro model and a few steps."""
     import yaml
 
-    from stages.run_all import EMBEDDED_DEFAULT, REPO_ROOT, merged_config, stage_configs
+    from stages.run_all import EMBEDDED_DEFAULT, merged_config, stage_configs
     from stages.run_all import run as run_all
+    from stages.run_stages import REPO_ROOT
 
     shipped = REPO_ROOT / "configs" / "run_qlora.yaml"
     assert "model" not in yaml.safe_load(shipped.read_text())

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.errors import UserError
-from pipeline.schemas import METRIC_COLUMNS, SCORES_SCHEMA
+from pipeline.core.errors import UserError
+from pipeline.core.schemas import METRIC_COLUMNS, SCORES_SCHEMA
 from stages.cli import app
 from stages.ingest import IngestConfig, run
 from stages.query import execute, open_connection, preset_sql, presets
@@ -51,7 +51,7 @@ def files(tmp_path):
                 "ref_chosen_elbo": c, "ref_rejected_elbo": r, "ref_margin": c - r,
             })
         pq.write_table(pa.Table.from_pylist(recs, schema=SCORES_SCHEMA), scores / f"part-{part:05d}.parquet")
-    from pipeline.atomic import file_sha256  # a finished cache: query reads the parts its manifest lists, checked
+    from pipeline.core.atomic import file_sha256  # a finished cache: query reads the parts its manifest lists, checked
 
     names = [f"part-{part:05d}.parquet" for part in range(2)]
     (scores / "manifest.json").write_text(json.dumps({"fingerprint": {}, "parts": names,

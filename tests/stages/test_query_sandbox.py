@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from stages.cli import app
 from stages.query import QueryConfig, run
 

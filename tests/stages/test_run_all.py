@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 from stages.cli import app
 from stages.run_all import EMBEDDED_DEFAULT, merged_config, stage_configs
 
@@ -120,7 +120,7 @@ def test_an_empty_choices_path_fails_when_the_run_config_loads(tmp_path):
 
 
 def test_run_summary_prints_counts_and_intervals(capsys):
-    from pipeline.intervals import credits_record, paired_difference_interval
+    from pipeline.evaluation.intervals import credits_record, paired_difference_interval
     from stages.run_all import RunResult, print_run_summary
 
     b, a = [1, 0, 0, 1, 0, 0, 0, 0] * 4, [1, 1, 0, 1, 0, 0, 1, 0] * 4

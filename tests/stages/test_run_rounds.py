@@ -10,9 +10,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 from pipeline.models import model_identity
-from pipeline.selfpairs import identity_digest
+from pipeline.sampling.selfpairs import identity_digest
 from stages.cli import app
 from stages.run_all import merged_config
 
@@ -85,7 +85,7 @@ def test_two_rounds_write_each_rounds_artefacts_and_a_true_summary(two_rounds):
     assert "before" not in json.loads((out / "round-2" / "run" / "eval.json").read_text())["task_accuracy"]
     # Accuracies and intervals are eval's own records: round 1's from its eval.json, round 2's difference
     # against the original model from the per-question rows both evals wrote.
-    from pipeline.intervals import paired_difference_interval
+    from pipeline.evaluation.intervals import paired_difference_interval
 
     iv1 = ev1["intervals"]["task_accuracy"]
     assert one["task_accuracy_interval"] == iv1["after"] and one["initial_task_accuracy_interval"] == iv1["before"]
@@ -108,8 +108,8 @@ def test_two_rounds_write_each_rounds_artefacts_and_a_true_summary(two_rounds):
 def test_rounds_table_holds_rounds_json_figures_and_query_reads_it(two_rounds):
     import pyarrow.parquet as pq
 
-    from pipeline.atomic import recorded_names
-    from pipeline.schemas import ROUNDS_SCHEMA
+    from pipeline.core.atomic import recorded_names
+    from pipeline.core.schemas import ROUNDS_SCHEMA
 
     tmp, _, summary = two_rounds
     out = tmp / "out"
@@ -149,7 +149,7 @@ def test_rounds_table_holds_rounds_json_figures_and_query_reads_it(two_rounds):
 
 
 def test_rounds_plot_draws_each_round_with_its_interval():
-    from pipeline.report import rounds_png
+    from pipeline.report.visual import rounds_png
 
     row = {"round": 0, "task_accuracy": 0.5, "task_correct": 5, "task_n": 10, "task_low": 0.24, "task_high": 0.76}
     one = rounds_png([row], "t")

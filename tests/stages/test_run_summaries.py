@@ -6,9 +6,10 @@ import io
 
 from rich.console import Console
 
-from pipeline.intervals import credits_record, paired_difference_interval
-from stages.run_all import RunResult, fits_wide, print_run_summary
+from pipeline.evaluation.intervals import credits_record, paired_difference_interval
+from stages.run_all import RunResult, print_run_summary
 from stages.run_rounds import COLUMNS, RoundsResult, _fmt, print_rounds_summary
+from stages.run_stages import fits_wide
 
 
 def _render(fn, result, width: int) -> str:
@@ -86,7 +87,7 @@ def test_run_passes_its_progress_to_every_stage_and_a_section_wins(tmp_path):
 def test_stage_timer_names_the_stage_and_the_run_time(capsys):
     import time
 
-    from stages.run_all import stage_timer
+    from stages.run_stages import stage_timer
 
     lines, times = [], {}
     timed = stage_timer(lines.append, times, 2, since=time.perf_counter() - 65)

@@ -16,10 +16,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cache import open_cache
-from pipeline.errors import UserError
-from pipeline.pairsfile import read_pairs
-from pipeline.schemas import SCORES_SCHEMA
+from pipeline.core.errors import UserError
+from pipeline.core.schemas import SCORES_SCHEMA
+from pipeline.data.pairsfile import read_pairs
+from pipeline.refcache.store import open_cache
 from stages.cli import app
 from stages.score_ref import ScoreRefConfig, run
 from tests.conftest import accelerate_launch, ingest_pairs
@@ -62,7 +62,7 @@ def test_cache_has_every_pair_with_schema_and_manifest(small_pairs, small_cache)
 
 def test_cache_terms_equal_a_direct_estimator_call(small_cache):
     """The cache is a faithful record: the recorded seeds reproduce masks, counts and terms."""
-    from pipeline.diffusion import ScoreRequest, elbo_terms, mask_seed, sample_masks
+    from pipeline.estimator.diffusion import ScoreRequest, elbo_terms, mask_seed, sample_masks
     from pipeline.models import load_model
 
     model, tok = load_model("micro")
@@ -140,7 +140,7 @@ def test_changed_pairs_file_weights_and_tokenizer_are_detected(tmp_path):
 
 
 def test_non_finite_score_names_the_pair(small_pairs, tmp_path, monkeypatch):
-    import pipeline.diffusion as diffusion
+    import pipeline.estimator.diffusion as diffusion
 
     def nan_terms(model, requests, **kw):
         return [torch.full((r.masks.shape[0],), float("nan"), dtype=torch.float64) for r in requests]
@@ -250,8 +250,8 @@ def test_part_checksums_are_checked_on_read(small_cache, tmp_path):
 
 
 def test_truncation_is_counted_and_an_all_truncated_run_is_refused(small_pairs, tmp_path):
+    from pipeline.data.tokenize import tokenize_pair
     from pipeline.models import load_model
-    from pipeline.tokenize import tokenize_pair
 
     _, tok = load_model("micro")
     rows = read_pairs(small_pairs).to_pylist()
@@ -291,8 +291,8 @@ def test_resume_with_another_pairs_per_part_is_refused(small_pairs, tmp_path):
 
 
 def _fingerprint_of(pairs, cfg):
+    from pipeline.data.pairsfile import pairs_sha256, read_pairs
     from pipeline.models import load_model, model_identity, tokenizer_identity
-    from pipeline.pairsfile import pairs_sha256, read_pairs
     from stages.score_ref import build_fingerprint
 
     _, tok = load_model("micro")

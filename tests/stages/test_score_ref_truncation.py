@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.models import load_model
 from stages.score_ref import ScoreRefConfig, score_part
 from stages.score_ref import run as score
@@ -19,7 +19,7 @@ FAST = dict(learning_rate=3e-3, warmup_ratio=0.0, device="cpu", progress=False, 
 
 
 def test_truncation_leaving_no_prompt_is_a_clear_error_for_shifted_models(small_pairs):
-    from pipeline.pairsfile import read_pairs
+    from pipeline.data.pairsfile import read_pairs
 
     model, tok = load_model("micro")
     model.logits_shift = True

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.cache import open_cache
-from pipeline.errors import ConfigError, UserError
+from pipeline.core.errors import ConfigError, UserError
 from pipeline.models import load_model
+from pipeline.refcache.store import open_cache
 from stages.train import (
     PairBatch,
     TrainConfig,

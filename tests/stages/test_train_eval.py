@@ -8,11 +8,11 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cache import open_cache
-from pipeline.errors import ConfigError, UserError
+from pipeline.core.errors import ConfigError, UserError
+from pipeline.core.schemas import EVAL_METRIC_COLUMNS
+from pipeline.evaluation.preference import heldout_metrics, heldout_sums
 from pipeline.models import load_model
-from pipeline.preference import heldout_metrics, heldout_sums
-from pipeline.schemas import EVAL_METRIC_COLUMNS
+from pipeline.refcache.store import open_cache
 from stages.train import TrainConfig, run
 from tests.conftest import accelerate_launch
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from stages.train import TrainConfig, run
 from tests.conftest import accelerate_launch
 
@@ -118,7 +118,7 @@ def test_sigkill_after_a_sharded_checkpoint_then_resume_gives_the_uninterrupted_
     assert (out / "checkpoint-2").exists() and not (out / "final").exists()
     # The run folder's lock names the killed run's main process: wait until it is gone (until then, a resume is
     # rightly refused: it may still write), after which the lock is stale and taken over.
-    from pipeline.lock import _is_stale, _owner, lock_path
+    from pipeline.core.lock import _is_stale, _owner, lock_path
 
     owner = _owner(lock_path(out, folder=True))
     deadline = time.time() + 60

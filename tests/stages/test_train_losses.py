@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.errors import ConfigError
-from pipeline.losses import OF_DELTA, dpo_loss, log_ratios, preference_delta, sequence_weights, sft_loss
+from pipeline.core.errors import ConfigError
+from pipeline.estimator.losses import OF_DELTA, dpo_loss, log_ratios, preference_delta, sequence_weights, sft_loss
 from stages.train import TrainConfig, batch_loss
 
 

@@ -9,7 +9,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.models import load_model
 from stages.train import TrainConfig
 from stages.train import run as train
@@ -46,7 +46,7 @@ def test_policy_with_another_tokenizer_is_refused(small_cache, tmp_path):
 
 
 def test_sequence_microbatch_with_lora_dropout_is_refused():
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="sequence_microbatch needs lora_dropout = 0"):
         TrainConfig(sequence_microbatch=2, lora_r=4, lora_dropout=0.1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
+from pipeline.cli.loading import load_config
 
 # The keys of TRL's documented DPO example (trl/scripts/dpo.py, LoRA variant), plus report_to as a list,
 # warmup_steps, save_strategy: steps, optim and lr_scheduler_type: cosine_with_min_lr.
@@ -116,7 +116,7 @@ def _front_matter(path):
 
 
 def test_final_models_carry_a_model_card(small_cache, tmp_path):
-    from pipeline.cache import fingerprint_digest, open_cache
+    from pipeline.refcache.store import fingerprint_digest, open_cache
     from stages.sft import SFTConfig
     from stages.sft import run as sft
     from stages.train import TrainConfig
@@ -223,8 +223,8 @@ def test_run_takes_the_seed_project_config_keys(tmp_path):
 
 
 def test_a_seed_key_and_its_section_key_must_agree(tmp_path):
-    from pipeline.errors import ConfigError
-    from pipeline.trl_names import seed_project_config
+    from pipeline.cli.trl_names import seed_project_config
+    from pipeline.core.errors import ConfigError
 
     assert seed_project_config({"beta": 0.1, "train": {"beta": 0.1}}, "c.yaml") == {"train": {"beta": 0.1}}
     with pytest.raises(ConfigError, match="c.yaml: 'beta' and 'train.beta' give different values"):

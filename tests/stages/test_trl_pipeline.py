@@ -8,8 +8,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
-from pipeline.errors import ConfigError, UserError
+from pipeline.cli.loading import load_config
+from pipeline.core.errors import ConfigError, UserError
 from tests.conftest import write_arithmetic_pairs
 
 # TRL's documented DPOConfig keys (TrainingArguments' and DPOConfig's own), as a TRL user writes them.
@@ -66,7 +66,7 @@ def test_one_dpo_config_yaml_drives_ingest_score_ref_and_train(tmp_path, capsys)
     score_ref(cfg)
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["fingerprint"]["max_prompt_length"] == 8 and manifest["fingerprint"]["mixed_precision"] == "bf16"
-    from pipeline.cache import open_cache
+    from pipeline.refcache.store import open_cache
 
     lengths = open_cache(cache).table(["prompt_len", "truncated"]).to_pylist()
     assert max(r["prompt_len"] for r in lengths) <= 8 and all(r["truncated"] for r in lengths)  # TRL's keep-end
@@ -148,7 +148,7 @@ def test_a_value_refused_after_translation_names_the_key_the_user_wrote(tmp_path
 
 
 def test_only_a_message_about_the_field_is_annotated():
-    from pipeline.config import in_users_words
+    from pipeline.core.config import in_users_words
 
     given = {"model": "model_name_or_path", "batch_size": "per_device_train_batch_size"}
     assert in_users_words("the model is not a LLaDA checkpoint", given) == "the model is not a LLaDA checkpoint"

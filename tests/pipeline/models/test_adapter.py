@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import BertConfig, BertForMaskedLM
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.models import load_model, score_tokens
 from pipeline.models.tokenizer import build_tokenizer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.models import load_model, model_identity
 from pipeline.models.init import init_model
 

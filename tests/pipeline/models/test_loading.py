@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.models import build_preset, load_model, model_identity, preset_tokenizer, tokenizer_identity
 from pipeline.models.init import init_model
 

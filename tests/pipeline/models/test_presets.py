@@ -8,8 +8,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.atomic import LEDGER
-from pipeline.errors import UserError
+from pipeline.core.atomic import LEDGER
+from pipeline.core.errors import UserError
 from pipeline.models import PRESETS, build_preset, load_model, model_identity, preset_tokenizer, tokenizer_identity
 from pipeline.models.init import init_model
 from pipeline.models.presets import preset_config

@@ -1,0 +1,1 @@
+"""A run's visual report: training curves and one self-contained HTML page."""
