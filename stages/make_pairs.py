@@ -42,6 +42,7 @@ from typing import Any, Optional
 from pipeline.cli.commands import print_summary, stage_command, summary_dict
 from pipeline.core.atomic import check_replaceable, check_writable, sweep_stale
 from pipeline.core.config import require
+from pipeline.core.digest import content_digest
 from pipeline.core.errors import ConfigError, UserError
 from pipeline.core.lock import output_lock
 from pipeline.core.progress import progress_bar
@@ -64,7 +65,6 @@ from pipeline.sampling.selfpairs import (
     Question,
     SampleItem,
     grade_sample,
-    identity_digest,
     pair_question,
     read_questions,
     sample_seed,
@@ -272,7 +272,7 @@ def _run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
         from pipeline.models import model_identity  # model code (torch) only when a run needs it
 
         identity = model_identity(cfg.model)
-    model_sha = identity_digest(identity)
+    model_sha = content_digest(identity)
     k = cfg.num_generations
     verifier = get_verifier(cfg.verifier, cfg.answer_format)
     done = _read_done(samples_file, by_id, settings, model_sha, k, tolerate_tail=False)

@@ -108,16 +108,16 @@ def _chat_template(cfg):
 
 
 def _fingerprint(cfg, configs, start_model: str, ref_model: str) -> dict[str, Any]:
+    from pipeline.core.digest import content_digest
     from pipeline.models import model_identity
-    from pipeline.sampling.selfpairs import identity_digest
 
     # Paths inside the round folder are the same on every rerun; devices do not decide results.
     stages = {name: {k: v for k, v in config_to_dict(c).items() if k not in ("device", "progress")}
               for name, c in zip(("make_pairs", "ingest", "score_ref", "train", "eval"), configs)}
     stages["eval"].pop("scores", None)
     return {"stages": stages, "questions_sha256": file_sha256(configs[0].questions),
-            "start_model": identity_digest(model_identity(start_model)),
-            "reference_model": identity_digest(model_identity(ref_model)), "round_reference": cfg.round_reference}
+            "start_model": content_digest(model_identity(start_model)),
+            "reference_model": content_digest(model_identity(ref_model)), "round_reference": cfg.round_reference}
 
 
 def _check_out_folder(cfg) -> None:

@@ -28,6 +28,7 @@ from transformers import AutoTokenizer
 
 from pipeline.core.atomic import file_sha256
 from pipeline.core.devices import torch_dtype as _torch_dtype
+from pipeline.core.digest import content_digest
 from pipeline.core.errors import UserError
 from pipeline.core.paths import LORA_ADAPTER_CONFIG
 from pipeline.models.adapter import load_adapter_model, pretrained_kwargs
@@ -209,13 +210,9 @@ def _file_sha256(path: Path) -> str:
     return _FILE_HASHES[key]
 
 
-def _canonical_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _config_hash(config: dict) -> str:
     config.pop("transformers_version", None)  # written by whichever version saved it
-    return _canonical_hash(config)
+    return content_digest(config)
 
 
 def _weight_hashes(folder: Path) -> dict[str, str]:
@@ -245,7 +242,7 @@ def model_identity(model_dir_or_name) -> dict:
     if (path / LORA_ADAPTER_CONFIG).is_file():
         # An adapter's outputs depend on its own weights and on its base model's.
         adapter = json.loads((path / LORA_ADAPTER_CONFIG).read_text(encoding="utf-8"))
-        return {"kind": "lora", "config_sha256": _canonical_hash(adapter),
+        return {"kind": "lora", "config_sha256": content_digest(adapter),
                 "weights": _weight_hashes(path),
                 "base": model_identity(adapter.get("base_model_name_or_path") or "")}
     config_file = path / "config.json"
@@ -278,4 +275,4 @@ def tokenizer_identity(tokenizer) -> str:
     specials = {attr: getattr(tokenizer, attr, None)
                 for attr in ("bos_token", "eos_token", "pad_token", "mask_token", "unk_token")}
     chat_template = getattr(tokenizer, "chat_template", None)
-    return _canonical_hash({"backend": backend, "specials": specials, "chat_template": chat_template})
+    return content_digest({"backend": backend, "specials": specials, "chat_template": chat_template})

@@ -9,7 +9,6 @@ cache complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.atomic import file_sha256
+from pipeline.core.digest import canonical_json, content_digest
 from pipeline.core.errors import UserError
 from pipeline.core.schemas import SCORES_MANIFEST, SCORES_SCHEMA
 
@@ -34,18 +34,13 @@ def part_name(index: int) -> str:
 
 def fingerprint_digest(fields: dict[str, Any]) -> str:
     """A short hash of the canonical JSON of every field that changes a score."""
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
+    return content_digest(fields, 16)
 
 
 def fingerprint_differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
     """Names of the fingerprint fields whose values differ (missing counts as different)."""
     return [k for k in sorted(set(expected) | set(found), key=str)
-            if _canonical(expected.get(k)) != _canonical(found.get(k))]
+            if canonical_json(expected.get(k)) != canonical_json(found.get(k))]
 
 
 def describe_difference(expected: dict[str, Any], found: dict[str, Any], field: str) -> str:
@@ -58,7 +53,7 @@ def describe_difference(expected: dict[str, Any], found: dict[str, Any], field: 
         if not keys:
             break
         a, b, name = a.get(keys[0]), b.get(keys[0]), f"{name}.{keys[0]}"
-    ta, tb = (_canonical(v) for v in (a, b))
+    ta, tb = (canonical_json(v) for v in (a, b))
     if max(len(ta), len(tb)) > 100:
         first = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
         lo = max(0, first - 20)

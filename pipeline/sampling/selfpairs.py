@@ -22,7 +22,6 @@ pairing (they would make duplicate pairs).
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -149,10 +148,6 @@ def grade_sample(verifier, question: Question, completion: str) -> dict[str, Any
     g = verifier.grade(completion, question.reference_answer, question.prompt, reference_text=written)
     return {"extracted_answer": g.answer, "correct": g.answer_correct, "working_correct": g.working_correct,
             "grade_reason": g.reason}
-
-
-def identity_digest(identity: Any) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # --- pairing -----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
+from pipeline.core.digest import canonical_json
 from pipeline.core.errors import ConfigError, UserError
 from pipeline.core.paths import CONFIG_FILE
 
@@ -99,7 +100,7 @@ def recorded_config(path: Path) -> dict[str, Any] | None:
 
 
 def _same(a: Any, b: Any) -> bool:
-    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+    return canonical_json(a) == canonical_json(b)
 
 
 def changed_settings(recorded: dict[str, Any], current: dict[str, Any], free: Iterable[str]) -> list[str]:

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from pipeline.core.digest import content_digest
 from pipeline.core.errors import ConfigError
 from pipeline.models import model_identity
-from pipeline.sampling.selfpairs import identity_digest
 from stages.cli import app
 from stages.run_all import merged_config
 
@@ -78,7 +78,7 @@ def test_two_rounds_write_each_rounds_artefacts_and_a_true_summary(two_rounds):
     assert one["start_model"] == "micro" and one["reference_model"] == "micro"
     assert two["start_model"] == two["reference_model"] == str(out / "round-1" / "run" / "final")
     # Round 2 sampled with round 1's trained policy, by content.
-    sha = identity_digest(model_identity(out / "round-1" / "run" / "final"))
+    sha = content_digest(model_identity(out / "round-1" / "run" / "final"))
     assert {s["model_sha256"] for s in lines(out / "round-2" / "pairs.samples.jsonl")} == {sha}
     ev1 = json.loads((out / "round-1" / "run" / "eval.json").read_text())
     assert summary["initial_task_accuracy"] == ev1["task_accuracy"]["before"]
