@@ -36,7 +36,7 @@ def test_help_on_a_wide_terminal_keeps_rich_panels(monkeypatch):
 
 
 def test_query_floats_at_six_digits_and_a_pair_id_on_one_line(monkeypatch, capsys):
-    from stages.query import _print_table, format_cell, table_cells
+    from pipeline.query.output import format_cell, print_table, table_cells
 
     assert format_cell(0.7291949572679925) == "0.729195" and format_cell(-1234567.891) == "-1.23457e+06"
     assert format_cell(18) == "18" and format_cell(None) == "NULL" and format_cell([1, 2]) == "[1, 2]"
@@ -48,7 +48,7 @@ def test_query_floats_at_six_digits_and_a_pair_id_on_one_line(monkeypatch, capsy
     assert narrow[0][0] == PAIR_ID[:12] + "…" and cut and narrow[0][1] == "0.729195"
 
     monkeypatch.setenv("COLUMNS", "80")
-    _print_table(columns, rows)
+    print_table(columns, rows)
     out = capsys.readouterr().out
     assert max(len(line) for line in out.splitlines()) <= 80
     assert PAIR_ID[:12] + "…" in out and "0.729195" in out and "0.7291949572" not in out
