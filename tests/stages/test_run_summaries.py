@@ -7,9 +7,9 @@ import io
 from rich.console import Console
 
 from pipeline.evaluation.intervals import credits_record, paired_difference_interval
-from stages.run_all import RunResult, print_run_summary
-from stages.run_rounds import COLUMNS, RoundsResult, _fmt, print_rounds_summary
-from stages.run_stages import fits_wide
+from pipeline.report.rounds import COLUMNS, format_figure
+from pipeline.report.summary import RoundsResult, RunResult, fits_wide, print_rounds_summary
+from stages.run_all import print_run_summary
 
 
 def _render(fn, result, width: int) -> str:
@@ -39,7 +39,7 @@ def test_rounds_summary_at_80_columns_holds_every_figure_uncut():
     assert "…" not in out and max(len(line) for line in out.splitlines() if "│" in line) <= 80
     for s in result.rounds:
         for key, header in COLUMNS:
-            assert _fmt(s.get(key)) in out, (header, _fmt(s.get(key)), out)
+            assert format_figure(s.get(key)) in out, (header, format_figure(s.get(key)), out)
     for header in ("pass@k", "vs original [95% CI]", "pref. acc. (held-out)"):
         assert header in out
     # wide enough: one table across rounds, a row per round
@@ -87,7 +87,7 @@ def test_run_passes_its_progress_to_every_stage_and_a_section_wins(tmp_path):
 def test_stage_timer_names_the_stage_and_the_run_time(capsys):
     import time
 
-    from stages.run_stages import stage_timer
+    from pipeline.core.progress import stage_timer
 
     lines, times = [], {}
     timed = stage_timer(lines.append, times, 2, since=time.perf_counter() - 65)
