@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.cli.commands import emit_json, stage_command, summary_dict
-from pipeline.cli.loading import load_config
-from pipeline.cli.trl_names import seed_project_config, translate
+from pipeline.cli.loading import check_section_keys, load_config, merge_sections
+from pipeline.cli.trl_names import seed_project_config
 from pipeline.core.atomic import check_writable
-from pipeline.core.config import check_device, check_keys, check_ranges, read_config_file, require
+from pipeline.core.config import check_device, check_ranges, read_config_file, require
 from pipeline.core.errors import ConfigError
 from pipeline.core.paths import PAIRS_FILE
 from pipeline.core.progress import stage_timer
-from pipeline.report.summary import RunResult, run_result
+from pipeline.report.summary import RunResult, print_rounds_summary, run_result
+from pipeline.report.summary import print_run_summary as print_summary
 from stages.run_stages import load_stages, score_train_eval, shipped_path, stage_classes
 
 EMBEDDED_DEFAULT = Path(__file__).with_name("run.yaml")
@@ -108,11 +109,7 @@ def merged_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     user = {} if config_file is None else seed_project_config(read_config_file(config_file), str(config_file))
     flags = dict(flags)
     sections = {key: flags.pop(key) for key in SECTIONS if isinstance(flags.get(key), dict)}
-    for key, value in [*user.items(), *sections.items()]:  # a section (file's, then flag's) adds to the one before
-        if key in SECTIONS and isinstance(value, dict):
-            base[key] = {**base.get(key, {}), **value}
-        else:
-            base[key] = value
+    base = merge_sections(base, SECTIONS, user, sections)  # a section (file's, then flag's) adds to the one before
     rounds = flags["rounds"] if flags.get("rounds") is not None else base.get("rounds", 0)
     if not rounds and flags.get("questions") is None and "questions" not in user:
         # The embedded default's questions belong to its rounds: `run --rounds 0` is the single pass.
@@ -123,9 +120,7 @@ def merged_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     if not cfg.rounds:
         stage_configs(cfg)
     else:  # unknown keys in a rounds' section are an error now, not when a round reaches that stage
-        for name, cls in stage_classes().items():
-            where = f"run config: {name}"
-            check_keys(cls, translate(cls, dict(getattr(cfg, name)), where), where)
+        check_section_keys(stage_classes(), {name: getattr(cfg, name) for name in SECTIONS}, "run config")
     return cfg
 
 
@@ -144,7 +139,7 @@ def stage_configs(cfg: RunConfig):
 
 
 def run(cfg: RunConfig, log=print):
-    """The single pass (RunResult), or with ``cfg.rounds`` the iterative rounds (pipeline.report.summary.RoundsResult)."""
+    """The single pass (RunResult), or with ``cfg.rounds`` the iterative rounds (RoundsResult)."""
     if cfg.rounds:
         from stages.run_rounds import run_rounds
 
@@ -168,7 +163,6 @@ def run(cfg: RunConfig, log=print):
 
 def print_run_summary(result: RunResult, console=None) -> None:
     """The single pass's summary (pipeline.report.summary), eval's intervals printed as eval prints them."""
-    from pipeline.report.summary import print_run_summary as print_summary
     from stages.evaluate import print_intervals
 
     print_summary(result, console, print_intervals)
@@ -179,8 +173,6 @@ def _run_action(cfg: RunConfig, as_json: bool) -> None:
     if as_json:
         emit_json(summary_dict(result))
     elif cfg.rounds:
-        from pipeline.report.summary import print_rounds_summary
-
         print_rounds_summary(result)
     else:
         print_run_summary(result)
