@@ -112,6 +112,7 @@ def round_summary(r: int, start_model: str, ref_model: str, results, task: dict[
 
 
 def _correct_of(path: Path, label: str) -> list[bool]:
+    """Per benchmark item, in order, whether the model eval recorded as ``label`` answered it right."""
     import pyarrow.parquet as pq
 
     rows = pq.read_table(path, columns=["model", "index", "correct"]).to_pylist()
@@ -168,6 +169,7 @@ def headline(summaries: list[dict[str, Any]]) -> str:
 
 
 def report_markdown(cfg, summaries: list[dict[str, Any]], initial_acc) -> str:
+    """OUT/rounds.md: the headline, the run's settings (``cfg``: run's config) and the table across rounds."""
     lines = [f"# lldm-dpo run --rounds {cfg.rounds}: {cfg.out}", "", f"**{headline(summaries)}**", "",
              f"Questions: {cfg.questions}; model {cfg.model}; reference each round: {cfg.round_reference}; "
              f"task accuracy of the original model: {format_figure(initial_acc)}.",
