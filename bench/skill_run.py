@@ -143,10 +143,10 @@ def share_samples(flags: dict, out: Path, earlier: dict[tuple, Path], samples_fr
         source = samples_from / f"seed{mp.get('seed', 0)}.jsonl"
     target = out / "round-1" / "pairs.samples.jsonl"
     if source is not None and source.is_file() and not target.exists() and not out.exists():
-        from stages.run_rounds import _write_report
+        from pipeline.report.rounds import write_rounds_report
 
         out.mkdir(parents=True)
-        _write_report(merged_config(None, flags), [], None)  # claims the folder as this run's, as run does first
+        write_rounds_report(merged_config(None, flags), [], None)  # claims the folder as this run's, as run does first
         from pipeline.core.atomic import atomic_path
 
         target.parent.mkdir(parents=True, exist_ok=True)

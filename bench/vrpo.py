@@ -143,8 +143,9 @@ def accuracy_cells(run: Path, seeds: int, budgets, out: Path) -> None:
 
     from pipeline.evaluation.intervals import paired_difference_interval
     from stages import evaluate, score_ref, train
-    from stages.run_all import merged_config, planned_epochs
+    from stages.run_all import merged_config
     from stages.run_rounds import round_configs
+    from stages.run_stages import planned_epochs
 
     round_dir = run / "round-1"
     before = [r["correct"] for r in pq.read_table(round_dir / "run" / "task_results.parquet").to_pylist()

@@ -15,14 +15,15 @@ import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-from pipeline.cli.commands import emit_json, stage_command
+from pipeline.cli.commands import emit_json
 from pipeline.cli.loading import load_config
+from pipeline.cli.stage_flags import parse_stage_flags
 from pipeline.core.config import check_ranges, config_to_yaml, read_config_file, require
-from pipeline.core.errors import ConfigError, UserError
+from pipeline.core.errors import ConfigError
 
 STAGES = {"score-ref": ("stages.score_ref", "ScoreRefConfig"), "train": ("stages.train", "TrainConfig"),
           "generate": ("stages.generate", "GenerateConfig")}
@@ -102,120 +103,16 @@ def run(cfg: PlanConfig):
         stage_cfg = default_numerics(stage_cfg)
     plan = make_plan(cfg.stage, stage_cfg, shape, cfg.device_bytes, cfg.device)
     if cfg.search and cfg.stage == "train" and not plan.fits:
-        plan.recipes, plan.recipe_method = fitting_recipes(cfg, stage_cfg, shape, plan)
+        from pipeline.cli.trl_names import translate
+        from pipeline.plan.commands import fitting_recipes
+
+        options = translate(type(stage_cfg), dict(cfg.options), f"plan {cfg.stage} options")  # TRL's names as ours
+        plan.recipes, plan.recipe_method = fitting_recipes(
+            stage_cfg, shape, plan, cfg.device_bytes, cfg.device, verify=cfg.verify, options=options,
+            samples=cfg.samples, prompt_length=cfg.prompt_length, world_size=cfg.world_size, gpu_memory=cfg.gpu_memory)
     elif cfg.search:
         plan.largest = largest(cfg.stage, stage_cfg, shape, cfg.device_bytes, plan.total)
     return plan
-
-
-def fitting_recipes(cfg: PlanConfig, stage_cfg, shape, plan) -> tuple[list[dict[str, Any]], str]:
-    """The cheapest train recipes that fit (pipeline.plan.recipes), the first traced as this plan traces; each
-    as the train command and the plan command that checks it."""
-    from pipeline.plan import recipes
-
-    found, method = recipes.search(stage_cfg, shape, plan, cfg.device_bytes, plan.reserve)
-    if found and cfg.verify:
-        recipes.verify(stage_cfg, shape, found[0], cfg.device_bytes, cfg.device, plan.reserve)
-        method += "; the first traced as plan traces any setting"
-    from pipeline.cli.trl_names import translate
-
-    options = translate(type(stage_cfg), dict(cfg.options), f"plan {cfg.stage} options")  # TRL's names as ours
-    out = []
-    for recipe in found:
-        mine = recipes.flags(recipe.changes, None)  # train's flags; a shorter max length is score-ref's
-        given = _option_flags({k: getattr(stage_cfg, k, v) for k, v in options.items()},
-                              set(recipe.changes) | {"model"})
-        train = " ".join(["lldm-dpo train", *(["--model", str(stage_cfg.model)]), *given, *mine])
-        shape_flags = [*(["--samples", str(cfg.samples)] if cfg.samples else []),
-                       "--max-length", str(recipe.max_length),
-                       *(["--prompt-length", str(cfg.prompt_length)] if cfg.prompt_length else []),
-                       *(["--world-size", str(cfg.world_size)] if cfg.world_size > 1 else [])]
-        check = " ".join(["lldm-dpo plan train", "--model", str(stage_cfg.model), *given, *mine, *shape_flags,
-                          "--gpu-memory", str(cfg.gpu_memory)])
-        out.append({"changes": recipe.changes, "max_length": recipe.max_length, "cost": recipe.cost,
-                    "estimate": recipe.estimate, "total": recipe.total, "command": train, "plan_command": check})
-    return out, method
-
-
-def _option_flags(options: dict[str, Any], skip: set[str]) -> list[str]:
-    """The user's own stage options as flags (those a recipe changes left out)."""
-    out = []
-    for key, value in options.items():
-        if key in skip or value is None:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(flag if value else f"--no-{key.replace('_', '-')}")
-        elif isinstance(value, (list, tuple)):
-            out += [flag, ",".join(map(str, value))]
-        else:
-            out += [flag, str(value)]
-    return out
-
-
-# --- the command line ------------------------------------------------------------------
-
-
-def parse_stage_flags(cls, args: list[str], stage: str) -> dict[str, Any]:
-    """The stage's own flags after STAGE, parsed by the stage's generated command (pipeline.cli.commands): the same
-    spellings, types, ``--x/--no-x`` booleans and TRL names as ``lldm-dpo STAGE``. Returns the flags given (by
-    field name; TRL names as written), for the stage's config to resolve."""
-    given: dict[str, Any] = {}
-    command = stage_command(cls, lambda cfg, as_json: None, doc=f"{stage}'s options",
-                            load=lambda config_file, flags: given.update(flags))
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(command)
-    try:
-        typer.main.get_command(app).main(list(args), prog_name=f"lldm-dpo plan {stage}", standalone_mode=False)
-    except typer.TyperException as exc:  # click's usage errors (typer's own copy of click)
-        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        raise UserError(f"plan {stage}: {message}") from None
-    return given
-
-
-def print_plan(plan, as_json: bool) -> None:
-    if as_json:
-        emit_json(dataclasses.asdict(plan))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    from pipeline.plan.memory import fmt_bytes
-
-    console = Console()
-    table = Table(title=f"plan {plan.stage} on {plan.device}", title_justify="left")
-    table.add_column("component")
-    table.add_column("peak", justify="right")
-    for key, value in plan.components.items():
-        table.add_row(key.replace("_", " "), fmt_bytes(value))
-    table.add_row("[bold]total[/bold]", f"[bold]{fmt_bytes(plan.total)}[/bold]")
-    console.print(table)
-    verdict = "fits" if plan.fits else "does NOT fit"
-    console.print(f"{verdict}: {fmt_bytes(plan.total)} of {fmt_bytes(plan.device_bytes)} "
-                  f"(left free {fmt_bytes(plan.headroom)}; the fit keeps {fmt_bytes(plan.reserve)} as headroom); "
-                  "torch.cuda.max_memory_allocated ~ "
-                  f"{fmt_bytes(plan.tracked_peak)}; {plan.method}; {plan.seconds:.1f} s")
-    for name, found in plan.largest.items():
-        value = found["value"]
-        console.print(f"largest --{name.replace('_', '-')} that fits with the headroom kept: "
-                      + ("none" if value is None else f"{value}{' (the limit searched)' if found['at_limit'] else ''}"))
-    if plan.recipes:
-        console.print(f"settings that fit {fmt_bytes(plan.device_bytes)} with the headroom kept, cheapest first "
-                      "(what each gives up: rows in flight, then checkpointing, bf16, LoRA, 4-bit, max length):")
-    elif plan.recipe_method:
-        console.print("no recipe searched fits: more cards (--world-size) or a larger card")
-    for i, recipe in enumerate(plan.recipes, 1):
-        planned = (f"{fmt_bytes(recipe['total'])} planned" if recipe["total"] is not None
-                   else f"about {fmt_bytes(recipe['estimate'])} (estimate)")
-        note = (f"; pairs scored with score-ref --max-length {recipe['max_length']}"
-                if recipe["max_length"] != plan.settings.get("max_length") else "")
-        console.print(f"  {i}. {planned}{note}", markup=False)
-        console.print(f"     {recipe['command']}", markup=False, soft_wrap=True)
-    if plan.recipes:
-        console.print(f"check: {plan.recipes[0]['plan_command']}", markup=False, soft_wrap=True)
-        console.print(f"note: recipes searched on an {plan.recipe_method}", style="dim", markup=False)
-    for note in plan.notes:
-        console.print(f"note: {note}", style="dim")
 
 
 def command(
@@ -234,7 +131,7 @@ def command(
 ) -> None:
     """Peak accelerator memory of a stage's settings, by component, and whether they fit."""
     cls = stage_config_class(stage)  # a ConfigError (a UserError: one line) for another stage
-    options = parse_stage_flags(cls, list(ctx.args), stage)
+    options = parse_stage_flags(cls, list(ctx.args), stage, within="plan")
     if stage == "score-ref":  # the plan's --samples/--max-length are score-ref's own
         options.update({k: v for k, v in (("samples", samples), ("max_length", max_length)) if v is not None})
     flags = dict(stage=stage, gpu_memory=gpu_memory, world_size=world_size, samples=samples, max_length=max_length,
@@ -246,7 +143,13 @@ def command(
     if print_config:
         typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
         return
-    print_plan(run(cfg), as_json)
+    plan = run(cfg)
+    if as_json:
+        emit_json(dataclasses.asdict(plan))
+    else:
+        from pipeline.plan.show import print_plan
+
+        print_plan(plan)
 
 
 command.context_settings = {"allow_extra_args": True, "ignore_unknown_options": True}

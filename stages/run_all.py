@@ -19,25 +19,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from rich.console import Console
-from rich.table import Column, Table
-
 from pipeline.cli.commands import emit_json, stage_command, summary_dict
-from pipeline.cli.loading import load_config
-from pipeline.cli.trl_names import seed_project_config, translate
+from pipeline.cli.loading import check_section_keys, load_config, merge_sections
+from pipeline.cli.trl_names import seed_project_config
 from pipeline.core.atomic import check_writable
-from pipeline.core.config import check_device, check_keys, check_ranges, read_config_file, require
+from pipeline.core.config import check_device, check_ranges, read_config_file, require
 from pipeline.core.errors import ConfigError
 from pipeline.core.paths import PAIRS_FILE
-from stages.run_stages import (
-    figure_table,
-    fits_wide,
-    load_stages,
-    score_train_eval,
-    shipped_path,
-    stage_classes,
-    stage_timer,
-)
+from pipeline.core.progress import stage_timer
+from pipeline.report.summary import RunResult, print_rounds_summary, run_result
+from pipeline.report.summary import print_run_summary as print_summary
+from stages.run_stages import load_stages, score_train_eval, shipped_path, stage_classes
 
 EMBEDDED_DEFAULT = Path(__file__).with_name("run.yaml")
 SECTIONS = ("ingest", "score_ref", "train", "eval", "make_pairs")
@@ -110,27 +102,6 @@ class RunConfig:
                 "run --rounds measures task accuracy: the eval section needs a benchmark")
 
 
-@dataclass
-class RunResult:
-    out: str
-    seconds: float
-    stage_seconds: dict[str, float]
-    pairs: dict[str, int]
-    preference_accuracy: dict[str, float]
-    elbo_accuracy: dict[str, float]
-    task_accuracy: dict[str, float]
-    choice_accuracy: dict[str, float]
-    final_train_loss: float
-    final_train_reward_accuracy: float
-    artefacts: dict[str, str]
-    example_query: str
-    intervals: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """eval's intervals block: per figure the count and 95% Wilson interval of before and after, and the paired
-    interval of after - before (stages.evaluate.EvalResult.intervals)."""
-    mc_spread: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """eval's figures under several mask seeds (eval: mc_seeds > 1)."""
-
-
 def merged_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     """Embedded default < user's file (section by section) < flags."""
     base = read_config_file(EMBEDDED_DEFAULT)
@@ -138,11 +109,7 @@ def merged_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     user = {} if config_file is None else seed_project_config(read_config_file(config_file), str(config_file))
     flags = dict(flags)
     sections = {key: flags.pop(key) for key in SECTIONS if isinstance(flags.get(key), dict)}
-    for key, value in [*user.items(), *sections.items()]:  # a section (file's, then flag's) adds to the one before
-        if key in SECTIONS and isinstance(value, dict):
-            base[key] = {**base.get(key, {}), **value}
-        else:
-            base[key] = value
+    base = merge_sections(base, SECTIONS, user, sections)  # a section (file's, then flag's) adds to the one before
     rounds = flags["rounds"] if flags.get("rounds") is not None else base.get("rounds", 0)
     if not rounds and flags.get("questions") is None and "questions" not in user:
         # The embedded default's questions belong to its rounds: `run --rounds 0` is the single pass.
@@ -153,9 +120,7 @@ def merged_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     if not cfg.rounds:
         stage_configs(cfg)
     else:  # unknown keys in a rounds' section are an error now, not when a round reaches that stage
-        for name, cls in stage_classes().items():
-            where = f"run config: {name}"
-            check_keys(cls, translate(cls, dict(getattr(cfg, name)), where), where)
+        check_section_keys(stage_classes(), {name: getattr(cfg, name) for name in SECTIONS}, "run config")
     return cfg
 
 
@@ -174,7 +139,7 @@ def stage_configs(cfg: RunConfig):
 
 
 def run(cfg: RunConfig, log=print):
-    """The single pass (RunResult), or with ``cfg.rounds`` the iterative rounds (stages.run_rounds.RoundsResult)."""
+    """The single pass (RunResult), or with ``cfg.rounds`` the iterative rounds (RoundsResult)."""
     if cfg.rounds:
         from stages.run_rounds import run_rounds
 
@@ -193,54 +158,14 @@ def run(cfg: RunConfig, log=print):
         train.check_run_outputs(train_cfg.out)
     ing = timed("ingest", ingest.run, ingest_cfg)
     sc, tr, ev, paths = score_train_eval(cfg, timed, score_cfg, train_cfg, eval_cfg)
-    artefacts = {"pairs": ing.out, "quarantine": ing.quarantine, "reference_cache": sc.out, "run": tr.out,
-                 "final_model": tr.final_model, "metrics": tr.metrics, "eval": ev.eval_json}
-    if paths is not None:
-        artefacts.update(report_html=str(paths.html), report_png=str(paths.png))
-    query = (f"lldm-dpo query --pairs {ing.out} --scores {sc.out} --run {tr.out} "
-             "\"SELECT pairs.split, count(*) AS pairs, avg(ref_margin) AS mean_ref_margin "
-             "FROM pairs JOIN scores USING (pair_id) GROUP BY pairs.split ORDER BY 1\"")
-    return RunResult(
-        out=str(cfg.out), seconds=round(time.perf_counter() - start, 2), stage_seconds=times,
-        pairs={"read": ing.read, "accepted": ing.accepted, "quarantined": ing.quarantined, "scored": sc.pairs},
-        preference_accuracy=ev.preference_accuracy, elbo_accuracy=ev.elbo_accuracy, task_accuracy=ev.task_accuracy,
-        choice_accuracy=ev.choice_accuracy,
-        final_train_loss=tr.final_loss, final_train_reward_accuracy=tr.final_reward_accuracy,
-        artefacts=artefacts, example_query=query, intervals=ev.intervals, mc_spread=ev.mc_spread,
-    )
+    return run_result(cfg.out, time.perf_counter() - start, times, (ing, sc, tr, ev), paths)
 
 
-def print_run_summary(result: RunResult, console: Console | None = None) -> None:
+def print_run_summary(result: RunResult, console=None) -> None:
+    """The single pass's summary (pipeline.report.summary), eval's intervals printed as eval prints them."""
     from stages.evaluate import print_intervals
 
-    console = console or Console()
-    title = f"lldm-dpo run: done in {result.seconds:.0f}s"
-    rows = []
-    for key, name, values in (("preference_accuracy", "preference accuracy", result.preference_accuracy),
-                              ("elbo_accuracy", "ELBO accuracy (B(chosen) > B(rejected))", result.elbo_accuracy),
-                              ("task_accuracy", "task accuracy (generation)", result.task_accuracy),
-                              ("choice_accuracy", "multiple-choice accuracy (option ELBO)", result.choice_accuracy)):
-        if values and key not in result.intervals:  # those with counts and intervals are listed below
-            rows.append([name, f"{values.get('before', float('nan')):.3f}", f"{values.get('after', float('nan')):.3f}"])
-    headers = ["held-out evaluation", "before", "after"]
-    if not rows:
-        console.print(title)
-    elif fits_wide(headers, rows, console.width):
-        table = Table(headers[0], Column("before", justify="right"), Column("after", justify="right"),
-                      title=title, title_justify="left")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
-    else:  # narrow: one (metric, value) a line
-        console.print(title)
-        console.print(figure_table("held-out evaluation", [(f"{name}, {side}", value) for name, *values in rows
-                                                           for side, value in zip(("before", "after"), values)]))
-    print_intervals(result.intervals, result.mc_spread, title="held-out evaluation, 95% intervals")
-    console.print(f"train: final loss {result.final_train_loss:.4f}, "
-                  f"reward accuracy {result.final_train_reward_accuracy:.3f}")
-    for key, path in result.artefacts.items():
-        console.print(f"  {key:16} {path}", soft_wrap=True, markup=False)
-    console.print("try:", result.example_query, soft_wrap=True, markup=False)
+    print_summary(result, console, print_intervals)
 
 
 def _run_action(cfg: RunConfig, as_json: bool) -> None:
@@ -248,8 +173,6 @@ def _run_action(cfg: RunConfig, as_json: bool) -> None:
     if as_json:
         emit_json(summary_dict(result))
     elif cfg.rounds:
-        from stages.run_rounds import print_rounds_summary
-
         print_rounds_summary(result)
     else:
         print_run_summary(result)

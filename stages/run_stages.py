@@ -1,14 +1,11 @@
 """What ``lldm-dpo run``'s single pass (stages.run_all) and its rounds (stages.run_rounds) share: the stages'
-configs loaded and validated in order, each stage timed with a progress line, and score-ref -> train -> eval ->
-report chained. A composer: it imports the stages it runs."""
+configs loaded and validated in order, and score-ref -> train -> eval -> report chained (each stage timed by
+pipeline.core.progress.stage_timer). A composer: it imports the stages it runs."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
-
-from rich.table import Column, Table
 
 from pipeline.cli.loading import load_config
 from pipeline.core.errors import CacheMismatch, UserError
@@ -59,26 +56,6 @@ def planned_epochs(score_cfg, train_cfg) -> int:
     return epochs_needed(max(n_train, 1), train_cfg)
 
 
-def stage_timer(log, times: dict[str, float], r: int | None = None, since: float | None = None):
-    """``timed(name, fn, stage_cfg)``: runs one stage, logging it (within round ``r``) and its seconds in ``times``;
-    the progress drawn meanwhile names the stage and the time since ``since`` (the run's start)."""
-    from pipeline.core.progress import fmt_duration, stage
-
-    since = time.perf_counter() if since is None else since
-
-    def timed(name, fn, stage_cfg):
-        t0 = time.perf_counter()
-        label = name if r is None else f"round {r}: {name}"
-        log(f"[{label}] ... (run {fmt_duration(t0 - since)} so far)")
-        with stage(label, since):
-            result = fn(stage_cfg)
-        times[name] = round(time.perf_counter() - t0, 2)
-        log(f"[{label}] done in {fmt_duration(times[name])} (run {fmt_duration(time.perf_counter() - since)})")
-        return result
-
-    return timed
-
-
 def score_train_eval(cfg, timed, score_cfg, train_cfg, eval_cfg):
     """The stages after ingest, as `run` and each round chain them: score-ref (unless its section sets draws,
     one mask draw per epoch training will start: train refuses fewer), train, eval and the report. Their
@@ -97,22 +74,3 @@ def score_train_eval(cfg, timed, score_cfg, train_cfg, eval_cfg):
     ev = timed("eval", evaluate.run, eval_cfg)
     paths = timed("report", lambda _: write_report(train_cfg.out), None) if cfg.report else None
     return sc, tr, ev, paths
-
-
-def fits_wide(headers: list[str], rows: list[list[str]], width: int) -> bool:
-    """Whether a table of ``rows`` under ``headers`` shows every cell whole in ``width`` columns (headers may
-    wrap at their spaces, a figure may not); else a summary is laid out vertically, one (metric, value) a line."""
-    need = 1
-    for i, header in enumerate(headers):
-        cells = [len(r[i]) for r in rows] + [max((len(w) for w in header.split()), default=0)]
-        need += max(cells) + 3  # a cell's padding and its border
-    return need <= width
-
-
-def figure_table(title: str, rows: list[tuple[str, str]]) -> Table:
-    """A (metric, value) table: the metric folds onto more lines when the terminal is narrow, the value never."""
-    table = Table(Column(title, overflow="fold", ratio=1), Column("", justify="right", no_wrap=True),
-                  show_header=bool(title), title_justify="left")
-    for name, value in rows:
-        table.add_row(name, value)
-    return table

@@ -21,13 +21,14 @@ STAGE_NAME = re.compile(r"stages(\.\w+)*(:\w+)?")
 """A string that names a stage module (``stages.train``, ``stages.train:command``): an import by name."""
 DYNAMIC_IMPORTS = {"import_module", "__import__", "find_spec", "import_string"}
 LAYERS = ("core", "data", "grading", "models", "estimator", "refcache", "sampling", "evaluation", "trainer", "plan",
-          "report", "cli")
+          "report", "query", "cli")
 """pipeline/'s sub-packages, lowest first: each may import its own package and those before it, never one after.
 core: errors, atomic outputs, paths, schemas, config machinery; data: what users bring; grading: is an answer
 right; models: LLaDA, presets, loading, numerics; estimator: masks, ELBO, replay, losses; refcache: the reference
 cache; sampling: the sampler, completions, self-made pairs; evaluation: metrics and intervals; trainer: the
-recipes; plan: memory plans from the recipes' own step code; report: a run's pages; cli: configs from YAML, flags
-and TRL's names, and the commands generated from them (it knows every stage's config)."""
+recipes; plan: memory plans from the recipes' own step code; report: a run's pages; query: DuckDB views over every
+artefact above (pairs, the cache, metrics, eval records, samples, rounds) and SQL run read-only; cli: configs
+from YAML, flags and TRL's names, and the commands generated from them (it knows every stage's config)."""
 
 
 def _imports(path: Path) -> set[str]:

@@ -11,6 +11,7 @@ from pipeline.cli.trl_names import translate
 from pipeline.core.config import (
     COMMAND_LINE,
     GIVEN_AS,
+    check_keys,
     check_output_names,
     coerce_values,
     in_users_words,
@@ -73,3 +74,23 @@ def _layer(cls: type, data: dict[str, Any], where: str, given_as: dict[str, str]
         count = f"{len(problems)} problems: " if len(problems) > 1 else ""
         raise ConfigError(f"{where}: {count}{'; '.join(problems)}")
     return out
+
+
+def merge_sections(base: dict[str, Any], sections: tuple[str, ...], *layers: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with each layer over it in order (a composer's file, then its section flags): a section's mapping
+    adds to the one before key by key, any other key replaces."""
+    merged = dict(base)
+    for layer in layers:
+        for key, value in layer.items():
+            if key in sections and isinstance(value, dict):
+                merged[key] = {**merged.get(key, {}), **value}
+            else:
+                merged[key] = value
+    return merged
+
+
+def check_section_keys(classes: Mapping[str, type], sections: Mapping[str, dict], where: str) -> None:
+    """Every section's keys known to its stage's config (TRL's names too), each section named in the error."""
+    for name, cls in classes.items():
+        at = f"{where}: {name}"
+        check_keys(cls, translate(cls, dict(sections[name]), at), at)

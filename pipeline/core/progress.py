@@ -8,7 +8,8 @@ line every ``PLAIN_EVERY_SECONDS`` (env ``LLDM_DPO_PROGRESS_SECONDS``), plus a
 closing line when any was written, so a long stage is never silent.
 
 ``stage(label, since)``: inside ``lldm-dpo run`` every bar and line carries the
-stage the run is in (``round 1: eval``) and the run's time so far.
+stage the run is in (``round 1: eval``) and the run's time so far; ``stage_timer`` runs each of run's
+stages under it, logging its start and its seconds.
 """
 
 from __future__ import annotations
@@ -67,6 +68,24 @@ def fmt_duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def stage_timer(log, times: dict[str, float], r: int | None = None, since: float | None = None):
+    """``timed(name, fn, stage_cfg)``: runs one stage, logging it (within round ``r``) and its seconds in ``times``;
+    the progress drawn meanwhile names the stage and the time since ``since`` (the run's start)."""
+    since = time.perf_counter() if since is None else since
+
+    def timed(name, fn, stage_cfg):
+        t0 = time.perf_counter()
+        label = name if r is None else f"round {r}: {name}"
+        log(f"[{label}] ... (run {fmt_duration(t0 - since)} so far)")
+        with stage(label, since):
+            result = fn(stage_cfg)
+        times[name] = round(time.perf_counter() - t0, 2)
+        log(f"[{label}] done in {fmt_duration(times[name])} (run {fmt_duration(time.perf_counter() - since)})")
+        return result
+
+    return timed
 
 
 def stage_label(description: str) -> str:

@@ -151,12 +151,21 @@ def _draw(m, rows, margins, title, intervals=None):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    intervals = intervals or {}
     fig = Figure(figsize=FIG_INCHES, dpi=FIG_DPI)
     FigureCanvasAgg(fig)
     axes = dict(zip(PANELS, fig.subplots(*GRID).ravel()))
     fig.suptitle(title, fontsize=14)
+    _draw_training(axes, m)
+    _draw_heldout(axes["held-out accuracy: before vs after (95% intervals)"], rows, intervals or {})
+    _draw_margins(axes["reference margins (held-out pairs)"], margins)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=FIG_DPI)
+    return buf.getvalue()
 
+
+def _draw_training(axes, m) -> None:
+    """The panels of the training metrics, each with its held-out line where evaluation logged one."""
     _plot_lines(axes["loss (total)"], m, [("loss", "loss", "#333333"), ("eval/loss", "held-out", HELDOUT_COLOR)],
                 "loss (total)")
     # The loss is the preference term plus the weighted SFT term: apart, a rising total (the NLL term growing as
@@ -187,40 +196,43 @@ def _draw(m, rows, margins, title, intervals=None):
     _plot_lines(axes["grad norm"], m, [("grad_norm", "grad norm", "#6d4c41")], "grad norm")
     _plot_lines(axes["tokens per second"], m, [("tokens_per_second", "tokens/s", "#546e7a")], "tokens per second")
 
-    # Held-out before/after: only the accuracy-like comparisons share a 0..1 axis; error bars are the 95%
-    # Wilson intervals, and each figure's label carries the paired after - before difference with its interval.
-    ax = axes["held-out accuracy: before vs after (95% intervals)"]
+
+def _draw_heldout(ax, rows, intervals) -> None:
+    """Held-out before/after: only the accuracy-like comparisons share a 0..1 axis; error bars are the 95%
+    Wilson intervals, and each figure's label carries the paired after - before difference with its interval."""
     acc = [(n, b, a) for n, b, a, _ in rows if "accuracy" in n and (b is not None or a is not None)]
     ax.set_title("held-out accuracy: before vs after (95% CI)")
-    if acc:
-        xs = range(len(acc))
-        width = 0.38
-        labels = []
-        for x, (name, b, a) in zip(xs, acc):
-            rec = intervals.get(name) or {}
-            for dx, v, side, color in ((-width / 2, b, "before", BEFORE_COLOR), (width / 2, a, "after", AFTER_COLOR)):
-                ci = rec.get(side) if isinstance(rec.get(side), dict) else None
-                has_ci = v is not None and ci and _num(ci.get("low")) is not None and _num(ci.get("high")) is not None
-                err = [[max(0.0, v - ci["low"])], [max(0.0, ci["high"] - v)]] if has_ci else None
-                ax.bar([x + dx], [v or 0.0], width, label=side if x == 0 else None, color=color, yerr=err,
-                       capsize=4, error_kw={"ecolor": ERRORBAR_COLOR, "elinewidth": 1.5})
-                top = ci["high"] if err else (v or 0.0)
-                text = "n/a" if v is None else f"{v:.3f}" + (f"\n{_count(ci)}" if ci else "")
-                ax.text(x + dx, top + 0.02, text, ha="center", fontsize=7)
-            label = name.replace("_", " ")
-            diff = rec.get("difference")
-            if isinstance(diff, dict) and _num(diff.get("difference")) is not None:
-                label += f"\n\u0394 {diff['difference']:+.3f}\n[{diff['low']:+.3f}, {diff['high']:+.3f}]"
-            labels.append(label)
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(labels, fontsize=7)
-        ax.set_ylim(0, 1.22)
-        ax.legend(loc="upper left", fontsize=8)
-        ax.grid(True, axis="y", alpha=0.3)
-    else:
+    if not acc:
         _empty(ax, "no eval.json")
+        return
+    xs = range(len(acc))
+    width = 0.38
+    labels = []
+    for x, (name, b, a) in zip(xs, acc):
+        rec = intervals.get(name) or {}
+        for dx, v, side, color in ((-width / 2, b, "before", BEFORE_COLOR), (width / 2, a, "after", AFTER_COLOR)):
+            ci = rec.get(side) if isinstance(rec.get(side), dict) else None
+            has_ci = v is not None and ci and _num(ci.get("low")) is not None and _num(ci.get("high")) is not None
+            err = [[max(0.0, v - ci["low"])], [max(0.0, ci["high"] - v)]] if has_ci else None
+            ax.bar([x + dx], [v or 0.0], width, label=side if x == 0 else None, color=color, yerr=err,
+                   capsize=4, error_kw={"ecolor": ERRORBAR_COLOR, "elinewidth": 1.5})
+            top = ci["high"] if err else (v or 0.0)
+            text = "n/a" if v is None else f"{v:.3f}" + (f"\n{_count(ci)}" if ci else "")
+            ax.text(x + dx, top + 0.02, text, ha="center", fontsize=7)
+        label = name.replace("_", " ")
+        diff = rec.get("difference")
+        if isinstance(diff, dict) and _num(diff.get("difference")) is not None:
+            label += f"\n\u0394 {diff['difference']:+.3f}\n[{diff['low']:+.3f}, {diff['high']:+.3f}]"
+        labels.append(label)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylim(0, 1.22)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
 
-    ax = axes["reference margins (held-out pairs)"]
+
+def _draw_margins(ax, margins) -> None:
+    """The reference margins of the held-out pairs as a histogram around 0."""
     ax.set_title("reference margins (held-out pairs)")
     if margins:
         ax.hist(margins, bins=min(40, max(5, len(margins) // 5)), color="#78909c")
@@ -228,11 +240,6 @@ def _draw(m, rows, margins, title, intervals=None):
         ax.set_xlabel("B_ref(chosen) - B_ref(rejected)")
     else:
         _empty(ax, "not available")
-
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=FIG_DPI)
-    return buf.getvalue()
 
 
 # --- the page --------------------------------------------------------------

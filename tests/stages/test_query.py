@@ -14,9 +14,11 @@ from typer.testing import CliRunner
 
 from pipeline.core.errors import UserError
 from pipeline.core.schemas import METRIC_COLUMNS, SCORES_SCHEMA
+from pipeline.query.sql import execute
+from pipeline.query.views import open_connection
 from stages.cli import app
 from stages.ingest import IngestConfig, run
-from stages.query import execute, open_connection, preset_sql, presets
+from stages.query import preset_sql, presets
 
 CONTRACT = {
     "pairs": ["pair_id", "prompt", "chosen", "rejected", "split", "source"],

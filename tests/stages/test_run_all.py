@@ -121,7 +121,8 @@ def test_an_empty_choices_path_fails_when_the_run_config_loads(tmp_path):
 
 def test_run_summary_prints_counts_and_intervals(capsys):
     from pipeline.evaluation.intervals import credits_record, paired_difference_interval
-    from stages.run_all import RunResult, print_run_summary
+    from pipeline.report.summary import RunResult
+    from stages.run_all import print_run_summary
 
     b, a = [1, 0, 0, 1, 0, 0, 0, 0] * 4, [1, 1, 0, 1, 0, 0, 1, 0] * 4
     result = RunResult(out="o", seconds=1.0, stage_seconds={}, pairs={}, preference_accuracy={},

@@ -1,4 +1,5 @@
-"""The closing summaries of `run` and `run --rounds` hold every figure uncut at 80 columns."""
+"""The closing summary of `run` holds every figure uncut at 80 columns, eval's intervals with it (the rounds'
+summary: tests/pipeline/report/test_summary.py)."""
 
 from __future__ import annotations
 
@@ -7,45 +8,14 @@ import io
 from rich.console import Console
 
 from pipeline.evaluation.intervals import credits_record, paired_difference_interval
-from stages.run_all import RunResult, print_run_summary
-from stages.run_rounds import COLUMNS, RoundsResult, _fmt, print_rounds_summary
-from stages.run_stages import fits_wide
+from pipeline.report.summary import RunResult
+from stages.run_all import print_run_summary
 
 
 def _render(fn, result, width: int) -> str:
     buf = io.StringIO()
     fn(result, Console(file=buf, width=width, force_terminal=False, color_system=None))
     return buf.getvalue()
-
-
-def _round(r: int) -> dict:
-    before, after = [1, 0, 0, 1, 0, 0, 0, 0] * 25, [1, 1, 0, 1, 0, 0, 1, 0] * 25
-    return {"round": r, "pairs": 123 + r, "pairs_reference_chosen": 7, "sample_accuracy": 0.3125 + r / 100,
-            "pass_at_k": 0.6875, "questions_all_correct": 11, "questions_all_wrong": 29,
-            "final_train_loss": 0.912345, "final_train_reward_accuracy": 0.8125, "preference_accuracy": 0.734375,
-            "task_accuracy": 0.5 + r / 1000, "task_accuracy_interval": credits_record(after),
-            "initial_task_accuracy_interval": credits_record(before),
-            "task_accuracy_difference": paired_difference_interval(before, after)}
-
-
-def _rounds_result() -> RoundsResult:
-    return RoundsResult(out="runs/x", seconds=831.0, rounds=[_round(1), _round(2)], initial_task_accuracy=0.25,
-                        report="runs/x/rounds.md", resumed_rounds=0, example_query="lldm-dpo query --samples x")
-
-
-def test_rounds_summary_at_80_columns_holds_every_figure_uncut():
-    result = _rounds_result()
-    out = _render(print_rounds_summary, result, 80)
-    assert "…" not in out and max(len(line) for line in out.splitlines() if "│" in line) <= 80
-    for s in result.rounds:
-        for key, header in COLUMNS:
-            assert _fmt(s.get(key)) in out, (header, _fmt(s.get(key)), out)
-    for header in ("pass@k", "vs original [95% CI]", "pref. acc. (held-out)"):
-        assert header in out
-    # wide enough: one table across rounds, a row per round
-    wide = _render(print_rounds_summary, result, 240)
-    assert "…" not in wide and "round 1" not in wide
-    assert any(line.count("│") >= len(COLUMNS) for line in wide.splitlines())
 
 
 def test_run_summary_at_80_columns_holds_every_figure_uncut():
@@ -64,11 +34,6 @@ def test_run_summary_at_80_columns_holds_every_figure_uncut():
         assert figure in out.replace("\n│", "").replace(" │", ""), (figure, out)
 
 
-def test_fits_wide_counts_the_figures_whole():
-    assert fits_wide(["a", "b"], [["0.123", "0.456"]], 80)
-    assert not fits_wide(["name"] * 13, [["+0.050 [-0.010, +0.110]"] * 13], 120)
-
-
 def test_run_passes_its_progress_to_every_stage_and_a_section_wins(tmp_path):
     """`run` no longer silences its stages: each gets run's progress (on by default), a section's own wins."""
     from stages.run_all import merged_config, stage_configs
@@ -82,15 +47,3 @@ def test_run_passes_its_progress_to_every_stage_and_a_section_wins(tmp_path):
     assert [c.progress for c in mixed] == [True, True, True, False]
     cfg = merged_config(None, {"out": tmp_path / "d"})
     assert cfg.rounds and [c.progress for c in round_configs(cfg, 1, cfg.model, cfg.model)] == [True] * 5
-
-
-def test_stage_timer_names_the_stage_and_the_run_time(capsys):
-    import time
-
-    from stages.run_stages import stage_timer
-
-    lines, times = [], {}
-    timed = stage_timer(lines.append, times, 2, since=time.perf_counter() - 65)
-    assert timed("eval", lambda cfg: cfg + 1, 41) == 42
-    assert lines[0] == "[round 2: eval] ... (run 1m05s so far)"
-    assert lines[1].startswith("[round 2: eval] done in 0s (run 1m05s)") and "eval" in times

@@ -6,7 +6,7 @@ import io
 import time
 
 from pipeline.core import progress
-from pipeline.core.progress import PlainProgress, fmt_duration, progress_bar, stage
+from pipeline.core.progress import PlainProgress, fmt_duration, progress_bar, stage, stage_timer
 
 
 def test_plain_lines_carry_count_rate_eta_stage_and_run_time():
@@ -47,3 +47,11 @@ def test_progress_bar_off_a_terminal_writes_plain_lines(monkeypatch, capsys):
 
 def test_fmt_duration():
     assert [fmt_duration(s) for s in (0.4, 59, 61, 3599, 3725)] == ["0s", "59s", "1m01s", "59m59s", "1h02m"]
+
+
+def test_stage_timer_names_the_stage_and_the_run_time(capsys):
+    lines, times = [], {}
+    timed = stage_timer(lines.append, times, 2, since=time.perf_counter() - 65)
+    assert timed("eval", lambda cfg: cfg + 1, 41) == 42
+    assert lines[0] == "[round 2: eval] ... (run 1m05s so far)"
+    assert lines[1].startswith("[round 2: eval] done in 0s (run 1m05s)") and "eval" in times
