@@ -24,7 +24,7 @@ from rich.table import Column, Table
 
 from pipeline.cli.commands import emit_json, stage_command, summary_dict
 from pipeline.cli.loading import load_config
-from pipeline.cli.trl_names import seed_project_config, translate
+from pipeline.cli.trl_names import overlay, seed_project_config, translate
 from pipeline.core.atomic import check_writable
 from pipeline.core.config import check_device, check_keys, check_ranges, read_config_file, require
 from pipeline.core.errors import ConfigError
@@ -77,8 +77,9 @@ class RunConfig:
     """Reference model of each round: policy (the round's starting policy) or initial (the original model)."""
     make_pairs: dict = field(default_factory=dict)
     """Keys of the make-pairs stage's config for the rounds (num_generations, temperature, pairs_per_question, ...)."""
-    cache: Optional[str] = None
-    """Sampler KV cache (none, prefix, dual) for eval and make-pairs: sets their sections' `cache` when given."""
+    kv_cache: Optional[str] = None
+    """Sampler KV cache (none, prefix, dual) for eval and make-pairs: sets their sections' `kv_cache` when given
+    (formerly `cache`, still accepted)."""
     threshold: Optional[float] = None
     """Parallel-decoding threshold for eval and make-pairs: sets their sections' `threshold` when given."""
 
@@ -88,17 +89,17 @@ class RunConfig:
         check_device(self.device)
         for name in SECTIONS:
             require(isinstance(getattr(self, name), dict), f"section '{name}' must be a mapping of that stage's keys")
-        if self.cache is not None or self.threshold is not None:
-            from pipeline.sampling.sampler import check_fast_settings
+        if self.kv_cache is not None or self.threshold is not None:
+            from pipeline.sampling.args import check_fast_settings
 
             try:
-                check_fast_settings(self.cache or "none", self.threshold, "low_confidence")
+                check_fast_settings(self.kv_cache or "none", self.threshold, "low_confidence")
             except (TypeError, ValueError) as exc:
                 raise ConfigError(str(exc)) from None
-        for name in ("cache", "threshold"):  # the sampler settings run-wide: every stage that samples
+        for name in ("kv_cache", "threshold"):  # the sampler settings run-wide: every stage that samples
             if getattr(self, name) is not None:
-                self.eval = {**self.eval, name: getattr(self, name)}
-                self.make_pairs = {**self.make_pairs, name: getattr(self, name)}
+                self.eval = overlay(self.eval, {name: getattr(self, name)})
+                self.make_pairs = overlay(self.make_pairs, {name: getattr(self, name)})
         require(self.round_reference in ROUND_REFERENCES,
                 f"round_reference must be one of {', '.join(ROUND_REFERENCES)}, got {self.round_reference!r}")
         require(not self.rounds or self.questions, "run --rounds needs --questions FILE (JSONL of question and answer)")
@@ -140,7 +141,7 @@ def merged_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     sections = {key: flags.pop(key) for key in SECTIONS if isinstance(flags.get(key), dict)}
     for key, value in [*user.items(), *sections.items()]:  # a section (file's, then flag's) adds to the one before
         if key in SECTIONS and isinstance(value, dict):
-            base[key] = {**base.get(key, {}), **value}
+            base[key] = overlay(base.get(key, {}), value)
         else:
             base[key] = value
     rounds = flags["rounds"] if flags.get("rounds") is not None else base.get("rounds", 0)
@@ -211,7 +212,7 @@ def run(cfg: RunConfig, log=print):
 
 
 def print_run_summary(result: RunResult, console: Console | None = None) -> None:
-    from stages.evaluate import print_intervals
+    from pipeline.evaluation.intervals import print_intervals
 
     console = console or Console()
     title = f"lldm-dpo run: done in {result.seconds:.0f}s"
