@@ -36,7 +36,10 @@ from pipeline.evaluation.intervals import print_intervals
 from pipeline.grading.verifiers import ANSWER_FORMATS, check_verifier_name
 from pipeline.sampling.args import SAMPLING_RANGES, SamplingArgs
 
-RANGES = {**SAMPLING_RANGES, "beta": "(0, inf)", "limit_pairs": "[0, inf)", "limit_task": "[0, inf)",
+GREEDY = ("temperature", "remasking", "cfg_scale")
+"""The sampler's settings eval fixes (task accuracy is greedy): no options, no ranges."""
+
+RANGES = {**{k: v for k, v in SAMPLING_RANGES.items() if k not in GREEDY}, "beta": "(0, inf)", "limit_pairs": "[0, inf)", "limit_task": "[0, inf)",
           "limit_choices": "[0, inf)", "samples": "[1, inf)", "batch_tokens": "[1, inf)", "train_sample": "[0, inf)",
           "lm_eval_limit": "[0, inf)", "lm_eval_num_fewshot": "[0, inf)", "mc_seeds": "[1, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""

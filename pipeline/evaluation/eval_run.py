@@ -35,6 +35,7 @@ from pipeline.evaluation.metrics import (
 from pipeline.evaluation.tasks import TASK_RESULTS_SCHEMA, read_benchmark, task_accuracy, working_figures
 from pipeline.models.numerics import Numerics, autocast, follow, load, of_fingerprint
 from pipeline.refcache.store import check_reference_model, open_cache
+from pipeline.sampling.args import SamplingArgs
 
 
 @dataclass
@@ -240,7 +241,9 @@ def _lm_eval(cfg, inputs: EvalInputs, figures: Figures, model, tokenizer, label:
     scores = run_tasks(model, tokenizer, inputs.lm_tasks, include_path=cfg.lm_eval_include_path,
                        limit=cfg.lm_eval_limit, num_fewshot=cfg.lm_eval_num_fewshot,
                        apply_chat_template=chat_template, mc_samples=cfg.samples,
-                       batch_tokens=cfg.batch_tokens, seed=cfg.seed, sampling=cfg, per_document=docs)
+                       batch_tokens=cfg.batch_tokens, seed=cfg.seed, per_document=docs,
+                       # generation by eval's schedule on the exact sampler, as lm-eval's tasks always ran
+                       sampling=SamplingArgs.of(cfg, kv_cache="none", threshold=None))
     for metric, values in docs.items():  # accuracies: their count, interval and paired difference
         if metric in scores:
             figures.credits.setdefault(f"lm_eval/{metric}", {})[label] = values

@@ -61,12 +61,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from pipeline.core.lazy import deferred, no_grad
-from pipeline.sampling.args import SamplingArgs, check_schedule, sampling_args  # noqa: F401 (check_schedule: tests)
+from pipeline.sampling.args import SamplingArgs, check_schedule, sampling_args  # noqa: F401 (check_schedule: its tests)
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-torch = deferred("torch")  # the configs read the sampler's names and checks: their --help skips torch
+torch = deferred("torch")  # imported by the first sampling call, not by the configs that import this package
 
 
 

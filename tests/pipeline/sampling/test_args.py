@@ -9,6 +9,7 @@ import pytest
 from pipeline.cli import trl_names
 from pipeline.cli.loading import load_config
 from pipeline.cli.trl_names import overlay
+from pipeline.core.config import config_to_dict
 from pipeline.core.errors import ConfigError
 from pipeline.sampling.args import SAMPLING_FIELDS, SamplingArgs, sampling_args
 
@@ -38,6 +39,7 @@ def test_the_three_sampling_stages_inherit_one_declaration():
     # eval's task accuracy is greedy: temperature, remasking and cfg_scale are no options there
     fixed = {f.name for f in dataclasses.fields(EvalConfig) if not f.init}
     assert fixed == {"temperature", "remasking", "cfg_scale"}
+    assert not fixed & set(config_to_dict(EvalConfig(scores=None, benchmark="b")))  # no keys of --print-config
     with pytest.raises(ConfigError, match="unknown key 'temperature'"):
         load_config(EvalConfig, values={"temperature": 1.0, "benchmark": "b"})
 
