@@ -335,7 +335,7 @@ def section_sampler(results: Results, state: dict) -> None:
     generate(model, prompts[:1], **{**kw, "gen_length": cfg["block_length"], "steps": 1})  # warm-up
     passes = count_passes(model)
     try:
-        rows = compare(lambda cache, threshold: token_lists(generate(model, prompts, cache=cache, threshold=threshold,
+        rows = compare(lambda cache, threshold: token_lists(generate(model, prompts, kv_cache=cache, threshold=threshold,
                                                                      **kw)),
                        cfg["gen_length"], len(prompts), passes=passes, sync=lambda: sync(device))
     finally:

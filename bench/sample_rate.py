@@ -59,7 +59,7 @@ def main() -> None:
     rows = rows[: args.limit]
     model, tok = load("skill", Numerics(), torch.device("cpu"))
     model.eval()
-    shape = dict(gen_length=24, block_length=4, steps=24, cache="dual")
+    shape = dict(gen_length=24, block_length=4, steps=24, kv_cache="dual")
     print(f"skill preset, {len(rows)} tuning questions, gen 24 block 4 steps 24 cache dual, "
           f"{args.threads} thread(s), matmul {matmul_gflops():.1f} GFLOP/s", flush=True)
     first: dict[str, list[str]] = {}

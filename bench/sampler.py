@@ -84,7 +84,7 @@ def fast_mode(args) -> None:
 
     def sample(cache, threshold):
         done = complete(model, tokenizer, prompts, gen_length=args.gen_length, block_length=args.block_length,
-                        steps=args.steps, batch_size=args.batch, cache=cache, threshold=threshold)
+                        steps=args.steps, batch_size=args.batch, kv_cache=cache, threshold=threshold)
         return [d["completion"] for d in done]
 
     def grade(completions):

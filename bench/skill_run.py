@@ -103,7 +103,7 @@ SEED_KEYS = (("make_pairs", "seed"), ("score_ref", "seed"), ("train", "seed"))
 """Everything stochastic in a round: the sampled pairs, the reference's mask draws, train's data order."""
 
 SAMPLE_KEYS = ("gen_length", "block_length", "steps", "temperature", "remasking", "cfg_scale", "seed", "chat_template",
-               "dtype", "cache", "threshold", "num_generations", "limit", "load_in_4bit")
+               "dtype", "kv_cache", "threshold", "num_generations", "limit", "load_in_4bit")
 """make-pairs keys that decide the samples: variants equal on these share round 1's samples file."""
 
 

@@ -61,7 +61,7 @@ from pipeline.models.llada import LLaDAModelLM  # noqa: E402
 from pipeline.models.presets import preset_config  # noqa: E402
 from pipeline.models.tokenizer import build_tokenizer  # noqa: E402
 
-GEN = dict(gen_length=24, block_length=4, steps=24, cache="dual")
+GEN = dict(gen_length=24, block_length=4, steps=24, kv_cache="dual")
 """Greedy decoding of the stopping rule: the embedded default's eval settings (stages/run.yaml)."""
 
 RECORD = REPO / "pipeline" / "models" / "weights" / "skill.json"

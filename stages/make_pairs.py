@@ -33,49 +33,29 @@ only those regrades and re-pairs without sampling.
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from pipeline.cli.commands import print_summary, stage_command, summary_dict
-from pipeline.core.atomic import check_replaceable, check_writable, sweep_stale
 from pipeline.core.config import require
-from pipeline.core.digest import content_digest
-from pipeline.core.errors import ConfigError, UserError
+from pipeline.core.errors import ConfigError
 from pipeline.core.lock import output_lock
-from pipeline.core.progress import progress_bar
-from pipeline.data.pairs import normalize_text
 from pipeline.evaluation.intervals import accuracy_record, format_accuracy
-from pipeline.grading.verifiers import ANSWER_FORMATS, check_verifier_name, get_verifier
-from pipeline.sampling.completion import (
-    SAMPLING_RANGES,
-    append_jsonl,
-    check_sampling,
-    check_settings,
-    earlier_rows,
-    load_for_sampling,
-    sampler_settings,
-    write_jsonl,
-)
-from pipeline.sampling.selfpairs import (
-    DiffusionSampler,
-    PairingPolicy,
-    Question,
-    SampleItem,
-    grade_sample,
-    pair_question,
-    read_questions,
-    sample_seed,
-)
+from pipeline.grading.verifiers import ANSWER_FORMATS, check_verifier_name
+from pipeline.sampling.args import SAMPLING_RANGES, SamplingArgs
+from pipeline.sampling.completion import check_loading
+from pipeline.sampling.make_pairs_run import MakePairsResult, make_pairs
 
-RANGES = {"num_generations": "[1, inf)", "pairs_per_question": "[1, inf)", **SAMPLING_RANGES, "round": "[0, inf)"}
+RANGES = {"num_generations": "[1, inf)", "pairs_per_question": "[1, inf)", **SAMPLING_RANGES, "limit": "[0, inf)",
+          "round": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
 @dataclass
-class MakePairsConfig:
+class MakePairsConfig(SamplingArgs):
+    """The sampler's settings (``SamplingArgs``; temperature 0.7 here) and make-pairs' own."""
+
     questions: str = ""
     """Questions file: JSONL with a question (or prompt) and a reference answer per line."""
     model: str = "tiny"
@@ -104,24 +84,8 @@ class MakePairsConfig:
     """Where the answer is read: #### (strict: the number after the first ####, nothing else), any (also
     \\boxed, A:, 'the answer is', the last number), auto (#### where the reference is a bare number or a ####
     solution, else any)."""
-    gen_length: int = 128
-    """Tokens generated per sample."""
-    block_length: int = 32
-    """Semi-autoregressive block size; gen_length must be a multiple of it."""
-    steps: int = 128
-    """Sampling steps in all (one forward pass each), a multiple of gen_length / block_length."""
     temperature: float = 0.7
     """Gumbel-noise temperature; > 0 so the samples of a question differ."""
-    remasking: str = "low_confidence"
-    """Which masked tokens to commit each step: low_confidence or random."""
-    cfg_scale: float = 0.0
-    """Classifier-free guidance scale; > 0 adds a pass with the prompt masked."""
-    cache: str = "none"
-    """Sampler KV cache (Fast-dLLM's approximate one): none (exact), prefix or dual; native LLaDA models only,
-    others take the exact path with a warning."""
-    threshold: Optional[float] = None
-    """Parallel decoding: each step commits every masked position of the block whose confidence exceeds this,
-    and at least its share of the steps; unset: the fixed schedule (the exact sampler)."""
     batch_size: int = 8
     """Samples per forward pass (results do not depend on it)."""
     seed: int = 0
@@ -144,7 +108,8 @@ class MakePairsConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
-        check_sampling(self, RANGES)
+        super().__post_init__(RANGES)
+        check_loading(self)
         if self.num_generations > 1 and self.temperature == 0 and self.remasking == "low_confidence":
             raise ConfigError("num_generations > 1 with temperature 0 and low_confidence remasking draws the same "
                               "sample k times: set temperature > 0")
@@ -160,233 +125,15 @@ class MakePairsConfig:
         return Path(self.out).with_name(f"{Path(self.out).stem}.samples.jsonl")
 
 
-@dataclass
-class MakePairsResult:
-    out: str
-    samples_file: str
-    questions: int
-    duplicate_questions: int
-    """Records skipped as repeats of an earlier question (same id and answer)."""
-    samples: int
-    sampled_now: int
-    resumed: int
-    """Samples reused from an earlier (possibly interrupted) run."""
-    correct_samples: int
-    """Samples with the right answer (whatever their working)."""
-    wrong_working_samples: int
-    """Distinct samples with the right answer over wrong working (the verifier's): never chosen."""
-    empty_samples: int
-    questions_all_correct: int
-    questions_all_wrong: int
-    questions_mixed: int
-    questions_with_pairs: int
-    pairs: int
-    pairs_reference_chosen: int
-    repeated_pairs: int
-    """Pairs dropped as repeats of another question's (two ids holding the same text); ingest would refuse them."""
-    sample_accuracy: float
-    """Share of samples graded correct."""
-    pass_at_k: float
-    """Share of questions with at least one correct sample."""
-    seconds: float
-    samples_per_second: float
-    """Samples drawn per second of sampling, this invocation."""
-    model_sha256: str
-    details: dict[str, Any] = field(default_factory=dict)
-    intervals: dict[str, Any] = field(default_factory=dict)
-    """sample_accuracy and pass_at_k with their counts and 95% Wilson intervals (pipeline.evaluation.intervals). pass@k's
-    unit is the question; sample accuracy's is the sample, and the k samples of one question are not
-    independent, so its interval understates the uncertainty (take pass@k's for question-level claims)."""
-
-
-# --- earlier samples ------------------------------------------------------------------
-
-
-def _read_done(path: Path, by_id: dict[str, Question], settings: dict, model_sha: str, k: int,
-               *, tolerate_tail: bool) -> dict[tuple[str, int], dict]:
-    done: dict[tuple[str, int], dict] = {}
-    for where, row in earlier_rows(path, tolerate_tail=tolerate_tail):
-        if not isinstance(row, dict) or not {"question_id", "sample", "sampler", "model_sha256"} <= row.keys():
-            raise UserError(f"{where}: not a `lldm-dpo make-pairs` sample row; choose another --out")
-        if row["model_sha256"] != model_sha:
-            raise UserError(f"{where}: sampled by another model (content identity {row['model_sha256']}, "
-                            f"this run's {model_sha}); delete the file or choose another --out")
-        check_settings(where, row["sampler"] or {}, settings)
-        question = by_id.get(row["question_id"])
-        if question is None or not 0 <= row["sample"] < k:
-            continue  # beyond --limit / --num-generations or another file's question: not ours to write back
-        if row.get("prompt") != question.prompt or row.get("reference_answer") != question.reference_answer:
-            raise UserError(f"{where}: question {question.question_id!r} differs from {question.where}; "
-                            "a different questions file? delete the file or choose another --out")
-        done[(row["question_id"], row["sample"])] = row
-    return done
-
-
-def _check_pairs_target(out: Path) -> None:
-    """Refuse to replace a file that is not an earlier make-pairs output (no command removes what it did not write)."""
-    if not out.exists():
-        return
-    with out.open("rb") as f:
-        first = f.readline()
-    if not first.strip():
-        return
-    try:
-        row = json.loads(first)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        row = None
-    if not isinstance(row, dict) or "question_id" not in row or "chosen_from" not in row:
-        raise UserError(f"{out}: exists and is not a `lldm-dpo make-pairs` output; choose another --out")
-
-
-# --- the stage ---------------------------------------------------------------------------
-
-
 def run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
-    """The stage, holding its output's lock (a second run into the same file refuses, naming the first)."""
+    """The stage, holding its output's lock (a second run into the same file refuses, naming the first);
+    ``sampler`` (tests) replaces the model (``pipeline.sampling.make_pairs_run.make_pairs``)."""
     with output_lock(cfg.out, "make-pairs", folder=False):
-        return _run(cfg, sampler)
-
-
-def _run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
-    """Sample, grade and pair; ``sampler`` (tests) replaces the model: a callable over
-    ``SampleItem`` batches with an ``identity`` attribute."""
-    start = time.perf_counter()
-    if not cfg.questions:
-        raise UserError("no questions file given (the QUESTIONS argument, or questions: in --config)")
-    qset = read_questions(cfg.questions, question_field=cfg.question_field, answer_field=cfg.answer_field,
-                          id_field=cfg.id_field, solution_field=cfg.solution_field)
-    questions = qset.questions[: cfg.limit] if cfg.limit else qset.questions
-    by_id = {q.question_id: q for q in questions}
-    out, samples_file = Path(cfg.out), cfg.samples_path
-    partial = samples_file.with_name(samples_file.name + ".partial")
-    check_writable(out, "pairs file")
-    for path in (out, samples_file, partial):
-        check_replaceable(path, "--out")
-    for name in (out.name, samples_file.name, partial.name):
-        sweep_stale(out.parent, name)  # temporary files of a killed run of ours
-    _check_pairs_target(out)
-    settings = sampler_settings(cfg)
-    if sampler is not None:
-        identity = sampler.identity
-    else:
-        from pipeline.models import model_identity  # model code (torch) only when a run needs it
-
-        identity = model_identity(cfg.model)
-    model_sha = content_digest(identity)
-    k = cfg.num_generations
-    verifier = get_verifier(cfg.verifier, cfg.answer_format)
-    done = _read_done(samples_file, by_id, settings, model_sha, k, tolerate_tail=False)
-    done.update(_read_done(partial, by_id, settings, model_sha, k, tolerate_tail=True))
-    pending = [SampleItem(q, j, sample_seed(cfg.seed, q.question_id, j))
-               for q in questions for j in range(k) if (q.question_id, j) not in done]
-    resumed = len(questions) * k - len(pending)
-
-    sampled: list[dict] = []
-    sample_seconds = 0.0
-    if pending or partial.exists() or not samples_file.exists():
-        write_jsonl(partial, done.values())  # the partial file starts as the rows already done
-        if pending:
-            sampler = sampler if sampler is not None else _load_sampler(cfg, identity)
-            sample_seconds = _sample_into(cfg, sampler, pending, partial, settings, model_sha, sampled, verifier)
-        rows = {**done, **{(r["question_id"], r["sample"]): r for r in sampled}}
-        ordered = [rows[(q.question_id, j)] for q in questions for j in range(k)]
-        for r in ordered:
-            r["round"] = cfg.round
-        _regrade(ordered, by_id, verifier)
-        write_jsonl(samples_file, ordered)
-        partial.unlink(missing_ok=True)
-    else:
-        ordered = [done[(q.question_id, j)] for q in questions for j in range(k)]
-        if _regrade(ordered, by_id, verifier):  # graded by another verifier or format: the file follows
-            write_jsonl(samples_file, ordered)
-
-    policy = PairingPolicy(cfg.pairs_per_question, cfg.reference_solution_fallback)
-    provenance = {"model": cfg.model, "model_sha256": model_sha, "seed": cfg.seed, "round": cfg.round}
-    counts = {"all_correct": 0, "all_wrong": 0, "mixed": 0}
-    pairs: list[dict] = []
-    empty = with_pairs = repeats = wrong_working = 0
-    seen: set[tuple[str, str, str]] = set()
-    for i, q in enumerate(questions):
-        outcome = pair_question(q, ordered[i * k : (i + 1) * k], policy)
-        counts[outcome.kind] += 1
-        empty += outcome.empty
-        wrong_working += outcome.wrong_working
-        kept = []
-        for p in outcome.pairs:
-            # Two ids may hold the same question text: ingest would quarantine the repeated pair.
-            key = (normalize_text(p["prompt"]), normalize_text(p["chosen"]), normalize_text(p["rejected"]))
-            if key in seen:
-                repeats += 1
-                continue
-            seen.add(key)
-            kept.append({**p, **provenance})
-        with_pairs += bool(kept)
-        pairs += kept
-    write_jsonl(out, pairs)
-
-    correct = sum(bool(r["correct"]) for r in ordered)
-    return MakePairsResult(
-        out=str(out), samples_file=str(samples_file), questions=len(questions), duplicate_questions=qset.duplicates,
-        samples=len(ordered), sampled_now=len(sampled), resumed=resumed, correct_samples=correct,
-        wrong_working_samples=wrong_working, empty_samples=empty, questions_all_correct=counts["all_correct"], questions_all_wrong=counts["all_wrong"],
-        questions_mixed=counts["mixed"], questions_with_pairs=with_pairs, pairs=len(pairs),
-        pairs_reference_chosen=sum(p["chosen_from"] == "reference" for p in pairs),
-        sample_accuracy=round(correct / len(ordered), 4) if ordered else 0.0,
-        pass_at_k=round((counts["all_correct"] + counts["mixed"]) / len(questions), 4),
-        seconds=round(time.perf_counter() - start, 3),
-        samples_per_second=round(len(sampled) / sample_seconds, 3) if sample_seconds else 0.0,
-        repeated_pairs=repeats, model_sha256=model_sha, details={"settings": settings, "partial": str(partial)},
-        intervals={"sample_accuracy": accuracy_record(correct, len(ordered)),
-                   "pass_at_k": accuracy_record(counts["all_correct"] + counts["mixed"], len(questions))},
-    )
-
-
-def _regrade(rows: list[dict], by_id: dict[str, Question], verifier) -> bool:
-    """Grade every row with this run's verifier (samples reused from a run graded otherwise are regraded:
-    grading is cheap and decides the pairs); True when any row's grade changed."""
-    changed = False
-    for row in rows:
-        graded = grade_sample(verifier, by_id[row["question_id"]], row["completion"])
-        if any(row.get(key) != value for key, value in graded.items()):
-            row.update(graded)
-            changed = True
-    return changed
-
-
-def _load_sampler(cfg: MakePairsConfig, identity: Any):
-    model, tokenizer = load_for_sampling(cfg)
-    return DiffusionSampler(model, tokenizer, identity=identity, gen_length=cfg.gen_length,
-                            block_length=cfg.block_length, steps=cfg.steps, temperature=cfg.temperature,
-                            remasking=cfg.remasking, cfg_scale=cfg.cfg_scale, chat_template=cfg.chat_template,
-                            cache=cfg.cache, threshold=cfg.threshold)
-
-
-def _sample_into(cfg: MakePairsConfig, sampler, pending: list[SampleItem], partial: Path, settings: dict,
-                 model_sha: str, sink: list, verifier) -> float:
-    sort_key = getattr(sampler, "sort_key", None)
-    order = sorted(pending, key=sort_key) if sort_key else pending
-    started = time.perf_counter()
-    with partial.open("a", encoding="utf-8") as stream, \
-            progress_bar("make-pairs", len(order), cfg.progress, unit="samples") as bar:
-        for first in range(0, len(order), cfg.batch_size):
-            chunk = order[first : first + cfg.batch_size]
-            results = sampler(chunk)
-            rows = []
-            for item, res in zip(chunk, results):
-                graded = grade_sample(verifier, item.question, res["completion"])
-                rows.append({
-                    "question_id": item.question.question_id, "question_index": item.question.index,
-                    "sample": item.sample, "prompt": item.question.prompt,
-                    "reference_answer": item.question.reference_answer, "completion": res["completion"],
-                    "completion_tokens": res["completion_tokens"], "stopped": res["stopped"],
-                    **graded, "model": cfg.model,
-                    "model_sha256": model_sha, "seed": cfg.seed, "sample_seed": item.seed, "round": cfg.round,
-                    "sampler": settings,
-                })
-            append_jsonl(stream, rows)
-            sink.extend(rows)
-            bar.advance(len(rows))
-    return time.perf_counter() - started
+        result = make_pairs(cfg, sampler)
+    questions_right = result.questions_all_correct + result.questions_mixed
+    result.intervals = {"sample_accuracy": accuracy_record(result.correct_samples, result.samples),
+                        "pass_at_k": accuracy_record(questions_right, result.questions)}
+    return result
 
 
 def _make_pairs_action(cfg: MakePairsConfig, as_json: bool) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from pipeline.cli.commands import emit_json, stage_command, summary_dict
 from pipeline.cli.loading import check_section_keys, load_config, merge_sections
-from pipeline.cli.trl_names import seed_project_config
+from pipeline.cli.trl_names import overlay, seed_project_config
 from pipeline.core.atomic import check_writable
 from pipeline.core.config import check_device, check_ranges, read_config_file, require
 from pipeline.core.errors import ConfigError
@@ -69,8 +69,9 @@ class RunConfig:
     """Reference model of each round: policy (the round's starting policy) or initial (the original model)."""
     make_pairs: dict = field(default_factory=dict)
     """Keys of the make-pairs stage's config for the rounds (num_generations, temperature, pairs_per_question, ...)."""
-    cache: Optional[str] = None
-    """Sampler KV cache (none, prefix, dual) for eval and make-pairs: sets their sections' `cache` when given."""
+    kv_cache: Optional[str] = None
+    """Sampler KV cache (none, prefix, dual) for eval and make-pairs: sets their sections' `kv_cache` when given
+    (formerly `cache`, still accepted)."""
     threshold: Optional[float] = None
     """Parallel-decoding threshold for eval and make-pairs: sets their sections' `threshold` when given."""
 
@@ -80,17 +81,17 @@ class RunConfig:
         check_device(self.device)
         for name in SECTIONS:
             require(isinstance(getattr(self, name), dict), f"section '{name}' must be a mapping of that stage's keys")
-        if self.cache is not None or self.threshold is not None:
-            from pipeline.sampling.sampler import check_fast_settings
+        if self.kv_cache is not None or self.threshold is not None:
+            from pipeline.sampling.args import check_fast_settings
 
             try:
-                check_fast_settings(self.cache or "none", self.threshold, "low_confidence")
+                check_fast_settings(self.kv_cache or "none", self.threshold, "low_confidence")
             except (TypeError, ValueError) as exc:
                 raise ConfigError(str(exc)) from None
-        for name in ("cache", "threshold"):  # the sampler settings run-wide: every stage that samples
+        for name in ("kv_cache", "threshold"):  # the sampler settings run-wide: every stage that samples
             if getattr(self, name) is not None:
-                self.eval = {**self.eval, name: getattr(self, name)}
-                self.make_pairs = {**self.make_pairs, name: getattr(self, name)}
+                self.eval = overlay(self.eval, {name: getattr(self, name)})
+                self.make_pairs = overlay(self.make_pairs, {name: getattr(self, name)})
         require(self.round_reference in ROUND_REFERENCES,
                 f"round_reference must be one of {', '.join(ROUND_REFERENCES)}, got {self.round_reference!r}")
         require(not self.rounds or self.questions, "run --rounds needs --questions FILE (JSONL of question and answer)")
@@ -163,7 +164,7 @@ def run(cfg: RunConfig, log=print):
 
 def print_run_summary(result: RunResult, console=None) -> None:
     """The single pass's summary (pipeline.report.summary), eval's intervals printed as eval prints them."""
-    from stages.evaluate import print_intervals
+    from pipeline.evaluation.intervals import print_intervals
 
     print_summary(result, console, print_intervals)
 

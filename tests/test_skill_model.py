@@ -114,7 +114,7 @@ def test_make_pairs_on_the_shipped_model_pairs_its_own_correct_and_wrong_samples
     out = tmp_path / "pairs.jsonl"
     res = make_pairs(MakePairsConfig(questions=str(REPO / "data" / "questions" / "skill_train.jsonl"), model="skill",
                                      out=str(out), num_generations=4, temperature=0.7, gen_length=24, block_length=4,
-                                     steps=24, cache="dual", batch_size=64, limit=24, device="cpu", progress=False))
+                                     steps=24, kv_cache="dual", batch_size=64, limit=24, device="cpu", progress=False))
     pairs = [json.loads(x) for x in out.read_text().splitlines()]
     assert res.pairs == len(pairs) > 0 and res.pairs_reference_chosen == 0
     assert 0 < res.sample_accuracy < 1 and res.questions_mixed == res.questions_with_pairs > 0

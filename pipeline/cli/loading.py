@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-from pipeline.cli.trl_names import translate
+from pipeline.cli.trl_names import overlay, translate
 from pipeline.core.config import (
     COMMAND_LINE,
     GIVEN_AS,
@@ -83,7 +83,7 @@ def merge_sections(base: dict[str, Any], sections: tuple[str, ...], *layers: Map
     for layer in layers:
         for key, value in layer.items():
             if key in sections and isinstance(value, dict):
-                merged[key] = {**merged.get(key, {}), **value}
+                merged[key] = overlay(merged.get(key, {}), value)
             else:
                 merged[key] = value
     return merged

@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple
 from pipeline.cli.trl_args import apply_training_arguments, known, training_arguments
 from pipeline.core.config import require
 from pipeline.core.errors import ConfigError
+from pipeline.sampling.args import OLD_NAMES
 
 
 class Alias(NamedTuple):
@@ -104,7 +105,35 @@ no entry."""
 
 
 def aliases_for(cls: type) -> dict[str, Alias]:
-    return TRL_NAMES.get(cls.__name__, {})
+    """TRL's names for ``cls``'s fields, and the former names of its fields (``cache`` for ``kv_cache``)."""
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    renamed = {old: Alias(new, _old_name(old, new)) for old, new in OLD_NAMES.items()
+               if new in fields and old not in fields}
+    return {**TRL_NAMES.get(cls.__name__, {}), **renamed}
+
+
+def overlay(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """A config section over an earlier one (the embedded default's): ``later``'s keys win, also over a key that
+    names the same field by its former name (a user's ``cache`` over the default's ``kv_cache``, and back)."""
+    fields = {OLD_NAMES.get(key, key) for key in later}
+    return {**{k: v for k, v in earlier.items() if OLD_NAMES.get(k, k) not in fields}, **later}
+
+
+NOTED: set[str] = set()
+"""The old names this process has already said a note about (one line each, however many layers use them)."""
+
+
+def _old_name(old: str, new: str) -> Callable[[Any], Any]:
+    """A former field name, still accepted: the value as it is, and a one-line note on stderr (once)."""
+
+    def convert(value: Any) -> Any:
+        if old not in NOTED:
+            NOTED.add(old)
+            print(f"note: '{old}' is the old name of '{new}' (the sampler's KV cache); use '{new}': 'cache' now "
+                  "means the reference-score cache alone", file=sys.stderr)
+        return value
+
+    return convert
 
 
 TRAINING_STAGES = ("TrainConfig", "SFTConfig")

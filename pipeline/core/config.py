@@ -202,9 +202,11 @@ def field_default(f: dataclasses.Field) -> Any:
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain mapping (paths and tuples made YAML/JSON friendly); a field marked ``metadata={"secret": True}``
-    (hub_token) is left out, so no file, model card or tracker records it."""
-    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not f.metadata.get("secret")}
+    """A plain mapping (paths and tuples made YAML/JSON friendly) of the fields a user sets (``init=False`` ones,
+    fixed by the class, are no keys); a field marked ``metadata={"secret": True}`` (hub_token) is left out, so no
+    file, model card or tracker records it."""
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+            if f.init and not f.metadata.get("secret")}
 
 
 def _plain(value: Any) -> Any:

@@ -13,10 +13,14 @@ of ``lldm-dpo query`` across runs.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import platform
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.models.numerics import Numerics
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "lm_eval", "lldm-dpo")
 
@@ -84,3 +88,23 @@ def result_rows(data: dict[str, Any], run: str) -> list[dict[str, Any]]:
                                                     "lost")},
                          "value": rec.get("difference") if model == "difference" else rec.get("value")})
     return rows
+
+
+def eval_record(cfg, numerics: Numerics, cache, device: str) -> dict[str, Any]:
+    """What makes this eval comparable with another: sampler settings, seeds, numerics, the multiple-choice
+    estimator, the cache it was measured against, and the machine and package versions."""
+    fp = cache.fingerprint if cache is not None else {}
+    return {
+        "sampler": {"gen_length": cfg.gen_length, "block_length": cfg.block_length, "steps": cfg.steps,
+                    "batch_size": cfg.batch_size, "kv_cache": cfg.kv_cache, "threshold": cfg.threshold,
+                    "temperature": cfg.temperature, "remasking": cfg.remasking, "cfg_scale": cfg.cfg_scale},
+        "seeds": {"seed": cfg.seed, "mc_seeds": cfg.mc_seeds, "cache_mask_seed": fp.get("seed")},
+        "multiple_choice": {"samples": cfg.samples, "normalize": cfg.normalize},
+        "numerics": dataclasses.asdict(numerics),
+        "cache": None if cache is None else {"path": str(cfg.scores), "model": cache.manifest["config"]["model"],
+                                             "samples": fp.get("samples"), "draws": fp.get("draws"),
+                                             "scheme": fp.get("scheme")},
+        "lm_eval": {"tasks": cfg.lm_eval_tasks, "limit": cfg.lm_eval_limit,
+                    "num_fewshot": cfg.lm_eval_num_fewshot} if cfg.lm_eval_tasks else None,
+        "environment": environment(device),
+    }

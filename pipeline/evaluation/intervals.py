@@ -12,6 +12,7 @@
 - ``accuracy_record(k, n)``: the dict every accuracy is written as (value, count,
   n, 95% Wilson low/high), so eval.json, summaries, the report and ``query``
   all read the same fields.
+- ``print_intervals``: eval's intervals block as plain console lines.
 
 Credits may be fractional (preference accuracy gives a tie half a credit): a
 proportion is then sum(credit)/n, and the paired table is built from the
@@ -180,3 +181,30 @@ def format_difference(rec: dict, digits: int = 3) -> str:
 
     return (f"{rec['difference']:+.{digits}f} ({pct}% CI {rec['low']:+.{digits}f} to {rec['high']:+.{digits}f}, "
             f"{rec['method']}, {num(rec['gained'])} gained / {num(rec['lost'])} lost of {rec['n']})")
+
+
+FIGURE_LABELS = {
+    "preference_accuracy": "preference accuracy",
+    "elbo_accuracy": "ELBO accuracy (B(chosen) > B(rejected))",
+    "task_accuracy": "task accuracy (generation)",
+    "working_accuracy": "task accuracy, answer and working right (the verifier's)",
+    "choice_accuracy": "multiple-choice accuracy (option ELBO)",
+}
+"""Display names of eval's figures in the console; other figures show their own key."""
+
+
+def print_intervals(intervals: dict, mc_spread: dict | None = None, title: str = "accuracy with 95% intervals") -> None:
+    """The intervals block as plain lines (not wrapped): per figure before, after and after - before (paired)."""
+    if not intervals:
+        return
+    print(f"{title}:")
+    for name, rec in intervals.items():  # every accuracy with its count and interval, the paired difference
+        print(f"  {FIGURE_LABELS.get(name, name)}")
+        for label, key, show in (("before", "before", format_accuracy), ("after", "after", format_accuracy),
+                                 ("after - before", "difference", format_difference)):
+            if rec.get(key):
+                print(f"    {label:15} {show(rec[key])}")
+    for figure, by_label in (mc_spread or {}).items():
+        for label, sp in by_label.items():
+            print(f"  {figure} ({label}) over {len(sp['seeds'])} mask seeds: mean {sp['mean']:.3f}, "
+                  f"sd {sp['sd']:.3f}, min {sp['min']:.3f}, max {sp['max']:.3f}")

@@ -39,11 +39,11 @@ from typing import Any, Sequence
 
 import torch
 
-from pipeline.core.errors import UserError
+from pipeline.core.errors import ConfigError, UserError
 from pipeline.data.prompts import default_chat_template, encode_continuation, encode_text, messages_of, render_prompt
 from pipeline.estimator.diffusion import elbo_terms, mask_seed, masked_request
+from pipeline.sampling.args import SamplingArgs
 from pipeline.sampling.completion import complete
-from pipeline.sampling.sampler import check_schedule
 
 try:
     from lm_eval import simple_evaluate
@@ -72,7 +72,8 @@ class LLDMEvalModel(LM):
     a run's ``final`` or checkpoint folder, a LoRA adapter folder, or a preset),
     ``dtype``, ``mc_samples`` (Monte Carlo samples per loglikelihood),
     ``batch_tokens``, ``seed``, ``gen_length``, ``block_length``, ``steps``,
-    ``temperature``, ``remasking``, ``cfg_scale``, ``trust_remote_code``.
+    ``temperature``, ``remasking``, ``cfg_scale``, ``trust_remote_code``. In process (``lldm-dpo eval``),
+    ``sampling`` gives the sampler's settings as one ``SamplingArgs`` instead of those keywords.
     """
 
     def __init__(self, pretrained: str | None = None, *, model=None, tokenizer=None, dtype: str = "float32",
@@ -80,10 +81,17 @@ class LLDMEvalModel(LM):
                  mc_samples: int = 32, batch_tokens: int = 16384, seed: int = 0, gen_length: int = 256,
                  block_length: int = 32, steps: int | None = None, temperature: float = 0.0,
                  remasking: str = "low_confidence", cfg_scale: float = 0.0, trust_remote_code: bool = False,
-                 **unused: Any) -> None:
+                 sampling: SamplingArgs | None = None, **unused: Any) -> None:
         super().__init__()
         if unused:
             raise UserError(f"--model {MODEL_NAME}: unknown model argument(s) {', '.join(sorted(unused))}")
+        try:
+            self.sampling = sampling if sampling is not None else SamplingArgs(
+                gen_length=int(gen_length), block_length=int(block_length),
+                steps=int(steps) if steps is not None else int(gen_length), temperature=float(temperature),
+                remasking=str(remasking), cfg_scale=float(cfg_scale), seed=int(seed))
+        except ConfigError as exc:
+            raise UserError(f"--model {MODEL_NAME}: {exc}") from None
         if model is None:
             if not pretrained:
                 raise UserError(f"--model {MODEL_NAME}: give --model_args pretrained=MODEL_OR_RUN_FOLDER")
@@ -94,19 +102,12 @@ class LLDMEvalModel(LM):
                                           trust_remote_code=bool(trust_remote_code))
         if tokenizer is None or tokenizer.mask_token_id is None:
             raise UserError(f"--model {MODEL_NAME}: the tokenizer has no mask token")
-        self.steps = int(steps) if steps is not None else int(gen_length)
-        try:
-            check_schedule(int(gen_length), int(block_length), self.steps)
-        except ValueError as exc:
-            raise UserError(f"--model {MODEL_NAME}: {exc}") from None
         if int(mc_samples) < 1:
             raise UserError(f"--model {MODEL_NAME}: mc_samples must be >= 1, got {mc_samples}")
         self.model = model.eval()
         self.tok = tokenizer
         self.name = str(pretrained) if pretrained else getattr(model, "name_or_path", "model")
         self.mc_samples, self.batch_tokens, self.seed = int(mc_samples), int(batch_tokens), int(seed)
-        self.gen_length, self.block_length = int(gen_length), int(block_length)
-        self.temperature, self.remasking, self.cfg_scale = float(temperature), str(remasking), float(cfg_scale)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # --- lm-eval's interface ------------------------------------------------------
@@ -141,9 +142,7 @@ class LLDMEvalModel(LM):
         return self.elbos([([], encode_text(self.tok, t)) for t in texts], [request_key("rolling", t) for t in texts])
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        done = complete(self.model, self.tok, [r.args[0] for r in requests], gen_length=self.gen_length,
-                        block_length=self.block_length, steps=self.steps, temperature=self.temperature,
-                        remasking=self.remasking, cfg_scale=self.cfg_scale, seed=self.seed, chat_template=False)
+        done = complete(self.model, self.tok, [r.args[0] for r in requests], self.sampling, chat_template=False)
         out = []
         for result, r in zip(done, requests):
             text = result["completion"]

@@ -50,6 +50,7 @@ from pipeline.models.numerics import prepare_4bit
 from pipeline.models.presets import PRESETS, _default_dtype, build_preset, preset_config
 from pipeline.models.quant import quantize_linears, require_bitsandbytes, settle, state_tensors
 from pipeline.plan.memory import nf4_bytes
+from pipeline.sampling.args import SamplingArgs
 from pipeline.sampling.sampler import generate
 from pipeline.trainer import dpo_step
 from pipeline.trainer.training import adapt_policy, make_optimizer
@@ -487,9 +488,10 @@ def trace_generate(cfg, shape: Shape, *, fake: bool = True, layers: int | None =
     tracker = PlanTracker(config.padded_vocab_size, shape.world_size)
     tracker.track_external(model)
     with tracker:
-        generate(model, [[token] * shape.prompt_length] * cfg.batch_size, mask_token_id=config.mask_token_id,
-                 pad_token_id=config.pad_token_id, gen_length=cfg.gen_length, block_length=cfg.block_length,
-                 steps=cfg.gen_length // cfg.block_length, temperature=cfg.temperature, remasking=cfg.remasking, cfg_scale=cfg.cfg_scale,
+        # one step per block, on the exact path (no KV cache, no threshold)
+        args = SamplingArgs.of(cfg, steps=cfg.gen_length // cfg.block_length, kv_cache="none", threshold=None)
+        generate(model, [[token] * shape.prompt_length] * cfg.batch_size, args, mask_token_id=config.mask_token_id,
+                 pad_token_id=config.pad_token_id,
                  generator=[torch.Generator().manual_seed(i) for i in range(cfg.batch_size)])
     return _finish(tracker, model, ["one sampling step per block traced: every step of a block has the "
                                     "same shapes, so the peak is that of any step"])

@@ -4,9 +4,11 @@ Each prompt's noise comes from its own generator seeded by (seed, index), and
 batches are left padded, so a completion depends neither on the batch size nor
 on its neighbours.
 
-Also what ``generate`` and ``make-pairs`` share: the sampling options' checks,
-the settings each output row stores, the model load, and their resumable JSONL
-outputs (rows streamed to a partial file, checked against this run on resume).
+Also what ``generate`` and ``make-pairs`` share: the model options' checks
+(the sampler's own are ``SamplingArgs``'), the settings each output row stores,
+the model load, and their resumable JSONL outputs (rows streamed to a partial
+file, checked against this run on resume; a row's ``cache`` is the old name of
+its ``kv_cache``).
 """
 
 from __future__ import annotations
@@ -19,19 +21,13 @@ from typing import IO, Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import pipeline.models.numerics as numerics
 from pipeline.core.atomic import write_text_atomic
-from pipeline.core.config import check_device, check_ranges, require, require_choice
+from pipeline.core.config import check_device, require, require_choice
 from pipeline.core.devices import DTYPE_NAMES, resolve_device
-from pipeline.core.errors import ConfigError, UserError
+from pipeline.core.errors import UserError
 from pipeline.core.lazy import deferred
 from pipeline.data.prompts import encode_prompt, resolve_chat_template
-from pipeline.sampling.sampler import (
-    REMASKING,
-    SAMPLER_DEFAULTS,
-    check_fast_settings,
-    check_schedule,
-    generate,
-    trim_at_stop,
-)
+from pipeline.sampling.args import OLD_NAMES, SamplingArgs, sampling_args
+from pipeline.sampling.sampler import generate, trim_at_stop
 
 torch = deferred("torch")  # generate's and make-pairs' configs read the checks here: their --help skips torch
 
@@ -51,17 +47,17 @@ def special_ids(model, tokenizer) -> tuple[int, int, list[int]]:
 
 
 def sample_batch(model, tokenizer, prompts: Sequence[list[int]], seeds: Sequence[int],
-                 ids: tuple[int, int, list[int]], **settings: Any) -> list[dict[str, Any]]:
-    """One batch of encoded prompts through the sampler (``settings``: ``generate``'s, ``ids``: ``special_ids``),
-    each row's noise from its own generator seeded by ``seeds``: per row ``completion`` (cut at the first stop
-    token), ``completion_tokens`` and ``stopped``."""
+                 ids: tuple[int, int, list[int]], args: SamplingArgs) -> list[dict[str, Any]]:
+    """One batch of encoded prompts through the sampler with ``args`` (``ids``: ``special_ids``), each row's
+    noise from its own generator seeded by ``seeds``: per row ``completion`` (cut at the first stop token),
+    ``completion_tokens`` and ``stopped``."""
     (mask_id, pad_id, stops), device = ids, next(model.parameters()).device
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    tokens = generate(model, list(prompts), mask_token_id=mask_id, pad_token_id=pad_id, generator=generators,
-                      device=device, **settings).cpu()
+    tokens = generate(model, list(prompts), args, mask_token_id=mask_id, pad_token_id=pad_id, generator=generators,
+                      device=device).cpu()
     kept = [trim_at_stop(row, stops) for row in tokens]
     return [{"completion": tokenizer.decode(k, skip_special_tokens=True), "completion_tokens": len(k),
-             "stopped": len(k) < settings["gen_length"]} for k in kept]
+             "stopped": len(k) < args.gen_length} for k in kept]
 
 
 def prompt_seed(seed: int, index: int) -> int:
@@ -74,29 +70,23 @@ def complete(
     model,
     tokenizer,
     prompts: Sequence[Any],
+    args: SamplingArgs | None = None,
     *,
-    gen_length: int = 128,
-    block_length: int = 32,
-    steps: int = 128,
-    temperature: float = 0.0,
-    remasking: str = "low_confidence",
-    cfg_scale: float = 0.0,
-    seed: int = 0,
     chat_template: Optional[bool] = None,
-    batch_size: int = 8,
     indices: Sequence[int] | None = None,
     on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
-    cache: str = "none",
-    threshold: float | None = None,
+    **settings: Any,
 ) -> list[dict[str, Any]]:
-    """Sample a completion for each prompt (text or messages), in memory.
+    """Sample a completion for each prompt (text or messages), in memory, with ``args`` (the sampler's
+    settings, its ``batch_size`` prompts a pass, each prompt's noise seeded by ``args.seed`` and its index;
+    keyword ``settings`` name a few of its fields instead).
 
     Returns one dict per prompt in the given order: ``index``, ``completion``,
     ``completion_tokens``, ``stopped``. ``indices`` (default 0..n-1) seed each
     prompt's noise; ``on_batch`` receives each batch's results as they finish.
     Prompts are rendered by ``pipeline.data.prompts`` (``chat_template`` None: the tokenizer's default).
-    ``cache`` and ``threshold``: the sampler's Fast-dLLM settings (``pipeline.sampling.sampler``).
     """
+    args = sampling_args(args, settings)
     indices = list(range(len(prompts))) if indices is None else list(indices)
     special = special_ids(model, tokenizer)
     chat_template = resolve_chat_template(tokenizer, chat_template)
@@ -105,21 +95,19 @@ def complete(
     limit = getattr(getattr(model, "config", None), "max_sequence_length", None)
     if isinstance(limit, int):
         for ids, i in zip(encoded, indices):
-            if len(ids) + gen_length > limit:
+            if len(ids) + args.gen_length > limit:
                 raise UserError(
-                    f"prompt {i}: {len(ids)} tokens + gen_length {gen_length} exceed the model's "
+                    f"prompt {i}: {len(ids)} tokens + gen_length {args.gen_length} exceed the model's "
                     f"max_sequence_length {limit}"
                 )
     # Longest first, so each batch holds similar lengths (little padding) and
     # an out-of-memory shows up in the first batch.
     order = sorted(range(len(prompts)), key=lambda j: -len(encoded[j]))
     results: list[dict[str, Any] | None] = [None] * len(prompts)
-    settings = dict(gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
-                    remasking=remasking, cfg_scale=cfg_scale, cache=cache, threshold=threshold)
-    for first in range(0, len(order), batch_size):
-        chunk = order[first : first + batch_size]
+    for first in range(0, len(order), args.batch_size):
+        chunk = order[first : first + args.batch_size]
         rows = sample_batch(model, tokenizer, [encoded[j] for j in chunk],
-                            [prompt_seed(seed, indices[j]) for j in chunk], special, **settings)
+                            [prompt_seed(args.seed, indices[j]) for j in chunk], special, args)
         for j, row in zip(chunk, rows):
             results[j] = {"index": indices[j], **row}
         if on_batch is not None:
@@ -129,34 +117,19 @@ def complete(
 
 # --- what generate and make-pairs share ------------------------------------------------------
 
-SAMPLING_RANGES = {"gen_length": "[1, inf)", "block_length": "[1, inf)", "steps": "[1, inf)",
-                   "temperature": "[0, inf)", "cfg_scale": "[0, inf)", "batch_size": "[1, inf)", "seed": "[0, inf)",
-                   "limit": "[0, inf)", "threshold": "(0, inf)"}
-"""The valid intervals of the sampling options (a stage's RANGES holds them beside its own)."""
-
 SAMPLER_FIELDS = ("gen_length", "block_length", "steps", "temperature", "remasking", "cfg_scale", "seed",
-                  "chat_template", "dtype", "cache", "threshold")
+                  "chat_template", "dtype", "kv_cache", "threshold")
 """The options besides the model that change a completion, as each output row's ``sampler`` stores them."""
 
-
-def config_error(check: Callable[..., None], *args: Any) -> None:
-    """``check(*args)`` with its ``ValueError`` as a ``ConfigError`` (the sampler's checks as config errors)."""
-    try:
-        check(*args)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+SAMPLER_DEFAULTS = {"kv_cache": "none", "threshold": None}
+"""The fast-sampling settings of the exact sampler (what a record made before they existed was made with)."""
 
 
-def check_sampling(cfg, ranges: dict[str, str]) -> None:
-    """The checks of a sampling stage's options: the numeric fields' ``ranges`` first, then device, the sampler's
-    schedule, remasking, dtype, the fast settings; a 4-bit base computes in bfloat16 (float32 becomes bfloat16, as
-    in score-ref and train)."""
-    check_ranges(cfg, ranges)
+def check_loading(cfg) -> None:
+    """The checks of a sampling stage's model options (its ``SamplingArgs`` checked themselves): device, dtype;
+    a 4-bit base computes in bfloat16 (float32 becomes bfloat16, as in score-ref and train)."""
     check_device(cfg.device)
-    config_error(check_schedule, cfg.gen_length, cfg.block_length, cfg.steps)
-    require_choice("remasking", cfg.remasking, REMASKING)
     require_choice("dtype", cfg.dtype, DTYPE_NAMES)
-    config_error(check_fast_settings, cfg.cache, cfg.threshold, cfg.remasking)
     if cfg.load_in_4bit and cfg.dtype == "float32":
         cfg.dtype = "bfloat16"
     require(not cfg.load_in_4bit or cfg.dtype == "bfloat16",
@@ -212,8 +185,10 @@ def earlier_rows(path: Path, *, tolerate_tail: bool) -> Iterator[tuple[str, Any]
 
 def check_settings(where: str, previous: dict[str, Any], settings: dict[str, Any], skip: Sequence[str] = ()) -> None:
     """Refuse an earlier row made with other settings (a row older than a setting had its default)."""
+    old = {new: old for old, new in OLD_NAMES.items()}
     for key, value in settings.items():
-        had = previous.get(key, SAMPLER_DEFAULTS.get(key))
+        # a row written before a setting was renamed holds it by its old name (kv_cache was cache)
+        had = previous.get(key, previous.get(old.get(key, key), SAMPLER_DEFAULTS.get(key)))
         if key not in skip and had != value:
             raise UserError(f"{where}: made with {key}={had!r}, this run has {key}={value!r}; "
                             "delete the file or choose another --out")

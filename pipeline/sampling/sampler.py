@@ -36,10 +36,10 @@ Differences from the published code, each for a reason:
 Fast-dLLM's two accelerations are available, both off by default (the exact
 sampler above stays the reference):
 
-* ``cache="prefix"``: at the first step of each block one full forward pass
+* ``kv_cache="prefix"``: at the first step of each block one full forward pass
   also returns every layer's keys and values; the block's later steps run
   the current block and everything after it only, attending to the cached
-  keys and values of the prompt and the committed blocks. ``cache="dual"``
+  keys and values of the prompt and the committed blocks. ``kv_cache="dual"``
   runs the current block only and takes the suffix's (still masked) keys and
   values from the cache too. Approximate: the cached part is not updated as
   the block fills in, until the next block. Needs a model with
@@ -57,19 +57,17 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from pipeline.core.lazy import deferred, no_grad
+from pipeline.sampling.args import SamplingArgs, check_schedule, sampling_args  # noqa: F401 (check_schedule: its tests)
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-torch = deferred("torch")  # the configs read the sampler's names and checks: their --help skips torch
+torch = deferred("torch")  # imported by the first sampling call, not by the configs that import this package
 
-REMASKING = ("low_confidence", "random")
-CACHE_MODES = ("none", "prefix", "dual")
-SAMPLER_DEFAULTS = {"cache": "none", "threshold": None}
-"""The fast-sampling settings of the exact sampler (what a record made before they existed was made with)."""
 
 
 # --- small pure helpers ------------------------------------------------------
@@ -105,17 +103,6 @@ def commit_counts(n_masked: Tensor, steps_left: int, n_above: Tensor) -> Tensor:
     return torch.minimum(torch.maximum(n_above.to(torch.long), need), n_masked)
 
 
-def check_fast_settings(cache: str, threshold: float | None, remasking: str) -> None:
-    """``ValueError`` for a cache mode or threshold the sampler does not take."""
-    if cache not in CACHE_MODES:
-        raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
-    if threshold is not None:
-        if not 0 < threshold < float("inf"):
-            raise ValueError(f"threshold must be a number > 0 (or unset for the fixed schedule), got {threshold}")
-        if remasking != "low_confidence":
-            raise ValueError("threshold decoding compares softmax confidences: it needs remasking low_confidence")
-
-
 def supports_kv_cache(model: Any) -> bool:
     """Whether the sampler can run ``model`` with the approximate KV cache (the native LLaDA can)."""
     return (callable(getattr(model, "hidden_with_kv", None)) and callable(getattr(model, "get_output_embeddings", None))
@@ -139,19 +126,6 @@ def trim_at_stop(tokens: Sequence[int] | Tensor, stop_token_ids: Sequence[int]) 
     stops = {int(t) for t in stop_token_ids}
     return list(itertools.takewhile(lambda t: t not in stops,
                                     map(int, tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens)))
-
-
-def check_schedule(gen_length: int, block_length: int, steps: int) -> None:
-    """The published sampler's constraints, as ``ValueError`` with the numbers."""
-    if gen_length <= 0 or block_length <= 0 or steps <= 0:
-        raise ValueError(
-            f"gen_length, block_length and steps must be positive (got {gen_length}, {block_length}, {steps})"
-        )
-    if gen_length % block_length:
-        raise ValueError(f"gen_length {gen_length} must be a multiple of block_length {block_length}")
-    blocks = gen_length // block_length
-    if steps % blocks:
-        raise ValueError(f"steps {steps} must be a multiple of the number of blocks {blocks} (gen_length / block_length)")
 
 
 # --- the model call ------------------------------------------------------------
@@ -183,13 +157,13 @@ def _block_logits(
 
 
 def _cached_block_logits(model: Any, input_ids: Tensor, attention_mask: Tensor | None, start: int, end: int,
-                         cache: str, kv: list | None) -> tuple[Tensor, list]:
+                         kv_cache: str, kv: list | None) -> tuple[Tensor, list]:
     """Logits for [start, end) with the approximate KV cache; ``kv`` None: a full pass that refreshes it."""
     head = model.get_output_embeddings()
     if kv is None:
         hidden, kv = model.hidden_with_kv(input_ids, attention_mask)
         return head(hidden[:, start:end]).float(), kv
-    hi = input_ids.shape[1] if cache == "prefix" else end
+    hi = input_ids.shape[1] if kv_cache == "prefix" else end
     hidden, _ = model.hidden_with_kv(input_ids[:, start:hi], attention_mask, kv_cache=kv, start=start)
     return head(hidden[:, : end - start]).float(), kv
 
@@ -205,145 +179,206 @@ def _uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.d
 def generate(
     model: Callable[..., Any],
     prompts: Sequence[Sequence[int]],
+    args: SamplingArgs | None = None,
     *,
     mask_token_id: int,
     pad_token_id: int,
-    gen_length: int = 128,
-    block_length: int = 128,
-    steps: int = 128,
-    temperature: float = 0.0,
-    remasking: str = "low_confidence",
-    cfg_scale: float = 0.0,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     logits_shift: bool | None = None,
     device: Any = None,
-    cache: str = "none",
-    threshold: float | None = None,
+    **settings: Any,
 ) -> Tensor:
-    """Sample ``gen_length`` tokens after each prompt; returns Long[B, gen_length].
+    """Sample ``args.gen_length`` tokens after each prompt; returns Long[B, gen_length].
 
     ``model`` is an nn.Module with the models contract (``model(ids,
     attention_mask=...)`` -> ``.logits``; ``final_hidden`` optional) or any
     callable ``fn(input_ids, attention_mask=...) -> logits``. ``prompts`` are
-    token-id lists of any lengths. ``generator`` is one ``torch.Generator``
-    for the whole batch, or one per row (results then independent of the
-    batch); ``None`` means a fresh generator seeded 0 (never the global RNG).
-    Stop tokens are not cut here: see ``trim_at_stop``. ``cache`` and
-    ``threshold``: Fast-dLLM's KV cache and parallel decoding (module docstring).
+    token-id lists of any lengths. ``args``: the sampler's settings
+    (``SamplingArgs``: schedule, temperature, remasking, cfg_scale, and
+    Fast-dLLM's ``kv_cache`` and ``threshold``, module docstring); keyword
+    ``settings`` name a few of its fields instead (``cache`` is ``kv_cache``'s
+    old name). ``generator`` is one ``torch.Generator`` for the whole batch,
+    or one per row (results then independent of the batch); ``None`` means a
+    fresh generator seeded 0 (never the global RNG). Stop tokens are not cut
+    here: see ``trim_at_stop``.
     """
-    check_schedule(gen_length, block_length, steps)
-    if remasking not in REMASKING:
-        raise ValueError(f"remasking must be one of {', '.join(REMASKING)}, got {remasking!r}")
-    check_fast_settings(cache, threshold, remasking)
-    if temperature < 0 or cfg_scale < 0:
-        raise ValueError(f"temperature and cfg_scale must be >= 0 (got {temperature}, {cfg_scale})")
+    args = sampling_args(args, settings)
     if not len(prompts):
-        return torch.zeros((0, gen_length), dtype=torch.long)
+        return torch.zeros((0, args.gen_length), dtype=torch.long)
     if device is None:
         param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
     shift = bool(getattr(model, "logits_shift", False)) if logits_shift is None else logits_shift
-    if cache != "none" and (shift or not supports_kv_cache(model)):
-        warnings.warn(f"sampler: {type(model).__name__} has no KV cache support; cache={cache!r} falls back to "
-                      "the exact path", stacklevel=2)
-        cache = "none"
+    kv_cache = args.kv_cache
+    if kv_cache != "none" and (shift or not supports_kv_cache(model)):
+        warnings.warn(f"sampler: {type(model).__name__} has no KV cache support; kv_cache={kv_cache!r} falls back "
+                      "to the exact path", stacklevel=2)
+        kv_cache = "none"
+    canvas = _Canvas.start(prompts, args.gen_length, mask_token_id, pad_token_id, device, args.cfg_scale > 0)
+    noise = _Noise.of(generator, len(prompts), device)
+    run = _Run(model, args, canvas, noise, mask_token_id, shift, kv_cache, device)
+    for block in range(args.gen_length // args.block_length):
+        run.fill_block(canvas.width + block * args.block_length)
+    return canvas.x[:, canvas.width:].clone()
 
-    batch = len(prompts)
-    prompt_ids, prompt_attn = left_pad(prompts, pad_token_id, device)
-    width = prompt_ids.shape[1]
-    x = torch.cat([prompt_ids, torch.full((batch, gen_length), mask_token_id, dtype=torch.long, device=device)], 1)
-    attn = torch.cat([prompt_attn, torch.ones((batch, gen_length), dtype=torch.long, device=device)], 1)
-    # Explicit mask state (not ``x == mask_id``): a prompt may legitimately
-    # contain the mask token, and it is never a candidate.
-    masked = torch.zeros_like(x, dtype=torch.bool)
-    masked[:, width:] = True
 
-    if cfg_scale > 0:
+@dataclass
+class _Canvas:
+    """The sequences being filled: prompt (left padded) then the generation, which positions are still masked,
+    and the attention mask (None without padding)."""
+
+    x: Tensor
+    attn: Tensor | None
+    masked: Tensor
+    width: int
+    """Columns of the (padded) prompt: the generation starts here in every row."""
+    un_prompt: Tensor | None
+    """With classifier-free guidance: the prompt with its real tokens masked (the unconditional pass's)."""
+
+    @classmethod
+    def start(cls, prompts: Sequence[Sequence[int]], gen_length: int, mask_token_id: int, pad_token_id: int,
+              device: Any, guided: bool) -> "_Canvas":
+        batch = len(prompts)
+        prompt_ids, prompt_attn = left_pad(prompts, pad_token_id, device)
+        width = prompt_ids.shape[1]
+        x = torch.cat([prompt_ids, torch.full((batch, gen_length), mask_token_id, dtype=torch.long, device=device)],
+                      1)
+        attn = torch.cat([prompt_attn, torch.ones((batch, gen_length), dtype=torch.long, device=device)], 1)
+        # Explicit mask state (not ``x == mask_id``): a prompt may legitimately
+        # contain the mask token, and it is never a candidate.
+        masked = torch.zeros_like(x, dtype=torch.bool)
+        masked[:, width:] = True
         # The unconditional pass: real prompt tokens masked, padding stays padding.
-        x_un_prompt = torch.where(prompt_attn.bool(), torch.full_like(prompt_ids, mask_token_id), prompt_ids)
+        un_prompt = (torch.where(prompt_attn.bool(), torch.full_like(prompt_ids, mask_token_id), prompt_ids)
+                     if guided else None)
+        # Without padding the mask is all ones: pass None so attention can take its
+        # unmasked fast path (flash kernels on GPU).
+        return cls(x, None if bool(attn.all()) else attn, masked, width, un_prompt)
 
-    # Without padding the mask is all ones: pass None so attention can take its
-    # unmasked fast path (flash kernels on GPU).
-    if bool(attn.all()):
-        attn = None
+    def model_input(self) -> tuple[Tensor, Tensor | None]:
+        """(ids, attention mask) of one pass: the rows, then (with guidance) their unconditional copies."""
+        if self.un_prompt is None:
+            return self.x, self.attn
+        ids = torch.cat([self.x, torch.cat([self.un_prompt, self.x[:, self.width:]], 1)])
+        return ids, None if self.attn is None else torch.cat([self.attn, self.attn])
 
-    if isinstance(generator, torch.Generator) or generator is None:
-        shared_gen = generator if generator is not None else torch.Generator(device=device).manual_seed(0)
-        row_gens = None
-    else:
-        row_gens = list(generator)
-        if len(row_gens) != batch:
-            raise ValueError(f"got {len(row_gens)} generators for {batch} prompts")
 
-    n_blocks = gen_length // block_length
-    steps_per_block = steps // n_blocks
-    for block in range(n_blocks):
-        start = width + block * block_length
-        end = start + block_length
-        schedule = num_transfer_tokens(masked[:, start:end].sum(1), steps_per_block)
+@dataclass
+class _Noise:
+    """Where the random draws come from: one generator for the batch, or one per row."""
+
+    shared: torch.Generator | None
+    rows: list | None
+
+    @classmethod
+    def of(cls, generator: Any, batch: int, device: Any) -> "_Noise":
+        if isinstance(generator, torch.Generator) or generator is None:
+            return cls(generator if generator is not None else torch.Generator(device=device).manual_seed(0), None)
+        rows = list(generator)
+        if len(rows) != batch:
+            raise ValueError(f"got {len(rows)} generators for {batch} prompts")
+        return cls(None, rows)
+
+    def gumbel_uniform(self, shape: tuple[int, ...], active: Tensor | None, device: Any) -> Tensor:
+        """Uniform draws for the Gumbel noise, float64 of ``shape`` [B, L, V]."""
+        if self.rows is None:
+            return _uniform(shape, self.shared, device, torch.float64)
+        # A row whose block is full draws nothing, so its noise stream does not depend on how
+        # many steps its neighbours still need (threshold decoding).
+        row_shape = tuple(shape[1:])
+        return torch.stack([_uniform(row_shape, g, device, torch.float64)
+                            if active is None or bool(active[r]) else torch.full(row_shape, 0.5, device=device,
+                                                                                 dtype=torch.float64)
+                            for r, g in enumerate(self.rows)])
+
+    def confidence(self, batch: int, block_length: int, device: Any) -> Tensor:
+        """Random remasking's confidences, float64 [B, block_length]."""
+        if self.rows is None:
+            return _uniform((batch, block_length), self.shared, device, torch.float64)
+        return torch.stack([_uniform((block_length,), g, device, torch.float64) for g in self.rows])
+
+
+@dataclass
+class _Run:
+    """One ``generate`` call: fills the canvas block by block."""
+
+    model: Any
+    args: SamplingArgs
+    canvas: _Canvas
+    noise: _Noise
+    mask_token_id: int
+    shift: bool
+    kv_cache: str
+    device: Any
+
+    def fill_block(self, start: int) -> None:
+        """The block at columns [start, start + block_length): its share of the steps, each committing the most
+        confident masked positions (the fixed schedule, or threshold decoding)."""
+        args, canvas = self.args, self.canvas
+        end = start + args.block_length
+        steps_per_block = args.steps // (args.gen_length // args.block_length)
+        schedule = num_transfer_tokens(canvas.masked[:, start:end].sum(1), steps_per_block)
         kv = None  # the approximate cache is refreshed by the first pass of every block
         for step in range(steps_per_block):
-            block_masked = masked[:, start:end]
-            if threshold is None:
+            block_masked = canvas.masked[:, start:end]
+            if args.threshold is None:
                 k = schedule[:, step]
                 if not bool((k > 0).any()):
                     continue  # nothing to commit anywhere: the forward pass would be wasted
-                active = None
+                active = left = None
             else:
                 left = block_masked.sum(1)
                 active = left > 0
                 if not bool(active.any()):
                     break  # the block is full in every row
-            ids, ids_attn = x, attn
-            if cfg_scale > 0:  # the conditional rows, then the unconditional ones
-                ids = torch.cat([x, torch.cat([x_un_prompt, x[:, width:]], 1)])
-                ids_attn = None if attn is None else torch.cat([attn, attn])
-            if cache == "none":
-                logits = _block_logits(model, ids, ids_attn, start, end, shift)
-            else:
-                logits, kv = _cached_block_logits(model, ids, ids_attn, start, end, cache, kv)
-            if cfg_scale > 0:
-                cond, un = logits[:batch], logits[batch:]
-                logits = un + (cfg_scale + 1.0) * (cond - un)
+            logits, kv = self.logits(start, end, kv)
+            pred = self.predict(logits, active)
+            confidence = self.confidence(logits, pred).masked_fill(~block_masked, float("-inf"))
+            if args.threshold is not None:
+                k = commit_counts(left, steps_per_block - step, (confidence > args.threshold).sum(1))
+            self.commit(start, end, pred, confidence, k, block_masked)
 
-            choice_logits = logits.clone()
-            if 0 <= mask_token_id < logits.shape[-1]:
-                choice_logits[..., mask_token_id] = float("-inf")
-            if temperature > 0:
-                if row_gens is None:
-                    u = _uniform(tuple(logits.shape), shared_gen, device, torch.float64)
-                else:
-                    # A row whose block is full draws nothing, so its noise stream does not depend on how
-                    # many steps its neighbours still need (threshold decoding).
-                    shape = tuple(logits.shape[1:])
-                    u = torch.stack([_uniform(shape, g, device, torch.float64)
-                                     if active is None or bool(active[r]) else torch.full(shape, 0.5, device=device,
-                                                                                          dtype=torch.float64)
-                                     for r, g in enumerate(row_gens)])
-                # log of exp(l) / (-log u)^T: argmax-equivalent, overflow-free.
-                scores = choice_logits.double() - temperature * torch.log(-torch.log(u))
-                pred = scores.argmax(-1)
-            else:
-                pred = choice_logits.argmax(-1)
+    def logits(self, start: int, end: int, kv: list | None) -> tuple[Tensor, list | None]:
+        """The block's logits (guided when cfg_scale > 0), and the KV cache for the block's next steps."""
+        ids, ids_attn = self.canvas.model_input()
+        if self.kv_cache == "none":
+            logits = _block_logits(self.model, ids, ids_attn, start, end, self.shift)
+        else:
+            logits, kv = _cached_block_logits(self.model, ids, ids_attn, start, end, self.kv_cache, kv)
+        if self.args.cfg_scale > 0:
+            batch = self.canvas.x.shape[0]
+            cond, un = logits[:batch], logits[batch:]
+            logits = un + (self.args.cfg_scale + 1.0) * (cond - un)
+        return logits, kv
 
-            if remasking == "low_confidence":
-                logp = torch.log_softmax(logits, dim=-1)
-                confidence = logp.gather(-1, pred[..., None]).squeeze(-1).exp().double()
-            elif row_gens is None:
-                confidence = _uniform((batch, block_length), shared_gen, device, torch.float64)
-            else:
-                confidence = torch.stack([_uniform((block_length,), g, device, torch.float64) for g in row_gens])
+    def predict(self, logits: Tensor, active: Tensor | None) -> Tensor:
+        """Each position's token: the argmax, with Gumbel noise when temperature > 0; never the mask token."""
+        choice_logits = logits.clone()
+        if 0 <= self.mask_token_id < logits.shape[-1]:
+            choice_logits[..., self.mask_token_id] = float("-inf")
+        temperature = self.args.temperature
+        if temperature <= 0:
+            return choice_logits.argmax(-1)
+        u = self.noise.gumbel_uniform(tuple(logits.shape), active, self.device)
+        # log of exp(l) / (-log u)^T: argmax-equivalent, overflow-free.
+        scores = choice_logits.double() - temperature * torch.log(-torch.log(u))
+        return scores.argmax(-1)
 
-            confidence = confidence.masked_fill(~block_masked, float("-inf"))
-            if threshold is not None:
-                k = commit_counts(left, steps_per_block - step, (confidence > threshold).sum(1))
-            # Stable descending order: ties go to the leftmost position, on every device.
-            order = torch.sort(confidence, dim=1, descending=True, stable=True).indices
-            rank = torch.empty_like(order)
-            rank.scatter_(1, order, torch.arange(block_length, device=device).expand(batch, -1))
-            commit = (rank < k[:, None]) & block_masked
+    def confidence(self, logits: Tensor, pred: Tensor) -> Tensor:
+        """float64 [B, block]: the prediction's softmax probability, or a uniform draw (random remasking)."""
+        if self.args.remasking == "low_confidence":
+            logp = torch.log_softmax(logits, dim=-1)
+            return logp.gather(-1, pred[..., None]).squeeze(-1).exp().double()
+        return self.noise.confidence(self.canvas.x.shape[0], self.args.block_length, self.device)
 
-            x[:, start:end] = torch.where(commit, pred, x[:, start:end])
-            masked[:, start:end] = block_masked & ~commit
-    return x[:, width:].clone()
+    def commit(self, start: int, end: int, pred: Tensor, confidence: Tensor, k: Tensor, block_masked: Tensor) -> None:
+        """Commit the ``k`` most confident masked positions of each row."""
+        # Stable descending order: ties go to the leftmost position, on every device.
+        order = torch.sort(confidence, dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(self.args.block_length, device=self.device).expand(order.shape[0], -1))
+        commit = (rank < k[:, None]) & block_masked
+        canvas = self.canvas
+        canvas.x[:, start:end] = torch.where(commit, pred, canvas.x[:, start:end])
+        canvas.masked[:, start:end] = block_masked & ~commit

@@ -24,13 +24,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from pipeline.core.errors import UserError
 from pipeline.data.pairs import normalize_text
 from pipeline.data.prompts import encode_prompt, resolve_chat_template
 from pipeline.data.readers import jsonl_objects
 from pipeline.grading.answers import extract_answer, normalize_number, reference_answer, same_number
+
+if TYPE_CHECKING:
+    from pipeline.sampling.args import SamplingArgs
 
 SAMPLE_COLUMNS = {
     "question_id": "VARCHAR", "question_index": "BIGINT", "sample": "BIGINT", "prompt": "VARCHAR",
@@ -246,13 +249,13 @@ class DiffusionSampler:
     item's completion does not depend on its batch neighbours.
     """
 
-    def __init__(self, model, tokenizer, *, identity: Any, chat_template: bool | None, **settings: Any):
-        """``settings``: the sampler's (``pipeline.sampling.sampler.generate``'s gen_length, block_length, steps, ...)."""
+    def __init__(self, model, tokenizer, args: SamplingArgs, *, identity: Any, chat_template: bool | None):
+        """``args``: the sampler's settings (``pipeline.sampling.args.SamplingArgs``, or a config extending it)."""
         from pipeline.sampling.completion import (
             special_ids,  # torch: not for the query command, which reads this module
         )
 
-        self.model, self.tokenizer, self.identity, self.settings = model, tokenizer, identity, settings
+        self.model, self.tokenizer, self.identity, self.args = model, tokenizer, identity, args
         self.chat_template = resolve_chat_template(tokenizer, chat_template)
         self._encoded: dict[str, list[int]] = {}
         self.ids = special_ids(model, tokenizer)
@@ -262,9 +265,9 @@ class DiffusionSampler:
         if question.prompt not in self._encoded:
             ids = encode_prompt(self.tokenizer, question.prompt, chat_template=self.chat_template,
                                 where=question.where)
-            if isinstance(self.max_length, int) and len(ids) + self.settings["gen_length"] > self.max_length:
+            if isinstance(self.max_length, int) and len(ids) + self.args.gen_length > self.max_length:
                 raise UserError(f"{question.where}: {len(ids)} prompt tokens + gen_length "
-                                f"{self.settings['gen_length']} exceed the model's max_sequence_length {self.max_length}")
+                                f"{self.args.gen_length} exceed the model's max_sequence_length {self.max_length}")
             self._encoded[question.prompt] = ids
         return self._encoded[question.prompt]
 
@@ -276,4 +279,4 @@ class DiffusionSampler:
         from pipeline.sampling.completion import sample_batch
 
         return sample_batch(self.model, self.tokenizer, [self.encode(item.question) for item in items],
-                            [item.seed for item in items], self.ids, **self.settings)
+                            [item.seed for item in items], self.ids, self.args)

@@ -6,69 +6,9 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from pipeline.core.errors import ConfigError, UserError
-from pipeline.models import load_model
-from stages.evaluate import EvalConfig, choice_credits, preference_scores, run
-
-
-def test_reference_against_itself_is_chance_and_a_better_policy_wins(small_cache, monkeypatch):
-    from pipeline.models.numerics import Numerics
-    from pipeline.refcache.store import open_cache
-
-    cache = open_cache(small_cache)
-    rows = list(cache.rows(split="eval"))
-    model, tok = load_model("micro")
-    same = preference_scores(model, tok, cache, "eval", 0.1, Numerics())
-    assert same["accuracy"] == 0.5 and same["mean_margin"] == 0.0  # every pair an exact tie
-    assert same["pairs"] == len(rows)
-    # ELBO accuracy of the reference equals the share of pairs its cached margin favours.
-    assert same["elbo_accuracy"] == pytest.approx(sum(r["ref_margin"] > 0 for r in rows) / len(rows))
-
-    # A policy whose rejected answers score 5 nats lower than the reference's: it wins every pair.
-    import pipeline.estimator.diffusion as diffusion
-
-    rejected = {tuple(r["rejected_ids"]) for r in rows}
-    real = diffusion.elbo_terms
-
-    def tilted_terms(m, requests, **kw):
-        out = real(m, requests, **kw)
-        return [t - 5.0 if tuple(req.response_ids) in rejected else t for t, req in zip(out, requests)]
-
-    monkeypatch.setattr(diffusion, "elbo_terms", tilted_terms)
-    better = preference_scores(model, tok, cache, "eval", 0.1, Numerics())
-    assert better["accuracy"] == 1.0 and better["mean_margin"] == pytest.approx(0.5, rel=1e-6)
-    # Accuracy is the sign of the margin, whatever beta scales it by (beta 0 once gave 0.5: every pair a "tie").
-    for beta in (0.0, 1e-300, 10.0):
-        assert preference_scores(model, tok, cache, "eval", beta, Numerics())["accuracy"] == 1.0
-    with pytest.raises(ConfigError, match="beta must be > 0, got 0"):
-        EvalConfig(beta=0)
-
-
-def test_normalize_length_scores_options_per_token(tmp_path, monkeypatch):
-    import pipeline.estimator.diffusion as diffusion
-
-    model, tok = load_model("micro")
-    # Every token of every option scores -1 nat, plus -3 nats once: the short option has the higher ELBO,
-    # the long one the higher ELBO per token.
-    monkeypatch.setattr(diffusion, "elbo_terms", lambda m, requests, **kw: [
-        torch.full((r.masks.shape[0],), -1.0 * len(r.response_ids) - 3.0) for r in requests])
-    item = {"question": "Pick one:", "options": ["yes", "yes yes yes yes yes yes"], "answer": 1}
-    for normalize, expected in (("none", 0.0), ("length", 1.0)):
-        cfg = EvalConfig(scores=None, choices=tmp_path / "c.jsonl", samples=2, device="cpu", normalize=normalize)
-        assert sum(choice_credits(model, tok, [item], cfg)) == expected
-    with pytest.raises(ConfigError, match="normalize must be one of none, length"):
-        EvalConfig(scores=None, choices=tmp_path / "c.jsonl", normalize="mean")
-
-
-def test_choice_accuracy_picks_the_highest_elbo(tmp_path):
-    model, tok = load_model("micro")
-    cfg = EvalConfig(scores=None, choices=tmp_path / "c.jsonl", samples=2, device="cpu")
-    items = [{"question": "2 + 2 =", "options": ["4", "5", "22"], "answer": j} for j in range(3)]
-    acc = sum(choice_credits(model, tok, items, cfg)) / len(items)
-    # The model picks one option for the (identical) question: exactly one of the three answers is right.
-    assert acc == pytest.approx(1 / 3)
+from stages.evaluate import EvalConfig, run
 
 
 def test_end_to_end_writes_eval_json_and_task_results(small_cache, tmp_path):
@@ -170,7 +110,7 @@ def test_eval_json_gives_every_accuracy_its_count_interval_and_paired_difference
     assert dict(zip(cols, rows[5]))["method"] == "newcombe-paired-score" and after["device_name"].startswith("cpu")
 
     # the console summary shows them
-    from stages.evaluate import print_intervals
+    from pipeline.evaluation.intervals import print_intervals
 
     print_intervals(result.intervals, result.mc_spread)
     out = capsys.readouterr().out
@@ -183,40 +123,22 @@ def test_task_eval_records_the_sampler_and_threshold_above_one_is_exact(tmp_path
     bench.write_text("\n".join(json.dumps({"question": f"What is {a} + 1?", "answer": f"#### {a + 1}"})
                                for a in range(3)) + "\n")
     completions = {}
-    for name, fast in (("exact", {}), ("above-one", {"threshold": 1.5}), ("dual", {"cache": "dual", "threshold": 0.9})):
+    for name, fast in (("exact", {}), ("above-one", {"threshold": 1.5}), ("dual", {"kv_cache": "dual", "threshold": 0.9})):
         cfg = EvalConfig(model="micro", scores=None, before="none", benchmark=bench, out=tmp_path / name,
                          gen_length=8, block_length=4, steps=8, device="cpu", train_sample=0, **fast)
         run(cfg)
         data = json.loads((tmp_path / name / "eval.json").read_text())
         assert data["sampler"] == {"gen_length": 8, "block_length": 4, "steps": 8,
-                                   "cache": fast.get("cache", "none"), "threshold": fast.get("threshold")}
+                                   "kv_cache": fast.get("kv_cache", "none"), "threshold": fast.get("threshold")}
         completions[name] = [r["completion"] for r in pq.read_table(tmp_path / name / "task_results.parquet").to_pylist()]
     assert completions["above-one"] == completions["exact"] and len(completions["dual"]) == 3
-    with pytest.raises(ConfigError, match="cache must be one of"):
-        EvalConfig(model="micro", scores=None, benchmark=bench, cache="full")
+    with pytest.raises(ConfigError, match="kv_cache must be one of"):
+        EvalConfig(model="micro", scores=None, benchmark=bench, kv_cache="full")
 
-
-def test_fresh_masks_are_the_draws_past_the_cache_and_replay_is_the_cached_draw(small_cache):
-    """eval's fresh masks: draw index draws + extra of each (pair, side) under the cache's settings, never one
-    training saw; the replay of a cached draw gives the cached counts (one request builder for both)."""
-    from pipeline.estimator.diffusion import mask_seed, sample_masks
-    from pipeline.estimator.replay import cached_request
-    from pipeline.refcache.store import open_cache
-    from stages.evaluate import fresh_requests
-
-    cache = open_cache(small_cache)
-    fp, row = cache.fingerprint, cache.table().to_pylist()[0]
-    chosen, rejected = fresh_requests([row], fp, extra=1)
-    expected = sample_masks(row["chosen_len"], fp["samples"], mask_seed(fp["seed"], row["pair_id"], "chosen",
-                                                                          fp["draws"] + 1), scheme=fp["scheme"])
-    assert torch.equal(chosen.masks, expected.masks) and list(rejected.response_ids) == row["rejected_ids"]
-    replayed = cached_request(row, "chosen", 0, fp)
-    assert replayed.masks.sum(dim=1).tolist() == list(row["chosen_mask_counts"][0])
-    assert not torch.equal(replayed.masks, chosen.masks)
 
 
 def test_task_grading_under_a_verifier_reports_the_share_of_correct_answers_with_right_working(tmp_path, monkeypatch):
-    import stages.evaluate as evaluate
+    import pipeline.evaluation.tasks as tasks
 
     q = "Ava has 9 pens, gets 7 more and gives 5 away. How many are left?"
     bench = tmp_path / "bench.jsonl"
@@ -225,7 +147,7 @@ def test_task_grading_under_a_verifier_reports_the_share_of_correct_answers_with
                 "9 + 7 = 16\n15 - 5 = 113#### 11",  # right answer, wrong working
                 "9 + 7 = 17\n16 - 5 = 12\n#### 12",  # wrong answer
                 "9 + 7 = 16\n16 - 5 = 11"]  # no #### line: strict format (the reference is a bare number), no answer
-    monkeypatch.setattr(evaluate, "complete", lambda model, tok, prompts, **kw: [
+    monkeypatch.setattr(tasks, "complete", lambda model, tok, prompts, *args, **kw: [
         {"completion": scripted[i % 4]} for i in range(len(prompts))])
     cfg = EvalConfig(model="micro", scores=None, before="none", benchmark=bench, out=tmp_path / "run",
                      verifier="arithmetic", device="cpu", train_sample=0)

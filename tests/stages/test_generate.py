@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from pipeline.cli.loading import load_config
 from pipeline.core.config import config_to_yaml
 from pipeline.core.errors import UserError
-from pipeline.sampling.completion import prompt_seed
+from pipeline.sampling.generate_run import partial_path, read_prompts
 from stages.cli import app
-from stages.generate import GenerateConfig, complete, partial_path, read_prompts, run
+from stages.generate import GenerateConfig, run
 
 STAGES = Path(__file__).resolve().parents[2] / "stages"
 FAST = dict(model="micro", gen_length=8, block_length=4, steps=4, device="cpu", progress=False)
@@ -153,76 +152,12 @@ def test_pairs_arrow_input_uses_prompt_messages(tmp_path):
     assert [r["pair_id"] for r in rows] == ["a", "b"] and rows[1]["prompt"] == "user: hi"
 
 
-@pytest.mark.parametrize(
-    "content,message",
-    [('{"text": "no prompt here"}\n', "p.jsonl:1: no 'prompt' or 'question' field"),
-     ('{"prompt": "ok"}\n{"prompt": 5}\n', "p.jsonl:2: field 'prompt' must be text"),
-     ('{"prompt": "ok"}\nnot json\n', "p.jsonl:2: invalid JSON")],
-)
-def test_bad_prompt_files_name_the_line(tmp_path, content, message):
-    path = tmp_path / "p.jsonl"
-    path.write_text(content, encoding="utf-8")
-    with pytest.raises(UserError, match=message):
-        read_prompts(path)
-
-
-class ForcedModel(torch.nn.Module):
-    """Predicts token ``a`` on the first ``keep`` generated positions and EOS after them."""
-
-    def __init__(self, tokenizer, gen_length: int, keep: int):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.config = type("Config", (), {"mask_token_id": tokenizer.mask_token_id})()
-        self.token_a = tokenizer("a", add_special_tokens=False)["input_ids"][0]
-        self.eos, self.vocab = tokenizer.eos_token_id, len(tokenizer)
-        self.gen_length, self.keep = gen_length, keep
-
-    def forward(self, input_ids, attention_mask=None):
-        logits = torch.zeros(*input_ids.shape, self.vocab)
-        first_gen = input_ids.shape[1] - self.gen_length
-        logits[:, first_gen : first_gen + self.keep, self.token_a] = 9.0
-        logits[:, first_gen + self.keep :, self.eos] = 9.0
-        return logits
-
-
-def test_completions_are_cut_at_the_stop_token():
-    from pipeline.models import load_model
-
-    _, tokenizer = load_model("micro")
-    model = ForcedModel(tokenizer, gen_length=8, keep=3)
-    results = complete(model, tokenizer, ["hi", "a longer prompt here"], gen_length=8, block_length=4, steps=8)
-    for r in results:
-        assert (r["completion"], r["completion_tokens"], r["stopped"]) == ("aaa", 3, True)
-    full = complete(ForcedModel(tokenizer, 8, 8), tokenizer, ["hi"], gen_length=8, block_length=4, steps=8)
-    assert (full[0]["completion"], full[0]["stopped"]) == ("a" * 8, False)
-
-
-def test_no_chat_template_tokenizer_is_a_clear_error():
-    from pipeline.models import load_model
-
-    _, tokenizer = load_model("micro")
-    tokenizer.chat_template = None
-    with pytest.raises(UserError, match="no chat template"):
-        complete(ForcedModel(tokenizer, 4, 4), tokenizer, ["hi"], gen_length=4, block_length=4, steps=4,
-                 chat_template=True)
-    # The default follows the tokenizer: no template, raw text.
-    default = complete(ForcedModel(tokenizer, 4, 4), tokenizer, ["hi"], gen_length=4, block_length=4, steps=4)
-    assert default[0]["completion"] == "aaaa"
-    plain = complete(ForcedModel(tokenizer, 4, 4), tokenizer, ["hi"], gen_length=4, block_length=4, steps=4,
-                     chat_template=False)
-    assert plain[0]["completion"] == "aaaa"
-
 
 def test_too_long_prompt_is_a_clear_error(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "word " * 600}])
     with pytest.raises(UserError, match=r"prompt 0: \d+ tokens \+ gen_length 8 exceed the model's max_sequence_length 1024"):
         run(GenerateConfig(**FAST, prompts=str(prompts), out=str(tmp_path / "o.jsonl")))
 
-
-def test_prompt_seed_is_stable_and_distinct():
-    assert prompt_seed(0, 1) == prompt_seed(0, 1)
-    assert len({prompt_seed(s, i) for s in range(3) for i in range(50)}) == 150
-    assert all(0 <= prompt_seed(5, i) < 2**63 for i in range(10))
 
 
 def test_resume_goes_by_model_and_prompts_content_not_paths(tmp_path):
@@ -264,25 +199,34 @@ def test_resume_goes_by_model_and_prompts_content_not_paths(tmp_path):
 def test_fast_sampler_settings_are_in_the_fingerprint(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:2])
     out = tmp_path / "out.jsonl"
-    run(GenerateConfig(**FAST, prompts=str(prompts), out=str(out), cache="dual", threshold=0.9))
+    run(GenerateConfig(**FAST, prompts=str(prompts), out=str(out), kv_cache="dual", threshold=0.9))
     rows = read_rows(out)
-    assert all(r["sampler"]["cache"] == "dual" and r["sampler"]["threshold"] == 0.9 for r in rows)
-    with pytest.raises(UserError, match=r"made with cache='dual', this run has cache='none'"):
+    assert all(r["sampler"]["kv_cache"] == "dual" and r["sampler"]["threshold"] == 0.9 for r in rows)
+    with pytest.raises(UserError, match=r"made with kv_cache='dual', this run has kv_cache='none'"):
         run(GenerateConfig(**FAST, prompts=str(prompts), out=str(out), threshold=0.9))
     with pytest.raises(UserError, match=r"made with threshold=0\.9, this run has threshold=0\.5"):
-        run(GenerateConfig(**FAST, prompts=str(prompts), out=str(out), cache="dual", threshold=0.5))
+        run(GenerateConfig(**FAST, prompts=str(prompts), out=str(out), kv_cache="dual", threshold=0.5))
     # A row written before these settings existed was made by the exact sampler: it resumes an exact run.
     exact = tmp_path / "exact.jsonl"
     run(GenerateConfig(**FAST, prompts=str(prompts), out=str(exact)))
-    old = [{**r, "sampler": {k: v for k, v in r["sampler"].items() if k not in ("cache", "threshold")}}
+    old = [{**r, "sampler": {k: v for k, v in r["sampler"].items() if k not in ("kv_cache", "threshold")}}
            for r in read_rows(exact)]
     exact.write_text("".join(json.dumps(r) + "\n" for r in old), encoding="utf-8")
     assert run(GenerateConfig(**FAST, prompts=str(prompts), out=str(exact))).resumed == 2
-    with pytest.raises(UserError, match=r"made with cache='none', this run has cache='prefix'"):
-        run(GenerateConfig(**FAST, prompts=str(prompts), out=str(exact), cache="prefix"))
+    with pytest.raises(UserError, match=r"made with kv_cache='none', this run has kv_cache='prefix'"):
+        run(GenerateConfig(**FAST, prompts=str(prompts), out=str(exact), kv_cache="prefix"))
+    # A row written when the setting was named cache holds it by that name: it resumes a run with that kv_cache.
+    renamed = tmp_path / "renamed.jsonl"
+    run(GenerateConfig(**FAST, prompts=str(prompts), out=str(renamed), kv_cache="dual"))
+    older = [{**r, "sampler": {("cache" if k == "kv_cache" else k): v for k, v in r["sampler"].items()}}
+             for r in read_rows(renamed)]
+    renamed.write_text("".join(json.dumps(r) + "\n" for r in older), encoding="utf-8")
+    assert run(GenerateConfig(**FAST, prompts=str(prompts), out=str(renamed), kv_cache="dual")).resumed == 2
+    with pytest.raises(UserError, match=r"made with kv_cache='dual', this run has kv_cache='none'"):
+        run(GenerateConfig(**FAST, prompts=str(prompts), out=str(renamed)))
 
 
-@pytest.mark.parametrize("kw, msg", [({"cache": "full"}, "cache must be one of"),
+@pytest.mark.parametrize("kw, msg", [({"kv_cache": "full"}, "kv_cache must be one of"),
                                      ({"threshold": 0}, "threshold"),
                                      ({"threshold": 0.9, "remasking": "random"}, "low_confidence")])
 def test_fast_sampler_settings_are_checked(kw, msg):

@@ -165,7 +165,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(tmp_path):
     assert not partial.exists()
 
 
-@pytest.mark.parametrize("fast", [[], ["--cache", "dual", "--threshold", "0.002"]], ids=["exact", "dual-0.002"])
+@pytest.mark.parametrize("fast", [[], ["--kv-cache", "dual", "--threshold", "0.002"]], ids=["exact", "dual-0.002"])
 def test_cli_on_micro_samples_do_not_depend_on_the_batch_size(tmp_path, fast):
     questions = write_questions(tmp_path / "q.jsonl", QUESTIONS[:3])
     outs = []
@@ -183,7 +183,7 @@ def test_cli_on_micro_samples_do_not_depend_on_the_batch_size(tmp_path, fast):
     assert outs[0] == outs[1]
     assert len({c for c, _ in outs[0]}) > 1  # temperature 0.7: the samples differ
     sampler = rows(summary["samples_file"])[0]["sampler"]
-    assert (sampler["cache"], sampler["threshold"]) == (("dual", 0.002) if fast else ("none", None))
+    assert (sampler["kv_cache"], sampler["threshold"]) == (("dual", 0.002) if fast else ("none", None))
 
 
 def test_samples_are_queryable_per_round(tmp_path):

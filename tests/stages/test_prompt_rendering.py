@@ -35,9 +35,9 @@ def _captured_generation_prompts(monkeypatch):
 
     seen: list[list[int]] = []
 
-    def fake_generate(model, prompts, *, gen_length, **kw):
+    def fake_generate(model, prompts, args, **kw):
         seen.extend([list(p) for p in prompts])
-        return torch.full((len(prompts), gen_length), 0, dtype=torch.long)
+        return torch.full((len(prompts), args.gen_length), 0, dtype=torch.long)
 
     monkeypatch.setattr(completion, "generate", fake_generate)
     return seen
@@ -46,7 +46,9 @@ def _captured_generation_prompts(monkeypatch):
 @pytest.mark.parametrize("chat_template", [True, False])
 def test_every_stage_renders_the_same_prompt(mixed_pairs, tmp_path, monkeypatch, chat_template):
     from pipeline.data.pairsfile import read_pairs
-    from stages.evaluate import EvalConfig, choice_requests, task_accuracy
+    from pipeline.evaluation.choice_scoring import choice_requests
+    from pipeline.evaluation.tasks import task_accuracy
+    from stages.evaluate import EvalConfig
     from stages.generate import GenerateConfig
     from stages.generate import run as generate_run
     from stages.score_ref import ScoreRefConfig

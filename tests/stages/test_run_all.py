@@ -138,13 +138,13 @@ def test_run_summary_prints_counts_and_intervals(capsys):
 
 
 def test_run_wide_sampler_settings_reach_eval_and_make_pairs(tmp_path):
-    cfg = merged_config(None, {"out": tmp_path / "x", "cache": "dual", "threshold": 0.9})
+    cfg = merged_config(None, {"out": tmp_path / "x", "kv_cache": "dual", "threshold": 0.9})
     ev = stage_configs(cfg)[3]
-    assert (ev.cache, ev.threshold) == ("dual", 0.9)
-    assert (cfg.make_pairs["cache"], cfg.make_pairs["threshold"]) == ("dual", 0.9)
+    assert (ev.kv_cache, ev.threshold) == ("dual", 0.9)
+    assert (cfg.make_pairs["kv_cache"], cfg.make_pairs["threshold"]) == ("dual", 0.9)
     plain = stage_configs(merged_config(None, {"out": tmp_path / "y"}))[3]
-    assert (plain.cache, plain.threshold) == ("dual", 0.9)  # the embedded default's eval: dual cache, threshold
-    exact = stage_configs(merged_config(None, {"out": tmp_path / "w", "cache": "none"}))[3]
-    assert exact.cache == "none"
+    assert (plain.kv_cache, plain.threshold) == ("dual", 0.9)  # the embedded default's eval: dual cache, threshold
+    exact = stage_configs(merged_config(None, {"out": tmp_path / "w", "cache": "none"}))[3]  # the old name
+    assert exact.kv_cache == "none"
     with pytest.raises(ConfigError, match="cache must be one of"):
-        stage_configs(merged_config(None, {"out": tmp_path / "z", "cache": "full"}))
+        stage_configs(merged_config(None, {"out": tmp_path / "z", "kv_cache": "full"}))

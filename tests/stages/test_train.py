@@ -299,7 +299,7 @@ def test_cli_json_and_existing_run_needs_resume(small_cache, tmp_path):
 
 def test_adapter_folder_loads_through_load_model_and_generates(train_cache, tmp_path):
     """An adapter folder is a model name like any other: load_model, eval and generate accept it."""
-    from stages.generate import complete
+    from pipeline.sampling.completion import complete
 
     run(_cfg(train_cache, tmp_path / "lora", max_steps=2, batch_size=4, lora_r=4, learning_rate=1e-2))
     model, tok = load_model(str(tmp_path / "lora" / "final"))

@@ -202,13 +202,14 @@ per_device_train_batch_size: 2
 gradient_accumulation_steps: 4
 num_train_epochs: 2
 beta: 0.2
-diffusion_steps: 8
+diffusion_steps: 12
 use_mixed_precision: true
 gradient_checkpointing: true
 """
 
 
 def test_run_takes_the_seed_project_config_keys(tmp_path):
+    from pipeline.core.errors import ConfigError
     from stages.run_all import merged_config, stage_configs
 
     path = tmp_path / "config.yaml"
@@ -219,7 +220,13 @@ def test_run_takes_the_seed_project_config_keys(tmp_path):
     assert [str(p) for p in ingest.inputs] == [str(tmp_path / "prefs.jsonl")]
     assert (train.learning_rate, train.batch_size, train.grad_accum, train.epochs, train.max_steps) == \
         (2e-4, 2, 4, 2, 0)  # the epochs count: the embedded default's max_steps is cleared
-    assert (train.beta, train.gradient_checkpointing, score.mixed_precision, ev.steps) == (0.2, True, "bf16", 8)
+    assert (train.beta, train.gradient_checkpointing, score.mixed_precision, ev.steps) == (0.2, True, "bf16", 12)
+    # eval's config refuses a schedule its sampler cannot run (the embedded default generates 24 tokens in 6
+    # blocks), as generate's and make-pairs' do: one declaration, one check (pipeline/sampling/args.py)
+    path.write_text(SEED_YAML.format(data=tmp_path / "prefs.jsonl", out=tmp_path / "out").replace(
+        "diffusion_steps: 12", "diffusion_steps: 8"))
+    with pytest.raises(ConfigError, match="steps 8 must be a multiple of the number of blocks 6"):
+        stage_configs(merged_config(path, {}))
 
 
 def test_a_seed_key_and_its_section_key_must_agree(tmp_path):

@@ -34,8 +34,8 @@ def test_auto_is_accelerates_process_device_for_every_caller(monkeypatch):
     import types
 
     import pipeline.core.devices as devices
+    import pipeline.sampling.make_pairs_run
     import pipeline.sampling.selfpairs
-    import stages.make_pairs
 
     asked = []
     monkeypatch.setattr(devices, "process_state", lambda device="auto": asked.append(device) or
@@ -53,5 +53,5 @@ def test_auto_is_accelerates_process_device_for_every_caller(monkeypatch):
     cfg = types.SimpleNamespace(device="auto", model="micro", dtype="float32", load_in_4bit=False,
                                 trust_remote_code=False)
     with pytest.raises(Loaded) as got:
-        stages.make_pairs._load_sampler(cfg, None)
+        pipeline.sampling.make_pairs_run.load_sampler(cfg, None)
     assert got.value.args[0] == torch.device("meta") and asked == ["auto", "auto"]
