@@ -53,7 +53,7 @@ from pipeline.evaluation.intervals import (
 )
 from pipeline.grading.answers import reference_answer
 from pipeline.grading.verifiers import ANSWER_FORMATS, check_verifier_name, get_verifier
-from pipeline.models.numerics import Numerics, autocast, follow, load, of_fingerprint
+from pipeline.models.numerics import Numerics, autocast, follow, of_fingerprint
 from pipeline.refcache.store import check_reference_model, open_cache, read_part
 from pipeline.sampling.completion import complete, config_error
 from pipeline.sampling.sampler import check_fast_settings
@@ -478,6 +478,8 @@ def _run(cfg: EvalConfig) -> EvalResult:
     for label, name in (("before", before_name), ("after", cfg.model)):
         if name is None:
             continue
+        from pipeline.models import load  # transformers: when a model loads, not when eval parses its flags
+
         model, tokenizer = load(name, numerics, device, trust_remote_code=cfg.trust_remote_code)
         model.eval()
         chat_template = (follow_cache(cfg.chat_template, cache.fingerprint, str(cfg.scores)) if cache is not None
