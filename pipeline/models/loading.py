@@ -119,34 +119,15 @@ def load_model(
             quantize_linears(model, torch_dtype)
             settle(model.eval())
         return model, preset_tokenizer(name)
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        if path.exists():
-            raise UserError(f"model path {name} is a file; expected a folder with config.json")
-        looks_local = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
-        if looks_local:
-            raise UserError(f"model folder {name} does not exist")
-        path = hub_folder(name, trust_remote_code=trust_remote_code)
+    path = _model_folder(name, trust_remote_code)
     if (path / LORA_ADAPTER_CONFIG).is_file():
         return load_lora_folder(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                                 load_in_4bit=load_in_4bit)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        shadows = f"; it shadows the preset {name!r} (run from another folder)" if name in PRESETS else ""
-        raise UserError(f"{path}: no config.json (not a model folder){shadows}")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{config_file}: unreadable JSON ({exc})") from None
+    config = _read_config(path, name)
     _require_safetensors(path)
     tokenizer = _load_tokenizer(path, trust_remote_code)
     if config.get("model_type") == "llada":
-        # LLaDA's head is "ff_out" like every block's down projection: name it by its full path.
-        kwargs = pretrained_kwargs(torch_dtype, device, load_in_4bit, skip_modules=["model.transformer.ff_out"])
-        try:
-            model = LLaDAModelLM.from_pretrained(path, **kwargs).eval()
-        except ValueError as exc:
-            raise UserError(f"{path}: cannot load LLaDA checkpoint: {str(exc).splitlines()[0]}") from None
+        model = _load_llada(path, torch_dtype, device, load_in_4bit)
     else:
         if mask_token_id is None and config.get("mask_token_id") is None:
             mask_token_id = tokenizer.mask_token_id
@@ -161,6 +142,41 @@ def load_model(
     if load_in_4bit:
         settle(model)
     return model, tokenizer
+
+
+def _model_folder(name: str, trust_remote_code: bool) -> Path:
+    """The folder a model name that is not a preset means: a local folder, else a hub id's local snapshot."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"model path {name} is a file; expected a folder with config.json")
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
+    if looks_local:
+        raise UserError(f"model folder {name} does not exist")
+    return hub_folder(name, trust_remote_code=trust_remote_code)
+
+
+def _read_config(path: Path, name: str) -> dict:
+    """The folder's config.json, or a one-line error (naming the preset a folder of its name shadows)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        shadows = f"; it shadows the preset {name!r} (run from another folder)" if name in PRESETS else ""
+        raise UserError(f"{path}: no config.json (not a model folder){shadows}")
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{config_file}: unreadable JSON ({exc})") from None
+
+
+def _load_llada(path: Path, torch_dtype, device, load_in_4bit: bool) -> LLaDAModelLM:
+    """A native LLaDA checkpoint (no remote code, whatever ``auto_map`` says), in eval mode."""
+    # LLaDA's head is "ff_out" like every block's down projection: name it by its full path.
+    kwargs = pretrained_kwargs(torch_dtype, device, load_in_4bit, skip_modules=["model.transformer.ff_out"])
+    try:
+        return LLaDAModelLM.from_pretrained(path, **kwargs).eval()
+    except ValueError as exc:
+        raise UserError(f"{path}: cannot load LLaDA checkpoint: {str(exc).splitlines()[0]}") from None
 
 
 def hub_folder(name: str, *, trust_remote_code: bool = False) -> Path:

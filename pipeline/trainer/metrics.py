@@ -19,7 +19,6 @@ from typing import Any, Mapping, TextIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from pipeline.core.atomic import atomic_path, claim, make_dir
 from pipeline.core.errors import UserError
@@ -201,6 +200,8 @@ class StepBar:
     through the bar, so it stays whole; without a bar it is None and lines go to stderr as before."""
 
     def __init__(self, total: int, initial: int, enabled: bool, desc: str):
+        from tqdm import tqdm  # here: report reads this module's metrics and draws no bar
+
         from pipeline.core.progress import PlainProgress, stage_label
 
         self.bar = self.plain = None
