@@ -264,7 +264,7 @@ def section_build(results: Results, state: dict) -> None:
 
 def section_score_ref(results: Results, state: dict) -> None:
     from pipeline.estimator.diffusion import elbo_terms
-    from stages.train import PairBatch, replay_requests
+    from pipeline.estimator.replay import PairBatch, replay_requests
 
     s, device, model, tok = state["settings"], state["device"], state["model"], state["tokenizer"]
     n, budget = s["samples"], s["budgets"]["score_ref"]
@@ -427,7 +427,7 @@ def _measure(results, name, state, ctx, optimizer, params, batch, configs, budge
 
 def _train_batch(state: dict):
     """One pair of train_prompt + train_response tokens with its cached reference terms (bare model)."""
-    from stages.train import PairBatch
+    from pipeline.estimator.replay import PairBatch
 
     s, model, tok = state["settings"], state["model"], state["tokenizer"]
     if "train_batch" not in state:

@@ -3,8 +3,8 @@ peak against the measured one.
 
 The model is a LLaDA folder written here (random weights, the tiny tokenizer: vocabulary 512, so the block
 projections hold nearly all the weights, as in an 8B model), loaded as ``lldm-dpo train`` loads it
-(``stages.train.setup_policy``: a 4-bit load quantizes the block projections with bitsandbytes, then peft's
-k-bit preparation, checkpointing, LoRA). One optimizer step is ``stages.train.micro_step`` plus clipping
+(``pipeline.trainer.dpo_checks.setup_policy``: a 4-bit load quantizes the block projections with bitsandbytes, then peft's
+k-bit preparation, checkpointing, LoRA). One optimizer step is ``pipeline.trainer.dpo_step.micro_step`` plus clipping
 and AdamW on one synthetic pair, as ``train`` runs it.
 
 - time: each base in fresh processes (default allocator), interleaved, the best step after a warm-up step;
@@ -80,10 +80,14 @@ def worker(spec: dict) -> dict:
     import bitsandbytes  # noqa: F401 - imported before the baseline, as peft imports it in every run
     import peft  # noqa: F401
 
+    from pipeline.estimator.replay import PairBatch
     from pipeline.models.numerics import Numerics
     from pipeline.models.quant import weight_bytes
     from pipeline.plan.trace import plain_token, synthetic_rows
-    from stages.train import PairBatch, TrainContext, fresh_accelerator, make_optimizer, micro_step, setup_policy
+    from pipeline.trainer.accelerator import fresh_accelerator
+    from pipeline.trainer.dpo_checks import setup_policy
+    from pipeline.trainer.dpo_step import TrainContext, micro_step
+    from pipeline.trainer.optim import make_optimizer
 
     cfg = train_config(spec)
     base = _rss()

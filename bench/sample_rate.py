@@ -42,7 +42,8 @@ def matmul_gflops(n: int = 1024, reps: int = 5) -> float:
 def main() -> None:
     from pipeline.evaluation.intervals import wilson_interval
     from pipeline.grading.answers import is_correct
-    from pipeline.models.numerics import Numerics, load
+    from pipeline.models import load
+    from pipeline.models.numerics import Numerics
     from pipeline.sampling.completion import complete
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -287,14 +287,14 @@ def ours_process(spec: dict) -> dict:
     """``lldm-dpo score-ref`` through the CLI's own entry point, its phases timed by wrapping what it calls."""
     import pyarrow.parquet as pq
 
+    import pipeline.models as models
     import pipeline.models.llada as llada
-    import pipeline.models.numerics as numerics
     import pipeline.models.scoring as scoring
     import stages.score_ref as score_ref
     from stages import cli
 
     ph = Phases()
-    numerics.load = ph.wrap("load", numerics.load)
+    models.load = ph.wrap("load", models.load)
     if hasattr(score_ref, "load"):  # a checkout (--code) that imports it by name
         score_ref.load = ph.wrap("load", score_ref.load)
     score_ref.tokenize_pair = ph.wrap("tokenize", score_ref.tokenize_pair)

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         cfg = model.config
         mask_id = cfg.mask_token_id
         models = {"ours": model, "full": copy.deepcopy(model)}
-        # AdamW as the stage builds it (pipeline/training.make_optimizer: fused where torch has the kernel).
+        # AdamW as the stage builds it (pipeline/trainer/optim.make_optimizer: fused where torch has the kernel).
         opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in models.items()}
         vocab_n = cfg.padded_vocab_size
         examples = [(torch.randint(10, min(vocab_n, 500), (args.prompt_len,), generator=g).tolist(),

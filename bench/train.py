@@ -1,8 +1,8 @@
 """Training step: cached reference (the cache's terms) vs online reference (a live reference model).
 
 Both train the same policy on the same batch with the same masks: the masks are
-replayed from the seeds a score-ref pass recorded (``stages.train.replay_requests``),
-and one optimizer step is ``stages.train.micro_step`` (forward, loss, backward)
+replayed from the seeds a score-ref pass recorded (``pipeline.estimator.replay.replay_requests``),
+and one optimizer step is ``pipeline.trainer.dpo_step.micro_step`` (forward, loss, backward)
 plus clipping and AdamW, exactly as ``stages.train.run`` does it. Only
 ``TrainConfig.reference`` differs:
 
@@ -24,7 +24,7 @@ change a run's cost, so one measured run per configuration stands for each of th
 Interpreter start-up is excluded from both sides.
 
 Also the shared building blocks of bench/gpu.py (synthetic cache rows, reference
-fill, a trainer built through ``stages.train.setup_policy``).
+fill, a trainer built through ``pipeline.trainer.dpo_checks.setup_policy``).
 
 CPU:  python bench/train.py            (tiny body, LLaDA's 126,464 vocabulary, as bench/score.py)
 """
@@ -85,7 +85,7 @@ def cache_rows(pairs, samples: int, seed: int = 0, draws: int = 1) -> list[dict]
 def fill_reference(model, rows, fp, *, mask_token_id, pad_token_id, batch_tokens) -> None:
     """The reference's per-sample terms on the replayed masks (what score-ref caches), in place."""
     from pipeline.estimator.diffusion import elbo_terms
-    from stages.train import PairBatch, replay_requests
+    from pipeline.estimator.replay import PairBatch, replay_requests
 
     for row in rows:
         row["ref_chosen_terms"], row["ref_rejected_terms"] = [], []
@@ -116,7 +116,10 @@ def prebuilt_loader(model, tokenizer):
 
 def make_trainer(cfg, model, tokenizer, fp, ref_model=None):
     """(ctx, optimizer, params) as ``stages.train.run`` builds them for a single process."""
-    from stages.train import TrainContext, fresh_accelerator, make_optimizer, setup_policy
+    from pipeline.trainer.accelerator import fresh_accelerator
+    from pipeline.trainer.dpo_checks import setup_policy
+    from pipeline.trainer.dpo_step import TrainContext
+    from pipeline.trainer.optim import make_optimizer
 
     cpu = next(model.parameters()).device.type != "cuda"
     acc = fresh_accelerator(cfg.mixed_precision, cpu)
@@ -130,7 +133,7 @@ def make_trainer(cfg, model, tokenizer, fp, ref_model=None):
 
 def train_step(ctx, optimizer, params, batch) -> dict:
     """One optimizer step on one micro-batch, as ``stages.train.run`` does it (grad_accum 1)."""
-    from stages.train import micro_step
+    from pipeline.trainer.dpo_step import micro_step
 
     stats = micro_step(ctx, batch, 1.0, sync=True)
     clip = ctx.cfg.max_grad_norm if ctx.cfg.max_grad_norm > 0 else float("inf")
@@ -187,7 +190,8 @@ def score_worker(spec: dict) -> dict:
 def train_worker(spec: dict) -> dict:
     import score as score_bench
 
-    from stages.train import PairBatch, TrainConfig
+    from pipeline.estimator.replay import PairBatch
+    from stages.train import TrainConfig
 
     rows = json.loads(Path(spec["rows"]).read_text())
     fp = fingerprint(spec["samples"])

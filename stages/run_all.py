@@ -145,7 +145,8 @@ def run(cfg: RunConfig, log=print):
         from stages.run_rounds import run_rounds
 
         return run_rounds(cfg, log)
-    from stages import ingest, train
+    from pipeline.trainer.session import check_run_outputs
+    from stages import ingest
 
     start = time.perf_counter()
     ingest_cfg, score_cfg, train_cfg, eval_cfg = stage_configs(cfg)  # every section validated before work
@@ -156,7 +157,7 @@ def run(cfg: RunConfig, log=print):
         # `run` retrains from scratch (the reference cache is reused when unchanged): train removes
         # what earlier runs wrote in DIR/run, never a file of the user's, so it is checked before any work.
         train_cfg = replace(train_cfg, overwrite=True)
-        train.check_run_outputs(train_cfg.out)
+        check_run_outputs(train_cfg.out)
     ing = timed("ingest", ingest.run, ingest_cfg)
     sc, tr, ev, paths = score_train_eval(cfg, timed, score_cfg, train_cfg, eval_cfg)
     return run_result(cfg.out, time.perf_counter() - start, times, (ing, sc, tr, ev), paths)

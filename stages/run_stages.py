@@ -46,7 +46,7 @@ def load_stages(where: str, **sections: dict) -> tuple:
 def planned_epochs(score_cfg, train_cfg) -> int:
     """Epochs the train stage will start on the pairs score-ref is about to score (one process)."""
     from pipeline.data.pairsfile import read_pairs
-    from stages.train import epochs_needed
+    from pipeline.trainer.dpo_checks import epochs_needed
 
     table = read_pairs(score_cfg.pairs)
     if score_cfg.limit:

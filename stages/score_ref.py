@@ -328,8 +328,8 @@ def run(cfg: ScoreRefConfig) -> ScoreRefResult:
 
 
 def _run(cfg: ScoreRefConfig) -> ScoreRefResult:
-    from pipeline.models import model_identity, tokenizer_identity
-    from pipeline.models.numerics import Numerics, load
+    from pipeline.models import load, model_identity, tokenizer_identity
+    from pipeline.models.numerics import Numerics
 
     start = time.perf_counter()
     state = process_state(cfg.device)

@@ -1,8 +1,7 @@
 """``lldm-dpo train``: DPO against the reference-score cache, one model in memory.
 
 The recipe lives in the library (pipeline/trainer/): ``DPORecipe.setup`` (cache, policy, optimizer, start check
-or resume), ``train`` (the loop) and ``save`` (the final model); this stage is its command. The names below are
-re-exported for the benches and callers that import them from here.
+or resume), ``train`` (the loop) and ``save`` (the final model); this stage is its command.
 
 The recipe (torch, transformers, accelerate) is imported when the command runs, not when it is parsed: ``train
 --help`` and a refused flag need only ``TrainConfig``.
@@ -13,21 +12,6 @@ from __future__ import annotations
 from pipeline.cli.commands import stage_command, summarize
 from pipeline.evaluation.intervals import format_accuracy
 from pipeline.trainer.dpo_config import TrainConfig
-
-
-def __getattr__(name: str):
-    """The re-exports, imported on first use."""
-    if name in ("PairBatch", "replay_requests"):  # the batch type and its requests
-        from pipeline.estimator import replay as module
-    elif name in ("epochs_needed", "setup_policy"):
-        from pipeline.trainer import dpo_checks as module
-    elif name in ("TrainContext", "batch_loss", "micro_step", "policy_terms", "reference_means"):
-        from pipeline.trainer import dpo_step as module
-    elif name in ("check_run_outputs", "fresh_accelerator", "make_optimizer", "micro_batch_rows"):
-        from pipeline.trainer import training as module
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(module, name)
 
 
 def run(cfg: TrainConfig):

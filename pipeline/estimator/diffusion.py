@@ -6,7 +6,8 @@ ELBO of a masked diffusion model with a linear schedule is
     B(y) = sum_{l=1..L} (1/l) * mean_{|M|=l} S(M),
     S(M) = sum_{i in M} log p(y_i | p, y with the positions M replaced by [MASK]).
 
-Two unbiased Monte Carlo schemes are offered (shared/reference/estimator-math.md):
+Two unbiased Monte Carlo schemes are offered (docs/estimator.md, "The ELBO", "The l_over_L scheme" and
+"The one_over_t scheme"):
 
 ``l_over_L`` (default, LLaDA's): mask count l in 1..L, positions uniform
     without replacement, term = (L/l) * S(M). The n counts of one draw are
@@ -23,7 +24,7 @@ Two unbiased Monte Carlo schemes are offered (shared/reference/estimator-math.md
 Masks depend on (global seed, pair_id, side, draw) only: ``mask_seed`` hashes
 them and ``sample_masks`` draws from its own CPU ``torch.Generator``, never the
 global RNG, the device, the batch or the process rank. Training replays the same
-masks for the policy (antithetic sampling), so caches store seeds, not masks.
+masks for the policy (antithetic sampling: docs/estimator.md, "Shared masks"), so caches store seeds, not masks.
 """
 
 from __future__ import annotations

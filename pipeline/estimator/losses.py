@@ -6,7 +6,7 @@ With ``delta = (B_pi(c) - B_ref(c)) - (B_pi(r) - B_ref(r))`` most losses here
 depend on a pair only through ``delta`` (``OF_DELTA``); the others (apo_zero,
 apo_down, sppo_hard, nca_pair) through its two log-ratios apart. A loss is one
 function of ``(chosen, rejected, beta, label_smoothing)`` in ``PREFERENCE_LOSSES``,
-on sequence scores, as TRL's ``dpo_loss`` writes it. Its gradient with
+on sequence scores, as TRL's ``DPOTrainer.dpo_loss`` writes it. Its gradient with
 respect to the policy is ``w_c * d(chosen)/d(theta) + w_r * d(rejected)/d(theta)``, where
 ``(w_c, w_r)`` is autograd of that function at the detached log-ratios (no
 derivative is written by hand, so adding one of TRL's losses is one function).
@@ -14,8 +14,8 @@ Because each ELBO is a mean over n sampled terms, ``d(chosen)/dT_k(c) = 1/n``
 and ``d(rejected)/dT_k(r) = 1/n``: one no-grad pass gives the weights per
 pair, after which each sequence's terms can be backpropagated on their own
 with a fixed scalar weight and the accumulated gradient equals the one-pass
-gradient (shared/reference/estimator-math.md, "The gradient, sample by
-sample"). ``sequence_weights`` packages that bookkeeping for the trainer.
+gradient (docs/estimator.md, "The gradient, sample by sample").
+``sequence_weights`` packages that bookkeeping for the trainer.
 
 ``pair_statistics`` is the one place a pair's loss, rewards, margin, credit
 and log-probabilities are computed: train's batch loss, the held-out sums of
@@ -185,24 +185,6 @@ def preference_delta(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *
     c, r = log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss_type=loss_type,
                       chosen_len=chosen_len, rejected_len=rejected_len)
     return c - r
-
-
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, *, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             chosen_len: torch.Tensor | None = None, rejected_len: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair DPO losses on (estimated) ELBOs.
-
-    Arguments are [B] tensors: the policy's and the reference's ELBO estimates
-    of the chosen and rejected responses (and, for ``ipo``, the responses'
-    lengths in tokens: see ``log_ratios``). Returns ``(losses, chosen_rewards,
-    rejected_rewards)``, each [B]; rewards are ``beta * log-ratio``,
-    detached (they are for logging and accuracy, never for the gradient).
-    """
-    validate_loss_args(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    stats = pair_statistics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta, loss_type=loss_type,
-                            label_smoothing=label_smoothing, chosen_len=chosen_len, rejected_len=rejected_len)
-    return stats.losses, stats.chosen_rewards, stats.rejected_rewards
 
 
 TIE_RTOL = 1e-5

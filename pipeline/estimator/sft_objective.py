@@ -15,7 +15,7 @@ Choices, each for a reason:
 - Normalised by the response length L of each sequence (LLaDA's ``answer_lengths``), not by the
   number of masked tokens: dividing by |M| would weight a sequence's tokens by 1/|M| and no longer be
   the ELBO's estimator; dividing by L makes ``E[loss(y)] = -B_eps(y) / L``, the per-token negative
-  ELBO (see ``expected_loss``), so long and short responses weigh the same per token.
+  ELBO (docs/estimator.md, "The SFT objective"), so long and short responses weigh the same per token.
 - Padding is not part of the response: it is excluded from attention and never a target, and L counts
   the response's own tokens (its EOS included). LLaDA's released SFT pads with EOS and counts the pad
   as response; ``tokenize_completion``'s ``pad_to`` gives that behaviour explicitly when wanted.
@@ -30,7 +30,6 @@ Choices, each for a reason:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -146,24 +145,3 @@ def sft_loss(model, batch: SFTBatch, t: torch.Tensor, mask: torch.Tensor, mask_t
     sums = masked_logp_sums(model, batch, mask, mask_token_id, chunk_size)
     return sequence_losses(sums, t, batch.response_len)
 
-
-# --- the exact expectation (for tests and checks) --------------------------------
-
-
-def timestep_weight(size: int, length: int, eps: float = EPS) -> float:
-    """E over t ~ U(eps, 1] of (1/t) * t^l * (1-t)^(L-l), l = ``size``: the weight of one mask of size l
-    in the expected loss times L. Exact: the integrand is a polynomial (l >= 1), integrated term by term."""
-    if not 1 <= size <= length:
-        raise ValueError(f"timestep_weight: need 1 <= size <= L, got size={size}, L={length}")
-    # (1/t) t^l (1-t)^(L-l) = sum_j C(L-l, j) (-1)^j t^(l-1+j)
-    total = 0.0
-    for j in range(length - size + 1):
-        k = size + j  # exponent after integration
-        total += math.comb(length - size, j) * (-1) ** j * (1.0 - eps ** k) / k
-    return total / (1.0 - eps)
-
-
-def expected_loss(subset_sums: dict[tuple[int, ...], float], length: int, eps: float = EPS) -> float:
-    """E[loss(y)] from S(M) = sum of log p over M for every non-empty mask M (tuples of positions):
-    sum over M of P-weight(|M|) * (-S(M)) / L. With eps = 0 it is (1/L) sum_l (1/l) mean_{|M|=l} -S(M)."""
-    return sum(timestep_weight(len(m), length, eps) * -s for m, s in subset_sums.items()) / length

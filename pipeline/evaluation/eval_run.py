@@ -33,7 +33,7 @@ from pipeline.evaluation.metrics import (
     training_sample,
 )
 from pipeline.evaluation.tasks import TASK_RESULTS_SCHEMA, read_benchmark, task_accuracy, working_figures
-from pipeline.models.numerics import Numerics, autocast, follow, load, of_fingerprint
+from pipeline.models.numerics import Numerics, autocast, follow, of_fingerprint
 from pipeline.refcache.store import check_reference_model, open_cache
 from pipeline.sampling.args import SamplingArgs
 
@@ -170,6 +170,8 @@ def evaluate(cfg, inputs: EvalInputs) -> Figures:
     for label, name in (("before", inputs.before_name), ("after", cfg.model)):
         if name is None:
             continue
+        from pipeline.models import load  # transformers: when a model loads, not when eval parses its flags
+
         model, tokenizer = load(name, inputs.numerics, inputs.device, trust_remote_code=cfg.trust_remote_code)
         model.eval()
         cache = inputs.cache

@@ -66,7 +66,7 @@ def request_key(kind: str, *texts: str) -> str:
 
 @register_model(MODEL_NAME)
 class LLDMEvalModel(LM):
-    """lm-eval's LM over a masked diffusion model loaded by ``pipeline.models.load_model``.
+    """lm-eval's LM over a masked diffusion model loaded by ``pipeline.models.load``.
 
     Model arguments (``--model_args k=v,...``): ``pretrained`` (a model folder,
     a run's ``final`` or checkpoint folder, a LoRA adapter folder, or a preset),
@@ -95,11 +95,12 @@ class LLDMEvalModel(LM):
         if model is None:
             if not pretrained:
                 raise UserError(f"--model {MODEL_NAME}: give --model_args pretrained=MODEL_OR_RUN_FOLDER")
-            from pipeline.models import load_model
+            from pipeline.models import load
+            from pipeline.models.numerics import Numerics
 
             dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            model, tokenizer = load_model(str(pretrained), dtype=dtype, device=dev,
-                                          trust_remote_code=bool(trust_remote_code))
+            model, tokenizer = load(str(pretrained), Numerics(dtype=dtype), dev,
+                                    trust_remote_code=bool(trust_remote_code))
         if tokenizer is None or tokenizer.mask_token_id is None:
             raise UserError(f"--model {MODEL_NAME}: the tokenizer has no mask token")
         if int(mc_samples) < 1:

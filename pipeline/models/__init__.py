@@ -1,7 +1,9 @@
 """Diffusion language models: native LLaDA, a transformers adapter, presets, and scoring.
 
 Public entry points (the "Models" contract):
-- ``load_model(name_or_path, *, dtype, device, trust_remote_code) -> (model, tokenizer)``
+- ``load(name_or_path, numerics, device, *, trust_remote_code, seed) -> (model, tokenizer)``: the one loader
+  (preset, folder, LoRA adapter folder, hub id in the local cache; a 4-bit base prepared as train prepares it)
+- ``load_model(name_or_path, *, dtype, device, ...)``: its name resolution in one weights dtype (the model as stored)
 - ``score_tokens(model, input_ids, attention_mask, index, targets, chunk_size)``
 - ``MaskedRowScorer(model)``: body + masked-row head + float64 row sums as one module call (DDP/FSDP wrap it)
 - ``model_identity(model_dir_or_name)`` / ``tokenizer_identity(tokenizer)`` for cache fingerprints
@@ -24,7 +26,7 @@ from pipeline.models.lora_targets import LORA_TARGET_NAMES
 
 _EXPORTS = {
     "LLaDAConfig": "llada", "LLaDAModelLM": "llada",
-    "load_model": "loading", "model_identity": "loading", "tokenizer_identity": "loading",
+    "load": "loading", "load_model": "loading", "model_identity": "loading", "tokenizer_identity": "loading",
     "PRESETS": "presets", "build_preset": "presets", "preset_tokenizer": "presets",
     "MaskedRowScorer": "scoring", "score_tokens": "scoring",
     "build_tokenizer": "tokenizer",
@@ -63,6 +65,7 @@ __all__ = [
     "build_preset",
     "build_tokenizer",
     "lora_target_modules",
+    "load",
     "load_model",
     "model_identity",
     "preset_tokenizer",

@@ -1,4 +1,9 @@
-"""``load_model``: preset name, local folder, or a clear offline error; plus cache identities.
+"""The one model loader, ``load(name_or_path, numerics, device)``: preset, folder or adapter, in the run's numerics.
+
+``load`` is what every stage and recipe calls (score-ref, train, sft, eval, generate, make-pairs); what a caller
+adds on top (LoRA, init checks, eval mode for sampling) stays with the caller. ``load_model`` is its name
+resolution in one weights dtype, for callers that need the model as stored (merge, tests). Plus the cache
+identities of a model and a tokenizer.
 
 Name resolution:
 1. a preset name (``tiny``, ``micro``, ``llada-8b-shape``) -> built in memory;
@@ -33,9 +38,35 @@ from pipeline.core.errors import UserError
 from pipeline.core.paths import LORA_ADAPTER_CONFIG
 from pipeline.models.adapter import load_adapter_model, pretrained_kwargs
 from pipeline.models.llada import LLaDAModelLM
-from pipeline.models.presets import PRESET_VERSION, PRESETS, build_preset, preset_config, preset_tokenizer
+from pipeline.models.numerics import Numerics, prepare_4bit
+from pipeline.models.presets import PRESET_VERSION, PRESETS, build_preset, is_preset, preset_config, preset_tokenizer
 from pipeline.models.quant import quantize_linears, require_bitsandbytes, settle
 from pipeline.models.tokenizer import CHAT_TEMPLATE, END_HEADER, EOT, START_HEADER
+
+
+def load(name_or_path, numerics: Numerics | None = None, device="cpu", *, trust_remote_code: bool = False,
+         seed: int | None = None):
+    """``(model, tokenizer)`` of ``name_or_path`` (a preset, a model folder, a LoRA adapter folder or a hub id
+    in the local cache) on ``device`` in ``numerics`` (default: float32 weights).
+
+    A 4-bit base (``numerics.load_in_4bit``) is checked first (bitsandbytes, the device), loaded in bfloat16 and
+    prepared as train prepares it (peft's k-bit preparation, frozen), so score-ref, train and eval compute
+    alike. ``trust_remote_code`` runs a model's own code only when the user passed the flag. ``seed``: a
+    preset's initialisation seed (its recorded one when None); a folder ignores it. The model comes in eval
+    mode, frozen only when 4-bit; the mixed precision is the caller's autocast (``numerics.autocast``).
+    """
+    import pipeline.models as models  # looked up at call time: benches and tests substitute load_model
+
+    numerics = numerics or Numerics()
+    if numerics.load_in_4bit:  # the clear errors of a 4-bit base that cannot run here (bitsandbytes, device)
+        require_bitsandbytes(torch.device(device))
+        model, tokenizer = models.load_model(name_or_path, dtype="bfloat16", device=str(device),
+                                             trust_remote_code=trust_remote_code, load_in_4bit=True, seed=seed)
+        model = prepare_4bit(model)
+        model.requires_grad_(False)
+        return model, tokenizer
+    return models.load_model(name_or_path, dtype=numerics.dtype, device=str(device),
+                             trust_remote_code=trust_remote_code, seed=seed)
 
 
 def load_lora_folder(path: Path, *, dtype="float32", device="cpu", trust_remote_code: bool = False,
@@ -68,53 +99,35 @@ def load_model(
     mask_token_id: int | None = None,
     logits_shift: bool | None = None,
     load_in_4bit: bool = False,
+    seed: int | None = None,
 ):
-    """Return ``(model, tokenizer)`` in eval mode on ``device`` in ``dtype``.
+    """Return ``(model, tokenizer)`` in eval mode on ``device`` in ``dtype`` (``load``'s name resolution).
 
     ``mask_token_id`` / ``logits_shift`` override what an adapter model's
     config says (native LLaDA: mask id from config.json, never shifted).
     ``load_in_4bit`` (QLoRA; bitsandbytes on CUDA or the CPU) quantizes the block
     projections to NF4 (double quantization) at load time, computing in ``dtype``
     (a preset is built, then quantized in memory); the embedding and LM head stay
-    unquantized.
+    unquantized. ``seed``: a preset's initialisation seed (None: the preset's own).
     """
     torch_dtype = _torch_dtype(dtype)
     name = str(name_or_path)
-    if name in PRESETS and not Path(name).is_dir():
-        model = build_preset(name, device=device, dtype=torch_dtype)
+    if is_preset(name):
+        model = build_preset(name, device=device, dtype=torch_dtype, seed=seed)
         if load_in_4bit:
             require_bitsandbytes(device)
             quantize_linears(model, torch_dtype)
             settle(model.eval())
         return model, preset_tokenizer(name)
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        if path.exists():
-            raise UserError(f"model path {name} is a file; expected a folder with config.json")
-        looks_local = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
-        if looks_local:
-            raise UserError(f"model folder {name} does not exist")
-        path = hub_folder(name, trust_remote_code=trust_remote_code)
+    path = _model_folder(name, trust_remote_code)
     if (path / LORA_ADAPTER_CONFIG).is_file():
         return load_lora_folder(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                                 load_in_4bit=load_in_4bit)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        shadows = f"; it shadows the preset {name!r} (run from another folder)" if name in PRESETS else ""
-        raise UserError(f"{path}: no config.json (not a model folder){shadows}")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{config_file}: unreadable JSON ({exc})") from None
+    config = _read_config(path, name)
     _require_safetensors(path)
     tokenizer = _load_tokenizer(path, trust_remote_code)
     if config.get("model_type") == "llada":
-        # LLaDA's head is "ff_out" like every block's down projection: name it by its full path.
-        kwargs = pretrained_kwargs(torch_dtype, device, load_in_4bit, skip_modules=["model.transformer.ff_out"])
-        try:
-            model = LLaDAModelLM.from_pretrained(path, **kwargs).eval()
-        except ValueError as exc:
-            raise UserError(f"{path}: cannot load LLaDA checkpoint: {str(exc).splitlines()[0]}") from None
+        model = _load_llada(path, torch_dtype, device, load_in_4bit)
     else:
         if mask_token_id is None and config.get("mask_token_id") is None:
             mask_token_id = tokenizer.mask_token_id
@@ -129,6 +142,41 @@ def load_model(
     if load_in_4bit:
         settle(model)
     return model, tokenizer
+
+
+def _model_folder(name: str, trust_remote_code: bool) -> Path:
+    """The folder a model name that is not a preset means: a local folder, else a hub id's local snapshot."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"model path {name} is a file; expected a folder with config.json")
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
+    if looks_local:
+        raise UserError(f"model folder {name} does not exist")
+    return hub_folder(name, trust_remote_code=trust_remote_code)
+
+
+def _read_config(path: Path, name: str) -> dict:
+    """The folder's config.json, or a one-line error (naming the preset a folder of its name shadows)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        shadows = f"; it shadows the preset {name!r} (run from another folder)" if name in PRESETS else ""
+        raise UserError(f"{path}: no config.json (not a model folder){shadows}")
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{config_file}: unreadable JSON ({exc})") from None
+
+
+def _load_llada(path: Path, torch_dtype, device, load_in_4bit: bool) -> LLaDAModelLM:
+    """A native LLaDA checkpoint (no remote code, whatever ``auto_map`` says), in eval mode."""
+    # LLaDA's head is "ff_out" like every block's down projection: name it by its full path.
+    kwargs = pretrained_kwargs(torch_dtype, device, load_in_4bit, skip_modules=["model.transformer.ff_out"])
+    try:
+        return LLaDAModelLM.from_pretrained(path, **kwargs).eval()
+    except ValueError as exc:
+        raise UserError(f"{path}: cannot load LLaDA checkpoint: {str(exc).splitlines()[0]}") from None
 
 
 def hub_folder(name: str, *, trust_remote_code: bool = False) -> Path:
@@ -229,7 +277,7 @@ def model_identity(model_dir_or_name) -> dict:
         return _module_identity(model_dir_or_name)
     name = str(model_dir_or_name)
     path = Path(name).expanduser()
-    if name in PRESETS and not path.is_dir():
+    if is_preset(name):
         return {
             "kind": "preset",
             "name": name,

@@ -112,18 +112,3 @@ def prepare_4bit(model, gradient_checkpointing: bool = False):
 def _to_head_dtype(head, args):
     return (args[0].to(head.weight.dtype), *args[1:])
 
-
-def load(name: str, numerics: Numerics, device: torch.device | str, trust_remote_code: bool = False):
-    """``load_model`` in these numerics (the 4-bit checks first; a 4-bit base prepared as train prepares it,
-    so score-ref, train and eval compute alike)."""
-    from pipeline.models import load_model
-    from pipeline.models.quant import require_bitsandbytes
-
-    if numerics.load_in_4bit:  # the clear errors of a 4-bit base that cannot run here (bitsandbytes, device)
-        require_bitsandbytes(torch.device(device))
-        model, tokenizer = load_model(name, dtype="bfloat16", device=str(device),
-                                      trust_remote_code=trust_remote_code, load_in_4bit=True)
-        model = prepare_4bit(model)
-        model.requires_grad_(False)
-        return model, tokenizer
-    return load_model(name, dtype=numerics.dtype, device=str(device), trust_remote_code=trust_remote_code)

@@ -85,6 +85,12 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def is_preset(name) -> bool:
+    """Whether ``name`` means a preset: a preset's name, not shadowed by a folder of that name (a local folder
+    wins)."""
+    return str(name) in PRESETS and not Path(str(name)).expanduser().is_dir()
+
+
 def preset_tokenizer(name: str):
     """The tokenizer that goes with preset ``name``."""
     return build_tokenizer(layout=_get(name).tokenizer_layout)

@@ -53,7 +53,8 @@ from pipeline.plan.memory import nf4_bytes
 from pipeline.sampling.args import SamplingArgs
 from pipeline.sampling.sampler import generate
 from pipeline.trainer import dpo_step
-from pipeline.trainer.training import adapt_policy, make_optimizer
+from pipeline.trainer.optim import make_optimizer
+from pipeline.trainer.policy import adapt_policy
 
 # --- the tracker ---------------------------------------------------------------------
 
@@ -386,7 +387,7 @@ def trace_score_ref(cfg, shape: Shape, *, fake: bool = True, layers: int | None 
     model = build_model(cfg.model, "bfloat16" if load_in_4bit else cfg.dtype, fake=fake, layers=layers)
     if load_in_4bit:
         quantize_4bit(model, fake)
-        model = prepare_4bit(model)  # as pipeline.models.numerics.load prepares the 4-bit reference
+        model = prepare_4bit(model)  # as pipeline.models.load prepares the 4-bit reference
     model.eval().requires_grad_(False)
     if fake:
         materialize(model, new_fake_mode())

@@ -143,8 +143,10 @@ def sampler_settings(cfg) -> dict[str, Any]:
 
 def load_for_sampling(cfg):
     """(model in eval mode, tokenizer) of ``cfg.model`` on ``cfg.device`` with ``cfg``'s dtype and 4-bit setting."""
-    model, tokenizer = numerics.load(cfg.model, numerics.Numerics(dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit),
-                                     resolve_device(cfg.device), trust_remote_code=cfg.trust_remote_code)
+    from pipeline.models import load
+
+    model, tokenizer = load(cfg.model, numerics.Numerics(dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit),
+                            resolve_device(cfg.device), trust_remote_code=cfg.trust_remote_code)
     model.eval()
     return model, tokenizer
 

@@ -138,10 +138,7 @@ class TrainingArgs:
         check_device(self.device)
         self.resume, self.resume_from_checkpoint = resume_setting(self.resume, self.resume_from_checkpoint)
         check_hub_args(self.push_to_hub, self.hub_model_id)
-        from pipeline.trainer.training import (  # torch and accelerate: after the cheap checks
-            check_optim,
-            check_scheduler,
-        )
+        from pipeline.trainer.optim import check_optim, check_scheduler  # torch: after the cheap checks
 
         check_scheduler(self.scheduler, self.lr_scheduler_kwargs)
         check_optim(self.optim)

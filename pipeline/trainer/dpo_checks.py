@@ -18,21 +18,21 @@ from pipeline.core.errors import UserError
 from pipeline.estimator.replay import cache_part_paths, read_whole_part
 from pipeline.evaluation.intervals import accuracy_record, few_items_warning
 from pipeline.evaluation.preference import cache_layout_sums, heldout_metrics
-from pipeline.models import model_identity, tokenizer_identity
+from pipeline.models import load, model_identity, tokenizer_identity
 from pipeline.models.numerics import FIELDS as NUMERICS_FIELDS
-from pipeline.models.numerics import Numerics, autocast, follow, load, of_fingerprint
+from pipeline.models.numerics import Numerics, autocast, follow, of_fingerprint
 from pipeline.refcache.store import describe_difference, fingerprint_differences, fingerprint_digest
+from pipeline.trainer.batching import step_counts, step_rows
 from pipeline.trainer.dpo_config import TrainConfig
 from pipeline.trainer.dpo_step import TrainContext
 from pipeline.trainer.model_card import model_card
-from pipeline.trainer.session import step_counts
-from pipeline.trainer.training import _micro_batch_span, adapt_policy, epoch_order
+from pipeline.trainer.policy import adapt_policy, config_numerics
 
 
 def setup_policy(cfg: TrainConfig, model_name: str, device: torch.device, numerics: Optional[Numerics] = None):
-    """Load the policy in ``numerics`` (optionally 4-bit), apply LoRA or unfreeze all, enable checkpointing."""
-    numerics = numerics or Numerics(dtype=cfg.dtype or "float32", mixed_precision=cfg.mixed_precision or "no",
-                                    load_in_4bit=bool(cfg.load_in_4bit))
+    """The policy as ``pipeline.models.load`` gives it in ``numerics`` (optionally 4-bit), then adapted for
+    training: LoRA or all unfrozen, checkpointing."""
+    numerics = numerics or config_numerics(cfg)
     model, tokenizer = load(model_name, numerics, device, trust_remote_code=cfg.trust_remote_code)
     return adapt_policy(model, cfg, numerics), tokenizer
 
@@ -179,10 +179,7 @@ def accuracy_of(share: float, n: int) -> dict[str, Any]:
 
 def step_pair_ids(rows, cfg: TrainConfig, step: int, steps_per_epoch: int, world: int) -> list[str]:
     """The pair_ids a step trains on, over every micro-batch and process (no row is read)."""
-    order = epoch_order(len(rows), cfg.seed, step // steps_per_epoch)
-    spans = (_micro_batch_span(len(rows), cfg, step, micro, steps_per_epoch, world, rank)
-             for micro in range(cfg.grad_accum) for rank in range(world))
-    return [rows.pair_ids[order[i]] for start, stop in spans for i in range(start, stop)]
+    return [rows.pair_ids[i] for i in step_rows(len(rows), cfg, step, steps_per_epoch, world)]
 
 
 def part_loaders(cache, paths) -> list:

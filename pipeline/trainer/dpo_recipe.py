@@ -22,15 +22,16 @@ from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
 from pipeline.core.errors import UserError
 from pipeline.estimator.replay import PairBatch, cache_part_paths
-from pipeline.models import MaskedRowScorer
-from pipeline.models.numerics import accelerate_override_note, load
+from pipeline.models import MaskedRowScorer, load
+from pipeline.models.numerics import accelerate_override_note
 from pipeline.refcache.store import open_cache
 from pipeline.trainer import dpo_checks as checks
 from pipeline.trainer import session
+from pipeline.trainer.accelerator import peak_memory_bytes
+from pipeline.trainer.batching import micro_batch_rows, step_pair_count
 from pipeline.trainer.checkpoint import checkpoint_dir
 from pipeline.trainer.dpo_config import RESUME_FREE, TrainConfig, TrainResult
 from pipeline.trainer.dpo_step import TrainContext, micro_step, step_metrics
-from pipeline.trainer.training import micro_batch_rows, peak_memory_bytes, step_pair_count
 
 
 class DPORecipe(session.Recipe):

@@ -156,7 +156,8 @@ def _one_pass(ctx: TrainContext, batch, requests, refs, lengths, scale: float, s
 
 def _per_sequence(ctx: TrainContext, batch, requests, refs, lengths, scale: float, sync: bool):
     """One no-grad pass gives each pair's dL/d(log-ratio) per side; then every sequence's term is backpropagated on its own
-    with that weight (estimator-math.md), K sequences at a time, so activations follow K rather than 2n."""
+    with that weight (docs/estimator.md, "The gradient, sample by sample"), K sequences at a time, so activations
+    follow K rather than 2n."""
     cfg, acc = ctx.cfg, ctx.accelerator
     with torch.no_grad(), acc.autocast():
         terms, _ = lockstep_terms(ctx, ctx.scorer, requests)

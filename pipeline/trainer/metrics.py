@@ -1,4 +1,4 @@
-"""Per-step training metrics: console line, TensorBoard, and RUN_DIR/metrics.parquet.
+"""Per-step training metrics: console line, progress bar, TensorBoard, and RUN_DIR/metrics.parquet.
 
 One row per logged step with the columns of ``schemas.METRIC_COLUMNS`` (TRL's
 names). The Parquet file is rewritten whole and atomically at each flush, so a
@@ -192,3 +192,54 @@ def _open_tensorboard(log_dir: Path, resume_step: int | None):
     for name in sorted(set(os.listdir(log_dir)) - before):  # the event file this writer opened
         claim(log_dir / name)
     return writer
+
+
+class StepBar:
+    """A progress bar with ETA over the optimizer steps (tqdm's, as transformers' Trainer shows), on stderr when
+    it is a terminal and progress is on (main process only). ``stream`` is where metric lines go meanwhile:
+    through the bar, so it stays whole; without a bar it is None and lines go to stderr as before."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str):
+        from tqdm import tqdm  # here: report reads this module's metrics and draws no bar
+
+        from pipeline.core.progress import PlainProgress, stage_label
+
+        self.bar = self.plain = None
+        out = sys.stderr
+        if enabled and hasattr(out, "isatty") and out.isatty():
+            self.bar = tqdm(total=total, initial=initial, desc=stage_label(desc), unit="step", file=out,
+                            dynamic_ncols=True)
+        elif enabled and total > initial:  # a log file: plain periodic lines with the ETA (pipeline.core.progress)
+            self.plain = PlainProgress(desc, total - initial, "steps")
+        self.stream = _BarStream(self.bar) if self.bar is not None else None
+
+    def step(self, loss: float | None = None) -> None:
+        if self.plain is not None:
+            self.plain.advance(1)
+        if self.bar is not None:
+            if loss is not None and loss == loss:
+                self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.plain is not None:
+            self.plain.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _BarStream:
+    """A text stream whose whole lines are printed above the bar (tqdm.write)."""
+
+    def __init__(self, bar):
+        self.bar, self.buffer = bar, ""
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        while "\n" in self.buffer:
+            line, self.buffer = self.buffer.split("\n", 1)
+            self.bar.write(line, file=self.bar.fp)
+        return len(text)
+
+    def flush(self) -> None:
+        pass

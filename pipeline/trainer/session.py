@@ -9,23 +9,32 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.core.atomic import check_writable, sweep_stale, write_text_atomic
+from pipeline.core.atomic import check_writable, clear_owned, is_owned, remove_owned, sweep_stale, write_text_atomic
 from pipeline.core.config import config_to_dict, config_to_yaml, option_name
 from pipeline.core.devices import resolve_device
 from pipeline.core.errors import UserError
 from pipeline.core.lock import output_lock
-from pipeline.core.paths import CONFIG_FILE, FINAL_DIR, LEGACY_CHECKPOINTS_DIR, METRICS_FILE, run_outputs_in
+from pipeline.core.paths import (
+    CONFIG_FILE,
+    FINAL_DIR,
+    LEGACY_CHECKPOINTS_DIR,
+    METRICS_FILE,
+    RUN_OUTPUTS,
+    run_outputs_in,
+)
 from pipeline.models import MaskedRowScorer
+from pipeline.trainer.accelerator import fresh_accelerator, reset_peak_memory
+from pipeline.trainer.batching import step_counts
 from pipeline.trainer.checkpoint import load_checkpoint, save_checkpoint, save_model_dir
 from pipeline.trainer.hub import push_folder
-from pipeline.trainer.metrics import MetricsWriter
+from pipeline.trainer.metrics import MetricsWriter, StepBar
+from pipeline.trainer.optim import make_optimizer, make_scheduler
 from pipeline.trainer.resume import check_resume_source
 from pipeline.trainer.trackers import (
     TENSORBOARD,
@@ -34,21 +43,29 @@ from pipeline.trainer.trackers import (
     parse_report_to,
     resolve_trackers,
 )
-from pipeline.trainer.training import (
-    StepBar,
-    check_run_outputs,
-    fresh_accelerator,
-    make_optimizer,
-    make_scheduler,
-    remove_run_outputs,
-    reset_peak_memory,
-)
 
 
-def step_counts(n_rows: int, cfg, world: int) -> tuple[int, int]:
-    """(steps per epoch, total steps): an epoch is one pass over the rows at cfg's global batch."""
-    steps_per_epoch = max(1, math.ceil(n_rows / (cfg.batch_size * cfg.grad_accum * world)))
-    return steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch
+def check_run_outputs(out: Path) -> None:
+    """An earlier run's files that a training run would replace must be its own: a user's file is never removed."""
+    for name in RUN_OUTPUTS + (CONFIG_FILE,):
+        path = out / name
+        if path.exists() and not path.is_dir() and not is_owned(path):
+            raise UserError(f"{path}: was not written by lldm-dpo (not in {out}/.lldm-dpo-written); move it away "
+                            "or choose another --out")
+    final = out / FINAL_DIR
+    if final.is_dir() and not is_owned(final):
+        raise UserError(f"{final}: was not written by lldm-dpo; move it away or choose another --out")
+
+
+def remove_run_outputs(out: Path) -> None:
+    """--overwrite: remove what earlier runs wrote (recorded in the folder), never anything else."""
+    check_run_outputs(out)
+    for name in run_outputs_in(out):  # checkpoint-N folders included
+        path = out / name
+        if is_owned(path):
+            remove_owned(path)  # a folder of ours keeps the files the user added to it
+        elif path.is_dir():
+            clear_owned(path)  # a folder the user made: only our files in it go
 
 
 def pad_probe(scorer, pad_token_id: int, device) -> torch.Tensor:

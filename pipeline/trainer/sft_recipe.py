@@ -12,36 +12,33 @@ length, averaged over the step's sequences. Masks are seeded by (seed, example, 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-import pipeline.models as models
 from pipeline.core.config import config_to_dict
 from pipeline.core.errors import UserError
 from pipeline.data.prompts import resolve_chat_template
 from pipeline.data.sftdata import examples_digest, load_examples
 from pipeline.estimator.sft_objective import collate, draw_masks, sft_loss
-from pipeline.models import PRESETS, preset_tokenizer
-from pipeline.models.numerics import Numerics, load
+from pipeline.models import load
+from pipeline.models.presets import is_preset
 from pipeline.trainer import session
+from pipeline.trainer.accelerator import peak_memory_bytes
+from pipeline.trainer.batching import micro_batch_rows, step_pair_count
 from pipeline.trainer.model_card import model_card
+from pipeline.trainer.policy import adapt_policy, config_numerics
 from pipeline.trainer.sft_config import RESUME_FREE, SFTConfig, SFTResult
-from pipeline.trainer.training import adapt_policy, micro_batch_rows, peak_memory_bytes, step_pair_count
 
 
 def load_start(cfg: SFTConfig, device):
-    """(model, tokenizer): a preset name is a fresh model seeded by cfg.seed, anything else loads."""
-    if cfg.model in PRESETS and not Path(cfg.model).is_dir():
-        if cfg.lora_r > 0 or cfg.load_in_4bit:
-            raise UserError(f"--model {cfg.model}: a preset name is a randomly initialised model (training from "
-                            "scratch); LoRA adapts a trained one: pass a model folder (lldm-dpo init-model writes one)")
-        # looked up on the module at call time: this module is imported lazily (sft's start-up), so a name bound
-        # at import would freeze whatever pipeline.models held then (tests replace it to prove no model loads)
-        return models.build_preset(cfg.model, device=device, dtype=cfg.dtype, seed=cfg.seed), preset_tokenizer(cfg.model)
-    return load(cfg.model, Numerics(cfg.dtype, cfg.mixed_precision, cfg.load_in_4bit), device,
-                trust_remote_code=cfg.trust_remote_code)
+    """(model, tokenizer) as ``pipeline.models.load`` gives it: a preset name is a fresh model seeded by cfg.seed
+    (training from scratch, so no LoRA and no 4-bit base), anything else loads."""
+    if is_preset(cfg.model) and (cfg.lora_r > 0 or cfg.load_in_4bit):
+        raise UserError(f"--model {cfg.model}: a preset name is a randomly initialised model (training from "
+                        "scratch); LoRA adapts a trained one: pass a model folder (lldm-dpo init-model writes one)")
+    return load(cfg.model, config_numerics(cfg), device,
+                trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
 
 
 class SFTRecipe(session.Recipe):

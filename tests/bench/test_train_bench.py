@@ -13,8 +13,9 @@ sys.path.insert(0, str(BENCH))
 
 import train as train_bench  # noqa: E402
 
+from pipeline.estimator.replay import PairBatch  # noqa: E402
 from pipeline.models import build_preset, preset_tokenizer  # noqa: E402
-from stages.train import PairBatch, TrainConfig  # noqa: E402
+from stages.train import TrainConfig  # noqa: E402
 
 N = 2
 

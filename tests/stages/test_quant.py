@@ -96,8 +96,8 @@ def test_a_4bit_cache_with_full_fine_tuning_is_refused(cache4, tmp_path):
 
 
 def test_merge_dequantizes_the_4bit_base_before_folding_the_adapter(qlora_run, tmp_path):
-    from pipeline.models import load_model
-    from pipeline.models.numerics import Numerics, load
+    from pipeline.models import load, load_model
+    from pipeline.models.numerics import Numerics
     from stages.merge import MergeConfig
     from stages.merge import run as merge
 

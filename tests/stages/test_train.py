@@ -16,19 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.core.errors import ConfigError, UserError
+from pipeline.estimator.replay import PairBatch, replay_requests
 from pipeline.models import load_model
 from pipeline.refcache.store import open_cache
-from stages.train import (
-    PairBatch,
-    TrainConfig,
-    TrainContext,
-    batch_loss,
-    micro_step,
-    policy_terms,
-    reference_means,
-    replay_requests,
-    run,
-)
+from pipeline.trainer.dpo_step import TrainContext, batch_loss, micro_step, policy_terms, reference_means
+from stages.train import TrainConfig, run
 from tests.conftest import accelerate_launch
 
 FAST = dict(learning_rate=3e-3, warmup_ratio=0.0, scheduler="constant", beta=0.5, device="cpu", progress=False,
@@ -217,28 +209,6 @@ def test_two_processes_match_one_at_equal_global_batch(train_cache, tmp_path):
     for x, y in zip(ma, mb):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-4)
         assert y["rewards/accuracies"] == pytest.approx(x["rewards/accuracies"])
-
-
-@pytest.mark.parametrize("batch_size,grad_accum,world", [(4, 1, 1), (3, 2, 2)])
-def test_an_epoch_uses_every_pair_once_and_never_wraps_round(batch_size, grad_accum, world):
-    import math
-
-    from stages.train import micro_batch_rows
-
-    rows = [{"pair_id": f"p{i}"} for i in range(10)]
-    cfg = TrainConfig(batch_size=batch_size, grad_accum=grad_accum)
-    steps = math.ceil(len(rows) / (batch_size * grad_accum * world))
-    for epoch in range(2):
-        seen, sizes = [], []
-        for step in range(epoch * steps, (epoch + 1) * steps):
-            for micro in range(grad_accum):
-                for rank in range(world):
-                    e, batch = micro_batch_rows(rows, cfg, step, micro, steps, world, rank)
-                    assert e == epoch
-                    seen += [r["pair_id"] for r in batch]
-                    sizes.append(len(batch))
-        assert sorted(seen) == sorted(r["pair_id"] for r in rows)  # every pair exactly once in the epoch
-        assert sizes[-1] < batch_size  # the end of the epoch is short, not filled with pairs seen before
 
 
 def test_init_mismatch_is_refused_unless_allowed(small_cache, tmp_path):

@@ -166,7 +166,7 @@ def test_fsdp_with_lora_trains_adapters_only_and_saves_adapter_checkpoints(cache
 
 
 def test_deepspeed_config_is_refused_with_the_fsdp_alternative(monkeypatch):
-    from stages.train import fresh_accelerator
+    from pipeline.trainer.accelerator import fresh_accelerator
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(UserError, match="DeepSpeed is not supported.*fsdp.yaml"):

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from pipeline.core.errors import ConfigError
-from pipeline.estimator.losses import OF_DELTA, dpo_loss, log_ratios, preference_delta, sequence_weights, sft_loss
-from stages.train import TrainConfig, batch_loss
+from pipeline.estimator.losses import OF_DELTA, log_ratios, preference_delta, sequence_weights, sft_loss
+from pipeline.trainer.dpo_step import batch_loss
+from stages.train import TrainConfig
+from tests.pipeline.estimator.reference import dpo_loss
 
 
 def _terms(seed: int = 0, pairs: int = 3, n: int = 4):

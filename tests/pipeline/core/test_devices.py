@@ -49,7 +49,7 @@ def test_auto_is_accelerates_process_device_for_every_caller(monkeypatch):
     def fake_load(model, numerics, device, **kw):
         raise Loaded(device)
 
-    monkeypatch.setattr("pipeline.models.numerics.load", fake_load)
+    monkeypatch.setattr("pipeline.models.load", fake_load)
     cfg = types.SimpleNamespace(device="auto", model="micro", dtype="float32", load_in_4bit=False,
                                 trust_remote_code=False)
     with pytest.raises(Loaded) as got:

@@ -1,5 +1,5 @@
 """DPO-family losses: hand-worked values, closed-form gradients, and the
-sequence-by-sequence gradient identity of estimator-math.md."""
+sequence-by-sequence gradient identity (docs/estimator.md, "The gradient, sample by sample")."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from pipeline.core.errors import ConfigError
 from pipeline.estimator.losses import (
     LOSS_TYPES,
     OF_DELTA,
-    dpo_loss,
     loss_weight,
     preference_delta,
     ratio_weights,
@@ -23,6 +22,7 @@ from pipeline.estimator.losses import (
     sft_loss_weight,
     validate_loss_args,
 )
+from tests.pipeline.estimator.reference import dpo_loss
 
 D = torch.float64
 

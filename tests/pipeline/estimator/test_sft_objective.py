@@ -15,11 +15,10 @@ from pipeline.estimator.sft_objective import (
     collate,
     draw_mask,
     draw_masks,
-    expected_loss,
     masked_inputs,
     sft_loss,
-    timestep_weight,
 )
+from tests.pipeline.estimator.reference import expected_loss, timestep_weight
 
 MASK = 2
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from pipeline.core.schemas import EVAL_METRIC_COLUMNS
-from pipeline.estimator.losses import dpo_loss
 from pipeline.estimator.replay import PairBatch, replay_requests
 from pipeline.evaluation.preference import heldout_metrics, heldout_sums
 from pipeline.models import load_model
 from pipeline.refcache.store import open_cache
+from tests.pipeline.estimator.reference import dpo_loss
 
 
 def _eval_rows(cache_dir):
@@ -70,7 +70,8 @@ def test_metrics_equal_the_per_pair_definition_and_shards_add_up(small_cache):
 @pytest.mark.parametrize("loss, weights", [("ipo,sft", [0.5, 0.3]), ("sigmoid", None)])
 def test_heldout_loss_is_trains_loss_for_combined_and_per_token_losses(small_cache, loss, weights):
     """The eval/loss of --eval-every is the loss train optimises: IPO per token, sft added with its weights."""
-    from stages.train import TrainConfig, batch_loss
+    from pipeline.trainer.dpo_step import batch_loss
+    from stages.train import TrainConfig
 
     model, tok = load_model("micro")
     torch.manual_seed(2)

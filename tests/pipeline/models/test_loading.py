@@ -1,4 +1,4 @@
-"""load_model name resolution, refusals, tokenizer completion, and cache identities."""
+"""load (the one loader) and load_model (its name resolution): refusals, tokenizer completion, cache identities."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.core.errors import UserError
-from pipeline.models import build_preset, load_model, model_identity, preset_tokenizer, tokenizer_identity
+from pipeline.models import build_preset, load, load_model, model_identity, preset_tokenizer, tokenizer_identity
 from pipeline.models.init import init_model
+from pipeline.models.numerics import Numerics
+from pipeline.models.presets import is_preset
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,42 @@ def test_missing_and_non_folders(tmp_path):
         load_model(f)
     with pytest.raises(UserError, match="no config.json"):
         load_model(tmp_path)
+
+
+def test_load_gives_the_model_in_the_numerics_asked(micro_dir):
+    """load: a folder or a preset in the numerics' weights dtype, eval mode, its tokenizer; the same weights as
+    load_model in that dtype."""
+    for name in (micro_dir, "micro"):
+        model, tok = load(name, Numerics(dtype="bfloat16", mixed_precision="bf16"), "cpu")
+        assert not model.training and next(model.parameters()).dtype == torch.bfloat16
+        assert tok.mask_token_id == model.config.mask_token_id
+        same, _ = load_model(name, dtype="bfloat16")
+        for (key, a), b in zip(model.state_dict().items(), same.state_dict().values()):
+            assert torch.equal(a, b), key
+    default, _ = load("micro")
+    assert next(default.parameters()).dtype == torch.float32
+
+
+def test_load_seeds_a_preset_and_not_a_folder(micro_dir):
+    """seed: a preset's initialisation (sft from scratch), None its own; a folder's weights are what it holds."""
+    seeded, _ = load("micro", seed=4)
+    other, _ = load("micro", seed=5)
+    own, _ = load("micro")
+    key = "model.transformer.blocks.0.q_proj.weight"
+    assert torch.equal(seeded.state_dict()[key], build_preset("micro", seed=4).state_dict()[key])
+    assert not torch.equal(seeded.state_dict()[key], other.state_dict()[key])
+    assert torch.equal(own.state_dict()[key], build_preset("micro").state_dict()[key])
+    folder, _ = load(micro_dir, seed=4)
+    assert torch.equal(folder.state_dict()[key], own.state_dict()[key])  # init-model wrote the preset's own
+
+
+def test_a_folder_named_like_a_preset_is_not_the_preset(tmp_path, monkeypatch):
+    assert is_preset("micro") and not is_preset("nope")
+    (tmp_path / "micro").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert not is_preset("micro")
+    with pytest.raises(UserError, match="shadows the preset"):
+        load("micro")
 
 
 def test_preset_names_load_in_memory():

@@ -80,7 +80,8 @@ def test_eval_passes_stay_on_the_training_path(micro_dir):
 def test_loaded_bytes_equal_the_plans_weights():
     """The plan's NF4 term (packed codes + double-quantized absmax constants) against the bytes bitsandbytes
     holds, for the reference as score-ref loads it (a 4-bit base prepared as train prepares it)."""
-    from pipeline.models.numerics import Numerics, load
+    from pipeline.models import load
+    from pipeline.models.numerics import Numerics
     from pipeline.models.quant import weight_bytes
     from pipeline.plan import Shape, make_plan
     from pipeline.plan.memory import GIB

@@ -1,4 +1,4 @@
-"""The schedule and optimizer settings train and sft share (pipeline/trainer/training.py), in transformers' terms."""
+"""The schedule and optimizer settings train and sft share (pipeline/trainer/optim.py), in transformers' terms."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from pipeline.core.errors import ConfigError
-from pipeline.trainer.training import check_scheduler, make_scheduler, scheduler_names, warmup_steps_of
+from pipeline.trainer.optim import (
+    check_optim,
+    check_scheduler,
+    make_optimizer,
+    make_scheduler,
+    scheduler_names,
+    warmup_steps_of,
+)
 
 
 def _cfg(**kw):
@@ -85,7 +92,6 @@ def test_warmup_stable_decay_and_polynomial_run():
                                         ("sgd", torch.optim.SGD), ("adagrad", torch.optim.Adagrad),
                                         ("rmsprop", torch.optim.RMSprop), ("adafactor", None)])
 def test_each_optim_name_builds_its_optimizer_and_steps(name, kind):
-    from pipeline.trainer.training import make_optimizer
 
     w = torch.nn.Parameter(torch.ones(4, 3))
     opt = make_optimizer([w], SimpleNamespace(optim=name, learning_rate=0.1, weight_decay=0.0))
@@ -103,7 +109,6 @@ def test_each_optim_name_builds_its_optimizer_and_steps(name, kind):
 
 
 def test_sgd_takes_one_plain_gradient_step():
-    from pipeline.trainer.training import make_optimizer
 
     w = torch.nn.Parameter(torch.tensor([2.0]))
     opt = make_optimizer([w], SimpleNamespace(optim="sgd", learning_rate=0.25, weight_decay=0.0))
@@ -115,7 +120,6 @@ def test_sgd_takes_one_plain_gradient_step():
 def test_bitsandbytes_optims_need_bitsandbytes_and_other_names_are_refused():
     import importlib.util
 
-    from pipeline.trainer.training import check_optim
 
     if importlib.util.find_spec("bitsandbytes") is None:
         for name in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
@@ -127,16 +131,3 @@ def test_bitsandbytes_optims_need_bitsandbytes_and_other_names_are_refused():
         check_optim("lion_32bit")
     with pytest.raises(ConfigError, match="optim adamw_fast: unknown"):
         check_optim("adamw_fast")
-
-
-def test_an_accelerate_config_with_deepspeed_is_refused_in_one_line_naming_it(monkeypatch):
-    from pipeline.core.errors import UserError
-    from pipeline.trainer.training import fresh_accelerator
-
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch sets for distributed_type DEEPSPEED
-    for command in ("train", "sft"):
-        with pytest.raises(UserError) as err:
-            fresh_accelerator("no", cpu=True, command=command)
-        text = str(err.value)
-        assert text.startswith(f"{command}: the accelerate config's distributed_type DEEPSPEED is refused")
-        assert "untested" in text and "fsdp.yaml" in text and "\n" not in text
