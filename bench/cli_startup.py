@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calls", nargs="+", default=CALLS, help="Invocations to time, each one quoted string.")
     args = p.parse_args(argv)
 
-    def command(checkout: Path, call: str) -> list[str]:  # the CLI moved from pipeline/cli.py to stages/cli.py
+    def command(checkout: Path, call: str) -> list[str]:  # older checkouts: `python -m pipeline.cli`
         module = "stages.cli" if (checkout / "stages" / "cli.py").is_file() else "pipeline.cli"
         return [sys.executable, "-m", module, *call.split()]
 
