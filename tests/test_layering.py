@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSERS = {"stages.run_all", "stages.run_rounds", "stages.run_stages", "stages.plan", "stages.cli"}
 """Modules whose job is to compose other stages: ``lldm-dpo run`` runs them in order, ``plan`` runs their step
 code on fake tensors, the command line registers each stage's command."""
-STAGE_NAME = re.compile(r"stages(\.\w+)*(:\w+)?")
-"""A string that names a stage module (``stages.train``, ``stages.train:command``): an import by name."""
+STAGE_NAME = re.compile(r"stages(\.\w+)+(:\w+)?|stages:\w+")
+"""A string that names a stage module (``stages.train``, ``stages.train:command``): an import by name. The bare
+word ``stages`` (a record's key, the package) names no module a stage defines."""
 DYNAMIC_IMPORTS = {"import_module", "__import__", "find_spec", "import_string"}
 LAYERS = ("core", "data", "grading", "models", "estimator", "refcache", "sampling", "evaluation", "trainer", "plan",
           "report", "query", "cli")
@@ -233,6 +234,7 @@ def test_the_library_check_catches_imports_by_name(tmp_path):
         'def stage():\n    return load("stages.train")\n'
         'def optional():\n    return importlib.util.find_spec("tensorboard")\n'  # a fixed third-party name: fine
         'DOC = "as stages.train runs it"\n'  # prose about a stage is not an import
+        'RECORD = {"stages": {}}\n'  # a key named stages: fine
         'def own(sub):\n    return importlib.import_module(f"pipeline.models.{sub}")\n')  # the library's own: fine
     assert library_violations(tmp_path) == [
         "pipeline/index.py names 'stages.train:command' (line 2)",

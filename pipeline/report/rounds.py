@@ -69,10 +69,9 @@ def round_fingerprint(round_reference: str, configs, start_model: str, ref_model
     stages = {name: {k: v for k, v in config_to_dict(c).items() if k not in ("device", "progress")}
               for name, c in zip(STAGE_NAMES, configs)}
     stages["eval"].pop("scores", None)
-    # dict(stages=...): the record's key, written as a keyword (a string "stages" reads as a stage module's name)
-    return dict(stages=stages, questions_sha256=file_sha256(configs[0].questions),
-                start_model=content_digest(model_identity(start_model)),
-                reference_model=content_digest(model_identity(ref_model)), round_reference=round_reference)
+    return {"stages": stages, "questions_sha256": file_sha256(configs[0].questions),
+            "start_model": content_digest(model_identity(start_model)),
+            "reference_model": content_digest(model_identity(ref_model)), "round_reference": round_reference}
 
 
 def finished_round(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
