@@ -74,12 +74,13 @@ def build_cache(out: Path, n: int, manifest: dict, args) -> Path:
 
     from pipeline.core.schemas import SCORES_SCHEMA
     from pipeline.models import preset_tokenizer
-    from pipeline.refcache.store import part_name
+    from pipeline.refcache.manifest import CacheManifest
+    from pipeline.refcache.reader import part_name
 
     if (out / "manifest.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    tok = preset_tokenizer(manifest["config"]["model"])
+    tok = preset_tokenizer(CacheManifest(manifest).reference_model)
     specials = set(tok.all_special_ids) | {tok.mask_token_id, tok.pad_token_id}
     allowed = [i for i in range(len(tok)) if i not in specials]
     rng = random.Random(n)

@@ -83,6 +83,7 @@ def worker(spec: dict) -> dict:
     from pipeline.models.numerics import Numerics
     from pipeline.models.quant import weight_bytes
     from pipeline.plan.trace import plain_token, synthetic_rows
+    from pipeline.trainer.placement import Placement
     from stages.train import PairBatch, TrainContext, fresh_accelerator, make_optimizer, micro_step, setup_policy
 
     cfg = train_config(spec)
@@ -93,7 +94,7 @@ def worker(spec: dict) -> dict:
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = acc.prepare(make_optimizer(params, cfg))
     fp = {"samples": spec["samples"], "draws": 1, "scheme": "l_over_L", "eps": None}
-    ctx = TrainContext(cfg, policy, tok, acc, fp, None)
+    ctx = TrainContext(cfg, Placement(acc, policy), tok, fp, None)
     rows = synthetic_rows(1, spec["prompt"], spec["length"] - spec["prompt"], spec["samples"],
                           plain_token(policy.config))
     batch = PairBatch(rows, 0)

@@ -295,16 +295,25 @@ def ours_process(spec: dict) -> dict:
 
     ph = Phases()
     numerics.load = ph.wrap("load", numerics.load)
+    # The scoring loop lives in pipeline.refcache (scoring, writer); a checkout (--code) from before holds it in
+    # the stage: each name is wrapped where that checkout looks it up.
+    try:
+        from pipeline.refcache import scoring, writer
+    except ImportError:
+        scoring = writer = score_ref
     if hasattr(score_ref, "load"):  # a checkout (--code) that imports it by name
         score_ref.load = ph.wrap("load", score_ref.load)
-    score_ref.tokenize_pair = ph.wrap("tokenize", score_ref.tokenize_pair)
-    score_ref.masked_request = ph.wrap("masks", score_ref.masked_request)
-    score_ref.mask_seed = ph.wrap("masks", score_ref.mask_seed)
+    scoring.tokenize_pair = ph.wrap("tokenize", scoring.tokenize_pair)
+    scoring.masked_request = ph.wrap("masks", scoring.masked_request)
+    scoring.mask_seed = ph.wrap("masks", scoring.mask_seed)
     scoring.MaskedRowScorer.forward = ph.wrap("head", scoring.MaskedRowScorer.forward)
     llada.LLaDAModelLM.final_hidden = ph.body_in_head(llada.LLaDAModelLM.final_hidden)
     pq.write_table = ph.wrap("write", pq.write_table)
-    score_ref.write_json_atomic = ph.wrap("write", score_ref.write_json_atomic)
-    score_ref._totals = ph.wrap("write", score_ref._totals)
+    writer.write_json_atomic = ph.wrap("write", writer.write_json_atomic)
+    if hasattr(writer, "cache_totals"):
+        writer.cache_totals = ph.wrap("write", writer.cache_totals)
+    else:
+        writer._totals = ph.wrap("write", writer._totals)
     sys.argv = ["lldm-dpo", "score-ref", spec["pairs_file"], "--model", spec["model"], "--out", spec["out"],
                 "--samples", str(spec["samples"]), "--batch-tokens", str(spec["batch_tokens"]), "--no-progress",
                 "--json"]

@@ -48,7 +48,7 @@ from pipeline.core.schemas import SIDES  # noqa: E402
 from pipeline.estimator.diffusion import ScoreRequest, elbo_terms, mask_seed  # noqa: E402
 from pipeline.estimator.score_variance import per_sample_scores, score_variance  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from pipeline.refcache.store import open_cache  # noqa: E402
+from pipeline.refcache.reader import open_cache  # noqa: E402
 
 BUDGETS = (1, 2, 4, 8)
 SPLITS = ((2, 2), (1, 4), (4, 2), (2, 4), (1, 8))
@@ -199,7 +199,7 @@ def main(argv=None) -> None:
     fp = cache.fingerprint
     rows = list(cache.split_rows("train", skip_identical=True))[: args.pairs]
     policy_name = args.policy or str(round_dir / "run" / "final")
-    reference_name = cache.manifest["config"]["model"]
+    reference_name = cache.manifest.reference_model
     scheme, eps, n_max = fp["scheme"], fp.get("eps") or 1e-3, max(BUDGETS)
     t0 = time.perf_counter()
     terms = {}

@@ -36,7 +36,7 @@ from pipeline.core.lazy import deferred
 from pipeline.core.lock import output_lock
 from pipeline.core.paths import EVAL_FILE, TASK_RESULTS
 from pipeline.core.progress import progress_bar
-from pipeline.core.schemas import SIDES
+from pipeline.core.schemas import REF_MARGIN_COLUMN, SIDES
 from pipeline.data.choices import read_choices
 from pipeline.data.prompts import encode_continuation, follow_cache, resolve_chat_template
 from pipeline.data.readers import jsonl_objects
@@ -54,7 +54,9 @@ from pipeline.evaluation.intervals import (
 from pipeline.grading.answers import reference_answer
 from pipeline.grading.verifiers import ANSWER_FORMATS, check_verifier_name, get_verifier
 from pipeline.models.numerics import Numerics, autocast, follow, load, of_fingerprint
-from pipeline.refcache.store import check_reference_model, open_cache, read_part
+from pipeline.refcache.fingerprint import check_reference_model
+from pipeline.refcache.reader import open_cache, read_part
+from pipeline.refcache.rows import reference_elbo, row_split
 from pipeline.sampling.completion import complete, config_error
 from pipeline.sampling.sampler import check_fast_settings
 
@@ -233,25 +235,25 @@ def preference_scores(model, tokenizer, cache, split: str, beta: float, numerics
     against the cached reference; with ``limit``, whole parts until that many pairs of the split are in.
     Accuracy uses the one tie rule (pipeline.estimator.losses.reward_accuracy)."""
     fp = cache.fingerprint
-    batch_tokens = int(cache.manifest.get("config", {}).get("batch_tokens", 16384))
+    batch_tokens = cache.manifest.batch_tokens
     device = next(model.parameters()).device
-    sums = cache.manifest.get("part_sha256") or {}
+    sums = cache.manifest.part_sha256
     pi_c, pi_r, ref_c, ref_r = [], [], [], []
     for path in cache.parts:
         if limit and len(pi_c) >= limit:
             break
         rows = read_part(path, expected_sha256=sums.get(path.name)).to_pylist()
-        if not any((r.get("split") or "train") == split for r in rows):
+        if not any(row_split(r) == split for r in rows):
             continue
         scores = rescore_part(model, tokenizer, rows, fp, batch_tokens=batch_tokens,
                               autocast=autocast(device, numerics.mixed_precision))
         for row, sc in zip(rows, scores):
-            if (row.get("split") or "train") != split or (limit and len(pi_c) >= limit):
+            if row_split(row) != split or (limit and len(pi_c) >= limit):
                 continue
             pi_c.append(sc["chosen"])
             pi_r.append(sc["rejected"])
-            ref_c.append(row["ref_chosen_elbo"])
-            ref_r.append(row["ref_rejected_elbo"])
+            ref_c.append(reference_elbo(row, "chosen"))
+            ref_r.append(reference_elbo(row, "rejected"))
     return margin_summary(pi_c, pi_r, ref_c, ref_r, beta, with_elbo=True)
 
 
@@ -440,7 +442,7 @@ def _run(cfg: EvalConfig) -> EvalResult:
         check_replaceable(cfg.out / name, "--out")
     device = str(resolve_device(cfg.device))
     cache = open_cache(cfg.scores) if cfg.scores is not None else None
-    reference_name = cache.manifest["config"]["model"] if cache is not None else None
+    reference_name = cache.manifest.reference_model if cache is not None else None
     before_name = reference_name if cfg.before is None else None if cfg.before in ("none", "") else cfg.before
     # Read in slices of 8 pairs as they are scored: memory does not grow with the split.
     pair_rows = cache.split_rows(cfg.split) if cache is not None else []
@@ -492,7 +494,7 @@ def _run(cfg: EvalConfig) -> EvalResult:
             if held_out:
                 values = [sum(c) / len(c) for c in (
                     fresh_elbo_credits(model, tokenizer, held_out, cache.fingerprint, numerics,
-                                       int(cache.manifest.get("config", {}).get("batch_tokens", 16384)), j)
+                                       cache.manifest.batch_tokens, j)
                     for j in range(cfg.mc_seeds))]
                 spreads.setdefault("elbo_accuracy_fresh_masks", {})[label] = spread(
                     values, [cache.fingerprint["draws"] + j for j in range(cfg.mc_seeds)])
@@ -537,7 +539,7 @@ def _run(cfg: EvalConfig) -> EvalResult:
                 report.setdefault("lm_eval", {}).setdefault(name, {})[label] = value
         del model
     if len(pair_rows):
-        report["reference_margins"] = pair_rows.column("ref_margin")
+        report["reference_margins"] = pair_rows.column(REF_MARGIN_COLUMN)
     for key in ("cached_masks", "fresh_masks"):
         summary = report.get("train_sample", {}).get(key)
         if summary:
@@ -581,7 +583,7 @@ def eval_record(cfg: EvalConfig, numerics: Numerics, cache, device: str) -> dict
         "seeds": {"seed": cfg.seed, "mc_seeds": cfg.mc_seeds, "cache_mask_seed": fp.get("seed")},
         "multiple_choice": {"samples": cfg.samples, "normalize": cfg.normalize},
         "numerics": dataclasses.asdict(numerics),
-        "cache": None if cache is None else {"path": str(cfg.scores), "model": cache.manifest["config"]["model"],
+        "cache": None if cache is None else {"path": str(cfg.scores), "model": cache.manifest.reference_model,
                                              "samples": fp.get("samples"), "draws": fp.get("draws"),
                                              "scheme": fp.get("scheme")},
         "lm_eval": {"tasks": cfg.lm_eval_tasks, "limit": cfg.lm_eval_limit,
@@ -591,8 +593,8 @@ def eval_record(cfg: EvalConfig, numerics: Numerics, cache, device: str) -> dict
 
 
 def _sample_report(rows: list[dict], policy: dict, reference: dict | None, beta: float) -> dict[str, Any]:
-    ref_c = [r["ref_chosen_elbo"] for r in rows]
-    ref_r = [r["ref_rejected_elbo"] for r in rows]
+    ref_c = [reference_elbo(r, "chosen") for r in rows]
+    ref_r = [reference_elbo(r, "rejected") for r in rows]
     return {"pairs": len(rows),
             "cached_masks": margin_summary(policy["cached_c"], policy["cached_r"], ref_c, ref_r, beta),
             # fresh masks need the cache's model as `before` (the reference on the fresh masks)

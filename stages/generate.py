@@ -33,7 +33,8 @@ from pipeline.core.lock import output_lock
 from pipeline.core.progress import progress_bar
 from pipeline.data.prompts import follow_cache, resolve_chat_template
 from pipeline.data.readers import jsonl_objects
-from pipeline.refcache.store import fingerprint_digest, open_cache
+from pipeline.refcache.fingerprint import fingerprint_digest
+from pipeline.refcache.reader import open_cache
 from pipeline.sampling.completion import (
     SAMPLING_RANGES,
     append_jsonl,

@@ -28,7 +28,7 @@ def test_eval_scores_empty_means_skip(tmp_path):
 
 
 def test_a_mismatch_message_shows_both_full_hashes():
-    from pipeline.refcache.store import describe_difference
+    from pipeline.refcache.fingerprint import describe_difference
 
     a, b = "ab" * 32, "ab" * 31 + "cd"
     found = {"model": {"kind": "folder", "config_sha256": "c" * 64, "weights": {"model.safetensors": a}}}
