@@ -58,11 +58,12 @@ def write_model(folder: Path) -> Path:
 
 
 def train_config(spec: dict):
+    from pipeline.estimator.diffusion import BATCH_TOKENS
     from stages.train import TrainConfig
 
     return TrainConfig(model=spec["model"], lora_r=16, lora_alpha=32, dtype="bfloat16", mixed_precision="no",
                        load_in_4bit=spec["load_in_4bit"], gradient_checkpointing=spec["checkpointing"],
-                       sequence_microbatch=spec["seqmb"], batch_size=1, batch_tokens=16384, learning_rate=1e-4,
+                       sequence_microbatch=spec["seqmb"], batch_size=1, batch_tokens=BATCH_TOKENS, learning_rate=1e-4,
                        tensorboard=False, progress=False)
 
 

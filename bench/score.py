@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from pipeline.core.devices import DTYPE_NAMES, torch_dtype
 from pipeline.data.tokenize import tokenize_pair
-from pipeline.estimator.diffusion import ScoreRequest, elbo_terms, mask_seed, sample_masks
+from pipeline.estimator.diffusion import BATCH_TOKENS, ScoreRequest, elbo_terms, mask_seed, sample_masks
 from pipeline.models import LLaDAModelLM, build_preset, preset_tokenizer
 from pipeline.models.presets import preset_config
 
@@ -399,7 +399,7 @@ def end_to_end(args, argv) -> int:
         params = sum(p.numel() for p in model.parameters())
         del model
         spec = {"pairs_file": str(tmp / "pairs.arrow"), "model": str(tmp / "model"), "samples": args.samples,
-                "batch_tokens": args.batch_tokens or 16384, "seed": args.seed}
+                "batch_tokens": args.batch_tokens or BATCH_TOKENS, "seed": args.seed}
         load0 = os.getloadavg()[0]
         targets = {"ours": ("ours", REPO), "llada": ("llada", REPO)}
         if args.code is not None:
