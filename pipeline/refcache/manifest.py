@@ -50,6 +50,23 @@ class CacheManifest:
         return self.raw.get("fingerprint_digest")
 
     @property
+    def samples(self) -> int:
+        """Monte Carlo samples per response and draw (the fingerprint's)."""
+        return self.fingerprint["samples"]
+
+    @property
+    def draws(self) -> int:
+        """Independent mask draws per response (the fingerprint's): epoch e replays draw e mod draws."""
+        return self.fingerprint["draws"]
+
+    @property
+    def numerics(self):
+        """The numerics the reference was scored in (dtype, mixed precision, 4-bit): models.numerics.Numerics."""
+        from pipeline.models.numerics import of_fingerprint
+
+        return of_fingerprint(self.fingerprint)
+
+    @property
     def config(self) -> dict[str, Any]:
         """score-ref's settings as run (its config as a dict; empty in a manifest without one)."""
         return self.raw.get("config") or {}

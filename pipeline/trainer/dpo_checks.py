@@ -20,7 +20,7 @@ from pipeline.evaluation.intervals import accuracy_record, few_items_warning
 from pipeline.evaluation.preference import cache_layout_sums, heldout_metrics
 from pipeline.models import model_identity, tokenizer_identity
 from pipeline.models.numerics import FIELDS as NUMERICS_FIELDS
-from pipeline.models.numerics import Numerics, autocast, follow, load, of_fingerprint
+from pipeline.models.numerics import Numerics, autocast, follow, load
 from pipeline.refcache.fingerprint import describe_difference, fingerprint_differences, fingerprint_digest
 from pipeline.refcache.reader import cache_part_paths, read_whole_part
 from pipeline.refcache.rows import responses_differ, row_split
@@ -93,7 +93,7 @@ def check_cache_inputs(cfg: TrainConfig, cache):
 
 def resolve_numerics(cfg: TrainConfig, cache) -> tuple[TrainConfig, Numerics, Numerics]:
     """(cfg with its numerics resolved, the policy's numerics, the cache's): unset ones follow the cache."""
-    cached = of_fingerprint(cache.fingerprint)
+    cached = cache.manifest.numerics
     numerics = follow(cached, dtype=cfg.dtype, mixed_precision=cfg.mixed_precision, load_in_4bit=cfg.load_in_4bit,
                       allow_mismatch=cfg.allow_numerics_mismatch, where=str(cfg.scores),
                       names={name: option_name(cfg, name) for name in NUMERICS_FIELDS})

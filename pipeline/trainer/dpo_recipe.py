@@ -71,7 +71,7 @@ class DPORecipe(session.Recipe):
             print(note, file=sys.stderr, flush=True)
         self.count_steps(len(self.rows))
         self.reused_draws = checks.check_draws(cfg, checks.epochs_needed(len(self.rows), cfg, self.world),
-                                               fp["draws"])
+                                               self.cache.manifest.draws)
         # data parallel keeps a whole model per process; FSDP's shape differs
         if cfg.plan and not self.fsdp and self.check_memory is not None:
             checks.plan_start(cfg, self.model_name, self.rows, fp, acc.device, self.check_memory)
@@ -131,7 +131,7 @@ class DPORecipe(session.Recipe):
         for i in range(cfg.grad_accum):
             epoch, rows = micro_batch_rows(self.rows, cfg, step, i, self.steps_per_epoch, self.world,
                                            self.acc.process_index)
-            batch = PairBatch(rows, draw=epoch % self.fp["draws"])  # the cached masks of this epoch's draw
+            batch = PairBatch(rows, draw=epoch % self.cache.manifest.draws)  # the cached masks of this epoch's draw
             micro.append(micro_step(ctx, batch, len(rows) * self.world / step_pairs, sync=i == cfg.grad_accum - 1))
         lr, grad_norm = self.optimizer_step()
         means = step_metrics(self.acc, micro)
@@ -144,7 +144,7 @@ class DPORecipe(session.Recipe):
             row["ref/gap_max"] = self.gap
             row.update(self.start_stats)  # step 1's statistics of the policy before its update, in the cache's layout
         if self.reused_draws:
-            row["masks/reused"] = float(step // self.steps_per_epoch >= self.fp["draws"])
+            row["masks/reused"] = float(step // self.steps_per_epoch >= self.cache.manifest.draws)
         evaluated = bool(cfg.eval_every) and (step + 1) % cfg.eval_every == 0
         new_best = self._evaluate(step, row) if evaluated else False
         self.last = row

@@ -22,7 +22,8 @@ def test_the_schema_keeps_its_columns_in_order():
 
 def test_the_manifest_has_the_keys_score_ref_always_wrote():
     totals = {"pairs": 3, "tokens": 90, "truncated": 1, "identical_after_truncation": 0}
-    m = build_manifest(fingerprint={"samples": 2}, digest="d" * 16, totals=totals,
+    fingerprint = {"samples": 2, "draws": 3, "dtype": "bfloat16", "mixed_precision": "no", "load_in_4bit": False}
+    m = build_manifest(fingerprint=fingerprint, digest="d" * 16, totals=totals,
                        part_sha256={"part-00000.parquet": "a", "part-00001.parquet": "b"}, padding_fraction=0.25,
                        config={"model": "micro", "batch_tokens": 512}, processes=2)
     assert sorted(m) == sorted(["fingerprint", "fingerprint_digest", "pairs", "tokens", "parts", "part_sha256",
@@ -34,6 +35,7 @@ def test_the_manifest_has_the_keys_score_ref_always_wrote():
                                                                                               "d" * 16, 3, 90)
     assert (read.truncated, read.identical_after_truncation, read.padding_fraction) == (1, 0, 0.25)
     assert read.part_sha256 == {"part-00000.parquet": "a", "part-00001.parquet": "b"}
+    assert (read.samples, read.draws, read.numerics.dtype, read.numerics.load_in_4bit) == (2, 3, "bfloat16", False)
 
 
 def test_an_older_manifest_reads_with_the_defaults():
