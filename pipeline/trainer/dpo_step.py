@@ -20,7 +20,7 @@ from pipeline.estimator.diffusion import BATCH_TOKENS, ScoreRequest, elbo_terms,
 from pipeline.estimator.losses import METRICS, PER_TOKEN, PairStatistics, log_ratios, pair_statistics, sequence_weights
 from pipeline.estimator.replay import PairBatch, replay_requests
 from pipeline.estimator.score_variance import per_sample_scores, score_variance
-from pipeline.refcache.rows import length, reference_mean, reference_terms
+from pipeline.refcache.rows import length, reference_terms
 from pipeline.trainer.dpo_config import TrainConfig
 from pipeline.trainer.placement import Placement
 from pipeline.trainer.session import check_finite, pad_probe
@@ -70,7 +70,7 @@ def batch_reference(batch: PairBatch, device, online: list[torch.Tensor] | None 
         means = torch.stack([t.mean() for t in online]).detach()
         return online, means[0::2], means[1::2]
     cached = [reference_terms(row, side, batch.draw) for row in batch.rows for side in SIDES]
-    means = [reference_mean(row, side, batch.draw) for row in batch.rows for side in SIDES]
+    means = [sum(terms) / len(terms) for terms in cached]  # rows.reference_mean, on the lists just read
     return ([torch.tensor(t, dtype=torch.float64, device=device) for t in cached],
             torch.tensor(means[0::2], dtype=torch.float64, device=device),
             torch.tensor(means[1::2], dtype=torch.float64, device=device))
