@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from pipeline.core.devices import DTYPE_NAMES, torch_dtype
 from pipeline.data.tokenize import tokenize_pair
-from pipeline.estimator.diffusion import BATCH_TOKENS, ScoreRequest, elbo_terms, mask_seed, sample_masks
+from pipeline.estimator.diffusion import ScoreRequest, elbo_terms, mask_seed, sample_masks
 from pipeline.models import LLaDAModelLM, build_preset, preset_tokenizer
 from pipeline.models.presets import preset_config
 
@@ -298,14 +298,15 @@ def ours_process(spec: dict) -> dict:
     # The scoring loop lives in pipeline.refcache (scoring, writer); a checkout (--code) from before holds it in
     # the stage: each name is wrapped where that checkout looks it up.
     try:
-        from pipeline.refcache import scoring, writer
+        from pipeline.refcache import scoring as ref_scoring
+        from pipeline.refcache import writer
     except ImportError:
-        scoring = writer = score_ref
+        ref_scoring = writer = score_ref
     if hasattr(score_ref, "load"):  # a checkout (--code) that imports it by name
         score_ref.load = ph.wrap("load", score_ref.load)
-    scoring.tokenize_pair = ph.wrap("tokenize", scoring.tokenize_pair)
-    scoring.masked_request = ph.wrap("masks", scoring.masked_request)
-    scoring.mask_seed = ph.wrap("masks", scoring.mask_seed)
+    ref_scoring.tokenize_pair = ph.wrap("tokenize", ref_scoring.tokenize_pair)
+    ref_scoring.masked_request = ph.wrap("masks", ref_scoring.masked_request)
+    ref_scoring.mask_seed = ph.wrap("masks", ref_scoring.mask_seed)
     scoring.MaskedRowScorer.forward = ph.wrap("head", scoring.MaskedRowScorer.forward)
     llada.LLaDAModelLM.final_hidden = ph.body_in_head(llada.LLaDAModelLM.final_hidden)
     pq.write_table = ph.wrap("write", pq.write_table)
@@ -380,6 +381,7 @@ def run_process(kind: str, spec: dict, code: Path = REPO) -> dict:
 def end_to_end(args, argv) -> int:
     import shutil
 
+    from pipeline.estimator.diffusion import BATCH_TOKENS  # this checkout's (the workers may run an older one)
     from stages.ingest import IngestConfig
     from stages.ingest import run as ingest
 
