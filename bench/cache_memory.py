@@ -72,14 +72,27 @@ def build_cache(out: Path, n: int, manifest: dict, args) -> Path:
     import pyarrow.parquet as pq
     import train as train_bench
 
-    from pipeline.core.schemas import SCORES_SCHEMA
+    from pipeline.core.schemas import (
+        DEFAULT_SPLIT,
+        LEN_COLUMNS,
+        MASK_COUNT_COLUMNS,
+        REF_ELBO_COLUMNS,
+        REF_MARGIN_COLUMN,
+        REF_TERM_COLUMNS,
+        SCORES_SCHEMA,
+        SIDES,
+        SPLIT_COLUMN,
+        TIMESTEP_COLUMNS,
+        TRUNCATED_COLUMN,
+    )
     from pipeline.models import preset_tokenizer
-    from pipeline.refcache.store import part_name
+    from pipeline.refcache.manifest import CacheManifest
+    from pipeline.refcache.reader import part_name
 
     if (out / "manifest.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    tok = preset_tokenizer(manifest["config"]["model"])
+    tok = preset_tokenizer(CacheManifest(manifest).reference_model)
     specials = set(tok.all_special_ids) | {tok.mask_token_id, tok.pad_token_id}
     allowed = [i for i in range(len(tok)) if i not in specials]
     rng = random.Random(n)
@@ -90,14 +103,15 @@ def build_cache(out: Path, n: int, manifest: dict, args) -> Path:
                   rng.choices(allowed, k=args.response)) for i in range(start, min(n, start + 64))]
         rows = train_bench.cache_rows(pairs, fp["samples"], seed=fp["seed"], draws=fp["draws"])
         for row in rows:
-            row.update(split="train", truncated=False,
-                       chosen_timesteps=[[c / row["chosen_len"] for c in d] for d in row["chosen_mask_counts"]],
-                       rejected_timesteps=[[c / row["rejected_len"] for c in d] for d in row["rejected_mask_counts"]],
-                       ref_chosen_terms=[[-rng.uniform(500, 900) for _ in d] for d in row["chosen_mask_counts"]],
-                       ref_rejected_terms=[[-rng.uniform(500, 900) for _ in d] for d in row["rejected_mask_counts"]])
-            row["ref_chosen_elbo"] = statistics.fmean(row["ref_chosen_terms"][0])
-            row["ref_rejected_elbo"] = statistics.fmean(row["ref_rejected_terms"][0])
-            row["ref_margin"] = row["ref_chosen_elbo"] - row["ref_rejected_elbo"]
+            row.update({SPLIT_COLUMN: DEFAULT_SPLIT, TRUNCATED_COLUMN: False})
+            for side in SIDES:
+                counts = row[MASK_COUNT_COLUMNS[side]]
+                row[TIMESTEP_COLUMNS[side]] = [[c / row[LEN_COLUMNS[side]] for c in d] for d in counts]
+            for side in SIDES:  # the chosen side's terms drawn first, as before
+                row[REF_TERM_COLUMNS[side]] = [[-rng.uniform(500, 900) for _ in d] for d in row[MASK_COUNT_COLUMNS[side]]]
+            for side in SIDES:
+                row[REF_ELBO_COLUMNS[side]] = statistics.fmean(row[REF_TERM_COLUMNS[side]][0])
+            row[REF_MARGIN_COLUMN] = row[REF_ELBO_COLUMNS["chosen"]] - row[REF_ELBO_COLUMNS["rejected"]]
         names.append(part_name(len(names)))
         pq.write_table(pa.Table.from_pylist(rows, schema=SCORES_SCHEMA), out / names[-1])
     from pipeline.core.atomic import file_sha256

@@ -427,6 +427,7 @@ def _measure(results, name, state, ctx, optimizer, params, batch, configs, budge
 
 def _train_batch(state: dict):
     """One pair of train_prompt + train_response tokens with its cached reference terms (bare model)."""
+    from pipeline.estimator.diffusion import BATCH_TOKENS
     from pipeline.estimator.replay import PairBatch
 
     s, model, tok = state["settings"], state["model"], state["tokenizer"]
@@ -436,19 +437,20 @@ def _train_batch(state: dict):
         fp = train_bench.fingerprint(s["samples"])
         rows = train_bench.cache_rows(pair, s["samples"], seed=state["seed"])
         train_bench.fill_reference(model, rows, fp, mask_token_id=model.config.mask_token_id,
-                                   pad_token_id=tok.pad_token_id, batch_tokens=16384)
+                                   pad_token_id=tok.pad_token_id, batch_tokens=BATCH_TOKENS)
         state["train_batch"] = (PairBatch(rows, 0), fp)
     return state["train_batch"]
 
 
 def _train_config(state: dict, **kw):
+    from pipeline.estimator.diffusion import BATCH_TOKENS
     from stages.train import TrainConfig
 
     s = state["settings"]
     bf16 = s["dtype"] == "bfloat16"
     return TrainConfig(lora_r=s["lora_r"], lora_alpha=s["lora_alpha"], dtype=s["dtype"],
                        mixed_precision="bf16" if bf16 else "no", gradient_checkpointing=True, batch_size=1,
-                       learning_rate=1e-5, batch_tokens=16384, tensorboard=False, progress=False, **kw)
+                       learning_rate=1e-5, batch_tokens=BATCH_TOKENS, tensorboard=False, progress=False, **kw)
 
 
 def section_train(results: Results, state: dict) -> None:

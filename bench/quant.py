@@ -58,11 +58,12 @@ def write_model(folder: Path) -> Path:
 
 
 def train_config(spec: dict):
+    from pipeline.estimator.diffusion import BATCH_TOKENS
     from stages.train import TrainConfig
 
     return TrainConfig(model=spec["model"], lora_r=16, lora_alpha=32, dtype="bfloat16", mixed_precision="no",
                        load_in_4bit=spec["load_in_4bit"], gradient_checkpointing=spec["checkpointing"],
-                       sequence_microbatch=spec["seqmb"], batch_size=1, batch_tokens=16384, learning_rate=1e-4,
+                       sequence_microbatch=spec["seqmb"], batch_size=1, batch_tokens=BATCH_TOKENS, learning_rate=1e-4,
                        tensorboard=False, progress=False)
 
 
@@ -88,6 +89,7 @@ def worker(spec: dict) -> dict:
     from pipeline.trainer.dpo_checks import setup_policy
     from pipeline.trainer.dpo_step import TrainContext, micro_step
     from pipeline.trainer.optim import make_optimizer
+    from pipeline.trainer.placement import Placement
 
     cfg = train_config(spec)
     base = _rss()
@@ -97,7 +99,7 @@ def worker(spec: dict) -> dict:
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = acc.prepare(make_optimizer(params, cfg))
     fp = {"samples": spec["samples"], "draws": 1, "scheme": "l_over_L", "eps": None}
-    ctx = TrainContext(cfg, policy, tok, acc, fp, None)
+    ctx = TrainContext(cfg, Placement(acc, policy), tok, fp, None)
     rows = synthetic_rows(1, spec["prompt"], spec["length"] - spec["prompt"], spec["samples"],
                           plain_token(policy.config))
     batch = PairBatch(rows, 0)

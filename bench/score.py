@@ -295,16 +295,26 @@ def ours_process(spec: dict) -> dict:
 
     ph = Phases()
     models.load = ph.wrap("load", models.load)
+    # The scoring loop lives in pipeline.refcache (scoring, writer); a checkout (--code) from before holds it in
+    # the stage: each name is wrapped where that checkout looks it up.
+    try:
+        from pipeline.refcache import scoring as ref_scoring
+        from pipeline.refcache import writer
+    except ImportError:
+        ref_scoring = writer = score_ref
     if hasattr(score_ref, "load"):  # a checkout (--code) that imports it by name
         score_ref.load = ph.wrap("load", score_ref.load)
-    score_ref.tokenize_pair = ph.wrap("tokenize", score_ref.tokenize_pair)
-    score_ref.masked_request = ph.wrap("masks", score_ref.masked_request)
-    score_ref.mask_seed = ph.wrap("masks", score_ref.mask_seed)
+    ref_scoring.tokenize_pair = ph.wrap("tokenize", ref_scoring.tokenize_pair)
+    ref_scoring.masked_request = ph.wrap("masks", ref_scoring.masked_request)
+    ref_scoring.mask_seed = ph.wrap("masks", ref_scoring.mask_seed)
     scoring.MaskedRowScorer.forward = ph.wrap("head", scoring.MaskedRowScorer.forward)
     llada.LLaDAModelLM.final_hidden = ph.body_in_head(llada.LLaDAModelLM.final_hidden)
     pq.write_table = ph.wrap("write", pq.write_table)
-    score_ref.write_json_atomic = ph.wrap("write", score_ref.write_json_atomic)
-    score_ref._totals = ph.wrap("write", score_ref._totals)
+    writer.write_json_atomic = ph.wrap("write", writer.write_json_atomic)
+    if hasattr(writer, "cache_totals"):
+        writer.cache_totals = ph.wrap("write", writer.cache_totals)
+    else:
+        writer._totals = ph.wrap("write", writer._totals)
     sys.argv = ["lldm-dpo", "score-ref", spec["pairs_file"], "--model", spec["model"], "--out", spec["out"],
                 "--samples", str(spec["samples"]), "--batch-tokens", str(spec["batch_tokens"]), "--no-progress",
                 "--json"]
@@ -371,6 +381,7 @@ def run_process(kind: str, spec: dict, code: Path = REPO) -> dict:
 def end_to_end(args, argv) -> int:
     import shutil
 
+    from pipeline.estimator.diffusion import BATCH_TOKENS  # this checkout's (the workers may run an older one)
     from stages.ingest import IngestConfig
     from stages.ingest import run as ingest
 
@@ -390,7 +401,7 @@ def end_to_end(args, argv) -> int:
         params = sum(p.numel() for p in model.parameters())
         del model
         spec = {"pairs_file": str(tmp / "pairs.arrow"), "model": str(tmp / "model"), "samples": args.samples,
-                "batch_tokens": args.batch_tokens or 16384, "seed": args.seed}
+                "batch_tokens": args.batch_tokens or BATCH_TOKENS, "seed": args.seed}
         load0 = os.getloadavg()[0]
         targets = {"ours": ("ours", REPO), "llada": ("llada", REPO)}
         if args.code is not None:

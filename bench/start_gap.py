@@ -107,11 +107,12 @@ def sharpen(tmp: Path, pairs: Path, steps: int, samples: int) -> Path:
 
 def step1_deltas(model_dir: Path, cache: Path, dtype: str, mixed_precision: str, batch_size: int) -> list[float]:
     """|delta| of every pair at step 1: the policy (the cache's model) on the cached masks, train's batches."""
-    from pipeline.estimator.diffusion import elbo_terms
+    from pipeline.estimator.diffusion import BATCH_TOKENS, elbo_terms
     from pipeline.estimator.replay import PairBatch, replay_requests
     from pipeline.models import load_model
     from pipeline.models.numerics import autocast
-    from pipeline.refcache.store import open_cache
+    from pipeline.refcache.reader import open_cache
+    from pipeline.refcache.rows import reference_mean
 
     opened = open_cache(cache)
     rows = list(opened.rows(split="train"))
@@ -122,22 +123,23 @@ def step1_deltas(model_dir: Path, cache: Path, dtype: str, mixed_precision: str,
         requests = replay_requests(PairBatch(chunk, 0), opened.fingerprint)
         with torch.no_grad(), autocast("cpu", mixed_precision):
             terms = elbo_terms(model, requests, mask_token_id=tok.mask_token_id, pad_token_id=tok.pad_token_id,
-                               batch_tokens=16384)
+                               batch_tokens=BATCH_TOKENS)
         means = [t.double().mean().item() for t in terms]
         for i, row in enumerate(chunk):
-            pc = sum(row["ref_chosen_terms"][0]) / len(row["ref_chosen_terms"][0])
-            pr = sum(row["ref_rejected_terms"][0]) / len(row["ref_rejected_terms"][0])
+            pc, pr = reference_mean(row, "chosen", 0), reference_mean(row, "rejected", 0)
             out.append(abs((means[2 * i] - pc) - (means[2 * i + 1] - pr)))
     return out
 
 
 def eval_before(model_dir: Path, cache: Path, old: bool) -> float:
     """Preference accuracy of the cache's own model: old = float32 in eval's own 8-pair batches."""
+    from pipeline.estimator.diffusion import BATCH_TOKENS
     from pipeline.estimator.losses import reward_accuracy
     from pipeline.estimator.replay import rescore_part
     from pipeline.models import load_model
     from pipeline.models.numerics import autocast, of_fingerprint
-    from pipeline.refcache.store import open_cache
+    from pipeline.refcache.reader import open_cache
+    from pipeline.refcache.rows import reference_elbo
 
     opened = open_cache(cache)
     fp = opened.fingerprint
@@ -152,12 +154,12 @@ def eval_before(model_dir: Path, cache: Path, old: bool) -> float:
             chunks = [rows[i:i + 8] for i in range(0, len(rows), 8)]
             scores = []
             for chunk in chunks:
-                scores += rescore_part(model, tok, chunk, fp, batch_tokens=16384, autocast=autocast("cpu", "no"))
+                scores += rescore_part(model, tok, chunk, fp, batch_tokens=BATCH_TOKENS, autocast=autocast("cpu", "no"))
         else:
-            scores = rescore_part(model, tok, rows, fp, batch_tokens=opened.manifest["config"]["batch_tokens"],
+            scores = rescore_part(model, tok, rows, fp, batch_tokens=opened.manifest.batch_tokens,
                                   autocast=autocast("cpu", numerics.mixed_precision))
         for row, s in zip(rows, scores):
-            rc, rr = torch.tensor([row["ref_chosen_elbo"]]), torch.tensor([row["ref_rejected_elbo"]])
+            rc, rr = torch.tensor([reference_elbo(row, "chosen")]), torch.tensor([reference_elbo(row, "rejected")])
             credit = reward_accuracy(0.1 * (torch.tensor([s["chosen"]]) - rc), 0.1 * (torch.tensor([s["rejected"]]) - rr),
                                      rc, rr, beta=0.1)
             credits.append(float(credit))

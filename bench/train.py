@@ -120,6 +120,7 @@ def make_trainer(cfg, model, tokenizer, fp, ref_model=None):
     from pipeline.trainer.dpo_checks import setup_policy
     from pipeline.trainer.dpo_step import TrainContext
     from pipeline.trainer.optim import make_optimizer
+    from pipeline.trainer.placement import Placement
 
     cpu = next(model.parameters()).device.type != "cuda"
     acc = fresh_accelerator(cfg.mixed_precision, cpu)
@@ -128,7 +129,7 @@ def make_trainer(cfg, model, tokenizer, fp, ref_model=None):
         policy, tok = setup_policy(cfg, "prebuilt", acc.device)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = acc.prepare(make_optimizer(params, cfg))
-    return TrainContext(cfg, policy, tok, acc, fp, ref_model), optimizer, params
+    return TrainContext(cfg, Placement(acc, policy), tok, fp, ref_model), optimizer, params
 
 
 def train_step(ctx, optimizer, params, batch) -> dict:
@@ -137,7 +138,7 @@ def train_step(ctx, optimizer, params, batch) -> dict:
 
     stats = micro_step(ctx, batch, 1.0, sync=True)
     clip = ctx.cfg.max_grad_norm if ctx.cfg.max_grad_norm > 0 else float("inf")
-    ctx.accelerator.clip_grad_norm_(params, clip)
+    ctx.placed.acc.clip_grad_norm_(params, clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ctx.step += 1

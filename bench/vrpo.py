@@ -44,11 +44,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from pipeline.core.schemas import SIDES  # noqa: E402
-from pipeline.estimator.diffusion import ScoreRequest, elbo_terms, mask_seed  # noqa: E402
+from pipeline.core.schemas import IDS_COLUMNS, PAIR_ID_COLUMN, SIDES  # noqa: E402
+from pipeline.estimator.diffusion import BATCH_TOKENS, ScoreRequest, elbo_terms, mask_seed  # noqa: E402
 from pipeline.estimator.score_variance import per_sample_scores, score_variance  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from pipeline.refcache.store import open_cache  # noqa: E402
+from pipeline.refcache.reader import open_cache  # noqa: E402
 
 BUDGETS = (1, 2, 4, 8)
 SPLITS = ((2, 2), (1, 4), (4, 2), (2, 4), (1, 8))
@@ -77,13 +77,13 @@ def draw_requests(row: dict, side: str, replicate: int, seed: int, n_max: int, s
     """The requests of one replicate of one response: the n_max x 1 draw, then each T x M split."""
     from pipeline.estimator.diffusion import sample_masks
 
-    ids, prompt = row[f"{side}_ids"], row["prompt_ids"]
-    base = mask_seed(seed, row["pair_id"], side, 1000 + replicate)  # draws past any cache's (0..draws-1)
+    ids, prompt = row[IDS_COLUMNS[side]], row[IDS_COLUMNS["prompt"]]
+    base = mask_seed(seed, row[PAIR_ID_COLUMN], side, 1000 + replicate)  # draws past any cache's (0..draws-1)
     ms = sample_masks(len(ids), n_max, base, scheme=scheme, eps=eps)
     out = {(n_max, 1): ScoreRequest(prompt, ids, ms.masks, ms.weights)}
     if scheme == "l_over_L":
         for t, m in SPLITS:
-            masks, weights = split_masks(len(ids), t, m, mask_seed(seed, row["pair_id"], f"{side}/{t}x{m}",
+            masks, weights = split_masks(len(ids), t, m, mask_seed(seed, row[PAIR_ID_COLUMN], f"{side}/{t}x{m}",
                                                                     1000 + replicate))
             out[(t, m)] = ScoreRequest(prompt, ids, masks, weights)
     return out
@@ -185,7 +185,7 @@ def main(argv=None) -> None:
     p.add_argument("--pairs", type=int, default=32, help="pairs of round 1's cache to use (its train split)")
     p.add_argument("--replicates", type=int, default=16, help="independent draws per pair")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--batch-tokens", type=int, default=16384)
+    p.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS)
     p.add_argument("--accuracy", type=int, default=0, metavar="SEEDS",
                    help="instead: train a round at each budget over this many seeds and measure task accuracy")
     p.add_argument("--budgets", default="1,2,4,8", help="budgets n of --accuracy")
@@ -200,7 +200,7 @@ def main(argv=None) -> None:
     fp = cache.fingerprint
     rows = list(cache.split_rows("train", skip_identical=True))[: args.pairs]
     policy_name = args.policy or str(round_dir / "run" / "final")
-    reference_name = cache.manifest["config"]["model"]
+    reference_name = cache.manifest.reference_model
     scheme, eps, n_max = fp["scheme"], fp.get("eps") or 1e-3, max(BUDGETS)
     t0 = time.perf_counter()
     terms = {}

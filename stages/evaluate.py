@@ -23,6 +23,7 @@ from pipeline.core.config import check_device, require_choice
 from pipeline.core.devices import DTYPE_NAMES, PRECISION_NAMES
 from pipeline.core.errors import ConfigError
 from pipeline.core.lock import output_lock
+from pipeline.estimator.diffusion import BATCH_TOKENS
 from pipeline.evaluation.choice_scoring import NORMALIZE
 from pipeline.evaluation.eval_run import (
     EvalResult,
@@ -91,7 +92,7 @@ class EvalConfig(SamplingArgs):
     """Monte Carlo samples per option for multiple-choice ELBOs."""
     batch_size: int = 16
     """Prompts per generation batch (results do not depend on it)."""
-    batch_tokens: int = 16384
+    batch_tokens: int = BATCH_TOKENS
     """Token budget of one scoring forward pass (multiple choice, training sample; held-out pairs use the cache's)."""
     chat_template: Optional[bool] = None
     """Render prompts with the tokenizer's chat template (pipeline/data/prompts.py); default: the cache's rule when

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pipeline.cli.loading import load_config
 from pipeline.core.errors import CacheMismatch, UserError
+from pipeline.core.schemas import DEFAULT_SPLIT, split_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +53,7 @@ def planned_epochs(score_cfg, train_cfg) -> int:
     if score_cfg.limit:
         table = table.slice(0, score_cfg.limit)
     splits = table.column("split").to_pylist() if "split" in table.column_names else ["train"] * table.num_rows
-    n_train = sum((s or "train") == "train" for s in splits)
+    n_train = sum(split_of(s) == DEFAULT_SPLIT for s in splits)
     return epochs_needed(max(n_train, 1), train_cfg)
 
 

@@ -57,30 +57,53 @@ _F64_MATRIX = pa.list_(pa.list_(pa.float64()))  # [draw][sample]
 _I32_MATRIX = pa.list_(pa.list_(pa.int32()))
 _F32_MATRIX = pa.list_(pa.list_(pa.float32()))
 
+# The cache's column names, one constant each; a side's (or the prompt's) columns by side name.
+PAIR_ID_COLUMN = "pair_id"
+SPLIT_COLUMN = "split"
+TRUNCATED_COLUMN = "truncated"
+IDS_COLUMNS = {part: f"{part}_ids" for part in ("prompt", *SIDES)}
+"""Token ids as scored (after truncation); a response's final EOS included."""
+LEN_COLUMNS = {part: f"{part}_len" for part in ("prompt", *SIDES)}
+SEED_COLUMNS = {side: f"{side}_seeds" for side in SIDES}
+"""Mask seed per draw."""
+MASK_COUNT_COLUMNS = {side: f"{side}_mask_counts" for side in SIDES}
+"""Masked tokens per sample, [draw][sample]."""
+TIMESTEP_COLUMNS = {side: f"{side}_timesteps" for side in SIDES}
+"""t per sample, [draw][sample] (l/L for the l_over_L scheme)."""
+REF_TERM_COLUMNS = {side: f"ref_{side}_terms" for side in SIDES}
+"""The reference's term per sample, [draw][sample]."""
+REF_ELBO_COLUMNS = {side: f"ref_{side}_elbo" for side in SIDES}
+"""The reference's ELBO: the mean over all samples and draws."""
+REF_MARGIN_COLUMN = "ref_margin"
+"""ref_chosen_elbo - ref_rejected_elbo."""
+LENGTH_COLUMNS = tuple(LEN_COLUMNS.values())
+"""prompt_len, chosen_len, rejected_len."""
+
 SCORES_SCHEMA = pa.schema(
     [
-        ("pair_id", pa.string()),
-        ("split", pa.string()),
-        ("prompt_ids", pa.list_(pa.int32())),  # as scored (after truncation)
-        ("chosen_ids", pa.list_(pa.int32())),  # response ids, final EOS included
-        ("rejected_ids", pa.list_(pa.int32())),
-        ("prompt_len", pa.int32()),
-        ("chosen_len", pa.int32()),
-        ("rejected_len", pa.int32()),
-        ("truncated", pa.bool_()),
-        ("chosen_seeds", pa.list_(pa.int64())),  # mask seed per draw
-        ("rejected_seeds", pa.list_(pa.int64())),
-        ("chosen_mask_counts", _I32_MATRIX),  # masked tokens per sample, [draw][sample]
-        ("rejected_mask_counts", _I32_MATRIX),
-        ("chosen_timesteps", _F32_MATRIX),  # t per sample (l/L for the l_over_L scheme)
-        ("rejected_timesteps", _F32_MATRIX),
-        ("ref_chosen_terms", _F64_MATRIX),  # reference term per sample, [draw][sample]
-        ("ref_rejected_terms", _F64_MATRIX),
-        ("ref_chosen_elbo", pa.float64()),  # mean over all samples and draws
-        ("ref_rejected_elbo", pa.float64()),
-        ("ref_margin", pa.float64()),  # ref_chosen_elbo - ref_rejected_elbo
+        (PAIR_ID_COLUMN, pa.string()),
+        (SPLIT_COLUMN, pa.string()),
+        *((IDS_COLUMNS[part], pa.list_(pa.int32())) for part in ("prompt", *SIDES)),
+        *((LEN_COLUMNS[part], pa.int32()) for part in ("prompt", *SIDES)),
+        (TRUNCATED_COLUMN, pa.bool_()),
+        *((SEED_COLUMNS[side], pa.list_(pa.int64())) for side in SIDES),
+        *((MASK_COUNT_COLUMNS[side], _I32_MATRIX) for side in SIDES),
+        *((TIMESTEP_COLUMNS[side], _F32_MATRIX) for side in SIDES),
+        *((REF_TERM_COLUMNS[side], _F64_MATRIX) for side in SIDES),
+        *((REF_ELBO_COLUMNS[side], pa.float64()) for side in SIDES),
+        (REF_MARGIN_COLUMN, pa.float64()),
     ]
 )
+"""One row per pair of score-ref's Parquet parts (column order as above: the cache's bytes depend on it)."""
+
+DEFAULT_SPLIT = SPLITS[0]
+"""The split of a pair whose split is unset (files written before splits existed)."""
+
+
+def split_of(value: str | None) -> str:
+    """A pair's or cache row's split, an unset one read as ``DEFAULT_SPLIT``."""
+    return value or DEFAULT_SPLIT
+
 
 SCORES_MANIFEST = "manifest.json"
 

@@ -39,6 +39,11 @@ from pipeline.core.lazy import deferred
 torch = deferred("torch")  # score-ref's config reads SCHEMES: its --help and flag errors skip torch
 
 SCHEMES = ("l_over_L", "one_over_t")
+
+BATCH_TOKENS = 16384
+"""The default token budget of one forward pass (padded rows x length): score-ref's, train's and eval's, and the
+budget of a cache whose manifest does not record one."""
+
 _MASK63 = (1 << 63) - 1
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.core.errors import UserError
 from pipeline.core.lazy import deferred
-from pipeline.core.schemas import SIDES
+from pipeline.core.schemas import IDS_COLUMNS, MASK_COUNT_COLUMNS, PAIR_ID_COLUMN, SEED_COLUMNS, SIDES
 from pipeline.estimator import (
     diffusion,  # by module, so that a stand-in for diffusion.elbo_terms (the tests') is called
 )
@@ -31,20 +31,20 @@ class PairBatch:
 
     @property
     def pair_ids(self) -> list[str]:
-        return [r["pair_id"] for r in self.rows]
+        return [r[PAIR_ID_COLUMN] for r in self.rows]
 
 
 def seeded_request(row: dict, side: str, seed: int, fingerprint: dict[str, Any]):
     """The request of one (pair, side) of a cache row on the masks ``seed`` draws under the cache's estimator
     settings (samples, scheme, eps); with its MaskSet."""
-    return diffusion.masked_request(row["prompt_ids"], row[f"{side}_ids"], fingerprint["samples"], seed,
+    return diffusion.masked_request(row[IDS_COLUMNS["prompt"]], row[IDS_COLUMNS[side]], fingerprint["samples"], seed,
                                     scheme=fingerprint["scheme"], eps=fingerprint.get("eps") or 1e-3)
 
 
 def cached_request(row: dict, side: str, draw: int, fingerprint: dict[str, Any]):
     """The request of one (pair, side) on the cached masks of ``draw``, checked against the cached counts."""
-    request, ms = seeded_request(row, side, row[f"{side}_seeds"][draw], fingerprint)
-    if ms.counts.tolist() != list(row[f"{side}_mask_counts"][draw]):
+    request, ms = seeded_request(row, side, row[SEED_COLUMNS[side]][draw], fingerprint)
+    if ms.counts.tolist() != list(row[MASK_COUNT_COLUMNS[side]][draw]):
         raise UserError(f"pair {row['pair_id']} ({side}): masks replayed from the cached seed differ from "
                         "the cached mask counts; the cache was written by an incompatible version")
     return request
@@ -110,21 +110,3 @@ def rescore_part_draws(model, tokenizer, rows: list[dict], fingerprint: dict[str
         wanted = [i in keep and (draw is None or k % draws == draw) for k, (i, _) in enumerate(layout)]
     return terms_by_row(model, tokenizer, requests, layout, len(rows), batch_tokens=batch_tokens, autocast=autocast,
                         wanted=wanted)
-
-
-def cache_part_paths(cache, *, split: str | None = None, pair_ids=None) -> list:
-    """The parts of ``cache`` that hold a row of ``split`` or one of ``pair_ids`` (only their pair_id and
-    split columns are read here; ``read_whole_part`` reads one when it is scored)."""
-    wanted = set(pair_ids) if pair_ids is not None else None
-    out = []
-    for path in cache.parts:
-        meta = cache.read(path, ["pair_id", "split"]).to_pylist()
-        if any((split is None or (m.get("split") or "train") == split)
-               and (wanted is None or m["pair_id"] in wanted) for m in meta):
-            out.append(path)
-    return out
-
-
-def read_whole_part(cache, path) -> list[dict]:
-    """One part's rows in the part's order, as score-ref scored them (its checksum checked)."""
-    return cache.read(path).to_pylist()

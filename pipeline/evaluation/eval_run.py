@@ -18,6 +18,7 @@ from pipeline.core.atomic import atomic_path, check_replaceable, check_writable,
 from pipeline.core.devices import resolve_device
 from pipeline.core.errors import UserError
 from pipeline.core.paths import EVAL_FILE, TASK_RESULTS
+from pipeline.core.schemas import REF_MARGIN_COLUMN
 from pipeline.data.choices import read_choices
 from pipeline.data.prompts import follow_cache, resolve_chat_template
 from pipeline.evaluation.choice_scoring import choice_credits
@@ -34,7 +35,8 @@ from pipeline.evaluation.metrics import (
 )
 from pipeline.evaluation.tasks import TASK_RESULTS_SCHEMA, read_benchmark, task_accuracy, working_figures
 from pipeline.models.numerics import Numerics, autocast, follow, of_fingerprint
-from pipeline.refcache.store import check_reference_model, open_cache
+from pipeline.refcache.fingerprint import check_reference_model
+from pipeline.refcache.reader import open_cache
 from pipeline.sampling.args import SamplingArgs
 
 
@@ -112,7 +114,7 @@ def prepare(cfg) -> EvalInputs:
         check_replaceable(cfg.out / name, "--out")
     device = str(resolve_device(cfg.device))
     cache = open_cache(cfg.scores) if cfg.scores is not None else None
-    reference_name = cache.manifest["config"]["model"] if cache is not None else None
+    reference_name = cache.manifest.reference_model if cache is not None else None
     before_name = reference_name if cfg.before is None else None if cfg.before in ("none", "") else cfg.before
     # Read in slices of 8 pairs as they are scored: memory does not grow with the split.
     pair_rows = cache.split_rows(cfg.split) if cache is not None else []
@@ -208,7 +210,7 @@ def _preference(cfg, inputs: EvalInputs, figures: Figures, model, tokenizer, lab
     if held_out:
         values = [sum(c) / len(c) for c in (
             fresh_elbo_credits(model, tokenizer, held_out, cache.fingerprint, inputs.numerics,
-                               int(cache.manifest.get("config", {}).get("batch_tokens", 16384)), j)
+                               cache.manifest.batch_tokens, j)
             for j in range(cfg.mc_seeds))]
         figures.spreads.setdefault("elbo_accuracy_fresh_masks", {})[label] = spread(
             values, [cache.fingerprint["draws"] + j for j in range(cfg.mc_seeds)])
@@ -258,7 +260,7 @@ def finish(cfg, inputs: EvalInputs, figures: Figures) -> dict[str, Any]:
     and the counts (empty blocks left out)."""
     report, credits = figures.report, figures.credits
     if len(inputs.pair_rows):
-        report["reference_margins"] = inputs.pair_rows.column("ref_margin")
+        report["reference_margins"] = inputs.pair_rows.column(REF_MARGIN_COLUMN)
     for key in ("cached_masks", "fresh_masks"):
         summary = report.get("train_sample", {}).get(key)
         if summary:

@@ -101,7 +101,7 @@ def eval_record(cfg, numerics: Numerics, cache, device: str) -> dict[str, Any]:
         "seeds": {"seed": cfg.seed, "mc_seeds": cfg.mc_seeds, "cache_mask_seed": fp.get("seed")},
         "multiple_choice": {"samples": cfg.samples, "normalize": cfg.normalize},
         "numerics": dataclasses.asdict(numerics),
-        "cache": None if cache is None else {"path": str(cfg.scores), "model": cache.manifest["config"]["model"],
+        "cache": None if cache is None else {"path": str(cfg.scores), "model": cache.manifest.reference_model,
                                              "samples": fp.get("samples"), "draws": fp.get("draws"),
                                              "scheme": fp.get("scheme")},
         "lm_eval": {"tasks": cfg.lm_eval_tasks, "limit": cfg.lm_eval_limit,

@@ -41,7 +41,7 @@ import torch
 
 from pipeline.core.errors import ConfigError, UserError
 from pipeline.data.prompts import default_chat_template, encode_continuation, encode_text, messages_of, render_prompt
-from pipeline.estimator.diffusion import elbo_terms, mask_seed, masked_request
+from pipeline.estimator.diffusion import BATCH_TOKENS, elbo_terms, mask_seed, masked_request
 from pipeline.sampling.args import SamplingArgs
 from pipeline.sampling.completion import complete
 
@@ -78,7 +78,7 @@ class LLDMEvalModel(LM):
 
     def __init__(self, pretrained: str | None = None, *, model=None, tokenizer=None, dtype: str = "float32",
                  device: str | None = None, batch_size: Any = None, max_batch_size: Any = None,
-                 mc_samples: int = 32, batch_tokens: int = 16384, seed: int = 0, gen_length: int = 256,
+                 mc_samples: int = 32, batch_tokens: int = BATCH_TOKENS, seed: int = 0, gen_length: int = 256,
                  block_length: int = 32, steps: int | None = None, temperature: float = 0.0,
                  remasking: str = "low_confidence", cfg_scale: float = 0.0, trust_remote_code: bool = False,
                  sampling: SamplingArgs | None = None, **unused: Any) -> None:

@@ -15,7 +15,8 @@ from pipeline.estimator.losses import pair_statistics
 from pipeline.estimator.replay import PairBatch, elbo_pass, replay_requests, rescore_part, seeded_request
 from pipeline.evaluation.intervals import credits_record, paired_difference_interval
 from pipeline.models.numerics import Numerics, autocast
-from pipeline.refcache.store import read_part
+from pipeline.refcache.reader import read_part
+from pipeline.refcache.rows import reference_elbo, row_split
 
 torch = deferred("torch")
 
@@ -27,25 +28,25 @@ def preference_scores(model, tokenizer, cache, split: str, beta: float, numerics
     against the cached reference; with ``limit``, whole parts until that many pairs of the split are in.
     Accuracy uses the one tie rule (pipeline.estimator.losses.reward_accuracy)."""
     fp = cache.fingerprint
-    batch_tokens = int(cache.manifest.get("config", {}).get("batch_tokens", 16384))
+    batch_tokens = cache.manifest.batch_tokens
     device = next(model.parameters()).device
-    sums = cache.manifest.get("part_sha256") or {}
+    sums = cache.manifest.part_sha256
     pi_c, pi_r, ref_c, ref_r = [], [], [], []
     for path in cache.parts:
         if limit and len(pi_c) >= limit:
             break
         rows = read_part(path, expected_sha256=sums.get(path.name)).to_pylist()
-        if not any((r.get("split") or "train") == split for r in rows):
+        if not any(row_split(r) == split for r in rows):
             continue
         scores = rescore_part(model, tokenizer, rows, fp, batch_tokens=batch_tokens,
                               autocast=autocast(device, numerics.mixed_precision))
         for row, sc in zip(rows, scores):
-            if (row.get("split") or "train") != split or (limit and len(pi_c) >= limit):
+            if row_split(row) != split or (limit and len(pi_c) >= limit):
                 continue
             pi_c.append(sc["chosen"])
             pi_r.append(sc["rejected"])
-            ref_c.append(row["ref_chosen_elbo"])
-            ref_r.append(row["ref_rejected_elbo"])
+            ref_c.append(reference_elbo(row, "chosen"))
+            ref_r.append(reference_elbo(row, "rejected"))
     return margin_summary(pi_c, pi_r, ref_c, ref_r, beta, with_elbo=True)
 
 
@@ -130,8 +131,8 @@ def training_sample(cache, size: int, seed: int) -> list[dict]:
 def train_sample_report(rows: list[dict], policy: dict, reference: dict | None, beta: float) -> dict[str, Any]:
     """The policy on sampled training pairs: margin and accuracy on the cached masks, and (given the reference's
     terms on the fresh masks) on fresh masks."""
-    ref_c = [r["ref_chosen_elbo"] for r in rows]
-    ref_r = [r["ref_rejected_elbo"] for r in rows]
+    ref_c = [reference_elbo(r, "chosen") for r in rows]
+    ref_r = [reference_elbo(r, "rejected") for r in rows]
     return {"pairs": len(rows),
             "cached_masks": margin_summary(policy["cached_c"], policy["cached_r"], ref_c, ref_r, beta),
             # fresh masks need the cache's model as `before` (the reference on the fresh masks)

@@ -1,11 +1,12 @@
 """Held-out preference metrics of a policy on the cache's recorded masks.
 
-``heldout_sums`` / ``heldout_metrics`` measure a policy on held-out pairs the
-way ``train --eval-every`` reports them: one no-grad policy pass over the pairs
-on draw 0's masks against the cached reference terms of that draw, so the
-reference model is never loaded. The sums are additive over pairs, so under
-data parallel each process scores its share and one all-reduce of the sums
-gives the metrics of the whole split, whatever the shard sizes.
+``cache_layout_sums`` / ``heldout_metrics`` measure a policy on held-out pairs
+the way ``train --eval-every`` reports them: one no-grad policy pass over the
+pairs on draw 0's masks, in the cache's own batch layout, against the cached
+reference terms of that draw, so the reference model is never loaded. The sums
+are additive over pairs, so under data parallel each process scores its share
+and one all-reduce of the sums gives the metrics of the whole split, whatever
+the shard sizes.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from pipeline.core.errors import UserError
-from pipeline.estimator.diffusion import elbo_terms
+from pipeline.core.schemas import SIDES
 from pipeline.estimator.losses import METRICS, pair_statistics
-from pipeline.estimator.replay import PairBatch, replay_requests, rescore_part_draws
+from pipeline.estimator.replay import rescore_part_draws
+from pipeline.refcache.rows import length, reference_mean
 
 EVAL_PREFIX = "eval/"
 """TRL's prefix of held-out metrics: ``eval/rewards/accuracies`` and so on (schemas.EVAL_METRIC_COLUMNS)."""
@@ -27,53 +29,14 @@ EVAL_PREFIX = "eval/"
 _SUM_FIELDS = ("pairs", *METRICS.values())
 
 
-def heldout_sums(
-    model,
-    tokenizer,
-    rows: Sequence[dict[str, Any]],
-    fingerprint: dict[str, Any],
-    *,
-    beta: float,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    preference_weight: float = 1.0,
-    sft_weight: float = 0.0,
-    batch_tokens: int | None = None,
-    draw: int = 0,
-    pairs_per_pass: int = 8,
-    autocast: Callable[[], Any] = contextlib.nullcontext,
-) -> torch.Tensor:
-    """Float64 sums over ``rows`` (in ``_SUM_FIELDS`` order) of the policy's held-out DPO statistics.
-
-    The policy's terms come from one no-grad pass on ``draw``'s cached masks;
-    the reference's are the cached terms of the same draw. The loss is train's
-    (``preference_weight`` x the preference loss + ``sft_weight`` x the SFT term),
-    and accuracy follows train's one tie rule (``losses.reward_accuracy``: a tie
-    counts one half), so the reference itself scores exactly 0.5.
-    """
-    sums = torch.zeros(len(_SUM_FIELDS), dtype=torch.float64)
-    for start in range(0, len(rows), pairs_per_pass):
-        chunk = list(rows[start:start + pairs_per_pass])
-        requests = replay_requests(PairBatch(chunk, draw), fingerprint)
-        with torch.no_grad(), autocast():
-            terms = elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
-                               pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens)
-        means = torch.stack([t.mean().double().cpu() for t in terms])
-        sums += _chunk_sums(means[0::2], means[1::2], chunk, draw, beta=beta, loss_type=loss_type,
-                            label_smoothing=label_smoothing, preference_weight=preference_weight,
-                            sft_weight=sft_weight)
-    return sums
-
-
 def _chunk_sums(pi_c: torch.Tensor, pi_r: torch.Tensor, chunk: Sequence[dict[str, Any]], draw: int, *, beta: float,
                 loss_type: str, label_smoothing: float, preference_weight: float, sft_weight: float) -> torch.Tensor:
     """``losses.pair_statistics`` of the chunk against its cached reference terms, summed (``_SUM_FIELDS``)."""
-    ref_c = torch.tensor([_mean(r["ref_chosen_terms"][draw]) for r in chunk], dtype=torch.float64)
-    ref_r = torch.tensor([_mean(r["ref_rejected_terms"][draw]) for r in chunk], dtype=torch.float64)
-    stats = pair_statistics(pi_c, pi_r, ref_c, ref_r, beta=beta, loss_type=loss_type,
-                            label_smoothing=label_smoothing, chosen_len=torch.tensor([r["chosen_len"] for r in chunk]),
-                            rejected_len=torch.tensor([r["rejected_len"] for r in chunk]),
-                            preference_weight=preference_weight, sft_weight=sft_weight)
+    ref_c, ref_r = (torch.tensor([reference_mean(r, side, draw) for r in chunk], dtype=torch.float64) for side in SIDES)
+    chosen_len, rejected_len = (torch.tensor([length(r, side) for r in chunk]) for side in SIDES)
+    stats = pair_statistics(pi_c, pi_r, ref_c, ref_r, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                            chosen_len=chosen_len, rejected_len=rejected_len, preference_weight=preference_weight,
+                            sft_weight=sft_weight)
     sums = {"pairs": float(len(chunk)), **stats.sums()}
     return torch.tensor([sums[name] for name in _SUM_FIELDS], dtype=torch.float64)
 
@@ -94,10 +57,12 @@ def cache_layout_sums(
     sft_weight: float = 0.0,
     draw: int = 0,
 ) -> tuple[torch.Tensor, float]:
-    """``heldout_sums`` of the rows ``keep`` selects, scored in the cache's own batch layout: each part's batches
-    as score-ref planned them (pipeline.estimator.replay.rescore_part_draws: the same requests, order and ``batch_tokens``,
-    the cache's), only those that hold a kept row's requests of ``draw`` run, the policy's mean of ``draw``'s
-    terms taken as the cached reference's is. The cache's model
+    """Float64 sums (in ``_SUM_FIELDS`` order) of train's statistics of the policy on the rows ``keep`` selects,
+    against the cached reference terms of ``draw``: train's loss (``preference_weight`` x the preference loss +
+    ``sft_weight`` x the SFT term) and train's one tie rule (a tie counts one half). Scored in the cache's own
+    batch layout: each part's batches as score-ref planned them (pipeline.estimator.replay.rescore_part_draws:
+    the same requests, order and ``batch_tokens``, the cache's), only those that hold a kept row's requests of
+    ``draw`` run, the policy's mean of ``draw``'s terms taken as the cached reference's is. The cache's model
     in the cache's numerics therefore reproduces the reference exactly (accuracy 0.5, margins 0) in any dtype,
     where a pass in train's batches differs by the padding and shapes. Also returns the largest
     |B_pi(y) - B_ref(y)| (nats) over the kept responses (train's ref/gap_max)."""
@@ -114,7 +79,7 @@ def cache_layout_sums(
         pi_c = torch.tensor([_mean(per[i]["chosen"][draw]) for i in kept], dtype=torch.float64)
         pi_r = torch.tensor([_mean(per[i]["rejected"][draw]) for i in kept], dtype=torch.float64)
         for r, c, j in zip(chunk, pi_c.tolist(), pi_r.tolist()):
-            gap = max(gap, abs(c - _mean(r["ref_chosen_terms"][draw])), abs(j - _mean(r["ref_rejected_terms"][draw])))
+            gap = max(gap, abs(c - reference_mean(r, "chosen", draw)), abs(j - reference_mean(r, "rejected", draw)))
         sums += _chunk_sums(pi_c, pi_r, chunk, draw, beta=beta, loss_type=loss_type,
                             label_smoothing=label_smoothing, preference_weight=preference_weight,
                             sft_weight=sft_weight)

@@ -41,7 +41,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from pipeline.core.devices import torch_dtype
 from pipeline.core.errors import UserError
-from pipeline.core.schemas import SIDES
+from pipeline.core.schemas import (
+    IDS_COLUMNS,
+    LEN_COLUMNS,
+    MASK_COUNT_COLUMNS,
+    PAIR_ID_COLUMN,
+    REF_TERM_COLUMNS,
+    SEED_COLUMNS,
+    SIDES,
+)
 from pipeline.estimator.diffusion import elbo_terms, mask_seed, masked_request, sample_masks
 from pipeline.estimator.replay import PairBatch
 from pipeline.models import LORA_TARGET_MODULES
@@ -54,6 +62,7 @@ from pipeline.sampling.args import SamplingArgs
 from pipeline.sampling.sampler import generate
 from pipeline.trainer import dpo_step
 from pipeline.trainer.optim import make_optimizer
+from pipeline.trainer.placement import Placement
 from pipeline.trainer.policy import adapt_policy
 
 # --- the tracker ---------------------------------------------------------------------
@@ -276,14 +285,14 @@ def synthetic_rows(pairs: int, prompt_len: int, response_len: int, samples: int,
     rows = []
     for i in range(pairs):
         pid = f"plan-{i}"
-        row = {"pair_id": pid, "prompt_ids": [token] * prompt_len, "prompt_len": prompt_len}
+        row = {PAIR_ID_COLUMN: pid, IDS_COLUMNS["prompt"]: [token] * prompt_len, LEN_COLUMNS["prompt"]: prompt_len}
         for side in SIDES:
             seed = mask_seed(0, pid, side, 0)
-            row[f"{side}_ids"] = [token] * response_len
-            row[f"{side}_len"] = response_len
-            row[f"{side}_seeds"] = [seed]
-            row[f"{side}_mask_counts"] = [sample_masks(response_len, samples, seed).counts.tolist()]
-            row[f"ref_{side}_terms"] = [[-float(response_len)] * samples]
+            row[IDS_COLUMNS[side]] = [token] * response_len
+            row[LEN_COLUMNS[side]] = response_len
+            row[SEED_COLUMNS[side]] = [seed]
+            row[MASK_COUNT_COLUMNS[side]] = [sample_masks(response_len, samples, seed).counts.tolist()]
+            row[REF_TERM_COLUMNS[side]] = [[-float(response_len)] * samples]
         rows.append(row)
     return rows
 
@@ -447,7 +456,7 @@ def trace_train(cfg, shape: Shape, *, fake: bool = True, layers: int | None = No
     fp = {"samples": shape.samples, "draws": 1, "scheme": "l_over_L", "eps": None}
     batch = PairBatch(synthetic_rows(cfg.batch_size, shape.prompt_length, shape.response_length, shape.samples,
                                      plain_token(config)), 0)
-    ctx = dpo_step.TrainContext(cfg, policy, tok, acc, fp, ref_model)
+    ctx = dpo_step.TrainContext(cfg, Placement(acc, policy), tok, fp, ref_model)
     tracker = PlanTracker(config.padded_vocab_size, shape.world_size)
     tracker.track_external(*(m for m in (policy, optimizer, ref_model) if m is not None))
     accum = min(cfg.grad_accum, 2)  # gradients accumulate in place: a third micro-batch peaks as the second

@@ -140,7 +140,7 @@ def _parquet_view(con, name: str, path: Path, files: list[Path], missing: str | 
 def _score_parts(scores: Path) -> list[Path]:
     """The parts of a finished cache, as its manifest lists them, each checked against its recorded sha256 (an
     altered, cut or missing part is named, never shown as if it were the cache)."""
-    from pipeline.refcache.store import open_cache
+    from pipeline.refcache.reader import open_cache
 
     if not scores.is_dir():
         raise UserError(f"{scores}: no part-*.parquet score files (folder not found)")

@@ -16,7 +16,8 @@ from pipeline.core.errors import UserError
 from pipeline.core.progress import progress_bar
 from pipeline.data.prompts import follow_cache, resolve_chat_template
 from pipeline.data.readers import jsonl_objects
-from pipeline.refcache.store import fingerprint_digest, open_cache
+from pipeline.refcache.fingerprint import fingerprint_digest
+from pipeline.refcache.reader import open_cache
 from pipeline.sampling.completion import (
     append_jsonl,
     check_settings,

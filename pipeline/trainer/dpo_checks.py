@@ -15,13 +15,15 @@ from torch.distributed.fsdp import FSDPModule
 
 from pipeline.core.config import carry_given_as, config_to_dict, option_name
 from pipeline.core.errors import UserError
-from pipeline.estimator.replay import cache_part_paths, read_whole_part
+from pipeline.core.schemas import LENGTH_COLUMNS, PAIR_ID_COLUMN
 from pipeline.evaluation.intervals import accuracy_record, few_items_warning
 from pipeline.evaluation.preference import cache_layout_sums, heldout_metrics
 from pipeline.models import load, model_identity, tokenizer_identity
 from pipeline.models.numerics import FIELDS as NUMERICS_FIELDS
-from pipeline.models.numerics import Numerics, autocast, follow, of_fingerprint
-from pipeline.refcache.store import describe_difference, fingerprint_differences, fingerprint_digest
+from pipeline.models.numerics import Numerics, autocast, follow
+from pipeline.refcache.fingerprint import describe_difference, fingerprint_differences, fingerprint_digest
+from pipeline.refcache.reader import cache_part_paths, read_whole_part
+from pipeline.refcache.rows import responses_differ, row_split
 from pipeline.trainer.batching import step_counts, step_rows
 from pipeline.trainer.dpo_config import TrainConfig
 from pipeline.trainer.dpo_step import TrainContext
@@ -46,7 +48,7 @@ def check_tokenizer(cfg: TrainConfig, cache, tokenizer) -> None:
 
 def same_model(cache, model_name: str) -> bool:
     """Whether ``model_name`` is the cache's reference model, by name or by identity (content)."""
-    return model_name == cache.manifest["config"]["model"] or not fingerprint_differences(
+    return model_name == cache.manifest.reference_model or not fingerprint_differences(
         {"model": model_identity(model_name)}, {"model": cache.fingerprint.get("model")})
 
 
@@ -91,7 +93,7 @@ def check_cache_inputs(cfg: TrainConfig, cache):
 
 def resolve_numerics(cfg: TrainConfig, cache) -> tuple[TrainConfig, Numerics, Numerics]:
     """(cfg with its numerics resolved, the policy's numerics, the cache's): unset ones follow the cache."""
-    cached = of_fingerprint(cache.fingerprint)
+    cached = cache.manifest.numerics
     numerics = follow(cached, dtype=cfg.dtype, mixed_precision=cfg.mixed_precision, load_in_4bit=cfg.load_in_4bit,
                       allow_mismatch=cfg.allow_numerics_mismatch, where=str(cfg.scores),
                       names={name: option_name(cfg, name) for name in NUMERICS_FIELDS})
@@ -107,7 +109,7 @@ def plan_start(cfg: TrainConfig, model_name: str, rows, fp: dict[str, Any], devi
     """Plan the peak memory on the longest cached pair before the policy loads: ``check_memory(cfg, samples,
     length, prompt_length, device)`` is the stage's (lldm-dpo plan's check; the trainer does not import plan)."""
     # Three length columns, not the rows: the cache stays on disk.
-    prompt_lens, chosen_lens, rejected_lens = (rows.column(c) for c in ("prompt_len", "chosen_len", "rejected_len"))
+    prompt_lens, chosen_lens, rejected_lens = (rows.column(c) for c in LENGTH_COLUMNS)
     i = max(range(len(prompt_lens)), key=lambda k: prompt_lens[k] + max(chosen_lens[k], rejected_lens[k]))
     length = prompt_lens[i] + max(chosen_lens[i], rejected_lens[i])
     check_memory(dataclasses.replace(cfg, model=model_name), fp["samples"], length, prompt_lens[i], device)
@@ -190,11 +192,11 @@ def part_loaders(cache, paths) -> list:
 def _cache_layout_sums(ctx: TrainContext, loaders, keep, draw: int = 0):
     """``pipeline.evaluation.preference.cache_layout_sums`` of the policy (eval mode, no dropout) on the cache's parts
     (``loaders``), in the cache's numerics and token budget; under FSDP through the wrapped scorer."""
-    cfg, acc, model = ctx.cfg, ctx.accelerator, ctx.model
+    cfg, acc, model = ctx.cfg, ctx.placed.acc, ctx.placed.model
     was_training = model.training
     model.eval()
     try:
-        return cache_layout_sums(ctx.scorer if ctx.fsdp else model, ctx.tokenizer,
+        return cache_layout_sums(ctx.placed.scorer if ctx.placed.fsdp else model, ctx.tokenizer,
                                  (load() for load in loaders), ctx.fingerprint, keep, beta=cfg.beta,
                                  batch_tokens=ctx.cache_batch_tokens,
                                  autocast=lambda: autocast(acc.device, cfg.mixed_precision),
@@ -202,10 +204,10 @@ def _cache_layout_sums(ctx: TrainContext, loaders, keep, draw: int = 0):
                                  preference_weight=cfg.preference_weight, sft_weight=cfg.sft_total_weight, draw=draw)
     finally:
         model.train(was_training)  # no dropout above: the numbers measure the model, not a noisy copy of it
-        if ctx.fsdp:
+        if ctx.placed.fsdp:
             # FSDP keeps the root's weights gathered after a forward, for the backward that follows; a no-grad
             # forward has none, so they are resharded here (else the next save or step sees them gathered).
-            for module in ctx.scorer.modules():
+            for module in ctx.placed.scorer.modules():
                 if isinstance(module, FSDPModule):
                     module.reshard()
 
@@ -221,7 +223,7 @@ def start_check(ctx: TrainContext, cache, pair_ids: list[str]) -> tuple[float, d
     if not wanted:
         return 0.0, {}
     sums, gap = _cache_layout_sums(ctx, part_loaders(cache, cache_part_paths(cache, pair_ids=wanted)),
-                                   lambda r: r["pair_id"] in wanted, draw=0)
+                                   lambda r: r[PAIR_ID_COLUMN] in wanted, draw=0)
     stats = heldout_metrics(sums)
     return gap, {k[len("eval/"):]: v for k, v in stats.items() if k != "eval/loss"}
 
@@ -229,9 +231,8 @@ def start_check(ctx: TrainContext, cache, pair_ids: list[str]) -> tuple[float, d
 def evaluate_heldout(ctx: TrainContext, loaders) -> dict[str, float]:
     """eval/... metrics of the policy on this process's share of the held-out parts (``loaders``), scored in
     the cache's batch layout (so the cache's model scores accuracy 0.5 exactly), reduced over processes."""
-    acc, fsdp = ctx.accelerator, ctx.fsdp
-    sums, _ = _cache_layout_sums(ctx, loaders, lambda r: (r.get("split") or "train") == "eval"
-                                 and list(r["chosen_ids"]) != list(r["rejected_ids"]), draw=0)
+    acc, fsdp = ctx.placed.acc, ctx.placed.fsdp
+    sums, _ = _cache_layout_sums(ctx, loaders, lambda r: row_split(r) == "eval" and responses_differ(r), draw=0)
     if acc.num_processes > 1 and not fsdp:  # under FSDP every process scored the whole split
         sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
     return heldout_metrics(sums)

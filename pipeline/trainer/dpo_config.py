@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.core.config import require, require_choice
+from pipeline.estimator.diffusion import BATCH_TOKENS
 from pipeline.estimator.losses import LOSS_TYPES, validate_loss_args
 from pipeline.trainer import args
 from pipeline.trainer.args import TrainingArgs
@@ -88,7 +89,7 @@ class TrainConfig(TrainingArgs):
     """Backpropagate this many sequences at a time after a no-grad pass (0 = one pass); memory follows K, not n."""
     reference: str = "cached"
     """cached (the cache's terms) or online (a live reference scored on the same masks: the baseline)."""
-    batch_tokens: int = 16384
+    batch_tokens: int = BATCH_TOKENS
     """Token budget of one forward pass."""
     max_length: Optional[int] = None
     """Longest prompt + response (TRL's max_length). Truncation happens in score-ref: when set, it must equal the cache's."""

@@ -21,10 +21,10 @@ import torch
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
 from pipeline.core.errors import UserError
-from pipeline.estimator.replay import PairBatch, cache_part_paths
+from pipeline.estimator.replay import PairBatch
 from pipeline.models import MaskedRowScorer, load
 from pipeline.models.numerics import accelerate_override_note
-from pipeline.refcache.store import open_cache
+from pipeline.refcache.reader import cache_part_paths, open_cache
 from pipeline.trainer import dpo_checks as checks
 from pipeline.trainer import session
 from pipeline.trainer.accelerator import peak_memory_bytes
@@ -58,7 +58,7 @@ class DPORecipe(session.Recipe):
         self.open_run()
         self.cache = cache = open_cache(cfg.scores)
         self.fp = cache.fingerprint
-        self.model_name = cfg.model or cache.manifest["config"]["model"]
+        self.model_name = cfg.model or cache.manifest.reference_model
         checks.check_init(cfg, cache, self.model_name)
         self.rows, self.eval_rows = checks.check_cache_inputs(cfg, cache)
         self.cfg, self.numerics, self.cached_numerics = checks.resolve_numerics(cfg, cache)
@@ -72,7 +72,7 @@ class DPORecipe(session.Recipe):
             print(note, file=sys.stderr, flush=True)
         self.count_steps(len(self.rows))
         self.reused_draws = checks.check_draws(cfg, checks.epochs_needed(len(self.rows), cfg, self.world),
-                                               fp["draws"])
+                                               self.cache.manifest.draws)
         # data parallel keeps a whole model per process; FSDP's shape differs
         if cfg.plan and not self.fsdp and self.check_memory is not None:
             checks.plan_start(cfg, self.model_name, self.rows, fp, acc.device, self.check_memory)
@@ -83,14 +83,14 @@ class DPORecipe(session.Recipe):
             raise UserError(f"model '{self.model_name}': tokenizer needs mask and pad tokens")
         ref_model = self._online_reference_model()
         self.prepare(model)
-        self.ctx = TrainContext(cfg, model, self.tokenizer, acc, fp, ref_model, wrapped=self.wrapped,
-                                fsdp=self.fsdp, cache_batch_tokens=int(self.cache.manifest.get("config", {})
-                                                                       .get("batch_tokens", 16384)))
+        # the step's context, built once: the accelerator, policy and wrapper it uses are this recipe's own
+        self.ctx = TrainContext(cfg, self, self.tokenizer, fp, ref_model,
+                                cache_batch_tokens=self.cache.manifest.batch_tokens)
 
     def _online_reference_model(self):
         """``reference: online``'s live reference (None: cached terms, or under LoRA the base with adapters off,
         unless the policy started elsewhere)."""
-        cfg, ref_name = self.cfg, self.cache.manifest["config"]["model"]
+        cfg, ref_name = self.cfg, self.cache.manifest.reference_model
         if cfg.reference != "online" or (cfg.lora_r > 0 and self.model_name == ref_name):
             return None
         ref_model, _ = load(ref_name, self.numerics, self.acc.device, trust_remote_code=cfg.trust_remote_code)
@@ -107,7 +107,7 @@ class DPORecipe(session.Recipe):
             self.gap, self.start_stats = checks.start_check(self.ctx, self.cache, pair_ids)
             if cfg.gap_threshold > 0 and cfg.beta * self.gap > cfg.gap_threshold:
                 raise checks.gap_error(cfg, self.gap, self.numerics, self.cached_numerics)
-        self.set_layout(scores_digest=self.cache.manifest.get("fingerprint_digest"))  # the cache by content
+        self.set_layout(scores_digest=self.cache.manifest.digest)  # the cache by content
         if self.resume_ckpt is not None:
             state = self.resume(self.resume_ckpt)
             self.best = {k: state.get(k) for k in self.best}
@@ -132,7 +132,7 @@ class DPORecipe(session.Recipe):
         for i in range(cfg.grad_accum):
             epoch, rows = micro_batch_rows(self.rows, cfg, step, i, self.steps_per_epoch, self.world,
                                            self.acc.process_index)
-            batch = PairBatch(rows, draw=epoch % self.fp["draws"])  # the cached masks of this epoch's draw
+            batch = PairBatch(rows, draw=epoch % self.cache.manifest.draws)  # the cached masks of this epoch's draw
             micro.append(micro_step(ctx, batch, len(rows) * self.world / step_pairs, sync=i == cfg.grad_accum - 1))
         lr, grad_norm = self.optimizer_step()
         means = step_metrics(self.acc, micro)
@@ -145,7 +145,7 @@ class DPORecipe(session.Recipe):
             row["ref/gap_max"] = self.gap
             row.update(self.start_stats)  # step 1's statistics of the policy before its update, in the cache's layout
         if self.reused_draws:
-            row["masks/reused"] = float(step // self.steps_per_epoch >= self.fp["draws"])
+            row["masks/reused"] = float(step // self.steps_per_epoch >= self.cache.manifest.draws)
         evaluated = bool(cfg.eval_every) and (step + 1) % cfg.eval_every == 0
         new_best = self._evaluate(step, row) if evaluated else False
         self.last = row

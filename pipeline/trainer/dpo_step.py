@@ -14,51 +14,34 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
 from pipeline.core.schemas import SIDES
-from pipeline.estimator.diffusion import ScoreRequest, elbo_terms, forward_calls
+from pipeline.estimator.diffusion import BATCH_TOKENS, ScoreRequest, elbo_terms, forward_calls
 from pipeline.estimator.losses import METRICS, PER_TOKEN, PairStatistics, log_ratios, pair_statistics, sequence_weights
 from pipeline.estimator.replay import PairBatch, replay_requests
 from pipeline.estimator.score_variance import per_sample_scores, score_variance
+from pipeline.refcache.rows import length, reference_terms
 from pipeline.trainer.dpo_config import TrainConfig
-from pipeline.trainer.session import check_finite, pad_probe, sync_context
+from pipeline.trainer.placement import Placement
+from pipeline.trainer.session import check_finite, pad_probe
 
 
 @dataclass
 class TrainContext:
+    """What a DPO step needs beyond its batch, built once by the recipe: the policy as placed (``placed``: the
+    recipe itself, whose accelerator, model and wrapper these are), the cache's fingerprint and batch layout."""
+
     cfg: TrainConfig
-    model: Any
-    """The policy itself (peft-wrapped under LoRA), never a data-parallel wrapper."""
+    placed: Placement
+    """The accelerator, the policy and its DDP/FSDP wrapper (``session.Recipe`` is one; ``Placement(acc, model)``
+    outside a recipe)."""
     tokenizer: Any
-    accelerator: Any
     fingerprint: dict[str, Any]
     ref_model: Any = None
     step: int = 0
-    wrapped: Any = None
-    """What accelerate prepared (DDP or FSDP around a MaskedRowScorer) when distributed, else None."""
-    cache_batch_tokens: int = 16384
+    cache_batch_tokens: int = BATCH_TOKENS
     """score-ref's token budget per forward pass: the cache's batch layout, in which the start check and the
     held-out evaluation score (exact reproduction of the cached terms)."""
-    fsdp: bool = False
-    """Sharded by FSDP. Decided once at setup: on CPU the FSDP mode is attached to accelerate's state by hand
-    (fresh_accelerator), and any later AcceleratorState() copies the process state's MULTI_CPU back over it."""
-
-    @property
-    def scorer(self):
-        """What elbo_terms calls: the wrapped MaskedRowScorer when distributed, else the policy."""
-        return self.model if self.wrapped is None else self.wrapped
-
-    def most(self, count: int) -> int:
-        """The largest ``count`` over processes (a collective: every process calls it at the same point)."""
-        if self.wrapped is None:
-            return count
-        t = torch.tensor([count], dtype=torch.long, device=self.accelerator.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
-
-    def sync_context(self, last: bool):
-        return sync_context(self.accelerator, self.wrapped, self.fsdp, last)
 
 
 @dataclass
@@ -80,14 +63,22 @@ def policy_terms(model, requests, tokenizer, cfg: TrainConfig) -> list[torch.Ten
                       batch_tokens=cfg.batch_tokens)
 
 
+def batch_reference(batch: PairBatch, device, online: list[torch.Tensor] | None = None):
+    """The reference of the batch, read once: its per-request terms ([pair0 chosen, pair0 rejected, ...], the
+    online terms or the cache's of this draw, float64) and its ELBOs per side (the terms' means)."""
+    if online is not None:
+        means = torch.stack([t.mean() for t in online]).detach()
+        return online, means[0::2], means[1::2]
+    cached = [reference_terms(row, side, batch.draw) for row in batch.rows for side in SIDES]
+    means = [sum(terms) / len(terms) for terms in cached]  # rows.reference_mean, on the lists just read
+    return ([torch.tensor(t, dtype=torch.float64, device=device) for t in cached],
+            torch.tensor(means[0::2], dtype=torch.float64, device=device),
+            torch.tensor(means[1::2], dtype=torch.float64, device=device))
+
+
 def reference_means(batch: PairBatch, device, ref_terms: list[torch.Tensor] | None = None):
     """Reference ELBOs of the batch: cached means of this draw, or the online terms' means."""
-    if ref_terms is not None:
-        means = torch.stack([t.mean() for t in ref_terms]).detach()
-        return means[0::2], means[1::2]
-    c = [sum(r["ref_chosen_terms"][batch.draw]) / len(r["ref_chosen_terms"][batch.draw]) for r in batch.rows]
-    r_ = [sum(r["ref_rejected_terms"][batch.draw]) / len(r["ref_rejected_terms"][batch.draw]) for r in batch.rows]
-    return (torch.tensor(c, dtype=torch.float64, device=device), torch.tensor(r_, dtype=torch.float64, device=device))
+    return batch_reference(batch, device, ref_terms)[1:]
 
 
 def batch_loss(cfg: TrainConfig, terms: list[torch.Tensor], ref_c, ref_r, chosen_len,
@@ -108,10 +99,9 @@ def micro_step(ctx: TrainContext, batch: PairBatch, scale: float, sync: bool) ->
     if not batch.rows:
         _idle_micro_step(ctx, sync)
         return None
-    device = ctx.accelerator.device
-    ref_c, ref_r = reference_means(batch, device, ref_terms)
-    lengths = (torch.tensor([r["chosen_len"] for r in batch.rows], device=device),
-               torch.tensor([r["rejected_len"] for r in batch.rows], device=device))
+    device = ctx.placed.acc.device
+    ref_terms, ref_c, ref_r = batch_reference(batch, device, ref_terms)
+    lengths = tuple(torch.tensor([length(r, side) for r in batch.rows], device=device) for side in SIDES)
     if ctx.cfg.sequence_microbatch == 0:
         loss, stats, terms = _one_pass(ctx, batch, requests, (ref_c, ref_r), lengths, scale, sync)
     else:
@@ -119,15 +109,12 @@ def micro_step(ctx: TrainContext, batch: PairBatch, scale: float, sync: bool) ->
     tokens = sum(req.masks.shape[0] * (len(req.prompt_ids) + len(req.response_ids)) for req in requests)
     return MicroStats(loss=loss.detach().float(), stats=dataclasses.replace(stats, losses=stats.losses.detach()),
                       pairs=len(batch.rows), tokens=tokens,
-                      score_variance=batch_score_variance(ctx.cfg, batch, terms, ref_terms, lengths))
+                      score_variance=batch_score_variance(ctx.cfg, terms, ref_terms, lengths))
 
 
-def batch_score_variance(cfg: TrainConfig, batch: PairBatch, terms, ref_terms, lengths) -> torch.Tensor:
+def batch_score_variance(cfg: TrainConfig, terms, ref_terms, lengths) -> torch.Tensor:
     """The sum over the batch's pairs of their preference score's estimated variance, from the per-sample terms
-    of the policy (``terms``) and of the reference (online, or the cache's terms of this draw)."""
-    if ref_terms is None:
-        ref_terms = [torch.tensor(row[f"ref_{side}_terms"][batch.draw], dtype=torch.float64, device=terms[0].device)
-                     for row in batch.rows for side in SIDES]
+    of the policy (``terms``) and of the reference (``batch_reference``'s: online, or the cache's of this draw)."""
     policy, ref = torch.stack([t.detach() for t in terms]), torch.stack([t.detach() for t in ref_terms])
     per_token = cfg.loss_type in PER_TOKEN
     d = per_sample_scores(policy[0::2], policy[1::2], ref[0::2], ref[1::2],
@@ -137,17 +124,17 @@ def batch_score_variance(cfg: TrainConfig, batch: PairBatch, terms, ref_terms, l
 
 def _online_reference(ctx: TrainContext, requests) -> list[torch.Tensor]:
     """The live reference's terms on the same masks (every process, also an idle one: FSDP's collectives)."""
-    with torch.no_grad(), ctx.accelerator.autocast():
+    with torch.no_grad(), ctx.placed.acc.autocast():
         if ctx.ref_model is not None:
             return lockstep_terms(ctx, ctx.ref_model, requests)[0]
-        with ctx.model.disable_adapter():  # LoRA: the base model with adapters switched off is the reference
-            return lockstep_terms(ctx, ctx.scorer, requests)[0]
+        with ctx.placed.model.disable_adapter():  # LoRA: the base model with adapters switched off is the reference
+            return lockstep_terms(ctx, ctx.placed.scorer, requests)[0]
 
 
 def _one_pass(ctx: TrainContext, batch, requests, refs, lengths, scale: float, sync: bool):
-    with ctx.sync_context(sync):  # forward and backward both inside, as DDP requires
-        with ctx.accelerator.autocast():
-            terms, pad = lockstep_terms(ctx, ctx.scorer, requests)
+    with ctx.placed.sync_context(sync):  # forward and backward both inside, as DDP requires
+        with ctx.placed.acc.autocast():
+            terms, pad = lockstep_terms(ctx, ctx.placed.scorer, requests)
             loss, stats = batch_loss(ctx.cfg, terms, *refs, *lengths)
         _check_finite(ctx, loss, batch)
         _backward(ctx, _with_pad(loss * scale, pad))
@@ -158,9 +145,9 @@ def _per_sequence(ctx: TrainContext, batch, requests, refs, lengths, scale: floa
     """One no-grad pass gives each pair's dL/d(log-ratio) per side; then every sequence's term is backpropagated on its own
     with that weight (docs/estimator.md, "The gradient, sample by sample"), K sequences at a time, so activations
     follow K rather than 2n."""
-    cfg, acc = ctx.cfg, ctx.accelerator
+    cfg, acc = ctx.cfg, ctx.placed.acc
     with torch.no_grad(), acc.autocast():
-        terms, _ = lockstep_terms(ctx, ctx.scorer, requests)
+        terms, _ = lockstep_terms(ctx, ctx.placed.scorer, requests)
         loss, stats = batch_loss(cfg, terms, *refs, *lengths)
     _check_finite(ctx, loss, batch)
     chosen_len, rejected_len = lengths
@@ -174,18 +161,18 @@ def _per_sequence(ctx: TrainContext, batch, requests, refs, lengths, scale: floa
     seqs = [(j, k) for j, req in enumerate(requests) for k in range(req.masks.shape[0]) if bool(req.masks[k].any())]
     K = cfg.sequence_microbatch
     groups = [seqs[g:g + K] for g in range(0, len(seqs), K)]
-    n_groups = ctx.most(len(groups)) if ctx.fsdp else len(groups)  # FSDP: a backward per group, everywhere
+    n_groups = ctx.placed.most(len(groups)) if ctx.placed.fsdp else len(groups)  # FSDP: a backward per group, everywhere
     if n_groups == 0:
-        with ctx.sync_context(sync):
+        with ctx.placed.sync_context(sync):
             _backward(ctx, torch.zeros((), device=acc.device))
     for g in range(n_groups):
         group = groups[g] if g < len(groups) else []
         sub = [ScoreRequest(requests[j].prompt_ids, requests[j].response_ids, requests[j].masks[k:k + 1],
                             requests[j].weights[k:k + 1]) for j, k in group]
         weights = [(chosen_w if j % 2 == 0 else rejected_w)[j // 2] for j, _ in group]
-        with ctx.sync_context(sync and g + 1 >= n_groups):
+        with ctx.placed.sync_context(sync and g + 1 >= n_groups):
             with acc.autocast():
-                sub_terms, pad = lockstep_terms(ctx, ctx.scorer, sub)
+                sub_terms, pad = lockstep_terms(ctx, ctx.placed.scorer, sub)
             surrogate = sum((w.to(t.dtype) * t.sum() for w, t in zip(weights, sub_terms)),
                             torch.zeros((), device=acc.device))
             _backward(ctx, _with_pad(surrogate * scale, pad))
@@ -193,7 +180,7 @@ def _per_sequence(ctx: TrainContext, batch, requests, refs, lengths, scale: floa
 
 
 def _probe(ctx: TrainContext, scorer) -> torch.Tensor:
-    return pad_probe(scorer, ctx.tokenizer.pad_token_id, ctx.accelerator.device)
+    return pad_probe(scorer, ctx.tokenizer.pad_token_id, ctx.placed.acc.device)
 
 
 def lockstep_terms(ctx: TrainContext, scorer, requests) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
@@ -203,9 +190,9 @@ def lockstep_terms(ctx: TrainContext, scorer, requests) -> tuple[list[torch.Tens
     must make as many; the count is agreed first, before any of them. Add ``0 * pad`` to a loss that is
     backpropagated, so the pad passes join the backward too."""
     local = most = 0
-    if ctx.fsdp:
+    if ctx.placed.fsdp:
         local = forward_calls(requests, ctx.cfg.batch_tokens) if requests else 0
-        most = ctx.most(local)
+        most = ctx.placed.most(local)
     terms = policy_terms(scorer, requests, ctx.tokenizer, ctx.cfg) if requests else []
     pad = None
     for _ in range(most - local):
@@ -221,27 +208,27 @@ def _with_pad(loss: torch.Tensor, pad: Optional[torch.Tensor]) -> torch.Tensor:
 def _idle_micro_step(ctx: TrainContext, sync: bool) -> None:
     """A process with no rows makes the collectives ``micro_step`` makes on the others: under FSDP as many
     forward passes (and backward passes) as the busiest process, the finite-loss flag, and the gradient sync."""
-    acc, zero = ctx.accelerator, torch.zeros((), device=ctx.accelerator.device)
+    acc, zero = ctx.placed.acc, torch.zeros((), device=ctx.placed.acc.device)
     if ctx.cfg.sequence_microbatch == 0:
-        with ctx.sync_context(sync):
+        with ctx.placed.sync_context(sync):
             with acc.autocast():
-                _, pad = lockstep_terms(ctx, ctx.scorer, [])
-                if pad is None and ctx.wrapped is not None:  # DDP may sync in a forward: make it where the others do
-                    pad = _probe(ctx, ctx.scorer)
+                _, pad = lockstep_terms(ctx, ctx.placed.scorer, [])
+                if pad is None and ctx.placed.wrapped is not None:  # DDP may sync in a forward: make it where the others do
+                    pad = _probe(ctx, ctx.placed.scorer)
             _check_finite(ctx, zero, PairBatch([], 0))
             _backward(ctx, _with_pad(zero, pad))
         return
     with torch.no_grad(), acc.autocast():
-        lockstep_terms(ctx, ctx.scorer, [])
+        lockstep_terms(ctx, ctx.placed.scorer, [])
     _check_finite(ctx, zero, PairBatch([], 0))
-    n_groups = ctx.most(0) if ctx.fsdp else 0
+    n_groups = ctx.placed.most(0) if ctx.placed.fsdp else 0
     if n_groups == 0:
-        with ctx.sync_context(sync):
+        with ctx.placed.sync_context(sync):
             _backward(ctx, zero)
     for g in range(n_groups):
-        with ctx.sync_context(sync and g + 1 >= n_groups):
+        with ctx.placed.sync_context(sync and g + 1 >= n_groups):
             with acc.autocast():
-                _, pad = lockstep_terms(ctx, ctx.scorer, [])
+                _, pad = lockstep_terms(ctx, ctx.placed.scorer, [])
             _backward(ctx, _with_pad(zero, pad))
 
 
@@ -251,15 +238,15 @@ def _backward(ctx: TrainContext, loss: torch.Tensor) -> None:
     parallel the other processes wait for this one's gradients, so a zero-weighted pass
     through the body and head joins them."""
     if not loss.requires_grad:
-        if ctx.wrapped is None:
+        if ctx.placed.wrapped is None:
             return
         # Through the wrapped scorer, so DDP/FSDP see the same one forward as on a real batch.
-        loss = loss + 0.0 * _probe(ctx, ctx.scorer)
-    ctx.accelerator.backward(loss)
+        loss = loss + 0.0 * _probe(ctx, ctx.placed.scorer)
+    ctx.placed.acc.backward(loss)
 
 
 def _check_finite(ctx: TrainContext, loss: torch.Tensor, batch: PairBatch) -> None:
-    check_finite(ctx.accelerator, ctx.wrapped is not None, loss, ctx.step, f"pairs {', '.join(batch.pair_ids)}")
+    check_finite(ctx.placed.acc, ctx.placed.wrapped is not None, loss, ctx.step, f"pairs {', '.join(batch.pair_ids)}")
 
 
 def step_metrics(acc, micro: list[Optional[MicroStats]]) -> dict[str, float]:

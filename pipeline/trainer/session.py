@@ -7,7 +7,6 @@ order, a sharded checkpoint and a consolidated final model under FSDP)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from pipeline.trainer.checkpoint import load_checkpoint, save_checkpoint, save_m
 from pipeline.trainer.hub import push_folder
 from pipeline.trainer.metrics import MetricsWriter, StepBar
 from pipeline.trainer.optim import make_optimizer, make_scheduler
+from pipeline.trainer.placement import Placement
 from pipeline.trainer.resume import check_resume_source
 from pipeline.trainer.trackers import (
     TENSORBOARD,
@@ -91,16 +91,7 @@ def check_finite(acc, distributed: bool, loss: torch.Tensor, step: int, where: s
                         "this step (try a lower --learning-rate or --mixed-precision no)")
 
 
-def sync_context(acc, wrapped, fsdp: bool, last: bool):
-    """Gradients are all-reduced only on the last backward of an optimizer step (DDP's no_sync before it)."""
-    if wrapped is None or last or fsdp:
-        # FSDP reduce-scatters every backward: without sync each process would keep
-        # whole unsharded gradients, the memory FSDP exists to save.
-        return contextlib.nullcontext()
-    return acc.no_sync(wrapped)
-
-
-class Recipe:
+class Recipe(Placement):
     """The shape of a recipe: ``run()`` = ``setup()``, ``train()``, ``save()`` under the run folder's lock. A
     subclass sets ``stage`` and ``resume_free`` and writes ``setup`` (with the helpers below), ``train_step``
     and ``save``."""
@@ -228,11 +219,6 @@ class Recipe:
             self.writer.log(row)
 
     # --- train ------------------------------------------------------------------------------------------------
-
-    @property
-    def scorer(self):
-        """What the loss calls: the wrapped MaskedRowScorer when distributed, else the policy."""
-        return self.model if self.wrapped is None else self.wrapped
 
     def train(self) -> None:
         """The optimizer steps from ``start_step`` (0, or the resumed checkpoint's); checkpoint-N every

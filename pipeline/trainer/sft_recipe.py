@@ -109,7 +109,7 @@ class SFTRecipe(session.Recipe):
         cfg, acc, world = self.cfg, self.acc, self.world
         epoch, rows = micro_batch_rows(range(len(self.examples)), cfg, step, micro, self.steps_per_epoch, world,
                                        acc.process_index)
-        with session.sync_context(acc, self.wrapped, self.fsdp, micro == cfg.grad_accum - 1):
+        with self.sync_context(micro == cfg.grad_accum - 1):
             if not rows:  # the epoch's end left this process nothing: a zero-weighted pass joins the others' sync
                 self._idle_pass(step)
                 return 0.0, 0, 0

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.core.atomic import file_sha256
 from pipeline.core.errors import UserError
-from pipeline.refcache.store import open_cache
+from pipeline.refcache.reader import open_cache
 from stages.score_ref import ScoreRefConfig
 from stages.score_ref import run as score_ref
 

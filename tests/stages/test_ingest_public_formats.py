@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data.pairsfile import read_pairs
-from pipeline.refcache.store import open_cache
+from pipeline.refcache.reader import open_cache
 from stages.ingest import IngestConfig
 from stages.ingest import run as ingest
 from stages.score_ref import ScoreRefConfig

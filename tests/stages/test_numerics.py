@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.core.errors import UserError
-from pipeline.refcache.store import open_cache
+from pipeline.refcache.reader import open_cache
 from stages.evaluate import EvalConfig
 from stages.evaluate import run as evaluate
 from stages.score_ref import ScoreRefConfig

@@ -17,7 +17,7 @@ import torch
 from pipeline.core.errors import ConfigError, UserError
 from pipeline.data.tokenize import pad_response, tokenize_pair
 from pipeline.estimator.diffusion import sample_masks
-from pipeline.refcache.store import open_cache
+from pipeline.refcache.reader import open_cache
 
 PAD_TO = 24
 

@@ -122,7 +122,7 @@ def test_train_plans_before_loading_the_policy_on_the_longest_cached_pair(monkey
     import pipeline.trainer.dpo_checks as dpo_checks
     import stages.train as train
     from pipeline.core.errors import UserError
-    from pipeline.refcache.store import open_cache
+    from pipeline.refcache.reader import open_cache
 
     calls = []
 

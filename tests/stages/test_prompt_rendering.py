@@ -10,7 +10,7 @@ import torch
 
 from pipeline.data.prompts import encode_prompt, render_prompt
 from pipeline.models import load_model
-from pipeline.refcache.store import open_cache
+from pipeline.refcache.reader import open_cache
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.core.errors import UserError
 from pipeline.models.quant import bitsandbytes_problem
-from pipeline.refcache.store import open_cache
+from pipeline.refcache.reader import open_cache
 from stages.evaluate import EvalConfig
 from stages.evaluate import run as evaluate
 from stages.score_ref import ScoreRefConfig

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from pipeline.core.errors import UserError
 from pipeline.core.schemas import SCORES_SCHEMA
 from pipeline.data.pairsfile import read_pairs
-from pipeline.refcache.store import open_cache
+from pipeline.refcache.reader import open_cache
 from stages.cli import app
 from stages.score_ref import ScoreRefConfig, run
 from tests.conftest import accelerate_launch, ingest_pairs
@@ -57,7 +57,7 @@ def test_cache_has_every_pair_with_schema_and_manifest(small_pairs, small_cache)
     for key in ("model", "tokenizer", "samples", "draws", "seed", "max_length", "pad_to", "pairs_sha256", "dtype",
                 "estimator", "chat_template", "package_version"):
         assert key in fp
-    assert cache.manifest["pairs"] == table.num_rows
+    assert cache.manifest.pairs == table.num_rows
 
 
 def test_cache_terms_equal_a_direct_estimator_call(small_cache):
@@ -293,7 +293,7 @@ def test_resume_with_another_pairs_per_part_is_refused(small_pairs, tmp_path):
 def _fingerprint_of(pairs, cfg):
     from pipeline.data.pairsfile import pairs_sha256, read_pairs
     from pipeline.models import load_model, model_identity, tokenizer_identity
-    from stages.score_ref import build_fingerprint
+    from pipeline.refcache.fingerprint import build_fingerprint
 
     _, tok = load_model("micro")
     return build_fingerprint(ScoreRefConfig(**cfg), model_identity("micro"), tokenizer_identity(tok),

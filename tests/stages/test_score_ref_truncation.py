@@ -1,5 +1,5 @@
-"""score-ref's truncation to --max-length: no prompt left (shifted models), responses that become identical
-(counted, skipped by train), and nothing left to tell apart (refused)."""
+"""score-ref's truncation to --max-length: responses that become identical (counted, skipped by train), and nothing
+left to tell apart (refused); no prompt left for a shifted model: tests/pipeline/refcache/test_scoring.py."""
 
 from __future__ import annotations
 
@@ -9,24 +9,12 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.errors import UserError
-from pipeline.models import load_model
-from stages.score_ref import ScoreRefConfig, score_part
+from stages.score_ref import ScoreRefConfig
 from stages.score_ref import run as score
 from stages.train import TrainConfig
 from stages.train import run as train
 
 FAST = dict(learning_rate=3e-3, warmup_ratio=0.0, device="cpu", progress=False, tensorboard=False)
-
-
-def test_truncation_leaving_no_prompt_is_a_clear_error_for_shifted_models(small_pairs):
-    from pipeline.data.pairsfile import read_pairs
-
-    model, tok = load_model("micro")
-    model.logits_shift = True
-    rows = read_pairs(small_pairs).to_pylist()[:1]
-    cfg = ScoreRefConfig(pairs=small_pairs, model="micro", samples=2, max_length=6, device="cpu")
-    with pytest.raises(UserError, match=r"truncation to --max-length 6 left no prompt token"):
-        score_part(model, tok, rows, cfg, {"tokens": 0, "padded_tokens": 0, "real_tokens": 0})
 
 
 def test_identical_after_truncation_is_counted_and_skipped_by_train(small_pairs, tmp_path, capsys):

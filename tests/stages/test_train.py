@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from pipeline.core.errors import ConfigError, UserError
 from pipeline.estimator.replay import PairBatch, replay_requests
 from pipeline.models import load_model
-from pipeline.refcache.store import open_cache
+from pipeline.refcache.reader import open_cache
 from pipeline.trainer.dpo_step import TrainContext, batch_loss, micro_step, policy_terms, reference_means
+from pipeline.trainer.placement import Placement
 from stages.train import TrainConfig, run
 from tests.conftest import accelerate_launch
 
@@ -43,7 +44,7 @@ def _ctx(cfg, cache_dir, model, tok, ref_model=None):
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=True)
-    return TrainContext(cfg, model, tok, acc, open_cache(cache_dir).fingerprint, ref_model)
+    return TrainContext(cfg, Placement(acc, model), tok, open_cache(cache_dir).fingerprint, ref_model)
 
 
 def test_cached_and_online_reference_give_the_same_loss_and_gradients(small_cache, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.refcache.store import open_cache
+from pipeline.refcache.reader import open_cache
 from stages.score_ref import ScoreRefConfig
 from stages.score_ref import run as score
 from stages.train import TrainConfig

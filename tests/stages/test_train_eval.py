@@ -10,11 +10,12 @@ import pytest
 
 from pipeline.core.errors import ConfigError, UserError
 from pipeline.core.schemas import EVAL_METRIC_COLUMNS
-from pipeline.evaluation.preference import heldout_metrics, heldout_sums
+from pipeline.evaluation.preference import heldout_metrics
 from pipeline.models import load_model
-from pipeline.refcache.store import open_cache
+from pipeline.refcache.reader import open_cache
 from stages.train import TrainConfig, run
 from tests.conftest import accelerate_launch
+from tests.pipeline.evaluation.test_preference import heldout_sums
 
 FAST = dict(learning_rate=3e-3, warmup_ratio=0.0, scheduler="constant", beta=0.5, device="cpu", progress=False,
             batch_size=4)

@@ -10,7 +10,7 @@ import torch
 from pipeline.estimator.diffusion import elbo_terms
 from pipeline.estimator.replay import PairBatch, replay_requests
 from pipeline.models import load_model
-from pipeline.refcache.store import open_cache
+from pipeline.refcache.reader import open_cache
 from stages.train import TrainConfig
 from stages.train import run as train
 

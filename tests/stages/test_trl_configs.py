@@ -116,7 +116,8 @@ def _front_matter(path):
 
 
 def test_final_models_carry_a_model_card(small_cache, tmp_path):
-    from pipeline.refcache.store import fingerprint_digest, open_cache
+    from pipeline.refcache.fingerprint import fingerprint_digest
+    from pipeline.refcache.reader import open_cache
     from stages.sft import SFTConfig
     from stages.sft import run as sft
     from stages.train import TrainConfig
@@ -128,7 +129,7 @@ def test_final_models_carry_a_model_card(small_cache, tmp_path):
                       progress=False, report_to="none", learning_rate=1e-3))
     front, text = _front_matter(out / "final" / "README.md")
     cache = open_cache(small_cache)
-    assert front["base_model"] == cache.manifest["config"]["model"] and "dpo" in front["tags"]
+    assert front["base_model"] == cache.manifest.reference_model and "dpo" in front["tags"]
     assert front["library_name"] == "peft"
     assert fingerprint_digest(cache.fingerprint) in text and "eval/rewards/accuracies" in text
     assert "95% Wilson interval" in text and "lora_r: 2" in text

@@ -66,7 +66,7 @@ def test_one_dpo_config_yaml_drives_ingest_score_ref_and_train(tmp_path, capsys)
     score_ref(cfg)
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["fingerprint"]["max_prompt_length"] == 8 and manifest["fingerprint"]["mixed_precision"] == "bf16"
-    from pipeline.refcache.store import open_cache
+    from pipeline.refcache.reader import open_cache
 
     lengths = open_cache(cache).table(["prompt_len", "truncated"]).to_pylist()
     assert max(r["prompt_len"] for r in lengths) <= 8 and all(r["truncated"] for r in lengths)  # TRL's keep-end

@@ -13,7 +13,7 @@ from stages.evaluate import EvalConfig
 
 def test_reference_against_itself_is_chance_and_a_better_policy_wins(small_cache, monkeypatch):
     from pipeline.models.numerics import Numerics
-    from pipeline.refcache.store import open_cache
+    from pipeline.refcache.reader import open_cache
 
     cache = open_cache(small_cache)
     rows = list(cache.rows(split="eval"))
@@ -49,7 +49,7 @@ def test_fresh_masks_are_the_draws_past_the_cache_and_replay_is_the_cached_draw(
     training saw; the replay of a cached draw gives the cached counts (one request builder for both)."""
     from pipeline.estimator.diffusion import mask_seed, sample_masks
     from pipeline.estimator.replay import cached_request
-    from pipeline.refcache.store import open_cache
+    from pipeline.refcache.reader import open_cache
 
     cache = open_cache(small_cache)
     fp, row = cache.fingerprint, cache.table().to_pylist()[0]

@@ -8,11 +8,41 @@ import pytest
 import torch
 
 from pipeline.core.schemas import EVAL_METRIC_COLUMNS
+from pipeline.estimator.losses import METRICS, pair_statistics
 from pipeline.estimator.replay import PairBatch, replay_requests
-from pipeline.evaluation.preference import heldout_metrics, heldout_sums
+from pipeline.evaluation.preference import heldout_metrics
 from pipeline.models import load_model
-from pipeline.refcache.store import open_cache
+from pipeline.refcache.reader import open_cache
 from tests.pipeline.estimator.reference import dpo_loss
+
+
+def heldout_sums(model, tokenizer, rows, fingerprint, *, beta: float, loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0, preference_weight: float = 1.0, sft_weight: float = 0.0,
+                 batch_tokens=None, draw: int = 0, pairs_per_pass: int = 8) -> torch.Tensor:
+    """The tests' reference computation of held-out sums (``heldout_metrics``'s input, ("pairs", *METRICS) in
+    order): the policy's terms from one no-grad pass per ``pairs_per_pass`` pairs on ``draw``'s cached masks in
+    train's batches, against the cached reference terms of the same draw, train's loss and tie rule."""
+    from pipeline.estimator.diffusion import elbo_terms
+
+    names = ("pairs", *METRICS.values())
+    sums = torch.zeros(len(names), dtype=torch.float64)
+    for start in range(0, len(rows), pairs_per_pass):
+        chunk = list(rows[start:start + pairs_per_pass])
+        with torch.no_grad():
+            terms = elbo_terms(model, replay_requests(PairBatch(chunk, draw), fingerprint),
+                               mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+                               batch_tokens=batch_tokens)
+        means = torch.stack([t.mean().double().cpu() for t in terms])
+        ref = {side: torch.tensor([sum(r[f"ref_{side}_terms"][draw]) / len(r[f"ref_{side}_terms"][draw])
+                                   for r in chunk], dtype=torch.float64) for side in ("chosen", "rejected")}
+        stats = pair_statistics(means[0::2], means[1::2], ref["chosen"], ref["rejected"], beta=beta,
+                                loss_type=loss_type, label_smoothing=label_smoothing,
+                                chosen_len=torch.tensor([r["chosen_len"] for r in chunk]),
+                                rejected_len=torch.tensor([r["rejected_len"] for r in chunk]),
+                                preference_weight=preference_weight, sft_weight=sft_weight)
+        values = {"pairs": float(len(chunk)), **stats.sums()}
+        sums += torch.tensor([values[name] for name in names], dtype=torch.float64)
+    return sums
 
 
 def _eval_rows(cache_dir):

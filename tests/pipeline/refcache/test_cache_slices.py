@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.schemas import SCORES_MANIFEST, SCORES_SCHEMA
-from pipeline.refcache.store import open_cache, part_name
+from pipeline.refcache.reader import open_cache, part_name
 
 
 def _row(pid: str, split: str, chosen: list[int], rejected: list[int]) -> dict:

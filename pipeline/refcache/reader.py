@@ -1,10 +1,10 @@
-"""The reference-score cache on disk: fingerprints, part files, reading back.
+"""Reading a finished reference-score cache: its part files, its rows in a stable order, one split read on demand.
 
 A cache is a folder of Parquet part files (``part-NNNNN.parquet``, SCORES_SCHEMA)
 plus ``manifest.json``. While scoring runs, ``fingerprint.json`` records what
 the parts belong to, so a resumed run can prove the parts on disk were made
 with the same settings; the manifest is written once, last, and marks the
-cache complete.
+cache complete (pipeline.refcache.writer writes them).
 """
 
 from __future__ import annotations
@@ -20,9 +20,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.atomic import file_sha256
-from pipeline.core.digest import canonical_json, content_digest
 from pipeline.core.errors import UserError
-from pipeline.core.schemas import SCORES_MANIFEST, SCORES_SCHEMA
+from pipeline.core.schemas import (
+    IDS_COLUMNS,
+    LEN_COLUMNS,
+    PAIR_ID_COLUMN,
+    SCORES_MANIFEST,
+    SCORES_SCHEMA,
+    SPLIT_COLUMN,
+    split_of,
+)
+from pipeline.refcache.manifest import CacheManifest
 
 IN_PROGRESS = "fingerprint.json"
 PART_PATTERN = re.compile(r"^part-(\d{5})\.parquet$")
@@ -30,35 +38,6 @@ PART_PATTERN = re.compile(r"^part-(\d{5})\.parquet$")
 
 def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
-
-
-def fingerprint_digest(fields: dict[str, Any]) -> str:
-    """A short hash of the canonical JSON of every field that changes a score."""
-    return content_digest(fields, 16)
-
-
-def fingerprint_differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
-    """Names of the fingerprint fields whose values differ (missing counts as different)."""
-    return [k for k in sorted(set(expected) | set(found), key=str)
-            if canonical_json(expected.get(k)) != canonical_json(found.get(k))]
-
-
-def describe_difference(expected: dict[str, Any], found: dict[str, Any], field: str) -> str:
-    """``field: cache has X, this run has Y``, pointed at what differs: nested mappings are followed to the first
-    differing key (``model.weights.model.safetensors``), values are shown whole (a sha256 is 64 characters)
-    or, when long, from just before their first differing character on both sides."""
-    a, b, name = found.get(field), expected.get(field), field
-    while isinstance(a, dict) and isinstance(b, dict):
-        keys = fingerprint_differences(b, a)
-        if not keys:
-            break
-        a, b, name = a.get(keys[0]), b.get(keys[0]), f"{name}.{keys[0]}"
-    ta, tb = (canonical_json(v) for v in (a, b))
-    if max(len(ta), len(tb)) > 100:
-        first = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
-        lo = max(0, first - 20)
-        ta, tb = (("..." if lo else "") + t[lo:lo + 80] + ("..." if len(t) > lo + 80 else "") for t in (ta, tb))
-    return f"{name}: cache has {ta}, this run has {tb}"
 
 
 def check_part_checksum(path: Path, expected_sha256: str | None) -> None:
@@ -83,18 +62,6 @@ def _unreadable(path: Path, exc: Exception) -> UserError:
     return UserError(f"{path}: part file does not read as Parquet ({first}); rerun score-ref to rebuild the cache")
 
 
-def check_reference_model(fingerprint: dict[str, Any], model_name: str, where: str) -> None:
-    """``model_name``, used as the cache's reference, must still be the model that was scored (its content identity:
-    config and weight hashes), or its scores are not the cache's and a "before" figure would mislead."""
-    from pipeline.models import model_identity
-
-    expected, actual = {"model": fingerprint.get("model")}, {"model": model_identity(model_name)}
-    if fingerprint_differences(actual, expected):
-        raise UserError(f"{where}: model '{model_name}' is no longer the model this cache was scored with ("
-                        + describe_difference(actual, expected, "model")
-                        + "); rescore it with score-ref, or name another --before")
-
-
 def existing_parts(directory: Path) -> dict[int, Path]:
     """Finished part files by index (temporary leftovers never match the pattern)."""
     if not directory.is_dir():
@@ -107,17 +74,17 @@ class ScoresCache:
     """A finished cache, opened for reading."""
 
     directory: Path
-    manifest: dict[str, Any]
+    manifest: CacheManifest
     _verified: set = field(default_factory=set, repr=False)  # parts whose checksum matched, by (name, size, mtime)
 
     @property
     def fingerprint(self) -> dict[str, Any]:
-        return self.manifest["fingerprint"]
+        return self.manifest.fingerprint
 
     @property
     def parts(self) -> list[Path]:
         """The part files the manifest lists (stray files in the folder are not part of the cache)."""
-        listed = self.manifest.get("parts")
+        listed = self.manifest.parts
         if listed is None:
             return [p for _, p in sorted(existing_parts(self.directory).items())]
         missing = [name for name in listed if not (self.directory / name).is_file()]
@@ -131,12 +98,12 @@ class ScoresCache:
         key = (path.name, st.st_size, st.st_mtime_ns)
         if key in self._verified:
             return
-        check_part_checksum(path, (self.manifest.get("part_sha256") or {}).get(path.name))
+        check_part_checksum(path, self.manifest.part_sha256.get(path.name))
         self._verified.add(key)
 
     def read(self, path: Path, columns: list[str] | None = None) -> pa.Table:
         """One of its parts, checked against the manifest's checksum on this read."""
-        return read_part(path, columns, (self.manifest.get("part_sha256") or {}).get(path.name))
+        return read_part(path, columns, self.manifest.part_sha256.get(path.name))
 
     def table(self, columns: list[str] | None = None) -> pa.Table:
         tables = []
@@ -156,8 +123,8 @@ class ScoresCache:
         """Rows in a stable order (by pair_id), optionally one split only (all in memory: see split_rows)."""
         table = self.table()
         if split is not None:
-            table = table.filter(pc.equal(table["split"], split))
-        yield from table.sort_by("pair_id").to_pylist()
+            table = table.filter(pc.equal(table[SPLIT_COLUMN], split))
+        yield from table.sort_by(PAIR_ID_COLUMN).to_pylist()
 
 
 def open_cache(directory: str | Path) -> ScoresCache:
@@ -175,7 +142,11 @@ def open_cache(directory: str | Path) -> ScoresCache:
         raise UserError(f"{manifest_path}: invalid JSON: {exc}") from None
     if "fingerprint" not in manifest:
         raise UserError(f"{manifest_path}: missing field 'fingerprint'")
-    return ScoresCache(directory, manifest)
+    return ScoresCache(directory, CacheManifest(manifest))
+
+
+_RESPONSE_IDS = (IDS_COLUMNS["chosen"], IDS_COLUMNS["rejected"])
+_RESPONSE_LENS = (LEN_COLUMNS["chosen"], LEN_COLUMNS["rejected"])
 
 
 def _identical_rows(ids: pa.Table, candidates: pa.ChunkedArray) -> set[int]:
@@ -185,8 +156,8 @@ def _identical_rows(ids: pa.Table, candidates: pa.ChunkedArray) -> set[int]:
     element-wise comparison and a per-row AND over the list offsets decide.
     """
     rows = pc.indices_nonzero(candidates).to_numpy()
-    chosen = ids["chosen_ids"].combine_chunks().take(pa.array(rows))
-    rejected = ids["rejected_ids"].combine_chunks().take(pa.array(rows))
+    chosen = ids[IDS_COLUMNS["chosen"]].combine_chunks().take(pa.array(rows))
+    rejected = ids[IDS_COLUMNS["rejected"]].combine_chunks().take(pa.array(rows))
     equal = (chosen.flatten().to_numpy(zero_copy_only=False) == rejected.flatten().to_numpy(zero_copy_only=False))
     offsets = chosen.offsets.to_numpy()
     return {row for k, row in enumerate(rows.tolist()) if bool(equal[offsets[k]:offsets[k + 1]].all())}
@@ -219,14 +190,14 @@ class SplitRows:
         for part_i in range(len(self._paths)):
             pf = self._file(part_i)
             for g in range(pf.metadata.num_row_groups):
-                meta = pf.read_row_group(g, columns=["pair_id", "split", "chosen_len", "rejected_len"])
-                keep = pc.equal(meta["split"], split) if split is not None else pa.array([True] * meta.num_rows)
-                same_len = pc.and_(pc.equal(meta["chosen_len"], meta["rejected_len"]), keep)
+                meta = pf.read_row_group(g, columns=[PAIR_ID_COLUMN, SPLIT_COLUMN, *_RESPONSE_LENS])
+                keep = pc.equal(meta[SPLIT_COLUMN], split) if split is not None else pa.array([True] * meta.num_rows)
+                same_len = pc.and_(pc.equal(*(meta[c] for c in _RESPONSE_LENS)), keep)
                 same_rows = set()
                 if skip_identical and pc.any(same_len).as_py():
-                    same_rows = _identical_rows(pf.read_row_group(g, columns=["chosen_ids", "rejected_ids"]),
+                    same_rows = _identical_rows(pf.read_row_group(g, columns=[*_RESPONSE_IDS]),
                                                 same_len)
-                for r, (pid, kept) in enumerate(zip(meta["pair_id"].to_pylist(), keep.to_pylist())):
+                for r, (pid, kept) in enumerate(zip(meta[PAIR_ID_COLUMN].to_pylist(), keep.to_pylist())):
                     if kept and r in same_rows:
                         self.identical.append(pid)
                     elif kept:
@@ -288,3 +259,21 @@ class SplitRows:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return (self[i] for i in range(len(self)))
+
+
+def cache_part_paths(cache: ScoresCache, *, split: str | None = None, pair_ids=None) -> list[Path]:
+    """The parts of ``cache`` that hold a row of ``split`` or one of ``pair_ids`` (only their pair_id and
+    split columns are read here; ``read_whole_part`` reads one when it is scored)."""
+    wanted = set(pair_ids) if pair_ids is not None else None
+    out = []
+    for path in cache.parts:
+        meta = cache.read(path, [PAIR_ID_COLUMN, SPLIT_COLUMN]).to_pylist()
+        if any((split is None or split_of(m.get(SPLIT_COLUMN)) == split)
+               and (wanted is None or m[PAIR_ID_COLUMN] in wanted) for m in meta):
+            out.append(path)
+    return out
+
+
+def read_whole_part(cache: ScoresCache, path: Path) -> list[dict]:
+    """One part's rows in the part's order, as score-ref scored them (its checksum checked)."""
+    return cache.read(path).to_pylist()
