@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from pipeline.core.lazy import deferred, no_grad
-from pipeline.sampling.args import SamplingArgs, check_schedule, sampling_args  # noqa: F401 (check_schedule: its tests)
+from pipeline.sampling.args import SamplingArgs, sampling_args
 
 if TYPE_CHECKING:
     from torch import Tensor

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.sampling.args import check_schedule
 from pipeline.sampling.sampler import (
-    check_schedule,
     commit_counts,
     generate,
     left_pad,
