@@ -464,7 +464,7 @@ def section_train(results: Results, state: dict) -> None:
              "mixed_precision": cfg.mixed_precision, "gradient_checkpointing": True, "pairs_per_step": 1,
              "prompt_tokens": s["train_prompt"], "response_tokens": s["train_response"], "samples": s["samples"],
              "trainable_parameters": sum(p.numel() for p in params),
-             "driver": "stages.train.setup_policy + micro_step (TrainContext) + clip + AdamW per step"}
+             "driver": "pipeline.trainer.dpo_checks.setup_policy + dpo_step.micro_step (TrainContext) + clip + AdamW per step"}
     section = _measure(results, "train", state, ctx, optimizer, params, batch, _train_configs(K),
                        s["budgets"]["train"], extra)
     del ctx, optimizer, params
