@@ -1,0 +1,187 @@
+"""Validating one chunk of input records: accepted rows as an Arrow batch, rejected ones as quarantine lines.
+
+A chunk is a run of records from one source (JSONL lines, or the records a reader
+yields). ``process_lines`` is JSONL's fast path: Arrow parses and checks plain rows
+in bulk, and every line it does not clear goes through ``process_records``, the
+same per-record code every other input takes, so results do not depend on the
+path. Duplicates are not resolved here (that needs every earlier chunk: see
+``ingesting``). Both functions run in ingest's worker processes, so their
+arguments are picklable.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.core.errors import UserError
+from pipeline.data.pairs import (
+    FieldMap,
+    Invalid,
+    arrow_clean_mask,
+    arrow_pair_ids,
+    arrow_splits,
+    declared_split,
+    kept_value,
+    split_of,
+    validate_record,
+)
+from pipeline.data.readers import (
+    TOO_DEEP,
+    Record,
+    arrow_segments,
+    escape_lines,
+    jsonl_chunk_records,
+    may_hold_cr_or_escapes,
+    parse_fields_with_arrow,
+    parse_line,
+)
+
+
+@dataclass(frozen=True)
+class ChunkRules:
+    """How to validate records: the field names, the limits, the split rule and the output schema (picklable)."""
+
+    fields: FieldMap
+    max_chars: int
+    eval_fraction: float
+    keep_fields: tuple[str, ...]
+    schema: pa.Schema  # pairs schema + "_line"
+    fast: bool = True  # Arrow fast path for JSONL (off when kept fields need Python values)
+    split_field: str = ""  # the input field naming a record's own split ("" : none)
+
+
+@dataclass
+class Chunk:
+    """A run of records from one source, validated; duplicates are not resolved yet."""
+
+    source: str
+    read: int
+    batch: pa.RecordBatch  # accepted rows (ctx.schema, with _line)
+    quarantine: list[tuple[int, str, str]]  # (line, reason, JSON text) in input order
+
+
+def process_records(records: Iterable[Record], source: str, ctx: ChunkRules) -> Chunk:
+    """Validate records into accepted columns and quarantine entries (runs in workers)."""
+    rows: list[tuple] = []  # in ctx.schema's column order: PAIRS_SCHEMA, the kept fields, _line
+    quarantine: list[tuple[int, str, str]] = []
+    read = 0
+    fields, max_chars, eval_fraction, keep = ctx.fields, ctx.max_chars, ctx.eval_fraction, ctx.keep_fields
+    for rec in records:
+        read += 1
+        reason, message, value = rec.reason, rec.message, rec.value
+        if reason == "invalid_json" and message == TOO_DEEP:
+            # Arrow's parser has no depth limit: a record whose deep part is outside the
+            # three fields is judged on those fields, as the fast path judges it.
+            names = fields.names + ((ctx.split_field,) if ctx.split_field else ())
+            value = parse_fields_with_arrow(rec.raw, names)
+            if value is not None:
+                reason = message = None
+        if reason is None:
+            try:
+                pair = validate_record(value, fields, max_chars)
+                kept = [kept_value(value.get(name)) for name in keep]
+            except Invalid as bad:
+                reason, message = bad.reason, bad.message
+            except RecursionError:  # a value deep enough to overflow the stack once decoded
+                reason, message = "invalid_json", TOO_DEEP
+        if reason is not None:
+            quarantine.append((rec.line, reason, quarantine_line(rec.source, rec.line, reason, message, rec.raw)))
+            continue
+        split = split_of(pair.prompt_key, eval_fraction)
+        name = rec.split if rec.split is not None else (value.get(ctx.split_field) if ctx.split_field else None)
+        if name is not None and declared_or_error(name, rec.source, rec.line) == "eval":
+            split = "eval"
+        rows.append((pair.pair_id, pair.prompt, pair.chosen, pair.rejected, pair.prompt_messages, pair.chosen_messages,
+                     pair.rejected_messages, split, f"{rec.source}:{rec.line}", *kept, rec.line))
+    columns = list(zip(*rows)) or [()] * len(ctx.schema)
+    arrays = [pa.array(col, type=f.type) for col, f in zip(columns, ctx.schema)]
+    return Chunk(source, read, pa.RecordBatch.from_arrays(arrays, schema=ctx.schema), quarantine)
+
+
+def declared_or_error(name: Any, source: str, line: int) -> str:
+    """``declared_split(name)``; a name that is no split is a one-line error naming the file and line."""
+    try:
+        return declared_split(name)
+    except ValueError as exc:
+        raise UserError(f"{source}:{line}: {exc}; rename the split, or ignore the field with --split-field ''") from None
+
+
+def process_lines(data: bytes, first_line: int, source: str, ctx: ChunkRules) -> Chunk:
+    """A chunk of JSONL lines. Fast path: Arrow parses and checks plain rows in bulk; every
+    other line (bad JSON, conversations, anything the vectorized check does not clear)
+    goes through the same per-record code as other inputs, so results do not depend on the path."""
+    if not ctx.fast:
+        return process_records(jsonl_chunk_records(data, first_line, source), source, ctx)
+    lines = data.split(b"\n")
+    if b"\r" in data:
+        lines = [line.rstrip(b"\r") if line.endswith(b"\r") else line for line in lines]
+    if data.endswith(b"\n"):
+        lines.pop()  # the empty piece after the last newline
+    numbers = np.arange(first_line, first_line + len(lines), dtype=np.int64)
+    if not all(lines) or any(map(bytes.isspace, lines)):  # blank lines: what `not line.strip()` means
+        kept = np.array([bool(line) and not line.isspace() for line in lines], dtype=bool)
+        lines = [line for line, keep in zip(lines, kept) if keep]
+        numbers = numbers[kept]
+    # A CR in a text (raw, or escaped as \\r or \\u000d) changes its normalization, and
+    # \\u escapes may hide lone surrogates; with none in the chunk both scans are skipped.
+    blob = b"\n".join(lines)
+    escapes = escape_lines(lines, blob) if may_hold_cr_or_escapes(data) else []
+    names = ctx.fields.names
+    # The split field is parsed only where its key can occur (as a key it is a quoted name).
+    if ctx.split_field and json.dumps(ctx.split_field, ensure_ascii=False).encode() in data:
+        names += (ctx.split_field,)
+    segments = list(arrow_segments(lines, names, escapes, blob))
+    slow = [i for rows, table in segments if table is None for i in rows]
+    tables = [table for _, table in segments if table is not None]
+    fast_runs = [np.asarray(rows, dtype=np.int64) for rows, table in segments if table is not None]
+    fast = None  # the rows Arrow's values settle
+    if tables:
+        t = pa.concat_tables(tables)
+        fast_idx = np.concatenate(fast_runs)
+        p, c, r = (t.column(i).combine_chunks() for i in range(3))
+        cr_rows = np.flatnonzero(np.isin(fast_idx, escapes)) if escapes else False
+        mask, normalized = arrow_clean_mask(p, c, r, ctx.max_chars, cr_rows)
+        ok_np = mask.to_numpy(zero_copy_only=False)
+        ok_rows = fast_idx[ok_np]
+        slow.extend(fast_idx[~ok_np].tolist())
+        if len(ok_rows):
+            n = len(ok_rows)
+            every = len(ok_rows) == len(fast_idx)  # then filtering would only copy
+            pick = (lambda col: col) if every else (lambda col: pc.filter(col, mask))  # noqa: E731
+            pn, cn, rn = (pick(col) for col in normalized)
+            hashed = arrow_splits(pn, ctx.eval_fraction)
+            lines_ok = pa.array(numbers[ok_rows], pa.int64())
+            if len(names) == 4:
+                declared = pick(t.column(3).combine_chunks())
+                if declared.null_count < len(declared):
+                    hashed = ["eval" if d is not None and declared_or_error(d, source, ln) == "eval" else h
+                              for d, h, ln in zip(declared.to_pylist(), hashed, lines_ok.to_pylist())]
+            arrays = {
+                "pair_id": pa.array(arrow_pair_ids(pn, cn, rn), pa.string()),
+                "prompt": pick(p),
+                "chosen": pick(c),
+                "rejected": pick(r),
+                "split": pa.array(hashed, pa.string()),
+                "source": pc.binary_join_element_wise(f"{source}:", pc.cast(lines_ok, pa.string()), ""),
+                "_line": lines_ok,
+            }
+            cols = [arrays[fld.name] if fld.name in arrays else pa.nulls(n, fld.type) for fld in ctx.schema]
+            fast = pa.RecordBatch.from_arrays(cols, schema=ctx.schema)
+    slow.sort()
+    exact = process_records((parse_line(lines[i], source, int(numbers[i])) for i in slow), source, ctx)
+    batch = exact.batch if fast is None else fast  # with no slow line, Arrow's rows are all, in line order
+    if fast is not None and slow:  # interleave the exact rows back in line order: one take over both (one copy)
+        both = pa.concat_batches([fast, exact.batch])
+        batch = both.take(pa.array(np.argsort(both.column(len(ctx.schema) - 1).to_numpy(), kind="stable")))
+    return Chunk(source, len(lines), batch, exact.quarantine)
+
+
+def quarantine_line(source: str, line: int, reason: str, message: str | None, raw: str) -> str:
+    record = {"source": source, "line": line, "reason": reason, "message": message, "raw": raw}
+    return json.dumps(record, ensure_ascii=False) + "\n"
