@@ -20,12 +20,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.errors import UserError
+from pipeline.data.arrow_build import bools_of, choose_strings, int64_array, ints_of, scalar
 from pipeline.data.pairs import (
     FieldMap,
     Invalid,
     arrow_clean_mask,
-    arrow_pair_ids,
-    arrow_splits,
+    arrow_eval_mask,
+    arrow_pair_id_array,
     declared_split,
     kept_value,
     split_of,
@@ -99,8 +100,10 @@ def process_records(records: Iterable[Record], source: str, ctx: ChunkRules) -> 
             split = "eval"
         rows.append((pair.pair_id, pair.prompt, pair.chosen, pair.rejected, pair.prompt_messages, pair.chosen_messages,
                      pair.rejected_messages, split, f"{rec.source}:{rec.line}", *kept, rec.line))
-    columns = list(zip(*rows)) or [()] * len(ctx.schema)
-    arrays = [pa.array(col, type=f.type) for col, f in zip(columns, ctx.schema)]
+    if not rows:  # the common case on the JSONL fast path (and no Python-object conversion, which imports pandas)
+        arrays = [pa.nulls(0, f.type) for f in ctx.schema]
+    else:
+        arrays = [pa.array(col, type=f.type) for col, f in zip(zip(*rows), ctx.schema)]
     return Chunk(source, read, pa.RecordBatch.from_arrays(arrays, schema=ctx.schema), quarantine)
 
 
@@ -118,19 +121,9 @@ def process_lines(data: bytes, first_line: int, source: str, ctx: ChunkRules) ->
     goes through the same per-record code as other inputs, so results do not depend on the path."""
     if not ctx.fast:
         return process_records(jsonl_chunk_records(data, first_line, source), source, ctx)
-    lines = data.split(b"\n")
-    if b"\r" in data:
-        lines = [line.rstrip(b"\r") if line.endswith(b"\r") else line for line in lines]
-    if data.endswith(b"\n"):
-        lines.pop()  # the empty piece after the last newline
-    numbers = np.arange(first_line, first_line + len(lines), dtype=np.int64)
-    if not all(lines) or any(map(bytes.isspace, lines)):  # blank lines: what `not line.strip()` means
-        kept = np.array([bool(line) and not line.isspace() for line in lines], dtype=bool)
-        lines = [line for line, keep in zip(lines, kept) if keep]
-        numbers = numbers[kept]
+    lines, numbers, blob = _nonblank_lines(data, first_line)
     # A CR in a text (raw, or escaped as \\r or \\u000d) changes its normalization, and
     # \\u escapes may hide lone surrogates; with none in the chunk both scans are skipped.
-    blob = b"\n".join(lines)
     escapes = escape_lines(lines, blob) if may_hold_cr_or_escapes(data) else []
     names = ctx.fields.names
     # The split field is parsed only where its key can occur (as a key it is a quoted name).
@@ -139,47 +132,79 @@ def process_lines(data: bytes, first_line: int, source: str, ctx: ChunkRules) ->
     segments = list(arrow_segments(lines, names, escapes, blob))
     slow = [i for rows, table in segments if table is None for i in rows]
     tables = [table for _, table in segments if table is not None]
-    fast_runs = [np.asarray(rows, dtype=np.int64) for rows, table in segments if table is not None]
     fast = None  # the rows Arrow's values settle
     if tables:
-        t = pa.concat_tables(tables)
-        fast_idx = np.concatenate(fast_runs)
-        p, c, r = (t.column(i).combine_chunks() for i in range(3))
-        cr_rows = np.flatnonzero(np.isin(fast_idx, escapes)) if escapes else False
-        mask, normalized = arrow_clean_mask(p, c, r, ctx.max_chars, cr_rows)
-        ok_np = mask.to_numpy(zero_copy_only=False)
-        ok_rows = fast_idx[ok_np]
-        slow.extend(fast_idx[~ok_np].tolist())
-        if len(ok_rows):
-            n = len(ok_rows)
-            every = len(ok_rows) == len(fast_idx)  # then filtering would only copy
-            pick = (lambda col: col) if every else (lambda col: pc.filter(col, mask))  # noqa: E731
-            pn, cn, rn = (pick(col) for col in normalized)
-            hashed = arrow_splits(pn, ctx.eval_fraction)
-            lines_ok = pa.array(numbers[ok_rows], pa.int64())
-            if len(names) == 4:
-                declared = pick(t.column(3).combine_chunks())
-                if declared.null_count < len(declared):
-                    hashed = ["eval" if d is not None and declared_or_error(d, source, ln) == "eval" else h
-                              for d, h, ln in zip(declared.to_pylist(), hashed, lines_ok.to_pylist())]
-            arrays = {
-                "pair_id": pa.array(arrow_pair_ids(pn, cn, rn), pa.string()),
-                "prompt": pick(p),
-                "chosen": pick(c),
-                "rejected": pick(r),
-                "split": pa.array(hashed, pa.string()),
-                "source": pc.binary_join_element_wise(f"{source}:", pc.cast(lines_ok, pa.string()), ""),
-                "_line": lines_ok,
-            }
-            cols = [arrays[fld.name] if fld.name in arrays else pa.nulls(n, fld.type) for fld in ctx.schema]
-            fast = pa.RecordBatch.from_arrays(cols, schema=ctx.schema)
+        fast_idx = np.concatenate([np.asarray(rows, dtype=np.int64) for rows, table in segments if table is not None])
+        fast, unsettled = _settled_rows(tables, fast_idx, numbers, escapes, source, ctx)
+        slow.extend(unsettled)
     slow.sort()
     exact = process_records((parse_line(lines[i], source, int(numbers[i])) for i in slow), source, ctx)
     batch = exact.batch if fast is None else fast  # with no slow line, Arrow's rows are all, in line order
     if fast is not None and slow:  # interleave the exact rows back in line order: one take over both (one copy)
         both = pa.concat_batches([fast, exact.batch])
-        batch = both.take(pa.array(np.argsort(both.column(len(ctx.schema) - 1).to_numpy(), kind="stable")))
+        batch = both.take(int64_array(np.argsort(ints_of(both.column(len(ctx.schema) - 1)), kind="stable")))
     return Chunk(source, len(lines), batch, exact.quarantine)
+
+
+def _nonblank_lines(data: bytes, first_line: int) -> tuple[list[bytes], np.ndarray, bytes]:
+    """The chunk's non-blank lines (without newline or a final CR), their line numbers, and the lines joined by
+    newlines (``data`` itself when no line was dropped or changed: no copy)."""
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()  # the empty piece after the last newline
+    changed = b"\r" in data
+    if changed:
+        lines = [line.rstrip(b"\r") if line.endswith(b"\r") else line for line in lines]
+    numbers = np.arange(first_line, first_line + len(lines), dtype=np.int64)
+    if not all(lines) or any(map(bytes.isspace, lines)):  # blank lines: what `not line.strip()` means
+        kept = np.array([bool(line) and not line.isspace() for line in lines], dtype=bool)
+        lines = [line for line, keep in zip(lines, kept) if keep]
+        numbers, changed = numbers[kept], True
+    return lines, numbers, b"\n".join(lines) if changed else data
+
+
+def _settled_rows(tables: list[pa.Table], fast_idx: np.ndarray, numbers: np.ndarray, escapes: list[int], source: str,
+                  ctx: ChunkRules) -> tuple[pa.RecordBatch | None, list[int]]:
+    """The rows Arrow parsed (``tables``, lines ``fast_idx``) that the vectorized check accepts, as a batch in
+    ``ctx.schema``, and the lines it leaves to the exact path."""
+    t = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    p, c, r = (_one_chunk(t.column(i)) for i in range(3))
+    cr_rows = np.flatnonzero(np.isin(fast_idx, escapes)) if escapes else False
+    mask, normalized = arrow_clean_mask(p, c, r, ctx.max_chars, cr_rows)
+    ok_np = bools_of(mask)
+    ok_rows, unsettled = fast_idx[ok_np], fast_idx[~ok_np].tolist()
+    n = len(ok_rows)
+    if not n:
+        return None, unsettled
+    every = n == len(fast_idx)  # then filtering would only copy
+    pick = (lambda col: col) if every else (lambda col: pc.filter(col, mask))  # noqa: E731
+    pn, cn, rn = (pick(col) for col in normalized)
+    is_eval = arrow_eval_mask(pn, ctx.eval_fraction)
+    lines_ok = numbers[ok_rows]
+    if t.num_columns == 4:  # the split field
+        declared = pick(_one_chunk(t.column(3)))
+        if declared.null_count < len(declared):
+            for i, (name, line) in enumerate(zip(declared.to_pylist(), lines_ok.tolist())):
+                if name is not None and declared_or_error(name, source, line) == "eval":
+                    is_eval[i] = True
+    line_array = int64_array(lines_ok)
+    arrays = {
+        "pair_id": arrow_pair_id_array(pn, cn, rn),
+        "prompt": pick(p),
+        "chosen": pick(c),
+        "rejected": pick(r),
+        "split": choose_strings(is_eval, "eval", "train"),
+        "source": pc.binary_join_element_wise(scalar(f"{source}:"), pc.cast(line_array, pa.string()),
+                                              scalar("")),
+        "_line": line_array,
+    }
+    cols = [arrays[fld.name] if fld.name in arrays else pa.nulls(n, fld.type) for fld in ctx.schema]
+    return pa.RecordBatch.from_arrays(cols, schema=ctx.schema), unsettled
+
+
+def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
+    """The column as one array (no copy when it is one chunk already)."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def quarantine_line(source: str, line: int, reason: str, message: str | None, raw: str) -> str:

@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.core.atomic import atomic_path, check_replaceable, check_writable
 from pipeline.core.errors import ConfigError, UserError
 from pipeline.core.schemas import PAIRS_SCHEMA, REASON_CODES, SPLITS
+from pipeline.data.arrow_build import bool_array
 from pipeline.data.ingest_chunks import Chunk, ChunkRules, process_lines, process_records, quarantine_line
 from pipeline.data.pairs import FieldMap
 from pipeline.data.readers import input_size, is_line_oriented, iter_line_chunks, iter_records
@@ -54,31 +56,37 @@ class PairsWriter:
 
     Batch boundaries depend only on the row count, never on how the input was
     chunked or how many workers parsed it, so the file's bytes are a function
-    of its rows alone.
+    of its rows alone. Each written batch is copied into fresh zero-offset buffers
+    (``concat_arrays``): the IPC writer does not write a slice's bytes as it writes
+    a fresh array of the same rows (a sliced string column keeps padding of its
+    parent's data buffer).
     """
 
     def __init__(self, path: Path, schema: pa.Schema):
         self.schema = schema
         self.sink = pa.OSFile(str(path), "wb")
         self.writer = pa.ipc.new_file(self.sink, schema)
-        self.pending = schema.empty_table()
+        self.pending: list[pa.RecordBatch] = []
+        self.pending_rows = 0
 
     def add(self, batch: pa.RecordBatch) -> None:
-        if batch.num_rows:
-            self.pending = pa.concat_tables([self.pending, pa.Table.from_batches([batch], schema=self.schema)])
-        while self.pending.num_rows >= _BATCH_ROWS:
-            self._write(_BATCH_ROWS)
+        start, rows = 0, batch.num_rows
+        while rows - start >= _BATCH_ROWS - self.pending_rows:
+            take = _BATCH_ROWS - self.pending_rows
+            self._write([*self.pending, batch.slice(start, take)])
+            start, self.pending, self.pending_rows = start + take, [], 0
+        if start < rows:
+            self.pending.append(batch.slice(start))
+            self.pending_rows += rows - start
 
-    def _write(self, rows: int) -> None:
-        """Write the first ``rows`` pending rows as one batch."""
-        # concat_arrays copies into fresh zero-offset buffers: identical bytes for identical rows.
-        arrays = [pa.concat_arrays(col.chunks) for col in self.pending.slice(0, rows).columns]
+    def _write(self, pieces: list[pa.RecordBatch]) -> None:
+        """Write ``pieces`` as one batch, copied once into fresh buffers: identical bytes for identical rows."""
+        arrays = [pa.concat_arrays([piece.column(i) for piece in pieces]) for i in range(len(self.schema))]
         self.writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
-        self.pending = self.pending.slice(rows)
 
     def close(self) -> None:
-        if self.pending.num_rows:
-            self._write(self.pending.num_rows)
+        if self.pending:
+            self._write(self.pending)
         self.writer.close()
         self.sink.close()
 
@@ -109,7 +117,7 @@ class FirstPairWins:
                 keep_mask.append(True)
         if not dups:
             return batch, chunk.quarantine
-        return batch.filter(pa.array(keep_mask)), list(heapq.merge(chunk.quarantine, dups, key=lambda e: e[0]))
+        return batch.filter(bool_array(np.array(keep_mask, dtype=bool))), list(heapq.merge(chunk.quarantine, dups, key=lambda e: e[0]))
 
 
 def _raw_line_getter(data: bytes, first: int) -> Callable[[int], str]:

@@ -24,13 +24,15 @@ def _lines(rows) -> bytes:
 
 def test_writer_batches_depend_on_rows_only(tmp_path, monkeypatch):
     monkeypatch.setattr(ingesting, "_BATCH_ROWS", 3)
-    schema = pa.schema([("x", pa.int64())])
+    schema = pa.schema([("x", pa.int64()), ("s", pa.string()), ("m", pa.list_(pa.string()))])
     files = []
     for cuts in ((7,), (1, 1, 5), (4, 0, 3)):
         path = tmp_path / f"{len(files)}.arrow"
         writer, start = ingesting.PairsWriter(path, schema), 0
         for n in cuts:
-            writer.add(pa.record_batch([pa.array(range(start, start + n), pa.int64())], schema=schema))
+            xs = range(start, start + n)
+            writer.add(pa.record_batch([pa.array(xs, pa.int64()), pa.array([None if x % 3 else "t%d" % x for x in xs]),
+                                        pa.nulls(n, pa.list_(pa.string()))], schema=schema))
             start += n
         writer.close()
         files.append(path.read_bytes())
