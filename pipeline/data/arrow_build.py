@@ -9,6 +9,8 @@ these, so ``lldm-dpo ingest`` never pays for pandas on clean input.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pyarrow as pa
 
@@ -41,8 +43,10 @@ def choose_strings(mask: np.ndarray, if_true: str, if_false: str) -> pa.Array:
     return pa.DictionaryArray.from_arrays(indices, string_array([if_false, if_true])).dictionary_decode()
 
 
+@functools.lru_cache(maxsize=256)
 def scalar(value: bool | int | str, type: pa.DataType | None = None) -> pa.Scalar:
-    """A scalar of ``value`` (bool, int64 unless ``type`` says otherwise, or string)."""
+    """A scalar of ``value`` (bool, int64 unless ``type`` says otherwise, or string); the same few are asked for
+    in every chunk, so they are kept."""
     if isinstance(value, str):
         return string_array([value])[0]
     if isinstance(value, bool):

@@ -11,7 +11,9 @@ arguments are picklable.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -127,7 +129,7 @@ def process_lines(data: bytes, first_line: int, source: str, ctx: ChunkRules) ->
     escapes = escape_lines(lines, blob) if may_hold_cr_or_escapes(data) else []
     names = ctx.fields.names
     # The split field is parsed only where its key can occur (as a key it is a quoted name).
-    if ctx.split_field and json.dumps(ctx.split_field, ensure_ascii=False).encode() in data:
+    if ctx.split_field and _quoted_key(ctx.split_field).search(data):
         names += (ctx.split_field,)
     segments = list(arrow_segments(lines, names, escapes, blob))
     slow = [i for rows, table in segments if table is None for i in rows]
@@ -144,6 +146,12 @@ def process_lines(data: bytes, first_line: int, source: str, ctx: ChunkRules) ->
         both = pa.concat_batches([fast, exact.batch])
         batch = both.take(int64_array(np.argsort(ints_of(both.column(len(ctx.schema) - 1)), kind="stable")))
     return Chunk(source, len(lines), batch, exact.quarantine)
+
+
+@functools.cache
+def _quoted_key(name: str) -> re.Pattern:
+    """A pattern finding ``name`` as a JSON string (a regex finds a literal several times faster than ``in``)."""
+    return re.compile(re.escape(json.dumps(name, ensure_ascii=False).encode()))
 
 
 def _nonblank_lines(data: bytes, first_line: int) -> tuple[list[bytes], np.ndarray, bytes]:

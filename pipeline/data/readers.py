@@ -185,7 +185,7 @@ def iter_line_chunks(
                 if first_line == 1 and data.startswith(b"\xef\xbb\xbf"):
                     data = data[3:]
                 yield data, first_line
-                first_line += data.count(b"\n")
+                first_line += int(np.count_nonzero(np.frombuffer(data, dtype=np.uint8) == 10))  # newlines
                 if progress is not None:
                     pos = raw_fh.tell()
                     progress(pos - last_pos)
@@ -478,7 +478,7 @@ def arrow_segments(
     # UTF-16 surrogates, which only the exact path judges (lone ones are invalid).
     # ASCII lines need no UTF-8 check; decoding only the others avoids building a
     # wide str of the whole chunk.
-    if not blob.isascii():
+    if not blob.isascii() and not _valid_utf8(blob):
         exact += [i for i in np.flatnonzero(~_flags(bytes.isascii, lines)).tolist() if not _is_utf8(lines[i])]
     if escapes is True:
         escapes = range(len(lines)) if _SURROGATE_ESCAPE_B.search(blob) else []
@@ -496,6 +496,17 @@ def arrow_segments(
 
 
 _SURROGATE_ESCAPE_B = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _valid_utf8(blob: bytes) -> bool:
+    """Whether ``blob`` is valid UTF-8, checked by Arrow's vectorized validator (no decoded copy): when it is, no
+    line needs a look of its own."""
+    offsets = pa.py_buffer(np.array([0, len(blob)], dtype=np.int32))
+    try:
+        pa.Array.from_buffers(pa.binary(), 1, [None, offsets, pa.py_buffer(blob)]).cast(pa.string())
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def _is_utf8(line: bytes) -> bool:

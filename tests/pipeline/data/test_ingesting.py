@@ -81,3 +81,24 @@ def test_outputs_checked_before_reading(tmp_path):
         ingesting.check_inputs([str(tmp_path / "nope.jsonl")], "example.jsonl")
     with pytest.raises(UserError, match="shipped example"):
         ingesting.check_inputs([str(tmp_path / "example.jsonl")], str(tmp_path / "example.jsonl"))
+
+
+def test_clean_jsonl_ingest_imports_no_pandas(tmp_path):
+    """pyarrow imports pandas on its first Python-object conversion: the clean path builds from buffers instead."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = tmp_path / "in.jsonl"
+    rows = [{"prompt": f" p{i}\u00e9 ", "chosen": "c", "rejected": "r", "split": "test" if i % 5 else "train"}
+            for i in range(50)]
+    src.write_bytes(_lines(rows + rows[:2]))  # two duplicates
+    code = ("import sys; from pipeline.data import ingesting; from pipeline.data.pairs import FieldMap; "
+            "from pathlib import Path; rules = ingesting.chunk_rules(FieldMap(), 40, 0.3, (), 'split'); "
+            f"c = ingesting.ingest_files([Path({str(src)!r})], Path({str(tmp_path / 'o.arrow')!r}), "
+            f"Path({str(tmp_path / 'q.jsonl')!r}), rules); "
+            "print(c.accepted, c.quarantined, c.splits['eval'], 'pandas' in sys.modules)")
+    root = Path(__file__).resolve().parents[3]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    accepted, quarantined, held_out, pandas = done.stdout.split()
+    assert (accepted, quarantined, pandas) == ("50", "2", "False") and int(held_out) >= 40
