@@ -14,8 +14,10 @@ imports, work, exit), interleaved, best of ``--repeats``:
   clean file and on the 1%-bad file; with ``--before DIR``, also the ingest of
   another checkout (e.g. ``git archive main | tar -x -C DIR``), in the same run.
 
-Prints records/s, the ratios ingest / baseline (goal: <= 1.0 clean, <= 1.5
-with bad lines), the load average and the machine's float32 matmul rate. Run
+Prints wall and CPU seconds (user + system of the process; on a shared machine
+the steadier figure), records/s, the ratios ingest / baseline (goal: <= 1.0
+clean, <= 1.5 with bad lines), the load average and the machine's float32
+matmul rate. Run
 from the repository root:
 
     python bench/ingest.py [--pairs 200000] [--repeats 3] [--workers 1] [--before DIR]
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -91,15 +94,19 @@ def build_inputs(folder: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
     return clean, bad
 
 
-def timed_process(argv: list[str], cwd: Path) -> tuple[float, str]:
-    """Wall seconds of one whole process, and its stdout (a failure ends the bench, naming the command)."""
+def timed_process(argv: list[str], cwd: Path) -> tuple[float, float, str]:
+    """Wall seconds and CPU seconds (user + system, all its threads) of one whole process, and its stdout (a failure
+    ends the bench, naming the command). On a shared machine the CPU time is the steadier of the two."""
     env = {**os.environ, "PYTHONPATH": str(cwd)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
-    return seconds, done.stdout
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return seconds, cpu, done.stdout
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
@@ -121,7 +128,7 @@ def contenders(work: Path, clean: Path, bad: Path, workers: int, before: Path | 
         return [sys.executable, "-m", "stages.cli", "ingest", str(path), "--out", str(work / out / "pairs.arrow"),
                 "--workers", str(workers), "--no-progress", "--json"]
 
-    runs = {"datasets.load_dataset json": ([sys.executable, "-c", LOAD_DATASET, str(clean), str(work / "hf_cache")], REPO),
+    runs = {BASELINE: ([sys.executable, "-c", LOAD_DATASET, str(clean), str(work / "hf_cache")], REPO),
             "ingest clean": (ingest(clean, "clean"), REPO), "ingest 1% bad lines": (ingest(bad, "bad"), REPO)}
     if before is not None:
         runs["ingest clean, --before"] = (ingest(clean, "before_clean"), before)
@@ -143,36 +150,47 @@ def main() -> None:
         clean, bad = build_inputs(work, args.pairs)
         size_mb = clean.stat().st_size / 1e6
         runs = contenders(work, clean, bad, args.workers, args.before)
-        best = dict.fromkeys(runs, float("inf"))
+        wall, cpu = dict.fromkeys(runs, float("inf")), dict.fromkeys(runs, float("inf"))
         reports: dict[str, str] = {}
         load_start = os.getloadavg()[0]
         # Interleaved, best of each: on a shared machine the load drifts, and every contender meets the drift.
         for _ in range(args.repeats):
             for name, (argv, cwd) in runs.items():
                 shutil.rmtree(work / "hf_cache", ignore_errors=True)
-                seconds, reports[name] = timed_process(argv, cwd)
-                best[name] = min(best[name], seconds)
-        base_name = "datasets.load_dataset json"
-        rows = int(reports[base_name].split()[-1])
+                seconds, cpu_seconds, reports[name] = timed_process(argv, cwd)
+                wall[name], cpu[name] = min(wall[name], seconds), min(cpu[name], cpu_seconds)
         print(f"input: {args.pairs} pairs, {size_mb:.0f} MB (GSM8K model solutions, replicated); whole processes, best of "
               f"{args.repeats} interleaved; ingest workers {args.workers}; load average {load_start:.1f} at start, "
               f"{os.getloadavg()[0]:.1f} at end; float32 matmul {matmul_gflops():.0f} GFLOP/s (numpy, 1024^2)")
-        for name, seconds in best.items():
-            line = f"{name:27s}: {seconds:7.2f} s"
-            if name != base_name:
-                report = json.loads(reports[name])
-                assert report["read"] == report["accepted"] + report["quarantined"]
-                if "clean" in name:
-                    assert report["accepted"] == rows == args.pairs
-                line += f"  {report['read'] / seconds:10,.0f} records/s  ratio {seconds / best[base_name]:.2f}"
-                if report["quarantined"]:
-                    line += f"  (read {report['read']}, quarantined {report['quarantined']}: " + ", ".join(
-                        f"{k} {v}" for k, v in report["by_reason"].items() if v) + ")"
-            else:
-                line += f"  {rows / seconds:10,.0f} records/s"
+        for line in report_lines(args, wall, cpu, reports):
             print(line)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+BASELINE = "datasets.load_dataset json"
+
+
+def report_lines(args, wall: dict[str, float], cpu: dict[str, float], reports: dict[str, str]) -> list[str]:
+    """One line per contender: best wall and CPU seconds, records/s, the ratios to the baseline, what was quarantined."""
+    rows = int(reports[BASELINE].split()[-1])
+    lines = []
+    for name in wall:
+        line = f"{name:27s}: wall {wall[name]:6.2f} s  cpu {cpu[name]:6.2f} s"
+        if name == BASELINE:
+            lines.append(line + f"  {rows / wall[name]:10,.0f} records/s")
+            continue
+        report = json.loads(reports[name])
+        assert report["read"] == report["accepted"] + report["quarantined"]
+        if "clean" in name:
+            assert report["accepted"] == rows == args.pairs
+        line += (f"  {report['read'] / wall[name]:10,.0f} records/s  ratio wall {wall[name] / wall[BASELINE]:.2f}"
+                 f"  cpu {cpu[name] / cpu[BASELINE]:.2f}")
+        if report["quarantined"]:
+            line += f"  (read {report['read']}, quarantined {report['quarantined']}: " + ", ".join(
+                f"{k} {v}" for k, v in report["by_reason"].items() if v) + ")"
+        lines.append(line)
+    return lines
 
 
 if __name__ == "__main__":

@@ -6,10 +6,8 @@ inputs give the same bytes); here are the config, the report and the command lin
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -19,7 +17,15 @@ from pipeline.core.errors import UserError
 from pipeline.core.lock import output_lock
 from pipeline.core.paths import quarantine_path_for
 from pipeline.core.schemas import PAIRS_SCHEMA
-from pipeline.data.ingesting import check_inputs, check_outputs, chunk_rules, ingest_files, nothing_accepted_message
+from pipeline.data.ingesting import (
+    IngestResult,
+    NothingAccepted,
+    check_inputs,
+    check_outputs,
+    chunk_rules,
+    ingest_files,
+    nothing_accepted_message,
+)
 from pipeline.data.pairs import FieldMap
 
 DEFAULT_OUT = "data/out/pairs.arrow"
@@ -77,20 +83,6 @@ class IngestConfig:
         return Path(self.quarantine) if self.quarantine else quarantine_path_for(self.out)
 
 
-@dataclass
-class IngestResult:
-    read: int
-    accepted: int
-    quarantined: int
-    by_reason: dict[str, int]
-    out: str
-    quarantine: str
-    splits: dict[str, int]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 def run(cfg: IngestConfig) -> IngestResult:
     """Ingest ``cfg.inputs`` into ``cfg.out`` and the quarantine; return the counts. The stage holds its output's lock
     (a second run into the same place refuses, naming the first)."""
@@ -101,21 +93,10 @@ def run(cfg: IngestConfig) -> IngestResult:
         check_outputs(paths, out, qpath)
         fields = FieldMap(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
         rules = chunk_rules(fields, cfg.max_chars, cfg.eval_fraction, tuple(cfg.keep_fields), cfg.split_field)
-        counts = ingest_files(paths, out, qpath, rules, workers=cfg.workers, progress=cfg.progress)
-        result = IngestResult(counts.read, counts.accepted, counts.quarantined, counts.by_reason, str(out), str(qpath),
-                              counts.splits)
-        if not counts.accepted:  # README: no record accepted exits 1 (an empty input too)
-            message = nothing_accepted_message(cfg.inputs, fields, cfg.max_chars, counts, qpath)
-            raise NothingAccepted(message, result)
+        result = ingest_files(paths, out, qpath, rules, workers=cfg.workers, progress=cfg.progress)
+        if not result.accepted:  # README: no record accepted exits 1 (an empty input too)
+            raise NothingAccepted(nothing_accepted_message(cfg.inputs, fields, cfg.max_chars, result), result)
         return result
-
-
-class NothingAccepted(UserError):
-    """Every record was quarantined: an error (nothing to score), after both files are written."""
-
-    def __init__(self, message: str, result: IngestResult):
-        super().__init__(message)
-        self.result = result
 
 
 def print_report(result: IngestResult) -> None:

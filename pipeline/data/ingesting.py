@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import heapq
 import itertools
@@ -196,27 +197,37 @@ def check_outputs(paths: list[Path], out: Path, qpath: Path) -> None:
 
 
 @dataclass
-class IngestCounts:
-    """What one ingest read, accepted (by split) and quarantined (by reason)."""
+class IngestResult:
+    """What one ingest read, accepted (by split) and quarantined (by reason), and where it wrote them."""
 
     read: int = 0
     accepted: int = 0
+    quarantined: int = 0
     by_reason: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASON_CODES, 0))
+    out: str = ""
+    quarantine: str = ""
     splits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
 
-    @property
-    def quarantined(self) -> int:
-        return sum(self.by_reason.values())
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class NothingAccepted(UserError):
+    """Every record was quarantined: an error (nothing to score), after both files are written."""
+
+    def __init__(self, message: str, result: IngestResult):
+        super().__init__(message)
+        self.result = result
 
 
 def ingest_files(paths: list[Path], out: Path, qpath: Path, rules: ChunkRules, workers: int = 1,
-                 progress: bool = True) -> IngestCounts:
+                 progress: bool = True) -> IngestResult:
     """Read ``paths`` in order into the pairs file ``out`` and the quarantine ``qpath`` (both written under
     temporary names, renamed when every input is read); return the counts."""
     total = sum(input_size(p) for p in paths)
     # A pool only pays for itself on large line inputs (start-up re-imports the caller's main module).
     workers = workers if total >= _PARALLEL_MIN_BYTES and any(is_line_oriented(p) for p in paths) else 1
-    counts, dedup = IngestCounts(), FirstPairWins()
+    counts, dedup = IngestResult(out=str(out), quarantine=str(qpath)), FirstPairWins()
     with contextlib.ExitStack() as stack:
         try:
             out_tmp = stack.enter_context(atomic_path(out))
@@ -242,7 +253,7 @@ def ingest_files(paths: list[Path], out: Path, qpath: Path, rules: ChunkRules, w
             for value, n in zip(split_counts.field(0).to_pylist(), split_counts.field(1).to_pylist()):
                 counts.splits[value] += n
             writer.add(batch.drop_columns(["_line"]))
-    counts.accepted = len(dedup.seen)
+    counts.accepted, counts.quarantined = len(dedup.seen), sum(counts.by_reason.values())
     assert counts.read == counts.accepted + counts.quarantined  # the accounting identity the report promises
     assert sum(counts.splits.values()) == counts.accepted
     return counts
@@ -259,8 +270,7 @@ def _progress_bar(stack: contextlib.ExitStack, total: int) -> Callable[[int], No
     return lambda n: progress.update(task, advance=n)
 
 
-def nothing_accepted_message(inputs: list[str], fields: FieldMap, max_chars: int, counts: IngestCounts,
-                             qpath: Path) -> str:
+def nothing_accepted_message(inputs: list[str], fields: FieldMap, max_chars: int, counts: IngestResult) -> str:
     """The one-line error when every record was quarantined: the reason(s), the first
     message, and for field problems the fields the records do have and the flags."""
     read, by_reason = counts.read, counts.by_reason
@@ -269,7 +279,8 @@ def nothing_accepted_message(inputs: list[str], fields: FieldMap, max_chars: int
         return f"ingest: no records in {', '.join(inputs)} (empty input); nothing to accept"
     what = f"all {read} records were quarantined " + (
         f"as {reasons[0][0]}" if len(reasons) == 1 else "(" + ", ".join(f"{r} {n}" for r, n in reasons) + ")")
-    first_message, keys = _quarantine_sample(qpath)
+    qpath = counts.quarantine
+    first_message, keys = _quarantine_sample(Path(qpath))
     msg = f"ingest: {what}" + (f", e.g. {first_message}" if first_message else "")
     if by_reason.get("missing_field"):  # the names are wrong (a wrong type or empty text is not a mapping matter)
         have = ", ".join(keys[:_FIELDS_SHOWN]) + (", ..." if len(keys) > _FIELDS_SHOWN else "")

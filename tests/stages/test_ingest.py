@@ -15,7 +15,6 @@ from pipeline.core.errors import UserError
 from pipeline.core.paths import quarantine_path_for
 from pipeline.core.schemas import PAIRS_SCHEMA, QUARANTINE_FIELDS, REASON_CODES
 from pipeline.data import ingesting, readers
-from stages import ingest
 from stages.ingest import IngestConfig, run
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -53,11 +52,11 @@ BROKEN = {
 }
 
 
-def _run_counting(cfg: IngestConfig) -> ingest.IngestResult:
+def _run_counting(cfg: IngestConfig) -> ingesting.IngestResult:
     """``run``, also when every record is quarantined (an error that still writes both files)."""
     try:
         return run(cfg)
-    except ingest.NothingAccepted as exc:
+    except ingesting.NothingAccepted as exc:
         return exc.result
 
 
@@ -380,7 +379,7 @@ def test_every_record_quarantined_for_one_reason_is_an_error_naming_the_fields(t
     assert len(_quarantine(quarantine_path_for(out))) == 5 and _read(out).num_rows == 0
     as_json = CliRunner().invoke(app, ["ingest", str(src), "--out", str(out), "--json"])
     assert as_json.exit_code == 1 and json.loads(as_json.stdout)["by_reason"]["missing_field"] == 5
-    with pytest.raises(ingest.NothingAccepted) as info:
+    with pytest.raises(ingesting.NothingAccepted) as info:
         run(IngestConfig(inputs=[str(src)], out=str(out), progress=False))
     assert info.value.result.by_reason["missing_field"] == 5
     # mapping the fields as the message says fixes it
