@@ -20,7 +20,6 @@ import functools
 import heapq
 import itertools
 import json
-import multiprocessing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -158,6 +157,7 @@ def _ordered_results(jobs, window: int) -> Iterator[tuple[Chunk, Callable[[int],
 def _make_pool(workers: int):
     if workers <= 1:
         return None
+    import multiprocessing
     # Not fork: the parent may hold DuckDB/Arrow/torch thread pools, whose locks a
     # forked child inherits mid-state (it hangs). A forkserver forks from a clean,
     # single-threaded process that has imported this module once.

@@ -402,12 +402,6 @@ def _all_but(n: int, rows: np.ndarray) -> pa.Array:
     return bool_array(ok)
 
 
-def _canon_arrow(col):
-    """``_canon`` of every (valid UTF-8, non-null) string in an Arrow array, as one Arrow array."""
-    return pc.binary_join_element_wise(scalar("s"), pc.cast(pc.binary_length(col), pa.string()), scalar(":"),
-                                       col, scalar(""))
-
-
 try:  # CPython's own md5: the same digests, with a quarter of OpenSSL's set-up cost per (short) message
     from _md5 import md5 as _md5
 except ImportError:  # a build without it
@@ -434,9 +428,11 @@ def _hex_array(digests: bytes) -> pa.Array:
 
 def arrow_pair_id_array(prompt_norm, chosen_norm, rejected_norm) -> pa.Array:
     """``pair_id_of`` for rows of normalized Arrow string arrays (no nulls), computed in bulk, as a string array."""
-    canon = pc.binary_join_element_wise(scalar(_ID_VERSION), _canon_arrow(prompt_norm), _canon_arrow(chosen_norm),
-                                        _canon_arrow(rejected_norm), scalar(""))
-    return _hex_array(_md5_digests(canon))
+    # The canonical text of every row in one join (one copy): version, then ``s<bytes>:<text>`` per field.
+    parts: list = [scalar(_ID_VERSION + "s")]
+    for i, col in enumerate((prompt_norm, chosen_norm, rejected_norm)):
+        parts += [*([scalar("s")] if i else []), pc.cast(pc.binary_length(col), pa.string()), scalar(":"), col]
+    return _hex_array(_md5_digests(pc.binary_join_element_wise(*parts, scalar(""))))
 
 
 def arrow_pair_ids(prompt_norm, chosen_norm, rejected_norm) -> list[str]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import mmap
 import os
 import re
 from dataclasses import dataclass
@@ -39,7 +40,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.json as pa_json
-import pyarrow.parquet as pq
 
 from pipeline.core.errors import UserError
 
@@ -117,6 +117,8 @@ def iter_records(path: str | os.PathLike, progress: ProgressFn | None = None) ->
         # (as lone surrogates) instead of failing the whole file.
         yield from iter_json_array(data.decode("utf-8", "surrogateescape"), str(path))
     elif kind == "parquet":
+        import pyarrow.parquet as pq  # only for Parquet inputs (a tenth of a second to import)
+
         try:
             pf = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as exc:
@@ -176,12 +178,12 @@ def iter_line_chunks(
     if not path.exists():
         raise UserError(f"{path}: input not found")
     with open(path, "rb") as raw_fh, _read_errors(path):
-        fh = gzip.open(raw_fh, "rb") if input_kind(path) in ("jsonl.gz", "json.gz") else raw_fh
+        compressed = input_kind(path) in ("jsonl.gz", "json.gz")
+        fh = gzip.open(raw_fh, "rb") if compressed else raw_fh
         try:
             first_line, last_pos = 1, 0
-            while data := fh.read(chunk_bytes):
-                if not data.endswith(b"\n"):
-                    data += fh.readline()
+            pieces = _whole_line_pieces(fh, chunk_bytes) if compressed else _mapped_pieces(raw_fh, chunk_bytes)
+            for data in pieces:
                 if first_line == 1 and data.startswith(b"\xef\xbb\xbf"):
                     data = data[3:]
                 yield data, first_line
@@ -193,6 +195,35 @@ def iter_line_chunks(
         finally:
             if fh is not raw_fh:
                 fh.close()
+
+
+def _whole_line_pieces(fh, chunk_bytes: int) -> Iterator[bytes]:
+    """``chunk_bytes`` read from ``fh``, and the rest of the last line begun."""
+    while data := fh.read(chunk_bytes):
+        if not data.endswith(b"\n"):
+            data += fh.readline()
+        yield data
+
+
+def _mapped_pieces(fh, chunk_bytes: int) -> Iterator[bytes]:
+    """The pieces ``_whole_line_pieces`` reads, each copied once out of a memory map of the file (not read, then
+    copied again to append the end of its last line); the file position follows, for the progress bar."""
+    size = os.fstat(fh.fileno()).st_size
+    try:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    except (OSError, ValueError):  # not a regular file: read it
+        yield from _whole_line_pieces(fh, chunk_bytes)
+        return
+    with mapped if mapped is not None else contextlib.nullcontext():
+        start = 0
+        while start < size:
+            end = min(size, start + chunk_bytes)
+            if mapped[end - 1] != 0x0A:  # "\n"
+                newline = mapped.find(b"\n", end)
+                end = size if newline < 0 else newline + 1
+            fh.seek(end)
+            yield mapped[start:end]
+            start = end
 
 
 def jsonl_chunk_records(data: bytes, first_line: int, source: str) -> Iterator[Record]:
