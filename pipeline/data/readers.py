@@ -590,15 +590,16 @@ _PARALLEL_BLOCKS = 4
 def _arrow_parse(blob: bytes, expected_rows: int, opts) -> tuple[pa.Table | None, int | None]:
     """(table, None) on success; (None, failing row) or (None, None) when the row is unknown.
 
-    A large blob is first parsed in several blocks on Arrow's thread pool. Arrow counts
-    the row of an error from the start of its block, so a failure is parsed again as
-    one block to learn the failing row.
+    A large blob is first parsed in several blocks on Arrow's thread pool, when it has
+    more than one thread (with one, the blocks only add work: about half again, with
+    the copy that joins them). Arrow counts the row of an error from the start of its
+    block, so a failure is parsed again as one block to learn the failing row.
     """
     def read(blocks: int) -> pa.Table:
         read_options = pa_json.ReadOptions(use_threads=blocks > 1, block_size=len(blob) // blocks + 64)
         return pa_json.read_json(pa.BufferReader(blob), read_options=read_options, parse_options=opts)
 
-    if len(blob) > _PARALLEL_PARSE_BYTES:
+    if len(blob) > _PARALLEL_PARSE_BYTES and pa.cpu_count() > 1:
         with contextlib.suppress(pa.ArrowInvalid):
             table = read(_PARALLEL_BLOCKS)
             if table.num_rows == expected_rows:
