@@ -138,8 +138,8 @@ def process_lines(data: bytes, first_line: int, source: str, ctx: ChunkRules) ->
         slow.extend(unsettled)
     slow.sort()
     exact = process_records((parse_line(lines[i], source, int(numbers[i])) for i in slow), source, ctx)
-    batch = exact.batch if fast is None else fast  # with no slow line, Arrow's rows are all, in line order
-    if fast is not None and slow:  # interleave the exact rows back in line order: one take over both (one copy)
+    batch = exact.batch if fast is None else fast  # with no exact row, Arrow's rows are all, in line order
+    if fast is not None and exact.batch.num_rows:  # interleave the exact rows back in line order: one take (one copy)
         both = pa.concat_batches([fast, exact.batch])
         batch = both.take(int64_array(np.argsort(ints_of(both.column(len(ctx.schema) - 1)), kind="stable")))
     return Chunk(source, len(lines), batch, exact.quarantine)
