@@ -30,7 +30,7 @@ import pyarrow as pa
 from pipeline.core.atomic import atomic_path, check_replaceable, check_writable
 from pipeline.core.errors import ConfigError, UserError
 from pipeline.core.schemas import PAIRS_SCHEMA, REASON_CODES, SPLITS
-from pipeline.data.arrow_build import bool_array
+from pipeline.data.arrow_build import bool_array, ints_of
 from pipeline.data.ingest_chunks import Chunk, ChunkRules, process_lines, process_records, quarantine_line
 from pipeline.data.pairs import FieldMap
 from pipeline.data.readers import input_size, is_line_oriented, iter_line_chunks, iter_records
@@ -102,22 +102,26 @@ class FirstPairWins:
         batch, seen = chunk.batch, self.seen
         pids = batch.column(0).to_pylist()
         fresh = set(pids)
-        if len(fresh) == len(pids) and seen.isdisjoint(fresh):
-            seen |= fresh  # the common case, settled by set operations in C
+        earlier = seen & fresh  # accepted from an earlier chunk: every row of these is a duplicate
+        # Settled by set operations in C; only the rows of a repeated id are looked at one by one.
+        repeated = earlier | ({pid for pid, n in collections.Counter(pids).items() if n > 1} if len(fresh) < len(pids)
+                              else set())
+        seen |= fresh
+        if not repeated:
             return batch, chunk.quarantine
+        lines = ints_of(batch.column(len(batch.schema) - 1))
+        keep = np.ones(len(pids), dtype=bool)
+        kept: set[str] = set()
         dups: list[tuple[int, str, str]] = []
-        keep_mask = []
-        for pid, line in zip(pids, batch.column(len(batch.schema) - 1).to_pylist()):
-            if pid in seen:
-                keep_mask.append(False)
+        for i in np.flatnonzero(np.fromiter(map(repeated.__contains__, pids), dtype=bool, count=len(pids))).tolist():
+            pid = pids[i]
+            if pid in earlier or pid in kept:
+                keep[i], line = False, int(lines[i])
                 message = f"duplicate of an earlier pair (pair_id {pid})"
                 dups.append((line, "duplicate_pair", quarantine_line(chunk.source, line, "duplicate_pair", message, raw_of(line))))
             else:
-                seen.add(pid)
-                keep_mask.append(True)
-        if not dups:
-            return batch, chunk.quarantine
-        return batch.filter(bool_array(np.array(keep_mask, dtype=bool))), list(heapq.merge(chunk.quarantine, dups, key=lambda e: e[0]))
+                kept.add(pid)  # the first row of an id repeated within this chunk
+        return batch.filter(bool_array(keep)), list(heapq.merge(chunk.quarantine, dups, key=lambda e: e[0]))
 
 
 def _raw_line_getter(data: bytes, first: int) -> Callable[[int], str]:
