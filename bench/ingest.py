@@ -1,27 +1,37 @@
-"""Benchmark: ``lldm-dpo ingest`` against ``datasets.load_dataset("json")`` on the same file.
+"""Benchmark: ``lldm-dpo ingest`` against ``datasets.load_dataset("json")`` on the same file, whole processes.
 
 Builds a 200,000-pair JSONL from the real GSM8K model solutions in
 ../shared/data/gsm8k (prompt = question, chosen = a correct solution, rejected
 = an incorrect one, replicated with a variant tag so every pair is distinct),
 plus a copy with 1% bad lines (broken JSON, invalid UTF-8, missing field,
-duplicates). Times, best of ``--repeats``, in this one process:
+duplicates). Each contender runs as its own fresh process (interpreter start,
+imports, work, exit), interleaved, best of ``--repeats``:
 
-- baseline: ``datasets.load_dataset("json", data_files=clean, split="train")``
-  into a fresh cache folder (parse + Arrow cache write, no validation);
-- ``stages.ingest.run`` on the clean file and on the 1%-bad file.
+- baseline: ``python -c "import datasets; datasets.load_dataset('json',
+  data_files=clean, split='train')"`` into a fresh cache folder (parse + Arrow
+  cache write, no validation);
+- ``lldm-dpo ingest`` (``python -m stages.cli ingest ... --json``) on the
+  clean file and on the 1%-bad file; with ``--before DIR``, also the ingest of
+  another checkout (e.g. ``git archive main | tar -x -C DIR``), in the same run.
 
-Prints records/s and the ratios ingest / baseline (goal: <= 1.0 clean,
-<= 1.5 with bad lines). Run from the repository root:
+Prints wall and CPU seconds (user + system of the process; on a shared machine
+the steadier figure), records/s, the ratios ingest / baseline (goal: <= 1.0
+clean, <= 1.5 with bad lines), the load average and the machine's float32
+matmul rate. Run
+from the repository root:
 
-    python bench/ingest.py [--pairs 200000] [--repeats 3] [--workers 1]
+    python bench/ingest.py [--pairs 200000] [--repeats 3] [--workers 1] [--before DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"
 MODELS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
+LOAD_DATASET = """import sys, datasets
+datasets.disable_progress_bars()
+print(datasets.load_dataset("json", data_files=sys.argv[1], split="train", cache_dir=sys.argv[2]).num_rows)
+"""
 
 
 def base_pairs() -> list[dict]:
@@ -80,66 +94,103 @@ def build_inputs(folder: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
     return clean, bad
 
 
-def best_of(repeats: int, fn) -> tuple[float, object]:
-    best, out = float("inf"), None
+def timed_process(argv: list[str], cwd: Path) -> tuple[float, float, str]:
+    """Wall seconds and CPU seconds (user + system, all its threads) of one whole process, and its stdout (a failure
+    ends the bench, naming the command). On a shared machine the CPU time is the steadier of the two."""
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return seconds, cpu, done.stdout
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """The machine's float32 matmul rate (numpy, best of ``repeats``), to set the timings beside."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def contenders(work: Path, clean: Path, bad: Path, workers: int, before: Path | None) -> dict[str, tuple[list[str], Path]]:
+    """name -> (argv, checkout to run it in)."""
+    def ingest(path: Path, out: str) -> list[str]:
+        return [sys.executable, "-m", "stages.cli", "ingest", str(path), "--out", str(work / out / "pairs.arrow"),
+                "--workers", str(workers), "--no-progress", "--json"]
+
+    runs = {BASELINE: ([sys.executable, "-c", LOAD_DATASET, str(clean), str(work / "hf_cache")], REPO),
+            "ingest clean": (ingest(clean, "clean"), REPO), "ingest 1% bad lines": (ingest(bad, "bad"), REPO)}
+    if before is not None:
+        runs["ingest clean, --before"] = (ingest(clean, "before_clean"), before)
+        runs["ingest 1% bad, --before"] = (ingest(bad, "before_bad"), before)
+    return runs
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="ingest throughput vs datasets.load_dataset('json')")
+    ap = argparse.ArgumentParser(description="ingest vs datasets.load_dataset('json'), whole processes")
     ap.add_argument("--pairs", type=int, default=200_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=1, help="ingest --workers")
+    ap.add_argument("--before", type=Path, default=None, help="another checkout whose ingest is timed in the same run")
     args = ap.parse_args()
     if not GSM8K.is_file():
         sys.exit(f"needs {GSM8K}")
-
-    import datasets
-
-    from stages.ingest import IngestConfig, run
-
-    datasets.disable_progress_bars()
     work = Path(tempfile.mkdtemp(prefix="bench_ingest_"))
     try:
         clean, bad = build_inputs(work, args.pairs)
         size_mb = clean.stat().st_size / 1e6
-
-        def load_dataset_json():
-            cache = work / "hf_cache"
-            shutil.rmtree(cache, ignore_errors=True)
-            return datasets.load_dataset("json", data_files=str(clean), split="train", cache_dir=str(cache)).num_rows
-
-        def ingest(path):
-            return lambda: run(IngestConfig(inputs=[str(path)], out=str(work / "pairs.arrow"), progress=False, workers=args.workers))
-
+        runs = contenders(work, clean, bad, args.workers, args.before)
+        wall, cpu = dict.fromkeys(runs, float("inf")), dict.fromkeys(runs, float("inf"))
+        reports: dict[str, str] = {}
+        load_start = os.getloadavg()[0]
         # Interleaved, best of each: on a shared machine the load drifts, and every contender meets the drift.
-        t_base = t_clean = t_bad = float("inf")
         for _ in range(args.repeats):
-            t, rows = best_of(1, load_dataset_json)
-            t_base = min(t_base, t)
-            t, res_clean = best_of(1, ingest(clean))
-            t_clean = min(t_clean, t)
-            t, res_bad = best_of(1, ingest(bad))
-            t_bad = min(t_bad, t)
-        assert rows == res_clean.accepted == args.pairs
-        import os
-
-        print(f"input: {args.pairs} pairs, {size_mb:.0f} MB (GSM8K model solutions, replicated); best of {args.repeats} "
-              f"interleaved; ingest workers {args.workers}; load average {os.getloadavg()[0]:.1f}")
-        print(f"datasets.load_dataset json : {t_base:7.2f} s  {rows / t_base:10,.0f} records/s")
-        print(f"ingest clean               : {t_clean:7.2f} s  {res_clean.read / t_clean:10,.0f} records/s  ratio {t_clean / t_base:.2f}")
-        print(
-            f"ingest 1% bad lines        : {t_bad:7.2f} s  {res_bad.read / t_bad:10,.0f} records/s  ratio {t_bad / t_base:.2f}"
-            f"  (read {res_bad.read}, quarantined {res_bad.quarantined}: "
-            + ", ".join(f"{k} {v}" for k, v in res_bad.by_reason.items() if v)
-            + ")"
-        )
+            for name, (argv, cwd) in runs.items():
+                shutil.rmtree(work / "hf_cache", ignore_errors=True)
+                seconds, cpu_seconds, reports[name] = timed_process(argv, cwd)
+                wall[name], cpu[name] = min(wall[name], seconds), min(cpu[name], cpu_seconds)
+        print(f"input: {args.pairs} pairs, {size_mb:.0f} MB (GSM8K model solutions, replicated); whole processes, best of "
+              f"{args.repeats} interleaved; ingest workers {args.workers}; load average {load_start:.1f} at start, "
+              f"{os.getloadavg()[0]:.1f} at end; float32 matmul {matmul_gflops():.0f} GFLOP/s (numpy, 1024^2)")
+        for line in report_lines(args, wall, cpu, reports):
+            print(line)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+BASELINE = "datasets.load_dataset json"
+
+
+def report_lines(args, wall: dict[str, float], cpu: dict[str, float], reports: dict[str, str]) -> list[str]:
+    """One line per contender: best wall and CPU seconds, records/s, the ratios to the baseline, what was quarantined."""
+    rows = int(reports[BASELINE].split()[-1])
+    lines = []
+    for name in wall:
+        line = f"{name:27s}: wall {wall[name]:6.2f} s  cpu {cpu[name]:6.2f} s"
+        if name == BASELINE:
+            lines.append(line + f"  {rows / wall[name]:10,.0f} records/s")
+            continue
+        report = json.loads(reports[name])
+        assert report["read"] == report["accepted"] + report["quarantined"]
+        if "clean" in name:
+            assert report["accepted"] == rows == args.pairs
+        line += (f"  {report['read'] / wall[name]:10,.0f} records/s  ratio wall {wall[name] / wall[BASELINE]:.2f}"
+                 f"  cpu {cpu[name] / cpu[BASELINE]:.2f}")
+        if report["quarantined"]:
+            line += f"  (read {report['read']}, quarantined {report['quarantined']}: " + ", ".join(
+                f"{k} {v}" for k, v in report["by_reason"].items() if v) + ")"
+        lines.append(line)
+    return lines
 
 
 if __name__ == "__main__":

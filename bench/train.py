@@ -282,16 +282,9 @@ def _mib(b: float) -> str:
     return f"{b / 2**20:.0f} MiB"
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.worker:
-        kind, spec = args.worker[0], json.loads(args.worker[1])
-        torch.manual_seed(0)
-        result = score_worker(spec) if kind == "score" else train_worker(spec)
-        print(json.dumps(result))
-        return 0
-
-    wall0 = time.perf_counter()
+def measure(args) -> tuple[dict, list[dict], dict, dict, tuple, tuple]:
+    """Score once, then every configuration's timed runs (interleaved) and one 1-step memory run each, each in a
+    fresh process: (score-ref worker's result, the cache rows, timed results, memory results, load before, after)."""
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         body = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.body.split(","))) if args.body else None
@@ -302,30 +295,38 @@ def main(argv=None) -> int:
                 "sequence_microbatch": args.sequence_microbatch}
         scored = run_worker("score", spec)
         rows = json.loads(Path(spec["rows"]).read_text())
-        configs = [(mode, ref) for mode in ("full", "lora") for ref in ("cached", "online")]
-        results: dict = {c: [] for c in configs}
+        results: dict = {c: [] for c in CONFIGS}
         memory: dict = {}
         for _ in range(args.repeats):
-            for mode, ref in configs:  # interleaved: load drift hits every configuration alike
+            for mode, ref in CONFIGS:  # interleaved: load drift hits every configuration alike
                 results[(mode, ref)].append(run_worker("train", {**spec, "reference": ref,
                                                                  "lora_r": 0 if mode == "full" else args.lora_r}))
-        for mode, ref in configs:
+        for mode, ref in CONFIGS:
             # One step holds every buffer a run ever holds (AdamW's state appears at the first step).
             memory[(mode, ref)] = run_worker("train", {**spec, "reference": ref, "steps": 1,
                                                        "lora_r": 0 if mode == "full" else args.lora_r},
                                              exact_rss=True)
     load1 = os.getloadavg()
+    return scored, rows, results, memory, load0, load1
 
-    def best(mode, ref, key):
-        rs = results[(mode, ref)]
-        if key in ("step_s", "cpu_s"):
-            return min(min(r[key][1:] or r[key]) for r in rs)
-        return min(r[key] for r in rs)
 
+CONFIGS = [(mode, ref) for mode in ("full", "lora") for ref in ("cached", "online")]
+
+
+def best(results: dict, mode: str, ref: str, key: str) -> float:
+    """The best value of ``key`` over a configuration's repeats (step and CPU times: after the warm-up step)."""
+    rs = results[(mode, ref)]
+    if key in ("step_s", "cpu_s"):
+        return min(min(r[key][1:] or r[key]) for r in rs)
+    return min(r[key] for r in rs)
+
+
+def setting_lines(args, rows: list[dict], results: dict, load0: tuple, load1: tuple) -> list[str]:
+    """What was measured: the model, the batch, how times and memory were taken."""
     resp = [len(r[f"{s}_ids"]) for r in rows for s in ("chosen", "rejected")]
     tokens = args.samples * sum(2 * r["prompt_len"] + r["chosen_len"] + r["rejected_len"] for r in rows)
     first = results[("full", "cached")][0]
-    lines = [
+    return [
         f"model: preset {args.preset} body{f' with {args.body}' if args.body else ''}, vocab "
         f"{args.vocab_size or 'preset'}, {first['params']:,} parameters, float32 on cpu "
         f"({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads; load average "
@@ -340,10 +341,14 @@ def main(argv=None) -> int:
         "(freed tensors leave RSS, so the peak is of live memory); 'added' = peak minus that process's RSS "
         f"after imports, before any model exists (about {_mib(first['rss_base'])})",
     ]
+
+
+def ratio_lines(args, scored: dict, results: dict, memory: dict) -> list[str]:
+    """Cached against online per mode: step time, CPU time, peak memory, step-1 loss; then a sweep's total."""
     out = []
     for mode in ("full", "lora"):
-        tc, to = best(mode, "cached", "step_s"), best(mode, "online", "step_s")
-        cc, co = best(mode, "cached", "cpu_s"), best(mode, "online", "cpu_s")
+        tc, to = best(results, mode, "cached", "step_s"), best(results, mode, "online", "step_s")
+        cc, co = best(results, mode, "cached", "cpu_s"), best(results, mode, "online", "cpu_s")
         mc, mo = memory[(mode, "cached")], memory[(mode, "online")]
         pc, po = mc["rss_peak"], mo["rss_peak"]
         nc, no = pc - mc["rss_base"], po - mo["rss_base"]
@@ -361,13 +366,28 @@ def main(argv=None) -> int:
         ]
     out.append(f"sweep of {SWEEP_RUNS} runs ({args.steps} steps each; setup + steps, interpreter start excluded):")
     for mode in ("full", "lora"):
-        rc, ro = best(mode, "cached", "run_s"), best(mode, "online", "run_s")
+        rc, ro = best(results, mode, "cached", "run_s"), best(results, mode, "online", "run_s")
         cached = scored["seconds"] + SWEEP_RUNS * rc
         online = SWEEP_RUNS * ro
         out.append(f"  {mode:4s}: 1 score-ref ({scored['seconds']:.2f} s) + {SWEEP_RUNS} cached runs "
                    f"({rc:.2f} s each) = {cached:.2f} s  vs  {SWEEP_RUNS} online runs ({ro:.2f} s each) = "
                    f"{online:.2f} s;  ratio {cached / online:.2f}")
-    out.append(f"bench wall time {time.perf_counter() - wall0:.0f} s")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        kind, spec = args.worker[0], json.loads(args.worker[1])
+        torch.manual_seed(0)
+        result = score_worker(spec) if kind == "score" else train_worker(spec)
+        print(json.dumps(result))
+        return 0
+
+    wall0 = time.perf_counter()
+    scored, rows, results, memory, load0, load1 = measure(args)
+    lines = setting_lines(args, rows, results, load0, load1)
+    out = ratio_lines(args, scored, results, memory) + [f"bench wall time {time.perf_counter() - wall0:.0f} s"]
     print("\n".join(lines + out), flush=True)
 
     if not args.no_record:

@@ -140,6 +140,31 @@ def stage_command(
     defaults < file < flags) and calls ``action(cfg, as_json)``.
     """
     positional, extra_names = dict(positional or {}), dict(extra_names or {})
+    params, kinds = _field_params(cls, positional, extra_names)
+    trl_params, trl_names = _trl_params(cls)
+    params += trl_params + _common_params()
+
+    def command(**kwargs: Any) -> None:
+        config, print_config, as_json = (kwargs.pop(name) for name in ("config", "print_config", "as_json"))
+        flags = _given_flags(kwargs, kinds, trl_names)
+        if as_json and "progress" in kinds and not {"progress", "disable_tqdm"} & set(flags):
+            flags["progress"] = False  # a JSON summary is for programs: no bar unless asked for
+        cfg = _resolve(cls, config, flags, load)
+        if print_config:
+            typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
+            return
+        action(cfg, as_json)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__doc__ = doc
+    command.__name__ = f"{cls.__name__}_command"
+    command.config_class = cls  # type: ignore[attr-defined]
+    return command
+
+
+def _field_params(cls: type, positional: dict[str, bool],
+                  extra_names: dict[str, tuple[str, ...]]) -> tuple[list[inspect.Parameter], dict[str, str]]:
+    """One parameter per config field (positional ones first), and each field's flag kind."""
     docs = field_docs(cls)
     types_ = field_types(cls)
     params: list[inspect.Parameter] = []
@@ -158,16 +183,28 @@ def stage_command(
                 help_text += " (a YAML mapping, e.g. '{key: value}')"
             info = typer.Option(None, *decls, help=help_text, show_default=_default_text(field_default(f)))
         params.append(inspect.Parameter(f.name, _KEYWORD, default=info, annotation=annotation))
-    trl_params: dict[str, str] = {}
+    return params, kinds
+
+
+def _trl_params(cls: type) -> tuple[list[inspect.Parameter], dict[str, str]]:
+    """Hidden parameters for TRL's names of the config's fields, and each one's TRL name by parameter name."""
+    types_ = field_types(cls)
+    params: list[inspect.Parameter] = []
+    trl_names: dict[str, str] = {}
     for trl_name, alias in aliases_for(cls).items():
         if trl_name == alias.field or trl_name in types_:
             continue
         annotation = (_flag_type(types_[alias.field])[0] if alias.convert is None
                       else Optional[getattr(alias.convert, "flag_type", str)])
         info = typer.Option(None, flag_name(trl_name), f"--{trl_name}", hidden=True)  # a bool: --bf16/--no-bf16
-        trl_params[f"trl__{trl_name}"] = trl_name
+        trl_names[f"trl__{trl_name}"] = trl_name
         params.append(inspect.Parameter(f"trl__{trl_name}", _KEYWORD, default=info, annotation=annotation))
-    params += [
+    return params, trl_names
+
+
+def _common_params() -> list[inspect.Parameter]:
+    """--config, --print-config and --json, which every stage command takes."""
+    return [
         inspect.Parameter("config", _KEYWORD, annotation=Optional[Path],
                           default=typer.Option(None, "--config", help="YAML config file (our or TRL's key names); "
                                                "flags override it.")),
@@ -177,36 +214,25 @@ def stage_command(
                           default=typer.Option(False, "--json", help="Print a JSON summary.")),
     ]
 
-    def command(**kwargs: Any) -> None:
-        config, print_config, as_json = (kwargs.pop(name) for name in ("config", "print_config", "as_json"))
-        flags: dict[str, Any] = {}
-        for name, value in kwargs.items():
-            kind = kinds.get(name, "")
-            if value is None or (kind.startswith("list") and not value):
-                continue  # not given: the file's value or the default stands
-            if name in trl_params:
-                flags[trl_params[name]] = value
-            elif kind == "mapping":
-                flags[name] = _mapping_flag(name, value)
-            elif kind == "path":
-                flags[name] = Path(value) if value != "" else ""
-            elif kind.startswith("list:"):
-                flags[name] = _number_list(name, value, int if kind == "list:int" else float)
-            else:
-                flags[name] = list(value) if kind == "list" else value
-        if as_json and "progress" in kinds and not {"progress", "disable_tqdm"} & set(flags):
-            flags["progress"] = False  # a JSON summary is for programs: no bar unless asked for
-        cfg = _resolve(cls, config, flags, load)
-        if print_config:
-            typer.echo(config_to_yaml(cfg, with_docs=True), nl=False)
-            return
-        action(cfg, as_json)
 
-    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    command.__doc__ = doc
-    command.__name__ = f"{cls.__name__}_command"
-    command.config_class = cls  # type: ignore[attr-defined]
-    return command
+def _given_flags(kwargs: dict[str, Any], kinds: dict[str, str], trl_names: dict[str, str]) -> dict[str, Any]:
+    """The flags given on the command line, converted by kind, by config key (TRL's names as TRL's keys)."""
+    flags: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        kind = kinds.get(name, "")
+        if value is None or (kind.startswith("list") and not value):
+            continue  # not given: the file's value or the default stands
+        if name in trl_names:
+            flags[trl_names[name]] = value
+        elif kind == "mapping":
+            flags[name] = _mapping_flag(name, value)
+        elif kind == "path":
+            flags[name] = Path(value) if value != "" else ""
+        elif kind.startswith("list:"):
+            flags[name] = _number_list(name, value, int if kind == "list:int" else float)
+        else:
+            flags[name] = list(value) if kind == "list" else value
+    return flags
 
 
 def _resolve(cls: type, config: Path | None, flags: dict[str, Any], load) -> Any:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import mmap
 import os
 import re
 from dataclasses import dataclass
@@ -39,7 +40,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.json as pa_json
-import pyarrow.parquet as pq
 
 from pipeline.core.errors import UserError
 
@@ -117,6 +117,8 @@ def iter_records(path: str | os.PathLike, progress: ProgressFn | None = None) ->
         # (as lone surrogates) instead of failing the whole file.
         yield from iter_json_array(data.decode("utf-8", "surrogateescape"), str(path))
     elif kind == "parquet":
+        import pyarrow.parquet as pq  # only for Parquet inputs (a tenth of a second to import)
+
         try:
             pf = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as exc:
@@ -176,16 +178,16 @@ def iter_line_chunks(
     if not path.exists():
         raise UserError(f"{path}: input not found")
     with open(path, "rb") as raw_fh, _read_errors(path):
-        fh = gzip.open(raw_fh, "rb") if input_kind(path) in ("jsonl.gz", "json.gz") else raw_fh
+        compressed = input_kind(path) in ("jsonl.gz", "json.gz")
+        fh = gzip.open(raw_fh, "rb") if compressed else raw_fh
         try:
             first_line, last_pos = 1, 0
-            while data := fh.read(chunk_bytes):
-                if not data.endswith(b"\n"):
-                    data += fh.readline()
+            pieces = _whole_line_pieces(fh, chunk_bytes) if compressed else _mapped_pieces(raw_fh, chunk_bytes)
+            for data in pieces:
                 if first_line == 1 and data.startswith(b"\xef\xbb\xbf"):
                     data = data[3:]
                 yield data, first_line
-                first_line += data.count(b"\n")
+                first_line += int(np.count_nonzero(np.frombuffer(data, dtype=np.uint8) == 10))  # newlines
                 if progress is not None:
                     pos = raw_fh.tell()
                     progress(pos - last_pos)
@@ -193,6 +195,35 @@ def iter_line_chunks(
         finally:
             if fh is not raw_fh:
                 fh.close()
+
+
+def _whole_line_pieces(fh, chunk_bytes: int) -> Iterator[bytes]:
+    """``chunk_bytes`` read from ``fh``, and the rest of the last line begun."""
+    while data := fh.read(chunk_bytes):
+        if not data.endswith(b"\n"):
+            data += fh.readline()
+        yield data
+
+
+def _mapped_pieces(fh, chunk_bytes: int) -> Iterator[bytes]:
+    """The pieces ``_whole_line_pieces`` reads, each copied once out of a memory map of the file (not read, then
+    copied again to append the end of its last line); the file position follows, for the progress bar."""
+    size = os.fstat(fh.fileno()).st_size
+    try:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    except (OSError, ValueError):  # not a regular file: read it
+        yield from _whole_line_pieces(fh, chunk_bytes)
+        return
+    with mapped if mapped is not None else contextlib.nullcontext():
+        start = 0
+        while start < size:
+            end = min(size, start + chunk_bytes)
+            if mapped[end - 1] != 0x0A:  # "\n"
+                newline = mapped.find(b"\n", end)
+                end = size if newline < 0 else newline + 1
+            fh.seek(end)
+            yield mapped[start:end]
+            start = end
 
 
 def jsonl_chunk_records(data: bytes, first_line: int, source: str) -> Iterator[Record]:
@@ -478,7 +509,7 @@ def arrow_segments(
     # UTF-16 surrogates, which only the exact path judges (lone ones are invalid).
     # ASCII lines need no UTF-8 check; decoding only the others avoids building a
     # wide str of the whole chunk.
-    if not blob.isascii():
+    if not blob.isascii() and not _valid_utf8(blob):
         exact += [i for i in np.flatnonzero(~_flags(bytes.isascii, lines)).tolist() if not _is_utf8(lines[i])]
     if escapes is True:
         escapes = range(len(lines)) if _SURROGATE_ESCAPE_B.search(blob) else []
@@ -496,6 +527,17 @@ def arrow_segments(
 
 
 _SURROGATE_ESCAPE_B = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _valid_utf8(blob: bytes) -> bool:
+    """Whether ``blob`` is valid UTF-8, checked by Arrow's vectorized validator (no decoded copy): when it is, no
+    line needs a look of its own."""
+    offsets = pa.py_buffer(np.array([0, len(blob)], dtype=np.int32))
+    try:
+        pa.Array.from_buffers(pa.binary(), 1, [None, offsets, pa.py_buffer(blob)]).cast(pa.string())
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def _is_utf8(line: bytes) -> bool:
@@ -548,15 +590,16 @@ _PARALLEL_BLOCKS = 4
 def _arrow_parse(blob: bytes, expected_rows: int, opts) -> tuple[pa.Table | None, int | None]:
     """(table, None) on success; (None, failing row) or (None, None) when the row is unknown.
 
-    A large blob is first parsed in several blocks on Arrow's thread pool. Arrow counts
-    the row of an error from the start of its block, so a failure is parsed again as
-    one block to learn the failing row.
+    A large blob is first parsed in several blocks on Arrow's thread pool, when it has
+    more than one thread (with one, the blocks only add work: about half again, with
+    the copy that joins them). Arrow counts the row of an error from the start of its
+    block, so a failure is parsed again as one block to learn the failing row.
     """
     def read(blocks: int) -> pa.Table:
         read_options = pa_json.ReadOptions(use_threads=blocks > 1, block_size=len(blob) // blocks + 64)
         return pa_json.read_json(pa.BufferReader(blob), read_options=read_options, parse_options=opts)
 
-    if len(blob) > _PARALLEL_PARSE_BYTES:
+    if len(blob) > _PARALLEL_PARSE_BYTES and pa.cpu_count() > 1:
         with contextlib.suppress(pa.ArrowInvalid):
             table = read(_PARALLEL_BLOCKS)
             if table.num_rows == expected_rows:

@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.core.errors import UserError
+from pipeline.core.paths import quarantine_path_for
 from pipeline.core.schemas import PAIRS_SCHEMA, QUARANTINE_FIELDS, REASON_CODES
-from pipeline.data import readers
-from stages import ingest
-from stages.ingest import IngestConfig, quarantine_path_for, run
+from pipeline.data import ingesting, readers
+from stages.ingest import IngestConfig, run
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 GSM8K = SHARED / "data" / "gsm8k" / "example_model_solutions.jsonl"
@@ -52,11 +52,11 @@ BROKEN = {
 }
 
 
-def _run_counting(cfg: IngestConfig) -> ingest.IngestResult:
+def _run_counting(cfg: IngestConfig) -> ingesting.IngestResult:
     """``run``, also when every record is quarantined (an error that still writes both files)."""
     try:
         return run(cfg)
-    except ingest.NothingAccepted as exc:
+    except ingesting.NothingAccepted as exc:
         return exc.result
 
 
@@ -180,10 +180,10 @@ def test_failure_mid_write_keeps_old_output(tmp_path, monkeypatch):
     cfg = IngestConfig(inputs=[str(src)], out=str(tmp_path / "p.arrow"), progress=False)
     run(cfg)
     before = (Path(cfg.out).read_bytes(), cfg.quarantine_path.read_bytes())
-    monkeypatch.setattr(ingest, "_BATCH_ROWS", 2)  # force batches onto disk before the crash
-    monkeypatch.setattr(ingest, "_CHUNK_BYTES", 100)  # several chunks, so several adds
+    monkeypatch.setattr(ingesting, "_BATCH_ROWS", 2)  # force batches onto disk before the crash
+    monkeypatch.setattr(ingesting, "_CHUNK_BYTES", 100)  # several chunks, so several adds
     calls = {"n": 0}
-    real = ingest._PairsWriter.add
+    real = ingesting.PairsWriter.add
 
     def boom(self, batch):
         calls["n"] += 1
@@ -191,7 +191,7 @@ def test_failure_mid_write_keeps_old_output(tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return real(self, batch)
 
-    monkeypatch.setattr(ingest._PairsWriter, "add", boom)
+    monkeypatch.setattr(ingesting.PairsWriter, "add", boom)
     _write_jsonl(src, [{"prompt": f"new{i}", "chosen": "c", "rejected": "r"} for i in range(10)] + ["{bad"])
     with pytest.raises(RuntimeError, match="disk on fire"):
         run(cfg)
@@ -284,11 +284,11 @@ def test_output_independent_of_workers_and_chunking(tmp_path, monkeypatch):
         if i % 97 == 0:
             rows.append("{broken")
     src = _write_jsonl(tmp_path / "in.jsonl", rows)
-    monkeypatch.setattr(ingest, "_BATCH_ROWS", 64)
-    monkeypatch.setattr(ingest, "_PARALLEL_MIN_BYTES", 0)  # use the pool even for this small file
+    monkeypatch.setattr(ingesting, "_BATCH_ROWS", 64)
+    monkeypatch.setattr(ingesting, "_PARALLEL_MIN_BYTES", 0)  # use the pool even for this small file
     results = []
     for workers, chunk in ((1, 1 << 20), (2, 2048), (2, 999)):
-        monkeypatch.setattr(ingest, "_CHUNK_BYTES", chunk)
+        monkeypatch.setattr(ingesting, "_CHUNK_BYTES", chunk)
         out = tmp_path / f"w{workers}_{chunk}" / "pairs.arrow"
         res = run(IngestConfig(inputs=[str(src)], out=str(out), eval_fraction=0.25, workers=workers, progress=False))
         results.append((res.to_dict() | {"out": None, "quarantine": None}, out.read_bytes(), Path(res.quarantine).read_bytes()))
@@ -325,11 +325,11 @@ def test_fuzz_fast_path_matches_exact_path(tmp_path, lines):
     # Fast path; fast path with Arrow's multi-block threaded parse forced; exact path.
     for fast, parallel_bytes in ((True, readers._PARALLEL_PARSE_BYTES), (True, 0), (False, readers._PARALLEL_PARSE_BYTES)):
         default_bytes = readers._PARALLEL_PARSE_BYTES
-        ingest._FAST_PATH, readers._PARALLEL_PARSE_BYTES = fast, parallel_bytes
+        ingesting._FAST_PATH, readers._PARALLEL_PARSE_BYTES = fast, parallel_bytes
         try:
             res = _run_counting(IngestConfig(inputs=[str(src)], out=str(tmp_path / f"{fast}.arrow"), max_chars=5, eval_fraction=0.5, progress=False))
         finally:
-            ingest._FAST_PATH, readers._PARALLEL_PARSE_BYTES = True, default_bytes
+            ingesting._FAST_PATH, readers._PARALLEL_PARSE_BYTES = True, default_bytes
         outputs.append((res.to_dict() | {"out": None, "quarantine": None}, Path(res.out).read_bytes(), Path(res.quarantine).read_bytes()))
     assert outputs[0] == outputs[1] == outputs[2]
 
@@ -379,7 +379,7 @@ def test_every_record_quarantined_for_one_reason_is_an_error_naming_the_fields(t
     assert len(_quarantine(quarantine_path_for(out))) == 5 and _read(out).num_rows == 0
     as_json = CliRunner().invoke(app, ["ingest", str(src), "--out", str(out), "--json"])
     assert as_json.exit_code == 1 and json.loads(as_json.stdout)["by_reason"]["missing_field"] == 5
-    with pytest.raises(ingest.NothingAccepted) as info:
+    with pytest.raises(ingesting.NothingAccepted) as info:
         run(IngestConfig(inputs=[str(src)], out=str(out), progress=False))
     assert info.value.result.by_reason["missing_field"] == 5
     # mapping the fields as the message says fixes it
@@ -447,11 +447,11 @@ def test_split_column_in_jsonl_json_and_parquet(tmp_path):
         outs.append(res)
     assert outs[0].splits == {"train": 12, "eval": 12}
     # the fast path and the per-record path agree
-    ingest._FAST_PATH = False
+    ingesting._FAST_PATH = False
     try:
         slow = run(IngestConfig(inputs=[str(tmp_path / "in.jsonl")], out=str(tmp_path / "slow.arrow"), progress=False))
     finally:
-        ingest._FAST_PATH = True
+        ingesting._FAST_PATH = True
     assert Path(slow.out).read_bytes() == Path(outs[0].out).read_bytes()
     # --split-field '' ignores the column; an unknown name is a one-line error naming file and line
     res = run(IngestConfig(inputs=[str(tmp_path / "in.jsonl")], out=str(tmp_path / "n.arrow"), split_field="", progress=False))
@@ -481,11 +481,11 @@ def test_deeply_nested_record_is_quarantined_with_its_line(tmp_path):
     src = _write_jsonl(tmp_path / "deep.jsonl", lines)
     outputs = []
     for fast in (True, False):
-        ingest._FAST_PATH = fast
+        ingesting._FAST_PATH = fast
         try:
             res = run(IngestConfig(inputs=[str(src)], out=str(tmp_path / f"{fast}.arrow"), progress=False))
         finally:
-            ingest._FAST_PATH = True
+            ingesting._FAST_PATH = True
         q = _quarantine(res.quarantine)
         assert [(r["line"], r["reason"]) for r in q] == [(2, "invalid_json")] and "nested deeper" in q[0]["message"]
         assert [r["prompt"] for r in _read(res.out).to_pylist()] == ["p1", "p3", "p4"]

@@ -266,6 +266,7 @@ def test_arrow_segments_cover_every_line_once(monkeypatch):
     lines[200] = b'{"prompt": "p", "chosen": "c"'  # cut short
     lines[300] = b'{"prompt": "\xff", "chosen": "c", "rejected": "r"}'  # invalid UTF-8
     lines[350] = b'{"prompt": "\\ud800", "chosen": "c", "rejected": "r"}'  # lone surrogate escape
+    monkeypatch.setattr(readers.pa, "cpu_count", lambda: 2)  # several blocks are parsed only with several threads
     for parallel_bytes in (1 << 30, 0):  # single-block parse, and several blocks on Arrow's threads
         monkeypatch.setattr(readers, "_PARALLEL_PARSE_BYTES", parallel_bytes)
         monkeypatch.setattr(readers, "_RUN_LINES", 16)
