@@ -82,7 +82,10 @@ def test_numbers_written_as_text_in_yaml_are_read_as_numbers(tmp_path):
 
 
 def _no_model(monkeypatch):
+    # Modules that bind build_preset at import are imported first: one first imported under the patch would keep
+    # the guard after this test (a later test's init-model would then fail).
     import pipeline.models
+    import pipeline.models.init
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the error")
@@ -90,6 +93,7 @@ def _no_model(monkeypatch):
     monkeypatch.setattr(pipeline.models, "load_model", boom)
     monkeypatch.setattr(pipeline.models, "build_preset", boom)
     monkeypatch.setattr("pipeline.models.presets.build_preset", boom)
+    monkeypatch.setattr("pipeline.models.init.build_preset", boom)
     monkeypatch.setattr("stages.merge.load_model", boom)
 
 
