@@ -104,7 +104,7 @@ def run(cfg: PlanConfig):
     plan = make_plan(cfg.stage, stage_cfg, shape, cfg.device_bytes, cfg.device)
     if cfg.search and cfg.stage == "train" and not plan.fits:
         from pipeline.cli.trl_names import translate
-        from pipeline.plan.commands import fitting_recipes
+        from pipeline.plan.fitting import fitting_recipes
 
         options = translate(type(stage_cfg), dict(cfg.options), f"plan {cfg.stage} options")  # TRL's names as ours
         plan.recipes, plan.recipe_method = fitting_recipes(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.plan.commands import option_flags
+from pipeline.plan.fitting import option_flags
 
 
 def test_option_flags_spell_booleans_lists_and_values_and_leave_out_the_recipes_own():
