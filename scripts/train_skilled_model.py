@@ -153,19 +153,31 @@ def train(args, log=print) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     init, data, run_dir = work / "init", work / "sft.jsonl", work / "sft-run"
-    n_params = write_init_model(init, args.seed)
-    write_sft_data(data, splits["sft"])
-    log(f"model: {n_params:,} parameters; {len(splits['sft'])} SFT examples; dev {len(splits['dev'])}")
-    start = time.perf_counter()
-    result = sft_run(sft_config(args, data, init, run_dir))
-    train_seconds = time.perf_counter() - start
-    log(f"sft: {result.steps} steps in {train_seconds:.0f}s, final loss {result.final_loss:.4f}")
-    out = {"parameters": n_params, "steps": result.steps, "train_seconds": round(train_seconds, 1),
+    if args.stopped_run:
+        # an sft run of this command stopped before --max-steps (time): its checkpoints are the full run's
+        # (the schedule is fixed by --max-steps), so the stopping rule can choose among them
+        if not list_checkpoints(run_dir):
+            raise SystemExit(f"--stopped-run: {run_dir} has no checkpoints")
+        n_params = sum(p.numel() for p in load_bf16_rounded(init)[0].parameters())
+        finished = (run_dir / FINAL_DIR).is_dir()
+        steps = args.max_steps if finished else max(int(p.name.rsplit("-", 1)[-1]) for p in list_checkpoints(run_dir))
+        train_seconds = None
+        log(f"sft: stopped run, checkpoints up to step {steps} of {args.max_steps}")
+    else:
+        n_params = write_init_model(init, args.seed)
+        write_sft_data(data, splits["sft"])
+        log(f"model: {n_params:,} parameters; {len(splits['sft'])} SFT examples; dev {len(splits['dev'])}")
+        start = time.perf_counter()
+        result = sft_run(sft_config(args, data, init, run_dir))
+        steps, train_seconds = result.steps, round(time.perf_counter() - start, 1)
+        log(f"sft: {result.steps} steps in {train_seconds:.0f}s, final loss {result.final_loss:.4f}")
+    out = {"parameters": n_params, "steps": steps, "max_steps": args.max_steps, "train_seconds": train_seconds,
            "first_losses": first_losses(run_dir)}
     if not args.eval_every_checkpoint:
         return out
     folders = [(int(p.name.rsplit("-", 1)[-1]), p) for p in list_checkpoints(run_dir)]
-    folders.append((result.steps, run_dir / FINAL_DIR))
+    if (run_dir / FINAL_DIR).is_dir():
+        folders.append((steps, run_dir / FINAL_DIR))
     history = []
     for step, folder in folders:
         model, tokenizer = load_bf16_rounded(folder)
@@ -205,6 +217,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-eval", dest="eval_every_checkpoint", action="store_false",
                     help="train only (no dev evaluation, no choice)")
     ap.add_argument("--record", action="store_true", help="write pipeline/models/weights/skill.json")
+    ap.add_argument("--stopped-run", action="store_true",
+                    help="do not train: choose among the checkpoints of this command's sft run in --work, stopped "
+                         "before --max-steps (they are the full run's checkpoints: the schedule is fixed up front)")
     return ap.parse_args(argv)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,28 @@ def test_the_training_scripts_first_steps_reproduce_the_recorded_losses(tmp_path
     cfg = (tmp_path / "w" / "sft-run" / "config.yaml").read_text()
     assert "mask_eps" in cfg and "pad_response_to: 24" in cfg
     load_model(str(tmp_path / "w" / "sft-run" / "final"))
+
+
+def test_a_stopped_run_is_chosen_from_without_training_again(tmp_path):
+    """--stopped-run reuses an sft run of the script cut short: no checkpoints is refused; with some, nothing
+    is trained (the first losses are the run's own, the step its last checkpoint's)."""
+    mod = _script("train_skilled_model")
+    work = ["--work", str(tmp_path / "w"), "--no-eval"]
+    with pytest.raises(SystemExit, match="no checkpoints"):
+        mod.train(mod.parse_args([*work, "--stopped-run"]), log=lambda *_: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trained = mod.train(mod.parse_args([*work, "--max-steps", "4", "--save-every", "2"]), log=lambda *_: None)
+        metrics = (tmp_path / "w" / "sft-run" / "metrics.parquet").stat().st_mtime_ns
+        finished = mod.train(mod.parse_args([*work, "--max-steps", "4", "--stopped-run"]), log=lambda *_: None)
+        shutil.rmtree(tmp_path / "w" / "sft-run" / "final")  # as if stopped after the checkpoint of step 2
+        reused = mod.train(mod.parse_args([*work, "--max-steps", "4", "--stopped-run"]), log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "w" / "sft-run" / "metrics.parquet").stat().st_mtime_ns == metrics  # nothing trained
+    assert finished["steps"] == 4 and reused["steps"] == 2 and reused["train_seconds"] is None
+    assert reused["first_losses"] == trained["first_losses"] and reused["parameters"] == trained["parameters"]
 
 
 def test_the_shipped_checkpoint_matches_its_recorded_hash_and_loads_as_a_preset(tmp_path):

@@ -61,7 +61,7 @@ PRESETS: dict[str, Preset] = {
             vocab_size=512, embedding_size=512, max_sequence_length=256,
         ),
         weights="skill.safetensors",
-        weights_sha256="b4b48e7a413c3446feb2beec64e7a73934f9ddb14855f385e404ca2dc3bf8703",
+        weights_sha256="55e9225d41ee2b8dea7e636a0f82532da64f629c972d639d4c9dfc5a8118f03f",
     ),
     "tiny": Preset(
         description="~3.7M-parameter LLaDA (4 layers, d_model 256), random weights",
