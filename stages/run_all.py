@@ -27,8 +27,7 @@ from pipeline.core.config import check_device, check_ranges, read_config_file, r
 from pipeline.core.errors import ConfigError
 from pipeline.core.paths import PAIRS_FILE
 from pipeline.core.progress import stage_timer
-from pipeline.report.summary import RunResult, print_rounds_summary, run_result
-from pipeline.report.summary import print_run_summary as print_summary
+from pipeline.report.summary import print_rounds_summary, print_run_summary, run_result
 from stages.run_stages import load_stages, score_train_eval, shipped_path, stage_classes
 
 EMBEDDED_DEFAULT = Path(__file__).with_name("run.yaml")
@@ -161,13 +160,6 @@ def run(cfg: RunConfig, log=print):
     ing = timed("ingest", ingest.run, ingest_cfg)
     sc, tr, ev, paths = score_train_eval(cfg, timed, score_cfg, train_cfg, eval_cfg)
     return run_result(cfg.out, time.perf_counter() - start, times, (ing, sc, tr, ev), paths)
-
-
-def print_run_summary(result: RunResult, console=None) -> None:
-    """The single pass's summary (pipeline.report.summary), eval's intervals printed as eval prints them."""
-    from pipeline.evaluation.intervals import print_intervals
-
-    print_summary(result, console, print_intervals)
 
 
 def _run_action(cfg: RunConfig, as_json: bool) -> None:

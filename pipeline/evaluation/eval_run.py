@@ -34,7 +34,7 @@ from pipeline.evaluation.metrics import (
     training_sample,
 )
 from pipeline.evaluation.tasks import TASK_RESULTS_SCHEMA, read_benchmark, task_accuracy, working_figures
-from pipeline.models.numerics import Numerics, autocast, follow, of_fingerprint
+from pipeline.models.numerics import Numerics, autocast, config_numerics, follow, of_fingerprint
 from pipeline.refcache.fingerprint import check_reference_model
 from pipeline.refcache.reader import open_cache
 from pipeline.sampling.args import SamplingArgs
@@ -131,8 +131,7 @@ def prepare(cfg) -> EvalInputs:
                           load_in_4bit=cfg.load_in_4bit, allow_mismatch=cfg.allow_numerics_mismatch,
                           where=str(cfg.scores))
     else:
-        numerics = Numerics(dtype=cfg.dtype or "float32", mixed_precision=cfg.mixed_precision or "no",
-                            load_in_4bit=bool(cfg.load_in_4bit))
+        numerics = config_numerics(cfg)
     sample = training_sample(cache, cfg.train_sample, cfg.seed) if cache is not None and cfg.train_sample else []
     bench = read_benchmark(cfg.benchmark)[:cfg.limit_task or None] if cfg.benchmark else []
     # options a list of strings, answer an index in range
@@ -166,14 +165,14 @@ class Figures:
 
 def evaluate(cfg, inputs: EvalInputs) -> Figures:
     """Both models (``before``, then ``after``: the policy) measured in turn, one loaded at a time."""
+    from pipeline.models import load  # transformers: when a model loads, not when eval parses its flags
+
     figures = Figures()
     held_out = (inputs.pair_rows.take(range(len(inputs.pair_rows)))
                 if cfg.mc_seeds > 1 and len(inputs.pair_rows) else [])
     for label, name in (("before", inputs.before_name), ("after", cfg.model)):
         if name is None:
             continue
-        from pipeline.models import load  # transformers: when a model loads, not when eval parses its flags
-
         model, tokenizer = load(name, inputs.numerics, inputs.device, trust_remote_code=cfg.trust_remote_code)
         model.eval()
         cache = inputs.cache

@@ -46,6 +46,13 @@ class Numerics:
         return ", ".join(parts)
 
 
+def config_numerics(cfg) -> Numerics:
+    """The numerics a stage config (``dtype``, ``mixed_precision``, ``load_in_4bit``) names, its unset ones at
+    their defaults (float32 weights, no autocast, no 4-bit): what a run without a cache to follow uses."""
+    return Numerics(dtype=cfg.dtype or "float32", mixed_precision=cfg.mixed_precision or "no",
+                    load_in_4bit=bool(cfg.load_in_4bit))
+
+
 def of_fingerprint(fingerprint: dict[str, Any]) -> Numerics:
     """The numerics a cache was scored in (caches from before this field: float32-era defaults)."""
     return Numerics(dtype=fingerprint.get("dtype") or "float32",

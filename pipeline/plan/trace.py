@@ -54,7 +54,7 @@ from pipeline.estimator.diffusion import elbo_terms, mask_seed, masked_request, 
 from pipeline.estimator.replay import PairBatch
 from pipeline.models import LORA_TARGET_MODULES
 from pipeline.models.llada import LLaDAConfig, LLaDAModelLM
-from pipeline.models.numerics import prepare_4bit
+from pipeline.models.numerics import config_numerics, prepare_4bit
 from pipeline.models.presets import PRESETS, _default_dtype, build_preset, preset_config
 from pipeline.models.quant import quantize_linears, require_bitsandbytes, settle, state_tensors
 from pipeline.plan.memory import nf4_bytes
@@ -417,8 +417,9 @@ def default_numerics(cfg):
     """A train config with its unset numerics set: train takes them from its cache; without one (a plan), the
     defaults a cache records by default."""
     if cfg.dtype is None or cfg.mixed_precision is None or cfg.load_in_4bit is None:
-        cfg = dataclasses.replace(cfg, dtype=cfg.dtype or "float32", mixed_precision=cfg.mixed_precision or "no",
-                                  load_in_4bit=bool(cfg.load_in_4bit))
+        numerics = config_numerics(cfg)
+        cfg = dataclasses.replace(cfg, dtype=numerics.dtype, mixed_precision=numerics.mixed_precision,
+                                  load_in_4bit=numerics.load_in_4bit)
     return cfg
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Column, Table
 
+from pipeline.evaluation.intervals import print_intervals
 from pipeline.report.rounds import COLUMNS, format_figure, headline
 
 
@@ -88,10 +89,9 @@ def figure_table(title: str, rows: list[tuple[str, str]]) -> Table:
     return table
 
 
-def print_run_summary(result: RunResult, console: Console | None = None, print_intervals=None) -> None:
+def print_run_summary(result: RunResult, console: Console | None = None) -> None:
     """The held-out figures (a table when the terminal shows it whole, else one (metric, value) a line), their
-    intervals through ``print_intervals`` (eval's, passed in by the command: the library imports no stage), the
-    training's last figures, the artefacts and a query to try."""
+    intervals as eval prints them, the training's last figures, the artefacts and a query to try."""
     console = console or Console()
     title = f"lldm-dpo run: done in {result.seconds:.0f}s"
     rows = []
@@ -114,8 +114,7 @@ def print_run_summary(result: RunResult, console: Console | None = None, print_i
         console.print(title)
         console.print(figure_table("held-out evaluation", [(f"{name}, {side}", value) for name, *values in rows
                                                            for side, value in zip(("before", "after"), values)]))
-    if print_intervals is not None:
-        print_intervals(result.intervals, result.mc_spread, title="held-out evaluation, 95% intervals")
+    print_intervals(result.intervals, result.mc_spread, title="held-out evaluation, 95% intervals")
     console.print(f"train: final loss {result.final_train_loss:.4f}, "
                   f"reward accuracy {result.final_train_reward_accuracy:.3f}")
     for key, path in result.artefacts.items():

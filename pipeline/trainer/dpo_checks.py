@@ -20,7 +20,7 @@ from pipeline.evaluation.intervals import accuracy_record, few_items_warning
 from pipeline.evaluation.preference import cache_layout_sums, heldout_metrics
 from pipeline.models import load, model_identity, tokenizer_identity
 from pipeline.models.numerics import FIELDS as NUMERICS_FIELDS
-from pipeline.models.numerics import Numerics, autocast, follow
+from pipeline.models.numerics import Numerics, autocast, config_numerics, follow
 from pipeline.refcache.fingerprint import describe_difference, fingerprint_differences, fingerprint_digest
 from pipeline.refcache.reader import cache_part_paths, read_whole_part
 from pipeline.refcache.rows import responses_differ, row_split
@@ -28,7 +28,7 @@ from pipeline.trainer.batching import step_counts, step_rows
 from pipeline.trainer.dpo_config import TrainConfig
 from pipeline.trainer.dpo_step import TrainContext
 from pipeline.trainer.model_card import model_card
-from pipeline.trainer.policy import adapt_policy, config_numerics
+from pipeline.trainer.policy import adapt_policy
 
 
 def setup_policy(cfg: TrainConfig, model_name: str, device: torch.device, numerics: Optional[Numerics] = None):

@@ -14,15 +14,6 @@ import torch
 import torch.distributed as dist
 
 
-def sync_context(acc, wrapped, fsdp: bool, last: bool):
-    """Gradients are all-reduced only on the last backward of an optimizer step (DDP's no_sync before it)."""
-    if wrapped is None or last or fsdp:
-        # FSDP reduce-scatters every backward: without sync each process would keep
-        # whole unsharded gradients, the memory FSDP exists to save.
-        return contextlib.nullcontext()
-    return acc.no_sync(wrapped)
-
-
 class Placement:
     acc: Any
     """accelerate's Accelerator (or plan's stand-in for it)."""
@@ -51,4 +42,9 @@ class Placement:
         return int(t.item())
 
     def sync_context(self, last: bool):
-        return sync_context(self.acc, self.wrapped, self.fsdp, last)
+        """Gradients are all-reduced only on the last backward of an optimizer step (DDP's no_sync before it)."""
+        if self.wrapped is None or last or self.fsdp:
+            # FSDP reduce-scatters every backward: without sync each process would keep
+            # whole unsharded gradients, the memory FSDP exists to save.
+            return contextlib.nullcontext()
+        return self.acc.no_sync(self.wrapped)

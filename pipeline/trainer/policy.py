@@ -11,13 +11,7 @@ from typing import Optional
 
 from pipeline.core.errors import UserError
 from pipeline.models import lora_target_modules
-from pipeline.models.numerics import Numerics, prepare_4bit
-
-
-def config_numerics(cfg) -> Numerics:
-    """The numerics ``cfg`` names, its unset ones at their defaults (float32 weights, no autocast, no 4-bit)."""
-    return Numerics(dtype=cfg.dtype or "float32", mixed_precision=cfg.mixed_precision or "no",
-                    load_in_4bit=bool(cfg.load_in_4bit))
+from pipeline.models.numerics import Numerics, config_numerics, prepare_4bit
 
 
 def adapt_policy(model, cfg, numerics: Optional[Numerics] = None):

@@ -22,12 +22,13 @@ from pipeline.data.prompts import resolve_chat_template
 from pipeline.data.sftdata import examples_digest, load_examples
 from pipeline.estimator.sft_objective import collate, draw_masks, sft_loss
 from pipeline.models import load
+from pipeline.models.numerics import config_numerics
 from pipeline.models.presets import is_preset
 from pipeline.trainer import session
 from pipeline.trainer.accelerator import peak_memory_bytes
 from pipeline.trainer.batching import micro_batch_rows, step_pair_count
 from pipeline.trainer.model_card import model_card
-from pipeline.trainer.policy import adapt_policy, config_numerics
+from pipeline.trainer.policy import adapt_policy
 from pipeline.trainer.sft_config import RESUME_FREE, SFTConfig, SFTResult
 
 
