@@ -15,7 +15,7 @@ from pipeline.core.config import check_device, check_ranges, require_choice
 from pipeline.core.devices import DTYPE_NAMES, PRECISION_NAMES, process_state
 from pipeline.core.errors import ConfigError
 from pipeline.core.lock import output_lock
-from pipeline.estimator.diffusion import BATCH_TOKENS, SCHEMES
+from pipeline.estimator.diffusion import BATCH_TOKENS, PAIR_MASKS, SCHEMES
 
 if TYPE_CHECKING:
     from pipeline.refcache.scoring import ScoreRefResult
@@ -42,6 +42,11 @@ class ScoreRefConfig:
     """Independent mask sets per response; training epoch e replays draw e mod draws."""
     seed: int = 0
     """Global mask seed; masks depend only on (seed, pair_id, side, draw)."""
+    pair_masks: str = "independent"
+    """independent: the chosen and rejected responses draw their masks from seeds of their own; shared: one seed
+    per pair and draw for both, so they have the same timesteps and, at equal lengths (``pad_to``), the same
+    masked positions. Shared masks make the tokens the two responses share nearly cancel in the DPO margin and
+    its gradient (each side's estimate is as before; docs/estimator.md). In the fingerprint."""
     scheme: str = "l_over_L"
     """Mask-count scheme: l_over_L (LLaDA's stratified counts, weight L/l) or one_over_t (t ~ U(eps,1], weight 1/t)."""
     eps: float = 1e-3
@@ -90,6 +95,7 @@ class ScoreRefConfig:
         check_ranges(self, RANGES)
         check_device(self.device)
         require_choice("scheme", self.scheme, SCHEMES)
+        require_choice("pair_masks", self.pair_masks, PAIR_MASKS)
         require_choice("dtype", self.dtype, DTYPE_NAMES)
         require_choice("mixed_precision", self.mixed_precision, PRECISION_NAMES)
         if self.load_in_4bit and self.dtype == "float32":

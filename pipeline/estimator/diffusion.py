@@ -57,6 +57,24 @@ def mask_seed(global_seed: int, pair_id: str, side: str, draw: int) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") & _MASK63
 
 
+PAIR_MASKS = ("independent", "shared")
+"""How a pair's two responses draw their masks: each side from its own seed, or both from one seed per draw."""
+
+
+def side_seed(global_seed: int, pair_id: str, side: str, draw: int, pair_masks: str = "independent") -> int:
+    """The mask seed of one (pair, side, draw) under ``pair_masks``.
+
+    ``shared`` gives chosen and rejected one seed per draw, hence the same timesteps and, where their lengths
+    agree (responses EOS-padded to one length), the same masked positions: the tokens the two responses share
+    then enter both ELBO estimates under the same masks, so their terms nearly cancel in the preference margin
+    and in its gradient, which is left to the tokens that differ (docs/estimator.md, "Masks shared across the
+    pair"). Each side's estimator is unchanged: only the two estimates' correlation is.
+    """
+    if pair_masks not in PAIR_MASKS:
+        raise ValueError(f"pair_masks must be one of {', '.join(PAIR_MASKS)}, got {pair_masks!r}")
+    return mask_seed(global_seed, pair_id, "pair" if pair_masks == "shared" else side, draw)
+
+
 @dataclass(frozen=True)
 class MaskSet:
     """The n Monte Carlo samples of one draw for one response of length L."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.core.lazy import deferred
 from pipeline.core.schemas import SIDES
-from pipeline.estimator.diffusion import mask_seed
+from pipeline.estimator.diffusion import side_seed
 from pipeline.estimator.losses import pair_statistics
 from pipeline.estimator.replay import PairBatch, elbo_pass, replay_requests, rescore_part, seeded_request
 from pipeline.evaluation.intervals import credits_record, paired_difference_interval
@@ -69,8 +69,9 @@ def margin_summary(pi_c, pi_r, ref_c, ref_r, beta: float, with_elbo: bool = Fals
 def fresh_requests(rows: list[dict], fingerprint: dict[str, Any], extra: int = 0) -> list:
     """Requests on masks training never saw: draw index ``draws + extra`` of each (pair, side), past the cache's."""
     draw = fingerprint["draws"] + extra
-    return [seeded_request(row, side, mask_seed(fingerprint["seed"], row["pair_id"], side, draw), fingerprint)[0]
-            for row in rows for side in SIDES]
+    pair_masks = fingerprint.get("pair_masks") or "independent"
+    return [seeded_request(row, side, side_seed(fingerprint["seed"], row["pair_id"], side, draw, pair_masks),
+                           fingerprint)[0] for row in rows for side in SIDES]
 
 
 def mean_terms(model, tokenizer, requests: list, batch_tokens: int, mixed_precision: str = "no") -> list[float]:

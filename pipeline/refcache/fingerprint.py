@@ -31,6 +31,8 @@ def build_fingerprint(cfg, model_identity: Any, tokenizer_identity: str, pairs_s
         "pad_to": cfg.pad_to,
         "estimator": ESTIMATOR_VERSION,
         "scheme": cfg.scheme,
+        # None for independent masks: caches made before the setting existed drew them so and stay valid
+        "pair_masks": None if cfg.pair_masks == "independent" else cfg.pair_masks,
         "eps": cfg.eps if cfg.scheme == "one_over_t" else None,
         "samples": cfg.samples,
         "draws": cfg.draws,

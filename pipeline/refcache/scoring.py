@@ -1,7 +1,8 @@
 """score-ref's work: the frozen reference model scores every pair on its seeded masks, part by part, into a cache.
 
 For every pair, side (chosen/rejected) and draw, the masks come from
-``sample_masks(L, n, mask_seed(seed, pair_id, side, draw))``; the cache keeps
+``sample_masks(L, n, side_seed(seed, pair_id, side, draw, pair_masks))`` (one seed
+per pair and draw for both sides under ``pair_masks: shared``); the cache keeps
 the seeds, mask counts and per-sample terms, so ``train`` can replay exactly
 the same masks on the policy (antithetic sampling) without loading the
 reference model.
@@ -46,7 +47,7 @@ from pipeline.core.schemas import (
 from pipeline.data.pairsfile import pairs_sha256, read_pairs
 from pipeline.data.prompts import resolve_chat_template
 from pipeline.data.tokenize import tokenize_pair
-from pipeline.estimator.diffusion import forward_batches, mask_seed, masked_request
+from pipeline.estimator.diffusion import forward_batches, masked_request, side_seed
 from pipeline.refcache import writer
 from pipeline.refcache.fingerprint import build_fingerprint, fingerprint_digest
 from pipeline.refcache.manifest import CacheManifest
@@ -94,7 +95,7 @@ def _masked_record(row: dict, tok, cfg, requests: list, layout: list, index: int
            TRUNCATED_COLUMN: bool(tok.truncated), **{IDS_COLUMNS[part]: v for part, v in ids.items()},
            **{col: len(ids[part]) for part, col in zip(IDS_COLUMNS, LENGTH_COLUMNS)}}
     for side in SIDES:
-        seeds = [mask_seed(cfg.seed, row["pair_id"], side, draw) for draw in range(cfg.draws)]
+        seeds = [side_seed(cfg.seed, row["pair_id"], side, draw, cfg.pair_masks) for draw in range(cfg.draws)]
         drawn = [masked_request(ids["prompt"], ids[side], cfg.samples, seed, scheme=cfg.scheme, eps=cfg.eps)
                  for seed in seeds]
         rec[SEED_COLUMNS[side]] = seeds
