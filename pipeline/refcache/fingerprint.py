@@ -31,8 +31,6 @@ def build_fingerprint(cfg, model_identity: Any, tokenizer_identity: str, pairs_s
         "pad_to": cfg.pad_to,
         "estimator": ESTIMATOR_VERSION,
         "scheme": cfg.scheme,
-        # None for independent masks: caches made before the setting existed drew them so and stay valid
-        "pair_masks": None if cfg.pair_masks == "independent" else cfg.pair_masks,
         "eps": cfg.eps if cfg.scheme == "one_over_t" else None,
         "samples": cfg.samples,
         "draws": cfg.draws,
@@ -43,6 +41,9 @@ def build_fingerprint(cfg, model_identity: Any, tokenizer_identity: str, pairs_s
         "pairs_sha256": pairs_sha,
         "limit": cfg.limit,
         "package_version": __version__,
+        # only when shared: independent masks are how every cache before the setting was drawn, so their
+        # fingerprints (and digests) stay what they were and they are reused as before
+        **({"pair_masks": cfg.pair_masks} if cfg.pair_masks != "independent" else {}),
     }
 
 

@@ -95,7 +95,7 @@ def test_unchanged_rerun_does_no_work(small_pairs, small_cache, tmp_path):
     "change, field",
     [({"samples": 4}, "samples"), ({"seed": 1}, "seed"), ({"max_length": 40}, "max_length"),
      ({"draws": 1}, "draws"), ({"scheme": "one_over_t"}, "scheme"), ({"model": "tiny"}, "model"),
-     ({"pad_to": 16}, "pad_to")],
+     ({"pad_to": 16}, "pad_to"), ({"pair_masks": "shared"}, "pair_masks")],
 )
 def test_changed_setting_is_refused_naming_the_field(small_pairs, small_cache, tmp_path, change, field):
     out = tmp_path / "copy"
@@ -298,3 +298,29 @@ def _fingerprint_of(pairs, cfg):
     _, tok = load_model("micro")
     return build_fingerprint(ScoreRefConfig(**cfg), model_identity("micro"), tokenizer_identity(tok),
                              pairs_sha256(read_pairs(pairs)))
+
+
+def test_shared_pair_masks_give_both_sides_one_seed_and_at_one_length_the_same_masks(small_pairs, small_cache,
+                                                                                      tmp_path):
+    shared = _content_of(run(_cfg(small_pairs, tmp_path / "shared", pair_masks="shared", pad_to=24)))
+    padded = _content_of(run(_cfg(small_pairs, tmp_path / "padded", pad_to=24)))
+    for row in shared:
+        assert row["chosen_seeds"] == row["rejected_seeds"] and len(set(row["chosen_seeds"])) == 2  # one per draw
+        assert row["chosen_len"] == row["rejected_len"]
+        assert row["chosen_mask_counts"] == row["rejected_mask_counts"]
+        assert row["chosen_timesteps"] == row["rejected_timesteps"]
+    assert all(r["chosen_seeds"] != r["rejected_seeds"] for r in padded)
+    # the chosen side of a shared cache is masked differently from an independent one: not a relabelled copy
+    assert [r["chosen_seeds"] for r in shared] != [r["chosen_seeds"] for r in padded]
+
+
+def test_independent_pair_masks_leave_the_fingerprint_as_before(small_pairs):
+    """Every cache before the setting drew independent masks: their fingerprints (and digests) must still match."""
+    base = dict(pairs=small_pairs, model="micro", out="x", samples=3, draws=2, device="cpu")
+    independent = _fingerprint_of(small_pairs, base)
+    assert "pair_masks" not in independent
+    assert _fingerprint_of(small_pairs, {**base, "pair_masks": "shared"}) == {**independent, "pair_masks": "shared"}
+
+
+def _content_of(result):
+    return _content(Path(result.out))
