@@ -35,12 +35,14 @@ from pipeline.data.pairs import (
 from pipeline.data.readers import (
     TOO_DEEP,
     Record,
+    SplitLines,
     arrow_segments,
     escape_lines,
     jsonl_chunk_records,
     may_hold_cr_or_escapes,
     parse_fields_with_arrow,
     parse_line,
+    plain_line_count,
 )
 
 
@@ -121,14 +123,19 @@ def process_lines(data: bytes, first_line: int, source: str, ctx: ChunkRules) ->
     goes through the same per-record code as other inputs, so results do not depend on the path."""
     if not ctx.fast:
         return process_records(jsonl_chunk_records(data, first_line, source), source, ctx)
-    lines, numbers, blob = _nonblank_lines(data, first_line)
     # A CR in a text (raw, or escaped as \\r or \\u000d) changes its normalization, and
     # \\u escapes may hide lone surrogates; with none in the chunk both scans are skipped.
-    escapes = escape_lines(lines, blob) if may_hold_cr_or_escapes(data) else []
+    odd = may_hold_cr_or_escapes(data)
+    plain = None if odd else plain_line_count(data)
+    if plain is not None:  # the common chunk: its lines are needed only for the rows Arrow does not settle
+        lines, numbers, blob = SplitLines(data, plain), np.arange(first_line, first_line + plain, dtype=np.int64), data
+    else:
+        lines, numbers, blob = _nonblank_lines(data, first_line)
+    escapes = escape_lines(lines, blob) if odd else []
     # The split field is always asked of Arrow: absent from every line, it is a column of nulls (the same result
     # as not parsing it, without a scan of the chunk for its name).
     names = ctx.fields.names + ((ctx.split_field,) if ctx.split_field else ())
-    segments = list(arrow_segments(lines, names, escapes, blob))
+    segments = list(arrow_segments(lines, names, escapes, blob, plain=plain is not None))
     slow = [i for rows, table in segments if table is None for i in rows]
     tables = [table for _, table in segments if table is not None]
     fast = None  # the rows Arrow's values settle

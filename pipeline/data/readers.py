@@ -472,13 +472,53 @@ def escape_lines(lines: list[bytes], blob: bytes | None = None) -> list[int]:
     return np.unique(np.searchsorted(starts, np.array(hits, dtype=np.int64), side="left")).tolist()
 
 
+def plain_line_count(data: bytes) -> int | None:
+    """The number of lines of ``data`` when every one opens with ``{`` and closes with ``}`` and none holds a CR,
+    else None: what splitting the chunk and looking at each line would find (no blank line, no line Arrow must not
+    see), found from the newline positions in one vectorized pass, without a ``bytes`` object per line."""
+    if not data or b"\r" in data:
+        return None
+    buf = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(buf == 10)  # each line's end (its newline), and the last line's without one
+    if buf[-1] != 10:
+        ends = np.append(ends, len(buf))
+    starts = np.empty_like(ends)
+    starts[0], starts[1:] = 0, ends[:-1] + 1
+    if (ends == starts).any() or not ((buf[starts] == 0x7B).all() and (buf[ends - 1] == 0x7D).all()):
+        return None
+    return len(ends)
+
+
+class SplitLines:
+    """The lines of a chunk that ``plain_line_count`` cleared, as the list ``_nonblank_lines`` would give, split only
+    when a line is first asked for (a clean chunk never needs them: Arrow parses the chunk whole)."""
+
+    def __init__(self, data: bytes, count: int):
+        self.data, self.count, self._lines = data, count, None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _split(self) -> list[bytes]:
+        if self._lines is None:
+            self._lines = self.data.split(b"\n")[: self.count]  # (the piece after a last newline is empty)
+        return self._lines
+
+    def __getitem__(self, i):
+        return self._split()[i]
+
+    def __iter__(self):
+        return iter(self._split())
+
+
 def _flags(fn, lines: list[bytes], *arg) -> np.ndarray:
     """``fn(line, *arg)`` for every line as a bool array (a C loop, no Python frame per line)."""
     return np.fromiter(map(fn, lines, *(repeat(a) for a in arg)), dtype=bool, count=len(lines))
 
 
 def arrow_segments(
-    lines: list[bytes], names: tuple[str, ...], escapes: bool | list[int] = True, blob: bytes | None = None
+    lines: list[bytes], names: tuple[str, ...], escapes: bool | list[int] = True, blob: bytes | None = None,
+    plain: bool = False,
 ) -> Iterator[tuple[Any, pa.Table | None]]:
     """Cover ``lines`` (non-blank, without newlines) with ``(rows, table)`` pairs.
 
@@ -492,7 +532,7 @@ def arrow_segments(
     the whole chunk. ``escapes``: the lines that may hold a ``\\u`` escape
     (``escape_lines``), when the caller knows them: only those are scanned for
     surrogate escapes (``False``: none). ``blob``: ``b"\\n".join(lines)``, if the
-    caller has it.
+    caller has it. ``plain``: ``plain_line_count`` cleared the lines (every one an object's braces).
     """
     opts = _string_fields(names)
     # Only lines that look like one whole object reach Arrow: a bare top-level ``null``
@@ -500,7 +540,7 @@ def arrow_segments(
     # line cut short (no closing brace) would make Arrow fail and re-parse a whole run.
     if blob is None:
         blob = b"\n".join(lines)
-    if all(map(bytes.startswith, lines, repeat(b"{"))) and all(map(bytes.endswith, lines, repeat(b"}"))):
+    if plain or (all(map(bytes.startswith, lines, repeat(b"{"))) and all(map(bytes.endswith, lines, repeat(b"}")))):
         exact = []  # the common case, checked in C loops
     else:
         odd = np.flatnonzero(~(_flags(bytes.startswith, lines, b"{") & _flags(bytes.endswith, lines, b"}"))).tolist()
