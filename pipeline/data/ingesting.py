@@ -20,6 +20,7 @@ import functools
 import heapq
 import itertools
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -158,9 +159,49 @@ def _ordered_results(jobs, window: int) -> Iterator[tuple[Chunk, Callable[[int],
             yield (result.get() if hasattr(result, "get") else result), raw_of
 
 
-def _make_pool(workers: int):
+class _ThreadJob:
+    """``fn(*args)`` on a thread of its own; ``get()`` waits for its result (or raises its error), as a pool's
+    ``AsyncResult``."""
+
+    def __init__(self, fn: Callable, args: tuple):
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable, args: tuple) -> None:
+        try:
+            self._result = fn(*args)
+        except BaseException as exc:  # handed to the reader of the result, in input order
+            self._error = exc
+
+    def get(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class _Threads:
+    """Chunks validated on threads, a pool's ``apply_async`` (a thread per chunk, at most ``window`` at once: no
+    pool to import or start). Arrow's parse and compute kernels release the GIL, so one chunk's parse runs beside
+    another's hashing and checks on a second core; the rows and their order are the same (results are taken in
+    input order)."""
+
+    @staticmethod
+    def apply_async(fn: Callable, args: tuple) -> _ThreadJob:
+        return _ThreadJob(fn, args)
+
+
+def overlap_default() -> bool:
+    """Whether chunks are validated two at a time on threads by default: when Arrow's thread pool has more than one
+    thread (the machine's cores, or OMP_NUM_THREADS: one job per core keeps to one)."""
+    return pa.cpu_count() > 1
+
+
+def _make_pool(workers: int, overlap: bool = False):
     if workers <= 1:
-        return None
+        return _Threads() if overlap else None
     import multiprocessing
     # Not fork: the parent may hold DuckDB/Arrow/torch thread pools, whose locks a
     # forked child inherits mid-state (it hangs). A forkserver forks from a clean,
@@ -225,12 +266,15 @@ class NothingAccepted(UserError):
 
 
 def ingest_files(paths: list[Path], out: Path, qpath: Path, rules: ChunkRules, workers: int = 1,
-                 progress: bool = True) -> IngestResult:
+                 progress: bool = True, overlap: bool | None = None) -> IngestResult:
     """Read ``paths`` in order into the pairs file ``out`` and the quarantine ``qpath`` (both written under
-    temporary names, renamed when every input is read); return the counts."""
+    temporary names, renamed when every input is read); return the counts. ``overlap``: validate line chunks two at
+    a time on threads (default ``overlap_default()``; with one worker process only); the bytes written do not
+    depend on it."""
     total = sum(input_size(p) for p in paths)
     # A pool only pays for itself on large line inputs (start-up re-imports the caller's main module).
     workers = workers if total >= _PARALLEL_MIN_BYTES and any(is_line_oriented(p) for p in paths) else 1
+    overlap = (overlap_default() if overlap is None else overlap) and workers == 1
     counts, dedup = IngestResult(out=str(out), quarantine=str(qpath)), FirstPairWins()
     with contextlib.ExitStack() as stack:
         try:
@@ -240,14 +284,14 @@ def ingest_files(paths: list[Path], out: Path, qpath: Path, rules: ChunkRules, w
         except OSError as exc:  # e.g. a read-only file system, which access() does not see
             raise UserError(f"{exc.filename or out}: cannot write output: {exc.strerror or exc}") from None
         stack.callback(writer.close)  # the callbacks run last first: progress bar, pool, then the writer
-        pool = _make_pool(workers)
-        if pool is not None:
+        pool = _make_pool(workers, overlap)
+        if workers > 1:
             stack.callback(pool.join)
             stack.callback(pool.terminate)
         # Smaller inputs finish before a bar is worth drawing.
         advance = _progress_bar(stack, total) if progress and total >= _PROGRESS_MIN_BYTES else None
         qfh = stack.enter_context(open(q_tmp, "w", encoding="utf-8", newline="\n"))
-        for chunk, raw_of in _ordered_results(_jobs(paths, rules, advance, pool), window=2 * workers):
+        for chunk, raw_of in _ordered_results(_jobs(paths, rules, advance, pool), window=2 * workers if workers > 1 else 1):
             batch, entries = dedup.resolve(chunk, raw_of)
             counts.read += chunk.read
             for _, reason, text in entries:
