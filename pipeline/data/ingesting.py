@@ -32,7 +32,14 @@ from pipeline.core.atomic import atomic_path, check_replaceable, check_writable
 from pipeline.core.errors import ConfigError, UserError
 from pipeline.core.schemas import PAIRS_SCHEMA, REASON_CODES, SPLITS
 from pipeline.data.arrow_build import bool_array, ints_of
-from pipeline.data.ingest_chunks import Chunk, ChunkRules, process_lines, process_records, quarantine_line
+from pipeline.data.ingest_chunks import (
+    Chunk,
+    ChunkRules,
+    parse_plain,
+    process_lines,
+    process_records,
+    quarantine_line,
+)
 from pipeline.data.pairs import FieldMap
 from pipeline.data.readers import input_size, is_line_oriented, iter_line_chunks, iter_records
 
@@ -160,8 +167,7 @@ def _ordered_results(jobs, window: int) -> Iterator[tuple[Chunk, Callable[[int],
 
 
 class _ThreadJob:
-    """``fn(*args)`` on a thread of its own; ``get()`` waits for its result (or raises its error), as a pool's
-    ``AsyncResult``."""
+    """``fn(*args)`` on a thread of its own; ``get()`` waits for its result (or raises its error)."""
 
     def __init__(self, fn: Callable, args: tuple):
         self._result: Any = None
@@ -172,7 +178,7 @@ class _ThreadJob:
     def _run(self, fn: Callable, args: tuple) -> None:
         try:
             self._result = fn(*args)
-        except BaseException as exc:  # handed to the reader of the result, in input order
+        except BaseException as exc:  # handed to the reader of the result
             self._error = exc
 
     def get(self) -> Any:
@@ -182,26 +188,38 @@ class _ThreadJob:
         return self._result
 
 
-class _Threads:
-    """Chunks validated on threads, a pool's ``apply_async`` (a thread per chunk, at most ``window`` at once: no
-    pool to import or start). Arrow's parse and compute kernels release the GIL, so one chunk's parse runs beside
-    another's hashing and checks on a second core; the rows and their order are the same (results are taken in
-    input order)."""
+class _ParsedAhead:
+    """A chunk whose ``parse_plain`` (Arrow's parse of it whole, outside the GIL) runs on a thread from the moment
+    it is read; ``get()`` validates it with that parse on the calling thread, as a pool's ``AsyncResult``. With
+    the results taken one chunk behind the reading, chunk i+1 is parsed on a second core while chunk i is hashed
+    and checked; what is computed, and so every byte written, is the same."""
+
+    def __init__(self, data: bytes, first: int, source: str, rules: ChunkRules):
+        self.args = (data, first, source, rules)
+        self.parsed = _ThreadJob(parse_plain, (data, rules, True)) if rules.fast else None
+
+    def get(self) -> Chunk:
+        return process_lines(*self.args, parsed=self.parsed.get() if self.parsed is not None else None)
+
+
+class _ParseAhead:
+    """``_jobs``' pool when chunks are parsed ahead on a thread (see ``_ParsedAhead``)."""
 
     @staticmethod
-    def apply_async(fn: Callable, args: tuple) -> _ThreadJob:
-        return _ThreadJob(fn, args)
+    def apply_async(fn: Callable, args: tuple) -> _ParsedAhead:
+        assert fn is process_lines
+        return _ParsedAhead(*args)
 
 
 def overlap_default() -> bool:
-    """Whether chunks are validated two at a time on threads by default: when Arrow's thread pool has more than one
-    thread (the machine's cores, or OMP_NUM_THREADS: one job per core keeps to one)."""
+    """Whether the next chunk is parsed on a thread by default: when Arrow's thread pool has more than one thread
+    (the machine's cores, or OMP_NUM_THREADS: one job per core keeps to one)."""
     return pa.cpu_count() > 1
 
 
 def _make_pool(workers: int, overlap: bool = False):
     if workers <= 1:
-        return _Threads() if overlap else None
+        return _ParseAhead() if overlap else None
     import multiprocessing
     # Not fork: the parent may hold DuckDB/Arrow/torch thread pools, whose locks a
     # forked child inherits mid-state (it hangs). A forkserver forks from a clean,
@@ -268,9 +286,9 @@ class NothingAccepted(UserError):
 def ingest_files(paths: list[Path], out: Path, qpath: Path, rules: ChunkRules, workers: int = 1,
                  progress: bool = True, overlap: bool | None = None) -> IngestResult:
     """Read ``paths`` in order into the pairs file ``out`` and the quarantine ``qpath`` (both written under
-    temporary names, renamed when every input is read); return the counts. ``overlap``: validate line chunks two at
-    a time on threads (default ``overlap_default()``; with one worker process only); the bytes written do not
-    depend on it."""
+    temporary names, renamed when every input is read); return the counts. ``overlap``: parse the next line chunk
+    on a thread while this one is validated (default ``overlap_default()``; with one worker process only); the
+    bytes written do not depend on it."""
     total = sum(input_size(p) for p in paths)
     # A pool only pays for itself on large line inputs (start-up re-imports the caller's main module).
     workers = workers if total >= _PARALLEL_MIN_BYTES and any(is_line_oriented(p) for p in paths) else 1

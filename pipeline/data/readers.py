@@ -518,7 +518,7 @@ def _flags(fn, lines: list[bytes], *arg) -> np.ndarray:
 
 def arrow_segments(
     lines: list[bytes], names: tuple[str, ...], escapes: bool | list[int] = True, blob: bytes | None = None,
-    plain: bool = False,
+    plain: bool = False, first_parse: tuple[pa.Table | None, int | None] | None = None,
 ) -> Iterator[tuple[Any, pa.Table | None]]:
     """Cover ``lines`` (non-blank, without newlines) with ``(rows, table)`` pairs.
 
@@ -533,6 +533,7 @@ def arrow_segments(
     (``escape_lines``), when the caller knows them: only those are scanned for
     surrogate escapes (``False``: none). ``blob``: ``b"\\n".join(lines)``, if the
     caller has it. ``plain``: ``plain_line_count`` cleared the lines (every one an object's braces).
+    ``first_parse``: ``parse_whole``'s answer for these lines, when the caller has it (not parsed again).
     """
     opts = _string_fields(names)
     # Only lines that look like one whole object reach Arrow: a bare top-level ``null``
@@ -556,7 +557,7 @@ def arrow_segments(
     exact += [i for i in (escapes or ()) if _SURROGATE_ESCAPE_B.search(lines[i])]
     exact = sorted(set(exact))
     if not exact:
-        yield from _arrow_runs(lines, opts, blob, range(len(lines)))
+        yield from _arrow_runs(lines, opts, blob, range(len(lines)), first_parse)
         return
     yield exact, None
     # The other lines go to Arrow together (not in runs cut at every bad line: each
@@ -594,14 +595,20 @@ _RUN_LINES = 256
 _RUN_LINES_MAX = 1 << 16
 
 
-def _arrow_runs(lines: list[bytes], opts, whole: bytes | None, index) -> Iterator[tuple[Any, pa.Table | None]]:
+def _arrow_runs(lines: list[bytes], opts, whole: bytes | None, index,
+                first_parse: tuple[pa.Table | None, int | None] | None = None) -> Iterator[tuple[Any, pa.Table | None]]:
     """``(index[start:end], table or None)`` covering ``lines``; ``whole``: the lines
-    already joined (saves a copy when a run is all of them)."""
+    already joined (saves a copy when a run is all of them); ``first_parse``: ``_arrow_parse``'s answer for
+    ``whole``, already known."""
     start, hi, run = 0, len(lines), _RUN_LINES_MAX
     end = min(hi, start + run)
     while start < hi:
-        blob = whole if whole is not None and (start, end) == (0, hi) else b"\n".join(lines[start:end])
-        table, bad = _arrow_parse(blob, end - start, opts)
+        is_whole = whole is not None and (start, end) == (0, hi)
+        blob = whole if is_whole else b"\n".join(lines[start:end])
+        if is_whole and first_parse is not None:
+            (table, bad), first_parse = first_parse, None
+        else:
+            table, bad = _arrow_parse(blob, end - start, opts)
         if table is not None:
             yield index[start:end], table
             start = end
@@ -623,23 +630,35 @@ def _arrow_runs(lines: list[bytes], opts, whole: bytes | None, index) -> Iterato
         end = min(hi, start + run)
 
 
+def parse_whole(blob: bytes, count: int, names: tuple[str, ...],
+                one_block: bool = False) -> tuple[pa.Table | None, int | None] | None:
+    """For ``count`` plain lines (``plain_line_count``) without CR or escapes: what ``arrow_segments`` parses
+    first, Arrow's parse of them all as one run (``_arrow_parse``'s answer: the table, or the failing row), or
+    None when it would not parse them whole (invalid UTF-8 to find line by line, or more lines than a run). Most of
+    it runs outside the GIL (Arrow's UTF-8 check and parse). ``one_block``: see ``_arrow_parse``."""
+    if count > _RUN_LINES_MAX or (not blob.isascii() and not _valid_utf8(blob)):
+        return None
+    return _arrow_parse(blob, count, _string_fields(names), one_block)
+
+
 _PARALLEL_PARSE_BYTES = 2 << 20  # above this a run is parsed as several blocks on Arrow's threads
 _PARALLEL_BLOCKS = 4
 
 
-def _arrow_parse(blob: bytes, expected_rows: int, opts) -> tuple[pa.Table | None, int | None]:
+def _arrow_parse(blob: bytes, expected_rows: int, opts, one_block: bool = False) -> tuple[pa.Table | None, int | None]:
     """(table, None) on success; (None, failing row) or (None, None) when the row is unknown.
 
     A large blob is first parsed in several blocks on Arrow's thread pool, when it has
     more than one thread (with one, the blocks only add work: about half again, with
-    the copy that joins them). Arrow counts the row of an error from the start of its
+    the copy that joins them) and the caller does not ask for ``one_block`` (its parse
+    already runs beside other work). Arrow counts the row of an error from the start of its
     block, so a failure is parsed again as one block to learn the failing row.
     """
     def read(blocks: int) -> pa.Table:
         read_options = pa_json.ReadOptions(use_threads=blocks > 1, block_size=len(blob) // blocks + 64)
         return pa_json.read_json(pa.BufferReader(blob), read_options=read_options, parse_options=opts)
 
-    if len(blob) > _PARALLEL_PARSE_BYTES and pa.cpu_count() > 1:
+    if len(blob) > _PARALLEL_PARSE_BYTES and pa.cpu_count() > 1 and not one_block:
         with contextlib.suppress(pa.ArrowInvalid):
             table = read(_PARALLEL_BLOCKS)
             if table.num_rows == expected_rows:

@@ -159,8 +159,8 @@ def _many_chunks_input(path, n=300):
 
 
 def test_overlapped_chunks_write_the_same_bytes(tmp_path, monkeypatch):
-    """Chunks validated two at a time on threads (the default where Arrow has several threads) give the same pairs
-    file, quarantine and counts as one at a time, whatever the chunking."""
+    """The next chunk parsed on a thread while this one is validated (the default where Arrow has several threads)
+    gives the same pairs file, quarantine and counts as one chunk at a time, whatever the chunking."""
     src = tmp_path / "in.jsonl"
     _many_chunks_input(src)
     monkeypatch.setattr(ingesting, "_BATCH_ROWS", 16)
