@@ -9,6 +9,11 @@ Output is a pure function of the inputs and the rules: rows keep input order,
 record batches hold a fixed number of rows, no timestamps or absolute paths are
 added, so re-ingesting gives identical bytes whatever the chunking or the number
 of workers. Both files are written under temporary names and renamed at the end.
+
+With one worker and more than one thread in Arrow's pool (``OMP_NUM_THREADS``
+unset or above 1 on a multi-core machine), the next chunk's plain check and
+Arrow parse run on a thread while the current chunk is validated and hashed
+(``_ParsedAhead``); with ``OMP_NUM_THREADS=1`` ingest uses one core.
 """
 
 from __future__ import annotations
