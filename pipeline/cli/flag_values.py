@@ -15,7 +15,6 @@ the command class is Typer's own.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import typer.core
@@ -26,8 +25,18 @@ except ImportError:  # pragma: no cover - older Typer
     RuntimeParam = None
 
 _UNSETTLED = object()
-_INTEGER = re.compile(r"-?(?:0|[1-9][0-9]{0,17})")
-_DECIMAL = re.compile(r"-?(?:0|[1-9][0-9]{0,17})(?:\.[0-9]{1,17})?")
+
+
+def _is_integer(text: str) -> bool:
+    """A plain decimal integer: an optional minus, then 0 or up to 18 digits without a leading zero."""
+    digits = text[1:] if text.startswith("-") else text
+    return 0 < len(digits) <= 18 and digits.isascii() and digits.isdigit() and (digits == "0" or digits[0] != "0")
+
+
+def _is_decimal(text: str) -> bool:
+    """A plain decimal integer, or one followed by a point and 1 to 17 digits."""
+    whole, point, fraction = text.partition(".")
+    return _is_integer(whole) and (not point or (0 < len(fraction) <= 17 and fraction.isascii() and fraction.isdigit()))
 
 
 def plain_value(annotation: Any, value: Any) -> Any:
@@ -37,9 +46,9 @@ def plain_value(annotation: Any, value: Any) -> Any:
     if annotation is str:
         return value if kind is str else _UNSETTLED
     if annotation is int:
-        return int(value) if kind is str and _INTEGER.fullmatch(value) else _UNSETTLED
+        return int(value) if kind is str and _is_integer(value) else _UNSETTLED
     if annotation is float:
-        return float(value) if kind is str and _DECIMAL.fullmatch(value) else _UNSETTLED
+        return float(value) if kind is str and _is_decimal(value) else _UNSETTLED
     if annotation is bool:
         return value if kind is bool else _UNSETTLED
     if annotation == list[str] and kind in (tuple, list) and all(type(item) is str for item in value):
@@ -56,15 +65,15 @@ def _plain_annotation(param: Any) -> bool:
 
 
 if RuntimeParam is not None:
-    from dataclasses import dataclass, field
 
-    @dataclass(frozen=True)
     class PlainFirst(RuntimeParam):  # type: ignore[misc, valid-type]
         """One parameter's coercion: plain values here, the rest by Typer's own (built when first needed)."""
 
-        descriptor: Any = None
-        plain: bool = False  # whether the annotation is one whose plain values are settled here
-        full: list = field(default_factory=list)  # Typer's coercion, once built
+        def __init__(self, descriptor: Any, plain: bool):
+            super().__init__(parameter_info=descriptor.parameter_info, annotation=descriptor.annotation)
+            object.__setattr__(self, "descriptor", descriptor)  # (a frozen dataclass's fields, set once)
+            object.__setattr__(self, "plain", plain)  # whether the annotation's plain values are settled here
+            object.__setattr__(self, "full", [])  # Typer's coercion, once built
 
         def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
             # (None, a flag not given, never gets here: RuntimeParam.coerce answers it, as for Typer's own)
@@ -79,8 +88,7 @@ if RuntimeParam is not None:
         for param in params:
             if getattr(param, "_runtime_param", False) is None:  # Typer's parameter, coercion not built yet
                 desc = param.type_descriptor
-                param._runtime_param = PlainFirst(parameter_info=desc.parameter_info, annotation=desc.annotation,
-                                                  descriptor=desc, plain=_plain_annotation(param))
+                param._runtime_param = PlainFirst(desc, _plain_annotation(param))
 
     class PlainFirstCommand(typer.core.TyperCommand):
         """A command whose parameters coerce plain values without pydantic (see the module's docstring)."""

@@ -35,7 +35,7 @@ def test_plain_values_are_what_typers_adapter_gives(annotation, value):
 
 @pytest.mark.parametrize("annotation, value", [
     (int, " 12"), (int, "1_000"), (int, "007"), (int, "12.0"), (int, "1" * 19), (float, "1e-4"), (float, ".5"),
-    (float, "nan"), (float, "5."), (bool, "yes"), (list[str], ("a", 1)), (Path, "x"), (str, b"bytes"),
+    (float, "nan"), (float, "5."), (float, "1.2.3"), (float, "-"), (int, ""), (int, "-"), (int, "１２"), (bool, "yes"), (list[str], ("a", 1)), (Path, "x"), (str, b"bytes"),
 ])
 def test_other_values_are_left_to_typer(annotation, value):
     assert flag_values.plain_value(annotation, value) is flag_values._UNSETTLED
