@@ -396,12 +396,3 @@ def test_texts_are_all_nfc_exactly_when_joined_by_newlines_they_are():
         assert _all_nfc(pa.array(["x", *texts], pa.string()).slice(1)) == each  # an offset array too
         seen.add(each)
     assert seen == {True, False}
-
-
-@pytest.mark.parametrize("data", [b"", b"\\", b"\\r", b"\\u", b"x\\", b"\\\\u", b"a\\nb", b"a\rb", b"\\n\\t\\\\", b"u\\x",
-                                  b'{"a": "\\u00e9"}\n', b'{"a": "\\\\q"}\n', b"\\\\"])
-def test_may_hold_cr_or_escapes_is_the_regex_test(data):
-    """The vectorized test answers what ``b"\\r" in data or _ESCAPE_R_OR_U.search(data)`` answers."""
-    from pipeline.data.readers import _ESCAPE_R_OR_U, may_hold_cr_or_escapes
-
-    assert may_hold_cr_or_escapes(data) == (b"\r" in data or _ESCAPE_R_OR_U.search(data) is not None)
