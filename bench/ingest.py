@@ -12,7 +12,15 @@ imports, work, exit), interleaved, best of ``--repeats``:
   cache write, no validation);
 - ``lldm-dpo ingest`` (``python -m stages.cli ingest ... --json``) on the
   clean file and on the 1%-bad file; with ``--before DIR``, also the ingest of
-  another checkout (e.g. ``git archive main | tar -x -C DIR``), in the same run.
+  another checkout (e.g. ``git archive main | tar -x -C DIR``), in the same run;
+  where Arrow's thread pool has more than one thread (``OMP_NUM_THREADS`` unset
+  or above 1 on a multi-core machine), also the clean ingest without parsing the
+  next chunk on a thread ("no overlap").
+
+Every process runs under the same environment, so ``OMP_NUM_THREADS`` sets
+Arrow's thread pool alike for load_dataset's parse and for ingest: with 1 both
+use one core; unset, load_dataset parses on all cores and ingest parses ahead on
+a second thread.
 
 Prints wall and CPU seconds (user + system of the process; on a shared machine
 the steadier figure), records/s, the ratios ingest / baseline (goal: <= 1.0
@@ -45,6 +53,22 @@ LOAD_DATASET = """import sys, datasets
 datasets.disable_progress_bars()
 print(datasets.load_dataset("json", data_files=sys.argv[1], split="train", cache_dir=sys.argv[2]).num_rows)
 """
+
+
+NO_OVERLAP = """import sys
+from pipeline.data import ingesting
+ingesting.overlap_default = lambda: False
+sys.argv[0] = "lldm-dpo"
+from stages.cli import main
+main()
+"""
+
+
+def arrow_threads() -> int:
+    """Arrow's thread pool size in a fresh process with this environment (OMP_NUM_THREADS sets it): what
+    load_dataset's parse may use, and whether ingest parses ahead on a thread (more than 1)."""
+    code = "import pyarrow; print(pyarrow.cpu_count())"
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 def base_pairs() -> list[dict]:
@@ -130,6 +154,8 @@ def contenders(work: Path, clean: Path, bad: Path, workers: int, before: Path | 
 
     runs = {BASELINE: ([sys.executable, "-c", LOAD_DATASET, str(clean), str(work / "hf_cache")], REPO),
             "ingest clean": (ingest(clean, "clean"), REPO), "ingest 1% bad lines": (ingest(bad, "bad"), REPO)}
+    if arrow_threads() > 1:  # ingest parses the next chunk on a thread: the same command without, for comparison
+        runs["ingest clean, no overlap"] = ([sys.executable, "-c", NO_OVERLAP, *ingest(clean, "clean_seq")[3:]], REPO)
     if before is not None:
         runs["ingest clean, --before"] = (ingest(clean, "before_clean"), before)
         runs["ingest 1% bad, --before"] = (ingest(bad, "before_bad"), before)
@@ -160,7 +186,9 @@ def main() -> None:
                 seconds, cpu_seconds, reports[name] = timed_process(argv, cwd)
                 wall[name], cpu[name] = min(wall[name], seconds), min(cpu[name], cpu_seconds)
         print(f"input: {args.pairs} pairs, {size_mb:.0f} MB (GSM8K model solutions, replicated); whole processes, best of "
-              f"{args.repeats} interleaved; ingest workers {args.workers}; load average {load_start:.1f} at start, "
+              f"{args.repeats} interleaved; ingest workers {args.workers}; OMP_NUM_THREADS "
+              f"{os.environ.get('OMP_NUM_THREADS', 'unset')}: Arrow's thread pool {arrow_threads()} in every process "
+              f"(load_dataset's parse; ingest parses ahead on a thread when > 1); load average {load_start:.1f} at start, "
               f"{os.getloadavg()[0]:.1f} at end; float32 matmul {matmul_gflops():.0f} GFLOP/s (numpy, 1024^2)")
         for line in report_lines(args, wall, cpu, reports):
             print(line)

@@ -35,12 +35,15 @@ from pipeline.data.pairs import (
 from pipeline.data.readers import (
     TOO_DEEP,
     Record,
+    SplitLines,
     arrow_segments,
     escape_lines,
     jsonl_chunk_records,
     may_hold_cr_or_escapes,
     parse_fields_with_arrow,
     parse_line,
+    parse_whole,
+    plain_line_count,
 )
 
 
@@ -115,20 +118,54 @@ def declared_or_error(name: Any, source: str, line: int) -> str:
         raise UserError(f"{source}:{line}: {exc}; rename the split, or ignore the field with --split-field ''") from None
 
 
-def process_lines(data: bytes, first_line: int, source: str, ctx: ChunkRules) -> Chunk:
-    """A chunk of JSONL lines. Fast path: Arrow parses and checks plain rows in bulk; every
-    other line (bad JSON, conversations, anything the vectorized check does not clear)
-    goes through the same per-record code as other inputs, so results do not depend on the path."""
-    if not ctx.fast:
-        return process_records(jsonl_chunk_records(data, first_line, source), source, ctx)
-    lines, numbers, blob = _nonblank_lines(data, first_line)
+@dataclass(frozen=True)
+class Parsed:
+    """``parse_plain``'s answer for a chunk: its plain line count (None: not plain) and, for a plain one, Arrow's
+    first parse of it whole (None: not tried)."""
+
+    count: int | None
+    first_parse: tuple[pa.Table | None, int | None] | None = None
+    odd: bool = False  # a CR or an escape to look at somewhere in the chunk
+
+
+def parse_plain(data: bytes, ctx: ChunkRules, one_block: bool = False) -> Parsed:
+    """The first part of ``process_lines``: whether the chunk is plain (every line an object's braces, no CR, no
+    escape to look at) and, if it is, Arrow's parse of it whole. Mostly outside the GIL (numpy's newline scan,
+    Arrow's UTF-8 check and parse): ingest runs it on a thread for the next chunk while this one is validated, with
+    ``one_block`` (that thread is the parse's second core: Arrow's blocks would only add work)."""
     # A CR in a text (raw, or escaped as \\r or \\u000d) changes its normalization, and
     # \\u escapes may hide lone surrogates; with none in the chunk both scans are skipped.
-    escapes = escape_lines(lines, blob) if may_hold_cr_or_escapes(data) else []
+    if may_hold_cr_or_escapes(data):
+        return Parsed(None, odd=True)
+    count = plain_line_count(data)
+    if count is None:
+        return Parsed(None)
+    return Parsed(count, parse_whole(data, count, _parsed_names(ctx), one_block))
+
+
+def _parsed_names(ctx: ChunkRules) -> tuple[str, ...]:
     # The split field is always asked of Arrow: absent from every line, it is a column of nulls (the same result
     # as not parsing it, without a scan of the chunk for its name).
-    names = ctx.fields.names + ((ctx.split_field,) if ctx.split_field else ())
-    segments = list(arrow_segments(lines, names, escapes, blob))
+    return ctx.fields.names + ((ctx.split_field,) if ctx.split_field else ())
+
+
+def process_lines(data: bytes, first_line: int, source: str, ctx: ChunkRules, parsed: Parsed | None = None) -> Chunk:
+    """A chunk of JSONL lines. Fast path: Arrow parses and checks plain rows in bulk; every
+    other line (bad JSON, conversations, anything the vectorized check does not clear)
+    goes through the same per-record code as other inputs, so results do not depend on the path.
+    ``parsed``: ``parse_plain(data, ctx)``, when the caller has it."""
+    if not ctx.fast:
+        return process_records(jsonl_chunk_records(data, first_line, source), source, ctx)
+    parsed = parse_plain(data, ctx) if parsed is None else parsed
+    plain = parsed.count
+    if plain is not None:  # the common chunk: its lines are needed only for the rows Arrow does not settle
+        lines, numbers, blob = SplitLines(data, plain), np.arange(first_line, first_line + plain, dtype=np.int64), data
+        escapes: list[int] = []
+    else:
+        lines, numbers, blob = _nonblank_lines(data, first_line)
+        escapes = escape_lines(lines, blob) if parsed.odd else []
+    segments = list(arrow_segments(lines, _parsed_names(ctx), escapes, blob, plain=plain is not None,
+                                   first_parse=parsed.first_parse))
     slow = [i for rows, table in segments if table is None for i in rows]
     tables = [table for _, table in segments if table is not None]
     fast = None  # the rows Arrow's values settle

@@ -9,6 +9,11 @@ Output is a pure function of the inputs and the rules: rows keep input order,
 record batches hold a fixed number of rows, no timestamps or absolute paths are
 added, so re-ingesting gives identical bytes whatever the chunking or the number
 of workers. Both files are written under temporary names and renamed at the end.
+
+With one worker and more than one thread in Arrow's pool (``OMP_NUM_THREADS``
+unset or above 1 on a multi-core machine), the next chunk's plain check and
+Arrow parse run on a thread while the current chunk is validated and hashed
+(``_ParsedAhead``); with ``OMP_NUM_THREADS=1`` ingest uses one core.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import functools
 import heapq
 import itertools
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -31,7 +37,14 @@ from pipeline.core.atomic import atomic_path, check_replaceable, check_writable
 from pipeline.core.errors import ConfigError, UserError
 from pipeline.core.schemas import PAIRS_SCHEMA, REASON_CODES, SPLITS
 from pipeline.data.arrow_build import bool_array, ints_of
-from pipeline.data.ingest_chunks import Chunk, ChunkRules, process_lines, process_records, quarantine_line
+from pipeline.data.ingest_chunks import (
+    Chunk,
+    ChunkRules,
+    parse_plain,
+    process_lines,
+    process_records,
+    quarantine_line,
+)
 from pipeline.data.pairs import FieldMap
 from pipeline.data.readers import input_size, is_line_oriented, iter_line_chunks, iter_records
 
@@ -158,9 +171,60 @@ def _ordered_results(jobs, window: int) -> Iterator[tuple[Chunk, Callable[[int],
             yield (result.get() if hasattr(result, "get") else result), raw_of
 
 
-def _make_pool(workers: int):
+class _ThreadJob:
+    """``fn(*args)`` on a thread of its own; ``get()`` waits for its result (or raises its error)."""
+
+    def __init__(self, fn: Callable, args: tuple):
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable, args: tuple) -> None:
+        try:
+            self._result = fn(*args)
+        except BaseException as exc:  # handed to the reader of the result
+            self._error = exc
+
+    def get(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class _ParsedAhead:
+    """A chunk whose ``parse_plain`` (Arrow's parse of it whole, outside the GIL) runs on a thread from the moment
+    it is read; ``get()`` validates it with that parse on the calling thread, as a pool's ``AsyncResult``. With
+    the results taken one chunk behind the reading, chunk i+1 is parsed on a second core while chunk i is hashed
+    and checked; what is computed, and so every byte written, is the same."""
+
+    def __init__(self, data: bytes, first: int, source: str, rules: ChunkRules):
+        self.args = (data, first, source, rules)
+        self.parsed = _ThreadJob(parse_plain, (data, rules, True)) if rules.fast else None
+
+    def get(self) -> Chunk:
+        return process_lines(*self.args, parsed=self.parsed.get() if self.parsed is not None else None)
+
+
+class _ParseAhead:
+    """``_jobs``' pool when chunks are parsed ahead on a thread (see ``_ParsedAhead``)."""
+
+    @staticmethod
+    def apply_async(fn: Callable, args: tuple) -> _ParsedAhead:
+        assert fn is process_lines
+        return _ParsedAhead(*args)
+
+
+def overlap_default() -> bool:
+    """Whether the next chunk is parsed on a thread by default: when Arrow's thread pool has more than one thread
+    (the machine's cores, or OMP_NUM_THREADS: one job per core keeps to one)."""
+    return pa.cpu_count() > 1
+
+
+def _make_pool(workers: int, overlap: bool = False):
     if workers <= 1:
-        return None
+        return _ParseAhead() if overlap else None
     import multiprocessing
     # Not fork: the parent may hold DuckDB/Arrow/torch thread pools, whose locks a
     # forked child inherits mid-state (it hangs). A forkserver forks from a clean,
@@ -225,12 +289,15 @@ class NothingAccepted(UserError):
 
 
 def ingest_files(paths: list[Path], out: Path, qpath: Path, rules: ChunkRules, workers: int = 1,
-                 progress: bool = True) -> IngestResult:
+                 progress: bool = True, overlap: bool | None = None) -> IngestResult:
     """Read ``paths`` in order into the pairs file ``out`` and the quarantine ``qpath`` (both written under
-    temporary names, renamed when every input is read); return the counts."""
+    temporary names, renamed when every input is read); return the counts. ``overlap``: parse the next line chunk
+    on a thread while this one is validated (default ``overlap_default()``; with one worker process only); the
+    bytes written do not depend on it."""
     total = sum(input_size(p) for p in paths)
     # A pool only pays for itself on large line inputs (start-up re-imports the caller's main module).
     workers = workers if total >= _PARALLEL_MIN_BYTES and any(is_line_oriented(p) for p in paths) else 1
+    overlap = (overlap_default() if overlap is None else overlap) and workers == 1
     counts, dedup = IngestResult(out=str(out), quarantine=str(qpath)), FirstPairWins()
     with contextlib.ExitStack() as stack:
         try:
@@ -240,14 +307,14 @@ def ingest_files(paths: list[Path], out: Path, qpath: Path, rules: ChunkRules, w
         except OSError as exc:  # e.g. a read-only file system, which access() does not see
             raise UserError(f"{exc.filename or out}: cannot write output: {exc.strerror or exc}") from None
         stack.callback(writer.close)  # the callbacks run last first: progress bar, pool, then the writer
-        pool = _make_pool(workers)
-        if pool is not None:
+        pool = _make_pool(workers, overlap)
+        if workers > 1:
             stack.callback(pool.join)
             stack.callback(pool.terminate)
         # Smaller inputs finish before a bar is worth drawing.
         advance = _progress_bar(stack, total) if progress and total >= _PROGRESS_MIN_BYTES else None
         qfh = stack.enter_context(open(q_tmp, "w", encoding="utf-8", newline="\n"))
-        for chunk, raw_of in _ordered_results(_jobs(paths, rules, advance, pool), window=2 * workers):
+        for chunk, raw_of in _ordered_results(_jobs(paths, rules, advance, pool), window=2 * workers if workers > 1 else 1):
             batch, entries = dedup.resolve(chunk, raw_of)
             counts.read += chunk.read
             for _, reason, text in entries:

@@ -472,13 +472,53 @@ def escape_lines(lines: list[bytes], blob: bytes | None = None) -> list[int]:
     return np.unique(np.searchsorted(starts, np.array(hits, dtype=np.int64), side="left")).tolist()
 
 
+def plain_line_count(data: bytes) -> int | None:
+    """The number of lines of ``data`` when every one opens with ``{`` and closes with ``}`` and none holds a CR,
+    else None: what splitting the chunk and looking at each line would find (no blank line, no line Arrow must not
+    see), found from the newline positions in one vectorized pass, without a ``bytes`` object per line."""
+    if not data or b"\r" in data:
+        return None
+    buf = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(buf == 10)  # each line's end (its newline), and the last line's without one
+    if buf[-1] != 10:
+        ends = np.append(ends, len(buf))
+    starts = np.empty_like(ends)
+    starts[0], starts[1:] = 0, ends[:-1] + 1
+    if (ends == starts).any() or not ((buf[starts] == 0x7B).all() and (buf[ends - 1] == 0x7D).all()):
+        return None
+    return len(ends)
+
+
+class SplitLines:
+    """The lines of a chunk that ``plain_line_count`` cleared, as the list ``_nonblank_lines`` would give, split only
+    when a line is first asked for (a clean chunk never needs them: Arrow parses the chunk whole)."""
+
+    def __init__(self, data: bytes, count: int):
+        self.data, self.count, self._lines = data, count, None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _split(self) -> list[bytes]:
+        if self._lines is None:
+            self._lines = self.data.split(b"\n")[: self.count]  # (the piece after a last newline is empty)
+        return self._lines
+
+    def __getitem__(self, i):
+        return self._split()[i]
+
+    def __iter__(self):
+        return iter(self._split())
+
+
 def _flags(fn, lines: list[bytes], *arg) -> np.ndarray:
     """``fn(line, *arg)`` for every line as a bool array (a C loop, no Python frame per line)."""
     return np.fromiter(map(fn, lines, *(repeat(a) for a in arg)), dtype=bool, count=len(lines))
 
 
 def arrow_segments(
-    lines: list[bytes], names: tuple[str, ...], escapes: bool | list[int] = True, blob: bytes | None = None
+    lines: list[bytes], names: tuple[str, ...], escapes: bool | list[int] = True, blob: bytes | None = None,
+    plain: bool = False, first_parse: tuple[pa.Table | None, int | None] | None = None,
 ) -> Iterator[tuple[Any, pa.Table | None]]:
     """Cover ``lines`` (non-blank, without newlines) with ``(rows, table)`` pairs.
 
@@ -492,7 +532,8 @@ def arrow_segments(
     the whole chunk. ``escapes``: the lines that may hold a ``\\u`` escape
     (``escape_lines``), when the caller knows them: only those are scanned for
     surrogate escapes (``False``: none). ``blob``: ``b"\\n".join(lines)``, if the
-    caller has it.
+    caller has it. ``plain``: ``plain_line_count`` cleared the lines (every one an object's braces).
+    ``first_parse``: ``parse_whole``'s answer for these lines, when the caller has it (not parsed again).
     """
     opts = _string_fields(names)
     # Only lines that look like one whole object reach Arrow: a bare top-level ``null``
@@ -500,7 +541,7 @@ def arrow_segments(
     # line cut short (no closing brace) would make Arrow fail and re-parse a whole run.
     if blob is None:
         blob = b"\n".join(lines)
-    if all(map(bytes.startswith, lines, repeat(b"{"))) and all(map(bytes.endswith, lines, repeat(b"}"))):
+    if plain or (all(map(bytes.startswith, lines, repeat(b"{"))) and all(map(bytes.endswith, lines, repeat(b"}")))):
         exact = []  # the common case, checked in C loops
     else:
         odd = np.flatnonzero(~(_flags(bytes.startswith, lines, b"{") & _flags(bytes.endswith, lines, b"}"))).tolist()
@@ -516,7 +557,7 @@ def arrow_segments(
     exact += [i for i in (escapes or ()) if _SURROGATE_ESCAPE_B.search(lines[i])]
     exact = sorted(set(exact))
     if not exact:
-        yield from _arrow_runs(lines, opts, blob, range(len(lines)))
+        yield from _arrow_runs(lines, opts, blob, range(len(lines)), first_parse)
         return
     yield exact, None
     # The other lines go to Arrow together (not in runs cut at every bad line: each
@@ -554,14 +595,20 @@ _RUN_LINES = 256
 _RUN_LINES_MAX = 1 << 16
 
 
-def _arrow_runs(lines: list[bytes], opts, whole: bytes | None, index) -> Iterator[tuple[Any, pa.Table | None]]:
+def _arrow_runs(lines: list[bytes], opts, whole: bytes | None, index,
+                first_parse: tuple[pa.Table | None, int | None] | None = None) -> Iterator[tuple[Any, pa.Table | None]]:
     """``(index[start:end], table or None)`` covering ``lines``; ``whole``: the lines
-    already joined (saves a copy when a run is all of them)."""
+    already joined (saves a copy when a run is all of them); ``first_parse``: ``_arrow_parse``'s answer for
+    ``whole``, already known."""
     start, hi, run = 0, len(lines), _RUN_LINES_MAX
     end = min(hi, start + run)
     while start < hi:
-        blob = whole if whole is not None and (start, end) == (0, hi) else b"\n".join(lines[start:end])
-        table, bad = _arrow_parse(blob, end - start, opts)
+        is_whole = whole is not None and (start, end) == (0, hi)
+        blob = whole if is_whole else b"\n".join(lines[start:end])
+        if is_whole and first_parse is not None:
+            (table, bad), first_parse = first_parse, None
+        else:
+            table, bad = _arrow_parse(blob, end - start, opts)
         if table is not None:
             yield index[start:end], table
             start = end
@@ -583,23 +630,35 @@ def _arrow_runs(lines: list[bytes], opts, whole: bytes | None, index) -> Iterato
         end = min(hi, start + run)
 
 
+def parse_whole(blob: bytes, count: int, names: tuple[str, ...],
+                one_block: bool = False) -> tuple[pa.Table | None, int | None] | None:
+    """For ``count`` plain lines (``plain_line_count``) without CR or escapes: what ``arrow_segments`` parses
+    first, Arrow's parse of them all as one run (``_arrow_parse``'s answer: the table, or the failing row), or
+    None when it would not parse them whole (invalid UTF-8 to find line by line, or more lines than a run). Most of
+    it runs outside the GIL (Arrow's UTF-8 check and parse). ``one_block``: see ``_arrow_parse``."""
+    if count > _RUN_LINES_MAX or (not blob.isascii() and not _valid_utf8(blob)):
+        return None
+    return _arrow_parse(blob, count, _string_fields(names), one_block)
+
+
 _PARALLEL_PARSE_BYTES = 2 << 20  # above this a run is parsed as several blocks on Arrow's threads
 _PARALLEL_BLOCKS = 4
 
 
-def _arrow_parse(blob: bytes, expected_rows: int, opts) -> tuple[pa.Table | None, int | None]:
+def _arrow_parse(blob: bytes, expected_rows: int, opts, one_block: bool = False) -> tuple[pa.Table | None, int | None]:
     """(table, None) on success; (None, failing row) or (None, None) when the row is unknown.
 
     A large blob is first parsed in several blocks on Arrow's thread pool, when it has
     more than one thread (with one, the blocks only add work: about half again, with
-    the copy that joins them). Arrow counts the row of an error from the start of its
+    the copy that joins them) and the caller does not ask for ``one_block`` (its parse
+    already runs beside other work). Arrow counts the row of an error from the start of its
     block, so a failure is parsed again as one block to learn the failing row.
     """
     def read(blocks: int) -> pa.Table:
         read_options = pa_json.ReadOptions(use_threads=blocks > 1, block_size=len(blob) // blocks + 64)
         return pa_json.read_json(pa.BufferReader(blob), read_options=read_options, parse_options=opts)
 
-    if len(blob) > _PARALLEL_PARSE_BYTES and pa.cpu_count() > 1:
+    if len(blob) > _PARALLEL_PARSE_BYTES and pa.cpu_count() > 1 and not one_block:
         with contextlib.suppress(pa.ArrowInvalid):
             table = read(_PARALLEL_BLOCKS)
             if table.num_rows == expected_rows:

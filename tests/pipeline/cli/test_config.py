@@ -91,3 +91,30 @@ def test_an_empty_path_is_an_error_when_the_config_loads(tmp_path):
         load_config(WithPaths, values={"out": "  "}, origin="run config")
     assert load_config(WithPaths, values={"choices": None}).choices is None
     assert load_config(WithPaths, values={"choices": "a.jsonl"}).choices == Path("a.jsonl")
+
+
+def test_field_docs_are_what_the_classes_source_says():
+    """field_docs finds each config class in its module's syntax tree: the same docstrings as parsing the class's
+    own source (inspect.getsource), for every stage's config and a class made in a function."""
+    import ast
+    import dataclasses
+    import inspect
+    import textwrap
+
+    from pipeline.core.config import _class_body
+    from stages.cli import app
+
+    @dataclass
+    class Local:
+        x: int = 1
+        """A local field."""
+
+    commands = [getattr(info.callback, "__wrapped__", None) for info in app.registered_commands]
+    classes = [command.config_class for command in commands if hasattr(command, "config_class")]
+    assert len(classes) >= 8
+    for cls in [*classes, DemoConfig, WithPaths, Local]:
+        for klass in cls.__mro__:
+            if dataclasses.is_dataclass(klass):
+                want = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+                assert ast.dump(ast.Module(_class_body(klass), [])) == ast.dump(ast.Module(want, [])), klass
+    assert field_docs(Local) == {"x": "A local field."}

@@ -102,3 +102,91 @@ def test_clean_jsonl_ingest_imports_no_pandas(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     accepted, quarantined, held_out, pandas = done.stdout.split()
     assert (accepted, quarantined, pandas) == ("50", "2", "False") and int(held_out) >= 40
+
+
+@pytest.mark.parametrize("data", [
+    b'{"a": 1}\n{"b": 2}\n', b'{"a": 1}\n{"b": 2}', b'{"a": 1}\n\n{"b": 2}\n', b'{"a": 1}\n  \n', b'{"a": 1}\r\n',
+    b'{"a": 1}\n{"b"\n', b' {"a": 1}\n', b'{"a": 1} \n', b'[1]\n', b'{}\n', b'\n', b'{"a": "\xff"}\n',
+])
+def test_plain_line_count_is_what_splitting_finds(data):
+    """A chunk is plain exactly when every line, split as _nonblank_lines splits it, is an object's braces."""
+    from pipeline.data.ingest_chunks import _nonblank_lines
+    from pipeline.data.readers import SplitLines, plain_line_count
+
+    lines, numbers, blob = _nonblank_lines(data, 1)
+    pieces = data.split(b"\n")[: len(data.split(b"\n")) - data.endswith(b"\n")]
+    plain = all(line.startswith(b"{") and line.endswith(b"}") for line in pieces) and b"\r" not in data
+    assert plain_line_count(data) == (len(lines) if plain else None)
+    if plain:  # then the lazy lines are those lines, and the chunk is its own blob
+        assert list(SplitLines(data, len(lines))) == lines and blob is data and numbers.tolist() == [1, 2][: len(lines)]
+
+
+def test_plain_chunks_give_the_rows_the_line_by_line_path_gives(monkeypatch):
+    from pipeline.data import ingest_chunks
+
+    rows = [{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p", "chosen": "c", "rejected": "r"},
+            {"prompt": " e\u0301", "chosen": "a", "rejected": "b", "split": "test"}, {"prompt": "x", "chosen": 1},
+            {"prompt": "q", "chosen": "same", "rejected": "same"}, {"prompt": "z", "chosen": "y", "rejected": "w"}]
+    data = _lines(rows)
+    assert ingest_chunks.plain_line_count(data) == len(rows)
+    plain = process_lines(data, 3, "s", _rules(eval_fraction=0.5))
+    monkeypatch.setattr(ingest_chunks, "plain_line_count", lambda data: None)
+    split = process_lines(data, 3, "s", _rules(eval_fraction=0.5))
+    assert plain.batch.equals(split.batch) and plain.quarantine == split.quarantine and plain.read == split.read == 6
+    assert [(line, reason) for line, reason, _ in plain.quarantine] == [(6, "missing_field"), (7, "identical_responses")]
+
+
+def _many_chunks_input(path, n=300):
+    """Lines of every kind (clean, duplicates across chunks, bad JSON and UTF-8, CR, blank, conversations)."""
+    out = []
+    for i in range(n):
+        kind = i % 10
+        row = {"prompt": f"question {i % 120}", "chosen": f"right {i % 120}", "rejected": f"wrong {i % 120}"}
+        if kind == 3:
+            out.append(b'{"prompt": "broken' + str(i).encode())
+        elif kind == 5:
+            out.append(json.dumps(row).encode()[:-2] + b'\xff"}')
+        elif kind == 6:
+            row["chosen"] = f"right\r\n{i}"
+        elif kind == 7:
+            out.append(b"   ")
+        elif kind == 8:
+            row = {"chosen": [{"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": "a"}],
+                   "rejected": [{"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": "b"}]}
+        if kind not in (3, 5, 7):
+            out.append(json.dumps(row, ensure_ascii=False).encode())
+    path.write_bytes(b"\n".join(out) + b"\n")
+
+
+def test_overlapped_chunks_write_the_same_bytes(tmp_path, monkeypatch):
+    """The next chunk parsed on a thread while this one is validated (the default where Arrow has several threads)
+    gives the same pairs file, quarantine and counts as one chunk at a time, whatever the chunking."""
+    src = tmp_path / "in.jsonl"
+    _many_chunks_input(src)
+    monkeypatch.setattr(ingesting, "_BATCH_ROWS", 16)
+    rules = _rules(eval_fraction=0.3)
+    results = {}
+    for chunk_bytes in (700, 2000, 1 << 20):
+        monkeypatch.setattr(ingesting, "_CHUNK_BYTES", chunk_bytes)
+        for overlap in (False, True):
+            out = tmp_path / f"{chunk_bytes}-{overlap}"
+            counts = ingesting.ingest_files([src], out / "p.arrow", out / "q.jsonl", rules, progress=False,
+                                            overlap=overlap)
+            results[chunk_bytes, overlap] = ((out / "p.arrow").read_bytes(), (out / "q.jsonl").read_bytes(),
+                                             counts.to_dict() | {"out": "", "quarantine": ""})
+    assert len(set(map(repr, results.values()))) == 1
+    counts = results[700, True][2]
+    assert counts["read"] == 270 and counts["by_reason"]["duplicate_pair"] > 0 and counts["splits"]["eval"] > 0
+
+
+def test_an_error_in_an_overlapped_chunk_is_raised_in_input_order(tmp_path, monkeypatch):
+    src = tmp_path / "in.jsonl"
+    rows = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r", "split": "train"} for i in range(60)]
+    rows[40]["split"], rows[50]["split"] = "weird", "odd"
+    src.write_bytes(_lines(rows))
+    monkeypatch.setattr(ingesting, "_CHUNK_BYTES", 300)
+    for overlap in (False, True):
+        with pytest.raises(UserError, match=r"in.jsonl:41: split 'weird'"):
+            ingesting.ingest_files([src], tmp_path / "o.arrow", tmp_path / "q.jsonl", _rules(), progress=False,
+                                   overlap=overlap)
+        assert not (tmp_path / "o.arrow").exists()

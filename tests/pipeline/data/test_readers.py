@@ -375,3 +375,24 @@ def test_datasetdict_records_carry_their_split(tmp_path):
     assert [r.split for r in iter_records(tmp_path / "dd")] == ["train", "train", "test"]
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
     assert [r.split for r in iter_records(tmp_path / "ds")] == [None, None]
+
+
+def test_texts_are_all_nfc_exactly_when_joined_by_newlines_they_are():
+    """pairs._all_nfc asks once of the texts joined by newlines: the same answer as asking each, for texts that
+    compose across their ends (e + combining acute, Hangul jamo), reorder (combining marks), or decompose."""
+    import random
+    import unicodedata
+
+    from pipeline.data.pairs import _all_nfc
+
+    palette = ["e", "\u0301", "\u0327", "\u00e9", "\u1100", "\u1161", "\u11a8", "\uac00", "\u212b", "\u0344", "a",
+               "\n", " ", "\u0f73", "\u05b0", "\u0591"]
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(3000):
+        texts = ["".join(rng.choices(palette, k=rng.randrange(0, 4))) for _ in range(rng.randrange(1, 4))]
+        each = all(unicodedata.is_normalized("NFC", t) for t in texts)
+        assert _all_nfc(pa.array(texts, pa.string())) == each, texts
+        assert _all_nfc(pa.array(["x", *texts], pa.string()).slice(1)) == each  # an offset array too
+        seen.add(each)
+    assert seen == {True, False}
