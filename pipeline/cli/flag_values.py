@@ -10,19 +10,26 @@ string as it is), and ``None`` (a flag not given) of any type is answered as Typ
 code answers it. Every other value, and every value of another annotation (paths, choices,
 numbers with bounds, a custom parser), goes to Typer's own coercion, built on first use, so
 its results and error messages are Typer's. On a Typer without this machinery (before 0.29)
-the command class is Typer's own.
+or of a version it was not tested against (``TESTED_TYPER``) the command class is Typer's own.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import typer
 import typer.core
 
-try:  # Typer's coercion layer (0.29+); absent before it, where there is nothing to avoid
-    from typer._coercion import RuntimeParam, build_runtime_param
-except ImportError:  # pragma: no cover - older Typer
-    RuntimeParam = None
+TESTED_TYPER = ("0.29.",)
+"""Typer versions whose private coercion layer (``typer._coercion``) this module was written and tested against;
+on any other version the commands are Typer's own, so a change in those internals can cost 0.1 s, never a flag."""
+
+RuntimeParam = None
+if typer.__version__.startswith(TESTED_TYPER):
+    try:
+        from typer._coercion import RuntimeParam, build_runtime_param
+    except ImportError:  # pragma: no cover - a tested version without it
+        RuntimeParam = None
 
 _UNSETTLED = object()
 
@@ -103,5 +110,5 @@ if RuntimeParam is not None:
         def parse_args(self, ctx, args):
             _plain_first(self.get_params(ctx))
             return super().parse_args(ctx, args)
-else:  # pragma: no cover - older Typer
+else:  # pragma: no cover - an older or untested Typer
     PlainFirstCommand, PlainFirstGroup = typer.core.TyperCommand, typer.core.TyperGroup
