@@ -181,11 +181,16 @@ def run_variant(name: str, out: Path, sets: dict | None = None, tune: Path | Non
     }
 
 
-def item_records(out: Path) -> tuple[list[bool], list[bool]]:
-    """(before, after) per-item correctness of a run folder: round 1's `before` rows, the last round's `after`."""
+def item_records(out: Path, last_round: int | None = None) -> tuple[list[bool], list[bool]]:
+    """(before, after) per-item correctness of a run folder: round 1's `before` rows, the `after` rows of the last
+    round (or of round ``last_round``)."""
     import pyarrow.parquet as pq
 
     rounds = sorted((p for p in out.glob("round-*") if p.name[6:].isdigit()), key=lambda p: int(p.name[6:]))
+    if last_round is not None:
+        if last_round > len(rounds):
+            raise SystemExit(f"{out}: --round {last_round}, but the run has {len(rounds)} round(s)")
+        rounds = rounds[:last_round]
 
     def correct(path: Path, label: str) -> list[bool]:
         rows = [r for r in pq.read_table(path).to_pylist() if r["model"] == label]
@@ -268,8 +273,8 @@ def summarize(args) -> None:
     records: dict[str, dict[int, tuple[list[bool], list[bool]]]] = {}
     for name in args.variants.split(","):
         for folder in sorted(args.keep.glob(f"{name}-seed*")):
-            if (folder / "round-1" / "run" / "task_results.parquet").is_file():
-                records.setdefault(name, {})[int(folder.name.rsplit("seed", 1)[1])] = item_records(folder)
+            if (folder / f"round-{args.round or 1}" / "run" / "task_results.parquet").is_file():
+                records.setdefault(name, {})[int(folder.name.rsplit("seed", 1)[1])] = item_records(folder, args.round)
     if not records:
         raise SystemExit(f"{args.keep}: no finished VARIANT-seedS folders of {args.variants}")
     if args.tune:
@@ -300,6 +305,8 @@ def main() -> None:
     ap.add_argument("--samples-from", type=Path, default=None,
                     help="a folder of round-1 samples files seed{S}.jsonl made with the same sampler settings: "
                          "make-pairs resumes from them (a bench shortcut; the counts are the same)")
+    ap.add_argument("--round", type=int, default=None,
+                    help="with --summarize: the after rows of this round of each run (default: its last round)")
     ap.add_argument("--summarize", action="store_true",
                     help="run nothing: pool the VARIANT-seedS folders already under --keep (from one or more runs)")
     args = ap.parse_args()
