@@ -54,8 +54,9 @@ def test_shared_masks_make_identical_responses_cancel_in_the_margin_and_its_grad
         margin[pair_masks] = float(m.detach())
         grad[pair_masks] = sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None)
     model.zero_grad()
-    assert margin["shared"] == 0.0 and margin["independent"] != 0.0
-    # the two sides' rows are identical, so their gradients cancel up to float32 summation order
+    # the two sides' rows are identical, so their terms and gradients cancel up to float32 summation order
+    # (which can differ between two rows of one batch under several threads)
+    assert abs(margin["shared"]) < 1e-4 and abs(margin["independent"]) > 0.1, margin
     assert grad["independent"] > 1.0 and grad["shared"] < 1e-3 * grad["independent"], grad
 
 
