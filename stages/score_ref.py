@@ -41,7 +41,8 @@ class ScoreRefConfig:
     draws: int = 1
     """Independent mask sets per response; training epoch e replays draw e mod draws."""
     seed: int = 0
-    """Global mask seed; masks depend only on (seed, pair_id, side, draw)."""
+    """Global mask seed; masks depend only on (seed, pair_id, side, draw), the side left out under pair_masks
+    shared."""
     pair_masks: str = "independent"
     """independent: the chosen and rejected responses draw their masks from seeds of their own; shared: one seed
     per pair and draw for both, so they have the same timesteps and, at equal lengths (``pad_to``), the same
