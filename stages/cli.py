@@ -173,7 +173,25 @@ def set_environment(online: bool) -> None:
 def main() -> None:
     argv = sys.argv[1:]
     set_environment(_leading_online(argv))
-    build_app(_requested_command(argv))()
+    try:
+        build_app(_requested_command(argv))()
+    except SystemExit as exc:  # Typer's standalone mode ends every command this way
+        if exc.code in (0, None):
+            close_process_group()
+        raise
+
+
+def close_process_group() -> None:
+    """After a command that succeeded under ``accelerate launch``: wait for every process, then destroy the
+    process group, as torch.distributed asks. Left to interpreter exit, the group's threads can be torn down
+    while still joinable, which aborts a finished worker (``terminate called without an active exception``,
+    SIGABRT). Nothing happens where torch was never imported or no group exists; after a failure nothing is
+    waited for (the launcher stops the other processes)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _leading_online(argv: list[str]) -> bool:

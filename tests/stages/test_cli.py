@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from pipeline import __version__
@@ -76,3 +77,34 @@ def test_requested_command_parsing():
     assert _requested_command(["--version"]) == ""
     assert _requested_command(["nope"]) is None  # Typer reports the unknown command
     assert _requested_command([]) is None
+
+
+def test_a_finished_command_destroys_its_process_group_and_a_failed_one_leaves_it(monkeypatch, tmp_path):
+    """Under `accelerate launch` the group is destroyed after a command that succeeded (left to interpreter exit,
+    its threads can abort a finished worker); none is touched after a failure, and none is made where there is
+    none."""
+    import torch.distributed as dist
+
+    from stages import cli
+
+    cli.close_process_group()  # no group: nothing to do
+    assert not dist.is_initialized()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    for argv, destroyed in ((["lldm-dpo", "--version"], True), (["lldm-dpo", "ingest", str(tmp_path / "nothing")],
+                                                                 False)):
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        monkeypatch.setattr("sys.argv", argv)
+        with pytest.raises(SystemExit):
+            cli.main()
+        assert dist.is_initialized() is not destroyed, argv
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
