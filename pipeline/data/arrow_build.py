@@ -70,4 +70,10 @@ def ints_of(array: pa.Array) -> np.ndarray:
     return np.frombuffer(array.buffers()[1], dtype=_NUMPY_INTS[array.type])[array.offset : array.offset + len(array)]
 
 
+def string_offsets(array: pa.Array) -> np.ndarray:
+    """A string array's ``len + 1`` int32 byte offsets into its data buffer (``array.buffers()[2]``), for its slice
+    (a view of its buffer)."""
+    return np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset : array.offset + len(array) + 1]
+
+
 _NUMPY_INTS = {pa.int32(): np.int32, pa.int64(): np.int64, pa.uint64(): np.uint64}

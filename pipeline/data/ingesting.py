@@ -25,7 +25,6 @@ import functools
 import heapq
 import itertools
 import json
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -171,49 +170,29 @@ def _ordered_results(jobs, window: int) -> Iterator[tuple[Chunk, Callable[[int],
             yield (result.get() if hasattr(result, "get") else result), raw_of
 
 
-class _ThreadJob:
-    """``fn(*args)`` on a thread of its own; ``get()`` waits for its result (or raises its error)."""
-
-    def __init__(self, fn: Callable, args: tuple):
-        self._result: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable, args: tuple) -> None:
-        try:
-            self._result = fn(*args)
-        except BaseException as exc:  # handed to the reader of the result
-            self._error = exc
-
-    def get(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-
 class _ParsedAhead:
-    """A chunk whose ``parse_plain`` (Arrow's parse of it whole, outside the GIL) runs on a thread from the moment
-    it is read; ``get()`` validates it with that parse on the calling thread, as a pool's ``AsyncResult``. With
-    the results taken one chunk behind the reading, chunk i+1 is parsed on a second core while chunk i is hashed
-    and checked; what is computed, and so every byte written, is the same."""
+    """A chunk whose ``parse_plain`` (Arrow's parse of it whole, outside the GIL) is submitted to a thread the
+    moment it is read; ``get()`` validates it with that parse on the calling thread, as a pool's ``AsyncResult``.
+    With the results taken one chunk behind the reading, chunk i+1 is parsed on a second core while chunk i is
+    hashed and checked; what is computed, and so every byte written, is the same."""
 
-    def __init__(self, data: bytes, first: int, source: str, rules: ChunkRules):
+    def __init__(self, executor, data: bytes, first: int, source: str, rules: ChunkRules):
         self.args = (data, first, source, rules)
-        self.parsed = _ThreadJob(parse_plain, (data, rules, True)) if rules.fast else None
+        self.parsed = executor.submit(parse_plain, data, rules, True) if rules.fast else None
 
     def get(self) -> Chunk:
-        return process_lines(*self.args, parsed=self.parsed.get() if self.parsed is not None else None)
+        return process_lines(*self.args, parsed=self.parsed.result() if self.parsed is not None else None)
 
 
 class _ParseAhead:
     """``_jobs``' pool when chunks are parsed ahead on a thread (see ``_ParsedAhead``)."""
 
-    @staticmethod
-    def apply_async(fn: Callable, args: tuple) -> _ParsedAhead:
+    def __init__(self, executor):
+        self.executor = executor  # a concurrent.futures executor of one thread
+
+    def apply_async(self, fn: Callable, args: tuple) -> _ParsedAhead:
         assert fn is process_lines
-        return _ParsedAhead(*args)
+        return _ParsedAhead(self.executor, *args)
 
 
 def overlap_default() -> bool:
@@ -222,9 +201,7 @@ def overlap_default() -> bool:
     return pa.cpu_count() > 1
 
 
-def _make_pool(workers: int, overlap: bool = False):
-    if workers <= 1:
-        return _ParseAhead() if overlap else None
+def _make_pool(workers: int):
     import multiprocessing
     # Not fork: the parent may hold DuckDB/Arrow/torch thread pools, whose locks a
     # forked child inherits mid-state (it hangs). A forkserver forks from a clean,
@@ -307,10 +284,16 @@ def ingest_files(paths: list[Path], out: Path, qpath: Path, rules: ChunkRules, w
         except OSError as exc:  # e.g. a read-only file system, which access() does not see
             raise UserError(f"{exc.filename or out}: cannot write output: {exc.strerror or exc}") from None
         stack.callback(writer.close)  # the callbacks run last first: progress bar, pool, then the writer
-        pool = _make_pool(workers, overlap)
         if workers > 1:
+            pool = _make_pool(workers)
             stack.callback(pool.join)
             stack.callback(pool.terminate)
+        elif overlap:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = _ParseAhead(stack.enter_context(ThreadPoolExecutor(max_workers=1)))
+        else:
+            pool = None
         # Smaller inputs finish before a bar is worth drawing.
         advance = _progress_bar(stack, total) if progress and total >= _PROGRESS_MIN_BYTES else None
         qfh = stack.enter_context(open(q_tmp, "w", encoding="utf-8", newline="\n"))

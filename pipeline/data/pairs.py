@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.data.arrow_build import bool_array, bools_of, int64_array, ints_of, scalar
+from pipeline.data.arrow_build import bool_array, bools_of, int64_array, ints_of, scalar, string_offsets
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _ID_VERSION = "pairs/v1"  # bump only together with a deliberate change of every pair_id
@@ -343,7 +343,7 @@ def _may_need_strip(col) -> bool:
     from raw bytes: stripping copies every text, and almost no row needs it."""
     if not len(col) or not pa.types.is_string(col.type) or col.buffers()[2] is None:
         return True
-    offsets = np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset : col.offset + len(col) + 1]
+    offsets = string_offsets(col)
     data = np.frombuffer(col.buffers()[2], dtype=np.uint8)
     starts, ends = offsets[:-1], offsets[1:]
     if col.null_count:
@@ -404,7 +404,7 @@ def _all_nfc(texts: pa.Array) -> bool:
     call instead of one per text (tens of thousands of Python strings per chunk).
     """
     joined = pc.binary_join_element_wise(texts, scalar("\n"), scalar(""))  # each text followed by a newline
-    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int32)[joined.offset : joined.offset + len(joined) + 1]
+    offsets = string_offsets(joined)
     data = joined.buffers()[2]
     return unicodedata.is_normalized("NFC", str(memoryview(data)[offsets[0] : offsets[-1]], "utf-8"))
 
@@ -426,7 +426,7 @@ def _md5_digests(texts) -> bytes:
     """The 16-byte md5 digests of every string of an Arrow string array, concatenated, hashed straight from its
     buffer (C loops: no Python frame per row)."""
     texts = texts.combine_chunks() if hasattr(texts, "combine_chunks") else texts
-    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int32)[texts.offset : texts.offset + len(texts) + 1].tolist()
+    offsets = string_offsets(texts).tolist()
     data = memoryview(texts.buffers()[2] or b"")
     pieces = map(data.__getitem__, map(slice, offsets[:-1], offsets[1:]))
     return b"".join(map(operator.methodcaller("digest"), map(_md5, pieces)))

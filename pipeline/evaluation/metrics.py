@@ -15,6 +15,7 @@ from pipeline.estimator.losses import pair_statistics
 from pipeline.estimator.replay import PairBatch, elbo_pass, replay_requests, rescore_part, seeded_request
 from pipeline.evaluation.intervals import credits_record, paired_difference_interval
 from pipeline.models.numerics import Numerics, autocast
+from pipeline.refcache.fingerprint import pair_masks_of
 from pipeline.refcache.reader import read_part
 from pipeline.refcache.rows import reference_elbo, row_split
 
@@ -69,7 +70,7 @@ def margin_summary(pi_c, pi_r, ref_c, ref_r, beta: float, with_elbo: bool = Fals
 def fresh_requests(rows: list[dict], fingerprint: dict[str, Any], extra: int = 0) -> list:
     """Requests on masks training never saw: draw index ``draws + extra`` of each (pair, side), past the cache's."""
     draw = fingerprint["draws"] + extra
-    pair_masks = fingerprint.get("pair_masks") or "independent"
+    pair_masks = pair_masks_of(fingerprint)
     return [seeded_request(row, side, side_seed(fingerprint["seed"], row["pair_id"], side, draw, pair_masks),
                            fingerprint)[0] for row in rows for side in SIDES]
 

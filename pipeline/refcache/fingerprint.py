@@ -47,6 +47,11 @@ def build_fingerprint(cfg, model_identity: Any, tokenizer_identity: str, pairs_s
     }
 
 
+def pair_masks_of(fingerprint: dict[str, Any]) -> str:
+    """A cache's ``pair_masks``: recorded only when shared, so absent means independent (every earlier cache)."""
+    return fingerprint.get("pair_masks") or "independent"
+
+
 def fingerprint_digest(fields: dict[str, Any]) -> str:
     """A short hash of the canonical JSON of every field that changes a score."""
     return content_digest(fields, 16)
