@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from pipeline.core.schemas import IDS_COLUMNS, PAIR_ID_COLUMN, SIDES  # noqa: E402
 from pipeline.estimator.diffusion import PAIR_MASKS, elbo_terms, masked_request, side_seed  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
+from pipeline.models import load  # noqa: E402
+from pipeline.models.numerics import autocast  # noqa: E402
 from pipeline.refcache.reader import open_cache  # noqa: E402
 
 
@@ -46,12 +47,15 @@ def requests(row: dict, replicate: int, pair_masks: str, fp: dict, seed: int) ->
                            scheme=fp["scheme"], eps=fp.get("eps") or 1e-3)[0] for side in SIDES]
 
 
-def margin(model, tok, reqs: list) -> torch.Tensor:
-    terms = elbo_terms(model, reqs, mask_token_id=tok.mask_token_id, pad_token_id=tok.pad_token_id)
+def margin(model, tok, reqs: list, mixed_precision: str) -> torch.Tensor:
+    """mean_k T_k(chosen) - mean_k T_k(rejected), under the cache's autocast (scored as the reference was)."""
+    with autocast("cpu", mixed_precision):
+        terms = elbo_terms(model, reqs, mask_token_id=tok.mask_token_id, pad_token_id=tok.pad_token_id)
     return terms[0].mean() - terms[1].mean()
 
 
-def gradient_noise(model, tok, rows: list[dict], replicates: int, pair_masks: str, fp: dict, seed: int) -> dict:
+def gradient_noise(model, tok, rows: list[dict], replicates: int, pair_masks: str, fp: dict, seed: int,
+                   mixed_precision: str) -> dict:
     """Mean over pairs of the noise E||g_r - g_bar||^2 and the unbiased signal ||g_bar||^2 - noise / R."""
     params = [p for p in model.parameters() if p.requires_grad]
     noise, signal = [], []
@@ -59,7 +63,7 @@ def gradient_noise(model, tok, rows: list[dict], replicates: int, pair_masks: st
         grads = []
         for r in range(replicates):
             model.zero_grad()
-            margin(model, tok, requests(row, r, pair_masks, fp, seed)).backward()
+            margin(model, tok, requests(row, r, pair_masks, fp, seed), mixed_precision).backward()
             grads.append(torch.cat([p.grad.reshape(-1).double() for p in params]))
         g = torch.stack(grads)
         mean = g.mean(0)
@@ -70,7 +74,7 @@ def gradient_noise(model, tok, rows: list[dict], replicates: int, pair_masks: st
     return {"noise": statistics.fmean(noise), "signal": statistics.fmean(signal)}
 
 
-def score_variance(policy, reference, tok, rows, replicates, pair_masks, fp, seed) -> float:
+def score_variance(policy, reference, tok, rows, replicates, pair_masks, fp, seed, mixed_precision) -> float:
     """Mean over pairs of the variance across draws of delta_hat (policy and reference on the same masks)."""
     out = []
     with torch.no_grad():
@@ -78,7 +82,8 @@ def score_variance(policy, reference, tok, rows, replicates, pair_masks, fp, see
             deltas = []
             for r in range(replicates):
                 reqs = requests(row, r, pair_masks, fp, seed)
-                deltas.append(float(margin(policy, tok, reqs) - margin(reference, tok, reqs)))
+                deltas.append(float(margin(policy, tok, reqs, mixed_precision)
+                                    - margin(reference, tok, reqs, mixed_precision)))
             out.append(statistics.variance(deltas))
     return statistics.fmean(out)
 
@@ -98,16 +103,18 @@ def main(argv=None) -> None:
     cache = open_cache(round_dir / "cache")
     fp = cache.fingerprint
     rows = list(cache.split_rows("train", skip_identical=True))[: args.pairs]
-    reference, tok = load_model(cache.manifest.reference_model)
-    policy = reference if args.policy is None else load_model(args.policy)[0]
-    trained = load_model(args.trained or str(round_dir / "run" / "final"))[0]
+    numerics = cache.manifest.numerics  # the policy trains, and so is measured, in the cache's numerics
+    reference, tok = load(cache.manifest.reference_model, numerics)
+    policy = reference if args.policy is None else load(args.policy, numerics)[0]
+    trained = load(args.trained or str(round_dir / "run" / "final"), numerics)[0]
     for m in (reference, policy, trained):
         m.eval()  # no dropout: the draws are the only randomness
     t0 = time.perf_counter()
     figures = {}
     for pm in PAIR_MASKS:
-        figures[pm] = gradient_noise(policy, tok, rows, args.replicates, pm, fp, args.seed)
-        figures[pm]["score"] = score_variance(trained, reference, tok, rows, args.replicates, pm, fp, args.seed)
+        figures[pm] = gradient_noise(policy, tok, rows, args.replicates, pm, fp, args.seed, numerics.mixed_precision)
+        figures[pm]["score"] = score_variance(trained, reference, tok, rows, args.replicates, pm, fp, args.seed,
+                                              numerics.mixed_precision)
     seconds = time.perf_counter() - t0
 
     from score import matmul_flops  # bench/score.py
