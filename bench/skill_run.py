@@ -59,7 +59,7 @@ cache replaces): its accuracy should fall within the cached run's interval, its 
 
 TUNE_QUESTIONS = slice(1500, 2000)
 """``--tune``: eval on these rows of the make-pairs questions file instead of the held-out benchmark. The
-embedded default samples only the first ``make_pairs.limit`` (256) rows, so these are never trained on; choosing
+embedded default samples only the first ``make_pairs.limit`` rows (at most 1,500: checked), so these are never trained on; choosing
 settings on them leaves the held-out questions untouched (they are fixed before any tuning and never tuned on)."""
 
 
