@@ -116,13 +116,17 @@ def variant_flags(name: str, out: Path, sets: dict | None, tune: Path | None, se
     if seed is not None:
         for section, key in SEED_KEYS:
             flags[section] = {**flags.get(section, {}), key: seed}
-    make_pairs = {**merged_config(None, {"out": out}).make_pairs, **flags.get("make_pairs", {})}
+    default = merged_config(None, {"out": out})
+    make_pairs = {**default.make_pairs, **flags.get("make_pairs", {})}
     limit = make_pairs.get("limit")
-    if not limit or limit > TUNE_QUESTIONS.start:
+    # rows sampled: offset .. offset + limit, or a limit more each round with fresh_questions
+    rounds = (flags.get("rounds") or default.rounds or 1) if flags.get("fresh_questions") else 1
+    last = int(make_pairs.get("offset") or 0) + rounds * int(limit or 0)
+    if not limit or last > TUNE_QUESTIONS.start:
         # the tuning rows stay unseen whether or not this run tunes: a default sampling them would make
         # every later --tune run choose on trained-on questions
-        raise SystemExit(f"make_pairs.limit must be 1..{TUNE_QUESTIONS.start} (rows {TUNE_QUESTIONS.start}-"
-                         f"{TUNE_QUESTIONS.stop - 1} are the tuning questions), got {limit}")
+        raise SystemExit(f"make_pairs rows must end by {TUNE_QUESTIONS.start} (rows {TUNE_QUESTIONS.start}-"
+                         f"{TUNE_QUESTIONS.stop - 1} are the tuning questions), got limit {limit}, up to row {last}")
     if tune is not None:
         flags["eval"] = {**flags.get("eval", {}), "benchmark": str(tune)}
     return flags

@@ -48,7 +48,7 @@ from pipeline.sampling.completion import check_loading
 from pipeline.sampling.make_pairs_run import MakePairsResult, make_pairs
 
 RANGES = {"num_generations": "[1, inf)", "pairs_per_question": "[1, inf)", **SAMPLING_RANGES, "limit": "[0, inf)",
-          "round": "[0, inf)"}
+          "offset": "[0, inf)", "round": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
 
 
@@ -93,7 +93,9 @@ class MakePairsConfig(SamplingArgs):
     chat_template: Optional[bool] = None
     """Wrap each question as a user turn in the tokenizer's chat template; false: raw text; default: on when the tokenizer has one (pipeline/data/prompts.py). Score-ref the pairs under the same rule."""
     limit: int = 0
-    """Use the first N questions only (0: all)."""
+    """Use the first N questions only (0: all), counted after ``offset``."""
+    offset: int = 0
+    """Skip the first N questions of the file (`run --rounds` with ``fresh_questions`` moves it on each round)."""
     round: int = 0
     """Round label written in every row (`run --rounds` sets it; 0 for a standalone run)."""
     dtype: str = "float32"

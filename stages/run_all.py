@@ -66,6 +66,9 @@ class RunConfig:
     """Questions JSONL ({question, answer}) the policy samples and is graded on each round (needs rounds > 0)."""
     round_reference: str = "policy"
     """Reference model of each round: policy (the round's starting policy) or initial (the original model)."""
+    fresh_questions: bool = False
+    """Each round samples the next ``make_pairs.limit`` questions of --questions (round r: ``make_pairs.offset`` +
+    (r - 1) x limit onwards) instead of the same ones; the file must hold them all (checked before any work)."""
     make_pairs: dict = field(default_factory=dict)
     """Keys of the make-pairs stage's config for the rounds (num_generations, temperature, pairs_per_question, ...)."""
     kv_cache: Optional[str] = None
@@ -95,6 +98,9 @@ class RunConfig:
                 f"round_reference must be one of {', '.join(ROUND_REFERENCES)}, got {self.round_reference!r}")
         require(not self.rounds or self.questions, "run --rounds needs --questions FILE (JSONL of question and answer)")
         require(self.rounds or not self.questions, "--questions is used by iterative rounds: add --rounds R")
+        require(not self.fresh_questions or self.rounds, "fresh_questions is for iterative rounds: add --rounds R")
+        require(not self.fresh_questions or int(self.make_pairs.get("limit", 0) or 0) > 0,
+                "fresh_questions needs make_pairs.limit > 0: the number of questions each round samples")
         # LoRA rounds: the next round would start from an adapter folder and stack a second adapter on it.
         require(not self.rounds or int(self.train.get("lora_r", 0) or 0) <= 0,
                 "run --rounds trains full models; LoRA rounds (lora_r > 0) are not supported yet")

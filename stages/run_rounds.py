@@ -56,6 +56,8 @@ def round_configs(cfg, r: int, start_model: str, ref_model: str, has_eval_pairs:
     shown = {"device": cfg.device, "progress": cfg.progress}  # a section's own settings win
     mp = {**shown, **cfg.make_pairs, "questions": shipped_path(str(cfg.questions)), "model": start_model,
           "out": str(d / "pairs.jsonl"), "round": r}
+    if cfg.fresh_questions:  # round r takes the next `limit` questions
+        mp["offset"] = int(cfg.make_pairs.get("offset", 0) or 0) + (r - 1) * int(cfg.make_pairs["limit"])
     ingest = {"progress": cfg.progress, **{k: v for k, v in cfg.ingest.items() if k != "inputs"},
               "inputs": [str(d / "pairs.jsonl")], "out": str(d / PAIRS_FILE),
               "keep_fields": sorted(set(cfg.ingest.get("keep_fields", [])) | set(PROVENANCE_FIELDS))}
@@ -76,6 +78,18 @@ def round_configs(cfg, r: int, start_model: str, ref_model: str, has_eval_pairs:
     return configs
 
 
+def check_fresh_questions(mp_cfg, rounds: int) -> None:
+    """``fresh_questions``: the questions file holds ``rounds`` x ``limit`` questions after the offset."""
+    from pipeline.sampling.selfpairs import read_questions
+
+    held = len(read_questions(mp_cfg.questions, question_field=mp_cfg.question_field, answer_field=mp_cfg.answer_field,
+                              id_field=mp_cfg.id_field, solution_field=mp_cfg.solution_field).questions)
+    needed = mp_cfg.offset + rounds * mp_cfg.limit
+    if held < needed:
+        raise ConfigError(f"{mp_cfg.questions}: fresh_questions needs {needed} questions ({rounds} rounds of "
+                          f"make_pairs.limit {mp_cfg.limit} after offset {mp_cfg.offset}), the file holds {held}")
+
+
 def _chat_template(cfg):
     """The one chat-template setting of the rounds: the sections that set it must agree."""
     given = {name: getattr(cfg, name)["chat_template"] for name in ("make_pairs", "score_ref", "eval")
@@ -89,7 +103,9 @@ def _chat_template(cfg):
 
 def run_rounds(cfg, log=print) -> RoundsResult:
     start = time.perf_counter()
-    round_configs(cfg, 1, cfg.model, cfg.model)  # every section validated before any work
+    first = round_configs(cfg, 1, cfg.model, cfg.model)  # every section validated before any work
+    if cfg.fresh_questions:
+        check_fresh_questions(first[0], cfg.rounds)
     check_writable(cfg.out, "output folder")
     check_rounds_folder(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)

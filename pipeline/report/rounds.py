@@ -39,8 +39,11 @@ def round_dir(out: Path, r: int) -> Path:
 def run_identity(cfg) -> dict[str, Any]:
     """What makes a rounds run the same run (``cfg``: run's config): a folder is resumed only by it."""
     d = config_to_dict(cfg)
-    return {k: d[k] for k in ("model", "questions", "round_reference", "make_pairs", "ingest", "score_ref", "train",
-                              "eval")}
+    identity = {k: d[k] for k in ("model", "questions", "round_reference", "make_pairs", "ingest", "score_ref",
+                                  "train", "eval")}
+    if d.get("fresh_questions"):  # only when on: a run of the same questions each round keeps its identity
+        identity["fresh_questions"] = True
+    return identity
 
 
 def check_rounds_folder(cfg) -> None:
@@ -69,6 +72,8 @@ def round_fingerprint(round_reference: str, configs, start_model: str, ref_model
     stages = {name: {k: v for k, v in config_to_dict(c).items() if k not in ("device", "progress")}
               for name, c in zip(STAGE_NAMES, configs)}
     stages["eval"].pop("scores", None)
+    if not stages["make_pairs"].get("offset"):  # a later key: rounds of the file's first questions keep their prints
+        stages["make_pairs"].pop("offset", None)
     return {"stages": stages, "questions_sha256": file_sha256(configs[0].questions),
             "start_model": content_digest(model_identity(start_model)),
             "reference_model": content_digest(model_identity(ref_model)), "round_reference": round_reference}

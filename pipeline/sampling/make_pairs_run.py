@@ -85,7 +85,11 @@ def make_pairs(cfg, sampler=None) -> MakePairsResult:
         raise UserError("no questions file given (the QUESTIONS argument, or questions: in --config)")
     qset = read_questions(cfg.questions, question_field=cfg.question_field, answer_field=cfg.answer_field,
                           id_field=cfg.id_field, solution_field=cfg.solution_field)
-    questions = qset.questions[: cfg.limit] if cfg.limit else qset.questions
+    questions = qset.questions[cfg.offset :]
+    questions = questions[: cfg.limit] if cfg.limit else questions
+    if not questions:
+        raise UserError(f"{cfg.questions}: no questions after the first {cfg.offset} (offset) of "
+                        f"{len(qset.questions)}")
     out = Path(cfg.out)
     _check_outputs(out, cfg.samples_path)
     if sampler is not None:

@@ -47,8 +47,15 @@ def test_the_tuning_rows_are_never_sampled(tmp_path):
 
     # the embedded default's make-pairs stops before the tuning rows (1500-1999 of its questions file)
     assert 0 < merged_config(None, {"out": tmp_path / "d"}).make_pairs["limit"] <= skill_run.TUNE_QUESTIONS.start
-    with pytest.raises(SystemExit, match="make_pairs.limit must be 1..1500"):
+    with pytest.raises(SystemExit, match="rows must end by 1500 .* up to row 1600"):
         skill_run.variant_flags("dpo_nll", tmp_path / "o", {"make_pairs": {"limit": 1600}}, None, 0)
+    with pytest.raises(SystemExit, match="up to row 1600"):  # an offset moves the rows on
+        skill_run.variant_flags("dpo_nll", tmp_path / "o", {"make_pairs": {"limit": 500, "offset": 1100}}, None, 0)
+    # fresh questions each round: three rounds of 512 end at row 1536, inside the tuning rows; of 500 they fit
+    with pytest.raises(SystemExit, match="up to row 1536"):
+        skill_run.variant_flags("dpo_nll", tmp_path / "o", {"rounds": 3, "fresh_questions": True}, None, 0)
+    skill_run.variant_flags("dpo_nll", tmp_path / "o", {"rounds": 3, "fresh_questions": True,
+                                                       "make_pairs": {"limit": 500}}, None, 0)
     flags = skill_run.variant_flags("rft", tmp_path / "o", {}, None, 2)
     assert flags["train"]["loss"] == "sft"
     assert (flags["make_pairs"]["seed"], flags["score_ref"]["seed"], flags["train"]["seed"]) == (2, 2, 2)

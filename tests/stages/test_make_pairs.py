@@ -274,3 +274,15 @@ def test_an_unknown_verifier_or_answer_format_is_a_config_error(tmp_path):
         config(tmp_path, verifier="exact")
     with pytest.raises(ConfigError, match="answer_format must be one of auto, ####, any"):
         config(tmp_path, answer_format="strict")
+
+
+def test_offset_skips_questions_before_the_limit(tmp_path):
+    stub = ScriptedSampler()
+    res = run(config(tmp_path, offset=1, limit=2), sampler=stub)
+    sampled = {r["prompt"] for r in rows(tmp_path / "pairs.samples.jsonl")}
+    assert res.questions == 2 and sampled == {"What is 10 - 4?", "What is 7 * 6?"}
+    assert {r["question_index"] for r in rows(tmp_path / "pairs.samples.jsonl")} == {1, 2}  # the file's own rows
+    with pytest.raises(UserError, match=r"no questions after the first 4 \(offset\) of 4"):
+        run(config(tmp_path, offset=4), sampler=stub)
+    with pytest.raises(ConfigError, match="offset"):
+        config(tmp_path, offset=-1)

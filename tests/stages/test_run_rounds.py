@@ -219,3 +219,42 @@ def test_one_chat_template_setting_for_sampling_scoring_and_eval(tmp_path):
     cfg = merged_config(cfg_file, {"rounds": 1, "questions": q, "model": "micro"})
     with pytest.raises(ConfigError, match="chat_template differs between sections"):
         round_configs(cfg, 1, "micro", "micro")
+
+
+def test_fresh_questions_move_each_round_on_and_need_the_file_to_hold_them(tmp_path):
+    from stages.run_rounds import check_fresh_questions, round_configs
+
+    q = str(write_questions(tmp_path / "q.jsonl", n=10))
+    start = str(tmp_path / "out" / "round-1" / "run" / "final")
+    flags = {"rounds": 3, "questions": q, "model": "micro", "out": tmp_path / "out", "fresh_questions": True,
+             "make_pairs": {"limit": 3, "offset": 1}}
+    cfg = merged_config(None, flags)
+    offsets = [round_configs(cfg, r, "micro" if r == 1 else start, "micro")[0].offset for r in (1, 2, 3)]
+    assert offsets == [1, 4, 7]  # rows 1-3, 4-6, 7-9 of the file's 10
+    check_fresh_questions(round_configs(cfg, 1, "micro", "micro")[0], 3)
+    with pytest.raises(ConfigError, match=r"q\.jsonl: fresh_questions needs 13 questions \(4 rounds of "
+                                          r"make_pairs.limit 3 after offset 1\), the file holds 10"):
+        check_fresh_questions(round_configs(cfg, 1, "micro", "micro")[0], 4)
+    # the same questions each round unless asked; and the setting is refused where it cannot apply
+    same = merged_config(None, {**flags, "fresh_questions": False})
+    assert [round_configs(same, r, "micro", "micro")[0].offset for r in (1, 2)] == [1, 1]
+    # a round's fingerprint names the offset only when there is one: rounds made before it existed still resume
+    from pipeline.report.rounds import round_fingerprint
+
+    first = merged_config(None, {**flags, "make_pairs": {"limit": 3}})
+    prints = [round_fingerprint("policy", round_configs(first, r, "micro", "micro"), "micro", "micro") for r in (1, 2)]
+    assert "offset" not in prints[0]["stages"]["make_pairs"] and prints[1]["stages"]["make_pairs"]["offset"] == 3
+    with pytest.raises(ConfigError, match="fresh_questions needs make_pairs.limit > 0"):
+        merged_config(None, {**flags, "make_pairs": {"limit": 0}})
+    with pytest.raises(ConfigError, match="fresh_questions is for iterative rounds"):
+        merged_config(None, {"fresh_questions": True, "rounds": 0, "out": tmp_path / "o2"})
+
+
+def test_fresh_questions_are_refused_before_any_work_when_the_file_is_short(tmp_path):
+    q = write_questions(tmp_path / "q.jsonl", n=4)
+    cfg_file = tmp_path / "small.yaml"
+    cfg_file.write_text(yaml.safe_dump({**SMALL, "make_pairs": {**SMALL["make_pairs"], "limit": 2}}))
+    res = CliRunner().invoke(app, ["run", "--config", str(cfg_file), "--out", str(tmp_path / "out"), "--rounds", "3",
+                                   "--questions", str(q), "--fresh-questions"])
+    assert res.exit_code != 0 and "fresh_questions needs 6 questions" in res.output
+    assert not (tmp_path / "out" / "round-1").exists()
