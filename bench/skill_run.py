@@ -197,6 +197,9 @@ def item_records(out: Path, last_round: int | None = None) -> tuple[list[bool], 
         rounds = rounds[:last_round]
 
     def correct(path: Path, label: str) -> list[bool]:
+        if not path.is_file():  # a run still going, or killed: its last round has no eval yet
+            raise SystemExit(f"{path}: missing, {path.parents[1].name} of {out} is unfinished; pass --round K "
+                             "for a round every run has finished")
         rows = [r for r in pq.read_table(path).to_pylist() if r["model"] == label]
         return [r["correct"] for r in sorted(rows, key=lambda r: r["index"])]
 

@@ -59,3 +59,21 @@ def test_the_tuning_rows_are_never_sampled(tmp_path):
     flags = skill_run.variant_flags("rft", tmp_path / "o", {}, None, 2)
     assert flags["train"]["loss"] == "sft"
     assert (flags["make_pairs"]["seed"], flags["score_ref"]["seed"], flags["train"]["seed"]) == (2, 2, 2)
+
+
+def test_item_records_take_the_asked_round_and_name_an_unfinished_one(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = tmp_path / "dpo_nll-seed0"
+    for r, after in ((1, [True, False]), (2, [True, True])):
+        (run / f"round-{r}" / "run").mkdir(parents=True)
+        rows = [{"model": m, "index": i, "correct": c} for m, cs in (("before", [False, False]), ("after", after))
+                for i, c in enumerate(cs)]
+        pq.write_table(pa.Table.from_pylist(rows), run / f"round-{r}" / "run" / "task_results.parquet")
+    assert skill_run.item_records(run, 1) == ([False, False], [True, False])
+    assert skill_run.item_records(run) == ([False, False], [True, True])  # the last round by default
+    (run / "round-3" / "run").mkdir(parents=True)  # a third round under way: no eval yet
+    with pytest.raises(SystemExit, match=r"round-3 of .*dpo_nll-seed0 is unfinished; pass --round K"):
+        skill_run.item_records(run)
+    assert skill_run.item_records(run, 2) == ([False, False], [True, True])
