@@ -99,7 +99,8 @@ class RunConfig:
         require(not self.rounds or self.questions, "run --rounds needs --questions FILE (JSONL of question and answer)")
         require(self.rounds or not self.questions, "--questions is used by iterative rounds: add --rounds R")
         require(not self.fresh_questions or self.rounds, "fresh_questions is for iterative rounds: add --rounds R")
-        require(not self.fresh_questions or int(self.make_pairs.get("limit", 0) or 0) > 0,
+        limit = self.make_pairs.get("limit", 0)
+        require(not self.fresh_questions or (type(limit) is int and limit > 0),
                 "fresh_questions needs make_pairs.limit > 0: the number of questions each round samples")
         # LoRA rounds: the next round would start from an adapter folder and stack a second adapter on it.
         require(not self.rounds or int(self.train.get("lora_r", 0) or 0) <= 0,

@@ -56,8 +56,9 @@ def round_configs(cfg, r: int, start_model: str, ref_model: str, has_eval_pairs:
     shown = {"device": cfg.device, "progress": cfg.progress}  # a section's own settings win
     mp = {**shown, **cfg.make_pairs, "questions": shipped_path(str(cfg.questions)), "model": start_model,
           "out": str(d / "pairs.jsonl"), "round": r}
-    if cfg.fresh_questions:  # round r takes the next `limit` questions
-        mp["offset"] = int(cfg.make_pairs.get("offset", 0) or 0) + (r - 1) * int(cfg.make_pairs["limit"])
+    offset = cfg.make_pairs.get("offset", 0)
+    if cfg.fresh_questions and type(offset) is int:  # round r takes the next `limit` questions (any other offset
+        mp["offset"] = offset + (r - 1) * cfg.make_pairs["limit"]  # is make-pairs' validation's to refuse below)
     ingest = {"progress": cfg.progress, **{k: v for k, v in cfg.ingest.items() if k != "inputs"},
               "inputs": [str(d / "pairs.jsonl")], "out": str(d / PAIRS_FILE),
               "keep_fields": sorted(set(cfg.ingest.get("keep_fields", [])) | set(PROVENANCE_FIELDS))}

@@ -244,8 +244,11 @@ def test_fresh_questions_move_each_round_on_and_need_the_file_to_hold_them(tmp_p
     first = merged_config(None, {**flags, "make_pairs": {"limit": 3}})
     prints = [round_fingerprint("policy", round_configs(first, r, "micro", "micro"), "micro", "micro") for r in (1, 2)]
     assert "offset" not in prints[0]["stages"]["make_pairs"] and prints[1]["stages"]["make_pairs"]["offset"] == 3
-    with pytest.raises(ConfigError, match="fresh_questions needs make_pairs.limit > 0"):
-        merged_config(None, {**flags, "make_pairs": {"limit": 0}})
+    for limit in (0, "3", 2.5):
+        with pytest.raises(ConfigError, match="fresh_questions needs make_pairs.limit > 0"):
+            merged_config(None, {**flags, "make_pairs": {"limit": limit}})
+    with pytest.raises(ConfigError, match="offset"):  # make-pairs' own check of its key, not a crash
+        round_configs(merged_config(None, {**flags, "make_pairs": {"limit": 3, "offset": "one"}}), 2, start, "micro")
     with pytest.raises(ConfigError, match="fresh_questions is for iterative rounds"):
         merged_config(None, {"fresh_questions": True, "rounds": 0, "out": tmp_path / "o2"})
 
