@@ -23,6 +23,7 @@ round resume from what they finished.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from pipeline.core.atomic import check_writable
@@ -56,9 +57,6 @@ def round_configs(cfg, r: int, start_model: str, ref_model: str, has_eval_pairs:
     shown = {"device": cfg.device, "progress": cfg.progress}  # a section's own settings win
     mp = {**shown, **cfg.make_pairs, "questions": shipped_path(str(cfg.questions)), "model": start_model,
           "out": str(d / "pairs.jsonl"), "round": r}
-    offset = cfg.make_pairs.get("offset", 0)
-    if cfg.fresh_questions and type(offset) is int:  # round r takes the next `limit` questions (any other offset
-        mp["offset"] = offset + (r - 1) * cfg.make_pairs["limit"]  # is make-pairs' validation's to refuse below)
     ingest = {"progress": cfg.progress, **{k: v for k, v in cfg.ingest.items() if k != "inputs"},
               "inputs": [str(d / "pairs.jsonl")], "out": str(d / PAIRS_FILE),
               "keep_fields": sorted(set(cfg.ingest.get("keep_fields", [])) | set(PROVENANCE_FIELDS))}
@@ -72,6 +70,9 @@ def round_configs(cfg, r: int, start_model: str, ref_model: str, has_eval_pairs:
     configs = load_stages(f"run config, round {r}", make_pairs=mp, ingest=ingest, score_ref=score, train=train,
                           eval=ev)
     mp_cfg, score_cfg = configs[0], configs[2]
+    if cfg.fresh_questions and r > 1:  # round r takes the next `limit` questions after the validated offset
+        mp_cfg = replace(mp_cfg, offset=mp_cfg.offset + (r - 1) * mp_cfg.limit)
+        configs = (mp_cfg, *configs[1:])
     if score_cfg.pad_to and score_cfg.pad_to != mp_cfg.gen_length:  # 0: no padding, the user's choice
         raise ConfigError(f"run --rounds: score_ref pad_to ({score_cfg.pad_to}) differs from make_pairs gen_length "
                           f"({mp_cfg.gen_length}); the pairs are scored in the shape they were sampled in: set "
@@ -81,10 +82,9 @@ def round_configs(cfg, r: int, start_model: str, ref_model: str, has_eval_pairs:
 
 def check_fresh_questions(mp_cfg, rounds: int) -> None:
     """``fresh_questions``: the questions file holds ``rounds`` x ``limit`` questions after the offset."""
-    from pipeline.sampling.selfpairs import read_questions
+    from pipeline.sampling.make_pairs_run import read_config_questions
 
-    held = len(read_questions(mp_cfg.questions, question_field=mp_cfg.question_field, answer_field=mp_cfg.answer_field,
-                              id_field=mp_cfg.id_field, solution_field=mp_cfg.solution_field).questions)
+    held = len(read_config_questions(mp_cfg).questions)
     needed = mp_cfg.offset + rounds * mp_cfg.limit
     if held < needed:
         raise ConfigError(f"{mp_cfg.questions}: fresh_questions needs {needed} questions ({rounds} rounds of "

@@ -83,8 +83,7 @@ def make_pairs(cfg, sampler=None) -> MakePairsResult:
     start = time.perf_counter()
     if not cfg.questions:
         raise UserError("no questions file given (the QUESTIONS argument, or questions: in --config)")
-    qset = read_questions(cfg.questions, question_field=cfg.question_field, answer_field=cfg.answer_field,
-                          id_field=cfg.id_field, solution_field=cfg.solution_field)
+    qset = read_config_questions(cfg)
     questions = qset.questions[cfg.offset :]
     questions = questions[: cfg.limit] if cfg.limit else questions
     if not questions:
@@ -118,6 +117,13 @@ def make_pairs(cfg, sampler=None) -> MakePairsResult:
         repeated_pairs=pairing.repeats, model_sha256=drawn.model_sha,
         details={"settings": drawn.settings, "partial": str(drawn.partial)},
     )
+
+
+def read_config_questions(cfg):
+    """The questions file of make-pairs' config ``cfg``, read with its field names (every question, before
+    ``offset`` and ``limit``)."""
+    return read_questions(cfg.questions, question_field=cfg.question_field, answer_field=cfg.answer_field,
+                          id_field=cfg.id_field, solution_field=cfg.solution_field)
 
 
 def _check_outputs(out: Path, samples_file: Path) -> None:
