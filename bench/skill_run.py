@@ -91,9 +91,23 @@ def parse_sets(pairs: list[str]) -> dict:
     return out
 
 
-def tune_benchmark(folder: Path) -> Path:
-    """The tuning questions (TUNE_QUESTIONS of the shipped make-pairs questions) as a benchmark file."""
-    rows = (ROOT / "data" / "questions" / "skill_train.jsonl").read_text(encoding="utf-8").splitlines()[TUNE_QUESTIONS]
+def configured_files(sets: dict | None) -> tuple[Path, Path]:
+    """(make-pairs questions, eval benchmark) of the embedded default with ``--set`` applied (``questions=...``,
+    ``eval.benchmark=...``: another family's files, e.g. ``scripts/make_skill_data.py --family skill-hard``)."""
+    from stages.run_all import merged_config
+
+    cfg = merged_config(None, {"out": Path(tempfile.gettempdir()), **(sets or {})})
+
+    def resolve(path) -> Path:
+        path = Path(path)
+        return path if path.is_absolute() or path.is_file() else ROOT / path
+
+    return resolve(cfg.questions), resolve(cfg.eval["benchmark"])
+
+
+def tune_benchmark(folder: Path, sets: dict | None = None) -> Path:
+    """The tuning questions (TUNE_QUESTIONS of the configured make-pairs questions) as a benchmark file."""
+    rows = configured_files(sets)[0].read_text(encoding="utf-8").splitlines()[TUNE_QUESTIONS]
     path = folder / "skill_tune.jsonl"
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return path
@@ -273,7 +287,6 @@ def print_seeds_table(summary: dict) -> None:
 
 def summarize(args) -> None:
     """The seeds table of the run folders under ``--keep`` (``VARIANT-seedS``, each a finished run)."""
-    from stages.run_all import merged_config
 
     if args.keep is None:
         raise SystemExit("--summarize needs --keep DIR (the folder the runs kept their folders in)")
@@ -284,12 +297,12 @@ def summarize(args) -> None:
                 records.setdefault(name, {})[int(folder.name.rsplit("seed", 1)[1])] = item_records(folder, args.round)
     if not records:
         raise SystemExit(f"{args.keep}: no finished VARIANT-seedS folders of {args.variants}")
+    sets = parse_sets(args.set)
     if args.tune:
         with tempfile.TemporaryDirectory() as tmp:
-            summary = seeds_summary(records, problem_keys(tune_benchmark(Path(tmp))))
+            summary = seeds_summary(records, problem_keys(tune_benchmark(Path(tmp), sets)))
     else:
-        bench = Path(merged_config(None, {"out": args.keep}).eval["benchmark"])
-        summary = seeds_summary(records, problem_keys(bench if bench.is_file() else ROOT / bench))
+        summary = seeds_summary(records, problem_keys(configured_files(sets)[1]))
     print_seeds_table(summary)
     print(json.dumps({"seeds_summary": summary}), flush=True)
 
@@ -327,7 +340,7 @@ def main() -> None:
     records: dict[str, dict[int, tuple[list[bool], list[bool]]]] = {}
     earlier: dict = {}
     try:
-        tune = tune_benchmark(tmp) if args.tune else None
+        tune = tune_benchmark(tmp, sets) if args.tune else None
         seeds = list(range(args.first_seed, args.first_seed + args.seeds)) if args.seeds else [None]
         for seed in seeds:
             for name in args.variants.split(","):
@@ -348,11 +361,7 @@ def main() -> None:
                 lines.append(line)
                 records.setdefault(name, {})[0 if seed is None else seed] = item_records(folder)
         if args.seeds:
-            from stages.run_all import merged_config
-
-            bench = tune or Path(merged_config(None, {"out": tmp}).eval["benchmark"])
-            bench = bench if bench.is_absolute() or bench.is_file() else ROOT / bench
-            summary = seeds_summary(records, problem_keys(bench))
+            summary = seeds_summary(records, problem_keys(tune or configured_files(sets)[1]))
             print_seeds_table(summary)
             line = json.dumps({"seeds_summary": summary})
             print(line, flush=True)

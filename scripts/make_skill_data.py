@@ -19,6 +19,12 @@ into disjoint sets (no question text appears in two of them):
 Run from the repository root: ``python scripts/make_skill_data.py`` (writes the
 held-out and the pairs questions; the shipped files are its output with the
 default seed).
+
+``--family skill-hard`` adds five templates whose errors are not one-number
+slips: a difference of two people's counts, a number the answer does not use,
+equal shares (division), "k times as many" then a sum that reuses a number of
+the question, and bags given away before multiplying. It is another stream of
+the same seed, so every split differs from the ``skill`` family's.
 """
 
 from __future__ import annotations
@@ -74,12 +80,68 @@ def t_mul_add(r: random.Random):
     return q, _lines((a, "*", b, a * b), (a * b, "+", c, a * b + c)), a * b + c
 
 
+def _two_items(r: random.Random) -> tuple[str, str]:
+    item, other = r.sample(ITEMS, 2)
+    return item, other
+
+
+def t_compare(r: random.Random):
+    """Which number from which: the difference of two people's counts (errors: the wrong order, the wrong op)."""
+    a_name, b_name = r.sample(NAMES, 2)
+    item = r.choice(ITEMS)
+    a = r.randint(3, 20)
+    b = r.randint(1, a - 1)
+    q = f"{a_name} has {a} {item} and {b_name} has {b}. How many more does {a_name} have?"
+    return q, _lines((a, "-", b, a - b)), a - b
+
+
+def t_distract(r: random.Random):
+    """A number the answer does not use (errors: adding the distractor, an arithmetically right wrong line)."""
+    name = r.choice(NAMES)
+    item, other = _two_items(r)
+    a, b, d = r.randint(1, 15), r.randint(1, 15), r.randint(1, 15)
+    q = f"{name} has {a} {item} and {d} {other}, and gets {b} more {item}. How many {item}?"
+    return q, _lines((a, "+", b, a + b)), a + b
+
+
+def t_share(r: random.Random):
+    """Division: equal shares (errors: the wrong op, the quotient)."""
+    name, item = r.choice(NAMES), r.choice(ITEMS)
+    each, n = r.randint(2, 8), r.randint(2, 6)
+    q = f"{name} shares {each * n} {item} equally among {n} friends. How many does each get?"
+    return q, _lines((each * n, "/", n, each)), each
+
+
+def t_times_more(r: random.Random):
+    """Two steps whose second reuses a number of the question (errors: adding the wrong pair)."""
+    a_name, b_name = r.sample(NAMES, 2)
+    item = r.choice(ITEMS)
+    a, k = r.randint(2, 8), r.randint(2, 4)
+    q = f"{a_name} has {a} {item}. {b_name} has {k} times as many. How many do they have together?"
+    return q, _lines((a, "*", k, a * k), (a, "+", a * k, a + a * k)), a + a * k
+
+
+def t_bags_left(r: random.Random):
+    """Order matters: subtract bags before multiplying (errors: a * b - c)."""
+    name, item = r.choice(NAMES), r.choice(ITEMS)
+    a = r.randint(3, 8)
+    c, b = r.randint(1, a - 1), r.randint(2, 6)
+    q = f"{name} has {a} bags of {b} {item} and gives away {c} bags. How many {item} are left?"
+    return q, _lines((a, "-", c, a - c), (a - c, "*", b, (a - c) * b)), (a - c) * b
+
+
 TEMPLATES = [t_add, t_sub, t_mul, t_add_sub, t_mul_add]
+HARD_TEMPLATES = [t_compare, t_distract, t_share, t_times_more, t_bags_left]
+FAMILIES = {"skill": TEMPLATES, "skill-hard": TEMPLATES + HARD_TEMPLATES}
+"""``skill``: the shipped family. ``skill-hard``: the same five templates and five whose errors are not one-number
+slips (an operand from the wrong place, the wrong operation or order): a different stream, so different splits."""
 SPLITS = ("heldout", "dev", "pairs", "sft")
 
 
-def generate(seed: int = SEED, heldout: int = 1000, dev: int = 150, pairs: int = 2000, sft: int = 20000) -> dict:
+def generate(seed: int = SEED, heldout: int = 1000, dev: int = 150, pairs: int = 2000, sft: int = 20000,
+             family: str = "skill") -> dict:
     """The four disjoint splits: ``{split: [{"question", "solution", "answer", "template"}, ...]}``."""
+    templates = FAMILIES[family]
     sizes = dict(zip(SPLITS, (heldout, dev, pairs, sft)))
     total = sum(sizes.values())
     r = random.Random(seed)
@@ -90,7 +152,7 @@ def generate(seed: int = SEED, heldout: int = 1000, dev: int = 150, pairs: int =
         attempts += 1
         if attempts > 50 * total:
             raise RuntimeError("generator ran out of distinct questions")
-        template = r.choice(TEMPLATES)
+        template = r.choice(templates)
         q, solution, answer = template(r)
         if q in seen:
             continue
@@ -122,8 +184,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--root", type=Path, default=Path("data"))
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="skill")
     args = ap.parse_args()
-    splits = generate(args.seed)
+    splits = generate(args.seed, family=args.family)
     write_jsonl(args.root / "benchmarks" / "skill_heldout.jsonl", question_rows(splits["heldout"]))
     write_jsonl(args.root / "questions" / "skill_train.jsonl", question_rows(splits["pairs"]))
     print(", ".join(f"{len(v)} {k}" for k, v in splits.items()))

@@ -77,6 +77,16 @@ def write_init_model(folder: Path, seed: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def write_warm_start(folder: Path, source: str) -> int:
+    """``source`` (a preset name or a model folder) written as the initial model folder, in float32."""
+    from pipeline.models import load_model
+
+    model, tokenizer = load_model(source)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
 def write_sft_data(path: Path, rows: list[dict]) -> None:
     """The SFT split as TRL's prompt-completion JSONL (the worked solution is the completion)."""
     write_jsonl(path, [{"prompt": r["question"], "completion": r["solution"]} for r in rows])
@@ -149,7 +159,7 @@ def train(args, log=print) -> dict:
     from pipeline.trainer.checkpoint import list_checkpoints
     from stages.sft import run as sft_run
 
-    splits = generate(args.data_seed, sft=args.sft_examples)
+    splits = generate(args.data_seed, sft=args.sft_examples, family=args.family)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     init, data, run_dir = work / "init", work / "sft.jsonl", work / "sft-run"
@@ -164,7 +174,7 @@ def train(args, log=print) -> dict:
         train_seconds = None
         log(f"sft: stopped run, checkpoints up to step {steps} of {args.max_steps}")
     else:
-        n_params = write_init_model(init, args.seed)
+        n_params = write_warm_start(init, args.init_from) if args.init_from else write_init_model(init, args.seed)
         write_sft_data(data, splits["sft"])
         log(f"model: {n_params:,} parameters; {len(splits['sft'])} SFT examples; dev {len(splits['dev'])}")
         start = time.perf_counter()
@@ -205,6 +215,10 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-seed", type=int, default=20261201)
     ap.add_argument("--sft-examples", type=int, default=20000)
+    ap.add_argument("--family", default="skill", help="the template family (make_skill_data.FAMILIES)")
+    ap.add_argument("--init-from", default=None,
+                    help="start from this model (a preset name such as skill, or a model folder) instead of a "
+                         "seeded random one")
     ap.add_argument("--response-length", type=int, default=24)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--learning-rate", type=float, default=3e-3)

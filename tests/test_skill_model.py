@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,48 @@ def test_skill_data_script_writes_the_shipped_files_and_its_splits_are_disjoint(
             for line in r["solution"].splitlines()[:-1]:
                 expr, value = line.split(" = ")
                 assert eval(expr) == int(value), line  # noqa: S307 - generated arithmetic only
+
+
+def test_the_hard_family_adds_templates_whose_errors_are_not_one_number_slips():
+    """skill-hard: the shipped five templates and five more; every solution's working passes the arithmetic
+    verifier against its own question and fits the generation length; a distractor's line is right arithmetic
+    from the question's numbers, so a sample that uses it fails on the answer, not on a slip."""
+    from pipeline.grading.verifiers import ArithmeticVerifier, check_working
+    from pipeline.models.tokenizer import build_tokenizer
+
+    mod = _script("make_skill_data")
+    splits = mod.generate(family="skill-hard", sft=2000)
+    assert splits["heldout"] != mod.generate(sft=2000)["heldout"]
+    templates = {r["template"] for r in splits["heldout"]}
+    assert templates == {t.__name__[2:] for t in mod.FAMILIES["skill-hard"]} and len(templates) == 10
+    questions = {name: {r["question"] for r in rows} for name, rows in splits.items()}
+    assert sum(len(q) for q in questions.values()) == len(set().union(*questions.values()))  # disjoint, unique
+    tok = build_tokenizer(layout="compact")
+    for rows in splits.values():
+        for r in rows:
+            assert check_working(r["solution"], r["question"]) == (True, "ok"), r
+            assert len(tok(r["solution"], add_special_tokens=False)["input_ids"]) < 24, r
+    # the distractor template: "X has a ITEM and d OTHER, and gets b more ITEM"
+    numbers = [tuple(int(x) for x in re.findall(r"\d+", r["question"])) for r in splits["heldout"]
+               if r["template"] == "distract"]
+    a, d, b = next(n for n in numbers if n[0] != n[1])
+    wrong = f"{d} + {b} = {d + b}\n#### {d + b}"  # the other item's count instead of the asked one's
+    grade = ArithmeticVerifier().grade(wrong, str(a + b), f"has {a} pens and {d} cups, and gets {b} more pens")
+    assert grade.working_correct and not grade.answer_correct
+
+
+def test_the_training_script_can_start_from_a_trained_model(tmp_path):
+    """--init-from: the initial model folder holds that model's weights (a warm start), not a seeded random one."""
+    from pipeline.models import load_model
+
+    mod = _script("train_skilled_model")
+    n = mod.write_warm_start(tmp_path / "init", "skill")
+    preset, _ = load_model("skill")
+    folder, _ = load_model(str(tmp_path / "init"))
+    assert n == sum(p.numel() for p in preset.parameters())
+    for (name, p), (_, q) in zip(preset.state_dict().items(), folder.state_dict().items()):
+        assert torch.equal(p, q), name
+    assert mod.parse_args(["--init-from", "skill", "--family", "skill-hard"]).init_from == "skill"
 
 
 def test_the_training_scripts_first_steps_reproduce_the_recorded_losses(tmp_path):

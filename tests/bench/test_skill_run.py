@@ -77,3 +77,19 @@ def test_item_records_take_the_asked_round_and_name_an_unfinished_one(tmp_path):
     with pytest.raises(SystemExit, match=r"round-3 of .*dpo_nll-seed0 is unfinished; pass --round K"):
         skill_run.item_records(run)
     assert skill_run.item_records(run, 2) == ([False, False], [True, True])
+
+
+def test_tuning_rows_and_problems_come_from_the_configured_files(tmp_path):
+    """--set questions=... eval.benchmark=...: another family's files give the tuning rows and the problems."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question": f"q{i}", "answer": i}) + "\n" for i in range(2100)))
+    bench = tmp_path / "b.jsonl"
+    bench.write_text(json.dumps({"question": "x", "answer": 1, "solution": "1 + 0 = 1\n#### 1"}) + "\n")
+    sets = skill_run.parse_sets([f"questions={questions}", f"eval.benchmark={bench}"])
+    assert skill_run.configured_files(sets) == (questions, bench)
+    rows = [json.loads(x) for x in skill_run.tune_benchmark(tmp_path, sets).read_text().splitlines()]
+    assert [r["answer"] for r in rows] == list(range(1500, 2000))
+    # without --set: the shipped files
+    shipped_questions, shipped_bench = skill_run.configured_files(None)
+    assert shipped_questions.name == "skill_train.jsonl" and shipped_bench.name == "skill_heldout.jsonl"
+    assert shipped_questions.resolve() == (skill_run.ROOT / "data/questions/skill_train.jsonl").resolve()
