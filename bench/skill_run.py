@@ -287,7 +287,6 @@ def print_seeds_table(summary: dict) -> None:
 
 def summarize(args) -> None:
     """The seeds table of the run folders under ``--keep`` (``VARIANT-seedS``, each a finished run)."""
-
     if args.keep is None:
         raise SystemExit("--summarize needs --keep DIR (the folder the runs kept their folders in)")
     records: dict[str, dict[int, tuple[list[bool], list[bool]]]] = {}

@@ -80,11 +80,6 @@ def t_mul_add(r: random.Random):
     return q, _lines((a, "*", b, a * b), (a * b, "+", c, a * b + c)), a * b + c
 
 
-def _two_items(r: random.Random) -> tuple[str, str]:
-    item, other = r.sample(ITEMS, 2)
-    return item, other
-
-
 def t_compare(r: random.Random):
     """Which number from which: the difference of two people's counts (errors: the wrong order, the wrong op)."""
     a_name, b_name = r.sample(NAMES, 2)
@@ -98,7 +93,7 @@ def t_compare(r: random.Random):
 def t_distract(r: random.Random):
     """A number the answer does not use (errors: adding the distractor, an arithmetically right wrong line)."""
     name = r.choice(NAMES)
-    item, other = _two_items(r)
+    item, other = r.sample(ITEMS, 2)
     a, b, d = r.randint(1, 15), r.randint(1, 15), r.randint(1, 15)
     q = f"{name} has {a} {item} and {d} {other}, and gets {b} more {item}. How many {item}?"
     return q, _lines((a, "+", b, a + b)), a + b

@@ -37,6 +37,10 @@ every checkpoint, the chosen step, the first losses and the sha256)::
 
 ``--record`` writes that record (the test of this script replays the first
 steps against it).
+
+``--family skill-hard --init-from skill`` trains on the harder family of
+``make_skill_data.py`` starting from the shipped model (a warm start) instead of
+a seeded random one: the model of bench/RESULTS.md, "Harder templates".
 """
 
 from __future__ import annotations

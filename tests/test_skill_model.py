@@ -75,6 +75,15 @@ def test_the_hard_family_adds_templates_whose_errors_are_not_one_number_slips():
     assert grade.working_correct and not grade.answer_correct
 
 
+def test_the_hard_familys_files_are_the_ones_results_measured(tmp_path):
+    """bench/RESULTS.md, "Harder templates", ran on these exact files (--family skill-hard, the default seed)."""
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_skill_data.py"), "--family", "skill-hard", "--root",
+                    str(tmp_path)], check=True, capture_output=True)
+    digests = {rel: hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest()[:16]
+               for rel in ("benchmarks/skill_heldout.jsonl", "questions/skill_train.jsonl")}
+    assert digests == {"benchmarks/skill_heldout.jsonl": "b55272e9cd153e5d", "questions/skill_train.jsonl": "1ac80809f29fa2c5"}
+
+
 def test_the_training_script_can_start_from_a_trained_model(tmp_path):
     """--init-from: the initial model folder holds that model's weights (a warm start), not a seeded random one."""
     from pipeline.models import load_model
