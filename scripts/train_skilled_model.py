@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
-from make_skill_data import generate, write_jsonl  # noqa: E402
+from make_skill_data import FAMILIES, generate, write_jsonl  # noqa: E402
 
 from pipeline.models.llada import LLaDAModelLM  # noqa: E402
 from pipeline.models.presets import preset_config  # noqa: E402
@@ -219,7 +219,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-seed", type=int, default=20261201)
     ap.add_argument("--sft-examples", type=int, default=20000)
-    ap.add_argument("--family", default="skill", help="the template family (make_skill_data.FAMILIES)")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="skill",
+                    help="the template family of make_skill_data.py")
     ap.add_argument("--init-from", default=None,
                     help="start from this model (a preset name such as skill, or a model folder) instead of a "
                          "seeded random one")
