@@ -130,12 +130,11 @@ def variant_flags(name: str, out: Path, sets: dict | None, tune: Path | None, se
     if seed is not None:
         for section, key in SEED_KEYS:
             flags[section] = {**flags.get(section, {}), key: seed}
-    default = merged_config(None, {"out": out})
-    make_pairs = {**default.make_pairs, **flags.get("make_pairs", {})}
-    limit = make_pairs.get("limit")
+    cfg = merged_config(None, flags)  # the config `run` will get: the default's sections with these on top
+    limit = cfg.make_pairs.get("limit")
     # rows sampled: offset .. offset + limit, or a limit more each round with fresh_questions
-    rounds = (flags.get("rounds") or default.rounds or 1) if flags.get("fresh_questions") else 1
-    last = int(make_pairs.get("offset") or 0) + rounds * int(limit or 0)
+    rounds = (cfg.rounds or 1) if cfg.fresh_questions else 1
+    last = int(cfg.make_pairs.get("offset") or 0) + rounds * int(limit or 0)
     if not limit or last > TUNE_QUESTIONS.start:
         # the tuning rows stay unseen whether or not this run tunes: a default sampling them would make
         # every later --tune run choose on trained-on questions

@@ -71,21 +71,18 @@ GEN = dict(gen_length=24, block_length=4, steps=24, kv_cache="dual")
 RECORD = REPO / "pipeline" / "models" / "weights" / "skill.json"
 
 
-def write_init_model(folder: Path, seed: int) -> int:
-    """A seeded random model of the ``skill`` architecture as a model folder; returns its parameter count."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LLaDAModelLM(preset_config("skill"))
-    model.save_pretrained(folder, safe_serialization=True)
-    build_tokenizer(layout="compact").save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
+def write_init_model(folder: Path, seed: int, init_from: str | None = None) -> int:
+    """The initial model as a model folder: a seeded random model of the ``skill`` architecture, or ``init_from``
+    (a preset name or a model folder, in float32: a warm start); returns its parameter count."""
+    if init_from:
+        from pipeline.models import load_model
 
-
-def write_warm_start(folder: Path, source: str) -> int:
-    """``source`` (a preset name or a model folder) written as the initial model folder, in float32."""
-    from pipeline.models import load_model
-
-    model, tokenizer = load_model(source)
+        model, tokenizer = load_model(init_from)
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = LLaDAModelLM(preset_config("skill"))
+        tokenizer = build_tokenizer(layout="compact")
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return sum(p.numel() for p in model.parameters())
@@ -178,7 +175,7 @@ def train(args, log=print) -> dict:
         train_seconds = None
         log(f"sft: stopped run, checkpoints up to step {steps} of {args.max_steps}")
     else:
-        n_params = write_warm_start(init, args.init_from) if args.init_from else write_init_model(init, args.seed)
+        n_params = write_init_model(init, args.seed, args.init_from)
         write_sft_data(data, splits["sft"])
         log(f"model: {n_params:,} parameters; {len(splits['sft'])} SFT examples; dev {len(splits['dev'])}")
         start = time.perf_counter()

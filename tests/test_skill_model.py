@@ -89,7 +89,7 @@ def test_the_training_script_can_start_from_a_trained_model(tmp_path):
     from pipeline.models import load_model
 
     mod = _script("train_skilled_model")
-    n = mod.write_warm_start(tmp_path / "init", "skill")
+    n = mod.write_init_model(tmp_path / "init", 0, init_from="skill")
     preset, _ = load_model("skill")
     folder, _ = load_model(str(tmp_path / "init"))
     assert n == sum(p.numel() for p in preset.parameters())
