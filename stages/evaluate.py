@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from pipeline.cli.commands import print_summary, stage_command, summary_dict
 from pipeline.core.config import check_device, require_choice
@@ -25,17 +25,12 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.lock import output_lock
 from pipeline.estimator.diffusion import BATCH_TOKENS
 from pipeline.evaluation.choice_scoring import NORMALIZE
-from pipeline.evaluation.eval_run import (
-    EvalResult,
-    evaluate,
-    finish,
-    prepare,
-    without_missing_default_cache,
-    write_outputs,
-)
 from pipeline.evaluation.intervals import print_intervals
 from pipeline.grading.verifiers import ANSWER_FORMATS, check_verifier_name
 from pipeline.sampling.args import SAMPLING_RANGES, SamplingArgs
+
+if TYPE_CHECKING:  # the run's module (pyarrow, torch) loads when the command runs, not when it is parsed
+    from pipeline.evaluation.eval_run import EvalResult
 
 GREEDY = ("temperature", "remasking", "cfg_scale")
 """The sampler's settings eval fixes (task accuracy is greedy): no options, no ranges."""
@@ -154,6 +149,15 @@ class EvalConfig(SamplingArgs):
 
 def run(cfg: EvalConfig) -> EvalResult:
     """The stage, holding its output's lock (a second run into the same place refuses, naming the first)."""
+    from pipeline.evaluation.eval_run import (
+        EvalResult,
+        evaluate,
+        finish,
+        prepare,
+        without_missing_default_cache,
+        write_outputs,
+    )
+
     with output_lock(cfg.out, "eval", folder=True):
         start = time.perf_counter()
         cfg = without_missing_default_cache(cfg, EvalConfig.__dataclass_fields__["scores"].default)

@@ -19,14 +19,16 @@ neighbours, and a resumed run gives what an uninterrupted one would.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from pipeline.cli.commands import emit_json, print_summary, stage_command
 from pipeline.core.config import config_to_dict
 from pipeline.core.lock import output_lock
 from pipeline.sampling.args import SAMPLING_RANGES, SamplingArgs
 from pipeline.sampling.completion import check_loading
-from pipeline.sampling.generate_run import GenerateResult, generate_completions
+
+if TYPE_CHECKING:  # the run's module (pyarrow, numpy) loads when the command runs, not when it is parsed
+    from pipeline.sampling.generate_run import GenerateResult
 
 RANGES = {**SAMPLING_RANGES, "limit": "[0, inf)"}
 """The valid interval of every numeric field (checked first in __post_init__)."""
@@ -70,6 +72,8 @@ class GenerateConfig(SamplingArgs):
 
 def run(cfg: GenerateConfig) -> GenerateResult:
     """The stage, holding its output's lock (a second run into the same file refuses, naming the first)."""
+    from pipeline.sampling.generate_run import generate_completions
+
     with output_lock(cfg.out, "generate", folder=False):
         return generate_completions(cfg)
 

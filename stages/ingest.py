@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -16,17 +17,9 @@ from pipeline.core.config import check_ranges, require
 from pipeline.core.errors import UserError
 from pipeline.core.lock import output_lock
 from pipeline.core.paths import quarantine_path_for
-from pipeline.core.schemas import PAIRS_SCHEMA
-from pipeline.data.ingesting import (
-    IngestResult,
-    NothingAccepted,
-    check_inputs,
-    check_outputs,
-    chunk_rules,
-    ingest_files,
-    nothing_accepted_message,
-)
-from pipeline.data.pairs import FieldMap
+
+if TYPE_CHECKING:  # the library's ingest (pyarrow, numpy) loads when the command runs, not when it is parsed
+    from pipeline.data.ingesting import IngestResult
 
 DEFAULT_OUT = "data/out/pairs.arrow"
 RANGES = {"max_chars": "[0, inf)", "eval_fraction": "[0, 1)", "workers": "[1, inf)"}
@@ -72,9 +65,12 @@ class IngestConfig:
         require(len(set(mapped)) == 3, f"prompt_field, chosen_field and rejected_field must differ, got {mapped}")
         require(isinstance(self.split_field, str), f"split_field must be a string ('' to ignore), got {self.split_field!r}")
         require(self.split_field not in mapped, f"split_field '{self.split_field}' is also the prompt, chosen or rejected field")
-        taken = set(PAIRS_SCHEMA.names)
-        for name in self.keep_fields:
-            require(name not in taken, f"keep_fields: '{name}' clashes with a pairs column ({', '.join(PAIRS_SCHEMA.names)})")
+        if self.keep_fields:
+            from pipeline.core.schemas import PAIRS_SCHEMA  # pyarrow: only when there is something to check
+
+            taken = set(PAIRS_SCHEMA.names)
+            for name in self.keep_fields:
+                require(name not in taken, f"keep_fields: '{name}' clashes with a pairs column ({', '.join(PAIRS_SCHEMA.names)})")
         require(len(set(self.keep_fields)) == len(self.keep_fields), "keep_fields lists a field twice")
         require(bool(self.out), "out must be a path")
 
@@ -86,6 +82,16 @@ class IngestConfig:
 def run(cfg: IngestConfig) -> IngestResult:
     """Ingest ``cfg.inputs`` into ``cfg.out`` and the quarantine; return the counts. The stage holds its output's lock
     (a second run into the same place refuses, naming the first)."""
+    from pipeline.data.ingesting import (
+        NothingAccepted,
+        check_inputs,
+        check_outputs,
+        chunk_rules,
+        ingest_files,
+        nothing_accepted_message,
+    )
+    from pipeline.data.pairs import FieldMap
+
     with output_lock(cfg.out, "ingest", folder=False, what="pairs file (--out)"):
         example = IngestConfig.__dataclass_fields__["inputs"].default_factory()[0]
         paths = check_inputs(cfg.inputs, example)
@@ -117,6 +123,8 @@ def print_report(result: IngestResult) -> None:
 
 
 def _ingest_action(cfg: IngestConfig, as_json: bool) -> None:
+    from pipeline.data.ingesting import NothingAccepted
+
     try:
         result, failure = run(cfg), None
     except NothingAccepted as exc:  # the report still shows what happened, then the one-line error

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from pipeline.cli.commands import print_summary, stage_command, summary_dict
 from pipeline.core.config import require
@@ -45,7 +45,9 @@ from pipeline.evaluation.intervals import accuracy_record, format_accuracy
 from pipeline.grading.verifiers import ANSWER_FORMATS, check_verifier_name
 from pipeline.sampling.args import SAMPLING_RANGES, SamplingArgs
 from pipeline.sampling.completion import check_loading
-from pipeline.sampling.make_pairs_run import MakePairsResult, make_pairs
+
+if TYPE_CHECKING:  # the run's module (pyarrow, numpy) loads when the command runs, not when it is parsed
+    from pipeline.sampling.make_pairs_run import MakePairsResult
 
 RANGES = {"num_generations": "[1, inf)", "pairs_per_question": "[1, inf)", **SAMPLING_RANGES, "limit": "[0, inf)",
           "offset": "[0, inf)", "round": "[0, inf)"}
@@ -130,6 +132,8 @@ class MakePairsConfig(SamplingArgs):
 def run(cfg: MakePairsConfig, sampler=None) -> MakePairsResult:
     """The stage, holding its output's lock (a second run into the same file refuses, naming the first);
     ``sampler`` (tests) replaces the model (``pipeline.sampling.make_pairs_run.make_pairs``)."""
+    from pipeline.sampling.make_pairs_run import make_pairs
+
     with output_lock(cfg.out, "make-pairs", folder=False):
         result = make_pairs(cfg, sampler)
     questions_right = result.questions_all_correct + result.questions_mixed

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from pipeline.cli.loading import load_config
 from pipeline.core.errors import CacheMismatch, UserError
-from pipeline.core.schemas import DEFAULT_SPLIT, split_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +45,7 @@ def load_stages(where: str, **sections: dict) -> tuple:
 
 def planned_epochs(score_cfg, train_cfg) -> int:
     """Epochs the train stage will start on the pairs score-ref is about to score (one process)."""
+    from pipeline.core.schemas import DEFAULT_SPLIT, split_of
     from pipeline.data.pairsfile import read_pairs
     from pipeline.trainer.dpo_checks import epochs_needed
 

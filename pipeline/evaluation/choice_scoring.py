@@ -7,7 +7,6 @@ from pipeline.core.errors import UserError
 from pipeline.core.progress import progress_bar
 from pipeline.data.prompts import encode_continuation, resolve_chat_template
 from pipeline.estimator.diffusion import mask_seed, masked_request
-from pipeline.evaluation.metrics import mean_terms
 
 NORMALIZE = ("none", "length")
 """How an option's ELBO is scored: as it is (LLaDA's protocol) or per option token."""
@@ -32,6 +31,9 @@ def choice_credits(model, tokenizer, items: list[dict], cfg, chat_template: bool
                    seed: int | None = None) -> list[int]:
     """Per item 1 when the option with the highest ELBO given the question (per token with normalize=length) is
     the answer, else 0; masks drawn from ``seed`` (default ``cfg.seed``)."""
+    # Imported here: eval's config reads NORMALIZE when the command is parsed, and metrics brings pyarrow.
+    from pipeline.evaluation.metrics import mean_terms
+
     chat_template = resolve_chat_template(tokenizer, chat_template)
     seed = cfg.seed if seed is None else seed
     credits = []
