@@ -54,8 +54,18 @@ def print_summary(title: str, data: Mapping[str, Any], as_json: bool) -> None:
     table.add_column("field", style="bold")
     table.add_column("value")
     for key, value in data.items():
-        table.add_row(str(key), f"{value:.6g}" if isinstance(value, float) else str(value))
+        table.add_row(str(key), _cell(value))
     Console().print(table)
+
+
+def _cell(value: Any) -> str:
+    """A summary value as the table shows it: floats to 6 significant digits, a mapping of numbers (a
+    breakdown such as phase_seconds) as "name value, ..." on one line."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, Mapping) and value and all(isinstance(v, (int, float)) for v in value.values()):
+        return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
+    return str(value)
 
 
 def summarize(title: str, run: Callable[[Any], Any], *, main_process_only: bool = False,

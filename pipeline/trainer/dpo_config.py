@@ -191,5 +191,8 @@ class TrainResult:
     intervals: dict[str, Any] = field(default_factory=dict)
     """The last step's rewards/accuracies (over its pairs) and the last eval/rewards/accuracies (over the held-out
     pairs) with their counts and 95% Wilson intervals (pipeline.evaluation.intervals; a tie counts one half)."""
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    """Where ``seconds`` went: setup (cache, model, optimizer), start_check (train's exact check of the
+    cache's model on step 1's pairs; 0 when a run has none), train (the steps, with eval and checkpoints), save."""
 
 

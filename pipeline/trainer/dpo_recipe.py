@@ -39,6 +39,7 @@ class DPORecipe(session.Recipe):
 
     def __init__(self, cfg: TrainConfig, check_memory=None):
         super().__init__(cfg)
+        self.phase_seconds = {"setup": 0.0, "start_check": 0.0}  # the check's 0 when a run has none (resume, online)
         self.check_memory = check_memory
         self.gap, self.start_stats = float("nan"), {}
         self.best: dict[str, Any] = {"best_metric": None, "best_model_checkpoint": None}
@@ -104,7 +105,9 @@ class DPORecipe(session.Recipe):
         if not cfg.resume and cfg.reference == "cached" and checks.same_model(self.cache, self.model_name):
             # The policy IS the cache's model: it must reproduce the cached terms before it learns anything.
             pair_ids = checks.step_pair_ids(self.rows, cfg, 0, self.steps_per_epoch, self.world)
+            self.end_phase("setup")
             self.gap, self.start_stats = checks.start_check(self.ctx, self.cache, pair_ids)
+            self.end_phase("start_check")
             if cfg.gap_threshold > 0 and cfg.beta * self.gap > cfg.gap_threshold:
                 raise checks.gap_error(cfg, self.gap, self.numerics, self.cached_numerics)
         self.set_layout(scores_digest=self.cache.manifest.digest)  # the cache by content

@@ -103,6 +103,8 @@ class Recipe(Placement):
 
     def __init__(self, cfg):
         self.cfg, self.start_time = cfg, time.perf_counter()
+        self.phase_seconds: dict[str, float] = {}
+        self._phase_start = self.start_time
         self.start_step, self.resumed_from, self.writer, self.sinks, self.bar = 0, None, None, [], None
         self.last: dict[str, Any] = {}
 
@@ -112,10 +114,19 @@ class Recipe(Placement):
         with output_lock(self.cfg.out, self.stage, folder=True):
             try:
                 self.setup()
+                self.end_phase("setup")
                 self.train()
+                self.end_phase("train")
                 return self.save()
             finally:
                 self.close()
+
+    def end_phase(self, name: str) -> None:
+        """Add the seconds since the last phase ended to ``phase_seconds[name]`` (the result's breakdown of
+        ``seconds``: setup, the start check where there is one, train, save)."""
+        now = time.perf_counter()
+        self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + now - self._phase_start
+        self._phase_start = now
 
     # --- setup ------------------------------------------------------------------------------------------------
 
@@ -268,10 +279,12 @@ class Recipe(Placement):
                        card=card)
         if self.acc.is_main_process:
             push_folder(cfg.out / FINAL_DIR, cfg, stage=self.stage)
+        self.end_phase("save")
         return {"steps": self.total_steps, "epochs_seen": self.total_steps / self.steps_per_epoch,
                 "final_loss": float(self.last.get("loss", float("nan"))), "out": str(cfg.out),
                 "final_model": str(cfg.out / FINAL_DIR), "metrics": str(cfg.out / METRICS_FILE),
-                "resumed_from": self.resumed_from, "seconds": time.perf_counter() - self.start_time, **result}
+                "resumed_from": self.resumed_from, "seconds": time.perf_counter() - self.start_time,
+                "phase_seconds": {name: round(t, 3) for name, t in self.phase_seconds.items()}, **result}
 
     def close(self) -> None:
         for closing in [self.bar, self.writer, *self.sinks]:

@@ -4,7 +4,7 @@ once in ``RANGES`` and checked from there (``pipeline.core.config.check_ranges``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -59,3 +59,5 @@ class SFTResult:
     final_model: str
     metrics: str
     resumed_from: Optional[int] = None
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    """Where ``seconds`` went: setup (data, model, optimizer), train (the steps, with eval and checkpoints), save."""

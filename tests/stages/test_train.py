@@ -264,8 +264,15 @@ def test_cli_json_and_existing_run_needs_resume(small_cache, tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["steps"] == 2 and Path(data["final_model"]).is_dir()
+    # where the seconds went: a fresh run from the cache's model checks it on step 1's pairs before step 1
+    phases = data["phase_seconds"]
+    assert set(phases) == {"setup", "start_check", "train", "save"} and min(phases.values()) > 0, phases
+    assert sum(phases.values()) == pytest.approx(data["seconds"], abs=0.05), (phases, data["seconds"])
     res = runner.invoke(app, args)
     assert res.exit_code == 1 and "pass --resume" in res.output
+    res = runner.invoke(app, [*args, "--resume"])  # a resume has no start check: the checkpoint is the policy
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["phase_seconds"]["start_check"] == 0.0
 
 
 def test_adapter_folder_loads_through_load_model_and_generates(train_cache, tmp_path):

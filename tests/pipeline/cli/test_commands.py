@@ -318,3 +318,16 @@ def test_save_total_limit_null_keeps_every_checkpoint(stage, tmp_path):
         res = CliRunner().invoke(app, [stage, "x", "--save-total-limit", value, "--print-config"])
         assert res.exit_code == 0, res.output
         assert yaml.safe_load(res.output)["keep_checkpoints"] == keep
+
+
+def test_summary_table_shows_a_breakdown_on_one_line(capsys, monkeypatch):
+    """A mapping of numbers (phase_seconds) is one row "name value, ..."; floats keep 6 digits; other values as
+    text."""
+    monkeypatch.setenv("COLUMNS", "80")
+    stagecli.print_summary("train", {"seconds": 12.3456789, "phase_seconds": {"setup": 3.14159, "start_check": 0.25,
+                                                                              "train": 8.0, "save": 0.9},
+                                      "best_checkpoint": None}, as_json=False)
+    out = capsys.readouterr().out
+    assert "12.3457" in out
+    assert "setup 3.14, start_check 0.25, train 8, save 0.9" in out
+    assert "None" in out
