@@ -306,7 +306,9 @@ def ours_process(spec: dict) -> dict:
         score_ref.load = ph.wrap("load", score_ref.load)
     ref_scoring.tokenize_pair = ph.wrap("tokenize", ref_scoring.tokenize_pair)
     ref_scoring.masked_request = ph.wrap("masks", ref_scoring.masked_request)
-    ref_scoring.mask_seed = ph.wrap("masks", ref_scoring.mask_seed)
+    for name in ("side_seed", "mask_seed"):  # side_seed since the pair's masks may be shared (issue 31)
+        if hasattr(ref_scoring, name):
+            setattr(ref_scoring, name, ph.wrap("masks", getattr(ref_scoring, name)))
     scoring.MaskedRowScorer.forward = ph.wrap("head", scoring.MaskedRowScorer.forward)
     llada.LLaDAModelLM.final_hidden = ph.body_in_head(llada.LLaDAModelLM.final_hidden)
     pq.write_table = ph.wrap("write", pq.write_table)
