@@ -132,17 +132,50 @@ def make_trainer(cfg, model, tokenizer, fp, ref_model=None):
     return TrainContext(cfg, Placement(acc, policy), tok, fp, ref_model), optimizer, params
 
 
-def train_step(ctx, optimizer, params, batch) -> dict:
-    """One optimizer step on one micro-batch, as ``stages.train.run`` does it (grad_accum 1)."""
+def train_step(ctx, optimizer, params, batch, phases: dict | None = None) -> dict:
+    """One optimizer step on one micro-batch, as ``stages.train.run`` does it (grad_accum 1); ``phases`` gets the
+    optimizer's seconds (clipping, AdamW, zero_grad) under "optimizer"."""
     from pipeline.trainer.dpo_step import micro_step
 
     stats = micro_step(ctx, batch, 1.0, sync=True)
+    t0 = time.perf_counter()
     clip = ctx.cfg.max_grad_norm if ctx.cfg.max_grad_norm > 0 else float("inf")
     ctx.placed.acc.clip_grad_norm_(params, clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if phases is not None:
+        phases["optimizer"] = phases.get("optimizer", 0.0) + time.perf_counter() - t0
     ctx.step += 1
     return stats
+
+
+STEP_PHASES = ("forward and loss", "backward", "optimizer", "reference")
+"""Where a step's seconds go: the policy's forward and the loss (the rest of the step), its backward, clipping
+and AdamW, and the live reference's no-grad forward (online only)."""
+
+
+@contextlib.contextmanager
+def timed_step_phases(phases: dict):
+    """Time dpo_step's backward and live-reference pass into ``phases`` (the module's own functions, wrapped)."""
+    import pipeline.trainer.dpo_step as dpo_step
+
+    originals = {"backward": dpo_step._backward, "reference": dpo_step._online_reference}
+
+    def timed(name, fn):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+        return call
+
+    dpo_step._backward = timed("backward", originals["backward"])
+    dpo_step._online_reference = timed("reference", originals["reference"])
+    try:
+        yield
+    finally:
+        dpo_step._backward, dpo_step._online_reference = originals["backward"], originals["reference"]
 
 
 def rss_now() -> int:
@@ -214,14 +247,19 @@ def train_worker(spec: dict) -> dict:
     ctx, optimizer, params = make_trainer(cfg, model, tokenizer, fp, ref_model)
     setup = time.perf_counter() - t0
     batch = PairBatch(rows, draw=0)
-    times, cpu, losses = [], [], []
+    times, cpu, losses, phases = [], [], [], []
     for _ in range(spec["steps"]):
+        step_phases: dict = {}
         t, c = time.perf_counter(), time.process_time()
-        stats = train_step(ctx, optimizer, params, batch)
+        with timed_step_phases(step_phases):
+            stats = train_step(ctx, optimizer, params, batch, step_phases)
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
         losses.append(float(stats.loss))
+        step_phases["forward and loss"] = times[-1] - sum(step_phases.values())
+        phases.append({k: step_phases.get(k, 0.0) for k in STEP_PHASES})
     return {"setup_s": setup, "step_s": times, "cpu_s": cpu, "run_s": setup + sum(times), "loss": losses,
+            "phases": phases,
             "rss_base": rss_base, "rss_peak": rss_peak(),
             "trainable": sum(p.numel() for p in params), "params": sum(p.numel() for p in model.parameters())}
 
@@ -321,6 +359,14 @@ def best(results: dict, mode: str, ref: str, key: str) -> float:
     return min(r[key] for r in rs)
 
 
+def best_step_phases(results: dict, mode: str, ref: str) -> dict:
+    """The phases of a configuration's fastest step after the warm-up (over its repeats)."""
+    runs = results[(mode, ref)]
+    _, run, i = min((t, k, i) for k, r in enumerate(runs) for i, t in enumerate(r["step_s"]) if i > 0
+                    or len(r["step_s"]) == 1)
+    return runs[run]["phases"][i]
+
+
 def setting_lines(args, rows: list[dict], results: dict, load0: tuple, load1: tuple) -> list[str]:
     """What was measured: the model, the batch, how times and memory were taken."""
     resp = [len(r[f"{s}_ids"]) for r in rows for s in ("chosen", "rejected")]
@@ -356,6 +402,7 @@ def ratio_lines(args, scored: dict, results: dict, memory: dict) -> list[str]:
         lo = results[(mode, "online")][0]["loss"][0]
         goal = "  (issue 34's goals: <= 0.60 time, <= 0.60 memory)" if mode == "full" else ""
         name = "full fine-tuning" if mode == "full" else f"LoRA r {args.lora_r}"
+        bc, bo = best_step_phases(results, mode, "cached"), best_step_phases(results, mode, "online")
         out += [
             f"{name}: trainable {results[(mode, 'cached')][0]['trainable']:,} parameters{goal}",
             f"  step time  cached {tc:.3f} s  online {to:.3f} s  ratio cached/online {tc / to:.2f};  process CPU "
@@ -363,6 +410,11 @@ def ratio_lines(args, scored: dict, results: dict, memory: dict) -> list[str]:
             f"  peak RSS   cached {_mib(pc)}  online {_mib(po)}  ratio {pc / po:.2f};  added by training: "
             f"cached {_mib(nc)}  online {_mib(no)}  ratio {nc / no:.2f}",
             f"  step-1 loss cached {lc:.6f}  online {lo:.6f} (same batch, same masks: equal up to float noise)",
+            "  the best steps, by phase: " + ";  ".join(
+                f"{ref} " + ", ".join(f"{k} {v:.3f} s" for k, v in b.items() if ref == "online" or k != "reference")
+                for ref, b in (("cached", bc), ("online", bo))),
+            f"  the live reference's forward is {bo['reference'] / sum(bo.values()):.0%} of the online step: all "
+            "that the cache can remove from it (x0.60 would need 40%)",
         ]
     out.append(f"sweep of {SWEEP_RUNS} runs ({args.steps} steps each; setup + steps, interpreter start excluded):")
     for mode in ("full", "lora"):

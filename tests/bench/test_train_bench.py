@@ -41,14 +41,19 @@ def _one_step(reference: str, lora_r: int):
     cfg = TrainConfig(reference=reference, lora_r=lora_r, batch_size=2, learning_rate=1e-3, tensorboard=False,
                       progress=False)
     ctx, optimizer, params = train_bench.make_trainer(cfg, model, tok, fp, ref_model)
-    stats = train_bench.train_step(ctx, optimizer, params, PairBatch(rows, 0))
-    return float(stats.loss), [p.detach().clone() for p in params], rows
+    phases: dict = {}
+    with train_bench.timed_step_phases(phases):
+        stats = train_bench.train_step(ctx, optimizer, params, PairBatch(rows, 0), phases)
+    return float(stats.loss), [p.detach().clone() for p in params], rows, phases
 
 
 @pytest.mark.parametrize("lora_r", [0, 4])
 def test_cached_and_online_reference_take_the_same_step(lora_r):
-    loss_c, params_c, rows = _one_step("cached", lora_r)
-    loss_o, params_o, _ = _one_step("online", lora_r)
+    loss_c, params_c, rows, phases_c = _one_step("cached", lora_r)
+    loss_o, params_o, _, phases_o = _one_step("online", lora_r)
+    # the step's phases: the cached step never runs a reference; both run a backward and the optimizer
+    assert "reference" not in phases_c and phases_o["reference"] > 0
+    assert all(phases[k] > 0 for phases in (phases_c, phases_o) for k in ("backward", "optimizer"))
     assert loss_c == pytest.approx(loss_o, abs=1e-6)
     assert loss_c == pytest.approx(0.693147, abs=1e-4)  # policy == reference at step 1
     assert len(params_c) == len(params_o) > 0
@@ -58,6 +63,15 @@ def test_cached_and_online_reference_take_the_same_step(lora_r):
     row = rows[0]
     assert len(row["ref_chosen_terms"]) == 1 and len(row["ref_chosen_terms"][0]) == N
     assert row["chosen_mask_counts"][0] and row["chosen_len"] == len(row["chosen_ids"])
+
+
+def test_step_phases_restore_the_step_functions():
+    import pipeline.trainer.dpo_step as dpo_step
+
+    originals = (dpo_step._backward, dpo_step._online_reference)
+    with train_bench.timed_step_phases({}):
+        assert (dpo_step._backward, dpo_step._online_reference) != originals
+    assert (dpo_step._backward, dpo_step._online_reference) == originals
 
 
 def test_prebuilt_loader_restores_load_model():
