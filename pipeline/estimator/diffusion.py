@@ -215,8 +215,9 @@ def elbo_terms(model, requests: Sequence[ScoreRequest], *, mask_token_id: int, p
 
     ``wanted`` (one flag per request) runs only the planned batches that hold a row of a wanted request, the
     plan made over all ``requests`` as without it: those batches are the very inputs the full pass feeds the
-    model, so a wanted request's terms are the full pass's, bit for bit, at the cost of its own batches. An
-    unwanted request's entry is None.
+    model, so a wanted request's terms are the full pass's, bit for bit, at the cost of its own batches. So are
+    the terms of every other request whose rows all fell in those batches (what was paid for is returned); the
+    entry of a request with a row outside them is None.
     """
     # Imported on use: the models package is heavy and this module stays importable without it.
     from pipeline.models.scoring import as_row_scorer
@@ -234,8 +235,13 @@ def elbo_terms(model, requests: Sequence[ScoreRequest], *, mask_token_id: int, p
     row_ids: list[torch.Tensor] = []
     row_sums: list[torch.Tensor] = []
     batches = plan_batches(lengths, batch_tokens)
+    covered = None
     if wanted is not None:
         batches = [batch for batch in batches if any(wanted[rows[i][0]] for i in batch)]
+        ran = {i for batch in batches for i in batch}
+        covered = [True] * len(requests)
+        for i, (r, _) in enumerate(rows):
+            covered[r] = covered[r] and i in ran
     for batch in batches:
         width = max(lengths[i] for i in batch)
         input_ids = torch.full((len(batch), width), int(pad_token_id), dtype=torch.long)
@@ -268,4 +274,4 @@ def elbo_terms(model, requests: Sequence[ScoreRequest], *, mask_token_id: int, p
         dest = torch.as_tensor(flat_index, dtype=torch.long)[order].to(device)
         flat = flat.index_copy(0, dest, src)
     return [req.weights.to(device=device, dtype=torch.float64) * flat[offsets[r]:offsets[r + 1]]
-            if wanted is None or wanted[r] else None for r, req in enumerate(requests)]
+            if covered is None or covered[r] else None for r, req in enumerate(requests)]

@@ -63,7 +63,7 @@ def part_requests(rows: list[dict], fingerprint: dict[str, Any]) -> tuple[list, 
 
 def elbo_pass(model, tokenizer, requests: list, *, batch_tokens: int, autocast, wanted=None) -> list:
     """One no-grad ``elbo_terms`` pass over ``requests`` under ``autocast``, with the tokenizer's mask and pad ids
-    (``wanted``: only the batches of those requests, the others' entries None)."""
+    (``wanted``: only the batches of those requests; the entry of a request with a row outside them None)."""
     with torch.no_grad(), autocast:
         return diffusion.elbo_terms(model, requests, mask_token_id=tokenizer.mask_token_id,
                                     pad_token_id=tokenizer.pad_token_id, batch_tokens=batch_tokens,
@@ -73,7 +73,8 @@ def elbo_pass(model, tokenizer, requests: list, *, batch_tokens: int, autocast, 
 def terms_by_row(model, tokenizer, requests: list, layout: list[tuple[int, str]], rows: int, *, batch_tokens: int,
                  autocast, wanted=None) -> list[dict[str, list[list[float]]]]:
     """``elbo_pass`` over ``requests`` (laid out as ``layout``'s (row, side), score-ref's order); for each of the
-    ``rows`` {"chosen", "rejected"} -> one list of float64 terms per draw (None for a request not ``wanted``)."""
+    ``rows`` {"chosen", "rejected"} -> one list of float64 terms per draw (None for a request that ``wanted``'s
+    batches did not cover)."""
     terms = elbo_pass(model, tokenizer, requests, batch_tokens=batch_tokens, autocast=autocast, wanted=wanted)
     values: list[dict[str, list[list[float]]]] = [{side: [] for side in SIDES} for _ in range(rows)]
     for (i, side), t in zip(layout, terms):
@@ -101,7 +102,8 @@ def rescore_part_draws(model, tokenizer, rows: list[dict], fingerprint: dict[str
     """``rescore_part``'s pass, kept per draw: for each row {"chosen", "rejected"} -> one list of float64 terms
     per draw, as score-ref wrote ``ref_{side}_terms`` (so the cache's model gives the cached lists exactly).
     ``only_rows`` (row indices) and ``draw``: only the forward batches that hold those rows' requests of that
-    draw run (the part's batch plan unchanged, so their terms are the full pass's); the others' lists are None."""
+    draw run (the part's batch plan unchanged, so their terms are the full pass's, as are those of any other
+    request those batches cover); the lists of requests left out are None."""
     requests, layout = part_requests(rows, fingerprint)
     wanted = None
     if only_rows is not None or draw is not None:

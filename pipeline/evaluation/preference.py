@@ -65,7 +65,8 @@ def cache_layout_sums(
     ``draw`` run, the policy's mean of ``draw``'s terms taken as the cached reference's is. The cache's model
     in the cache's numerics therefore reproduces the reference exactly (accuracy 0.5, margins 0) in any dtype,
     where a pass in train's batches differs by the padding and shapes. Also returns the largest
-    |B_pi(y) - B_ref(y)| (nats) over the kept responses (train's ref/gap_max)."""
+    |B_pi(y) - B_ref(y)| (nats) over every response of ``draw`` those batches scored whole: the kept ones and
+    those batched with them (train's ref/gap_max; they were paid for, so they are checked)."""
     sums = torch.zeros(len(_SUM_FIELDS), dtype=torch.float64)
     gap = 0.0
     for rows in parts:
@@ -78,8 +79,10 @@ def cache_layout_sums(
         chunk = [rows[i] for i in kept]
         pi_c = torch.tensor([_mean(per[i]["chosen"][draw]) for i in kept], dtype=torch.float64)
         pi_r = torch.tensor([_mean(per[i]["rejected"][draw]) for i in kept], dtype=torch.float64)
-        for r, c, j in zip(chunk, pi_c.tolist(), pi_r.tolist()):
-            gap = max(gap, abs(c - reference_mean(r, "chosen", draw)), abs(j - reference_mean(r, "rejected", draw)))
+        for r, terms in zip(rows, per):
+            for side in SIDES:
+                if terms[side][draw] is not None:
+                    gap = max(gap, abs(_mean(terms[side][draw]) - reference_mean(r, side, draw)))
         sums += _chunk_sums(pi_c, pi_r, chunk, draw, beta=beta, loss_type=loss_type,
                             label_smoothing=label_smoothing, preference_weight=preference_weight,
                             sft_weight=sft_weight)

@@ -101,6 +101,28 @@ def test_gap_check_stops_a_policy_that_differs_from_the_reference(caches, tmp_pa
     assert pq.read_table(out / "metrics.parquet").to_pylist()[0]["ref/gap_max"] == pytest.approx(1.0, abs=1e-4)
 
 
+def test_gap_check_also_compares_the_responses_batched_with_step_1s(caches, tmp_path, monkeypatch):
+    """The check runs score-ref's batches that hold step 1's pairs; every other response those batches score whole
+    is compared with its cached terms too (it was paid for): a policy off only there is stopped as well."""
+    import pipeline.estimator.diffusion as diffusion
+
+    real = diffusion.elbo_terms
+    off = []
+
+    def off_elsewhere(model, requests, wanted=None, **kw):  # step 1's own responses exact, the others 1 nat away
+        terms = real(model, requests, wanted=wanted, **kw)
+        if wanted is None:
+            return terms
+        off.extend(i for i, t in enumerate(terms) if t is not None and not wanted[i])
+        return [t if t is None or wanted[i] else t + 1.0 for i, t in enumerate(terms)]
+
+    monkeypatch.setattr(diffusion, "elbo_terms", off_elsewhere)
+    with pytest.raises(UserError, match=r"the policy starts 1 nats away"):
+        train(TrainConfig(scores=caches["float32"], out=tmp_path / "gap", beta=0.1, max_steps=1, batch_size=2,
+                          **FAST))
+    assert off  # the check scored responses beside step 1's 2 pairs
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_eval_of_the_cache_model_is_exactly_one_half_on_either_side(caches, tmp_path, dtype):
     result = evaluate(EvalConfig(model="micro", scores=caches[dtype], out=tmp_path / "e", device="cpu",

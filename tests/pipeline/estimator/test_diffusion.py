@@ -438,23 +438,41 @@ def test_wanted_requests_run_only_their_batches_and_get_the_full_pass_terms_bit_
         m = sample_masks(rlen, 4, seed=seed)
         return ScoreRequest(ids[:plen], ids[plen:], m.masks, m.weights)
 
-    requests = [req(3 + i, 5 + 2 * i, i) for i in range(6)]
+    # the last request has request 2's length, so rows of both share a batch (and it can be covered whole)
+    requests = [req(3 + i, 5 + 2 * i, i) for i in range(6)] + [req(5, 9, 6)]
     batched = []
     real_plan = diffusion.plan_batches
     monkeypatch.setattr(diffusion, "plan_batches", lambda *a: batched.append(real_plan(*a)) or batched[-1])
-    kw = dict(mask_token_id=MASK_ID, pad_token_id=PAD_ID, batch_tokens=40)
+    kw = dict(mask_token_id=MASK_ID, pad_token_id=PAD_ID, batch_tokens=112)
     calls = []
     scorer = scoring.MaskedRowScorer(model)
     monkeypatch.setattr(scoring, "as_row_scorer", lambda m, c: lambda *a: calls.append(a[0].shape) or scorer(*a))
     with torch.no_grad():
         full = elbo_terms(model, requests, **kw)
         n_full = len(calls)
-        wanted = [False, False, True, False, False, False]
+        wanted = [False, False, True, False, False, False, False]
         some = elbo_terms(model, requests, **kw, wanted=wanted)
     assert batched[0] == batched[1] and n_full == len(batched[0]) > 2
     assert 0 < len(calls) - n_full < n_full  # only the batches holding request 2's rows
     assert torch.equal(some[2], full[2])
-    assert all(t is None for i, t in enumerate(some) if not wanted[i])
+    # every request the run batches covered whole comes back, the full pass's terms bit for bit; the others None
+    covered = [_covered(requests, batched[1], wanted, i) for i in range(len(requests))]
+    assert [t is not None for t in some] == covered
+    assert not all(covered) and any(c and not w for c, w in zip(covered, wanted))  # both cases occur here
+    for t, f in zip(some, full):
+        assert t is None or torch.equal(t, f)
+
+
+def _rows_of(requests, batch):
+    """The (request, sample) rows of a planned batch (elbo_terms' row order: non-empty masks, request by request)."""
+    rows = [(r, k) for r, req in enumerate(requests) for k, keep in enumerate(req.masks.any(dim=1).tolist()) if keep]
+    return [rows[i] for i in batch]
+
+
+def _covered(requests, plan, wanted, r):
+    """Request r's rows all lie in batches that hold a wanted request's row."""
+    ran = {row for b in plan if any(wanted[q] for q, _ in _rows_of(requests, b)) for row in _rows_of(requests, b)}
+    return all(row in ran for b in plan for row in _rows_of(requests, b) if row[0] == r)
 
 
 def test_plan_batches_respects_the_token_budget():
