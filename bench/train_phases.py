@@ -7,8 +7,9 @@ data beside the repository: the reference solution chosen, a model's wrong solut
 scores them with ``lldm-dpo score-ref``, then runs ``lldm-dpo train CACHE --max-steps S --json`` as whole
 processes, ``--repeats`` times, and reads the run's ``phase_seconds`` (setup, start_check, train, save).
 
-Printed per cache: the process's wall time, each phase (best of the repeats), a step's seconds, and the check in
-steps (start_check / one step). The check scores only the forward batches that hold step 1's pairs, so its
+Printed per cache: the process's wall time, each phase (best of the repeats), a step's seconds, the check in
+steps (start_check / one step), and the forward calls, rows and tokens of the check and of the steps (counted in
+one more run in the bench's own process). The check scores only the forward batches that hold step 1's pairs, so its
 seconds should stay level as the cache grows, at about one step's forward pass (a third of a step).
 
 CPU:  OMP_NUM_THREADS=2 python bench/train_phases.py --pairs 50 200 --repeats 2
@@ -76,6 +77,42 @@ def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def count_forwards(folder: Path, args) -> dict:
+    """The start check's and the steps' forward calls, rows and tokens, from one more train run in this process
+    with the scorer's forward counted (the check: score-ref's batches that hold step 1's pairs)."""
+    import contextlib
+    import io
+
+    import pipeline.models.scoring as scoring
+    import pipeline.trainer.dpo_checks as checks
+    from stages.train import TrainConfig, run
+
+    counts = {"check": [0, 0, 0], "steps": [0, 0, 0]}
+    phase = ["steps"]
+    forward, start_check = scoring.MaskedRowScorer.forward, checks.start_check
+
+    def counted_forward(self, input_ids, *rest, **kwargs):
+        c = counts[phase[0]]
+        c[0], c[1], c[2] = c[0] + 1, c[1] + input_ids.shape[0], c[2] + input_ids.numel()
+        return forward(self, input_ids, *rest, **kwargs)
+
+    def counted_check(*a, **k):
+        phase[0] = "check"
+        try:
+            return start_check(*a, **k)
+        finally:
+            phase[0] = "steps"
+
+    scoring.MaskedRowScorer.forward, checks.start_check = counted_forward, counted_check
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            run(TrainConfig(scores=folder / "cache", out=folder / "counted", max_steps=args.steps,
+                            batch_size=args.batch_size, progress=False, tensorboard=False))
+    finally:
+        scoring.MaskedRowScorer.forward, checks.start_check = forward, start_check
+    return counts
+
+
 def measure(args) -> list[dict]:
     """Per cache size: score-ref's wall time and each train repeat's phases and wall time."""
     results = []
@@ -93,7 +130,8 @@ def measure(args) -> list[dict]:
                 summary, wall = cli(["train", "cache", "--max-steps", str(args.steps), "--out", f"run{r}",
                                      "--batch-size", str(args.batch_size), "--no-progress"], folder)
                 runs.append({"wall": wall, "seconds": summary["seconds"], **summary["phase_seconds"]})
-            results.append({"pairs": written, "score_wall": score_wall, "runs": runs})
+            results.append({"pairs": written, "score_wall": score_wall, "runs": runs,
+                            "forwards": count_forwards(folder, args)})
     return results
 
 
@@ -110,8 +148,13 @@ def report_lines(args, results: list[dict], gflops: float, load0, load1) -> list
         lines.append(f"{res['pairs']:>11} {res['score_wall']:>9.1f}s {best['wall']:>10.1f}s {best['setup']:>6.2f}s "
                      f"{best['start_check']:>6.2f}s {best['train']:>6.2f}s {best['save']:>6.2f}s {step:>6.2f}s "
                      f"{best['start_check'] / step:>10.2f}x")
+    for res in results:
+        (cn, cr, ct), (sn, sr, st) = res["forwards"]["check"], res["forwards"]["steps"]
+        lines.append(f"{res['pairs']:>11} pairs: the check ran {cn} forward calls, {cr} rows, {ct:,} tokens (no "
+                     f"gradient); the {args.steps} steps {sn} calls, {sr} rows, {st:,} tokens (with backward)")
     lines.append("check: start_check of phase_seconds (step 1's pairs through score-ref's forward batches, no "
-                 "gradient); steps: the train phase (optimizer steps, logging); a step: steps / --max-steps")
+                 "gradient); steps: the train phase (optimizer steps, logging); a step: steps / --max-steps; "
+                 "calls counted in one more run in the bench's process")
     return lines
 
 
