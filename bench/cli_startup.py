@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 
+from results import matmul_gflops  # noqa: E402
 
 CALLS = ["query --help", "ingest --help", "score-ref --help", "train --help", "train cache --learning-rate -1",
          "score-ref pairs.arrow --samples 0", "sft --help", "eval --help", "eval --limit-task -3", "generate --help",
@@ -35,21 +37,6 @@ def timed(argv: list[str], cwd: Path) -> float:
     done = subprocess.run(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if done.returncode not in (0, 1):  # help: 0; a refused value: 1
         raise SystemExit(f"{' '.join(argv)} exited {done.returncode}")
-    return time.perf_counter() - start
-
-
-def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
-    """The machine's float32 matmul rate (numpy, best of ``repeats``), to set the timings beside."""
-    import numpy as np
-
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    best = min(_seconds(lambda: a @ a) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
     return time.perf_counter() - start
 
 
@@ -80,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     base = statistics.median(times["interpreter"])
     med = {name: statistics.median(values) for name, values in times.items()}
     lines = [f"median of {args.runs} interleaved runs; load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} "
-             f"at end, on {os.cpu_count()} cores; fp32 matmul {matmul_gflops():.1f} GFLOP/s"
+             f"at end, on {os.cpu_count()} cores; fp32 matmul {matmul_gflops(library='numpy'):.1f} GFLOP/s"
              + (f"; before = {args.before}" if args.before is not None else ""),
              f"{'interpreter (python -c pass)':58s} {base:6.3f} s"]
     for call in args.calls:

@@ -47,6 +47,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from results import matmul_gflops  # noqa: E402
+
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"
 MODELS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 LOAD_DATASET = """import sys, datasets
@@ -133,19 +137,6 @@ def timed_process(argv: list[str], cwd: Path) -> tuple[float, float, str]:
     return seconds, cpu, done.stdout
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
-    """The machine's float32 matmul rate (numpy, best of ``repeats``), to set the timings beside."""
-    import numpy as np
-
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
-
-
 def contenders(work: Path, clean: Path, bad: Path, workers: int, before: Path | None) -> dict[str, tuple[list[str], Path]]:
     """name -> (argv, checkout to run it in)."""
     def ingest(path: Path, out: str) -> list[str]:
@@ -189,7 +180,7 @@ def main() -> None:
               f"{args.repeats} interleaved; ingest workers {args.workers}; OMP_NUM_THREADS "
               f"{os.environ.get('OMP_NUM_THREADS', 'unset')}: Arrow's thread pool {arrow_threads()} in every process "
               f"(load_dataset's parse; ingest parses ahead on a thread when > 1); load average {load_start:.1f} at start, "
-              f"{os.getloadavg()[0]:.1f} at end; float32 matmul {matmul_gflops():.0f} GFLOP/s (numpy, 1024^2)")
+              f"{os.getloadavg()[0]:.1f} at end; float32 matmul {matmul_gflops(library='numpy'):.0f} GFLOP/s (numpy, 1024^2)")
         for line in report_lines(args, wall, cpu, reports):
             print(line)
     finally:

@@ -1,9 +1,11 @@
-"""Appending a benchmark's output, with the command that produced it, to bench/RESULTS.md."""
+"""What the benchmarks share: their output appended to bench/RESULTS.md with its command, and the machine's
+float32 matmul rate printed beside their timings."""
 
 from __future__ import annotations
 
 import datetime
 import shlex
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -17,3 +19,29 @@ def record(script: str, argv: list[str], lines: list[str]) -> None:
         RESULTS.write_text("# Benchmark results\n\nAppended by the bench/*.py scripts; newest last.\n", encoding="utf-8")
     with RESULTS.open("a", encoding="utf-8") as fh:
         fh.write(f"\n## {script}, {stamp}\n\n```\n$ {command.strip()}\n" + "\n".join(lines) + "\n```\n")
+
+
+def publish(script: str, argv: list[str], lines: list[str], to_results: bool) -> None:
+    """Print a benchmark's lines; with ``to_results`` (its --record) also append them to RESULTS.md."""
+    print("\n".join(lines))
+    if to_results:
+        record(script, argv, lines)
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 5, library: str = "torch") -> float:
+    """The machine's float32 matmul rate in GFLOP/s: the best of ``repeats`` n x n products, in torch (this
+    process's threads) or numpy (for a benchmark that must not import torch)."""
+    if library == "numpy":
+        import numpy as np
+
+        a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    else:
+        import torch
+
+        a = torch.randn(n, n)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9

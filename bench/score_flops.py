@@ -34,6 +34,9 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
+
+from results import publish  # noqa: E402
 
 LLADA_VOCAB = 126464
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out")
@@ -155,12 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--record", action="store_true", help="append the output to bench/RESULTS.md")
     args = p.parse_args(argv)
     lines = [*report("tiny", LLADA_VOCAB, args), *report("llada-8b-shape", None, args)]
-    print("\n".join(lines))
-    if args.record:
-        sys.path.insert(0, str(BENCH))
-        from results import record
-
-        record("score_flops.py", sys.argv[1:] if argv is None else argv, lines)
+    publish("score_flops.py", sys.argv[1:] if argv is None else argv, lines, args.record)
     return 0
 
 

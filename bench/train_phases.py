@@ -28,6 +28,10 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+from results import matmul_gflops, publish  # noqa: E402
+
 DATA = REPO.parent / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"
 SOLVERS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 
@@ -62,19 +66,6 @@ def cli(args: list[str], cwd: Path) -> tuple[dict, float]:
     if done.returncode != 0:
         sys.exit(f"error: lldm-dpo {' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout), wall
-
-
-def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
-    """The machine's float32 matmul rate (torch, this process's threads, best of ``repeats``)."""
-    import torch
-
-    a = torch.randn(n, n)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
 
 
 def count_forwards(folder: Path, args) -> dict:
@@ -172,12 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     gflops = matmul_gflops()
     results = measure(args)
     lines = report_lines(args, results, gflops, load0, os.getloadavg())
-    print("\n".join(lines))
-    if args.record:
-        sys.path.insert(0, str(BENCH))
-        from results import record
-
-        record("train_phases.py", sys.argv[1:] if argv is None else argv, lines)
+    publish("train_phases.py", sys.argv[1:] if argv is None else argv, lines, args.record)
     return 0
 
 
