@@ -220,7 +220,7 @@ def elbo_terms(model, requests: Sequence[ScoreRequest], *, mask_token_id: int, p
     entry of a request with a row outside them is None.
     """
     # Imported on use: the models package is heavy and this module stays importable without it.
-    from pipeline.models.scoring import as_row_scorer
+    from pipeline.models.scoring import as_row_scorer, reused_head_buffers
 
     scorer = as_row_scorer(model, chunk_size)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -242,27 +242,28 @@ def elbo_terms(model, requests: Sequence[ScoreRequest], *, mask_token_id: int, p
         covered = [True] * len(requests)
         for i, (r, _) in enumerate(rows):
             covered[r] = covered[r] and i in ran
-    for batch in batches:
-        width = max(lengths[i] for i in batch)
-        input_ids = torch.full((len(batch), width), int(pad_token_id), dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        index_parts: list[torch.Tensor] = []
-        target_parts: list[torch.Tensor] = []
-        for b, i in enumerate(batch):
-            r, k = rows[i]
-            plen = len(prompts[r])
-            response = responses[r]
-            mask = cpu_masks[r][k]
-            input_ids[b, :plen] = prompts[r]
-            input_ids[b, plen : plen + len(response)] = torch.where(mask, int(mask_token_id), response)
-            attention_mask[b, : plen + len(response)] = 1
-            pos = mask.nonzero().squeeze(1)
-            index_parts.append(torch.stack([torch.full_like(pos, b), pos + plen], dim=1))
-            target_parts.append(response[pos])
-        # One module call: under DDP/FSDP the wrapper's forward covers body, head and sums.
-        row_sums.append(scorer(input_ids.to(device), attention_mask.to(device), torch.cat(index_parts).to(device),
-                               torch.cat(target_parts).to(device), len(batch)))
-        row_ids.append(torch.as_tensor(batch, dtype=torch.long))
+    with reused_head_buffers():  # the CPU head's buffers once for the pass, not once per batch
+        for batch in batches:
+            width = max(lengths[i] for i in batch)
+            input_ids = torch.full((len(batch), width), int(pad_token_id), dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            index_parts: list[torch.Tensor] = []
+            target_parts: list[torch.Tensor] = []
+            for b, i in enumerate(batch):
+                r, k = rows[i]
+                plen = len(prompts[r])
+                response = responses[r]
+                mask = cpu_masks[r][k]
+                input_ids[b, :plen] = prompts[r]
+                input_ids[b, plen : plen + len(response)] = torch.where(mask, int(mask_token_id), response)
+                attention_mask[b, : plen + len(response)] = 1
+                pos = mask.nonzero().squeeze(1)
+                index_parts.append(torch.stack([torch.full_like(pos, b), pos + plen], dim=1))
+                target_parts.append(response[pos])
+            # One module call: under DDP/FSDP the wrapper's forward covers body, head and sums.
+            row_sums.append(scorer(input_ids.to(device), attention_mask.to(device), torch.cat(index_parts).to(device),
+                                   torch.cat(target_parts).to(device), len(batch)))
+            row_ids.append(torch.as_tensor(batch, dtype=torch.long))
 
     # Scatter the row sums back to request order; empty-mask rows stay exactly 0.
     offsets = [0, *itertools.accumulate(int(req.masks.shape[0]) for req in requests)]

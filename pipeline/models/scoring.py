@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
 
@@ -66,16 +69,48 @@ def _reusable_logits(selected: torch.Tensor, head) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
+_workspaces = threading.local()
+
+
+@contextlib.contextmanager
+def reused_head_buffers():
+    """Within it, the no-grad CPU head's two buffers are allocated once and reused by every call in this thread
+    (``elbo_terms`` holds it over its forward batches), then freed. Each call otherwise allocates them afresh, and
+    glibc hands blocks this large back to the system, so every forward paid their page faults again (about a
+    tenth of the head's time at LLaDA's vocabulary)."""
+    stack = _workspaces.__dict__.setdefault("stack", [])
+    stack.append({})
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _head_buffers(rows: int, most: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two [rows, vocab] float32 buffers: views of the open ``reused_head_buffers`` workspace (made at ``most``
+    rows, the largest any call asks for, so it is made once; pages nobody writes are never touched), or fresh."""
+    stack = getattr(_workspaces, "stack", None)
+    if not stack:
+        return torch.empty(rows, vocab), torch.empty(rows, vocab)
+    held = stack[-1]
+    if held.get("vocab") != vocab or held["logits"].shape[0] < rows:
+        size = max(rows, most)
+        held.update(vocab=vocab, logits=torch.empty(size, vocab), logp=torch.empty(size, vocab))
+    return held["logits"][:rows], held["logp"][:rows]
+
+
 def _scored_in_place(selected: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                      chunk_size: int) -> torch.Tensor:
-    """``score_tokens``' head on the CPU without grad, in two buffers allocated once per call: the same matmul
-    and log-softmax kernel as ``cross_entropy`` (then the target's entry), so the same numbers, bit for bit
-    where a chunk holds the same rows. A fresh rows x vocabulary tensor per chunk costs its page faults each
-    time (glibc hands large blocks back to the system): at LLaDA's 126,464 words a third of the head's time.
-    Chunks of at most ``ROWS_PER_WORKSPACE`` elements bound the two buffers (2 x 256 MiB)."""
+    """``score_tokens``' head on the CPU without grad, in two buffers allocated once per call (once per pass inside
+    ``reused_head_buffers``): the same matmul and log-softmax kernel as ``cross_entropy`` (then the target's
+    entry), so the same numbers, bit for bit where a chunk holds the same rows. A fresh rows x vocabulary tensor
+    per chunk costs its page faults each time (glibc hands large blocks back to the system): at LLaDA's 126,464
+    words a third of the head's time. Chunks of at most ``ROWS_PER_WORKSPACE`` elements bound the two buffers
+    (2 x 256 MiB)."""
     n, vocab = selected.shape[0], weight.shape[0]
-    rows = max(1, min(chunk_size, n, ROWS_PER_WORKSPACE // max(vocab, 1)))
-    logits, logp = torch.empty(rows, vocab), torch.empty(rows, vocab)
+    most = max(1, min(chunk_size, ROWS_PER_WORKSPACE // max(vocab, 1)))
+    rows = min(most, max(n, 1))
+    logits, logp = _head_buffers(rows, most, vocab)
     out = torch.empty(n, dtype=torch.float32)
     for start in range(0, n, rows):
         stop = min(start + rows, n)

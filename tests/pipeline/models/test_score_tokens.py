@@ -127,3 +127,23 @@ def test_no_grad_head_in_reused_buffers_equals_the_grad_path(model, monkeypatch,
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
     with torch.no_grad():
         assert torch.equal(score_tokens(model, ids, mask, index, targets), got)
+
+
+def test_a_pass_reuses_one_pair_of_head_buffers_and_gives_the_same_bits(model, monkeypatch):
+    """Inside ``reused_head_buffers`` (what elbo_terms holds over its batches) the no-grad CPU head makes its two
+    buffers once, at the largest chunk any call asks for, and every call's values are those of a call alone."""
+    import pipeline.models.scoring as scoring
+
+    made = []
+    real_empty = torch.empty
+    monkeypatch.setattr(scoring.torch, "empty", lambda *a, **k: made.append(a) or real_empty(*a, **k))
+    batches = [_inputs(n) for n in (2, 3, 1)]
+    with torch.no_grad():
+        alone = [score_tokens(model, *b) for b in batches]
+        made.clear()
+        with scoring.reused_head_buffers():
+            together = [score_tokens(model, *b) for b in batches]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    assert [a for a in made if a[-1:] == (vocab,)] == [made[0], made[1]]  # one pair, made at the first call
+    for a, b in zip(alone, together):
+        assert torch.equal(a, b)
