@@ -86,16 +86,16 @@ def reused_head_buffers():
         stack.pop()
 
 
-def _head_buffers(rows: int, most: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two [rows, vocab] float32 buffers: views of the open ``reused_head_buffers`` workspace (made at ``most``
-    rows, the largest any call asks for, so it is made once; pages nobody writes are never touched), or fresh."""
+def _head_buffers(rows: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two [rows, vocab] float32 buffers: views of the open ``reused_head_buffers`` workspace (remade only when a
+    call needs more rows than it holds, so a pass's peak is its largest call's, as without it), or fresh ones."""
     stack = getattr(_workspaces, "stack", None)
     if not stack:
         return torch.empty(rows, vocab), torch.empty(rows, vocab)
     held = stack[-1]
     if held.get("vocab") != vocab or held["logits"].shape[0] < rows:
-        size = max(rows, most)
-        held.update(vocab=vocab, logits=torch.empty(size, vocab), logp=torch.empty(size, vocab))
+        held.clear()  # the smaller pair goes before the larger one is made
+        held.update(vocab=vocab, logits=torch.empty(rows, vocab), logp=torch.empty(rows, vocab))
     return held["logits"][:rows], held["logp"][:rows]
 
 
@@ -108,9 +108,8 @@ def _scored_in_place(selected: torch.Tensor, weight: torch.Tensor, targets: torc
     words a third of the head's time. Chunks of at most ``ROWS_PER_WORKSPACE`` elements bound the two buffers
     (2 x 256 MiB)."""
     n, vocab = selected.shape[0], weight.shape[0]
-    most = max(1, min(chunk_size, ROWS_PER_WORKSPACE // max(vocab, 1)))
-    rows = min(most, max(n, 1))
-    logits, logp = _head_buffers(rows, most, vocab)
+    rows = max(1, min(chunk_size, n, ROWS_PER_WORKSPACE // max(vocab, 1)))
+    logits, logp = _head_buffers(rows, vocab)
     out = torch.empty(n, dtype=torch.float32)
     for start in range(0, n, rows):
         stop = min(start + rows, n)

@@ -131,13 +131,16 @@ def test_no_grad_head_in_reused_buffers_equals_the_grad_path(model, monkeypatch,
 
 def test_a_pass_reuses_one_pair_of_head_buffers_and_gives_the_same_bits(model, monkeypatch):
     """Inside ``reused_head_buffers`` (what elbo_terms holds over its batches) the no-grad CPU head makes its two
-    buffers once, at the largest chunk any call asks for, and every call's values are those of a call alone."""
+    buffers again only when a call needs more rows than they hold, and every call's values are those of a call
+    alone."""
     import pipeline.models.scoring as scoring
 
     made = []
     real_empty = torch.empty
     monkeypatch.setattr(scoring.torch, "empty", lambda *a, **k: made.append(a) or real_empty(*a, **k))
-    batches = [_inputs(n) for n in (2, 3, 1)]
+    # 7, 4 and 2 selected rows: the largest first, as elbo_terms' length-sorted batches tend to come
+    batches = [(ids, mask, index[:k], targets[:k]) for k, (ids, mask, index, targets) in
+               zip((7, 4, 2), (_inputs(s) for s in range(3)))]
     with torch.no_grad():
         alone = [score_tokens(model, *b) for b in batches]
         made.clear()
@@ -145,5 +148,9 @@ def test_a_pass_reuses_one_pair_of_head_buffers_and_gives_the_same_bits(model, m
             together = [score_tokens(model, *b) for b in batches]
     vocab = model.get_output_embeddings().weight.shape[0]
     assert [a for a in made if a[-1:] == (vocab,)] == [made[0], made[1]]  # one pair, made at the first call
+    with torch.no_grad(), scoring.reused_head_buffers():
+        made.clear()
+        [score_tokens(model, *b) for b in reversed(batches)]
+    assert [a for a in made if a[-1:] == (vocab,)] == [(2, vocab)] * 2 + [(4, vocab)] * 2 + [(7, vocab)] * 2
     for a, b in zip(alone, together):
         assert torch.equal(a, b)
