@@ -59,7 +59,6 @@ from pipeline.models import LLaDAModelLM, build_preset, preset_tokenizer
 from pipeline.models.presets import preset_config
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"
 LLADA_VOCAB = 126464
 DTYPES = {name: torch_dtype(name) for name in DTYPE_NAMES}
 
@@ -118,27 +117,21 @@ def build_model(preset: str, vocab: int, device: str, dtype: torch.dtype, body: 
 
 
 def load_pairs(tokenizer, count: int, min_len: int, max_len: int, with_rows: bool = False):
-    if not DATA.exists():
-        sys.exit(f"error: {DATA} not found (the shared GSM8K data sits beside the repository)")
+    from results import gsm8k_pairs
+
     items = []
-    with DATA.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            rec = json.loads(line)
-            wrong = [rec[k]["solution"] for k in ("6b_finetuning", "6b_verification", "175b_finetuning",
-                                                  "175b_verification") if not rec[k]["is_correct"]]
-            if not wrong:
-                continue
-            row = {
-                "pair_id": f"gsm8k-test-{line_no}",
-                "prompt_messages": [{"role": "user", "content": rec["question"]}],
-                "chosen_messages": [{"role": "assistant", "content": rec["ground_truth"]}],
-                "rejected_messages": [{"role": "assistant", "content": wrong[0]}],
-            }
-            tok = tokenize_pair(tokenizer, row, max_length=4096)
-            if all(min_len <= len(r) <= max_len for r in (tok.chosen_ids, tok.rejected_ids)):
-                items.append((row["pair_id"], tok, row) if with_rows else (row["pair_id"], tok))
-            if len(items) == count:
-                break
+    for line_no, pair in gsm8k_pairs():
+        row = {
+            "pair_id": f"gsm8k-test-{line_no}",
+            "prompt_messages": [{"role": "user", "content": pair["prompt"]}],
+            "chosen_messages": [{"role": "assistant", "content": pair["chosen"]}],
+            "rejected_messages": [{"role": "assistant", "content": pair["rejected"]}],
+        }
+        tok = tokenize_pair(tokenizer, row, max_length=4096)
+        if all(min_len <= len(r) <= max_len for r in (tok.chosen_ids, tok.rejected_ids)):
+            items.append((row["pair_id"], tok, row) if with_rows else (row["pair_id"], tok))
+        if len(items) == count:
+            break
     return items
 
 

@@ -33,7 +33,6 @@ import torch
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path[:0] = [str(REPO), str(BENCH)]
-DATA = REPO.parent / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"
 
 
 def parse_args(argv=None):
@@ -49,26 +48,19 @@ def parse_args(argv=None):
 
 
 def write_pairs(tmp: Path, tokenizer, count: int, min_len: int, max_len: int) -> Path:
+    from results import gsm8k_pairs
+
     from pipeline.data.tokenize import tokenize_pair
     from stages.ingest import IngestConfig
     from stages.ingest import run as ingest
 
-    if not DATA.exists():
-        sys.exit(f"error: {DATA} not found (the shared GSM8K data sits beside the repository)")
     rows = []
-    with DATA.open(encoding="utf-8") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            wrong = [rec[k]["solution"] for k in ("6b_finetuning", "6b_verification", "175b_finetuning",
-                                                  "175b_verification") if not rec[k]["is_correct"]]
-            if not wrong:
-                continue
-            row = {"prompt": rec["question"], "chosen": rec["ground_truth"], "rejected": wrong[0]}
-            tok = tokenize_pair(tokenizer, row, max_length=4096)
-            if all(min_len <= len(r) <= max_len for r in (tok.chosen_ids, tok.rejected_ids)):
-                rows.append(row)
-            if len(rows) == count:
-                break
+    for _, row in gsm8k_pairs():
+        tok = tokenize_pair(tokenizer, row, max_length=4096)
+        if all(min_len <= len(r) <= max_len for r in (tok.chosen_ids, tok.rejected_ids)):
+            rows.append(row)
+        if len(rows) == count:
+            break
     src = tmp / "pairs.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ingest(IngestConfig(inputs=[str(src)], out=str(tmp / "pairs.arrow"), eval_fraction=0.0, progress=False))

@@ -10,7 +10,7 @@ processes, ``--repeats`` times, and reads the run's ``phase_seconds`` (setup, st
 Printed per cache: the process's wall time, each phase (best of the repeats), a step's seconds, the check in
 steps (start_check / one step), and the forward calls, rows and tokens of the check and of the steps (counted in
 one more run in the bench's own process). The check scores only the forward batches that hold step 1's pairs, so its
-seconds should stay level as the cache grows, at about one step's forward pass (a third of a step).
+seconds should stay level as the cache grows; those are score-ref's batches, which hold other pairs' rows too.
 
 CPU:  OMP_NUM_THREADS=2 python bench/train_phases.py --pairs 50 200 --repeats 2
 """
@@ -18,6 +18,7 @@ CPU:  OMP_NUM_THREADS=2 python bench/train_phases.py --pairs 50 200 --repeats 2
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -30,30 +31,15 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from results import matmul_gflops, publish  # noqa: E402
-
-DATA = REPO.parent / "shared" / "data" / "gsm8k" / "example_model_solutions.jsonl"
-SOLVERS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
+from results import gsm8k_pairs, matmul_gflops, publish  # noqa: E402
 
 
 def write_pairs(path: Path, count: int) -> int:
-    """``count`` preference pairs from the shared GSM8K file (chosen: the reference solution; rejected: the
-    first wrong model solution); returns how many were written (fewer when the file has fewer)."""
-    if not DATA.exists():
-        sys.exit(f"error: {DATA} not found (the shared GSM8K data sits beside the repository)")
-    written = 0
-    with DATA.open(encoding="utf-8") as src, path.open("w", encoding="utf-8") as out:
-        for line in src:
-            rec = json.loads(line)
-            wrong = [rec[k]["solution"] for k in SOLVERS if not rec[k]["is_correct"]]
-            if not wrong:
-                continue
-            out.write(json.dumps({"prompt": rec["question"], "chosen": rec["ground_truth"],
-                                  "rejected": wrong[0]}) + "\n")
-            written += 1
-            if written == count:
-                break
-    return written
+    """The first ``count`` of ``results.gsm8k_pairs`` as a JSONL file; returns how many (fewer when the file has
+    fewer)."""
+    rows = [pair for _, pair in itertools.islice(gsm8k_pairs(), count)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return len(rows)
 
 
 def cli(args: list[str], cwd: Path) -> tuple[dict, float]:

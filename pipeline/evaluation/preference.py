@@ -76,13 +76,12 @@ def cache_layout_sums(
         with autocast():
             per = rescore_part_draws(model, tokenizer, rows, fingerprint, batch_tokens=batch_tokens,
                                      autocast=contextlib.nullcontext(), only_rows=kept, draw=draw)
+        # every response of the draw the batches scored whole (the kept ones among them): its ELBO once
+        elbo = {(i, side): _mean(terms[side][draw]) for i, terms in enumerate(per) for side in SIDES
+                if terms[side][draw] is not None}
+        gap = max([gap, *(abs(b - reference_mean(rows[i], side, draw)) for (i, side), b in elbo.items())])
         chunk = [rows[i] for i in kept]
-        pi_c = torch.tensor([_mean(per[i]["chosen"][draw]) for i in kept], dtype=torch.float64)
-        pi_r = torch.tensor([_mean(per[i]["rejected"][draw]) for i in kept], dtype=torch.float64)
-        for r, terms in zip(rows, per):
-            for side in SIDES:
-                if terms[side][draw] is not None:
-                    gap = max(gap, abs(_mean(terms[side][draw]) - reference_mean(r, side, draw)))
+        pi_c, pi_r = (torch.tensor([elbo[(i, side)] for i in kept], dtype=torch.float64) for side in SIDES)
         sums += _chunk_sums(pi_c, pi_r, chunk, draw, beta=beta, loss_type=loss_type,
                             label_smoothing=label_smoothing, preference_weight=preference_weight,
                             sft_weight=sft_weight)
